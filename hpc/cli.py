@@ -1,0 +1,46 @@
+"""The ``hpcdist`` command line: one click group whose subcommands load on first use.
+
+    hpcdist --help
+    hpcdist render --nodes 2 --backend deepspeed --dry-run
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from hpc import __version__
+
+# name -> "module:attribute"; a subcommand's module is imported only when that command is used or
+# listed, and none of them imports torch, so `hpcdist --help` stays instant.
+COMMANDS = {
+    "env": "hpc.commands.env:env",
+    "render": "hpc.commands.render:render",
+    "hostfile": "hpc.commands.render:hostfile",
+    "submit": "hpc.commands.submit:submit",
+    "status": "hpc.commands.submit:status",
+    "logs": "hpc.commands.submit:logs",
+    "cancel": "hpc.commands.submit:cancel",
+    "list": "hpc.commands.submit:list_jobs",
+    "plan": "hpc.commands.plan:plan",
+    "bench": "hpc.commands.bench:bench",
+    "doctor": "hpc.commands.doctor:doctor",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpcdist")
+def main() -> None:
+    """Render, check and submit Slurm jobs for DataParallel, DDP and DeepSpeed training."""
