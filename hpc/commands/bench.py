@@ -1,0 +1,196 @@
+"""``hpcdist bench``: run the trainer and the bare-PyTorch floor over a grid of configs, report images/s.
+
+    hpcdist bench --out bench                                  # the default grid (about 13 min on 2 cores)
+    hpcdist bench --config floor:1 --config ddp:resident:1 --steps 100 --out bench
+    hpcdist bench --grid deepspeed:zero2:bf16:2,ddp:resident:2:t2 --dry-run
+
+Each config runs as its own process (torchrun for more than one rank), one after another, so they never
+share the CPUs; bench.json, bench.md and bench.png land in --out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+from hpc import bench as core
+
+# The folder that holds hpc/ and train/ in a checkout: children import train from it.
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def owned_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # torchrun would otherwise force OMP_NUM_THREADS=1 on every rank; the floor and the trainer must both
+    # see the thread count this row reports.
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def execute(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[int | None, float]:
+    """Run ``cmd`` with its output in ``log``; (exit status or None on timeout, wall seconds)."""
+    start = time.monotonic()
+    with open(log, "w") as out:
+        # Its own session, so a timeout can stop torchrun together with every rank it started.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+                                start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = None
+    return rc, time.monotonic() - start
+
+
+def last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:200] if lines else "no output"
+
+
+def floor_report(log: Path) -> dict | None:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def run_one(config: core.Config, threads: int, steps: int, warmup: int, out: Path,
+            timeout_s: float) -> core.Result:
+    run_dir = out / "runs" / config.slug
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    log = run_dir / "log.txt"
+    cmd = core.argv(config, threads, steps, warmup, str(run_dir), sys.executable)
+    rc, wall = execute(cmd, child_env(threads), log, timeout_s)
+    if rc != 0:
+        why = f"timed out after {timeout_s:.0f}s" if rc is None else f"exit {rc}"
+        return core.Result(config, threads, wall_s=wall, error=f"{why}: {last_line(log)} (see {log})")
+    if config.backend == "floor":
+        report = floor_report(log)
+        if report is None:
+            return core.Result(config, threads, wall_s=wall, error=f"the floor printed no JSON (see {log})")
+        return core.result_from_floor(config, threads, report, wall)
+    metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
+    records = core.parse_jsonl(metrics.read_text()) if metrics.exists() else []
+    try:
+        data = json.loads(summary.read_text()) if summary.exists() else {}
+    except json.JSONDecodeError:
+        data = {}
+    return core.result_from_summary(config, threads, data, records, warmup, wall)
+
+
+def draw(results: list[core.Result], meta: dict, path: Path) -> None:
+    """bench.png: one horizontal bar of images/s per config, the floor's bars set apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = core.chart_bars(results)
+    colours = {"floor": "#7f7f7f", "dp": "#d62728", "ddp": "#1f77b4", "deepspeed": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(bars), 1) + 1.4))
+    labels = [b[0] for b in bars]
+    values = [b[1] for b in bars]
+    ax.barh(range(len(bars)), values, color=[colours.get(b[2], "#9467bd") for b in bars])
+    ax.set_yticks(range(len(bars)), labels)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
+    ax.set_xlabel("images/s (global, after warm-up)")
+    ax.set_title(f"hpcdist bench: {meta['cpus']} CPUs, {meta['steps']} steps after {meta['warmup']} warm-up",
+                 fontsize=10)
+    ax.set_xlim(0, max(values, default=1) * 1.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+@click.command()
+@click.option("--config", "configs", multiple=True, metavar="SPEC",
+              help=f"A config to run (repeatable): {core.SPEC_HELP}. Default: the built-in grid.")
+@click.option("--grid", "grids", multiple=True, metavar="SPEC,SPEC...",
+              help="Several configs at once, comma-separated; added to any --config.")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Timed steps per config, after warm-up.")
+@click.option("--warmup", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Steps run first and left out of images/s.")
+@click.option("--batch", type=click.IntRange(min=1), default=core.DEFAULT_BATCH, show_default=True,
+              help="Global batch over all ranks, unless a spec says bN.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
+              show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/.")
+@click.option("--timeout-s", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Stop a config that runs longer than this and report it failed.")
+@click.option("--dry-run", is_flag=True, help="Print each config's command and threads; run nothing.")
+def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int,
+                  out_dir: Path, timeout_s: float, dry_run: bool) -> None:
+    """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
+    try:
+        grid = core.parse_grid(configs + grids, batch) if configs or grids else core.default_grid(batch)
+    except core.BenchError as exc:
+        click.echo(f"hpcdist bench: {exc}", err=True)
+        sys.exit(2)
+    cpus = owned_cpus()
+    plan = [(c, core.threads_for(c, os.environ, cpus)) for c in grid]
+    if dry_run:
+        for config, threads in plan:
+            cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable)
+            click.echo(f"{config.name}  (OMP_NUM_THREADS={threads})  {' '.join(cmd)}")
+        return
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Children run inside their own run folders, so every path they are given must be absolute.
+    out_dir = out_dir.resolve()
+    meta = {"host": socket.gethostname(), "cpus": cpus, "steps": steps, "warmup": warmup, "batch": batch,
+            "torch": version("torch"), "deepspeed": version("deepspeed"),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    results: list[core.Result] = []
+    for i, (config, threads) in enumerate(plan, 1):
+        click.echo(f"[{i}/{len(plan)}] {config.name} ({threads} threads/rank) ...", err=True, nl=False)
+        result = run_one(config, threads, steps, warmup, out_dir, timeout_s)
+        rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
+        click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
+        results.append(result)
+
+    (out_dir / "bench.json").write_text(json.dumps(core.to_json(results, meta), indent=2) + "\n")
+    (out_dir / "bench.md").write_text(core.markdown_report(results, meta))
+    draw(results, meta, out_dir / "bench.png")
+    click.echo(core.markdown_table(results))
+    for line in core.verdicts(results):
+        click.echo(line)
+    failed = [r.config.name for r in results if not r.ok]
+    if failed:
+        click.echo(f"hpcdist bench: {len(failed)} of {len(results)} configs failed ({', '.join(failed)}); "
+                   f"see {out_dir / 'runs'}", err=True)
+        sys.exit(1)

@@ -1,0 +1,182 @@
+"""``hpcdist render`` and ``hpcdist hostfile``: turn job options into a checked job directory.
+
+    hpcdist render --nodes 2 --backend deepspeed --launcher deepspeed --job-dir runs/a -- --epochs 1
+    hpcdist hostfile --from-slurm --world-info --slots 4
+
+``job_options`` and ``spec_from_options`` are shared with ``hpcdist submit``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+import hpc
+from hpc import hostfile as hostfiles
+from hpc import spec as specs
+
+# (flags, JobSpec field, click keyword arguments); every default is None so that a job file's value is
+# kept unless the flag was actually given. Choices are checked by hpc.spec.check, not click, so a bad
+# value in a job file and on the command line fail alike: one line, exit 2.
+OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
+    (("--cluster",), "cluster", {"help": "Cluster profile name (configs/clusters/) or YAML path. [local]"}),
+    (("--nodes", "-N"), "nodes", {"type": int, "help": "Nodes. [1]"}),
+    (("--gpus-per-node",), "gpus_per_node", {"type": int, "help": "GPUs per node. [the profile's]"}),
+    (("--ntasks-per-node",), "ntasks_per_node",
+     {"type": int, "help": "Ranks per node on a CPU-only job (with GPUs: one per GPU). [1]"}),
+    (("--cpus-per-task",), "cpus_per_task", {"type": int, "help": "CPUs per Slurm task. [the profile's]"}),
+    (("--backend",), "backend", {"help": f"Training backend: {', '.join(specs.BACKENDS)}. [ddp]"}),
+    (("--launcher",), "launcher", {"help": "What starts each node's ranks: "
+                                   f"{', '.join(specs.LAUNCHERS)}. [srun]"}),
+    (("--zero-stage",), "zero_stage", {"type": int, "help": "DeepSpeed ZeRO stage 0-3. [2]"}),
+    (("--precision",), "precision", {"help": f"{', '.join(specs.PRECISIONS)}. [auto]"}),
+    (("--partition", "-p"), "partition", {"help": "Slurm partition. [the profile's]"}),
+    (("--account", "-A"), "account", {"help": "Slurm account. [the profile's]"}),
+    (("--time", "-t"), "time", {"help": "Slurm time limit, e.g. 30, 02:00:00, 1-00:00:00. [01:00:00]"}),
+    (("--job-name", "-J"), "job_name", {"help": "Slurm job name. [hpcdist]"}),
+    (("--job-dir", "--output-dir", "-o"), "job_dir",
+     {"help": "Job directory to create. [runs/JOB_NAME-YYYYmmdd-HHMMSS]"}),
+    (("--nodelist", "-w"), "nodelist",
+     {"help": "Slurm nodelist to request, e.g. n[1-2]; also fills ranks.txt and the hostfile offline."}),
+    (("--signal",), "signal", {"help": "Slurm --signal for preemption warnings. [USR1@120]"}),
+    (("--max-requeues",), "max_requeues", {"type": int, "help": "Requeues after a checkpointed stop. [3]"}),
+    (("--params",), "params", {"type": int, "help": "Model parameters, for --backend auto."}),
+)
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add every job option, ``-c/--config`` and the trainer's arguments (after ``--``) to a command."""
+    for flags, name, kwargs in reversed(OPTIONS):
+        func = click.option(*flags, name, default=None, **kwargs)(func)
+    func = click.argument("train_args", nargs=-1, type=click.UNPROCESSED)(func)
+    return click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+                        help="Job file (YAML): the same options, keys spelled with underscores.")(func)
+
+
+def checkout_root() -> str | None:
+    """The repository root when hpc runs from a checkout (tasks then need it on PYTHONPATH)."""
+    package = Path(hpc.__file__).resolve().parent
+    root = package.parent
+    if (root / "templates").is_dir() and not (package / "templates").is_dir() and (root / "train").is_dir():
+        return str(root)
+    return None
+
+
+def _default_job_dir(job_name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name).strip("._") or "job"
+    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def spec_from_options(config_file: str | None = None, **options: Any) -> specs.JobSpec:
+    """A JobSpec from a job file overlaid with the flags that were given; raises SpecError."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise specs.SpecError(f"cannot read job file {config_file}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise specs.SpecError(f"job file {config_file} must be a YAML mapping of option names")
+        values.update({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in loaded.items()})
+        if "output_dir" in values:
+            values["job_dir"] = values.pop("output_dir")
+    train_args = options.pop("train_args", None)
+    values.update({k: v for k, v in options.items() if v is not None})
+    if train_args:
+        values["train_args"] = list(train_args)
+    values.setdefault("job_dir", _default_job_dir(str(values.get("job_name") or "hpcdist")))
+    if isinstance(values["job_dir"], str):
+        values["job_dir"] = os.path.abspath(os.path.expanduser(values["job_dir"]))
+    values.setdefault("python", sys.executable)
+    values.setdefault("pythonpath", checkout_root())
+    return specs.from_mapping(values)
+
+
+def fail(command: str, exc: Exception) -> None:
+    """One line on stderr and exit status 2: every input error ends this way."""
+    lines = str(exc).splitlines()
+    click.echo(f"hpcdist {command}: {lines[0] if lines else type(exc).__name__}", err=True)
+    sys.exit(2)
+
+
+def build(config_file: str | None = None, **options: Any):
+    """Spec, profile, checks and rendering: everything short of writing; raises on bad input."""
+    from hpc import profiles, render
+
+    spec = spec_from_options(config_file, **options)
+    profile = profiles.load(spec.cluster)
+    return render.render(spec, profile)
+
+
+def prepare(command: str, config_file: str | None, force: bool = False, **options: Any):
+    """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too."""
+    from hpc import profiles, render
+
+    try:
+        rendered = build(config_file, **options)
+        render.write(rendered, force=force)
+    except (specs.SpecError, profiles.ProfileError, render.RenderError, hostfiles.HostfileError) as exc:
+        fail(command, exc)
+    return rendered
+
+
+def sbatch_test_only(job_dir: Path) -> tuple[int, str]:
+    """Ask Slurm whether it would accept the job (``sbatch --test-only``); returns (status, answer)."""
+    import shutil
+    import subprocess
+
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        return 0, "sbatch is not on PATH: skipped --test-only"
+    proc = subprocess.run([sbatch, "--test-only", str(job_dir / "job.sbatch")], capture_output=True,
+                          text=True, timeout=60)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+@click.command()
+@job_options
+@click.option("--force", is_flag=True, help="Replace an existing job directory.")
+@click.option("--test-only", "test_only_", is_flag=True, help="Also ask Slurm: sbatch --test-only.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the job directory, not job.sbatch.")
+def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, **options: Any) -> None:
+    """Write a checked job directory (job.sbatch, setup.sh, task.sh, ...) and print job.sbatch.
+
+    The trainer's own arguments follow `--`.
+    """
+    rendered = prepare("render", config_file, force=force, **options)
+    if not quiet:
+        click.echo(rendered.files["job.sbatch"], nl=False)
+    click.echo(f"# job directory: {rendered.job_dir}", err=not quiet)
+    if test_only_:
+        status, answer = sbatch_test_only(rendered.job_dir)
+        click.echo(answer, err=True)
+        if status:
+            click.echo(f"hpcdist render: Slurm refused the job (sbatch --test-only exit {status})", err=True)
+            sys.exit(1)
+
+
+@click.command()
+@click.option("--from-slurm", is_flag=True, help="Hosts from $SLURM_JOB_NODELIST (inside a job).")
+@click.option("--nodelist", "-w", help="Hosts from a Slurm nodelist, e.g. n[1-2].")
+@click.option("--slots", type=int, help="Ranks per host. [$SLURM_GPUS_ON_NODE, else 1]")
+@click.option("--world-info", is_flag=True, help="Print DeepSpeed's base64 --world_info instead.")
+def hostfile(from_slurm: bool, nodelist: str | None, slots: int | None, world_info: bool) -> None:
+    """Print a DeepSpeed hostfile (or --world_info) for a Slurm nodelist."""
+    try:
+        if from_slurm == bool(nodelist):
+            raise hostfiles.HostfileError("pass exactly one of --from-slurm and --nodelist")
+        expr = hostfiles.nodelist_from_slurm(os.environ) if from_slurm else nodelist
+        names = hostfiles.hosts(expr)
+        count = slots if slots is not None else hostfiles.slots_from_slurm(os.environ)
+        text = hostfiles.world_info(names, count) + "\n" if world_info else hostfiles.hostfile(names, count)
+    except hostfiles.HostfileError as exc:
+        fail("hostfile", exc)
+    click.echo(text, nl=False)

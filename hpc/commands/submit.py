@@ -1,0 +1,164 @@
+"""``hpcdist submit``, ``status``, ``logs``, ``cancel`` and ``list``: run rendered jobs and follow them.
+
+    hpcdist submit --nodes 2 --backend ddp --wait -- --max-steps 30 --dataset synthetic
+    hpcdist submit --via sbatch --nodes 2 --backend deepspeed --launcher deepspeed
+    hpcdist status 4242 ; hpcdist logs runs/job --rank 1 --follow ; hpcdist cancel 4242 ; hpcdist list
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpc import jobs
+from hpc.commands.render import fail, job_options, prepare
+
+FOLLOW_POLL_S = 1.0
+
+
+def _lookup(command: str, key: str) -> jobs.Record:
+    try:
+        return jobs.lookup(key, os.environ)
+    except jobs.JobError as exc:
+        fail(command, exc)
+
+
+@click.command()
+@job_options
+@click.option("--via", type=click.Choice(("submitit", "sbatch")), default="submitit", show_default=True,
+              help="submitit's SlurmExecutor, or `sbatch --parsable job.sbatch`.")
+@click.option("--executor", type=click.Choice(("auto", "slurm", "local")), default="auto", show_default=True,
+              help="local: emulate the allocation on this machine (the default where sbatch is missing).")
+@click.option("--dry-run", is_flag=True, help="Render only: write the job directory, print job.sbatch.")
+@click.option("--wait", "wait_", is_flag=True,
+              help="Wait for the end; exit 0 if the job completed, else non-zero with the failing log's tail.")
+def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait_: bool, **options: Any) -> None:
+    """Render a job directory exactly as `hpcdist render` does, then submit it.
+
+    The trainer's own arguments follow `--`.
+    """
+    from hpc import submit as submitting
+
+    if not dry_run:
+        try:
+            where = submitting.choose(via, executor, jobs.slurm_available(os.environ))
+        except ValueError as exc:
+            fail("submit", exc)
+    rendered = prepare("submit", config_file, **options)
+    if dry_run:
+        click.echo(rendered.files["job.sbatch"], nl=False)
+        click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
+        return
+    try:
+        submitted = submitting.submit(rendered, where, os.environ)
+    except (submitting.SubmitError, OSError) as exc:
+        # Nothing runs from this directory: leaving it would only look like a job that exists.
+        shutil.rmtree(rendered.job_dir, ignore_errors=True)
+        click.echo(f"hpcdist submit: {exc}", err=True)
+        sys.exit(1)
+    record = submitted.record
+    click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
+    if not wait_:
+        return
+    started = time.monotonic()
+    final = submitting.wait(submitted)
+    click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
+    if not final.ok:
+        report = jobs.failure_report(record)
+        if report:
+            click.echo(report, err=True)
+        sys.exit(min(final.exit_code or 1, 255))
+
+
+@click.command()
+@click.argument("job")
+def status(job: str) -> None:
+    """Show a job's state (Slurm's words: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
+    record = _lookup("status", job)
+    current = jobs.state(record)
+    click.echo(f"{current.line()}  via={record.via}  dir={record.job_dir}")
+
+
+@click.command()
+@click.argument("job")
+@click.option("--rank", type=int, help="Only the log holding this rank (its node's, under a launcher).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+def logs(job: str, rank: int | None, follow: bool) -> None:
+    """Print a job's per-task logs (logs/task-N.log) and its batch log."""
+    record = _lookup("logs", job)
+    try:
+        paths = jobs.log_files(record, rank)
+    except jobs.JobError as exc:
+        fail("logs", exc)
+    if not follow:
+        for path in paths:
+            if len(paths) > 1:
+                click.echo(f"==> {path} <==")
+            if path.exists():
+                click.echo(path.read_text(errors="replace"), nl=False)
+        return
+    offsets: dict[Path, int] = {}
+    while True:
+        done = jobs.state(record).done
+        if rank is None:
+            paths = jobs.log_files(record)
+        for path in paths:
+            offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(paths) > 1)
+        if done:
+            return
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _print_new(path: Path, offset: int, prefix: bool) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    # Only whole lines: a partial line is printed once its newline arrives.
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode(errors="replace").splitlines():
+        click.echo(f"{path.name}: {line}" if prefix else line)
+    return offset + end
+
+
+@click.command()
+@click.argument("job")
+def cancel(job: str) -> None:
+    """Cancel a job (scancel; a local job's tasks are stopped)."""
+    record = _lookup("cancel", job)
+    current = jobs.state(record)
+    if current.done:
+        click.echo(f"job {record.job_id} already ended: {current.state}")
+        return
+    try:
+        jobs.cancel(record)
+    except jobs.JobError as exc:
+        click.echo(f"hpcdist cancel: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"Cancelled job {record.job_id}")
+
+
+@click.command("list")
+@click.option("--last", type=int, default=20, show_default=True, help="How many of the newest jobs.")
+def list_jobs(last: int) -> None:
+    """List the jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl), newest last."""
+    records = jobs.load(jobs.registry_path(os.environ))[-last:] if last > 0 else []
+    if not records:
+        click.echo("no jobs submitted from here yet")
+        return
+    current = jobs.states(records)
+    rows = [("JOBID", "VIA", "STATE", "SUBMITTED", "NAME", "BACKEND", "LAUNCHER", "NODES", "RANKS", "JOB_DIR")]
+    for r in records:
+        rows.append((r.job_id, r.via, current[r.job_id].state, r.submitted, r.job_name, r.backend, r.launcher,
+                     str(r.nodes), str(r.world_size), r.job_dir))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))

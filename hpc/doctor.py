@@ -1,0 +1,61 @@
+"""Judge a job's network from what its ranks report: NCCL's transport and the rendezvous reachability (pure)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# NCCL_DEBUG=INFO names the transport of every channel it builds, e.g.
+#   "NCCL INFO Channel 00/0 : 0[0] -> 1[1] [send] via NET/IB/0/GDRDMA"
+#   "NCCL INFO Channel 00 : 1[1] -> 0[0] via NET/Socket/0"
+#   "NCCL INFO Channel 00 : 0[0] -> 1[1] via P2P/CUMEM/read"
+_CHANNEL = re.compile(r"via (NET/[A-Za-z]+|P2P|SHM|COLLNET)")
+_NET_PLUGIN = re.compile(r"NCCL INFO (?:Using network|NET/Plugin.*?using) (\w+)")
+
+
+@dataclass(frozen=True)
+class Transport:
+    """What NCCL used between nodes (``IB``, ``Socket``) and within a node (``P2P``, ``SHM``)."""
+
+    inter_node: frozenset[str]
+    intra_node: frozenset[str]
+
+
+def nccl_transport(log_text: str) -> Transport:
+    """Read the transports out of NCCL_DEBUG=INFO output."""
+    inter, intra = set(), set()
+    for kind in _CHANNEL.findall(log_text):
+        if kind.startswith("NET/"):
+            inter.add(kind.split("/", 1)[1])
+        else:
+            intra.add(kind)
+    for name in _NET_PLUGIN.findall(log_text):
+        inter.add(name)
+    return Transport(frozenset(inter), frozenset(intra))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    message: str
+
+
+def judge_transport(transport: Transport, expect_ib: bool) -> Verdict:
+    """Fail when a profile asked for InfiniBand but NCCL fell back to sockets between nodes."""
+    used = ", ".join(sorted(transport.inter_node)) or "none seen (single node?)"
+    if expect_ib and "Socket" in transport.inter_node:
+        return Verdict(False, f"NCCL fell back to sockets between nodes (inter-node transport: {used}) although "
+                              "the cluster profile expects InfiniBand: check NCCL_IB_HCA and that the IB "
+                              "devices are visible in the job (ibv_devinfo), or set network.ib: false")
+    if expect_ib and transport.inter_node and "IB" not in transport.inter_node:
+        return Verdict(False, f"NCCL used {used} between nodes, not InfiniBand, although the profile expects it")
+    return Verdict(True, f"inter-node transport: {used}; intra-node: "
+                         f"{', '.join(sorted(transport.intra_node)) or 'none seen'}")
+
+
+def judge_allreduce(total: float, world_size: int, rank: int, host: str) -> Verdict:
+    """An all-reduce of ones must sum to the world size on every rank."""
+    if total != world_size:
+        return Verdict(False, f"rank {rank} on {host}: all-reduce of ones gave {total}, expected {world_size}: "
+                              "ranks disagree on the world; check the launch geometry")
+    return Verdict(True, f"all-reduce across {world_size} ranks ok")

@@ -1,0 +1,52 @@
+"""Build DeepSpeed's hostfile and its launcher's base64 ``--world_info`` from a Slurm nodelist (pure)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Mapping
+
+from hpc import nodelist
+
+
+class HostfileError(ValueError):
+    """No hosts or slots to build a hostfile from; the message names the fix."""
+
+
+def hosts(expr: str) -> list[str]:
+    try:
+        return nodelist.expand(expr)
+    except nodelist.NodelistError as exc:
+        raise HostfileError(f"nodelist: {exc}") from None
+
+
+def slots_from_slurm(environ: Mapping[str, str]) -> int:
+    """Ranks per node inside a job: the GPUs Slurm gave this node, else one."""
+    gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+    return int(gpus) if gpus.isdigit() and int(gpus) > 0 else 1
+
+
+def nodelist_from_slurm(environ: Mapping[str, str]) -> str:
+    expr = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not expr:
+        raise HostfileError("SLURM_JOB_NODELIST is not set: run inside a Slurm job or pass --nodelist")
+    return expr
+
+
+def hostfile(names: list[str], slots: int) -> str:
+    """DeepSpeed's hostfile: ``host slots=N`` per line."""
+    if slots < 1:
+        raise HostfileError(f"--slots {slots}: each host needs at least one slot")
+    return "".join(f"{name} slots={slots}\n" for name in names)
+
+
+def world_info(names: list[str], slots: int) -> str:
+    """What ``deepspeed.launcher.launch --world_info`` decodes: base64(JSON {host: [slot ids]}).
+
+    Encoded as DeepSpeed's own runner does (urlsafe base64 of compact-enough JSON), so the launcher's
+    ``urlsafe_b64decode`` reads it back; key order is the node order SLURM_NODEID indexes.
+    """
+    if slots < 1:
+        raise HostfileError(f"--slots {slots}: each host needs at least one slot")
+    info = {name: list(range(slots)) for name in names}
+    return base64.urlsafe_b64encode(json.dumps(info).encode()).decode()

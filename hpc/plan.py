@@ -1,0 +1,260 @@
+"""Memory and communication model of DP, DDP and DeepSpeed ZeRO 0-3, and the backend it recommends.
+
+    rows = estimate(7_000_000_000, nodes=4, gpus_per_node=8, gpu_memory_bytes=80 * 10**9, precision="bf16")
+    choice = recommend(7_000_000_000, 4, 8, 80 * 10**9, "bf16")   # -> Recommendation(backend="deepspeed", ...)
+
+Accounting follows the ZeRO paper (Rajbhandari et al. 2020, section 3): per parameter, mixed-precision Adam
+keeps 2 bytes of bf16/fp16 parameters, 2 bytes of gradients and K = 12 bytes of optimizer state (fp32
+master copy, momentum, variance); ZeRO-1 divides the optimizer state by the data-parallel degree Nd,
+ZeRO-2 the gradients too, ZeRO-3 the parameters too. Only model states are counted: activations,
+communication buckets, ZeRO-3's gathered parameters and allocator fragmentation are what the headroom
+(MODEL_STATE_FRACTION) is kept for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Model states may use this share of a GPU's memory; the rest is left for activations, temporary buffers
+# (gradient buckets, ZeRO-3's gathered layers) and fragmentation, which grow with batch and sequence length.
+MODEL_STATE_FRACTION = 0.80
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adam", "sgd")
+
+# Bytes per parameter of the training dtype: what parameters and gradients are stored in.
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# Optimizer state bytes per parameter kept by the optimizer itself (fp32 moments): Adam's momentum and
+# variance, SGD's momentum.
+MOMENT_BYTES = {"adam": 8, "sgd": 4}
+
+# An fp32 master copy of the parameters. Mixed precision needs one by design; DeepSpeed's ZeRO-1/2/3
+# optimizers also keep one for an fp32 model (measured: train/memprobe.py, tests/test_plan_measured.py),
+# so only DP/DDP/ZeRO-0 in fp32 step the parameters in place.
+MASTER_BYTES = 4
+
+# Parsing suffixes: counts are SI (7B = 7e9), byte sizes SI (GB) or IEC (GiB), as GPU vendors and
+# nvidia-smi write them.
+COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+BYTE_SUFFIXES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+# Built-in models: name -> layers as ("conv", in_channels, out_channels, kernel) or ("fc", in, out).
+MODELS = {
+    "convnet": (("conv", 3, 32, 3), ("conv", 32, 64, 3), ("fc", 2304, 128), ("fc", 128, 10)),
+}
+
+# The plans estimate() compares, in the order the recommendation prefers them when several fit: the
+# least communication first, offload last because every step crosses PCIe twice.
+PLANS = {
+    "dp": {"label": "DP (nn.DataParallel)", "backend": "dp", "zero_stage": None, "offload": False},
+    "ddp": {"label": "DDP", "backend": "ddp", "zero_stage": None, "offload": False},
+    "zero0": {"label": "ZeRO-0", "backend": "deepspeed", "zero_stage": 0, "offload": False},
+    "zero1": {"label": "ZeRO-1", "backend": "deepspeed", "zero_stage": 1, "offload": False},
+    "zero2": {"label": "ZeRO-2", "backend": "deepspeed", "zero_stage": 2, "offload": False},
+    "zero3": {"label": "ZeRO-3", "backend": "deepspeed", "zero_stage": 3, "offload": False},
+    "zero2-offload": {"label": "ZeRO-2 + offload opt", "backend": "deepspeed", "zero_stage": 2, "offload": True},
+    "zero3-offload": {"label": "ZeRO-3 + offload opt+params", "backend": "deepspeed", "zero_stage": 3,
+                      "offload": True},
+}
+
+
+class PlanError(ValueError):
+    """Input the model cannot plan for; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    name: str                 # key of PLANS
+    label: str
+    backend: str              # 'dp' | 'ddp' | 'deepspeed'
+    zero_stage: int | None
+    offload: bool
+    params_bytes: int         # per GPU, the busiest one
+    grads_bytes: int
+    optimizer_bytes: int
+    cpu_bytes: int            # per rank in host memory (offloaded states)
+    comm_volume: float        # elements moved per step by the busiest GPU, in multiples of the parameter count
+    fits: bool | None         # model states <= MODEL_STATE_FRACTION of GPU memory; None when memory unknown
+    applicable: bool          # DP cannot span nodes
+    note: str
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    backend: str              # 'dp' | 'ddp' | 'deepspeed'
+    zero_stage: int | None
+    offload: bool
+    reason: str
+
+
+def parse_count(text: str) -> int:
+    """'7B' -> 7_000_000_000, '1.3B', '350M', '125k', '7e9', '315722'."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise PlanError(f"cannot read parameter count {text!r}: write e.g. 7B, 1.3B, 350M or 125000")
+    value = round(float(m.group(1)) * COUNT_SUFFIXES[m.group(2).lower()])
+    if value <= 0:
+        raise PlanError(f"parameter count {text!r} must be positive")
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '40G' -> 40e9, '512MiB'."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", str(text), re.IGNORECASE)
+    unit = (m.group(2).lower() if m else "") or "b"
+    if unit in ("k", "m", "g", "t"):
+        unit += "b"
+    if not m or unit not in BYTE_SUFFIXES:
+        raise PlanError(f"cannot read memory size {text!r}: write e.g. 80GB, 80GiB or 24G")
+    value = round(float(m.group(1)) * BYTE_SUFFIXES[unit])
+    if value <= 0:
+        raise PlanError(f"memory size {text!r} must be positive")
+    return value
+
+
+def model_params(name: str) -> int:
+    """Parameter count of a built-in model, from its layer shapes (weights plus biases)."""
+    if name not in MODELS:
+        raise PlanError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))} or give --params")
+    total = 0
+    for layer in MODELS[name]:
+        if layer[0] == "conv":
+            _, cin, cout, k = layer
+            total += cin * cout * k * k + cout
+        else:
+            _, fin, fout = layer
+            total += fin * fout + fout
+    return total
+
+
+def _check(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | None, precision: str,
+           optimizer: str) -> None:
+    if params <= 0:
+        raise PlanError("the parameter count must be positive")
+    if nodes < 1 or gpus_per_node < 1:
+        raise PlanError("--nodes and --gpus-per-node must be at least 1")
+    if gpu_memory_bytes is not None and gpu_memory_bytes <= 0:
+        raise PlanError("--gpu-memory must be positive")
+    if precision not in PRECISIONS:
+        raise PlanError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZERS:
+        raise PlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _states(name: str, params: int, nd: int, precision: str, optimizer: str) -> tuple[int, int, int, int]:
+    """(params, grads, optimizer on GPU, bytes on host) per rank for one plan, from the paper's rules."""
+    plan = PLANS[name]
+    stage = plan["zero_stage"]
+    moments = MOMENT_BYTES[optimizer] * params
+    if plan["backend"] != "deepspeed":
+        # torch autocast keeps fp32 weights and gradients and casts per op, so DP/DDP hold 4 + 4 bytes and
+        # need no master copy whatever the compute precision.
+        return 4 * params, 4 * params, moments, 0
+    dtype = DTYPE_BYTES[precision]
+    master = MASTER_BYTES * params if precision != "fp32" or stage > 0 else 0
+    p, g, o = dtype * params, dtype * params, master + moments
+
+    def shard(x: int) -> int:
+        return -(-x // nd)
+
+    if stage >= 1:
+        o = shard(o)
+    if stage >= 2:
+        g = shard(g)
+    if stage >= 3:
+        p = shard(p)
+    if not plan["offload"]:
+        return p, g, o, 0
+    # ZeRO-Offload: the optimizer steps on the CPU, so the fp32 gradient partition and the optimizer state
+    # live in host memory; ZeRO-3 also offloads its parameter partition.
+    host = shard(4 * params) + o
+    if stage == 3:
+        return 0, 0, 0, host + p
+    return p, 0, 0, host
+
+
+def _comm(name: str, gpus_per_node: int) -> tuple[float, str]:
+    """Elements moved per step by the busiest GPU, in multiples of the parameter count, and why."""
+    if name == "dp":
+        extra = max(gpus_per_node - 1, 0)
+        return 2.0 * extra, (f"single process: GPU 0 broadcasts parameters to {extra} replicas and gathers their "
+                             "gradients and outputs every step, the GPU-0 hot spot; GIL-bound")
+    if name in ("zero3", "zero3-offload"):
+        note = "parameters all-gathered in forward and backward, gradients reduce-scattered"
+        return 3.0, note + ("; host<->GPU copies of parameters and gradients each step" if "offload" in name else "")
+    if name == "zero2-offload":
+        return 2.0, "reduce-scatter + all-gather as ZeRO-2; gradients to host and parameters back each step"
+    notes = {"ddp": "all-reduce of gradients, overlapped with backward",
+             "zero0": "all-reduce of gradients (DeepSpeed's DDP)",
+             "zero1": "reduce-scatter + all-gather; reduces only at accumulation boundaries",
+             "zero2": "reduce-scatter + all-gather; reduces every micro-batch"}
+    return 2.0, notes[name]
+
+
+def estimate(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | None, precision: str,
+             optimizer: str = "adam") -> tuple[Estimate, ...]:
+    """Per-GPU model-state memory, communication volume and fit of every plan in PLANS."""
+    _check(params, nodes, gpus_per_node, gpu_memory_bytes, precision, optimizer)
+    nd = nodes * gpus_per_node
+    budget = None if gpu_memory_bytes is None else gpu_memory_bytes * MODEL_STATE_FRACTION
+    rows = []
+    for name, plan in PLANS.items():
+        p, g, o, host = _states(name, params, nd, precision, optimizer)
+        volume, note = _comm(name, gpus_per_node)
+        applicable = not (name == "dp" and nodes > 1)
+        if not applicable:
+            note = "nn.DataParallel is one process on one node; use DDP or DeepSpeed across nodes"
+        fits = None if budget is None else (applicable and p + g + o <= budget)
+        rows.append(Estimate(name=name, label=plan["label"], backend=plan["backend"], zero_stage=plan["zero_stage"],
+                             offload=plan["offload"], params_bytes=p, grads_bytes=g, optimizer_bytes=o,
+                             cpu_bytes=host, comm_volume=volume, fits=fits, applicable=applicable, note=note))
+    return tuple(rows)
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as the ZeRO paper and GPU data sheets give them: 31.4 GB, 5.1 MB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def recommend(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | None, precision: str,
+              optimizer: str = "adam") -> Recommendation:
+    """The backend with the least communication whose model states fit, offloading only when nothing else does."""
+    rows = {e.name: e for e in estimate(params, nodes, gpus_per_node, gpu_memory_bytes, precision, optimizer)}
+    nd = nodes * gpus_per_node
+    budget = f"{MODEL_STATE_FRACTION:.0%} of {human_bytes(gpu_memory_bytes)}" if gpu_memory_bytes else ""
+    ddp = rows["ddp"]
+    if gpu_memory_bytes is None:
+        return Recommendation("ddp", None, False, "GPU memory unknown: DDP, the least communication "
+                              f"(2x params per step); model states need {human_bytes(ddp.gpu_bytes)} per GPU")
+    if ddp.fits:
+        return Recommendation("ddp", None, False, f"model states {human_bytes(ddp.gpu_bytes)} per GPU fit in {budget}: "
+                              "DDP, the least communication (2x params all-reduced per step)")
+    for name in ("zero1", "zero2"):
+        row = rows[name]
+        if row.fits:
+            what = "optimizer state" if name == "zero1" else "optimizer state and gradients"
+            return Recommendation("deepspeed", row.zero_stage, False,
+                                  f"DDP needs {human_bytes(ddp.gpu_bytes)} per GPU, over {budget}; partitioning the {what} "
+                                  f"over {nd} GPUs needs {human_bytes(row.gpu_bytes)} at DDP's communication volume")
+    zero3 = rows["zero3"]
+    if zero3.fits:
+        return Recommendation("deepspeed", 3, False,
+                              f"ZeRO-2 needs {human_bytes(rows['zero2'].gpu_bytes)} per GPU, over {budget}; partitioning "
+                              f"parameters too needs {human_bytes(zero3.gpu_bytes)} for 1.5x DDP's communication")
+    # ZeRO-3 with parameters offloaded keeps no model state on the GPU, so it is the plan of last resort;
+    # what it asks of host memory is in its reason.
+    row = rows["zero2-offload"] if rows["zero2-offload"].fits else rows["zero3-offload"]
+    return Recommendation("deepspeed", row.zero_stage, True,
+                          f"even ZeRO-3 needs {human_bytes(zero3.gpu_bytes)} per GPU, over {budget}; {row.label} keeps "
+                          f"{human_bytes(row.gpu_bytes)} on each GPU and {human_bytes(row.cpu_bytes * gpus_per_node)} in each "
+                          "node's host memory, paying PCIe copies every step")

@@ -1,0 +1,291 @@
+"""Render a job directory's files from a JobSpec and a cluster profile through the Jinja templates."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jinja2
+import yaml
+
+from hpc import paths, ranks
+from hpc.hostfile import hostfile, world_info
+from hpc.profiles import Profile
+from hpc.spec import JobSpec, SpecError, check
+
+TEMPLATES_ENV = "HPCDIST_TEMPLATES"
+DEEPSPEED_BASE = "zero2_fp16.json"
+# Used when configs/deepspeed/zero2_fp16.json is absent; the same shape, so overrides apply alike.
+DEFAULT_DEEPSPEED = {
+    "train_micro_batch_size_per_gpu": 32,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                          "reduce_bucket_size": 50000000, "allgather_bucket_size": 50000000},
+    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},
+    "bf16": {"enabled": False},
+    "steps_per_print": 1000000,
+    "wall_clock_breakdown": False,
+}
+_SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
+
+
+class RenderError(ValueError):
+    """A template that does not render, or a job directory that cannot be written; one line."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A job directory's files, and how submitit would run the same job."""
+
+    spec: JobSpec
+    job_dir: Path
+    files: Mapping[str, str]
+    executor: Mapping[str, Any]
+    setup: tuple[str, ...]
+    task_command: tuple[str, ...]
+
+
+def quote(value: Any) -> str:
+    """The ``q`` filter: one shell word that is the value, literally."""
+    return shlex.quote(str(value))
+
+
+def sbatch_quote(value: Any) -> str:
+    """The ``sbatch`` filter: a batch-directive argument as sbatch's own parser reads it (no shell).
+
+    sbatch splits directive lines on blanks, honours double quotes and backslash escapes, and ends at the
+    line's end; newlines cannot be carried at all, which check() already refused.
+    """
+    text = str(value)
+    if "\n" in text or "\r" in text or "\x00" in text:
+        raise RenderError(f"sbatch directive value {text!r} contains a newline; Slurm cannot carry it")
+    if _SBATCH_PLAIN.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def search_path(profile: Profile, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Template directories in order: the profile's site directory or $HPCDIST_TEMPLATES, then built-in."""
+    site = [d for d in (profile.templates, environ.get(TEMPLATES_ENV)) if d]
+    return (*site, str(paths.templates_dir()))
+
+
+@functools.lru_cache(maxsize=8)
+def environment(search: tuple[str, ...]) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(d) for d in search]),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["q"] = quote
+    env.filters["sbatch"] = sbatch_quote
+    return env
+
+
+def recommender() -> Callable[..., Any] | None:
+    """hpc.plan.recommend when that module is installed (it decides ``--backend auto``), else None."""
+    if importlib.util.find_spec("hpc.plan") is None:
+        return None
+    return importlib.import_module("hpc.plan").recommend
+
+
+def deepspeed_base() -> dict[str, Any]:
+    path = paths.configs_dir() / "deepspeed" / DEEPSPEED_BASE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RenderError(f"cannot read {path}: {exc}") from None
+    return json.loads(json.dumps(DEFAULT_DEEPSPEED))
+
+
+def _train_option(args: tuple[str, ...], name: str) -> str | None:
+    """The last value of ``--name V`` or ``--name=V`` among the trainer's arguments."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def deepspeed_config(spec: JobSpec, base: Mapping[str, Any]) -> dict[str, Any]:
+    """The base DeepSpeed config with the spec's ZeRO stage, precision and global batch applied."""
+    config = json.loads(json.dumps(base))
+    config.setdefault("zero_optimization", {})["stage"] = spec.zero_stage
+    precision = spec.precision
+    if precision == "auto":
+        # fp16 loss scaling is a GPU feature; a CPU-only job trains in fp32.
+        precision = None if spec.gpus_per_node else "fp32"
+    if precision is not None:
+        config.setdefault("fp16", {})["enabled"] = precision == "fp16"
+        config.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    batch = _train_option(spec.train_args, "--batch-size")
+    if batch is not None:
+        if not batch.isdigit() or int(batch) % spec.world_size:
+            raise SpecError(f"--batch-size {batch} must be a multiple of the world size {spec.world_size} "
+                            "for DeepSpeed; change it")
+        config["train_batch_size"] = int(batch)
+        config["train_micro_batch_size_per_gpu"] = int(batch) // spec.world_size
+        config["gradient_accumulation_steps"] = 1
+    return config
+
+
+def ranks_table(spec: JobSpec, job_id: str | None = None) -> str:
+    """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve."""
+    hosts = spec.hosts
+    expr = ",".join(hosts)
+    rows = []
+    for node_rank, host in enumerate(hosts):
+        for local_rank in range(spec.procs_per_node):
+            rank = node_rank * spec.procs_per_node + local_rank
+            if spec.launcher == "srun":
+                environ = {
+                    "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(spec.world_size), "SLURM_STEP_ID": "0",
+                    "SLURM_LOCALID": str(local_rank), "SLURM_NODEID": str(node_rank),
+                    "SLURM_JOB_NODELIST": expr,
+                    "SLURM_TASKS_PER_NODE": f"{spec.procs_per_node}(x{spec.nodes})",
+                    "SLURM_JOB_ID": job_id or "0",
+                }
+            else:
+                # task.sh resolves MASTER_ADDR/PORT as a Slurm task of node_rank, then the launcher
+                # exports torch's variables to each rank it spawns.
+                task = ranks.resolve({
+                    "SLURM_PROCID": str(node_rank), "SLURM_NTASKS": str(spec.nodes), "SLURM_STEP_ID": "0",
+                    "SLURM_NODEID": str(node_rank), "SLURM_JOB_NODELIST": expr,
+                    "SLURM_JOB_ID": job_id or "0",
+                })
+                environ = {
+                    "RANK": str(rank), "WORLD_SIZE": str(spec.world_size), "LOCAL_RANK": str(local_rank),
+                    "LOCAL_WORLD_SIZE": str(spec.procs_per_node), "GROUP_RANK": str(node_rank),
+                    "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port),
+                }
+            dist = ranks.resolve(environ)
+            port = str(dist.master_port) if job_id else f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
+            rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host, dist.master_addr,
+                         port, dist.source))
+    header = ("rank", "local_rank", "node_rank", "node", "master_addr", "master_port", "source")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in (header, *rows)]
+    return "\n".join(lines) + "\n"
+
+
+def spec_yaml(spec: JobSpec, profile: Profile) -> str:
+    data = {"cluster_profile": profile.name, "world_size": spec.world_size,
+            "procs_per_node": spec.procs_per_node, **spec.to_dict()}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *,
+           search: tuple[str, ...] | None = None, job_id: str | None = None) -> Rendered:
+    """Every file of the job directory as text; checks the spec first and writes nothing."""
+    if job_dir is not None:
+        spec = replace(spec, job_dir=os.path.abspath(job_dir))
+    spec = check(spec, profile, recommender())
+    jdir = Path(spec.job_dir)
+    context = {
+        "spec": spec,
+        "profile": profile,
+        "job_dir": spec.job_dir,
+        "run_dir": str(jdir / "run"),
+        "logs_dir": str(jdir / "logs"),
+        "python": spec.python,
+        "environment": sorted(profile.environment().items()),
+        "world_size": spec.world_size,
+        "procs_per_node": spec.procs_per_node,
+        "tasks_per_node": spec.slurm_tasks_per_node,
+        "time_minutes": spec.time_minutes,
+    }
+    env = environment(search if search is not None else search_path(profile, os.environ))
+    files: dict[str, str] = {}
+    try:
+        for name in ("job.sbatch", "setup.sh", "task.sh"):
+            files[name] = env.get_template(f"{name}.j2").render(context)
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {exc}".strip()) from None
+    files["spec.yaml"] = spec_yaml(spec, profile)
+    files["ranks.txt"] = ranks_table(spec, job_id)
+    if spec.backend == "deepspeed":
+        files["deepspeed.json"] = json.dumps(deepspeed_config(spec, deepspeed_base()), indent=2) + "\n"
+    if spec.launcher == "deepspeed" and spec.nodelist:
+        files["hostfile"] = hostfile(spec.hosts, spec.procs_per_node)
+    executor = {
+        "nodes": spec.nodes,
+        "ntasks_per_node": spec.slurm_tasks_per_node,
+        "cpus_per_task": spec.cpus_per_task,
+        "gpus_per_node": spec.gpus_per_node or None,
+        "time": spec.time_minutes,
+        "partition": spec.partition,
+        "account": spec.account,
+        "job_name": spec.job_name,
+        "signal_delay_s": spec.signal_delay_s,
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": {"requeue": True, **({"nodelist": spec.nodelist} if spec.nodelist else {})},
+    }
+    return Rendered(
+        spec=spec,
+        job_dir=jdir,
+        files=files,
+        executor=executor,
+        setup=(f"source {quote(jdir / 'setup.sh')}",),
+        task_command=("bash", str(jdir / "task.sh")),
+    )
+
+
+def world_info_for(spec: JobSpec) -> str:
+    """The launcher's --world_info for an offline --nodelist (the job builds its own from Slurm's)."""
+    return world_info(spec.hosts, spec.procs_per_node)
+
+
+def write(rendered: Rendered, *, force: bool = False) -> Path:
+    """Write the job directory all at once: into a temporary sibling, then renamed into place.
+
+    A failure leaves nothing behind; ``force`` replaces an existing job directory.
+    """
+    import shutil
+    import tempfile
+
+    target = rendered.job_dir
+    if target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
+        raise RenderError(f"job directory {target} already exists; pass another --job-dir or --force")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise RenderError(f"cannot write the job directory under {target.parent}: {exc.strerror}; "
+                          "pick a writable --job-dir") from None
+    old = None
+    try:
+        os.chmod(staging, 0o755)
+        for sub in ("logs", "run"):
+            (staging / sub).mkdir()
+        for name, text in rendered.files.items():
+            path = staging / name
+            path.write_text(text)
+            if name.endswith((".sh", ".sbatch")):
+                path.chmod(0o755)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            target.rename(old / "job")
+        staging.rename(target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not target.exists():
+            (old / "job").rename(target)
+        raise RenderError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -1,0 +1,273 @@
+"""Describe one training job (JobSpec) and check its geometry and inputs before anything is written."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+from hpc import nodelist
+
+if TYPE_CHECKING:
+    from hpc.profiles import Profile
+
+BACKENDS = ("dp", "ddp", "deepspeed", "auto")
+LAUNCHERS = ("srun", "torchrun", "deepspeed")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
+# Which launchers can start each backend: dp is one process owning every GPU of one node, and the
+# torchrun/DeepSpeed launchers exist to start several ranks per node, which dp never has.
+VALID_LAUNCHERS = {
+    "dp": ("srun",),
+    "ddp": ("srun", "torchrun"),
+    "deepspeed": ("srun", "torchrun", "deepspeed"),
+}
+# Launchers that run one Slurm task per node and spawn that node's ranks themselves.
+NODE_LAUNCHERS = ("torchrun", "deepspeed")
+DEFAULT_ZERO_STAGE = 2
+# slurmdbd keeps job names in a tinytext column (255 bytes).
+MAX_JOB_NAME_BYTES = 255
+# Options the render side passes to the trainer itself; a second copy after -- would contradict it.
+RESERVED_TRAIN_ARGS = ("--backend", "--run-dir", "--deepspeed-config", "--local_rank", "--zero-stage",
+                       "--precision")
+
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME_FORMS = (
+    (re.compile(r"(\d+)"), ("m",)),
+    (re.compile(r"(\d+):(\d+)"), ("m", "s")),
+    (re.compile(r"(\d+):(\d+):(\d+)"), ("h", "m", "s")),
+    (re.compile(r"(\d+)-(\d+)"), ("d", "h")),
+    (re.compile(r"(\d+)-(\d+):(\d+)"), ("d", "h", "m")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("d", "h", "m", "s")),
+)
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_SIGNAL = re.compile(r"(?:[RB]{1,2}:)?(?:SIG)?([A-Z][A-Z0-9]*|\d+)(?:@(\d+))?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run as asked; the message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job as asked for; ``None`` means "take the cluster profile's value" (see ``resolve``)."""
+
+    job_dir: str
+    job_name: str = "hpcdist"
+    cluster: str = "local"
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    ntasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    backend: str = "ddp"
+    launcher: str = "srun"
+    zero_stage: int | None = None
+    precision: str = "auto"
+    partition: str | None = None
+    account: str | None = None
+    time: str = "01:00:00"
+    nodelist: str | None = None
+    signal: str = "USR1@120"
+    max_requeues: int = 3
+    params: int | None = None
+    train_args: tuple[str, ...] = ()
+    python: str | None = None
+    pythonpath: str | None = None
+
+    @property
+    def procs_per_node(self) -> int:
+        """Ranks on each node: one per GPU, or --ntasks-per-node of them on a CPU-only job."""
+        if self.backend == "dp":
+            return 1
+        return self.gpus_per_node or self.ntasks_per_node or 1
+
+    @property
+    def slurm_tasks_per_node(self) -> int:
+        """Slurm tasks per node: one per rank under srun, one launcher per node otherwise."""
+        return 1 if self.launcher in NODE_LAUNCHERS else self.procs_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def hosts(self) -> list[str]:
+        """The nodes' names from --nodelist, else placeholders ``<node0>``, ``<node1>``, ..."""
+        if self.nodelist:
+            return nodelist.expand(self.nodelist)
+        return [f"<node{i}>" for i in range(self.nodes)]
+
+    @property
+    def time_minutes(self) -> int:
+        return -(-time_seconds(self.time) // 60)
+
+    @property
+    def signal_delay_s(self) -> int:
+        m = _SIGNAL.fullmatch(self.signal)
+        return int(m.group(2)) if m and m.group(2) else 60
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["train_args"] = list(self.train_args)
+        return out
+
+
+FIELDS = tuple(f.name for f in fields(JobSpec))
+INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues",
+              "params")
+
+
+def from_mapping(values: Mapping[str, Any]) -> JobSpec:
+    """A JobSpec from plain values (a job file merged with flags); unknown keys and bad ints are errors."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise SpecError(f"unknown job key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in INT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(
+                    r"\s*-?\d+\s*", str(value)):
+                raise SpecError(f"{key} must be a whole number, got {value!r}")
+            value = int(value)
+        elif key == "train_args":
+            if isinstance(value, str) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise SpecError("train_args must be a list of strings (the trainer's arguments)")
+            value = tuple(str(v) for v in value)
+        elif not isinstance(value, str):
+            raise SpecError(f"{key} must be a string, got {value!r}")
+        clean[key] = value
+    if "job_dir" not in clean:
+        raise SpecError("no job directory: pass --job-dir DIR")
+    return JobSpec(**clean)
+
+
+def time_seconds(value: str) -> int:
+    """Seconds in a Slurm --time value, or SpecError naming the accepted forms."""
+    for pattern, units in _TIME_FORMS:
+        m = pattern.fullmatch(value.strip())
+        if m:
+            return sum(int(g) * _SECONDS[u] for g, u in zip(m.groups(), units))
+    raise SpecError(f"--time {value!r} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS")
+
+
+def resolve(spec: JobSpec, profile: "Profile", recommend: Any = None) -> JobSpec:
+    """Fill the profile's defaults and settle ``--backend auto`` and the ZeRO stage.
+
+    ``recommend`` is hpc.plan.recommend (passed in so this stays pure and testable); it is needed only
+    for ``--backend auto``.
+    """
+    gpus = profile.gpus_per_node if spec.gpus_per_node is None else spec.gpus_per_node
+    spec = replace(
+        spec,
+        gpus_per_node=gpus,
+        cpus_per_task=spec.cpus_per_task if spec.cpus_per_task is not None else profile.cpus_per_task,
+        partition=spec.partition if spec.partition is not None else profile.partition,
+        account=spec.account if spec.account is not None else profile.account,
+        python=profile.python or spec.python or "python3",
+    )
+    if spec.backend == "auto":
+        if recommend is None:
+            raise SpecError("--backend auto needs hpc.plan, which is not installed; pick --backend dp, ddp "
+                            "or deepspeed")
+        rec = recommend(spec.params or 0, spec.nodes, gpus, None, spec.precision)
+        spec = replace(spec, backend=rec.backend,
+                       zero_stage=spec.zero_stage if spec.zero_stage is not None else rec.zero_stage)
+    if spec.backend == "deepspeed" and spec.zero_stage is None:
+        spec = replace(spec, zero_stage=DEFAULT_ZERO_STAGE)
+    return spec
+
+
+def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
+    if value is None:
+        return
+    if not value:
+        raise SpecError(f"{option} is empty; give a value or leave the option out")
+    if _CONTROL.search(value):
+        raise SpecError(f"{option} {value!r} contains a newline or control character, which Slurm rejects; "
+                        "remove it")
+    if not spaces and any(ch.isspace() for ch in value):
+        raise SpecError(f"{option} {value!r} contains whitespace, which Slurm rejects; remove it")
+
+
+def check(spec: JobSpec, profile: "Profile", recommend: Any = None) -> JobSpec:
+    """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
+    if spec.backend not in BACKENDS:
+        raise SpecError(f"unknown --backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if spec.launcher not in LAUNCHERS:
+        raise SpecError(f"unknown --launcher {spec.launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    if spec.precision not in PRECISIONS:
+        raise SpecError(f"unknown --precision {spec.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    spec = resolve(spec, profile, recommend)
+    if spec.zero_stage is not None and spec.backend != "deepspeed":
+        raise SpecError(f"--zero-stage applies to DeepSpeed only; drop it or use --backend deepspeed "
+                        f"(got --backend {spec.backend})")
+    gpus = spec.gpus_per_node or 0
+
+    if spec.nodes < 1:
+        raise SpecError(f"--nodes {spec.nodes}: a job needs at least one node; use --nodes 1 or more")
+    if profile.max_nodes is not None and spec.nodes > profile.max_nodes:
+        raise SpecError(f"--nodes {spec.nodes} exceeds cluster {profile.name!r}'s max_nodes "
+                        f"{profile.max_nodes}; ask for fewer nodes")
+    if gpus > profile.gpus_per_node:
+        raise SpecError(f"--gpus-per-node {gpus} exceeds the {profile.gpus_per_node} GPU(s) per node of "
+                        f"cluster {profile.name!r}; ask for at most {profile.gpus_per_node}")
+    if spec.cpus_per_task is not None and spec.cpus_per_task < 1:
+        raise SpecError("--cpus-per-task must be at least 1")
+    if spec.ntasks_per_node is not None and spec.ntasks_per_node < 1:
+        raise SpecError("--ntasks-per-node must be at least 1")
+    if spec.zero_stage is not None and spec.zero_stage not in ZERO_STAGES:
+        raise SpecError(f"--zero-stage {spec.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if spec.launcher not in VALID_LAUNCHERS[spec.backend]:
+        raise SpecError(f"--backend {spec.backend} cannot run under --launcher {spec.launcher}; use "
+                        f"--launcher {' or '.join(VALID_LAUNCHERS[spec.backend])}")
+    if spec.backend == "dp":
+        if spec.nodes > 1:
+            raise SpecError(f"--backend dp runs one process on one node (got --nodes {spec.nodes}); use "
+                            "--nodes 1 or --backend ddp")
+        if spec.ntasks_per_node not in (None, 1):
+            raise SpecError("--backend dp runs one task; drop --ntasks-per-node or use --backend ddp")
+    elif spec.ntasks_per_node is not None and gpus:
+        if spec.launcher in NODE_LAUNCHERS and spec.ntasks_per_node != 1:
+            raise SpecError(f"--launcher {spec.launcher} runs one task per node that starts one rank per GPU; "
+                            "drop --ntasks-per-node or use --launcher srun")
+        if spec.launcher == "srun" and spec.ntasks_per_node != gpus:
+            raise SpecError(f"--launcher {spec.launcher} runs one task per GPU ({gpus}); drop "
+                            f"--ntasks-per-node or set it to {gpus}")
+    if spec.max_requeues < 0:
+        raise SpecError("--max-requeues must be 0 or more")
+
+    _check_text("--job-name", spec.job_name, spaces=True)
+    if len(spec.job_name.encode()) > MAX_JOB_NAME_BYTES:
+        raise SpecError(f"--job-name is {len(spec.job_name.encode())} bytes; Slurm keeps at most "
+                        f"{MAX_JOB_NAME_BYTES}: shorten it")
+    _check_text("--partition", spec.partition, spaces=False)
+    _check_text("--account", spec.account, spaces=False)
+    _check_text("--job-dir", spec.job_dir, spaces=True)
+    if "%" in spec.job_dir or "\\" in spec.job_dir:
+        raise SpecError(f"--job-dir {spec.job_dir!r} contains '%' or a backslash, which Slurm interprets in "
+                        "log paths; pick a directory without them")
+    if not spec.job_dir.startswith("/"):
+        raise SpecError(f"--job-dir {spec.job_dir!r} must be absolute by render time")
+    _check_text("python", spec.python, spaces=True)
+    _check_text("pythonpath", spec.pythonpath, spaces=True)
+    for arg in spec.train_args:
+        if "\x00" in arg:
+            raise SpecError("a trainer argument contains a NUL byte, which no command line can carry")
+        if arg.split("=", 1)[0] in RESERVED_TRAIN_ARGS:
+            raise SpecError(f"trainer argument {arg.split('=', 1)[0]} is set by hpcdist; use the matching "
+                            "hpcdist option instead")
+    time_seconds(spec.time)
+    if not _SIGNAL.fullmatch(spec.signal):
+        raise SpecError(f"--signal {spec.signal!r} is not a Slurm signal spec; use e.g. USR1@120")
+    if spec.nodelist is not None:
+        try:
+            hosts = nodelist.expand(spec.nodelist)
+        except nodelist.NodelistError as exc:
+            raise SpecError(f"--nodelist: {exc}") from None
+        if len(hosts) != spec.nodes:
+            raise SpecError(f"--nodelist {spec.nodelist!r} names {len(hosts)} node(s) but --nodes is "
+                            f"{spec.nodes}; make them agree")
+    return spec

@@ -1,0 +1,211 @@
+"""Submit a rendered job directory: through submitit's SlurmExecutor, ``sbatch job.sbatch``, or locally."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from hpc import jobs, task
+
+VIAS = ("submitit", "sbatch")
+EXECUTORS = ("auto", "slurm", "local")
+# The same per-task and batch logs job.sbatch names, so a job's logs/ looks alike on every path.
+TASK_LOG = "logs/task-%t.log"
+BATCH_LOG = "logs/batch-%j.out"
+_SIGNAL_NAME = re.compile(r"(?:[RB]{1,2}:)?(?:SIG)?([A-Z][A-Z0-9]*)(?:@\d+)?")
+
+
+class SubmitError(RuntimeError):
+    """Slurm (or the local runner) refused the job; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submission produced: its registry record, and for a local job the live submitit job."""
+
+    record: jobs.Record
+    handle: Any = None
+
+
+def choose(via: str, executor: str, have_slurm: bool) -> str:
+    """Where the job goes: "submitit", "sbatch" or "local"; ValueError for a combination that can't be."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown --executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if via not in VIAS:
+        raise ValueError(f"unknown --via {via!r}; choose one of {', '.join(VIAS)}")
+    if executor == "local" or (executor == "auto" and not have_slurm):
+        if via == "sbatch":
+            raise ValueError("--via sbatch needs Slurm (sbatch on PATH); drop --via sbatch to run locally")
+        return "local"
+    if not have_slurm:
+        raise ValueError("--executor slurm needs Slurm, but sbatch is not on PATH; use --executor local")
+    return via
+
+
+def requeue_teardown(max_requeues: int) -> list[str]:
+    """Lines after srun in submitit's batch script that do what job.sbatch does after its srun.
+
+    A step that ended with 75 (every rank checkpointed after a preemption or time-limit signal) is
+    requeued, at most ``max_requeues`` times; the batch script then exits with the step's status.
+    """
+    return [
+        "status=$?",
+        f'if [ "$status" -eq 75 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(max_requeues)} ]; then',
+        f'    echo "hpcdist: requeueing job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}} of {int(max_requeues)})"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
+    ]
+
+
+def slurm_parameters(rendered: Any) -> dict[str, Any]:
+    """Keyword arguments for SlurmExecutor.update_parameters that give job.sbatch's allocation and step."""
+    job_dir = Path(rendered.job_dir)
+    params = {k: v for k, v in rendered.executor.items() if v is not None}
+    extra = dict(params.pop("additional_parameters", None) or {})
+    # submitit would ask for its own signal (USR2) and logs; the job's own win, as in job.sbatch.
+    extra["signal"] = rendered.spec.signal
+    extra["output"] = str(job_dir / BATCH_LOG)
+    extra.setdefault("open-mode", "append")
+    params["additional_parameters"] = extra
+    # srun takes the last --output: the task logs land in logs/ beside job.sbatch's, stderr included.
+    params["srun_args"] = [*params.get("srun_args", ()), "--open-mode=append", f"--output={job_dir / TASK_LOG}"]
+    params["stderr_to_stdout"] = True
+    params["setup"] = list(rendered.setup)
+    params["teardown"] = requeue_teardown(rendered.spec.max_requeues)
+    return params
+
+
+def local_command(rendered: Any) -> tuple[str, ...]:
+    """One task's command under the local runner: the batch setup, then task.sh, in one bash.
+
+    submitit runs local setup lines with /bin/sh, where ``source`` may not exist; each task sources
+    setup.sh itself instead, which leaves it the environment the batch shell would have given it.
+    """
+    return ("bash", "-c", " && ".join([*rendered.setup, "exec " + shlex.join(rendered.task_command)]))
+
+
+def signal_name(spec_signal: str) -> str:
+    """``USR1`` from Slurm's ``B:USR1@120``; the local runner sends it ahead of the time limit."""
+    m = _SIGNAL_NAME.fullmatch(spec_signal)
+    return m.group(1) if m else "USR1"
+
+
+def record_for(rendered: Any, job_id: str, via: str, now: datetime.datetime) -> jobs.Record:
+    spec = rendered.spec
+    return jobs.Record(
+        job_id=job_id, job_dir=str(rendered.job_dir), via=via,
+        submitted=now.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
+        job_name=spec.job_name, backend=spec.backend, launcher=spec.launcher, nodes=spec.nodes,
+        ntasks_per_node=spec.slurm_tasks_per_node, world_size=spec.world_size,
+    )
+
+
+def parse_sbatch(text: str) -> str:
+    """The job id from ``sbatch --parsable`` output: ``ID`` or ``ID;CLUSTER``."""
+    first = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
+    if not first.isdigit():
+        raise SubmitError(f"sbatch printed no job id: {text.strip()!r}")
+    return first
+
+
+# ---- side effects --------------------------------------------------------------------------------
+
+def submitit_folder(rendered: Any) -> Path:
+    return Path(rendered.job_dir) / jobs.SUBMITIT_DIR
+
+
+def submit_submitit(rendered: Any) -> str:
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=submitit_folder(rendered))
+    executor.update_parameters(**slurm_parameters(rendered))
+    try:
+        job = executor.submit(task.run, tuple(rendered.task_command))
+    except submitit.core.utils.FailedJobError as exc:
+        raise SubmitError(f"sbatch refused the job: {_one_line(str(exc))}") from None
+    return str(job.job_id)
+
+
+def submit_sbatch(rendered: Any) -> str:
+    job_dir = Path(rendered.job_dir)
+    proc = subprocess.run(["sbatch", "--parsable", str(job_dir / "job.sbatch")], capture_output=True, text=True,
+                          timeout=120, cwd=job_dir)
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch refused the job: {_one_line(proc.stderr or proc.stdout)}")
+    return parse_sbatch(proc.stdout)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """submitit's local controller reads its signal from os.environ; set it for the launch only."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def submit_local(rendered: Any) -> Any:
+    """Emulate the allocation here: nodes x tasks-per-node tasks of submitit's LocalExecutor."""
+    import submitit
+
+    spec = rendered.spec
+    geometry = task.Geometry.of(spec)
+    folder = submitit_folder(rendered)
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(tasks_per_node=geometry.ntasks, timeout_min=spec.time_minutes,
+                               signal_delay_s=spec.signal_delay_s)
+    with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)):
+        return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
+                               str(Path(rendered.job_dir) / TASK_LOG))
+
+
+def submit(rendered: Any, where: str, environ: Mapping[str, str]) -> Submitted:
+    """Submit and register; raises SubmitError (the job directory is then the caller's to remove)."""
+    handle = None
+    if where == "sbatch":
+        job_id = submit_sbatch(rendered)
+    elif where == "submitit":
+        job_id = submit_submitit(rendered)
+    else:
+        handle = submit_local(rendered)
+        job_id = str(handle.job_id)
+    record = record_for(rendered, job_id, where, datetime.datetime.now(datetime.timezone.utc))
+    jobs.write_marker(record)
+    jobs.append(jobs.registry_path(environ), record)
+    return Submitted(record, handle)
+
+
+def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = None) -> jobs.JobState:
+    """Block until the job reaches a final state (a requeued job keeps being waited for)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    record = submitted.record
+    while True:
+        if submitted.handle is not None:
+            # Polling our own child reaps it, so the controller never lingers as a zombie.
+            submitted.handle.done()
+        current = jobs.state(record)
+        if current.done:
+            return current
+        if deadline is not None and time.monotonic() > deadline:
+            return current
+        time.sleep(poll_s)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"

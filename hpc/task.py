@@ -1,0 +1,186 @@
+"""Run one Slurm task's command as a child process group, forwarding preemption signals to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+# torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
+# (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# After SIGTERM a rank may still be writing its checkpoint; after that it is killed.
+STOP_GRACE_S = 5.0
+POLL_S = 0.2
+# Emulated nodes get loopback addresses 127.0.0.1, 127.0.0.2, ...: all reach this machine, and each
+# still has its own name the way cluster nodes do.
+LOCAL_NODE_PREFIX = "127.0.0."
+MAX_LOCAL_NODES = 254
+
+
+class TaskFailed(SystemExit):
+    """The command exited non-zero; exiting with this carries that same status to Slurm.
+
+    A SystemExit (not an Exception) so that submitit's runner does not turn it into exit status 1:
+    Slurm's --kill-on-bad-exit, sacct's ExitCode and a requeue on 75 then see what task.sh returned,
+    exactly as on the ``--via sbatch`` path.
+    """
+
+    def __init__(self, command: Sequence[str], returncode: int, reason: str = "") -> None:
+        status = returncode if returncode >= 0 else 128 - returncode
+        super().__init__(status)
+        self.command = tuple(command)
+        self.returncode = returncode
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{' '.join(self.command)} exited with status {self.code}{why}"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The allocation a local run emulates: Slurm's nodes, tasks per node and CPUs per task."""
+
+    nodes: int
+    ntasks_per_node: int
+    cpus_per_task: int = 1
+
+    @classmethod
+    def of(cls, spec: Any) -> "Geometry":
+        """From a resolved hpc.spec.JobSpec: one Slurm task per rank (srun) or per node (launchers)."""
+        return cls(spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task or 1)
+
+    @property
+    def ntasks(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+
+def local_nodelist(nodes: int) -> str:
+    """``127.0.0.[1-N]``: a nodelist whose every host resolves to this machine."""
+    if not 1 <= nodes <= MAX_LOCAL_NODES:
+        raise ValueError(f"a local run emulates 1 to {MAX_LOCAL_NODES} nodes, not {nodes}")
+    return f"{LOCAL_NODE_PREFIX}1" if nodes == 1 else f"{LOCAL_NODE_PREFIX}[1-{nodes}]"
+
+
+def local_env(geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
+    """The Slurm variables srun would give task ``index`` of ``geometry`` (block distribution)."""
+    if not 0 <= index < geometry.ntasks:
+        raise ValueError(f"task {index} is outside the {geometry.ntasks} tasks of {geometry}")
+    node = index // geometry.ntasks_per_node
+    tasks_per_node = (str(geometry.ntasks_per_node) if geometry.nodes == 1
+                      else f"{geometry.ntasks_per_node}(x{geometry.nodes})")
+    nodelist = local_nodelist(geometry.nodes)
+    return {
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOBID": job_id,
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEPID": "0",
+        "SLURM_PROCID": str(index),
+        "SLURM_LOCALID": str(index % geometry.ntasks_per_node),
+        "SLURM_NODEID": str(node),
+        "SLURM_NTASKS": str(geometry.ntasks),
+        "SLURM_NPROCS": str(geometry.ntasks),
+        "SLURM_NNODES": str(geometry.nodes),
+        "SLURM_JOB_NUM_NODES": str(geometry.nodes),
+        "SLURM_TASKS_PER_NODE": tasks_per_node,
+        "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
+        "SLURM_NTASKS_PER_NODE": str(geometry.ntasks_per_node),
+        "SLURM_CPUS_PER_TASK": str(geometry.cpus_per_task),
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_NODELIST": nodelist,
+        "SLURM_STEP_NODELIST": nodelist,
+        "SLURMD_NODENAME": f"{LOCAL_NODE_PREFIX}{node + 1}",
+    }
+
+
+def emulated_environ(environ: Mapping[str, str], geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
+    """``environ`` without any Slurm variables it inherited, plus those of the emulated task."""
+    clean = {k: v for k, v in environ.items() if not k.startswith(("SLURM_", "SLURMD_"))}
+    return {**clean, **local_env(geometry, index, job_id)}
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(child.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's group, then SIGKILL whatever is left after ``grace_s``."""
+    _signal_group(child, signal.SIGTERM)
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(child, signal.SIGKILL)
+    child.wait()
+
+
+def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file: Path | None = None,
+        output: Path | None = None) -> int:
+    """Run ``command``; return 0, or raise TaskFailed with its exit status.
+
+    ``abort_file`` emulates srun's --kill-on-bad-exit where no srun exists: a failing task creates it,
+    and every task that sees it stops its own command, so one dead rank never leaves the others
+    waiting in a collective until the time limit. ``output`` (appended to) plays srun's --output.
+    """
+    command = tuple(str(c) for c in command)
+    log = open(output, "ab") if output is not None else None
+    try:
+        # A session of its own makes the command's processes one group, which a signal reaches whole.
+        child = subprocess.Popen(command, env=dict(env) if env is not None else None, start_new_session=True,
+                                 stdout=log, stderr=subprocess.STDOUT if log else None)
+    finally:
+        if log is not None:
+            log.close()
+    previous = {sig: signal.signal(sig, lambda signum, _frame: _signal_group(child, signum)) for sig in FORWARDED}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=POLL_S if abort_file is not None else None)
+                break
+            except subprocess.TimeoutExpired:
+                if abort_file is not None and abort_file.exists():
+                    _stop(child, STOP_GRACE_S)
+                    raise TaskFailed(command, child.returncode if child.returncode else 1,
+                                     "stopped because another task failed") from None
+    except BaseException:
+        if child.returncode is None:
+            _stop(child, 0.5)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0:
+        # Ranks of a failed command may linger (a launcher's workers); they would hold ports and CPUs.
+        _signal_group(child, signal.SIGKILL)
+        if abort_file is not None:
+            abort_file.touch()
+        raise TaskFailed(command, code)
+    return 0
+
+
+def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: str) -> int:
+    """What each task of submitit's LocalExecutor runs: ``command`` as an emulated Slurm task.
+
+    ``folder`` is submitit's folder (the task's exit status goes there as ``JOBID_INDEX_exit``);
+    ``output`` is the task's log path, with ``%t`` standing for its index as in srun's --output.
+    """
+    index = int(os.environ["SUBMITIT_LOCAL_GLOBALID"])
+    job_id = os.environ["SUBMITIT_LOCAL_JOB_ID"]
+    env = emulated_environ(os.environ, geometry, index, job_id)
+    status_file = Path(folder) / f"{job_id}_{index}_exit"
+    try:
+        run(command, env=env, abort_file=Path(folder) / f"{job_id}_abort",
+            output=Path(output.replace("%t", str(index)).replace("%j", job_id)))
+    except TaskFailed as failed:
+        status_file.write_text(f"{failed.code}\n")
+        raise
+    status_file.write_text("0\n")
+    return 0
+

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# setup.sh -- make .venv with hpcdist and its training stack; with --slurm also a local 3-node Slurm.
+#
+#   bash scripts/setup.sh            # .venv: torch, torchvision, deepspeed, submitit, hpcdist (editable)
+#   bash scripts/setup.sh --slurm    # also apt-get Slurm + accounting and start nodes n1..n3 (root)
+#
+# Idempotent: a second run only checks what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+log() { echo "[setup $(date +%T)] $*" >&2; }
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  log "installing torch + torchvision (~1.5 min from local disk)"
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+if ! .venv/bin/python -c "import deepspeed, submitit, hpc, hypothesis, pytest_timeout, matplotlib" >/dev/null 2>&1; then
+  log "installing hpcdist (editable) with deepspeed and test tools"
+  .venv/bin/pip install -q -e ".[train,test,bench]"
+fi
+
+if [ "${1:-}" = --slurm ]; then
+  command -v shellcheck >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck; }
+  command -v slurmdbd >/dev/null || bash scripts/slurm-local.sh install --dbd
+  bash scripts/slurm-local.sh start multi --dbd
+fi
+log "ready: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null)"

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Rendered by hpcdist: what each Slurm task runs. Per-task values ($SLURM_PROCID, $SLURM_NODEID,
+# MASTER_ADDR, ...) expand here, in the task's own shell, never in the batch shell.
+set -euo pipefail
+
+python=/opt/venv/bin/python
+run_dir=/jobs/golden/run
+resume=()
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    resume=(--resume)
+fi
+exec "$python" -m train --backend ddp --run-dir "$run_dir" --precision auto \
+    ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

@@ -1,0 +1,19 @@
+#!/bin/bash
+# Rendered by hpcdist: what each Slurm task runs. Per-task values ($SLURM_PROCID, $SLURM_NODEID,
+# MASTER_ADDR, ...) expand here, in the task's own shell, never in the batch shell.
+set -euo pipefail
+
+python=/opt/venv/bin/python
+run_dir=/jobs/golden/run
+resume=()
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    resume=(--resume)
+fi
+eval "$("$python" -m hpc env --shell)"
+# Slurm signals every process of the step: torchrun's agent ignores USR1 (its default action would kill
+# it) while the trainer installs its own handler and checkpoints.
+trap '' USR1
+exec "$python" -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc_per_node 2 \
+    --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
+    -m train --backend ddp --run-dir "$run_dir" --precision auto \
+    ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Rendered by hpcdist: what each Slurm task runs. Per-task values ($SLURM_PROCID, $SLURM_NODEID,
+# MASTER_ADDR, ...) expand here, in the task's own shell, never in the batch shell.
+set -euo pipefail
+
+python=/opt/venv/bin/python
+run_dir=/jobs/golden/run
+resume=()
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    resume=(--resume)
+fi
+eval "$("$python" -m hpc env --shell)"
+# DeepSpeed's per-node launcher, not its ssh runner: srun already put one task on each node.
+world_info=$("$python" -m hpc hostfile --from-slurm --world-info --slots 2)
+# The launcher exports neither; hpc.ranks reads them for local world size and node rank.
+export LOCAL_WORLD_SIZE=2 GROUP_RANK="$SLURM_NODEID"
+# Slurm signals every process of the step: the launcher ignores USR1 (its default action would kill
+# it) while the trainer installs its own handler and checkpoints.
+trap '' USR1
+exec "$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$SLURM_NODEID" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+    --module train --backend deepspeed --run-dir "$run_dir" --precision auto \
+    --zero-stage 2 --deepspeed-config /jobs/golden/deepspeed.json \
+    ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

@@ -1,0 +1,12 @@
+# shellcheck shell=bash
+# Rendered by hpcdist for cluster profile golden-site: sourced by job.sbatch before srun, so
+# every task inherits what it exports.
+module load cuda/12.1
+# The profile's setup lines, verbatim: they are the site admin's shell by design.
+ulimit -n 65536
+export NCCL_DEBUG=WARN
+export NCCL_IB_HCA=mlx5_0,mlx5_1
+export NCCL_SOCKET_IFNAME=ib0
+export PYTHONPATH=/src/hpcdist"${PYTHONPATH:+:$PYTHONPATH}"
+export HPCDIST_JOB_DIR=/jobs/golden
+export HPCDIST_PYTHON=/opt/venv/bin/python

@@ -1,0 +1,259 @@
+"""hpcdist bench: grid specs, images/s from metrics records, the report, and one small real run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc import bench
+from hpc.bench import BenchError, Config, Result
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- grid specs ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,expected", [
+    ("floor:1", Config("floor")),
+    ("floor", Config("floor")),
+    ("ddp:resident:2", Config("ddp", ranks=2)),
+    ("ddp:2:classic", Config("ddp", ranks=2, loader="classic")),
+    ("dp:resident:1", Config("dp")),
+    ("deepspeed:zero2:bf16:2", Config("deepspeed", ranks=2, zero_stage=2, precision="bf16")),
+    ("deepspeed:1", Config("deepspeed", zero_stage=0)),
+    ("DDP:Resident:2:T2", Config("ddp", ranks=2, threads=2)),
+    ("ddp:b512:2", Config("ddp", ranks=2, batch=512)),
+])
+def test_parse_config(spec, expected):
+    assert bench.parse_config(spec) == expected
+
+
+def test_run_batch_applies_unless_the_spec_sets_one():
+    assert bench.parse_config("ddp:2", batch=128).batch == 128
+    assert bench.parse_config("ddp:2:b64", batch=128).batch == 64
+
+
+@pytest.mark.parametrize("spec", bench.DEFAULT_GRID + ("ddp:b512:2:t1", "deepspeed:zero3:fp16:classic:4"))
+def test_name_round_trips(spec):
+    config = bench.parse_config(spec)
+    assert bench.parse_config(config.name) == config
+    assert ":" not in config.slug
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("horovod:1", "unknown backend 'horovod'"),
+    ("ddp:fast", "unknown token 'fast'"),
+    ("ddp:1:2", "ranks given twice"),
+    ("ddp:bf16:fp32", "precision given twice"),
+    ("dp:2", "dp (nn.DataParallel) is one process"),
+    ("ddp:zero2:1", "zeroN applies to deepspeed only"),
+    ("deepspeed:zero4:1", "ZeRO stage must be 0-3"),
+    ("floor:bf16:1", "the floor trains in fp32"),
+    ("floor:classic:1", "the floor trains in fp32"),
+    ("ddp:b255:2", "multiple of 2 ranks"),
+    ("ddp:0", "ranks must be at least 1"),
+    ("ddp:1:t0", "threads per rank must be at least 1"),
+    ("", "unknown backend ''"),
+])
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(BenchError) as exc:
+        bench.parse_config(spec)
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_grid_splits_commas_and_refuses_duplicates():
+    grid = bench.parse_grid(["floor:1, ddp:resident:1", "deepspeed:zero2:bf16:2"])
+    assert [c.name for c in grid] == ["floor:1", "ddp:resident:1", "deepspeed:zero2:bf16:2"]
+    with pytest.raises(BenchError, match="twice"):
+        bench.parse_grid(["ddp:1", "ddp:resident:1"])
+    with pytest.raises(BenchError, match="empty"):
+        bench.parse_grid([" , "])
+
+
+def test_default_grid_is_the_issue_comparison_at_batch_256():
+    grid = bench.default_grid()
+    names = [c.name for c in grid]
+    assert names[0] == "floor:1" and "floor:2" in names
+    assert {"ddp:resident:1", "ddp:classic:1", "dp:resident:1", "ddp:resident:2", "ddp:resident:2:t2",
+            "deepspeed:zero2:fp32:2"} <= set(names)
+    assert all(c.batch == 256 for c in grid)
+
+
+def test_threads_split_the_cpus_unless_given():
+    assert bench.threads_for(Config("ddp"), {}, 2) == 2
+    assert bench.threads_for(Config("ddp", ranks=2), {}, 2) == 1
+    assert bench.threads_for(Config("ddp", ranks=2, threads=2), {}, 2) == 2
+    assert bench.threads_for(Config("ddp", ranks=2), {"OMP_NUM_THREADS": "3"}, 2) == 3
+    assert bench.threads_for(Config("ddp", ranks=4), {}, 2) == 1
+
+
+def test_argv_launches_one_rank_plainly_and_more_under_torchrun():
+    one = bench.argv(Config("floor"), 2, 100, 10, "/r", "py")
+    assert one[:3] == ["py", "-m", "train.floor"] and "--max-steps" in one
+    assert one[one.index("--max-steps") + 1] == "110" and one[one.index("--threads") + 1] == "2"
+    two = bench.argv(Config("deepspeed", ranks=2, zero_stage=2, precision="bf16"), 1, 100, 10, "/r", "py")
+    assert two[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    tail = two[6:]
+    assert tail[:3] == ["-m", "train", "--backend"]
+    for flag, value in (("--zero-stage", "2"), ("--precision", "bf16"), ("--log-every", "1"),
+                        ("--batch-size", "256"), ("--run-dir", "/r"), ("--max-steps", "110")):
+        assert tail[tail.index(flag) + 1] == value
+
+
+# --- images/s -----------------------------------------------------------------------------------------
+
+def records(times, first_step=1):
+    return [{"step": first_step + i, "epoch": 0, "batch": i, "loss": 2.3, "images_per_s": 0.0, "time_s": t}
+            for i, t in enumerate(times)]
+
+
+def test_images_per_s_leaves_warmup_out():
+    # Warm-up steps 1-2 are slow (10 s and 5 s); steps 3-5 take 0.5 s each.
+    recs = records([10.0, 15.0, 15.5, 16.0, 16.5])
+    assert bench.images_per_s(recs, warmup=2, batch=100) == pytest.approx(3 * 100 / 1.5)
+
+
+def test_images_per_s_is_the_same_for_zero_based_steps_and_any_order():
+    recs = records([1.0, 2.0, 2.25, 2.5], first_step=0)
+    assert bench.images_per_s(list(reversed(recs)), warmup=1, batch=8) == pytest.approx(3 * 8 / 1.5)
+
+
+@pytest.mark.parametrize("recs,warmup,message", [
+    (records([1.0, 2.0]), 2, "none after 2 warm-up steps"),
+    (records([1.0, 2.0, 3.0]), 0, "at least 1 step"),
+    ([{"step": 1, "time_s": 1.0}, {"step": 3, "time_s": 2.0}, {"step": 4, "time_s": 3.0}], 1, "skip steps"),
+    ([{"step": 1}, {"step": 2}], 1, "numeric 'step' and 'time_s'"),
+    (records([1.0, 2.0, 2.0]), 2, "does not advance"),
+])
+def test_images_per_s_refuses_what_gives_no_rate(recs, warmup, message):
+    with pytest.raises(BenchError) as exc:
+        bench.images_per_s(recs, warmup, 256)
+    assert message in str(exc.value)
+
+
+def test_parse_jsonl_drops_a_torn_last_line():
+    text = '{"step": 1, "time_s": 0.5}\n\n{"step": 2, "time_s": 1.0}\n{"step": 3, "ti'
+    assert [r["step"] for r in bench.parse_jsonl(text)] == [1, 2]
+
+
+def test_summary_fields_the_trainer_lacks_are_reported_missing():
+    recs = records([1.0, 2.0, 3.0])
+    full = {"time_to_first_step_s": 4.2, "ranks": [{"rank": 1, "peak_memory_bytes": 20},
+                                                  {"rank": 0, "peak_memory_bytes": 10}]}
+    r = bench.result_from_summary(Config("ddp", ranks=2), 1, full, recs, 1, 9.0)
+    assert r.ok and r.images_per_s == pytest.approx(2 * 256 / 2.0)
+    assert r.time_to_first_step_s == 4.2 and r.peak_memory_bytes == (10, 20) and r.missing == ()
+    bare = bench.result_from_summary(Config("ddp"), 2, {"ranks": [{"rank": 0}]}, recs, 1, 9.0)
+    assert bare.ok and bare.time_to_first_step_s is None and bare.peak_memory_bytes == (None,)
+    assert bare.missing == ("time_to_first_step_s", "ranks[].peak_memory_bytes")
+    short = bench.result_from_summary(Config("ddp"), 2, full, recs[:1], 1, 9.0)
+    assert not short.ok and "warm-up" in short.error
+
+
+def test_floor_result_from_its_json_line():
+    report = {"images_per_s": 1000.0, "time_to_first_step_s": 3.0, "ranks": [{"rank": 0, "peak_memory_bytes": 5}]}
+    r = bench.result_from_floor(Config("floor"), 2, report, 30.0)
+    assert r.ok and r.images_per_s == 1000.0 and r.peak_memory_bytes == (5,) and not r.missing
+    assert not bench.result_from_floor(Config("floor"), 2, {}, 30.0).ok
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+def sample_results():
+    return [
+        Result(Config("floor"), 2, 1000.0, 3.0, (500 * 2**20,), 40.0),
+        Result(Config("ddp"), 2, 960.0, 8.0, (600 * 2**20,), 50.0),
+        Result(Config("floor", ranks=2), 1, 1100.0, 4.0, (400 * 2**20, 410 * 2**20), 40.0),
+        Result(Config("ddp", ranks=2), 1, 990.0, 9.0, (500 * 2**20, 510 * 2**20), 60.0),
+        Result(Config("ddp", ranks=2, threads=2), 2, 700.0, None, (), 70.0,
+               missing=("time_to_first_step_s", "ranks[].peak_memory_bytes")),
+        Result(Config("deepspeed", zero_stage=2), 2, wall_s=5.0, error="exit 1: boom | bang"),
+    ]
+
+
+def test_ratios_pair_each_row_with_its_floor_and_its_one_rank_run():
+    results = sample_results()
+    assert bench.vs_floor(results[1], results) == pytest.approx(0.96)
+    assert bench.vs_floor(results[3], results) == pytest.approx(0.9)
+    assert bench.vs_floor(results[4], results) is None  # no floor ran 2 ranks x 2 threads
+    assert bench.vs_floor(results[0], results) is None
+    assert bench.scaling(results[3], results) == pytest.approx(990 / 960)
+    assert bench.scaling(results[4], results) == pytest.approx(700 / 960)
+    assert bench.scaling(results[1], results) is None
+    assert bench.scaling(results[5], results) is None
+
+
+def test_markdown_table():
+    lines = bench.markdown_table(sample_results()).splitlines()
+    assert lines[0].startswith("| config | backend | ZeRO |") and lines[1].startswith("|---|---|---|")
+    assert len(lines) == 2 + 6
+    assert lines[2] == "| floor:1 | floor |  | fp32 |  | 256 | 1 | 2 | 1000 |  |  | 3.0 | 500 |"
+    assert lines[3] == "| ddp:resident:1 | ddp |  | fp32 | resident | 256 | 1 | 2 | 960 | 0.96x |  | 8.0 | 600 |"
+    assert "| 990 | 0.90x | 1.03x | 9.0 | 500 / 510 |" in lines[5]
+    assert "| 700 |  | 0.73x | missing | missing |" in lines[6]
+    assert "failed: exit 1: boom \\| bang" in lines[7]
+
+
+def test_markdown_report_checks_the_targets_and_names_missing_fields():
+    text = bench.markdown_report(sample_results(), {"cpus": 2, "steps": 200})
+    assert text.startswith("# hpcdist bench\n\ncpus 2, steps 200\n\n| config |")
+    assert "- ddp:resident:1 vs floor: 0.96x (meets the >= 0.95x target)" in text
+    assert "- ddp:resident:2 vs 1 rank: 1.03x (meets the >= 0.9x target)" in text
+    assert "- ddp:resident:2:t2 vs 1 rank: 0.73x (misses the >= 0.9x target, oversubscribed)" in text
+    assert "- ddp:resident:2:t2: time_to_first_step_s, ranks[].peak_memory_bytes not reported" in text
+
+
+def test_json_report_round_trips_through_json():
+    doc = json.loads(json.dumps(bench.to_json(sample_results(), {"cpus": 2})))
+    assert doc["cpus"] == 2 and doc["targets"] == {"ddp_1_rank_vs_floor": 0.95, "n_ranks_vs_1_rank": 0.9}
+    rows = doc["results"]
+    assert rows[1]["config"]["name"] == "ddp:resident:1" and rows[1]["vs_floor"] == pytest.approx(0.96)
+    assert rows[3]["peak_memory_bytes"] == [500 * 2**20, 510 * 2**20]
+    assert rows[5]["images_per_s"] is None and rows[5]["error"].startswith("exit 1")
+    assert [b[0] for b in bench.chart_bars(sample_results())][-1] == "ddp:resident:2:t2"
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+def hpcdist(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "hpc", *args], cwd=ROOT, capture_output=True, text=True,
+                          **kwargs)
+
+
+def test_bad_grid_is_one_line_and_exit_2():
+    done = hpcdist("bench", "--config", "dp:2", "--dry-run")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "use ddp for 2 ranks" in done.stderr
+
+
+def test_bench_stays_light():
+    code = ("import sys; from click.testing import CliRunner; from hpc.cli import main; "
+            "r = CliRunner().invoke(main, ['bench', '--dry-run']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(main, ['bench', '--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+SMALL_GRID = ("floor:1", "ddp:resident:1")
+
+
+@pytest.mark.slow
+def test_small_real_run(tmp_path):
+    args = ["bench", "--steps", "20", "--warmup", "5", "--out", str(tmp_path), "--timeout-s", "600"]
+    for spec in SMALL_GRID:
+        args += ["--config", spec]
+    done = hpcdist(*args, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["config"]["name"] for r in rows] == list(SMALL_GRID)
+    assert all(r["images_per_s"] > 0 and r["error"] is None for r in rows)
+    table = (tmp_path / "bench.md").read_text()
+    assert all(f"| {spec} |" in table for spec in SMALL_GRID)

@@ -1,0 +1,44 @@
+"""The network preflight's judgement: NCCL transport parsing and the InfiniBand fallback rule."""
+
+from hpc import doctor
+
+IB_LOG = """\
+n1:1234:1300 [0] NCCL INFO NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/IB ; OOB ib0:10.1.0.1<0>
+n1:1234:1300 [0] NCCL INFO Using network IB
+n1:1234:1300 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM/read
+n1:1234:1300 [0] NCCL INFO Channel 00/0 : 7[7] -> 8[0] [receive] via NET/IB/0/GDRDMA
+"""
+SOCKET_LOG = """\
+n1:1234:1300 [0] NCCL INFO NET/IB : No device found.
+n1:1234:1300 [0] NCCL INFO NET/Socket : Using [0]eth0:10.0.0.1<0>
+n1:1234:1300 [0] NCCL INFO Using network Socket
+n1:1234:1300 [0] NCCL INFO Channel 00 : 0[0] -> 1[0] [send] via NET/Socket/0
+"""
+
+
+def test_infiniband_channels_are_recognised():
+    t = doctor.nccl_transport(IB_LOG)
+    assert t.inter_node == {"IB"} and t.intra_node == {"P2P"}
+    assert doctor.judge_transport(t, expect_ib=True).ok
+
+
+def test_socket_fallback_fails_when_the_profile_expects_infiniband():
+    verdict = doctor.judge_transport(doctor.nccl_transport(SOCKET_LOG), expect_ib=True)
+    assert not verdict.ok
+    assert "fell back to sockets" in verdict.message and "NCCL_IB_HCA" in verdict.message
+
+
+def test_sockets_are_fine_where_the_profile_disables_infiniband():
+    assert doctor.judge_transport(doctor.nccl_transport(SOCKET_LOG), expect_ib=False).ok
+
+
+def test_single_node_jobs_have_no_inter_node_transport():
+    t = doctor.nccl_transport("NCCL INFO Channel 00 : 0[0] -> 1[1] via SHM/direct/direct\n")
+    assert t.inter_node == frozenset() and t.intra_node == {"SHM"}
+    assert doctor.judge_transport(t, expect_ib=True).ok
+
+
+def test_allreduce_of_ones_must_equal_world_size():
+    assert doctor.judge_allreduce(4.0, 4, 0, "n1").ok
+    bad = doctor.judge_allreduce(3.0, 4, 2, "n2")
+    assert not bad.ok and "rank 2 on n2" in bad.message

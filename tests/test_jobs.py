@@ -1,0 +1,225 @@
+"""hpc.jobs: the job registry, Slurm's answers parsed, local job outcomes, and which log to show."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpc import jobs
+
+
+def rec(job_id="101", job_dir="/runs/a", via="submitit", **kw) -> jobs.Record:
+    return jobs.Record(job_id=job_id, job_dir=job_dir, via=via, submitted="2024-01-01T00:00:00+00:00", **kw)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+def test_registry_path_defaults_to_home_and_follows_hpcdist_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert jobs.registry_path({}) == tmp_path / ".hpcdist" / "jobs.jsonl"
+    assert jobs.registry_path({"HPCDIST_HOME": "/x/y"}) == Path("/x/y/jobs.jsonl")
+
+
+def test_append_then_load_round_trips(tmp_path):
+    path = tmp_path / "home" / "jobs.jsonl"
+    first, second = rec("1", backend="ddp", nodes=2, world_size=2), rec("2", via="sbatch")
+    jobs.append(path, first)
+    jobs.append(path, second)
+    assert jobs.load(path) == [first, second]
+    assert all(json.loads(line)["job_id"] for line in path.read_text().splitlines())
+
+
+def test_load_of_a_missing_registry_is_empty(tmp_path):
+    assert jobs.load(tmp_path / "nothing.jsonl") == []
+
+
+def test_a_damaged_line_is_skipped():
+    text = rec("1").to_json() + "\n{not json\n" + '{"job_id": "3"}\n' + rec("2").to_json() + "\n"
+    assert [r.job_id for r in jobs.parse_registry(text)] == ["1", "2"]
+
+
+def test_unknown_keys_from_a_newer_version_are_ignored():
+    line = json.dumps({**json.loads(rec("5").to_json()), "future_field": 1})
+    assert jobs.parse_registry(line)[0].job_id == "5"
+
+
+def test_find_by_id_takes_the_newest_and_by_directory():
+    records = [rec("7", "/runs/old"), rec("8", "/runs/b"), rec("7", "/runs/new")]
+    assert jobs.find(records, "7").job_dir == "/runs/new"
+    assert jobs.find(records, "/runs/b").job_id == "8"
+    assert jobs.find(records, "b", cwd="/runs").job_id == "8"
+    assert jobs.find(records, "/runs/b/").job_id == "8"
+    assert jobs.find(records, "9") is None
+
+
+def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    record = rec("55", str(job_dir))
+    jobs.write_marker(record)
+    assert jobs.lookup(str(job_dir), {"HPCDIST_HOME": str(tmp_path / "empty")}) == record
+    with pytest.raises(jobs.JobError, match="no job '56'"):
+        jobs.lookup("56", {"HPCDIST_HOME": str(tmp_path / "empty")})
+
+
+# ---- Slurm's answers -----------------------------------------------------------------------------
+
+def test_parse_sacct_reads_the_allocation_row():
+    text = "301|CANCELLED by 0|0:15|n[1-2]|00:00:07\n301.batch|CANCELLED|0:15|n1|00:00:07\n"
+    state = jobs.parse_sacct(text, "301")
+    assert state == jobs.JobState("301", "CANCELLED", 0, 15, "n[1-2]", "00:00:07")
+    assert state.done and not state.ok
+    assert jobs.parse_sacct(text, "302") is None
+
+
+@pytest.mark.parametrize("row,done,ok", [
+    ("9|COMPLETED|0:0|n1|00:00:01", True, True),
+    ("9|FAILED|3:0|n1|00:00:01", True, False),
+    ("9|RUNNING|0:0|n1|00:00:01", False, False),
+    ("9|REQUEUED|0:0|n1|00:00:01", False, False),
+    ("9|PENDING|0:0|None assigned|00:00:00", False, False),
+    ("9|TIMEOUT|0:0|n1|00:01:00", True, False),
+])
+def test_done_and_ok(row, done, ok):
+    state = jobs.parse_sacct(row, "9")
+    assert (state.done, state.ok) == (done, ok)
+
+
+def test_parse_squeue():
+    assert jobs.parse_squeue("12|RUNNING|n[1-2]|0:03\n", "12") == jobs.JobState("12", "RUNNING", None, None,
+                                                                             "n[1-2]", "0:03")
+    assert jobs.parse_squeue("", "12") is None
+
+
+def fake_runner(answers):
+    """Canned command output keyed by the command's name (a stand-in for the subprocess, not for Slurm)."""
+    calls = []
+
+    def run(argv):
+        calls.append(list(argv))
+        out, code = answers.get(argv[0], ("", 1))
+        return subprocess.CompletedProcess(argv, code, out, "")
+
+    run.calls = calls
+    return run
+
+
+def test_slurm_state_asks_the_queue_while_accounting_has_no_row():
+    runner = fake_runner({"sacct": ("", 0), "squeue": ("44|PENDING|(null)|0:00\n", 0)})
+    assert jobs.slurm_state("44", runner).state == "PENDING"
+    assert [c[0] for c in runner.calls] == ["sacct", "squeue"]
+
+
+def test_slurm_state_prefers_accounting():
+    runner = fake_runner({"sacct": ("44|COMPLETED|0:0|n1|00:00:02\n", 0)})
+    assert jobs.slurm_state("44", runner).ok
+    assert [c[0] for c in runner.calls] == ["sacct"]
+
+
+def test_slurm_state_of_an_unknown_job():
+    assert jobs.slurm_state("45", fake_runner({})).state == "UNKNOWN"
+
+
+def test_states_asks_sacct_once_for_every_slurm_job(tmp_path):
+    runner = fake_runner({"sacct": ("1|COMPLETED|0:0|n1|0\n2|FAILED|1:0|n2|0\n", 0)})
+    out = jobs.states([rec("1"), rec("2", via="sbatch"), rec("3")], runner)
+    assert [out[k].state for k in ("1", "2", "3")] == ["COMPLETED", "FAILED", "UNKNOWN"]
+    assert len(runner.calls) == 1 and "1,2,3" in runner.calls[0]
+
+
+# ---- local jobs ----------------------------------------------------------------------------------
+
+def test_local_outcome_running_wins():
+    assert jobs.local_outcome("5", 2, {}, running=True).state == "RUNNING"
+
+
+def test_local_outcome_completed_when_every_task_exited_zero():
+    state = jobs.local_outcome("5", 2, {"5_0_exit": "0\n", "5_1_exit": "0\n"}, running=False)
+    assert state.ok and state.exit_code == 0
+
+
+def test_local_outcome_reports_the_first_real_failure_not_the_stopped_tasks():
+    files = {"5_0_exit": "143\n", "5_1_exit": "3\n"}
+    assert jobs.local_outcome("5", 2, files, running=False) == jobs.JobState("5", "FAILED", 3)
+
+
+def test_local_outcome_missing_status_is_a_failure_and_a_cancel_is_cancelled():
+    assert jobs.local_outcome("5", 2, {"5_0_exit": "0\n"}, running=False).state == "FAILED"
+    assert jobs.local_outcome("5", 2, {"5_cancelled": ""}, running=False).state == "CANCELLED"
+
+
+def test_local_state_of_a_dead_controller_reads_the_files(tmp_path):
+    record = rec("999999999", str(tmp_path), via="local", nodes=2, ntasks_per_node=1, world_size=2)
+    record.submitit_dir.mkdir()
+    (record.submitit_dir / "999999999_0_exit").write_text("0\n")
+    (record.submitit_dir / "999999999_1_exit").write_text("0\n")
+    assert jobs.state(record).state == "COMPLETED"
+
+
+# ---- logs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,nodes,per_node,rank,task", [
+    (4, 2, 2, 3, 3),   # srun: one task per rank
+    (4, 2, 1, 3, 1),   # torchrun/deepspeed: one task per node holds two ranks
+    (1, 1, 1, 0, 0),
+])
+def test_task_of_a_rank(world, nodes, per_node, rank, task):
+    record = rec(nodes=nodes, ntasks_per_node=per_node, world_size=world)
+    assert jobs.task_of(record, rank) == task
+
+
+def test_task_of_a_rank_outside_the_world():
+    with pytest.raises(jobs.JobError):
+        jobs.task_of(rec(world_size=2, nodes=2), 2)
+
+
+def test_failing_task_from_sruns_report():
+    batch = ("srun: error: n2: task 1: Exited with exit code 3\n"
+             "srun: launch/slurm: _step_signal: Terminating StepId=1.0\n"
+             "srun: error: n1: task 0: Terminated\n")
+    assert jobs.failing_task(batch, {}) == 1
+    assert jobs.failing_task("srun: error: n1: tasks 2-3: Exited with exit code 1\n", {}) == 2
+
+
+def test_failing_task_from_local_statuses():
+    assert jobs.failing_task("", {0: 143, 1: 0, 2: 7}) == 2
+    assert jobs.failing_task("", {0: 143, 1: 0}) == 0
+    assert jobs.failing_task("", {0: 0}) is None
+
+
+def test_log_files_in_task_order_then_batch(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name in ("task-10.log", "task-2.log", "batch-7.out", "task-0.log"):
+        (logs / name).write_text(name)
+    record = rec("7", str(tmp_path), nodes=11, world_size=11)
+    assert [p.name for p in jobs.log_files(record)] == ["task-0.log", "task-2.log", "task-10.log", "batch-7.out"]
+    assert jobs.log_files(record, rank=2) == [logs / "task-2.log"]
+
+
+def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "task-0.log").write_text("fine\n")
+    (logs / "task-1.log").write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback: boom\n")
+    (logs / "batch-7.out").write_text("srun: error: n2: task 1: Exited with exit code 1\n")
+    report = jobs.failure_report(rec("7", str(tmp_path), nodes=2, world_size=2), lines=5)
+    assert "task-1.log (the failing task)" in report
+    assert "Traceback: boom" in report and "line 95\n" not in report and "line 96" in report
+    assert "fine" not in report
+
+
+def test_tail_reads_only_the_end(tmp_path):
+    path = tmp_path / "big.log"
+    path.write_text("".join(f"{i}\n" for i in range(100000)))
+    assert jobs.tail(path, 2) == "99998\n99999"
+    assert jobs.tail(tmp_path / "missing", 2) == ""
+
+
+def test_job_state_line():
+    line = jobs.JobState("9", "FAILED", 3, 0, "n[1-2]", "00:00:04").line()
+    assert line == "9  FAILED  exit=3  nodes=n[1-2]  elapsed=00:00:04"

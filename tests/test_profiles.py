@@ -1,0 +1,56 @@
+"""Cluster profiles: the shipped ones load, unknown keys are named, the network section exports NCCL's."""
+
+from __future__ import annotations
+
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+
+from hpc import profiles
+
+
+def test_shipped_profiles_load() -> None:
+    assert {"local", "example-ib"} <= set(profiles.available())
+    local = profiles.load("local")
+    assert (local.partition, local.gpus_per_node, local.max_nodes) == ("debug", 0, 3)
+    assert local.environment()["NCCL_IB_DISABLE"] == "1"
+    ib = profiles.load("example-ib")
+    assert ib.gpus_per_node == 8 and ib.modules == ("cuda/12.1", "nccl/2.18")
+    env = ib.environment()
+    assert env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1,mlx5_2,mlx5_3" and env["NCCL_IB_GID_INDEX"] == "3"
+    assert "NCCL_IB_DISABLE" not in env
+    with pytest.raises(FrozenInstanceError):
+        ib.partition = "other"  # type: ignore[misc]
+
+
+def test_profile_from_path_and_relative_templates(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("gpus_per_node: 4\ntemplates: tpl\npython: /opt/py/bin/python\nsetup: module purge\n")
+    site = profiles.load(str(path))
+    assert site.templates == str(tmp_path / "tpl") and site.setup == ("module purge",)
+    assert site.python == "/opt/py/bin/python" and site.name == str(path)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"partiton": "x"}, "unknown key(s) partiton; valid keys: partition, account"),
+    ({"network": {"NCCL_IB_HCAS": "x"}}, "network: unknown key(s) NCCL_IB_HCAS; valid keys: ib, NCCL_IB_HCA"),
+    ({"network": {"ib": "no"}}, "network.ib must be true or false"),
+    ({"gpus_per_node": -1}, "gpus_per_node must be a whole number >= 0"),
+    ({"max_nodes": 0}, "max_nodes must be a whole number >= 1"),
+    ({"env": {"1BAD": "x"}}, "not a shell variable name"),
+    ({"env": ["A=1"]}, "env must be a mapping"),
+    ({"modules": {"a": 1}}, "modules must be a list of strings"),
+    ([1, 2], "must be a YAML mapping"),
+])
+def test_bad_profiles(data: object, message: str) -> None:
+    with pytest.raises(profiles.ProfileError) as info:
+        profiles.parse("bad", data)  # type: ignore[arg-type]
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_profile_lists_the_known_ones() -> None:
+    with pytest.raises(profiles.ProfileError, match="choose one of .*local"):
+        profiles.load("nowhere")
+    with pytest.raises(profiles.ProfileError, match="does not exist"):
+        profiles.load("/nonexistent/site.yaml")

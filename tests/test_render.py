@@ -1,0 +1,188 @@
+"""Golden files, shell lint, ranks table, DeepSpeed config and template search of hpc.render."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hpc import paths, profiles, render
+from hpc.spec import JobSpec, SpecError
+
+GOLDEN = Path(__file__).parent / "golden"
+REGEN = os.environ.get("HPCDIST_REGEN_GOLDEN") == "1"
+REPO = Path(__file__).resolve().parent.parent
+# The valid backend x launcher pairs; dp runs one process on one node.
+COMBOS = [("ddp", "srun"), ("ddp", "torchrun"), ("deepspeed", "srun"), ("deepspeed", "torchrun"),
+          ("deepspeed", "deepspeed"), ("dp", "srun")]
+SCRIPTS = ("job.sbatch", "setup.sh", "task.sh")
+
+# A fixed site so goldens depend on the templates alone, not on the shipped profiles.
+SITE = profiles.parse("golden-site", {
+    "partition": "gpu", "account": "proj", "gpus_per_node": 4, "cpus_per_task": 8,
+    "modules": ["cuda/12.1"], "setup": ["ulimit -n 65536"], "env": {"NCCL_DEBUG": "WARN"},
+    "network": {"NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_SOCKET_IFNAME": "ib0"},
+})
+
+
+def golden_spec(backend: str, launcher: str) -> JobSpec:
+    # Fixed job dir and interpreter paths keep the goldens the same on every machine.
+    return JobSpec(job_dir="/jobs/golden", job_name="golden", nodes=1 if backend == "dp" else 2,
+                   gpus_per_node=2, backend=backend, launcher=launcher, time="00:30:00",
+                   python="/opt/venv/bin/python", pythonpath="/src/hpcdist",
+                   train_args=("--epochs", "1", "--batch-size", "64"))
+
+
+def builtin() -> tuple[str, ...]:
+    return (str(paths.templates_dir()),)
+
+
+@pytest.mark.parametrize("backend,launcher", COMBOS)
+def test_golden(backend: str, launcher: str) -> None:
+    rendered = render.render(golden_spec(backend, launcher), SITE, search=builtin())
+    for name in SCRIPTS:
+        path = GOLDEN / f"{backend}-{launcher}" / name
+        if REGEN:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(rendered.files[name])
+        assert rendered.files[name] == path.read_text(), (
+            f"{path} differs; if the change is intended rerun with HPCDIST_REGEN_GOLDEN=1")
+
+
+@pytest.mark.parametrize("backend,launcher", COMBOS)
+def test_scripts_pass_bash_n_and_shellcheck(tmp_path: Path, backend: str, launcher: str) -> None:
+    rendered = render.render(golden_spec(backend, launcher), SITE, tmp_path / "job", search=builtin())
+    for name in SCRIPTS:
+        path = tmp_path / name
+        path.write_text(rendered.files[name])
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        if shutil.which("shellcheck"):
+            proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+            assert proc.returncode == 0 and not proc.stdout, f"{name}:\n{proc.stdout}"
+
+
+def test_launch_lines() -> None:
+    files = render.render(golden_spec("ddp", "torchrun"), SITE, search=builtin()).files
+    assert '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in files["task.sh"]
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in files["job.sbatch"]
+    one = render.render(replace(golden_spec("ddp", "torchrun"), nodes=1), SITE, search=builtin()).files
+    assert "--standalone --nnodes 1 --nproc_per_node 2" in one["task.sh"]
+    srun = render.render(golden_spec("ddp", "srun"), SITE, search=builtin()).files
+    assert "--ntasks-per-node=2" in srun["job.sbatch"] and "--gpus-per-node=2" in srun["job.sbatch"]
+    ds = render.render(golden_spec("deepspeed", "deepspeed"), SITE, search=builtin()).files
+    assert '--node_rank="$SLURM_NODEID"' in ds["task.sh"] and "--module train" in ds["task.sh"]
+    assert "--deepspeed-config /jobs/golden/deepspeed.json" in ds["task.sh"]
+    assert "hostfile --from-slurm --slots 2" in ds["job.sbatch"]
+
+
+def test_deepspeed_launcher_arguments_exist() -> None:
+    launch = REPO / ".venv/lib/python3.11/site-packages/deepspeed/launcher/launch.py"
+    if not launch.is_file():
+        pytest.skip("deepspeed is not installed in .venv")
+    source = launch.read_text()
+    for name in ("--world_info", "--node_rank", "--master_addr", "--master_port", "--module"):
+        assert f'"{name}"' in source
+
+
+def test_cpu_job_uses_ntasks_per_node() -> None:
+    local = profiles.load("local")
+    spec = JobSpec(job_dir="/jobs/cpu", nodes=3, ntasks_per_node=2, backend="ddp", python="python3")
+    rendered = render.render(spec, local)
+    assert "#SBATCH --ntasks-per-node=2" in rendered.files["job.sbatch"]
+    assert "gpus-per-node" not in rendered.files["job.sbatch"]
+    assert rendered.executor["ntasks_per_node"] == 2 and rendered.executor["gpus_per_node"] is None
+    assert rendered.setup == ("source /jobs/cpu/setup.sh",)
+    assert rendered.task_command == ("bash", "/jobs/cpu/task.sh")
+
+
+def test_ranks_table_with_nodelist_and_job_id() -> None:
+    spec = replace(golden_spec("ddp", "srun"), nodelist="n[1-2]")
+    table = render.ranks_table(render.render(spec, SITE, search=builtin()).spec, job_id="4242")
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert [r[:4] for r in rows] == [["0", "0", "0", "n1"], ["1", "1", "0", "n1"], ["2", "0", "1", "n2"],
+                                     ["3", "1", "1", "n2"]]
+    assert {r[4] for r in rows} == {"n1"} and {r[5] for r in rows} == {str(12000 + 4242 % 20000)}
+
+
+def test_ranks_table_placeholders_show_the_port_rule() -> None:
+    files = render.render(golden_spec("deepspeed", "torchrun"), SITE, search=builtin()).files
+    lines = files["ranks.txt"].splitlines()
+    assert len(lines) == 5 and "<node1>" in lines[-1] and "12000+JOBID%20000" in lines[-1]
+
+
+def test_deepspeed_config_overrides() -> None:
+    spec = replace(golden_spec("deepspeed", "srun"), zero_stage=3, precision="bf16")
+    config = json.loads(render.render(spec, SITE, search=builtin()).files["deepspeed.json"])
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 16
+    with pytest.raises(SpecError, match="multiple of the world size"):
+        render.render(replace(spec, train_args=("--batch-size", "10")), SITE, search=builtin())
+
+
+def test_hostfile_written_offline_with_nodelist() -> None:
+    spec = replace(golden_spec("deepspeed", "deepspeed"), nodelist="n[1-2]")
+    files = render.render(spec, SITE, search=builtin()).files
+    assert files["hostfile"] == "n1 slots=2\nn2 slots=2\n"
+    assert "#SBATCH --nodelist=n[1-2]" in files["job.sbatch"]
+    info = json.loads(base64.urlsafe_b64decode(render.world_info_for(render.render(spec, SITE).spec)))
+    assert info == {"n1": [0, 1], "n2": [0, 1]}
+
+
+def test_site_templates_override_and_strict_undefined(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "setup.sh.j2").write_text("# site setup for {{ profile.name }}\n")
+    rendered = render.render(golden_spec("ddp", "srun"), SITE, search=(str(site), *builtin()))
+    assert rendered.files["setup.sh"] == "# site setup for golden-site\n"
+    assert "srun --kill-on-bad-exit=1" in rendered.files["job.sbatch"]
+    (site / "setup.sh.j2").write_text("{{ no_such_variable }}\n")
+    with pytest.raises(render.RenderError, match="no_such_variable"):
+        render.render(golden_spec("ddp", "srun"), SITE, search=(str(site), *builtin()))
+
+
+def test_search_path_order(tmp_path: Path) -> None:
+    site = replace(SITE, templates=str(tmp_path / "a"))
+    got = render.search_path(site, {"HPCDIST_TEMPLATES": str(tmp_path / "b")})
+    assert got == (str(tmp_path / "a"), str(tmp_path / "b"), str(paths.templates_dir()))
+
+
+def test_write_is_all_or_nothing(tmp_path: Path) -> None:
+    rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
+    render.write(rendered)
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [
+        "job.sbatch", "logs", "ranks.txt", "run", "setup.sh", "spec.yaml", "task.sh"]
+    with pytest.raises(render.RenderError, match="already exists"):
+        render.write(rendered)
+    render.write(rendered, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]
+
+
+def test_auto_backend_uses_plan() -> None:
+    recommend = render.recommender()
+    if recommend is None:
+        # TODO(issue 3): hpc/plan.py is another engineer's; this runs once it lands.
+        pytest.skip("hpc.plan is not present yet")
+    spec = replace(golden_spec("ddp", "srun"), backend="auto", params=10_000_000)
+    assert render.render(spec, SITE, search=builtin()).spec.backend in ("dp", "ddp", "deepspeed")
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch is not on PATH")
+def test_sbatch_test_only(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run(
+        [str(REPO / ".venv/bin/python"), "-m", "hpc", "render", "--nodes", "2", "--job-dir",
+         str(tmp_path / "ok"), "--test-only", "-q"], capture_output=True, text=True, env=env, timeout=90)
+    assert ok.returncode == 0, ok.stderr
+    assert "to start at" in ok.stderr
+    bad = subprocess.run(
+        [str(REPO / ".venv/bin/python"), "-m", "hpc", "render", "--partition", "nosuchpartition",
+         "--job-dir", str(tmp_path / "bad"), "--test-only", "-q"], capture_output=True, text=True, env=env,
+        timeout=90)
+    assert bad.returncode != 0 and "refused" in bad.stderr

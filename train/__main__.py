@@ -1,0 +1,261 @@
+"""Train the reference CIFAR-10 ConvNet with DataParallel, DDP or DeepSpeed, on CPUs or GPUs.
+
+    python -m train --backend ddp --run-dir runs/one                          # one process
+    torchrun --standalone --nproc_per_node 2 -m train --backend ddp --run-dir runs/ddp
+    srun python -m train --backend deepspeed --zero-stage 3 --precision bf16 --run-dir runs/ds
+    deepspeed --num_gpus 2 --module train --backend deepspeed --run-dir runs/ds
+    python -m train --backend dp --dataset cifar10 --data-dir data --run-dir runs/dp --resume
+
+Exit statuses (docs/CONTRACTS.md): 0 done, 2 bad input, 75 stopped by SIGUSR1/SIGTERM after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()  # before torch's import, which is part of what a user waits for
+
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hpc import ranks
+from train import checkpoint, dsconfig
+from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
+from train.engines import DeepSpeedEngine, TorchEngine
+from train.loader import ClassicLoader, ResidentLoader, normalize, shard
+from train.model import ConvNet, param_digest
+from train.options import DEFAULT_BATCH, Options, parse
+from train.runtime import (Preemption, UsageError, all_mean, init_process_group, peak_memory_bytes, pick_device,
+                           preflight, say, warn)
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75
+EVAL_BATCH = 1024
+
+# DeepSpeed calls torch.distributed's deprecated collective names on every step, burying the log.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(argv)
+    try:
+        return train(opts)
+    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError) as exc:
+        print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+def train(opts: Options) -> int:
+    env = ranks.resolve(os.environ)
+    rank, world = env.rank, env.world_size
+    if opts.backend == "dp" and env.distributed:
+        raise UsageError(f"--backend dp is one process driving all of its node's GPUs, but this is rank {rank} "
+                         f"of {world} (from {env.source}); launch a single process, or use --backend ddp")
+    if opts.backend == "deepspeed" and "TORCH_CUDA_ARCH_LIST" in os.environ:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = dsconfig.sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    # Ranks sharing a node split its CPUs; two ranks at two threads each on two cores run up to 44% slower.
+    threads = opts.threads or ranks.threads_per_rank(os.environ, len(os.sched_getaffinity(0)), env)
+    torch.set_num_threads(threads)
+    device = pick_device(opts.backend, env)
+    precision, ds_config = choose_precision(opts, device, world, rank)
+    global_batch = ds_config["train_batch_size"] if ds_config else (opts.batch_size or DEFAULT_BATCH)
+    if global_batch % world:
+        raise UsageError(f"global batch {global_batch} does not split over {world} ranks; "
+                         f"pass --batch-size with a multiple of {world}")
+    data = load_dataset(opts, env)  # before any collective, so bad input fails every rank alike and fast
+
+    comm = "none"
+    if opts.backend == "dp":
+        if device.type == "cpu":
+            say(rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
+    else:
+        comm = init_process_group(opts.backend, env, device, opts.timeout_s)
+    say(rank, f"{opts.backend} | world {world} ({env.source}) | {comm} on {device.type} | {precision} | "
+              f"global batch {global_batch} | {threads} threads per rank | master {env.master_addr}:{env.master_port}")
+    if opts.preflight:
+        if world > 1:
+            try:
+                preflight(env, device)
+            except RuntimeError as exc:
+                print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
+                return 1
+        say(rank, f"preflight: all_reduce over {world} rank(s) summed to {world} ({comm})")
+
+    torch.manual_seed(opts.seed)  # every rank builds identical initial weights
+    model = ConvNet().to(device)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if ds_config:
+        engine = DeepSpeedEngine(model, config=ds_config)
+    else:
+        engine = TorchEngine(model, backend=opts.backend, device=device, precision=precision,
+                             lr=opts.lr or 1e-3, compile=opts.compile)
+
+    local_batch = global_batch // world
+    common = dict(rank=rank, world_size=world, local_batch=local_batch, seed=opts.seed, device=device,
+                  augment=opts.augment, channels_last=opts.channels_last)
+    if opts.loader == "resident":
+        loader = ResidentLoader(data.train, **common)
+    else:
+        loader = ClassicLoader(data.train, num_workers=opts.num_workers, **common)
+    if loader.steps_per_epoch < 1:
+        raise UsageError(f"{len(data.train)} training images make no full global batch of {global_batch}; "
+                         "pass a smaller --batch-size or a larger --synthetic-size")
+    total_steps = opts.epochs * loader.steps_per_epoch
+    if opts.max_steps:
+        total_steps = min(total_steps, opts.max_steps)
+
+    run_dir, ckpt_root = Path(opts.run_dir), Path(opts.run_dir) / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": global_batch,
+             "seed": opts.seed, "backend": opts.backend, "world_size": world}
+    if opts.resume:
+        found = checkpoint.newest(ckpt_root)
+        if found is None:
+            say(rank, f"resume: no complete checkpoint in {ckpt_root}, so starting from step 0")
+        else:
+            saved = engine.read(found, rank)
+            for key in ("global_batch", "seed"):
+                if saved[key] != state[key]:
+                    raise UsageError(f"{found} was written with {key} {saved[key]}, this run has {state[key]}; "
+                                     f"resume with the same value (the data order depends on it)")
+            state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
+            say(rank, f"resumed from {found} at step {state['step']}")
+    barrier = dist.barrier if dist.is_initialized() and world > 1 else (lambda: None)
+
+    def save() -> Path:
+        return checkpoint.save(ckpt_root, state["step"], rank=rank, barrier=barrier,
+                               write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
+
+    metrics = open(run_dir / "metrics.jsonl", "a" if state["step"] else "w") if rank == 0 else None
+    preemption = Preemption()
+    start_step = state["step"]
+    first_step_at = None
+    last_log_time, last_log_step = time.time(), start_step
+    batches = loader.batches(start_step)
+    while state["step"] < total_steps:
+        batch = next(batches)
+        loss = engine.train_step(batch.x, batch.y)
+        state["step"] = step = batch.step + 1
+        if first_step_at is None:
+            float(loss)  # waits for the device, so the time covers the whole first step
+            first_step_at = time.time()
+        if step % opts.log_every == 0 or step == total_steps or step == 1:
+            state["last_loss"] = loss_value = all_mean(loss, world)
+            if state["first_loss"] is None:
+                state["first_loss"] = loss_value
+            now = time.time()
+            images_per_s = (step - last_log_step) * global_batch / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_step = now, step
+            say(rank, f"Epoch: {batch.epoch} | Batch: {batch.index + 1}/{loader.steps_per_epoch} | "
+                      f"Loss: {loss_value:.4f}")
+            if metrics:
+                metrics.write(json.dumps({"step": step, "epoch": batch.epoch, "batch": batch.index + 1,
+                                          "loss": loss_value, "images_per_s": round(images_per_s, 1),
+                                          "time_s": round(now - STARTED, 3)}) + "\n")
+                metrics.flush()
+        if preemption.agreed(world, device):
+            where = save()
+            say(rank, f"stopped by {signal.Signals(preemption.received or signal.SIGTERM).name} at step {step}: "
+                      f"checkpoint {where} written by all ranks; exit {EXIT_PREEMPTED}, rerun with --resume")
+            return EXIT_PREEMPTED
+        if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
+            save()
+    ended = time.time()
+    if state["step"] > start_step:
+        save()
+
+    accuracy = test_accuracy(engine, data, rank, world, device, opts.channels_last)
+    with engine.full_parameters() as named:
+        digest = param_digest(named)
+    mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
+            "master_addr": env.master_addr, "master_port": env.master_port,
+            "peak_memory_bytes": peak_memory_bytes(device), "param_digest": digest}
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    steps_run = state["step"] - start_step
+    if rank == 0:
+        timed = steps_run - 1  # the first step pays for warm-up and compilation, so it is left out of the rate
+        summary = {"backend": opts.backend, "world_size": world,
+                   "zero_stage": engine.zero_stage if ds_config else None, "precision": precision,
+                   "steps": state["step"], "final_loss": state["last_loss"], "first_loss": state["first_loss"],
+                   "test_accuracy": accuracy,
+                   "images_per_s": timed * global_batch / (ended - first_step_at) if timed > 0 else None,
+                   "wall_s": time.time() - STARTED,
+                   "time_to_first_step_s": first_step_at - STARTED if first_step_at else None,
+                   "ranks": everyone}
+        tmp = run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, run_dir / "summary.json")
+        say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "
+                  f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {run_dir / 'summary.json'}")
+        metrics.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def choose_precision(opts: Options, device: torch.device, world: int, rank: int) -> tuple[str, dict | None]:
+    """The precision in force and, for DeepSpeed, the resolved config that carries it."""
+    base = None
+    if opts.backend == "deepspeed":
+        base = dsconfig.load(opts.deepspeed_config or dsconfig.default_config_path())
+    precision = opts.precision
+    if precision == "auto":
+        if base is None:
+            precision = "fp32"
+        elif device.type == "cpu":
+            precision = "bf16"
+            say(rank, "precision auto: bf16, since on CPU fp16 runs ~35x slower (pass --precision to choose)")
+        else:
+            precision = dsconfig.precision_of(base)
+    if precision == "fp16" and device.type == "cpu":
+        warn(rank, "fp16 on CPU runs ~35x slower than bf16 there; pass --precision bf16 (or fp32) on CPU")
+    if base is None:
+        return precision, None
+    config = dsconfig.resolve(base, world_size=world, zero_stage=opts.zero_stage, precision=precision,
+                              global_batch=opts.batch_size, lr=opts.lr)
+    return precision, config
+
+
+def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:
+    if opts.dataset == "synthetic":
+        return synthetic(opts.synthetic_size, max(opts.synthetic_size // 4, 1), opts.seed)
+    if opts.download:
+        download_cifar10(opts.data_dir, env.local_rank, opts.timeout_s)
+    return read_cifar10(opts.data_dir)
+
+
+@torch.no_grad()
+def test_accuracy(engine, data: Dataset, rank: int, world: int, device: torch.device, channels_last: bool) -> float:
+    """Top-1 accuracy on the test split, sharded over ranks; every rank runs the same number of batches,
+    since under ZeRO-3 each forward is a collective."""
+    n = len(data.test)
+    positions = shard(torch.arange(math.ceil(n / world) * world), rank, world)
+    correct = torch.zeros(2, dtype=torch.float64)
+    for chunk in positions.split(EVAL_BATCH):
+        real = chunk < n  # positions past the end pad the last rank's share and must not count
+        x = normalize(data.test.images[chunk % n].to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        hits = (engine.predict(x).cpu() == data.test.labels[chunk % n]) & real
+        correct += torch.tensor([hits.sum().item(), real.sum().item()], dtype=torch.float64)
+    if world > 1:
+        correct = correct.to(device)
+        dist.all_reduce(correct)
+    return float(correct[0] / correct[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

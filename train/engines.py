@@ -1,0 +1,122 @@
+"""One training step, evaluation and checkpoint I/O behind the same face for torch (dp, ddp) and DeepSpeed."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train import checkpoint
+from train.model import bare_state_dict, load_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINER_FILE = "trainer.pt"
+
+
+class TorchEngine:
+    """Adam on a plain, DataParallel or DDP-wrapped module; bf16/fp16 by autocast, fp16 with a GradScaler."""
+
+    def __init__(self, model: nn.Module, *, backend: str, device: torch.device, precision: str, lr: float,
+                 compile: bool = False) -> None:
+        self.module, self.device, self.precision = model, device, precision
+        net: nn.Module = model
+        if backend == "ddp":
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        elif backend == "dp" and device.type == "cuda":
+            net = nn.DataParallel(model)
+        self.net = torch.compile(net) if compile else net
+        # The fused kernel is one launch for all parameters on GPU; the CPU path has no fused Adam gain.
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32")
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.net.train()
+        with self._autocast():
+            loss = F.cross_entropy(self.net(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach().float()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.net.eval()
+        with self._autocast():
+            return self.net(x).argmax(1)
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        yield list(self.module.named_parameters())
+
+    def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
+        folder = Path(save_dir) / tag
+        if rank == 0:
+            torch.save({**trainer_state, "model": bare_state_dict(self.module.state_dict()),
+                        "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                       folder / TRAINER_FILE)
+        torch.save(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
+
+    def read(self, folder: Path, rank: int) -> dict:
+        state = checkpoint.load(Path(folder) / TRAINER_FILE)
+        load_weights(self.module, state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.scaler.load_state_dict(state.pop("scaler"))
+        checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
+        return state
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize on the module with the resolved config: ZeRO stage, precision and Adam come from it."""
+
+    def __init__(self, model: nn.Module, *, config: dict) -> None:
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
+                      else torch.float16 if self.engine.fp16_enabled() else torch.float32)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.engine.train()
+        loss = F.cross_entropy(self.engine(x.to(self.dtype)).float(), y)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach().float()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        return self.engine(x.to(self.dtype)).argmax(1)
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        named = list(self.engine.module.named_parameters())
+        if self.zero_stage < 3:
+            yield named
+            return
+        import deepspeed
+
+        # ZeRO-3 keeps only this rank's slice of each parameter; gathering is a collective on every rank.
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            yield named
+
+    def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
+        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"trainer": trainer_state},
+                                    save_latest=False)
+        torch.save(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
+
+    def read(self, folder: Path, rank: int) -> dict:
+        folder = Path(folder)
+        path, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {folder}")
+        checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
+        return client["trainer"]

@@ -1,0 +1,90 @@
+"""The trainer's command line (docs/CONTRACTS.md) parsed into one frozen Options value."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_BATCH = 256  # global, dp/ddp; DeepSpeed takes its config's train_batch_size unless told
+
+
+@dataclass(frozen=True)
+class Options:
+    backend: str
+    run_dir: Path
+    dataset: str = "synthetic"
+    data_dir: Path | None = None
+    download: bool = False
+    synthetic_size: int = 4096
+    epochs: int = 2
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    loader: str = "resident"
+    augment: bool = False
+    num_workers: int = 2
+    zero_stage: int | None = None
+    precision: str = "auto"
+    deepspeed_config: Path | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 100
+    channels_last: bool = False
+    compile: bool = False
+    threads: int | None = None
+    timeout_s: float = 600.0
+    preflight: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, as the exit-status contract asks, rather than argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m train", description="Train the reference CIFAR-10 ConvNet.")
+    p.add_argument("--backend", choices=("dp", "ddp", "deepspeed"), required=True)
+    p.add_argument("--run-dir", type=Path, required=True, help="metrics.jsonl, summary.json, checkpoints/")
+    p.add_argument("--dataset", choices=("synthetic", "cifar10"), default="synthetic")
+    p.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py/")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir if missing")
+    p.add_argument("--synthetic-size", type=int, default=4096, help="training images; the test set is a quarter")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
+    p.add_argument("--batch-size", type=int, help=f"global batch over all ranks (dp/ddp default {DEFAULT_BATCH})")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3, DeepSpeed: the config's)")
+    p.add_argument("--loader", choices=("resident", "classic"), default="resident")
+    p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (classic loader)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--deepspeed-config", type=Path)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, help="intra-op threads per rank (default: this rank's share of its CPUs)")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout")
+    p.add_argument("--preflight", action="store_true", help="check an all_reduce across all ranks first")
+    # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and wins.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def parse(argv: Sequence[str] | None = None) -> Options:
+    args = vars(parser().parse_args(argv))
+    args.pop("local_rank")
+    opts = Options(**args)
+    for name in ("synthetic_size", "epochs", "max_steps", "batch_size", "log_every", "threads"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            parser().error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if opts.dataset == "cifar10" and opts.data_dir is None:
+        parser().error("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/)")
+    return opts

@@ -1,0 +1,106 @@
+"""Process-level plumbing: process groups with a timeout, the preflight check, preemption signals, peak memory."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+from hpc.ranks import DistEnv
+
+
+class UsageError(ValueError):
+    """Bad input: printed as one line on stderr, exit status 2."""
+
+
+def say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def warn(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def pick_device(backend: str, env: DistEnv) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if backend == "dp":
+        return torch.device("cuda", 0)
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout_s: float) -> str:
+    """Join the job's process group; every collective after this fails after ``timeout_s`` instead of hanging."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torch's env:// rendezvous and DeepSpeed read these; without them DeepSpeed goes looking for mpi4py.
+    os.environ.update(env.torch_env())
+    comm = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False)
+    elif env.world_size == 1:
+        # A lone process needs no port: an in-memory store cannot collide with another job on the node.
+        dist.init_process_group(comm, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(comm, init_method="env://", timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    return dist.get_backend()
+
+
+def preflight(env: DistEnv, device: torch.device) -> None:
+    """A one-element all_reduce whose sum must equal the world size; raises naming this rank otherwise."""
+    probe = torch.ones(1, device=device)
+    try:
+        dist.all_reduce(probe)
+    except Exception as exc:
+        raise RuntimeError(f"preflight all_reduce failed on rank {env.rank} of {env.world_size} "
+                           f"({dist.get_backend()}): {exc}") from None
+    if int(probe.item()) != env.world_size:
+        raise RuntimeError(f"preflight all_reduce on rank {env.rank} summed to {int(probe.item())}, "
+                           f"expected world size {env.world_size}: some rank is misconfigured")
+
+
+def all_mean(value: torch.Tensor, world_size: int) -> float:
+    if world_size == 1:
+        return float(value)
+    total = value.detach().reshape(1).clone()
+    dist.all_reduce(total)  # gloo has no AVG, so sum and divide
+    return float(total) / world_size
+
+
+class Preemption:
+    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (preemption) asks for a checkpoint and exit 75."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, then every rank checkpoints at the same step.
+        self.received = signum
+
+    def agreed(self, world_size: int, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal; a collective, so every rank must call it."""
+        if world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
