@@ -216,7 +216,7 @@ def _alive(pid: int) -> bool:
     return not re.search(r"^State:\s*Z", status, re.M)
 
 
-def _controller_of(record: Record) -> int | None:
+def controller_pid(record: Record) -> int | None:
     """The local job's controller pid, if that process is still the one that runs this job."""
     if not record.job_id.isdigit():
         return None
@@ -259,7 +259,7 @@ def local_state(record: Record) -> JobState:
             files[name] = (folder / name).read_text()
         except OSError:
             pass
-    return local_outcome(record.job_id, record.ntasks, files, _controller_of(record) is not None)
+    return local_outcome(record.job_id, record.ntasks, files, controller_pid(record) is not None)
 
 
 def state(record: Record, runner: Runner = _run) -> JobState:
@@ -287,7 +287,7 @@ def cancel(record: Record, runner: Runner = _run) -> None:
         if done.returncode != 0:
             raise JobError(f"scancel {record.job_id} failed: {(done.stderr or done.stdout).strip()}")
         return
-    pid = _controller_of(record)
+    pid = controller_pid(record)
     if pid is None:
         return
     (record.submitit_dir / f"{record.job_id}_cancelled").touch()

@@ -21,13 +21,17 @@ from dataclasses import dataclass
 MODEL_STATE_FRACTION = 0.80
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+# The trainer's --precision auto is settled at run time on the GPU; planning it as fp32, which needs at
+# least as much as bf16 in every plan, keeps a "fits" true whichever the trainer picks.
+PLANNED_AS = {"auto": "fp32"}
 OPTIMIZERS = ("adam", "sgd")
 
-# Bytes per parameter of the training dtype: what parameters and gradients are stored in.
+# DeepSpeed stores parameters and gradients in the training dtype, so they shrink with it.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# Optimizer state bytes per parameter kept by the optimizer itself (fp32 moments): Adam's momentum and
-# variance, SGD's momentum.
+# Optimizers keep their moments in fp32 whatever the training dtype (Adam: momentum and variance; SGD:
+# momentum), so these do not shrink with precision.
 MOMENT_BYTES = {"adam": 8, "sgd": 4}
 
 # An fp32 master copy of the parameters. Mixed precision needs one by design; DeepSpeed's ZeRO-1/2/3
@@ -46,8 +50,8 @@ MODELS = {
     "convnet": (("conv", 3, 32, 3), ("conv", 32, 64, 3), ("fc", 2304, 128), ("fc", 128, 10)),
 }
 
-# The plans estimate() compares, in the order the recommendation prefers them when several fit: the
-# least communication first, offload last because every step crosses PCIe twice.
+# Printed least communication first and offload last, the order recommend() weighs them in, so the table
+# reads top-down as the decision.
 PLANS = {
     "dp": {"label": "DP (nn.DataParallel)", "backend": "dp", "zero_stage": None, "offload": False},
     "ddp": {"label": "DDP", "backend": "ddp", "zero_stage": None, "offload": False},
@@ -137,12 +141,12 @@ def model_params(name: str) -> int:
 def _check(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | None, precision: str,
            optimizer: str) -> None:
     if params <= 0:
-        raise PlanError("the parameter count must be positive")
+        raise PlanError("the parameter count must be positive: give --params, e.g. 7B")
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError("--nodes and --gpus-per-node must be at least 1")
     if gpu_memory_bytes is not None and gpu_memory_bytes <= 0:
         raise PlanError("--gpu-memory must be positive")
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS and precision not in PLANNED_AS:
         raise PlanError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if optimizer not in OPTIMIZERS:
         raise PlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -202,6 +206,7 @@ def estimate(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int 
              optimizer: str = "adam") -> tuple[Estimate, ...]:
     """Per-GPU model-state memory, communication volume and fit of every plan in PLANS."""
     _check(params, nodes, gpus_per_node, gpu_memory_bytes, precision, optimizer)
+    precision = PLANNED_AS.get(precision, precision)
     nd = nodes * gpus_per_node
     budget = None if gpu_memory_bytes is None else gpu_memory_bytes * MODEL_STATE_FRACTION
     rows = []
@@ -233,28 +238,29 @@ def recommend(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int
     nd = nodes * gpus_per_node
     budget = f"{MODEL_STATE_FRACTION:.0%} of {human_bytes(gpu_memory_bytes)}" if gpu_memory_bytes else ""
     ddp = rows["ddp"]
+    hb = human_bytes
     if gpu_memory_bytes is None:
         return Recommendation("ddp", None, False, "GPU memory unknown: DDP, the least communication "
-                              f"(2x params per step); model states need {human_bytes(ddp.gpu_bytes)} per GPU")
+                              f"(2x params per step); model states need {hb(ddp.gpu_bytes)} per GPU")
     if ddp.fits:
-        return Recommendation("ddp", None, False, f"model states {human_bytes(ddp.gpu_bytes)} per GPU fit in {budget}: "
+        return Recommendation("ddp", None, False, f"model states {hb(ddp.gpu_bytes)} per GPU fit in {budget}: "
                               "DDP, the least communication (2x params all-reduced per step)")
     for name in ("zero1", "zero2"):
         row = rows[name]
         if row.fits:
             what = "optimizer state" if name == "zero1" else "optimizer state and gradients"
             return Recommendation("deepspeed", row.zero_stage, False,
-                                  f"DDP needs {human_bytes(ddp.gpu_bytes)} per GPU, over {budget}; partitioning the {what} "
-                                  f"over {nd} GPUs needs {human_bytes(row.gpu_bytes)} at DDP's communication volume")
+                                  f"DDP needs {hb(ddp.gpu_bytes)} per GPU, over {budget}; partitioning the {what} "
+                                  f"over {nd} GPUs needs {hb(row.gpu_bytes)} at DDP's communication volume")
     zero3 = rows["zero3"]
     if zero3.fits:
         return Recommendation("deepspeed", 3, False,
-                              f"ZeRO-2 needs {human_bytes(rows['zero2'].gpu_bytes)} per GPU, over {budget}; partitioning "
-                              f"parameters too needs {human_bytes(zero3.gpu_bytes)} for 1.5x DDP's communication")
+                              f"ZeRO-2 needs {hb(rows['zero2'].gpu_bytes)} per GPU, over {budget}; partitioning "
+                              f"parameters too needs {hb(zero3.gpu_bytes)} for 1.5x DDP's communication")
     # ZeRO-3 with parameters offloaded keeps no model state on the GPU, so it is the plan of last resort;
     # what it asks of host memory is in its reason.
     row = rows["zero2-offload"] if rows["zero2-offload"].fits else rows["zero3-offload"]
     return Recommendation("deepspeed", row.zero_stage, True,
-                          f"even ZeRO-3 needs {human_bytes(zero3.gpu_bytes)} per GPU, over {budget}; {row.label} keeps "
-                          f"{human_bytes(row.gpu_bytes)} on each GPU and {human_bytes(row.cpu_bytes * gpus_per_node)} in each "
-                          "node's host memory, paying PCIe copies every step")
+                          f"even ZeRO-3 needs {hb(zero3.gpu_bytes)} per GPU, over {budget}; {row.label} keeps "
+                          f"{hb(row.gpu_bytes)} on each GPU and {hb(row.cpu_bytes * gpus_per_node)} in each node's "
+                          "host memory, paying PCIe copies every step")

@@ -9,14 +9,14 @@ from typing import Any, Mapping
 
 import yaml
 
-from hpc import paths
+from hpc import paths, plan
 
 # The network section names the variables NCCL and Gloo read, spelled as they are exported.
 NETWORK_VARS = ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_IB_GID_INDEX", "NCCL_NET_GDR_LEVEL",
                 "GLOO_SOCKET_IFNAME")
 NETWORK_KEYS = ("ib",) + NETWORK_VARS
-KEYS = ("partition", "account", "gpus_per_node", "cpus_per_task", "max_nodes", "modules", "setup", "env",
-        "templates", "python", "network")
+KEYS = ("partition", "account", "gpus_per_node", "gpu_memory", "cpus_per_task", "max_nodes", "modules", "setup",
+        "env", "templates", "python", "network")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -46,6 +46,7 @@ class Profile:
     partition: str | None = None
     account: str | None = None
     gpus_per_node: int = 0
+    gpu_memory: int | None = None
     cpus_per_task: int = 1
     max_nodes: int | None = None
     modules: tuple[str, ...] = ()
@@ -124,6 +125,11 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     for key, lowest in (("gpus_per_node", 0), ("cpus_per_task", 1), ("max_nodes", 1)):
         if data.get(key) is not None:
             values[key] = _int(key, data[key], lowest)
+    if data.get("gpu_memory") is not None:
+        try:
+            values["gpu_memory"] = plan.parse_bytes(str(data["gpu_memory"]))
+        except plan.PlanError as exc:
+            raise ProfileError(f"cluster profile {name!r}: gpu_memory: {exc}") from None
     for key in ("modules", "setup"):
         if data.get(key) is not None:
             values[key] = _strings(key, data[key])

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import re
 import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jinja2
 import yaml
@@ -93,13 +92,6 @@ def environment(search: tuple[str, ...]) -> jinja2.Environment:
     return env
 
 
-def recommender() -> Callable[..., Any] | None:
-    """hpc.plan.recommend when that module is installed (it decides ``--backend auto``), else None."""
-    if importlib.util.find_spec("hpc.plan") is None:
-        return None
-    return importlib.import_module("hpc.plan").recommend
-
-
 def deepspeed_base() -> dict[str, Any]:
     path = paths.configs_dir() / "deepspeed" / DEEPSPEED_BASE
     if path.is_file():
@@ -124,7 +116,12 @@ def _train_option(args: tuple[str, ...], name: str) -> str | None:
 def deepspeed_config(spec: JobSpec, base: Mapping[str, Any]) -> dict[str, Any]:
     """The base DeepSpeed config with the spec's ZeRO stage, precision and global batch applied."""
     config = json.loads(json.dumps(base))
-    config.setdefault("zero_optimization", {})["stage"] = spec.zero_stage
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = spec.zero_stage
+    if spec.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if spec.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     precision = spec.precision
     if precision == "auto":
         # fp16 loss scaling is a GPU feature; a CPU-only job trains in fp32.
@@ -193,7 +190,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     """Every file of the job directory as text; checks the spec first and writes nothing."""
     if job_dir is not None:
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
-    spec = check(spec, profile, recommender())
+    spec = check(spec, profile)
     jdir = Path(spec.job_dir)
     context = {
         "spec": spec,

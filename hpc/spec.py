@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from hpc import nodelist
+from hpc import nodelist, plan
 
 if TYPE_CHECKING:
     from hpc.profiles import Profile
@@ -71,6 +71,8 @@ class JobSpec:
     signal: str = "USR1@120"
     max_requeues: int = 3
     params: int | None = None
+    offload: bool = False
+    backend_reason: str | None = None
     train_args: tuple[str, ...] = ()
     python: str | None = None
     pythonpath: str | None = None
@@ -114,8 +116,7 @@ class JobSpec:
 
 
 FIELDS = tuple(f.name for f in fields(JobSpec))
-INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues",
-              "params")
+INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues")
 
 
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
@@ -132,10 +133,18 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
                     r"\s*-?\d+\s*", str(value)):
                 raise SpecError(f"{key} must be a whole number, got {value!r}")
             value = int(value)
+        elif key == "params":
+            try:
+                value = plan.parse_count(str(value))
+            except plan.PlanError as exc:
+                raise SpecError(f"params: {exc}") from None
         elif key == "train_args":
             if isinstance(value, str) or not all(isinstance(v, (str, int, float)) for v in value):
                 raise SpecError("train_args must be a list of strings (the trainer's arguments)")
             value = tuple(str(v) for v in value)
+        elif key == "offload":
+            if not isinstance(value, bool):
+                raise SpecError(f"offload must be true or false, got {value!r}")
         elif not isinstance(value, str):
             raise SpecError(f"{key} must be a string, got {value!r}")
         clean[key] = value
@@ -153,11 +162,11 @@ def time_seconds(value: str) -> int:
     raise SpecError(f"--time {value!r} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS")
 
 
-def resolve(spec: JobSpec, profile: "Profile", recommend: Any = None) -> JobSpec:
+def resolve(spec: JobSpec, profile: "Profile") -> JobSpec:
     """Fill the profile's defaults and settle ``--backend auto`` and the ZeRO stage.
 
-    ``recommend`` is hpc.plan.recommend (passed in so this stays pure and testable); it is needed only
-    for ``--backend auto``.
+    ``--backend auto`` asks hpc.plan for the configuration with the least communication whose model
+    states fit the profile's gpu_memory; the model is the built-in ConvNet unless --params says otherwise.
     """
     gpus = profile.gpus_per_node if spec.gpus_per_node is None else spec.gpus_per_node
     spec = replace(
@@ -169,11 +178,12 @@ def resolve(spec: JobSpec, profile: "Profile", recommend: Any = None) -> JobSpec
         python=profile.python or spec.python or "python3",
     )
     if spec.backend == "auto":
-        if recommend is None:
-            raise SpecError("--backend auto needs hpc.plan, which is not installed; pick --backend dp, ddp "
-                            "or deepspeed")
-        rec = recommend(spec.params or 0, spec.nodes, gpus, None, spec.precision)
-        spec = replace(spec, backend=rec.backend,
+        try:
+            rec = plan.recommend(spec.params or plan.model_params("convnet"), spec.nodes, spec.procs_per_node,
+                                 profile.gpu_memory, spec.precision)
+        except plan.PlanError as exc:
+            raise SpecError(f"--backend auto: {exc}") from None
+        spec = replace(spec, backend=rec.backend, backend_reason=rec.reason, offload=spec.offload or rec.offload,
                        zero_stage=spec.zero_stage if spec.zero_stage is not None else rec.zero_stage)
     if spec.backend == "deepspeed" and spec.zero_stage is None:
         spec = replace(spec, zero_stage=DEFAULT_ZERO_STAGE)
@@ -192,7 +202,7 @@ def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
         raise SpecError(f"{option} {value!r} contains whitespace, which Slurm rejects; remove it")
 
 
-def check(spec: JobSpec, profile: "Profile", recommend: Any = None) -> JobSpec:
+def check(spec: JobSpec, profile: "Profile") -> JobSpec:
     """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
     if spec.backend not in BACKENDS:
         raise SpecError(f"unknown --backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -200,7 +210,7 @@ def check(spec: JobSpec, profile: "Profile", recommend: Any = None) -> JobSpec:
         raise SpecError(f"unknown --launcher {spec.launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     if spec.precision not in PRECISIONS:
         raise SpecError(f"unknown --precision {spec.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    spec = resolve(spec, profile, recommend)
+    spec = resolve(spec, profile)
     if spec.zero_stage is not None and spec.backend != "deepspeed":
         raise SpecError(f"--zero-stage applies to DeepSpeed only; drop it or use --backend deepspeed "
                         f"(got --backend {spec.backend})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import re
 import shlex
@@ -129,7 +130,9 @@ def submit_submitit(rendered: Any) -> str:
     executor = submitit.SlurmExecutor(folder=submitit_folder(rendered))
     executor.update_parameters(**slurm_parameters(rendered))
     try:
-        job = executor.submit(task.run, tuple(rendered.task_command))
+        # submitit prints sbatch's complaint itself; it is reported once, in SubmitError, instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit(task.run, tuple(rendered.task_command))
     except submitit.core.utils.FailedJobError as exc:
         raise SubmitError(f"sbatch refused the job: {_one_line(str(exc))}") from None
     return str(job.job_id)
@@ -185,9 +188,22 @@ def submit(rendered: Any, where: str, environ: Mapping[str, str]) -> Submitted:
         handle = submit_local(rendered)
         job_id = str(handle.job_id)
     record = record_for(rendered, job_id, where, datetime.datetime.now(datetime.timezone.utc))
+    if handle is not None:
+        _until_started(record, handle)
     jobs.write_marker(record)
     jobs.append(jobs.registry_path(environ), record)
     return Submitted(record, handle)
+
+
+def _until_started(record: jobs.Record, handle: Any, timeout_s: float = 30.0) -> None:
+    """Return once the local controller runs its own program (or has ended).
+
+    Until then its pid still shows the forking python's command line, and a status taken in that
+    moment would read an ended job with no task statuses: FAILED.
+    """
+    deadline = time.monotonic() + timeout_s
+    while jobs.controller_pid(record) is None and not handle.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = None) -> jobs.JobState:
@@ -195,10 +211,10 @@ def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = No
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     record = submitted.record
     while True:
-        if submitted.handle is not None:
-            # Polling our own child reaps it, so the controller never lingers as a zombie.
-            submitted.handle.done()
-        current = jobs.state(record)
+        # Polling our own child reaps it, so the controller never lingers as a zombie; and while it
+        # runs, the job is running whatever /proc says.
+        running = submitted.handle is not None and not submitted.handle.done()
+        current = jobs.JobState(record.job_id, "RUNNING") if running else jobs.state(record)
         if current.done:
             return current
         if deadline is not None and time.monotonic() > deadline:
@@ -207,5 +223,6 @@ def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = No
 
 
 def _one_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no reason given"
+    """sbatch's error lines joined into one, without their repeated ``sbatch: error:`` prefix."""
+    lines = [re.sub(r"^sbatch:\s*error:\s*", "", line.strip()) for line in text.strip().splitlines()]
+    return "; ".join(dict.fromkeys(line for line in lines if line)) or "no reason given"

@@ -143,14 +143,16 @@ def test_summary_fields_the_trainer_lacks_are_reported_missing():
     recs = records([1.0, 2.0, 3.0])
     full = {"time_to_first_step_s": 4.2, "ranks": [{"rank": 1, "peak_memory_bytes": 20},
                                                   {"rank": 0, "peak_memory_bytes": 10}]}
-    r = bench.result_from_summary(Config("ddp", ranks=2), 1, full, recs, 1, 9.0)
+    r = bench.result_from_summary(Config("ddp", ranks=2), 1, full, recs, 1, 2, 9.0)
     assert r.ok and r.images_per_s == pytest.approx(2 * 256 / 2.0)
     assert r.time_to_first_step_s == 4.2 and r.peak_memory_bytes == (10, 20) and r.missing == ()
-    bare = bench.result_from_summary(Config("ddp"), 2, {"ranks": [{"rank": 0}]}, recs, 1, 9.0)
+    bare = bench.result_from_summary(Config("ddp"), 2, {"ranks": [{"rank": 0}]}, recs, 1, 2, 9.0)
     assert bare.ok and bare.time_to_first_step_s is None and bare.peak_memory_bytes == (None,)
     assert bare.missing == ("time_to_first_step_s", "ranks[].peak_memory_bytes")
-    short = bench.result_from_summary(Config("ddp"), 2, full, recs[:1], 1, 9.0)
+    short = bench.result_from_summary(Config("ddp"), 2, full, recs[:1], 1, 2, 9.0)
     assert not short.ok and "warm-up" in short.error
+    cut = bench.result_from_summary(Config("ddp"), 2, full, recs, 1, 5, 9.0)
+    assert not cut.ok and cut.images_per_s is None and cut.error == "the trainer stopped at step 3 of 6"
 
 
 def test_floor_result_from_its_json_line():
@@ -195,6 +197,7 @@ def test_markdown_table():
     assert "| 990 | 0.90x | 1.03x | 9.0 | 500 / 510 |" in lines[5]
     assert "| 700 |  | 0.73x | missing | missing |" in lines[6]
     assert "failed: exit 1: boom \\| bang" in lines[7]
+    assert lines[7].endswith("failed: exit 1: boom \\| bang |  |  |  |  |")
 
 
 def test_markdown_report_checks_the_targets_and_names_missing_fields():
@@ -204,6 +207,12 @@ def test_markdown_report_checks_the_targets_and_names_missing_fields():
     assert "- ddp:resident:2 vs 1 rank: 1.03x (meets the >= 0.9x target)" in text
     assert "- ddp:resident:2:t2 vs 1 rank: 0.73x (misses the >= 0.9x target, oversubscribed)" in text
     assert "- ddp:resident:2:t2: time_to_first_step_s, ranks[].peak_memory_bytes not reported" in text
+
+
+def test_floor_target_is_checked_for_the_default_loader_only():
+    results = [Result(Config("floor"), 2, 1000.0), Result(Config("ddp", loader="classic"), 2, 600.0)]
+    assert bench.vs_floor(results[1], results) == pytest.approx(0.6)
+    assert bench.verdicts(results) == []
 
 
 def test_json_report_round_trips_through_json():

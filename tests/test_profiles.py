@@ -16,6 +16,7 @@ def test_shipped_profiles_load() -> None:
     assert (local.partition, local.gpus_per_node, local.max_nodes) == ("debug", 0, 3)
     assert local.environment()["NCCL_IB_DISABLE"] == "1"
     ib = profiles.load("example-ib")
+    assert ib.gpu_memory == 80 * 10**9
     assert ib.gpus_per_node == 8 and ib.modules == ("cuda/12.1", "nccl/2.18")
     env = ib.environment()
     assert env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1,mlx5_2,mlx5_3" and env["NCCL_IB_GID_INDEX"] == "3"
@@ -41,6 +42,7 @@ def test_profile_from_path_and_relative_templates(tmp_path: Path) -> None:
     ({"env": {"1BAD": "x"}}, "not a shell variable name"),
     ({"env": ["A=1"]}, "env must be a mapping"),
     ({"modules": {"a": 1}}, "modules must be a list of strings"),
+    ({"gpu_memory": "lots"}, "gpu_memory:"),
     ([1, 2], "must be a YAML mapping"),
 ])
 def test_bad_profiles(data: object, message: str) -> None:

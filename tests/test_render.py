@@ -164,13 +164,28 @@ def test_write_is_all_or_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]
 
 
-def test_auto_backend_uses_plan() -> None:
-    recommend = render.recommender()
-    if recommend is None:
-        # TODO(issue 3): hpc/plan.py is another engineer's; this runs once it lands.
-        pytest.skip("hpc.plan is not present yet")
-    spec = replace(golden_spec("ddp", "srun"), backend="auto", params=10_000_000)
-    assert render.render(spec, SITE, search=builtin()).spec.backend in ("dp", "ddp", "deepspeed")
+def test_auto_backend_picks_ddp_where_the_model_fits_and_says_why() -> None:
+    site = replace(SITE, gpu_memory=80 * 10**9)
+    spec = replace(golden_spec("ddp", "srun"), backend="auto", params=1_300_000_000)
+    chosen = render.render(spec, site, search=builtin()).spec
+    assert chosen.backend == "ddp" and "fit" in chosen.backend_reason
+
+
+def test_auto_backend_partitions_what_does_not_fit() -> None:
+    site = replace(SITE, gpu_memory=80 * 10**9)
+    spec = replace(golden_spec("ddp", "srun"), backend="auto", params=15_000_000_000, precision="bf16")
+    chosen = render.render(spec, site, search=builtin()).spec
+    assert (chosen.backend, chosen.zero_stage, chosen.offload) == ("deepspeed", 3, False)
+    assert "ZeRO-2 needs" in chosen.backend_reason
+
+
+def test_auto_backend_offloads_only_when_nothing_fits_on_the_gpus() -> None:
+    site = replace(SITE, gpu_memory=80 * 10**9)
+    spec = replace(golden_spec("ddp", "srun"), backend="auto", params=70_000_000_000, precision="bf16")
+    rendered = render.render(spec, site, search=builtin())
+    assert rendered.spec.offload and "offload" in rendered.spec.backend_reason
+    zero = json.loads(rendered.files["deepspeed.json"])["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch is not on PATH")

@@ -41,7 +41,7 @@ BAD = [
     (["--max-requeues", "-1"], "--max-requeues must be 0 or more"),
     (["--", "--backend", "dp"], "set by hpcdist"),
     (["--", "--run-dir=/x"], "set by hpcdist"),
-    (["--backend", "auto"], "--backend auto needs hpc.plan"),
+    (["--params", "lots"], "params:"),
 ]
 
 
@@ -54,8 +54,6 @@ def run(args: list[str], tmp_path: Path):
 def test_bad_input_exit_2_one_line_no_job_dir(tmp_path: Path, args: list[str], message: str) -> None:
     from hpc import render
 
-    if args == ["--backend", "auto"] and render.recommender() is not None:
-        pytest.skip("hpc.plan is present: --backend auto is valid now")
     job_dir = tmp_path / "job"
     head, sep, tail = (args[:args.index("--")], ["--"], args[args.index("--") + 1:]) if "--" in args else (
         args, [], [])

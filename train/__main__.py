@@ -47,21 +47,24 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
+    preemption = Preemption()  # from the start: a signal during set-up still ends in a checkpoint, not a kill
     try:
-        return train(opts)
+        return train(opts, preemption)
     except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    finally:
+        preemption.restore()
 
 
-def train(opts: Options) -> int:
+def train(opts: Options, preemption: Preemption) -> int:
     env = ranks.resolve(os.environ)
     rank, world = env.rank, env.world_size
     if opts.backend == "dp" and env.distributed:
         raise UsageError(f"--backend dp is one process driving all of its node's GPUs, but this is rank {rank} "
                          f"of {world} (from {env.source}); launch a single process, or use --backend ddp")
-    if opts.backend == "deepspeed" and "TORCH_CUDA_ARCH_LIST" in os.environ:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = dsconfig.sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    if opts.backend == "deepspeed":
+        dsconfig.prepare_environment(os.environ, cuda=torch.cuda.is_available())
     # Ranks sharing a node split its CPUs; two ranks at two threads each on two cores run up to 44% slower.
     threads = opts.threads or ranks.threads_per_rank(os.environ, len(os.sched_getaffinity(0)), env)
     torch.set_num_threads(threads)
@@ -81,18 +84,19 @@ def train(opts: Options) -> int:
         comm = init_process_group(opts.backend, env, device, opts.timeout_s)
     say(rank, f"{opts.backend} | world {world} ({env.source}) | {comm} on {device.type} | {precision} | "
               f"global batch {global_batch} | {threads} threads per rank | master {env.master_addr}:{env.master_port}")
-    if opts.preflight:
-        if world > 1:
-            try:
-                preflight(env, device)
-            except RuntimeError as exc:
-                print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
-                return 1
-        say(rank, f"preflight: all_reduce over {world} rank(s) summed to {world} ({comm})")
+    if opts.preflight and world == 1:
+        say(rank, f"preflight: one process, so no collective to check ({comm})")
+    elif opts.preflight:
+        try:
+            preflight(env, device)
+        except RuntimeError as exc:
+            print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
+            return 1
+        say(rank, f"preflight: all_reduce over {world} ranks summed to {world} ({comm})")
 
     torch.manual_seed(opts.seed)  # every rank builds identical initial weights
     model = ConvNet().to(device)
-    if opts.channels_last:
+    if opts.channels_last and not ds_config:
         model = model.to(memory_format=torch.channels_last)
     if ds_config:
         engine = DeepSpeedEngine(model, config=ds_config)
@@ -101,8 +105,9 @@ def train(opts: Options) -> int:
                              lr=opts.lr or 1e-3, compile=opts.compile)
 
     local_batch = global_batch // world
+    channels_last = opts.channels_last and not ds_config
     common = dict(rank=rank, world_size=world, local_batch=local_batch, seed=opts.seed, device=device,
-                  augment=opts.augment, channels_last=opts.channels_last)
+                  augment=opts.augment, channels_last=channels_last)
     if opts.loader == "resident":
         loader = ResidentLoader(data.train, **common)
     else:
@@ -137,7 +142,6 @@ def train(opts: Options) -> int:
                                write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
 
     metrics = open(run_dir / "metrics.jsonl", "a" if state["step"] else "w") if rank == 0 else None
-    preemption = Preemption()
     start_step = state["step"]
     first_step_at = None
     last_log_time, last_log_step = time.time(), start_step
@@ -174,7 +178,7 @@ def train(opts: Options) -> int:
     if state["step"] > start_step:
         save()
 
-    accuracy = test_accuracy(engine, data, rank, world, device, opts.channels_last)
+    accuracy = evaluate_accuracy(engine, data, rank, world, device, channels_last)
     with engine.full_parameters() as named:
         digest = param_digest(named)
     mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
@@ -224,6 +228,8 @@ def choose_precision(opts: Options, device: torch.device, world: int, rank: int)
         warn(rank, "fp16 on CPU runs ~35x slower than bf16 there; pass --precision bf16 (or fp32) on CPU")
     if base is None:
         return precision, None
+    if opts.compile or opts.channels_last:
+        warn(rank, "--compile and --channels-last apply to dp/ddp; DeepSpeed trains the module as it is")
     config = dsconfig.resolve(base, world_size=world, zero_stage=opts.zero_stage, precision=precision,
                               global_batch=opts.batch_size, lr=opts.lr)
     return precision, config
@@ -238,7 +244,7 @@ def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:
 
 
 @torch.no_grad()
-def test_accuracy(engine, data: Dataset, rank: int, world: int, device: torch.device, channels_last: bool) -> float:
+def evaluate_accuracy(engine, data: Dataset, rank: int, world: int, device: torch.device, channels_last: bool) -> float:
     """Top-1 accuracy on the test split, sharded over ranks; every rank runs the same number of batches,
     since under ZeRO-3 each forward is a collective."""
     n = len(data.test)

@@ -57,7 +57,8 @@ def read_batch(path: Path) -> Split:
     except Exception as exc:  # a truncated or foreign file can fail inside pickle in many ways
         raise DataError(f"CIFAR-10 file {path} is corrupt ({type(exc).__name__}): delete it and {fix}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"CIFAR-10 file {path} lacks b'data'/b'labels': it is not a CIFAR-10 batch; delete it and {fix}")
+        raise DataError(f"CIFAR-10 file {path} lacks b'data'/b'labels', so it is no CIFAR-10 batch; "
+                        f"delete it and {fix}")
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):

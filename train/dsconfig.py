@@ -6,6 +6,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import MutableMapping
 
 from hpc.paths import configs_dir
 
@@ -31,6 +32,15 @@ def sanitize_arch_list(value: str) -> str:
         if arch and arch not in kept:
             kept.append(arch)
     return ";".join(kept)
+
+
+def prepare_environment(environ: MutableMapping[str, str], cuda: bool) -> None:
+    """Before DeepSpeed is imported: a parseable TORCH_CUDA_ARCH_LIST for its op builds, and no GPU search
+    on a machine without one (its accelerator detection is decided once, at import)."""
+    if "TORCH_CUDA_ARCH_LIST" in environ:
+        environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(environ["TORCH_CUDA_ARCH_LIST"])
+    if not cuda:
+        environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def load(path: Path) -> dict:

@@ -25,7 +25,8 @@ class TorchEngine:
         self.module, self.device, self.precision = model, device, precision
         net: nn.Module = model
         if backend == "ddp":
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            device_ids = [device.index] if device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         elif backend == "dp" and device.type == "cuda":
             net = nn.DataParallel(model)
         self.net = torch.compile(net) if compile else net

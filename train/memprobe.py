@@ -1,4 +1,4 @@
-"""Measure the model-state bytes DeepSpeed holds per rank: `python -m torch.distributed.run --standalone --nproc_per_node 2 train/memprobe.py --zero-stage 2 --precision fp32`."""
+"""Measure DeepSpeed's model-state bytes per rank: `python -m torch.distributed.run --standalone --nproc_per_node 2 train/memprobe.py --zero-stage 0 1 2 3 --precision fp32 bf16`."""
 
 from __future__ import annotations
 
@@ -96,8 +96,12 @@ def measure(engine, baseline: set[int]) -> dict:
     held = storages(live_tensors())
     held.update(storages(engine_tensors(engine)))
     held = {ptr: n for ptr, n in held.items() if ptr not in baseline}
+    # ZeRO-3 gathers whole layers for forward/backward and frees them after: working buffers bounded by
+    # stage3_max_live_parameters, not model states, so they are reported apart.
+    gathered = storages(p for p in engine.module.parameters() if hasattr(p, "ds_tensor") and p.numel())
     params = storages(t for p in engine.module.parameters() for t in (p, getattr(p, "ds_tensor", None))
                       if t is not None)
+    held = {ptr: n for ptr, n in held.items() if ptr not in gathered}
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     masters = [t for name in MASTER_ATTRIBUTES for t in (getattr(opt, name, None) or [])
@@ -109,11 +113,12 @@ def measure(engine, baseline: set[int]) -> dict:
              "optimizer_bytes": sum(n for ptr, n in held.items() if ptr in optimizer)}
     split["gradient_bytes"] = sum(held.values()) - split["param_bytes"] - split["optimizer_bytes"]
     split["model_state_bytes"] = sum(held.values())
+    split["gathered_param_bytes"] = sum(gathered.values())
     return split
 
 
 def probe(stage: int, precision: str, args) -> dict:
-    """Build, train ``args.steps`` steps, and report the most model-state bytes held during the last one."""
+    """Build, train ``args.steps`` steps, and report the model-state bytes held during the last one."""
     import deepspeed
 
     torch.manual_seed(0)
@@ -127,13 +132,15 @@ def probe(stage: int, precision: str, args) -> dict:
     for _ in range(args.steps - 1):
         engine.backward(engine(torch.randn(2, args.width, dtype=dtype)).float().pow(2).mean())
         engine.step()
-    # Two moments of the last step: just before DeepSpeed reduces gradients (ZeRO-0/1 still hold every
-    # full gradient then) and after backward (ZeRO-2/3 hold only their partition); the larger is the peak.
-    samples = []
+    # Count at two moments of the last step: just before DeepSpeed reduces gradients, when ZeRO-0/1 hold
+    # every full gradient (model states until the optimizer steps), and after backward, when ZeRO-2/3 hold
+    # only their partition. Before that, ZeRO-2/3 may still hold the last unreduced bucket (at least one
+    # whole parameter's gradient): a temporary buffer, reported as the peak but not as model state.
+    samples = {}
     reduce = engine.allreduce_gradients
 
     def measured_reduce(*a, **kw):
-        samples.append(measure(engine, baseline))
+        samples["before_reduce"] = measure(engine, baseline)
         return reduce(*a, **kw)
 
     engine.allreduce_gradients = measured_reduce
@@ -141,11 +148,14 @@ def probe(stage: int, precision: str, args) -> dict:
     loss = engine(x).float().pow(2).mean()
     engine.backward(loss)
     del x, loss
-    samples.append(measure(engine, baseline))
+    samples["after_backward"] = measure(engine, baseline)
     engine.step()
-    peak = max(samples, key=lambda s: s["model_state_bytes"])
-    report = {"zero_stage": stage, "precision": precision, "params": params, **peak,
-              "samples": [s["model_state_bytes"] for s in samples]}
+    states = samples["before_reduce" if stage <= 1 else "after_backward"]
+    report = {"zero_stage": stage, "precision": precision, "params": params, **states,
+              "peak_bytes": max(s["model_state_bytes"] for s in samples.values()),
+              "samples": {k: s["model_state_bytes"] for k, s in samples.items()},
+              "largest_param": max(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                   for p in engine.module.parameters())}
     engine.allreduce_gradients = reduce
     engine.destroy()
     del engine, model
@@ -157,10 +167,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--zero-stage", type=int, nargs="+", choices=(0, 1, 2, 3), required=True)
     ap.add_argument("--precision", nargs="+", choices=sorted(DTYPES), default=["fp32"])
-    ap.add_argument("--width", type=int, default=8192)
-    ap.add_argument("--layers", type=int, default=3)
+    # 4 x Linear(4096, 4096) = 67M parameters, 1.07 GB of fp32 model states per rank: large enough that
+    # DeepSpeed's few-MB buffers stay under 1%, small enough for 8 runs in ~3.5 minutes on 2 CPU cores.
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--bucket", type=int, default=5_000_000)
+    ap.add_argument("--out", help="Also append each report to OUT/memprobe-rank<R>.jsonl (ranks share stdout).")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -173,7 +186,11 @@ def main(argv=None) -> int:
             t0 = time.time()
             report = probe(stage, precision, args)
             report.update({"rank": rank, "world_size": world, "wall_s": round(time.time() - t0, 1)})
-            print("MEMPROBE " + json.dumps(report), flush=True)
+            line = json.dumps(report)
+            print("MEMPROBE " + line, flush=True)
+            if args.out:
+                with open(os.path.join(args.out, f"memprobe-rank{rank}.jsonl"), "a") as f:
+                    f.write(line + "\n")
             torch.distributed.barrier()
     return 0
 

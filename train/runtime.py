@@ -84,8 +84,12 @@ class Preemption:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._note)
+        self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        """Put back the handlers found, so a caller (a test, a notebook) keeps its own after training."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _note(self, signum, frame) -> None:
         # Only a flag: the step in flight finishes, then every rank checkpoints at the same step.

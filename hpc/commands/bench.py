@@ -1,6 +1,6 @@
 """``hpcdist bench``: run the trainer and the bare-PyTorch floor over a grid of configs, report images/s.
 
-    hpcdist bench --out bench                                  # the default grid (about 13 min on 2 cores)
+    hpcdist bench --out bench      # the default grid (about 13 min on 2 quiet cores)
     hpcdist bench --config floor:1 --config ddp:resident:1 --steps 100 --out bench
     hpcdist bench --grid deepspeed:zero2:bf16:2,ddp:resident:2:t2 --dry-run
 
@@ -39,7 +39,6 @@ def child_env(threads: int) -> dict[str, str]:
     # see the thread count this row reports.
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
@@ -53,14 +52,23 @@ def execute(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) ->
         try:
             rc: int | None = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
             rc = None
+        except BaseException:
+            # Outside the terminal's process group, the child never saw the Ctrl-C that stopped us.
+            stop(proc)
+            raise
     return rc, time.monotonic() - start
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End ``proc``'s whole session: torchrun and every rank it started."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def last_line(log: Path) -> str:
@@ -101,11 +109,11 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, out: Pat
         data = json.loads(summary.read_text()) if summary.exists() else {}
     except json.JSONDecodeError:
         data = {}
-    return core.result_from_summary(config, threads, data, records, warmup, wall)
+    return core.result_from_summary(config, threads, data, records, warmup, steps, wall)
 
 
 def draw(results: list[core.Result], meta: dict, path: Path) -> None:
-    """bench.png: one horizontal bar of images/s per config, the floor's bars set apart."""
+    """bench.png: one horizontal bar of images/s per config, coloured by backend (the floor in grey)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +162,7 @@ def version(package: str) -> str:
               help="Stop a config that runs longer than this and report it failed.")
 @click.option("--dry-run", is_flag=True, help="Print each config's command and threads; run nothing.")
 def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int,
-                  out_dir: Path, timeout_s: float, dry_run: bool) -> None:
+          out_dir: Path, timeout_s: float, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
     try:
         grid = core.parse_grid(configs + grids, batch) if configs or grids else core.default_grid(batch)

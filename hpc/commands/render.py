@@ -46,7 +46,10 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
      {"help": "Slurm nodelist to request, e.g. n[1-2]; also fills ranks.txt and the hostfile offline."}),
     (("--signal",), "signal", {"help": "Slurm --signal for preemption warnings. [USR1@120]"}),
     (("--max-requeues",), "max_requeues", {"type": int, "help": "Requeues after a checkpointed stop. [3]"}),
-    (("--params",), "params", {"type": int, "help": "Model parameters, for --backend auto."}),
+    (("--offload/--no-offload",), "offload",
+     {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
+    (("--params",), "params",
+     {"help": "Model parameters for --backend auto, e.g. 350M or 7B. [the built-in ConvNet's]"}),
 )
 
 
@@ -125,6 +128,11 @@ def prepare(command: str, config_file: str | None, force: bool = False, **option
         render.write(rendered, force=force)
     except (specs.SpecError, profiles.ProfileError, render.RenderError, hostfiles.HostfileError) as exc:
         fail(command, exc)
+    if rendered.spec.backend_reason:
+        spec = rendered.spec
+        stage = f" ZeRO-{spec.zero_stage}" if spec.backend == "deepspeed" else ""
+        click.echo(f"hpcdist {command}: --backend auto chose {spec.backend}{stage}: {spec.backend_reason}",
+                   err=True)
     return rendered
 
 

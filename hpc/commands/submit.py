@@ -57,7 +57,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
         return
     try:
         submitted = submitting.submit(rendered, where, os.environ)
-    except (submitting.SubmitError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
         # Nothing runs from this directory: leaving it would only look like a job that exists.
         shutil.rmtree(rendered.job_dir, ignore_errors=True)
         click.echo(f"hpcdist submit: {exc}", err=True)

@@ -1,0 +1,94 @@
+"""Fixtures for the trainer's tests: ``python -m train`` as 2 CPU ranks, started as srun, torchrun or deepspeed do."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Variables a surrounding launcher may have set; each test launch describes its geometry from scratch.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                    "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Launch:
+    """Two CPU ranks of the trainer, one thread each; logs land beside the run directory."""
+
+    WAYS = ("srun", "torchrun", "deepspeed")
+
+    def __init__(self, way: str, args: list[str], run_dir: Path) -> None:
+        self.way, self.run_dir = way, run_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARIABLES}
+        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        trainer = ["-m", "train", "--run-dir", str(run_dir), *args]
+        self.logs = [run_dir.with_name(f"{run_dir.name}.{way}.{i}.log") for i in range(2 if way == "srun" else 1)]
+        if way == "srun":
+            job_id = next(j for j in iter(lambda: random.randrange(10**6), None) if _port_is_free(12000 + j % 20000))
+            envs = [{**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                     "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2",
+                     "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job_id)} for r in range(2)]
+            commands = [[sys.executable, *trainer]] * 2
+        elif way == "torchrun":
+            envs = [env]
+            commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         *trainer]]
+        elif way == "deepspeed":
+            port = next(p for p in iter(lambda: random.randrange(20000, 32000), None) if _port_is_free(p))
+            envs = [env]
+            commands = [[sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                         "--master_port", str(port), "--module", *trainer[1:]]]
+        else:
+            raise ValueError(f"unknown launch way {way!r}; use one of {self.WAYS}")
+        self.started = time.monotonic()
+        self.procs = [subprocess.Popen(cmd, env=e, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                      for cmd, e, log in zip(commands, envs, self.logs)]
+
+    def signal(self, signum: int = signal.SIGUSR1) -> None:
+        for p in self.procs:
+            p.send_signal(signum)
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        try:
+            codes = [p.wait(timeout=max(timeout - (time.monotonic() - self.started), 1)) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            for p in self.procs:
+                p.kill()
+            pytest.fail(f"{self.way} launch ran past {timeout}s:\n{self.output()}")
+        self.seconds = time.monotonic() - self.started
+        return codes
+
+    def output(self, tail: int = 4000) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text()[-tail:]}" for log in self.logs)
+
+
+@pytest.fixture
+def launch():
+    """``launch(way, args, run_dir)`` starts two ranks; ``.wait()`` returns their exit statuses."""
+    started: list[Launch] = []
+
+    def start(way: str, args: list[str], run_dir: Path) -> Launch:
+        started.append(Launch(way, args, run_dir))
+        return started[-1]
+
+    yield start
+    for launched in started:
+        for p in launched.procs:
+            if p.poll() is None:
+                p.kill()

@@ -1,0 +1,152 @@
+"""On the local Slurm: what submitit submits agrees with job.sbatch; cancel, status, logs; refusals clean up."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc import jobs
+from hpc.spec import time_seconds
+from slurm_fixtures import REPO, environ, hpcdist, job_id_of, requires_slurm
+
+pytestmark = [pytest.mark.slurm, requires_slurm]
+
+LONG_TRAIN = ("--max-steps", "100000", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64")
+
+
+def directives(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"#SBATCH --([a-z-]+)(?:=(.*))?$", line)
+        if m:
+            out[m.group(1)] = (m.group(2) or "").strip("'\"")
+    return out
+
+
+def wait_for_state(home: Path, job: str, wanted: tuple[str, ...], timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    line = ""
+    while time.monotonic() < deadline:
+        line = hpcdist(["status", job], home).stdout
+        if any(f"  {w}" in line for w in wanted):
+            return line
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} never reached {wanted}: {line}")
+
+
+def processes_under(job_dir: Path) -> list[str]:
+    """Command lines of live processes that mention the job directory (the job's own processes)."""
+    out = subprocess.run(["ps", "-ewwo", "stat=,args="], capture_output=True, text=True).stdout
+    marks = (str(job_dir / "run"), str(job_dir / "task.sh"), str(job_dir / "submitit"))
+    return [line for line in out.splitlines()
+            if any(m in line for m in marks) and not line.lstrip().startswith("Z")]
+
+
+def test_the_submitit_script_agrees_with_the_dry_run(tmp_path):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    args = ["--nodes", "2", "--backend", "deepspeed", "--launcher", "torchrun", "--time", "00:07:00",
+            "--job-name", "agree", "--signal", "USR1@45", "--job-dir", str(job_dir), "--", *LONG_TRAIN]
+    proc = hpcdist(["submit", *args], home)
+    assert proc.returncode == 0, proc.stderr
+    job_id = job_id_of(proc.stdout)
+    try:
+        submitted = (job_dir / "submitit" / f"{job_id}_submission.sh").read_text()
+        batch = (job_dir / "job.sbatch").read_text()
+        ours, theirs = directives(batch), directives(submitted)
+        for key in ("nodes", "ntasks-per-node", "cpus-per-task", "partition", "job-name", "signal", "output",
+                    "open-mode"):
+            assert theirs[key] == ours[key], key
+        assert ours["signal"] == "USR1@45" and "requeue" in theirs and "requeue" in ours
+        assert time_seconds(theirs["time"]) == time_seconds(ours["time"]) == 420
+
+        # The same setup before the step: job.sbatch sources "$job_dir/setup.sh" with job_dir set above.
+        assert f"job_dir={job_dir}" in batch and 'source "$job_dir/setup.sh"' in batch
+        assert f"source {job_dir / 'setup.sh'}" in submitted.split("# command")[0]
+
+        # The same step: srun with --kill-on-bad-exit and the same task logs, running task.sh in each task.
+        srun = next(line for line in submitted.splitlines() if line.startswith("srun "))
+        assert "--kill-on-bad-exit=1" in srun and "--kill-on-bad-exit=1" in batch
+        assert srun.endswith(f"-m submitit.core._submit {job_dir / 'submitit'}")
+        assert f"--output={job_dir / 'logs' / 'task-%t.log'}" in srun
+        assert '--output="$job_dir/logs/task-%t.log"' in batch and 'bash "$job_dir/task.sh"' in batch
+        code = ("import sys, submitit\n"
+                "d = submitit.core.utils.DelayedSubmission.load(sys.argv[1])\n"
+                "print(d.function.__module__, d.function.__name__, d.args)\n")
+        loaded = subprocess.run([sys.executable, "-c", code, str(job_dir / "submitit" / f"{job_id}_submitted.pkl")],
+                                capture_output=True, text=True, check=True, env=environ(home)).stdout
+        assert loaded.strip() == f"hpc.task run (('bash', '{job_dir / 'task.sh'}'),)"
+
+        # The same requeue on exit 75 after the step, bounded by --max-requeues.
+        assert 'scontrol requeue "$SLURM_JOB_ID"' in submitted.split("# teardown")[1]
+        assert '-lt 3 ]' in submitted and '-lt 3 ]' in batch
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+
+
+@pytest.mark.parametrize("via", ["submitit", "sbatch"])
+def test_cancel_stops_a_running_job_and_status_says_cancelled(tmp_path, via):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    proc = hpcdist(["submit", "--via", via, "--nodes", "2", "--backend", "ddp", "--time", "5", "--job-dir",
+                    str(job_dir), "--", *LONG_TRAIN], home)
+    assert proc.returncode == 0, proc.stderr
+    job_id = job_id_of(proc.stdout)
+    try:
+        wait_for_state(home, job_id, ("RUNNING",))
+        # Wait until the trainer itself is up on both nodes, so the cancel has real processes to stop.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (job_dir / "run" / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert processes_under(job_dir), "the job's processes should be running"
+        follow = subprocess.Popen([sys.executable, "-m", "hpc", "logs", job_id, "--follow"], cwd=REPO,
+                                  env=environ(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        cancelled = hpcdist(["cancel", job_id], home)
+        assert cancelled.returncode == 0 and f"Cancelled job {job_id}" in cancelled.stdout
+        line = wait_for_state(home, job_id, ("CANCELLED",), timeout_s=60)
+        assert line.startswith(f"{job_id}  CANCELLED")
+
+        out, _ = follow.communicate(timeout=60)
+        assert follow.returncode == 0
+        assert "task-0.log: " in out
+        deadline = time.monotonic() + 30
+        while processes_under(job_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not processes_under(job_dir), processes_under(job_dir)
+        again = hpcdist(["cancel", str(job_dir)], home)
+        assert again.returncode == 0 and "already ended: CANCELLED" in again.stdout
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+
+
+@pytest.mark.parametrize("via", ["submitit", "sbatch"])
+def test_a_refused_submission_removes_its_job_dir_and_says_why(tmp_path, via):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    proc = hpcdist(["submit", "--via", via, "--partition", "nosuchpartition", "--job-dir", str(job_dir)], home)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sbatch refused the job" in proc.stderr and "partition" in proc.stderr.lower()
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not job_dir.exists()
+    assert jobs.load(home / "jobs.jsonl") == []
+
+
+def test_logs_of_one_rank(tmp_path):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    proc = hpcdist(["submit", "--nodes", "2", "--backend", "ddp", "--time", "5", "--job-dir", str(job_dir),
+                    "--wait", "--", "--max-steps", "2", "--dataset", "synthetic", "--synthetic-size", "256",
+                    "--batch-size", "64"], home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = job_id_of(proc.stdout)
+    one = hpcdist(["logs", job_id, "--rank", "1"], home)
+    assert one.returncode == 0
+    assert one.stdout == (job_dir / "logs" / "task-1.log").read_text()
+    assert "hostname=n2" in one.stdout
+    every = hpcdist(["logs", str(job_dir)], home)
+    assert f"==> {job_dir / 'logs' / 'task-0.log'} <==" in every.stdout
+    assert f"batch-{job_id}.out" in every.stdout
+    bad = hpcdist(["logs", job_id, "--rank", "2"], home)
+    assert bad.returncode == 2 and "outside world size 2" in bad.stderr

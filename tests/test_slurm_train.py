@@ -1,0 +1,74 @@
+"""End to end on the local 3-node Slurm: `hpcdist submit --wait` trains across nodes n1 and n2."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hpc import jobs, nodelist
+from slurm_fixtures import TINY_TRAIN, check_training, hpcdist, job_id_of, requires_slurm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
+
+# (backend, launcher, nodes): every launcher each backend runs under, as in hpc.spec.VALID_LAUNCHERS.
+CASES = [
+    ("ddp", "srun", 2),
+    ("ddp", "torchrun", 2),
+    ("deepspeed", "srun", 2),
+    ("deepspeed", "torchrun", 2),
+    ("deepspeed", "deepspeed", 2),
+    ("dp", "srun", 1),
+]
+
+
+def submit_and_check(tmp_path, via: str, backend: str, launcher: str, nodes: int) -> None:
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    args = ["submit", "--via", via, "--nodes", str(nodes), "--backend", backend, "--launcher", launcher,
+            "--time", "10", "--job-name", f"e2e-{via}-{backend}-{launcher}", "--job-dir", str(job_dir), "--wait"]
+    if backend == "deepspeed":
+        args += ["--zero-stage", "2", "--precision", "fp32"]
+    started = time.monotonic()
+    proc = hpcdist([*args, "--", *TINY_TRAIN], home, timeout=600)
+    took = time.monotonic() - started
+    print(f"TIMING via={via} backend={backend} launcher={launcher} nodes={nodes} submit->done {took:.1f}s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = job_id_of(proc.stdout)
+    assert f"{job_id}  COMPLETED  exit=0" in proc.stdout
+
+    # Where Slurm put the job, from accounting: the ranks must have run exactly there.
+    state = jobs.slurm_state(job_id)
+    hosts = nodelist.expand(state.nodelist)
+    assert len(hosts) == nodes, state
+    if nodes == 2:
+        assert hosts == ["n1", "n2"], f"expected the idle cluster's first two nodes, got {hosts}"
+    check_training(job_dir, world_size=nodes, hosts=hosts, master=hosts[0] if nodes > 1 else None)
+    if via == "submitit":
+        assert list((job_dir / "submitit").glob(f"{job_id}_submission.sh"))
+    assert [p.name for p in jobs.log_files(jobs.read_marker(job_dir))][:nodes] == [
+        f"task-{i}.log" for i in range(nodes)]
+
+    listed = hpcdist(["list"], home)
+    assert job_id in listed.stdout and "COMPLETED" in listed.stdout
+    status = hpcdist(["status", str(job_dir)], home)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout
+
+
+@pytest.mark.parametrize("backend,launcher,nodes", CASES, ids=[f"{b}-{l}" for b, l, _ in CASES])
+def test_submitit(tmp_path, backend, launcher, nodes):
+    submit_and_check(tmp_path, "submitit", backend, launcher, nodes)
+
+
+@pytest.mark.parametrize("backend,launcher,nodes", CASES, ids=[f"{b}-{l}" for b, l, _ in CASES])
+def test_sbatch(tmp_path, backend, launcher, nodes):
+    submit_and_check(tmp_path, "sbatch", backend, launcher, nodes)
+
+
+def test_a_failing_job_exits_non_zero_and_shows_the_failing_tasks_log(tmp_path):
+    """The trainer refuses an unknown option on every rank: --wait reports FAILED with that log's tail."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    proc = hpcdist(["submit", "--nodes", "2", "--backend", "ddp", "--time", "5", "--job-dir", str(job_dir),
+                    "--wait", "--", "--no-such-option"], home, timeout=300)
+    assert proc.returncode != 0
+    assert "FAILED" in proc.stdout
+    assert "(the failing task)" in proc.stderr and "--no-such-option" in proc.stderr

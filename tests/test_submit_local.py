@@ -1,0 +1,85 @@
+"""With no Slurm on PATH, `hpcdist submit` emulates the allocation here with submitit's LocalExecutor."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import pytest
+
+from hpc import jobs, profiles, render, submit
+from hpc.spec import JobSpec
+from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
+
+# A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
+STANDIN = """#!/bin/bash
+set -eu
+echo "rank=$SLURM_PROCID of $SLURM_NTASKS node=$SLURM_NODEID nodes=$SLURM_JOB_NODELIST job=$SLURM_JOB_ID"
+if [ "$SLURM_PROCID" = "${FAIL_RANK:-none}" ]; then echo "rank $SLURM_PROCID fails" >&2; exit 3; fi
+sleep "${SLEEP_S:-0}"
+"""
+
+
+def submit_standin(tmp_path, monkeypatch, nodes: int = 2, **env: str) -> submit.Submitted:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=nodes, python=sys.executable, time="5")
+    rendered = render.render(spec, profiles.load("local"))
+    rendered = dataclasses.replace(rendered, files={**rendered.files, "task.sh": STANDIN})
+    render.write(rendered)
+    return submit.submit(rendered, "local", {"HPCDIST_HOME": str(tmp_path / "home")})
+
+
+def test_local_tasks_see_the_emulated_slurm_geometry(tmp_path, monkeypatch):
+    submitted = submit_standin(tmp_path, monkeypatch, nodes=3)
+    final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
+    assert final.ok, final
+    job_id = submitted.record.job_id
+    for index in range(3):
+        log = (tmp_path / "job" / "logs" / f"task-{index}.log").read_text()
+        assert log == f"rank={index} of 3 node={index} nodes=127.0.0.[1-3] job={job_id}\n"
+
+
+def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
+    started = time.monotonic()
+    submitted = submit_standin(tmp_path, monkeypatch, FAIL_RANK="1", SLEEP_S="60")
+    final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
+    assert time.monotonic() - started < 30, "rank 0 should have been stopped, not left sleeping"
+    assert (final.state, final.exit_code) == ("FAILED", 3)
+    report = jobs.failure_report(submitted.record)
+    assert "task-1.log (the failing task)" in report and "rank 1 fails" in report
+
+
+def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120")
+    job_id = submitted.record.job_id
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "job" / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "RUNNING" in hpcdist(["status", job_id], home).stdout
+    assert hpcdist(["cancel", job_id], home).returncode == 0
+    final = submit.wait(submitted, poll_s=0.2, timeout_s=60)
+    assert final.state == "CANCELLED"
+    assert hpcdist(["status", str(tmp_path / "job")], home).stdout.startswith(f"{job_id}  CANCELLED")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,launcher", [("ddp", "srun"), ("deepspeed", "deepspeed")])
+def test_submit_without_slurm_runs_the_job_here(tmp_path, backend, launcher):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    env = environ(home, PATH=path_without_slurm(tmp_path))
+    args = ["submit", "--nodes", "2", "--backend", backend, "--launcher", launcher, "--time", "10",
+            "--job-dir", str(job_dir), "--wait"]
+    if backend == "deepspeed":
+        args += ["--precision", "fp32"]
+    started = time.monotonic()
+    proc = hpcdist([*args, "--", *TINY_TRAIN], home, env=env, timeout=600)
+    print(f"TIMING local backend={backend} launcher={launcher} submit->done {time.monotonic() - started:.1f}s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = job_id_of(proc.stdout)
+    assert f"Submitted job {job_id} (local)" in proc.stdout
+    summary = check_training(job_dir, world_size=2, hosts=None, master="127.0.0.1")
+    assert {r["node_rank"] for r in summary["ranks"]} == {0, 1}
+    assert hpcdist(["list"], home, env=env).stdout.count(" local ") == 1

@@ -1,0 +1,186 @@
+"""hpc.submit's pure parts and `hpcdist submit`'s input errors; nothing here needs Slurm."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc import profiles, render, submit
+from hpc.spec import JobSpec, time_seconds
+from slurm_fixtures import REPO, environ, hpcdist, path_without_slurm
+
+
+def rendered_for(tmp_path: Path, **kw) -> render.Rendered:
+    spec = JobSpec(job_dir=str(tmp_path / "job"), python=sys.executable, **kw)
+    return render.render(spec, profiles.load("local"))
+
+
+def sbatch_directives(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"#SBATCH --([a-z-]+)(?:=(.*))?$", line)
+        if m:
+            out[m.group(1)] = (m.group(2) or "").strip("'\"")
+    return out
+
+
+# ---- choose --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("via,executor,have_slurm,where", [
+    ("submitit", "auto", True, "submitit"),
+    ("sbatch", "auto", True, "sbatch"),
+    ("submitit", "auto", False, "local"),
+    ("submitit", "local", True, "local"),
+    ("sbatch", "slurm", True, "sbatch"),
+])
+def test_choose(via, executor, have_slurm, where):
+    assert submit.choose(via, executor, have_slurm) == where
+
+
+@pytest.mark.parametrize("via,executor,have_slurm,message", [
+    ("sbatch", "auto", False, "--via sbatch needs Slurm"),
+    ("sbatch", "local", True, "--via sbatch needs Slurm"),
+    ("submitit", "slurm", False, "sbatch is not on PATH"),
+    ("mpirun", "auto", True, "unknown --via"),
+    ("submitit", "cloud", True, "unknown --executor"),
+])
+def test_choose_refuses(via, executor, have_slurm, message):
+    with pytest.raises(ValueError, match=message):
+        submit.choose(via, executor, have_slurm)
+
+
+# ---- what submitit is asked to submit ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,launcher,nodes", [("ddp", "srun", 2), ("deepspeed", "deepspeed", 2),
+                                                    ("ddp", "torchrun", 3), ("dp", "srun", 1)])
+def test_submitit_script_carries_job_sbatchs_allocation_setup_and_step(tmp_path, backend, launcher, nodes):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    rendered = rendered_for(tmp_path, nodes=nodes, backend=backend, launcher=launcher, time="00:30:00",
+                            job_name="agree", signal="USR1@90", max_requeues=2)
+    params = submit.slurm_parameters(rendered)
+    text = _make_sbatch_string(command="python -u -m submitit.core._submit FOLDER",
+                               folder=str(tmp_path / "job" / "submitit"), **params)
+    ours, theirs = sbatch_directives(rendered.files["job.sbatch"]), sbatch_directives(text)
+    for key in ("nodes", "ntasks-per-node", "cpus-per-task", "partition", "job-name", "signal", "output",
+                "open-mode"):
+        assert theirs[key] == ours[key], key
+    assert "requeue" in theirs
+    assert time_seconds(theirs["time"]) == time_seconds(ours["time"])
+    assert f"source {tmp_path / 'job' / 'setup.sh'}" in text.split("# command")[0]
+    srun_line = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun_line
+    assert srun_line.rindex(f"--output={tmp_path / 'job' / 'logs' / 'task-%t.log'}") > srun_line.index("--output ")
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text.split("# teardown")[1]
+    assert '-lt 2 ]' in text.split("# teardown")[1]
+    assert rendered.task_command == ("bash", str(tmp_path / "job" / "task.sh"))
+
+
+def test_teardown_requeues_like_job_sbatch_and_keeps_the_steps_status(tmp_path):
+    lines = submit.requeue_teardown(1)
+    script = "\n".join(["scontrol() { echo requeue \"$@\"; }", "SLURM_JOB_ID=5", "(exit 75)", *lines])
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 75 and "requeue requeue 5" in proc.stdout
+    again = script.replace("SLURM_JOB_ID=5", "SLURM_JOB_ID=5 SLURM_RESTART_COUNT=1")
+    proc = subprocess.run(["bash", "-c", again], capture_output=True, text=True)
+    assert proc.returncode == 75 and "requeue" not in proc.stdout
+
+
+def test_local_command_sources_setup_then_execs_task_sh(tmp_path):
+    rendered = rendered_for(tmp_path, nodes=2)
+    command = submit.local_command(rendered)
+    assert command[:2] == ("bash", "-c")
+    assert command[2] == f"source {tmp_path / 'job' / 'setup.sh'} && exec bash {tmp_path / 'job' / 'task.sh'}"
+
+
+@pytest.mark.parametrize("spec_signal,name", [("USR1@120", "USR1"), ("B:USR2@60", "USR2"), ("SIGTERM", "TERM"),
+                                              ("10@5", "USR1")])
+def test_signal_name(spec_signal, name):
+    assert submit.signal_name(spec_signal) == name
+
+
+@pytest.mark.parametrize("text,job_id", [("4242\n", "4242"), ("4242;cluster\n", "4242"),
+                                         ("sbatch: warning: x\n77\n", "77")])
+def test_parse_sbatch(text, job_id):
+    assert submit.parse_sbatch(text) == job_id
+
+
+def test_parse_sbatch_without_an_id():
+    with pytest.raises(submit.SubmitError):
+        submit.parse_sbatch("sbatch: error: nope")
+
+
+def test_record_for_summarises_the_spec(tmp_path):
+    rendered = rendered_for(tmp_path, nodes=2, backend="deepspeed", launcher="torchrun", ntasks_per_node=2)
+    now = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    record = submit.record_for(rendered, "12", "sbatch", now)
+    assert (record.job_id, record.via, record.submitted) == ("12", "sbatch", "2024-05-06T07:08:09+00:00")
+    assert (record.nodes, record.ntasks_per_node, record.world_size) == (2, 1, 4)
+    assert record.job_dir == str(tmp_path / "job")
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "0"], "--nodes"),
+    (["--backend", "dp", "--nodes", "2"], "--backend dp"),
+    (["--time", "soon"], "--time"),
+    (["--cluster", "nowhere"], "unknown cluster"),
+    (["--via", "sbatch", "--executor", "local"], "--via sbatch needs Slurm"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+    job_dir = tmp_path / "job"
+    proc = hpcdist(["submit", "--job-dir", str(job_dir), *args, "--", "--max-steps", "1"], tmp_path / "home")
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not job_dir.exists()
+    assert not (tmp_path / "home" / "jobs.jsonl").exists()
+
+
+def test_via_sbatch_without_slurm_on_path_is_bad_input(tmp_path):
+    env = environ(tmp_path / "home", PATH=path_without_slurm(tmp_path))
+    proc = hpcdist(["submit", "--via", "sbatch", "--job-dir", str(tmp_path / "job")], tmp_path / "home", env=env)
+    assert proc.returncode == 2
+    assert "--via sbatch needs Slurm" in proc.stderr
+    assert not (tmp_path / "job").exists()
+
+
+def test_an_existing_job_dir_is_refused(tmp_path):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "keep").write_text("mine")
+    proc = hpcdist(["submit", "--dry-run", "--job-dir", str(tmp_path / "job")], tmp_path / "home")
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (tmp_path / "job" / "keep").read_text() == "mine"
+
+
+def test_dry_run_renders_like_render_and_submits_nothing(tmp_path):
+    args = ["--nodes", "2", "--backend", "deepspeed", "--launcher", "deepspeed", "--", "--max-steps", "3"]
+    dry = hpcdist(["submit", "--dry-run", "--job-dir", str(tmp_path / "a"), *args], tmp_path / "home")
+    ren = hpcdist(["render", "--job-dir", str(tmp_path / "a"), "--force", *args], tmp_path / "home")
+    assert dry.returncode == 0 and ren.returncode == 0, dry.stderr + ren.stderr
+    assert dry.stdout == ren.stdout
+    assert not (tmp_path / "a" / "submitit").exists()
+    assert not (tmp_path / "home" / "jobs.jsonl").exists()
+
+
+def test_the_cli_modules_import_neither_submitit_nor_torch():
+    code = ("import sys, hpc.cli, hpc.commands.submit, hpc.submit, hpc.jobs, hpc.task\n"
+            "bad = [m for m in ('submitit', 'torch', 'deepspeed') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_list_with_no_jobs(tmp_path):
+    proc = hpcdist(["list"], tmp_path / "home")
+    assert proc.returncode == 0 and "no jobs" in proc.stdout
+
+
+def test_status_of_an_unknown_job_is_exit_2(tmp_path):
+    proc = hpcdist(["status", "31337"], tmp_path / "home")
+    assert proc.returncode == 2 and "no job '31337'" in proc.stderr

@@ -1,0 +1,286 @@
+"""The trainer's parts, one process: model, data, loader, checkpoints, DeepSpeed config and refusals."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from train import checkpoint, dsconfig
+from train.__main__ import main
+from train.data import DataError, read_batch, read_cifar10, synthetic
+from train.loader import ResidentLoader, epoch_permutation, normalize, shard
+from train.model import ConvNet, load_weights, param_digest
+
+SRUN_RANK_1_OF_2 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
+                    "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
+                    "SLURM_JOB_ID": "777"}
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+def test_convnet_maps_cifar_images_through_2304_and_128_features_to_10_logits():
+    net = ConvNet()
+    assert net.fc1.in_features == 64 * 6 * 6 == 2304 and net.fc1.out_features == 128
+    assert net.fc2.out_features == 10
+    assert net(torch.zeros(5, 3, 32, 32)).shape == (5, 10)
+    # conv1 896 + conv2 18,496 + fc1 295,040 + fc2 1,290
+    assert sum(p.numel() for p in net.parameters()) == 315_722
+
+
+def test_a_dataparallel_checkpoint_with_module_prefixes_loads_into_a_plain_module():
+    torch.manual_seed(1)
+    saved = ConvNet()
+    wrapped_keys = torch.nn.DataParallel(saved).state_dict()
+    assert all(k.startswith("module.") for k in wrapped_keys)
+    plain = ConvNet()
+    load_weights(plain, wrapped_keys)
+    assert param_digest(plain.named_parameters()) == param_digest(saved.named_parameters())
+    load_weights(plain, saved.state_dict())  # and unprefixed keys load too
+
+
+def test_param_digest_sees_any_change_and_ignores_wrapper_prefixes():
+    net = ConvNet()
+    named = list(net.named_parameters())
+    assert param_digest(named) == param_digest([(f"module.{n}", p) for n, p in reversed(named)])
+    before = param_digest(named)
+    with torch.no_grad():
+        net.fc2.bias[3] += 1e-7
+    assert param_digest(net.named_parameters()) != before
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+def write_cifar_batch(path, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(x) for x in rng.integers(0, 10, size=n)]
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"test", b"labels": labels, b"data": data, b"filenames": [b"x"] * n}, f)
+    return data, labels
+
+
+def write_cifar10(root, per_batch: int = 6) -> dict:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {name: write_cifar_batch(folder / name, per_batch, i)
+               for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])}
+    return written
+
+
+def test_cifar10_reader_reads_the_real_pickle_format_channel_major(tmp_path):
+    written = write_cifar10(tmp_path)
+    data = read_cifar10(tmp_path)
+    assert data.train.images.shape == (30, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (6, 3, 32, 32)
+    raw, labels = written["data_batch_2"]
+    # row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major over 32 x 32
+    assert data.train.images[6, 1, 2, 5].item() == raw[0, 1024 + 2 * 32 + 5]
+    assert data.train.labels[6:12].tolist() == labels
+    assert read_cifar10(tmp_path / "cifar-10-batches-py").test.labels.tolist() == written["test_batch"][1]
+
+
+def test_a_missing_cifar10_file_is_one_line_naming_the_path_and_download(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError) as err:
+        read_cifar10(tmp_path)
+    message = str(err.value)
+    assert "data_batch_3" in message and "--download" in message and "\n" not in message
+
+
+def test_a_corrupt_cifar10_run_exits_2_with_one_line_on_stderr(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    write_cifar10(tmp_path / "data")
+    (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04truncated")
+    rc = main(["--backend", "ddp", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+               "--run-dir", str(tmp_path / "run"), "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "test_batch" in err and "corrupt" in err
+
+
+def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
+    with open(tmp_path / "bad", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(DataError, match="not uint8 N x 3072"):
+        read_batch(tmp_path / "bad")
+
+
+def test_synthetic_data_is_cifar_shaped_fixed_by_seed_and_learnable_in_a_few_dozen_steps():
+    data = synthetic(512, 128, seed=3)
+    assert data.train.images.shape == (512, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert torch.equal(synthetic(512, 128, seed=3).train.images, data.train.images)
+    assert not torch.equal(synthetic(512, 128, seed=4).train.images, data.train.images)
+    torch.manual_seed(0)
+    net, x, y = ConvNet(), normalize(data.train.images), data.train.labels
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for step in range(30):
+        batch = slice(step * 16 % 512, step * 16 % 512 + 16)
+        loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
+# --- resident loader -----------------------------------------------------------------------------------
+
+def test_rank_shards_are_disjoint_and_cover_the_epoch():
+    order = epoch_permutation(100, seed=0, epoch=0)
+    shards = [shard(order, r, 4) for r in range(4)]
+    assert all(len(s) == 25 for s in shards)
+    assert sorted(torch.cat(shards).tolist()) == list(range(100))
+
+
+def test_uneven_shards_are_padded_so_every_rank_takes_the_same_number_of_steps():
+    order = epoch_permutation(10, seed=0, epoch=0)
+    shards = [shard(order, r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert set(torch.cat(shards).tolist()) == set(range(10))
+
+
+def test_each_epoch_draws_a_new_permutation_that_every_rank_agrees_on():
+    assert torch.equal(epoch_permutation(50, 7, 0), epoch_permutation(50, 7, 0))
+    assert not torch.equal(epoch_permutation(50, 7, 0), epoch_permutation(50, 7, 1))
+    assert not torch.equal(epoch_permutation(50, 7, 0), epoch_permutation(50, 8, 0))
+
+
+def resident(rank: int, **kw) -> ResidentLoader:
+    return ResidentLoader(synthetic(64, 8, seed=0).train, rank=rank, world_size=2, local_batch=8, seed=5,
+                          device=torch.device("cpu"), **kw)
+
+
+def test_resident_loader_feeds_disjoint_normalised_batches_and_resumes_mid_epoch_exactly():
+    loaders = [resident(0), resident(1)]
+    assert loaders[0].steps_per_epoch == 4
+    first_epoch = [[b for _, b in zip(range(4), loader.batches(0))] for loader in loaders]
+    for a, b in zip(*first_epoch):
+        assert not any(torch.equal(xa, xb) for xa in a.x for xb in b.x)
+    assert abs(float(first_epoch[0][0].x.mean())) < 1.5 and first_epoch[0][0].x.dtype == torch.float32
+    straight = [b for _, b in zip(range(7), resident(0).batches(0))]
+    resumed = [b for _, b in zip(range(4), resident(0).batches(3))]
+    assert [b.step for b in resumed] == [3, 4, 5, 6] and [b.epoch for b in resumed] == [0, 1, 1, 1]
+    for a, b in zip(straight[3:], resumed):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
+def test_augmentation_crops_and_flips_on_the_device_reproducibly_by_position():
+    plain = next(resident(0).batches(2))
+    once, again = next(resident(0, augment=True).batches(2)), next(resident(0, augment=True).batches(2))
+    assert torch.equal(once.x, again.x) and once.x.shape == plain.x.shape
+    assert not torch.equal(once.x, plain.x)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def save_model(root, step: int, net: torch.nn.Module):
+    return checkpoint.save(root, step, rank=0,
+                           write=lambda save_dir, tag: torch.save(net.state_dict(), save_dir / tag / "model.pt"))
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    root = tmp_path / "checkpoints"
+    torch.manual_seed(0)
+    good = ConvNet()
+    save_model(root, 10, good)
+
+    def crash_half_way(save_dir, tag):
+        (save_dir / tag / "model.pt").write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(root, 20, rank=0, write=crash_half_way)
+    newest = checkpoint.newest(root)
+    assert newest.name == "step00000010" and (root / "latest").read_text().strip() == "step00000010"
+    restored = ConvNet()
+    restored.load_state_dict(torch.load(newest / "model.pt"))
+    assert param_digest(restored.named_parameters()) == param_digest(good.named_parameters())
+
+    save_model(root, 20, good)  # the next attempt clears the debris and publishes
+    assert checkpoint.newest(root).name == "step00000020"
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_model(tmp_path, step, ConvNet())
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step00000003", "step00000004"]
+
+
+def test_rng_states_round_trip():
+    state = checkpoint.rng_state()
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    checkpoint.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
+    assert random.random() == expected[2]
+
+
+# --- backends and configs ------------------------------------------------------------------------------
+
+def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, capsys):
+    for name, value in SRUN_RANK_1_OF_2.items():
+        monkeypatch.setenv(name, value)
+    rc = main(["--backend", "dp", "--run-dir", str(tmp_path), "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "rank 1 of 2" in err and "--backend ddp" in err
+
+
+def test_bad_command_lines_exit_2_with_one_line():
+    with pytest.raises(SystemExit) as exit_:
+        main(["--backend", "ddp", "--run-dir", "x", "--dataset", "cifar10"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("given, sanitized", [
+    ("9.0a;8.0", "9.0;8.0"),
+    ("9.0a 10.0f 12.0", "9.0;10.0;12.0"),
+    ("8.6+PTX;9.0a", "8.6+PTX;9.0"),
+    ("9.0;9.0a", "9.0"),
+    ("7.0", "7.0"),
+])
+def test_arch_list_sanitizer_drops_the_suffixes_deepspeed_cannot_parse(given, sanitized):
+    assert dsconfig.sanitize_arch_list(given) == sanitized
+
+
+def test_shipped_deepspeed_config_is_the_classic_zero2_fp16_one():
+    config = dsconfig.load(dsconfig.default_config_path())
+    assert config["train_batch_size"] == 32
+    assert config["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.8, 0.999], "eps": 1e-8,
+                                             "weight_decay": 3e-7, "torch_adam": True}
+    assert config["fp16"] == {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
+                              "initial_scale_power": 16, "min_loss_scale": 1}
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] and zero["contiguous_gradients"]
+    assert zero["allgather_bucket_size"] == zero["reduce_bucket_size"] == 2e8
+
+
+def test_command_line_overrides_reach_the_deepspeed_config_and_leave_the_file_alone():
+    base = dsconfig.load(dsconfig.default_config_path())
+    config = dsconfig.resolve(base, world_size=4, zero_stage=3, precision="bf16", global_batch=64, lr=0.01)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (64, 16)
+    assert config["optimizer"]["params"]["lr"] == 0.01
+    assert base["zero_optimization"]["stage"] == 2 and base["fp16"]["enabled"]
+    with pytest.raises(dsconfig.ConfigError, match="multiple of 3"):
+        dsconfig.resolve(base, world_size=3)
+
+
+def test_deepspeed_environment_is_made_safe_before_its_import():
+    hopper = {"TORCH_CUDA_ARCH_LIST": "9.0a;8.0"}
+    dsconfig.prepare_environment(hopper, cuda=True)
+    assert hopper == {"TORCH_CUDA_ARCH_LIST": "9.0;8.0"}
+    cpu_only: dict[str, str] = {}
+    dsconfig.prepare_environment(cpu_only, cuda=False)
+    assert cpu_only == {"DS_ACCELERATOR": "cpu"}
+    chosen = {"DS_ACCELERATOR": "xpu"}
+    dsconfig.prepare_environment(chosen, cuda=False)
+    assert chosen == {"DS_ACCELERATOR": "xpu"}
