@@ -59,3 +59,35 @@ def judge_allreduce(total: float, world_size: int, rank: int, host: str) -> Verd
         return Verdict(False, f"rank {rank} on {host}: all-reduce of ones gave {total}, expected {world_size}: "
                               "ranks disagree on the world; check the launch geometry")
     return Verdict(True, f"all-reduce across {world_size} ranks ok")
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank's preflight wrote (``run/preflight/rank-R.json``)."""
+
+    rank: int
+    host: str
+    backend: str
+    total: float
+    world_size: int
+    seconds: float
+
+
+def judge(reports: list[RankReport], world_size: int, nccl_logs: list[str], expect_ib: bool) -> list[Verdict]:
+    """Every check of a preflight job: all ranks reported, each all-reduce summed right, NCCL's transport."""
+    verdicts = []
+    missing = sorted(set(range(world_size)) - {r.rank for r in reports})
+    if missing:
+        verdicts.append(Verdict(False, f"rank(s) {', '.join(map(str, missing))} wrote no preflight report: "
+                                       "they never joined the process group; see `hpcdist logs JOB`"))
+    verdicts.extend(judge_allreduce(r.total, world_size, r.rank, r.host) for r in reports
+                    if r.total != world_size)
+    if reports and not missing and all(v.ok for v in verdicts):
+        slowest = max(reports, key=lambda r: r.seconds)
+        hosts = sorted({r.host for r in reports})
+        verdicts.append(Verdict(True, f"all-reduce across {world_size} ranks on {len(hosts)} node(s) "
+                                      f"({', '.join(hosts)}) over {reports[0].backend}: ok, slowest rank "
+                                      f"{slowest.rank} took {slowest.seconds:.3f} s"))
+    if any(r.backend == "nccl" for r in reports):
+        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib))
+    return verdicts

@@ -50,6 +50,7 @@ class Rendered:
     executor: Mapping[str, Any]
     setup: tuple[str, ...]
     task_command: tuple[str, ...]
+    teardown: tuple[str, ...]
 
 
 def quote(value: Any) -> str:
@@ -208,7 +209,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     env = environment(search if search is not None else search_path(profile, os.environ))
     files: dict[str, str] = {}
     try:
-        for name in ("job.sbatch", "setup.sh", "task.sh"):
+        for name in ("job.sbatch", "setup.sh", "task.sh", "requeue.sh"):
             files[name] = env.get_template(f"{name}.j2").render(context)
     except jinja2.TemplateError as exc:
         raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {exc}".strip()) from None
@@ -238,6 +239,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         executor=executor,
         setup=(f"source {quote(jdir / 'setup.sh')}",),
         task_command=("bash", str(jdir / "task.sh")),
+        teardown=(f'bash {quote(jdir / "requeue.sh")} "$?"',),
     )
 
 

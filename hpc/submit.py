@@ -51,22 +51,6 @@ def choose(via: str, executor: str, have_slurm: bool) -> str:
     return via
 
 
-def requeue_teardown(max_requeues: int) -> list[str]:
-    """Lines after srun in submitit's batch script that do what job.sbatch does after its srun.
-
-    A step that ended with 75 (every rank checkpointed after a preemption or time-limit signal) is
-    requeued, at most ``max_requeues`` times; the batch script then exits with the step's status.
-    """
-    return [
-        "status=$?",
-        f'if [ "$status" -eq 75 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {int(max_requeues)} ]; then',
-        f'    echo "hpcdist: requeueing job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}} of {int(max_requeues)})"',
-        '    scontrol requeue "$SLURM_JOB_ID"',
-        "fi",
-        'exit "$status"',
-    ]
-
-
 def slurm_parameters(rendered: Any) -> dict[str, Any]:
     """Keyword arguments for SlurmExecutor.update_parameters that give job.sbatch's allocation and step."""
     job_dir = Path(rendered.job_dir)
@@ -81,7 +65,7 @@ def slurm_parameters(rendered: Any) -> dict[str, Any]:
     params["srun_args"] = [*params.get("srun_args", ()), "--open-mode=append", f"--output={job_dir / TASK_LOG}"]
     params["stderr_to_stdout"] = True
     params["setup"] = list(rendered.setup)
-    params["teardown"] = requeue_teardown(rendered.spec.max_requeues)
+    params["teardown"] = list(rendered.teardown)
     return params
 
 

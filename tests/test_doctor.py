@@ -42,3 +42,30 @@ def test_allreduce_of_ones_must_equal_world_size():
     assert doctor.judge_allreduce(4.0, 4, 0, "n1").ok
     bad = doctor.judge_allreduce(3.0, 4, 2, "n2")
     assert not bad.ok and "rank 2 on n2" in bad.message
+
+
+def _report(rank, total=2.0, host="n1", backend="gloo"):
+    return doctor.RankReport(rank=rank, host=host, backend=backend, total=total, world_size=2, seconds=0.01)
+
+
+def test_a_job_whose_ranks_all_report_the_right_sum_passes():
+    verdicts = doctor.judge([_report(0, host="n1"), _report(1, host="n2")], 2, [], expect_ib=False)
+    assert [v.ok for v in verdicts] == [True]
+    assert "2 node(s) (n1, n2)" in verdicts[0].message
+
+
+def test_a_rank_that_never_reported_is_named():
+    verdicts = doctor.judge([_report(0)], 2, [], expect_ib=False)
+    assert not verdicts[0].ok and "rank(s) 1 wrote no preflight report" in verdicts[0].message
+
+
+def test_a_wrong_sum_names_the_rank_and_host():
+    verdicts = doctor.judge([_report(0), _report(1, total=1.0, host="n2")], 2, [], expect_ib=False)
+    assert [v.ok for v in verdicts] == [False] and "rank 1 on n2" in verdicts[0].message
+
+
+def test_nccl_jobs_are_judged_on_their_transport_too():
+    reports = [_report(0, backend="nccl"), _report(1, backend="nccl", host="n2")]
+    verdicts = doctor.judge(reports, 2, [SOCKET_LOG], expect_ib=True)
+    assert [v.ok for v in verdicts] == [True, False]
+    assert doctor.judge(reports, 2, [IB_LOG], expect_ib=True)[-1].ok

@@ -40,7 +40,8 @@ with open(os.environ["ARGV_LOG"], "a") as log:
 # srun stand-in: drop srun's own options and run the task command once, as task 0 of node 0.
 FAKE_SRUN = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
-exec "$@"
+# Only a task of a step has a step id; the batch shell has none.
+SLURM_STEP_ID=0 exec "$@"
 """
 
 
@@ -102,7 +103,7 @@ def test_hostile_values_arrive_literally(tmp_path: Path, backend: str, launcher:
            "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_NODEID": "0",
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": str(rendered.spec.nodes *
                                                                             rendered.spec.slurm_tasks_per_node),
-           "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": f"{rendered.spec.slurm_tasks_per_node}(x2)"}
+           "SLURM_TASKS_PER_NODE": f"{rendered.spec.slurm_tasks_per_node}(x2)"}
     # The whole batch script runs: setup.sh sourced, then task.sh through the srun stand-in.
     proc = subprocess.run(["bash", str(job_dir / "job.sbatch")], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)

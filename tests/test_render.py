@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The valid backend x launcher pairs; dp runs one process on one node.
 COMBOS = [("ddp", "srun"), ("ddp", "torchrun"), ("deepspeed", "srun"), ("deepspeed", "torchrun"),
           ("deepspeed", "deepspeed"), ("dp", "srun")]
-SCRIPTS = ("job.sbatch", "setup.sh", "task.sh")
+SCRIPTS = ("job.sbatch", "setup.sh", "task.sh", "requeue.sh")
 
 # A fixed site so goldens depend on the templates alone, not on the shipped profiles.
 SITE = profiles.parse("golden-site", {
@@ -78,7 +78,7 @@ def test_launch_lines() -> None:
     ds = render.render(golden_spec("deepspeed", "deepspeed"), SITE, search=builtin()).files
     assert '--node_rank="$SLURM_NODEID"' in ds["task.sh"] and "--module train" in ds["task.sh"]
     assert "--deepspeed-config /jobs/golden/deepspeed.json" in ds["task.sh"]
-    assert "hostfile --from-slurm --slots 2" in ds["job.sbatch"]
+    assert "hostfile --from-slurm --slots 2" in ds["setup.sh"]
 
 
 def test_deepspeed_launcher_arguments_exist() -> None:
@@ -157,7 +157,7 @@ def test_write_is_all_or_nothing(tmp_path: Path) -> None:
     rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
     render.write(rendered)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [
-        "job.sbatch", "logs", "ranks.txt", "run", "setup.sh", "spec.yaml", "task.sh"]
+        "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "task.sh"]
     with pytest.raises(render.RenderError, match="already exists"):
         render.write(rendered)
     render.write(rendered, force=True)

@@ -76,19 +76,56 @@ def test_submitit_script_carries_job_sbatchs_allocation_setup_and_step(tmp_path,
     srun_line = next(line for line in text.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun_line
     assert srun_line.rindex(f"--output={tmp_path / 'job' / 'logs' / 'task-%t.log'}") > srun_line.index("--output ")
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in text.split("# teardown")[1]
-    assert '-lt 2 ]' in text.split("# teardown")[1]
+    teardown = text.split("# teardown")[1]
+    assert f'bash {tmp_path / "job" / "requeue.sh"} "$?"' in teardown
+    assert 'exec bash "$job_dir/requeue.sh" "$status"' in rendered.files["job.sbatch"]
     assert rendered.task_command == ("bash", str(tmp_path / "job" / "task.sh"))
 
 
-def test_teardown_requeues_like_job_sbatch_and_keeps_the_steps_status(tmp_path):
-    lines = submit.requeue_teardown(1)
-    script = "\n".join(["scontrol() { echo requeue \"$@\"; }", "SLURM_JOB_ID=5", "(exit 75)", *lines])
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
-    assert proc.returncode == 75 and "requeue requeue 5" in proc.stdout
-    again = script.replace("SLURM_JOB_ID=5", "SLURM_JOB_ID=5 SLURM_RESTART_COUNT=1")
-    proc = subprocess.run(["bash", "-c", again], capture_output=True, text=True)
-    assert proc.returncode == 75 and "requeue" not in proc.stdout
+def _requeue(tmp_path, status, restarts=None, marker=True, array=False):
+    """Run the rendered requeue.sh with a stand-in scontrol that only prints what it was asked."""
+    rendered = rendered_for(tmp_path, nodes=2, max_requeues=1)
+    script = tmp_path / "requeue.sh"
+    script.write_text(rendered.files["requeue.sh"])
+    run_dir = tmp_path / "job" / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if marker:
+        (run_dir / "preempted").touch()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "scontrol $*"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "5"}
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = str(restarts)
+    if array:
+        env.update(SLURM_ARRAY_JOB_ID="4", SLURM_ARRAY_TASK_ID="7")
+    proc = subprocess.run(["bash", str(script), str(status)], capture_output=True, text=True, env=env)
+    return proc, (run_dir / "preempted").exists()
+
+
+@pytest.mark.parametrize("status", [75, 15, 137])
+def test_requeue_follows_the_checkpoint_marker_whatever_the_step_status(tmp_path, status):
+    proc, left = _requeue(tmp_path, status)
+    assert proc.returncode == 0 and "scontrol requeue 5" in proc.stdout
+    assert not left  # consumed: the rerun's ranks write their own
+
+
+def test_requeue_is_bounded_by_max_requeues(tmp_path):
+    proc, _ = _requeue(tmp_path, 75, restarts=1)
+    assert proc.returncode == 75 and "scontrol" not in proc.stdout
+    assert "used its 1 requeue(s)" in proc.stderr
+
+
+def test_requeue_names_an_array_task_by_its_array_id(tmp_path):
+    proc, _ = _requeue(tmp_path, 75, array=True)
+    assert "scontrol requeue 4_7" in proc.stdout
+
+
+@pytest.mark.parametrize("status", [0, 1, 75])
+def test_without_a_marker_the_step_status_stands(tmp_path, status):
+    proc, _ = _requeue(tmp_path, status, marker=False)
+    assert proc.returncode == status and "scontrol" not in proc.stdout
 
 
 def test_local_command_sources_setup_then_execs_task_sh(tmp_path):

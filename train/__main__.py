@@ -206,6 +206,8 @@ def train(opts: Options, preemption: Preemption) -> int:
                   f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {run_dir / 'summary.json'}")
         metrics.close()
     if dist.is_initialized():
+        # Tear down together: a rank closing its connections while another still uses them can abort it.
+        barrier()
         dist.destroy_process_group()
     return 0
 
