@@ -137,6 +137,13 @@ def train(opts: Options, preemption: Preemption) -> int:
             say(rank, f"resumed from {found} at step {state['step']}")
     barrier = dist.barrier if dist.is_initialized() and world > 1 else (lambda: None)
 
+    def leave(status: int) -> int:
+        if dist.is_initialized():
+            # Tear down together: a rank closing its connections while another still uses them can abort it.
+            barrier()
+            dist.destroy_process_group()
+        return status
+
     def save() -> Path:
         return checkpoint.save(ckpt_root, state["step"], rank=rank, barrier=barrier,
                                write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
@@ -171,7 +178,7 @@ def train(opts: Options, preemption: Preemption) -> int:
             where = save()
             say(rank, f"stopped by {signal.Signals(preemption.received or signal.SIGTERM).name} at step {step}: "
                       f"checkpoint {where} written by all ranks; exit {EXIT_PREEMPTED}, rerun with --resume")
-            return EXIT_PREEMPTED
+            return leave(EXIT_PREEMPTED)
         if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
             save()
     ended = time.time()
@@ -205,11 +212,7 @@ def train(opts: Options, preemption: Preemption) -> int:
         say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "
                   f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {run_dir / 'summary.json'}")
         metrics.close()
-    if dist.is_initialized():
-        # Tear down together: a rank closing its connections while another still uses them can abort it.
-        barrier()
-        dist.destroy_process_group()
-    return 0
+    return leave(0)
 
 
 def choose_precision(opts: Options, device: torch.device, world: int, rank: int) -> tuple[str, dict | None]:
