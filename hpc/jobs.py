@@ -20,8 +20,10 @@ MARKER = "submitted.json"
 SUBMITIT_DIR = "submitit"
 VIAS = ("submitit", "sbatch", "local")
 # Slurm's states after which a job never runs again (REQUEUED and PENDING are not among them).
+# LEFT_QUEUE is ours, not Slurm's: the job is no longer queued but accounting (sacct) cannot say how it
+# ended; a waiter must stop there rather than poll forever.
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE", "REVOKED")
+            "BOOT_FAIL", "DEADLINE", "REVOKED", "LEFT_QUEUE")
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed")
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
@@ -201,7 +203,12 @@ def slurm_state(job_id: str, runner: Runner = _run) -> JobState:
     found = parse_sacct(sacct.stdout, job_id) if sacct.returncode == 0 else None
     if found is None or found.state == "UNKNOWN":
         squeue = runner(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%M"])
-        found = (parse_squeue(squeue.stdout, job_id) if squeue.returncode == 0 else None) or found
+        queued = parse_squeue(squeue.stdout, job_id) if squeue.returncode == 0 else None
+        found = queued or found
+        # squeue answers "Invalid job id" (exit 1) for a job that has left the queue.
+        gone = squeue.returncode == 0 or "Invalid job id" in squeue.stderr
+        if found is None and sacct.returncode != 0 and gone:
+            return JobState(job_id, "LEFT_QUEUE")
     return found or JobState(job_id, "UNKNOWN")
 
 

@@ -101,8 +101,8 @@ def fake_runner(answers):
 
     def run(argv):
         calls.append(list(argv))
-        out, code = answers.get(argv[0], ("", 1))
-        return subprocess.CompletedProcess(argv, code, out, "")
+        out, code, *err = answers.get(argv[0], ("", 1))
+        return subprocess.CompletedProcess(argv, code, out, err[0] if err else "")
 
     run.calls = calls
     return run
@@ -118,6 +118,13 @@ def test_slurm_state_prefers_accounting():
     runner = fake_runner({"sacct": ("44|COMPLETED|0:0|n1|00:00:02\n", 0)})
     assert jobs.slurm_state("44", runner).ok
     assert [c[0] for c in runner.calls] == ["sacct"]
+
+
+def test_a_job_that_left_the_queue_while_accounting_is_down_is_done_not_waited_for_forever():
+    runner = fake_runner({"sacct": ("", 1, "sacct: error: Unable to connect to database"),
+                          "squeue": ("", 1, "slurm_load_jobs error: Invalid job id specified")})
+    state = jobs.slurm_state("44", runner)
+    assert state.state == "LEFT_QUEUE" and state.done and not state.ok
 
 
 def test_slurm_state_of_an_unknown_job():

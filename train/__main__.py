@@ -34,8 +34,8 @@ from train.engines import DeepSpeedEngine, TorchEngine
 from train.loader import ClassicLoader, ResidentLoader, normalize, shard
 from train.model import ConvNet, param_digest
 from train.options import DEFAULT_BATCH, Options, parse
-from train.runtime import (Preemption, UsageError, all_mean, init_process_group, peak_memory_bytes, pick_device,
-                           preflight, say, warn)
+from train.runtime import (Preemption, UsageError, all_mean, init_process_group, log_nccl_for_preflight,
+                           peak_memory_bytes, pick_device, preflight, reach_master, say, warn)
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
@@ -76,6 +76,17 @@ def train(opts: Options, preemption: Preemption) -> int:
                          f"pass --batch-size with a multiple of {world}")
     data = load_dataset(opts, env)  # before any collective, so bad input fails every rank alike and fast
 
+    run_dir, ckpt_root = Path(opts.run_dir), Path(opts.run_dir) / "checkpoints"
+    checking = opts.preflight or opts.preflight_only
+    if checking and world > 1:
+        if device.type == "cuda":
+            log_nccl_for_preflight(os.environ, run_dir)
+        try:
+            reach_master(env, min(opts.timeout_s, 120.0))
+        except RuntimeError as exc:
+            print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
+            return 1
+
     comm = "none"
     if opts.backend == "dp":
         if device.type == "cpu":
@@ -84,15 +95,20 @@ def train(opts: Options, preemption: Preemption) -> int:
         comm = init_process_group(opts.backend, env, device, opts.timeout_s)
     say(rank, f"{opts.backend} | world {world} ({env.source}) | {comm} on {device.type} | {precision} | "
               f"global batch {global_batch} | {threads} threads per rank | master {env.master_addr}:{env.master_port}")
-    if opts.preflight and world == 1:
+    if checking and world == 1:
         say(rank, f"preflight: one process, so no collective to check ({comm})")
-    elif opts.preflight:
+    elif checking:
         try:
-            preflight(env, device)
+            preflight(env, device, run_dir)
         except RuntimeError as exc:
             print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
             return 1
         say(rank, f"preflight: all_reduce over {world} ranks summed to {world} ({comm})")
+    if opts.preflight_only:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return 0
 
     torch.manual_seed(opts.seed)  # every rank builds identical initial weights
     model = ConvNet().to(device)
@@ -119,7 +135,6 @@ def train(opts: Options, preemption: Preemption) -> int:
     if opts.max_steps:
         total_steps = min(total_steps, opts.max_steps)
 
-    run_dir, ckpt_root = Path(opts.run_dir), Path(opts.run_dir) / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": world}
@@ -176,6 +191,12 @@ def train(opts: Options, preemption: Preemption) -> int:
                 metrics.flush()
         if preemption.agreed(world, device):
             where = save()
+            if rank == 0:
+                # What the batch shell's requeue.sh acts on: the step's own exit status can't say it, since
+                # srun --kill-on-bad-exit may kill the ranks that exit 75 a moment after the first.
+                marker = run_dir / "preempted"
+                marker.with_suffix(".tmp").write_text(f"{step}\n")
+                os.replace(marker.with_suffix(".tmp"), marker)
             say(rank, f"stopped by {signal.Signals(preemption.received or signal.SIGTERM).name} at step {step}: "
                       f"checkpoint {where} written by all ranks; exit {EXIT_PREEMPTED}, rerun with --resume")
             return leave(EXIT_PREEMPTED)

@@ -37,6 +37,7 @@ class Options:
     threads: int | None = None
     timeout_s: float = 600.0
     preflight: bool = False
+    preflight_only: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="intra-op threads per rank (default: this rank's share of its CPUs)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout")
     p.add_argument("--preflight", action="store_true", help="check an all_reduce across all ranks first")
+    p.add_argument("--preflight-only", action="store_true", help="the preflight check, then exit (hpcdist doctor)")
     # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and wins.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p

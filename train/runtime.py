@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import resource
 import signal
+import socket
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,16 +60,53 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
     return dist.get_backend()
 
 
-def preflight(env: DistEnv, device: torch.device) -> None:
-    """A one-element all_reduce whose sum must equal the world size; raises naming this rank otherwise."""
+def log_nccl_for_preflight(environ: dict, run_dir: Path) -> None:
+    """Have NCCL name its transports in files ``hpcdist doctor`` reads (set before NCCL initialises)."""
+    (run_dir / "preflight").mkdir(parents=True, exist_ok=True)
+    environ.setdefault("NCCL_DEBUG", "INFO")
+    environ.setdefault("NCCL_DEBUG_FILE", str(run_dir / "preflight" / "nccl-%h-%p.log"))
+
+
+def reach_master(env: DistEnv, deadline_s: float) -> None:
+    """Fail fast, naming this rank, when MASTER_ADDR:MASTER_PORT cannot be reached from here.
+
+    Without it a blocked port or a wrong MASTER_ADDR shows up only as the rendezvous timing out. Rank 0
+    may still be starting, so refused connections are retried until the deadline.
+    """
+    if env.rank == 0 or env.world_size == 1:
+        return
+    deadline, last = time.monotonic() + deadline_s, None
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((env.master_addr, env.master_port), timeout=5).close()
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.5)
+    raise RuntimeError(f"preflight: rank {env.rank} on {socket.gethostname()} cannot reach MASTER_ADDR:MASTER_PORT "
+                       f"{env.master_addr}:{env.master_port} within {deadline_s:.0f} s ({last}); check that the "
+                       "address resolves on every node and that no firewall blocks the port")
+
+
+def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
+    """A one-element all_reduce whose sum must equal the world size; each rank reports what it saw to
+    ``run_dir/preflight/rank-R.json`` and raises, naming itself, when the sum is wrong."""
     probe = torch.ones(1, device=device)
+    started = time.perf_counter()
     try:
         dist.all_reduce(probe)
+        total = float(probe.item())
     except Exception as exc:
         raise RuntimeError(f"preflight all_reduce failed on rank {env.rank} of {env.world_size} "
                            f"({dist.get_backend()}): {exc}") from None
-    if int(probe.item()) != env.world_size:
-        raise RuntimeError(f"preflight all_reduce on rank {env.rank} summed to {int(probe.item())}, "
+    report = {"rank": env.rank, "host": socket.gethostname(), "backend": dist.get_backend(), "total": total,
+              "world_size": env.world_size, "seconds": time.perf_counter() - started}
+    out = run_dir / "preflight"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f".rank-{env.rank}.json.tmp").write_text(json.dumps(report) + "\n")
+    os.replace(out / f".rank-{env.rank}.json.tmp", out / f"rank-{env.rank}.json")
+    if int(total) != env.world_size:
+        raise RuntimeError(f"preflight all_reduce on rank {env.rank} summed to {int(total)}, "
                            f"expected world size {env.world_size}: some rank is misconfigured")
 
 
