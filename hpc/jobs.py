@@ -327,15 +327,30 @@ def task_of(record: Record, rank: int) -> int:
     return rank // per_task
 
 
+# srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
+_SRUN_TASK_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
+
+
+def srun_first_failure(batch_log: str) -> tuple[int, str, str] | None:
+    """(task, node, how) from srun's first report of a task that ended badly, if the log has one.
+
+    The first report is the cause: srun --kill-on-bad-exit stops the other tasks only after it, and a
+    rank that noticed its dead peer (a broken collective) exits after it too. That first task may have
+    been killed (``Killed``: the OOM killer, kill -9) rather than have exited with a status.
+    """
+    m = _SRUN_TASK_END.search(batch_log)
+    return (int(m.group(2)), m.group(1), m.group(3).strip()) if m else None
+
+
 def failing_task(batch_log: str, exit_codes: Mapping[int, int]) -> int | None:
     """The task that failed first: srun's own report in the batch log, else a local non-zero status.
 
-    srun prints ``srun: error: n2: task 1: Exited with exit code 3`` for the task that failed; the
-    others, stopped by --kill-on-bad-exit, follow as "Terminated"/"Killed" lines.
+    srun prints ``srun: error: n2: task 1: Exited with exit code 3`` (or ``...: Killed``) for the task
+    that failed; the others, stopped by --kill-on-bad-exit, follow as "Terminated"/"Killed" lines.
     """
-    m = re.search(r"srun: error: \S+: tasks? (\d+)(?:[-,]\d+)*: Exited with exit code", batch_log)
-    if m:
-        return int(m.group(1))
+    first = srun_first_failure(batch_log)
+    if first is not None:
+        return first[0]
     stopped_by_others = (128 + signal.SIGTERM, 128 + signal.SIGKILL)
     for index in sorted(exit_codes):
         if exit_codes[index] and exit_codes[index] not in stopped_by_others:
@@ -344,6 +359,13 @@ def failing_task(batch_log: str, exit_codes: Mapping[int, int]) -> int | None:
         if exit_codes[index]:
             return index
     return None
+
+
+def ranks_label(record: Record, index: int) -> str:
+    """``rank 1`` or ``ranks 2-3``: the ranks Slurm task ``index`` ran (one per node under a launcher)."""
+    per_task = max(record.world_size // max(record.ntasks, 1), 1)
+    first, last = index * per_task, (index + 1) * per_task - 1
+    return f"rank {first}" if first == last else f"ranks {first}-{last}"
 
 
 def failure_report(record: Record, lines: int = 40) -> str:
@@ -361,6 +383,11 @@ def failure_report(record: Record, lines: int = 40) -> str:
     chosen = [logs / f"task-{index}.log"] if index is not None else [
         p for p in log_files(record) if p.name.startswith("task-")]
     parts = []
+    if index is not None:
+        # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
+        first = srun_first_failure(batch_text)
+        where, how = (f" on {first[1]}", f": {first[2]}") if first else ("", f": exit status {codes.get(index)}")
+        parts.append(f"hpcdist: task {index} ({ranks_label(record, index)}){where} failed first{how}")
     for path in chosen:
         if path.exists():
             why = " (the failing task)" if index is not None else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hpc import nodelist, plan
 
@@ -281,3 +281,40 @@ def check(spec: JobSpec, profile: "Profile") -> JobSpec:
             raise SpecError(f"--nodelist {spec.nodelist!r} names {len(hosts)} node(s) but --nodes is "
                             f"{spec.nodes}; make them agree")
     return spec
+
+
+# What the trainer reads for --dataset cifar10 (train/data.py): DIR/cifar-10-batches-py/, or the batches in DIR.
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TEST_FILE = "test_batch"
+
+
+def _train_value(args: tuple[str, ...], name: str) -> str | None:
+    """The last value of ``--name V`` or ``--name=V`` among the trainer's arguments, as argparse reads it."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def check_dataset(spec: JobSpec, exists: Callable[[str], bool]) -> None:
+    """Refuse a job whose trainer would stop at once for want of CIFAR-10, before anything is submitted.
+
+    ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine).
+    Only an absolute --data-dir is checked: a relative one is resolved in the job's working directory,
+    which differs between the submit paths.
+    """
+    if _train_value(spec.train_args, "--dataset") != "cifar10" or "--download" in spec.train_args:
+        return
+    data_dir = _train_value(spec.train_args, "--data-dir")
+    if data_dir is None:
+        raise SpecError("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/) after --; "
+                        "add it, or --download to fetch the data there")
+    if not data_dir.startswith("/"):
+        return
+    nested = f"{data_dir.rstrip('/')}/{CIFAR_FOLDER}"
+    if not exists(nested) and not exists(f"{data_dir.rstrip('/')}/{CIFAR_TEST_FILE}"):
+        raise SpecError(f"--dataset cifar10: no CIFAR-10 under --data-dir {data_dir} (expected {nested}/); "
+                        "put the data there, point --data-dir at it, or add --download")

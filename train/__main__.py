@@ -118,7 +118,7 @@ def train(opts: Options, preemption: Preemption) -> int:
         engine = DeepSpeedEngine(model, config=ds_config)
     else:
         engine = TorchEngine(model, backend=opts.backend, device=device, precision=precision,
-                             lr=opts.lr or 1e-3, compile=opts.compile)
+                             lr=opts.lr or 1e-3, world_size=world, compile=opts.compile)
 
     local_batch = global_batch // world
     channels_last = opts.channels_last and not ds_config

@@ -21,10 +21,11 @@ class TorchEngine:
     """Adam on a plain, DataParallel or DDP-wrapped module; bf16/fp16 by autocast, fp16 with a GradScaler."""
 
     def __init__(self, model: nn.Module, *, backend: str, device: torch.device, precision: str, lr: float,
-                 compile: bool = False) -> None:
+                 world_size: int = 1, compile: bool = False) -> None:
         self.module, self.device, self.precision = model, device, precision
         net: nn.Module = model
-        if backend == "ddp":
+        # DDP over one process only copies every gradient into its buckets and all-reduces it with itself.
+        if backend == "ddp" and world_size > 1:
             device_ids = [device.index] if device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         elif backend == "dp" and device.type == "cuda":

@@ -116,7 +116,10 @@ def build(config_file: str | None = None, **options: Any):
 
     spec = spec_from_options(config_file, **options)
     profile = profiles.load(spec.cluster)
-    return render.render(spec, profile)
+    rendered = render.render(spec, profile)
+    # Not in render's pure checks: it asks this machine's filesystem, which the job's nodes share.
+    specs.check_dataset(rendered.spec, os.path.exists)
+    return rendered
 
 
 def prepare(command: str, config_file: str | None, force: bool = False, **options: Any):

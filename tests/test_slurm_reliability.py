@@ -1,0 +1,294 @@
+"""Issue 6 end to end on the local 3-node Slurm: preemption resumes exactly; a dead rank fails the job fast.
+
+Preemption: `scancel --signal=USR1 JOB` is what Slurm's `--signal=USR1@120` sends before a time limit (in
+22.05, without --batch/--full it signals every process of the job's steps, not the batch shell). Every
+rank checkpoints at the same step and exits 75, rank 0 leaves run/preempted, requeue.sh requeues the job,
+and the rerun resumes (task.sh adds --resume once SLURM_RESTART_COUNT > 0). The losses after the resume
+must be the losses of a run that was never interrupted.
+
+A requeued job waits ~125 s before it runs again, so all three preemption jobs are submitted and
+signalled first and then waited for together; the uninterrupted reference runs use the nodes meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hpc import jobs
+from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_summary, requires_slurm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
+
+STEPS = 40
+# One intra-op thread per rank: six ranks share this machine's two cores, and the same thread count in
+# the reference and the resumed run keeps every floating-point reduction in the same order.
+TRAIN = ("--max-steps", str(STEPS), "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
+         "--batch-size", "64", "--threads", "1")
+SIGNAL_AT_STEP = 10
+LOSS_TOLERANCE = 1e-6
+# A killed rank must end the job this soon: srun --kill-on-bad-exit, not the collective timeout (600 s).
+DEATH_BOUND_S = 60.0
+
+
+@dataclass
+class Case:
+    name: str
+    via: str
+    backend: str
+    launcher: str
+    extra: tuple[str, ...] = ()
+
+    def args(self, job_dir: Path, job_name: str) -> list[str]:
+        return ["submit", "--via", self.via, "--nodes", "2", "--backend", self.backend, "--launcher",
+                self.launcher, "--time", "10", "--job-name", job_name, "--job-dir", str(job_dir), *self.extra,
+                "--", *TRAIN]
+
+
+CASES = [
+    Case("ddp-srun-sbatch", "sbatch", "ddp", "srun"),
+    Case("ddp-torchrun-submitit", "submitit", "ddp", "torchrun"),
+    Case("deepspeed-zero2-launcher-submitit", "submitit", "deepspeed", "deepspeed",
+         ("--zero-stage", "2", "--precision", "fp32")),
+]
+
+
+@dataclass
+class Outcome:
+    """What one preemption job and its uninterrupted reference did."""
+
+    case: Case
+    job_dir: Path
+    job_id: str
+    reference_dir: Path
+    reference_id: str
+    signalled_at: int = 0            # the newest logged step when USR1 was sent
+    restarts_seen: int = 0           # the largest Restarts= scontrol showed while the job existed
+    final: jobs.JobState | None = None
+    reference_final: jobs.JobState | None = None
+    sacct_states: list[str] = field(default_factory=list)
+
+
+def logged_steps(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl, the last record of a step winning (a resumed run appends)."""
+    out: dict[int, float] = {}
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        out[record["step"]] = record["loss"]
+    return out
+
+
+def restarts(job_id: str) -> int:
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    m = re.search(r"\bRestarts=(\d+)", proc.stdout)
+    return int(m.group(1)) if m else 0
+
+
+def sacct_duplicates(job_id: str) -> list[str]:
+    """Every run of the job, oldest first: `sacct -D` keeps the runs a requeue replaced."""
+    proc = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"],
+                          capture_output=True, text=True, timeout=60)
+    return [line.split("|")[1].split()[0] for line in proc.stdout.splitlines() if line.split("|")[0] == job_id]
+
+
+def submit(home: Path, args: list[str]) -> str:
+    proc = hpcdist(args, home, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return job_id_of(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory) -> dict[str, Outcome]:
+    """Submit the three jobs, signal each at step >= 10, run the references, wait for all six."""
+    root = tmp_path_factory.mktemp("preempt")
+    home = root / "home"
+    outcomes: dict[str, Outcome] = {}
+    started = time.monotonic()
+    try:
+        for case in CASES:
+            job_dir = root / case.name
+            job_id = submit(home, case.args(job_dir, f"preempt-{case.name}"))
+            outcomes[case.name] = Outcome(case, job_dir, job_id, root / f"{case.name}-reference", "")
+
+        # Signal each job as soon as it has logged step 10: late enough that a checkpoint means something,
+        # early enough that 30 steps remain to compare after the resume.
+        waiting = dict(outcomes)
+        deadline = time.monotonic() + 240
+        polls = 0
+        while waiting and time.monotonic() < deadline:
+            polls += 1
+            for name, outcome in list(waiting.items()):
+                if polls % 10 == 0:  # a job that failed at start-up must not cost the whole deadline
+                    state = jobs.slurm_state(outcome.job_id)
+                    assert not state.done, f"{name} ended before the signal: {state.line()}\n" + jobs.failure_report(
+                        jobs.read_marker(outcome.job_dir))
+                steps = logged_steps(outcome.job_dir / "run")
+                newest = max(steps, default=0)
+                assert newest < STEPS, f"{name} finished before it could be signalled; raise --max-steps"
+                if newest >= SIGNAL_AT_STEP:
+                    subprocess.run(["scancel", "--signal=USR1", outcome.job_id], check=True, timeout=60)
+                    outcome.signalled_at = newest
+                    del waiting[name]
+            time.sleep(0.2)
+        assert not waiting, f"never reached step {SIGNAL_AT_STEP}: {sorted(waiting)}"
+        print(f"TIMING all signalled after {time.monotonic() - started:.1f}s")
+
+        # The references run while the requeued jobs wait out Slurm's requeue delay.
+        for outcome in outcomes.values():
+            case = outcome.case
+            outcome.reference_id = submit(home, Case(case.name, "sbatch", case.backend, case.launcher,
+                                                     case.extra).args(outcome.reference_dir, f"ref-{case.name}"))
+
+        deadline = time.monotonic() + 420
+        pending = {o.job_id: o for o in outcomes.values()} | {o.reference_id: o for o in outcomes.values()}
+        while pending and time.monotonic() < deadline:
+            for job_id, outcome in list(pending.items()):
+                if job_id == outcome.job_id:
+                    outcome.restarts_seen = max(outcome.restarts_seen, restarts(job_id))
+                state = jobs.slurm_state(job_id)
+                if state.done:
+                    if job_id == outcome.job_id:
+                        outcome.final = state
+                        outcome.sacct_states = sacct_duplicates(job_id)
+                    else:
+                        outcome.reference_final = state
+                    del pending[job_id]
+            time.sleep(1.0)
+        print(f"TIMING all done after {time.monotonic() - started:.1f}s")
+        for o in outcomes.values():
+            print(f"PREEMPT {o.case.name}: job {o.job_id} signalled at step {o.signalled_at}, restarts seen "
+                  f"{o.restarts_seen}, sacct -D {o.sacct_states}, final {o.final and o.final.line()}")
+        yield outcomes
+    finally:
+        for o in outcomes.values():
+            for job_id in (o.job_id, o.reference_id):
+                if job_id:
+                    subprocess.run(["scancel", job_id], check=False)
+
+
+@pytest.mark.parametrize("name", [c.name for c in CASES])
+def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(preempted, name):
+    o = preempted[name]
+    batch_log = (o.job_dir / "logs" / f"batch-{o.job_id}.out").read_text()
+    rank0_log = (o.job_dir / "logs" / "task-0.log").read_text()
+
+    assert o.final is not None and o.final.ok, f"{o.final}\n{batch_log[-3000:]}\n{rank0_log[-3000:]}"
+    # Every rank checkpointed together at one step, then the batch shell requeued the job once.
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+): checkpoint (\S+) written by all ranks", rank0_log)
+    assert stopped, rank0_log[-3000:]
+    step = int(stopped.group(1))
+    assert SIGNAL_AT_STEP <= o.signalled_at <= step < STEPS
+    assert f"requeueing job {o.job_id} (restart 1 of 3)" in batch_log, batch_log[-3000:]
+    assert batch_log.count("requeueing job") == 1
+    # Slurm's own record of it: a second run, and accounting's first run ended REQUEUED.
+    assert o.restarts_seen == 1, o
+    assert o.sacct_states[-1] == "COMPLETED" and "REQUEUED" in o.sacct_states[:-1], o.sacct_states
+    # The rerun resumed from exactly that checkpoint.
+    assert f"resumed from {stopped.group(2)} at step {step}" in rank0_log
+    assert not (o.job_dir / "run" / "preempted").exists()
+
+    # Exact resume: every step's loss equals the uninterrupted run's, before and after the stop.
+    assert o.reference_final is not None and o.reference_final.ok, o.reference_final
+    losses, reference = logged_steps(o.job_dir / "run"), logged_steps(o.reference_dir / "run")
+    assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
+    differ = {s: (losses[s], reference[s]) for s in reference if abs(losses[s] - reference[s]) > LOSS_TOLERANCE}
+    assert not differ, f"losses differ from the uninterrupted run after the resume at {step}: {differ}"
+    summary, ref_summary = read_summary(o.job_dir), read_summary(o.reference_dir)
+    assert summary["steps"] == STEPS and summary["world_size"] == 2
+    digests = {r["param_digest"] for r in summary["ranks"]}
+    assert len(digests) == 1, summary["ranks"]
+    assert digests == {r["param_digest"] for r in ref_summary["ranks"]}, "final weights differ from the reference"
+
+
+# ---- a rank that dies ----------------------------------------------------------------------------
+
+def trainer_of(job_id: str, procid: int) -> int | None:
+    """The pid of the trainer process that Slurm task ``procid`` of ``job_id`` runs (its rank's python).
+
+    Every node's processes are visible here (the nodes are namespaces of this machine). The task's
+    launcher (torchrun's agent) carries the same Slurm variables, so only `python ... -m train` counts.
+    """
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in item)
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") != job_id or env.get("SLURM_PROCID") != str(procid):
+            continue
+        module = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-m"]
+        if module[:1] == ["train"]:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.parametrize("via,launcher", [("sbatch", "srun"), ("submitit", "torchrun")])
+def test_a_killed_rank_fails_the_job_fast_naming_it_and_leaves_a_loadable_checkpoint(tmp_path, via, launcher):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    args = ["submit", "--via", via, "--nodes", "2", "--backend", "ddp", "--launcher", launcher, "--time", "10",
+            "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "100000", "--log-every", "1",
+            "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
+            "--threads", "1"]
+    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
+    job_id = None
+    try:
+        job_id = job_id_of(waiter.stdout.readline())
+        deadline = time.monotonic() + 180
+        while max(logged_steps(job_dir / "run"), default=0) < 12 and time.monotonic() < deadline:
+            assert waiter.poll() is None, "the job ended before the kill"
+            time.sleep(0.2)
+        pid = trainer_of(job_id, procid=1)
+        assert pid is not None, "rank 1's trainer process not found"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = waiter.communicate(timeout=DEATH_BOUND_S + 30)
+        took = time.monotonic() - killed
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+    print(f"RANK-DEATH {launcher}: job {job_id} ended {took:.1f}s after the kill, exit {waiter.returncode}\n{err}")
+
+    assert took < DEATH_BOUND_S, f"the job outlived its dead rank by {took:.0f}s"
+    assert waiter.returncode != 0 and "FAILED" in out, out + err
+    # The report names the rank that died and the node it ran on, not the rank that noticed it.
+    assert "rank 1" in err and "n2" in err, err
+    assert "task-1.log (the failing task)" in err, err
+
+    # The newest complete checkpoint survived the crash: a fresh run resumes from it.
+    checkpoints = sorted(p.name for p in (job_dir / "run" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert checkpoints, "no checkpoint was written before the kill"
+    newest = int(checkpoints[-1][len("step"):])
+    assert newest >= 10 and newest % 5 == 0
+    copy = tmp_path / "resume-run"
+    shutil.copytree(job_dir / "run", copy)
+    resumed = subprocess.run([sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(copy), "--resume",
+                              "--max-steps", str(newest + 2), "--log-every", "1", "--dataset", "synthetic",
+                              "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO,
+                             env={k: v for k, v in environ(home).items() if not k.startswith("SLURM_")})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(rf"resumed from \S+step{newest:08d} at step {newest}\b", resumed.stdout), resumed.stdout
+    assert read_summary(copy)["steps"] == newest + 2
