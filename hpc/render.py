@@ -17,7 +17,7 @@ import yaml
 from hpc import paths, ranks
 from hpc.hostfile import hostfile, world_info
 from hpc.profiles import Profile
-from hpc.spec import JobSpec, SpecError, check
+from hpc.spec import JobSpec, SpecError, check, train_value
 
 TEMPLATES_ENV = "HPCDIST_TEMPLATES"
 DEEPSPEED_BASE = "zero2_fp16.json"
@@ -103,17 +103,6 @@ def deepspeed_base() -> dict[str, Any]:
     return json.loads(json.dumps(DEFAULT_DEEPSPEED))
 
 
-def _train_option(args: tuple[str, ...], name: str) -> str | None:
-    """The last value of ``--name V`` or ``--name=V`` among the trainer's arguments."""
-    found = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            found = args[i + 1]
-        elif arg.startswith(name + "="):
-            found = arg.split("=", 1)[1]
-    return found
-
-
 def deepspeed_config(spec: JobSpec, base: Mapping[str, Any]) -> dict[str, Any]:
     """The base DeepSpeed config with the spec's ZeRO stage, precision and global batch applied."""
     config = json.loads(json.dumps(base))
@@ -130,7 +119,7 @@ def deepspeed_config(spec: JobSpec, base: Mapping[str, Any]) -> dict[str, Any]:
     if precision is not None:
         config.setdefault("fp16", {})["enabled"] = precision == "fp16"
         config.setdefault("bf16", {})["enabled"] = precision == "bf16"
-    batch = _train_option(spec.train_args, "--batch-size")
+    batch = train_value(spec.train_args, "--batch-size")
     if batch is not None:
         if not batch.isdigit() or int(batch) % spec.world_size:
             raise SpecError(f"--batch-size {batch} must be a multiple of the world size {spec.world_size} "

@@ -288,7 +288,7 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TEST_FILE = "test_batch"
 
 
-def _train_value(args: tuple[str, ...], name: str) -> str | None:
+def train_value(args: tuple[str, ...], name: str) -> str | None:
     """The last value of ``--name V`` or ``--name=V`` among the trainer's arguments, as argparse reads it."""
     found = None
     for i, arg in enumerate(args):
@@ -306,9 +306,9 @@ def check_dataset(spec: JobSpec, exists: Callable[[str], bool]) -> None:
     Only an absolute --data-dir is checked: a relative one is resolved in the job's working directory,
     which differs between the submit paths.
     """
-    if _train_value(spec.train_args, "--dataset") != "cifar10" or "--download" in spec.train_args:
+    if train_value(spec.train_args, "--dataset") != "cifar10" or "--download" in spec.train_args:
         return
-    data_dir = _train_value(spec.train_args, "--data-dir")
+    data_dir = train_value(spec.train_args, "--data-dir")
     if data_dir is None:
         raise SpecError("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/) after --; "
                         "add it, or --download to fetch the data there")

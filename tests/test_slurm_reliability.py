@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 STEPS = 40
 # One intra-op thread per rank: six ranks share this machine's two cores, and the same thread count in
 # the reference and the resumed run keeps every floating-point reduction in the same order.
-TRAIN = ("--max-steps", str(STEPS), "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
+# --epochs 3: the trainer stops at the smaller of --max-steps and --epochs (default 2, 32 steps here).
+TRAIN = ("--max-steps", str(STEPS), "--epochs", "3", "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
          "--batch-size", "64", "--threads", "1")
 SIGNAL_AT_STEP = 10
 LOSS_TOLERANCE = 1e-6
@@ -291,4 +292,4 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_leaves_a_loadable_checkp
                              env={k: v for k, v in environ(home).items() if not k.startswith("SLURM_")})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert re.search(rf"resumed from \S+step{newest:08d} at step {newest}\b", resumed.stdout), resumed.stdout
-    assert read_summary(copy)["steps"] == newest + 2
+    assert json.loads((copy / "summary.json").read_text())["steps"] == newest + 2
