@@ -230,3 +230,18 @@ def test_tail_reads_only_the_end(tmp_path):
 def test_job_state_line():
     line = jobs.JobState("9", "FAILED", 3, 0, "n[1-2]", "00:00:04").line()
     assert line == "9  FAILED  exit=3  nodes=n[1-2]  elapsed=00:00:04"
+
+
+def test_a_killed_rank_is_blamed_not_the_peer_that_noticed_it(tmp_path):
+    # srun reports the kill -9'd rank first; rank 0 exits 1 only after its collective broke.
+    batch = ("srun: error: n2: task 1: Killed\n"
+             "srun: error: n1: task 0: Exited with exit code 1\n")
+    assert jobs.srun_first_failure(batch)[:2] == (1, "n2")
+    assert jobs.failing_task(batch, {}) == 1
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "task-0.log").write_text("RuntimeError: Connection closed by peer\n")
+    (logs / "task-1.log").write_text("Epoch: 0 | Batch: 12/16 | Loss: 1.9\n")
+    (logs / "batch-8.out").write_text(batch)
+    report = jobs.failure_report(rec("8", str(tmp_path), nodes=2, world_size=2))
+    assert report.splitlines()[0] == "hpcdist: task 1 (rank 1) on n2 failed first: Killed"

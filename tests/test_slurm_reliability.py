@@ -34,8 +34,8 @@ STEPS = 40
 # One intra-op thread per rank: six ranks share this machine's two cores, and the same thread count in
 # the reference and the resumed run keeps every floating-point reduction in the same order.
 # --epochs 3: the trainer stops at the smaller of --max-steps and --epochs (default 2, 32 steps here).
-TRAIN = ("--max-steps", str(STEPS), "--epochs", "3", "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
-         "--batch-size", "64", "--threads", "1")
+TRAIN = ("--max-steps", str(STEPS), "--epochs", "3", "--log-every", "1", "--dataset", "synthetic",
+         "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1")
 SIGNAL_AT_STEP = 10
 LOSS_TOLERANCE = 1e-6
 # A killed rank must end the job this soon: srun --kill-on-bad-exit, not the collective timeout (600 s).
