@@ -245,10 +245,26 @@ class Result:
     wall_s: float | None = None
     error: str | None = None
     missing: tuple[str, ...] = ()
+    samples: tuple[float, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.images_per_s is not None
+
+
+def median_of(runs: Sequence[Result]) -> Result:
+    """One row from repeated runs of a config: the run with the median images/s, carrying every sample.
+
+    The median (lower middle for an even count) is a real run, so its first-step time and peak memory
+    stay that run's own. Any failed run makes the row that failure: a config that fails sometimes is
+    not one to report a rate for.
+    """
+    failed = [r for r in runs if not r.ok]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r.images_per_s)
+    middle = ordered[(len(ordered) - 1) // 2]
+    return replace(middle, samples=tuple(r.images_per_s for r in runs))
 
 
 def _number(report: Mapping[str, object], key: str, missing: list[str]) -> float | None:

@@ -162,6 +162,20 @@ def test_floor_result_from_its_json_line():
     assert not bench.result_from_floor(Config("floor"), 2, {}, 30.0).ok
 
 
+def test_repeated_runs_report_the_median_run_with_every_sample():
+    runs = [Result(Config("ddp"), 2, rate, ttfs, (), 9.0) for rate, ttfs in ((900.0, 1.0), (1100.0, 2.0),
+                                                                              (1000.0, 3.0))]
+    row = bench.median_of(runs)
+    assert (row.images_per_s, row.time_to_first_step_s) == (1000.0, 3.0)  # one real run, not a blend
+    assert row.samples == (900.0, 1100.0, 1000.0)
+    assert bench.median_of(runs[:2]).images_per_s == 900.0  # even count: the lower middle
+
+
+def test_a_config_that_failed_in_any_round_is_reported_failed():
+    runs = [Result(Config("ddp"), 2, 1000.0), Result(Config("ddp"), 2, error="exit 1: boom")]
+    assert bench.median_of(runs).error == "exit 1: boom"
+
+
 # --- report -------------------------------------------------------------------------------------------
 
 def sample_results():
@@ -253,7 +267,8 @@ SMALL_GRID = ("floor:1", "ddp:resident:1")
 
 @pytest.mark.slow
 def test_small_real_run(tmp_path):
-    args = ["bench", "--steps", "20", "--warmup", "5", "--out", str(tmp_path), "--timeout-s", "600"]
+    args = ["bench", "--steps", "20", "--warmup", "5", "--out", str(tmp_path), "--timeout-s", "600",
+            "--repeat", "2"]
     for spec in SMALL_GRID:
         args += ["--config", spec]
     done = hpcdist(*args, timeout=900)
@@ -264,5 +279,6 @@ def test_small_real_run(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["config"]["name"] for r in rows] == list(SMALL_GRID)
     assert all(r["images_per_s"] > 0 and r["error"] is None for r in rows)
+    assert all(len(r["samples"]) == 2 and r["images_per_s"] in r["samples"] for r in rows)
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {spec} |" in table for spec in SMALL_GRID)

@@ -87,8 +87,8 @@ def floor_report(log: Path) -> dict | None:
 
 
 def run_one(config: core.Config, threads: int, steps: int, warmup: int, out: Path,
-            timeout_s: float) -> core.Result:
-    run_dir = out / "runs" / config.slug
+            timeout_s: float, name: str | None = None) -> core.Result:
+    run_dir = out / "runs" / (name or config.slug)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
@@ -160,9 +160,11 @@ def version(package: str) -> str:
               show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=900, show_default=True,
               help="Stop a config that runs longer than this and report it failed.")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs of each config, in rounds over the whole grid; each row is the median run.")
 @click.option("--dry-run", is_flag=True, help="Print each config's command and threads; run nothing.")
 def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int,
-          out_dir: Path, timeout_s: float, dry_run: bool) -> None:
+          out_dir: Path, timeout_s: float, repeat: int, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
     try:
         grid = core.parse_grid(configs + grids, batch) if configs or grids else core.default_grid(batch)
@@ -181,15 +183,22 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     # Children run inside their own run folders, so every path they are given must be absolute.
     out_dir = out_dir.resolve()
     meta = {"host": socket.gethostname(), "cpus": cpus, "steps": steps, "warmup": warmup, "batch": batch,
+            "repeat": repeat,
             "torch": version("torch"), "deepspeed": version("deepspeed"),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    results: list[core.Result] = []
-    for i, (config, threads) in enumerate(plan, 1):
-        click.echo(f"[{i}/{len(plan)}] {config.name} ({threads} threads/rank) ...", err=True, nl=False)
-        result = run_one(config, threads, steps, warmup, out_dir, timeout_s)
-        rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
-        click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
-        results.append(result)
+    # Rounds over the whole grid rather than one config's repeats back to back: a slow spell on a shared
+    # machine then lands on every config alike instead of on one of them.
+    runs: list[list[core.Result]] = [[] for _ in plan]
+    for round_ in range(1, repeat + 1):
+        for i, (config, threads) in enumerate(plan):
+            label = f"[{i + 1}/{len(plan)}]" + (f" round {round_}/{repeat}" if repeat > 1 else "")
+            click.echo(f"{label} {config.name} ({threads} threads/rank) ...", err=True, nl=False)
+            name = config.slug if repeat == 1 else f"{config.slug}-r{round_}"
+            result = run_one(config, threads, steps, warmup, out_dir, timeout_s, name)
+            rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
+            click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
+            runs[i].append(result)
+    results = [core.median_of(r) for r in runs]
 
     (out_dir / "bench.json").write_text(json.dumps(core.to_json(results, meta), indent=2) + "\n")
     (out_dir / "bench.md").write_text(core.markdown_report(results, meta))
