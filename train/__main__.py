@@ -289,5 +289,19 @@ def evaluate_accuracy(engine, data: Dataset, rank: int, world: int, device: torc
     return float(correct[0] / correct[1])
 
 
+def cli() -> None:
+    """``python -m train`` and the ``hpcdist-train`` console script: main(), then leave at once.
+
+    Everything is written and closed by the time main() returns. Skipping the interpreter's teardown
+    avoids a race seen now and then on rank 0 of env:// jobs: a c10d store thread still joinable while
+    C++ static destructors run aborts the finished process ("terminate called without an active
+    exception", exit -6) after it reported success.
+    """
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
