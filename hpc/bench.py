@@ -6,7 +6,9 @@
 A config spec is ``BACKEND[:TOKEN...]``, tokens in any order, each at most once:
 ``N`` ranks (default 1), ``zeroN`` ZeRO stage (deepspeed; default 0), ``fp32|bf16|fp16`` precision
 (default fp32), ``resident|classic`` loader (default resident), ``bN`` global batch (default the run's
---batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns).
+--batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns),
+``cl`` channels_last and ``compile`` torch.compile (dp/ddp). ``floor`` is a bare PyTorch loop and
+``floor-deepspeed`` a bare DeepSpeed engine loop (train/floor.py): what the trainer's rows are divided by.
 Side effects (running configs, writing files, drawing) live in hpc/commands/bench.py; no torch here.
 """
 
@@ -19,13 +21,14 @@ from typing import Iterable, Mapping, Sequence
 
 from hpc import ranks
 
-BACKENDS = ("floor", "dp", "ddp", "deepspeed")
+BACKENDS = ("floor", "floor-deepspeed", "dp", "ddp", "deepspeed")
+FLOORS = ("floor", "floor-deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOADERS = ("resident", "classic")
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
-SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN] with BACKEND one of "
+SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile] with BACKEND one of "
              + ", ".join(BACKENDS))
 
 # The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against the floor,
@@ -44,8 +47,8 @@ DEFAULT_GRID = (
     "deepspeed:zero2:fp32:2",
 )
 
-# The issue's targets: hpcdist's ddp path on one rank within 5% of the floor, and two ranks on two cores
-# at least 0.9x one rank.
+# The issue's targets: hpcdist's ddp path on one rank, and its DeepSpeed path against a bare DeepSpeed
+# loop, within 5% of their floors; two ranks on two cores at least 0.9x one rank.
 FLOOR_TARGET = 0.95
 SCALING_TARGET = 0.9
 
@@ -65,17 +68,23 @@ class Config:
     loader: str = "resident"
     batch: int = DEFAULT_BATCH
     threads: int | None = None
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # DeepSpeed always runs some ZeRO stage; naming it keeps the name a faithful spec.
-        if self.backend == "deepspeed" and self.zero_stage is None:
+        if self.uses_deepspeed and self.zero_stage is None:
             object.__setattr__(self, "zero_stage", 0)
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.backend in ("deepspeed", "floor-deepspeed")
 
     @property
     def name(self) -> str:
         """The canonical spec: ``parse_config(c.name) == c`` for every valid config."""
         parts = [self.backend]
-        if self.backend == "deepspeed":
+        if self.uses_deepspeed:
             parts += [f"zero{self.zero_stage}", self.precision]
         elif self.precision != "fp32":
             parts.append(self.precision)
@@ -86,6 +95,7 @@ class Config:
         parts.append(str(self.ranks))
         if self.threads is not None:
             parts.append(f"t{self.threads}")
+        parts += [flag for flag, on in (("cl", self.channels_last), ("compile", self.compile)) if on]
         return ":".join(parts)
 
     @property
@@ -105,6 +115,8 @@ _TOKENS = (
     ("loader", re.compile("(" + "|".join(LOADERS) + ")"), str),
     ("batch", re.compile(r"b(\d+)"), int),
     ("threads", re.compile(r"t(\d+)"), int),
+    ("channels_last", re.compile("(cl)"), bool),
+    ("compile", re.compile("(compile)"), bool),
 )
 
 
@@ -137,12 +149,16 @@ def check(config: Config, spec: str) -> None:
         raise BenchError(f"{where}: ranks must be at least 1")
     if config.backend == "dp" and config.ranks != 1:
         raise BenchError(f"{where}: dp (nn.DataParallel) is one process; use ddp for {config.ranks} ranks")
-    if config.zero_stage is not None and config.backend != "deepspeed":
-        raise BenchError(f"{where}: zeroN applies to deepspeed only")
+    if config.zero_stage is not None and not config.uses_deepspeed:
+        raise BenchError(f"{where}: zeroN applies to deepspeed and floor-deepspeed only")
     if config.zero_stage is not None and not 0 <= config.zero_stage <= 3:
         raise BenchError(f"{where}: ZeRO stage must be 0-3")
-    if config.backend == "floor" and (config.precision != "fp32" or config.loader != "resident"):
-        raise BenchError(f"{where}: the floor trains in fp32 from resident tensors only")
+    if config.backend == "floor" and config.precision != "fp32":
+        raise BenchError(f"{where}: the floor trains in fp32; floor-deepspeed takes a precision")
+    if config.backend in FLOORS and config.loader != "resident":
+        raise BenchError(f"{where}: a floor trains from tensors already on the device, never a loader")
+    if (config.channels_last or config.compile) and config.backend not in ("dp", "ddp"):
+        raise BenchError(f"{where}: cl and compile apply to dp and ddp only")
     if config.batch < 1 or config.batch % config.ranks:
         raise BenchError(f"{where}: global batch {config.batch} must be a positive multiple of {config.ranks} ranks")
     if config.threads is not None and config.threads < 1:
@@ -179,58 +195,31 @@ def threads_for(config: Config, environ: Mapping[str, str], cpus: int) -> int:
     return ranks.threads_per_rank(environ, cpus, local)
 
 
-def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, python: str) -> list[str]:
-    """The command that runs ``config``: the floor or the trainer, under torchrun for more than one rank."""
+def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, python: str,
+         samples: int = SYNTHETIC_SIZE) -> list[str]:
+    """The command that runs ``config``: a floor or the trainer, under torchrun for more than one rank."""
     launch = [python] if config.ranks == 1 else [
         python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(config.ranks)]
     total = str(warmup + steps)
-    if config.backend == "floor":
-        return launch + ["-m", "train.floor", "--batch-size", str(config.batch), "--max-steps", total,
-                         "--warmup", str(warmup), "--threads", str(threads), "--samples", str(SYNTHETIC_SIZE)]
+    if config.backend in FLOORS:
+        floor = ["-m", "train.floor", "--batch-size", str(config.batch), "--max-steps", total,
+                 "--warmup", str(warmup), "--threads", str(threads), "--samples", str(samples)]
+        if config.backend == "floor-deepspeed":
+            floor += ["--engine", "deepspeed", "--zero-stage", str(config.zero_stage),
+                      "--precision", config.precision]
+        return launch + floor
     # An epoch holds at least one step, so --epochs equal to the steps never stops the run before --max-steps.
+    # Logging only the first and last step keeps the loss read-back (a device sync) out of the timed steps.
     trainer = ["-m", "train", "--backend", config.backend, "--run-dir", run_dir, "--dataset", "synthetic",
-               "--synthetic-size", str(SYNTHETIC_SIZE), "--epochs", total, "--max-steps", total,
+               "--synthetic-size", str(samples), "--epochs", total, "--max-steps", total,
                "--batch-size", str(config.batch), "--loader", config.loader,
-               "--precision", config.precision, "--threads", str(threads), "--log-every", "1"]
+               "--precision", config.precision, "--threads", str(threads), "--log-every", total,
+               "--warmup-steps", str(warmup)]
     if config.backend == "deepspeed":
         trainer += ["--zero-stage", str(config.zero_stage)]
+    trainer += [flag for flag, on in (("--channels-last", config.channels_last), ("--compile", config.compile))
+                if on]
     return launch + trainer
-
-
-def images_per_s(records: Sequence[Mapping[str, object]], warmup: int, batch: int) -> float:
-    """Global images/s over the steps after warm-up: (steps after warm-up x batch) / (t_last - t_warmup).
-
-    ``records`` are metrics.jsonl lines logged every step; the one for the ``warmup``-th step ends the
-    warm-up, so its time is where the clock starts and that step and those before it are not counted.
-    """
-    try:
-        timed = sorted((int(r["step"]), float(r["time_s"])) for r in records)  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
-        raise BenchError("metrics records need numeric 'step' and 'time_s'") from None
-    if warmup < 1:
-        raise BenchError("warm-up must be at least 1 step: the first step's time is not a rate")
-    if len(timed) <= warmup:
-        raise BenchError(f"{len(timed)} logged steps, none after {warmup} warm-up steps; log every step "
-                         "(--log-every 1) and run more steps")
-    steps = [s for s, _ in timed]
-    if steps != list(range(steps[0], steps[0] + len(steps))):
-        raise BenchError("metrics skip steps; the trainer must log every step (--log-every 1)")
-    (step0, t0), (step1, t1) = timed[warmup - 1], timed[-1]
-    if t1 <= t0:
-        raise BenchError(f"time_s does not advance after warm-up ({t0} -> {t1})")
-    return (step1 - step0) * batch / (t1 - t0)
-
-
-def parse_jsonl(text: str) -> list[dict]:
-    """The JSON objects of a metrics.jsonl; a torn last line (a killed writer) is dropped."""
-    records = []
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 @dataclass(frozen=True)
@@ -246,6 +235,7 @@ class Result:
     error: str | None = None
     missing: tuple[str, ...] = ()
     samples: tuple[float, ...] = ()
+    device: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -282,21 +272,25 @@ def _peaks(report: Mapping[str, object], missing: list[str]) -> tuple[int | None
     return peaks
 
 
-def result_from_summary(config: Config, threads: int, summary: Mapping[str, object],
-                        records: Sequence[Mapping[str, object]], warmup: int, steps: int, wall_s: float) -> Result:
-    """A trainer run's result: images/s from its per-step metrics, the rest from its summary.json."""
+def result_from_summary(config: Config, threads: int, summary: Mapping[str, object], warmup: int, steps: int,
+                        wall_s: float) -> Result:
+    """A trainer run's result from its summary.json, whose images_per_s leaves out ``warmup`` steps."""
     missing: list[str] = []
     ttfs = _number(summary, "time_to_first_step_s", missing)
     peaks = _peaks(summary, missing)
-    rate: float | None = None
-    try:
-        rate = images_per_s(records, warmup, config.batch)
-        last = max(int(r["step"]) for r in records)  # type: ignore[call-overload]
-        # A run cut short (an epoch cap, a crash after some steps) would give a rate over other steps.
-        error = None if last >= warmup + steps else f"the trainer stopped at step {last} of {warmup + steps}"
-    except BenchError as exc:
-        error = str(exc)
-    return Result(config, threads, rate if error is None else None, ttfs, peaks, wall_s, error, tuple(missing))
+    device = summary.get("device") if isinstance(summary.get("device"), str) else None
+    rate = summary.get("images_per_s")
+    ran = summary.get("steps")
+    error = None
+    if summary.get("warmup_steps") != warmup:
+        error = (f"summary.json's rate leaves out {summary.get('warmup_steps')} warm-up steps, not {warmup}; "
+                 "the trainer must take --warmup-steps")
+    elif not isinstance(ran, int) or ran < warmup + steps:
+        error = f"the trainer stopped at step {ran} of {warmup + steps}"
+    elif not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+        error = f"summary.json has no images_per_s (got {rate!r})"
+    return Result(config, threads, float(rate) if error is None else None, ttfs, peaks,  # type: ignore[arg-type]
+                  wall_s, error, tuple(missing), device=device)
 
 
 def result_from_floor(config: Config, threads: int, report: Mapping[str, object], wall_s: float) -> Result:
@@ -306,7 +300,8 @@ def result_from_floor(config: Config, threads: int, report: Mapping[str, object]
     ttfs = _number(report, "time_to_first_step_s", missing)
     peaks = _peaks(report, missing)
     error = None if rate is not None else "the floor printed no images_per_s"
-    return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing))
+    device = report.get("device") if isinstance(report.get("device"), str) else None
+    return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing), device=device)
 
 
 def peaks_of(summary: Mapping[str, object]) -> tuple[int | None, ...]:
@@ -318,16 +313,32 @@ def peaks_of(summary: Mapping[str, object]) -> tuple[int | None, ...]:
     return tuple(e["peak_memory_bytes"] if isinstance(e.get("peak_memory_bytes"), int) else None for e in ordered)
 
 
-def vs_floor(result: Result, results: Sequence[Result]) -> float | None:
-    """images/s over the floor's with the same ranks, batch and threads per rank; None if there is none."""
-    if result.config.backend == "floor" or not result.ok:
+def floor_of(result: Result, results: Sequence[Result]) -> Result | None:
+    """The floor run a trainer row is divided by: for DeepSpeed the bare DeepSpeed loop with the same ZeRO
+    stage and precision if the grid ran one, else the bare PyTorch loop; same ranks, batch and threads."""
+    c = result.config
+    if c.backend in FLOORS or not result.ok:
         return None
-    for other in results:
-        c = other.config
-        if (c.backend == "floor" and other.ok and c.ranks == result.config.ranks
-                and c.batch == result.config.batch and other.threads == result.threads):
-            return result.images_per_s / other.images_per_s  # type: ignore[operator]
+
+    def same(other: Result, backend: str) -> bool:
+        o = other.config
+        return (o.backend == backend and other.ok and o.ranks == c.ranks and o.batch == c.batch
+                and other.threads == result.threads
+                and (backend == "floor" or (o.zero_stage, o.precision) == (c.zero_stage, c.precision)))
+
+    for backend in (("floor-deepspeed", "floor") if c.backend == "deepspeed" else ("floor",)):
+        for other in results:
+            if same(other, backend):
+                return other
     return None
+
+
+def vs_floor(result: Result, results: Sequence[Result]) -> float | None:
+    """images/s over its floor's (see ``floor_of``); None if the grid ran none."""
+    floor = floor_of(result, results)
+    if floor is None:
+        return None
+    return result.images_per_s / floor.images_per_s  # type: ignore[operator]
 
 
 def scaling(result: Result, results: Sequence[Result]) -> float | None:
@@ -367,7 +378,7 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
         # A failed run reported nothing, so its empty cells are not the trainer's missing fields.
         absent = "" if r.error else "missing"
         rows.append((c.name, c.backend, "" if c.zero_stage is None else str(c.zero_stage), c.precision,
-                     "" if c.backend == "floor" else c.loader, str(c.batch), str(c.ranks), str(r.threads), rate,
+                     "" if c.backend in FLOORS else c.loader, str(c.batch), str(c.ranks), str(r.threads), rate,
                      _ratio(vs_floor(r, results)), _ratio(scaling(r, results)),
                      _num(r.time_to_first_step_s, ".1f", absent), _mib(r.peak_memory_bytes, absent)))
     return rows
@@ -389,14 +400,19 @@ def verdicts(results: Sequence[Result]) -> list[str]:
         c = r.config
         ratio = vs_floor(r, results)
         # The target is for the trainer's default path; the classic loader is there to show its cost.
-        if c.backend == "ddp" and c.ranks == 1 and c.loader == "resident" and ratio is not None:
+        floor = floor_of(r, results)
+        bare_ds = floor is not None and floor.config.backend == "floor-deepspeed"
+        plain_ddp = (c.backend == "ddp" and c.ranks == 1 and c.loader == "resident" and c.precision == "fp32"
+                     and not (c.channels_last or c.compile))
+        if ratio is not None and (plain_ddp or bare_ds):
             mark = "meets" if ratio >= FLOOR_TARGET else "misses"
-            lines.append(f"{c.name} vs floor: {ratio:.2f}x ({mark} the >= {FLOOR_TARGET}x target)")
+            lines.append(f"{c.name} vs {floor.config.name}: {ratio:.2f}x "  # type: ignore[union-attr]
+                         f"({mark} the >= {FLOOR_TARGET}x target)")
     for r in results:
         c = r.config
         ratio = scaling(r, results)
         # The targets are hpcdist's; the floor's own scaling stays in the table as the ceiling to read them by.
-        if c.backend != "floor" and ratio is not None:
+        if c.backend not in FLOORS and ratio is not None:
             mark = "meets" if ratio >= SCALING_TARGET else "misses"
             lines.append(f"{c.name} vs 1 rank: {ratio:.2f}x ({mark} the >= {SCALING_TARGET}x target"
                          + (", oversubscribed" if c.threads is not None else "") + ")")
@@ -427,10 +443,12 @@ def to_json(results: Sequence[Result], meta: Mapping[str, object]) -> dict:
         row["vs_floor"] = vs_floor(r, results)
         row["vs_1_rank"] = scaling(r, results)
         rows.append(row)
-    return {**meta, "targets": {"ddp_1_rank_vs_floor": FLOOR_TARGET, "n_ranks_vs_1_rank": SCALING_TARGET},
+    return {**meta, "targets": {"ddp_1_rank_vs_floor": FLOOR_TARGET, "deepspeed_vs_floor_deepspeed": FLOOR_TARGET,
+                                "n_ranks_vs_1_rank": SCALING_TARGET},
             "results": rows}
 
 
 def chart_bars(results: Sequence[Result]) -> list[tuple[str, float, str]]:
     """(label, images/s, kind) per successful config, kind being "floor" or the backend, for the PNG."""
-    return [(r.config.name, r.images_per_s, r.config.backend) for r in results if r.ok]  # type: ignore[misc]
+    return [(r.config.name, r.images_per_s, "floor" if r.config.backend in FLOORS else r.config.backend)
+            for r in results if r.ok]  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""hpcdist bench: grid specs, images/s from metrics records, the report, and one small real run."""
+"""hpcdist bench: grid specs, results from the trainer's summary and the floors' reports, the report, one real run."""
 
 import json
 import subprocess
@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("deepspeed:1", Config("deepspeed", zero_stage=0)),
     ("DDP:Resident:2:T2", Config("ddp", ranks=2, threads=2)),
     ("ddp:b512:2", Config("ddp", ranks=2, batch=512)),
+    ("ddp:bf16:cl:compile:b4096", Config("ddp", precision="bf16", batch=4096, channels_last=True, compile=True)),
+    ("floor-deepspeed:zero2:bf16", Config("floor-deepspeed", zero_stage=2, precision="bf16")),
+    ("floor-deepspeed", Config("floor-deepspeed", zero_stage=0)),
 ])
 def test_parse_config(spec, expected):
     assert bench.parse_config(spec) == expected
@@ -35,7 +38,8 @@ def test_run_batch_applies_unless_the_spec_sets_one():
     assert bench.parse_config("ddp:2:b64", batch=128).batch == 64
 
 
-@pytest.mark.parametrize("spec", bench.DEFAULT_GRID + ("ddp:b512:2:t1", "deepspeed:zero3:fp16:classic:4"))
+@pytest.mark.parametrize("spec", bench.DEFAULT_GRID + ("ddp:b512:2:t1", "deepspeed:zero3:fp16:classic:4",
+                                                      "ddp:compile:bf16:cl:b4096", "floor-deepspeed:zero2:fp16:b32"))
 def test_name_round_trips(spec):
     config = bench.parse_config(spec)
     assert bench.parse_config(config.name) == config
@@ -48,10 +52,14 @@ def test_name_round_trips(spec):
     ("ddp:1:2", "ranks given twice"),
     ("ddp:bf16:fp32", "precision given twice"),
     ("dp:2", "dp (nn.DataParallel) is one process"),
-    ("ddp:zero2:1", "zeroN applies to deepspeed only"),
+    ("ddp:zero2:1", "zeroN applies to deepspeed and floor-deepspeed only"),
     ("deepspeed:zero4:1", "ZeRO stage must be 0-3"),
-    ("floor:bf16:1", "the floor trains in fp32"),
-    ("floor:classic:1", "the floor trains in fp32"),
+    ("floor:bf16:1", "the floor trains in fp32; floor-deepspeed takes a precision"),
+    ("floor:classic:1", "a floor trains from tensors already on the device"),
+    ("floor-deepspeed:classic:1", "a floor trains from tensors already on the device"),
+    ("deepspeed:cl:1", "cl and compile apply to dp and ddp only"),
+    ("floor:compile", "cl and compile apply to dp and ddp only"),
+    ("ddp:cl:cl", "channels last given twice"),
     ("ddp:b255:2", "multiple of 2 ranks"),
     ("ddp:0", "ranks must be at least 1"),
     ("ddp:1:t0", "threads per rank must be at least 1"),
@@ -98,67 +106,71 @@ def test_argv_launches_one_rank_plainly_and_more_under_torchrun():
     assert two[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     tail = two[6:]
     assert tail[:3] == ["-m", "train", "--backend"]
-    for flag, value in (("--zero-stage", "2"), ("--precision", "bf16"), ("--log-every", "1"),
-                        ("--batch-size", "256"), ("--run-dir", "/r"), ("--max-steps", "110")):
+    # Only the first and last step are logged, so no per-step loss read-back syncs the device.
+    for flag, value in (("--zero-stage", "2"), ("--precision", "bf16"), ("--log-every", "110"),
+                        ("--warmup-steps", "10"), ("--batch-size", "256"), ("--run-dir", "/r"),
+                        ("--max-steps", "110"), ("--synthetic-size", str(bench.SYNTHETIC_SIZE))):
         assert tail[tail.index(flag) + 1] == value
+    assert "--channels-last" not in tail and "--compile" not in tail
 
 
-# --- images/s -----------------------------------------------------------------------------------------
-
-def records(times, first_step=1):
-    return [{"step": first_step + i, "epoch": 0, "batch": i, "loss": 2.3, "images_per_s": 0.0, "time_s": t}
-            for i, t in enumerate(times)]
-
-
-def test_images_per_s_leaves_warmup_out():
-    # Warm-up steps 1-2 are slow (10 s and 5 s); steps 3-5 take 0.5 s each.
-    recs = records([10.0, 15.0, 15.5, 16.0, 16.5])
-    assert bench.images_per_s(recs, warmup=2, batch=100) == pytest.approx(3 * 100 / 1.5)
+def test_argv_passes_speed_options_and_samples_to_the_trainer():
+    cmd = bench.argv(bench.parse_config("ddp:bf16:cl:compile:b4096"), 16, 100, 10, "/r", "py", samples=50000)
+    assert cmd[cmd.index("--synthetic-size") + 1] == "50000" and cmd[cmd.index("--batch-size") + 1] == "4096"
+    assert "--channels-last" in cmd and "--compile" in cmd
 
 
-def test_images_per_s_is_the_same_for_zero_based_steps_and_any_order():
-    recs = records([1.0, 2.0, 2.25, 2.5], first_step=0)
-    assert bench.images_per_s(list(reversed(recs)), warmup=1, batch=8) == pytest.approx(3 * 8 / 1.5)
+def test_argv_runs_the_bare_deepspeed_loop_for_floor_deepspeed():
+    cmd = bench.argv(bench.parse_config("floor-deepspeed:zero2:fp16:b32"), 2, 100, 10, "/r", "py", samples=512)
+    assert cmd[:3] == ["py", "-m", "train.floor"]
+    for flag, value in (("--engine", "deepspeed"), ("--zero-stage", "2"), ("--precision", "fp16"),
+                        ("--batch-size", "32"), ("--samples", "512"), ("--warmup", "10")):
+        assert cmd[cmd.index(flag) + 1] == value
+    plain = bench.argv(Config("floor"), 2, 100, 10, "/r", "py")
+    assert "--engine" not in plain
 
 
-@pytest.mark.parametrize("recs,warmup,message", [
-    (records([1.0, 2.0]), 2, "none after 2 warm-up steps"),
-    (records([1.0, 2.0, 3.0]), 0, "at least 1 step"),
-    ([{"step": 1, "time_s": 1.0}, {"step": 3, "time_s": 2.0}, {"step": 4, "time_s": 3.0}], 1, "skip steps"),
-    ([{"step": 1}, {"step": 2}], 1, "numeric 'step' and 'time_s'"),
-    (records([1.0, 2.0, 2.0]), 2, "does not advance"),
-])
-def test_images_per_s_refuses_what_gives_no_rate(recs, warmup, message):
-    with pytest.raises(BenchError) as exc:
-        bench.images_per_s(recs, warmup, 256)
-    assert message in str(exc.value)
+# --- results -----------------------------------------------------------------------------------------
+
+def summary(**fields):
+    full = {"images_per_s": 1234.5, "warmup_steps": 1, "steps": 3, "time_to_first_step_s": 4.2,
+            "device": "NVIDIA H200",
+            "ranks": [{"rank": 1, "peak_memory_bytes": 20}, {"rank": 0, "peak_memory_bytes": 10}]}
+    full.update(fields)
+    return {k: v for k, v in full.items() if v is not None}
 
 
-def test_parse_jsonl_drops_a_torn_last_line():
-    text = '{"step": 1, "time_s": 0.5}\n\n{"step": 2, "time_s": 1.0}\n{"step": 3, "ti'
-    assert [r["step"] for r in bench.parse_jsonl(text)] == [1, 2]
-
-
-def test_summary_fields_the_trainer_lacks_are_reported_missing():
-    recs = records([1.0, 2.0, 3.0])
-    full = {"time_to_first_step_s": 4.2, "ranks": [{"rank": 1, "peak_memory_bytes": 20},
-                                                  {"rank": 0, "peak_memory_bytes": 10}]}
-    r = bench.result_from_summary(Config("ddp", ranks=2), 1, full, recs, 1, 2, 9.0)
-    assert r.ok and r.images_per_s == pytest.approx(2 * 256 / 2.0)
+def test_trainer_result_is_its_summary_rate_over_the_same_warmup():
+    r = bench.result_from_summary(Config("ddp", ranks=2), 1, summary(), 1, 2, 9.0)
+    assert r.ok and r.images_per_s == 1234.5 and r.device == "NVIDIA H200"
     assert r.time_to_first_step_s == 4.2 and r.peak_memory_bytes == (10, 20) and r.missing == ()
-    bare = bench.result_from_summary(Config("ddp"), 2, {"ranks": [{"rank": 0}]}, recs, 1, 2, 9.0)
+
+
+def test_trainer_fields_it_did_not_report_are_named_missing_not_guessed():
+    bare = bench.result_from_summary(Config("ddp"), 2, summary(time_to_first_step_s=None, ranks=[{"rank": 0}]),
+                                     1, 2, 9.0)
     assert bare.ok and bare.time_to_first_step_s is None and bare.peak_memory_bytes == (None,)
     assert bare.missing == ("time_to_first_step_s", "ranks[].peak_memory_bytes")
-    short = bench.result_from_summary(Config("ddp"), 2, full, recs[:1], 1, 2, 9.0)
-    assert not short.ok and "warm-up" in short.error
-    cut = bench.result_from_summary(Config("ddp"), 2, full, recs, 1, 5, 9.0)
-    assert not cut.ok and cut.images_per_s is None and cut.error == "the trainer stopped at step 3 of 6"
+
+
+@pytest.mark.parametrize("fields,warmup,steps,message", [
+    ({"warmup_steps": 1}, 20, 2, "leaves out 1 warm-up steps, not 20"),
+    ({"warmup_steps": None}, 1, 2, "leaves out None warm-up steps"),
+    ({"steps": 3}, 1, 5, "the trainer stopped at step 3 of 6"),
+    ({"images_per_s": None}, 1, 2, "no images_per_s (got None)"),
+    ({"images_per_s": 0.0}, 1, 2, "no images_per_s (got 0.0)"),
+])
+def test_a_summary_that_gives_no_comparable_rate_is_a_failed_row(fields, warmup, steps, message):
+    r = bench.result_from_summary(Config("ddp"), 2, summary(**fields), warmup, steps, 9.0)
+    assert not r.ok and r.images_per_s is None and message in r.error
 
 
 def test_floor_result_from_its_json_line():
-    report = {"images_per_s": 1000.0, "time_to_first_step_s": 3.0, "ranks": [{"rank": 0, "peak_memory_bytes": 5}]}
+    report = {"images_per_s": 1000.0, "time_to_first_step_s": 3.0, "device": "cpu",
+              "ranks": [{"rank": 0, "peak_memory_bytes": 5}]}
     r = bench.result_from_floor(Config("floor"), 2, report, 30.0)
     assert r.ok and r.images_per_s == 1000.0 and r.peak_memory_bytes == (5,) and not r.missing
+    assert r.device == "cpu"
     assert not bench.result_from_floor(Config("floor"), 2, {}, 30.0).ok
 
 
@@ -217,21 +229,40 @@ def test_markdown_table():
 def test_markdown_report_checks_the_targets_and_names_missing_fields():
     text = bench.markdown_report(sample_results(), {"cpus": 2, "steps": 200})
     assert text.startswith("# hpcdist bench\n\ncpus 2, steps 200\n\n| config |")
-    assert "- ddp:resident:1 vs floor: 0.96x (meets the >= 0.95x target)" in text
+    assert "- ddp:resident:1 vs floor:1: 0.96x (meets the >= 0.95x target)" in text
     assert "- ddp:resident:2 vs 1 rank: 1.03x (meets the >= 0.9x target)" in text
     assert "- ddp:resident:2:t2 vs 1 rank: 0.73x (misses the >= 0.9x target, oversubscribed)" in text
     assert "- ddp:resident:2:t2: time_to_first_step_s, ranks[].peak_memory_bytes not reported" in text
 
 
-def test_floor_target_is_checked_for_the_default_loader_only():
-    results = [Result(Config("floor"), 2, 1000.0), Result(Config("ddp", loader="classic"), 2, 600.0)]
+def test_floor_target_is_checked_for_the_default_path_only():
+    results = [Result(Config("floor"), 2, 1000.0), Result(Config("ddp", loader="classic"), 2, 600.0),
+               Result(Config("ddp", precision="bf16", channels_last=True), 2, 1500.0)]
     assert bench.vs_floor(results[1], results) == pytest.approx(0.6)
+    assert bench.vs_floor(results[2], results) == pytest.approx(1.5)
     assert bench.verdicts(results) == []
+
+
+def test_deepspeed_rows_are_divided_by_the_bare_deepspeed_loop_with_the_same_stage_and_precision():
+    ds = Config("deepspeed", zero_stage=2, precision="bf16")
+    results = [Result(Config("floor"), 2, 1000.0),
+               Result(Config("floor-deepspeed", zero_stage=2, precision="fp32"), 2, 900.0),
+               Result(Config("floor-deepspeed", zero_stage=2, precision="bf16"), 2, 800.0),
+               Result(ds, 2, 780.0),
+               Result(Config("deepspeed", zero_stage=3), 2, 700.0)]
+    assert bench.floor_of(results[3], results) is results[2]
+    assert bench.vs_floor(results[3], results) == pytest.approx(780 / 800)
+    # No bare ZeRO-3 loop ran, so the bare PyTorch loop is the yardstick, and no DeepSpeed target is claimed.
+    assert bench.floor_of(results[4], results) is results[0]
+    assert bench.verdicts(results) == [
+        "deepspeed:zero2:bf16:1 vs floor-deepspeed:zero2:bf16:1: 0.97x (meets the >= 0.95x target)"]
+    assert bench.floor_of(results[1], results) is None
 
 
 def test_json_report_round_trips_through_json():
     doc = json.loads(json.dumps(bench.to_json(sample_results(), {"cpus": 2})))
-    assert doc["cpus"] == 2 and doc["targets"] == {"ddp_1_rank_vs_floor": 0.95, "n_ranks_vs_1_rank": 0.9}
+    assert doc["cpus"] == 2 and doc["targets"] == {"ddp_1_rank_vs_floor": 0.95, "deepspeed_vs_floor_deepspeed": 0.95,
+                                                   "n_ranks_vs_1_rank": 0.9}
     rows = doc["results"]
     assert rows[1]["config"]["name"] == "ddp:resident:1" and rows[1]["vs_floor"] == pytest.approx(0.96)
     assert rows[3]["peak_memory_bytes"] == [500 * 2**20, 510 * 2**20]
@@ -276,7 +307,9 @@ def test_small_real_run(tmp_path):
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["device"] == "cpu" and doc["samples"] == 4096
+    rows = doc["results"]
     assert [r["config"]["name"] for r in rows] == list(SMALL_GRID)
     assert all(r["images_per_s"] > 0 and r["error"] is None for r in rows)
     assert all(len(r["samples"]) == 2 and r["images_per_s"] in r["samples"] for r in rows)

@@ -171,6 +171,24 @@ def test_resident_loader_feeds_disjoint_normalised_batches_and_resumes_mid_epoch
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
 
 
+def test_normalize_maps_each_channel_mean_to_zero_and_one_std_to_one():
+    from train.loader import MEAN, STD
+
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    one_std_up = mean + torch.tensor(STD).view(1, 3, 1, 1) * 255
+    images = torch.cat([mean.expand(1, 3, 2, 2), one_std_up.expand(1, 3, 2, 2)])
+    out = normalize(images)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0], torch.zeros(3, 2, 2), atol=1e-5)
+    assert torch.allclose(out[1], torch.ones(3, 2, 2), atol=1e-5)
+    assert normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_resident_loader_hands_deepspeed_its_input_dtype_directly():
+    fp32, bf16 = next(resident(0).batches(0)), next(resident(0, dtype=torch.bfloat16).batches(0))
+    assert bf16.x.dtype == torch.bfloat16 and torch.equal(bf16.x, fp32.x.to(torch.bfloat16))
+
+
 def test_augmentation_crops_and_flips_on_the_device_reproducibly_by_position():
     plain = next(resident(0).batches(2))
     once, again = next(resident(0, augment=True).batches(2)), next(resident(0, augment=True).batches(2))
@@ -231,6 +249,28 @@ def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "rank 1 of 2" in err and "--backend ddp" in err
+
+
+@pytest.mark.parametrize("has_fp16", [False, True])
+def test_deepspeed_fp16_on_a_cpu_without_fp16_kernels_is_refused_before_deepspeed_starts(
+        has_fp16, tmp_path, monkeypatch, capsys):
+    import train.__main__ as trainer
+    from train.engines import DeepSpeedEngine
+
+    monkeypatch.setattr(trainer, "cpu_has_fp16", lambda: has_fp16)
+    started = []
+    monkeypatch.setattr(DeepSpeedEngine, "__init__", lambda self, model, config: started.append(config) or
+                        (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(trainer, "init_process_group", lambda *a: "gloo")
+    args = ["--backend", "deepspeed", "--precision", "fp16", "--run-dir", str(tmp_path), "--threads", "1"]
+    if has_fp16:
+        with pytest.raises(RuntimeError, match="stop here"):
+            main(args)
+        assert started and started[0]["fp16"]["enabled"]
+    else:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--precision bf16" in err and not started
 
 
 def test_bad_command_lines_exit_2_with_one_line():

@@ -69,6 +69,9 @@ def train(opts: Options, preemption: Preemption) -> int:
     threads = opts.threads or ranks.threads_per_rank(os.environ, len(os.sched_getaffinity(0)), env)
     torch.set_num_threads(threads)
     device = pick_device(opts.backend, env)
+    if device.type == "cuda":
+        # The batch shape never changes, so cuDNN's one-off search for the fastest conv kernels pays back.
+        torch.backends.cudnn.benchmark = True
     precision, ds_config = choose_precision(opts, device, world, rank)
     global_batch = ds_config["train_batch_size"] if ds_config else (opts.batch_size or DEFAULT_BATCH)
     if global_batch % world:
@@ -125,7 +128,8 @@ def train(opts: Options, preemption: Preemption) -> int:
     common = dict(rank=rank, world_size=world, local_batch=local_batch, seed=opts.seed, device=device,
                   augment=opts.augment, channels_last=channels_last)
     if opts.loader == "resident":
-        loader = ResidentLoader(data.train, **common)
+        # DeepSpeed's engine takes inputs in its own dtype: normalising straight into it saves a cast per step.
+        loader = ResidentLoader(data.train, dtype=engine.dtype if ds_config else torch.float32, **common)
     else:
         loader = ClassicLoader(data.train, num_workers=opts.num_workers, **common)
     if loader.steps_per_epoch < 1:
@@ -165,7 +169,8 @@ def train(opts: Options, preemption: Preemption) -> int:
 
     metrics = open(run_dir / "metrics.jsonl", "a" if state["step"] else "w") if rank == 0 else None
     start_step = state["step"]
-    first_step_at = None
+    first_step_at = warm_at = None
+    warm_step = start_step + opts.warmup_steps
     last_log_time, last_log_step = time.time(), start_step
     batches = loader.batches(start_step)
     while state["step"] < total_steps:
@@ -175,6 +180,9 @@ def train(opts: Options, preemption: Preemption) -> int:
         if first_step_at is None:
             float(loss)  # waits for the device, so the time covers the whole first step
             first_step_at = time.time()
+        if step == warm_step:
+            float(loss)
+            warm_at = time.time()
         if step % opts.log_every == 0 or step == total_steps or step == 1:
             state["last_loss"] = loss_value = all_mean(loss, world)
             if state["first_loss"] is None:
@@ -202,6 +210,8 @@ def train(opts: Options, preemption: Preemption) -> int:
             return leave(EXIT_PREEMPTED)
         if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
             save()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the rate must count the steps still queued on the GPU
     ended = time.time()
     if state["step"] > start_step:
         save()
@@ -216,14 +226,16 @@ def train(opts: Options, preemption: Preemption) -> int:
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
-    steps_run = state["step"] - start_step
     if rank == 0:
-        timed = steps_run - 1  # the first step pays for warm-up and compilation, so it is left out of the rate
+        # Steps up to --warmup-steps pay for start-up, autotuning and compiling, so they are left out of the rate.
+        timed = state["step"] - warm_step if warm_at is not None else 0
         summary = {"backend": opts.backend, "world_size": world,
                    "zero_stage": engine.zero_stage if ds_config else None, "precision": precision,
                    "steps": state["step"], "final_loss": state["last_loss"], "first_loss": state["first_loss"],
                    "test_accuracy": accuracy,
-                   "images_per_s": timed * global_batch / (ended - first_step_at) if timed > 0 else None,
+                   "images_per_s": timed * global_batch / (ended - warm_at) if timed > 0 else None,
+                   "warmup_steps": opts.warmup_steps,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "wall_s": time.time() - STARTED,
                    "time_to_first_step_s": first_step_at - STARTED if first_step_at else None,
                    "ranks": everyone}
@@ -251,6 +263,9 @@ def choose_precision(opts: Options, device: torch.device, world: int, rank: int)
         else:
             precision = dsconfig.precision_of(base)
     if precision == "fp16" and device.type == "cpu":
+        if base is not None and not cpu_has_fp16():
+            raise UsageError("DeepSpeed trains fp16 on a CPU only where oneDNN has fp16 kernels (AVX512-FP16 or "
+                             "AMX), and this CPU has none; pass --precision bf16 (or fp32)")
         warn(rank, "fp16 on CPU runs ~35x slower than bf16 there; pass --precision bf16 (or fp32) on CPU")
     if base is None:
         return precision, None
@@ -259,6 +274,14 @@ def choose_precision(opts: Options, device: torch.device, world: int, rank: int)
     config = dsconfig.resolve(base, world_size=world, zero_stage=opts.zero_stage, precision=precision,
                               global_batch=opts.batch_size, lr=opts.lr)
     return precision, config
+
+
+def cpu_has_fp16() -> bool:
+    """What DeepSpeed's CPU accelerator asks before it accepts an fp16 config."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:

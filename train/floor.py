@@ -1,11 +1,15 @@
-"""The bare-PyTorch training loop hpcdist's trainer is measured against: its images/s is the floor.
+"""The bare training loops hpcdist's trainer is measured against: their images/s is the floor.
 
     python -m train.floor --batch-size 256 --max-steps 220 --warmup 20
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m train.floor --batch-size 256
+    python -m train.floor --engine deepspeed --zero-stage 2 --precision bf16 --batch-size 256
 
-The trainer's ConvNet, seed, Adam (lr 1e-3), loss, global batch, data size and threads per rank, and nothing
-else: the images sit in memory already normalised, batches are plain index gathers, and there is no
-DataLoader, logging or checkpoint. Rank 0 prints one JSON line: images/s over the steps after --warmup.
+The trainer's ConvNet, seed, loss, global batch, data size and threads per rank, on the GPU when there is
+one, and nothing else: the images sit on the device already normalised, batches are plain index gathers,
+and there is no loader, logging or checkpoint. ``--engine torch`` is Adam (lr 1e-3, fused on GPU) in fp32
+under DDP for several ranks; ``--engine deepspeed`` is a bare deepspeed.initialize / backward / step loop
+on the same DeepSpeed config the trainer resolves. Rank 0 prints one JSON line: images/s over the steps
+after --warmup.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from hpc import ranks  # noqa: E402
+from train import dsconfig  # noqa: E402
 from train.model import ConvNet  # noqa: E402
 
 
@@ -38,18 +43,24 @@ def synthetic(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(samples, 3, 32, 32, generator=g), torch.randint(0, 10, (samples,), generator=g)
 
 
-def batches(samples: int, per_rank: int, rank: int, world: int, seed: int):
+def batches(samples: int, per_rank: int, rank: int, world: int, seed: int, device: torch.device):
     """Index tensors of fixed size, endlessly: each epoch a fresh permutation, dealt round-robin to ranks."""
     epoch = 0
     while True:
         perm = torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch))
-        mine = perm[rank::world]
+        mine = perm[rank::world].to(device)
         for start in range(0, len(mine) - per_rank + 1, per_rank):
             yield mine[start:start + per_rank]
         epoch += 1
 
 
-def peak_memory_bytes() -> int:
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     # ru_maxrss is KiB on Linux: the process's resident high-water mark, what the trainer reports on CPU.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -62,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads per rank; 0: the rank's share")
     ap.add_argument("--samples", type=int, default=4096, help="synthetic images held in memory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", choices=("torch", "deepspeed"), default="torch")
+    ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="--engine deepspeed")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="--engine deepspeed")
     ap.add_argument("--local_rank", type=int, default=0, help="ignored: the environment wins")
     args = ap.parse_args(argv)
 
@@ -78,47 +92,87 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = args.threads or ranks.threads_per_rank(os.environ, owned_cpus(), dist)
     torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+        device = torch.device("cuda", dist.local_rank)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if args.engine == "deepspeed":
+        # The trainer's own preparation, so both build DeepSpeed's ops the same way (or not at all).
+        dsconfig.prepare_environment(os.environ, cuda=device.type == "cuda")
+    comm = "nccl" if device.type == "cuda" else "gloo"
+    if args.engine == "deepspeed":
+        import deepspeed
 
-    if dist.distributed:
         os.environ.update(dist.torch_env())
-        torch.distributed.init_process_group("gloo")
+        deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False)
+    elif dist.distributed:
+        os.environ.update(dist.torch_env())
+        torch.distributed.init_process_group(comm)
 
     torch.manual_seed(args.seed)
-    model = ConvNet()
-    if dist.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = ConvNet().to(device)
+    if args.engine == "deepspeed":
+        config = dsconfig.resolve(dsconfig.load(dsconfig.default_config_path()), world_size=dist.world_size,
+                                  zero_stage=args.zero_stage, precision=args.precision,
+                                  global_batch=args.batch_size)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss = F.cross_entropy(engine(x).float(), y)
+            engine.backward(loss)
+            engine.step()
+            return loss
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if dist.distributed else model
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+        dtype = torch.float32
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
     images, labels = synthetic(args.samples, args.seed)
-    feed = batches(args.samples, per_rank, dist.rank, dist.world_size, args.seed)
+    images, labels = images.to(device, dtype), labels.to(device)
+    feed = batches(args.samples, per_rank, dist.rank, dist.world_size, args.seed, device)
 
     first_step_s = t_warm = 0.0
-    for step in range(1, args.max_steps + 1):
+    for n in range(1, args.max_steps + 1):
         idx = next(feed)
-        x, y = images[idx], labels[idx]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        if step == 1:
+        loss = step(images[idx], labels[idx])
+        if n == 1:
+            loss.item()  # waits for the device
             first_step_s = time.time() - START
-        if step == args.warmup:
+        if n == args.warmup:
+            loss.item()
             t_warm = time.perf_counter()
+    loss.item()
     t_last = time.perf_counter()
 
-    report = {"backend": "floor", "world_size": dist.world_size, "threads": threads,
+    report = {"backend": "floor", "engine": args.engine, "device": device_name(device),
+              "world_size": dist.world_size, "threads": threads,
               "batch_size": args.batch_size, "steps": args.max_steps, "warmup": args.warmup,
               "images_per_s": (args.max_steps - args.warmup) * args.batch_size / (t_last - t_warm),
               "time_to_first_step_s": first_step_s, "wall_s": time.time() - START}
-    mine = {"rank": dist.rank, "peak_memory_bytes": peak_memory_bytes()}
+    mine = {"rank": dist.rank, "peak_memory_bytes": peak_memory_bytes(device)}
+    gathered: list = [mine]
     if dist.distributed:
-        gathered: list = [None] * dist.world_size
+        gathered = [None] * dist.world_size
         torch.distributed.all_gather_object(gathered, mine)
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    else:
-        gathered = [mine]
     if dist.rank == 0:
         print(json.dumps({**report, "ranks": gathered}), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # as train.__main__.cli: no interpreter teardown racing a c10d store thread

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -48,10 +49,19 @@ def steps_per_epoch(n: int, world_size: int, local_batch: int) -> int:
     return math.ceil(n / world_size) // local_batch
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them per batch is a blocking host-to-device copy on every step,
+    # which stalls the CPU until the GPU drains its queue.
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return ((images.float() / 255 - mean) / std).to(dtype)
+    """uint8 images to zero-mean, unit-variance floats, per CIFAR-10 channel."""
+    mean, std = _channel_stats(images.device)
+    return ((images.float() - mean) / std).to(dtype)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -72,11 +82,12 @@ class ResidentLoader:
     """The whole split lives on the device as uint8; batches are gathered, augmented and normalised there."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, local_batch: int, seed: int,
-                 device: torch.device, augment: bool = False, channels_last: bool = False) -> None:
+                 device: torch.device, augment: bool = False, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
-        self.device, self.augment, self.channels_last = device, augment, channels_last
+        self.device, self.augment, self.channels_last, self.dtype = device, augment, channels_last, dtype
         self.steps_per_epoch = steps_per_epoch(len(split), world_size, local_batch)
 
     def indices(self, epoch: int) -> torch.Tensor:
@@ -95,7 +106,7 @@ class ResidentLoader:
                 # Seeded by position, not by a running stream, so resuming mid-epoch needs no saved state.
                 g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, index, self.rank))
                 x = augment(x, g)
-            x = normalize(x)
+            x = normalize(x, self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield Batch(step, epoch, index, x, self.labels[take])

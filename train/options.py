@@ -32,6 +32,7 @@ class Options:
     resume: bool = False
     seed: int = 0
     log_every: int = 100
+    warmup_steps: int = 1
     channels_last: bool = False
     compile: bool = False
     threads: int | None = None
@@ -68,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="steps left out of summary.json's images_per_s (start-up, cuDNN autotuning, compiling)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, help="intra-op threads per rank (default: this rank's share of its CPUs)")
@@ -83,7 +86,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     args = vars(parser().parse_args(argv))
     args.pop("local_rank")
     opts = Options(**args)
-    for name in ("synthetic_size", "epochs", "max_steps", "batch_size", "log_every", "threads"):
+    for name in ("synthetic_size", "epochs", "max_steps", "batch_size", "log_every", "warmup_steps", "threads"):
         value = getattr(opts, name)
         if value is not None and value < 1:
             parser().error(f"--{name.replace('_', '-')} must be at least 1, got {value}")

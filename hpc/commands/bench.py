@@ -3,6 +3,7 @@
     hpcdist bench --out bench      # the default grid (about 13 min on 2 quiet cores)
     hpcdist bench --config floor:1 --config ddp:resident:1 --steps 100 --out bench
     hpcdist bench --grid deepspeed:zero2:bf16:2,ddp:resident:2:t2 --dry-run
+    hpcdist bench --samples 50000 --grid floor,ddp,ddp:bf16:cl:b4096,floor-deepspeed:zero2,deepspeed:zero2   # GPU
 
 Each config runs as its own process (torchrun for more than one rank), one after another, so they never
 share the CPUs; bench.json, bench.md and bench.png land in --out.
@@ -86,30 +87,29 @@ def floor_report(log: Path) -> dict | None:
     return None
 
 
-def run_one(config: core.Config, threads: int, steps: int, warmup: int, out: Path,
+def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples: int, out: Path,
             timeout_s: float, name: str | None = None) -> core.Result:
     run_dir = out / "runs" / (name or config.slug)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
     log = run_dir / "log.txt"
-    cmd = core.argv(config, threads, steps, warmup, str(run_dir), sys.executable)
+    cmd = core.argv(config, threads, steps, warmup, str(run_dir), sys.executable, samples)
     rc, wall = execute(cmd, child_env(threads), log, timeout_s)
     if rc != 0:
         why = f"timed out after {timeout_s:.0f}s" if rc is None else f"exit {rc}"
         return core.Result(config, threads, wall_s=wall, error=f"{why}: {last_line(log)} (see {log})")
-    if config.backend == "floor":
+    if config.backend in core.FLOORS:
         report = floor_report(log)
         if report is None:
             return core.Result(config, threads, wall_s=wall, error=f"the floor printed no JSON (see {log})")
         return core.result_from_floor(config, threads, report, wall)
-    metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
-    records = core.parse_jsonl(metrics.read_text()) if metrics.exists() else []
+    summary = run_dir / "summary.json"
     try:
         data = json.loads(summary.read_text()) if summary.exists() else {}
     except json.JSONDecodeError:
         data = {}
-    return core.result_from_summary(config, threads, data, records, warmup, steps, wall)
+    return core.result_from_summary(config, threads, data, warmup, steps, wall)
 
 
 def draw(results: list[core.Result], meta: dict, path: Path) -> None:
@@ -130,7 +130,8 @@ def draw(results: list[core.Result], meta: dict, path: Path) -> None:
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
     ax.set_xlabel("images/s (global, after warm-up)")
-    ax.set_title(f"hpcdist bench: {meta['cpus']} CPUs, {meta['steps']} steps after {meta['warmup']} warm-up",
+    ax.set_title(f"hpcdist bench: {meta['device']}, {meta['cpus']} CPUs, {meta['steps']} steps after "
+                 f"{meta['warmup']} warm-up",
                  fontsize=10)
     ax.set_xlim(0, max(values, default=1) * 1.15)
     fig.tight_layout()
@@ -156,6 +157,8 @@ def version(package: str) -> str:
               help="Steps run first and left out of images/s.")
 @click.option("--batch", type=click.IntRange(min=1), default=core.DEFAULT_BATCH, show_default=True,
               help="Global batch over all ranks, unless a spec says bN.")
+@click.option("--samples", type=click.IntRange(min=1), default=core.SYNTHETIC_SIZE, show_default=True,
+              help="Synthetic training images each run holds (50000 is CIFAR-10's size; large batches need many).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
               show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=900, show_default=True,
@@ -163,7 +166,7 @@ def version(package: str) -> str:
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of each config, in rounds over the whole grid; each row is the median run.")
 @click.option("--dry-run", is_flag=True, help="Print each config's command and threads; run nothing.")
-def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int,
+def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int, samples: int,
           out_dir: Path, timeout_s: float, repeat: int, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
     try:
@@ -172,18 +175,24 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
         click.echo(f"hpcdist bench: {exc}", err=True)
         sys.exit(2)
     cpus = owned_cpus()
+    too_big = [c.name for c in grid if c.batch > samples]
+    if too_big:
+        click.echo(f"hpcdist bench: {', '.join(too_big)} need a global batch of at most --samples {samples}; "
+                   "pass a larger --samples", err=True)
+        sys.exit(2)
     plan = [(c, core.threads_for(c, os.environ, cpus)) for c in grid]
     if dry_run:
         for config, threads in plan:
-            cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable)
+            cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable,
+                            samples)
             click.echo(f"{config.name}  (OMP_NUM_THREADS={threads})  {' '.join(cmd)}")
         return
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Children run inside their own run folders, so every path they are given must be absolute.
     out_dir = out_dir.resolve()
-    meta = {"host": socket.gethostname(), "cpus": cpus, "steps": steps, "warmup": warmup, "batch": batch,
-            "repeat": repeat,
+    meta = {"host": socket.gethostname(), "device": "unknown", "cpus": cpus, "steps": steps, "warmup": warmup,
+            "batch": batch, "samples": samples, "repeat": repeat,
             "torch": version("torch"), "deepspeed": version("deepspeed"),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
     # Rounds over the whole grid rather than one config's repeats back to back: a slow spell on a shared
@@ -194,11 +203,13 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
             label = f"[{i + 1}/{len(plan)}]" + (f" round {round_}/{repeat}" if repeat > 1 else "")
             click.echo(f"{label} {config.name} ({threads} threads/rank) ...", err=True, nl=False)
             name = config.slug if repeat == 1 else f"{config.slug}-r{round_}"
-            result = run_one(config, threads, steps, warmup, out_dir, timeout_s, name)
+            result = run_one(config, threads, steps, warmup, samples, out_dir, timeout_s, name)
             rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
             click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
             runs[i].append(result)
     results = [core.median_of(r) for r in runs]
+    # Which card (or "cpu") the runs trained on, as they reported it: this process never imports torch.
+    meta["device"] = next((r.device for r in results if r.device), "unknown")
 
     (out_dir / "bench.json").write_text(json.dumps(core.to_json(results, meta), indent=2) + "\n")
     (out_dir / "bench.md").write_text(core.markdown_report(results, meta))
