@@ -31,7 +31,7 @@ SYNTHETIC_SIZE = 4096
 SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile] with BACKEND one of "
              + ", ".join(BACKENDS))
 
-# The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against the floor,
+# The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against its floor,
 # then two ranks, once with each rank given its share of the cores and once oversubscribed.
 DEFAULT_GRID = (
     "floor:1",
@@ -39,6 +39,7 @@ DEFAULT_GRID = (
     "ddp:classic:1",
     "dp:resident:1",
     "deepspeed:zero0:fp32:1",
+    "floor-deepspeed:zero2:fp32:1",
     "deepspeed:zero2:fp32:1",
     "deepspeed:zero2:bf16:1",
     "floor:2",

@@ -4,8 +4,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m train.floor --batch-size 256
     python -m train.floor --engine deepspeed --zero-stage 2 --precision bf16 --batch-size 256
 
-The trainer's ConvNet, seed, loss, global batch, data size and threads per rank, on the GPU when there is
-one, and nothing else: the images sit on the device already normalised, batches are plain index gathers,
+The trainer's ConvNet, seed, loss, global batch, synthetic images and threads per rank, on the GPU when there
+is one, and nothing else: the images sit on the device already normalised, batches are plain index gathers,
 and there is no loader, logging or checkpoint. ``--engine torch`` is Adam (lr 1e-3, fused on GPU) in fp32
 under DDP for several ranks; ``--engine deepspeed`` is a bare deepspeed.initialize / backward / step loop
 on the same DeepSpeed config the trainer resolves. Rank 0 prints one JSON line: images/s over the steps
@@ -30,17 +30,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from hpc import ranks  # noqa: E402
 from train import dsconfig  # noqa: E402
+from train.data import synthetic  # noqa: E402
+from train.loader import normalize  # noqa: E402
 from train.model import ConvNet  # noqa: E402
 
 
 def owned_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def synthetic(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-shaped images already normalised (zero mean, unit variance) and their labels."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(samples, 3, 32, 32, generator=g), torch.randint(0, 10, (samples,), generator=g)
 
 
 def batches(samples: int, per_rank: int, rank: int, world: int, seed: int, device: torch.device):
@@ -137,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             return loss
 
-    images, labels = synthetic(args.samples, args.seed)
-    images, labels = images.to(device, dtype), labels.to(device)
+    # The trainer's own synthetic training split (its --synthetic-size and seed), normalised once up front.
+    train = synthetic(args.samples, max(args.samples // 4, 1), args.seed).train
+    images, labels = normalize(train.images.to(device), dtype), train.labels.to(device)
     feed = batches(args.samples, per_rank, dist.rank, dist.world_size, args.seed, device)
 
     first_step_s = t_warm = 0.0
