@@ -266,6 +266,11 @@ def _number(report: Mapping[str, object], key: str, missing: list[str]) -> float
     return None
 
 
+def _text(report: Mapping[str, object], key: str) -> str | None:
+    value = report.get(key)
+    return value if isinstance(value, str) else None
+
+
 def _peaks(report: Mapping[str, object], missing: list[str]) -> tuple[int | None, ...]:
     peaks = peaks_of(report)
     if not peaks or None in peaks:
@@ -279,7 +284,7 @@ def result_from_summary(config: Config, threads: int, summary: Mapping[str, obje
     missing: list[str] = []
     ttfs = _number(summary, "time_to_first_step_s", missing)
     peaks = _peaks(summary, missing)
-    device = summary.get("device") if isinstance(summary.get("device"), str) else None
+    device = _text(summary, "device")
     rate = summary.get("images_per_s")
     ran = summary.get("steps")
     error = None
@@ -301,7 +306,7 @@ def result_from_floor(config: Config, threads: int, report: Mapping[str, object]
     ttfs = _number(report, "time_to_first_step_s", missing)
     peaks = _peaks(report, missing)
     error = None if rate is not None else "the floor printed no images_per_s"
-    device = report.get("device") if isinstance(report.get("device"), str) else None
+    device = _text(report, "device")
     return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing), device=device)
 
 

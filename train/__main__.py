@@ -34,8 +34,9 @@ from train.engines import DeepSpeedEngine, TorchEngine
 from train.loader import ClassicLoader, ResidentLoader, normalize, shard
 from train.model import ConvNet, param_digest
 from train.options import DEFAULT_BATCH, Options, parse
-from train.runtime import (Preemption, UsageError, all_mean, init_process_group, log_nccl_for_preflight,
-                           peak_memory_bytes, pick_device, preflight, reach_master, say, warn)
+from train.runtime import (Preemption, UsageError, all_mean, device_name, init_process_group,
+                           log_nccl_for_preflight, peak_memory_bytes, pick_device, preflight, reach_master, say,
+                           warn)
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
@@ -235,7 +236,7 @@ def train(opts: Options, preemption: Preemption) -> int:
                    "test_accuracy": accuracy,
                    "images_per_s": timed * global_batch / (ended - warm_at) if timed > 0 else None,
                    "warmup_steps": opts.warmup_steps,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "device": device_name(device),
                    "wall_s": time.time() - STARTED,
                    "time_to_first_step_s": first_step_at - STARTED if first_step_at else None,
                    "ranks": everyone}

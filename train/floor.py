@@ -22,7 +22,6 @@ START = time.time()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -31,8 +30,12 @@ import torch.nn.functional as F  # noqa: E402
 from hpc import ranks  # noqa: E402
 from train import dsconfig  # noqa: E402
 from train.data import synthetic  # noqa: E402
+from train.engines import DTYPES  # noqa: E402
 from train.loader import normalize  # noqa: E402
 from train.model import ConvNet  # noqa: E402
+from train.runtime import device_name, init_process_group, peak_memory_bytes, pick_device  # noqa: E402
+
+TIMEOUT_S = 600.0  # the trainer's default --timeout-s
 
 
 def owned_cpus() -> int:
@@ -48,17 +51,6 @@ def batches(samples: int, per_rank: int, rank: int, world: int, seed: int, devic
         for start in range(0, len(mine) - per_rank + 1, per_rank):
             yield mine[start:start + per_rank]
         epoch += 1
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    # ru_maxrss is KiB on Linux: the process's resident high-water mark, what the trainer reports on CPU.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,24 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = args.threads or ranks.threads_per_rank(os.environ, owned_cpus(), dist)
     torch.set_num_threads(threads)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank)
-        device = torch.device("cuda", dist.local_rank)
+    # Device and process group as the trainer sets them up: outside the timed loop, so not what is measured.
+    backend = "deepspeed" if args.engine == "deepspeed" else "ddp"
+    device = pick_device(backend, dist)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
     if args.engine == "deepspeed":
-        # The trainer's own preparation, so both build DeepSpeed's ops the same way (or not at all).
         dsconfig.prepare_environment(os.environ, cuda=device.type == "cuda")
-    comm = "nccl" if device.type == "cuda" else "gloo"
-    if args.engine == "deepspeed":
         import deepspeed
-
-        os.environ.update(dist.torch_env())
-        deepspeed.init_distributed(dist_backend=comm, auto_mpi_discovery=False)
-    elif dist.distributed:
-        os.environ.update(dist.torch_env())
-        torch.distributed.init_process_group(comm)
+    if args.engine == "deepspeed" or dist.distributed:
+        init_process_group(backend, dist, device, TIMEOUT_S)
 
     torch.manual_seed(args.seed)
     model = ConvNet().to(device)
@@ -114,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                   zero_stage=args.zero_stage, precision=args.precision,
                                   global_batch=args.batch_size)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        dtype = DTYPES[args.precision]
 
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             loss = F.cross_entropy(engine(x).float(), y)

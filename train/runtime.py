@@ -1,4 +1,4 @@
-"""Process-level plumbing: process groups with a timeout, the preflight check, preemption signals, peak memory."""
+"""Process-level plumbing: process groups with a timeout, the preflight check, preemption signals, device facts."""
 
 from __future__ import annotations
 
@@ -149,3 +149,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu": what summaries and bench reports record as the device."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
