@@ -51,6 +51,7 @@ class Rendered:
     setup: tuple[str, ...]
     task_command: tuple[str, ...]
     teardown: tuple[str, ...]
+    local_task: str  # one task's shell line under the local runner (run with bash -c)
 
 
 def quote(value: Any) -> str:
@@ -197,9 +198,12 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     }
     env = environment(search if search is not None else search_path(profile, os.environ))
     files: dict[str, str] = {}
+    lines: dict[str, str] = {}
     try:
         for name in ("job.sbatch", "setup.sh", "task.sh", "requeue.sh"):
             files[name] = env.get_template(f"{name}.j2").render(context)
+        for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh"):
+            lines[name] = env.get_template(f"{name}.j2").render(context).strip()
     except jinja2.TemplateError as exc:
         raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {exc}".strip()) from None
     files["spec.yaml"] = spec_yaml(spec, profile)
@@ -226,9 +230,10 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         job_dir=jdir,
         files=files,
         executor=executor,
-        setup=(f"source {quote(jdir / 'setup.sh')}",),
+        setup=(lines["submitit-setup.sh"],),
         task_command=("bash", str(jdir / "task.sh")),
-        teardown=(f'bash {quote(jdir / "requeue.sh")} "$?"',),
+        teardown=(lines["submitit-teardown.sh"],),
+        local_task=lines["local-task.sh"],
     )
 
 

@@ -7,7 +7,6 @@ import datetime
 import io
 import os
 import re
-import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -70,12 +69,8 @@ def slurm_parameters(rendered: Any) -> dict[str, Any]:
 
 
 def local_command(rendered: Any) -> tuple[str, ...]:
-    """One task's command under the local runner: the batch setup, then task.sh, in one bash.
-
-    submitit runs local setup lines with /bin/sh, where ``source`` may not exist; each task sources
-    setup.sh itself instead, which leaves it the environment the batch shell would have given it.
-    """
-    return ("bash", "-c", " && ".join([*rendered.setup, "exec " + shlex.join(rendered.task_command)]))
+    """One task's command under the local runner: templates/local-task.sh.j2's line (setup, then task.sh)."""
+    return ("bash", "-c", rendered.local_task)
 
 
 def signal_name(spec_signal: str) -> str:

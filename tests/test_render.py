@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from dataclasses import replace
@@ -99,6 +100,19 @@ def test_cpu_job_uses_ntasks_per_node() -> None:
     assert rendered.executor["ntasks_per_node"] == 2 and rendered.executor["gpus_per_node"] is None
     assert rendered.setup == ("source /jobs/cpu/setup.sh",)
     assert rendered.task_command == ("bash", "/jobs/cpu/task.sh")
+
+
+def test_submitit_and_local_lines_come_from_templates_with_the_job_dir_quoted(tmp_path) -> None:
+    job_dir = tmp_path / "it's $(here)"
+    spec = JobSpec(job_dir=str(job_dir), nodes=2, backend="ddp", python="python3")
+    rendered = render.render(spec, profiles.load("local"))
+    q = shlex.quote
+    assert rendered.setup == (f"source {q(str(job_dir / 'setup.sh'))}",)
+    assert rendered.teardown == (f'bash {q(str(job_dir / "requeue.sh"))} "$?"',)
+    assert rendered.local_task == f"source {q(str(job_dir / 'setup.sh'))} && exec bash {q(str(job_dir / 'task.sh'))}"
+    for line in (*rendered.setup, *rendered.teardown, rendered.local_task):
+        assert "\n" not in line
+        assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0
 
 
 def test_ranks_table_with_nodelist_and_job_id() -> None:
