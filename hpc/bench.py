@@ -14,17 +14,16 @@ Side effects (running configs, writing files, drawing) live in hpc/commands/benc
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
-from hpc import ranks
+from hpc import ranks, vocab
 
-BACKENDS = ("floor", "floor-deepspeed", "dp", "ddp", "deepspeed")
 FLOORS = ("floor", "floor-deepspeed")
-PRECISIONS = ("fp32", "bf16", "fp16")
-LOADERS = ("resident", "classic")
+BACKENDS = (*FLOORS, *vocab.BACKENDS)
+PRECISIONS = vocab.DTYPES
+LOADERS = vocab.LOADERS
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
@@ -128,7 +127,7 @@ def parse_config(spec: str, batch: int = DEFAULT_BATCH) -> Config:
         raise BenchError(f"config {spec!r}: unknown backend {backend!r}; write {SPEC_HELP}")
     values: dict[str, object] = {}
     for token in tokens:
-        for key, pattern, kind in _TOKENS:
+        for key, pattern, kind in _TOKENS:  # noqa: B007 - the entry that matched is used after break
             m = pattern.fullmatch(token)
             if m:
                 break

@@ -1,24 +1,38 @@
-"""Remember the jobs submitted from this machine, and ask Slurm (or the local runner) how each stands."""
+"""Ask Slurm (or the local runner) how a submitted job stands, and cancel it.
+
+The registry (hpc.registry) and the logs (hpc.logs) were once here; their names stay importable from here.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-HOME_ENV = "HPCDIST_HOME"
-DEFAULT_HOME = "~/.hpcdist"
-REGISTRY = "jobs.jsonl"
-# Written into the job directory as well, so a job dir names its job even with another registry.
-MARKER = "submitted.json"
-SUBMITIT_DIR = "submitit"
-VIAS = ("submitit", "sbatch", "local")
+from hpc.logs import failing_task, failure_report, log_files, ranks_label, srun_first_failure, tail, task_of  # noqa: F401
+from hpc.registry import (  # noqa: F401
+    DEFAULT_HOME,
+    HOME_ENV,
+    MARKER,
+    REGISTRY,
+    JobError,
+    Record,
+    append,
+    find,
+    load,
+    lookup,
+    parse_registry,
+    read_marker,
+    registry_path,
+    write_marker,
+)
+from hpc.vocab import SUBMITIT_DIR  # noqa: F401
+
 # Slurm's states after which a job never runs again (REQUEUED and PENDING are not among them).
 # LEFT_QUEUE is ours, not Slurm's: the job is no longer queued but accounting (sacct) cannot say how it
 # ended; a waiter must stop there rather than poll forever.
@@ -27,42 +41,6 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed")
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
-
-
-class JobError(LookupError):
-    """A job that cannot be found or asked about; the message is one line."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One submission: what was asked for and where it went (one line of jobs.jsonl)."""
-
-    job_id: str
-    job_dir: str
-    via: str
-    submitted: str
-    job_name: str = ""
-    backend: str = ""
-    launcher: str = ""
-    nodes: int = 1
-    ntasks_per_node: int = 1
-    world_size: int = 1
-
-    @property
-    def ntasks(self) -> int:
-        return self.nodes * self.ntasks_per_node
-
-    @property
-    def submitit_dir(self) -> Path:
-        return Path(self.job_dir) / SUBMITIT_DIR
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "Record":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -95,75 +73,6 @@ class JobState:
         return "  ".join(parts)
 
 
-# ---- the registry ------------------------------------------------------------------------------
-
-def registry_path(environ: Mapping[str, str]) -> Path:
-    return Path(environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / REGISTRY
-
-
-def parse_registry(text: str) -> list[Record]:
-    """Records in submission order; a damaged line (a crash mid-write) is skipped, not fatal."""
-    out = []
-    for line in text.splitlines():
-        try:
-            data = json.loads(line)
-            if isinstance(data, dict) and data.get("job_id") and data.get("job_dir"):
-                out.append(Record.from_mapping(data))
-        except (ValueError, TypeError):
-            continue
-    return out
-
-
-def load(path: Path) -> list[Record]:
-    try:
-        return parse_registry(path.read_text())
-    except FileNotFoundError:
-        return []
-
-
-def append(path: Path, record: Record) -> None:
-    """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(record.to_json() + "\n")
-
-
-def write_marker(record: Record) -> None:
-    (Path(record.job_dir) / MARKER).write_text(record.to_json() + "\n")
-
-
-def read_marker(job_dir: Path) -> Record | None:
-    try:
-        records = parse_registry((job_dir / MARKER).read_text())
-    except OSError:
-        return None
-    return records[-1] if records else None
-
-
-def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
-    """The newest record whose job id is ``key``, or whose job dir is ``key`` (relative to ``cwd``)."""
-    records = list(records)
-    directory = os.path.normpath(os.path.join(cwd, key))
-    for record in reversed(records):
-        if record.job_id == key:
-            return record
-    for record in reversed(records):
-        if os.path.normpath(record.job_dir) == directory:
-            return record
-    return None
-
-
-def lookup(key: str, environ: Mapping[str, str]) -> Record:
-    """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker."""
-    record = find(load(registry_path(environ)), key, os.getcwd())
-    if record is None and Path(key).is_dir():
-        record = read_marker(Path(key).resolve())
-    if record is None:
-        raise JobError(f"no job {key!r} was submitted from here (see `hpcdist list`); pass a job id or a "
-                       "job directory")
-    return record
-
-
 # ---- asking Slurm --------------------------------------------------------------------------------
 
 def _exit_code(text: str) -> tuple[int | None, int | None]:
@@ -193,7 +102,7 @@ def parse_squeue(text: str, job_id: str) -> JobState | None:
     return None
 
 
-def _run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
 
 
@@ -300,114 +209,6 @@ def cancel(record: Record, runner: Runner = _run) -> None:
     (record.submitit_dir / f"{record.job_id}_cancelled").touch()
     # SIGINT is what submitit's LocalJob.cancel sends: the controller then stops its tasks.
     os.kill(pid, signal.SIGINT)
-
-
-# ---- logs ----------------------------------------------------------------------------------------
-
-def log_files(record: Record, rank: int | None = None) -> list[Path]:
-    """The job's logs: every task's (in task order) and the batch script's, or the one holding ``rank``."""
-    logs = Path(record.job_dir) / "logs"
-    if rank is not None:
-        return [logs / f"task-{task_of(record, rank)}.log"]
-    if not logs.is_dir():
-        return []
-
-    def order(path: Path) -> tuple[int, int, str]:
-        m = re.fullmatch(r"task-(\d+)\.log", path.name)
-        return (0, int(m.group(1)), "") if m else (1, 0, path.name)
-
-    return sorted((p for p in logs.iterdir() if p.is_file()), key=order)
-
-
-def task_of(record: Record, rank: int) -> int:
-    """The Slurm task whose log holds ``rank``: itself under srun, its node's launcher otherwise."""
-    if not 0 <= rank < max(record.world_size, 1):
-        raise JobError(f"rank {rank} is outside world size {record.world_size}")
-    per_task = max(record.world_size // max(record.ntasks, 1), 1)
-    return rank // per_task
-
-
-# srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
-_SRUN_TASK_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
-
-
-def srun_first_failure(batch_log: str) -> tuple[int, str, str] | None:
-    """(task, node, how) from srun's first report of a task that ended badly, if the log has one.
-
-    The first report is the cause: srun --kill-on-bad-exit stops the other tasks only after it, and a
-    rank that noticed its dead peer (a broken collective) exits after it too. That first task may have
-    been killed (``Killed``: the OOM killer, kill -9) rather than have exited with a status.
-    """
-    m = _SRUN_TASK_END.search(batch_log)
-    return (int(m.group(2)), m.group(1), m.group(3).strip()) if m else None
-
-
-def failing_task(batch_log: str, exit_codes: Mapping[int, int]) -> int | None:
-    """The task that failed first: srun's own report in the batch log, else a local non-zero status.
-
-    srun prints ``srun: error: n2: task 1: Exited with exit code 3`` (or ``...: Killed``) for the task
-    that failed; the others, stopped by --kill-on-bad-exit, follow as "Terminated"/"Killed" lines.
-    """
-    first = srun_first_failure(batch_log)
-    if first is not None:
-        return first[0]
-    stopped_by_others = (128 + signal.SIGTERM, 128 + signal.SIGKILL)
-    for index in sorted(exit_codes):
-        if exit_codes[index] and exit_codes[index] not in stopped_by_others:
-            return index
-    for index in sorted(exit_codes):
-        if exit_codes[index]:
-            return index
-    return None
-
-
-def ranks_label(record: Record, index: int) -> str:
-    """``rank 1`` or ``ranks 2-3``: the ranks Slurm task ``index`` ran (one per node under a launcher)."""
-    per_task = max(record.world_size // max(record.ntasks, 1), 1)
-    first, last = index * per_task, (index + 1) * per_task - 1
-    return f"rank {first}" if first == last else f"ranks {first}-{last}"
-
-
-def failure_report(record: Record, lines: int = 40) -> str:
-    """The tail of the failing task's log, then of the batch log, for a job that did not complete."""
-    logs = Path(record.job_dir) / "logs"
-    batch = logs / f"batch-{record.job_id}.out"
-    batch_text = tail(batch, 400)
-    codes = {}
-    for index in range(record.ntasks):
-        try:
-            codes[index] = int((record.submitit_dir / f"{record.job_id}_{index}_exit").read_text())
-        except (OSError, ValueError):
-            pass
-    index = failing_task(batch_text, codes)
-    chosen = [logs / f"task-{index}.log"] if index is not None else [
-        p for p in log_files(record) if p.name.startswith("task-")]
-    parts = []
-    if index is not None:
-        # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
-        first = srun_first_failure(batch_text)
-        where, how = (f" on {first[1]}", f": {first[2]}") if first else ("", f": exit status {codes.get(index)}")
-        parts.append(f"hpcdist: task {index} ({ranks_label(record, index)}){where} failed first{how}")
-    for path in chosen:
-        if path.exists():
-            why = " (the failing task)" if index is not None else ""
-            parts.append(f"==> {path}{why} <==\n{tail(path, lines)}")
-    if batch_text:
-        parts.append(f"==> {batch} <==\n" + "\n".join(batch_text.splitlines()[-10:]))
-    return "\n".join(parts)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a text file (reads at most the final 256 KiB)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(size - 262144, 0))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
 
 
 def slurm_available(environ: Mapping[str, str]) -> bool:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from hpc import vocab
+
 # Model states may use this share of a GPU's memory; the rest is left for activations, temporary buffers
 # (gradient buckets, ZeRO-3's gathered layers) and fragmentation, which grow with batch and sequence length.
 MODEL_STATE_FRACTION = 0.80
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = vocab.DTYPES
 
 # The trainer's --precision auto is settled at run time on the GPU; planning it as fp32, which needs at
 # least as much as bf16 in every plan, keeps a "fits" true whichever the trainer picks.

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import jinja2
 import yaml
 
-from hpc import paths, ranks
-from hpc.hostfile import hostfile, world_info
+from hpc import paths, ranks, vocab
+from hpc.hostfile import hostfile
 from hpc.profiles import Profile
 from hpc.spec import JobSpec, SpecError, check, train_value
 
@@ -187,8 +187,8 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "spec": spec,
         "profile": profile,
         "job_dir": spec.job_dir,
-        "run_dir": str(jdir / "run"),
-        "logs_dir": str(jdir / "logs"),
+        "run_dir": str(jdir / vocab.RUN_DIR),
+        "vocab": vocab,
         "python": spec.python,
         "environment": sorted(profile.environment().items()),
         "world_size": spec.world_size,
@@ -237,11 +237,6 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     )
 
 
-def world_info_for(spec: JobSpec) -> str:
-    """The launcher's --world_info for an offline --nodelist (the job builds its own from Slurm's)."""
-    return world_info(spec.hosts, spec.procs_per_node)
-
-
 def write(rendered: Rendered, *, force: bool = False) -> Path:
     """Write the job directory all at once: into a temporary sibling, then renamed into place.
 
@@ -262,7 +257,7 @@ def write(rendered: Rendered, *, force: bool = False) -> Path:
     old = None
     try:
         os.chmod(staging, 0o755)
-        for sub in ("logs", "run"):
+        for sub in (vocab.LOGS_DIR, vocab.RUN_DIR):
             (staging / sub).mkdir()
         for name, text in rendered.files.items():
             path = staging / name

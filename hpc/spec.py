@@ -6,25 +6,19 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from hpc import nodelist, plan
+from hpc import nodelist, plan, vocab
 
 if TYPE_CHECKING:
     from hpc.profiles import Profile
 
-BACKENDS = ("dp", "ddp", "deepspeed", "auto")
-LAUNCHERS = ("srun", "torchrun", "deepspeed")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ZERO_STAGES = (0, 1, 2, 3)
-# Which launchers can start each backend: dp is one process owning every GPU of one node, and the
-# torchrun/DeepSpeed launchers exist to start several ranks per node, which dp never has.
-VALID_LAUNCHERS = {
-    "dp": ("srun",),
-    "ddp": ("srun", "torchrun"),
-    "deepspeed": ("srun", "torchrun", "deepspeed"),
-}
-# Launchers that run one Slurm task per node and spawn that node's ranks themselves.
-NODE_LAUNCHERS = ("torchrun", "deepspeed")
-DEFAULT_ZERO_STAGE = 2
+# The vocabulary lives in hpc.vocab; these names stay for the code that imports them from here.
+BACKENDS = vocab.JOB_BACKENDS
+LAUNCHERS = vocab.LAUNCHERS
+PRECISIONS = vocab.PRECISIONS
+ZERO_STAGES = vocab.ZERO_STAGES
+VALID_LAUNCHERS = vocab.VALID_LAUNCHERS
+NODE_LAUNCHERS = vocab.NODE_LAUNCHERS
+DEFAULT_ZERO_STAGE = vocab.DEFAULT_ZERO_STAGE
 # slurmdbd keeps job names in a tinytext column (255 bytes).
 MAX_JOB_NAME_BYTES = 255
 # Options the render side passes to the trainer itself; a second copy after -- would contradict it.
@@ -54,7 +48,7 @@ class JobSpec:
     """One job as asked for; ``None`` means "take the cluster profile's value" (see ``resolve``)."""
 
     job_dir: str
-    job_name: str = "hpcdist"
+    job_name: str = vocab.DEFAULT_JOB_NAME
     cluster: str = "local"
     nodes: int = 1
     gpus_per_node: int | None = None
@@ -162,7 +156,7 @@ def time_seconds(value: str) -> int:
     raise SpecError(f"--time {value!r} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS")
 
 
-def resolve(spec: JobSpec, profile: "Profile") -> JobSpec:
+def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
     """Fill the profile's defaults and settle ``--backend auto`` and the ZeRO stage.
 
     ``--backend auto`` asks hpc.plan for the configuration with the least communication whose model
@@ -202,7 +196,7 @@ def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
         raise SpecError(f"{option} {value!r} contains whitespace, which Slurm rejects; remove it")
 
 
-def check(spec: JobSpec, profile: "Profile") -> JobSpec:
+def check(spec: JobSpec, profile: Profile) -> JobSpec:
     """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
     if spec.backend not in BACKENDS:
         raise SpecError(f"unknown --backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")

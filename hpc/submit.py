@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from hpc import jobs, task
+from hpc import jobs, task, vocab
+from hpc.vocab import BATCH_LOG, TASK_LOG
 
 VIAS = ("submitit", "sbatch")
 EXECUTORS = ("auto", "slurm", "local")
-# The same per-task and batch logs job.sbatch names, so a job's logs/ looks alike on every path.
-TASK_LOG = "logs/task-%t.log"
-BATCH_LOG = "logs/batch-%j.out"
 _SIGNAL_NAME = re.compile(r"(?:[RB]{1,2}:)?(?:SIG)?([A-Z][A-Z0-9]*)(?:@\d+)?")
 
 
@@ -100,7 +98,7 @@ def parse_sbatch(text: str) -> str:
 # ---- side effects --------------------------------------------------------------------------------
 
 def submitit_folder(rendered: Any) -> Path:
-    return Path(rendered.job_dir) / jobs.SUBMITIT_DIR
+    return Path(rendered.job_dir) / vocab.SUBMITIT_DIR
 
 
 def submit_submitit(rendered: Any) -> str:

@@ -50,7 +50,7 @@ class Geometry:
     cpus_per_task: int = 1
 
     @classmethod
-    def of(cls, spec: Any) -> "Geometry":
+    def of(cls, spec: Any) -> Geometry:
         """From a resolved hpc.spec.JobSpec: one Slurm task per rank (srun) or per node (launchers)."""
         return cls(spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task or 1)
 

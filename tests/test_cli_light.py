@@ -7,7 +7,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +68,4 @@ def test_render_is_fast(tmp_path: Path) -> None:
                         "--force", "--job-dir", str(tmp_path / "job")], tmp_path)
     # The budget is 0.3 s; the margin keeps a machine shared with other test runs from failing it.
     assert took < 0.4, f"hpcdist render used {took:.3f} s of CPU"
+

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import base64
+import importlib.util
 import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,12 +61,16 @@ def test_golden(backend: str, launcher: str) -> None:
 def test_scripts_pass_bash_n_and_shellcheck(tmp_path: Path, backend: str, launcher: str) -> None:
     rendered = render.render(golden_spec(backend, launcher), SITE, tmp_path / "job", search=builtin())
     for name in SCRIPTS:
-        path = tmp_path / name
-        path.write_text(rendered.files[name])
-        subprocess.run(["bash", "-n", str(path)], check=True)
-        if shutil.which("shellcheck"):
-            proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
-            assert proc.returncode == 0 and not proc.stdout, f"{name}:\n{proc.stdout}"
+        (tmp_path / name).write_text(rendered.files[name])
+        subprocess.run(["bash", "-n", str(tmp_path / name)], check=True)
+    if shutil.which("shellcheck") is None:
+        # CI (scripts/setup.sh --slurm installs it) must not pass a lint it never ran.
+        if os.environ.get("CI"):
+            pytest.fail("shellcheck is not installed: run scripts/setup.sh --slurm (apt-get install shellcheck)")
+        pytest.skip("shellcheck is not installed")
+    for name in SCRIPTS:
+        proc = subprocess.run(["shellcheck", str(tmp_path / name)], capture_output=True, text=True)
+        assert proc.returncode == 0 and not proc.stdout, f"{name}:\n{proc.stdout}"
 
 
 def test_launch_lines() -> None:
@@ -83,10 +88,11 @@ def test_launch_lines() -> None:
 
 
 def test_deepspeed_launcher_arguments_exist() -> None:
-    launch = REPO / ".venv/lib/python3.11/site-packages/deepspeed/launcher/launch.py"
-    if not launch.is_file():
-        pytest.skip("deepspeed is not installed in .venv")
-    source = launch.read_text()
+    # Read, not imported: importing deepspeed would import torch.
+    found = importlib.util.find_spec("deepspeed")
+    if found is None or found.origin is None:
+        pytest.skip("deepspeed is not installed")
+    source = (Path(found.origin).parent / "launcher" / "launch.py").read_text()
     for name in ("--world_info", "--node_rank", "--master_addr", "--master_port", "--module"):
         assert f'"{name}"' in source
 
@@ -145,8 +151,6 @@ def test_hostfile_written_offline_with_nodelist() -> None:
     files = render.render(spec, SITE, search=builtin()).files
     assert files["hostfile"] == "n1 slots=2\nn2 slots=2\n"
     assert "#SBATCH --nodelist=n[1-2]" in files["job.sbatch"]
-    info = json.loads(base64.urlsafe_b64decode(render.world_info_for(render.render(spec, SITE).spec)))
-    assert info == {"n1": [0, 1], "n2": [0, 1]}
 
 
 def test_site_templates_override_and_strict_undefined(tmp_path: Path) -> None:
@@ -206,12 +210,12 @@ def test_auto_backend_offloads_only_when_nothing_fits_on_the_gpus() -> None:
 def test_sbatch_test_only(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ok = subprocess.run(
-        [str(REPO / ".venv/bin/python"), "-m", "hpc", "render", "--nodes", "2", "--job-dir",
+        [sys.executable, "-m", "hpc", "render", "--nodes", "2", "--job-dir",
          str(tmp_path / "ok"), "--test-only", "-q"], capture_output=True, text=True, env=env, timeout=90)
     assert ok.returncode == 0, ok.stderr
     assert "to start at" in ok.stderr
     bad = subprocess.run(
-        [str(REPO / ".venv/bin/python"), "-m", "hpc", "render", "--partition", "nosuchpartition",
+        [sys.executable, "-m", "hpc", "render", "--partition", "nosuchpartition",
          "--job-dir", str(tmp_path / "bad"), "--test-only", "-q"], capture_output=True, text=True, env=env,
         timeout=90)
     assert bad.returncode != 0 and "refused" in bad.stderr

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_summary, requires_slurm
 
 from hpc import jobs
-from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_summary, requires_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import REPO, environ, hpcdist, job_id_of, requires_slurm
 
 from hpc import jobs
 from hpc.spec import time_seconds
-from slurm_fixtures import REPO, environ, hpcdist, job_id_of, requires_slurm
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from slurm_fixtures import TINY_TRAIN, check_training, hpcdist, job_id_of, requires_slurm
 
 from hpc import jobs, nodelist
-from slurm_fixtures import TINY_TRAIN, check_training, hpcdist, job_id_of, requires_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
@@ -54,12 +54,12 @@ def submit_and_check(tmp_path, via: str, backend: str, launcher: str, nodes: int
     assert status.returncode == 0 and "COMPLETED" in status.stdout
 
 
-@pytest.mark.parametrize("backend,launcher,nodes", CASES, ids=[f"{b}-{l}" for b, l, _ in CASES])
+@pytest.mark.parametrize("backend,launcher,nodes", CASES, ids=[f"{b}-{la}" for b, la, _ in CASES])
 def test_submitit(tmp_path, backend, launcher, nodes):
     submit_and_check(tmp_path, "submitit", backend, launcher, nodes)
 
 
-@pytest.mark.parametrize("backend,launcher,nodes", CASES, ids=[f"{b}-{l}" for b, l, _ in CASES])
+@pytest.mark.parametrize("backend,launcher,nodes", CASES, ids=[f"{b}-{la}" for b, la, _ in CASES])
 def test_sbatch(tmp_path, backend, launcher, nodes):
     submit_and_check(tmp_path, "sbatch", backend, launcher, nodes)
 

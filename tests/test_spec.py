@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from hpc import profiles
 from hpc.cli import main
-from hpc.commands.render import spec_from_options
+from hpc.commands.options import spec_from_options
 from hpc.spec import JobSpec, SpecError, check, from_mapping, time_seconds
 
 BAD = [
@@ -52,7 +52,6 @@ def run(args: list[str], tmp_path: Path):
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a)[:40] for a, _ in BAD])
 def test_bad_input_exit_2_one_line_no_job_dir(tmp_path: Path, args: list[str], message: str) -> None:
-    from hpc import render
 
     job_dir = tmp_path / "job"
     head, sep, tail = (args[:args.index("--")], ["--"], args[args.index("--") + 1:]) if "--" in args else (

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import REPO, environ, hpcdist, requires_slurm
 
 from hpc import spec as specs
-from slurm_fixtures import REPO, environ, hpcdist, requires_slurm
 
 SMALL_TRAIN = ("--max-steps", "2", "--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "64")
 

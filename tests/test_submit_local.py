@@ -7,10 +7,10 @@ import sys
 import time
 
 import pytest
+from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
 
 from hpc import jobs, profiles, render, submit
 from hpc.spec import JobSpec
-from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
 
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
 STANDIN = """#!/bin/bash

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import REPO, environ, hpcdist, path_without_slurm
 
 from hpc import profiles, render, submit
 from hpc.spec import JobSpec, time_seconds
-from slurm_fixtures import REPO, environ, hpcdist, path_without_slurm
 
 
 def rendered_for(tmp_path: Path, **kw) -> render.Rendered:

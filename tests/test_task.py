@@ -175,7 +175,7 @@ def test_a_failing_command_creates_the_abort_file(tmp_path):
 def test_run_local_emulates_a_slurm_task_and_records_its_status(tmp_path):
     script = ("from hpc import task\n"
               "task.run_local(('sh', '-c', 'echo $SLURM_PROCID/$SLURM_NTASKS@$SLURM_JOB_NODELIST'),\n"
-              "               task.Geometry(2, 1), %r, %r)\n" % (str(tmp_path), str(tmp_path / "task-%t.log")))
+              f"               task.Geometry(2, 1), {str(tmp_path)!r}, {str(tmp_path / 'task-%t.log')!r})\n")
     env = {**os.environ, "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_JOB_ID": "99", "SLURM_PROCID": "7",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=60)
@@ -185,8 +185,8 @@ def test_run_local_emulates_a_slurm_task_and_records_its_status(tmp_path):
 
 def test_run_local_records_a_failure_and_exits_with_its_status(tmp_path):
     script = ("from hpc import task\n"
-              "task.run_local(('sh', '-c', 'exit 3'), task.Geometry(1, 2), %r, %r)\n"
-              % (str(tmp_path), str(tmp_path / "task-%t.log")))
+              f"task.run_local(('sh', '-c', 'exit 3'), task.Geometry(1, 2), {str(tmp_path)!r}, "
+              f"{str(tmp_path / 'task-%t.log')!r})\n")
     env = {**os.environ, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_JOB_ID": "98",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60)

@@ -28,18 +28,28 @@ import torch
 import torch.distributed as dist
 
 from hpc import ranks
+from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from train import checkpoint, dsconfig
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
 from train.engines import DeepSpeedEngine, TorchEngine
 from train.loader import ClassicLoader, ResidentLoader, normalize, shard
 from train.model import ConvNet, param_digest
 from train.options import DEFAULT_BATCH, Options, parse
-from train.runtime import (Preemption, UsageError, all_mean, device_name, init_process_group,
-                           log_nccl_for_preflight, peak_memory_bytes, pick_device, preflight, reach_master, say,
-                           warn)
+from train.runtime import (
+    Preemption,
+    UsageError,
+    all_mean,
+    device_name,
+    init_process_group,
+    log_nccl_for_preflight,
+    peak_memory_bytes,
+    pick_device,
+    preflight,
+    reach_master,
+    say,
+    warn,
+)
 
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75
 EVAL_BATCH = 1024
 
 # DeepSpeed calls torch.distributed's deprecated collective names on every step, burying the log.

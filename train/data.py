@@ -54,7 +54,7 @@ def read_batch(path: Path) -> Split:
             batch = pickle.load(f, encoding="bytes")
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 file {path} is missing: {fix}") from None
-    except Exception as exc:  # a truncated or foreign file can fail inside pickle in many ways
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file can fail inside pickle in many ways
         raise DataError(f"CIFAR-10 file {path} is corrupt ({type(exc).__name__}): delete it and {fix}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"CIFAR-10 file {path} lacks b'data'/b'labels', so it is no CIFAR-10 batch; "
@@ -84,7 +84,7 @@ def download_cifar10(data_dir: Path, local_rank: int, timeout_s: float) -> None:
 
         try:
             CIFAR10(root=str(data_dir), train=True, download=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - network, disk or archive: each is the same advice
             raise DataError(f"downloading CIFAR-10 into {data_dir} failed ({exc}); fetch "
                             f"cifar-10-python.tar.gz by hand and unpack it there, then drop --download") from None
         marker.touch()

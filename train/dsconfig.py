@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 from typing import MutableMapping
 
+from hpc import vocab
 from hpc.paths import configs_dir
 
 DEFAULT_CONFIG = "zero2_fp16.json"
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -68,8 +68,8 @@ def resolve(base: dict, *, world_size: int, zero_stage: int | None = None, preci
     if zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = zero_stage
     if precision is not None:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision not in vocab.DTYPES:
+            raise ConfigError(f"precision {precision!r} is not one of {', '.join(vocab.DTYPES)}")
         config.setdefault("fp16", {})["enabled"] = precision == "fp16"
         config.setdefault("bf16", {})["enabled"] = precision == "bf16"
     if lr is not None:

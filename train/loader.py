@@ -49,7 +49,7 @@ def steps_per_epoch(n: int, world_size: int, local_batch: int) -> int:
     return math.ceil(n / world_size) // local_batch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: building them per batch is a blocking host-to-device copy on every step,
     # which stalls the CPU until the GPU drains its queue.

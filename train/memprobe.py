@@ -1,4 +1,8 @@
-"""Measure DeepSpeed's model-state bytes per rank: `python -m torch.distributed.run --standalone --nproc_per_node 2 train/memprobe.py --zero-stage 0 1 2 3 --precision fp32 bf16`."""
+"""Measure DeepSpeed's model-state bytes per rank.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 train/memprobe.py \\
+        --zero-stage 0 1 2 3 --precision fp32 bf16
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import warnings
 # DeepSpeed picks its accelerator on import; without a GPU it must be told, or it fails looking for CUDA.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,7 +144,7 @@ def probe(stage: int, precision: str, args) -> dict:
     reduce = engine.allreduce_gradients
 
     def measured_reduce(*a, **kw):
-        samples["before_reduce"] = measure(engine, baseline)
+        samples["before_reduce"] = measure(engine, baseline)  # noqa: F821 - deleted only after the probe
         return reduce(*a, **kw)
 
     engine.allreduce_gradients = measured_reduce

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from hpc import vocab
+
 DEFAULT_BATCH = 256  # global, dp/ddp; DeepSpeed takes its config's train_batch_size unless told
 
 
@@ -49,9 +51,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m train", description="Train the reference CIFAR-10 ConvNet.")
-    p.add_argument("--backend", choices=("dp", "ddp", "deepspeed"), required=True)
+    p.add_argument("--backend", choices=vocab.BACKENDS, required=True)
     p.add_argument("--run-dir", type=Path, required=True, help="metrics.jsonl, summary.json, checkpoints/")
-    p.add_argument("--dataset", choices=("synthetic", "cifar10"), default="synthetic")
+    p.add_argument("--dataset", choices=vocab.DATASETS, default="synthetic")
     p.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py/")
     p.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir if missing")
     p.add_argument("--synthetic-size", type=int, default=4096, help="training images; the test set is a quarter")
@@ -59,11 +61,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     p.add_argument("--batch-size", type=int, help=f"global batch over all ranks (dp/ddp default {DEFAULT_BATCH})")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3, DeepSpeed: the config's)")
-    p.add_argument("--loader", choices=("resident", "classic"), default="resident")
+    p.add_argument("--loader", choices=vocab.LOADERS, default="resident")
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (classic loader)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--zero-stage", type=int, choices=vocab.ZERO_STAGES)
+    p.add_argument("--precision", choices=vocab.PRECISIONS, default="auto")
     p.add_argument("--deepspeed-config", type=Path)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")

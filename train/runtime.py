@@ -96,7 +96,7 @@ def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
     try:
         dist.all_reduce(probe)
         total = float(probe.item())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raised, the message names this rank
         raise RuntimeError(f"preflight all_reduce failed on rank {env.rank} of {env.world_size} "
                            f"({dist.get_backend()}): {exc}") from None
     report = {"rank": env.rank, "host": socket.gethostname(), "backend": dist.get_backend(), "total": total,

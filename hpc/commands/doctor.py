@@ -20,13 +20,13 @@ from typing import Any
 import click
 
 from hpc import doctor as judging
-from hpc import jobs, profiles
-from hpc.commands.render import fail, job_options, prepare
+from hpc import jobs, profiles, vocab
+from hpc.commands.options import fail, job_options, prepare
 
 
 def read_reports(run_dir: Path) -> list[judging.RankReport]:
     reports = []
-    for path in sorted((run_dir / "preflight").glob("rank-*.json")):
+    for path in sorted((run_dir / vocab.PREFLIGHT).glob("rank-*.json")):
         data = json.loads(path.read_text())
         reports.append(judging.RankReport(**{k: data[k] for k in
                                              ("rank", "host", "backend", "total", "world_size", "seconds")}))
@@ -53,8 +53,8 @@ def doctor(config_file: str | None, executor: str, **options: Any) -> None:
     click.echo(f"preflight job {submitted.record.job_id} ({where}) on {spec.nodes} node(s), "
                f"{spec.world_size} rank(s): {rendered.job_dir}")
     final = submitting.wait(submitted)
-    run_dir = Path(rendered.job_dir) / "run"
-    nccl_logs = [p.read_text(errors="replace") for p in sorted((run_dir / "preflight").glob("nccl-*.log"))]
+    run_dir = Path(rendered.job_dir) / vocab.RUN_DIR
+    nccl_logs = [p.read_text(errors="replace") for p in sorted((run_dir / vocab.PREFLIGHT).glob("nccl-*.log"))]
     expect_ib = spec.gpus_per_node > 0 and profiles.load(spec.cluster).network.ib
     verdicts = judging.judge(read_reports(run_dir), spec.world_size, nccl_logs, expect_ib)
     if not final.ok:

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from hpc import jobs
-from hpc.commands.render import fail, job_options, prepare
+from hpc.commands.options import fail, job_options, prepare
 
 FOLLOW_POLL_S = 1.0
 

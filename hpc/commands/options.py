@@ -1,0 +1,141 @@
+"""The job options every job-making command shares (render, submit, doctor), and spec building from them.
+
+``job_options`` adds the flags to a click command; ``prepare`` turns them into a written job directory
+or exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
+
+import click
+
+import hpc
+from hpc import hostfile as hostfiles
+from hpc import spec as specs
+from hpc import vocab
+
+if TYPE_CHECKING:
+    from hpc.render import Rendered
+
+# (flags, JobSpec field, click keyword arguments); every default is None so that a job file's value is
+# kept unless the flag was actually given. Choices are checked by hpc.spec.check, not click, so a bad
+# value in a job file and on the command line fail alike: one line, exit 2.
+OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
+    (("--cluster",), "cluster", {"help": "Cluster profile name (configs/clusters/) or YAML path. [local]"}),
+    (("--nodes", "-N"), "nodes", {"type": int, "help": "Nodes. [1]"}),
+    (("--gpus-per-node",), "gpus_per_node", {"type": int, "help": "GPUs per node. [the profile's]"}),
+    (("--ntasks-per-node",), "ntasks_per_node",
+     {"type": int, "help": "Ranks per node on a CPU-only job (with GPUs: one per GPU). [1]"}),
+    (("--cpus-per-task",), "cpus_per_task", {"type": int, "help": "CPUs per Slurm task. [the profile's]"}),
+    (("--backend",), "backend", {"help": f"Training backend: {', '.join(vocab.JOB_BACKENDS)}. [ddp]"}),
+    (("--launcher",), "launcher", {"help": "What starts each node's ranks: "
+                                   f"{', '.join(vocab.LAUNCHERS)}. [srun]"}),
+    (("--zero-stage",), "zero_stage", {"type": int, "help": "DeepSpeed ZeRO stage 0-3. [2]"}),
+    (("--precision",), "precision", {"help": f"{', '.join(vocab.PRECISIONS)}. [auto]"}),
+    (("--partition", "-p"), "partition", {"help": "Slurm partition. [the profile's]"}),
+    (("--account", "-A"), "account", {"help": "Slurm account. [the profile's]"}),
+    (("--time", "-t"), "time", {"help": "Slurm time limit, e.g. 30, 02:00:00, 1-00:00:00. [01:00:00]"}),
+    (("--job-name", "-J"), "job_name", {"help": f"Slurm job name. [{vocab.DEFAULT_JOB_NAME}]"}),
+    (("--job-dir", "--output-dir", "-o"), "job_dir",
+     {"help": "Job directory to create. [runs/JOB_NAME-YYYYmmdd-HHMMSS]"}),
+    (("--nodelist", "-w"), "nodelist",
+     {"help": "Slurm nodelist to request, e.g. n[1-2]; also fills ranks.txt and the hostfile offline."}),
+    (("--signal",), "signal", {"help": "Slurm --signal for preemption warnings. [USR1@120]"}),
+    (("--max-requeues",), "max_requeues", {"type": int, "help": "Requeues after a checkpointed stop. [3]"}),
+    (("--offload/--no-offload",), "offload",
+     {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
+    (("--params",), "params",
+     {"help": "Model parameters for --backend auto, e.g. 350M or 7B. [the built-in ConvNet's]"}),
+)
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add every job option, ``-c/--config`` and the trainer's arguments (after ``--``) to a command."""
+    for flags, name, kwargs in reversed(OPTIONS):
+        func = click.option(*flags, name, default=None, **kwargs)(func)
+    func = click.argument("train_args", nargs=-1, type=click.UNPROCESSED)(func)
+    return click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+                        help="Job file (YAML): the same options, keys spelled with underscores.")(func)
+
+
+def checkout_root() -> str | None:
+    """The repository root when hpc runs from a checkout (tasks then need it on PYTHONPATH)."""
+    package = Path(hpc.__file__).resolve().parent
+    root = package.parent
+    if (root / "templates").is_dir() and not (package / "templates").is_dir() and (root / "train").is_dir():
+        return str(root)
+    return None
+
+
+def _default_job_dir(job_name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name).strip("._") or "job"
+    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def spec_from_options(config_file: str | None = None, **options: Any) -> specs.JobSpec:
+    """A JobSpec from a job file overlaid with the flags that were given; raises SpecError."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise specs.SpecError(f"cannot read job file {config_file}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise specs.SpecError(f"job file {config_file} must be a YAML mapping of option names")
+        values.update({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in loaded.items()})
+        if "output_dir" in values:
+            values["job_dir"] = values.pop("output_dir")
+    train_args = options.pop("train_args", None)
+    values.update({k: v for k, v in options.items() if v is not None})
+    if train_args:
+        values["train_args"] = list(train_args)
+    values.setdefault("job_dir", _default_job_dir(str(values.get("job_name") or vocab.DEFAULT_JOB_NAME)))
+    if isinstance(values["job_dir"], str):
+        values["job_dir"] = os.path.abspath(os.path.expanduser(values["job_dir"]))
+    values.setdefault("python", sys.executable)
+    values.setdefault("pythonpath", checkout_root())
+    return specs.from_mapping(values)
+
+
+def fail(command: str, exc: Exception) -> NoReturn:
+    """One line on stderr and exit status 2: every input error ends this way."""
+    lines = str(exc).splitlines()
+    click.echo(f"hpcdist {command}: {lines[0] if lines else type(exc).__name__}", err=True)
+    sys.exit(2)
+
+
+def build(config_file: str | None = None, **options: Any) -> Rendered:
+    """Spec, profile, checks and rendering: everything short of writing; raises on bad input."""
+    from hpc import profiles, render
+
+    spec = spec_from_options(config_file, **options)
+    profile = profiles.load(spec.cluster)
+    rendered = render.render(spec, profile)
+    # Not in render's pure checks: it asks this machine's filesystem, which the job's nodes share.
+    specs.check_dataset(rendered.spec, os.path.exists)
+    return rendered
+
+
+def prepare(command: str, config_file: str | None, force: bool = False, **options: Any) -> Rendered:
+    """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too."""
+    from hpc import profiles, render
+
+    try:
+        rendered = build(config_file, **options)
+        render.write(rendered, force=force)
+    except (specs.SpecError, profiles.ProfileError, render.RenderError, hostfiles.HostfileError) as exc:
+        fail(command, exc)
+    if rendered.spec.backend_reason:
+        spec = rendered.spec
+        stage = f" ZeRO-{spec.zero_stage}" if spec.backend == "deepspeed" else ""
+        click.echo(f"hpcdist {command}: --backend auto chose {spec.backend}{stage}: {spec.backend_reason}",
+                   err=True)
+    return rendered

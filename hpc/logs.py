@@ -1,0 +1,117 @@
+"""A job's logs: where each task's log is, which task failed first, and the report of a failed job."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Mapping
+
+from hpc import vocab
+from hpc.registry import JobError, Record
+
+
+def log_files(record: Record, rank: int | None = None) -> list[Path]:
+    """The job's logs: every task's (in task order) and the batch script's, or the one holding ``rank``."""
+    logs = Path(record.job_dir) / vocab.LOGS_DIR
+    if rank is not None:
+        return [Path(record.job_dir) / vocab.task_log(task_of(record, rank))]
+    if not logs.is_dir():
+        return []
+
+    def order(path: Path) -> tuple[int, int, str]:
+        m = re.fullmatch(r"task-(\d+)\.log", path.name)
+        return (0, int(m.group(1)), "") if m else (1, 0, path.name)
+
+    return sorted((p for p in logs.iterdir() if p.is_file()), key=order)
+
+
+def task_of(record: Record, rank: int) -> int:
+    """The Slurm task whose log holds ``rank``: itself under srun, its node's launcher otherwise."""
+    if not 0 <= rank < max(record.world_size, 1):
+        raise JobError(f"rank {rank} is outside world size {record.world_size}")
+    per_task = max(record.world_size // max(record.ntasks, 1), 1)
+    return rank // per_task
+
+
+# srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
+_SRUN_TASK_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
+
+
+def srun_first_failure(batch_log: str) -> tuple[int, str, str] | None:
+    """(task, node, how) from srun's first report of a task that ended badly, if the log has one.
+
+    The first report is the cause: srun --kill-on-bad-exit stops the other tasks only after it, and a
+    rank that noticed its dead peer (a broken collective) exits after it too. That first task may have
+    been killed (``Killed``: the OOM killer, kill -9) rather than have exited with a status.
+    """
+    m = _SRUN_TASK_END.search(batch_log)
+    return (int(m.group(2)), m.group(1), m.group(3).strip()) if m else None
+
+
+def failing_task(batch_log: str, exit_codes: Mapping[int, int]) -> int | None:
+    """The task that failed first: srun's own report in the batch log, else a local non-zero status.
+
+    srun prints ``srun: error: n2: task 1: Exited with exit code 3`` (or ``...: Killed``) for the task
+    that failed; the others, stopped by --kill-on-bad-exit, follow as "Terminated"/"Killed" lines.
+    """
+    first = srun_first_failure(batch_log)
+    if first is not None:
+        return first[0]
+    stopped_by_others = (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+    for index in sorted(exit_codes):
+        if exit_codes[index] and exit_codes[index] not in stopped_by_others:
+            return index
+    for index in sorted(exit_codes):
+        if exit_codes[index]:
+            return index
+    return None
+
+
+def ranks_label(record: Record, index: int) -> str:
+    """``rank 1`` or ``ranks 2-3``: the ranks Slurm task ``index`` ran (one per node under a launcher)."""
+    per_task = max(record.world_size // max(record.ntasks, 1), 1)
+    first, last = index * per_task, (index + 1) * per_task - 1
+    return f"rank {first}" if first == last else f"ranks {first}-{last}"
+
+
+def failure_report(record: Record, lines: int = 40) -> str:
+    """The tail of the failing task's log, then of the batch log, for a job that did not complete."""
+    batch = Path(record.job_dir) / vocab.batch_log(record.job_id)
+    batch_text = tail(batch, 400)
+    codes = {}
+    for index in range(record.ntasks):
+        try:
+            codes[index] = int((record.submitit_dir / f"{record.job_id}_{index}_exit").read_text())
+        except (OSError, ValueError):
+            pass
+    index = failing_task(batch_text, codes)
+    chosen = [Path(record.job_dir) / vocab.task_log(index)] if index is not None else [
+        p for p in log_files(record) if p.name.startswith("task-")]
+    parts = []
+    if index is not None:
+        # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
+        first = srun_first_failure(batch_text)
+        where, how = (f" on {first[1]}", f": {first[2]}") if first else ("", f": exit status {codes.get(index)}")
+        parts.append(f"hpcdist: task {index} ({ranks_label(record, index)}){where} failed first{how}")
+    for path in chosen:
+        if path.exists():
+            why = " (the failing task)" if index is not None else ""
+            parts.append(f"==> {path}{why} <==\n{tail(path, lines)}")
+    if batch_text:
+        parts.append(f"==> {batch} <==\n" + "\n".join(batch_text.splitlines()[-10:]))
+    return "\n".join(parts)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file (reads at most the final 256 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(size - 262144, 0))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])

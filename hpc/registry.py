@@ -1,0 +1,120 @@
+"""The registry of jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl) and each job directory's marker."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from hpc import vocab
+
+HOME_ENV = "HPCDIST_HOME"
+DEFAULT_HOME = "~/.hpcdist"
+REGISTRY = "jobs.jsonl"
+# Written into the job directory as well, so a job dir names its job even with another registry.
+MARKER = vocab.SUBMITTED_JSON
+
+
+class JobError(LookupError):
+    """A job that cannot be found or asked about; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One submission: what was asked for and where it went (one line of jobs.jsonl)."""
+
+    job_id: str
+    job_dir: str
+    via: str
+    submitted: str
+    job_name: str = ""
+    backend: str = ""
+    launcher: str = ""
+    nodes: int = 1
+    ntasks_per_node: int = 1
+    world_size: int = 1
+
+    @property
+    def ntasks(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+    @property
+    def submitit_dir(self) -> Path:
+        return Path(self.job_dir) / vocab.SUBMITIT_DIR
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Record:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def registry_path(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / REGISTRY
+
+
+def parse_registry(text: str) -> list[Record]:
+    """Records in submission order; a damaged line (a crash mid-write) is skipped, not fatal."""
+    out = []
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+            if isinstance(data, dict) and data.get("job_id") and data.get("job_dir"):
+                out.append(Record.from_mapping(data))
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+def load(path: Path) -> list[Record]:
+    try:
+        return parse_registry(path.read_text())
+    except FileNotFoundError:
+        return []
+
+
+def append(path: Path, record: Record) -> None:
+    """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(record.to_json() + "\n")
+
+
+def write_marker(record: Record) -> None:
+    (Path(record.job_dir) / MARKER).write_text(record.to_json() + "\n")
+
+
+def read_marker(job_dir: Path) -> Record | None:
+    try:
+        records = parse_registry((job_dir / MARKER).read_text())
+    except OSError:
+        return None
+    return records[-1] if records else None
+
+
+def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
+    """The newest record whose job id is ``key``, or whose job dir is ``key`` (relative to ``cwd``)."""
+    records = list(records)
+    directory = os.path.normpath(os.path.join(cwd, key))
+    for record in reversed(records):
+        if record.job_id == key:
+            return record
+    for record in reversed(records):
+        if os.path.normpath(record.job_dir) == directory:
+            return record
+    return None
+
+
+def lookup(key: str, environ: Mapping[str, str]) -> Record:
+    """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker."""
+    record = find(load(registry_path(environ)), key, os.getcwd())
+    if record is None and Path(key).is_dir():
+        record = read_marker(Path(key).resolve())
+    if record is None:
+        raise JobError(f"no job {key!r} was submitted from here (see `hpcdist list`); pass a job id or a "
+                       "job directory")
+    return record

@@ -1,0 +1,66 @@
+"""hpcdist's vocabulary: the words the CLI, the templates and the trainer share (torch-free, no imports)."""
+
+# What trains: the trainer's backends; a job may also ask for "auto" and let hpc.plan choose.
+BACKENDS = ("dp", "ddp", "deepspeed")
+AUTO = "auto"
+JOB_BACKENDS = (*BACKENDS, AUTO)
+LAUNCHERS = ("srun", "torchrun", "deepspeed")
+# Which launchers can start each backend: dp is one process owning every GPU of one node, and the
+# torchrun/DeepSpeed launchers exist to start several ranks per node, which dp never has.
+VALID_LAUNCHERS = {
+    "dp": ("srun",),
+    "ddp": ("srun", "torchrun"),
+    "deepspeed": ("srun", "torchrun", "deepspeed"),
+}
+# Launchers that run one Slurm task per node and spawn that node's ranks themselves.
+NODE_LAUNCHERS = ("torchrun", "deepspeed")
+DTYPES = ("fp32", "bf16", "fp16")
+PRECISIONS = (AUTO, *DTYPES)
+ZERO_STAGES = (0, 1, 2, 3)
+DEFAULT_ZERO_STAGE = 2
+DATASETS = ("synthetic", "cifar10")
+LOADERS = ("resident", "classic")
+DEFAULT_JOB_NAME = "hpcdist"
+
+# The trainer's exit statuses (docs/CONTRACTS.md); anything else is a failure.
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
+EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
+
+# The job directory's layout, relative to JOB_DIR.
+JOB_SBATCH = "job.sbatch"
+SETUP_SH = "setup.sh"
+TASK_SH = "task.sh"
+REQUEUE_SH = "requeue.sh"
+SPEC_YAML = "spec.yaml"
+RANKS_TXT = "ranks.txt"
+DEEPSPEED_JSON = "deepspeed.json"
+HOSTFILE = "hostfile"
+SUBMITTED_JSON = "submitted.json"
+SUBMITIT_DIR = "submitit"
+ATTEMPTS = "attempts.jsonl"
+LOGS_DIR = "logs"
+TASK_LOG = "logs/task-%t.log"  # Slurm's %t: the task's index in the step
+BATCH_LOG = "logs/batch-%j.out"  # Slurm's %j: the job id
+RUN_DIR = "run"  # the trainer's --run-dir
+
+# The run directory's layout, relative to RUN_DIR (written by the trainer).
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+PREEMPTED = "preempted"  # rank 0's marker: every rank checkpointed after a signal; requeue.sh acts on it
+PREFLIGHT = "preflight"
+HEARTBEAT = "heartbeat"  # heartbeat/rank-R.json
+HANG = "hang.json"
+TIMELINE = "timeline"
+
+
+def task_log(index: int) -> str:
+    """``logs/task-3.log``: Slurm task ``index``'s log, relative to the job directory."""
+    return TASK_LOG.replace("%t", str(index))
+
+
+def batch_log(job_id: str) -> str:
+    """``logs/batch-4242.out``: the batch script's log, relative to the job directory."""
+    return BATCH_LOG.replace("%j", str(job_id))
