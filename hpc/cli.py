@@ -26,6 +26,10 @@ COMMANDS = {
     "plan": "hpc.commands.plan:plan",
     "bench": "hpc.commands.bench:bench",
     "doctor": "hpc.commands.doctor:doctor",
+    # observability (issue 12)
+    "top": "hpc.commands.observe:top",
+    "timeline": "hpc.commands.observe:timeline_cmd",
+    "report": "hpc.commands.observe:report_cmd",
 }
 
 

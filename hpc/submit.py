@@ -11,7 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from hpc import jobs, task, vocab
 from hpc.vocab import BATCH_LOG, TASK_LOG
@@ -183,8 +183,10 @@ def _until_started(record: jobs.Record, handle: Any, timeout_s: float = 30.0) ->
         time.sleep(0.01)
 
 
-def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = None) -> jobs.JobState:
-    """Block until the job reaches a final state (a requeued job keeps being waited for)."""
+def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = None,
+         on_poll: Callable[[jobs.JobState], None] | None = None) -> jobs.JobState:
+    """Block until the job reaches a final state (a requeued job keeps being waited for); ``on_poll`` is
+    called with the state at every poll while it runs (submit --wait shows progress from it)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     record = submitted.record
     while True:
@@ -196,6 +198,8 @@ def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = No
             return current
         if deadline is not None and time.monotonic() > deadline:
             return current
+        if on_poll is not None:
+            on_poll(current)
         time.sleep(poll_s)
 
 

@@ -66,8 +66,12 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
     if not wait_:
         return
+    from hpc.commands.observe import Follower
+
     started = time.monotonic()
-    final = submitting.wait(submitted)
+    follower = Follower(record, click.get_text_stream("stdout"))
+    final = submitting.wait(submitted, on_poll=follower.poll)
+    follower.finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
     if not final.ok:
         report = jobs.failure_report(record)
@@ -83,6 +87,10 @@ def status(job: str) -> None:
     record = _lookup("status", job)
     current = jobs.state(record)
     click.echo(f"{current.line()}  via={record.via}  dir={record.job_dir}")
+    from hpc.commands.observe import status_lines
+
+    for line in status_lines(record):
+        click.echo(line)
 
 
 @click.command()
@@ -155,10 +163,13 @@ def list_jobs(last: int) -> None:
         click.echo("no jobs submitted from here yet")
         return
     current = jobs.states(records)
-    rows = [("JOBID", "VIA", "STATE", "SUBMITTED", "NAME", "BACKEND", "LAUNCHER", "NODES", "RANKS", "JOB_DIR")]
+    from hpc.commands.observe import list_cells
+
+    rows = [("JOBID", "VIA", "STATE", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND", "LAUNCHER",
+             "NODES", "RANKS", "JOB_DIR")]
     for r in records:
-        rows.append((r.job_id, r.via, current[r.job_id].state, r.submitted, r.job_name, r.backend, r.launcher,
-                     str(r.nodes), str(r.world_size), r.job_dir))
+        rows.append((r.job_id, r.via, current[r.job_id].state, *list_cells(r), r.submitted, r.job_name, r.backend,
+                     r.launcher, str(r.nodes), str(r.world_size), r.job_dir))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))

@@ -1,6 +1,11 @@
 # shellcheck shell=bash
 # Rendered by hpcdist for cluster profile golden-site: sourced by job.sbatch before srun, so
 # every task inherits what it exports.
+# The batch shell (no step id yet) stamps its start and, at the end of this file, its set-up's end.
+if [ -z "${SLURM_STEP_ID:-}" ]; then
+    hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${SLURM_RESTART_COUNT:-0}"
+    { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' batch_start "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
+fi
 module load cuda/12.1
 # The profile's setup lines, verbatim: they are the site admin's shell by design.
 ulimit -n 65536
@@ -13,4 +18,5 @@ export HPCDIST_PYTHON=/opt/venv/bin/python
 # A marker left by an earlier run was acted on already; this run's ranks write their own.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
     rm -f /jobs/golden/run/preempted
+    { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' setup_done "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
 fi

@@ -1,0 +1,371 @@
+"""Read the ranks' heartbeats and judge them: the per-rank board behind ``hpcdist top``, STALE ranks, STRAGGLERS.
+
+    board = monitor.judge(monitor.read_heartbeats(run_dir), now=time.time())
+    print(monitor.table(board))
+
+Heartbeats are contract 1 of docs/CONTRACTS.md (``RUN_DIR/heartbeat/rank-R.json``, written by the trainer);
+``rank-R.jsonl`` beside it, when the trainer keeps one, is each rank's history of them. Pure except for
+the two readers at the top, which take a folder and return values.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+HEARTBEAT_DIR = "heartbeat"
+# Phases after which a rank no longer makes progress by design.
+FINAL_PHASES = ("done", "stopped", "failed")
+# A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
+# STALE_MIN_S: heartbeats come every 2 s, so anything shorter would flag healthy ranks between writes.
+STALE_K = 5.0
+STALE_MIN_S = 10.0
+# A rank is a STRAGGLER when its compute time per step is at least STRAGGLER_RATIO x the other ranks'
+# median, in each of its last SUSTAIN samples (heartbeats, or steps when the trainer keeps a ring).
+STRAGGLER_RATIO = 1.3
+SUSTAIN = 3
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One rank's heartbeat (contract 1); fields a trainer did not write are None."""
+
+    rank: int
+    hostname: str = ""
+    node_rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+    pid: int | None = None
+    attempt: int = 0
+    phase: str = "unknown"
+    step: int = 0
+    total_steps: int | None = None
+    time: float = 0.0
+    step_time_s: float | None = None
+    compute_s: float | None = None
+    comm_s: float | None = None
+    images_per_s: float | None = None
+    loss: float | None = None
+    rss_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    marks: Mapping[str, float] = field(default_factory=dict)
+    recent_compute_s: tuple[float, ...] = ()
+    step_at: float | None = None
+
+    @property
+    def node(self) -> str:
+        return self.hostname or (f"node {self.node_rank}" if self.node_rank is not None else "?")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "Heartbeat":
+        """From a heartbeat's JSON object; ValueError if it has no integer rank."""
+        rank = data.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(f"a heartbeat without an integer rank: {data!r:.80}")
+
+        def num(key: str, kind: type = float) -> Any:
+            value = data.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return kind(value)
+            return None
+
+        marks = data.get("marks") if isinstance(data.get("marks"), dict) else {}
+        ring = data.get("recent_compute_s") if isinstance(data.get("recent_compute_s"), list) else []
+        return cls(
+            rank=rank, hostname=str(data.get("hostname") or ""), node_rank=num("node_rank", int),
+            local_rank=num("local_rank", int), world_size=num("world_size", int), pid=num("pid", int),
+            attempt=num("attempt", int) or 0, phase=str(data.get("phase") or "unknown"), step=num("step", int) or 0,
+            total_steps=num("total_steps", int), time=num("time") or 0.0, step_time_s=num("step_time_s"),
+            compute_s=num("compute_s"), comm_s=num("comm_s"), images_per_s=num("images_per_s"), loss=num("loss"),
+            rss_bytes=num("rss_bytes", int), peak_memory_bytes=num("peak_memory_bytes", int),
+            marks={k: float(v) for k, v in marks.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            recent_compute_s=tuple(float(v) for v in ring if isinstance(v, (int, float)) and not isinstance(v, bool)),
+            step_at=num("step_at"),
+        )
+
+
+def parse_heartbeat(text: str) -> Heartbeat | None:
+    """A heartbeat from a file's text; None for a torn or foreign file (a reader may race a writer)."""
+    try:
+        data = json.loads(text)
+        return Heartbeat.from_mapping(data) if isinstance(data, dict) else None
+    except ValueError:
+        return None
+
+
+def parse_history(text: str) -> list[Heartbeat]:
+    """A rank's heartbeat history (one JSON object a line); damaged lines are skipped."""
+    out = []
+    for line in text.splitlines():
+        beat = parse_heartbeat(line) if line.strip() else None
+        if beat is not None:
+            out.append(beat)
+    return out
+
+
+def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
+    """The newest heartbeat of each rank that wrote one, by rank."""
+    out: dict[int, Heartbeat] = {}
+    folder = Path(run_dir) / HEARTBEAT_DIR
+    for path in sorted(folder.glob("rank-*.json")) if folder.is_dir() else ():
+        try:
+            beat = parse_heartbeat(path.read_text())
+        except OSError:
+            continue
+        if beat is not None:
+            out[beat.rank] = beat
+    return out
+
+
+def read_histories(run_dir: Path) -> dict[int, list[Heartbeat]]:
+    """Each rank's heartbeat history (``rank-R.jsonl``), oldest first; empty where the trainer keeps none."""
+    out: dict[int, list[Heartbeat]] = {}
+    folder = Path(run_dir) / HEARTBEAT_DIR
+    for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else ():
+        try:
+            beats = parse_history(path.read_text(errors="replace"))
+        except OSError:
+            continue
+        for beat in beats:
+            out.setdefault(beat.rank, []).append(beat)
+    return out
+
+
+# ---- judging -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankView:
+    """One rank as ``top`` shows it: its heartbeat, how old it is, and the verdicts."""
+
+    beat: Heartbeat
+    age_s: float
+    progress_age_s: float
+    stale: bool = False
+    stale_reason: str = ""
+    straggler: bool = False
+    compute_ratio: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        b = self.beat
+        return {"rank": b.rank, "node": b.node, "node_rank": b.node_rank, "local_rank": b.local_rank,
+                "pid": b.pid, "attempt": b.attempt, "phase": b.phase, "step": b.step, "total_steps": b.total_steps,
+                "step_time_s": b.step_time_s, "compute_s": b.compute_s, "comm_s": b.comm_s,
+                "images_per_s": b.images_per_s, "loss": b.loss, "rss_bytes": b.rss_bytes,
+                "peak_memory_bytes": b.peak_memory_bytes, "heartbeat_age_s": round(self.age_s, 3),
+                "progress_age_s": round(self.progress_age_s, 3), "stale": self.stale,
+                "stale_reason": self.stale_reason, "straggler": self.straggler,
+                "compute_ratio": None if self.compute_ratio is None else round(self.compute_ratio, 3)}
+
+
+@dataclass(frozen=True)
+class Board:
+    """Every rank's view at one moment, in rank order, with the job-wide numbers the verdicts used."""
+
+    now: float
+    ranks: tuple[RankView, ...]
+    median_step_s: float | None
+    stale_after_s: float
+
+    @property
+    def stale(self) -> tuple[RankView, ...]:
+        return tuple(v for v in self.ranks if v.stale)
+
+    @property
+    def stragglers(self) -> tuple[RankView, ...]:
+        return tuple(v for v in self.ranks if v.straggler)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.now, "median_step_time_s": self.median_step_s, "stale_after_s": self.stale_after_s,
+                "ranks": [v.to_json() for v in self.ranks],
+                "stale": [{"rank": v.beat.rank, "node": v.beat.node, "reason": v.stale_reason} for v in self.stale],
+                "stragglers": [straggler_json(v) for v in self.stragglers]}
+
+
+def straggler_json(view: RankView) -> dict[str, Any]:
+    return {"rank": view.beat.rank, "node": view.beat.node,
+            "compute_ratio": None if view.compute_ratio is None else round(view.compute_ratio, 3)}
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def compute_samples(beat: Heartbeat, history: Sequence[Heartbeat] = ()) -> list[float]:
+    """The rank's recent compute times per step, oldest first, for the straggler test.
+
+    Its heartbeat history in this attempt's training phase (each heartbeat's compute_s is already a
+    median over recent steps); else the heartbeat's own ring of step times; else its one compute_s.
+    """
+    past = [b.compute_s for b in history if b.attempt == beat.attempt and b.phase == "train" and b.compute_s]
+    if len(past) >= SUSTAIN:
+        return [float(v) for v in past]  # type: ignore[arg-type]
+    if beat.recent_compute_s:
+        return list(beat.recent_compute_s)
+    return [beat.compute_s] if beat.compute_s else []
+
+
+def straggler_ratios(samples: Mapping[int, Sequence[float]], ratio: float = STRAGGLER_RATIO,
+                     sustain: int = SUSTAIN, window: int | None = None) -> dict[int, tuple[bool, float | None]]:
+    """rank -> (straggler?, the median of its last ``window`` samples over the other ranks' median).
+
+    Each rank is compared with the others only (leave-one-out): with two ranks, a median that included
+    the slow one would hide it. A straggler's median is at least ``ratio`` x the others', and so are at
+    least ``sustain`` of its last ``window`` samples (default: the last ``sustain``, i.e. each of them).
+    """
+    window = window or sustain
+    level = {r: statistics.median(s[-window:]) for r, s in samples.items() if s}
+    out: dict[int, tuple[bool, float | None]] = {}
+    for rank, own in samples.items():
+        others = [v for r, v in level.items() if r != rank]
+        if not own or not others:
+            out[rank] = (False, None)
+            continue
+        reference = statistics.median(others)
+        if reference <= 0:
+            out[rank] = (False, None)
+            continue
+        above = sum(v >= ratio * reference for v in own[-window:])
+        flagged = above >= sustain and level[rank] >= ratio * reference
+        out[rank] = (flagged, level[rank] / reference)
+    return out
+
+
+def judge(beats: Mapping[int, Heartbeat], now: float, histories: Mapping[int, Sequence[Heartbeat]] | None = None,
+          progress_at: Mapping[int, float] | None = None, polled: Mapping[int, Sequence[float]] | None = None,
+          stale_k: float = STALE_K, stale_min_s: float = STALE_MIN_S, ratio: float = STRAGGLER_RATIO,
+          sustain: int = SUSTAIN) -> Board:
+    """Every rank's view at ``now``.
+
+    ``progress_at`` (rank -> when a watcher last saw its step move) and ``polled`` (rank -> compute_s
+    values a watcher collected, one per new heartbeat) come from a refreshing ``top``; a one-shot reader
+    relies on the heartbeat's own ``step_at`` and ring, or its history.
+    """
+    histories = histories or {}
+    progress_at = progress_at or {}
+    polled = polled or {}
+    # Only ranks of the newest attempt count: an earlier attempt's files describe processes long gone.
+    attempt = max((b.attempt for b in beats.values()), default=0)
+    current = {r: b for r, b in sorted(beats.items()) if b.attempt == attempt}
+    median_step = _median(b.step_time_s for b in current.values() if b.phase == "train")
+    stale_after = max(stale_k * median_step, stale_min_s) if median_step else stale_min_s
+    training = {r: b for r, b in current.items() if b.phase == "train"}
+    samples = {}
+    for r, b in training.items():
+        own = compute_samples(b, histories.get(r, ()))
+        mine = list(polled.get(r, ()))
+        samples[r] = mine if len(mine) > len(own) else own
+    verdicts = straggler_ratios(samples, ratio, sustain)
+    views = []
+    for rank, beat in current.items():
+        age = max(now - beat.time, 0.0)
+        seen = [t for t in (beat.step_at, progress_at.get(rank)) if t is not None] or [beat.time]
+        progress_age = max(now - max(seen), 0.0)
+        stale, why = False, ""
+        if beat.phase not in FINAL_PHASES:
+            if age > stale_after:
+                stale, why = True, f"no heartbeat for {age:.0f}s"
+            elif beat.phase == "train" and progress_age > stale_after:
+                stale, why = True, f"step {beat.step} unchanged for {progress_age:.0f}s"
+        flagged, compute_ratio = verdicts.get(rank, (False, None))
+        views.append(RankView(beat, age, progress_age, stale, why, flagged and not stale, compute_ratio))
+    return Board(now, tuple(views), median_step, stale_after)
+
+
+class Watch:
+    """What a refreshing ``top`` remembers between polls: when each rank's step last moved, and the
+    compute time of each new heartbeat (a history of its own when the trainer keeps none)."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self.keep = keep
+        self.last: dict[int, Heartbeat] = {}
+        self.progress_at: dict[int, float] = {}
+        self.polled: dict[int, list[float]] = {}
+
+    def see(self, beats: Mapping[int, Heartbeat], now: float) -> None:
+        for rank, beat in beats.items():
+            before = self.last.get(rank)
+            if before is None or before.step != beat.step or before.attempt != beat.attempt:
+                self.progress_at[rank] = now if before is not None else beat.time
+            if before is None or before.attempt != beat.attempt:
+                self.polled[rank] = []
+            if beat.phase == "train" and beat.compute_s and (before is None or before.time != beat.time):
+                self.polled[rank] = (self.polled[rank] + [beat.compute_s])[-self.keep:]
+            self.last[rank] = beat
+
+
+# ---- showing -----------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}M"
+
+
+TABLE_COLUMNS = ("NODE", "RANK", "PID", "PHASE", "STEP", "STEP_S", "COMPUTE_S", "COMM_S", "IMG/S", "AGE_S", "RSS",
+                 "FLAGS")
+
+
+def table_rows(board: Board) -> list[tuple[str, ...]]:
+    """One row per rank, grouped by node (nodes in node-rank order), flags last."""
+    views = sorted(board.ranks, key=lambda v: (v.beat.node_rank if v.beat.node_rank is not None else 1 << 30,
+                                               v.beat.node, v.beat.rank))
+    rows = []
+    for v in views:
+        b = v.beat
+        flags = []
+        if v.stale:
+            flags.append(f"STALE ({v.stale_reason})")
+        if v.straggler:
+            flags.append(f"STRAGGLER ({v.compute_ratio:.2f}x compute)")
+        step = f"{b.step}/{b.total_steps}" if b.total_steps else str(b.step)
+        rows.append((b.node, str(b.rank), _fmt(b.pid, "d"), b.phase, step, _fmt(b.step_time_s, ".3f"),
+                     _fmt(b.compute_s, ".3f"), _fmt(b.comm_s, ".3f"), _fmt(b.images_per_s, ".0f"),
+                     _fmt(v.age_s, ".1f"), _bytes(b.rss_bytes), "  ".join(flags)))
+    return rows
+
+
+def table(board: Board) -> str:
+    """The board as aligned text; a node's name is printed on its first rank's row only."""
+    rows = table_rows(board)
+    if not rows:
+        return "no heartbeats yet (the trainer writes run/heartbeat/rank-R.json once it starts)"
+    shown, previous = [], None
+    for row in rows:
+        shown.append(row if row[0] != previous else ("", *row[1:]))
+        previous = row[0]
+    widths = [max(len(r[i]) for r in (TABLE_COLUMNS, *shown)) for i in range(len(TABLE_COLUMNS) - 1)]
+    lines = ["  ".join([c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]).rstrip() for r in (TABLE_COLUMNS, *shown)]
+    return "\n".join(lines)
+
+
+def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]], ratio: float = STRAGGLER_RATIO,
+                   sustain: int = SUSTAIN) -> list[dict[str, Any]]:
+    """Stragglers over a whole attempt (the newest in the histories), for summaries and reports after the end:
+    a rank whose median compute over its training heartbeats is ``ratio`` x the others', in ``sustain`` or more
+    of them. Each as ``{"rank", "node", "compute_ratio"}``."""
+    attempt = max((b.attempt for beats in histories.values() for b in beats), default=0)
+    samples: dict[int, list[float]] = {}
+    nodes: dict[int, str] = {}
+    for rank, beats in histories.items():
+        mine = [b for b in beats if b.attempt == attempt and b.phase == "train" and b.compute_s]
+        if mine:
+            samples[rank] = [b.compute_s for b in mine]  # type: ignore[misc]
+            nodes[rank] = mine[-1].node
+    longest = max((len(s) for s in samples.values()), default=0)
+    verdicts = straggler_ratios(samples, ratio, sustain, window=max(longest, sustain))
+    return [{"rank": r, "node": nodes[r], "compute_ratio": round(v[1], 3)}  # type: ignore[arg-type]
+            for r, v in sorted(verdicts.items()) if v[0]]
+
+
+def straggler_lines(board: Board) -> list[str]:
+    """``straggler: rank 1 on n2, compute 2.10x the other ranks' median`` per straggler; stale ranks too."""
+    out = [f"straggler: rank {v.beat.rank} on {v.beat.node}, compute {v.compute_ratio:.2f}x the other ranks' median"
+           for v in board.stragglers]
+    out += [f"stale: rank {v.beat.rank} on {v.beat.node}, {v.stale_reason}" for v in board.stale]
+    return out

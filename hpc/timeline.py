@@ -1,0 +1,230 @@
+"""The start-up waterfall of each rank in each attempt: from submission to its first training step.
+
+    hpcdist timeline JOB          # per attempt, one row per rank: how long each start-up phase took
+
+Timestamps come from three places: the registry and Slurm's accounting (submitted, started), the job's own
+shell (``RUN_DIR/timeline/attempt-A/batch`` and ``task-T``, written by templates/timeline.sh.j2), and the
+trainer's heartbeat marks (contract 1). Phases are the gaps between consecutive stamps, so they add up to
+the rank's wall time from its first stamp to its first step. Pure except ``read_shell_stamps``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+TIMELINE_DIR = "timeline"
+# Every stamp in the order a rank passes it.
+STAMPS = ("submitted", "started", "batch_start", "setup_done", "task_start", "process_start", "torch_imported",
+          "process_group_ready", "model_built", "first_step_done")
+# A phase is named after what happens between the stamp before it and its own stamp.
+PHASES = {
+    "started": "queued",
+    "batch_start": "batch shell start",
+    "setup_done": "setup.sh",
+    "task_start": "srun task launch",
+    "process_start": "interpreter up",
+    "torch_imported": "import torch",
+    "process_group_ready": "process group",
+    "model_built": "build model",
+    "first_step_done": "first step",
+}
+MARKS = STAMPS[5:]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str       # what happened in it, e.g. "import torch"
+    ends: str       # the stamp that ends it, e.g. "torch_imported"
+    start: float
+    seconds: float
+    # The stamp was earlier than the one before it (clocks of different sources): drawn as zero.
+    out_of_order: bool = False
+
+
+@dataclass(frozen=True)
+class Waterfall:
+    """One rank's start-up in one attempt."""
+
+    attempt: int
+    rank: int
+    node: str
+    first: str          # the earliest stamp known for it
+    start: float
+    phases: tuple[Phase, ...]
+
+    @property
+    def wall_s(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.wall_s
+
+    def at(self, stamp: str) -> float | None:
+        """When this rank passed ``stamp`` (as the phases count it), if it was recorded."""
+        if stamp == self.first:
+            return self.start
+        return next((p.start + p.seconds for p in self.phases if p.ends == stamp), None)
+
+    @property
+    def allocated_at(self) -> float:
+        """The first stamp after the queue: when the allocation (this attempt's node time) began."""
+        return next((t for s in STAMPS[1:] if (t := self.at(s)) is not None), self.start)
+
+    @property
+    def slowest(self) -> Phase | None:
+        return max(self.phases, key=lambda p: p.seconds, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "rank": self.rank, "node": self.node, "first": self.first,
+                "start": self.start, "wall_s": round(self.wall_s, 3),
+                "phases": [{"name": p.name, "ends": p.ends, "start": p.start, "seconds": round(p.seconds, 3),
+                            "out_of_order": p.out_of_order} for p in self.phases]}
+
+
+def waterfall(stamps: Mapping[str, float], attempt: int = 0, rank: int = 0, node: str = "") -> Waterfall | None:
+    """The phases between the stamps present, in STAMPS order; None with fewer than two stamps.
+
+    A stamp earlier than the one before it (the registry and sacct keep whole seconds; nodes' clocks
+    differ) is taken as equal to it, so phases never go negative and still add up to the wall time.
+    """
+    present = [(name, float(stamps[name])) for name in STAMPS if stamps.get(name) is not None]
+    if len(present) < 2:
+        return None
+    phases = []
+    at = present[0][1]
+    for name, when in present[1:]:
+        late = when >= at
+        end = when if late else at
+        phases.append(Phase(PHASES[name], name, at, end - at, out_of_order=not late))
+        at = end
+    return Waterfall(attempt, rank, node, present[0][0], present[0][1], tuple(phases))
+
+
+def parse_stamps(text: str) -> dict[str, float]:
+    """``NAME UNIX_TIME`` lines (templates/timeline.sh.j2); the first of each name wins, junk is skipped."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out.setdefault(parts[0], float(parts[1]))
+            except ValueError:
+                continue
+    return out
+
+
+def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """attempt -> {"batch": {stamp: t}, "tasks": {task: {stamp: t}}} from RUN_DIR/timeline/."""
+    out: dict[int, dict[str, Any]] = {}
+    root = Path(run_dir) / TIMELINE_DIR
+    for folder in sorted(root.glob("attempt-*")) if root.is_dir() else ():
+        try:
+            attempt = int(folder.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        entry: dict[str, Any] = {"batch": {}, "tasks": {}}
+        for path in folder.iterdir():
+            try:
+                stamps = parse_stamps(path.read_text())
+            except OSError:
+                continue
+            if path.name == "batch":
+                entry["batch"] = stamps
+            elif path.name.startswith("task-") and path.name[5:].isdigit():
+                entry["tasks"][int(path.name[5:])] = stamps
+        out[attempt] = entry
+    return out
+
+
+def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]]:
+    """Each attempt's Submit and Start (unix times) from ``sacct -D -X -n -P -o JobID,Submit,Start``, oldest
+    first: Slurm keeps one row per run of a requeued job."""
+    rows = []
+    for line in text.splitlines():
+        cols = line.split("|")
+        if len(cols) >= 3 and cols[0] == job_id:
+            rows.append({"submitted": slurm_time(cols[1]), "started": slurm_time(cols[2])})
+    rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
+    return rows
+
+
+def slurm_time(text: str) -> float | None:
+    """Slurm's ``2026-12-01T08:22:20`` (local time) as a unix time; None for Unknown/None."""
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
+
+
+def iso_time(text: str) -> float | None:
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp()
+
+
+def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], shell: Mapping[int, Mapping[str, Any]],
+             marks: Mapping[tuple[int, int], Mapping[str, float]], slurm: Sequence[Mapping[str, float | None]],
+             submitted: float | None) -> list[Waterfall]:
+    """Every rank's waterfall in every attempt that left a trace.
+
+    ``world``: (attempt, rank, node) triples seen; ``task_of``: rank -> its Slurm task; ``shell``: from
+    read_shell_stamps; ``marks``: (attempt, rank) -> heartbeat marks; ``slurm``: per attempt Submit/Start;
+    ``submitted``: the registry's submission time (attempt 0's, when accounting has none).
+    """
+    out = []
+    for attempt, rank, node in sorted(set(world)):
+        stamps: dict[str, float] = {}
+        if attempt < len(slurm):
+            stamps.update({k: v for k, v in slurm[attempt].items() if v is not None})  # type: ignore[misc]
+        if attempt == 0 and submitted is not None:
+            stamps.setdefault("submitted", submitted)
+        entry = shell.get(attempt, {})
+        stamps.update({k: v for k, v in entry.get("batch", {}).items() if k in STAMPS})
+        task = entry.get("tasks", {}).get(task_of.get(rank, rank), {})
+        stamps.update({k: v for k, v in task.items() if k in STAMPS})
+        stamps.update({k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS})
+        found = waterfall(stamps, attempt, rank, node)
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def slowest(falls: Sequence[Waterfall]) -> Waterfall | None:
+    """The rank that reached its first step last (the one the whole job waited for)."""
+    return max(falls, key=lambda w: (w.end, w.wall_s), default=None)
+
+
+def table(falls: Sequence[Waterfall]) -> str:
+    """Per attempt: one row per rank, one column per phase (seconds), then the wall time; and the verdict."""
+    if not falls:
+        return ("no start-up timestamps yet: the job writes run/timeline/ as it starts and the trainer its "
+                "heartbeat marks")
+    blocks = []
+    for attempt in sorted({w.attempt for w in falls}):
+        mine = [w for w in falls if w.attempt == attempt]
+        names = [PHASES[s] for s in STAMPS[1:] if any(p.ends == s for w in mine for p in w.phases)]
+        header = ("RANK", "NODE", "FROM", *names, "TOTAL")
+        rows = []
+        for w in sorted(mine, key=lambda w: w.rank):
+            by = {p.name: p for p in w.phases}
+            rows.append((str(w.rank), w.node, w.first,
+                         *[f"{by[n].seconds:.2f}" + ("*" if by[n].out_of_order else "") if n in by else "-"
+                           for n in names], f"{w.wall_s:.2f}"))
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+        lines = [f"attempt {attempt} (seconds per phase)"]
+        lines += ["  ".join(c.rjust(wd) if i > 2 else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths))).rstrip()
+                  for r in (header, *rows)]
+        worst = slowest(mine)
+        if worst is not None and worst.slowest is not None:
+            lines.append(f"slowest: rank {worst.rank} on {worst.node or '?'}, first step {worst.wall_s:.1f}s after "
+                         f"{worst.first}; its longest phase: {worst.slowest.name} ({worst.slowest.seconds:.1f}s)")
+        if any(p.out_of_order for w in mine for p in w.phases):
+            lines.append("* a stamp earlier than the one before it (whole-second clocks): counted as 0")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

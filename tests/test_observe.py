@@ -1,0 +1,336 @@
+"""Specifications of the job views (hpc.monitor, hpc.progress, hpc.timeline, hpc.report and their commands),
+on fixture job directories written the way the trainer and the templates write them."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc import jobs, monitor, progress, report, timeline
+from hpc.commands import observe
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_800_000_000.0
+
+
+def beat(rank: int, **over) -> dict:
+    data = {"rank": rank, "local_rank": 0, "node_rank": rank, "world_size": 2, "hostname": f"n{rank + 1}",
+            "pid": 1000 + rank, "attempt": 0, "phase": "train", "step": 50, "total_steps": 100, "time": T0,
+            "step_time_s": 0.2, "compute_s": 0.15, "comm_s": 0.05, "images_per_s": 160.0, "loss": 1.5,
+            "rss_bytes": 300 << 20, "peak_memory_bytes": 310 << 20,
+            "marks": {"process_start": T0 - 30, "torch_imported": T0 - 27, "process_group_ready": T0 - 25,
+                      "model_built": T0 - 24, "first_step_done": T0 - 20}}
+    data.update(over)
+    return data
+
+
+def write_job(tmp: Path, beats: list[dict], history: dict[int, list[dict]] | None = None, nodes: int = 2,
+              world: int = 2) -> jobs.Record:
+    job_dir = tmp / "job"
+    hb = job_dir / "run" / "heartbeat"
+    hb.mkdir(parents=True)
+    for b in beats:
+        (hb / f"rank-{b['rank']}.json").write_text(json.dumps(b))
+    for rank, rows in (history or {}).items():
+        (hb / f"rank-{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = jobs.Record(job_id="local-1", job_dir=str(job_dir), via="local", submitted="2027-01-15T08:00:00+00:00",
+                         backend="ddp", launcher="srun", nodes=nodes, ntasks_per_node=world // nodes, world_size=world)
+    jobs.write_marker(record)
+    return record
+
+
+# ---- monitor ---------------------------------------------------------------------------------------
+
+def test_a_torn_or_foreign_heartbeat_is_skipped_not_fatal() -> None:
+    assert monitor.parse_heartbeat('{"rank": 0, "phase": "tr') is None
+    assert monitor.parse_heartbeat('["not", "a", "heartbeat"]') is None
+    assert monitor.parse_heartbeat('{"phase": "train"}') is None
+    assert monitor.parse_heartbeat(json.dumps(beat(1))).node == "n2"
+
+
+def test_a_rank_whose_heartbeat_stopped_is_stale_and_a_fresh_one_is_not() -> None:
+    beats = {0: monitor.Heartbeat.from_mapping(beat(0, time=T0 + 29)),
+             1: monitor.Heartbeat.from_mapping(beat(1, time=T0))}
+    board = monitor.judge(beats, now=T0 + 30)
+    assert [v.beat.rank for v in board.stale] == [1]
+    assert "no heartbeat for 30s" in board.stale[0].stale_reason
+    assert board.stale_after_s == monitor.STALE_MIN_S  # 5 x 0.2 s is below the floor
+
+
+def test_a_rank_alive_but_not_stepping_is_stale_by_its_step_time() -> None:
+    beats = {0: monitor.Heartbeat.from_mapping(beat(0, time=T0, step_at=T0 - 1, step_time_s=4.0)),
+             1: monitor.Heartbeat.from_mapping(beat(1, time=T0, step_at=T0 - 25, step_time_s=4.0))}
+    board = monitor.judge(beats, now=T0 + 1)
+    assert board.stale_after_s == 20.0
+    assert [(v.beat.rank, v.stale_reason) for v in board.stale] == [(1, "step 50 unchanged for 26s")]
+
+
+def test_a_finished_rank_is_never_stale() -> None:
+    beats = {0: monitor.Heartbeat.from_mapping(beat(0, phase="done", time=T0))}
+    assert not monitor.judge(beats, now=T0 + 3600).stale
+
+
+def test_a_watch_sees_steps_move_between_polls() -> None:
+    watch = monitor.Watch()
+    watch.see({0: monitor.Heartbeat.from_mapping(beat(0, time=T0, step=5))}, now=T0 + 1)
+    watch.see({0: monitor.Heartbeat.from_mapping(beat(0, time=T0 + 2, step=5))}, now=T0 + 3)
+    assert watch.progress_at[0] == T0
+    watch.see({0: monitor.Heartbeat.from_mapping(beat(0, time=T0 + 4, step=6))}, now=T0 + 5)
+    assert watch.progress_at[0] == T0 + 5
+    assert watch.polled[0] == [0.15, 0.15, 0.15]
+
+
+def test_exactly_the_slow_nodes_ranks_are_stragglers_leave_one_out() -> None:
+    # Two nodes of two ranks; node n2 (ranks 2, 3) computes 2x slower. With a median over all four the
+    # slow pair would sit at 1.33x; against the others it is 2x.
+    samples = {0: [0.1] * 3, 1: [0.11] * 3, 2: [0.2] * 3, 3: [0.21] * 3}
+    verdicts = monitor.straggler_ratios(samples)
+    assert [r for r, (flag, _) in verdicts.items() if flag] == [2, 3]
+    assert verdicts[0][1] < 1.0
+
+
+def test_two_ranks_one_slow_flags_only_the_slow_one() -> None:
+    verdicts = monitor.straggler_ratios({0: [0.1, 0.1, 0.1], 1: [0.3, 0.3, 0.3]})
+    assert verdicts[1][0] and not verdicts[0][0]
+    assert verdicts[1][1] == pytest.approx(3.0)
+
+
+def test_a_straggler_must_be_sustained() -> None:
+    # One slow sample among three is a hiccup, and fewer than SUSTAIN samples say nothing yet.
+    assert not monitor.straggler_ratios({0: [0.1] * 3, 1: [0.1, 0.3, 0.1]})[1][0]
+    assert not monitor.straggler_ratios({0: [0.1] * 3, 1: [0.3, 0.3]})[1][0]
+
+
+def test_one_rank_is_never_a_straggler() -> None:
+    assert monitor.straggler_ratios({0: [1.0] * 5}) == {0: (False, None)}
+
+
+def test_the_ring_of_step_times_in_one_heartbeat_is_enough_for_top_once() -> None:
+    beats = {0: monitor.Heartbeat.from_mapping(beat(0, recent_compute_s=[0.1] * 8)),
+             1: monitor.Heartbeat.from_mapping(beat(1, recent_compute_s=[0.25] * 8))}
+    board = monitor.judge(beats, now=T0 + 1)
+    assert [(v.beat.rank, v.beat.node) for v in board.stragglers] == [(1, "n2")]
+    assert board.to_json()["stragglers"] == [{"rank": 1, "node": "n2", "compute_ratio": 2.5}]
+
+
+def test_run_stragglers_judge_the_whole_newest_attempt_from_histories() -> None:
+    hist = {r: [monitor.Heartbeat.from_mapping(beat(r, time=T0 + i, compute_s=c))
+                for i in range(6)] for r, c in ((0, 0.1), (1, 0.1), (2, 0.3))}
+    hist[0].append(monitor.Heartbeat.from_mapping(beat(0, attempt=1, compute_s=0.1)))
+    # Attempt 1 holds one rank only, so no one is compared and nobody is flagged.
+    assert monitor.run_stragglers(hist) == []
+    hist[0].pop()
+    assert monitor.run_stragglers(hist) == [{"rank": 2, "node": "n3", "compute_ratio": 3.0}]
+
+
+def test_the_table_groups_ranks_by_node_and_marks_flags() -> None:
+    beats = {r: monitor.Heartbeat.from_mapping(beat(r, node_rank=r // 2, hostname=f"n{r // 2 + 1}",
+                                                    recent_compute_s=[0.1 if r < 2 else 0.3] * 4,
+                                                    time=T0 if r != 1 else T0 - 60)) for r in range(4)}
+    text = monitor.table(monitor.judge(beats, now=T0 + 1))
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["NODE", "RANK", "PID", "PHASE"]
+    assert lines[1].startswith("n1") and lines[2].startswith(" ") and lines[3].startswith("n2")
+    assert "STALE" in lines[2] and "STRAGGLER" in lines[3] and "STRAGGLER" in lines[4]
+
+
+# ---- progress -------------------------------------------------------------------------------------
+
+def test_progress_takes_rank_0s_step_and_sums_the_ranks_rates() -> None:
+    beats = {r: monitor.Heartbeat.from_mapping(beat(r, step=50 - r)) for r in range(2)}
+    p = progress.of(beats)
+    assert (p.step, p.total_steps, p.images_per_s, p.eta_s) == (50, 100, 320.0, pytest.approx(10.0))
+    assert progress.line(p) == "step 50/100 | loss 1.5000 | 320 images/s | ETA 10s"
+
+
+def test_the_bar_fits_its_width_and_shows_the_fraction() -> None:
+    p = progress.Progress(step=30, total_steps=120, loss=2.0, images_per_s=1830.4, step_time_s=0.5)
+    text = progress.bar(p, width=100)
+    assert len(text) <= 100 and text.startswith("[") and "30/120  25%" in text and "ETA 45s" in text
+    assert "#" * 10 in text and len(progress.bar(p, width=30)) == 30
+
+
+def test_progress_falls_back_to_metrics_without_heartbeats() -> None:
+    p = progress.of({}, {"step": 40, "loss": 1.25, "images_per_s": 900.0})
+    assert progress.line(p) == "step 40 | loss 1.2500 | 900 images/s"
+    assert progress.of({}, None) is None
+
+
+def test_a_pipe_gets_a_line_per_phase_change_and_at_most_one_per_interval() -> None:
+    a = progress.Progress(step=1, phase="train")
+    assert progress.changed(None, a, 0.0)
+    assert not progress.changed(a, progress.Progress(step=2, phase="train"), 1.0)
+    assert progress.changed(a, progress.Progress(step=2, phase="train"), 5.0)
+    assert progress.changed(a, progress.Progress(step=1, phase="checkpoint"), 0.1)
+
+
+def test_the_summary_names_rate_loss_accuracy_first_step_attempts_and_stragglers() -> None:
+    lines = progress.summary({"images_per_s": 1800.0, "final_loss": 0.91, "test_accuracy": 0.62,
+                              "time_to_first_step_s": 12.34, "steps": 200},
+                             [{"attempt": 0, "ending": "preempted", "step": 80},
+                              {"attempt": 1, "ending": "completed", "step": 200}],
+                             [{"rank": 3, "node": "n2", "compute_ratio": 2.1}], waited_s=75)
+    assert lines == ["summary: 1,800 images/s, final loss 0.9100, test accuracy 0.620, first step after 12.3s, "
+                     "200 steps",
+                     "attempts: 2 (0: preempted at step 80; 1: completed at step 200)",
+                     "straggler: rank 3 on n2, compute 2.10x the other ranks' median",
+                     "waited 1m15s"]
+
+
+def test_the_follower_prints_plain_lines_to_a_pipe_and_the_summary_at_the_end(tmp_path: Path) -> None:
+    record = write_job(tmp_path, [beat(0, step=10), beat(1, step=10)])
+    out, clock = io.StringIO(), iter([0.0, 1.0, 9.0])
+    follower = observe.Follower(record, out, tty=False, clock=lambda: next(clock))
+    hb = Path(record.job_dir) / "run" / "heartbeat"
+    follower.poll()
+    (hb / "rank-0.json").write_text(json.dumps(beat(0, step=11)))
+    follower.poll()  # one second later: held back
+    (hb / "rank-0.json").write_text(json.dumps(beat(0, step=40)))
+    follower.poll()
+    (Path(record.job_dir) / "run" / "summary.json").write_text(json.dumps({"final_loss": 0.5, "steps": 100}))
+    follower.finish(3.0)
+    assert out.getvalue().splitlines() == [
+        "step 10/100 | loss 1.5000 | 320 images/s | ETA 18s",
+        "step 40/100 | loss 1.5000 | 320 images/s | ETA 12s",
+        "summary: final loss 0.5000, 100 steps", "attempts: 1", "waited 3s"]
+
+
+def test_on_a_terminal_the_follower_redraws_one_line(tmp_path: Path) -> None:
+    record = write_job(tmp_path, [beat(0), beat(1)])
+    out = io.StringIO()
+    follower = observe.Follower(record, out, tty=True)
+    follower.poll()
+    follower.poll()
+    assert out.getvalue().count("\r") == 2 and "\n" not in out.getvalue() and "50/100" in out.getvalue()
+
+
+# ---- timeline ------------------------------------------------------------------------------------
+
+def test_phases_are_in_order_and_add_up_to_the_wall_time() -> None:
+    stamps = {"submitted": 100.0, "started": 103.0, "batch_start": 103.4, "setup_done": 103.5,
+              "task_start": 104.0, "process_start": 104.2, "torch_imported": 107.0, "process_group_ready": 108.0,
+              "model_built": 108.1, "first_step_done": 109.0}
+    w = timeline.waterfall(stamps, rank=1, node="n2")
+    assert [p.ends for p in w.phases] == list(timeline.STAMPS[1:])
+    assert w.wall_s == pytest.approx(9.0) and w.end == pytest.approx(109.0)
+    assert w.slowest.name == "queued"
+
+
+def test_a_stamp_earlier_than_the_one_before_counts_as_zero_and_the_sum_holds() -> None:
+    # sacct keeps whole seconds, the shell keeps nanoseconds.
+    w = timeline.waterfall({"submitted": 100.0, "started": 101.0, "batch_start": 100.7, "task_start": 102.0})
+    assert [round(p.seconds, 3) for p in w.phases] == [1.0, 0.0, 1.0]
+    assert w.phases[1].out_of_order and w.wall_s == pytest.approx(2.0)
+
+
+def test_missing_stamps_are_skipped_not_invented() -> None:
+    w = timeline.waterfall({"task_start": 10.0, "first_step_done": 15.0})
+    assert [(p.name, p.seconds) for p in w.phases] == [("first step", 5.0)]
+    assert timeline.waterfall({"task_start": 10.0}) is None
+
+
+def test_shell_stamps_and_sacct_rows_parse() -> None:
+    assert timeline.parse_stamps("batch_start 12.5\nsetup_done 13\njunk\nbatch_start 99\n") == {
+        "batch_start": 12.5, "setup_done": 13.0}
+    rows = timeline.parse_sacct_attempts("7|2027-01-15T08:00:05|2027-01-15T08:00:07\n"
+                                         "7|2027-01-15T08:00:00|2027-01-15T08:00:01\n8|x|y\n", "7")
+    assert [r["started"] - r["submitted"] for r in rows] == [1.0, 2.0]
+
+
+def test_assemble_takes_each_ranks_task_stamps_and_marks_per_attempt() -> None:
+    shell = {0: {"batch": {"batch_start": 5.0, "setup_done": 6.0}, "tasks": {0: {"task_start": 7.0}}},
+             1: {"batch": {"batch_start": 50.0}, "tasks": {0: {"task_start": 51.0}}}}
+    marks = {(0, 0): {"process_start": 8.0, "first_step_done": 20.0},
+             (0, 1): {"process_start": 8.5, "first_step_done": 21.0},
+             (1, 1): {"first_step_done": 60.0}}
+    falls = timeline.assemble([(0, 0, "n1"), (0, 1, "n1"), (1, 1, "n1")], {0: 0, 1: 0}, shell, marks,
+                              [{"submitted": 1.0, "started": 4.0}], submitted=0.5)
+    # sacct's Submit wins over the registry's; attempt 1 has no accounting row, so it starts at its shell.
+    assert [(w.attempt, w.rank, w.first, w.wall_s) for w in falls] == [(0, 0, "submitted", 19.0),
+                                                                       (0, 1, "submitted", 20.0),
+                                                                       (1, 1, "batch_start", 10.0)]
+    worst = timeline.slowest([w for w in falls if w.attempt == 0])
+    assert (worst.rank, worst.slowest.name, worst.slowest.seconds) == (1, "first step", 12.5)
+    text = timeline.table(falls)
+    assert "attempt 0" in text and "attempt 1" in text and "slowest: rank 1 on n1" in text
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def hb(t: float, phase: str, step: int, attempt: int = 0) -> monitor.Heartbeat:
+    return monitor.Heartbeat(rank=0, time=t, phase=phase, step=step, attempt=attempt)
+
+
+def test_goodput_counts_steps_redone_after_a_resume_as_recomputation() -> None:
+    # Attempt 0 trains steps 0-60 in 60 s (checkpoint at 40 takes 2 s) and is killed at step 60;
+    # attempt 1 resumes from step 40 and redoes 20 steps before going on to 100.
+    first = [hb(0, "setup", 0), hb(10, "train", 0), hb(40, "checkpoint", 40), hb(42, "train", 40), hb(70, "train", 60)]
+    second = [hb(200, "setup", 40, 1), hb(210, "train", 40, 1), hb(270, "eval", 100, 1), hb(272, "done", 100, 1)]
+    spans = report.spans([0, 1], starts={0: 0.0, 1: 198.0}, ends={0: 70.0, 1: 275.0},
+                         endings={0: "preempted", 1: "completed"}, first_steps={0: 11.0, 1: 211.0},
+                         lead_history={0: first, 1: second})
+    assert [(s.resume_step, s.last_step, s.redone_steps) for s in spans] == [(0, 60, 0), (40, 100, 20)]
+    good = report.goodput(spans, nodes=2)
+    secs = spans[1].seconds()
+    assert secs["recompute"] == pytest.approx(59.0 * 20 / 60)
+    assert secs["startup"] == 13.0 and secs["eval"] == 2.0 and secs["idle"] == pytest.approx(3.0)
+    assert spans[0].seconds()["checkpoint"] == 2.0
+    assert sum(good["share"].values()) == pytest.approx(1.0)
+    assert good["allocated_node_s"] == pytest.approx(2 * (70 + 77))
+    assert good["redone_steps"] == 20
+
+
+def test_loss_segments_split_where_the_step_goes_back() -> None:
+    rows = [{"step": 1, "loss": 2.3}, {"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.9},
+            {"step": 21, "loss": 2.0}, {"step": 40, "loss": 1.7}, {"bad": True}]
+    assert report.loss_series(rows) == [[(1, 2.3), (20, 2.0), (30, 1.9)], [(21, 2.0), (40, 1.7)]]
+
+
+# ---- commands on a fixture job -----------------------------------------------------------------
+
+def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(REPO), "HPCDIST_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "hpc", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_top_once_json_lists_every_rank_with_its_verdicts(tmp_path: Path) -> None:
+    import time as clock
+
+    now = clock.time()
+    record = write_job(tmp_path, [beat(0, time=now, recent_compute_s=[0.1] * 5),
+                                  beat(1, time=now - 120, recent_compute_s=[0.1] * 5)])
+    proc = run_cli(["top", record.job_dir, "--once", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [r["rank"] for r in data["ranks"]] == [0, 1]
+    assert {"phase", "step", "step_time_s", "compute_s", "comm_s", "images_per_s", "heartbeat_age_s",
+            "rss_bytes", "stale", "straggler", "node"} <= set(data["ranks"][0])
+    assert [s["rank"] for s in data["stale"]] == [1] and data["stragglers"] == []
+
+
+def test_report_writes_the_page_and_charts_with_their_series(tmp_path: Path) -> None:
+    hist = {r: [beat(r, time=T0 + i, step=i * 5, images_per_s=100.0 + r, phase="train" if i else "build")
+                for i in range(8)] for r in range(2)}
+    record = write_job(tmp_path, [hist[0][-1], hist[1][-1]], history=hist)
+    run = Path(record.job_dir) / "run"
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 - s / 100}) + "\n"
+                                               for s in (1, 10, 20, 15, 30)))
+    (run / "timeline" / "attempt-0").mkdir(parents=True)
+    (run / "timeline" / "attempt-0" / "task-0").write_text(f"task_start {T0 - 40}\n")
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(record.job_dir) / "report"
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    loss = json.loads((folder / "loss.json").read_text())
+    assert [ln["label"] for ln in loss["lines"]] == ["run segment 0", "run segment 1"]
+    rate = json.loads((folder / "rate.json").read_text())
+    assert [(ln["label"], ln["points"]) for ln in rate["lines"]] == [("rank 0", 7), ("rank 1", 7)]
+    fall = json.loads((folder / "waterfall.json").read_text())
+    assert [w["rank"] for w in fall["waterfalls"]] == [0, 1]
+    assert all((folder / f"{n}.png").stat().st_size > 1000 for n in ("loss", "rate", "waterfall", "goodput"))
