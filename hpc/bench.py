@@ -7,14 +7,17 @@ A config spec is ``BACKEND[:TOKEN...]``, tokens in any order, each at most once:
 ``N`` ranks (default 1), ``zeroN`` ZeRO stage (deepspeed; default 0), ``fp32|bf16|fp16`` precision
 (default fp32), ``resident|classic`` loader (default resident), ``bN`` global batch (default the run's
 --batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns),
-``cl`` channels_last and ``compile`` torch.compile (dp/ddp). ``floor`` is a bare PyTorch loop and
+``cl`` channels_last and ``compile`` torch.compile (dp/ddp), ``nohb`` the trainer without its heartbeat
+(``--heartbeat-s 0``, to measure the heartbeat's cost). ``floor`` is a bare PyTorch loop and
 ``floor-deepspeed`` a bare DeepSpeed engine loop (train/floor.py): what the trainer's rows are divided by.
 Side effects (running configs, writing files, drawing) live in hpc/commands/bench.py; no torch here.
 """
 
 from __future__ import annotations
 
+import random
 import re
+import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
@@ -27,7 +30,7 @@ LOADERS = vocab.LOADERS
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
-SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile] with BACKEND one of "
+SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb] with BACKEND one of "
              + ", ".join(BACKENDS))
 
 # The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against its floor,
@@ -70,6 +73,8 @@ class Config:
     threads: int | None = None
     channels_last: bool = False
     compile: bool = False
+    # False: the trainer runs with --heartbeat-s 0, to measure what its heartbeat costs.
+    heartbeat: bool = True
 
     def __post_init__(self) -> None:
         # DeepSpeed always runs some ZeRO stage; naming it keeps the name a faithful spec.
@@ -95,7 +100,8 @@ class Config:
         parts.append(str(self.ranks))
         if self.threads is not None:
             parts.append(f"t{self.threads}")
-        parts += [flag for flag, on in (("cl", self.channels_last), ("compile", self.compile)) if on]
+        parts += [flag for flag, on in (("cl", self.channels_last), ("compile", self.compile),
+                                        ("nohb", not self.heartbeat)) if on]
         return ":".join(parts)
 
     @property
@@ -117,6 +123,7 @@ _TOKENS = (
     ("threads", re.compile(r"t(\d+)"), int),
     ("channels_last", re.compile("(cl)"), bool),
     ("compile", re.compile("(compile)"), bool),
+    ("heartbeat", re.compile("(nohb)"), lambda _: False),
 )
 
 
@@ -157,6 +164,8 @@ def check(config: Config, spec: str) -> None:
         raise BenchError(f"{where}: the floor trains in fp32; floor-deepspeed takes a precision")
     if config.backend in FLOORS and config.loader != "resident":
         raise BenchError(f"{where}: a floor trains from tensors already on the device, never a loader")
+    if not config.heartbeat and config.backend in FLOORS:
+        raise BenchError(f"{where}: nohb applies to the trainer; a floor writes no heartbeat")
     if (config.channels_last or config.compile) and config.backend not in ("dp", "ddp"):
         raise BenchError(f"{where}: cl and compile apply to dp and ddp only")
     if config.batch < 1 or config.batch % config.ranks:
@@ -219,6 +228,8 @@ def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, py
         trainer += ["--zero-stage", str(config.zero_stage)]
     trainer += [flag for flag, on in (("--channels-last", config.channels_last), ("--compile", config.compile))
                 if on]
+    if not config.heartbeat:
+        trainer += ["--heartbeat-s", "0"]
     return launch + trainer
 
 
@@ -426,11 +437,15 @@ def verdicts(results: Sequence[Result]) -> list[str]:
 
 def markdown_report(results: Sequence[Result], meta: Mapping[str, object]) -> str:
     """bench.md: what was run, the table, the targets, and any fields a run did not report."""
-    head = ", ".join(f"{k} {v}" for k, v in meta.items())
+    head = ", ".join(f"{k} {v}" for k, v in meta.items() if k != "orders")
     parts = ["# hpcdist bench", head, markdown_table(results)]
     checks = verdicts(results)
     if checks:
         parts.append("\n".join(f"- {line}" for line in checks))
+    runs = spread_lines(results, meta.get("orders", ()))  # type: ignore[arg-type]
+    if runs:
+        parts.append(f"Samples per config (#position in its round; order {meta.get('order')}, seed "
+                     f"{meta.get('seed')}), spread = (max - min) / median:\n" + "\n".join(f"- {x}" for x in runs))
     gaps = [f"- {r.config.name}: {', '.join(r.missing)} not reported" for r in results if r.missing]
     if gaps:
         parts.append("Missing fields (reported as missing, not estimated):\n" + "\n".join(gaps))
@@ -447,10 +462,53 @@ def to_json(results: Sequence[Result], meta: Mapping[str, object]) -> dict:
         row["missing"] = list(r.missing)
         row["vs_floor"] = vs_floor(r, results)
         row["vs_1_rank"] = scaling(r, results)
+        row["spread"] = spread(r.samples)
         rows.append(row)
     return {**meta, "targets": {"ddp_1_rank_vs_floor": FLOOR_TARGET, "deepspeed_vs_floor_deepspeed": FLOOR_TARGET,
                                 "n_ranks_vs_1_rank": SCALING_TARGET},
             "results": rows}
+
+
+ORDERS = ("shuffle", "alternate", "fixed")
+
+
+def round_order(n: int, round_: int, how: str = "shuffle", seed: int = 0) -> list[int]:
+    """The order (indices into the grid) in which round ``round_`` (1-based) runs its ``n`` configs.
+
+    On a shared machine the first config of a round runs measurably faster than the rest, so a fixed
+    order favours one config every round: ``shuffle`` draws a new order per round from ``seed`` (recorded
+    with the results, so a run can be repeated), ``alternate`` runs odd rounds forward and even rounds
+    backward, ``fixed`` keeps the grid's order.
+    """
+    if how not in ORDERS:
+        raise BenchError(f"unknown order {how!r}; choose one of {', '.join(ORDERS)}")
+    order = list(range(n))
+    if how == "alternate" and round_ % 2 == 0:
+        order.reverse()
+    elif how == "shuffle":
+        random.Random(f"{seed}:{round_}").shuffle(order)
+    return order
+
+
+def spread(samples: Sequence[float]) -> float | None:
+    """(max - min) / median of a config's samples: how far runs of the same config moved."""
+    if len(samples) < 2:
+        return None
+    middle = statistics.median(samples)
+    return (max(samples) - min(samples)) / middle if middle else None
+
+
+def spread_lines(results: Sequence[Result], orders: Sequence[Sequence[str]] = ()) -> list[str]:
+    """Per config: its samples with the position each ran at in its round, and their spread."""
+    lines = []
+    for r in results:
+        if len(r.samples) < 2:
+            continue
+        places = [(order.index(r.config.name) + 1 if r.config.name in order else None) for order in orders]
+        runs = ", ".join(f"{v:.0f}" + (f" (#{p})" if p else "") for v, p in
+                         zip(r.samples, places or [None] * len(r.samples)))
+        lines.append(f"{r.config.name}: {runs}; spread {spread(r.samples) * 100:.0f}%")  # type: ignore[operator]
+    return lines
 
 
 def chart_bars(results: Sequence[Result]) -> list[tuple[str, float, str]]:

@@ -315,3 +315,32 @@ def test_small_real_run(tmp_path):
     assert all(len(r["samples"]) == 2 and r["images_per_s"] in r["samples"] for r in rows)
     table = (tmp_path / "bench.md").read_text()
     assert all(f"| {spec} |" in table for spec in SMALL_GRID)
+
+
+def test_each_round_runs_the_grid_in_its_own_seeded_order():
+    orders = [bench.round_order(6, r, "shuffle", seed=7) for r in (1, 2, 3)]
+    assert all(sorted(o) == list(range(6)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # not the same order every round
+    assert orders == [bench.round_order(6, r, "shuffle", seed=7) for r in (1, 2, 3)]  # and repeatable
+    assert bench.round_order(4, 1, "alternate") == [0, 1, 2, 3]
+    assert bench.round_order(4, 2, "alternate") == [3, 2, 1, 0]
+    assert bench.round_order(3, 5, "fixed") == [0, 1, 2]
+    with pytest.raises(bench.BenchError, match="unknown order"):
+        bench.round_order(3, 1, "random")
+
+
+def test_the_report_shows_each_samples_position_and_the_spread():
+    config = bench.parse_config("ddp:1")
+    result = bench.Result(config, 2, 100.0, samples=(90.0, 100.0, 120.0))
+    assert bench.spread(result.samples) == pytest.approx(0.3)
+    assert bench.spread((5.0,)) is None
+    lines = bench.spread_lines([result], [["floor:1", "ddp:resident:1"], ["ddp:resident:1", "floor:1"], []])
+    assert lines == ["ddp:resident:1: 90 (#2), 100 (#1), 120; spread 30%"]
+
+
+def test_nohb_runs_the_trainer_without_its_heartbeat():
+    config = bench.parse_config("ddp:1:nohb")
+    assert config.name == "ddp:resident:1:nohb" and not config.heartbeat
+    assert bench.argv(config, 1, 10, 2, "run", "python")[-2:] == ["--heartbeat-s", "0"]
+    with pytest.raises(bench.BenchError, match="nohb applies to the trainer"):
+        bench.parse_config("floor:1:nohb")

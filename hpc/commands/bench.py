@@ -165,9 +165,12 @@ def version(package: str) -> str:
               help="Stop a config that runs longer than this and report it failed.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of each config, in rounds over the whole grid; each row is the median run.")
+@click.option("--order", type=click.Choice(core.ORDERS), default="shuffle", show_default=True,
+              help="Order of the configs in each round: a new seeded shuffle per round, forward/backward, or fixed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --order shuffle (recorded).")
 @click.option("--dry-run", is_flag=True, help="Print each config's command and threads; run nothing.")
 def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int, samples: int,
-          out_dir: Path, timeout_s: float, repeat: int, dry_run: bool) -> None:
+          out_dir: Path, timeout_s: float, repeat: int, order: str, seed: int, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
     try:
         grid = core.parse_grid(configs + grids, batch) if configs or grids else core.default_grid(batch)
@@ -192,14 +195,17 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     # Children run inside their own run folders, so every path they are given must be absolute.
     out_dir = out_dir.resolve()
     meta = {"host": socket.gethostname(), "device": "unknown", "cpus": cpus, "steps": steps, "warmup": warmup,
-            "batch": batch, "samples": samples, "repeat": repeat,
+            "batch": batch, "samples": samples, "repeat": repeat, "order": order, "seed": seed, "orders": [],
             "torch": version("torch"), "deepspeed": version("deepspeed"),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
     # Rounds over the whole grid rather than one config's repeats back to back: a slow spell on a shared
     # machine then lands on every config alike instead of on one of them.
     runs: list[list[core.Result]] = [[] for _ in plan]
     for round_ in range(1, repeat + 1):
-        for i, (config, threads) in enumerate(plan):
+        sequence = core.round_order(len(plan), round_, order, seed)
+        meta["orders"].append([plan[i][0].name for i in sequence])  # type: ignore[attr-defined]
+        for i in sequence:
+            config, threads = plan[i]
             label = f"[{i + 1}/{len(plan)}]" + (f" round {round_}/{repeat}" if repeat > 1 else "")
             click.echo(f"{label} {config.name} ({threads} threads/rank) ...", err=True, nl=False)
             name = config.slug if repeat == 1 else f"{config.slug}-r{round_}"
