@@ -30,8 +30,8 @@ LOADERS = vocab.LOADERS
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
-SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb] with BACKEND one of "
-             + ", ".join(BACKENDS))
+SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb] "
+             "with BACKEND one of " + ", ".join(BACKENDS))
 
 # The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against its floor,
 # then two ranks, once with each rank given its share of the cores and once oversubscribed.

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-HEARTBEAT_DIR = "heartbeat"
+from hpc import vocab
+
+HEARTBEAT_DIR = vocab.HEARTBEAT
 # Phases after which a rank no longer makes progress by design.
 FINAL_PHASES = ("done", "stopped", "failed")
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
@@ -60,7 +62,7 @@ class Heartbeat:
         return self.hostname or (f"node {self.node_rank}" if self.node_rank is not None else "?")
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "Heartbeat":
+    def from_mapping(cls, data: Mapping[str, Any]) -> Heartbeat:
         """From a heartbeat's JSON object; ValueError if it has no integer rank."""
         rank = data.get("rank")
         if not isinstance(rank, int) or isinstance(rank, bool):
@@ -340,7 +342,8 @@ def table(board: Board) -> str:
         shown.append(row if row[0] != previous else ("", *row[1:]))
         previous = row[0]
     widths = [max(len(r[i]) for r in (TABLE_COLUMNS, *shown)) for i in range(len(TABLE_COLUMNS) - 1)]
-    lines = ["  ".join([c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]).rstrip() for r in (TABLE_COLUMNS, *shown)]
+    lines = ["  ".join([c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]).rstrip()
+             for r in (TABLE_COLUMNS, *shown)]
     return "\n".join(lines)
 
 

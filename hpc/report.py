@@ -126,7 +126,8 @@ def loss_series(metrics: Sequence[Mapping[str, Any]]) -> list[list[tuple[int, fl
     return segments
 
 
-def rate_series(histories: Mapping[int, Sequence[Any]], since: float | None = None) -> dict[int, list[tuple[float, float]]]:
+def rate_series(histories: Mapping[int, Sequence[Any]],
+                since: float | None = None) -> dict[int, list[tuple[float, float]]]:
     """rank -> (seconds since ``since``, images/s) from its training heartbeats, every attempt."""
     origin = since if since is not None else min((b.time for beats in histories.values() for b in beats), default=0.0)
     return {rank: [(b.time - origin, b.images_per_s) for b in beats if b.phase == "train" and b.images_per_s]

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-TIMELINE_DIR = "timeline"
+from hpc import vocab
+
+TIMELINE_DIR = vocab.TIMELINE
 # Every stamp in the order a rank passes it.
 STAMPS = ("submitted", "started", "batch_start", "setup_done", "task_start", "process_start", "torch_imported",
           "process_group_ready", "model_built", "first_step_done")

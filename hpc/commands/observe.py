@@ -19,17 +19,16 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from hpc import jobs, monitor, progress, report, timeline
+from hpc import jobs, monitor, progress, report, timeline, vocab
 from hpc.commands.submit import _lookup
 
 TOP_EVERY_S = 2.0
-ATTEMPTS = "attempts.jsonl"
 
 
 # ---- reading a job's files (the side-effect edge; everything they return is plain values) --------
 
 def run_dir(record: jobs.Record) -> Path:
-    return Path(record.job_dir) / "run"
+    return Path(record.job_dir) / vocab.RUN_DIR
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -64,7 +63,7 @@ def last_metric(path: Path) -> dict[str, Any] | None:
 
 
 def attempts_of(record: jobs.Record) -> list[dict[str, Any]]:
-    return read_jsonl(Path(record.job_dir) / ATTEMPTS)
+    return read_jsonl(Path(record.job_dir) / vocab.ATTEMPTS)
 
 
 def sacct_attempts(record: jobs.Record) -> list[dict[str, float | None]]:
@@ -144,7 +143,7 @@ class Follower:
         board = monitor.judge(beats, now, progress_at=self.watch.progress_at, polled=self.watch.polled)
         if any(v.beat.phase == "train" for v in board.ranks):
             self.stragglers = [monitor.straggler_json(v) for v in board.stragglers]
-        current = progress.of(beats, None if beats else last_metric(rdir / "metrics.jsonl"))
+        current = progress.of(beats, None if beats else last_metric(rdir / vocab.METRICS))
         if current is None:
             return
         if self.tty:
@@ -164,7 +163,7 @@ class Follower:
         rdir = run_dir(self.record)
         histories = monitor.read_histories(rdir)
         found = monitor.run_stragglers(histories) if histories else self.stragglers
-        for text in progress.summary(read_json(rdir / "summary.json"), attempts_of(self.record), found, waited_s):
+        for text in progress.summary(read_json(rdir / vocab.SUMMARY), attempts_of(self.record), found, waited_s):
             self.out.write(text + "\n")
         self.out.flush()
 
@@ -276,7 +275,7 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         (folder / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
         drawn[name] = data
 
-    segments = report.loss_series(read_jsonl(rdir / "metrics.jsonl"))
+    segments = report.loss_series(read_jsonl(rdir / vocab.METRICS))
     if segments:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for i, seg in enumerate(segments):
@@ -349,7 +348,7 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     good = goodput_of(record, falls)
     drawn = draw_charts(folder, record, falls, good)
     images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}
-    summary = read_json(run_dir(record) / "summary.json")
+    summary = read_json(run_dir(record) / vocab.SUMMARY)
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}",
                               facts_of(record, summary, jobs.state(record)), images, attempts_of(record), good,
                               timeline.table(falls), stragglers_of(record))
@@ -364,7 +363,7 @@ def status_lines(record: jobs.Record) -> list[str]:
     rdir = run_dir(record)
     beats = monitor.read_heartbeats(rdir)
     out = []
-    current = progress.of(beats, None if beats else last_metric(rdir / "metrics.jsonl"))
+    current = progress.of(beats, None if beats else last_metric(rdir / vocab.METRICS))
     if current is not None:
         out.append("progress: " + progress.line(current))
     board = monitor.judge(beats, time.time(), histories=monitor.read_histories(rdir))
