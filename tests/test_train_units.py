@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +22,7 @@ from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.loader import ResidentLoader, epoch_permutation, normalize, shard
 from train.model import ConvNet, load_weights, param_digest
 
+REPO = Path(__file__).resolve().parents[1]
 SRUN_RANK_1_OF_2 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
                     "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
                     "SLURM_JOB_ID": "777"}
@@ -324,3 +332,128 @@ def test_deepspeed_environment_is_made_safe_before_its_import():
     chosen = {"DS_ACCELERATOR": "xpu"}
     dsconfig.prepare_environment(chosen, cuda=False)
     assert chosen == {"DS_ACCELERATOR": "xpu"}
+
+
+# --- heartbeat -----------------------------------------------------------------------------------------
+
+CONTRACT_FIELDS = {"rank", "local_rank", "node_rank", "world_size", "hostname", "pid", "attempt", "phase", "step",
+                   "total_steps", "time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss", "rss_bytes",
+                   "peak_memory_bytes", "marks"}
+
+
+def one_rank_env():
+    from hpc import ranks
+    return ranks.resolve(SRUN_RANK_1_OF_2)
+
+
+def test_heartbeat_file_carries_the_contract_fields_and_is_rewritten_at_each_phase(tmp_path):
+    from train import heartbeat
+    beat = heartbeat.Heartbeat(tmp_path, every_s=60, marks={"process_start": 1.0})
+    beat.identify(one_rank_env(), {"SLURM_RESTART_COUNT": "2"}, hostname="n7")
+    try:
+        first = json.loads(heartbeat.path_for(tmp_path, 1).read_text())
+        assert CONTRACT_FIELDS <= set(first)
+        assert (first["rank"], first["world_size"], first["hostname"], first["attempt"], first["phase"]) == \
+            (1, 2, "n7", 2, "setup")
+        assert first["pid"] == os.getpid() and first["rss_bytes"] > 0 and first["marks"] == {"process_start": 1.0}
+        beat.plan(total_steps=10, local_batch=32)
+        beat.phase("train")
+        beat.mark("first_step_done", 5.0)
+        beat.mark("first_step_done", 9.0)  # a mark is set once
+        assert json.loads(heartbeat.path_for(tmp_path, 1).read_text())["phase"] == "train"
+    finally:
+        beat.finish("done")
+    last = heartbeat.read_all(tmp_path)[1]
+    assert last["phase"] == "done" and last["total_steps"] == 10 and last["marks"]["first_step_done"] == 5.0
+    history = [json.loads(line)["phase"] for line in heartbeat.path_for(tmp_path, 1).with_suffix(".jsonl").open()]
+    assert history == ["setup", "train", "done"]
+    with pytest.raises(ValueError, match="unknown heartbeat phase"):
+        beat.phase("lunch")
+
+
+def test_heartbeat_thread_rewrites_the_file_while_the_phase_stands_still(tmp_path):
+    from train import heartbeat
+    beat = heartbeat.Heartbeat(tmp_path, every_s=0.05)
+    beat.identify(one_rank_env(), {})
+    try:
+        first = json.loads(heartbeat.path_for(tmp_path, 1).read_text())["time"]
+        deadline = time.monotonic() + 5
+        while json.loads(heartbeat.path_for(tmp_path, 1).read_text())["time"] == first:
+            assert time.monotonic() < deadline, "the heartbeat thread never wrote"
+            time.sleep(0.01)
+    finally:
+        beat.finish("done")
+
+
+def test_heartbeat_s_0_writes_nothing(tmp_path):
+    from train import heartbeat
+    beat = heartbeat.Heartbeat(tmp_path, every_s=0)
+    beat.identify(one_rank_env(), {})
+    beat.phase("train")
+    beat.stepped(1)
+    beat.finish("done")
+    assert not heartbeat.folder(tmp_path).exists()
+
+
+def test_step_clock_splits_each_step_into_compute_and_the_waits_in_collectives():
+    from train.heartbeat import StepClock
+    now = [0.0]
+    clock = StepClock(clock=lambda: now[0])
+    clock.begin()
+    for _ in range(3):
+        now[0] += 0.5                  # forward and backward
+        clock.bucket_launched()        # DDP hands the last bucket to the all-reduce ...
+        now[0] += 0.2
+        clock.bucket_finished()        # ... and the backward waits 0.2 s for it
+        with clock.waited():
+            now[0] += 0.1              # the preemption vote
+        clock.end_step()
+    split = clock.summary()
+    assert split["step_time_s"] == pytest.approx(0.8)
+    assert split["comm_s"] == pytest.approx(0.3) and split["compute_s"] == pytest.approx(0.5)
+    assert split["recent_compute_s"] == pytest.approx([0.5] * 3)
+
+
+def test_images_per_s_is_this_ranks_local_batch_over_the_median_step_time(tmp_path):
+    from train import heartbeat
+    now = [0.0]
+    beat = heartbeat.Heartbeat(tmp_path, every_s=0)
+    beat.step_clock = heartbeat.StepClock(clock=lambda: now[0])
+    beat.plan(total_steps=5, local_batch=32)
+    beat.step_clock.begin()
+    for step in range(1, 4):
+        now[0] += 0.25
+        beat.stepped(step)
+    assert beat.snapshot()["images_per_s"] == 128.0 and beat.snapshot()["step"] == 3
+
+
+# --- preemption vote -------------------------------------------------------------------------------------
+
+def test_one_process_agrees_with_itself_at_once():
+    from train.preemption import Agreement
+    agreement = Agreement(1, torch.device("cpu"))
+    assert agreement.exchange(True, False) == (True, False)
+    assert agreement.now(False, True) == (False, True) and agreement.drain() == (False, False)
+
+
+def test_wall_clock_checkpoint_is_voted_once_until_it_was_saved():
+    from train.preemption import WallClock
+    now = [0.0]
+    wall = WallClock(600, clock=lambda: now[0])
+    assert not wall.due()
+    now[0] = 600
+    assert wall.due() and not wall.due()  # the vote is read a step later: it must not be cast twice
+    wall.saved()
+    now[0] = 1199
+    assert not wall.due()
+    now[0] = 1200
+    assert wall.due()
+    assert not WallClock(0, clock=lambda: 1e9).due()
+
+
+def test_a_stop_signal_before_torch_is_imported_is_remembered():
+    code = ("import os, signal; from train import preemption; os.kill(os.getpid(), signal.SIGTERM); "
+            "import torch; print(preemption.received())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.strip() == str(int(signal.SIGTERM)), done.stderr

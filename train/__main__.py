@@ -6,7 +6,8 @@
     deepspeed --num_gpus 2 --module train --backend deepspeed --run-dir runs/ds
     python -m train --backend dp --dataset cifar10 --data-dir data --run-dir runs/dp --resume
 
-Exit statuses (docs/CONTRACTS.md): 0 done, 2 bad input, 75 stopped by SIGUSR1/SIGTERM after a checkpoint.
+Exit statuses (docs/CONTRACTS.md): 0 done, 2 bad input, 75 stopped by SIGUSR1/SIGTERM after a checkpoint,
+76 hung (train/watchdog.py ended it).
 """
 
 from __future__ import annotations
@@ -27,16 +28,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train import preemption
+
+TORCH_IMPORTED = time.time()
+
 from hpc import ranks
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED
-from train import checkpoint, dsconfig
+from train import checkpoint, dsconfig, heartbeat, watchdog
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
 from train.engines import DeepSpeedEngine, TorchEngine
 from train.loader import ClassicLoader, ResidentLoader, normalize, shard
 from train.model import ConvNet, param_digest
 from train.options import DEFAULT_BATCH, Options, parse
 from train.runtime import (
-    Preemption,
     UsageError,
     all_mean,
     device_name,
@@ -58,18 +62,27 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
-    preemption = Preemption()  # from the start: a signal during set-up still ends in a checkpoint, not a kill
+    preemption.install()  # already there since import; again for a caller that runs main() twice
+    beat = heartbeat.Heartbeat(opts.run_dir, every_s=opts.heartbeat_s,
+                               marks={"process_start": STARTED, "torch_imported": TORCH_IMPORTED})
+    status = None
     try:
-        return train(opts, preemption)
+        status = train(opts, beat)
+        return status
     except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        status = EXIT_BAD_INPUT
+        return status
     finally:
+        beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))
         preemption.restore()
+        preemption.forget()
 
 
-def train(opts: Options, preemption: Preemption) -> int:
+def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     env = ranks.resolve(os.environ)
+    beat.identify(env, os.environ)
+    beat.watch(watchdog.Watchdog(beat, timeout_s=opts.hang_timeout_s, factor=opts.hang_factor))
     rank, world = env.rank, env.world_size
     if opts.backend == "dp" and env.distributed:
         raise UsageError(f"--backend dp is one process driving all of its node's GPUs, but this is rank {rank} "
@@ -80,6 +93,7 @@ def train(opts: Options, preemption: Preemption) -> int:
     threads = opts.threads or ranks.threads_per_rank(os.environ, len(os.sched_getaffinity(0)), env)
     torch.set_num_threads(threads)
     device = pick_device(opts.backend, env)
+    beat.peak_memory = lambda: peak_memory_bytes(device)
     if device.type == "cuda":
         # The batch shape never changes, so cuDNN's one-off search for the fastest conv kernels pays back.
         torch.backends.cudnn.benchmark = True
@@ -102,11 +116,14 @@ def train(opts: Options, preemption: Preemption) -> int:
             return 1
 
     comm = "none"
+    beat.phase("rendezvous")
     if opts.backend == "dp":
         if device.type == "cpu":
             say(rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
     else:
         comm = init_process_group(opts.backend, env, device, opts.timeout_s)
+    beat.mark("process_group_ready")
+    beat.phase("build")
     say(rank, f"{opts.backend} | world {world} ({env.source}) | {comm} on {device.type} | {precision} | "
               f"global batch {global_batch} | {threads} threads per rank | master {env.master_addr}:{env.master_port}")
     if checking and world == 1:
@@ -134,6 +151,8 @@ def train(opts: Options, preemption: Preemption) -> int:
         engine = TorchEngine(model, backend=opts.backend, device=device, precision=precision,
                              lr=opts.lr or 1e-3, world_size=world, compile=opts.compile)
 
+    beat.mark("model_built")
+    heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
     local_batch = global_batch // world
     channels_last = opts.channels_last and not ds_config
     common = dict(rank=rank, world_size=world, local_batch=local_batch, seed=opts.seed, device=device,
@@ -153,6 +172,7 @@ def train(opts: Options, preemption: Preemption) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": world}
+    found = resumed_at = None
     if opts.resume:
         found = checkpoint.newest(ckpt_root)
         if found is None:
@@ -164,6 +184,7 @@ def train(opts: Options, preemption: Preemption) -> int:
                     raise UsageError(f"{found} was written with {key} {saved[key]}, this run has {state[key]}; "
                                      f"resume with the same value (the data order depends on it)")
             state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
+            resumed_at = state["step"]
             say(rank, f"resumed from {found} at step {state['step']}")
     barrier = dist.barrier if dist.is_initialized() and world > 1 else (lambda: None)
 
@@ -175,15 +196,40 @@ def train(opts: Options, preemption: Preemption) -> int:
         return status
 
     def save() -> Path:
-        return checkpoint.save(ckpt_root, state["step"], rank=rank, barrier=barrier,
-                               write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
+        beat.phase("checkpoint")
+        where = checkpoint.save(ckpt_root, state["step"], rank=rank, barrier=barrier,
+                                write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
+        wall_clock.saved()
+        beat.phase("train")
+        return where
 
-    metrics = open(run_dir / "metrics.jsonl", "a" if state["step"] else "w") if rank == 0 else None
+    def stop() -> int:
+        step = state["step"]
+        where = save() if resumed_at != step else found
+        if rank == 0:
+            # What the batch shell's requeue.sh acts on: the step's own exit status can't say it, since
+            # srun --kill-on-bad-exit may kill the ranks that exit 75 a moment after the first.
+            marker = run_dir / "preempted"
+            marker.with_suffix(".tmp").write_text(f"{step}\n")
+            os.replace(marker.with_suffix(".tmp"), marker)
+        say(rank, f"stopped by {signal.Signals(preemption.received() or signal.SIGTERM).name} at step {step}: "
+                  f"checkpoint {where} written by all ranks; exit {EXIT_PREEMPTED}, rerun with --resume")
+        return leave(EXIT_PREEMPTED)
+
     start_step = state["step"]
+    beat.plan(total_steps=total_steps, local_batch=local_batch, step=start_step)
+    wall_clock = preemption.WallClock(opts.checkpoint_every_min * 60)
+    agreement = preemption.Agreement(world, device, beat.step_clock.waited)
+    # A signal during set-up: agree now, not after a step (the launcher's SIGKILL may be 30 s away).
+    if agreement.now(preemption.received() is not None)[0]:
+        return stop()
+    metrics = open(run_dir / "metrics.jsonl", "a" if state["step"] else "w") if rank == 0 else None
     first_step_at = warm_at = None
     warm_step = start_step + opts.warmup_steps
     last_log_time, last_log_step = time.time(), start_step
     batches = loader.batches(start_step)
+    beat.phase("train")
+    beat.step_clock.begin()
     while state["step"] < total_steps:
         batch = next(batches)
         loss = engine.train_step(batch.x, batch.y)
@@ -191,11 +237,14 @@ def train(opts: Options, preemption: Preemption) -> int:
         if first_step_at is None:
             float(loss)  # waits for the device, so the time covers the whole first step
             first_step_at = time.time()
+            beat.mark("first_step_done", first_step_at)
         if step == warm_step:
             float(loss)
             warm_at = time.time()
         if step % opts.log_every == 0 or step == total_steps or step == 1:
-            state["last_loss"] = loss_value = all_mean(loss, world)
+            with beat.step_clock.waited():
+                state["last_loss"] = loss_value = all_mean(loss, world)
+            beat.loss = loss_value
             if state["first_loss"] is None:
                 state["first_loss"] = loss_value
             now = time.time()
@@ -208,25 +257,21 @@ def train(opts: Options, preemption: Preemption) -> int:
                                           "loss": loss_value, "images_per_s": round(images_per_s, 1),
                                           "time_s": round(now - STARTED, 3)}) + "\n")
                 metrics.flush()
-        if preemption.agreed(world, device):
-            where = save()
-            if rank == 0:
-                # What the batch shell's requeue.sh acts on: the step's own exit status can't say it, since
-                # srun --kill-on-bad-exit may kill the ranks that exit 75 a moment after the first.
-                marker = run_dir / "preempted"
-                marker.with_suffix(".tmp").write_text(f"{step}\n")
-                os.replace(marker.with_suffix(".tmp"), marker)
-            say(rank, f"stopped by {signal.Signals(preemption.received or signal.SIGTERM).name} at step {step}: "
-                      f"checkpoint {where} written by all ranks; exit {EXIT_PREEMPTED}, rerun with --resume")
-            return leave(EXIT_PREEMPTED)
-        if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
+        beat.stepped(step)
+        # Votes cast after this step are read after the next one: no per-step wait for the device.
+        stopping, due = agreement.exchange(preemption.received() is not None, rank == 0 and wall_clock.due())
+        if stopping:
+            return stop()
+        if (due or opts.checkpoint_every and step % opts.checkpoint_every == 0) and step < total_steps:
             save()
+    agreement.drain()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the rate must count the steps still queued on the GPU
     ended = time.time()
     if state["step"] > start_step:
         save()
 
+    beat.phase("eval")
     accuracy = evaluate_accuracy(engine, data, rank, world, device, channels_last)
     with engine.full_parameters() as named:
         digest = param_digest(named)

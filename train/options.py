@@ -31,6 +31,7 @@ class Options:
     precision: str = "auto"
     deepspeed_config: Path | None = None
     checkpoint_every: int = 0
+    checkpoint_every_min: float = 10.0
     resume: bool = False
     seed: int = 0
     log_every: int = 100
@@ -41,6 +42,9 @@ class Options:
     timeout_s: float = 600.0
     preflight: bool = False
     preflight_only: bool = False
+    heartbeat_s: float = 2.0
+    hang_timeout_s: float = 60.0
+    hang_factor: float = 10.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=vocab.PRECISIONS, default="auto")
     p.add_argument("--deepspeed-config", type=Path)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    p.add_argument("--checkpoint-every-min", type=float, default=10.0,
+                   help="also checkpoint when this many minutes of wall time passed since the last one; bounds "
+                        "what a crash loses (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
@@ -79,6 +86,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout")
     p.add_argument("--preflight", action="store_true", help="check an all_reduce across all ranks first")
     p.add_argument("--preflight-only", action="store_true", help="the preflight check, then exit (hpcdist doctor)")
+    p.add_argument("--heartbeat-s", type=float, default=2.0,
+                   help="seconds between heartbeat writes to RUN_DIR/heartbeat/ (0: no heartbeats, no hang watchdog)")
+    p.add_argument("--hang-timeout-s", type=float, default=60.0,
+                   help="a rank whose step stalls this long (and --hang-factor x the median step time) is hung: "
+                        "stacks are dumped and the ranks exit 76 (0: no hang watchdog)")
+    p.add_argument("--hang-factor", type=float, default=10.0, help="the k in max(--hang-timeout-s, k x step time)")
     # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and wins.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -92,6 +105,9 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         value = getattr(opts, name)
         if value is not None and value < 1:
             parser().error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("checkpoint_every_min", "heartbeat_s", "hang_timeout_s", "hang_factor"):
+        if getattr(opts, name) < 0:
+            parser().error(f"--{name.replace('_', '-')} must not be negative, got {getattr(opts, name)}")
     if opts.dataset == "cifar10" and opts.data_dir is None:
         parser().error("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/)")
     return opts

@@ -1,0 +1,256 @@
+"""Publish this rank's heartbeat (docs/CONTRACTS.md, contract 1): phase, progress, step-time split, memory, marks.
+
+    beat = Heartbeat(run_dir, every_s=2.0, marks={"process_start": t0})
+    beat.identify(env, os.environ, total_steps=..., local_batch=...)   # files appear from here on
+    beat.phase("train"); clock.begin()
+    ...; beat.stepped(step)         # per step: a few attribute stores, no I/O, no device sync
+    beat.finish("done")
+
+``RUN_DIR/heartbeat/rank-R.json`` is replaced atomically at every phase change and every ``every_s``
+seconds by a daemon thread, so its age says the process is alive while ``step``/``step_at`` say it
+progresses; each write is also appended to ``rank-R.jsonl`` (the history the report reads).
+
+Step time split. ``comm_s`` is the time this rank's training thread spent waiting for collectives in a
+step, as seen from the host: the trainer's own collectives (the one-step-late preemption flag, the loss
+mean at log steps) plus, for DDP, the backward's tail, from the moment the last gradient bucket was
+handed to the all-reduce until the last all-reduce finished (what the backward then waits for; the
+overlapped part is not waiting). DeepSpeed's own reductions inside ``engine.backward/step`` are counted
+as compute. On GPUs the times are host times taken without any device synchronisation, so queued but
+unfinished device work is not seen; the one-step-late flag read keeps the host at most a step ahead.
+``compute_s`` is the rest of the step (data, forward, backward, optimizer). Both are medians over the
+last ``WINDOW`` steps; ``recent_compute_s`` is the ring itself, for straggler detection from one snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Mapping
+
+PHASES = ("setup", "rendezvous", "build", "train", "eval", "checkpoint", "done", "stopped", "failed")
+MARKS = ("process_start", "torch_imported", "process_group_ready", "model_built", "first_step_done")
+WINDOW = 16
+
+
+def folder(run_dir: Path) -> Path:
+    return Path(run_dir) / "heartbeat"
+
+
+def path_for(run_dir: Path, rank: int) -> Path:
+    return folder(run_dir) / f"rank-{rank}.json"
+
+
+def read_all(run_dir: Path) -> dict[int, dict]:
+    """Every rank's latest heartbeat by rank; a file caught mid-replace or unreadable is skipped."""
+    found = {}
+    for p in folder(run_dir).glob("rank-*.json"):
+        try:
+            beat = json.loads(p.read_text())
+            found[int(beat["rank"])] = beat
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def rss_bytes() -> int:
+    """Resident set size from /proc (one small read, no syscalls into torch); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class StepClock:
+    """Per-step wall time split into compute and time spent waiting in collectives (see the module doc)."""
+
+    def __init__(self, window: int = WINDOW, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.step_times: deque[float] = deque(maxlen=window)
+        self.comm_times: deque[float] = deque(maxlen=window)
+        self.compute_times: deque[float] = deque(maxlen=window)
+        self._last_end: float | None = None
+        self._comm = 0.0
+        # DDP bucket all-reduces of the step in flight: when the last was launched and when the last finished.
+        self._launched = self._finished = None
+
+    def begin(self) -> None:
+        self._last_end, self._comm, self._launched, self._finished = self.clock(), 0.0, None, None
+
+    def add_comm(self, seconds: float) -> None:
+        self._comm += seconds
+
+    def waited(self):
+        """``with clock.waited(): work.wait()`` counts the block's time as communication."""
+        return _Waited(self)
+
+    def bucket_launched(self) -> None:
+        self._launched = self.clock()
+
+    def bucket_finished(self) -> None:
+        self._finished = self.clock()
+
+    def end_step(self) -> None:
+        now = self.clock()
+        if self._last_end is None:
+            self._last_end = now
+            return
+        comm = self._comm
+        if self._launched is not None and self._finished is not None:
+            comm += max(self._finished - self._launched, 0.0)
+        total = now - self._last_end
+        comm = min(comm, total)
+        self.step_times.append(total)
+        self.comm_times.append(comm)
+        self.compute_times.append(total - comm)
+        self._last_end, self._comm, self._launched, self._finished = now, 0.0, None, None
+
+    def summary(self) -> dict:
+        def median(values):
+            return round(statistics.median(values), 6) if values else None
+        return {"step_time_s": median(list(self.step_times)), "compute_s": median(list(self.compute_times)),
+                "comm_s": median(list(self.comm_times)),
+                "recent_compute_s": [round(v, 6) for v in list(self.compute_times)]}
+
+
+class _Waited:
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def __enter__(self):
+        self.started = self.clock.clock()
+
+    def __exit__(self, *exc):
+        self.clock.add_comm(self.clock.clock() - self.started)
+
+
+class Heartbeat:
+    """This rank's heartbeat file; ``every_s`` 0 turns heartbeats off (nothing is written, no thread runs)."""
+
+    def __init__(self, run_dir: Path, *, every_s: float = 2.0, marks: Mapping[str, float] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 peak_memory: Callable[[], int] = lambda: 0) -> None:
+        self.run_dir, self.every_s, self.now = Path(run_dir), every_s, clock
+        self.step_clock = StepClock()
+        self.marks = dict(marks or {})
+        self.peak_memory = peak_memory
+        self.identity: dict | None = None
+        self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None
+        self.total_steps = self.local_batch = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stoppers: list[Callable[[], None]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_s > 0
+
+    def identify(self, env, environ: Mapping[str, str], *, hostname: str | None = None) -> None:
+        """Name this rank (``env`` is hpc.ranks.DistEnv) and start writing: the setup phase shows from here."""
+        self.identity = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
+                         "world_size": env.world_size, "hostname": hostname or socket.gethostname(),
+                         "pid": os.getpid(), "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0)}
+        if not self.enabled:
+            return
+        folder(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.write()
+        self._thread = threading.Thread(target=self._beat, name="hpcdist-heartbeat", daemon=True)
+        self._thread.start()
+
+    def plan(self, *, total_steps: int, local_batch: int, step: int = 0) -> None:
+        self.total_steps, self.local_batch, self.step = total_steps, local_batch, step
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self.marks.setdefault(name, self.now() if at is None else at)
+
+    def phase(self, name: str) -> None:
+        if name not in PHASES:
+            raise ValueError(f"unknown heartbeat phase {name!r}; one of {', '.join(PHASES)}")
+        if name == self.phase_name:
+            return
+        self.phase_name = name
+        self.step_at = self.now()  # a phase change is progress too: a long checkpoint write is not a hang
+        if self.identity is not None and self.enabled:
+            self.write()
+
+    def stepped(self, step: int) -> None:
+        """The hot path: called once per optimizer step."""
+        self.step_clock.end_step()
+        self.step, self.step_at = step, self.now()
+
+    def watch(self, watcher) -> None:
+        """Start ``watcher`` (train.watchdog.Watchdog) with this heartbeat and stop it at ``finish``."""
+        watcher.start()
+        self._stoppers.append(watcher.stop)
+
+    def finish(self, phase: str) -> None:
+        for stop in self._stoppers:
+            stop()
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.phase(phase)
+
+    def snapshot(self) -> dict:
+        beat = dict(self.identity or {})
+        split = self.step_clock.summary()
+        step_time = split["step_time_s"]
+        beat.update(phase=self.phase_name, step=self.step, total_steps=self.total_steps, time=round(self.now(), 3),
+                    step_at=self.step_at, **{k: split[k] for k in ("step_time_s", "compute_s", "comm_s")},
+                    images_per_s=(round(self.local_batch / step_time, 1)
+                                  if step_time and self.local_batch else None),
+                    loss=self.loss, rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(),
+                    marks=dict(self.marks), recent_compute_s=split["recent_compute_s"])
+        return beat
+
+    def write(self) -> None:
+        with self._lock:
+            beat = self.snapshot()
+            path = path_for(self.run_dir, beat["rank"])
+            tmp = path.with_name(f".{path.name}.tmp")
+            text = json.dumps(beat)
+            try:
+                tmp.write_text(text + "\n")
+                os.replace(tmp, path)
+                # One short O_APPEND write per beat, so concurrent readers never see half a line.
+                with open(path.with_suffix(".jsonl"), "a") as history:
+                    history.write(text + "\n")
+            except OSError:
+                return  # a full or vanished disk must not stop training; the beat's age will tell
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.write()
+
+
+def time_ddp_buckets(net, clock: StepClock) -> bool:
+    """Have a DDP module report its bucket all-reduces to ``clock``; False (and nothing done) for other modules.
+
+    The hook is torch's default all-reduce (divide by the world size, sum) with two timestamps around it,
+    so gradients are bitwise what the built-in reducer gives.
+    """
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(net, DistributedDataParallel):
+        return False
+
+    def timed_allreduce(state, bucket):
+        clock.bucket_launched()
+
+        def finished(fut):
+            clock.bucket_finished()
+            return fut.value()[0]
+
+        return allreduce_hook(state, bucket).then(finished)
+
+    net.register_comm_hook(dist.group.WORLD, timed_allreduce)
+    return True

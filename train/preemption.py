@@ -1,0 +1,157 @@
+"""Turn SIGUSR1/SIGTERM into a flag from the first moment, and agree on stop/checkpoint votes one step late.
+
+Importing this module installs flag-only handlers, so ``train/__main__.py`` imports it before torch: a
+signal during torch's import, the rendezvous or DeepSpeed's set-up is remembered, not fatal. Slurm's
+``--signal=USR1@120`` and a time limit's SIGTERM both mean "checkpoint, then exit 75".
+
+The per-step vote ``[stop, checkpoint]`` is all-reduced (MAX) asynchronously after each step and read one
+step later, so no rank ever waits for its device to drain: on GPUs the result reaches pinned host memory
+behind a CUDA event of the previous step. Every rank reads the same reduced vote at the same step, so
+all of them checkpoint at the same step, and resuming stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from typing import Callable
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_received: list[int] = []
+
+
+def _note(signum, frame) -> None:
+    # Only a flag: the step in flight finishes, then every rank checkpoints at the same step.
+    _received.append(signum)
+
+
+def install() -> dict:
+    """Flag-only handlers for SIGUSR1 and SIGTERM; returns the handlers found, for ``restore``."""
+    return {sig: signal.signal(sig, _note) for sig in SIGNALS}
+
+
+_ORIGINAL = install()
+
+
+def received() -> int | None:
+    """The first stop signal this process got, or None."""
+    return _received[0] if _received else None
+
+
+def forget() -> None:
+    """Clear the flag (tests, or a notebook running train.main twice)."""
+    _received.clear()
+
+
+def restore(handlers: dict | None = None) -> None:
+    """Put back the handlers found before this module was imported, so a caller keeps its own."""
+    for sig, handler in (handlers or _ORIGINAL).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a worker must outlive its rank's checkpoint, so it ignores stop signals
+    (srun signals every process of the step; a worker dying first would break the rank's next batch)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+@contextlib.contextmanager
+def blocked_while_forking():
+    """Hold stop signals pending while DataLoader workers fork: a child inherits the mask, so a signal
+    cannot reach a worker before ``ignore_in_worker`` ran; the parent gets its pending ones afterwards."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+class WallClock:
+    """Rank 0's "a checkpoint is due" by wall time: True once ``every_s`` passed since the last save, then
+    False until ``saved()`` (the vote is read a step later, so it must not be cast twice)."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.clock = every_s, clock
+        self.last, self.voted = clock(), False
+
+    def due(self) -> bool:
+        if self.every_s <= 0 or self.voted or self.clock() - self.last < self.every_s:
+            return False
+        self.voted = True
+        return True
+
+    def saved(self) -> None:
+        self.last, self.voted = self.clock(), False
+
+
+class Agreement:
+    """All ranks' ``[stop, checkpoint]`` votes, MAX-reduced; ``exchange`` posts this step's and returns the
+    previous step's result. One process needs no collective and answers at once."""
+
+    def __init__(self, world_size: int, device, waited: Callable[[], contextlib.AbstractContextManager] | None = None):
+        import torch
+
+        self.world_size, self.device = world_size, device
+        self.waited = waited or contextlib.nullcontext
+        self.cuda = device.type == "cuda"
+        self.slots = [torch.zeros(2, device=device) for _ in range(2)]
+        if self.cuda:
+            self.pinned_in = [torch.zeros(2).pin_memory() for _ in range(2)]
+            self.pinned_out = [torch.zeros(2).pin_memory() for _ in range(2)]
+            self.events = [torch.cuda.Event() for _ in range(2)]
+        self.slot, self.pending = 0, None
+
+    def exchange(self, stop: bool, checkpoint: bool) -> tuple[bool, bool]:
+        if self.world_size == 1:
+            return stop, checkpoint
+        previous = self._collect()
+        self._post(stop, checkpoint)
+        return previous
+
+    def now(self, stop: bool, checkpoint: bool = False) -> tuple[bool, bool]:
+        """Agree at once, waiting for the result (set-up and the end of training, never per step)."""
+        if self.world_size == 1:
+            return stop, checkpoint
+        earlier = self._collect()
+        self._post(stop, checkpoint)
+        current = self._collect()
+        return earlier[0] or current[0], earlier[1] or current[1]
+
+    def drain(self) -> tuple[bool, bool]:
+        """The outstanding vote's result, so no all-reduce is left in flight before other collectives."""
+        return self._collect() if self.world_size > 1 else (False, False)
+
+    def _post(self, stop: bool, checkpoint: bool) -> None:
+        import torch.distributed as dist
+
+        slot = self.slots[self.slot]
+        if self.cuda:
+            self.pinned_in[self.slot][0], self.pinned_in[self.slot][1] = float(stop), float(checkpoint)
+            slot.copy_(self.pinned_in[self.slot], non_blocking=True)
+            work = dist.all_reduce(slot, op=dist.ReduceOp.MAX, async_op=True)
+            work.wait()  # NCCL: the current stream waits for the reduce; the host does not
+            self.pinned_out[self.slot].copy_(slot, non_blocking=True)
+            self.events[self.slot].record()
+            self.pending = (self.slot, None)
+        else:
+            slot[0], slot[1] = float(stop), float(checkpoint)
+            self.pending = (self.slot, dist.all_reduce(slot, op=dist.ReduceOp.MAX, async_op=True))
+        self.slot ^= 1
+
+    def _collect(self) -> tuple[bool, bool]:
+        if self.pending is None:
+            return False, False
+        index, work = self.pending
+        self.pending = None
+        if self.cuda:
+            # Waits for the previous step only; this step's kernels are queued behind the event.
+            self.events[index].synchronize()
+            values = self.pinned_out[index]
+        else:
+            with self.waited():
+                work.wait()
+            values = self.slots[index]
+        return bool(values[0] > 0), bool(values[1] > 0)

@@ -1,0 +1,250 @@
+"""Name a hung rank within bounded time (docs/CONTRACTS.md, contract 3): stacks of every rank, hang.json, exit 76.
+
+Each rank runs ``Watchdog`` in a daemon thread beside its heartbeat. The ranks with local rank 0 judge the
+heartbeats in ``RUN_DIR/heartbeat/``: a rank in train/checkpoint/eval whose progress (``step_at``: its
+last step or phase change) is older than max(--hang-timeout-s, --hang-factor x the median step time) is
+stalled. A hung rank stalls the others too (they wait for it in a collective), so the culprit is the
+stalled rank that is furthest behind: lowest step, then stalest heartbeat (a stopped process stops
+beating), then oldest progress. Then, in bounded time:
+
+1. the judge declares the hang once (``RUN_DIR/stacks/declared.json``, created exclusively);
+2. every live rank writes its own threads' Python stacks to ``RUN_DIR/stacks/rank-R.txt``; when the
+   culprit itself is frozen, the lowest live rank on its node takes its stack with ``py-spy dump``, or
+   the file says why no stack could be taken;
+3. the declaring rank writes ``RUN_DIR/hang.json`` ``{"rank","node","step","since","stacks","groups",...}``
+   (``groups``: ranks with identical main-thread stacks, largest group first, so the odd one out is last);
+4. the live ranks exit 76, so ``srun --kill-on-bad-exit`` (or torchrun's agent) ends the frozen one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from hpc.vocab import EXIT_HUNG
+from train import heartbeat
+
+ACTIVE = ("train", "checkpoint", "eval")
+PY_SPY_TIMEOUT_S = 20.0
+COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
+
+
+@dataclass(frozen=True)
+class Verdict:
+    rank: int
+    node: str
+    pid: int
+    step: int
+    since: float          # unix time of the hung rank's last progress
+    threshold_s: float    # how long no progress counted as hung
+    stale_beat: bool      # its heartbeat stopped too: the whole process is frozen, not just its main thread
+
+
+def threshold_s(beats: dict[int, dict], timeout_s: float, factor: float) -> float:
+    times = [b["step_time_s"] for b in beats.values() if b.get("step_time_s")]
+    return max(timeout_s, factor * statistics.median(times)) if times else timeout_s
+
+
+def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float, fresh_s: float) -> Verdict | None:
+    """The hung rank, if any, from one snapshot of every rank's heartbeat (pure)."""
+    limit = threshold_s(beats, timeout_s, factor)
+    stalled = [b for b in beats.values()
+               if b.get("phase") in ACTIVE and now - (b.get("step_at") or b.get("time") or now) > limit]
+    if not stalled:
+        return None
+    culprit = min(stalled, key=lambda b: (b.get("step") or 0, b.get("time") or 0, b.get("step_at") or 0))
+    return Verdict(rank=culprit["rank"], node=culprit.get("hostname", "?"), pid=culprit.get("pid", 0),
+                   step=culprit.get("step") or 0, since=culprit.get("step_at") or culprit.get("time"),
+                   threshold_s=round(limit, 3), stale_beat=now - (culprit.get("time") or 0) > fresh_s)
+
+
+def own_stacks() -> str:
+    """Every thread of this process, main thread first, innermost call last (as tracebacks read)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    frames = sys._current_frames()
+    main = threading.main_thread().ident
+    parts = []
+    for ident in sorted(frames, key=lambda i: (i != main, names.get(i, ""))):
+        stack = "".join(traceback.format_stack(frames[ident]))
+        parts.append(f'Thread "{names.get(ident, ident)}":\n{stack}')
+    return "\n".join(parts)
+
+
+def main_thread_stack(text: str) -> str:
+    """The first thread's block of a stack file: what groups ranks (other threads differ in noise)."""
+    blocks = text.split("\nThread ")
+    return blocks[0]
+
+
+def py_spy_stack(pid: int) -> str:
+    """The Python stack of another process on this node, read with py-spy without stopping it further."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return f"no stack: py-spy is not installed (pip install py-spy), so process {pid} could not be read"
+    if not Path(f"/proc/{pid}").exists():
+        return f"no stack: process {pid} is not visible from this rank's node"
+    try:
+        done = subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
+                              timeout=PY_SPY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"no stack: py-spy dump --pid {pid} ran past {PY_SPY_TIMEOUT_S:.0f} s"
+    if done.returncode != 0:
+        return f"no stack: py-spy dump --pid {pid} failed: {(done.stderr or done.stdout).strip()[-500:]}"
+    return f"(taken by py-spy from another rank on this node)\n{done.stdout}"
+
+
+def group(stacks: dict[int, str]) -> list[dict]:
+    """Ranks with identical main-thread stacks, largest group first (the odd one out comes last)."""
+    groups: dict[str, list[int]] = {}
+    for rank, text in sorted(stacks.items()):
+        groups.setdefault(main_thread_stack(text), []).append(rank)
+    return [{"ranks": ranks, "stack": stack}
+            for stack, ranks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1]))]
+
+
+def _create_exclusively(path: Path, text: str) -> bool:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)  # fails if another rank declared first
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Watchdog:
+    """The per-rank thread; ``exit`` is how the process ends itself (os._exit, since the main thread is stuck)."""
+
+    def __init__(self, beat: heartbeat.Heartbeat, *, timeout_s: float, factor: float,
+                 exit: Callable[[int], None] = os._exit, clock: Callable[[], float] = time.time) -> None:
+        self.beat, self.timeout_s, self.factor, self.exit, self.now = beat, timeout_s, factor, exit, clock
+        self.run_dir = beat.run_dir
+        self.stacks_dir = self.run_dir / "stacks"
+        self.tick_s = beat.every_s
+        # Judging reads every rank's heartbeat: a few times per timeout is enough, and spares a shared disk.
+        self.judge_every_s = max(beat.every_s, min(timeout_s / 6, 10.0))
+        self.fresh_s = max(3 * beat.every_s, 5.0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def me(self) -> dict:
+        return self.beat.identity or {}
+
+    def start(self) -> None:
+        if self.timeout_s <= 0 or not self.beat.enabled or self.beat.identity is None:
+            return
+        self._thread = threading.Thread(target=self._watch, name="hpcdist-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        last_judged = 0.0
+        while not self._stop.wait(self.tick_s):
+            declared = self.declared()
+            if declared is None and self.me.get("local_rank") == 0 and self.now() - last_judged >= self.judge_every_s:
+                last_judged = self.now()
+                verdict = judge(heartbeat.read_all(self.run_dir), self.now(), timeout_s=self.timeout_s,
+                                factor=self.factor, fresh_s=self.fresh_s)
+                if verdict is not None:
+                    declared = self.declare(verdict)
+            if declared is not None:
+                self.respond(declared)
+                return
+
+    def declared(self) -> dict | None:
+        """This launch's declaration, if any rank made one (an older one, from an earlier run, is ignored)."""
+        try:
+            found = json.loads((self.stacks_dir / "declared.json").read_text())
+        except (OSError, ValueError):
+            return None
+        started = self.beat.marks.get("process_start", 0)
+        return found if found.get("declared_at", 0) >= started - 1 else None
+
+    def declare(self, verdict: Verdict) -> dict:
+        self.stacks_dir.mkdir(parents=True, exist_ok=True)
+        record = {**asdict(verdict), "declared_by": self.me["rank"], "declared_at": self.now()}
+        path = self.stacks_dir / "declared.json"
+        if not _create_exclusively(path, json.dumps(record) + "\n"):
+            if self.declared() is not None:
+                return self.declared()
+            _replace(path, json.dumps(record) + "\n")  # a stale one from an earlier run of this run dir
+        return record
+
+    def respond(self, declared: dict) -> None:
+        """Dump stacks, let the declaring rank write hang.json, then end this process with EXIT_HUNG."""
+        rank = self.me["rank"]
+        self.stacks_dir.mkdir(parents=True, exist_ok=True)
+        mine = self.stacks_dir / f"rank-{rank}.txt"
+        if not ((self.run_dir / "hang.json").exists() and mine.exists()):  # a thawed rank keeps its py-spy stack
+            _replace(mine, own_stacks())
+        if declared["stale_beat"] and declared["rank"] != rank and self._reads_for_culprit(declared):
+            _replace(self.stacks_dir / f"rank-{declared['rank']}.txt", py_spy_stack(declared["pid"]))
+        if declared["declared_by"] == rank:
+            self.write_report(declared)
+        else:
+            deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
+            while not (self.run_dir / "hang.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        print(f"hpcdist-train: rank {declared['rank']} on {declared['node']} hung at step {declared['step']} "
+              f"(no progress for {declared['threshold_s']:.0f} s or more); stacks in {self.stacks_dir}; "
+              f"rank {rank} exits {EXIT_HUNG}", file=sys.stderr, flush=True)
+        self.beat.finish("failed")
+        sys.stdout.flush()
+        self.exit(EXIT_HUNG)
+
+    def _reads_for_culprit(self, declared: dict) -> bool:
+        """Whether this rank is the lowest live rank on the frozen rank's node (the one to run py-spy)."""
+        if self.me.get("hostname") != declared["node"]:
+            return False
+        beats = heartbeat.read_all(self.run_dir)
+        now = self.now()
+        live = [r for r, b in beats.items() if b.get("hostname") == declared["node"] and r != declared["rank"]
+                and now - (b.get("time") or 0) <= self.fresh_s]
+        return not live or min(live) == self.me["rank"]
+
+    def write_report(self, declared: dict) -> None:
+        beats = heartbeat.read_all(self.run_dir)
+        now = self.now()
+        expected = {r for r, b in beats.items() if now - (b.get("time") or 0) <= self.fresh_s} | {declared["rank"]}
+        deadline = time.monotonic() + COLLECT_S + (PY_SPY_TIMEOUT_S if declared["stale_beat"] else 0)
+        while time.monotonic() < deadline:
+            if all((self.stacks_dir / f"rank-{r}.txt").exists() for r in expected):
+                break
+            time.sleep(0.2)
+        stacks = {}
+        for r in sorted(set(beats) | expected):
+            path = self.stacks_dir / f"rank-{r}.txt"
+            if path.exists():
+                stacks[r] = path.read_text()
+            elif r == declared["rank"]:
+                stacks[r] = (f"no stack: no live rank on {declared['node']} could read process {declared['pid']} "
+                             "(py-spy reads only processes on its own node)")
+                _replace(path, stacks[r])
+            else:
+                stacks[r] = "no stack: this rank wrote none in time (frozen or already gone)"
+        report = {"rank": declared["rank"], "node": declared["node"], "step": declared["step"],
+                  "since": declared["since"], "pid": declared["pid"], "threshold_s": declared["threshold_s"],
+                  "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
+                  "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
+        _replace(self.run_dir / "hang.json", json.dumps(report, indent=2) + "\n")
