@@ -1,22 +1,25 @@
-"""Load cluster profiles (configs/clusters/*.yaml) into frozen dataclasses."""
+"""Load cluster profiles into frozen dataclasses: found through the site search path, parents merged in."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from hpc import paths, plan
+from hpc import plan, sites
+from hpc.spec import SpecError, time_seconds
 
 # The network section names the variables NCCL and Gloo read, spelled as they are exported.
 NETWORK_VARS = ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_IB_GID_INDEX", "NCCL_NET_GDR_LEVEL",
                 "GLOO_SOCKET_IFNAME")
 NETWORK_KEYS = ("ib",) + NETWORK_VARS
-KEYS = ("partition", "account", "gpus_per_node", "gpu_memory", "cpus_per_task", "max_nodes", "modules", "setup",
-        "env", "templates", "python", "network")
+KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "max_nodes", "modules",
+        "setup", "env", "templates", "python", "network", "extends", "slurm_cluster")
+# Mappings a child profile merges key by key into its parent's; every other key (lists included) replaces.
+MERGED_KEYS = ("env", "network")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -43,8 +46,10 @@ class Profile:
     """One site's defaults: where jobs go, what each node has, and how a job's shell is prepared."""
 
     name: str
+    slurm_cluster: str | None = None
     partition: str | None = None
     account: str | None = None
+    time: str | None = None
     gpus_per_node: int = 0
     gpu_memory: int | None = None
     cpus_per_task: int = 1
@@ -55,28 +60,51 @@ class Profile:
     templates: str | None = None
     python: str | None = None
     network: Network = field(default_factory=Network)
+    # Where it came from: the file, its level of the search path, and the profiles it extends (nearest first).
+    source: str | None = None
+    origin: str | None = None
+    parents: tuple[str, ...] = ()
 
     def environment(self) -> dict[str, str]:
         """Every variable setup.sh exports: the network's, then the profile's own env (which wins)."""
         return {**self.network.env(), **dict(self.env)}
 
 
-def available() -> list[str]:
-    return sorted(p.stem for p in (paths.configs_dir() / "clusters").glob("*.yaml"))
+def available(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every profile name found on the search path."""
+    return sorted({found.name for found in sites.discover(sites.levels(_environ(environ)))})
 
 
-def locate(name: str) -> Path:
-    """A profile name (``local``) or a path to a YAML file."""
-    if name.endswith((".yaml", ".yml")) or "/" in name:
+def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    import os
+
+    return os.environ if environ is None else environ
+
+
+def is_path(name: str) -> bool:
+    """A YAML path (``site.yaml``, ``./x``) rather than a profile name looked up on the search path."""
+    return name.endswith(sites.SUFFIXES) or "/" in name
+
+
+def locate(name: str, environ: Mapping[str, str] | None = None) -> Path:
+    """A profile name (the first ``NAME.yaml`` on the search path) or a path to a YAML file."""
+    return _find(name, sites.levels(_environ(environ))).path
+
+
+def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
+    if is_path(name):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ProfileError(f"cluster profile file {name} does not exist")
-        return path.resolve()
-    path = paths.configs_dir() / "clusters" / f"{name}.yaml"
-    if not path.is_file():
-        raise ProfileError(f"unknown cluster {name!r}; choose one of {', '.join(available())} or pass a "
-                           "path to a YAML file")
-    return path
+        path = path.resolve()
+        level = sites.level_of(path, search)
+        return sites.Found(path.stem, path, search[level].origin if level >= 0 else sites.COMMAND_LINE, level)
+    found = sites.find(name, search)
+    if found is None:
+        known = sorted({f.name for f in sites.discover(search)})
+        raise ProfileError(f"unknown cluster {name!r}; choose one of {', '.join(known)} or pass a path to a YAML "
+                           "file (see `hpcdist clusters`)")
+    return found
 
 
 def _int(name: str, value: Any, lowest: int) -> int:
@@ -119,12 +147,18 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
         raise ProfileError(f"cluster profile {name!r}: unknown key(s) {', '.join(map(str, unknown))}; valid "
                            f"keys: {', '.join(KEYS)}")
     values: dict[str, Any] = {"name": name}
-    for key in ("partition", "account", "python"):
+    for key in ("slurm_cluster", "partition", "account", "python"):
         if data.get(key) is not None:
             values[key] = _str(key, data[key])
     for key, lowest in (("gpus_per_node", 0), ("cpus_per_task", 1), ("max_nodes", 1)):
         if data.get(key) is not None:
             values[key] = _int(key, data[key], lowest)
+    if data.get("time") is not None:
+        values["time"] = _str("time", data["time"])
+        try:
+            time_seconds(values["time"])
+        except SpecError as exc:
+            raise ProfileError(f"cluster profile {name!r}: time: {exc}") from None
     if data.get("gpu_memory") is not None:
         try:
             values["gpu_memory"] = plan.parse_bytes(str(data["gpu_memory"]))
@@ -154,12 +188,78 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     return Profile(**values)
 
 
-def load(name: str) -> Profile:
-    """Load a profile by name from configs/clusters/ or from a YAML path."""
-    path = locate(name)
+def _read(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ProfileError(f"cannot read cluster profile {path}: {str(exc).splitlines()[0]}") from None
-    return parse(path.stem if path.parent == paths.configs_dir() / "clusters" else str(path),
-                 data or {}, path.parent)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"cluster profile {str(path)!r} must be a YAML mapping")
+    return data
+
+
+def merge(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """A child profile over its parent: env and network merge key by key, any other key (lists too) replaces.
+
+    A key set to null in the child drops the parent's value (``account: null``, ``env: {NCCL_DEBUG: null}``).
+    """
+    out = dict(parent)
+    for key, value in child.items():
+        if key in MERGED_KEYS and isinstance(value, dict) and isinstance(parent.get(key), dict):
+            value = {**parent[key], **value}
+        out[key] = value
+    for key in MERGED_KEYS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if v is not None}
+    return out
+
+
+def _chain_text(chain: list[sites.Found]) -> str:
+    return " -> ".join(f"{f.name} ({f.path})" for f in chain)
+
+
+def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
+                 chain: tuple[sites.Found, ...] = ()) -> tuple[dict[str, Any], tuple[sites.Found, ...]]:
+    """The profile's mapping with every ``extends`` parent merged in, and the chain of files (child first)."""
+    chain = (*chain, found)
+    data = _read(found.path)
+    if data.get("templates") is not None and not isinstance(data["templates"], (dict, list, bool)):
+        # Relative to the file that says it, not to the child that inherits it.
+        templates = Path(str(data["templates"])).expanduser()
+        data["templates"] = str(templates if templates.is_absolute() else found.path.parent / templates)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, chain
+    if not isinstance(parent, str) or not parent.strip():
+        raise ProfileError(f"cluster profile {found.name!r} ({found.path}): extends must be a profile name or path, "
+                           f"got {parent!r}")
+    parent = parent.strip()
+    if is_path(parent) and not Path(parent).expanduser().is_absolute():
+        parent = str(found.path.parent / parent)
+    if is_path(parent):
+        parent_found = _find(parent, search)
+    else:
+        # A profile may extend its own name: the site's `local` over the built-in `local`.
+        parent_found = sites.find(parent, search, below=found.level if parent == found.name else -1)
+        if parent_found is None:
+            raise ProfileError(f"cluster profile {found.name!r} extends unknown profile {parent!r} (chain: "
+                               f"{_chain_text(list(chain))} -> {parent}); fix extends or add {parent}.yaml to a "
+                               "clusters directory")
+    if any(f.path.resolve() == parent_found.path.resolve() for f in chain):
+        raise ProfileError(f"cluster profile {chain[0].name!r} extends itself: "
+                           f"{_chain_text([*chain, parent_found])}; remove one extends")
+    parent_data, full = resolve_data(parent_found, search, chain)
+    return merge(parent_data, data), full
+
+
+def load(name: str, environ: Mapping[str, str] | None = None) -> Profile:
+    """Load a profile by name from the search path (see hpc.sites) or from a YAML path, parents merged in."""
+    search = sites.levels(_environ(environ))
+    found = _find(name, search)
+    data, chain = resolve_data(found, search)
+    display = found.name if not is_path(name) else str(found.path)
+    profile = parse(display, data)
+    return replace(profile, source=str(found.path), origin=found.origin,
+                   parents=tuple(f"{f.name} ({f.origin})" for f in chain[1:]))

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jinja2
 import yaml
 
-from hpc import paths, ranks, vocab
+from hpc import paths, ranks, sites, vocab
 from hpc.hostfile import hostfile
 from hpc.profiles import Profile
 from hpc.spec import JobSpec, SpecError, check, train_value
@@ -74,9 +74,10 @@ def sbatch_quote(value: Any) -> str:
 
 
 def search_path(profile: Profile, environ: Mapping[str, str]) -> tuple[str, ...]:
-    """Template directories in order: the profile's site directory or $HPCDIST_TEMPLATES, then built-in."""
+    """Template directories in order: the profile's, $HPCDIST_TEMPLATES, each search-path level's templates/
+    (hpc.sites), the built-in ones last."""
     site = [d for d in (profile.templates, environ.get(TEMPLATES_ENV)) if d]
-    return (*site, str(paths.templates_dir()))
+    return tuple(dict.fromkeys((*site, *sites.template_dirs(environ), str(paths.templates_dir()))))
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,6 +19,8 @@ ZERO_STAGES = vocab.ZERO_STAGES
 VALID_LAUNCHERS = vocab.VALID_LAUNCHERS
 NODE_LAUNCHERS = vocab.NODE_LAUNCHERS
 DEFAULT_ZERO_STAGE = vocab.DEFAULT_ZERO_STAGE
+# Only when neither the user, the profile nor the partition's DefaultTime gives a time limit.
+DEFAULT_TIME = "01:00:00"
 # slurmdbd keeps job names in a tinytext column (255 bytes).
 MAX_JOB_NAME_BYTES = 255
 # Options the render side passes to the trainer itself; a second copy after -- would contradict it.
@@ -60,7 +62,7 @@ class JobSpec:
     precision: str = "auto"
     partition: str | None = None
     account: str | None = None
-    time: str = "01:00:00"
+    time: str | None = None
     nodelist: str | None = None
     signal: str = "USR1@120"
     max_requeues: int = 3
@@ -96,7 +98,7 @@ class JobSpec:
 
     @property
     def time_minutes(self) -> int:
-        return -(-time_seconds(self.time) // 60)
+        return -(-time_seconds(self.time or DEFAULT_TIME) // 60)
 
     @property
     def signal_delay_s(self) -> int:
@@ -169,6 +171,7 @@ def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
         cpus_per_task=spec.cpus_per_task if spec.cpus_per_task is not None else profile.cpus_per_task,
         partition=spec.partition if spec.partition is not None else profile.partition,
         account=spec.account if spec.account is not None else profile.account,
+        time=spec.time or profile.time or DEFAULT_TIME,
         python=profile.python or spec.python or "python3",
     )
     if spec.backend == "auto":

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 # kept unless the flag was actually given. Choices are checked by hpc.spec.check, not click, so a bad
 # value in a job file and on the command line fail alike: one line, exit 2.
 OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
-    (("--cluster",), "cluster", {"help": "Cluster profile name (configs/clusters/) or YAML path. [local]"}),
+    (("--cluster",), "cluster", {"help": "Cluster profile name or YAML path (see `hpcdist clusters`). "
+                                  "[$HPCDIST_CLUSTER, else the config's default_cluster, else local]"}),
     (("--nodes", "-N"), "nodes", {"type": int, "help": "Nodes. [1]"}),
     (("--gpus-per-node",), "gpus_per_node", {"type": int, "help": "GPUs per node. [the profile's]"}),
     (("--ntasks-per-node",), "ntasks_per_node",
@@ -40,7 +41,8 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--precision",), "precision", {"help": f"{', '.join(vocab.PRECISIONS)}. [auto]"}),
     (("--partition", "-p"), "partition", {"help": "Slurm partition. [the profile's]"}),
     (("--account", "-A"), "account", {"help": "Slurm account. [the profile's]"}),
-    (("--time", "-t"), "time", {"help": "Slurm time limit, e.g. 30, 02:00:00, 1-00:00:00. [01:00:00]"}),
+    (("--time", "-t"), "time", {"help": "Slurm time limit, e.g. 30, 02:00:00, 1-00:00:00. [the profile's, else "
+                                "the partition's DefaultTime, else 01:00:00]"}),
     (("--job-name", "-J"), "job_name", {"help": f"Slurm job name. [{vocab.DEFAULT_JOB_NAME}]"}),
     (("--job-dir", "--output-dir", "-o"), "job_dir",
      {"help": "Job directory to create. [runs/JOB_NAME-YYYYmmdd-HHMMSS]"}),
@@ -100,6 +102,13 @@ def spec_from_options(config_file: str | None = None, **options: Any) -> specs.J
     values.setdefault("job_dir", _default_job_dir(str(values.get("job_name") or vocab.DEFAULT_JOB_NAME)))
     if isinstance(values["job_dir"], str):
         values["job_dir"] = os.path.abspath(os.path.expanduser(values["job_dir"]))
+    if not values.get("cluster"):
+        from hpc import sites
+
+        try:
+            values["cluster"] = sites.default_cluster(os.environ)[0]
+        except sites.SiteError as exc:
+            raise specs.SpecError(str(exc)) from None
     values.setdefault("python", sys.executable)
     values.setdefault("pythonpath", checkout_root())
     return specs.from_mapping(values)
@@ -112,24 +121,38 @@ def fail(command: str, exc: Exception) -> NoReturn:
     sys.exit(2)
 
 
-def build(config_file: str | None = None, **options: Any) -> Rendered:
+def build(config_file: str | None = None, check_partition: bool = True, **options: Any) -> Rendered:
     """Spec, profile, checks and rendering: everything short of writing; raises on bad input."""
-    from hpc import profiles, render
+    from hpc import partition, profiles, render
 
     spec = spec_from_options(config_file, **options)
     profile = profiles.load(spec.cluster)
+    # Where Slurm answers (and is the cluster the profile describes), the partition's limits apply before
+    # anything is written: a job over MaxTime would otherwise pend forever.
+    cluster = partition.query(os.environ) if check_partition else None
+    part = None
+    if cluster is not None and partition.applies(profile, cluster):
+        specs.check(spec, profile)  # the request's own mistakes are named before the partition's limits
+        part = partition.pick(cluster, spec.partition or profile.partition)
+        timed = partition.with_default_time(spec, profile, part)
+        if timed.time != spec.time:
+            click.echo(f"hpcdist: --time {timed.time}: partition {part.name!r}'s DefaultTime", err=True)
+        spec = timed
     rendered = render.render(spec, profile)
+    if cluster is not None and part is not None:
+        partition.check(rendered.spec, part, cluster.nodes_of(part))
     # Not in render's pure checks: it asks this machine's filesystem, which the job's nodes share.
     specs.check_dataset(rendered.spec, os.path.exists)
     return rendered
 
 
-def prepare(command: str, config_file: str | None, force: bool = False, **options: Any) -> Rendered:
+def prepare(command: str, config_file: str | None, force: bool = False, check_partition: bool = True,
+            **options: Any) -> Rendered:
     """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too."""
     from hpc import profiles, render
 
     try:
-        rendered = build(config_file, **options)
+        rendered = build(config_file, check_partition, **options)
         render.write(rendered, force=force)
     except (specs.SpecError, profiles.ProfileError, render.RenderError, hostfiles.HostfileError) as exc:
         fail(command, exc)

@@ -1,0 +1,284 @@
+"""What a Slurm cluster's partitions allow, read from scontrol, and whether a job or a profile fits them.
+
+    facts = query(os.environ)            # the one side effect: scontrol, with a short timeout; None if no Slurm
+    check(spec, pick(facts, "debug"))     # pure: SpecError naming the limit, e.g. MaxTime
+    problems(profile, facts)              # pure: what `hpcdist profile check` lists
+
+Parsers take the text of ``scontrol show partition -o``, ``scontrol show node -o`` and ``scontrol show config``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+from hpc import nodelist
+from hpc.spec import JobSpec, SpecError, time_seconds
+
+if TYPE_CHECKING:
+    from hpc.profiles import Profile
+
+# Slurm must answer quickly: a login node whose controller is slow should not make every render wait.
+TIMEOUT_S = 5.0
+CHECK_ENV = "HPCDIST_PARTITION_CHECK"
+# Words scontrol prints where a limit is unset.
+_UNSET = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(NULL)", "")
+# ``Key=value`` fields of one -o line: a key starts after blanks; a value may itself hold blanks (OS=Linux 6.1 #1).
+_FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/.]*)=")
+# One Gres entry: gpu[:type]:count with an optional (S:0-1) or (IDX:...) suffix.
+_GRES = re.compile(r"gpu(?::[^:(,]+)?:(\d+)[KMG]?(?:\([^)]*\))?")
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node as Slurm configured it."""
+
+    name: str
+    cpus: int
+    memory_mb: int | None
+    gpus: int
+    state: str
+    partitions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition's limits; ``None`` means Slurm sets none."""
+
+    name: str
+    nodes: tuple[str, ...]
+    nodes_expr: str
+    max_time_s: int | None = None
+    default_time_s: int | None = None
+    max_nodes: int | None = None
+    default: bool = False
+    state: str = "UP"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What scontrol said about the cluster this machine submits to."""
+
+    name: str | None
+    partitions: tuple[Partition, ...]
+    nodes: tuple[Node, ...]
+    accounting: bool | None = None
+
+    def nodes_of(self, partition: Partition) -> tuple[Node, ...]:
+        wanted = set(partition.nodes)
+        return tuple(n for n in self.nodes if n.name in wanted)
+
+
+# ---- parsing (pure) ------------------------------------------------------------------------------
+
+def fields(line: str) -> dict[str, str]:
+    """The ``Key=value`` pairs of one line of ``scontrol show ... -o``."""
+    marks = list(_FIELD.finditer(line))
+    out = {}
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(line)
+        out[m.group(1)] = line[m.end():end].strip()
+    return out
+
+
+def slurm_time(text: str) -> int | None:
+    """Seconds in a limit as scontrol prints it (``00:05:00``, ``1-00:00:00``), None for UNLIMITED/NONE."""
+    if text.strip().upper() in _UNSET:
+        return None
+    try:
+        return time_seconds(text)
+    except SpecError:
+        return None
+
+
+def format_time(seconds: int) -> str:
+    """Seconds as Slurm's ``[D-]HH:MM:SS``."""
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def _count(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs in a node's Gres (``gpu:a100:8(S:0-1)``, ``gpu:4,gpu:v100:2``, ``(null)``)."""
+    return sum(int(m.group(1)) for m in _GRES.finditer(gres))
+
+
+def tres_gpus(tres: str) -> int:
+    """GPUs in CfgTRES (``cpu=64,mem=500G,gres/gpu=8,gres/gpu:a100=8``): the untyped total."""
+    m = re.search(r"(?:^|,)gres/gpu=(\d+)", tres)
+    return int(m.group(1)) if m else 0
+
+
+def parse_partitions(text: str) -> tuple[Partition, ...]:
+    out = []
+    for line in text.splitlines():
+        f = fields(line)
+        if "PartitionName" not in f:
+            continue
+        expr = f.get("Nodes", "")
+        try:
+            names = tuple(nodelist.expand(expr)) if expr and expr.upper() not in _UNSET else ()
+        except nodelist.NodelistError:
+            names = ()
+        out.append(Partition(
+            name=f["PartitionName"], nodes=names, nodes_expr=expr,
+            max_time_s=slurm_time(f.get("MaxTime", "")), default_time_s=slurm_time(f.get("DefaultTime", "")),
+            max_nodes=_count(f.get("MaxNodes", "")), default=f.get("Default", "NO").upper() == "YES",
+            state=f.get("State", "UP")))
+    return tuple(out)
+
+
+def parse_nodes(text: str) -> tuple[Node, ...]:
+    out = []
+    for line in text.splitlines():
+        f = fields(line)
+        if "NodeName" not in f:
+            continue
+        cpus = _count(f.get("CPUEfctv", "")) or _count(f.get("CPUTot", "")) or 0
+        gpus = gres_gpus(f.get("Gres", "")) or tres_gpus(f.get("CfgTRES", ""))
+        parts = tuple(p for p in f.get("Partitions", "").split(",") if p)
+        out.append(Node(f["NodeName"], cpus, _count(f.get("RealMemory", "")), gpus, f.get("State", ""), parts))
+    return tuple(out)
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """``scontrol show config``'s ``Key = value`` lines."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def cluster_from(partitions: str, nodes: str, config: str) -> Cluster:
+    conf = parse_config(config)
+    storage = conf.get("AccountingStorageType")
+    return Cluster(name=conf.get("ClusterName"), partitions=parse_partitions(partitions), nodes=parse_nodes(nodes),
+                   accounting=None if storage is None else storage != "accounting_storage/none")
+
+
+# ---- judging (pure) ------------------------------------------------------------------------------
+
+def pick(cluster: Cluster, name: str | None) -> Partition:
+    """The named partition, or Slurm's default one; SpecError naming the partitions there are."""
+    for part in cluster.partitions:
+        if (name is None and part.default) or part.name == name:
+            return part
+    names = ", ".join(p.name for p in cluster.partitions) or "none"
+    if name is None:
+        label = f" {cluster.name!r}" if cluster.name else ""
+        raise SpecError(f"Slurm cluster{label} has no default partition; pass --partition (one of {names})")
+    raise SpecError(f"partition {name!r} does not exist on Slurm cluster {cluster.name or 'here'!r}; pass "
+                    f"--partition with one of {names}")
+
+
+def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
+    """Refuse a resolved job that this partition would never run: SpecError naming the limit and the fix."""
+    where = f"partition {part.name!r}"
+    if spec.time is not None and part.max_time_s is not None and time_seconds(spec.time) > part.max_time_s:
+        raise SpecError(f"--time {spec.time} exceeds {where}'s MaxTime {format_time(part.max_time_s)}; ask for "
+                        "at most that, or another --partition")
+    if part.max_nodes is not None and spec.nodes > part.max_nodes:
+        raise SpecError(f"--nodes {spec.nodes} exceeds {where}'s MaxNodes {part.max_nodes}; ask for at most "
+                        f"{part.max_nodes}, or another --partition")
+    if spec.nodes > len(part.nodes):
+        raise SpecError(f"--nodes {spec.nodes}: {where} has only {len(part.nodes)} node(s) ({part.nodes_expr}); "
+                        f"ask for at most {len(part.nodes)}")
+    if spec.nodelist:
+        missing = [h for h in nodelist.expand(spec.nodelist) if h not in part.nodes]
+        if missing:
+            raise SpecError(f"--nodelist names {', '.join(missing)}, not in {where} (its nodes: {part.nodes_expr}); "
+                            "pick nodes from it or drop --nodelist")
+    usable = list(nodes)
+    gpus = spec.gpus_per_node or 0
+    if gpus:
+        usable = [n for n in usable if n.gpus >= gpus]
+        if len(usable) < spec.nodes:
+            most = max((n.gpus for n in nodes), default=0)
+            raise SpecError(f"--gpus-per-node {gpus}: {len(usable)} of {where}'s nodes have that many GPUs (Gres; "
+                            f"at most {most} per node) but the job needs {spec.nodes}; ask for at most {most}")
+    cpus = spec.slurm_tasks_per_node * (spec.cpus_per_task or 1)
+    if usable and all(n.cpus < cpus for n in usable):
+        most = max(n.cpus for n in usable)
+        raise SpecError(f"{spec.slurm_tasks_per_node} task(s) x {spec.cpus_per_task or 1} CPU(s) per node exceed "
+                        f"the {most} CPUs of {where}'s nodes; lower --cpus-per-task or --ntasks-per-node")
+
+
+def applies(profile: "Profile", cluster: Cluster) -> bool:
+    """Whether the Slurm answering here is the one the profile describes (a profile may name another site)."""
+    return not (profile.slurm_cluster and cluster.name and profile.slurm_cluster != cluster.name)
+
+
+def with_default_time(spec: JobSpec, profile: "Profile", part: Partition | None) -> JobSpec:
+    """The partition's DefaultTime when neither the user nor the profile gives --time."""
+    if spec.time is None and profile.time is None and part is not None and part.default_time_s is not None:
+        return replace(spec, time=format_time(part.default_time_s))
+    return spec
+
+
+def problems(profile: "Profile", cluster: Cluster) -> list[str]:
+    """Everything in a profile that the live cluster contradicts, one sentence each (empty: it fits)."""
+    out = []
+    if profile.slurm_cluster and cluster.name and profile.slurm_cluster != cluster.name:
+        out.append(f"slurm_cluster is {profile.slurm_cluster!r} but this Slurm cluster is {cluster.name!r}")
+    try:
+        part = pick(cluster, profile.partition)
+    except SpecError as exc:
+        return out + [str(exc)]
+    where = f"partition {part.name!r}"
+    nodes = cluster.nodes_of(part)
+    if profile.gpus_per_node:
+        most = max((n.gpus for n in nodes), default=0)
+        if profile.gpus_per_node > most:
+            out.append(f"gpus_per_node {profile.gpus_per_node} but {where}'s nodes have at most {most} GPU(s) in Gres")
+    if profile.time is not None and part.max_time_s is not None and time_seconds(profile.time) > part.max_time_s:
+        out.append(f"time {profile.time} exceeds {where}'s MaxTime {format_time(part.max_time_s)}")
+    if profile.max_nodes is not None:
+        if profile.max_nodes > len(part.nodes):
+            out.append(f"max_nodes {profile.max_nodes} but {where} has {len(part.nodes)} node(s)")
+        if part.max_nodes is not None and profile.max_nodes > part.max_nodes:
+            out.append(f"max_nodes {profile.max_nodes} exceeds {where}'s MaxNodes {part.max_nodes}")
+    need = profile.cpus_per_task * max(profile.gpus_per_node, 1)
+    if nodes and need > max(n.cpus for n in nodes):
+        out.append(f"cpus_per_task {profile.cpus_per_task} x {max(profile.gpus_per_node, 1)} rank(s) per node "
+                   f"exceed the {max(n.cpus for n in nodes)} CPUs of {where}'s nodes")
+    if part.state.upper() != "UP":
+        out.append(f"{where} is {part.state}")
+    return out
+
+
+# ---- asking Slurm (the side effect) --------------------------------------------------------------
+
+def _run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def reachable(environ: Mapping[str, str]) -> bool:
+    return shutil.which("scontrol", path=environ.get("PATH")) is not None
+
+
+def query(environ: Mapping[str, str], runner: Runner = _run) -> Cluster | None:
+    """The cluster's partitions, nodes and config, or None where scontrol is missing, fails or is slow."""
+    if environ.get(CHECK_ENV, "1").strip().lower() in ("0", "no", "off", "false") or not reachable(environ):
+        return None
+    texts = []
+    for argv in (["scontrol", "show", "partition", "-o"], ["scontrol", "show", "node", "-o"],
+                 ["scontrol", "show", "config"]):
+        try:
+            proc = runner(argv)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if proc.returncode != 0:
+            return None
+        texts.append(proc.stdout)
+    return cluster_from(*texts)
