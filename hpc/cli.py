@@ -30,6 +30,9 @@ COMMANDS = {
     "top": "hpc.commands.observe:top",
     "timeline": "hpc.commands.observe:timeline_cmd",
     "report": "hpc.commands.observe:report_cmd",
+    # sites (issue 15)
+    "clusters": "hpc.commands.clusters:clusters",
+    "profile": "hpc.commands.profile:profile",
 }
 
 

@@ -233,8 +233,11 @@ def problems(profile: "Profile", cluster: Cluster) -> list[str]:
         out.append(f"slurm_cluster is {profile.slurm_cluster!r} but this Slurm cluster is {cluster.name!r}")
     try:
         part = pick(cluster, profile.partition)
-    except SpecError as exc:
-        return out + [str(exc)]
+    except SpecError:
+        names = ", ".join(p.name for p in cluster.partitions) or "none"
+        what = f"partition {profile.partition!r} does not exist" if profile.partition else "no partition is set " \
+            "and Slurm has no default one"
+        return out + [f"{what}; set partition: to one of {names}"]
     where = f"partition {part.name!r}"
     nodes = cluster.nodes_of(part)
     if profile.gpus_per_node:

@@ -1,0 +1,71 @@
+"""``hpcdist clusters``: every cluster profile on the search path, where it came from, the default, what is shadowed.
+
+    hpcdist clusters
+    hpcdist clusters --json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import click
+
+from hpc import sites
+
+
+def _extends(path: str) -> str | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path).read())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = data.get("extends") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def report(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The listing as plain values: what ``--json`` prints and the table is drawn from."""
+    search = sites.levels(environ)
+    name, set_by = sites.default_cluster(environ)
+    found = sites.discover(search)
+    winner = next((f for f in found if f.name == name and f.shadowed_by is None), None)
+    is_path = "/" in name or name.endswith(sites.SUFFIXES)
+    return {
+        "default": {"name": name, "set_by": set_by, "found": winner is not None or is_path},
+        "profiles": [{"name": f.name, "origin": f.origin, "path": str(f.path),
+                      "default": f is winner, "shadowed_by": f.shadowed_by, "extends": _extends(str(f.path))}
+                     for f in found],
+        "search_path": [{"origin": level.origin, "clusters": str(level.clusters), "templates": str(level.templates),
+                         "exists": level.clusters.is_dir()} for level in search],
+    }
+
+
+def table(rep: Mapping[str, Any]) -> str:
+    rows = [("NAME", "FROM", "NOTE", "PATH")]
+    for p in rep["profiles"]:
+        notes = (["default"] if p["default"] else []) + ([f"shadowed by {p['shadowed_by']}"] if p["shadowed_by"]
+                                                          else []) + ([f"extends {p['extends']}"] if p["extends"] else [])
+        rows.append((p["name"], p["origin"], ", ".join(notes) or "-", p["path"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join([v.ljust(w) for v, w in zip(r, widths)] + [r[3]]) for r in rows]
+    d = rep["default"]
+    lines.append(f"default cluster: {d['name']} (set by {d['set_by']})" + ("" if d["found"] else " -- NOT FOUND"))
+    lines.append("search path (first wins): " + "; ".join(
+        f"{s['origin']} {s['clusters']}" + ("" if s["exists"] else " (absent)") for s in rep["search_path"]))
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def clusters(as_json: bool) -> None:
+    """List the cluster profiles found ($HPCDIST_CLUSTERS, user, system, built-in), the default, and shadowing."""
+    try:
+        rep = report(os.environ)
+    except sites.SiteError as exc:
+        click.echo(f"hpcdist clusters: {exc}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(rep, indent=2) if as_json else table(rep))

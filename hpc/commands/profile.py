@@ -1,0 +1,166 @@
+"""``hpcdist profile init|check``: draft a cluster profile from the live Slurm, and check one against it.
+
+    hpcdist profile init --partition gpu -o /etc/hpcdist/clusters/gpu.yaml
+    hpcdist profile check gpu
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import click
+
+from hpc import partition as partitions
+from hpc.partition import Cluster, Node, Partition
+
+
+def _word(value: str) -> str:
+    """A YAML scalar that reads back as this very string (JSON strings are YAML)."""
+    return json.dumps(value)
+
+
+def _span(values: Sequence[int], unit: str) -> str:
+    low, high = min(values), max(values)
+    return f"{low}{unit}" if low == high else f"{low}-{high}{unit}"
+
+
+def _nodes_line(part: Partition, nodes: Sequence[Node]) -> str:
+    if not nodes:
+        return f"# partition {part.name}: no nodes"
+    memory = [n.memory_mb for n in nodes if n.memory_mb]
+    gpus = [n.gpus for n in nodes]
+    return (f"# partition {part.name}: {len(nodes)} node(s) {part.nodes_expr}; {_span([n.cpus for n in nodes], '')} "
+            f"CPUs and {_span(memory, ' MB') if memory else 'unknown'} memory per node; "
+            + (f"{_span(gpus, '')} GPU(s) per node (Gres)" if any(gpus) else "no GPUs in Gres"))
+
+
+def draft(cluster: Cluster, name: str | None, when: str) -> str:
+    """A profile for one partition as commented YAML: what Slurm told, and what it could not know."""
+    part = partitions.pick(cluster, name)
+    nodes = cluster.nodes_of(part)
+    gpus = min((n.gpus for n in nodes), default=0)
+    cpus = min((n.cpus for n in nodes), default=1)
+    max_nodes = len(nodes) if part.max_nodes is None else min(len(nodes), part.max_nodes)
+    fmt = partitions.format_time
+    lines = [
+        f"# Drafted by `hpcdist profile init` from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
+        "# Check every value; put the file in /etc/hpcdist/clusters/NAME.yaml (everyone) or",
+        "# ~/.config/hpcdist/clusters/NAME.yaml (you), then: hpcdist profile check NAME",
+        _nodes_line(part, nodes),
+    ]
+    if cluster.name:
+        lines.append(f"slurm_cluster: {_word(cluster.name)}   # partition limits are checked only on this cluster")
+    lines.append(f"partition: {_word(part.name)}")
+    if cluster.accounting:
+        lines.append("# account: my-project   # accounting is on (slurmdbd): the account jobs are charged to; "
+                     "unset: each user's default")
+    elif cluster.accounting is False:
+        lines.append("# accounting is off here: no account needed")
+    limits = f"MaxTime {fmt(part.max_time_s) if part.max_time_s is not None else 'UNLIMITED'}"
+    if part.default_time_s is not None:
+        lines.append(f"# time: {_word(fmt(part.default_time_s))}   # unset: jobs get the partition's DefaultTime "
+                     f"{fmt(part.default_time_s)}; {limits}")
+    else:
+        lines.append(f"# time: \"01:00:00\"   # unset: 01:00:00 (the partition has no DefaultTime); {limits}")
+    lines.append(f"gpus_per_node: {gpus}" + (f"   # the fewest among the partition's nodes ({_span([n.gpus for n in nodes], '')})"
+                                              if nodes and min(n.gpus for n in nodes) != max(n.gpus for n in nodes)
+                                              else ""))
+    if gpus:
+        lines.append("# gpu_memory: 80GB   # could not know: memory per GPU (--backend auto plans against it)")
+        lines.append(f"cpus_per_task: {max(cpus // gpus, 1)}   # {cpus} CPUs / {gpus} GPUs per node")
+    else:
+        lines.append(f"cpus_per_task: 1   # nodes have {cpus} CPU(s); raise it for threaded data loading")
+    lines.append(f"max_nodes: {max_nodes}" + (f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""))
+    lines += [
+        "modules: []   # could not know: the module loads jobs need, e.g. [cuda/12.1, nccl/2.18]",
+        "setup: []     # could not know: shell lines run before the job starts, e.g. [\"ulimit -n 65536\"]",
+        "env:",
+        "  PYTHONUNBUFFERED: \"1\"",
+        "network:      # could not know: how ranks reach each other; ask your network admin",
+    ]
+    if gpus:
+        lines += [
+            "  ib: true",
+            "  # NCCL_IB_HCA: mlx5_0,mlx5_1       # the InfiniBand HCAs (ibv_devinfo, ibstat)",
+            "  # NCCL_SOCKET_IFNAME: ib0          # the interface for NCCL's bootstrap",
+            "  # NCCL_IB_GID_INDEX: 3             # RoCE only",
+            "  # GLOO_SOCKET_IFNAME: ib0",
+        ]
+    else:
+        lines += ["  ib: false   # no GPUs: ranks talk over TCP sockets (Gloo)",
+                  "  # GLOO_SOCKET_IFNAME: eth0   # if the default route's interface is not the nodes' network"]
+    others = [p for p in cluster.partitions if p.name != part.name]
+    if others:
+        lines.append("# Other partitions: " + ", ".join(f"{p.name} ({len(p.nodes)} nodes)" for p in others)
+                     + ". One profile each: `extends: THIS-NAME` and `partition: OTHER`, e.g. with --partition.")
+    return "\n".join(lines) + "\n"
+
+
+def _cluster_or_exit(command: str) -> Cluster:
+    cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
+    if cluster is None:
+        click.echo(f"hpcdist profile {command}: Slurm does not answer here (scontrol missing, failing or slower than "
+                   f"{partitions.TIMEOUT_S:g} s); run it on a login node of the cluster", err=True)
+        sys.exit(2)
+    return cluster
+
+
+@click.group()
+def profile() -> None:
+    """Draft a cluster profile from the live Slurm (init) or check one against it (check)."""
+
+
+@profile.command()
+@click.option("--partition", "-p", "partition_name", help="Partition to describe. [Slurm's default partition]")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the draft here, not stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+def init(partition_name: str | None, output: str | None, force: bool) -> None:
+    """Print a draft profile (YAML, with comments for what Slurm cannot tell) for one partition."""
+    cluster = _cluster_or_exit("init")
+    try:
+        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"))
+    except partitions.SpecError as exc:
+        click.echo(f"hpcdist profile init: {exc}", err=True)
+        sys.exit(2)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "w" if force else "x") as f:
+            f.write(text)
+    except FileExistsError:
+        click.echo(f"hpcdist profile init: {output} exists; pass --force to replace it or another -o", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"hpcdist profile init: cannot write {output}: {exc.strerror}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {output}; check it with: hpcdist profile check {output}", err=True)
+
+
+@profile.command()
+@click.argument("name", required=False)
+def check(name: str | None) -> None:
+    """Check a profile (NAME, a YAML path, or the default cluster) against the live Slurm; exit 1 on problems."""
+    from hpc import profiles, sites
+
+    try:
+        name = name or sites.default_cluster(os.environ)[0]
+        prof = profiles.load(name)
+    except (profiles.ProfileError, sites.SiteError) as exc:
+        click.echo(f"hpcdist profile check: {exc}", err=True)
+        sys.exit(2)
+    cluster = _cluster_or_exit("check")
+    found = partitions.problems(prof, cluster)
+    if found:
+        click.echo(f"profile {prof.name!r} ({prof.source}) does not fit Slurm cluster {cluster.name or '(unnamed)'}:")
+        for problem in found:
+            click.echo(f"  - {problem}")
+        sys.exit(1)
+    part = partitions.pick(cluster, prof.partition)
+    limit = partitions.format_time(part.max_time_s) if part.max_time_s is not None else "UNLIMITED"
+    click.echo(f"profile {prof.name!r} fits Slurm cluster {cluster.name or '(unnamed)'}: partition {part.name!r}, "
+               f"{len(part.nodes)} node(s), MaxTime {limit}")
