@@ -12,14 +12,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
-from hpc import jobs
+from hpc import jobs, pending
 from hpc.commands.options import fail, job_options, prepare
 
 FOLLOW_POLL_S = 1.0
+PENDING_POLL_S = 5.0
 
 
 def _lookup(command: str, key: str) -> jobs.Record:
@@ -70,7 +71,14 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
 
     started = time.monotonic()
     follower = Follower(record, click.get_text_stream("stdout"))
-    final = submitting.wait(submitted, on_poll=follower.poll)
+    explain = _pending_reporter(record) if where != "local" else None
+
+    def poll(current: jobs.JobState) -> None:
+        follower.poll(current)
+        if explain is not None:
+            explain(current)
+
+    final = submitting.wait(submitted, on_poll=poll)
     follower.finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
     if not final.ok:
@@ -78,6 +86,27 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
         if report:
             click.echo(report, err=True)
         sys.exit(min(final.exit_code or 1, 255))
+
+
+def _pending_reporter(record: jobs.Record) -> Callable[[jobs.JobState], None]:
+    """For --wait: say why the job pends (on stderr) when the reason changes, else at most once a minute;
+    squeue is asked at most every PENDING_POLL_S."""
+    last = {"asked": -PENDING_POLL_S, "said": -60.0, "reason": "", "sentence": ""}
+
+    def report(current: jobs.JobState) -> None:
+        now = time.monotonic()
+        if current.state != "PENDING" or now - last["asked"] < PENDING_POLL_S:
+            return
+        last["asked"] = now
+        sentence = pending.describe([record.job_id]).get(record.job_id)
+        if not sentence or sentence == last["sentence"]:
+            return
+        reason = sentence.split(";")[0]
+        if reason != last["reason"] or now - last["said"] >= 60:
+            last.update(said=now, reason=reason, sentence=sentence)
+            click.echo(f"hpcdist submit: job {record.job_id} {sentence}", err=True)
+
+    return report
 
 
 @click.command()
@@ -91,6 +120,9 @@ def status(job: str) -> None:
 
     for line in status_lines(record):
         click.echo(line)
+    if not current.done and record.via != "local":
+        for sentence in pending.describe([record.job_id]).values():
+            click.echo(sentence)
 
 
 @click.command()
@@ -173,3 +205,6 @@ def list_jobs(last: int) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))
+    waiting = [r.job_id for r in records if current[r.job_id].state == "PENDING" and r.via != "local"]
+    for job_id, sentence in pending.describe(waiting).items():
+        click.echo(f"{job_id}: {sentence}")

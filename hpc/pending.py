@@ -1,0 +1,145 @@
+"""Why a job is pending, in plain words with what to do, and how many jobs are ahead of it (from squeue).
+
+    explain("Resources", "4242", ahead=2)   # pure: the sentence
+    describe(["4242"])                      # asks squeue: {"4242": "pending: waiting for resources ..."}
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+SQUEUE_FORMAT = "%i|%T|%r|%P|%Q|%S"
+TIMEOUT_S = 10.0
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+# Slurm's reason code -> (what it means, what the user can do); {job} is the job id.
+REASONS: Mapping[str, tuple[str, str]] = {
+    "Resources": ("waiting for resources: the nodes, CPUs or GPUs it asks for are busy with other jobs",
+                  "it starts when they free up; fewer --nodes or a shorter --time may let backfill start it sooner"),
+    "Priority": ("waiting behind jobs of higher priority in its partition",
+                 "it starts after them; nothing to fix"),
+    "None": ("just queued: the scheduler has not looked at it yet", "wait a few seconds"),
+    "ReqNodeNotAvail": ("a node it needs is unavailable (down, drained or reserved)",
+                        "drop --nodelist, or ask your admin when the node returns (sinfo -R)"),
+    "NodeDown": ("a node it needs is down", "drop --nodelist or ask your admin (sinfo -R)"),
+    "Dependency": ("waiting for the jobs it depends on to finish", "it starts when they do"),
+    "DependencyNeverSatisfied": ("it will never start: a job it depends on ended in a way the dependency excludes",
+                                 "cancel it (hpcdist cancel {job}) and resubmit"),
+    "BeginTime": ("not allowed to start before its begin time (a requeued job waits about 2 minutes)",
+                  "wait, or start it now: scontrol update JobId={job} StartTime=now"),
+    "JobHeldUser": ("held by its owner", "release it: scontrol release {job}"),
+    "JobHeldAdmin": ("held by an administrator", "ask your admin why; only they can release it"),
+    "PartitionTimeLimit": ("it will never start: its --time exceeds the partition's MaxTime",
+                           "cancel it (hpcdist cancel {job}) and resubmit with a shorter --time or another --partition"),
+    "PartitionNodeLimit": ("it will never start: its node count is outside the partition's MinNodes/MaxNodes",
+                           "cancel it and resubmit with fewer --nodes or another --partition"),
+    "PartitionDown": ("its partition is down", "wait for the admin to bring it up, or use another --partition"),
+    "PartitionInactive": ("its partition is inactive", "use another --partition"),
+    "Reservation": ("waiting for its reservation to start", "wait for the reservation's start time"),
+    "Licenses": ("waiting for licenses it asked for", "wait until other jobs release them"),
+    "BadConstraints": ("it can never run: no node satisfies its constraints", "cancel it and resubmit with fewer constraints"),
+    "InvalidAccount": ("its account is invalid", "cancel it and resubmit with a valid --account"),
+    "InvalidQOS": ("its QOS is invalid", "cancel it and resubmit with a valid QOS"),
+    "JobArrayTaskLimit": ("the array's limit of tasks running at once is reached", "it starts as other tasks end"),
+    "launch failed requeued held": ("held after a failed launch", "release it: scontrol release {job}"),
+}
+# Families of limits: QOSMaxCpuPerUserLimit, AssocGrpGRES, QOSMaxWallDurationPerJobLimit, ...
+PREFIXES: tuple[tuple[str, str, str], ...] = (
+    ("QOSMaxWallDuration", "it will never start: its --time exceeds the QOS's MaximumWallTime",
+     "cancel it and resubmit with a shorter --time"),
+    ("AssocMaxWallDuration", "it will never start: its --time exceeds your association's MaxWall",
+     "cancel it and resubmit with a shorter --time"),
+    ("QOSMax", "held by a per-user or per-job limit of its QOS ({reason})",
+     "it starts when your other jobs end; or ask for less (sacctmgr show qos shows the limits)"),
+    ("QOSGrp", "held by a group limit of its QOS ({reason})", "it starts when jobs under that QOS end"),
+    ("AssocMax", "held by a limit on your account's association ({reason})",
+     "it starts when your other jobs end; or ask for less (sacctmgr show assoc)"),
+    ("AssocGrp", "held by a group limit of your account ({reason})", "it starts when your account's jobs end"),
+    ("ReqNodeNotAvail", "a node it needs is unavailable (down, drained or reserved)",
+     "drop --nodelist, or ask your admin when the node returns (sinfo -R)"),
+    ("Nodes_required_for_job", "a node it needs is down, drained or reserved",
+     "drop --nodelist, or ask your admin (sinfo -R)"),
+)
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One row of ``squeue -o '%i|%T|%r|%P|%Q|%S'``."""
+
+    job_id: str
+    state: str
+    reason: str
+    partition: str
+    priority: int
+    start: str
+
+
+def explain(reason: str, job_id: str, ahead: int | None = None, start: str | None = None) -> str:
+    """One sentence: why the job pends, what to do, and where Slurm can tell, how many jobs are ahead."""
+    reason = reason.strip().strip("()")
+    code = reason.split(",")[0].strip()
+    if code in REASONS:
+        meaning, action = REASONS[code]
+    else:
+        match = next((p for p in PREFIXES if code.startswith(p[0])), None)
+        if match is None:
+            meaning, action = f"Slurm's reason: {reason}", "see `man squeue`, JOB REASON CODES"
+        else:
+            meaning, action = match[1], match[2]
+    if "UnavailableNodes:" in reason:
+        meaning += f" ({reason.split('UnavailableNodes:', 1)[1].strip()})"
+    text = f"pending: {meaning.format(reason=code, job=job_id)}; {action.format(reason=code, job=job_id)}"
+    if ahead is not None and code in ("Resources", "Priority", "None"):
+        text += f"; {ahead} job(s) ahead of it in its partition"
+    if start and start not in ("N/A", "Unknown", "(null)"):
+        text += f"; Slurm expects it to start by {start}"
+    return text
+
+
+def parse_squeue(text: str) -> dict[str, Queued]:
+    out = {}
+    for line in text.splitlines():
+        cols = line.split("|")
+        if len(cols) < 6 or not cols[0].strip():
+            continue
+        priority = int(cols[4]) if cols[4].strip().isdigit() else 0
+        out[cols[0].strip()] = Queued(cols[0].strip(), cols[1], cols[2], cols[3], priority, cols[5])
+    return out
+
+
+def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> int:
+    """Pending jobs in the same partition that Slurm will consider first: higher priority, or equal and older."""
+    def first(other: Queued) -> bool:
+        if other.priority != job.priority:
+            return other.priority > job.priority
+        return other.job_id.isdigit() and job.job_id.isdigit() and int(other.job_id) < int(job.job_id)
+
+    return sum(1 for o in queue.values() if o.job_id != job.job_id and o.state == "PENDING"
+               and job.partition in o.partition.split(",") and first(o))
+
+
+def _run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def describe(job_ids: Sequence[str], runner: Runner = _run) -> dict[str, str]:
+    """The explanation of each of these jobs that is pending (others are left out); {} where squeue fails."""
+    if not job_ids:
+        return {}
+    try:
+        mine = runner(["squeue", "-h", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT])
+        if mine.returncode != 0:
+            return {}
+        jobs = {k: v for k, v in parse_squeue(mine.stdout).items() if v.state == "PENDING"}
+        partitions = sorted({p for j in jobs.values() for p in j.partition.split(",")})
+        queue: dict[str, Queued] = {}
+        if partitions:
+            everyone = runner(["squeue", "-h", "-t", "PD", "-p", ",".join(partitions), "-o", SQUEUE_FORMAT])
+            queue = parse_squeue(everyone.stdout) if everyone.returncode == 0 else {}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {j.job_id: explain(j.reason, j.job_id, ahead_of(j, queue) if queue else None, j.start)
+            for j in jobs.values()}
