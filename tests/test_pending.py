@@ -1,0 +1,74 @@
+"""Slurm's pending reasons become a sentence with what to do, and the jobs ahead are counted from squeue."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Sequence
+
+import pytest
+
+from hpc import pending
+
+
+@pytest.mark.parametrize("reason,words", [
+    ("Resources", ["waiting for resources", "fewer --nodes or a shorter --time"]),
+    ("Priority", ["waiting behind jobs of higher priority"]),
+    ("(ReqNodeNotAvail, UnavailableNodes:n2)", ["a node it needs is unavailable", "(n2)", "drop --nodelist"]),
+    ("QOSMaxJobsPerUserLimit", ["per-user or per-job limit of its QOS (QOSMaxJobsPerUserLimit)"]),
+    ("QOSMaxWallDurationPerJobLimit", ["will never start", "shorter --time"]),
+    ("AssocMaxCpuPerJobLimit", ["limit on your account's association (AssocMaxCpuPerJobLimit)"]),
+    ("AssocGrpGRES", ["group limit of your account"]),
+    ("Dependency", ["waiting for the jobs it depends on"]),
+    ("DependencyNeverSatisfied", ["will never start", "hpcdist cancel 77"]),
+    ("BeginTime", ["begin time", "scontrol update JobId=77 StartTime=now"]),
+    ("JobHeldUser", ["held by its owner", "scontrol release 77"]),
+    ("JobHeldAdmin", ["held by an administrator"]),
+    ("PartitionTimeLimit", ["will never start", "exceeds the partition's MaxTime", "shorter --time"]),
+    ("SomethingNew", ["Slurm's reason: SomethingNew", "JOB REASON CODES"]),
+])
+def test_reasons_become_sentences_with_a_remedy(reason: str, words: list[str]) -> None:
+    text = pending.explain(reason, "77")
+    assert text.startswith("pending: ") and "\n" not in text
+    for word in words:
+        assert word in text
+
+
+def test_jobs_ahead_and_expected_start_are_said_where_slurm_tells() -> None:
+    text = pending.explain("Resources", "7", ahead=2, start="2026-12-01T10:00:00")
+    assert text.endswith("; 2 job(s) ahead of it in its partition; Slurm expects it to start by 2026-12-01T10:00:00")
+    assert "ahead" not in pending.explain("JobHeldUser", "7", ahead=2)
+    assert "expects" not in pending.explain("Resources", "7", start="N/A")
+
+
+QUEUE = """\
+10|PENDING|Priority|debug|100|N/A
+11|PENDING|Resources|debug|90|N/A
+12|PENDING|Priority|debug|90|N/A
+13|PENDING|Priority|other|500|N/A
+14|RUNNING|None|debug|900|2026-12-01T09:00:00
+15|PENDING|Priority|debug,other|95|N/A
+"""
+
+
+def test_ahead_counts_pending_jobs_of_the_same_partition_slurm_considers_first() -> None:
+    queue = pending.parse_squeue(QUEUE)
+    assert pending.ahead_of(queue["12"], queue) == 3  # 10 (higher), 15 (higher, also in debug), 11 (same, older)
+    assert pending.ahead_of(queue["10"], queue) == 0
+    assert pending.ahead_of(queue["13"], queue) == 0
+
+
+def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:
+    calls: list[list[str]] = []
+
+    def runner(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        if "-j" in argv:
+            return subprocess.CompletedProcess(argv, 0, "12|PENDING|Priority|debug|90|N/A\n14|RUNNING|None|debug|900|x\n", "")
+        return subprocess.CompletedProcess(argv, 0, QUEUE, "")
+
+    said = pending.describe(["12", "14"], runner)
+    assert list(said) == ["12"] and "3 job(s) ahead" in said["12"]
+    assert calls[1][:6] == ["squeue", "-h", "-t", "PD", "-p", "debug"]
+    failing = lambda argv: subprocess.CompletedProcess(argv, 1, "", "error")  # noqa: E731
+    assert pending.describe(["12"], failing) == {}
+    assert pending.describe([], failing) == {}
