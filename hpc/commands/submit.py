@@ -51,7 +51,8 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
             where = submitting.choose(via, executor, jobs.slurm_available(os.environ))
         except ValueError as exc:
             fail("submit", exc)
-    rendered = prepare("submit", config_file, **options)
+    # The local runner emulates nodes here: the Slurm partition's limits do not bind it.
+    rendered = prepare("submit", config_file, check_partition=dry_run or where != "local", **options)
     if dry_run:
         click.echo(rendered.files["job.sbatch"], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
@@ -205,6 +206,7 @@ def list_jobs(last: int) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))
-    waiting = [r.job_id for r in records if current[r.job_id].state == "PENDING" and r.via != "local"]
+    # Accounting may not list a just-queued job yet (UNKNOWN): squeue says which unfinished ones pend.
+    waiting = [r.job_id for r in records if not current[r.job_id].done and r.via != "local"]
     for job_id, sentence in pending.describe(waiting).items():
         click.echo(f"{job_id}: {sentence}")
