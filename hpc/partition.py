@@ -214,19 +214,19 @@ def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
                         f"the {most} CPUs of {where}'s nodes; lower --cpus-per-task or --ntasks-per-node")
 
 
-def applies(profile: "Profile", cluster: Cluster) -> bool:
+def applies(profile: Profile, cluster: Cluster) -> bool:
     """Whether the Slurm answering here is the one the profile describes (a profile may name another site)."""
     return not (profile.slurm_cluster and cluster.name and profile.slurm_cluster != cluster.name)
 
 
-def with_default_time(spec: JobSpec, profile: "Profile", part: Partition | None) -> JobSpec:
+def with_default_time(spec: JobSpec, profile: Profile, part: Partition | None) -> JobSpec:
     """The partition's DefaultTime when neither the user nor the profile gives --time."""
     if spec.time is None and profile.time is None and part is not None and part.default_time_s is not None:
         return replace(spec, time=format_time(part.default_time_s))
     return spec
 
 
-def problems(profile: "Profile", cluster: Cluster) -> list[str]:
+def problems(profile: Profile, cluster: Cluster) -> list[str]:
     """Everything in a profile that the live cluster contradicts, one sentence each (empty: it fits)."""
     out = []
     if profile.slurm_cluster and cluster.name and profile.slurm_cluster != cluster.name:
@@ -262,7 +262,7 @@ def problems(profile: "Profile", cluster: Cluster) -> list[str]:
 
 # ---- asking Slurm (the side effect) --------------------------------------------------------------
 
-def _run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 

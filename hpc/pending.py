@@ -33,14 +33,16 @@ REASONS: Mapping[str, tuple[str, str]] = {
     "JobHeldUser": ("held by its owner", "release it: scontrol release {job}"),
     "JobHeldAdmin": ("held by an administrator", "ask your admin why; only they can release it"),
     "PartitionTimeLimit": ("it will never start: its --time exceeds the partition's MaxTime",
-                           "cancel it (hpcdist cancel {job}) and resubmit with a shorter --time or another --partition"),
+                           "cancel it (hpcdist cancel {job}) and resubmit with a shorter --time or another "
+                           "--partition"),
     "PartitionNodeLimit": ("it will never start: its node count is outside the partition's MinNodes/MaxNodes",
                            "cancel it and resubmit with fewer --nodes or another --partition"),
     "PartitionDown": ("its partition is down", "wait for the admin to bring it up, or use another --partition"),
     "PartitionInactive": ("its partition is inactive", "use another --partition"),
     "Reservation": ("waiting for its reservation to start", "wait for the reservation's start time"),
     "Licenses": ("waiting for licenses it asked for", "wait until other jobs release them"),
-    "BadConstraints": ("it can never run: no node satisfies its constraints", "cancel it and resubmit with fewer constraints"),
+    "BadConstraints": ("it can never run: no node satisfies its constraints",
+                       "cancel it and resubmit with fewer constraints"),
     "InvalidAccount": ("its account is invalid", "cancel it and resubmit with a valid --account"),
     "InvalidQOS": ("its QOS is invalid", "cancel it and resubmit with a valid QOS"),
     "JobArrayTaskLimit": ("the array's limit of tasks running at once is reached", "it starts as other tasks end"),
@@ -121,7 +123,7 @@ def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> int:
                and job.partition in o.partition.split(",") and first(o))
 
 
-def _run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 

@@ -124,7 +124,8 @@ def test_default_time_comes_from_the_partition_only_when_nobody_gave_one() -> No
     assert partition.with_default_time(bare, local, part).time == "00:02:00"
     assert partition.with_default_time(replace(bare, time="3"), local, part).time == "3"
     assert partition.with_default_time(bare, replace(local, time="4"), part).time is None  # the profile's wins later
-    assert check(partition.with_default_time(bare, replace(local, time="4"), part), replace(local, time="4")).time == "4"
+    timed = replace(local, time="4")
+    assert check(partition.with_default_time(bare, timed, part), timed).time == "4"
     assert check(bare, local).time == "01:00:00"  # nothing else says: the old default
     assert partition.with_default_time(bare, local, partition.pick(LOCAL, "debug")).time is None
 
@@ -142,8 +143,8 @@ def test_profile_problems_against_the_live_facts() -> None:
         "max_nodes 64 exceeds partition 'gpu''s MaxNodes 2",
         "cpus_per_task 12 x 8 rank(s) per node exceed the 64 CPUs of partition 'gpu''s nodes",
     ]
-    assert partition.problems(replace(site, gpus_per_node=16, cpus_per_task=1, time=None, max_nodes=2),
-                              GPU_SITE) == ["gpus_per_node 16 but partition 'gpu''s nodes have at most 8 GPU(s) in Gres"]
+    assert partition.problems(replace(site, gpus_per_node=16, cpus_per_task=1, time=None, max_nodes=2), GPU_SITE) \
+        == ["gpus_per_node 16 but partition 'gpu''s nodes have at most 8 GPU(s) in Gres"]
 
 
 def test_a_profile_for_another_slurm_cluster_is_not_checked_here() -> None:

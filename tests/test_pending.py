@@ -63,7 +63,8 @@ def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:
     def runner(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         calls.append(list(argv))
         if "-j" in argv:
-            return subprocess.CompletedProcess(argv, 0, "12|PENDING|Priority|debug|90|N/A\n14|RUNNING|None|debug|900|x\n", "")
+            rows = "12|PENDING|Priority|debug|90|N/A\n14|RUNNING|None|debug|900|x\n"
+            return subprocess.CompletedProcess(argv, 0, rows, "")
         return subprocess.CompletedProcess(argv, 0, QUEUE, "")
 
     said = pending.describe(["12", "14"], runner)

@@ -11,7 +11,6 @@ from typing import Iterator
 
 import pytest
 import yaml
-
 from slurm_fixtures import environ, hpcdist, job_id_of, requires_slurm
 
 pytestmark = [pytest.mark.slurm, requires_slurm]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import click
@@ -20,7 +21,7 @@ def _extends(path: str) -> str | None:
     import yaml
 
     try:
-        data = yaml.safe_load(open(path).read())
+        data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return None
     value = data.get("extends") if isinstance(data, dict) else None
@@ -47,8 +48,9 @@ def report(environ: Mapping[str, str]) -> dict[str, Any]:
 def table(rep: Mapping[str, Any]) -> str:
     rows = [("NAME", "FROM", "NOTE", "PATH")]
     for p in rep["profiles"]:
-        notes = (["default"] if p["default"] else []) + ([f"shadowed by {p['shadowed_by']}"] if p["shadowed_by"]
-                                                          else []) + ([f"extends {p['extends']}"] if p["extends"] else [])
+        notes = ["default"] if p["default"] else []
+        notes += [f"shadowed by {p['shadowed_by']}"] if p["shadowed_by"] else []
+        notes += [f"extends {p['extends']}"] if p["extends"] else []
         rows.append((p["name"], p["origin"], ", ".join(notes) or "-", p["path"]))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join([v.ljust(w) for v, w in zip(r, widths)] + [r[3]]) for r in rows]

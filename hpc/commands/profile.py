@@ -66,9 +66,9 @@ def draft(cluster: Cluster, name: str | None, when: str) -> str:
                      f"{fmt(part.default_time_s)}; {limits}")
     else:
         lines.append(f"# time: \"01:00:00\"   # unset: 01:00:00 (the partition has no DefaultTime); {limits}")
-    lines.append(f"gpus_per_node: {gpus}" + (f"   # the fewest among the partition's nodes ({_span([n.gpus for n in nodes], '')})"
-                                              if nodes and min(n.gpus for n in nodes) != max(n.gpus for n in nodes)
-                                              else ""))
+    mixed = nodes and min(n.gpus for n in nodes) != max(n.gpus for n in nodes)
+    fewest = f"   # the fewest among the partition's nodes ({_span([n.gpus for n in nodes], '')})" if mixed else ""
+    lines.append(f"gpus_per_node: {gpus}{fewest}")
     if gpus:
         lines.append("# gpu_memory: 80GB   # could not know: memory per GPU (--backend auto plans against it)")
         lines.append(f"cpus_per_task: {max(cpus // gpus, 1)}   # {cpus} CPUs / {gpus} GPUs per node")
