@@ -224,7 +224,9 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "job_name": spec.job_name,
         "signal_delay_s": spec.signal_delay_s,
         "srun_args": ["--kill-on-bad-exit=1"],
-        "additional_parameters": {"requeue": True, **({"nodelist": spec.nodelist} if spec.nodelist else {})},
+        # The same allocation options job.sbatch's #SBATCH lines carry (templates/sbatch-allocation.j2).
+        "additional_parameters": {"requeue": True, **{key: value for key, value in (
+            ("nodelist", spec.nodelist), ("exclude", spec.exclude), ("dependency", spec.dependency)) if value}},
     }
     return Rendered(
         spec=spec,

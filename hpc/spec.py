@@ -39,6 +39,11 @@ _TIME_FORMS = (
 _SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _SIGNAL = re.compile(r"(?:[RB]{1,2}:)?(?:SIG)?([A-Z][A-Z0-9]*|\d+)(?:@(\d+))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Slurm's dependency types (sbatch --dependency) and the short forms --after JOB[:ok|any|notok] takes.
+DEPENDENCY_TYPES = ("after", "afterany", "afterok", "afternotok", "aftercorr", "singleton")
+_AFTER_SHORT = {"ok": "afterok", "any": "afterany", "notok": "afternotok", "corr": "aftercorr", "start": "after"}
+# A job id, or one task of a job array (JOBID_TASKID).
+_DEPENDENCY_JOB = re.compile(r"[1-9]\d*(?:_\d+)?")
 
 
 class SpecError(ValueError):
@@ -72,6 +77,8 @@ class JobSpec:
     train_args: tuple[str, ...] = ()
     python: str | None = None
     pythonpath: str | None = None
+    after: tuple[str, ...] = ()   # dependencies, each "afterok:123" (see dependency())
+    exclude: str | None = None    # nodes to keep off, a Slurm nodelist
 
     @property
     def procs_per_node(self) -> int:
@@ -105,9 +112,23 @@ class JobSpec:
         m = _SIGNAL.fullmatch(self.signal)
         return int(m.group(2)) if m and m.group(2) else 60
 
+    @property
+    def dependency(self) -> str | None:
+        """sbatch's --dependency value: types in first-seen order, each with its jobs (``afterok:1:2,afterany:3``)."""
+        if not self.after:
+            return None
+        grouped: dict[str, list[str]] = {}
+        for item in self.after:
+            kind, _, job = item.partition(":")
+            grouped.setdefault(kind, [])
+            if job:
+                grouped[kind].append(job)
+        return ",".join(":".join([kind, *jobs]) for kind, jobs in grouped.items())
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["train_args"] = list(self.train_args)
+        out["after"] = list(self.after)
         return out
 
 
@@ -138,6 +159,12 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
             if isinstance(value, str) or not all(isinstance(v, (str, int, float)) for v in value):
                 raise SpecError("train_args must be a list of strings (the trainer's arguments)")
             value = tuple(str(v) for v in value)
+        elif key == "after":
+            items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+                raise SpecError("after must be a job id or a list of them, e.g. [1234, 1235:any]")
+            value = tuple(parse_after(str(v)) for v in items)
         elif key == "offload":
             if not isinstance(value, bool):
                 raise SpecError(f"offload must be true or false, got {value!r}")
@@ -147,6 +174,25 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
     if "job_dir" not in clean:
         raise SpecError("no job directory: pass --job-dir DIR")
     return JobSpec(**clean)
+
+
+def parse_after(text: str) -> str:
+    """One dependency as Slurm spells it (``afterok:123``) from ``123``, ``123:any``, ``123_4:notok``,
+    ``afterany:123`` or ``singleton``; SpecError naming the accepted forms otherwise."""
+    text = text.strip()
+    if text == "singleton":
+        return text
+    first, sep, second = text.partition(":")
+    if _DEPENDENCY_JOB.fullmatch(first):
+        kind = _AFTER_SHORT.get(second, second if second in DEPENDENCY_TYPES else None) if sep else "afterok"
+        job = first
+    else:
+        kind, job = (first if first in DEPENDENCY_TYPES else None), second
+    if kind is None or kind == "singleton" or not _DEPENDENCY_JOB.fullmatch(job):
+        raise SpecError(f"--after {text!r} is not a dependency: use JOBID[:ok|any|notok|corr|start] (a job id, or "
+                        "JOBID_TASK for one array task), TYPE:JOBID with TYPE one of "
+                        f"{', '.join(DEPENDENCY_TYPES[:-1])}, or singleton")
+    return f"{kind}:{job}"
 
 
 def time_seconds(value: str) -> int:
@@ -269,6 +315,8 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     time_seconds(spec.time)
     if not _SIGNAL.fullmatch(spec.signal):
         raise SpecError(f"--signal {spec.signal!r} is not a Slurm signal spec; use e.g. USR1@120")
+    for item in spec.after:
+        parse_after(item)
     if spec.nodelist is not None:
         try:
             hosts = nodelist.expand(spec.nodelist)
@@ -277,6 +325,16 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
         if len(hosts) != spec.nodes:
             raise SpecError(f"--nodelist {spec.nodelist!r} names {len(hosts)} node(s) but --nodes is "
                             f"{spec.nodes}; make them agree")
+    if spec.exclude is not None:
+        _check_text("--exclude", spec.exclude, spaces=False)
+        try:
+            excluded = nodelist.expand(spec.exclude)
+        except nodelist.NodelistError as exc:
+            raise SpecError(f"--exclude: {exc}") from None
+        clash = sorted(set(excluded) & set(nodelist.expand(spec.nodelist) if spec.nodelist else ()))
+        if clash:
+            raise SpecError(f"--exclude {spec.exclude!r} keeps off {', '.join(clash)}, which --nodelist asks for; "
+                            "drop it from one of them")
     return spec
 
 

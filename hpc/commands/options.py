@@ -54,6 +54,10 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
      {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
     (("--params",), "params",
      {"help": "Model parameters for --backend auto, e.g. 350M or 7B. [the built-in ConvNet's]"}),
+    (("--after",), "after",
+     {"multiple": True, "metavar": "JOB[:ok|any|notok]",
+      "help": "Start only after job JOB ended so (ok: completed, the default); repeatable."}),
+    (("--exclude", "-x"), "exclude", {"help": "Nodes to keep the job off, a Slurm nodelist, e.g. n2 or n[2-3]."}),
 )
 
 
@@ -82,9 +86,15 @@ def _default_job_dir(job_name: str) -> str:
 
 def spec_from_options(config_file: str | None = None, **options: Any) -> specs.JobSpec:
     """A JobSpec from a job file overlaid with the flags that were given; raises SpecError."""
+    return specs.from_mapping(values_from_options(config_file, **options))
+
+
+def values_from_options(config_file: str | None = None, base: dict[str, Any] | None = None,
+                        **options: Any) -> dict[str, Any]:
+    """Job values: ``base`` (a sweep file's), then the job file, then the flags that were given."""
     import yaml
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
     if config_file:
         try:
             loaded = yaml.safe_load(Path(config_file).read_text())
@@ -96,7 +106,8 @@ def spec_from_options(config_file: str | None = None, **options: Any) -> specs.J
         if "output_dir" in values:
             values["job_dir"] = values.pop("output_dir")
     train_args = options.pop("train_args", None)
-    values.update({k: v for k, v in options.items() if v is not None})
+    # A repeatable flag that was not given arrives as (), which must not hide the job file's value.
+    values.update({k: v for k, v in options.items() if v is not None and v != ()})
     if train_args:
         values["train_args"] = list(train_args)
     values.setdefault("job_dir", _default_job_dir(str(values.get("job_name") or vocab.DEFAULT_JOB_NAME)))
@@ -111,7 +122,7 @@ def spec_from_options(config_file: str | None = None, **options: Any) -> specs.J
             raise specs.SpecError(str(exc)) from None
     values.setdefault("python", sys.executable)
     values.setdefault("pythonpath", checkout_root())
-    return specs.from_mapping(values)
+    return values
 
 
 def fail(command: str, exc: Exception) -> NoReturn:
