@@ -33,6 +33,8 @@ COMMANDS = {
     # sites (issue 15)
     "clusters": "hpc.commands.clusters:clusters",
     "profile": "hpc.commands.profile:profile",
+    # sweeps (issue 14)
+    "sweep": "hpc.commands.sweep:sweep",
 }
 
 

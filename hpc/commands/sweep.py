@@ -1,0 +1,270 @@
+"""``hpcdist sweep``: run a matrix of configurations as Slurm job arrays, and compare how the tasks did.
+
+    hpcdist sweep --grid backend=ddp,deepspeed zero_stage=1,2,3 precision=fp32,bf16 --max-parallel 2 \\
+        --nodes 2 -o runs/grid -- --max-steps 20
+    hpcdist sweep -f sweep.yaml --dry-run        # base:, axes:, tasks:, exclude: (a partial configuration each)
+    hpcdist sweep                                # the preset `compare`: dp, ddp, DeepSpeed ZeRO 0-3
+    hpcdist sweep status runs/grid [--json] ; hpcdist sweep report runs/grid --png docs/x.png --markdown docs/x.md
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from hpc.commands.options import fail, job_options, values_from_options
+
+WAIT_POLL_S = 3.0
+
+
+class SweepGroup(click.Group):
+    """``hpcdist sweep [OPTIONS]`` runs a sweep; ``hpcdist sweep status|report SWEEP`` reads one back."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        if args[0] == "run":
+            args = ["run", *spread_grid(args[1:])]
+        return super().parse_args(ctx, args)
+
+
+def spread_grid(args: Sequence[str]) -> list[str]:
+    """``--grid a=1,2 b=3`` -> ``--grid a=1,2 --grid b=3``: the axes after --grid up to the next option or ``--``."""
+    out: list[str] = []
+    in_grid = False
+    for i, arg in enumerate(args):
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if arg == "--grid":
+            in_grid = True
+            continue
+        if in_grid and not arg.startswith("-"):
+            out.extend(["--grid", arg])
+            continue
+        in_grid = False
+        out.append(arg)
+    return out
+
+
+@click.group(cls=SweepGroup)
+def sweep() -> None:
+    """Run a matrix of configurations as Slurm job arrays (one per allocation shape), or read one back.
+
+    \b
+    hpcdist sweep [JOB OPTIONS] [--grid KEY=V1,V2 ...] [-f SWEEP.yaml] [--preset compare] -- [TRAINER ARGS]
+    hpcdist sweep status SWEEP ; hpcdist sweep report SWEEP
+    """
+
+
+def _load_file(path: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    import yaml
+
+    from hpc import sweep as sweeps
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise sweeps.SweepError(f"cannot read sweep file {path}: {str(exc).splitlines()[0]}") from None
+    return sweeps.parse_file(data, path)
+
+
+@sweep.command("run")
+@job_options
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
+              help="An axis: a job key (backend, zero_stage, precision, nodes, ...) or train.OPTION; several may "
+                   "follow one --grid.")
+@click.option("--file", "-f", "sweep_file", type=click.Path(dir_okay=False),
+              help="Sweep file (YAML): base: (job keys), axes: (key: [values]), tasks: and exclude: "
+                   "(lists of partial configurations), max_parallel:.")
+@click.option("--skip", multiple=True, metavar="KEY=V[,KEY=V]", help="Leave out the configurations that match.")
+@click.option("--preset", type=click.Choice(("compare",)),
+              help="compare: dp (1 node), ddp and DeepSpeed ZeRO 0-3 (2 nodes). The default without axes.")
+@click.option("--max-parallel", type=int, help="Array tasks running at once per array (--array=0-N%K). [all]")
+@click.option("--via", type=click.Choice(("sbatch", "submitit")), default="sbatch", show_default=True,
+              help="Arrays are submitted with sbatch only.")
+@click.option("--dry-run", is_flag=True, help="Write the sweep directory and print every task; submit nothing.")
+@click.option("--force", is_flag=True, help="Replace an earlier sweep directory.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for every task; exit 1 unless all completed.")
+def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, skip: tuple[str, ...],
+        preset: str | None, max_parallel: int | None, via: str, dry_run: bool, force: bool, wait_: bool,
+        **options: Any) -> None:
+    """Run a sweep: every configuration of the matrix, grouped into one job array per allocation shape."""
+    from hpc import jobs, profiles, render
+    from hpc import spec as specs
+    from hpc import sweep as sweeps
+
+    if via == "submitit":
+        fail("sweep", ValueError("job arrays are submitted with sbatch only; drop --via submitit"))
+    if not dry_run and not jobs.slurm_available(os.environ):
+        fail("sweep", ValueError("job arrays need Slurm (sbatch on PATH); use --dry-run to see the tasks"))
+    try:
+        base, file_matrix, settings = _load_file(sweep_file) if sweep_file else ({}, sweeps.Matrix(), {})
+        cli = sweeps.Matrix(axes=tuple(sweeps.parse_axis(g) for g in grid),
+                            exclude=tuple(sweeps.parse_assignment(s) for s in skip))
+        chosen = preset or ("compare" if not (grid or file_matrix.axes or file_matrix.tasks) else None)
+        preset_matrix = sweeps.Matrix(tasks=tuple(sweeps.PRESETS[chosen]["tasks"])) if chosen else sweeps.Matrix()
+        matrix = sweeps.combine(preset_matrix, file_matrix, cli)
+        base.setdefault("job_name", settings.get("name") or "sweep")
+        values = values_from_options(config_file, base=base, **options)
+        sweep_dir = values.pop("job_dir")
+        plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=max_parallel or settings.get("max_parallel"),
+                           name=str(values.get("job_name")), load_profile=profiles.load,
+                           check_more=lambda spec: specs.check_dataset(spec, os.path.exists))
+        sweeps.write(plan, force=force)
+    except (sweeps.SweepError, specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
+        fail("sweep", exc)
+    if dry_run:
+        click.echo(describe(plan), nl=False)
+        click.echo(f"# sweep directory: {plan.sweep_dir} (dry run: nothing submitted)", err=True)
+        return
+    try:
+        ids = submit(plan)
+    except RuntimeError as exc:
+        click.echo(f"hpcdist sweep: {exc}", err=True)
+        sys.exit(1)
+    for array in plan.arrays:
+        click.echo(f"Submitted job array {ids[array.name]} ({array.range}, {len(array.tasks)} task(s)): "
+                   f"{array.job_dir}")
+    click.echo(f"# sweep directory: {plan.sweep_dir}; follow it with: hpcdist sweep status {plan.sweep_dir}")
+    if wait_:
+        final = wait(plan.sweep_dir)
+        click.echo(sweeps.table(final), nl=False)
+        if not all(r.state == "COMPLETED" for r in final):
+            sys.exit(1)
+
+
+def describe(plan: Any) -> str:
+    """The dry run: every array's job.sbatch, then every task's values, resolved job and command."""
+    parts = []
+    for array in plan.arrays:
+        parts.append(f"==> {array.job_dir}/job.sbatch <==\n{array.job_sbatch}")
+        for task in array.tasks:
+            spec = task.rendered.spec
+            stage = f" zero_stage={spec.zero_stage}" if spec.backend == "deepspeed" else ""
+            lines = [f"==> task {task.index} ({array.name} index {task.array_index}): {task.label} <==",
+                     f"# {spec.backend}{stage} precision={spec.precision} launcher={spec.launcher} "
+                     f"nodes={spec.nodes} ranks={spec.world_size} job_dir={task.rendered.job_dir}"]
+            ds = task.rendered.files.get("deepspeed.json")
+            if ds:
+                config = json.loads(ds)
+                lines.append(f"# deepspeed.json: stage={config['zero_optimization']['stage']} "
+                             f"fp16={config.get('fp16', {}).get('enabled')} bf16={config.get('bf16', {}).get('enabled')} "
+                             f"micro_batch={config.get('train_micro_batch_size_per_gpu')}")
+            lines.append(task.rendered.files["task.sh"].rstrip("\n"))
+            parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def submit(plan: Any) -> dict[str, str]:
+    """sbatch every array; on a refusal cancel those already queued and remove the sweep (hpcdist made it)."""
+    from hpc import jobs
+    from hpc import submit as submitting
+
+    ids: dict[str, str] = {}
+    try:
+        for array in plan.arrays:
+            proc = subprocess.run(["sbatch", "--parsable", str(array.job_dir / "job.sbatch")], capture_output=True,
+                                  text=True, timeout=120, cwd=array.job_dir)
+            if proc.returncode != 0:
+                raise RuntimeError(f"sbatch refused {array.name}: "
+                                   f"{submitting._one_line(proc.stderr or proc.stdout)}")
+            ids[array.name] = submitting.parse_sbatch(proc.stdout)
+    except (RuntimeError, submitting.SubmitError, OSError, subprocess.TimeoutExpired) as exc:
+        if ids:
+            subprocess.run(["scancel", *ids.values()], capture_output=True, timeout=60)
+        shutil.rmtree(plan.sweep_dir, ignore_errors=True)
+        raise RuntimeError(f"{exc}; nothing of the sweep is left queued") from None
+    from hpc import sweep as sweeps
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    (plan.sweep_dir / sweeps.SUBMITTED_FILE).write_text(json.dumps(
+        {"arrays": ids, "via": "sbatch", "submitted": now.isoformat(timespec="seconds")}, indent=1) + "\n")
+    # Every array task is a job of its own to `hpcdist status|logs|cancel JOBID_TASK`.
+    for array in plan.arrays:
+        for task in array.tasks:
+            record = submitting.record_for(task.rendered, f"{ids[array.name]}_{task.array_index}", "sbatch", now)
+            jobs.write_marker(record)
+            jobs.append(jobs.registry_path(os.environ), record)
+    return ids
+
+
+def current_rows(sweep_dir: Path) -> list[Any]:
+    """Every task's row, with one sacct call for all the sweep's arrays."""
+    from hpc import sweep as sweeps
+
+    data, submitted = sweeps.load(sweep_dir)
+    states: dict[str, str] = {}
+    if submitted:
+        try:
+            proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(submitted.values()), "-o",
+                                   "JobID,State"], capture_output=True, text=True, timeout=60)
+            states = sweeps.parse_array_sacct(proc.stdout, submitted.values()) if proc.returncode == 0 else {}
+        except (OSError, subprocess.TimeoutExpired):
+            states = {}
+    return sweeps.rows(data, submitted, states)
+
+
+def wait(sweep_dir: Path) -> list[Any]:
+    from hpc import jobs
+
+    while True:
+        rows = current_rows(sweep_dir)
+        if all(r.state in jobs.TERMINAL for r in rows):
+            return rows
+        time.sleep(WAIT_POLL_S)
+
+
+def _read(command: str, sweep_dir: str) -> list[Any]:
+    from hpc import sweep as sweeps
+
+    try:
+        return current_rows(Path(sweep_dir).resolve())
+    except sweeps.SweepError as exc:
+        fail(f"sweep {command}", exc)
+
+
+@sweep.command("status")
+@click.argument("sweep_dir", metavar="SWEEP")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task, in a list.")
+def status(sweep_dir: str, as_json: bool) -> None:
+    """Each task's state and metrics (from its run/summary.json)."""
+    from hpc import sweep as sweeps
+
+    rows = _read("status", sweep_dir)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=1))
+        return
+    click.echo(sweeps.table(rows), nl=False)
+
+
+@sweep.command("report")
+@click.argument("sweep_dir", metavar="SWEEP")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task, in a list; no chart.")
+@click.option("--png", type=click.Path(dir_okay=False), help="Bar chart to write. [SWEEP/report.png]")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Also write the markdown table here.")
+@click.option("--title", default=None, help="The chart's title. [the sweep directory's name]")
+def report(sweep_dir: str, as_json: bool, png: str | None, markdown: str | None, title: str | None) -> None:
+    """A markdown table comparing the tasks, and a PNG bar chart of images/s, peak memory and first step."""
+    from hpc import sweep as sweeps
+
+    rows = _read("report", sweep_dir)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=1))
+        return
+    text = sweeps.table(rows, markdown=True)
+    click.echo(text, nl=False)
+    if markdown:
+        Path(markdown).write_text(text)
+    path = Path(png) if png else Path(sweep_dir) / "report.png"
+    sweeps.chart(rows, path, title or Path(sweep_dir).resolve().name)
+    click.echo(f"# chart: {path}", err=True)
