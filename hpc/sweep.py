@@ -337,18 +337,19 @@ def _spec(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
 
 
 def _blame(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
-           load_profile: Callable[[str], Profile], check_more: Checker, message: str) -> str:
-    """Which axis value makes a configuration fail: one that fails alike on the base alone, else all of them."""
+           load_profile: Callable[[str], Profile], check_more: Checker) -> str:
+    """The axis value a failing configuration would pass without, if exactly one; else the whole configuration."""
+    culprits = []
     for key, value in values.items():
         if value is None:
             continue
         try:
-            spec, _ = _spec(base, {key: value}, job_dir, load_profile)
+            spec, _ = _spec(base, {k: v for k, v in values.items() if k != key}, job_dir, load_profile)
             check_more(spec)
-        except ValueError as exc:  # SpecError, ProfileError and RenderError all are
-            if str(exc).splitlines()[0] == message:
-                return f"axis {key}={text(value)}"
-    return f"task {label(values)}"
+        except ValueError:  # SpecError, ProfileError and RenderError all are
+            continue
+        culprits.append(f"axis {key}={text(value)}")
+    return culprits[0] if len(culprits) == 1 else f"task {label(values)}"
 
 
 def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_parallel: int | None = None,
@@ -370,9 +371,8 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             spec, profile = _spec(base, values, placeholder, load_profile)
             check_more(spec)
         except (specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
-            message = str(exc).splitlines()[0]
-            raise SweepError(f"{_blame(base, values, placeholder, load_profile, check_more, message)}: "
-                             f"{message}") from None
+            raise SweepError(f"{_blame(base, values, placeholder, load_profile, check_more)}: "
+                             f"{str(exc).splitlines()[0]}") from None
         checked.append((values, spec, profile))
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (_, spec, _) in enumerate(checked):

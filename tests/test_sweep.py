@@ -1,0 +1,280 @@
+"""hpc.sweep and the --after/--exclude job keys without Slurm: the matrix, the arrays, the refusals, the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hpc import profiles, render, submit
+from hpc import sweep as sweeps
+from hpc.cli import main
+from hpc.commands.sweep import spread_grid
+from hpc.spec import JobSpec, SpecError, from_mapping, parse_after
+from test_submit_unit import sbatch_directives
+
+
+def base(**kw) -> dict:
+    return {"python": sys.executable, "pythonpath": None, "job_name": "sw", **kw}
+
+
+def plan(tmp_path: Path, matrix: sweeps.Matrix, max_parallel: int | None = None, **kw) -> sweeps.Sweep:
+    return sweeps.plan(base(**kw), matrix, tmp_path / "sweep", max_parallel=max_parallel, load_profile=profiles.load)
+
+
+def axes(*texts: str) -> sweeps.Matrix:
+    return sweeps.Matrix(axes=tuple(sweeps.parse_axis(t) for t in texts))
+
+
+# ---- dependencies and exclusions ----------------------------------------------------------------
+
+@pytest.mark.parametrize("given,slurm", [
+    ("123", "afterok:123"), ("123:ok", "afterok:123"), ("123:any", "afterany:123"),
+    ("123:notok", "afternotok:123"), ("123:corr", "aftercorr:123"), ("123:start", "after:123"),
+    ("123_4", "afterok:123_4"), ("123_4:notok", "afternotok:123_4"), ("afterany:77", "afterany:77"),
+    ("afternotok:77_0", "afternotok:77_0"), ("singleton", "singleton"),
+])
+def test_after_takes_short_and_slurm_forms(given, slurm):
+    assert parse_after(given) == slurm
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "12:maybe", "12:", "0", "012", "12_", "12_x", "afterok:", "afterok:x",
+                                 "singleton:12", "12 13", "12,13", "afterok:12:13", "-1"])
+def test_after_refuses_what_slurms_grammar_does_not_have(bad):
+    with pytest.raises(SpecError, match="is not a dependency"):
+        parse_after(bad)
+
+
+def test_dependency_groups_jobs_by_type_in_first_seen_order():
+    spec = from_mapping({"job_dir": "/j", "after": ["12", "13:any", "afternotok:14_2", 15, "singleton"]})
+    assert spec.after == ("afterok:12", "afterany:13", "afternotok:14_2", "afterok:15", "singleton")
+    assert spec.dependency == "afterok:12:15,afterany:13,afternotok:14_2,singleton"
+    assert from_mapping({"job_dir": "/j", "after": 9}).dependency == "afterok:9"
+    assert from_mapping({"job_dir": "/j"}).dependency is None
+
+
+def test_both_submit_paths_carry_dependency_and_exclude_alike(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    spec = JobSpec(job_dir=str(tmp_path / "job"), python=sys.executable, nodes=2, after=("afterok:12", "afterany:13"),
+                   exclude="n[2-3]")
+    rendered = render.render(spec, profiles.load("local"))
+    ours = sbatch_directives(rendered.files["job.sbatch"])
+    theirs = sbatch_directives(_make_sbatch_string(command="x", folder=str(tmp_path / "s"),
+                                                   **submit.slurm_parameters(rendered)))
+    assert ours["dependency"] == theirs["dependency"] == "afterok:12,afterany:13"
+    assert ours["exclude"] == theirs["exclude"] == "n[2-3]"
+    plain = render.render(JobSpec(job_dir=str(tmp_path / "plain"), python=sys.executable), profiles.load("local"))
+    assert not {"dependency", "exclude"} & set(sbatch_directives(plain.files["job.sbatch"]))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--after", "12:maybe"], "--after '12:maybe' is not a dependency"),
+    (["--exclude", "n[2-"], "--exclude: unclosed '['"),
+    (["--exclude", "n1 n2"], "whitespace"),
+    (["--nodelist", "n2", "--exclude", "n[1-2]"], "keeps off n2, which --nodelist asks for"),
+])
+def test_bad_after_or_exclude_exit_2_one_line_no_job_dir(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["render", "-q", "-o", str(tmp_path / "job"), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_job_files_after_is_kept_unless_the_flag_is_given(tmp_path):
+    from hpc.commands.render import spec_from_options
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("after: [5, '6:any']\nexclude: n3\n")
+    spec = spec_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=())
+    assert spec.after == ("afterok:5", "afterany:6") and spec.exclude == "n3"
+    assert spec_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=("7",)).after == ("afterok:7",)
+
+
+# ---- the matrix ----------------------------------------------------------------------------------
+
+def test_grid_words_after_one_grid_flag_are_axes_until_the_next_option():
+    assert spread_grid(["--grid", "a=1", "b=2,3", "--nodes", "2", "--", "--grid", "x=y"]) == [
+        "--grid", "a=1", "--grid", "b=2,3", "--nodes", "2", "--", "--grid", "x=y"]
+
+
+def test_axes_multiply_first_slowest_and_deepspeed_only_keys_collapse():
+    matrix = axes("backend=ddp,deepspeed", "zero_stage=1,2,3", "precision=fp32,bf16")
+    configs = sweeps.configurations(matrix, "ddp")
+    # ddp has no ZeRO stage: its three stages are one configuration per precision.
+    assert [sweeps.label(c) for c in configs] == [
+        "backend=ddp precision=fp32", "backend=ddp precision=bf16",
+        *(f"backend=deepspeed zero_stage={s} precision={p}" for s in (1, 2, 3) for p in ("fp32", "bf16"))]
+
+
+def test_tasks_times_axes_less_excludes():
+    matrix = sweeps.Matrix(axes=(sweeps.make_axis("train.lr", ["1e-3", "1e-2"]),),
+                           tasks=({"backend": "dp"}, {"backend": "ddp", "nodes": 2}),
+                           exclude=({"backend": "dp", "train.lr": "1e-2"},))
+    assert [sweeps.label(c) for c in sweeps.configurations(matrix, "ddp")] == [
+        "backend=dp train.lr=1e-3", "backend=ddp nodes=2 train.lr=1e-3", "backend=ddp nodes=2 train.lr=1e-2"]
+
+
+def test_trainer_axes_append_their_option_and_boolean_ones_are_flags():
+    values = sweeps.job_values({"train_args": ["--max-steps", "5"]},
+                               {"train.lr": "1e-3", "train.augment": True, "train.compile": "false", "nodes": "2"})
+    assert values["train_args"] == ["--max-steps", "5", "--lr", "1e-3", "--augment"]
+    assert values["nodes"] == "2"
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: sweeps.parse_axis("foo=1,2"), "unknown axis 'foo'"),
+    (lambda: sweeps.parse_axis("backend="), "axis backend is empty"),
+    (lambda: sweeps.parse_axis("backend=ddp,,dp"), "axis backend has an empty value"),
+    (lambda: sweeps.parse_axis("backend=ddp,ddp"), "axis backend lists ddp twice"),
+    (lambda: sweeps.parse_axis("backend"), "write KEY=V1,V2"),
+    (lambda: sweeps.parse_axis("train.zero_stage=1,2"), "sweep the job key zero_stage instead"),
+    (lambda: sweeps.parse_axis("train.run-dir=a"), "hpcdist sets it for each task"),
+    (lambda: sweeps.parse_axis("train.=1"), "not a trainer option"),
+    (lambda: sweeps.configurations(axes("train.seed=" + ",".join(map(str, range(40))),
+                                        "train.lr=" + ",".join(map(str, range(30)))), "ddp"),
+     "the matrix has 1200 tasks"),
+    (lambda: sweeps.configurations(sweeps.Matrix(axes("backend=ddp,dp").axes, exclude=({"nodes": 2},)), "ddp"),
+     "exclude #1: nodes is not an axis"),
+    (lambda: sweeps.configurations(sweeps.Matrix(axes("backend=ddp,dp").axes, exclude=({"backend": "dpp"},)),
+                                   "ddp"), "dpp is not a value of axis backend"),
+    (lambda: sweeps.configurations(sweeps.Matrix(axes("backend=ddp").axes, exclude=({"backend": "ddp"},)), "ddp"),
+     "leave no task"),
+    (lambda: sweeps.combine(axes("nodes=1"), axes("nodes=2")), "axis nodes is given twice"),
+])
+def test_bad_matrices_are_refused_naming_the_axis(make, message):
+    with pytest.raises(sweeps.SweepError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize("grid,message", [
+    (["zero_stage=1,5", "backend=deepspeed"], "axis zero_stage=5: --zero-stage 5 is not a ZeRO stage"),
+    (["zero_stage=1,2", "nodes=2,4", "backend=deepspeed"], "axis nodes=4: --nodes 4 exceeds"),
+    (["backend=dp", "nodes=1,2"], "task backend=dp nodes=2: --backend dp runs one process on one node"),
+    (["precision=fp32,fp8"], "axis precision=fp8: unknown --precision 'fp8'"),
+    (["time=5,soon"], "axis time=soon: --time 'soon' is not a Slurm time"),
+])
+def test_a_value_that_fails_the_job_check_names_its_axis_and_nothing_is_written(tmp_path, grid, message):
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid", *grid])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"hpcdist sweep: {message}") and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_submitit_is_refused_in_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--via", "submitit", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert result.stderr == "hpcdist sweep: job arrays are submitted with sbatch only; drop --via submitit\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the arrays ------------------------------------------------------------------------------------
+
+def test_one_array_per_geometry_with_its_throttle(tmp_path):
+    sweep = plan(tmp_path, sweeps.combine(sweeps.Matrix(tasks=tuple(sweeps.PRESETS["compare"]["tasks"]))),
+                 max_parallel=3)
+    assert [(a.name, a.range) for a in sweep.arrays] == [("array-0", "0-0%1"), ("array-1", "0-4%3")]
+    assert [t.label for t in sweep.arrays[1].tasks] == [
+        "backend=ddp nodes=2", *(f"backend=deepspeed zero_stage={s} nodes=2" for s in range(4))]
+    dp, ddp = sweep.arrays[0].job_sbatch, sweep.arrays[1].job_sbatch
+    assert "#SBATCH --nodes=1\n" in dp and "#SBATCH --array=0-0%1\n" in dp
+    assert "#SBATCH --nodes=2\n" in ddp and "#SBATCH --array=0-4%3\n" in ddp
+    assert f"#SBATCH --output={tmp_path}/sweep/array-1/task-%a/logs/batch-%A_%a.out" in ddp
+
+
+def test_each_array_task_selects_its_own_rendered_directory(tmp_path):
+    sweep = plan(tmp_path, axes("zero_stage=1,3", "precision=fp32,bf16"), backend="deepspeed",
+                 train_args=["--max-steps", "5"], job_dir="ignored")
+    sweeps.write(sweep)
+    array = tmp_path / "sweep" / "array-0"
+    for task in sweep.tasks:
+        tdir = array / f"task-{task.array_index}"
+        config = json.loads((tdir / "deepspeed.json").read_text())
+        assert str(config["zero_optimization"]["stage"]) == task.values["zero_stage"]
+        assert config["bf16"]["enabled"] == (task.values["precision"] == "bf16")
+        assert f"--run-dir \"$run_dir\" --precision {task.values['precision']}" in (tdir / "task.sh").read_text()
+        assert f"run_dir={tdir}/run" in (tdir / "task.sh").read_text()
+        assert f"marker={tdir}/run/preempted" in (tdir / "requeue.sh").read_text()
+        assert not (tdir / "job.sbatch").exists() and (tdir / "logs").is_dir() and (tdir / "run").is_dir()
+    # The batch shell of array task i runs task-i: run the case statement alone with each id.
+    script = (array / "job.sbatch").read_text()
+    case = script[script.index("case "):script.index("esac") + 4]
+    for i in range(4):
+        out = subprocess.run(["bash", "-c", f"SLURM_ARRAY_TASK_ID={i}; {case}; echo \"$job_dir\""],
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == str(array / f"task-{i}")
+    out = subprocess.run(["bash", "-c", f"SLURM_ARRAY_TASK_ID=4; {case}; echo ran"], capture_output=True, text=True)
+    assert out.returncode == 2 and "ran" not in out.stdout
+    assert subprocess.run(["bash", "-n", str(array / "job.sbatch")]).returncode == 0
+    resolved = sweeps.load(tmp_path / "sweep")[0]["resolved"]
+    assert [(r["array_index"], r["zero_stage"], r["precision"]) for r in resolved] == [
+        (0, 1, "fp32"), (1, 1, "bf16"), (2, 3, "fp32"), (3, 3, "bf16")]
+
+
+def test_values_reach_the_scripts_quoted(tmp_path):
+    sweep = plan(tmp_path, axes("train.data-dir=/d/a b,/d/$(touch x)"), train_args=["--max-steps", "5"])
+    sweeps.write(sweep)
+    for task, value in zip(sweep.tasks, ["/d/a b", "/d/$(touch x)"]):
+        assert f"--data-dir '{value}'" in (task.rendered.job_dir / "task.sh").read_text()
+
+
+def test_the_dry_run_prints_every_task_and_writes_but_submits_nothing(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--max-parallel", "2",
+                                       "--grid", "backend=ddp,deepspeed", "zero_stage=1,2", "--", "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("==> task ") == 3 and "#SBATCH --array=0-2%2" in result.stdout
+    assert "# deepspeed zero_stage=2 precision=auto" in result.stdout and "stage=2 fp16=False" in result.stdout
+    assert not (tmp_path / "s" / sweeps.SUBMITTED_FILE).exists()
+    rows = sweeps.rows(*sweeps.load(tmp_path / "s"), {})
+    assert {r.state for r in rows} == {"NOT_SUBMITTED"}
+
+
+def test_a_sweep_file_gives_base_axes_excludes_and_throttle(tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("name: lr\nmax_parallel: 1\nbase: {nodes: 2, after: [5], train_args: [--max-steps, '3']}\n"
+                          "axes: {backend: [ddp, deepspeed], train.lr: [0.001, 0.01]}\n"
+                          "exclude: [{backend: deepspeed, train.lr: 0.01}]\n")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-f", str(sweep_file), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --array=0-2%1" in result.stdout and "#SBATCH --dependency=afterok:5" in result.stdout
+    assert "#SBATCH --job-name=lr" in result.stdout and "--lr 0.01" in result.stdout
+    assert result.stdout.count("==> task ") == 3
+
+
+def test_an_existing_directory_is_kept_without_force(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "mine").write_text("x")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--force"])
+    assert result.exit_code == 2 and "is not a sweep directory" in result.stderr
+    assert (tmp_path / "s" / "mine").read_text() == "x"
+
+
+# ---- reading it back -----------------------------------------------------------------------------
+
+def test_sacct_rows_of_array_tasks_and_their_folded_pending_row():
+    text = "7_0|COMPLETED\n7_1|RUNNING\n7_[2-4%2]|PENDING\n8_[0,2]|PENDING\n9_0|FAILED\n7|PENDING\n"
+    assert sweeps.parse_array_sacct(text, ["7", "8"]) == {
+        "7_0": "COMPLETED", "7_1": "RUNNING", "7_2": "PENDING", "7_3": "PENDING", "7_4": "PENDING",
+        "8_0": "PENDING", "8_2": "PENDING"}
+
+
+def test_report_rows_table_and_chart(tmp_path):
+    sweep = plan(tmp_path, axes("backend=dp,ddp"))
+    sweeps.write(sweep)
+    summary = {"images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25, "time_to_first_step_s": 6.04,
+               "ranks": [{"rank": 1, "peak_memory_bytes": 2 * 2**20, "hostname": "n3"},
+                         {"rank": 0, "peak_memory_bytes": 3 * 2**20, "hostname": "n1"}]}
+    (sweep.tasks[1].rendered.job_dir / "run" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "sweep" / sweeps.SUBMITTED_FILE).write_text(json.dumps({"arrays": {"array-0": "41"}}))
+    rows = sweeps.rows(*sweeps.load(tmp_path / "sweep"), {"41_0": "FAILED", "41_1": "COMPLETED"})
+    assert [(r.job_id, r.state, r.images_per_s, r.peak_memory_mib, r.hostnames) for r in rows] == [
+        ("41_0", "FAILED", None, (), ()), ("41_1", "COMPLETED", 812.4, (3.0, 2.0), ("n1", "n3"))]
+    markdown = sweeps.table(rows, markdown=True)
+    assert "| 1 | 41_1 | backend=ddp | COMPLETED | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
+    png = sweeps.chart(rows, tmp_path / "r.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
