@@ -116,12 +116,32 @@ def submit_submitit(rendered: Any) -> str:
 
 
 def submit_sbatch(rendered: Any) -> str:
-    job_dir = Path(rendered.job_dir)
-    proc = subprocess.run(["sbatch", "--parsable", str(job_dir / "job.sbatch")], capture_output=True, text=True,
-                          timeout=120, cwd=job_dir)
+    return sbatch(Path(rendered.job_dir) / "job.sbatch")
+
+
+def sbatch(script: Path) -> str:
+    """``sbatch --parsable SCRIPT`` from the script's directory; its job id, or SubmitError."""
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=script.parent)
     if proc.returncode != 0:
         raise SubmitError(f"sbatch refused the job: {_one_line(proc.stderr or proc.stdout)}")
     return parse_sbatch(proc.stdout)
+
+
+def submit_arrays(scripts: list[Path]) -> list[str]:
+    """sbatch each job array script in order; if one is refused, scancel those queued already and raise.
+
+    A sweep is submitted whole or not at all.
+    """
+    ids: list[str] = []
+    try:
+        for script in scripts:
+            ids.append(sbatch(script))
+    except (SubmitError, OSError, subprocess.TimeoutExpired) as exc:
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+        raise SubmitError(f"{script.parent.name}: {exc}; cancelled the {len(ids)} array(s) queued before it") from None
+    return ids
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from hpc import render, spec as specs
+from hpc import render, vocab
+from hpc import spec as specs
 from hpc.profiles import Profile
 
 SWEEP_FILE = "sweep.yaml"
@@ -390,17 +391,17 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             except (specs.SpecError, render.RenderError) as exc:
                 raise SweepError(f"task {label(values)}: {str(exc).splitlines()[0]}") from None
             # The array's job.sbatch runs this directory; a second, single-job script there would only mislead.
-            files = {k: v for k, v in rendered.files.items() if k != "job.sbatch"}
+            files = {k: v for k, v in rendered.files.items() if k != vocab.JOB_SBATCH}
             tasks.append(Task(i, values, a, j, replace(rendered, files=files)))
         parallel = min(max_parallel or len(tasks), len(tasks))
         first = tasks[0].rendered
-        sbatch = render_array(first, array_dir, tasks, parallel, search_env, name)
+        sbatch = render_array(first, array_dir, tasks, parallel, search_env)
         arrays.append(Array(a, array_dir, tuple(tasks), parallel, sbatch))
     return Sweep(sweep_dir, name, dict(base), matrix, max_parallel, tuple(arrays))
 
 
 def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task], max_parallel: int,
-                 environ: Mapping[str, str], name: str) -> str:
+                 environ: Mapping[str, str]) -> str:
     """The array's job.sbatch (templates/array.sbatch.j2) from its first task's resolved spec."""
     import jinja2
 
@@ -411,7 +412,9 @@ def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task],
     env = render.environment(render.search_path(profile, environ))
     context = {
         "spec": spec,
-        "sweep_name": name,
+        "vocab": vocab,
+        # Each array task's batch log sits in its own job directory, named as `hpcdist logs JOBID_TASK` looks.
+        "batch_log": f"{array_dir}/task-%a/{vocab.batch_log('%A_%a')}",
         "array_dir": str(array_dir),
         "array_range": f"0-{len(tasks) - 1}%{max_parallel}",
         "max_parallel": max_parallel,
@@ -487,12 +490,12 @@ def write(sweep: Sweep, *, force: bool = False) -> Path:
         for array in sweep.arrays:
             adir = staging / array.job_dir.relative_to(target)
             adir.mkdir()
-            (adir / "job.sbatch").write_text(array.job_sbatch)
-            (adir / "job.sbatch").chmod(0o755)
+            (adir / vocab.JOB_SBATCH).write_text(array.job_sbatch)
+            (adir / vocab.JOB_SBATCH).chmod(0o755)
             (adir / "tasks.txt").write_text(tasks_table(array))
             for task in array.tasks:
                 tdir = staging / task.rendered.job_dir.relative_to(target)
-                for sub in ("", "logs", "run"):
+                for sub in ("", vocab.LOGS_DIR, vocab.RUN_DIR):
                     (tdir / sub).mkdir(exist_ok=True)
                 for name, body in task.rendered.files.items():
                     (tdir / name).write_text(body)
@@ -585,7 +588,7 @@ def parse_array_sacct(text_out: str, job_ids: Iterable[str]) -> dict[str, str]:
 
 def read_summary(job_dir: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((job_dir / "run" / "summary.json").read_text())
+        data = json.loads((job_dir / vocab.RUN_DIR / vocab.SUMMARY).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

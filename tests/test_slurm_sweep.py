@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import hpcdist, job_id_of, read_summary, requires_slurm
 
 from hpc import jobs
-from slurm_fixtures import hpcdist, job_id_of, read_summary, requires_slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 

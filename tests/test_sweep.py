@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_submit_unit import sbatch_directives
 
 from hpc import profiles, render, submit
 from hpc import sweep as sweeps
 from hpc.cli import main
 from hpc.commands.sweep import spread_grid
 from hpc.spec import JobSpec, SpecError, from_mapping, parse_after
-from test_submit_unit import sbatch_directives
 
 
 def base(**kw) -> dict:
@@ -87,7 +87,7 @@ def test_bad_after_or_exclude_exit_2_one_line_no_job_dir(tmp_path, args, message
 
 
 def test_a_job_files_after_is_kept_unless_the_flag_is_given(tmp_path):
-    from hpc.commands.render import spec_from_options
+    from hpc.commands.options import spec_from_options
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text("after: [5, '6:any']\nexclude: n3\n")

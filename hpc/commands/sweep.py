@@ -157,44 +157,36 @@ def describe(plan: Any) -> str:
             ds = task.rendered.files.get("deepspeed.json")
             if ds:
                 config = json.loads(ds)
-                lines.append(f"# deepspeed.json: stage={config['zero_optimization']['stage']} "
-                             f"fp16={config.get('fp16', {}).get('enabled')} bf16={config.get('bf16', {}).get('enabled')} "
-                             f"micro_batch={config.get('train_micro_batch_size_per_gpu')}")
+                fp16, bf16 = (config.get(k, {}).get("enabled") for k in ("fp16", "bf16"))
+                lines.append(f"# deepspeed.json: stage={config['zero_optimization']['stage']} fp16={fp16} "
+                             f"bf16={bf16} micro_batch={config.get('train_micro_batch_size_per_gpu')}")
             lines.append(task.rendered.files["task.sh"].rstrip("\n"))
             parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
 def submit(plan: Any) -> dict[str, str]:
-    """sbatch every array; on a refusal cancel those already queued and remove the sweep (hpcdist made it)."""
-    from hpc import jobs
+    """sbatch every array (all or none), then register each array task as a job of its own."""
+    from hpc import registry
     from hpc import submit as submitting
-
-    ids: dict[str, str] = {}
-    try:
-        for array in plan.arrays:
-            proc = subprocess.run(["sbatch", "--parsable", str(array.job_dir / "job.sbatch")], capture_output=True,
-                                  text=True, timeout=120, cwd=array.job_dir)
-            if proc.returncode != 0:
-                raise RuntimeError(f"sbatch refused {array.name}: "
-                                   f"{submitting._one_line(proc.stderr or proc.stdout)}")
-            ids[array.name] = submitting.parse_sbatch(proc.stdout)
-    except (RuntimeError, submitting.SubmitError, OSError, subprocess.TimeoutExpired) as exc:
-        if ids:
-            subprocess.run(["scancel", *ids.values()], capture_output=True, timeout=60)
-        shutil.rmtree(plan.sweep_dir, ignore_errors=True)
-        raise RuntimeError(f"{exc}; nothing of the sweep is left queued") from None
     from hpc import sweep as sweeps
 
+    try:
+        ids = dict(zip([a.name for a in plan.arrays],
+                       submitting.submit_arrays([a.job_dir / "job.sbatch" for a in plan.arrays])))
+    except submitting.SubmitError as exc:
+        # Nothing runs from this directory: leaving it would only look like a sweep that exists.
+        shutil.rmtree(plan.sweep_dir, ignore_errors=True)
+        raise RuntimeError(str(exc)) from None
     now = datetime.datetime.now(datetime.timezone.utc)
     (plan.sweep_dir / sweeps.SUBMITTED_FILE).write_text(json.dumps(
         {"arrays": ids, "via": "sbatch", "submitted": now.isoformat(timespec="seconds")}, indent=1) + "\n")
-    # Every array task is a job of its own to `hpcdist status|logs|cancel JOBID_TASK`.
+    # `hpcdist status|logs|cancel JOBID_TASK` then find each array task and its directory.
     for array in plan.arrays:
         for task in array.tasks:
             record = submitting.record_for(task.rendered, f"{ids[array.name]}_{task.array_index}", "sbatch", now)
-            jobs.write_marker(record)
-            jobs.append(jobs.registry_path(os.environ), record)
+            registry.write_marker(record)
+            registry.append(registry.registry_path(os.environ), record)
     return ids
 
 
