@@ -1,82 +1,197 @@
-"""Expand and compress Slurm hostlist expressions such as ``gpu-[001-003,010],cpu[1-2]``."""
+"""Expand, count and compress Slurm hostlist expressions such as ``gpu-[001-003,010],cpu[1-2]``, as Slurm does.
+
+    >>> expand("a[1-2]b[3-4]")
+    ['a1b3', 'a1b4', 'a2b3', 'a2b4']
+
+The grammar and the order are Slurm 22.05's (``scontrol show hostnames``, checked by a property test):
+commas and blanks separate hosts; a host is literal text and bracket groups of ``N`` or ``N-M`` items,
+zero padding taken from the lower bound; a bracket group may not be followed by plain text (``n[1-3]-ib``
+is refused, as Slurm refuses it); one range names at most 65,536 hosts. Where Slurm quietly makes
+something of a malformed list (unbalanced brackets, ``n[1-]``, ``n[+1]``, blanks inside brackets) or of a
+non-ASCII name, this module refuses it instead. Sizes are counted before anything is expanded.
+"""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
+from typing import Iterable, Iterator
+
+# Slurm's MAX_RANGE: "Too many hosts in range" beyond this many in one N-M.
+MAX_RANGE_HOSTS = 65536
+# The most hosts expand() builds a list of by default: no job has more nodes than one range can name.
+MAX_HOSTS = 65536
+# Slurm reads bounds with strtoul, which saturates silently above this.
+MAX_NUMBER = 2**64 - 1
+
+_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_TRAILING_DIGITS = re.compile(r"(.*?)([0-9]+)")
 
 
 class NodelistError(ValueError):
-    """A hostlist expression that Slurm would not accept."""
+    """A hostlist expression that Slurm would not accept, or one too large to expand."""
 
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# A term is one host pattern: literal text, then (group, literal) pairs; a group is ranges (lo, hi, width).
+Range = tuple[int, int, int]
+Term = tuple[str, tuple[tuple[tuple[Range, ...], str], ...]]
 
 
-def _split_top_level(expr: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    parts, depth, start = [], 0, 0
+def _terms(expr: str) -> Iterator[str]:
+    """The comma- or blank-separated terms of ``expr``, brackets kept whole; empty terms skipped."""
+    start, depth = 0, False
     for i, ch in enumerate(expr):
         if ch == "[":
             if depth:
                 raise NodelistError(f"nested '[' at offset {i} in {expr!r}")
-            depth = 1
+            depth = True
         elif ch == "]":
             if not depth:
                 raise NodelistError(f"unmatched ']' at offset {i} in {expr!r}")
-            depth = 0
-        elif ch == "," and not depth:
-            parts.append(expr[start:i])
+            depth = False
+        elif ch == "," or ch.isspace():
+            if depth:
+                if ch != ",":
+                    raise NodelistError(f"blank inside brackets at offset {i} in {expr!r}")
+                continue
+            if i > start:
+                yield expr[start:i]
             start = i + 1
     if depth:
         raise NodelistError(f"unclosed '[' in {expr!r}")
-    parts.append(expr[start:])
-    return parts
+    if len(expr) > start:
+        yield expr[start:]
 
 
-def _expand_brackets(body: str, expr: str) -> list[str]:
-    """``001-003,010`` -> ['001', '002', '003', '010'] (zero padding follows the lower bound)."""
-    values = []
+def _group(body: str, expr: str) -> tuple[Range, ...]:
+    """``001-003,010`` -> ((1, 3, 3), (10, 10, 2)): each range with the width its lower bound is written in."""
+    if not body:
+        raise NodelistError(f"empty brackets in {expr!r}")
+    ranges = []
     for item in body.split(","):
-        m = _RANGE.match(item)
+        m = _ITEM.fullmatch(item)
         if not m:
-            raise NodelistError(f"bad range {item!r} in {expr!r}: expected N or N-M with digits only")
-        lo, hi = m.group(1), m.group(2) or m.group(1)
-        if int(hi) < int(lo):
+            raise NodelistError(f"bad range {item!r} in {expr!r}: expected N or N-M with digits 0-9 only")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi > MAX_NUMBER:
+            raise NodelistError(f"range {item!r} in {expr!r} has a bound over {MAX_NUMBER}, which Slurm cannot read")
+        if hi < lo:
             raise NodelistError(f"range {item!r} in {expr!r} runs backwards")
-        width = len(lo)
-        values.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
-    return values
+        if hi - lo + 1 > MAX_RANGE_HOSTS:
+            raise NodelistError(f"range {item!r} in {expr!r} names {hi - lo + 1:,} hosts; Slurm allows at most "
+                                f"{MAX_RANGE_HOSTS:,} in one range")
+        ranges.append((lo, hi, len(m.group(1))))
+    return tuple(ranges)
 
 
-def _expand_host(term: str, expr: str) -> list[str]:
-    """Expand one comma-free term, taking the product of all of its bracket groups."""
-    hosts = [""]
-    for literal, body in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", term):
-        if body:
-            hosts = [h + literal + v for h in hosts for v in _expand_brackets(body, expr)]
-        else:
-            hosts = [h + literal for h in hosts]
-    return hosts
+def _parse_term(term: str, expr: str) -> Term:
+    if not term.isascii() or not term.isprintable():
+        raise NodelistError(f"host {term!r} in {expr!r} has a non-ASCII or control character; host names are ASCII")
+    pieces = re.split(r"\[([^\]]*)\]", term)  # literal, body, literal, body, ..., literal
+    groups = tuple((_group(body, expr), literal) for body, literal in zip(pieces[1::2], pieces[2::2]))
+    if groups and groups[-1][1]:
+        raise NodelistError(f"{term!r} in {expr!r} has text after its last ']', which Slurm refuses "
+                            f"(Invalid hostlist); write it as a list, e.g. n1-ib,n2-ib")
+    return pieces[0], groups
 
 
-def expand(expr: str) -> list[str]:
-    """Return the host names of a Slurm nodelist, in Slurm's order, duplicates kept out."""
-    expr = expr.strip()
-    if not expr:
+@functools.lru_cache(maxsize=64)
+def parse(expr: str) -> tuple[Term, ...]:
+    """Check ``expr`` and return its terms; cost linear in the text, however many hosts it names."""
+    terms = tuple(_parse_term(t, expr) for t in _terms(expr))
+    if not terms:
         raise NodelistError("empty nodelist")
-    if any(ch.isspace() for ch in expr):
-        raise NodelistError(f"whitespace inside nodelist {expr!r}")
-    seen: dict[str, None] = {}
-    for term in _split_top_level(expr):
-        if not term:
-            raise NodelistError(f"empty host name in {expr!r} (doubled or trailing comma?)")
-        if "[]" in term:
-            raise NodelistError(f"empty brackets in {expr!r}")
-        for host in _expand_host(term, expr):
-            seen.setdefault(host, None)
-    return list(seen)
+    return terms
+
+
+def _term_size(term: Term) -> int:
+    size = 1
+    for ranges, _ in term[1]:
+        size *= sum(hi - lo + 1 for lo, hi, _ in ranges)
+    return size
+
+
+def count(expr: str) -> int:
+    """How many hosts ``expr`` names, repeats included, without building them."""
+    return sum(_term_size(t) for t in parse(expr))
+
+
+def _values(ranges: tuple[Range, ...]) -> Iterator[str]:
+    for lo, hi, width in ranges:
+        for n in range(lo, hi + 1):
+            yield str(n).zfill(width)
+
+
+def _term_hosts(term: Term) -> Iterator[str]:
+    """Slurm's order: the last group varies fastest, then the first, second, ... (so a[1-2]b[3-4]c[5-6] starts
+    a1b3c5 a1b3c6 a2b3c5)."""
+    head, groups = term
+    if not groups:
+        yield head
+        return
+    k = len(groups)
+    order = [*range(k - 2, -1, -1), k - 1]  # slowest first, as itertools.product varies the last fastest
+    pools = [list(_values(groups[g][0])) for g in order]
+    for combo in itertools.product(*pools):
+        values = dict(zip(order, combo))
+        yield head + "".join(values[g] + groups[g][1] for g in range(k))
+
+
+def iter_hosts(expr: str) -> Iterator[str]:
+    """The hosts of ``expr`` one at a time, in Slurm's order, repeats included."""
+    for term in parse(expr):
+        yield from _term_hosts(term)
+
+
+def expand(expr: str, limit: int = MAX_HOSTS) -> list[str]:
+    """The host names of a Slurm nodelist, in Slurm's order, each once; refuses more than ``limit``."""
+    size = count(expr)
+    if size > limit:
+        raise NodelistError(f"nodelist {_short(expr)} names {size:,} hosts; hpcdist handles at most {limit:,}")
+    return list(dict.fromkeys(iter_hosts(expr)))
 
 
 def first(expr: str) -> str:
-    """The first host of a nodelist: where rank 0 runs and MASTER_ADDR points."""
-    return expand(expr)[0]
+    """The first host of a nodelist (where rank 0 runs), checking the whole list but expanding nothing else."""
+    return next(_term_hosts(parse(expr)[0]))
+
+
+def compress(hosts: Iterable[str]) -> str:
+    """A nodelist naming ``hosts`` in their order: runs of one prefix share brackets (n1,n2,n3,n7 -> n[1-3,7])."""
+    out: list[str] = []
+    prefix: str | None = None
+    ranges: list[list[int]] = []  # [lo, hi, width]
+
+    def flush() -> None:
+        if prefix is None:
+            return
+        items = [f"{str(lo).zfill(w)}" + (f"-{str(hi).zfill(w)}" if hi > lo else "") for lo, hi, w in ranges]
+        single = len(ranges) == 1 and ranges[0][0] == ranges[0][1]
+        out.append(prefix + (items[0] if single else f"[{','.join(items)}]"))
+
+    for host in hosts:
+        m = _TRAILING_DIGITS.fullmatch(host)
+        if not m:
+            flush()
+            prefix, ranges = None, []
+            out.append(host)
+            continue
+        head, digits = m.group(1), m.group(2)
+        n = int(digits)
+        if head == prefix:
+            lo, hi, width = ranges[-1]
+            if n == hi + 1 and str(n).zfill(width) == digits and n - lo < MAX_RANGE_HOSTS:
+                ranges[-1][1] = n
+            else:
+                ranges.append([n, n, len(digits)])
+            continue
+        flush()
+        prefix, ranges = head, [[n, n, len(digits)]]
+    flush()
+    return ",".join(out)
+
+
+def _short(expr: str, width: int = 60) -> str:
+    return repr(expr if len(expr) <= width else expr[:width] + "...")
+
