@@ -7,13 +7,19 @@ Sources are tried in priority order, like Lightning's cluster environments: a la
 exported torch's variables (torchrun, the DeepSpeed launcher) wins; else a Slurm task started by srun;
 else a task of submitit's local executor; else one single process. An existing MASTER_ADDR/MASTER_PORT
 always wins over anything derived.
+
+Inside a Slurm step the step's own values win over the allocation's: a step on part of the allocation
+(``srun -N2 -r1`` in a 3-node job) runs on SLURM_STEP_NODELIST, not SLURM_JOB_NODELIST, and under
+``srun -E`` SLURM_NTASKS and SLURM_TASKS_PER_NODE keep the allocation's values while SLURM_STEP_NUM_TASKS
+and SLURM_STEP_TASKS_PER_NODE describe the step (tests/data/slurm_steps.json: captured on a real cluster).
+SLURM_NODEID and SLURM_PROCID are already relative to the step.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from hpc import nodelist
 
@@ -25,14 +31,15 @@ TORCHRUN = {
     "local_world_size": "LOCAL_WORLD_SIZE",
     "node_rank": "GROUP_RANK",
 }
+# Slurm's entries list the variables that may carry a value, the step's before the allocation's.
 SLURM = {
-    "rank": "SLURM_PROCID",
-    "world_size": "SLURM_NTASKS",
-    "local_rank": "SLURM_LOCALID",
-    "node_rank": "SLURM_NODEID",
-    "nodelist": "SLURM_JOB_NODELIST",
-    "job_id": "SLURM_JOB_ID",
-    "tasks_per_node": "SLURM_TASKS_PER_NODE",
+    "rank": ("SLURM_PROCID",),
+    "world_size": ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+    "local_rank": ("SLURM_LOCALID",),
+    "node_rank": ("SLURM_NODEID",),
+    "nodelist": ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+    "job_id": ("SLURM_JOB_ID", "SLURM_JOBID"),
+    "tasks_per_node": ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"),
 }
 SUBMITIT_LOCAL = {
     "rank": "SUBMITIT_LOCAL_GLOBALID",
@@ -44,6 +51,7 @@ SUBMITIT_LOCAL = {
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
+MAX_PORT = 65535
 # Derived ports stay below Linux's default ephemeral range (32768-60999), so a port the kernel handed
 # to some outgoing connection cannot collide with the rendezvous port.
 PORT_BASE = 12000
@@ -86,31 +94,42 @@ class DistEnv:
 
 def port_for_job(job_id: str) -> int:
     """A port every rank of a job derives alike without talking; jobs sharing a node rarely collide."""
-    digits = re.sub(r"\D", "", job_id)
+    digits = re.sub(r"[^0-9]", "", job_id)
     if not digits:
         raise RankError(f"job id {job_id!r} has no digits to derive MASTER_PORT from; set MASTER_PORT")
     return PORT_BASE + int(digits) % PORT_SPAN
 
 
 def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
-    """Tasks on one node from SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> node 3 runs 1."""
-    counts: list[int] = []
-    for item in tasks_per_node.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
-        if not m:
-            raise RankError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} does not parse")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-    if not 0 <= node_rank < len(counts):
-        raise RankError(f"node {node_rank} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
-    return counts[node_rank]
+    """Tasks on one node from SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> node 3 runs 1 (repeats not built)."""
+    if node_rank >= 0:
+        for item in tasks_per_node.split(","):
+            m = re.fullmatch(r"([0-9]+)(?:\(x([0-9]+)\))?", item.strip())
+            if not m:
+                raise RankError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} does not parse")
+            repeat = int(m.group(2) or 1)
+            if node_rank < repeat:
+                return int(m.group(1))
+            node_rank -= repeat
+    raise RankError(f"node {node_rank} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:
     value = environ[name]
-    try:
-        return int(value)
-    except ValueError:
-        raise RankError(f"{name}={value!r} is not an integer") from None
+    # ASCII digits only: int() would also read "٣" or " 3 ", which no launcher writes.
+    if not re.fullmatch(r"-?[0-9]+", value):
+        raise RankError(f"{name}={value!r} is not an integer")
+    return int(value)
+
+
+def _names(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    names = table.get(key, ())
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _present(environ: Mapping[str, str], table: Mapping[str, Any], key: str) -> str | None:
+    """The first of ``key``'s variables that ``environ`` sets, or None."""
+    return next((n for n in _names(table, key) if n in environ), None)
 
 
 def detect(environ: Mapping[str, str]) -> str:
@@ -119,7 +138,8 @@ def detect(environ: Mapping[str, str]) -> str:
         return "torchrun"
     # The batch step also carries SLURM_PROCID=0, but it is not a task: only srun sets SLURM_STEP_ID
     # to a number there (the batch script is step "batch" and exports no SLURM_STEP_ID).
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and environ.get("SLURM_STEP_ID", "").isdigit():
+    if ("SLURM_PROCID" in environ and _present(environ, SLURM, "world_size")
+            and environ.get("SLURM_STEP_ID", "").isdigit()):
         return "slurm"
     if SUBMITIT_LOCAL["rank"] in environ and SUBMITIT_LOCAL["world_size"] in environ:
         return "submitit-local"
@@ -131,13 +151,13 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
     source = detect(environ)
     origin: dict[str, str] = {}
 
-    def take(table: Mapping[str, str], key: str, default: int | None = None) -> int:
-        name = table.get(key)
-        if name and name in environ:
+    def take(table: Mapping[str, Any], key: str, default: int | None = None) -> int:
+        name = _present(environ, table, key)
+        if name:
             origin[key] = name
             return _int(environ, name)
         if default is None:
-            raise RankError(f"{source} environment lacks {name}")
+            raise RankError(f"{source} environment lacks {' or '.join(_names(table, key))}")
         origin[key] = "default"
         return default
 
@@ -148,9 +168,10 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
     elif source == "slurm":
         rank, world_size = take(SLURM, "rank"), take(SLURM, "world_size")
         local_rank, node_rank = take(SLURM, "local_rank", 0), take(SLURM, "node_rank", 0)
-        if SLURM["tasks_per_node"] in environ:
-            local_world_size = tasks_on_node(environ[SLURM["tasks_per_node"]], node_rank)
-            origin["local_world_size"] = SLURM["tasks_per_node"]
+        tasks_var = _present(environ, SLURM, "tasks_per_node")
+        if tasks_var:
+            local_world_size = tasks_on_node(environ[tasks_var], node_rank)
+            origin["local_world_size"] = tasks_var
         else:
             local_world_size, origin["local_world_size"] = world_size, "default"
     elif source == "submitit-local":
@@ -167,21 +188,26 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
     if not 0 <= local_rank < max(local_world_size, 1):
         raise RankError(f"local rank {local_rank} is outside local world size {local_world_size} ({source})")
 
+    nodelist_var = _present(environ, SLURM, "nodelist") if source == "slurm" else None
     if "MASTER_ADDR" in environ:
         master_addr, origin["master_addr"] = environ["MASTER_ADDR"], "MASTER_ADDR"
-    elif source == "slurm" and SLURM["nodelist"] in environ:
+    elif nodelist_var:
         try:
-            master_addr = nodelist.first(environ[SLURM["nodelist"]])
+            master_addr = nodelist.first(environ[nodelist_var])
         except nodelist.NodelistError as exc:
-            raise RankError(f"SLURM_JOB_NODELIST: {exc}") from None
-        origin["master_addr"] = "first host of SLURM_JOB_NODELIST"
+            raise RankError(f"{nodelist_var}: {exc}") from None
+        origin["master_addr"] = f"first host of {nodelist_var}"
     else:
         master_addr, origin["master_addr"] = DEFAULT_MASTER_ADDR, "default"
 
-    job_id_var = {"slurm": SLURM["job_id"], "submitit-local": SUBMITIT_LOCAL["job_id"]}.get(source)
+    job_id_var = (_present(environ, SLURM, "job_id") if source == "slurm"
+                  else SUBMITIT_LOCAL["job_id"] if source == "submitit-local" and SUBMITIT_LOCAL["job_id"] in environ
+                  else None)
     if "MASTER_PORT" in environ:
         master_port, origin["master_port"] = _int(environ, "MASTER_PORT"), "MASTER_PORT"
-    elif job_id_var and job_id_var in environ:
+        if not 1 <= master_port <= MAX_PORT:
+            raise RankError(f"MASTER_PORT={master_port} is not a TCP port; set it to 1-{MAX_PORT} or unset it")
+    elif job_id_var:
         master_port = port_for_job(environ[job_id_var])
         origin["master_port"] = f"derived from {job_id_var}"
     else:

@@ -1,8 +1,16 @@
 """Rank resolution: tables of environments -> rank, world size, local rank, MASTER_ADDR/PORT."""
 
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
 from hpc import ranks
+from slurm_fixtures import REPO, requires_slurm
 
 SRUN_TASK = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
              "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2(x2)",
@@ -49,6 +57,7 @@ def test_origin_names_the_variable_each_value_came_from():
     dist = ranks.resolve(SRUN_TASK)
     assert dist.origin["rank"] == "SLURM_PROCID"
     assert dist.origin["master_addr"] == "first host of SLURM_JOB_NODELIST"
+    assert dist.origin["world_size"] == "SLURM_NTASKS"
     assert dist.origin["master_port"] == "derived from SLURM_JOB_ID"
 
 
@@ -63,6 +72,12 @@ def test_derived_ports_stay_below_the_ephemeral_range():
     ({**SRUN_TASK, "SLURM_JOB_NODELIST": "gpu-[3-1]"}, "runs backwards"),
     ({**SRUN_TASK, "SLURM_TASKS_PER_NODE": "two"}, "does not parse"),
     ({**TORCHRUN, "RANK": "9"}, "outside world size"),
+    ({**SRUN_TASK, "SLURM_PROCID": "\u0663"}, "not an integer"),            # an Arabic-Indic 3
+    ({**SRUN_TASK, "MASTER_PORT": "70000"}, "not a TCP port"),
+    ({**SRUN_TASK, "MASTER_PORT": "-1"}, "not a TCP port"),
+    ({**SRUN_TASK, "MASTER_PORT": "0"}, "not a TCP port"),
+    ({**SRUN_TASK, "MASTER_PORT": "29500.0"}, "not an integer"),
+    ({**SRUN_TASK, "SLURM_STEP_NODELIST": "n[1-3]-ib"}, "SLURM_STEP_NODELIST: .*text after"),
 ])
 def test_inconsistent_environments_are_errors(environ, message):
     with pytest.raises(ranks.RankError, match=message):
@@ -79,3 +94,81 @@ def test_inconsistent_environments_are_errors(environ, message):
 def test_threads_per_rank_never_oversubscribe(environ, cpus, expected):
     dist = ranks.resolve(environ)
     assert ranks.threads_per_rank(environ, cpus, dist) == expected
+
+
+def test_the_highest_port_is_a_port():
+    assert ranks.resolve({**SRUN_TASK, "MASTER_PORT": "65535"}).master_port == 65535
+
+
+def test_blank_separated_nodelists_resolve_as_slurm_and_lightning_read_them():
+    assert ranks.resolve({**SRUN_TASK, "SLURM_JOB_NODELIST": "node7 node3,node9"}).master_addr == "node7"
+
+
+def test_tasks_per_node_repeats_are_counted_not_built():
+    started = time.perf_counter()
+    assert ranks.tasks_on_node("8(x100000000),2", 100000000) == 2
+    assert time.perf_counter() - started < 0.5  # the guard against a 10**8-element list, not a speed goal
+    with pytest.raises(ranks.RankError, match="outside"):
+        ranks.tasks_on_node("8(x2)", 2)
+
+
+# Steps that differ from their allocation, captured on the local 3-node cluster by
+# scripts/capture-slurm-steps.sh: a step on nodes 2-3 of n[1-3] (srun -N2 -r1), the same under srun -E,
+# 5 tasks over 3 nodes, and 3 tasks on n1 and n3.
+STEPS = json.loads((Path(__file__).parent / "data" / "slurm_steps.json").read_text())
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_real_steps_resolve_to_the_step_not_the_allocation(step):
+    tasks = STEPS[step]
+    per_node = Counter(t["SLURMD_NODENAME"] for t in tasks)
+    rank0_host = next(t["SLURMD_NODENAME"] for t in tasks if t["SLURM_PROCID"] == "0")
+    resolved = [ranks.resolve(t) for t in tasks]
+    # The truth is where each task really ran: rank 0's node, the step's task count, the tasks beside it.
+    for task, dist in zip(tasks, resolved):
+        assert dist.source == "slurm"
+        assert dist.rank == int(task["SLURM_PROCID"])
+        assert dist.world_size == len(tasks)
+        assert dist.master_addr == rank0_host
+        assert dist.local_world_size == per_node[task["SLURMD_NODENAME"]]
+    assert sorted(d.rank for d in resolved) == list(range(len(tasks)))
+    # Each node has one node rank, the nodes are 0..n-1, and a node's local ranks are 0..k-1.
+    node_ranks = {t["SLURMD_NODENAME"]: set() for t in tasks}
+    local_ranks = {t["SLURMD_NODENAME"]: [] for t in tasks}
+    for task, dist in zip(tasks, resolved):
+        node_ranks[task["SLURMD_NODENAME"]].add(dist.node_rank)
+        local_ranks[task["SLURMD_NODENAME"]].append(dist.local_rank)
+    assert sorted(n for ns in node_ranks.values() for n in ns) == list(range(len(per_node)))
+    assert all(sorted(lrs) == list(range(per_node[h])) for h, lrs in local_ranks.items())
+
+
+def test_the_captured_steps_are_the_cases_that_matter():
+    """The fixture holds what makes job-level values wrong; a recapture that lost it would prove nothing."""
+    partial = STEPS["partial"][0]
+    assert partial["SLURM_JOB_NODELIST"] == "n[1-3]" and partial["SLURM_STEP_NODELIST"] == "n[2-3]"
+    preserved = STEPS["preserve-env"][0]
+    assert preserved["SLURM_NTASKS"] == "6" and preserved["SLURM_STEP_NUM_TASKS"] == "2"
+    assert preserved["SLURM_TASKS_PER_NODE"] == "2(x3)" and preserved["SLURM_STEP_TASKS_PER_NODE"] == "1(x2)"
+    dist = ranks.resolve(preserved)
+    assert dist.origin["master_addr"] == "first host of SLURM_STEP_NODELIST"
+    assert dist.origin["world_size"] == "SLURM_STEP_NUM_TASKS"
+    assert dist.origin["local_world_size"] == "SLURM_STEP_TASKS_PER_NODE"
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_a_step_on_part_of_the_allocation_points_at_its_own_first_host(tmp_path):
+    """Live: in a 3-node allocation a 2-node step starting at the second node rendezvouses there."""
+    probe = ('echo "$SLURM_PROCID $SLURMD_NODENAME $SLURM_JOB_NODELIST $(PYTHONPATH=' + str(REPO) + ' '
+             + sys.executable + ' -m hpc env --shell | tr "\\n" " ")"')
+    proc = subprocess.run(["salloc", "-N3", "-n3", "-p", "debug", "-t", "2", "srun", "-N2", "-n2", "-r1",
+                           "bash", "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(line.split() for line in proc.stdout.splitlines() if line[:1].isdigit())
+    assert [line[0] for line in lines] == ["0", "1"], proc.stdout
+    rank0_host, job_nodelist = lines[0][1], lines[0][2]
+    job_first = subprocess.run(["scontrol", "show", "hostnames", job_nodelist], capture_output=True,
+                               text=True).stdout.split()[0]
+    assert rank0_host != job_first  # -r1: the step does not start on the allocation's first node
+    for line in lines:
+        assert f"MASTER_ADDR={rank0_host}" in line, line
