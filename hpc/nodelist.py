@@ -25,6 +25,11 @@ MAX_HOSTS = 65536
 # Slurm reads bounds with strtoul, which saturates silently above this.
 MAX_NUMBER = 2**64 - 1
 
+# A term is plain characters and bracket groups; a group starts with '[' and nothing else does, so the
+# pattern matches in one pass. What it leaves between terms must be separators, or brackets are unbalanced.
+_TERM = re.compile(r"(?:[^,\s\[\]]|\[[^\[\]]*\])+")
+_SEPARATORS = re.compile(r"[,\s]*")
+_BODY = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
 _ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _TRAILING_DIGITS = re.compile(r"(.*?)([0-9]+)")
 
@@ -38,9 +43,17 @@ Range = tuple[int, int, int]
 Term = tuple[str, tuple[tuple[tuple[Range, ...], str], ...]]
 
 
-def _terms(expr: str) -> Iterator[str]:
+def _terms(expr: str) -> list[str]:
     """The comma- or blank-separated terms of ``expr``, brackets kept whole; empty terms skipped."""
-    start, depth = 0, False
+    terms = _TERM.findall(expr)
+    if not _SEPARATORS.fullmatch(_TERM.sub("", expr)):
+        _bracket_error(expr)
+    return terms
+
+
+def _bracket_error(expr: str) -> None:
+    """Raise NodelistError naming the first bracket out of place (only called when there is one)."""
+    depth = False
     for i, ch in enumerate(expr):
         if ch == "[":
             if depth:
@@ -50,38 +63,30 @@ def _terms(expr: str) -> Iterator[str]:
             if not depth:
                 raise NodelistError(f"unmatched ']' at offset {i} in {expr!r}")
             depth = False
-        elif ch == "," or ch.isspace():
-            if depth:
-                if ch != ",":
-                    raise NodelistError(f"blank inside brackets at offset {i} in {expr!r}")
-                continue
-            if i > start:
-                yield expr[start:i]
-            start = i + 1
-    if depth:
-        raise NodelistError(f"unclosed '[' in {expr!r}")
-    if len(expr) > start:
-        yield expr[start:]
+    raise NodelistError(f"unclosed '[' in {expr!r}")
 
 
 def _group(body: str, expr: str) -> tuple[Range, ...]:
     """``001-003,010`` -> ((1, 3, 3), (10, 10, 2)): each range with the width its lower bound is written in."""
     if not body:
         raise NodelistError(f"empty brackets in {expr!r}")
+    if not _BODY.fullmatch(body):
+        if any(ch.isspace() for ch in body):
+            raise NodelistError(f"blank inside brackets [{body}] in {expr!r}")
+        item = next(i for i in body.split(",") if not _ITEM.fullmatch(i))
+        raise NodelistError(f"bad range {item!r} in {expr!r}: expected N or N-M with digits 0-9 only")
     ranges = []
-    for item in body.split(","):
-        m = _ITEM.fullmatch(item)
-        if not m:
-            raise NodelistError(f"bad range {item!r} in {expr!r}: expected N or N-M with digits 0-9 only")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    for low, high in _ITEM.findall(body):
+        lo, hi = int(low), int(high or low)
         if hi > MAX_NUMBER:
-            raise NodelistError(f"range {item!r} in {expr!r} has a bound over {MAX_NUMBER}, which Slurm cannot read")
+            raise NodelistError(f"range {low}-{high} in {expr!r} has a bound over {MAX_NUMBER}, which Slurm "
+                                "cannot read")
         if hi < lo:
-            raise NodelistError(f"range {item!r} in {expr!r} runs backwards")
+            raise NodelistError(f"range {low}-{high} in {expr!r} runs backwards")
         if hi - lo + 1 > MAX_RANGE_HOSTS:
-            raise NodelistError(f"range {item!r} in {expr!r} names {hi - lo + 1:,} hosts; Slurm allows at most "
-                                f"{MAX_RANGE_HOSTS:,} in one range")
-        ranges.append((lo, hi, len(m.group(1))))
+            raise NodelistError(f"range {low}-{high} in {expr!r} names {hi - lo + 1:,} hosts; Slurm allows at "
+                                f"most {MAX_RANGE_HOSTS:,} in one range")
+        ranges.append((lo, hi, len(low)))
     return tuple(ranges)
 
 
@@ -138,23 +143,19 @@ def _term_hosts(term: Term) -> Iterator[str]:
         yield head + "".join(values[g] + groups[g][1] for g in range(k))
 
 
-def iter_hosts(expr: str) -> Iterator[str]:
-    """The hosts of ``expr`` one at a time, in Slurm's order, repeats included."""
-    for term in parse(expr):
-        yield from _term_hosts(term)
-
-
 def expand(expr: str, limit: int = MAX_HOSTS) -> list[str]:
     """The host names of a Slurm nodelist, in Slurm's order, each once; refuses more than ``limit``."""
-    size = count(expr)
+    terms = parse(expr)
+    size = sum(_term_size(t) for t in terms)
     if size > limit:
         raise NodelistError(f"nodelist {_short(expr)} names {size:,} hosts; hpcdist handles at most {limit:,}")
-    return list(dict.fromkeys(iter_hosts(expr)))
+    return list(dict.fromkeys(host for term in terms for host in _term_hosts(term)))
 
 
 def first(expr: str) -> str:
-    """The first host of a nodelist (where rank 0 runs), checking the whole list but expanding nothing else."""
-    return next(_term_hosts(parse(expr)[0]))
+    """The first host of a nodelist (where rank 0 runs): the whole list is checked, nothing else expanded."""
+    head, groups = parse(expr)[0]
+    return head + "".join(str(ranges[0][0]).zfill(ranges[0][2]) + literal for ranges, literal in groups)
 
 
 def compress(hosts: Iterable[str]) -> str:

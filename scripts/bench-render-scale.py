@@ -1,0 +1,89 @@
+"""Print how render and env scale with the job's size: a markdown table, median of a few runs per size.
+
+    PYTHONPATH=. python scripts/bench-render-scale.py [--repeat 3] [--nodes 1,4,16,64,256,1024,4096]
+
+For each N (8 GPUs per node, a temporary profile allowing 5,000 nodes):
+  render s     whole process: `python -m hpc render -q --nodes N --gpus-per-node 8 --cluster PROFILE`
+  ranks.txt    lines in the rendered ranks.txt
+  env s        whole process: `python -m hpc env --shell` in the environment of the job's last rank
+  resolve ms   hpc.ranks.resolve alone on that environment, nodelist caches cleared
+The task environment names every other node (gpu[00001,00003,...]), so its SLURM_JOB_NODELIST is as long
+as a compressed nodelist of N hosts gets; the step's nodelist is the same list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hpc import nodelist, ranks  # noqa: E402
+
+GPUS = 8
+
+
+def task_environ(nodes: int) -> dict[str, str]:
+    """What srun gives the last rank of an N-node, 8-rank-per-node job."""
+    expr = nodelist.compress(f"gpu{2 * i + 1:05d}" for i in range(nodes))
+    world = nodes * GPUS
+    return {
+        "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(world - 1),
+        "SLURM_LOCALID": str(GPUS - 1), "SLURM_NODEID": str(nodes - 1), "SLURM_NTASKS": str(world),
+        "SLURM_STEP_NUM_TASKS": str(world), "SLURM_TASKS_PER_NODE": f"{GPUS}(x{nodes})",
+        "SLURM_STEP_TASKS_PER_NODE": f"{GPUS}(x{nodes})", "SLURM_JOB_NODELIST": expr,
+        "SLURM_STEP_NODELIST": expr, "SLURM_NODELIST": expr,
+    }
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def resolve_ms(environ: dict[str, str], repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        nodelist.parse.cache_clear()
+        started = time.perf_counter()
+        ranks.resolve(environ)
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--nodes", default="1,4,16,64,256,1024,4096")
+    args = parser.parse_args()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    base["PYTHONPATH"] = str(REPO)
+    python = [sys.executable, "-m", "hpc"]
+    print("| nodes | ranks | render s | ranks.txt lines | env s | resolve ms | SLURM_JOB_NODELIST chars |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(tmp) / "big.yaml"
+        profile.write_text(f"partition: debug\ngpus_per_node: {GPUS}\nmax_nodes: 5000\n")
+        for nodes in (int(n) for n in args.nodes.split(",")):
+            job_dir = Path(tmp) / f"job-{nodes}"
+            render = [*python, "render", "-q", "--force", "--cluster", str(profile), "--nodes", str(nodes),
+                      "--gpus-per-node", str(GPUS), "-o", str(job_dir)]
+            render_s = statistics.median(timed(render, base) for _ in range(args.repeat))
+            lines = len((job_dir / "ranks.txt").read_text().splitlines())
+            environ = task_environ(nodes)
+            env_s = statistics.median(timed([*python, "env", "--shell"], {**base, **environ})
+                                      for _ in range(args.repeat))
+            print(f"| {nodes} | {nodes * GPUS} | {render_s:.2f} | {lines} | {env_s:.2f} | "
+                  f"{resolve_ms(environ, args.repeat):.2f} | {len(environ['SLURM_JOB_NODELIST'])} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
