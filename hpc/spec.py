@@ -27,6 +27,12 @@ MAX_JOB_NAME_BYTES = 255
 RESERVED_TRAIN_ARGS = ("--backend", "--run-dir", "--deepspeed-config", "--local_rank", "--zero-stage",
                        "--precision")
 
+# Upper bounds on sizes, checked before anything of that size is built (host lists, ranks.txt, local tasks).
+MAX_NODES = nodelist.MAX_HOSTS      # 65,536: as many hosts as one Slurm range can name
+MAX_TASKS_PER_NODE = 65533          # Slurm's ceiling for MaxTasksPerNode (slurm.conf(5)); GPUs per node too
+MAX_CPUS_PER_TASK = 65535           # Slurm keeps CPUs per task in 16 bits
+MAX_WORLD_SIZE = 1 << 20            # 1,048,576 ranks: ten times the largest training jobs run; more is a typo
+
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME_FORMS = (
     (re.compile(r"(\d+)"), ("m",)),
@@ -245,6 +251,19 @@ def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
         raise SpecError(f"{option} {value!r} contains whitespace, which Slurm rejects; remove it")
 
 
+def check_sizes(spec: JobSpec) -> None:
+    """Refuse sizes beyond the bounds above in one line, before the --backend auto model or a table sees them."""
+    for option, value, limit in (("--nodes", spec.nodes, MAX_NODES),
+                                 ("--gpus-per-node", spec.gpus_per_node, MAX_TASKS_PER_NODE),
+                                 ("--ntasks-per-node", spec.ntasks_per_node, MAX_TASKS_PER_NODE),
+                                 ("--cpus-per-task", spec.cpus_per_task, MAX_CPUS_PER_TASK)):
+        if value is not None and value > limit:
+            raise SpecError(f"{option} {value} is over the limit of {limit:,}; ask for at most {limit:,}")
+    if spec.world_size > MAX_WORLD_SIZE:
+        raise SpecError(f"{spec.nodes} node(s) x {spec.procs_per_node} rank(s) = {spec.world_size:,} ranks, over the "
+                        f"limit of {MAX_WORLD_SIZE:,}; ask for fewer nodes or ranks per node")
+
+
 def check(spec: JobSpec, profile: Profile) -> JobSpec:
     """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
     if spec.backend not in BACKENDS:
@@ -253,7 +272,9 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
         raise SpecError(f"unknown --launcher {spec.launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     if spec.precision not in PRECISIONS:
         raise SpecError(f"unknown --precision {spec.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_sizes(spec)
     spec = resolve(spec, profile)
+    check_sizes(spec)
     if spec.zero_stage is not None and spec.backend != "deepspeed":
         raise SpecError(f"--zero-stage applies to DeepSpeed only; drop it or use --backend deepspeed "
                         f"(got --backend {spec.backend})")
@@ -319,7 +340,7 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
         parse_after(item)
     if spec.nodelist is not None:
         try:
-            hosts = nodelist.expand(spec.nodelist)
+            hosts = nodelist.expand(spec.nodelist, limit=MAX_NODES)
         except nodelist.NodelistError as exc:
             raise SpecError(f"--nodelist: {exc}") from None
         if len(hosts) != spec.nodes:

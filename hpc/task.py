@@ -19,6 +19,8 @@ POLL_S = 0.2
 # still has its own name the way cluster nodes do.
 LOCAL_NODE_PREFIX = "127.0.0."
 MAX_LOCAL_NODES = 254
+# Every emulated task is a process on this one machine; past this many it is a fork bomb, not a rehearsal.
+MAX_LOCAL_TASKS = 1024
 
 
 class TaskFailed(SystemExit):
@@ -57,6 +59,19 @@ class Geometry:
     @property
     def ntasks(self) -> int:
         return self.nodes * self.ntasks_per_node
+
+
+def check_local(geometry: Geometry) -> None:
+    """Refuse, before anything is written or started, a geometry this machine cannot emulate."""
+    from hpc.spec import SpecError
+
+    if geometry.nodes > MAX_LOCAL_NODES:
+        raise SpecError(f"--executor local emulates at most {MAX_LOCAL_NODES} nodes (loopback addresses "
+                        f"{LOCAL_NODE_PREFIX}1-{MAX_LOCAL_NODES}), not --nodes {geometry.nodes}; use fewer nodes or "
+                        "submit to Slurm")
+    if geometry.ntasks > MAX_LOCAL_TASKS:
+        raise SpecError(f"--executor local would start {geometry.ntasks} tasks on this machine, over its limit of "
+                        f"{MAX_LOCAL_TASKS}; use fewer nodes or tasks per node, or submit to Slurm")
 
 
 def local_nodelist(nodes: int) -> str:

@@ -53,6 +53,15 @@ def test_local_nodelist_bounds():
         task.local_nodelist(task.MAX_LOCAL_NODES + 1)
 
 
+def test_check_local_accepts_what_local_nodelist_can_name_and_no_more():
+    task.check_local(task.Geometry(task.MAX_LOCAL_NODES, 4))
+    task.check_local(task.Geometry(1, task.MAX_LOCAL_TASKS))
+    with pytest.raises(ValueError, match="at most 254 nodes"):
+        task.check_local(task.Geometry(task.MAX_LOCAL_NODES + 1, 1))
+    with pytest.raises(ValueError, match="over its limit of 1024"):
+        task.check_local(task.Geometry(2, task.MAX_LOCAL_TASKS // 2 + 1))
+
+
 @given(nodes=st.integers(1, 16), per_node=st.integers(1, 8), cpus=st.integers(1, 4), data=st.data(),
        job=st.integers(1, 10**8))
 def test_every_emulated_task_resolves_like_a_slurm_task(nodes, per_node, cpus, data, job):

@@ -158,12 +158,17 @@ def build(config_file: str | None = None, check_partition: bool = True, **option
 
 
 def prepare(command: str, config_file: str | None, force: bool = False, check_partition: bool = True,
-            **options: Any) -> Rendered:
-    """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too."""
+            check: Callable[[Rendered], None] | None = None, **options: Any) -> Rendered:
+    """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too.
+
+    ``check(rendered)`` may refuse the job (SpecError) before anything is written: the submit path's own limits.
+    """
     from hpc import profiles, render
 
     try:
         rendered = build(config_file, check_partition, **options)
+        if check is not None:
+            check(rendered)
         render.write(rendered, force=force)
     except (specs.SpecError, profiles.ProfileError, render.RenderError, hostfiles.HostfileError) as exc:
         fail(command, exc)

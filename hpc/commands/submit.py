@@ -30,6 +30,12 @@ def _lookup(command: str, key: str) -> jobs.Record:
         fail(command, exc)
 
 
+def _check_local(rendered: Any) -> None:
+    from hpc import task
+
+    task.check_local(task.Geometry.of(rendered.spec))
+
+
 @click.command()
 @job_options
 @click.option("--via", type=click.Choice(("submitit", "sbatch")), default="submitit", show_default=True,
@@ -51,8 +57,10 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
             where = submitting.choose(via, executor, jobs.slurm_available(os.environ))
         except ValueError as exc:
             fail("submit", exc)
-    # The local runner emulates nodes here: the Slurm partition's limits do not bind it.
-    rendered = prepare("submit", config_file, check_partition=dry_run or where != "local", **options)
+    # The local runner emulates nodes here: the Slurm partition's limits do not bind it, its own do.
+    local = executor == "local" or (not dry_run and where == "local")
+    rendered = prepare("submit", config_file, check_partition=dry_run or where != "local",
+                       check=_check_local if local else None, **options)
     if dry_run:
         click.echo(rendered.files["job.sbatch"], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
