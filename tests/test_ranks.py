@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from slurm_fixtures import REPO, requires_slurm
 
 from hpc import ranks
-from slurm_fixtures import REPO, requires_slurm
 
 SRUN_TASK = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
              "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2(x2)",

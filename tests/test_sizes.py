@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from slurm_fixtures import environ
 
 from hpc import spec as specs
 from hpc.cli import main
-from slurm_fixtures import environ
 
 HUGE = [
     # (arguments, a fragment of the one line)
