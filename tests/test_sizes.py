@@ -28,9 +28,10 @@ HUGE = [
 
 
 def profile(tmp_path: Path) -> str:
-    """A site that allows far more nodes than the bounds, so the bounds are what refuses."""
+    """A site that allows far more nodes than the bounds, so the bounds are what refuses; it names another
+    Slurm cluster, so the local cluster's 3-node partition does not."""
     path = tmp_path / "huge.yaml"
-    path.write_text("partition: debug\nmax_nodes: 100000000\n")
+    path.write_text("partition: debug\nmax_nodes: 100000000\nslurm_cluster: elsewhere\n")
     return str(path)
 
 
