@@ -73,3 +73,27 @@ def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:
     failing = lambda argv: subprocess.CompletedProcess(argv, 1, "", "error")  # noqa: E731
     assert pending.describe(["12"], failing) == {}
     assert pending.describe([], failing) == {}
+
+
+def test_submit_wait_says_why_when_the_reason_changes_not_at_every_poll(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from hpc import jobs
+    from hpc.commands import submit
+
+    clock = [1000.0]
+    answers = iter(["pending: waiting behind jobs; 2 ahead", "pending: waiting behind jobs; 1 ahead",
+                    "pending: waiting for resources; 0 ahead"])
+    monkeypatch.setattr(submit.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(pending, "describe", lambda ids: {ids[0]: next(answers)})
+    report = submit._pending_reporter(jobs.Record(job_id="9", job_dir="/j", via="sbatch", submitted="now"))
+    report(jobs.JobState("9", "PENDING"))
+    clock[0] += 1
+    report(jobs.JobState("9", "PENDING"))  # within PENDING_POLL_S: squeue is not asked
+    clock[0] += submit.PENDING_POLL_S
+    report(jobs.JobState("9", "PENDING"))  # the count moved, the reason did not: quiet
+    clock[0] += submit.PENDING_POLL_S
+    report(jobs.JobState("9", "RUNNING"))
+    report(jobs.JobState("9", "PENDING"))  # a new reason: said at once
+    assert capsys.readouterr().err.splitlines() == [
+        "hpcdist submit: job 9 pending: waiting behind jobs; 2 ahead",
+        "hpcdist submit: job 9 pending: waiting for resources; 0 ahead"]
