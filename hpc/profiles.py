@@ -259,7 +259,7 @@ def load(name: str, environ: Mapping[str, str] | None = None) -> Profile:
     search = sites.levels(_environ(environ))
     found = _find(name, search)
     data, chain = resolve_data(found, search)
-    display = found.name if not is_path(name) else str(found.path)
+    display = found.name if found.level >= 0 else str(found.path)
     profile = parse(display, data)
     return replace(profile, source=str(found.path), origin=found.origin,
                    parents=tuple(f"{f.name} ({f.origin})" for f in chain[1:]))
