@@ -16,6 +16,7 @@ import time
 
 STARTED = time.time()  # before torch's import, which is part of what a user waits for
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import signal
 import socket
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,15 +34,16 @@ from train import preemption
 
 TORCH_IMPORTED = time.time()
 
-from hpc import ranks
+from hpc import ranks, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from train import checkpoint, dsconfig, heartbeat, watchdog
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
-from train.engines import DeepSpeedEngine, TorchEngine
+from train.engines import DeepSpeedEngine, Engine, TorchEngine
 from train.loader import ClassicLoader, ResidentLoader, normalize, shard
 from train.model import ConvNet, param_digest
 from train.options import DEFAULT_BATCH, Options, parse
 from train.runtime import (
+    PreflightError,
     UsageError,
     all_mean,
     device_name,
@@ -60,6 +63,46 @@ EVAL_BATCH = 1024
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What this rank trains with, decided before anything is built: its place, device, precision, batch."""
+
+    opts: Options
+    env: ranks.DistEnv
+    device: torch.device
+    precision: str
+    ds_config: dict | None  # DeepSpeed's config as deepspeed.initialize gets it; None for dp/ddp
+    global_batch: int
+    threads: int
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world(self) -> int:
+        return self.env.world_size
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.opts.run_dir)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / vocab.CHECKPOINTS
+
+
+@dataclass
+class Timing:
+    """Wall-clock marks of the training loop, for summary.json's rates."""
+
+    start_step: int
+    warm_step: int
+    first_step_at: float | None = None
+    warm_at: float | None = None
+    ended: float = 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     preemption.install()  # already there since import; again for a caller that runs main() twice
@@ -73,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         status = EXIT_BAD_INPUT
         return status
+    except PreflightError as exc:
+        print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
+        status = 1
+        return status
     finally:
         beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))
         preemption.restore()
@@ -80,13 +127,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
+    """Set up, join the job, build, train, finish: each a function below, in this order."""
+    run = set_up(opts, beat)
+    data = load_dataset(opts, run.env)  # before any collective, so bad input fails every rank alike and fast
+    join(run, beat)
+    if opts.preflight_only:
+        return leave(0)
+    engine = build_engine(run)
+    beat.mark("model_built")
+    heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
+    loader = build_loader(run, engine, data)
+    state, found = resume(run, engine)
+    timing = loop(run, engine, loader, state, found, beat)
+    if timing is None:
+        return leave(EXIT_PREEMPTED)
+    beat.phase("eval")
+    finish(run, engine, data, state, timing)
+    return leave(0)
+
+
+def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
+    """This rank's place, threads, device, precision and batch; no collective yet."""
     env = ranks.resolve(os.environ)
     beat.identify(env, os.environ)
     beat.watch(watchdog.Watchdog(beat, timeout_s=opts.hang_timeout_s, factor=opts.hang_factor))
-    rank, world = env.rank, env.world_size
     if opts.backend == "dp" and env.distributed:
-        raise UsageError(f"--backend dp is one process driving all of its node's GPUs, but this is rank {rank} "
-                         f"of {world} (from {env.source}); launch a single process, or use --backend ddp")
+        raise UsageError(f"--backend dp is one process driving all of its node's GPUs, but this is rank {env.rank} "
+                         f"of {env.world_size} (from {env.source}); launch a single process, or use --backend ddp")
     if opts.backend == "deepspeed":
         dsconfig.prepare_environment(os.environ, cuda=torch.cuda.is_available())
     # Ranks sharing a node split its CPUs; two ranks at two threads each on two cores run up to 44% slower.
@@ -97,211 +164,224 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     if device.type == "cuda":
         # The batch shape never changes, so cuDNN's one-off search for the fastest conv kernels pays back.
         torch.backends.cudnn.benchmark = True
-    precision, ds_config = choose_precision(opts, device, world, rank)
+    precision, ds_config = choose_precision(opts, device, env.world_size, env.rank)
     global_batch = ds_config["train_batch_size"] if ds_config else (opts.batch_size or DEFAULT_BATCH)
-    if global_batch % world:
-        raise UsageError(f"global batch {global_batch} does not split over {world} ranks; "
-                         f"pass --batch-size with a multiple of {world}")
-    data = load_dataset(opts, env)  # before any collective, so bad input fails every rank alike and fast
+    if global_batch % env.world_size:
+        raise UsageError(f"global batch {global_batch} does not split over {env.world_size} ranks; "
+                         f"pass --batch-size with a multiple of {env.world_size}")
+    return Setup(opts, env, device, precision, ds_config, global_batch, threads)
 
-    run_dir, ckpt_root = Path(opts.run_dir), Path(opts.run_dir) / "checkpoints"
+
+def join(run: Setup, beat: heartbeat.Heartbeat) -> None:
+    """Join the job's process group, checking first (--preflight) that every rank can reach the others."""
+    opts, env, device = run.opts, run.env, run.device
     checking = opts.preflight or opts.preflight_only
-    if checking and world > 1:
+    if checking and run.world > 1:
         if device.type == "cuda":
-            log_nccl_for_preflight(os.environ, run_dir)
-        try:
-            reach_master(env, min(opts.timeout_s, 120.0))
-        except RuntimeError as exc:
-            print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
-            return 1
-
+            log_nccl_for_preflight(os.environ, run.run_dir)
+        reach_master(env, min(opts.timeout_s, 120.0))
     comm = "none"
     beat.phase("rendezvous")
     if opts.backend == "dp":
         if device.type == "cpu":
-            say(rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
+            say(run.rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
     else:
         comm = init_process_group(opts.backend, env, device, opts.timeout_s)
     beat.mark("process_group_ready")
     beat.phase("build")
-    say(rank, f"{opts.backend} | world {world} ({env.source}) | {comm} on {device.type} | {precision} | "
-              f"global batch {global_batch} | {threads} threads per rank | master {env.master_addr}:{env.master_port}")
-    if checking and world == 1:
-        say(rank, f"preflight: one process, so no collective to check ({comm})")
+    say(run.rank, f"{opts.backend} | world {run.world} ({env.source}) | {comm} on {device.type} | {run.precision} | "
+                  f"global batch {run.global_batch} | {run.threads} threads per rank | "
+                  f"master {env.master_addr}:{env.master_port}")
+    if checking and run.world == 1:
+        say(run.rank, f"preflight: one process, so no collective to check ({comm})")
     elif checking:
-        try:
-            preflight(env, device, run_dir)
-        except RuntimeError as exc:
-            print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
-            return 1
-        say(rank, f"preflight: all_reduce over {world} ranks summed to {world} ({comm})")
-    if opts.preflight_only:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-        return 0
+        preflight(env, device, run.run_dir)
+        say(run.rank, f"preflight: all_reduce over {run.world} ranks summed to {run.world} ({comm})")
 
-    torch.manual_seed(opts.seed)  # every rank builds identical initial weights
-    model = ConvNet().to(device)
-    if opts.channels_last and not ds_config:
-        model = model.to(memory_format=torch.channels_last)
-    if ds_config:
-        engine = DeepSpeedEngine(model, config=ds_config)
-    else:
-        engine = TorchEngine(model, backend=opts.backend, device=device, precision=precision,
-                             lr=opts.lr or 1e-3, world_size=world, compile=opts.compile)
 
-    beat.mark("model_built")
-    heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
-    local_batch = global_batch // world
-    channels_last = opts.channels_last and not ds_config
-    common = dict(rank=rank, world_size=world, local_batch=local_batch, seed=opts.seed, device=device,
-                  augment=opts.augment, channels_last=channels_last)
+def build_engine(run: Setup) -> Engine:
+    """The model on its device behind the backend's engine; every rank builds identical initial weights."""
+    opts = run.opts
+    torch.manual_seed(opts.seed)
+    model = ConvNet().to(run.device)
+    if run.ds_config is not None:
+        if opts.compile or opts.channels_last:
+            warn(run.rank, "--compile and --channels-last apply to dp/ddp; DeepSpeed trains the module as it is")
+        return DeepSpeedEngine(model, config=run.ds_config)
+    return TorchEngine(model, backend=opts.backend, device=run.device, precision=run.precision,
+                       lr=opts.lr or 1e-3, world_size=run.world, compile=opts.compile,
+                       channels_last=opts.channels_last)
+
+
+def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | ClassicLoader:
+    opts = run.opts
+    common = dict(rank=run.rank, world_size=run.world, local_batch=run.global_batch // run.world, seed=opts.seed,
+                  device=run.device, augment=opts.augment, channels_last=engine.channels_last)
     if opts.loader == "resident":
-        # DeepSpeed's engine takes inputs in its own dtype: normalising straight into it saves a cast per step.
-        loader = ResidentLoader(data.train, dtype=engine.dtype if ds_config else torch.float32, **common)
+        # Normalising straight into the engine's input dtype saves a cast per step.
+        loader = ResidentLoader(data.train, dtype=engine.input_dtype, **common)
     else:
         loader = ClassicLoader(data.train, num_workers=opts.num_workers, **common)
     if loader.steps_per_epoch < 1:
-        raise UsageError(f"{len(data.train)} training images make no full global batch of {global_batch}; "
+        raise UsageError(f"{len(data.train)} training images make no full global batch of {run.global_batch}; "
                          "pass a smaller --batch-size or a larger --synthetic-size")
+    return loader
+
+
+def resume(run: Setup, engine: Engine) -> tuple[dict, Path | None]:
+    """The trainer's own state (step, losses, what the data order depends on), and with --resume the
+    checkpoint it came from."""
+    opts = run.opts
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
+             "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
+    found = checkpoint.newest(run.checkpoints) if opts.resume else None
+    if opts.resume and found is None:
+        say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
+    if found is None:
+        return state, None
+    saved = engine.read(found, run.rank)
+    for key in ("global_batch", "seed"):
+        if saved[key] != state[key]:
+            raise UsageError(f"{found} was written with {key} {saved[key]}, this run has {state[key]}; "
+                             f"resume with the same value (the data order depends on it)")
+    state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
+    say(run.rank, f"resumed from {found} at step {state['step']}")
+    return state, found
+
+
+def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, state: dict, found: Path | None,
+         beat: heartbeat.Heartbeat) -> Timing | None:
+    """Train to the last step, logging and checkpointing; None when a signal stopped it after a checkpoint."""
+    opts, rank, world = run.opts, run.rank, run.world
     total_steps = opts.epochs * loader.steps_per_epoch
     if opts.max_steps:
         total_steps = min(total_steps, opts.max_steps)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": global_batch,
-             "seed": opts.seed, "backend": opts.backend, "world_size": world}
-    found = resumed_at = None
-    if opts.resume:
-        found = checkpoint.newest(ckpt_root)
-        if found is None:
-            say(rank, f"resume: no complete checkpoint in {ckpt_root}, so starting from step 0")
-        else:
-            saved = engine.read(found, rank)
-            for key in ("global_batch", "seed"):
-                if saved[key] != state[key]:
-                    raise UsageError(f"{found} was written with {key} {saved[key]}, this run has {state[key]}; "
-                                     f"resume with the same value (the data order depends on it)")
-            state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
-            resumed_at = state["step"]
-            say(rank, f"resumed from {found} at step {state['step']}")
-    barrier = dist.barrier if dist.is_initialized() and world > 1 else (lambda: None)
-
-    def leave(status: int) -> int:
-        if dist.is_initialized():
-            # Tear down together: a rank closing its connections while another still uses them can abort it.
-            barrier()
-            dist.destroy_process_group()
-        return status
+    resumed_at = state["step"] if found is not None else None
+    wall_clock = preemption.WallClock(opts.checkpoint_every_min * 60)
 
     def save() -> Path:
         beat.phase("checkpoint")
-        where = checkpoint.save(ckpt_root, state["step"], rank=rank, barrier=barrier,
+        where = checkpoint.save(run.checkpoints, state["step"], rank=rank, barrier=barrier,
                                 write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
         wall_clock.saved()
         beat.phase("train")
         return where
 
-    def stop() -> int:
+    def stop() -> None:
         step = state["step"]
         where = save() if resumed_at != step else found
         if rank == 0:
             # What the batch shell's requeue.sh acts on: the step's own exit status can't say it, since
             # srun --kill-on-bad-exit may kill the ranks that exit 75 a moment after the first.
-            marker = run_dir / "preempted"
+            marker = run.run_dir / vocab.PREEMPTED
             marker.with_suffix(".tmp").write_text(f"{step}\n")
             os.replace(marker.with_suffix(".tmp"), marker)
-        say(rank, f"stopped by {signal.Signals(preemption.received() or signal.SIGTERM).name} at step {step}: "
-                  f"checkpoint {where} written by all ranks; exit {EXIT_PREEMPTED}, rerun with --resume")
-        return leave(EXIT_PREEMPTED)
+        name = signal.Signals(preemption.received() or signal.SIGTERM).name
+        say(rank, f"stopped by {name} at step {step}: checkpoint {where} written by all ranks; "
+                  f"exit {EXIT_PREEMPTED}, rerun with --resume")
 
-    start_step = state["step"]
-    beat.plan(total_steps=total_steps, local_batch=local_batch, step=start_step)
-    wall_clock = preemption.WallClock(opts.checkpoint_every_min * 60)
-    agreement = preemption.Agreement(world, device, beat.step_clock.waited)
+    timing = Timing(start_step=state["step"], warm_step=state["step"] + opts.warmup_steps)
+    beat.plan(total_steps=total_steps, local_batch=run.global_batch // world, step=timing.start_step)
+    agreement = preemption.Agreement(world, run.device, beat.step_clock.waited)
     # A signal during set-up: agree now, not after a step (the launcher's SIGKILL may be 30 s away).
     if agreement.now(preemption.received() is not None)[0]:
-        return stop()
-    metrics = open(run_dir / "metrics.jsonl", "a" if state["step"] else "w") if rank == 0 else None
-    first_step_at = warm_at = None
-    warm_step = start_step + opts.warmup_steps
-    last_log_time, last_log_step = time.time(), start_step
-    batches = loader.batches(start_step)
-    beat.phase("train")
-    beat.step_clock.begin()
-    while state["step"] < total_steps:
-        batch = next(batches)
-        loss = engine.train_step(batch.x, batch.y)
-        state["step"] = step = batch.step + 1
-        if first_step_at is None:
-            float(loss)  # waits for the device, so the time covers the whole first step
-            first_step_at = time.time()
-            beat.mark("first_step_done", first_step_at)
-        if step == warm_step:
-            float(loss)
-            warm_at = time.time()
-        if step % opts.log_every == 0 or step == total_steps or step == 1:
-            with beat.step_clock.waited():
-                state["last_loss"] = loss_value = all_mean(loss, world)
-            beat.loss = loss_value
-            if state["first_loss"] is None:
-                state["first_loss"] = loss_value
-            now = time.time()
-            images_per_s = (step - last_log_step) * global_batch / max(now - last_log_time, 1e-9)
-            last_log_time, last_log_step = now, step
-            say(rank, f"Epoch: {batch.epoch} | Batch: {batch.index + 1}/{loader.steps_per_epoch} | "
-                      f"Loss: {loss_value:.4f}")
-            if metrics:
-                metrics.write(json.dumps({"step": step, "epoch": batch.epoch, "batch": batch.index + 1,
-                                          "loss": loss_value, "images_per_s": round(images_per_s, 1),
-                                          "time_s": round(now - STARTED, 3)}) + "\n")
-                metrics.flush()
-        beat.stepped(step)
-        # Votes cast after this step are read after the next one: no per-step wait for the device.
-        stopping, due = agreement.exchange(preemption.received() is not None, rank == 0 and wall_clock.due())
-        if stopping:
-            return stop()
-        if (due or opts.checkpoint_every and step % opts.checkpoint_every == 0) and step < total_steps:
-            save()
+        stop()
+        return None
+    last_log_time, last_log_step = time.time(), timing.start_step
+    metrics_mode = "a" if state["step"] else "w"
+    with open(run.run_dir / vocab.METRICS, metrics_mode) if rank == 0 else contextlib.nullcontext() as metrics:
+        batches = loader.batches(timing.start_step)
+        beat.phase("train")
+        beat.step_clock.begin()
+        while state["step"] < total_steps:
+            batch = next(batches)
+            loss = engine.train_step(batch.x, batch.y)
+            state["step"] = step = batch.step + 1
+            if timing.first_step_at is None:
+                float(loss)  # waits for the device, so the time covers the whole first step
+                timing.first_step_at = time.time()
+                beat.mark("first_step_done", timing.first_step_at)
+            if step == timing.warm_step:
+                float(loss)
+                timing.warm_at = time.time()
+            if step % opts.log_every == 0 or step == total_steps or step == 1:
+                with beat.step_clock.waited():
+                    state["last_loss"] = loss_value = all_mean(loss, world)
+                beat.loss = loss_value
+                if state["first_loss"] is None:
+                    state["first_loss"] = loss_value
+                now = time.time()
+                images_per_s = (step - last_log_step) * run.global_batch / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, step
+                say(rank, f"Epoch: {batch.epoch} | Batch: {batch.index + 1}/{loader.steps_per_epoch} | "
+                          f"Loss: {loss_value:.4f}")
+                if metrics:
+                    metrics.write(json.dumps({"step": step, "epoch": batch.epoch, "batch": batch.index + 1,
+                                              "loss": loss_value, "images_per_s": round(images_per_s, 1),
+                                              "time_s": round(now - STARTED, 3)}) + "\n")
+                    metrics.flush()
+            beat.stepped(step)
+            # Votes cast after this step are read after the next one: no per-step wait for the device.
+            stopping, due = agreement.exchange(preemption.received() is not None, rank == 0 and wall_clock.due())
+            if stopping:
+                stop()
+                return None
+            if (due or opts.checkpoint_every and step % opts.checkpoint_every == 0) and step < total_steps:
+                save()
     agreement.drain()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the rate must count the steps still queued on the GPU
-    ended = time.time()
-    if state["step"] > start_step:
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # the rate must count the steps still queued on the GPU
+    timing.ended = time.time()
+    if state["step"] > timing.start_step:
         save()
+    return timing
 
-    beat.phase("eval")
-    accuracy = evaluate_accuracy(engine, data, rank, world, device, channels_last)
+
+def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timing) -> None:
+    """Test accuracy and every rank's parameter digest, gathered into rank 0's summary.json."""
+    opts, rank, world, env = run.opts, run.rank, run.world, run.env
+    accuracy = evaluate_accuracy(engine, data, rank, world, run.device)
     with engine.full_parameters() as named:
         digest = param_digest(named)
     mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
             "master_addr": env.master_addr, "master_port": env.master_port,
-            "peak_memory_bytes": peak_memory_bytes(device), "param_digest": digest}
+            "peak_memory_bytes": peak_memory_bytes(run.device), "param_digest": digest}
     everyone = [mine]
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
-    if rank == 0:
-        # Steps up to --warmup-steps pay for start-up, autotuning and compiling, so they are left out of the rate.
-        timed = state["step"] - warm_step if warm_at is not None else 0
-        summary = {"backend": opts.backend, "world_size": world,
-                   "zero_stage": engine.zero_stage if ds_config else None, "precision": precision,
-                   "steps": state["step"], "final_loss": state["last_loss"], "first_loss": state["first_loss"],
-                   "test_accuracy": accuracy,
-                   "images_per_s": timed * global_batch / (ended - warm_at) if timed > 0 else None,
-                   "warmup_steps": opts.warmup_steps,
-                   "device": device_name(device),
-                   "wall_s": time.time() - STARTED,
-                   "time_to_first_step_s": first_step_at - STARTED if first_step_at else None,
-                   "ranks": everyone}
-        tmp = run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
-        say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "
-                  f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {run_dir / 'summary.json'}")
-        metrics.close()
-    return leave(0)
+    if rank != 0:
+        return
+    # Steps up to --warmup-steps pay for start-up, autotuning and compiling, so they are left out of the rate.
+    timed = state["step"] - timing.warm_step if timing.warm_at is not None else 0
+    summary = {"backend": opts.backend, "world_size": world, "zero_stage": engine.zero_stage,
+               "precision": run.precision, "steps": state["step"], "final_loss": state["last_loss"],
+               "first_loss": state["first_loss"], "test_accuracy": accuracy,
+               "images_per_s": timed * run.global_batch / (timing.ended - timing.warm_at) if timed > 0 else None,
+               "warmup_steps": opts.warmup_steps,
+               "device": device_name(run.device),
+               "wall_s": time.time() - STARTED,
+               "time_to_first_step_s": timing.first_step_at - STARTED if timing.first_step_at else None,
+               "ranks": everyone}
+    path = run.run_dir / vocab.SUMMARY
+    path.with_name(f".{path.name}.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(path.with_name(f".{path.name}.tmp"), path)
+    say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "
+              f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {path}")
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def leave(status: int) -> int:
+    if dist.is_initialized():
+        # Tear down together: a rank closing its connections while another still uses them can abort it.
+        barrier()
+        dist.destroy_process_group()
+    return status
 
 
 def choose_precision(opts: Options, device: torch.device, world: int, rank: int) -> tuple[str, dict | None]:
@@ -325,8 +405,6 @@ def choose_precision(opts: Options, device: torch.device, world: int, rank: int)
         warn(rank, "fp16 on CPU runs ~35x slower than bf16 there; pass --precision bf16 (or fp32) on CPU")
     if base is None:
         return precision, None
-    if opts.compile or opts.channels_last:
-        warn(rank, "--compile and --channels-last apply to dp/ddp; DeepSpeed trains the module as it is")
     config = dsconfig.resolve(base, world_size=world, zero_stage=opts.zero_stage, precision=precision,
                               global_batch=opts.batch_size, lr=opts.lr)
     return precision, config
@@ -349,7 +427,7 @@ def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate_accuracy(engine, data: Dataset, rank: int, world: int, device: torch.device, channels_last: bool) -> float:
+def evaluate_accuracy(engine: Engine, data: Dataset, rank: int, world: int, device: torch.device) -> float:
     """Top-1 accuracy on the test split, sharded over ranks; every rank runs the same number of batches,
     since under ZeRO-3 each forward is a collective."""
     n = len(data.test)
@@ -358,7 +436,7 @@ def evaluate_accuracy(engine, data: Dataset, rank: int, world: int, device: torc
     for chunk in positions.split(EVAL_BATCH):
         real = chunk < n  # positions past the end pad the last rank's share and must not count
         x = normalize(data.test.images[chunk % n].to(device))
-        if channels_last:
+        if engine.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         hits = (engine.predict(x).cpu() == data.test.labels[chunk % n]) & real
         correct += torch.tensor([hits.sum().item(), real.sum().item()], dtype=torch.float64)

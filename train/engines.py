@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,35 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINER_FILE = "trainer.pt"
 
 
+class Engine(Protocol):
+    """What the trainer asks of a backend: a step, predictions, the full parameters, checkpoint I/O."""
+
+    input_dtype: torch.dtype  # what the loader normalises images into
+    channels_last: bool  # whether inputs should come in channels-last memory format
+    zero_stage: int | None  # DeepSpeed's ZeRO stage; None for dp/ddp
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def full_parameters(self) -> ContextManager[list[tuple[str, torch.Tensor]]]: ...
+
+    def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None: ...
+
+    def read(self, folder: Path, rank: int) -> dict: ...
+
+
 class TorchEngine:
     """Adam on a plain, DataParallel or DDP-wrapped module; bf16/fp16 by autocast, fp16 with a GradScaler."""
 
+    input_dtype = torch.float32  # autocast casts per op
+    zero_stage = None
+
     def __init__(self, model: nn.Module, *, backend: str, device: torch.device, precision: str, lr: float,
-                 world_size: int = 1, compile: bool = False) -> None:
+                 world_size: int = 1, compile: bool = False, channels_last: bool = False) -> None:
+        self.channels_last = channels_last
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.module, self.device, self.precision = model, device, precision
         net: nn.Module = model
         # DDP over one process only copies every gradient into its buckets and all-reduces it with itself.
@@ -78,17 +102,19 @@ class TorchEngine:
 class DeepSpeedEngine:
     """deepspeed.initialize on the module with the resolved config: ZeRO stage, precision and Adam come from it."""
 
+    channels_last = False  # DeepSpeed trains the module as it is
+
     def __init__(self, model: nn.Module, *, config: dict) -> None:
         import deepspeed
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         self.zero_stage = self.engine.zero_optimization_stage()
-        self.dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
+        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.engine.train()
-        loss = F.cross_entropy(self.engine(x.to(self.dtype)).float(), y)
+        loss = F.cross_entropy(self.engine(x.to(self.input_dtype)).float(), y)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach().float()
@@ -96,7 +122,7 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.engine.eval()
-        return self.engine(x.to(self.dtype)).argmax(1)
+        return self.engine(x.to(self.input_dtype)).argmax(1)
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:

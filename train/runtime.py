@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import resource
-import signal
 import socket
 import sys
 import time
@@ -20,6 +19,10 @@ from hpc.ranks import DistEnv
 
 class UsageError(ValueError):
     """Bad input: printed as one line on stderr, exit status 2."""
+
+
+class PreflightError(RuntimeError):
+    """A rank cannot reach the others, or their all_reduce is wrong; printed as one line, exit status 1."""
 
 
 def say(rank: int, message: str) -> None:
@@ -83,7 +86,7 @@ def reach_master(env: DistEnv, deadline_s: float) -> None:
         except OSError as exc:
             last = exc
             time.sleep(0.5)
-    raise RuntimeError(f"preflight: rank {env.rank} on {socket.gethostname()} cannot reach MASTER_ADDR:MASTER_PORT "
+    raise PreflightError(f"preflight: rank {env.rank} on {socket.gethostname()} cannot reach MASTER_ADDR:MASTER_PORT "
                        f"{env.master_addr}:{env.master_port} within {deadline_s:.0f} s ({last}); check that the "
                        "address resolves on every node and that no firewall blocks the port")
 
@@ -97,7 +100,7 @@ def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
         dist.all_reduce(probe)
         total = float(probe.item())
     except Exception as exc:  # noqa: BLE001 - whatever the backend raised, the message names this rank
-        raise RuntimeError(f"preflight all_reduce failed on rank {env.rank} of {env.world_size} "
+        raise PreflightError(f"preflight all_reduce failed on rank {env.rank} of {env.world_size} "
                            f"({dist.get_backend()}): {exc}") from None
     report = {"rank": env.rank, "host": socket.gethostname(), "backend": dist.get_backend(), "total": total,
               "world_size": env.world_size, "seconds": time.perf_counter() - started}
@@ -106,7 +109,7 @@ def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
     (out / f".rank-{env.rank}.json.tmp").write_text(json.dumps(report) + "\n")
     os.replace(out / f".rank-{env.rank}.json.tmp", out / f"rank-{env.rank}.json")
     if int(total) != env.world_size:
-        raise RuntimeError(f"preflight all_reduce on rank {env.rank} summed to {int(total)}, "
+        raise PreflightError(f"preflight all_reduce on rank {env.rank} summed to {int(total)}, "
                            f"expected world size {env.world_size}: some rank is misconfigured")
 
 
@@ -116,33 +119,6 @@ def all_mean(value: torch.Tensor, world_size: int) -> float:
     total = value.detach().reshape(1).clone()
     dist.all_reduce(total)  # gloo has no AVG, so sum and divide
     return float(total) / world_size
-
-
-class Preemption:
-    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (preemption) asks for a checkpoint and exit 75."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
-
-    def restore(self) -> None:
-        """Put back the handlers found, so a caller (a test, a notebook) keeps its own after training."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _note(self, signum, frame) -> None:
-        # Only a flag: the step in flight finishes, then every rank checkpoints at the same step.
-        self.received = signum
-
-    def agreed(self, world_size: int, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal; a collective, so every rank must call it."""
-        if world_size == 1:
-            return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def peak_memory_bytes(device: torch.device) -> int:
