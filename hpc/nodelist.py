@@ -91,12 +91,13 @@ def _group(body: str, expr: str) -> tuple[Range, ...]:
 
 
 def _parse_term(term: str, expr: str) -> Term:
+    where = repr(term) if term == expr.strip() else f"{term!r} in {expr!r}"
     if not term.isascii() or not term.isprintable():
-        raise NodelistError(f"host {term!r} in {expr!r} has a non-ASCII or control character; host names are ASCII")
+        raise NodelistError(f"host {where} has a non-ASCII or control character; host names are ASCII")
     pieces = re.split(r"\[([^\]]*)\]", term)  # literal, body, literal, body, ..., literal
     groups = tuple((_group(body, expr), literal) for body, literal in zip(pieces[1::2], pieces[2::2]))
     if groups and groups[-1][1]:
-        raise NodelistError(f"{term!r} in {expr!r} has text after its last ']', which Slurm refuses "
+        raise NodelistError(f"{where} has text after its last ']', which Slurm refuses "
                             f"(Invalid hostlist); write it as a list, e.g. n1-ib,n2-ib")
     return pieces[0], groups
 

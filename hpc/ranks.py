@@ -58,6 +58,10 @@ PORT_BASE = 12000
 PORT_SPAN = 20000
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+_TASKS_ITEM = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
+
+
 class RankError(ValueError):
     """The environment describes no consistent process geometry."""
 
@@ -104,7 +108,7 @@ def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
     """Tasks on one node from SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> node 3 runs 1 (repeats not built)."""
     if node_rank >= 0:
         for item in tasks_per_node.split(","):
-            m = re.fullmatch(r"([0-9]+)(?:\(x([0-9]+)\))?", item.strip())
+            m = _TASKS_ITEM.fullmatch(item.strip())
             if not m:
                 raise RankError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} does not parse")
             repeat = int(m.group(2) or 1)
@@ -117,7 +121,7 @@ def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
 def _int(environ: Mapping[str, str], name: str) -> int:
     value = environ[name]
     # ASCII digits only: int() would also read "٣" or " 3 ", which no launcher writes.
-    if not re.fullmatch(r"-?[0-9]+", value):
+    if not _INTEGER.fullmatch(value):
         raise RankError(f"{name}={value!r} is not an integer")
     return int(value)
 
