@@ -7,6 +7,7 @@ import json
 from typing import Mapping
 
 from hpc import nodelist
+from hpc.ranks import SLURM
 
 
 class HostfileError(ValueError):
@@ -27,7 +28,8 @@ def slots_from_slurm(environ: Mapping[str, str]) -> int:
 
 
 def nodelist_from_slurm(environ: Mapping[str, str]) -> str:
-    expr = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    """The hosts SLURM_NODEID indexes: inside a step the step's (perhaps part of the allocation), else the job's."""
+    expr = next((environ[name] for name in SLURM["nodelist"] if environ.get(name)), None)
     if not expr:
         raise HostfileError("SLURM_JOB_NODELIST is not set: run inside a Slurm job or pass --nodelist")
     return expr

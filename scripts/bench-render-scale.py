@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/bench-render-scale.py [--repeat 3] [--nodes 1,4,16,64,256,1024,4096]
 
-For each N (8 GPUs per node, a temporary profile allowing 5,000 nodes):
+For each N (8 GPUs per node, a temporary profile allowing 5,000 nodes, naming a Slurm cluster of its own):
   render s     whole process: `python -m hpc render -q --nodes N --gpus-per-node 8 --cluster PROFILE`
   ranks.txt    lines in the rendered ranks.txt
   env s        whole process: `python -m hpc env --shell` in the environment of the job's last rank
@@ -67,11 +67,13 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     base["PYTHONPATH"] = str(REPO)
     python = [sys.executable, "-m", "hpc"]
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; median of {args.repeat} runs\n")
     print("| nodes | ranks | render s | ranks.txt lines | env s | resolve ms | SLURM_JOB_NODELIST chars |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "big.yaml"
-        profile.write_text(f"partition: debug\ngpus_per_node: {GPUS}\nmax_nodes: 5000\n")
+        # A site of its own: where a local Slurm answers, its partitions do not limit this one.
+        profile.write_text(f"partition: debug\ngpus_per_node: {GPUS}\nmax_nodes: 5000\nslurm_cluster: bench-site\n")
         for nodes in (int(n) for n in args.nodes.split(",")):
             job_dir = Path(tmp) / f"job-{nodes}"
             render = [*python, "render", "-q", "--force", "--cluster", str(profile), "--nodes", str(nodes),

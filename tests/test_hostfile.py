@@ -35,6 +35,11 @@ def test_errors() -> None:
         hostfile.hostfile(["n1"], 0)
     with pytest.raises(hostfile.HostfileError, match="SLURM_JOB_NODELIST is not set"):
         hostfile.nodelist_from_slurm({})
+    # A step on part of the allocation (captured by scripts/capture-slurm-steps.sh): its SLURM_NODEID counts
+    # the step's nodes, so the launcher's world_info must list those.
+    step = {"SLURM_JOB_NODELIST": "n[1-3]", "SLURM_NODELIST": "n[1-3]", "SLURM_STEP_NODELIST": "n[2-3]"}
+    assert hostfile.nodelist_from_slurm(step) == "n[2-3]"
+    assert hostfile.nodelist_from_slurm({"SLURM_JOB_NODELIST": "n[1-3]"}) == "n[1-3]"  # the batch shell
     assert hostfile.slots_from_slurm({"SLURM_GPUS_ON_NODE": "4"}) == 4
     assert hostfile.slots_from_slurm({}) == 1
 
