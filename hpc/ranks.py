@@ -128,12 +128,15 @@ def _int(environ: Mapping[str, str], name: str) -> int:
 
 def _names(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
     names = table.get(key, ())
-    return (names,) if isinstance(names, str) else tuple(names)
+    return (names,) if isinstance(names, str) else names
 
 
 def _present(environ: Mapping[str, str], table: Mapping[str, Any], key: str) -> str | None:
     """The first of ``key``'s variables that ``environ`` sets, or None."""
-    return next((n for n in _names(table, key) if n in environ), None)
+    for name in _names(table, key):
+        if name in environ:
+            return name
+    return None
 
 
 def detect(environ: Mapping[str, str]) -> str:

@@ -4,6 +4,7 @@
 
 For each N (8 GPUs per node, a temporary profile allowing 5,000 nodes, naming a Slurm cluster of its own):
   render s     whole process: `python -m hpc render -q --nodes N --gpus-per-node 8 --cluster PROFILE`
+  render() ms  hpc.render.render alone, in this process (checks, templates, ranks.txt; no start-up, no writing)
   ranks.txt    lines in the rendered ranks.txt
   env s        whole process: `python -m hpc env --shell` in the environment of the job's last rank
   resolve ms   hpc.ranks.resolve alone on that environment, nodelist caches cleared
@@ -25,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpc import nodelist, ranks  # noqa: E402
+from hpc import nodelist, profiles, ranks, render  # noqa: E402
+from hpc.spec import JobSpec  # noqa: E402
 
 GPUS = 8
 
@@ -59,6 +61,17 @@ def resolve_ms(environ: dict[str, str], repeat: int) -> float:
     return statistics.median(samples)
 
 
+def render_ms(profile: Path, nodes: int, repeat: int) -> float:
+    site = profiles.load(str(profile))
+    spec = JobSpec(job_dir="/tmp/bench-render-scale", cluster=str(profile), nodes=nodes, gpus_per_node=GPUS)
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        render.render(spec, site)
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -67,9 +80,10 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     base["PYTHONPATH"] = str(REPO)
     python = [sys.executable, "-m", "hpc"]
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; median of {args.repeat} runs\n")
-    print("| nodes | ranks | render s | ranks.txt lines | env s | resolve ms | SLURM_JOB_NODELIST chars |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    load = os.getloadavg()[0]
+    print(f"load average before: {load:.1f} on {os.cpu_count()} CPUs; median of {args.repeat} runs\n")
+    print("| nodes | ranks | render s | render() ms | ranks.txt lines | env s | resolve ms | SLURM_JOB_NODELIST chars |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "big.yaml"
         # A site of its own: where a local Slurm answers, its partitions do not limit this one.
@@ -83,7 +97,8 @@ def main() -> None:
             environ = task_environ(nodes)
             env_s = statistics.median(timed([*python, "env", "--shell"], {**base, **environ})
                                       for _ in range(args.repeat))
-            print(f"| {nodes} | {nodes * GPUS} | {render_s:.2f} | {lines} | {env_s:.2f} | "
+            print(f"| {nodes} | {nodes * GPUS} | {render_s:.2f} | {render_ms(profile, nodes, args.repeat):.0f} | "
+                  f"{lines} | {env_s:.2f} | "
                   f"{resolve_ms(environ, args.repeat):.2f} | {len(environ['SLURM_JOB_NODELIST'])} |", flush=True)
 
 
