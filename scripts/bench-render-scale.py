@@ -82,7 +82,8 @@ def main() -> None:
     python = [sys.executable, "-m", "hpc"]
     load = os.getloadavg()[0]
     print(f"load average before: {load:.1f} on {os.cpu_count()} CPUs; median of {args.repeat} runs\n")
-    print("| nodes | ranks | render s | render() ms | ranks.txt lines | env s | resolve ms | SLURM_JOB_NODELIST chars |")
+    print("| nodes | ranks | render s | render() ms | ranks.txt lines | env s | resolve ms "
+          "| SLURM_JOB_NODELIST chars |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "big.yaml"
