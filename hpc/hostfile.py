@@ -8,6 +8,7 @@ from typing import Mapping
 
 from hpc import nodelist
 from hpc.ranks import SLURM
+from hpc.spec import MAX_TASKS_PER_NODE
 
 
 class HostfileError(ValueError):
@@ -35,10 +36,17 @@ def nodelist_from_slurm(environ: Mapping[str, str]) -> str:
     return expr
 
 
-def hostfile(names: list[str], slots: int) -> str:
-    """DeepSpeed's hostfile: ``host slots=N`` per line."""
+def _check_slots(slots: int) -> None:
     if slots < 1:
         raise HostfileError(f"--slots {slots}: each host needs at least one slot")
+    if slots > MAX_TASKS_PER_NODE:
+        raise HostfileError(f"--slots {slots} is over the limit of {MAX_TASKS_PER_NODE:,} ranks per node; "
+                            "ask for fewer")
+
+
+def hostfile(names: list[str], slots: int) -> str:
+    """DeepSpeed's hostfile: ``host slots=N`` per line."""
+    _check_slots(slots)
     return "".join(f"{name} slots={slots}\n" for name in names)
 
 
@@ -48,7 +56,6 @@ def world_info(names: list[str], slots: int) -> str:
     Encoded as DeepSpeed's own runner does (urlsafe base64 of compact-enough JSON), so the launcher's
     ``urlsafe_b64decode`` reads it back; key order is the node order SLURM_NODEID indexes.
     """
-    if slots < 1:
-        raise HostfileError(f"--slots {slots}: each host needs at least one slot")
+    _check_slots(slots)
     info = {name: list(range(slots)) for name in names}
     return base64.urlsafe_b64encode(json.dumps(info).encode()).decode()

@@ -33,6 +33,8 @@ def test_errors() -> None:
         hostfile.hosts("n[1-")
     with pytest.raises(hostfile.HostfileError, match="at least one slot"):
         hostfile.hostfile(["n1"], 0)
+    with pytest.raises(hostfile.HostfileError, match="over the limit of 65,533"):
+        hostfile.world_info(["n1"], 10**8)  # would build a list of 10**8 slot ids
     with pytest.raises(hostfile.HostfileError, match="SLURM_JOB_NODELIST is not set"):
         hostfile.nodelist_from_slurm({})
     # A step on part of the allocation (captured by scripts/capture-slurm-steps.sh): its SLURM_NODEID counts
