@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -38,7 +39,34 @@ COMMANDS = {
 }
 
 
+# click >= 8.2 reports a bare group invocation as this usage error, whose message is the whole help.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class LazyGroup(click.Group):
+    def main(self, *args, **kwargs):
+        """click's own main, except that a usage error is one line (with where to find help), exit 2."""
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            super().main(*args, **{**kwargs, "standalone_mode": False})
+            sys.exit(0)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except _NO_ARGS_IS_HELP as exc:
+            # `hpcdist` alone: the help is the answer (click's own behaviour).
+            click.echo(exc.ctx.get_help(), err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "hpcdist"
+            hint = f" (see {command} --help)" if isinstance(exc, click.UsageError) else ""
+            message = " ".join(exc.format_message().split())
+            click.echo(f"{command}: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 

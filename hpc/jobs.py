@@ -166,7 +166,17 @@ def local_outcome(job_id: str, ntasks: int, files: Mapping[str, str], running: b
     return JobState(job_id, "COMPLETED", 0)
 
 
+def directory_gone(record: Record) -> bool:
+    """Whether the job's directory has been deleted (or moved) since it was submitted."""
+    return not Path(record.job_dir).is_dir()
+
+
 def local_state(record: Record) -> JobState:
+    """A local job's state from its submitit folder; UNKNOWN once that folder was deleted, since its task
+    statuses went with it (a job still running is still RUNNING)."""
+    running = controller_pid(record) is not None
+    if not running and directory_gone(record):
+        return JobState(record.job_id, "UNKNOWN")
     folder = record.submitit_dir
     names = [f"{record.job_id}_cancelled"] + [f"{record.job_id}_{i}_exit" for i in range(record.ntasks)]
     files = {}
@@ -175,7 +185,7 @@ def local_state(record: Record) -> JobState:
             files[name] = (folder / name).read_text()
         except OSError:
             pass
-    return local_outcome(record.job_id, record.ntasks, files, controller_pid(record) is not None)
+    return local_outcome(record.job_id, record.ntasks, files, running)
 
 
 def state(record: Record, runner: Runner = _run) -> JobState:

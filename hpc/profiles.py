@@ -7,8 +7,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from hpc import plan, sites
 from hpc.spec import SpecError, time_seconds
 
@@ -92,8 +90,12 @@ def locate(name: str, environ: Mapping[str, str] | None = None) -> Path:
 
 
 def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
+    if not name or "\x00" in name or not _encodable(name):
+        raise ProfileError(f"cluster {ascii(name)} is not a profile name or a file name; give one")
     if is_path(name):
         path = Path(name).expanduser()
+        if path.is_dir():
+            raise ProfileError(f"cluster profile {name} is a directory; give the YAML file itself")
         if not path.is_file():
             raise ProfileError(f"cluster profile file {name} does not exist")
         path = path.resolve()
@@ -107,52 +109,91 @@ def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
     return found
 
 
-def _int(name: str, value: Any, lowest: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise ProfileError(f"{name} must be a whole number >= {lowest}, got {value!r}")
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _int(name: str, value: Any, lowest: int, highest: int = 2**31 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+        raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {_shown(value)}")
     return value
 
 
 def _str(name: str, value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ProfileError(f"{name} must be a string, got {value!r}")
-    return str(value)
+        raise ProfileError(f"{name} must be a string, got {_shown(value)}")
+    text = str(value)
+    if "\x00" in text or not _encodable(text):
+        raise ProfileError(f"{name} {_shown(text)} holds a NUL byte or a lone surrogate, which no script can "
+                           "carry; remove it")
+    return text
 
 
 def _strings(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ProfileError(f"{name} must be a list of strings, got {value!r}")
+        raise ProfileError(f"{name} must be a list of strings, got {_shown(value)}")
     return tuple(_str(name, v) for v in value)
 
 
 def _variables(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
-        raise ProfileError(f"{name} must be a mapping of variable names to values, got {value!r}")
+        raise ProfileError(f"{name} must be a mapping of variable names to values, got {_shown(value)}")
     out = []
     for key, val in value.items():
         if not isinstance(key, str) or not _NAME.fullmatch(key):
-            raise ProfileError(f"{name}: {key!r} is not a shell variable name")
+            raise ProfileError(f"{name}: {_shown(key)} is not a shell variable name")
         out.append((key, "1" if val is True else "0" if val is False else _str(f"{name}.{key}", val)))
     return tuple(out)
+
+
+# What NCCL and Gloo accept for each network variable: a value outside it is ignored or misread at run
+# time, far from the profile that set it.
+_IFNAMES = re.compile(r"\^?=?[A-Za-z0-9_.:-]+(,\^?=?[A-Za-z0-9_.:-]+)*")
+NETWORK_VALUES = {
+    "NCCL_IB_HCA": (re.compile(r"\^?=?[A-Za-z0-9_.-]+(:[0-9]+)?(,[A-Za-z0-9_.-]+(:[0-9]+)?)*"),
+                    "HCA names, e.g. mlx5_0,mlx5_1 (optionally ^ or = first, :PORT after a name)"),
+    "NCCL_SOCKET_IFNAME": (_IFNAMES, "interface names or prefixes, e.g. ib0 or ^docker,lo"),
+    "GLOO_SOCKET_IFNAME": (_IFNAMES, "interface names, e.g. ib0"),
+    "NCCL_IB_GID_INDEX": (re.compile(r"[0-9]{1,3}"), "a GID index from 0 to 255"),
+    "NCCL_NET_GDR_LEVEL": (re.compile(r"[0-5]|LOC|PIX|PXB|PHB|SYS|NVL"),
+                           "LOC, PIX, PXB, PHB, SYS (or a level 0-5)"),
+}
+
+
+def _network_value(key: str, value: str) -> str:
+    pattern, accepted = NETWORK_VALUES[key]
+    if not pattern.fullmatch(value) or (key == "NCCL_IB_GID_INDEX" and int(value) > 255):
+        raise ProfileError(f"network.{key} {_shown(value)} is not one NCCL reads; give {accepted}")
+    return value
 
 
 def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profile:
     """A Profile from a YAML mapping; ``base`` anchors a relative ``templates`` directory."""
     if not isinstance(data, dict):
         raise ProfileError(f"cluster profile {name!r} must be a YAML mapping")
-    unknown = sorted(set(data) - set(KEYS))
+    unknown = sorted(_shown(k) if not isinstance(k, str) else k for k in data if k not in KEYS)
     if unknown:
-        raise ProfileError(f"cluster profile {name!r}: unknown key(s) {', '.join(map(str, unknown))}; valid "
+        raise ProfileError(f"cluster profile {_shown(name)}: unknown key(s) {', '.join(unknown)}; valid "
                            f"keys: {', '.join(KEYS)}")
     values: dict[str, Any] = {"name": name}
     for key in ("slurm_cluster", "partition", "account", "python"):
         if data.get(key) is not None:
             values[key] = _str(key, data[key])
-    for key, lowest in (("gpus_per_node", 0), ("cpus_per_task", 1), ("max_nodes", 1)):
+    for key, lowest, highest in (("gpus_per_node", 0, 1024), ("cpus_per_task", 1, 65535),
+                                 ("max_nodes", 1, 65536)):
         if data.get(key) is not None:
-            values[key] = _int(key, data[key], lowest)
+            values[key] = _int(key, data[key], lowest, highest)
     if data.get("time") is not None:
         values["time"] = _str("time", data["time"])
         try:
@@ -176,23 +217,25 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
         net = data["network"]
         if not isinstance(net, dict):
             raise ProfileError("network must be a mapping")
-        bad = sorted(set(net) - set(NETWORK_KEYS))
+        bad = sorted(_shown(k) if not isinstance(k, str) else k for k in net if k not in NETWORK_KEYS)
         if bad:
-            raise ProfileError(f"network: unknown key(s) {', '.join(map(str, bad))}; valid keys: "
+            raise ProfileError(f"network: unknown key(s) {', '.join(bad)}; valid keys: "
                                f"{', '.join(NETWORK_KEYS)}")
         ib = net.get("ib", True)
         if not isinstance(ib, bool):
-            raise ProfileError(f"network.ib must be true or false, got {ib!r}")
-        values["network"] = Network(ib=ib, variables=_variables(
-            "network", {k: v for k, v in net.items() if k != "ib" and v is not None}))
+            raise ProfileError(f"network.ib must be true or false, got {_shown(ib)}")
+        variables = _variables("network", {k: v for k, v in net.items() if k != "ib" and v is not None})
+        values["network"] = Network(ib=ib, variables=tuple((k, _network_value(k, v)) for k, v in variables))
     return Profile(**values)
 
 
 def _read(path: Path) -> dict[str, Any]:
+    from hpc import yamlfile
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ProfileError(f"cannot read cluster profile {path}: {str(exc).splitlines()[0]}") from None
+        data = yamlfile.load(path, "cluster profile")
+    except yamlfile.YamlError as exc:
+        raise ProfileError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

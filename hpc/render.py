@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jinja2
+import markupsafe
 import yaml
 
 from hpc import paths, ranks, sites, vocab
@@ -33,6 +34,10 @@ DEFAULT_DEEPSPEED = {
     "steps_per_print": 1000000,
     "wall_clock_breakdown": False,
 }
+# Written into every job directory hpcdist renders: --force replaces only a directory holding it.
+MARKER = ".hpcdist-job"
+MARKER_TEXT = ("This directory was written by `hpcdist render`; `hpcdist render --force` may replace it, with "
+               "everything in it.\n")
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
 
 
@@ -54,29 +59,103 @@ class Rendered:
     local_task: str  # one task's shell line under the local runner (run with bash -c)
 
 
-def quote(value: Any) -> str:
+class Shell(markupsafe.Markup):
+    """Text a filter made fit for the place it goes: one shell word, one sbatch argument, a comment.
+
+    The templates' finalize step lets only this (and a macro's output, made of it), whole numbers and
+    plain tokens through, so a value that reaches a template without a filter fails the render instead of
+    becoming code. It is Jinja's autoescaping machinery with refusal in place of HTML escaping: Markup is
+    what Jinja already treats as "escaped", and a macro call returns Markup under autoescape.
+    """
+
+
+# Text that means the same unquoted in a shell command, an sbatch directive and a comment.
+_PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_.,:@%+=/-]*")
+
+
+def _text(value: Any) -> str:
+    """``value`` as text a file can hold: no NUL byte, no lone surrogate (neither can be written)."""
+    text = str(value)
+    if "\x00" in text:
+        raise RenderError(f"value {text!r} contains a NUL byte, which no script can carry; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RenderError(f"value {ascii(text)} contains a character that is not valid UTF-8 (a lone "
+                          "surrogate); remove it") from None
+    return text
+
+
+def quote(value: Any) -> Shell:
     """The ``q`` filter: one shell word that is the value, literally."""
-    return shlex.quote(str(value))
+    return Shell(shlex.quote(_text(value)))
 
 
-def sbatch_quote(value: Any) -> str:
+def sbatch_quote(value: Any) -> Shell:
     """The ``sbatch`` filter: a batch-directive argument as sbatch's own parser reads it (no shell).
 
     sbatch splits directive lines on blanks, honours double quotes and backslash escapes, and ends at the
     line's end; newlines cannot be carried at all, which check() already refused.
     """
-    text = str(value)
-    if "\n" in text or "\r" in text or "\x00" in text:
+    text = _text(value)
+    if "\n" in text or "\r" in text:
         raise RenderError(f"sbatch directive value {text!r} contains a newline; Slurm cannot carry it")
     if _SBATCH_PLAIN.fullmatch(text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return Shell(text)
+    return Shell('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+
+
+def submitit_directive(value: Any) -> str | None:
+    """A value for one of submitit's ``#SBATCH`` lines, arriving in Slurm as job.sbatch's does.
+
+    submitit shell-quotes each value (shlex.quote), and sbatch's directive parser honours those quotes
+    but also reads a backslash as an escape even inside them (``'a\\b'`` would arrive as ``ab``); so each
+    backslash is doubled, to arrive as one.
+    """
+    return None if value is None else _text(value).replace("\\", "\\\\")
+
+
+def comment(value: Any) -> Shell:
+    """The ``comment`` filter: text for a ``#`` comment, every unprintable character (a newline) escaped."""
+    return Shell("".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(value)))
+
+
+def verbatim(value: Any) -> Shell:
+    """The ``verbatim`` filter: shell text by design, one line: the site admin's profile setup lines, or a
+    template's own literal shell words passed to a macro (never a user's value)."""
+    text = _text(value)
+    if "\n" in text or "\r" in text:
+        raise RenderError(f"profile setup line {text!r} holds a line break; give each line as its own item")
+    return Shell(text)
+
+
+class UnquotedValue(RenderError):
+    """A template put a value into shell text without a quoting filter."""
+
+
+def finalize(value: Any) -> str:
+    """Every ``{{ ... }}`` result passes here: filtered text, whole numbers and plain tokens only."""
+    if isinstance(value, markupsafe.Markup):
+        return value
+    if isinstance(value, jinja2.Undefined):
+        return str(value)  # StrictUndefined: fails naming the missing variable
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and _PLAIN_TOKEN.fullmatch(value):
+        return value
+    raise UnquotedValue(f"a template puts {value!r} into a script unquoted; pass it through | q, | sbatch "
+                        "or | comment")
 
 
 def search_path(profile: Profile, environ: Mapping[str, str]) -> tuple[str, ...]:
     """Template directories in order: the profile's, $HPCDIST_TEMPLATES, each search-path level's templates/
     (hpc.sites), the built-in ones last."""
     site = [d for d in (profile.templates, environ.get(TEMPLATES_ENV)) if d]
+    for where, directory in zip(("the profile's templates:", f"${TEMPLATES_ENV}"),
+                                (profile.templates, environ.get(TEMPLATES_ENV))):
+        if directory and not os.path.isdir(directory):
+            # Rendering on without them would silently drop the site's overrides.
+            raise RenderError(f"{where} {directory} is not a directory; create it, fix the path or unset it")
     return tuple(dict.fromkeys((*site, *sites.template_dirs(environ), str(paths.templates_dir()))))
 
 
@@ -85,13 +164,18 @@ def environment(search: tuple[str, ...]) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(d) for d in search]),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,
+        # On, so that macro output counts as checked text; finalize refuses every other unfiltered value
+        # before any HTML escaping could touch it, and plain tokens hold nothing HTML would escape.
+        autoescape=True,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=finalize,
     )
     env.filters["q"] = quote
     env.filters["sbatch"] = sbatch_quote
+    env.filters["comment"] = comment
+    env.filters["verbatim"] = verbatim
     return env
 
 
@@ -123,12 +207,19 @@ def deepspeed_config(spec: JobSpec, base: Mapping[str, Any]) -> dict[str, Any]:
         config.setdefault("bf16", {})["enabled"] = precision == "bf16"
     batch = train_value(spec.train_args, "--batch-size")
     if batch is not None:
-        if not batch.isdigit() or int(batch) % spec.world_size:
-            raise SpecError(f"--batch-size {batch} must be a multiple of the world size {spec.world_size} "
-                            "for DeepSpeed; change it")
+        # check() had the trainer's own parser read it: a whole number of at least 1.
         config["train_batch_size"] = int(batch)
         config["train_micro_batch_size_per_gpu"] = int(batch) // spec.world_size
         config["gradient_accumulation_steps"] = 1
+    # What every rank will do with this file (train.dsconfig is torch-free): a batch that does not split
+    # over the ranks fails here, not on every rank after the queue.
+    from train import dsconfig
+
+    try:
+        dsconfig.resolve(config, world_size=spec.world_size, zero_stage=spec.zero_stage,
+                         global_batch=int(batch) if batch is not None else None)
+    except dsconfig.ConfigError as exc:
+        raise SpecError(f"DeepSpeed config: {exc}") from None
     return config
 
 
@@ -226,8 +317,17 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
             files[name] = env.get_template(f"{name}.j2").render(context)
         for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh"):
             lines[name] = env.get_template(f"{name}.j2").render(context).strip()
+    except RenderError:
+        raise
     except jinja2.TemplateError as exc:
-        raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {exc}".strip()) from None
+        raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {_first_line(exc)}".strip()) from None
+    except RecursionError:
+        raise RenderError("a template includes itself without end; fix the site template directory") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RenderError(f"cannot read a template: {_first_line(exc)}; fix the site template directory") from None
+    except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
+        raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
+                          "site template directory") from None
     files["spec.yaml"] = spec_yaml(spec, profile)
     files["ranks.txt"] = ranks_table(spec, job_id)
     if spec.backend == "deepspeed":
@@ -239,14 +339,15 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "ntasks_per_node": spec.slurm_tasks_per_node,
         "cpus_per_task": spec.cpus_per_task,
         "gpus_per_node": spec.gpus_per_node or None,
-        "time": spec.time_minutes,
-        "partition": spec.partition,
-        "account": spec.account,
-        "job_name": spec.job_name,
+        # The exact --time job.sbatch asks for (not a minute count): 0 and UNLIMITED stay "no limit".
+        "time": submitit_directive(spec.time),
+        "partition": submitit_directive(spec.partition),
+        "account": submitit_directive(spec.account),
+        "job_name": submitit_directive(spec.job_name),
         "signal_delay_s": spec.signal_delay_s,
         "srun_args": ["--kill-on-bad-exit=1"],
         # The same allocation options job.sbatch's #SBATCH lines carry (templates/sbatch-allocation.j2).
-        "additional_parameters": {"requeue": True, **{key: value for key, value in (
+        "additional_parameters": {"requeue": True, **{key: submitit_directive(value) for key, value in (
             ("nodelist", spec.nodelist), ("exclude", spec.exclude), ("dependency", spec.dependency)) if value}},
     }
     return Rendered(
@@ -261,26 +362,86 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     )
 
 
-def write(rendered: Rendered, *, force: bool = False) -> Path:
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def protected_dirs(cwd: str, home: str | None) -> tuple[str, ...]:
+    """Directories a job directory may never be, nor replace: /, the home and current directories and
+    every directory above them."""
+    out = {"/"}
+    for base in (cwd, home):
+        if not base:
+            continue
+        path = os.path.realpath(base)
+        while True:
+            out.add(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+    return tuple(sorted(out))
+
+
+def refuse_protected(target: Path, what: str, environ: Mapping[str, str] | None = None,
+                     cwd: str | None = None) -> None:
+    """RenderError when ``target`` is /, the home or current directory or one above them: hpcdist never
+    writes a job (or sweep) there, since replacing it would remove everything of the user's inside."""
+    environ = os.environ if environ is None else environ
+    real = os.path.realpath(target)
+    if real in protected_dirs(os.getcwd() if cwd is None else cwd, environ.get("HOME")):
+        raise RenderError(f"{what} {target} is /, the home or current directory or one above them; "
+                          f"pick a new directory for the {what.split()[0]}")
+
+
+def _refuse_target(target: Path, force: bool, environ: Mapping[str, str], cwd: str) -> None:
+    """RenderError unless ``target`` may become the job directory (see ``write``)."""
+    refuse_protected(target, "job directory", environ, cwd)
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise RenderError(f"job directory {target} exists and is not a directory; pick another --job-dir")
+    if not any(target.iterdir()):
+        return
+    if not force:
+        raise RenderError(f"job directory {target} already exists; pass another --job-dir, or --force to "
+                          "replace a job directory hpcdist wrote")
+    if not is_job_dir(target):
+        raise RenderError(f"--force replaces only a job directory hpcdist wrote (one holding {MARKER}), and "
+                          f"{target} is not one; pick another --job-dir")
+
+
+def is_job_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory hpcdist wrote: it holds the marker file (not a link to one)."""
+    marker = Path(path) / MARKER
+    return not Path(path).is_symlink() and Path(path).is_dir() and marker.is_file() and not marker.is_symlink()
+
+
+def write(rendered: Rendered, *, force: bool = False, environ: Mapping[str, str] | None = None,
+          cwd: str | None = None) -> Path:
     """Write the job directory all at once: into a temporary sibling, then renamed into place.
 
-    A failure leaves nothing behind; ``force`` replaces an existing job directory.
+    A failure leaves nothing behind. ``force`` replaces an existing job directory, but only one that
+    hpcdist wrote (it holds ``MARKER``); nothing else is ever removed, and the job directory is never
+    /, the home or current directory or one above them (``environ``'s HOME, ``cwd``).
     """
     import shutil
     import tempfile
 
     target = rendered.job_dir
-    if target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
-        raise RenderError(f"job directory {target} already exists; pass another --job-dir or --force")
+    _refuse_target(target, force, os.environ if environ is None else environ, os.getcwd() if cwd is None else cwd)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        # A short name of our own: the job directory's name may already use most of the 255 bytes.
+        staging = Path(tempfile.mkdtemp(prefix=".hpcdist-new-", dir=target.parent))
     except OSError as exc:
-        raise RenderError(f"cannot write the job directory under {target.parent}: {exc.strerror}; "
+        raise RenderError(f"cannot write the job directory under {target.parent}: {exc.strerror or exc}; "
                           "pick a writable --job-dir") from None
     old = None
     try:
         os.chmod(staging, 0o755)
+        (staging / MARKER).write_text(MARKER_TEXT)
         for sub in (vocab.LOGS_DIR, vocab.RUN_DIR):
             (staging / sub).mkdir()
         for name, text in rendered.files.items():
@@ -289,7 +450,7 @@ def write(rendered: Rendered, *, force: bool = False) -> Path:
             if name.endswith((".sh", ".sbatch")):
                 path.chmod(0o755)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=".hpcdist-old-", dir=target.parent))
             target.rename(old / "job")
         staging.rename(target)
     except OSError as exc:
@@ -301,3 +462,14 @@ def write(rendered: Rendered, *, force: bool = False) -> Path:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def discard(job_dir: Path) -> None:
+    """Remove a job directory that was just written but will not run (a refused submission).
+
+    Only a directory holding hpcdist's marker goes; anything else is left as it is.
+    """
+    import shutil
+
+    if is_job_dir(job_dir):
+        shutil.rmtree(job_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hpc import nodelist, plan, vocab
+from train import options as train_options
 
 if TYPE_CHECKING:
     from hpc.profiles import Profile
@@ -21,35 +22,53 @@ NODE_LAUNCHERS = vocab.NODE_LAUNCHERS
 DEFAULT_ZERO_STAGE = vocab.DEFAULT_ZERO_STAGE
 # Only when neither the user, the profile nor the partition's DefaultTime gives a time limit.
 DEFAULT_TIME = "01:00:00"
+# Every spelling of the trainer options hpcdist passes itself (train.options.RESERVED, by destination);
+# check_train_args refuses them however abbreviated or spelled.
+RESERVED_TRAIN_ARGS = train_options.reserved_flags()
 # slurmdbd keeps job names in a tinytext column (255 bytes).
 MAX_JOB_NAME_BYTES = 255
-# Options the render side passes to the trainer itself; a second copy after -- would contradict it.
-RESERVED_TRAIN_ARGS = ("--backend", "--run-dir", "--deepspeed-config", "--local_rank", "--zero-stage",
-                       "--precision")
-
 # Upper bounds on sizes, checked before anything of that size is built (host lists, ranks.txt, local tasks).
 MAX_NODES = nodelist.MAX_HOSTS      # 65,536: as many hosts as one Slurm range can name
 MAX_TASKS_PER_NODE = 65533          # Slurm's ceiling for MaxTasksPerNode (slurm.conf(5)); GPUs per node too
 MAX_CPUS_PER_TASK = 65535           # Slurm keeps CPUs per task in 16 bits
 MAX_WORLD_SIZE = 1 << 20            # 1,048,576 ranks: ten times the largest training jobs run; more is a typo
 
-# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, in ASCII digits and nothing around them
+# (sbatch refuses ' 30' and Unicode digits).
+_D = "([0-9]{1,10})"
 _TIME_FORMS = (
-    (re.compile(r"(\d+)"), ("m",)),
-    (re.compile(r"(\d+):(\d+)"), ("m", "s")),
-    (re.compile(r"(\d+):(\d+):(\d+)"), ("h", "m", "s")),
-    (re.compile(r"(\d+)-(\d+)"), ("d", "h")),
-    (re.compile(r"(\d+)-(\d+):(\d+)"), ("d", "h", "m")),
-    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("d", "h", "m", "s")),
+    (re.compile(_D), ("m",)),
+    (re.compile(f"{_D}:{_D}"), ("m", "s")),
+    (re.compile(f"{_D}:{_D}:{_D}"), ("h", "m", "s")),
+    (re.compile(f"{_D}-{_D}"), ("d", "h")),
+    (re.compile(f"{_D}-{_D}:{_D}"), ("d", "h", "m")),
+    (re.compile(f"{_D}-{_D}:{_D}:{_D}"), ("d", "h", "m", "s")),
 )
 _SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_SIGNAL = re.compile(r"(?:[RB]{1,2}:)?(?:SIG)?([A-Z][A-Z0-9]*|\d+)(?:@(\d+))?")
+# Slurm's words for "no time limit" (as is a limit of 0), in any case.
+UNLIMITED_TIMES = ("UNLIMITED", "INFINITE")
+# Slurm keeps a time limit in minutes in 32 bits, its largest value meaning "infinite".
+MAX_TIME_MINUTES = 2**32 - 2
+# The signal names Slurm's --signal knows (sig_name2num), with or without SIG and in any case; a number
+# must be a real signal's. The warning's delay is a 16-bit count of seconds.
+SLURM_SIGNALS = ("HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "USR2", "URG", "CONT", "STOP",
+                 "TSTP", "TTIN", "TTOU", "XCPU")
+MAX_SIGNAL_NUMBER = 64
+MAX_SIGNAL_DELAY_S = 65535
+_SIGNAL = re.compile(r"(?:(?:R|B|RB|BR):)?(?i:SIG)?([A-Za-z][A-Za-z0-9]*|[0-9]+)(?:@([0-9]+))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Slurm's dependency types (sbatch --dependency) and the short forms --after JOB[:ok|any|notok] takes.
 DEPENDENCY_TYPES = ("after", "afterany", "afterok", "afternotok", "aftercorr", "singleton")
 _AFTER_SHORT = {"ok": "afterok", "any": "afterany", "notok": "afternotok", "corr": "aftercorr", "start": "after"}
 # A job id, or one task of a job array (JOBID_TASKID).
 _DEPENDENCY_JOB = re.compile(r"[1-9]\d*(?:_\d+)?")
+# Whole numbers beyond this fit none of Slurm's fields.
+MAX_INT = 2**31 - 1
+# requeue.sh compares restart counts in shell arithmetic; far beyond Slurm's own MaxBatchRequeue.
+MAX_REQUEUES = 10000
+# Linux's limits on one path component and a whole path.
+NAME_MAX = 255
+PATH_MAX = 4095
 
 
 class SpecError(ValueError):
@@ -110,8 +129,10 @@ class JobSpec:
         return [f"<node{i}>" for i in range(self.nodes)]
 
     @property
-    def time_minutes(self) -> int:
-        return -(-time_seconds(self.time or DEFAULT_TIME) // 60)
+    def time_minutes(self) -> int | None:
+        """The time limit in whole minutes, rounded up as Slurm does; None for no limit."""
+        seconds = time_seconds(self.time or DEFAULT_TIME)
+        return None if seconds is None else -(-seconds // 60)
 
     @property
     def signal_delay_s(self) -> int:
@@ -131,6 +152,11 @@ class JobSpec:
                 grouped[kind].append(job)
         return ",".join(":".join([kind, *jobs]) for kind, jobs in grouped.items())
 
+    @property
+    def signal_name(self) -> str:
+        """``USR1`` from ``B:SIGusr1@120`` or ``10@5``: the signal's name as Python's signal module spells it."""
+        return signal_name(self.signal)
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["train_args"] = list(self.train_args)
@@ -139,30 +165,39 @@ class JobSpec:
 
 
 FIELDS = tuple(f.name for f in fields(JobSpec))
+# Decided by hpcdist, never by a job file or flag: how --backend auto chose, and the interpreter and
+# import path of the hpcdist that renders.
+INTERNAL_FIELDS = ("backend_reason", "python", "pythonpath")
+USER_FIELDS = tuple(f for f in FIELDS if f not in INTERNAL_FIELDS)
 INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues")
 
 
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
-    """A JobSpec from plain values (a job file merged with flags); unknown keys and bad ints are errors."""
-    unknown = sorted(set(values) - set(FIELDS))
+    """A JobSpec from plain values (a job file merged with flags, then hpcdist's python and pythonpath);
+    unknown keys and bad values are errors."""
+    allowed = (*USER_FIELDS, "python", "pythonpath")
+    unknown = sorted(ascii(k) if not isinstance(k, str) else k for k in values if k not in allowed)
     if unknown:
-        raise SpecError(f"unknown job key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
+        raise SpecError(f"unknown job key(s) {', '.join(unknown)}; valid keys: {', '.join(USER_FIELDS)}")
     clean: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
             continue
         if key in INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(
-                    r"\s*-?\d+\s*", str(value)):
-                raise SpecError(f"{key} must be a whole number, got {value!r}")
-            value = int(value)
+                    r"-?[0-9]+", str(value)):
+                raise SpecError(f"{key} must be a whole number (ASCII digits), got {_shown(value)}")
+            if abs(int(str(value))) > MAX_INT:
+                raise SpecError(f"{key} {value} is out of range; give a number below {MAX_INT}")
+            value = int(str(value))
         elif key == "params":
             try:
                 value = plan.parse_count(str(value))
             except plan.PlanError as exc:
                 raise SpecError(f"params: {exc}") from None
         elif key == "train_args":
-            if isinstance(value, str) or not all(isinstance(v, (str, int, float)) for v in value):
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
                 raise SpecError("train_args must be a list of strings (the trainer's arguments)")
             value = tuple(str(v) for v in value)
         elif key == "after":
@@ -173,9 +208,9 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
             value = tuple(parse_after(str(v)) for v in items)
         elif key == "offload":
             if not isinstance(value, bool):
-                raise SpecError(f"offload must be true or false, got {value!r}")
+                raise SpecError(f"offload must be true or false, got {_shown(value)}")
         elif not isinstance(value, str):
-            raise SpecError(f"{key} must be a string, got {value!r}")
+            raise SpecError(f"{key} must be a string, got {_shown(value)}")
         clean[key] = value
     if "job_dir" not in clean:
         raise SpecError("no job directory: pass --job-dir DIR")
@@ -201,13 +236,54 @@ def parse_after(text: str) -> str:
     return f"{kind}:{job}"
 
 
-def time_seconds(value: str) -> int:
-    """Seconds in a Slurm --time value, or SpecError naming the accepted forms."""
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, ASCII only, cut short."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def time_seconds(value: str) -> int | None:
+    """Seconds in a Slurm --time value, None for no limit (0, UNLIMITED, INFINITE); SpecError otherwise."""
+    if value.upper() in UNLIMITED_TIMES:
+        return None
     for pattern, units in _TIME_FORMS:
-        m = pattern.fullmatch(value.strip())
+        m = pattern.fullmatch(value)
         if m:
-            return sum(int(g) * _SECONDS[u] for g, u in zip(m.groups(), units))
-    raise SpecError(f"--time {value!r} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS")
+            seconds = sum(int(g) * _SECONDS[u] for g, u in zip(m.groups(), units))
+            if seconds > MAX_TIME_MINUTES * 60:
+                raise SpecError(f"--time {value} is beyond Slurm's largest time limit; use 0 or UNLIMITED for "
+                                "none")
+            return seconds or None
+    raise SpecError(f"--time {_shown(value)} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS (ASCII "
+                    "digits), or UNLIMITED")
+
+
+def signal_name(value: str) -> str:
+    """The signal a valid --signal spec names, as Python's signal module spells it without SIG."""
+    import signal as signals
+
+    m = _SIGNAL.fullmatch(value)
+    word = m.group(1).upper() if m else "USR1"
+    return signals.Signals(int(word)).name[3:] if word.isdigit() else word
+
+
+def check_signal(value: str) -> None:
+    """SpecError unless Slurm's --signal takes ``value`` ([R|B|RB:][SIG]NAME|NUMBER[@DELAY])."""
+    import signal as signals
+
+    m = _SIGNAL.fullmatch(value)
+    if not m:
+        raise SpecError(f"--signal {_shown(value)} is not a Slurm signal spec; use e.g. USR1@120")
+    word = m.group(1).upper()
+    if word.isdigit():
+        if not 1 <= int(word) <= MAX_SIGNAL_NUMBER or int(word) not in {s.value for s in signals.Signals}:
+            raise SpecError(f"--signal {value}: {word} is not a signal number; use a name such as USR1")
+    elif word not in SLURM_SIGNALS:
+        raise SpecError(f"--signal {value}: Slurm knows no signal {m.group(1)}; use one of "
+                        f"{', '.join(SLURM_SIGNALS)}")
+    if m.group(2) is not None and int(m.group(2)) > MAX_SIGNAL_DELAY_S:
+        raise SpecError(f"--signal {value}: the delay is at most {MAX_SIGNAL_DELAY_S} seconds in Slurm; "
+                        "give a smaller one")
 
 
 def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
@@ -223,7 +299,7 @@ def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
         cpus_per_task=spec.cpus_per_task if spec.cpus_per_task is not None else profile.cpus_per_task,
         partition=spec.partition if spec.partition is not None else profile.partition,
         account=spec.account if spec.account is not None else profile.account,
-        time=spec.time or profile.time or DEFAULT_TIME,
+        time=spec.time if spec.time is not None else profile.time or DEFAULT_TIME,
         python=profile.python or spec.python or "python3",
     )
     if spec.backend == "auto":
@@ -239,16 +315,28 @@ def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
     return spec
 
 
+def check_writable_text(option: str, value: str) -> None:
+    """SpecError for text no file or command line can carry: a NUL byte or a lone surrogate."""
+    if "\x00" in value:
+        raise SpecError(f"{option} contains a NUL byte, which no command line can carry; remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{option} {_shown(value)} contains a character that is not valid UTF-8 (a lone "
+                        "surrogate, or bytes that are not UTF-8); remove it") from None
+
+
 def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
     if value is None:
         return
     if not value:
         raise SpecError(f"{option} is empty; give a value or leave the option out")
+    check_writable_text(option, value)
     if _CONTROL.search(value):
-        raise SpecError(f"{option} {value!r} contains a newline or control character, which Slurm rejects; "
-                        "remove it")
+        raise SpecError(f"{option} {_shown(value)} contains a newline or control character, which Slurm "
+                        "rejects; remove it")
     if not spaces and any(ch.isspace() for ch in value):
-        raise SpecError(f"{option} {value!r} contains whitespace, which Slurm rejects; remove it")
+        raise SpecError(f"{option} {_shown(value)} contains whitespace, which Slurm rejects; remove it")
 
 
 def check_sizes(spec: JobSpec) -> None:
@@ -285,6 +373,8 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     if profile.max_nodes is not None and spec.nodes > profile.max_nodes:
         raise SpecError(f"--nodes {spec.nodes} exceeds cluster {profile.name!r}'s max_nodes "
                         f"{profile.max_nodes}; ask for fewer nodes")
+    if gpus < 0:
+        raise SpecError(f"--gpus-per-node {gpus}: give 0 (CPU only) or more")
     if gpus > profile.gpus_per_node:
         raise SpecError(f"--gpus-per-node {gpus} exceeds the {profile.gpus_per_node} GPU(s) per node of "
                         f"cluster {profile.name!r}; ask for at most {profile.gpus_per_node}")
@@ -310,8 +400,11 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
         if spec.launcher == "srun" and spec.ntasks_per_node != gpus:
             raise SpecError(f"--launcher {spec.launcher} runs one task per GPU ({gpus}); drop "
                             f"--ntasks-per-node or set it to {gpus}")
-    if spec.max_requeues < 0:
-        raise SpecError("--max-requeues must be 0 or more")
+    if not 0 <= spec.max_requeues <= MAX_REQUEUES:
+        raise SpecError(f"--max-requeues {spec.max_requeues}: give 0 to {MAX_REQUEUES}")
+    if spec.offload and spec.backend != "deepspeed":
+        raise SpecError(f"--offload moves DeepSpeed's optimizer state to CPU memory; drop it or use --backend "
+                        f"deepspeed (got --backend {spec.backend})")
 
     _check_text("--job-name", spec.job_name, spaces=True)
     if len(spec.job_name.encode()) > MAX_JOB_NAME_BYTES:
@@ -321,23 +414,28 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     _check_text("--account", spec.account, spaces=False)
     _check_text("--job-dir", spec.job_dir, spaces=True)
     if "%" in spec.job_dir or "\\" in spec.job_dir:
-        raise SpecError(f"--job-dir {spec.job_dir!r} contains '%' or a backslash, which Slurm interprets in "
-                        "log paths; pick a directory without them")
+        raise SpecError(f"--job-dir {_shown(spec.job_dir)} contains '%' or a backslash, which Slurm interprets "
+                        "in log paths; pick a directory without them")
     if not spec.job_dir.startswith("/"):
-        raise SpecError(f"--job-dir {spec.job_dir!r} must be absolute by render time")
+        raise SpecError(f"--job-dir {_shown(spec.job_dir)} must be absolute by render time")
+    # The longest path the job writes under it: run/checkpoints/... leave room.
+    if any(len(part.encode()) > NAME_MAX for part in spec.job_dir.split("/")) or len(
+            spec.job_dir.encode()) > PATH_MAX - 255:
+        raise SpecError(f"--job-dir {_shown(spec.job_dir)} is too long for a path (at most {NAME_MAX} bytes a "
+                        "name); pick a shorter one")
     _check_text("python", spec.python, spaces=True)
     _check_text("pythonpath", spec.pythonpath, spaces=True)
-    for arg in spec.train_args:
-        if "\x00" in arg:
-            raise SpecError("a trainer argument contains a NUL byte, which no command line can carry")
-        if arg.split("=", 1)[0] in RESERVED_TRAIN_ARGS:
-            raise SpecError(f"trainer argument {arg.split('=', 1)[0]} is set by hpcdist; use the matching "
-                            "hpcdist option instead")
+    # A profile's name or path reaches only comments and spec.yaml, each quoted for its place.
+    check_writable_text("--cluster", spec.cluster)
+    if spec.time != spec.time.strip() or not spec.time:
+        raise SpecError(f"--time {_shown(spec.time)}: no blanks around the value, which sbatch refuses")
+    _check_text("--time", spec.time, spaces=False)
     time_seconds(spec.time)
-    if not _SIGNAL.fullmatch(spec.signal):
-        raise SpecError(f"--signal {spec.signal!r} is not a Slurm signal spec; use e.g. USR1@120")
+    _check_text("--signal", spec.signal, spaces=False)
+    check_signal(spec.signal)
     for item in spec.after:
         parse_after(item)
+    check_train_args(spec)
     if spec.nodelist is not None:
         try:
             hosts = nodelist.expand(spec.nodelist, limit=MAX_NODES)
@@ -357,6 +455,37 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
             raise SpecError(f"--exclude {spec.exclude!r} keeps off {', '.join(clash)}, which --nodelist asks for; "
                             "drop it from one of them")
     return spec
+
+
+def check_train_args(spec: JobSpec) -> None:
+    """The trainer's own parser reads the job's arguments now, as every rank would after the queue.
+
+    Each must be one the trainer accepts, none may set what hpcdist passes itself (decided by argparse's
+    destination, so no spelling or abbreviation gets past), and the global batch must split over the ranks.
+    train.options is torch-free, so this costs no torch import.
+    """
+    from train import options
+
+    for arg in spec.train_args:
+        check_writable_text("a trainer argument", arg)
+    try:
+        options.check_job_args(spec.train_args)
+        opts = options.options(launch_args(spec) + list(spec.train_args))
+    except options.OptionsError as exc:
+        raise SpecError(f"trainer argument after --: {exc}") from None
+    if spec.backend != "deepspeed":
+        batch = opts.batch_size or options.DEFAULT_BATCH
+        if batch % spec.world_size:
+            raise SpecError(f"global batch {batch} does not split evenly over {spec.world_size} ranks; pass "
+                            f"-- --batch-size with a multiple of {spec.world_size}")
+
+
+def launch_args(spec: JobSpec) -> list[str]:
+    """The trainer arguments task.sh passes ahead of the job's own (see templates/launch-*.sh.j2)."""
+    args = ["--backend", spec.backend, "--run-dir", f"{spec.job_dir}/run", "--precision", spec.precision]
+    if spec.backend == "deepspeed":
+        args += ["--zero-stage", str(spec.zero_stage), "--deepspeed-config", f"{spec.job_dir}/deepspeed.json"]
+    return args
 
 
 # What the trainer reads for --dataset cifar10 (train/data.py): DIR/cifar-10-batches-py/, or the batches in DIR.

@@ -18,7 +18,8 @@ from hpc.vocab import BATCH_LOG, TASK_LOG
 
 VIAS = ("submitit", "sbatch")
 EXECUTORS = ("auto", "slurm", "local")
-_SIGNAL_NAME = re.compile(r"(?:[RB]{1,2}:)?(?:SIG)?([A-Z][A-Z0-9]*)(?:@\d+)?")
+# The local runner's "no time limit" (Slurm's --time 0 or UNLIMITED): submitit's LocalExecutor needs a number.
+LOCAL_NO_LIMIT_MIN = 100 * 365 * 24 * 60
 
 
 class SubmitError(RuntimeError):
@@ -50,11 +51,13 @@ def choose(via: str, executor: str, have_slurm: bool) -> str:
 
 def slurm_parameters(rendered: Any) -> dict[str, Any]:
     """Keyword arguments for SlurmExecutor.update_parameters that give job.sbatch's allocation and step."""
+    from hpc.render import submitit_directive
+
     job_dir = Path(rendered.job_dir)
     params = {k: v for k, v in rendered.executor.items() if v is not None}
     extra = dict(params.pop("additional_parameters", None) or {})
     # submitit would ask for its own signal (USR2) and logs; the job's own win, as in job.sbatch.
-    extra["signal"] = rendered.spec.signal
+    extra["signal"] = submitit_directive(rendered.spec.signal)
     extra["output"] = str(job_dir / BATCH_LOG)
     extra.setdefault("open-mode", "append")
     params["additional_parameters"] = extra
@@ -72,9 +75,10 @@ def local_command(rendered: Any) -> tuple[str, ...]:
 
 
 def signal_name(spec_signal: str) -> str:
-    """``USR1`` from Slurm's ``B:USR1@120``; the local runner sends it ahead of the time limit."""
-    m = _SIGNAL_NAME.fullmatch(spec_signal)
-    return m.group(1) if m else "USR1"
+    """``USR1`` from Slurm's ``B:USR1@120`` (or ``10@5``); the local runner sends it ahead of the time limit."""
+    from hpc.spec import signal_name as name_of
+
+    return name_of(spec_signal)
 
 
 def record_for(rendered: Any, job_id: str, via: str, now: datetime.datetime) -> jobs.Record:
@@ -167,7 +171,9 @@ def submit_local(rendered: Any) -> Any:
     geometry = task.Geometry.of(spec)
     folder = submitit_folder(rendered)
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(tasks_per_node=geometry.ntasks, timeout_min=spec.time_minutes,
+    minutes = spec.time_minutes
+    executor.update_parameters(tasks_per_node=geometry.ntasks,
+                               timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
     with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)):
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),

@@ -473,6 +473,10 @@ def write(sweep: Sweep, *, force: bool = False) -> Path:
     A failure leaves nothing behind; ``force`` replaces an earlier sweep directory (one holding sweep.yaml).
     """
     target = sweep.sweep_dir
+    try:
+        render.refuse_protected(target, "sweep directory")
+    except render.RenderError as exc:
+        raise SweepError(str(exc)) from None
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         if not force:
             raise SweepError(f"sweep directory {target} already exists; pass another --job-dir or --force")

@@ -87,7 +87,7 @@ def test_hostile_values_arrive_literally(tmp_path: Path, backend: str, launcher:
     profile = profiles.parse("hostile", {"env": {"HOSTILE_ENV": HOSTILE}, "modules": []})
     spec = JobSpec(job_dir=str(job_dir), job_name=HOSTILE, nodes=2, ntasks_per_node=2, backend=backend,
                    launcher=launcher, partition=HOSTILE_WORD, account=HOSTILE_WORD,
-                   python=str(fake_bin / "python"), train_args=("--note", HOSTILE, HOSTILE_WORD))
+                   python=str(fake_bin / "python"), train_args=("--data-dir", HOSTILE, "--data-dir", HOSTILE_WORD))
     rendered = render.render(spec, profile)
     render.write(rendered)
 
@@ -115,7 +115,7 @@ def test_hostile_values_arrive_literally(tmp_path: Path, backend: str, launcher:
     assert len(calls) == 1
     argv, hostile_env = calls[0]["argv"], calls[0]["hostile_env"]
     assert hostile_env == HOSTILE
-    assert argv[-3:] == ["--note", HOSTILE, HOSTILE_WORD]
+    assert argv[-4:] == ["--data-dir", HOSTILE, "--data-dir", HOSTILE_WORD]
     assert argv[argv.index("--run-dir") + 1] == f"{job_dir}/run"
     if launcher == "srun":
         assert argv[:2] == ["-m", "train"]

@@ -99,7 +99,8 @@ def test_deepspeed_launcher_arguments_exist() -> None:
 
 def test_cpu_job_uses_ntasks_per_node() -> None:
     local = profiles.load("local")
-    spec = JobSpec(job_dir="/jobs/cpu", nodes=3, ntasks_per_node=2, backend="ddp", python="python3")
+    spec = JobSpec(job_dir="/jobs/cpu", nodes=3, ntasks_per_node=2, backend="ddp", python="python3",
+                   train_args=("--batch-size", "60"))
     rendered = render.render(spec, local)
     assert "#SBATCH --ntasks-per-node=2" in rendered.files["job.sbatch"]
     assert "gpus-per-node" not in rendered.files["job.sbatch"]
@@ -166,7 +167,7 @@ def test_deepspeed_config_overrides() -> None:
     assert config["zero_optimization"]["stage"] == 3
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
     assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 16
-    with pytest.raises(SpecError, match="multiple of the world size"):
+    with pytest.raises(SpecError, match="global batch 10 does not split evenly over 4 ranks"):
         render.render(replace(spec, train_args=("--batch-size", "10")), SITE, search=builtin())
 
 
@@ -190,6 +191,8 @@ def test_site_templates_override_and_strict_undefined(tmp_path: Path) -> None:
 
 
 def test_search_path_order(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     site = replace(SITE, templates=str(tmp_path / "a"))
     got = render.search_path(site, {"HPCDIST_TEMPLATES": str(tmp_path / "b")})
     assert got == (str(tmp_path / "a"), str(tmp_path / "b"), str(paths.templates_dir()))
@@ -199,7 +202,7 @@ def test_write_is_all_or_nothing(tmp_path: Path) -> None:
     rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
     render.write(rendered)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [
-        "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "task.sh"]
+        ".hpcdist-job", "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "task.sh"]
     with pytest.raises(render.RenderError, match="already exists"):
         render.write(rendered)
     render.write(rendered, force=True)

@@ -38,7 +38,7 @@ BAD = [
     (["--nodelist", "n[1-"], "--nodelist: unclosed '['"),
     (["--nodes", "2", "--nodelist", "n[1-3]"], "names 3 node(s) but --nodes is 2"),
     (["--cluster", "nowhere"], "unknown cluster 'nowhere'"),
-    (["--max-requeues", "-1"], "--max-requeues must be 0 or more"),
+    (["--max-requeues", "-1"], "--max-requeues -1: give 0 to 10000"),
     (["--", "--backend", "dp"], "set by hpcdist"),
     (["--", "--run-dir=/x"], "set by hpcdist"),
     (["--params", "lots"], "params:"),

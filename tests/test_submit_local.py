@@ -24,7 +24,8 @@ sleep "${SLEEP_S:-0}"
 def submit_standin(tmp_path, monkeypatch, nodes: int = 2, **env: str) -> submit.Submitted:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=nodes, python=sys.executable, time="5")
+    spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=nodes, python=sys.executable, time="5",
+                   train_args=("--batch-size", "60"))
     rendered = render.render(spec, profiles.load("local"))
     rendered = dataclasses.replace(rendered, files={**rendered.files, "task.sh": STANDIN})
     render.write(rendered)

@@ -16,6 +16,8 @@ from hpc.spec import JobSpec, time_seconds
 
 
 def rendered_for(tmp_path: Path, **kw) -> render.Rendered:
+    # A global batch that splits over any of these tests' world sizes (1 to 6 ranks).
+    kw.setdefault("train_args", ("--batch-size", "60"))
     spec = JobSpec(job_dir=str(tmp_path / "job"), python=sys.executable, **kw)
     return render.render(spec, profiles.load("local"))
 

@@ -1,8 +1,13 @@
-"""The trainer's command line (docs/CONTRACTS.md) parsed into one frozen Options value."""
+"""The trainer's command line (docs/CONTRACTS.md) parsed into one frozen Options value.
+
+Torch-free on purpose: ``hpcdist render`` parses a job's trainer arguments with this very parser, so a
+bad argument fails at render time rather than on every rank after the queue.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +15,13 @@ from typing import Sequence
 from hpc import vocab
 
 DEFAULT_BATCH = 256  # global, dp/ddp; DeepSpeed takes its config's train_batch_size unless told
+# Destinations the launch sets (hpcdist's task.sh, the DeepSpeed launcher): given twice, the last would
+# silently win, so each may appear once, and a job's own arguments may not set them at all.
+RESERVED = ("backend", "run_dir", "deepspeed_config", "local_rank", "zero_stage", "precision")
+
+
+class OptionsError(ValueError):
+    """An argument the trainer refuses; one line."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +60,34 @@ class Options:
 
 
 class _Parser(argparse.ArgumentParser):
+    checking = False  # True while hpcdist checks a job's arguments: nothing may print or exit then
+
     def error(self, message: str):
-        # One line, as the exit-status contract asks, rather than argparse's usage block.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise OptionsError(message)
+
+    def print_help(self, file=None):
+        if self.checking:
+            raise OptionsError("--help would make the job print this help and end without training; drop it")
+        super().print_help(file)
+
+
+class _Once(argparse.Action):
+    """Store a value, refusing a second occurrence of the same destination under any spelling."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given", set())
+        if self.dest in seen:
+            raise argparse.ArgumentError(self, "given twice; it is set once, by the launch")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train", description="Train the reference CIFAR-10 ConvNet.")
-    p.add_argument("--backend", choices=vocab.BACKENDS, required=True)
-    p.add_argument("--run-dir", type=Path, required=True, help="metrics.jsonl, summary.json, checkpoints/")
+    # No abbreviations: `--back` or `--run-d` must not reach an option by a prefix of its name.
+    p = _Parser(prog="python -m train", description="Train the reference CIFAR-10 ConvNet.", allow_abbrev=False)
+    p.add_argument("--backend", choices=vocab.BACKENDS, required=True, action=_Once)
+    p.add_argument("--run-dir", type=Path, required=True, help="metrics.jsonl, summary.json, checkpoints/",
+                   action=_Once)
     p.add_argument("--dataset", choices=vocab.DATASETS, default="synthetic")
     p.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py/")
     p.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir if missing")
@@ -68,9 +99,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=vocab.LOADERS, default="resident")
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (classic loader)")
-    p.add_argument("--zero-stage", type=int, choices=vocab.ZERO_STAGES)
-    p.add_argument("--precision", choices=vocab.PRECISIONS, default="auto")
-    p.add_argument("--deepspeed-config", type=Path)
+    p.add_argument("--zero-stage", type=int, choices=vocab.ZERO_STAGES, action=_Once)
+    p.add_argument("--precision", choices=vocab.PRECISIONS, default="auto", action=_Once)
+    p.add_argument("--deepspeed-config", type=Path, action=_Once)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
     p.add_argument("--checkpoint-every-min", type=float, default=10.0,
                    help="also checkpoint when this many minutes of wall time passed since the last one; bounds "
@@ -93,21 +124,75 @@ def parser() -> argparse.ArgumentParser:
                         "stacks are dumped and the ranks exit 76 (0: no hang watchdog)")
     p.add_argument("--hang-factor", type=float, default=10.0, help="the k in max(--hang-timeout-s, k x step time)")
     # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and wins.
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS, action=_Once)
     return p
 
 
-def parse(argv: Sequence[str] | None = None) -> Options:
-    args = vars(parser().parse_args(argv))
-    args.pop("local_rank")
-    opts = Options(**args)
+def _validate(opts: Options) -> None:
     for name in ("synthetic_size", "epochs", "max_steps", "batch_size", "log_every", "warmup_steps", "threads"):
         value = getattr(opts, name)
         if value is not None and value < 1:
-            parser().error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise OptionsError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("checkpoint_every_min", "heartbeat_s", "hang_timeout_s", "hang_factor"):
+        if not 0 <= getattr(opts, name) < float("inf"):
+            raise OptionsError(f"--{name.replace('_', '-')} must be a number 0 or more, got {getattr(opts, name)}")
+    for name in ("num_workers", "checkpoint_every", "seed"):
         if getattr(opts, name) < 0:
-            parser().error(f"--{name.replace('_', '-')} must not be negative, got {getattr(opts, name)}")
+            raise OptionsError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
+    if not 0 < opts.timeout_s < float("inf"):
+        raise OptionsError(f"--timeout-s must be a positive number of seconds, got {opts.timeout_s}")
+    if opts.lr is not None and not 0 < opts.lr < float("inf"):
+        raise OptionsError(f"--lr must be a positive number, got {opts.lr}")
     if opts.dataset == "cifar10" and opts.data_dir is None:
-        parser().error("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/)")
+        raise OptionsError("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/)")
+
+
+def options(argv: Sequence[str]) -> Options:
+    """The Options ``argv`` gives, or OptionsError (one line) for any argument the trainer refuses."""
+    p = parser()
+    try:
+        args = vars(p.parse_args(list(argv)))
+    except argparse.ArgumentError as exc:
+        raise OptionsError(str(exc)) from None
+    args.pop("local_rank")
+    args.pop("_given", None)
+    opts = Options(**args)
+    _validate(opts)
     return opts
+
+
+def reserved_flags() -> tuple[str, ...]:
+    """Every spelling of the RESERVED options (``--local_rank`` and ``--local-rank``, ...)."""
+    return tuple(flag for action in parser()._actions if action.dest in RESERVED for flag in action.option_strings)
+
+
+def check_job_args(args: Sequence[str]) -> None:
+    """OptionsError unless ``args``, a job's own trainer arguments, leave every RESERVED destination alone.
+
+    Decided by argparse's destination, so no spelling (``--local-rank``, ``--run-dir=X``) gets past it.
+    """
+    p = parser()
+    unset = object()
+    p.checking = True
+    for action in p._actions:
+        if action.dest in RESERVED:
+            action.required, action.default = False, unset
+    try:
+        namespace, _ = p.parse_known_args(list(args))
+    except argparse.ArgumentError as exc:
+        raise OptionsError(str(exc)) from None
+    for action in p._actions:
+        if action.dest in RESERVED and getattr(namespace, action.dest, unset) is not unset:
+            raise OptionsError(f"{'/'.join(action.option_strings)} is set by hpcdist itself; use the matching "
+                               "hpcdist option instead")
+
+
+def parse(argv: Sequence[str] | None = None) -> Options:
+    """The trainer's Options from its command line; exits 2 with one line on a bad argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return options(argv)
+    except OptionsError as exc:
+        # One line, as the exit-status contract asks, rather than argparse's usage block.
+        print(f"python -m train: error: {exc} (see --help)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -23,21 +23,36 @@ from hpc import vocab
 if TYPE_CHECKING:
     from hpc.render import Rendered
 
+class WholeNumber(click.ParamType):
+    """A whole number in ASCII digits, as Slurm reads one; click's own int also takes ' 3 ' and Unicode digits."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, str) or not re.fullmatch(r"-?[0-9]+", value):
+            self.fail(f"{ascii(value)} is not a whole number in ASCII digits", param, ctx)
+        return int(value)
+
+
+WHOLE = WholeNumber()
+
 # (flags, JobSpec field, click keyword arguments); every default is None so that a job file's value is
 # kept unless the flag was actually given. Choices are checked by hpc.spec.check, not click, so a bad
 # value in a job file and on the command line fail alike: one line, exit 2.
 OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--cluster",), "cluster", {"help": "Cluster profile name or YAML path (see `hpcdist clusters`). "
                                   "[$HPCDIST_CLUSTER, else the config's default_cluster, else local]"}),
-    (("--nodes", "-N"), "nodes", {"type": int, "help": "Nodes. [1]"}),
-    (("--gpus-per-node",), "gpus_per_node", {"type": int, "help": "GPUs per node. [the profile's]"}),
+    (("--nodes", "-N"), "nodes", {"type": WHOLE, "help": "Nodes. [1]"}),
+    (("--gpus-per-node",), "gpus_per_node", {"type": WHOLE, "help": "GPUs per node. [the profile's]"}),
     (("--ntasks-per-node",), "ntasks_per_node",
-     {"type": int, "help": "Ranks per node on a CPU-only job (with GPUs: one per GPU). [1]"}),
-    (("--cpus-per-task",), "cpus_per_task", {"type": int, "help": "CPUs per Slurm task. [the profile's]"}),
+     {"type": WHOLE, "help": "Ranks per node on a CPU-only job (with GPUs: one per GPU). [1]"}),
+    (("--cpus-per-task",), "cpus_per_task", {"type": WHOLE, "help": "CPUs per Slurm task. [the profile's]"}),
     (("--backend",), "backend", {"help": f"Training backend: {', '.join(vocab.JOB_BACKENDS)}. [ddp]"}),
     (("--launcher",), "launcher", {"help": "What starts each node's ranks: "
                                    f"{', '.join(vocab.LAUNCHERS)}. [srun]"}),
-    (("--zero-stage",), "zero_stage", {"type": int, "help": "DeepSpeed ZeRO stage 0-3. [2]"}),
+    (("--zero-stage",), "zero_stage", {"type": WHOLE, "help": "DeepSpeed ZeRO stage 0-3. [2]"}),
     (("--precision",), "precision", {"help": f"{', '.join(vocab.PRECISIONS)}. [auto]"}),
     (("--partition", "-p"), "partition", {"help": "Slurm partition. [the profile's]"}),
     (("--account", "-A"), "account", {"help": "Slurm account. [the profile's]"}),
@@ -49,7 +64,7 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--nodelist", "-w"), "nodelist",
      {"help": "Slurm nodelist to request, e.g. n[1-2]; also fills ranks.txt and the hostfile offline."}),
     (("--signal",), "signal", {"help": "Slurm --signal for preemption warnings. [USR1@120]"}),
-    (("--max-requeues",), "max_requeues", {"type": int, "help": "Requeues after a checkpointed stop. [3]"}),
+    (("--max-requeues",), "max_requeues", {"type": WHOLE, "help": "Requeues after a checkpointed stop. [3]"}),
     (("--offload/--no-offload",), "offload",
      {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
     (("--params",), "params",
@@ -92,18 +107,21 @@ def spec_from_options(config_file: str | None = None, **options: Any) -> specs.J
 def values_from_options(config_file: str | None = None, base: dict[str, Any] | None = None,
                         **options: Any) -> dict[str, Any]:
     """Job values: ``base`` (a sweep file's), then the job file, then the flags that were given."""
-    import yaml
+    from hpc import yamlfile
 
     values: dict[str, Any] = dict(base or {})
     if config_file:
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise specs.SpecError(f"cannot read job file {config_file}: {str(exc).splitlines()[0]}") from None
+            loaded = yamlfile.load(Path(config_file), "job file")
+        except yamlfile.YamlError as exc:
+            raise specs.SpecError(str(exc)) from None
         if not isinstance(loaded, dict):
             raise specs.SpecError(f"job file {config_file} must be a YAML mapping of option names")
         values.update({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in loaded.items()})
         if "output_dir" in values:
+            if "job_dir" in values:
+                raise specs.SpecError(f"job file {config_file} sets both job_dir and output_dir (the same "
+                                      "thing); keep one")
             values["job_dir"] = values.pop("output_dir")
     train_args = options.pop("train_args", None)
     # A repeatable flag that was not given arrives as (), which must not hide the job file's value.
@@ -112,7 +130,12 @@ def values_from_options(config_file: str | None = None, base: dict[str, Any] | N
         values["train_args"] = list(train_args)
     values.setdefault("job_dir", _default_job_dir(str(values.get("job_name") or vocab.DEFAULT_JOB_NAME)))
     if isinstance(values["job_dir"], str):
+        if not values["job_dir"] or "\x00" in values["job_dir"]:
+            raise specs.SpecError(f"--job-dir {values['job_dir']!r} is not a directory name; give one")
         values["job_dir"] = os.path.abspath(os.path.expanduser(values["job_dir"]))
+    internal = sorted(k for k in values if k in specs.INTERNAL_FIELDS)
+    if internal:
+        raise specs.SpecError(f"{', '.join(internal)} is decided by hpcdist itself, not by a job file; remove it")
     if not values.get("cluster"):
         from hpc import sites
 
@@ -120,8 +143,9 @@ def values_from_options(config_file: str | None = None, base: dict[str, Any] | N
             values["cluster"] = sites.default_cluster(os.environ)[0]
         except sites.SiteError as exc:
             raise specs.SpecError(str(exc)) from None
-    values.setdefault("python", sys.executable)
-    values.setdefault("pythonpath", checkout_root())
+    # The interpreter and import path are this hpcdist's own, never a job file's.
+    values["python"] = sys.executable
+    values["pythonpath"] = checkout_root()
     return values
 
 

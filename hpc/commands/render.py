@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,16 @@ def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, 
     click.echo(f"# job directory: {rendered.job_dir}", err=not quiet)
     if test_only_:
         status, answer = sbatch_test_only(rendered.job_dir)
-        click.echo(answer, err=True)
+        if not status:
+            click.echo(answer, err=True)
         if status:
-            click.echo(f"hpcdist render: Slurm refused the job (sbatch --test-only exit {status})", err=True)
-            sys.exit(1)
+            from hpc import render as rendering
+
+            # A job Slurm refuses will not run: its directory, just written, goes again.
+            rendering.discard(rendered.job_dir)
+            reason = answer.splitlines()[-1] if answer else f"exit {status}"
+            fail("render", RuntimeError(f"Slurm refused the job (sbatch --test-only): {reason}; "
+                                        f"nothing was kept"))
 
 
 @click.command()

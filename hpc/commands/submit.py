@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,11 +64,14 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
         click.echo(rendered.files["job.sbatch"], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
         return
+    from hpc import render as rendering
+
     try:
         submitted = submitting.submit(rendered, where, os.environ)
     except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
-        # Nothing runs from this directory: leaving it would only look like a job that exists.
-        shutil.rmtree(rendered.job_dir, ignore_errors=True)
+        # Nothing runs from this directory: leaving it would only look like a job that exists. Only the
+        # directory render just wrote goes (it holds the marker), never anything of the user's.
+        rendering.discard(rendered.job_dir)
         click.echo(f"hpcdist submit: {exc}", err=True)
         sys.exit(1)
     record = submitted.record
@@ -127,6 +129,11 @@ def status(job: str) -> None:
     click.echo(f"{current.line()}  via={record.via}  dir={record.job_dir}")
     from hpc.commands.observe import status_lines
 
+    if jobs.directory_gone(record):
+        known = "Slurm's record above" if record.via != "local" else "nothing more (its task statuses were in it)"
+        click.echo(f"hpcdist status: job directory {record.job_dir} no longer exists (deleted or moved): logs "
+                   f"and results are gone; known is {known}", err=True)
+        return
     for line in status_lines(record):
         click.echo(line)
     if not current.done and record.via != "local":
@@ -209,8 +216,9 @@ def list_jobs(last: int) -> None:
     rows = [("JOBID", "VIA", "STATE", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND", "LAUNCHER",
              "NODES", "RANKS", "JOB_DIR")]
     for r in records:
+        where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
         rows.append((r.job_id, r.via, current[r.job_id].state, *list_cells(r), r.submitted, r.job_name, r.backend,
-                     r.launcher, str(r.nodes), str(r.world_size), r.job_dir))
+                     r.launcher, str(r.nodes), str(r.world_size), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))

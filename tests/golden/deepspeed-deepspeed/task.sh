@@ -12,7 +12,9 @@ resume=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     resume=(--resume)
 fi
-eval "$("$python" -m hpc env --shell)"
+# Assigned first: under set -e a failing `hpc env` then stops the task (inside eval "$(...)" it would not).
+rendezvous=$("$python" -m hpc env --shell)
+eval "$rendezvous"
 # DeepSpeed's per-node launcher, not its ssh runner: srun already put one task on each node.
 world_info=$("$python" -m hpc hostfile --from-slurm --world-info --slots 2)
 # The launcher exports neither; hpc.ranks reads them for local world size and node rank.

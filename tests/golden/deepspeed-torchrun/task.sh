@@ -12,7 +12,9 @@ resume=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     resume=(--resume)
 fi
-eval "$("$python" -m hpc env --shell)"
+# Assigned first: under set -e a failing `hpc env` then stops the task (inside eval "$(...)" it would not).
+rendezvous=$("$python" -m hpc env --shell)
+eval "$rendezvous"
 # Slurm signals every process of the step: torchrun's agent ignores USR1 (its default action would kill
 # it) while the trainer installs its own handler and checkpoints.
 trap '' USR1

@@ -1,0 +1,455 @@
+"""hpcdist never removes what it did not write, never runs a value as code, and answers bad input with one
+line and exit status 2 (issue 10's defects, one test or more each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hpc import jobs, profiles, render, submit
+from hpc.cli import main
+from hpc.spec import JobSpec, SpecError, check, time_seconds
+from train import options
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``hpcdist ARGS`` in-process: exit status, stdout, stderr."""
+    result = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_refusal(code: int, err: str, *words: str) -> None:
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+# ---- 1: --force replaces only a job directory hpcdist wrote ----------------------------------------
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home holding a secret, as the working directory; HOME points at it."""
+    home = tmp_path / "h"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id").write_text("key\n")
+    (home / "work").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home / "work")
+    return home
+
+
+@pytest.mark.parametrize("target", ["~", ".", "..", "", "/", "~/work", "../.."])
+def test_force_never_replaces_home_cwd_root_or_a_parent(home: Path, target: str) -> None:
+    before = tree(home)
+    code, _, err = cli(["render", "-q", "-o", target, "--force"], env={"HOME": str(home)})
+    assert_one_line_refusal(code, err)
+    assert tree(home) == before
+
+
+def test_a_sweep_never_replaces_the_cwd_even_holding_a_sweep_file(home: Path) -> None:
+    (home / "work" / "sweep.yaml").write_text("x: 1\n")
+    before = tree(home)
+    code, _, err = cli(["sweep", "--dry-run", "-o", ".", "--force"])
+    assert_one_line_refusal(code, err, "current directory")
+    assert tree(home) == before
+
+
+def test_force_refuses_a_job_dir_from_a_job_file_that_is_the_cwd(home: Path) -> None:
+    (home / "work" / "job.yaml").write_text("job_dir: .\n")
+    before = tree(home)
+    code, _, err = cli(["render", "-q", "-c", "job.yaml", "--force"], env={"HOME": str(home)})
+    assert_one_line_refusal(code, err, str(home / "work"))
+    assert tree(home) == before
+
+
+def test_force_refuses_a_regular_file_and_a_directory_hpcdist_did_not_write(home: Path) -> None:
+    (home / "work" / "notes.txt").write_text("mine\n")
+    (home / "work" / "data").mkdir()
+    (home / "work" / "data" / "x.bin").write_bytes(b"\0\1")
+    before = tree(home)
+    for target in ("notes.txt", "data"):
+        code, _, err = cli(["render", "-q", "-o", target, "--force"])
+        assert_one_line_refusal(code, err, target)
+    assert tree(home) == before
+
+
+def test_force_replaces_a_job_dir_hpcdist_wrote(home: Path) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    assert (home / "work" / "job" / render.MARKER).is_file()
+    (home / "work" / "job" / "run" / "old-result").write_text("x")
+    code, _, err = cli(["render", "-q", "-o", "job"])
+    assert_one_line_refusal(code, err, "already exists")
+    assert cli(["render", "-q", "-o", "job", "--force"])[0] == 0
+    assert not (home / "work" / "job" / "run" / "old-result").exists()
+    # Nothing is left beside it: no staging or old copies.
+    assert sorted(p.name for p in (home / "work").iterdir()) == ["job"]
+
+
+def test_a_symlinked_marker_does_not_make_a_job_dir(home: Path) -> None:
+    (home / "work" / "fake").mkdir()
+    (home / "work" / "fake" / "mine").write_text("keep")
+    (home / "work" / "elsewhere").write_text("")
+    (home / "work" / "fake" / render.MARKER).symlink_to(home / "work" / "elsewhere")
+    code, _, err = cli(["render", "-q", "-o", "fake", "--force"])
+    assert_one_line_refusal(code, err, "fake")
+    assert (home / "work" / "fake" / "mine").read_text() == "keep"
+
+
+def test_discard_removes_only_a_marked_job_dir(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "f").write_text("keep")
+    render.discard(mine)
+    assert (mine / "f").read_text() == "keep"
+    spec = JobSpec(job_dir=str(tmp_path / "job"), python=sys.executable)
+    written = render.write(render.render(spec, profiles.load("local")))
+    render.discard(written)
+    assert not written.exists()
+
+
+def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkeypatch) -> None:
+    """`hpcdist submit` whose sbatch refuses: the job dir render just wrote goes, nothing else."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    sbatch = fake_bin / "sbatch"
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: no' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").write_text("mine")
+    code, _, err = cli(["submit", "--via", "sbatch", "-o", "job"],
+                       env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "reg")})
+    assert code == 1 and "sbatch refused the job" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "keep"]
+
+
+# ---- 2: every value reaching a template goes through one quoting layer -------------------------------
+
+def test_a_profile_path_cannot_inject_into_setup_sh(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "site\ntouch PWNED\n#.yaml"
+    hostile.write_text("partition: debug\n")
+    code, _, err = cli(["render", "-q", "-o", "j", "--cluster", str(hostile)])
+    assert code == 0, err
+    subprocess.run(["bash", "-c", "source j/setup.sh"], cwd=tmp_path, check=True, capture_output=True)
+    assert not (tmp_path / "PWNED").exists()
+    assert "site\\ntouch PWNED\\n#.yaml" in (tmp_path / "j" / "setup.sh").read_text()
+
+
+def test_a_template_that_forgets_to_quote_fails_the_render(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "setup.sh.j2").write_text("echo {{ spec.job_name }}\n")
+    spec = JobSpec(job_dir=str(tmp_path / "job"), job_name="$(touch PWNED)", python=sys.executable)
+    with pytest.raises(render.RenderError, match="unquoted"):
+        render.render(spec, profiles.load("local"), search=(str(site), str(REPO / "templates")))
+    # A plain word needs no quoting; the same template renders it.
+    ok = render.render(replace(spec, job_name="plain-name_1.0"), profiles.load("local"),
+                       search=(str(site), str(REPO / "templates")))
+    assert ok.files["setup.sh"] == "echo plain-name_1.0\n"
+
+
+def test_comment_filter_keeps_a_comment_on_one_line() -> None:
+    assert render.comment("a\nb\rc\u2028d\x1b") == "a\\nb\\rc\\u2028d\\x1b"
+
+
+# ---- 3, 14: geometry and settings that cannot work ---------------------------------------------------
+
+@pytest.mark.parametrize("args,words", [
+    (["--gpus-per-node", "-1"], ["--gpus-per-node -1"]),
+    (["--offload"], ["--offload", "deepspeed"]),
+    (["--max-requeues", "99999999999999999999"], ["max_requeues"]),
+    (["--max-requeues", "100000"], ["--max-requeues 100000"]),
+    (["--nodes", "\u0663"], ["ASCII digits"]),
+    (["--nodes", " 1"], ["ASCII digits"]),
+])
+def test_settings_that_cannot_work_are_refused(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j"), *args])
+    assert_one_line_refusal(code, err, *words)
+    assert not (tmp_path / "j").exists()
+
+
+@pytest.mark.parametrize("text,words", [
+    ("backend_reason: because\n", ["backend_reason is decided by hpcdist"]),
+    ("python: /bin/evil\n", ["python is decided by hpcdist"]),
+    ("job_dir: a\noutput_dir: b\n", ["both job_dir and output_dir"]),
+    ("nodes: 1\nnodes: 2\n", ["'nodes' appears twice"]),
+    ("1: 2\n", ["unknown job key", "1"]),
+    ("train_args: [true]\n", ["train_args must be a list of strings"]),
+    ("nodes: [1]\n", ["nodes must be a whole number"]),
+])
+def test_job_file_mistakes_are_one_line(tmp_path: Path, text: str, words: list[str]) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    code, _, err = cli(["render", "-q", "-c", str(job), "-o", str(tmp_path / "j")])
+    assert_one_line_refusal(code, err, *words)
+
+
+@pytest.mark.parametrize("network,words", [
+    ({"NCCL_IB_GID_INDEX": -7}, ["NCCL_IB_GID_INDEX"]),
+    ({"NCCL_IB_GID_INDEX": 300}, ["NCCL_IB_GID_INDEX"]),
+    ({"NCCL_NET_GDR_LEVEL": "FAST"}, ["NCCL_NET_GDR_LEVEL"]),
+    ({"NCCL_SOCKET_IFNAME": "ib0 eth0"}, ["NCCL_SOCKET_IFNAME"]),
+])
+def test_network_values_nccl_would_misread_are_refused(network: dict, words: list[str]) -> None:
+    with pytest.raises(profiles.ProfileError) as info:
+        profiles.parse("site", {"network": network})
+    assert all(w in str(info.value) for w in words)
+
+
+def test_duplicate_keys_in_a_profile_are_refused(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("partition: a\npartition: b\n")
+    with pytest.raises(profiles.ProfileError, match="'partition' appears twice"):
+        profiles.load(str(site))
+
+
+# ---- 4, 16: the trainer's arguments, read by the trainer's own parser at render time -----------------
+
+@pytest.mark.parametrize("args", [["--back", "ddp"], ["--run-d", "X"], ["--deepspeed-c", "evil.json"],
+                                  ["--local-rank", "5"], ["--local_rank=5"], ["--precision=fp32"],
+                                  ["--zero-stage", "1"], ["--help"]])
+def test_reserved_or_abbreviated_trainer_options_are_refused_at_render(tmp_path: Path, args: list[str]) -> None:
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j"), "--", *args])
+    assert_one_line_refusal(code, err, "trainer argument")
+    assert not (tmp_path / "j").exists()
+
+
+@pytest.mark.parametrize("args", [["--back", "dp"], ["--run-d", "y"], ["--backend", "dp"], ["--local-rank", "1"]])
+def test_the_trainer_itself_takes_no_abbreviation_and_no_second_reserved_option(args: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        options.parse(["--backend", "ddp", "--run-dir", "x", "--local_rank", "0", *args])
+    assert info.value.code == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_train_options_stays_torch_free() -> None:
+    probe = "import sys, train.options, hpc.spec; print(any(m.split('.')[0] == 'torch' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--", "--batch-size", "abc"], ["invalid int value: 'abc'"]),
+    (["--", "--batch-size=0"], ["--batch-size must be at least 1"]),
+    (["--", "--epochs", "-1"], ["--epochs must be at least 1"]),
+    (["--", "--no-such-option"], ["unrecognized arguments: --no-such-option"]),
+    (["--nodes", "3", "--ntasks-per-node", "2", "--backend", "deepspeed", "--launcher", "torchrun"],
+     ["global batch 32 does not split evenly over 6 ranks"]),
+    (["--nodes", "3", "--backend", "ddp"], ["global batch 256 does not split evenly over 3 ranks"]),
+    (["--nodes", "2", "--backend", "deepspeed", "--", "--batch-size", "7"],
+     ["global batch 7 does not split evenly over 2 ranks"]),
+])
+def test_what_every_rank_would_refuse_is_refused_at_render(tmp_path: Path, args: list[str], words) -> None:
+    head = args[:args.index("--")] if "--" in args else args
+    tail = args[args.index("--"):] if "--" in args else []
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j"), *head, *tail])
+    assert_one_line_refusal(code, err, *words)
+
+
+def test_the_deepspeed_geometry_from_the_issue_is_refused_by_submit_too(tmp_path: Path) -> None:
+    code, _, err = cli(["submit", "--executor", "local", "--nodes", "3", "--ntasks-per-node", "2", "--backend",
+                        "deepspeed", "--launcher", "torchrun", "-o", str(tmp_path / "j")],
+                       env={"HPCDIST_HOME": str(tmp_path / "reg")})
+    assert_one_line_refusal(code, err, "does not split evenly over 6 ranks")
+    assert not (tmp_path / "j").exists() and not (tmp_path / "reg").exists()
+
+
+# ---- 5, 8: the submitit path carries job.sbatch's exact values ---------------------------------------
+
+def sbatch_directive_words(script: str) -> dict[str, str]:
+    """#SBATCH options as Slurm's sbatch reads them (src/sbatch/opt.c, _get_argument): blanks split, ' and
+    " quote, a backslash escapes the next character even inside quotes, an unquoted # ends the line."""
+    out = {}
+    for line in script.splitlines():
+        if not line.startswith("#SBATCH"):
+            continue
+        rest, word, quote, escape = line[len("#SBATCH"):].lstrip(), "", "", False
+        for ch in rest:
+            if escape:
+                word, escape = word + ch, False
+            elif ch == "\\":
+                escape = True
+            elif quote:
+                if ch == quote:
+                    quote = ""
+                else:
+                    word += ch
+            elif ch in "'\"":
+                quote = ch
+            elif ch.isspace() or ch == "#":
+                break
+            else:
+                word += ch
+        assert not quote, f"sbatch would stop at an unmatched quote: {line}"
+        key, _, value = word.partition("=")
+        out[key] = value
+    return out
+
+
+def submitit_script(rendered: render.Rendered) -> str:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command="true", folder=str(rendered.job_dir / "submitit"),
+                               **submit.slurm_parameters(rendered))
+
+
+@pytest.mark.parametrize("name", ["a\\", "a\\b", "it's", 'say "hi"', "x # y", "a'\\\"b $(x)"])
+@pytest.mark.parametrize("time", ["30", "1:30", "1-0", "0", "UNLIMITED", "2-03:04:05"])
+def test_both_submit_paths_carry_identical_values(tmp_path: Path, name: str, time: str) -> None:
+    spec = JobSpec(job_dir=str(tmp_path / "job"), job_name=name, time=time, signal="B:SIGusr2@61",
+                   python=sys.executable)
+    rendered = render.render(spec, profiles.load("local"))
+    ours, theirs = sbatch_directive_words(rendered.files["job.sbatch"]), sbatch_directive_words(
+        submitit_script(rendered))
+    for key in ("--job-name", "--time", "--partition", "--signal"):
+        assert theirs[key] == ours[key], key
+    assert ours["--job-name"] == name and ours["--time"] == time
+
+
+@pytest.mark.parametrize("value,seconds", [("0", None), ("UNLIMITED", None), ("infinite", None), ("0:0", None),
+                                           ("0:30", 30), ("1-0", 86400)])
+def test_zero_and_unlimited_are_no_limit(value: str, seconds: int | None) -> None:
+    assert time_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", [" 30", "30 ", "\u0661\u0660", "-1", "1:2:3:4", "", "30m", "99999999999"])
+def test_times_slurm_refuses_are_refused(value: str) -> None:
+    spec = JobSpec(job_dir="/tmp/j", time=value, python="python3")
+    with pytest.raises(SpecError) as info:
+        check(spec, profiles.load("local"))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["FOO@120", "USR1@99999999", "USR1@65536", "0", "PIPE", "B:R:USR1", "@120",
+                                   "USR1@\uff11", "USR1 ", "999"])
+def test_signals_slurm_refuses_are_refused(value: str) -> None:
+    with pytest.raises(SpecError, match="--signal"):
+        check(JobSpec(job_dir="/tmp/j", signal=value, python="python3"), profiles.load("local"))
+
+
+@pytest.mark.parametrize("value,name", [("USR1@65535", "USR1"), ("sigterm", "TERM"), ("RB:10@5", "USR1"),
+                                        ("XCPU", "XCPU")])
+def test_signals_slurm_takes_are_taken(value: str, name: str) -> None:
+    spec = check(JobSpec(job_dir="/tmp/j", signal=value, python="python3"), profiles.load("local"))
+    assert spec.signal_name == name
+
+
+# ---- 7: no traceback for any input ------------------------------------------------------------------
+
+def test_unreadable_inputs_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"job_name: caf\xe9\n")
+    assert_one_line_refusal(*_code_err(cli(["render", "-q", "-c", str(bad), "-o", str(tmp_path / "j")])),
+                            "not UTF-8")
+    assert_one_line_refusal(*_code_err(cli(["render", "-q", "--cluster", str(bad), "-o", str(tmp_path / "j")])),
+                            "not UTF-8")
+    assert_one_line_refusal(*_code_err(cli(["render", "-q", "--cluster", str(tmp_path), "-o",
+                                            str(tmp_path / "j")])), "is a directory")
+    assert_one_line_refusal(*_code_err(cli(["render", "-q", "-o", str(tmp_path / ("x" * 256))])), "too long")
+    assert_one_line_refusal(*_code_err(cli(["render", "-q", "-J", "a\udcffb", "-o", str(tmp_path / "j")])),
+                            "not valid UTF-8")
+    assert_one_line_refusal(*_code_err(cli(["render", "-q", "-o", str(tmp_path / "j"), "--", "--seed",
+                                            "\udcff"])), "not valid UTF-8")
+
+
+def _code_err(result: tuple[int, str, str]) -> tuple[int, str]:
+    return result[0], result[2]
+
+
+@pytest.mark.parametrize("template,words", [
+    ("{{ 1 // 0 }}", ["ZeroDivisionError"]),
+    ('{% include "setup.sh.j2" %}', ["includes itself"]),
+    (b"# caf\xe9\n", ["cannot read a template"]),
+    ("{{ nope }}", ["'nope' is undefined"]),
+])
+def test_broken_site_templates_are_one_line(tmp_path: Path, template, words) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    path = site / "setup.sh.j2"
+    path.write_bytes(template) if isinstance(template, bytes) else path.write_text(template)
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j")], env={"HPCDIST_TEMPLATES": str(site)})
+    assert_one_line_refusal(code, err, *words)
+
+
+def test_click_usage_errors_are_one_line() -> None:
+    for args in (["render", "--nodes", "abc"], ["render", "--no-such-flag"], ["no-such-command"],
+                 ["status"]):
+        proc = subprocess.run([sys.executable, "-m", "hpc", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+        assert_one_line_refusal(proc.returncode, proc.stderr, "--help")
+
+
+# ---- 9: --time 0 under the local runner -------------------------------------------------------------
+
+def test_no_time_limit_gives_the_local_runner_no_limit(tmp_path: Path, monkeypatch) -> None:
+    import submitit
+
+    seen = {}
+    monkeypatch.setattr(submitit.LocalExecutor, "update_parameters",
+                        lambda self, **kw: seen.update(kw))
+    monkeypatch.setattr(submitit.LocalExecutor, "submit", lambda self, *a, **kw: None)
+    for time, minutes in (("0", submit.LOCAL_NO_LIMIT_MIN), ("UNLIMITED", submit.LOCAL_NO_LIMIT_MIN),
+                          ("0:30", 1), ("90", 90)):
+        spec = JobSpec(job_dir=str(tmp_path / "job"), time=time, python=sys.executable)
+        submit.submit_local(render.render(spec, profiles.load("local")))
+        assert seen["timeout_min"] == minutes, time
+
+
+# ---- 11: a missing site template directory ----------------------------------------------------------
+
+def test_a_missing_site_template_directory_is_an_error(tmp_path: Path) -> None:
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j")],
+                       env={"HPCDIST_TEMPLATES": str(tmp_path / "nonexistent")})
+    assert_one_line_refusal(code, err, "HPCDIST_TEMPLATES", "nonexistent")
+    site = tmp_path / "site.yaml"
+    site.write_text("templates: missing-dir\n")
+    code, _, err = cli(["render", "-q", "--cluster", str(site), "-o", str(tmp_path / "j")])
+    assert_one_line_refusal(code, err, "templates:", str(tmp_path / "missing-dir"))
+
+
+# ---- 15: a failing `hpc env` stops the task ----------------------------------------------------------
+
+@pytest.mark.parametrize("launcher,backend", [("torchrun", "ddp"), ("deepspeed", "deepspeed")])
+def test_a_failing_hpc_env_stops_task_sh(tmp_path: Path, launcher: str, backend: str) -> None:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\nif [ \"$1 $2 $3\" = '-m hpc env' ]; then echo 'no rank' >&2; exit 2; fi\n"
+                    f"touch {tmp_path}/LAUNCHED\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=2, backend=backend, launcher=launcher, python=str(fake))
+    render.write(render.render(spec, profiles.load("local")))
+    proc = subprocess.run(["bash", str(tmp_path / "job" / "task.sh")], capture_output=True, text=True,
+                          env={**os.environ, "SLURM_NODEID": "0", "SLURM_NNODES": "2", "SLURM_JOB_ID": "1"})
+    assert proc.returncode != 0 and "no rank" in proc.stderr
+    assert not (tmp_path / "LAUNCHED").exists()
+
+
+# ---- 17: status and list for a job whose directory was deleted --------------------------------------
+
+def test_status_and_list_say_the_job_dir_is_gone(tmp_path: Path) -> None:
+    record = jobs.Record(job_id="999999", job_dir=str(tmp_path / "deleted"), via="local",
+                         submitted="2026-01-01T00:00:00+00:00", job_name="gone")
+    jobs.append(tmp_path / "reg" / "jobs.jsonl", record)
+    env = {"HPCDIST_HOME": str(tmp_path / "reg")}
+    code, out, err = cli(["status", "999999"], env=env)
+    assert code == 0 and "UNKNOWN" in out and "FAILED" not in out, out
+    assert "no longer exists" in err
+    code, out, _ = cli(["list"], env=env)
+    assert "(deleted)" in out and "UNKNOWN" in out
+    assert json.loads((tmp_path / "reg" / "jobs.jsonl").read_text())["job_id"] == "999999"
