@@ -190,10 +190,10 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     for key in ("slurm_cluster", "partition", "account", "python"):
         if data.get(key) is not None:
             values[key] = _str(key, data[key])
-    for key, lowest, highest in (("gpus_per_node", 0, 1024), ("cpus_per_task", 1, 65535),
-                                 ("max_nodes", 1, 65536)):
+    # Only absurd values here; hpc.spec's bounds judge the job that uses them.
+    for key, lowest in (("gpus_per_node", 0), ("cpus_per_task", 1), ("max_nodes", 1)):
         if data.get(key) is not None:
-            values[key] = _int(key, data[key], lowest, highest)
+            values[key] = _int(key, data[key], lowest)
     if data.get("time") is not None:
         values["time"] = _str("time", data["time"])
         try:

@@ -435,7 +435,6 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     check_signal(spec.signal)
     for item in spec.after:
         parse_after(item)
-    check_train_args(spec)
     if spec.nodelist is not None:
         try:
             hosts = nodelist.expand(spec.nodelist, limit=MAX_NODES)
@@ -454,6 +453,8 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
         if clash:
             raise SpecError(f"--exclude {spec.exclude!r} keeps off {', '.join(clash)}, which --nodelist asks for; "
                             "drop it from one of them")
+    # Last: the trainer's own view of its arguments, once the geometry they meet is known to be sound.
+    check_train_args(spec)
     return spec
 
 

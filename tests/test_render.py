@@ -146,7 +146,8 @@ def test_ranks_table_placeholders_show_the_port_rule() -> None:
 
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_ranks_table_beyond_its_size_lists_each_nodes_first_and_last_rank(launcher: str) -> None:
-    spec = replace(golden_spec("ddp", launcher), nodes=3, gpus_per_node=4, nodelist="gpu[07-09]")
+    spec = replace(golden_spec("ddp", launcher), nodes=3, gpus_per_node=4, nodelist="gpu[07-09]",
+                   train_args=("--batch-size", "96"))
     table = render.ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=8)
     assert [r[:5] for r in _rows(table)] == [
         ["0", "0", "0", "gpu07", "gpu07"], ["3", "3", "0", "gpu07", "gpu07"],
@@ -156,7 +157,7 @@ def test_ranks_table_beyond_its_size_lists_each_nodes_first_and_last_rank(launch
 
 
 def test_ranks_table_of_one_rank_per_node_lists_it_once() -> None:
-    spec = replace(golden_spec("ddp", "srun"), nodes=3, gpus_per_node=1)
+    spec = replace(golden_spec("ddp", "srun"), nodes=3, gpus_per_node=1, train_args=("--batch-size", "96"))
     table = render.ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=2)
     assert [r[0] for r in _rows(table)] == ["0", "1", "2"]
 

@@ -70,7 +70,9 @@ def test_the_local_executor_refuses_what_it_cannot_emulate_before_writing(tmp_pa
                                                                          message: str) -> None:
     job_dir = tmp_path / "job"
     result = CliRunner().invoke(main, ["submit", "--executor", "local", "--cluster", profile(tmp_path),
-                                       "-o", str(job_dir), *args], catch_exceptions=False,
+                                       # A batch that splits, so that only the local runner's limit is at issue.
+                                       "-o", str(job_dir), *args, "--", "--batch-size", "306000"],
+                                catch_exceptions=False,
                                 env={"HPCDIST_HOME": str(tmp_path / "home")})
     assert result.exit_code == 2, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
@@ -79,5 +81,6 @@ def test_the_local_executor_refuses_what_it_cannot_emulate_before_writing(tmp_pa
 
 def test_254_local_nodes_still_render(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["submit", "--executor", "local", "--dry-run", "--cluster", profile(tmp_path),
-                                       "-o", str(tmp_path / "job"), "--nodes", "254"], catch_exceptions=False)
+                                       "-o", str(tmp_path / "job"), "--nodes", "254", "--", "--batch-size", "254"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
