@@ -532,6 +532,7 @@ class Row:
     array: str
     job_id: str           # JOBID_TASKID once submitted, else ""
     state: str
+    precision: str | None   # what the trainer trained in (summary.json), which "auto" leaves to it
     images_per_s: float | None
     final_loss: float | None
     test_accuracy: float | None
@@ -542,7 +543,7 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "label": self.label, "array": self.array, "job_id": self.job_id,
-                "state": self.state, "images_per_s": self.images_per_s, "final_loss": self.final_loss,
+                "state": self.state, "precision": self.precision, "images_per_s": self.images_per_s, "final_loss": self.final_loss,
                 "test_accuracy": self.test_accuracy, "peak_memory_mib": list(self.peak_memory_mib),
                 "time_to_first_step_s": self.time_to_first_step_s, "hostnames": list(self.hostnames),
                 "job_dir": self.job_dir}
@@ -610,7 +611,7 @@ def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[
         state = states.get(job_id, "UNKNOWN") if job_id else "NOT_SUBMITTED"
         out.append(Row(
             index=task["index"], label=label(task.get("values") or {}), array=task["array"], job_id=job_id,
-            state=state, images_per_s=summary.get("images_per_s"), final_loss=summary.get("final_loss"),
+            state=state, precision=summary.get("precision"), images_per_s=summary.get("images_per_s"), final_loss=summary.get("final_loss"),
             test_accuracy=summary.get("test_accuracy"),
             peak_memory_mib=tuple(round((r.get("peak_memory_bytes") or 0) / 2**20, 1) for r in ranks),
             time_to_first_step_s=summary.get("time_to_first_step_s"),
@@ -624,14 +625,14 @@ def _fmt(value: Any, spec_fmt: str) -> str:
 
 def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
     """The comparison as aligned text, or as a markdown table."""
-    header = ("task", "job", "configuration", "state", "images/s", "final loss", "test acc",
+    header = ("task", "job", "configuration", "state", "precision", "images/s", "final loss", "test acc",
               "peak MiB per rank", "first step s")
-    body = [(str(r.index), r.job_id or "-", r.label, r.state, _fmt(r.images_per_s, ".0f"),
+    body = [(str(r.index), r.job_id or "-", r.label, r.state, r.precision or "-", _fmt(r.images_per_s, ".0f"),
              _fmt(r.final_loss, ".4f"), _fmt(r.test_accuracy, ".3f"),
              "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-", _fmt(r.time_to_first_step_s, ".1f"))
             for r in report_rows]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 5]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * 5]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines) + "\n"
     widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]

@@ -266,7 +266,7 @@ def test_sacct_rows_of_array_tasks_and_their_folded_pending_row():
 def test_report_rows_table_and_chart(tmp_path):
     sweep = plan(tmp_path, axes("backend=dp,ddp"))
     sweeps.write(sweep)
-    summary = {"images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25, "time_to_first_step_s": 6.04,
+    summary = {"precision": "bf16", "images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25, "time_to_first_step_s": 6.04,
                "ranks": [{"rank": 1, "peak_memory_bytes": 2 * 2**20, "hostname": "n3"},
                          {"rank": 0, "peak_memory_bytes": 3 * 2**20, "hostname": "n1"}]}
     (sweep.tasks[1].rendered.job_dir / "run" / "summary.json").write_text(json.dumps(summary))
@@ -275,6 +275,6 @@ def test_report_rows_table_and_chart(tmp_path):
     assert [(r.job_id, r.state, r.images_per_s, r.peak_memory_mib, r.hostnames) for r in rows] == [
         ("41_0", "FAILED", None, (), ()), ("41_1", "COMPLETED", 812.4, (3.0, 2.0), ("n1", "n3"))]
     markdown = sweeps.table(rows, markdown=True)
-    assert "| 1 | 41_1 | backend=ddp | COMPLETED | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
+    assert "| 1 | 41_1 | backend=ddp | COMPLETED | bf16 | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
     png = sweeps.chart(rows, tmp_path / "r.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
