@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -542,11 +542,7 @@ class Row:
     job_dir: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "label": self.label, "array": self.array, "job_id": self.job_id,
-                "state": self.state, "precision": self.precision, "images_per_s": self.images_per_s, "final_loss": self.final_loss,
-                "test_accuracy": self.test_accuracy, "peak_memory_mib": list(self.peak_memory_mib),
-                "time_to_first_step_s": self.time_to_first_step_s, "hostnames": list(self.hostnames),
-                "job_dir": self.job_dir}
+        return asdict(self)
 
 
 def load(sweep_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -611,7 +607,8 @@ def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[
         state = states.get(job_id, "UNKNOWN") if job_id else "NOT_SUBMITTED"
         out.append(Row(
             index=task["index"], label=label(task.get("values") or {}), array=task["array"], job_id=job_id,
-            state=state, precision=summary.get("precision"), images_per_s=summary.get("images_per_s"), final_loss=summary.get("final_loss"),
+            state=state, precision=summary.get("precision"), images_per_s=summary.get("images_per_s"),
+            final_loss=summary.get("final_loss"),
             test_accuracy=summary.get("test_accuracy"),
             peak_memory_mib=tuple(round((r.get("peak_memory_bytes") or 0) / 2**20, 1) for r in ranks),
             time_to_first_step_s=summary.get("time_to_first_step_s"),

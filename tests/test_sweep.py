@@ -266,7 +266,8 @@ def test_sacct_rows_of_array_tasks_and_their_folded_pending_row():
 def test_report_rows_table_and_chart(tmp_path):
     sweep = plan(tmp_path, axes("backend=dp,ddp"))
     sweeps.write(sweep)
-    summary = {"precision": "bf16", "images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25, "time_to_first_step_s": 6.04,
+    summary = {"precision": "bf16", "images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25,
+               "time_to_first_step_s": 6.04,
                "ranks": [{"rank": 1, "peak_memory_bytes": 2 * 2**20, "hostname": "n3"},
                          {"rank": 0, "peak_memory_bytes": 3 * 2**20, "hostname": "n1"}]}
     (sweep.tasks[1].rendered.job_dir / "run" / "summary.json").write_text(json.dumps(summary))
