@@ -53,7 +53,9 @@ def of(beats: Mapping[int, Any], metric: Mapping[str, Any] | None = None) -> Pro
         attempt = max(b.attempt for b in beats.values())
         current = {r: b for r, b in beats.items() if b.attempt == attempt}
         lead = current.get(0) or current[min(current)]
+        # While training, the ranks training now; after it, the last rate each rank reported.
         rates = [b.images_per_s for b in current.values() if b.phase == "train" and b.images_per_s]
+        rates = rates or [b.images_per_s for b in current.values() if b.images_per_s]
         return Progress(step=lead.step, total_steps=lead.total_steps, loss=lead.loss,
                         images_per_s=sum(rates) if rates else None, step_time_s=lead.step_time_s,
                         phase=lead.phase, attempt=attempt, ranks_seen=len(current))

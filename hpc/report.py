@@ -71,13 +71,15 @@ def phase_seconds(beats: Sequence[Any], since: float | None = None, until: float
 
 def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[int, float],
           endings: Mapping[int, str], first_steps: Mapping[int, float],
-          lead_history: Mapping[int, Sequence[Any]]) -> list[AttemptSpan]:
+          lead_history: Mapping[int, Sequence[Any]], steps_seen: Mapping[int, int] | None = None) -> list[AttemptSpan]:
     """Each attempt's span from its start/end times and its lead rank's heartbeat history.
 
     ``lead_history``: attempt -> rank 0's heartbeats in that attempt. The step a resume started from is the
     step its first training heartbeat shows (written on entering the phase, before any step); steps up to
-    the furthest any earlier attempt reached are recomputation.
+    the furthest any earlier attempt reached are recomputation. ``steps_seen`` (attempt -> the furthest step
+    another source, metrics.jsonl, logged) catches steps run after the last heartbeat of a killed attempt.
     """
+    steps_seen = steps_seen or {}
     out = []
     furthest = 0
     for attempt in sorted(attempts):
@@ -87,7 +89,7 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
         first = first_steps.get(attempt)
         training = [b for b in beats if b.phase == "train"]
         resume = training[0].step if training else 0
-        last = max((b.step for b in beats), default=resume)
+        last = max([b.step for b in beats] + [steps_seen.get(attempt, resume)])
         phases = phase_seconds(beats, since=first, until=end)
         redone = max(min(last, furthest) - resume, 0)
         out.append(AttemptSpan(attempt, start, end, endings.get(attempt, "unknown"), first, resume, last,
@@ -124,6 +126,14 @@ def loss_series(metrics: Sequence[Mapping[str, Any]]) -> list[list[tuple[int, fl
         segments[-1].append((step, float(loss)))
         last = step
     return segments
+
+
+def steps_by_attempt(segments: Sequence[Sequence[tuple[int, float]]], trained: Sequence[int]) -> dict[int, int]:
+    """attempt -> the furthest step of its metrics segment, pairing segments with the attempts that trained,
+    in order; nothing when the counts differ (an attempt that logged no step would shift every pair)."""
+    if len(segments) != len(trained):
+        return {}
+    return {attempt: max(step for step, _ in seg) for attempt, seg in zip(sorted(trained), segments) if seg}
 
 
 def rate_series(histories: Mapping[int, Sequence[Any]],

@@ -143,13 +143,14 @@ def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]]:
-    """Each attempt's Submit and Start (unix times) from ``sacct -D -X -n -P -o JobID,Submit,Start``, oldest
-    first: Slurm keeps one row per run of a requeued job."""
+    """Each attempt's Submit, Start and End (unix times) from ``sacct -D -X -n -P -o JobID,Submit,Start,End``,
+    oldest first: Slurm keeps one row per run of a requeued job. End is None while it runs."""
     rows = []
     for line in text.splitlines():
         cols = line.split("|")
         if len(cols) >= 3 and cols[0] == job_id:
-            rows.append({"submitted": slurm_time(cols[1]), "started": slurm_time(cols[2])})
+            rows.append({"submitted": slurm_time(cols[1]), "started": slurm_time(cols[2]),
+                         "ended": slurm_time(cols[3]) if len(cols) > 3 else None})
     rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
     return rows
 
@@ -183,7 +184,7 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     for attempt, rank, node in sorted(set(world)):
         stamps: dict[str, float] = {}
         if attempt < len(slurm):
-            stamps.update({k: v for k, v in slurm[attempt].items() if v is not None})  # type: ignore[misc]
+            stamps.update({k: v for k, v in slurm[attempt].items() if v is not None and k in STAMPS})
         if attempt == 0 and submitted is not None:
             stamps.setdefault("submitted", submitted)
         entry = shell.get(attempt, {})

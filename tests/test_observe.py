@@ -285,6 +285,18 @@ def test_goodput_counts_steps_redone_after_a_resume_as_recomputation() -> None:
     assert good["redone_steps"] == 20
 
 
+def test_metrics_catch_steps_a_killed_attempt_ran_after_its_last_heartbeat() -> None:
+    first = [hb(0, "train", 0), hb(2, "train", 40)]
+    second = [hb(10, "train", 40, 1), hb(20, "done", 100, 1)]
+    segments = [[(5, 2.0), (45, 1.5)], [(50, 1.4), (100, 1.0)]]
+    seen = report.steps_by_attempt(segments, [0, 1])
+    assert seen == {0: 45, 1: 100}
+    spans = report.spans([0, 1], {0: 0.0, 1: 9.0}, {0: 3.0, 1: 21.0}, {}, {0: 1.0, 1: 11.0},
+                         {0: first, 1: second}, seen)
+    assert [s.redone_steps for s in spans] == [0, 5]
+    assert report.steps_by_attempt(segments, [1]) == {}
+
+
 def test_loss_segments_split_where_the_step_goes_back() -> None:
     rows = [{"step": 1, "loss": 2.3}, {"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.9},
             {"step": 21, "loss": 2.0}, {"step": 40, "loss": 1.7}, {"bad": True}]

@@ -70,7 +70,7 @@ def sacct_attempts(record: jobs.Record) -> list[dict[str, float | None]]:
     if record.via == "local" or shutil.which("sacct") is None:
         return []
     try:
-        proc = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", record.job_id, "-o", "JobID,Submit,Start"],
+        proc = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", record.job_id, "-o", "JobID,Submit,Start,End"],
                               capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
@@ -237,6 +237,9 @@ def goodput_of(record: jobs.Record, falls: list[timeline.Waterfall]) -> dict[str
     for w in falls:
         starts[w.attempt] = min(starts.get(w.attempt, w.allocated_at), w.allocated_at)
     ends = {a["attempt"]: t for a in attempts if (t := _time(a.get("ended"))) is not None}
+    for attempt, row in enumerate(sacct_attempts(record)):
+        if row.get("ended") is not None:
+            ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt in seen:
         last = [b.time for hist in histories.values() for b in hist if b.attempt == attempt]
         last += [b.time for b in beats.values() if b.attempt == attempt]
@@ -249,7 +252,9 @@ def goodput_of(record: jobs.Record, falls: list[timeline.Waterfall]) -> dict[str
         if done is not None:
             first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in seen}
-    spans = report.spans(sorted(seen), starts, ends, endings, first_steps, lead)
+    trained = [a for a in sorted(seen) if any(b.phase == "train" for b in lead[a])]
+    steps_seen = report.steps_by_attempt(report.loss_series(read_jsonl(rdir / vocab.METRICS)), trained)
+    spans = report.spans(sorted(seen), starts, ends, endings, first_steps, lead, steps_seen)
     return report.goodput(spans, record.nodes)
 
 
@@ -297,7 +302,7 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         save("rate", fig, ax, {"series": {str(k): v for k, v in series.items()}})
 
     if falls:
-        fig, ax = plt.subplots(figsize=(9, 0.4 * len(falls) + 1.5))
+        fig, ax = plt.subplots(figsize=(10, 0.4 * len(falls) + 2.2))
         names = list(timeline.PHASES.values())
         colours = dict(zip(names, plt.get_cmap("tab10").colors))
         labels = []
@@ -309,7 +314,7 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         ax.set_yticks(range(len(falls)), labels)
         ax.invert_yaxis()
         ax.set_xlabel("seconds from the attempt's first stamp")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         save("waterfall", fig, ax, {"waterfalls": [w.to_json() for w in falls]})
 
     if good["allocated_node_s"] > 0:
