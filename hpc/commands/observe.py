@@ -87,11 +87,13 @@ def board_of(record: jobs.Record, now: float | None = None, watch: monitor.Watch
 
 
 def stragglers_of(record: jobs.Record) -> list[dict[str, Any]]:
-    """The job's stragglers: from the ranks' heartbeat histories when kept, else from the live board."""
+    """The job's stragglers: while it trains, the live board's (its last few heartbeats); after, the whole
+    newest attempt's from the ranks' heartbeat histories."""
+    board = board_of(record)
     histories = monitor.read_histories(run_dir(record))
-    if histories:
-        return monitor.run_stragglers(histories)
-    return [monitor.straggler_json(v) for v in board_of(record).stragglers]
+    if any(v.beat.phase == "train" for v in board.ranks) or not histories:
+        return [monitor.straggler_json(v) for v in board.stragglers]
+    return monitor.run_stragglers(histories)
 
 
 def waterfalls(record: jobs.Record) -> list[timeline.Waterfall]:
