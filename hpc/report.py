@@ -138,10 +138,22 @@ def steps_by_attempt(segments: Sequence[Sequence[tuple[int, float]]], trained: S
 
 def rate_series(histories: Mapping[int, Sequence[Any]],
                 since: float | None = None) -> dict[int, list[tuple[float, float]]]:
-    """rank -> (seconds since ``since``, images/s) from its training heartbeats, every attempt."""
+    """rank -> (seconds since ``since``, images/s) from its training heartbeats, every attempt; a NaN point
+    between attempts, so a chart breaks its line over the time the job was down."""
     origin = since if since is not None else min((b.time for beats in histories.values() for b in beats), default=0.0)
-    return {rank: [(b.time - origin, b.images_per_s) for b in beats if b.phase == "train" and b.images_per_s]
-            for rank, beats in sorted(histories.items())}
+    out: dict[int, list[tuple[float, float]]] = {}
+    for rank, beats in sorted(histories.items()):
+        points: list[tuple[float, float]] = []
+        attempt = None
+        for b in beats:
+            if b.phase != "train" or not b.images_per_s:
+                continue
+            if attempt is not None and b.attempt != attempt:
+                points.append((b.time - origin, float("nan")))
+            points.append((b.time - origin, b.images_per_s))
+            attempt = b.attempt
+        out[rank] = points
+    return out
 
 
 def _e(value: Any) -> str:

@@ -297,6 +297,14 @@ def test_metrics_catch_steps_a_killed_attempt_ran_after_its_last_heartbeat() -> 
     assert report.steps_by_attempt(segments, [1]) == {}
 
 
+def test_the_rate_series_breaks_between_attempts() -> None:
+    beats = {0: [monitor.Heartbeat(rank=0, time=10.0 + i, phase="train", images_per_s=100.0 + i, attempt=i // 2)
+                 for i in range(4)]}
+    points = report.rate_series(beats)[0]
+    assert [t for t, _ in points] == [0.0, 1.0, 2.0, 2.0, 3.0]
+    assert points[2][1] != points[2][1] and [v for _, v in points if v == v] == [100.0, 101.0, 102.0, 103.0]
+
+
 def test_loss_segments_split_where_the_step_goes_back() -> None:
     rows = [{"step": 1, "loss": 2.3}, {"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.9},
             {"step": 21, "loss": 2.0}, {"step": 40, "loss": 1.7}, {"bad": True}]

@@ -260,77 +260,111 @@ def goodput_of(record: jobs.Record, falls: list[timeline.Waterfall]) -> dict[str
     return report.goodput(spans, record.nodes)
 
 
+def _draw_loss(ax: Any, segments: list) -> None:
+    for i, seg in enumerate(segments):
+        ax.plot([s for s, _ in seg], [v for _, v in seg], marker=".", label=f"run segment {i}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over ranks)")
+    ax.set_title("loss", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _draw_rate(ax: Any, series: dict) -> None:
+    for rank, points in series.items():
+        ax.plot([t for t, _ in points], [v for _, v in points], label=f"rank {rank}")
+    ax.set_xlabel("seconds since the first heartbeat")
+    ax.set_ylabel("images/s (this rank)")
+    ax.set_title("images/s per rank", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _draw_waterfall(ax: Any, falls: list[timeline.Waterfall]) -> None:
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(timeline.PHASES.values(), plt.get_cmap("tab10").colors))
+    labels, named = [], set()
+    for y, w in enumerate(falls):
+        labels.append(f"attempt {w.attempt} rank {w.rank}")
+        for p in w.phases:
+            ax.barh(y, p.seconds, left=p.start - w.start, color=colours[p.name],
+                    label=p.name if p.name not in named else "_")
+            named.add(p.name)
+    ax.set_yticks(range(len(falls)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the attempt's first stamp")
+    ax.set_title("start-up waterfall", fontsize=10)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _draw_goodput(ax: Any, good: dict[str, Any]) -> None:
+    left = 0.0
+    for c in report.CATEGORIES:
+        share = good["share"][c] * 100
+        ax.barh(0, share, left=left, label=f"{c} {share:.0f}%")
+        left += share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("% of allocated node-time")
+    ax.set_title(f"goodput ({good['redone_steps']} steps recomputed)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfall],
                 good: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """loss.png, rate.png, waterfall.png and goodput.png, each with NAME.json beside it holding the series
-    the figure actually drew (read back from its axes). Returns name -> that data."""
+    the figure actually drew (read back from its axes), and overview.png with all four. Returns name -> data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rdir = run_dir(record)
+    segments = report.loss_series(read_jsonl(rdir / vocab.METRICS))
+    series = report.rate_series(monitor.read_histories(rdir))
+    charts = {
+        "loss": (segments, _draw_loss, (8, 3.5), {"segments": segments}),
+        "rate": (series if any(series.values()) else None, _draw_rate, (8, 3.5),
+                 {"series": {str(k): v for k, v in series.items()}}),
+        "waterfall": (falls, _draw_waterfall, (10, 0.4 * len(falls) + 2.2),
+                      {"waterfalls": [w.to_json() for w in falls]}),
+        "goodput": (good if good["allocated_node_s"] > 0 else None, _draw_goodput, (9, 2.2), {"share": good["share"]}),
+    }
     drawn: dict[str, dict[str, Any]] = {}
-
-    def save(name: str, fig: Any, ax: Any, extra: dict[str, Any]) -> None:
+    for name, (data, draw, size, extra) in charts.items():
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax, data)
         lines = [{"label": ln.get_label(), "points": len(ln.get_xdata())} for ln in ax.get_lines()]
         bars = [{"label": c.get_label(), "bars": len(c.patches)} for c in ax.containers]
-        data = {"lines": lines, "bars": bars, **extra}
+        drawn[name] = {"lines": lines, "bars": bars, **extra}
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png", dpi=100)
         plt.close(fig)
-        (folder / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-        drawn[name] = data
-
-    segments = report.loss_series(read_jsonl(rdir / vocab.METRICS))
-    if segments:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        for i, seg in enumerate(segments):
-            ax.plot([s for s, _ in seg], [v for _, v in seg], marker=".", label=f"run segment {i}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (rank 0, mean over ranks)")
-        ax.legend()
-        save("loss", fig, ax, {"segments": segments})
-
-    histories = monitor.read_histories(rdir)
-    series = report.rate_series(histories)
-    if any(series.values()):
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        for rank, points in series.items():
-            ax.plot([t for t, _ in points], [v for _, v in points], label=f"rank {rank}")
-        ax.set_xlabel("seconds since the first heartbeat")
-        ax.set_ylabel("images/s (this rank)")
-        ax.legend()
-        save("rate", fig, ax, {"series": {str(k): v for k, v in series.items()}})
-
-    if falls:
-        fig, ax = plt.subplots(figsize=(10, 0.4 * len(falls) + 2.2))
-        names = list(timeline.PHASES.values())
-        colours = dict(zip(names, plt.get_cmap("tab10").colors))
-        labels = []
-        for y, w in enumerate(falls):
-            labels.append(f"a{w.attempt} r{w.rank}")
-            for p in w.phases:
-                ax.barh(y, p.seconds, left=p.start - w.start, color=colours[p.name],
-                        label=p.name if p.name not in ax.get_legend_handles_labels()[1] else "_")
-        ax.set_yticks(range(len(falls)), labels)
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds from the attempt's first stamp")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        save("waterfall", fig, ax, {"waterfalls": [w.to_json() for w in falls]})
-
-    if good["allocated_node_s"] > 0:
-        fig, ax = plt.subplots(figsize=(8, 1.8))
-        left = 0.0
-        for c in report.CATEGORIES:
-            share = good["share"][c] * 100
-            ax.barh(0, share, left=left, label=f"{c} {share:.0f}%")
-            left += share
-        ax.set_xlim(0, 100)
-        ax.set_yticks([])
-        ax.set_xlabel("% of allocated node-time")
-        ax.legend(ncol=3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6))
-        save("goodput", fig, ax, {"share": good["share"]})
+        # NaN (the gap between attempts) is not JSON: written as null.
+        (folder / f"{name}.json").write_text(json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
+    if drawn:
+        fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
+        for ax, name in zip(axes.flat, charts):
+            if name in drawn:
+                charts[name][1](ax, charts[name][0])
+            else:
+                ax.set_axis_off()
+        fig.suptitle(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
+                     f"{record.world_size} rank(s)")
+        fig.tight_layout()
+        fig.savefig(folder / "overview.png", dpi=90)
+        plt.close(fig)
     return drawn
 
 
