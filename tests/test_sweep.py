@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from slurm_fixtures import requires_slurm
 from test_submit_unit import sbatch_directives
 
 from hpc import profiles, render, submit
@@ -279,3 +280,13 @@ def test_report_rows_table_and_chart(tmp_path):
     assert "| 1 | 41_1 | backend=ddp | COMPLETED | bf16 | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
     png = sweeps.chart(rows, tmp_path / "r.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid",
+                                       "cpus_per_task=1,64"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("hpcdist sweep: axis cpus_per_task=64: 1 task(s) x 64 CPU(s) per node exceed")
+    assert list(tmp_path.iterdir()) == []

@@ -116,10 +116,10 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         matrix = sweeps.combine(preset_matrix, file_matrix, cli)
         base.setdefault("job_name", settings.get("name") or "sweep")
         values = values_from_options(config_file, base=base, **options)
+        check_more = slurm_checks(values)
         sweep_dir = values.pop("job_dir")
         plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=max_parallel or settings.get("max_parallel"),
-                           name=str(values.get("job_name")), load_profile=profiles.load,
-                           check_more=lambda spec: specs.check_dataset(spec, os.path.exists))
+                           name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more)
         sweeps.write(plan, force=force)
     except (sweeps.SweepError, specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
         fail("sweep", exc)
@@ -141,6 +141,30 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         click.echo(sweeps.table(final), nl=False)
         if not all(r.state == "COMPLETED" for r in final):
             sys.exit(1)
+
+
+def slurm_checks(values: dict[str, Any]) -> Any:
+    """What `hpcdist submit` checks beyond the job itself, for every task: the live partition's limits (where
+    Slurm answers) and the dataset on this machine. Fills the partition's DefaultTime into ``values`` when
+    neither the flags nor the profile give --time, as submit does."""
+    from hpc import partition, profiles
+    from hpc import spec as specs
+
+    cluster = partition.query(os.environ)
+    if cluster is not None and values.get("time") is None:
+        profile = profiles.load(values["cluster"])
+        if partition.applies(profile, cluster):
+            part = partition.pick(cluster, values.get("partition") or profile.partition)
+            values["time"] = partition.with_default_time(specs.from_mapping(values), profile, part).time
+
+    def check_more(spec: specs.JobSpec) -> None:
+        profile = profiles.load(spec.cluster)
+        if cluster is not None and partition.applies(profile, cluster):
+            part = partition.pick(cluster, spec.partition or profile.partition)
+            partition.check(spec, part, cluster.nodes_of(part))
+        specs.check_dataset(spec, os.path.exists)
+
+    return check_more
 
 
 def describe(plan: Any) -> str:
