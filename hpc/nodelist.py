@@ -27,8 +27,9 @@ MAX_NUMBER = 2**64 - 1
 
 # A term is plain characters and bracket groups; a group starts with '[' and nothing else does, so the
 # pattern matches in one pass. What it leaves between terms must be separators, or brackets are unbalanced.
-_TERM = re.compile(r"(?:[^,\s\[\]]|\[[^\[\]]*\])+")
-_SEPARATORS = re.compile(r"[,\s]*")
+# Slurm separates on commas, blanks, tabs and newlines only (a \r or a no-break space is part of a name).
+_TERM = re.compile(r"(?:[^, \t\n\[\]]|\[[^\[\]]*\])+")
+_SEPARATORS = re.compile(r"[, \t\n]*")
 _BODY = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
 _ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _TRAILING_DIGITS = re.compile(r"(.*?)([0-9]+)")

@@ -52,7 +52,8 @@ def test_expand(expr, hosts):
     # Slurm makes something of these; we refuse them.
     ("", "empty nodelist"), (" , ", "empty nodelist"), ("n[1-", "unclosed"), ("n1]", "unmatched"),
     ("n[1-]", "bad range"), ("n[+1]", "bad range"), ("n[1 -2]", "blank inside brackets"),
-    ("n١", "non-ASCII"), ("n\x01", "control character"), ("n[99999999999999999999]", "cannot read"),
+    ("n١", "non-ASCII"), ("n\x01", "control character"),
+    ("n1\rn2", "control character"), ("n1\xa0n2", "non-ASCII"), ("n[99999999999999999999]", "cannot read"),
 ])
 def test_malformed_nodelists_are_errors(expr, message):
     with pytest.raises(nodelist.NodelistError, match=message):
@@ -120,7 +121,7 @@ term = st.builds(
     st.lists(st.tuples(st.sampled_from(["", "-", "b", "-ib"]), group), min_size=0, max_size=3),
     st.sampled_from([""] * 6 + ["-ib", "x"]),   # text after the last group: Slurm refuses it
 ) | st.sampled_from(["n[0-65535]", "n[0-65536]", "n[]"])
-separators = st.sampled_from([",", " ", ", ", ",,", "  "])
+separators = st.sampled_from([",", " ", ", ", ",,", "  ", "\t", ",\n"])
 nodelists = st.builds(lambda first, rest: first + "".join(sep + t for sep, t in rest), term,
                       st.lists(st.tuples(separators, term), max_size=2))
 
