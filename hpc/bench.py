@@ -9,7 +9,7 @@ A config spec is ``BACKEND[:TOKEN...]``, tokens in any order, each at most once:
 --batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns),
 ``cl`` channels_last and ``compile`` torch.compile (dp/ddp), ``nohb`` the trainer without its heartbeat
 (``--heartbeat-s 0``, to measure the heartbeat's cost). ``floor`` is a bare PyTorch loop and
-``floor-deepspeed`` a bare DeepSpeed engine loop (train/floor.py): what the trainer's rows are divided by.
+``floor-deepspeed`` a bare DeepSpeed engine loop (tools/floor.py): what the trainer's rows are divided by.
 Side effects (running configs, writing files, drawing) live in hpc/commands/bench.py; no torch here.
 """
 
@@ -211,7 +211,7 @@ def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, py
         python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(config.ranks)]
     total = str(warmup + steps)
     if config.backend in FLOORS:
-        floor = ["-m", "train.floor", "--batch-size", str(config.batch), "--max-steps", total,
+        floor = ["-m", "tools.floor", "--batch-size", str(config.batch), "--max-steps", total,
                  "--warmup", str(warmup), "--threads", str(threads), "--samples", str(samples)]
         if config.backend == "floor-deepspeed":
             floor += ["--engine", "deepspeed", "--zero-stage", str(config.zero_stage),

@@ -24,8 +24,8 @@ MODEL_STATE_FRACTION = 0.80
 
 PRECISIONS = vocab.DTYPES
 
-# The trainer's --precision auto is settled at run time on the GPU; planning it as fp32, which needs at
-# least as much as bf16 in every plan, keeps a "fits" true whichever the trainer picks.
+# --precision auto is settled after the backend is chosen (hpc.dsconfig); planning it as fp32, which needs
+# at least as much as bf16 in every plan, keeps a "fits" true whichever it becomes.
 PLANNED_AS = {"auto": "fp32"}
 OPTIMIZERS = ("adam", "sgd")
 
@@ -37,7 +37,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MOMENT_BYTES = {"adam": 8, "sgd": 4}
 
 # An fp32 master copy of the parameters. Mixed precision needs one by design; DeepSpeed's ZeRO-1/2/3
-# optimizers also keep one for an fp32 model (measured: train/memprobe.py, tests/test_plan_measured.py),
+# optimizers also keep one for an fp32 model (measured: tools/memprobe.py, tests/test_plan_measured.py),
 # so only DP/DDP/ZeRO-0 in fp32 step the parameters in place.
 MASTER_BYTES = 4
 

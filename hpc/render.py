@@ -15,25 +15,12 @@ import jinja2
 import markupsafe
 import yaml
 
-from hpc import paths, ranks, sites, vocab
+from hpc import dsconfig, paths, ranks, sites, vocab
 from hpc.hostfile import hostfile
 from hpc.profiles import Profile
 from hpc.spec import JobSpec, SpecError, check, train_value
 
 TEMPLATES_ENV = "HPCDIST_TEMPLATES"
-DEEPSPEED_BASE = "zero2_fp16.json"
-# Used when configs/deepspeed/zero2_fp16.json is absent; the same shape, so overrides apply alike.
-DEFAULT_DEEPSPEED = {
-    "train_micro_batch_size_per_gpu": 32,
-    "gradient_accumulation_steps": 1,
-    "gradient_clipping": 1.0,
-    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                          "reduce_bucket_size": 50000000, "allgather_bucket_size": 50000000},
-    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},
-    "bf16": {"enabled": False},
-    "steps_per_print": 1000000,
-    "wall_clock_breakdown": False,
-}
 # Written into every job directory hpcdist renders: --force replaces only a directory holding it.
 MARKER = ".hpcdist-job"
 MARKER_TEXT = ("This directory was written by `hpcdist render`; `hpcdist render --force` may replace it, with "
@@ -47,15 +34,13 @@ class RenderError(ValueError):
 
 @dataclass(frozen=True)
 class Rendered:
-    """A job directory's files, and how submitit would run the same job."""
+    """A job directory's files, and the template-made shell lines submitit runs around each task."""
 
-    spec: JobSpec
+    spec: JobSpec  # resolved: profile defaults, backend, ZeRO stage and precision decided
     job_dir: Path
-    files: Mapping[str, str]
-    executor: Mapping[str, Any]
-    setup: tuple[str, ...]
-    task_command: tuple[str, ...]
-    teardown: tuple[str, ...]
+    files: Mapping[str, str]  # name relative to job_dir -> text
+    setup: tuple[str, ...]  # submitit's setup lines in its batch script: source setup.sh
+    teardown: tuple[str, ...]  # after its srun step: requeue.sh
     local_task: str  # one task's shell line under the local runner (run with bash -c)
 
 
@@ -179,48 +164,30 @@ def environment(search: tuple[str, ...]) -> jinja2.Environment:
     return env
 
 
-def deepspeed_base() -> dict[str, Any]:
-    path = paths.configs_dir() / "deepspeed" / DEEPSPEED_BASE
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RenderError(f"cannot read {path}: {exc}") from None
-    return json.loads(json.dumps(DEFAULT_DEEPSPEED))
+def settle(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
+    """The spec with its precision decided, and for DeepSpeed the config the trainer will get as it is.
 
-
-def deepspeed_config(spec: JobSpec, base: Mapping[str, Any]) -> dict[str, Any]:
-    """The base DeepSpeed config with the spec's ZeRO stage, precision and global batch applied."""
-    config = json.loads(json.dumps(base))
-    zero = config.setdefault("zero_optimization", {})
-    zero["stage"] = spec.zero_stage
-    if spec.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if spec.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    precision = spec.precision
-    if precision == "auto":
-        # fp16 loss scaling is a GPU feature; a CPU-only job trains in fp32.
-        precision = None if spec.gpus_per_node else "fp32"
-    if precision is not None:
-        config.setdefault("fp16", {})["enabled"] = precision == "fp16"
-        config.setdefault("bf16", {})["enabled"] = precision == "bf16"
-    batch = train_value(spec.train_args, "--batch-size")
-    if batch is not None:
-        # check() had the trainer's own parser read it: a whole number of at least 1.
-        config["train_batch_size"] = int(batch)
-        config["train_micro_batch_size_per_gpu"] = int(batch) // spec.world_size
-        config["gradient_accumulation_steps"] = 1
-    # What every rank will do with this file (train.dsconfig is torch-free): a batch that does not split
-    # over the ranks fails here, not on every rank after the queue.
-    from train import dsconfig
-
+    The precision's ``auto`` needs the device kind, which the spec knows: GPUs when gpus_per_node > 0.
+    """
+    gpu = bool(spec.gpus_per_node)
     try:
-        dsconfig.resolve(config, world_size=spec.world_size, zero_stage=spec.zero_stage,
-                         global_batch=int(batch) if batch is not None else None)
+        if spec.backend != "deepspeed":
+            return replace(spec, precision=dsconfig.choose_precision(spec.precision, gpu=gpu)), None
+        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=spec.world_size, gpu=gpu,
+                                  zero_stage=spec.zero_stage, precision=spec.precision, offload=spec.offload,
+                                  global_batch=_train_number(spec, "--batch-size", int),
+                                  lr=_train_number(spec, "--lr", float))
     except dsconfig.ConfigError as exc:
-        raise SpecError(f"DeepSpeed config: {exc}") from None
-    return config
+        raise SpecError(str(exc)) from None
+    return replace(spec, precision=dsconfig.precision_of(config)), config
+
+
+def _train_number(spec: JobSpec, flag: str, kind: type) -> Any:
+    text = train_value(spec.train_args, flag)
+    try:
+        return None if text is None else kind(text)
+    except ValueError:
+        raise SpecError(f"trainer argument {flag} {text!r} is not a number; fix it") from None
 
 
 def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024) -> str:
@@ -294,7 +261,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     """Every file of the job directory as text; checks the spec first and writes nothing."""
     if job_dir is not None:
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
-    spec = check(spec, profile)
+    spec, ds_config = settle(check(spec, profile))
     jdir = Path(spec.job_dir)
     context = {
         "spec": spec,
@@ -330,36 +297,12 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
                           "site template directory") from None
     files["spec.yaml"] = spec_yaml(spec, profile)
     files["ranks.txt"] = ranks_table(spec, job_id)
-    if spec.backend == "deepspeed":
-        files["deepspeed.json"] = json.dumps(deepspeed_config(spec, deepspeed_base()), indent=2) + "\n"
+    if ds_config is not None:
+        files[vocab.DEEPSPEED_JSON] = json.dumps(ds_config, indent=2) + "\n"
     if spec.launcher == "deepspeed" and spec.nodelist:
         files["hostfile"] = hostfile(spec.hosts, spec.procs_per_node)
-    executor = {
-        "nodes": spec.nodes,
-        "ntasks_per_node": spec.slurm_tasks_per_node,
-        "cpus_per_task": spec.cpus_per_task,
-        "gpus_per_node": spec.gpus_per_node or None,
-        # The exact --time job.sbatch asks for (not a minute count): 0 and UNLIMITED stay "no limit".
-        "time": submitit_directive(spec.time),
-        "partition": submitit_directive(spec.partition),
-        "account": submitit_directive(spec.account),
-        "job_name": submitit_directive(spec.job_name),
-        "signal_delay_s": spec.signal_delay_s,
-        "srun_args": ["--kill-on-bad-exit=1"],
-        # The same allocation options job.sbatch's #SBATCH lines carry (templates/sbatch-allocation.j2).
-        "additional_parameters": {"requeue": True, **{key: submitit_directive(value) for key, value in (
-            ("nodelist", spec.nodelist), ("exclude", spec.exclude), ("dependency", spec.dependency)) if value}},
-    }
-    return Rendered(
-        spec=spec,
-        job_dir=jdir,
-        files=files,
-        executor=executor,
-        setup=(lines["submitit-setup.sh"],),
-        task_command=("bash", str(jdir / "task.sh")),
-        teardown=(lines["submitit-teardown.sh"],),
-        local_task=lines["local-task.sh"],
-    )
+    return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
+                    teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"])
 
 
 def _first_line(exc: BaseException) -> str:

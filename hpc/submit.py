@@ -1,4 +1,8 @@
-"""Submit a rendered job directory: through submitit's SlurmExecutor, ``sbatch job.sbatch``, or locally."""
+"""Submit a rendered job directory: through submitit's SlurmExecutor, ``sbatch job.sbatch``, or locally.
+
+The one place that turns a rendered spec into a submit request: submitit's parameters and the local
+runner's geometry are derived here from the same spec job.sbatch was rendered from.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,16 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from hpc import jobs, task, vocab
 from hpc.vocab import BATCH_LOG, TASK_LOG
+
+if TYPE_CHECKING:
+    import submitit
+
+    from hpc.render import Rendered
+    from hpc.spec import JobSpec
 
 VIAS = ("submitit", "sbatch")
 EXECUTORS = ("auto", "slurm", "local")
@@ -31,7 +41,7 @@ class Submitted:
     """What a submission produced: its registry record, and for a local job the live submitit job."""
 
     record: jobs.Record
-    handle: Any = None
+    handle: submitit.Job[Any] | None = None
 
 
 def choose(via: str, executor: str, have_slurm: bool) -> str:
@@ -49,27 +59,42 @@ def choose(via: str, executor: str, have_slurm: bool) -> str:
     return via
 
 
-def slurm_parameters(rendered: Any) -> dict[str, Any]:
+def slurm_parameters(rendered: Rendered) -> dict[str, Any]:
     """Keyword arguments for SlurmExecutor.update_parameters that give job.sbatch's allocation and step."""
-    from hpc.render import submitit_directive
+    from hpc.render import submitit_directive as directive
 
-    job_dir = Path(rendered.job_dir)
-    params = {k: v for k, v in rendered.executor.items() if v is not None}
-    extra = dict(params.pop("additional_parameters", None) or {})
+    spec, job_dir = rendered.spec, rendered.job_dir
     # submitit would ask for its own signal (USR2) and logs; the job's own win, as in job.sbatch.
-    extra["signal"] = submitit_directive(rendered.spec.signal)
-    extra["output"] = str(job_dir / BATCH_LOG)
-    extra.setdefault("open-mode", "append")
-    params["additional_parameters"] = extra
-    # srun takes the last --output: the task logs land in logs/ beside job.sbatch's, stderr included.
-    params["srun_args"] = [*params.get("srun_args", ()), "--open-mode=append", f"--output={job_dir / TASK_LOG}"]
-    params["stderr_to_stdout"] = True
-    params["setup"] = list(rendered.setup)
-    params["teardown"] = list(rendered.teardown)
-    return params
+    extra: dict[str, Any] = {"requeue": True, "signal": directive(spec.signal), "output": str(job_dir / BATCH_LOG),
+                             "open-mode": "append"}
+    # The same allocation options job.sbatch's #SBATCH lines carry (templates/sbatch-allocation.j2).
+    extra.update({key: directive(value) for key, value in (("nodelist", spec.nodelist), ("exclude", spec.exclude),
+                                                           ("dependency", spec.dependency)) if value})
+    params = {
+        "nodes": spec.nodes, "ntasks_per_node": spec.slurm_tasks_per_node, "cpus_per_task": spec.cpus_per_task,
+        "gpus_per_node": spec.gpus_per_node or None, "signal_delay_s": spec.signal_delay_s,
+        # The exact --time job.sbatch asks for (not a minute count): 0 and UNLIMITED stay "no limit".
+        "time": directive(spec.time), "partition": directive(spec.partition), "account": directive(spec.account),
+        "job_name": directive(spec.job_name),
+        # srun takes the last --output: the task logs land in logs/ beside job.sbatch's, stderr included.
+        "srun_args": ["--kill-on-bad-exit=1", "--open-mode=append", f"--output={job_dir / TASK_LOG}"],
+        "stderr_to_stdout": True, "setup": list(rendered.setup), "teardown": list(rendered.teardown),
+        "additional_parameters": extra,
+    }
+    return {k: v for k, v in params.items() if v is not None}
 
 
-def local_command(rendered: Any) -> tuple[str, ...]:
+def task_command(rendered: Rendered) -> tuple[str, ...]:
+    """What each Slurm task runs under submitit: the job's task.sh."""
+    return ("bash", str(rendered.job_dir / vocab.TASK_SH))
+
+
+def local_geometry(spec: JobSpec) -> task.Geometry:
+    """The allocation the local runner emulates: one Slurm task per rank (srun) or per node (launchers)."""
+    return task.Geometry(spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task or 1)
+
+
+def local_command(rendered: Rendered) -> tuple[str, ...]:
     """One task's command under the local runner: templates/local-task.sh.j2's line (setup, then task.sh)."""
     return ("bash", "-c", rendered.local_task)
 
@@ -81,7 +106,7 @@ def signal_name(spec_signal: str) -> str:
     return name_of(spec_signal)
 
 
-def record_for(rendered: Any, job_id: str, via: str, now: datetime.datetime) -> jobs.Record:
+def record_for(rendered: Rendered, job_id: str, via: str, now: datetime.datetime) -> jobs.Record:
     spec = rendered.spec
     return jobs.Record(
         job_id=job_id, job_dir=str(rendered.job_dir), via=via,
@@ -101,11 +126,11 @@ def parse_sbatch(text: str) -> str:
 
 # ---- side effects --------------------------------------------------------------------------------
 
-def submitit_folder(rendered: Any) -> Path:
-    return Path(rendered.job_dir) / vocab.SUBMITIT_DIR
+def submitit_folder(rendered: Rendered) -> Path:
+    return rendered.job_dir / vocab.SUBMITIT_DIR
 
 
-def submit_submitit(rendered: Any) -> str:
+def submit_submitit(rendered: Rendered) -> str:
     import submitit
 
     executor = submitit.SlurmExecutor(folder=submitit_folder(rendered))
@@ -113,14 +138,14 @@ def submit_submitit(rendered: Any) -> str:
     try:
         # submitit prints sbatch's complaint itself; it is reported once, in SubmitError, instead.
         with contextlib.redirect_stderr(io.StringIO()):
-            job = executor.submit(task.run, tuple(rendered.task_command))
+            job = executor.submit(task.run, task_command(rendered))
     except submitit.core.utils.FailedJobError as exc:
         raise SubmitError(f"sbatch refused the job: {_one_line(str(exc))}") from None
     return str(job.job_id)
 
 
-def submit_sbatch(rendered: Any) -> str:
-    return sbatch(Path(rendered.job_dir) / "job.sbatch")
+def submit_sbatch(rendered: Rendered) -> str:
+    return sbatch(rendered.job_dir / vocab.JOB_SBATCH)
 
 
 def sbatch(script: Path) -> str:
@@ -163,12 +188,12 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def submit_local(rendered: Any) -> Any:
+def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     """Emulate the allocation here: nodes x tasks-per-node tasks of submitit's LocalExecutor."""
     import submitit
 
     spec = rendered.spec
-    geometry = task.Geometry.of(spec)
+    geometry = local_geometry(spec)
     folder = submitit_folder(rendered)
     executor = submitit.LocalExecutor(folder=folder)
     minutes = spec.time_minutes
@@ -177,10 +202,10 @@ def submit_local(rendered: Any) -> Any:
                                signal_delay_s=spec.signal_delay_s)
     with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)):
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
-                               str(Path(rendered.job_dir) / TASK_LOG))
+                               str(rendered.job_dir / TASK_LOG))
 
 
-def submit(rendered: Any, where: str, environ: Mapping[str, str]) -> Submitted:
+def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:
     """Submit and register; raises SubmitError (the job directory is then the caller's to remove)."""
     handle = None
     if where == "sbatch":
@@ -198,7 +223,7 @@ def submit(rendered: Any, where: str, environ: Mapping[str, str]) -> Submitted:
     return Submitted(record, handle)
 
 
-def _until_started(record: jobs.Record, handle: Any, timeout_s: float = 30.0) -> None:
+def _until_started(record: jobs.Record, handle: submitit.Job[Any], timeout_s: float = 30.0) -> None:
     """Return once the local controller runs its own program (or has ended).
 
     Until then its pid still shows the forking python's command line, and a status taken in that

@@ -7,7 +7,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 # torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
 # (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
@@ -50,11 +50,6 @@ class Geometry:
     nodes: int
     ntasks_per_node: int
     cpus_per_task: int = 1
-
-    @classmethod
-    def of(cls, spec: Any) -> Geometry:
-        """From a resolved hpc.spec.JobSpec: one Slurm task per rank (srun) or per node (launchers)."""
-        return cls(spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task or 1)
 
     @property
     def ntasks(self) -> int:

@@ -100,7 +100,7 @@ def test_threads_split_the_cpus_unless_given():
 
 def test_argv_launches_one_rank_plainly_and_more_under_torchrun():
     one = bench.argv(Config("floor"), 2, 100, 10, "/r", "py")
-    assert one[:3] == ["py", "-m", "train.floor"] and "--max-steps" in one
+    assert one[:3] == ["py", "-m", "tools.floor"] and "--max-steps" in one
     assert one[one.index("--max-steps") + 1] == "110" and one[one.index("--threads") + 1] == "2"
     two = bench.argv(Config("deepspeed", ranks=2, zero_stage=2, precision="bf16"), 1, 100, 10, "/r", "py")
     assert two[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -122,7 +122,7 @@ def test_argv_passes_speed_options_and_samples_to_the_trainer():
 
 def test_argv_runs_the_bare_deepspeed_loop_for_floor_deepspeed():
     cmd = bench.argv(bench.parse_config("floor-deepspeed:zero2:fp16:b32"), 2, 100, 10, "/r", "py", samples=512)
-    assert cmd[:3] == ["py", "-m", "train.floor"]
+    assert cmd[:3] == ["py", "-m", "tools.floor"]
     for flag, value in (("--engine", "deepspeed"), ("--zero-stage", "2"), ("--precision", "fp16"),
                         ("--batch-size", "32"), ("--samples", "512"), ("--warmup", "10")):
         assert cmd[cmd.index(flag) + 1] == value

@@ -1,6 +1,6 @@
 """The planner's per-GPU model-state estimate agrees with what DeepSpeed holds on two CPU ranks.
 
-train/memprobe.py trains 4 x Linear(4096, 4096) (67M parameters) for two steps under ZeRO 0-3 in fp32 and
+tools/memprobe.py trains 4 x Linear(4096, 4096) (67M parameters) for two steps under ZeRO 0-3 in fp32 and
 bf16 over gloo, and counts the bytes of every tensor storage alive during the last step, split into
 parameters, gradients and optimizer state (fp32 master copy and moments). Model states are counted where
 each stage's accounting says they coexist: for ZeRO-0/1 just before DeepSpeed reduces gradients, when
@@ -48,7 +48,7 @@ def measured(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("memprobe")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train" / "memprobe.py"), "--zero-stage", *map(str, STAGES), "--precision", *PRECISIONS,
+           str(ROOT / "tools" / "memprobe.py"), "--zero-stage", *map(str, STAGES), "--precision", *PRECISIONS,
            "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

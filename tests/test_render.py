@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc import paths, profiles, render
+from hpc import paths, profiles, render, submit
 from hpc.spec import JobSpec, SpecError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -104,9 +104,10 @@ def test_cpu_job_uses_ntasks_per_node() -> None:
     rendered = render.render(spec, local)
     assert "#SBATCH --ntasks-per-node=2" in rendered.files["job.sbatch"]
     assert "gpus-per-node" not in rendered.files["job.sbatch"]
-    assert rendered.executor["ntasks_per_node"] == 2 and rendered.executor["gpus_per_node"] is None
+    params = submit.slurm_parameters(rendered)
+    assert params["ntasks_per_node"] == 2 and "gpus_per_node" not in params
     assert rendered.setup == ("source /jobs/cpu/setup.sh",)
-    assert rendered.task_command == ("bash", "/jobs/cpu/task.sh")
+    assert submit.task_command(rendered) == ("bash", "/jobs/cpu/task.sh")
 
 
 def test_submitit_and_local_lines_come_from_templates_with_the_job_dir_quoted(tmp_path) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 
 import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
 
-from hpc import jobs, profiles, render, submit
+from hpc import dsconfig, jobs, profiles, render, submit
 from hpc.spec import JobSpec
 
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
@@ -73,8 +74,6 @@ def test_submit_without_slurm_runs_the_job_here(tmp_path, backend, launcher):
     env = environ(home, PATH=path_without_slurm(tmp_path))
     args = ["submit", "--nodes", "2", "--backend", backend, "--launcher", launcher, "--time", "10",
             "--job-dir", str(job_dir), "--wait"]
-    if backend == "deepspeed":
-        args += ["--precision", "fp32"]
     started = time.monotonic()
     proc = hpcdist([*args, "--", *TINY_TRAIN], home, env=env, timeout=600)
     print(f"TIMING local backend={backend} launcher={launcher} submit->done {time.monotonic() - started:.1f}s")
@@ -83,4 +82,9 @@ def test_submit_without_slurm_runs_the_job_here(tmp_path, backend, launcher):
     assert f"Submitted job {job_id} (local)" in proc.stdout
     summary = check_training(job_dir, world_size=2, hosts=None, master="127.0.0.1")
     assert {r["node_rank"] for r in summary["ranks"]} == {0, 1}
+    if backend == "deepspeed":
+        # --precision auto, decided at render: bf16 on this CPU-only job, and what the dry run shows is what trained.
+        config = json.loads((job_dir / "deepspeed.json").read_text())
+        assert summary["precision"] == dsconfig.precision_of(config) == "bf16"
+        assert "in bf16" in (job_dir / "job.sbatch").read_text()
     assert hpcdist(["list"], home, env=env).stdout.count(" local ") == 1

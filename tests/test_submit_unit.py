@@ -81,7 +81,7 @@ def test_submitit_script_carries_job_sbatchs_allocation_setup_and_step(tmp_path,
     teardown = text.split("# teardown")[1]
     assert f'bash {tmp_path / "job" / "requeue.sh"} "$?"' in teardown
     assert 'exec bash "$job_dir/requeue.sh" "$status"' in rendered.files["job.sbatch"]
-    assert rendered.task_command == ("bash", str(tmp_path / "job" / "task.sh"))
+    assert submit.task_command(rendered) == ("bash", str(tmp_path / "job" / "task.sh"))
 
 
 def _requeue(tmp_path, status, restarts=None, marker=True, array=False):

@@ -198,7 +198,8 @@ def test_each_array_task_selects_its_own_rendered_directory(tmp_path):
         config = json.loads((tdir / "deepspeed.json").read_text())
         assert str(config["zero_optimization"]["stage"]) == task.values["zero_stage"]
         assert config["bf16"]["enabled"] == (task.values["precision"] == "bf16")
-        assert f"--run-dir \"$run_dir\" --precision {task.values['precision']}" in (tdir / "task.sh").read_text()
+        # The precision travels in the task's own deepspeed.json, which its task.sh names.
+        assert f"--deepspeed-config {tdir / 'deepspeed.json'} " in (tdir / "task.sh").read_text()
         assert f"run_dir={tdir}/run" in (tdir / "task.sh").read_text()
         assert f"marker={tdir}/run/preempted" in (tdir / "requeue.sh").read_text()
         assert not (tdir / "job.sbatch").exists() and (tdir / "logs").is_dir() and (tdir / "run").is_dir()
@@ -229,7 +230,7 @@ def test_the_dry_run_prints_every_task_and_writes_but_submits_nothing(tmp_path):
                                        "--grid", "backend=ddp,deepspeed", "zero_stage=1,2", "--", "--max-steps", "3"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count("==> task ") == 3 and "#SBATCH --array=0-2%2" in result.stdout
-    assert "# deepspeed zero_stage=2 precision=auto" in result.stdout and "stage=2 fp16=False" in result.stdout
+    assert "# deepspeed zero_stage=2 precision=bf16" in result.stdout and "stage=2 fp16=False" in result.stdout
     assert not (tmp_path / "s" / sweeps.SUBMITTED_FILE).exists()
     rows = sweeps.rows(*sweeps.load(tmp_path / "s"), {})
     assert {r.state for r in rows} == {"NOT_SUBMITTED"}

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpc import nodelist, ranks, task
+from hpc import nodelist, ranks, submit, task
 from hpc.spec import JobSpec
 
 
@@ -98,7 +98,7 @@ def test_emulated_environ_drops_inherited_slurm_variables():
 def test_geometry_of_a_spec_counts_slurm_tasks(launcher, tasks_per_node):
     spec = JobSpec(job_dir="/j", nodes=2, ntasks_per_node=3, cpus_per_task=2, backend="deepspeed",
                    launcher=launcher, gpus_per_node=0)
-    assert task.Geometry.of(spec) == task.Geometry(2, tasks_per_node, 2)
+    assert submit.local_geometry(spec) == task.Geometry(2, tasks_per_node, 2)
 
 
 # ---- running a command -----------------------------------------------------------------------------

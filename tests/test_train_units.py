@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import checkpoint, dsconfig
+from train import checkpoint, runtime
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.loader import ResidentLoader, epoch_permutation, normalize, shard
@@ -295,42 +295,18 @@ def test_bad_command_lines_exit_2_with_one_line():
     ("7.0", "7.0"),
 ])
 def test_arch_list_sanitizer_drops_the_suffixes_deepspeed_cannot_parse(given, sanitized):
-    assert dsconfig.sanitize_arch_list(given) == sanitized
-
-
-def test_shipped_deepspeed_config_is_the_classic_zero2_fp16_one():
-    config = dsconfig.load(dsconfig.default_config_path())
-    assert config["train_batch_size"] == 32
-    assert config["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.8, 0.999], "eps": 1e-8,
-                                             "weight_decay": 3e-7, "torch_adam": True}
-    assert config["fp16"] == {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
-                              "initial_scale_power": 16, "min_loss_scale": 1}
-    zero = config["zero_optimization"]
-    assert zero["stage"] == 2 and zero["overlap_comm"] and zero["contiguous_gradients"]
-    assert zero["allgather_bucket_size"] == zero["reduce_bucket_size"] == 2e8
-
-
-def test_command_line_overrides_reach_the_deepspeed_config_and_leave_the_file_alone():
-    base = dsconfig.load(dsconfig.default_config_path())
-    config = dsconfig.resolve(base, world_size=4, zero_stage=3, precision="bf16", global_batch=64, lr=0.01)
-    assert config["zero_optimization"]["stage"] == 3
-    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
-    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (64, 16)
-    assert config["optimizer"]["params"]["lr"] == 0.01
-    assert base["zero_optimization"]["stage"] == 2 and base["fp16"]["enabled"]
-    with pytest.raises(dsconfig.ConfigError, match="multiple of 3"):
-        dsconfig.resolve(base, world_size=3)
+    assert runtime.sanitize_arch_list(given) == sanitized
 
 
 def test_deepspeed_environment_is_made_safe_before_its_import():
     hopper = {"TORCH_CUDA_ARCH_LIST": "9.0a;8.0"}
-    dsconfig.prepare_environment(hopper, cuda=True)
+    runtime.prepare_deepspeed_environment(hopper, cuda=True)
     assert hopper == {"TORCH_CUDA_ARCH_LIST": "9.0;8.0"}
     cpu_only: dict[str, str] = {}
-    dsconfig.prepare_environment(cpu_only, cuda=False)
+    runtime.prepare_deepspeed_environment(cpu_only, cuda=False)
     assert cpu_only == {"DS_ACCELERATOR": "cpu"}
     chosen = {"DS_ACCELERATOR": "xpu"}
-    dsconfig.prepare_environment(chosen, cuda=False)
+    runtime.prepare_deepspeed_environment(chosen, cuda=False)
     assert chosen == {"DS_ACCELERATOR": "xpu"}
 
 

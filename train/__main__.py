@@ -34,9 +34,9 @@ from train import preemption
 
 TORCH_IMPORTED = time.time()
 
-from hpc import ranks, vocab
+from hpc import dsconfig, ranks, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED
-from train import checkpoint, dsconfig, heartbeat, watchdog
+from train import checkpoint, heartbeat, watchdog
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
 from train.engines import DeepSpeedEngine, Engine, TorchEngine
 from train.loader import ClassicLoader, ResidentLoader, normalize, shard
@@ -52,6 +52,7 @@ from train.runtime import (
     peak_memory_bytes,
     pick_device,
     preflight,
+    prepare_deepspeed_environment,
     reach_master,
     say,
     warn,
@@ -155,7 +156,7 @@ def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
         raise UsageError(f"--backend dp is one process driving all of its node's GPUs, but this is rank {env.rank} "
                          f"of {env.world_size} (from {env.source}); launch a single process, or use --backend ddp")
     if opts.backend == "deepspeed":
-        dsconfig.prepare_environment(os.environ, cuda=torch.cuda.is_available())
+        prepare_deepspeed_environment(os.environ, cuda=torch.cuda.is_available())
     # Ranks sharing a node split its CPUs; two ranks at two threads each on two cores run up to 44% slower.
     threads = opts.threads or ranks.threads_per_rank(os.environ, len(os.sched_getaffinity(0)), env)
     torch.set_num_threads(threads)
@@ -164,8 +165,12 @@ def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
     if device.type == "cuda":
         # The batch shape never changes, so cuDNN's one-off search for the fastest conv kernels pays back.
         torch.backends.cudnn.benchmark = True
-    precision, ds_config = choose_precision(opts, device, env.world_size, env.rank)
-    global_batch = ds_config["train_batch_size"] if ds_config else (opts.batch_size or DEFAULT_BATCH)
+    precision, ds_config, global_batch = precision_and_config(opts, device, env.world_size)
+    if precision == "fp16" and device.type == "cpu":
+        if ds_config is not None and not cpu_has_fp16():
+            raise UsageError("DeepSpeed trains fp16 on a CPU only where oneDNN has fp16 kernels (AVX512-FP16 or "
+                             "AMX), and this CPU has none; pass --precision bf16 (or fp32)")
+        warn(env.rank, "fp16 on CPU runs ~35x slower than bf16 there; pass --precision bf16 (or fp32) on CPU")
     if global_batch % env.world_size:
         raise UsageError(f"global batch {global_batch} does not split over {env.world_size} ranks; "
                          f"pass --batch-size with a multiple of {env.world_size}")
@@ -384,30 +389,23 @@ def leave(status: int) -> int:
     return status
 
 
-def choose_precision(opts: Options, device: torch.device, world: int, rank: int) -> tuple[str, dict | None]:
-    """The precision in force and, for DeepSpeed, the resolved config that carries it."""
-    base = None
-    if opts.backend == "deepspeed":
-        base = dsconfig.load(opts.deepspeed_config or dsconfig.default_config_path())
-    precision = opts.precision
-    if precision == "auto":
-        if base is None:
-            precision = "fp32"
-        elif device.type == "cpu":
-            precision = "bf16"
-            say(rank, "precision auto: bf16, since on CPU fp16 runs ~35x slower (pass --precision to choose)")
-        else:
-            precision = dsconfig.precision_of(base)
-    if precision == "fp16" and device.type == "cpu":
-        if base is not None and not cpu_has_fp16():
-            raise UsageError("DeepSpeed trains fp16 on a CPU only where oneDNN has fp16 kernels (AVX512-FP16 or "
-                             "AMX), and this CPU has none; pass --precision bf16 (or fp32)")
-        warn(rank, "fp16 on CPU runs ~35x slower than bf16 there; pass --precision bf16 (or fp32) on CPU")
-    if base is None:
-        return precision, None
-    config = dsconfig.resolve(base, world_size=world, zero_stage=opts.zero_stage, precision=precision,
-                              global_batch=opts.batch_size, lr=opts.lr)
-    return precision, config
+def precision_and_config(opts: Options, device: torch.device, world: int) -> tuple[str, dict | None, int]:
+    """The precision in force, DeepSpeed's config as deepspeed.initialize gets it, and the global batch.
+
+    A job's rendered deepspeed.json is taken as it is (its flags may repeat it, never change it); run by
+    hand, the config is resolved here by the same function `hpcdist render` uses.
+    """
+    gpu = device.type == "cuda"
+    if opts.backend != "deepspeed":
+        return dsconfig.choose_precision(opts.precision, gpu=gpu), None, opts.batch_size or DEFAULT_BATCH
+    given = {"zero_stage": opts.zero_stage, "precision": opts.precision, "global_batch": opts.batch_size,
+             "lr": opts.lr}
+    if opts.deepspeed_config is not None:
+        config = dsconfig.load(opts.deepspeed_config)
+        dsconfig.check_resolved(config, opts.deepspeed_config, world, **given)
+    else:
+        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu, **given)
+    return dsconfig.precision_of(config), config, config["train_batch_size"]
 
 
 def cpu_has_fp16() -> bool:

@@ -1,15 +1,17 @@
-"""Process-level plumbing: process groups with a timeout, the preflight check, preemption signals, device facts."""
+"""Process plumbing: DeepSpeed's build environment, process groups with a timeout, preflight, device facts."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import re
 import resource
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,27 @@ def pick_device(backend: str, env: DistEnv) -> torch.device:
         return torch.device("cuda", 0)
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
+
+
+def sanitize_arch_list(value: str) -> str:
+    """``9.0a;8.0`` -> ``9.0;8.0``: DeepSpeed's op builder parses the minor number with int(), which
+    fails on the arch-specific suffixes (a, f) that CUDA 12+ images put in TORCH_CUDA_ARCH_LIST."""
+    kept: list[str] = []
+    for item in re.split(r"[;\s]+", value.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-zA-Z]*(\+PTX)?", item)
+        arch = f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}" if m else item
+        if arch and arch not in kept:
+            kept.append(arch)
+    return ";".join(kept)
+
+
+def prepare_deepspeed_environment(environ: MutableMapping[str, str], cuda: bool) -> None:
+    """Before DeepSpeed is imported: a parseable TORCH_CUDA_ARCH_LIST for its op builds, and no GPU search
+    on a machine without one (its accelerator detection is decided once, at import)."""
+    if "TORCH_CUDA_ARCH_LIST" in environ:
+        environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(environ["TORCH_CUDA_ARCH_LIST"])
+    if not cuda:
+        environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout_s: float) -> str:

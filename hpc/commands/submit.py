@@ -11,12 +11,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from hpc import jobs, pending
 from hpc.commands.options import fail, job_options, prepare
+
+if TYPE_CHECKING:
+    from hpc.render import Rendered
 
 FOLLOW_POLL_S = 1.0
 PENDING_POLL_S = 5.0
@@ -29,10 +32,11 @@ def _lookup(command: str, key: str) -> jobs.Record:
         fail(command, exc)
 
 
-def _check_local(rendered: Any) -> None:
+def _check_local(rendered: Rendered) -> None:
+    from hpc import submit as submitting
     from hpc import task
 
-    task.check_local(task.Geometry.of(rendered.spec))
+    task.check_local(submitting.local_geometry(rendered.spec))
 
 
 @click.command()

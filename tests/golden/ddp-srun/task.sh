@@ -12,5 +12,6 @@ resume=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     resume=(--resume)
 fi
-exec "$python" -m train --backend ddp --run-dir "$run_dir" --precision auto \
+exec "$python" -m train --backend ddp --run-dir "$run_dir" \
+    --precision fp32 \
     ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

@@ -20,5 +20,6 @@ eval "$rendezvous"
 trap '' USR1
 exec "$python" -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc_per_node 2 \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m train --backend ddp --run-dir "$run_dir" --precision auto \
+    -m train --backend ddp --run-dir "$run_dir" \
+    --precision fp32 \
     ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

@@ -13,7 +13,6 @@ export NCCL_DEBUG=WARN
 export NCCL_IB_HCA=mlx5_0,mlx5_1
 export NCCL_SOCKET_IFNAME=ib0
 export PYTHONPATH=/src/hpcdist"${PYTHONPATH:+:$PYTHONPATH}"
-export HPCDIST_JOB_DIR=/jobs/golden
 export HPCDIST_PYTHON=/opt/venv/bin/python
 # The batch shell (no step id yet) records the allocation as a DeepSpeed hostfile, for reference: the
 # per-node launcher gets the same hosts from SLURM_JOB_NODELIST itself.

@@ -24,6 +24,6 @@ export LOCAL_WORLD_SIZE=2 GROUP_RANK="$SLURM_NODEID"
 trap '' USR1
 exec "$python" -m deepspeed.launcher.launch --world_info="$world_info" --node_rank="$SLURM_NODEID" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-    --module train --backend deepspeed --run-dir "$run_dir" --precision auto \
-    --zero-stage 2 --deepspeed-config /jobs/golden/deepspeed.json \
+    --module train --backend deepspeed --run-dir "$run_dir" \
+    --deepspeed-config /jobs/golden/deepspeed.json \
     ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

@@ -13,7 +13,6 @@ export NCCL_DEBUG=WARN
 export NCCL_IB_HCA=mlx5_0,mlx5_1
 export NCCL_SOCKET_IFNAME=ib0
 export PYTHONPATH=/src/hpcdist"${PYTHONPATH:+:$PYTHONPATH}"
-export HPCDIST_JOB_DIR=/jobs/golden
 export HPCDIST_PYTHON=/opt/venv/bin/python
 # A marker left by an earlier run was acted on already; this run's ranks write their own.
 if [ -z "${SLURM_STEP_ID:-}" ]; then

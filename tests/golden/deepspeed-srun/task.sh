@@ -12,6 +12,6 @@ resume=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
     resume=(--resume)
 fi
-exec "$python" -m train --backend deepspeed --run-dir "$run_dir" --precision auto \
-    --zero-stage 2 --deepspeed-config /jobs/golden/deepspeed.json \
+exec "$python" -m train --backend deepspeed --run-dir "$run_dir" \
+    --deepspeed-config /jobs/golden/deepspeed.json \
     ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

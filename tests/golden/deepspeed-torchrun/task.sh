@@ -20,6 +20,6 @@ eval "$rendezvous"
 trap '' USR1
 exec "$python" -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc_per_node 2 \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m train --backend deepspeed --run-dir "$run_dir" --precision auto \
-    --zero-stage 2 --deepspeed-config /jobs/golden/deepspeed.json \
+    -m train --backend deepspeed --run-dir "$run_dir" \
+    --deepspeed-config /jobs/golden/deepspeed.json \
     ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64

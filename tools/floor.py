@@ -1,8 +1,8 @@
 """The bare training loops hpcdist's trainer is measured against: their images/s is the floor.
 
-    python -m train.floor --batch-size 256 --max-steps 220 --warmup 20
-    python -m torch.distributed.run --standalone --nproc_per_node 2 -m train.floor --batch-size 256
-    python -m train.floor --engine deepspeed --zero-stage 2 --precision bf16 --batch-size 256
+    python -m tools.floor --batch-size 256 --max-steps 220 --warmup 20
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tools.floor --batch-size 256
+    python -m tools.floor --engine deepspeed --zero-stage 2 --precision bf16 --batch-size 256
 
 The trainer's ConvNet, seed, loss, global batch, synthetic images and threads per rank, on the GPU when there
 is one, and nothing else: the images sit on the device already normalised, batches are plain index gathers,
@@ -27,13 +27,18 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hpc import ranks  # noqa: E402
-from train import dsconfig  # noqa: E402
+from hpc import dsconfig, ranks  # noqa: E402
 from train.data import synthetic  # noqa: E402
 from train.engines import DTYPES  # noqa: E402
 from train.loader import normalize  # noqa: E402
 from train.model import ConvNet  # noqa: E402
-from train.runtime import device_name, init_process_group, peak_memory_bytes, pick_device  # noqa: E402
+from train.runtime import (  # noqa: E402
+    device_name,
+    init_process_group,
+    peak_memory_bytes,
+    pick_device,
+    prepare_deepspeed_environment,
+)
 
 TIMEOUT_S = 600.0  # the trainer's default --timeout-s
 
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.engine == "deepspeed":
-        dsconfig.prepare_environment(os.environ, cuda=device.type == "cuda")
+        prepare_deepspeed_environment(os.environ, cuda=device.type == "cuda")
         import deepspeed
     if args.engine == "deepspeed" or dist.distributed:
         init_process_group(backend, dist, device, TIMEOUT_S)
@@ -94,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = ConvNet().to(device)
     if args.engine == "deepspeed":
-        config = dsconfig.resolve(dsconfig.load(dsconfig.default_config_path()), world_size=dist.world_size,
-                                  zero_stage=args.zero_stage, precision=args.precision,
+        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=dist.world_size,
+                                  gpu=device.type == "cuda", zero_stage=args.zero_stage, precision=args.precision,
                                   global_batch=args.batch_size)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         dtype = DTYPES[args.precision]

@@ -1,6 +1,6 @@
 """Measure DeepSpeed's model-state bytes per rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 train/memprobe.py \\
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tools/memprobe.py \\
         --zero-stage 0 1 2 3 --precision fp32 bf16
 """
 

@@ -1,0 +1,117 @@
+"""Decide the precision and the DeepSpeed config once, torch-free: for `hpcdist render` and for a trainer run by hand.
+
+    config = resolve(load(base_path()), world_size=4, gpu=False, zero_stage=3)   # auto on CPUs: bf16
+    precision_of(config)                                                         # -> "bf16"
+
+A job directory's deepspeed.json is this function's output; the trainer takes that file as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from hpc import vocab
+from hpc.paths import configs_dir
+
+BASE = "zero2_fp16.json"
+
+
+class ConfigError(ValueError):
+    """The DeepSpeed config cannot be used as asked; the message says what to change."""
+
+
+def base_path() -> Path:
+    """The shipped base config (configs/deepspeed/zero2_fp16.json): fp16 ZeRO-2 with Adam."""
+    return configs_dir() / "deepspeed" / BASE
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass an existing file, e.g. "
+                          f"{base_path()}") from None
+    except ValueError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({exc}); fix it or pass another") from None
+    except OSError as exc:
+        raise ConfigError(f"DeepSpeed config {path} cannot be read ({exc.strerror}); fix it or pass another") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} is not a JSON object; fix it or pass another")
+    return config
+
+
+def precision_of(config: Mapping[str, Any]) -> str:
+    if config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def choose_precision(requested: str, *, gpu: bool, config: Mapping[str, Any] | None = None) -> str:
+    """What ``--precision`` means: itself, or for ``auto`` fp32 under dp/ddp (no ``config``); under DeepSpeed
+    the config's on GPUs and bf16 on CPU-only jobs, where fp16 runs ~35x slower."""
+    if requested != vocab.AUTO:
+        if requested not in vocab.DTYPES:
+            raise ConfigError(f"precision {requested!r} is not one of {', '.join(vocab.PRECISIONS)}")
+        return requested
+    if config is None:
+        return "fp32"
+    return precision_of(config) if gpu else "bf16"
+
+
+def resolve(base: Mapping[str, Any], *, world_size: int, gpu: bool, zero_stage: int | None = None,
+            precision: str = vocab.AUTO, offload: bool = False, global_batch: int | None = None,
+            lr: float | None = None) -> dict[str, Any]:
+    """``base`` with the job's ZeRO stage, offload, precision, batch and lr: one micro batch per rank, no
+    accumulation (the trainer counts one optimizer step per batch it draws). ``base`` is left alone."""
+    config = copy.deepcopy(dict(base))
+    zero = config.setdefault("zero_optimization", {})
+    if zero_stage is not None:
+        zero["stage"] = zero_stage
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if zero.get("stage") == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    chosen = choose_precision(precision, gpu=gpu, config=config)
+    config.setdefault("fp16", {})["enabled"] = chosen == "fp16"
+    config.setdefault("bf16", {})["enabled"] = chosen == "bf16"
+    if lr is not None:
+        config.setdefault("optimizer", {"type": "Adam"}).setdefault("params", {})["lr"] = lr
+    batch = global_batch or config.get("train_batch_size")
+    if batch is None:
+        micro = config.get("train_micro_batch_size_per_gpu")
+        if micro is None:
+            raise ConfigError("the DeepSpeed config sets neither train_batch_size nor "
+                              "train_micro_batch_size_per_gpu; add one or pass --batch-size")
+        batch = micro * config.get("gradient_accumulation_steps", 1) * world_size
+    if batch % world_size:
+        raise ConfigError(f"global batch {batch} does not split evenly over {world_size} ranks; "
+                          f"pass --batch-size with a multiple of {world_size}")
+    config["train_batch_size"] = batch
+    config["train_micro_batch_size_per_gpu"] = batch // world_size
+    config["gradient_accumulation_steps"] = 1
+    return config
+
+
+def check_resolved(config: Mapping[str, Any], path: Path, world_size: int, **given: Any) -> None:
+    """Refuse a config file that ``resolve`` did not make for ``world_size`` ranks, or that a flag contradicts.
+
+    ``given`` maps the trainer's flags (zero_stage, precision, global_batch, lr) to their values; None and
+    ``auto`` say nothing. The file decides: a flag may repeat it, never change it.
+    """
+    batch, micro = config.get("train_batch_size"), config.get("train_micro_batch_size_per_gpu")
+    if batch is None or micro is None or micro * world_size != batch or config.get("gradient_accumulation_steps") != 1:
+        raise ConfigError(f"DeepSpeed config {path} is not resolved for {world_size} rank(s) (train_batch_size = "
+                          "train_micro_batch_size_per_gpu x ranks, gradient_accumulation_steps 1); render it with "
+                          "`hpcdist render --backend deepspeed`, or drop --deepspeed-config")
+    found = {"zero_stage": config.get("zero_optimization", {}).get("stage"), "precision": precision_of(config),
+             "global_batch": batch, "lr": config.get("optimizer", {}).get("params", {}).get("lr")}
+    flags = {"zero_stage": "--zero-stage", "precision": "--precision", "global_batch": "--batch-size", "lr": "--lr"}
+    for name, value in given.items():
+        if value not in (None, vocab.AUTO) and value != found[name]:
+            raise ConfigError(f"{flags[name]} {value} contradicts {path}, which says {found[name]}; the file "
+                              f"decides: drop {flags[name]} or edit the file")

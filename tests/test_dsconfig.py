@@ -1,0 +1,127 @@
+"""The precision and DeepSpeed config are decided once (hpc.dsconfig): what render writes is what DeepSpeed gets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.__main__ as trainer
+from hpc import dsconfig, profiles, render, vocab
+from hpc.spec import JobSpec, SpecError
+from train.engines import DeepSpeedEngine
+from train.options import parse
+
+CPU_SITE = profiles.load("local")
+GPU_SITE = profiles.parse("one-gpu", {"gpus_per_node": 1, "cpus_per_task": 1})
+GRID = [(stage, precision) for stage in vocab.ZERO_STAGES for precision in vocab.PRECISIONS]
+
+
+class Reached(Exception):
+    """Raised where deepspeed.initialize would have been called, carrying its config."""
+
+
+def rendered_config(tmp_path: Path, stage: int, precision: str, gpu: bool) -> Path:
+    spec = JobSpec(job_dir=str(tmp_path / "job"), backend="deepspeed", zero_stage=stage, precision=precision,
+                   gpus_per_node=1 if gpu else None, python=sys.executable)
+    render.write(render.render(spec, GPU_SITE if gpu else CPU_SITE))
+    return tmp_path / "job" / vocab.DEEPSPEED_JSON
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A world of one, with no process group and DeepSpeed stopped at its door."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(trainer, "init_process_group", lambda *a: "gloo")
+    monkeypatch.setattr(trainer, "cpu_has_fp16", lambda: True)  # fp16 on this CPU is not what is tested here
+
+    def stop(self, model, config):
+        raise Reached(config)
+
+    monkeypatch.setattr(DeepSpeedEngine, "__init__", stop)
+
+
+@pytest.mark.parametrize("stage,precision", GRID)
+def test_a_cpu_job_trains_with_exactly_the_rendered_deepspeed_json(tmp_path, one_process, stage, precision):
+    path = rendered_config(tmp_path, stage, precision, gpu=False)
+    with pytest.raises(Reached) as reached:
+        trainer.main(["--backend", "deepspeed", "--run-dir", str(tmp_path / "run"), "--deepspeed-config",
+                      str(path), "--threads", "1", "--synthetic-size", "64"])
+    assert reached.value.args[0] == json.loads(path.read_text())
+    if precision == "auto":
+        assert dsconfig.precision_of(reached.value.args[0]) == "bf16"
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("stage,precision", GRID)
+def test_the_trainer_resolves_what_render_resolves_with_or_without_a_job_dir(tmp_path, stage, precision, gpu):
+    path = rendered_config(tmp_path, stage, precision, gpu)
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    given = parse(["--backend", "deepspeed", "--run-dir", "r", "--deepspeed-config", str(path)])
+    by_hand = parse(["--backend", "deepspeed", "--run-dir", "r", "--zero-stage", str(stage), "--precision", precision])
+    expected = json.loads(path.read_text())
+    for opts in (given, by_hand):
+        chosen, config, batch = trainer.precision_and_config(opts, device, world=1)
+        assert config == expected and chosen == dsconfig.precision_of(expected)
+        assert batch == expected["train_batch_size"]
+    if precision == "auto":
+        assert dsconfig.precision_of(expected) == ("fp16" if gpu else "bf16")
+
+
+def test_auto_is_fp32_for_dp_and_ddp_and_the_config_s_on_gpus_bf16_on_cpus() -> None:
+    fp16 = {"fp16": {"enabled": True}}
+    assert dsconfig.choose_precision("auto", gpu=True) == "fp32"
+    assert dsconfig.choose_precision("auto", gpu=True, config=fp16) == "fp16"
+    assert dsconfig.choose_precision("auto", gpu=False, config=fp16) == "bf16"
+    assert dsconfig.choose_precision("fp16", gpu=False, config=fp16) == "fp16"
+    with pytest.raises(dsconfig.ConfigError, match="fp8"):
+        dsconfig.choose_precision("fp8", gpu=True)
+
+
+def test_overrides_reach_the_config_and_leave_the_base_alone() -> None:
+    base = dsconfig.load(dsconfig.base_path())
+    before = json.dumps(base)
+    config = dsconfig.resolve(base, world_size=4, gpu=True, zero_stage=3, precision="bf16", offload=True,
+                              global_batch=64, lr=0.01)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (64, 16)
+    assert config["gradient_accumulation_steps"] == 1 and config["optimizer"]["params"]["lr"] == 0.01
+    assert json.dumps(base) == before
+    with pytest.raises(dsconfig.ConfigError, match="multiple of 3"):
+        dsconfig.resolve(base, world_size=3, gpu=True)
+
+
+def test_the_shipped_base_is_fp16_zero2_with_a_global_batch() -> None:
+    base = dsconfig.load(dsconfig.base_path())
+    assert dsconfig.precision_of(base) == "fp16" and base["zero_optimization"]["stage"] == vocab.DEFAULT_ZERO_STAGE
+    assert base["train_batch_size"] % 8 == 0 and base["optimizer"]["type"] == "Adam"
+
+
+def test_a_file_not_made_for_this_world_or_contradicted_by_a_flag_is_refused(tmp_path) -> None:
+    config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=2, gpu=False, lr=0.01)
+    dsconfig.check_resolved(config, tmp_path, 2, zero_stage=2, precision="auto", global_batch=32, lr=0.01)
+    with pytest.raises(dsconfig.ConfigError, match="not resolved for 4 rank"):
+        dsconfig.check_resolved(config, tmp_path, 4)
+    with pytest.raises(dsconfig.ConfigError, match="--precision fp16 contradicts"):
+        dsconfig.check_resolved(config, tmp_path, 2, precision="fp16")
+    with pytest.raises(dsconfig.ConfigError, match="--batch-size 64 contradicts"):
+        dsconfig.check_resolved(config, tmp_path, 2, global_batch=64)
+
+
+def test_render_shows_the_precision_that_will_train() -> None:
+    cpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), CPU_SITE)
+    assert json.loads(cpu.files[vocab.DEEPSPEED_JSON])["bf16"]["enabled"] and cpu.spec.precision == "bf16"
+    assert "deepspeed backend ZeRO-2 in bf16" in cpu.files[vocab.JOB_SBATCH]
+    gpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), GPU_SITE)
+    assert gpu.spec.precision == "fp16" and "in fp16" in gpu.files[vocab.JOB_SBATCH]
+    ddp = render.render(JobSpec(job_dir="/j", backend="ddp", python="py"), GPU_SITE)
+    assert ddp.spec.precision == "fp32" and "--precision fp32" in ddp.files[vocab.TASK_SH]
+    with pytest.raises(SpecError, match="--lr 'fast' is not a number"):
+        render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py", train_args=("--lr", "fast")), CPU_SITE)
