@@ -123,5 +123,5 @@ def test_render_shows_the_precision_that_will_train() -> None:
     assert gpu.spec.precision == "fp16" and "in fp16" in gpu.files[vocab.JOB_SBATCH]
     ddp = render.render(JobSpec(job_dir="/j", backend="ddp", python="py"), GPU_SITE)
     assert ddp.spec.precision == "fp32" and "--precision fp32" in ddp.files[vocab.TASK_SH]
-    with pytest.raises(SpecError, match="--lr 'fast' is not a number"):
+    with pytest.raises(SpecError, match="--lr: invalid float value: 'fast'"):
         render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py", train_args=("--lr", "fast")), CPU_SITE)
