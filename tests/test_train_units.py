@@ -119,23 +119,32 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
         read_batch(tmp_path / "bad")
 
 
-def test_synthetic_data_is_cifar_shaped_fixed_by_seed_and_learnable_in_a_few_dozen_steps():
+def test_synthetic_data_is_cifar_shaped_and_fixed_by_seed():
     data = synthetic(512, 128, seed=3)
     assert data.train.images.shape == (512, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (128, 3, 32, 32) and set(data.train.labels.tolist()) == set(range(10))
     assert torch.equal(synthetic(512, 128, seed=3).train.images, data.train.images)
+    assert torch.equal(synthetic(512, 128, seed=3).test.labels, data.test.labels)
     assert not torch.equal(synthetic(512, 128, seed=4).train.images, data.train.images)
+
+
+def test_synthetic_data_is_learnable_but_far_from_solved_after_a_few_dozen_steps():
+    data = synthetic(1024, 512, seed=0)
     torch.manual_seed(0)
     net, x, y = ConvNet(), normalize(data.train.images), data.train.labels
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses = []
-    for step in range(30):
-        batch = slice(step * 16 % 512, step * 16 % 512 + 16)
+    for step in range(32):
+        batch = slice(step * 64 % 1024, step * 64 % 1024 + 64)
         loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    with torch.no_grad():
+        accuracy = (net(normalize(data.test.images)).argmax(1) == data.test.labels).float().mean().item()
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+    assert 0.2 < accuracy < 0.8, accuracy  # 10 classes: chance is 0.1; the old set reached 1.0 here
 
 
 # --- resident loader -----------------------------------------------------------------------------------
@@ -232,6 +241,53 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     save_model(root, 20, good)  # the next attempt clears the debris and publishes
     assert checkpoint.newest(root).name == "step00000020"
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def two_checkpoints(root):
+    torch.manual_seed(0)
+    save_model(root, 10, ConvNet())
+    save_model(root, 20, ConvNet())
+    return root / "step00000020" / "model.pt"
+
+
+def flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("harm, reason", [
+    (lambda f: f.write_bytes(f.read_bytes()[:100]), "has 100 bytes, the manifest says"),
+    (lambda f: f.unlink(), "model.pt is missing"),
+    (flip_one_byte, "does not match its SHA-256"),
+    (lambda f: (f.parent / checkpoint.MANIFEST).unlink(), "no MANIFEST.json"),
+])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, harm, reason):
+    newest_file = two_checkpoints(tmp_path)
+    assert checkpoint.damage(newest_file.parent) is None
+    harm(newest_file)
+    skipped = []
+    assert checkpoint.newest(tmp_path, skipped=skipped).name == "step00000010"
+    assert [p.name for p, _ in skipped] == ["step00000020"] and reason in skipped[0][1]
+
+
+def test_the_manifest_is_written_last_and_lists_every_file_with_size_and_checksum(tmp_path):
+    newest_file = two_checkpoints(tmp_path)
+    listed = json.loads((newest_file.parent / checkpoint.MANIFEST).read_text())
+    assert listed["step"] == 20 and list(listed["files"]) == ["model.pt"]
+    assert listed["files"]["model.pt"]["size"] == newest_file.stat().st_size
+
+
+def test_resume_sets_a_damaged_checkpoint_aside_and_points_latest_at_the_one_it_takes(tmp_path):
+    two_checkpoints(tmp_path)
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"")
+    said = []
+    chosen = checkpoint.choose(tmp_path, rank=0, say=said.append)
+    assert chosen.name == "step00000010" and (tmp_path / "latest").read_text().strip() == "step00000010"
+    assert (tmp_path / ".damaged-step00000020").is_dir() and not (tmp_path / "step00000020").exists()
+    assert "step00000020 is damaged (model.pt has 0 bytes" in said[0]
+    # Other ranks take rank 0's choice, never their own view.
+    assert checkpoint.choose(tmp_path, rank=1, share=lambda _: "step00000010").name == "step00000010"
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):

@@ -240,7 +240,10 @@ def resume(run: Setup, engine: Engine) -> tuple[dict, Path | None]:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
-    found = checkpoint.newest(run.checkpoints) if opts.resume else None
+    found = None
+    if opts.resume:
+        found = checkpoint.choose(run.checkpoints, rank=run.rank, share=lambda name: broadcast_from_0(name, run.world),
+                                  say=lambda line: say(run.rank, line))
     if opts.resume and found is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
     if found is None:
@@ -406,6 +409,14 @@ def precision_and_config(opts: Options, device: torch.device, world: int) -> tup
     else:
         config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu, **given)
     return dsconfig.precision_of(config), config, config["train_batch_size"]
+
+
+def broadcast_from_0(value, world: int):
+    if world == 1 or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def cpu_has_fp16() -> bool:

@@ -97,16 +97,43 @@ def download_cifar10(data_dir: Path, local_rank: int, timeout_s: float) -> None:
         time.sleep(1)
 
 
+# The synthetic set's knobs (see synthetic()). Measured: `python -m train --backend ddp --synthetic-size 4096
+# --epochs 1` (batch 256) reaches test accuracy 0.28, `--epochs 5` 0.84; one 5-epoch run evaluated after
+# each epoch: 0.35, 0.63, 0.76, 0.82, 0.83.
+TEMPLATE_GRID = 4        # class templates are random 4x4 colour grids, upsampled smoothly
+MAX_SHIFT = 8            # each image is a random 32x32 window of its class's 40x40 template
+TEMPLATE_AMPLITUDE = 24  # grey levels the template swings around mid-grey, before contrast
+NOISE_STD = 80           # per-pixel Gaussian noise, grey levels: four times the template's swing
+LABEL_NOISE = 0.05       # share of labels redrawn at random (in both splits): accuracy stays below ~0.95
+
+
 def synthetic(n_train: int, n_test: int, seed: int) -> Dataset:
-    """CIFAR-shaped uint8 images: a fixed random pattern per class under heavy noise, so a ConvNet learns fast."""
+    """CIFAR-shaped uint8 images that take a ConvNet several epochs to learn and never let it reach 100%.
+
+    Each class is a smooth random colour template; an image is a randomly shifted window of it, with random
+    contrast and per-channel brightness, under Gaussian noise four times stronger than the template, and 5%
+    of labels are redrawn at random. Deterministic from ``seed``; about 0.1-0.3 s for 4096 + 1024 images on
+    one CPU thread. Expected test accuracy (ddp, 1 rank, 4096 images, batch 256, Adam 1e-3): about 0.25-0.4
+    after one epoch, 0.75-0.85 after five, below 0.95 (the label noise) however long it trains.
+    """
     g = torch.Generator().manual_seed(seed)
-    patterns = torch.rand(CLASSES, 3, 32, 32, generator=g) * 255
+    side = 32 + MAX_SHIFT
+    grid = torch.rand(CLASSES, 3, TEMPLATE_GRID, TEMPLATE_GRID, generator=g) * 2 - 1
+    templates = torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    # Every 32x32 window of every template as one strided view: [class, dy, dx, channel, row, col].
+    windows = templates.contiguous().as_strided(
+        (CLASSES, MAX_SHIFT + 1, MAX_SHIFT + 1, 3, 32, 32), (3 * side * side, side, 1, side * side, side, 1))
 
     def split(n: int) -> Split:
         labels = torch.randint(0, CLASSES, (n,), generator=g)
-        noise = torch.randn(n, 3, 32, 32, generator=g) * 32
-        images = (patterns[labels] + noise).round().clamp(0, 255).to(torch.uint8)
-        return Split(images, labels)
+        dy, dx = torch.randint(0, MAX_SHIFT + 1, (2, n), generator=g)
+        contrast = torch.rand(n, 1, 1, 1, generator=g) * 1.2 + 0.4
+        brightness = torch.randn(n, 3, 1, 1, generator=g) * 20 + 128
+        images = torch.randn(n, 3, 32, 32, generator=g).mul_(NOISE_STD)
+        images += windows[labels, dy, dx] * (contrast * TEMPLATE_AMPLITUDE) + brightness
+        relabel = torch.rand(n, generator=g) < LABEL_NOISE
+        labels = torch.where(relabel, torch.randint(0, CLASSES, (n,), generator=g), labels)
+        return Split(images.clamp_(0, 255).to(torch.uint8), labels)
 
     train = split(n_train)
     return Dataset("synthetic", train, split(n_test))

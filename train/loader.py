@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from train import preemption
 from train.data import Split
 
 # Per-channel mean and std of CIFAR-10's training images.
@@ -149,8 +150,12 @@ class ClassicLoader:
             batch_sampler = torch.utils.data.BatchSampler(order, self.local_batch, drop_last=True)
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler,
                                                  num_workers=self.num_workers,
-                                                 pin_memory=self.device.type == "cuda")
-            for index, (x, y) in enumerate(loader, start=skip):
+                                                 pin_memory=self.device.type == "cuda",
+                                                 worker_init_fn=preemption.ignore_in_worker)
+            # Workers fork here: a stop signal must find them ignoring it, or they die before the checkpoint.
+            with preemption.blocked_while_forking():
+                batches = iter(loader)
+            for index, (x, y) in enumerate(batches, start=skip):
                 x = x.to(self.device, non_blocking=True)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

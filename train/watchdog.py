@@ -141,7 +141,7 @@ class Watchdog:
         self.tick_s = beat.every_s
         # Judging reads every rank's heartbeat: a few times per timeout is enough, and spares a shared disk.
         self.judge_every_s = max(beat.every_s, min(timeout_s / 6, 10.0))
-        self.fresh_s = max(3 * beat.every_s, 5.0)
+        self.fresh_s = max(3 * beat.every_s, 1.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -198,8 +198,14 @@ class Watchdog:
         mine = self.stacks_dir / f"rank-{rank}.txt"
         if not ((self.run_dir / "hang.json").exists() and mine.exists()):  # a thawed rank keeps its py-spy stack
             _replace(mine, own_stacks())
-        if declared["stale_beat"] and declared["rank"] != rank and self._reads_for_culprit(declared):
-            _replace(self.stacks_dir / f"rank-{declared['rank']}.txt", py_spy_stack(declared["pid"]))
+        if declared["rank"] != rank and self._reads_for_culprit(declared):
+            # A culprit whose own watchdog still runs writes its stack itself; a frozen one gets py-spy.
+            theirs = self.stacks_dir / f"rank-{declared['rank']}.txt"
+            deadline = time.monotonic() + (self.fresh_s if not declared["stale_beat"] else 0)
+            while not theirs.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not theirs.exists():
+                _replace(theirs, py_spy_stack(declared["pid"]))
         if declared["declared_by"] == rank:
             self.write_report(declared)
         else:
@@ -227,7 +233,7 @@ class Watchdog:
         beats = heartbeat.read_all(self.run_dir)
         now = self.now()
         expected = {r for r, b in beats.items() if now - (b.get("time") or 0) <= self.fresh_s} | {declared["rank"]}
-        deadline = time.monotonic() + COLLECT_S + (PY_SPY_TIMEOUT_S if declared["stale_beat"] else 0)
+        deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
         while time.monotonic() < deadline:
             if all((self.stacks_dir / f"rank-{r}.txt").exists() for r in expected):
                 break
