@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,3 +151,128 @@ def test_one_process_stopped_by_sigterm_checkpoints_exits_75_and_resumes(tmp_pat
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"at step {stopped_at}" in second.stdout
     assert read_summary(run_dir)["steps"] == stopped_at + 2
+
+
+# --- failures: a damaged checkpoint, a hung rank, stop signals at awkward moments ------------------------
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint_with_the_uninterrupted_losses(launch, tmp_path):
+    args = ["--backend", "ddp", *TINY]
+    reference = tmp_path / "reference"
+    assert launch("srun", args, reference).wait() == [0, 0]
+
+    interrupted = tmp_path / "interrupted"
+    first = launch("srun", [*args, "--max-steps", "10", "--checkpoint-every", "5"], interrupted)
+    assert first.wait() == [0, 0], first.output()
+    newest = interrupted / "checkpoints" / "step00000010"
+    (newest / "trainer.pt").write_bytes((newest / "trainer.pt").read_bytes()[:1000])  # a torn write after publish
+
+    second = launch("srun", [*args, "--resume"], interrupted)
+    assert second.wait() == [0, 0], second.output()
+    assert "step00000010 is damaged (trainer.pt has 1000 bytes" in second.output()
+    assert "at step 5" in second.output()
+    assert (interrupted / "checkpoints" / ".damaged-step00000010").is_dir()
+    assert read_losses(interrupted) == pytest.approx(read_losses(reference), abs=1e-6, rel=0)
+
+
+def wait_for_heartbeats(run_dir, launched, ranks: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list((run_dir / "heartbeat").glob("rank-*.json"))) < ranks:
+        assert all(p.poll() is None for p in launched.procs), launched.output()
+        assert time.monotonic() < deadline, f"no heartbeats from {ranks} ranks in {timeout}s\n{launched.output()}"
+        time.sleep(0.02)
+
+
+def test_a_frozen_rank_is_named_with_every_ranks_stack_and_the_live_rank_exits_76(launch, tmp_path):
+    run_dir = tmp_path / "run"
+    launched = launch("srun", ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1",
+                               "--heartbeat-s", "0.5", "--hang-timeout-s", "3"], run_dir)
+    wait_for_steps(run_dir, launched, 3)
+    frozen = launched.procs[1]
+    frozen.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        assert launched.procs[0].wait(timeout=60) == 76, launched.output()
+        took = time.monotonic() - stopped_at
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    frozen.wait(timeout=60)  # thawed, it finds the hang declared (or its peer gone) and ends too
+    hang = json.loads((run_dir / "hang.json").read_text())
+    assert (hang["rank"], hang["pid"], hang["declared_by"]) == (1, frozen.pid, 0)
+    assert hang["node"] == os.uname().nodename and hang["threshold_s"] >= 3
+    assert set(hang["stacks"]) == {"0", "1"} and "train_step" in hang["stacks"]["0"]
+    # The frozen rank's stack comes from py-spy, run by rank 0 beside it on this node (or says why not).
+    frozen_stack = hang["stacks"]["1"]
+    assert ("train/__main__.py" in frozen_stack) if py_spy_installed() else frozen_stack.startswith("no stack:")
+    assert [g["ranks"] for g in hang["groups"]] == [[0], [1]]
+    assert (run_dir / "stacks" / "rank-0.txt").read_text() == hang["stacks"]["0"]
+    assert "rank 1 on" in launched.output() and "hung at step" in launched.output()
+    print(f"frozen rank named and the live rank out {took:.1f} s after SIGSTOP (threshold 3 s)")
+    assert took < 30
+
+
+def py_spy_installed() -> bool:
+    return Path(sys.executable).with_name("py-spy").exists() or shutil.which("py-spy") is not None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (DataLoader workers, a launcher's ranks), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def assert_stopped_with_a_complete_checkpoint(run_dir, output: str) -> int:
+    found = checkpoint.newest(run_dir / "checkpoints")
+    assert found is not None and checkpoint.damage(found) is None, output
+    step = int(found.name[len("step"):])
+    assert f"at step {step}: checkpoint" in output and (run_dir / "preempted").read_text().strip() == str(step)
+    return step
+
+
+def test_a_stop_signal_during_set_up_ends_in_a_checkpoint_before_any_step(launch, tmp_path):
+    run_dir = tmp_path / "run"
+    launched = launch("srun", ["--backend", "ddp", *TINY], run_dir)
+    wait_for_heartbeats(run_dir, launched, 2)  # torch imported, not yet trained: set-up or rendezvous
+    launched.signal(signal.SIGTERM)
+    assert launched.wait() == [75, 75], launched.output()
+    assert assert_stopped_with_a_complete_checkpoint(run_dir, launched.output()) == 0
+    assert "stopped by SIGTERM at step 0" in launched.output()
+
+
+def test_dataloader_workers_outlive_a_signal_sent_to_every_process_like_srun(launch, tmp_path):
+    run_dir = tmp_path / "run"
+    launched = launch("srun", ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1",
+                               "--loader", "classic", "--num-workers", "2", "--checkpoint-every", "2"], run_dir)
+    wait_for_steps(run_dir, launched, 3)
+    workers = [w for p in launched.procs for w in descendants(p.pid)]
+    assert len(workers) >= 4, "expected 2 DataLoader workers per rank"
+    for pid in [p.pid for p in launched.procs] + workers:
+        os.kill(pid, signal.SIGTERM)  # a time limit: torch's workers die of it unless told to ignore it
+    assert launched.wait() == [75, 75], launched.output()
+    assert_stopped_with_a_complete_checkpoint(run_dir, launched.output())
+    assert "killed by signal" not in launched.output()
+
+
+@pytest.mark.parametrize("way", ["torchrun", "deepspeed"])
+def test_sigterm_to_the_launcher_ends_in_a_complete_checkpoint(launch, tmp_path, way):
+    run_dir = tmp_path / "run"
+    launched = launch(way, ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1"], run_dir)
+    wait_for_steps(run_dir, launched, 3)
+    agent = launched.procs[0].pid
+    if way == "deepspeed":  # srun starts deepspeed.launcher.launch per node, the runner's child here
+        agent = next(p for p in descendants(agent) if b"deepspeed.launcher.launch" in
+                     Path(f"/proc/{p}/cmdline").read_bytes())
+    os.kill(agent, signal.SIGTERM)  # it forwards SIGTERM to the ranks and SIGKILLs them 30 s later
+    launched.wait()
+    step = assert_stopped_with_a_complete_checkpoint(run_dir, launched.output())
+    assert f"stopped by SIGTERM at step {step}" in launched.output()
