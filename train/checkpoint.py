@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 NAME = re.compile(r"step(\d{8})")
-LATEST = "latest"
 MANIFEST = "MANIFEST.json"
 KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
 
@@ -108,8 +107,6 @@ def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda 
             say(f"resume: checkpoint {path} is damaged ({reason}); set aside as .damaged-{path.name}, "
                 "falling back to the previous one")
             os.rename(path, path.with_name(f".damaged-{path.name}"))
-        if skipped and found is not None:
-            _point_latest(Path(root), found.name)
         name = found.name if found is not None else None
     name = share(name)
     return Path(root) / name if name else None
@@ -136,19 +133,12 @@ def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None]
         if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
             os.rename(final, root / f".old-{tag}")
         os.rename(staging / tag, final)
-        _point_latest(root, tag)
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(root / f".old-{tag}", ignore_errors=True)
         for old in complete(root)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def _point_latest(root: Path, tag: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(tag + "\n")
-    os.replace(tmp, root / LATEST)
 
 
 def rng_state() -> dict:
