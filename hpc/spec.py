@@ -55,7 +55,9 @@ SLURM_SIGNALS = ("HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "
                  "TSTP", "TTIN", "TTOU", "XCPU")
 MAX_SIGNAL_NUMBER = 64
 MAX_SIGNAL_DELAY_S = 65535
-_SIGNAL = re.compile(r"(?:(?:R|B|RB|BR):)?(?i:SIG)?([A-Za-z][A-Za-z0-9]*|[0-9]+)(?:@([0-9]+))?")
+# SIG goes only before a name: sbatch refuses SIG10 (found by tests/test_slurm_oracle.py).
+_SIGNAL = re.compile(r"(?:(?:R|B|RB|BR):)?(?:(?i:SIG)?(?P<name>[A-Za-z][A-Za-z0-9]*)|(?P<number>[0-9]+))"
+                     r"(?:@(?P<delay>[0-9]+))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Slurm's dependency types (sbatch --dependency) and the short forms --after JOB[:ok|any|notok] takes.
 DEPENDENCY_TYPES = ("after", "afterany", "afterok", "afternotok", "aftercorr", "singleton")
@@ -137,7 +139,7 @@ class JobSpec:
     @property
     def signal_delay_s(self) -> int:
         m = _SIGNAL.fullmatch(self.signal)
-        return int(m.group(2)) if m and m.group(2) else 60
+        return int(m["delay"]) if m and m["delay"] else 60
 
     @property
     def dependency(self) -> str | None:
@@ -263,7 +265,7 @@ def signal_name(value: str) -> str:
     import signal as signals
 
     m = _SIGNAL.fullmatch(value)
-    word = m.group(1).upper() if m else "USR1"
+    word = (m["name"] or m["number"]).upper() if m else "USR1"
     return signals.Signals(int(word)).name[3:] if word.isdigit() else word
 
 
@@ -274,14 +276,14 @@ def check_signal(value: str) -> None:
     m = _SIGNAL.fullmatch(value)
     if not m:
         raise SpecError(f"--signal {_shown(value)} is not a Slurm signal spec; use e.g. USR1@120")
-    word = m.group(1).upper()
+    word = (m["name"] or m["number"]).upper()
     if word.isdigit():
         if not 1 <= int(word) <= MAX_SIGNAL_NUMBER or int(word) not in {s.value for s in signals.Signals}:
             raise SpecError(f"--signal {value}: {word} is not a signal number; use a name such as USR1")
     elif word not in SLURM_SIGNALS:
-        raise SpecError(f"--signal {value}: Slurm knows no signal {m.group(1)}; use one of "
+        raise SpecError(f"--signal {value}: Slurm knows no signal {m['name']}; use one of "
                         f"{', '.join(SLURM_SIGNALS)}")
-    if m.group(2) is not None and int(m.group(2)) > MAX_SIGNAL_DELAY_S:
+    if m["delay"] is not None and int(m["delay"]) > MAX_SIGNAL_DELAY_S:
         raise SpecError(f"--signal {value}: the delay is at most {MAX_SIGNAL_DELAY_S} seconds in Slurm; "
                         "give a smaller one")
 

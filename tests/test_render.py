@@ -248,4 +248,6 @@ def test_sbatch_test_only(tmp_path: Path) -> None:
          "--job-dir", str(tmp_path / "bad"), "--test-only", "-q"], capture_output=True, text=True,
         # hpcdist's own partition check would refuse first (tests/test_partition.py); this is Slurm's word.
         env={**env, "HPCDIST_PARTITION_CHECK": "0"}, timeout=90)
-    assert bad.returncode != 0 and "refused" in bad.stderr
+    # Refused: one line, exit 2, and the job directory render had just written is gone again.
+    assert bad.returncode == 2 and "refused" in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "bad").exists()

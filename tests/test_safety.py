@@ -337,7 +337,7 @@ def test_times_slurm_refuses_are_refused(value: str) -> None:
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("value", ["FOO@120", "USR1@99999999", "USR1@65536", "0", "PIPE", "B:R:USR1", "@120",
+@pytest.mark.parametrize("value", ["FOO@120", "USR1@99999999", "USR1@65536", "0", "PIPE", "B:R:USR1", "@120", "SIG10",
                                    "USR1@\uff11", "USR1 ", "999"])
 def test_signals_slurm_refuses_are_refused(value: str) -> None:
     with pytest.raises(SpecError, match="--signal"):
