@@ -38,7 +38,8 @@ signals = mostly(
     st.builds("{}{}{}".format, st.sampled_from(["", "B:R:", "X:"]),
               st.sampled_from(["PIPE", "FOO", "0", "65", "SIG10", "sig99"]),
               st.sampled_from(["", "@65536", "@99999999", "@", "@\uff11"])))
-names = st.one_of(st.text(min_size=1, max_size=20), st.sampled_from(["a\\", "a\\b", "it's", 'say "hi"', "x # y", "%j", "a b"]))
+names = st.one_of(st.text(min_size=1, max_size=20),
+                  st.sampled_from(["a\\", "a\\b", "it's", 'say "hi"', "x # y", "%j", "a b"]))
 partitions = mostly(st.just("debug"), st.sampled_from(['"debug"', "'debug'", "de\\bug", "debug ", "nosuch"]))
 geometry = st.tuples(mostly(st.integers(1, 3), st.sampled_from([0, 4])), mostly(st.integers(1, 2), st.just(3)),
                      st.sampled_from(["srun", "torchrun"]))
