@@ -277,7 +277,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     files: dict[str, str] = {}
     lines: dict[str, str] = {}
     try:
-        for name in ("job.sbatch", "setup.sh", "task.sh", "requeue.sh"):
+        for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.REQUEUE_SH):
             files[name] = env.get_template(f"{name}.j2").render(context)
         for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh"):
             lines[name] = env.get_template(f"{name}.j2").render(context).strip()
@@ -292,12 +292,12 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
         raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
                           "site template directory") from None
-    files["spec.yaml"] = spec_yaml(spec, profile)
-    files["ranks.txt"] = ranks_table(spec, job_id)
+    files[vocab.SPEC_YAML] = spec_yaml(spec, profile)
+    files[vocab.RANKS_TXT] = ranks_table(spec, job_id)
     if ds_config is not None:
         files[vocab.DEEPSPEED_JSON] = json.dumps(ds_config, indent=2) + "\n"
     if spec.launcher == "deepspeed" and spec.nodelist:
-        files["hostfile"] = hostfile(spec.hosts, spec.procs_per_node)
+        files[vocab.HOSTFILE] = hostfile(spec.hosts, spec.procs_per_node)
     return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
                     teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"])
 

@@ -7,19 +7,13 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hpc import nodelist, plan, vocab
+from hpc.vocab import DEFAULT_ZERO_STAGE, LAUNCHERS, NODE_LAUNCHERS, PRECISIONS, VALID_LAUNCHERS, ZERO_STAGES
+from hpc.vocab import JOB_BACKENDS as BACKENDS
 from train import options as train_options
 
 if TYPE_CHECKING:
     from hpc.profiles import Profile
 
-# The vocabulary lives in hpc.vocab; these names stay for the code that imports them from here.
-BACKENDS = vocab.JOB_BACKENDS
-LAUNCHERS = vocab.LAUNCHERS
-PRECISIONS = vocab.PRECISIONS
-ZERO_STAGES = vocab.ZERO_STAGES
-VALID_LAUNCHERS = vocab.VALID_LAUNCHERS
-NODE_LAUNCHERS = vocab.NODE_LAUNCHERS
-DEFAULT_ZERO_STAGE = vocab.DEFAULT_ZERO_STAGE
 # Only when neither the user, the profile nor the partition's DefaultTime gives a time limit.
 DEFAULT_TIME = "01:00:00"
 # Every spelling of the trainer options hpcdist passes itself (train.options.RESERVED, by destination);

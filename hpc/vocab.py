@@ -23,7 +23,6 @@ LOADERS = ("resident", "classic")
 DEFAULT_JOB_NAME = "hpcdist"
 
 # The trainer's exit statuses (docs/CONTRACTS.md); anything else is a failure.
-EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing

@@ -33,13 +33,15 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Mapping
 
+from hpc import vocab
+
 PHASES = ("setup", "rendezvous", "build", "train", "eval", "checkpoint", "done", "stopped", "failed")
 MARKS = ("process_start", "torch_imported", "process_group_ready", "model_built", "first_step_done")
 WINDOW = 16
 
 
 def folder(run_dir: Path) -> Path:
-    return Path(run_dir) / "heartbeat"
+    return Path(run_dir) / vocab.HEARTBEAT
 
 
 def path_for(run_dir: Path, rank: int) -> Path:

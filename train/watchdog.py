@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from hpc import vocab
 from hpc.vocab import EXIT_HUNG
 from train import heartbeat
 
@@ -196,7 +197,7 @@ class Watchdog:
         rank = self.me["rank"]
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
         mine = self.stacks_dir / f"rank-{rank}.txt"
-        if not ((self.run_dir / "hang.json").exists() and mine.exists()):  # a thawed rank keeps its py-spy stack
+        if not ((self.run_dir / vocab.HANG).exists() and mine.exists()):  # a thawed rank keeps its py-spy stack
             _replace(mine, own_stacks())
         if declared["rank"] != rank and self._reads_for_culprit(declared):
             # A culprit whose own watchdog still runs writes its stack itself; a frozen one gets py-spy.
@@ -210,7 +211,7 @@ class Watchdog:
             self.write_report(declared)
         else:
             deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
-            while not (self.run_dir / "hang.json").exists() and time.monotonic() < deadline:
+            while not (self.run_dir / vocab.HANG).exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
         print(f"hpcdist-train: rank {declared['rank']} on {declared['node']} hung at step {declared['step']} "
               f"(no progress for {declared['threshold_s']:.0f} s or more); stacks in {self.stacks_dir}; "
@@ -253,4 +254,4 @@ class Watchdog:
                   "since": declared["since"], "pid": declared["pid"], "threshold_s": declared["threshold_s"],
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
-        _replace(self.run_dir / "hang.json", json.dumps(report, indent=2) + "\n")
+        _replace(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from hpc import hostfile as hostfiles
+from hpc import vocab
 from hpc.commands.options import fail, job_options, prepare
 
 
@@ -25,7 +26,7 @@ def sbatch_test_only(job_dir: Path) -> tuple[int, str]:
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         return 0, "sbatch is not on PATH: skipped --test-only"
-    proc = subprocess.run([sbatch, "--test-only", str(job_dir / "job.sbatch")], capture_output=True,
+    proc = subprocess.run([sbatch, "--test-only", str(job_dir / vocab.JOB_SBATCH)], capture_output=True,
                           text=True, timeout=60)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
@@ -42,7 +43,7 @@ def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, 
     """
     rendered = prepare("render", config_file, force=force, **options)
     if not quiet:
-        click.echo(rendered.files["job.sbatch"], nl=False)
+        click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
     click.echo(f"# job directory: {rendered.job_dir}", err=not quiet)
     if test_only_:
         status, answer = sbatch_test_only(rendered.job_dir)

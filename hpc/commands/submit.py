@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from hpc import jobs, pending
+from hpc import jobs, pending, vocab
 from hpc.commands.options import fail, job_options, prepare
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     rendered = prepare("submit", config_file, check_partition=dry_run or where != "local",
                        check=_check_local if local else None, **options)
     if dry_run:
-        click.echo(rendered.files["job.sbatch"], nl=False)
+        click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
         return
     from hpc import render as rendering
