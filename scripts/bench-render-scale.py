@@ -3,10 +3,12 @@
     PYTHONPATH=. python scripts/bench-render-scale.py [--repeat 3] [--nodes 1,4,16,64,256,1024,4096]
 
 For each N (8 GPUs per node, a temporary profile allowing 5,000 nodes, naming a Slurm cluster of its own):
-  render s     whole process: `python -m hpc render -q --nodes N --gpus-per-node 8 --cluster PROFILE`
+  render s     whole process: `python -m hpc render -q --nodes N --gpus-per-node 8 --cluster PROFILE
+               -- --batch-size 32*8*N`,
+               wall-clock and, in brackets, CPU seconds (user + system: what a shared machine cannot inflate)
   render() ms  hpc.render.render alone, in this process (checks, templates, ranks.txt; no start-up, no writing)
   ranks.txt    lines in the rendered ranks.txt
-  env s        whole process: `python -m hpc env --shell` in the environment of the job's last rank
+  env s        whole process: `python -m hpc env --shell` in the environment of the job's last rank (wall, CPU)
   resolve ms   hpc.ranks.resolve alone on that environment, nodelist caches cleared
 The task environment names every other node (gpu[00001,00003,...]), so its SLURM_JOB_NODELIST is as long
 as a compressed nodelist of N hosts gets; the step's nodelist is the same list.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,10 +48,19 @@ def task_environ(nodes: int) -> dict[str, str]:
     }
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, the command and what it waited for) of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def median_timed(command: list[str], env: dict[str, str], repeat: int) -> tuple[float, float]:
+    runs = [timed(command, env) for _ in range(repeat)]
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
 
 
 def resolve_ms(environ: dict[str, str], repeat: int) -> float:
@@ -61,9 +73,15 @@ def resolve_ms(environ: dict[str, str], repeat: int) -> float:
     return statistics.median(samples)
 
 
+def batch(nodes: int) -> tuple[str, ...]:
+    """A global batch every rank gets a share of (the trainer's default 256 does not split over 512 ranks)."""
+    return ("--batch-size", str(32 * nodes * GPUS))
+
+
 def render_ms(profile: Path, nodes: int, repeat: int) -> float:
     site = profiles.load(str(profile))
-    spec = JobSpec(job_dir="/tmp/bench-render-scale", cluster=str(profile), nodes=nodes, gpus_per_node=GPUS)
+    spec = JobSpec(job_dir="/tmp/bench-render-scale", cluster=str(profile), nodes=nodes, gpus_per_node=GPUS,
+                   train_args=batch(nodes))
     samples = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -92,16 +110,14 @@ def main() -> None:
         for nodes in (int(n) for n in args.nodes.split(",")):
             job_dir = Path(tmp) / f"job-{nodes}"
             render = [*python, "render", "-q", "--force", "--cluster", str(profile), "--nodes", str(nodes),
-                      "--gpus-per-node", str(GPUS), "-o", str(job_dir)]
-            render_s = statistics.median(timed(render, base) for _ in range(args.repeat))
+                      "--gpus-per-node", str(GPUS), "-o", str(job_dir), "--", *batch(nodes)]
+            render_s, render_cpu = median_timed(render, base, args.repeat)
             lines = len((job_dir / "ranks.txt").read_text().splitlines())
             environ = task_environ(nodes)
-            env_s = statistics.median(timed([*python, "env", "--shell"], {**base, **environ})
-                                      for _ in range(args.repeat))
-            print(f"| {nodes} | {nodes * GPUS} | {render_s:.2f} | {render_ms(profile, nodes, args.repeat):.0f} | "
-                  f"{lines} | {env_s:.2f} | "
+            env_s, env_cpu = median_timed([*python, "env", "--shell"], {**base, **environ}, args.repeat)
+            print(f"| {nodes} | {nodes * GPUS} | {render_s:.2f} ({render_cpu:.2f}) | "
+                  f"{render_ms(profile, nodes, args.repeat):.0f} | {lines} | {env_s:.2f} ({env_cpu:.2f}) | "
                   f"{resolve_ms(environ, args.repeat):.2f} | {len(environ['SLURM_JOB_NODELIST'])} |", flush=True)
-
 
 if __name__ == "__main__":
     main()
