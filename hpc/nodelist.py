@@ -32,6 +32,7 @@ _TERM = re.compile(r"(?:[^, \t\n\[\]]|\[[^\[\]]*\])+")
 _SEPARATORS = re.compile(r"[, \t\n]*")
 _BODY = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
 _ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_GROUP = re.compile(r"\[([^\]]*)\]")
 _TRAILING_DIGITS = re.compile(r"(.*?)([0-9]+)")
 
 
@@ -91,14 +92,18 @@ def _group(body: str, expr: str) -> tuple[Range, ...]:
     return tuple(ranges)
 
 
+def _where(term: str, expr: str) -> str:
+    """Name a term for an error: alone when it is the whole list (built only when raising: expr may be long)."""
+    return repr(term) if term == expr.strip() else f"{term!r} in {_short(expr)}"
+
+
 def _parse_term(term: str, expr: str) -> Term:
-    where = repr(term) if term == expr.strip() else f"{term!r} in {expr!r}"
     if not term.isascii() or not term.isprintable():
-        raise NodelistError(f"host {where} has a non-ASCII or control character; host names are ASCII")
-    pieces = re.split(r"\[([^\]]*)\]", term)  # literal, body, literal, body, ..., literal
+        raise NodelistError(f"host {_where(term, expr)} has a non-ASCII or control character; host names are ASCII")
+    pieces = _GROUP.split(term)  # literal, body, literal, body, ..., literal
     groups = tuple((_group(body, expr), literal) for body, literal in zip(pieces[1::2], pieces[2::2]))
     if groups and groups[-1][1]:
-        raise NodelistError(f"{where} has text after its last ']', which Slurm refuses "
+        raise NodelistError(f"{_where(term, expr)} has text after its last ']', which Slurm refuses "
                             f"(Invalid hostlist); write it as a list, e.g. n1-ib,n2-ib")
     return pieces[0], groups
 
