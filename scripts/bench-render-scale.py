@@ -6,10 +6,11 @@ For each N (8 GPUs per node, a temporary profile allowing 5,000 nodes, naming a 
   render s     whole process: `python -m hpc render -q --nodes N --gpus-per-node 8 --cluster PROFILE
                -- --batch-size 32*8*N`,
                wall-clock and, in brackets, CPU seconds (user + system: what a shared machine cannot inflate)
-  render() ms  hpc.render.render alone, in this process (checks, templates, ranks.txt; no start-up, no writing)
+  render() ms  CPU ms of hpc.render.render alone, in this process (checks, templates, ranks.txt; no start-up,
+               no writing)
   ranks.txt    lines in the rendered ranks.txt
   env s        whole process: `python -m hpc env --shell` in the environment of the job's last rank (wall, CPU)
-  resolve ms   hpc.ranks.resolve alone on that environment, nodelist caches cleared
+  resolve ms   CPU ms of hpc.ranks.resolve alone on that environment, nodelist caches cleared
 The task environment names every other node (gpu[00001,00003,...]), so its SLURM_JOB_NODELIST is as long
 as a compressed nodelist of N hosts gets; the step's nodelist is the same list.
 """
@@ -67,9 +68,9 @@ def resolve_ms(environ: dict[str, str], repeat: int) -> float:
     samples = []
     for _ in range(repeat):
         nodelist.parse.cache_clear()
-        started = time.perf_counter()
+        started = time.process_time()
         ranks.resolve(environ)
-        samples.append((time.perf_counter() - started) * 1000)
+        samples.append((time.process_time() - started) * 1000)
     return statistics.median(samples)
 
 
@@ -84,9 +85,9 @@ def render_ms(profile: Path, nodes: int, repeat: int) -> float:
                    train_args=batch(nodes))
     samples = []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started = time.process_time()
         render.render(spec, site)
-        samples.append((time.perf_counter() - started) * 1000)
+        samples.append((time.process_time() - started) * 1000)
     return statistics.median(samples)
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     python = [sys.executable, "-m", "hpc"]
     load = os.getloadavg()[0]
     print(f"load average before: {load:.1f} on {os.cpu_count()} CPUs; median of {args.repeat} runs\n")
-    print("| nodes | ranks | render s | render() ms | ranks.txt lines | env s | resolve ms "
+    print("| nodes | ranks | render s | render() CPU ms | ranks.txt lines | env s | resolve CPU ms "
           "| SLURM_JOB_NODELIST chars |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
