@@ -22,10 +22,10 @@ sleep "${SLEEP_S:-0}"
 """
 
 
-def submit_standin(tmp_path, monkeypatch, nodes: int = 2, **env: str) -> submit.Submitted:
+def submit_standin(tmp_path, monkeypatch, nodes: int = 2, time_limit: str = "5", **env: str) -> submit.Submitted:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=nodes, python=sys.executable, time="5",
+    spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=nodes, python=sys.executable, time=time_limit,
                    train_args=("--batch-size", "60"))
     rendered = render.render(spec, profiles.load("local"))
     rendered = dataclasses.replace(rendered, files={**rendered.files, "task.sh": STANDIN})
@@ -41,6 +41,14 @@ def test_local_tasks_see_the_emulated_slurm_geometry(tmp_path, monkeypatch):
     for index in range(3):
         log = (tmp_path / "job" / "logs" / f"task-{index}.log").read_text()
         assert log == f"rank={index} of 3 node={index} nodes=127.0.0.[1-3] job={job_id}\n"
+
+
+@pytest.mark.parametrize("time_limit", ["0", "UNLIMITED"])
+def test_no_time_limit_lets_a_local_job_run(tmp_path, monkeypatch, time_limit):
+    """Slurm reads --time 0 as no limit; the local runner once read it as zero minutes and stopped at once."""
+    submitted = submit_standin(tmp_path, monkeypatch, nodes=1, time_limit=time_limit, SLEEP_S="2")
+    final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
+    assert final.ok, final
 
 
 def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
