@@ -106,12 +106,9 @@ def comment(value: Any) -> Shell:
 
 
 def verbatim(value: Any) -> Shell:
-    """The ``verbatim`` filter: shell text by design, one line: the site admin's profile setup lines, or a
-    template's own literal shell words passed to a macro (never a user's value)."""
-    text = _text(value)
-    if "\n" in text or "\r" in text:
-        raise RenderError(f"profile setup line {text!r} holds a line break; give each line as its own item")
-    return Shell(text)
+    """The ``verbatim`` filter: shell text by design, as it is: the site admin's profile setup lines (a line
+    may hold several, an if/fi block), or a template's own literal shell words passed to a macro."""
+    return Shell(_text(value))
 
 
 class UnquotedValue(RenderError):
