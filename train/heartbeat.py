@@ -14,9 +14,10 @@ Step time split. ``comm_s`` is the time this rank's training thread spent waitin
 step, as seen from the host: the trainer's own collectives (the one-step-late preemption flag, the loss
 mean at log steps) plus, for DDP, the backward's tail, from the moment the last gradient bucket was
 handed to the all-reduce until the last all-reduce finished (what the backward then waits for; the
-overlapped part is not waiting). DeepSpeed's own reductions inside ``engine.backward/step`` are counted
-as compute. On GPUs the times are host times taken without any device synchronisation, so queued but
-unfinished device work is not seen; the one-step-late flag read keeps the host at most a step ahead.
+overlapped part is not waiting; CPU/gloo only). DeepSpeed's own reductions inside ``engine.backward/step``
+are counted as compute. On GPUs the times are host times taken without any device synchronisation, so
+queued device work is not seen and ``comm_s`` is the host's waits only; the one-step-late vote keeps the
+host at most a step ahead of the device, so ``step_time_s`` is the device's pace in steady state.
 ``compute_s`` is the rest of the step (data, forward, backward, optimizer). Both are medians over the
 last ``WINDOW`` steps; ``recent_compute_s`` is the ring itself, for straggler detection from one snapshot.
 """
@@ -233,16 +234,17 @@ class Heartbeat:
 
 
 def time_ddp_buckets(net, clock: StepClock) -> bool:
-    """Have a DDP module report its bucket all-reduces to ``clock``; False (and nothing done) for other modules.
+    """Have a CPU DDP module report its bucket all-reduces to ``clock``; False (and nothing done) otherwise.
 
     The hook is torch's default all-reduce (divide by the world size, sum) with two timestamps around it,
-    so gradients are bitwise what the built-in reducer gives.
+    so gradients are bitwise what the built-in reducer gives. On GPUs NCCL's futures complete on the
+    stream, not on the host, so host timestamps would say nothing there: DDP keeps its C++ reducer path.
     """
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    if not isinstance(net, DistributedDataParallel):
+    if not isinstance(net, DistributedDataParallel) or net.device_type == "cuda":
         return False
 
     def timed_allreduce(state, bucket):
