@@ -182,30 +182,32 @@ def wait_for_heartbeats(run_dir, launched, ranks: int, timeout: float = 120) -> 
         time.sleep(0.02)
 
 
-def test_a_frozen_rank_is_named_with_every_ranks_stack_and_the_live_rank_exits_76(launch, tmp_path):
+@pytest.mark.parametrize("frozen_rank", [1, 0])
+def test_a_frozen_rank_is_named_with_every_ranks_stack_and_the_live_rank_exits_76(launch, tmp_path, frozen_rank):
     run_dir = tmp_path / "run"
     launched = launch("srun", ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1",
                                "--heartbeat-s", "0.5", "--hang-timeout-s", "3"], run_dir)
     wait_for_steps(run_dir, launched, 3)
-    frozen = launched.procs[1]
+    frozen, live = launched.procs[frozen_rank], launched.procs[1 - frozen_rank]
     frozen.send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        assert launched.procs[0].wait(timeout=60) == 76, launched.output()
+        assert live.wait(timeout=60) == 76, launched.output()
         took = time.monotonic() - stopped_at
     finally:
         frozen.send_signal(signal.SIGCONT)
     frozen.wait(timeout=60)  # thawed, it finds the hang declared (or its peer gone) and ends too
     hang = json.loads((run_dir / "hang.json").read_text())
-    assert (hang["rank"], hang["pid"], hang["declared_by"]) == (1, frozen.pid, 0)
+    # Rank 0 judges for the node; while it is the frozen one, rank 1 takes over.
+    assert (hang["rank"], hang["pid"], hang["declared_by"]) == (frozen_rank, frozen.pid, 1 - frozen_rank)
     assert hang["node"] == os.uname().nodename and hang["threshold_s"] >= 3
-    assert set(hang["stacks"]) == {"0", "1"} and "train_step" in hang["stacks"]["0"]
-    # The frozen rank's stack comes from py-spy, run by rank 0 beside it on this node (or says why not).
-    frozen_stack = hang["stacks"]["1"]
+    live_stack, frozen_stack = hang["stacks"][str(1 - frozen_rank)], hang["stacks"][str(frozen_rank)]
+    assert set(hang["stacks"]) == {"0", "1"} and "train_step" in live_stack
+    # The frozen rank's stack comes from py-spy, run by the live rank beside it on this node (or says why not).
     assert ("train/__main__.py" in frozen_stack) if py_spy_installed() else frozen_stack.startswith("no stack:")
-    assert [g["ranks"] for g in hang["groups"]] == [[0], [1]]
-    assert (run_dir / "stacks" / "rank-0.txt").read_text() == hang["stacks"]["0"]
-    assert "rank 1 on" in launched.output() and "hung at step" in launched.output()
+    assert sorted(g["ranks"] for g in hang["groups"]) == [[0], [1]]
+    assert (run_dir / "stacks" / f"rank-{1 - frozen_rank}.txt").read_text() == live_stack
+    assert f"rank {frozen_rank} on" in launched.output() and "hung at step" in launched.output()
     print(f"frozen rank named and the live rank out {took:.1f} s after SIGSTOP (threshold 3 s)")
     assert took < 30
 

@@ -489,3 +489,49 @@ def test_a_stop_signal_before_torch_is_imported_is_remembered():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0 and done.stdout.strip() == str(int(signal.SIGTERM)), done.stderr
+
+
+# --- hang watchdog -------------------------------------------------------------------------------------
+
+def beat_of(rank, step, step_at, time_, phase="train", step_time=0.1):
+    return {"rank": rank, "hostname": f"n{rank}", "pid": 100 + rank, "phase": phase, "step": step,
+            "step_at": step_at, "time": time_, "step_time_s": step_time}
+
+
+def test_no_hang_while_every_rank_progressed_within_the_threshold():
+    from train.watchdog import judge
+    beats = {0: beat_of(0, 50, 940.0, 999.0), 1: beat_of(1, 50, 941.0, 999.5)}
+    assert judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6) is None
+    # Set-up and finished ranks are never hung: the rendezvous timeout and the exit cover them.
+    idle = {0: beat_of(0, 0, 0.0, 999.0, phase="rendezvous"), 1: beat_of(1, 9, 0.0, 999.0, phase="done")}
+    assert judge(idle, 1000.0, timeout_s=60, factor=10, fresh_s=6) is None
+
+
+def test_the_frozen_rank_is_named_even_though_its_peers_stalled_waiting_for_it():
+    from train.watchdog import judge
+    # Rank 2 froze at step 41 (its heartbeat stopped too); ranks 0 and 1 wait in step 42's all-reduce.
+    beats = {0: beat_of(0, 41, 900.0, 999.0), 1: beat_of(1, 41, 900.1, 999.5), 2: beat_of(2, 41, 899.9, 900.2)}
+    verdict = judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6)
+    assert (verdict.rank, verdict.node, verdict.pid, verdict.step, verdict.since) == (2, "n2", 102, 41, 899.9)
+    assert verdict.stale_beat and verdict.threshold_s == 60
+    # A rank alive but stuck behind (its own thread still beats) is named by its lower step.
+    beats[2] = beat_of(2, 40, 899.0, 999.9)
+    assert judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6).rank == 2
+
+
+def test_the_threshold_grows_with_the_median_step_time():
+    from train.watchdog import judge
+    slow = {r: beat_of(r, 7, 1000.0 - 90, 999.0, step_time=12.0) for r in range(2)}
+    assert judge(slow, 1000.0, timeout_s=60, factor=10, fresh_s=6) is None  # 90 s < 10 x 12 s
+    verdict = judge(slow, 1000.0 + 40, timeout_s=60, factor=10, fresh_s=6)
+    assert verdict is not None and verdict.threshold_s == 120
+
+
+def test_stacks_group_identical_main_threads_largest_group_first():
+    from train.watchdog import group, own_stacks
+    waiting = 'Thread "MainThread":\n  File "a.py", line 1, in all_reduce\n'
+    stacks = {0: waiting + '\nThread "hpcdist-heartbeat":\n  x\n', 1: waiting, 2: "(taken by py-spy)\n  f (b.py:9)",
+              3: waiting}
+    assert group(stacks) == [{"ranks": [0, 1, 3], "stack": waiting}, {"ranks": [2], "stack": stacks[2]}]
+    mine = own_stacks()
+    assert mine.startswith('Thread "MainThread"') and "test_stacks_group_identical" in mine

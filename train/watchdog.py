@@ -1,11 +1,11 @@
 """Name a hung rank within bounded time (docs/CONTRACTS.md, contract 3): stacks of every rank, hang.json, exit 76.
 
-Each rank runs ``Watchdog`` in a daemon thread beside its heartbeat. The ranks with local rank 0 judge the
-heartbeats in ``RUN_DIR/heartbeat/``: a rank in train/checkpoint/eval whose progress (``step_at``: its
-last step or phase change) is older than max(--hang-timeout-s, --hang-factor x the median step time) is
-stalled. A hung rank stalls the others too (they wait for it in a collective), so the culprit is the
-stalled rank that is furthest behind: lowest step, then stalest heartbeat (a stopped process stops
-beating), then oldest progress. Then, in bounded time:
+Each rank runs ``Watchdog`` in a daemon thread beside its heartbeat. The ranks with local rank 0 (or, while
+that one is frozen, the others of its node) judge the heartbeats in ``RUN_DIR/heartbeat/``: a rank in
+train/checkpoint/eval whose progress (``step_at``: its last step or phase change) is older than
+max(--hang-timeout-s, --hang-factor x the median step time) is stalled. A hung rank stalls the others too
+(they wait for it in a collective), so the culprit is the stalled rank that is furthest behind: lowest
+step, then stalest heartbeat (a stopped process stops beating), then oldest progress. Then, in bounded time:
 
 1. the judge declares the hang once (``RUN_DIR/stacks/declared.json``, created exclusively);
 2. every live rank writes its own threads' Python stacks to ``RUN_DIR/stacks/rank-R.txt``; when the
@@ -163,7 +163,7 @@ class Watchdog:
         last_judged = 0.0
         while not self._stop.wait(self.tick_s):
             declared = self.declared()
-            if declared is None and self.me.get("local_rank") == 0 and self.now() - last_judged >= self.judge_every_s:
+            if declared is None and self.now() - last_judged >= self.judge_every_s and self.judges():
                 last_judged = self.now()
                 verdict = judge(heartbeat.read_all(self.run_dir), self.now(), timeout_s=self.timeout_s,
                                 factor=self.factor, fresh_s=self.fresh_s)
@@ -172,6 +172,18 @@ class Watchdog:
             if declared is not None:
                 self.respond(declared)
                 return
+
+    def judges(self) -> bool:
+        """Local rank 0 judges for its node; another rank only while its node's local rank 0 is frozen or gone
+        (ranks of a node are numbered contiguously under srun's block distribution, torchrun and DeepSpeed)."""
+        local_rank = self.me.get("local_rank", 0)
+        if local_rank == 0:
+            return True
+        try:
+            first = json.loads(heartbeat.path_for(self.run_dir, self.me["rank"] - local_rank).read_text())
+        except (OSError, ValueError):
+            return True
+        return self.now() - (first.get("time") or 0) > self.fresh_s
 
     def declared(self) -> dict | None:
         """This launch's declaration, if any rank made one (an older one, from an earlier run, is ignored)."""
