@@ -36,6 +36,8 @@ COMMANDS = {
     "profile": "hpc.commands.profile:profile",
     # sweeps (issue 14)
     "sweep": "hpc.commands.sweep:sweep",
+    "attempt": "hpc.commands.attempt:attempt",
+    "drill": "hpc.commands.drill:drill",
 }
 
 

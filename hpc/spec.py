@@ -92,6 +92,7 @@ class JobSpec:
     nodelist: str | None = None
     signal: str = "USR1@120"
     max_requeues: int = 3
+    max_retries: int = 2
     params: int | None = None
     offload: bool = False
     backend_reason: str | None = None
@@ -165,7 +166,8 @@ FIELDS = tuple(f.name for f in fields(JobSpec))
 # import path of the hpcdist that renders.
 INTERNAL_FIELDS = ("backend_reason", "python", "pythonpath")
 USER_FIELDS = tuple(f for f in FIELDS if f not in INTERNAL_FIELDS)
-INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues")
+INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues",
+              "max_retries")
 
 
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
@@ -398,6 +400,8 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
                             f"--ntasks-per-node or set it to {gpus}")
     if not 0 <= spec.max_requeues <= MAX_REQUEUES:
         raise SpecError(f"--max-requeues {spec.max_requeues}: give 0 to {MAX_REQUEUES}")
+    if not 0 <= spec.max_retries <= MAX_REQUEUES:
+        raise SpecError(f"--max-retries {spec.max_retries}: give 0 to {MAX_REQUEUES}")
     if spec.offload and spec.backend != "deepspeed":
         raise SpecError(f"--offload moves DeepSpeed's optimizer state to CPU memory; drop it or use --backend "
                         f"deepspeed (got --backend {spec.backend})")

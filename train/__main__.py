@@ -34,7 +34,7 @@ from train import preemption
 
 TORCH_IMPORTED = time.time()
 
-from hpc import dsconfig, ranks, vocab
+from hpc import attempts, dsconfig, ranks, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from train import checkpoint, heartbeat, watchdog
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
@@ -115,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
+        attempts.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT
         return status
     except PreflightError as exc:
         print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
         status = 1
         return status
+    except Exception as exc:
+        # This rank's own error, for the job's report to lead with (hpc/attempts.py reads RUN_DIR/errors/).
+        attempts.record_rank_error(opts.run_dir, os.environ, f"{type(exc).__name__}: {exc}", "exception", 1)
+        raise
     finally:
         beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))
         preemption.restore()

@@ -65,6 +65,9 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
      {"help": "Slurm nodelist to request, e.g. n[1-2]; also fills ranks.txt and the hostfile offline."}),
     (("--signal",), "signal", {"help": "Slurm --signal for preemption warnings. [USR1@120]"}),
     (("--max-requeues",), "max_requeues", {"type": WHOLE, "help": "Requeues after a checkpointed stop. [3]"}),
+    (("--max-retries",), "max_retries",
+     {"type": WHOLE, "help": "Retries from the newest checkpoint, on other nodes, after a lost node, a killed "
+                             "rank or a hang. [2]"}),
     (("--offload/--no-offload",), "offload",
      {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
     (("--params",), "params",

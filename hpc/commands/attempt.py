@@ -1,0 +1,50 @@
+"""``hpcdist attempt end``: what requeue.sh runs after the step to classify, record and decide an attempt.
+
+    eval "$(python -m hpc attempt end --job-dir DIR --step-status "$status" --max-requeues 3 --max-retries 2 \\
+            --nodes 2 --ranks-per-task 1 --ntasks 2)"
+
+It prints shell assignments (action, exclude, already_requeued, end_status) on stdout and one human line on
+stderr (the batch log); templates/requeue.sh.j2 runs the scontrol commands.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.group(hidden=True)
+def attempt() -> None:
+    """Attempt bookkeeping for the batch shell (templates/requeue.sh.j2)."""
+
+
+@attempt.command("end")
+@click.option("--job-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--step-status", type=int, default=0)
+@click.option("--max-requeues", type=int, default=3)
+@click.option("--max-retries", type=int, default=2)
+@click.option("--nodes", type=int, default=1, help="Nodes the job needs (a retry must still fit).")
+@click.option("--ranks-per-task", type=int, default=1)
+@click.option("--ntasks", type=int, default=1)
+def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nodes: int, ranks_per_task: int,
+        ntasks: int) -> None:
+    """Classify the attempt that just ended, append it to attempts.jsonl, print what the batch shell does next."""
+    from hpc import attempts
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "0")
+    attempt_no = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    try:
+        line, job = attempts.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
+                                         attempts.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks)
+    except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
+        click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
+        click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")
+        sys.exit(0)
+    click.echo(f"hpcdist: {attempts.summary_line(line).replace(f'attempt {attempt_no}:', f'attempt {attempt_no} ended:', 1)}",
+               err=True)
+    history = [a for a in attempts.load(Path(job_dir)) if a["attempt"] < attempt_no]
+    click.echo(attempts.shell_assignments(line, job, step_status, history), nl=False)
