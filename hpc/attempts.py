@@ -18,12 +18,23 @@ import signal as signals
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hpc.vocab import (ATTEMPTS, CHECKPOINTS, EXIT_BAD_INPUT, EXIT_HUNG, EXIT_PREEMPTED, HANG, HEARTBEAT, LOGS_DIR,
-                       METRICS, RUN_DIR, batch_log, task_log)
+from hpc.vocab import (
+    ATTEMPTS,
+    CHECKPOINTS,
+    EXIT_BAD_INPUT,
+    EXIT_HUNG,
+    EXIT_PREEMPTED,
+    HANG,
+    HEARTBEAT,
+    METRICS,
+    RUN_DIR,
+    batch_log,
+    task_log,
+)
 from hpc.vocab import PREEMPTED as MARKER
 
 ENDINGS = ("completed", "preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input",
@@ -506,7 +517,7 @@ def root_cause(attempts: Sequence[Mapping[str, Any]]) -> str | None:
 
 # ---- gathering evidence (side effects) -----------------------------------------------------------
 
-def _run(argv: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -77,7 +77,10 @@ def ranks_label(record: Record, index: int) -> str:
 
 
 def failure_report(record: Record, lines: int = 40) -> str:
-    """The tail of the failing task's log, then of the batch log, for a job that did not complete."""
+    """For a job that did not complete: the root cause first (the first failing rank's own error line, from
+    attempts.jsonl), then which task failed first and where, its log's tail, and the batch log's tail."""
+    from hpc import attempts
+
     batch = Path(record.job_dir) / vocab.batch_log(record.job_id)
     batch_text = tail(batch, 400)
     codes = {}
@@ -86,14 +89,25 @@ def failure_report(record: Record, lines: int = 40) -> str:
             codes[index] = int((record.submitit_dir / f"{record.job_id}_{index}_exit").read_text())
         except (OSError, ValueError):
             pass
+    history = attempts.load(Path(record.job_dir))
+    last = history[-1] if history else None
+    cause = attempts.root_cause(history[-1:])
     index = failing_task(batch_text, codes)
+    # The rank the classifier blamed (a hung rank, a rank's own error) beats the task srun saw end first.
+    if last and isinstance(last.get("rank"), int) and 0 <= last["rank"] < max(record.world_size, 1):
+        index = task_of(record, last["rank"])
     chosen = [Path(record.job_dir) / vocab.task_log(index)] if index is not None else [
         p for p in log_files(record) if p.name.startswith("task-")]
     parts = []
+    if cause and last:
+        parts.append(f"hpcdist: {last['ending']}: {cause}")
     if index is not None:
         # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
         first = srun_first_failure(batch_text)
-        where, how = (f" on {first[1]}", f": {first[2]}") if first else ("", f": exit status {codes.get(index)}")
+        if first and first[0] != index:
+            first = None
+        where, how = (f" on {first[1]}", f": {first[2]}") if first else (
+            (f" on {last['node']}", "") if last and last.get("node") else ("", f": exit status {codes.get(index)}"))
         parts.append(f"hpcdist: task {index} ({ranks_label(record, index)}){where} failed first{how}")
     for path in chosen:
         if path.exists():

@@ -87,15 +87,19 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     started = time.monotonic()
     follower = Follower(record, click.get_text_stream("stdout"))
     explain = _pending_reporter(record) if where != "local" else None
+    retries = _follow_attempts(record)
 
     def poll(current: jobs.JobState) -> None:
         follower.poll(current)
         if explain is not None:
             explain(current)
+        retries(current)
 
     final = submitting.wait(submitted, on_poll=poll)
     follower.finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
+    for line in _attempt_lines(_attempts(record)):
+        click.echo(line)
     if not final.ok:
         report = jobs.failure_report(record)
         if report:
@@ -124,13 +128,61 @@ def _pending_reporter(record: jobs.Record) -> Callable[[jobs.JobState], None]:
     return report
 
 
+def _attempts(record: jobs.Record) -> list[dict]:
+    """The job's attempts, with those its batch shell could not record added from accounting (once)."""
+    from hpc import attempts
+
+    if record.via == "local" or not Path(record.job_dir).is_dir():
+        return attempts.load(Path(record.job_dir))
+    return attempts.reconcile(Path(record.job_dir), record.job_id)
+
+
+def _attempt_lines(history: list[dict]) -> list[str]:
+    """One line per attempt, shown once a job has more than one attempt or its only one did not complete."""
+    from hpc import attempts
+
+    if len(history) > 1 or (history and history[-1].get("ending") != "completed"):
+        return [attempts.summary_line(a) for a in history]
+    return []
+
+
+def _follow_attempts(record: jobs.Record):
+    """While waiting: say when an attempt is requeued or retried, and start that job without Slurm's delay."""
+    from hpc import attempts
+
+    shown: set[int] = set()
+
+    def poll(current: jobs.JobState) -> None:
+        if record.via == "local":
+            return
+        history = attempts.load(Path(record.job_dir))
+        for a in history:
+            if a["attempt"] not in shown:
+                shown.add(a["attempt"])
+                if a.get("action") in ("requeue", "retry"):
+                    click.echo(f"hpcdist: {attempts.summary_line(a)}", err=True)
+        if current.state in ("PENDING", "REQUEUED"):
+            attempts.nudge(record.job_id, history)
+
+    return poll
+
+
 @click.command()
 @click.argument("job")
 def status(job: str) -> None:
     """Show a job's state (Slurm's words: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
+    from hpc import attempts
+
     record = _lookup("status", job)
     current = jobs.state(record)
+    history = _attempts(record)
+    cause = attempts.root_cause(history[-1:]) if current.done and not current.ok else None
+    if cause:
+        # The root cause first: the first failing rank's own error line, not the peers that noticed it.
+        click.echo(f"{history[-1]['ending']}: {cause}")
     click.echo(f"{current.line()}  via={record.via}  dir={record.job_dir}")
+    for line in _attempt_lines(history):
+        click.echo(f"  {line}")
     from hpc.commands.observe import status_lines
 
     if jobs.directory_gone(record):
@@ -157,6 +209,11 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
     except jobs.JobError as exc:
         fail("logs", exc)
     if not follow:
+        from hpc import attempts
+
+        cause = attempts.root_cause(attempts.load(Path(record.job_dir))[-1:])
+        if cause and rank is None:
+            click.echo(f"hpcdist: root cause: {cause}", err=True)
         for path in paths:
             if len(paths) > 1:
                 click.echo(f"==> {path} <==")
@@ -215,14 +272,18 @@ def list_jobs(last: int) -> None:
         click.echo("no jobs submitted from here yet")
         return
     current = jobs.states(records)
+    from hpc import attempts
     from hpc.commands.observe import list_cells
 
-    rows = [("JOBID", "VIA", "STATE", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND", "LAUNCHER",
-             "NODES", "RANKS", "JOB_DIR")]
+    rows = [("JOBID", "VIA", "STATE", "ENDING", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND",
+             "LAUNCHER", "NODES", "RANKS", "JOB_DIR")]
     for r in records:
         where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
-        rows.append((r.job_id, r.via, current[r.job_id].state, *list_cells(r), r.submitted, r.job_name, r.backend,
-                     r.launcher, str(r.nodes), str(r.world_size), where))
+        # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
+        history = _attempts(r) if current[r.job_id].done else attempts.load(Path(r.job_dir))
+        ending = history[-1]["ending"] if history else "-"
+        rows.append((r.job_id, r.via, current[r.job_id].state, ending, *list_cells(r), r.submitted, r.job_name,
+                     r.backend, r.launcher, str(r.nodes), str(r.world_size), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))
