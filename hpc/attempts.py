@@ -56,7 +56,8 @@ Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 _SRUN_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
 _SRUN_NODE_FAIL = re.compile(r"^srun: error: Node failure on (\S+)", re.M)
 # slurmstepd's banner when Slurm itself ends the job: ``*** JOB 42 ON n1 CANCELLED AT ... DUE TO TIME LIMIT ***``.
-_STEPD_CANCEL = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON (\S+) CANCELLED AT \S+(?: DUE TO ([A-Z ]+?))?(?:,[^*]*)? \*\*\*")
+_STEPD_CANCEL = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON (\S+) CANCELLED AT \S+"
+                           r"(?: DUE TO ([A-Z ]+?))?(?:,[^*]*)? \*\*\*")
 _EXIT_CODE = re.compile(r"Exited with exit code (\d+)")
 # A line a rank wrote as its own fatal error: ours, argparse's, or the last line of a Python traceback.
 _OWN_ERROR = re.compile(r"^(?:hpcdist-train|python -m train|\S+\.py): error: (.+)$")
@@ -446,7 +447,8 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"not retried: excluding {', '.join(sorted(wanted))} leaves {len(usable)} usable node(s) "
                         f"({', '.join(sorted(usable)) or 'none'}) for a job that needs {policy.nodes}")
     where = f" without {', '.join(sorted(wanted))}" if wanted else ""
-    since = f" from the checkpoint at step {ending.step}" if ending.step is not None else " from the start (no checkpoint)"
+    since = (f" from the checkpoint at step {ending.step}" if ending.step is not None
+             else " from the start (no checkpoint)")
     return Decision("retry", tuple(sorted(wanted)), f"retry {used + 1} of {policy.max_retries}{where}{since}")
 
 
@@ -696,8 +698,8 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Iterable[int], job_i
         ended = Ending(ending, detail, node=node, exit_code=exit_code, signal=sig or None, step=step)
         action = ("retry" if ending in RETRIED else "requeue") if later else "none"
         reason = "Slurm requeued it" if later else ""
-        out.append(record(ended, Decision(action, (), reason), attempt=index, job_id=job_id, started=run.get("Start", ""),
-                          ended=run.get("End", ""), source="sacct"))
+        out.append(record(ended, Decision(action, (), reason), attempt=index, job_id=job_id,
+                          started=run.get("Start", ""), ended=run.get("End", ""), source="sacct"))
     return out
 
 
@@ -738,7 +740,8 @@ def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], er
         rank = int(environ.get("RANK") or environ.get("SLURM_PROCID") or 0)
         folder = Path(run_dir) / ERRORS
         folder.mkdir(parents=True, exist_ok=True)
-        data = {"rank": rank, "node": environ.get("SLURMD_NODENAME") or socket.gethostname(), "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0),
+        data = {"rank": rank, "node": environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0),
                 "time": time.time(), "kind": kind, "error": " ".join(str(error).split())[:2000],
                 "exit_code": exit_code, "pid": os.getpid()}
         tmp = folder / f".rank-{rank}.json.{os.getpid()}.tmp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import subprocess
 import sys
@@ -84,20 +85,24 @@ def test_submitit_script_carries_job_sbatchs_allocation_setup_and_step(tmp_path,
     assert submit.task_command(rendered) == ("bash", str(tmp_path / "job" / "task.sh"))
 
 
-def _requeue(tmp_path, status, restarts=None, marker=True, array=False):
-    """Run the rendered requeue.sh with a stand-in scontrol that only prints what it was asked."""
+def _requeue(tmp_path, status, restarts=None, marker=True, array=False, history=()):
+    """Run the rendered requeue.sh with stand-in scontrol/sinfo that only print what they were asked."""
     rendered = rendered_for(tmp_path, nodes=2, max_requeues=1)
     script = tmp_path / "requeue.sh"
     script.write_text(rendered.files["requeue.sh"])
     run_dir = tmp_path / "job" / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
+    for line in history:
+        with open(tmp_path / "job" / "attempts.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
     if marker:
         (run_dir / "preempted").touch()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "scontrol $*"\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "5"}
+    for tool in ("scontrol", "sinfo", "scancel"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "5", "PYTHONPATH": str(REPO)}
     if restarts is not None:
         env["SLURM_RESTART_COUNT"] = str(restarts)
     if array:
@@ -109,19 +114,26 @@ def _requeue(tmp_path, status, restarts=None, marker=True, array=False):
 @pytest.mark.parametrize("status", [75, 15, 137])
 def test_requeue_follows_the_checkpoint_marker_whatever_the_step_status(tmp_path, status):
     proc, left = _requeue(tmp_path, status)
-    assert proc.returncode == 0 and "scontrol requeue 5" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    # Held, given a begin time just ahead (so Slurm's ~120 s requeue delay does not apply), released.
+    assert proc.stdout.splitlines()[:3] == ["scontrol requeuehold 5", "scontrol update JobId=5 StartTime=now+2",
+                                            "scontrol release 5"]
+    assert "requeueing job 5 (restart 1 of 1)" in proc.stdout
     assert not left  # consumed: the rerun's ranks write their own
+    line = json.loads((tmp_path / "job" / "attempts.jsonl").read_text())
+    assert (line["attempt"], line["ending"], line["action"]) == (0, "preempted", "requeue")
 
 
 def test_requeue_is_bounded_by_max_requeues(tmp_path):
-    proc, _ = _requeue(tmp_path, 75, restarts=1)
+    earlier = {"attempt": 0, "ending": "preempted", "action": "requeue", "excluded": []}
+    proc, _ = _requeue(tmp_path, 75, restarts=1, history=[earlier])
     assert proc.returncode == 75 and "scontrol" not in proc.stdout
     assert "used its 1 requeue(s)" in proc.stderr
 
 
 def test_requeue_names_an_array_task_by_its_array_id(tmp_path):
     proc, _ = _requeue(tmp_path, 75, array=True)
-    assert "scontrol requeue 4_7" in proc.stdout
+    assert "scontrol requeuehold 4_7" in proc.stdout
 
 
 @pytest.mark.parametrize("status", [0, 1, 75])

@@ -44,7 +44,7 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
         click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")
         sys.exit(0)
-    click.echo(f"hpcdist: {attempts.summary_line(line).replace(f'attempt {attempt_no}:', f'attempt {attempt_no} ended:', 1)}",
-               err=True)
+    said = attempts.summary_line(line).replace(f"attempt {attempt_no}:", f"attempt {attempt_no} ended:", 1)
+    click.echo(f"hpcdist: {said}", err=True)
     history = [a for a in attempts.load(Path(job_dir)) if a["attempt"] < attempt_no]
     click.echo(attempts.shell_assignments(line, job, step_status, history), nl=False)

@@ -18,4 +18,8 @@ export HPCDIST_PYTHON=/opt/venv/bin/python
 if [ -z "${SLURM_STEP_ID:-}" ]; then
     rm -f /jobs/golden/run/preempted
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' setup_done "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
+    # Slurm's SIGTERM at the time limit, a cancellation or a node failure would end the batch shell before
+    # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
+    # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
+    trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
 fi

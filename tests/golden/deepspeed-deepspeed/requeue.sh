@@ -2,26 +2,49 @@
 # Rendered by hpcdist: run by the batch shell after the job step, on both submit paths (job.sbatch and
 # submitit's teardown). Usage: requeue.sh STEP_STATUS
 #
-# The trainer's rank 0 leaves run/preempted once every rank has checkpointed after a preemption or
-# time-limit signal. The marker, not the step's exit status, decides: ranks exit 75 a moment apart and
-# srun --kill-on-bad-exit then kills the slower ones, so the step itself may end 75, 15 or 137.
+# `hpcdist attempt end` classifies how this attempt ended (completed, preempted, time_limit, node_failure,
+# rank_crashed, hung, bad_input, code_error, cancelled, unknown), appends it to attempts.jsonl and decides:
+# requeue (every rank checkpointed after a signal; at most 3), retry from the newest
+# checkpoint without the implicated node (a lost node, a killed rank, a hang; at most 2),
+# or nothing (bad input and errors in the training code are never retried).
 set -uo pipefail
+# Slurm's SIGTERM (a requeue, the time limit, a cancellation) reaches this shell too; ignoring it here, and
+# in the commands below that inherit it, lets the decision finish within KillWait.
+trap '' TERM
 
 status=${1:-0}
-marker=/jobs/golden/run/preempted
-restarts=${SLURM_RESTART_COUNT:-0}
 # An array task is requeued by its own JOBID_TASKID; a plain job by its id.
 job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 job=${job:-$SLURM_JOB_ID}
 
-if [ -e "$marker" ]; then
-    rm -f "$marker"
-    if [ "$restarts" -lt 3 ]; then
-        echo "hpcdist: every rank checkpointed; requeueing job $job (restart $((restarts + 1)) of 3)"
-        scontrol requeue "$job"
+action=none exclude='' already_requeued=0 end_status=$status uses=0
+decision=$(/opt/venv/bin/python -m hpc attempt end --job-dir /jobs/golden --step-status "$status" \
+    --max-requeues 3 --max-retries 2 --nodes 2 \
+    --ranks-per-task 2 --ntasks 2) && eval "$decision"
+rm -f /jobs/golden/run/preempted
+
+case "$action" in
+    requeue|retry)
+        # Hold the requeued job, keep it off the excluded nodes, and move its begin time to 2 s from now:
+        # Slurm pushes a requeued job's start ~120 s ahead unless its begin time is already in the future
+        # when the old run finishes completing (a waiting `hpcdist submit --wait` then starts it at once).
+        if [ "$already_requeued" = 0 ]; then
+            scontrol requeuehold "$job" || { echo "hpcdist: scontrol requeuehold $job failed" >&2; exit "$end_status"; }
+        fi
+        scontrol update JobId="$job" StartTime=now+2 ${exclude:+ExcNodeList="$exclude"} \
+            || echo "hpcdist: could not update job $job (start time, excluded nodes)" >&2
+        [ "$already_requeued" = 0 ] && scontrol release "$job"
+        if [ "$action" = requeue ]; then
+            echo "hpcdist: every rank checkpointed; requeueing job $job (restart $uses of 3)"
+        else
+            echo "hpcdist: retrying job $job (retry $uses of 2)${exclude:+ without $exclude}"
+        fi
         exit 0
-    fi
-    echo "hpcdist: every rank checkpointed, but job $job has used its 3 requeue(s); resubmit with --resume to go on" >&2
-    exit 75
+        ;;
+esac
+if [ "$already_requeued" = 1 ]; then
+    # Slurm requeued the job itself (a node failure), but hpcdist's policy says no further attempt.
+    echo "hpcdist: cancelling job $job, which Slurm requeued: no retry is left" >&2
+    scancel "$job"
 fi
-exit "$status"
+exit "$end_status"
