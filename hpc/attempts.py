@@ -54,7 +54,8 @@ Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 # srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
 _SRUN_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
-_SRUN_NODE_FAIL = re.compile(r"^srun: error: Node failure on (\S+)", re.M)
+_SRUN_NODE_FAIL = re.compile(r"^srun: error: (?:Node failure on (\S+)|Task launch for \S+ failed on node (\S+))",
+                             re.M)
 # slurmstepd's banner when Slurm itself ends the job: ``*** JOB 42 ON n1 CANCELLED AT ... DUE TO TIME LIMIT ***``.
 _STEPD_CANCEL = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON (\S+) CANCELLED AT \S+"
                            r"(?: DUE TO ([A-Z ]+?))?(?:,[^*]*)? \*\*\*")
@@ -177,7 +178,7 @@ def task_ends(batch_log: str) -> list[TaskEnd]:
 
 def failed_nodes(batch_log: str) -> list[str]:
     """Nodes that Slurm said failed under this attempt (srun's "Node failure on nX", slurmstepd's banner)."""
-    found = [m.group(1) for m in _SRUN_NODE_FAIL.finditer(batch_log)]
+    found = [m.group(1) or m.group(2) for m in _SRUN_NODE_FAIL.finditer(batch_log)]
     return list(dict.fromkeys(found))
 
 
@@ -713,17 +714,38 @@ def reconcile(job_dir: Path, job_id: str, runner: Runner = _run) -> list[dict[st
     return sorted(load(job_dir), key=lambda a: a["attempt"])
 
 
-def nudge(job_id: str, attempts: Sequence[Mapping[str, Any]], runner: Runner = _run) -> bool:
-    """Start a job hpcdist requeued as soon as it is pending, instead of after Slurm's requeue delay.
+def _clock(text: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
 
-    Slurm sets a requeued job's begin time ~120 s ahead once the old run has finished completing; the batch
-    shell cannot undo that (it is gone by then), so whoever waits on the job does, once. True if it did.
+
+def should_nudge(job: Mapping[str, str], now: float, settle_s: float = 2.0) -> bool:
+    """Whether a pending requeued job (``scontrol show job -o`` fields) is waiting for no good reason.
+
+    Two waits are needless: Slurm's ~120 s requeue delay, and an eligible job waiting for the next scheduling
+    pass. One is needed: the nodes revoke the old run's credential when it is requeued, and a run launched
+    within the same second is refused ("Job credential revoked"); so nothing is nudged until ``settle_s``
+    after the requeue finished (Slurm resets SubmitTime then).
     """
+    if job.get("JobState") != "PENDING" or job.get("Reason") not in ("BeginTime", "None", "Priority"):
+        return False
+    submitted, eligible = _clock(job.get("SubmitTime", "")), _clock(job.get("EligibleTime", ""))
+    if submitted is None or now < submitted + settle_s:
+        return False
+    return eligible is not None and (eligible > now + 3 or eligible <= now - 1)
+
+
+def nudge(job_id: str, attempts: Sequence[Mapping[str, Any]], runner: Runner = _run,
+          clock: Callable[[], float] = time.time) -> bool:
+    """Start a job hpcdist requeued as soon as its nodes are ready, not after Slurm's requeue delay or the next
+    scheduling pass; whoever waits on the job calls this at each poll. True if it did."""
     if not attempts or attempts[-1].get("action") not in ("requeue", "retry"):
         return False
     shown = runner(["scontrol", "show", "job", "-o", job_id])
     job = parse_keyvalues(shown.stdout) if shown.returncode == 0 else {}
-    if job.get("JobState") != "PENDING" or job.get("Reason") != "BeginTime":
+    if not should_nudge(job, clock()):
         return False
     return runner(["scontrol", "update", f"JobId={job_id}", "StartTime=now"]).returncode == 0
 

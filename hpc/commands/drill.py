@@ -1,0 +1,84 @@
+"""``hpcdist drill``: certify that a partition's failures are classified, retried and resumed exactly.
+
+    hpcdist drill --nodes 2                                              # ddp under srun, all five scenarios
+    hpcdist drill --nodes 2 --backend deepspeed --launcher deepspeed --scenarios rank_kill,node_loss --json
+
+Takes the same job options as ``hpcdist submit``; the trainer's arguments after ``--`` are added to the
+drill's own small job (see hpc/drill.py). Exit status 0 when every scenario passed, 1 otherwise.
+A node-loss scenario sets a node DOWN for a few seconds (it needs the rights of a Slurm operator) and
+resumes it whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpc.commands.options import fail, job_options
+
+
+@click.command()
+@job_options
+@click.option("--scenarios", default=",".join(("preempt", "time_limit", "rank_kill", "node_loss", "hang")),
+              show_default=True, help="Which faults to inject, comma-separated, in this order.")
+@click.option("--steps", type=int, default=40, show_default=True, help="Training steps of each scenario's job.")
+@click.option("--via", type=click.Choice(("submitit", "sbatch")), default="sbatch", show_default=True,
+              help="How each job is submitted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--timeout", "timeout_s", type=float, default=600, show_default=True,
+              help="Seconds each scenario's job may take from the fault to its end.")
+def drill(config_file: str | None, scenarios: str, steps: int, via: str, as_json: bool, timeout_s: float,
+          **options: Any) -> None:
+    """Run a small job per scenario, inject the fault, and check ending, retry, resume and recovery time."""
+    from hpc import drill as drilling
+    from hpc import jobs
+    from hpc import submit as submitting
+    from hpc.commands.options import prepare
+
+    chosen = [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in drilling.SCENARIOS]
+    if unknown or not chosen:
+        fail("drill", ValueError(f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from "
+                                 f"{', '.join(drilling.SCENARIOS)}"))
+    if steps <= drilling.FAULT_STEP + drilling.CHECKPOINT_EVERY:
+        least = drilling.FAULT_STEP + 2 * drilling.CHECKPOINT_EVERY
+        fail("drill", ValueError(f"--steps {steps} leaves nothing to check after the fault at step "
+                                 f"{drilling.FAULT_STEP}; use at least {least}"))
+    try:
+        where = submitting.choose(via, "slurm", jobs.slurm_available(os.environ))
+    except ValueError as exc:
+        fail("drill", exc)
+    root = Path(options.pop("job_dir") or f"runs/drill-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    user_args = tuple(options.pop("train_args") or ())
+    name = options.pop("job_name") or "drill"
+    if options.get("precision") is None:
+        options["precision"] = "fp32"  # exact resume is checked to 1e-6: no reduced precision
+    say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
+
+    def submit(label: str, job_steps: int) -> tuple[str, Path]:
+        train_args = (*drilling.TRAIN_ARGS, "--max-steps", str(job_steps), *user_args)
+        rendered = prepare("drill", config_file, job_dir=str(root / label), job_name=f"{name}-{label}",
+                           train_args=train_args, **options)
+        submitted = submitting.submit(rendered, where, os.environ)
+        return submitted.record.job_id, Path(rendered.job_dir)
+
+    reference_steps = max(steps, drilling.TIME_LIMIT_STEPS) if "time_limit" in chosen else steps
+    ref_id, ref_dir = submit("reference", reference_steps)
+    say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
+    observed = []
+    try:
+        for scenario in chosen:
+            observed.append(drilling.run_scenario(scenario, submit, steps, say, timeout_s))
+            say(f"{scenario}: job {observed[-1].job_id} ended {observed[-1].final_state}")
+        reference = drilling.reference_losses(drilling.Job(ref_id, ref_dir), reference_steps, timeout_s)
+    finally:
+        drilling.cancel_all([ref_id] + [o.job_id for o in observed])
+    results = [drilling.check(seen, reference, drilling.TIME_LIMIT_STEPS if seen.scenario == "time_limit" else steps)
+               for seen in observed]
+    click.echo(drilling.as_json(results) if as_json else drilling.table(results))
+    sys.exit(0 if all(r.ok for r in results) else 1)

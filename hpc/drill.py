@@ -1,0 +1,488 @@
+"""Inject real faults into small jobs on a Slurm cluster and check that each is classified, retried and resumed.
+
+    hpcdist drill --nodes 2 --backend ddp                          # all five scenarios, one after another
+    hpcdist drill --nodes 2 --backend deepspeed --launcher deepspeed --scenarios rank_kill,hang --json
+
+Each scenario submits the same small job (fp32, a loss logged every step, a checkpoint every 5 steps),
+waits for step FAULT_STEP, injects its fault, waits for the job to end and checks: the first attempt's ending
+class and action, the excluded node, the step the next attempt resumed from, that every logged loss equals
+an uninterrupted reference run's, and the time from the fault to the next training step. ``check`` and
+``summarise`` are pure; the rest reaches the cluster (scancel, scontrol, /proc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from hpc import attempts
+from hpc.vocab import CHECKPOINTS, HEARTBEAT, METRICS, RUN_DIR, batch_log, task_log
+
+SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang")
+FAULT_STEP = 10
+CHECKPOINT_EVERY = 5
+LOSS_TOLERANCE = 1e-6
+# The trainer's arguments for every drill job (fp32 and one thread per rank keep the sums in one order, so
+# a resumed run's losses equal the reference's exactly); --epochs is large so that --max-steps decides.
+TRAIN_ARGS = ("--epochs", "1000", "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
+              "--batch-size", "64", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
+              "--timeout-s", "120")
+# Slurm keeps a time limit in whole minutes and checks it every ~30 s, so the time-limit job must still be
+# training when the limit strikes, one to two minutes after it started: it runs this many steps at least.
+TIME_LIMIT_STEPS = 1500
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a scenario must end as: the first attempt's ending and action, and whether a node is excluded."""
+
+    ending: str
+    action: str
+    excludes: bool
+
+
+EXPECT = {
+    "preempt": Expect("preempted", "requeue", False),
+    "time_limit": Expect("time_limit", "requeue", False),
+    "rank_kill": Expect("rank_crashed", "retry", True),
+    "node_loss": Expect("node_failure", "retry", True),
+    "hang": Expect("hung", "retry", True),
+}
+FAULTS = {
+    "preempt": "SIGUSR1 to every rank (scancel --signal=USR1), as Slurm's --signal warning sends",
+    "time_limit": "the job's time limit cut to the minute it is in (scontrol update TimeLimit): SIGTERM, then "
+                  "SIGKILL after KillWait",
+    "rank_kill": "SIGKILL to the last rank's process",
+    "node_loss": "SIGKILL to every process of the job on the last rank's node, then that node set DOWN "
+                 "(resumed afterwards)",
+    "hang": "SIGSTOP to the last rank's process (SIGCONT afterwards)",
+}
+
+
+@dataclass
+class Observed:
+    """What the drill saw of one scenario's job."""
+
+    scenario: str
+    job_id: str = ""
+    job_dir: str = ""
+    victim_rank: int | None = None
+    victim_node: str | None = None
+    fault_at: float | None = None          # unix time the fault was injected (the time limit: when it struck)
+    fault_step: int | None = None          # the newest logged step at the fault
+    next_step_at: float | None = None      # unix time of the first training step after the fault's attempt
+    final_state: str = ""
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    resumed_step: int | None = None
+    losses: dict[int, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One scenario's verdict, as printed and as ``--json`` writes it."""
+
+    scenario: str
+    ok: bool
+    job_id: str
+    ending: str | None
+    expected: str
+    action: str | None
+    retries: int
+    requeues: int
+    excluded: list[str]
+    victim: str | None
+    resumed_step: int | None
+    losses_equal: bool | None
+    compared_steps: int
+    max_loss_diff: float | None
+    recovery_s: float | None
+    final_state: str
+    detail: str
+    problems: list[str]
+
+
+# ---- pure parts ----------------------------------------------------------------------------------
+
+def logged_steps(text: str) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a resumed run appends, so the last record of a step wins."""
+    out: dict[int, float] = {}
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+            out[int(data["step"])] = float(data["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def resumed_from(rank0_log: str) -> int | None:
+    """The step the newest attempt resumed from (``resumed from DIR at step N``), if any attempt did."""
+    found = re.findall(r"resumed from \S+ at step (\d+)", rank0_log)
+    return int(found[-1]) if found else None
+
+
+def compare(losses: Mapping[int, float], reference: Mapping[int, float], upto: int) -> tuple[bool, int, float | None]:
+    """(equal, steps compared, largest difference) over steps 1..upto; a step missing on either side differs."""
+    steps = range(1, upto + 1)
+    missing = [s for s in steps if s not in losses or s not in reference]
+    diffs = [abs(losses[s] - reference[s]) for s in steps if s in losses and s in reference]
+    worst = max(diffs) if diffs else None
+    return (not missing and worst is not None and worst <= LOSS_TOLERANCE), len(diffs), worst
+
+
+def check(seen: Observed, reference: Mapping[int, float], steps: int) -> Result:
+    """The verdict on one scenario from what was observed and the reference run's losses."""
+    expect = EXPECT[seen.scenario]
+    problems = list(seen.problems)
+    first = seen.attempts[0] if seen.attempts else {}
+    ending, action = first.get("ending"), first.get("action")
+    if not seen.attempts:
+        problems.append("no attempt was recorded in attempts.jsonl")
+    elif ending != expect.ending:
+        problems.append(f"first attempt ended {ending}, expected {expect.ending}")
+    if seen.attempts and action != expect.action:
+        problems.append(f"first attempt's action was {action}, expected {expect.action}")
+    excluded = list(first.get("excluded") or [])
+    if expect.excludes and seen.victim_node and seen.victim_node not in excluded:
+        problems.append(f"node {seen.victim_node} was not excluded (excluded: {excluded or 'none'})")
+    if expect.ending == "hung" and seen.victim_rank is not None and first.get("rank") != seen.victim_rank:
+        problems.append(f"the hang was blamed on rank {first.get('rank')}, not the stopped rank {seen.victim_rank}")
+    if seen.final_state != "COMPLETED":
+        problems.append(f"the job ended {seen.final_state or 'unknown'}, not COMPLETED")
+    if seen.resumed_step is None:
+        problems.append("no attempt resumed from a checkpoint")
+    upto = min(max(seen.losses, default=0), max(reference, default=0))
+    equal, compared, worst = compare(seen.losses, reference, upto) if upto else (False, 0, None)
+    if seen.final_state == "COMPLETED" and max(seen.losses, default=0) < steps:
+        problems.append(f"only {max(seen.losses, default=0)} of {steps} steps were logged")
+    if seen.resumed_step is not None and upto <= seen.resumed_step:
+        problems.append(f"the reference stops at step {upto}, before the resume at {seen.resumed_step}")
+    if not equal:
+        problems.append(f"losses differ from the uninterrupted run (largest difference {worst}, "
+                        f"{compared} of {upto} steps compared)")
+    recovery = (seen.next_step_at - seen.fault_at) if seen.next_step_at and seen.fault_at else None
+    if recovery is None:
+        problems.append("no training step was seen after the fault's attempt ended")
+    return Result(
+        scenario=seen.scenario, ok=not problems, job_id=seen.job_id, ending=ending, expected=expect.ending,
+        action=action, retries=sum(a.get("action") == "retry" for a in seen.attempts),
+        requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
+        victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
+        resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
+        recovery_s=round(recovery, 1) if recovery is not None else None, final_state=seen.final_state,
+        detail=str(first.get("detail") or ""), problems=problems)
+
+
+def table(results: Sequence[Result]) -> str:
+    """The drill's report: one row per scenario."""
+    head = ("scenario", "ok", "ending", "action", "retries", "excluded", "resumed", "losses", "recovery_s", "job")
+    rows = [head]
+    for r in results:
+        losses = "-" if r.losses_equal is None else (f"equal ({r.compared_steps})" if r.losses_equal else "DIFFER")
+        rows.append((r.scenario, "ok" if r.ok else "FAIL", r.ending or "-", r.action or "-", str(r.retries),
+                     ",".join(r.excluded) or "-", "-" if r.resumed_step is None else str(r.resumed_step), losses,
+                     "-" if r.recovery_s is None else f"{r.recovery_s:.1f}", r.job_id))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    for r in results:
+        if r.detail:
+            lines.append(f"{r.scenario}: {r.detail}")
+        lines += [f"{r.scenario}: FAIL: {p}" for p in r.problems]
+    return "\n".join(lines)
+
+
+def proc_environ(data: bytes) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in data.decode(errors="replace").split("\0") if "=" in item)
+
+
+def is_trainer(argv: Sequence[str]) -> bool:
+    """``python [-u] -m train ...``: a rank, not its launcher (torchrun's agent carries the same variables)."""
+    return any(argv[i] == "-m" and argv[i + 1] == "train" for i in range(len(argv) - 1))
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    rank: int | None       # None: not a rank (a launcher, the task's shell)
+    node: str
+
+
+def job_processes(job_id: str, proc_root: Path = Path("/proc")) -> list[Proc]:
+    """Every process of the job visible here, with its rank (RANK from a launcher, else SLURM_PROCID)."""
+    out = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = proc_environ((entry / "environ").read_bytes())
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") != job_id:
+            continue
+        rank = None
+        if is_trainer(argv):
+            rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+        out.append(Proc(int(entry.name), rank, env.get("SLURMD_NODENAME", "")))
+    return out
+
+
+# ---- side effects --------------------------------------------------------------------------------
+
+def _run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Job:
+    """A drill job being followed: its files and Slurm's view, polled."""
+
+    def __init__(self, job_id: str, job_dir: Path) -> None:
+        self.job_id, self.job_dir = job_id, Path(job_dir)
+        self.run_dir = self.job_dir / RUN_DIR
+
+    def losses(self) -> dict[int, float]:
+        try:
+            return logged_steps((self.run_dir / METRICS).read_text())
+        except OSError:
+            return {}
+
+    def metric_lines(self) -> int:
+        try:
+            return (self.run_dir / METRICS).read_text().count("\n")
+        except OSError:
+            return 0
+
+    def state(self) -> str:
+        proc = _run(["squeue", "-h", "-j", self.job_id, "-o", "%T"])
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.split()[0]
+        proc = _run(["sacct", "-X", "-n", "-P", "-j", self.job_id, "-o", "State"])
+        rows = [r.split()[0] for r in proc.stdout.splitlines() if r.strip()]
+        return rows[-1] if rows else "UNKNOWN"
+
+    def attempts(self) -> list[dict[str, Any]]:
+        return attempts.load(self.job_dir)
+
+
+def wait_for_step(job: Job, step: int, timeout_s: float) -> int:
+    """Block until the job has logged ``step``; raise if it ends or the time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    polls = 0
+    while time.monotonic() < deadline:
+        newest = max(job.losses(), default=0)
+        if newest >= step:
+            return newest
+        polls += 1
+        if polls % 25 == 0 and job.state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            raise RuntimeError(f"job {job.job_id} ended before step {step}")
+        time.sleep(POLL_S)
+    raise RuntimeError(f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
+
+
+def victim(job: Job, timeout_s: float = 30) -> Proc:
+    """The highest rank's process (on the last node: never the batch host when the job spans nodes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ranks = [p for p in job_processes(job.job_id) if p.rank is not None]
+        if ranks:
+            return max(ranks, key=lambda p: p.rank)
+        time.sleep(POLL_S)
+    raise RuntimeError(f"no rank of job {job.job_id} found in /proc")
+
+
+def struck_at(batch_text: str) -> float | None:
+    """When slurmstepd says the time limit struck (``CANCELLED AT 2026-12-01T08:26:54 DUE TO TIME LIMIT``)."""
+    m = re.search(r"CANCELLED AT (\S+) DUE TO TIME LIMIT", batch_text)
+    return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) if m else None
+
+
+def first_step_after(job: Job, attempt: int) -> float | None:
+    """A heartbeat's own time of the first training step of ``attempt`` (contract 1's marks), if written."""
+    times = []
+    for path in (job.run_dir / HEARTBEAT).glob("rank-*.json"):
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if int(beat.get("attempt", -1)) >= attempt and (beat.get("marks") or {}).get("first_step_done"):
+            times.append(float(beat["marks"]["first_step_done"]))
+    return min(times) if times else None
+
+
+def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None] = lambda: None) -> None:
+    """Wait for the job to end, starting a requeued job at once (as ``submit --wait`` does) and noting when the
+    first training step after the faulted attempt appears in metrics.jsonl."""
+    deadline = time.monotonic() + timeout_s
+    lines_at_end = None
+    while time.monotonic() < deadline:
+        during()
+        history = job.attempts()
+        if history and lines_at_end is None:
+            lines_at_end = job.metric_lines()
+        elif lines_at_end is not None and seen.next_step_at is None and job.metric_lines() > lines_at_end:
+            seen.next_step_at = time.time()
+        state = job.state()
+        if state in ("PENDING", "REQUEUED"):
+            attempts.nudge(job.job_id, history)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            seen.final_state = state
+            break
+        time.sleep(POLL_S)
+    else:
+        seen.problems.append(f"the job did not end within {timeout_s:.0f} s")
+        _run(["scancel", job.job_id])
+    beat = first_step_after(job, 1)
+    if beat and seen.fault_at and beat > seen.fault_at:
+        seen.next_step_at = beat
+
+
+def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) -> Callable[[], None]:
+    """Inject the scenario's fault now; returns what to call while following the job (cleanup included)."""
+    target = victim(job)
+    seen.victim_rank, seen.victim_node = target.rank, target.node
+    seen.fault_step = max(job.losses(), default=0)
+    seen.fault_at = time.time()
+    if scenario == "preempt":
+        _run(["scancel", "--signal=USR1", job.job_id], timeout=30)
+        seen.victim_rank = seen.victim_node = None
+        return lambda: None
+    if scenario == "time_limit":
+        shown = attempts.parse_keyvalues(_run(["scontrol", "show", "job", "-o", job.job_id]).stdout)
+        original = shown.get("TimeLimit", "")
+        run_s = _seconds(shown.get("RunTime", "0"))
+        minutes = run_s // 60 + 1
+        _run(["scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={minutes}"])
+        out(f"  time limit cut from {original} to {minutes} min (the job has run {run_s} s)")
+        seen.victim_rank = seen.victim_node = None
+        restored = []
+
+        def restore() -> None:
+            if restored:
+                return
+            text = (job.job_dir / batch_log(job.job_id)).read_text(errors="replace") if (
+                job.job_dir / batch_log(job.job_id)).exists() else ""
+            when = struck_at(text)
+            if when is not None and job.attempts():
+                seen.fault_at = when
+                # The rerun gets the job's real limit back.
+                _run(["scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={original}"])
+                restored.append(True)
+        return restore
+    if scenario == "rank_kill":
+        _signal(target.pid, signal.SIGKILL)
+        return lambda: None
+    if scenario == "hang":
+        _signal(target.pid, signal.SIGSTOP)
+        return lambda: _signal(target.pid, signal.SIGCONT) if not job.attempts() else None
+    if scenario == "node_loss":
+        node = target.node
+        procs = [p for p in job_processes(job.job_id) if p.node == node]
+        for p in sorted(procs, key=lambda p: p.rank is None):
+            _signal(p.pid, signal.SIGKILL)
+        _run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=hpcdist-drill"])
+        out(f"  node {node} set DOWN after SIGKILL to its {len(procs)} process(es) of the job")
+        return lambda: None
+    raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def resume_node(node: str) -> None:
+    """Bring a node the drill set DOWN back; Slurm may have returned it already (ReturnToService)."""
+    state = _run(["sinfo", "-h", "-n", node, "-o", "%T"]).stdout.strip().lower()
+    if state.startswith(("down", "drain", "fail")):
+        _run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+
+
+def _seconds(runtime: str) -> int:
+    """Slurm's ``[D-]HH:MM:SS`` as seconds."""
+    days, _, rest = runtime.rpartition("-")
+    parts = [int(p) for p in rest.split(":") if p.isdigit()]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], steps: int,
+                 out: Callable[[str], None], timeout_s: float = 600) -> Observed:
+    """Submit the scenario's job, fault it at FAULT_STEP, follow it to the end, collect what it did."""
+    seen = Observed(scenario)
+    job_steps = max(steps, TIME_LIMIT_STEPS) if scenario == "time_limit" else steps
+    job_id, job_dir = submit(scenario, job_steps)
+    seen.job_id, seen.job_dir = job_id, str(job_dir)
+    job = Job(job_id, job_dir)
+    out(f"{scenario}: job {job_id} submitted ({job_dir}); fault at step {FAULT_STEP}: {FAULTS[scenario]}")
+    node_down = None
+    try:
+        wait_for_step(job, FAULT_STEP, timeout_s=300)
+        during = inject(scenario, job, seen, out)
+        if scenario == "node_loss":
+            node_down = seen.victim_node
+            resume_after = time.monotonic() + 20
+
+            def during_node_loss() -> None:
+                nonlocal node_down
+                # Back as soon as the job has moved off it: other users share this cluster.
+                if node_down and (job.attempts() or time.monotonic() > resume_after):
+                    resume_node(node_down)
+                    node_down = None
+            during = during_node_loss
+        follow(job, seen, timeout_s, during)
+    except RuntimeError as exc:
+        seen.problems.append(str(exc))
+        _run(["scancel", job_id])
+    finally:
+        if node_down:
+            resume_node(node_down)
+        if scenario == "hang" and seen.victim_rank is not None:
+            for p in job_processes(job_id):
+                _signal(p.pid, signal.SIGCONT)
+    seen.attempts = attempts.reconcile(job.job_dir, job_id)
+    seen.losses = job.losses()
+    try:
+        seen.resumed_step = resumed_from((job.job_dir / task_log(0)).read_text(errors="replace"))
+    except OSError:
+        pass
+    return seen
+
+
+def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if job.state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(1.0)
+    return job.losses()
+
+
+def checkpoints_of(run_dir: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(Path(run_dir) / CHECKPOINTS))
+    except OSError:
+        return []
+
+
+def cancel_all(job_ids: Iterable[str]) -> None:
+    """scancel the drill's own jobs that are still queued or running (a drill interrupted half-way)."""
+    live = [j for j in job_ids if j and Job(j, Path(".")).state() in ("PENDING", "RUNNING", "REQUEUED",
+                                                                      "COMPLETING", "SUSPENDED")]
+    if live:
+        _run(["scancel", *live])
+
+
+def as_json(results: Iterable[Result]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2)
