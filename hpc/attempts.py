@@ -596,7 +596,8 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     states = node_states(job.get("Partition"), runner)
     base_id = job_id.split("_")[0]
     batch = ""
-    for candidate in (job_dir / batch_log(job.get("JobId", base_id)), job_dir / batch_log(base_id)):
+    # An array task logs to batch-ARRAYID_TASKID.out; a plain job to batch-JOBID.out.
+    for candidate in (job_dir / batch_log(job_id), job_dir / batch_log(job.get("JobId", base_id))):
         batch = _read(candidate)
         if batch:
             break

@@ -201,7 +201,7 @@ def test_each_array_task_selects_its_own_rendered_directory(tmp_path):
         # The precision travels in the task's own deepspeed.json, which its task.sh names.
         assert f"--deepspeed-config {tdir / 'deepspeed.json'} " in (tdir / "task.sh").read_text()
         assert f"run_dir={tdir}/run" in (tdir / "task.sh").read_text()
-        assert f"marker={tdir}/run/preempted" in (tdir / "requeue.sh").read_text()
+        assert f"rm -f {tdir}/run/preempted" in (tdir / "requeue.sh").read_text()
         assert not (tdir / "job.sbatch").exists() and (tdir / "logs").is_dir() and (tdir / "run").is_dir()
     # The batch shell of array task i runs task-i: run the case statement alone with each id.
     script = (array / "job.sbatch").read_text()
