@@ -258,8 +258,12 @@ def parse_sinfo_nodes(text: str) -> dict[str, str]:
 
 
 def attempt_segment(batch_log: str, attempt: int) -> str:
-    """This attempt's part of a batch log that every attempt appends to: after the previous attempt's
-    ``hpcdist: attempt N ended`` line."""
+    """This attempt's part of a batch log that every attempt appends to: from its own ``hpcdist: attempt N
+    started`` line (setup.sh) to the next attempt's, else after the previous attempt's ``ended`` line."""
+    starts = {int(m.group(1)): m.start() for m in re.finditer(r"^hpcdist: attempt (\d+) started", batch_log, re.M)}
+    if attempt in starts:
+        later = [pos for n, pos in starts.items() if n > attempt and pos > starts[attempt]]
+        return batch_log[starts[attempt]:min(later) if later else len(batch_log)]
     marks = [m.end() for m in re.finditer(r"^hpcdist: attempt (\d+) ended.*$", batch_log, re.M)
              if int(m.group(1)) < attempt]
     return batch_log[marks[-1]:] if marks else batch_log
@@ -478,8 +482,9 @@ def parse_attempts(text: str) -> list[dict[str, Any]]:
 
 
 def load(job_dir: Path) -> list[dict[str, Any]]:
+    """The job's attempt lines in attempt order (a line added afterwards from accounting may come last)."""
     try:
-        return parse_attempts((Path(job_dir) / ATTEMPTS).read_text())
+        return sorted(parse_attempts((Path(job_dir) / ATTEMPTS).read_text()), key=lambda a: a["attempt"])
     except OSError:
         return []
 
@@ -670,17 +675,20 @@ def parse_runs(text: str, job_id: str) -> list[dict[str, str]]:
     return runs
 
 
-def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Iterable[int], job_id: str,
-               job_dir: Path | None = None) -> list[dict[str, Any]]:
+def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str, Any]], job_id: str,
+               job_dir: Path | None = None, batch_text: str = "") -> list[dict[str, Any]]:
     """Lines for the runs that ended without their batch shell recording them (a node failure or a
-    cancellation killed it); classified from accounting, and from the job's files where they say more."""
-    have = set(recorded)
+    cancellation killed it); classified from accounting, and from the batch log where it says more (which
+    node failed)."""
+    have = {a["attempt"] for a in recorded}
+    previous = list(recorded)
     out = []
     for index, run in enumerate(runs):
         state = run["State"].split()[0] if run["State"] else ""
         later = index < len(runs) - 1
         if index in have or state in ("PENDING", "RUNNING", "COMPLETING") or (state in _LIVE and not later):
             continue
+        segment = attempt_segment(batch_text, index) if batch_text else ""
         ending = _SACCT_ENDINGS.get(state)
         if state == "REQUEUED":
             ending = "preempted"
@@ -688,10 +696,12 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Iterable[int], job_i
         exit_code, sig = (int(code.group(1)), int(code.group(2))) if code else (None, None)
         if ending is None:
             ending = "unknown"
-        node = None
+        lost = failed_nodes(segment) if ending == "node_failure" else []
+        node = lost[0] if lost else None
         run_dir = Path(job_dir) / RUN_DIR if job_dir else None
         step = checkpoint_in(run_dir) if run_dir else None
-        detail = {"node_failure": f"Slurm reported a node failure on {run.get('NodeList', '?')}",
+        detail = {"node_failure": f"node {node} failed" if node else
+                  f"Slurm reported a node failure on {run.get('NodeList', '?')}",
                   "cancelled": "the job was cancelled (scancel)",
                   "time_limit": "the time limit struck",
                   "rank_crashed": "a rank ran out of memory (the OOM killer)",
@@ -700,8 +710,13 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Iterable[int], job_i
         ended = Ending(ending, detail, node=node, exit_code=exit_code, signal=sig or None, step=step)
         action = ("retry" if ending in RETRIED else "requeue") if later else "none"
         reason = "Slurm requeued it" if later else ""
-        out.append(record(ended, Decision(action, (), reason), attempt=index, job_id=job_id,
+        excluded = set().union(*(set(a.get("excluded") or ()) for a in previous)) if previous else set()
+        if action == "retry" and node:
+            excluded.add(node)
+            reason += f" (hpcdist keeps it off {', '.join(sorted(excluded))})"
+        out.append(record(ended, Decision(action, tuple(sorted(excluded)), reason), attempt=index, job_id=job_id,
                           started=run.get("Start", ""), ended=run.get("End", ""), source="sacct"))
+        previous.append(out[-1])
     return out
 
 
@@ -709,8 +724,8 @@ def reconcile(job_dir: Path, job_id: str, runner: Runner = _run) -> list[dict[st
     """Append lines for runs of the job that ended unrecorded; return every attempt line, oldest first."""
     proc = runner(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", ",".join(SACCT_RUN_FIELDS)])
     if proc.returncode == 0:
-        recorded = [a["attempt"] for a in load(job_dir)]
-        for line in from_sacct(parse_runs(proc.stdout, job_id), recorded, job_id, job_dir):
+        batch_text = _read(Path(job_dir) / batch_log(job_id))
+        for line in from_sacct(parse_runs(proc.stdout, job_id), load(job_dir), job_id, job_dir, batch_text):
             append(job_dir, line)
     return sorted(load(job_dir), key=lambda a: a["attempt"])
 
@@ -748,7 +763,11 @@ def nudge(job_id: str, attempts: Sequence[Mapping[str, Any]], runner: Runner = _
     job = parse_keyvalues(shown.stdout) if shown.returncode == 0 else {}
     if not should_nudge(job, clock()):
         return False
-    return runner(["scontrol", "update", f"JobId={job_id}", "StartTime=now"]).returncode == 0
+    excluded = ",".join(attempts[-1].get("excluded") or ())
+    # A job Slurm requeued itself (a node failure) gets its excluded nodes here; for the others it repeats
+    # what requeue.sh set.
+    extra = [f"ExcNodeList={excluded}"] if excluded and job.get("ExcNodeList") != excluded else []
+    return runner(["scontrol", "update", f"JobId={job_id}", "StartTime=now", *extra]).returncode == 0
 
 
 # ---- the trainer's side --------------------------------------------------------------------------

@@ -125,9 +125,10 @@ def logged_steps(text: str) -> dict[int, float]:
 
 
 def resumed_from(rank0_log: str) -> int | None:
-    """The step the newest attempt resumed from (``resumed from DIR at step N``), if any attempt did."""
+    """The step the first resumed attempt (the one after the fault) started from (``resumed from DIR at step
+    N``), if any did."""
     found = re.findall(r"resumed from \S+ at step (\d+)", rank0_log)
-    return int(found[-1]) if found else None
+    return int(found[0]) if found else None
 
 
 def compare(losses: Mapping[int, float], reference: Mapping[int, float], upto: int) -> tuple[bool, int, float | None]:
@@ -332,13 +333,14 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
     lines_at_end = None
     while time.monotonic() < deadline:
         during()
-        history = job.attempts()
+        state = job.state()
+        pending = state in ("PENDING", "REQUEUED")
+        history = attempts.reconcile(job.job_dir, job.job_id) if pending else job.attempts()
         if history and lines_at_end is None:
             lines_at_end = job.metric_lines()
         elif lines_at_end is not None and seen.next_step_at is None and job.metric_lines() > lines_at_end:
             seen.next_step_at = time.time()
-        state = job.state()
-        if state in ("PENDING", "REQUEUED"):
+        if pending:
             attempts.nudge(job.job_id, history)
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             seen.final_state = state
@@ -386,10 +388,12 @@ def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) 
         return restore
     if scenario == "rank_kill":
         _signal(target.pid, signal.SIGKILL)
+        out(f"  rank {target.rank} (pid {target.pid}) on {target.node} killed at step {seen.fault_step}")
         return lambda: None
     if scenario == "hang":
         _signal(target.pid, signal.SIGSTOP)
-        return lambda: _signal(target.pid, signal.SIGCONT) if not job.attempts() else None
+        out(f"  rank {target.rank} (pid {target.pid}) on {target.node} stopped at step {seen.fault_step}")
+        return lambda: None  # SIGCONT in run_scenario's cleanup: the hang must last until it is named
     if scenario == "node_loss":
         node = target.node
         procs = [p for p in job_processes(job.job_id) if p.node == node]

@@ -155,13 +155,16 @@ def _follow_attempts(record: jobs.Record):
     def poll(current: jobs.JobState) -> None:
         if record.via == "local":
             return
-        history = attempts.load(Path(record.job_dir))
+        pending = current.state in ("PENDING", "REQUEUED")
+        # A run whose batch shell died (a node failure) is recorded from accounting before it is restarted.
+        history = (attempts.reconcile(Path(record.job_dir), record.job_id) if pending
+                   else attempts.load(Path(record.job_dir)))
         for a in history:
             if a["attempt"] not in shown:
                 shown.add(a["attempt"])
                 if a.get("action") in ("requeue", "retry"):
                     click.echo(f"hpcdist: {attempts.summary_line(a)}", err=True)
-        if current.state in ("PENDING", "REQUEUED"):
+        if pending:
             attempts.nudge(record.job_id, history)
 
     return poll
