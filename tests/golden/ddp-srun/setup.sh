@@ -22,4 +22,6 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
     # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
     trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
+    # Where this attempt's part of the batch log (which every attempt appends to) begins.
+    echo "hpcdist: attempt ${SLURM_RESTART_COUNT:-0} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
 fi

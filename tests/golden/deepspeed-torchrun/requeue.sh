@@ -28,8 +28,9 @@ case "$action" in
         # Hold the requeued job, keep it off the excluded nodes, and move its begin time to 2 s from now:
         # Slurm pushes a requeued job's start ~120 s ahead unless its begin time is already in the future
         # when the old run finishes completing (a waiting `hpcdist submit --wait` then starts it at once).
-        if [ "$already_requeued" = 0 ]; then
-            scontrol requeuehold "$job" || { echo "hpcdist: scontrol requeuehold $job failed" >&2; exit "$end_status"; }
+        if [ "$already_requeued" = 0 ] && ! scontrol requeuehold "$job"; then
+            # Slurm requeued it itself meanwhile (a node failure): only the update below is left to do.
+            already_requeued=1
         fi
         scontrol update JobId="$job" StartTime=now+2 ${exclude:+ExcNodeList="$exclude"} \
             || echo "hpcdist: could not update job $job (start time, excluded nodes)" >&2
