@@ -142,6 +142,8 @@ class Evidence:
     job_exit: str = ""                            # sacct's ExitCode "N:S"
     down_nodes: frozenset[str] = frozenset()      # nodes Slurm now calls down/drained/failing
     ranks_per_task: int = 1
+    time_left_s: int | None = None                # the job's time limit minus its run time, when the step ended
+    warning_s: int = 0                            # how long before the time limit Slurm signals (--signal X@N)
     checkpoint_step: int | None = None            # the newest complete checkpoint (what a retry resumes from)
     seen_step: int | None = None                  # the newest step any rank reported
 
@@ -325,7 +327,10 @@ def classify(ev: Evidence) -> Ending:
         return Ending("node_failure", f"node {node or '?'} failed" + (f" ({label} ran there)" if label else ""),
                       rank=rank, node=node, signal=lost[0].signal if lost else None, step=step)
 
-    timed_out = state == "TIMEOUT" or ev.job_reason == "TimeLimit" or "TIME LIMIT" in reasons
+    # Slurm's --signal warning (USR1@120) is sent because the time limit is near: a stop within that lead
+    # time (plus Slurm's ~30 s check period) is the time limit, not a preemption.
+    near_limit = ev.time_left_s is not None and ev.time_left_s <= ev.warning_s + 30
+    timed_out = state == "TIMEOUT" or ev.job_reason == "TimeLimit" or "TIME LIMIT" in reasons or near_limit
     if ev.preempted:
         stopped = None
         for text in ev.task_logs.values():
@@ -590,8 +595,17 @@ def node_states(partition: str | None, runner: Runner = _run) -> dict[str, str]:
     return parse_sinfo_nodes(proc.stdout) if proc.returncode == 0 else {}
 
 
+def slurm_seconds(text: str) -> int | None:
+    """Slurm's ``[D-][HH:]MM:SS`` (TimeLimit, RunTime) in seconds; None for UNLIMITED and the like."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not m:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ranks_per_task: int,
-           ntasks: int, runner: Runner = _run) -> tuple[Evidence, dict[str, str]]:
+           ntasks: int, runner: Runner = _run, warning_s: int = 0) -> tuple[Evidence, dict[str, str]]:
     """The evidence for the attempt that just ended, read inside the job (the batch shell, after the step),
     and scontrol's view of the job (StartTime, Partition, JobState)."""
     job_dir = Path(job_dir)
@@ -613,7 +627,11 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         preempted=(run_dir / MARKER).exists(), hang=read_hang(run_dir, attempt),
         job_state=job.get("JobState", ""), job_reason=job.get("Reason", ""),
         down_nodes=frozenset(n for n, s in states.items() if s.split("+")[0] in UNUSABLE),
-        ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir))
+        ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
+        warning_s=warning_s)
+    limit, ran = slurm_seconds(job.get("TimeLimit", "")), slurm_seconds(job.get("RunTime", ""))
+    if limit is not None and ran is not None:
+        ev = replace(ev, time_left_s=limit - ran)
     return ev, {**job, "_states": json.dumps(states)}
 
 
@@ -622,9 +640,10 @@ def _now() -> str:
 
 
 def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | None, policy: Policy,
-                ranks_per_task: int, ntasks: int, runner: Runner = _run) -> tuple[dict[str, Any], dict[str, str]]:
+                ranks_per_task: int, ntasks: int, runner: Runner = _run,
+                warning_s: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
     """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields)."""
-    ev, job = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner)
+    ev, job = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s)
     states = json.loads(job.pop("_states"))
     ending = classify(ev)
     history = [a for a in load(job_dir) if a["attempt"] < attempt]

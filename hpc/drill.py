@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hpc import attempts
-from hpc.vocab import CHECKPOINTS, HEARTBEAT, METRICS, RUN_DIR, batch_log, task_log
+from hpc.vocab import CHECKPOINTS, HEARTBEAT, METRICS, RUN_DIR, task_log
 
 SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang")
 FAULT_STEP = 10
@@ -58,8 +58,8 @@ EXPECT = {
 }
 FAULTS = {
     "preempt": "SIGUSR1 to every rank (scancel --signal=USR1), as Slurm's --signal warning sends",
-    "time_limit": "the job's time limit cut to the minute it is in (scontrol update TimeLimit): SIGTERM, then "
-                  "SIGKILL after KillWait",
+    "time_limit": "the job's time limit cut to the minute it is in (scontrol update TimeLimit): Slurm's "
+                  "--signal warning, else SIGTERM and SIGKILL after KillWait, at its next check",
     "rank_kill": "SIGKILL to the last rank's process",
     "node_loss": "SIGKILL to every process of the job on the last rank's node, then that node set DOWN "
                  "(resumed afterwards)",
@@ -307,12 +307,6 @@ def victim(job: Job, timeout_s: float = 30) -> Proc:
     raise RuntimeError(f"no rank of job {job.job_id} found in /proc")
 
 
-def struck_at(batch_text: str) -> float | None:
-    """When slurmstepd says the time limit struck (``CANCELLED AT 2026-12-01T08:26:54 DUE TO TIME LIMIT``)."""
-    m = re.search(r"CANCELLED AT (\S+) DUE TO TIME LIMIT", batch_text)
-    return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) if m else None
-
-
 def first_step_after(job: Job, attempt: int) -> float | None:
     """A heartbeat's own time of the first training step of ``attempt`` (contract 1's marks), if written."""
     times = []
@@ -331,13 +325,20 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
     first training step after the faulted attempt appears in metrics.jsonl."""
     deadline = time.monotonic() + timeout_s
     lines_at_end = None
+    lines, grew_at = job.metric_lines(), time.time()
     while time.monotonic() < deadline:
         during()
         state = job.state()
         pending = state in ("PENDING", "REQUEUED")
         history = attempts.reconcile(job.job_dir, job.job_id) if pending else job.attempts()
+        if lines_at_end is None and job.metric_lines() > lines:
+            lines, grew_at = job.metric_lines(), time.time()
         if history and lines_at_end is None:
             lines_at_end = job.metric_lines()
+            if seen.scenario == "time_limit":
+                # Slurm signals when it checks the limit, not when the drill cut it: the fault is the
+                # attempt's last training step.
+                seen.fault_at = grew_at
         elif lines_at_end is not None and seen.next_step_at is None and job.metric_lines() > lines_at_end:
             seen.next_step_at = time.time()
         if pending:
@@ -375,14 +376,8 @@ def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) 
         restored = []
 
         def restore() -> None:
-            if restored:
-                return
-            text = (job.job_dir / batch_log(job.job_id)).read_text(errors="replace") if (
-                job.job_dir / batch_log(job.job_id)).exists() else ""
-            when = struck_at(text)
-            if when is not None and job.attempts():
-                seen.fault_at = when
-                # The rerun gets the job's real limit back.
+            # The rerun gets the job's real limit back, before it starts.
+            if not restored and job.attempts():
                 _run(["scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={original}"])
                 restored.append(True)
         return restore

@@ -29,8 +29,9 @@ def attempt() -> None:
 @click.option("--nodes", type=int, default=1, help="Nodes the job needs (a retry must still fit).")
 @click.option("--ranks-per-task", type=int, default=1)
 @click.option("--ntasks", type=int, default=1)
+@click.option("--signal-delay-s", type=int, default=0, help="The job's --signal lead time before its time limit.")
 def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nodes: int, ranks_per_task: int,
-        ntasks: int) -> None:
+        ntasks: int, signal_delay_s: int) -> None:
     """Classify the attempt that just ended, append it to attempts.jsonl, print what the batch shell does next."""
     from hpc import attempts
 
@@ -39,7 +40,8 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
     attempt_no = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     try:
         line, job = attempts.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
-                                         attempts.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks)
+                                         attempts.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks,
+                                         warning_s=signal_delay_s)
     except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
         click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")
