@@ -266,9 +266,10 @@ def attempt_segment(batch_log: str, attempt: int) -> str:
     if attempt in starts:
         later = [pos for n, pos in starts.items() if n > attempt and pos > starts[attempt]]
         return batch_log[starts[attempt]:min(later) if later else len(batch_log)]
-    marks = [m.end() for m in re.finditer(r"^hpcdist: attempt (\d+) ended.*$", batch_log, re.M)
-             if int(m.group(1)) < attempt]
-    return batch_log[marks[-1]:] if marks else batch_log
+    ends = [(int(m.group(1)), m.end()) for m in re.finditer(r"^hpcdist: attempt (\d+) ended.*$", batch_log, re.M)]
+    begin = max((pos for n, pos in ends if n < attempt), default=0)
+    own = [pos for n, pos in ends if n == attempt and pos > begin]
+    return batch_log[begin:own[0] if own else len(batch_log)]
 
 
 # ---- the classifier ------------------------------------------------------------------------------
@@ -451,7 +452,8 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
         return Decision("none", tuple(sorted(excluded)),
                         f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
     wanted = excluded | ({ending.node} if ending.node else set())
-    usable = [n for n, s in node_states.items() if n not in wanted and s.split("+")[0] not in UNUSABLE]
+    usable = [n for n, s in node_states.items()
+              if n not in wanted and s.lower().split("+")[0].rstrip("*~#!%$@^-") not in UNUSABLE]
     if node_states and len(usable) < policy.nodes:
         return Decision("none", tuple(sorted(excluded)),
                         f"not retried: excluding {', '.join(sorted(wanted))} leaves {len(usable)} usable node(s) "
