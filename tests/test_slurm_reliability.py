@@ -249,8 +249,8 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_leaves_a_loadable_checkp
     # --max-retries 0: the failure path; the retry on other nodes is `hpcdist drill`'s (test_drill.py).
     args = ["submit", "--via", via, "--nodes", "2", "--backend", "ddp", "--launcher", launcher, "--time", "10",
             "--max-retries", "0", "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "100000",
-            "--log-every", "1", "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
-            "--threads", "1"]
+            "--log-every", "1", "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024",
+            "--batch-size", "64", "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
     job_id = None
