@@ -132,8 +132,9 @@ def test_top_shows_a_running_2_node_job_then_a_stale_rank_then_a_straggler_node(
             assert [(s["rank"], s["node"]) for s in flagged] == [(1, "n2")] and flagged[0]["compute_ratio"] >= 1.3
             status = hpcdist(["status", job_id], tmp_path, timeout=60).stdout
             assert "straggler: rank 1 on n2" in status, status
-        row = next(x.split() for x in hpcdist(["list"], tmp_path).stdout.splitlines() if x.startswith(job_id))
-        state, attempt, step, rate = row[2:6]
+        listed = hpcdist(["list"], tmp_path).stdout.splitlines()
+        row = dict(zip(listed[0].split(), next(x.split() for x in listed if x.startswith(job_id))))
+        state, attempt, step, rate = row["STATE"], row["ATTEMPT"], row["STEP"], row["IMAGES/S"]
         assert (state, attempt) == ("RUNNING", "0") and step.endswith("/5000") and float(rate) > 0, row
     finally:
         cancel(tmp_path, job_id)
