@@ -61,6 +61,11 @@ class Heartbeat:
     def node(self) -> str:
         return self.hostname or (f"node {self.node_rank}" if self.node_rank is not None else "?")
 
+    @property
+    def node_label(self) -> str:
+        """The node with its rank, ``vm#1``: emulated nodes of a local run share one hostname."""
+        return f"{self.node}#{self.node_rank}" if self.node_rank is not None else self.node
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Heartbeat:
         """From a heartbeat's JSON object; ValueError if it has no integer rank."""
@@ -317,6 +322,8 @@ def table_rows(board: Board) -> list[tuple[str, ...]]:
     """One row per rank, grouped by node (nodes in node-rank order), flags last."""
     views = sorted(board.ranks, key=lambda v: (v.beat.node_rank if v.beat.node_rank is not None else 1 << 30,
                                                v.beat.node, v.beat.rank))
+    # Name nodes by hostname unless two node ranks share one (the local executor's emulated nodes).
+    shared = len({v.beat.node for v in views}) < len({v.beat.node_rank for v in views})
     rows = []
     for v in views:
         b = v.beat
@@ -326,7 +333,7 @@ def table_rows(board: Board) -> list[tuple[str, ...]]:
         if v.straggler:
             flags.append(f"STRAGGLER ({v.compute_ratio:.2f}x compute)")
         step = f"{b.step}/{b.total_steps}" if b.total_steps else str(b.step)
-        rows.append((b.node, str(b.rank), _fmt(b.pid, "d"), b.phase, step, _fmt(b.step_time_s, ".3f"),
+        rows.append((b.node_label if shared else b.node, str(b.rank), _fmt(b.pid, "d"), b.phase, step, _fmt(b.step_time_s, ".3f"),
                      _fmt(b.compute_s, ".3f"), _fmt(b.comm_s, ".3f"), _fmt(b.images_per_s, ".0f"),
                      _fmt(v.age_s, ".1f"), _bytes(b.rss_bytes), "  ".join(flags)))
     return rows

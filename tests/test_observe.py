@@ -139,6 +139,12 @@ def test_the_table_groups_ranks_by_node_and_marks_flags() -> None:
     assert "STALE" in lines[2] and "STRAGGLER" in lines[3] and "STRAGGLER" in lines[4]
 
 
+def test_emulated_nodes_sharing_a_hostname_are_told_apart_by_node_rank() -> None:
+    beats = {r: monitor.Heartbeat.from_mapping(beat(r, hostname="vm")) for r in range(2)}
+    rows = monitor.table_rows(monitor.judge(beats, now=T0))
+    assert [r[0] for r in rows] == ["vm#0", "vm#1"]
+
+
 # ---- progress -------------------------------------------------------------------------------------
 
 def test_progress_takes_rank_0s_step_and_sums_the_ranks_rates() -> None:
