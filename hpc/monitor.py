@@ -334,8 +334,8 @@ def table_rows(board: Board) -> list[tuple[str, ...]]:
             flags.append(f"STRAGGLER ({v.compute_ratio:.2f}x compute)")
         step = f"{b.step}/{b.total_steps}" if b.total_steps else str(b.step)
         rows.append((b.node_label if shared else b.node, str(b.rank), _fmt(b.pid, "d"), b.phase, step,
-                     _fmt(b.step_time_s, ".3f"), _fmt(b.compute_s, ".3f"), _fmt(b.comm_s, ".3f"), _fmt(b.images_per_s, ".0f"),
-                     _fmt(v.age_s, ".1f"), _bytes(b.rss_bytes), "  ".join(flags)))
+                     _fmt(b.step_time_s, ".3f"), _fmt(b.compute_s, ".3f"), _fmt(b.comm_s, ".3f"),
+                     _fmt(b.images_per_s, ".0f"), _fmt(v.age_s, ".1f"), _bytes(b.rss_bytes), "  ".join(flags)))
     return rows
 
 
