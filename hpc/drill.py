@@ -420,8 +420,7 @@ def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], 
                  out: Callable[[str], None], timeout_s: float = 600) -> Observed:
     """Submit the scenario's job, fault it at FAULT_STEP, follow it to the end, collect what it did."""
     seen = Observed(scenario)
-    job_steps = max(steps, TIME_LIMIT_STEPS) if scenario == "time_limit" else steps
-    job_id, job_dir = submit(scenario, job_steps)
+    job_id, job_dir = submit(scenario, steps)
     seen.job_id, seen.job_dir = job_id, str(job_dir)
     job = Job(job_id, job_dir)
     out(f"{scenario}: job {job_id} submitted ({job_dir}); fault at step {FAULT_STEP}: {FAULTS[scenario]}")

@@ -27,13 +27,16 @@ from hpc.commands.options import fail, job_options
 @click.option("--scenarios", default=",".join(("preempt", "time_limit", "rank_kill", "node_loss", "hang")),
               show_default=True, help="Which faults to inject, comma-separated, in this order.")
 @click.option("--steps", type=int, default=40, show_default=True, help="Training steps of each scenario's job.")
+@click.option("--time-limit-steps", type=int, default=None,
+              help="Steps of the time-limit scenario's job (and the reference), which must still be training when "
+                   "Slurm acts on the cut limit, up to ~90 s after it started. [1500]")
 @click.option("--via", type=click.Choice(("submitit", "sbatch")), default="sbatch", show_default=True,
               help="How each job is submitted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--timeout", "timeout_s", type=float, default=600, show_default=True,
               help="Seconds each scenario's job may take from the fault to its end.")
-def drill(config_file: str | None, scenarios: str, steps: int, via: str, as_json: bool, timeout_s: float,
-          **options: Any) -> None:
+def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps: int | None, via: str,
+          as_json: bool, timeout_s: float, **options: Any) -> None:
     """Run a small job per scenario, inject the fault, and check ending, retry, resume and recovery time."""
     from hpc import drill as drilling
     from hpc import jobs
@@ -67,18 +70,20 @@ def drill(config_file: str | None, scenarios: str, steps: int, via: str, as_json
         submitted = submitting.submit(rendered, where, os.environ)
         return submitted.record.job_id, Path(rendered.job_dir)
 
-    reference_steps = max(steps, drilling.TIME_LIMIT_STEPS) if "time_limit" in chosen else steps
+    limit_steps = max(steps, time_limit_steps or drilling.TIME_LIMIT_STEPS)
+    reference_steps = limit_steps if "time_limit" in chosen else steps
     ref_id, ref_dir = submit("reference", reference_steps)
     say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
     observed = []
     try:
         for scenario in chosen:
-            observed.append(drilling.run_scenario(scenario, submit, steps, say, timeout_s))
+            observed.append(drilling.run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps,
+                                                  say, timeout_s))
             say(f"{scenario}: job {observed[-1].job_id} ended {observed[-1].final_state}")
         reference = drilling.reference_losses(drilling.Job(ref_id, ref_dir), reference_steps, timeout_s)
     finally:
         drilling.cancel_all([ref_id] + [o.job_id for o in observed])
-    results = [drilling.check(seen, reference, drilling.TIME_LIMIT_STEPS if seen.scenario == "time_limit" else steps)
+    results = [drilling.check(seen, reference, limit_steps if seen.scenario == "time_limit" else steps)
                for seen in observed]
     click.echo(drilling.as_json(results) if as_json else drilling.table(results))
     sys.exit(0 if all(r.ok for r in results) else 1)
