@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hpc import attempts
-from hpc.vocab import CHECKPOINTS, HEARTBEAT, METRICS, RUN_DIR, task_log
+from hpc.vocab import CHECKPOINTS, HEARTBEAT, METRICS, RUN_DIR, batch_log, task_log
 
 SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang")
 FAULT_STEP = 10
@@ -79,6 +79,8 @@ class Observed:
     fault_at: float | None = None          # unix time the fault was injected (the time limit: when it struck)
     fault_step: int | None = None          # the newest logged step at the fault
     next_step_at: float | None = None      # unix time of the first training step after the fault's attempt
+    recorded_at: float | None = None       # when the faulted attempt's line appeared in attempts.jsonl
+    restarted_at: float | None = None      # when the next attempt's batch shell started (its batch-log line)
     final_state: str = ""
     attempts: list[dict[str, Any]] = field(default_factory=list)
     resumed_step: int | None = None
@@ -105,6 +107,8 @@ class Result:
     compared_steps: int
     max_loss_diff: float | None
     recovery_s: float | None
+    phases: dict[str, float]               # recovery split: classified (fault -> attempt recorded),
+                                           # restarted (-> next batch shell), first_step (-> next step)
     final_state: str
     detail: str
     problems: list[str]
@@ -171,6 +175,12 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int) -> Result:
         problems.append(f"losses differ from the uninterrupted run (largest difference {worst}, "
                         f"{compared} of {upto} steps compared)")
     recovery = (seen.next_step_at - seen.fault_at) if seen.next_step_at and seen.fault_at else None
+    marks = [("classified", seen.recorded_at), ("restarted", seen.restarted_at), ("first_step", seen.next_step_at)]
+    phases, last = {}, seen.fault_at
+    for name, at in marks:
+        if at is not None and last is not None:
+            phases[name] = round(at - last, 1)
+            last = at
     if recovery is None:
         problems.append("no training step was seen after the fault's attempt ended")
     return Result(
@@ -179,7 +189,8 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int) -> Result:
         requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
         victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
         resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
-        recovery_s=round(recovery, 1) if recovery is not None else None, final_state=seen.final_state,
+        recovery_s=round(recovery, 1) if recovery is not None else None, phases=phases,
+        final_state=seen.final_state,
         detail=str(first.get("detail") or ""), problems=problems)
 
 
@@ -207,7 +218,9 @@ def proc_environ(data: bytes) -> dict[str, str]:
 
 def is_trainer(argv: Sequence[str]) -> bool:
     """``python [-u] -m train ...``: a rank, not its launcher (torchrun's agent carries the same variables)."""
-    return any(argv[i] == "-m" and argv[i + 1] == "train" for i in range(len(argv) - 1))
+    modules = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-m"]
+    # Only the interpreter's own module counts: torchrun's agent is ``python -m torch.distributed.run ... -m train``.
+    return modules[:1] == ["train"]
 
 
 @dataclass(frozen=True)
@@ -335,6 +348,7 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
             lines, grew_at = job.metric_lines(), time.time()
         if history and lines_at_end is None:
             lines_at_end = job.metric_lines()
+            seen.recorded_at = time.time()
             if seen.scenario == "time_limit":
                 # Slurm signals when it checks the limit, not when the drill cut it: the fault is the
                 # attempt's last training step.
@@ -453,9 +467,21 @@ def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], 
     seen.losses = job.losses()
     try:
         seen.resumed_step = resumed_from((job.job_dir / task_log(0)).read_text(errors="replace"))
+        seen.restarted_at = restart_time((job.job_dir / batch_log(job_id)).read_text(errors="replace"), 1)
     except OSError:
         pass
     return seen
+
+
+def restart_time(batch_text: str, attempt: int) -> float | None:
+    """When attempt ``attempt``'s batch shell started: its ``hpcdist: attempt N started on NODE at T`` line."""
+    m = re.search(rf"^hpcdist: attempt {attempt} started on \S+ at (\S+)", batch_text, re.M)
+    if not m:
+        return None
+    try:
+        return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]:
