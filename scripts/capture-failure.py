@@ -32,7 +32,9 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     (out / "errors").mkdir(parents=True)
     batch = next((args.job_dir / "logs").glob("batch-*.out")).read_text(errors="replace")
-    (out / "batch.out").write_text(attempts.attempt_segment(batch, args.attempt))
+    segment = attempts.attempt_segment(batch, args.attempt)
+    # Without the classifier's own "attempt N ended" line: the batch shell had not printed it yet.
+    (out / "batch.out").write_text(segment.split(f"hpcdist: attempt {args.attempt} ended")[0])
     for log in sorted((args.job_dir / "logs").glob("task-*.log")):
         (out / log.name).write_text("\n".join(log.read_text(errors="replace").splitlines()[-80:]) + "\n")
     for err in attempts.read_errors(args.job_dir / "run"):
