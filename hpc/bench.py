@@ -476,17 +476,21 @@ def round_order(n: int, round_: int, how: str = "shuffle", seed: int = 0) -> lis
     """The order (indices into the grid) in which round ``round_`` (1-based) runs its ``n`` configs.
 
     On a shared machine the first config of a round runs measurably faster than the rest, so a fixed
-    order favours one config every round: ``shuffle`` draws a new order per round from ``seed`` (recorded
-    with the results, so a run can be repeated), ``alternate`` runs odd rounds forward and even rounds
-    backward, ``fixed`` keeps the grid's order.
+    order favours one config every round. ``shuffle``: an order drawn from ``seed`` (recorded with the
+    results, so a run can be repeated), rotated one place each round, so that over ``n`` rounds every
+    config runs once in every position (independent shuffles leave that to chance: with two configs, one
+    ran first in 3 of 4 rounds). ``alternate`` runs odd rounds forward and even rounds backward; ``fixed``
+    keeps the grid's order.
     """
     if how not in ORDERS:
         raise BenchError(f"unknown order {how!r}; choose one of {', '.join(ORDERS)}")
     order = list(range(n))
     if how == "alternate" and round_ % 2 == 0:
         order.reverse()
-    elif how == "shuffle":
-        random.Random(f"{seed}:{round_}").shuffle(order)
+    elif how == "shuffle" and n:
+        random.Random(seed).shuffle(order)
+        turn = (round_ - 1) % n
+        order = order[turn:] + order[:turn]
     return order
 
 

@@ -318,10 +318,13 @@ def test_small_real_run(tmp_path):
 
 
 def test_each_round_runs_the_grid_in_its_own_seeded_order():
-    orders = [bench.round_order(6, r, "shuffle", seed=7) for r in (1, 2, 3)]
+    orders = [bench.round_order(6, r, "shuffle", seed=7) for r in range(1, 7)]
     assert all(sorted(o) == list(range(6)) for o in orders)
-    assert len({tuple(o) for o in orders}) > 1  # not the same order every round
-    assert orders == [bench.round_order(6, r, "shuffle", seed=7) for r in (1, 2, 3)]  # and repeatable
+    # Over as many rounds as configs, every config runs once in every position: first included.
+    assert all(sorted(o[place] for o in orders) == list(range(6)) for place in range(6))
+    assert orders[0] != list(range(6)) and orders[0] != bench.round_order(6, 1, "shuffle", seed=8)
+    assert orders == [bench.round_order(6, r, "shuffle", seed=7) for r in range(1, 7)]  # and repeatable
+    assert [bench.round_order(2, r, "shuffle", seed=12)[0] for r in (1, 2, 3, 4)] in ([0, 1, 0, 1], [1, 0, 1, 0])
     assert bench.round_order(4, 1, "alternate") == [0, 1, 2, 3]
     assert bench.round_order(4, 2, "alternate") == [3, 2, 1, 0]
     assert bench.round_order(3, 5, "fixed") == [0, 1, 2]

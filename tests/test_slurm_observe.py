@@ -106,7 +106,8 @@ def test_top_shows_a_running_2_node_job_then_a_stale_rank_then_a_straggler_node(
         data = top_json(tmp_path, job_id)
         assert data["state"] == "RUNNING"
         ranks = {r["rank"]: r for r in data["ranks"]}
-        assert sorted(ranks) == [0, 1] and [ranks[0]["node"], ranks[1]["node"]] == ["n1", "n2"]
+        assert sorted(ranks) == [0, 1] and ranks[0]["node"] != ranks[1]["node"]
+        node0, node1 = ranks[0]["node"], ranks[1]["node"]
         for r in ranks.values():
             assert r["phase"] == "train" and r["step"] > 0 and r["total_steps"] == 5000
             assert r["step_time_s"] > 0 and r["compute_s"] > 0 and r["comm_s"] >= 0 and r["images_per_s"] > 0
@@ -118,7 +119,7 @@ def test_top_shows_a_running_2_node_job_then_a_stale_rank_then_a_straggler_node(
         try:
             stale = until(lambda: [s for s in top_json(tmp_path, job_id)["stale"] if s["rank"] == 0], 60,
                           every=2, what="rank 0 STALE")
-            assert stale[0]["node"] == "n1" and stale[0]["reason"].startswith("no heartbeat for")
+            assert stale[0]["node"] == node0 and stale[0]["reason"].startswith("no heartbeat for")
             listed = top_json(tmp_path, job_id)
             # Rank 1 waits in a collective: alive (fresh heartbeat), never blamed as frozen.
             assert all(s["rank"] == 0 for s in listed["stale"] if s["reason"].startswith("no heartbeat"))
@@ -126,12 +127,12 @@ def test_top_shows_a_running_2_node_job_then_a_stale_rank_then_a_straggler_node(
             os.kill(pid, signal.SIGCONT)
         until(lambda: not top_json(tmp_path, job_id)["stale"], 60, every=2, what="STALE to clear after SIGCONT")
 
-        # STRAGGLER: node n2's rank capped at 5% of a CPU; exactly it is flagged, by rank and node.
+        # STRAGGLER: the second node's rank capped at 5% of a CPU; exactly it is flagged, by rank and node.
         with cpu_quota(rank_pid(job_dir, 1), 5):
             flagged = until(lambda: top_json(tmp_path, job_id)["stragglers"], 90, every=3, what="a straggler")
-            assert [(s["rank"], s["node"]) for s in flagged] == [(1, "n2")] and flagged[0]["compute_ratio"] >= 1.3
+            assert [(s["rank"], s["node"]) for s in flagged] == [(1, node1)] and flagged[0]["compute_ratio"] >= 1.3
             status = hpcdist(["status", job_id], tmp_path, timeout=60).stdout
-            assert "straggler: rank 1 on n2" in status, status
+            assert f"straggler: rank 1 on {node1}" in status, status
         listed = hpcdist(["list"], tmp_path).stdout.splitlines()
         row = dict(zip(listed[0].split(), next(x.split() for x in listed if x.startswith(job_id))))
         state, attempt, step, rate = row["STATE"], row["ATTEMPT"], row["STEP"], row["IMAGES/S"]
@@ -162,7 +163,7 @@ def test_wait_prints_progress_while_it_waits_then_the_summary_and_the_waterfall_
     summary = next(x for x in text if x.startswith("summary: "))
     for word in ("images/s", "final loss", "test accuracy", "first step after", "300 steps"):
         assert word in summary, summary
-    assert "attempts: 1" in text and text[-1].split()[1] == "COMPLETED"
+    assert any(x.startswith("attempts: 1") for x in text) and text[-1].split()[1] == "COMPLETED"
 
     out = hpcdist(["timeline", str(job_dir), "--json"], tmp_path)
     assert out.returncode == 0, out.stderr
