@@ -65,10 +65,13 @@ def test_sbatch(tmp_path, backend, launcher, nodes):
 
 
 def test_a_failing_job_exits_non_zero_and_shows_the_failing_tasks_log(tmp_path):
-    """The trainer refuses an unknown option on every rank: --wait reports FAILED with that log's tail."""
+    """A failure only the ranks can see (a relative --data-dir resolves on the nodes, so render cannot check
+    it): --wait reports FAILED and leads with the failing rank's own error line, then that task's log."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
     proc = hpcdist(["submit", "--nodes", "2", "--backend", "ddp", "--time", "5", "--job-dir", str(job_dir),
-                    "--wait", "--", "--no-such-option"], home, timeout=300)
+                    "--wait", "--", "--dataset", "cifar10", "--data-dir", "no-such-dir"], home, timeout=300)
     assert proc.returncode != 0
     assert "FAILED" in proc.stdout
-    assert "(the failing task)" in proc.stderr and "--no-such-option" in proc.stderr
+    lead = next(line for line in proc.stderr.splitlines() if line.startswith("hpcdist: bad_input: rank "))
+    assert "no-such-dir/cifar-10-batches-py" in lead, proc.stderr
+    assert "(the failing task)" in proc.stderr
