@@ -9,7 +9,7 @@ import re
 import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jinja2
 import markupsafe
@@ -23,7 +23,7 @@ from hpc.spec import JobSpec, SpecError, check, train_value
 TEMPLATES_ENV = "HPCDIST_TEMPLATES"
 # Written into every job directory hpcdist renders: --force replaces only a directory holding it.
 MARKER = ".hpcdist-job"
-MARKER_TEXT = ("This directory was written by `hpcdist render`; `hpcdist render --force` may replace it, with "
+MARKER_TEXT = ("This directory was written by hpcdist (render, submit or sweep); `--force` may replace it, with "
                "everything in it.\n")
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
 
@@ -332,20 +332,20 @@ def refuse_protected(target: Path, what: str, environ: Mapping[str, str] | None 
                           f"pick a new directory for the {what.split()[0]}")
 
 
-def _refuse_target(target: Path, force: bool, environ: Mapping[str, str], cwd: str) -> None:
-    """RenderError unless ``target`` may become the job directory (see ``write``)."""
-    refuse_protected(target, "job directory", environ, cwd)
+def _refuse_target(target: Path, what: str, force: bool, environ: Mapping[str, str], cwd: str) -> None:
+    """RenderError unless ``target`` may become the job (or sweep) directory (see ``write_tree``)."""
+    refuse_protected(target, what, environ, cwd)
     if not os.path.lexists(target):
         return
     if target.is_symlink() or not target.is_dir():
-        raise RenderError(f"job directory {target} exists and is not a directory; pick another --job-dir")
+        raise RenderError(f"{what} {target} exists and is not a directory; pick another --job-dir")
     if not any(target.iterdir()):
         return
     if not force:
-        raise RenderError(f"job directory {target} already exists; pass another --job-dir, or --force to "
-                          "replace a job directory hpcdist wrote")
+        raise RenderError(f"{what} {target} already exists; pass another --job-dir, or --force to "
+                          f"replace a {what} hpcdist wrote")
     if not is_job_dir(target):
-        raise RenderError(f"--force replaces only a job directory hpcdist wrote (one holding {MARKER}), and "
+        raise RenderError(f"--force replaces only a {what} hpcdist wrote (one holding {MARKER}), and "
                           f"{target} is not one; pick another --job-dir")
 
 
@@ -357,43 +357,53 @@ def is_job_dir(path: Path) -> bool:
 
 def write(rendered: Rendered, *, force: bool = False, environ: Mapping[str, str] | None = None,
           cwd: str | None = None) -> Path:
-    """Write the job directory all at once: into a temporary sibling, then renamed into place.
+    """Write the job directory: its files, ``logs/`` and ``run/``, all at once (see ``write_tree``)."""
+    return write_tree(rendered.job_dir, rendered.files, dirs=(vocab.LOGS_DIR, vocab.RUN_DIR), force=force,
+                      environ=environ, cwd=cwd)
 
-    A failure leaves nothing behind. ``force`` replaces an existing job directory, but only one that
-    hpcdist wrote (it holds ``MARKER``); nothing else is ever removed, and the job directory is never
-    /, the home or current directory or one above them (``environ``'s HOME, ``cwd``).
+
+def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = (), what: str = "job directory",
+               force: bool = False, environ: Mapping[str, str] | None = None, cwd: str | None = None) -> Path:
+    """Write a directory hpcdist owns all at once: into a temporary sibling, then renamed into place.
+
+    ``files`` maps paths relative to ``target`` to their text (scripts become executable); ``dirs`` are
+    empty folders to create. ``target`` gets ``MARKER``. A failure leaves nothing behind. ``force``
+    replaces an existing directory, but only one that hpcdist wrote (it holds ``MARKER``); nothing else
+    is ever removed, and ``target`` is never /, the home or current directory or one above them
+    (``environ``'s HOME, ``cwd``).
     """
     import shutil
     import tempfile
 
-    target = rendered.job_dir
-    _refuse_target(target, force, os.environ if environ is None else environ, os.getcwd() if cwd is None else cwd)
+    _refuse_target(target, what, force, os.environ if environ is None else environ,
+                   os.getcwd() if cwd is None else cwd)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        # A short name of our own: the job directory's name may already use most of the 255 bytes.
+        # A short name of our own: the directory's name may already use most of the 255 bytes.
         staging = Path(tempfile.mkdtemp(prefix=".hpcdist-new-", dir=target.parent))
     except OSError as exc:
-        raise RenderError(f"cannot write the job directory under {target.parent}: {exc.strerror or exc}; "
+        raise RenderError(f"cannot write the {what} under {target.parent}: {exc.strerror or exc}; "
                           "pick a writable --job-dir") from None
     old = None
     try:
         os.chmod(staging, 0o755)
         (staging / MARKER).write_text(MARKER_TEXT)
-        for sub in (vocab.LOGS_DIR, vocab.RUN_DIR):
-            (staging / sub).mkdir()
-        for name, text in rendered.files.items():
+        for sub in dirs:
+            (staging / sub).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
             path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             if name.endswith((".sh", ".sbatch")):
                 path.chmod(0o755)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=".hpcdist-old-", dir=target.parent))
-            target.rename(old / "job")
+            target.rename(old / "replaced")
         staging.rename(target)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None and not target.exists():
-            (old / "job").rename(target)
+            (old / "replaced").rename(target)
         raise RenderError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
         if old is not None:

@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -468,57 +466,26 @@ def tasks_table(array: Array) -> str:
 
 
 def write(sweep: Sweep, *, force: bool = False) -> Path:
-    """Write the whole sweep directory at once: into a temporary sibling, then renamed into place.
+    """Write the whole sweep directory at once, each array task's job directory inside it.
 
-    A failure leaves nothing behind; ``force`` replaces an earlier sweep directory (one holding sweep.yaml).
+    A failure leaves nothing behind; ``force`` replaces only a sweep directory hpcdist wrote.
     """
     target = sweep.sweep_dir
+    files = {SWEEP_FILE: sweep_yaml(sweep)}
+    dirs = []
+    for array in sweep.arrays:
+        adir = array.job_dir.relative_to(target)
+        files[str(adir / vocab.JOB_SBATCH)] = array.job_sbatch
+        files[str(adir / "tasks.txt")] = tasks_table(array)
+        for task in array.tasks:
+            tdir = task.rendered.job_dir.relative_to(target)
+            files[str(tdir / render.MARKER)] = render.MARKER_TEXT
+            files.update({str(tdir / name): body for name, body in task.rendered.files.items()})
+            dirs += [str(tdir / vocab.LOGS_DIR), str(tdir / vocab.RUN_DIR)]
     try:
-        render.refuse_protected(target, "sweep directory")
+        return render.write_tree(target, files, dirs=dirs, what="sweep directory", force=force)
     except render.RenderError as exc:
         raise SweepError(str(exc)) from None
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not force:
-            raise SweepError(f"sweep directory {target} already exists; pass another --job-dir or --force")
-        if not (target / SWEEP_FILE).is_file():
-            raise SweepError(f"{target} is not a sweep directory (no {SWEEP_FILE}); --force replaces only sweeps")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as exc:
-        raise SweepError(f"cannot write the sweep under {target.parent}: {exc.strerror}; pick a writable "
-                         "--job-dir") from None
-    old = None
-    try:
-        os.chmod(staging, 0o755)
-        for array in sweep.arrays:
-            adir = staging / array.job_dir.relative_to(target)
-            adir.mkdir()
-            (adir / vocab.JOB_SBATCH).write_text(array.job_sbatch)
-            (adir / vocab.JOB_SBATCH).chmod(0o755)
-            (adir / "tasks.txt").write_text(tasks_table(array))
-            for task in array.tasks:
-                tdir = staging / task.rendered.job_dir.relative_to(target)
-                for sub in ("", vocab.LOGS_DIR, vocab.RUN_DIR):
-                    (tdir / sub).mkdir(exist_ok=True)
-                for name, body in task.rendered.files.items():
-                    (tdir / name).write_text(body)
-                    if name.endswith((".sh", ".sbatch")):
-                        (tdir / name).chmod(0o755)
-        (staging / SWEEP_FILE).write_text(sweep_yaml(sweep))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            target.rename(old / "sweep")
-        staging.rename(target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not target.exists():
-            (old / "sweep").rename(target)
-        raise SweepError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 # ---- reading it back -----------------------------------------------------------------------------

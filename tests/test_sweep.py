@@ -248,13 +248,34 @@ def test_a_sweep_file_gives_base_axes_excludes_and_throttle(tmp_path):
     assert result.stdout.count("==> task ") == 3
 
 
-def test_an_existing_directory_is_kept_without_force(tmp_path):
+def test_force_keeps_a_directory_hpcdist_did_not_write(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "mine").write_text("x")
     result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--force"])
-    assert result.exit_code == 2 and "is not a sweep directory" in result.stderr
+    assert result.exit_code == 2 and "replaces only a sweep directory hpcdist wrote" in result.stderr
     assert (tmp_path / "s" / "mine").read_text() == "x"
 
+
+
+def test_force_keeps_a_users_own_sweep_yaml(tmp_path):
+    """A file named sweep.yaml (a W&B or Hydra sweep, say) does not make a directory hpcdist's to remove."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "sweep.yaml").write_text("method: grid\n")
+    (tmp_path / "project" / "train.py").write_text("print('mine')\n")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "project"), "--force"])
+    assert result.exit_code == 2, result.output
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["sweep.yaml", "train.py"]
+
+
+def test_force_replaces_a_sweep_hpcdist_wrote(tmp_path):
+    first = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s")])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s")])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    forced = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--force"])
+    assert forced.exit_code == 0, forced.output
+    tasks = list((tmp_path / "s").glob("array-*/task-*"))
+    assert tasks and all((t / ".hpcdist-job").is_file() for t in tasks)
 
 # ---- reading it back -----------------------------------------------------------------------------
 

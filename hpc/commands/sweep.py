@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -191,7 +190,7 @@ def describe(plan: Any) -> str:
 
 def submit(plan: Any) -> dict[str, str]:
     """sbatch every array (all or none), then register each array task as a job of its own."""
-    from hpc import registry
+    from hpc import registry, render
     from hpc import submit as submitting
     from hpc import sweep as sweeps
 
@@ -200,7 +199,7 @@ def submit(plan: Any) -> dict[str, str]:
                        submitting.submit_arrays([a.job_dir / "job.sbatch" for a in plan.arrays])))
     except submitting.SubmitError as exc:
         # Nothing runs from this directory: leaving it would only look like a sweep that exists.
-        shutil.rmtree(plan.sweep_dir, ignore_errors=True)
+        render.discard(plan.sweep_dir)
         raise RuntimeError(str(exc)) from None
     now = datetime.datetime.now(datetime.timezone.utc)
     (plan.sweep_dir / sweeps.SUBMITTED_FILE).write_text(json.dumps(
