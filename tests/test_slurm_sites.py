@@ -49,7 +49,7 @@ def test_profile_init_drafts_a_profile_that_renders_a_job_slurm_accepts(tmp_path
     checked = hpcdist(["profile", "check", str(drafted)], tmp_path, timeout=60)
     assert checked.returncode == 0 and "fits Slurm cluster local" in checked.stdout, checked.stdout + checked.stderr
     rendered = hpcdist(["render", "-q", "--cluster", str(drafted), "--nodes", "3", "--job-dir", str(tmp_path / "job"),
-                        "--test-only"], tmp_path, timeout=120)
+                        "--test-only", "--", "--batch-size", "96"], tmp_path, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     assert "to start at" in rendered.stderr  # sbatch --test-only's own answer
 
@@ -67,7 +67,7 @@ def test_a_partition_maxtime_refuses_a_longer_time_and_defaulttime_fills_a_missi
         assert submitted.returncode == 2 and "MaxTime 00:05:00" in submitted.stderr
         assert "Submitted" not in submitted.stdout and not (tmp_path / "long2").exists()
         defaulted = hpcdist(["render", "-q", "--partition", SHORT, "--nodes", "3", "--job-dir", str(tmp_path / "short"),
-                             "--test-only"], tmp_path, timeout=120)
+                             "--test-only", "--", "--batch-size", "96"], tmp_path, timeout=120)
         assert defaulted.returncode == 0, defaulted.stderr
         assert "#SBATCH --time=00:02:00" in (tmp_path / "short" / "job.sbatch").read_text()
         assert f"partition '{SHORT}''s DefaultTime" in defaulted.stderr
@@ -93,7 +93,7 @@ def test_a_job_behind_a_running_three_node_job_is_explained(tmp_path: Path) -> N
                 pytest.skip("the shared cluster is busy: the 3-node blocker did not start within 60 s")
             time.sleep(0.5)
         proc = hpcdist(["submit", "--via", "sbatch", "--nodes", "3", "--ntasks-per-node", "2", "--time", "2",
-                        "--job-dir", str(tmp_path / "job"), "--", "--max-steps", "1", "--dataset", "synthetic"],
+                        "--job-dir", str(tmp_path / "job"), "--", "--max-steps", "1", "--dataset", "synthetic", "--batch-size", "96"],
                        tmp_path, timeout=120, env=environ(tmp_path))
         assert proc.returncode == 0, proc.stderr
         ours = job_id_of(proc.stdout)
