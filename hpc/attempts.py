@@ -313,7 +313,9 @@ def classify(ev: Evidence) -> Ending:
     per = max(ev.ranks_per_task, 1)
     first_end = ends[0] if ends else None
 
-    if state == "CANCELLED" or (not state and "CANCELLED" in reasons and not ev.preempted):
+    # slurmstepd's plain "CANCELLED AT" (no "DUE TO ...") is a user's or admin's scancel: it wins even when
+    # the ranks checkpointed on the SIGTERM that came with it, or the job could never be cancelled.
+    if state == "CANCELLED" or "CANCELLED" in reasons:
         return Ending("cancelled", "the job was cancelled (scancel)", step=step)
 
     nodes = failed_nodes(log)

@@ -93,6 +93,26 @@ def test_a_cancelled_job_is_not_requeued_even_after_its_ranks_checkpointed():
     assert attempts.decide(ending, [], Policy(), {}).action == "none"
 
 
+def test_a_scancel_seen_only_in_the_batch_log_is_cancelled_not_preempted():
+    """Captured on the local cluster: scancel of a running sbatch job while scontrol still says RUNNING; the
+    ranks checkpointed on the SIGTERM. Requeueing it would make the job impossible to cancel."""
+    log = ("hpcdist: attempt 0 started on n1 at 2026-12-01T10:02:48\n"
+           "srun: Job step aborted: Waiting up to 7 seconds for job step to finish.\n"
+           "slurmstepd-n1: error: *** JOB 31311010 ON n1 CANCELLED AT 2026-12-01T10:03:02 ***\n"
+           "srun: error: n2: task 1: Exited with exit code 75\n"
+           "srun: error: n1: task 0: Exited with exit code 75\n")
+    ev = Evidence(attempt=0, step_status=75, preempted=True, job_state="RUNNING", batch_log=log)
+    ending = attempts.classify(ev)
+    assert ending.ending == "cancelled"
+    assert attempts.decide(ending, [], Policy(), {}).action == "none"
+
+
+def test_a_preemption_by_slurm_is_not_a_cancel():
+    log = "slurmstepd-n1: error: *** JOB 7 ON n1 CANCELLED AT 2026-12-01T10:03:02 DUE TO PREEMPTION ***\n"
+    ev = Evidence(attempt=0, step_status=75, preempted=True, job_state="RUNNING", batch_log=log)
+    assert attempts.classify(ev).ending == "preempted"
+
+
 @pytest.mark.parametrize("line,expected", [
     ("hpcdist-train: error: global batch 32 does not split over 3 ranks",
      "global batch 32 does not split over 3 ranks"),
