@@ -93,7 +93,8 @@ def test_a_job_behind_a_running_three_node_job_is_explained(tmp_path: Path) -> N
                 pytest.skip("the shared cluster is busy: the 3-node blocker did not start within 60 s")
             time.sleep(0.5)
         proc = hpcdist(["submit", "--via", "sbatch", "--nodes", "3", "--ntasks-per-node", "2", "--time", "2",
-                        "--job-dir", str(tmp_path / "job"), "--", "--max-steps", "1", "--dataset", "synthetic", "--batch-size", "96"],
+                        "--job-dir", str(tmp_path / "job"), "--", "--max-steps", "1", "--dataset", "synthetic",
+                        "--batch-size", "96"],
                        tmp_path, timeout=120, env=environ(tmp_path))
         assert proc.returncode == 0, proc.stderr
         ours = job_id_of(proc.stdout)
