@@ -18,7 +18,7 @@ import yaml
 from hpc import dsconfig, paths, ranks, sites, vocab
 from hpc.hostfile import hostfile
 from hpc.profiles import Profile
-from hpc.spec import JobSpec, SpecError, check, train_value
+from hpc.spec import JobSpec, SpecError, check, train_value, unwritable
 
 TEMPLATES_ENV = "HPCDIST_TEMPLATES"
 # Written into every job directory hpcdist renders: --force replaces only a directory holding it.
@@ -59,15 +59,11 @@ _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_.,:@%+=/-]*")
 
 
 def _text(value: Any) -> str:
-    """``value`` as text a file can hold: no NUL byte, no lone surrogate (neither can be written)."""
+    """``value`` as text a file can hold, or RenderError (see ``hpc.spec.unwritable``)."""
     text = str(value)
-    if "\x00" in text:
-        raise RenderError(f"value {text!r} contains a NUL byte, which no script can carry; remove it")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RenderError(f"value {ascii(text)} contains a character that is not valid UTF-8 (a lone "
-                          "surrogate); remove it") from None
+    problem = unwritable(text)
+    if problem:
+        raise RenderError(f"value {ascii(text)} {problem}")
     return text
 
 

@@ -313,15 +313,23 @@ def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
     return spec
 
 
-def check_writable_text(option: str, value: str) -> None:
-    """SpecError for text no file or command line can carry: a NUL byte or a lone surrogate."""
+def unwritable(value: str) -> str | None:
+    """Why no file or command line can carry ``value`` (a NUL byte, a lone surrogate), or None."""
     if "\x00" in value:
-        raise SpecError(f"{option} contains a NUL byte, which no command line can carry; remove it")
+        return "contains a NUL byte, which no command line or script can carry; remove it"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise SpecError(f"{option} {_shown(value)} contains a character that is not valid UTF-8 (a lone "
-                        "surrogate, or bytes that are not UTF-8); remove it") from None
+        return ("contains a character that is not valid UTF-8 (a lone surrogate, or bytes that are not "
+                "UTF-8); remove it")
+    return None
+
+
+def check_writable_text(option: str, value: str) -> None:
+    """SpecError for text no file or command line can carry (see ``unwritable``)."""
+    problem = unwritable(value)
+    if problem:
+        raise SpecError(f"{option} {_shown(value)} {problem}")
 
 
 def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
