@@ -330,6 +330,15 @@ def classify(ev: Evidence) -> Ending:
         return Ending("node_failure", f"node {node or '?'} failed" + (f" ({label} ran there)" if label else ""),
                       rank=rank, node=node, signal=lost[0].signal if lost else None, step=step)
 
+    # Slurm requeued the job itself (scontrol requeue, or preemption with PreemptMode=REQUEUE and no grace)
+    # before the ranks could checkpoint: a preemption, resumed from the newest checkpoint; the ranks it killed
+    # on the way out are not a crash to retry on other nodes.
+    requeued = next((r for r in reasons if r in ("JOB REQUEUE", "PREEMPTION")), None)
+    if requeued and not ev.preempted:
+        since = f"the checkpoint at step {step}" if step is not None else "the start (no checkpoint)"
+        return Ending("preempted", f"Slurm requeued the job ({requeued}) before the ranks could checkpoint; "
+                                   f"it resumes from {since}", step=step)
+
     # Slurm's --signal warning (USR1@120) is sent because the time limit is near: a stop within that lead
     # time (plus Slurm's ~30 s check period) is the time limit, not a preemption.
     near_limit = ev.time_left_s is not None and ev.time_left_s <= ev.warning_s + 30
