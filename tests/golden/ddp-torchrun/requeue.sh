@@ -37,7 +37,7 @@ case "$action" in
             || echo "hpcdist: could not update job $job (start time, excluded nodes)" >&2
         [ "$already_requeued" = 0 ] && scontrol release "$job"
         if [ "$action" = requeue ]; then
-            echo "hpcdist: every rank checkpointed; requeueing job $job (restart $uses of 3)"
+            echo "hpcdist: requeueing job $job to resume from its checkpoint (restart $uses of 3)"
         else
             echo "hpcdist: retrying job $job (retry $uses of 2)${exclude:+ without $exclude}"
         fi
