@@ -278,3 +278,53 @@ def test_sigterm_to_the_launcher_ends_in_a_complete_checkpoint(launch, tmp_path,
     launched.wait()
     step = assert_stopped_with_a_complete_checkpoint(run_dir, launched.output())
     assert f"stopped by SIGTERM at step {step}" in launched.output()
+
+
+def phase_of(run_dir, rank: int) -> dict:
+    try:
+        return json.loads((run_dir / "heartbeat" / f"rank-{rank}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def signal_in_phase(launched, run_dir, phase: str, timeout: float = 240) -> dict:
+    """SIGTERM to every rank the moment rank 0's heartbeat enters ``phase``; the heartbeat seen right after."""
+    deadline = time.monotonic() + timeout
+    while phase_of(run_dir, 0).get("phase") != phase:
+        assert all(p.poll() is None for p in launched.procs), launched.output()
+        assert time.monotonic() < deadline, f"rank 0 never entered {phase} in {timeout}s\n{launched.output()}"
+        time.sleep(0.001)
+    launched.signal(signal.SIGTERM)
+    return phase_of(run_dir, 0)
+
+
+def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_a_complete_one(launch, tmp_path):
+    run_dir = tmp_path / "run"
+    # A checkpoint every step: most of the wall time is spent writing one.
+    launched = launch("srun", ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1",
+                               "--checkpoint-every", "1"], run_dir)
+    wait_for_steps(run_dir, launched, 2)
+    after = signal_in_phase(launched, run_dir, "checkpoint")
+    assert launched.wait() == [75, 75], launched.output()
+    assert after.get("phase") == "checkpoint", f"the signal landed after the write ({after}); nothing was tested"
+    step = assert_stopped_with_a_complete_checkpoint(run_dir, launched.output())
+    # The write the signal came in finished too: every checkpoint kept is complete, none set aside as damaged.
+    assert step >= after["step"]
+    kept = list((run_dir / "checkpoints").glob("step*"))
+    assert kept and all(checkpoint.damage(c) is None for c in kept)
+    assert not list((run_dir / "checkpoints").glob(".damaged-*"))
+    assert f"stopped by SIGTERM at step {step}" in launched.output()
+
+
+def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, tmp_path):
+    run_dir = tmp_path / "run"
+    # 40,000 images hold out 10,000 for the test split: an evaluation long enough to be signalled in.
+    launched = launch("srun", ["--backend", "ddp", "--synthetic-size", "40000", "--batch-size", "32",
+                               "--max-steps", "5", "--log-every", "1"], run_dir)
+    after = signal_in_phase(launched, run_dir, "eval")
+    assert launched.wait() == [0, 0], launched.output()
+    assert after.get("phase") == "eval", f"the signal landed after the evaluation ({after}); nothing was tested"
+    summary = read_summary(run_dir)
+    assert summary["steps"] == 5 and 0 <= summary["test_accuracy"] <= 1
+    newest = checkpoint.newest(run_dir / "checkpoints")
+    assert newest.name == "step00000005" and checkpoint.damage(newest) is None
