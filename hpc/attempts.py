@@ -359,8 +359,12 @@ def classify(ev: Evidence) -> Ending:
         rank, node = hang.get("rank"), hang.get("node")
         since = hang.get("since")
         seen = hang.get("step")
-        detail = (f"{_who(rank, node)} made no progress after step {seen}" if seen is not None
-                  else f"{_who(rank, node)} stopped making progress")
+        if hang.get("phase") in ("setup", "rendezvous", "build"):
+            detail = f"{_who(rank, node)} froze during set-up ({hang['phase']}), before its first step"
+        elif seen is not None:
+            detail = f"{_who(rank, node)} made no progress after step {seen}"
+        else:
+            detail = f"{_who(rank, node)} stopped making progress"
         if since:
             detail += f" (since {time.strftime('%H:%M:%S', time.gmtime(float(since)))} UTC)"
         return Ending("hung", detail, rank=rank, node=node, exit_code=EXIT_HUNG, step=step)

@@ -247,3 +247,10 @@ def test_a_rank_records_its_own_error(tmp_path):
                                "ValueError: x\n  more", "exception", 1)
     [err] = attempts.read_errors(tmp_path)
     assert (err.rank, err.node, err.attempt, err.error) == (3, "n2", 1, "ValueError: x more")
+
+
+def test_a_rank_frozen_during_set_up_is_named_with_its_phase():
+    hang = {"rank": 1, "node": "n2", "step": 0, "phase": "rendezvous", "since": None}
+    ending = attempts.classify(Evidence(attempt=0, step_status=attempts.EXIT_HUNG, hang=hang))
+    assert (ending.ending, ending.rank, ending.node) == ("hung", 1, "n2")
+    assert ending.detail == "rank 1 on n2 froze during set-up (rendezvous), before its first step"

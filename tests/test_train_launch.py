@@ -328,3 +328,27 @@ def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, t
     assert summary["steps"] == 5 and 0 <= summary["test_accuracy"] <= 1
     newest = checkpoint.newest(run_dir / "checkpoints")
     assert newest.name == "step00000005" and checkpoint.damage(newest) is None
+
+
+def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collective_timeout(launch, tmp_path):
+    run_dir = tmp_path / "run"
+    launched = launch("srun", ["--backend", "ddp", *TINY, "--heartbeat-s", "0.5", "--hang-timeout-s", "3"], run_dir)
+    deadline = time.monotonic() + 120
+    while phase_of(run_dir, 1).get("phase") not in ("setup", "rendezvous"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in launched.procs), launched.output()
+        time.sleep(0.005)
+    live, frozen = launched.procs
+    frozen.send_signal(signal.SIGSTOP)  # before its first step: no step time to judge by, only its silence
+    stopped_at = time.monotonic()
+    try:
+        assert live.wait(timeout=120) == 76, launched.output()
+        took = time.monotonic() - stopped_at
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    frozen.wait(timeout=60)
+    hang = json.loads((run_dir / "hang.json").read_text())
+    assert (hang["rank"], hang["pid"], hang["declared_by"]) == (1, frozen.pid, 0)
+    assert hang["phase"] in ("setup", "rendezvous", "build") and hang["step"] == 0
+    assert "rank 1 on" in launched.output() and "hung in set-up" in launched.output()
+    print(f"rank 1 frozen in {hang['phase']} named {took:.1f} s after SIGSTOP (threshold 3 s; --timeout-s 600)")
+    assert took < 30

@@ -519,6 +519,19 @@ def test_the_frozen_rank_is_named_even_though_its_peers_stalled_waiting_for_it()
     assert judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6).rank == 2
 
 
+def test_a_rank_frozen_during_set_up_is_named_but_a_slow_set_up_that_still_beats_is_not():
+    from train.watchdog import judge
+    # Rank 1 froze while building (SIGSTOP, a dead file system): its heartbeat stopped at 900; rank 0 waits for
+    # it in the rendezvous or the first step's all-reduce, beating on.
+    beats = {0: beat_of(0, 0, 990.0, 999.0, phase="rendezvous", step_time=None),
+             1: beat_of(1, 0, 880.0, 900.0, phase="build", step_time=None)}
+    verdict = judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6)
+    assert (verdict.rank, verdict.phase, verdict.stale_beat, verdict.threshold_s) == (1, "build", True, 60)
+    # Ten minutes compiling DeepSpeed's ops is slow, not hung, while the process still beats.
+    beats[1] = beat_of(1, 0, 400.0, 999.5, phase="build", step_time=None)
+    assert judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6) is None
+
+
 def test_the_threshold_grows_with_the_median_step_time():
     from train.watchdog import judge
     slow = {r: beat_of(r, 7, 1000.0 - 90, 999.0, step_time=12.0) for r in range(2)}

@@ -3,9 +3,11 @@
 Each rank runs ``Watchdog`` in a daemon thread beside its heartbeat. The ranks with local rank 0 (or, while
 that one is frozen, the others of its node) judge the heartbeats in ``RUN_DIR/heartbeat/``: a rank in
 train/checkpoint/eval whose progress (``step_at``: its last step or phase change) is older than
-max(--hang-timeout-s, --hang-factor x the median step time) is stalled. A hung rank stalls the others too
-(they wait for it in a collective), so the culprit is the stalled rank that is furthest behind: lowest
-step, then stalest heartbeat (a stopped process stops beating), then oldest progress. Then, in bounded time:
+max(--hang-timeout-s, --hang-factor x the median step time) is stalled, and so is a rank in set-up whose
+heartbeat itself stopped for --hang-timeout-s (a frozen process; a slow set-up still beats). A hung rank
+stalls the others too (they wait for it in a collective), so the culprit is the stalled rank that is
+furthest behind: lowest step, then stalest heartbeat (a stopped process stops beating), then oldest
+progress. Then, in bounded time:
 
 1. the judge declares the hang once (``RUN_DIR/stacks/declared.json``, created exclusively);
 2. every live rank writes its own threads' Python stacks to ``RUN_DIR/stacks/rank-R.txt``; when the
@@ -36,6 +38,7 @@ from hpc.vocab import EXIT_HUNG
 from train import heartbeat
 
 ACTIVE = ("train", "checkpoint", "eval")
+SETUP = ("setup", "rendezvous", "build")
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
 
@@ -49,6 +52,7 @@ class Verdict:
     since: float          # unix time of the hung rank's last progress
     threshold_s: float    # how long no progress counted as hung
     stale_beat: bool      # its heartbeat stopped too: the whole process is frozen, not just its main thread
+    phase: str = "train"  # where it stopped: a set-up phase (setup, rendezvous, build) or train/checkpoint/eval
 
 
 def threshold_s(beats: dict[int, dict], timeout_s: float, factor: float) -> float:
@@ -59,14 +63,22 @@ def threshold_s(beats: dict[int, dict], timeout_s: float, factor: float) -> floa
 def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float, fresh_s: float) -> Verdict | None:
     """The hung rank, if any, from one snapshot of every rank's heartbeat (pure)."""
     limit = threshold_s(beats, timeout_s, factor)
-    stalled = [b for b in beats.values()
-               if b.get("phase") in ACTIVE and now - (b.get("step_at") or b.get("time") or now) > limit]
+
+    def stalled(b: dict) -> bool:
+        if b.get("phase") in ACTIVE:
+            return now - (b.get("step_at") or b.get("time") or now) > limit
+        # Set-up has no step time to judge by and may rightly take minutes (a DeepSpeed op compiling, a data
+        # set loading), but its heartbeat thread beats throughout: a rank that stopped beating is frozen.
+        return b.get("phase") in SETUP and now - (b.get("time") or now) > timeout_s
+
+    stalled = [b for b in beats.values() if stalled(b)]
     if not stalled:
         return None
     culprit = min(stalled, key=lambda b: (b.get("step") or 0, b.get("time") or 0, b.get("step_at") or 0))
     return Verdict(rank=culprit["rank"], node=culprit.get("hostname", "?"), pid=culprit.get("pid", 0),
                    step=culprit.get("step") or 0, since=culprit.get("step_at") or culprit.get("time"),
-                   threshold_s=round(limit, 3), stale_beat=now - (culprit.get("time") or 0) > fresh_s)
+                   threshold_s=round(limit, 3), stale_beat=now - (culprit.get("time") or 0) > fresh_s,
+                   phase=culprit.get("phase") or "train")
 
 
 def own_stacks() -> str:
@@ -225,7 +237,9 @@ class Watchdog:
             deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
             while not (self.run_dir / vocab.HANG).exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        print(f"hpcdist-train: rank {declared['rank']} on {declared['node']} hung at step {declared['step']} "
+        where = (f"in set-up ({declared['phase']})" if declared.get("phase") in SETUP
+                 else f"at step {declared['step']}")
+        print(f"hpcdist-train: rank {declared['rank']} on {declared['node']} hung {where} "
               f"(no progress for {declared['threshold_s']:.0f} s or more); stacks in {self.stacks_dir}; "
               f"rank {rank} exits {EXIT_HUNG}", file=sys.stderr, flush=True)
         self.beat.finish("failed")
@@ -263,6 +277,7 @@ class Watchdog:
             else:
                 stacks[r] = "no stack: this rank wrote none in time (frozen or already gone)"
         report = {"rank": declared["rank"], "node": declared["node"], "step": declared["step"],
+                  "phase": declared.get("phase", "train"),
                   "since": declared["since"], "pid": declared["pid"], "threshold_s": declared["threshold_s"],
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
