@@ -68,6 +68,7 @@ _TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.M)
 _TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
 _TORCHRUN_HOST = re.compile(r"^\s*host\s*:\s*(\S+)", re.M)
 _DEEPSPEED_EXIT = re.compile(r"exits with return code = (-?\d+)")
+_DEEPSPEED_LOCAL_RANK = re.compile(r"'--local_rank=(\d+)'")
 _STOPPED = re.compile(r"stopped by (SIG[A-Z0-9]+) at step (\d+)")
 # What a rank says when a peer, not itself, is the problem: a broken or timed-out collective.
 _SYMPTOM = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|[Tt]imed out|timeout|DistNetworkError|"
@@ -211,10 +212,11 @@ def last_error_line(log: str) -> str | None:
     return found
 
 
-def launcher_child(log: str) -> tuple[int | None, int | None, str | None]:
+def launcher_child(log: str, task: int = 0, per: int = 1) -> tuple[int | None, int | None, str | None]:
     """(rank, exit status, host) of the child a launcher reported dead: torchrun's root cause, DeepSpeed's exit.
 
-    A negative status is the signal that killed the child (-9: SIGKILL).
+    A negative status is the signal that killed the child (-9: SIGKILL). DeepSpeed's launcher names the child
+    only by its command line, whose ``--local_rank=L`` is the rank ``task * per + L`` of this node's ``per``.
     """
     root = log.rfind("Root Cause")
     if root >= 0:
@@ -222,9 +224,11 @@ def launcher_child(log: str) -> tuple[int | None, int | None, str | None]:
         rank, code, host = _TORCHRUN_RANK.search(block), _TORCHRUN_EXIT.search(block), _TORCHRUN_HOST.search(block)
         return (int(rank.group(1)) if rank else None, int(code.group(1)) if code else None,
                 host.group(1) if host else None)
-    codes = _DEEPSPEED_EXIT.findall(log)
-    if codes:
-        return None, int(codes[-1]), None
+    exits = [line for line in log.splitlines() if _DEEPSPEED_EXIT.search(line)]
+    if exits:
+        local = _DEEPSPEED_LOCAL_RANK.search(exits[-1])
+        return (task * per + int(local.group(1)) if local else None,
+                int(_DEEPSPEED_EXIT.search(exits[-1]).group(1)), None)
     return None, None, None
 
 
@@ -393,7 +397,7 @@ def classify(ev: Evidence) -> Ending:
     # A rank killed by a signal: srun names it, or the node's launcher reports its child's death.
     for end in ends:
         rank, label = _ranks(end.task, per)
-        child_rank, child_code, child_host = launcher_child(ev.task_logs.get(end.task, ""))
+        child_rank, child_code, child_host = launcher_child(ev.task_logs.get(end.task, ""), end.task, per)
         sig = end.signal
         if child_code is not None and child_code < 0:
             sig = -child_code

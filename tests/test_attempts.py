@@ -66,6 +66,17 @@ def test_the_deepspeed_launchers_negative_status_is_the_signal():
     assert (ending.ending, ending.signal, ending.detail) == ("rank_crashed", 9, "ranks 0-1 on n1: killed by SIGKILL")
 
 
+def test_the_deepspeed_launchers_child_is_named_by_its_local_rank_on_the_node():
+    # Task 1 (the second node) runs ranks 2-3; its launcher reports the dead child by command line only.
+    child = "['python', '-u', '-m', 'train', '--local_rank=1', '--backend', 'deepspeed']"
+    ev = Evidence(attempt=0, batch_log="srun: error: n2: task 1: Exited with exit code 247\n",
+                  task_logs={1: f"[ERROR] [launch.py:259:sigkill_handler] {child} exits with return code = -9\n"},
+                  ranks_per_task=2)
+    ending = attempts.classify(ev)
+    assert (ending.ending, ending.rank, ending.node, ending.signal) == ("rank_crashed", 3, "n2", 9)
+    assert ending.detail == "rank 3 on n2: killed by SIGKILL"
+
+
 def test_a_code_error_names_the_rank_that_raised_not_the_peers_that_lost_it():
     own = RankError(1, "n2", 0, 100.0, "exception", "ValueError: shapes (3,) and (4,) do not match", 1)
     peer = RankError(0, "n1", 0, 99.0, "exception", "RuntimeError: Connection closed by peer [10.0.0.2]:1234", 1)
