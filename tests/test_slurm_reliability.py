@@ -196,7 +196,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(preempted, nam
     assert stopped, rank0_log[-3000:]
     step = int(stopped.group(1))
     assert SIGNAL_AT_STEP <= o.signalled_at <= step < STEPS
-    assert f"requeueing job {o.job_id} (restart 1 of 3)" in batch_log, batch_log[-3000:]
+    assert f"requeueing job {o.job_id} to resume from its checkpoint (restart 1 of 3)" in batch_log, batch_log[-3000:]
     assert batch_log.count("requeueing job") == 1
     # Slurm's own record of it: a second run, and accounting's first run ended REQUEUED.
     assert o.restarts_seen == 1, o

@@ -173,7 +173,8 @@ def test_sweep_arrays_throttle_exclude_chains_and_a_preempted_task(tmp_path):
         task_dir = pre_dir / "array-0" / "task-1"
         batch_log = (task_dir / "logs" / f"batch-{pre_task}.out").read_text()
         rank0_log = (task_dir / "logs" / "task-0.log").read_text()
-        assert f"requeueing job {pre_task} (restart 1 of 3)" in batch_log, batch_log[-2000:]
+        requeued = f"requeueing job {pre_task} to resume from its checkpoint (restart 1 of 3)"
+        assert requeued in batch_log, batch_log[-2000:]
         stopped = re.search(r"stopped by SIGUSR1 at step (\d+): checkpoint (\S+) written", rank0_log)
         assert stopped and f"resumed from {stopped.group(2)} at step {stopped.group(1)}" in rank0_log, rank0_log[-2000:]
         assert read_summary(task_dir)["steps"] == LONG_STEPS

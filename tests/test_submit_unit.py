@@ -118,7 +118,7 @@ def test_requeue_follows_the_checkpoint_marker_whatever_the_step_status(tmp_path
     # Held, given a begin time just ahead (so Slurm's ~120 s requeue delay does not apply), released.
     assert proc.stdout.splitlines()[:3] == ["scontrol requeuehold 5", "scontrol update JobId=5 StartTime=now+2",
                                             "scontrol release 5"]
-    assert "requeueing job 5 (restart 1 of 1)" in proc.stdout
+    assert "requeueing job 5 to resume from its checkpoint (restart 1 of 1)" in proc.stdout
     assert not left  # consumed: the rerun's ranks write their own
     line = json.loads((tmp_path / "job" / "attempts.jsonl").read_text())
     assert (line["attempt"], line["ending"], line["action"]) == (0, "preempted", "requeue")
