@@ -38,6 +38,16 @@ TRAIN_ARGS = ("--epochs", "1000", "--log-every", "1", "--dataset", "synthetic", 
 # training when the limit strikes, one to two minutes after it started: it runs this many steps at least.
 TIME_LIMIT_STEPS = 1500
 POLL_S = 0.2
+# Every backend x launcher the trainer runs (ddp cannot run under DeepSpeed's launcher), with the options that
+# make it a drill of its own: ZeRO stages differ per launcher so that sharded optimizer state (1, 2) and
+# sharded parameters (3) are each drilled once.
+MATRIX = {
+    "ddp/srun": ("--backend", "ddp", "--launcher", "srun"),
+    "ddp/torchrun": ("--backend", "ddp", "--launcher", "torchrun"),
+    "deepspeed/srun": ("--backend", "deepspeed", "--launcher", "srun", "--zero-stage", "1"),
+    "deepspeed/torchrun": ("--backend", "deepspeed", "--launcher", "torchrun", "--zero-stage", "3"),
+    "deepspeed/deepspeed": ("--backend", "deepspeed", "--launcher", "deepspeed", "--zero-stage", "2"),
+}
 
 
 @dataclass(frozen=True)

@@ -19,25 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-# ddp cannot run under DeepSpeed's launcher (render refuses it), so these five are the whole matrix. ZeRO
-# stages differ per launcher so that every stage that shards optimizer state or parameters is drilled.
-COMBOS = {
-    "ddp/srun": (),
-    "ddp/torchrun": (),
-    "deepspeed/srun": ("--zero-stage", "1"),
-    "deepspeed/torchrun": ("--zero-stage", "3"),
-    "deepspeed/deepspeed": ("--zero-stage", "2"),
-}
-SCENARIOS = "preempt,time_limit,rank_kill,node_loss,hang"
+from hpc.drill import MATRIX, SCENARIOS
 
 
 def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str) -> tuple[list[dict], str, float]:
-    backend, launcher = combo.split("/")
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", "--backend", backend, "--launcher",
-                           launcher, *COMBOS[combo], "--scenarios", scenarios, "--json", "--time-limit-steps", "600",
-                           "--job-dir", str(root / combo.replace("/", "-")), "--", "--hang-timeout-s",
-                           hang_timeout_s], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", *MATRIX[combo], "--scenarios",
+                           scenarios, "--json", "--time-limit-steps", "600", "--job-dir",
+                           str(root / combo.replace("/", "-")), "--", "--hang-timeout-s", hang_timeout_s],
+                          capture_output=True, text=True)
     try:
         results = json.loads(proc.stdout)
     except ValueError:
@@ -51,7 +41,8 @@ def row(combo: str, r: dict) -> str:
         value = r.get(key)
         return "-" if value in (None, "", []) else fmt.format(",".join(value) if isinstance(value, list) else value)
     verdict = "ok" if r.get("ok") else "FAIL: " + "; ".join(r.get("problems") or ())
-    return "| " + " | ".join([combo + (" " + " ".join(COMBOS[combo]) if COMBOS[combo] else ""), r["scenario"],
+    stage = MATRIX[combo][MATRIX[combo].index("--zero-stage") + 1] if "--zero-stage" in MATRIX[combo] else None
+    return "| " + " | ".join([combo + (f" (ZeRO {stage})" if stage else ""), r["scenario"],
                               cell("ending"), cell("action"), cell("excluded"), cell("resumed_step"),
                               "equal" if r.get("losses_equal") else "DIFFER", cell("recovery_s", "{:.1f}"),
                               verdict]) + " |"
@@ -59,8 +50,8 @@ def row(combo: str, r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--combos", default=",".join(COMBOS), help="backend/launcher pairs, comma-separated")
-    p.add_argument("--scenarios", default=SCENARIOS)
+    p.add_argument("--combos", default=",".join(MATRIX), help="backend/launcher pairs, comma-separated")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--hang-timeout-s", default="20", help="the trainer's hang threshold (its default is 60)")
     p.add_argument("--out", type=Path, help="also write the table (and NAME.json with every result) here")
     args = p.parse_args()
