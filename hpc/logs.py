@@ -92,7 +92,9 @@ def failure_report(record: Record, lines: int = 40) -> str:
     history = attempts.load(Path(record.job_dir))
     last = history[-1] if history else None
     cause = attempts.root_cause(history[-1:])
-    index = failing_task(batch_text, codes)
+    # Every attempt appends to the batch log: srun's reports of an earlier, retried attempt are not this one's.
+    own_text = attempts.attempt_segment(batch_text, last["attempt"]) if last else batch_text
+    index = failing_task(own_text, codes)
     # The rank the classifier blamed (a hung rank, a rank's own error) beats the task srun saw end first.
     if last and isinstance(last.get("rank"), int) and 0 <= last["rank"] < max(record.world_size, 1):
         index = task_of(record, last["rank"])
@@ -103,7 +105,7 @@ def failure_report(record: Record, lines: int = 40) -> str:
         parts.append(f"hpcdist: {last['ending']}: {cause}")
     if index is not None:
         # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
-        first = srun_first_failure(batch_text)
+        first = srun_first_failure(own_text)
         if first and first[0] != index:
             first = None
         where, how = (f" on {first[1]}", f": {first[2]}") if first else (

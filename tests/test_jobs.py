@@ -245,3 +245,20 @@ def test_a_killed_rank_is_blamed_not_the_peer_that_noticed_it(tmp_path):
     (logs / "batch-8.out").write_text(batch)
     report = jobs.failure_report(rec("8", str(tmp_path), nodes=2, world_size=2))
     assert report.splitlines()[0] == "hpcdist: task 1 (rank 1) on n2 failed first: Killed"
+
+
+def test_the_failure_report_of_a_retried_job_names_the_last_attempts_failure_not_the_first(tmp_path):
+    batch = ("hpcdist: attempt 0 started on n1 at 2026-12-01T11:23:30\n"
+             "srun: error: n2: task 1: Exited with exit code 137\n"
+             "hpcdist: attempt 0 ended: rank_crashed: rank 1 on n2: killed by SIGKILL -> retry 1 of 2 without n2\n"
+             "hpcdist: attempt 1 started on n1 at 2026-12-01T11:24:00\n"
+             "srun: error: n3: task 1: Exited with exit code 137\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "batch-9.out").write_text(batch)
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(
+        {"attempt": a, "job_id": "9", "ending": "rank_crashed", "rank": 1, "node": node, "action": action,
+         "detail": f"rank 1 on {node}: killed by SIGKILL"}) + "\n" for a, node, action in ((0, "n2", "retry"),
+                                                                                              (1, "n3", "none"))))
+    report = jobs.failure_report(rec("9", str(tmp_path), nodes=2, world_size=2))
+    assert report.splitlines()[:2] == ["hpcdist: rank_crashed: rank 1 on n3: killed by SIGKILL",
+                                       "hpcdist: task 1 (rank 1) on n3 failed first: Exited with exit code 137"]

@@ -294,3 +294,56 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_leaves_a_loadable_checkp
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert re.search(rf"resumed from \S+step{newest:08d} at step {newest}\b", resumed.stdout), resumed.stdout
     assert json.loads((copy / "summary.json").read_text())["steps"] == newest + 2
+
+
+def live_rank(job_dir: Path, job_id: str, rank: int, attempt: int, step: int, timeout: float = 240) -> dict:
+    """Rank ``rank``'s heartbeat once attempt ``attempt`` trained past ``step``, its pid checked in /proc."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            beat = json.loads((job_dir / "run" / "heartbeat" / f"rank-{rank}.json").read_text())
+            env = (Path("/proc") / str(beat["pid"]) / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, KeyError):
+            beat, env = {}, []
+        if (beat.get("attempt") == attempt and beat.get("phase") == "train" and (beat.get("step") or 0) >= step
+                and f"SLURM_JOB_ID={job_id}".encode() in env and f"SLURM_PROCID={rank}".encode() in env):
+            return beat
+        time.sleep(0.2)
+    pytest.fail(f"rank {rank} of attempt {attempt} never trained past step {step} in {timeout:.0f}s")
+
+
+def test_a_second_crash_is_not_retried_when_excluding_its_node_too_would_leave_too_few(tmp_path):
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+    assert len(set(nodes)) == 3, "this test needs the local 3-node cluster"
+    args = ["submit", "--nodes", "2", "--backend", "ddp", "--time", "10", "--max-retries", "2", "--job-dir",
+            str(job_dir), "--wait", "--", "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "5",
+            "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
+    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
+    job_id = None
+    try:
+        job_id = job_id_of(waiter.stdout.readline())
+        # Two crashes of rank 1: on the first node it had, then on the node the retry gave it instead.
+        first = live_rank(job_dir, job_id, 1, attempt=0, step=8)
+        os.kill(first["pid"], signal.SIGKILL)
+        second = live_rank(job_dir, job_id, 1, attempt=1, step=8)
+        assert second["hostname"] != first["hostname"]
+        os.kill(second["pid"], signal.SIGKILL)
+        out, err = waiter.communicate(timeout=180)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+    lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
+    print(json.dumps(lines, indent=1), out, err)
+    assert [(a["ending"], a["rank"], a["node"], a["action"]) for a in lines] == [
+        ("rank_crashed", 1, first["hostname"], "retry"), ("rank_crashed", 1, second["hostname"], "none")]
+    assert lines[0]["excluded"] == [first["hostname"]]
+    # Excluding both crash nodes would leave one node for a two-node job: it says so and stops.
+    spare = sorted(set(nodes) - {first["hostname"], second["hostname"]})
+    lost = ", ".join(sorted([first["hostname"], second["hostname"]]))
+    assert lines[1]["reason"] == (f"not retried: excluding {lost} leaves 1 usable node(s) ({spare[0]}) for a job "
+                                  "that needs 2")
+    assert waiter.returncode != 0 and lines[1]["reason"] in out + err, out + err
