@@ -540,6 +540,30 @@ def test_the_threshold_grows_with_the_median_step_time():
     assert verdict is not None and verdict.threshold_s == 120
 
 
+def test_a_frozen_rank_alone_on_its_node_is_reported_without_waiting_for_a_stack_nobody_can_take(tmp_path,
+                                                                                                 monkeypatch):
+    from train import heartbeat, watchdog
+    # Rank 1 froze on n2, where no other rank runs (py-spy reads only local processes); rank 0 on n1 declared.
+    (tmp_path / "heartbeat").mkdir()
+    for rank, node, beat_time in ((0, "n1", 999.0), (1, "n2", 900.0)):
+        (tmp_path / "heartbeat" / f"rank-{rank}.json").write_text(json.dumps(
+            {**beat_of(rank, 41, 900.0, beat_time), "hostname": node}))
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "rank-0.txt").write_text('Thread "MainThread":\n  in all_reduce\n')
+    beat = heartbeat.Heartbeat(tmp_path, every_s=2.0, clock=lambda: 1000.0)
+    beat.identity = {"rank": 0, "local_rank": 0, "hostname": "n1", "pid": 100, "attempt": 0}
+    dog = watchdog.Watchdog(beat, timeout_s=60, factor=10, clock=lambda: 1000.0)
+
+    def no_waiting(seconds):
+        raise AssertionError("waited for a stack no live rank on n2 can take")
+    monkeypatch.setattr(watchdog.time, "sleep", no_waiting)
+    dog.write_report({"rank": 1, "node": "n2", "step": 41, "since": 900.0, "pid": 101, "threshold_s": 60,
+                      "stale_beat": True, "declared_by": 0, "phase": "train"})
+    report = json.loads((tmp_path / "hang.json").read_text())
+    assert report["stacks"]["1"].startswith("no stack: no live rank on n2 could read process 101")
+    assert [g["ranks"] for g in report["groups"]] == [[0], [1]]
+
+
 def test_stacks_group_identical_main_threads_largest_group_first():
     from train.watchdog import group, own_stacks
     waiting = 'Thread "MainThread":\n  File "a.py", line 1, in all_reduce\n'

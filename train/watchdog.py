@@ -259,7 +259,11 @@ class Watchdog:
     def write_report(self, declared: dict) -> None:
         beats = heartbeat.read_all(self.run_dir)
         now = self.now()
-        expected = {r for r, b in beats.items() if now - (b.get("time") or 0) <= self.fresh_s} | {declared["rank"]}
+        live = {r for r, b in beats.items() if now - (b.get("time") or 0) <= self.fresh_s}
+        # A frozen culprit's stack comes only from a live rank on its node (py-spy reads local processes):
+        # with none there, waiting for it would only delay the exit that lets the job be retried.
+        readers = [r for r in live if beats[r].get("hostname") == declared["node"] and r != declared["rank"]]
+        expected = live | ({declared["rank"]} if readers or not declared["stale_beat"] else set())
         deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
         while time.monotonic() < deadline:
             if all((self.stacks_dir / f"rank-{r}.txt").exists() for r in expected):
