@@ -32,6 +32,7 @@ from hpc.vocab import (
     HEARTBEAT,
     METRICS,
     RUN_DIR,
+    SETUP_PHASES,
     batch_log,
     task_log,
 )
@@ -363,7 +364,7 @@ def classify(ev: Evidence) -> Ending:
         rank, node = hang.get("rank"), hang.get("node")
         since = hang.get("since")
         seen = hang.get("step")
-        if hang.get("phase") in ("setup", "rendezvous", "build"):
+        if hang.get("phase") in SETUP_PHASES:
             detail = f"{_who(rank, node)} froze during set-up ({hang['phase']}), before its first step"
         elif seen is not None:
             detail = f"{_who(rank, node)} made no progress after step {seen}"

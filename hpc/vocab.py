@@ -26,6 +26,8 @@ DEFAULT_JOB_NAME = "hpcdist"
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
+# Heartbeat phases before a rank's first step (contract 1): no step time yet to judge a hang by.
+SETUP_PHASES = ("setup", "rendezvous", "build")
 
 # The job directory's layout, relative to JOB_DIR.
 JOB_SBATCH = "job.sbatch"

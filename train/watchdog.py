@@ -38,7 +38,7 @@ from hpc.vocab import EXIT_HUNG
 from train import heartbeat
 
 ACTIVE = ("train", "checkpoint", "eval")
-SETUP = ("setup", "rendezvous", "build")
+SETUP = vocab.SETUP_PHASES
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
 
