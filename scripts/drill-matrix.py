@@ -1,12 +1,12 @@
 """Run `hpcdist drill` over every backend x launcher the trainer supports and tabulate each scenario's verdict.
 
-    PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py                       # all 5 x 5, ~1 h on 2 cores
+    PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py                       # all 5 x 5, ~12 min on 2 cores
     PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py --combos ddp/srun,deepspeed/deepspeed --out m.md
 
 Each combination is one drill (its own uninterrupted reference run, then the five faults one after another);
 the Markdown table has one row per combination and scenario: ending, action, excluded node, resumed step,
-losses after resume equal to the reference (fp32), recovery (fault -> next training step) and the drill's
-verdict. The raw `--json` of every drill is kept next to the table. Exits non-zero if any scenario failed.
+losses after resume equal to the reference (fp32), recovery (fault -> next training step) and its parts, and
+the drill's verdict. The raw `--json` of every drill is kept next to the table. Exits non-zero if any scenario failed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str) -> tuple[
     return results, proc.stderr, time.monotonic() - started
 
 
+def split(phases: dict) -> str:
+    """Recovery's parts: fault -> classified, -> the next batch shell, -> its first training step."""
+    parts = [phases.get(k) for k in ("classified", "restarted", "first_step")]
+    return "-" if None in parts else " + ".join(f"{x:.1f}" for x in parts)
+
+
 def row(combo: str, r: dict) -> str:
     def cell(key: str, fmt: str = "{}") -> str:
         value = r.get(key)
@@ -45,7 +51,7 @@ def row(combo: str, r: dict) -> str:
     return "| " + " | ".join([combo + (f" (ZeRO {stage})" if stage else ""), r["scenario"],
                               cell("ending"), cell("action"), cell("excluded"), cell("resumed_step"),
                               "equal" if r.get("losses_equal") else "DIFFER", cell("recovery_s", "{:.1f}"),
-                              verdict]) + " |"
+                              split(r.get("phases") or {}), verdict]) + " |"
 
 
 def main() -> None:
@@ -57,8 +63,9 @@ def main() -> None:
     args = p.parse_args()
     lines = [f"Drill matrix, 2 nodes, hang threshold {args.hang_timeout_s} s, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| backend/launcher | scenario | ending | action | excluded | resumed | losses | recovery s | verdict |",
-             "|---|---|---|---|---|---:|---|---:|---|"]
+             "| backend/launcher | scenario | ending | action | excluded | resumed | losses | recovery s "
+             "| classified + restarted + first step | verdict |",
+             "|---|---|---|---|---|---:|---|---:|---|---|"]
     everything, failed = {}, False
     with tempfile.TemporaryDirectory(prefix="drill-matrix-") as tmp:
         for combo in args.combos.split(","):
