@@ -200,9 +200,31 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     executor.update_parameters(tasks_per_node=geometry.ntasks,
                                timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
-    with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)):
+    with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)), _interruptible_children():
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
                                str(rendered.job_dir / TASK_LOG))
+
+
+@contextlib.contextmanager
+def _interruptible_children() -> Iterator[None]:
+    """Children started meanwhile get SIGINT's default action, even where this process ignores it.
+
+    A command started in the background by a script (`cmd &`, nohup, many CI runners) ignores SIGINT, and an
+    ignored signal stays ignored across exec: the local controller would then never see the SIGINT that
+    `hpcdist cancel` (like submitit's LocalJob.cancel) sends it. A handled signal is reset to the default in
+    the child, so a handler here for the moment of the fork is enough.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:

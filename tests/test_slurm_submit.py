@@ -16,7 +16,8 @@ from hpc.spec import time_seconds
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
-LONG_TRAIN = ("--max-steps", "100000", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64")
+LONG_TRAIN = ("--max-steps", "100000", "--epochs", "100000", "--dataset", "synthetic", "--synthetic-size", "1024",
+              "--batch-size", "64")
 
 
 def directives(text: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 
@@ -61,9 +62,16 @@ def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     assert "task-1.log (the failing task)" in report and "rank 1 fails" in report
 
 
-def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
     home = tmp_path / "home"
-    submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120")
+    # Ignored: as in a command that a script started with `&` or nohup, as some CI runners do.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint == "ignored" else None
+    try:
+        submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120")
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
     job_id = submitted.record.job_id
     deadline = time.monotonic() + 60
     while not (tmp_path / "job" / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
