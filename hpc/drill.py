@@ -34,9 +34,11 @@ LOSS_TOLERANCE = 1e-6
 TRAIN_ARGS = ("--epochs", "1000", "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
               "--batch-size", "64", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
               "--timeout-s", "120")
-# Slurm keeps a time limit in whole minutes and checks it every ~30 s, so the time-limit job must still be
-# training when the limit strikes, one to two minutes after it started: it runs this many steps at least.
-TIME_LIMIT_STEPS = 1500
+# Slurm keeps a time limit in whole minutes and acts on a cut one at its next check (every ~30 s), so the
+# time-limit job must still be training this long after the fault: its steps come from the measured rate.
+TIME_LIMIT_REACH_S = 75
+# The reference job runs until the drill has every step it needs (then it is cancelled).
+REFERENCE_STEPS_CAP = 1_000_000
 POLL_S = 0.2
 # Every backend x launcher the trainer runs (ddp cannot run under DeepSpeed's launcher), with the options that
 # make it a drill of its own: ZeRO stages differ per launcher so that sharded optimizer state (1, 2) and
@@ -286,6 +288,12 @@ class Job:
         except OSError:
             return {}
 
+    def rate(self) -> float | None:
+        try:
+            return step_rate((self.run_dir / METRICS).read_text())
+        except OSError:
+            return None
+
     def metric_lines(self) -> int:
         try:
             return (self.run_dir / METRICS).read_text().count("\n")
@@ -495,12 +503,34 @@ def restart_time(batch_text: str, attempt: int) -> float | None:
 
 
 def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]:
+    """The reference's losses once it has logged ``steps`` (or ended); the caller cancels it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if job.state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        if max(job.losses(), default=0) >= steps or job.state() in ("COMPLETED", "FAILED", "CANCELLED",
+                                                                      "TIMEOUT", "NODE_FAIL"):
             break
         time.sleep(1.0)
     return job.losses()
+
+
+def step_rate(metrics_text: str) -> float | None:
+    """Steps per second from metrics.jsonl lines (``step``, ``time_s``), past the first step's start-up."""
+    rows = []
+    for line in metrics_text.splitlines():
+        try:
+            row = json.loads(line)
+            rows.append((int(row["step"]), float(row["time_s"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    rows = [r for r in rows if r[0] > 5]  # the first steps carry start-up and warm-up
+    if len(rows) < 2 or rows[-1][1] <= rows[0][1]:
+        return None
+    return (rows[-1][0] - rows[0][0]) / (rows[-1][1] - rows[0][1])
+
+
+def time_limit_steps(rate: float, least: int) -> int:
+    """Steps for the time-limit job: still training TIME_LIMIT_REACH_S after the fault at this rate."""
+    return max(least, FAULT_STEP + int(rate * TIME_LIMIT_REACH_S) + 2 * CHECKPOINT_EVERY)
 
 
 def checkpoints_of(run_dir: Path) -> list[str]:

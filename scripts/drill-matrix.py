@@ -25,7 +25,7 @@ from hpc.drill import MATRIX, SCENARIOS
 def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str) -> tuple[list[dict], str, float]:
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", *MATRIX[combo], "--scenarios",
-                           scenarios, "--json", "--time-limit-steps", "600", "--job-dir",
+                           scenarios, "--json", "--job-dir",
                            str(root / combo.replace("/", "-")), "--", "--hang-timeout-s", hang_timeout_s],
                           capture_output=True, text=True)
     try:

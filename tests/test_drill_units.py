@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hpc import drill
 from hpc.drill import Observed
 
@@ -93,3 +95,14 @@ def test_the_table_names_each_failure():
     text = drill.table([result])
     assert text.splitlines()[1].startswith("node_loss  FAIL  rank_crashed  retry")
     assert "node_loss: FAIL: first attempt ended rank_crashed, expected node_failure" in text
+
+
+def test_the_step_rate_skips_start_up_and_sizes_the_time_limit_job_to_outlast_slurms_check():
+    lines = [json.dumps({"step": s, "loss": 2.0, "time_s": 20.0 + (s - 1) * 0.1 + (5.0 if s > 1 else 0)})
+             for s in range(1, 41)]
+    rate = drill.step_rate("\n".join(lines) + "\n{\"step\": 41")  # a line being written is skipped
+    assert rate == pytest.approx(10.0)
+    # At 10 steps/s: the fault at step 10, 75 s of steps after it, two checkpoints' worth to resume into.
+    assert drill.time_limit_steps(10.0, least=40) == 10 + 750 + 10
+    assert drill.time_limit_steps(0.0, least=40) == 40
+    assert drill.step_rate("") is None

@@ -29,7 +29,7 @@ from hpc.commands.options import fail, job_options
 @click.option("--steps", type=int, default=40, show_default=True, help="Training steps of each scenario's job.")
 @click.option("--time-limit-steps", type=int, default=None,
               help="Steps of the time-limit scenario's job (and the reference), which must still be training when "
-                   "Slurm acts on the cut limit, up to ~90 s after it started. [1500]")
+                   "Slurm acts on the cut limit. [as many as the reference trains in 75 s]")
 @click.option("--via", type=click.Choice(("submitit", "sbatch")), default="sbatch", show_default=True,
               help="How each job is submitted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
@@ -70,17 +70,28 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         submitted = submitting.submit(rendered, where, os.environ)
         return submitted.record.job_id, Path(rendered.job_dir)
 
-    limit_steps = max(steps, time_limit_steps or drilling.TIME_LIMIT_STEPS)
-    reference_steps = limit_steps if "time_limit" in chosen else steps
-    ref_id, ref_dir = submit("reference", reference_steps)
-    say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
+    ref_id, ref_dir = submit("reference", drilling.REFERENCE_STEPS_CAP)
+    ref = drilling.Job(ref_id, ref_dir)
     observed = []
     try:
+        limit_steps = steps
+        if "time_limit" in chosen:
+            limit_steps = max(steps, time_limit_steps or 0)
+            if not time_limit_steps:
+                # How fast this job trains here decides how long the time-limit job must be.
+                drilling.wait_for_step(ref, 4 * drilling.FAULT_STEP, timeout_s)
+                rate = ref.rate() or 0.0
+                limit_steps = drilling.time_limit_steps(rate, steps)
+                say(f"reference trains {rate:.1f} steps/s: the time-limit job runs {limit_steps} steps")
+        reference_steps = max(steps, limit_steps)
+        say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
         for scenario in chosen:
             observed.append(drilling.run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps,
                                                   say, timeout_s))
             say(f"{scenario}: job {observed[-1].job_id} ended {observed[-1].final_state}")
-        reference = drilling.reference_losses(drilling.Job(ref_id, ref_dir), reference_steps, timeout_s)
+            if max(ref.losses(), default=0) >= reference_steps:
+                drilling.cancel_all([ref_id])  # it has every step needed: stop sharing the CPUs with it
+        reference = drilling.reference_losses(ref, reference_steps, timeout_s)
     finally:
         drilling.cancel_all([ref_id] + [o.job_id for o in observed])
     results = [drilling.check(seen, reference, limit_steps if seen.scenario == "time_limit" else steps)
