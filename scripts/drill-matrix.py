@@ -1,6 +1,6 @@
 """Run `hpcdist drill` over every backend x launcher the trainer supports and tabulate each scenario's verdict.
 
-    PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py                       # all 5 x 5, ~12 min on 2 cores
+    PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py                       # all 5 x 5, ~15 min on 2 cores
     PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py --combos ddp/srun,deepspeed/deepspeed --out m.md
 
 Each combination is one drill (its own uninterrupted reference run, then the five faults one after another);
