@@ -20,7 +20,6 @@ from hpc import vocab
 
 HEARTBEAT_DIR = vocab.HEARTBEAT
 # Phases after which a rank no longer makes progress by design.
-FINAL_PHASES = ("done", "stopped", "failed")
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
 # STALE_MIN_S: heartbeats come every 2 s, so anything shorter would flag healthy ranks between writes.
 STALE_K = 5.0
@@ -272,7 +271,7 @@ def judge(beats: Mapping[int, Heartbeat], now: float, histories: Mapping[int, Se
         seen = [t for t in (beat.step_at, progress_at.get(rank)) if t is not None] or [beat.time]
         progress_age = max(now - max(seen), 0.0)
         stale, why = False, ""
-        if beat.phase not in FINAL_PHASES:
+        if beat.phase not in vocab.FINAL_PHASES:
             if age > stale_after:
                 stale, why = True, f"no heartbeat for {age:.0f}s"
             elif beat.phase == "train" and progress_age > stale_after:

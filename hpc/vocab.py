@@ -26,8 +26,12 @@ DEFAULT_JOB_NAME = "hpcdist"
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
-# Heartbeat phases before a rank's first step (contract 1): no step time yet to judge a hang by.
+# Heartbeat phases (contract 1). Before a rank's first step there is no step time yet to judge a hang by; in the
+# active phases a step time does; a final phase is written once, as the rank ends.
 SETUP_PHASES = ("setup", "rendezvous", "build")
+ACTIVE_PHASES = ("train", "eval", "checkpoint")
+FINAL_PHASES = ("done", "stopped", "failed")
+PHASES = SETUP_PHASES + ACTIVE_PHASES + FINAL_PHASES
 
 # The job directory's layout, relative to JOB_DIR.
 JOB_SBATCH = "job.sbatch"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from slurm_fixtures import REPO, environ, hpcdist, job_id_of, requires_slurm
+from test_submit_unit import sbatch_directives
 
 from hpc import jobs
 from hpc.spec import time_seconds
@@ -18,15 +19,6 @@ pytestmark = [pytest.mark.slurm, requires_slurm]
 
 LONG_TRAIN = ("--max-steps", "100000", "--epochs", "100000", "--dataset", "synthetic", "--synthetic-size", "1024",
               "--batch-size", "64")
-
-
-def directives(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"#SBATCH --([a-z-]+)(?:=(.*))?$", line)
-        if m:
-            out[m.group(1)] = (m.group(2) or "").strip("'\"")
-    return out
 
 
 def wait_for_state(home: Path, job: str, wanted: tuple[str, ...], timeout_s: float = 120) -> str:
@@ -58,7 +50,7 @@ def test_the_submitit_script_agrees_with_the_dry_run(tmp_path):
     try:
         submitted = (job_dir / "submitit" / f"{job_id}_submission.sh").read_text()
         batch = (job_dir / "job.sbatch").read_text()
-        ours, theirs = directives(batch), directives(submitted)
+        ours, theirs = sbatch_directives(batch), sbatch_directives(submitted)
         for key in ("nodes", "ntasks-per-node", "cpus-per-task", "partition", "job-name", "signal", "output",
                     "open-mode"):
             assert theirs[key] == ours[key], key

@@ -183,11 +183,13 @@ def wait_for_heartbeats(run_dir, launched, ranks: int, timeout: float = 120) -> 
         time.sleep(0.02)
 
 
-def freeze(frozen, live, launched) -> float:
-    """SIGSTOP ``frozen`` until ``live`` exits 76 (the watchdog named the hang); the seconds that took."""
+def freeze(frozen, live, launched, then=lambda: None) -> float:
+    """SIGSTOP ``frozen``, run ``then``, wait until ``live`` exits 76 (the watchdog named the hang); the seconds that
+    took from the SIGSTOP."""
     frozen.send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
+        then()
         assert live.wait(timeout=120) == 76, launched.output()
         took = time.monotonic() - stopped_at
     finally:
@@ -353,9 +355,8 @@ def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collectiv
     while phase_of(run_dir, 1).get("phase") != "rendezvous":
         assert time.monotonic() < deadline and frozen.poll() is None, launched.output()
         time.sleep(0.01)
-    frozen.send_signal(signal.SIGSTOP)
-    live.send_signal(signal.SIGCONT)
-    took = freeze(frozen, live, launched)  # before its first step: no step time to judge by, only its silence
+    # Before its first step: no step time to judge by, only its silence.
+    took = freeze(frozen, live, launched, then=lambda: live.send_signal(signal.SIGCONT))
     hang = json.loads((run_dir / "hang.json").read_text())
     assert (hang["rank"], hang["pid"], hang["declared_by"]) == (1, frozen.pid, 0)
     assert (hang["phase"], hang["step"]) == ("rendezvous", 0)

@@ -52,3 +52,14 @@ def test_warnings_from_our_code_are_errors_and_others_stay_warnings() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn_explicit("theirs", UserWarning, "x.py", 1, module="hpcx.other")
     assert [str(w.message) for w in caught] == ["theirs"]
+
+
+def test_every_heartbeat_phase_the_trainer_names_is_in_exactly_one_group() -> None:
+    groups = (vocab.SETUP_PHASES, vocab.ACTIVE_PHASES, vocab.FINAL_PHASES)
+    assert sorted(vocab.PHASES) == sorted({p for g in groups for p in g}) and len(vocab.PHASES) == sum(map(len, groups))
+    named = set()
+    for path in (REPO / "train").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("phase", "finish"):
+                named |= {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    assert named and named <= set(vocab.PHASES) and set(vocab.FINAL_PHASES) <= named

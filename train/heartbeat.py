@@ -36,7 +36,6 @@ from typing import Callable, Mapping
 
 from hpc import vocab
 
-PHASES = ("setup", "rendezvous", "build", "train", "eval", "checkpoint", "done", "stopped", "failed")
 MARKS = ("process_start", "torch_imported", "process_group_ready", "model_built", "first_step_done")
 WINDOW = 16
 
@@ -174,8 +173,8 @@ class Heartbeat:
         self.marks.setdefault(name, self.now() if at is None else at)
 
     def phase(self, name: str) -> None:
-        if name not in PHASES:
-            raise ValueError(f"unknown heartbeat phase {name!r}; one of {', '.join(PHASES)}")
+        if name not in vocab.PHASES:
+            raise ValueError(f"unknown heartbeat phase {name!r}; one of {', '.join(vocab.PHASES)}")
         if name == self.phase_name:
             return
         self.phase_name = name

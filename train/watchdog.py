@@ -37,8 +37,6 @@ from hpc import vocab
 from hpc.vocab import EXIT_HUNG
 from train import heartbeat
 
-ACTIVE = ("train", "checkpoint", "eval")
-SETUP = vocab.SETUP_PHASES
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
 
@@ -65,11 +63,11 @@ def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float
     limit = threshold_s(beats, timeout_s, factor)
 
     def stalled(b: dict) -> bool:
-        if b.get("phase") in ACTIVE:
+        if b.get("phase") in vocab.ACTIVE_PHASES:
             return now - (b.get("step_at") or b.get("time") or now) > limit
         # Set-up has no step time to judge by and may rightly take minutes (a DeepSpeed op compiling, a data
         # set loading), but its heartbeat thread beats throughout: a rank that stopped beating is frozen.
-        return b.get("phase") in SETUP and now - (b.get("time") or now) > timeout_s
+        return b.get("phase") in vocab.SETUP_PHASES and now - (b.get("time") or now) > timeout_s
 
     stalled = [b for b in beats.values() if stalled(b)]
     if not stalled:
@@ -237,7 +235,7 @@ class Watchdog:
             deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
             while not (self.run_dir / vocab.HANG).exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        where = (f"in set-up ({declared['phase']})" if declared.get("phase") in SETUP
+        where = (f"in set-up ({declared['phase']})" if declared.get("phase") in vocab.SETUP_PHASES
                  else f"at step {declared['step']}")
         print(f"hpcdist-train: rank {declared['rank']} on {declared['node']} hung {where} "
               f"(no progress for {declared['threshold_s']:.0f} s or more); stacks in {self.stacks_dir}; "
