@@ -10,10 +10,11 @@ import re
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from hpc import nodelist
 from hpc.logs import failing_task, failure_report, log_files, ranks_label, srun_first_failure, tail, task_of  # noqa: F401
 from hpc.registry import (  # noqa: F401
     DEFAULT_HOME,
@@ -38,7 +39,7 @@ from hpc.vocab import SUBMITIT_DIR  # noqa: F401
 # ended; a waiter must stop there rather than poll forever.
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "REVOKED", "LEFT_QUEUE")
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed")
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed", "NNodes")
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
@@ -53,6 +54,7 @@ class JobState:
     signal: int | None = None
     nodelist: str = ""
     elapsed: str = ""
+    nnodes: int | None = None
 
     @property
     def done(self) -> bool:
@@ -81,7 +83,7 @@ def _exit_code(text: str) -> tuple[int | None, int | None]:
 
 
 def parse_sacct(text: str, job_id: str) -> JobState | None:
-    """The allocation's row of ``sacct -X -n -P -o JobID,State,ExitCode,NodeList,Elapsed``."""
+    """The allocation's row of ``sacct -X -n -P -o JobID,State,ExitCode,NodeList,Elapsed,NNodes``."""
     for line in text.splitlines():
         cols = line.split("|")
         if len(cols) < len(SACCT_FIELDS) or cols[0] != job_id:
@@ -89,8 +91,25 @@ def parse_sacct(text: str, job_id: str) -> JobState | None:
         # "CANCELLED by 0": the state is the first word.
         state = cols[1].split()[0] if cols[1].strip() else "UNKNOWN"
         code, sig = _exit_code(cols[2])
-        return JobState(job_id, state, code, sig, cols[3], cols[4])
+        return JobState(job_id, state, code, sig, cols[3], cols[4], int(cols[5]) if cols[5].isdigit() else None)
     return None
+
+
+def nodelist_unsettled(state: JobState) -> bool:
+    """Whether accounting names fewer hosts than the job ran on: for a few seconds after a job ends, sacct's
+    NodeList holds its batch host alone while NNodes is already right (seen on Slurm 22.05)."""
+    if not state.done or not state.nnodes or state.nodelist in ("", "None assigned", "(null)"):
+        return False
+    try:
+        return len(nodelist.expand(state.nodelist)) < state.nnodes
+    except ValueError:
+        return False
+
+
+def parse_scontrol_nodelist(text: str) -> str | None:
+    """NodeList from ``scontrol show job -o``; None when the controller no longer holds the job."""
+    m = re.search(r"(?:^|\s)NodeList=(\S+)", text)
+    return m.group(1) if m and m.group(1) != "(null)" else None
 
 
 def parse_squeue(text: str, job_id: str) -> JobState | None:
@@ -106,10 +125,20 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
 
 
+def _where_it_ran(state: JobState, runner: Runner) -> JobState:
+    """``state`` with the controller's NodeList while accounting's is not yet complete (kept for MinJobAge)."""
+    if not nodelist_unsettled(state):
+        return state
+    shown = runner(["scontrol", "show", "job", "-o", state.job_id])
+    nodes = parse_scontrol_nodelist(shown.stdout) if shown.returncode == 0 else None
+    return replace(state, nodelist=nodes) if nodes else state
+
+
 def slurm_state(job_id: str, runner: Runner = _run) -> JobState:
     """Accounting's view (it keeps finished jobs); the queue's while accounting has no row yet."""
     sacct = runner(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", ",".join(SACCT_FIELDS)])
     found = parse_sacct(sacct.stdout, job_id) if sacct.returncode == 0 else None
+    found = found and _where_it_ran(found, runner)
     if found is None or found.state == "UNKNOWN":
         squeue = runner(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%M"])
         queued = parse_squeue(squeue.stdout, job_id) if squeue.returncode == 0 else None
@@ -202,7 +231,7 @@ def states(records: Sequence[Record], runner: Runner = _run) -> dict[str, JobSta
         proc = runner(["sacct", "-X", "-n", "-P", "-j", ",".join(slurm_ids), "-o", ",".join(SACCT_FIELDS)])
         for job_id in slurm_ids:
             found = parse_sacct(proc.stdout, job_id) if proc.returncode == 0 else None
-            out[job_id] = found or JobState(job_id, "UNKNOWN")
+            out[job_id] = _where_it_ran(found, runner) if found else JobState(job_id, "UNKNOWN")
     return out
 
 

@@ -69,20 +69,20 @@ def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
 # ---- Slurm's answers -----------------------------------------------------------------------------
 
 def test_parse_sacct_reads_the_allocation_row():
-    text = "301|CANCELLED by 0|0:15|n[1-2]|00:00:07\n301.batch|CANCELLED|0:15|n1|00:00:07\n"
+    text = "301|CANCELLED by 0|0:15|n[1-2]|00:00:07|2\n301.batch|CANCELLED|0:15|n1|00:00:07|1\n"
     state = jobs.parse_sacct(text, "301")
-    assert state == jobs.JobState("301", "CANCELLED", 0, 15, "n[1-2]", "00:00:07")
+    assert state == jobs.JobState("301", "CANCELLED", 0, 15, "n[1-2]", "00:00:07", 2)
     assert state.done and not state.ok
     assert jobs.parse_sacct(text, "302") is None
 
 
 @pytest.mark.parametrize("row,done,ok", [
-    ("9|COMPLETED|0:0|n1|00:00:01", True, True),
-    ("9|FAILED|3:0|n1|00:00:01", True, False),
-    ("9|RUNNING|0:0|n1|00:00:01", False, False),
-    ("9|REQUEUED|0:0|n1|00:00:01", False, False),
-    ("9|PENDING|0:0|None assigned|00:00:00", False, False),
-    ("9|TIMEOUT|0:0|n1|00:01:00", True, False),
+    ("9|COMPLETED|0:0|n1|00:00:01|1", True, True),
+    ("9|FAILED|3:0|n1|00:00:01|1", True, False),
+    ("9|RUNNING|0:0|n1|00:00:01|1", False, False),
+    ("9|REQUEUED|0:0|n1|00:00:01|1", False, False),
+    ("9|PENDING|0:0|None assigned|00:00:00|2", False, False),
+    ("9|TIMEOUT|0:0|n1|00:01:00|1", True, False),
 ])
 def test_done_and_ok(row, done, ok):
     state = jobs.parse_sacct(row, "9")
@@ -115,7 +115,7 @@ def test_slurm_state_asks_the_queue_while_accounting_has_no_row():
 
 
 def test_slurm_state_prefers_accounting():
-    runner = fake_runner({"sacct": ("44|COMPLETED|0:0|n1|00:00:02\n", 0)})
+    runner = fake_runner({"sacct": ("44|COMPLETED|0:0|n1|00:00:02|1\n", 0)})
     assert jobs.slurm_state("44", runner).ok
     assert [c[0] for c in runner.calls] == ["sacct"]
 
@@ -127,12 +127,45 @@ def test_a_job_that_left_the_queue_while_accounting_is_down_is_done_not_waited_f
     assert state.state == "LEFT_QUEUE" and state.done and not state.ok
 
 
+# Captured on the local Slurm 22.05: the first sacct row of a 2-node job that had just ended (NodeList its batch
+# host alone), and the controller's view of the same job.
+JUST_ENDED = "33998203|COMPLETED|0:0|n1|00:00:01|2\n"
+SETTLED = "33998203|COMPLETED|0:0|n[1-2]|00:00:01|2\n"
+SCONTROL = "JobId=33998203 JobName=wrap JobState=COMPLETED Reason=None NodeList=n[1-2] BatchHost=n1 NumNodes=2\n"
+
+
+def test_a_job_that_just_ended_is_shown_on_every_node_it_ran_on_not_only_its_batch_host():
+    runner = fake_runner({"sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
+    state = jobs.slurm_state("33998203", runner)
+    assert (state.state, state.nodelist, state.nnodes) == ("COMPLETED", "n[1-2]", 2)
+    assert [c[:3] for c in runner.calls] == [["sacct", "-X", "-n"], ["scontrol", "show", "job"]]
+    listed = fake_runner({"sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
+    assert jobs.states([rec("33998203", via="sbatch")], listed)["33998203"].nodelist == "n[1-2]"
+
+
+@pytest.mark.parametrize("row", [
+    SETTLED,
+    "7|CANCELLED by 0|0:0|None assigned|00:00:00|2\n",  # cancelled while pending: it ran nowhere
+    "7|RUNNING|0:0|n1|00:00:01|2\n",  # not ended: the queue's answer is live anyway
+])
+def test_the_controller_is_asked_only_while_accountings_nodelist_is_short(row):
+    runner = fake_runner({"sacct": (row, 0), "scontrol": (SCONTROL, 0)})
+    jobs.slurm_state(row.split("|")[0], runner)
+    assert [c[0] for c in runner.calls] == ["sacct"]
+
+
+def test_accountings_short_nodelist_stays_when_the_controller_has_forgotten_the_job():
+    runner = fake_runner({"sacct": (JUST_ENDED, 0),
+                          "scontrol": ("", 1, "slurm_load_jobs error: Invalid job id specified")})
+    assert jobs.slurm_state("33998203", runner).nodelist == "n1"
+
+
 def test_slurm_state_of_an_unknown_job():
     assert jobs.slurm_state("45", fake_runner({})).state == "UNKNOWN"
 
 
 def test_states_asks_sacct_once_for_every_slurm_job(tmp_path):
-    runner = fake_runner({"sacct": ("1|COMPLETED|0:0|n1|0\n2|FAILED|1:0|n2|0\n", 0)})
+    runner = fake_runner({"sacct": ("1|COMPLETED|0:0|n1|0|1\n2|FAILED|1:0|n2|0|1\n", 0)})
     out = jobs.states([rec("1"), rec("2", via="sbatch"), rec("3")], runner)
     assert [out[k].state for k in ("1", "2", "3")] == ["COMPLETED", "FAILED", "UNKNOWN"]
     assert len(runner.calls) == 1 and "1,2,3" in runner.calls[0]
