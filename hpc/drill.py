@@ -40,6 +40,8 @@ TIME_LIMIT_REACH_S = 75
 # The reference job runs until the drill has every step it needs (then it is cancelled).
 REFERENCE_STEPS_CAP = 1_000_000
 POLL_S = 0.2
+# States in which a drill's job has ended for good (a requeued job passes through none of them).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 # Every backend x launcher the trainer runs (ddp cannot run under DeepSpeed's launcher), with the options that
 # make it a drill of its own: ZeRO stages differ per launcher so that sharded optimizer state (1, 2) and
 # sharded parameters (3) are each drilled once.
@@ -288,6 +290,9 @@ class Job:
         except OSError:
             return {}
 
+    def newest_step(self) -> int:
+        return max(self.losses(), default=0)
+
     def rate(self) -> float | None:
         try:
             return step_rate((self.run_dir / METRICS).read_text())
@@ -317,11 +322,11 @@ def wait_for_step(job: Job, step: int, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     polls = 0
     while time.monotonic() < deadline:
-        newest = max(job.losses(), default=0)
+        newest = job.newest_step()
         if newest >= step:
             return newest
         polls += 1
-        if polls % 25 == 0 and job.state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        if polls % 25 == 0 and job.state() in ENDED:
             raise RuntimeError(f"job {job.job_id} ended before step {step}")
         time.sleep(POLL_S)
     raise RuntimeError(f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
@@ -375,7 +380,7 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
             seen.next_step_at = time.time()
         if pending:
             attempts.nudge(job.job_id, history)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+        if state in (*ENDED, "OUT_OF_MEMORY", "BOOT_FAIL"):
             seen.final_state = state
             break
         time.sleep(POLL_S)
@@ -391,7 +396,7 @@ def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) 
     """Inject the scenario's fault now; returns what to call while following the job (cleanup included)."""
     target = victim(job)
     seen.victim_rank, seen.victim_node = target.rank, target.node
-    seen.fault_step = max(job.losses(), default=0)
+    seen.fault_step = job.newest_step()
     seen.fault_at = time.time()
     if scenario == "preempt":
         _run(["scancel", "--signal=USR1", job.job_id], timeout=30)
@@ -506,8 +511,7 @@ def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]
     """The reference's losses once it has logged ``steps`` (or ended); the caller cancels it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if max(job.losses(), default=0) >= steps or job.state() in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                      "TIMEOUT", "NODE_FAIL"):
+        if job.newest_step() >= steps or job.state() in ENDED:
             break
         time.sleep(1.0)
     return job.losses()

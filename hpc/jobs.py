@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from hpc import nodelist
+from hpc.attempts import parse_keyvalues
 from hpc.logs import failing_task, failure_report, log_files, ranks_label, srun_first_failure, tail, task_of  # noqa: F401
 from hpc.registry import (  # noqa: F401
     DEFAULT_HOME,
@@ -40,6 +41,8 @@ from hpc.vocab import SUBMITIT_DIR  # noqa: F401
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "REVOKED", "LEFT_QUEUE")
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed", "NNodes")
+# Slurm's NodeList of a job that has no nodes (pending, or cancelled before it started).
+NO_NODES = ("", "None assigned", "(null)")
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
@@ -68,7 +71,7 @@ class JobState:
         parts = [self.job_id, self.state]
         if self.exit_code is not None:
             parts.append(f"exit={self.exit_code}" + (f" signal={self.signal}" if self.signal else ""))
-        if self.nodelist and self.nodelist not in ("None assigned", "(null)"):
+        if self.nodelist not in NO_NODES:
             parts.append(f"nodes={self.nodelist}")
         if self.elapsed:
             parts.append(f"elapsed={self.elapsed}")
@@ -98,18 +101,12 @@ def parse_sacct(text: str, job_id: str) -> JobState | None:
 def nodelist_unsettled(state: JobState) -> bool:
     """Whether accounting names fewer hosts than the job ran on: for a few seconds after a job ends, sacct's
     NodeList holds its batch host alone while NNodes is already right (seen on Slurm 22.05)."""
-    if not state.done or not state.nnodes or state.nodelist in ("", "None assigned", "(null)"):
+    if not state.done or not state.nnodes or state.nodelist in NO_NODES:
         return False
     try:
         return len(nodelist.expand(state.nodelist)) < state.nnodes
     except ValueError:
         return False
-
-
-def parse_scontrol_nodelist(text: str) -> str | None:
-    """NodeList from ``scontrol show job -o``; None when the controller no longer holds the job."""
-    m = re.search(r"(?:^|\s)NodeList=(\S+)", text)
-    return m.group(1) if m and m.group(1) != "(null)" else None
 
 
 def parse_squeue(text: str, job_id: str) -> JobState | None:
@@ -130,8 +127,8 @@ def _where_it_ran(state: JobState, runner: Runner) -> JobState:
     if not nodelist_unsettled(state):
         return state
     shown = runner(["scontrol", "show", "job", "-o", state.job_id])
-    nodes = parse_scontrol_nodelist(shown.stdout) if shown.returncode == 0 else None
-    return replace(state, nodelist=nodes) if nodes else state
+    nodes = parse_keyvalues(shown.stdout).get("NodeList", "") if shown.returncode == 0 else ""
+    return state if nodes in NO_NODES else replace(state, nodelist=nodes)
 
 
 def slurm_state(job_id: str, runner: Runner = _run) -> JobState:

@@ -19,7 +19,6 @@ from typing import Any, Iterable, Mapping, Sequence
 from hpc import vocab
 
 HEARTBEAT_DIR = vocab.HEARTBEAT
-# Phases after which a rank no longer makes progress by design.
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
 # STALE_MIN_S: heartbeats come every 2 s, so anything shorter would flag healthy ranks between writes.
 STALE_K = 5.0

@@ -89,7 +89,7 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
             observed.append(drilling.run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps,
                                                   say, timeout_s))
             say(f"{scenario}: job {observed[-1].job_id} ended {observed[-1].final_state}")
-            if max(ref.losses(), default=0) >= reference_steps:
+            if ref.newest_step() >= reference_steps:
                 drilling.cancel_all([ref_id])  # it has every step needed: stop sharing the CPUs with it
         reference = drilling.reference_losses(ref, reference_steps, timeout_s)
     finally:
