@@ -7,11 +7,15 @@ import json
 import os
 import re
 import shlex
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jinja2
+import jinja2.runtime
+import jinja2.sandbox
+import jinja2.utils
 import markupsafe
 import yaml
 
@@ -137,9 +141,38 @@ def search_path(profile: Profile, environ: Mapping[str, str]) -> tuple[str, ...]
     return tuple(dict.fromkeys((*site, *sites.template_dirs(environ), str(paths.templates_dir()))))
 
 
+class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja that reads values and calls macros, and nothing else.
+
+    A site's templates come from a profile someone may have handed you, and rendering is a dry run: it must
+    never run Python in your process. Jinja's sandbox already refuses private attributes (the
+    ``cycler.__init__.__globals__`` road to ``os``) and mutation; on top, no module is reachable and the only
+    callables are macros, Jinja's own globals (range, dict, cycler, ...) and their helpers' methods: no
+    method of a value (``profile.environment``) runs.
+    """
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if isinstance(value, types.ModuleType) or isinstance(obj, types.ModuleType):
+            return False
+        return super().is_safe_attribute(obj, attr, value)
+
+    def is_safe_callable(self, obj: Any) -> bool:
+        if isinstance(obj, jinja2.runtime.Macro) or any(obj is helper for helper in self.globals.values()):
+            return True
+        owner = getattr(obj, "__self__", None)
+        return isinstance(owner, _JINJA_HELPERS) and super().is_safe_callable(obj)
+
+
+_JINJA_HELPERS = (jinja2.runtime.LoopContext, jinja2.utils.Cycler, jinja2.utils.Joiner)
+
+# What templates may read of hpcdist's vocabulary: its names and values, never the module itself.
+TEMPLATE_VOCAB = types.MappingProxyType(
+    {name: value for name, value in vars(vocab).items() if name.isupper()})
+
+
 @functools.lru_cache(maxsize=8)
 def environment(search: tuple[str, ...]) -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = Sandbox(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(d) for d in search]),
         undefined=jinja2.StrictUndefined,
         # On, so that macro output counts as checked text; finalize refuses every other unfiltered value
@@ -258,7 +291,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "profile": profile,
         "job_dir": spec.job_dir,
         "run_dir": str(jdir / vocab.RUN_DIR),
-        "vocab": vocab,
+        "vocab": TEMPLATE_VOCAB,
         "python": spec.python,
         "environment": sorted(profile.environment().items()),
         "world_size": spec.world_size,
@@ -267,24 +300,10 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "time_minutes": spec.time_minutes,
     }
     env = environment(search if search is not None else search_path(profile, os.environ))
-    files: dict[str, str] = {}
-    lines: dict[str, str] = {}
-    try:
-        for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.REQUEUE_SH):
-            files[name] = env.get_template(f"{name}.j2").render(context)
-        for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh"):
-            lines[name] = env.get_template(f"{name}.j2").render(context).strip()
-    except RenderError:
-        raise
-    except jinja2.TemplateError as exc:
-        raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {_first_line(exc)}".strip()) from None
-    except RecursionError:
-        raise RenderError("a template includes itself without end; fix the site template directory") from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise RenderError(f"cannot read a template: {_first_line(exc)}; fix the site template directory") from None
-    except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
-        raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
-                          "site template directory") from None
+    files = {name: render_template(env, f"{name}.j2", context)
+             for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.REQUEUE_SH)}
+    lines = {name: render_template(env, f"{name}.j2", context).strip()
+             for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh")}
     files[vocab.SPEC_YAML] = spec_yaml(spec, profile)
     files[vocab.RANKS_TXT] = ranks_table(spec, job_id)
     if ds_config is not None:
@@ -293,6 +312,26 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         files[vocab.HOSTFILE] = hostfile(spec.hosts, spec.procs_per_node)
     return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
                     teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"])
+
+
+def render_template(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> str:
+    """One template rendered in ``env``, any failure of a (site's) template a RenderError in one line."""
+    try:
+        return env.get_template(name).render(context)
+    except RenderError:
+        raise
+    except jinja2.sandbox.SecurityError as exc:
+        raise RenderError(f"template {name} reaches outside its values ({_first_line(exc)}); templates may "
+                          "only read values and call macros: fix the site template directory") from None
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"template {getattr(exc, 'name', None) or name}: {_first_line(exc)}") from None
+    except RecursionError:
+        raise RenderError("a template includes itself without end; fix the site template directory") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RenderError(f"cannot read a template: {_first_line(exc)}; fix the site template directory") from None
+    except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
+        raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
+                          "site template directory") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -401,8 +401,6 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
 def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task], max_parallel: int,
                  environ: Mapping[str, str]) -> str:
     """The array's job.sbatch (templates/array.sbatch.j2) from its first task's resolved spec."""
-    import jinja2
-
     from hpc import profiles
 
     spec = first.spec
@@ -410,7 +408,7 @@ def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task],
     env = render.environment(render.search_path(profile, environ))
     context = {
         "spec": spec,
-        "vocab": vocab,
+        "vocab": render.TEMPLATE_VOCAB,
         # Each array task's batch log sits in its own job directory, named as `hpcdist logs JOBID_TASK` looks.
         "batch_log": f"{array_dir}/task-%a/{vocab.batch_log('%A_%a')}",
         "array_dir": str(array_dir),
@@ -421,9 +419,9 @@ def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task],
                   for t in tasks],
     }
     try:
-        return env.get_template("array.sbatch.j2").render(context)
-    except jinja2.TemplateError as exc:
-        raise SweepError(f"template array.sbatch.j2: {exc}") from None
+        return render.render_template(env, "array.sbatch.j2", context)
+    except render.RenderError as exc:
+        raise SweepError(str(exc)) from None
 
 
 # ---- writing it ----------------------------------------------------------------------------------

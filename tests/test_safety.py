@@ -453,3 +453,70 @@ def test_status_and_list_say_the_job_dir_is_gone(tmp_path: Path) -> None:
     code, out, _ = cli(["list"], env=env)
     assert "(deleted)" in out and "UNKNOWN" in out
     assert json.loads((tmp_path / "reg" / "jobs.jsonl").read_text())["job_id"] == "999999"
+
+
+# ---- issue 22: a dry run runs no code ---------------------------------------------------------------
+
+# Each reaches Python from a template in an unsandboxed Jinja; each must fail the render and run nothing.
+PAYLOADS = [
+    "{{ cycler.__init__.__globals__.os.system('touch OWNED') }}",
+    "{{ lipsum.__globals__['os'].system('touch OWNED') }}",
+    "{{ profile.environment() }}",
+    "{{ spec.to_dict() | q }}",
+    "{{ vocab.task_log(1) }}",
+    "{% set x = spec.train_args.append('x') %}",
+    "{{ (''.__class__.__mro__[1].__subclasses__() | length) }}",
+]
+
+
+def _site_with(tmp_path: Path, payload: str) -> tuple[Path, Path]:
+    """A site directory (clusters/site.yaml naming templates/) whose setup.sh.j2 carries ``payload``."""
+    site = tmp_path / "site"
+    (site / "clusters").mkdir(parents=True)
+    (site / "templates").mkdir()
+    setup = (REPO / "templates" / "setup.sh.j2").read_text()
+    (site / "templates" / "setup.sh.j2").write_text(payload + "\n" + setup)
+    profile = site / "clusters" / "site.yaml"
+    profile.write_text(f"partition: debug\nmax_nodes: 3\ntemplates: {site / 'templates'}\n")
+    return site, profile
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("route", ["--cluster PATH", "job file cluster:", "HPCDIST_CLUSTERS", "HPCDIST_TEMPLATES"])
+@pytest.mark.parametrize("command", ["render", "sweep"])
+def test_a_templates_python_never_runs_during_a_dry_run(tmp_path: Path, monkeypatch, payload: str, route: str,
+                                                        command: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    site, profile = _site_with(tmp_path, payload)
+    env: dict[str, str] = {}
+    args = ["-o", str(tmp_path / "j")]
+    if route == "--cluster PATH":
+        args += ["--cluster", str(profile)]
+    elif route == "job file cluster:":
+        (tmp_path / "job.yaml").write_text(f"cluster: {profile}\n")
+        args += ["-c", str(tmp_path / "job.yaml")]
+    elif route == "HPCDIST_CLUSTERS":
+        env["HPCDIST_CLUSTERS"] = str(site / "clusters")
+        args += ["--cluster", "site"]
+    else:
+        env["HPCDIST_TEMPLATES"] = str(site / "templates")
+    argv = ["render", "-q", *args] if command == "render" else ["sweep", "run", "--dry-run", "--grid",
+                                                                 "zero_stage=1,2", "--backend", "deepspeed", *args]
+    code, _, err = cli(argv, env=env)
+    assert_one_line_refusal(code, err, "template")
+    assert not (tmp_path / "OWNED").exists()
+    assert not (tmp_path / "j").exists()
+
+
+def test_the_sandbox_still_renders_macros_loops_and_filters(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    setup = (REPO / "templates" / "setup.sh.j2").read_text()
+    extra = ('{% for m in ["a", "b"] %}# {{ loop.index }} {{ m }} {{ loop.cycle("x", "y") }}\n{% endfor %}'
+             '{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}{% endfor %}'
+             '# sum {{ ns.n }} {{ vocab.RUN_DIR }} {{ spec.job_name | q }}\n')
+    (site / "setup.sh.j2").write_text(extra + setup)
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j")], env={"HPCDIST_TEMPLATES": str(site)})
+    assert code == 0, err
+    text = (tmp_path / "j" / "setup.sh").read_text()
+    assert "# 1 a x\n# 2 b y\n# sum 3 run hpcdist\n" in text
