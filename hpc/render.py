@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import stat
 import types
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,10 +26,12 @@ from hpc.profiles import Profile
 from hpc.spec import JobSpec, SpecError, check, train_value, unwritable
 
 TEMPLATES_ENV = "HPCDIST_TEMPLATES"
-# Written into every job directory hpcdist renders: --force replaces only a directory holding it.
+# Written into every job (and sweep) directory hpcdist renders, naming its kind and every path it wrote:
+# --force replaces only a directory whose marker says so and that holds nothing more (it never ran).
 MARKER = ".hpcdist-job"
-MARKER_TEXT = ("This directory was written by hpcdist (render, submit or sweep); `--force` may replace it, with "
-               "everything in it.\n")
+MARKER_NOTE = ("This directory was written by hpcdist; `--force` replaces it only while it holds exactly the paths "
+               "below (a job that never ran).")
+_MARKER_MAX_BYTES = 64 << 20
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
 
 
@@ -379,15 +382,76 @@ def _refuse_target(target: Path, what: str, force: bool, environ: Mapping[str, s
     if not force:
         raise RenderError(f"{what} {target} already exists; pass another --job-dir, or --force to "
                           f"replace a {what} hpcdist wrote")
-    if not is_job_dir(target):
-        raise RenderError(f"--force replaces only a {what} hpcdist wrote (one holding {MARKER}), and "
-                          f"{target} is not one; pick another --job-dir")
+    refusal = unreplaceable(target, what.split()[0])
+    if refusal:
+        raise RenderError(f"--force {refusal}; pick another --job-dir")
+
+
+def marker_text(kind: str, paths: Iterable[str]) -> str:
+    """The marker of a ``kind`` ("job" or "sweep") directory holding ``paths`` (relative; folders end in /)."""
+    return json.dumps({"hpcdist": MARKER_NOTE, "kind": kind, "paths": sorted(paths)}, indent=0) + "\n"
+
+
+def read_marker(path: Path) -> tuple[str, frozenset[str]] | None:
+    """(kind, paths) from the marker in ``path``, or None: no marker, a link, not ours, or damaged."""
+    try:
+        fd = os.open(Path(path) / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        raw = f.read(_MARKER_MAX_BYTES + 1)
+    try:
+        data = json.loads(raw.decode()) if len(raw) <= _MARKER_MAX_BYTES else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        return None
+    paths = data.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return None
+    return data["kind"], frozenset(paths)
+
+
+def unreplaceable(target: Path, kind: str) -> str | None:
+    """Why ``target`` may not be replaced as a ``kind`` directory, or None when it is exactly what hpcdist
+    wrote: its marker names that kind, and it holds no path the marker does not list (nothing ran there)."""
+    marker = None if Path(target).is_symlink() else read_marker(target)
+    if marker is None:
+        return (f"replaces only a {kind} directory hpcdist wrote (one holding a readable {MARKER}), and "
+                f"{target} is not one")
+    if marker[0] != kind:
+        return f"of a {kind} never replaces a {marker[0]} directory, and {target} is one"
+    found = _unlisted(Path(target), marker[1])
+    if found:
+        shown = ", ".join(ascii(p)[1:-1] for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        return (f"replaces only a {kind} that never ran, and {target} holds what was made since it was written "
+                f"({shown})")
+    return None
+
+
+def _unlisted(root: Path, listed: frozenset[str], most: int = 4) -> list[str]:
+    """Up to ``most`` paths under ``root`` that ``listed`` does not name (links are not followed)."""
+    found: list[str] = []
+    for top, dirs, files in os.walk(root):
+        rel = os.path.relpath(top, root)
+        for name in sorted(dirs) + sorted(files):
+            path = name if rel == "." else f"{rel}/{name}"
+            if name == MARKER and name in files:
+                continue
+            if (f"{path}/" if name in dirs and not os.path.islink(os.path.join(top, name)) else path) not in listed:
+                found.append(path)
+                if len(found) >= most:
+                    return found
+        dirs[:] = [d for d in dirs if (f"{d}/" if rel == "." else f"{rel}/{d}/") in listed]
+    return found
 
 
 def is_job_dir(path: Path) -> bool:
-    """Whether ``path`` is a directory hpcdist wrote: it holds the marker file (not a link to one)."""
-    marker = Path(path) / MARKER
-    return not Path(path).is_symlink() and Path(path).is_dir() and marker.is_file() and not marker.is_symlink()
+    """Whether ``path`` is a job directory hpcdist wrote: it holds a job marker (not a link to one)."""
+    marker = None if Path(path).is_symlink() else read_marker(path)
+    return marker is not None and marker[0] == "job"
 
 
 def write(rendered: Rendered, *, force: bool = False, environ: Mapping[str, str] | None = None,
@@ -402,10 +466,10 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
     """Write a directory hpcdist owns all at once: into a temporary sibling, then renamed into place.
 
     ``files`` maps paths relative to ``target`` to their text (scripts become executable); ``dirs`` are
-    empty folders to create. ``target`` gets ``MARKER``. A failure leaves nothing behind. ``force``
-    replaces an existing directory, but only one that hpcdist wrote (it holds ``MARKER``); nothing else
-    is ever removed, and ``target`` is never /, the home or current directory or one above them
-    (``environ``'s HOME, ``cwd``).
+    empty folders to create. ``target`` gets ``MARKER``, naming ``what``'s kind and every path written. A
+    failure leaves nothing behind. ``force`` replaces an existing directory, but only one that hpcdist wrote
+    as this kind and that holds nothing since (see ``unreplaceable``); nothing else is ever removed, and
+    ``target`` is never /, the home or current directory or one above them (``environ``'s HOME, ``cwd``).
     """
     import shutil
     import tempfile
@@ -422,7 +486,7 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
     old = None
     try:
         os.chmod(staging, 0o755)
-        (staging / MARKER).write_text(MARKER_TEXT)
+        (staging / MARKER).write_text(marker_text(what.split()[0], written_paths(files, dirs)))
         for sub in dirs:
             (staging / sub).mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
@@ -444,6 +508,19 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def written_paths(files: Iterable[str], dirs: Iterable[str]) -> set[str]:
+    """Every path ``write_tree`` makes for ``files`` and ``dirs``: each file, and each folder with a /."""
+    out: set[str] = set()
+    for name in (*files, *(f"{d}/" for d in dirs)):
+        out.add(name)
+        parent = os.path.dirname(name.rstrip("/"))
+        while parent:
+            out.add(f"{parent}/")
+            parent = os.path.dirname(parent)
+    out.discard(MARKER)
+    return out
 
 
 def discard(job_dir: Path) -> None:

@@ -477,9 +477,11 @@ def write(sweep: Sweep, *, force: bool = False) -> Path:
         files[str(adir / "tasks.txt")] = tasks_table(array)
         for task in array.tasks:
             tdir = task.rendered.job_dir.relative_to(target)
-            files[str(tdir / render.MARKER)] = render.MARKER_TEXT
+            own_dirs = (vocab.LOGS_DIR, vocab.RUN_DIR)
+            files[str(tdir / render.MARKER)] = render.marker_text(
+                "job", render.written_paths(task.rendered.files, own_dirs))
             files.update({str(tdir / name): body for name, body in task.rendered.files.items()})
-            dirs += [str(tdir / vocab.LOGS_DIR), str(tdir / vocab.RUN_DIR)]
+            dirs += [str(tdir / d) for d in own_dirs]
     try:
         return render.write_tree(target, files, dirs=dirs, what="sweep directory", force=force)
     except render.RenderError as exc:

@@ -89,16 +89,56 @@ def test_force_refuses_a_regular_file_and_a_directory_hpcdist_did_not_write(home
     assert tree(home) == before
 
 
-def test_force_replaces_a_job_dir_hpcdist_wrote(home: Path) -> None:
+def test_force_replaces_a_job_dir_hpcdist_wrote_that_never_ran(home: Path) -> None:
     assert cli(["render", "-q", "-o", "job"])[0] == 0
-    assert (home / "work" / "job" / render.MARKER).is_file()
-    (home / "work" / "job" / "run" / "old-result").write_text("x")
+    assert render.is_job_dir(home / "work" / "job")
     code, _, err = cli(["render", "-q", "-o", "job"])
     assert_one_line_refusal(code, err, "already exists")
-    assert cli(["render", "-q", "-o", "job", "--force"])[0] == 0
-    assert not (home / "work" / "job" / "run" / "old-result").exists()
+    assert cli(["render", "-q", "-o", "job", "--force", "-J", "second"])[0] == 0
+    assert "--job-name=second" in (home / "work" / "job" / "job.sbatch").read_text()
     # Nothing is left beside it: no staging or old copies.
     assert sorted(p.name for p in (home / "work").iterdir()) == ["job"]
+
+
+@pytest.mark.parametrize("made", ["submitted.json", "attempts.jsonl", "run/checkpoints/step00000010/model.pt",
+                                  "run/metrics.jsonl", "run/summary.json", "logs/task-0.log", "run/old-result",
+                                  "hostfile"])
+def test_force_never_replaces_a_job_that_ran(home: Path, made: str) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    path = home / "work" / "job" / made
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("result\n")
+    before = tree(home)
+    code, _, err = cli(["render", "-q", "-o", "job", "--force"])
+    assert_one_line_refusal(code, err, "never ran", made.split("/")[0])
+    assert tree(home) == before
+
+
+def test_sweep_force_never_replaces_a_job_dir_nor_render_force_a_sweep(home: Path) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    assert cli(["sweep", "run", "--dry-run", "-o", "sw", "--grid", "train.seed=1,2"])[0] == 0
+    before = tree(home)
+    code, _, err = cli(["sweep", "run", "--dry-run", "-o", "job", "--grid", "train.seed=1,2", "--force"])
+    assert_one_line_refusal(code, err, "never replaces a job directory")
+    code, _, err = cli(["render", "-q", "-o", "sw", "--force"])
+    assert_one_line_refusal(code, err, "never replaces a sweep directory")
+    assert tree(home) == before
+    assert cli(["sweep", "run", "--dry-run", "-o", "sw", "--grid", "train.seed=3,4", "--force"])[0] == 0
+
+
+@pytest.mark.parametrize("marker", [
+    "This directory was written by hpcdist (render, submit or sweep); `--force` may replace it.\n",  # older
+    '{"kind": "job", "paths": "everything"}\n',
+    b"\xff\xfe",
+])
+def test_a_marker_that_does_not_list_what_was_written_is_never_replaced(home: Path, marker) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    path = home / "work" / "job" / render.MARKER
+    path.write_bytes(marker) if isinstance(marker, bytes) else path.write_text(marker)
+    before = tree(home)
+    code, _, err = cli(["render", "-q", "-o", "job", "--force"])
+    assert_one_line_refusal(code, err, "readable")
+    assert tree(home) == before
 
 
 def test_a_symlinked_marker_does_not_make_a_job_dir(home: Path) -> None:

@@ -33,7 +33,7 @@ def sbatch_test_only(job_dir: Path) -> tuple[int, str]:
 
 @click.command()
 @job_options
-@click.option("--force", is_flag=True, help="Replace an existing job directory.")
+@click.option("--force", is_flag=True, help="Replace a job directory hpcdist rendered that never ran.")
 @click.option("--test-only", "test_only_", is_flag=True, help="Also ask Slurm: sbatch --test-only.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the job directory, not job.sbatch.")
 def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, **options: Any) -> None:

@@ -92,7 +92,7 @@ def _load_file(path: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
 @click.option("--via", type=click.Choice(("sbatch", "submitit")), default="sbatch", show_default=True,
               help="Arrays are submitted with sbatch only.")
 @click.option("--dry-run", is_flag=True, help="Write the sweep directory and print every task; submit nothing.")
-@click.option("--force", is_flag=True, help="Replace an earlier sweep directory.")
+@click.option("--force", is_flag=True, help="Replace a sweep directory hpcdist rendered that never ran.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for every task; exit 1 unless all completed.")
 def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, skip: tuple[str, ...],
         preset: str | None, max_parallel: int | None, via: str, dry_run: bool, force: bool, wait_: bool,
