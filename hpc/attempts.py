@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from hpc import fileio
 from hpc.vocab import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -520,7 +521,8 @@ def append(job_dir: Path, line: Mapping[str, Any]) -> bool:
     """Add an attempt's line unless that attempt already has one (the batch shell and a later ``status`` may
     both try); False when it was there already. A lock makes check-and-append one step."""
     path = Path(job_dir) / ATTEMPTS
-    with open(path, "a+") as f:
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         if any(a["attempt"] == line["attempt"] for a in parse_attempts(f.read())):
@@ -827,8 +829,6 @@ def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], er
                 "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0),
                 "time": time.time(), "kind": kind, "error": " ".join(str(error).split())[:2000],
                 "exit_code": exit_code, "pid": os.getpid()}
-        tmp = folder / f".rank-{rank}.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data) + "\n")
-        os.replace(tmp, folder / f"rank-{rank}.json")
+        fileio.atomic_write(folder / f"rank-{rank}.json", json.dumps(data) + "\n")
     except Exception:  # noqa: BLE001 - reporting must not mask the error being reported
         pass

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from hpc import render, vocab
+from hpc import fileio, render, vocab
 from hpc import spec as specs
 from hpc.profiles import Profile
 
@@ -625,6 +625,6 @@ def chart(report_rows: Sequence[Row], path: Path, title: str) -> Path:
     axes[0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fileio.save_png(fig, path, dpi=100)
     plt.close(fig)
     return path

@@ -360,3 +360,39 @@ def test_report_writes_the_page_and_charts_with_their_series(tmp_path: Path) -> 
     fall = json.loads((folder / "waterfall.json").read_text())
     assert [w["rank"] for w in fall["waterfalls"]] == [0, 1]
     assert all((folder / f"{n}.png").stat().st_size > 1000 for n in ("loss", "rate", "waterfall", "goodput"))
+
+
+def _finished_job(tmp_path: Path) -> jobs.Record:
+    hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(4)]}
+    record = write_job(tmp_path, [hist[0][-1]], history=hist)
+    (Path(record.job_dir) / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    return record
+
+
+def test_report_never_writes_through_a_link_in_the_job_dir(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (Path(record.job_dir) / "report").symlink_to(elsewhere)
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "symbolic link" in proc.stderr
+    assert list(elsewhere.iterdir()) == []
+    (Path(record.job_dir) / "report").unlink()
+    (Path(record.job_dir) / "report").mkdir()
+    (Path(record.job_dir) / "report" / "report.html").symlink_to(elsewhere / "victim")
+    (elsewhere / "victim").write_text("mine\n")
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (elsewhere / "victim").read_text() == "mine\n"
+    assert "<html" in (Path(record.job_dir) / "report" / "report.html").read_text()
+
+
+def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    marker = Path(record.job_dir) / "submitted.json"
+    marker.write_text(marker.read_text().replace(record.job_dir, str(other)))
+    proc = run_cli(["report", record.job_dir], tmp_path / "fresh-home")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "another job directory" in proc.stderr
+    assert list(other.iterdir()) == []

@@ -312,3 +312,15 @@ def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("hpcdist sweep: axis cpus_per_task=64: 1 task(s) x 64 CPU(s) per node exceed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_path):
+    sweep = plan(tmp_path, axes("backend=dp,ddp"))
+    sweeps.write(sweep)
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (tmp_path / "sweep" / "report.png").symlink_to(victim)
+    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "mine\n"
+    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,6 +16,7 @@ from typing import MutableMapping
 import torch
 import torch.distributed as dist
 
+from hpc import fileio
 from hpc.ranks import DistEnv
 
 
@@ -129,8 +130,7 @@ def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
               "world_size": env.world_size, "seconds": time.perf_counter() - started}
     out = run_dir / "preflight"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f".rank-{env.rank}.json.tmp").write_text(json.dumps(report) + "\n")
-    os.replace(out / f".rank-{env.rank}.json.tmp", out / f"rank-{env.rank}.json")
+    fileio.atomic_write(out / f"rank-{env.rank}.json", json.dumps(report) + "\n")
     if int(total) != env.world_size:
         raise PreflightError(f"preflight all_reduce on rank {env.rank} summed to {int(total)}, "
                            f"expected world size {env.world_size}: some rank is misconfigured")

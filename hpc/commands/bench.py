@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
+from hpc import fileio
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +136,7 @@ def draw(results: list[core.Result], meta: dict, path: Path) -> None:
                  fontsize=10)
     ax.set_xlim(0, max(values, default=1) * 1.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fileio.save_png(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -217,8 +218,8 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     # Which card (or "cpu") the runs trained on, as they reported it: this process never imports torch.
     meta["device"] = next((r.device for r in results if r.device), "unknown")
 
-    (out_dir / "bench.json").write_text(json.dumps(core.to_json(results, meta), indent=2) + "\n")
-    (out_dir / "bench.md").write_text(core.markdown_report(results, meta))
+    fileio.atomic_write(out_dir / "bench.json", json.dumps(core.to_json(results, meta), indent=2) + "\n")
+    fileio.atomic_write(out_dir / "bench.md", core.markdown_report(results, meta))
     draw(results, meta, out_dir / "bench.png")
     click.echo(core.markdown_table(results))
     for line in core.verdicts(results):

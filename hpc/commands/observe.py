@@ -19,7 +19,8 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from hpc import jobs, monitor, progress, report, timeline, vocab
+from hpc import fileio, jobs, monitor, progress, report, timeline, vocab
+from hpc.commands.options import fail
 from hpc.commands.submit import _lookup
 
 TOP_EVERY_S = 2.0
@@ -349,10 +350,10 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         bars = [{"label": c.get_label(), "bars": len(c.patches)} for c in ax.containers]
         drawn[name] = {"lines": lines, "bars": bars, **extra}
         fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=100)
+        fileio.save_png(fig, folder / f"{name}.png", dpi=100)
         plt.close(fig)
         # NaN (the gap between attempts) is not JSON: written as null.
-        (folder / f"{name}.json").write_text(json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
+        fileio.atomic_write(folder / f"{name}.json", json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
     if drawn:
         fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
         for ax, name in zip(axes.flat, charts):
@@ -363,7 +364,7 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         fig.suptitle(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                      f"{record.world_size} rank(s)")
         fig.tight_layout()
-        fig.savefig(folder / "overview.png", dpi=90)
+        fileio.save_png(fig, folder / "overview.png", dpi=90)
         plt.close(fig)
     return drawn
 
@@ -383,8 +384,11 @@ def facts_of(record: jobs.Record, summary: dict[str, Any] | None, state: jobs.Jo
 def report_cmd(job: str, out_dir: Path | None) -> None:
     """One HTML run report: loss curve, images/s per rank, waterfall, attempts, goodput, stragglers."""
     record = _lookup("report", job)
-    folder = (out_dir or Path(record.job_dir) / "report").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = fileio.folder(out_dir.resolve().parent, out_dir.name) if out_dir else fileio.folder(
+            Path(record.job_dir), "report")
+    except OSError as exc:
+        fail("report", exc)
     falls = waterfalls(record)
     good = goodput_of(record, falls)
     drawn = draw_charts(folder, record, falls, good)
@@ -393,8 +397,8 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}",
                               facts_of(record, summary, jobs.state(record)), images, attempts_of(record), good,
                               timeline.table(falls), stragglers_of(record))
-    (folder / "report.html").write_text(page)
-    (folder / "goodput.json").write_text(json.dumps(good, indent=1) + "\n")
+    fileio.atomic_write(folder / "report.html", page)
+    fileio.atomic_write(folder / "goodput.json", json.dumps(good, indent=1) + "\n")
     shares = ", ".join(f"{c} {good['share'][c] * 100:.0f}%" for c in report.CATEGORIES)
     click.echo(f"report: {folder / 'report.html'}  (goodput: {shares}; {good['redone_steps']} steps recomputed)")
 

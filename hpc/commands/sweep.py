@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import click
 
+from hpc import fileio
 from hpc.commands.options import fail, job_options, values_from_options
 
 WAIT_POLL_S = 3.0
@@ -202,7 +203,7 @@ def submit(plan: Any) -> dict[str, str]:
         render.discard(plan.sweep_dir)
         raise RuntimeError(str(exc)) from None
     now = datetime.datetime.now(datetime.timezone.utc)
-    (plan.sweep_dir / sweeps.SUBMITTED_FILE).write_text(json.dumps(
+    fileio.atomic_write(plan.sweep_dir / sweeps.SUBMITTED_FILE, json.dumps(
         {"arrays": ids, "via": "sbatch", "submitted": now.isoformat(timespec="seconds")}, indent=1) + "\n")
     # `hpcdist status|logs|cancel JOBID_TASK` then find each array task and its directory.
     for array in plan.arrays:
@@ -279,7 +280,7 @@ def report(sweep_dir: str, as_json: bool, png: str | None, markdown: str | None,
     text = sweeps.table(rows, markdown=True)
     click.echo(text, nl=False)
     if markdown:
-        Path(markdown).write_text(text)
+        fileio.atomic_write(Path(markdown), text)
     path = Path(png) if png else Path(sweep_dir) / "report.png"
     sweeps.chart(rows, path, title or Path(sweep_dir).resolve().name)
     click.echo(f"# chart: {path}", err=True)
