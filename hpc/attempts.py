@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hpc import fileio
+from hpc import fileio, shown
 from hpc.vocab import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -541,14 +541,14 @@ def summary_line(a: Mapping[str, Any]) -> str:
         text += f" -> {a.get('reason') or a['action']}"
     elif a.get("reason") and a.get("ending") not in ("completed",):
         text += f" ({a['reason']})"
-    return text
+    return shown.line(text, limit=2000)
 
 
 def root_cause(attempts: Sequence[Mapping[str, Any]]) -> str | None:
     """The first failing rank's own error line of the newest attempt that failed, or None."""
     for a in reversed(attempts):
         if a.get("ending") not in ("completed", "preempted", "cancelled") and a.get("detail"):
-            return str(a["detail"])
+            return shown.line(a["detail"], limit=2000)
     return None
 
 

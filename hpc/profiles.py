@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpc import plan, sites
+from hpc import plan, shown, sites
 from hpc.spec import SpecError, time_seconds
 
 # The network section names the variables NCCL and Gloo read, spelled as they are exported.
@@ -117,23 +117,18 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = ascii(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _int(name: str, value: Any, lowest: int, highest: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
-        raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {shown.value(value)}")
     return value
 
 
 def _str(name: str, value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ProfileError(f"{name} must be a string, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a string, got {shown.value(value)}")
     text = str(value)
     if "\x00" in text or not _encodable(text):
-        raise ProfileError(f"{name} {_shown(text)} holds a NUL byte or a lone surrogate, which no script can "
+        raise ProfileError(f"{name} {shown.value(text)} holds a NUL byte or a lone surrogate, which no script can "
                            "carry; remove it")
     return text
 
@@ -142,17 +137,17 @@ def _strings(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ProfileError(f"{name} must be a list of strings, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a list of strings, got {shown.value(value)}")
     return tuple(_str(name, v) for v in value)
 
 
 def _variables(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
-        raise ProfileError(f"{name} must be a mapping of variable names to values, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a mapping of variable names to values, got {shown.value(value)}")
     out = []
     for key, val in value.items():
         if not isinstance(key, str) or not _NAME.fullmatch(key):
-            raise ProfileError(f"{name}: {_shown(key)} is not a shell variable name")
+            raise ProfileError(f"{name}: {shown.value(key)} is not a shell variable name")
         out.append((key, "1" if val is True else "0" if val is False else _str(f"{name}.{key}", val)))
     return tuple(out)
 
@@ -174,7 +169,7 @@ NETWORK_VALUES = {
 def _network_value(key: str, value: str) -> str:
     pattern, accepted = NETWORK_VALUES[key]
     if not pattern.fullmatch(value) or (key == "NCCL_IB_GID_INDEX" and int(value) > 255):
-        raise ProfileError(f"network.{key} {_shown(value)} is not one NCCL reads; give {accepted}")
+        raise ProfileError(f"network.{key} {shown.value(value)} is not one NCCL reads; give {accepted}")
     return value
 
 
@@ -182,10 +177,9 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     """A Profile from a YAML mapping; ``base`` anchors a relative ``templates`` directory."""
     if not isinstance(data, dict):
         raise ProfileError(f"cluster profile {name!r} must be a YAML mapping")
-    unknown = sorted(_shown(k) if not isinstance(k, str) else k for k in data if k not in KEYS)
+    unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise ProfileError(f"cluster profile {_shown(name)}: unknown key(s) {', '.join(unknown)}; valid "
-                           f"keys: {', '.join(KEYS)}")
+        raise ProfileError(f"cluster profile {shown.value(name)}: {shown.unknown_keys(unknown, KEYS)}")
     values: dict[str, Any] = {"name": name}
     for key in ("slurm_cluster", "partition", "account", "python"):
         if data.get(key) is not None:
@@ -217,13 +211,12 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
         net = data["network"]
         if not isinstance(net, dict):
             raise ProfileError("network must be a mapping")
-        bad = sorted(_shown(k) if not isinstance(k, str) else k for k in net if k not in NETWORK_KEYS)
+        bad = [k for k in net if k not in NETWORK_KEYS]
         if bad:
-            raise ProfileError(f"network: unknown key(s) {', '.join(bad)}; valid keys: "
-                               f"{', '.join(NETWORK_KEYS)}")
+            raise ProfileError(f"network: {shown.unknown_keys(bad, NETWORK_KEYS)}")
         ib = net.get("ib", True)
         if not isinstance(ib, bool):
-            raise ProfileError(f"network.ib must be true or false, got {_shown(ib)}")
+            raise ProfileError(f"network.ib must be true or false, got {shown.value(ib)}")
         variables = _variables("network", {k: v for k, v in net.items() if k != "ib" and v is not None})
         values["network"] = Network(ib=ib, variables=tuple((k, _network_value(k, v)) for k, v in variables))
     return Profile(**values)

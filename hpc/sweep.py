@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from hpc import fileio, render, vocab
+from hpc import fileio, render, shown, vocab
 from hpc import spec as specs
 from hpc.profiles import Profile
 
@@ -199,9 +199,9 @@ def parse_file(data: Any, source: str) -> tuple[dict[str, Any], Matrix, dict[str
     """(base job values, matrix, other settings: name, max_parallel) from a sweep file's YAML."""
     if not isinstance(data, dict):
         raise SweepError(f"sweep file {source} must be a mapping with base:, axes:, tasks:, exclude:")
-    unknown = sorted(str(k) for k in data if k not in FILE_KEYS)
+    unknown = [k for k in data if k not in FILE_KEYS]
     if unknown:
-        raise SweepError(f"sweep file {source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(FILE_KEYS)}")
+        raise SweepError(f"sweep file {source}: {shown.unknown_keys(unknown, FILE_KEYS)}")
     base = data.get("base") or {}
     if not isinstance(base, dict):
         raise SweepError(f"sweep file {source}: base: must be a mapping of job keys")

@@ -396,3 +396,19 @@ def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
     proc = run_cli(["report", record.job_dir], tmp_path / "fresh-home")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "another job directory" in proc.stderr
     assert list(other.iterdir()) == []
+
+
+def test_status_list_top_and_timeline_escape_what_a_rank_or_a_file_wrote(tmp_path: Path) -> None:
+    hostile = "\x1b]0;owned\x07\x1b[2Jgone\rfake"
+    record = _finished_job(tmp_path)
+    beat_path = Path(record.job_dir) / "run" / "heartbeat" / "rank-0.json"
+    beat_path.write_text(json.dumps({**json.loads(beat_path.read_text()), "hostname": hostile}))
+    (Path(record.job_dir) / "attempts.jsonl").write_text(json.dumps(
+        {"attempt": 0, "ending": "rank_crashed", "detail": f"rank 0: {hostile}", "action": "none"}) + "\n")
+    jobs.append(jobs.registry_path({"HPCDIST_HOME": str(tmp_path)}), record)
+    for args in (["status", record.job_dir], ["list"], ["top", record.job_dir, "--once"],
+                 ["timeline", record.job_dir]):
+        proc = run_cli(args, tmp_path)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "\x1b" not in proc.stdout + proc.stderr and "\r" not in proc.stdout + proc.stderr, args
+    assert "\\x1b]0;owned\\x07" in run_cli(["status", record.job_dir], tmp_path).stdout

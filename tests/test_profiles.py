@@ -34,8 +34,9 @@ def test_profile_from_path_and_relative_templates(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"partiton": "x"}, "unknown key(s) partiton; valid keys: partition, account"),
-    ({"network": {"NCCL_IB_HCAS": "x"}}, "network: unknown key(s) NCCL_IB_HCAS; valid keys: ib, NCCL_IB_HCA"),
+    ({"partiton": "x"}, "1 unknown key(s), the first 'partiton'; valid keys: partition, account"),
+    ({"network": {"NCCL_IB_HCAS": "x"}}, "network: 1 unknown key(s), the first 'NCCL_IB_HCAS'; valid keys: ib, "
+                                         "NCCL_IB_HCA"),
     ({"network": {"ib": "no"}}, "network.ib must be true or false"),
     ({"gpus_per_node": -1}, "gpus_per_node must be a whole number from 0 to 2147483647"),
     ({"max_nodes": 0}, "max_nodes must be a whole number from 1 to 2147483647"),

@@ -229,7 +229,7 @@ def test_settings_that_cannot_work_are_refused(tmp_path: Path, args: list[str], 
     ("python: /bin/evil\n", ["python is decided by hpcdist"]),
     ("job_dir: a\noutput_dir: b\n", ["both job_dir and output_dir"]),
     ("nodes: 1\nnodes: 2\n", ["'nodes' appears twice"]),
-    ("1: 2\n", ["unknown job key", "1"]),
+    ("1: 2\n", ["unknown key", "the first 1;"]),
     ("train_args: [true]\n", ["train_args must be a list of strings"]),
     ("nodes: [1]\n", ["nodes must be a whole number"]),
 ])
@@ -560,3 +560,25 @@ def test_the_sandbox_still_renders_macros_loops_and_filters(tmp_path: Path) -> N
     assert code == 0, err
     text = (tmp_path / "j" / "setup.sh").read_text()
     assert "# 1 a x\n# 2 b y\n# sum 3 run hpcdist\n" in text
+
+
+# ---- issue 22: errors never echo a file's contents ---------------------------------------------------
+
+PASSWD = "".join(f"user{i}: x:{1000 + i}:{1000 + i}:User {i}:/home/user{i}:/bin/bash\n" for i in range(30))
+
+
+@pytest.mark.parametrize("how", ["--cluster FILE", "-c FILE", "sweep -f FILE", "extends: FILE", "profile check FILE"])
+def test_an_unknown_key_error_names_the_count_and_the_first_never_the_file(tmp_path: Path, how: str) -> None:
+    secret = tmp_path / "passwd.yaml"
+    secret.write_text(PASSWD)
+    out = ["-o", str(tmp_path / "j")]
+    argv = {"--cluster FILE": ["render", "-q", "--cluster", str(secret), *out],
+            "-c FILE": ["render", "-q", "-c", str(secret), *out],
+            "sweep -f FILE": ["sweep", "run", "--dry-run", "-f", str(secret), *out],
+            "extends: FILE": ["render", "-q", "--cluster", str(tmp_path / "site.yaml"), *out],
+            "profile check FILE": ["profile", "check", str(secret)]}[how]
+    (tmp_path / "site.yaml").write_text(f"extends: {secret}\n")
+    code, _, err = cli(argv)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "30 unknown key(s), the first 'user0'" in err, err
+    assert "user1" not in err and "user29" not in err and "/bin/bash" not in err

@@ -19,7 +19,7 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from hpc import fileio, jobs, monitor, progress, report, timeline, vocab
+from hpc import fileio, jobs, monitor, progress, report, shown, timeline, vocab
 from hpc.commands.options import fail
 from hpc.commands.submit import _lookup
 
@@ -198,6 +198,7 @@ def top(job: str, once: bool, as_json: bool, every: float) -> None:
         notes = monitor.straggler_lines(board)
         if notes:
             text += "\n" + "\n".join(notes)
+        text = shown.block(text)
         if once:
             click.echo(text)
             return
@@ -226,7 +227,7 @@ def timeline_cmd(job: str, as_json: bool) -> None:
                                    "wall_s": round(worst.wall_s, 3),
                                    "phase": worst.slowest.name if worst.slowest else None}}, indent=1))
         return
-    click.echo(timeline.table(falls))
+    click.echo(shown.block(timeline.table(falls)))
 
 
 def goodput_of(record: jobs.Record, falls: list[timeline.Waterfall]) -> dict[str, Any]:
