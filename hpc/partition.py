@@ -194,11 +194,17 @@ def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
     if spec.nodes > len(part.nodes):
         raise SpecError(f"--nodes {spec.nodes}: {where} has only {len(part.nodes)} node(s) ({part.nodes_expr}); "
                         f"ask for at most {len(part.nodes)}")
-    if spec.nodelist:
-        missing = [h for h in nodelist.expand(spec.nodelist) if h not in part.nodes]
+    for option, expr in (("--nodelist", spec.nodelist), ("--exclude", spec.exclude)):
+        missing = [h for h in nodelist.expand(expr) if h not in part.nodes] if expr else []
         if missing:
-            raise SpecError(f"--nodelist names {', '.join(missing)}, not in {where} (its nodes: {part.nodes_expr}); "
-                            "pick nodes from it or drop --nodelist")
+            shown_missing = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise SpecError(f"{option} names {shown_missing}, not in {where} (its nodes: {part.nodes_expr}); "
+                            f"pick nodes from it or drop {option}")
+    if spec.exclude:
+        left = sorted(set(part.nodes) - set(nodelist.expand(spec.exclude)))
+        if len(left) < spec.nodes:
+            raise SpecError(f"--exclude {spec.exclude} leaves {len(left)} of {where}'s nodes for a job that needs "
+                            f"{spec.nodes}; exclude fewer nodes or ask for fewer --nodes")
     usable = list(nodes)
     gpus = spec.gpus_per_node or 0
     if gpus:

@@ -448,7 +448,7 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     if spec.exclude is not None:
         _check_text("--exclude", spec.exclude, spaces=False)
         try:
-            excluded = nodelist.expand(spec.exclude)
+            excluded = nodelist.expand(spec.exclude, limit=MAX_NODES)
         except nodelist.NodelistError as exc:
             raise SpecError(f"--exclude: {exc}") from None
         clash = sorted(set(excluded) & set(nodelist.expand(spec.nodelist) if spec.nodelist else ()))

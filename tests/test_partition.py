@@ -84,6 +84,12 @@ def resolved(**fields: object) -> JobSpec:
     ({"nodes": 3, "time": "5"}, "--nodes 3 exceeds partition 'hpcdist-probe''s MaxNodes 2"),
     ({"nodes": 2, "nodelist": "n[3-4]", "time": "5"}, "--nodelist names n4, not in partition 'hpcdist-probe'"),
     ({"ntasks_per_node": 3, "time": "5"}, "3 task(s) x 1 CPU(s) per node exceed the 2 CPUs"),
+    ({"nodes": 1, "exclude": "n9", "time": "5"}, "--exclude names n9, not in partition 'hpcdist-probe'"),
+    ({"nodes": 1, "exclude": "n[3-4]", "time": "5"}, "--exclude names n4, not in partition 'hpcdist-probe'"),
+    ({"nodes": 1, "exclude": "n[1-3]", "time": "5"}, "--exclude n[1-3] leaves 0 of partition 'hpcdist-probe''s "
+                                                     "nodes for a job that needs 1"),
+    ({"nodes": 2, "exclude": "n[2-3]", "time": "5"}, "leaves 1 of partition 'hpcdist-probe''s nodes for a job "
+                                                     "that needs 2"),
 ])
 def test_a_job_over_a_partition_limit_is_refused_naming_it(fields: dict, message: str) -> None:
     part = partition.pick(LIMITED, "hpcdist-probe")
