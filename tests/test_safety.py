@@ -163,8 +163,10 @@ def test_discard_removes_only_a_marked_job_dir(tmp_path: Path) -> None:
     assert not written.exists()
 
 
-def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkeypatch) -> None:
-    """`hpcdist submit` whose sbatch refuses: the job dir render just wrote goes, nothing else."""
+@pytest.mark.parametrize("argv", [["submit", "--via", "sbatch", "-o", "job"], ["submit", "-o", "job"],
+                                  ["doctor", "--nodes", "2", "-o", "job"], ["drill", "--nodes", "2", "-o", "job"]])
+def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkeypatch, argv: list[str]) -> None:
+    """submit, doctor and drill whose sbatch refuses: one line, and the job dir render just wrote goes."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     sbatch = fake_bin / "sbatch"
@@ -172,9 +174,8 @@ def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkey
     sbatch.chmod(0o755)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep").write_text("mine")
-    code, _, err = cli(["submit", "--via", "sbatch", "-o", "job"],
-                       env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "reg")})
-    assert code == 1 and "sbatch refused the job" in err, err
+    code, _, err = cli(argv, env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "reg")})
+    assert code == 1 and "sbatch refused the job" in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "keep"]
 
 
@@ -582,3 +583,14 @@ def test_an_unknown_key_error_names_the_count_and_the_first_never_the_file(tmp_p
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "30 unknown key(s), the first 'user0'" in err, err
     assert "user1" not in err and "user29" not in err and "/bin/bash" not in err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--timeout-s", "nan", "--dry-run"], ["top", "x", "--every", "nan"],
+                                  ["drill", "--timeout", "nan"], ["bench", "--timeout-s", "inf", "--dry-run"],
+                                  ["plan", "--params", "1e400", "--nodes", "1", "--gpus-per-node", "8",
+                                   "--gpu-memory", "80GB"],
+                                  ["plan", "--params", "7B", "--nodes", "1", "--gpus-per-node", "8",
+                                   "--gpu-memory", "1e300GB"]])
+def test_numbers_past_any_meaning_are_refused_in_one_line(argv: list[str]) -> None:
+    code, _, err = cli(argv)
+    assert_one_line_refusal(code, err)

@@ -26,6 +26,7 @@ import click
 
 from hpc import bench as core
 from hpc import fileio
+from hpc.commands.options import Seconds
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -162,7 +163,7 @@ def version(package: str) -> str:
               help="Synthetic training images each run holds (50000 is CIFAR-10's size; large batches need many).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
               show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/.")
-@click.option("--timeout-s", type=click.FloatRange(min=1), default=900, show_default=True,
+@click.option("--timeout-s", type=Seconds(1), default=900, show_default=True,
               help="Stop a config that runs longer than this and report it failed.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of each config, in rounds over the whole grid; each row is the median run.")

@@ -20,7 +20,7 @@ from typing import Any, Callable, TextIO
 import click
 
 from hpc import fileio, jobs, monitor, progress, report, shown, timeline, vocab
-from hpc.commands.options import fail
+from hpc.commands.options import Seconds, fail
 from hpc.commands.submit import _lookup
 
 TOP_EVERY_S = 2.0
@@ -177,7 +177,7 @@ class Follower:
 @click.argument("job")
 @click.option("--once", is_flag=True, help="One snapshot, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of the table (implies --once).")
-@click.option("--every", type=click.FloatRange(min=0.2), default=TOP_EVERY_S, show_default=True,
+@click.option("--every", type=Seconds(0.2), default=TOP_EVERY_S, show_default=True,
               help="Seconds between refreshes.")
 def top(job: str, once: bool, as_json: bool, every: float) -> None:
     """Per-node, per-rank board: phase, step, step time, compute/comm split, images/s, heartbeat age, RSS.

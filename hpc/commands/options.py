@@ -17,8 +17,8 @@ import click
 
 import hpc
 from hpc import hostfile as hostfiles
+from hpc import shown, vocab
 from hpc import spec as specs
-from hpc import vocab
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -205,3 +205,43 @@ def prepare(command: str, config_file: str | None, force: bool = False, check_pa
         click.echo(f"hpcdist {command}: --backend auto chose {spec.backend}{stage}: {spec.backend_reason}",
                    err=True)
     return rendered
+
+
+def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | None = None) -> Any:
+    """``hpc.submit.submit``, or one line and exit 1 with the job directory it was to run from removed.
+
+    Nothing runs from that directory: leaving it would only look like a job that exists. Only the directory
+    render just wrote goes (it holds the marker); ``made``, a folder this command created to hold it, goes too
+    once it is empty. Returns the Submitted.
+    """
+    from hpc import render
+    from hpc import submit as submitting
+
+    try:
+        return submitting.submit(rendered, where, os.environ)
+    except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
+        render.discard(rendered.job_dir)
+        if made is not None:
+            try:
+                made.rmdir()
+            except OSError:
+                pass
+        click.echo(f"hpcdist {command}: {shown.line(exc)}", err=True)
+        sys.exit(1)
+
+
+class Seconds(click.FloatRange):
+    """A duration option: a finite number of seconds in [low, high] (click's FloatRange lets nan through,
+    since nan compares false with any bound)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float = 7 * 86400) -> None:
+        super().__init__(min=low, max=high)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if seconds != seconds:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from hpc import jobs, pending, shown, vocab
-from hpc.commands.options import fail, job_options, prepare
+from hpc.commands.options import fail, job_options, prepare, submit_or_exit
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -68,16 +68,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
         return
-    from hpc import render as rendering
-
-    try:
-        submitted = submitting.submit(rendered, where, os.environ)
-    except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
-        # Nothing runs from this directory: leaving it would only look like a job that exists. Only the
-        # directory render just wrote goes (it holds the marker), never anything of the user's.
-        rendering.discard(rendered.job_dir)
-        click.echo(f"hpcdist submit: {exc}", err=True)
-        sys.exit(1)
+    submitted = submit_or_exit("submit", rendered, where)
     record = submitted.record
     click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
     if not wait_:
