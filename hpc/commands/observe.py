@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ import click
 from hpc import fileio, jobs, monitor, progress, report, shown, timeline, vocab
 from hpc.commands.options import Seconds, fail
 from hpc.commands.submit import _lookup
+from hpc.slurm import commands
 
 TOP_EVERY_S = 2.0
 
@@ -68,14 +69,10 @@ def attempts_of(record: jobs.Record) -> list[dict[str, Any]]:
 
 
 def sacct_attempts(record: jobs.Record) -> list[dict[str, float | None]]:
-    if record.via == "local" or shutil.which("sacct") is None:
+    if record.via == "local" or not commands.available(os.environ, "sacct"):
         return []
-    try:
-        proc = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", record.job_id, "-o", "JobID,Submit,Start,End"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return timeline.parse_sacct_attempts(proc.stdout, record.job_id) if proc.returncode == 0 else []
+    text = commands.sacct([record.job_id], ("JobID", "Submit", "Start", "End"), duplicates=True)
+    return timeline.parse_sacct_attempts(text, record.job_id) if text is not None else []
 
 
 def board_of(record: jobs.Record, now: float | None = None, watch: monitor.Watch | None = None) -> monitor.Board:

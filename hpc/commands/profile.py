@@ -16,6 +16,8 @@ import click
 
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
+from hpc.slurm import grammar
+from hpc.slurm import runner as slurm_runner
 
 
 def _word(value: str) -> str:
@@ -45,7 +47,7 @@ def draft(cluster: Cluster, name: str | None, when: str) -> str:
     gpus = min((n.gpus for n in nodes), default=0)
     cpus = min((n.cpus for n in nodes), default=1)
     max_nodes = len(nodes) if part.max_nodes is None else min(len(nodes), part.max_nodes)
-    fmt = partitions.format_time
+    fmt = grammar.format_duration
     lines = [
         f"# Drafted by `hpcdist profile init` from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
         "# Check every value; put the file in /etc/hpcdist/clusters/NAME.yaml (everyone) or",
@@ -104,7 +106,7 @@ def _cluster_or_exit(command: str) -> Cluster:
     cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
     if cluster is None:
         click.echo(f"hpcdist profile {command}: Slurm does not answer here (scontrol missing, failing or slower than "
-                   f"{partitions.TIMEOUT_S:g} s); run it on a login node of the cluster", err=True)
+                   f"{slurm_runner.QUERY_TIMEOUT_S} s); run it on a login node of the cluster", err=True)
         sys.exit(2)
     return cluster
 
@@ -161,6 +163,6 @@ def check(name: str | None) -> None:
             click.echo(f"  - {problem}")
         sys.exit(1)
     part = partitions.pick(cluster, prof.partition)
-    limit = partitions.format_time(part.max_time_s) if part.max_time_s is not None else "UNLIMITED"
+    limit = grammar.format_duration(part.max_time_s) if part.max_time_s is not None else "UNLIMITED"
     click.echo(f"profile {prof.name!r} fits Slurm cluster {cluster.name or '(unnamed)'}: partition {part.name!r}, "
                f"{len(part.nodes)} node(s), MaxTime {limit}")

@@ -20,15 +20,11 @@ from hpc.commands.options import fail, job_options, prepare
 
 def sbatch_test_only(job_dir: Path) -> tuple[int, str]:
     """Ask Slurm whether it would accept the job (``sbatch --test-only``); returns (status, answer)."""
-    import shutil
-    import subprocess
+    from hpc.slurm import commands
 
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
+    if not commands.available(os.environ, "sbatch"):
         return 0, "sbatch is not on PATH: skipped --test-only"
-    proc = subprocess.run([sbatch, "--test-only", str(job_dir / vocab.JOB_SBATCH)], capture_output=True,
-                          text=True, timeout=60)
-    return proc.returncode, (proc.stdout + proc.stderr).strip()
+    return commands.sbatch_test_only(job_dir / vocab.JOB_SBATCH)
 
 
 @click.command()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import click
 
 from hpc import fileio
 from hpc.commands.options import fail, job_options, values_from_options
+from hpc.slurm import commands, states
 
 WAIT_POLL_S = 3.0
 
@@ -219,23 +219,17 @@ def current_rows(sweep_dir: Path) -> list[Any]:
     from hpc import sweep as sweeps
 
     data, submitted = sweeps.load(sweep_dir)
-    states: dict[str, str] = {}
+    seen: dict[str, str] = {}
     if submitted:
-        try:
-            proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(submitted.values()), "-o",
-                                   "JobID,State"], capture_output=True, text=True, timeout=60)
-            states = sweeps.parse_array_sacct(proc.stdout, submitted.values()) if proc.returncode == 0 else {}
-        except (OSError, subprocess.TimeoutExpired):
-            states = {}
-    return sweeps.rows(data, submitted, states)
+        text = commands.sacct(list(submitted.values()), ("JobID", "State"))
+        seen = sweeps.parse_array_sacct(text, submitted.values()) if text is not None else {}
+    return sweeps.rows(data, submitted, seen)
 
 
 def wait(sweep_dir: Path) -> list[Any]:
-    from hpc import jobs
-
     while True:
         rows = current_rows(sweep_dir)
-        if all(r.state in jobs.TERMINAL for r in rows):
+        if all(r.state in states.TERMINAL for r in rows):
             return rows
         time.sleep(WAIT_POLL_S)
 
