@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from hpc import container as containers
 from hpc import plan, shown, sites
+from hpc.container import Container
 from hpc.spec import SpecError, time_seconds
 
 # The network section names the variables NCCL and Gloo read, spelled as they are exported.
@@ -15,9 +17,9 @@ NETWORK_VARS = ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_IB_GID_INDEX", "NCCL_
                 "GLOO_SOCKET_IFNAME")
 NETWORK_KEYS = ("ib",) + NETWORK_VARS
 KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "max_nodes", "modules",
-        "setup", "env", "templates", "python", "network", "extends", "slurm_cluster")
+        "setup", "env", "templates", "python", "network", "extends", "slurm_cluster", "container")
 # Mappings a child profile merges key by key into its parent's; every other key (lists included) replaces.
-MERGED_KEYS = ("env", "network")
+MERGED_KEYS = ("env", "network", "container")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -58,6 +60,7 @@ class Profile:
     templates: str | None = None
     python: str | None = None
     network: Network = field(default_factory=Network)
+    container: Container | None = None  # the site's runtime, mounts and GPU flag; an image every job gets
     # Where it came from: the file, its level of the search path, and the profiles it extends (nearest first).
     source: str | None = None
     origin: str | None = None
@@ -207,6 +210,13 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     if data.get("templates") is not None:
         templates = Path(_str("templates", data["templates"])).expanduser()
         values["templates"] = str(templates if templates.is_absolute() or base is None else base / templates)
+    if data.get("container") is not None:
+        if not isinstance(data["container"], dict):
+            raise ProfileError("container must be a mapping (runtime, image, mounts, gpus, env)")
+        try:
+            values["container"] = containers.from_mapping(data["container"], image_required=False)
+        except containers.ContainerError as exc:
+            raise ProfileError(f"cluster profile {shown.value(name)}: {exc}") from None
     if data.get("network") is not None:
         net = data["network"]
         if not isinstance(net, dict):

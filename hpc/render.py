@@ -20,6 +20,7 @@ import jinja2.utils
 import markupsafe
 import yaml
 
+from hpc import container as containers
 from hpc import dsconfig, paths, ranks, sites, vocab
 from hpc.hostfile import hostfile
 from hpc.profiles import Profile
@@ -290,6 +291,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     spec, ds_config = settle(check(spec, profile))
     jdir = Path(spec.job_dir)
     context = {
+        **container_context(spec, profile),
         "spec": spec,
         "profile": profile,
         "job_dir": spec.job_dir,
@@ -315,6 +317,18 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         files[vocab.HOSTFILE] = hostfile(spec.hosts, spec.procs_per_node)
     return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
                     teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"])
+
+
+def container_context(spec: JobSpec, profile: Profile) -> dict[str, Any]:
+    """What templates/container.sh.j2 needs: the container (None: the host), the folders bound into it at the
+    same paths, its GPU flag, and the variables passed where the runtime passes none."""
+    box = containers.resolve(spec.container, spec.container_runtime, profile.container)
+    if box is None:
+        return {"container": None, "binds": (), "gpu_flag": False, "passed_env": (), "pyxis_mounts": ""}
+    binds = containers.binds((spec.job_dir, spec.pythonpath, spec.python,
+                              train_value(spec.train_args, "--data-dir")), box)
+    return {"container": box, "binds": binds, "gpu_flag": bool(spec.gpus_per_node) and box.gpus,
+            "passed_env": containers.passed_env(box), "pyxis_mounts": ",".join(f"{b}:{b}" for b in binds)}
 
 
 def render_template(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> str:

@@ -101,6 +101,8 @@ class JobSpec:
     pythonpath: str | None = None
     after: tuple[str, ...] = ()   # dependencies, each "afterok:123" (see dependency())
     exclude: str | None = None    # nodes to keep off, a Slurm nodelist
+    container: str | None = None  # the image each task runs in ("none": the host, whatever the profile says)
+    container_runtime: str | None = None  # hpc.container.RUNTIMES; the profile's when not given
 
     @property
     def procs_per_node(self) -> int:
@@ -352,6 +354,21 @@ def check_sizes(spec: JobSpec) -> None:
                         f"limit of {MAX_WORLD_SIZE:,}; ask for fewer nodes or ranks per node")
 
 
+def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
+    """The spec with its container decided: the image and runtime the tasks will use, or none."""
+    from hpc import container as containers
+
+    _check_text("--container", spec.container, spaces=False)
+    _check_text("--container-runtime", spec.container_runtime, spaces=False)
+    try:
+        chosen = containers.resolve(spec.container, spec.container_runtime, profile.container)
+    except containers.ContainerError as exc:
+        raise SpecError(str(exc)) from None
+    if chosen is None:
+        return replace(spec, container=None, container_runtime=None)
+    return replace(spec, container=chosen.image, container_runtime=chosen.runtime)
+
+
 def check(spec: JobSpec, profile: Profile) -> JobSpec:
     """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
     if spec.backend not in BACKENDS:
@@ -363,6 +380,7 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     check_sizes(spec)
     spec = resolve(spec, profile)
     check_sizes(spec)
+    spec = _settle_container(spec, profile)
     if spec.zero_stage is not None and spec.backend != "deepspeed":
         raise SpecError(f"--zero-stage applies to DeepSpeed only; drop it or use --backend deepspeed "
                         f"(got --backend {spec.backend})")

@@ -318,11 +318,11 @@ def geometry(spec: specs.JobSpec) -> tuple[Any, ...]:
     """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line)."""
     return (spec.cluster, spec.job_name, spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task,
             spec.gpus_per_node, spec.time, spec.partition, spec.account, spec.nodelist, spec.exclude,
-            spec.after, spec.signal)
+            spec.after, spec.signal, spec.container, spec.container_runtime)
 
 
 GEOMETRY_NAMES = ("cluster", "job_name", "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node", "time",
-                  "partition", "account", "nodelist", "exclude", "after", "signal")
+                  "partition", "account", "nodelist", "exclude", "after", "signal", "container", "container_runtime")
 
 Checker = Callable[[specs.JobSpec], None]
 
@@ -407,6 +407,7 @@ def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task],
     profile = profiles.load(spec.cluster)
     env = render.environment(render.search_path(profile, environ))
     context = {
+        **render.container_context(spec, profile),
         "spec": spec,
         "vocab": render.TEMPLATE_VOCAB,
         # Each array task's batch log sits in its own job directory, named as `hpcdist logs JOBID_TASK` looks.

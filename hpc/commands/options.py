@@ -76,6 +76,11 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
      {"multiple": True, "metavar": "JOB[:ok|any|notok]",
       "help": "Start only after job JOB ended so (ok: completed, the default); repeatable."}),
     (("--exclude", "-x"), "exclude", {"help": "Nodes to keep the job off, a Slurm nodelist, e.g. n2 or n[2-3]."}),
+    (("--container",), "container",
+     {"metavar": "IMAGE", "help": "Run each task in this image (a path, or a name the runtime pulls); none: on the "
+                                  "host. [the profile's container.image, else the host]"}),
+    (("--container-runtime",), "container_runtime",
+     {"help": "charliecloud, apptainer, singularity, podman-hpc, pyxis or oci. [the profile's]"}),
 )
 
 
@@ -179,9 +184,26 @@ def build(config_file: str | None = None, check_partition: bool = True, **option
     rendered = render.render(spec, profile)
     if cluster is not None and part is not None:
         partition.check(rendered.spec, part, cluster.nodes_of(part))
-    # Not in render's pure checks: it asks this machine's filesystem, which the job's nodes share.
+    # Not in render's pure checks: they ask this machine's filesystem, which the job's nodes share.
     specs.check_dataset(rendered.spec, os.path.exists)
+    check_container(rendered, local=False)
     return rendered
+
+
+def check_container(rendered: Rendered, local: bool) -> None:
+    """SpecError for a container that cannot run where the job goes (see ``hpc.container.check``)."""
+    from hpc import container as containers
+    from hpc import profiles, render
+
+    spec = rendered.spec
+    context = render.container_context(spec, profiles.load(spec.cluster))
+    box = context["container"]
+    if box is not None:
+        try:
+            containers.check(box, context["binds"], gpus_per_node=spec.gpus_per_node or 0, local=local,
+                             exists=os.path.exists)
+        except containers.ContainerError as exc:
+            raise specs.SpecError(str(exc)) from None
 
 
 def prepare(command: str, config_file: str | None, force: bool = False, check_partition: bool = True,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from hpc import jobs, pending, shown, vocab
-from hpc.commands.options import fail, job_options, prepare, submit_or_exit
+from hpc.commands.options import check_container, fail, job_options, prepare, submit_or_exit
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -37,6 +37,7 @@ def _check_local(rendered: Rendered) -> None:
     from hpc import task
 
     task.check_local(submitting.local_geometry(rendered.spec))
+    check_container(rendered, local=True)
 
 
 @click.command()
