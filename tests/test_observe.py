@@ -154,6 +154,11 @@ def test_progress_takes_rank_0s_step_and_sums_the_ranks_rates() -> None:
     assert progress.line(p) == "step 50/100 | loss 1.5000 | 320 images/s | ETA 10s"
 
 
+def test_an_ended_run_s_progress_has_no_eta() -> None:
+    stopped = progress.of({0: monitor.Heartbeat.from_mapping(beat(0, step=149, total_steps=256, phase="stopped"))})
+    assert progress.line(stopped) == "step 149/256 | loss 1.5000 | 160 images/s | stopped"
+
+
 def test_the_bar_fits_its_width_and_shows_the_fraction() -> None:
     p = progress.Progress(step=30, total_steps=120, loss=2.0, images_per_s=1830.4, step_time_s=0.5)
     text = progress.bar(p, width=100)
