@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpc import container as containers
-from hpc import plan, shown, sites
+from hpc import dsconfig, plan, shown, sites
 from hpc.container import Container
 from hpc.spec import SpecError, time_seconds
 
@@ -16,8 +16,8 @@ from hpc.spec import SpecError, time_seconds
 NETWORK_VARS = ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_IB_GID_INDEX", "NCCL_NET_GDR_LEVEL",
                 "GLOO_SOCKET_IFNAME")
 NETWORK_KEYS = ("ib",) + NETWORK_VARS
-KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "max_nodes", "modules",
-        "setup", "env", "templates", "python", "network", "extends", "slurm_cluster", "container")
+KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "cpu_bf16", "max_nodes",
+        "modules", "setup", "env", "templates", "python", "network", "extends", "slurm_cluster", "container")
 # Mappings a child profile merges key by key into its parent's; every other key (lists included) replaces.
 MERGED_KEYS = ("env", "network", "container")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -53,6 +53,7 @@ class Profile:
     gpus_per_node: int = 0
     gpu_memory: int | None = None
     cpus_per_task: int = 1
+    cpu_bf16: bool | None = None  # the CPU nodes compute bf16 natively (--precision auto); None: not known
     max_nodes: int | None = None
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
@@ -65,6 +66,10 @@ class Profile:
     source: str | None = None
     origin: str | None = None
     parents: tuple[str, ...] = ()
+
+    def cpus(self) -> dsconfig.Cpus:
+        """What --precision auto knows of this site's CPU nodes."""
+        return dsconfig.Cpus(self.cpu_bf16, f"cluster {self.name}'s CPU nodes")
 
     def environment(self) -> dict[str, str]:
         """Every variable setup.sh exports: the network's, then the profile's own env (which wins)."""
@@ -191,6 +196,11 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     for key, lowest in (("gpus_per_node", 0), ("cpus_per_task", 1), ("max_nodes", 1)):
         if data.get(key) is not None:
             values[key] = _int(key, data[key], lowest)
+    if data.get("cpu_bf16") is not None:
+        if not isinstance(data["cpu_bf16"], bool):
+            raise ProfileError(f"cluster profile {shown.value(name)}: cpu_bf16 must be true or false, got "
+                               f"{shown.value(data['cpu_bf16'])}")
+        values["cpu_bf16"] = data["cpu_bf16"]
     if data.get("time") is not None:
         values["time"] = _str("time", data["time"])
         try:

@@ -50,6 +50,7 @@ class Rendered:
     setup: tuple[str, ...]  # submitit's setup lines in its batch script: source setup.sh
     teardown: tuple[str, ...]  # after its srun step: requeue.sh
     local_task: str  # one task's shell line under the local runner (run with bash -c)
+    precision_reason: str | None = None  # why --precision auto became spec.precision
 
 
 class Shell(markupsafe.Markup):
@@ -194,22 +195,27 @@ def environment(search: tuple[str, ...]) -> jinja2.Environment:
     return env
 
 
-def settle(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
-    """The spec with its precision decided, and for DeepSpeed the config the trainer will get as it is.
+def settle(spec: JobSpec, cpus: dsconfig.Cpus) -> tuple[JobSpec, dict[str, Any] | None, str | None]:
+    """The spec with its precision decided, the DeepSpeed config the trainer will get as it is (None for
+    dp/ddp), and why ``auto`` became that precision.
 
-    The precision's ``auto`` needs the device kind, which the spec knows: GPUs when gpus_per_node > 0.
+    The precision's ``auto`` needs the device kind, which the spec knows (GPUs when gpus_per_node > 0), and
+    on CPUs whether ``cpus`` compute bf16 natively.
     """
     gpu = bool(spec.gpus_per_node)
     try:
         if spec.backend != "deepspeed":
-            return replace(spec, precision=dsconfig.choose_precision(spec.precision, gpu=gpu)), None
-        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=spec.world_size, gpu=gpu,
-                                  zero_stage=spec.zero_stage, precision=spec.precision, offload=spec.offload,
+            choice = dsconfig.choose(spec.precision, gpu=gpu)
+            return replace(spec, precision=choice.precision), None, choice.reason
+        base = dsconfig.load(dsconfig.base_path())
+        config = dsconfig.resolve(base, world_size=spec.world_size, gpu=gpu, zero_stage=spec.zero_stage,
+                                  precision=spec.precision, offload=spec.offload, cpus=cpus,
                                   global_batch=_train_number(spec, "--batch-size", int),
                                   lr=_train_number(spec, "--lr", float))
+        reason = dsconfig.choose(spec.precision, gpu=gpu, config=base, cpus=cpus).reason
     except dsconfig.ConfigError as exc:
         raise SpecError(str(exc)) from None
-    return replace(spec, precision=dsconfig.precision_of(config)), config
+    return replace(spec, precision=dsconfig.precision_of(config)), config, reason
 
 
 def _train_number(spec: JobSpec, flag: str, kind: type) -> Any:
@@ -284,11 +290,13 @@ def spec_yaml(spec: JobSpec, profile: Profile) -> str:
 
 
 def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *,
-           search: tuple[str, ...] | None = None, job_id: str | None = None) -> Rendered:
-    """Every file of the job directory as text; checks the spec first and writes nothing."""
+           search: tuple[str, ...] | None = None, job_id: str | None = None,
+           cpus: dsconfig.Cpus | None = None) -> Rendered:
+    """Every file of the job directory as text; checks the spec first and writes nothing. ``cpus``: the
+    CPUs the job runs on, when not the profile's nodes (the local executor runs on this machine)."""
     if job_dir is not None:
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
-    spec, ds_config = settle(check(spec, profile))
+    spec, ds_config, precision_reason = settle(check(spec, profile), cpus or profile.cpus())
     jdir = Path(spec.job_dir)
     context = {
         **container_context(spec, profile),
@@ -316,7 +324,8 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     if spec.launcher == "deepspeed" and spec.nodelist:
         files[vocab.HOSTFILE] = hostfile(spec.hosts, spec.procs_per_node)
     return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
-                    teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"])
+                    teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"],
+                    precision_reason=precision_reason)
 
 
 def container_context(spec: JobSpec, profile: Profile) -> dict[str, Any]:

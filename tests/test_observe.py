@@ -154,6 +154,11 @@ def test_progress_takes_rank_0s_step_and_sums_the_ranks_rates() -> None:
     assert progress.line(p) == "step 50/100 | loss 1.5000 | 320 images/s | ETA 10s"
 
 
+def test_an_ended_run_s_progress_has_no_eta() -> None:
+    stopped = progress.of({0: monitor.Heartbeat.from_mapping(beat(0, step=149, total_steps=256, phase="stopped"))})
+    assert progress.line(stopped) == "step 149/256 | loss 1.5000 | 160 images/s | stopped"
+
+
 def test_the_bar_fits_its_width_and_shows_the_fraction() -> None:
     p = progress.Progress(step=30, total_steps=120, loss=2.0, images_per_s=1830.4, step_time_s=0.5)
     text = progress.bar(p, width=100)
@@ -322,6 +327,26 @@ def test_loss_segments_split_where_the_step_goes_back() -> None:
 def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
     env = {"PYTHONPATH": str(REPO), "HPCDIST_HOME": str(home), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-m", "hpc", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_status_of_an_ended_job_says_how_its_ranks_ended_not_that_they_are_stale(tmp_path: Path) -> None:
+    import time as clock
+
+    now = clock.time()
+    record = write_job(tmp_path, [beat(0, phase="done", step=100, time=now), beat(1, step=78, time=now - 246)])
+    ended = observe.status_lines(record, ended=True)
+    assert not [line for line in ended if line.startswith("stale")]
+    assert "ranks at the end: 1 done; rank 1 on n2 last at step 78 (train)" in ended
+    running = observe.status_lines(record, ended=False)
+    assert [line for line in running if line.startswith("stale: rank 1 on n2")]
+
+
+def test_the_ending_line_counts_final_phases_of_the_newest_attempt_only() -> None:
+    beats = {0: monitor.Heartbeat.from_mapping(beat(0, phase="done", attempt=1)),
+             1: monitor.Heartbeat.from_mapping(beat(1, phase="done", attempt=1)),
+             2: monitor.Heartbeat.from_mapping(beat(2, phase="failed", attempt=0))}
+    assert monitor.ending_line(beats) == "ranks at the end: 2 done"
+    assert monitor.ending_line({}) is None
 
 
 def test_top_once_json_lists_every_rank_with_its_verdicts(tmp_path: Path) -> None:

@@ -196,6 +196,18 @@ def test_a_drafted_profile_is_a_valid_profile_that_fits() -> None:
     assert "# account:" in text and "accounting is on" in text and "could not know" in text
 
 
+@pytest.mark.parametrize("here", [True, False])
+def test_a_drafted_cpu_profile_takes_cpu_bf16_from_the_machine_that_drafts_it(here: bool) -> None:
+    text = draft(LOCAL, None, "2026-12-01", cpu_bf16_here=here)
+    assert profiles.parse("drafted", yaml.safe_load(text)).cpu_bf16 is here
+    assert "Slurm does not tell the nodes'" in text
+
+
+def test_a_drafted_cpu_profile_leaves_cpu_bf16_unset_where_this_machine_cannot_tell() -> None:
+    text = draft(LOCAL, None, "2026-12-01", cpu_bf16_here=None)
+    assert "# cpu_bf16: false" in text and profiles.parse("drafted", yaml.safe_load(text)).cpu_bf16 is None
+
+
 def test_a_drafted_gpu_profile_takes_the_fewest_gpus_and_shares_cpus_among_them() -> None:
     text = draft(GPU_SITE, "gpu", "2026-12-01")
     data = yaml.safe_load(text)

@@ -40,7 +40,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def losses(job_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (job_dir / "run" / "metrics.jsonl").read_text().splitlines())]
+    rows = (job_dir / "run" / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
 
 
 def watch_roots(job_dir: Path, seen: set[str], stop: threading.Event) -> None:

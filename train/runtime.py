@@ -68,6 +68,15 @@ def prepare_deepspeed_environment(environ: MutableMapping[str, str], cuda: bool)
         environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def without_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op when it joins a CPU process group: ~30 s
+    of compiler on a fresh machine before the first step, for ``inference_all_reduce`` alone, which training
+    never calls (ZeRO's collectives go through torch.distributed either way)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout_s: float) -> str:
     """Join the job's process group; every collective after this fails after ``timeout_s`` instead of hanging."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -77,6 +86,8 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
     if backend == "deepspeed":
         import deepspeed
 
+        if device.type == "cpu":
+            without_shm_comm()
         deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False)
     elif env.world_size == 1:
         # A lone process needs no port: an in-memory store cannot collide with another job on the node.

@@ -1,6 +1,6 @@
 """``hpcdist bench``: run the trainer and the bare-PyTorch floor over a grid of configs, report images/s.
 
-    hpcdist bench --out bench      # the default grid (about 9 min on 2 quiet cores)
+    hpcdist bench --out bench      # the default grid (about 10 min on 2 quiet cores)
     hpcdist bench --config floor:1 --config ddp:resident:1 --steps 100 --out bench
     hpcdist bench --grid deepspeed:zero2:bf16:2,ddp:resident:2:t2 --dry-run
     hpcdist bench --samples 50000 --grid floor,ddp,ddp:bf16:cl:b4096,floor-deepspeed:zero2,deepspeed:zero2   # GPU

@@ -401,16 +401,20 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     click.echo(f"report: {folder / 'report.html'}  (goodput: {shares}; {good['redone_steps']} steps recomputed)")
 
 
-def status_lines(record: jobs.Record) -> list[str]:
-    """What ``status`` adds for a job with heartbeats: rank 0's progress, and any straggler or stale rank."""
+def status_lines(record: jobs.Record, ended: bool = False) -> list[str]:
+    """What ``status`` adds for a job with heartbeats: rank 0's progress, and any straggler; while it runs
+    any stale rank, once it ``ended`` how its ranks last reported (a heartbeat stops with its process)."""
     rdir = run_dir(record)
     beats = monitor.read_heartbeats(rdir)
     out = []
     current = progress.of(beats, None if beats else last_metric(rdir / vocab.METRICS))
     if current is not None:
         out.append("progress: " + progress.line(current))
-    board = monitor.judge(beats, time.time(), histories=monitor.read_histories(rdir))
-    out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
+    if ended:
+        out += [line for line in [monitor.ending_line(beats)] if line]
+    else:
+        board = monitor.judge(beats, time.time(), histories=monitor.read_histories(rdir))
+        out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
     out += [f"straggler: rank {s['rank']} on {s['node']}, compute {s['compute_ratio']:.2f}x the other ranks' median"
             for s in stragglers_of(record)]
     return out

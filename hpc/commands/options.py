@@ -164,9 +164,11 @@ def fail(command: str, exc: Exception) -> NoReturn:
     sys.exit(2)
 
 
-def build(config_file: str | None = None, check_partition: bool = True, **options: Any) -> Rendered:
-    """Spec, profile, checks and rendering: everything short of writing; raises on bad input."""
-    from hpc import partition, profiles, render
+def build(config_file: str | None = None, check_partition: bool = True, here: bool = False,
+          **options: Any) -> Rendered:
+    """Spec, profile, checks and rendering: everything short of writing; raises on bad input. ``here``: the
+    job runs on this machine (the local executor), so its CPU, not the profile's nodes, decides precision."""
+    from hpc import dsconfig, partition, profiles, render
 
     spec = spec_from_options(config_file, **options)
     profile = profiles.load(spec.cluster)
@@ -181,7 +183,7 @@ def build(config_file: str | None = None, check_partition: bool = True, **option
         if timed.time != spec.time:
             click.echo(f"hpcdist: --time {timed.time}: partition {part.name!r}'s DefaultTime", err=True)
         spec = timed
-    rendered = render.render(spec, profile)
+    rendered = render.render(spec, profile, cpus=dsconfig.this_cpu() if here else None)
     if cluster is not None and part is not None:
         partition.check(rendered.spec, part, cluster.nodes_of(part))
     # Not in render's pure checks: they ask this machine's filesystem, which the job's nodes share.
@@ -207,7 +209,7 @@ def check_container(rendered: Rendered, local: bool) -> None:
 
 
 def prepare(command: str, config_file: str | None, force: bool = False, check_partition: bool = True,
-            check: Callable[[Rendered], None] | None = None, **options: Any) -> Rendered:
+            check: Callable[[Rendered], None] | None = None, here: bool = False, **options: Any) -> Rendered:
     """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too.
 
     ``check(rendered)`` may refuse the job (SpecError) before anything is written: the submit path's own limits.
@@ -215,7 +217,7 @@ def prepare(command: str, config_file: str | None, force: bool = False, check_pa
     from hpc import profiles, render
 
     try:
-        rendered = build(config_file, check_partition, **options)
+        rendered = build(config_file, check_partition, here, **options)
         if check is not None:
             check(rendered)
         render.write(rendered, force=force)
@@ -225,6 +227,9 @@ def prepare(command: str, config_file: str | None, force: bool = False, check_pa
         spec = rendered.spec
         stage = f" ZeRO-{spec.zero_stage}" if spec.backend == "deepspeed" else ""
         click.echo(f"hpcdist {command}: --backend auto chose {spec.backend}{stage}: {spec.backend_reason}",
+                   err=True)
+    if rendered.precision_reason:
+        click.echo(f"hpcdist {command}: --precision auto → {rendered.spec.precision}: {rendered.precision_reason}",
                    err=True)
     return rendered
 

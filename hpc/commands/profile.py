@@ -14,6 +14,7 @@ from typing import Sequence
 
 import click
 
+from hpc import dsconfig
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
 from hpc.slurm import grammar
@@ -40,8 +41,18 @@ def _nodes_line(part: Partition, nodes: Sequence[Node]) -> str:
             + (f"{_span(gpus, '')} GPU(s) per node (Gres)" if any(gpus) else "no GPUs in Gres"))
 
 
-def draft(cluster: Cluster, name: str | None, when: str) -> str:
-    """A profile for one partition as commented YAML: what Slurm told, and what it could not know."""
+def _cpu_bf16_line(here: bool | None) -> str:
+    why = "--precision auto trains CPU-only DeepSpeed jobs in bf16 only where true, else in fp32"
+    if here is None:
+        return f"# cpu_bf16: false   # could not know: whether the nodes' CPUs have native bf16; {why}"
+    has = "has" if here else "has no"
+    return (f"cpu_bf16: {str(here).lower()}   # this machine's CPU {has} native bf16 (AVX512-BF16, AMX); Slurm does "
+            f"not tell the nodes': check one (grep -c bf16 /proc/cpuinfo); {why}")
+
+
+def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | None = None) -> str:
+    """A profile for one partition as commented YAML: what Slurm told, and what it could not know.
+    ``cpu_bf16_here``: whether the machine drafting it has native bf16, the guess for CPU-only nodes."""
     part = partitions.pick(cluster, name)
     nodes = cluster.nodes_of(part)
     gpus = min((n.gpus for n in nodes), default=0)
@@ -76,6 +87,7 @@ def draft(cluster: Cluster, name: str | None, when: str) -> str:
         lines.append(f"cpus_per_task: {max(cpus // gpus, 1)}   # {cpus} CPUs / {gpus} GPUs per node")
     else:
         lines.append(f"cpus_per_task: 1   # nodes have {cpus} CPU(s); raise it for threaded data loading")
+        lines.append(_cpu_bf16_line(cpu_bf16_here))
     lines.append(f"max_nodes: {max_nodes}" + (f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""))
     lines += [
         "modules: []   # could not know: the module loads jobs need, e.g. [cuda/12.1, nccl/2.18]",
@@ -124,7 +136,7 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
     """Print a draft profile (YAML, with comments for what Slurm cannot tell) for one partition."""
     cluster = _cluster_or_exit("init")
     try:
-        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"))
+        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"), dsconfig.this_cpu().bf16)
     except partitions.SpecError as exc:
         click.echo(f"hpcdist profile init: {exc}", err=True)
         sys.exit(2)

@@ -64,7 +64,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     # The local runner emulates nodes here: the Slurm partition's limits do not bind it, its own do.
     local = executor == "local" or (not dry_run and where == "local")
     rendered = prepare("submit", config_file, check_partition=dry_run or where != "local",
-                       check=_check_local if local else None, **options)
+                       check=_check_local if local else None, here=local, **options)
     if dry_run:
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
@@ -185,7 +185,7 @@ def status(job: str) -> None:
         click.echo(f"hpcdist status: job directory {record.job_dir} no longer exists (deleted or moved): logs "
                    f"and results are gone; known is {known}", err=True)
         return
-    for line in status_lines(record):
+    for line in status_lines(record, ended=current.done):
         click.echo(shown.line(line, limit=2000))
     if not current.done and record.via != "local":
         for sentence in pending.describe([record.job_id]).values():
