@@ -80,3 +80,15 @@ def test_a_two_node_job_in_a_charliecloud_image_trains_as_on_the_host(tmp_path: 
     proc = hpcdist([*common, "-o", str(outside), *train], tmp_path / "home")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert losses(inside) == losses(outside) and len(losses(inside)) >= 6
+
+
+def test_a_preemption_and_a_killed_rank_recover_from_inside_the_container(tmp_path: Path, image: Path,
+                                                                          site: Path) -> None:
+    proc = hpcdist(["drill", "--nodes", "2", "--scenarios", "preempt,rank_kill", "--json", "--cluster", str(site),
+                    "--container", str(image), "-o", str(tmp_path / "drill")], tmp_path / "home", timeout=900)
+    results = {r["scenario"]: r for r in json.loads(proc.stdout)}
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (results["preempt"]["ending"], results["preempt"]["action"]) == ("preempted", "requeue")
+    assert (results["rank_kill"]["ending"], results["rank_kill"]["action"]) == ("rank_crashed", "retry")
+    assert all(r["ok"] for r in results.values()), results
+    assert f"ch-run -b /tmp -b /{REPO.parts[1]}" in (tmp_path / "drill" / "rank_kill" / "task.sh").read_text()
