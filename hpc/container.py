@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterable, Mapping
 # and the trainer inside); "step" runtimes are srun options (task.sh itself runs inside). ``gpu_flag``: the
 # option that shows the job's GPUs inside, where the runtime needs one; ``image``: "path" where the image is
 # a file or folder every node must see, "ref" where the runtime may also pull a name.
-RUNTIMES: Mapping[str, Mapping[str, Any]] = {
-    "charliecloud": {"command": "ch-run", "starts": "task", "gpu_flag": None, "image": "path"},
+RUNTIMES: Mapping[str, Mapping[str, Any]] = {   # in the order a site's are preferred: most integrated first
+    "pyxis": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "ref"},
     "apptainer": {"command": "apptainer", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
     "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
+    "charliecloud": {"command": "ch-run", "starts": "task", "gpu_flag": None, "image": "path"},
     "podman-hpc": {"command": "podman-hpc", "starts": "task", "gpu_flag": "--gpu", "image": "ref"},
-    "pyxis": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "ref"},
     "oci": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "path"},
 }
 # Variables that must reach the trainer unchanged, for the runtimes that pass none by default (podman-hpc):
@@ -142,6 +142,14 @@ def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, loc
             raise ContainerError(f"image {container.image[:60]!r} has no mount point {missing[0]} (of "
                                  f"{', '.join(missing)}); create it there (mkdir -p IMAGE{missing[0]}) or rebuild "
                                  f"with scripts/build-image.sh --mount {missing[0]}")
+
+
+def detect(on_path: Callable[[str], bool], plugstack: str, oci_conf: bool) -> list[str]:
+    """The runtimes this site offers, most integrated first: pyxis when plugstack.conf loads it, then the
+    commands found on PATH, then Slurm's own OCI support when oci.conf exists."""
+    found = ["pyxis"] if re.search(r"^\s*(required|optional)\s+\S*spank_pyxis\.so", plugstack, re.M) else []
+    found += [name for name, runtime in RUNTIMES.items() if runtime["starts"] == "task" and on_path(runtime["command"])]
+    return found + (["oci"] if oci_conf else [])
 
 
 def top_folder(path: str) -> str:

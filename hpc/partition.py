@@ -66,6 +66,8 @@ class Cluster:
     partitions: tuple[Partition, ...]
     nodes: tuple[Node, ...]
     accounting: bool | None = None
+    slurm_conf: str | None = None   # where slurm.conf is: plugstack.conf and oci.conf sit beside it by default
+    plugstack: str | None = None    # PlugStackConfig when set (the SPANK plugins, e.g. pyxis)
 
     def nodes_of(self, partition: Partition) -> tuple[Node, ...]:
         wanted = set(partition.nodes)
@@ -145,8 +147,10 @@ def parse_config(text: str) -> dict[str, str]:
 def cluster_from(partitions: str, nodes: str, config: str) -> Cluster:
     conf = parse_config(config)
     storage = conf.get("AccountingStorageType")
+    plugstack = conf.get("PlugStackConfig")
     return Cluster(name=conf.get("ClusterName"), partitions=parse_partitions(partitions), nodes=parse_nodes(nodes),
-                   accounting=None if storage is None else storage != "accounting_storage/none")
+                   accounting=None if storage is None else storage != "accounting_storage/none",
+                   slurm_conf=conf.get("SLURM_CONF"), plugstack=None if plugstack in (None, "(null)") else plugstack)
 
 
 # ---- judging (pure) ------------------------------------------------------------------------------

@@ -180,3 +180,27 @@ def test_a_task_names_a_runtime_its_node_lacks(tmp_path: Path) -> None:
     proc = subprocess.run(["/bin/bash", str(job / "task.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "hpcdist-train: error: container runtime ch-run is not on PATH on" in proc.stderr
+
+
+# ---- what a site offers: profile init drafts it ---------------------------------------------------------
+
+def test_detect_finds_pyxis_in_plugstack_then_commands_on_path_then_oci_conf() -> None:
+    plugstack = "# comment\nrequired /usr/lib/x86_64-linux-gnu/slurm/spank_pyxis.so runtime_path=/run/pyxis\n"
+    on_path = {"apptainer", "ch-run"}.__contains__
+    assert containers.detect(on_path, plugstack, oci_conf=True) == ["pyxis", "apptainer", "charliecloud", "oci"]
+    assert containers.detect(lambda c: False, "# required spank_pyxis.so\n", oci_conf=False) == []
+
+
+def test_profile_init_drafts_the_container_settings_it_found() -> None:
+    import yaml
+
+    from hpc import profiles
+    from hpc.commands.profile import draft
+    from hpc.partition import cluster_from
+
+    data = Path(__file__).resolve().parent / "data" / "slurm"
+    local = cluster_from(*(((data / f"local-{k}.txt").read_text()) for k in ("partitions", "nodes", "config")))
+    found = yaml.safe_load(draft(local, None, "2026-12-05", runtimes=["pyxis", "apptainer"]))
+    assert found["container"] == {"runtime": "pyxis"}
+    assert profiles.parse("drafted", found).container.runtime == "pyxis"
+    assert "container" not in yaml.safe_load(draft(local, None, "2026-12-05"))

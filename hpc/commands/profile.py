@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Sequence
 
 import click
 
+from hpc import container as containers
 from hpc import dsconfig
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
@@ -50,9 +52,22 @@ def _cpu_bf16_line(here: bool | None) -> str:
             f"not tell the nodes': check one (grep -c bf16 /proc/cpuinfo); {why}")
 
 
-def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | None = None) -> str:
+def _container_lines(runtimes: Sequence[str]) -> list[str]:
+    if not runtimes:
+        return ["# container: {runtime: charliecloud}   # no container runtime found here (pyxis in plugstack.conf, "
+                "apptainer, singularity, ch-run or podman-hpc on PATH, oci.conf); jobs run on the host"]
+    return [f"container:   # found here: {', '.join(runtimes)}; a job runs in an image only with --container IMAGE "
+            "(or image: below)",
+            f"  runtime: {runtimes[0]}",
+            "  # image: /path/or/name   # could not know: a default image for every job; unset: each job names one",
+            "  # mounts: [/scratch]      # could not know: more host folders to bind at the same paths"]
+
+
+def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | None = None,
+          runtimes: Sequence[str] = ()) -> str:
     """A profile for one partition as commented YAML: what Slurm told, and what it could not know.
-    ``cpu_bf16_here``: whether the machine drafting it has native bf16, the guess for CPU-only nodes."""
+    ``cpu_bf16_here``: whether the machine drafting it has native bf16, the guess for CPU-only nodes;
+    ``runtimes``: the container runtimes found here (hpc.container.detect), most integrated first."""
     part = partitions.pick(cluster, name)
     nodes = cluster.nodes_of(part)
     gpus = min((n.gpus for n in nodes), default=0)
@@ -107,11 +122,24 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
     else:
         lines += ["  ib: false   # no GPUs: ranks talk over TCP sockets (Gloo)",
                   "  # GLOO_SOCKET_IFNAME: eth0   # if the default route's interface is not the nodes' network"]
+    lines += _container_lines(runtimes)
     others = [p for p in cluster.partitions if p.name != part.name]
     if others:
         lines.append("# Other partitions: " + ", ".join(f"{p.name} ({len(p.nodes)} nodes)" for p in others)
                      + ". One profile each: `extends: THIS-NAME` and `partition: OTHER`, e.g. with --partition.")
     return "\n".join(lines) + "\n"
+
+
+def runtimes_here(cluster: Cluster) -> list[str]:
+    """The container runtimes this login node shows: SPANK's plugstack.conf, PATH, oci.conf beside slurm.conf."""
+    conf_dir = os.path.dirname(cluster.slurm_conf or "/etc/slurm/slurm.conf")
+    try:
+        with open(cluster.plugstack or os.path.join(conf_dir, "plugstack.conf"), errors="replace") as f:
+            plugstack = f.read(1 << 20)
+    except OSError:
+        plugstack = ""
+    return containers.detect(lambda command: shutil.which(command) is not None, plugstack,
+                             os.path.exists(os.path.join(conf_dir, "oci.conf")))
 
 
 def _cluster_or_exit(command: str) -> Cluster:
@@ -136,7 +164,8 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
     """Print a draft profile (YAML, with comments for what Slurm cannot tell) for one partition."""
     cluster = _cluster_or_exit("init")
     try:
-        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"), dsconfig.this_cpu().bf16)
+        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"), dsconfig.this_cpu().bf16,
+                     runtimes_here(cluster))
     except partitions.SpecError as exc:
         click.echo(f"hpcdist profile init: {exc}", err=True)
         sys.exit(2)
