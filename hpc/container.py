@@ -165,6 +165,16 @@ def binds(paths: Iterable[str | None], container: Container) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*(t for t in tops if t != "/"), *container.mounts]))
 
 
+def srun_options(container: Container | None, binds: Iterable[str]) -> tuple[str, ...]:
+    """The srun options of the runtimes that are srun plugins (pyxis, Slurm's own OCI), for job.sbatch's step
+    and submitit's alike; none for the others, which wrap the task's launcher instead."""
+    if container is None or container.starts != "step":
+        return ()
+    if container.runtime == "pyxis":
+        return (f"--container-image={container.image}", "--container-mounts=" + ",".join(f"{b}:{b}" for b in binds))
+    return (f"--container={container.image}",)
+
+
 def passed_env(container: Container) -> tuple[str, ...]:
     """Variable names (PREFIX* for a family) a runtime that passes no environment must be told to pass."""
     return tuple(dict.fromkeys([*PASSED, *container.env]))

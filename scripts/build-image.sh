@@ -47,21 +47,26 @@ touch "$rootfs/etc/hosts" "$rootfs/etc/resolv.conf"
 echo "hpcdist image, built $(date -u +%FT%TZ) from Debian bookworm; mount points: ${mounts[*]}" > "$rootfs/etc/hpcdist-image"
 
 if [ "$oci" = 1 ]; then
-    command -v crun >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crun; }
+    command -v runc >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q runc; }
     # Slurm's srun --container fills in the process (args, env, cwd) itself; the bundle gives the root, the
     # host's network (gloo, NCCL and the rendezvous must reach the other nodes) and the bind mounts.
-    (cd "$out" && crun spec)
+    (cd "$out" && runc spec)
     python3 - "$out/config.json" "${mounts[@]}" <<'PY'
 import json, sys
 path, mounts = sys.argv[1], sys.argv[2:]
 spec = json.load(open(path))
 spec["root"] = {"path": "rootfs", "readonly": True}
 spec["process"]["terminal"] = False
-spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] not in ("network", "user")]
+# Only the mount namespace: the host's network (rendezvous), hostname (node names), PIDs (the watchdog and the
+# drill find ranks by pid) and shared memory are the job's, as outside.
+spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] == "mount"]
+spec.pop("hostname", None)
 spec["linux"].pop("uidMappings", None)
 spec["linux"].pop("gidMappings", None)
 tops = sorted({"/" + m.strip("/").split("/")[0] for m in mounts})
 spec["mounts"] += [{"destination": t, "type": "bind", "source": t, "options": ["rbind", "rw"]} for t in tops]
+spec["mounts"] += [{"destination": f, "type": "bind", "source": f, "options": ["bind", "ro"]}
+                   for f in ("/etc/hosts", "/etc/resolv.conf")]
 json.dump(spec, open(path, "w"), indent=1)
 PY
 fi

@@ -25,10 +25,11 @@ fi
 
 if [ "${1:-}" = --slurm ]; then
   command -v shellcheck >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck; }
-  # Containers: Charliecloud and crun run tasks in images that mmdebstrap builds (scripts/build-image.sh).
-  if ! command -v ch-run >/dev/null || ! command -v crun >/dev/null || ! command -v mmdebstrap >/dev/null; then
-    log "installing charliecloud, crun and mmdebstrap (container tests)"
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q charliecloud-runtime crun mmdebstrap
+  # Containers: Charliecloud and runc (Slurm's srun --container) run tasks in images that mmdebstrap builds
+  # (scripts/build-image.sh); before the cluster starts, which writes oci.conf only where an OCI runtime is.
+  if ! command -v ch-run >/dev/null || ! command -v runc >/dev/null || ! command -v mmdebstrap >/dev/null; then
+    log "installing charliecloud, runc and mmdebstrap (container tests)"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q charliecloud-runtime runc mmdebstrap
   fi
   command -v slurmdbd >/dev/null || bash scripts/slurm-local.sh install --dbd
   bash scripts/slurm-local.sh start multi --dbd

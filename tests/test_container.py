@@ -160,7 +160,15 @@ def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None
                             "pyxis")
     assert code == 0, err
     step = (job / "job.sbatch").read_text()
-    assert "--container-image='nvcr.io#nvidia/pytorch:24.01-py3' --container-mounts=/tmp:/tmp," in step
+    assert "'--container-image=nvcr.io#nvidia/pytorch:24.01-py3' --container-mounts=/tmp:/tmp," in step
+    from hpc import submit
+    from hpc.commands.options import build
+
+    rendered = build(None, container="nvcr.io#nvidia/pytorch:24.01-py3", container_runtime="pyxis",
+                     job_dir=str(tmp_path / "again"))
+    assert submit.slurm_parameters(rendered)["srun_args"][-2:] == [
+        "--container-image=nvcr.io#nvidia/pytorch:24.01-py3",
+        f"--container-mounts=/tmp:/tmp,/{REPO.parts[1]}:/{REPO.parts[1]}"]
     assert "ch-run" not in (job / "task.sh").read_text()
     bundle = tmp_path / "bundle"
     bundle.mkdir()

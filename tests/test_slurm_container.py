@@ -1,5 +1,6 @@
-"""Containers on the real local cluster: a 2-node DDP and a 2-node DeepSpeed job inside a Charliecloud image
-(built by scripts/build-image.sh) train exactly as on the host, and the ranks really run in the image."""
+"""Containers on the real local cluster: a 2-node DDP and a 2-node DeepSpeed job inside a Charliecloud image and
+through Slurm's own srun --container (an OCI bundle run by runc), both built by scripts/build-image.sh, train
+exactly as on the host, the ranks really run in the image, and a preemption and a killed rank recover inside."""
 
 from __future__ import annotations
 
@@ -19,23 +20,33 @@ pytestmark = [pytest.mark.slurm, requires_slurm,
                                  reason="charliecloud is not installed (scripts/setup.sh --slurm installs it)")]
 
 
+RUNTIMES = ["charliecloud", "oci"]
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Charliecloud image from Debian's packages; its /etc/hpcdist-image exists in no host."""
-    path = tmp_path_factory.mktemp("image") / "hpcdist"
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), str(path)], capture_output=True,
+def image(tmp_path_factory: pytest.TempPathFactory, runtime: str) -> Path:
+    """A Charliecloud image (or an OCI bundle) from Debian's packages; its /etc/hpcdist-image exists in no host."""
+    path = tmp_path_factory.mktemp("image") / runtime
+    oci = ["--oci"] if runtime == "oci" else []
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), str(path), *oci], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert (path / "etc" / "hpcdist-image").is_file() and not Path("/etc/hpcdist-image").exists()
+    rootfs = path / "rootfs" if oci else path
+    assert (rootfs / "etc" / "hpcdist-image").is_file() and not Path("/etc/hpcdist-image").exists()
     return path
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The local cluster with Charliecloud; the host interpreter's own folder is bound in as well."""
-    path = tmp_path_factory.mktemp("site") / "charliecloud.yaml"
+def site(tmp_path_factory: pytest.TempPathFactory, runtime: str) -> Path:
+    """The local cluster with this runtime; the host interpreter's own folder is bound in as well."""
+    path = tmp_path_factory.mktemp("site") / f"{runtime}.yaml"
     interpreter = "/" + Path(os.path.realpath(REPO / ".venv" / "bin" / "python")).parts[1]
-    path.write_text(f"extends: local\ncontainer:\n  runtime: charliecloud\n  mounts: [{interpreter}]\n")
+    path.write_text(f"extends: local\ncontainer:\n  runtime: {runtime}\n  mounts: [{interpreter}]\n")
     return path
 
 
@@ -60,7 +71,7 @@ def watch_roots(job_dir: Path, seen: set[str], stop: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
-def test_a_two_node_job_in_a_charliecloud_image_trains_as_on_the_host(tmp_path: Path, image: Path, site: Path,
+def test_a_two_node_job_in_an_image_trains_as_on_the_host(tmp_path: Path, image: Path, site: Path,
                                                                         backend: str) -> None:
     train = ("--", *TINY_TRAIN, "--log-every", "5")
     common = ["submit", "--nodes", "2", "--backend", backend, "--precision", "fp32", "--time", "10", "--wait"]
@@ -73,7 +84,9 @@ def test_a_two_node_job_in_a_charliecloud_image_trains_as_on_the_host(tmp_path: 
                    tmp_path / "home")
     stop.set()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ch-run -b /tmp" in (inside / "task.sh").read_text()
+    scripts = (inside / "task.sh").read_text() + (inside / "submitit").joinpath(
+        f"{proc.stdout.split()[2]}_submission.sh").read_text()
+    assert "ch-run -b /tmp" in scripts or f"--container={image}" in scripts
     # Every rank seen ran with the image as its root, and no rank ran outside it.
     assert seen and all(s.endswith(":True") for s in seen), seen
     outside = tmp_path / "outside"
@@ -91,4 +104,6 @@ def test_a_preemption_and_a_killed_rank_recover_from_inside_the_container(tmp_pa
     assert (results["preempt"]["ending"], results["preempt"]["action"]) == ("preempted", "requeue")
     assert (results["rank_kill"]["ending"], results["rank_kill"]["action"]) == ("rank_crashed", "retry")
     assert all(r["ok"] for r in results.values()), results
-    assert f"ch-run -b /tmp -b /{REPO.parts[1]}" in (tmp_path / "drill" / "rank_kill" / "task.sh").read_text()
+    rendered = (tmp_path / "drill" / "rank_kill" / "task.sh").read_text() + (
+        tmp_path / "drill" / "rank_kill" / "job.sbatch").read_text()
+    assert f"ch-run -b /tmp -b /{REPO.parts[1]}" in rendered or f"--container={image}" in rendered
