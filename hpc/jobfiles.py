@@ -22,25 +22,31 @@ MAX_NAME_BYTES = 255
 
 
 class Damaged(ValueError):
-    """A file that is there but cannot be read as what it should be; the message is one line naming it."""
+    """A file that is there but cannot be read as what it should be; the message is one line naming it and
+    what is wrong, for the caller to add what to do."""
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path, follow: bool = False) -> BinaryIO:
     """``path`` opened for reading if it is a regular file; FileNotFoundError when it is not there, Damaged
-    for a symbolic link, a directory, a FIFO or a device."""
+    for a directory, a FIFO, a device or, unless ``follow`` (a file a person keeps), a symbolic link."""
     try:
         # O_NOFOLLOW: a job directory's file pointing at /etc is damage, not an invitation; O_NONBLOCK: a FIFO
         # put where a file belongs must not hang the reader (regular files ignore the flag).
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+        fd = os.open(path, flags)
+    except ValueError:  # a NUL byte in the name: no file can be called that
+        raise Damaged(f"{str(path)!r} cannot be a file name (it holds a NUL byte)") from None
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            raise FileNotFoundError(errno.ENOENT, "no such file", str(path)) from None
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
         if exc.errno == errno.ELOOP:
-            raise Damaged(f"{path} is a symbolic link, not a file hpcdist wrote; remove it") from None
+            raise Damaged(f"{path} is a symbolic link, not a file") from None
         raise Damaged(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise Damaged(f"{path} is not a regular file; remove it")
+        kind = "a directory" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise Damaged(f"{path} is {kind}, not a file")
     return os.fdopen(fd, "rb")
 
 
@@ -51,7 +57,7 @@ def read_bytes(path: Path, limit: int = MAX_BYTES, tail: bool = False) -> bytes:
         try:
             size = os.fstat(f.fileno()).st_size
             if size > limit and not tail:
-                raise Damaged(f"{path} is {size} bytes, over the {limit} a file like it can be; remove it")
+                raise Damaged(f"{path} is {size} bytes, over the {limit} a file like it can be")
             f.seek(max(size - limit, 0))
             # A file still growing is read only as far as it was long: the bound holds either way.
             return f.read(limit)
@@ -65,7 +71,7 @@ def read_text(path: Path, limit: int = MAX_BYTES) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Damaged(f"{path} is not UTF-8 text (byte {exc.start}); remove or rewrite it") from None
+        raise Damaged(f"{path} is not UTF-8 text (byte {exc.start})") from None
 
 
 def tail_text(path: Path, limit: int) -> str:
@@ -120,8 +126,7 @@ def read_json(path: Path, limit: int = MAX_BYTES) -> Any:
     try:
         return loads(text)
     except ValueError as exc:
-        raise Damaged(f"{path} is not a JSON file hpcdist wrote ({str(exc).splitlines()[0][:80]}); "
-                      "remove or rewrite it") from None
+        raise Damaged(f"{path} is not a JSON file hpcdist wrote ({str(exc).splitlines()[0][:80]})") from None
 
 
 def json_object(path: Path, limit: int = MAX_BYTES) -> dict[str, Any] | None:
@@ -206,10 +211,14 @@ def folder(path: Path, pattern: str = "*", most: int = 100_000) -> list[Path]:
         return []
 
 
+def name_too_long(path: str) -> bool:
+    """Whether some component of ``path`` is longer than a file name can be (the OS would say ENAMETOOLONG)."""
+    return any(len(part.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES for part in str(path).split("/"))
+
+
 def check_name(name: str, what: str) -> str:
     """``name`` unchanged if every path component of it fits the filesystem; ValueError naming ``what``."""
-    for part in str(name).split("/"):
-        if len(part.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
-            raise ValueError(f"{what} {part[:40]!r}... is longer than {MAX_NAME_BYTES} bytes, more than a file "
-                             "name can be; give a shorter one")
+    if name_too_long(name):
+        raise ValueError(f"{what} {str(name)[:40]!r}... has a name longer than {MAX_NAME_BYTES} bytes, more than "
+                         "a file name can be; give a shorter one")
     return name
