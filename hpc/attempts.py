@@ -16,6 +16,7 @@ import os
 import re
 import signal as signals
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -535,7 +536,12 @@ def append(job_dir: Path, line: Mapping[str, Any]) -> bool:
     """Add an attempt's line unless that attempt already has one (the batch shell and a later ``status`` may
     both try); False when it was there already. A lock makes check-and-append one step."""
     path = Path(job_dir) / ATTEMPTS
-    with open(path, "a+") as f:
+    # Never through a symbolic link, never blocking on a FIFO: what is there must be the file it reads.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise jobfiles.Damaged(f"{path} is not a regular file; move it away")
+    with os.fdopen(fd, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         if any(a["attempt"] == line["attempt"] for a in parse_attempts(f.read())):
