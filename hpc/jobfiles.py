@@ -82,15 +82,9 @@ def tail_text(path: Path, limit: int) -> str:
         return ""
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number hpcdist writes")
-
-
-def _finite(text: str) -> float:
+def _finite(text: str) -> float | None:
     value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
+    return value if math.isfinite(value) else None
 
 
 def depth(value: Any) -> int:
@@ -109,10 +103,10 @@ def depth(value: Any) -> int:
 
 
 def loads(text: str) -> Any:
-    """JSON as hpcdist writes it: finite numbers only (no NaN, Infinity or 1e400), nested at most MAX_DEPTH;
-    ValueError otherwise."""
+    """JSON as hpcdist writes it, nested at most MAX_DEPTH (ValueError otherwise); a number that is not finite
+    (NaN, Infinity, 1e400) reads as null, so that a reader takes that field as absent and keeps the rest."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+        value = json.loads(text, parse_constant=lambda name: None, parse_float=_finite)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     if depth(value) > MAX_DEPTH:
@@ -139,7 +133,7 @@ def json_object(path: Path, limit: int = MAX_BYTES) -> dict[str, Any] | None:
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines text, one a line; a torn, foreign or non-finite line is skipped."""
+    """The JSON objects of a JSON-lines text, one a line; a torn or foreign line is skipped."""
     out = []
     for line in text.splitlines():
         try:
