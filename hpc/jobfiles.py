@@ -87,6 +87,12 @@ def _finite(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _int64(text: str) -> int | None:
+    # hpcdist writes no integer beyond 64 bits; a larger one cannot even become a float for a table or a chart.
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
+
+
 def depth(value: Any) -> int:
     """How deeply lists and mappings nest in ``value`` (a scalar is 0); iterative, so no depth can overflow."""
     deepest, stack = 0, [(value, 1)]
@@ -104,9 +110,10 @@ def depth(value: Any) -> int:
 
 def loads(text: str) -> Any:
     """JSON as hpcdist writes it, nested at most MAX_DEPTH (ValueError otherwise); a number that is not finite
-    (NaN, Infinity, 1e400) reads as null, so that a reader takes that field as absent and keeps the rest."""
+    (NaN, Infinity, 1e400) or an integer beyond 64 bits reads as null, so that a reader takes that field as
+    absent and keeps the rest."""
     try:
-        value = json.loads(text, parse_constant=lambda name: None, parse_float=_finite)
+        value = json.loads(text, parse_constant=lambda name: None, parse_float=_finite, parse_int=_int64)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     if depth(value) > MAX_DEPTH:

@@ -64,7 +64,7 @@ FILES: dict[str, Any] = {
     "clusters/site.yaml": PROFILE, "home/.config/hpcdist/config.yaml": {"default_cluster": "local"},
 }
 JOB = ["status", "list", "top --once", "timeline", "report", "logs", "logs --rank 0", "cancel", "attempt end"]
-SWEEP = ["sweep status", "sweep status --json", "sweep report --json"]
+SWEEP = ["sweep status", "sweep status --json", "sweep report --json", "sweep report"]
 PROFILES = ["clusters", "profile check"]
 # Which commands read each file.
 READERS = {name: PROFILES if name.startswith(("clusters", "home")) else SWEEP if name.startswith("sweep") else
@@ -235,7 +235,7 @@ def check(command: str, base: Path) -> Any:
     return result
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(name=st.sampled_from(sorted(FILES)), kind=st.sampled_from(sorted(DAMAGE)), data=st.data())
 def test_every_reader_survives_every_damaged_file(name, kind, data) -> None:
     with sandbox() as base:

@@ -71,9 +71,10 @@ def test_json_nests_boundedly_and_whole(text: str) -> None:
         jobfiles.loads(text)
 
 
-def test_a_number_that_is_not_finite_reads_as_absent() -> None:
+def test_a_number_that_is_not_finite_or_beyond_64_bits_reads_as_absent() -> None:
     assert jobfiles.loads('{"a": NaN, "b": Infinity, "c": -Infinity, "d": 1e400, "e": 1.5}') == {
         "a": None, "b": None, "c": None, "d": None, "e": 1.5}
+    assert jobfiles.loads(f"[{2**63}, {2**63 - 1}, {-(2**63)}]") == [None, 2**63 - 1, -(2**63)]
 
 
 def test_json_as_hpcdist_writes_it_is_read_unchanged() -> None:
