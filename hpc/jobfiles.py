@@ -50,10 +50,10 @@ def open_regular(path: Path, follow: bool = False) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def read_bytes(path: Path, limit: int = MAX_BYTES, tail: bool = False) -> bytes:
+def read_bytes(path: Path, limit: int = MAX_BYTES, tail: bool = False, follow: bool = False) -> bytes:
     """The file's bytes, or its last ``limit`` bytes with ``tail``; FileNotFoundError when it is not there,
     Damaged for what open_regular refuses or (without ``tail``) a file over ``limit``."""
-    with open_regular(path) as f:
+    with open_regular(path, follow) as f:
         try:
             size = os.fstat(f.fileno()).st_size
             if size > limit and not tail:
@@ -65,9 +65,9 @@ def read_bytes(path: Path, limit: int = MAX_BYTES, tail: bool = False) -> bytes:
             raise Damaged(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def read_text(path: Path, limit: int = MAX_BYTES) -> str:
+def read_text(path: Path, limit: int = MAX_BYTES, follow: bool = False) -> str:
     """The file as strict UTF-8 text; Damaged for bytes that are not (a torn write, a foreign file)."""
-    data = read_bytes(path, limit)
+    data = read_bytes(path, limit, follow=follow)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
