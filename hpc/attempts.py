@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hpc import jobfiles
+from hpc import fileio, jobfiles, shown
 from hpc.vocab import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -32,9 +32,11 @@ from hpc.vocab import (
     EXIT_PREEMPTED,
     HANG,
     HEARTBEAT,
+    LOGS_DIR,
     METRICS,
     RUN_DIR,
     SETUP_PHASES,
+    TASK_LOG,
     batch_log,
     task_log,
 )
@@ -74,6 +76,8 @@ _SRUN_NODE_FAIL = re.compile(r"^srun: error: (?:Node failure on (\S+)|Task launc
 _STEPD_CANCEL = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON (\S+) CANCELLED AT \S+"
                            r"(?: DUE TO ([A-Z ]+?))?(?:,[^*]*)? \*\*\*")
 _EXIT_CODE = re.compile(r"Exited with exit code (\d+)")
+# logs/task-%t.log's file name, %t read back as the task's index.
+_TASK_LOG = re.compile(re.escape(TASK_LOG.split("/")[-1]).replace(re.escape("%t"), r"(\d{1,7})"))
 # A line a rank wrote as its own fatal error: ours, argparse's, or the last line of a Python traceback.
 _OWN_ERROR = re.compile(r"^(?:hpcdist-train|python -m train|\S+\.py): error: (.+)$")
 _EXCEPTION = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit|Failure)):?(?: (.*))?$")
@@ -157,6 +161,7 @@ class Evidence:
     job_exit: str = ""                            # sacct's ExitCode "N:S"
     down_nodes: frozenset[str] = frozenset()      # nodes Slurm now calls down/drained/failing
     ranks_per_task: int = 1
+    launcher: str = "srun"                        # which launcher's own report of a dead child to believe
     time_left_s: int | None = None                # the job's time limit minus its run time, when the step ended
     warning_s: int = 0                            # how long before the time limit Slurm signals (--signal X@N)
     checkpoint_step: int | None = None            # the newest complete checkpoint (what a retry resumes from)
@@ -226,24 +231,32 @@ def last_error_line(log: str) -> str | None:
     return found
 
 
-def launcher_child(log: str, task: int = 0, per: int = 1) -> tuple[int | None, int | None, str | None]:
-    """(rank, exit status, host) of the child a launcher reported dead: torchrun's root cause, DeepSpeed's exit.
+def launcher_child(log: str, task: int = 0, per: int = 1, launcher: str = "srun",
+                   task_exit: int | None = None) -> tuple[int | None, int | None, str | None]:
+    """(rank, exit status, host) of the child ``launcher`` reported dead: torchrun's root cause, DeepSpeed's exit.
 
+    Only the job's own launcher is read, and only where the task's exit status bears it out, since a rank
+    writes to the same log and can print either report: torchrun exits 1 after a child failed and prints its
+    root cause last; DeepSpeed's launcher exits with its child's status, so its line must match the task's.
     A negative status is the signal that killed the child (-9: SIGKILL). DeepSpeed's launcher names the child
     only by its command line, whose ``--local_rank=L`` is the rank ``task * per + L`` of this node's ``per``.
     """
-    root = log.rfind("Root Cause")
-    if root >= 0:
+    nothing = (None, None, None)
+    if launcher == "torchrun":
+        root = log.rfind("Root Cause")
+        if root < 0 or task_exit in (None, 0):
+            return nothing
         block = log[root:]
         rank, code, host = _TORCHRUN_RANK.search(block), _TORCHRUN_EXIT.search(block), _TORCHRUN_HOST.search(block)
         return (int(rank.group(1)) if rank else None, int(code.group(1)) if code else None,
                 host.group(1) if host else None)
-    exits = [line for line in log.splitlines() if _DEEPSPEED_EXIT.search(line)]
-    if exits:
-        local = _DEEPSPEED_LOCAL_RANK.search(exits[-1])
-        return (task * per + int(local.group(1)) if local else None,
-                int(_DEEPSPEED_EXIT.search(exits[-1]).group(1)), None)
-    return None, None, None
+    if launcher == "deepspeed":
+        exits = [m for line in log.splitlines() if (m := _DEEPSPEED_EXIT.search(line))]
+        if not exits or task_exit is None or int(exits[-1].group(1)) % 256 != task_exit % 256:
+            return nothing
+        local = _DEEPSPEED_LOCAL_RANK.search(exits[-1].string)
+        return task * per + int(local.group(1)) if local else None, int(exits[-1].group(1)), None
+    return nothing
 
 
 def parse_rank_error(text: str) -> RankError | None:
@@ -417,7 +430,8 @@ def classify(ev: Evidence) -> Ending:
     # A rank killed by a signal: srun names it, or the node's launcher reports its child's death.
     for end in ends:
         rank, label = _ranks(end.task, per)
-        child_rank, child_code, child_host = launcher_child(ev.task_logs.get(end.task, ""), end.task, per)
+        child_rank, child_code, child_host = launcher_child(ev.task_logs.get(end.task, ""), end.task, per,
+                                                            ev.launcher, end.exit_code)
         sig = end.signal
         if child_code is not None and child_code < 0:
             sig = -child_code
@@ -560,14 +574,14 @@ def summary_line(a: Mapping[str, Any]) -> str:
         text += f" -> {a.get('reason') or a['action']}"
     elif a.get("reason") and a.get("ending") not in ("completed",):
         text += f" ({a['reason']})"
-    return text
+    return shown.line(text, limit=2000)
 
 
 def root_cause(attempts: Sequence[Mapping[str, Any]]) -> str | None:
     """The first failing rank's own error line of the newest attempt that failed, or None."""
     for a in reversed(attempts):
         if a.get("ending") not in ("completed", "preempted", "cancelled") and a.get("detail"):
-            return str(a["detail"])
+            return shown.line(a["detail"], limit=2000)
     return None
 
 
@@ -639,7 +653,8 @@ def slurm_seconds(text: str) -> int | None:
 
 
 def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ranks_per_task: int,
-           ntasks: int, runner: Runner = _run, warning_s: int = 0) -> tuple[Evidence, dict[str, str]]:
+           ntasks: int, runner: Runner = _run, warning_s: int = 0,
+           launcher: str = "srun") -> tuple[Evidence, dict[str, str]]:
     """The evidence for the attempt that just ended, read inside the job (the batch shell, after the step),
     and scontrol's view of the job (StartTime, Partition, JobState)."""
     job_dir = Path(job_dir)
@@ -656,17 +671,27 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
             break
     ev = Evidence(
         attempt=attempt, step_status=step_status, batch_log=attempt_segment(batch, attempt),
-        task_logs={t: _read(job_dir / task_log(t), 65536) for t in range(ntasks)},
+        task_logs={t: _read(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
         errors=tuple(e for e in read_errors(run_dir) if e.attempt == attempt),
         preempted=(run_dir / MARKER).exists(), hang=read_hang(run_dir, attempt),
         job_state=job.get("JobState", ""), job_reason=job.get("Reason", ""),
         down_nodes=frozenset(n for n, s in states.items() if s.split("+")[0] in UNUSABLE),
         ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
-        warning_s=warning_s)
+        warning_s=warning_s, launcher=launcher)
     limit, ran = slurm_seconds(job.get("TimeLimit", "")), slurm_seconds(job.get("RunTime", ""))
     if limit is not None and ran is not None:
         ev = replace(ev, time_left_s=limit - ran)
     return ev, {**job, "_states": json.dumps(states)}
+
+
+def _logged_tasks(job_dir: Path, ntasks: int) -> list[int]:
+    """The tasks below ``ntasks`` that left a log: a job of a million tasks has no million files to open."""
+    try:
+        names = os.listdir(job_dir / LOGS_DIR)
+    except OSError:
+        return []
+    tasks = {int(m.group(1)) for n in names if (m := _TASK_LOG.fullmatch(n))}
+    return sorted(t for t in tasks if t < ntasks)
 
 
 def _now() -> str:
@@ -675,9 +700,9 @@ def _now() -> str:
 
 def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | None, policy: Policy,
                 ranks_per_task: int, ntasks: int, runner: Runner = _run,
-                warning_s: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
+                warning_s: int = 0, launcher: str = "srun") -> tuple[dict[str, Any], dict[str, str]]:
     """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields)."""
-    ev, job = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s)
+    ev, job = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s, launcher)
     states = json.loads(job.pop("_states"))
     ending = classify(ev)
     history = [a for a in load(job_dir) if a["attempt"] < attempt]
@@ -839,8 +864,6 @@ def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], er
                 "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0),
                 "time": time.time(), "kind": kind, "error": " ".join(str(error).split())[:2000],
                 "exit_code": exit_code, "pid": os.getpid()}
-        tmp = folder / f".rank-{rank}.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data) + "\n")
-        os.replace(tmp, folder / f"rank-{rank}.json")
+        fileio.atomic_write(folder / f"rank-{rank}.json", json.dumps(data) + "\n")
     except Exception:  # noqa: BLE001 - reporting must not mask the error being reported
         pass

@@ -4,8 +4,9 @@
     Config(backend='deepspeed', ranks=2, zero_stage=2, precision='bf16', loader='resident', batch=256, threads=None)
 
 A config spec is ``BACKEND[:TOKEN...]``, tokens in any order, each at most once:
-``N`` ranks (default 1), ``zeroN`` ZeRO stage (deepspeed; default 0), ``fp32|bf16|fp16`` precision
-(default fp32), ``resident|classic`` loader (default resident), ``bN`` global batch (default the run's
+``N`` ranks (default 1), ``zeroN`` ZeRO stage (deepspeed; default 0), ``auto|fp32|bf16|fp16`` precision
+(default fp32; ``auto``: what the trainer picks for this machine, the row says which), ``resident|classic``
+loader (default resident), ``bN`` global batch (default the run's
 --batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns),
 ``cl`` channels_last and ``compile`` torch.compile (dp/ddp), ``nohb`` the trainer without its heartbeat
 (``--heartbeat-s 0``, to measure the heartbeat's cost). ``floor`` is a bare PyTorch loop and
@@ -25,12 +26,12 @@ from hpc import ranks, vocab
 
 FLOORS = ("floor", "floor-deepspeed")
 BACKENDS = (*FLOORS, *vocab.BACKENDS)
-PRECISIONS = vocab.DTYPES
+PRECISIONS = vocab.PRECISIONS
 LOADERS = vocab.LOADERS
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
-SPEC_HELP = ("BACKEND[:N][:zeroN][:fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb] "
+SPEC_HELP = ("BACKEND[:N][:zeroN][:auto|fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb] "
              "with BACKEND one of " + ", ".join(BACKENDS))
 
 # The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against its floor,
@@ -44,6 +45,7 @@ DEFAULT_GRID = (
     "floor-deepspeed:zero2:fp32:1",
     "deepspeed:zero2:fp32:1",
     "deepspeed:zero2:bf16:1",
+    "deepspeed:zero2:auto:1",
     "floor:2",
     "ddp:resident:2",
     "ddp:resident:2:t2",
@@ -162,6 +164,8 @@ def check(config: Config, spec: str) -> None:
         raise BenchError(f"{where}: ZeRO stage must be 0-3")
     if config.backend == "floor" and config.precision != "fp32":
         raise BenchError(f"{where}: the floor trains in fp32; floor-deepspeed takes a precision")
+    if config.backend == "floor-deepspeed" and config.precision == vocab.AUTO:
+        raise BenchError(f"{where}: floor-deepspeed takes a named precision ({', '.join(vocab.DTYPES)}), not auto")
     if config.backend in FLOORS and config.loader != "resident":
         raise BenchError(f"{where}: a floor trains from tensors already on the device, never a loader")
     if not config.heartbeat and config.backend in FLOORS:
@@ -247,6 +251,7 @@ class Result:
     missing: tuple[str, ...] = ()
     samples: tuple[float, ...] = ()
     device: str | None = None
+    trained: str | None = None  # the precision the trainer trained in (summary.json): what auto became
 
     @property
     def ok(self) -> bool:
@@ -306,7 +311,7 @@ def result_from_summary(config: Config, threads: int, summary: Mapping[str, obje
     elif not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
         error = f"summary.json has no images_per_s (got {rate!r})"
     return Result(config, threads, float(rate) if error is None else None, ttfs, peaks,  # type: ignore[arg-type]
-                  wall_s, error, tuple(missing), device=device)
+                  wall_s, error, tuple(missing), device=device, trained=_text(summary, "precision"))
 
 
 def result_from_floor(config: Config, threads: int, report: Mapping[str, object], wall_s: float) -> Result:
@@ -393,7 +398,8 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
         rate = f"failed: {r.error}" if r.error else _num(r.images_per_s, ".0f")
         # A failed run reported nothing, so its empty cells are not the trainer's missing fields.
         absent = "" if r.error else "missing"
-        rows.append((c.name, c.backend, "" if c.zero_stage is None else str(c.zero_stage), c.precision,
+        precision = f"auto → {r.trained or '?'}" if c.precision == vocab.AUTO else c.precision
+        rows.append((c.name, c.backend, "" if c.zero_stage is None else str(c.zero_stage), precision,
                      "" if c.backend in FLOORS else c.loader, str(c.batch), str(c.ranks), str(r.threads), rate,
                      _ratio(vs_floor(r, results)), _ratio(scaling(r, results)),
                      _num(r.time_to_first_step_s, ".1f", absent), _mib(r.peak_memory_bytes, absent)))

@@ -1,7 +1,8 @@
 """Decide the precision and the DeepSpeed config once, torch-free: for `hpcdist render` and for a trainer run by hand.
 
-    config = resolve(load(base_path()), world_size=4, gpu=False, zero_stage=3)   # auto on CPUs: bf16
-    precision_of(config)                                                         # -> "bf16"
+    config = resolve(load(base_path()), world_size=4, gpu=False, zero_stage=3)   # auto on CPUs: fp32
+    precision_of(config)                                                         # -> "fp32"
+    choose("auto", gpu=False, config=config, cpus=Cpus(native_bf16(cpuinfo))).reason  # why
 
 A job directory's deepspeed.json is this function's output; the trainer takes that file as it is.
 """
@@ -9,6 +10,7 @@ A job directory's deepspeed.json is this function's output; the trainer takes th
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,23 +57,67 @@ def precision_of(config: Mapping[str, Any]) -> str:
     return "fp32"
 
 
-def choose_precision(requested: str, *, gpu: bool, config: Mapping[str, Any] | None = None) -> str:
+# /proc/cpuinfo flags of a CPU that computes bf16 itself: x86 AVX512-BF16 or AMX-BF16 ("flags"), aarch64
+# FEAT_BF16 ("Features"). Without one, torch emulates bf16 on fp32 units, which costs more than it saves.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def native_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text describes a CPU with native bf16 (every listed core must have it)."""
+    found = [set(value.split()) for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())
+             if key.strip() in ("flags", "Features")]
+    return bool(found) and all(flags & NATIVE_BF16_FLAGS for flags in found)
+
+
+@dataclass(frozen=True)
+class Cpus:
+    """What is known of the CPUs a job will run on: native bf16 or not (None: unknown), and how to name them."""
+
+    bf16: bool | None
+    named: str = "this CPU"
+
+
+def this_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> Cpus:
+    """This machine's CPU, for jobs that run here (the local executor, a trainer run by hand)."""
+    try:
+        return Cpus(native_bf16(cpuinfo.read_text()))
+    except OSError:
+        return Cpus(None)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision a job trains in, and why, where ``auto`` weighed the hardware (else None)."""
+
+    precision: str
+    reason: str | None = None
+
+
+def choose(requested: str, *, gpu: bool, config: Mapping[str, Any] | None = None, cpus: Cpus | None = None) -> Choice:
     """What ``--precision`` means: itself, or for ``auto`` fp32 under dp/ddp (no ``config``); under DeepSpeed
-    the config's on GPUs and bf16 on CPU-only jobs, where fp16 runs ~35x slower."""
+    the config's on GPUs, and on CPU-only jobs bf16 where ``cpus`` have native bf16, else fp32: fp16 runs
+    ~35x slower there and emulated bf16 ~4x slower than fp32."""
     if requested != vocab.AUTO:
         if requested not in vocab.DTYPES:
             raise ConfigError(f"precision {requested!r} is not one of {', '.join(vocab.PRECISIONS)}")
-        return requested
+        return Choice(requested)
     if config is None:
-        return "fp32"
-    return precision_of(config) if gpu else "bf16"
+        return Choice("fp32")  # dp/ddp: nothing to weigh, autocast is opt-in
+    if gpu:
+        return Choice(precision_of(config), "the DeepSpeed config's precision, on GPUs")
+    cpus = cpus or Cpus(None)
+    if cpus.bf16:
+        return Choice("bf16", f"native bf16 on {cpus.named}")
+    if cpus.bf16 is None:
+        return Choice("fp32", f"not known whether {cpus.named} have native bf16; set cpu_bf16 in the profile")
+    return Choice("fp32", f"no native bf16 on {cpus.named} (AVX512-BF16, AMX): bf16 would be emulated, ~4x slower")
 
 
 def resolve(base: Mapping[str, Any], *, world_size: int, gpu: bool, zero_stage: int | None = None,
             precision: str = vocab.AUTO, offload: bool = False, global_batch: int | None = None,
-            lr: float | None = None) -> dict[str, Any]:
-    """``base`` with the job's ZeRO stage, offload, precision, batch and lr: one micro batch per rank, no
-    accumulation (the trainer counts one optimizer step per batch it draws). ``base`` is left alone."""
+            lr: float | None = None, cpus: Cpus | None = None) -> dict[str, Any]:
+    """``base`` with the job's ZeRO stage, offload, precision (``choose``), batch and lr: one micro batch per
+    rank, no accumulation (the trainer counts one optimizer step per batch it draws). ``base`` is left alone."""
     config = copy.deepcopy(dict(base))
     zero = config.setdefault("zero_optimization", {})
     if zero_stage is not None:
@@ -80,7 +126,7 @@ def resolve(base: Mapping[str, Any], *, world_size: int, gpu: bool, zero_stage: 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if zero.get("stage") == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    chosen = choose_precision(precision, gpu=gpu, config=config)
+    chosen = choose(precision, gpu=gpu, config=config, cpus=cpus).precision
     config.setdefault("fp16", {})["enabled"] = chosen == "fp16"
     config.setdefault("bf16", {})["enabled"] = chosen == "bf16"
     if lr is not None:

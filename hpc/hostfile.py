@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Mapping
 
-from hpc import nodelist
+from hpc import nodelist, shown
 from hpc.ranks import SLURM
 from hpc.spec import MAX_TASKS_PER_NODE
+
+# What a hostfile line (``host slots=N``) can carry as its host: a blank or ``=`` would be read as more fields.
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class HostfileError(ValueError):
@@ -16,8 +20,16 @@ class HostfileError(ValueError):
 
 
 def hosts(expr: str) -> list[str]:
+    """The host names of a Slurm nodelist, each one a hostfile can carry.
+
+    Slurm reads blanks as separators (``n1 slots=99`` is two hosts); a nodelist given here is one word, as
+    ``--nodelist`` must be at render.
+    """
+    if any(ch.isspace() or not ch.isprintable() for ch in expr):
+        raise HostfileError(f"nodelist {shown.value(expr)} contains whitespace or a control character; give one "
+                            "Slurm nodelist such as n[1-2]")
     try:
-        return nodelist.expand(expr)
+        return nodelist.expand(expr, limit=nodelist.MAX_HOSTS)
     except nodelist.NodelistError as exc:
         raise HostfileError(f"nodelist: {exc}") from None
 
@@ -36,7 +48,11 @@ def nodelist_from_slurm(environ: Mapping[str, str]) -> str:
     return expr
 
 
-def _check_slots(slots: int) -> None:
+def _check(names: list[str], slots: int) -> None:
+    bad = next((n for n in names if not _HOST.fullmatch(n)), None)
+    if bad is not None:
+        raise HostfileError(f"host {shown.value(bad)} is not a host name (letters, digits, '.', '-', '_'); "
+                            "fix the nodelist")
     if slots < 1:
         raise HostfileError(f"--slots {slots}: each host needs at least one slot")
     if slots > MAX_TASKS_PER_NODE:
@@ -46,7 +62,7 @@ def _check_slots(slots: int) -> None:
 
 def hostfile(names: list[str], slots: int) -> str:
     """DeepSpeed's hostfile: ``host slots=N`` per line."""
-    _check_slots(slots)
+    _check(names, slots)
     return "".join(f"{name} slots={slots}\n" for name in names)
 
 
@@ -56,6 +72,6 @@ def world_info(names: list[str], slots: int) -> str:
     Encoded as DeepSpeed's own runner does (urlsafe base64 of compact-enough JSON), so the launcher's
     ``urlsafe_b64decode`` reads it back; key order is the node order SLURM_NODEID indexes.
     """
-    _check_slots(slots)
+    _check(names, slots)
     info = {name: list(range(slots)) for name in names}
     return base64.urlsafe_b64encode(json.dumps(info).encode()).decode()

@@ -371,6 +371,20 @@ def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]], ratio: float = 
             for r, v in sorted(verdicts.items()) if v[0]]
 
 
+def ending_line(beats: Mapping[int, Heartbeat]) -> str | None:
+    """How an ended job's ranks last reported, newest attempt only: ``ranks at the end: 2 done``, or with a
+    rank that wrote no final heartbeat (killed, or its node lost) ``...; rank 1 on n2 last at step 78 (train)``."""
+    attempt = max((b.attempt for b in beats.values()), default=0)
+    current = [b for _, b in sorted(beats.items()) if b.attempt == attempt]
+    if not current:
+        return None
+    finals = [phase for phase in vocab.FINAL_PHASES if any(b.phase == phase for b in current)]
+    parts = [f"{sum(b.phase == phase for b in current)} {phase}" for phase in finals]
+    parts += [f"rank {b.rank} on {b.node} last at step {b.step} ({b.phase})"
+              for b in current if b.phase not in vocab.FINAL_PHASES]
+    return "ranks at the end: " + "; ".join(parts)
+
+
 def straggler_lines(board: Board) -> list[str]:
     """``straggler: rank 1 on n2, compute 2.10x the other ranks' median`` per straggler; stale ranks too."""
     out = [f"straggler: rank {v.beat.rank} on {v.beat.node}, compute {v.compute_ratio:.2f}x the other ranks' median"

@@ -10,19 +10,18 @@ Parsers take the text of ``scontrol show partition -o``, ``scontrol show node -o
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from hpc import nodelist
+from hpc.slurm import commands, grammar
+from hpc.slurm.runner import Runner
+from hpc.slurm.runner import run as slurm_run
 from hpc.spec import JobSpec, SpecError, time_seconds
 
 if TYPE_CHECKING:
     from hpc.profiles import Profile
 
-# Slurm must answer quickly: a login node whose controller is slow should not make every render wait.
-TIMEOUT_S = 5.0
 CHECK_ENV = "HPCDIST_PARTITION_CHECK"
 # Words scontrol prints where a limit is unset.
 _UNSET = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(NULL)", "")
@@ -31,7 +30,6 @@ _FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/.]*)=")
 # One Gres entry: gpu[:type]:count with an optional (S:0-1) or (IDX:...) suffix.
 _GRES = re.compile(r"gpu(?::[^:(,]+)?:(\d+)[KMG]?(?:\([^)]*\))?")
 
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
 @dataclass(frozen=True)
@@ -86,23 +84,6 @@ def fields(line: str) -> dict[str, str]:
     return out
 
 
-def slurm_time(text: str) -> int | None:
-    """Seconds in a limit as scontrol prints it (``00:05:00``, ``1-00:00:00``), None for UNLIMITED/NONE."""
-    if text.strip().upper() in _UNSET:
-        return None
-    try:
-        return time_seconds(text)
-    except SpecError:
-        return None
-
-
-def format_time(seconds: int) -> str:
-    """Seconds as Slurm's ``[D-]HH:MM:SS``."""
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
-
-
 def _count(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
@@ -131,7 +112,8 @@ def parse_partitions(text: str) -> tuple[Partition, ...]:
             names = ()
         out.append(Partition(
             name=f["PartitionName"], nodes=names, nodes_expr=expr,
-            max_time_s=slurm_time(f.get("MaxTime", "")), default_time_s=slurm_time(f.get("DefaultTime", "")),
+            max_time_s=grammar.duration_s(f.get("MaxTime", "")),
+            default_time_s=grammar.duration_s(f.get("DefaultTime", "")),
             max_nodes=_count(f.get("MaxNodes", "")), default=f.get("Default", "NO").upper() == "YES",
             state=f.get("State", "UP")))
     return tuple(out)
@@ -186,19 +168,25 @@ def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
     """Refuse a resolved job that this partition would never run: SpecError naming the limit and the fix."""
     where = f"partition {part.name!r}"
     if spec.time is not None and part.max_time_s is not None and time_seconds(spec.time) > part.max_time_s:
-        raise SpecError(f"--time {spec.time} exceeds {where}'s MaxTime {format_time(part.max_time_s)}; ask for "
-                        "at most that, or another --partition")
+        raise SpecError(f"--time {spec.time} exceeds {where}'s MaxTime {grammar.format_duration(part.max_time_s)}; "
+                        "ask for at most that, or another --partition")
     if part.max_nodes is not None and spec.nodes > part.max_nodes:
         raise SpecError(f"--nodes {spec.nodes} exceeds {where}'s MaxNodes {part.max_nodes}; ask for at most "
                         f"{part.max_nodes}, or another --partition")
     if spec.nodes > len(part.nodes):
         raise SpecError(f"--nodes {spec.nodes}: {where} has only {len(part.nodes)} node(s) ({part.nodes_expr}); "
                         f"ask for at most {len(part.nodes)}")
-    if spec.nodelist:
-        missing = [h for h in nodelist.expand(spec.nodelist) if h not in part.nodes]
+    for option, expr in (("--nodelist", spec.nodelist), ("--exclude", spec.exclude)):
+        missing = [h for h in nodelist.expand(expr) if h not in part.nodes] if expr else []
         if missing:
-            raise SpecError(f"--nodelist names {', '.join(missing)}, not in {where} (its nodes: {part.nodes_expr}); "
-                            "pick nodes from it or drop --nodelist")
+            shown_missing = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise SpecError(f"{option} names {shown_missing}, not in {where} (its nodes: {part.nodes_expr}); "
+                            f"pick nodes from it or drop {option}")
+    if spec.exclude:
+        left = sorted(set(part.nodes) - set(nodelist.expand(spec.exclude)))
+        if len(left) < spec.nodes:
+            raise SpecError(f"--exclude {spec.exclude} leaves {len(left)} of {where}'s nodes for a job that needs "
+                            f"{spec.nodes}; exclude fewer nodes or ask for fewer --nodes")
     usable = list(nodes)
     gpus = spec.gpus_per_node or 0
     if gpus:
@@ -222,7 +210,7 @@ def applies(profile: Profile, cluster: Cluster) -> bool:
 def with_default_time(spec: JobSpec, profile: Profile, part: Partition | None) -> JobSpec:
     """The partition's DefaultTime when neither the user nor the profile gives --time."""
     if spec.time is None and profile.time is None and part is not None and part.default_time_s is not None:
-        return replace(spec, time=format_time(part.default_time_s))
+        return replace(spec, time=grammar.format_duration(part.default_time_s))
     return spec
 
 
@@ -245,7 +233,7 @@ def problems(profile: Profile, cluster: Cluster) -> list[str]:
         if profile.gpus_per_node > most:
             out.append(f"gpus_per_node {profile.gpus_per_node} but {where}'s nodes have at most {most} GPU(s) in Gres")
     if profile.time is not None and part.max_time_s is not None and time_seconds(profile.time) > part.max_time_s:
-        out.append(f"time {profile.time} exceeds {where}'s MaxTime {format_time(part.max_time_s)}")
+        out.append(f"time {profile.time} exceeds {where}'s MaxTime {grammar.format_duration(part.max_time_s)}")
     if profile.max_nodes is not None:
         if profile.max_nodes > len(part.nodes):
             out.append(f"max_nodes {profile.max_nodes} but {where} has {len(part.nodes)} node(s)")
@@ -262,26 +250,14 @@ def problems(profile: Profile, cluster: Cluster) -> list[str]:
 
 # ---- asking Slurm (the side effect) --------------------------------------------------------------
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S)
-
-
-def reachable(environ: Mapping[str, str]) -> bool:
-    return shutil.which("scontrol", path=environ.get("PATH")) is not None
-
-
-def query(environ: Mapping[str, str], runner: Runner = _run) -> Cluster | None:
+def query(environ: Mapping[str, str], runner: Runner = slurm_run) -> Cluster | None:
     """The cluster's partitions, nodes and config, or None where scontrol is missing, fails or is slow."""
-    if environ.get(CHECK_ENV, "1").strip().lower() in ("0", "no", "off", "false") or not reachable(environ):
+    if environ.get(CHECK_ENV, "1").strip().lower() in ("0", "no", "off", "false") or not commands.available(environ):
         return None
     texts = []
-    for argv in (["scontrol", "show", "partition", "-o"], ["scontrol", "show", "node", "-o"],
-                 ["scontrol", "show", "config"]):
-        try:
-            proc = runner(argv)
-        except (OSError, subprocess.SubprocessError):
+    for what in ("partition", "node", "config"):
+        text = commands.show(what, runner=runner)
+        if text is None:
             return None
-        if proc.returncode != 0:
-            return None
-        texts.append(proc.stdout)
+        texts.append(text)
     return cluster_from(*texts)

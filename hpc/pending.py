@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
+
+from hpc.slurm import commands
+from hpc.slurm.runner import Runner
+from hpc.slurm.runner import run as slurm_run
 
 SQUEUE_FORMAT = "%i|%T|%r|%P|%Q|%S"
-TIMEOUT_S = 10.0
-
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 # Slurm's reason code -> (what it means, what the user can do); {job} is the job id.
 REASONS: Mapping[str, tuple[str, str]] = {
@@ -123,25 +123,16 @@ def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> int:
                and job.partition in o.partition.split(",") and first(o))
 
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT_S)
-
-
-def describe(job_ids: Sequence[str], runner: Runner = _run) -> dict[str, str]:
+def describe(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str, str]:
     """The explanation of each of these jobs that is pending (others are left out); {} where squeue fails."""
     if not job_ids:
         return {}
-    try:
-        mine = runner(["squeue", "-h", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT])
-        if mine.returncode != 0:
-            return {}
-        jobs = {k: v for k, v in parse_squeue(mine.stdout).items() if v.state == "PENDING"}
-        partitions = sorted({p for j in jobs.values() for p in j.partition.split(",")})
-        queue: dict[str, Queued] = {}
-        if partitions:
-            everyone = runner(["squeue", "-h", "-t", "PD", "-p", ",".join(partitions), "-o", SQUEUE_FORMAT])
-            queue = parse_squeue(everyone.stdout) if everyone.returncode == 0 else {}
-    except (OSError, subprocess.SubprocessError):
+    mine = commands.squeue(SQUEUE_FORMAT, jobs=job_ids, runner=runner)
+    if mine is None:
         return {}
+    jobs = {k: v for k, v in parse_squeue(mine).items() if v.state == "PENDING"}
+    partitions = sorted({p for j in jobs.values() for p in j.partition.split(",")})
+    everyone = commands.squeue(SQUEUE_FORMAT, states="PD", partitions=partitions, runner=runner) if partitions else None
+    queue = parse_squeue(everyone) if everyone is not None else {}
     return {j.job_id: explain(j.reason, j.job_id, ahead_of(j, queue) if queue else None, j.start)
             for j in jobs.values()}

@@ -7,17 +7,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpc import jobfiles, plan, sites
+from hpc import container as containers
+from hpc import dsconfig, jobfiles, plan, shown, sites
+from hpc.container import Container
 from hpc.spec import SpecError, time_seconds
 
 # The network section names the variables NCCL and Gloo read, spelled as they are exported.
 NETWORK_VARS = ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_IB_GID_INDEX", "NCCL_NET_GDR_LEVEL",
                 "GLOO_SOCKET_IFNAME")
 NETWORK_KEYS = ("ib",) + NETWORK_VARS
-KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "max_nodes", "modules",
-        "setup", "env", "templates", "python", "network", "extends", "slurm_cluster")
+KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "cpu_bf16", "max_nodes",
+        "modules", "setup", "env", "templates", "python", "network", "extends", "slurm_cluster", "container")
 # Mappings a child profile merges key by key into its parent's; every other key (lists included) replaces.
-MERGED_KEYS = ("env", "network")
+MERGED_KEYS = ("env", "network", "container")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -51,6 +53,7 @@ class Profile:
     gpus_per_node: int = 0
     gpu_memory: int | None = None
     cpus_per_task: int = 1
+    cpu_bf16: bool | None = None  # the CPU nodes compute bf16 natively (--precision auto); None: not known
     max_nodes: int | None = None
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
@@ -58,10 +61,15 @@ class Profile:
     templates: str | None = None
     python: str | None = None
     network: Network = field(default_factory=Network)
+    container: Container | None = None  # the site's runtime, mounts and GPU flag; an image every job gets
     # Where it came from: the file, its level of the search path, and the profiles it extends (nearest first).
     source: str | None = None
     origin: str | None = None
     parents: tuple[str, ...] = ()
+
+    def cpus(self) -> dsconfig.Cpus:
+        """What --precision auto knows of this site's CPU nodes."""
+        return dsconfig.Cpus(self.cpu_bf16, f"cluster {self.name}'s CPU nodes")
 
     def environment(self) -> dict[str, str]:
         """Every variable setup.sh exports: the network's, then the profile's own env (which wins)."""
@@ -127,23 +135,18 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = ascii(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _int(name: str, value: Any, lowest: int, highest: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
-        raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {shown.value(value)}")
     return value
 
 
 def _str(name: str, value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ProfileError(f"{name} must be a string, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a string, got {shown.value(value)}")
     text = str(value)
     if "\x00" in text or not _encodable(text):
-        raise ProfileError(f"{name} {_shown(text)} holds a NUL byte or a lone surrogate, which no script can "
+        raise ProfileError(f"{name} {shown.value(text)} holds a NUL byte or a lone surrogate, which no script can "
                            "carry; remove it")
     return text
 
@@ -152,17 +155,17 @@ def _strings(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ProfileError(f"{name} must be a list of strings, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a list of strings, got {shown.value(value)}")
     return tuple(_str(name, v) for v in value)
 
 
 def _variables(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
-        raise ProfileError(f"{name} must be a mapping of variable names to values, got {_shown(value)}")
+        raise ProfileError(f"{name} must be a mapping of variable names to values, got {shown.value(value)}")
     out = []
     for key, val in value.items():
         if not isinstance(key, str) or not _NAME.fullmatch(key):
-            raise ProfileError(f"{name}: {_shown(key)} is not a shell variable name")
+            raise ProfileError(f"{name}: {shown.value(key)} is not a shell variable name")
         out.append((key, "1" if val is True else "0" if val is False else _str(f"{name}.{key}", val)))
     return tuple(out)
 
@@ -184,7 +187,7 @@ NETWORK_VALUES = {
 def _network_value(key: str, value: str) -> str:
     pattern, accepted = NETWORK_VALUES[key]
     if not pattern.fullmatch(value) or (key == "NCCL_IB_GID_INDEX" and int(value) > 255):
-        raise ProfileError(f"network.{key} {_shown(value)} is not one NCCL reads; give {accepted}")
+        raise ProfileError(f"network.{key} {shown.value(value)} is not one NCCL reads; give {accepted}")
     return value
 
 
@@ -192,10 +195,9 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     """A Profile from a YAML mapping; ``base`` anchors a relative ``templates`` directory."""
     if not isinstance(data, dict):
         raise ProfileError(f"cluster profile {name!r} must be a YAML mapping")
-    unknown = sorted(_shown(k) if not isinstance(k, str) else k for k in data if k not in KEYS)
+    unknown = [k for k in data if k not in KEYS]
     if unknown:
-        raise ProfileError(f"cluster profile {_shown(name)}: unknown key(s) {', '.join(unknown)}; valid "
-                           f"keys: {', '.join(KEYS)}")
+        raise ProfileError(f"cluster profile {shown.value(name)}: {shown.unknown_keys(unknown, KEYS)}")
     values: dict[str, Any] = {"name": name}
     for key in ("slurm_cluster", "partition", "account", "python"):
         if data.get(key) is not None:
@@ -204,6 +206,11 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     for key, lowest in (("gpus_per_node", 0), ("cpus_per_task", 1), ("max_nodes", 1)):
         if data.get(key) is not None:
             values[key] = _int(key, data[key], lowest)
+    if data.get("cpu_bf16") is not None:
+        if not isinstance(data["cpu_bf16"], bool):
+            raise ProfileError(f"cluster profile {shown.value(name)}: cpu_bf16 must be true or false, got "
+                               f"{shown.value(data['cpu_bf16'])}")
+        values["cpu_bf16"] = data["cpu_bf16"]
     if data.get("time") is not None:
         values["time"] = _str("time", data["time"])
         try:
@@ -223,17 +230,23 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     if data.get("templates") is not None:
         templates = Path(_str("templates", data["templates"])).expanduser()
         values["templates"] = str(templates if templates.is_absolute() or base is None else base / templates)
+    if data.get("container") is not None:
+        if not isinstance(data["container"], dict):
+            raise ProfileError("container must be a mapping (runtime, image, mounts, gpus, env)")
+        try:
+            values["container"] = containers.from_mapping(data["container"], image_required=False)
+        except containers.ContainerError as exc:
+            raise ProfileError(f"cluster profile {shown.value(name)}: {exc}") from None
     if data.get("network") is not None:
         net = data["network"]
         if not isinstance(net, dict):
             raise ProfileError("network must be a mapping")
-        bad = sorted(_shown(k) if not isinstance(k, str) else k for k in net if k not in NETWORK_KEYS)
+        bad = [k for k in net if k not in NETWORK_KEYS]
         if bad:
-            raise ProfileError(f"network: unknown key(s) {', '.join(bad)}; valid keys: "
-                               f"{', '.join(NETWORK_KEYS)}")
+            raise ProfileError(f"network: {shown.unknown_keys(bad, NETWORK_KEYS)}")
         ib = net.get("ib", True)
         if not isinstance(ib, bool):
-            raise ProfileError(f"network.ib must be true or false, got {_shown(ib)}")
+            raise ProfileError(f"network.ib must be true or false, got {shown.value(ib)}")
         variables = _variables("network", {k: v for k, v in net.items() if k != "ib" and v is not None})
         values["network"] = Network(ib=ib, variables=tuple((k, _network_value(k, v)) for k, v in variables))
     return Profile(**values)

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from hpc import vocab
+
 # A pipe gets a progress line at most this often (a terminal's bar is redrawn on every poll).
 PLAIN_EVERY_S = 5.0
 
@@ -88,7 +90,7 @@ def _fields(p: Progress) -> list[str]:
         out.append(f"loss {p.loss:.4f}")
     if p.images_per_s is not None:
         out.append(f"{p.images_per_s:,.0f} images/s")
-    if p.total_steps is not None:
+    if p.total_steps is not None and p.phase not in vocab.FINAL_PHASES:  # an ended run has no time left to guess
         out.append(f"ETA {duration(p.eta_s)}")
     if p.phase and p.phase != "train":
         out.append(p.phase)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from hpc import jobfiles, vocab
+from hpc import fileio, jobfiles, vocab
 
 HOME_ENV = "HPCDIST_HOME"
 DEFAULT_HOME = "~/.hpcdist"
@@ -93,12 +93,11 @@ def load(path: Path) -> list[Record]:
 def append(path: Path, record: Record) -> None:
     """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(record.to_json() + "\n")
+    fileio.append_line(path, record.to_json())
 
 
 def write_marker(record: Record) -> None:
-    (Path(record.job_dir) / MARKER).write_text(record.to_json() + "\n")
+    fileio.atomic_write(Path(record.job_dir) / MARKER, record.to_json() + "\n")
 
 
 def read_marker(job_dir: Path) -> Record | None:
@@ -131,6 +130,10 @@ def lookup(key: str, environ: Mapping[str, str]) -> Record:
     record = find(load(registry_path(environ)), key, os.getcwd())
     if record is None and Path(key).is_dir():
         record = read_marker(Path(key).resolve())
+        if record is not None and os.path.realpath(record.job_dir) != os.path.realpath(key):
+            # A copied or forged marker: reading (and writing a report) would reach another directory.
+            raise JobError(f"{ascii(key)[1:-1]}/{MARKER} names another job directory "
+                           f"({ascii(record.job_dir[:200])[1:-1]}); pass that directory or the job id")
     if record is None:
         raise JobError(f"no job {key!r} was submitted from here (see `hpcdist list`); pass a job id or a "
                        "job directory")

@@ -7,24 +7,32 @@ import json
 import os
 import re
 import shlex
+import stat
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jinja2
+import jinja2.runtime
+import jinja2.sandbox
+import jinja2.utils
 import markupsafe
 import yaml
 
+from hpc import container as containers
 from hpc import dsconfig, paths, ranks, sites, vocab
 from hpc.hostfile import hostfile
 from hpc.profiles import Profile
 from hpc.spec import JobSpec, SpecError, check, train_value, unwritable
 
 TEMPLATES_ENV = "HPCDIST_TEMPLATES"
-# Written into every job directory hpcdist renders: --force replaces only a directory holding it.
+# Written into every job (and sweep) directory hpcdist renders, naming its kind and every path it wrote:
+# --force replaces only a directory whose marker says so and that holds nothing more (it never ran).
 MARKER = ".hpcdist-job"
-MARKER_TEXT = ("This directory was written by hpcdist (render, submit or sweep); `--force` may replace it, with "
-               "everything in it.\n")
+MARKER_NOTE = ("This directory was written by hpcdist; `--force` replaces it only while it holds exactly the paths "
+               "below (a job that never ran).")
+_MARKER_MAX_BYTES = 64 << 20
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
 
 
@@ -42,6 +50,7 @@ class Rendered:
     setup: tuple[str, ...]  # submitit's setup lines in its batch script: source setup.sh
     teardown: tuple[str, ...]  # after its srun step: requeue.sh
     local_task: str  # one task's shell line under the local runner (run with bash -c)
+    precision_reason: str | None = None  # why --precision auto became spec.precision
 
 
 class Shell(markupsafe.Markup):
@@ -137,9 +146,38 @@ def search_path(profile: Profile, environ: Mapping[str, str]) -> tuple[str, ...]
     return tuple(dict.fromkeys((*site, *sites.template_dirs(environ), str(paths.templates_dir()))))
 
 
+class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja that reads values and calls macros, and nothing else.
+
+    A site's templates come from a profile someone may have handed you, and rendering is a dry run: it must
+    never run Python in your process. Jinja's sandbox already refuses private attributes (the
+    ``cycler.__init__.__globals__`` road to ``os``) and mutation; on top, no module is reachable and the only
+    callables are macros, Jinja's own globals (range, dict, cycler, ...) and their helpers' methods: no
+    method of a value (``profile.environment``) runs.
+    """
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if isinstance(value, types.ModuleType) or isinstance(obj, types.ModuleType):
+            return False
+        return super().is_safe_attribute(obj, attr, value)
+
+    def is_safe_callable(self, obj: Any) -> bool:
+        if isinstance(obj, jinja2.runtime.Macro) or any(obj is helper for helper in self.globals.values()):
+            return True
+        owner = getattr(obj, "__self__", None)
+        return isinstance(owner, _JINJA_HELPERS) and super().is_safe_callable(obj)
+
+
+_JINJA_HELPERS = (jinja2.runtime.LoopContext, jinja2.utils.Cycler, jinja2.utils.Joiner)
+
+# What templates may read of hpcdist's vocabulary: its names and values, never the module itself.
+TEMPLATE_VOCAB = types.MappingProxyType(
+    {name: value for name, value in vars(vocab).items() if name.isupper()})
+
+
 @functools.lru_cache(maxsize=8)
 def environment(search: tuple[str, ...]) -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = Sandbox(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(d) for d in search]),
         undefined=jinja2.StrictUndefined,
         # On, so that macro output counts as checked text; finalize refuses every other unfiltered value
@@ -157,22 +195,27 @@ def environment(search: tuple[str, ...]) -> jinja2.Environment:
     return env
 
 
-def settle(spec: JobSpec) -> tuple[JobSpec, dict[str, Any] | None]:
-    """The spec with its precision decided, and for DeepSpeed the config the trainer will get as it is.
+def settle(spec: JobSpec, cpus: dsconfig.Cpus) -> tuple[JobSpec, dict[str, Any] | None, str | None]:
+    """The spec with its precision decided, the DeepSpeed config the trainer will get as it is (None for
+    dp/ddp), and why ``auto`` became that precision.
 
-    The precision's ``auto`` needs the device kind, which the spec knows: GPUs when gpus_per_node > 0.
+    The precision's ``auto`` needs the device kind, which the spec knows (GPUs when gpus_per_node > 0), and
+    on CPUs whether ``cpus`` compute bf16 natively.
     """
     gpu = bool(spec.gpus_per_node)
     try:
         if spec.backend != "deepspeed":
-            return replace(spec, precision=dsconfig.choose_precision(spec.precision, gpu=gpu)), None
-        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=spec.world_size, gpu=gpu,
-                                  zero_stage=spec.zero_stage, precision=spec.precision, offload=spec.offload,
+            choice = dsconfig.choose(spec.precision, gpu=gpu)
+            return replace(spec, precision=choice.precision), None, choice.reason
+        base = dsconfig.load(dsconfig.base_path())
+        config = dsconfig.resolve(base, world_size=spec.world_size, gpu=gpu, zero_stage=spec.zero_stage,
+                                  precision=spec.precision, offload=spec.offload, cpus=cpus,
                                   global_batch=_train_number(spec, "--batch-size", int),
                                   lr=_train_number(spec, "--lr", float))
+        reason = dsconfig.choose(spec.precision, gpu=gpu, config=base, cpus=cpus).reason
     except dsconfig.ConfigError as exc:
         raise SpecError(str(exc)) from None
-    return replace(spec, precision=dsconfig.precision_of(config)), config
+    return replace(spec, precision=dsconfig.precision_of(config)), config, reason
 
 
 def _train_number(spec: JobSpec, flag: str, kind: type) -> Any:
@@ -247,18 +290,21 @@ def spec_yaml(spec: JobSpec, profile: Profile) -> str:
 
 
 def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *,
-           search: tuple[str, ...] | None = None, job_id: str | None = None) -> Rendered:
-    """Every file of the job directory as text; checks the spec first and writes nothing."""
+           search: tuple[str, ...] | None = None, job_id: str | None = None,
+           cpus: dsconfig.Cpus | None = None) -> Rendered:
+    """Every file of the job directory as text; checks the spec first and writes nothing. ``cpus``: the
+    CPUs the job runs on, when not the profile's nodes (the local executor runs on this machine)."""
     if job_dir is not None:
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
-    spec, ds_config = settle(check(spec, profile))
+    spec, ds_config, precision_reason = settle(check(spec, profile), cpus or profile.cpus())
     jdir = Path(spec.job_dir)
     context = {
+        **container_context(spec, profile),
         "spec": spec,
         "profile": profile,
         "job_dir": spec.job_dir,
         "run_dir": str(jdir / vocab.RUN_DIR),
-        "vocab": vocab,
+        "vocab": TEMPLATE_VOCAB,
         "python": spec.python,
         "environment": sorted(profile.environment().items()),
         "world_size": spec.world_size,
@@ -267,24 +313,10 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "time_minutes": spec.time_minutes,
     }
     env = environment(search if search is not None else search_path(profile, os.environ))
-    files: dict[str, str] = {}
-    lines: dict[str, str] = {}
-    try:
-        for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.REQUEUE_SH):
-            files[name] = env.get_template(f"{name}.j2").render(context)
-        for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh"):
-            lines[name] = env.get_template(f"{name}.j2").render(context).strip()
-    except RenderError:
-        raise
-    except jinja2.TemplateError as exc:
-        raise RenderError(f"template {getattr(exc, 'name', None) or ''}: {_first_line(exc)}".strip()) from None
-    except RecursionError:
-        raise RenderError("a template includes itself without end; fix the site template directory") from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise RenderError(f"cannot read a template: {_first_line(exc)}; fix the site template directory") from None
-    except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
-        raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
-                          "site template directory") from None
+    files = {name: render_template(env, f"{name}.j2", context)
+             for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.REQUEUE_SH)}
+    lines = {name: render_template(env, f"{name}.j2", context).strip()
+             for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh")}
     files[vocab.SPEC_YAML] = spec_yaml(spec, profile)
     files[vocab.RANKS_TXT] = ranks_table(spec, job_id)
     if ds_config is not None:
@@ -292,7 +324,40 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     if spec.launcher == "deepspeed" and spec.nodelist:
         files[vocab.HOSTFILE] = hostfile(spec.hosts, spec.procs_per_node)
     return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
-                    teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"])
+                    teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"],
+                    precision_reason=precision_reason)
+
+
+def container_context(spec: JobSpec, profile: Profile) -> dict[str, Any]:
+    """What templates/container.sh.j2 needs: the container (None: the host), the folders bound into it at the
+    same paths, its GPU flag, and the variables passed where the runtime passes none."""
+    box = containers.resolve(spec.container, spec.container_runtime, profile.container)
+    if box is None:
+        return {"container": None, "binds": (), "gpu_flag": False, "passed_env": (), "pyxis_mounts": ""}
+    binds = containers.binds((spec.job_dir, spec.pythonpath, spec.python,
+                              train_value(spec.train_args, "--data-dir")), box)
+    return {"container": box, "binds": binds, "gpu_flag": bool(spec.gpus_per_node) and box.gpus,
+            "passed_env": containers.passed_env(box), "pyxis_mounts": ",".join(f"{b}:{b}" for b in binds)}
+
+
+def render_template(env: jinja2.Environment, name: str, context: Mapping[str, Any]) -> str:
+    """One template rendered in ``env``, any failure of a (site's) template a RenderError in one line."""
+    try:
+        return env.get_template(name).render(context)
+    except RenderError:
+        raise
+    except jinja2.sandbox.SecurityError as exc:
+        raise RenderError(f"template {name} reaches outside its values ({_first_line(exc)}); templates may "
+                          "only read values and call macros: fix the site template directory") from None
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"template {getattr(exc, 'name', None) or name}: {_first_line(exc)}") from None
+    except RecursionError:
+        raise RenderError("a template includes itself without end; fix the site template directory") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RenderError(f"cannot read a template: {_first_line(exc)}; fix the site template directory") from None
+    except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
+        raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
+                          "site template directory") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -340,15 +405,76 @@ def _refuse_target(target: Path, what: str, force: bool, environ: Mapping[str, s
     if not force:
         raise RenderError(f"{what} {target} already exists; pass another --job-dir, or --force to "
                           f"replace a {what} hpcdist wrote")
-    if not is_job_dir(target):
-        raise RenderError(f"--force replaces only a {what} hpcdist wrote (one holding {MARKER}), and "
-                          f"{target} is not one; pick another --job-dir")
+    refusal = unreplaceable(target, what.split()[0])
+    if refusal:
+        raise RenderError(f"--force {refusal}; pick another --job-dir")
+
+
+def marker_text(kind: str, paths: Iterable[str]) -> str:
+    """The marker of a ``kind`` ("job" or "sweep") directory holding ``paths`` (relative; folders end in /)."""
+    return json.dumps({"hpcdist": MARKER_NOTE, "kind": kind, "paths": sorted(paths)}, indent=0) + "\n"
+
+
+def read_marker(path: Path) -> tuple[str, frozenset[str]] | None:
+    """(kind, paths) from the marker in ``path``, or None: no marker, a link, not ours, or damaged."""
+    try:
+        fd = os.open(Path(path) / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        raw = f.read(_MARKER_MAX_BYTES + 1)
+    try:
+        data = json.loads(raw.decode()) if len(raw) <= _MARKER_MAX_BYTES else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        return None
+    paths = data.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return None
+    return data["kind"], frozenset(paths)
+
+
+def unreplaceable(target: Path, kind: str) -> str | None:
+    """Why ``target`` may not be replaced as a ``kind`` directory, or None when it is exactly what hpcdist
+    wrote: its marker names that kind, and it holds no path the marker does not list (nothing ran there)."""
+    marker = None if Path(target).is_symlink() else read_marker(target)
+    if marker is None:
+        return (f"replaces only a {kind} directory hpcdist wrote (one holding a readable {MARKER}), and "
+                f"{target} is not one")
+    if marker[0] != kind:
+        return f"of a {kind} never replaces a {marker[0]} directory, and {target} is one"
+    found = _unlisted(Path(target), marker[1])
+    if found:
+        shown = ", ".join(ascii(p)[1:-1] for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        return (f"replaces only a {kind} that never ran, and {target} holds what was made since it was written "
+                f"({shown})")
+    return None
+
+
+def _unlisted(root: Path, listed: frozenset[str], most: int = 4) -> list[str]:
+    """Up to ``most`` paths under ``root`` that ``listed`` does not name (links are not followed)."""
+    found: list[str] = []
+    for top, dirs, files in os.walk(root):
+        rel = os.path.relpath(top, root)
+        for name in sorted(dirs) + sorted(files):
+            path = name if rel == "." else f"{rel}/{name}"
+            if name == MARKER and name in files:
+                continue
+            if (f"{path}/" if name in dirs and not os.path.islink(os.path.join(top, name)) else path) not in listed:
+                found.append(path)
+                if len(found) >= most:
+                    return found
+        dirs[:] = [d for d in dirs if (f"{d}/" if rel == "." else f"{rel}/{d}/") in listed]
+    return found
 
 
 def is_job_dir(path: Path) -> bool:
-    """Whether ``path`` is a directory hpcdist wrote: it holds the marker file (not a link to one)."""
-    marker = Path(path) / MARKER
-    return not Path(path).is_symlink() and Path(path).is_dir() and marker.is_file() and not marker.is_symlink()
+    """Whether ``path`` is a job directory hpcdist wrote: it holds a job marker (not a link to one)."""
+    marker = None if Path(path).is_symlink() else read_marker(path)
+    return marker is not None and marker[0] == "job"
 
 
 def write(rendered: Rendered, *, force: bool = False, environ: Mapping[str, str] | None = None,
@@ -363,10 +489,10 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
     """Write a directory hpcdist owns all at once: into a temporary sibling, then renamed into place.
 
     ``files`` maps paths relative to ``target`` to their text (scripts become executable); ``dirs`` are
-    empty folders to create. ``target`` gets ``MARKER``. A failure leaves nothing behind. ``force``
-    replaces an existing directory, but only one that hpcdist wrote (it holds ``MARKER``); nothing else
-    is ever removed, and ``target`` is never /, the home or current directory or one above them
-    (``environ``'s HOME, ``cwd``).
+    empty folders to create. ``target`` gets ``MARKER``, naming ``what``'s kind and every path written. A
+    failure leaves nothing behind. ``force`` replaces an existing directory, but only one that hpcdist wrote
+    as this kind and that holds nothing since (see ``unreplaceable``); nothing else is ever removed, and
+    ``target`` is never /, the home or current directory or one above them (``environ``'s HOME, ``cwd``).
     """
     import shutil
     import tempfile
@@ -383,7 +509,7 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
     old = None
     try:
         os.chmod(staging, 0o755)
-        (staging / MARKER).write_text(MARKER_TEXT)
+        (staging / MARKER).write_text(marker_text(what.split()[0], written_paths(files, dirs)))
         for sub in dirs:
             (staging / sub).mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
@@ -405,6 +531,19 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def written_paths(files: Iterable[str], dirs: Iterable[str]) -> set[str]:
+    """Every path ``write_tree`` makes for ``files`` and ``dirs``: each file, and each folder with a /."""
+    out: set[str] = set()
+    for name in (*files, *(f"{d}/" for d in dirs)):
+        out.add(name)
+        parent = os.path.dirname(name.rstrip("/"))
+        while parent:
+            out.add(f"{parent}/")
+            parent = os.path.dirname(parent)
+    out.discard(MARKER)
+    return out
 
 
 def discard(job_dir: Path) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpc import jobfiles, paths
+from hpc import jobfiles, paths, shown
 
 CLUSTERS_ENV = "HPCDIST_CLUSTERS"
 CLUSTER_ENV = "HPCDIST_CLUSTER"
@@ -154,9 +154,9 @@ def parse_config(path: str, data: Any) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise SiteError(f"{path} must be a YAML mapping (e.g. default_cluster: NAME)")
-    unknown = sorted(map(str, set(data) - set(CONFIG_KEYS)))
+    unknown = [k for k in data if k not in CONFIG_KEYS]
     if unknown:
-        raise SiteError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(CONFIG_KEYS)}")
+        raise SiteError(f"{path}: {shown.unknown_keys(unknown, CONFIG_KEYS)}")
     value = data.get("default_cluster")
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise SiteError(f"{path}: default_cluster must be a profile name or path, got {value!r}")

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from hpc import jobfiles, nodelist, plan, vocab
+from hpc import jobfiles, nodelist, plan, shown, vocab
 from hpc.vocab import DEFAULT_ZERO_STAGE, LAUNCHERS, NODE_LAUNCHERS, PRECISIONS, VALID_LAUNCHERS, ZERO_STAGES
 from hpc.vocab import JOB_BACKENDS as BACKENDS
 from train import options as train_options
@@ -101,6 +101,8 @@ class JobSpec:
     pythonpath: str | None = None
     after: tuple[str, ...] = ()   # dependencies, each "afterok:123" (see dependency())
     exclude: str | None = None    # nodes to keep off, a Slurm nodelist
+    container: str | None = None  # the image each task runs in ("none": the host, whatever the profile says)
+    container_runtime: str | None = None  # hpc.container.RUNTIMES; the profile's when not given
 
     @property
     def procs_per_node(self) -> int:
@@ -174,9 +176,9 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
     """A JobSpec from plain values (a job file merged with flags, then hpcdist's python and pythonpath);
     unknown keys and bad values are errors."""
     allowed = (*USER_FIELDS, "python", "pythonpath")
-    unknown = sorted(ascii(k) if not isinstance(k, str) else k for k in values if k not in allowed)
+    unknown = [k for k in values if k not in allowed]
     if unknown:
-        raise SpecError(f"unknown job key(s) {', '.join(unknown)}; valid keys: {', '.join(USER_FIELDS)}")
+        raise SpecError(f"job file: {shown.unknown_keys(unknown, USER_FIELDS)}")
     clean: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
@@ -184,7 +186,7 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
         if key in INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(
                     r"-?[0-9]+", str(value)):
-                raise SpecError(f"{key} must be a whole number (ASCII digits), got {_shown(value)}")
+                raise SpecError(f"{key} must be a whole number (ASCII digits), got {shown.value(value)}")
             if abs(int(str(value))) > MAX_INT:
                 raise SpecError(f"{key} {value} is out of range; give a number below {MAX_INT}")
             value = int(str(value))
@@ -206,9 +208,9 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
             value = tuple(parse_after(str(v)) for v in items)
         elif key == "offload":
             if not isinstance(value, bool):
-                raise SpecError(f"offload must be true or false, got {_shown(value)}")
+                raise SpecError(f"offload must be true or false, got {shown.value(value)}")
         elif not isinstance(value, str):
-            raise SpecError(f"{key} must be a string, got {_shown(value)}")
+            raise SpecError(f"{key} must be a string, got {shown.value(value)}")
         clean[key] = value
     if "job_dir" not in clean:
         raise SpecError("no job directory: pass --job-dir DIR")
@@ -234,12 +236,6 @@ def parse_after(text: str) -> str:
     return f"{kind}:{job}"
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """A value for an error message: its repr, ASCII only, cut short."""
-    text = ascii(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def time_seconds(value: str) -> int | None:
     """Seconds in a Slurm --time value, None for no limit (0, UNLIMITED, INFINITE); SpecError otherwise."""
     if value.upper() in UNLIMITED_TIMES:
@@ -252,7 +248,7 @@ def time_seconds(value: str) -> int | None:
                 raise SpecError(f"--time {value} is beyond Slurm's largest time limit; use 0 or UNLIMITED for "
                                 "none")
             return seconds or None
-    raise SpecError(f"--time {_shown(value)} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS (ASCII "
+    raise SpecError(f"--time {shown.value(value)} is not a Slurm time: use MM, HH:MM:SS or D-HH:MM:SS (ASCII "
                     "digits), or UNLIMITED")
 
 
@@ -271,7 +267,7 @@ def check_signal(value: str) -> None:
 
     m = _SIGNAL.fullmatch(value)
     if not m:
-        raise SpecError(f"--signal {_shown(value)} is not a Slurm signal spec; use e.g. USR1@120")
+        raise SpecError(f"--signal {shown.value(value)} is not a Slurm signal spec; use e.g. USR1@120")
     word = (m["name"] or m["number"]).upper()
     if word.isdigit():
         if not 1 <= int(word) <= MAX_SIGNAL_NUMBER or int(word) not in {s.value for s in signals.Signals}:
@@ -329,7 +325,7 @@ def check_writable_text(option: str, value: str) -> None:
     """SpecError for text no file or command line can carry (see ``unwritable``)."""
     problem = unwritable(value)
     if problem:
-        raise SpecError(f"{option} {_shown(value)} {problem}")
+        raise SpecError(f"{option} {shown.value(value)} {problem}")
 
 
 def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
@@ -339,10 +335,10 @@ def _check_text(option: str, value: str | None, *, spaces: bool) -> None:
         raise SpecError(f"{option} is empty; give a value or leave the option out")
     check_writable_text(option, value)
     if _CONTROL.search(value):
-        raise SpecError(f"{option} {_shown(value)} contains a newline or control character, which Slurm "
+        raise SpecError(f"{option} {shown.value(value)} contains a newline or control character, which Slurm "
                         "rejects; remove it")
     if not spaces and any(ch.isspace() for ch in value):
-        raise SpecError(f"{option} {_shown(value)} contains whitespace, which Slurm rejects; remove it")
+        raise SpecError(f"{option} {shown.value(value)} contains whitespace, which Slurm rejects; remove it")
 
 
 def check_sizes(spec: JobSpec) -> None:
@@ -358,6 +354,21 @@ def check_sizes(spec: JobSpec) -> None:
                         f"limit of {MAX_WORLD_SIZE:,}; ask for fewer nodes or ranks per node")
 
 
+def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
+    """The spec with its container decided: the image and runtime the tasks will use, or none."""
+    from hpc import container as containers
+
+    _check_text("--container", spec.container, spaces=False)
+    _check_text("--container-runtime", spec.container_runtime, spaces=False)
+    try:
+        chosen = containers.resolve(spec.container, spec.container_runtime, profile.container)
+    except containers.ContainerError as exc:
+        raise SpecError(str(exc)) from None
+    if chosen is None:
+        return replace(spec, container=None, container_runtime=None)
+    return replace(spec, container=chosen.image, container_runtime=chosen.runtime)
+
+
 def check(spec: JobSpec, profile: Profile) -> JobSpec:
     """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
     if spec.backend not in BACKENDS:
@@ -369,6 +380,7 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     check_sizes(spec)
     spec = resolve(spec, profile)
     check_sizes(spec)
+    spec = _settle_container(spec, profile)
     if spec.zero_stage is not None and spec.backend != "deepspeed":
         raise SpecError(f"--zero-stage applies to DeepSpeed only; drop it or use --backend deepspeed "
                         f"(got --backend {spec.backend})")
@@ -422,21 +434,21 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     _check_text("--account", spec.account, spaces=False)
     _check_text("--job-dir", spec.job_dir, spaces=True)
     if "%" in spec.job_dir or "\\" in spec.job_dir:
-        raise SpecError(f"--job-dir {_shown(spec.job_dir)} contains '%' or a backslash, which Slurm interprets "
+        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} contains '%' or a backslash, which Slurm interprets "
                         "in log paths; pick a directory without them")
     if not spec.job_dir.startswith("/"):
-        raise SpecError(f"--job-dir {_shown(spec.job_dir)} must be absolute by render time")
+        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} must be absolute by render time")
     # The longest path the job writes under it: run/checkpoints/... leave room.
     if jobfiles.name_too_long(spec.job_dir) or len(
             spec.job_dir.encode()) > PATH_MAX - 255:
-        raise SpecError(f"--job-dir {_shown(spec.job_dir)} is too long for a path (at most {NAME_MAX} bytes a "
+        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} is too long for a path (at most {NAME_MAX} bytes a "
                         "name); pick a shorter one")
     _check_text("python", spec.python, spaces=True)
     _check_text("pythonpath", spec.pythonpath, spaces=True)
     # A profile's name or path reaches only comments and spec.yaml, each quoted for its place.
     check_writable_text("--cluster", spec.cluster)
     if spec.time != spec.time.strip() or not spec.time:
-        raise SpecError(f"--time {_shown(spec.time)}: no blanks around the value, which sbatch refuses")
+        raise SpecError(f"--time {shown.value(spec.time)}: no blanks around the value, which sbatch refuses")
     _check_text("--time", spec.time, spaces=False)
     time_seconds(spec.time)
     _check_text("--signal", spec.signal, spaces=False)
@@ -454,7 +466,7 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     if spec.exclude is not None:
         _check_text("--exclude", spec.exclude, spaces=False)
         try:
-            excluded = nodelist.expand(spec.exclude)
+            excluded = nodelist.expand(spec.exclude, limit=MAX_NODES)
         except nodelist.NodelistError as exc:
             raise SpecError(f"--exclude: {exc}") from None
         clash = sorted(set(excluded) & set(nodelist.expand(spec.nodelist) if spec.nodelist else ()))

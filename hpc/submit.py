@@ -11,13 +11,14 @@ import datetime
 import io
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from hpc import jobs, task, vocab
+from hpc.slurm import commands
+from hpc.slurm.runner import SlurmError
 from hpc.vocab import BATCH_LOG, TASK_LOG
 
 if TYPE_CHECKING:
@@ -149,12 +150,11 @@ def submit_sbatch(rendered: Rendered) -> str:
 
 
 def sbatch(script: Path) -> str:
-    """``sbatch --parsable SCRIPT`` from the script's directory; its job id, or SubmitError."""
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
-                          timeout=120, cwd=script.parent)
-    if proc.returncode != 0:
-        raise SubmitError(f"sbatch refused the job: {_one_line(proc.stderr or proc.stdout)}")
-    return parse_sbatch(proc.stdout)
+    """``sbatch --parsable SCRIPT``; its job id, or SubmitError."""
+    try:
+        return parse_sbatch(commands.sbatch(script))
+    except SlurmError as exc:
+        raise SubmitError(str(exc)) from None
 
 
 def submit_arrays(scripts: list[Path]) -> list[str]:
@@ -166,9 +166,9 @@ def submit_arrays(scripts: list[Path]) -> list[str]:
     try:
         for script in scripts:
             ids.append(sbatch(script))
-    except (SubmitError, OSError, subprocess.TimeoutExpired) as exc:
+    except SubmitError as exc:
         if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+            commands.scancel(ids)
         raise SubmitError(f"{script.parent.name}: {exc}; cancelled the {len(ids)} array(s) queued before it") from None
     return ids
 

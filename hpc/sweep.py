@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from hpc import jobfiles, render, vocab, yamlfile
+from hpc import fileio, jobfiles, render, shown, vocab, yamlfile
 from hpc import spec as specs
 from hpc.profiles import Profile
 
@@ -204,9 +204,9 @@ def parse_file(data: Any, source: str) -> tuple[dict[str, Any], Matrix, dict[str
     """(base job values, matrix, other settings: name, max_parallel) from a sweep file's YAML."""
     if not isinstance(data, dict):
         raise SweepError(f"sweep file {source} must be a mapping with base:, axes:, tasks:, exclude:")
-    unknown = sorted(str(k) for k in data if k not in FILE_KEYS)
+    unknown = [k for k in data if k not in FILE_KEYS]
     if unknown:
-        raise SweepError(f"sweep file {source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(FILE_KEYS)}")
+        raise SweepError(f"sweep file {source}: {shown.unknown_keys(unknown, FILE_KEYS)}")
     base = data.get("base") or {}
     if not isinstance(base, dict):
         raise SweepError(f"sweep file {source}: base: must be a mapping of job keys")
@@ -323,11 +323,11 @@ def geometry(spec: specs.JobSpec) -> tuple[Any, ...]:
     """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line)."""
     return (spec.cluster, spec.job_name, spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task,
             spec.gpus_per_node, spec.time, spec.partition, spec.account, spec.nodelist, spec.exclude,
-            spec.after, spec.signal)
+            spec.after, spec.signal, spec.container, spec.container_runtime)
 
 
 GEOMETRY_NAMES = ("cluster", "job_name", "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node", "time",
-                  "partition", "account", "nodelist", "exclude", "after", "signal")
+                  "partition", "account", "nodelist", "exclude", "after", "signal", "container", "container_runtime")
 
 Checker = Callable[[specs.JobSpec], None]
 
@@ -406,16 +406,15 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
 def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task], max_parallel: int,
                  environ: Mapping[str, str]) -> str:
     """The array's job.sbatch (templates/array.sbatch.j2) from its first task's resolved spec."""
-    import jinja2
-
     from hpc import profiles
 
     spec = first.spec
     profile = profiles.load(spec.cluster)
     env = render.environment(render.search_path(profile, environ))
     context = {
+        **render.container_context(spec, profile),
         "spec": spec,
-        "vocab": vocab,
+        "vocab": render.TEMPLATE_VOCAB,
         # Each array task's batch log sits in its own job directory, named as `hpcdist logs JOBID_TASK` looks.
         "batch_log": f"{array_dir}/task-%a/{vocab.batch_log('%A_%a')}",
         "array_dir": str(array_dir),
@@ -426,9 +425,9 @@ def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task],
                   for t in tasks],
     }
     try:
-        return env.get_template("array.sbatch.j2").render(context)
-    except jinja2.TemplateError as exc:
-        raise SweepError(f"template array.sbatch.j2: {exc}") from None
+        return render.render_template(env, "array.sbatch.j2", context)
+    except render.RenderError as exc:
+        raise SweepError(str(exc)) from None
 
 
 # ---- writing it ----------------------------------------------------------------------------------
@@ -484,9 +483,11 @@ def write(sweep: Sweep, *, force: bool = False) -> Path:
         files[str(adir / "tasks.txt")] = tasks_table(array)
         for task in array.tasks:
             tdir = task.rendered.job_dir.relative_to(target)
-            files[str(tdir / render.MARKER)] = render.MARKER_TEXT
+            own_dirs = (vocab.LOGS_DIR, vocab.RUN_DIR)
+            files[str(tdir / render.MARKER)] = render.marker_text(
+                "job", render.written_paths(task.rendered.files, own_dirs))
             files.update({str(tdir / name): body for name, body in task.rendered.files.items()})
-            dirs += [str(tdir / vocab.LOGS_DIR), str(tdir / vocab.RUN_DIR)]
+            dirs += [str(tdir / d) for d in own_dirs]
     try:
         return render.write_tree(target, files, dirs=dirs, what="sweep directory", force=force)
     except render.RenderError as exc:
@@ -641,6 +642,6 @@ def chart(report_rows: Sequence[Row], path: Path, title: str) -> Path:
     axes[0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fileio.save_png(fig, path, dpi=100)
     plt.close(fig)
     return path

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hpc import jobfiles, vocab
+from hpc.slurm import grammar
 
 TIMELINE_DIR = vocab.TIMELINE
 # A stamp file holds a few short lines.
@@ -154,18 +155,10 @@ def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]
     for line in text.splitlines():
         cols = line.split("|")
         if len(cols) >= 3 and cols[0] == job_id:
-            rows.append({"submitted": slurm_time(cols[1]), "started": slurm_time(cols[2]),
-                         "ended": slurm_time(cols[3]) if len(cols) > 3 else None})
+            rows.append({"submitted": grammar.timestamp(cols[1]), "started": grammar.timestamp(cols[2]),
+                         "ended": grammar.timestamp(cols[3]) if len(cols) > 3 else None})
     rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
     return rows
-
-
-def slurm_time(text: str) -> float | None:
-    """Slurm's ``2026-12-01T08:22:20`` (local time) as a unix time; None for Unknown/None."""
-    try:
-        return datetime.datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
-        return None
 
 
 def iso_time(text: str) -> float | None:

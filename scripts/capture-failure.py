@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--job", default="", help="scontrol fields the batch shell saw, Key=Value ...")
     p.add_argument("--down", default="", help="nodes Slurm called down then, comma-separated")
     p.add_argument("--ranks-per-task", type=int, default=1)
+    p.add_argument("--launcher", choices=("srun", "torchrun", "deepspeed"), default="srun")
     p.add_argument("--step-status", type=int)
     args = p.parse_args()
     out = DATA / args.name
@@ -46,7 +47,7 @@ def main() -> None:
                                                    if k in hang}) + "\n")
     case = {"attempt": args.attempt, "step_status": args.step_status, "job": attempts.parse_keyvalues(args.job),
             "down_nodes": [n for n in args.down.split(",") if n], "ranks_per_task": args.ranks_per_task,
-            "preempted": False, "checkpoint_step": None, "expect": {}}
+            "launcher": args.launcher, "preempted": False, "checkpoint_step": None, "expect": {}}
     (out / "case.json").write_text(json.dumps(case, indent=2) + "\n")
 
 

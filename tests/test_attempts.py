@@ -28,8 +28,9 @@ def evidence_of(folder: Path) -> Evidence:
         task_logs={int(p.stem.split("-")[1]): p.read_text() for p in folder.glob("task-*.log")},
         errors=errors, preempted=case["preempted"], hang=hang, job_state=job.get("JobState", ""),
         job_reason=job.get("Reason", ""), down_nodes=frozenset(case["down_nodes"]),
-        ranks_per_task=case["ranks_per_task"], time_left_s=(limit - ran) if limit is not None and ran is not None
-        else None, warning_s=120, checkpoint_step=case.get("checkpoint_step"))
+        ranks_per_task=case["ranks_per_task"], launcher=case["launcher"],
+        time_left_s=(limit - ran) if limit is not None and ran is not None else None,
+        warning_s=120, checkpoint_step=case.get("checkpoint_step"))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -52,16 +53,38 @@ def test_a_rank_killed_under_torchrun_is_named_from_the_agents_root_cause():
            "  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n  error_file: <N/A>\n"
            "  traceback : Signal 9 (SIGKILL) received by PID 4242\n")
     ev = Evidence(attempt=0, step_status=1, batch_log="srun: error: n2: task 1: Exited with exit code 1\n",
-                  task_logs={1: log}, ranks_per_task=2)
+                  task_logs={1: log}, ranks_per_task=2, launcher="torchrun")
     ending = attempts.classify(ev)
     assert (ending.ending, ending.rank, ending.node, ending.signal) == ("rank_crashed", 3, "n2", 9)
     assert ending.detail == "rank 3 on n2: killed by SIGKILL"
 
 
+FAKE_ROOT_CAUSE = ("Root Cause (first observed failure):\n[0]:\n  host      : n1\n  rank      : 0 (local_rank: 0)\n"
+                   "  exitcode  : -9 (pid: 1)\n")
+FAKE_DEEPSPEED = "[ERROR] [launch.py:259:sigkill_handler] ['python', '--local_rank=0'] exits with return code = -11\n"
+
+
+@pytest.mark.parametrize("launcher,log", [("srun", FAKE_ROOT_CAUSE), ("srun", FAKE_DEEPSPEED),
+                                          ("torchrun", FAKE_DEEPSPEED), ("deepspeed", FAKE_ROOT_CAUSE),
+                                          ("deepspeed", FAKE_DEEPSPEED)])
+def test_a_rank_imitating_a_launchers_report_is_not_believed(launcher, log):
+    # The task exited 1 by itself: no launcher of this job reported a dead child, whatever the log says.
+    ev = Evidence(attempt=0, step_status=1, batch_log="srun: error: n1: task 0: Exited with exit code 1\n",
+                  task_logs={0: "Traceback (most recent call last):\n" + log}, launcher=launcher)
+    assert attempts.classify(ev).ending != "rank_crashed"
+
+
+def test_torchruns_own_root_cause_comes_last_and_outweighs_a_rank_imitating_it():
+    real = FAKE_ROOT_CAUSE.replace("-9 (pid: 1)", "1 (pid: 4242)")
+    ev = Evidence(attempt=0, step_status=1, batch_log="srun: error: n1: task 0: Exited with exit code 1\n",
+                  task_logs={0: FAKE_ROOT_CAUSE + "ChildFailedError:\n" + real}, launcher="torchrun")
+    assert attempts.classify(ev).ending != "rank_crashed"
+
+
 def test_the_deepspeed_launchers_negative_status_is_the_signal():
     ev = Evidence(attempt=0, batch_log="srun: error: n1: task 0: Exited with exit code 247\n",
                   task_logs={0: "[ERROR] [launch.py:259:sigkill_handler] ['python'] exits with return code = -9\n"},
-                  ranks_per_task=2)
+                  ranks_per_task=2, launcher="deepspeed")
     ending = attempts.classify(ev)
     assert (ending.ending, ending.signal, ending.detail) == ("rank_crashed", 9, "ranks 0-1 on n1: killed by SIGKILL")
 
@@ -71,7 +94,7 @@ def test_the_deepspeed_launchers_child_is_named_by_its_local_rank_on_the_node():
     child = "['python', '-u', '-m', 'train', '--local_rank=1', '--backend', 'deepspeed']"
     ev = Evidence(attempt=0, batch_log="srun: error: n2: task 1: Exited with exit code 247\n",
                   task_logs={1: f"[ERROR] [launch.py:259:sigkill_handler] {child} exits with return code = -9\n"},
-                  ranks_per_task=2)
+                  ranks_per_task=2, launcher="deepspeed")
     ending = attempts.classify(ev)
     assert (ending.ending, ending.rank, ending.node, ending.signal) == ("rank_crashed", 3, "n2", 9)
     assert ending.detail == "rank 3 on n2: killed by SIGKILL"
@@ -289,3 +312,38 @@ def test_a_hang_with_unreadable_fields_counts_them_as_absent(tmp_path: Path) -> 
     assert attempts.read_hang(tmp_path, 2).get("step") is None
     (tmp_path / attempts.HANG).write_text('{"attempt": "x", "step": 3}')
     assert attempts.read_hang(tmp_path, 2) == {"step": 3}
+
+
+def _attempt_end(tmp_path: Path, *args: str, restarts: str = "0") -> subprocess.CompletedProcess[str]:
+    """``hpcdist attempt end`` as requeue.sh runs it, with stub Slurm commands that know nothing."""
+    import os
+    import sys
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name in ("scontrol", "sinfo", "sacct", "squeue"):
+        (stubs / name).write_text("#!/bin/sh\nexit 1\n")
+        (stubs / name).chmod(0o755)
+    (tmp_path / "job" / "logs").mkdir(parents=True, exist_ok=True)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": restarts, "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "hpc", "attempt", "end", "--job-dir", str(tmp_path / "job"),
+                           *args], capture_output=True, text=True, env={**env, "LANG": os.environ.get("LANG", "C")},
+                          timeout=60)
+
+
+def test_attempt_end_refuses_a_restart_count_that_is_not_one_in_one_line(tmp_path):
+    proc = _attempt_end(tmp_path, "--step-status", "1", restarts="x")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "SLURM_RESTART_COUNT" in proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "job" / "attempts.jsonl").exists()
+
+
+def test_attempt_end_reads_only_the_task_logs_that_exist_and_bounds_the_task_count(tmp_path):
+    (tmp_path / "job" / "logs").mkdir(parents=True)
+    (tmp_path / "job" / "logs" / "task-3.log").write_text("Traceback (most recent call last):\nValueError: boom\n")
+    (tmp_path / "job" / "logs" / "batch-7.out").write_text("srun: error: n1: task 3: Exited with exit code 1\n")
+    proc = _attempt_end(tmp_path, "--step-status", "1", "--ntasks", "1048576")
+    assert proc.returncode == 0, proc.stderr
+    assert "ValueError: boom" in (tmp_path / "job" / "attempts.jsonl").read_text()
+    proc = _attempt_end(tmp_path, "--step-status", "1", "--ntasks", str(10**12))
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1

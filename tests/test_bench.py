@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("ddp:bf16:cl:compile:b4096", Config("ddp", precision="bf16", batch=4096, channels_last=True, compile=True)),
     ("floor-deepspeed:zero2:bf16", Config("floor-deepspeed", zero_stage=2, precision="bf16")),
     ("floor-deepspeed", Config("floor-deepspeed", zero_stage=0)),
+    ("deepspeed:zero2:auto:1", Config("deepspeed", zero_stage=2, precision="auto")),
 ])
 def test_parse_config(spec, expected):
     assert bench.parse_config(spec) == expected
@@ -55,6 +56,7 @@ def test_name_round_trips(spec):
     ("ddp:zero2:1", "zeroN applies to deepspeed and floor-deepspeed only"),
     ("deepspeed:zero4:1", "ZeRO stage must be 0-3"),
     ("floor:bf16:1", "the floor trains in fp32; floor-deepspeed takes a precision"),
+    ("floor-deepspeed:zero2:auto:1", "floor-deepspeed takes a named precision (fp32, bf16, fp16), not auto"),
     ("floor:classic:1", "a floor trains from tensors already on the device"),
     ("floor-deepspeed:classic:1", "a floor trains from tensors already on the device"),
     ("deepspeed:cl:1", "cl and compile apply to dp and ddp only"),
@@ -144,6 +146,15 @@ def test_trainer_result_is_its_summary_rate_over_the_same_warmup():
     r = bench.result_from_summary(Config("ddp", ranks=2), 1, summary(), 1, 2, 9.0)
     assert r.ok and r.images_per_s == 1234.5 and r.device == "NVIDIA H200"
     assert r.time_to_first_step_s == 4.2 and r.peak_memory_bytes == (10, 20) and r.missing == ()
+
+
+def test_an_auto_row_says_what_the_trainer_trained_in():
+    auto = Config("deepspeed", zero_stage=2, precision="auto")
+    rows = [bench.result_from_summary(auto, 2, summary(precision=trained), 1, 2, 9.0) for trained in ("fp32", "bf16")]
+    assert [bench.table_rows([r])[0][3] for r in rows] == ["auto → fp32", "auto → bf16"]
+    named = bench.result_from_summary(Config("deepspeed", zero_stage=2, precision="bf16"), 2, summary(), 1, 2, 9.0)
+    assert bench.table_rows([named])[0][3] == "bf16"
+    assert "deepspeed:zero2:auto:1" in bench.DEFAULT_GRID
 
 
 def test_trainer_fields_it_did_not_report_are_named_missing_not_guessed():

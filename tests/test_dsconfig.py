@@ -26,9 +26,10 @@ class Reached(Exception):
 
 
 def rendered_config(tmp_path: Path, stage: int, precision: str, gpu: bool) -> Path:
+    """As the local executor renders it: for this machine's CPU."""
     spec = JobSpec(job_dir=str(tmp_path / "job"), backend="deepspeed", zero_stage=stage, precision=precision,
                    gpus_per_node=1 if gpu else None, python=sys.executable)
-    render.write(render.render(spec, GPU_SITE if gpu else CPU_SITE))
+    render.write(render.render(spec, GPU_SITE if gpu else CPU_SITE, cpus=dsconfig.this_cpu()))
     return tmp_path / "job" / vocab.DEEPSPEED_JSON
 
 
@@ -55,7 +56,7 @@ def test_a_cpu_job_trains_with_exactly_the_rendered_deepspeed_json(tmp_path, one
                       str(path), "--threads", "1", "--synthetic-size", "64"])
     assert reached.value.args[0] == json.loads(path.read_text())
     if precision == "auto":
-        assert dsconfig.precision_of(reached.value.args[0]) == "bf16"
+        assert dsconfig.precision_of(reached.value.args[0]) == ("bf16" if dsconfig.this_cpu().bf16 else "fp32")
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
@@ -71,17 +72,60 @@ def test_the_trainer_resolves_what_render_resolves_with_or_without_a_job_dir(tmp
         assert config == expected and chosen == dsconfig.precision_of(expected)
         assert batch == expected["train_batch_size"]
     if precision == "auto":
-        assert dsconfig.precision_of(expected) == ("fp16" if gpu else "bf16")
+        assert dsconfig.precision_of(expected) == ("fp16" if gpu else "bf16" if dsconfig.this_cpu().bf16 else "fp32")
 
 
-def test_auto_is_fp32_for_dp_and_ddp_and_the_config_s_on_gpus_bf16_on_cpus() -> None:
+def test_auto_is_fp32_for_dp_and_ddp_the_config_s_on_gpus_and_bf16_only_on_cpus_with_native_bf16() -> None:
     fp16 = {"fp16": {"enabled": True}}
-    assert dsconfig.choose_precision("auto", gpu=True) == "fp32"
-    assert dsconfig.choose_precision("auto", gpu=True, config=fp16) == "fp16"
-    assert dsconfig.choose_precision("auto", gpu=False, config=fp16) == "bf16"
-    assert dsconfig.choose_precision("fp16", gpu=False, config=fp16) == "fp16"
+    assert dsconfig.choose("auto", gpu=True) == dsconfig.Choice("fp32")
+    assert dsconfig.choose("auto", gpu=True, config=fp16).precision == "fp16"
+    native, emulated, unknown = dsconfig.Cpus(True), dsconfig.Cpus(False), dsconfig.Cpus(None, "cluster c's CPU nodes")
+    assert dsconfig.choose("auto", gpu=False, config=fp16, cpus=native) == dsconfig.Choice("bf16",
+                                                                                           "native bf16 on this CPU")
+    assert dsconfig.choose("auto", gpu=False, config=fp16, cpus=emulated).precision == "fp32"
+    assert "no native bf16 on this CPU" in dsconfig.choose("auto", gpu=False, config=fp16, cpus=emulated).reason
+    not_known = dsconfig.choose("auto", gpu=False, config=fp16, cpus=unknown)
+    assert not_known.precision == "fp32" and "cluster c's CPU nodes" in not_known.reason
+    assert "cpu_bf16" in not_known.reason
+    assert dsconfig.choose("fp16", gpu=False, config=fp16, cpus=emulated) == dsconfig.Choice("fp16")
+    assert dsconfig.choose("bf16", gpu=False, config=fp16, cpus=emulated) == dsconfig.Choice("bf16")
     with pytest.raises(dsconfig.ConfigError, match="fp8"):
-        dsconfig.choose_precision("fp8", gpu=True)
+        dsconfig.choose("fp8", gpu=True)
+
+
+X86_EMULATED = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+X86_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+X86_AMX = "processor\t: 0\nflags\t\t: fpu avx2 amx_tile amx_bf16\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+ARM_PLAIN = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
+
+
+@pytest.mark.parametrize("cpuinfo,native", [(X86_EMULATED, False), (X86_AVX512_BF16, True), (X86_AMX, True),
+                                            (ARM_BF16, True), (ARM_PLAIN, False), ("", False),
+                                            (X86_AVX512_BF16 + X86_EMULATED.replace(": 0", ": 1"), False)],
+                         ids=["avx512", "avx512_bf16", "amx", "arm-bf16", "arm", "empty", "one-core-without"])
+def test_native_bf16_is_read_from_the_cpuinfo_flags_of_every_core(cpuinfo, native) -> None:
+    assert dsconfig.native_bf16(cpuinfo) is native
+
+
+def test_this_cpu_reads_the_given_cpuinfo_and_is_unknown_where_there_is_none(tmp_path) -> None:
+    (tmp_path / "cpuinfo").write_text(X86_AMX)
+    assert dsconfig.this_cpu(tmp_path / "cpuinfo") == dsconfig.Cpus(True, "this CPU")
+    assert dsconfig.this_cpu(tmp_path / "absent") == dsconfig.Cpus(None, "this CPU")
+
+
+def test_render_decides_auto_from_the_profile_s_cpu_bf16_or_the_cpus_it_is_given(tmp_path) -> None:
+    spec = JobSpec(job_dir=str(tmp_path / "job"), backend="deepspeed", python=sys.executable)
+    for key, trained in ((True, "bf16"), (False, "fp32"), (None, "fp32")):
+        site = profiles.parse("cpus", {"cpu_bf16": key} if key is not None else {})
+        rendered = render.render(spec, site)
+        assert rendered.spec.precision == trained and "cluster cpus's CPU nodes" in rendered.precision_reason
+        assert json.loads(rendered.files[vocab.DEEPSPEED_JSON])["bf16"]["enabled"] is (trained == "bf16")
+    here = render.render(spec, profiles.parse("cpus", {"cpu_bf16": True}), cpus=dsconfig.Cpus(False))
+    assert here.spec.precision == "fp32" and "no native bf16 on this CPU" in here.precision_reason
+    named = render.render(JobSpec(job_dir=str(tmp_path / "job"), backend="deepspeed", precision="bf16",
+                                  python=sys.executable), profiles.parse("cpus", {"cpu_bf16": False}))
+    assert named.spec.precision == "bf16" and named.precision_reason is None
 
 
 def test_overrides_reach_the_config_and_leave_the_base_alone() -> None:
@@ -117,7 +161,7 @@ def test_a_file_not_made_for_this_world_or_contradicted_by_a_flag_is_refused(tmp
 
 
 def test_render_shows_the_precision_that_will_train() -> None:
-    cpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), CPU_SITE)
+    cpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), CPU_SITE, cpus=dsconfig.Cpus(True))
     assert json.loads(cpu.files[vocab.DEEPSPEED_JSON])["bf16"]["enabled"] and cpu.spec.precision == "bf16"
     assert "deepspeed backend ZeRO-2 in bf16" in cpu.files[vocab.JOB_SBATCH]
     gpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), GPU_SITE)

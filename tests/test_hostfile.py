@@ -72,3 +72,14 @@ def test_matches_scontrol_show_hostnames() -> None:
     proc = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
     assert [line.split()[0] for line in cli("--nodelist", expr).stdout.splitlines()] == proc.stdout.split()
+
+
+@pytest.mark.parametrize("expr,words", [("a\nb", "whitespace"), ("n1 slots=99", "whitespace"),
+                                        ("n1\tn2", "whitespace"), ("slots=99", "not a host name"),
+                                        ("n[1-2],a#b", "not a host name")])
+def test_a_nodelist_whose_hosts_a_hostfile_cannot_carry_is_refused_in_one_line(expr: str, words: str) -> None:
+    proc = cli("--nodelist", expr, "--slots", "1")
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+    assert words in proc.stderr
+    with pytest.raises(hostfile.HostfileError, match="not a host name"):
+        hostfile.world_info(["n1", "a b"], 1)

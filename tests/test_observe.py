@@ -154,6 +154,11 @@ def test_progress_takes_rank_0s_step_and_sums_the_ranks_rates() -> None:
     assert progress.line(p) == "step 50/100 | loss 1.5000 | 320 images/s | ETA 10s"
 
 
+def test_an_ended_run_s_progress_has_no_eta() -> None:
+    stopped = progress.of({0: monitor.Heartbeat.from_mapping(beat(0, step=149, total_steps=256, phase="stopped"))})
+    assert progress.line(stopped) == "step 149/256 | loss 1.5000 | 160 images/s | stopped"
+
+
 def test_the_bar_fits_its_width_and_shows_the_fraction() -> None:
     p = progress.Progress(step=30, total_steps=120, loss=2.0, images_per_s=1830.4, step_time_s=0.5)
     text = progress.bar(p, width=100)
@@ -324,6 +329,26 @@ def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hpc", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+def test_status_of_an_ended_job_says_how_its_ranks_ended_not_that_they_are_stale(tmp_path: Path) -> None:
+    import time as clock
+
+    now = clock.time()
+    record = write_job(tmp_path, [beat(0, phase="done", step=100, time=now), beat(1, step=78, time=now - 246)])
+    ended = observe.status_lines(record, ended=True)
+    assert not [line for line in ended if line.startswith("stale")]
+    assert "ranks at the end: 1 done; rank 1 on n2 last at step 78 (train)" in ended
+    running = observe.status_lines(record, ended=False)
+    assert [line for line in running if line.startswith("stale: rank 1 on n2")]
+
+
+def test_the_ending_line_counts_final_phases_of_the_newest_attempt_only() -> None:
+    beats = {0: monitor.Heartbeat.from_mapping(beat(0, phase="done", attempt=1)),
+             1: monitor.Heartbeat.from_mapping(beat(1, phase="done", attempt=1)),
+             2: monitor.Heartbeat.from_mapping(beat(2, phase="failed", attempt=0))}
+    assert monitor.ending_line(beats) == "ranks at the end: 2 done"
+    assert monitor.ending_line({}) is None
+
+
 def test_top_once_json_lists_every_rank_with_its_verdicts(tmp_path: Path) -> None:
     import time as clock
 
@@ -372,3 +397,55 @@ def test_a_heartbeat_field_that_is_not_a_finite_number_is_absent_and_a_rank_out_
 
 def test_a_stamp_that_is_not_a_finite_time_is_skipped() -> None:
     assert timeline.parse_stamps("batch_start inf\nsetup_done nan\ntask_start 12.5\n") == {"task_start": 12.5}
+
+
+def _finished_job(tmp_path: Path) -> jobs.Record:
+    hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(4)]}
+    record = write_job(tmp_path, [hist[0][-1]], history=hist)
+    (Path(record.job_dir) / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    return record
+
+
+def test_report_never_writes_through_a_link_in_the_job_dir(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (Path(record.job_dir) / "report").symlink_to(elsewhere)
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "symbolic link" in proc.stderr
+    assert list(elsewhere.iterdir()) == []
+    (Path(record.job_dir) / "report").unlink()
+    (Path(record.job_dir) / "report").mkdir()
+    (Path(record.job_dir) / "report" / "report.html").symlink_to(elsewhere / "victim")
+    (elsewhere / "victim").write_text("mine\n")
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (elsewhere / "victim").read_text() == "mine\n"
+    assert "<html" in (Path(record.job_dir) / "report" / "report.html").read_text()
+
+
+def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    marker = Path(record.job_dir) / "submitted.json"
+    marker.write_text(marker.read_text().replace(record.job_dir, str(other)))
+    proc = run_cli(["report", record.job_dir], tmp_path / "fresh-home")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "another job directory" in proc.stderr
+    assert list(other.iterdir()) == []
+
+
+def test_status_list_top_and_timeline_escape_what_a_rank_or_a_file_wrote(tmp_path: Path) -> None:
+    hostile = "\x1b]0;owned\x07\x1b[2Jgone\rfake"
+    record = _finished_job(tmp_path)
+    beat_path = Path(record.job_dir) / "run" / "heartbeat" / "rank-0.json"
+    beat_path.write_text(json.dumps({**json.loads(beat_path.read_text()), "hostname": hostile}))
+    (Path(record.job_dir) / "attempts.jsonl").write_text(json.dumps(
+        {"attempt": 0, "ending": "rank_crashed", "detail": f"rank 0: {hostile}", "action": "none"}) + "\n")
+    jobs.append(jobs.registry_path({"HPCDIST_HOME": str(tmp_path)}), record)
+    for args in (["status", record.job_dir], ["list"], ["top", record.job_dir, "--once"],
+                 ["timeline", record.job_dir]):
+        proc = run_cli(args, tmp_path)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "\x1b" not in proc.stdout + proc.stderr and "\r" not in proc.stdout + proc.stderr, args
+    assert "\\x1b]0;owned\\x07" in run_cli(["status", record.job_dir], tmp_path).stdout

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hpc import partition, profiles
 from hpc.cli import main
 from hpc.commands.profile import draft
+from hpc.slurm import grammar
 from hpc.spec import JobSpec, SpecError, check
 
 DATA = Path(__file__).parent / "data" / "slurm"
@@ -68,9 +69,9 @@ def test_gpu_site_nodes_and_partitions() -> None:
 
 
 def test_times_as_scontrol_prints_them() -> None:
-    assert [partition.slurm_time(t) for t in ("00:05:00", "1-00:00:00", "UNLIMITED", "NONE")] == [300, 86400, None,
+    assert [grammar.duration_s(t) for t in ("00:05:00", "1-00:00:00", "UNLIMITED", "NONE")] == [300, 86400, None,
                                                                                                    None]
-    assert [partition.format_time(s) for s in (120, 3600, 90061)] == ["00:02:00", "01:00:00", "1-01:01:01"]
+    assert [grammar.format_duration(s) for s in (120, 3600, 90061)] == ["00:02:00", "01:00:00", "1-01:01:01"]
 
 
 def resolved(**fields: object) -> JobSpec:
@@ -84,6 +85,12 @@ def resolved(**fields: object) -> JobSpec:
     ({"nodes": 3, "time": "5"}, "--nodes 3 exceeds partition 'hpcdist-probe''s MaxNodes 2"),
     ({"nodes": 2, "nodelist": "n[3-4]", "time": "5"}, "--nodelist names n4, not in partition 'hpcdist-probe'"),
     ({"ntasks_per_node": 3, "time": "5"}, "3 task(s) x 1 CPU(s) per node exceed the 2 CPUs"),
+    ({"nodes": 1, "exclude": "n9", "time": "5"}, "--exclude names n9, not in partition 'hpcdist-probe'"),
+    ({"nodes": 1, "exclude": "n[3-4]", "time": "5"}, "--exclude names n4, not in partition 'hpcdist-probe'"),
+    ({"nodes": 1, "exclude": "n[1-3]", "time": "5"}, "--exclude n[1-3] leaves 0 of partition 'hpcdist-probe''s "
+                                                     "nodes for a job that needs 1"),
+    ({"nodes": 2, "exclude": "n[2-3]", "time": "5"}, "leaves 1 of partition 'hpcdist-probe''s nodes for a job "
+                                                     "that needs 2"),
 ])
 def test_a_job_over_a_partition_limit_is_refused_naming_it(fields: dict, message: str) -> None:
     part = partition.pick(LIMITED, "hpcdist-probe")
@@ -160,7 +167,7 @@ def fake_runner(outputs: dict[str, tuple[int, str]]):
     def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         key = " ".join(argv[:3])
         if key not in outputs:
-            raise subprocess.TimeoutExpired(list(argv), partition.TIMEOUT_S)
+            return subprocess.CompletedProcess(list(argv), 124, "", "scontrol did not answer")
         code, out = outputs[key]
         return subprocess.CompletedProcess(list(argv), code, out, "")
     return run
@@ -187,6 +194,18 @@ def test_a_drafted_profile_is_a_valid_profile_that_fits() -> None:
     assert prof.gpus_per_node == 0 and prof.network.ib is False
     assert partition.problems(prof, LOCAL) == []
     assert "# account:" in text and "accounting is on" in text and "could not know" in text
+
+
+@pytest.mark.parametrize("here", [True, False])
+def test_a_drafted_cpu_profile_takes_cpu_bf16_from_the_machine_that_drafts_it(here: bool) -> None:
+    text = draft(LOCAL, None, "2026-12-01", cpu_bf16_here=here)
+    assert profiles.parse("drafted", yaml.safe_load(text)).cpu_bf16 is here
+    assert "Slurm does not tell the nodes'" in text
+
+
+def test_a_drafted_cpu_profile_leaves_cpu_bf16_unset_where_this_machine_cannot_tell() -> None:
+    text = draft(LOCAL, None, "2026-12-01", cpu_bf16_here=None)
+    assert "# cpu_bf16: false" in text and profiles.parse("drafted", yaml.safe_load(text)).cpu_bf16 is None
 
 
 def test_a_drafted_gpu_profile_takes_the_fewest_gpus_and_shares_cpus_among_them() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc import profiles
+from hpc import dsconfig, profiles
 
 
 def test_shipped_profiles_load() -> None:
@@ -34,8 +34,9 @@ def test_profile_from_path_and_relative_templates(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"partiton": "x"}, "unknown key(s) partiton; valid keys: partition, account"),
-    ({"network": {"NCCL_IB_HCAS": "x"}}, "network: unknown key(s) NCCL_IB_HCAS; valid keys: ib, NCCL_IB_HCA"),
+    ({"partiton": "x"}, "1 unknown key(s), the first 'partiton'; valid keys: partition, account"),
+    ({"network": {"NCCL_IB_HCAS": "x"}}, "network: 1 unknown key(s), the first 'NCCL_IB_HCAS'; valid keys: ib, "
+                                         "NCCL_IB_HCA"),
     ({"network": {"ib": "no"}}, "network.ib must be true or false"),
     ({"gpus_per_node": -1}, "gpus_per_node must be a whole number from 0 to 2147483647"),
     ({"max_nodes": 0}, "max_nodes must be a whole number from 1 to 2147483647"),
@@ -43,6 +44,7 @@ def test_profile_from_path_and_relative_templates(tmp_path: Path) -> None:
     ({"env": ["A=1"]}, "env must be a mapping"),
     ({"modules": {"a": 1}}, "modules must be a list of strings"),
     ({"gpu_memory": "lots"}, "gpu_memory:"),
+    ({"cpu_bf16": "yes"}, "cpu_bf16 must be true or false, got 'yes'"),
     ([1, 2], "must be a YAML mapping"),
 ])
 def test_bad_profiles(data: object, message: str) -> None:
@@ -56,3 +58,9 @@ def test_unknown_profile_lists_the_known_ones() -> None:
         profiles.load("nowhere")
     with pytest.raises(profiles.ProfileError, match="does not exist"):
         profiles.load("/nonexistent/site.yaml")
+
+
+def test_cpu_bf16_says_what_precision_auto_knows_of_the_site_s_cpu_nodes() -> None:
+    assert profiles.parse("a", {"cpu_bf16": True}).cpus() == dsconfig.Cpus(True, "cluster a's CPU nodes")
+    assert profiles.parse("b", {"cpu_bf16": False}).cpus().bf16 is False
+    assert profiles.parse("c", {}).cpus().bf16 is None

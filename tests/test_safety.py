@@ -89,16 +89,56 @@ def test_force_refuses_a_regular_file_and_a_directory_hpcdist_did_not_write(home
     assert tree(home) == before
 
 
-def test_force_replaces_a_job_dir_hpcdist_wrote(home: Path) -> None:
+def test_force_replaces_a_job_dir_hpcdist_wrote_that_never_ran(home: Path) -> None:
     assert cli(["render", "-q", "-o", "job"])[0] == 0
-    assert (home / "work" / "job" / render.MARKER).is_file()
-    (home / "work" / "job" / "run" / "old-result").write_text("x")
+    assert render.is_job_dir(home / "work" / "job")
     code, _, err = cli(["render", "-q", "-o", "job"])
     assert_one_line_refusal(code, err, "already exists")
-    assert cli(["render", "-q", "-o", "job", "--force"])[0] == 0
-    assert not (home / "work" / "job" / "run" / "old-result").exists()
+    assert cli(["render", "-q", "-o", "job", "--force", "-J", "second"])[0] == 0
+    assert "--job-name=second" in (home / "work" / "job" / "job.sbatch").read_text()
     # Nothing is left beside it: no staging or old copies.
     assert sorted(p.name for p in (home / "work").iterdir()) == ["job"]
+
+
+@pytest.mark.parametrize("made", ["submitted.json", "attempts.jsonl", "run/checkpoints/step00000010/model.pt",
+                                  "run/metrics.jsonl", "run/summary.json", "logs/task-0.log", "run/old-result",
+                                  "hostfile"])
+def test_force_never_replaces_a_job_that_ran(home: Path, made: str) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    path = home / "work" / "job" / made
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("result\n")
+    before = tree(home)
+    code, _, err = cli(["render", "-q", "-o", "job", "--force"])
+    assert_one_line_refusal(code, err, "never ran", made.split("/")[0])
+    assert tree(home) == before
+
+
+def test_sweep_force_never_replaces_a_job_dir_nor_render_force_a_sweep(home: Path) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    assert cli(["sweep", "run", "--dry-run", "-o", "sw", "--grid", "train.seed=1,2"])[0] == 0
+    before = tree(home)
+    code, _, err = cli(["sweep", "run", "--dry-run", "-o", "job", "--grid", "train.seed=1,2", "--force"])
+    assert_one_line_refusal(code, err, "never replaces a job directory")
+    code, _, err = cli(["render", "-q", "-o", "sw", "--force"])
+    assert_one_line_refusal(code, err, "never replaces a sweep directory")
+    assert tree(home) == before
+    assert cli(["sweep", "run", "--dry-run", "-o", "sw", "--grid", "train.seed=3,4", "--force"])[0] == 0
+
+
+@pytest.mark.parametrize("marker", [
+    "This directory was written by hpcdist (render, submit or sweep); `--force` may replace it.\n",  # older
+    '{"kind": "job", "paths": "everything"}\n',
+    b"\xff\xfe",
+])
+def test_a_marker_that_does_not_list_what_was_written_is_never_replaced(home: Path, marker) -> None:
+    assert cli(["render", "-q", "-o", "job"])[0] == 0
+    path = home / "work" / "job" / render.MARKER
+    path.write_bytes(marker) if isinstance(marker, bytes) else path.write_text(marker)
+    before = tree(home)
+    code, _, err = cli(["render", "-q", "-o", "job", "--force"])
+    assert_one_line_refusal(code, err, "readable")
+    assert tree(home) == before
 
 
 def test_a_symlinked_marker_does_not_make_a_job_dir(home: Path) -> None:
@@ -123,8 +163,10 @@ def test_discard_removes_only_a_marked_job_dir(tmp_path: Path) -> None:
     assert not written.exists()
 
 
-def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkeypatch) -> None:
-    """`hpcdist submit` whose sbatch refuses: the job dir render just wrote goes, nothing else."""
+@pytest.mark.parametrize("argv", [["submit", "--via", "sbatch", "-o", "job"], ["submit", "-o", "job"],
+                                  ["doctor", "--nodes", "2", "-o", "job"], ["drill", "--nodes", "2", "-o", "job"]])
+def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkeypatch, argv: list[str]) -> None:
+    """submit, doctor and drill whose sbatch refuses: one line, and the job dir render just wrote goes."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     sbatch = fake_bin / "sbatch"
@@ -132,9 +174,8 @@ def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkey
     sbatch.chmod(0o755)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep").write_text("mine")
-    code, _, err = cli(["submit", "--via", "sbatch", "-o", "job"],
-                       env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "reg")})
-    assert code == 1 and "sbatch refused the job" in err, err
+    code, _, err = cli(argv, env={"PATH": f"{fake_bin}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "reg")})
+    assert code == 1 and "sbatch refused the job" in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "keep"]
 
 
@@ -189,7 +230,7 @@ def test_settings_that_cannot_work_are_refused(tmp_path: Path, args: list[str], 
     ("python: /bin/evil\n", ["python is decided by hpcdist"]),
     ("job_dir: a\noutput_dir: b\n", ["both job_dir and output_dir"]),
     ("nodes: 1\nnodes: 2\n", ["'nodes' appears twice"]),
-    ("1: 2\n", ["unknown job key", "1"]),
+    ("1: 2\n", ["unknown key", "the first 1;"]),
     ("train_args: [true]\n", ["train_args must be a list of strings"]),
     ("nodes: [1]\n", ["nodes must be a whole number"]),
 ])
@@ -453,3 +494,103 @@ def test_status_and_list_say_the_job_dir_is_gone(tmp_path: Path) -> None:
     code, out, _ = cli(["list"], env=env)
     assert "(deleted)" in out and "UNKNOWN" in out
     assert json.loads((tmp_path / "reg" / "jobs.jsonl").read_text())["job_id"] == "999999"
+
+
+# ---- issue 22: a dry run runs no code ---------------------------------------------------------------
+
+# Each reaches Python from a template in an unsandboxed Jinja; each must fail the render and run nothing.
+PAYLOADS = [
+    "{{ cycler.__init__.__globals__.os.system('touch OWNED') }}",
+    "{{ lipsum.__globals__['os'].system('touch OWNED') }}",
+    "{{ profile.environment() }}",
+    "{{ spec.to_dict() | q }}",
+    "{{ vocab.task_log(1) }}",
+    "{% set x = spec.train_args.append('x') %}",
+    "{{ (''.__class__.__mro__[1].__subclasses__() | length) }}",
+]
+
+
+def _site_with(tmp_path: Path, payload: str) -> tuple[Path, Path]:
+    """A site directory (clusters/site.yaml naming templates/) whose setup.sh.j2 carries ``payload``."""
+    site = tmp_path / "site"
+    (site / "clusters").mkdir(parents=True)
+    (site / "templates").mkdir()
+    setup = (REPO / "templates" / "setup.sh.j2").read_text()
+    (site / "templates" / "setup.sh.j2").write_text(payload + "\n" + setup)
+    profile = site / "clusters" / "site.yaml"
+    profile.write_text(f"partition: debug\nmax_nodes: 3\ntemplates: {site / 'templates'}\n")
+    return site, profile
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("route", ["--cluster PATH", "job file cluster:", "HPCDIST_CLUSTERS", "HPCDIST_TEMPLATES"])
+@pytest.mark.parametrize("command", ["render", "sweep"])
+def test_a_templates_python_never_runs_during_a_dry_run(tmp_path: Path, monkeypatch, payload: str, route: str,
+                                                        command: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    site, profile = _site_with(tmp_path, payload)
+    env: dict[str, str] = {}
+    args = ["-o", str(tmp_path / "j")]
+    if route == "--cluster PATH":
+        args += ["--cluster", str(profile)]
+    elif route == "job file cluster:":
+        (tmp_path / "job.yaml").write_text(f"cluster: {profile}\n")
+        args += ["-c", str(tmp_path / "job.yaml")]
+    elif route == "HPCDIST_CLUSTERS":
+        env["HPCDIST_CLUSTERS"] = str(site / "clusters")
+        args += ["--cluster", "site"]
+    else:
+        env["HPCDIST_TEMPLATES"] = str(site / "templates")
+    argv = ["render", "-q", *args] if command == "render" else ["sweep", "run", "--dry-run", "--grid",
+                                                                 "zero_stage=1,2", "--backend", "deepspeed", *args]
+    code, _, err = cli(argv, env=env)
+    assert_one_line_refusal(code, err, "template")
+    assert not (tmp_path / "OWNED").exists()
+    assert not (tmp_path / "j").exists()
+
+
+def test_the_sandbox_still_renders_macros_loops_and_filters(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    setup = (REPO / "templates" / "setup.sh.j2").read_text()
+    extra = ('{% for m in ["a", "b"] %}# {{ loop.index }} {{ m }} {{ loop.cycle("x", "y") }}\n{% endfor %}'
+             '{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}{% endfor %}'
+             '# sum {{ ns.n }} {{ vocab.RUN_DIR }} {{ spec.job_name | q }}\n')
+    (site / "setup.sh.j2").write_text(extra + setup)
+    code, _, err = cli(["render", "-q", "-o", str(tmp_path / "j")], env={"HPCDIST_TEMPLATES": str(site)})
+    assert code == 0, err
+    text = (tmp_path / "j" / "setup.sh").read_text()
+    assert "# 1 a x\n# 2 b y\n# sum 3 run hpcdist\n" in text
+
+
+# ---- issue 22: errors never echo a file's contents ---------------------------------------------------
+
+PASSWD = "".join(f"user{i}: x:{1000 + i}:{1000 + i}:User {i}:/home/user{i}:/bin/bash\n" for i in range(30))
+
+
+@pytest.mark.parametrize("how", ["--cluster FILE", "-c FILE", "sweep -f FILE", "extends: FILE", "profile check FILE"])
+def test_an_unknown_key_error_names_the_count_and_the_first_never_the_file(tmp_path: Path, how: str) -> None:
+    secret = tmp_path / "passwd.yaml"
+    secret.write_text(PASSWD)
+    out = ["-o", str(tmp_path / "j")]
+    argv = {"--cluster FILE": ["render", "-q", "--cluster", str(secret), *out],
+            "-c FILE": ["render", "-q", "-c", str(secret), *out],
+            "sweep -f FILE": ["sweep", "run", "--dry-run", "-f", str(secret), *out],
+            "extends: FILE": ["render", "-q", "--cluster", str(tmp_path / "site.yaml"), *out],
+            "profile check FILE": ["profile", "check", str(secret)]}[how]
+    (tmp_path / "site.yaml").write_text(f"extends: {secret}\n")
+    code, _, err = cli(argv)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "30 unknown key(s), the first 'user0'" in err, err
+    assert "user1" not in err and "user29" not in err and "/bin/bash" not in err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--timeout-s", "nan", "--dry-run"], ["top", "x", "--every", "nan"],
+                                  ["drill", "--timeout", "nan"], ["bench", "--timeout-s", "inf", "--dry-run"],
+                                  ["plan", "--params", "1e400", "--nodes", "1", "--gpus-per-node", "8",
+                                   "--gpu-memory", "80GB"],
+                                  ["plan", "--params", "7B", "--nodes", "1", "--gpus-per-node", "8",
+                                   "--gpu-memory", "1e300GB"]])
+def test_numbers_past_any_meaning_are_refused_in_one_line(argv: list[str]) -> None:
+    code, _, err = cli(argv)
+    assert_one_line_refusal(code, err)

@@ -89,7 +89,8 @@ def test_default_cluster_env_then_user_config_then_system_config_then_local(tmp_
 
 def test_a_bad_config_file_is_one_line_naming_the_valid_keys(tmp_path: Path, site: dict[str, Path]) -> None:
     put(tmp_path / "etc", "config.yaml", "default_clustr: x\n")
-    with pytest.raises(sites.SiteError, match="unknown key.*default_clustr; valid keys: default_cluster"):
+    with pytest.raises(sites.SiteError,
+                       match="1 unknown key\\(s\\), the first 'default_clustr'; valid keys: default_cluster"):
         sites.default_cluster(env_for(tmp_path, site))
 
 

@@ -134,3 +134,14 @@ def test_the_time_limit_is_the_exact_one_on_both_paths(tmp_path: Path) -> None:
     assert CliRunner().invoke(main, ["render", "-q", "-o", str(job_dir), "--time", "1:30"]).exit_code == 0
     script = submitit_script(render.render(result_spec(job_dir), profiles.load("local")))
     assert "#SBATCH --time=1:30" in script and "#SBATCH --time=1:30" in (job_dir / "job.sbatch").read_text()
+
+
+@pytest.mark.parametrize("exclude", ["n9", "n[1-3]", "n[2-3]", "n3", "n[1-2]"])
+def test_hpcdist_refuses_the_excludes_sbatch_refuses_and_takes_the_rest(tmp_path: Path, exclude: str) -> None:
+    sbatch = subprocess.run(["sbatch", "--test-only", "-p", "debug", "-N2", "-x", exclude, "--wrap", "true"],
+                            capture_output=True, text=True, timeout=60)
+    result = CliRunner().invoke(main, ["render", "-q", "--nodes", "2", "--exclude", exclude, "-o",
+                                       str(tmp_path / "j")])
+    assert (result.exit_code == 0) == (sbatch.returncode == 0), (result.stderr, sbatch.stderr)
+    if result.exit_code:
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1

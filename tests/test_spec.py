@@ -83,7 +83,7 @@ def test_bad_cluster_profile_key(tmp_path: Path) -> None:
     yaml_path = tmp_path / "site.yaml"
     yaml_path.write_text("partiton: gpu\n")
     code, err = run(["--cluster", str(yaml_path), "--job-dir", str(tmp_path / "job")], tmp_path)
-    assert code == 2 and "unknown key(s) partiton; valid keys: partition" in err
+    assert code == 2 and "1 unknown key(s), the first 'partiton'; valid keys: partition" in err
     assert not (tmp_path / "job").exists()
 
 
@@ -97,7 +97,7 @@ def test_job_file_and_flags(tmp_path: Path) -> None:
     spec = spec_from_options(str(job), train_args=("--epochs", "1"))
     assert spec.train_args == ("--epochs", "1")
     job.write_text("nodez: 2\n")
-    with pytest.raises(SpecError, match="unknown job key.s. nodez; valid keys: job_dir"):
+    with pytest.raises(SpecError, match="job file: 1 unknown key.s., the first 'nodez'; valid keys: job_dir"):
         spec_from_options(str(job))
     job.write_text("nodes: two\n")
     with pytest.raises(SpecError, match="nodes must be a whole number"):

@@ -41,7 +41,7 @@ CASES = [
     ("malformed-profile-yaml", lambda t: ["--cluster", write(t / "site.yaml", "partition: [debug\n")],
      "cannot read cluster profile"),
     ("profile-key-typo", lambda t: ["--cluster", write(t / "site.yaml", "partition: debug\ngpus_per_nod: 0\n")],
-     "unknown key(s) gpus_per_nod"),
+     "unknown key(s), the first 'gpus_per_nod'"),
     ("unknown-profile", lambda t: ["--cluster", "nosuchcluster"], "or pass a path to a YAML file"),
     # As root every directory is writable; a path through a regular file, or under /proc, is not.
     ("job-dir-under-a-file", lambda t: ["--job-dir", str(Path(write(t / "plain", "")) / "job")],

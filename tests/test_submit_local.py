@@ -99,8 +99,11 @@ def test_submit_without_slurm_runs_the_job_here(tmp_path, backend, launcher):
     summary = check_training(job_dir, world_size=2, hosts=None, master="127.0.0.1")
     assert {r["node_rank"] for r in summary["ranks"]} == {0, 1}
     if backend == "deepspeed":
-        # --precision auto, decided at render: bf16 on this CPU-only job, and what the dry run shows is what trained.
+        # --precision auto, decided at render for this machine's CPU (the local executor runs here): bf16 where
+        # it is native, and what the dry run shows is what trained.
         config = json.loads((job_dir / "deepspeed.json").read_text())
-        assert summary["precision"] == dsconfig.precision_of(config) == "bf16"
-        assert "in bf16" in (job_dir / "job.sbatch").read_text()
+        expected = "bf16" if dsconfig.this_cpu().bf16 else "fp32"
+        assert summary["precision"] == dsconfig.precision_of(config) == expected
+        assert f"in {expected}" in (job_dir / "job.sbatch").read_text()
+        assert f"--precision auto → {expected}" in proc.stderr
     assert hpcdist(["list"], home, env=env).stdout.count(" local ") == 1

@@ -220,6 +220,22 @@ def test_dry_run_renders_like_render_and_submits_nothing(tmp_path):
     assert not (tmp_path / "home" / "jobs.jsonl").exists()
 
 
+def test_the_dry_run_says_why_auto_became_its_precision_for_the_cpus_that_will_run_it(tmp_path):
+    from hpc import dsconfig
+
+    args = ["--nodes", "2", "--backend", "deepspeed", "--cluster", "local"]
+    slurm = hpcdist(["render", "-q", "--job-dir", str(tmp_path / "s"), *args], tmp_path / "home")
+    assert slurm.returncode == 0, slurm.stderr
+    assert ("hpcdist render: --precision auto → fp32: not known whether cluster local's CPU nodes have native bf16; "
+            "set cpu_bf16 in the profile") in slurm.stderr
+    local = hpcdist(["submit", "--dry-run", "--executor", "local", "--job-dir", str(tmp_path / "l"), *args],
+                    tmp_path / "home")
+    assert local.returncode == 0, local.stderr
+    here = "bf16" if dsconfig.this_cpu().bf16 else "fp32"
+    assert f"hpcdist submit: --precision auto → {here}: " in local.stderr and "on this CPU" in local.stderr
+    assert json.loads((tmp_path / "l" / "deepspeed.json").read_text())["bf16"]["enabled"] is (here == "bf16")
+
+
 def test_the_cli_modules_import_neither_submitit_nor_torch():
     code = ("import sys, hpc.cli, hpc.commands.submit, hpc.submit, hpc.jobs, hpc.task\n"
             "bad = [m for m in ('submitit', 'torch', 'deepspeed') if m in sys.modules]\n"

@@ -230,7 +230,8 @@ def test_the_dry_run_prints_every_task_and_writes_but_submits_nothing(tmp_path):
                                        "--grid", "backend=ddp,deepspeed", "zero_stage=1,2", "--", "--max-steps", "3"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count("==> task ") == 3 and "#SBATCH --array=0-2%2" in result.stdout
-    assert "# deepspeed zero_stage=2 precision=bf16" in result.stdout and "stage=2 fp16=False" in result.stdout
+    # The local profile does not say its CPU nodes have native bf16: auto is fp32 there.
+    assert "# deepspeed zero_stage=2 precision=fp32" in result.stdout and "stage=2 fp16=False" in result.stdout
     assert not (tmp_path / "s" / sweeps.SUBMITTED_FILE).exists()
     rows = sweeps.rows(*sweeps.load(tmp_path / "s"), {})
     assert {r.state for r in rows} == {"NOT_SUBMITTED"}
@@ -312,3 +313,15 @@ def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("hpcdist sweep: axis cpus_per_task=64: 1 task(s) x 64 CPU(s) per node exceed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_path):
+    sweep = plan(tmp_path, axes("backend=dp,ddp"))
+    sweeps.write(sweep)
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (tmp_path / "sweep" / "report.png").symlink_to(victim)
+    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "mine\n"
+    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -366,6 +366,16 @@ def test_deepspeed_environment_is_made_safe_before_its_import():
     assert chosen == {"DS_ACCELERATOR": "xpu"}
 
 
+def test_a_cpu_deepspeed_job_joins_its_process_group_without_compiling_the_shm_comm_op(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    runtime.without_shm_comm()
+    assert build_shm_op() is None  # None: nothing compiled, nothing loaded
+
+
 # --- heartbeat -----------------------------------------------------------------------------------------
 
 CONTRACT_FIELDS = {"rank", "local_rank", "node_rank", "world_size", "hostname", "pid", "attempt", "phase", "step",
@@ -457,6 +467,46 @@ def test_images_per_s_is_this_ranks_local_batch_over_the_median_step_time(tmp_pa
         now[0] += 0.25
         beat.stepped(step)
     assert beat.snapshot()["images_per_s"] == 128.0 and beat.snapshot()["step"] == 3
+
+
+class CountedLoss:
+    """A loss whose value is read only through float(), counting the reads (each is a device sync on a GPU)."""
+
+    def __init__(self, value: float) -> None:
+        self.value, self.reads = value, 0
+
+    def __float__(self) -> float:
+        self.reads += 1
+        return self.value
+
+
+def test_the_heartbeat_s_loss_is_the_newest_step_s_read_when_written_not_when_stepped(tmp_path):
+    from train import heartbeat
+    beat = heartbeat.Heartbeat(tmp_path, every_s=0)
+    losses = [CountedLoss(2.3 - step / 10) for step in range(1, 6)]
+    for step, loss in enumerate(losses, start=1):
+        beat.stepped(step, loss)
+    assert [loss.reads for loss in losses] == [0] * 5
+    assert beat.snapshot()["loss"] == pytest.approx(1.8) and losses[-1].reads == 1
+    assert heartbeat.Heartbeat(tmp_path, every_s=0).snapshot()["loss"] is None
+
+
+def test_a_run_without_log_every_records_at_least_the_curve_s_points_and_prints_every_100(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import train.__main__ as trainer
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    code = trainer.main(["--backend", "ddp", "--run-dir", str(run), "--dataset", "synthetic", "--synthetic-size", "256",
+                         "--batch-size", "8", "--epochs", "10", "--max-steps", "200", "--threads", "1",
+                         "--heartbeat-s", "0"])
+    assert code == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) >= trainer.CURVE_POINTS and steps[-1] == 200
+    assert steps == sorted(set(steps)) and max(b - a for a, b in zip(steps, steps[1:])) <= 200 // trainer.CURVE_POINTS
+    printed = [line for line in capsys.readouterr().out.splitlines() if "Loss:" in line]
+    assert [line.split("Loss:")[0] for line in printed] == ["Epoch: 0 | Batch: 1/32 | ", "Epoch: 3 | Batch: 4/32 | ",
+                                                            "Epoch: 6 | Batch: 8/32 | "]
 
 
 # --- preemption vote -------------------------------------------------------------------------------------

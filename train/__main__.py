@@ -59,6 +59,10 @@ from train.runtime import (
 )
 
 EVAL_BATCH = 1024
+# Without --log-every: a loss line printed every PRINT_EVERY steps, and metrics.jsonl (the report's loss
+# curve) at least CURVE_POINTS lines a run, a mean over the ranks each (a collective: a bounded number).
+PRINT_EVERY = 100
+CURVE_POINTS = 50
 
 # DeepSpeed calls torch.distributed's deprecated collective names on every step, burying the log.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -302,6 +306,8 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         stop()
         return None
     last_log_time, last_log_step = time.time(), timing.start_step
+    print_every = opts.log_every or PRINT_EVERY
+    record_every = opts.log_every or max(1, min(PRINT_EVERY, total_steps // CURVE_POINTS))
     metrics_mode = "a" if state["step"] else "w"
     with open(run.run_dir / vocab.METRICS, metrics_mode) if rank == 0 else contextlib.nullcontext() as metrics:
         batches = loader.batches(timing.start_step)
@@ -318,23 +324,23 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
             if step == timing.warm_step:
                 float(loss)
                 timing.warm_at = time.time()
-            if step % opts.log_every == 0 or step == total_steps or step == 1:
+            if step % record_every == 0 or step == total_steps or step == 1:
                 with beat.step_clock.waited():
                     state["last_loss"] = loss_value = all_mean(loss, world)
-                beat.loss = loss_value
                 if state["first_loss"] is None:
                     state["first_loss"] = loss_value
                 now = time.time()
                 images_per_s = (step - last_log_step) * run.global_batch / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, step
-                say(rank, f"Epoch: {batch.epoch} | Batch: {batch.index + 1}/{loader.steps_per_epoch} | "
-                          f"Loss: {loss_value:.4f}")
+                if step % print_every == 0 or step == total_steps or step == 1:
+                    say(rank, f"Epoch: {batch.epoch} | Batch: {batch.index + 1}/{loader.steps_per_epoch} | "
+                              f"Loss: {loss_value:.4f}")
                 if metrics:
                     metrics.write(json.dumps({"step": step, "epoch": batch.epoch, "batch": batch.index + 1,
                                               "loss": loss_value, "images_per_s": round(images_per_s, 1),
                                               "time_s": round(now - STARTED, 3)}) + "\n")
                     metrics.flush()
-            beat.stepped(step)
+            beat.stepped(step, loss)
             # Votes cast after this step are read after the next one: no per-step wait for the device.
             stopping, due = agreement.exchange(preemption.received() is not None, rank == 0 and wall_clock.due())
             if stopping:
@@ -401,18 +407,19 @@ def precision_and_config(opts: Options, device: torch.device, world: int) -> tup
     """The precision in force, DeepSpeed's config as deepspeed.initialize gets it, and the global batch.
 
     A job's rendered deepspeed.json is taken as it is (its flags may repeat it, never change it); run by
-    hand, the config is resolved here by the same function `hpcdist render` uses.
+    hand, the config is resolved here by the same function `hpcdist render` uses, for this machine's CPU.
     """
     gpu = device.type == "cuda"
     if opts.backend != "deepspeed":
-        return dsconfig.choose_precision(opts.precision, gpu=gpu), None, opts.batch_size or DEFAULT_BATCH
+        return dsconfig.choose(opts.precision, gpu=gpu).precision, None, opts.batch_size or DEFAULT_BATCH
     given = {"zero_stage": opts.zero_stage, "precision": opts.precision, "global_batch": opts.batch_size,
              "lr": opts.lr}
     if opts.deepspeed_config is not None:
         config = dsconfig.load(opts.deepspeed_config)
         dsconfig.check_resolved(config, opts.deepspeed_config, world, **given)
     else:
-        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu, **given)
+        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu,
+                                  cpus=dsconfig.this_cpu(), **given)
     return dsconfig.precision_of(config), config, config["train_batch_size"]
 
 

@@ -3,12 +3,15 @@
     beat = Heartbeat(run_dir, every_s=2.0, marks={"process_start": t0})
     beat.identify(env, os.environ, total_steps=..., local_batch=...)   # files appear from here on
     beat.phase("train"); clock.begin()
-    ...; beat.stepped(step)         # per step: a few attribute stores, no I/O, no device sync
+    ...; beat.stepped(step, loss)   # per step: a few attribute stores, no I/O, no device sync
     beat.finish("done")
 
 ``RUN_DIR/heartbeat/rank-R.json`` is replaced atomically at every phase change and every ``every_s``
 seconds by a daemon thread, so its age says the process is alive while ``step``/``step_at`` say it
-progresses; each write is also appended to ``rank-R.jsonl`` (the history the report reads).
+progresses; each write is also appended to ``rank-R.jsonl`` (the history the report reads). ``loss`` is
+this rank's loss at its newest step: the step hands over its (detached) loss tensor and the daemon thread
+reads its value when it writes, so on a GPU the training thread never waits for it; the writer waits for
+at most the step in flight.
 
 Step time split. ``comm_s`` is the time this rank's training thread spent waiting for collectives in a
 step, as seen from the host: the trainer's own collectives (the one-step-late preemption flag, the loss
@@ -143,7 +146,7 @@ class Heartbeat:
         self.marks = dict(marks or {})
         self.peak_memory = peak_memory
         self.identity: dict | None = None
-        self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None
+        self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None  # loss: a 0-dim tensor
         self.total_steps = self.local_batch = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -182,10 +185,12 @@ class Heartbeat:
         if self.identity is not None and self.enabled:
             self.write()
 
-    def stepped(self, step: int) -> None:
-        """The hot path: called once per optimizer step."""
+    def stepped(self, step: int, loss=None) -> None:
+        """The hot path: called once per optimizer step, with the step's loss (a detached tensor, not read here)."""
         self.step_clock.end_step()
         self.step, self.step_at = step, self.now()
+        if loss is not None:
+            self.loss = loss
 
     def watch(self, watcher) -> None:
         """Start ``watcher`` (train.watchdog.Watchdog) with this heartbeat and stop it at ``finish``."""
@@ -208,7 +213,8 @@ class Heartbeat:
                     step_at=self.step_at, **{k: split[k] for k in ("step_time_s", "compute_s", "comm_s")},
                     images_per_s=(round(self.local_batch / step_time, 1)
                                   if step_time and self.local_batch else None),
-                    loss=self.loss, rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(),
+                    loss=None if self.loss is None else float(self.loss),
+                    rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(),
                     marks=dict(self.marks), recent_compute_s=split["recent_compute_s"])
         return beat
 

@@ -46,7 +46,7 @@ class Options:
     checkpoint_every_min: float = 10.0
     resume: bool = False
     seed: int = 0
-    log_every: int = 100
+    log_every: int | None = None  # None: PRINT_EVERY printed, CURVE_POINTS recorded (train/__main__)
     warmup_steps: int = 1
     channels_last: bool = False
     compile: bool = False
@@ -108,7 +108,9 @@ def parser() -> argparse.ArgumentParser:
                         "what a crash loses (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--log-every", type=int,
+                   help="steps between loss lines, printed and in metrics.jsonl (default: printed every 100, "
+                        "recorded at least 50 times a run for the report's curve)")
     p.add_argument("--warmup-steps", type=int, default=1,
                    help="steps left out of summary.json's images_per_s (start-up, cuDNN autotuning, compiling)")
     p.add_argument("--channels-last", action="store_true")

@@ -16,6 +16,7 @@ from typing import MutableMapping
 import torch
 import torch.distributed as dist
 
+from hpc import fileio
 from hpc.ranks import DistEnv
 
 
@@ -67,6 +68,15 @@ def prepare_deepspeed_environment(environ: MutableMapping[str, str], cuda: bool)
         environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def without_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op when it joins a CPU process group: ~30 s
+    of compiler on a fresh machine before the first step, for ``inference_all_reduce`` alone, which training
+    never calls (ZeRO's collectives go through torch.distributed either way)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout_s: float) -> str:
     """Join the job's process group; every collective after this fails after ``timeout_s`` instead of hanging."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -76,6 +86,8 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
     if backend == "deepspeed":
         import deepspeed
 
+        if device.type == "cpu":
+            without_shm_comm()
         deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False)
     elif env.world_size == 1:
         # A lone process needs no port: an in-memory store cannot collide with another job on the node.
@@ -129,8 +141,7 @@ def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
               "world_size": env.world_size, "seconds": time.perf_counter() - started}
     out = run_dir / "preflight"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f".rank-{env.rank}.json.tmp").write_text(json.dumps(report) + "\n")
-    os.replace(out / f".rank-{env.rank}.json.tmp", out / f"rank-{env.rank}.json")
+    fileio.atomic_write(out / f"rank-{env.rank}.json", json.dumps(report) + "\n")
     if int(total) != env.world_size:
         raise PreflightError(f"preflight all_reduce on rank {env.rank} summed to {int(total)}, "
                            f"expected world size {env.world_size}: some rank is misconfigured")

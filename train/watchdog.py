@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpc import vocab
+from hpc import fileio, vocab
 from hpc.vocab import EXIT_HUNG
 from train import heartbeat
 
@@ -135,12 +135,6 @@ def _create_exclusively(path: Path, text: str) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Watchdog:
     """The per-rank thread; ``exit`` is how the process ends itself (os._exit, since the main thread is stuck)."""
 
@@ -211,7 +205,7 @@ class Watchdog:
         if not _create_exclusively(path, json.dumps(record) + "\n"):
             if self.declared() is not None:
                 return self.declared()
-            _replace(path, json.dumps(record) + "\n")  # a stale one from an earlier run of this run dir
+            fileio.atomic_write(path, json.dumps(record) + "\n")  # a stale one from an earlier run of this run dir
         return record
 
     def respond(self, declared: dict) -> None:
@@ -220,7 +214,7 @@ class Watchdog:
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
         mine = self.stacks_dir / f"rank-{rank}.txt"
         if not ((self.run_dir / vocab.HANG).exists() and mine.exists()):  # a thawed rank keeps its py-spy stack
-            _replace(mine, own_stacks())
+            fileio.atomic_write(mine, own_stacks())
         if declared["rank"] != rank and self._reads_for_culprit(declared):
             # A culprit whose own watchdog still runs writes its stack itself; a frozen one gets py-spy.
             theirs = self.stacks_dir / f"rank-{declared['rank']}.txt"
@@ -228,7 +222,7 @@ class Watchdog:
             while not theirs.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
             if not theirs.exists():
-                _replace(theirs, py_spy_stack(declared["pid"]))
+                fileio.atomic_write(theirs, py_spy_stack(declared["pid"]))
         if declared["declared_by"] == rank:
             self.write_report(declared)
         else:
@@ -275,7 +269,7 @@ class Watchdog:
             elif r == declared["rank"]:
                 stacks[r] = (f"no stack: no live rank on {declared['node']} could read process {declared['pid']} "
                              "(py-spy reads only processes on its own node)")
-                _replace(path, stacks[r])
+                fileio.atomic_write(path, stacks[r])
             else:
                 stacks[r] = "no stack: this rank wrote none in time (frozen or already gone)"
         report = {"rank": declared["rank"], "node": declared["node"], "step": declared["step"],
@@ -283,4 +277,4 @@ class Watchdog:
                   "since": declared["since"], "pid": declared["pid"], "threshold_s": declared["threshold_s"],
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
-        _replace(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")
+        fileio.atomic_write(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")

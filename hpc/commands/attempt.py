@@ -15,6 +15,10 @@ from pathlib import Path
 
 import click
 
+from hpc import shown
+from hpc.spec import MAX_TASKS_PER_NODE, MAX_WORLD_SIZE
+from hpc.vocab import LAUNCHERS
+
 
 @click.group(hidden=True)
 def attempt() -> None:
@@ -27,21 +31,29 @@ def attempt() -> None:
 @click.option("--max-requeues", type=int, default=3)
 @click.option("--max-retries", type=int, default=2)
 @click.option("--nodes", type=int, default=1, help="Nodes the job needs (a retry must still fit).")
-@click.option("--ranks-per-task", type=int, default=1)
-@click.option("--ntasks", type=int, default=1)
+@click.option("--ranks-per-task", type=click.IntRange(1, MAX_TASKS_PER_NODE), default=1)
+@click.option("--ntasks", type=click.IntRange(1, MAX_WORLD_SIZE), default=1)
 @click.option("--signal-delay-s", type=int, default=0, help="The job's --signal lead time before its time limit.")
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default="srun",
+              help="The job's launcher: only its own report of a dead child is read from the task logs.")
 def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nodes: int, ranks_per_task: int,
-        ntasks: int, signal_delay_s: int) -> None:
+        ntasks: int, signal_delay_s: int, launcher: str) -> None:
     """Classify the attempt that just ended, append it to attempts.jsonl, print what the batch shell does next."""
     from hpc import attempts
 
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "0")
-    attempt_no = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    restarts = os.environ.get("SLURM_RESTART_COUNT") or "0"
+    if not (restarts.isascii() and restarts.isdigit() and len(restarts) <= 9):
+        # requeue.sh then keeps its defaults: no action, the step's own status.
+        click.echo(f"hpcdist attempt end: SLURM_RESTART_COUNT={shown.value(restarts)} is not a restart count; "
+                   "run this from the job's batch shell", err=True)
+        sys.exit(2)
+    attempt_no = int(restarts)
     try:
         line, job = attempts.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
                                          attempts.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks,
-                                         warning_s=signal_delay_s)
+                                         warning_s=signal_delay_s, launcher=launcher)
     except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
         click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")

@@ -1,6 +1,6 @@
 """``hpcdist bench``: run the trainer and the bare-PyTorch floor over a grid of configs, report images/s.
 
-    hpcdist bench --out bench      # the default grid (about 9 min on 2 quiet cores)
+    hpcdist bench --out bench      # the default grid (about 10 min on 2 quiet cores)
     hpcdist bench --config floor:1 --config ddp:resident:1 --steps 100 --out bench
     hpcdist bench --grid deepspeed:zero2:bf16:2,ddp:resident:2:t2 --dry-run
     hpcdist bench --samples 50000 --grid floor,ddp,ddp:bf16:cl:b4096,floor-deepspeed:zero2,deepspeed:zero2   # GPU
@@ -25,6 +25,8 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
+from hpc import fileio
+from hpc.commands.options import Seconds
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +137,7 @@ def draw(results: list[core.Result], meta: dict, path: Path) -> None:
                  fontsize=10)
     ax.set_xlim(0, max(values, default=1) * 1.15)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fileio.save_png(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -161,7 +163,7 @@ def version(package: str) -> str:
               help="Synthetic training images each run holds (50000 is CIFAR-10's size; large batches need many).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
               show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/.")
-@click.option("--timeout-s", type=click.FloatRange(min=1), default=900, show_default=True,
+@click.option("--timeout-s", type=Seconds(1), default=900, show_default=True,
               help="Stop a config that runs longer than this and report it failed.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of each config, in rounds over the whole grid; each row is the median run.")
@@ -217,8 +219,8 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     # Which card (or "cpu") the runs trained on, as they reported it: this process never imports torch.
     meta["device"] = next((r.device for r in results if r.device), "unknown")
 
-    (out_dir / "bench.json").write_text(json.dumps(core.to_json(results, meta), indent=2) + "\n")
-    (out_dir / "bench.md").write_text(core.markdown_report(results, meta))
+    fileio.atomic_write(out_dir / "bench.json", json.dumps(core.to_json(results, meta), indent=2) + "\n")
+    fileio.atomic_write(out_dir / "bench.md", core.markdown_report(results, meta))
     draw(results, meta, out_dir / "bench.png")
     click.echo(core.markdown_table(results))
     for line in core.verdicts(results):

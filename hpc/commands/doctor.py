@@ -20,7 +20,7 @@ import click
 
 from hpc import doctor as judging
 from hpc import jobfiles, jobs, profiles, vocab
-from hpc.commands.options import fail, job_options, prepare
+from hpc.commands.options import fail, job_options, prepare, submit_or_exit
 
 
 def read_reports(run_dir: Path) -> list[judging.RankReport]:
@@ -50,7 +50,7 @@ def doctor(config_file: str | None, executor: str, **options: Any) -> None:
         fail("doctor", exc)
     rendered = prepare("doctor", config_file, **options)
     spec = rendered.spec
-    submitted = submitting.submit(rendered, where, os.environ)
+    submitted = submit_or_exit("doctor", rendered, where)
     click.echo(f"preflight job {submitted.record.job_id} ({where}) on {spec.nodes} node(s), "
                f"{spec.world_size} rank(s): {rendered.job_dir}")
     final = submitting.wait(submitted)

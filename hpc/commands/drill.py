@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from hpc.commands.options import fail, job_options
+from hpc.commands.options import Seconds, fail, job_options
 
 
 @click.command()
@@ -33,7 +33,7 @@ from hpc.commands.options import fail, job_options
 @click.option("--via", type=click.Choice(("submitit", "sbatch")), default="sbatch", show_default=True,
               help="How each job is submitted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-@click.option("--timeout", "timeout_s", type=float, default=600, show_default=True,
+@click.option("--timeout", "timeout_s", type=Seconds(1), default=600, show_default=True,
               help="Seconds each scenario's job may take from the fault to its end.")
 def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps: int | None, via: str,
           as_json: bool, timeout_s: float, **options: Any) -> None:
@@ -41,7 +41,7 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
     from hpc import drill as drilling
     from hpc import jobs
     from hpc import submit as submitting
-    from hpc.commands.options import prepare
+    from hpc.commands.options import prepare, submit_or_exit
 
     chosen = [s.strip() for s in scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in drilling.SCENARIOS]
@@ -57,6 +57,7 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
     except ValueError as exc:
         fail("drill", exc)
     root = Path(options.pop("job_dir") or f"runs/drill-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    made = None if root.exists() else root
     user_args = tuple(options.pop("train_args") or ())
     name = options.pop("job_name") or "drill"
     if options.get("precision") is None:
@@ -67,7 +68,7 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         train_args = (*drilling.TRAIN_ARGS, "--max-steps", str(job_steps), *user_args)
         rendered = prepare("drill", config_file, job_dir=str(root / label), job_name=f"{name}-{label}",
                            train_args=train_args, **options)
-        submitted = submitting.submit(rendered, where, os.environ)
+        submitted = submit_or_exit("drill", rendered, where, made)
         return submitted.record.job_id, Path(rendered.job_dir)
 
     ref_id, ref_dir = submit("reference", drilling.REFERENCE_STEPS_CAP)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,8 +19,10 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from hpc import attempts, jobfiles, jobs, monitor, progress, report, timeline, vocab
+from hpc import attempts, fileio, jobfiles, jobs, monitor, progress, report, shown, timeline, vocab
+from hpc.commands.options import Seconds, fail
 from hpc.commands.submit import _lookup
+from hpc.slurm import commands
 
 TOP_EVERY_S = 2.0
 
@@ -50,14 +52,10 @@ def attempts_of(record: jobs.Record) -> list[dict[str, Any]]:
 
 
 def sacct_attempts(record: jobs.Record) -> list[dict[str, float | None]]:
-    if record.via == "local" or shutil.which("sacct") is None:
+    if record.via == "local" or not commands.available(os.environ, "sacct"):
         return []
-    try:
-        proc = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", record.job_id, "-o", "JobID,Submit,Start,End"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return timeline.parse_sacct_attempts(proc.stdout, record.job_id) if proc.returncode == 0 else []
+    text = commands.sacct([record.job_id], ("JobID", "Submit", "Start", "End"), duplicates=True)
+    return timeline.parse_sacct_attempts(text, record.job_id) if text is not None else []
 
 
 def board_of(record: jobs.Record, now: float | None = None, watch: monitor.Watch | None = None) -> monitor.Board:
@@ -159,7 +157,7 @@ class Follower:
 @click.argument("job")
 @click.option("--once", is_flag=True, help="One snapshot, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of the table (implies --once).")
-@click.option("--every", type=click.FloatRange(min=0.2), default=TOP_EVERY_S, show_default=True,
+@click.option("--every", type=Seconds(0.2), default=TOP_EVERY_S, show_default=True,
               help="Seconds between refreshes.")
 def top(job: str, once: bool, as_json: bool, every: float) -> None:
     """Per-node, per-rank board: phase, step, step time, compute/comm split, images/s, heartbeat age, RSS.
@@ -180,6 +178,7 @@ def top(job: str, once: bool, as_json: bool, every: float) -> None:
         notes = monitor.straggler_lines(board)
         if notes:
             text += "\n" + "\n".join(notes)
+        text = shown.block(text)
         if once:
             click.echo(text)
             return
@@ -208,7 +207,7 @@ def timeline_cmd(job: str, as_json: bool) -> None:
                                    "wall_s": round(worst.wall_s, 3),
                                    "phase": worst.slowest.name if worst.slowest else None}}, indent=1))
         return
-    click.echo(timeline.table(falls))
+    click.echo(shown.block(timeline.table(falls)))
 
 
 def goodput_of(record: jobs.Record, falls: list[timeline.Waterfall]) -> dict[str, Any]:
@@ -332,10 +331,10 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         bars = [{"label": c.get_label(), "bars": len(c.patches)} for c in ax.containers]
         drawn[name] = {"lines": lines, "bars": bars, **extra}
         fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=100)
+        fileio.save_png(fig, folder / f"{name}.png", dpi=100)
         plt.close(fig)
         # NaN (the gap between attempts) is not JSON: written as null.
-        (folder / f"{name}.json").write_text(json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
+        fileio.atomic_write(folder / f"{name}.json", json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
     if drawn:
         fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
         for ax, name in zip(axes.flat, charts):
@@ -346,7 +345,7 @@ def draw_charts(folder: Path, record: jobs.Record, falls: list[timeline.Waterfal
         fig.suptitle(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                      f"{record.world_size} rank(s)")
         fig.tight_layout()
-        fig.savefig(folder / "overview.png", dpi=90)
+        fileio.save_png(fig, folder / "overview.png", dpi=90)
         plt.close(fig)
     return drawn
 
@@ -366,8 +365,11 @@ def facts_of(record: jobs.Record, summary: dict[str, Any] | None, state: jobs.Jo
 def report_cmd(job: str, out_dir: Path | None) -> None:
     """One HTML run report: loss curve, images/s per rank, waterfall, attempts, goodput, stragglers."""
     record = _lookup("report", job)
-    folder = (out_dir or Path(record.job_dir) / "report").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = fileio.folder(out_dir.resolve().parent, out_dir.name) if out_dir else fileio.folder(
+            Path(record.job_dir), "report")
+    except OSError as exc:
+        fail("report", exc)
     falls = waterfalls(record)
     good = goodput_of(record, falls)
     drawn = draw_charts(folder, record, falls, good)
@@ -376,22 +378,26 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}",
                               facts_of(record, summary, jobs.state(record)), images, attempts_of(record), good,
                               timeline.table(falls), stragglers_of(record))
-    (folder / "report.html").write_text(page)
-    (folder / "goodput.json").write_text(json.dumps(good, indent=1) + "\n")
+    fileio.atomic_write(folder / "report.html", page)
+    fileio.atomic_write(folder / "goodput.json", json.dumps(good, indent=1) + "\n")
     shares = ", ".join(f"{c} {good['share'][c] * 100:.0f}%" for c in report.CATEGORIES)
     click.echo(f"report: {folder / 'report.html'}  (goodput: {shares}; {good['redone_steps']} steps recomputed)")
 
 
-def status_lines(record: jobs.Record) -> list[str]:
-    """What ``status`` adds for a job with heartbeats: rank 0's progress, and any straggler or stale rank."""
+def status_lines(record: jobs.Record, ended: bool = False) -> list[str]:
+    """What ``status`` adds for a job with heartbeats: rank 0's progress, and any straggler; while it runs
+    any stale rank, once it ``ended`` how its ranks last reported (a heartbeat stops with its process)."""
     rdir = run_dir(record)
     beats = monitor.read_heartbeats(rdir)
     out = []
     current = progress.of(beats, None if beats else last_metric(rdir / vocab.METRICS))
     if current is not None:
         out.append("progress: " + progress.line(current))
-    board = monitor.judge(beats, time.time(), histories=monitor.read_histories(rdir))
-    out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
+    if ended:
+        out += [line for line in [monitor.ending_line(beats)] if line]
+    else:
+        board = monitor.judge(beats, time.time(), histories=monitor.read_histories(rdir))
+        out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
     out += [f"straggler: rank {s['rank']} on {s['node']}, compute {s['compute_ratio']:.2f}x the other ranks' median"
             for s in stragglers_of(record)]
     return out

@@ -17,8 +17,8 @@ import click
 
 import hpc
 from hpc import hostfile as hostfiles
+from hpc import shown, vocab
 from hpc import spec as specs
-from hpc import vocab
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -76,6 +76,11 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
      {"multiple": True, "metavar": "JOB[:ok|any|notok]",
       "help": "Start only after job JOB ended so (ok: completed, the default); repeatable."}),
     (("--exclude", "-x"), "exclude", {"help": "Nodes to keep the job off, a Slurm nodelist, e.g. n2 or n[2-3]."}),
+    (("--container",), "container",
+     {"metavar": "IMAGE", "help": "Run each task in this image (a path, or a name the runtime pulls); none: on the "
+                                  "host. [the profile's container.image, else the host]"}),
+    (("--container-runtime",), "container_runtime",
+     {"help": "charliecloud, apptainer, singularity, podman-hpc, pyxis or oci. [the profile's]"}),
 )
 
 
@@ -159,9 +164,11 @@ def fail(command: str, exc: Exception) -> NoReturn:
     sys.exit(2)
 
 
-def build(config_file: str | None = None, check_partition: bool = True, **options: Any) -> Rendered:
-    """Spec, profile, checks and rendering: everything short of writing; raises on bad input."""
-    from hpc import partition, profiles, render
+def build(config_file: str | None = None, check_partition: bool = True, here: bool = False,
+          **options: Any) -> Rendered:
+    """Spec, profile, checks and rendering: everything short of writing; raises on bad input. ``here``: the
+    job runs on this machine (the local executor), so its CPU, not the profile's nodes, decides precision."""
+    from hpc import dsconfig, partition, profiles, render
 
     spec = spec_from_options(config_file, **options)
     profile = profiles.load(spec.cluster)
@@ -176,16 +183,33 @@ def build(config_file: str | None = None, check_partition: bool = True, **option
         if timed.time != spec.time:
             click.echo(f"hpcdist: --time {timed.time}: partition {part.name!r}'s DefaultTime", err=True)
         spec = timed
-    rendered = render.render(spec, profile)
+    rendered = render.render(spec, profile, cpus=dsconfig.this_cpu() if here else None)
     if cluster is not None and part is not None:
         partition.check(rendered.spec, part, cluster.nodes_of(part))
-    # Not in render's pure checks: it asks this machine's filesystem, which the job's nodes share.
+    # Not in render's pure checks: they ask this machine's filesystem, which the job's nodes share.
     specs.check_dataset(rendered.spec, os.path.exists)
+    check_container(rendered, local=False)
     return rendered
 
 
+def check_container(rendered: Rendered, local: bool) -> None:
+    """SpecError for a container that cannot run where the job goes (see ``hpc.container.check``)."""
+    from hpc import container as containers
+    from hpc import profiles, render
+
+    spec = rendered.spec
+    context = render.container_context(spec, profiles.load(spec.cluster))
+    box = context["container"]
+    if box is not None:
+        try:
+            containers.check(box, context["binds"], gpus_per_node=spec.gpus_per_node or 0, local=local,
+                             exists=os.path.exists)
+        except containers.ContainerError as exc:
+            raise specs.SpecError(str(exc)) from None
+
+
 def prepare(command: str, config_file: str | None, force: bool = False, check_partition: bool = True,
-            check: Callable[[Rendered], None] | None = None, **options: Any) -> Rendered:
+            check: Callable[[Rendered], None] | None = None, here: bool = False, **options: Any) -> Rendered:
     """Render and write the job directory, or exit 2 with one line; what ``submit`` calls too.
 
     ``check(rendered)`` may refuse the job (SpecError) before anything is written: the submit path's own limits.
@@ -193,7 +217,7 @@ def prepare(command: str, config_file: str | None, force: bool = False, check_pa
     from hpc import profiles, render
 
     try:
-        rendered = build(config_file, check_partition, **options)
+        rendered = build(config_file, check_partition, here, **options)
         if check is not None:
             check(rendered)
         render.write(rendered, force=force)
@@ -204,4 +228,47 @@ def prepare(command: str, config_file: str | None, force: bool = False, check_pa
         stage = f" ZeRO-{spec.zero_stage}" if spec.backend == "deepspeed" else ""
         click.echo(f"hpcdist {command}: --backend auto chose {spec.backend}{stage}: {spec.backend_reason}",
                    err=True)
+    if rendered.precision_reason:
+        click.echo(f"hpcdist {command}: --precision auto → {rendered.spec.precision}: {rendered.precision_reason}",
+                   err=True)
     return rendered
+
+
+def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | None = None) -> Any:
+    """``hpc.submit.submit``, or one line and exit 1 with the job directory it was to run from removed.
+
+    Nothing runs from that directory: leaving it would only look like a job that exists. Only the directory
+    render just wrote goes (it holds the marker); ``made``, a folder this command created to hold it, goes too
+    once it is empty. Returns the Submitted.
+    """
+    from hpc import render
+    from hpc import submit as submitting
+
+    try:
+        return submitting.submit(rendered, where, os.environ)
+    except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
+        render.discard(rendered.job_dir)
+        if made is not None:
+            try:
+                made.rmdir()
+            except OSError:
+                pass
+        click.echo(f"hpcdist {command}: {shown.line(exc)}", err=True)
+        sys.exit(1)
+
+
+class Seconds(click.FloatRange):
+    """A duration option: a finite number of seconds in [low, high] (click's FloatRange lets nan through,
+    since nan compares false with any bound)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float = 7 * 86400) -> None:
+        super().__init__(min=low, max=high)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if seconds != seconds:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+

@@ -14,8 +14,11 @@ from typing import Sequence
 
 import click
 
+from hpc import dsconfig
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
+from hpc.slurm import grammar
+from hpc.slurm import runner as slurm_runner
 
 
 def _word(value: str) -> str:
@@ -38,14 +41,24 @@ def _nodes_line(part: Partition, nodes: Sequence[Node]) -> str:
             + (f"{_span(gpus, '')} GPU(s) per node (Gres)" if any(gpus) else "no GPUs in Gres"))
 
 
-def draft(cluster: Cluster, name: str | None, when: str) -> str:
-    """A profile for one partition as commented YAML: what Slurm told, and what it could not know."""
+def _cpu_bf16_line(here: bool | None) -> str:
+    why = "--precision auto trains CPU-only DeepSpeed jobs in bf16 only where true, else in fp32"
+    if here is None:
+        return f"# cpu_bf16: false   # could not know: whether the nodes' CPUs have native bf16; {why}"
+    has = "has" if here else "has no"
+    return (f"cpu_bf16: {str(here).lower()}   # this machine's CPU {has} native bf16 (AVX512-BF16, AMX); Slurm does "
+            f"not tell the nodes': check one (grep -c bf16 /proc/cpuinfo); {why}")
+
+
+def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | None = None) -> str:
+    """A profile for one partition as commented YAML: what Slurm told, and what it could not know.
+    ``cpu_bf16_here``: whether the machine drafting it has native bf16, the guess for CPU-only nodes."""
     part = partitions.pick(cluster, name)
     nodes = cluster.nodes_of(part)
     gpus = min((n.gpus for n in nodes), default=0)
     cpus = min((n.cpus for n in nodes), default=1)
     max_nodes = len(nodes) if part.max_nodes is None else min(len(nodes), part.max_nodes)
-    fmt = partitions.format_time
+    fmt = grammar.format_duration
     lines = [
         f"# Drafted by `hpcdist profile init` from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
         "# Check every value; put the file in /etc/hpcdist/clusters/NAME.yaml (everyone) or",
@@ -74,6 +87,7 @@ def draft(cluster: Cluster, name: str | None, when: str) -> str:
         lines.append(f"cpus_per_task: {max(cpus // gpus, 1)}   # {cpus} CPUs / {gpus} GPUs per node")
     else:
         lines.append(f"cpus_per_task: 1   # nodes have {cpus} CPU(s); raise it for threaded data loading")
+        lines.append(_cpu_bf16_line(cpu_bf16_here))
     lines.append(f"max_nodes: {max_nodes}" + (f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""))
     lines += [
         "modules: []   # could not know: the module loads jobs need, e.g. [cuda/12.1, nccl/2.18]",
@@ -104,7 +118,7 @@ def _cluster_or_exit(command: str) -> Cluster:
     cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
     if cluster is None:
         click.echo(f"hpcdist profile {command}: Slurm does not answer here (scontrol missing, failing or slower than "
-                   f"{partitions.TIMEOUT_S:g} s); run it on a login node of the cluster", err=True)
+                   f"{slurm_runner.QUERY_TIMEOUT_S} s); run it on a login node of the cluster", err=True)
         sys.exit(2)
     return cluster
 
@@ -122,7 +136,7 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
     """Print a draft profile (YAML, with comments for what Slurm cannot tell) for one partition."""
     cluster = _cluster_or_exit("init")
     try:
-        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"))
+        text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"), dsconfig.this_cpu().bf16)
     except partitions.SpecError as exc:
         click.echo(f"hpcdist profile init: {exc}", err=True)
         sys.exit(2)
@@ -161,6 +175,6 @@ def check(name: str | None) -> None:
             click.echo(f"  - {problem}")
         sys.exit(1)
     part = partitions.pick(cluster, prof.partition)
-    limit = partitions.format_time(part.max_time_s) if part.max_time_s is not None else "UNLIMITED"
+    limit = grammar.format_duration(part.max_time_s) if part.max_time_s is not None else "UNLIMITED"
     click.echo(f"profile {prof.name!r} fits Slurm cluster {cluster.name or '(unnamed)'}: partition {part.name!r}, "
                f"{len(part.nodes)} node(s), MaxTime {limit}")

@@ -20,20 +20,16 @@ from hpc.commands.options import fail, job_options, prepare
 
 def sbatch_test_only(job_dir: Path) -> tuple[int, str]:
     """Ask Slurm whether it would accept the job (``sbatch --test-only``); returns (status, answer)."""
-    import shutil
-    import subprocess
+    from hpc.slurm import commands
 
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
+    if not commands.available(os.environ, "sbatch"):
         return 0, "sbatch is not on PATH: skipped --test-only"
-    proc = subprocess.run([sbatch, "--test-only", str(job_dir / vocab.JOB_SBATCH)], capture_output=True,
-                          text=True, timeout=60)
-    return proc.returncode, (proc.stdout + proc.stderr).strip()
+    return commands.sbatch_test_only(job_dir / vocab.JOB_SBATCH)
 
 
 @click.command()
 @job_options
-@click.option("--force", is_flag=True, help="Replace an existing job directory.")
+@click.option("--force", is_flag=True, help="Replace a job directory hpcdist rendered that never ran.")
 @click.option("--test-only", "test_only_", is_flag=True, help="Also ask Slurm: sbatch --test-only.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the job directory, not job.sbatch.")
 def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, **options: Any) -> None:

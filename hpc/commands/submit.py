@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from hpc import jobs, pending, vocab
-from hpc.commands.options import fail, job_options, prepare
+from hpc import jobs, pending, shown, vocab
+from hpc.commands.options import check_container, fail, job_options, prepare, submit_or_exit
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -37,6 +37,7 @@ def _check_local(rendered: Rendered) -> None:
     from hpc import task
 
     task.check_local(submitting.local_geometry(rendered.spec))
+    check_container(rendered, local=True)
 
 
 @click.command()
@@ -63,21 +64,12 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     # The local runner emulates nodes here: the Slurm partition's limits do not bind it, its own do.
     local = executor == "local" or (not dry_run and where == "local")
     rendered = prepare("submit", config_file, check_partition=dry_run or where != "local",
-                       check=_check_local if local else None, **options)
+                       check=_check_local if local else None, here=local, **options)
     if dry_run:
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
         return
-    from hpc import render as rendering
-
-    try:
-        submitted = submitting.submit(rendered, where, os.environ)
-    except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
-        # Nothing runs from this directory: leaving it would only look like a job that exists. Only the
-        # directory render just wrote goes (it holds the marker), never anything of the user's.
-        rendering.discard(rendered.job_dir)
-        click.echo(f"hpcdist submit: {exc}", err=True)
-        sys.exit(1)
+    submitted = submit_or_exit("submit", rendered, where)
     record = submitted.record
     click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
     if not wait_:
@@ -150,7 +142,7 @@ def _follow_attempts(record: jobs.Record):
     """While waiting: say when an attempt is requeued or retried, and start that job without Slurm's delay."""
     from hpc import attempts
 
-    shown: set[int] = set()
+    announced: set[int] = set()
 
     def poll(current: jobs.JobState) -> None:
         if record.via == "local":
@@ -160,8 +152,8 @@ def _follow_attempts(record: jobs.Record):
         history = (attempts.reconcile(Path(record.job_dir), record.job_id) if pending
                    else attempts.load(Path(record.job_dir)))
         for a in history:
-            if a["attempt"] not in shown:
-                shown.add(a["attempt"])
+            if a["attempt"] not in announced:
+                announced.add(a["attempt"])
                 if a.get("action") in ("requeue", "retry"):
                     click.echo(f"hpcdist: {attempts.summary_line(a)}", err=True)
         if pending:
@@ -182,10 +174,10 @@ def status(job: str) -> None:
     cause = attempts.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
         # The root cause first: the first failing rank's own error line, not the peers that noticed it.
-        click.echo(f"{history[-1]['ending']}: {cause}")
-    click.echo(f"{current.line()}  via={record.via}  dir={record.job_dir}")
+        click.echo(shown.line(f"{history[-1]['ending']}: {cause}", limit=2000))
+    click.echo(shown.line(f"{current.line()}  via={record.via}  dir={record.job_dir}", limit=2000))
     for line in _attempt_lines(history):
-        click.echo(f"  {line}")
+        click.echo(shown.line(f"  {line}", limit=2000))
     from hpc.commands.observe import status_lines
 
     if jobs.directory_gone(record):
@@ -193,8 +185,8 @@ def status(job: str) -> None:
         click.echo(f"hpcdist status: job directory {record.job_dir} no longer exists (deleted or moved): logs "
                    f"and results are gone; known is {known}", err=True)
         return
-    for line in status_lines(record):
-        click.echo(line)
+    for line in status_lines(record, ended=current.done):
+        click.echo(shown.line(line, limit=2000))
     if not current.done and record.via != "local":
         for sentence in pending.describe([record.job_id]).values():
             click.echo(sentence)
@@ -300,7 +292,7 @@ def list_jobs(last: int) -> None:
                      r.backend, r.launcher, str(r.nodes), str(r.world_size), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        click.echo("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]))
+        click.echo(shown.line("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]), limit=1 << 20))
     # Accounting may not list a just-queued job yet (UNKNOWN): squeue says which unfinished ones pend.
     waiting = [r.job_id for r in records if not current[r.job_id].done and r.via != "local"]
     for job_id, sentence in pending.describe(waiting).items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,9 @@ from typing import Any, Sequence
 
 import click
 
+from hpc import fileio
 from hpc.commands.options import fail, job_options, values_from_options
+from hpc.slurm import commands, states
 
 WAIT_POLL_S = 3.0
 
@@ -91,7 +92,7 @@ def _load_file(path: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
 @click.option("--via", type=click.Choice(("sbatch", "submitit")), default="sbatch", show_default=True,
               help="Arrays are submitted with sbatch only.")
 @click.option("--dry-run", is_flag=True, help="Write the sweep directory and print every task; submit nothing.")
-@click.option("--force", is_flag=True, help="Replace an earlier sweep directory.")
+@click.option("--force", is_flag=True, help="Replace a sweep directory hpcdist rendered that never ran.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for every task; exit 1 unless all completed.")
 def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, skip: tuple[str, ...],
         preset: str | None, max_parallel: int | None, via: str, dry_run: bool, force: bool, wait_: bool,
@@ -201,7 +202,7 @@ def submit(plan: Any) -> dict[str, str]:
         render.discard(plan.sweep_dir)
         raise RuntimeError(str(exc)) from None
     now = datetime.datetime.now(datetime.timezone.utc)
-    (plan.sweep_dir / sweeps.SUBMITTED_FILE).write_text(json.dumps(
+    fileio.atomic_write(plan.sweep_dir / sweeps.SUBMITTED_FILE, json.dumps(
         {"arrays": ids, "via": "sbatch", "submitted": now.isoformat(timespec="seconds")}, indent=1) + "\n")
     # `hpcdist status|logs|cancel JOBID_TASK` then find each array task and its directory.
     for array in plan.arrays:
@@ -217,23 +218,17 @@ def current_rows(sweep_dir: Path) -> list[Any]:
     from hpc import sweep as sweeps
 
     data, submitted = sweeps.load(sweep_dir)
-    states: dict[str, str] = {}
+    seen: dict[str, str] = {}
     if submitted:
-        try:
-            proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(submitted.values()), "-o",
-                                   "JobID,State"], capture_output=True, text=True, timeout=60)
-            states = sweeps.parse_array_sacct(proc.stdout, submitted.values()) if proc.returncode == 0 else {}
-        except (OSError, subprocess.TimeoutExpired):
-            states = {}
-    return sweeps.rows(data, submitted, states)
+        text = commands.sacct(list(submitted.values()), ("JobID", "State"))
+        seen = sweeps.parse_array_sacct(text, submitted.values()) if text is not None else {}
+    return sweeps.rows(data, submitted, seen)
 
 
 def wait(sweep_dir: Path) -> list[Any]:
-    from hpc import jobs
-
     while True:
         rows = current_rows(sweep_dir)
-        if all(r.state in jobs.TERMINAL for r in rows):
+        if all(r.state in states.TERMINAL for r in rows):
             return rows
         time.sleep(WAIT_POLL_S)
 
@@ -278,7 +273,7 @@ def report(sweep_dir: str, as_json: bool, png: str | None, markdown: str | None,
     text = sweeps.table(rows, markdown=True)
     click.echo(text, nl=False)
     if markdown:
-        Path(markdown).write_text(text)
+        fileio.atomic_write(Path(markdown), text)
     path = Path(png) if png else Path(sweep_dir) / "report.png"
     sweeps.chart(rows, path, title or Path(sweep_dir).resolve().name)
     click.echo(f"# chart: {path}", err=True)

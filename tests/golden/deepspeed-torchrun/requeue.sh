@@ -21,7 +21,7 @@ action=none exclude='' already_requeued=0 end_status=$status uses=0
 decision=$(/opt/venv/bin/python -m hpc attempt end --job-dir /jobs/golden --step-status "$status" \
     --max-requeues 3 --max-retries 2 --nodes 2 \
     --ranks-per-task 2 --ntasks 2 \
-    --signal-delay-s 120) && eval "$decision"
+    --signal-delay-s 120 --launcher torchrun) && eval "$decision"
 rm -f /jobs/golden/run/preempted
 
 case "$action" in

@@ -1,0 +1,162 @@
+"""Which container runtime runs each task, what it binds and passes in, and what can be refused at render.
+
+    container = Container("charliecloud", "/scratch/img/hpcdist")
+    check(container, gpus_per_node=0, executor_local=False)    # ContainerError naming the fix
+    binds(job_dir, pythonpath, python, data_dir, container)    # host folders bound at the same paths
+
+Only the task runs in the container: job.sbatch and requeue.sh stay in the host's batch shell, since they
+call scontrol. The shell text of each runtime's command line is in templates/container.sh.j2.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+# name -> how it is started: "task" runtimes wrap the task's launcher (task.sh runs on the host, the launcher
+# and the trainer inside); "step" runtimes are srun options (task.sh itself runs inside). ``gpu_flag``: the
+# option that shows the job's GPUs inside, where the runtime needs one; ``image``: "path" where the image is
+# a file or folder every node must see, "ref" where the runtime may also pull a name.
+RUNTIMES: Mapping[str, Mapping[str, Any]] = {
+    "charliecloud": {"command": "ch-run", "starts": "task", "gpu_flag": None, "image": "path"},
+    "apptainer": {"command": "apptainer", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
+    "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
+    "podman-hpc": {"command": "podman-hpc", "starts": "task", "gpu_flag": "--gpu", "image": "ref"},
+    "pyxis": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "ref"},
+    "oci": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "path"},
+}
+# Variables that must reach the trainer unchanged, for the runtimes that pass none by default (podman-hpc):
+# the rank environment, the rendezvous, threads, NCCL's settings and hpcdist's own.
+PASSED = ("SLURM_*", "SLURMD_*", "MASTER_*", "NCCL_*", "HPCDIST_*", "OMP_*", "PYTHON*", "CUDA_*", "TORCH*",
+          "LOCAL_WORLD_SIZE", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
+
+
+class ContainerError(ValueError):
+    """A container setting that cannot work; one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class Container:
+    """The image a job's tasks run in and how."""
+
+    runtime: str
+    image: str
+    mounts: tuple[str, ...] = ()   # more host folders, each bound at the same path
+    gpus: bool = True              # pass the runtime's GPU flag on a GPU job
+    env: tuple[str, ...] = ()      # more variables (NAME or PREFIX*) for runtimes that pass none by default
+
+    @property
+    def command(self) -> str:
+        return RUNTIMES[self.runtime]["command"]
+
+    @property
+    def starts(self) -> str:
+        return RUNTIMES[self.runtime]["starts"]
+
+    @property
+    def image_is_path(self) -> bool:
+        return RUNTIMES[self.runtime]["image"] == "path" or self.image.startswith("/")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "image": self.image, "mounts": list(self.mounts), "gpus": self.gpus,
+                "env": list(self.env)}
+
+
+def from_mapping(data: Mapping[str, Any], where: str = "container", image_required: bool = True) -> Container:
+    """A Container from a profile's ``container:`` section, where the image may be left to each job."""
+    unknown = [k for k in data if k not in ("runtime", "image", "mounts", "gpus", "env")]
+    if unknown:
+        raise ContainerError(f"{where}: unknown key {str(unknown[0])[:40]!r}; valid keys: runtime, image, mounts, "
+                             "gpus, env")
+    runtime = data.get("runtime")
+    if runtime not in RUNTIMES:
+        raise ContainerError(f"{where}.runtime {str(runtime)[:40]!r} is not one hpcdist runs; use one of "
+                             f"{', '.join(RUNTIMES)}")
+    image = data.get("image", None if image_required else "")
+    if not isinstance(image, str) or (image_required and not image.strip()):
+        raise ContainerError(f"{where}.image must name the image (a path, or a name the runtime pulls)")
+    mounts = _strings(data.get("mounts") or [], f"{where}.mounts")
+    bad = next((m for m in mounts if not m.startswith("/") or ":" in m), None)
+    if bad is not None:
+        raise ContainerError(f"{where}.mounts: {bad[:60]!r} must be an absolute host path (bound at the same path)")
+    env = _strings(data.get("env") or [], f"{where}.env")
+    bad = next((e for e in env if not _ENV_NAME.fullmatch(e)), None)
+    if bad is not None:
+        raise ContainerError(f"{where}.env: {bad[:60]!r} is not a variable name (or PREFIX*)")
+    gpus = data.get("gpus", True)
+    if not isinstance(gpus, bool):
+        raise ContainerError(f"{where}.gpus must be true or false")
+    return Container(runtime, image.strip(), tuple(mounts), gpus, tuple(env))
+
+
+def resolve(image: str | None, runtime: str | None, site: Container | None) -> Container | None:
+    """The job's container: its --container IMAGE (``none``: run on the host) over the profile's image, its
+    --container-runtime over the profile's runtime; the profile's mounts, GPU flag and variables kept."""
+    if image == "none":
+        return None
+    image = image or (site.image if site else None)
+    if not image:
+        if runtime:
+            raise ContainerError(f"--container-runtime {runtime[:40]!r} needs an image: pass --container IMAGE or "
+                                 "set container.image in the profile")
+        return None
+    runtime = runtime or (site.runtime if site else None)
+    if runtime is None:
+        raise ContainerError("--container needs a runtime: pass --container-runtime (one of "
+                             f"{', '.join(RUNTIMES)}) or set container.runtime in the profile")
+    base = {"mounts": list(site.mounts), "gpus": site.gpus, "env": list(site.env)} if site else {}
+    return from_mapping({"runtime": runtime, "image": image, **base})
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ContainerError(f"{where} must be a list of strings")
+    return value
+
+
+def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, local: bool,
+          exists: Callable[[str], bool]) -> None:
+    """Refuse what render can already know will not run: ContainerError in one line.
+
+    ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine).
+    """
+    if local and container.starts == "step":
+        raise ContainerError(f"runtime {container.runtime} is an srun plugin, which the local executor does not "
+                             "have; submit to Slurm or use charliecloud, apptainer or podman-hpc")
+    if gpus_per_node and not container.gpus:
+        raise ContainerError(f"the job has {gpus_per_node} GPU(s) per node but the profile's container.gpus is "
+                             f"false: {container.runtime} would hide them; set gpus: true or run on CPUs")
+    if container.image_is_path:
+        if not container.image.startswith("/"):
+            raise ContainerError(f"image {container.image[:60]!r} is a relative path, which each node would read "
+                                 "from its own working directory; give an absolute path")
+        if not exists(container.image):
+            raise ContainerError(f"image {container.image[:60]!r} does not exist here, so no node sharing this "
+                                 "filesystem can see it; build it (scripts/build-image.sh) or fix the path")
+        # ch-run binds only onto folders the image already has (its image is read-only).
+        missing = [b for b in binds if container.runtime == "charliecloud" and exists(container.image + "/etc")
+                   and not exists(container.image + b)]
+        if missing:
+            raise ContainerError(f"image {container.image[:60]!r} has no mount point {missing[0]} (of "
+                                 f"{', '.join(missing)}); create it there (mkdir -p IMAGE{missing[0]}) or rebuild "
+                                 f"with scripts/build-image.sh --mount {missing[0]}")
+
+
+def top_folder(path: str) -> str:
+    """``/work/main/job`` -> ``/work``: the folder bound for a path (an image need only hold that mount point)."""
+    parts = [p for p in path.split("/") if p]
+    return "/" + parts[0] if parts else "/"
+
+
+def binds(paths: Iterable[str | None], container: Container) -> tuple[str, ...]:
+    """Host folders bound into the container at the same path: the top folder of each path the task needs
+    (the job directory, the import path, the interpreter, the data), then the profile's own mounts."""
+    tops = [top_folder(p) for p in paths if p and p.startswith("/")]
+    return tuple(dict.fromkeys([*(t for t in tops if t != "/"), *container.mounts]))
+
+
+def passed_env(container: Container) -> tuple[str, ...]:
+    """Variable names (PREFIX* for a family) a runtime that passes no environment must be told to pass."""
+    return tuple(dict.fromkeys([*PASSED, *container.env]))

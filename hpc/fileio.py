@@ -1,0 +1,70 @@
+"""Write the files hpcdist owns without ever following a link: atomic replaces, no-follow appends, own folders.
+
+    atomic_write(path, text)        # a temporary file beside ``path``, then renamed over it
+    append_line(path, line)         # one O_APPEND write; a link at ``path`` is refused, not followed
+    folder(root, "report")          # root/report as a real directory below root, never through a link
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class UnsafePath(OSError):
+    """A path hpcdist was to write through is a link or not a directory; one line naming it."""
+
+
+def folder(root: Path, *parts: str) -> Path:
+    """``root/parts...`` created as needed, each part a real directory: a link or a file there is refused,
+    so nothing below ``root`` can send a write elsewhere."""
+    path = Path(root)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePath(f"{path} is a symbolic link; hpcdist writes only inside the directory it was given: "
+                             "remove the link")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise UnsafePath(f"{path} exists and is not a directory; move it away") from None
+    return path
+
+
+def atomic_write(path: Path, data: str | bytes, *, executable: bool = False) -> None:
+    """``path`` holds ``data`` whole or keeps what it held: written to a new file beside it, then renamed over
+    it. A link at ``path`` is replaced, never written through; the temporary file is gone on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o755 if executable else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Add ``line`` (and a newline) in one write to an O_APPEND file, so concurrent writers' lines stay
+    whole; a link at ``path`` is refused."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def save_png(fig: Any, path: Path, dpi: int) -> bytes:
+    """A matplotlib figure as a PNG at ``path`` (see ``atomic_write``); returns the bytes written."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()

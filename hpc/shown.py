@@ -1,0 +1,36 @@
+"""Show a value that came from a file, an argument or a rank on a terminal: escaped, cut short, never a file's body.
+
+    value(x)                           # its repr, ASCII only, at most 60 characters
+    unknown_keys(keys, valid)          # "2 unknown key(s), the first 'x'; valid keys: a, b"
+    line(text)                         # one printable line: escapes and control characters made visible
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def value(x: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, ASCII only, cut short."""
+    text = ascii(x)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def unknown_keys(keys: Iterable[Any], valid: Iterable[str]) -> str:
+    """The count of ``keys`` and the first (in file order), never all of them: a file that is not YAML of
+    ours (a password file read as a profile) would otherwise be printed line by line."""
+    keys = list(keys)
+    first = keys[0] if keys else ""
+    return f"{len(keys)} unknown key(s), the first {value(first, 40)}; valid keys: {', '.join(valid)}"
+
+
+def line(text: Any, limit: int = 500) -> str:
+    """``text`` as one line a terminal shows as it is: every non-printable character (an escape sequence,
+    a newline, a carriage return) written as its Python escape; cut at ``limit`` characters."""
+    out = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def block(text: Any) -> str:
+    """Lines for a terminal: each as ``line`` makes it (no cut), the newlines between them kept."""
+    return "\n".join(line(part, limit=1 << 30) for part in str(text).split("\n"))

@@ -1,0 +1,73 @@
+"""One function per request hpcdist makes of Slurm; each returns Slurm's text (or None where Slurm did not
+answer) for a parser to read, and takes ``runner`` so tests can answer for Slurm.
+
+    show("partition")                  # scontrol show partition -o
+    sacct(["42", "43"], ("JobID", "State"))
+    sbatch(script)                     # the job id, or SlurmError
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from hpc.slurm.runner import Runner, SlurmError, complaint, run
+
+
+def available(environ: Mapping[str, str], command: str = "scontrol") -> bool:
+    """Whether this machine can speak to Slurm at all (its commands are on PATH)."""
+    return shutil.which(command, path=environ.get("PATH")) is not None
+
+
+def _answer(argv: Sequence[str], runner: Runner) -> str | None:
+    proc = runner(argv)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def show(what: str, *names: str, runner: Runner = run) -> str | None:
+    """``scontrol show WHAT [NAMES] -o`` (one record a line); ``config`` has no one-line form."""
+    return _answer(["scontrol", "show", what, *names] + ([] if what == "config" else ["-o"]), runner)
+
+
+def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, partitions: Sequence[str] = (),
+           runner: Runner = run) -> str | None:
+    """``squeue -h -o FMT`` for these jobs, or the queue's jobs in these states and partitions."""
+    argv = ["squeue", "-h", "-o", fmt]
+    if jobs:
+        argv += ["-j", ",".join(jobs)]
+    if states:
+        argv += ["-t", states]
+    if partitions:
+        argv += ["-p", ",".join(partitions)]
+    return _answer(argv, runner)
+
+
+def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = False,
+          runner: Runner = run) -> str | None:
+    """``sacct -X -n -P -j JOBS -o FIELDS``: one ``|``-separated row per allocation (``-D``: every run of a
+    requeued job, not only its newest)."""
+    argv = ["sacct", *(["-D"] if duplicates else []), "-X", "-n", "-P", "-j", ",".join(jobs), "-o", ",".join(fields)]
+    return _answer(argv, runner)
+
+
+def sbatch(script: Path, runner: Runner | None = None) -> str:
+    """``sbatch --parsable SCRIPT``: what it printed (the job id), or SlurmError."""
+    argv = ["sbatch", "--parsable", str(script)]
+    # From the script's own directory: the job's working directory is then the job directory.
+    proc = runner(argv) if runner else run(argv, cwd=str(Path(script).parent))
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch refused the job: {complaint(proc)}")
+    return proc.stdout
+
+
+def sbatch_test_only(script: Path, runner: Runner = run) -> tuple[int, str]:
+    """``sbatch --test-only SCRIPT``: (status, what Slurm answered)."""
+    proc = runner(["sbatch", "--test-only", str(script)])
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def scancel(jobs: Sequence[str], signal: str | None = None, runner: Runner = run) -> bool:
+    """``scancel [--signal=SIG] JOBS``; whether Slurm took it."""
+    proc = runner(["scancel", *([f"--signal={signal}"] if signal else []), *jobs])
+    return proc.returncode == 0

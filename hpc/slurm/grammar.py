@@ -1,0 +1,47 @@
+"""Slurm's written forms read as numbers: durations, timestamps, ExitCode.
+
+    duration_s("1-02:03:04")      -> 93784      (TimeLimit, RunTime, Elapsed; None for UNLIMITED)
+    timestamp("2026-12-01T08:22:20") -> unix time (Submit, Start, End; None for Unknown)
+    exit_code("0:9")              -> (0, 9)     (status, signal)
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+_DURATION = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)(?:\.\d+)?")
+_UNSET = ("", "UNLIMITED", "INFINITE", "NONE", "N/A", "PARTITION_LIMIT", "UNKNOWN", "INVALID")
+
+
+def duration_s(text: str) -> int | None:
+    """Slurm's ``[D-][HH:]MM:SS`` as printed by scontrol, squeue and sacct, in seconds; None for unset forms."""
+    text = text.strip()
+    if text.upper() in _UNSET:
+        return None
+    m = _DURATION.fullmatch(text)
+    if not m:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def format_duration(seconds: int) -> str:
+    """Seconds as Slurm's ``[D-]HH:MM:SS``."""
+    days, rest = divmod(int(seconds), 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def timestamp(text: str) -> float | None:
+    """Slurm's ``2026-12-01T08:22:20`` (the controller's local time) as a unix time; None for Unknown/None."""
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
+
+
+def exit_code(text: str) -> tuple[int, int] | None:
+    """sacct's ExitCode ``N:S``: the exit status and the signal that ended the job; None when unreadable."""
+    m = re.fullmatch(r"\s*(\d+):(\d+)\s*", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# build-image.sh -- a container image for hpcdist jobs from Debian's packages alone (no registry needed).
+#
+#   bash scripts/build-image.sh /var/tmp/hpcdist-image                 # Charliecloud image (a directory)
+#   bash scripts/build-image.sh /var/tmp/hpcdist-bundle --oci          # OCI bundle (rootfs/ + config.json)
+#                                                                      # for Slurm's srun --container (crun/runc)
+#   bash scripts/build-image.sh DIR --mount /scratch --mount /data     # more mount points
+#
+# The image is Debian bookworm (minbase, Python 3.11 like the host) with mount points for the folders hpcdist
+# binds: the top folder of this checkout, of its Python environment and of each --mount. The training
+# environment itself (torch, deepspeed, hpcdist) is bind-mounted from the host at the same paths, so the
+# image stays small and the job runs exactly the code the host would; a site that wants it inside the image
+# installs the project's wheel there (pip install hpcdist-*.whl[train]) instead.
+# Needs root (mmdebstrap), and Debian's package mirror.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[build-image $(date +%T)] $*" >&2; }
+
+out=${1:?usage: build-image.sh DIR [--oci] [--mount /PATH ...]}
+shift
+oci=0
+mounts=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --oci) oci=1 ;;
+        --mount) mounts+=("${2:?--mount needs a path}"); shift ;;
+        *) echo "build-image.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+top() { local p=${1#/}; echo "/${p%%/*}"; }
+python=$(readlink -f .venv/bin/python 2>/dev/null || command -v python3)
+mounts+=("$(top "$PWD")" "$(top "$python")" /tmp)
+
+[ ! -e "$out" ] || { echo "build-image.sh: $out exists; remove it or pick another directory" >&2; exit 2; }
+command -v mmdebstrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap; }
+rootfs=$out
+[ "$oci" = 0 ] || rootfs=$out/rootfs
+log "debootstrapping Debian bookworm into $rootfs (~15 s)"
+mkdir -p "$(dirname "$rootfs")"
+mmdebstrap --quiet --variant=minbase --include=python3,procps bookworm "$rootfs"
+for m in "${mounts[@]}"; do
+    mkdir -p "$rootfs$(top "$m")"
+done
+# Present, so that ch-run binds the host's over them: node names (MASTER_ADDR) must resolve inside as outside.
+touch "$rootfs/etc/hosts" "$rootfs/etc/resolv.conf"
+echo "hpcdist image, built $(date -u +%FT%TZ) from Debian bookworm; mount points: ${mounts[*]}" > "$rootfs/etc/hpcdist-image"
+
+if [ "$oci" = 1 ]; then
+    command -v crun >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q crun; }
+    # Slurm's srun --container fills in the process (args, env, cwd) itself; the bundle gives the root, the
+    # host's network (gloo, NCCL and the rendezvous must reach the other nodes) and the bind mounts.
+    (cd "$out" && crun spec)
+    python3 - "$out/config.json" "${mounts[@]}" <<'PY'
+import json, sys
+path, mounts = sys.argv[1], sys.argv[2:]
+spec = json.load(open(path))
+spec["root"] = {"path": "rootfs", "readonly": True}
+spec["process"]["terminal"] = False
+spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] not in ("network", "user")]
+spec["linux"].pop("uidMappings", None)
+spec["linux"].pop("gidMappings", None)
+tops = sorted({"/" + m.strip("/").split("/")[0] for m in mounts})
+spec["mounts"] += [{"destination": t, "type": "bind", "source": t, "options": ["rbind", "rw"]} for t in tops]
+json.dump(spec, open(path, "w"), indent=1)
+PY
+fi
+log "image ready: $out ($(du -sh "$out" | cut -f1)); mount points: ${mounts[*]}"

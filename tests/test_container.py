@@ -1,0 +1,182 @@
+"""Containers: which runtime runs each task, the command line it gets (checked against each tool's documented
+form with stub commands that record their arguments), and what render refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hpc import container as containers
+from hpc.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def profile(tmp_path: Path, **section: object) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text("extends: local\ncontainer: " + json.dumps(section) + "\n")
+    return path
+
+
+def render(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+    job = tmp_path / "job"
+    result = CliRunner().invoke(main, ["render", "-q", "-o", str(job), *args])
+    return result.exit_code, result.stderr, job
+
+
+# ---- deciding the container -------------------------------------------------------------------------
+
+def test_the_jobs_image_and_runtime_win_over_the_profiles_and_none_means_the_host() -> None:
+    site = containers.Container("apptainer", "/img/site.sif", mounts=("/scratch",), gpus=False)
+    assert containers.resolve(None, None, None) is None
+    assert containers.resolve(None, None, site).image == "/img/site.sif"
+    mine = containers.resolve("/img/mine", "charliecloud", site)
+    assert (mine.runtime, mine.image, mine.mounts, mine.gpus) == ("charliecloud", "/img/mine", ("/scratch",), False)
+    assert containers.resolve("none", None, site) is None
+
+
+@pytest.mark.parametrize("image,runtime,words", [
+    ("/img", None, "--container needs a runtime"),
+    (None, "apptainer", "needs an image"),
+    ("/img", "docker", "not one hpcdist runs"),
+])
+def test_a_container_that_cannot_be_decided_is_one_line(image, runtime, words) -> None:
+    with pytest.raises(containers.ContainerError, match=words):
+        containers.resolve(image, runtime, None)
+
+
+@pytest.mark.parametrize("section,words", [
+    ({"runtime": "charliecloud", "mounts": ["relative"]}, "absolute host path"),
+    ({"runtime": "charliecloud", "mounts": ["/a:/b"]}, "absolute host path"),
+    ({"runtime": "podman-hpc", "env": ["A B"]}, "not a variable name"),
+    ({"runtime": "apptainer", "gpus": "yes"}, "true or false"),
+    ({"runtime": "apptainer", "shell": "x"}, "unknown key"),
+])
+def test_a_profiles_container_section_is_checked(tmp_path: Path, section: dict, words: str) -> None:
+    code, err, _ = render(tmp_path, "--cluster", str(profile(tmp_path, **section)))
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_binds_are_the_top_folders_of_what_the_task_needs_then_the_profiles_mounts() -> None:
+    box = containers.Container("charliecloud", "/img", mounts=("/scratch/data",))
+    assert containers.binds(["/work/repo/job", "/work/repo", "/root/.pyenv/bin/python", None, "rel"], box) == (
+        "/work", "/root", "/scratch/data")
+
+
+def test_render_refuses_what_it_can_know(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    (image / "etc").mkdir(parents=True)
+    code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
+    assert code == 2 and "has no mount point /tmp" in err and "build-image.sh --mount /tmp" in err
+    (image / "tmp").mkdir()
+    (image / REPO.parts[1]).mkdir(exist_ok=True)
+    code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
+    assert code == 0, err
+    for args, words in ((["--container", "rel/img", "--container-runtime", "charliecloud"], "relative path"),
+                        (["--container", "/no/such/img", "--container-runtime", "oci"], "does not exist here")):
+        code, err, _ = render(tmp_path, *args)
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_a_gpu_job_whose_runtime_would_hide_the_gpus_is_refused() -> None:
+    box = containers.Container("podman-hpc", "img", gpus=False)
+    with pytest.raises(containers.ContainerError, match="would hide them"):
+        containers.check(box, (), gpus_per_node=4, local=False, exists=lambda p: True)
+    containers.check(box, (), gpus_per_node=0, local=False, exists=lambda p: True)
+
+
+def test_an_srun_plugin_runtime_is_refused_under_the_local_executor(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["submit", "--executor", "local", "-o", str(tmp_path / "j"), "--container",
+                                       "img", "--container-runtime", "pyxis"])
+    assert result.exit_code == 2 and "srun plugin" in result.stderr
+    assert not (tmp_path / "j").exists()
+
+
+# ---- the command line each runtime gets, as the tool documents it ---------------------------------------
+
+RECORDER = """#!/bin/sh
+# Records its arguments, one per line, then runs what follows the image, as the runtime would.
+{ for a in "$@"; do printf '%s\\n' "$a"; done; } > "$RECORD"
+"""
+
+
+def run_task(tmp_path: Path, job: Path, stub: str) -> list[str]:
+    """Run the rendered task.sh as Slurm task 0 with a stub for the runtime; the stub's argv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / stub).write_text(RECORDER)
+    (bin_dir / stub).chmod(0o755)
+    record = tmp_path / "argv"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "PYTHONPATH": str(REPO),
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "42", "SLURM_NNODES": "1"}
+    subprocess.run(["bash", "-c", f"source {job}/setup.sh && bash {job}/task.sh"], env=env, check=True,
+                   capture_output=True, timeout=60, cwd=job)
+    return record.read_text().splitlines()
+
+
+@pytest.mark.parametrize("runtime", ["apptainer", "singularity"])
+def test_apptainer_exec_binds_each_folder_and_adds_nv_on_gpu_jobs(tmp_path: Path, runtime: str) -> None:
+    code, err, job = render(tmp_path, "--container", "docker://pytorch/pytorch:2.4", "--container-runtime", runtime)
+    assert code == 0, err
+    argv = run_task(tmp_path, job, runtime)
+    # apptainer exec [options] IMAGE COMMAND [ARGS]: every --bind before the image, the command after it.
+    image = argv.index("docker://pytorch/pytorch:2.4")
+    assert argv[0] == "exec" and "--nv" not in argv
+    assert argv[1:image] == [x for b in ("/tmp", "/" + REPO.parts[1]) for x in ("--bind", b)]
+    assert argv[image + 1:image + 4] == [sys.executable, "-m", "train"] and "--run-dir" in argv
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    code, err, job = render(gpu, "--cluster", "example-ib", "--nodes", "1", "--gpus-per-node", "8", "--container",
+                            "docker://pytorch/pytorch:2.4", "--container-runtime", runtime, "--launcher", "torchrun")
+    assert code == 0, err
+    assert f"exec {runtime} exec --nv --bind" in (job / "task.sh").read_text()
+
+
+def test_podman_hpc_runs_on_the_hosts_network_and_passes_the_rank_environment(tmp_path: Path) -> None:
+    code, err, job = render(tmp_path, "--container", "pytorch:2.4", "--container-runtime", "podman-hpc")
+    assert code == 0, err
+    argv = run_task(tmp_path, job, "podman-hpc")
+    # podman-hpc run [options] IMAGE COMMAND [ARGS]
+    image = argv.index("pytorch:2.4")
+    options = argv[1:image]
+    assert argv[0] == "run" and options[:7] == ["--rm", "--net", "host", "--ipc", "host", "--pid", "host"]
+    assert ["-v", "/tmp:/tmp"] == options[7:9]
+    passed = [options[i + 1] for i, o in enumerate(options) if o == "-e"]
+    assert {"SLURM_*", "MASTER_*", "NCCL_*", "RANK", "WORLD_SIZE"} <= set(passed)
+    assert options[-2:] == ["--workdir", str(job)]
+    assert argv[image + 1:image + 3] == [sys.executable, "-m"]
+
+
+def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None:
+    code, err, job = render(tmp_path, "--container", "nvcr.io#nvidia/pytorch:24.01-py3", "--container-runtime",
+                            "pyxis")
+    assert code == 0, err
+    step = (job / "job.sbatch").read_text()
+    assert "--container-image='nvcr.io#nvidia/pytorch:24.01-py3' --container-mounts=/tmp:/tmp," in step
+    assert "ch-run" not in (job / "task.sh").read_text()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    code, err, job = render(tmp_path / "o", "--container", str(bundle), "--container-runtime", "oci")
+    assert code == 0, err
+    assert f"--container={bundle}" in (job / "job.sbatch").read_text()
+
+
+def test_a_task_names_a_runtime_its_node_lacks(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    for sub in ("etc", "tmp", REPO.parts[1]):
+        (image / sub).mkdir(parents=True, exist_ok=True)
+    code, err, job = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
+    assert code == 0, err
+    # A node without ch-run: nothing on PATH (the check is a shell builtin).
+    env = {"PATH": str(tmp_path / "empty"), "SLURM_PROCID": "0", "HOME": str(tmp_path)}
+    proc = subprocess.run(["/bin/bash", str(job / "task.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "hpcdist-train: error: container runtime ch-run is not on PATH on" in proc.stderr

@@ -1,0 +1,60 @@
+"""hpcdist's writers never follow a link: atomic replaces, no-follow appends, folders made below a root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hpc import fileio
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text("keep\n")
+    return path
+
+
+def test_atomic_write_replaces_a_link_instead_of_writing_through_it(tmp_path: Path, secret: Path) -> None:
+    (tmp_path / "out").symlink_to(secret)
+    fileio.atomic_write(tmp_path / "out", "new\n")
+    assert secret.read_text() == "keep\n"
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out").read_text() == "new\n"
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("old\n")
+    with pytest.raises(TypeError):
+        fileio.atomic_write(tmp_path / "out", 42)  # type: ignore[arg-type]
+    assert (tmp_path / "out").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_write_makes_scripts_executable(tmp_path: Path) -> None:
+    fileio.atomic_write(tmp_path / "a.sh", "true\n", executable=True)
+    assert os.access(tmp_path / "a.sh", os.X_OK)
+
+
+def test_append_line_refuses_a_link(tmp_path: Path, secret: Path) -> None:
+    (tmp_path / "log").symlink_to(secret)
+    with pytest.raises(OSError):
+        fileio.append_line(tmp_path / "log", "x")
+    assert secret.read_text() == "keep\n"
+    fileio.append_line(tmp_path / "real", "a")
+    fileio.append_line(tmp_path / "real", "b\n")
+    assert (tmp_path / "real").read_text() == "a\nb\n"
+
+
+def test_folder_never_goes_through_a_link_or_a_file(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "report").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(fileio.UnsafePath, match="symbolic link"):
+        fileio.folder(tmp_path / "job", "report")
+    (tmp_path / "job" / "file").write_text("")
+    with pytest.raises(fileio.UnsafePath, match="not a directory"):
+        fileio.folder(tmp_path / "job", "file", "x")
+    assert fileio.folder(tmp_path / "job", "a", "b") == tmp_path / "job" / "a" / "b"
+    assert (tmp_path / "job" / "a" / "b").is_dir() and list((tmp_path / "elsewhere").iterdir()) == []

@@ -1,0 +1,82 @@
+"""Containers on the real local cluster: a 2-node DDP and a 2-node DeepSpeed job inside a Charliecloud image
+(built by scripts/build-image.sh) train exactly as on the host, and the ranks really run in the image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from slurm_fixtures import REPO, TINY_TRAIN, hpcdist, requires_slurm
+
+pytestmark = [pytest.mark.slurm, requires_slurm,
+              pytest.mark.skipif(shutil.which("ch-run") is None and not os.environ.get("CI"),
+                                 reason="charliecloud is not installed (scripts/setup.sh --slurm installs it)")]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Charliecloud image from Debian's packages; its /etc/hpcdist-image exists in no host."""
+    path = tmp_path_factory.mktemp("image") / "hpcdist"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), str(path)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (path / "etc" / "hpcdist-image").is_file() and not Path("/etc/hpcdist-image").exists()
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local cluster with Charliecloud; the host interpreter's own folder is bound in as well."""
+    path = tmp_path_factory.mktemp("site") / "charliecloud.yaml"
+    interpreter = "/" + Path(os.path.realpath(REPO / ".venv" / "bin" / "python")).parts[1]
+    path.write_text(f"extends: local\ncontainer:\n  runtime: charliecloud\n  mounts: [{interpreter}]\n")
+    return path
+
+
+def losses(job_dir: Path) -> list[tuple[int, float]]:
+    rows = (job_dir / "run" / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+
+
+def watch_roots(job_dir: Path, seen: set[str], stop: threading.Event) -> None:
+    """While the job runs: for each rank's process (its heartbeat names the pid; the nodes share this PID
+    namespace), whether its root holds the image's marker file."""
+    while not stop.is_set():
+        for beat in (job_dir / "run" / "heartbeat").glob("rank-*.json"):
+            try:
+                root = f"/proc/{json.loads(beat.read_text())['pid']}/root/etc"
+            except (OSError, ValueError, KeyError):
+                continue
+            marked = os.path.exists(f"{root}/hpcdist-image")
+            if marked or os.path.exists(f"{root}/hostname"):  # else the rank has ended: nothing to see
+                seen.add(f"{beat.stem}:{marked}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_a_two_node_job_in_a_charliecloud_image_trains_as_on_the_host(tmp_path: Path, image: Path, site: Path,
+                                                                        backend: str) -> None:
+    train = ("--", *TINY_TRAIN, "--log-every", "5")
+    common = ["submit", "--nodes", "2", "--backend", backend, "--precision", "fp32", "--time", "10", "--wait"]
+    seen: set[str] = set()
+    stop = threading.Event()
+    inside = tmp_path / "inside"
+    watcher = threading.Thread(target=watch_roots, args=(inside, seen, stop), daemon=True)
+    watcher.start()
+    proc = hpcdist([*common, "--cluster", str(site), "--container", str(image), "-o", str(inside), *train],
+                   tmp_path / "home")
+    stop.set()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ch-run -b /tmp" in (inside / "task.sh").read_text()
+    # Every rank seen ran with the image as its root, and no rank ran outside it.
+    assert seen and all(s.endswith(":True") for s in seen), seen
+    outside = tmp_path / "outside"
+    proc = hpcdist([*common, "-o", str(outside), *train], tmp_path / "home")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert losses(inside) == losses(outside) and len(losses(inside)) >= 6
