@@ -1,7 +1,7 @@
 """Damaged files under every reader: each command that reads a job directory, the registry, a sweep or a profile
 answers 0 or 2 in one line, in bounded time, and writes nothing outside the job (or sweep) directory, whatever
 one of those files became: torn, non-UTF-8, non-finite, mistyped, missing keys, a directory, a FIFO, a symlink
-to a file outside, huge, deeply nested, an alias bomb, or an overlong name.
+to a file outside, huge, deeply nested, an alias bomb, or names longer than the filesystem takes.
 
 Runs the CLI in-process (click's test runner) with hypothesis; bounded to well under a minute in all.
 """
@@ -132,6 +132,17 @@ def without_keys(value: Any, data) -> Any:
     return [changed, *value[1:]] if isinstance(value, list) else changed
 
 
+def lengthened(value: Any) -> Any:
+    """The whole value with every string a path whose names are longer than a file name can be."""
+    if isinstance(value, str):
+        return "/" + "x" * 300 + "/" + "y" * 300
+    if isinstance(value, list):
+        return [lengthened(v) for v in value]
+    if isinstance(value, dict):
+        return {k: lengthened(v) for k, v in value.items()}
+    return value
+
+
 def replace_with(path: Path, make: Callable[[Path], None]) -> None:
     if path.is_dir() and not path.is_symlink():
         return
@@ -154,6 +165,7 @@ DAMAGE: dict[str, Callable[[Path, Any, Any], None]] = {
     "huge": lambda p, v, d: os.truncate(p, jobfiles.MAX_BYTES + 4096),
     "deeply nested": lambda p, v, d: p.write_text("[" * 100_000 + "]" * 100_000),
     "an alias bomb": lambda p, v, d: p.write_text(BOMB),
+    "overlong names": lambda p, v, d: p.write_text(encode(p.name, lengthened(v))),
 }
 
 
