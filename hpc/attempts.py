@@ -16,13 +16,14 @@ import os
 import re
 import signal as signals
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hpc import fileio, shown
+from hpc import fileio, jobfiles, shown
 from hpc.vocab import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -50,6 +51,17 @@ RETRIED = ("node_failure", "rank_crashed", "hung")
 REQUEUED = ("preempted", "time_limit")
 ERRORS = "errors"          # RUN_DIR/errors/rank-R.json: a rank's own fatal error (record_rank_error)
 CHECKPOINT = re.compile(r"step(\d{8})")
+# What each field of the files read here must be; a field of another type is damage (docs/CONTRACTS.md).
+ATTEMPT_FIELDS = {"attempt": int, "job_id": str, "started": str, "ended": str, "ending": str, "rank": int | None,
+                  "node": str | None, "detail": str | None, "exit_code": int | None, "signal": int | None,
+                  "step": int | None, "action": str, "excluded": list, "reason": str | None,
+                  "seen_step": int | None, "source": str}
+RANK_ERROR_FIELDS = {"rank": int, "node": str, "attempt": int, "time": float, "kind": str, "error": str,
+                     "exit_code": int | None}
+HANG_FIELDS = {"rank": int | None, "node": str | None, "since": float, "step": int | None, "phase": str,
+               "attempt": int}
+MAX_ATTEMPT = 1 << 20
+MAX_UNIX_TIME = 2.0**36   # the year 4147: a later time is damage
 # Node states in which Slurm would not start the job there.
 UNUSABLE = ("down", "drain", "drng", "drained", "draining", "fail", "failing", "maint", "no_respond",
             "not_responding", "future", "unknown", "inval", "reboot", "power_down", "powered_down", "powering_down")
@@ -248,13 +260,19 @@ def launcher_child(log: str, task: int = 0, per: int = 1, launcher: str = "srun"
 
 
 def parse_rank_error(text: str) -> RankError | None:
+    """A rank's error file; a field of the wrong type counts as absent, and without a rank or an error line
+    there is nothing to report (None)."""
     try:
-        data = json.loads(text)
-        return RankError(int(data["rank"]), str(data.get("node", "")), int(data.get("attempt", 0)),
-                         float(data.get("time", 0.0)), str(data.get("kind", "exception")), str(data["error"]),
-                         data.get("exit_code"))
-    except (ValueError, KeyError, TypeError):
+        data = jobfiles.loads(text)
+    except ValueError:
         return None
+    if not isinstance(data, dict):
+        return None
+    data = jobfiles.well_typed(data, RANK_ERROR_FIELDS)
+    if not isinstance(data.get("rank"), int) or not isinstance(data.get("error"), str):
+        return None
+    return RankError(data["rank"], data.get("node", ""), data.get("attempt", 0), float(data.get("time", 0.0)),
+                     data.get("kind", "exception"), data["error"], data.get("exit_code"))
 
 
 def checkpoint_step(names: Iterable[str]) -> int | None:
@@ -512,30 +530,31 @@ def record(ending: Ending, decision: Decision, *, attempt: int, job_id: str, sta
 
 
 def parse_attempts(text: str) -> list[dict[str, Any]]:
-    out = []
-    for line in text.splitlines():
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict) and isinstance(data.get("attempt"), int):
-            out.append(data)
-    return out
+    """attempts.jsonl's lines; a torn line, or one without an attempt number and an ending or with a field of
+    the wrong type, is skipped: every reader may then index what contract 2 promises."""
+    return [a for a in jobfiles.json_lines(text)
+            if jobfiles.well_typed(a, ATTEMPT_FIELDS) == a and isinstance(a.get("attempt"), int)
+            and isinstance(a.get("ending"), str) and 0 <= a["attempt"] <= MAX_ATTEMPT]
 
 
 def load(job_dir: Path) -> list[dict[str, Any]]:
     """The job's attempt lines in attempt order (a line added afterwards from accounting may come last)."""
     try:
-        return sorted(parse_attempts((Path(job_dir) / ATTEMPTS).read_text()), key=lambda a: a["attempt"])
-    except OSError:
+        text = jobfiles.read_text(Path(job_dir) / ATTEMPTS)
+    except (OSError, jobfiles.Damaged):
         return []
+    return sorted(parse_attempts(text), key=lambda a: a["attempt"])
 
 
 def append(job_dir: Path, line: Mapping[str, Any]) -> bool:
     """Add an attempt's line unless that attempt already has one (the batch shell and a later ``status`` may
     both try); False when it was there already. A lock makes check-and-append one step."""
     path = Path(job_dir) / ATTEMPTS
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    # Never through a symbolic link, never blocking on a FIFO: what is there must be the file it reads.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise jobfiles.Damaged(f"{path} is not a regular file; move it away")
     with os.fdopen(fd, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
@@ -576,47 +595,38 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
 
 
 def _read(path: Path, limit: int = 262144) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - limit, 0))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
+    return jobfiles.tail_text(path, limit)
 
 
 def read_errors(run_dir: Path) -> tuple[RankError, ...]:
     folder = Path(run_dir) / ERRORS
     if not folder.is_dir():
         return ()
-    found = (parse_rank_error(_read(p)) for p in sorted(folder.glob("rank-*.json")))
+    found = (parse_rank_error(_read(p, 65536)) for p in sorted(jobfiles.folder(folder, "rank-*.json")))
     return tuple(e for e in found if e is not None)
 
 
 def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
-    try:
-        data = json.loads((Path(run_dir) / HANG).read_text())
-    except (OSError, ValueError):
+    data = jobfiles.json_object(Path(run_dir) / HANG, 1 << 20)
+    if data is None:
         return None
-    if not isinstance(data, dict) or int(data.get("attempt", attempt)) != attempt:
-        return None
-    return data
+    data = jobfiles.well_typed(data, HANG_FIELDS)
+    # A time the clock cannot show is as good as none.
+    if "since" in data and not 0 <= data["since"] <= MAX_UNIX_TIME:
+        del data["since"]
+    return data if data.get("attempt", attempt) == attempt else None
 
 
 def seen_step(run_dir: Path) -> int | None:
     """The newest step any rank's heartbeat reported (contract 1), else the newest metrics.jsonl step."""
     steps = []
-    for p in (Path(run_dir) / HEARTBEAT).glob("rank-*.json"):
-        try:
-            steps.append(int(json.loads(p.read_text()).get("step") or 0))
-        except (OSError, ValueError, TypeError):
-            pass
+    for p in jobfiles.folder(Path(run_dir) / HEARTBEAT, "rank-*.json"):
+        step = (jobfiles.json_object(p, 1 << 20) or {}).get("step")
+        steps.append(step if jobfiles.is_a(step, int) else 0)
     if not steps:
-        for line in _read(Path(run_dir) / METRICS, 8192).splitlines()[-3:]:
-            try:
-                steps.append(int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                pass
+        for row in jobfiles.json_lines("\n".join(_read(Path(run_dir) / METRICS, 8192).splitlines()[-3:])):
+            if jobfiles.is_a(row.get("step"), int):
+                steps.append(row["step"])
     return max(steps) if steps else None
 
 

@@ -10,15 +10,16 @@ A job directory's deepspeed.json is this function's output; the trainer takes th
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpc import vocab
+from hpc import jobfiles, vocab
 from hpc.paths import configs_dir
 
 BASE = "zero2_fp16.json"
+# A DeepSpeed config is a few KB.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -32,10 +33,13 @@ def base_path() -> Path:
 
 def load(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(Path(path).read_text())
+        # A person's file: a link to it is fine, a FIFO, a device or a 1 GB file is not.
+        config = jobfiles.loads(jobfiles.read_text(Path(path), MAX_CONFIG_BYTES, follow=True))
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config {path} does not exist; pass an existing file, e.g. "
                           f"{base_path()}") from None
+    except jobfiles.Damaged as exc:
+        raise ConfigError(f"DeepSpeed config: {exc}; fix it or pass another") from None
     except ValueError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({exc}); fix it or pass another") from None
     except OSError as exc:

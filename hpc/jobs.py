@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from hpc import nodelist
+from hpc import jobfiles, nodelist
 from hpc.attempts import parse_keyvalues
 from hpc.logs import failing_task, failure_report, log_files, ranks_label, srun_first_failure, tail, task_of  # noqa: F401
 from hpc.registry import (  # noqa: F401
@@ -208,8 +208,8 @@ def local_state(record: Record) -> JobState:
     files = {}
     for name in names:
         try:
-            files[name] = (folder / name).read_text()
-        except OSError:
+            files[name] = jobfiles.read_text(folder / name, 4096)
+        except (OSError, jobfiles.Damaged):
             pass
     return local_outcome(record.job_id, record.ntasks, files, running)
 

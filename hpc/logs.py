@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import glob
 import re
 import signal
 from pathlib import Path
 from typing import Mapping
 
-from hpc import vocab
+from hpc import jobfiles, vocab
 from hpc.registry import JobError, Record
 
 
@@ -84,9 +84,12 @@ def failure_report(record: Record, lines: int = 40) -> str:
     batch = Path(record.job_dir) / vocab.batch_log(record.job_id)
     batch_text = tail(batch, 400)
     codes = {}
-    for index in range(record.ntasks):
+    # The statuses there are, not one look-up per task: a record may name a million tasks.
+    for path in jobfiles.folder(record.submitit_dir, f"{glob.escape(record.job_id)}_*_exit", record.ntasks):
+        index = path.name[len(record.job_id) + 1:-len("_exit")]
         try:
-            codes[index] = int((record.submitit_dir / f"{record.job_id}_{index}_exit").read_text())
+            if index.isdigit() and int(index) < record.ntasks:
+                codes[int(index)] = int(jobfiles.read_text(path, 64))
         except (OSError, ValueError):
             pass
     history = attempts.load(Path(record.job_dir))
@@ -122,12 +125,5 @@ def failure_report(record: Record, lines: int = 40) -> str:
 
 def tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a text file (reads at most the final 256 KiB)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(size - 262144, 0))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
+    data = jobfiles.tail_text(path, 262144)
     return "\n".join(data.splitlines()[-lines:])

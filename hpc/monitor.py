@@ -10,13 +10,12 @@ the two readers at the top, which take a folder and return values.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpc import vocab
+from hpc import jobfiles, vocab
 
 HEARTBEAT_DIR = vocab.HEARTBEAT
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
@@ -27,6 +26,8 @@ STALE_MIN_S = 10.0
 # median, in each of its last SUSTAIN samples (heartbeats, or steps when the trainer keeps a ring).
 STRAGGLER_RATIO = 1.3
 SUSTAIN = 3
+# A heartbeat is about 1 KB; one far larger is not one the trainer wrote.
+HEARTBEAT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ class Heartbeat:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Heartbeat:
         """From a heartbeat's JSON object; ValueError if it has no integer rank."""
+        from hpc.spec import MAX_WORLD_SIZE
+
         rank = data.get("rank")
-        if not isinstance(rank, int) or isinstance(rank, bool):
-            raise ValueError(f"a heartbeat without an integer rank: {data!r:.80}")
+        if not jobfiles.is_a(rank, int) or not 0 <= rank < MAX_WORLD_SIZE:
+            raise ValueError(f"a heartbeat without a rank in range: {data!r:.80}")
 
         def num(key: str, kind: type = float) -> Any:
             value = data.get(key)
@@ -95,19 +98,20 @@ class Heartbeat:
 def parse_heartbeat(text: str) -> Heartbeat | None:
     """A heartbeat from a file's text; None for a torn or foreign file (a reader may race a writer)."""
     try:
-        data = json.loads(text)
+        data = jobfiles.loads(text)
         return Heartbeat.from_mapping(data) if isinstance(data, dict) else None
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         return None
 
 
 def parse_history(text: str) -> list[Heartbeat]:
     """A rank's heartbeat history (one JSON object a line); damaged lines are skipped."""
     out = []
-    for line in text.splitlines():
-        beat = parse_heartbeat(line) if line.strip() else None
-        if beat is not None:
-            out.append(beat)
+    for data in jobfiles.json_lines(text):
+        try:
+            out.append(Heartbeat.from_mapping(data))
+        except (ValueError, TypeError, OverflowError):
+            continue
     return out
 
 
@@ -117,8 +121,8 @@ def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
     folder = Path(run_dir) / HEARTBEAT_DIR
     for path in sorted(folder.glob("rank-*.json")) if folder.is_dir() else ():
         try:
-            beat = parse_heartbeat(path.read_text())
-        except OSError:
+            beat = parse_heartbeat(jobfiles.read_text(path, HEARTBEAT_BYTES))
+        except (OSError, jobfiles.Damaged):
             continue
         if beat is not None:
             out[beat.rank] = beat
@@ -130,11 +134,7 @@ def read_histories(run_dir: Path) -> dict[int, list[Heartbeat]]:
     out: dict[int, list[Heartbeat]] = {}
     folder = Path(run_dir) / HEARTBEAT_DIR
     for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else ():
-        try:
-            beats = parse_history(path.read_text(errors="replace"))
-        except OSError:
-            continue
-        for beat in beats:
+        for beat in parse_history(jobfiles.tail_text(path, jobfiles.MAX_BYTES)):
             out.setdefault(beat.rank, []).append(beat)
     return out
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpc import container as containers
-from hpc import dsconfig, plan, shown, sites
+from hpc import dsconfig, jobfiles, plan, shown, sites
 from hpc.container import Container
 from hpc.spec import SpecError, time_seconds
 
@@ -78,7 +78,7 @@ class Profile:
 
 def available(environ: Mapping[str, str] | None = None) -> list[str]:
     """Every profile name found on the search path."""
-    return sorted({found.name for found in sites.discover(sites.levels(_environ(environ)))})
+    return sorted({found.name for found in sites.discover(_search(environ))})
 
 
 def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -94,12 +94,22 @@ def is_path(name: str) -> bool:
 
 def locate(name: str, environ: Mapping[str, str] | None = None) -> Path:
     """A profile name (the first ``NAME.yaml`` on the search path) or a path to a YAML file."""
-    return _find(name, sites.levels(_environ(environ))).path
+    return _find(name, _search(environ)).path
+
+
+def _search(environ: Mapping[str, str] | None) -> tuple[sites.Level, ...]:
+    try:
+        return sites.levels(_environ(environ))
+    except sites.SiteError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
     if not name or "\x00" in name or not _encodable(name):
         raise ProfileError(f"cluster {ascii(name)} is not a profile name or a file name; give one")
+    if jobfiles.name_too_long(name if is_path(name) else name + sites.SUFFIXES[0]):
+        raise ProfileError(f"cluster {name[:40]!r}... is longer than a file name can be "
+                           f"({jobfiles.MAX_NAME_BYTES} bytes); give a shorter one")
     if is_path(name):
         path = Path(name).expanduser()
         if path.is_dir():
@@ -256,6 +266,10 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+# Site profiles extend one or two others; a deeper chain is a mistake, and each link is a file to read.
+MAX_EXTENDS = 16
+
+
 def merge(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
     """A child profile over its parent: env and network merge key by key, any other key (lists too) replaces.
 
@@ -292,6 +306,12 @@ def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
         raise ProfileError(f"cluster profile {found.name!r} ({found.path}): extends must be a profile name or path, "
                            f"got {parent!r}")
     parent = parent.strip()
+    if len(chain) >= MAX_EXTENDS:
+        raise ProfileError(f"cluster profile {chain[0].name!r} extends more than {MAX_EXTENDS} profiles deep "
+                           f"({_chain_text([chain[0], chain[-1]]).replace(' -> ', ' -> ... -> ')}); shorten the chain")
+    if jobfiles.name_too_long(parent if is_path(parent) else parent + sites.SUFFIXES[0]):
+        raise ProfileError(f"cluster profile {found.name!r} ({found.path}): extends names {parent[:40]!r}..., longer "
+                           "than a file name can be; fix extends")
     if is_path(parent) and not Path(parent).expanduser().is_absolute():
         parent = str(found.path.parent / parent)
     if is_path(parent):
@@ -312,7 +332,7 @@ def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
 
 def load(name: str, environ: Mapping[str, str] | None = None) -> Profile:
     """Load a profile by name from the search path (see hpc.sites) or from a YAML path, parents merged in."""
-    search = sites.levels(_environ(environ))
+    search = _search(environ)
     found = _find(name, search)
     data, chain = resolve_data(found, search)
     display = found.name if found.level >= 0 else str(found.path)

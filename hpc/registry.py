@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from hpc import fileio, vocab
+from hpc import fileio, jobfiles, vocab
 
 HOME_ENV = "HPCDIST_HOME"
 DEFAULT_HOME = "~/.hpcdist"
@@ -36,6 +36,18 @@ class Record:
     ntasks_per_node: int = 1
     world_size: int = 1
 
+    def __post_init__(self) -> None:
+        # A damaged line must not make a reader loop over 10^12 tasks or build a path the filesystem refuses.
+        from hpc.spec import MAX_NODES, MAX_TASKS_PER_NODE, MAX_WORLD_SIZE
+        from hpc.task import MAX_LOCAL_TASKS
+
+        most = MAX_LOCAL_TASKS if self.via == "local" else MAX_WORLD_SIZE
+        if not (self.job_id and self.job_dir and 1 <= self.nodes <= MAX_NODES
+                and 1 <= self.ntasks_per_node <= MAX_TASKS_PER_NODE and 1 <= self.world_size <= MAX_WORLD_SIZE
+                and self.ntasks <= most):
+            raise ValueError(f"job {self.job_id[:40]!r}: its geometry or names are out of range")
+        jobfiles.check_name(self.job_id, "job id")
+
     @property
     def ntasks(self) -> int:
         return self.nodes * self.ntasks_per_node
@@ -49,8 +61,8 @@ class Record:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Record:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The record of a registry line; TypeError or ValueError for a field of the wrong type or range."""
+        return jobfiles.typed(cls, data)
 
 
 def registry_path(environ: Mapping[str, str]) -> Path:
@@ -58,23 +70,24 @@ def registry_path(environ: Mapping[str, str]) -> Path:
 
 
 def parse_registry(text: str) -> list[Record]:
-    """Records in submission order; a damaged line (a crash mid-write) is skipped, not fatal."""
+    """Records in submission order; a damaged line (a crash mid-write, a hand edit) is skipped, not fatal."""
     out = []
-    for line in text.splitlines():
+    for data in jobfiles.json_lines(text):
         try:
-            data = json.loads(line)
-            if isinstance(data, dict) and data.get("job_id") and data.get("job_dir"):
-                out.append(Record.from_mapping(data))
+            out.append(Record.from_mapping(data))
         except (ValueError, TypeError):
             continue
     return out
 
 
 def load(path: Path) -> list[Record]:
+    """The registry's records; a registry that is not a readable file counts as empty, and its newest lines
+    are what a registry over jobfiles' size bound keeps."""
     try:
-        return parse_registry(path.read_text())
-    except FileNotFoundError:
+        data = jobfiles.read_bytes(path, jobfiles.MAX_BYTES, tail=True)
+    except (OSError, jobfiles.Damaged):
         return []
+    return parse_registry(data.decode("utf-8", errors="replace"))
 
 
 def append(path: Path, record: Record) -> None:
@@ -89,8 +102,8 @@ def write_marker(record: Record) -> None:
 
 def read_marker(job_dir: Path) -> Record | None:
     try:
-        records = parse_registry((job_dir / MARKER).read_text())
-    except OSError:
+        records = parse_registry(jobfiles.read_text(job_dir / MARKER, 65536))
+    except (OSError, jobfiles.Damaged):
         return None
     return records[-1] if records else None
 
@@ -110,6 +123,10 @@ def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
 
 def lookup(key: str, environ: Mapping[str, str]) -> Record:
     """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker."""
+    try:
+        jobfiles.check_name(key, "job")
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
     record = find(load(registry_path(environ)), key, os.getcwd())
     if record is None and Path(key).is_dir():
         record = read_marker(Path(key).resolve())

@@ -10,11 +10,12 @@ directory of ``NAME.yaml`` files with a ``templates/`` directory beside it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpc import paths, shown
+from hpc import jobfiles, paths, shown
 
 CLUSTERS_ENV = "HPCDIST_CLUSTERS"
 CLUSTER_ENV = "HPCDIST_CLUSTER"
@@ -77,10 +78,16 @@ def levels(environ: Mapping[str, str]) -> tuple[Level, ...]:
     for origin, root in ((USER, user_dir(environ)), (SYSTEM, system_dir(environ))):
         out.append(Level(origin, root / "clusters", root / "templates"))
     out.append(Level(BUILTIN, paths.configs_dir() / "clusters", paths.templates_dir()))
+    for level in out:
+        if jobfiles.name_too_long(str(level.clusters)):
+            raise SiteError(f"the {level.origin} clusters directory {str(level.clusters)[:60]}... has a name longer "
+                            f"than {jobfiles.MAX_NAME_BYTES} bytes; fix ${CLUSTERS_ENV}, $HOME or $XDG_CONFIG_HOME")
     return tuple(out)
 
 
 def _file(directory: Path, name: str) -> Path | None:
+    if jobfiles.name_too_long(name + SUFFIXES[0]):
+        return None
     for suffix in SUFFIXES:
         path = directory / f"{name}{suffix}"
         if path.is_file():
@@ -157,18 +164,14 @@ def parse_config(path: str, data: Any) -> dict[str, Any]:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    import yaml
+    from hpc import yamlfile
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return {}
-    except OSError as exc:
-        raise SiteError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SiteError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        data = yamlfile.load(path, "config file")
+    except yamlfile.YamlError as exc:
+        raise SiteError(str(exc)) from None
     return parse_config(str(path), data)
 
 

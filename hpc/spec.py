@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from hpc import nodelist, plan, shown, vocab
+from hpc import jobfiles, nodelist, plan, shown, vocab
 from hpc.vocab import DEFAULT_ZERO_STAGE, LAUNCHERS, NODE_LAUNCHERS, PRECISIONS, VALID_LAUNCHERS, ZERO_STAGES
 from hpc.vocab import JOB_BACKENDS as BACKENDS
 from train import options as train_options
@@ -63,7 +63,7 @@ MAX_INT = 2**31 - 1
 # requeue.sh compares restart counts in shell arithmetic; far beyond Slurm's own MaxBatchRequeue.
 MAX_REQUEUES = 10000
 # Linux's limits on one path component and a whole path.
-NAME_MAX = 255
+NAME_MAX = jobfiles.MAX_NAME_BYTES
 PATH_MAX = 4095
 
 
@@ -439,7 +439,7 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     if not spec.job_dir.startswith("/"):
         raise SpecError(f"--job-dir {shown.value(spec.job_dir)} must be absolute by render time")
     # The longest path the job writes under it: run/checkpoints/... leave room.
-    if any(len(part.encode()) > NAME_MAX for part in spec.job_dir.split("/")) or len(
+    if jobfiles.name_too_long(spec.job_dir) or len(
             spec.job_dir.encode()) > PATH_MAX - 255:
         raise SpecError(f"--job-dir {shown.value(spec.job_dir)} is too long for a path (at most {NAME_MAX} bytes a "
                         "name); pick a shorter one")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from hpc import fileio, render, shown, vocab
+from hpc import fileio, jobfiles, render, shown, vocab, yamlfile
 from hpc import spec as specs
 from hpc.profiles import Profile
 
@@ -32,6 +32,11 @@ SWEEP_FILE = "sweep.yaml"
 SUBMITTED_FILE = "submitted.json"
 # Slurm's MaxArraySize defaults to 1001 (indices 0-1000); a bigger matrix is a mistake more often than a plan.
 MAX_TASKS = 1000
+# What sweep status and report read of sweep.yaml's `resolved` entries and of each task's summary.json.
+RESOLVED_FIELDS = {"index": int, "array": str, "array_index": int, "job_dir": str, "values": dict | None}
+SUMMARY_FIELDS = {"precision": str | None, "images_per_s": float | None, "final_loss": float | None,
+                  "test_accuracy": float | None, "time_to_first_step_s": float | None, "ranks": list | None}
+RANK_FIELDS = {"rank": int, "peak_memory_bytes": float | None, "hostname": str}
 TRAIN_PREFIX = "train."
 # JobSpec fields an axis may set; the rest are the sweep's own (its directory) or derived.
 JOB_KEYS = tuple(f for f in specs.FIELDS if f not in ("job_dir", "train_args", "python", "pythonpath",
@@ -514,16 +519,24 @@ class Row:
 
 
 def load(sweep_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(sweep.yaml, {array name: Slurm job id}) of a written sweep; SweepError if it is none."""
+    """(sweep.yaml, {array name: Slurm job id}) of a written sweep; SweepError if it is none or is damaged."""
     try:
-        data = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise SweepError(f"{sweep_dir} is not a sweep directory ({SWEEP_FILE}: "
-                         f"{getattr(exc, 'strerror', None) or exc}); pass the directory hpcdist sweep made") from None
-    try:
-        submitted = json.loads((sweep_dir / SUBMITTED_FILE).read_text()).get("arrays", {})
-    except (OSError, ValueError):
-        submitted = {}
+        data = yamlfile.load(sweep_dir / SWEEP_FILE, SWEEP_FILE, follow=False)
+    except yamlfile.YamlError as exc:
+        raise SweepError(f"{sweep_dir} is not a sweep directory ({exc}); pass the directory hpcdist sweep made") \
+            from None
+    resolved = data.get("resolved") if isinstance(data, dict) else None
+    damaged = next((i for i, task in enumerate(resolved or []) if not isinstance(task, dict) or any(
+        not jobfiles.is_a(task.get(k), kind) for k, kind in RESOLVED_FIELDS.items())), None) \
+        if isinstance(resolved, list) else -1
+    if damaged is not None:
+        where = "has no list of tasks" if damaged < 0 else f"task entry {damaged} is damaged"
+        raise SweepError(f"{sweep_dir / SWEEP_FILE} {where}; it is not as hpcdist sweep wrote it, so run the "
+                         "sweep again into a new directory")
+    arrays = (jobfiles.json_object(sweep_dir / SUBMITTED_FILE, 1 << 20) or {}).get("arrays")
+    # A job id that is not Slurm's (digits) is damage: that array counts as not submitted.
+    submitted = {k: v for k, v in arrays.items() if isinstance(v, str) and v.isdigit() and v.isascii()} \
+        if isinstance(arrays, dict) else {}
     return data, submitted
 
 
@@ -556,11 +569,14 @@ def parse_array_sacct(text_out: str, job_ids: Iterable[str]) -> dict[str, str]:
 
 
 def read_summary(job_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((job_dir / vocab.RUN_DIR / vocab.SUMMARY).read_text())
-    except (OSError, ValueError):
+    """A task's run/summary.json with only its fields of the right type, and only its ranks that are whole."""
+    data = jobfiles.json_object(job_dir / vocab.RUN_DIR / vocab.SUMMARY)
+    if data is None:
         return None
-    return data if isinstance(data, dict) else None
+    data = jobfiles.well_typed(data, SUMMARY_FIELDS)
+    ranks = data.get("ranks") or []
+    data["ranks"] = [r for r in ranks if isinstance(r, dict) and jobfiles.well_typed(r, RANK_FIELDS) == r]
+    return data
 
 
 def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[str, str]) -> list[Row]:

@@ -11,14 +11,17 @@ the rank's wall time from its first stamp to its first step. Pure except ``read_
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpc import vocab
+from hpc import jobfiles, vocab
 from hpc.slurm import grammar
 
 TIMELINE_DIR = vocab.TIMELINE
+# A stamp file holds a few short lines.
+STAMPS_BYTES = 65536
 # Every stamp in the order a rank passes it.
 STAMPS = ("submitted", "started", "batch_start", "setup_done", "task_start", "process_start", "torch_imported",
           "process_group_ready", "model_built", "first_step_done")
@@ -114,9 +117,11 @@ def parse_stamps(text: str) -> dict[str, float]:
         parts = line.split()
         if len(parts) == 2:
             try:
-                out.setdefault(parts[0], float(parts[1]))
+                when = float(parts[1])
             except ValueError:
                 continue
+            if math.isfinite(when):
+                out.setdefault(parts[0], when)
     return out
 
 
@@ -124,16 +129,16 @@ def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
     """attempt -> {"batch": {stamp: t}, "tasks": {task: {stamp: t}}} from RUN_DIR/timeline/."""
     out: dict[int, dict[str, Any]] = {}
     root = Path(run_dir) / TIMELINE_DIR
-    for folder in sorted(root.glob("attempt-*")) if root.is_dir() else ():
+    for folder in sorted(jobfiles.folder(root, "attempt-*")):
         try:
             attempt = int(folder.name.split("-", 1)[1])
         except ValueError:
             continue
         entry: dict[str, Any] = {"batch": {}, "tasks": {}}
-        for path in folder.iterdir():
+        for path in jobfiles.folder(folder):
             try:
-                stamps = parse_stamps(path.read_text())
-            except OSError:
+                stamps = parse_stamps(jobfiles.read_text(path, STAMPS_BYTES))
+            except (OSError, jobfiles.Damaged):
                 continue
             if path.name == "batch":
                 entry["batch"] = stamps

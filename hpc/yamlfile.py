@@ -1,4 +1,4 @@
-"""Read a YAML file a person wrote (job file, cluster profile): UTF-8 text, no key given twice."""
+"""Read a YAML file a person wrote (job file, cluster profile, sweep file): bounded UTF-8 text, no key twice."""
 
 from __future__ import annotations
 
@@ -7,13 +7,59 @@ from typing import Any
 
 import yaml
 
+from hpc import jobfiles
+
+# Far beyond any profile, job or sweep file (the largest shipped is a few KB); bounds checked before parsing.
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 64
+# Nodes the document holds once its aliases are expanded: a 1 KB "billion laughs" file would be ~10^9.
+MAX_NODES = 100_000
+
 
 class YamlError(ValueError):
     """A YAML file that cannot be read as asked; one line naming the file and the fix."""
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, refusing a mapping that names a key twice (YAML keeps the last silently)."""
+    """yaml.safe_load's loader, refusing a mapping that names a key twice (YAML keeps the last silently), and a
+    document nested deeper than MAX_DEPTH or holding over MAX_NODES nodes with its aliases expanded, before
+    any object is built."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node) > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases expand to over {MAX_NODES} values; write the values out", node.start_mark)
+        return super().construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes ``root`` stands for with every alias expanded; each distinct node is visited once."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if not done:
+            stack.append((node, True))
+            # A node met again while its children are open is a recursive alias: counted as one.
+            sizes.setdefault(-id(node), 0)
+            stack.extend((c, False) for c in children if id(c) not in sizes and -id(c) not in sizes)
+            continue
+        sizes[id(node)] = min(1 + sum(sizes.get(id(c), 1) for c in children), MAX_NODES + 1)
+    return sizes[id(root)]
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
@@ -36,14 +82,20 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def load(path: Path, what: str) -> Any:
-    """The YAML document in ``path``; YamlError for a missing, unreadable, non-UTF-8 or malformed file."""
+def load(path: Path, what: str, follow: bool = True) -> Any:
+    """The YAML document in ``path``; YamlError for a missing, unreadable, non-UTF-8, malformed, huge, deeply
+    nested or alias-bombed file, and, without ``follow`` (a file hpcdist wrote), a symbolic link."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except IsADirectoryError:
-        raise YamlError(f"{what} {path} is a directory; give the YAML file itself") from None
+        with jobfiles.open_regular(path, follow=follow) as f:
+            data = f.read(MAX_BYTES + 1)
+    except jobfiles.Damaged as exc:
+        raise YamlError(f"{what}: {exc}; give the YAML file itself") from None
     except OSError as exc:
         raise YamlError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_BYTES:
+        raise YamlError(f"{what} {path} is over {MAX_BYTES} bytes, more than such a file holds; give the right file")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise YamlError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:

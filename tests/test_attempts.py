@@ -290,6 +290,30 @@ def test_a_rank_frozen_during_set_up_is_named_with_its_phase():
     assert ending.detail == "rank 1 on n2 froze during set-up (rendezvous), before its first step"
 
 
+def test_an_attempt_line_without_an_ending_or_with_a_mistyped_field_is_skipped() -> None:
+    good = {"attempt": 0, "ending": "completed", "action": "none"}
+    lines = [{"attempt": 1}, {"ending": "hung"}, {**good, "attempt": "2"}, {**good, "step": "x"},
+             {**good, "attempt": True}, {**good, "attempt": -1}, good]
+    assert attempts.parse_attempts("\n".join(json.dumps(x) for x in lines)) == [good]
+
+
+def test_a_rank_error_keeps_what_it_can_and_needs_a_rank_and_an_error_line() -> None:
+    err = attempts.parse_rank_error('{"rank": 1, "error": "ValueError: x", "attempt": 1e400, "time": "now"}')
+    assert (err.rank, err.error, err.attempt, err.time) == (1, "ValueError: x", 0, 0.0)
+    assert attempts.parse_rank_error('{"rank": "1", "error": "x"}') is None
+    assert attempts.parse_rank_error('{"rank": 1, "error": "x", "exit_code": Infinity}').exit_code is None
+
+
+def test_a_hang_with_unreadable_fields_counts_them_as_absent(tmp_path: Path) -> None:
+    (tmp_path / attempts.HANG).write_text(json.dumps({"rank": "0", "since": 1e300, "step": 4, "attempt": 2}))
+    assert attempts.read_hang(tmp_path, 2) == {"step": 4, "attempt": 2}
+    assert attempts.read_hang(tmp_path, 3) is None
+    (tmp_path / attempts.HANG).write_text('{"attempt": "x", "step": 1e400}')
+    assert attempts.read_hang(tmp_path, 2).get("step") is None
+    (tmp_path / attempts.HANG).write_text('{"attempt": "x", "step": 3}')
+    assert attempts.read_hang(tmp_path, 2) == {"step": 3}
+
+
 def _attempt_end(tmp_path: Path, *args: str, restarts: str = "0") -> subprocess.CompletedProcess[str]:
     """``hpcdist attempt end`` as requeue.sh runs it, with stub Slurm commands that know nothing."""
     import os

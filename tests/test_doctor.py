@@ -1,5 +1,7 @@
 """The network preflight's judgement: NCCL transport parsing and the InfiniBand fallback rule."""
 
+import json
+
 from hpc import doctor
 
 IB_LOG = """\
@@ -69,3 +71,16 @@ def test_nccl_jobs_are_judged_on_their_transport_too():
     verdicts = doctor.judge(reports, 2, [SOCKET_LOG], expect_ib=True)
     assert [v.ok for v in verdicts] == [True, False]
     assert doctor.judge(reports, 2, [IB_LOG], expect_ib=True)[-1].ok
+
+
+def test_a_damaged_preflight_report_is_left_out_for_judging_to_name_as_missing(tmp_path) -> None:
+    from hpc import vocab
+    from hpc.commands.doctor import read_reports
+
+    folder = tmp_path / vocab.PREFLIGHT
+    folder.mkdir()
+    good = {"rank": 0, "host": "n1", "backend": "gloo", "total": 2.0, "world_size": 3, "seconds": 0.1}
+    (folder / "rank-0.json").write_text(json.dumps(good))
+    (folder / "rank-1.json").write_text(json.dumps({**good, "rank": "1"}))
+    (folder / "rank-2.json").write_bytes(b"\xff")
+    assert [r.rank for r in read_reports(tmp_path)] == [0]

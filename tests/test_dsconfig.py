@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,3 +170,14 @@ def test_render_shows_the_precision_that_will_train() -> None:
     assert ddp.spec.precision == "fp32" and "--precision fp32" in ddp.files[vocab.TASK_SH]
     with pytest.raises(SpecError, match="--lr: invalid float value: 'fast'"):
         render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py", train_args=("--lr", "fast")), CPU_SITE)
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: os.mkfifo(p), "a pipe"), (lambda p: p.mkdir(), "a directory"),
+    (lambda p: p.write_bytes(b'{"a": "\xff"}'), "not UTF-8"), (lambda p: p.write_text("[" * 100 + "]" * 100), "deep"),
+])
+def test_a_deepspeed_config_that_is_no_file_or_no_json_is_one_line(tmp_path, make, says) -> None:
+    make(tmp_path / "ds.json")
+    with pytest.raises(dsconfig.ConfigError, match=says) as caught:
+        dsconfig.load(tmp_path / "ds.json")
+    assert "\n" not in str(caught.value)

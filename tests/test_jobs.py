@@ -295,3 +295,20 @@ def test_the_failure_report_of_a_retried_job_names_the_last_attempts_failure_not
     report = jobs.failure_report(rec("9", str(tmp_path), nodes=2, world_size=2))
     assert report.splitlines()[:2] == ["hpcdist: rank_crashed: rank 1 on n3: killed by SIGKILL",
                                        "hpcdist: task 1 (rank 1) on n3 failed first: Exited with exit code 137"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"nodes": "2"}, {"job_id": 4242}, {"job_dir": ["x"]}, {"nodes": 0}, {"world_size": True},
+    {"nodes": 10**6, "ntasks_per_node": 10**6}, {"via": "local", "nodes": 2, "ntasks_per_node": 1024},
+    {"job_id": "x" * 256},
+])
+def test_a_registry_line_of_the_wrong_type_range_or_length_is_skipped(fields) -> None:
+    good = {"job_id": "5", "job_dir": "/j", "via": "sbatch", "submitted": "t"}
+    text = json.dumps({**good, **fields}) + "\n" + json.dumps({**good, "job_id": "6"}) + "\n"
+    assert [r.job_id for r in jobs.parse_registry(text)] == ["6"]
+
+
+def test_a_registry_that_is_not_a_readable_file_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "bad").write_bytes(b"\xff\xfe\n")
+    assert jobs.load(tmp_path / "dir") == [] and jobs.load(tmp_path / "bad") == []

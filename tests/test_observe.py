@@ -387,6 +387,18 @@ def test_report_writes_the_page_and_charts_with_their_series(tmp_path: Path) -> 
     assert all((folder / f"{n}.png").stat().st_size > 1000 for n in ("loss", "rate", "waterfall", "goodput"))
 
 
+def test_a_heartbeat_field_that_is_not_a_finite_number_is_absent_and_a_rank_out_of_range_is_no_heartbeat() -> None:
+    assert monitor.parse_heartbeat('{"rank": 0, "step": 1e400, "loss": NaN, "time": Infinity}').loss is None
+    assert monitor.parse_heartbeat('{"rank": 0, "step": 1e400}').step == 0
+    assert monitor.parse_heartbeat('{"rank": Infinity}') is None
+    assert monitor.parse_heartbeat('{"rank": 1000000000000}') is None
+    assert monitor.parse_heartbeat('{"rank": -1}') is None
+
+
+def test_a_stamp_that_is_not_a_finite_time_is_skipped() -> None:
+    assert timeline.parse_stamps("batch_start inf\nsetup_done nan\ntask_start 12.5\n") == {"task_start": 12.5}
+
+
 def _finished_job(tmp_path: Path) -> jobs.Record:
     hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(4)]}
     record = write_job(tmp_path, [hist[0][-1]], history=hist)

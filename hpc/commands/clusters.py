@@ -18,11 +18,12 @@ from hpc import sites
 
 
 def _extends(path: str) -> str | None:
-    import yaml
+    from hpc import yamlfile
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = yamlfile.load(Path(path), "cluster profile")
+    except yamlfile.YamlError:
+        # The listing still shows the file; `hpcdist profile check` names what is wrong with it.
         return None
     value = data.get("extends") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None

@@ -11,7 +11,6 @@ expects InfiniBand fell back to sockets.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,16 +19,18 @@ from typing import Any
 import click
 
 from hpc import doctor as judging
-from hpc import jobs, profiles, vocab
+from hpc import jobfiles, jobs, profiles, vocab
 from hpc.commands.options import fail, job_options, prepare, submit_or_exit
 
 
 def read_reports(run_dir: Path) -> list[judging.RankReport]:
+    """Each rank's preflight report; a damaged one is left out, and judging then names that rank as missing."""
     reports = []
-    for path in sorted((run_dir / vocab.PREFLIGHT).glob("rank-*.json")):
-        data = json.loads(path.read_text())
-        reports.append(judging.RankReport(**{k: data[k] for k in
-                                             ("rank", "host", "backend", "total", "world_size", "seconds")}))
+    for path in sorted(jobfiles.folder(run_dir / vocab.PREFLIGHT, "rank-*.json")):
+        try:
+            reports.append(jobfiles.typed(judging.RankReport, jobfiles.json_object(path, 1 << 20) or {}))
+        except (TypeError, ValueError):
+            continue
     return reports
 
 
@@ -54,7 +55,8 @@ def doctor(config_file: str | None, executor: str, **options: Any) -> None:
                f"{spec.world_size} rank(s): {rendered.job_dir}")
     final = submitting.wait(submitted)
     run_dir = Path(rendered.job_dir) / vocab.RUN_DIR
-    nccl_logs = [p.read_text(errors="replace") for p in sorted((run_dir / vocab.PREFLIGHT).glob("nccl-*.log"))]
+    found = sorted(jobfiles.folder(run_dir / vocab.PREFLIGHT, "nccl-*.log"))
+    nccl_logs = [jobfiles.tail_text(p, 1 << 20) for p in found]
     expect_ib = spec.gpus_per_node > 0 and profiles.load(spec.cluster).network.ib
     verdicts = judging.judge(read_reports(run_dir), spec.world_size, nccl_logs, expect_ib)
     if not final.ok:

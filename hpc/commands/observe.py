@@ -19,7 +19,7 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from hpc import fileio, jobs, monitor, progress, report, shown, timeline, vocab
+from hpc import attempts, fileio, jobfiles, jobs, monitor, progress, report, shown, timeline, vocab
 from hpc.commands.options import Seconds, fail
 from hpc.commands.submit import _lookup
 from hpc.slurm import commands
@@ -34,38 +34,21 @@ def run_dir(record: jobs.Record) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            out.append(data)
-    return out
+    return jobfiles.lines_of(path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return jobfiles.json_object(path)
 
 
 def last_metric(path: Path) -> dict[str, Any] | None:
-    """The newest line of metrics.jsonl, reading only its end."""
-    tail = jobs.tail(path, 3)
-    rows = [json.loads(x) for x in tail.splitlines() if x.startswith("{") and x.endswith("}")]
+    """The newest line of metrics.jsonl, reading only its end; a damaged last line leaves the one before."""
+    rows = jobfiles.json_lines(jobfiles.tail_text(path, 65536))
     return rows[-1] if rows else None
 
 
 def attempts_of(record: jobs.Record) -> list[dict[str, Any]]:
-    return read_jsonl(Path(record.job_dir) / vocab.ATTEMPTS)
+    return attempts.load(Path(record.job_dir))
 
 
 def sacct_attempts(record: jobs.Record) -> list[dict[str, float | None]]:

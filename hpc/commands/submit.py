@@ -212,8 +212,7 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
         for path in paths:
             if len(paths) > 1:
                 click.echo(f"==> {path} <==")
-            if path.exists():
-                click.echo(path.read_text(errors="replace"), nl=False)
+            _print_new(path, 0, prefix=False, whole=True)
         return
     offsets: dict[Path, int] = {}
     while True:
@@ -227,18 +226,30 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
         time.sleep(FOLLOW_POLL_S)
 
 
-def _print_new(path: Path, offset: int, prefix: bool) -> int:
+def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> int:
+    """Print the lines of a log from ``offset`` on; returns where the next call starts. Only whole lines
+    unless ``whole``: a partial line is printed once its newline arrives."""
+    from hpc import jobfiles
+
     try:
-        with open(path, "rb") as f:
+        with jobfiles.open_regular(path) as f:
             f.seek(offset)
-            data = f.read()
-    except OSError:
-        return offset
-    # Only whole lines: a partial line is printed once its newline arrives.
-    end = data.rfind(b"\n") + 1
-    for line in data[:end].decode(errors="replace").splitlines():
-        click.echo(f"{path.name}: {line}" if prefix else line)
-    return offset + end
+            # In pieces, so that a log of any size is printed in bounded memory, each cut after a newline.
+            while data := f.read(1 << 20):
+                end = data.rfind(b"\n") + 1
+                if end == 0 and (whole or len(data) == 1 << 20):
+                    end = len(data)
+                for line in data[:end].decode(errors="replace").splitlines():
+                    click.echo(f"{path.name}: {line}" if prefix else line)
+                offset += end
+                if end == 0:
+                    break
+                f.seek(offset)
+    except FileNotFoundError:
+        pass
+    except (OSError, jobfiles.Damaged) as exc:
+        click.echo(f"hpcdist logs: {str(exc).splitlines()[0]}", err=True)
+    return offset
 
 
 @click.command()

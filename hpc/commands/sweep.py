@@ -67,14 +67,13 @@ def sweep() -> None:
 
 
 def _load_file(path: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    import yaml
-
     from hpc import sweep as sweeps
+    from hpc import yamlfile
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise sweeps.SweepError(f"cannot read sweep file {path}: {str(exc).splitlines()[0]}") from None
+        data = yamlfile.load(Path(path), "sweep file")
+    except yamlfile.YamlError as exc:
+        raise sweeps.SweepError(str(exc)) from None
     return sweeps.parse_file(data, path)
 
 
