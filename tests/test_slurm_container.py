@@ -107,3 +107,13 @@ def test_a_preemption_and_a_killed_rank_recover_from_inside_the_container(tmp_pa
     rendered = (tmp_path / "drill" / "rank_kill" / "task.sh").read_text() + (
         tmp_path / "drill" / "rank_kill" / "job.sbatch").read_text()
     assert f"ch-run -b /tmp -b /{REPO.parts[1]}" in rendered or f"--container={image}" in rendered
+
+
+def test_doctor_checks_the_image_starts_on_every_node_and_imports_torch(tmp_path: Path, image: Path,
+                                                                        site: Path) -> None:
+    proc = hpcdist(["doctor", "--nodes", "2", "--cluster", str(site), "--container", str(image), "-o",
+                    str(tmp_path / "doctor")], tmp_path / "home")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok    all-reduce across 2 ranks on 2 node(s) (n1, n2)" in proc.stdout
+    reports = sorted((tmp_path / "doctor" / "run" / "preflight").glob("rank-*.json"))
+    assert [json.loads(p.read_text())["host"] for p in reports] == ["n1", "n2"]
