@@ -117,3 +117,5 @@ def test_doctor_checks_the_image_starts_on_every_node_and_imports_torch(tmp_path
     assert "ok    all-reduce across 2 ranks on 2 node(s) (n1, n2)" in proc.stdout
     reports = sorted((tmp_path / "doctor" / "run" / "preflight").glob("rank-*.json"))
     assert [json.loads(p.read_text())["host"] for p in reports] == ["n1", "n2"]
+    submitted = next((tmp_path / "doctor" / "submitit").glob("*_submission.sh")).read_text()
+    assert "ch-run -b /tmp" in (tmp_path / "doctor" / "task.sh").read_text() or f"--container={image}" in submitted
