@@ -325,3 +325,11 @@ def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_
     assert result.exit_code == 0, result.output
     assert victim.read_text() == "mine\n"
     assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sweep_file_naming_a_key_twice_is_refused_as_a_job_file_is(tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("axes:\n  backend: [ddp]\n  backend: [deepspeed]\n")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-f", str(sweep_file), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "key 'backend' appears twice (line 3)" in result.stderr
+    assert not (tmp_path / "s").exists()
