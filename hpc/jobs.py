@@ -9,10 +9,9 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from hpc import jobfiles, nodelist
 from hpc.attempts import parse_keyvalues
@@ -33,19 +32,15 @@ from hpc.registry import (  # noqa: F401
     registry_path,
     write_marker,
 )
+from hpc.slurm import commands
+from hpc.slurm.runner import Runner, SlurmError, check
+from hpc.slurm.runner import run as slurm_run
+from hpc.slurm.states import LIVE, TERMINAL
 from hpc.vocab import SUBMITIT_DIR  # noqa: F401
 
-# Slurm's states after which a job never runs again (REQUEUED and PENDING are not among them).
-# LEFT_QUEUE is ours, not Slurm's: the job is no longer queued but accounting (sacct) cannot say how it
-# ended; a waiter must stop there rather than poll forever.
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE", "REVOKED", "LEFT_QUEUE")
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed", "NNodes")
 # Slurm's NodeList of a job that has no nodes (pending, or cancelled before it started).
 NO_NODES = ("", "None assigned", "(null)")
-
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
-
 
 @dataclass(frozen=True)
 class JobState:
@@ -118,33 +113,48 @@ def parse_squeue(text: str, job_id: str) -> JobState | None:
     return None
 
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-
-
 def _where_it_ran(state: JobState, runner: Runner) -> JobState:
     """``state`` with the controller's NodeList while accounting's is not yet complete (kept for MinJobAge)."""
     if not nodelist_unsettled(state):
         return state
-    shown = runner(["scontrol", "show", "job", "-o", state.job_id])
-    nodes = parse_keyvalues(shown.stdout).get("NodeList", "") if shown.returncode == 0 else ""
+    shown = commands.show("job", state.job_id, runner=runner)
+    nodes = parse_keyvalues(shown).get("NodeList", "") if shown is not None else ""
     return state if nodes in NO_NODES else replace(state, nodelist=nodes)
 
 
-def slurm_state(job_id: str, runner: Runner = _run) -> JobState:
-    """Accounting's view (it keeps finished jobs); the queue's while accounting has no row yet."""
-    sacct = runner(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", ",".join(SACCT_FIELDS)])
-    found = parse_sacct(sacct.stdout, job_id) if sacct.returncode == 0 else None
-    found = found and _where_it_ran(found, runner)
-    if found is None or found.state == "UNKNOWN":
-        squeue = runner(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%M"])
-        queued = parse_squeue(squeue.stdout, job_id) if squeue.returncode == 0 else None
-        found = queued or found
-        # squeue answers "Invalid job id" (exit 1) for a job that has left the queue.
-        gone = squeue.returncode == 0 or "Invalid job id" in squeue.stderr
-        if found is None and sacct.returncode != 0 and gone:
-            return JobState(job_id, "LEFT_QUEUE")
-    return found or JobState(job_id, "UNKNOWN")
+def current(job_id: str, queued: JobState | None, accounted: JobState | None) -> JobState | None:
+    """A job's state from the controller's live view and accounting's record (pure).
+
+    The controller is right about every job it still holds: accounting may keep a stale row (REQUEUED while
+    the job runs again, NODE_FAIL while the controller still holds it requeued). Accounting speaks for the
+    jobs the controller no longer knows, and says how they ended (exit code, where they ran).
+    """
+    if queued is not None and queued.state in LIVE:
+        return queued
+    return accounted or queued
+
+
+def slurm_state(job_id: str, runner: Runner = slurm_run) -> JobState:
+    return slurm_states([job_id], runner)[job_id]
+
+
+def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str, JobState]:
+    """Each job's state: one squeue for the live ones, one sacct for the rest; LEFT_QUEUE where the
+    controller no longer knows a job and accounting cannot answer."""
+    if not job_ids:
+        return {}
+    rows, queue_answered = commands.queued(job_ids, "%i|%T|%N|%M", runner)
+    queued = {j: parse_squeue(rows, j) if rows is not None else None for j in job_ids}
+    rest = [j for j in job_ids if queued[j] is None or queued[j].state not in LIVE]
+    accounting = commands.sacct(rest, SACCT_FIELDS, runner=runner) if rest else ""
+    out = {}
+    for job_id in job_ids:
+        accounted = parse_sacct(accounting, job_id) if accounting else None
+        found = current(job_id, queued[job_id], accounted and _where_it_ran(accounted, runner))
+        if found is None and accounting is None and queue_answered:
+            found = JobState(job_id, "LEFT_QUEUE")
+        out[job_id] = found or JobState(job_id, "UNKNOWN")
+    return out
 
 
 # ---- the local runner (submitit's LocalExecutor) -------------------------------------------------
@@ -214,30 +224,26 @@ def local_state(record: Record) -> JobState:
     return local_outcome(record.job_id, record.ntasks, files, running)
 
 
-def state(record: Record, runner: Runner = _run) -> JobState:
+def state(record: Record, runner: Runner = slurm_run) -> JobState:
     if record.via == "local":
         return local_state(record)
     return slurm_state(record.job_id, runner)
 
 
-def states(records: Sequence[Record], runner: Runner = _run) -> dict[str, JobState]:
-    """Every record's state, with one sacct call for all of the Slurm jobs."""
+def states(records: Sequence[Record], runner: Runner = slurm_run) -> dict[str, JobState]:
+    """Every record's state, with one squeue and one sacct call for all of the Slurm jobs."""
     out = {r.job_id: local_state(r) for r in records if r.via == "local"}
-    slurm_ids = [r.job_id for r in records if r.via != "local"]
-    if slurm_ids:
-        proc = runner(["sacct", "-X", "-n", "-P", "-j", ",".join(slurm_ids), "-o", ",".join(SACCT_FIELDS)])
-        for job_id in slurm_ids:
-            found = parse_sacct(proc.stdout, job_id) if proc.returncode == 0 else None
-            out[job_id] = _where_it_ran(found, runner) if found else JobState(job_id, "UNKNOWN")
+    out.update(slurm_states([r.job_id for r in records if r.via != "local"], runner))
     return out
 
 
-def cancel(record: Record, runner: Runner = _run) -> None:
+def cancel(record: Record, runner: Runner = slurm_run) -> None:
     """scancel the job; for a local job, interrupt its controller, which stops every task."""
     if record.via != "local":
-        done = runner(["scancel", record.job_id])
-        if done.returncode != 0:
-            raise JobError(f"scancel {record.job_id} failed: {(done.stderr or done.stdout).strip()}")
+        try:
+            check(["scancel", record.job_id], runner)
+        except SlurmError as exc:
+            raise JobError(str(exc)) from None
         return
     pid = controller_pid(record)
     if pid is None:

@@ -108,16 +108,34 @@ def fake_runner(answers):
     return run
 
 
-def test_slurm_state_asks_the_queue_while_accounting_has_no_row():
-    runner = fake_runner({"sacct": ("", 0), "squeue": ("44|PENDING|(null)|0:00\n", 0)})
+def test_a_job_the_controller_holds_is_its_word_and_accounting_is_not_asked():
+    runner = fake_runner({"sacct": ("44|REQUEUED|0:0|None assigned|00:00:00|2\n", 0),
+                          "squeue": ("44|PENDING|(null)|0:00\n", 0)})
     assert jobs.slurm_state("44", runner).state == "PENDING"
-    assert [c[0] for c in runner.calls] == ["sacct", "squeue"]
+    assert [c[0] for c in runner.calls] == ["squeue"]
 
 
-def test_slurm_state_prefers_accounting():
-    runner = fake_runner({"sacct": ("44|COMPLETED|0:0|n1|00:00:02|1\n", 0)})
+def test_a_job_the_controller_no_longer_holds_is_read_from_accounting():
+    runner = fake_runner({"squeue": ("", 1, "slurm_load_jobs error: Invalid job id specified"),
+                          "sacct": ("44|COMPLETED|0:0|n1|00:00:02|1\n", 0)})
     assert jobs.slurm_state("44", runner).ok
-    assert [c[0] for c in runner.calls] == ["sacct"]
+    assert [c[0] for c in runner.calls] == ["squeue", "sacct"]
+
+
+LIVE_VS_ACCOUNTING = json.loads((Path(__file__).parent / "data" / "slurm" / "live-vs-accounting.json").read_text())
+
+
+@pytest.mark.parametrize("case", [*LIVE_VS_ACCOUNTING["cases"], LIVE_VS_ACCOUNTING["issue_report"]],
+                         ids=lambda c: f"{c['squeue'].split('|')[1] if c['squeue'] else 'gone'}-vs-"
+                                       f"{c['sacct'].split('|')[1]}")
+def test_a_live_jobs_state_comes_from_the_controller_not_a_stale_accounting_row(case):
+    """Captured squeue/sacct pairs (tests/data/slurm/live-vs-accounting.json): e.g. accounting saying NODE_FAIL
+    while the controller still holds the job requeued, which a waiter would have taken for the end."""
+    runner = fake_runner({"squeue": (case["squeue"] + "\n" if case["squeue"] else "", 0),
+                          "sacct": (case["sacct"] + "\n", 0)})
+    found = jobs.slurm_state(case["job_id"], runner)
+    assert (found.state, found.done) == (case["state"], case["done"])
+    assert jobs.states([rec(case["job_id"], via="sbatch")], runner)[case["job_id"]].state == case["state"]
 
 
 def test_a_job_that_left_the_queue_while_accounting_is_down_is_done_not_waited_for_forever():
@@ -135,11 +153,12 @@ SCONTROL = "JobId=33998203 JobName=wrap JobState=COMPLETED Reason=None NodeList=
 
 
 def test_a_job_that_just_ended_is_shown_on_every_node_it_ran_on_not_only_its_batch_host():
-    runner = fake_runner({"sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
+    runner = fake_runner({"squeue": ("", 0), "sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
     state = jobs.slurm_state("33998203", runner)
     assert (state.state, state.nodelist, state.nnodes) == ("COMPLETED", "n[1-2]", 2)
-    assert [c[:3] for c in runner.calls] == [["sacct", "-X", "-n"], ["scontrol", "show", "job"]]
-    listed = fake_runner({"sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
+    assert [c[:3] for c in runner.calls] == [["squeue", "-h", "-j"], ["sacct", "-X", "-n"],
+                                             ["scontrol", "show", "job"]]
+    listed = fake_runner({"squeue": ("", 0), "sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
     assert jobs.states([rec("33998203", via="sbatch")], listed)["33998203"].nodelist == "n[1-2]"
 
 
@@ -149,9 +168,9 @@ def test_a_job_that_just_ended_is_shown_on_every_node_it_ran_on_not_only_its_bat
     "7|RUNNING|0:0|n1|00:00:01|2\n",  # not ended: the queue's answer is live anyway
 ])
 def test_the_controller_is_asked_only_while_accountings_nodelist_is_short(row):
-    runner = fake_runner({"sacct": (row, 0), "scontrol": (SCONTROL, 0)})
+    runner = fake_runner({"squeue": ("", 0), "sacct": (row, 0), "scontrol": (SCONTROL, 0)})
     jobs.slurm_state(row.split("|")[0], runner)
-    assert [c[0] for c in runner.calls] == ["sacct"]
+    assert [c[0] for c in runner.calls] == ["squeue", "sacct"]
 
 
 def test_accountings_short_nodelist_stays_when_the_controller_has_forgotten_the_job():
@@ -164,11 +183,13 @@ def test_slurm_state_of_an_unknown_job():
     assert jobs.slurm_state("45", fake_runner({})).state == "UNKNOWN"
 
 
-def test_states_asks_sacct_once_for_every_slurm_job(tmp_path):
-    runner = fake_runner({"sacct": ("1|COMPLETED|0:0|n1|0|1\n2|FAILED|1:0|n2|0|1\n", 0)})
-    out = jobs.states([rec("1"), rec("2", via="sbatch"), rec("3")], runner)
-    assert [out[k].state for k in ("1", "2", "3")] == ["COMPLETED", "FAILED", "UNKNOWN"]
-    assert len(runner.calls) == 1 and "1,2,3" in runner.calls[0]
+def test_states_asks_squeue_then_sacct_once_for_every_slurm_job(tmp_path):
+    runner = fake_runner({"squeue": ("4|RUNNING|n1|0:02\n", 0),
+                          "sacct": ("1|COMPLETED|0:0|n1|0|1\n2|FAILED|1:0|n2|0|1\n", 0)})
+    out = jobs.states([rec("1"), rec("2", via="sbatch"), rec("3"), rec("4")], runner)
+    assert [out[k].state for k in ("1", "2", "3", "4")] == ["COMPLETED", "FAILED", "UNKNOWN", "RUNNING"]
+    assert [c[0] for c in runner.calls] == ["squeue", "sacct"]
+    assert "1,2,3,4" in runner.calls[0] and "1,2,3" in runner.calls[1]
 
 
 # ---- local jobs ----------------------------------------------------------------------------------

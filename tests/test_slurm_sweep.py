@@ -17,6 +17,7 @@ import pytest
 from slurm_fixtures import hpcdist, job_id_of, read_summary, requires_slurm
 
 from hpc import jobs
+from hpc.slurm import states as slurm_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
@@ -144,7 +145,7 @@ def test_sweep_arrays_throttle_exclude_chains_and_a_preempted_task(tmp_path):
         while time.monotonic() < deadline:
             rows = json.loads(ok(hpcdist(["sweep", "status", str(grid_dir), "--json"], home)))
             pre_rows = json.loads(ok(hpcdist(["sweep", "status", str(pre_dir), "--json"], home)))
-            if all(r["state"] in jobs.TERMINAL for r in rows + pre_rows):
+            if all(r["state"] in slurm_states.TERMINAL for r in rows + pre_rows):
                 break
             time.sleep(2.0)
 

@@ -43,6 +43,15 @@ def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, par
     return _answer(argv, runner)
 
 
+def queued(jobs: Sequence[str], fmt: str, runner: Runner = run) -> tuple[str | None, bool]:
+    """(``squeue -h -j JOBS -o FMT``'s rows or None, whether the controller answered): "Invalid job id" is an
+    answer, that it holds none of them any more."""
+    proc = runner(["squeue", "-h", "-j", ",".join(jobs), "-o", fmt])
+    if proc.returncode == 0:
+        return proc.stdout, True
+    return None, "Invalid job id" in (proc.stderr or "")
+
+
 def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = False,
           runner: Runner = run) -> str | None:
     """``sacct -X -n -P -j JOBS -o FIELDS``: one ``|``-separated row per allocation (``-D``: every run of a
