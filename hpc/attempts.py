@@ -21,9 +21,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from hpc import fileio, jobfiles, shown
+from hpc import checkpoints, fileio, jobfiles, shown
 from hpc.vocab import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -50,7 +50,6 @@ ACTIONS = ("requeue", "retry", "none")
 RETRIED = ("node_failure", "rank_crashed", "hung")
 REQUEUED = ("preempted", "time_limit")
 ERRORS = "errors"          # RUN_DIR/errors/rank-R.json: a rank's own fatal error (record_rank_error)
-CHECKPOINT = re.compile(r"step(\d{8})")
 # What each field of the files read here must be; a field of another type is damage (docs/CONTRACTS.md).
 ATTEMPT_FIELDS = {"attempt": int, "job_id": str, "started": str, "ended": str, "ending": str, "rank": int | None,
                   "node": str | None, "detail": str | None, "exit_code": int | None, "signal": int | None,
@@ -273,12 +272,6 @@ def parse_rank_error(text: str) -> RankError | None:
         return None
     return RankError(data["rank"], data.get("node", ""), data.get("attempt", 0), float(data.get("time", 0.0)),
                      data.get("kind", "exception"), data["error"], data.get("exit_code"))
-
-
-def checkpoint_step(names: Iterable[str]) -> int | None:
-    """The newest complete checkpoint's step from the names in RUN_DIR/checkpoints/."""
-    steps = [int(m.group(1)) for n in names if (m := CHECKPOINT.fullmatch(n))]
-    return max(steps) if steps else None
 
 
 def parse_keyvalues(text: str) -> dict[str, str]:
@@ -631,10 +624,13 @@ def seen_step(run_dir: Path) -> int | None:
 
 
 def checkpoint_in(run_dir: Path) -> int | None:
+    """The step of the checkpoint a retry will resume from: the newest that verifies, as the trainer chooses
+    (a newer damaged one it will set aside is passed over here too)."""
     try:
-        return checkpoint_step(os.listdir(Path(run_dir) / CHECKPOINTS))
+        found = checkpoints.newest(Path(run_dir) / CHECKPOINTS)
     except OSError:
         return None
+    return int(checkpoints.NAME.fullmatch(found.name).group(1)) if found is not None else None
 
 
 def node_states(partition: str | None, runner: Runner = _run) -> dict[str, str]:

@@ -347,3 +347,30 @@ def test_attempt_end_reads_only_the_task_logs_that_exist_and_bounds_the_task_cou
     assert "ValueError: boom" in (tmp_path / "job" / "attempts.jsonl").read_text()
     proc = _attempt_end(tmp_path, "--step-status", "1", "--ntasks", str(10**12))
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+
+
+def _checkpoint(root, step: int) -> None:
+    from hpc import checkpoints
+
+    folder = root / checkpoints.name_for(step)
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"w" * 64)
+    checkpoints.write_manifest(folder, step)
+
+
+def test_the_attempt_line_names_the_checkpoint_the_retry_will_really_resume_from(tmp_path):
+    """Captured case of issue 18: the newest checkpoint (step 120) was damaged, the trainer set it aside and
+    resumed from step 80, while the attempt line said step 120."""
+    root = tmp_path / "run" / "checkpoints"
+    _checkpoint(root, 80)
+    _checkpoint(root, 120)
+    (root / "step00000120" / "model.pt").write_bytes(b"w" * 10)  # truncated after it was published
+    assert attempts.checkpoint_in(tmp_path / "run") == 80
+    assert attempts.gather(tmp_path, "5", 0, 9, 1, 1, runner=lambda argv: subprocess.CompletedProcess(
+        argv, 1, "", ""))[0].checkpoint_step == 80
+    (root / "step00000080" / "model.pt").write_bytes(b"x" * 64)  # same size, other bytes: SHA-256 catches it
+    assert attempts.checkpoint_in(tmp_path / "run") is None
+    ended = Ending("rank_crashed", "rank 1 on n2: killed by SIGKILL", rank=1, node="n2", signal=9, step=80)
+    decision = attempts.decide(ended, [], Policy(max_retries=2, nodes=2), STATES)
+    line = attempts.record(ended, decision, attempt=0, job_id="5", started="", ended="", source="batch")
+    assert "from the checkpoint at step 80" in attempts.summary_line(line)

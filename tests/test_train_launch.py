@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc import checkpoints
 from train import checkpoint
 from train.watchdog import main_thread_stack
 
@@ -246,7 +247,7 @@ def descendants(pid: int) -> list[int]:
 
 def assert_stopped_with_a_complete_checkpoint(run_dir, output: str) -> int:
     found = checkpoint.newest(run_dir / "checkpoints")
-    assert found is not None and checkpoint.damage(found) is None, output
+    assert found is not None and checkpoints.damage(found) is None, output
     step = int(found.name[len("step"):])
     assert f"at step {step}: checkpoint" in output and (run_dir / "preempted").read_text().strip() == str(step)
     return step
@@ -328,7 +329,7 @@ def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_
     # The write the signal came in finished too: every checkpoint kept is complete, none set aside as damaged.
     assert step >= after["step"]
     kept = list((run_dir / "checkpoints").glob("step*"))
-    assert kept and all(checkpoint.damage(c) is None for c in kept)
+    assert kept and all(checkpoints.damage(c) is None for c in kept)
     assert not list((run_dir / "checkpoints").glob(".damaged-*"))
     assert f"stopped by SIGTERM at step {step}" in launched.output()
 
@@ -342,7 +343,7 @@ def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, t
     summary = read_summary(run_dir)
     assert summary["steps"] == 5 and 0 <= summary["test_accuracy"] <= 1
     newest = checkpoint.newest(run_dir / "checkpoints")
-    assert newest.name == "step00000005" and checkpoint.damage(newest) is None
+    assert newest.name == "step00000005" and checkpoints.damage(newest) is None
 
 
 def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collective_timeout(launch, tmp_path):

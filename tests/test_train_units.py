@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpc import checkpoints
 from train import checkpoint, runtime
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
@@ -260,11 +261,11 @@ def flip_one_byte(path):
     (lambda f: f.write_bytes(f.read_bytes()[:100]), "has 100 bytes, the manifest says"),
     (lambda f: f.unlink(), "model.pt is missing"),
     (flip_one_byte, "does not match its SHA-256"),
-    (lambda f: (f.parent / checkpoint.MANIFEST).unlink(), "no MANIFEST.json"),
+    (lambda f: (f.parent / checkpoints.MANIFEST).unlink(), "no MANIFEST.json"),
 ])
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, harm, reason):
     newest_file = two_checkpoints(tmp_path)
-    assert checkpoint.damage(newest_file.parent) is None
+    assert checkpoints.damage(newest_file.parent) is None
     harm(newest_file)
     skipped = []
     assert checkpoint.newest(tmp_path, skipped=skipped).name == "step00000010"
@@ -273,7 +274,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_complete_one(tm
 
 def test_the_manifest_is_written_last_and_lists_every_file_with_size_and_checksum(tmp_path):
     newest_file = two_checkpoints(tmp_path)
-    listed = json.loads((newest_file.parent / checkpoint.MANIFEST).read_text())
+    listed = json.loads((newest_file.parent / checkpoints.MANIFEST).read_text())
     assert listed["step"] == 20 and list(listed["files"]) == ["model.pt"]
     assert listed["files"]["model.pt"]["size"] == newest_file.stat().st_size
 

@@ -1,4 +1,4 @@
-"""Write checkpoints atomically (temp folder, manifest, then rename) and find the newest one that verifies.
+"""Write checkpoints atomically (temp folder, manifest, then rename) and choose the one a resume loads.
 
 A checkpoint ``stepNNNNNNNN/`` is complete when its ``MANIFEST.json``, written last, lists every file with
 its size and SHA-256 and the files still match. ``newest`` skips (and ``choose`` sets aside as
@@ -8,11 +8,8 @@ resume falls back to the previous complete one; ``KEEP`` checkpoints are kept fo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -20,79 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-NAME = re.compile(r"step(\d{8})")
-MANIFEST = "MANIFEST.json"
+from hpc.checkpoints import complete, name_for, newest, write_manifest
+
 KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
-
-
-def name_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Only a finished rename creates a ``stepNNNNNNNN`` folder."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    """List every file of ``folder`` with size and SHA-256, fsync them all, then write the manifest last."""
-    files = {}
-    for f in _files(folder):
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-        files[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / MANIFEST)
-
-
-def damage(folder: Path, checksums: bool = True) -> str | None:
-    """Why ``folder`` is not a complete checkpoint, or None when every listed file is there and matches."""
-    try:
-        listed = json.loads((Path(folder) / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST} (the write did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable {MANIFEST} ({type(exc).__name__})"
-    for name, want in listed.items():
-        path = Path(folder) / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['size']}"
-        if checksums and _sha256(path) != want["sha256"]:
-            return f"{name} does not match its SHA-256"
-    return None
-
-
-def newest(root: Path, checksums: bool = True, skipped: list | None = None) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is appended to ``skipped``
-    as ``(path, reason)``."""
-    for candidate in reversed(complete(Path(root))):
-        reason = damage(candidate, checksums)
-        if reason is None:
-            return candidate
-        if skipped is not None:
-            skipped.append((candidate, reason))
-    return None
 
 
 def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda x: x,
