@@ -54,6 +54,12 @@ MATRIX = {
 }
 
 
+def diagonal() -> dict[str, str]:
+    """One scenario per backend x launcher pair and one pair per scenario (pair -> scenario): every scenario
+    and every pair drilled once, a fifth of the whole matrix (scripts/drill-matrix.py runs all of it)."""
+    return dict(zip(MATRIX, SCENARIOS))
+
+
 @dataclass(frozen=True)
 class Expect:
     """What a scenario must end as: the first attempt's ending and action, and whether a node is excluded."""

@@ -106,3 +106,11 @@ def test_the_step_rate_skips_start_up_and_sizes_the_time_limit_job_to_outlast_sl
     assert drill.time_limit_steps(10.0, least=40) == 10 + 750 + 10
     assert drill.time_limit_steps(0.0, least=40) == 40
     assert drill.step_rate("") is None
+
+
+def test_the_diagonal_drills_every_scenario_and_every_pair_once():
+    from hpc.drill import MATRIX, SCENARIOS, diagonal
+
+    cells = diagonal()
+    assert sorted(cells) == sorted(MATRIX) and sorted(cells.values()) == sorted(SCENARIOS)
+
