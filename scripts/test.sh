@@ -8,4 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --slurm
-exec .venv/bin/python -m pytest -ra "$@"
+started=$(date +%s)
+status=0
+# The slowest tests and the whole run's time are printed every time: CI's budget here is 20 minutes.
+.venv/bin/python -m pytest -ra --durations=25 "$@" || status=$?
+took=$(( $(date +%s) - started ))
+echo "tests took $((took / 60)) min $((took % 60)) s"
+if [ "$took" -gt 1200 ]; then
+    echo "WARNING: the tests took over 20 minutes ($((took / 60)) min), past CI's budget: see the slowest above" >&2
+fi
+exit "$status"
