@@ -119,3 +119,19 @@ def test_doctor_checks_the_image_starts_on_every_node_and_imports_torch(tmp_path
     assert [json.loads(p.read_text())["host"] for p in reports] == ["n1", "n2"]
     submitted = next((tmp_path / "doctor" / "submitit").glob("*_submission.sh")).read_text()
     assert "ch-run -b /tmp" in (tmp_path / "doctor" / "task.sh").read_text() or f"--container={image}" in submitted
+
+
+def test_hpcdist_env_explain_inside_the_image_shows_each_tasks_rank(image: Path, runtime: str) -> None:
+    python = str(REPO / ".venv" / "bin" / "python")
+    if runtime == "oci":
+        inside = [f"--container={image}", python]
+    else:
+        binds = ("/tmp", "/" + REPO.parts[1], "/" + Path(os.path.realpath(python)).parts[1])
+        inside = ["ch-run", *(x for b in binds for x in ("-b", b)), str(image), "--", python]
+    proc = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", *inside, "-m", "hpc", "env", "--explain"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "USER": os.environ.get("USER", "root")})
+    assert proc.returncode == 0, proc.stderr
+    ranks = sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == ["0", "1"] and proc.stdout.count("<- SLURM_PROCID") == 2, proc.stdout
+    assert proc.stdout.count("master_addr       n1") == 2
