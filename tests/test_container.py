@@ -16,6 +16,8 @@ from hpc import container as containers
 from hpc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+# What a job rendered here binds: the top folders of its job dir (under /tmp), this checkout and its interpreter.
+BINDS = tuple(dict.fromkeys(["/tmp", "/" + REPO.parts[1], "/" + Path(sys.executable).parts[1]]))
 
 
 def profile(tmp_path: Path, **section: object) -> Path:
@@ -130,7 +132,7 @@ def test_apptainer_exec_binds_each_folder_and_adds_nv_on_gpu_jobs(tmp_path: Path
     # apptainer exec [options] IMAGE COMMAND [ARGS]: every --bind before the image, the command after it.
     image = argv.index("docker://pytorch/pytorch:2.4")
     assert argv[0] == "exec" and "--nv" not in argv
-    assert argv[1:image] == [x for b in ("/tmp", "/" + REPO.parts[1]) for x in ("--bind", b)]
+    assert argv[1:image] == [x for b in BINDS for x in ("--bind", b)]
     assert argv[image + 1:image + 4] == [sys.executable, "-m", "train"] and "--run-dir" in argv
     gpu = tmp_path / "gpu"
     gpu.mkdir()
@@ -160,15 +162,15 @@ def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None
                             "pyxis")
     assert code == 0, err
     step = (job / "job.sbatch").read_text()
-    assert "'--container-image=nvcr.io#nvidia/pytorch:24.01-py3' --container-mounts=/tmp:/tmp," in step
+    mounts = ",".join(f"{b}:{b}" for b in BINDS)
+    assert f"'--container-image=nvcr.io#nvidia/pytorch:24.01-py3' --container-mounts={mounts}" in step
     from hpc import submit
     from hpc.commands.options import build
 
     rendered = build(None, container="nvcr.io#nvidia/pytorch:24.01-py3", container_runtime="pyxis",
                      job_dir=str(tmp_path / "again"))
     assert submit.slurm_parameters(rendered)["srun_args"][-2:] == [
-        "--container-image=nvcr.io#nvidia/pytorch:24.01-py3",
-        f"--container-mounts=/tmp:/tmp,/{REPO.parts[1]}:/{REPO.parts[1]}"]
+        "--container-image=nvcr.io#nvidia/pytorch:24.01-py3", f"--container-mounts={mounts}"]
     assert "ch-run" not in (job / "task.sh").read_text()
     bundle = tmp_path / "bundle"
     bundle.mkdir()
