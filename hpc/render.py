@@ -50,6 +50,9 @@ class Rendered:
     setup: tuple[str, ...]  # submitit's setup lines in its batch script: source setup.sh
     teardown: tuple[str, ...]  # after its srun step: requeue.sh
     local_task: str  # one task's shell line under the local runner (run with bash -c)
+    container: Any = None  # hpc.container.Container each task runs in, or None (the host)
+    binds: tuple[str, ...] = ()  # host folders bound into it at the same paths
+    step_options: tuple[str, ...] = ()  # its srun options (pyxis, oci), as job.sbatch's step carries them
     precision_reason: str | None = None  # why --precision auto became spec.precision
 
 
@@ -298,8 +301,9 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
     spec, ds_config, precision_reason = settle(check(spec, profile), cpus or profile.cpus())
     jdir = Path(spec.job_dir)
+    boxed = container_context(spec, profile)
     context = {
-        **container_context(spec, profile),
+        **boxed,
         "spec": spec,
         "profile": profile,
         "job_dir": spec.job_dir,
@@ -325,7 +329,8 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         files[vocab.HOSTFILE] = hostfile(spec.hosts, spec.procs_per_node)
     return Rendered(spec=spec, job_dir=jdir, files=files, setup=(lines["submitit-setup.sh"],),
                     teardown=(lines["submitit-teardown.sh"],), local_task=lines["local-task.sh"],
-                    precision_reason=precision_reason)
+                    precision_reason=precision_reason, container=boxed["container"], binds=boxed["binds"],
+                    step_options=boxed["step_options"])
 
 
 def container_context(spec: JobSpec, profile: Profile) -> dict[str, Any]:

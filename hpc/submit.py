@@ -79,19 +79,11 @@ def slurm_parameters(rendered: Rendered) -> dict[str, Any]:
         "job_name": directive(spec.job_name),
         # srun takes the last --output: the task logs land in logs/ beside job.sbatch's, stderr included.
         "srun_args": ["--kill-on-bad-exit=1", "--open-mode=append", f"--output={job_dir / TASK_LOG}",
-                      *step_options(rendered)],
+                      *rendered.step_options],
         "stderr_to_stdout": True, "setup": list(rendered.setup), "teardown": list(rendered.teardown),
         "additional_parameters": extra,
     }
     return {k: v for k, v in params.items() if v is not None}
-
-
-def step_options(rendered: Rendered) -> tuple[str, ...]:
-    """The container's srun options, as job.sbatch's step carries them (templates/container.sh.j2)."""
-    from hpc import profiles
-    from hpc.render import container_context
-
-    return container_context(rendered.spec, profiles.load(rendered.spec.cluster))["step_options"]
 
 
 def task_command(rendered: Rendered) -> tuple[str, ...]:

@@ -195,15 +195,11 @@ def build(config_file: str | None = None, check_partition: bool = True, here: bo
 def check_container(rendered: Rendered, local: bool) -> None:
     """SpecError for a container that cannot run where the job goes (see ``hpc.container.check``)."""
     from hpc import container as containers
-    from hpc import profiles, render
 
-    spec = rendered.spec
-    context = render.container_context(spec, profiles.load(spec.cluster))
-    box = context["container"]
-    if box is not None:
+    if rendered.container is not None:
         try:
-            containers.check(box, context["binds"], gpus_per_node=spec.gpus_per_node or 0, local=local,
-                             exists=os.path.exists)
+            containers.check(rendered.container, rendered.binds, gpus_per_node=rendered.spec.gpus_per_node or 0,
+                             local=local, exists=os.path.exists)
         except containers.ContainerError as exc:
             raise specs.SpecError(str(exc)) from None
 
