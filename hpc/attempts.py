@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hpc import checkpoints, fileio, jobfiles, shown
+from hpc import checkpoints, fileio, jobfiles, ranks, shown
 from hpc.vocab import (
     ATTEMPTS,
     CHECKPOINTS,
@@ -33,6 +33,7 @@ from hpc.vocab import (
     HANG,
     HEARTBEAT,
     LOGS_DIR,
+    LOST,
     METRICS,
     RUN_DIR,
     SETUP_PHASES,
@@ -44,7 +45,7 @@ from hpc.vocab import PREEMPTED as MARKER
 
 ENDINGS = ("completed", "preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input",
            "code_error", "cancelled", "unknown")
-ACTIONS = ("requeue", "retry", "none")
+ACTIONS = ("requeue", "relaunch", "retry", "none")
 # Endings worth another attempt on other nodes (from the newest checkpoint), and those that resume where
 # every rank checkpointed together.
 RETRIED = ("node_failure", "rank_crashed", "hung")
@@ -59,6 +60,7 @@ RANK_ERROR_FIELDS = {"rank": int, "node": str, "attempt": int, "time": float, "k
                      "exit_code": int | None}
 HANG_FIELDS = {"rank": int | None, "node": str | None, "since": float, "step": int | None, "phase": str,
                "attempt": int}
+LOST_FIELDS = {"node": str, "ranks": list, "since": float, "step": int | None, "declared_by": int, "attempt": int}
 MAX_ATTEMPT = 1 << 20
 MAX_UNIX_TIME = 2.0**36   # the year 4147: a later time is damage
 # Node states in which Slurm would not start the job there.
@@ -155,6 +157,7 @@ class Evidence:
     errors: tuple[RankError, ...] = ()           # this attempt's RUN_DIR/errors/rank-R.json
     preempted: bool = False                       # RUN_DIR/preempted exists
     hang: Mapping[str, Any] | None = None         # this attempt's RUN_DIR/hang.json
+    lost: Mapping[str, Any] | None = None         # this attempt's RUN_DIR/lost.json: a node the ranks saw vanish
     job_state: str = ""                           # Slurm's: RUNNING, COMPLETING, NODE_FAIL, TIMEOUT, CANCELLED, ...
     job_reason: str = ""                          # scontrol's Reason= (TimeLimit, NodeDown, ...)
     job_exit: str = ""                            # sacct's ExitCode "N:S"
@@ -182,8 +185,9 @@ class Ending:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do next: requeue (resume after a checkpointed stop), retry (from the newest checkpoint, on
-    other nodes), or none; with the nodes to keep the job off, and why."""
+    """What to do next: requeue (resume after a checkpointed stop), relaunch (the step, at once, on the nodes
+    left in this allocation), retry (through the queue, on other nodes), or none; with the nodes to keep the
+    job off, and why. A relaunch and a retry both resume from the newest checkpoint."""
 
     action: str
     excluded: tuple[str, ...] = ()
@@ -353,6 +357,13 @@ def classify(ev: Evidence) -> Ending:
         nodes = [e.node for e in ends if e.node in ev.down_nodes] or sorted(ev.down_nodes)
     if not nodes and first_end is not None and first_end.node in ev.down_nodes:
         nodes = [first_end.node]
+    # The ranks saw every rank of a node vanish and its slurmd stop answering (train/watchdog.py): Slurm has
+    # not noticed yet (SlurmdTimeout), and the batch shell ended the step rather than wait for it to.
+    if not nodes and ev.lost and ev.lost.get("node"):
+        node, gone = ev.lost["node"], ev.lost.get("ranks") or []
+        ranks = f"rank(s) {', '.join(str(r) for r in gone[:8])}{' ...' if len(gone) > 8 else ''}" if gone else "its ranks"
+        return Ending("node_failure", f"node {node} lost: {ranks} vanished and its slurmd does not answer",
+                      rank=gone[0] if gone and jobfiles.is_a(gone[0], int) else None, node=node, step=step)
     if nodes or state == "NODE_FAIL":
         node = nodes[0] if nodes else None
         lost = [e for e in ends if e.node == node]
@@ -471,12 +482,16 @@ class Policy:
 
 
 def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
-           node_states: Mapping[str, str]) -> Decision:
-    """Requeue a checkpointed stop, retry a lost node/rank or a hang elsewhere, never retry bad input or a bug.
+           node_states: Mapping[str, str], allocation: Sequence[str] = ()) -> Decision:
+    """Requeue a checkpointed stop, relaunch or retry a lost node/rank or a hang, never retry bad input or a bug.
 
-    ``history`` is the job's earlier attempt lines; ``node_states`` the partition's nodes (name -> Slurm state).
-    Excluded nodes accumulate over retries; a retry that would leave fewer usable nodes than the job needs is
-    refused, saying so, rather than queued forever.
+    ``history`` is the job's earlier attempt lines; ``node_states`` the partition's nodes (name -> Slurm state);
+    ``allocation`` the nodes this allocation holds (empty: none, as after the job has ended). A lost node, a
+    killed rank or a hang is relaunched inside the allocation when its nodes can still fit the step: without
+    the implicated node when a spare is left (a lost node is never used again), else on the same nodes (a
+    killed rank's or a hung rank's node still answers). Otherwise it is retried through the queue. Excluded
+    nodes accumulate over retries; a retry that would leave fewer usable nodes than the job needs is refused,
+    saying so, rather than queued forever.
     """
     earlier = [set(h.get("excluded") or ()) for h in history]
     excluded = set().union(*earlier) if earlier else set()
@@ -493,11 +508,21 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                "completed": "", "cancelled": "cancelled by request",
                "unknown": "an ending hpcdist cannot classify is not retried"}
         return Decision("none", tuple(sorted(excluded)), why.get(ending.ending, ""))
-    used = sum(1 for h in history if h.get("action") == "retry")
+    used = sum(1 for h in history if h.get("action") in ("retry", "relaunch"))
     if used >= policy.max_retries:
         return Decision("none", tuple(sorted(excluded)),
                         f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
+    since = (f" from the checkpoint at step {ending.step}" if ending.step is not None
+             else " from the start (no checkpoint)")
     wanted = excluded | ({ending.node} if ending.node else set())
+    # In place only on a node that still answers and has not failed this job before: twice is a bad node.
+    again = any(h.get("node") == ending.node for h in history)
+    for keep_off in (wanted, excluded if ending.ending != "node_failure" and not again else None):
+        left = [n for n in allocation if keep_off is not None and n not in keep_off]
+        if allocation and keep_off is not None and len(left) >= policy.nodes:
+            where = ", ".join(left[:policy.nodes])
+            return Decision("relaunch", tuple(sorted(keep_off)),
+                            f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on {where}{since}")
     usable = [n for n, s in node_states.items()
               if n not in wanted and s.lower().split("+")[0].rstrip("*~#!%$@^-") not in UNUSABLE]
     if node_states and len(usable) < policy.nodes:
@@ -505,9 +530,8 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"not retried: excluding {', '.join(sorted(wanted))} leaves {len(usable)} usable node(s) "
                         f"({', '.join(sorted(usable)) or 'none'}) for a job that needs {policy.nodes}")
     where = f" without {', '.join(sorted(wanted))}" if wanted else ""
-    since = (f" from the checkpoint at step {ending.step}" if ending.step is not None
-             else " from the start (no checkpoint)")
-    return Decision("retry", tuple(sorted(wanted)), f"retry {used + 1} of {policy.max_retries}{where}{since}")
+    return Decision("retry", tuple(sorted(wanted)),
+                    f"retry {used + 1} of {policy.max_retries} through the queue{where}{since}")
 
 
 # ---- records -------------------------------------------------------------------------------------
@@ -610,6 +634,14 @@ def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
     return data if data.get("attempt", attempt) == attempt else None
 
 
+def read_lost(run_dir: Path, attempt: int) -> dict[str, Any] | None:
+    data = jobfiles.json_object(Path(run_dir) / LOST, 1 << 20)
+    if data is None:
+        return None
+    data = jobfiles.well_typed(data, LOST_FIELDS)
+    return data if data.get("attempt", attempt) == attempt and data.get("node") else None
+
+
 def seen_step(run_dir: Path) -> int | None:
     """The newest step any rank's heartbeat reported (contract 1), else the newest metrics.jsonl step."""
     steps = []
@@ -669,7 +701,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         attempt=attempt, step_status=step_status, batch_log=attempt_segment(batch, attempt),
         task_logs={t: _read(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
         errors=tuple(e for e in read_errors(run_dir) if e.attempt == attempt),
-        preempted=(run_dir / MARKER).exists(), hang=read_hang(run_dir, attempt),
+        preempted=(run_dir / MARKER).exists(), hang=read_hang(run_dir, attempt), lost=read_lost(run_dir, attempt),
         job_state=job.get("JobState", ""), job_reason=job.get("Reason", ""),
         down_nodes=frozenset(n for n, s in states.items() if s.split("+")[0] in UNUSABLE),
         ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
@@ -696,13 +728,18 @@ def _now() -> str:
 
 def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | None, policy: Policy,
                 ranks_per_task: int, ntasks: int, runner: Runner = _run,
-                warning_s: int = 0, launcher: str = "srun") -> tuple[dict[str, Any], dict[str, str]]:
-    """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields)."""
+                warning_s: int = 0, launcher: str = "srun",
+                allocation: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields).
+    ``allocation``: the nodes the job's allocation holds (a relaunch may use those Slurm still calls usable)."""
     ev, job = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s, launcher)
     states = json.loads(job.pop("_states"))
     ending = classify(ev)
     history = [a for a in load(job_dir) if a["attempt"] < attempt]
-    decision = decide(ending, history, policy, states)
+    usable = [n for n in allocation if states.get(n, "idle").split("+")[0].rstrip("*~#!%$@^-") not in UNUSABLE]
+    # A job Slurm itself requeued or ended has no allocation left to relaunch in.
+    alive = job.get("JobState", "RUNNING") in ("RUNNING", "COMPLETING", "")
+    decision = decide(ending, history, policy, states, usable if alive else ())
     line = record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
                   ended=_now(), source="batch", seen_step=ev.seen_step)
     if not append(job_dir, line):
@@ -722,10 +759,12 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
     status = step_status
     if line["ending"] in REQUEUED and line["action"] == "none":
         status = EXIT_PREEMPTED
-    uses = {"requeue": "requeue", "retry": "retry"}.get(line["action"])
-    count = sum(1 for a in history if a.get("action") == uses) + 1 if uses else 0
+    uses = {"requeue": ("requeue",), "retry": ("retry", "relaunch"), "relaunch": ("retry", "relaunch")}.get(
+        line["action"], ())
+    count = sum(1 for a in history if a.get("action") in uses) + 1 if uses else 0
     values = {"action": line["action"], "exclude": ",".join(line.get("excluded") or ()), "uses": str(count),
-              "already_requeued": "1" if already else "0", "end_status": str(status)}
+              "already_requeued": "1" if already else "0", "end_status": str(status),
+              "next_attempt": str(int(line.get("attempt") or 0) + 1)}
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
@@ -857,7 +896,7 @@ def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], er
         folder = Path(run_dir) / ERRORS
         folder.mkdir(parents=True, exist_ok=True)
         data = {"rank": rank, "node": environ.get("SLURMD_NODENAME") or socket.gethostname(),
-                "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0),
+                "attempt": ranks.attempt_of(environ),
                 "time": time.time(), "kind": kind, "error": " ".join(str(error).split())[:2000],
                 "exit_code": exit_code, "pid": os.getpid()}
         fileio.atomic_write(folder / f"rank-{rank}.json", json.dumps(data) + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -72,17 +73,25 @@ class Expect:
 EXPECT = {
     "preempt": Expect("preempted", "requeue", False),
     "time_limit": Expect("time_limit", "requeue", False),
-    "rank_kill": Expect("rank_crashed", "retry", True),
+    "rank_kill": Expect("rank_crashed", "relaunch", False),
     "node_loss": Expect("node_failure", "retry", True),
-    "hang": Expect("hung", "retry", True),
+    "hang": Expect("hung", "relaunch", False),
 }
+# With a spare node held, every failure is relaunched inside the allocation on the spare, off the failed node.
+EXPECT_WITH_SPARE = {**EXPECT, **{s: Expect(EXPECT[s].ending, "relaunch", True) for s in ("rank_kill", "node_loss",
+                                                                                          "hang")}}
+
+
+def expect(scenario: str, spare_nodes: int = 0) -> Expect:
+    return (EXPECT_WITH_SPARE if spare_nodes else EXPECT)[scenario]
 FAULTS = {
     "preempt": "SIGUSR1 to every rank (scancel --signal=USR1), as Slurm's --signal warning sends",
     "time_limit": "the job's time limit cut to the minute it is in (scontrol update TimeLimit): Slurm's "
                   "--signal warning, else SIGTERM and SIGKILL after KillWait, at its next check",
     "rank_kill": "SIGKILL to the last rank's process",
-    "node_loss": "SIGKILL to every process of the job on the last rank's node, then that node set DOWN "
-                 "(resumed afterwards)",
+    "node_loss": "the last rank's node dies: with --node-control, its slurmd and every process on it SIGKILLed "
+                 "and nobody setting it DOWN (revived afterwards); without, SIGKILL to the job's processes there "
+                 "and the node set DOWN, as an admin would (resumed afterwards)",
     "hang": "SIGSTOP to the last rank's process (SIGCONT afterwards)",
 }
 
@@ -99,6 +108,7 @@ class Observed:
     fault_at: float | None = None          # unix time the fault was injected (the time limit: when it struck)
     fault_step: int | None = None          # the newest logged step at the fault
     next_step_at: float | None = None      # unix time of the first training step after the fault's attempt
+    back_at: float | None = None           # unix time a later attempt logged the fault's step again
     recorded_at: float | None = None       # when the faulted attempt's line appeared in attempts.jsonl
     restarted_at: float | None = None      # when the next attempt's batch shell started (its batch-log line)
     final_state: str = ""
@@ -127,6 +137,7 @@ class Result:
     compared_steps: int
     max_loss_diff: float | None
     recovery_s: float | None
+    lost_s: float | None                   # the time lost: fault -> a later attempt back at the fault's step
     phases: dict[str, float]               # recovery split: classified (fault -> attempt recorded),
                                            # restarted (-> next batch shell), first_step (-> next step)
     final_state: str
@@ -164,22 +175,24 @@ def compare(losses: Mapping[int, float], reference: Mapping[int, float], upto: i
     return (not missing and worst is not None and worst <= LOSS_TOLERANCE), len(diffs), worst
 
 
-def check(seen: Observed, reference: Mapping[int, float], steps: int) -> Result:
+def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_nodes: int = 0) -> Result:
     """The verdict on one scenario from what was observed and the reference run's losses."""
-    expect = EXPECT[seen.scenario]
+    expected = expect(seen.scenario, spare_nodes)
     problems = list(seen.problems)
     first = seen.attempts[0] if seen.attempts else {}
     ending, action = first.get("ending"), first.get("action")
     if not seen.attempts:
         problems.append("no attempt was recorded in attempts.jsonl")
-    elif ending != expect.ending:
-        problems.append(f"first attempt ended {ending}, expected {expect.ending}")
-    if seen.attempts and action != expect.action:
-        problems.append(f"first attempt's action was {action}, expected {expect.action}")
+    elif ending != expected.ending:
+        problems.append(f"first attempt ended {ending}, expected {expected.ending}")
+    if seen.attempts and action != expected.action:
+        problems.append(f"first attempt's action was {action}, expected {expected.action}")
     excluded = list(first.get("excluded") or [])
-    if expect.excludes and seen.victim_node and seen.victim_node not in excluded:
+    if expected.excludes and seen.victim_node and seen.victim_node not in excluded:
         problems.append(f"node {seen.victim_node} was not excluded (excluded: {excluded or 'none'})")
-    if expect.ending == "hung" and seen.victim_rank is not None and first.get("rank") != seen.victim_rank:
+    if not expected.excludes and excluded:
+        problems.append(f"{', '.join(excluded)} excluded, though the job could go on in place")
+    if expected.ending == "hung" and seen.victim_rank is not None and first.get("rank") != seen.victim_rank:
         problems.append(f"the hang was blamed on rank {first.get('rank')}, not the stopped rank {seen.victim_rank}")
     if seen.final_state != "COMPLETED":
         problems.append(f"the job ended {seen.final_state or 'unknown'}, not COMPLETED")
@@ -204,25 +217,28 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int) -> Result:
     if recovery is None:
         problems.append("no training step was seen after the fault's attempt ended")
     return Result(
-        scenario=seen.scenario, ok=not problems, job_id=seen.job_id, ending=ending, expected=expect.ending,
-        action=action, retries=sum(a.get("action") == "retry" for a in seen.attempts),
+        scenario=seen.scenario, ok=not problems, job_id=seen.job_id, ending=ending, expected=expected.ending,
+        action=action, retries=sum(a.get("action") in ("retry", "relaunch") for a in seen.attempts),
         requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
         victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
         resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
-        recovery_s=round(recovery, 1) if recovery is not None else None, phases=phases,
+        recovery_s=round(recovery, 1) if recovery is not None else None,
+        lost_s=round(seen.back_at - seen.fault_at, 1) if seen.back_at and seen.fault_at else None, phases=phases,
         final_state=seen.final_state,
         detail=str(first.get("detail") or ""), problems=problems)
 
 
 def table(results: Sequence[Result]) -> str:
     """The drill's report: one row per scenario."""
-    head = ("scenario", "ok", "ending", "action", "retries", "excluded", "resumed", "losses", "recovery_s", "job")
+    head = ("scenario", "ok", "ending", "action", "retries", "excluded", "resumed", "losses", "recovery_s", "lost_s",
+            "job")
     rows = [head]
     for r in results:
         losses = "-" if r.losses_equal is None else (f"equal ({r.compared_steps})" if r.losses_equal else "DIFFER")
         rows.append((r.scenario, "ok" if r.ok else "FAIL", r.ending or "-", r.action or "-", str(r.retries),
                      ",".join(r.excluded) or "-", "-" if r.resumed_step is None else str(r.resumed_step), losses,
-                     "-" if r.recovery_s is None else f"{r.recovery_s:.1f}", r.job_id))
+                     "-" if r.recovery_s is None else f"{r.recovery_s:.1f}",
+                     "-" if r.lost_s is None else f"{r.lost_s:.1f}", r.job_id))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     for r in results:
@@ -311,6 +327,14 @@ class Job:
         except OSError:
             return 0
 
+    def steps_after(self, line: int) -> list[int]:
+        """The steps logged after the first ``line`` lines of metrics.jsonl (a later attempt's)."""
+        try:
+            text = (self.run_dir / METRICS).read_text()
+        except OSError:
+            return []
+        return list(logged_steps("\n".join(text.splitlines()[line:])))
+
     def state(self) -> str:
         proc = _run(["squeue", "-h", "-j", self.job_id, "-o", "%T"])
         if proc.returncode == 0 and proc.stdout.strip():
@@ -384,6 +408,9 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
                 seen.fault_at = grew_at
         elif lines_at_end is not None and seen.next_step_at is None and job.metric_lines() > lines_at_end:
             seen.next_step_at = time.time()
+        if lines_at_end is not None and seen.back_at is None and seen.fault_step is not None and any(
+                s >= seen.fault_step for s in job.steps_after(lines_at_end)):
+            seen.back_at = time.time()
         if pending:
             attempts.nudge(job.job_id, history)
         if state in (*ENDED, "OUT_OF_MEMORY", "BOOT_FAIL"):
@@ -398,8 +425,11 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
         seen.next_step_at = beat
 
 
-def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) -> Callable[[], None]:
-    """Inject the scenario's fault now; returns what to call while following the job (cleanup included)."""
+def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None],
+           node_control: str | None = None) -> Callable[[], None]:
+    """Inject the scenario's fault now; returns what to call while following the job (cleanup included).
+    ``node_control``: a command that kills a node for real (``CMD kill-node NODE``) and revives it
+    (``CMD revive NODE``), as scripts/slurm-local.sh does; without it a lost node is an admin's DOWN."""
     target = victim(job)
     seen.victim_rank, seen.victim_node = target.rank, target.node
     seen.fault_step = job.newest_step()
@@ -432,6 +462,13 @@ def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) 
         _signal(target.pid, signal.SIGSTOP)
         out(f"  rank {target.rank} (pid {target.pid}) on {target.node} stopped at step {seen.fault_step}")
         return lambda: None  # SIGCONT in run_scenario's cleanup: the hang must last until it is named
+    if scenario == "node_loss" and node_control:
+        node = target.node
+        done = _run([*shlex.split(node_control), "kill-node", node])
+        if done.returncode != 0:
+            raise RuntimeError(f"{node_control} kill-node {node} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        out(f"  node {node} killed for real at step {seen.fault_step}: its slurmd and every process on it")
+        return lambda: None
     if scenario == "node_loss":
         node = target.node
         procs = [p for p in job_processes(job.job_id) if p.node == node]
@@ -443,8 +480,11 @@ def inject(scenario: str, job: Job, seen: Observed, out: Callable[[str], None]) 
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
-def resume_node(node: str) -> None:
-    """Bring a node the drill set DOWN back; Slurm may have returned it already (ReturnToService)."""
+def resume_node(node: str, node_control: str | None = None) -> None:
+    """Bring a node the drill killed or set DOWN back; Slurm may have returned it already (ReturnToService)."""
+    if node_control:
+        _run([*shlex.split(node_control), "revive", node])
+        return
     state = _run(["sinfo", "-h", "-n", node, "-o", "%T"]).stdout.strip().lower()
     if state.startswith(("down", "drain", "fail")):
         _run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
@@ -460,7 +500,7 @@ def _seconds(runtime: str) -> int:
 
 
 def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], steps: int,
-                 out: Callable[[str], None], timeout_s: float = 600) -> Observed:
+                 out: Callable[[str], None], timeout_s: float = 600, node_control: str | None = None) -> Observed:
     """Submit the scenario's job, fault it at FAULT_STEP, follow it to the end, collect what it did."""
     seen = Observed(scenario)
     job_id, job_dir = submit(scenario, steps)
@@ -470,16 +510,20 @@ def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], 
     node_down = None
     try:
         wait_for_step(job, FAULT_STEP, timeout_s=300)
-        during = inject(scenario, job, seen, out)
+        during = inject(scenario, job, seen, out, node_control)
         if scenario == "node_loss":
             node_down = seen.victim_node
             resume_after = time.monotonic() + 20
 
             def during_node_loss() -> None:
                 nonlocal node_down
-                # Back as soon as the job has moved off it: other users share this cluster.
-                if node_down and (job.attempts() or time.monotonic() > resume_after):
-                    resume_node(node_down)
+                # Back as soon as the job has moved off it: other users share this cluster. A node that really
+                # died stays dead until the job runs elsewhere: a retry through the queue waits for Slurm to
+                # notice (SlurmdTimeout) as it would at 3 a.m.
+                moved = job.attempts() and (not node_control or job.attempts()[-1].get("action") == "relaunch"
+                                            or (job.state() == "RUNNING" and first_step_after(job, 1)))
+                if node_down and (moved or (not node_control and time.monotonic() > resume_after)):
+                    resume_node(node_down, node_control)
                     node_down = None
             during = during_node_loss
         follow(job, seen, timeout_s, during)
@@ -488,7 +532,7 @@ def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], 
         _run(["scancel", job_id])
     finally:
         if node_down:
-            resume_node(node_down)
+            resume_node(node_down, node_control)
         if scenario == "hang" and seen.victim_rank is not None:
             for p in job_processes(job_id):
                 _signal(p.pid, signal.SIGCONT)

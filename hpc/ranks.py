@@ -237,3 +237,13 @@ def threads_per_rank(environ: Mapping[str, str], cpu_count: int, dist: DistEnv) 
         owned = min(int(environ["SLURM_CPUS_PER_TASK"]), cpu_count)
     sharing = 1 if dist.source == "slurm" and "SLURM_CPUS_PER_TASK" in environ else dist.local_world_size
     return max(owned // max(sharing, 1), 1)
+
+
+def attempt_of(environ: Mapping[str, str]) -> int:
+    """This attempt's number: the batch shell's HPCDIST_ATTEMPT (it counts relaunches inside an allocation
+    too), else Slurm's restart count; 0 where neither is a count."""
+    for name in ("HPCDIST_ATTEMPT", "SLURM_RESTART_COUNT"):
+        value = environ.get(name) or ""
+        if value.isascii() and value.isdigit() and len(value) <= 9:
+            return int(value)
+    return 0

@@ -318,7 +318,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     }
     env = environment(search if search is not None else search_path(profile, os.environ))
     files = {name: render_template(env, f"{name}.j2", context)
-             for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.REQUEUE_SH)}
+             for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.STEP_SH, vocab.REQUEUE_SH)}
     lines = {name: render_template(env, f"{name}.j2", context).strip()
              for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh")}
     files[vocab.SPEC_YAML] = spec_yaml(spec, profile)

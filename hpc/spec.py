@@ -62,6 +62,7 @@ _DEPENDENCY_JOB = re.compile(r"[1-9]\d*(?:_\d+)?")
 MAX_INT = 2**31 - 1
 # requeue.sh compares restart counts in shell arithmetic; far beyond Slurm's own MaxBatchRequeue.
 MAX_REQUEUES = 10000
+MAX_SPARE_NODES = 1024
 # Linux's limits on one path component and a whole path.
 NAME_MAX = jobfiles.MAX_NAME_BYTES
 PATH_MAX = 4095
@@ -93,6 +94,7 @@ class JobSpec:
     signal: str = "USR1@120"
     max_requeues: int = 3
     max_retries: int = 2
+    spare_nodes: int = 0          # nodes held beyond --nodes, for a step relaunched after a failure
     params: int | None = None
     offload: bool = False
     backend_reason: str | None = None
@@ -115,6 +117,11 @@ class JobSpec:
     def slurm_tasks_per_node(self) -> int:
         """Slurm tasks per node: one per rank under srun, one launcher per node otherwise."""
         return 1 if self.launcher in NODE_LAUNCHERS else self.procs_per_node
+
+    @property
+    def allocation_nodes(self) -> int:
+        """Nodes the allocation holds: the step's, and the spares a relaunch moves to."""
+        return self.nodes + self.spare_nodes
 
     @property
     def world_size(self) -> int:
@@ -169,7 +176,7 @@ FIELDS = tuple(f.name for f in fields(JobSpec))
 INTERNAL_FIELDS = ("backend_reason", "python", "pythonpath")
 USER_FIELDS = tuple(f for f in FIELDS if f not in INTERNAL_FIELDS)
 INT_FIELDS = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "zero_stage", "max_requeues",
-              "max_retries")
+              "max_retries", "spare_nodes")
 
 
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
@@ -422,6 +429,11 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
         raise SpecError(f"--max-requeues {spec.max_requeues}: give 0 to {MAX_REQUEUES}")
     if not 0 <= spec.max_retries <= MAX_REQUEUES:
         raise SpecError(f"--max-retries {spec.max_retries}: give 0 to {MAX_REQUEUES}")
+    if not 0 <= spec.spare_nodes <= MAX_SPARE_NODES:
+        raise SpecError(f"--spare-nodes {spec.spare_nodes}: give 0 to {MAX_SPARE_NODES}")
+    if spec.nodelist and spec.spare_nodes:
+        raise SpecError("--nodelist names the nodes of the step, and spares are whatever Slurm adds: drop "
+                        "--nodelist or --spare-nodes")
     if spec.offload and spec.backend != "deepspeed":
         raise SpecError(f"--offload moves DeepSpeed's optimizer state to CPU memory; drop it or use --backend "
                         f"deepspeed (got --backend {spec.backend})")

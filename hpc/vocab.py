@@ -26,6 +26,7 @@ DEFAULT_JOB_NAME = "hpcdist"
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
+EXIT_NODE_LOST = 77  # every rank of another node vanished and its slurmd does not answer (RUN_DIR/lost.json)
 # Heartbeat phases (contract 1). Before a rank's first step there is no step time yet to judge a hang by; in the
 # active phases a step time does; a final phase is written once, as the rank ends.
 SETUP_PHASES = ("setup", "rendezvous", "build")
@@ -38,6 +39,7 @@ JOB_SBATCH = "job.sbatch"
 SETUP_SH = "setup.sh"
 TASK_SH = "task.sh"
 REQUEUE_SH = "requeue.sh"
+STEP_SH = "step.sh"
 SPEC_YAML = "spec.yaml"
 RANKS_TXT = "ranks.txt"
 DEEPSPEED_JSON = "deepspeed.json"
@@ -58,6 +60,7 @@ PREEMPTED = "preempted"  # rank 0's marker: every rank checkpointed after a sign
 PREFLIGHT = "preflight"
 HEARTBEAT = "heartbeat"  # heartbeat/rank-R.json
 HANG = "hang.json"
+LOST = "lost.json"  # the first rank to see a peer node vanish names it; the batch shell then ends the step
 TIMELINE = "timeline"
 
 

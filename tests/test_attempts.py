@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,56 @@ STATES = {"n1": "idle", "n2": "allocated", "n3": "idle"}
 def test_a_crashed_rank_is_retried_without_its_node():
     decision = attempts.decide(Ending("rank_crashed", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES)
     assert (decision.action, decision.excluded) == ("retry", ("n2",))
-    assert decision.reason == "retry 1 of 2 without n2 from the checkpoint at step 10"
+    assert decision.reason == "retry 1 of 2 through the queue without n2 from the checkpoint at step 10"
+
+
+def test_a_lost_node_is_relaunched_at_once_on_the_allocations_spare():
+    decision = attempts.decide(Ending("node_failure", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES,
+                               allocation=["n1", "n2", "n3"])
+    assert (decision.action, decision.excluded) == ("relaunch", ("n2",))
+    assert decision.reason == "retry 1 of 2: relaunched in the allocation on n1, n3 from the checkpoint at step 10"
+
+
+def test_a_lost_node_without_a_spare_goes_through_the_queue_without_it():
+    decision = attempts.decide(Ending("node_failure", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES,
+                               allocation=["n1", "n2"])
+    assert (decision.action, decision.excluded) == ("retry", ("n2",))
+
+
+def test_a_killed_rank_without_a_spare_is_relaunched_in_place_once_then_its_node_is_kept_off():
+    policy, alloc = Policy(max_retries=3, nodes=2), ["n1", "n2"]
+    first = attempts.decide(Ending("rank_crashed", node="n2", step=10), [], policy, STATES, allocation=alloc)
+    assert (first.action, first.excluded) == ("relaunch", ())
+    assert "relaunched in the allocation on n1, n2" in first.reason
+    history = [{"attempt": 0, "ending": "rank_crashed", "node": "n2", "action": "relaunch", "excluded": []}]
+    again = attempts.decide(Ending("rank_crashed", node="n2", step=20), history, policy, STATES, allocation=alloc)
+    assert (again.action, again.excluded) == ("retry", ("n2",))
+
+
+def test_relaunches_and_retries_share_one_budget_and_exclusions_accumulate_in_the_allocation():
+    history = [{"attempt": 0, "ending": "node_failure", "node": "n2", "action": "relaunch", "excluded": ["n2"]}]
+    alloc = ["n1", "n2", "n3", "n4"]
+    decision = attempts.decide(Ending("hung", node="n3"), history, Policy(max_retries=2, nodes=2),
+                               {**STATES, "n4": "idle"}, allocation=alloc)
+    assert (decision.action, decision.excluded) == ("relaunch", ("n2", "n3"))
+    assert "on n1, n4" in decision.reason
+    spent = attempts.decide(Ending("hung", node="n3"), history, Policy(max_retries=1, nodes=2), STATES, allocation=alloc)
+    assert spent.action == "none" and "used its 1 retry" in spent.reason
+
+
+def test_a_node_the_ranks_saw_vanish_is_a_node_failure_naming_it():
+    lost = {"node": "n2", "ranks": [2, 3], "since": 1.0, "declared_by": 0, "attempt": 0}
+    ending = attempts.classify(Evidence(attempt=0, step_status=137, lost=lost, checkpoint_step=10))
+    assert (ending.ending, ending.node, ending.rank, ending.step) == ("node_failure", "n2", 2, 10)
+    assert ending.detail == "node n2 lost: rank(s) 2, 3 vanished and its slurmd does not answer"
+
+
+def test_only_this_attempts_lost_node_counts(tmp_path):
+    (tmp_path / "lost.json").write_text('{"node": "n2", "ranks": [1], "since": 5.0, "declared_by": 0, "attempt": 0}')
+    assert attempts.read_lost(tmp_path, 0)["node"] == "n2"
+    assert attempts.read_lost(tmp_path, 1) is None
+    (tmp_path / "lost.json").write_text('{"node": 7, "attempt": 0}')
+    assert attempts.read_lost(tmp_path, 0) is None
 
 
 def test_retries_are_bounded_and_exclusions_accumulate():
@@ -274,6 +324,9 @@ def test_shell_assignments_for_requeue_sh():
     retry = {"ending": "node_failure", "action": "retry", "excluded": ["n2", "n3"]}
     text = attempts.shell_assignments(retry, {"JobState": "PENDING"}, 143, [{"action": "retry"}])
     assert "exclude=n2,n3\n" in text and "already_requeued=1\n" in text and "uses=2\n" in text
+    relaunch = {"attempt": 3, "ending": "hung", "action": "relaunch", "excluded": ["n2"]}
+    text = attempts.shell_assignments(relaunch, {"JobState": "RUNNING"}, 76, [{"action": "retry"}])
+    assert "action=relaunch\n" in text and "uses=2\n" in text and "next_attempt=4\n" in text
 
 
 def test_a_rank_records_its_own_error(tmp_path):
@@ -374,3 +427,21 @@ def test_the_attempt_line_names_the_checkpoint_the_retry_will_really_resume_from
     decision = attempts.decide(ended, [], Policy(max_retries=2, nodes=2), STATES)
     line = attempts.record(ended, decision, attempt=0, job_id="5", started="", ended="", source="batch")
     assert "from the checkpoint at step 80" in attempts.summary_line(line)
+
+
+def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+
+    def number(restarts: str) -> str:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "SLURM_RESTART_COUNT": restarts, "HOME": str(tmp_path)}
+        return subprocess.run([sys.executable, "-m", "hpc", "attempt", "number", "--job-dir", str(job)],
+                              capture_output=True, text=True, env=env, timeout=60, check=True).stdout.strip()
+
+    assert number("0") == "0" and number("2") == "2"
+    # Attempts 0 and 1 ran in one allocation (a relaunch), then Slurm requeued the job once: attempt 2.
+    lines = [{"attempt": a, "job_id": "7", "started": "", "ended": "", "ending": e, "action": act, "excluded": []}
+             for a, e, act in ((0, "rank_crashed", "relaunch"), (1, "preempted", "requeue"))]
+    (job / "attempts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert number("1") == "2" and number("5") == "5"

@@ -14,9 +14,9 @@ REFERENCE = {s: 2.0 - s / 100 for s in range(1, 41)}
 
 def observed(scenario: str, **kw) -> Observed:
     seen = Observed(scenario, job_id="7", victim_rank=1, victim_node="n2", fault_at=100.0, recorded_at=104.0,
-                    restarted_at=107.0, next_step_at=118.0, final_state="COMPLETED", resumed_step=10,
+                    restarted_at=107.0, next_step_at=118.0, back_at=121.5, final_state="COMPLETED", resumed_step=10,
                     losses=dict(REFERENCE))
-    seen.attempts = [{"attempt": 0, "ending": "rank_crashed", "action": "retry", "excluded": ["n2"], "rank": 1,
+    seen.attempts = [{"attempt": 0, "ending": "rank_crashed", "action": "relaunch", "excluded": ["n2"], "rank": 1,
                       "detail": "rank 1 on n2: killed by SIGKILL"},
                      {"attempt": 1, "ending": "completed", "action": "none", "excluded": ["n2"]}]
     for key, value in kw.items():
@@ -24,10 +24,11 @@ def observed(scenario: str, **kw) -> Observed:
     return seen
 
 
-def test_a_clean_retry_passes_with_its_recovery_split():
-    result = drill.check(observed("rank_kill"), REFERENCE, 40)
+def test_a_clean_relaunch_on_the_spare_passes_with_its_recovery_split_and_the_time_lost():
+    result = drill.check(observed("rank_kill"), REFERENCE, 40, spare_nodes=1)
     assert result.ok, result.problems
     assert (result.retries, result.excluded, result.resumed_step, result.recovery_s) == (1, ["n2"], 10, 18.0)
+    assert result.lost_s == 21.5
     assert result.phases == {"classified": 4.0, "restarted": 3.0, "first_step": 11.0}
     assert result.losses_equal and result.compared_steps == 40
 
@@ -35,27 +36,35 @@ def test_a_clean_retry_passes_with_its_recovery_split():
 def test_a_loss_that_differs_after_the_resume_fails():
     losses = dict(REFERENCE)
     losses[23] += 1e-3
-    result = drill.check(observed("rank_kill", losses=losses), REFERENCE, 40)
+    result = drill.check(observed("rank_kill", losses=losses), REFERENCE, 40, spare_nodes=1)
     assert not result.ok and not result.losses_equal
     assert any("losses differ" in p for p in result.problems)
 
 
 def test_the_wrong_ending_or_a_missing_exclusion_fails():
     seen = observed("node_loss")
-    result = drill.check(seen, REFERENCE, 40)
+    result = drill.check(seen, REFERENCE, 40, spare_nodes=1)
     assert "first attempt ended rank_crashed, expected node_failure" in result.problems
     seen.attempts[0]["excluded"] = []
-    assert any("n2 was not excluded" in p for p in drill.check(seen, REFERENCE, 40).problems)
+    assert any("n2 was not excluded" in p for p in drill.check(seen, REFERENCE, 40, spare_nodes=1).problems)
+
+
+def test_without_a_spare_a_killed_rank_goes_on_in_place_and_a_lost_node_through_the_queue():
+    assert (drill.expect("rank_kill").action, drill.expect("rank_kill").excludes) == ("relaunch", False)
+    assert (drill.expect("node_loss").action, drill.expect("node_loss").excludes) == ("retry", True)
+    assert drill.expect("node_loss", spare_nodes=1).action == "relaunch"
+    seen = observed("rank_kill")
+    assert "n2 excluded, though the job could go on in place" in drill.check(seen, REFERENCE, 40).problems
 
 
 def test_a_hang_must_be_blamed_on_the_stopped_rank():
     seen = observed("hang")
     seen.attempts[0].update(ending="hung", rank=0)
-    assert "the hang was blamed on rank 0, not the stopped rank 1" in drill.check(seen, REFERENCE, 40).problems
+    assert "the hang was blamed on rank 0, not the stopped rank 1" in drill.check(seen, REFERENCE, 40, 1).problems
 
 
 def test_no_step_after_the_fault_fails():
-    result = drill.check(observed("rank_kill", next_step_at=None), REFERENCE, 40)
+    result = drill.check(observed("rank_kill", next_step_at=None), REFERENCE, 40, 1)
     assert "no training step was seen after the fault's attempt ended" in result.problems
 
 
@@ -91,9 +100,9 @@ def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
 
 
 def test_the_table_names_each_failure():
-    result = drill.check(observed("node_loss"), REFERENCE, 40)
+    result = drill.check(observed("node_loss"), REFERENCE, 40, spare_nodes=1)
     text = drill.table([result])
-    assert text.splitlines()[1].startswith("node_loss  FAIL  rank_crashed  retry")
+    assert text.splitlines()[1].startswith("node_loss  FAIL  rank_crashed  relaunch")
     assert "node_loss: FAIL: first attempt ended rank_crashed, expected node_failure" in text
 
 

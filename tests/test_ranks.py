@@ -172,3 +172,10 @@ def test_a_step_on_part_of_the_allocation_points_at_its_own_first_host(tmp_path)
     assert rank0_host != job_first  # -r1: the step does not start on the allocation's first node
     for line in lines:
         assert f"MASTER_ADDR={rank0_host}" in line, line
+
+
+def test_the_attempt_is_the_batch_shells_number_else_slurms_restart_count():
+    assert ranks.attempt_of({"HPCDIST_ATTEMPT": "3", "SLURM_RESTART_COUNT": "1"}) == 3
+    assert ranks.attempt_of({"SLURM_RESTART_COUNT": "1"}) == 1
+    assert ranks.attempt_of({"HPCDIST_ATTEMPT": "x", "SLURM_RESTART_COUNT": "2"}) == 2
+    assert ranks.attempt_of({}) == 0 and ranks.attempt_of({"SLURM_RESTART_COUNT": "1" * 12}) == 0

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The valid backend x launcher pairs; dp runs one process on one node.
 COMBOS = [("ddp", "srun"), ("ddp", "torchrun"), ("deepspeed", "srun"), ("deepspeed", "torchrun"),
           ("deepspeed", "deepspeed"), ("dp", "srun")]
-SCRIPTS = ("job.sbatch", "setup.sh", "task.sh", "requeue.sh")
+SCRIPTS = ("job.sbatch", "setup.sh", "task.sh", "step.sh", "requeue.sh")
 
 # A fixed site so goldens depend on the templates alone, not on the shipped profiles.
 SITE = profiles.parse("golden-site", {
@@ -76,11 +76,12 @@ def test_scripts_pass_bash_n_and_shellcheck(tmp_path: Path, backend: str, launch
 def test_launch_lines() -> None:
     files = render.render(golden_spec("ddp", "torchrun"), SITE, search=builtin()).files
     assert '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in files["task.sh"]
-    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in files["job.sbatch"]
+    assert "srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 \\\n    --ntasks-per-node=1" in files["step.sh"]
     one = render.render(replace(golden_spec("ddp", "torchrun"), nodes=1), SITE, search=builtin()).files
     assert "--standalone --nnodes 1 --nproc_per_node 2" in one["task.sh"]
     srun = render.render(golden_spec("ddp", "srun"), SITE, search=builtin()).files
     assert "--ntasks-per-node=2" in srun["job.sbatch"] and "--gpus-per-node=2" in srun["job.sbatch"]
+    assert "--ntasks-per-node=2" in srun["step.sh"] and "--ntasks=4" in srun["step.sh"]
     ds = render.render(golden_spec("deepspeed", "deepspeed"), SITE, search=builtin()).files
     assert '--node_rank="$SLURM_NODEID"' in ds["task.sh"] and "--module train" in ds["task.sh"]
     assert "--deepspeed-config /jobs/golden/deepspeed.json" in ds["task.sh"]
@@ -95,6 +96,42 @@ def test_deepspeed_launcher_arguments_exist() -> None:
     source = (Path(found.origin).parent / "launcher" / "launch.py").read_text()
     for name in ("--world_info", "--node_rank", "--master_addr", "--master_port", "--module"):
         assert f'"{name}"' in source
+
+
+def test_spare_nodes_are_held_by_the_allocation_and_left_free_by_the_step() -> None:
+    spec = replace(golden_spec("ddp", "srun"), spare_nodes=1)
+    rendered = render.render(spec, SITE, search=builtin())
+    sbatch, step = rendered.files["job.sbatch"], rendered.files["step.sh"]
+    # The allocation survives a node's death (--no-kill) and holds the spare; the step asks for its own nodes.
+    assert "#SBATCH --nodes=3\n" in sbatch and "#SBATCH --no-kill\n" in sbatch
+    assert "--nodes=2 --ntasks=4" in step and 'relaunch=(--exclude="$exclude" --overlap)' in step
+    params = submit.slurm_parameters(rendered)
+    assert params["nodes"] == 3 and params["additional_parameters"]["no-kill"] is True
+    assert {"--nodes=2", "--ntasks=4"} <= set(params["srun_args"])
+
+
+def test_spare_nodes_are_bounded_and_never_mixed_with_a_nodelist() -> None:
+    with pytest.raises(SpecError, match="--spare-nodes -1: give 0 to"):
+        render.render(replace(golden_spec("ddp", "srun"), spare_nodes=-1), SITE, search=builtin())
+    with pytest.raises(SpecError, match="drop --nodelist or --spare-nodes"):
+        render.render(replace(golden_spec("ddp", "srun"), spare_nodes=1, nodelist="n[1-2]"), SITE, search=builtin())
+
+
+def test_a_relaunch_runs_the_same_step_off_the_failed_nodes(tmp_path: Path) -> None:
+    """step.sh with EXCLUDE: the same srun line plus --exclude and --overlap (a dead node's step lingers)."""
+    rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "step.sh").write_text(rendered.files["step.sh"])
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "args")}
+    subprocess.run(["bash", str(tmp_path / "step.sh")], env=env, check=True)
+    first = (tmp_path / "args").read_text().splitlines()
+    assert "--overlap" not in first and not any(a.startswith("--exclude") for a in first)
+    subprocess.run(["bash", str(tmp_path / "step.sh"), "n2"], env=env, check=True)
+    again = (tmp_path / "args").read_text().splitlines()
+    assert again == first[:5] + ["--exclude=n2", "--overlap"] + first[5:]
 
 
 def test_cpu_job_uses_ntasks_per_node() -> None:
@@ -186,7 +223,7 @@ def test_site_templates_override_and_strict_undefined(tmp_path: Path) -> None:
     (site / "setup.sh.j2").write_text("# site setup for {{ profile.name }}\n")
     rendered = render.render(golden_spec("ddp", "srun"), SITE, search=(str(site), *builtin()))
     assert rendered.files["setup.sh"] == "# site setup for golden-site\n"
-    assert "srun --kill-on-bad-exit=1" in rendered.files["job.sbatch"]
+    assert "srun --kill-on-bad-exit=1" in rendered.files["step.sh"]
     (site / "setup.sh.j2").write_text("{{ no_such_variable }}\n")
     with pytest.raises(render.RenderError, match="no_such_variable"):
         render.render(golden_spec("ddp", "srun"), SITE, search=(str(site), *builtin()))
@@ -204,7 +241,7 @@ def test_write_is_all_or_nothing(tmp_path: Path) -> None:
     rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
     render.write(rendered)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [
-        ".hpcdist-job", "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "task.sh"]
+        ".hpcdist-job", "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "step.sh", "task.sh"]
     with pytest.raises(render.RenderError, match="already exists"):
         render.write(rendered)
     render.write(rendered, force=True)

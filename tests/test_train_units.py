@@ -623,3 +623,57 @@ def test_stacks_group_identical_main_threads_largest_group_first():
     assert group(stacks) == [{"ranks": [0, 1, 3], "stack": waiting}, {"ranks": [2], "stack": stacks[2]}]
     mine = own_stacks()
     assert mine.startswith('Thread "MainThread"') and "test_stacks_group_identical" in mine
+
+
+# ---- a node that vanished (train/watchdog.py) ------------------------------------------------------
+
+def node_beat(rank: int, host: str, at: float, attempt: int = 0, phase: str = "train") -> dict:
+    return {"rank": rank, "hostname": host, "time": at, "attempt": attempt, "phase": phase}
+
+
+def test_a_node_whose_every_rank_stopped_beating_has_vanished():
+    from train.watchdog import vanished
+
+    me = {"rank": 0, "hostname": "n1", "attempt": 0}
+    beats = {0: node_beat(0, "n1", 100.0), 1: node_beat(1, "n1", 100.0), 2: node_beat(2, "n2", 90.0),
+             3: node_beat(3, "n2", 91.0)}
+    assert vanished(beats, 100.0, me=me, lost_s=6.0) == ("n2", [2, 3], 91.0)
+    # One rank of the node still beats: a frozen rank, not a dead node (the hang judge's case).
+    assert vanished({**beats, 3: node_beat(3, "n2", 99.0)}, 100.0, me=me, lost_s=6.0) is None
+    # This node is never judged lost by itself, an earlier attempt's files describe nothing, and a node
+    # whose ranks ended (done, stopped, failed) left on purpose.
+    assert vanished(beats, 100.0, me={**me, "hostname": "n2"}, lost_s=6.0) is None
+    assert vanished({2: node_beat(2, "n2", 10.0, attempt=1)}, 100.0, me=me, lost_s=6.0) is None
+    assert vanished({2: node_beat(2, "n2", 10.0, phase="done")}, 100.0, me=me, lost_s=6.0) is None
+
+
+def test_a_slurmd_that_refuses_or_ignores_connections_does_not_answer():
+    import socket as sockets
+
+    from train.watchdog import slurmd_answers
+
+    server = sockets.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        assert slurmd_answers("127.0.0.1", port)
+    finally:
+        server.close()
+    assert not slurmd_answers("127.0.0.1", port)           # nothing listens any more: refused
+    assert not slurmd_answers("no-such-node.invalid", port)
+
+
+def test_every_rank_leaves_with_77_once_a_rank_named_a_lost_node(tmp_path):
+    from train import heartbeat
+    from train.watchdog import Watchdog
+
+    beat = heartbeat.Heartbeat(tmp_path, every_s=0.05)
+    beat.identity = {"rank": 1, "local_rank": 1, "hostname": "n1", "attempt": 2}
+    exits = []
+    dog = Watchdog(beat, timeout_s=60, factor=10, exit=exits.append)
+    (tmp_path / "lost.json").write_text(json.dumps({"node": "n2", "ranks": [2], "since": 1.0, "attempt": 1}))
+    assert dog.lost() is None                                # an earlier attempt's
+    (tmp_path / "lost.json").write_text(json.dumps({"node": "n2", "ranks": [2], "since": 1.0, "attempt": 2}))
+    dog.leave(dog.lost())
+    assert exits == [77]

@@ -37,7 +37,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Mapping
 
-from hpc import vocab
+from hpc import ranks, vocab
 
 MARKS = ("process_start", "torch_imported", "process_group_ready", "model_built", "first_step_done")
 WINDOW = 16
@@ -161,7 +161,7 @@ class Heartbeat:
         """Name this rank (``env`` is hpc.ranks.DistEnv) and start writing: the setup phase shows from here."""
         self.identity = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
                          "world_size": env.world_size, "hostname": hostname or socket.gethostname(),
-                         "pid": os.getpid(), "attempt": int(environ.get("SLURM_RESTART_COUNT") or 0)}
+                         "pid": os.getpid(), "attempt": ranks.attempt_of(environ)}
         if not self.enabled:
             return
         folder(self.run_dir).mkdir(parents=True, exist_ok=True)

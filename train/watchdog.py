@@ -16,6 +16,12 @@ progress. Then, in bounded time:
 3. the declaring rank writes ``RUN_DIR/hang.json`` ``{"rank","node","step","since","stacks","groups",...}``
    (``groups``: ranks with identical main-thread stacks, largest group first, so the odd one out is last);
 4. the live ranks exit 76, so ``srun --kill-on-bad-exit`` (or torchrun's agent) ends the frozen one.
+
+A node that dies takes its ranks with it, and the survivors would wait in a collective for the network's
+timeout. So every judge also looks for a node of this attempt whose every rank stopped beating LOST_BEATS
+heartbeats ago; if that node's slurmd does not answer either (a frozen rank's node still does: that is a
+hang, above), it names the node in ``RUN_DIR/lost.json`` and every rank exits 77 within a heartbeat. The
+batch shell then ends the step, which Slurm would hold open for its dead node until SlurmdTimeout.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,11 +41,14 @@ from pathlib import Path
 from typing import Callable
 
 from hpc import fileio, vocab
-from hpc.vocab import EXIT_HUNG
+from hpc.vocab import EXIT_HUNG, EXIT_NODE_LOST
 from train import heartbeat
 
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
+LOST_BEATS = 3    # heartbeats a whole node may miss before its slurmd is asked whether the node is alive
+PROBE_S = 1.0     # how long a slurmd has to accept a connection
+SLURMD_PORT = 6818  # Slurm's default SlurmdPort; the batch shell exports the cluster's in HPCDIST_SLURMD_PORT
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,31 @@ def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float
                    step=culprit.get("step") or 0, since=culprit.get("step_at") or culprit.get("time"),
                    threshold_s=round(limit, 3), stale_beat=now - (culprit.get("time") or 0) > fresh_s,
                    phase=culprit.get("phase") or "train")
+
+
+def vanished(beats: dict[int, dict], now: float, *, me: dict, lost_s: float) -> tuple[str, list[int], float] | None:
+    """(node, its ranks, its newest heartbeat) for a node of this attempt, not this one, whose every rank
+    stopped beating more than ``lost_s`` ago without ending (pure)."""
+    nodes: dict[str, list[dict]] = {}
+    for b in beats.values():
+        if b.get("attempt", 0) == me.get("attempt", 0) and b.get("hostname") != me.get("hostname"):
+            nodes.setdefault(str(b.get("hostname")), []).append(b)
+    for node, mine in sorted(nodes.items()):
+        if any(b.get("phase") in vocab.FINAL_PHASES for b in mine):
+            continue
+        newest = max(float(b.get("time") or 0) for b in mine)
+        if now - newest > lost_s:
+            return node, sorted(int(b["rank"]) for b in mine), newest
+    return None
+
+
+def slurmd_answers(node: str, port: int, timeout_s: float = PROBE_S) -> bool:
+    """Whether the node's slurmd accepts a connection: a refused or unanswered one means the node is gone."""
+    try:
+        with socket.create_connection((node, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def own_stacks() -> str:
@@ -147,6 +182,8 @@ class Watchdog:
         # Judging reads every rank's heartbeat: a few times per timeout is enough, and spares a shared disk.
         self.judge_every_s = max(beat.every_s, min(timeout_s / 6, 10.0))
         self.fresh_s = max(3 * beat.every_s, 1.0)
+        self.lost_s = max(LOST_BEATS * beat.every_s, 1.0)
+        self.slurmd_port = _port(os.environ.get("HPCDIST_SLURMD_PORT"))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -166,6 +203,12 @@ class Watchdog:
     def _watch(self) -> None:
         last_judged = 0.0
         while not self._stop.wait(self.tick_s):
+            lost = self.lost()
+            if lost is None and self.judges():
+                lost = self.look_for_lost_node()
+            if lost is not None:
+                self.leave(lost)
+                return
             declared = self.declared()
             if declared is None and self.now() - last_judged >= self.judge_every_s and self.judges():
                 last_judged = self.now()
@@ -188,6 +231,34 @@ class Watchdog:
         except (OSError, ValueError):
             return True
         return self.now() - (first.get("time") or 0) > self.fresh_s
+
+    def lost(self) -> dict | None:
+        """This attempt's lost node, if a rank named one."""
+        try:
+            found = json.loads((self.run_dir / vocab.LOST).read_text())
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) and found.get("attempt") == self.me.get("attempt", 0) else None
+
+    def look_for_lost_node(self) -> dict | None:
+        seen = vanished(heartbeat.read_all(self.run_dir), self.now(), me=self.me, lost_s=self.lost_s)
+        if seen is None or slurmd_answers(seen[0], self.slurmd_port):
+            return None
+        node, ranks, since = seen
+        record = {"node": node, "ranks": ranks, "since": since, "step": self.beat.step,
+                  "declared_by": self.me["rank"], "attempt": self.me.get("attempt", 0), "time": self.now()}
+        if not _create_exclusively(self.run_dir / vocab.LOST, json.dumps(record) + "\n"):
+            return self.lost() or record
+        return record
+
+    def leave(self, lost: dict) -> None:
+        """End this rank: a node of the job is gone, and no collective with its ranks can finish."""
+        print(f"hpcdist-train: node {lost['node']} lost (rank(s) {', '.join(map(str, lost['ranks'][:8]))} "
+              f"silent since {time.strftime('%H:%M:%S', time.gmtime(lost['since']))} UTC, its slurmd does not "
+              f"answer); rank {self.me['rank']} exits {EXIT_NODE_LOST}", file=sys.stderr, flush=True)
+        self.beat.finish("failed")
+        sys.stdout.flush()
+        self.exit(EXIT_NODE_LOST)
 
     def declared(self) -> dict | None:
         """This launch's declaration, if any rank made one (an older one, from an earlier run, is ignored)."""
@@ -278,3 +349,7 @@ class Watchdog:
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
         fileio.atomic_write(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")
+
+
+def _port(value: str | None) -> int:
+    return int(value) if value and value.isdigit() and 0 < int(value) < 65536 else SLURMD_PORT

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from hpc import shown
+from hpc import nodelist, shown
 from hpc.spec import MAX_TASKS_PER_NODE, MAX_WORLD_SIZE
 from hpc.vocab import LAUNCHERS
 
@@ -23,6 +23,18 @@ from hpc.vocab import LAUNCHERS
 @click.group(hidden=True)
 def attempt() -> None:
     """Attempt bookkeeping for the batch shell (templates/requeue.sh.j2)."""
+
+
+@attempt.command("number")
+@click.option("--job-dir", required=True, type=click.Path(file_okay=False))
+def number(job_dir: str) -> None:
+    """Print the number of the attempt a batch shell starts: past every recorded one, and never below
+    Slurm's restart count (an allocation that relaunched steps recorded more attempts than it restarted)."""
+    from hpc import attempts, ranks
+
+    recorded = [a["attempt"] for a in attempts.load(Path(job_dir))]
+    click.echo(max([ranks.attempt_of({"SLURM_RESTART_COUNT": os.environ.get("SLURM_RESTART_COUNT", "")}),
+                    *(a + 1 for a in recorded)]))
 
 
 @attempt.command("end")
@@ -43,17 +55,22 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
 
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "0")
-    restarts = os.environ.get("SLURM_RESTART_COUNT") or "0"
+    name = "HPCDIST_ATTEMPT" if os.environ.get("HPCDIST_ATTEMPT") else "SLURM_RESTART_COUNT"
+    restarts = os.environ.get(name) or "0"
     if not (restarts.isascii() and restarts.isdigit() and len(restarts) <= 9):
         # requeue.sh then keeps its defaults: no action, the step's own status.
-        click.echo(f"hpcdist attempt end: SLURM_RESTART_COUNT={shown.value(restarts)} is not a restart count; "
+        click.echo(f"hpcdist attempt end: {name}={shown.value(restarts)} is not an attempt number; "
                    "run this from the job's batch shell", err=True)
         sys.exit(2)
     attempt_no = int(restarts)
     try:
+        allocation = nodelist.expand(os.environ.get("SLURM_JOB_NODELIST") or "")
+    except ValueError:
+        allocation = []
+    try:
         line, job = attempts.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
                                          attempts.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks,
-                                         warning_s=signal_delay_s, launcher=launcher)
+                                         warning_s=signal_delay_s, launcher=launcher, allocation=allocation)
     except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
         click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")

@@ -35,8 +35,12 @@ from hpc.commands.options import Seconds, fail, job_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--timeout", "timeout_s", type=Seconds(1), default=600, show_default=True,
               help="Seconds each scenario's job may take from the fault to its end.")
+@click.option("--node-control", metavar="CMD", default=None,
+              help="How node_loss kills a node for real and brings it back: `CMD kill-node NODE`, `CMD revive "
+                   "NODE` (scripts/slurm-local.sh does both). [none: the node's job processes are SIGKILLed and "
+                   "the node set DOWN, as an admin would]")
 def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps: int | None, via: str,
-          as_json: bool, timeout_s: float, **options: Any) -> None:
+          as_json: bool, timeout_s: float, node_control: str | None, **options: Any) -> None:
     """Run a small job per scenario, inject the fault, and check ending, retry, resume and recovery time."""
     from hpc import drill as drilling
     from hpc import jobs
@@ -64,10 +68,14 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         options["precision"] = "fp32"  # exact resume is checked to 1e-6: no reduced precision
     say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
 
+    spare_nodes = options.get("spare_nodes") or 0
+
     def submit(label: str, job_steps: int) -> tuple[str, Path]:
         train_args = (*drilling.TRAIN_ARGS, "--max-steps", str(job_steps), *user_args)
+        # The uninterrupted reference needs no spare node.
+        chosen_options = {**options, "spare_nodes": None} if label == "reference" else options
         rendered = prepare("drill", config_file, job_dir=str(root / label), job_name=f"{name}-{label}",
-                           train_args=train_args, **options)
+                           train_args=train_args, **chosen_options)
         submitted = submit_or_exit("drill", rendered, where, made)
         return submitted.record.job_id, Path(rendered.job_dir)
 
@@ -88,14 +96,14 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
         for scenario in chosen:
             observed.append(drilling.run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps,
-                                                  say, timeout_s))
+                                                  say, timeout_s, node_control))
             say(f"{scenario}: job {observed[-1].job_id} ended {observed[-1].final_state}")
             if ref.newest_step() >= reference_steps:
                 drilling.cancel_all([ref_id])  # it has every step needed: stop sharing the CPUs with it
         reference = drilling.reference_losses(ref, reference_steps, timeout_s)
     finally:
         drilling.cancel_all([ref_id] + [o.job_id for o in observed])
-    results = [drilling.check(seen, reference, limit_steps if seen.scenario == "time_limit" else steps)
+    results = [drilling.check(seen, reference, limit_steps if seen.scenario == "time_limit" else steps, spare_nodes)
                for seen in observed]
     click.echo(drilling.as_json(results) if as_json else drilling.table(results))
     sys.exit(0 if all(r.ok for r in results) else 1)

@@ -68,6 +68,9 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--max-retries",), "max_retries",
      {"type": WHOLE, "help": "Retries from the newest checkpoint, on other nodes, after a lost node, a killed "
                              "rank or a hang. [2]"}),
+    (("--spare-nodes",), "spare_nodes",
+     {"type": WHOLE, "help": "Extra nodes the allocation holds: after a lost node, a killed rank or a hang the "
+                             "step is relaunched at once on them, without a trip through the queue. [0]"}),
     (("--offload/--no-offload",), "offload",
      {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
     (("--params",), "params",

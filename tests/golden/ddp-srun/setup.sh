@@ -1,9 +1,13 @@
 # shellcheck shell=bash
 # Rendered by hpcdist for cluster profile golden-site: sourced by job.sbatch before srun, so
 # every task inherits what it exports.
-# The batch shell (no step id yet) stamps its start and, at the end of this file, its set-up's end.
+# The batch shell (no step id yet) numbers this attempt (Slurm's restart count, or past it when earlier
+# allocations relaunched steps), stamps its start and, at the end of this file, its set-up's end.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
-    hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${SLURM_RESTART_COUNT:-0}"
+    HPCDIST_ATTEMPT=$(/opt/venv/bin/python -m hpc attempt number --job-dir /jobs/golden) \
+        || HPCDIST_ATTEMPT=${SLURM_RESTART_COUNT:-0}
+    export HPCDIST_ATTEMPT
+    hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}"
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' batch_start "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
 fi
 module load cuda/12.1
@@ -22,6 +26,21 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
     # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
     trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
-    # Where this attempt's part of the batch log (which every attempt appends to) begins.
-    echo "hpcdist: attempt ${SLURM_RESTART_COUNT:-0} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
+    echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
+    # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py).
+    HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}')
+    export HPCDIST_SLURMD_PORT
+    # srun waits for every node of its step, a dead one too, until Slurm declares it down (SlurmdTimeout,
+    # minutes). Once a rank has named a node lost (run/lost.json), nothing more can come from it: this
+    # watcher ends the batch job's srun so that requeue.sh relaunches the step now.
+    # It ends with the batch shell: gone, or exited and not yet reaped (a zombie) by whoever started it.
+    ( trap - TERM
+      while read -r _ _ state _ </proc/$$/stat 2>/dev/null && [ "$state" != Z ]; do
+          if [ -e /jobs/golden/run/lost.json ] && pgrep -s 0 -x srun >/dev/null; then
+              sleep 1  # the survivors' own exit first, so that their logs say why
+              echo "hpcdist: $(head -c 300 /jobs/golden/run/lost.json 2>/dev/null): ending the step" >&2
+              pkill -KILL -s 0 -x srun || true
+          fi
+          sleep 0.5
+      done ) &
 fi

@@ -3,13 +3,13 @@
 # MASTER_ADDR, ...) expand here, in the task's own shell, never in the batch shell.
 set -euo pipefail
 
-hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${SLURM_RESTART_COUNT:-0}"
+hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}"
 { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' task_start "$(date +%s.%N)" >>"$hpcdist_timeline/task-${SLURM_PROCID:-0}"; } 2>/dev/null || true
 
 python=/opt/venv/bin/python
 run_dir=/jobs/golden/run
 resume=()
-if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+if [ "${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then
     resume=(--resume)
 fi
 exec "$python" -m train --backend ddp --run-dir "$run_dir" \

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Rendered by hpcdist: one step of the job on 2 node(s) of the allocation, run by the batch shell
+# (job.sbatch's first step, and requeue.sh's relaunches after a failure). Usage: step.sh [EXCLUDE]
+# EXCLUDE (a Slurm nodelist) keeps a relaunch off the nodes that failed in this allocation.
+set -uo pipefail
+exclude=${1:-}
+relaunch=()
+if [ -n "$exclude" ]; then
+    # A dead node's step lingers until Slurm declares the node down (SlurmdTimeout, minutes later) and keeps
+    # its CPUs on the live nodes: the relaunch shares them rather than wait.
+    relaunch=(--exclude="$exclude" --overlap)
+fi
+# A rank that dies ends the whole step (--kill-on-bad-exit) instead of leaving the others hung in a
+# collective until the time limit.
+exec srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 \
+    --ntasks-per-node=1 --cpus-per-task=8 "${relaunch[@]}" \
+    --open-mode=append --output=/jobs/golden/logs/task-%t.log \
+    bash /jobs/golden/task.sh
