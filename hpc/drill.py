@@ -558,11 +558,16 @@ def restart_time(batch_text: str, attempt: int) -> float | None:
 
 
 def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]:
-    """The reference's losses once it has logged ``steps`` (or ended); the caller cancels it."""
+    """The reference's losses once it has logged ``steps`` (or ended); the caller cancels it. A node that
+    really died may have taken the reference's ranks too: it was retried, resumes exactly, and is started
+    as soon as it can be, as any waiter does."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if job.newest_step() >= steps or job.state() in ENDED:
+        state = job.state()
+        if job.newest_step() >= steps or state in ENDED:
             break
+        if state in ("PENDING", "REQUEUED"):
+            attempts.nudge(job.job_id, attempts.reconcile(job.job_dir, job.job_id))
         time.sleep(1.0)
     return job.losses()
 

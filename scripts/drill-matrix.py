@@ -3,10 +3,12 @@
     PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py                       # all 5 x 5, ~15 min on 2 cores
     PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py --combos ddp/srun,deepspeed/deepspeed --out m.md
 
-Each combination is one drill (its own uninterrupted reference run, then the five faults one after another);
-the Markdown table has one row per combination and scenario: ending, action, excluded node, resumed step,
-losses after resume equal to the reference (fp32), recovery (fault -> next training step) and its parts, and
-the drill's verdict. The raw `--json` of every drill is kept next to the table. Exits non-zero if any scenario failed.
+Each combination is one drill (its own uninterrupted reference run, then the five faults one after another),
+2-node jobs holding `--spare-nodes` (1) on the local 3-node cluster, node_loss killing its node for real
+(scripts/slurm-local.sh kill-node: slurmd and every process SIGKILLed, nobody setting it DOWN); the Markdown
+table has one row per combination and scenario: ending, action, excluded node, resumed step, losses after
+resume equal to the reference (fp32), recovery (fault -> next training step) and its parts, the time lost
+(fault -> a later attempt back at the fault's step), and the drill's verdict. The raw `--json` of every drill is kept next to the table. Exits non-zero if any scenario failed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from pathlib import Path
 from hpc.drill import MATRIX, SCENARIOS
 
 
-def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str) -> tuple[list[dict], str, float]:
+NODE_CONTROL = f"bash {Path(__file__).resolve().parent / 'slurm-local.sh'}"
+
+
+def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str, spare_nodes: str) -> tuple[list[dict], str, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", *MATRIX[combo], "--scenarios",
+    proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", "--spare-nodes", spare_nodes,
+                           "--node-control", NODE_CONTROL, *MATRIX[combo], "--scenarios",
                            scenarios, "--json", "--job-dir",
                            str(root / combo.replace("/", "-")), "--", "--hang-timeout-s", hang_timeout_s],
                           capture_output=True, text=True)
@@ -51,7 +57,7 @@ def row(combo: str, r: dict) -> str:
     return "| " + " | ".join([combo + (f" (ZeRO {stage})" if stage else ""), r["scenario"],
                               cell("ending"), cell("action"), cell("excluded"), cell("resumed_step"),
                               "equal" if r.get("losses_equal") else "DIFFER", cell("recovery_s", "{:.1f}"),
-                              split(r.get("phases") or {}), verdict]) + " |"
+                              split(r.get("phases") or {}), cell("lost_s", "{:.1f}"), verdict]) + " |"
 
 
 def main() -> None:
@@ -59,17 +65,18 @@ def main() -> None:
     p.add_argument("--combos", default=",".join(MATRIX), help="backend/launcher pairs, comma-separated")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--hang-timeout-s", default="20", help="the trainer's hang threshold (its default is 60)")
+    p.add_argument("--spare-nodes", default="1", help="spare nodes each job holds (0: the queue fallback)")
     p.add_argument("--out", type=Path, help="also write the table (and NAME.json with every result) here")
     args = p.parse_args()
-    lines = [f"Drill matrix, 2 nodes, hang threshold {args.hang_timeout_s} s, "
+    lines = [f"Drill matrix, 2 nodes + {args.spare_nodes} spare, hang threshold {args.hang_timeout_s} s, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| backend/launcher | scenario | ending | action | excluded | resumed | losses | recovery s "
-             "| classified + restarted + first step | verdict |",
-             "|---|---|---|---|---|---:|---|---:|---|---|"]
+             "| classified + restarted + first step | lost s | verdict |",
+             "|---|---|---|---|---|---:|---|---:|---|---:|---|"]
     everything, failed = {}, False
     with tempfile.TemporaryDirectory(prefix="drill-matrix-") as tmp:
         for combo in args.combos.split(","):
-            results, stderr, took = drill(combo, args.scenarios, Path(tmp), args.hang_timeout_s)
+            results, stderr, took = drill(combo, args.scenarios, Path(tmp), args.hang_timeout_s, args.spare_nodes)
             everything[combo] = {"results": results, "wall_s": round(took, 1)}
             failed |= not all(r.get("ok") for r in results)
             lines += [row(combo, r) for r in results]

@@ -102,10 +102,10 @@ def test_a_preemption_and_a_killed_rank_recover_from_inside_the_container(tmp_pa
     results = {r["scenario"]: r for r in json.loads(proc.stdout)}
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (results["preempt"]["ending"], results["preempt"]["action"]) == ("preempted", "requeue")
-    assert (results["rank_kill"]["ending"], results["rank_kill"]["action"]) == ("rank_crashed", "retry")
+    assert (results["rank_kill"]["ending"], results["rank_kill"]["action"]) == ("rank_crashed", "relaunch")
     assert all(r["ok"] for r in results.values()), results
     rendered = (tmp_path / "drill" / "rank_kill" / "task.sh").read_text() + (
-        tmp_path / "drill" / "rank_kill" / "job.sbatch").read_text()
+        tmp_path / "drill" / "rank_kill" / "step.sh").read_text()
     assert "ch-run -b /tmp" in rendered or f"--container={image}" in rendered
 
 

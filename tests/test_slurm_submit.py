@@ -55,6 +55,7 @@ def test_the_submitit_script_agrees_with_the_dry_run(tmp_path):
                     "open-mode"):
             assert theirs[key] == ours[key], key
         assert ours["signal"] == "USR1@45" and "requeue" in theirs and "requeue" in ours
+        assert "no-kill" in theirs and "no-kill" in ours
         assert time_seconds(theirs["time"]) == time_seconds(ours["time"]) == 420
 
         # The same setup before the step: job.sbatch sources "$job_dir/setup.sh" with job_dir set above.

@@ -73,7 +73,7 @@ def test_submitit_script_carries_job_sbatchs_allocation_setup_and_step(tmp_path,
     for key in ("nodes", "ntasks-per-node", "cpus-per-task", "partition", "job-name", "signal", "output",
                 "open-mode"):
         assert theirs[key] == ours[key], key
-    assert "requeue" in theirs
+    assert "requeue" in theirs and "no-kill" in theirs and "no-kill" in ours
     assert time_seconds(theirs["time"]) == time_seconds(ours["time"])
     assert f"source {tmp_path / 'job' / 'setup.sh'}" in text.split("# command")[0]
     srun_line = next(line for line in text.splitlines() if line.startswith("srun "))

@@ -154,7 +154,7 @@ def _follow_attempts(record: jobs.Record):
         for a in history:
             if a["attempt"] not in announced:
                 announced.add(a["attempt"])
-                if a.get("action") in ("requeue", "retry"):
+                if a.get("action") in ("requeue", "relaunch", "retry"):
                     click.echo(f"hpcdist: {attempts.summary_line(a)}", err=True)
         if pending:
             attempts.nudge(record.job_id, history)
