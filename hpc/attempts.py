@@ -45,7 +45,7 @@ from hpc.vocab import PREEMPTED as MARKER
 
 ENDINGS = ("completed", "preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input",
            "code_error", "cancelled", "unknown")
-ACTIONS = ("requeue", "relaunch", "retry", "none")
+ACTIONS = ("requeue", "relaunch", "retry", "resubmit", "none")
 # Endings worth another attempt on other nodes (from the newest checkpoint), and those that resume where
 # every rank checkpointed together.
 RETRIED = ("node_failure", "rank_crashed", "hung")
@@ -361,7 +361,8 @@ def classify(ev: Evidence) -> Ending:
     # not noticed yet (SlurmdTimeout), and the batch shell ended the step rather than wait for it to.
     if not nodes and ev.lost and ev.lost.get("node"):
         node, gone = ev.lost["node"], ev.lost.get("ranks") or []
-        ranks = f"rank(s) {', '.join(str(r) for r in gone[:8])}{' ...' if len(gone) > 8 else ''}" if gone else "its ranks"
+        ranks = (f"rank(s) {', '.join(str(r) for r in gone[:8])}{' ...' if len(gone) > 8 else ''}" if gone
+                 else "its ranks")
         return Ending("node_failure", f"node {node} lost: {ranks} vanished and its slurmd does not answer",
                       rank=gone[0] if gone and jobfiles.is_a(gone[0], int) else None, node=node, step=step)
     if nodes or state == "NODE_FAIL":
@@ -508,7 +509,7 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                "completed": "", "cancelled": "cancelled by request",
                "unknown": "an ending hpcdist cannot classify is not retried"}
         return Decision("none", tuple(sorted(excluded)), why.get(ending.ending, ""))
-    used = sum(1 for h in history if h.get("action") in ("retry", "relaunch"))
+    used = sum(1 for h in history if h.get("action") in ("retry", "relaunch", "resubmit"))
     if used >= policy.max_retries:
         return Decision("none", tuple(sorted(excluded)),
                         f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")

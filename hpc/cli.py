@@ -23,6 +23,7 @@ COMMANDS = {
     "status": "hpc.commands.submit:status",
     "logs": "hpc.commands.submit:logs",
     "cancel": "hpc.commands.submit:cancel",
+    "watch": "hpc.commands.submit:watch",
     "list": "hpc.commands.submit:list_jobs",
     "plan": "hpc.commands.plan:plan",
     "bench": "hpc.commands.bench:bench",

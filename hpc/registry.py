@@ -35,6 +35,7 @@ class Record:
     nodes: int = 1
     ntasks_per_node: int = 1
     world_size: int = 1
+    previous: str = ""   # the job this one took over from, when its batch host died (hpc/rescue.py)
 
     def __post_init__(self) -> None:
         # A damaged line must not make a reader loop over 10^12 tasks or build a path the filesystem refuses.

@@ -66,21 +66,23 @@ def slurm_parameters(rendered: Rendered) -> dict[str, Any]:
 
     spec, job_dir = rendered.spec, rendered.job_dir
     # submitit would ask for its own signal (USR2) and logs; the job's own win, as in job.sbatch.
-    extra: dict[str, Any] = {"requeue": True, "no-kill": True, "signal": directive(spec.signal), "output": str(job_dir / BATCH_LOG),
-                             "open-mode": "append"}
+    extra: dict[str, Any] = {"requeue": True, "no-kill": True, "signal": directive(spec.signal),
+                             "output": str(job_dir / BATCH_LOG), "open-mode": "append"}
     # The same allocation options job.sbatch's #SBATCH lines carry (templates/sbatch-allocation.j2).
     extra.update({key: directive(value) for key, value in (("nodelist", spec.nodelist), ("exclude", spec.exclude),
                                                            ("dependency", spec.dependency)) if value})
     params = {
-        "nodes": spec.allocation_nodes, "ntasks_per_node": spec.slurm_tasks_per_node, "cpus_per_task": spec.cpus_per_task,
+        "nodes": spec.allocation_nodes, "ntasks_per_node": spec.slurm_tasks_per_node,
+        "cpus_per_task": spec.cpus_per_task,
         "gpus_per_node": spec.gpus_per_node or None, "signal_delay_s": spec.signal_delay_s,
         # The exact --time job.sbatch asks for (not a minute count): 0 and UNLIMITED stay "no limit".
         "time": directive(spec.time), "partition": directive(spec.partition), "account": directive(spec.account),
         "job_name": directive(spec.job_name),
         # srun takes the last --output: the task logs land in logs/ beside job.sbatch's, stderr included.
         # The step's own geometry: the allocation may hold spare nodes (--spare-nodes) the step leaves free.
-        "srun_args": ["--kill-on-bad-exit=1", f"--nodes={spec.nodes}", f"--ntasks={spec.nodes * spec.slurm_tasks_per_node}",
-                      "--open-mode=append", f"--output={job_dir / TASK_LOG}",
+        "srun_args": ["--kill-on-bad-exit=1", f"--nodes={spec.nodes}",
+                      f"--ntasks={spec.nodes * spec.slurm_tasks_per_node}", "--open-mode=append",
+                      f"--output={job_dir / TASK_LOG}",
                       *rendered.step_options],
         "stderr_to_stdout": True, "setup": list(rendered.setup), "teardown": list(rendered.teardown),
         "additional_parameters": extra,

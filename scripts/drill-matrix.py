@@ -8,7 +8,8 @@ Each combination is one drill (its own uninterrupted reference run, then the fiv
 (scripts/slurm-local.sh kill-node: slurmd and every process SIGKILLed, nobody setting it DOWN); the Markdown
 table has one row per combination and scenario: ending, action, excluded node, resumed step, losses after
 resume equal to the reference (fp32), recovery (fault -> next training step) and its parts, the time lost
-(fault -> a later attempt back at the fault's step), and the drill's verdict. The raw `--json` of every drill is kept next to the table. Exits non-zero if any scenario failed.
+(fault -> a later attempt back at the fault's step), and the drill's verdict. The raw `--json` of every drill
+is kept next to the table. Exits non-zero if any scenario failed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from pathlib import Path
 
 from hpc.drill import MATRIX, SCENARIOS
 
-
 NODE_CONTROL = f"bash {Path(__file__).resolve().parent / 'slurm-local.sh'}"
 
 
-def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str, spare_nodes: str) -> tuple[list[dict], str, float]:
+def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str,
+          spare_nodes: str) -> tuple[list[dict], str, float]:
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", "--spare-nodes", spare_nodes,
                            "--node-control", NODE_CONTROL, *MATRIX[combo], "--scenarios",

@@ -202,7 +202,8 @@ def test_relaunches_and_retries_share_one_budget_and_exclusions_accumulate_in_th
                                {**STATES, "n4": "idle"}, allocation=alloc)
     assert (decision.action, decision.excluded) == ("relaunch", ("n2", "n3"))
     assert "on n1, n4" in decision.reason
-    spent = attempts.decide(Ending("hung", node="n3"), history, Policy(max_retries=1, nodes=2), STATES, allocation=alloc)
+    spent = attempts.decide(Ending("hung", node="n3"), history, Policy(max_retries=1, nodes=2), STATES,
+                            allocation=alloc)
     assert spent.action == "none" and "used its 1 retry" in spent.reason
 
 

@@ -241,7 +241,8 @@ def test_write_is_all_or_nothing(tmp_path: Path) -> None:
     rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
     render.write(rendered)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [
-        ".hpcdist-job", "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "step.sh", "task.sh"]
+        ".hpcdist-job", "job.sbatch", "logs", "ranks.txt", "requeue.sh", "run", "setup.sh", "spec.yaml", "step.sh",
+        "task.sh"]
     with pytest.raises(render.RenderError, match="already exists"):
         render.write(rendered)
     render.write(rendered, force=True)

@@ -345,3 +345,62 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
     assert lines[0]["excluded"] == [] and lines[1]["excluded"] == [first["hostname"]]
     assert "relaunched in the allocation" in lines[0]["reason"] and "through the queue" in lines[1]["reason"]
     assert first["hostname"] not in (third["hostname"], peer["hostname"])
+
+
+def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_without_it(tmp_path):
+    """The node running the batch shell dies for real (slurmd and every process, nobody setting it DOWN): the
+    waiter sees it in seconds (the surviving rank names it in lost.json, its slurmd does not answer), cancels
+    the old job so Slurm never requeues it, and submits the run again without that node; it resumes from the
+    newest checkpoint and completes, and nothing of the old job runs on."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
+    args = ["submit", "--via", "sbatch", "--nodes", "2", "--backend", "ddp", "--time", "10", "--job-dir",
+            str(job_dir), "--wait", "--", "--max-steps", "60", "--epochs", "1000", "--log-every", "1",
+            "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
+            "--threads", "1"]
+    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
+    job_id, host = None, None
+    try:
+        job_id = job_id_of(waiter.stdout.readline())
+        first = live_rank(job_dir, job_id, 0, attempt=0, step=8)
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        host = re.search(r"BatchHost=(\S+)", shown).group(1)
+        assert first["hostname"] == host
+        killed_at = time.time()
+        subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
+        out, err = waiter.communicate(timeout=240)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+        if host:
+            subprocess.run([*node_control, "revive", host], check=False, capture_output=True)
+    print(out, err)
+    lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["ending"], a["node"], a["action"], a["source"]) for a in lines] == [
+        ("node_failure", host, "resubmit", "waiter"), ("completed", None, "none", "batch")]
+    new_id = lines[1]["job_id"]
+    assert new_id != job_id and lines[0]["reason"] == f"resubmitted as job {new_id} without {host}"
+    assert waiter.returncode == 0 and f"{new_id}  COMPLETED" in out, out + err
+    # One run of the job directory: the old job was cancelled (never requeued), none of its ranks runs on.
+    old = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    # (Slurm shows it COMPLETING until its dead node's part is cleaned up; it never went back to the queue.)
+    assert not old.strip() or (re.search(r"JobState=(CANCELLED|COMPLETING) ", old) and " Restarts=0 " in old), old
+    assert not [p for p in Path("/proc").glob("[0-9]*/environ")
+                if f"SLURM_JOB_ID={job_id}\0".encode() in _read_bytes(p)]
+    registered = [json.loads(x) for x in (home / "jobs.jsonl").read_text().splitlines()]
+    assert registered[-1]["job_id"] == new_id and registered[-1]["previous"] == job_id
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", (job_dir / "logs" / "task-0.log").read_text())
+    assert resumed and int(resumed[0]) >= 5
+    first_step = json.loads((job_dir / "run" / "heartbeat" / "rank-0.json").read_text())["marks"]["first_step_done"]
+    print(f"batch host {host} killed -> the new job's first step: {first_step - killed_at:.1f} s")
+    assert first_step - killed_at < 60
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

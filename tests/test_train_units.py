@@ -650,7 +650,7 @@ def test_a_node_whose_every_rank_stopped_beating_has_vanished():
 def test_a_slurmd_that_refuses_or_ignores_connections_does_not_answer():
     import socket as sockets
 
-    from train.watchdog import slurmd_answers
+    from hpc.slurm.commands import slurmd_answers
 
     server = sockets.socket()
     server.bind(("127.0.0.1", 0))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,14 +40,14 @@ from pathlib import Path
 from typing import Callable
 
 from hpc import fileio, vocab
+from hpc.slurm.commands import SLURMD_PORT, slurmd_answers
 from hpc.vocab import EXIT_HUNG, EXIT_NODE_LOST
 from train import heartbeat
 
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
 LOST_BEATS = 3    # heartbeats a whole node may miss before its slurmd is asked whether the node is alive
-PROBE_S = 1.0     # how long a slurmd has to accept a connection
-SLURMD_PORT = 6818  # Slurm's default SlurmdPort; the batch shell exports the cluster's in HPCDIST_SLURMD_PORT
+# The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
 
 
 @dataclass(frozen=True)
@@ -103,15 +102,6 @@ def vanished(beats: dict[int, dict], now: float, *, me: dict, lost_s: float) -> 
         if now - newest > lost_s:
             return node, sorted(int(b["rank"]) for b in mine), newest
     return None
-
-
-def slurmd_answers(node: str, port: int, timeout_s: float = PROBE_S) -> bool:
-    """Whether the node's slurmd accepts a connection: a refused or unanswered one means the node is gone."""
-    try:
-        with socket.create_connection((node, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def own_stacks() -> str:

@@ -72,22 +72,33 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     submitted = submit_or_exit("submit", rendered, where)
     record = submitted.record
     click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
-    if not wait_:
-        return
-    from hpc.commands.observe import Follower
+    if wait_:
+        _wait(submitted)
+
+
+class _Rescued(Exception):
+    """The batch host died and the run goes on as a new job (hpc/rescue.py)."""
+
+    def __init__(self, record: jobs.Record) -> None:
+        super().__init__(record.job_id)
+        self.record = record
+
+
+def _wait(submitted: Any) -> None:
+    """Follow a job to its end, as `submit --wait` and `watch` do: progress, attempts, a requeued job started
+    at once, a dead batch host's run started again as a new job; exit non-zero unless it completed."""
+    from hpc import submit as submitting
 
     started = time.monotonic()
-    follower = Follower(record, click.get_text_stream("stdout"))
-    explain = _pending_reporter(record) if where != "local" else None
-    retries = _follow_attempts(record)
-
-    def poll(current: jobs.JobState) -> None:
-        follower.poll(current)
-        if explain is not None:
-            explain(current)
-        retries(current)
-
-    final = submitting.wait(submitted, on_poll=poll)
+    while True:
+        record = submitted.record
+        follower, poll = _poller(record)
+        try:
+            final = submitting.wait(submitted, on_poll=poll)
+        except _Rescued as rescued:
+            submitted = submitting.Submitted(rescued.record)
+            continue
+        break
     follower.finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
     for line in _attempt_lines(_attempts(record)):
@@ -97,6 +108,54 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
         if report:
             click.echo(report, err=True)
         sys.exit(min(final.exit_code or 1, 255))
+
+
+def _poller(record: jobs.Record) -> tuple[Any, Callable[[jobs.JobState], None]]:
+    """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts, a dead batch host."""
+    from hpc import rescue
+    from hpc.commands.observe import Follower
+
+    follower = Follower(record, click.get_text_stream("stdout"))
+    explain = _pending_reporter(record) if record.via != "local" else None
+    retries = _follow_attempts(record)
+    watcher = rescue.Watcher(record) if record.via != "local" else None
+
+    def poll(current: jobs.JobState) -> None:
+        follower.poll(current)
+        if explain is not None:
+            explain(current)
+        retries(current)
+        if watcher is not None:
+            watcher.start_soon(current.state)
+        if watcher is not None and current.state == "RUNNING" and (host := watcher.lost_host()):
+            new = rescue.resubmit(record, host, os.environ)
+            click.echo(f"hpcdist: {attempts_summary(record)}", err=True)
+            if new is not None:
+                raise _Rescued(new)
+
+    return follower, poll
+
+
+def attempts_summary(record: jobs.Record) -> str:
+    from hpc import attempts
+
+    history = attempts.load(Path(record.job_dir))
+    return attempts.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
+
+
+@click.command()
+@click.argument("job")
+def watch(job: str) -> None:
+    """Wait for a job as `submit --wait` does, and start its run again as a new job if its batch host dies.
+
+    For jobs nobody keeps a terminal open for: `nohup hpcdist watch JOB &`, or a user service."""
+    from hpc import submit as submitting
+
+    record = _lookup("watch", job)
+    if record.via == "local":
+        fail("watch", ValueError(f"job {record.job_id} runs on this machine (local executor); wait for it "
+                                 "with `hpcdist status` or `logs -f`"))
+    _wait(submitting.Submitted(record))
 
 
 def _pending_reporter(record: jobs.Record) -> Callable[[jobs.JobState], None]:

@@ -9,6 +9,7 @@ answer) for a parser to read, and takes ``runner`` so tests can answer for Slurm
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -60,9 +61,10 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
     return _answer(argv, runner)
 
 
-def sbatch(script: Path, runner: Runner | None = None) -> str:
-    """``sbatch --parsable SCRIPT``: what it printed (the job id), or SlurmError."""
-    argv = ["sbatch", "--parsable", str(script)]
+def sbatch(script: Path, runner: Runner | None = None, options: Sequence[str] = ()) -> str:
+    """``sbatch --parsable [OPTIONS] SCRIPT``: what it printed (the job id), or SlurmError. ``options`` win over
+    the script's own #SBATCH lines."""
+    argv = ["sbatch", "--parsable", *options, str(script)]
     # From the script's own directory: the job's working directory is then the job directory.
     proc = runner(argv) if runner else run(argv, cwd=str(Path(script).parent))
     if proc.returncode != 0:
@@ -80,3 +82,32 @@ def scancel(jobs: Sequence[str], signal: str | None = None, runner: Runner = run
     """``scancel [--signal=SIG] JOBS``; whether Slurm took it."""
     proc = runner(["scancel", *([f"--signal={signal}"] if signal else []), *jobs])
     return proc.returncode == 0
+
+
+SLURMD_PORT = 6818  # Slurm's default SlurmdPort
+
+
+def slurmd_port(runner: Runner = run) -> int:
+    """The cluster's SlurmdPort (``scontrol show config``), else Slurm's default."""
+    text = _answer(["scontrol", "show", "config"], runner) or ""
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == "SlurmdPort" and value.strip().isdigit():
+            return int(value.strip())
+    return SLURMD_PORT
+
+
+def slurmd_answers(node: str, port: int = SLURMD_PORT, timeout_s: float = 1.0) -> bool:
+    """Whether the node's slurmd accepts a connection: refused or unanswered, the node is gone (Slurm itself
+    decides only after SlurmdTimeout, minutes later)."""
+    try:
+        with socket.create_connection((node, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def start_now(job: str, runner: Runner = run) -> bool:
+    """``scontrol update JobId=JOB StartTime=now``: a pending job is considered at once, not at the next
+    scheduling pass; whether Slurm took it."""
+    return runner(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0

@@ -1,0 +1,119 @@
+"""Start a run again as a new job when its batch host died: the part of recovery only a waiter can do.
+
+    host = rescue.lost_batch_host(batch_host, lost, beats, now=time.time(), answers=slurmd_answers)
+    new = rescue.resubmit(record, host, environ)      # the old job cancelled, job.sbatch submitted again
+
+When the node running the batch shell dies, nothing of the job is left to relaunch its step, and Slurm
+declares the node dead only after SlurmdTimeout (minutes), then holds the requeued job for its requeue delay.
+A waiter (``submit --wait``, ``hpcdist watch``) sees it in seconds: the surviving ranks named the batch host
+in run/lost.json, or every heartbeat of the attempt went silent and the batch host's slurmd does not answer.
+It records the lost attempt, cancels the old job (a cancelled job is never requeued: one run of the job
+directory at a time) and submits job.sbatch again without the dead node, a new job that the registry links to
+the old one and that resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+from hpc import attempts, jobs, monitor, registry, vocab
+from hpc.monitor import Heartbeat
+from hpc.slurm import commands
+from hpc.slurm.runner import SlurmError
+
+# Every heartbeat of the attempt this long silent, with the batch host's slurmd not answering, is a dead
+# batch host (the ranks' own verdict, lost.json, comes sooner when a node of the job survives).
+SILENT_S = 15.0
+
+
+def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, Heartbeat], *, now: float,
+                    answers: Callable[[str], bool], silent_s: float = SILENT_S) -> str | None:
+    """The batch host's name when it is gone, else None (pure but for ``answers``, the slurmd probe)."""
+    if not batch_host:
+        return None
+    if lost and lost.get("node") == batch_host:
+        return batch_host
+    attempt = max((b.attempt for b in beats.values()), default=None)
+    current = [b for b in beats.values() if b.attempt == attempt]
+    if current and all(now - b.time > silent_s for b in current) and not answers(batch_host):
+        return batch_host
+    return None
+
+
+def resubmit(record: jobs.Record, host: str, environ: Mapping[str, str],
+             clock: Callable[[], float] = time.time) -> jobs.Record | None:
+    """Record the lost attempt, cancel the old job and submit job.sbatch again without ``host`` (and the nodes
+    excluded before); the new job's record, registered, or None when Slurm refused it (said in the line)."""
+    job_dir = Path(record.job_dir)
+    history = attempts.load(job_dir)
+    beats = [b.attempt for b in monitor.read_heartbeats(job_dir / vocab.RUN_DIR).values()]
+    number = max([*beats, *(a["attempt"] + 1 for a in history), 0])
+    excluded = sorted(set().union(*(set(a.get("excluded") or ()) for a in history)) | {host})
+    commands.scancel([record.job_id])
+    ending = attempts.Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
+                                             "slurmd does not answer", node=host,
+                             step=attempts.checkpoint_in(job_dir / vocab.RUN_DIR))
+    from hpc.submit import SubmitError, parse_sbatch
+
+    # The ranks' verdict was acted on: the new job's batch shell must not end its own step on it.
+    (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
+    try:
+        text = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=[f"--exclude={','.join(excluded)}"])
+        new_id = parse_sbatch(text)
+    except (SlurmError, SubmitError) as exc:
+        decision = attempts.Decision("none", tuple(excluded), f"could not submit it again: {exc}")
+        new_id = None
+    else:
+        decision = attempts.Decision("resubmit", tuple(excluded),
+                                     f"resubmitted as job {new_id} without {', '.join(excluded)}")
+    ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(clock()))
+    attempts.append(job_dir, attempts.record(ending, decision, attempt=number, job_id=record.job_id, started="",
+                                             ended=ended, source="waiter"))
+    if new_id is None:
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    new = replace(record, job_id=new_id, via="sbatch", submitted=now, previous=record.job_id)
+    registry.write_marker(new)
+    registry.append(registry.registry_path(environ), new)
+    return new
+
+
+class Watcher:
+    """A waiter's check, at each poll of a running job, for a dead batch host; cheap until something is
+    silent (the controller is asked only then)."""
+
+    def __init__(self, record: jobs.Record, every_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+        self.record, self.every_s, self.clock = record, every_s, clock
+        self.checked = 0.0
+        self.port: int | None = None
+
+    def start_soon(self, state: str) -> None:
+        """A job that took over from a dead one starts as soon as nodes free up: the old job releases its live
+        nodes one by one, which the scheduler notices only at its next pass (~30 s) unless asked."""
+        now = self.clock()
+        if self.record.previous and state == "PENDING" and now - self.checked >= self.every_s:
+            self.checked = now
+            commands.start_now(self.record.job_id)
+
+    def lost_host(self) -> str | None:
+        now = self.clock()
+        if now - self.checked < self.every_s:
+            return None
+        self.checked = now
+        run_dir = Path(self.record.job_dir) / vocab.RUN_DIR
+        beats = monitor.read_heartbeats(run_dir)
+        attempt = max((b.attempt for b in beats.values()), default=0)
+        lost = attempts.read_lost(run_dir, attempt)
+        silent = bool(beats) and all(now - b.time > SILENT_S for b in beats.values() if b.attempt == attempt)
+        if lost is None and not silent:
+            return None
+        shown = commands.show("job", self.record.job_id)
+        host = attempts.parse_keyvalues(shown or "").get("BatchHost", "")
+        if self.port is None:
+            self.port = commands.slurmd_port()
+        port = self.port
+        return lost_batch_host(host, lost, beats, now=now, answers=lambda node: commands.slurmd_answers(node, port))

@@ -1,0 +1,62 @@
+"""Specifications of hpc/rescue.py: when a waiter calls the batch host dead, and what it records and submits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hpc import jobs, rescue
+from hpc.monitor import Heartbeat
+
+
+def beat(rank: int, at: float, attempt: int = 0) -> Heartbeat:
+    return Heartbeat(rank=rank, hostname=f"n{rank + 1}", attempt=attempt, time=at, phase="train")
+
+
+def test_the_batch_host_is_lost_when_the_ranks_named_it_or_everything_went_silent_and_it_does_not_answer():
+    asked = []
+
+    def answers(node: str) -> bool:
+        asked.append(node)
+        return False
+
+    fresh = {0: beat(0, 100.0), 1: beat(1, 99.0)}
+    assert rescue.lost_batch_host("n1", {"node": "n1"}, fresh, now=100.0, answers=answers) == "n1"
+    assert not asked  # the ranks' verdict needs no second opinion
+    # Another node named lost is requeue.sh's to relaunch (the batch host lives); fresh beats: nothing to do.
+    assert rescue.lost_batch_host("n1", {"node": "n2"}, fresh, now=100.0, answers=answers) is None
+    silent = {0: beat(0, 80.0), 1: beat(1, 81.0)}
+    assert rescue.lost_batch_host("n1", None, silent, now=100.0, answers=answers) == "n1" and asked == ["n1"]
+    # A slurmd that answers: the ranks are stuck, not gone (the hang watchdog's case), and an earlier attempt's
+    # silent files do not count.
+    assert rescue.lost_batch_host("n1", None, silent, now=100.0, answers=lambda node: True) is None
+    mixed = {0: beat(0, 10.0, attempt=0), 1: beat(1, 99.0, attempt=1)}
+    assert rescue.lost_batch_host("n1", None, mixed, now=100.0, answers=answers) is None
+    assert rescue.lost_batch_host("", {"node": "n1"}, fresh, now=100.0, answers=answers) is None
+
+
+def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_the_new_job(tmp_path, monkeypatch):
+    job_dir = tmp_path / "job"
+    (job_dir / "run").mkdir(parents=True)
+    (job_dir / "job.sbatch").write_text("#!/bin/bash\n")
+    (job_dir / "run" / "lost.json").write_text(json.dumps({"node": "n1", "attempt": 0}))
+    (job_dir / "attempts.jsonl").write_text(json.dumps(
+        {"attempt": 0, "job_id": "7", "started": "", "ended": "", "ending": "rank_crashed", "node": "n3",
+         "action": "relaunch", "excluded": ["n3"]}) + "\n")
+    calls = []
+    monkeypatch.setattr(rescue.commands, "scancel", lambda ids: calls.append(("scancel", *ids)) or True)
+    monkeypatch.setattr(rescue.commands, "sbatch",
+                        lambda script, options=(): calls.append(("sbatch", *options, str(script))) or "8\n")
+    record = jobs.Record(job_id="7", job_dir=str(job_dir), via="submitit", submitted="then", nodes=2)
+    new = rescue.resubmit(record, "n1", {"HPCDIST_HOME": str(tmp_path / "home")}, clock=lambda: 0.0)
+    assert calls == [("scancel", "7"), ("sbatch", "--exclude=n1,n3", str(job_dir / "job.sbatch"))]
+    assert (new.job_id, new.via, new.previous, new.nodes) == ("8", "sbatch", "7", 2)
+    line = json.loads((job_dir / "attempts.jsonl").read_text().splitlines()[-1])
+    assert (line["attempt"], line["ending"], line["node"], line["action"], line["source"]) == (
+        1, "node_failure", "n1", "resubmit", "waiter")
+    assert line["reason"] == "resubmitted as job 8 without n1, n3"
+    # The ranks' verdict was acted on; the registry and the job's own marker name the new job.
+    assert not (job_dir / "run" / "lost.json").exists()
+    assert jobs.lookup("8", {"HPCDIST_HOME": str(tmp_path / "home")}).previous == "7"
+    assert json.loads((job_dir / "submitted.json").read_text())["job_id"] == "8"
+    assert Path(new.job_dir) == job_dir
