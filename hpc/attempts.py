@@ -30,6 +30,7 @@ from hpc.vocab import (
     EXIT_BAD_INPUT,
     EXIT_HUNG,
     EXIT_PREEMPTED,
+    EXIT_STORAGE,
     HANG,
     HEARTBEAT,
     LOGS_DIR,
@@ -44,7 +45,7 @@ from hpc.vocab import (
 from hpc.vocab import PREEMPTED as MARKER
 
 ENDINGS = ("completed", "preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input",
-           "code_error", "cancelled", "unknown")
+           "storage", "code_error", "cancelled", "unknown")
 ACTIONS = ("requeue", "relaunch", "retry", "resubmit", "none")
 # Endings worth another attempt on other nodes (from the newest checkpoint), and those that resume where
 # every rank checkpointed together.
@@ -105,7 +106,7 @@ class RankError:
     node: str
     attempt: int
     time: float
-    kind: str            # "bad_input" or "exception"
+    kind: str            # "bad_input", "storage" or "exception"
     error: str           # one line: "global batch 32 does not split ..." or "ValueError: ..."
     exit_code: int | None = None
 
@@ -424,6 +425,21 @@ def classify(ev: Evidence) -> Ending:
         return Ending("bad_input", f"{_who(rank, first_end.node if first_end else None, label)}: {line}",
                       rank=rank, node=first_end.node if first_end else None, exit_code=EXIT_BAD_INPUT, step=step)
 
+    # A checkpoint the disk could not take (full, over quota, read-only): the rank's line names the path and
+    # the free and needed bytes; retrying would only fill the same disk again.
+    storage = [e for e in errors if e.kind == "storage"]
+    stored = next((e for e in ends if e.exit_code == EXIT_STORAGE), None)
+    if storage or ev.step_status == EXIT_STORAGE or stored:
+        first = _first_error(storage)
+        if first:
+            return Ending("storage", f"{_who(first.rank, first.node)}: {first.error}", rank=first.rank,
+                          node=first.node, exit_code=EXIT_STORAGE, step=step)
+        task = stored.task if stored else min(ev.task_logs, default=0)
+        rank, label = _ranks(task, per)
+        line = last_error_line(ev.task_logs.get(task, "")) or "a checkpoint could not be written (exit status 74)"
+        return Ending("storage", f"{_who(rank, stored.node if stored else None, label)}: {line}", rank=rank,
+                      node=stored.node if stored else None, exit_code=EXIT_STORAGE, step=step)
+
     own = [e for e in errors if not e.symptom]
     if own:
         first = _first_error(own)
@@ -505,6 +521,7 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"requeue {used + 1} of {policy.max_requeues}: resume from the checkpoint")
     if ending.ending not in RETRIED:
         why = {"bad_input": "bad input is never retried: fix it and resubmit",
+               "storage": "a storage failure is not retried: free space (or fix the path) and resubmit with --resume",
                "code_error": "an error in the training code is never retried: fix it and resubmit",
                "completed": "", "cancelled": "cancelled by request",
                "unknown": "an ending hpcdist cannot classify is not retried"}
@@ -840,7 +857,10 @@ def reconcile(job_dir: Path, job_id: str, runner: Runner = _run) -> list[dict[st
     if proc.returncode == 0:
         batch_text = _read(Path(job_dir) / batch_log(job_id))
         for line in from_sacct(parse_runs(proc.stdout, job_id), load(job_dir), job_id, job_dir, batch_text):
-            append(job_dir, line)
+            try:
+                append(job_dir, line)
+            except OSError:
+                break  # a full disk, a read-only job directory: shown now, recorded by a later reader
     return sorted(load(job_dir), key=lambda a: a["attempt"])
 
 

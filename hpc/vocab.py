@@ -24,6 +24,7 @@ DEFAULT_JOB_NAME = "hpcdist"
 
 # The trainer's exit statuses (docs/CONTRACTS.md); anything else is a failure.
 EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 74  # a checkpoint could not be written (the disk full, the path read-only): sysexits' EX_IOERR
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
 EXIT_NODE_LOST = 77  # every rank of another node vanished and its slurmd does not answer (RUN_DIR/lost.json)

@@ -364,3 +364,34 @@ def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collectiv
     assert "rank 1 on" in launched.output() and "hung in set-up (rendezvous)" in launched.output()
     print(f"rank 1 frozen in {hang['phase']} named {took:.1f} s after SIGSTOP (threshold 3 s; --timeout-s 600)")
     assert took < 30
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_during_a_checkpoint_is_a_storage_ending_and_leaves_nothing_half_written(tmp_path):
+    """Room for one ~3.8 MB checkpoint, not two: the second fails, the first stays complete, no .tmp- folder is
+    left, the rank says which path and how many bytes, exits 74, and the attempt is `storage`, not retried."""
+    from hpc import attempts
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+    try:
+        run_dir = small / "run"
+        proc = subprocess.run([sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(run_dir),
+                               "--max-steps", "10", "--checkpoint-every", "5", "--dataset", "synthetic",
+                               "--synthetic-size", "256", "--batch-size", "32", "--threads", "1",
+                               "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 74, proc.stderr[-2000:]
+        [line] = [x for x in proc.stderr.splitlines() if x.startswith("hpcdist-train: error:")]
+        assert f"no space left on device writing checkpoint step00000010 in {run_dir / 'checkpoints'}" in line
+        assert "bytes free, about 3," in line and "(step00000005) is intact" in line, line
+        assert sorted(os.listdir(run_dir / "checkpoints")) == ["step00000005"]
+        assert checkpoints.newest(run_dir / "checkpoints").name == "step00000005"
+        [error] = attempts.read_errors(run_dir)
+        assert error.kind == "storage" and error.error == line.removeprefix("hpcdist-train: error: ")
+        ending = attempts.classify(attempts.Evidence(attempt=0, step_status=74, errors=(error,), checkpoint_step=5))
+        assert (ending.ending, ending.step) == ("storage", 5)
+        decision = attempts.decide(ending, [], attempts.Policy(max_retries=2, nodes=1), {}, allocation=["n1", "n2"])
+        assert decision.action == "none" and "free space" in decision.reason
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

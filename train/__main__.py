@@ -35,7 +35,7 @@ from train import preemption
 TORCH_IMPORTED = time.time()
 
 from hpc import attempts, dsconfig, ranks, vocab
-from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
 from train import checkpoint, heartbeat, watchdog
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
 from train.engines import DeepSpeedEngine, Engine, TorchEngine
@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as exc:
         print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
         status = 1
+        return status
+    except checkpoint.StorageError as exc:
+        print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
+        attempts.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
+        status = EXIT_STORAGE
         return status
     except Exception as exc:
         # This rank's own error, for the job's report to lead with (hpc/attempts.py reads RUN_DIR/errors/).

@@ -8,6 +8,8 @@ resume falls back to the previous complete one; ``KEEP`` checkpoints are kept fo
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import random
 import shutil
@@ -20,6 +22,35 @@ import torch
 from hpc.checkpoints import complete, name_for, newest, write_manifest
 
 KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
+# Failures of the storage itself, not of the training: retrying elsewhere would only fail the same way.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+class StorageError(OSError):
+    """A checkpoint could not be written for want of space or write access; nothing half-written is left."""
+
+
+def disk_full(root: Path, least: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(root).free < least
+    except OSError:
+        return False
+
+
+def storage_error(code: int, root: Path, tag: str) -> StorageError:
+    """The one line a full disk (or a quota, or a read-only mount) is reported by: path, free and needed bytes."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    last = newest(root)
+    needed = sum(p.stat().st_size for p in last.rglob("*") if p.is_file()) if last is not None else None
+    what = os.strerror(code).lower()
+    return StorageError(code, f"{what} writing checkpoint {tag} in {root}: "
+                                   f"{'?' if free is None else f'{free:,}'} bytes free, about "
+                                   f"{'?' if needed is None else f'{needed:,}'} needed; the previous checkpoint"
+                                   f" ({last.name if last is not None else 'none'}) is intact: free space or "
+                                   "move --run-dir, then resubmit with --resume")
 
 
 def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda x: x,
@@ -52,11 +83,25 @@ def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None]
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
         (staging / tag).mkdir(parents=True)
     barrier()
-    write(staging, tag)
-    barrier()
+    code = None
+    try:
+        write(staging, tag)
+        barrier()
+        if rank == 0:
+            write_manifest(staging / tag, step)
+    except Exception as exc:
+        # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
+        if not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS) and not disk_full(root):
+            raise
+        code = exc.errno if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS else errno.ENOSPC
+    if code is not None:
+        # Outside the except: the failed write's frames (and its open file, whose blocks a deleted file keeps)
+        # are gone, so removing the half-written folder frees its space for the rank's error report.
+        gc.collect()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise storage_error(code, root, tag)
     final = root / tag
     if rank == 0:
-        write_manifest(staging / tag, step)
         if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
             os.rename(final, root / f".old-{tag}")
         os.rename(staging / tag, final)
