@@ -37,7 +37,7 @@ TRAIN_ARGS = ("--epochs", "1000", "--log-every", "1", "--dataset", "synthetic", 
               "--timeout-s", "120")
 # Slurm keeps a time limit in whole minutes and acts on a cut one at its next check (every ~30 s), so the
 # time-limit job must still be training this long after the fault: its steps come from the measured rate.
-TIME_LIMIT_REACH_S = 75
+TIME_LIMIT_REACH_S = 45
 # The reference job runs until the drill has every step it needs (then it is cancelled).
 REFERENCE_STEPS_CAP = 1_000_000
 POLL_S = 0.2

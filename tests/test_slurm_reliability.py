@@ -324,19 +324,26 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
             "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
-    job_id = None
+    job_id, backlog = None, None
     try:
         job_id = job_id_of(waiter.stdout.readline())
         first = live_rank(job_dir, job_id, 1, attempt=0, step=8)
+        # A backlog ready to take any node that frees up: the relaunch never frees one, so it waits on.
+        backlog = subprocess.run(["sbatch", "--parsable", "-N3", "--exclusive", "-J", "backlog", "--wrap", "true"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
         os.kill(first["pid"], signal.SIGKILL)
         second = live_rank(job_dir, job_id, 1, attempt=1, step=8)
         assert second["hostname"] == first["hostname"] and second["pid"] != first["pid"]
+        state = subprocess.run(["squeue", "-h", "-j", backlog, "-o", "%T"], capture_output=True, text=True)
+        assert state.stdout.strip() == "PENDING", state.stdout
+        subprocess.run(["scancel", backlog], check=False)
         os.kill(second["pid"], signal.SIGKILL)
         third = live_rank(job_dir, job_id, 1, attempt=2, step=8, timeout=120)
         peer = live_rank(job_dir, job_id, 0, attempt=2, step=8)
     finally:
-        if job_id:
-            subprocess.run(["scancel", job_id], check=False)
+        for job in (job_id, backlog):
+            if job:
+                subprocess.run(["scancel", job], check=False)
         out, err = waiter.communicate(timeout=120)
     lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
     print(json.dumps(lines, indent=1), out, err)

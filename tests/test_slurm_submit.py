@@ -62,12 +62,16 @@ def test_the_submitit_script_agrees_with_the_dry_run(tmp_path):
         assert f"job_dir={job_dir}" in batch and 'source "$job_dir/setup.sh"' in batch
         assert f"source {job_dir / 'setup.sh'}" in submitted.split("# command")[0]
 
-        # The same step: srun with --kill-on-bad-exit and the same task logs, running task.sh in each task.
+        # The same step: srun with --kill-on-bad-exit, the step's own geometry and the same task logs, running
+        # task.sh in each task (job.sbatch runs it through step.sh, which a relaunch reuses).
         srun = next(line for line in submitted.splitlines() if line.startswith("srun "))
-        assert "--kill-on-bad-exit=1" in srun and "--kill-on-bad-exit=1" in batch
+        step = (job_dir / "step.sh").read_text()
+        assert 'bash "$job_dir/step.sh"' in batch
+        for option in ("--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2"):
+            assert option in srun and option in step, option
         assert srun.endswith(f"-m submitit.core._submit {job_dir / 'submitit'}")
         assert f"--output={job_dir / 'logs' / 'task-%t.log'}" in srun
-        assert '--output="$job_dir/logs/task-%t.log"' in batch and 'bash "$job_dir/task.sh"' in batch
+        assert f"--output={job_dir / 'logs' / 'task-%t.log'}" in step and f"bash {job_dir / 'task.sh'}" in step
         code = ("import sys, submitit\n"
                 "d = submitit.core.utils.DelayedSubmission.load(sys.argv[1])\n"
                 "print(d.function.__module__, d.function.__name__, d.args)\n")

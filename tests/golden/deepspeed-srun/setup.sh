@@ -20,7 +20,7 @@ export PYTHONPATH=/src/hpcdist"${PYTHONPATH:+:$PYTHONPATH}"
 export HPCDIST_PYTHON=/opt/venv/bin/python
 # A marker left by an earlier run was acted on already; this run's ranks write their own.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
-    rm -f /jobs/golden/run/preempted
+    rm -f /jobs/golden/run/preempted /jobs/golden/run/lost.json
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' setup_done "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
     # Slurm's SIGTERM at the time limit, a cancellation or a node failure would end the batch shell before
     # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
