@@ -1,7 +1,7 @@
 """The planner's per-GPU model-state estimate agrees with what DeepSpeed holds on two CPU ranks.
 
-tools/memprobe.py trains 4 x Linear(2048, 2048) (16.8M parameters; 67M by default) for two steps under ZeRO 0-3 in fp32 and
-bf16 over gloo, and counts the bytes of every tensor storage alive during the last step, split into
+tools/memprobe.py trains 4 x Linear(2048, 2048) (16.8M parameters; 67M by default) for two steps under ZeRO
+0-3 in fp32 and bf16 over gloo, and counts the bytes of every tensor storage alive during the last step, split into
 parameters, gradients and optimizer state (fp32 master copy and moments). Model states are counted where
 each stage's accounting says they coexist: for ZeRO-0/1 just before DeepSpeed reduces gradients, when
 every full gradient exists (the paper's ZeRO-1 keeps them to the step; DeepSpeed frees them once reduced
