@@ -498,6 +498,11 @@ class Policy:
     nodes: int = 1                 # nodes the job needs
 
 
+def excluded_so_far(history: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Every node the job's earlier attempts kept it off (exclusions accumulate)."""
+    return {node for h in history for node in (h.get("excluded") or ())}
+
+
 def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
            node_states: Mapping[str, str], allocation: Sequence[str] = ()) -> Decision:
     """Requeue a checkpointed stop, relaunch or retry a lost node/rank or a hang, never retry bad input or a bug.
@@ -510,8 +515,7 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
     nodes accumulate over retries; a retry that would leave fewer usable nodes than the job needs is refused,
     saying so, rather than queued forever.
     """
-    earlier = [set(h.get("excluded") or ()) for h in history]
-    excluded = set().union(*earlier) if earlier else set()
+    excluded = excluded_so_far(history)
     if ending.ending in REQUEUED:
         used = sum(1 for h in history if h.get("action") == "requeue")
         if used >= policy.max_requeues:
@@ -841,7 +845,7 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str
         ended = Ending(ending, detail, node=node, exit_code=exit_code, signal=sig or None, step=step)
         action = ("retry" if ending in RETRIED else "requeue") if later else "none"
         reason = "Slurm requeued it" if later else ""
-        excluded = set().union(*(set(a.get("excluded") or ()) for a in previous)) if previous else set()
+        excluded = excluded_so_far(previous)
         if action == "retry" and node:
             excluded.add(node)
             reason += f" (hpcdist keeps it off {', '.join(sorted(excluded))})"

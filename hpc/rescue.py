@@ -52,7 +52,7 @@ def resubmit(record: jobs.Record, host: str, environ: Mapping[str, str],
     history = attempts.load(job_dir)
     beats = [b.attempt for b in monitor.read_heartbeats(job_dir / vocab.RUN_DIR).values()]
     number = max([*beats, *(a["attempt"] + 1 for a in history), 0])
-    excluded = sorted(set().union(*(set(a.get("excluded") or ()) for a in history)) | {host})
+    excluded = sorted(attempts.excluded_so_far(history) | {host})
     commands.scancel([record.job_id])
     ending = attempts.Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
                                              "slurmd does not answer", node=host,

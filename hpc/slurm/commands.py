@@ -89,7 +89,7 @@ SLURMD_PORT = 6818  # Slurm's default SlurmdPort
 
 def slurmd_port(runner: Runner = run) -> int:
     """The cluster's SlurmdPort (``scontrol show config``), else Slurm's default."""
-    text = _answer(["scontrol", "show", "config"], runner) or ""
+    text = show("config", runner=runner) or ""
     for line in text.splitlines():
         name, _, value = line.partition("=")
         if name.strip() == "SlurmdPort" and value.strip().isdigit():
