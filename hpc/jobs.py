@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from hpc import jobfiles, nodelist
-from hpc.attempts import parse_keyvalues
 from hpc.logs import failing_task, failure_report, log_files, ranks_label, srun_first_failure, tail, task_of  # noqa: F401
 from hpc.registry import (  # noqa: F401
     DEFAULT_HOME,
@@ -32,13 +30,15 @@ from hpc.registry import (  # noqa: F401
     registry_path,
     write_marker,
 )
-from hpc.slurm import commands
-from hpc.slurm.runner import Runner, SlurmError, check
+from hpc.slurm import commands, grammar, parse
+from hpc.slurm.runner import Runner, SlurmError
 from hpc.slurm.runner import run as slurm_run
 from hpc.slurm.states import LIVE, TERMINAL
+from hpc.slurm.states import base as base_state
 from hpc.vocab import SUBMITIT_DIR  # noqa: F401
 
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed", "NNodes")
+SQUEUE_FORMAT, SQUEUE_FIELDS = "%i|%T|%N|%M", ("JobID", "State", "NodeList", "Elapsed")
 # Slurm's NodeList of a job that has no nodes (pending, or cancelled before it started).
 NO_NODES = ("", "None assigned", "(null)")
 
@@ -75,21 +75,14 @@ class JobState:
 
 # ---- asking Slurm --------------------------------------------------------------------------------
 
-def _exit_code(text: str) -> tuple[int | None, int | None]:
-    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
-    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
-
-
 def parse_sacct(text: str, job_id: str) -> JobState | None:
     """The allocation's row of ``sacct -X -n -P -o JobID,State,ExitCode,NodeList,Elapsed,NNodes``."""
-    for line in text.splitlines():
-        cols = line.split("|")
-        if len(cols) < len(SACCT_FIELDS) or cols[0] != job_id:
-            continue
+    for row in parse.rows(text, SACCT_FIELDS, job=job_id):
         # "CANCELLED by 0": the state is the first word.
-        state = cols[1].split()[0] if cols[1].strip() else "UNKNOWN"
-        code, sig = _exit_code(cols[2])
-        return JobState(job_id, state, code, sig, cols[3], cols[4], int(cols[5]) if cols[5].isdigit() else None)
+        state = base_state(row["State"]) if row["State"] else "UNKNOWN"
+        code, sig = grammar.exit_code(row["ExitCode"]) or (None, None)
+        nnodes = int(row["NNodes"]) if row["NNodes"].isdigit() else None
+        return JobState(job_id, state, code, sig, row["NodeList"], row["Elapsed"], nnodes)
     return None
 
 
@@ -106,10 +99,8 @@ def nodelist_unsettled(state: JobState) -> bool:
 
 def parse_squeue(text: str, job_id: str) -> JobState | None:
     """A row of ``squeue -h -o %i|%T|%N|%M``."""
-    for line in text.splitlines():
-        cols = line.split("|")
-        if len(cols) >= 4 and cols[0] == job_id:
-            return JobState(job_id, cols[1], None, None, cols[2], cols[3])
+    for row in parse.rows(text, SQUEUE_FIELDS, job=job_id):
+        return JobState(job_id, row["State"], None, None, row["NodeList"], row["Elapsed"])
     return None
 
 
@@ -118,7 +109,7 @@ def _where_it_ran(state: JobState, runner: Runner) -> JobState:
     if not nodelist_unsettled(state):
         return state
     shown = commands.show("job", state.job_id, runner=runner)
-    nodes = parse_keyvalues(shown).get("NodeList", "") if shown is not None else ""
+    nodes = parse.keyvalues(shown).get("NodeList", "")
     return state if nodes in NO_NODES else replace(state, nodelist=nodes)
 
 
@@ -143,7 +134,7 @@ def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str
     controller no longer knows a job and accounting cannot answer."""
     if not job_ids:
         return {}
-    rows, queue_answered = commands.queued(job_ids, "%i|%T|%N|%M", runner)
+    rows, queue_answered = commands.queued(job_ids, SQUEUE_FORMAT, runner)
     queued = {j: parse_squeue(rows, j) if rows is not None else None for j in job_ids}
     rest = [j for j in job_ids if queued[j] is None or queued[j].state not in LIVE]
     accounting = commands.sacct(rest, SACCT_FIELDS, runner=runner) if rest else ""
@@ -241,7 +232,7 @@ def cancel(record: Record, runner: Runner = slurm_run) -> None:
     """scancel the job; for a local job, interrupt its controller, which stops every task."""
     if record.via != "local":
         try:
-            check(["scancel", record.job_id], runner)
+            commands.scancel([record.job_id], runner=runner, strict=True)
         except SlurmError as exc:
             raise JobError(str(exc)) from None
         return
@@ -255,4 +246,4 @@ def cancel(record: Record, runner: Runner = slurm_run) -> None:
 
 def slurm_available(environ: Mapping[str, str]) -> bool:
     """Whether this machine can submit to Slurm at all (sbatch on PATH)."""
-    return shutil.which("sbatch", path=environ.get("PATH")) is not None
+    return commands.available(environ, "sbatch")

@@ -79,7 +79,8 @@ def ranks_label(record: Record, index: int) -> str:
 def failure_report(record: Record, lines: int = 40) -> str:
     """For a job that did not complete: the root cause first (the first failing rank's own error line, from
     attempts.jsonl), then which task failed first and where, its log's tail, and the batch log's tail."""
-    from hpc import attempts
+    from hpc.failures import record as records
+    from hpc.failures.evidence import attempt_segment
 
     batch = Path(record.job_dir) / vocab.batch_log(record.job_id)
     batch_text = tail(batch, 400)
@@ -92,11 +93,11 @@ def failure_report(record: Record, lines: int = 40) -> str:
                 codes[int(index)] = int(jobfiles.read_text(path, 64))
         except (OSError, ValueError):
             pass
-    history = attempts.load(Path(record.job_dir))
+    history = records.load(Path(record.job_dir))
     last = history[-1] if history else None
-    cause = attempts.root_cause(history[-1:])
+    cause = records.root_cause(history[-1:])
     # Every attempt appends to the batch log: srun's reports of an earlier, retried attempt are not this one's.
-    own_text = attempts.attempt_segment(batch_text, last["attempt"]) if last else batch_text
+    own_text = attempt_segment(batch_text, last["attempt"]) if last else batch_text
     index = failing_task(own_text, codes)
     # The rank the classifier blamed (a hung rank, a rank's own error) beats the task srun saw end first.
     if last and isinstance(last.get("rank"), int) and 0 <= last["rank"] < max(record.world_size, 1):

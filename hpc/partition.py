@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from hpc import nodelist
-from hpc.slurm import commands, grammar
+from hpc.slurm import commands, grammar, parse
 from hpc.slurm.runner import Runner
 from hpc.slurm.runner import run as slurm_run
 from hpc.spec import JobSpec, SpecError, time_seconds
@@ -26,7 +26,6 @@ CHECK_ENV = "HPCDIST_PARTITION_CHECK"
 # Words scontrol prints where a limit is unset.
 _UNSET = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(NULL)", "")
 # ``Key=value`` fields of one -o line: a key starts after blanks; a value may itself hold blanks (OS=Linux 6.1 #1).
-_FIELD = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/.]*)=")
 # One Gres entry: gpu[:type]:count with an optional (S:0-1) or (IDX:...) suffix.
 _GRES = re.compile(r"gpu(?::[^:(,]+)?:(\d+)[KMG]?(?:\([^)]*\))?")
 
@@ -76,16 +75,6 @@ class Cluster:
 
 # ---- parsing (pure) ------------------------------------------------------------------------------
 
-def fields(line: str) -> dict[str, str]:
-    """The ``Key=value`` pairs of one line of ``scontrol show ... -o``."""
-    marks = list(_FIELD.finditer(line))
-    out = {}
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(line)
-        out[m.group(1)] = line[m.end():end].strip()
-    return out
-
-
 def _count(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
@@ -103,8 +92,7 @@ def tres_gpus(tres: str) -> int:
 
 def parse_partitions(text: str) -> tuple[Partition, ...]:
     out = []
-    for line in text.splitlines():
-        f = fields(line)
+    for f in parse.records(text):
         if "PartitionName" not in f:
             continue
         expr = f.get("Nodes", "")
@@ -123,8 +111,7 @@ def parse_partitions(text: str) -> tuple[Partition, ...]:
 
 def parse_nodes(text: str) -> tuple[Node, ...]:
     out = []
-    for line in text.splitlines():
-        f = fields(line)
+    for f in parse.records(text):
         if "NodeName" not in f:
             continue
         cpus = _count(f.get("CPUEfctv", "")) or _count(f.get("CPUTot", "")) or 0
@@ -134,18 +121,8 @@ def parse_nodes(text: str) -> tuple[Node, ...]:
     return tuple(out)
 
 
-def parse_config(text: str) -> dict[str, str]:
-    """``scontrol show config``'s ``Key = value`` lines."""
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() and " " not in key.strip():
-            out[key.strip()] = value.strip()
-    return out
-
-
 def cluster_from(partitions: str, nodes: str, config: str) -> Cluster:
-    conf = parse_config(config)
+    conf = parse.config(config)
     storage = conf.get("AccountingStorageType")
     plugstack = conf.get("PlugStackConfig")
     return Cluster(name=conf.get("ClusterName"), partitions=parse_partitions(partitions), nodes=parse_nodes(nodes),

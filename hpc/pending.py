@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from hpc.slurm import commands
+from hpc.slurm import commands, parse
 from hpc.slurm.runner import Runner
 from hpc.slurm.runner import run as slurm_run
 
 SQUEUE_FORMAT = "%i|%T|%r|%P|%Q|%S"
+SQUEUE_FIELDS = ("JobID", "State", "Reason", "Partition", "Priority", "StartTime")
 
 # Slurm's reason code -> (what it means, what the user can do); {job} is the job id.
 REASONS: Mapping[str, tuple[str, str]] = {
@@ -103,12 +104,11 @@ def explain(reason: str, job_id: str, ahead: int | None = None, start: str | Non
 
 def parse_squeue(text: str) -> dict[str, Queued]:
     out = {}
-    for line in text.splitlines():
-        cols = line.split("|")
-        if len(cols) < 6 or not cols[0].strip():
-            continue
-        priority = int(cols[4]) if cols[4].strip().isdigit() else 0
-        out[cols[0].strip()] = Queued(cols[0].strip(), cols[1], cols[2], cols[3], priority, cols[5])
+    for row in parse.rows(text, SQUEUE_FIELDS):
+        if row["JobID"]:
+            priority = int(row["Priority"]) if row["Priority"].isdigit() else 0
+            out[row["JobID"]] = Queued(row["JobID"], row["State"], row["Reason"], row["Partition"], priority,
+                                       row["StartTime"])
     return out
 
 

@@ -20,9 +20,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from hpc import attempts, jobs, monitor, registry, vocab
+from hpc import jobs, monitor, registry, runfiles, vocab
+from hpc.failures import record as records
+from hpc.failures.gather import checkpoint_in
+from hpc.failures.policy import Decision, excluded_so_far
+from hpc.failures.rules import Ending
 from hpc.monitor import Heartbeat
-from hpc.slurm import commands
+from hpc.slurm import commands, parse
 from hpc.slurm.runner import SlurmError
 
 # Every heartbeat of the attempt this long silent, with the batch host's slurmd not answering, is a dead
@@ -49,14 +53,14 @@ def resubmit(record: jobs.Record, host: str, environ: Mapping[str, str],
     """Record the lost attempt, cancel the old job and submit job.sbatch again without ``host`` (and the nodes
     excluded before); the new job's record, registered, or None when Slurm refused it (said in the line)."""
     job_dir = Path(record.job_dir)
-    history = attempts.load(job_dir)
+    history = records.load(job_dir)
     beats = [b.attempt for b in monitor.read_heartbeats(job_dir / vocab.RUN_DIR).values()]
     number = max([*beats, *(a["attempt"] + 1 for a in history), 0])
-    excluded = sorted(attempts.excluded_so_far(history) | {host})
+    excluded = sorted(excluded_so_far(history) | {host})
     commands.scancel([record.job_id])
-    ending = attempts.Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
+    ending = Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
                                              "slurmd does not answer", node=host,
-                             step=attempts.checkpoint_in(job_dir / vocab.RUN_DIR))
+                             step=checkpoint_in(job_dir / vocab.RUN_DIR))
     from hpc.submit import SubmitError, parse_sbatch
 
     # The ranks' verdict was acted on: the new job's batch shell must not end its own step on it.
@@ -65,13 +69,13 @@ def resubmit(record: jobs.Record, host: str, environ: Mapping[str, str],
         text = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=[f"--exclude={','.join(excluded)}"])
         new_id = parse_sbatch(text)
     except (SlurmError, SubmitError) as exc:
-        decision = attempts.Decision("none", tuple(excluded), f"could not submit it again: {exc}")
+        decision = Decision("none", tuple(excluded), f"could not submit it again: {exc}")
         new_id = None
     else:
-        decision = attempts.Decision("resubmit", tuple(excluded),
+        decision = Decision("resubmit", tuple(excluded),
                                      f"resubmitted as job {new_id} without {', '.join(excluded)}")
     ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(clock()))
-    attempts.append(job_dir, attempts.record(ending, decision, attempt=number, job_id=record.job_id, started="",
+    records.append(job_dir, records.record(ending, decision, attempt=number, job_id=record.job_id, started="",
                                              ended=ended, source="waiter"))
     if new_id is None:
         return None
@@ -107,12 +111,12 @@ class Watcher:
         run_dir = Path(self.record.job_dir) / vocab.RUN_DIR
         beats = monitor.read_heartbeats(run_dir)
         attempt = max((b.attempt for b in beats.values()), default=0)
-        lost = attempts.read_lost(run_dir, attempt)
+        lost = runfiles.read_lost(run_dir, attempt)
         silent = bool(beats) and all(now - b.time > SILENT_S for b in beats.values() if b.attempt == attempt)
         if lost is None and not silent:
             return None
         shown = commands.show("job", self.record.job_id)
-        host = attempts.parse_keyvalues(shown or "").get("BatchHost", "")
+        host = parse.keyvalues(shown or "").get("BatchHost", "")
         if self.port is None:
             self.port = commands.slurmd_port()
         port = self.port

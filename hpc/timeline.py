@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hpc import jobfiles, vocab
-from hpc.slurm import grammar
+from hpc.slurm import grammar, parse
 
 TIMELINE_DIR = vocab.TIMELINE
+SACCT_TIMES = ("JobID", "Submit", "Start", "End")
 # A stamp file holds a few short lines.
 STAMPS_BYTES = 65536
 # Every stamp in the order a rank passes it.
@@ -151,12 +152,8 @@ def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
 def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]]:
     """Each attempt's Submit, Start and End (unix times) from ``sacct -D -X -n -P -o JobID,Submit,Start,End``,
     oldest first: Slurm keeps one row per run of a requeued job. End is None while it runs."""
-    rows = []
-    for line in text.splitlines():
-        cols = line.split("|")
-        if len(cols) >= 3 and cols[0] == job_id:
-            rows.append({"submitted": grammar.timestamp(cols[1]), "started": grammar.timestamp(cols[2]),
-                         "ended": grammar.timestamp(cols[3]) if len(cols) > 3 else None})
+    rows = [{"submitted": grammar.timestamp(r["Submit"]), "started": grammar.timestamp(r["Start"]),
+             "ended": grammar.timestamp(r["End"])} for r in parse.rows(text, SACCT_TIMES, job=job_id)]
     rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
     return rows
 

@@ -62,6 +62,7 @@ PREFLIGHT = "preflight"
 HEARTBEAT = "heartbeat"  # heartbeat/rank-R.json
 HANG = "hang.json"
 LOST = "lost.json"  # the first rank to see a peer node vanish names it; the batch shell then ends the step
+ERRORS = "errors"  # errors/rank-R.json: a rank's own fatal error, for the ending to lead with
 TIMELINE = "timeline"
 
 

@@ -13,7 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from hpc import attempts
+from hpc import runfiles
+from hpc.failures.evidence import attempt_segment
+from hpc.slurm import parse
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "failures"
 
@@ -33,19 +35,19 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     (out / "errors").mkdir(parents=True)
     batch = next((args.job_dir / "logs").glob("batch-*.out")).read_text(errors="replace")
-    segment = attempts.attempt_segment(batch, args.attempt)
+    segment = attempt_segment(batch, args.attempt)
     # Without the classifier's own "attempt N ended" line: the batch shell had not printed it yet.
     (out / "batch.out").write_text(segment.split(f"hpcdist: attempt {args.attempt} ended")[0])
     for log in sorted((args.job_dir / "logs").glob("task-*.log")):
         (out / log.name).write_text("\n".join(log.read_text(errors="replace").splitlines()[-80:]) + "\n")
-    for err in attempts.read_errors(args.job_dir / "run"):
+    for err in runfiles.read_errors(args.job_dir / "run"):
         if err.attempt == args.attempt:
             shutil.copy(args.job_dir / "run" / "errors" / f"rank-{err.rank}.json", out / "errors")
-    hang = attempts.read_hang(args.job_dir / "run", args.attempt)
+    hang = runfiles.read_hang(args.job_dir / "run", args.attempt)
     if hang:
         (out / "hang.json").write_text(json.dumps({k: hang[k] for k in ("rank", "node", "step", "since")
                                                    if k in hang}) + "\n")
-    case = {"attempt": args.attempt, "step_status": args.step_status, "job": attempts.parse_keyvalues(args.job),
+    case = {"attempt": args.attempt, "step_status": args.step_status, "job": parse.keyvalues(args.job),
             "down_nodes": [n for n in args.down.split(",") if n], "ranks_per_task": args.ranks_per_task,
             "launcher": args.launcher, "preempted": False, "checkpoint_step": None, "expect": {}}
     (out / "case.json").write_text(json.dumps(case, indent=2) + "\n")

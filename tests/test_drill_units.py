@@ -1,4 +1,4 @@
-"""Specifications of hpc/drill.py's pure parts: the verdict, the loss comparison, finding a job's ranks in /proc."""
+"""Specifications of hpc/drill.py's pure parts: the verdict, the loss comparison, the recovery table."""
 
 from __future__ import annotations
 
@@ -83,20 +83,6 @@ def test_restart_time_reads_the_attempts_start_line():
            "2026-12-01T09:00:20\n"
     assert drill.restart_time(text, 1) - drill.restart_time(text, 0) == 20
 
-
-def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
-    def proc(pid: int, argv: list[str], env: dict[str, str]) -> None:
-        (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
-        (tmp_path / str(pid) / "environ").write_bytes(b"\0".join(f"{k}={v}".encode() for k, v in env.items()))
-
-    proc(10, ["python", "-m", "torch.distributed.run", "-m", "train"], {"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n2"})
-    proc(11, ["python", "-u", "-m", "train", "--local_rank=1"], {"SLURM_JOB_ID": "7", "RANK": "3",
-                                                                 "SLURMD_NODENAME": "n2"})
-    proc(12, ["python", "-m", "train"], {"SLURM_JOB_ID": "8", "SLURM_PROCID": "1"})
-    (tmp_path / "self").mkdir()
-    found = sorted(drill.job_processes("7", tmp_path), key=lambda p: p.pid)
-    assert [(p.pid, p.rank, p.node) for p in found] == [(10, None, "n2"), (11, 3, "n2")]
 
 
 def test_the_table_names_each_failure():

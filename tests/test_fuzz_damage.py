@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuzz import check_outcome, sandbox
 
-from hpc import attempts, jobfiles, registry, vocab
+from hpc import jobfiles, registry, vocab
 from hpc.cli import main
+from hpc.failures import record as records
 
 JOB_ID = "4242"
 SECONDS = 10.0
@@ -259,7 +260,7 @@ def test_every_reader_survives_every_damaged_file(name, kind, data) -> None:
         if command == "attempt end" and not name.endswith(vocab.ATTEMPTS):
             # Whatever else is damaged, the attempt is recorded and the batch shell told what to do.
             assert "could not classify" not in result.stderr, result.stderr
-            assert [a["attempt"] for a in attempts.load(base / "jobs/j")] == [0, 1]
+            assert [a["attempt"] for a in records.load(base / "jobs/j")] == [0, 1]
 
 
 # ---- one regression case per class the issue names (#22) ------------------------------------------
@@ -359,7 +360,7 @@ def test_a_malformed_hang_is_still_recorded_and_retried() -> None:
         (base / "jobs/j/run/hang.json").write_text(json.dumps({**HANG, "rank": "0", "since": "x", "step": 1e300}))
         result = check("attempt end", base)
         assert "action=retry" in result.stdout
-        assert attempts.load(base / "jobs/j")[-1]["ending"] == "hung"
+        assert records.load(base / "jobs/j")[-1]["ending"] == "hung"
 
 
 def test_an_overlong_name_is_refused_before_the_filesystem() -> None:

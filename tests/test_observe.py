@@ -248,8 +248,9 @@ def test_missing_stamps_are_skipped_not_invented() -> None:
 def test_shell_stamps_and_sacct_rows_parse() -> None:
     assert timeline.parse_stamps("batch_start 12.5\nsetup_done 13\njunk\nbatch_start 99\n") == {
         "batch_start": 12.5, "setup_done": 13.0}
-    rows = timeline.parse_sacct_attempts("7|2027-01-15T08:00:05|2027-01-15T08:00:07\n"
-                                         "7|2027-01-15T08:00:00|2027-01-15T08:00:01\n8|x|y\n", "7")
+    rows = timeline.parse_sacct_attempts("7|2027-01-15T08:00:05|2027-01-15T08:00:07|Unknown\n"
+                                         "7|2027-01-15T08:00:00|2027-01-15T08:00:01|2027-01-15T08:00:04\n"
+                                         "8|x|y|z\n", "7")
     assert [r["started"] - r["submitted"] for r in rows] == [1.0, 2.0]
 
 

@@ -41,13 +41,6 @@ def test_local_cluster_as_captured_from_scontrol() -> None:
     assert (probe.max_time_s, probe.default_time_s, probe.max_nodes, probe.default) == (300, 120, 2, False)
 
 
-def test_fields_keep_values_with_blanks_and_equals_signs() -> None:
-    line = "NodeName=n1 OS=Linux 6.1 #1 SMP  RealMemory=10 CfgTRES=cpu=2,mem=1M AllocTRES= Reason=bad DIMM [a@b]"
-    f = partition.fields(line)
-    assert f["OS"] == "Linux 6.1 #1 SMP" and f["CfgTRES"] == "cpu=2,mem=1M" and f["AllocTRES"] == ""
-    assert f["Reason"] == "bad DIMM [a@b]"
-
-
 @pytest.mark.parametrize("gres,gpus", [
     ("(null)", 0), ("gpu:4", 4), ("gpu:a100:8(S:0-1)", 8), ("gpu:a40:1(S:0,2,4,6,8,10)", 1),
     ("gpu:a100:4(S:0),gpu:v100:2(S:1)", 6), ("gpu:v100:4(S:0-1),mps:400", 4), ("mps:100", 0),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.slurm import commands, grammar, runner, states
+from hpc.slurm import commands, grammar, parse, runner, states
 
 
 def test_a_missing_or_silent_command_is_a_failed_run_not_an_exception(tmp_path: Path, monkeypatch) -> None:
@@ -75,3 +75,55 @@ def test_the_state_table_puts_every_state_in_one_place() -> None:
     assert not states.TERMINAL & states.LIVE
     assert states.REQUEUED <= states.LIVE and states.ON_NODES <= states.LIVE
     assert states.base("CANCELLED by 0") == "CANCELLED"
+
+
+def test_a_scontrol_record_keeps_values_with_blanks_and_equals_signs() -> None:
+    line = "NodeName=n1 OS=Linux 6.1 #1 SMP  RealMemory=10 CfgTRES=cpu=2,mem=1M AllocTRES= Reason=bad DIMM [a@b]"
+    f = parse.record(line)
+    assert f["OS"] == "Linux 6.1 #1 SMP" and f["CfgTRES"] == "cpu=2,mem=1M" and f["AllocTRES"] == ""
+    assert f["Reason"] == "bad DIMM [a@b]"
+    assert parse.keyvalues("JobId=7 JobState=RUNNING\nJobId=8 JobState=PENDING\n") == {"JobId": "7",
+                                                                                         "JobState": "RUNNING"}
+    assert parse.keyvalues(None) == {} and [r["JobId"] for r in parse.records("JobId=7\n\nJobId=8\n")] == ["7", "8"]
+
+
+def test_rows_read_sacct_and_squeue_by_field_name_and_job() -> None:
+    text = "42|RUNNING|n1\n42_3|PENDING|\nshort\n43|COMPLETED|n2\n"
+    assert parse.rows(text, ("JobID", "State", "NodeList"), job="42") == [
+        {"JobID": "42", "State": "RUNNING", "NodeList": "n1"}]
+    assert [r["JobID"] for r in parse.rows(text, ("JobID", "State", "NodeList"))] == ["42", "42_3", "43"]
+    assert parse.node_states("n1|idle*\nn2|mixed+drain\n") == {"n1": "idle", "n2": "mixed+drain"}
+    assert parse.node_state("MIXED+DRAIN") == "mixed" and parse.config("SlurmdPort = 6818\n") == {"SlurmdPort": "6818"}
+
+
+SLURM_COMMANDS = {"sbatch", "scontrol", "squeue", "sacct", "sinfo", "scancel", "salloc", "sacctmgr", "sstat"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spelled_commands(path: Path) -> list[str]:
+    """The Slurm commands a module would run: a list or tuple that starts with one's name (an argv), or
+    one's name handed to subprocess or shutil.which."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    # click.Choice(("sbatch", "submitit")) names a way to submit, not a command to run.
+    choices = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and getattr(node.func, "attr", getattr(node.func, "id", "")) == "Choice" for arg in node.args}
+    found = []
+    for node in ast.walk(tree):
+        first = None
+        if isinstance(node, (ast.List, ast.Tuple)) and node.elts and id(node) not in choices:
+            first = node.elts[0]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("run", "Popen", "check_output", "call", "which"):
+            first = node.args[0]
+        if isinstance(first, ast.Constant) and first.value in SLURM_COMMANDS:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {first.value}")
+    return found
+
+
+def test_no_module_outside_hpc_slurm_spells_a_slurm_command() -> None:
+    modules = [p for folder in ("hpc", "train") for p in (ROOT / folder).rglob("*.py")
+               if (ROOT / "hpc" / "slurm") not in p.parents]
+    assert [line for p in sorted(modules) for line in _spelled_commands(p)] == []
+    assert _spelled_commands(ROOT / "hpc" / "slurm" / "commands.py"), "the scan must see what it looks for"

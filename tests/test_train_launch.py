@@ -370,7 +370,9 @@ def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collectiv
 def test_a_full_disk_during_a_checkpoint_is_a_storage_ending_and_leaves_nothing_half_written(tmp_path):
     """Room for one ~3.8 MB checkpoint, not two: the second fails, the first stays complete, no .tmp- folder is
     left, the rank says which path and how many bytes, exits 74, and the attempt is `storage`, not retried."""
-    from hpc import attempts
+    from hpc import runfiles
+    from hpc.failures import policy, rules
+    from hpc.failures.evidence import Evidence
 
     small = tmp_path / "small"
     small.mkdir()
@@ -387,11 +389,11 @@ def test_a_full_disk_during_a_checkpoint_is_a_storage_ending_and_leaves_nothing_
         assert "bytes free, about 3," in line and "(step00000005) is intact" in line, line
         assert sorted(os.listdir(run_dir / "checkpoints")) == ["step00000005"]
         assert checkpoints.newest(run_dir / "checkpoints").name == "step00000005"
-        [error] = attempts.read_errors(run_dir)
+        [error] = runfiles.read_errors(run_dir)
         assert error.kind == "storage" and error.error == line.removeprefix("hpcdist-train: error: ")
-        ending = attempts.classify(attempts.Evidence(attempt=0, step_status=74, errors=(error,), checkpoint_step=5))
+        ending = rules.classify(Evidence(attempt=0, step_status=74, errors=(error,), checkpoint_step=5))
         assert (ending.ending, ending.step) == ("storage", 5)
-        decision = attempts.decide(ending, [], attempts.Policy(max_retries=2, nodes=1), {}, allocation=["n1", "n2"])
+        decision = policy.decide(ending, [], policy.Policy(max_retries=2, nodes=1), {}, allocation=["n1", "n2"])
         assert decision.action == "none" and "free space" in decision.reason
     finally:
         subprocess.run(["umount", str(small)], check=False)

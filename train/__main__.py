@@ -34,7 +34,7 @@ from train import preemption
 
 TORCH_IMPORTED = time.time()
 
-from hpc import attempts, dsconfig, ranks, vocab
+from hpc import dsconfig, ranks, runfiles, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
 from train import checkpoint, heartbeat, watchdog
 from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
-        attempts.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
+        runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT
         return status
     except PreflightError as exc:
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except checkpoint.StorageError as exc:
         print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
-        attempts.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
+        runfiles.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
         status = EXIT_STORAGE
         return status
     except Exception as exc:
-        # This rank's own error, for the job's report to lead with (hpc/attempts.py reads RUN_DIR/errors/).
-        attempts.record_rank_error(opts.run_dir, os.environ, f"{type(exc).__name__}: {exc}", "exception", 1)
+        # This rank's own error, for the job's report to lead with (hpc/failures reads RUN_DIR/errors/).
+        runfiles.record_rank_error(opts.run_dir, os.environ, f"{type(exc).__name__}: {exc}", "exception", 1)
         raise
     finally:
         beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))

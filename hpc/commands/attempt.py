@@ -30,9 +30,10 @@ def attempt() -> None:
 def number(job_dir: str) -> None:
     """Print the number of the attempt a batch shell starts: past every recorded one, and never below
     Slurm's restart count (an allocation that relaunched steps recorded more attempts than it restarted)."""
-    from hpc import attempts, ranks
+    from hpc import ranks
+    from hpc.failures import record as records
 
-    recorded = [a["attempt"] for a in attempts.load(Path(job_dir))]
+    recorded = [a["attempt"] for a in records.load(Path(job_dir))]
     click.echo(max([ranks.attempt_of({"SLURM_RESTART_COUNT": os.environ.get("SLURM_RESTART_COUNT", "")}),
                     *(a + 1 for a in recorded)]))
 
@@ -51,7 +52,8 @@ def number(job_dir: str) -> None:
 def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nodes: int, ranks_per_task: int,
         ntasks: int, signal_delay_s: int, launcher: str) -> None:
     """Classify the attempt that just ended, append it to attempts.jsonl, print what the batch shell does next."""
-    from hpc import attempts
+    from hpc.failures import gather, policy
+    from hpc.failures import record as records
 
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "0")
@@ -68,14 +70,14 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
     except ValueError:
         allocation = []
     try:
-        line, job = attempts.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
-                                         attempts.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks,
+        line, job = gather.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
+                                         policy.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks,
                                          warning_s=signal_delay_s, launcher=launcher, allocation=allocation)
     except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
         click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")
         sys.exit(0)
-    said = attempts.summary_line(line).replace(f"attempt {attempt_no}:", f"attempt {attempt_no} ended:", 1)
+    said = records.summary_line(line).replace(f"attempt {attempt_no}:", f"attempt {attempt_no} ended:", 1)
     click.echo(f"hpcdist: {said}", err=True)
-    history = [a for a in attempts.load(Path(job_dir)) if a["attempt"] < attempt_no]
-    click.echo(attempts.shell_assignments(line, job, step_status, history), nl=False)
+    history = [a for a in records.load(Path(job_dir)) if a["attempt"] < attempt_no]
+    click.echo(gather.shell_assignments(line, job, step_status, history), nl=False)

@@ -4,7 +4,8 @@
     hpcdist drill --nodes 2 --backend deepspeed --launcher deepspeed --scenarios rank_kill,node_loss --json
 
 Takes the same job options as ``hpcdist submit``; the trainer's arguments after ``--`` are added to the
-drill's own small job (see hpc/drill.py). Exit status 0 when every scenario passed, 1 otherwise.
+drill's own small job (see hpc/drill.py; hpc/drill_run.py runs it). Exit status 0 when every scenario
+passed, 1 otherwise.
 A node-loss scenario sets a node DOWN for a few seconds (it needs the rights of a Slurm operator) and
 resumes it whatever happens.
 """
@@ -43,7 +44,7 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
           as_json: bool, timeout_s: float, node_control: str | None, **options: Any) -> None:
     """Run a small job per scenario, inject the fault, and check ending, retry, resume and recovery time."""
     from hpc import drill as drilling
-    from hpc import jobs
+    from hpc import drill_run, jobs
     from hpc import submit as submitting
     from hpc.commands.options import prepare, submit_or_exit
 
@@ -68,8 +69,6 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         options["precision"] = "fp32"  # exact resume is checked to 1e-6: no reduced precision
     say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
 
-    spare_nodes = options.get("spare_nodes") or 0
-
     def submit(label: str, job_steps: int) -> tuple[str, Path]:
         train_args = (*drilling.TRAIN_ARGS, "--max-steps", str(job_steps), *user_args)
         # The uninterrupted reference needs no spare node.
@@ -79,31 +78,7 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         submitted = submit_or_exit("drill", rendered, where, made)
         return submitted.record.job_id, Path(rendered.job_dir)
 
-    ref_id, ref_dir = submit("reference", drilling.REFERENCE_STEPS_CAP)
-    ref = drilling.Job(ref_id, ref_dir)
-    observed = []
-    try:
-        limit_steps = steps
-        if "time_limit" in chosen:
-            limit_steps = max(steps, time_limit_steps or 0)
-            if not time_limit_steps:
-                # How fast this job trains here decides how long the time-limit job must be.
-                drilling.wait_for_step(ref, 4 * drilling.FAULT_STEP, timeout_s)
-                rate = ref.rate() or 0.0
-                limit_steps = drilling.time_limit_steps(rate, steps)
-                say(f"reference trains {rate:.1f} steps/s: the time-limit job runs {limit_steps} steps")
-        reference_steps = max(steps, limit_steps)
-        say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
-        for scenario in chosen:
-            observed.append(drilling.run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps,
-                                                  say, timeout_s, node_control))
-            say(f"{scenario}: job {observed[-1].job_id} ended {observed[-1].final_state}")
-            if ref.newest_step() >= reference_steps:
-                drilling.cancel_all([ref_id])  # it has every step needed: stop sharing the CPUs with it
-        reference = drilling.reference_losses(ref, reference_steps, timeout_s)
-    finally:
-        drilling.cancel_all([ref_id] + [o.job_id for o in observed])
-    results = [drilling.check(seen, reference, limit_steps if seen.scenario == "time_limit" else steps, spare_nodes)
-               for seen in observed]
+    results = drill_run.run_drill(chosen, submit, steps, say=say, timeout_s=timeout_s, node_control=node_control,
+                                  time_limit_steps=time_limit_steps, spare_nodes=options.get("spare_nodes") or 0)
     click.echo(drilling.as_json(results) if as_json else drilling.table(results))
     sys.exit(0 if all(r.ok for r in results) else 1)

@@ -19,9 +19,10 @@ from typing import Any, Callable, TextIO
 
 import click
 
-from hpc import attempts, fileio, jobfiles, jobs, monitor, progress, report, shown, timeline, vocab
+from hpc import fileio, jobfiles, jobs, monitor, progress, report, shown, timeline, vocab
 from hpc.commands.options import Seconds, fail
 from hpc.commands.submit import _lookup
+from hpc.failures import record as records
 from hpc.slurm import commands
 
 TOP_EVERY_S = 2.0
@@ -48,7 +49,7 @@ def last_metric(path: Path) -> dict[str, Any] | None:
 
 
 def attempts_of(record: jobs.Record) -> list[dict[str, Any]]:
-    return attempts.load(Path(record.job_dir))
+    return records.load(Path(record.job_dir))
 
 
 def sacct_attempts(record: jobs.Record) -> list[dict[str, float | None]]:

@@ -17,6 +17,8 @@ import click
 
 from hpc import jobs, pending, shown, vocab
 from hpc.commands.options import check_container, fail, job_options, prepare, submit_or_exit
+from hpc.failures import reconcile
+from hpc.failures import record as records
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -137,10 +139,8 @@ def _poller(record: jobs.Record) -> tuple[Any, Callable[[jobs.JobState], None]]:
 
 
 def attempts_summary(record: jobs.Record) -> str:
-    from hpc import attempts
-
-    history = attempts.load(Path(record.job_dir))
-    return attempts.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
+    history = records.load(Path(record.job_dir))
+    return records.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
 
 
 @click.command()
@@ -181,42 +181,30 @@ def _pending_reporter(record: jobs.Record) -> Callable[[jobs.JobState], None]:
 
 def _attempts(record: jobs.Record) -> list[dict]:
     """The job's attempts, with those its batch shell could not record added from accounting (once)."""
-    from hpc import attempts
-
     if record.via == "local" or not Path(record.job_dir).is_dir():
-        return attempts.load(Path(record.job_dir))
-    return attempts.reconcile(Path(record.job_dir), record.job_id)
+        return records.load(Path(record.job_dir))
+    return reconcile.reconcile(Path(record.job_dir), record.job_id)
 
 
 def _attempt_lines(history: list[dict]) -> list[str]:
     """One line per attempt, shown once a job has more than one attempt or its only one did not complete."""
-    from hpc import attempts
-
     if len(history) > 1 or (history and history[-1].get("ending") != "completed"):
-        return [attempts.summary_line(a) for a in history]
+        return [records.summary_line(a) for a in history]
     return []
 
 
 def _follow_attempts(record: jobs.Record):
     """While waiting: say when an attempt is requeued or retried, and start that job without Slurm's delay."""
-    from hpc import attempts
-
     announced: set[int] = set()
 
     def poll(current: jobs.JobState) -> None:
         if record.via == "local":
             return
-        pending = current.state in ("PENDING", "REQUEUED")
-        # A run whose batch shell died (a node failure) is recorded from accounting before it is restarted.
-        history = (attempts.reconcile(Path(record.job_dir), record.job_id) if pending
-                   else attempts.load(Path(record.job_dir)))
-        for a in history:
+        for a in reconcile.poll(Path(record.job_dir), record.job_id, current.state):
             if a["attempt"] not in announced:
                 announced.add(a["attempt"])
                 if a.get("action") in ("requeue", "relaunch", "retry"):
-                    click.echo(f"hpcdist: {attempts.summary_line(a)}", err=True)
-        if pending:
-            attempts.nudge(record.job_id, history)
+                    click.echo(f"hpcdist: {records.summary_line(a)}", err=True)
 
     return poll
 
@@ -225,12 +213,10 @@ def _follow_attempts(record: jobs.Record):
 @click.argument("job")
 def status(job: str) -> None:
     """Show a job's state (Slurm's words: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
-    from hpc import attempts
-
     record = _lookup("status", job)
     current = jobs.state(record)
     history = _attempts(record)
-    cause = attempts.root_cause(history[-1:]) if current.done and not current.ok else None
+    cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
         # The root cause first: the first failing rank's own error line, not the peers that noticed it.
         click.echo(shown.line(f"{history[-1]['ending']}: {cause}", limit=2000))
@@ -263,9 +249,7 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
     except jobs.JobError as exc:
         fail("logs", exc)
     if not follow:
-        from hpc import attempts
-
-        cause = attempts.root_cause(attempts.load(Path(record.job_dir))[-1:])
+        cause = records.root_cause(records.load(Path(record.job_dir))[-1:])
         if cause and rank is None:
             click.echo(f"hpcdist: root cause: {cause}", err=True)
         for path in paths:
@@ -337,7 +321,6 @@ def list_jobs(last: int) -> None:
         click.echo("no jobs submitted from here yet")
         return
     current = jobs.states(records)
-    from hpc import attempts
     from hpc.commands.observe import list_cells
 
     rows = [("JOBID", "VIA", "STATE", "ENDING", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND",
@@ -345,7 +328,7 @@ def list_jobs(last: int) -> None:
     for r in records:
         where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
         # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
-        history = _attempts(r) if current[r.job_id].done else attempts.load(Path(r.job_dir))
+        history = _attempts(r) if current[r.job_id].done else records.load(Path(r.job_dir))
         ending = history[-1]["ending"] if history else "-"
         rows.append((r.job_id, r.via, current[r.job_id].state, ending, *list_cells(r), r.submitted, r.job_name,
                      r.backend, r.launcher, str(r.nodes), str(r.world_size), where))

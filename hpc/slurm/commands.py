@@ -78,9 +78,11 @@ def sbatch_test_only(script: Path, runner: Runner = run) -> tuple[int, str]:
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 
-def scancel(jobs: Sequence[str], signal: str | None = None, runner: Runner = run) -> bool:
-    """``scancel [--signal=SIG] JOBS``; whether Slurm took it."""
+def scancel(jobs: Sequence[str], signal: str | None = None, runner: Runner = run, strict: bool = False) -> bool:
+    """``scancel [--signal=SIG] JOBS``; whether Slurm took it (``strict``: SlurmError naming why not)."""
     proc = runner(["scancel", *([f"--signal={signal}"] if signal else []), *jobs])
+    if strict and proc.returncode != 0:
+        raise SlurmError(f"scancel failed: {complaint(proc)}")
     return proc.returncode == 0
 
 
@@ -107,7 +109,20 @@ def slurmd_answers(node: str, port: int = SLURMD_PORT, timeout_s: float = 1.0) -
         return False
 
 
-def start_now(job: str, runner: Runner = run) -> bool:
+def sinfo_nodes(partition: str | None = None, nodes: Sequence[str] = (), runner: Runner = run) -> str | None:
+    """``sinfo -h -N -o %N|%T``: one ``node|state`` line per node (of a partition, or of these nodes)."""
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%T"] + (["-p", partition] if partition else [])
+    return _answer(argv + (["-n", ",".join(nodes)] if nodes else []), runner)
+
+
+def update(what: str, name: str, runner: Runner = run, **fields: str) -> bool:
+    """``scontrol update JobId=NAME K=V ...`` (``what`` "job") or ``NodeName=NAME ...`` ("node"); whether
+    Slurm took it."""
+    key = {"job": "JobId", "node": "NodeName"}[what]
+    return runner(["scontrol", "update", f"{key}={name}", *(f"{k}={v}" for k, v in fields.items())]).returncode == 0
+
+
+def start_now(job: str, runner: Runner = run, **fields: str) -> bool:
     """``scontrol update JobId=JOB StartTime=now``: a pending job is considered at once, not at the next
-    scheduling pass; whether Slurm took it."""
-    return runner(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+    scheduling pass; whether Slurm took it. ``fields``: more to change in the same request (ExcNodeList)."""
+    return update("job", job, runner, StartTime="now", **fields)

@@ -1,0 +1,139 @@
+"""End an attempt inside the job: read its evidence from the job directory and Slurm, classify it, decide, and
+record its line; then tell requeue.sh what to do.
+
+    python -m hpc attempt end --job-dir DIR --step-status 137 --max-requeues 3 --max-retries 2 --nodes 2
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hpc import checkpoints, jobfiles, runfiles
+from hpc.failures import record as records
+from hpc.failures.evidence import Evidence, attempt_segment
+from hpc.failures.policy import REQUEUED, Policy, decide, usable
+from hpc.failures.rules import classify
+from hpc.slurm import commands, grammar, parse
+from hpc.slurm.runner import Runner, run
+from hpc.vocab import CHECKPOINTS, EXIT_PREEMPTED, HEARTBEAT, LOGS_DIR, METRICS, PREEMPTED, RUN_DIR, TASK_LOG, task_log
+from hpc.vocab import batch_log as batch_log_name
+
+# logs/task-%t.log's file name, %t read back as the task's index.
+_TASK_LOG = re.compile(re.escape(TASK_LOG.split("/")[-1]).replace(re.escape("%t"), r"(\d{1,7})"))
+
+
+def _read(path: Path, limit: int = 262144) -> str:
+    return jobfiles.tail_text(path, limit)
+
+
+def seen_step(run_dir: Path) -> int | None:
+    """The newest step any rank's heartbeat reported (contract 1), else the newest metrics.jsonl step."""
+    steps = []
+    for p in jobfiles.folder(Path(run_dir) / HEARTBEAT, "rank-*.json"):
+        step = (jobfiles.json_object(p, 1 << 20) or {}).get("step")
+        steps.append(step if jobfiles.is_a(step, int) else 0)
+    if not steps:
+        for row in jobfiles.json_lines("\n".join(_read(Path(run_dir) / METRICS, 8192).splitlines()[-3:])):
+            if jobfiles.is_a(row.get("step"), int):
+                steps.append(row["step"])
+    return max(steps) if steps else None
+
+
+def checkpoint_in(run_dir: Path) -> int | None:
+    """The step of the checkpoint a retry will resume from: the newest that verifies, as the trainer chooses
+    (a newer damaged one it will set aside is passed over here too)."""
+    try:
+        found = checkpoints.newest(Path(run_dir) / CHECKPOINTS)
+    except OSError:
+        return None
+    return int(checkpoints.NAME.fullmatch(found.name).group(1)) if found is not None else None
+
+
+def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ranks_per_task: int,
+           ntasks: int, runner: Runner = run, warning_s: int = 0,
+           launcher: str = "srun") -> tuple[Evidence, dict[str, str], dict[str, str]]:
+    """The evidence for the attempt that just ended, read inside the job (the batch shell, after the step),
+    scontrol's view of the job (StartTime, Partition, JobState) and its partition's node states."""
+    job_dir = Path(job_dir)
+    run_dir = job_dir / RUN_DIR
+    job = parse.keyvalues(commands.show("job", job_id, runner=runner))
+    states = parse.node_states(commands.sinfo_nodes(job.get("Partition"), runner=runner))
+    batch = ""
+    # An array task logs to batch-ARRAYID_TASKID.out; a plain job to batch-JOBID.out.
+    for candidate in (job_id, job.get("JobId", job_id.split("_")[0])):
+        batch = _read(job_dir / batch_log_name(candidate))
+        if batch:
+            break
+    ev = Evidence(
+        attempt=attempt, step_status=step_status, batch_log=attempt_segment(batch, attempt),
+        task_logs={t: _read(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
+        errors=tuple(e for e in runfiles.read_errors(run_dir) if e.attempt == attempt),
+        preempted=(run_dir / PREEMPTED).exists(), hang=runfiles.read_hang(run_dir, attempt),
+        lost=runfiles.read_lost(run_dir, attempt), job_state=job.get("JobState", ""),
+        job_reason=job.get("Reason", ""), down_nodes=frozenset(n for n, s in states.items() if not usable(s)),
+        ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
+        warning_s=warning_s, launcher=launcher)
+    limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
+    if limit is not None and ran is not None:
+        ev = replace(ev, time_left_s=limit - ran)
+    return ev, job, states
+
+
+def _logged_tasks(job_dir: Path, ntasks: int) -> list[int]:
+    """The tasks below ``ntasks`` that left a log: a job of a million tasks has no million files to open."""
+    try:
+        names = os.listdir(job_dir / LOGS_DIR)
+    except OSError:
+        return []
+    tasks = {int(m.group(1)) for n in names if (m := _TASK_LOG.fullmatch(n))}
+    return sorted(t for t in tasks if t < ntasks)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+
+
+def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | None, policy: Policy,
+                ranks_per_task: int, ntasks: int, runner: Runner = run,
+                warning_s: int = 0, launcher: str = "srun",
+                allocation: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields).
+    ``allocation``: the nodes the job's allocation holds (a relaunch may use those Slurm still calls usable)."""
+    ev, job, states = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s,
+                             launcher)
+    ending = classify(ev)
+    history = [a for a in records.load(job_dir) if a["attempt"] < attempt]
+    healthy = [n for n in allocation if usable(states.get(n, "idle"))]
+    # A job Slurm itself requeued or ended has no allocation left to relaunch in.
+    alive = job.get("JobState", "RUNNING") in ("RUNNING", "COMPLETING", "")
+    decision = decide(ending, history, policy, states, healthy if alive else ())
+    line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
+                          ended=_now(), source="batch", seen_step=ev.seen_step)
+    if not records.append(job_dir, line):
+        line = next(a for a in records.load(job_dir) if a["attempt"] == attempt)
+    return line, job
+
+
+def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_status: int,
+                      history: Sequence[Mapping[str, Any]] = ()) -> str:
+    """What requeue.sh evals: the action, the nodes to exclude, whether Slurm already requeued the job, and
+    the status the batch shell should end with; ``uses`` counts this requeue or retry among the job's."""
+    state = job.get("JobState", "")
+    # Slurm requeues a job on its own after a node failure (NODE_FAIL with --requeue): the job is then pending.
+    already = state in ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD")
+    status = step_status
+    if line["ending"] in REQUEUED and line["action"] == "none":
+        status = EXIT_PREEMPTED
+    uses = {"requeue": ("requeue",), "retry": ("retry", "relaunch"), "relaunch": ("retry", "relaunch")}.get(
+        line["action"], ())
+    count = sum(1 for a in history if a.get("action") in uses) + 1 if uses else 0
+    values = {"action": line["action"], "exclude": ",".join(line.get("excluded") or ()), "uses": str(count),
+              "already_requeued": "1" if already else "0", "end_status": str(status),
+              "next_attempt": str(int(line.get("attempt") or 0) + 1)}
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())

@@ -1,0 +1,105 @@
+"""What to do after an attempt ended: requeue a checkpointed stop, relaunch or retry a lost node, a killed rank
+or a hang, and never retry bad input or a bug (pure).
+
+    decide(ending, history, Policy(max_retries=2, nodes=2), node_states, allocation=["n1", "n2", "n3"])
+    -> Decision("relaunch", ("n2",), "retry 1 of 2: relaunched in the allocation on n1, n3 from ...")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from hpc.failures.rules import Ending
+from hpc.slurm.parse import node_state
+
+ACTIONS = ("requeue", "relaunch", "retry", "resubmit", "none")
+# Endings worth another attempt on other nodes (from the newest checkpoint), and those that resume where
+# every rank checkpointed together.
+RETRIED = ("node_failure", "rank_crashed", "hung")
+REQUEUED = ("preempted", "time_limit")
+# Node states in which Slurm would not start the job there.
+UNUSABLE = ("down", "drain", "drng", "drained", "draining", "fail", "failing", "maint", "no_respond",
+            "not_responding", "future", "unknown", "inval", "reboot", "power_down", "powered_down", "powering_down")
+
+
+def usable(state: str) -> bool:
+    """Whether Slurm would start a job on a node in this state (sinfo's or scontrol's spelling)."""
+    return node_state(state) not in UNUSABLE
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do next: requeue (resume after a checkpointed stop), relaunch (the step, at once, on the nodes
+    left in this allocation), retry (through the queue, on other nodes), or none; with the nodes to keep the
+    job off, and why. A relaunch and a retry both resume from the newest checkpoint."""
+
+    action: str
+    excluded: tuple[str, ...] = ()
+    reason: str = ""
+
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_requeues: int = 3
+    max_retries: int = 2
+    nodes: int = 1                 # nodes the job needs
+
+
+def excluded_so_far(history: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Every node the job's earlier attempts kept it off (exclusions accumulate)."""
+    return {node for h in history for node in (h.get("excluded") or ())}
+
+
+def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
+           node_states: Mapping[str, str], allocation: Sequence[str] = ()) -> Decision:
+    """Requeue a checkpointed stop, relaunch or retry a lost node/rank or a hang, never retry bad input or a bug.
+
+    ``history`` is the job's earlier attempt lines; ``node_states`` the partition's nodes (name -> Slurm state);
+    ``allocation`` the nodes this allocation holds (empty: none, as after the job has ended). A lost node, a
+    killed rank or a hang is relaunched inside the allocation when its nodes can still fit the step: without
+    the implicated node when a spare is left (a lost node is never used again), else on the same nodes (a
+    killed rank's or a hung rank's node still answers). Otherwise it is retried through the queue. Excluded
+    nodes accumulate over retries; a retry that would leave fewer usable nodes than the job needs is refused,
+    saying so, rather than queued forever.
+    """
+    excluded = excluded_so_far(history)
+    if ending.ending in REQUEUED:
+        used = sum(1 for h in history if h.get("action") == "requeue")
+        if used >= policy.max_requeues:
+            return Decision("none", tuple(sorted(excluded)),
+                            f"the job has used its {policy.max_requeues} requeue(s); resubmit with --resume to go on")
+        return Decision("requeue", tuple(sorted(excluded)),
+                        f"requeue {used + 1} of {policy.max_requeues}: resume from the checkpoint")
+    if ending.ending not in RETRIED:
+        why = {"bad_input": "bad input is never retried: fix it and resubmit",
+               "storage": "a storage failure is not retried: free space (or fix the path) and resubmit with --resume",
+               "code_error": "an error in the training code is never retried: fix it and resubmit",
+               "completed": "", "cancelled": "cancelled by request",
+               "unknown": "an ending hpcdist cannot classify is not retried"}
+        return Decision("none", tuple(sorted(excluded)), why.get(ending.ending, ""))
+    used = sum(1 for h in history if h.get("action") in ("retry", "relaunch", "resubmit"))
+    if used >= policy.max_retries:
+        return Decision("none", tuple(sorted(excluded)),
+                        f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
+    since = (f" from the checkpoint at step {ending.step}" if ending.step is not None
+             else " from the start (no checkpoint)")
+    wanted = excluded | ({ending.node} if ending.node else set())
+    # In place only on a node that still answers and has not failed this job before: twice is a bad node.
+    again = any(h.get("node") == ending.node for h in history)
+    for keep_off in (wanted, excluded if ending.ending != "node_failure" and not again else None):
+        left = [n for n in allocation if keep_off is not None and n not in keep_off]
+        if allocation and keep_off is not None and len(left) >= policy.nodes:
+            where = ", ".join(left[:policy.nodes])
+            return Decision("relaunch", tuple(sorted(keep_off)),
+                            f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on {where}{since}")
+    healthy = [n for n, s in node_states.items() if n not in wanted and usable(s)]
+    if node_states and len(healthy) < policy.nodes:
+        return Decision("none", tuple(sorted(excluded)),
+                        f"not retried: excluding {', '.join(sorted(wanted))} leaves {len(healthy)} usable node(s) "
+                        f"({', '.join(sorted(healthy)) or 'none'}) for a job that needs {policy.nodes}")
+    where = f" without {', '.join(sorted(wanted))}" if wanted else ""
+    return Decision("retry", tuple(sorted(wanted)),
+                    f"retry {used + 1} of {policy.max_retries} through the queue{where}{since}")
+

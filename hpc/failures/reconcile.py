@@ -1,0 +1,122 @@
+"""Afterwards: lines for the runs whose batch shell never recorded them (a node failure or a cancellation killed
+it), read from accounting; and the nudge that starts a requeued job as soon as its nodes are ready.
+
+    reconcile(job_dir, "42")       # every attempt line, oldest first, the missing ones added from sacct
+    nudge("42", attempts)          # whoever waits on the job calls this at each poll
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hpc import jobfiles
+from hpc.failures import record as records
+from hpc.failures.evidence import attempt_segment, failed_nodes
+from hpc.failures.gather import checkpoint_in
+from hpc.failures.policy import RETRIED, Decision, excluded_so_far
+from hpc.failures.rules import Ending
+from hpc.slurm import commands, grammar, parse, states
+from hpc.slurm.runner import Runner, run
+from hpc.vocab import RUN_DIR, batch_log
+
+SACCT_RUN_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "NodeList")
+_SACCT_ENDINGS = {"NODE_FAIL": "node_failure", "CANCELLED": "cancelled", "TIMEOUT": "time_limit",
+                  "OUT_OF_MEMORY": "rank_crashed", "PREEMPTED": "preempted", "COMPLETED": "completed",
+                  "DEADLINE": "time_limit", "BOOT_FAIL": "node_failure", "REQUEUED": "preempted"}
+
+
+def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str, Any]], job_id: str,
+               job_dir: Path | None = None, batch_text: str = "") -> list[dict[str, Any]]:
+    """Lines for the runs that ended without their batch shell recording them (a node failure or a
+    cancellation killed it); classified from accounting, and from the batch log where it says more (which
+    node failed)."""
+    have = {a["attempt"] for a in recorded}
+    previous = list(recorded)
+    out = []
+    for index, row in enumerate(runs):
+        state = states.base(row["State"]) if row["State"] else ""
+        later = index < len(runs) - 1
+        if index in have or state in ("PENDING", "RUNNING", "COMPLETING") or (state in states.LIVE and not later):
+            continue
+        ending = _SACCT_ENDINGS.get(state, "unknown")
+        exit_code, sig = grammar.exit_code(row.get("ExitCode", "")) or (None, None)
+        lost = failed_nodes(attempt_segment(batch_text, index)) if ending == "node_failure" and batch_text else []
+        node = lost[0] if lost else None
+        step = checkpoint_in(Path(job_dir) / RUN_DIR) if job_dir else None
+        detail = {"node_failure": f"node {node} failed" if node else
+                  f"Slurm reported a node failure on {row.get('NodeList', '?')}",
+                  "cancelled": "the job was cancelled (scancel)",
+                  "time_limit": "the time limit struck",
+                  "rank_crashed": "a rank ran out of memory (the OOM killer)",
+                  "preempted": "Slurm requeued the job",
+                  "completed": ""}.get(ending, f"Slurm recorded {state} (exit {row.get('ExitCode', '?')})")
+        ended = Ending(ending, detail, node=node, exit_code=exit_code, signal=sig or None, step=step)
+        action = ("retry" if ending in RETRIED else "requeue") if later else "none"
+        reason = "Slurm requeued it" if later else ""
+        excluded = excluded_so_far(previous)
+        if action == "retry" and node:
+            excluded.add(node)
+            reason += f" (hpcdist keeps it off {', '.join(sorted(excluded))})"
+        out.append(records.record(ended, Decision(action, tuple(sorted(excluded)), reason), attempt=index,
+                                  job_id=job_id, started=row.get("Start", ""), ended=row.get("End", ""),
+                                  source="sacct"))
+        previous.append(out[-1])
+    return out
+
+
+def reconcile(job_dir: Path, job_id: str, runner: Runner = run) -> list[dict[str, Any]]:
+    """Append lines for runs of the job that ended unrecorded; return every attempt line, oldest first."""
+    text = commands.sacct([job_id], SACCT_RUN_FIELDS, duplicates=True, runner=runner)
+    if text is not None:
+        batch_text = jobfiles.tail_text(Path(job_dir) / batch_log(job_id), 262144)
+        runs = parse.rows(text, SACCT_RUN_FIELDS, job=job_id)
+        for line in from_sacct(runs, records.load(job_dir), job_id, job_dir, batch_text):
+            try:
+                records.append(job_dir, line)
+            except OSError:
+                break  # a full disk, a read-only job directory: shown now, recorded by a later reader
+    return sorted(records.load(job_dir), key=lambda a: a["attempt"])
+
+
+def should_nudge(job: Mapping[str, str], now: float, settle_s: float = 2.0) -> bool:
+    """Whether a pending requeued job (``scontrol show job -o`` fields) is waiting for no good reason.
+
+    Two waits are needless: Slurm's ~120 s requeue delay, and an eligible job waiting for the next scheduling
+    pass. One is needed: the nodes revoke the old run's credential when it is requeued, and a run launched
+    within the same second is refused ("Job credential revoked"); so nothing is nudged until ``settle_s``
+    after the requeue finished (Slurm resets SubmitTime then).
+    """
+    if job.get("JobState") != "PENDING" or job.get("Reason") not in ("BeginTime", "None", "Priority"):
+        return False
+    submitted, eligible = grammar.timestamp(job.get("SubmitTime", "")), grammar.timestamp(job.get("EligibleTime", ""))
+    if submitted is None or now < submitted + settle_s:
+        return False
+    return eligible is not None and (eligible > now + 3 or eligible <= now - 1)
+
+
+def nudge(job_id: str, attempts: Sequence[Mapping[str, Any]], runner: Runner = run,
+          clock: Callable[[], float] = time.time) -> bool:
+    """Start a job hpcdist requeued as soon as its nodes are ready, not after Slurm's requeue delay or the next
+    scheduling pass; whoever waits on the job calls this at each poll. True if it did."""
+    if not attempts or attempts[-1].get("action") not in ("requeue", "retry"):
+        return False
+    job = parse.keyvalues(commands.show("job", job_id, runner=runner))
+    if not should_nudge(job, clock()):
+        return False
+    excluded = ",".join(attempts[-1].get("excluded") or ())
+    # A job Slurm requeued itself (a node failure) gets its excluded nodes here; for the others it repeats
+    # what requeue.sh set.
+    extra = {"ExcNodeList": excluded} if excluded and job.get("ExcNodeList") != excluded else {}
+    return commands.start_now(job_id, runner, **extra)
+
+
+def poll(job_dir: Path, job_id: str, state: str, runner: Runner = run) -> list[dict[str, Any]]:
+    """One poll of whoever waits on a job (``submit --wait``, ``watch``, the drill): its attempt lines, with
+    those accounting saw end unrecorded added while it waits requeued, and a requeued job started at once."""
+    if states.base(state) not in states.REQUEUED:
+        return records.load(job_dir)
+    history = reconcile(job_dir, job_id, runner)
+    nudge(job_id, history, runner)
+    return history

@@ -1,0 +1,120 @@
+"""Read and write the files a rank leaves in the run directory when it fails: errors/rank-R.json, hang.json,
+lost.json (docs/CONTRACTS.md). Light enough for the trainer to import; nothing here imports torch.
+
+    record_rank_error(run_dir, os.environ, "ValueError: ...", "exception", 1)   # the trainer's top-level except
+    declare(run_dir / HANG, {...})      # the first rank to declare wins; False when another did first
+    read_errors(run_dir); read_hang(run_dir, attempt); read_lost(run_dir, attempt)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from hpc import fileio, jobfiles, ranks
+from hpc.vocab import ERRORS, HANG, LOST
+
+# What each field must be; a field of another type is damage and counts as absent.
+RANK_ERROR_FIELDS = {"rank": int, "node": str, "attempt": int, "time": float, "kind": str, "error": str,
+                     "exit_code": int | None}
+HANG_FIELDS = {"rank": int | None, "node": str | None, "since": float, "step": int | None, "phase": str,
+               "attempt": int}
+LOST_FIELDS = {"node": str, "ranks": list, "since": float, "step": int | None, "declared_by": int, "attempt": int}
+MAX_UNIX_TIME = 2.0**36   # the year 4147: a later time is damage
+_SMALL = 1 << 20
+
+
+@dataclass(frozen=True)
+class RankError:
+    """One rank's own fatal error (RUN_DIR/errors/rank-R.json)."""
+
+    rank: int
+    node: str
+    attempt: int
+    time: float
+    kind: str            # "bad_input", "storage" or "exception"
+    error: str           # one line: "global batch 32 does not split ..." or "ValueError: ..."
+    exit_code: int | None = None
+
+
+def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], error: str, kind: str,
+                      exit_code: int | None = None) -> None:
+    """Leave this rank's fatal error in RUN_DIR/errors/rank-R.json, so the job's ending can lead with it.
+
+    Called from the trainer's top-level except; must never raise itself.
+    """
+    try:
+        rank = int(environ.get("RANK") or environ.get("SLURM_PROCID") or 0)
+        folder = Path(run_dir) / ERRORS
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"rank": rank, "node": environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                "attempt": ranks.attempt_of(environ),
+                "time": time.time(), "kind": kind, "error": " ".join(str(error).split())[:2000],
+                "exit_code": exit_code, "pid": os.getpid()}
+        fileio.atomic_write(folder / f"rank-{rank}.json", json.dumps(data) + "\n")
+    except Exception:  # noqa: BLE001 - reporting must not mask the error being reported
+        pass
+
+
+def declare(path: Path, record: Mapping[str, Any]) -> bool:
+    """Write ``record`` to ``path`` (hang.json, lost.json) unless a rank declared first: a hard link of a whole
+    temporary file, so a reader never sees half of it and two declarers never mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(record)) + "\n")
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parse_rank_error(text: str) -> RankError | None:
+    """A rank's error file; a field of the wrong type counts as absent, and without a rank or an error line
+    there is nothing to report (None)."""
+    try:
+        data = jobfiles.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    data = jobfiles.well_typed(data, RANK_ERROR_FIELDS)
+    if not isinstance(data.get("rank"), int) or not isinstance(data.get("error"), str):
+        return None
+    return RankError(data["rank"], data.get("node", ""), data.get("attempt", 0), float(data.get("time", 0.0)),
+                     data.get("kind", "exception"), data["error"], data.get("exit_code"))
+
+
+def read_errors(run_dir: Path) -> tuple[RankError, ...]:
+    folder = Path(run_dir) / ERRORS
+    if not folder.is_dir():
+        return ()
+    found = (parse_rank_error(jobfiles.tail_text(p, 65536)) for p in sorted(jobfiles.folder(folder, "rank-*.json")))
+    return tuple(e for e in found if e is not None)
+
+
+def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
+    """This attempt's hang.json (the watchdog's verdict), or None."""
+    data = jobfiles.json_object(Path(run_dir) / HANG, _SMALL)
+    if data is None:
+        return None
+    data = jobfiles.well_typed(data, HANG_FIELDS)
+    # A time the clock cannot show is as good as none.
+    if "since" in data and not 0 <= data["since"] <= MAX_UNIX_TIME:
+        del data["since"]
+    return data if data.get("attempt", attempt) == attempt else None
+
+
+def read_lost(run_dir: Path, attempt: int) -> dict[str, Any] | None:
+    """This attempt's lost.json (a node whose ranks vanished and whose slurmd did not answer), or None."""
+    data = jobfiles.json_object(Path(run_dir) / LOST, _SMALL)
+    if data is None:
+        return None
+    data = jobfiles.well_typed(data, LOST_FIELDS)
+    return data if data.get("attempt", attempt) == attempt and data.get("node") else None

@@ -1,0 +1,107 @@
+"""Specifications of hpc/failures/gather.py and `hpcdist attempt`: the end of an attempt inside the job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hpc.failures import gather
+from hpc.failures import record as records
+from hpc.failures.policy import Policy, decide
+from hpc.failures.rules import Ending
+
+STATES = {"n1": "idle", "n2": "allocated", "n3": "idle"}
+
+
+def test_shell_assignments_for_requeue_sh():
+    line = {"ending": "preempted", "action": "none", "excluded": []}
+    text = gather.shell_assignments(line, {"JobState": "RUNNING"}, 137)
+    assert "action=none\n" in text and "end_status=75\n" in text and "already_requeued=0\n" in text
+    retry = {"ending": "node_failure", "action": "retry", "excluded": ["n2", "n3"]}
+    text = gather.shell_assignments(retry, {"JobState": "PENDING"}, 143, [{"action": "retry"}])
+    assert "exclude=n2,n3\n" in text and "already_requeued=1\n" in text and "uses=2\n" in text
+    relaunch = {"attempt": 3, "ending": "hung", "action": "relaunch", "excluded": ["n2"]}
+    text = gather.shell_assignments(relaunch, {"JobState": "RUNNING"}, 76, [{"action": "retry"}])
+    assert "action=relaunch\n" in text and "uses=2\n" in text and "next_attempt=4\n" in text
+
+
+def _attempt_end(tmp_path: Path, *args: str, restarts: str = "0") -> subprocess.CompletedProcess[str]:
+    """``hpcdist attempt end`` as requeue.sh runs it, with stub Slurm commands that know nothing."""
+    import os
+    import sys
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name in ("scontrol", "sinfo", "sacct", "squeue"):
+        (stubs / name).write_text("#!/bin/sh\nexit 1\n")
+        (stubs / name).chmod(0o755)
+    (tmp_path / "job" / "logs").mkdir(parents=True, exist_ok=True)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": restarts, "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "hpc", "attempt", "end", "--job-dir", str(tmp_path / "job"),
+                           *args], capture_output=True, text=True, env={**env, "LANG": os.environ.get("LANG", "C")},
+                          timeout=60)
+
+
+def test_attempt_end_refuses_a_restart_count_that_is_not_one_in_one_line(tmp_path):
+    proc = _attempt_end(tmp_path, "--step-status", "1", restarts="x")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "SLURM_RESTART_COUNT" in proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "job" / "attempts.jsonl").exists()
+
+
+def test_attempt_end_reads_only_the_task_logs_that_exist_and_bounds_the_task_count(tmp_path):
+    (tmp_path / "job" / "logs").mkdir(parents=True)
+    (tmp_path / "job" / "logs" / "task-3.log").write_text("Traceback (most recent call last):\nValueError: boom\n")
+    (tmp_path / "job" / "logs" / "batch-7.out").write_text("srun: error: n1: task 3: Exited with exit code 1\n")
+    proc = _attempt_end(tmp_path, "--step-status", "1", "--ntasks", "1048576")
+    assert proc.returncode == 0, proc.stderr
+    assert "ValueError: boom" in (tmp_path / "job" / "attempts.jsonl").read_text()
+    proc = _attempt_end(tmp_path, "--step-status", "1", "--ntasks", str(10**12))
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+
+
+def _checkpoint(root, step: int) -> None:
+    from hpc import checkpoints
+
+    folder = root / checkpoints.name_for(step)
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"w" * 64)
+    checkpoints.write_manifest(folder, step)
+
+
+def test_the_attempt_line_names_the_checkpoint_the_retry_will_really_resume_from(tmp_path):
+    """Captured case of issue 18: the newest checkpoint (step 120) was damaged, the trainer set it aside and
+    resumed from step 80, while the attempt line said step 120."""
+    root = tmp_path / "run" / "checkpoints"
+    _checkpoint(root, 80)
+    _checkpoint(root, 120)
+    (root / "step00000120" / "model.pt").write_bytes(b"w" * 10)  # truncated after it was published
+    assert gather.checkpoint_in(tmp_path / "run") == 80
+    assert gather.gather(tmp_path, "5", 0, 9, 1, 1, runner=lambda argv: subprocess.CompletedProcess(
+        argv, 1, "", ""))[0].checkpoint_step == 80
+    (root / "step00000080" / "model.pt").write_bytes(b"x" * 64)  # same size, other bytes: SHA-256 catches it
+    assert gather.checkpoint_in(tmp_path / "run") is None
+    ended = Ending("rank_crashed", "rank 1 on n2: killed by SIGKILL", rank=1, node="n2", signal=9, step=80)
+    decision = decide(ended, [], Policy(max_retries=2, nodes=2), STATES)
+    line = records.record(ended, decision, attempt=0, job_id="5", started="", ended="", source="batch")
+    assert "from the checkpoint at step 80" in records.summary_line(line)
+
+
+def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+
+    def number(restarts: str) -> str:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "SLURM_RESTART_COUNT": restarts, "HOME": str(tmp_path)}
+        return subprocess.run([sys.executable, "-m", "hpc", "attempt", "number", "--job-dir", str(job)],
+                              capture_output=True, text=True, env=env, timeout=60, check=True).stdout.strip()
+
+    assert number("0") == "0" and number("2") == "2"
+    # Attempts 0 and 1 ran in one allocation (a relaunch), then Slurm requeued the job once: attempt 2.
+    lines = [{"attempt": a, "job_id": "7", "started": "", "ended": "", "ending": e, "action": act, "excluded": []}
+             for a, e, act in ((0, "rank_crashed", "relaunch"), (1, "preempted", "requeue"))]
+    (job / "attempts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert number("1") == "2" and number("5") == "5"

@@ -1,0 +1,89 @@
+"""Specifications of hpc/failures/policy.py: requeue, relaunch in the allocation, retry through the queue, or
+stop."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc.failures.policy import Policy, decide
+from hpc.failures.rules import Ending
+
+# ---- the policy ----------------------------------------------------------------------------------
+
+STATES = {"n1": "idle", "n2": "allocated", "n3": "idle"}
+
+
+def test_a_crashed_rank_is_retried_without_its_node():
+    decision = decide(Ending("rank_crashed", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES)
+    assert (decision.action, decision.excluded) == ("retry", ("n2",))
+    assert decision.reason == "retry 1 of 2 through the queue without n2 from the checkpoint at step 10"
+
+
+def test_a_lost_node_is_relaunched_at_once_on_the_allocations_spare():
+    decision = decide(Ending("node_failure", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES,
+                               allocation=["n1", "n2", "n3"])
+    assert (decision.action, decision.excluded) == ("relaunch", ("n2",))
+    assert decision.reason == "retry 1 of 2: relaunched in the allocation on n1, n3 from the checkpoint at step 10"
+
+
+def test_a_lost_node_without_a_spare_goes_through_the_queue_without_it():
+    decision = decide(Ending("node_failure", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES,
+                               allocation=["n1", "n2"])
+    assert (decision.action, decision.excluded) == ("retry", ("n2",))
+
+
+def test_a_killed_rank_without_a_spare_is_relaunched_in_place_once_then_its_node_is_kept_off():
+    policy, alloc = Policy(max_retries=3, nodes=2), ["n1", "n2"]
+    first = decide(Ending("rank_crashed", node="n2", step=10), [], policy, STATES, allocation=alloc)
+    assert (first.action, first.excluded) == ("relaunch", ())
+    assert "relaunched in the allocation on n1, n2" in first.reason
+    history = [{"attempt": 0, "ending": "rank_crashed", "node": "n2", "action": "relaunch", "excluded": []}]
+    again = decide(Ending("rank_crashed", node="n2", step=20), history, policy, STATES, allocation=alloc)
+    assert (again.action, again.excluded) == ("retry", ("n2",))
+
+
+def test_relaunches_and_retries_share_one_budget_and_exclusions_accumulate_in_the_allocation():
+    history = [{"attempt": 0, "ending": "node_failure", "node": "n2", "action": "relaunch", "excluded": ["n2"]}]
+    alloc = ["n1", "n2", "n3", "n4"]
+    decision = decide(Ending("hung", node="n3"), history, Policy(max_retries=2, nodes=2),
+                               {**STATES, "n4": "idle"}, allocation=alloc)
+    assert (decision.action, decision.excluded) == ("relaunch", ("n2", "n3"))
+    assert "on n1, n4" in decision.reason
+    spent = decide(Ending("hung", node="n3"), history, Policy(max_retries=1, nodes=2), STATES,
+                            allocation=alloc)
+    assert spent.action == "none" and "used its 1 retry" in spent.reason
+
+
+def test_retries_are_bounded_and_exclusions_accumulate():
+    first = {"attempt": 0, "action": "retry", "excluded": ["n2"]}
+    assert decide(Ending("hung", node="n3"), [first], Policy(max_retries=1, nodes=1), STATES).action == "none"
+    decision = decide(Ending("hung", node="n3"), [first], Policy(max_retries=2, nodes=1), STATES)
+    assert decision.excluded == ("n2", "n3")
+
+
+def test_no_retry_when_the_job_would_no_longer_fit():
+    first = {"attempt": 0, "action": "retry", "excluded": ["n1"]}
+    decision = decide(Ending("node_failure", node="n2"), [first], Policy(nodes=2), STATES)
+    assert decision.action == "none"
+    assert decision.reason == ("not retried: excluding n1, n2 leaves 1 usable node(s) (n3) for a job that needs 2")
+
+
+def test_a_down_node_does_not_count_as_usable():
+    decision = decide(Ending("rank_crashed", node="n1"), [], Policy(nodes=2), {**STATES, "n3": "down*"})
+    assert decision.action == "none"
+
+
+@pytest.mark.parametrize("ending", ["bad_input", "code_error", "unknown", "completed"])
+def test_bad_input_and_code_errors_are_never_retried(ending):
+    assert decide(Ending(ending, node="n1"), [], Policy(), STATES).action == "none"
+
+
+def test_requeues_are_counted_apart_from_retries():
+    history = [{"attempt": 0, "action": "retry", "excluded": []}]
+    assert decide(Ending("preempted"), history, Policy(max_requeues=1), STATES).action == "requeue"
+    history.append({"attempt": 1, "action": "requeue", "excluded": []})
+    decision = decide(Ending("time_limit"), history, Policy(max_requeues=1), STATES)
+    assert decision.action == "none" and "used its 1 requeue(s)" in decision.reason
+
+
+# ---- records, accounting, the nudge ---------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Specifications of hpc/failures/reconcile.py: attempts accounting saw end unrecorded, and the nudge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from hpc.failures import reconcile
+from hpc.slurm import parse
+
+
+def test_runs_the_batch_shell_never_recorded_come_from_accounting():
+    text = "7|NODE_FAIL|0:0|T0|T1|n[1-2]\n7|RUNNING|0:0|T2|Unknown|n[1,3]\n"
+    runs = parse.rows(text, reconcile.SACCT_RUN_FIELDS, job="7")
+    log = "hpcdist: attempt 0 started on n1 at T0\nsrun: error: Node failure on n2\n"
+    lines = reconcile.from_sacct(runs, [], "7", None, log)
+    assert len(lines) == 1
+    assert (lines[0]["attempt"], lines[0]["ending"], lines[0]["node"], lines[0]["action"], lines[0]["excluded"]) == (
+        0, "node_failure", "n2", "retry", ["n2"])
+    assert lines[0]["source"] == "sacct"
+
+
+def test_a_cancelled_last_run_is_cancelled_and_not_retried():
+    runs = parse.rows("7|CANCELLED by 0|0:15|T0|T1|n1\n", reconcile.SACCT_RUN_FIELDS, job="7")
+    [line] = reconcile.from_sacct(runs, [], "7")
+    assert (line["ending"], line["action"]) == ("cancelled", "none")
+
+
+@pytest.mark.parametrize("fields,now,nudge", [
+    # Slurm's requeue delay, the old run finished completing 3 s ago: start it.
+    ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:02:01"}, "09:00:03", True),
+    # Within 2 s of the requeue the nodes may still refuse the old credential: wait.
+    ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:02:01"}, "09:00:01", False),
+    # requeue.sh's own begin time, 2 s ahead: let it come.
+    ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:00:04"}, "09:00:02", False),
+    # Eligible, but waiting for the next scheduling pass: start it.
+    ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:00:02"}, "09:00:05", True),
+])
+def test_should_nudge(fields, now, nudge):
+    import time as clock
+
+    job = {"JobState": "PENDING", "Reason": "BeginTime", **fields}
+    at = clock.mktime(clock.strptime(f"2026-12-01T{now}", "%Y-%m-%dT%H:%M:%S"))
+    assert reconcile.should_nudge(job, at) is nudge
+
+
+def test_nudge_only_follows_hpcdists_own_requeue():
+    calls = []
+
+    def runner(argv):
+        calls.append(argv)
+        shown = ("JobState=PENDING Reason=BeginTime SubmitTime=2000-01-01T00:00:00 "
+                 "EligibleTime=2099-01-01T00:00:00")
+        return subprocess.CompletedProcess(argv, 0, shown, "")
+    assert reconcile.nudge("5", [{"attempt": 0, "action": "none"}], runner) is False and not calls
+    assert reconcile.nudge("5", [{"attempt": 0, "action": "retry", "excluded": ["n2"]}], runner) is True
+    assert calls[-1] == ["scontrol", "update", "JobId=5", "StartTime=now", "ExcNodeList=n2"]
+
+
+def test_a_waiters_poll_reads_a_running_jobs_attempts_and_asks_slurm_nothing(tmp_path):
+    line = {"attempt": 0, "job_id": "7", "started": "", "ended": "", "ending": "rank_crashed", "action": "relaunch",
+            "excluded": []}
+    (tmp_path / "attempts.jsonl").write_text(json.dumps(line) + "\n")
+    asked = []
+    history = reconcile.poll(tmp_path, "7", "RUNNING", runner=lambda argv: asked.append(argv))
+    assert [a["action"] for a in history] == ["relaunch"] and asked == []
+
+
+def test_a_waiters_poll_of_a_requeued_job_adds_what_accounting_saw_and_starts_it_at_once(tmp_path):
+    asked = []
+
+    def runner(argv):
+        asked.append(argv[:2])
+        if argv[0] == "sacct":
+            return subprocess.CompletedProcess(argv, 0, "7|NODE_FAIL|0:0|T0|T1|n[1-2]\n7|PENDING|0:0|T2|Unknown|\n", "")
+        shown = "JobState=PENDING Reason=BeginTime SubmitTime=2000-01-01T00:00:00 EligibleTime=2099-01-01T00:00:00"
+        return subprocess.CompletedProcess(argv, 0, shown, "")
+
+    history = reconcile.poll(tmp_path, "7", "PENDING", runner=runner)
+    assert [(a["ending"], a["action"], a["source"]) for a in history] == [("node_failure", "retry", "sacct")]
+    assert asked == [["sacct", "-D"], ["scontrol", "show"], ["scontrol", "update"]]

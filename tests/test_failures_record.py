@@ -1,0 +1,24 @@
+"""Specifications of hpc/failures/record.py: attempts.jsonl written once per attempt, read defensively."""
+
+from __future__ import annotations
+
+import json
+
+from hpc.failures import record as records
+from hpc.failures.policy import Decision
+from hpc.failures.rules import Ending
+
+
+def test_an_attempt_is_recorded_once(tmp_path):
+    line = records.record(Ending("completed"), Decision("none"), attempt=0, job_id="5", started="",
+                           ended="", source="batch")
+    assert records.append(tmp_path, line) is True
+    assert records.append(tmp_path, {**line, "source": "sacct"}) is False
+    assert [a["source"] for a in records.load(tmp_path)] == ["batch"]
+
+
+def test_an_attempt_line_without_an_ending_or_with_a_mistyped_field_is_skipped() -> None:
+    good = {"attempt": 0, "ending": "completed", "action": "none"}
+    lines = [{"attempt": 1}, {"ending": "hung"}, {**good, "attempt": "2"}, {**good, "step": "x"},
+             {**good, "attempt": True}, {**good, "attempt": -1}, good]
+    assert records.parse_attempts("\n".join(json.dumps(x) for x in lines)) == [good]

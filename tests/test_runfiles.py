@@ -1,0 +1,41 @@
+"""Specifications of hpc/runfiles.py: the files a failing rank leaves, written safely and read defensively."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hpc import runfiles
+from hpc.vocab import HANG
+
+
+def test_only_this_attempts_lost_node_counts(tmp_path):
+    (tmp_path / "lost.json").write_text('{"node": "n2", "ranks": [1], "since": 5.0, "declared_by": 0, "attempt": 0}')
+    assert runfiles.read_lost(tmp_path, 0)["node"] == "n2"
+    assert runfiles.read_lost(tmp_path, 1) is None
+    (tmp_path / "lost.json").write_text('{"node": 7, "attempt": 0}')
+    assert runfiles.read_lost(tmp_path, 0) is None
+
+
+def test_a_rank_records_its_own_error(tmp_path):
+    runfiles.record_rank_error(tmp_path, {"RANK": "3", "SLURMD_NODENAME": "n2", "SLURM_RESTART_COUNT": "1"},
+                               "ValueError: x\n  more", "exception", 1)
+    [err] = runfiles.read_errors(tmp_path)
+    assert (err.rank, err.node, err.attempt, err.error) == (3, "n2", 1, "ValueError: x more")
+
+
+def test_a_rank_error_keeps_what_it_can_and_needs_a_rank_and_an_error_line() -> None:
+    err = runfiles.parse_rank_error('{"rank": 1, "error": "ValueError: x", "attempt": 1e400, "time": "now"}')
+    assert (err.rank, err.error, err.attempt, err.time) == (1, "ValueError: x", 0, 0.0)
+    assert runfiles.parse_rank_error('{"rank": "1", "error": "x"}') is None
+    assert runfiles.parse_rank_error('{"rank": 1, "error": "x", "exit_code": Infinity}').exit_code is None
+
+
+def test_a_hang_with_unreadable_fields_counts_them_as_absent(tmp_path: Path) -> None:
+    (tmp_path / HANG).write_text(json.dumps({"rank": "0", "since": 1e300, "step": 4, "attempt": 2}))
+    assert runfiles.read_hang(tmp_path, 2) == {"step": 4, "attempt": 2}
+    assert runfiles.read_hang(tmp_path, 3) is None
+    (tmp_path / HANG).write_text('{"attempt": "x", "step": 1e400}')
+    assert runfiles.read_hang(tmp_path, 2).get("step") is None
+    (tmp_path / HANG).write_text('{"attempt": "x", "step": 3}')
+    assert runfiles.read_hang(tmp_path, 2) == {"step": 3}
