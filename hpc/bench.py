@@ -1,4 +1,4 @@
-"""The benchmark's pure core: the configuration grid, its spec syntax, images/s from metrics, and the report.
+"""The benchmark's grid: its configs and their spec syntax, the command that runs each, and each round's order.
 
     >>> parse_config("deepspeed:zero2:bf16:2")
     Config(backend='deepspeed', ranks=2, zero_stage=2, precision='bf16', loader='resident', batch=256, threads=None)
@@ -11,16 +11,16 @@ loader (default resident), ``bN`` global batch (default the run's
 ``cl`` channels_last and ``compile`` torch.compile (dp/ddp), ``nohb`` the trainer without its heartbeat
 (``--heartbeat-s 0``, to measure the heartbeat's cost). ``floor`` is a bare PyTorch loop and
 ``floor-deepspeed`` a bare DeepSpeed engine loop (tools/floor.py): what the trainer's rows are divided by.
-Side effects (running configs, writing files, drawing) live in hpc/commands/bench.py; no torch here.
+A run's numbers are read by hpc.benchresults and written up by hpc.benchreport; side effects (running
+configs, writing files, drawing) live in hpc/commands/bench.py. No torch in any of them.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import statistics
-from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
 
 from hpc import ranks, vocab
 
@@ -51,12 +51,6 @@ DEFAULT_GRID = (
     "ddp:resident:2:t2",
     "deepspeed:zero2:fp32:2",
 )
-
-# The issue's targets: hpcdist's ddp path on one rank, and its DeepSpeed path against a bare DeepSpeed
-# loop, within 5% of their floors; two ranks on two cores at least 0.9x one rank.
-FLOOR_TARGET = 0.95
-SCALING_TARGET = 0.9
-
 
 class BenchError(ValueError):
     """A grid spec or a run's records cannot give a number; the message says which and why."""
@@ -236,245 +230,6 @@ def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, py
         trainer += ["--heartbeat-s", "0"]
     return launch + trainer
 
-
-@dataclass(frozen=True)
-class Result:
-    """One config's measurements; a field the run did not report is None and named in ``missing``."""
-
-    config: Config
-    threads: int
-    images_per_s: float | None = None
-    time_to_first_step_s: float | None = None
-    peak_memory_bytes: tuple[int | None, ...] = ()
-    wall_s: float | None = None
-    error: str | None = None
-    missing: tuple[str, ...] = ()
-    samples: tuple[float, ...] = ()
-    device: str | None = None
-    trained: str | None = None  # the precision the trainer trained in (summary.json): what auto became
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.images_per_s is not None
-
-
-def median_of(runs: Sequence[Result]) -> Result:
-    """One row from repeated runs of a config: the run with the median images/s, carrying every sample.
-
-    The median (lower middle for an even count) is a real run, so its first-step time and peak memory
-    stay that run's own. Any failed run makes the row that failure: a config that fails sometimes is
-    not one to report a rate for.
-    """
-    failed = [r for r in runs if not r.ok]
-    if failed:
-        return failed[0]
-    ordered = sorted(runs, key=lambda r: r.images_per_s)
-    middle = ordered[(len(ordered) - 1) // 2]
-    return replace(middle, samples=tuple(r.images_per_s for r in runs))
-
-
-def _number(report: Mapping[str, object], key: str, missing: list[str]) -> float | None:
-    value = report.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    missing.append(key)
-    return None
-
-
-def _text(report: Mapping[str, object], key: str) -> str | None:
-    value = report.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _peaks(report: Mapping[str, object], missing: list[str]) -> tuple[int | None, ...]:
-    peaks = peaks_of(report)
-    if not peaks or None in peaks:
-        missing.append("ranks[].peak_memory_bytes")
-    return peaks
-
-
-def result_from_summary(config: Config, threads: int, summary: Mapping[str, object], warmup: int, steps: int,
-                        wall_s: float) -> Result:
-    """A trainer run's result from its summary.json, whose images_per_s leaves out ``warmup`` steps."""
-    missing: list[str] = []
-    ttfs = _number(summary, "time_to_first_step_s", missing)
-    peaks = _peaks(summary, missing)
-    device = _text(summary, "device")
-    rate = summary.get("images_per_s")
-    ran = summary.get("steps")
-    error = None
-    if summary.get("warmup_steps") != warmup:
-        error = (f"summary.json's rate leaves out {summary.get('warmup_steps')} warm-up steps, not {warmup}; "
-                 "the trainer must take --warmup-steps")
-    elif not isinstance(ran, int) or ran < warmup + steps:
-        error = f"the trainer stopped at step {ran} of {warmup + steps}"
-    elif not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
-        error = f"summary.json has no images_per_s (got {rate!r})"
-    return Result(config, threads, float(rate) if error is None else None, ttfs, peaks,  # type: ignore[arg-type]
-                  wall_s, error, tuple(missing), device=device, trained=_text(summary, "precision"))
-
-
-def result_from_floor(config: Config, threads: int, report: Mapping[str, object], wall_s: float) -> Result:
-    """The floor's result from the one JSON line its rank 0 printed."""
-    missing: list[str] = []
-    rate = _number(report, "images_per_s", missing)
-    ttfs = _number(report, "time_to_first_step_s", missing)
-    peaks = _peaks(report, missing)
-    error = None if rate is not None else "the floor printed no images_per_s"
-    device = _text(report, "device")
-    return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing), device=device)
-
-
-def peaks_of(summary: Mapping[str, object]) -> tuple[int | None, ...]:
-    """``ranks[].peak_memory_bytes`` in rank order; None where a rank did not report it."""
-    entries = summary.get("ranks")
-    if not isinstance(entries, list):
-        return ()
-    ordered = sorted((e for e in entries if isinstance(e, dict)), key=lambda e: e.get("rank", 0))
-    return tuple(e["peak_memory_bytes"] if isinstance(e.get("peak_memory_bytes"), int) else None for e in ordered)
-
-
-def floor_of(result: Result, results: Sequence[Result]) -> Result | None:
-    """The floor run a trainer row is divided by: for DeepSpeed the bare DeepSpeed loop with the same ZeRO
-    stage and precision if the grid ran one, else the bare PyTorch loop; same ranks, batch and threads."""
-    c = result.config
-    if c.backend in FLOORS or not result.ok:
-        return None
-
-    def same(other: Result, backend: str) -> bool:
-        o = other.config
-        return (o.backend == backend and other.ok and o.ranks == c.ranks and o.batch == c.batch
-                and other.threads == result.threads
-                and (backend == "floor" or (o.zero_stage, o.precision) == (c.zero_stage, c.precision)))
-
-    for backend in (("floor-deepspeed", "floor") if c.backend == "deepspeed" else ("floor",)):
-        for other in results:
-            if same(other, backend):
-                return other
-    return None
-
-
-def vs_floor(result: Result, results: Sequence[Result]) -> float | None:
-    """images/s over its floor's (see ``floor_of``); None if the grid ran none."""
-    floor = floor_of(result, results)
-    if floor is None:
-        return None
-    return result.images_per_s / floor.images_per_s  # type: ignore[operator]
-
-
-def scaling(result: Result, results: Sequence[Result]) -> float | None:
-    """images/s over the same training's on one rank with default threads; None at one rank or if absent."""
-    if result.config.ranks == 1 or not result.ok:
-        return None
-    base = result.config.one_rank()
-    for other in results:
-        if other.config == base and other.ok:
-            return result.images_per_s / other.images_per_s  # type: ignore[operator]
-    return None
-
-
-def _num(value: float | None, fmt: str, absent: str = "missing") -> str:
-    return absent if value is None else format(value, fmt)
-
-
-def _mib(peaks: tuple[int | None, ...], absent: str = "missing") -> str:
-    if not peaks:
-        return absent
-    return " / ".join("missing" if p is None else f"{p / 2**20:.0f}" for p in peaks)
-
-
-def _ratio(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
-
-
-COLUMNS = ("config", "backend", "ZeRO", "precision", "loader", "batch", "ranks", "threads/rank", "images/s",
-           "vs floor", "vs 1 rank", "first step s", "peak MiB per rank")
-
-
-def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
-    rows = []
-    for r in results:
-        c = r.config
-        rate = f"failed: {r.error}" if r.error else _num(r.images_per_s, ".0f")
-        # A failed run reported nothing, so its empty cells are not the trainer's missing fields.
-        absent = "" if r.error else "missing"
-        precision = f"auto → {r.trained or '?'}" if c.precision == vocab.AUTO else c.precision
-        rows.append((c.name, c.backend, "" if c.zero_stage is None else str(c.zero_stage), precision,
-                     "" if c.backend in FLOORS else c.loader, str(c.batch), str(c.ranks), str(r.threads), rate,
-                     _ratio(vs_floor(r, results)), _ratio(scaling(r, results)),
-                     _num(r.time_to_first_step_s, ".1f", absent), _mib(r.peak_memory_bytes, absent)))
-    return rows
-
-
-def markdown_table(results: Sequence[Result]) -> str:
-    """A GitHub-flavoured Markdown table, one row per config, in grid order."""
-    numeric = {"batch", "ranks", "threads/rank", "images/s", "vs floor", "vs 1 rank", "first step s"}
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" if c in numeric else "---" for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(results)]
-    return "\n".join(lines)
-
-
-def verdicts(results: Sequence[Result]) -> list[str]:
-    """The issue's two targets, checked where the grid holds the rows they need."""
-    lines = []
-    for r in results:
-        c = r.config
-        ratio = vs_floor(r, results)
-        # The target is for the trainer's default path; the classic loader is there to show its cost.
-        floor = floor_of(r, results)
-        bare_ds = floor is not None and floor.config.backend == "floor-deepspeed"
-        plain_ddp = (c.backend == "ddp" and c.ranks == 1 and c.loader == "resident" and c.precision == "fp32"
-                     and not (c.channels_last or c.compile))
-        if ratio is not None and (plain_ddp or bare_ds):
-            mark = "meets" if ratio >= FLOOR_TARGET else "misses"
-            lines.append(f"{c.name} vs {floor.config.name}: {ratio:.2f}x "  # type: ignore[union-attr]
-                         f"({mark} the >= {FLOOR_TARGET}x target)")
-    for r in results:
-        c = r.config
-        ratio = scaling(r, results)
-        # The targets are hpcdist's; the floor's own scaling stays in the table as the ceiling to read them by.
-        if c.backend not in FLOORS and ratio is not None:
-            mark = "meets" if ratio >= SCALING_TARGET else "misses"
-            lines.append(f"{c.name} vs 1 rank: {ratio:.2f}x ({mark} the >= {SCALING_TARGET}x target"
-                         + (", oversubscribed" if c.threads is not None else "") + ")")
-    return lines
-
-
-def markdown_report(results: Sequence[Result], meta: Mapping[str, object]) -> str:
-    """bench.md: what was run, the table, the targets, and any fields a run did not report."""
-    head = ", ".join(f"{k} {v}" for k, v in meta.items() if k != "orders")
-    parts = ["# hpcdist bench", head, markdown_table(results)]
-    checks = verdicts(results)
-    if checks:
-        parts.append("\n".join(f"- {line}" for line in checks))
-    runs = spread_lines(results, meta.get("orders", ()))  # type: ignore[arg-type]
-    if runs:
-        parts.append(f"Samples per config (#position in its round; order {meta.get('order')}, seed "
-                     f"{meta.get('seed')}), spread = (max - min) / median:\n" + "\n".join(f"- {x}" for x in runs))
-    gaps = [f"- {r.config.name}: {', '.join(r.missing)} not reported" for r in results if r.missing]
-    if gaps:
-        parts.append("Missing fields (reported as missing, not estimated):\n" + "\n".join(gaps))
-    return "\n\n".join(parts) + "\n"
-
-
-def to_json(results: Sequence[Result], meta: Mapping[str, object]) -> dict:
-    """bench.json: the run's settings and one object per config, ratios included."""
-    rows = []
-    for r in results:
-        row = asdict(r)
-        row["config"] = {"name": r.config.name, **asdict(r.config)}
-        row["peak_memory_bytes"] = list(r.peak_memory_bytes)
-        row["missing"] = list(r.missing)
-        row["vs_floor"] = vs_floor(r, results)
-        row["vs_1_rank"] = scaling(r, results)
-        row["spread"] = spread(r.samples)
-        rows.append(row)
-    return {**meta, "targets": {"ddp_1_rank_vs_floor": FLOOR_TARGET, "deepspeed_vs_floor_deepspeed": FLOOR_TARGET,
-                                "n_ranks_vs_1_rank": SCALING_TARGET},
-            "results": rows}
-
-
 ORDERS = ("shuffle", "alternate", "fixed")
 
 
@@ -498,30 +253,3 @@ def round_order(n: int, round_: int, how: str = "shuffle", seed: int = 0) -> lis
         turn = (round_ - 1) % n
         order = order[turn:] + order[:turn]
     return order
-
-
-def spread(samples: Sequence[float]) -> float | None:
-    """(max - min) / median of a config's samples: how far runs of the same config moved."""
-    if len(samples) < 2:
-        return None
-    middle = statistics.median(samples)
-    return (max(samples) - min(samples)) / middle if middle else None
-
-
-def spread_lines(results: Sequence[Result], orders: Sequence[Sequence[str]] = ()) -> list[str]:
-    """Per config: its samples with the position each ran at in its round, and their spread."""
-    lines = []
-    for r in results:
-        if len(r.samples) < 2:
-            continue
-        places = [(order.index(r.config.name) + 1 if r.config.name in order else None) for order in orders]
-        runs = ", ".join(f"{v:.0f}" + (f" (#{p})" if p else "") for v, p in
-                         zip(r.samples, places or [None] * len(r.samples)))
-        lines.append(f"{r.config.name}: {runs}; spread {spread(r.samples) * 100:.0f}%")  # type: ignore[operator]
-    return lines
-
-
-def chart_bars(results: Sequence[Result]) -> list[tuple[str, float, str]]:
-    """(label, images/s, kind) per successful config, kind being "floor" or the backend, for the PNG."""
-    return [(r.config.name, r.images_per_s, "floor" if r.config.backend in FLOORS else r.config.backend)
-            for r in results if r.ok]  # type: ignore[misc]

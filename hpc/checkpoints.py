@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from hpc import fileio
+
 NAME = re.compile(r"step(\d{8})")
 MANIFEST = "MANIFEST.json"
 
@@ -47,12 +49,7 @@ def write_manifest(folder: Path, step: int) -> None:
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
         files[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    fileio.atomic_write(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n", durable=True)
 
 
 def damage(folder: Path, checksums: bool = True) -> str | None:

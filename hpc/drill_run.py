@@ -9,7 +9,6 @@ a site's node-control command for a real node death.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from hpc import drill, jobs
+from hpc import drill, jobs, monitor
 from hpc.drill import (
     FAULT_STEP,
     FAULTS,
@@ -36,7 +35,7 @@ from hpc.drill import (
 from hpc.failures import reconcile
 from hpc.failures import record as records
 from hpc.slurm import commands, grammar, parse, states
-from hpc.vocab import CHECKPOINTS, HEARTBEAT, METRICS, RUN_DIR, batch_log, task_log
+from hpc.vocab import CHECKPOINTS, METRICS, RUN_DIR, batch_log, task_log
 
 
 def proc_environ(data: bytes) -> dict[str, str]:
@@ -162,14 +161,8 @@ def victim(job: Job, timeout_s: float = 30) -> Proc:
 
 def first_step_after(job: Job, attempt: int) -> float | None:
     """A heartbeat's own time of the first training step of ``attempt`` (contract 1's marks), if written."""
-    times = []
-    for path in (job.run_dir / HEARTBEAT).glob("rank-*.json"):
-        try:
-            beat = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if int(beat.get("attempt", -1)) >= attempt and (beat.get("marks") or {}).get("first_step_done"):
-            times.append(float(beat["marks"]["first_step_done"]))
+    times = [b.marks["first_step_done"] for b in monitor.read_heartbeats(job.run_dir).values()
+             if b.attempt >= attempt and b.marks.get("first_step_done")]
     return min(times) if times else None
 
 

@@ -34,14 +34,18 @@ def folder(root: Path, *parts: str) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: str | bytes, *, executable: bool = False) -> None:
+def atomic_write(path: Path, data: str | bytes, *, executable: bool = False, durable: bool = False) -> None:
     """``path`` holds ``data`` whole or keeps what it held: written to a new file beside it, then renamed over
-    it. A link at ``path`` is replaced, never written through; the temporary file is gone on failure."""
+    it. A link at ``path`` is replaced, never written through; the temporary file is gone on failure.
+    ``durable``: on disk before the rename (a checkpoint's manifest must not name bytes a crash can lose)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o755 if executable else 0o644)
         os.replace(tmp, path)
     except BaseException:

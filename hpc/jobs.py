@@ -13,29 +13,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from hpc import jobfiles, nodelist
-from hpc.logs import failing_task, failure_report, log_files, ranks_label, srun_first_failure, tail, task_of  # noqa: F401
-from hpc.registry import (  # noqa: F401
-    DEFAULT_HOME,
-    HOME_ENV,
-    MARKER,
-    REGISTRY,
-    JobError,
-    Record,
-    append,
-    find,
-    load,
-    lookup,
-    parse_registry,
-    read_marker,
-    registry_path,
-    write_marker,
-)
+from hpc.logs import failing_task
+from hpc.registry import JobError, Record
 from hpc.slurm import commands, grammar, parse
 from hpc.slurm.runner import Runner, SlurmError
 from hpc.slurm.runner import run as slurm_run
 from hpc.slurm.states import LIVE, TERMINAL
 from hpc.slurm.states import base as base_state
-from hpc.vocab import SUBMITIT_DIR  # noqa: F401
 
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Elapsed", "NNodes")
 SQUEUE_FORMAT, SQUEUE_FIELDS = "%i|%T|%N|%M", ("JobID", "State", "NodeList", "Elapsed")

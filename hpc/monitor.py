@@ -3,21 +3,22 @@
     board = monitor.judge(monitor.read_heartbeats(run_dir), now=time.time())
     print(monitor.table(board))
 
-Heartbeats are contract 1 of docs/CONTRACTS.md (``RUN_DIR/heartbeat/rank-R.json``, written by the trainer);
-``rank-R.jsonl`` beside it, when the trainer keeps one, is each rank's history of them. Pure except for
-the two readers at the top, which take a folder and return values.
+Heartbeats are contract 1 of docs/CONTRACTS.md: one file per node, ``RUN_DIR/heartbeat/node-N.json``, holding
+its ranks' newest beats, and its history ``node-N.jsonl`` (hpc/beatfile.py, the schema both sides share).
+Pure except for the two readers at the top, which take a folder and return values.
 """
 
 from __future__ import annotations
 
+import bisect
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
-from hpc import jobfiles, vocab
+from hpc import beatfile, jobfiles, vocab
+from hpc.beatfile import Heartbeat
 
-HEARTBEAT_DIR = vocab.HEARTBEAT
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
 # STALE_MIN_S: heartbeats come every 2 s, so anything shorter would flag healthy ranks between writes.
 STALE_K = 5.0
@@ -26,77 +27,13 @@ STALE_MIN_S = 10.0
 # median, in each of its last SUSTAIN samples (heartbeats, or steps when the trainer keeps a ring).
 STRAGGLER_RATIO = 1.3
 SUSTAIN = 3
-# A heartbeat is about 1 KB; one far larger is not one the trainer wrote.
-HEARTBEAT_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """One rank's heartbeat (contract 1); fields a trainer did not write are None."""
-
-    rank: int
-    hostname: str = ""
-    node_rank: int | None = None
-    local_rank: int | None = None
-    world_size: int | None = None
-    pid: int | None = None
-    attempt: int = 0
-    phase: str = "unknown"
-    step: int = 0
-    total_steps: int | None = None
-    time: float = 0.0
-    step_time_s: float | None = None
-    compute_s: float | None = None
-    comm_s: float | None = None
-    images_per_s: float | None = None
-    loss: float | None = None
-    rss_bytes: int | None = None
-    peak_memory_bytes: int | None = None
-    marks: Mapping[str, float] = field(default_factory=dict)
-    recent_compute_s: tuple[float, ...] = ()
-    step_at: float | None = None
-
-    @property
-    def node(self) -> str:
-        return self.hostname or (f"node {self.node_rank}" if self.node_rank is not None else "?")
-
-    @property
-    def node_label(self) -> str:
-        """The node with its rank, ``vm#1``: emulated nodes of a local run share one hostname."""
-        return f"{self.node}#{self.node_rank}" if self.node_rank is not None else self.node
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Heartbeat:
-        """From a heartbeat's JSON object; ValueError if it has no integer rank."""
-        from hpc.spec import MAX_WORLD_SIZE
-
-        rank = data.get("rank")
-        if not jobfiles.is_a(rank, int) or not 0 <= rank < MAX_WORLD_SIZE:
-            raise ValueError(f"a heartbeat without a rank in range: {data!r:.80}")
-
-        def num(key: str, kind: type = float) -> Any:
-            value = data.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return kind(value)
-            return None
-
-        marks = data.get("marks") if isinstance(data.get("marks"), dict) else {}
-        ring = data.get("recent_compute_s") if isinstance(data.get("recent_compute_s"), list) else []
-        return cls(
-            rank=rank, hostname=str(data.get("hostname") or ""), node_rank=num("node_rank", int),
-            local_rank=num("local_rank", int), world_size=num("world_size", int), pid=num("pid", int),
-            attempt=num("attempt", int) or 0, phase=str(data.get("phase") or "unknown"), step=num("step", int) or 0,
-            total_steps=num("total_steps", int), time=num("time") or 0.0, step_time_s=num("step_time_s"),
-            compute_s=num("compute_s"), comm_s=num("comm_s"), images_per_s=num("images_per_s"), loss=num("loss"),
-            rss_bytes=num("rss_bytes", int), peak_memory_bytes=num("peak_memory_bytes", int),
-            marks={k: float(v) for k, v in marks.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            recent_compute_s=tuple(float(v) for v in ring if isinstance(v, (int, float)) and not isinstance(v, bool)),
-            step_at=num("step_at"),
-        )
-
+# Readers that show every rank's history read every node's only up to this many nodes; past it, the first
+# node's alone (rank 0's, for goodput and the rate chart), and the stragglers come from each beat's own ring.
+HISTORY_NODES = 8
+ENDING_RANKS = 8  # an ending line names at most this many unfinished ranks
 
 def parse_heartbeat(text: str) -> Heartbeat | None:
-    """A heartbeat from a file's text; None for a torn or foreign file (a reader may race a writer)."""
+    """One rank's beat from its JSON text; None for a torn or foreign one (a reader may race a writer)."""
     try:
         data = jobfiles.loads(text)
         return Heartbeat.from_mapping(data) if isinstance(data, dict) else None
@@ -104,39 +41,52 @@ def parse_heartbeat(text: str) -> Heartbeat | None:
         return None
 
 
-def parse_history(text: str) -> list[Heartbeat]:
-    """A rank's heartbeat history (one JSON object a line); damaged lines are skipped."""
-    out = []
-    for data in jobfiles.json_lines(text):
+def beats_in(document: Mapping[str, Any]) -> Iterable[Heartbeat]:
+    """A node document's beats; a damaged one is skipped."""
+    for data in beatfile.beats_of(document):
         try:
-            out.append(Heartbeat.from_mapping(data))
+            yield Heartbeat.from_mapping(data)
         except (ValueError, TypeError, OverflowError):
             continue
-    return out
+
+
+# node file -> ((mtime ns, size), its beats): a command reads the same files several times (status, report,
+# and top every 2 s); at 4,096 nodes parsing them is what costs, a stat is cheap.
+_SEEN: dict[Path, tuple[tuple[int, int], tuple[Heartbeat, ...]]] = {}
 
 
 def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
-    """The newest heartbeat of each rank that wrote one, by rank."""
+    """The newest heartbeat of each rank that wrote one, by rank (from its node's file)."""
     out: dict[int, Heartbeat] = {}
-    folder = Path(run_dir) / HEARTBEAT_DIR
-    for path in sorted(folder.glob("rank-*.json")) if folder.is_dir() else ():
+    for path in jobfiles.folder(beatfile.folder(run_dir), "node-*.json"):
         try:
-            beat = parse_heartbeat(jobfiles.read_text(path, HEARTBEAT_BYTES))
-        except (OSError, jobfiles.Damaged):
+            st = path.stat()
+        except OSError:
             continue
-        if beat is not None:
-            out[beat.rank] = beat
-    return out
+        key = (st.st_mtime_ns, st.st_size)
+        if _SEEN.get(path, ((), ()))[0] != key:
+            document = beatfile.read_node(path)
+            _SEEN[path] = (key, tuple(beats_in(document)) if document is not None else ())
+        out.update((b.rank, b) for b in _SEEN[path][1])
+    return dict(sorted(out.items()))
 
 
-def read_histories(run_dir: Path) -> dict[int, list[Heartbeat]]:
-    """Each rank's heartbeat history (``rank-R.jsonl``), oldest first; empty where the trainer keeps none."""
+def read_histories(run_dir: Path, nodes: Collection[int] | None = None) -> dict[int, list[Heartbeat]]:
+    """Each rank's heartbeat history, oldest first, from its node's (``nodes``: only those nodes'). A node
+    republishes a beat its rank has not replaced yet: each beat is kept once."""
     out: dict[int, list[Heartbeat]] = {}
-    folder = Path(run_dir) / HEARTBEAT_DIR
-    for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else ():
-        for beat in parse_history(jobfiles.tail_text(path, jobfiles.MAX_BYTES)):
-            out.setdefault(beat.rank, []).append(beat)
+    for paths in beatfile.history_files(run_dir, nodes).values():
+        for document in beatfile.read_history(paths):
+            for beat in beats_in(document):
+                mine = out.setdefault(beat.rank, [])
+                if not mine or (mine[-1].time, mine[-1].phase) != (beat.time, beat.phase):
+                    mine.append(beat)
     return out
+
+
+def history_nodes(run_dir: Path) -> Collection[int] | None:
+    """Which nodes' histories a reader of every rank reads: all (None) up to HISTORY_NODES nodes, else node 0."""
+    return None if len(jobfiles.folder(beatfile.folder(run_dir), "node-*.json")) <= HISTORY_NODES else (0,)
 
 
 # ---- judging -----------------------------------------------------------------------------------------
@@ -199,6 +149,17 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _median_without(ordered: Sequence[float], value: float) -> float:
+    """The median of sorted ``ordered`` less one ``value`` it holds, without copying (32,768 ranks each leave
+    one out: a copy per rank would be quadratic)."""
+    gone = bisect.bisect_left(ordered, value)
+    n = len(ordered) - 1
+
+    def at(k: int) -> float:
+        return ordered[k] if k < gone else ordered[k + 1]
+    return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
+
+
 def compute_samples(beat: Heartbeat, history: Sequence[Heartbeat] = ()) -> list[float]:
     """The rank's recent compute times per step, oldest first, for the straggler test.
 
@@ -223,13 +184,13 @@ def straggler_ratios(samples: Mapping[int, Sequence[float]], ratio: float = STRA
     """
     window = window or sustain
     level = {r: statistics.median(s[-window:]) for r, s in samples.items() if s}
+    ordered = sorted(level.values())
     out: dict[int, tuple[bool, float | None]] = {}
     for rank, own in samples.items():
-        others = [v for r, v in level.items() if r != rank]
-        if not own or not others:
+        if not own or len(ordered) < 2:
             out[rank] = (False, None)
             continue
-        reference = statistics.median(others)
+        reference = _median_without(ordered, level[rank])
         if reference <= 0:
             out[rank] = (False, None)
             continue
@@ -341,7 +302,7 @@ def table(board: Board) -> str:
     """The board as aligned text; a node's name is printed on its first rank's row only."""
     rows = table_rows(board)
     if not rows:
-        return "no heartbeats yet (the trainer writes run/heartbeat/rank-R.json once it starts)"
+        return "no heartbeats yet (the trainer writes run/heartbeat/node-N.json once it starts)"
     shown, previous = [], None
     for row in rows:
         shown.append(row if row[0] != previous else ("", *row[1:]))
@@ -380,8 +341,9 @@ def ending_line(beats: Mapping[int, Heartbeat]) -> str | None:
         return None
     finals = [phase for phase in vocab.FINAL_PHASES if any(b.phase == phase for b in current)]
     parts = [f"{sum(b.phase == phase for b in current)} {phase}" for phase in finals]
-    parts += [f"rank {b.rank} on {b.node} last at step {b.step} ({b.phase})"
-              for b in current if b.phase not in vocab.FINAL_PHASES]
+    unfinished = [b for b in current if b.phase not in vocab.FINAL_PHASES]
+    parts += [f"rank {b.rank} on {b.node} last at step {b.step} ({b.phase})" for b in unfinished[:ENDING_RANKS]]
+    parts += [f"{len(unfinished) - ENDING_RANKS} more ranks"] if len(unfinished) > ENDING_RANKS else []
     return "ranks at the end: " + "; ".join(parts)
 
 

@@ -157,16 +157,36 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
     """Resolve rank, world size, local rank, node rank and MASTER_ADDR/PORT from ``environ``."""
     source = detect(environ)
     origin: dict[str, str] = {}
+    rank, world_size, local_rank, local_world_size, node_rank = _geometry(environ, source, origin)
+    if not 0 <= rank < world_size:
+        raise RankError(f"rank {rank} is outside world size {world_size} ({source})")
+    if not 0 <= local_rank < max(local_world_size, 1):
+        raise RankError(f"local rank {local_rank} is outside local world size {local_world_size} ({source})")
+    master_addr = _master_addr(environ, source, origin)
+    master_port = _master_port(environ, source, origin)
+    return DistEnv(rank, world_size, local_rank, local_world_size, node_rank, master_addr, master_port,
+                   source, origin)
+
+
+def _take(environ: Mapping[str, str], source: str, origin: dict[str, str], table: Mapping[str, Any], key: str,
+          default: int | None = None) -> int:
+    """``key``'s value from the first of its variables set, noting which in ``origin``; ``default`` if none is
+    (RankError where the source must set one)."""
+    name = _present(environ, table, key)
+    if name:
+        origin[key] = name
+        return _int(environ, name)
+    if default is None:
+        raise RankError(f"{source} environment lacks {' or '.join(_names(table, key))}")
+    origin[key] = "default"
+    return default
+
+
+def _geometry(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> tuple[int, int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size, node_rank) as ``source`` describes them."""
 
     def take(table: Mapping[str, Any], key: str, default: int | None = None) -> int:
-        name = _present(environ, table, key)
-        if name:
-            origin[key] = name
-            return _int(environ, name)
-        if default is None:
-            raise RankError(f"{source} environment lacks {' or '.join(_names(table, key))}")
-        origin[key] = "default"
-        return default
+        return _take(environ, source, origin, table, key, default)
 
     if source == "torchrun":
         rank, world_size, local_rank = (take(TORCHRUN, k) for k in ("rank", "world_size", "local_rank"))
@@ -189,24 +209,28 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
     else:
         rank, world_size, local_rank, local_world_size, node_rank = 0, 1, 0, 1, 0
         origin.update(dict.fromkeys(("rank", "world_size", "local_rank", "local_world_size", "node_rank"), "default"))
+    return rank, world_size, local_rank, local_world_size, node_rank
 
-    if not 0 <= rank < world_size:
-        raise RankError(f"rank {rank} is outside world size {world_size} ({source})")
-    if not 0 <= local_rank < max(local_world_size, 1):
-        raise RankError(f"local rank {local_rank} is outside local world size {local_world_size} ({source})")
 
+def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> str:
+    """MASTER_ADDR as given, else a Slurm step's first host, else the loopback address."""
     nodelist_var = _present(environ, SLURM, "nodelist") if source == "slurm" else None
     if "MASTER_ADDR" in environ:
-        master_addr, origin["master_addr"] = environ["MASTER_ADDR"], "MASTER_ADDR"
-    elif nodelist_var:
+        origin["master_addr"] = "MASTER_ADDR"
+        return environ["MASTER_ADDR"]
+    if nodelist_var:
         try:
             master_addr = nodelist.first(environ[nodelist_var])
         except nodelist.NodelistError as exc:
             raise RankError(f"{nodelist_var}: {exc}") from None
         origin["master_addr"] = f"first host of {nodelist_var}"
-    else:
-        master_addr, origin["master_addr"] = DEFAULT_MASTER_ADDR, "default"
+        return master_addr
+    origin["master_addr"] = "default"
+    return DEFAULT_MASTER_ADDR
 
+
+def _master_port(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> int:
+    """MASTER_PORT as given, else one derived from the job id (alike on every rank), else torch's default."""
     job_id_var = (_present(environ, SLURM, "job_id") if source == "slurm"
                   else SUBMITIT_LOCAL["job_id"] if source == "submitit-local" and SUBMITIT_LOCAL["job_id"] in environ
                   else None)
@@ -214,14 +238,12 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
         master_port, origin["master_port"] = _int(environ, "MASTER_PORT"), "MASTER_PORT"
         if not 1 <= master_port <= MAX_PORT:
             raise RankError(f"MASTER_PORT={master_port} is not a TCP port; set it to 1-{MAX_PORT} or unset it")
-    elif job_id_var:
-        master_port = port_for_job(environ[job_id_var])
+        return master_port
+    if job_id_var:
         origin["master_port"] = f"derived from {job_id_var}"
-    else:
-        master_port, origin["master_port"] = DEFAULT_MASTER_PORT, "default"
-
-    return DistEnv(rank, world_size, local_rank, local_world_size, node_rank, master_addr, master_port,
-                   source, origin)
+        return port_for_job(environ[job_id_var])
+    origin["master_port"] = "default"
+    return DEFAULT_MASTER_PORT
 
 
 def threads_per_rank(environ: Mapping[str, str], cpu_count: int, dist: DistEnv) -> int:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from hpc import jobs, monitor, registry, runfiles, vocab
+from hpc import monitor, registry, runfiles, vocab
 from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
 from hpc.failures.policy import Decision, excluded_so_far
@@ -48,8 +48,8 @@ def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, H
     return None
 
 
-def resubmit(record: jobs.Record, host: str, environ: Mapping[str, str],
-             clock: Callable[[], float] = time.time) -> jobs.Record | None:
+def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
+             clock: Callable[[], float] = time.time) -> registry.Record | None:
     """Record the lost attempt, cancel the old job and submit job.sbatch again without ``host`` (and the nodes
     excluded before); the new job's record, registered, or None when Slurm refused it (said in the line)."""
     job_dir = Path(record.job_dir)
@@ -59,24 +59,20 @@ def resubmit(record: jobs.Record, host: str, environ: Mapping[str, str],
     excluded = sorted(excluded_so_far(history) | {host})
     commands.scancel([record.job_id])
     ending = Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
-                                             "slurmd does not answer", node=host,
-                             step=checkpoint_in(job_dir / vocab.RUN_DIR))
-    from hpc.submit import SubmitError, parse_sbatch
+                                    "slurmd does not answer", node=host, step=checkpoint_in(job_dir / vocab.RUN_DIR))
 
     # The ranks' verdict was acted on: the new job's batch shell must not end its own step on it.
     (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
     try:
-        text = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=[f"--exclude={','.join(excluded)}"])
-        new_id = parse_sbatch(text)
-    except (SlurmError, SubmitError) as exc:
+        new_id = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=[f"--exclude={','.join(excluded)}"])
+    except SlurmError as exc:
         decision = Decision("none", tuple(excluded), f"could not submit it again: {exc}")
         new_id = None
     else:
-        decision = Decision("resubmit", tuple(excluded),
-                                     f"resubmitted as job {new_id} without {', '.join(excluded)}")
+        decision = Decision("resubmit", tuple(excluded), f"resubmitted as job {new_id} without {', '.join(excluded)}")
     ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(clock()))
     records.append(job_dir, records.record(ending, decision, attempt=number, job_id=record.job_id, started="",
-                                             ended=ended, source="waiter"))
+                                           ended=ended, source="waiter"))
     if new_id is None:
         return None
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -90,7 +86,7 @@ class Watcher:
     """A waiter's check, at each poll of a running job, for a dead batch host; cheap until something is
     silent (the controller is asked only then)."""
 
-    def __init__(self, record: jobs.Record, every_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, record: registry.Record, every_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
         self.record, self.every_s, self.clock = record, every_s, clock
         self.checked = 0.0
         self.port: int | None = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from hpc import jobs, task, vocab
+from hpc import jobs, registry, task, vocab
 from hpc.slurm import commands
 from hpc.slurm.runner import SlurmError
 from hpc.vocab import BATCH_LOG, TASK_LOG
@@ -41,7 +41,7 @@ class SubmitError(RuntimeError):
 class Submitted:
     """What a submission produced: its registry record, and for a local job the live submitit job."""
 
-    record: jobs.Record
+    record: registry.Record
     handle: submitit.Job[Any] | None = None
 
 
@@ -62,7 +62,7 @@ def choose(via: str, executor: str, have_slurm: bool) -> str:
 
 def slurm_parameters(rendered: Rendered) -> dict[str, Any]:
     """Keyword arguments for SlurmExecutor.update_parameters that give job.sbatch's allocation and step."""
-    from hpc.render import submitit_directive as directive
+    from hpc.templating import submitit_directive as directive
 
     spec, job_dir = rendered.spec, rendered.job_dir
     # submitit would ask for its own signal (USR2) and logs; the job's own win, as in job.sbatch.
@@ -112,22 +112,14 @@ def signal_name(spec_signal: str) -> str:
     return name_of(spec_signal)
 
 
-def record_for(rendered: Rendered, job_id: str, via: str, now: datetime.datetime) -> jobs.Record:
+def record_for(rendered: Rendered, job_id: str, via: str, now: datetime.datetime) -> registry.Record:
     spec = rendered.spec
-    return jobs.Record(
+    return registry.Record(
         job_id=job_id, job_dir=str(rendered.job_dir), via=via,
         submitted=now.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
         job_name=spec.job_name, backend=spec.backend, launcher=spec.launcher, nodes=spec.nodes,
         ntasks_per_node=spec.slurm_tasks_per_node, world_size=spec.world_size,
     )
-
-
-def parse_sbatch(text: str) -> str:
-    """The job id from ``sbatch --parsable`` output: ``ID`` or ``ID;CLUSTER``."""
-    first = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
-    if not first.isdigit():
-        raise SubmitError(f"sbatch printed no job id: {text.strip()!r}")
-    return first
 
 
 # ---- side effects --------------------------------------------------------------------------------
@@ -157,7 +149,7 @@ def submit_sbatch(rendered: Rendered) -> str:
 def sbatch(script: Path) -> str:
     """``sbatch --parsable SCRIPT``; its job id, or SubmitError."""
     try:
-        return parse_sbatch(commands.sbatch(script))
+        return commands.sbatch(script)
     except SlurmError as exc:
         raise SubmitError(str(exc)) from None
 
@@ -245,12 +237,12 @@ def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submit
     record = record_for(rendered, job_id, where, datetime.datetime.now(datetime.timezone.utc))
     if handle is not None:
         _until_started(record, handle)
-    jobs.write_marker(record)
-    jobs.append(jobs.registry_path(environ), record)
+    registry.write_marker(record)
+    registry.append(registry.registry_path(environ), record)
     return Submitted(record, handle)
 
 
-def _until_started(record: jobs.Record, handle: submitit.Job[Any], timeout_s: float = 30.0) -> None:
+def _until_started(record: registry.Record, handle: submitit.Job[Any], timeout_s: float = 30.0) -> None:
     """Return once the local controller runs its own program (or has ended).
 
     Until then its pid still shows the forking python's command line, and a status taken in that

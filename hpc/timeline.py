@@ -198,6 +198,16 @@ def slowest(falls: Sequence[Waterfall]) -> Waterfall | None:
     return max(falls, key=lambda w: (w.end, w.wall_s), default=None)
 
 
+def worst(falls: Sequence[Waterfall], most: int = 16) -> list[Waterfall]:
+    """At most ``most`` waterfalls for a chart or a page: each attempt's rank 0 and the ranks that reached their
+    first step last, in attempt and rank order (4,096 nodes' worth of bars says nothing and takes minutes)."""
+    if len(falls) <= most:
+        return list(falls)
+    firsts = [w for w in falls if w.rank == 0][: most // 2]
+    late = sorted((w for w in falls if w.rank != 0), key=lambda w: (w.end, w.wall_s))[len(firsts) - most:]
+    return sorted(firsts + late, key=lambda w: (w.attempt, w.rank))
+
+
 def table(falls: Sequence[Waterfall]) -> str:
     """Per attempt: one row per rank, one column per phase (seconds), then the wall time; and the verdict."""
     if not falls:

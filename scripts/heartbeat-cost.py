@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train import heartbeat
+from train import heartbeat, nodebeat
 
 
 def main() -> None:
@@ -25,7 +25,8 @@ def main() -> None:
         beat = heartbeat.Heartbeat(Path(folder), every_s=args.heartbeat_s)
         beat.identity = {"rank": 0, "local_rank": 0, "node_rank": 0, "world_size": 1, "hostname": "bench",
                          "pid": 0, "attempt": 0}  # no identify(): its thread would write beside the timing
-        heartbeat.folder(Path(folder)).mkdir()
+        beat.stage = Path(folder) / "stage"                              # local rank 0: hand over, then publish
+        beat.publisher = nodebeat.Publisher(Path(folder), 0)
         beat.plan(total_steps=10**6, local_batch=64)
         beat.step_clock.begin()
         steps, writes = 200_000, 500
@@ -35,7 +36,7 @@ def main() -> None:
         per_step = (time.perf_counter() - started) / steps
         started = time.perf_counter()
         for _ in range(writes):
-            beat.write()
+            beat.write(force=True)
         per_write = (time.perf_counter() - started) / writes
     step_s = args.step_ms / 1000
     share = per_step / step_s + per_write / args.heartbeat_s

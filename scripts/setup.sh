@@ -18,7 +18,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   log "installing torch + torchvision (~1.5 min from local disk)"
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import deepspeed, submitit, hpc, hypothesis, pytest_timeout, matplotlib, ruff" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import deepspeed, submitit, hpc, hypothesis, pytest_timeout, xdist, matplotlib, ruff" >/dev/null 2>&1; then
   log "installing hpcdist (editable) with deepspeed and test tools (pytest, hypothesis, ruff)"
   .venv/bin/pip install -q -e ".[train,test,bench]"
 fi

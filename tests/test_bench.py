@@ -1,4 +1,4 @@
-"""hpcdist bench: grid specs, results from the trainer's summary and the floors' reports, the report, one real run."""
+"""hpc.bench and hpcdist bench: grid specs, the command each config runs, each round's order, one real run."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpc import bench
-from hpc.bench import BenchError, Config, Result
+from hpc.bench import BenchError, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,155 +132,6 @@ def test_argv_runs_the_bare_deepspeed_loop_for_floor_deepspeed():
     assert "--engine" not in plain
 
 
-# --- results -----------------------------------------------------------------------------------------
-
-def summary(**fields):
-    full = {"images_per_s": 1234.5, "warmup_steps": 1, "steps": 3, "time_to_first_step_s": 4.2,
-            "device": "NVIDIA H200",
-            "ranks": [{"rank": 1, "peak_memory_bytes": 20}, {"rank": 0, "peak_memory_bytes": 10}]}
-    full.update(fields)
-    return {k: v for k, v in full.items() if v is not None}
-
-
-def test_trainer_result_is_its_summary_rate_over_the_same_warmup():
-    r = bench.result_from_summary(Config("ddp", ranks=2), 1, summary(), 1, 2, 9.0)
-    assert r.ok and r.images_per_s == 1234.5 and r.device == "NVIDIA H200"
-    assert r.time_to_first_step_s == 4.2 and r.peak_memory_bytes == (10, 20) and r.missing == ()
-
-
-def test_an_auto_row_says_what_the_trainer_trained_in():
-    auto = Config("deepspeed", zero_stage=2, precision="auto")
-    rows = [bench.result_from_summary(auto, 2, summary(precision=trained), 1, 2, 9.0) for trained in ("fp32", "bf16")]
-    assert [bench.table_rows([r])[0][3] for r in rows] == ["auto → fp32", "auto → bf16"]
-    named = bench.result_from_summary(Config("deepspeed", zero_stage=2, precision="bf16"), 2, summary(), 1, 2, 9.0)
-    assert bench.table_rows([named])[0][3] == "bf16"
-    assert "deepspeed:zero2:auto:1" in bench.DEFAULT_GRID
-
-
-def test_trainer_fields_it_did_not_report_are_named_missing_not_guessed():
-    bare = bench.result_from_summary(Config("ddp"), 2, summary(time_to_first_step_s=None, ranks=[{"rank": 0}]),
-                                     1, 2, 9.0)
-    assert bare.ok and bare.time_to_first_step_s is None and bare.peak_memory_bytes == (None,)
-    assert bare.missing == ("time_to_first_step_s", "ranks[].peak_memory_bytes")
-
-
-@pytest.mark.parametrize("fields,warmup,steps,message", [
-    ({"warmup_steps": 1}, 20, 2, "leaves out 1 warm-up steps, not 20"),
-    ({"warmup_steps": None}, 1, 2, "leaves out None warm-up steps"),
-    ({"steps": 3}, 1, 5, "the trainer stopped at step 3 of 6"),
-    ({"images_per_s": None}, 1, 2, "no images_per_s (got None)"),
-    ({"images_per_s": 0.0}, 1, 2, "no images_per_s (got 0.0)"),
-])
-def test_a_summary_that_gives_no_comparable_rate_is_a_failed_row(fields, warmup, steps, message):
-    r = bench.result_from_summary(Config("ddp"), 2, summary(**fields), warmup, steps, 9.0)
-    assert not r.ok and r.images_per_s is None and message in r.error
-
-
-def test_floor_result_from_its_json_line():
-    report = {"images_per_s": 1000.0, "time_to_first_step_s": 3.0, "device": "cpu",
-              "ranks": [{"rank": 0, "peak_memory_bytes": 5}]}
-    r = bench.result_from_floor(Config("floor"), 2, report, 30.0)
-    assert r.ok and r.images_per_s == 1000.0 and r.peak_memory_bytes == (5,) and not r.missing
-    assert r.device == "cpu"
-    assert not bench.result_from_floor(Config("floor"), 2, {}, 30.0).ok
-
-
-def test_repeated_runs_report_the_median_run_with_every_sample():
-    runs = [Result(Config("ddp"), 2, rate, ttfs, (), 9.0) for rate, ttfs in ((900.0, 1.0), (1100.0, 2.0),
-                                                                              (1000.0, 3.0))]
-    row = bench.median_of(runs)
-    assert (row.images_per_s, row.time_to_first_step_s) == (1000.0, 3.0)  # one real run, not a blend
-    assert row.samples == (900.0, 1100.0, 1000.0)
-    assert bench.median_of(runs[:2]).images_per_s == 900.0  # even count: the lower middle
-
-
-def test_a_config_that_failed_in_any_round_is_reported_failed():
-    runs = [Result(Config("ddp"), 2, 1000.0), Result(Config("ddp"), 2, error="exit 1: boom")]
-    assert bench.median_of(runs).error == "exit 1: boom"
-
-
-# --- report -------------------------------------------------------------------------------------------
-
-def sample_results():
-    return [
-        Result(Config("floor"), 2, 1000.0, 3.0, (500 * 2**20,), 40.0),
-        Result(Config("ddp"), 2, 960.0, 8.0, (600 * 2**20,), 50.0),
-        Result(Config("floor", ranks=2), 1, 1100.0, 4.0, (400 * 2**20, 410 * 2**20), 40.0),
-        Result(Config("ddp", ranks=2), 1, 990.0, 9.0, (500 * 2**20, 510 * 2**20), 60.0),
-        Result(Config("ddp", ranks=2, threads=2), 2, 700.0, None, (), 70.0,
-               missing=("time_to_first_step_s", "ranks[].peak_memory_bytes")),
-        Result(Config("deepspeed", zero_stage=2), 2, wall_s=5.0, error="exit 1: boom | bang"),
-    ]
-
-
-def test_ratios_pair_each_row_with_its_floor_and_its_one_rank_run():
-    results = sample_results()
-    assert bench.vs_floor(results[1], results) == pytest.approx(0.96)
-    assert bench.vs_floor(results[3], results) == pytest.approx(0.9)
-    assert bench.vs_floor(results[4], results) is None  # no floor ran 2 ranks x 2 threads
-    assert bench.vs_floor(results[0], results) is None
-    assert bench.scaling(results[3], results) == pytest.approx(990 / 960)
-    assert bench.scaling(results[4], results) == pytest.approx(700 / 960)
-    assert bench.scaling(results[1], results) is None
-    assert bench.scaling(results[5], results) is None
-
-
-def test_markdown_table():
-    lines = bench.markdown_table(sample_results()).splitlines()
-    assert lines[0].startswith("| config | backend | ZeRO |") and lines[1].startswith("|---|---|---|")
-    assert len(lines) == 2 + 6
-    assert lines[2] == "| floor:1 | floor |  | fp32 |  | 256 | 1 | 2 | 1000 |  |  | 3.0 | 500 |"
-    assert lines[3] == "| ddp:resident:1 | ddp |  | fp32 | resident | 256 | 1 | 2 | 960 | 0.96x |  | 8.0 | 600 |"
-    assert "| 990 | 0.90x | 1.03x | 9.0 | 500 / 510 |" in lines[5]
-    assert "| 700 |  | 0.73x | missing | missing |" in lines[6]
-    assert "failed: exit 1: boom \\| bang" in lines[7]
-    assert lines[7].endswith("failed: exit 1: boom \\| bang |  |  |  |  |")
-
-
-def test_markdown_report_checks_the_targets_and_names_missing_fields():
-    text = bench.markdown_report(sample_results(), {"cpus": 2, "steps": 200})
-    assert text.startswith("# hpcdist bench\n\ncpus 2, steps 200\n\n| config |")
-    assert "- ddp:resident:1 vs floor:1: 0.96x (meets the >= 0.95x target)" in text
-    assert "- ddp:resident:2 vs 1 rank: 1.03x (meets the >= 0.9x target)" in text
-    assert "- ddp:resident:2:t2 vs 1 rank: 0.73x (misses the >= 0.9x target, oversubscribed)" in text
-    assert "- ddp:resident:2:t2: time_to_first_step_s, ranks[].peak_memory_bytes not reported" in text
-
-
-def test_floor_target_is_checked_for_the_default_path_only():
-    results = [Result(Config("floor"), 2, 1000.0), Result(Config("ddp", loader="classic"), 2, 600.0),
-               Result(Config("ddp", precision="bf16", channels_last=True), 2, 1500.0)]
-    assert bench.vs_floor(results[1], results) == pytest.approx(0.6)
-    assert bench.vs_floor(results[2], results) == pytest.approx(1.5)
-    assert bench.verdicts(results) == []
-
-
-def test_deepspeed_rows_are_divided_by_the_bare_deepspeed_loop_with_the_same_stage_and_precision():
-    ds = Config("deepspeed", zero_stage=2, precision="bf16")
-    results = [Result(Config("floor"), 2, 1000.0),
-               Result(Config("floor-deepspeed", zero_stage=2, precision="fp32"), 2, 900.0),
-               Result(Config("floor-deepspeed", zero_stage=2, precision="bf16"), 2, 800.0),
-               Result(ds, 2, 780.0),
-               Result(Config("deepspeed", zero_stage=3), 2, 700.0)]
-    assert bench.floor_of(results[3], results) is results[2]
-    assert bench.vs_floor(results[3], results) == pytest.approx(780 / 800)
-    # No bare ZeRO-3 loop ran, so the bare PyTorch loop is the yardstick, and no DeepSpeed target is claimed.
-    assert bench.floor_of(results[4], results) is results[0]
-    assert bench.verdicts(results) == [
-        "deepspeed:zero2:bf16:1 vs floor-deepspeed:zero2:bf16:1: 0.97x (meets the >= 0.95x target)"]
-    assert bench.floor_of(results[1], results) is None
-
-
-def test_json_report_round_trips_through_json():
-    doc = json.loads(json.dumps(bench.to_json(sample_results(), {"cpus": 2})))
-    assert doc["cpus"] == 2 and doc["targets"] == {"ddp_1_rank_vs_floor": 0.95, "deepspeed_vs_floor_deepspeed": 0.95,
-                                                   "n_ranks_vs_1_rank": 0.9}
-    rows = doc["results"]
-    assert rows[1]["config"]["name"] == "ddp:resident:1" and rows[1]["vs_floor"] == pytest.approx(0.96)
-    assert rows[3]["peak_memory_bytes"] == [500 * 2**20, 510 * 2**20]
-    assert rows[5]["images_per_s"] is None and rows[5]["error"].startswith("exit 1")
-    assert [b[0] for b in bench.chart_bars(sample_results())][-1] == "ddp:resident:2:t2"
-
-
 # --- the command --------------------------------------------------------------------------------------
 
 def hpcdist(*args, **kwargs):
@@ -341,15 +192,6 @@ def test_each_round_runs_the_grid_in_its_own_seeded_order():
     assert bench.round_order(3, 5, "fixed") == [0, 1, 2]
     with pytest.raises(bench.BenchError, match="unknown order"):
         bench.round_order(3, 1, "random")
-
-
-def test_the_report_shows_each_samples_position_and_the_spread():
-    config = bench.parse_config("ddp:1")
-    result = bench.Result(config, 2, 100.0, samples=(90.0, 100.0, 120.0))
-    assert bench.spread(result.samples) == pytest.approx(0.3)
-    assert bench.spread((5.0,)) is None
-    lines = bench.spread_lines([result], [["floor:1", "ddp:resident:1"], ["ddp:resident:1", "floor:1"], []])
-    assert lines == ["ddp:resident:1: 90 (#2), 100 (#1), 120; spread 30%"]
 
 
 def test_nohb_runs_the_trainer_without_its_heartbeat():

@@ -13,6 +13,7 @@ import torch
 import train.__main__ as trainer
 from hpc import dsconfig, profiles, render, vocab
 from hpc.spec import JobSpec, SpecError
+from train import engines
 from train.engines import DeepSpeedEngine
 from train.options import parse
 
@@ -68,7 +69,7 @@ def test_the_trainer_resolves_what_render_resolves_with_or_without_a_job_dir(tmp
     by_hand = parse(["--backend", "deepspeed", "--run-dir", "r", "--zero-stage", str(stage), "--precision", precision])
     expected = json.loads(path.read_text())
     for opts in (given, by_hand):
-        chosen, config, batch = trainer.precision_and_config(opts, device, world=1)
+        chosen, config, batch = engines.precision_and_config(opts, device, world=1)
         assert config == expected and chosen == dsconfig.precision_of(expected)
         assert batch == expected["train_batch_size"]
     if precision == "auto":

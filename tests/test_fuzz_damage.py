@@ -14,6 +14,7 @@ import signal
 import stat
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuzz import check_outcome, sandbox
 
-from hpc import jobfiles, registry, vocab
+from hpc import beatfile, jobfiles, registry, vocab
 from hpc.cli import main
 from hpc.failures import record as records
 
@@ -36,6 +37,7 @@ BEAT = {"rank": 0, "local_rank": 0, "node_rank": 0, "world_size": 1, "hostname":
         "comm_s": 0.01, "images_per_s": 300.0, "loss": 2.1, "rss_bytes": 10**8, "peak_memory_bytes": 10**8,
         "marks": {"process_start": NOW - 9, "torch_imported": NOW - 8}, "step_at": NOW,
         "recent_compute_s": [0.08, 0.09]}
+NODE = {"node": 0, "hostname": "n1", "attempt": 0, "time": NOW, "ranks": [BEAT]}  # contract 1's node document
 RECORD = {"job_id": JOB_ID, "job_dir": "", "via": "sbatch", "submitted": "2026-12-05T01:00:00", "job_name": "j",
           "backend": "ddp", "launcher": "srun", "nodes": 1, "ntasks_per_node": 1, "world_size": 1}
 ATTEMPT = {"attempt": 0, "job_id": JOB_ID, "started": "2026-12-05T01:00:01", "ended": "2026-12-05T01:00:09",
@@ -55,7 +57,7 @@ PROFILE = {"modules": ["gcc"], "env": {"A": "1"}}
 # Every file a reader takes, relative to the sandbox, with what it holds when whole.
 FILES: dict[str, Any] = {
     "reg/jobs.jsonl": [RECORD], f"jobs/j/{registry.MARKER}": [RECORD], f"jobs/j/{vocab.ATTEMPTS}": [ATTEMPT],
-    "jobs/j/run/heartbeat/rank-0.json": BEAT, "jobs/j/run/heartbeat/rank-0.jsonl": [BEAT],
+    "jobs/j/run/heartbeat/node-0.json": NODE, "jobs/j/run/heartbeat/node-0.jsonl": [NODE],
     "jobs/j/run/metrics.jsonl": [METRIC, METRIC], "jobs/j/run/summary.json": SUMMARY,
     "jobs/j/run/hang.json": HANG, "jobs/j/run/errors/rank-0.json": ERROR,
     "jobs/j/run/timeline/attempt-0/batch": "batch_start 1764900000\nsetup_done 1764900001\n",
@@ -104,6 +106,8 @@ def fill(value: Any, job_dir: Path) -> Any:
 def encode(name: str, value: Any) -> str:
     if isinstance(value, str):
         return value
+    if "/heartbeat/node-" in name:  # with each line's CRC, so that the damage drawn is what a reader parses
+        return "".join(beatfile.encode(v).decode() for v in (value if isinstance(value, list) else [value]))
     if name.endswith(".yaml"):
         return yaml.safe_dump(value)
     if name.endswith(".jsonl"):
@@ -286,12 +290,17 @@ def _marker(**fields: Any) -> Callable[[Path], None]:
                          for n in ("reg/jobs.jsonl", f"jobs/j/{registry.MARKER}")]
 
 
-HEARTBEAT = "jobs/j/run/heartbeat/rank-0.json"
+HEARTBEAT = "jobs/j/run/heartbeat/node-0.json"
+
+
+def _framed(body: bytes) -> bytes:
+    """A node file line around ``body`` with a CRC that checks: damage a reader parses, not one it skips."""
+    return body + b"\t%08x\n" % zlib.crc32(body)
 STAMP = "jobs/j/run/timeline/attempt-0/batch"
 REGRESSIONS = [
     *[(f"heartbeat {label}", _write(HEARTBEAT, content), command)
-      for label, content in (("non-UTF-8", b'{"rank": 0, "hostname": "\xff"}'),
-                             ("Infinity", '{"rank": 0, "step": Infinity, "time": NaN}'))
+      for label, content in (("non-UTF-8", _framed(b'{"ranks": [{"rank": 0, "hostname": "\xff"}]}')),
+                             ("Infinity", _framed(b'{"ranks": [{"rank": 0, "step": Infinity, "time": NaN}]}')))
       for command in ("status", "top --once", "timeline", "report")],
     ("stamp file with a bad byte", _write(STAMP, b"batch_start 17\xff\n"), "timeline"),
     ("stamp file a directory", _as(STAMP, lambda p: p.mkdir()), "report"),

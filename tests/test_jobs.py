@@ -8,51 +8,52 @@ from pathlib import Path
 
 import pytest
 
-from hpc import jobs
+from hpc import jobs, registry
+from hpc import logs as job_logs
 
 
-def rec(job_id="101", job_dir="/runs/a", via="submitit", **kw) -> jobs.Record:
-    return jobs.Record(job_id=job_id, job_dir=job_dir, via=via, submitted="2024-01-01T00:00:00+00:00", **kw)
+def rec(job_id="101", job_dir="/runs/a", via="submitit", **kw) -> registry.Record:
+    return registry.Record(job_id=job_id, job_dir=job_dir, via=via, submitted="2024-01-01T00:00:00+00:00", **kw)
 
 
 # ---- registry ------------------------------------------------------------------------------------
 
 def test_registry_path_defaults_to_home_and_follows_hpcdist_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert jobs.registry_path({}) == tmp_path / ".hpcdist" / "jobs.jsonl"
-    assert jobs.registry_path({"HPCDIST_HOME": "/x/y"}) == Path("/x/y/jobs.jsonl")
+    assert registry.registry_path({}) == tmp_path / ".hpcdist" / "jobs.jsonl"
+    assert registry.registry_path({"HPCDIST_HOME": "/x/y"}) == Path("/x/y/jobs.jsonl")
 
 
 def test_append_then_load_round_trips(tmp_path):
     path = tmp_path / "home" / "jobs.jsonl"
     first, second = rec("1", backend="ddp", nodes=2, world_size=2), rec("2", via="sbatch")
-    jobs.append(path, first)
-    jobs.append(path, second)
-    assert jobs.load(path) == [first, second]
+    registry.append(path, first)
+    registry.append(path, second)
+    assert registry.load(path) == [first, second]
     assert all(json.loads(line)["job_id"] for line in path.read_text().splitlines())
 
 
 def test_load_of_a_missing_registry_is_empty(tmp_path):
-    assert jobs.load(tmp_path / "nothing.jsonl") == []
+    assert registry.load(tmp_path / "nothing.jsonl") == []
 
 
 def test_a_damaged_line_is_skipped():
     text = rec("1").to_json() + "\n{not json\n" + '{"job_id": "3"}\n' + rec("2").to_json() + "\n"
-    assert [r.job_id for r in jobs.parse_registry(text)] == ["1", "2"]
+    assert [r.job_id for r in registry.parse_registry(text)] == ["1", "2"]
 
 
 def test_unknown_keys_from_a_newer_version_are_ignored():
     line = json.dumps({**json.loads(rec("5").to_json()), "future_field": 1})
-    assert jobs.parse_registry(line)[0].job_id == "5"
+    assert registry.parse_registry(line)[0].job_id == "5"
 
 
 def test_find_by_id_takes_the_newest_and_by_directory():
     records = [rec("7", "/runs/old"), rec("8", "/runs/b"), rec("7", "/runs/new")]
-    assert jobs.find(records, "7").job_dir == "/runs/new"
-    assert jobs.find(records, "/runs/b").job_id == "8"
-    assert jobs.find(records, "b", cwd="/runs").job_id == "8"
-    assert jobs.find(records, "/runs/b/").job_id == "8"
-    assert jobs.find(records, "9") is None
+    assert registry.find(records, "7").job_dir == "/runs/new"
+    assert registry.find(records, "/runs/b").job_id == "8"
+    assert registry.find(records, "b", cwd="/runs").job_id == "8"
+    assert registry.find(records, "/runs/b/").job_id == "8"
+    assert registry.find(records, "9") is None
 
 
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
@@ -60,10 +61,10 @@ def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     record = rec("55", str(job_dir))
-    jobs.write_marker(record)
-    assert jobs.lookup(str(job_dir), {"HPCDIST_HOME": str(tmp_path / "empty")}) == record
-    with pytest.raises(jobs.JobError, match="no job '56'"):
-        jobs.lookup("56", {"HPCDIST_HOME": str(tmp_path / "empty")})
+    registry.write_marker(record)
+    assert registry.lookup(str(job_dir), {"HPCDIST_HOME": str(tmp_path / "empty")}) == record
+    with pytest.raises(registry.JobError, match="no job '56'"):
+        registry.lookup("56", {"HPCDIST_HOME": str(tmp_path / "empty")})
 
 
 # ---- Slurm's answers -----------------------------------------------------------------------------
@@ -230,26 +231,26 @@ def test_local_state_of_a_dead_controller_reads_the_files(tmp_path):
 ])
 def test_task_of_a_rank(world, nodes, per_node, rank, task):
     record = rec(nodes=nodes, ntasks_per_node=per_node, world_size=world)
-    assert jobs.task_of(record, rank) == task
+    assert job_logs.task_of(record, rank) == task
 
 
 def test_task_of_a_rank_outside_the_world():
-    with pytest.raises(jobs.JobError):
-        jobs.task_of(rec(world_size=2, nodes=2), 2)
+    with pytest.raises(registry.JobError):
+        job_logs.task_of(rec(world_size=2, nodes=2), 2)
 
 
 def test_failing_task_from_sruns_report():
     batch = ("srun: error: n2: task 1: Exited with exit code 3\n"
              "srun: launch/slurm: _step_signal: Terminating StepId=1.0\n"
              "srun: error: n1: task 0: Terminated\n")
-    assert jobs.failing_task(batch, {}) == 1
-    assert jobs.failing_task("srun: error: n1: tasks 2-3: Exited with exit code 1\n", {}) == 2
+    assert job_logs.failing_task(batch, {}) == 1
+    assert job_logs.failing_task("srun: error: n1: tasks 2-3: Exited with exit code 1\n", {}) == 2
 
 
 def test_failing_task_from_local_statuses():
-    assert jobs.failing_task("", {0: 143, 1: 0, 2: 7}) == 2
-    assert jobs.failing_task("", {0: 143, 1: 0}) == 0
-    assert jobs.failing_task("", {0: 0}) is None
+    assert job_logs.failing_task("", {0: 143, 1: 0, 2: 7}) == 2
+    assert job_logs.failing_task("", {0: 143, 1: 0}) == 0
+    assert job_logs.failing_task("", {0: 0}) is None
 
 
 def test_log_files_in_task_order_then_batch(tmp_path):
@@ -258,8 +259,8 @@ def test_log_files_in_task_order_then_batch(tmp_path):
     for name in ("task-10.log", "task-2.log", "batch-7.out", "task-0.log"):
         (logs / name).write_text(name)
     record = rec("7", str(tmp_path), nodes=11, world_size=11)
-    assert [p.name for p in jobs.log_files(record)] == ["task-0.log", "task-2.log", "task-10.log", "batch-7.out"]
-    assert jobs.log_files(record, rank=2) == [logs / "task-2.log"]
+    assert [p.name for p in job_logs.log_files(record)] == ["task-0.log", "task-2.log", "task-10.log", "batch-7.out"]
+    assert job_logs.log_files(record, rank=2) == [logs / "task-2.log"]
 
 
 def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
@@ -268,7 +269,7 @@ def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
     (logs / "task-0.log").write_text("fine\n")
     (logs / "task-1.log").write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback: boom\n")
     (logs / "batch-7.out").write_text("srun: error: n2: task 1: Exited with exit code 1\n")
-    report = jobs.failure_report(rec("7", str(tmp_path), nodes=2, world_size=2), lines=5)
+    report = job_logs.failure_report(rec("7", str(tmp_path), nodes=2, world_size=2), lines=5)
     assert "task-1.log (the failing task)" in report
     assert "Traceback: boom" in report and "line 95\n" not in report and "line 96" in report
     assert "fine" not in report
@@ -277,8 +278,8 @@ def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
 def test_tail_reads_only_the_end(tmp_path):
     path = tmp_path / "big.log"
     path.write_text("".join(f"{i}\n" for i in range(100000)))
-    assert jobs.tail(path, 2) == "99998\n99999"
-    assert jobs.tail(tmp_path / "missing", 2) == ""
+    assert job_logs.tail(path, 2) == "99998\n99999"
+    assert job_logs.tail(tmp_path / "missing", 2) == ""
 
 
 def test_job_state_line():
@@ -290,14 +291,14 @@ def test_a_killed_rank_is_blamed_not_the_peer_that_noticed_it(tmp_path):
     # srun reports the kill -9'd rank first; rank 0 exits 1 only after its collective broke.
     batch = ("srun: error: n2: task 1: Killed\n"
              "srun: error: n1: task 0: Exited with exit code 1\n")
-    assert jobs.srun_first_failure(batch)[:2] == (1, "n2")
-    assert jobs.failing_task(batch, {}) == 1
+    assert job_logs.srun_first_failure(batch)[:2] == (1, "n2")
+    assert job_logs.failing_task(batch, {}) == 1
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "task-0.log").write_text("RuntimeError: Connection closed by peer\n")
     (logs / "task-1.log").write_text("Epoch: 0 | Batch: 12/16 | Loss: 1.9\n")
     (logs / "batch-8.out").write_text(batch)
-    report = jobs.failure_report(rec("8", str(tmp_path), nodes=2, world_size=2))
+    report = job_logs.failure_report(rec("8", str(tmp_path), nodes=2, world_size=2))
     assert report.splitlines()[0] == "hpcdist: task 1 (rank 1) on n2 failed first: Killed"
 
 
@@ -313,7 +314,7 @@ def test_the_failure_report_of_a_retried_job_names_the_last_attempts_failure_not
         {"attempt": a, "job_id": "9", "ending": "rank_crashed", "rank": 1, "node": node, "action": action,
          "detail": f"rank 1 on {node}: killed by SIGKILL"}) + "\n" for a, node, action in ((0, "n2", "retry"),
                                                                                               (1, "n3", "none"))))
-    report = jobs.failure_report(rec("9", str(tmp_path), nodes=2, world_size=2))
+    report = job_logs.failure_report(rec("9", str(tmp_path), nodes=2, world_size=2))
     assert report.splitlines()[:2] == ["hpcdist: rank_crashed: rank 1 on n3: killed by SIGKILL",
                                        "hpcdist: task 1 (rank 1) on n3 failed first: Exited with exit code 137"]
 
@@ -326,10 +327,10 @@ def test_the_failure_report_of_a_retried_job_names_the_last_attempts_failure_not
 def test_a_registry_line_of_the_wrong_type_range_or_length_is_skipped(fields) -> None:
     good = {"job_id": "5", "job_dir": "/j", "via": "sbatch", "submitted": "t"}
     text = json.dumps({**good, **fields}) + "\n" + json.dumps({**good, "job_id": "6"}) + "\n"
-    assert [r.job_id for r in jobs.parse_registry(text)] == ["6"]
+    assert [r.job_id for r in registry.parse_registry(text)] == ["6"]
 
 
 def test_a_registry_that_is_not_a_readable_file_is_empty(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     (tmp_path / "bad").write_bytes(b"\xff\xfe\n")
-    assert jobs.load(tmp_path / "dir") == [] and jobs.load(tmp_path / "bad") == []
+    assert registry.load(tmp_path / "dir") == [] and registry.load(tmp_path / "bad") == []

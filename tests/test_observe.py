@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc import jobs, monitor, progress, report, timeline
-from hpc.commands import observe
+from hpc import follow, monitor, progress, registry, report, timeline
+from train import nodebeat
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_800_000_000.0
@@ -29,18 +29,30 @@ def beat(rank: int, **over) -> dict:
     return data
 
 
-def write_job(tmp: Path, beats: list[dict], history: dict[int, list[dict]] | None = None, nodes: int = 2,
-              world: int = 2) -> jobs.Record:
-    job_dir = tmp / "job"
-    hb = job_dir / "run" / "heartbeat"
-    hb.mkdir(parents=True)
+def publish(run: Path, beats: list[dict], history: dict[int, list[dict]] | None = None) -> None:
+    """Write the node files as each node's local rank 0 does (train/nodebeat.py): ``history`` (rank -> its
+    beats, oldest first) one node document at a time, then ``beats`` as the newest."""
+    history = history or {}
+    nodes: dict[int, dict[int, dict]] = {}
     for b in beats:
-        (hb / f"rank-{b['rank']}.json").write_text(json.dumps(b))
-    for rank, rows in (history or {}).items():
-        (hb / f"rank-{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    record = jobs.Record(job_id="local-1", job_dir=str(job_dir), via="local", submitted="2027-01-15T08:00:00+00:00",
+        nodes.setdefault(b.get("node_rank", 0), {})[b["rank"]] = b
+    for node, latest in nodes.items():
+        writer = nodebeat.Publisher(run, node, history_every_s=0)
+        rows = {r: history[r] for r in latest if r in history}
+        for i in range(max(map(len, rows.values()), default=0)):
+            now = {r: h[min(i, len(h) - 1)] for r, h in rows.items()}
+            writer.publish("host", 0, max(b["time"] for b in now.values()), now)
+        writer.publish("host", 0, max(b["time"] for b in latest.values()), latest)
+        writer.close()
+
+
+def write_job(tmp: Path, beats: list[dict], history: dict[int, list[dict]] | None = None, nodes: int = 2,
+              world: int = 2) -> registry.Record:
+    job_dir = tmp / "job"
+    publish(job_dir / "run", beats, history)
+    record = registry.Record(job_id="local-1", job_dir=str(job_dir), via="local", submitted="2027-01-15T08:00:00+00:00",
                          backend="ddp", launcher="srun", nodes=nodes, ntasks_per_node=world // nodes, world_size=world)
-    jobs.write_marker(record)
+    registry.write_marker(record)
     return record
 
 
@@ -196,12 +208,12 @@ def test_the_summary_names_rate_loss_accuracy_first_step_attempts_and_stragglers
 def test_the_follower_prints_plain_lines_to_a_pipe_and_the_summary_at_the_end(tmp_path: Path) -> None:
     record = write_job(tmp_path, [beat(0, step=10), beat(1, step=10)])
     out, clock = io.StringIO(), iter([0.0, 1.0, 9.0])
-    follower = observe.Follower(record, out, tty=False, clock=lambda: next(clock))
-    hb = Path(record.job_dir) / "run" / "heartbeat"
+    follower = follow.Follower(record, out, tty=False, clock=lambda: next(clock))
+    run = Path(record.job_dir) / "run"
     follower.poll()
-    (hb / "rank-0.json").write_text(json.dumps(beat(0, step=11)))
+    publish(run, [beat(0, step=11)])
     follower.poll()  # one second later: held back
-    (hb / "rank-0.json").write_text(json.dumps(beat(0, step=40)))
+    publish(run, [beat(0, step=40)])
     follower.poll()
     (Path(record.job_dir) / "run" / "summary.json").write_text(json.dumps({"final_loss": 0.5, "steps": 100}))
     follower.finish(3.0)
@@ -214,7 +226,7 @@ def test_the_follower_prints_plain_lines_to_a_pipe_and_the_summary_at_the_end(tm
 def test_on_a_terminal_the_follower_redraws_one_line(tmp_path: Path) -> None:
     record = write_job(tmp_path, [beat(0), beat(1)])
     out = io.StringIO()
-    follower = observe.Follower(record, out, tty=True)
+    follower = follow.Follower(record, out, tty=True)
     follower.poll()
     follower.poll()
     assert out.getvalue().count("\r") == 2 and "\n" not in out.getvalue() and "50/100" in out.getvalue()
@@ -335,10 +347,10 @@ def test_status_of_an_ended_job_says_how_its_ranks_ended_not_that_they_are_stale
 
     now = clock.time()
     record = write_job(tmp_path, [beat(0, phase="done", step=100, time=now), beat(1, step=78, time=now - 246)])
-    ended = observe.status_lines(record, ended=True)
+    ended = follow.status_lines(record, ended=True)
     assert not [line for line in ended if line.startswith("stale")]
     assert "ranks at the end: 1 done; rank 1 on n2 last at step 78 (train)" in ended
-    running = observe.status_lines(record, ended=False)
+    running = follow.status_lines(record, ended=False)
     assert [line for line in running if line.startswith("stale: rank 1 on n2")]
 
 
@@ -400,7 +412,7 @@ def test_a_stamp_that_is_not_a_finite_time_is_skipped() -> None:
     assert timeline.parse_stamps("batch_start inf\nsetup_done nan\ntask_start 12.5\n") == {"task_start": 12.5}
 
 
-def _finished_job(tmp_path: Path) -> jobs.Record:
+def _finished_job(tmp_path: Path) -> registry.Record:
     hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(4)]}
     record = write_job(tmp_path, [hist[0][-1]], history=hist)
     (Path(record.job_dir) / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
@@ -439,11 +451,10 @@ def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
 def test_status_list_top_and_timeline_escape_what_a_rank_or_a_file_wrote(tmp_path: Path) -> None:
     hostile = "\x1b]0;owned\x07\x1b[2Jgone\rfake"
     record = _finished_job(tmp_path)
-    beat_path = Path(record.job_dir) / "run" / "heartbeat" / "rank-0.json"
-    beat_path.write_text(json.dumps({**json.loads(beat_path.read_text()), "hostname": hostile}))
+    publish(Path(record.job_dir) / "run", [beat(0, time=T0 + 3, step=15, hostname=hostile)])
     (Path(record.job_dir) / "attempts.jsonl").write_text(json.dumps(
         {"attempt": 0, "ending": "rank_crashed", "detail": f"rank 0: {hostile}", "action": "none"}) + "\n")
-    jobs.append(jobs.registry_path({"HPCDIST_HOME": str(tmp_path)}), record)
+    registry.append(registry.registry_path({"HPCDIST_HOME": str(tmp_path)}), record)
     for args in (["status", record.job_dir], ["list"], ["top", record.job_dir, "--once"],
                  ["timeline", record.job_dir]):
         proc = run_cli(args, tmp_path)

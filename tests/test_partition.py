@@ -15,7 +15,8 @@ from hpc import partition, profiles
 from hpc.cli import main
 from hpc.commands.profile import draft
 from hpc.slurm import grammar
-from hpc.spec import JobSpec, SpecError, check
+from hpc.spec import JobSpec, SpecError
+from hpc.speccheck import check
 
 DATA = Path(__file__).parent / "data" / "slurm"
 

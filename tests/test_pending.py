@@ -7,7 +7,7 @@ from typing import Sequence
 
 import pytest
 
-from hpc import pending
+from hpc import pending, registry
 
 
 @pytest.mark.parametrize("reason,words", [
@@ -85,7 +85,7 @@ def test_submit_wait_says_why_when_the_reason_changes_not_at_every_poll(monkeypa
                     "pending: waiting for resources; 0 ahead"])
     monkeypatch.setattr(submit.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(pending, "describe", lambda ids: {ids[0]: next(answers)})
-    report = submit._pending_reporter(jobs.Record(job_id="9", job_dir="/j", via="sbatch", submitted="now"))
+    report = submit._pending_reporter(registry.Record(job_id="9", job_dir="/j", via="sbatch", submitted="now"))
     report(jobs.JobState("9", "PENDING"))
     clock[0] += 1
     report(jobs.JobState("9", "PENDING"))  # within PENDING_POLL_S: squeue is not asked

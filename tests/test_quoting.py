@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hpc import profiles, render
-from hpc.spec import JobSpec, SpecError, check
+from hpc.spec import JobSpec, SpecError
+from hpc.speccheck import check
 
 REPO = Path(__file__).resolve().parent.parent
 # Each piece would create PWNED if any shell evaluated it instead of passing it on as text.
@@ -147,10 +148,3 @@ def test_what_slurm_cannot_carry_is_refused(field: str, value: str) -> None:
     with pytest.raises(SpecError) as info:
         check(spec, profiles.load("local"))
     assert "\n" not in str(info.value)
-
-
-def test_sbatch_filter_quotes_for_sbatch() -> None:
-    assert render.sbatch_quote("n[1-2]") == "n[1-2]"
-    assert render.sbatch_quote('a "b"\\c') == '"a \\"b\\"\\\\c"'
-    with pytest.raises(render.RenderError):
-        render.sbatch_quote("a\nb")

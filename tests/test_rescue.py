@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hpc import jobs, rescue
+from hpc import registry, rescue
 from hpc.monitor import Heartbeat
 
 
@@ -46,8 +46,8 @@ def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_th
     calls = []
     monkeypatch.setattr(rescue.commands, "scancel", lambda ids: calls.append(("scancel", *ids)) or True)
     monkeypatch.setattr(rescue.commands, "sbatch",
-                        lambda script, options=(): calls.append(("sbatch", *options, str(script))) or "8\n")
-    record = jobs.Record(job_id="7", job_dir=str(job_dir), via="submitit", submitted="then", nodes=2)
+                        lambda script, options=(): calls.append(("sbatch", *options, str(script))) or "8")
+    record = registry.Record(job_id="7", job_dir=str(job_dir), via="submitit", submitted="then", nodes=2)
     new = rescue.resubmit(record, "n1", {"HPCDIST_HOME": str(tmp_path / "home")}, clock=lambda: 0.0)
     assert calls == [("scancel", "7"), ("sbatch", "--exclude=n1,n3", str(job_dir / "job.sbatch"))]
     assert (new.job_id, new.via, new.previous, new.nodes) == ("8", "sbatch", "7", 2)
@@ -57,6 +57,6 @@ def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_th
     assert line["reason"] == "resubmitted as job 8 without n1, n3"
     # The ranks' verdict was acted on; the registry and the job's own marker name the new job.
     assert not (job_dir / "run" / "lost.json").exists()
-    assert jobs.lookup("8", {"HPCDIST_HOME": str(tmp_path / "home")}).previous == "7"
+    assert registry.lookup("8", {"HPCDIST_HOME": str(tmp_path / "home")}).previous == "7"
     assert json.loads((job_dir / "submitted.json").read_text())["job_id"] == "8"
     assert Path(new.job_dir) == job_dir

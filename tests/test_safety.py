@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hpc import jobs, profiles, render, submit
+from hpc import jobdir, profiles, registry, render, submit
 from hpc.cli import main
-from hpc.spec import JobSpec, SpecError, check, time_seconds
+from hpc.spec import JobSpec, SpecError, time_seconds
+from hpc.speccheck import check
 from train import options
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def test_force_refuses_a_regular_file_and_a_directory_hpcdist_did_not_write(home
 
 def test_force_replaces_a_job_dir_hpcdist_wrote_that_never_ran(home: Path) -> None:
     assert cli(["render", "-q", "-o", "job"])[0] == 0
-    assert render.is_job_dir(home / "work" / "job")
+    assert jobdir.is_job_dir(home / "work" / "job")
     code, _, err = cli(["render", "-q", "-o", "job"])
     assert_one_line_refusal(code, err, "already exists")
     assert cli(["render", "-q", "-o", "job", "--force", "-J", "second"])[0] == 0
@@ -133,7 +134,7 @@ def test_sweep_force_never_replaces_a_job_dir_nor_render_force_a_sweep(home: Pat
 ])
 def test_a_marker_that_does_not_list_what_was_written_is_never_replaced(home: Path, marker) -> None:
     assert cli(["render", "-q", "-o", "job"])[0] == 0
-    path = home / "work" / "job" / render.MARKER
+    path = home / "work" / "job" / jobdir.MARKER
     path.write_bytes(marker) if isinstance(marker, bytes) else path.write_text(marker)
     before = tree(home)
     code, _, err = cli(["render", "-q", "-o", "job", "--force"])
@@ -145,7 +146,7 @@ def test_a_symlinked_marker_does_not_make_a_job_dir(home: Path) -> None:
     (home / "work" / "fake").mkdir()
     (home / "work" / "fake" / "mine").write_text("keep")
     (home / "work" / "elsewhere").write_text("")
-    (home / "work" / "fake" / render.MARKER).symlink_to(home / "work" / "elsewhere")
+    (home / "work" / "fake" / jobdir.MARKER).symlink_to(home / "work" / "elsewhere")
     code, _, err = cli(["render", "-q", "-o", "fake", "--force"])
     assert_one_line_refusal(code, err, "fake")
     assert (home / "work" / "fake" / "mine").read_text() == "keep"
@@ -155,11 +156,11 @@ def test_discard_removes_only_a_marked_job_dir(tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "f").write_text("keep")
-    render.discard(mine)
+    jobdir.discard(mine)
     assert (mine / "f").read_text() == "keep"
     spec = JobSpec(job_dir=str(tmp_path / "job"), python=sys.executable)
     written = render.write(render.render(spec, profiles.load("local")))
-    render.discard(written)
+    jobdir.discard(written)
     assert not written.exists()
 
 
@@ -203,10 +204,6 @@ def test_a_template_that_forgets_to_quote_fails_the_render(tmp_path: Path) -> No
     ok = render.render(replace(spec, job_name="plain-name_1.0"), profiles.load("local"),
                        search=(str(site), str(REPO / "templates")))
     assert ok.files["setup.sh"] == "echo plain-name_1.0\n"
-
-
-def test_comment_filter_keeps_a_comment_on_one_line() -> None:
-    assert render.comment("a\nb\rc\u2028d\x1b") == "a\\nb\\rc\\u2028d\\x1b"
 
 
 # ---- 3, 14: geometry and settings that cannot work ---------------------------------------------------
@@ -484,9 +481,9 @@ def test_a_failing_hpc_env_stops_task_sh(tmp_path: Path, launcher: str, backend:
 # ---- 17: status and list for a job whose directory was deleted --------------------------------------
 
 def test_status_and_list_say_the_job_dir_is_gone(tmp_path: Path) -> None:
-    record = jobs.Record(job_id="999999", job_dir=str(tmp_path / "deleted"), via="local",
+    record = registry.Record(job_id="999999", job_dir=str(tmp_path / "deleted"), via="local",
                          submitted="2026-01-01T00:00:00+00:00", job_name="gone")
-    jobs.append(tmp_path / "reg" / "jobs.jsonl", record)
+    registry.append(tmp_path / "reg" / "jobs.jsonl", record)
     env = {"HPCDIST_HOME": str(tmp_path / "reg")}
     code, out, err = cli(["status", "999999"], env=env)
     assert code == 0 and "UNKNOWN" in out and "FAILED" not in out, out

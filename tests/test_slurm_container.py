@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import REPO, TINY_TRAIN, hpcdist, requires_slurm
 
+from train import heartbeat
+
 pytestmark = [pytest.mark.slurm, requires_slurm,
               pytest.mark.skipif(shutil.which("ch-run") is None and not os.environ.get("CI"),
                                  reason="charliecloud is not installed (scripts/setup.sh --slurm installs it)")]
@@ -59,9 +61,9 @@ def watch_roots(job_dir: Path, seen: set[str], stop: threading.Event) -> None:
     """While the job runs: for each rank's process (its heartbeat names the pid; the nodes share this PID
     namespace), whether its root holds the image's marker file."""
     while not stop.is_set():
-        for beat in (job_dir / "run" / "heartbeat").glob("rank-*.json"):
+        for beat in heartbeat.read_all(job_dir / "run").values():
             try:
-                root = f"/proc/{json.loads(beat.read_text())['pid']}/root/etc"
+                root = f"/proc/{beat['pid']}/root/etc"
             except (OSError, ValueError, KeyError):
                 continue
             marked = os.path.exists(f"{root}/hpcdist-image")

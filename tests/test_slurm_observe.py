@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import REPO, environ, hpcdist, job_id_of, requires_slurm
 
+from hpc import monitor
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
 # A long job for the live checks (cancelled once they are done); a watchdog that waits out a SIGSTOP.
@@ -38,10 +40,8 @@ def submit(tmp: Path, name: str, train: tuple[str, ...], *extra: str) -> tuple[s
 
 
 def heartbeat(job_dir: Path, rank: int) -> dict:
-    try:
-        return json.loads((job_dir / "run" / "heartbeat" / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    from train.heartbeat import read_all
+    return read_all(job_dir / "run").get(rank, {})
 
 
 def until(predicate, timeout: float, every: float = 1.0, what: str = ""):
@@ -235,8 +235,8 @@ def test_the_report_of_a_job_preempted_once_and_resumed_counts_the_recomputed_st
     metrics = [json.loads(x) for x in (job_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = max(m["step"] for m in metrics[: next(i for i in range(1, len(metrics))
                                                    if metrics[i]["step"] <= metrics[i - 1]["step"])])
-    history = [json.loads(x) for x in (job_dir / "run" / "heartbeat" / "rank-0.jsonl").read_text().splitlines()]
-    reached = max([logged] + [b["step"] for b in history if b["attempt"] == 0])
+    history = monitor.read_histories(job_dir / "run")[0]
+    reached = max([logged] + [b.step for b in history if b.attempt == 0])
     # Steps start+1..reached ran twice: once before the preemption and again after resuming from the newest
     # checkpoint. Where the first attempt got to is what rank 0 last logged or last put in a heartbeat,
     # whichever is further.

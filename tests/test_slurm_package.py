@@ -96,6 +96,25 @@ def test_rows_read_sacct_and_squeue_by_field_name_and_job() -> None:
     assert parse.node_state("MIXED+DRAIN") == "mixed" and parse.config("SlurmdPort = 6818\n") == {"SlurmdPort": "6818"}
 
 
+@pytest.mark.parametrize("text,job_id", [("4242\n", "4242"), ("4242;cluster\n", "4242"),
+                                         ("sbatch: warning: x\n77\n", "77"), ("sbatch: error: nope", None), ("", None)])
+def test_the_job_id_sbatch_printed(text: str, job_id: str | None) -> None:
+    assert parse.sbatch_job_id(text) == job_id
+
+
+def test_sbatch_without_a_job_id_is_a_slurm_error() -> None:
+    with pytest.raises(runner.SlurmError, match="printed no job id"):
+        commands.sbatch(Path("x"), runner=lambda argv: subprocess.CompletedProcess(argv, 0, "queued\n", ""))
+
+
+def test_sacct_rows_of_array_tasks_and_their_folded_pending_row():
+    text = "7_0|COMPLETED\n7_1|RUNNING\n7_[2-4%2]|PENDING\n8_[0,2]|PENDING\n9_0|FAILED\n7|PENDING\n"
+    assert parse.array_states(text, ["7", "8"]) == {
+        "7_0": "COMPLETED", "7_1": "RUNNING", "7_2": "PENDING", "7_3": "PENDING", "7_4": "PENDING",
+        "8_0": "PENDING", "8_2": "PENDING"}
+    assert parse.array_tasks("7") == ("7", []) and parse.array_states(None, ["7"]) == {}
+
+
 SLURM_COMMANDS = {"sbatch", "scontrol", "squeue", "sacct", "sinfo", "scancel", "salloc", "sacctmgr", "sstat"}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +146,37 @@ def test_no_module_outside_hpc_slurm_spells_a_slurm_command() -> None:
                if (ROOT / "hpc" / "slurm") not in p.parents]
     assert [line for p in sorted(modules) for line in _spelled_commands(p)] == []
     assert _spelled_commands(ROOT / "hpc" / "slurm" / "commands.py"), "the scan must see what it looks for"
+
+
+def test_only_hpc_slurm_reads_slurms_column_output() -> None:
+    import ast
+
+    def splits_columns(path: Path) -> list[str]:
+        return [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "split"
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "|"]
+
+    modules = [p for folder in ("hpc", "train") for p in (ROOT / folder).rglob("*.py")
+               if (ROOT / "hpc" / "slurm") not in p.parents]
+    assert [hit for p in sorted(modules) for hit in splits_columns(p)] == []
+    assert splits_columns(ROOT / "hpc" / "slurm" / "parse.py"), "the scan must see what it looks for"
+
+
+SLURM_STATES = {"PENDING", "RUNNING", "COMPLETED", "COMPLETING", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                "PREEMPTED", "REQUEUED", "SUSPENDED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def test_no_module_outside_hpc_slurm_lists_job_states() -> None:
+    """Which states are terminal, live or requeued is hpc/slurm/states.py's to say; a module may name a state,
+    never keep its own group of them."""
+    import ast
+
+    def groups(path: Path) -> list[str]:
+        return [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, (ast.Set, ast.Tuple, ast.List))
+                and len({e.value for e in node.elts if isinstance(e, ast.Constant)} & SLURM_STATES) >= 2]
+
+    modules = [p for folder in ("hpc", "train") for p in (ROOT / folder).rglob("*.py")
+               if (ROOT / "hpc" / "slurm") not in p.parents]
+    assert [hit for p in sorted(modules) for hit in groups(p)] == []
+    assert groups(ROOT / "hpc" / "slurm" / "states.py"), "the scan must see what it looks for"

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_summary, requires_slurm
 
-from hpc import jobs
+from hpc import jobs, logs, registry
+from train import heartbeat
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
@@ -138,8 +139,8 @@ def preempted(tmp_path_factory) -> dict[str, Outcome]:
             for name, outcome in list(waiting.items()):
                 if polls % 10 == 0:  # a job that failed at start-up must not cost the whole deadline
                     state = jobs.slurm_state(outcome.job_id)
-                    assert not state.done, f"{name} ended before the signal: {state.line()}\n" + jobs.failure_report(
-                        jobs.read_marker(outcome.job_dir))
+                    assert not state.done, f"{name} ended before the signal: {state.line()}\n" + logs.failure_report(
+                        registry.read_marker(outcome.job_dir))
                 steps = logged_steps(outcome.job_dir / "run")
                 newest = max(steps, default=0)
                 assert newest < STEPS, f"{name} finished before it could be signalled; raise --max-steps"
@@ -248,9 +249,9 @@ def test_a_killed_rank_fails_the_job_fast_naming_it_and_leaves_a_loadable_checkp
     home, job_dir = tmp_path / "home", tmp_path / "job"
     # --max-retries 0: the failure path; the retry on other nodes is `hpcdist drill`'s (test_drill.py).
     args = ["submit", "--via", via, "--nodes", "2", "--backend", "ddp", "--launcher", launcher, "--time", "10",
-            "--max-retries", "0", "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "100000",
-            "--log-every", "1", "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024",
-            "--batch-size", "64", "--threads", "1"]
+            "--max-retries", "0", "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "100000", "--epochs",
+            "100000", "--log-every", "1", "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size",
+            "1024", "--batch-size", "64", "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
     job_id = None
@@ -301,7 +302,7 @@ def live_rank(job_dir: Path, job_id: str, rank: int, attempt: int, step: int, ti
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            beat = json.loads((job_dir / "run" / "heartbeat" / f"rank-{rank}.json").read_text())
+            beat = heartbeat.read_all(job_dir / "run")[rank]
             env = (Path("/proc") / str(beat["pid"]) / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError, KeyError):
             beat, env = {}, []
@@ -320,8 +321,9 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
     assert len(set(nodes)) == 3, "this test needs the local 3-node cluster"
     args = ["submit", "--nodes", "2", "--backend", "ddp", "--time", "10", "--max-retries", "2", "--job-dir",
-            str(job_dir), "--wait", "--", "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "5",
-            "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
+            str(job_dir), "--wait", "--", "--max-steps", "100000", "--epochs", "100000", "--log-every", "1",
+            "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
+            "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
     job_id, backlog = None, None

@@ -12,7 +12,7 @@ import pytest
 from slurm_fixtures import REPO, environ, hpcdist, job_id_of, requires_slurm
 from test_submit_unit import sbatch_directives
 
-from hpc import jobs
+from hpc import registry
 from hpc.spec import time_seconds
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
@@ -131,7 +131,7 @@ def test_a_refused_submission_removes_its_job_dir_and_says_why(tmp_path, via):
     assert "sbatch refused the job" in proc.stderr and "partition" in proc.stderr.lower()
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not job_dir.exists()
-    assert jobs.load(home / "jobs.jsonl") == []
+    assert registry.load(home / "jobs.jsonl") == []
 
 
 def test_logs_of_one_rank(tmp_path):

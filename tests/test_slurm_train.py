@@ -7,7 +7,7 @@ import time
 import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, hpcdist, job_id_of, requires_slurm
 
-from hpc import jobs, nodelist
+from hpc import jobs, logs, nodelist, registry
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
@@ -45,7 +45,7 @@ def submit_and_check(tmp_path, via: str, backend: str, launcher: str, nodes: int
     check_training(job_dir, world_size=nodes, hosts=hosts, master=hosts[0] if nodes > 1 else None)
     if via == "submitit":
         assert list((job_dir / "submitit").glob(f"{job_id}_submission.sh"))
-    assert [p.name for p in jobs.log_files(jobs.read_marker(job_dir))][:nodes] == [
+    assert [p.name for p in logs.log_files(registry.read_marker(job_dir))][:nodes] == [
         f"task-{i}.log" for i in range(nodes)]
 
     listed = hpcdist(["list"], home)

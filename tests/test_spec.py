@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from hpc import profiles
 from hpc.cli import main
 from hpc.commands.options import spec_from_options
-from hpc.spec import JobSpec, SpecError, check, from_mapping, time_seconds
+from hpc.spec import SpecError, from_mapping, time_seconds
 
 BAD = [
     (["--backend", "dp", "--nodes", "2"], "--backend dp runs one process on one node"),
@@ -118,18 +116,6 @@ def test_job_file_through_cli(tmp_path: Path) -> None:
                                            ("2-0", 172800), ("1-02:03", 93780), ("1-00:00:01", 86401)])
 def test_time_forms(value: str, seconds: int) -> None:
     assert time_seconds(value) == seconds
-
-
-def test_check_resolves_profile_defaults() -> None:
-    site = profiles.load("example-ib")
-    spec = check(JobSpec(job_dir="/j", nodes=2, backend="deepspeed", python="python3"), site)
-    assert (spec.gpus_per_node, spec.cpus_per_task, spec.partition, spec.account) == (8, 12, "gpu", "my-project")
-    assert spec.zero_stage == 2 and spec.world_size == 16 and spec.slurm_tasks_per_node == 8
-    spec = check(replace(spec, launcher="torchrun"), site)
-    assert spec.slurm_tasks_per_node == 1 and spec.procs_per_node == 8
-    dp = check(JobSpec(job_dir="/j", backend="dp", python="python3"), site)
-    assert dp.world_size == 1 and dp.gpus_per_node == 8
-    assert check(replace(spec, time="90"), site).time_minutes == 90
 
 
 def test_from_mapping_requires_job_dir() -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
 
-from hpc import dsconfig, jobs, profiles, render, submit
+from hpc import dsconfig, logs, profiles, render, submit
 from hpc.spec import JobSpec
 
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
@@ -58,7 +58,7 @@ def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
     assert time.monotonic() - started < 30, "rank 0 should have been stopped, not left sleeping"
     assert (final.state, final.exit_code) == ("FAILED", 3)
-    report = jobs.failure_report(submitted.record)
+    report = logs.failure_report(submitted.record)
     assert "task-1.log (the failing task)" in report and "rank 1 fails" in report
 
 

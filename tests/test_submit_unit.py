@@ -155,17 +155,6 @@ def test_signal_name(spec_signal, name):
     assert submit.signal_name(spec_signal) == name
 
 
-@pytest.mark.parametrize("text,job_id", [("4242\n", "4242"), ("4242;cluster\n", "4242"),
-                                         ("sbatch: warning: x\n77\n", "77")])
-def test_parse_sbatch(text, job_id):
-    assert submit.parse_sbatch(text) == job_id
-
-
-def test_parse_sbatch_without_an_id():
-    with pytest.raises(submit.SubmitError):
-        submit.parse_sbatch("sbatch: error: nope")
-
-
 def test_record_for_summarises_the_spec(tmp_path):
     rendered = rendered_for(tmp_path, nodes=2, backend="deepspeed", launcher="torchrun", ntasks_per_node=2)
     now = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)

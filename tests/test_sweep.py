@@ -1,9 +1,10 @@
-"""hpc.sweep and the --after/--exclude job keys without Slurm: the matrix, the arrays, the refusals, the report."""
+"""hpc.sweep (plan and write a sweep) and ``hpcdist sweep``, without Slurm: the arrays, the refusals naming an
+axis, the dry run, --force; and the --after/--exclude job keys. The matrix is tests/test_sweep_matrix.py's, reading
+a sweep back tests/test_sweep_results.py's."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from slurm_fixtures import requires_slurm
 from test_submit_unit import sbatch_directives
 
-from hpc import profiles, render, submit
+from hpc import profiles, render, submit, sweep_matrix, sweep_results
 from hpc import sweep as sweeps
 from hpc.cli import main
 from hpc.commands.sweep import spread_grid
@@ -24,12 +25,12 @@ def base(**kw) -> dict:
     return {"python": sys.executable, "pythonpath": None, "job_name": "sw", **kw}
 
 
-def plan(tmp_path: Path, matrix: sweeps.Matrix, max_parallel: int | None = None, **kw) -> sweeps.Sweep:
+def plan(tmp_path: Path, matrix: sweep_matrix.Matrix, max_parallel: int | None = None, **kw) -> sweeps.Sweep:
     return sweeps.plan(base(**kw), matrix, tmp_path / "sweep", max_parallel=max_parallel, load_profile=profiles.load)
 
 
-def axes(*texts: str) -> sweeps.Matrix:
-    return sweeps.Matrix(axes=tuple(sweeps.parse_axis(t) for t in texts))
+def axes(*texts: str) -> sweep_matrix.Matrix:
+    return sweep_matrix.Matrix(axes=tuple(sweep_matrix.parse_axis(t) for t in texts))
 
 
 # ---- dependencies and exclusions ----------------------------------------------------------------
@@ -97,60 +98,11 @@ def test_a_job_files_after_is_kept_unless_the_flag_is_given(tmp_path):
     assert spec_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=("7",)).after == ("afterok:7",)
 
 
-# ---- the matrix ----------------------------------------------------------------------------------
+# ---- the matrix on the command line, and the refusals --------------------------------------------
 
 def test_grid_words_after_one_grid_flag_are_axes_until_the_next_option():
     assert spread_grid(["--grid", "a=1", "b=2,3", "--nodes", "2", "--", "--grid", "x=y"]) == [
         "--grid", "a=1", "--grid", "b=2,3", "--nodes", "2", "--", "--grid", "x=y"]
-
-
-def test_axes_multiply_first_slowest_and_deepspeed_only_keys_collapse():
-    matrix = axes("backend=ddp,deepspeed", "zero_stage=1,2,3", "precision=fp32,bf16")
-    configs = sweeps.configurations(matrix, "ddp")
-    # ddp has no ZeRO stage: its three stages are one configuration per precision.
-    assert [sweeps.label(c) for c in configs] == [
-        "backend=ddp precision=fp32", "backend=ddp precision=bf16",
-        *(f"backend=deepspeed zero_stage={s} precision={p}" for s in (1, 2, 3) for p in ("fp32", "bf16"))]
-
-
-def test_tasks_times_axes_less_excludes():
-    matrix = sweeps.Matrix(axes=(sweeps.make_axis("train.lr", ["1e-3", "1e-2"]),),
-                           tasks=({"backend": "dp"}, {"backend": "ddp", "nodes": 2}),
-                           exclude=({"backend": "dp", "train.lr": "1e-2"},))
-    assert [sweeps.label(c) for c in sweeps.configurations(matrix, "ddp")] == [
-        "backend=dp train.lr=1e-3", "backend=ddp nodes=2 train.lr=1e-3", "backend=ddp nodes=2 train.lr=1e-2"]
-
-
-def test_trainer_axes_append_their_option_and_boolean_ones_are_flags():
-    values = sweeps.job_values({"train_args": ["--max-steps", "5"]},
-                               {"train.lr": "1e-3", "train.augment": True, "train.compile": "false", "nodes": "2"})
-    assert values["train_args"] == ["--max-steps", "5", "--lr", "1e-3", "--augment"]
-    assert values["nodes"] == "2"
-
-
-@pytest.mark.parametrize("make,message", [
-    (lambda: sweeps.parse_axis("foo=1,2"), "unknown axis 'foo'"),
-    (lambda: sweeps.parse_axis("backend="), "axis backend is empty"),
-    (lambda: sweeps.parse_axis("backend=ddp,,dp"), "axis backend has an empty value"),
-    (lambda: sweeps.parse_axis("backend=ddp,ddp"), "axis backend lists ddp twice"),
-    (lambda: sweeps.parse_axis("backend"), "write KEY=V1,V2"),
-    (lambda: sweeps.parse_axis("train.zero_stage=1,2"), "sweep the job key zero_stage instead"),
-    (lambda: sweeps.parse_axis("train.run-dir=a"), "hpcdist sets it for each task"),
-    (lambda: sweeps.parse_axis("train.=1"), "not a trainer option"),
-    (lambda: sweeps.configurations(axes("train.seed=" + ",".join(map(str, range(40))),
-                                        "train.lr=" + ",".join(map(str, range(30)))), "ddp"),
-     "the matrix has 1200 tasks"),
-    (lambda: sweeps.configurations(sweeps.Matrix(axes("backend=ddp,dp").axes, exclude=({"nodes": 2},)), "ddp"),
-     "exclude #1: nodes is not an axis"),
-    (lambda: sweeps.configurations(sweeps.Matrix(axes("backend=ddp,dp").axes, exclude=({"backend": "dpp"},)),
-                                   "ddp"), "dpp is not a value of axis backend"),
-    (lambda: sweeps.configurations(sweeps.Matrix(axes("backend=ddp").axes, exclude=({"backend": "ddp"},)), "ddp"),
-     "leave no task"),
-    (lambda: sweeps.combine(axes("nodes=1"), axes("nodes=2")), "axis nodes is given twice"),
-])
-def test_bad_matrices_are_refused_naming_the_axis(make, message):
-    with pytest.raises(sweeps.SweepError, match=re.escape(message)):
-        make()
 
 
 @pytest.mark.parametrize("grid,message", [
@@ -167,6 +119,24 @@ def test_a_value_that_fails_the_job_check_names_its_axis_and_nothing_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slurm
+@requires_slurm
+def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid",
+                                       "cpus_per_task=1,64"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("hpcdist sweep: axis cpus_per_task=64: 1 task(s) x 64 CPU(s) per node exceed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_file_naming_a_key_twice_is_refused_as_a_job_file_is(tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("axes:\n  backend: [ddp]\n  backend: [deepspeed]\n")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-f", str(sweep_file), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "key 'backend' appears twice (line 3)" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_submitit_is_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["sweep", "--via", "submitit", "-o", str(tmp_path / "s")])
     assert result.exit_code == 2
@@ -177,8 +147,8 @@ def test_submitit_is_refused_in_one_line(tmp_path):
 # ---- the arrays ------------------------------------------------------------------------------------
 
 def test_one_array_per_geometry_with_its_throttle(tmp_path):
-    sweep = plan(tmp_path, sweeps.combine(sweeps.Matrix(tasks=tuple(sweeps.PRESETS["compare"]["tasks"]))),
-                 max_parallel=3)
+    compare = sweep_matrix.Matrix(tasks=tuple(sweep_matrix.PRESETS["compare"]["tasks"]))
+    sweep = plan(tmp_path, sweep_matrix.combine(compare), max_parallel=3)
     assert [(a.name, a.range) for a in sweep.arrays] == [("array-0", "0-0%1"), ("array-1", "0-4%3")]
     assert [t.label for t in sweep.arrays[1].tasks] == [
         "backend=ddp nodes=2", *(f"backend=deepspeed zero_stage={s} nodes=2" for s in range(4))]
@@ -213,7 +183,7 @@ def test_each_array_task_selects_its_own_rendered_directory(tmp_path):
     out = subprocess.run(["bash", "-c", f"SLURM_ARRAY_TASK_ID=4; {case}; echo ran"], capture_output=True, text=True)
     assert out.returncode == 2 and "ran" not in out.stdout
     assert subprocess.run(["bash", "-n", str(array / "job.sbatch")]).returncode == 0
-    resolved = sweeps.load(tmp_path / "sweep")[0]["resolved"]
+    resolved = sweep_results.load(tmp_path / "sweep")[0]["resolved"]
     assert [(r["array_index"], r["zero_stage"], r["precision"]) for r in resolved] == [
         (0, 1, "fp32"), (1, 1, "bf16"), (2, 3, "fp32"), (3, 3, "bf16")]
 
@@ -233,7 +203,7 @@ def test_the_dry_run_prints_every_task_and_writes_but_submits_nothing(tmp_path):
     # The local profile does not say its CPU nodes have native bf16: auto is fp32 there.
     assert "# deepspeed zero_stage=2 precision=fp32" in result.stdout and "stage=2 fp16=False" in result.stdout
     assert not (tmp_path / "s" / sweeps.SUBMITTED_FILE).exists()
-    rows = sweeps.rows(*sweeps.load(tmp_path / "s"), {})
+    rows = sweep_results.rows(*sweep_results.load(tmp_path / "s"), {})
     assert {r.state for r in rows} == {"NOT_SUBMITTED"}
 
 
@@ -257,7 +227,6 @@ def test_force_keeps_a_directory_hpcdist_did_not_write(tmp_path):
     assert (tmp_path / "s" / "mine").read_text() == "x"
 
 
-
 def test_force_keeps_a_users_own_sweep_yaml(tmp_path):
     """A file named sweep.yaml (a W&B or Hydra sweep, say) does not make a directory hpcdist's to remove."""
     (tmp_path / "project").mkdir()
@@ -277,59 +246,3 @@ def test_force_replaces_a_sweep_hpcdist_wrote(tmp_path):
     assert forced.exit_code == 0, forced.output
     tasks = list((tmp_path / "s").glob("array-*/task-*"))
     assert tasks and all((t / ".hpcdist-job").is_file() for t in tasks)
-
-# ---- reading it back -----------------------------------------------------------------------------
-
-def test_sacct_rows_of_array_tasks_and_their_folded_pending_row():
-    text = "7_0|COMPLETED\n7_1|RUNNING\n7_[2-4%2]|PENDING\n8_[0,2]|PENDING\n9_0|FAILED\n7|PENDING\n"
-    assert sweeps.parse_array_sacct(text, ["7", "8"]) == {
-        "7_0": "COMPLETED", "7_1": "RUNNING", "7_2": "PENDING", "7_3": "PENDING", "7_4": "PENDING",
-        "8_0": "PENDING", "8_2": "PENDING"}
-
-
-def test_report_rows_table_and_chart(tmp_path):
-    sweep = plan(tmp_path, axes("backend=dp,ddp"))
-    sweeps.write(sweep)
-    summary = {"precision": "bf16", "images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25,
-               "time_to_first_step_s": 6.04,
-               "ranks": [{"rank": 1, "peak_memory_bytes": 2 * 2**20, "hostname": "n3"},
-                         {"rank": 0, "peak_memory_bytes": 3 * 2**20, "hostname": "n1"}]}
-    (sweep.tasks[1].rendered.job_dir / "run" / "summary.json").write_text(json.dumps(summary))
-    (tmp_path / "sweep" / sweeps.SUBMITTED_FILE).write_text(json.dumps({"arrays": {"array-0": "41"}}))
-    rows = sweeps.rows(*sweeps.load(tmp_path / "sweep"), {"41_0": "FAILED", "41_1": "COMPLETED"})
-    assert [(r.job_id, r.state, r.images_per_s, r.peak_memory_mib, r.hostnames) for r in rows] == [
-        ("41_0", "FAILED", None, (), ()), ("41_1", "COMPLETED", 812.4, (3.0, 2.0), ("n1", "n3"))]
-    markdown = sweeps.table(rows, markdown=True)
-    assert "| 1 | 41_1 | backend=ddp | COMPLETED | bf16 | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
-    png = sweeps.chart(rows, tmp_path / "r.png", "t")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.slurm
-@requires_slurm
-def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
-    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid",
-                                       "cpus_per_task=1,64"])
-    assert result.exit_code == 2
-    assert result.stderr.startswith("hpcdist sweep: axis cpus_per_task=64: 1 task(s) x 64 CPU(s) per node exceed")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_path):
-    sweep = plan(tmp_path, axes("backend=dp,ddp"))
-    sweeps.write(sweep)
-    victim = tmp_path / "victim"
-    victim.write_text("mine\n")
-    (tmp_path / "sweep" / "report.png").symlink_to(victim)
-    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep")])
-    assert result.exit_code == 0, result.output
-    assert victim.read_text() == "mine\n"
-    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_a_sweep_file_naming_a_key_twice_is_refused_as_a_job_file_is(tmp_path):
-    sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text("axes:\n  backend: [ddp]\n  backend: [deepspeed]\n")
-    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-f", str(sweep_file), "-o", str(tmp_path / "s")])
-    assert result.exit_code == 2 and "key 'backend' appears twice (line 3)" in result.stderr
-    assert not (tmp_path / "s").exists()

@@ -178,7 +178,8 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_with_the_uninterrupt
 
 def wait_for_heartbeats(run_dir, launched, ranks: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while len(list((run_dir / "heartbeat").glob("rank-*.json"))) < ranks:
+    from train.heartbeat import read_all
+    while len(read_all(run_dir)) < ranks:
         assert all(p.poll() is None for p in launched.procs), launched.output()
         assert time.monotonic() < deadline, f"no heartbeats from {ranks} ranks in {timeout}s\n{launched.output()}"
         time.sleep(0.02)
@@ -293,10 +294,17 @@ def test_sigterm_to_the_launcher_ends_in_a_complete_checkpoint(launch, tmp_path,
 
 
 def phase_of(run_dir, rank: int) -> dict:
-    try:
-        return json.loads((run_dir / "heartbeat" / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    """The rank's newest beat: its node file's, or fresher, the one it handed over on the node, where these
+    tests put the hand-over (``staged_beside``): a node file shows a phase at most once per heartbeat period."""
+    from train import heartbeat, nodebeat
+    beats = heartbeat.read_all(run_dir)
+    for stage in (run_dir.parent / "stage").glob("hpcdist-beats-*"):
+        beats.update(nodebeat.staged(stage))
+    return beats.get(rank, {})
+
+
+def staged_beside(run_dir, monkeypatch) -> None:
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(run_dir.parent / "stage"))
 
 
 def signal_in_phase(launched, run_dir, phase: str, timeout: float = 240) -> dict:
@@ -317,8 +325,10 @@ def signal_in_phase(launched, run_dir, phase: str, timeout: float = 240) -> dict
             return seen
 
 
-def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_a_complete_one(launch, tmp_path):
+def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_a_complete_one(launch, tmp_path,
+                                                                                               monkeypatch):
     run_dir = tmp_path / "run"
+    staged_beside(run_dir, monkeypatch)
     # A checkpoint every step: most of the wall time is spent writing one.
     launched = launch("srun", ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1",
                                "--checkpoint-every", "1"], run_dir)
@@ -334,8 +344,9 @@ def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_
     assert f"stopped by SIGTERM at step {step}" in launched.output()
 
 
-def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, tmp_path):
+def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
+    staged_beside(run_dir, monkeypatch)
     launched = launch("srun", ["--backend", "ddp", "--synthetic-size", "16000", "--batch-size", "32",
                                "--max-steps", "5", "--log-every", "1"], run_dir)
     signal_in_phase(launched, run_dir, "eval")
@@ -346,8 +357,10 @@ def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, t
     assert newest.name == "step00000005" and checkpoints.damage(newest) is None
 
 
-def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collective_timeout(launch, tmp_path):
+def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collective_timeout(launch, tmp_path,
+                                                                                          monkeypatch):
     run_dir = tmp_path / "run"
+    staged_beside(run_dir, monkeypatch)
     launched = launch("srun", ["--backend", "ddp", *TINY, "--heartbeat-s", "0.5", "--hang-timeout-s", "3"], run_dir)
     live, frozen = launched.procs
     # Rank 0 held back (it hosts the rendezvous store), so rank 1 is certainly still in set-up when frozen.

@@ -381,7 +381,7 @@ def test_a_cpu_deepspeed_job_joins_its_process_group_without_compiling_the_shm_c
 
 CONTRACT_FIELDS = {"rank", "local_rank", "node_rank", "world_size", "hostname", "pid", "attempt", "phase", "step",
                    "total_steps", "time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss", "rss_bytes",
-                   "peak_memory_bytes", "marks"}
+                   "peak_memory_bytes", "marks", "recent_compute_s", "step_at"}
 
 
 def one_rank_env():
@@ -389,43 +389,133 @@ def one_rank_env():
     return ranks.resolve(SRUN_RANK_1_OF_2)
 
 
-def test_heartbeat_file_carries_the_contract_fields_and_is_rewritten_at_each_phase(tmp_path):
+def srun_env(rank: int, per_node: int = 2, nodes: int = 2, stage: Path | None = None) -> dict:
+    """Slurm's environment for ``rank`` of ``nodes`` x ``per_node`` (block distribution), staging under ``stage``."""
+    env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(per_node * nodes), "SLURM_LOCALID": str(rank % per_node),
+           "SLURM_NODEID": str(rank // per_node), "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+           "SLURM_JOB_NODELIST": f"n[1-{nodes}]", "SLURM_JOB_ID": "777"}
+    return {**env, "HPCDIST_HEARTBEAT_STAGE": str(stage)} if stage else env
+
+
+def beating(run_dir: Path, ranks_: range, every_s: float, stage: Path, clock=time.time, **env_kw) -> list:
+    """One identified heartbeat per rank (in this process: what each rank's process would hold)."""
+    from hpc import ranks
     from train import heartbeat
-    beat = heartbeat.Heartbeat(tmp_path, every_s=60, marks={"process_start": 1.0})
-    beat.identify(one_rank_env(), {"SLURM_RESTART_COUNT": "2"}, hostname="n7")
+    out = []
+    for rank in ranks_:
+        env = srun_env(rank, stage=stage, **env_kw)
+        beat = heartbeat.Heartbeat(run_dir, every_s=every_s, clock=clock, marks={"process_start": 1.0})
+        beat.identify(ranks.resolve(env), env, hostname=f"n{rank // env_kw.get('per_node', 2) + 1}")
+        out.append(beat)
+    return out
+
+
+def wait_for(check, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)
+
+
+def test_one_file_per_node_written_by_its_local_rank_0_with_every_rank_s_beat(tmp_path):
+    from hpc import beatfile, monitor
+    from train import heartbeat
+    run = tmp_path / "run"
+    beats = beating(run, range(4), 0.05, tmp_path / "shm")
     try:
-        first = json.loads(heartbeat.path_for(tmp_path, 1).read_text())
-        assert CONTRACT_FIELDS <= set(first)
-        assert (first["rank"], first["world_size"], first["hostname"], first["attempt"], first["phase"]) == \
-            (1, 2, "n7", 2, "setup")
-        assert first["pid"] == os.getpid() and first["rss_bytes"] > 0 and first["marks"] == {"process_start": 1.0}
-        beat.plan(total_steps=10, local_batch=32)
-        beat.phase("train")
-        beat.mark("first_step_done", 5.0)
-        beat.mark("first_step_done", 9.0)  # a mark is set once
-        assert json.loads(heartbeat.path_for(tmp_path, 1).read_text())["phase"] == "train"
+        assert [b.publisher is not None for b in beats] == [True, False, True, False]
+        wait_for(lambda: set(heartbeat.read_all(run)) == {0, 1, 2, 3})
+        # On the shared run directory: per node one latest file and its history, never a file per rank.
+        assert sorted(p.name for p in beatfile.folder(run).iterdir()) == [
+            "node-0.json", "node-0.jsonl", "node-1.json", "node-1.jsonl"]
+        document = beatfile.read_node(beatfile.node_path(run, 1))
+        assert [b["rank"] for b in document["ranks"]] == [2, 3] and document["node"] == 1
+        assert all(tuple(b) == beatfile.FIELDS for b in document["ranks"])  # one schema, in its order
+        assert CONTRACT_FIELDS == set(beatfile.FIELDS)
+        first = monitor.read_heartbeats(run)[3]
+        assert (first.rank, first.local_rank, first.node_rank, first.world_size, first.hostname, first.phase) == \
+            (3, 1, 1, 4, "n2", "setup")
+        assert first.pid == os.getpid() and first.rss_bytes > 0 and first.marks == {"process_start": 1.0}
+        # The hand-over is node-local: each node's ranks in their own folder, outside the run directory.
+        assert beats[0].stage != beats[2].stage and beats[0].stage == beats[1].stage
+        assert sorted(p.name for p in beats[2].stage.iterdir()) == ["rank-2.json", "rank-3.json"]
     finally:
-        beat.finish("done")
-    last = heartbeat.read_all(tmp_path)[1]
-    assert last["phase"] == "done" and last["total_steps"] == 10 and last["marks"]["first_step_done"] == 5.0
-    history = [json.loads(line)["phase"] for line in heartbeat.path_for(tmp_path, 1).with_suffix(".jsonl").open()]
-    assert history == ["setup", "train", "done"]
+        for b in reversed(beats):
+            b.finish("done")
+    assert {r: b.phase for r, b in monitor.read_heartbeats(run).items()} == dict.fromkeys(range(4), "done")
+
+
+def test_a_node_whose_local_rank_0_is_absent_writes_nothing_on_the_run_dir(tmp_path):
+    from train import heartbeat
+    [lonely] = beating(tmp_path / "run", range(1, 2), 0.05, tmp_path / "shm")
+    time.sleep(0.2)
+    lonely.finish("done")
+    assert not heartbeat.folder(tmp_path / "run").exists() and (tmp_path / "shm").exists()
+
+
+def test_phase_changes_reach_the_history_and_a_publish_comes_at_most_once_per_period(tmp_path):
+    from hpc import beatfile, monitor
+    now = [1000.0]
+    run = tmp_path / "run"
+    beats = beating(run, range(2), 60.0, tmp_path / "shm", clock=lambda: now[0], nodes=1)
+    lead = beats[0]
+    written = beatfile.read_node(beatfile.node_path(run, 0))
+    for b in beats:
+        b.plan(total_steps=10, local_batch=32)
+        b.phase("train")
+        b.mark("first_step_done", 5.0)
+        b.mark("first_step_done", 9.0)  # a mark is set once
+    # Within the period the node file is not rewritten, whatever the ranks hand over.
+    assert beatfile.read_node(beatfile.node_path(run, 0)) == written
+    now[0] += 60
+    lead.write()
+    assert {b.phase for b in monitor.read_heartbeats(run).values()} == {"train"}
+    beats[1].finish("done")
+    lead.finish("done")
+    last = monitor.read_heartbeats(run)[0]
+    assert last.phase == "done" and last.total_steps == 10 and last.marks["first_step_done"] == 5.0
+    assert [b.phase for b in monitor.read_histories(run)[0]] == ["setup", "train", "done"]
+    assert [b.phase for b in monitor.read_histories(run)[1]] == ["train", "done"]
     with pytest.raises(ValueError, match="unknown heartbeat phase"):
-        beat.phase("lunch")
+        lead.phase("lunch")
+
+
+def test_the_history_is_bounded_and_keeps_the_newest(tmp_path):
+    from hpc import beatfile, monitor
+    from train import nodebeat
+    writer = nodebeat.Publisher(tmp_path, 0, history_every_s=0, history_bytes=8192)
+    for step in range(500):
+        writer.publish("n1", 0, 1000.0 + step, {0: {"rank": 0, "phase": "train", "step": step, "time": 1000.0 + step}})
+    writer.close()
+    sizes = [p.stat().st_size for p in beatfile.folder(tmp_path).glob("node-0.jsonl*")]
+    assert len(sizes) == 2 and sum(sizes) <= 2 * 8192
+    steps = [b.step for b in monitor.read_histories(tmp_path)[0]]
+    assert steps[-1] == 499 and steps == sorted(steps) and len(steps) < 500
+
+
+def test_a_torn_node_file_is_read_again_or_skipped_never_misread(tmp_path):
+    from hpc import beatfile
+    from train import nodebeat
+    writer = nodebeat.Publisher(tmp_path, 0)
+    writer.publish("n1", 0, 1.0, {r: {"rank": r, "hostname": "n1" * 50} for r in range(4)})
+    writer.publish("n1", 0, 2.0, {0: {"rank": 0}})   # shorter: blanks cover the rest
+    writer.close()
+    path = beatfile.node_path(tmp_path, 0)
+    assert [b["rank"] for b in beatfile.read_node(path)["ranks"]] == [0]
+    text = path.read_bytes()
+    path.write_bytes(text[:20] + b"X" + text[21:])  # a rewrite caught half done
+    assert beatfile.read_node(path) is None
 
 
 def test_heartbeat_thread_rewrites_the_file_while_the_phase_stands_still(tmp_path):
-    from train import heartbeat
-    beat = heartbeat.Heartbeat(tmp_path, every_s=0.05)
-    beat.identify(one_rank_env(), {})
+    from hpc import beatfile
+    beats = beating(tmp_path / "run", range(1), 0.05, tmp_path / "shm", per_node=1, nodes=1)
+    path = beatfile.node_path(tmp_path / "run", 0)
     try:
-        first = json.loads(heartbeat.path_for(tmp_path, 1).read_text())["time"]
-        deadline = time.monotonic() + 5
-        while json.loads(heartbeat.path_for(tmp_path, 1).read_text())["time"] == first:
-            assert time.monotonic() < deadline, "the heartbeat thread never wrote"
-            time.sleep(0.01)
+        first = beatfile.read_node(path)["time"]
+        wait_for(lambda: beatfile.read_node(path)["time"] != first)
     finally:
-        beat.finish("done")
+        beats[0].finish("done")
 
 
 def test_heartbeat_s_0_writes_nothing(tmp_path):
@@ -435,7 +525,7 @@ def test_heartbeat_s_0_writes_nothing(tmp_path):
     beat.phase("train")
     beat.stepped(1)
     beat.finish("done")
-    assert not heartbeat.folder(tmp_path).exists()
+    assert not heartbeat.folder(tmp_path).exists() and beat.stage is None
 
 
 def test_step_clock_splits_each_step_into_compute_and_the_waits_in_collectives():
@@ -495,6 +585,8 @@ def test_the_heartbeat_s_loss_is_the_newest_step_s_read_when_written_not_when_st
 def test_a_run_without_log_every_records_at_least_the_curve_s_points_and_prints_every_100(tmp_path, capsys,
                                                                                           monkeypatch):
     import train.__main__ as trainer
+    from train import stephooks
+
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(name, raising=False)
     run = tmp_path / "run"
@@ -503,8 +595,8 @@ def test_a_run_without_log_every_records_at_least_the_curve_s_points_and_prints_
                          "--heartbeat-s", "0"])
     assert code == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) >= trainer.CURVE_POINTS and steps[-1] == 200
-    assert steps == sorted(set(steps)) and max(b - a for a, b in zip(steps, steps[1:])) <= 200 // trainer.CURVE_POINTS
+    assert len(steps) >= stephooks.CURVE_POINTS and steps[-1] == 200
+    assert steps == sorted(set(steps)) and max(b - a for a, b in zip(steps, steps[1:])) <= 200 // stephooks.CURVE_POINTS
     printed = [line for line in capsys.readouterr().out.splitlines() if "Loss:" in line]
     assert [line.split("Loss:")[0] for line in printed] == ["Epoch: 0 | Batch: 1/32 | ", "Epoch: 3 | Batch: 4/32 | ",
                                                             "Epoch: 6 | Batch: 8/32 | "]
@@ -593,12 +685,11 @@ def test_the_threshold_grows_with_the_median_step_time():
 
 def test_a_frozen_rank_alone_on_its_node_is_reported_without_waiting_for_a_stack_nobody_can_take(tmp_path,
                                                                                                  monkeypatch):
-    from train import heartbeat, watchdog
+    from train import heartbeat, nodebeat, watchdog
     # Rank 1 froze on n2, where no other rank runs (py-spy reads only local processes); rank 0 on n1 declared.
-    (tmp_path / "heartbeat").mkdir()
     for rank, node, beat_time in ((0, "n1", 999.0), (1, "n2", 900.0)):
-        (tmp_path / "heartbeat" / f"rank-{rank}.json").write_text(json.dumps(
-            {**beat_of(rank, 41, 900.0, beat_time), "hostname": node}))
+        nodebeat.Publisher(tmp_path, rank).publish(node, 0, beat_time, {
+            rank: {**beat_of(rank, 41, 900.0, beat_time), "hostname": node}})
     (tmp_path / "stacks").mkdir()
     (tmp_path / "stacks" / "rank-0.txt").write_text('Thread "MainThread":\n  in all_reduce\n')
     beat = heartbeat.Heartbeat(tmp_path, every_s=2.0, clock=lambda: 1000.0)
@@ -645,6 +736,73 @@ def test_a_node_whose_every_rank_stopped_beating_has_vanished():
     assert vanished(beats, 100.0, me={**me, "hostname": "n2"}, lost_s=6.0) is None
     assert vanished({2: node_beat(2, "n2", 10.0, attempt=1)}, 100.0, me=me, lost_s=6.0) is None
     assert vanished({2: node_beat(2, "n2", 10.0, phase="done")}, 100.0, me=me, lost_s=6.0) is None
+
+
+def test_a_node_whose_local_rank_0_stopped_publishing_has_vanished_a_frozen_rank_on_a_live_one_has_not(tmp_path):
+    from train import heartbeat
+    from train.watchdog import vanished
+    now = [1000.0]
+    run = tmp_path / "run"
+    beats = beating(run, range(4), 60.0, tmp_path / "shm", clock=lambda: now[0])
+    now[0] = 1010.0
+    for b in beats[:3]:   # rank 3 (n2's local rank 1) froze: it hands nothing over any more
+        b.write()
+    beats[0].write(force=True)
+    beats[2].write(force=True)
+    me = beats[0].identity
+    seen = heartbeat.read_all(run, beats[0].stage)
+    assert seen[3]["time"] == 1000.0 and seen[3]["published"] == 1010.0  # republished, with its own old time
+    assert vanished(seen, 1012.0, me=me, lost_s=6.0) is None
+    # n2's local rank 0 dies: n2's file stops, which is what a vanished node is.
+    now[0] = 1020.0
+    beats[0].write(force=True)
+    assert vanished(heartbeat.read_all(run, beats[0].stage), 1020.0, me=me, lost_s=6.0) == ("n2", [2, 3], 1010.0)
+
+
+def test_a_hung_rank_on_a_live_node_is_named_from_its_own_beat_inside_the_node_file(tmp_path):
+    from train import heartbeat
+    from train.watchdog import judge
+    now = [1000.0]
+    run = tmp_path / "run"
+    beats = beating(run, range(4), 60.0, tmp_path / "shm", clock=lambda: now[0])
+    for b in beats:
+        b.phase("train")
+        b.stepped(5)
+    now[0] = 1010.0
+    for b in beats:
+        if b.identity["rank"] != 3:
+            b.stepped(6)  # rank 3's main thread hangs in step 6; its heartbeat thread still beats
+        b.write()
+    for b in beats[::2]:
+        b.write(force=True)
+    now[0] = 1100.0
+    beats[2].write(force=True)
+    seen = heartbeat.read_all(run)  # what a judge on another node reads: node files only
+    verdict = judge(seen, 1100.0, timeout_s=60, factor=10, fresh_s=6)
+    assert (verdict.rank, verdict.node, verdict.step, verdict.since, verdict.stale_beat) == (3, "n2", 5, 1000.0, True)
+
+
+def test_a_frozen_local_rank_0_is_blamed_not_the_ranks_it_stopped_publishing():
+    from train.watchdog import judge
+    # n2's file stopped at 900 (its writer, rank 2, froze); rank 3's beat in it is no older than rank 2's.
+    beats = {0: {**beat_of(0, 41, 900.0, 999.0), "published": 999.0},
+             2: {**beat_of(2, 41, 900.0, 899.0), "published": 900.0},
+             3: {**beat_of(3, 41, 900.0, 898.0), "published": 900.0}}
+    assert judge(beats, 1000.0, timeout_s=60, factor=10, fresh_s=6).rank == 2
+
+
+def test_the_first_nodes_judge_and_the_others_only_while_those_are_silent(tmp_path):
+    from train import nodebeat
+    from train.watchdog import Watchdog
+    now = [1000.0]
+    run = tmp_path / "run"
+    beats = beating(run, range(6), 60.0, tmp_path / "shm", clock=lambda: now[0], nodes=3)
+    dogs = [Watchdog(b, timeout_s=60, factor=10, clock=lambda: now[0]) for b in beats]
+    assert [d.judges() for d in dogs] == [True, False, True, False, False, False]
+    now[0] = 1200.0   # nodes 0 and 1 fell silent for 3 beats: node 2's local rank 0 steps in
+    assert dogs[4].judges() and dogs[1].judges()   # and while its local rank 0 is frozen, rank 1 for n1
+    nodebeat.stage(beats[0].stage, {"rank": 0, "time": 1200.0})
+    assert not dogs[1].judges()
 
 
 def test_a_slurmd_that_refuses_or_ignores_connections_does_not_answer():

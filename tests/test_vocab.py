@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc import spec, vocab
+from hpc import spec, speccheck, vocab
 from train.options import parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def test_trainer_choices_are_the_vocabulary() -> None:
 
 
 def test_job_spec_accepts_the_vocabulary_plus_auto() -> None:
-    assert spec.BACKENDS == (*vocab.BACKENDS, "auto")
+    assert speccheck.BACKENDS == (*vocab.BACKENDS, "auto")
     assert set(vocab.VALID_LAUNCHERS) == set(vocab.BACKENDS)
     assert all(set(ls) <= set(vocab.LAUNCHERS) for ls in vocab.VALID_LAUNCHERS.values())
     assert spec.JobSpec(job_dir="/j").job_name == vocab.DEFAULT_JOB_NAME

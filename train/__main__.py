@@ -18,7 +18,6 @@ STARTED = time.time()  # before torch's import, which is part of what a user wai
 
 import contextlib
 import json
-import math
 import os
 import signal
 import socket
@@ -34,18 +33,19 @@ from train import preemption
 
 TORCH_IMPORTED = time.time()
 
-from hpc import dsconfig, ranks, runfiles, vocab
+from hpc import dsconfig, fileio, ranks, runfiles, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
 from train import checkpoint, heartbeat, watchdog
-from train.data import DataError, Dataset, download_cifar10, read_cifar10, synthetic
-from train.engines import DeepSpeedEngine, Engine, TorchEngine
-from train.loader import ClassicLoader, ResidentLoader, normalize, shard
+from train.data import DataError, Dataset, load_dataset
+from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
+from train.evaluate import evaluate_accuracy
+from train.loader import ClassicLoader, ResidentLoader
 from train.model import ConvNet, param_digest
-from train.options import DEFAULT_BATCH, Options, parse
+from train.options import Options, parse
 from train.runtime import (
     PreflightError,
     UsageError,
-    all_mean,
+    broadcast_from_0,
     device_name,
     init_process_group,
     log_nccl_for_preflight,
@@ -57,12 +57,7 @@ from train.runtime import (
     say,
     warn,
 )
-
-EVAL_BATCH = 1024
-# Without --log-every: a loss line printed every PRINT_EVERY steps, and metrics.jsonl (the report's loss
-# curve) at least CURVE_POINTS lines a run, a mean over the ranks each (a collective: a bounded number).
-PRINT_EVERY = 100
-CURVE_POINTS = 50
+from train.stephooks import StepHooks, Timing
 
 # DeepSpeed calls torch.distributed's deprecated collective names on every step, burying the log.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -95,17 +90,6 @@ class Setup:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / vocab.CHECKPOINTS
-
-
-@dataclass
-class Timing:
-    """Wall-clock marks of the training loop, for summary.json's rates."""
-
-    start_step: int
-    warm_step: int
-    first_step_at: float | None = None
-    warm_at: float | None = None
-    ended: float = 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,17 +275,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         return where
 
     def stop() -> None:
-        step = state["step"]
-        where = save() if resumed_at != step else found
-        if rank == 0:
-            # What the batch shell's requeue.sh acts on: the step's own exit status can't say it, since
-            # srun --kill-on-bad-exit may kill the ranks that exit 75 a moment after the first.
-            marker = run.run_dir / vocab.PREEMPTED
-            marker.with_suffix(".tmp").write_text(f"{step}\n")
-            os.replace(marker.with_suffix(".tmp"), marker)
-        name = signal.Signals(preemption.received() or signal.SIGTERM).name
-        say(rank, f"stopped by {name} at step {step}: checkpoint {where} written by all ranks; "
-                  f"exit {EXIT_PREEMPTED}, rerun with --resume")
+        announce_stop(run, state["step"], save() if resumed_at != state["step"] else found)
 
     timing = Timing(start_step=state["step"], warm_step=state["step"] + opts.warmup_steps)
     beat.plan(total_steps=total_steps, local_batch=run.global_batch // world, step=timing.start_step)
@@ -310,48 +284,22 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
     if agreement.now(preemption.received() is not None)[0]:
         stop()
         return None
-    last_log_time, last_log_step = time.time(), timing.start_step
-    print_every = opts.log_every or PRINT_EVERY
-    record_every = opts.log_every or max(1, min(PRINT_EVERY, total_steps // CURVE_POINTS))
     metrics_mode = "a" if state["step"] else "w"
     with open(run.run_dir / vocab.METRICS, metrics_mode) if rank == 0 else contextlib.nullcontext() as metrics:
+        hooks = StepHooks(run, beat, timing, total_steps, state, agreement, wall_clock, metrics,
+                          loader.steps_per_epoch, started=STARTED)
         batches = loader.batches(timing.start_step)
         beat.phase("train")
         beat.step_clock.begin()
         while state["step"] < total_steps:
             batch = next(batches)
             loss = engine.train_step(batch.x, batch.y)
-            state["step"] = step = batch.step + 1
-            if timing.first_step_at is None:
-                float(loss)  # waits for the device, so the time covers the whole first step
-                timing.first_step_at = time.time()
-                beat.mark("first_step_done", timing.first_step_at)
-            if step == timing.warm_step:
-                float(loss)
-                timing.warm_at = time.time()
-            if step % record_every == 0 or step == total_steps or step == 1:
-                with beat.step_clock.waited():
-                    state["last_loss"] = loss_value = all_mean(loss, world)
-                if state["first_loss"] is None:
-                    state["first_loss"] = loss_value
-                now = time.time()
-                images_per_s = (step - last_log_step) * run.global_batch / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, step
-                if step % print_every == 0 or step == total_steps or step == 1:
-                    say(rank, f"Epoch: {batch.epoch} | Batch: {batch.index + 1}/{loader.steps_per_epoch} | "
-                              f"Loss: {loss_value:.4f}")
-                if metrics:
-                    metrics.write(json.dumps({"step": step, "epoch": batch.epoch, "batch": batch.index + 1,
-                                              "loss": loss_value, "images_per_s": round(images_per_s, 1),
-                                              "time_s": round(now - STARTED, 3)}) + "\n")
-                    metrics.flush()
-            beat.stepped(step, loss)
-            # Votes cast after this step are read after the next one: no per-step wait for the device.
-            stopping, due = agreement.exchange(preemption.received() is not None, rank == 0 and wall_clock.due())
-            if stopping:
+            state["step"] = batch.step + 1
+            action = hooks.after(batch, loss)
+            if action == "stop":
                 stop()
                 return None
-            if (due or opts.checkpoint_every and step % opts.checkpoint_every == 0) and step < total_steps:
+            if action == "save":
                 save()
     agreement.drain()
     if run.device.type == "cuda":
@@ -360,6 +308,17 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
     if state["step"] > timing.start_step:
         save()
     return timing
+
+
+def announce_stop(run: Setup, step: int, where: Path | None) -> None:
+    """Every rank checkpointed at ``step`` after a stop signal: say so, and leave rank 0's marker."""
+    if run.rank == 0:
+        # What the batch shell's requeue.sh acts on: the step's own exit status can't say it, since
+        # srun --kill-on-bad-exit may kill the ranks that exit 75 a moment after the first.
+        fileio.atomic_write(run.run_dir / vocab.PREEMPTED, f"{step}\n")
+    name = signal.Signals(preemption.received() or signal.SIGTERM).name
+    say(run.rank, f"stopped by {name} at step {step}: checkpoint {where} written by all ranks; "
+                  f"exit {EXIT_PREEMPTED}, rerun with --resume")
 
 
 def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timing) -> None:
@@ -389,8 +348,7 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
                "time_to_first_step_s": timing.first_step_at - STARTED if timing.first_step_at else None,
                "ranks": everyone}
     path = run.run_dir / vocab.SUMMARY
-    path.with_name(f".{path.name}.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(path.with_name(f".{path.name}.tmp"), path)
+    fileio.atomic_write(path, json.dumps(summary, indent=2) + "\n")
     say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "
               f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {path}")
 
@@ -406,70 +364,6 @@ def leave(status: int) -> int:
         barrier()
         dist.destroy_process_group()
     return status
-
-
-def precision_and_config(opts: Options, device: torch.device, world: int) -> tuple[str, dict | None, int]:
-    """The precision in force, DeepSpeed's config as deepspeed.initialize gets it, and the global batch.
-
-    A job's rendered deepspeed.json is taken as it is (its flags may repeat it, never change it); run by
-    hand, the config is resolved here by the same function `hpcdist render` uses, for this machine's CPU.
-    """
-    gpu = device.type == "cuda"
-    if opts.backend != "deepspeed":
-        return dsconfig.choose(opts.precision, gpu=gpu).precision, None, opts.batch_size or DEFAULT_BATCH
-    given = {"zero_stage": opts.zero_stage, "precision": opts.precision, "global_batch": opts.batch_size,
-             "lr": opts.lr}
-    if opts.deepspeed_config is not None:
-        config = dsconfig.load(opts.deepspeed_config)
-        dsconfig.check_resolved(config, opts.deepspeed_config, world, **given)
-    else:
-        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu,
-                                  cpus=dsconfig.this_cpu(), **given)
-    return dsconfig.precision_of(config), config, config["train_batch_size"]
-
-
-def broadcast_from_0(value, world: int):
-    if world == 1 or not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def cpu_has_fp16() -> bool:
-    """What DeepSpeed's CPU accelerator asks before it accepts an fp16 config."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:
-    if opts.dataset == "synthetic":
-        return synthetic(opts.synthetic_size, max(opts.synthetic_size // 4, 1), opts.seed)
-    if opts.download:
-        download_cifar10(opts.data_dir, env.local_rank, opts.timeout_s)
-    return read_cifar10(opts.data_dir)
-
-
-@torch.no_grad()
-def evaluate_accuracy(engine: Engine, data: Dataset, rank: int, world: int, device: torch.device) -> float:
-    """Top-1 accuracy on the test split, sharded over ranks; every rank runs the same number of batches,
-    since under ZeRO-3 each forward is a collective."""
-    n = len(data.test)
-    positions = shard(torch.arange(math.ceil(n / world) * world), rank, world)
-    correct = torch.zeros(2, dtype=torch.float64)
-    for chunk in positions.split(EVAL_BATCH):
-        real = chunk < n  # positions past the end pad the last rank's share and must not count
-        x = normalize(data.test.images[chunk % n].to(device))
-        if engine.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        hits = (engine.predict(x).cpu() == data.test.labels[chunk % n]) & real
-        correct += torch.tensor([hits.sum().item(), real.sum().item()], dtype=torch.float64)
-    if world > 1:
-        correct = correct.to(device)
-        dist.all_reduce(correct)
-    return float(correct[0] / correct[1])
 
 
 def cli() -> None:

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpc import ranks
+from train.options import Options
+
 CIFAR_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -137,3 +140,11 @@ def synthetic(n_train: int, n_test: int, seed: int) -> Dataset:
 
     train = split(n_train)
     return Dataset("synthetic", train, split(n_test))
+
+
+def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:
+    if opts.dataset == "synthetic":
+        return synthetic(opts.synthetic_size, max(opts.synthetic_size // 4, 1), opts.seed)
+    if opts.download:
+        download_cifar10(opts.data_dir, env.local_rank, opts.timeout_s)
+    return read_cifar10(opts.data_dir)

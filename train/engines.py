@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpc import dsconfig
 from train import checkpoint
 from train.model import bare_state_dict, load_weights
+from train.options import DEFAULT_BATCH, Options
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINER_FILE = "trainer.pt"
@@ -148,3 +150,31 @@ class DeepSpeedEngine:
             raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {folder}")
         checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
         return client["trainer"]
+
+
+def precision_and_config(opts: Options, device: torch.device, world: int) -> tuple[str, dict | None, int]:
+    """The precision in force, DeepSpeed's config as deepspeed.initialize gets it, and the global batch.
+
+    A job's rendered deepspeed.json is taken as it is (its flags may repeat it, never change it); run by
+    hand, the config is resolved here by the same function `hpcdist render` uses, for this machine's CPU.
+    """
+    gpu = device.type == "cuda"
+    if opts.backend != "deepspeed":
+        return dsconfig.choose(opts.precision, gpu=gpu).precision, None, opts.batch_size or DEFAULT_BATCH
+    given = {"zero_stage": opts.zero_stage, "precision": opts.precision, "global_batch": opts.batch_size,
+             "lr": opts.lr}
+    if opts.deepspeed_config is not None:
+        config = dsconfig.load(opts.deepspeed_config)
+        dsconfig.check_resolved(config, opts.deepspeed_config, world, **given)
+    else:
+        config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu,
+                                  cpus=dsconfig.this_cpu(), **given)
+    return dsconfig.precision_of(config), config, config["train_batch_size"]
+
+
+def cpu_has_fp16() -> bool:
+    """What DeepSpeed's CPU accelerator asks before it accepts an fp16 config."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,17 +1,18 @@
-"""Publish this rank's heartbeat (docs/CONTRACTS.md, contract 1): phase, progress, step-time split, memory, marks.
+"""Hand this rank's heartbeat (docs/CONTRACTS.md, contract 1) to its node: phase, progress, step-time split, memory.
 
     beat = Heartbeat(run_dir, every_s=2.0, marks={"process_start": t0})
-    beat.identify(env, os.environ, total_steps=..., local_batch=...)   # files appear from here on
+    beat.identify(env, os.environ, total_steps=..., local_batch=...)   # beats flow from here on
     beat.phase("train"); clock.begin()
     ...; beat.stepped(step, loss)   # per step: a few attribute stores, no I/O, no device sync
     beat.finish("done")
 
-``RUN_DIR/heartbeat/rank-R.json`` is replaced atomically at every phase change and every ``every_s``
-seconds by a daemon thread, so its age says the process is alive while ``step``/``step_at`` say it
-progresses; each write is also appended to ``rank-R.jsonl`` (the history the report reads). ``loss`` is
-this rank's loss at its newest step: the step hands over its (detached) loss tensor and the daemon thread
-reads its value when it writes, so on a GPU the training thread never waits for it; the writer waits for
-at most the step in flight.
+A daemon thread hands the beat over in node-local storage every ``every_s`` seconds and at every phase
+change; the node's local rank 0 publishes its node's beats as one file on the run directory at most once
+per ``every_s`` (train/nodebeat.py, hpc/beatfile.py), so the shared file system sees one writer per node.
+A beat's ``time`` says its process is alive while ``step``/``step_at`` say it progresses. ``loss`` is this
+rank's loss at its newest step: the step hands over its (detached) loss tensor and the daemon thread reads
+its value when it writes, so on a GPU the training thread never waits for it; the writer waits for at most
+the step in flight.
 
 Step time split. ``comm_s`` is the time this rank's training thread spent waiting for collectives in a
 step, as seen from the host: the trainer's own collectives (the one-step-late preemption flag, the loss
@@ -27,8 +28,8 @@ last ``WINDOW`` steps; ``recent_compute_s`` is the ring itself, for straggler de
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import socket
 import statistics
 import threading
@@ -37,29 +38,28 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Mapping
 
-from hpc import ranks, vocab
+from hpc import beatfile, ranks, vocab
+from train import nodebeat
 
-MARKS = ("process_start", "torch_imported", "process_group_ready", "model_built", "first_step_done")
+MARKS = beatfile.MARKS
 WINDOW = 16
+SETTLE_S = 10.0  # the most local rank 0 waits at its end for its node's other ranks to hand over their last beat
 
 
 def folder(run_dir: Path) -> Path:
-    return Path(run_dir) / vocab.HEARTBEAT
+    return beatfile.folder(run_dir)
 
 
-def path_for(run_dir: Path, rank: int) -> Path:
-    return folder(run_dir) / f"rank-{rank}.json"
-
-
-def read_all(run_dir: Path) -> dict[int, dict]:
-    """Every rank's latest heartbeat by rank; a file caught mid-replace or unreadable is skipped."""
+def read_all(run_dir: Path, stage: Path | None = None) -> dict[int, dict]:
+    """Every rank's newest beat by rank, each with ``published``: when its node's file was last written. The
+    beats handed over on this node (``stage``) are newer than the node file and override it."""
     found = {}
-    for p in folder(run_dir).glob("rank-*.json"):
-        try:
-            beat = json.loads(p.read_text())
-            found[int(beat["rank"])] = beat
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    for document in beatfile.read_latest(run_dir).values():
+        for beat in beatfile.beats_of(document):
+            if isinstance(beat.get("rank"), int):
+                found[beat["rank"]] = {**beat, "published": document.get("time")}
+    for rank, beat in (nodebeat.staged(stage) if stage is not None else {}).items():
+        found[rank] = {**beat, "published": beat.get("time")}
     return found
 
 
@@ -136,7 +136,7 @@ class _Waited:
 
 
 class Heartbeat:
-    """This rank's heartbeat file; ``every_s`` 0 turns heartbeats off (nothing is written, no thread runs)."""
+    """This rank's heartbeat; ``every_s`` 0 turns heartbeats off (nothing is written, no thread runs)."""
 
     def __init__(self, run_dir: Path, *, every_s: float = 2.0, marks: Mapping[str, float] | None = None,
                  clock: Callable[[], float] = time.time,
@@ -148,6 +148,9 @@ class Heartbeat:
         self.identity: dict | None = None
         self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None  # loss: a 0-dim tensor
         self.total_steps = self.local_batch = None
+        self.stage: Path | None = None                       # the node-local hand-over folder
+        self.publisher: nodebeat.Publisher | None = None     # local rank 0's: the node's files on the run dir
+        self.published_at = float("-inf")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,13 +161,15 @@ class Heartbeat:
         return self.every_s > 0
 
     def identify(self, env, environ: Mapping[str, str], *, hostname: str | None = None) -> None:
-        """Name this rank (``env`` is hpc.ranks.DistEnv) and start writing: the setup phase shows from here."""
+        """Name this rank (``env`` is hpc.ranks.DistEnv) and start beating: the setup phase shows from here."""
         self.identity = {"rank": env.rank, "local_rank": env.local_rank, "node_rank": env.node_rank,
                          "world_size": env.world_size, "hostname": hostname or socket.gethostname(),
                          "pid": os.getpid(), "attempt": ranks.attempt_of(environ)}
         if not self.enabled:
             return
-        folder(self.run_dir).mkdir(parents=True, exist_ok=True)
+        self.stage = nodebeat.stage_dir(self.run_dir, environ, env.node_rank, self.identity["attempt"])
+        if env.local_rank == 0:
+            self.publisher = nodebeat.Publisher(self.run_dir, env.node_rank)
         self.write()
         self._thread = threading.Thread(target=self._beat, name="hpcdist-heartbeat", daemon=True)
         self._thread.start()
@@ -204,37 +209,59 @@ class Heartbeat:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.phase(phase)
+        if self.publisher is not None:
+            # The node's last word: wait (bounded) until its other ranks handed over their own final beat.
+            settled = self._settle()
+            self.write(force=True)
+            self.publisher.close()
+            if settled and self.stage is not None:
+                shutil.rmtree(self.stage, ignore_errors=True)
+
+    def _settle(self) -> bool:
+        deadline = time.monotonic() + min(2 * self.every_s, SETTLE_S)
+        while True:
+            now = self.now()
+            beats = nodebeat.staged(self.stage) if self.stage is not None else {}
+            if all(b.get("phase") in vocab.FINAL_PHASES or now - (b.get("time") or 0) > 3 * self.every_s
+                   for b in beats.values()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(self.every_s / 4, 0.2))
 
     def snapshot(self) -> dict:
-        beat = dict(self.identity or {})
         split = self.step_clock.summary()
         step_time = split["step_time_s"]
-        beat.update(phase=self.phase_name, step=self.step, total_steps=self.total_steps, time=round(self.now(), 3),
-                    step_at=self.step_at, **{k: split[k] for k in ("step_time_s", "compute_s", "comm_s")},
-                    images_per_s=(round(self.local_batch / step_time, 1)
-                                  if step_time and self.local_batch else None),
-                    loss=None if self.loss is None else float(self.loss),
-                    rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(),
-                    marks=dict(self.marks), recent_compute_s=split["recent_compute_s"])
-        return beat
+        values = dict(self.identity or {}, phase=self.phase_name, step=self.step, total_steps=self.total_steps,
+                      time=round(self.now(), 3), step_at=self.step_at,
+                      **{k: split[k] for k in ("step_time_s", "compute_s", "comm_s", "recent_compute_s")},
+                      images_per_s=(round(self.local_batch / step_time, 1)
+                                    if step_time and self.local_batch else None),
+                      loss=None if self.loss is None else float(self.loss),
+                      rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(), marks=dict(self.marks))
+        # The schema is hpc.beatfile's: every field, in its order (a rank not yet identified has no identity).
+        return {k: values[k] for k in beatfile.FIELDS if k in values}
 
-    def write(self) -> None:
+    def write(self, force: bool = False) -> None:
+        """Hand this beat over on the node; local rank 0 then publishes the node's, at most once per ``every_s``."""
+        if self.stage is None:
+            return  # not identified, or heartbeats off
         with self._lock:
             beat = self.snapshot()
-            path = path_for(self.run_dir, beat["rank"])
-            tmp = path.with_name(f".{path.name}.tmp")
-            text = json.dumps(beat)
             try:
-                tmp.write_text(text + "\n")
-                os.replace(tmp, path)
-                # One short O_APPEND write per beat, so concurrent readers never see half a line.
-                with open(path.with_suffix(".jsonl"), "a") as history:
-                    history.write(text + "\n")
+                nodebeat.stage(self.stage, beat)
+                if self.publisher is not None and (force or beat["time"] - self.published_at >= self.every_s):
+                    self.publisher.publish(self.identity["hostname"], self.identity["attempt"], beat["time"],
+                                           nodebeat.staged(self.stage))
+                    self.published_at = beat["time"]
             except OSError:
                 return  # a full or vanished disk must not stop training; the beat's age will tell
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while True:
+            due = self.every_s if self.publisher is None else self.published_at + self.every_s - self.now()
+            if self._stop.wait(min(max(due, 0.01), self.every_s)):
+                return
             self.write()
 
 

@@ -164,3 +164,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 def device_name(device: torch.device) -> str:
     """The GPU's name, or "cpu": what summaries and bench reports record as the device."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def broadcast_from_0(value, world: int):
+    if world == 1 or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

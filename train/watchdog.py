@@ -1,13 +1,16 @@
 """Name a hung rank within bounded time (docs/CONTRACTS.md, contract 3): stacks of every rank, hang.json, exit 76.
 
-Each rank runs ``Watchdog`` in a daemon thread beside its heartbeat. The ranks with local rank 0 (or, while
-that one is frozen, the others of its node) judge the heartbeats in ``RUN_DIR/heartbeat/``: a rank in
+Each rank runs ``Watchdog`` in a daemon thread beside its heartbeat. The local ranks 0 of the first JUDGES
+nodes (or, while every one of those nodes is silent, every node's; while a local rank 0 is frozen, the other
+ranks of its node) judge the node files in ``RUN_DIR/heartbeat/``, their own node's beats taken from the
+node-local hand-over, fresher: so at any scale a few processes read every node's file. A rank in
 train/checkpoint/eval whose progress (``step_at``: its last step or phase change) is older than
 max(--hang-timeout-s, --hang-factor x the median step time) is stalled, and so is a rank in set-up whose
 heartbeat itself stopped for --hang-timeout-s (a frozen process; a slow set-up still beats). A hung rank
 stalls the others too (they wait for it in a collective), so the culprit is the stalled rank that is
-furthest behind: lowest step, then stalest heartbeat (a stopped process stops beating), then oldest
-progress. Then, in bounded time:
+furthest behind: lowest step; then a rank of a node whose file stopped (its local rank 0, the lowest
+rank there, stopped publishing: the frozen one); then stalest heartbeat (a stopped process stops
+beating), then oldest progress. Then, in bounded time:
 
 1. the judge declares the hang once (``RUN_DIR/stacks/declared.json``, created exclusively);
 2. every live rank writes its own threads' Python stacks to ``RUN_DIR/stacks/rank-R.txt``; when the
@@ -18,10 +21,11 @@ progress. Then, in bounded time:
 4. the live ranks exit 76, so ``srun --kill-on-bad-exit`` (or torchrun's agent) ends the frozen one.
 
 A node that dies takes its ranks with it, and the survivors would wait in a collective for the network's
-timeout. So every judge also looks for a node of this attempt whose every rank stopped beating LOST_BEATS
-heartbeats ago; if that node's slurmd does not answer either (a frozen rank's node still does: that is a
-hang, above), it names the node in ``RUN_DIR/lost.json`` and every rank exits 77 within a heartbeat. The
-batch shell then ends the step, which Slurm would hold open for its dead node until SlurmdTimeout.
+timeout. So every judge also looks for a node of this attempt whose file stopped changing LOST_BEATS
+heartbeats ago (its local rank 0, the node's one writer, is gone); if that node's slurmd does not answer
+either (a frozen rank's node still does: that is a hang, above), it names the node in ``RUN_DIR/lost.json``
+and every rank exits 77 within a heartbeat. The batch shell then ends the step, which Slurm would hold open
+for its dead node until SlurmdTimeout.
 """
 
 from __future__ import annotations
@@ -39,14 +43,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpc import fileio, vocab
+from hpc import beatfile, fileio, vocab
 from hpc.slurm.commands import SLURMD_PORT, slurmd_answers
 from hpc.vocab import EXIT_HUNG, EXIT_NODE_LOST
-from train import heartbeat
+from train import heartbeat, nodebeat
 
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
 LOST_BEATS = 3    # heartbeats a whole node may miss before its slurmd is asked whether the node is alive
+JUDGES = 2        # nodes whose local rank 0 judges while any of them publishes
 # The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
 
 
@@ -81,7 +86,14 @@ def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float
     stalled = [b for b in beats.values() if stalled(b)]
     if not stalled:
         return None
-    culprit = min(stalled, key=lambda b: (b.get("step") or 0, b.get("time") or 0, b.get("step_at") or 0))
+
+    def behind(b: dict) -> tuple:
+        # A node that stopped publishing republishes nothing fresh of any of its ranks: blame its lowest rank,
+        # its local rank 0 (the writer that stopped), rather than whichever beat happened to be oldest.
+        silent = now - (b.get("published") or b.get("time") or now) > fresh_s
+        return (b.get("step") or 0, not silent, b["rank"] if silent else 0, b.get("time") or 0, b.get("step_at") or 0)
+
+    culprit = min(stalled, key=behind)
     return Verdict(rank=culprit["rank"], node=culprit.get("hostname", "?"), pid=culprit.get("pid", 0),
                    step=culprit.get("step") or 0, since=culprit.get("step_at") or culprit.get("time"),
                    threshold_s=round(limit, 3), stale_beat=now - (culprit.get("time") or 0) > fresh_s,
@@ -89,8 +101,9 @@ def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float
 
 
 def vanished(beats: dict[int, dict], now: float, *, me: dict, lost_s: float) -> tuple[str, list[int], float] | None:
-    """(node, its ranks, its newest heartbeat) for a node of this attempt, not this one, whose every rank
-    stopped beating more than ``lost_s`` ago without ending (pure)."""
+    """(node, its ranks, when it last published) for a node of this attempt, not this one, whose file stopped
+    changing (or, without ``published``, whose every rank stopped beating) more than ``lost_s`` ago without
+    ending (pure)."""
     nodes: dict[str, list[dict]] = {}
     for b in beats.values():
         if b.get("attempt", 0) == me.get("attempt", 0) and b.get("hostname") != me.get("hostname"):
@@ -98,7 +111,7 @@ def vanished(beats: dict[int, dict], now: float, *, me: dict, lost_s: float) -> 
     for node, mine in sorted(nodes.items()):
         if any(b.get("phase") in vocab.FINAL_PHASES for b in mine):
             continue
-        newest = max(float(b.get("time") or 0) for b in mine)
+        newest = max(float(b.get("published") or b.get("time") or 0) for b in mine)
         if now - newest > lost_s:
             return node, sorted(int(b["rank"]) for b in mine), newest
     return None
@@ -202,7 +215,7 @@ class Watchdog:
             declared = self.declared()
             if declared is None and self.now() - last_judged >= self.judge_every_s and self.judges():
                 last_judged = self.now()
-                verdict = judge(heartbeat.read_all(self.run_dir), self.now(), timeout_s=self.timeout_s,
+                verdict = judge(self.read(), self.now(), timeout_s=self.timeout_s,
                                 factor=self.factor, fresh_s=self.fresh_s)
                 if verdict is not None:
                     declared = self.declare(verdict)
@@ -210,17 +223,22 @@ class Watchdog:
                 self.respond(declared)
                 return
 
+    def read(self) -> dict[int, dict]:
+        return heartbeat.read_all(self.run_dir, self.beat.stage)
+
     def judges(self) -> bool:
-        """Local rank 0 judges for its node; another rank only while its node's local rank 0 is frozen or gone
-        (ranks of a node are numbered contiguously under srun's block distribution, torchrun and DeepSpeed)."""
+        """Local rank 0 of the first JUDGES nodes judges, every node's while all of those are silent; another
+        rank only while its node's local rank 0 is frozen or gone (ranks of a node are numbered contiguously
+        under srun's block distribution, torchrun and DeepSpeed)."""
         local_rank = self.me.get("local_rank", 0)
-        if local_rank == 0:
+        if local_rank != 0:
+            first = nodebeat.staged(self.beat.stage).get(self.me["rank"] - local_rank) if self.beat.stage else None
+            return first is None or self.now() - (first.get("time") or 0) > self.fresh_s
+        if self.me.get("node_rank", 0) < JUDGES:
             return True
-        try:
-            first = json.loads(heartbeat.path_for(self.run_dir, self.me["rank"] - local_rank).read_text())
-        except (OSError, ValueError):
-            return True
-        return self.now() - (first.get("time") or 0) > self.fresh_s
+        # Two small reads a beat, instead of every node's file on every node.
+        published = [(beatfile.read_node(beatfile.node_path(self.run_dir, n)) or {}).get("time") for n in range(JUDGES)]
+        return not any(isinstance(t, (int, float)) and self.now() - t <= self.lost_s for t in published)
 
     def lost(self) -> dict | None:
         """This attempt's lost node, if a rank named one."""
@@ -231,7 +249,7 @@ class Watchdog:
         return found if isinstance(found, dict) and found.get("attempt") == self.me.get("attempt", 0) else None
 
     def look_for_lost_node(self) -> dict | None:
-        seen = vanished(heartbeat.read_all(self.run_dir), self.now(), me=self.me, lost_s=self.lost_s)
+        seen = vanished(self.read(), self.now(), me=self.me, lost_s=self.lost_s)
         if seen is None or slurmd_answers(seen[0], self.slurmd_port):
             return None
         node, ranks, since = seen
@@ -303,14 +321,14 @@ class Watchdog:
         """Whether this rank is the lowest live rank on the frozen rank's node (the one to run py-spy)."""
         if self.me.get("hostname") != declared["node"]:
             return False
-        beats = heartbeat.read_all(self.run_dir)
+        beats = self.read()
         now = self.now()
         live = [r for r, b in beats.items() if b.get("hostname") == declared["node"] and r != declared["rank"]
                 and now - (b.get("time") or 0) <= self.fresh_s]
         return not live or min(live) == self.me["rank"]
 
     def write_report(self, declared: dict) -> None:
-        beats = heartbeat.read_all(self.run_dir)
+        beats = self.read()
         now = self.now()
         live = {r for r, b in beats.items() if now - (b.get("time") or 0) <= self.fresh_s}
         # A frozen culprit's stack comes only from a live rank on its node (py-spy reads local processes):

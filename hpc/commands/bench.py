@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
-from hpc import fileio
+from hpc import benchreport, benchresults, fileio
 from hpc.commands.options import Seconds
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
@@ -90,7 +90,7 @@ def floor_report(log: Path) -> dict | None:
 
 
 def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples: int, out: Path,
-            timeout_s: float, name: str | None = None) -> core.Result:
+            timeout_s: float, name: str | None = None) -> benchresults.Result:
     run_dir = out / "runs" / (name or config.slug)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json"):
@@ -100,28 +100,28 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
     rc, wall = execute(cmd, child_env(threads), log, timeout_s)
     if rc != 0:
         why = f"timed out after {timeout_s:.0f}s" if rc is None else f"exit {rc}"
-        return core.Result(config, threads, wall_s=wall, error=f"{why}: {last_line(log)} (see {log})")
+        return benchresults.Result(config, threads, wall_s=wall, error=f"{why}: {last_line(log)} (see {log})")
     if config.backend in core.FLOORS:
         report = floor_report(log)
         if report is None:
-            return core.Result(config, threads, wall_s=wall, error=f"the floor printed no JSON (see {log})")
-        return core.result_from_floor(config, threads, report, wall)
+            return benchresults.Result(config, threads, wall_s=wall, error=f"the floor printed no JSON (see {log})")
+        return benchresults.result_from_floor(config, threads, report, wall)
     summary = run_dir / "summary.json"
     try:
         data = json.loads(summary.read_text()) if summary.exists() else {}
     except json.JSONDecodeError:
         data = {}
-    return core.result_from_summary(config, threads, data, warmup, steps, wall)
+    return benchresults.result_from_summary(config, threads, data, warmup, steps, wall)
 
 
-def draw(results: list[core.Result], meta: dict, path: Path) -> None:
+def draw(results: list[benchresults.Result], meta: dict, path: Path) -> None:
     """bench.png: one horizontal bar of images/s per config, coloured by backend (the floor in grey)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = core.chart_bars(results)
+    bars = benchreport.chart_bars(results)
     colours = {"floor": "#7f7f7f", "dp": "#d62728", "ddp": "#1f77b4", "deepspeed": "#2ca02c"}
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(bars), 1) + 1.4))
     labels = [b[0] for b in bars]
@@ -146,6 +146,52 @@ def version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+def plan_or_exit(specs: tuple[str, ...], batch: int, samples: int, cpus: int) -> list[tuple[core.Config, int]]:
+    """Each config of the grid with its threads per rank; a bad grid ends the command with exit status 2."""
+    try:
+        grid = core.parse_grid(specs, batch) if specs else core.default_grid(batch)
+    except core.BenchError as exc:
+        click.echo(f"hpcdist bench: {exc}", err=True)
+        sys.exit(2)
+    too_big = [c.name for c in grid if c.batch > samples]
+    if too_big:
+        click.echo(f"hpcdist bench: {', '.join(too_big)} need a global batch of at most --samples {samples}; "
+                   "pass a larger --samples", err=True)
+        sys.exit(2)
+    return [(c, core.threads_for(c, os.environ, cpus)) for c in grid]
+
+
+def run_rounds(plan: list[tuple[core.Config, int]], meta: dict, steps: int, warmup: int, samples: int, out_dir: Path,
+               timeout_s: float) -> list[list[benchresults.Result]]:
+    """Every config's runs, ``meta["repeat"]`` rounds of the whole grid, each round's order noted in ``meta``.
+
+    Rounds over the whole grid rather than one config's repeats back to back: a slow spell on a shared
+    machine then lands on every config alike instead of on one of them.
+    """
+    repeat = meta["repeat"]
+    runs: list[list[benchresults.Result]] = [[] for _ in plan]
+    for round_ in range(1, repeat + 1):
+        sequence = core.round_order(len(plan), round_, meta["order"], meta["seed"])
+        meta["orders"].append([plan[i][0].name for i in sequence])
+        for i in sequence:
+            config, threads = plan[i]
+            label = f"[{i + 1}/{len(plan)}]" + (f" round {round_}/{repeat}" if repeat > 1 else "")
+            click.echo(f"{label} {config.name} ({threads} threads/rank) ...", err=True, nl=False)
+            name = config.slug if repeat == 1 else f"{config.slug}-r{round_}"
+            result = run_one(config, threads, steps, warmup, samples, out_dir, timeout_s, name)
+            rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
+            click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
+            runs[i].append(result)
+    return runs
+
+
+def write_reports(results: list[benchresults.Result], meta: dict, out_dir: Path) -> None:
+    """bench.json, bench.md and bench.png in ``out_dir``."""
+    fileio.atomic_write(out_dir / "bench.json", json.dumps(benchreport.to_json(results, meta), indent=2) + "\n")
+    fileio.atomic_write(out_dir / "bench.md", benchreport.markdown_report(results, meta))
+    draw(results, meta, out_dir / "bench.png")
 
 
 @click.command()
@@ -174,18 +220,8 @@ def version(package: str) -> str:
 def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int, samples: int,
           out_dir: Path, timeout_s: float, repeat: int, order: str, seed: int, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
-    try:
-        grid = core.parse_grid(configs + grids, batch) if configs or grids else core.default_grid(batch)
-    except core.BenchError as exc:
-        click.echo(f"hpcdist bench: {exc}", err=True)
-        sys.exit(2)
     cpus = owned_cpus()
-    too_big = [c.name for c in grid if c.batch > samples]
-    if too_big:
-        click.echo(f"hpcdist bench: {', '.join(too_big)} need a global batch of at most --samples {samples}; "
-                   "pass a larger --samples", err=True)
-        sys.exit(2)
-    plan = [(c, core.threads_for(c, os.environ, cpus)) for c in grid]
+    plan = plan_or_exit(configs + grids, batch, samples, cpus)
     if dry_run:
         for config, threads in plan:
             cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable,
@@ -200,30 +236,14 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
             "batch": batch, "samples": samples, "repeat": repeat, "order": order, "seed": seed, "orders": [],
             "torch": version("torch"), "deepspeed": version("deepspeed"),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    # Rounds over the whole grid rather than one config's repeats back to back: a slow spell on a shared
-    # machine then lands on every config alike instead of on one of them.
-    runs: list[list[core.Result]] = [[] for _ in plan]
-    for round_ in range(1, repeat + 1):
-        sequence = core.round_order(len(plan), round_, order, seed)
-        meta["orders"].append([plan[i][0].name for i in sequence])  # type: ignore[attr-defined]
-        for i in sequence:
-            config, threads = plan[i]
-            label = f"[{i + 1}/{len(plan)}]" + (f" round {round_}/{repeat}" if repeat > 1 else "")
-            click.echo(f"{label} {config.name} ({threads} threads/rank) ...", err=True, nl=False)
-            name = config.slug if repeat == 1 else f"{config.slug}-r{round_}"
-            result = run_one(config, threads, steps, warmup, samples, out_dir, timeout_s, name)
-            rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
-            click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
-            runs[i].append(result)
-    results = [core.median_of(r) for r in runs]
+    runs = run_rounds(plan, meta, steps, warmup, samples, out_dir, timeout_s)
+    results = [benchresults.median_of(r) for r in runs]
     # Which card (or "cpu") the runs trained on, as they reported it: this process never imports torch.
     meta["device"] = next((r.device for r in results if r.device), "unknown")
 
-    fileio.atomic_write(out_dir / "bench.json", json.dumps(core.to_json(results, meta), indent=2) + "\n")
-    fileio.atomic_write(out_dir / "bench.md", core.markdown_report(results, meta))
-    draw(results, meta, out_dir / "bench.png")
-    click.echo(core.markdown_table(results))
-    for line in core.verdicts(results):
+    write_reports(results, meta, out_dir)
+    click.echo(benchreport.markdown_table(results))
+    for line in benchreport.verdicts(results):
         click.echo(line)
     failed = [r.config.name for r in results if not r.ok]
     if failed:

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from hpc import doctor as judging
-from hpc import jobfiles, jobs, profiles, vocab
+from hpc import jobfiles, jobs, logs, profiles, vocab
 from hpc.commands.options import fail, job_options, prepare, submit_or_exit
 
 
@@ -65,7 +65,7 @@ def doctor(config_file: str | None, executor: str, **options: Any) -> None:
     for verdict in verdicts:
         click.echo(f"{'ok  ' if verdict.ok else 'FAIL'}  {verdict.message}")
     if not all(v.ok for v in verdicts):
-        report = jobs.failure_report(submitted.record)
+        report = logs.failure_report(submitted.record)
         if report:
             click.echo(report, err=True)
         sys.exit(1)

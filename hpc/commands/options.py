@@ -17,7 +17,7 @@ import click
 
 import hpc
 from hpc import hostfile as hostfiles
-from hpc import shown, vocab
+from hpc import registry, shown, vocab
 from hpc import spec as specs
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class WholeNumber(click.ParamType):
 WHOLE = WholeNumber()
 
 # (flags, JobSpec field, click keyword arguments); every default is None so that a job file's value is
-# kept unless the flag was actually given. Choices are checked by hpc.spec.check, not click, so a bad
+# kept unless the flag was actually given. Choices are checked by hpc.speccheck.check, not click, so a bad
 # value in a job file and on the command line fail alike: one line, exit 2.
 OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--cluster",), "cluster", {"help": "Cluster profile name or YAML path (see `hpcdist clusters`). "
@@ -171,7 +171,7 @@ def build(config_file: str | None = None, check_partition: bool = True, here: bo
           **options: Any) -> Rendered:
     """Spec, profile, checks and rendering: everything short of writing; raises on bad input. ``here``: the
     job runs on this machine (the local executor), so its CPU, not the profile's nodes, decides precision."""
-    from hpc import dsconfig, partition, profiles, render
+    from hpc import dsconfig, partition, profiles, render, speccheck
 
     spec = spec_from_options(config_file, **options)
     profile = profiles.load(spec.cluster)
@@ -180,7 +180,7 @@ def build(config_file: str | None = None, check_partition: bool = True, here: bo
     cluster = partition.query(os.environ) if check_partition else None
     part = None
     if cluster is not None and partition.applies(profile, cluster):
-        specs.check(spec, profile)  # the request's own mistakes are named before the partition's limits
+        speccheck.check(spec, profile)  # the request's own mistakes are named before the partition's limits
         part = partition.pick(cluster, spec.partition or profile.partition)
         timed = partition.with_default_time(spec, profile, part)
         if timed.time != spec.time:
@@ -240,13 +240,13 @@ def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | No
     render just wrote goes (it holds the marker); ``made``, a folder this command created to hold it, goes too
     once it is empty. Returns the Submitted.
     """
-    from hpc import render
+    from hpc import jobdir
     from hpc import submit as submitting
 
     try:
         return submitting.submit(rendered, where, os.environ)
     except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
-        render.discard(rendered.job_dir)
+        jobdir.discard(rendered.job_dir)
         if made is not None:
             try:
                 made.rmdir()
@@ -271,3 +271,10 @@ class Seconds(click.FloatRange):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         return seconds
 
+
+def lookup(command: str, key: str) -> registry.Record:
+    """The job a command names (a job id, or a job directory); exit 2 naming what is wrong when none is."""
+    try:
+        return registry.lookup(key, os.environ)
+    except registry.JobError as exc:
+        fail(command, exc)

@@ -71,15 +71,27 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
     part = partitions.pick(cluster, name)
     nodes = cluster.nodes_of(part)
     gpus = min((n.gpus for n in nodes), default=0)
-    cpus = min((n.cpus for n in nodes), default=1)
-    max_nodes = len(nodes) if part.max_nodes is None else min(len(nodes), part.max_nodes)
-    fmt = grammar.format_duration
     lines = [
         f"# Drafted by `hpcdist profile init` from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
         "# Check every value; put the file in /etc/hpcdist/clusters/NAME.yaml (everyone) or",
         "# ~/.config/hpcdist/clusters/NAME.yaml (you), then: hpcdist profile check NAME",
         _nodes_line(part, nodes),
+        *_placement_lines(cluster, part),
+        *_node_lines(part, nodes, cpu_bf16_here),
+        *_environment_lines(gpus),
+        *_container_lines(runtimes),
     ]
+    others = [p for p in cluster.partitions if p.name != part.name]
+    if others:
+        lines.append("# Other partitions: " + ", ".join(f"{p.name} ({len(p.nodes)} nodes)" for p in others)
+                     + ". One profile each: `extends: THIS-NAME` and `partition: OTHER`, e.g. with --partition.")
+    return "\n".join(lines) + "\n"
+
+
+def _placement_lines(cluster: Cluster, part: Partition) -> list[str]:
+    """Where jobs go: the cluster, the partition, the account and the time limit."""
+    fmt = grammar.format_duration
+    lines = []
     if cluster.name:
         lines.append(f"slurm_cluster: {_word(cluster.name)}   # partition limits are checked only on this cluster")
     lines.append(f"partition: {_word(part.name)}")
@@ -94,9 +106,17 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
                      f"{fmt(part.default_time_s)}; {limits}")
     else:
         lines.append(f"# time: \"01:00:00\"   # unset: 01:00:00 (the partition has no DefaultTime); {limits}")
+    return lines
+
+
+def _node_lines(part: Partition, nodes: Sequence[Node], cpu_bf16_here: bool | None) -> list[str]:
+    """What each node gives a job: GPUs, CPUs per task, and how many nodes one job may hold."""
+    gpus = min((n.gpus for n in nodes), default=0)
+    cpus = min((n.cpus for n in nodes), default=1)
+    max_nodes = len(nodes) if part.max_nodes is None else min(len(nodes), part.max_nodes)
     mixed = nodes and min(n.gpus for n in nodes) != max(n.gpus for n in nodes)
     fewest = f"   # the fewest among the partition's nodes ({_span([n.gpus for n in nodes], '')})" if mixed else ""
-    lines.append(f"gpus_per_node: {gpus}{fewest}")
+    lines = [f"gpus_per_node: {gpus}{fewest}"]
     if gpus:
         lines.append("# gpu_memory: 80GB   # could not know: memory per GPU (--backend auto plans against it)")
         lines.append(f"cpus_per_task: {max(cpus // gpus, 1)}   # {cpus} CPUs / {gpus} GPUs per node")
@@ -104,7 +124,12 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
         lines.append(f"cpus_per_task: 1   # nodes have {cpus} CPU(s); raise it for threaded data loading")
         lines.append(_cpu_bf16_line(cpu_bf16_here))
     lines.append(f"max_nodes: {max_nodes}" + (f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""))
-    lines += [
+    return lines
+
+
+def _environment_lines(gpus: int) -> list[str]:
+    """The job's shell and network: all beyond what Slurm knows, so commented placeholders."""
+    lines = [
         "modules: []   # could not know: the module loads jobs need, e.g. [cuda/12.1, nccl/2.18]",
         "setup: []     # could not know: shell lines run before the job starts, e.g. [\"ulimit -n 65536\"]",
         "env:",
@@ -122,12 +147,7 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
     else:
         lines += ["  ib: false   # no GPUs: ranks talk over TCP sockets (Gloo)",
                   "  # GLOO_SOCKET_IFNAME: eth0   # if the default route's interface is not the nodes' network"]
-    lines += _container_lines(runtimes)
-    others = [p for p in cluster.partitions if p.name != part.name]
-    if others:
-        lines.append("# Other partitions: " + ", ".join(f"{p.name} ({len(p.nodes)} nodes)" for p in others)
-                     + ". One profile each: `extends: THIS-NAME` and `partition: OTHER`, e.g. with --partition.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def runtimes_here(cluster: Cluster) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from hpc import hostfile as hostfiles
-from hpc import vocab
+from hpc import jobdir, vocab
 from hpc.commands.options import fail, job_options, prepare
 
 
@@ -46,10 +46,8 @@ def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, 
         if not status:
             click.echo(answer, err=True)
         if status:
-            from hpc import render as rendering
-
             # A job Slurm refuses will not run: its directory, just written, goes again.
-            rendering.discard(rendered.job_dir)
+            jobdir.discard(rendered.job_dir)
             reason = answer.splitlines()[-1] if answer else f"exit {status}"
             fail("render", RuntimeError(f"Slurm refused the job (sbatch --test-only): {reason}; "
                                         f"nothing was kept"))

@@ -15,23 +15,18 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from hpc import jobs, pending, shown, vocab
-from hpc.commands.options import check_container, fail, job_options, prepare, submit_or_exit
+from hpc import jobs, pending, registry, shown, vocab
+from hpc import logs as job_logs
+from hpc.commands.options import check_container, fail, job_options, lookup, prepare, submit_or_exit
 from hpc.failures import reconcile
 from hpc.failures import record as records
+from hpc.follow import Follower, list_cells, status_lines
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
 
 FOLLOW_POLL_S = 1.0
 PENDING_POLL_S = 5.0
-
-
-def _lookup(command: str, key: str) -> jobs.Record:
-    try:
-        return jobs.lookup(key, os.environ)
-    except jobs.JobError as exc:
-        fail(command, exc)
 
 
 def _check_local(rendered: Rendered) -> None:
@@ -81,7 +76,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
 class _Rescued(Exception):
     """The batch host died and the run goes on as a new job (hpc/rescue.py)."""
 
-    def __init__(self, record: jobs.Record) -> None:
+    def __init__(self, record: registry.Record) -> None:
         super().__init__(record.job_id)
         self.record = record
 
@@ -106,16 +101,15 @@ def _wait(submitted: Any) -> None:
     for line in _attempt_lines(_attempts(record)):
         click.echo(line)
     if not final.ok:
-        report = jobs.failure_report(record)
+        report = job_logs.failure_report(record)
         if report:
             click.echo(report, err=True)
         sys.exit(min(final.exit_code or 1, 255))
 
 
-def _poller(record: jobs.Record) -> tuple[Any, Callable[[jobs.JobState], None]]:
+def _poller(record: registry.Record) -> tuple[Any, Callable[[jobs.JobState], None]]:
     """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts, a dead batch host."""
     from hpc import rescue
-    from hpc.commands.observe import Follower
 
     follower = Follower(record, click.get_text_stream("stdout"))
     explain = _pending_reporter(record) if record.via != "local" else None
@@ -138,7 +132,7 @@ def _poller(record: jobs.Record) -> tuple[Any, Callable[[jobs.JobState], None]]:
     return follower, poll
 
 
-def attempts_summary(record: jobs.Record) -> str:
+def attempts_summary(record: registry.Record) -> str:
     history = records.load(Path(record.job_dir))
     return records.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
 
@@ -151,14 +145,14 @@ def watch(job: str) -> None:
     For jobs nobody keeps a terminal open for: `nohup hpcdist watch JOB &`, or a user service."""
     from hpc import submit as submitting
 
-    record = _lookup("watch", job)
+    record = lookup("watch", job)
     if record.via == "local":
         fail("watch", ValueError(f"job {record.job_id} runs on this machine (local executor); wait for it "
                                  "with `hpcdist status` or `logs -f`"))
     _wait(submitting.Submitted(record))
 
 
-def _pending_reporter(record: jobs.Record) -> Callable[[jobs.JobState], None]:
+def _pending_reporter(record: registry.Record) -> Callable[[jobs.JobState], None]:
     """For --wait: say why the job pends (on stderr) when the reason changes, else at most once a minute;
     squeue is asked at most every PENDING_POLL_S."""
     last = {"asked": -PENDING_POLL_S, "said": -60.0, "reason": "", "sentence": ""}
@@ -179,7 +173,7 @@ def _pending_reporter(record: jobs.Record) -> Callable[[jobs.JobState], None]:
     return report
 
 
-def _attempts(record: jobs.Record) -> list[dict]:
+def _attempts(record: registry.Record) -> list[dict]:
     """The job's attempts, with those its batch shell could not record added from accounting (once)."""
     if record.via == "local" or not Path(record.job_dir).is_dir():
         return records.load(Path(record.job_dir))
@@ -193,7 +187,7 @@ def _attempt_lines(history: list[dict]) -> list[str]:
     return []
 
 
-def _follow_attempts(record: jobs.Record):
+def _follow_attempts(record: registry.Record):
     """While waiting: say when an attempt is requeued or retried, and start that job without Slurm's delay."""
     announced: set[int] = set()
 
@@ -213,7 +207,7 @@ def _follow_attempts(record: jobs.Record):
 @click.argument("job")
 def status(job: str) -> None:
     """Show a job's state (Slurm's words: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
-    record = _lookup("status", job)
+    record = lookup("status", job)
     current = jobs.state(record)
     history = _attempts(record)
     cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
@@ -223,7 +217,6 @@ def status(job: str) -> None:
     click.echo(shown.line(f"{current.line()}  via={record.via}  dir={record.job_dir}", limit=2000))
     for line in _attempt_lines(history):
         click.echo(shown.line(f"  {line}", limit=2000))
-    from hpc.commands.observe import status_lines
 
     if jobs.directory_gone(record):
         known = "Slurm's record above" if record.via != "local" else "nothing more (its task statuses were in it)"
@@ -243,10 +236,10 @@ def status(job: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
 def logs(job: str, rank: int | None, follow: bool) -> None:
     """Print a job's per-task logs (logs/task-N.log) and its batch log."""
-    record = _lookup("logs", job)
+    record = lookup("logs", job)
     try:
-        paths = jobs.log_files(record, rank)
-    except jobs.JobError as exc:
+        paths = job_logs.log_files(record, rank)
+    except registry.JobError as exc:
         fail("logs", exc)
     if not follow:
         cause = records.root_cause(records.load(Path(record.job_dir))[-1:])
@@ -261,7 +254,7 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
     while True:
         done = jobs.state(record).done
         if rank is None:
-            paths = jobs.log_files(record)
+            paths = job_logs.log_files(record)
         for path in paths:
             offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(paths) > 1)
         if done:
@@ -299,14 +292,14 @@ def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> in
 @click.argument("job")
 def cancel(job: str) -> None:
     """Cancel a job (scancel; a local job's tasks are stopped)."""
-    record = _lookup("cancel", job)
+    record = lookup("cancel", job)
     current = jobs.state(record)
     if current.done:
         click.echo(f"job {record.job_id} already ended: {current.state}")
         return
     try:
         jobs.cancel(record)
-    except jobs.JobError as exc:
+    except registry.JobError as exc:
         click.echo(f"hpcdist cancel: {exc}", err=True)
         sys.exit(1)
     click.echo(f"Cancelled job {record.job_id}")
@@ -316,16 +309,15 @@ def cancel(job: str) -> None:
 @click.option("--last", type=int, default=20, show_default=True, help="How many of the newest jobs.")
 def list_jobs(last: int) -> None:
     """List the jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl), newest last."""
-    records = jobs.load(jobs.registry_path(os.environ))[-last:] if last > 0 else []
-    if not records:
+    recent = registry.load(registry.registry_path(os.environ))[-last:] if last > 0 else []
+    if not recent:
         click.echo("no jobs submitted from here yet")
         return
-    current = jobs.states(records)
-    from hpc.commands.observe import list_cells
+    current = jobs.states(recent)
 
     rows = [("JOBID", "VIA", "STATE", "ENDING", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND",
              "LAUNCHER", "NODES", "RANKS", "JOB_DIR")]
-    for r in records:
+    for r in recent:
         where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
         # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
         history = _attempts(r) if current[r.job_id].done else records.load(Path(r.job_dir))
@@ -336,6 +328,6 @@ def list_jobs(last: int) -> None:
     for row in rows:
         click.echo(shown.line("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]), limit=1 << 20))
     # Accounting may not list a just-queued job yet (UNKNOWN): squeue says which unfinished ones pend.
-    waiting = [r.job_id for r in records if not current[r.job_id].done and r.via != "local"]
+    waiting = [r.job_id for r in recent if not current[r.job_id].done and r.via != "local"]
     for job_id, sentence in pending.describe(waiting).items():
         click.echo(f"{job_id}: {sentence}")

@@ -21,7 +21,7 @@ import click
 
 from hpc import fileio
 from hpc.commands.options import fail, job_options, values_from_options
-from hpc.slurm import commands, states
+from hpc.slurm import commands, parse, states
 
 WAIT_POLL_S = 3.0
 
@@ -67,14 +67,13 @@ def sweep() -> None:
 
 
 def _load_file(path: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    from hpc import sweep as sweeps
-    from hpc import yamlfile
+    from hpc import sweep_matrix, yamlfile
 
     try:
         data = yamlfile.load(Path(path), "sweep file")
     except yamlfile.YamlError as exc:
-        raise sweeps.SweepError(str(exc)) from None
-    return sweeps.parse_file(data, path)
+        raise sweep_matrix.SweepError(str(exc)) from None
+    return sweep_matrix.parse_file(data, path)
 
 
 @sweep.command("run")
@@ -98,7 +97,7 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         preset: str | None, max_parallel: int | None, via: str, dry_run: bool, force: bool, wait_: bool,
         **options: Any) -> None:
     """Run a sweep: every configuration of the matrix, grouped into one job array per allocation shape."""
-    from hpc import jobs, profiles, render
+    from hpc import jobs, profiles, render, sweep_matrix, sweep_results
     from hpc import spec as specs
     from hpc import sweep as sweeps
 
@@ -107,12 +106,13 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
     if not dry_run and not jobs.slurm_available(os.environ):
         fail("sweep", ValueError("job arrays need Slurm (sbatch on PATH); use --dry-run to see the tasks"))
     try:
-        base, file_matrix, settings = _load_file(sweep_file) if sweep_file else ({}, sweeps.Matrix(), {})
-        cli = sweeps.Matrix(axes=tuple(sweeps.parse_axis(g) for g in grid),
-                            exclude=tuple(sweeps.parse_assignment(s) for s in skip))
+        base, file_matrix, settings = _load_file(sweep_file) if sweep_file else ({}, sweep_matrix.Matrix(), {})
+        cli = sweep_matrix.Matrix(axes=tuple(sweep_matrix.parse_axis(g) for g in grid),
+                                  exclude=tuple(sweep_matrix.parse_assignment(s) for s in skip))
         chosen = preset or ("compare" if not (grid or file_matrix.axes or file_matrix.tasks) else None)
-        preset_matrix = sweeps.Matrix(tasks=tuple(sweeps.PRESETS[chosen]["tasks"])) if chosen else sweeps.Matrix()
-        matrix = sweeps.combine(preset_matrix, file_matrix, cli)
+        preset_matrix = (sweep_matrix.Matrix(tasks=tuple(sweep_matrix.PRESETS[chosen]["tasks"])) if chosen
+                         else sweep_matrix.Matrix())
+        matrix = sweep_matrix.combine(preset_matrix, file_matrix, cli)
         base.setdefault("job_name", settings.get("name") or "sweep")
         values = values_from_options(config_file, base=base, **options)
         check_more = slurm_checks(values)
@@ -120,7 +120,7 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=max_parallel or settings.get("max_parallel"),
                            name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more)
         sweeps.write(plan, force=force)
-    except (sweeps.SweepError, specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
+    except (sweep_matrix.SweepError, specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
         fail("sweep", exc)
     if dry_run:
         click.echo(describe(plan), nl=False)
@@ -137,7 +137,7 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
     click.echo(f"# sweep directory: {plan.sweep_dir}; follow it with: hpcdist sweep status {plan.sweep_dir}")
     if wait_:
         final = wait(plan.sweep_dir)
-        click.echo(sweeps.table(final), nl=False)
+        click.echo(sweep_results.table(final), nl=False)
         if not all(r.state == "COMPLETED" for r in final):
             sys.exit(1)
 
@@ -190,7 +190,7 @@ def describe(plan: Any) -> str:
 
 def submit(plan: Any) -> dict[str, str]:
     """sbatch every array (all or none), then register each array task as a job of its own."""
-    from hpc import registry, render
+    from hpc import jobdir, registry
     from hpc import submit as submitting
     from hpc import sweep as sweeps
 
@@ -199,7 +199,7 @@ def submit(plan: Any) -> dict[str, str]:
                        submitting.submit_arrays([a.job_dir / "job.sbatch" for a in plan.arrays])))
     except submitting.SubmitError as exc:
         # Nothing runs from this directory: leaving it would only look like a sweep that exists.
-        render.discard(plan.sweep_dir)
+        jobdir.discard(plan.sweep_dir)
         raise RuntimeError(str(exc)) from None
     now = datetime.datetime.now(datetime.timezone.utc)
     fileio.atomic_write(plan.sweep_dir / sweeps.SUBMITTED_FILE, json.dumps(
@@ -215,14 +215,14 @@ def submit(plan: Any) -> dict[str, str]:
 
 def current_rows(sweep_dir: Path) -> list[Any]:
     """Every task's row, with one sacct call for all the sweep's arrays."""
-    from hpc import sweep as sweeps
+    from hpc import sweep_results
 
-    data, submitted = sweeps.load(sweep_dir)
+    data, submitted = sweep_results.load(sweep_dir)
     seen: dict[str, str] = {}
     if submitted:
         text = commands.sacct(list(submitted.values()), ("JobID", "State"))
-        seen = sweeps.parse_array_sacct(text, submitted.values()) if text is not None else {}
-    return sweeps.rows(data, submitted, seen)
+        seen = parse.array_states(text, submitted.values())
+    return sweep_results.rows(data, submitted, seen)
 
 
 def wait(sweep_dir: Path) -> list[Any]:
@@ -234,11 +234,11 @@ def wait(sweep_dir: Path) -> list[Any]:
 
 
 def _read(command: str, sweep_dir: str) -> list[Any]:
-    from hpc import sweep as sweeps
+    from hpc import sweep_matrix
 
     try:
         return current_rows(Path(sweep_dir).resolve())
-    except sweeps.SweepError as exc:
+    except sweep_matrix.SweepError as exc:
         fail(f"sweep {command}", exc)
 
 
@@ -247,13 +247,13 @@ def _read(command: str, sweep_dir: str) -> list[Any]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per task, in a list.")
 def status(sweep_dir: str, as_json: bool) -> None:
     """Each task's state and metrics (from its run/summary.json)."""
-    from hpc import sweep as sweeps
+    from hpc import sweep_results
 
     rows = _read("status", sweep_dir)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=1))
         return
-    click.echo(sweeps.table(rows), nl=False)
+    click.echo(sweep_results.table(rows), nl=False)
 
 
 @sweep.command("report")
@@ -264,16 +264,16 @@ def status(sweep_dir: str, as_json: bool) -> None:
 @click.option("--title", default=None, help="The chart's title. [the sweep directory's name]")
 def report(sweep_dir: str, as_json: bool, png: str | None, markdown: str | None, title: str | None) -> None:
     """A markdown table comparing the tasks, and a PNG bar chart of images/s, peak memory and first step."""
-    from hpc import sweep as sweeps
+    from hpc import sweep_results
 
     rows = _read("report", sweep_dir)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=1))
         return
-    text = sweeps.table(rows, markdown=True)
+    text = sweep_results.table(rows, markdown=True)
     click.echo(text, nl=False)
     if markdown:
         fileio.atomic_write(Path(markdown), text)
     path = Path(png) if png else Path(sweep_dir) / "report.png"
-    sweeps.chart(rows, path, title or Path(sweep_dir).resolve().name)
+    sweep_results.chart(rows, path, title or Path(sweep_dir).resolve().name)
     click.echo(f"# chart: {path}", err=True)

@@ -14,14 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpc import checkpoints, jobfiles, runfiles
+from hpc import checkpoints, jobfiles, monitor, runfiles
 from hpc.failures import record as records
 from hpc.failures.evidence import Evidence, attempt_segment
 from hpc.failures.policy import REQUEUED, Policy, decide, usable
 from hpc.failures.rules import classify
-from hpc.slurm import commands, grammar, parse
+from hpc.slurm import commands, grammar, parse, states
 from hpc.slurm.runner import Runner, run
-from hpc.vocab import CHECKPOINTS, EXIT_PREEMPTED, HEARTBEAT, LOGS_DIR, METRICS, PREEMPTED, RUN_DIR, TASK_LOG, task_log
+from hpc.vocab import CHECKPOINTS, EXIT_PREEMPTED, LOGS_DIR, METRICS, PREEMPTED, RUN_DIR, TASK_LOG, task_log
 from hpc.vocab import batch_log as batch_log_name
 
 # logs/task-%t.log's file name, %t read back as the task's index.
@@ -34,10 +34,7 @@ def _read(path: Path, limit: int = 262144) -> str:
 
 def seen_step(run_dir: Path) -> int | None:
     """The newest step any rank's heartbeat reported (contract 1), else the newest metrics.jsonl step."""
-    steps = []
-    for p in jobfiles.folder(Path(run_dir) / HEARTBEAT, "rank-*.json"):
-        step = (jobfiles.json_object(p, 1 << 20) or {}).get("step")
-        steps.append(step if jobfiles.is_a(step, int) else 0)
+    steps = [b.step or 0 for b in monitor.read_heartbeats(run_dir).values()]
     if not steps:
         for row in jobfiles.json_lines("\n".join(_read(Path(run_dir) / METRICS, 8192).splitlines()[-3:])):
             if jobfiles.is_a(row.get("step"), int):
@@ -111,7 +108,7 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
     history = [a for a in records.load(job_dir) if a["attempt"] < attempt]
     healthy = [n for n in allocation if usable(states.get(n, "idle"))]
     # A job Slurm itself requeued or ended has no allocation left to relaunch in.
-    alive = job.get("JobState", "RUNNING") in ("RUNNING", "COMPLETING", "")
+    alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
     decision = decide(ending, history, policy, states, healthy if alive else ())
     line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
                           ended=_now(), source="batch", seen_step=ev.seen_step)
@@ -126,7 +123,7 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
     the status the batch shell should end with; ``uses`` counts this requeue or retry among the job's."""
     state = job.get("JobState", "")
     # Slurm requeues a job on its own after a node failure (NODE_FAIL with --requeue): the job is then pending.
-    already = state in ("PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD")
+    already = state in states.REQUEUED
     status = step_status
     if line["ending"] in REQUEUED and line["action"] == "none":
         status = EXIT_PREEMPTED

@@ -38,7 +38,7 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str
     for index, row in enumerate(runs):
         state = states.base(row["State"]) if row["State"] else ""
         later = index < len(runs) - 1
-        if index in have or state in ("PENDING", "RUNNING", "COMPLETING") or (state in states.LIVE and not later):
+        if index in have or state in states.UNFINISHED or (state in states.LIVE and not later):
             continue
         ending = _SACCT_ENDINGS.get(state, "unknown")
         exit_code, sig = grammar.exit_code(row.get("ExitCode", "")) or (None, None)

@@ -279,7 +279,7 @@ def out_of_memory(f: Facts) -> Ending | None:
 
 
 def completed(f: Facts) -> Ending | None:
-    if f.ev.step_status != 0 or f.ends or f.state not in ("", "RUNNING", "COMPLETING", "COMPLETED"):
+    if f.ev.step_status != 0 or f.ends or not (f.state in ("", "COMPLETED") or f.state in states.ON_NODES):
         return None
     return Ending("completed", "", exit_code=0, step=f.ev.seen_step or f.step)
 

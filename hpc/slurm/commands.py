@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from hpc.slurm.parse import sbatch_job_id
 from hpc.slurm.runner import Runner, SlurmError, complaint, run
 
 
@@ -62,14 +63,17 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
 
 
 def sbatch(script: Path, runner: Runner | None = None, options: Sequence[str] = ()) -> str:
-    """``sbatch --parsable [OPTIONS] SCRIPT``: what it printed (the job id), or SlurmError. ``options`` win over
-    the script's own #SBATCH lines."""
+    """``sbatch --parsable [OPTIONS] SCRIPT``: the new job's id, or SlurmError. ``options`` win over the
+    script's own #SBATCH lines."""
     argv = ["sbatch", "--parsable", *options, str(script)]
     # From the script's own directory: the job's working directory is then the job directory.
     proc = runner(argv) if runner else run(argv, cwd=str(Path(script).parent))
     if proc.returncode != 0:
         raise SlurmError(f"sbatch refused the job: {complaint(proc)}")
-    return proc.stdout
+    job_id = sbatch_job_id(proc.stdout)
+    if job_id is None:
+        raise SlurmError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
+    return job_id
 
 
 def sbatch_test_only(script: Path, runner: Runner = run) -> tuple[int, str]:

@@ -5,12 +5,14 @@
     config(show("config"))                              # scontrol show config: {"SlurmdPort": "6818", ...}
     rows(sacct(["42"], FIELDS), FIELDS, job="42")       # sacct -P / squeue -o "%i|%T": one dict per row
     node_states(sinfo_nodes())                          # sinfo -N -o %N|%T: {"n1": "idle", ...}
+    sbatch_job_id("4242;cluster\n")                     # sbatch --parsable: "4242"
+    array_states(sacct(["7"], ("JobID", "State")), ["7"])  # {"7_0": "COMPLETED", "7_1": "PENDING", ...}
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 # A key starts a word; its value runs to the next key, so values with spaces (Reason=Not responding) stay whole.
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/.]*)=")
@@ -60,6 +62,35 @@ def rows(text: str | None, fields: Sequence[str], job: str | None = None) -> lis
             continue
         out.append(dict(zip(fields, (c.strip() for c in cols))))
     return out
+
+
+def array_tasks(job_field: str) -> tuple[str, list[int]]:
+    """sacct's JobID of an array's row as (array job id, task ids): ``7_3`` -> ("7", [3]); a pending row folds
+    its tasks, ``7_[2-5%2]`` or ``7_[1,4-6]``; a plain job ``7`` -> ("7", [])."""
+    job, _, task = job_field.strip().partition("_")
+    tasks: list[int] = []
+    for part in filter(None, task.strip("[]").split("%")[0].split(",")):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            tasks.extend(range(int(lo), int(hi or lo) + 1))
+    return job, tasks
+
+
+def array_states(text: str | None, job_ids: Iterable[str]) -> dict[str, str]:
+    """``JOBID_TASK -> state`` from ``sacct -X -n -P -o JobID,State`` rows of these array jobs."""
+    wanted, out = set(job_ids), {}
+    for row in rows(text, ("JobID", "State")):
+        job, tasks = array_tasks(row["JobID"])
+        if job in wanted:
+            out.update({f"{job}_{t}": row["State"].split()[0] if row["State"] else "UNKNOWN" for t in tasks})
+    return out
+
+
+def sbatch_job_id(text: str | None) -> str | None:
+    """The job id ``sbatch --parsable`` printed (``ID`` or ``ID;CLUSTER``, after any warnings), or None."""
+    lines = (text or "").strip().splitlines()
+    first = lines[-1].split(";")[0].strip() if lines else ""
+    return first if first.isdigit() else None
 
 
 def node_state(text: str) -> str:

@@ -13,6 +13,8 @@ LIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING", "
 REQUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
 # Holding nodes: the job's processes may still be running.
 ON_NODES = frozenset({"RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING", "SIGNALING", "STAGE_OUT"})
+# Not ended, even when accounting shows a later run after it (a stale row): never recorded as an attempt.
+UNFINISHED = frozenset({"PENDING", "RUNNING", "COMPLETING"})
 
 
 def base(state: str) -> str:

@@ -1,0 +1,92 @@
+"""What a waiter, ``status`` and ``list`` show of a job while it runs: progress, stale ranks, stragglers.
+
+    follower = Follower(record, sys.stdout)      # submit --wait: a bar on a terminal, plain lines in a pipe
+    follower.poll(); ...; follower.finish(waited_s)
+    status_lines(record, ended=False)            # "progress: step 40/100 ...", "stale: rank 3 ..."
+    list_cells(record)                           # ("1", "40/100", "812") for hpcdist list
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any, Callable, TextIO
+
+from hpc import monitor, progress, registry, telemetry, vocab
+
+
+class Follower:
+    """Shows a waited-for job's progress: a bar redrawn in place on a terminal, plain lines in a pipe."""
+
+    def __init__(self, record: registry.Record, out: TextIO, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.record, self.out, self.clock = record, out, clock
+        self.tty = out.isatty() if tty is None else tty
+        self.last: progress.Progress | None = None
+        self.last_at = 0.0
+        self.drawn = False
+        self.watch = monitor.Watch()
+        self.stragglers: list[dict[str, Any]] = []
+
+    def poll(self, *_: Any) -> None:
+        rdir = telemetry.run_dir(self.record)
+        now = time.time()
+        beats = monitor.read_heartbeats(rdir)
+        self.watch.see(beats, now)
+        board = monitor.judge(beats, now, progress_at=self.watch.progress_at, polled=self.watch.polled)
+        if any(v.beat.phase == "train" for v in board.ranks):
+            self.stragglers = [monitor.straggler_json(v) for v in board.stragglers]
+        current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))
+        if current is None:
+            return
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.out.write("\r" + progress.bar(current, width) + "\x1b[K")
+            self.out.flush()
+            self.drawn = True
+        elif progress.changed(self.last, current, (tick := self.clock()) - self.last_at):
+            self.out.write(progress.line(current) + "\n")
+            self.out.flush()
+            self.last_at = tick
+        self.last = current
+
+    def finish(self, waited_s: float) -> None:
+        if self.drawn:
+            self.out.write("\n")
+        rdir = telemetry.run_dir(self.record)
+        histories = telemetry.histories_of(rdir)
+        found = monitor.run_stragglers(histories) if histories else self.stragglers
+        summary = telemetry.read_json(rdir / vocab.SUMMARY)
+        for text in progress.summary(summary, telemetry.attempts_of(self.record), found, waited_s):
+            self.out.write(text + "\n")
+        self.out.flush()
+
+
+def status_lines(record: registry.Record, ended: bool = False) -> list[str]:
+    """What ``status`` adds for a job with heartbeats: rank 0's progress, and any straggler; while it runs
+    any stale rank, once it ``ended`` how its ranks last reported (a heartbeat stops with its process)."""
+    rdir = telemetry.run_dir(record)
+    beats = monitor.read_heartbeats(rdir)
+    out = []
+    current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))
+    if current is not None:
+        out.append("progress: " + progress.line(current))
+    if ended:
+        out += [line for line in [monitor.ending_line(beats)] if line]
+    else:
+        board = monitor.judge(beats, time.time(), histories=telemetry.histories_of(rdir))
+        out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
+    out += [f"straggler: rank {s['rank']} on {s['node']}, compute {s['compute_ratio']:.2f}x the other ranks' median"
+            for s in telemetry.stragglers_of(record)]
+    return out
+
+
+def list_cells(record: registry.Record) -> tuple[str, str, str]:
+    """(attempt, step/total, images/s) for ``hpcdist list``; "-" where the job has no heartbeat yet."""
+    beats = monitor.read_heartbeats(telemetry.run_dir(record))
+    current = progress.of(beats) if beats else None
+    if current is None:
+        return "-", "-", "-"
+    rate = f"{current.images_per_s:.0f}" if current.images_per_s is not None else "-"
+    return str(current.attempt), progress.step_text(current).removeprefix("step "), rate
+

@@ -1,0 +1,72 @@
+"""Tabulate what each rank of a job will see (the job directory's ranks.txt), before the job runs.
+
+    print(ranks_table(spec, job_id="4242"))
+
+The table comes from synthetic launcher environments fed through hpc.ranks.resolve, the very function each
+rank runs, so it shows what the ranks will compute rather than a second opinion of it.
+"""
+
+from __future__ import annotations
+
+from hpc import ranks
+from hpc.spec import JobSpec
+
+
+def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024) -> str:
+    """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve.
+
+    Every rank is listed up to ``full_up_to`` ranks; beyond, the first and last rank of each node (the
+    rest follow rank = node_rank * procs_per_node + local_rank, which the header states). Linear in the
+    rows listed: each environment carries the compressed nodelist, of which resolve reads the first host.
+    """
+    from hpc import nodelist
+
+    hosts = spec.hosts
+    per_node, tasks = spec.procs_per_node, spec.slurm_tasks_per_node
+    expr = nodelist.compress(hosts)
+    job = job_id or "0"
+    full = spec.world_size <= full_up_to
+    local_ranks = range(per_node) if full else sorted({0, per_node - 1})
+    rows = []
+    for node_rank, host in enumerate(hosts):
+        if spec.launcher != "srun":
+            # task.sh resolves MASTER_ADDR/PORT as the Slurm task of node_rank (one per node), then the
+            # launcher exports torch's variables to each rank it spawns.
+            task = ranks.resolve({
+                "SLURM_PROCID": str(node_rank), "SLURM_NTASKS": str(spec.nodes), "SLURM_STEP_ID": "0",
+                "SLURM_NODEID": str(node_rank), "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": expr,
+                "SLURM_STEP_NODELIST": expr, "SLURM_STEP_NUM_TASKS": str(spec.nodes),
+                "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": job,
+            })
+        for local_rank in local_ranks:
+            rank = node_rank * per_node + local_rank
+            if spec.launcher == "srun":
+                environ = {
+                    "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(spec.world_size), "SLURM_STEP_ID": "0",
+                    "SLURM_LOCALID": str(local_rank), "SLURM_NODEID": str(node_rank),
+                    "SLURM_JOB_NODELIST": expr, "SLURM_STEP_NODELIST": expr,
+                    "SLURM_STEP_NUM_TASKS": str(spec.world_size),
+                    "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": job,
+                }
+            else:
+                environ = {
+                    "RANK": str(rank), "WORLD_SIZE": str(spec.world_size), "LOCAL_RANK": str(local_rank),
+                    "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(node_rank),
+                    "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port),
+                }
+            dist = ranks.resolve(environ)
+            port = str(dist.master_port) if job_id else f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
+            rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host, dist.master_addr,
+                         port, dist.source))
+    header = ("rank", "local_rank", "node_rank", "node", "master_addr", "master_port", "source")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "# What each rank will see: hpc.ranks.resolve on the environment its launcher gives it.",
+        f"# {spec.world_size} rank(s) = {spec.nodes} node(s) x {per_node}; "
+        f"rank = node_rank * {per_node} + local_rank.",
+        "# Every rank is listed." if full else
+        f"# Over {full_up_to} ranks: only the first and last rank of each node are listed; the ranks between "
+        "see the same node, master_addr and master_port.",
+        *("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in (header, *rows)),
+    ]
+    return "\n".join(lines) + "\n"

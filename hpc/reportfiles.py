@@ -1,0 +1,157 @@
+"""Write a job's run report folder: the charts (each PNG with the data it drew), report.html and goodput.json.
+
+    good = write(folder, record)     # folder/report.html, overview.png, loss.png + loss.json, ...
+
+What the page says is hpc.report's (pure); this module reads the job through hpc.telemetry and hpc.goodput,
+draws with matplotlib (imported only here, only when a report is drawn) and writes the files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from hpc import fileio, jobs, progress, registry, report, timeline, vocab
+from hpc.goodput import goodput_of
+from hpc.telemetry import attempts_of, histories_of, read_json, read_jsonl, run_dir, stragglers_of, waterfalls
+
+
+def write(folder: Path, record: registry.Record) -> dict[str, Any]:
+    """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
+    fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
+    falls = waterfalls(record)
+    good = goodput_of(record, falls)
+    # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
+    falls = timeline.worst(falls)
+    drawn = draw_charts(folder, record, falls, good)
+    images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}
+    summary = read_json(run_dir(record) / vocab.SUMMARY)
+    page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}",
+                              facts_of(record, summary, jobs.state(record)), images, attempts_of(record), good,
+                              timeline.table(falls), stragglers_of(record))
+    fileio.atomic_write(folder / "report.html", page)
+    fileio.atomic_write(folder / "goodput.json", json.dumps(good, indent=1) + "\n")
+    return good
+
+
+# ---- the charts ----------------------------------------------------------------------------------
+
+def _draw_loss(ax: Any, segments: list) -> None:
+    for i, seg in enumerate(segments):
+        ax.plot([s for s, _ in seg], [v for _, v in seg], marker=".", label=f"run segment {i}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over ranks)")
+    ax.set_title("loss", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _draw_rate(ax: Any, series: dict) -> None:
+    for rank, points in series.items():
+        ax.plot([t for t, _ in points], [v for _, v in points], label=f"rank {rank}")
+    ax.set_xlabel("seconds since the first heartbeat")
+    ax.set_ylabel("images/s (this rank)")
+    ax.set_title("images/s per rank", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def _draw_waterfall(ax: Any, falls: list[timeline.Waterfall]) -> None:
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(timeline.PHASES.values(), plt.get_cmap("tab10").colors))
+    labels, named = [], set()
+    for y, w in enumerate(falls):
+        labels.append(f"attempt {w.attempt} rank {w.rank}")
+        for p in w.phases:
+            ax.barh(y, p.seconds, left=p.start - w.start, color=colours[p.name],
+                    label=p.name if p.name not in named else "_")
+            named.add(p.name)
+    ax.set_yticks(range(len(falls)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the attempt's first stamp")
+    ax.set_title("start-up waterfall", fontsize=10)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _draw_goodput(ax: Any, good: dict[str, Any]) -> None:
+    left = 0.0
+    for c in report.CATEGORIES:
+        share = good["share"][c] * 100
+        ax.barh(0, share, left=left, label=f"{c} {share:.0f}%")
+        left += share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("% of allocated node-time")
+    ax.set_title(f"goodput ({good['redone_steps']} steps recomputed)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def draw_charts(folder: Path, record: registry.Record, falls: list[timeline.Waterfall],
+                good: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """loss.png, rate.png, waterfall.png and goodput.png, each with NAME.json beside it holding the series
+    the figure actually drew (read back from its axes), and overview.png with all four. Returns name -> data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rdir = run_dir(record)
+    segments = report.loss_series(read_jsonl(rdir / vocab.METRICS))
+    series = report.rate_series(histories_of(rdir))
+    charts = {
+        "loss": (segments, _draw_loss, (8, 3.5), {"segments": segments}),
+        "rate": (series if any(series.values()) else None, _draw_rate, (8, 3.5),
+                 {"series": {str(k): v for k, v in series.items()}}),
+        "waterfall": (falls, _draw_waterfall, (10, 0.4 * len(falls) + 2.2),
+                      {"waterfalls": [w.to_json() for w in falls]}),
+        "goodput": (good if good["allocated_node_s"] > 0 else None, _draw_goodput, (9, 2.2), {"share": good["share"]}),
+    }
+    drawn: dict[str, dict[str, Any]] = {}
+    for name, (data, draw, size, extra) in charts.items():
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax, data)
+        lines = [{"label": ln.get_label(), "points": len(ln.get_xdata())} for ln in ax.get_lines()]
+        bars = [{"label": c.get_label(), "bars": len(c.patches)} for c in ax.containers]
+        drawn[name] = {"lines": lines, "bars": bars, **extra}
+        fig.tight_layout()
+        fileio.save_png(fig, folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+        # NaN (the gap between attempts) is not JSON: written as null.
+        fileio.atomic_write(folder / f"{name}.json", json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
+    if drawn:
+        fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
+        for ax, name in zip(axes.flat, charts):
+            if name in drawn:
+                charts[name][1](ax, charts[name][0])
+            else:
+                ax.set_axis_off()
+        fig.suptitle(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
+                     f"{record.world_size} rank(s)")
+        fig.tight_layout()
+        fileio.save_png(fig, folder / "overview.png", dpi=90)
+        plt.close(fig)
+    return drawn
+
+
+# ---- the page's facts ----------------------------------------------------------------------------
+
+def facts_of(record: registry.Record, summary: dict[str, Any] | None, state: jobs.JobState) -> list[tuple[str, Any]]:
+    facts = [("job", f"{record.job_id} ({record.via})"), ("state", state.line()), ("job dir", record.job_dir),
+             ("geometry", f"{record.backend}, {record.launcher}, {record.nodes} node(s), {record.world_size} rank(s)")]
+    for line in progress.summary(summary):
+        facts.append(tuple(line.split(": ", 1)))  # type: ignore[arg-type]
+    return facts
+

@@ -1,0 +1,149 @@
+"""Read a submitted sweep back: each task's Slurm state and run summary as a Row, shown as a table or a chart.
+
+    data, submitted = load(sweep_dir)                    # sweep.yaml, {array name: Slurm job id}
+    states = parse.array_states(sacct_text, submitted.values())
+    print(table(rows(data, submitted, states), markdown=True))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hpc import fileio, jobfiles, vocab, yamlfile
+from hpc.sweep import SUBMITTED_FILE, SWEEP_FILE
+from hpc.sweep_matrix import SweepError, label
+
+# What sweep status and report read of sweep.yaml's `resolved` entries and of each task's summary.json.
+RESOLVED_FIELDS = {"index": int, "array": str, "array_index": int, "job_dir": str, "values": dict | None}
+SUMMARY_FIELDS = {"precision": str | None, "images_per_s": float | None, "final_loss": float | None,
+                  "test_accuracy": float | None, "time_to_first_step_s": float | None, "ranks": list | None}
+RANK_FIELDS = {"rank": int, "peak_memory_bytes": float | None, "hostname": str}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One task as the report shows it."""
+
+    index: int
+    label: str
+    array: str
+    job_id: str           # JOBID_TASKID once submitted, else ""
+    state: str
+    precision: str | None   # what the trainer trained in (summary.json), which "auto" leaves to it
+    images_per_s: float | None
+    final_loss: float | None
+    test_accuracy: float | None
+    peak_memory_mib: tuple[float, ...]   # per rank, in rank order
+    time_to_first_step_s: float | None
+    hostnames: tuple[str, ...]
+    job_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- the sweep directory and each task's summary.json (reads files) ------------------------------
+
+def load(sweep_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(sweep.yaml, {array name: Slurm job id}) of a written sweep; SweepError if it is none or is damaged."""
+    try:
+        data = yamlfile.load(sweep_dir / SWEEP_FILE, SWEEP_FILE, follow=False)
+    except yamlfile.YamlError as exc:
+        raise SweepError(f"{sweep_dir} is not a sweep directory ({exc}); pass the directory hpcdist sweep made") \
+            from None
+    resolved = data.get("resolved") if isinstance(data, dict) else None
+    damaged = next((i for i, task in enumerate(resolved or []) if not isinstance(task, dict) or any(
+        not jobfiles.is_a(task.get(k), kind) for k, kind in RESOLVED_FIELDS.items())), None) \
+        if isinstance(resolved, list) else -1
+    if damaged is not None:
+        where = "has no list of tasks" if damaged < 0 else f"task entry {damaged} is damaged"
+        raise SweepError(f"{sweep_dir / SWEEP_FILE} {where}; it is not as hpcdist sweep wrote it, so run the "
+                         "sweep again into a new directory")
+    arrays = (jobfiles.json_object(sweep_dir / SUBMITTED_FILE, 1 << 20) or {}).get("arrays")
+    # A job id that is not Slurm's (digits) is damage: that array counts as not submitted.
+    submitted = {k: v for k, v in arrays.items() if isinstance(v, str) and v.isdigit() and v.isascii()} \
+        if isinstance(arrays, dict) else {}
+    return data, submitted
+
+
+def read_summary(job_dir: Path) -> dict[str, Any] | None:
+    """A task's run/summary.json with only its fields of the right type, and only its ranks that are whole."""
+    data = jobfiles.json_object(job_dir / vocab.RUN_DIR / vocab.SUMMARY)
+    if data is None:
+        return None
+    data = jobfiles.well_typed(data, SUMMARY_FIELDS)
+    ranks = data.get("ranks") or []
+    data["ranks"] = [r for r in ranks if isinstance(r, dict) and jobfiles.well_typed(r, RANK_FIELDS) == r]
+    return data
+
+
+def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[str, str]) -> list[Row]:
+    """Every task's row: its Slurm state (``NOT_SUBMITTED`` for a dry run) and its run/summary.json."""
+    out = []
+    for task in data.get("resolved") or []:
+        array_job = submitted.get(task["array"])
+        job_id = f"{array_job}_{task['array_index']}" if array_job else ""
+        job_dir = Path(task["job_dir"])
+        summary = read_summary(job_dir) or {}
+        ranks = sorted(summary.get("ranks") or [], key=lambda r: r.get("rank", 0))
+        state = states.get(job_id, "UNKNOWN") if job_id else "NOT_SUBMITTED"
+        out.append(Row(
+            index=task["index"], label=label(task.get("values") or {}), array=task["array"], job_id=job_id,
+            state=state, precision=summary.get("precision"), images_per_s=summary.get("images_per_s"),
+            final_loss=summary.get("final_loss"),
+            test_accuracy=summary.get("test_accuracy"),
+            peak_memory_mib=tuple(round((r.get("peak_memory_bytes") or 0) / 2**20, 1) for r in ranks),
+            time_to_first_step_s=summary.get("time_to_first_step_s"),
+            hostnames=tuple(r.get("hostname", "") for r in ranks), job_dir=str(job_dir)))
+    return out
+
+
+# ---- showing the rows: a table (pure) and a chart (writes a PNG) ---------------------------------
+
+def _fmt(value: Any, spec_fmt: str) -> str:
+    return "-" if value is None else format(value, spec_fmt)
+
+
+def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
+    """The comparison as aligned text, or as a markdown table."""
+    header = ("task", "job", "configuration", "state", "precision", "images/s", "final loss", "test acc",
+              "peak MiB per rank", "first step s")
+    body = [(str(r.index), r.job_id or "-", r.label, r.state, r.precision or "-", _fmt(r.images_per_s, ".0f"),
+             _fmt(r.final_loss, ".4f"), _fmt(r.test_accuracy, ".3f"),
+             "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-", _fmt(r.time_to_first_step_s, ".1f"))
+            for r in report_rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * 5]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in (header, *body)) + "\n"
+
+
+def chart(report_rows: Sequence[Row], path: Path, title: str) -> Path:
+    """A PNG of bar charts (images/s, peak memory, time to first step) per task; matplotlib loads only here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.index}: {r.label}" for r in report_rows]
+    panels = (("images/s", [r.images_per_s or 0 for r in report_rows]),
+              ("peak MiB (largest rank)", [max(r.peak_memory_mib, default=0) for r in report_rows]),
+              ("time to first step, s", [r.time_to_first_step_s or 0 for r in report_rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.5 * len(labels) + 1.8), sharey=True)
+    for ax, (name, values) in zip(axes, panels):
+        ax.barh(range(len(values)), values, color="#4c72b0")
+        ax.set_title(name)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.0f}" if v >= 10 else f" {v:.1f}", va="center", fontsize=8)
+        ax.margins(x=0.2)
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fileio.save_png(fig, path, dpi=100)
+    plt.close(fig)
+    return path

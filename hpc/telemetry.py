@@ -1,0 +1,95 @@
+"""Read what a job reports about itself (heartbeats, metrics, attempts, sacct's times) as plain values.
+
+    board_of(record)          # the per-rank board behind `hpcdist top`
+    stragglers_of(record)     # live while it trains, from the whole newest attempt after
+    waterfalls(record)        # each rank's start-up waterfall per attempt
+
+The side-effect edge of top, timeline, report and the progress of submit --wait: these functions read the job
+directory (and ask sacct); hpc.monitor, hpc.timeline, hpc.progress and hpc.report judge what they return.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from hpc import jobfiles, logs, monitor, registry, timeline, vocab
+from hpc.failures import record as records
+from hpc.slurm import commands
+
+
+def run_dir(record: registry.Record) -> Path:
+    return Path(record.job_dir) / vocab.RUN_DIR
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return jobfiles.lines_of(path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return jobfiles.json_object(path)
+
+
+def last_metric(path: Path) -> dict[str, Any] | None:
+    """The newest line of metrics.jsonl, reading only its end; a damaged last line leaves the one before."""
+    rows = jobfiles.json_lines(jobfiles.tail_text(path, 65536))
+    return rows[-1] if rows else None
+
+
+def attempts_of(record: registry.Record) -> list[dict[str, Any]]:
+    return records.load(Path(record.job_dir))
+
+
+def sacct_attempts(record: registry.Record) -> list[dict[str, float | None]]:
+    if record.via == "local" or not commands.available(os.environ, "sacct"):
+        return []
+    text = commands.sacct([record.job_id], ("JobID", "Submit", "Start", "End"), duplicates=True)
+    return timeline.parse_sacct_attempts(text, record.job_id) if text is not None else []
+
+
+def histories_of(rdir: Path) -> dict[int, list[monitor.Heartbeat]]:
+    """Every rank's heartbeat history up to monitor.HISTORY_NODES nodes; past that, rank 0's node's alone."""
+    return monitor.read_histories(rdir, monitor.history_nodes(rdir))
+
+
+def board_of(record: registry.Record, now: float | None = None, watch: monitor.Watch | None = None) -> monitor.Board:
+    rdir = run_dir(record)
+    beats = monitor.read_heartbeats(rdir)
+    if watch is not None:
+        watch.see(beats, now or time.time())
+    return monitor.judge(beats, now or time.time(), histories=histories_of(rdir),
+                         progress_at=watch.progress_at if watch else None, polled=watch.polled if watch else None)
+
+
+def stragglers_of(record: registry.Record) -> list[dict[str, Any]]:
+    """The job's stragglers: while it trains, the live board's (its last few heartbeats); after, the whole
+    newest attempt's from the ranks' heartbeat histories."""
+    board = board_of(record)
+    histories = histories_of(run_dir(record))
+    every_rank = len(histories) >= len(board.ranks)  # else a job too large to read every history: the rings
+    if any(v.beat.phase == "train" for v in board.ranks) or not histories or not every_rank:
+        return [monitor.straggler_json(v) for v in board.stragglers]
+    return monitor.run_stragglers(histories)
+
+
+def waterfalls(record: registry.Record) -> list[timeline.Waterfall]:
+    rdir = run_dir(record)
+    beats = monitor.read_heartbeats(rdir)
+    histories = histories_of(rdir)
+    marks: dict[tuple[int, int], dict[str, float]] = {}
+    world: list[tuple[int, int, str]] = []
+    for beat in [b for hist in histories.values() for b in hist] + list(beats.values()):
+        key = (beat.attempt, beat.rank)
+        marks.setdefault(key, {}).update(beat.marks)
+        world.append((beat.attempt, beat.rank, beat.node))
+    shell = timeline.read_shell_stamps(rdir)
+    if not world:
+        # No heartbeat yet: each task's shell stamps stand for its ranks.
+        world = [(a, logs.task_of(record, t) if record.world_size == record.ntasks else t, f"task {t}")
+                 for a, entry in shell.items() for t in entry["tasks"]]
+    task_of = {rank: logs.task_of(record, rank) for _, rank, _ in world if 0 <= rank < max(record.world_size, 1)}
+    return timeline.assemble(world, task_of, shell, marks, sacct_attempts(record),
+                             timeline.iso_time(record.submitted))
+

@@ -1,0 +1,51 @@
+"""hpc.rankstable: ranks.txt, what each rank of a job will see."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_render import SITE, builtin, golden_spec
+
+from hpc import render
+from hpc.rankstable import ranks_table
+
+
+def _rows(table: str) -> list[list[str]]:
+    """The table's rows under its '#' header lines and column names."""
+    return [line.split() for line in table.splitlines() if not line.startswith("#")][1:]
+
+
+def test_ranks_table_with_nodelist_and_job_id() -> None:
+    spec = replace(golden_spec("ddp", "srun"), nodelist="n[1-2]")
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, job_id="4242")
+    rows = _rows(table)
+    assert [r[:4] for r in rows] == [["0", "0", "0", "n1"], ["1", "1", "0", "n1"], ["2", "0", "1", "n2"],
+                                     ["3", "1", "1", "n2"]]
+    assert {r[4] for r in rows} == {"n1"} and {r[5] for r in rows} == {str(12000 + 4242 % 20000)}
+    assert "# 4 rank(s) = 2 node(s) x 2; rank = node_rank * 2 + local_rank." in table.splitlines()
+
+
+def test_ranks_table_placeholders_show_the_port_rule() -> None:
+    files = render.render(golden_spec("deepspeed", "torchrun"), SITE, search=builtin()).files
+    lines = files["ranks.txt"].splitlines()
+    assert len(_rows(files["ranks.txt"])) == 4 and lines[2] == "# Every rank is listed."
+    assert "<node1>" in lines[-1] and "12000+JOBID%20000" in lines[-1]
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_ranks_table_beyond_its_size_lists_each_nodes_first_and_last_rank(launcher: str) -> None:
+    spec = replace(golden_spec("ddp", launcher), nodes=3, gpus_per_node=4, nodelist="gpu[07-09]",
+                   train_args=("--batch-size", "96"))
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=8)
+    assert [r[:5] for r in _rows(table)] == [
+        ["0", "0", "0", "gpu07", "gpu07"], ["3", "3", "0", "gpu07", "gpu07"],
+        ["4", "0", "1", "gpu08", "gpu07"], ["7", "3", "1", "gpu08", "gpu07"],
+        ["8", "0", "2", "gpu09", "gpu07"], ["11", "3", "2", "gpu09", "gpu07"]]
+    assert "only the first and last rank of each node are listed" in table.splitlines()[2]
+
+
+def test_ranks_table_of_one_rank_per_node_lists_it_once() -> None:
+    spec = replace(golden_spec("ddp", "srun"), nodes=3, gpus_per_node=1, train_args=("--batch-size", "96"))
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=2)
+    assert [r[0] for r in _rows(table)] == ["0", "1", "2"]

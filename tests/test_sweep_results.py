@@ -1,0 +1,43 @@
+"""Specifications of hpc.sweep_results: each task's row from its state and run/summary.json, the table and the
+chart (never written through a link)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from test_sweep import axes, plan
+
+from hpc import sweep as sweeps
+from hpc import sweep_results
+from hpc.cli import main
+
+
+def test_report_rows_table_and_chart(tmp_path):
+    sweep = plan(tmp_path, axes("backend=dp,ddp"))
+    sweeps.write(sweep)
+    summary = {"precision": "bf16", "images_per_s": 812.4, "final_loss": 0.51234, "test_accuracy": 0.25,
+               "time_to_first_step_s": 6.04,
+               "ranks": [{"rank": 1, "peak_memory_bytes": 2 * 2**20, "hostname": "n3"},
+                         {"rank": 0, "peak_memory_bytes": 3 * 2**20, "hostname": "n1"}]}
+    (sweep.tasks[1].rendered.job_dir / "run" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "sweep" / sweeps.SUBMITTED_FILE).write_text(json.dumps({"arrays": {"array-0": "41"}}))
+    rows = sweep_results.rows(*sweep_results.load(tmp_path / "sweep"), {"41_0": "FAILED", "41_1": "COMPLETED"})
+    assert [(r.job_id, r.state, r.images_per_s, r.peak_memory_mib, r.hostnames) for r in rows] == [
+        ("41_0", "FAILED", None, (), ()), ("41_1", "COMPLETED", 812.4, (3.0, 2.0), ("n1", "n3"))]
+    markdown = sweep_results.table(rows, markdown=True)
+    assert "| 1 | 41_1 | backend=ddp | COMPLETED | bf16 | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
+    png = sweep_results.chart(rows, tmp_path / "r.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_path):
+    sweep = plan(tmp_path, axes("backend=dp,ddp"))
+    sweeps.write(sweep)
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (tmp_path / "sweep" / "report.png").symlink_to(victim)
+    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "mine\n"
+    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
