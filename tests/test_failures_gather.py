@@ -105,3 +105,21 @@ def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):
              for a, e, act in ((0, "rank_crashed", "relaunch"), (1, "preempted", "requeue"))]
     (job / "attempts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert number("1") == "2" and number("5") == "5"
+
+
+def test_a_rank_killed_in_a_running_allocation_is_relaunched_there(tmp_path):
+    """The batch shell's path with Slurm answering: the job still holds its nodes, one spare among them."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "batch-7.out").write_text("hpcdist: attempt 0 started on n1 at T\n"
+                                                   "srun: error: n2: task 1: Killed\n")
+
+    def slurm(argv):
+        answers = {"scontrol": "JobId=7 JobState=RUNNING Partition=debug StartTime=T TimeLimit=00:10:00 "
+                               "RunTime=00:01:00\n",
+                   "sinfo": "n1|allocated\nn2|allocated\nn3|allocated\n"}
+        return subprocess.CompletedProcess(argv, 0, answers.get(argv[0], ""), "")
+
+    line, job = gather.end_attempt(tmp_path, "7", 0, 137, Policy(max_retries=2, nodes=2), 1, 2, runner=slurm,
+                                   allocation=["n1", "n2", "n3"])
+    assert (line["ending"], line["rank"], line["node"], line["action"]) == ("rank_crashed", 1, "n2", "relaunch")
+    assert line["excluded"] == ["n2"] and job["JobState"] == "RUNNING"

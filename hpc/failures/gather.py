@@ -60,7 +60,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     job_dir = Path(job_dir)
     run_dir = job_dir / RUN_DIR
     job = parse.keyvalues(commands.show("job", job_id, runner=runner))
-    states = parse.node_states(commands.sinfo_nodes(job.get("Partition"), runner=runner))
+    nodes = parse.node_states(commands.sinfo_nodes(job.get("Partition"), runner=runner))
     batch = ""
     # An array task logs to batch-ARRAYID_TASKID.out; a plain job to batch-JOBID.out.
     for candidate in (job_id, job.get("JobId", job_id.split("_")[0])):
@@ -73,13 +73,13 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         errors=tuple(e for e in runfiles.read_errors(run_dir) if e.attempt == attempt),
         preempted=(run_dir / PREEMPTED).exists(), hang=runfiles.read_hang(run_dir, attempt),
         lost=runfiles.read_lost(run_dir, attempt), job_state=job.get("JobState", ""),
-        job_reason=job.get("Reason", ""), down_nodes=frozenset(n for n, s in states.items() if not usable(s)),
+        job_reason=job.get("Reason", ""), down_nodes=frozenset(n for n, s in nodes.items() if not usable(s)),
         ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
         warning_s=warning_s, launcher=launcher)
     limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
     if limit is not None and ran is not None:
         ev = replace(ev, time_left_s=limit - ran)
-    return ev, job, states
+    return ev, job, nodes
 
 
 def _logged_tasks(job_dir: Path, ntasks: int) -> list[int]:
@@ -102,14 +102,14 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
                 allocation: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
     """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields).
     ``allocation``: the nodes the job's allocation holds (a relaunch may use those Slurm still calls usable)."""
-    ev, job, states = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s,
+    ev, job, nodes = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s,
                              launcher)
     ending = classify(ev)
     history = [a for a in records.load(job_dir) if a["attempt"] < attempt]
-    healthy = [n for n in allocation if usable(states.get(n, "idle"))]
+    healthy = [n for n in allocation if usable(nodes.get(n, "idle"))]
     # A job Slurm itself requeued or ended has no allocation left to relaunch in.
     alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
-    decision = decide(ending, history, policy, states, healthy if alive else ())
+    decision = decide(ending, history, policy, nodes, healthy if alive else ())
     line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
                           ended=_now(), source="batch", seen_step=ev.seen_step)
     if not records.append(job_dir, line):
