@@ -47,6 +47,7 @@ class Heartbeat:
     attempt: int = 0
     phase: str = "unknown"
     step: int = 0
+    start_step: int | None = None   # where this attempt's training began (a resume's checkpoint step)
     total_steps: int | None = None
     time: float = 0.0
     step_time_s: float | None = None

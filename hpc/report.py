@@ -75,7 +75,7 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
     """Each attempt's span from its start/end times and its lead rank's heartbeat history.
 
     ``lead_history``: attempt -> rank 0's heartbeats in that attempt. The step a resume started from is the
-    step its first training heartbeat shows (written on entering the phase, before any step); steps up to
+    ``start_step`` its heartbeats carry (else the step its first training heartbeat shows); steps up to
     the furthest any earlier attempt reached are recomputation. ``steps_seen`` (attempt -> the furthest step
     another source, metrics.jsonl, logged) catches steps run after the last heartbeat of a killed attempt.
     """
@@ -88,7 +88,8 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
         end = ends.get(attempt, beats[-1].time if beats else start)
         first = first_steps.get(attempt)
         training = [b for b in beats if b.phase == "train"]
-        resume = training[0].step if training else 0
+        planned = [b.start_step for b in beats if b.start_step is not None]
+        resume = planned[0] if planned else training[0].step if training else 0
         last = max([b.step for b in beats] + [steps_seen.get(attempt, resume)])
         phases = phase_seconds(beats, since=first, until=end)
         redone = max(min(last, furthest) - resume, 0)

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -319,6 +320,15 @@ def test_metrics_catch_steps_a_killed_attempt_ran_after_its_last_heartbeat() -> 
                          {0: first, 1: second}, seen)
     assert [s.redone_steps for s in spans] == [0, 5]
     assert report.steps_by_attempt(segments, [1]) == {}
+
+
+def test_a_resume_counts_from_the_step_its_heartbeats_say_it_started_not_the_first_one_published() -> None:
+    """A node file is published at most every 2 s: an attempt's first training beat may already be steps in."""
+    first = [hb(0, "train", 0), hb(2, "train", 62)]
+    second = [replace(b, start_step=50) for b in (hb(10, "train", 81, 1), hb(20, "done", 200, 1))]
+    spans = report.spans([0, 1], {0: 0.0, 1: 9.0}, {0: 3.0, 1: 21.0}, {}, {0: 1.0, 1: 11.0},
+                         {0: first, 1: second})
+    assert [(s.resume_step, s.redone_steps) for s in spans] == [(0, 0), (50, 12)]
 
 
 def test_the_rate_series_breaks_between_attempts() -> None:

@@ -68,7 +68,7 @@ def watch_roots(job_dir: Path, seen: set[str], stop: threading.Event) -> None:
                 continue
             marked = os.path.exists(f"{root}/hpcdist-image")
             if marked or os.path.exists(f"{root}/hostname"):  # else the rank has ended: nothing to see
-                seen.add(f"{beat.stem}:{marked}")
+                seen.add(f"rank-{beat['rank']}:{marked}")
         time.sleep(0.2)
 
 

@@ -147,7 +147,7 @@ class Heartbeat:
         self.peak_memory = peak_memory
         self.identity: dict | None = None
         self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None  # loss: a 0-dim tensor
-        self.total_steps = self.local_batch = None
+        self.total_steps = self.local_batch = self.start_step = None
         self.stage: Path | None = None                       # the node-local hand-over folder
         self.publisher: nodebeat.Publisher | None = None     # local rank 0's: the node's files on the run dir
         self.published_at = float("-inf")
@@ -175,7 +175,7 @@ class Heartbeat:
         self._thread.start()
 
     def plan(self, *, total_steps: int, local_batch: int, step: int = 0) -> None:
-        self.total_steps, self.local_batch, self.step = total_steps, local_batch, step
+        self.total_steps, self.local_batch, self.step, self.start_step = total_steps, local_batch, step, step
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks.setdefault(name, self.now() if at is None else at)
@@ -232,7 +232,8 @@ class Heartbeat:
     def snapshot(self) -> dict:
         split = self.step_clock.summary()
         step_time = split["step_time_s"]
-        values = dict(self.identity or {}, phase=self.phase_name, step=self.step, total_steps=self.total_steps,
+        values = dict(self.identity or {}, phase=self.phase_name, step=self.step, start_step=self.start_step,
+                      total_steps=self.total_steps,
                       time=round(self.now(), 3), step_at=self.step_at,
                       **{k: split[k] for k in ("step_time_s", "compute_s", "comm_s", "recent_compute_s")},
                       images_per_s=(round(self.local_batch / step_time, 1)
