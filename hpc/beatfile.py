@@ -92,7 +92,7 @@ FIELDS = tuple(f.name for f in fields(Heartbeat))
 MAX_RANKS = 1 << 20  # hpc.spec.MAX_WORLD_SIZE (the trainer must not import hpc.spec)
 
 
-_INTS = ("node_rank", "local_rank", "world_size", "pid", "attempt", "step", "total_steps", "rss_bytes",
+_INTS = ("node_rank", "local_rank", "world_size", "pid", "attempt", "step", "start_step", "total_steps", "rss_bytes",
          "peak_memory_bytes")
 _FLOATS = ("time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss", "step_at")
 

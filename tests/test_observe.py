@@ -471,3 +471,18 @@ def test_status_list_top_and_timeline_escape_what_a_rank_or_a_file_wrote(tmp_pat
         assert proc.returncode == 0, (args, proc.stderr)
         assert "\x1b" not in proc.stdout + proc.stderr and "\r" not in proc.stdout + proc.stderr, args
     assert "\\x1b]0;owned\\x07" in run_cli(["status", record.job_dir], tmp_path).stdout
+
+
+def test_a_heartbeat_read_back_keeps_the_step_its_attempt_started_from() -> None:
+    assert monitor.Heartbeat.from_mapping(beat(0, start_step=100)).start_step == 100
+    assert monitor.Heartbeat.from_mapping(beat(0, start_step="x")).start_step is None
+
+
+def test_every_field_of_the_one_heartbeat_schema_survives_a_read() -> None:
+    from dataclasses import asdict, fields
+
+    written = {f.name: (7 if "int" in str(f.type) else 0.5 if "float" in str(f.type) else f"x{f.name}")
+               for f in fields(monitor.Heartbeat)}
+    written.update(rank=3, marks={"process_start": 1.0}, recent_compute_s=[0.1, 0.2], hostname="n4", phase="train")
+    read = asdict(monitor.Heartbeat.from_mapping(written))
+    assert read == {**written, "recent_compute_s": (0.1, 0.2)}
