@@ -123,3 +123,25 @@ def test_a_rank_killed_in_a_running_allocation_is_relaunched_there(tmp_path):
                                    allocation=["n1", "n2", "n3"])
     assert (line["ending"], line["rank"], line["node"], line["action"]) == ("rank_crashed", 1, "n2", "relaunch")
     assert line["excluded"] == ["n2"] and job["JobState"] == "RUNNING"
+
+
+def test_a_task_srun_saw_die_of_the_stop_signal_waits_for_its_ranks_checkpoint(tmp_path):
+    """Seen under Slurm's OCI containers: the runtime's wrapper died of SIGUSR1 while the rank inside still
+    wrote its checkpoint; the marker came a moment later and the attempt is a preemption, not a crash."""
+    segment = "srun: error: n1: task 0: User defined signal 1\nsrun: error: n2: task 1: User defined signal 1\n"
+    marker, now, naps = tmp_path / "preempted", [0.0], []
+
+    def sleep(s: float) -> None:
+        naps.append(s)
+        now[0] += s
+        if now[0] >= 2.0:
+            marker.write_text("12\n")
+
+    assert gather.await_stop_marker(marker, segment, wait_s=30, clock=lambda: now[0], sleep=sleep)
+    assert 2.0 <= now[0] < 3.0
+    marker.unlink()
+    now[0] = -100.0  # the marker never comes within the wait
+    assert not gather.await_stop_marker(marker, segment, wait_s=5, clock=lambda: now[0], sleep=sleep)
+    naps.clear()
+    killed = "srun: error: n2: task 1: Killed\n"
+    assert not gather.await_stop_marker(marker, killed, wait_s=30, clock=lambda: 0.0, sleep=naps.append) and not naps

@@ -61,7 +61,8 @@ class TaskEnd:
         """The signal that killed the task: srun names it (``Killed``), or a launcher's 128+N status says it."""
         named = {"Killed": signals.SIGKILL, "Terminated": signals.SIGTERM, "Segmentation fault": signals.SIGSEGV,
                  "Aborted": signals.SIGABRT, "Bus error": signals.SIGBUS, "Interrupt": signals.SIGINT,
-                 "Floating point exception": signals.SIGFPE, "Illegal instruction": signals.SIGILL}
+                 "Floating point exception": signals.SIGFPE, "Illegal instruction": signals.SIGILL,
+                 "User defined signal 1": signals.SIGUSR1, "User defined signal 2": signals.SIGUSR2}
         for name, sig in named.items():
             if self.how.startswith(name):
                 return int(sig)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hpc import checkpoints, jobfiles, monitor, runfiles
 from hpc.failures import record as records
-from hpc.failures.evidence import Evidence, attempt_segment
+from hpc.failures.evidence import Evidence, attempt_segment, task_ends
 from hpc.failures.policy import REQUEUED, Policy, decide, usable
 from hpc.failures.rules import classify
 from hpc.slurm import commands, grammar, parse, states
@@ -26,6 +27,12 @@ from hpc.vocab import batch_log as batch_log_name
 
 # logs/task-%t.log's file name, %t read back as the task's index.
 _TASK_LOG = re.compile(re.escape(TASK_LOG.split("/")[-1]).replace(re.escape("%t"), r"(\d{1,7})"))
+
+
+# The signals hpcdist stops a job with (--signal USR1@N, preemption's SIGUSR1/SIGUSR2), and how long the batch
+# shell waits for the ranks' checkpoint when srun says a task died of one of them.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_MARKER_WAIT_S = 30.0
 
 
 def _read(path: Path, limit: int = 262144) -> str:
@@ -67,8 +74,10 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         batch = _read(job_dir / batch_log_name(candidate))
         if batch:
             break
+    segment = attempt_segment(batch, attempt)
+    await_stop_marker(run_dir / PREEMPTED, segment)
     ev = Evidence(
-        attempt=attempt, step_status=step_status, batch_log=attempt_segment(batch, attempt),
+        attempt=attempt, step_status=step_status, batch_log=segment,
         task_logs={t: _read(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
         errors=tuple(e for e in runfiles.read_errors(run_dir) if e.attempt == attempt),
         preempted=(run_dir / PREEMPTED).exists(), hang=runfiles.read_hang(run_dir, attempt),
@@ -80,6 +89,21 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     if limit is not None and ran is not None:
         ev = replace(ev, time_left_s=limit - ran)
     return ev, job, nodes
+
+
+def await_stop_marker(marker: Path, segment: str, wait_s: float = STOP_MARKER_WAIT_S,
+                      clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Whether rank 0's stop marker is there, waiting up to ``wait_s`` for it when every task srun reported was
+    ended by a stop signal itself: what srun saw die was then a wrapper without a handler (a container runtime's,
+    a shell) while the rank it ran may still be writing its checkpoint."""
+    ends = task_ends(segment)
+    stopped = bool(ends) and all(e.signal in STOP_SIGNALS for e in ends)
+    deadline = clock() + (wait_s if stopped else 0)
+    while not marker.exists():
+        if clock() >= deadline:
+            return False
+        sleep(0.5)
+    return True
 
 
 def _logged_tasks(job_dir: Path, ntasks: int) -> list[int]:
