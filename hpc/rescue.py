@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from hpc import monitor, registry, runfiles, vocab
+from hpc import jobdir, monitor, registry, runfiles, vocab
 from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
 from hpc.failures.policy import Decision, excluded_so_far
@@ -61,8 +61,10 @@ def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
     ending = Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
                                     "slurmd does not answer", node=host, step=checkpoint_in(job_dir / vocab.RUN_DIR))
 
-    # The ranks' verdict was acted on: the new job's batch shell must not end its own step on it.
-    (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
+    # The ranks' verdict was acted on: the new job's batch shell must not end its own step on it. Only in a
+    # directory hpcdist wrote (its marker): never a file of the same name somewhere else.
+    if jobdir.is_job_dir(job_dir):
+        (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
     try:
         new_id = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=[f"--exclude={','.join(excluded)}"])
     except SlurmError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hpc import registry, rescue
+from hpc import jobdir, registry, rescue
 from hpc.monitor import Heartbeat
 
 
@@ -39,6 +39,7 @@ def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_th
     job_dir = tmp_path / "job"
     (job_dir / "run").mkdir(parents=True)
     (job_dir / "job.sbatch").write_text("#!/bin/bash\n")
+    (job_dir / jobdir.MARKER).write_text(jobdir.marker_text("job", ["job.sbatch", "run/"]))
     (job_dir / "run" / "lost.json").write_text(json.dumps({"node": "n1", "attempt": 0}))
     (job_dir / "attempts.jsonl").write_text(json.dumps(
         {"attempt": 0, "job_id": "7", "started": "", "ended": "", "ending": "rank_crashed", "node": "n3",

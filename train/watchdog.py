@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpc import beatfile, fileio, vocab
+from hpc import beatfile, fileio, runfiles, vocab
 from hpc.slurm.commands import SLURMD_PORT, slurmd_answers
 from hpc.vocab import EXIT_HUNG, EXIT_NODE_LOST
 from train import heartbeat, nodebeat
@@ -161,18 +161,6 @@ def group(stacks: dict[int, str]) -> list[dict]:
             for stack, ranks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1]))]
 
 
-def _create_exclusively(path: Path, text: str) -> bool:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    try:
-        os.link(tmp, path)  # fails if another rank declared first
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class Watchdog:
     """The per-rank thread; ``exit`` is how the process ends itself (os._exit, since the main thread is stuck)."""
 
@@ -255,7 +243,7 @@ class Watchdog:
         node, ranks, since = seen
         record = {"node": node, "ranks": ranks, "since": since, "step": self.beat.step,
                   "declared_by": self.me["rank"], "attempt": self.me.get("attempt", 0), "time": self.now()}
-        if not _create_exclusively(self.run_dir / vocab.LOST, json.dumps(record) + "\n"):
+        if not runfiles.declare(self.run_dir / vocab.LOST, record):
             return self.lost() or record
         return record
 
@@ -281,7 +269,7 @@ class Watchdog:
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
         record = {**asdict(verdict), "declared_by": self.me["rank"], "declared_at": self.now()}
         path = self.stacks_dir / "declared.json"
-        if not _create_exclusively(path, json.dumps(record) + "\n"):
+        if not runfiles.declare(path, record):
             if self.declared() is not None:
                 return self.declared()
             fileio.atomic_write(path, json.dumps(record) + "\n")  # a stale one from an earlier run of this run dir
