@@ -10,12 +10,19 @@ table has one row per combination and scenario: ending, action, excluded node, r
 resume equal to the reference (fp32), recovery (fault -> next training step) and its parts, the time lost
 (fault -> a later attempt back at the fault's step), and the drill's verdict. The raw `--json` of every drill
 is kept next to the table. Exits non-zero if any scenario failed.
+
+    PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py --capture tests/data/failures
+
+also keeps each cell's faulted attempt as a classifier fixture, drill-COMBO-SCENARIO/ (scripts/capture-failure.py):
+tests/test_failures_rules.py classifies all 25 again, offline, on every test run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +32,32 @@ from pathlib import Path
 from hpc.drill import MATRIX, SCENARIOS
 
 NODE_CONTROL = f"bash {Path(__file__).resolve().parent / 'slurm-local.sh'}"
+
+
+def _capture_failure():
+    """scripts/capture-failure.py as a module (its file name is a command's, not an identifier)."""
+    spec = importlib.util.spec_from_file_location("capture_failure", Path(__file__).parent / "capture-failure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def capture(combo: str, results: list[dict], root: Path, into: Path) -> None:
+    """Keep each scenario's first attempt, expected to end as the drill says it must, as a fixture in ``into``."""
+    capture_failure = _capture_failure()
+    for r in results:
+        job_dir = root / combo.replace("/", "-") / r["scenario"]
+        out = into / f"drill-{combo.replace('/', '-')}-{r['scenario']}"
+        expect = {"ending": r["expected"]}
+        victim = re.fullmatch(r"rank (\d+) on (\S+)", r.get("victim") or "")
+        if victim and r["scenario"] in ("rank_kill", "hang"):
+            expect["rank"] = int(victim.group(1))
+        if victim and r["scenario"] in ("rank_kill", "node_loss"):
+            expect["node"] = victim.group(2)
+        try:
+            capture_failure.capture(job_dir, out, 0, expect)
+        except (SystemExit, OSError, StopIteration) as exc:
+            print(f"{combo} {r['scenario']}: not captured: {exc}", file=sys.stderr, flush=True)
 
 
 def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str,
@@ -68,6 +101,7 @@ def main() -> None:
     p.add_argument("--hang-timeout-s", default="20", help="the trainer's hang threshold (its default is 60)")
     p.add_argument("--spare-nodes", default="1", help="spare nodes each job holds (0: the queue fallback)")
     p.add_argument("--out", type=Path, help="also write the table (and NAME.json with every result) here")
+    p.add_argument("--capture", type=Path, help="keep every cell's faulted attempt as a classifier fixture here")
     args = p.parse_args()
     lines = [f"Drill matrix, 2 nodes + {args.spare_nodes} spare, hang threshold {args.hang_timeout_s} s, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
@@ -79,6 +113,8 @@ def main() -> None:
         for combo in args.combos.split(","):
             results, stderr, took = drill(combo, args.scenarios, Path(tmp), args.hang_timeout_s, args.spare_nodes)
             everything[combo] = {"results": results, "wall_s": round(took, 1)}
+            if args.capture:
+                capture(combo, results, Path(tmp), args.capture)
             failed |= not all(r.get("ok") for r in results)
             lines += [row(combo, r) for r in results]
             print(f"{combo}: {sum(bool(r.get('ok')) for r in results)}/{len(results)} ok in {took:.0f} s",

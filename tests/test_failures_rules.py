@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from hpc import runfiles
+from hpc.drill import MATRIX, SCENARIOS, expect
 from hpc.failures import rules
-from hpc.failures.evidence import Evidence, attempt_segment, last_error_line
+from hpc.failures.evidence import Evidence, attempt_segment, facts, last_error_line, with_facts
 from hpc.failures.policy import Policy, decide
 from hpc.runfiles import RankError
-from hpc.slurm import grammar
 from hpc.vocab import EXIT_HUNG
 
 DATA = Path(__file__).resolve().parent / "data" / "failures"
@@ -21,21 +21,17 @@ CASES = sorted(p.name for p in DATA.iterdir() if (p / "case.json").exists())
 
 
 def evidence_of(folder: Path) -> Evidence:
-    """A fixture captured from a real job (scripts/capture-failure.py) as the batch shell would have seen it."""
+    """A fixture captured from a real job (scripts/capture-failure.py) as the batch shell saw it: the facts its
+    attempt line kept, and the copied files."""
     case = json.loads((folder / "case.json").read_text())
-    job = case["job"]
     found = (runfiles.parse_rank_error(p.read_text()) for p in sorted((folder / "errors").glob("*.json")))
-    errors = tuple(e for e in found if e is not None)
-    hang = json.loads((folder / "hang.json").read_text()) if (folder / "hang.json").exists() else None
-    limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
-    return Evidence(
-        attempt=case["attempt"], step_status=case["step_status"], batch_log=(folder / "batch.out").read_text(),
-        task_logs={int(p.stem.split("-")[1]): p.read_text() for p in folder.glob("task-*.log")},
-        errors=errors, preempted=case["preempted"], hang=hang, job_state=job.get("JobState", ""),
-        job_reason=job.get("Reason", ""), down_nodes=frozenset(case["down_nodes"]),
-        ranks_per_task=case["ranks_per_task"], launcher=case["launcher"],
-        time_left_s=(limit - ran) if limit is not None and ran is not None else None,
-        warning_s=120, checkpoint_step=case.get("checkpoint_step"))
+
+    def optional(name: str) -> dict | None:
+        return json.loads((folder / name).read_text()) if (folder / name).exists() else None
+    return with_facts(case["attempt"], case["facts"], batch_log=(folder / "batch.out").read_text(),
+                      task_logs={int(p.stem.split("-")[1]): p.read_text() for p in folder.glob("task-*.log")},
+                      errors=tuple(e for e in found if e is not None), hang=optional("hang.json"),
+                      lost=optional("lost.json"))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -44,6 +40,26 @@ def test_each_real_ending_is_classified_with_its_rank_node_and_cause(name):
     ending = rules.classify(evidence_of(DATA / name))
     for key, value in case["expect"].items():
         assert getattr(ending, key) == value, (key, ending)
+
+
+def test_an_evidences_facts_give_back_the_same_evidence_without_its_files():
+    ev = Evidence(attempt=3, step_status=137, batch_log="srun: error: n2: task 1: Killed", job_state="RUNNING",
+                  down_nodes=frozenset({"n2", "n1"}), launcher="deepspeed", time_left_s=12, seen_step=40)
+    kept = json.loads(json.dumps(facts(ev)))
+    assert kept["down_nodes"] == ["n1", "n2"]
+    assert with_facts(3, kept, batch_log=ev.batch_log) == ev
+    assert with_facts(3, {**kept, "from_a_newer_hpcdist": 1}, batch_log=ev.batch_log) == ev
+
+
+def test_every_cell_of_the_drill_matrix_is_kept_from_the_cluster_and_classified_again_here():
+    """scripts/drill-matrix.py --capture keeps each backend x launcher x scenario's faulted attempt; the
+    parametrized test above classifies each again as the drill expects, so a rule change that would break a
+    cell fails here on every run, not only when the whole matrix is rerun."""
+    cells = {f"drill-{combo.replace('/', '-')}-{scenario}": scenario for combo in MATRIX for scenario in SCENARIOS}
+    assert [c for c in cells if c not in CASES] == []
+    for cell, scenario in cells.items():
+        case = json.loads((DATA / cell / "case.json").read_text())
+        assert case["recorded"]["ending"] == case["expect"]["ending"] == expect(scenario, spare_nodes=1).ending
 
 
 def test_the_fixtures_cover_every_ending_the_drill_injects():
