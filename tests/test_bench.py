@@ -155,6 +155,33 @@ def test_bench_stays_light():
     assert done.stdout.strip() == "[]"
 
 
+def test_bench_never_writes_into_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "results"
+    (mine / "runs" / "floor-1").mkdir(parents=True)
+    (mine / "runs" / "floor-1" / "metrics.jsonl").write_text("a person's metrics\n")
+    for extra in ((), ("--dry-run",)):
+        done = hpcdist("bench", "--config", "floor:1", "--out", str(mine), *extra)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "did not write (runs)" in done.stderr and "choose another --out" in done.stderr
+    assert (mine / "runs" / "floor-1" / "metrics.jsonl").read_text() == "a person's metrics\n"
+    assert sorted(p.name for p in mine.rglob("*")) == ["floor-1", "metrics.jsonl", "runs"]
+
+
+def test_bench_writes_again_into_its_own_folder(tmp_path):
+    from hpc import jobdir
+    from hpc.commands import bench as command
+
+    out = tmp_path / "bench"
+    assert command.foreign_out(out) is None  # absent
+    command.claim_out(out)
+    (out / "runs").mkdir()
+    (out / "bench.md").write_text("last run's report\n")
+    assert jobdir.read_marker(out)[0] == "bench" and command.foreign_out(out) is None
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / jobdir.MARKER).write_text(jobdir.marker_text("sweep", ["sweep.yaml"]))
+    assert "did not write" in command.foreign_out(tmp_path / "sweep")
+
+
 SMALL_GRID = ("floor:1", "ddp:resident:1")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
-from hpc import benchreport, benchresults, fileio
+from hpc import benchreport, benchresults, fileio, jobdir
 from hpc.commands.options import Seconds
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
@@ -87,6 +87,35 @@ def floor_report(log: Path) -> dict | None:
             except json.JSONDecodeError:
                 return None
     return None
+
+
+# What bench writes in --out. A folder holding anything else is a person's: bench never writes into it.
+OUT_PATHS = ("bench.json", "bench.md", "bench.png", "runs/")
+
+
+def foreign_out(out_dir: Path) -> str | None:
+    """Why bench may not write into ``out_dir``, or None: it is absent, empty, or a folder bench made (its
+    marker says so), where the files bench replaces (a config's old metrics, its report) are bench's own."""
+    marker = jobdir.read_marker(out_dir)
+    if marker is not None and marker[0] == "bench" and not out_dir.is_symlink():
+        return None
+    try:
+        held = sorted(os.listdir(out_dir))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot use --out {out_dir}: {exc.strerror}"
+    if held:
+        return (f"--out {out_dir} holds files hpcdist bench did not write ({', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}); choose another --out or move them away")
+    return None
+
+
+def claim_out(out_dir: Path) -> None:
+    """Make ``out_dir`` bench's: its marker (``foreign_out`` said it may be)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if jobdir.read_marker(out_dir) is None:
+        fileio.atomic_write(out_dir / jobdir.MARKER, jobdir.marker_text("bench", OUT_PATHS))
 
 
 def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples: int, out: Path,
@@ -208,7 +237,7 @@ def write_reports(results: list[benchresults.Result], meta: dict, out_dir: Path)
 @click.option("--samples", type=click.IntRange(min=1), default=core.SYNTHETIC_SIZE, show_default=True,
               help="Synthetic training images each run holds (50000 is CIFAR-10's size; large batches need many).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
-              show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/.")
+              show_default=True, help="Folder for bench.json, bench.md, bench.png and runs/: new, or one bench made.")
 @click.option("--timeout-s", type=Seconds(1), default=900, show_default=True,
               help="Stop a config that runs longer than this and report it failed.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
@@ -222,6 +251,10 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
     cpus = owned_cpus()
     plan = plan_or_exit(configs + grids, batch, samples, cpus)
+    why = foreign_out(out_dir)
+    if why:
+        click.echo(f"hpcdist bench: {why}", err=True)
+        sys.exit(2)
     if dry_run:
         for config, threads in plan:
             cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable,
@@ -229,7 +262,7 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
             click.echo(f"{config.name}  (OMP_NUM_THREADS={threads})  {' '.join(cmd)}")
         return
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out(out_dir)
     # Children run inside their own run folders, so every path they are given must be absolute.
     out_dir = out_dir.resolve()
     meta = {"host": socket.gethostname(), "device": "unknown", "cpus": cpus, "steps": steps, "warmup": warmup,
