@@ -3,7 +3,7 @@
     python scripts/capture-failure.py JOB_DIR NAME --attempt 0 [--expect ending=rank_crashed]
 
 Copies that attempt's part of the batch log, the tails of the task logs, the ranks' errors/, hang.json and
-lost.json of that attempt, and writes case.json: the facts the batch shell saw when it classified the attempt
+lost.json of that attempt, and writes case.json: the context the batch shell saw when it classified the attempt
 (its attempts.jsonl line keeps them), what it classified it as (`recorded`), and what the test expects
 (`expect`: the recorded ending with its rank and node, or the --expect given). scripts/drill-matrix.py
 --capture calls it for every cell of the drill.
@@ -30,8 +30,8 @@ TASK_LOG_LINES = 80
 def capture(job_dir: Path, out: Path, attempt: int, expect: dict | None = None) -> dict:
     """Write the fixture of ``attempt`` of the job in ``job_dir`` to ``out``; returns its case."""
     line = next((a for a in records.load(job_dir) if a["attempt"] == attempt), None)
-    if line is None or "facts" not in line:
-        raise SystemExit(f"capture-failure: {job_dir} has no line with facts for attempt {attempt} "
+    if line is None or "context" not in line:
+        raise SystemExit(f"capture-failure: {job_dir} has no line with its context for attempt {attempt} "
                          "(only the batch shell records them); nothing written")
     if out.exists():
         shutil.rmtree(out)
@@ -51,7 +51,7 @@ def capture(job_dir: Path, out: Path, attempt: int, expect: dict | None = None) 
         if found:
             (out / name).write_text(json.dumps(found, indent=1) + "\n")
     recorded = {k: line.get(k) for k in RECORDED}
-    case = {"attempt": attempt, "facts": line["facts"], "recorded": recorded,
+    case = {"attempt": attempt, "context": line["context"], "recorded": recorded,
             "expect": expect or {k: recorded[k] for k in ("ending", "rank", "node") if recorded[k] is not None}}
     (out / "case.json").write_text(json.dumps(case, indent=2) + "\n")
     return case

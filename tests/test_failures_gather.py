@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hpc.failures import gather, rules
 from hpc.failures import record as records
-from hpc.failures.evidence import with_facts
+from hpc.failures.evidence import with_context
 from hpc.failures.policy import Policy, decide
 from hpc.failures.rules import Ending
 
@@ -128,7 +128,7 @@ def test_a_rank_killed_in_a_running_allocation_is_relaunched_there(tmp_path):
 
 
 def test_the_attempt_line_keeps_what_slurm_and_the_shell_saw_so_it_can_be_classified_again(tmp_path):
-    """The facts beside the files: with them, a copy of the job directory classifies the same way offline."""
+    """The context beside the files: with them, a copy of the job directory classifies the same way offline."""
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "batch-7.out").write_text("hpcdist: attempt 0 started on n1 at T\n"
                                                    "srun: error: n2: task 1: Killed\n")
@@ -140,10 +140,10 @@ def test_the_attempt_line_keeps_what_slurm_and_the_shell_saw_so_it_can_be_classi
 
     line, _ = gather.end_attempt(tmp_path, "7", 0, 137, Policy(max_retries=2, nodes=2), 1, 2, runner=slurm,
                                  launcher="torchrun")
-    assert records.load(tmp_path)[0]["facts"] == line["facts"]
-    assert {k: line["facts"][k] for k in ("step_status", "job_state", "down_nodes", "launcher", "time_left_s")} == {
+    assert records.load(tmp_path)[0]["context"] == line["context"]
+    assert {k: line["context"][k] for k in ("step_status", "job_state", "down_nodes", "launcher", "time_left_s")} == {
         "step_status": 137, "job_state": "RUNNING", "down_nodes": ["n2"], "launcher": "torchrun", "time_left_s": 540}
-    again = with_facts(0, line["facts"], batch_log="hpcdist: attempt 0 started on n1 at T\n"
+    again = with_context(0, line["context"], batch_log="hpcdist: attempt 0 started on n1 at T\n"
                                                     "srun: error: n2: task 1: Killed\n")
     assert rules.classify(again).ending == line["ending"] == "node_failure"
 

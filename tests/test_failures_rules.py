@@ -11,7 +11,7 @@ import pytest
 from hpc import runfiles
 from hpc.drill import MATRIX, SCENARIOS, expect
 from hpc.failures import rules
-from hpc.failures.evidence import Evidence, attempt_segment, facts, last_error_line, with_facts
+from hpc.failures.evidence import Evidence, attempt_segment, context, last_error_line, with_context
 from hpc.failures.policy import Policy, decide
 from hpc.runfiles import RankError
 from hpc.vocab import EXIT_HUNG
@@ -21,14 +21,14 @@ CASES = sorted(p.name for p in DATA.iterdir() if (p / "case.json").exists())
 
 
 def evidence_of(folder: Path) -> Evidence:
-    """A fixture captured from a real job (scripts/capture-failure.py) as the batch shell saw it: the facts its
+    """A fixture captured from a real job (scripts/capture-failure.py) as the batch shell saw it: the context its
     attempt line kept, and the copied files."""
     case = json.loads((folder / "case.json").read_text())
     found = (runfiles.parse_rank_error(p.read_text()) for p in sorted((folder / "errors").glob("*.json")))
 
     def optional(name: str) -> dict | None:
         return json.loads((folder / name).read_text()) if (folder / name).exists() else None
-    return with_facts(case["attempt"], case["facts"], batch_log=(folder / "batch.out").read_text(),
+    return with_context(case["attempt"], case["context"], batch_log=(folder / "batch.out").read_text(),
                       task_logs={int(p.stem.split("-")[1]): p.read_text() for p in folder.glob("task-*.log")},
                       errors=tuple(e for e in found if e is not None), hang=optional("hang.json"),
                       lost=optional("lost.json"))
@@ -42,13 +42,13 @@ def test_each_real_ending_is_classified_with_its_rank_node_and_cause(name):
         assert getattr(ending, key) == value, (key, ending)
 
 
-def test_an_evidences_facts_give_back_the_same_evidence_without_its_files():
+def test_an_evidences_context_gives_back_the_same_evidence_without_its_files():
     ev = Evidence(attempt=3, step_status=137, batch_log="srun: error: n2: task 1: Killed", job_state="RUNNING",
                   down_nodes=frozenset({"n2", "n1"}), launcher="deepspeed", time_left_s=12, seen_step=40)
-    kept = json.loads(json.dumps(facts(ev)))
+    kept = json.loads(json.dumps(context(ev)))
     assert kept["down_nodes"] == ["n1", "n2"]
-    assert with_facts(3, kept, batch_log=ev.batch_log) == ev
-    assert with_facts(3, {**kept, "from_a_newer_hpcdist": 1}, batch_log=ev.batch_log) == ev
+    assert with_context(3, kept, batch_log=ev.batch_log) == ev
+    assert with_context(3, {**kept, "from_a_newer_hpcdist": 1}, batch_log=ev.batch_log) == ev
 
 
 def test_every_cell_of_the_drill_matrix_is_kept_from_the_cluster_and_classified_again_here():

@@ -102,20 +102,20 @@ class Evidence:
 # The evidence that is not in the job directory's files: what Slurm and the batch shell saw when the step ended.
 # The attempt's line keeps it, so that the ending can be classified again later from a copy of the files
 # (scripts/capture-failure.py; the drill's cells in tests/data/failures/).
-FACTS = ("step_status", "job_state", "job_reason", "job_exit", "down_nodes", "ranks_per_task", "launcher",
+CONTEXT = ("step_status", "job_state", "job_reason", "job_exit", "down_nodes", "ranks_per_task", "launcher",
          "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted")
 
 
-def facts(ev: Evidence) -> dict[str, Any]:
-    """``ev``'s FACTS as JSON values (the down nodes sorted)."""
-    return {k: sorted(v) if isinstance(v := getattr(ev, k), frozenset) else v for k in FACTS}
+def context(ev: Evidence) -> dict[str, Any]:
+    """``ev``'s CONTEXT as JSON values (the down nodes sorted)."""
+    return {k: sorted(v) if isinstance(v := getattr(ev, k), frozenset) else v for k in CONTEXT}
 
 
-def with_facts(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
-    """The Evidence of ``attempt`` from its FACTS (as ``facts`` gave them; others ignored) and its files'
+def with_context(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
+    """The Evidence of ``attempt`` from its CONTEXT (as ``context`` gave them; others ignored) and its files'
     fields (batch_log, task_logs, errors, hang, lost)."""
     known = {f.name for f in fields(Evidence)}
-    values = {k: v for k, v in seen.items() if k in FACTS and k in known}
+    values = {k: v for k, v in seen.items() if k in CONTEXT and k in known}
     if "down_nodes" in values:
         values["down_nodes"] = frozenset(values["down_nodes"])
     return Evidence(attempt=attempt, **values, **files)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from hpc import checkpoints, jobfiles, monitor, runfiles
 from hpc.failures import record as records
-from hpc.failures.evidence import Evidence, attempt_segment, facts, task_ends
+from hpc.failures.evidence import Evidence, attempt_segment, context, task_ends
 from hpc.failures.policy import REQUEUED, Policy, decide, usable
 from hpc.failures.rules import classify
 from hpc.slurm import commands, grammar, parse, states
@@ -135,7 +135,7 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
     alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
     decision = decide(ending, history, policy, nodes, healthy if alive else ())
     line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
-                          ended=_now(), source="batch", seen_step=ev.seen_step, facts=facts(ev))
+                          ended=_now(), source="batch", seen_step=ev.seen_step, context=context(ev))
     if not records.append(job_dir, line):
         line = next(a for a in records.load(job_dir) if a["attempt"] == attempt)
     return line, job

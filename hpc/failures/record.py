@@ -24,20 +24,20 @@ from hpc.vocab import ATTEMPTS
 ATTEMPT_FIELDS = {"attempt": int, "job_id": str, "started": str, "ended": str, "ending": str, "rank": int | None,
                   "node": str | None, "detail": str | None, "exit_code": int | None, "signal": int | None,
                   "step": int | None, "action": str, "excluded": list, "reason": str | None,
-                  "seen_step": int | None, "source": str, "facts": dict}
+                  "seen_step": int | None, "source": str, "context": dict}
 MAX_ATTEMPT = 1 << 20
 
 
 def record(ending: Ending, decision: Decision, *, attempt: int, job_id: str, started: str, ended: str,
-           source: str, seen_step: int | None = None, facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           source: str, seen_step: int | None = None, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One attempts.jsonl line (contract 2), plus ``reason`` (why the action), ``seen_step``, ``source`` and, from
-    the batch shell, ``facts``: what Slurm and the shell saw besides the job directory's files (evidence.FACTS)."""
+    the batch shell, ``context``: what Slurm and the shell saw besides the job directory's files (evidence.CONTEXT)."""
     line = {"attempt": attempt, "job_id": job_id, "started": started, "ended": ended, "ending": ending.ending,
             "rank": ending.rank, "node": ending.node, "detail": ending.detail, "exit_code": ending.exit_code,
             "signal": ending.signal, "step": ending.step, "action": decision.action,
             "excluded": list(decision.excluded), "reason": decision.reason, "seen_step": seen_step,
             "source": source}
-    return {**line, "facts": dict(facts)} if facts is not None else line
+    return {**line, "context": dict(context)} if context is not None else line
 
 
 def parse_attempts(text: str) -> list[dict[str, Any]]:
