@@ -103,7 +103,7 @@ class Evidence:
 # The attempt's line keeps it, so that the ending can be classified again later from a copy of the files
 # (scripts/capture-failure.py; the drill's cells in tests/data/failures/).
 CONTEXT = ("step_status", "job_state", "job_reason", "job_exit", "down_nodes", "ranks_per_task", "launcher",
-         "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted")
+           "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted")
 
 
 def context(ev: Evidence) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def context(ev: Evidence) -> dict[str, Any]:
 
 
 def with_context(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
-    """The Evidence of ``attempt`` from its CONTEXT (as ``context`` gave them; others ignored) and its files'
+    """The Evidence of ``attempt`` from its context (as ``context`` gave it; other keys ignored) and its files'
     fields (batch_log, task_logs, errors, hang, lost)."""
     known = {f.name for f in fields(Evidence)}
     values = {k: v for k, v in seen.items() if k in CONTEXT and k in known}
