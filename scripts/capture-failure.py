@@ -2,9 +2,9 @@
 
     python scripts/capture-failure.py JOB_DIR NAME --attempt 0 [--expect ending=rank_crashed]
 
-Copies that attempt's part of the batch log, the tails of the task logs, the ranks' errors/, hang.json and
-lost.json of that attempt, and writes case.json: the context the batch shell saw when it classified the attempt
-(its attempts.jsonl line keeps them), what it classified it as (`recorded`), and what the test expects
+Copies that attempt's part of the batch log, the tails of the task logs and the ranks' errors/ of that attempt,
+and writes case.json: the context the batch shell saw when it classified the attempt (Slurm's view, hang.json,
+lost.json: its attempts.jsonl line keeps it), what it classified it as (`recorded`), and what the test expects
 (`expect`: the recorded ending with its rank and node, or the --expect given). scripts/drill-matrix.py
 --capture calls it for every cell of the drill.
 """
@@ -46,10 +46,6 @@ def capture(job_dir: Path, out: Path, attempt: int, expect: dict | None = None) 
     for err in runfiles.read_errors(run_dir):
         if err.attempt == attempt:
             shutil.copy(run_dir / "errors" / f"rank-{err.rank}.json", out / "errors")
-    for name, found in (("hang.json", runfiles.read_hang(run_dir, attempt)),
-                        ("lost.json", runfiles.read_lost(run_dir, attempt))):
-        if found:
-            (out / name).write_text(json.dumps(found, indent=1) + "\n")
     recorded = {k: line.get(k) for k in RECORDED}
     case = {"attempt": attempt, "context": line["context"], "recorded": recorded,
             "expect": expect or {k: recorded[k] for k in ("ending", "rank", "node") if recorded[k] is not None}}

@@ -22,16 +22,12 @@ CASES = sorted(p.name for p in DATA.iterdir() if (p / "case.json").exists())
 
 def evidence_of(folder: Path) -> Evidence:
     """A fixture captured from a real job (scripts/capture-failure.py) as the batch shell saw it: the context its
-    attempt line kept, and the copied files."""
+    attempt line kept, and the copied logs."""
     case = json.loads((folder / "case.json").read_text())
     found = (runfiles.parse_rank_error(p.read_text()) for p in sorted((folder / "errors").glob("*.json")))
-
-    def optional(name: str) -> dict | None:
-        return json.loads((folder / name).read_text()) if (folder / name).exists() else None
     return with_context(case["attempt"], case["context"], batch_log=(folder / "batch.out").read_text(),
-                      task_logs={int(p.stem.split("-")[1]): p.read_text() for p in folder.glob("task-*.log")},
-                      errors=tuple(e for e in found if e is not None), hang=optional("hang.json"),
-                      lost=optional("lost.json"))
+                        task_logs={int(p.stem.split("-")[1]): p.read_text() for p in folder.glob("task-*.log")},
+                        errors=tuple(e for e in found if e is not None))
 
 
 @pytest.mark.parametrize("name", CASES)

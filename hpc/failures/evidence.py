@@ -99,21 +99,26 @@ class Evidence:
     seen_step: int | None = None                  # the newest step any rank reported
 
 
-# The evidence that is not in the job directory's files: what Slurm and the batch shell saw when the step ended.
-# The attempt's line keeps it, so that the ending can be classified again later from a copy of the files
-# (scripts/capture-failure.py; the drill's cells in tests/data/failures/).
+# What the batch shell saw when the step ended besides the logs: Slurm's view, and the ranks' hang.json and
+# lost.json, which the next attempt replaces. The attempt's line keeps it, so that the ending can be classified
+# again later from that and a copy of the logs (scripts/capture-failure.py; the drill's cells in tests/data/failures/).
 CONTEXT = ("step_status", "job_state", "job_reason", "job_exit", "down_nodes", "ranks_per_task", "launcher",
-           "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted")
+           "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted", "hang", "lost")
+# hang.json's every rank's stacks are for people; the rules read none of them.
+_UNREAD = ("stacks", "groups")
 
 
 def context(ev: Evidence) -> dict[str, Any]:
-    """``ev``'s CONTEXT as JSON values (the down nodes sorted)."""
-    return {k: sorted(v) if isinstance(v := getattr(ev, k), frozenset) else v for k in CONTEXT}
+    """``ev``'s CONTEXT as JSON values (the down nodes sorted, the hang without its stacks)."""
+    out = {k: sorted(v) if isinstance(v := getattr(ev, k), frozenset) else v for k in CONTEXT}
+    if out["hang"]:
+        out["hang"] = {k: v for k, v in out["hang"].items() if k not in _UNREAD}
+    return out
 
 
 def with_context(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
-    """The Evidence of ``attempt`` from its context (as ``context`` gave it; other keys ignored) and its files'
-    fields (batch_log, task_logs, errors, hang, lost)."""
+    """The Evidence of ``attempt`` from its context (as ``context`` gave it; other keys ignored) and its logs'
+    fields (batch_log, task_logs, errors)."""
     known = {f.name for f in fields(Evidence)}
     values = {k: v for k, v in seen.items() if k in CONTEXT and k in known}
     if "down_nodes" in values:
