@@ -124,11 +124,10 @@ class Job(handle.Job):
 def wait_for_step(job: Job, step: int, timeout_s: float) -> int:
     """Block until the job has logged ``step``; raise if it ends or the time runs out first."""
     final = job.wait(POLL_S, timeout_s, until=lambda _: job.newest_step() >= step)
-    if (newest := job.newest_step()) >= step:
-        return newest
-    if final.done:
-        raise RuntimeError(f"job {job.job_id} ended before step {step}")
-    raise RuntimeError(f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
+    if (newest := job.newest_step()) < step:
+        raise RuntimeError(f"job {job.job_id} ended before step {step}" if final.done else
+                           f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
+    return newest
 
 
 def victim(job: Job, timeout_s: float = 30) -> Proc:
@@ -154,10 +153,9 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
 
     def observe(now: handle.Poll) -> None:
         nonlocal lines_at_end, lines, grew_at
-        history = now.attempts
         if lines_at_end is None and job.metric_lines() > lines:
             lines, grew_at = job.metric_lines(), time.time()
-        if history and lines_at_end is None:
+        if now.attempts and lines_at_end is None:
             lines_at_end = job.metric_lines()
             seen.recorded_at = time.time()
             if seen.scenario == "time_limit":

@@ -93,15 +93,14 @@ def _wait(job: Job, started: float | None = None) -> None:
 
 
 def _poller(record: registry.Record) -> tuple[Any, Callable[[Poll], None], list[registry.Record]]:
-    """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts, a dead batch host
-    (the new job its run goes on as is put in the list returned, hpc/rescue.py)."""
+    """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts, a dead batch host."""
     from hpc import rescue
 
     follower = Follower(record, click.get_text_stream("stdout"))
     explain = _pending_reporter(record) if record.via != "local" else None
-    announce = _announcer(record)
+    announce = _announcer()
     watcher = rescue.Watcher(record) if record.via != "local" else None
-    rescued: list[registry.Record] = []
+    rescued: list[registry.Record] = []  # the new job a dead batch host's run goes on as (hpc/rescue.py)
 
     def poll(now: Poll) -> None:
         follower.poll(now.state)
@@ -162,13 +161,12 @@ def _attempt_lines(history: list[dict]) -> list[str]:
     return []
 
 
-def _announcer(record: registry.Record) -> Callable[[list[dict]], None]:
-    """While waiting: say when an attempt is requeued or retried (hpc.job.Job.poll starts such a job at once)."""
+def _announcer() -> Callable[[list[dict]], None]:
+    """While waiting: say when an attempt is requeued or retried (hpc.job.Job.poll starts such a job at once);
+    a local job has none (only requeue.sh records attempts)."""
     announced: set[int] = set()
 
     def announce(history: list[dict]) -> None:
-        if record.via == "local":
-            return
         for a in history:
             if a["attempt"] not in announced:
                 announced.add(a["attempt"])
