@@ -16,9 +16,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from hpc import drill, jobs, monitor
+from hpc import job as handle
 from hpc.drill import (
     FAULT_STEP,
     FAULTS,
@@ -32,10 +33,9 @@ from hpc.drill import (
     resumed_from,
     step_rate,
 )
-from hpc.failures import reconcile
-from hpc.failures import record as records
+from hpc.registry import Record
 from hpc.slurm import commands, grammar, parse, states
-from hpc.vocab import CHECKPOINTS, METRICS, RUN_DIR, batch_log, task_log
+from hpc.vocab import METRICS, RUN_DIR, batch_log, task_log
 
 
 def proc_environ(data: bytes) -> dict[str, str]:
@@ -90,73 +90,52 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-class Job:
-    """A drill job being followed: its files and Slurm's view, polled."""
+class Job(handle.Job):
+    """A drill job being followed (hpc.job.Job), and what only the drill reads of it: its metrics."""
 
-    def __init__(self, job_id: str, job_dir: Path) -> None:
-        self.job_id, self.job_dir = job_id, Path(job_dir)
-        self.run_dir = self.job_dir / RUN_DIR
+    @property
+    def run_dir(self) -> Path:
+        return self.job_dir / RUN_DIR
+
+    def metrics(self) -> str:
+        """Its run's metrics.jsonl ("" until there is one)."""
+        try:
+            return (self.run_dir / METRICS).read_text()
+        except OSError:
+            return ""
 
     def losses(self) -> dict[int, float]:
-        try:
-            return logged_steps((self.run_dir / METRICS).read_text())
-        except OSError:
-            return {}
+        return logged_steps(self.metrics())
 
     def newest_step(self) -> int:
         return max(self.losses(), default=0)
 
     def rate(self) -> float | None:
-        try:
-            return step_rate((self.run_dir / METRICS).read_text())
-        except OSError:
-            return None
+        return step_rate(self.metrics())
 
     def metric_lines(self) -> int:
-        try:
-            return (self.run_dir / METRICS).read_text().count("\n")
-        except OSError:
-            return 0
+        return self.metrics().count("\n")
 
     def steps_after(self, line: int) -> list[int]:
         """The steps logged after the first ``line`` lines of metrics.jsonl (a later attempt's)."""
-        try:
-            text = (self.run_dir / METRICS).read_text()
-        except OSError:
-            return []
-        return list(logged_steps("\n".join(text.splitlines()[line:])))
-
-    def state(self) -> str:
-        return jobs.slurm_state(self.job_id).state
-
-    def attempts(self) -> list[dict[str, Any]]:
-        return records.load(self.job_dir)
+        return list(logged_steps("\n".join(self.metrics().splitlines()[line:])))
 
 
 def wait_for_step(job: Job, step: int, timeout_s: float) -> int:
     """Block until the job has logged ``step``; raise if it ends or the time runs out first."""
-    deadline = time.monotonic() + timeout_s
-    polls = 0
-    while time.monotonic() < deadline:
-        newest = job.newest_step()
-        if newest >= step:
-            return newest
-        polls += 1
-        if polls % 25 == 0 and job.state() in states.TERMINAL:
-            raise RuntimeError(f"job {job.job_id} ended before step {step}")
-        time.sleep(POLL_S)
-    raise RuntimeError(f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
+    final = job.wait(POLL_S, timeout_s, until=lambda _: job.newest_step() >= step)
+    if (newest := job.newest_step()) < step:
+        raise RuntimeError(f"job {job.job_id} ended before step {step}" if final.done else
+                           f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
+    return newest
 
 
 def victim(job: Job, timeout_s: float = 30) -> Proc:
     """The highest rank's process (on the last node: never the batch host when the job spans nodes)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ranks = [p for p in job_processes(job.job_id) if p.rank is not None]
-        if ranks:
-            return max(ranks, key=lambda p: p.rank)
-        time.sleep(POLL_S)
-    raise RuntimeError(f"no rank of job {job.job_id} found in /proc")
+    ranks = handle.follow(lambda: [p for p in job_processes(job.job_id) if p.rank is not None], bool, POLL_S, timeout_s)
+    if not ranks:
+        raise RuntimeError(f"no rank of job {job.job_id} found in /proc")
+    return max(ranks, key=lambda p: p.rank)
 
 
 def first_step_after(job: Job, attempt: int) -> float | None:
@@ -169,16 +148,14 @@ def first_step_after(job: Job, attempt: int) -> float | None:
 def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None] = lambda: None) -> None:
     """Wait for the job to end, starting a requeued job at once (as ``submit --wait`` does) and noting when the
     first training step after the faulted attempt appears in metrics.jsonl."""
-    deadline = time.monotonic() + timeout_s
     lines_at_end = None
     lines, grew_at = job.metric_lines(), time.time()
-    while time.monotonic() < deadline:
-        during()
-        state = job.state()
-        history = reconcile.poll(job.job_dir, job.job_id, state)
+
+    def observe(now: handle.Poll) -> None:
+        nonlocal lines_at_end, lines, grew_at
         if lines_at_end is None and job.metric_lines() > lines:
             lines, grew_at = job.metric_lines(), time.time()
-        if history and lines_at_end is None:
+        if now.attempts and lines_at_end is None:
             lines_at_end = job.metric_lines()
             seen.recorded_at = time.time()
             if seen.scenario == "time_limit":
@@ -190,10 +167,12 @@ def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None
         if lines_at_end is not None and seen.back_at is None and seen.fault_step is not None and any(
                 s >= seen.fault_step for s in job.steps_after(lines_at_end)):
             seen.back_at = time.time()
-        if state in states.TERMINAL:
-            seen.final_state = state
-            break
-        time.sleep(POLL_S)
+
+    during()
+    final = job.wait(POLL_S, timeout_s, on_poll=lambda now: (observe(now), during()))
+    if final.done:
+        observe(handle.Poll(final, job.attempts()))
+        seen.final_state = final.state
     else:
         seen.problems.append(f"the job did not end within {timeout_s:.0f} s")
         commands.scancel([job.job_id])
@@ -267,14 +246,13 @@ def resume_node(node: str, node_control: str | None = None) -> None:
         commands.update("node", node, State="RESUME")
 
 
-def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], steps: int,
+def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int,
                  out: Callable[[str], None], timeout_s: float = 600, node_control: str | None = None) -> Observed:
     """Submit the scenario's job, fault it at FAULT_STEP, follow it to the end, collect what it did."""
     seen = Observed(scenario)
-    job_id, job_dir = submit(scenario, steps)
-    seen.job_id, seen.job_dir = job_id, str(job_dir)
-    job = Job(job_id, job_dir)
-    out(f"{scenario}: job {job_id} submitted ({job_dir}); fault at step {FAULT_STEP}: {FAULTS[scenario]}")
+    job = Job(submit(scenario, steps))
+    seen.job_id, seen.job_dir = job.job_id, job.record.job_dir
+    out(f"{scenario}: job {job.job_id} submitted ({job.job_dir}); fault at step {FAULT_STEP}: {FAULTS[scenario]}")
     node_down = None
     try:
         wait_for_step(job, FAULT_STEP, timeout_s=300)
@@ -289,7 +267,7 @@ def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], 
                 # died stays dead until the job runs elsewhere: a retry through the queue waits for Slurm to
                 # notice (SlurmdTimeout) as it would at 3 a.m.
                 moved = job.attempts() and (not node_control or job.attempts()[-1].get("action") == "relaunch"
-                                            or (job.state() == "RUNNING" and first_step_after(job, 1)))
+                                            or (job.state().state == "RUNNING" and first_step_after(job, 1)))
                 if node_down and (moved or (not node_control and time.monotonic() > resume_after)):
                     resume_node(node_down, node_control)
                     node_down = None
@@ -297,18 +275,18 @@ def run_scenario(scenario: str, submit: Callable[[str, int], tuple[str, Path]], 
         follow(job, seen, timeout_s, during)
     except RuntimeError as exc:
         seen.problems.append(str(exc))
-        commands.scancel([job_id])
+        commands.scancel([job.job_id])
     finally:
         if node_down:
             resume_node(node_down, node_control)
         if scenario == "hang" and seen.victim_rank is not None:
-            for p in job_processes(job_id):
+            for p in job_processes(job.job_id):
                 _signal(p.pid, signal.SIGCONT)
-    seen.attempts = reconcile.reconcile(job.job_dir, job_id)
+    seen.attempts = job.attempts(accounted=True)
     seen.losses = job.losses()
     try:
         seen.resumed_step = resumed_from((job.job_dir / task_log(0)).read_text(errors="replace"))
-        seen.restarted_at = restart_time((job.job_dir / batch_log(job_id)).read_text(errors="replace"), 1)
+        seen.restarted_at = restart_time((job.job_dir / batch_log(job.job_id)).read_text(errors="replace"), 1)
     except OSError:
         pass
     return seen
@@ -318,21 +296,8 @@ def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]
     """The reference's losses once it has logged ``steps`` (or ended); the caller cancels it. A node that
     really died may have taken the reference's ranks too: it was retried, resumes exactly, and is started
     as soon as it can be, as any waiter does."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = job.state()
-        if job.newest_step() >= steps or state in states.TERMINAL:
-            break
-        reconcile.poll(job.job_dir, job.job_id, state)
-        time.sleep(1.0)
+    job.wait(1.0, timeout_s, until=lambda _: job.newest_step() >= steps)
     return job.losses()
-
-
-def checkpoints_of(run_dir: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(Path(run_dir) / CHECKPOINTS))
-    except OSError:
-        return []
 
 
 def cancel_all(job_ids: Iterable[str]) -> None:
@@ -355,20 +320,20 @@ def _steps_for_time_limit(ref: Job, steps: int, wanted: int | None, say: Callabl
     return chosen
 
 
-def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], tuple[str, Path]], steps: int, *,
+def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], steps: int, *,
               say: Callable[[str], None], timeout_s: float, node_control: str | None = None,
               time_limit_steps: int | None = None, spare_nodes: int = 0) -> list[Result]:
     """Each scenario's job faulted and followed, beside one uninterrupted reference job; every job the drill
-    submitted is cancelled at the end, whatever happens. ``submit(label, steps)`` -> (job id, job directory)."""
-    ref_id, ref_dir = submit("reference", REFERENCE_STEPS_CAP)
-    ref = Job(ref_id, ref_dir)
+    submitted is cancelled at the end, whatever happens. ``submit(label, steps)`` -> the job's record."""
+    ref = Job(submit("reference", REFERENCE_STEPS_CAP))
+    ref_id = ref.job_id
     observed: list[Observed] = []
     limit_steps = steps
     try:
         if "time_limit" in scenarios:
             limit_steps = _steps_for_time_limit(ref, steps, time_limit_steps, say, timeout_s)
         reference_steps = max(steps, limit_steps)
-        say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref_dir})")
+        say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref.job_dir})")
         for scenario in scenarios:
             seen = run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps, say,
                                 timeout_s, node_control)

@@ -11,12 +11,12 @@ import datetime
 import io
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from hpc import jobs, registry, task, vocab
+from hpc.job import Job, follow
 from hpc.slurm import commands
 from hpc.slurm.runner import SlurmError
 from hpc.vocab import BATCH_LOG, TASK_LOG
@@ -43,6 +43,10 @@ class Submitted:
 
     record: registry.Record
     handle: submitit.Job[Any] | None = None
+
+    @property
+    def job(self) -> Job:
+        return Job(self.record, self.handle)
 
 
 def choose(via: str, executor: str, have_slurm: bool) -> str:
@@ -142,10 +146,6 @@ def submit_submitit(rendered: Rendered) -> str:
     return str(job.job_id)
 
 
-def submit_sbatch(rendered: Rendered) -> str:
-    return sbatch(rendered.job_dir / vocab.JOB_SBATCH)
-
-
 def sbatch(script: Path) -> str:
     """``sbatch --parsable SCRIPT``; its job id, or SubmitError."""
     try:
@@ -228,7 +228,7 @@ def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submit
     """Submit and register; raises SubmitError (the job directory is then the caller's to remove)."""
     handle = None
     if where == "sbatch":
-        job_id = submit_sbatch(rendered)
+        job_id = sbatch(rendered.job_dir / vocab.JOB_SBATCH)
     elif where == "submitit":
         job_id = submit_submitit(rendered)
     else:
@@ -248,29 +248,7 @@ def _until_started(record: registry.Record, handle: submitit.Job[Any], timeout_s
     Until then its pid still shows the forking python's command line, and a status taken in that
     moment would read an ended job with no task statuses: FAILED.
     """
-    deadline = time.monotonic() + timeout_s
-    while jobs.controller_pid(record) is None and not handle.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def wait(submitted: Submitted, poll_s: float = 1.0, timeout_s: float | None = None,
-         on_poll: Callable[[jobs.JobState], None] | None = None) -> jobs.JobState:
-    """Block until the job reaches a final state (a requeued job keeps being waited for); ``on_poll`` is
-    called with the state at every poll while it runs (submit --wait shows progress from it)."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    record = submitted.record
-    while True:
-        # Polling our own child reaps it, so the controller never lingers as a zombie; and while it
-        # runs, the job is running whatever /proc says.
-        running = submitted.handle is not None and not submitted.handle.done()
-        current = jobs.JobState(record.job_id, "RUNNING") if running else jobs.state(record)
-        if current.done:
-            return current
-        if deadline is not None and time.monotonic() > deadline:
-            return current
-        if on_poll is not None:
-            on_poll(current)
-        time.sleep(poll_s)
+    follow(lambda: jobs.controller_pid(record) is not None or handle.done(), bool, 0.01, timeout_s)
 
 
 def _one_line(text: str) -> str:

@@ -1,9 +1,14 @@
-"""Specifications of hpc/drill_run.py's parts that need no cluster: finding a job's ranks in /proc. The rest
-runs the drill for real (tests/test_drill.py)."""
+"""Specifications of hpc/drill_run.py's parts that need no cluster: finding a job's ranks in /proc, waiting for
+the fault step. The rest runs the drill for real (tests/test_drill.py)."""
 
 from __future__ import annotations
 
-from hpc import drill_run
+import json
+import subprocess
+
+import pytest
+
+from hpc import drill_run, registry
 
 
 def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
@@ -19,3 +24,33 @@ def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
     (tmp_path / "self").mkdir()
     found = sorted(drill_run.job_processes("7", tmp_path), key=lambda p: p.pid)
     assert [(p.pid, p.rank, p.node) for p in found] == [(10, None, "n2"), (11, 3, "n2")]
+
+
+def drill_job(tmp_path, queue: str, accounted: str = "") -> drill_run.Job:
+    """A drill job Slurm's canned answers call ``queue`` (squeue's row) or ``accounted`` (sacct's) once gone."""
+    def runner(argv):
+        out = queue if argv[0] == "squeue" else accounted if argv[0] == "sacct" else ""
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    record = registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted="")
+    return drill_run.Job(record, runner=runner, sleep=lambda s: None)
+
+
+def log_steps(tmp_path, *steps: int) -> None:
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                                                            for s in steps))
+
+
+def test_the_fault_waits_for_its_step_in_the_jobs_metrics(tmp_path):
+    log_steps(tmp_path, 1, 2, 3)
+    job = drill_job(tmp_path, "7|RUNNING|n1|0:05\n")
+    assert drill_run.wait_for_step(job, 3, timeout_s=60) == 3
+    assert job.losses() == {1: 1.0, 2: 0.5, 3: 1.0 / 3} and job.steps_after(2) == [3]
+
+
+def test_a_job_that_ends_before_the_fault_step_is_a_problem_named_at_once(tmp_path):
+    log_steps(tmp_path, 1)
+    job = drill_job(tmp_path, "", accounted="7|FAILED|1:0|n1|00:00:05|1\n")
+    with pytest.raises(RuntimeError, match="job 7 ended before step 10"):
+        drill_run.wait_for_step(job, 10, timeout_s=60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
@@ -57,27 +56,3 @@ def test_nudge_only_follows_hpcdists_own_requeue():
     assert reconcile.nudge("5", [{"attempt": 0, "action": "none"}], runner) is False and not calls
     assert reconcile.nudge("5", [{"attempt": 0, "action": "retry", "excluded": ["n2"]}], runner) is True
     assert calls[-1] == ["scontrol", "update", "JobId=5", "StartTime=now", "ExcNodeList=n2"]
-
-
-def test_a_waiters_poll_reads_a_running_jobs_attempts_and_asks_slurm_nothing(tmp_path):
-    line = {"attempt": 0, "job_id": "7", "started": "", "ended": "", "ending": "rank_crashed", "action": "relaunch",
-            "excluded": []}
-    (tmp_path / "attempts.jsonl").write_text(json.dumps(line) + "\n")
-    asked = []
-    history = reconcile.poll(tmp_path, "7", "RUNNING", runner=lambda argv: asked.append(argv))
-    assert [a["action"] for a in history] == ["relaunch"] and asked == []
-
-
-def test_a_waiters_poll_of_a_requeued_job_adds_what_accounting_saw_and_starts_it_at_once(tmp_path):
-    asked = []
-
-    def runner(argv):
-        asked.append(argv[:2])
-        if argv[0] == "sacct":
-            return subprocess.CompletedProcess(argv, 0, "7|NODE_FAIL|0:0|T0|T1|n[1-2]\n7|PENDING|0:0|T2|Unknown|\n", "")
-        shown = "JobState=PENDING Reason=BeginTime SubmitTime=2000-01-01T00:00:00 EligibleTime=2099-01-01T00:00:00"
-        return subprocess.CompletedProcess(argv, 0, shown, "")
-
-    history = reconcile.poll(tmp_path, "7", "PENDING", runner=runner)
-    assert [(a["ending"], a["action"], a["source"]) for a in history] == [("node_failure", "retry", "sacct")]
-    assert asked == [["sacct", "-D"], ["scontrol", "show"], ["scontrol", "update"]]

@@ -36,7 +36,7 @@ def submit_standin(tmp_path, monkeypatch, nodes: int = 2, time_limit: str = "5",
 
 def test_local_tasks_see_the_emulated_slurm_geometry(tmp_path, monkeypatch):
     submitted = submit_standin(tmp_path, monkeypatch, nodes=3)
-    final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
+    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
     assert final.ok, final
     job_id = submitted.record.job_id
     for index in range(3):
@@ -48,14 +48,14 @@ def test_local_tasks_see_the_emulated_slurm_geometry(tmp_path, monkeypatch):
 def test_no_time_limit_lets_a_local_job_run(tmp_path, monkeypatch, time_limit):
     """Slurm reads --time 0 as no limit; the local runner once read it as zero minutes and stopped at once."""
     submitted = submit_standin(tmp_path, monkeypatch, nodes=1, time_limit=time_limit, SLEEP_S="2")
-    final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
+    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
     assert final.ok, final
 
 
 def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     started = time.monotonic()
     submitted = submit_standin(tmp_path, monkeypatch, FAIL_RANK="1", SLEEP_S="60")
-    final = submit.wait(submitted, poll_s=0.2, timeout_s=120)
+    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
     assert time.monotonic() - started < 30, "rank 0 should have been stopped, not left sleeping"
     assert (final.state, final.exit_code) == ("FAILED", 3)
     report = logs.failure_report(submitted.record)
@@ -78,7 +78,7 @@ def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
         time.sleep(0.2)
     assert "RUNNING" in hpcdist(["status", job_id], home).stdout
     assert hpcdist(["cancel", job_id], home).returncode == 0
-    final = submit.wait(submitted, poll_s=0.2, timeout_s=60)
+    final = submitted.job.wait(poll_s=0.2, timeout_s=60)
     assert final.state == "CANCELLED"
     assert hpcdist(["status", str(tmp_path / "job")], home).stdout.startswith(f"{job_id}  CANCELLED")
 

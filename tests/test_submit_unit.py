@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import REPO, environ, hpcdist, path_without_slurm
 
-from hpc import profiles, render, submit
+from hpc import profiles, registry, render, submit
+from hpc.commands import submit as commands_submit
+from hpc.job import Job
 from hpc.spec import JobSpec, time_seconds
 
 
@@ -240,3 +242,64 @@ def test_list_with_no_jobs(tmp_path):
 def test_status_of_an_unknown_job_is_exit_2(tmp_path):
     proc = hpcdist(["status", "31337"], tmp_path / "home")
     assert proc.returncode == 2 and "no job '31337'" in proc.stderr
+
+
+# ---- following a job to its end (hpc/commands/submit.py over hpc.job.Job) --------------------------
+
+def ended_local_job(job_dir: Path, job_id: str, exit_status: str) -> registry.Record:
+    """A local job whose controller is gone and whose only task left ``exit_status``."""
+    (job_dir / "submitit").mkdir(parents=True)
+    (job_dir / "submitit" / f"{job_id}_0_exit").write_text(exit_status)
+    return registry.Record(job_id=job_id, job_dir=str(job_dir), via="local", submitted="")
+
+
+class Running:
+    """submitit's handle of a local job still running for ``polls`` polls."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+# Follower writes to click's stdout stream, which this click release calls deprecated.
+@pytest.mark.filterwarnings("ignore:'get_text_stream' is deprecated")
+def test_submit_wait_prints_the_final_line_and_exits_with_the_jobs_exit_status(tmp_path, capsys):
+    record = ended_local_job(tmp_path / "job", "44", "3")
+    with pytest.raises(SystemExit) as ended:
+        commands_submit._wait(Job(record, handle=Running(2), sleep=lambda s: None))
+    assert ended.value.code == 3
+    out, err = capsys.readouterr()
+    assert re.search(r"^44  FAILED  exit=3  waited=\d+\.\ds$", out, re.M)
+    assert "task 0 (rank 0) failed first: exit status 3" in err
+
+
+def test_a_run_gone_on_as_a_new_job_is_waited_for_as_that_job(tmp_path, capsys, monkeypatch):
+    old = ended_local_job(tmp_path / "old", "44", "9")
+    new = ended_local_job(tmp_path / "new", "45", "0")
+
+    class Quiet:
+        def finish(self, waited_s: float) -> None:
+            pass
+
+    def poller(record):
+        rescued: list = []
+        return Quiet(), lambda now: rescued.append(new) if record is old else None, rescued
+
+    monkeypatch.setattr(commands_submit, "_poller", poller)
+    still_running = Running(50)
+    commands_submit._wait(Job(old, handle=still_running, sleep=lambda s: None))
+    assert capsys.readouterr().out.startswith("45  COMPLETED  exit=0  waited=")
+    assert still_running.polls == 48, "the old job is left at the next poll"
+
+
+def test_logs_follow_prints_a_job_that_ended_once_and_returns(tmp_path):
+    home = tmp_path / "home"
+    record = ended_local_job(tmp_path / "job", "44", "0")
+    (tmp_path / "job" / "logs").mkdir()
+    (tmp_path / "job" / "logs" / "task-0.log").write_text("step 1\nstep 2\n")
+    registry.append(registry.registry_path({"HPCDIST_HOME": str(home)}), record)
+    proc = hpcdist(["logs", "44", "--follow"], home)
+    assert (proc.returncode, proc.stdout) == (0, "step 1\nstep 2\n")

@@ -69,14 +69,13 @@ def drill(config_file: str | None, scenarios: str, steps: int, time_limit_steps:
         options["precision"] = "fp32"  # exact resume is checked to 1e-6: no reduced precision
     say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
 
-    def submit(label: str, job_steps: int) -> tuple[str, Path]:
+    def submit(label: str, job_steps: int) -> Any:
         train_args = (*drilling.TRAIN_ARGS, "--max-steps", str(job_steps), *user_args)
         # The uninterrupted reference needs no spare node.
         chosen_options = {**options, "spare_nodes": None} if label == "reference" else options
         rendered = prepare("drill", config_file, job_dir=str(root / label), job_name=f"{name}-{label}",
                            train_args=train_args, **chosen_options)
-        submitted = submit_or_exit("drill", rendered, where, made)
-        return submitted.record.job_id, Path(rendered.job_dir)
+        return submit_or_exit("drill", rendered, where, made).record
 
     results = drill_run.run_drill(chosen, submit, steps, say=say, timeout_s=timeout_s, node_control=node_control,
                                   time_limit_steps=time_limit_steps, spare_nodes=options.get("spare_nodes") or 0)

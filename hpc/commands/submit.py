@@ -18,9 +18,9 @@ import click
 from hpc import jobs, pending, registry, shown, vocab
 from hpc import logs as job_logs
 from hpc.commands.options import check_container, fail, job_options, lookup, prepare, submit_or_exit
-from hpc.failures import reconcile
 from hpc.failures import record as records
 from hpc.follow import Follower, list_cells, status_lines
+from hpc.job import Job, Poll
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -70,71 +70,54 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     record = submitted.record
     click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
     if wait_:
-        _wait(submitted)
+        _wait(submitted.job)
 
 
-class _Rescued(Exception):
-    """The batch host died and the run goes on as a new job (hpc/rescue.py)."""
-
-    def __init__(self, record: registry.Record) -> None:
-        super().__init__(record.job_id)
-        self.record = record
-
-
-def _wait(submitted: Any) -> None:
+def _wait(job: Job, started: float | None = None) -> None:
     """Follow a job to its end, as `submit --wait` and `watch` do: progress, attempts, a requeued job started
     at once, a dead batch host's run started again as a new job; exit non-zero unless it completed."""
-    from hpc import submit as submitting
-
-    started = time.monotonic()
-    while True:
-        record = submitted.record
-        follower, poll = _poller(record)
-        try:
-            final = submitting.wait(submitted, on_poll=poll)
-        except _Rescued as rescued:
-            submitted = submitting.Submitted(rescued.record)
-            continue
-        break
+    started = time.monotonic() if started is None else started
+    follower, poll, rescued = _poller(job.record)
+    final = job.wait(on_poll=poll, until=lambda _: bool(rescued))
+    if rescued:
+        return _wait(Job(rescued[0]), started)
     follower.finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
-    for line in _attempt_lines(_attempts(record)):
+    for line in _attempt_lines(job.attempts(accounted=True)):
         click.echo(line)
     if not final.ok:
-        report = job_logs.failure_report(record)
+        report = job_logs.failure_report(job.record)
         if report:
             click.echo(report, err=True)
         sys.exit(min(final.exit_code or 1, 255))
 
 
-def _poller(record: registry.Record) -> tuple[Any, Callable[[jobs.JobState], None]]:
+def _poller(record: registry.Record) -> tuple[Any, Callable[[Poll], None], list[registry.Record]]:
     """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts, a dead batch host."""
     from hpc import rescue
 
     follower = Follower(record, click.get_text_stream("stdout"))
     explain = _pending_reporter(record) if record.via != "local" else None
-    retries = _follow_attempts(record)
+    announce = _announcer()
     watcher = rescue.Watcher(record) if record.via != "local" else None
+    rescued: list[registry.Record] = []  # the new job a dead batch host's run goes on as (hpc/rescue.py)
 
-    def poll(current: jobs.JobState) -> None:
-        follower.poll(current)
+    def poll(now: Poll) -> None:
+        follower.poll(now.state)
         if explain is not None:
-            explain(current)
-        retries(current)
+            explain(now.state)
+        announce(now.attempts)
         if watcher is not None:
-            watcher.start_soon(current.state)
-        if watcher is not None and current.state == "RUNNING" and (host := watcher.lost_host()):
+            watcher.start_soon(now.state.state)
+        if watcher is not None and now.state.state == "RUNNING" and (host := watcher.lost_host()):
             new = rescue.resubmit(record, host, os.environ)
-            click.echo(f"hpcdist: {attempts_summary(record)}", err=True)
+            history = records.load(Path(record.job_dir))
+            lost = records.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
+            click.echo(f"hpcdist: {lost}", err=True)
             if new is not None:
-                raise _Rescued(new)
+                rescued.append(new)
 
-    return follower, poll
-
-
-def attempts_summary(record: registry.Record) -> str:
-    history = records.load(Path(record.job_dir))
-    return records.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
+    return follower, poll, rescued
 
 
 @click.command()
@@ -143,13 +126,11 @@ def watch(job: str) -> None:
     """Wait for a job as `submit --wait` does, and start its run again as a new job if its batch host dies.
 
     For jobs nobody keeps a terminal open for: `nohup hpcdist watch JOB &`, or a user service."""
-    from hpc import submit as submitting
-
     record = lookup("watch", job)
     if record.via == "local":
         fail("watch", ValueError(f"job {record.job_id} runs on this machine (local executor); wait for it "
                                  "with `hpcdist status` or `logs -f`"))
-    _wait(submitting.Submitted(record))
+    _wait(Job(record))
 
 
 def _pending_reporter(record: registry.Record) -> Callable[[jobs.JobState], None]:
@@ -173,13 +154,6 @@ def _pending_reporter(record: registry.Record) -> Callable[[jobs.JobState], None
     return report
 
 
-def _attempts(record: registry.Record) -> list[dict]:
-    """The job's attempts, with those its batch shell could not record added from accounting (once)."""
-    if record.via == "local" or not Path(record.job_dir).is_dir():
-        return records.load(Path(record.job_dir))
-    return reconcile.reconcile(Path(record.job_dir), record.job_id)
-
-
 def _attempt_lines(history: list[dict]) -> list[str]:
     """One line per attempt, shown once a job has more than one attempt or its only one did not complete."""
     if len(history) > 1 or (history and history[-1].get("ending") != "completed"):
@@ -187,20 +161,19 @@ def _attempt_lines(history: list[dict]) -> list[str]:
     return []
 
 
-def _follow_attempts(record: registry.Record):
-    """While waiting: say when an attempt is requeued or retried, and start that job without Slurm's delay."""
+def _announcer() -> Callable[[list[dict]], None]:
+    """While waiting: say when an attempt is requeued or retried (hpc.job.Job.poll starts such a job at once);
+    a local job has none (only requeue.sh records attempts)."""
     announced: set[int] = set()
 
-    def poll(current: jobs.JobState) -> None:
-        if record.via == "local":
-            return
-        for a in reconcile.poll(Path(record.job_dir), record.job_id, current.state):
+    def announce(history: list[dict]) -> None:
+        for a in history:
             if a["attempt"] not in announced:
                 announced.add(a["attempt"])
                 if a.get("action") in ("requeue", "relaunch", "retry"):
                     click.echo(f"hpcdist: {records.summary_line(a)}", err=True)
 
-    return poll
+    return announce
 
 
 @click.command()
@@ -209,7 +182,7 @@ def status(job: str) -> None:
     """Show a job's state (Slurm's words: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
     record = lookup("status", job)
     current = jobs.state(record)
-    history = _attempts(record)
+    history = Job(record).attempts(accounted=True)
     cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
         # The root cause first: the first failing rank's own error line, not the peers that noticed it.
@@ -251,15 +224,15 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
             _print_new(path, 0, prefix=False, whole=True)
         return
     offsets: dict[Path, int] = {}
-    while True:
-        done = jobs.state(record).done
-        if rank is None:
-            paths = job_logs.log_files(record)
-        for path in paths:
-            offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(paths) > 1)
-        if done:
-            return
-        time.sleep(FOLLOW_POLL_S)
+
+    def print_new(*_: Any) -> None:
+        shown = followed.logs() if rank is None else paths
+        for path in shown:
+            offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(shown) > 1)
+
+    followed = Job(record)
+    followed.wait(FOLLOW_POLL_S, on_poll=print_new)
+    print_new()
 
 
 def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> int:
@@ -298,7 +271,7 @@ def cancel(job: str) -> None:
         click.echo(f"job {record.job_id} already ended: {current.state}")
         return
     try:
-        jobs.cancel(record)
+        Job(record).cancel()
     except registry.JobError as exc:
         click.echo(f"hpcdist cancel: {exc}", err=True)
         sys.exit(1)
@@ -320,7 +293,7 @@ def list_jobs(last: int) -> None:
     for r in recent:
         where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
         # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
-        history = _attempts(r) if current[r.job_id].done else records.load(Path(r.job_dir))
+        history = Job(r).attempts(accounted=current[r.job_id].done)
         ending = history[-1]["ending"] if history else "-"
         rows.append((r.job_id, r.via, current[r.job_id].state, ending, *list_cells(r), r.submitted, r.job_name,
                      r.backend, r.launcher, str(r.nodes), str(r.world_size), where))

@@ -13,13 +13,12 @@ import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
-from hpc import fileio
+from hpc import fileio, job
 from hpc.commands.options import fail, job_options, values_from_options
 from hpc.slurm import commands, parse, states
 
@@ -226,11 +225,9 @@ def current_rows(sweep_dir: Path) -> list[Any]:
 
 
 def wait(sweep_dir: Path) -> list[Any]:
-    while True:
-        rows = current_rows(sweep_dir)
-        if all(r.state in states.TERMINAL for r in rows):
-            return rows
-        time.sleep(WAIT_POLL_S)
+    """Every task's row once all have ended: hpc.job's one follow loop, one sacct per poll for all the arrays."""
+    return job.follow(lambda: current_rows(sweep_dir), lambda rows: all(r.state in states.TERMINAL for r in rows),
+                      WAIT_POLL_S)
 
 
 def _read(command: str, sweep_dir: str) -> list[Any]:

@@ -2,7 +2,7 @@
 it), read from accounting; and the nudge that starts a requeued job as soon as its nodes are ready.
 
     reconcile(job_dir, "42")       # every attempt line, oldest first, the missing ones added from sacct
-    nudge("42", attempts)          # whoever waits on the job calls this at each poll
+    nudge("42", attempts)          # every waiter's poll calls this (hpc/job.py)
 """
 
 from __future__ import annotations
@@ -111,12 +111,3 @@ def nudge(job_id: str, attempts: Sequence[Mapping[str, Any]], runner: Runner = r
     extra = {"ExcNodeList": excluded} if excluded and job.get("ExcNodeList") != excluded else {}
     return commands.start_now(job_id, runner, **extra)
 
-
-def poll(job_dir: Path, job_id: str, state: str, runner: Runner = run) -> list[dict[str, Any]]:
-    """One poll of whoever waits on a job (``submit --wait``, ``watch``, the drill): its attempt lines, with
-    those accounting saw end unrecorded added while it waits requeued, and a requeued job started at once."""
-    if states.base(state) not in states.REQUEUED:
-        return records.load(job_dir)
-    history = reconcile(job_dir, job_id, runner)
-    nudge(job_id, history, runner)
-    return history
