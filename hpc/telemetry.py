@@ -74,7 +74,8 @@ def stragglers_of(record: registry.Record) -> list[dict[str, Any]]:
     return monitor.run_stragglers(histories)
 
 
-def waterfalls(record: registry.Record) -> list[timeline.Waterfall]:
+def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | None = None) -> list[timeline.Waterfall]:
+    """Every rank's start-up waterfall; ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
     beats = monitor.read_heartbeats(rdir)
     histories = histories_of(rdir)
@@ -90,6 +91,6 @@ def waterfalls(record: registry.Record) -> list[timeline.Waterfall]:
         world = [(a, logs.task_of(record, t) if record.world_size == record.ntasks else t, f"task {t}")
                  for a, entry in shell.items() for t in entry["tasks"]]
     task_of = {rank: logs.task_of(record, rank) for _, rank, _ in world if 0 <= rank < max(record.world_size, 1)}
-    return timeline.assemble(world, task_of, shell, marks, sacct_attempts(record),
+    return timeline.assemble(world, task_of, shell, marks, sacct_attempts(record) if slurm is None else slurm,
                              timeline.iso_time(record.submitted))
 
