@@ -66,11 +66,12 @@ def board_of(record: registry.Record, now: float | None = None, watch: monitor.W
 def stragglers_of(record: registry.Record) -> list[dict[str, Any]]:
     """The job's stragglers: while it trains, the live board's (its last few heartbeats); after, the whole
     newest attempt's from the ranks' heartbeat histories."""
-    board = board_of(record)
-    histories = histories_of(run_dir(record))
-    every_rank = len(histories) >= len(board.ranks)  # else a job too large to read every history: the rings
-    if any(v.beat.phase == "train" for v in board.ranks) or not histories or not every_rank:
-        return [monitor.straggler_json(v) for v in board.stragglers]
+    rdir = run_dir(record)
+    beats, histories = monitor.read_heartbeats(rdir), histories_of(rdir)
+    current = monitor.newest_attempt(beats)
+    every_rank = len(histories) >= len(current)  # else a job too large to read every history: the rings
+    if any(b.phase == "train" for b in current.values()) or not histories or not every_rank:
+        return [monitor.straggler_json(v) for v in monitor.stragglers(beats, time.time(), histories)]
     return monitor.run_stragglers(histories)
 
 

@@ -211,7 +211,8 @@ def worst(falls: Sequence[Waterfall], most: int = 16) -> list[Waterfall]:
     if len(falls) <= most:
         return list(falls)
     firsts = [w for w in falls if w.rank == 0][: most // 2]
-    late = sorted((w for w in falls if w.rank != 0), key=lambda w: (w.end, w.wall_s))[len(firsts) - most:]
+    late = sorted((w for w in falls if w.rank != 0), key=lambda w: (w.start + (wall := w.wall_s), wall))  # (end, wall)
+    late = late[len(firsts) - most:]
     return sorted(firsts + late, key=lambda w: (w.attempt, w.rank))
 
 
