@@ -58,9 +58,14 @@ def read_bytes(path: Path, limit: int = MAX_BYTES, tail: bool = False, follow: b
             size = os.fstat(f.fileno()).st_size
             if size > limit and not tail:
                 raise Damaged(f"{path} is {size} bytes, over the {limit} a file like it can be")
-            f.seek(max(size - limit, 0))
-            # A file still growing is read only as far as it was long: the bound holds either way.
-            return f.read(limit)
+            start = max(size - limit, 0)
+            f.seek(start)
+            # In pieces no larger than the file (or 64 KiB past its end): one read(limit) allocates the whole
+            # limit first, 16 MiB for each 5 KB node file. A file still growing is read until the bound.
+            data = f.read(min(size - start, limit))
+            while len(data) < limit and (more := f.read(min(limit - len(data), 65536))):
+                data += more
+            return data
         except OSError as exc:
             raise Damaged(f"cannot read {path}: {exc.strerror or exc}") from None
 

@@ -209,3 +209,29 @@ def test_yaml_aliases_within_bounds_and_merge_keys_still_work(tmp_path: Path) ->
     path.write_text("base: &b {x: 1}\nuse: {<<: *b, y: 2}\nlist: [*b, *b]\n")
     assert yamlfile.load(path, "job file") == {"base": {"x": 1}, "use": {"x": 1, "y": 2},
                                                "list": [{"x": 1}, {"x": 1}]}
+
+
+def test_a_file_is_read_whole_or_its_tail_within_the_bound_at_any_size(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    for size in (0, 1, 5000, 65535, 65536, 65537, 200_001):
+        data = bytes(i % 251 for i in range(size))
+        path.write_bytes(data)
+        assert jobfiles.read_bytes(path) == data
+        for limit in (1, 4096, 65536, 100_000):
+            assert jobfiles.read_bytes(path, limit, tail=True) == data[-limit:]
+
+
+def test_a_file_that_grew_after_it_was_measured_is_read_up_to_the_bound(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "growing"
+    path.write_bytes(b"x" * 10)
+    real_fstat, calls = jobfiles.os.fstat, []
+
+    def measured_before_it_grew(fd: int):
+        st = real_fstat(fd)
+        calls.append(fd)
+        if len(calls) == 2:  # read_bytes measured it (open_regular did first): then it grows
+            with open(path, "ab") as f:
+                f.write(b"y" * 100_000)
+        return st
+    monkeypatch.setattr(jobfiles.os, "fstat", measured_before_it_grew)
+    assert jobfiles.read_bytes(path, limit=70_000, tail=True) == b"x" * 10 + b"y" * 69_990
