@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -11,7 +13,7 @@ import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 # Job-directory files are small (a heartbeat is ~1 KB, attempts.jsonl a line per attempt); more is damage.
 MAX_BYTES = 16 * 2**20
@@ -215,6 +217,28 @@ def folder(path: Path, pattern: str = "*", most: int = 100_000) -> list[Path]:
         return found
     except OSError:
         return []
+
+
+@contextlib.contextmanager
+def kept(many: bool = True) -> Iterator[None]:
+    """A block that parses ``many`` values the process keeps (4,096 nodes' heartbeats): the garbage collector's
+    passes over 32,768 beats were 0.4 s of ``top``'s 2.1 s and 0.7 s of ``report``'s. So none while parsing (JSON
+    makes no reference cycles) and none over what it made after (gc.freeze); what an earlier block froze is
+    collected first, so a process that reads again and again (``top``, ``submit --wait``) keeps no garbage frozen.
+    A few values are parsed as anything else is."""
+    if not many:
+        yield
+        return
+    gc.unfreeze()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.freeze()
 
 
 def name_too_long(path: str) -> bool:

@@ -11,7 +11,6 @@ Pure except for the two readers at the top, which take a folder and return value
 from __future__ import annotations
 
 import bisect
-import gc
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,32 +56,22 @@ _SEEN: dict[Path, tuple[tuple[int, int], tuple[Heartbeat, ...]]] = {}
 
 
 def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
-    """The newest heartbeat of each rank that wrote one, by rank (from its node's file).
-
-    No garbage collection while the beats are parsed, and none of them looked at again after: 32,768 beats live
-    as long as the command, and the collector's passes over them were 0.3 s of ``top``'s 2.2 s at 4,096 nodes.
-    Parsing makes no reference cycles; what a refreshing ``top`` makes between polls is young and collected."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _read_heartbeats(run_dir)
-    finally:
-        if enabled:
-            gc.enable()
-        gc.freeze()
-
-
-def _read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
-    out: dict[int, Heartbeat] = {}
+    """The newest heartbeat of each rank that wrote one, by rank (from its node's file)."""
+    keys = {}
     for path in jobfiles.folder(beatfile.folder(run_dir), "node-*.json"):
         try:
             st = path.stat()
         except OSError:
             continue
-        key = (st.st_mtime_ns, st.st_size)
-        if _SEEN.get(path, ((), ()))[0] != key:
-            document = beatfile.read_node(path)
-            _SEEN[path] = (key, tuple(beats_in(document)) if document is not None else ())
+        keys[path] = (st.st_mtime_ns, st.st_size)
+    changed = [path for path, key in keys.items() if _SEEN.get(path, ((), ()))[0] != key]
+    if changed:
+        with jobfiles.kept(many=len(changed) >= 64):  # 32,768 beats live as long as the command
+            for path in changed:
+                document = beatfile.read_node(path)
+                _SEEN[path] = (keys[path], tuple(beats_in(document)) if document is not None else ())
+    out: dict[int, Heartbeat] = {}
+    for path in keys:
         out.update((b.rank, b) for b in _SEEN[path][1])
     return dict(sorted(out.items()))
 

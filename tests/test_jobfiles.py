@@ -235,3 +235,45 @@ def test_a_file_that_grew_after_it_was_measured_is_read_up_to_the_bound(tmp_path
         return st
     monkeypatch.setattr(jobfiles.os, "fstat", measured_before_it_grew)
     assert jobfiles.read_bytes(path, limit=70_000, tail=True) == b"x" * 10 + b"y" * 69_990
+
+
+def test_values_kept_are_frozen_out_of_the_collectors_way_and_the_collector_is_left_as_found() -> None:
+    import gc
+
+    try:
+        with jobfiles.kept():
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]
+        assert gc.isenabled() and gc.get_freeze_count() >= len(kept)
+        gc.disable()
+        with jobfiles.kept():
+            pass
+        assert not gc.isenabled()
+        gc.enable()
+        with jobfiles.kept(many=False):
+            assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_garbage_frozen_by_an_earlier_block_is_collected_by_the_next(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    try:
+        with jobfiles.kept():
+            cycle = Cycle()
+            cycle.me = cycle
+            alive = weakref.ref(cycle)
+        del cycle
+        assert alive() is not None  # frozen: no pass looks at it
+        with jobfiles.kept():
+            pass
+        assert alive() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()

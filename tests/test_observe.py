@@ -558,17 +558,3 @@ def test_the_table_pads_every_column_to_its_widest_cell() -> None:
     assert [len(line.split("PID")[0]) for line in lines[:1]] == [len("NODE  RANK  ")]
     assert {line.index("train") for line in lines[1:]} == {lines[0].index("PHASE")}
     assert lines == [line.rstrip() for line in lines]
-
-
-def test_reading_heartbeats_leaves_the_collector_as_it_found_it(tmp_path: Path) -> None:
-    import gc
-
-    publish(tmp_path / "run", [beat(0), beat(1)])
-    assert gc.isenabled() and len(monitor.read_heartbeats(tmp_path / "run")) == 2 and gc.isenabled()
-    gc.disable()
-    try:
-        monitor._SEEN.clear()
-        assert len(monitor.read_heartbeats(tmp_path / "run")) == 2 and not gc.isenabled()
-    finally:
-        gc.enable()
-        gc.unfreeze()
