@@ -224,7 +224,8 @@ def judge(beats: Mapping[int, Heartbeat], now: float, histories: Mapping[int, Se
     """
     current, median_step, stale_after, verdicts = _verdicts(beats, histories or {}, polled or {}, stale_k,
                                                             stale_min_s, ratio, sustain)
-    views = tuple(_view(rank, beat, now, stale_after, progress_at or {}, verdicts) for rank, beat in current.items())
+    progress_at = progress_at or {}
+    views = tuple(_view(rank, beat, now, stale_after, progress_at, verdicts) for rank, beat in current.items())
     return Board(now, views, median_step, stale_after)
 
 
