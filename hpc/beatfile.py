@@ -74,18 +74,21 @@ class Heartbeat:
     def from_mapping(cls, data: Mapping[str, Any]) -> Heartbeat:
         """From a heartbeat's JSON object; ValueError if it has no integer rank."""
         rank = data.get("rank")
-        if not jobfiles.is_a(rank, int) or not 0 <= rank < MAX_RANKS:
+        if not (type(rank) is int or jobfiles.is_a(rank, int)) or not 0 <= rank < MAX_RANKS:
             raise ValueError(f"a heartbeat without a rank in range: {data!r:.80}")
         get = data.get
-        ints = {k: None if (v := _number(get(k))) is None else int(v) for k in _INTS}
-        floats = {k: _number(get(k)) for k in _FLOATS}
+        # A reader at scale builds 32,768 of these: a plain int, a finite float (v - v is 0.0) is kept as it is.
+        values = {k: v if type(v := get(k)) is int and _INT64[0] <= v < _INT64[1] else
+                  None if (v := _number(v)) is None else int(v) for k in _INTS}
+        values.update({k: v if type(v := get(k)) is float and v - v == 0.0 else _number(v) for k in _FLOATS})
+        values.update(attempt=values["attempt"] or 0, step=values["step"] or 0, time=values["time"] or 0.0)
         marks = get("marks") if type(get("marks")) is dict else {}
         ring = get("recent_compute_s") if type(get("recent_compute_s")) is list else ()
-        ints["attempt"], ints["step"], floats["time"] = ints["attempt"] or 0, ints["step"] or 0, floats["time"] or 0.0
         return cls(
-            rank=rank, hostname=str(get("hostname") or ""), phase=str(get("phase") or "unknown"), **ints, **floats,
-            marks={k: float(v) for k, v in marks.items() if k in MARKS and _number(v) is not None},
-            recent_compute_s=tuple(float(v) for v in ring if _number(v) is not None))
+            rank=rank, hostname=str(get("hostname") or ""), phase=str(get("phase") or "unknown"), **values,
+            marks={k: float(v) for k, v in marks.items()
+                   if k in MARKS and (type(v) is float and v - v == 0.0 or _number(v) is not None)},
+            recent_compute_s=_floats(ring))
 
 
 FIELDS = tuple(f.name for f in fields(Heartbeat))
@@ -97,12 +100,22 @@ _INTS = ("node_rank", "local_rank", "world_size", "pid", "attempt", "step", "sta
 _FLOATS = ("time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss", "step_at")
 
 
+_INT64 = (-(2**63), 2**63)
+
+
+def _floats(values: Any) -> tuple[float, ...]:
+    """The finite numbers among ``values`` as floats (what _number keeps); a ring of floats as it is."""
+    if all(type(v) is float for v in values) and math.isfinite(sum(values)):
+        return tuple(values)
+    return tuple(float(v) for v in values if _number(v) is not None)
+
+
 def _number(value: Any) -> float | int | None:
     """The value if a finite number within 64 bits (what jobfiles.loads would keep), never a bool; else None."""
     kind = type(value)
     if kind is float:
         return value if math.isfinite(value) else None
-    return value if kind is int and -(2**63) <= value < 2**63 else None
+    return value if kind is int and _INT64[0] <= value < _INT64[1] else None
 
 
 def folder(run_dir: Path) -> Path:
@@ -173,7 +186,7 @@ def read_latest(run_dir: Path) -> dict[str, dict]:
 def history_files(run_dir: Path, nodes: Any = None) -> dict[str, list[Path]]:
     """node file name -> its history files, oldest first; ``nodes`` (node numbers) limits which."""
     out: dict[str, list[Path]] = {}
-    for path in sorted(jobfiles.folder(folder(run_dir), "node-*.jsonl")):
+    for path in sorted(jobfiles.folder(folder(run_dir), "node-*.jsonl"), key=lambda p: p.name):  # one folder
         number = path.name[len("node-"):-len(".jsonl")]
         if nodes is None or (number.isdigit() and int(number) in nodes):
             out[path.stem + ".json"] = [p for p in (path.with_name(path.name + ".1"), path) if p.is_file()]

@@ -21,10 +21,11 @@ def _time(value: Any) -> float | None:
     return timeline.iso_time(value) if isinstance(value, str) else None
 
 
-def goodput_of(record: registry.Record, falls: list[timeline.Waterfall]) -> dict[str, Any]:
+def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
+               slurm: list[dict[str, float | None]] | None = None) -> dict[str, Any]:
     """hpc.report.goodput of every attempt seen: it began when its waterfalls say it was allocated, and ended
     when attempts.jsonl says, else when sacct does, else at its last heartbeat (a killed attempt leaves no
-    record of its own end)."""
+    record of its own end). ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
     histories = histories_of(rdir)
     beats = monitor.read_heartbeats(rdir)
@@ -33,9 +34,9 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall]) -> dict
     seen |= {w.attempt for w in falls} | {a["attempt"] for a in attempts if isinstance(a.get("attempt"), int)}
     starts: dict[int, float] = {}
     for w in falls:
-        starts[w.attempt] = min(starts.get(w.attempt, w.allocated_at), w.allocated_at)
+        starts[w.attempt] = min(starts.get(w.attempt, at := w.allocated_at), at)
     ends = {a["attempt"]: t for a in attempts if (t := _time(a.get("ended"))) is not None}
-    for attempt, row in enumerate(sacct_attempts(record)):
+    for attempt, row in enumerate(sacct_attempts(record) if slurm is None else slurm):
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt in seen:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -11,7 +13,7 @@ import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 # Job-directory files are small (a heartbeat is ~1 KB, attempts.jsonl a line per attempt); more is damage.
 MAX_BYTES = 16 * 2**20
@@ -58,9 +60,14 @@ def read_bytes(path: Path, limit: int = MAX_BYTES, tail: bool = False, follow: b
             size = os.fstat(f.fileno()).st_size
             if size > limit and not tail:
                 raise Damaged(f"{path} is {size} bytes, over the {limit} a file like it can be")
-            f.seek(max(size - limit, 0))
-            # A file still growing is read only as far as it was long: the bound holds either way.
-            return f.read(limit)
+            start = max(size - limit, 0)
+            f.seek(start)
+            # In pieces no larger than the file (or 64 KiB past its end): one read(limit) allocates the whole
+            # limit first, 16 MiB for each 5 KB node file. A file still growing is read until the bound.
+            data = f.read(min(size - start, limit))
+            while len(data) < limit and (more := f.read(min(limit - len(data), 65536))):
+                data += more
+            return data
         except OSError as exc:
             raise Damaged(f"cannot read {path}: {exc.strerror or exc}") from None
 
@@ -210,6 +217,28 @@ def folder(path: Path, pattern: str = "*", most: int = 100_000) -> list[Path]:
         return found
     except OSError:
         return []
+
+
+@contextlib.contextmanager
+def kept(many: bool = True) -> Iterator[None]:
+    """A block that parses ``many`` values the process keeps (4,096 nodes' heartbeats): the garbage collector's
+    passes over 32,768 beats were 0.4 s of ``top``'s 2.1 s and 0.7 s of ``report``'s. So none while parsing (JSON
+    makes no reference cycles) and none over what it made after (gc.freeze); what an earlier block froze is
+    collected first, so a process that reads again and again (``top``, ``submit --wait``) keeps no garbage frozen.
+    A few values are parsed as anything else is."""
+    if not many:
+        yield
+        return
+    gc.unfreeze()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.freeze()
 
 
 def name_too_long(path: str) -> bool:

@@ -57,16 +57,21 @@ _SEEN: dict[Path, tuple[tuple[int, int], tuple[Heartbeat, ...]]] = {}
 
 def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
     """The newest heartbeat of each rank that wrote one, by rank (from its node's file)."""
-    out: dict[int, Heartbeat] = {}
+    keys = {}
     for path in jobfiles.folder(beatfile.folder(run_dir), "node-*.json"):
         try:
             st = path.stat()
         except OSError:
             continue
-        key = (st.st_mtime_ns, st.st_size)
-        if _SEEN.get(path, ((), ()))[0] != key:
-            document = beatfile.read_node(path)
-            _SEEN[path] = (key, tuple(beats_in(document)) if document is not None else ())
+        keys[path] = (st.st_mtime_ns, st.st_size)
+    changed = [path for path, key in keys.items() if _SEEN.get(path, ((), ()))[0] != key]
+    if changed:
+        with jobfiles.kept(many=len(changed) >= 64):  # 32,768 beats live as long as the command
+            for path in changed:
+                document = beatfile.read_node(path)
+                _SEEN[path] = (keys[path], tuple(beats_in(document)) if document is not None else ())
+    out: dict[int, Heartbeat] = {}
+    for path in keys:
         out.update((b.rank, b) for b in _SEEN[path][1])
     return dict(sorted(out.items()))
 
@@ -86,7 +91,8 @@ def read_histories(run_dir: Path, nodes: Collection[int] | None = None) -> dict[
 
 def history_nodes(run_dir: Path) -> Collection[int] | None:
     """Which nodes' histories a reader of every rank reads: all (None) up to HISTORY_NODES nodes, else node 0."""
-    return None if len(jobfiles.folder(beatfile.folder(run_dir), "node-*.json")) <= HISTORY_NODES else (0,)
+    many = len(jobfiles.folder(beatfile.folder(run_dir), "node-*.json", most=HISTORY_NODES + 1)) > HISTORY_NODES
+    return (0,) if many else None
 
 
 # ---- judging -----------------------------------------------------------------------------------------
@@ -185,17 +191,23 @@ def straggler_ratios(samples: Mapping[int, Sequence[float]], ratio: float = STRA
     window = window or sustain
     level = {r: statistics.median(s[-window:]) for r, s in samples.items() if s}
     ordered = sorted(level.values())
+    # Leaving out any value below the middle gives one median, any above another: 32,768 ranks need three.
+    half = (len(ordered) - 1) // 2
+    medians: dict[int, float] = {}
     out: dict[int, tuple[bool, float | None]] = {}
     for rank, own in samples.items():
         if not own or len(ordered) < 2:
             out[rank] = (False, None)
             continue
-        reference = _median_without(ordered, level[rank])
+        at = min(max(bisect.bisect_left(ordered, level[rank]), half - 1), half + 1)
+        reference = medians.get(at)
+        if reference is None:
+            reference = medians[at] = _median_without(ordered, ordered[at])
         if reference <= 0:
             out[rank] = (False, None)
             continue
-        above = sum(v >= ratio * reference for v in own[-window:])
-        flagged = above >= sustain and level[rank] >= ratio * reference
+        bar = ratio * reference
+        flagged = level[rank] >= bar and sum(v >= bar for v in own[-window:]) >= sustain
         out[rank] = (flagged, level[rank] / reference)
     return out
 
@@ -210,35 +222,58 @@ def judge(beats: Mapping[int, Heartbeat], now: float, histories: Mapping[int, Se
     values a watcher collected, one per new heartbeat) come from a refreshing ``top``; a one-shot reader
     relies on the heartbeat's own ``step_at`` and ring, or its history.
     """
-    histories = histories or {}
+    current, median_step, stale_after, verdicts = _verdicts(beats, histories or {}, polled or {}, stale_k,
+                                                            stale_min_s, ratio, sustain)
     progress_at = progress_at or {}
-    polled = polled or {}
-    # Only ranks of the newest attempt count: an earlier attempt's files describe processes long gone.
+    views = tuple(_view(rank, beat, now, stale_after, progress_at, verdicts) for rank, beat in current.items())
+    return Board(now, views, median_step, stale_after)
+
+
+def stragglers(beats: Mapping[int, Heartbeat], now: float,
+               histories: Mapping[int, Sequence[Heartbeat]] | None = None) -> tuple[RankView, ...]:
+    """``judge(beats, now, histories).stragglers``, looking at the stale test of the flagged ranks alone (at
+    4,096 nodes the view of every rank is most of judge's time)."""
+    current, _, stale_after, verdicts = _verdicts(beats, histories or {}, {}, STALE_K, STALE_MIN_S, STRAGGLER_RATIO,
+                                                  SUSTAIN)
+    views = (_view(r, current[r], now, stale_after, {}, verdicts) for r, (flagged, _) in verdicts.items() if flagged)
+    return tuple(v for v in views if v.straggler)
+
+
+def newest_attempt(beats: Mapping[int, Heartbeat]) -> dict[int, Heartbeat]:
+    """The beats of the newest attempt, in rank order: an earlier attempt's files describe processes long gone."""
     attempt = max((b.attempt for b in beats.values()), default=0)
-    current = {r: b for r, b in sorted(beats.items()) if b.attempt == attempt}
+    return {r: b for r, b in sorted(beats.items()) if b.attempt == attempt}
+
+
+def _verdicts(beats: Mapping[int, Heartbeat], histories: Mapping[int, Sequence[Heartbeat]],
+              polled: Mapping[int, Sequence[float]], stale_k: float, stale_min_s: float, ratio: float,
+              sustain: int) -> tuple[dict[int, Heartbeat], float | None, float, dict[int, tuple[bool, float | None]]]:
+    """The newest attempt's beats, their median step time, the age past which a rank is stale, the straggler test."""
+    current = newest_attempt(beats)
     median_step = _median(b.step_time_s for b in current.values() if b.phase == "train")
     stale_after = max(stale_k * median_step, stale_min_s) if median_step else stale_min_s
-    training = {r: b for r, b in current.items() if b.phase == "train"}
     samples = {}
-    for r, b in training.items():
-        own = compute_samples(b, histories.get(r, ()))
-        mine = list(polled.get(r, ()))
-        samples[r] = mine if len(mine) > len(own) else own
-    verdicts = straggler_ratios(samples, ratio, sustain)
-    views = []
-    for rank, beat in current.items():
-        age = max(now - beat.time, 0.0)
-        seen = [t for t in (beat.step_at, progress_at.get(rank)) if t is not None] or [beat.time]
-        progress_age = max(now - max(seen), 0.0)
-        stale, why = False, ""
-        if beat.phase not in vocab.FINAL_PHASES:
-            if age > stale_after:
-                stale, why = True, f"no heartbeat for {age:.0f}s"
-            elif beat.phase == "train" and progress_age > stale_after:
-                stale, why = True, f"step {beat.step} unchanged for {progress_age:.0f}s"
-        flagged, compute_ratio = verdicts.get(rank, (False, None))
-        views.append(RankView(beat, age, progress_age, stale, why, flagged and not stale, compute_ratio))
-    return Board(now, tuple(views), median_step, stale_after)
+    for r, b in current.items():
+        if b.phase == "train":
+            own = compute_samples(b, histories.get(r, ()))
+            mine = polled.get(r, ())
+            samples[r] = list(mine) if len(mine) > len(own) else own
+    return current, median_step, stale_after, straggler_ratios(samples, ratio, sustain)
+
+
+def _view(rank: int, beat: Heartbeat, now: float, stale_after: float, progress_at: Mapping[int, float],
+          verdicts: Mapping[int, tuple[bool, float | None]]) -> RankView:
+    age = max(now - beat.time, 0.0)
+    seen = [t for t in (beat.step_at, progress_at.get(rank)) if t is not None]
+    progress_age = max(now - (max(seen) if seen else beat.time), 0.0)
+    stale, why = False, ""
+    if beat.phase not in vocab.FINAL_PHASES:
+        if age > stale_after:
+            stale, why = True, f"no heartbeat for {age:.0f}s"
+        elif beat.phase == "train" and progress_age > stale_after:
+            stale, why = True, f"step {beat.step} unchanged for {progress_age:.0f}s"
+    flagged, compute_ratio = verdicts.get(rank, (False, None))
+    return RankView(beat, age, progress_age, stale, why, flagged and not stale, compute_ratio)
 
 
 class Watch:
@@ -307,10 +342,10 @@ def table(board: Board) -> str:
     for row in rows:
         shown.append(row if row[0] != previous else ("", *row[1:]))
         previous = row[0]
-    widths = [max(len(r[i]) for r in (TABLE_COLUMNS, *shown)) for i in range(len(TABLE_COLUMNS) - 1)]
-    lines = ["  ".join([c.ljust(w) for c, w in zip(r[:-1], widths)] + [r[-1]]).rstrip()
-             for r in (TABLE_COLUMNS, *shown)]
-    return "\n".join(lines)
+    everything = (TABLE_COLUMNS, *shown)
+    widths = [max(map(len, column)) for column in list(zip(*everything))[:-1]]
+    line = "  ".join([f"{{:<{w}}}" for w in widths] + ["{}"])  # each cell left-justified, as str.ljust does
+    return "\n".join([line.format(*r).rstrip() for r in everything])
 
 
 def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]], ratio: float = STRAGGLER_RATIO,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hpc import fileio, jobs, progress, registry, report, timeline, vocab
+from hpc import fileio, jobs, progress, registry, report, telemetry, timeline, vocab
 from hpc.goodput import goodput_of
 from hpc.telemetry import attempts_of, histories_of, read_json, read_jsonl, run_dir, stragglers_of, waterfalls
 
@@ -21,8 +21,9 @@ from hpc.telemetry import attempts_of, histories_of, read_json, read_jsonl, run_
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
     fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
-    falls = waterfalls(record)
-    good = goodput_of(record, falls)
+    slurm = telemetry.sacct_attempts(record)  # asked once: the waterfalls and the goodput both need it
+    falls = waterfalls(record, slurm)
+    good = goodput_of(record, falls, slurm)
     # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
     falls = timeline.worst(falls)
     drawn = draw_charts(folder, record, falls, good)

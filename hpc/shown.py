@@ -27,7 +27,8 @@ def unknown_keys(keys: Iterable[Any], valid: Iterable[str]) -> str:
 def line(text: Any, limit: int = 500) -> str:
     """``text`` as one line a terminal shows as it is: every non-printable character (an escape sequence,
     a newline, a carriage return) written as its Python escape; cut at ``limit`` characters."""
-    out = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+    text = str(text)
+    out = text if text.isprintable() else "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
     return out if len(out) <= limit else out[:limit] + "..."
 
 

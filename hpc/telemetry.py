@@ -66,15 +66,17 @@ def board_of(record: registry.Record, now: float | None = None, watch: monitor.W
 def stragglers_of(record: registry.Record) -> list[dict[str, Any]]:
     """The job's stragglers: while it trains, the live board's (its last few heartbeats); after, the whole
     newest attempt's from the ranks' heartbeat histories."""
-    board = board_of(record)
-    histories = histories_of(run_dir(record))
-    every_rank = len(histories) >= len(board.ranks)  # else a job too large to read every history: the rings
-    if any(v.beat.phase == "train" for v in board.ranks) or not histories or not every_rank:
-        return [monitor.straggler_json(v) for v in board.stragglers]
+    rdir = run_dir(record)
+    beats, histories = monitor.read_heartbeats(rdir), histories_of(rdir)
+    current = monitor.newest_attempt(beats)
+    every_rank = len(histories) >= len(current)  # else a job too large to read every history: the rings
+    if any(b.phase == "train" for b in current.values()) or not histories or not every_rank:
+        return [monitor.straggler_json(v) for v in monitor.stragglers(beats, time.time(), histories)]
     return monitor.run_stragglers(histories)
 
 
-def waterfalls(record: registry.Record) -> list[timeline.Waterfall]:
+def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | None = None) -> list[timeline.Waterfall]:
+    """Every rank's start-up waterfall; ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
     beats = monitor.read_heartbeats(rdir)
     histories = histories_of(rdir)
@@ -90,6 +92,6 @@ def waterfalls(record: registry.Record) -> list[timeline.Waterfall]:
         world = [(a, logs.task_of(record, t) if record.world_size == record.ntasks else t, f"task {t}")
                  for a, entry in shell.items() for t in entry["tasks"]]
     task_of = {rank: logs.task_of(record, rank) for _, rank, _ in world if 0 <= rank < max(record.world_size, 1)}
-    return timeline.assemble(world, task_of, shell, marks, sacct_attempts(record),
+    return timeline.assemble(world, task_of, shell, marks, sacct_attempts(record) if slurm is None else slurm,
                              timeline.iso_time(record.submitted))
 

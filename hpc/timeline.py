@@ -79,7 +79,10 @@ class Waterfall:
     @property
     def allocated_at(self) -> float:
         """The first stamp after the queue: when the allocation (this attempt's node time) began."""
-        return next((t for s in STAMPS[1:] if (t := self.at(s)) is not None), self.start)
+        # What ``at`` answers for each stamp, in one pass over the phases (goodput asks of every rank).
+        ends = {p.ends: p.start + p.seconds for p in reversed(self.phases)}
+        ends[self.first] = self.start
+        return next((ends[s] for s in STAMPS[1:] if s in ends), self.start)
 
     @property
     def slowest(self) -> Phase | None:
@@ -98,7 +101,7 @@ def waterfall(stamps: Mapping[str, float], attempt: int = 0, rank: int = 0, node
     A stamp earlier than the one before it (the registry and sacct keep whole seconds; nodes' clocks
     differ) is taken as equal to it, so phases never go negative and still add up to the wall time.
     """
-    present = [(name, float(stamps[name])) for name in STAMPS if stamps.get(name) is not None]
+    present = [(name, float(when)) for name in STAMPS if (when := stamps.get(name)) is not None]
     if len(present) < 2:
         return None
     phases = []
@@ -106,7 +109,7 @@ def waterfall(stamps: Mapping[str, float], attempt: int = 0, rank: int = 0, node
     for name, when in present[1:]:
         late = when >= at
         end = when if late else at
-        phases.append(Phase(PHASES[name], name, at, end - at, out_of_order=not late))
+        phases.append(Phase(PHASES[name], name, at, end - at, not late))
         at = end
     return Waterfall(attempt, rank, node, present[0][0], present[0][1], tuple(phases))
 
@@ -175,17 +178,21 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     read_shell_stamps; ``marks``: (attempt, rank) -> heartbeat marks; ``slurm``: per attempt Submit/Start;
     ``submitted``: the registry's submission time (attempt 0's, when accounting has none).
     """
+    bases: dict[int, dict[str, float]] = {}
     out = []
     for attempt, rank, node in sorted(set(world)):
-        stamps: dict[str, float] = {}
-        if attempt < len(slurm):
-            stamps.update({k: v for k, v in slurm[attempt].items() if v is not None and k in STAMPS})
-        if attempt == 0 and submitted is not None:
-            stamps.setdefault("submitted", submitted)
-        entry = shell.get(attempt, {})
-        stamps.update({k: v for k, v in entry.get("batch", {}).items() if k in STAMPS})
-        task = entry.get("tasks", {}).get(task_of.get(rank, rank), {})
-        stamps.update({k: v for k, v in task.items() if k in STAMPS})
+        if attempt not in bases:  # what every rank of the attempt shares
+            stamps: dict[str, float] = {}
+            if attempt < len(slurm):
+                stamps.update({k: v for k, v in slurm[attempt].items() if v is not None and k in STAMPS})
+            if attempt == 0 and submitted is not None:
+                stamps.setdefault("submitted", submitted)
+            stamps.update({k: v for k, v in shell.get(attempt, {}).get("batch", {}).items() if k in STAMPS})
+            bases[attempt] = stamps
+        stamps = dict(bases[attempt])
+        task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank))
+        if task:
+            stamps.update({k: v for k, v in task.items() if k in STAMPS})
         stamps.update({k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS})
         found = waterfall(stamps, attempt, rank, node)
         if found is not None:
@@ -204,7 +211,8 @@ def worst(falls: Sequence[Waterfall], most: int = 16) -> list[Waterfall]:
     if len(falls) <= most:
         return list(falls)
     firsts = [w for w in falls if w.rank == 0][: most // 2]
-    late = sorted((w for w in falls if w.rank != 0), key=lambda w: (w.end, w.wall_s))[len(firsts) - most:]
+    late = sorted((w for w in falls if w.rank != 0), key=lambda w: (w.start + (wall := w.wall_s), wall))  # (end, wall)
+    late = late[len(firsts) - most:]
     return sorted(firsts + late, key=lambda w: (w.attempt, w.rank))
 
 

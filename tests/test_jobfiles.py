@@ -209,3 +209,71 @@ def test_yaml_aliases_within_bounds_and_merge_keys_still_work(tmp_path: Path) ->
     path.write_text("base: &b {x: 1}\nuse: {<<: *b, y: 2}\nlist: [*b, *b]\n")
     assert yamlfile.load(path, "job file") == {"base": {"x": 1}, "use": {"x": 1, "y": 2},
                                                "list": [{"x": 1}, {"x": 1}]}
+
+
+def test_a_file_is_read_whole_or_its_tail_within_the_bound_at_any_size(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    for size in (0, 1, 5000, 65535, 65536, 65537, 200_001):
+        data = bytes(i % 251 for i in range(size))
+        path.write_bytes(data)
+        assert jobfiles.read_bytes(path) == data
+        for limit in (1, 4096, 65536, 100_000):
+            assert jobfiles.read_bytes(path, limit, tail=True) == data[-limit:]
+
+
+def test_a_file_that_grew_after_it_was_measured_is_read_up_to_the_bound(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "growing"
+    path.write_bytes(b"x" * 10)
+    real_fstat, calls = jobfiles.os.fstat, []
+
+    def measured_before_it_grew(fd: int):
+        st = real_fstat(fd)
+        calls.append(fd)
+        if len(calls) == 2:  # read_bytes measured it (open_regular did first): then it grows
+            with open(path, "ab") as f:
+                f.write(b"y" * 100_000)
+        return st
+    monkeypatch.setattr(jobfiles.os, "fstat", measured_before_it_grew)
+    assert jobfiles.read_bytes(path, limit=70_000, tail=True) == b"x" * 10 + b"y" * 69_990
+
+
+def test_values_kept_are_frozen_out_of_the_collectors_way_and_the_collector_is_left_as_found() -> None:
+    import gc
+
+    try:
+        with jobfiles.kept():
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]
+        assert gc.isenabled() and gc.get_freeze_count() >= len(kept)
+        gc.disable()
+        with jobfiles.kept():
+            pass
+        assert not gc.isenabled()
+        gc.enable()
+        with jobfiles.kept(many=False):
+            assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_garbage_frozen_by_an_earlier_block_is_collected_by_the_next(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    try:
+        with jobfiles.kept():
+            cycle = Cycle()
+            cycle.me = cycle
+            alive = weakref.ref(cycle)
+        del cycle
+        assert alive() is not None  # frozen: no pass looks at it
+        with jobfiles.kept():
+            pass
+        assert alive() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()

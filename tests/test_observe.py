@@ -486,3 +486,75 @@ def test_every_field_of_the_one_heartbeat_schema_survives_a_read() -> None:
     written.update(rank=3, marks={"process_start": 1.0}, recent_compute_s=[0.1, 0.2], hostname="n4", phase="train")
     read = asdict(monitor.Heartbeat.from_mapping(written))
     assert read == {**written, "recent_compute_s": (0.1, 0.2)}
+
+
+# ---- the fast paths of the readers at 4,096 nodes: the same answers as the plain computation -------------
+
+def _plain_beat(data: dict) -> monitor.Heartbeat:
+    """Heartbeat.from_mapping as it read before its fast path: every value through beatfile._number."""
+    from hpc import beatfile
+
+    ints = {k: None if (v := beatfile._number(data.get(k))) is None else int(v) for k in beatfile._INTS}
+    floats = {k: beatfile._number(data.get(k)) for k in beatfile._FLOATS}
+    ints["attempt"], ints["step"], floats["time"] = ints["attempt"] or 0, ints["step"] or 0, floats["time"] or 0.0
+    return monitor.Heartbeat(
+        rank=data["rank"], hostname=str(data.get("hostname") or ""), phase=str(data.get("phase") or "unknown"),
+        **ints, **floats, marks={k: float(v) for k, v in data["marks"].items()
+                                 if k in beatfile.MARKS and beatfile._number(v) is not None},
+        recent_compute_s=tuple(float(v) for v in data["recent_compute_s"] if beatfile._number(v) is not None))
+
+
+def test_a_beat_read_on_the_fast_path_equals_one_read_value_by_value() -> None:
+    import random
+
+    odd = [None, True, False, "7", 3, -4, 2**63, -(2**63), 2**64, 0.5, -0.0, float("nan"), float("inf"), 1e308, [1]]
+    rng = random.Random(5)
+    for _ in range(500):
+        data = beat(rng.randrange(4), **{k: rng.choice(odd) for k in ("node_rank", "pid", "attempt", "step",
+                                                                       "start_step", "rss_bytes", "time", "loss",
+                                                                       "compute_s", "step_at", "images_per_s")})
+        data["recent_compute_s"] = [rng.choice(odd) for _ in range(rng.randrange(5))] + rng.choice([[], [1e308] * 2])
+        data["marks"] = {m: rng.choice(odd) for m in ("process_start", "model_built", "elsewhere")}
+        got = monitor.Heartbeat.from_mapping(data)
+        assert repr(got) == repr(_plain_beat(data))  # repr: NaN is no NaN's equal, and a float no int
+        assert all(type(v) is float for v in got.recent_compute_s)
+
+
+def test_the_leave_one_out_median_is_the_median_of_the_other_ranks_for_every_rank() -> None:
+    import random
+    import statistics
+
+    rng = random.Random(3)
+    for n in (2, 3, 4, 5, 8, 9, 33):
+        samples = {r: [rng.choice([0.1, 0.2, 0.3, rng.uniform(0.05, 0.5)]) for _ in range(3)] for r in range(n)}
+        levels = {r: statistics.median(s) for r, s in samples.items()}
+        for rank, (flagged, ratio) in monitor.straggler_ratios(samples).items():
+            others = statistics.median([v for r, v in levels.items() if r != rank])
+            assert ratio == levels[rank] / others
+            assert flagged == all(v >= 1.3 * others for v in samples[rank])
+
+
+def test_the_stragglers_alone_are_the_boards_stragglers() -> None:
+    slow = {2: 0.4, 5: 0.5, 6: 0.45}
+    beats = {r: monitor.Heartbeat.from_mapping(beat(r, recent_compute_s=[slow.get(r, 0.1 + r / 1000)] * 4,
+                                                    time=T0 - (60 if r == 5 else 0)))
+             for r in range(8)}
+    board = monitor.judge(beats, T0 + 1)
+    assert [v.beat.rank for v in board.stragglers] == [2, 6]  # 5 is stale, not a straggler
+    assert monitor.stragglers(beats, T0 + 1) == board.stragglers
+
+
+def test_a_waterfalls_allocation_is_when_it_passed_the_first_stamp_after_the_queue() -> None:
+    stamps = {"submitted": 100.0, "batch_start": 130.0, "process_start": 125.0, "first_step_done": 160.0}
+    fall = timeline.waterfall(stamps)
+    assert fall.allocated_at == fall.at("batch_start") == 130.0
+    assert timeline.waterfall({"task_start": 50.0, "first_step_done": 60.0}).allocated_at == 50.0
+
+
+def test_the_table_pads_every_column_to_its_widest_cell() -> None:
+    beats = {r: monitor.Heartbeat.from_mapping(beat(r, pid=10 ** (r + 2), node_rank=0, hostname="n1"))
+             for r in range(3)}
+    lines = monitor.table(monitor.judge(beats, T0 + 1)).splitlines()
+    assert [len(line.split("PID")[0]) for line in lines[:1]] == [len("NODE  RANK  ")]
+    assert {line.index("train") for line in lines[1:]} == {lines[0].index("PHASE")}
+    assert lines == [line.rstrip() for line in lines]
