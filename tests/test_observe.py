@@ -387,6 +387,13 @@ def test_top_once_json_lists_every_rank_with_its_verdicts(tmp_path: Path) -> Non
     assert [s["rank"] for s in data["stale"]] == [1] and data["stragglers"] == []
 
 
+def test_top_redraws_until_the_job_has_ended_and_shows_its_last_board(tmp_path: Path) -> None:
+    record = write_job(tmp_path, [beat(0, phase="done"), beat(1, phase="done")])
+    proc = run_cli(["top", record.job_dir, "--every", "0.2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("job local-1 ") == 1 and "done" in proc.stdout
+
+
 def test_report_writes_the_page_and_charts_with_their_series(tmp_path: Path) -> None:
     hist = {r: [beat(r, time=T0 + i, step=i * 5, images_per_s=100.0 + r, phase="train" if i else "build")
                 for i in range(8)] for r in range(2)}

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from hpc import fileio, jobs, monitor, report, reportfiles, shown, telemetry, timeline
 from hpc.commands.options import Seconds, fail, lookup
+from hpc.job import follow
 
 TOP_EVERY_S = 2.0
 
@@ -40,28 +40,23 @@ def top(job: str, once: bool, as_json: bool, every: float) -> None:
     """
     record = lookup("top", job)
     watch = monitor.Watch()
-    while True:
+    if as_json:
+        board = telemetry.board_of(record, watch=watch)
+        click.echo(json.dumps({"job_id": record.job_id, "state": jobs.state(record).state, "job_dir": record.job_dir,
+                               **board.to_json()}, indent=1))
+        return
+
+    def draw() -> jobs.JobState:
         state = jobs.state(record)
         board = telemetry.board_of(record, watch=watch)
-        if as_json:
-            click.echo(json.dumps({"job_id": record.job_id, "state": state.state, "job_dir": record.job_dir,
-                                   **board.to_json()}, indent=1))
-            return
-        text = f"job {record.job_id}  {state.state}  {record.job_dir}\n{monitor.table(board)}"
-        notes = monitor.straggler_lines(board)
-        if notes:
-            text += "\n" + "\n".join(notes)
-        text = shown.block(text)
-        if once:
-            click.echo(text)
-            return
-        if sys.stdout.isatty():
-            click.echo("\x1b[H\x1b[2J" + text)
+        text = shown.block("\n".join([f"job {record.job_id}  {state.state}  {record.job_dir}", monitor.table(board),
+                                      *monitor.straggler_lines(board)]))
+        if once or not sys.stdout.isatty():
+            click.echo(text if once else text + "\n")
         else:
-            click.echo(text + "\n")
-        if state.done:
-            return
-        time.sleep(every)
+            click.echo("\x1b[H\x1b[2J" + text)
+        return state
+    follow(draw, lambda state: once or state.done, every)
 
 
 @click.command("timeline")
