@@ -37,6 +37,8 @@ from hpc.registry import Record
 from hpc.slurm import commands, grammar, parse, states
 from hpc.vocab import METRICS, RUN_DIR, batch_log, task_log
 
+STATE_EVERY_S = 5.0
+
 
 def proc_environ(data: bytes) -> dict[str, str]:
     return dict(item.split("=", 1) for item in data.decode(errors="replace").split("\0") if "=" in item)
@@ -122,10 +124,21 @@ class Job(handle.Job):
 
 
 def wait_for_step(job: Job, step: int, timeout_s: float) -> int:
-    """Block until the job has logged ``step``; raise if it ends or the time runs out first."""
-    final = job.wait(POLL_S, timeout_s, until=lambda _: job.newest_step() >= step)
-    if (newest := job.newest_step()) < step:
-        raise RuntimeError(f"job {job.job_id} ended before step {step}" if final.done else
+    """Block until the job has logged ``step``; raise if it ends or the time runs out first. The metrics are read
+    at every poll, Slurm asked at most every STATE_EVERY_S: a Slurm command five times a second would take the
+    CPU the job trains on."""
+    asked = [float("-inf")]
+
+    def look() -> tuple[int, bool]:
+        newest, ended = job.newest_step(), False
+        if newest < step and job.clock() - asked[0] >= STATE_EVERY_S:
+            asked[0] = job.clock()
+            ended = job.state().done
+        return newest, ended
+    newest, ended = handle.follow(look, lambda seen: seen[0] >= step or seen[1], POLL_S, timeout_s,
+                                  clock=job.clock, sleep=job.sleep)
+    if newest < step:
+        raise RuntimeError(f"job {job.job_id} ended before step {step}" if ended else
                            f"job {job.job_id} did not reach step {step} within {timeout_s:.0f} s")
     return newest
 

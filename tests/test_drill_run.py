@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from hpc import drill_run, registry
+from hpc import drill_run, jobs, registry
 
 
 def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
@@ -47,6 +47,21 @@ def test_the_fault_waits_for_its_step_in_the_jobs_metrics(tmp_path):
     job = drill_job(tmp_path, "7|RUNNING|n1|0:05\n")
     assert drill_run.wait_for_step(job, 3, timeout_s=60) == 3
     assert job.losses() == {1: 1.0, 2: 0.5, 3: 1.0 / 3} and job.steps_after(2) == [3]
+
+
+def test_waiting_for_the_fault_step_reads_the_metrics_each_poll_and_asks_slurm_every_5_s(tmp_path, monkeypatch):
+    log_steps(tmp_path, 1)
+    now, asked = [0.0], []
+    monkeypatch.setattr(drill_run.Job, "state", lambda self: asked.append(now[0]) or jobs.JobState("7", "RUNNING"))
+
+    def sleep(seconds):
+        now[0] += seconds
+        if now[0] >= 12:
+            log_steps(tmp_path, 1, 2, 3)
+    job = drill_run.Job(registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted=""),
+                        clock=lambda: now[0], sleep=sleep)
+    assert drill_run.wait_for_step(job, 3, timeout_s=60) == 3
+    assert 12 <= now[0] < 12.5 and [round(t) for t in asked] == [0, 5, 10]
 
 
 def test_a_job_that_ends_before_the_fault_step_is_a_problem_named_at_once(tmp_path):
