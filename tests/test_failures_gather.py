@@ -108,44 +108,41 @@ def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):
     assert number("1") == "2" and number("5") == "5"
 
 
-def test_a_rank_killed_in_a_running_allocation_is_relaunched_there(tmp_path):
-    """The batch shell's path with Slurm answering: the job still holds its nodes, one spare among them."""
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "batch-7.out").write_text("hpcdist: attempt 0 started on n1 at T\n"
-                                                   "srun: error: n2: task 1: Killed\n")
+KILLED_ON_N2 = "hpcdist: attempt 0 started on n1 at T\nsrun: error: n2: task 1: Killed\n"
+
+
+def killed_on_n2(job_dir, nodes: str):
+    """Job 7's batch log with rank 1 killed on n2, and a Slurm that says the job runs on ``nodes`` (sinfo rows)."""
+    (job_dir / "logs").mkdir()
+    (job_dir / "logs" / "batch-7.out").write_text(KILLED_ON_N2)
 
     def slurm(argv):
         answers = {"scontrol": "JobId=7 JobState=RUNNING Partition=debug StartTime=T TimeLimit=00:10:00 "
-                               "RunTime=00:01:00\n",
-                   "sinfo": "n1|allocated\nn2|allocated\nn3|allocated\n"}
+                               "RunTime=00:01:00\n", "sinfo": nodes}
         return subprocess.CompletedProcess(argv, 0, answers.get(argv[0], ""), "")
+    return slurm
 
+
+def test_a_rank_killed_in_a_running_allocation_is_relaunched_there(tmp_path):
+    """The batch shell's path with Slurm answering: the job still holds its nodes, one spare among them."""
+    slurm = killed_on_n2(tmp_path, "n1|allocated\nn2|allocated\nn3|allocated\n")
     line, job = gather.end_attempt(tmp_path, "7", 0, 137, Policy(max_retries=2, nodes=2), 1, 2, runner=slurm,
                                    allocation=["n1", "n2", "n3"])
     assert (line["ending"], line["rank"], line["node"], line["action"]) == ("rank_crashed", 1, "n2", "relaunch")
     assert line["excluded"] == ["n2"] and job["JobState"] == "RUNNING"
 
 
-
 def test_the_attempt_line_keeps_what_slurm_and_the_shell_saw_so_it_can_be_classified_again(tmp_path):
     """The context beside the files: with them, a copy of the job directory classifies the same way offline."""
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "batch-7.out").write_text("hpcdist: attempt 0 started on n1 at T\n"
-                                                   "srun: error: n2: task 1: Killed\n")
-
-    def slurm(argv):
-        answers = {"scontrol": "JobId=7 JobState=RUNNING Partition=debug StartTime=T TimeLimit=00:10:00 "
-                               "RunTime=00:01:00\n", "sinfo": "n1|allocated\nn2|down*\nn3|allocated\n"}
-        return subprocess.CompletedProcess(argv, 0, answers.get(argv[0], ""), "")
-
+    slurm = killed_on_n2(tmp_path, "n1|allocated\nn2|down*\nn3|allocated\n")
     line, _ = gather.end_attempt(tmp_path, "7", 0, 137, Policy(max_retries=2, nodes=2), 1, 2, runner=slurm,
                                  launcher="torchrun")
     assert records.load(tmp_path)[0]["context"] == line["context"]
     assert {k: line["context"][k] for k in ("step_status", "job_state", "down_nodes", "launcher", "time_left_s")} == {
         "step_status": 137, "job_state": "RUNNING", "down_nodes": ["n2"], "launcher": "torchrun", "time_left_s": 540}
-    again = with_context(0, line["context"], batch_log="hpcdist: attempt 0 started on n1 at T\n"
-                                                    "srun: error: n2: task 1: Killed\n")
+    again = with_context(0, line["context"], batch_log=KILLED_ON_N2)
     assert rules.classify(again).ending == line["ending"] == "node_failure"
+
 
 def test_a_task_srun_saw_die_of_the_stop_signal_waits_for_its_ranks_checkpoint(tmp_path):
     """Seen under Slurm's OCI containers: the runtime's wrapper died of SIGUSR1 while the rank inside still

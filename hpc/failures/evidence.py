@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import signal as signals
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from hpc.runfiles import RankError
@@ -119,8 +119,7 @@ def context(ev: Evidence) -> dict[str, Any]:
 def with_context(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
     """The Evidence of ``attempt`` from its context (as ``context`` gave it; other keys ignored) and its logs'
     fields (batch_log, task_logs, errors)."""
-    known = {f.name for f in fields(Evidence)}
-    values = {k: v for k, v in seen.items() if k in CONTEXT and k in known}
+    values = {k: v for k, v in seen.items() if k in CONTEXT}
     if "down_nodes" in values:
         values["down_nodes"] = frozenset(values["down_nodes"])
     return Evidence(attempt=attempt, **values, **files)
