@@ -190,13 +190,14 @@ def test_wait_prints_progress_while_it_waits_then_the_summary_and_the_waterfall_
 def test_the_report_of_a_job_preempted_once_and_resumed_counts_the_recomputed_steps(tmp_path: Path) -> None:
     train = ("--max-steps", "200", "--epochs", "1000", "--dataset", "synthetic", "--synthetic-size", "1024",
              "--batch-size", "64", "--threads", "1", "--log-every", "5", "--checkpoint-every", "50",
-             "--hang-timeout-s", "900")
+             "--hang-timeout-s", "900", "--heartbeat-s", "0.25")
     job_id, job_dir = submit(tmp_path, "obs-preempt", train)
     try:
-        until(lambda: heartbeat(job_dir, 0).get("step", 0) >= 62, 300, every=0.3, what="step 62")
+        # The ranks run ~40 steps a second: a beat every 0.25 s and a poll every 0.1 s see step 55 before step 80,
+        # well short of the next checkpoint (step 100), which would leave no step to redo.
+        until(lambda: heartbeat(job_dir, 0).get("step", 0) >= 55, 300, every=0.1, what="step 55")
         pids = [rank_pid(job_dir, r) for r in (0, 1)]
-        # Frozen first: on a fast machine the ranks run ~40 steps a second, past the next checkpoint (step 100)
-        # while scontrol requeue is still on its way.
+        # Frozen first: past the next checkpoint while scontrol requeue is still on its way otherwise.
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         # Preempted with no time to checkpoint: requeued, and the ranks killed at once.
@@ -240,7 +241,7 @@ def test_the_report_of_a_job_preempted_once_and_resumed_counts_the_recomputed_st
     # Steps start+1..reached ran twice: once before the preemption and again after resuming from the newest
     # checkpoint. Where the first attempt got to is what rank 0 last logged or last put in a heartbeat,
     # whichever is further.
-    assert good["redone_steps"] == reached - start and reached > start and reached >= 60
+    assert good["redone_steps"] == reached - start and reached > start and reached >= 55
     assert [a["attempt"] for a in good["attempts"]] == [0, 1]
     assert good["node_s"]["recompute"] > 0 and good["share"]["productive"] > 0
     assert sum(good["share"].values()) == pytest.approx(1.0)
@@ -248,7 +249,9 @@ def test_the_report_of_a_job_preempted_once_and_resumed_counts_the_recomputed_st
     assert [ln["label"] for ln in loss["lines"]] == ["run segment 0", "run segment 1"]
     rate = json.loads((folder / "rate.json").read_text())
     assert [ln["label"] for ln in rate["lines"]] == ["rank 0", "rank 1"]
-    assert all(ln["points"] >= 3 for ln in rate["lines"])
+    # Each rank's rate from its history: a line a checkpoint (phase changes are published at once), both attempts
+    # and the break between them.
+    assert all(ln["points"] >= 4 for ln in rate["lines"]), rate
     falls = json.loads((folder / "waterfall.json").read_text())["waterfalls"]
     assert sorted({(w["attempt"], w["rank"]) for w in falls}) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     page = (folder / "report.html").read_text()

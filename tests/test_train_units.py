@@ -458,23 +458,33 @@ def test_phase_changes_reach_the_history_and_a_publish_comes_at_most_once_per_pe
     now = [1000.0]
     run = tmp_path / "run"
     beats = beating(run, range(2), 60.0, tmp_path / "shm", clock=lambda: now[0], nodes=1)
-    lead = beats[0]
-    written = beatfile.read_node(beatfile.node_path(run, 0))
+    lead, other = beats
     for b in beats:
         b.plan(total_steps=10, local_batch=32)
-        b.phase("train")
-        b.mark("first_step_done", 5.0)
-        b.mark("first_step_done", 9.0)  # a mark is set once
-    # Within the period the node file is not rewritten, whatever the ranks hand over.
+    written = beatfile.read_node(beatfile.node_path(run, 0))
+    other.phase("train")
+    other.mark("first_step_done", 5.0)
+    # Within the period another rank's hand-over does not rewrite the node file...
     assert beatfile.read_node(beatfile.node_path(run, 0)) == written
-    now[0] += 60
-    lead.write()
+    # ...while the publisher's own phase change is published at once, with what the others handed over.
+    lead.phase("train")
     assert {b.phase for b in monitor.read_heartbeats(run).values()} == {"train"}
-    beats[1].finish("done")
+    lead.mark("first_step_done", 5.0)
+    lead.mark("first_step_done", 9.0)  # a mark is set once
+    written = beatfile.read_node(beatfile.node_path(run, 0))
+    now[0] += 10
+    lead.write()
+    assert beatfile.read_node(beatfile.node_path(run, 0)) == written
+    now[0] += 50
+    lead.write()
+    assert monitor.read_heartbeats(run)[0].marks["first_step_done"] == 5.0
+    other.finish("done")
     lead.finish("done")
     last = monitor.read_heartbeats(run)[0]
     assert last.phase == "done" and last.total_steps == 10 and last.marks["first_step_done"] == 5.0
-    assert [b.phase for b in monitor.read_histories(run)[0]] == ["setup", "train", "done"]
+    # A history line at each phase change the publisher saw, and one when HISTORY_EVERY_S passed without one.
+    assert [b.phase for b in monitor.read_histories(run)[0]] == ["setup", "train", "train", "done"]
+    # A rank's beat that two node lines repeat unchanged is one point of its history.
     assert [b.phase for b in monitor.read_histories(run)[1]] == ["train", "done"]
     with pytest.raises(ValueError, match="unknown heartbeat phase"):
         lead.phase("lunch")

@@ -188,7 +188,9 @@ class Heartbeat:
         self.phase_name = name
         self.step_at = self.now()  # a phase change is progress too: a long checkpoint write is not a hang
         if self.identity is not None and self.enabled:
-            self.write()
+            # The node's own phase changes reach its history even when they come between two publishes
+            # (a checkpoint that takes under a beat): phases change seldom, so this costs the file system little.
+            self.write(force=True)
 
     def stepped(self, step: int, loss=None) -> None:
         """The hot path: called once per optimizer step, with the step's loss (a detached tensor, not read here)."""
