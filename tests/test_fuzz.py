@@ -97,8 +97,9 @@ def requested_job_dir(args: list[str], base: Path) -> Path:
         if arg == "--job-dir" and "--" not in args[:i]:
             value = args[i + 1]
     with contextlib.suppress(ValueError):
-        return Path(os.path.abspath(os.path.expanduser(value.replace("~", str(base / "home"), 1)
-                                                       if value.startswith("~") else value)))
+        # Only ``~`` and ``~/...`` are the (sandboxed) home; ``~name`` is that user's home, or the name as it is.
+        home = value == "~" or value.startswith("~/")
+        return Path(os.path.abspath(value.replace("~", str(base / "home"), 1) if home else os.path.expanduser(value)))
     return base / "nowhere"
 
 
