@@ -97,8 +97,8 @@ def test_the_step_rate_skips_start_up_and_sizes_the_time_limit_job_to_outlast_sl
              for s in range(1, 41)]
     rate = drill.step_rate("\n".join(lines) + "\n{\"step\": 41")  # a line being written is skipped
     assert rate == pytest.approx(10.0)
-    # At 10 steps/s: the fault at step 10, 45 s of steps after it, two checkpoints' worth to resume into.
-    assert drill.time_limit_steps(10.0, least=40) == 10 + 450 + 10
+    # At 10 steps/s: the fault at step 10, 35 s of steps after it, two checkpoints' worth to resume into.
+    assert drill.time_limit_steps(10.0, least=40) == 10 + 350 + 10
     assert drill.time_limit_steps(0.0, least=40) == 40
     assert drill.step_rate("") is None
 
