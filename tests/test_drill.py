@@ -22,7 +22,8 @@ from hpc.drill import MATRIX, diagonal, expect
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
 
-@pytest.mark.parametrize("pair,scenario", list(diagonal().items()), ids=lambda v: v)
+@pytest.mark.parametrize("pair,scenario", [pytest.param(*cell, marks=[pytest.mark.kills_node] if cell[1] == "node_loss"
+                                                       else []) for cell in diagonal().items()], ids=lambda v: v)
 def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair, scenario):
     # A 20 s hang threshold instead of the trainer's 60 s keeps the hang scenario short. The job holds a spare
     # node (3 of the cluster's 3), and node_loss kills its node for real: slurmd and every process, no DOWN.

@@ -356,6 +356,7 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
     assert first["hostname"] not in (third["hostname"], peer["hostname"])
 
 
+@pytest.mark.kills_node
 def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_without_it(tmp_path):
     """The node running the batch shell dies for real (slurmd and every process, nobody setting it DOWN): the
     waiter sees it in seconds (the surviving rank names it in lost.json, its slurmd does not answer), cancels

@@ -42,6 +42,15 @@ def test_the_deepspeed_grid_meets_every_pair_of_launcher_stage_and_precision():
     assert len(TRIPLES) == (24 if FULL else 12)
 
 
+def read_summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def read_losses(run_dir) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
 def assert_trained_in_step(launched, codes, run_dir, **expected):
     assert codes == [0] * len(codes), launched.output()
     summary = read_summary(run_dir)
