@@ -3,8 +3,10 @@
     PYTHONPATH=. .venv/bin/python scripts/bench-jobdir.py [--nodes 4096] [--ranks-per-node 8] [--history 20]
 
 (a) counts the namespace operations (create, append-open, rename, mkdir, unlink) the real heartbeat code
-makes on the shared run directory and in node-local storage, in a small real run (2 nodes x 4 ranks of
-train.heartbeat.Heartbeat, each with its thread, for a few periods), and scales them to the large run;
+makes on the shared run directory and in node-local storage, and the opens to read (the watchdogs' looks for
+lost.json and declared.json, the judges' reads of node files), in a small real run (2 nodes x 4 ranks of
+train.heartbeat.Heartbeat, each with its thread and its train.watchdog.Watchdog, for a few periods), and
+scales them to the large run;
 (b) builds a simulated run directory of ``--nodes`` x ``--ranks-per-node`` ranks with the real node writer
 (train.nodebeat.Publisher: each node's latest file and ``--history`` history lines) plus metrics.jsonl, and
 times ``hpcdist top --once``, ``hpcdist status`` and ``hpcdist report`` on it (each a fresh process, as a
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 from hpc import beatfile, ranks, registry
-from train import heartbeat, nodebeat
+from train import heartbeat, nodebeat, watchdog
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = ("open", "replace", "rename", "mkdir", "unlink")
@@ -35,7 +37,7 @@ class Counter:
 
     def __init__(self, shared: Path, local: Path) -> None:
         self.roots = {"shared": str(shared), "local": str(local)}
-        self.counts = {"shared": 0, "local": 0}
+        self.counts = {"shared": 0, "local": 0, "shared_reads": 0, "local_reads": 0}
         self.saved: dict[str, object] = {}
 
     def _where(self, path) -> str | None:
@@ -50,6 +52,8 @@ class Counter:
             where = self._where(path)
             if where and creates(args, kw):
                 self.counts[where] += 1
+            elif where and name == "open":
+                self.counts[where + "_reads"] += 1
             return real(path, *args, **kw)
         setattr(module, name, counted)
 
@@ -80,6 +84,7 @@ def count_small_run(nodes: int, per_node: int, every_s: float, periods: int) -> 
                 beat = heartbeat.Heartbeat(run, every_s=every_s)
                 beat.identify(ranks.resolve(env), env, hostname=f"n{rank // per_node}")
                 beat.phase("train")
+                beat.watch(watchdog.Watchdog(beat, timeout_s=60, factor=10))
                 beats.append(beat)
             start = dict(counter.counts)
             time.sleep(every_s * periods)
@@ -141,7 +146,8 @@ def main() -> None:
     per = count_small_run(2, 4, args.every_s, periods=20)
     old = 3 * nodes * per_node / 2.0  # per rank per 2 s: temp-file create, rename, append-open of rank-R.jsonl
     print(f"namespace ops per node per period (counted, 2 nodes x 4 ranks, 20 periods): shared {per['shared']:.3f}, "
-          f"node-local {per['local']:.2f}")
+          f"node-local {per['local']:.2f}; opens to read: shared {per['shared_reads']:.2f}, "
+          f"node-local {per['local_reads']:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         home, job_dir = Path(tmp) / "home", Path(tmp) / "job"
         run = job_dir / "run"
@@ -157,6 +163,8 @@ def main() -> None:
                 ("heartbeat namespace ops/s on the shared FS, node files (counted x nodes / 2 s)",
                  f"{per['shared'] * nodes / 2.0:,.2f}"),
                 ("node-local hand-over ops/s (tmpfs, per node)", f"{per['local'] / 2.0:,.1f}"),
+                ("heartbeat + watchdog opens to read on the shared FS, per second (counted x nodes / 2 s)",
+                 f"{per['shared_reads'] * nodes / 2.0:,.0f}"),
                 ("files in run/heartbeat/ (old: 2 per rank)", f"{len(list(beatfile.folder(run).iterdir())):,} "
                  f"({2 * nodes * per_node:,})"),
                 ("run/heartbeat/ bytes", f"{size / 2**20:,.0f} MiB"), ("build s", f"{built_s:.1f}")]

@@ -815,6 +815,28 @@ def test_the_first_nodes_judge_and_the_others_only_while_those_are_silent(tmp_pa
     assert not dogs[1].judges()
 
 
+def test_only_one_rank_a_node_reads_the_watchdogs_shared_files_and_hands_them_over_to_the_others(tmp_path):
+    from train import nodebeat
+    from train.watchdog import Watchdog
+    now = [1000.0]
+    run = tmp_path / "run"
+    beats = beating(run, range(4), 60.0, tmp_path / "shm", clock=lambda: now[0], nodes=2)
+    dogs = [Watchdog(b, timeout_s=60, factor=10, clock=lambda: now[0]) for b in beats]
+    assert [d.reads_shared() for d in dogs] == [True, False, True, False]
+    lost = {"node": "n3", "ranks": [4], "since": 990.0, "attempt": 0}
+    (run / "lost.json").write_text(json.dumps(lost))
+    assert dogs[1].lost() is None and dogs[3].lost() is None   # they never look at the run directory
+    assert dogs[0].lost() == lost                              # node 0's reader finds it and hands it over
+    assert dogs[1].lost() == lost and dogs[3].lost() is None   # node 1's reader has not looked yet
+    assert dogs[2].lost() == lost and dogs[3].lost() == lost
+    (run / "stacks").mkdir()
+    (run / "stacks" / "declared.json").write_text(json.dumps({"rank": 3, "declared_at": 1001.0}))
+    assert dogs[1].declared() is None and dogs[0].declared()["rank"] == 3 and dogs[1].declared()["rank"] == 3
+    now[0] = 1200.0   # node 1's local rank 0 froze: rank 3 reads the run directory itself
+    nodebeat.stage(beats[2].stage, {"rank": 2, "time": 900.0})
+    assert dogs[3].reads_shared() and dogs[3].declared()["rank"] == 3
+
+
 def test_a_slurmd_that_refuses_or_ignores_connections_does_not_answer():
     import socket as sockets
 

@@ -42,6 +42,12 @@ def stage(folder: Path, beat: Mapping[str, Any]) -> None:
     fileio.atomic_write(folder / f"rank-{beat['rank']}.json", json.dumps(beat))
 
 
+def hand_over(path: Path, text: str) -> None:
+    """Hand a file to the node's other ranks in its stage (``path`` inside it): the watchdog's relay."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fileio.atomic_write(path, text)
+
+
 def staged(folder: Path) -> dict[int, dict]:
     """Every beat handed over on this node, by rank; one caught mid-replace or foreign is skipped."""
     out = {}

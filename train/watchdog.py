@@ -24,8 +24,12 @@ A node that dies takes its ranks with it, and the survivors would wait in a coll
 timeout. So every judge also looks for a node of this attempt whose file stopped changing LOST_BEATS
 heartbeats ago (its local rank 0, the node's one writer, is gone); if that node's slurmd does not answer
 either (a frozen rank's node still does: that is a hang, above), it names the node in ``RUN_DIR/lost.json``
-and every rank exits 77 within a heartbeat. The batch shell then ends the step, which Slurm would hold open
+and every rank exits 77 within two heartbeats. The batch shell then ends the step, which Slurm would hold open
 for its dead node until SlurmdTimeout.
+
+Only one rank per node looks for declared.json and lost.json on the run directory (its local rank 0, or another
+while that one is frozen): it hands what it finds over in the node-local stage, where the node's other ranks
+read it a beat later. The shared file system sees one reader a node per beat, not one a rank.
 """
 
 from __future__ import annotations
@@ -214,27 +218,47 @@ class Watchdog:
     def read(self) -> dict[int, dict]:
         return heartbeat.read_all(self.run_dir, self.beat.stage)
 
+    def reads_shared(self) -> bool:
+        """Whether this rank reads the run directory's watchdog files (lost.json, declared.json) for its node:
+        local rank 0, or another while its node's local rank 0 is frozen or gone (ranks of a node are numbered
+        contiguously under srun's block distribution, torchrun and DeepSpeed). The others read what it handed
+        over in the node's stage: at 4,096 x 8 ranks a look per rank each beat would be 32,768 opens a second
+        on the shared file system."""
+        local_rank = self.me.get("local_rank", 0)
+        if local_rank == 0 or self.beat.stage is None:
+            return True
+        first = nodebeat.staged(self.beat.stage).get(self.me["rank"] - local_rank)
+        return first is None or self.now() - (first.get("time") or 0) > self.fresh_s
+
     def judges(self) -> bool:
         """Local rank 0 of the first JUDGES nodes judges, every node's while all of those are silent; another
-        rank only while its node's local rank 0 is frozen or gone (ranks of a node are numbered contiguously
-        under srun's block distribution, torchrun and DeepSpeed)."""
-        local_rank = self.me.get("local_rank", 0)
-        if local_rank != 0:
-            first = nodebeat.staged(self.beat.stage).get(self.me["rank"] - local_rank) if self.beat.stage else None
-            return first is None or self.now() - (first.get("time") or 0) > self.fresh_s
-        if self.me.get("node_rank", 0) < JUDGES:
+        rank only while its node's local rank 0 is frozen or gone."""
+        if not self.reads_shared():
+            return False
+        if self.me.get("local_rank", 0) != 0 or self.me.get("node_rank", 0) < JUDGES:
             return True
         # Two small reads a beat, instead of every node's file on every node.
         published = [(beatfile.read_node(beatfile.node_path(self.run_dir, n)) or {}).get("time") for n in range(JUDGES)]
         return not any(isinstance(t, (int, float)) and self.now() - t <= self.lost_s for t in published)
 
+    def shared(self, path: Path) -> dict | None:
+        """The run directory's watchdog file at ``path`` as this node knows it: its reader (``reads_shared``)
+        hands a file it finds over in the node's stage, where the node's other ranks read it a beat later."""
+        relayed = self.beat.stage / path.name if self.beat.stage is not None else None
+        if not self.reads_shared():
+            return _json_object(relayed)
+        found = _json_object(path)
+        if found is not None and relayed is not None and not relayed.exists():
+            try:
+                nodebeat.hand_over(relayed, json.dumps(found))
+            except OSError:
+                pass  # the node's other ranks then learn of it as the collective breaks
+        return found
+
     def lost(self) -> dict | None:
         """This attempt's lost node, if a rank named one."""
-        try:
-            found = json.loads((self.run_dir / vocab.LOST).read_text())
-        except (OSError, ValueError):
-            return None
-        return found if isinstance(found, dict) and found.get("attempt") == self.me.get("attempt", 0) else None
+        found = self.shared(self.run_dir / vocab.LOST)
+        return found if found is not None and found.get("attempt") == self.me.get("attempt", 0) else None
 
     def look_for_lost_node(self) -> dict | None:
         seen = vanished(self.read(), self.now(), me=self.me, lost_s=self.lost_s)
@@ -258,12 +282,9 @@ class Watchdog:
 
     def declared(self) -> dict | None:
         """This launch's declaration, if any rank made one (an older one, from an earlier run, is ignored)."""
-        try:
-            found = json.loads((self.stacks_dir / "declared.json").read_text())
-        except (OSError, ValueError):
-            return None
+        found = self.shared(self.stacks_dir / "declared.json")
         started = self.beat.marks.get("process_start", 0)
-        return found if found.get("declared_at", 0) >= started - 1 else None
+        return found if found is not None and found.get("declared_at", 0) >= started - 1 else None
 
     def declare(self, verdict: Verdict) -> dict:
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
@@ -345,6 +366,14 @@ class Watchdog:
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
         fileio.atomic_write(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")
+
+
+def _json_object(path: Path | None) -> dict | None:
+    try:
+        found = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _port(value: str | None) -> int:
