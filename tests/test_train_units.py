@@ -815,9 +815,9 @@ def test_the_first_nodes_judge_and_the_others_only_while_those_are_silent(tmp_pa
     assert not dogs[1].judges()
 
 
-def test_only_one_rank_a_node_reads_the_watchdogs_shared_files_and_hands_them_over_to_the_others(tmp_path):
+def test_only_one_rank_a_node_reads_the_watchdogs_shared_files_the_others_read_what_it_hands_over(tmp_path):
     from train import nodebeat
-    from train.watchdog import Watchdog
+    from train.watchdog import DECLARED, LOST, Watchdog
     now = [1000.0]
     run = tmp_path / "run"
     beats = beating(run, range(4), 60.0, tmp_path / "shm", clock=lambda: now[0], nodes=2)
@@ -825,16 +825,84 @@ def test_only_one_rank_a_node_reads_the_watchdogs_shared_files_and_hands_them_ov
     assert [d.reads_shared() for d in dogs] == [True, False, True, False]
     lost = {"node": "n3", "ranks": [4], "since": 990.0, "attempt": 0}
     (run / "lost.json").write_text(json.dumps(lost))
+    assert dogs[0].lost() == lost and dogs[2].lost() == lost
     assert dogs[1].lost() is None and dogs[3].lost() is None   # they never look at the run directory
-    assert dogs[0].lost() == lost                              # node 0's reader finds it and hands it over
-    assert dogs[1].lost() == lost and dogs[3].lost() is None   # node 1's reader has not looked yet
-    assert dogs[2].lost() == lost and dogs[3].lost() == lost
+    dogs[0].relay(True, LOST, lost)                            # node 0's reader, about to leave
+    assert dogs[1].lost() == lost and dogs[3].lost() is None   # each node has its own stage
     (run / "stacks").mkdir()
     (run / "stacks" / "declared.json").write_text(json.dumps({"rank": 3, "declared_at": 1001.0}))
-    assert dogs[1].declared() is None and dogs[0].declared()["rank"] == 3 and dogs[1].declared()["rank"] == 3
+    dogs[3].relay(False, DECLARED, {"rank": 0, "declared_at": 1001.0})  # what a rank read in the stage stays there
+    assert dogs[3].declared() is None and dogs[2].declared()["rank"] == 3
     now[0] = 1200.0   # node 1's local rank 0 froze: rank 3 reads the run directory itself
     nodebeat.stage(beats[2].stage, {"rank": 2, "time": 900.0})
     assert dogs[3].reads_shared() and dogs[3].declared()["rank"] == 3
+
+
+def watched(tmp_path: Path, monkeypatch, clock, prepare=lambda beats: None) -> tuple[list, list, list]:
+    """2 nodes x 2 ranks (two stages), each with its heartbeat and a running watchdog whose exits are recorded;
+    ``prepare`` sets the beats up before the watchdogs start. Every watchdog file a rank reads is recorded as
+    (rank, path)."""
+    import threading
+
+    from train import watchdog
+    beats = beating(tmp_path / "run", range(4), 0.05, tmp_path / "shm", clock=clock, nodes=2)
+    prepare(beats)
+    exits, reads, rank_of = [], [], {}
+    real = watchdog._json_object
+    monkeypatch.setattr(watchdog, "_json_object",
+                        lambda path: reads.append((rank_of.get(threading.current_thread()), path)) or real(path))
+    for rank, beat in enumerate(beats):
+        dog = watchdog.Watchdog(beat, timeout_s=60, factor=10, clock=clock, exit=exits.append)
+        beat.watch(dog)
+        rank_of[dog._thread] = rank
+    return beats, exits, reads
+
+
+def test_every_rank_of_every_node_leaves_with_77_within_two_beats_of_lost_json_the_others_reading_their_stage(
+        tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    beats, exits, reads = watched(tmp_path, monkeypatch, time.time)
+    try:
+        time.sleep(0.2)
+        (run / "lost.json").write_text(json.dumps({"node": "n3", "ranks": [4], "since": 1.0, "attempt": 0}))
+        written = time.monotonic()
+        wait_for(lambda: len(exits) == 4, timeout_s=10)
+        took = time.monotonic() - written
+    finally:
+        for b in beats:
+            b.finish("failed")
+    assert exits == [77] * 4 and took < 1.0   # two beats of 0.05 s, with room for a loaded machine
+    assert {rank for rank, path in reads if run in path.parents} == {0, 2}   # the local ranks 0 only
+    assert all(beats[rank].stage in path.parents for rank, path in reads if rank in (1, 3))
+
+
+def test_a_declared_hang_reaches_every_rank_the_judges_node_s_too_and_each_leaves_its_stack(tmp_path, monkeypatch):
+    now = [1000.0]
+    run = tmp_path / "run"
+
+    def rank_3_hangs_at_step_5(beats):
+        for b in beats:
+            b.phase("train")
+            b.stepped(5)
+        now[0] = 1100.0
+        for b in beats[:3]:
+            b.stepped(6)
+        for b in beats:
+            b.write()
+        for b in beats[::2]:
+            b.write(force=True)
+    beats, exits, reads = watched(tmp_path, monkeypatch, lambda: now[0], rank_3_hangs_at_step_5)
+    try:
+        wait_for(lambda: len(exits) == 4, timeout_s=15)
+    finally:
+        for b in beats:
+            b.finish("failed")
+    assert exits == [76] * 4
+    hang = json.loads((run / "hang.json").read_text())
+    assert (hang["rank"], hang["node"], hang["step"]) == (3, "n2", 5) and hang["declared_by"] in (0, 2)
+    assert sorted(hang["stacks"]) == ["0", "1", "2", "3"]
+    assert not any(text.startswith("no stack") for text in hang["stacks"].values())
+    assert {rank for rank, path in reads if run in path.parents} == {0, 2}
 
 
 def test_a_slurmd_that_refuses_or_ignores_connections_does_not_answer():

@@ -8,6 +8,9 @@ system no create, rename or open at all: one write (two with a history line) and
 client that caches writes (NFS) shows them to the other nodes. The namespace operations a node makes there
 are opening its two files once and rotating the history once per HISTORY_BYTES.
 
+The watchdog's reader on the node hands the run directory's lost.json and declared.json over in STAGE too
+(train/watchdog.py), so the node's other ranks poll only node-local files.
+
 STAGE is keyed by the run directory, the job, the attempt and the node rank, so two emulated nodes of a
 local run, two jobs on one node and an attempt relaunched in place never mix their ranks.
 """
@@ -40,12 +43,6 @@ def stage(folder: Path, beat: Mapping[str, Any]) -> None:
     """Hand this rank's beat to its node's publisher: a local temp file renamed over the last one."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     fileio.atomic_write(folder / f"rank-{beat['rank']}.json", json.dumps(beat))
-
-
-def hand_over(path: Path, text: str) -> None:
-    """Hand a file to the node's other ranks in its stage (``path`` inside it): the watchdog's relay."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fileio.atomic_write(path, text)
 
 
 def staged(folder: Path) -> dict[int, dict]:

@@ -24,12 +24,14 @@ A node that dies takes its ranks with it, and the survivors would wait in a coll
 timeout. So every judge also looks for a node of this attempt whose file stopped changing LOST_BEATS
 heartbeats ago (its local rank 0, the node's one writer, is gone); if that node's slurmd does not answer
 either (a frozen rank's node still does: that is a hang, above), it names the node in ``RUN_DIR/lost.json``
-and every rank exits 77 within two heartbeats. The batch shell then ends the step, which Slurm would hold open
-for its dead node until SlurmdTimeout.
+and every rank exits 77 within two heartbeats (one for its node's reader to see it, one for the relay). The
+batch shell then ends the step, which Slurm would hold open for its dead node until SlurmdTimeout.
 
-Only one rank per node looks for declared.json and lost.json on the run directory (its local rank 0, or another
-while that one is frozen): it hands what it finds over in the node-local stage, where the node's other ranks
-read it a beat later. The shared file system sees one reader a node per beat, not one a rank.
+Only one rank per node reads the run directory's watchdog files (lost.json, stacks/declared.json), once a
+beat: its local rank 0, or another while that one is frozen. Before it acts on one (leaves, or dumps its stack),
+it hands it over in the node-local stage, where the node's other ranks look for it at their own next beat: the
+shared file system sees one reader a node per beat, not one a rank, and a rank learns of a lost node or a
+declaration at most two beats after it was written.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
 LOST_BEATS = 3    # heartbeats a whole node may miss before its slurmd is asked whether the node is alive
 JUDGES = 2        # nodes whose local rank 0 judges while any of them publishes
+LOST, DECLARED = vocab.LOST, "stacks/declared.json"  # the watchdog's files in the run directory
 # The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
 
 
@@ -198,20 +201,24 @@ class Watchdog:
     def _watch(self) -> None:
         last_judged = 0.0
         while not self._stop.wait(self.tick_s):
-            lost = self.lost()
-            if lost is None and self.judges():
+            reader = self.reads_shared()
+            judges = reader and self.judges()
+            lost = self.lost(reader)
+            if lost is None and judges:
                 lost = self.look_for_lost_node()
             if lost is not None:
+                self.relay(reader, LOST, lost)
                 self.leave(lost)
                 return
-            declared = self.declared()
-            if declared is None and self.now() - last_judged >= self.judge_every_s and self.judges():
+            declared = self.declared(reader)
+            if declared is None and judges and self.now() - last_judged >= self.judge_every_s:
                 last_judged = self.now()
                 verdict = judge(self.read(), self.now(), timeout_s=self.timeout_s,
                                 factor=self.factor, fresh_s=self.fresh_s)
                 if verdict is not None:
                     declared = self.declare(verdict)
             if declared is not None:
+                self.relay(reader, DECLARED, declared)
                 self.respond(declared)
                 return
 
@@ -241,23 +248,25 @@ class Watchdog:
         published = [(beatfile.read_node(beatfile.node_path(self.run_dir, n)) or {}).get("time") for n in range(JUDGES)]
         return not any(isinstance(t, (int, float)) and self.now() - t <= self.lost_s for t in published)
 
-    def shared(self, path: Path) -> dict | None:
-        """The run directory's watchdog file at ``path`` as this node knows it: its reader (``reads_shared``)
-        hands a file it finds over in the node's stage, where the node's other ranks read it a beat later."""
-        relayed = self.beat.stage / path.name if self.beat.stage is not None else None
-        if not self.reads_shared():
-            return _json_object(relayed)
-        found = _json_object(path)
-        if found is not None and relayed is not None and not relayed.exists():
-            try:
-                nodebeat.hand_over(relayed, json.dumps(found))
-            except OSError:
-                pass  # the node's other ranks then learn of it as the collective breaks
-        return found
+    def shared(self, name: str, reader: bool | None = None) -> dict | None:
+        """The run directory's watchdog file ``name`` as this rank may see it: the node's reader (``reads_shared``)
+        reads the run directory, the node's other ranks only what the reader handed over in the stage."""
+        if reader is None:
+            reader = self.reads_shared()
+        return _json_object(self.run_dir / name if reader else self.beat.stage / Path(name).name)
 
-    def lost(self) -> dict | None:
+    def relay(self, reader: bool, name: str, record: dict) -> None:
+        """Hand ``record`` (read from the run directory's ``name``, or just written there) over to the node's
+        other ranks before acting on it: they look only in the stage."""
+        if reader and self.beat.stage is not None:
+            try:
+                fileio.atomic_write(self.beat.stage / Path(name).name, json.dumps(record))
+            except OSError:
+                pass  # they read the run directory themselves once this rank's beat stops
+
+    def lost(self, reader: bool | None = None) -> dict | None:
         """This attempt's lost node, if a rank named one."""
-        found = self.shared(self.run_dir / vocab.LOST)
+        found = self.shared(LOST, reader)
         return found if found is not None and found.get("attempt") == self.me.get("attempt", 0) else None
 
     def look_for_lost_node(self) -> dict | None:
@@ -267,7 +276,7 @@ class Watchdog:
         node, ranks, since = seen
         record = {"node": node, "ranks": ranks, "since": since, "step": self.beat.step,
                   "declared_by": self.me["rank"], "attempt": self.me.get("attempt", 0), "time": self.now()}
-        if not runfiles.declare(self.run_dir / vocab.LOST, record):
+        if not runfiles.declare(self.run_dir / LOST, record):
             return self.lost() or record
         return record
 
@@ -280,19 +289,20 @@ class Watchdog:
         sys.stdout.flush()
         self.exit(EXIT_NODE_LOST)
 
-    def declared(self) -> dict | None:
+    def declared(self, reader: bool | None = None) -> dict | None:
         """This launch's declaration, if any rank made one (an older one, from an earlier run, is ignored)."""
-        found = self.shared(self.stacks_dir / "declared.json")
+        found = self.shared(DECLARED, reader)
         started = self.beat.marks.get("process_start", 0)
         return found if found is not None and found.get("declared_at", 0) >= started - 1 else None
 
     def declare(self, verdict: Verdict) -> dict:
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
         record = {**asdict(verdict), "declared_by": self.me["rank"], "declared_at": self.now()}
-        path = self.stacks_dir / "declared.json"
+        path = self.run_dir / DECLARED
         if not runfiles.declare(path, record):
-            if self.declared() is not None:
-                return self.declared()
+            theirs = self.declared()
+            if theirs is not None:
+                return theirs
             fileio.atomic_write(path, json.dumps(record) + "\n")  # a stale one from an earlier run of this run dir
         return record
 
@@ -368,9 +378,9 @@ class Watchdog:
         fileio.atomic_write(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")
 
 
-def _json_object(path: Path | None) -> dict | None:
+def _json_object(path: Path) -> dict | None:
     try:
-        found = json.loads(path.read_text()) if path is not None else None
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
