@@ -3,10 +3,12 @@
     PYTHONPATH=. .venv/bin/python scripts/bench-jobdir.py [--nodes 4096] [--ranks-per-node 8] [--history 20]
 
 (a) counts the namespace operations (create, append-open, rename, mkdir, unlink) the real heartbeat code
-makes on the shared run directory and in node-local storage, and the opens to read (the watchdogs' looks for
-lost.json and declared.json, the judges' reads of node files), in a small real run (2 nodes x 4 ranks of
+makes on the shared run directory and in node-local storage, and the reads (opens to read, stat, lstat,
+listdir, scandir: each a metadata request on Lustre or GPFS) there: the watchdogs' looks for lost.json and
+stacks/declared.json, the judges' reads of node files, in a small real run (2 nodes x 4 ranks of
 train.heartbeat.Heartbeat, each with its thread and its train.watchdog.Watchdog, for a few periods), and
-scales them to the large run;
+scales them to the large run: a watchdog file read by local rank 0 once per node, by another rank once per
+rank;
 (b) builds a simulated run directory of ``--nodes`` x ``--ranks-per-node`` ranks with the real node writer
 (train.nodebeat.Publisher: each node's latest file and ``--history`` history lines) plus metrics.jsonl, and
 times ``hpcdist top --once``, ``hpcdist status`` and ``hpcdist report`` on it (each a fresh process, as a
@@ -22,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,14 +33,18 @@ from train import heartbeat, nodebeat, watchdog
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = ("open", "replace", "rename", "mkdir", "unlink")
+LOOKUPS = ("stat", "lstat", "listdir", "scandir")
 
 
 class Counter:
-    """Counts the namespace operations under each of two roots while installed (wraps os and io)."""
+    """Counts the namespace operations and the reads under each of two roots while installed (wraps os and io);
+    the shared root's reads also by thread and by what they read (``heartbeat/`` node files or the rest)."""
 
     def __init__(self, shared: Path, local: Path) -> None:
         self.roots = {"shared": str(shared), "local": str(local)}
+        self.beats = str(beatfile.folder(shared))
         self.counts = {"shared": 0, "local": 0, "shared_reads": 0, "local_reads": 0}
+        self.shared_reads: dict[tuple[int, str], int] = {}   # (thread ident, "beats" or "watch") -> reads
         self.saved: dict[str, object] = {}
 
     def _where(self, path) -> str | None:
@@ -48,13 +55,17 @@ class Counter:
         real = getattr(module, name)
         self.saved[(module, name)] = real
 
-        def counted(path, *args, **kw):
+        def counted(*args, **kw):
+            path = args[0] if args else kw.get("path", kw.get("file", "."))
             where = self._where(path)
-            if where and creates(args, kw):
+            if where and creates(args[1:], kw):
                 self.counts[where] += 1
-            elif where and name == "open":
+            elif where:
                 self.counts[where + "_reads"] += 1
-            return real(path, *args, **kw)
+                if where == "shared":
+                    key = (threading.get_ident(), "beats" if os.fsdecode(path).startswith(self.beats) else "watch")
+                    self.shared_reads[key] = self.shared_reads.get(key, 0) + 1
+            return real(*args, **kw)
         setattr(module, name, counted)
 
     def __enter__(self) -> Counter:
@@ -63,6 +74,8 @@ class Counter:
         self._wrap(os, "open", lambda a, k: bool((a[0] if a else k.get("flags", 0)) & (os.O_CREAT | os.O_APPEND)))
         for name in NAMESPACE[1:]:
             self._wrap(os, name, lambda a, k: True)
+        for name in LOOKUPS:
+            self._wrap(os, name, lambda a, k: False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,10 +84,12 @@ class Counter:
 
 
 def count_small_run(nodes: int, per_node: int, every_s: float, periods: int) -> dict[str, float]:
-    """Namespace operations per node per period in a real run of ``nodes`` x ``per_node`` heartbeats."""
+    """Namespace operations and reads per node per period in a real run of ``nodes`` x ``per_node`` heartbeats;
+    ``watch_first``/``watch_other``: shared reads outside heartbeat/ per local rank 0 / per other rank,
+    ``beats_reads``: shared reads of heartbeat/ per node."""
     with tempfile.TemporaryDirectory() as tmp:
         run, stage = Path(tmp) / "run", Path(tmp) / "shm"
-        beats = []
+        beats, first = [], set()
         with Counter(run, stage) as counter:
             for rank in range(nodes * per_node):
                 env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nodes * per_node), "SLURM_STEP_ID": "0",
@@ -84,14 +99,34 @@ def count_small_run(nodes: int, per_node: int, every_s: float, periods: int) -> 
                 beat = heartbeat.Heartbeat(run, every_s=every_s)
                 beat.identify(ranks.resolve(env), env, hostname=f"n{rank // per_node}")
                 beat.phase("train")
-                beat.watch(watchdog.Watchdog(beat, timeout_s=60, factor=10))
+                dog = watchdog.Watchdog(beat, timeout_s=60, factor=10)
+                beat.watch(dog)
                 beats.append(beat)
-            start = dict(counter.counts)
+                if rank % per_node == 0:
+                    first |= {beat._thread.ident, dog._thread.ident}
+            start, start_reads = dict(counter.counts), dict(counter.shared_reads)
             time.sleep(every_s * periods)
             steady = {k: counter.counts[k] - start[k] for k in start}
+            reads = {k: v - start_reads.get(k, 0) for k, v in counter.shared_reads.items()}
             for beat in reversed(beats):
                 beat.finish("done")
-    return {k: v / nodes / periods for k, v in steady.items()}
+    per = {k: v / nodes / periods for k, v in steady.items()}
+    per["beats_reads"] = sum(v for (_, what), v in reads.items() if what == "beats") / nodes / periods
+    per["watch_first"] = sum(v for (t, what), v in reads.items() if what == "watch" and t in first) / nodes / periods
+    per["watch_other"] = (sum(v for (t, what), v in reads.items() if what == "watch" and t not in first)
+                          / (nodes * (per_node - 1)) / periods)
+    return per
+
+
+def read_rows(per: dict[str, float], nodes: int, per_node: int) -> list[tuple[str, str]]:
+    """The counted reads scaled to ``nodes`` x ``per_node``, per second (a period is 2 s at scale)."""
+    watch = (per["watch_first"] + per["watch_other"] * (per_node - 1)) * nodes / 2.0
+    # At scale two judges read every node's file a beat and every other node's reader two of them (about 4
+    # reads a node); in the small run every node judges, with its folder look-ups (6 a node): an upper bound.
+    return [("watchdog reads of lost.json, stacks/ on the shared FS, per second (counted: local rank 0 x nodes "
+             "+ each other rank x its ranks, / 2 s)", f"{watch:,.0f}"),
+            ("watchdog reads of node files on the shared FS, per second (counted x nodes / 2 s, an upper bound)",
+             f"{per['beats_reads'] * nodes / 2.0:,.0f}")]
 
 
 def build(run: Path, nodes: int, per_node: int, history: int, now: float) -> None:
@@ -146,8 +181,9 @@ def main() -> None:
     per = count_small_run(2, 4, args.every_s, periods=20)
     old = 3 * nodes * per_node / 2.0  # per rank per 2 s: temp-file create, rename, append-open of rank-R.jsonl
     print(f"namespace ops per node per period (counted, 2 nodes x 4 ranks, 20 periods): shared {per['shared']:.3f}, "
-          f"node-local {per['local']:.2f}; opens to read: shared {per['shared_reads']:.2f}, "
-          f"node-local {per['local_reads']:.2f}")
+          f"node-local {per['local']:.2f}; reads (opens to read, stat, listdir): shared {per['shared_reads']:.2f} "
+          f"(lost.json and stacks/ {per['watch_first']:.2f} by local rank 0, {per['watch_other']:.2f} by each other "
+          f"rank; node files {per['beats_reads']:.2f}), node-local {per['local_reads']:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         home, job_dir = Path(tmp) / "home", Path(tmp) / "job"
         run = job_dir / "run"
@@ -163,8 +199,7 @@ def main() -> None:
                 ("heartbeat namespace ops/s on the shared FS, node files (counted x nodes / 2 s)",
                  f"{per['shared'] * nodes / 2.0:,.2f}"),
                 ("node-local hand-over ops/s (tmpfs, per node)", f"{per['local'] / 2.0:,.1f}"),
-                ("heartbeat + watchdog opens to read on the shared FS, per second (counted x nodes / 2 s)",
-                 f"{per['shared_reads'] * nodes / 2.0:,.0f}"),
+                *read_rows(per, nodes, per_node),
                 ("files in run/heartbeat/ (old: 2 per rank)", f"{len(list(beatfile.folder(run).iterdir())):,} "
                  f"({2 * nodes * per_node:,})"),
                 ("run/heartbeat/ bytes", f"{size / 2**20:,.0f} MiB"), ("build s", f"{built_s:.1f}")]
