@@ -123,13 +123,14 @@ class Job(handle.Job):
         return list(logged_steps("\n".join(self.metrics().splitlines()[line:])))
 
 
-def wait_for_step(job: Job, step: int, timeout_s: float) -> int:
+def wait_for_step(job: Job, step: int, timeout_s: float, beside: Callable[[], None] = lambda: None) -> int:
     """Block until the job has logged ``step``; raise if it ends or the time runs out first. The metrics are read
     at every poll, Slurm asked at most every STATE_EVERY_S: a Slurm command five times a second would take the
-    CPU the job trains on."""
+    CPU the job trains on. ``beside`` runs at every poll too."""
     asked = [float("-inf")]
 
     def look() -> tuple[int, bool]:
+        beside()
         newest, ended = job.newest_step(), False
         if newest < step and job.clock() - asked[0] >= STATE_EVERY_S:
             asked[0] = job.clock()
@@ -260,15 +261,17 @@ def resume_node(node: str, node_control: str | None = None) -> None:
 
 
 def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int,
-                 out: Callable[[str], None], timeout_s: float = 600, node_control: str | None = None) -> Observed:
-    """Submit the scenario's job, fault it at FAULT_STEP, follow it to the end, collect what it did."""
+                 out: Callable[[str], None], timeout_s: float = 600, node_control: str | None = None,
+                 beside: Callable[[], None] = lambda: None) -> Observed:
+    """Submit the scenario's job, fault it at FAULT_STEP, follow it to the end, collect what it did; ``beside``
+    runs at every poll of the job."""
     seen = Observed(scenario)
     job = Job(submit(scenario, steps))
     seen.job_id, seen.job_dir = job.job_id, job.record.job_dir
     out(f"{scenario}: job {job.job_id} submitted ({job.job_dir}); fault at step {FAULT_STEP}: {FAULTS[scenario]}")
     node_down = None
     try:
-        wait_for_step(job, FAULT_STEP, timeout_s=300)
+        wait_for_step(job, FAULT_STEP, timeout_s=300, beside=beside)
         during = inject(scenario, job, seen, out, node_control)
         if scenario == "node_loss":
             node_down = seen.victim_node
@@ -285,7 +288,7 @@ def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int
                     resume_node(node_down, node_control)
                     node_down = None
             during = during_node_loss
-        follow(job, seen, timeout_s, during)
+        follow(job, seen, timeout_s, lambda: (during(), beside()))
     except RuntimeError as exc:
         seen.problems.append(str(exc))
         commands.scancel([job.job_id])
@@ -347,13 +350,19 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
             limit_steps = _steps_for_time_limit(ref, steps, time_limit_steps, say, timeout_s)
         reference_steps = max(steps, limit_steps)
         say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref.job_dir})")
+        released = []
+
+        def release() -> None:
+            # Once it has every step needed the reference goes: it shares the CPUs with the scenario's job, or
+            # (several ranks a node) holds the CPUs that job is queued for.
+            if not released and ref.newest_step() >= reference_steps:
+                cancel_all([ref_id])
+                released.append(True)
         for scenario in scenarios:
             seen = run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps, say,
-                                timeout_s, node_control)
+                                timeout_s, node_control, beside=release)
             observed.append(seen)
             say(f"{scenario}: job {seen.job_id} ended {seen.final_state}")
-            if ref.newest_step() >= reference_steps:
-                cancel_all([ref_id])  # it has every step needed: stop sharing the CPUs with it
         reference = reference_losses(ref, reference_steps, timeout_s)
     finally:
         cancel_all([ref_id] + [o.job_id for o in observed])

@@ -60,12 +60,12 @@ def capture(combo: str, results: list[dict], root: Path, into: Path) -> None:
             print(f"{combo} {r['scenario']}: not captured: {exc}", file=sys.stderr, flush=True)
 
 
-def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str,
-          spare_nodes: str) -> tuple[list[dict], str, float]:
+def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str, spare_nodes: str,
+          ntasks_per_node: str) -> tuple[list[dict], str, float]:
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", "--spare-nodes", spare_nodes,
-                           "--node-control", NODE_CONTROL, *MATRIX[combo], "--scenarios",
-                           scenarios, "--json", "--job-dir",
+                           "--ntasks-per-node", ntasks_per_node, "--node-control", NODE_CONTROL, *MATRIX[combo],
+                           "--scenarios", scenarios, "--json", "--job-dir",
                            str(root / combo.replace("/", "-")), "--", "--hang-timeout-s", hang_timeout_s],
                           capture_output=True, text=True)
     try:
@@ -100,10 +100,13 @@ def main() -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--hang-timeout-s", default="20", help="the trainer's hang threshold (its default is 60)")
     p.add_argument("--spare-nodes", default="1", help="spare nodes each job holds (0: the queue fallback)")
+    p.add_argument("--ntasks-per-node", default="1", help="ranks a node (2: a node's other rank learns of a fault "
+                   "from its node's reader)")
     p.add_argument("--out", type=Path, help="also write the table (and NAME.json with every result) here")
     p.add_argument("--capture", type=Path, help="keep every cell's faulted attempt as a classifier fixture here")
     args = p.parse_args()
-    lines = [f"Drill matrix, 2 nodes + {args.spare_nodes} spare, hang threshold {args.hang_timeout_s} s, "
+    lines = [f"Drill matrix, 2 nodes x {args.ntasks_per_node} ranks + {args.spare_nodes} spare, "
+             f"hang threshold {args.hang_timeout_s} s, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| backend/launcher | scenario | ending | action | excluded | resumed | losses | recovery s "
              "| classified + restarted + first step | lost s | verdict |",
@@ -111,7 +114,8 @@ def main() -> None:
     everything, failed = {}, False
     with tempfile.TemporaryDirectory(prefix="drill-matrix-") as tmp:
         for combo in args.combos.split(","):
-            results, stderr, took = drill(combo, args.scenarios, Path(tmp), args.hang_timeout_s, args.spare_nodes)
+            results, stderr, took = drill(combo, args.scenarios, Path(tmp), args.hang_timeout_s, args.spare_nodes,
+                                          args.ntasks_per_node)
             everything[combo] = {"results": results, "wall_s": round(took, 1)}
             if args.capture:
                 capture(combo, results, Path(tmp), args.capture)

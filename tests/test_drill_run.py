@@ -60,8 +60,11 @@ def test_waiting_for_the_fault_step_reads_the_metrics_each_poll_and_asks_slurm_e
             log_steps(tmp_path, 1, 2, 3)
     job = drill_run.Job(registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted=""),
                         clock=lambda: now[0], sleep=sleep)
-    assert drill_run.wait_for_step(job, 3, timeout_s=60) == 3
+    polls = []
+    assert drill_run.wait_for_step(job, 3, timeout_s=60, beside=lambda: polls.append(now[0])) == 3
     assert 12 <= now[0] < 12.5 and [round(t) for t in asked] == [0, 5, 10]
+    # What runs beside the wait (the drill lets its reference go there) sees every poll, 0.2 s apart.
+    assert len(polls) == round(now[0] / drill_run.POLL_S) + 1 and polls == sorted(set(polls))
 
 
 def test_a_job_that_ends_before_the_fault_step_is_a_problem_named_at_once(tmp_path):
