@@ -5,7 +5,7 @@ node_loss, hang) once, each under a different backend x launcher pair (ddp and d
 and DeepSpeed's launcher; hpc.drill.MATRIX), so every scenario and every pair is drilled in CI, about a minute
 each here. The whole 5 x 5 matrix is `scripts/drill-matrix.py` (~15 min), rerun before a change to failure
 handling lands; the endings of the real failures captured from it and earlier runs are classified offline on
-every run (tests/test_attempts.py, tests/data/failures/). Each drill also runs its own uninterrupted reference
+every run (tests/test_failures_rules.py, tests/data/failures/). Each drill also runs its own uninterrupted reference
 job, and checks (hpc/drill.py) the first attempt's ending and action, the excluded node, the resumed step,
 every logged loss against the reference (fp32, 1e-6) and that a training step followed the fault.
 """
@@ -27,8 +27,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair, scenario):
     # A 20 s hang threshold instead of the trainer's 60 s keeps the hang scenario short. The job holds a spare
     # node (3 of the cluster's 3), and node_loss kills its node for real: slurmd and every process, no DOWN.
-    proc = hpcdist(["drill", "--nodes", "2", "--spare-nodes", "1", *MATRIX[pair], "--scenarios", scenario, "--json",
-                    "--node-control", f"bash {REPO / 'scripts/slurm-local.sh'}",
+    # The hang runs two ranks a node: a node's other rank learns of it only from its node's watchdog reader.
+    ranks = ["--ntasks-per-node", "2"] if scenario == "hang" else []
+    proc = hpcdist(["drill", "--nodes", "2", *ranks, "--spare-nodes", "1", *MATRIX[pair], "--scenarios", scenario,
+                    "--json", "--node-control", f"bash {REPO / 'scripts/slurm-local.sh'}",
                     "--job-dir", str(tmp_path / "drill"), "--", "--hang-timeout-s", "20"], tmp_path / "home",
                    timeout=1800)
     print(proc.stderr)
@@ -44,4 +46,9 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
             # Relaunched on the spare without the node the fault was on, from a checkpoint taken before the fault.
             assert r["retries"] == 1 and r["victim"].split(" on ")[1] in r["excluded"], r
         assert r["resumed_step"] is not None and r["recovery_s"] is not None
+    if scenario == "hang":
+        # Every rank learnt of the hang in time to leave its stack, the frozen one's read by py-spy on its node.
+        stacks = sorted((tmp_path / "drill" / "hang" / "run" / "stacks").glob("rank-*.txt"))
+        assert [p.name for p in stacks] == [f"rank-{r}.txt" for r in range(4)]
+        assert [p.name for p in stacks if p.read_text().startswith("no stack")] == []
     assert proc.returncode == 0
