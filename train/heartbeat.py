@@ -188,8 +188,9 @@ class Heartbeat:
         self.phase_name = name
         self.step_at = self.now()  # a phase change is progress too: a long checkpoint write is not a hang
         if self.identity is not None and self.enabled:
-            # The node's own phase changes reach its history even when they come between two publishes
-            # (a checkpoint that takes under a beat): phases change seldom, so this costs the file system little.
+            # Local rank 0 publishes its own phase change at once, so that it reaches the node's history even
+            # between two publishes (a checkpoint shorter than a beat): a write and an fdatasync per change, no
+            # namespace operation. Another rank's change waits for the next publish, as its beats do.
             self.write(force=True)
 
     def stepped(self, step: int, loss=None) -> None:
