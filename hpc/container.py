@@ -24,8 +24,12 @@ RUNTIMES: Mapping[str, Mapping[str, Any]] = {   # in the order a site's are pref
     "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
     "charliecloud": {"command": "ch-run", "starts": "task", "gpu_flag": None, "image": "path"},
     "podman-hpc": {"command": "podman-hpc", "starts": "task", "gpu_flag": "--gpu", "image": "ref"},
-    "oci": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "path"},
+    "oci": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "path", "requeue_after_s": 15},
 }
+# Seconds from hpcdist's requeue of a job to its next start. Slurm 22.05 names an oci step's container and spool
+# folder by job and step id alone, so a requeued job's first step would meet the old run's while that
+# slurmstepd still tears it down (its RunTimeKill then ended the new one): 15 s covers KillWait 5 s here.
+REQUEUE_AFTER_S = 2
 # Variables that must reach the trainer unchanged, for the runtimes that pass none by default (podman-hpc):
 # the rank environment, the rendezvous, threads, NCCL's settings and hpcdist's own.
 PASSED = ("SLURM_*", "SLURMD_*", "MASTER_*", "NCCL_*", "HPCDIST_*", "OMP_*", "PYTHON*", "CUDA_*", "TORCH*",
@@ -54,6 +58,10 @@ class Container:
     @property
     def starts(self) -> str:
         return RUNTIMES[self.runtime]["starts"]
+
+    @property
+    def requeue_after_s(self) -> int:
+        return RUNTIMES[self.runtime].get("requeue_after_s", REQUEUE_AFTER_S)
 
     @property
     def image_is_path(self) -> bool:

@@ -161,7 +161,7 @@ def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None
     code, err, job = render(tmp_path, "--container", "nvcr.io#nvidia/pytorch:24.01-py3", "--container-runtime",
                             "pyxis")
     assert code == 0, err
-    step = (job / "step.sh").read_text()
+    step, pyxis_requeue = (job / "step.sh").read_text(), (job / "requeue.sh").read_text()
     mounts = ",".join(f"{b}:{b}" for b in BINDS)
     assert f"'--container-image=nvcr.io#nvidia/pytorch:24.01-py3' --container-mounts={mounts}" in step
     from hpc import submit
@@ -177,6 +177,10 @@ def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None
     code, err, job = render(tmp_path / "o", "--container", str(bundle), "--container-runtime", "oci")
     assert code == 0, err
     assert f"--container={bundle}" in (job / "step.sh").read_text()
+    # Requeued, an oci job starts again only once the old run's slurmstepd has torn its container down (Slurm
+    # names it by job and step id alone); a pyxis one (as any other) at once.
+    assert "StartTime=now+15 " in (job / "requeue.sh").read_text()
+    assert "StartTime=now+2 " in pyxis_requeue
 
 
 def test_a_task_names_a_runtime_its_node_lacks(tmp_path: Path) -> None:

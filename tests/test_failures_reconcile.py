@@ -32,8 +32,9 @@ def test_a_cancelled_last_run_is_cancelled_and_not_retried():
     ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:02:01"}, "09:00:03", True),
     # Within 2 s of the requeue the nodes may still refuse the old credential: wait.
     ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:02:01"}, "09:00:01", False),
-    # requeue.sh's own begin time, 2 s ahead: let it come.
+    # requeue.sh's own begin time, 2 s ahead (15 s for an oci container's step): let it come.
     ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:00:04"}, "09:00:02", False),
+    ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:00:17"}, "09:00:02", False),
     # Eligible, but waiting for the next scheduling pass: start it.
     ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:00:02"}, "09:00:05", True),
 ])

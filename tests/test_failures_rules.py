@@ -11,7 +11,7 @@ import pytest
 from hpc import runfiles
 from hpc.drill import MATRIX, SCENARIOS, expect
 from hpc.failures import rules
-from hpc.failures.evidence import Evidence, attempt_segment, context, last_error_line, with_context
+from hpc.failures.evidence import Evidence, attempt_segment, context, failed_nodes, last_error_line, with_context
 from hpc.failures.policy import Policy, decide
 from hpc.runfiles import RankError
 from hpc.vocab import EXIT_HUNG
@@ -182,6 +182,15 @@ def test_a_node_the_ranks_saw_vanish_is_a_node_failure_naming_it():
     ending = rules.classify(Evidence(attempt=0, step_status=137, lost=lost, checkpoint_step=10))
     assert (ending.ending, ending.node, ending.rank, ending.step) == ("node_failure", "n2", 2, 10)
     assert ending.detail == "node n2 lost: rank(s) 2, 3 vanished and its slurmd does not answer"
+
+
+def test_a_task_launch_that_failed_on_nodes_names_them_without_srun_s_colon():
+    # CI, a requeued container job (Slurm's stale spool folder of the killed step): "n2:" was excluded, and srun
+    # refused the relaunch ("Invalid node name specified").
+    log = ("srun: error: Task launch for StepId=9444026.0 failed on node n2: File exists\n"
+           "srun: error: Task launch for StepId=9444026.0 failed on node n1: File exists\n"
+           "srun: error: Node failure on n3\n")
+    assert failed_nodes(log) == ["n2", "n1", "n3"]
 
 
 def test_attempt_segment_is_the_attempts_own_part_of_the_batch_log():

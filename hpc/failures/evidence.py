@@ -19,8 +19,8 @@ from hpc.vocab import EXIT_HUNG, EXIT_PREEMPTED
 
 # srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
 _SRUN_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
-_SRUN_NODE_FAIL = re.compile(r"^srun: error: (?:Node failure on (\S+)|Task launch for \S+ failed on node (\S+))",
-                             re.M)
+_SRUN_NODE_FAIL = re.compile(r"^srun: error: (?:Node failure on ([^\s:]+)"
+                             r"|Task launch for \S+ failed on node ([^\s:]+))", re.M)
 # slurmstepd's banner when Slurm itself ends the job: ``*** JOB 42 ON n1 CANCELLED AT ... DUE TO TIME LIMIT ***``.
 _STEPD_CANCEL = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON (\S+) CANCELLED AT \S+"
                            r"(?: DUE TO ([A-Z ]+?))?(?:,[^*]*)? \*\*\*")

@@ -93,7 +93,8 @@ def should_nudge(job: Mapping[str, str], now: float, settle_s: float = 2.0) -> b
     submitted, eligible = grammar.timestamp(job.get("SubmitTime", "")), grammar.timestamp(job.get("EligibleTime", ""))
     if submitted is None or now < submitted + settle_s:
         return False
-    return eligible is not None and (eligible > now + 3 or eligible <= now - 1)
+    # requeue.sh's own begin time is at most 15 s ahead (an oci container's, hpc.container); Slurm's is ~120 s.
+    return eligible is not None and (eligible > now + 30 or eligible <= now - 1)
 
 
 def nudge(job_id: str, attempts: Sequence[Mapping[str, Any]], runner: Runner = run,
