@@ -445,6 +445,31 @@ def test_one_file_per_node_written_by_its_local_rank_0_with_every_rank_s_beat(tm
     assert {r: b.phase for r, b in monitor.read_heartbeats(run).items()} == dict.fromkeys(range(4), "done")
 
 
+def test_clearing_a_stage_removes_only_what_ranks_wrote_there(tmp_path):
+    from pathlib import Path as P
+
+    from train import nodebeat, watchdog
+    # The relayed names are the watchdog's run directory files, as the node's reader hands them over.
+    assert {P(n).name for n in (watchdog.LOST, watchdog.DECLARED)} == set(nodebeat.RELAYED)
+    stage = tmp_path / "shm" / "hpcdist-beats-x"
+    nodebeat.stage(stage, {"rank": 3, "phase": "train"})
+    for name in nodebeat.RELAYED:
+        (stage / name).write_text("{}")
+    (stage / "theirs.txt").write_text("not hpcdist's")
+    nodebeat.clear(stage)
+    assert sorted(p.name for p in stage.iterdir()) == ["theirs.txt"]
+    (stage / "theirs.txt").unlink()
+    nodebeat.clear(stage)
+    assert not stage.exists()
+    # A link in its place is left alone, and so is what it points at.
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "rank-0.json").write_text("{}")
+    stage.symlink_to(target)
+    nodebeat.clear(stage)
+    assert stage.is_symlink() and (target / "rank-0.json").exists()
+
+
 def test_a_node_whose_local_rank_0_is_absent_writes_nothing_on_the_run_dir(tmp_path):
     from train import heartbeat
     [lonely] = beating(tmp_path / "run", range(1, 2), 0.05, tmp_path / "shm")

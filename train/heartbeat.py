@@ -29,7 +29,6 @@ last ``WINDOW`` steps; ``recent_compute_s`` is the ring itself, for straggler de
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import statistics
 import threading
@@ -218,7 +217,7 @@ class Heartbeat:
             self.write(force=True)
             self.publisher.close()
             if settled and self.stage is not None:
-                shutil.rmtree(self.stage, ignore_errors=True)
+                nodebeat.clear(self.stage)
 
     def _settle(self) -> bool:
         deadline = time.monotonic() + min(2 * self.every_s, SETTLE_S)

@@ -17,9 +17,11 @@ local run, two jobs on one node and an attempt relaunched in place never mix the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +29,7 @@ from typing import Any, Mapping
 from hpc import beatfile, fileio
 
 JOB_ID_VARS = ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "TORCHELASTIC_RUN_ID")
+RELAYED = ("lost.json", "declared.json")  # the watchdog's files its node's reader hands over here
 LOCAL_ROOTS = ("/dev/shm",)
 
 
@@ -43,6 +46,23 @@ def stage(folder: Path, beat: Mapping[str, Any]) -> None:
     """Hand this rank's beat to its node's publisher: a local temp file renamed over the last one."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     fileio.atomic_write(folder / f"rank-{beat['rank']}.json", json.dumps(beat))
+
+
+def clear(folder: Path) -> None:
+    """Remove what ranks wrote in this hand-over folder (their beats, the watchdog's relayed files), then the
+    folder if that leaves it empty: tmpfs is shared, and a file of anyone else's stays where it is."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if (name.startswith("rank-") and name.endswith(".json")) or name in RELAYED:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def staged(folder: Path) -> dict[int, dict]:
