@@ -873,9 +873,11 @@ def watched(tmp_path: Path, monkeypatch, clock, prepare=lambda beats: None) -> t
     beats = beating(tmp_path / "run", range(4), 0.05, tmp_path / "shm", clock=clock, nodes=2)
     prepare(beats)
     exits, reads, rank_of = [], [], {}
-    real = watchdog._json_object
-    monkeypatch.setattr(watchdog, "_json_object",
-                        lambda path: reads.append((rank_of.get(threading.current_thread()), path)) or real(path))
+    real = watchdog.jobfiles.json_object
+    def read(path, *limit):
+        reads.append((rank_of.get(threading.current_thread()), path))
+        return real(path, *limit)
+    monkeypatch.setattr(watchdog.jobfiles, "json_object", read)
     for rank, beat in enumerate(beats):
         dog = watchdog.Watchdog(beat, timeout_s=60, factor=10, clock=clock, exit=exits.append)
         beat.watch(dog)

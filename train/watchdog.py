@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpc import beatfile, fileio, runfiles, vocab
+from hpc import beatfile, fileio, jobfiles, runfiles, vocab
 from hpc.slurm.commands import SLURMD_PORT, slurmd_answers
 from hpc.vocab import EXIT_HUNG, EXIT_NODE_LOST
 from train import heartbeat, nodebeat
@@ -202,7 +202,7 @@ class Watchdog:
         last_judged = 0.0
         while not self._stop.wait(self.tick_s):
             reader = self.reads_shared()
-            judges = reader and self.judges()
+            judges = self.judges(reader)
             lost = self.lost(reader)
             if lost is None and judges:
                 lost = self.look_for_lost_node()
@@ -237,10 +237,10 @@ class Watchdog:
         first = nodebeat.staged(self.beat.stage).get(self.me["rank"] - local_rank)
         return first is None or self.now() - (first.get("time") or 0) > self.fresh_s
 
-    def judges(self) -> bool:
+    def judges(self, reader: bool | None = None) -> bool:
         """Local rank 0 of the first JUDGES nodes judges, every node's while all of those are silent; another
-        rank only while its node's local rank 0 is frozen or gone."""
-        if not self.reads_shared():
+        rank only while its node's local rank 0 is frozen or gone. ``reader``: reads_shared(), when known."""
+        if not (self.reads_shared() if reader is None else reader):
             return False
         if self.me.get("local_rank", 0) != 0 or self.me.get("node_rank", 0) < JUDGES:
             return True
@@ -253,7 +253,7 @@ class Watchdog:
         reads the run directory, the node's other ranks only what the reader handed over in the stage."""
         if reader is None:
             reader = self.reads_shared()
-        return _json_object(self.run_dir / name if reader else self.beat.stage / Path(name).name)
+        return jobfiles.json_object(self.run_dir / name if reader else self.beat.stage / Path(name).name)
 
     def relay(self, reader: bool, name: str, record: dict) -> None:
         """Hand ``record`` (read from the run directory's ``name``, or just written there) over to the node's
@@ -376,14 +376,6 @@ class Watchdog:
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
         fileio.atomic_write(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")
-
-
-def _json_object(path: Path) -> dict | None:
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
 
 
 def _port(value: str | None) -> int:
