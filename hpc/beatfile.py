@@ -60,6 +60,7 @@ class Heartbeat:
     marks: Mapping[str, float] = field(default_factory=dict)
     recent_compute_s: tuple[float, ...] = ()
     step_at: float | None = None
+    snapshot_step: int | None = None  # the newest snapshot in its node's memory (local rank 0's beat)
 
     @property
     def node(self) -> str:
@@ -96,7 +97,7 @@ MAX_RANKS = 1 << 20  # hpc.spec.MAX_WORLD_SIZE (the trainer must not import hpc.
 
 
 _INTS = ("node_rank", "local_rank", "world_size", "pid", "attempt", "step", "start_step", "total_steps", "rss_bytes",
-         "peak_memory_bytes")
+         "peak_memory_bytes", "snapshot_step")
 _FLOATS = ("time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss", "step_at")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,14 +48,16 @@ class Launch:
 
     WAYS = ("srun", "torchrun", "deepspeed")
 
-    def __init__(self, way: str, args: list[str], run_dir: Path) -> None:
-        self.way, self.run_dir = way, run_dir
+    def __init__(self, way: str, args: list[str], run_dir: Path, job_id: int | None = None) -> None:
+        self.way, self.run_dir, self.job_id = way, run_dir, job_id
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARIABLES}
         env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         trainer = ["-m", "train", "--run-dir", str(run_dir), *args]
         self.logs = [run_dir.with_name(f"{run_dir.name}.{way}.{i}.log") for i in range(2 if way == "srun" else 1)]
         if way == "srun":
-            job_id = next(j for j in iter(lambda: random.randrange(10**6), None) if _port_is_free(12000 + j % 20000))
+            # A job id given again is a relaunch in the same allocation, as the batch shell's.
+            job_id = self.job_id = job_id or next(j for j in iter(lambda: random.randrange(10**6), None)
+                                                  if _port_is_free(12000 + j % 20000))
             envs = [{**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
                      "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2",
                      "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job_id)} for r in range(2)]
@@ -97,8 +100,8 @@ def launch():
     """``launch(way, args, run_dir)`` starts two ranks; ``.wait()`` returns their exit statuses."""
     started: list[Launch] = []
 
-    def start(way: str, args: list[str], run_dir: Path) -> Launch:
-        started.append(Launch(way, args, run_dir))
+    def start(way: str, args: list[str], run_dir: Path, job_id: int | None = None) -> Launch:
+        started.append(Launch(way, args, run_dir, job_id))
         return started[-1]
 
     yield start
@@ -106,3 +109,7 @@ def launch():
         for p in launched.procs:
             if p.poll() is None:
                 p.kill()
+        if launched.job_id is not None:
+            # What a site's epilog does at the end of a job: a killed run's snapshots stay in memory otherwise.
+            for folder in Path("/dev/shm").glob(f"hpcdist-snap-{launched.job_id}-*"):
+                shutil.rmtree(folder, ignore_errors=True)

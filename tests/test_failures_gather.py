@@ -164,3 +164,13 @@ def test_a_task_srun_saw_die_of_the_stop_signal_waits_for_its_ranks_checkpoint(t
     naps.clear()
     killed = "srun: error: n2: task 1: Killed\n"
     assert not gather.await_stop_marker(marker, killed, wait_s=30, clock=lambda: 0.0, sleep=naps.append) and not naps
+
+
+def test_the_snapshots_held_in_memory_are_read_from_each_node_s_local_rank_0_beat(tmp_path):
+    from train import nodebeat
+
+    for node, host, held in ((0, "n1", 57), (1, "n2", None)):
+        beat = {"rank": node, "hostname": host, "node_rank": node, "local_rank": 0, "step": 60, "time": 1.0,
+                "snapshot_step": held}
+        nodebeat.Publisher(tmp_path, node).publish(host, 0, 1.0, {node: beat})
+    assert gather.snapshots_held(tmp_path) == {"n1": 57}

@@ -26,6 +26,18 @@ def test_a_lost_node_is_relaunched_at_once_on_the_allocations_spare():
     assert decision.reason == "retry 1 of 2: relaunched in the allocation on n1, n3 from the checkpoint at step 10"
 
 
+def test_a_relaunch_resumes_from_a_newer_snapshot_held_by_the_nodes_it_runs_on_and_says_so():
+    ending, policy = Ending("node_failure", node="n2", step=10), Policy(max_retries=2, nodes=2)
+    held = {"n1": 57, "n2": 58, "n3": 0}  # n2's went with it; the spare n3 joined after the last snapshot
+    decision = decide(ending, [], policy, STATES, allocation=["n1", "n2", "n3"], held=held)
+    assert decision.reason == "retry 1 of 2: relaunched in the allocation on n1, n3 from the snapshot at step 57 " \
+                              "in node memory"
+    older = decide(ending, [], policy, STATES, allocation=["n1", "n2", "n3"], held={"n1": 8})
+    assert older.reason.endswith("from the checkpoint at step 10")
+    retried = decide(ending, [], policy, STATES, allocation=["n1", "n2"], held=held)
+    assert retried.action == "retry" and retried.reason.endswith("from the checkpoint at step 10")
+
+
 def test_a_lost_node_without_a_spare_goes_through_the_queue_without_it():
     decision = decide(Ending("node_failure", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES,
                                allocation=["n1", "n2"])

@@ -320,16 +320,17 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
     home, job_dir = tmp_path / "home", tmp_path / "job"
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
     assert len(set(nodes)) == 3, "this test needs the local 3-node cluster"
+    # Disk checkpoints every 400 steps (~10 s), snapshots in node memory every 0.5 s: the relaunch resumes from one.
     args = ["submit", "--nodes", "2", "--backend", "ddp", "--time", "10", "--max-retries", "2", "--job-dir",
             str(job_dir), "--wait", "--", "--max-steps", "100000", "--epochs", "100000", "--log-every", "1",
-            "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
-            "--threads", "1"]
+            "--checkpoint-every", "400", "--snapshot-every-s", "0.5", "--dataset", "synthetic", "--synthetic-size",
+            "1024", "--batch-size", "64", "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
     job_id, backlog = None, None
     try:
         job_id = job_id_of(waiter.stdout.readline())
-        first = live_rank(job_dir, job_id, 1, attempt=0, step=8)
+        first = live_rank(job_dir, job_id, 1, attempt=0, step=60)
         # A backlog ready to take any node that frees up: the relaunch never frees one, so it waits on.
         backlog = subprocess.run(["sbatch", "--parsable", "-N3", "--exclusive", "-J", "backlog", "--wrap", "true"],
                                  capture_output=True, text=True, check=True).stdout.strip()
@@ -354,6 +355,10 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
     assert lines[0]["excluded"] == [] and lines[1]["excluded"] == [first["hostname"]]
     assert "relaunched in the allocation" in lines[0]["reason"] and "through the queue" in lines[1]["reason"]
     assert first["hostname"] not in (third["hostname"], peer["hostname"])
+    held = int(re.search(r"from the snapshot at step (\d+) in node memory", lines[0]["reason"]).group(1))
+    assert 0 < held <= first["step"] + 30 and held < 400
+    relaunched = (job_dir / "logs" / "task-0.log").read_text()
+    assert re.search(rf"resumed from \S+/step{held:08d} at step {held} \(a snapshot in node memory\)", relaunched)
 
 
 @pytest.mark.kills_node

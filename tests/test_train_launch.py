@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpc import checkpoints
-from train import checkpoint
+from train import checkpoint, snapshot
 from train.watchdog import main_thread_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,42 @@ def test_ddp_preempted_by_sigusr1_resumes_with_the_uninterrupted_losses(launch, 
     assert sorted(got) == list(range(1, 61))
     assert got == pytest.approx(expected, abs=1e-6, rel=0)
     assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
+
+
+def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_uninterrupted_losses(
+        launch, tmp_path, monkeypatch):
+    shm = tmp_path / "shm"
+    monkeypatch.setenv(snapshot.ROOT_ENV, str(shm))
+    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--max-steps", "400", "--log-every", "1",
+            "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05"]
+    reference = tmp_path / "reference"
+    assert launch("srun", args, reference).wait() == [0, 0]
+    assert not shm.exists() or not any(shm.iterdir()), "a completed run leaves its snapshots in memory"
+
+    interrupted = tmp_path / "interrupted"
+    first = launch("srun", args, interrupted)
+    store = snapshot.Store(snapshot.store_dir(interrupted, {"SLURM_JOB_ID": str(first.job_id),
+                                                            snapshot.ROOT_ENV: str(shm)}, socket.gethostname()))
+    deadline = time.monotonic() + 240
+    while (snapshot.step_of(store.newest()) or 0) < 20:
+        assert all(p.poll() is None for p in first.procs), first.output()
+        assert time.monotonic() < deadline, first.output()
+        time.sleep(0.02)
+    for p in first.procs:
+        p.kill()
+    first.wait()
+    held = store.newest()
+    assert checkpoints.newest(interrupted / "checkpoints") is None, "a disk checkpoint was written before the kill"
+
+    second = launch("srun", [*args, "--resume"], interrupted, job_id=first.job_id)
+    assert second.wait() == [0, 0], second.output()
+    said = f"resumed from {held} at step {snapshot.step_of(held)} (a snapshot in node memory)"
+    assert said in second.output(tail=10**6)
+    expected, got = read_losses(reference), read_losses(interrupted)
+    assert sorted(got) == list(range(1, 401))
+    assert got == pytest.approx(expected, abs=1e-6, rel=0)
+    assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
+    assert not store.folder.exists()
 
 
 def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(launch, tmp_path):

@@ -381,7 +381,8 @@ def test_a_cpu_deepspeed_job_joins_its_process_group_without_compiling_the_shm_c
 
 CONTRACT_FIELDS = {"rank", "local_rank", "node_rank", "world_size", "hostname", "pid", "attempt", "phase", "step",
                    "start_step", "total_steps", "time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss",
-                   "rss_bytes", "peak_memory_bytes", "marks", "recent_compute_s", "step_at"}
+                   "rss_bytes", "peak_memory_bytes", "marks", "recent_compute_s", "step_at",
+                   "snapshot_step"}
 
 
 def one_rank_env():

@@ -35,7 +35,7 @@ TORCH_IMPORTED = time.time()
 
 from hpc import dsconfig, fileio, ranks, runfiles, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
-from train import checkpoint, heartbeat, watchdog
+from train import checkpoint, heartbeat, snapshot, watchdog
 from train.data import DataError, Dataset, load_dataset
 from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
 from train.evaluate import evaluate_accuracy
@@ -57,7 +57,7 @@ from train.runtime import (
     say,
     warn,
 )
-from train.stephooks import StepHooks, Timing
+from train.stephooks import Clocks, StepHooks, Timing
 
 # DeepSpeed calls torch.distributed's deprecated collective names on every step, burying the log.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -90,6 +90,10 @@ class Setup:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / vocab.CHECKPOINTS
+
+    @property
+    def snapshots(self) -> bool:
+        return snapshot.enabled(self.opts.snapshot_every_s, self.ds_config is None, os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,13 +140,16 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     beat.mark("model_built")
     heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
     loader = build_loader(run, engine, data)
-    state, found = resume(run, engine)
-    timing = loop(run, engine, loader, state, found, beat)
-    if timing is None:
-        return leave(EXIT_PREEMPTED)
-    beat.phase("eval")
-    finish(run, engine, data, state, timing)
-    return leave(0)
+    store = snapshot.open_store(run.run_dir, os.environ, writer=run.snapshots and run.env.local_rank == 0,
+                                fresh=not opts.resume, on_written=beat.snapshot_written)
+    state, found = resume(run, engine, store)
+    timing = loop(run, engine, loader, state, found, beat, store)
+    if timing is not None:
+        beat.phase("eval")
+        finish(run, engine, data, state, timing)
+    if store is not None:
+        store.drop()
+    return leave(EXIT_PREEMPTED if timing is None else 0)
 
 
 def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
@@ -231,48 +238,55 @@ def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | 
     return loader
 
 
-def resume(run: Setup, engine: Engine) -> tuple[dict, Path | None]:
-    """The trainer's own state (step, losses, what the data order depends on), and with --resume the
-    checkpoint it came from."""
+def resume(run: Setup, engine: Engine, store: snapshot.Store | None = None) -> tuple[dict, Path | None]:
+    """The trainer's own state (step, losses, what the data order depends on), and with --resume the disk
+    checkpoint it came from (None when it came from a snapshot, which is no checkpoint a stop can stand on)."""
     opts = run.opts
     run.run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
-    found = None
+    found = held = None
     if opts.resume:
         found = checkpoint.choose(run.checkpoints, rank=run.rank, share=lambda name: broadcast_from_0(name, run.world),
                                   say=lambda line: say(run.rank, line))
-    if opts.resume and found is None:
+        held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found)) if run.snapshots else None
+    if opts.resume and found is None and held is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
-    if found is None:
+    if found is None and held is None:
         return state, None
-    saved = engine.read(found, run.rank)
+    saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
     for key in ("global_batch", "seed"):
         if saved[key] != state[key]:
-            raise UsageError(f"{found} was written with {key} {saved[key]}, this run has {state[key]}; "
+            raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; "
                              f"resume with the same value (the data order depends on it)")
     state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
-    say(run.rank, f"resumed from {found} at step {state['step']}")
-    return state, found
+    say(run.rank, f"resumed from {where} at step {state['step']}" + (" (a snapshot in node memory)" if held else ""))
+    return state, None if held is not None else found
 
 
 def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, state: dict, found: Path | None,
-         beat: heartbeat.Heartbeat) -> Timing | None:
-    """Train to the last step, logging and checkpointing; None when a signal stopped it after a checkpoint."""
+         beat: heartbeat.Heartbeat, store: snapshot.Store | None = None) -> Timing | None:
+    """Train to the last step, logging, checkpointing, snapshotting; None when a signal stopped it after a save."""
     opts, rank, world = run.opts, run.rank, run.world
     total_steps = opts.epochs * loader.steps_per_epoch
     if opts.max_steps:
         total_steps = min(total_steps, opts.max_steps)
     resumed_at = state["step"] if found is not None else None
-    wall_clock = preemption.WallClock(opts.checkpoint_every_min * 60)
+    clocks = Clocks(preemption.WallClock(opts.checkpoint_every_min * 60),
+                    preemption.WallClock(opts.snapshot_every_s if run.snapshots else 0))
 
     def save() -> Path:
         beat.phase("checkpoint")
         where = checkpoint.save(run.checkpoints, state["step"], rank=rank, barrier=barrier,
                                 write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
-        wall_clock.saved()
+        clocks.saved()
         beat.phase("train")
         return where
+
+    def take_snapshot() -> None:
+        if store is not None:
+            store.take(state["step"], engine.capture(dict(state)))
+        clocks.saved(snapshot_only=True)
 
     def stop() -> None:
         announce_stop(run, state["step"], save() if resumed_at != state["step"] else found)
@@ -286,7 +300,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         return None
     metrics_mode = "a" if state["step"] else "w"
     with open(run.run_dir / vocab.METRICS, metrics_mode) if rank == 0 else contextlib.nullcontext() as metrics:
-        hooks = StepHooks(run, beat, timing, total_steps, state, agreement, wall_clock, metrics,
+        hooks = StepHooks(run, beat, timing, total_steps, state, agreement, clocks, metrics,
                           loader.steps_per_epoch, started=STARTED)
         batches = loader.batches(timing.start_step)
         beat.phase("train")
@@ -301,6 +315,8 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
                 return None
             if action == "save":
                 save()
+            elif action == "snapshot":
+                take_snapshot()
     agreement.drain()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # the rate must count the steps still queued on the GPU

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpc import dsconfig
-from train import checkpoint
+from train import checkpoint, snapshot
 from train.model import bare_state_dict, load_weights
 from train.options import DEFAULT_BATCH, Options
 
@@ -84,19 +84,35 @@ class TorchEngine:
     def full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         yield list(self.module.named_parameters())
 
+    def state(self, trainer_state: dict) -> dict:
+        """The whole training state, by reference to the live tensors."""
+        return {**trainer_state, "model": bare_state_dict(self.module.state_dict()),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def capture(self, trainer_state: dict) -> dict:
+        """The state copied to the host with this process's RNGs, for a snapshot: every rank seeds alike and
+        draws from the global RNGs alike (data order and augmentation have generators of their own), so one
+        rank's RNGs stand for all of them."""
+        return snapshot.cpu_copy({**self.state(trainer_state), "rng": checkpoint.rng_state()})
+
+    def restore(self, saved: dict) -> dict:
+        """Load a state from ``state``/``capture`` into the module and optimizer; the trainer's own part back."""
+        saved = dict(saved)
+        load_weights(self.module, saved.pop("model"))
+        self.optimizer.load_state_dict(saved.pop("optimizer"))
+        self.scaler.load_state_dict(saved.pop("scaler"))
+        if "rng" in saved:
+            checkpoint.set_rng_state(saved.pop("rng"))
+        return saved
+
     def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
         folder = Path(save_dir) / tag
         if rank == 0:
-            torch.save({**trainer_state, "model": bare_state_dict(self.module.state_dict()),
-                        "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
-                       folder / TRAINER_FILE)
+            torch.save(self.state(trainer_state), folder / TRAINER_FILE)
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
-        state = checkpoint.load(Path(folder) / TRAINER_FILE)
-        load_weights(self.module, state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.scaler.load_state_dict(state.pop("scaler"))
+        state = self.restore(checkpoint.load(Path(folder) / TRAINER_FILE))
         checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
         return state
 

@@ -146,7 +146,7 @@ class Heartbeat:
         self.peak_memory = peak_memory
         self.identity: dict | None = None
         self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None  # loss: a 0-dim tensor
-        self.total_steps = self.local_batch = self.start_step = None
+        self.total_steps = self.local_batch = self.start_step = self.snapshot_step = None
         self.stage: Path | None = None                       # the node-local hand-over folder
         self.publisher: nodebeat.Publisher | None = None     # local rank 0's: the node's files on the run dir
         self.published_at = float("-inf")
@@ -190,6 +190,13 @@ class Heartbeat:
             # Local rank 0 publishes its own phase change at once, so that it reaches the node's history even
             # between two publishes (a checkpoint shorter than a beat): a write and an fdatasync per change, no
             # namespace operation. Another rank's change waits for the next publish, as its beats do.
+            self.write(force=True)
+
+    def snapshot_written(self, step: int) -> None:
+        """The node's snapshot writer finished one: published at once, since the batch side reads from the node's
+        file where a relaunch will resume (one write and an fdatasync a snapshot, no namespace operation)."""
+        self.snapshot_step = step
+        if self.identity is not None and self.enabled:
             self.write(force=True)
 
     def stepped(self, step: int, loss=None) -> None:
@@ -241,7 +248,8 @@ class Heartbeat:
                       images_per_s=(round(self.local_batch / step_time, 1)
                                     if step_time and self.local_batch else None),
                       loss=None if self.loss is None else float(self.loss),
-                      rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(), marks=dict(self.marks))
+                      rss_bytes=rss_bytes(), peak_memory_bytes=self.peak_memory(), marks=dict(self.marks),
+                      snapshot_step=self.snapshot_step)
         # The schema is hpc.beatfile's: every field, in its order (a rank not yet identified has no identity).
         return {k: values[k] for k in beatfile.FIELDS if k in values}
 

@@ -4,10 +4,11 @@ Importing this module installs flag-only handlers, so ``train/__main__.py`` impo
 signal during torch's import, the rendezvous or DeepSpeed's set-up is remembered, not fatal. Slurm's
 ``--signal=USR1@120`` and a time limit's SIGTERM both mean "checkpoint, then exit 75".
 
-The per-step vote ``[stop, checkpoint]`` is all-reduced (MAX) asynchronously after each step and read one
-step later, so no rank ever waits for its device to drain: on GPUs the result reaches pinned host memory
-behind a CUDA event of the previous step. Every rank reads the same reduced vote at the same step, so
-all of them checkpoint at the same step, and resuming stays exact.
+The per-step vote ``[stop, due]`` (due: SNAPSHOT or CHECKPOINT by rank 0's clocks) is all-reduced (MAX)
+asynchronously after each step and read one step later, so no rank ever waits for its device to drain: on
+GPUs the result reaches pinned host memory behind a CUDA event of the previous step. Every rank reads the
+same reduced vote at the same step, so all of them checkpoint (or snapshot) at the same step, and resuming
+stays exact.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from typing import Callable
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SNAPSHOT, CHECKPOINT = 1, 2  # what a step vote can call for; the larger is the stronger
 _received: list[int] = []
 
 
@@ -70,8 +72,8 @@ def blocked_while_forking():
 
 
 class WallClock:
-    """Rank 0's "a checkpoint is due" by wall time: True once ``every_s`` passed since the last save, then
-    False until ``saved()`` (the vote is read a step later, so it must not be cast twice)."""
+    """Rank 0's "a checkpoint (or snapshot) is due" by wall time: True once ``every_s`` passed since the last
+    save, then False until ``saved()`` (the vote is read a step later, so it must not be cast twice)."""
 
     def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.every_s, self.clock = every_s, clock
@@ -88,8 +90,9 @@ class WallClock:
 
 
 class Agreement:
-    """All ranks' ``[stop, checkpoint]`` votes, MAX-reduced; ``exchange`` posts this step's and returns the
-    previous step's result. One process needs no collective and answers at once."""
+    """All ranks' ``[stop, due]`` votes, MAX-reduced; ``exchange`` posts this step's and returns the previous
+    step's result. ``due`` is what rank 0's clocks call for (0 nothing, SNAPSHOT, CHECKPOINT): the maximum is the
+    stronger. One process needs no collective and answers at once."""
 
     def __init__(self, world_size: int, device, waited: Callable[[], contextlib.AbstractContextManager] | None = None):
         import torch
@@ -104,32 +107,32 @@ class Agreement:
             self.events = [torch.cuda.Event() for _ in range(2)]
         self.slot, self.pending = 0, None
 
-    def exchange(self, stop: bool, checkpoint: bool) -> tuple[bool, bool]:
+    def exchange(self, stop: bool, due: int) -> tuple[bool, int]:
         if self.world_size == 1:
-            return stop, checkpoint
+            return stop, due
         previous = self._collect()
-        self._post(stop, checkpoint)
+        self._post(stop, due)
         return previous
 
-    def now(self, stop: bool, checkpoint: bool = False) -> tuple[bool, bool]:
+    def now(self, stop: bool, due: int = 0) -> tuple[bool, int]:
         """Agree at once, waiting for the result (set-up and the end of training, never per step)."""
         if self.world_size == 1:
-            return stop, checkpoint
+            return stop, due
         earlier = self._collect()
-        self._post(stop, checkpoint)
+        self._post(stop, due)
         current = self._collect()
-        return earlier[0] or current[0], earlier[1] or current[1]
+        return earlier[0] or current[0], max(earlier[1], current[1])
 
-    def drain(self) -> tuple[bool, bool]:
+    def drain(self) -> tuple[bool, int]:
         """The outstanding vote's result, so no all-reduce is left in flight before other collectives."""
-        return self._collect() if self.world_size > 1 else (False, False)
+        return self._collect() if self.world_size > 1 else (False, 0)
 
-    def _post(self, stop: bool, checkpoint: bool) -> None:
+    def _post(self, stop: bool, due: int) -> None:
         import torch.distributed as dist
 
         slot = self.slots[self.slot]
         if self.cuda:
-            self.pinned_in[self.slot][0], self.pinned_in[self.slot][1] = float(stop), float(checkpoint)
+            self.pinned_in[self.slot][0], self.pinned_in[self.slot][1] = float(stop), float(due)
             slot.copy_(self.pinned_in[self.slot], non_blocking=True)
             work = dist.all_reduce(slot, op=dist.ReduceOp.MAX, async_op=True)
             work.wait()  # NCCL: the current stream waits for the reduce; the host does not
@@ -137,13 +140,13 @@ class Agreement:
             self.events[self.slot].record()
             self.pending = (self.slot, None)
         else:
-            slot[0], slot[1] = float(stop), float(checkpoint)
+            slot[0], slot[1] = float(stop), float(due)
             self.pending = (self.slot, dist.all_reduce(slot, op=dist.ReduceOp.MAX, async_op=True))
         self.slot ^= 1
 
-    def _collect(self) -> tuple[bool, bool]:
+    def _collect(self) -> tuple[bool, int]:
         if self.pending is None:
-            return False, False
+            return False, 0
         index, work = self.pending
         self.pending = None
         if self.cuda:
@@ -154,4 +157,4 @@ class Agreement:
             with self.waited():
                 work.wait()
             values = self.slots[index]
-        return bool(values[0] > 0), bool(values[1] > 0)
+        return bool(values[0] > 0), int(values[1])

@@ -1,10 +1,10 @@
 """What follows every training step, in one place: the timing marks, the loss logged and recorded, the
-heartbeat, and the one-step-late stop vote with the checkpoint it may call for.
+heartbeat, and the one-step-late stop vote with the checkpoint or snapshot it may call for.
 
-    hooks = StepHooks(run, beat, timing, total_steps, state, agreement, wall_clock, metrics, started=STARTED)
+    hooks = StepHooks(run, beat, timing, total_steps, state, agreement, clocks, metrics, started=STARTED)
     while state["step"] < total_steps:
         ...train one step...
-        action = hooks.after(batch, loss)    # "stop", "save" or None
+        action = hooks.after(batch, loss)    # "stop", "save", "snapshot" or None
 
 Nothing here waits for the device on an ordinary step: a loss is read only at the steps it is logged.
 """
@@ -25,6 +25,24 @@ PRINT_EVERY = 100
 CURVE_POINTS = 50
 
 
+@dataclass(frozen=True)
+class Clocks:
+    """Rank 0's wall clocks: disk checkpoints every --checkpoint-every-min, snapshots every --snapshot-every-s."""
+
+    checkpoint: preemption.WallClock
+    snapshot: preemption.WallClock
+
+    def due(self) -> int:
+        return (preemption.CHECKPOINT if self.checkpoint.due() else
+                preemption.SNAPSHOT if self.snapshot.due() else 0)
+
+    def saved(self, snapshot_only: bool = False) -> None:
+        """A checkpoint resets both clocks (the state is safe at that step); a snapshot only its own."""
+        if not snapshot_only:
+            self.checkpoint.saved()
+        self.snapshot.saved()
+
+
 @dataclass
 class Timing:
     """Wall-clock marks of the training loop, for summary.json's rates."""
@@ -40,10 +58,10 @@ class StepHooks:
     """Called once after each step with its batch and (undetached, unread) loss."""
 
     def __init__(self, run: Any, beat: Any, timing: Timing, total_steps: int, state: dict,
-                 agreement: preemption.Agreement, wall_clock: preemption.WallClock, metrics: IO[str] | None,
+                 agreement: preemption.Agreement, clocks: Clocks, metrics: IO[str] | None,
                  steps_per_epoch: int, started: float) -> None:
         self.run, self.beat, self.timing, self.total, self.state = run, beat, timing, total_steps, state
-        self.agreement, self.wall_clock, self.metrics = agreement, wall_clock, metrics
+        self.agreement, self.clocks, self.metrics = agreement, clocks, metrics
         self.steps_per_epoch, self.started = steps_per_epoch, started
         log_every = run.opts.log_every
         self.print_every = log_every or PRINT_EVERY
@@ -51,7 +69,8 @@ class StepHooks:
         self.last_log_time, self.last_log_step = time.time(), timing.start_step
 
     def after(self, batch: Any, loss: Any) -> str | None:
-        """"stop" when every rank agreed to stop (a signal), "save" when a checkpoint is due, else None."""
+        """"stop" when every rank agreed to stop (a signal), "save" when a checkpoint is due, "snapshot" when a
+        snapshot is, else None."""
         step = self.state["step"]
         self._mark(step, loss)
         if step % self.record_every == 0 or step == self.total or step == 1:
@@ -60,13 +79,15 @@ class StepHooks:
         # Votes cast after this step are read after the next one: no per-step wait for the device.
         rank = self.run.rank
         stopping, due = self.agreement.exchange(preemption.received() is not None,
-                                                rank == 0 and self.wall_clock.due())
+                                                self.clocks.due() if rank == 0 else 0)
         if stopping:
             return "stop"
         every = self.run.opts.checkpoint_every
-        if (due or every and step % every == 0) and step < self.total:
+        if step >= self.total:
+            return None
+        if due == preemption.CHECKPOINT or every and step % every == 0:
             return "save"
-        return None
+        return "snapshot" if due == preemption.SNAPSHOT else None
 
     def _mark(self, step: int, loss: Any) -> None:
         timing = self.timing

@@ -97,6 +97,7 @@ class Evidence:
     warning_s: int = 0                            # how long before the time limit Slurm signals (--signal X@N)
     checkpoint_step: int | None = None            # the newest complete checkpoint (what a retry resumes from)
     seen_step: int | None = None                  # the newest step any rank reported
+    snapshots: Mapping[str, int] = field(default_factory=dict)  # node -> newest snapshot in its memory
 
 
 # What the batch shell saw when the step ended besides the logs: Slurm's view, and the ranks' hang.json and

@@ -49,6 +49,13 @@ def seen_step(run_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
+def snapshots_held(run_dir: Path) -> dict[str, int]:
+    """Node -> the newest snapshot its local rank 0 reported in memory (train/snapshot.py): where a relaunch on
+    that node resumes from, if newer than the disk's checkpoint."""
+    return {b.hostname: b.snapshot_step for b in monitor.read_heartbeats(run_dir).values()
+            if b.snapshot_step is not None and b.hostname}
+
+
 def checkpoint_in(run_dir: Path) -> int | None:
     """The step of the checkpoint a retry will resume from: the newest that verifies, as the trainer chooses
     (a newer damaged one it will set aside is passed over here too)."""
@@ -84,6 +91,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         lost=runfiles.read_lost(run_dir, attempt), job_state=job.get("JobState", ""),
         job_reason=job.get("Reason", ""), down_nodes=frozenset(n for n, s in nodes.items() if not usable(s)),
         ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
+        snapshots=snapshots_held(run_dir),
         warning_s=warning_s, launcher=launcher)
     limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
     if limit is not None and ran is not None:
@@ -133,7 +141,7 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
     healthy = [n for n in allocation if usable(nodes.get(n, "idle"))]
     # A job Slurm itself requeued or ended has no allocation left to relaunch in.
     alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
-    decision = decide(ending, history, policy, nodes, healthy if alive else ())
+    decision = decide(ending, history, policy, nodes, healthy if alive else (), held=ev.snapshots)
     line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
                           ended=_now(), source="batch", seen_step=ev.seen_step, context=context(ev))
     if not records.append(job_dir, line):

@@ -53,7 +53,8 @@ def excluded_so_far(history: Sequence[Mapping[str, Any]]) -> set[str]:
 
 
 def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
-           node_states: Mapping[str, str], allocation: Sequence[str] = ()) -> Decision:
+           node_states: Mapping[str, str], allocation: Sequence[str] = (),
+           held: Mapping[str, int] | None = None) -> Decision:
     """Requeue a checkpointed stop, relaunch or retry a lost node/rank or a hang, never retry bad input or a bug.
 
     ``history`` is the job's earlier attempt lines; ``node_states`` the partition's nodes (name -> Slurm state);
@@ -62,7 +63,8 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
     the implicated node when a spare is left (a lost node is never used again), else on the same nodes (a
     killed rank's or a hung rank's node still answers). Otherwise it is retried through the queue. Excluded
     nodes accumulate over retries; a retry that would leave fewer usable nodes than the job needs is refused,
-    saying so, rather than queued forever.
+    saying so, rather than queued forever. ``held``: node -> the newest snapshot in its memory, which a
+    relaunch resumes from when one of its nodes holds one newer than the checkpoint (a retry elsewhere cannot).
     """
     excluded = excluded_so_far(history)
     if ending.ending in REQUEUED:
@@ -91,9 +93,13 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
     for keep_off in (wanted, excluded if ending.ending != "node_failure" and not again else None):
         left = [n for n in allocation if keep_off is not None and n not in keep_off]
         if allocation and keep_off is not None and len(left) >= policy.nodes:
-            where = ", ".join(left[:policy.nodes])
+            where = left[:policy.nodes]
+            in_memory = max((held or {}).get(n, -1) for n in where)
+            resumes = (f" from the snapshot at step {in_memory} in node memory"
+                       if in_memory > (-1 if ending.step is None else ending.step) else since)
             return Decision("relaunch", tuple(sorted(keep_off)),
-                            f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on {where}{since}")
+                            f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on "
+                            f"{', '.join(where)}{resumes}")
     healthy = [n for n, s in node_states.items() if n not in wanted and usable(s)]
     if node_states and len(healthy) < policy.nodes:
         return Decision("none", tuple(sorted(excluded)),

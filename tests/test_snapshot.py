@@ -1,0 +1,119 @@
+"""Specifications of train/snapshot.py: the node-local snapshot store a relaunch resumes from."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from hpc.checkpoints import MANIFEST
+from train import snapshot
+from train.engines import TorchEngine
+from train.model import ConvNet
+
+
+def test_the_store_is_named_by_the_slurm_job_and_keyed_by_run_directory_and_host(tmp_path):
+    env = {"SLURM_JOB_ID": "4711", snapshot.ROOT_ENV: str(tmp_path)}
+    folder = snapshot.store_dir(tmp_path / "run", env, "n1")
+    assert folder.parent == tmp_path and folder.name.startswith("hpcdist-snap-4711-n1-")
+    assert snapshot.store_dir(tmp_path / "run", env, "n1") == folder
+    assert snapshot.store_dir(tmp_path / "run", env, "n2") != folder
+    assert snapshot.store_dir(tmp_path / "other", env, "n1") != folder
+    assert snapshot.store_dir(tmp_path / "run", {**env, "SLURM_JOB_ID": "4712"}, "n1") != folder
+
+
+def test_there_is_no_store_outside_a_slurm_job_or_with_a_job_id_that_is_not_a_number(tmp_path):
+    assert snapshot.store_dir(tmp_path, {snapshot.ROOT_ENV: str(tmp_path)}, "n1") is None
+    assert snapshot.store_dir(tmp_path, {"SLURM_JOB_ID": "../x", snapshot.ROOT_ENV: str(tmp_path)}, "n1") is None
+
+
+def test_snapshots_are_written_in_the_background_published_complete_and_the_newest_two_kept(tmp_path):
+    written: list[int] = []
+    store = snapshot.Store(tmp_path / "s", on_written=written.append)
+    for step in (10, 20, 30):
+        assert store.take(step, {"step": step, "w": torch.full((4,), float(step))})
+        store.close()  # waits for the write, so none is skipped here
+    assert written == [10, 20, 30]
+    assert sorted(p.name for p in store.folder.iterdir()) == ["step00000020", "step00000030"]
+    newest = store.newest()
+    assert snapshot.step_of(newest) == 30 and (newest / MANIFEST).is_file()
+    assert torch.equal(snapshot.load(newest)["w"], torch.full((4,), 30.0))
+
+
+def test_a_snapshot_due_while_the_last_is_still_being_written_is_skipped_not_waited_for(tmp_path, monkeypatch):
+    release = threading.Event()
+    real = snapshot.Store._write
+
+    def slow(self, step, state):
+        release.wait(10)
+        real(self, step, state)
+
+    monkeypatch.setattr(snapshot.Store, "_write", slow)
+    store = snapshot.Store(tmp_path / "s")
+    assert store.take(1, {"step": 1})       # being written
+    while store._pending.qsize():           # the writer has taken it
+        time.sleep(0.01)
+    assert store.take(2, {"step": 2})       # waits in the one slot
+    assert not store.take(3, {"step": 3})   # skipped: training does not wait
+    release.set()
+    store.close()
+    assert snapshot.step_of(store.newest()) == 2
+
+
+def test_a_damaged_newest_snapshot_is_passed_over(tmp_path):
+    store = snapshot.Store(tmp_path / "s")
+    for step in (1, 2):
+        store.take(step, {"step": step, "w": torch.zeros(1000)})
+        store.close()
+    (store.folder / "step00000002" / snapshot.STATE_FILE).write_bytes(b"torn")
+    assert snapshot.step_of(store.newest()) == 1
+
+
+def test_when_memory_runs_out_snapshots_stop_saying_why_and_training_is_not_disturbed(tmp_path):
+    (tmp_path / "s").write_text("a file where the folder should be")
+    said: list[str] = []
+    store = snapshot.Store(tmp_path / "s", say=said.append)
+    assert store.take(1, {"step": 1})
+    store.close()
+    assert store.error and said and "resumes use the disk checkpoints" in said[0]
+    assert not store.take(2, {"step": 2})
+
+
+def test_clearing_removes_only_the_snapshots_and_the_folder_if_that_empties_it(tmp_path):
+    store = snapshot.Store(tmp_path / "s")
+    store.take(5, {"step": 5})
+    store.close()
+    (store.folder / ".tmp-step00000006").mkdir()
+    (store.folder / "notes.txt").write_text("not ours")
+    store.clear()
+    assert [p.name for p in store.folder.iterdir()] == ["notes.txt"]
+    (store.folder / "notes.txt").unlink()
+    store.clear()
+    assert not store.folder.exists()
+
+
+def test_clearing_leaves_a_link_where_the_folder_should_be_alone(tmp_path):
+    target = tmp_path / "elsewhere"
+    (target / "step00000001").mkdir(parents=True)
+    Path(tmp_path / "s").symlink_to(target)
+    snapshot.Store(tmp_path / "s").clear()
+    assert (target / "step00000001").is_dir()
+
+
+def test_a_captured_state_is_a_copy_that_later_steps_do_not_change_and_restores_exactly():
+    torch.manual_seed(0)
+    engine = TorchEngine(ConvNet(), backend="ddp", device=torch.device("cpu"), precision="fp32", lr=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    engine.train_step(x, y)
+    captured = engine.capture({"step": 1})
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    engine.train_step(x, y)
+    assert captured["step"] == 1 and "rng" in captured
+    assert torch.equal(captured["model"]["conv1.weight"], weights["conv1.weight"])
+    assert engine.restore(captured) == {"step": 1}
+    assert all(torch.equal(v, weights[k]) for k, v in engine.module.state_dict().items())
+    after_restore = engine.train_step(x, y)
+    engine.restore(captured)
+    assert torch.equal(engine.train_step(x, y), after_restore)

@@ -1,0 +1,198 @@
+"""Keep the newest training state in node-local memory, written in the background, for a relaunch to resume from.
+
+    store = snapshot.Store(snapshot.store_dir(run_dir, os.environ, hostname), on_written=beat.snapshot_written)
+    store.take(step, engine.capture(state))     # at a step boundary: the copy is the only stall
+    held = store.newest()                       # at a resume: this node's newest complete snapshot, or None
+
+A snapshot is a checkpoint folder (``stepNNNNNNNN/``, ``MANIFEST.json`` last; hpc/checkpoints.py) in tmpfs,
+``/dev/shm`` or ``$HPCDIST_SNAPSHOT_DIR``, written by each node's local rank 0. Serialising, checksumming and
+publishing run in a thread while training goes on; a snapshot still being written when the next is due makes
+that one skipped, never waited for. Rank 0 times them on the step vote, so every node holds the same steps: for
+replicated training (dp, ddp) each node's snapshot is a whole copy of the state, and the other nodes' copies
+are what survives a node's death.
+
+The folder is named by the Slurm job and keyed by the run directory and the host: a rank relaunched in the
+allocation or a requeued job on the same node finds it, another job never does. The trainer removes it when the
+run completes; the site's epilog removes a failed job's (``/dev/shm/hpcdist-snap-JOBID-HOST-*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import re
+import shutil
+import socket
+import stat
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from hpc.checkpoints import NAME, complete, name_for, newest, write_manifest
+
+ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
+LOCAL_ROOT = "/dev/shm"
+KEEP = 2  # the older one covers a newest that was damaged
+STATE_FILE = "state.pt"
+
+
+def store_dir(run_dir: Path, environ: Mapping[str, str], hostname: str) -> Path | None:
+    """This node's snapshot folder for the run (not created here); None outside a Slurm job or without tmpfs."""
+    job = environ.get("SLURM_JOB_ID", "")
+    root = environ.get(ROOT_ENV) or (LOCAL_ROOT if os.access(LOCAL_ROOT, os.W_OK | os.X_OK) else "")
+    if not re.fullmatch(r"\d+", job) or not root:
+        return None
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
+    key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{hostname}".encode()).hexdigest()[:16]
+    return Path(root) / f"hpcdist-snap-{job}-{host}-{key}"
+
+
+def enabled(every_s: float, replicated: bool, environ: Mapping[str, str]) -> bool:
+    """Whether a run keeps snapshots, the same answer on every rank: replicated training (dp, ddp: every node's
+    copy is whole; a DeepSpeed rank's ZeRO partition is its own, with no copy elsewhere, so DeepSpeed resumes from
+    disk) in a Slurm job (whose epilog can free what a failed run leaves in memory)."""
+    return every_s > 0 and replicated and "SLURM_JOB_ID" in environ
+
+
+def open_store(run_dir: Path, environ: Mapping[str, str], *, writer: bool, fresh: bool,
+               on_written: Callable[[int], None]) -> Store | None:
+    """This node's store for its one ``writer`` (local rank 0; None elsewhere and without tmpfs); a fresh run
+    first removes an earlier run's of this job here."""
+    folder = store_dir(run_dir, environ, socket.gethostname()) if writer else None
+    if folder is None:
+        return None
+    store = Store(folder, on_written=on_written)
+    if fresh:
+        store.clear()
+    return store
+
+
+def newest_held(store: Store | None, rank: int, world: int, disk_step: int | None) -> tuple[dict, str] | None:
+    """(state, path) of the newest snapshot any rank's node holds, if newer than the disk's checkpoint; every rank
+    calls it. The first rank holding it loads it and hands it to all (a spare node holds none, and a dead node's
+    went with it)."""
+    import torch.distributed as dist
+
+    mine = store.newest() if store is not None else None
+    offers = [(step_of(mine), str(mine))]
+    if world > 1:
+        offers = [None] * world
+        dist.all_gather_object(offers, (step_of(mine), str(mine)))
+    steps = [step for step, _ in offers if step is not None]
+    if not steps or (disk_step is not None and max(steps) <= disk_step):
+        return None
+    holder = next(r for r, (step, _) in enumerate(offers) if step == max(steps))
+    box = [load(mine) if rank == holder else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=holder)
+    return box[0], offers[holder][1]
+
+
+def cpu_copy(value):
+    """``value`` with every tensor copied to the host: the live ones change in place at the next step."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
+class Store:
+    """One node's snapshots, written by one thread; ``error`` says why writing stopped, if it did."""
+
+    def __init__(self, folder: Path, on_written: Callable[[int], None] = lambda step: None,
+                 say: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True)
+                 ) -> None:
+        self.folder, self.on_written, self.say = Path(folder), on_written, say
+        self.error: str | None = None
+        self._pending: queue.Queue = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+
+    def take(self, step: int, state: dict) -> bool:
+        """Hand a copied state to the writer; False when it is still busy with the last one (or has failed)."""
+        if self.error is not None:
+            return False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_all, name="hpcdist-snapshot", daemon=True)
+            self._thread.start()
+        try:
+            self._pending.put_nowait((step, state))
+        except queue.Full:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Wait for the snapshot being written, then stop the writer."""
+        if self._thread is not None:
+            self._pending.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def drop(self) -> None:
+        """At the run's end, when a checkpoint on disk holds everything the snapshots did: tmpfs is memory."""
+        self.close()
+        self.clear()
+
+    def newest(self) -> Path | None:
+        """The newest snapshot whose files all match their manifest."""
+        try:
+            return newest(self.folder)
+        except OSError:
+            return None
+
+    def clear(self) -> None:
+        """Remove the snapshots this store wrote, then the folder if that empties it (tmpfs is shared)."""
+        try:
+            if not stat.S_ISDIR(os.lstat(self.folder).st_mode):
+                return
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in names:
+            if NAME.fullmatch(name.removeprefix(".tmp-")):
+                shutil.rmtree(self.folder / name, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
+
+    def _write_all(self) -> None:
+        while (item := self._pending.get()) is not None:
+            step, state = item
+            try:
+                self._write(step, state)
+            except OSError as exc:
+                # Memory for snapshots ran out (or the folder went away): training goes on with its disk checkpoints.
+                self.error = f"{exc.strerror or exc} writing a snapshot in {self.folder}"
+                shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
+                self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
+                return
+            self.on_written(step)
+
+    def _write(self, step: int, state: dict) -> None:
+        tag = name_for(step)
+        staging, final = self.folder / f".tmp-{tag}", self.folder / tag
+        shutil.rmtree(staging, ignore_errors=True)  # left by a writer killed mid-way in an earlier attempt
+        staging.mkdir(mode=0o700, parents=True)
+        torch.save(state, staging / STATE_FILE)
+        write_manifest(staging, step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        for old in complete(self.folder)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load(folder: Path) -> dict:
+    # Our own file holds numpy RNG states and Python tuples, which the weights-only unpickler refuses.
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def step_of(folder: Path | None) -> int | None:
+    match = NAME.fullmatch(folder.name) if folder is not None else None
+    return int(match.group(1)) if match else None
