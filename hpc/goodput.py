@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpc import monitor, registry, report, timeline, vocab
-from hpc.telemetry import attempts_of, histories_of, read_jsonl, run_dir, sacct_attempts
+from hpc import registry, report, timeline, vocab
+from hpc.telemetry import Seen, attempts_of, read_jsonl, run_dir, sacct_attempts, seen_of
 
 
 def _time(value: Any) -> float | None:
@@ -22,13 +22,13 @@ def _time(value: Any) -> float | None:
 
 
 def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
-               slurm: list[dict[str, float | None]] | None = None) -> dict[str, Any]:
+               slurm: list[dict[str, float | None]] | None = None, seen: Seen | None = None) -> dict[str, Any]:
     """hpc.report.goodput of every attempt seen: it began when its waterfalls say it was allocated, and ended
     when attempts.jsonl says, else when sacct does, else at its last heartbeat (a killed attempt leaves no
     record of its own end). ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
-    histories = histories_of(rdir)
-    beats = monitor.read_heartbeats(rdir)
+    seen = seen or seen_of(record)
+    histories, beats = seen.histories, seen.beats
     attempts = attempts_of(record)
     seen = {b.attempt for hist in histories.values() for b in hist} | {b.attempt for b in beats.values()}
     seen |= {w.attempt for w in falls} | {a["attempt"] for a in attempts if isinstance(a.get("attempt"), int)}

@@ -3,35 +3,45 @@
     good = write(folder, record)     # folder/report.html, overview.png, loss.png + loss.json, ...
 
 What the page says is hpc.report's (pure); this module reads the job through hpc.telemetry and hpc.goodput,
-draws with matplotlib (imported only here, only when a report is drawn) and writes the files.
+draws with matplotlib (imported only here, only when a report is drawn) and writes the files. The drawing runs
+in a child process forked first, so that importing matplotlib (half a second) and drawing overlap the reading
+of a large job's heartbeats (a second at 4,096 nodes).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
 from hpc import fileio, jobs, progress, registry, report, telemetry, timeline, vocab
 from hpc.goodput import goodput_of
-from hpc.telemetry import attempts_of, histories_of, read_json, read_jsonl, run_dir, stragglers_of, waterfalls
+from hpc.telemetry import attempts_of, read_json, read_jsonl, run_dir, stragglers_of, waterfalls
 
 
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
     fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
-    slurm = telemetry.sacct_attempts(record)  # asked once: the waterfalls and the goodput both need it
-    falls = waterfalls(record, slurm)
-    good = goodput_of(record, falls, slurm)
-    # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
-    falls = timeline.worst(falls)
-    drawn = draw_charts(folder, record, falls, good)
+    with Painter() as painter:
+        slurm = telemetry.sacct_attempts(record)  # asked once: the waterfalls and the goodput both need it
+        seen = telemetry.seen_of(record)
+        falls = waterfalls(record, slurm, seen)
+        good = goodput_of(record, falls, slurm, seen)
+        # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
+        falls = timeline.worst(falls)
+        title = (f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
+                 f"{record.world_size} rank(s)")
+        painter.draw(folder, title, report.loss_series(read_jsonl(run_dir(record) / vocab.METRICS)),
+                     report.rate_series(seen.histories), falls, good)
+        stragglers = stragglers_of(record, seen)
+        summary = read_json(run_dir(record) / vocab.SUMMARY)
+        facts = facts_of(record, summary, jobs.state(record))
+        drawn = painter.drawn()
     images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}
-    summary = read_json(run_dir(record) / vocab.SUMMARY)
-    page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}",
-                              facts_of(record, summary, jobs.state(record)), images, attempts_of(record), good,
-                              timeline.table(falls), stragglers_of(record))
+    page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}", facts, images,
+                              attempts_of(record), good, timeline.table(falls), stragglers)
     fileio.atomic_write(folder / "report.html", page)
     fileio.atomic_write(folder / "goodput.json", json.dumps(good, indent=1) + "\n")
     return good
@@ -98,7 +108,57 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def draw_charts(folder: Path, record: registry.Record, falls: list[timeline.Waterfall],
+class Painter:
+    """A child process that imports matplotlib at once, then draws what ``draw`` sends (draw_charts's arguments);
+    ``drawn`` waits for its answer. Leaving the ``with`` ends a child still waiting (the reading failed)."""
+
+    def __init__(self) -> None:
+        fork = multiprocessing.get_context("fork")
+        self._conn, theirs = fork.Pipe()
+        self._child = fork.Process(target=_paint, args=(theirs,), name="hpcdist-report-charts", daemon=True)
+        self._child.start()
+        theirs.close()
+
+    def __enter__(self) -> Painter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.close()
+        if self._child.is_alive():
+            self._child.terminate()
+        self._child.join()
+
+    def draw(self, *args: Any) -> None:
+        self._conn.send(args)
+
+    def drawn(self) -> dict[str, dict[str, Any]]:
+        try:
+            answer = self._conn.recv()
+        except EOFError:
+            raise OSError(f"drawing the report's charts failed (child exit {self._child.exitcode})") from None
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def _paint(conn: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    # The half second this process exists to spend early.
+    import matplotlib.pyplot
+
+    try:
+        args = conn.recv()
+    except EOFError:
+        return
+    try:
+        conn.send(draw_charts(*args))
+    except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
+        conn.send(exc)
+
+
+def draw_charts(folder: Path, title: str, segments: list, series: dict, falls: list[timeline.Waterfall],
                 good: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """loss.png, rate.png, waterfall.png and goodput.png, each with NAME.json beside it holding the series
     the figure actually drew (read back from its axes), and overview.png with all four. Returns name -> data."""
@@ -107,9 +167,6 @@ def draw_charts(folder: Path, record: registry.Record, falls: list[timeline.Wate
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rdir = run_dir(record)
-    segments = report.loss_series(read_jsonl(rdir / vocab.METRICS))
-    series = report.rate_series(histories_of(rdir))
     charts = {
         "loss": (segments, _draw_loss, (8, 3.5), {"segments": segments}),
         "rate": (series if any(series.values()) else None, _draw_rate, (8, 3.5),
@@ -139,8 +196,7 @@ def draw_charts(folder: Path, record: registry.Record, falls: list[timeline.Wate
                 charts[name][1](ax, charts[name][0])
             else:
                 ax.set_axis_off()
-        fig.suptitle(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
-                     f"{record.world_size} rank(s)")
+        fig.suptitle(title)
         fig.tight_layout()
         fileio.save_png(fig, folder / "overview.png", dpi=90)
         plt.close(fig)

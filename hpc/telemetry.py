@@ -1,8 +1,9 @@
 """Read what a job reports about itself (heartbeats, metrics, attempts, sacct's times) as plain values.
 
     board_of(record)          # the per-rank board behind `hpcdist top`
-    stragglers_of(record)     # live while it trains, from the whole newest attempt after
-    waterfalls(record)        # each rank's start-up waterfall per attempt
+    seen = seen_of(record)    # the heartbeat files, read once for the readers below
+    stragglers_of(record, seen)   # live while it trains, from the whole newest attempt after
+    waterfalls(record, seen=seen) # each rank's start-up waterfall per attempt
 
 The side-effect edge of top, timeline, report and the progress of submit --wait: these functions read the job
 directory (and ask sacct); hpc.monitor, hpc.timeline, hpc.progress and hpc.report judge what they return.
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from hpc import jobfiles, logs, monitor, registry, timeline, vocab
 from hpc.failures import record as records
@@ -54,6 +56,20 @@ def histories_of(rdir: Path) -> dict[int, list[monitor.Heartbeat]]:
     return monitor.read_histories(rdir, monitor.history_nodes(rdir))
 
 
+@dataclass(frozen=True)
+class Seen:
+    """The heartbeat files as one reader saw them: each rank's newest beat and the histories read. At 4,096
+    nodes a read of them takes a second, so a report reads them once for all of its parts."""
+
+    beats: Mapping[int, monitor.Heartbeat]
+    histories: Mapping[int, list[monitor.Heartbeat]]
+
+
+def seen_of(record: registry.Record) -> Seen:
+    rdir = run_dir(record)
+    return Seen(monitor.read_heartbeats(rdir), histories_of(rdir))
+
+
 def board_of(record: registry.Record, now: float | None = None, watch: monitor.Watch | None = None) -> monitor.Board:
     rdir = run_dir(record)
     beats = monitor.read_heartbeats(rdir)
@@ -63,11 +79,11 @@ def board_of(record: registry.Record, now: float | None = None, watch: monitor.W
                          progress_at=watch.progress_at if watch else None, polled=watch.polled if watch else None)
 
 
-def stragglers_of(record: registry.Record) -> list[dict[str, Any]]:
+def stragglers_of(record: registry.Record, seen: Seen | None = None) -> list[dict[str, Any]]:
     """The job's stragglers: while it trains, the live board's (its last few heartbeats); after, the whole
     newest attempt's from the ranks' heartbeat histories."""
-    rdir = run_dir(record)
-    beats, histories = monitor.read_heartbeats(rdir), histories_of(rdir)
+    seen = seen or seen_of(record)
+    beats, histories = seen.beats, seen.histories
     current = monitor.newest_attempt(beats)
     every_rank = len(histories) >= len(current)  # else a job too large to read every history: the rings
     if any(b.phase == "train" for b in current.values()) or not histories or not every_rank:
@@ -75,11 +91,12 @@ def stragglers_of(record: registry.Record) -> list[dict[str, Any]]:
     return monitor.run_stragglers(histories)
 
 
-def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | None = None) -> list[timeline.Waterfall]:
+def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | None = None,
+               seen: Seen | None = None) -> list[timeline.Waterfall]:
     """Every rank's start-up waterfall; ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
-    beats = monitor.read_heartbeats(rdir)
-    histories = histories_of(rdir)
+    seen = seen or seen_of(record)
+    beats, histories = seen.beats, seen.histories
     marks: dict[tuple[int, int], dict[str, float]] = {}
     world: list[tuple[int, int, str]] = []
     for beat in [b for hist in histories.values() for b in hist] + list(beats.values()):

@@ -565,3 +565,28 @@ def test_the_table_pads_every_column_to_its_widest_cell() -> None:
     assert [len(line.split("PID")[0]) for line in lines[:1]] == [len("NODE  RANK  ")]
     assert {line.index("train") for line in lines[1:]} == {lines[0].index("PHASE")}
     assert lines == [line.rstrip() for line in lines]
+
+
+# ---- the report's charts, drawn in a child process ---------------------------------------------------
+
+def test_the_charts_are_drawn_by_a_child_process_and_a_drawing_failure_reaches_the_caller(tmp_path):
+    from hpc import reportfiles
+
+    good = {"allocated_node_s": 0, "share": {}, "redone_steps": 0}
+    with reportfiles.Painter() as painter:
+        painter.draw(tmp_path, "job 1", [[(1, 2.0), (2, 1.5)]], {}, [], good)
+        assert set(painter.drawn()) == {"loss"}
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "overview.png").exists()
+    assert json.loads((tmp_path / "loss.json").read_text())["lines"][0]["points"] == 2
+    with reportfiles.Painter() as painter:
+        painter.draw(tmp_path / "no-such-folder", "job 1", [[(1, 2.0)]], {}, [], good)
+        with pytest.raises(OSError):
+            painter.drawn()
+
+
+def test_a_painter_left_waiting_when_the_reading_fails_is_ended():
+    from hpc import reportfiles
+
+    with pytest.raises(RuntimeError), reportfiles.Painter() as painter:
+        raise RuntimeError("the job directory could not be read")
+    assert not painter._child.is_alive() and painter._child.exitcode is not None
