@@ -27,6 +27,29 @@ def test_a_cancelled_last_run_is_cancelled_and_not_retried():
     assert (line["ending"], line["action"]) == ("cancelled", "none")
 
 
+def test_a_batch_script_whose_log_could_not_be_opened_is_a_storage_ending_naming_the_host_and_never_retried(
+        tmp_path):
+    # Slurm 22.05 on a job directory mounted here but not on n1: "Could not open stdout file ...: No such file or
+    # directory", "IO setup failed", the job FAILED with 0:53 and no batch log (captured on the local cluster).
+    (tmp_path / "logs").mkdir()
+    runs = parse.rows("9|FAILED|0:53|T0|T0|n[1-2]\n", reconcile.SACCT_RUN_FIELDS, job="9")
+    [line] = reconcile.from_sacct(runs, [], "9", tmp_path, "")
+    assert (line["ending"], line["node"], line["action"]) == ("storage", "n1", "none")
+    assert line["detail"] == (f"the job directory {tmp_path} is not visible (or not writable) on n1: Slurm could "
+                              f"not open {tmp_path}/logs/batch-9.out there, so the batch script never ran; put "
+                              "--job-dir on a file system every compute node mounts, then resubmit")
+
+
+def test_a_failure_after_the_batch_script_ran_or_with_another_signal_is_not_taken_for_an_unseen_job_directory(
+        tmp_path):
+    (tmp_path / "logs").mkdir()
+    runs = parse.rows("9|FAILED|0:53|T0|T0|n1\n", reconcile.SACCT_RUN_FIELDS, job="9")
+    ran = reconcile.from_sacct(runs, [], "9", tmp_path, "hpcdist: attempt 0 started on n1 at T0\n")
+    other = reconcile.from_sacct(parse.rows("9|FAILED|1:0|T0|T0|n1\n", reconcile.SACCT_RUN_FIELDS, job="9"), [],
+                                 "9", tmp_path, "")
+    assert [ran[0]["ending"], other[0]["ending"]] == ["unknown", "unknown"]
+
+
 @pytest.mark.parametrize("fields,now,nudge", [
     # Slurm's requeue delay, the old run finished completing 3 s ago: start it.
     ({"SubmitTime": "2026-12-01T09:00:00", "EligibleTime": "2026-12-01T09:02:01"}, "09:00:03", True),

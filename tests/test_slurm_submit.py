@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -181,3 +182,26 @@ def test_a_preemption_signal_reaches_every_rank_which_checkpoints(tmp_path, via)
         assert "has used its 0 requeue(s); resubmit with --resume" in batch and "requeueing" not in batch, batch
     finally:
         subprocess.run(["scancel", job_id], check=False)
+
+
+def test_a_job_directory_the_nodes_cannot_see_is_a_storage_ending_naming_the_host_not_unknown(tmp_path):
+    # A mount made after the cluster started is invisible in the nodes' mount namespaces: a local disk or a
+    # private /tmp on a real cluster. Slurm cannot open the batch log there, and the script never runs.
+    invisible = tmp_path / "invisible"
+    invisible.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(invisible)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        job_dir = invisible / "job"
+        done = hpcdist(["submit", "--nodes", "1", "--backend", "ddp", "--time", "5", "--job-dir", str(job_dir),
+                        "--wait", "--", "--max-steps", "5", "--dataset", "synthetic", "--synthetic-size", "256"],
+                       tmp_path / "home", timeout=120)
+        lines = (job_dir / "attempts.jsonl").read_text().splitlines()
+    finally:
+        subprocess.run(["umount", str(invisible)], check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    job = job_id_of(done.stdout)
+    assert re.search(rf"storage: the job directory {job_dir} is not visible \(or not writable\) on n[1-3]: Slurm "
+                     rf"could not open {job_dir}/logs/batch-{job}.out there", done.stderr), done.stderr
+    [line] = [json.loads(x) for x in lines]
+    assert (line["ending"], line["action"]) == ("storage", "none") and line["node"] in ("n1", "n2", "n3")

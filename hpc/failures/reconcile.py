@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hpc import jobfiles
+from hpc import jobfiles, nodelist
 from hpc.failures import record as records
 from hpc.failures.evidence import attempt_segment, failed_nodes
 from hpc.failures.gather import checkpoint_in
@@ -25,6 +25,9 @@ SACCT_RUN_FIELDS = ("JobID", "State", "ExitCode", "Start", "End", "NodeList")
 _SACCT_ENDINGS = {"NODE_FAIL": "node_failure", "CANCELLED": "cancelled", "TIMEOUT": "time_limit",
                   "OUT_OF_MEMORY": "rank_crashed", "PREEMPTED": "preempted", "COMPLETED": "completed",
                   "DEADLINE": "time_limit", "BOOT_FAIL": "node_failure", "REQUEUED": "preempted"}
+# The signal slurmstepd records when it could not set up the batch script's output ("IO setup failed": it could
+# not open JOB_DIR/logs/batch-J.out on the batch host), so the script never ran (Slurm 22.05: FAILED, 0:53).
+IO_SETUP_FAILED = 53
 
 
 def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str, Any]], job_id: str,
@@ -45,7 +48,10 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str
         lost = failed_nodes(attempt_segment(batch_text, index)) if ending == "node_failure" and batch_text else []
         node = lost[0] if lost else None
         step = checkpoint_in(Path(job_dir) / RUN_DIR) if job_dir else None
-        detail = {"node_failure": f"node {node} failed" if node else
+        unseen = unreachable(row, state, sig, job_dir, job_id, batch_text)
+        if unseen:
+            ending, node = "storage", unseen[0]
+        detail = unseen[1] if unseen else {"node_failure": f"node {node} failed" if node else
                   f"Slurm reported a node failure on {row.get('NodeList', '?')}",
                   "cancelled": "the job was cancelled (scancel)",
                   "time_limit": "the time limit struck",
@@ -64,6 +70,23 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str
                                   source="sacct"))
         previous.append(out[-1])
     return out
+
+
+def unreachable(row: Mapping[str, str], state: str, sig: int | None, job_dir: Path | None, job_id: str,
+                batch_text: str) -> tuple[str | None, str] | None:
+    """(the batch host, the storage ending's line) for a batch script that never started because its log could
+    not be opened on the batch host, though the job directory is here: not mounted there (a local disk, a
+    private /tmp), or not writable from there; None otherwise."""
+    log = Path(job_dir) / batch_log(job_id) if job_dir is not None else None
+    if state != "FAILED" or sig != IO_SETUP_FAILED or log is None or batch_text or not log.parent.is_dir():
+        return None
+    try:
+        host: str | None = nodelist.first(row.get("NodeList") or "")
+    except ValueError:
+        host = None
+    return host, (f"the job directory {job_dir} is not visible (or not writable) on {host or 'the batch host'}: "
+                  f"Slurm could not open {log} there, so the batch script never ran; put --job-dir on a file "
+                  "system every compute node mounts, then resubmit")
 
 
 def reconcile(job_dir: Path, job_id: str, runner: Runner = run) -> list[dict[str, Any]]:
