@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_summary, requires_slurm
 
-from hpc import jobs, logs, monitor, registry
+from hpc import checkpoints, jobs, logs, monitor, registry
 from train import heartbeat
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
@@ -419,3 +419,35 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_only_commands_still_answer(
+        tmp_path):
+    """The job directory on the cluster's 6 MiB file system (scripts/slurm-local.sh mounts it before the nodes
+    start, so every node sees it): room for one checkpoint of ~3.8 MB, not two."""
+    small = Path(os.environ.get("SLURM_LOCAL_BASE", "/tmp/slurm-local")) / "small-disk"
+    if not os.path.ismount(small):
+        pytest.skip(f"{small} is not mounted (scripts/slurm-local.sh start mounts it)")
+    home, job_dir = tmp_path / "home", small / f"job-{tmp_path.name}"
+    filler = small / f"filler-{tmp_path.name}"
+    try:
+        done = hpcdist(["submit", "--nodes", "1", "--backend", "ddp", "--time", "5", "--job-dir", str(job_dir),
+                        "--wait", "--", "--max-steps", "10", "--checkpoint-every", "5", "--dataset", "synthetic",
+                        "--synthetic-size", "256", "--batch-size", "32", "--threads", "1"], home, timeout=300)
+        assert done.returncode == 74, done.stdout + done.stderr
+        [line] = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
+        assert (line["ending"], line["action"], line["step"]) == ("storage", "none", 5)
+        assert re.fullmatch(rf"rank 0 on n[1-3]: no space left on device writing checkpoint step00000010 in "
+                            rf"{job_dir}/run/checkpoints: [\d,]+ bytes free, about 3,[\d,]+ needed; the previous "
+                            r"checkpoint \(step00000005\) is intact: .*", line["detail"]), line["detail"]
+        kept = job_dir / "run" / "checkpoints"
+        assert os.listdir(kept) == ["step00000005"] and checkpoints.damage(kept / "step00000005") is None
+        # Full to the last byte: what only reads still answers, without a traceback.
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        assert shutil.disk_usage(small).free < 64 << 10
+        for args in (["status", str(job_dir)], ["list"], ["logs", str(job_dir)], ["top", "--once", str(job_dir)]):
+            seen = hpcdist(args, home, timeout=60)
+            assert seen.returncode == 0 and "Traceback" not in seen.stderr, (args, seen.stdout, seen.stderr)
+    finally:
+        filler.unlink(missing_ok=True)
+        shutil.rmtree(job_dir, ignore_errors=True)
