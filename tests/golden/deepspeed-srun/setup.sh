@@ -35,7 +35,8 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # watcher ends the batch job's srun so that requeue.sh relaunches the step now.
     # It ends with the batch shell: gone, or exited and not yet reaped (a zombie) by whoever started it.
     ( trap - TERM
-      while read -r _ _ state _ </proc/$$/stat 2>/dev/null && [ "$state" != Z ]; do
+      # stderr first: the batch shell gone, the redirection itself fails and would say so in the batch log.
+      while read -r _ _ state _ 2>/dev/null </proc/$$/stat && [ "$state" != Z ]; do
           if [ -e /jobs/golden/run/lost.json ] && pgrep -s 0 -x srun >/dev/null; then
               sleep 1  # the survivors' own exit first, so that their logs say why
               echo "hpcdist: $(head -c 300 /jobs/golden/run/lost.json 2>/dev/null): ending the step" >&2
