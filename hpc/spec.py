@@ -80,6 +80,7 @@ class JobSpec:
     max_requeues: int = 3
     max_retries: int = 2
     spare_nodes: int = 0          # nodes held beyond --nodes, for a step relaunched after a failure
+    elastic: bool = False         # with no spare left, relaunch on the nodes left (dp/ddp; the global batch kept)
     params: int | None = None
     offload: bool = False
     backend_reason: str | None = None
@@ -198,9 +199,9 @@ def from_mapping(values: Mapping[str, Any]) -> JobSpec:
                     isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
                 raise SpecError("after must be a job id or a list of them, e.g. [1234, 1235:any]")
             value = tuple(parse_after(str(v)) for v in items)
-        elif key == "offload":
+        elif key in ("offload", "elastic"):
             if not isinstance(value, bool):
-                raise SpecError(f"offload must be true or false, got {shown.value(value)}")
+                raise SpecError(f"{key} must be true or false, got {shown.value(value)}")
         elif not isinstance(value, str):
             raise SpecError(f"{key} must be a string, got {shown.value(value)}")
         clean[key] = value

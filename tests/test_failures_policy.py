@@ -38,6 +38,16 @@ def test_a_relaunch_resumes_from_a_newer_snapshot_held_by_the_nodes_it_runs_on_a
     assert retried.action == "retry" and retried.reason.endswith("from the checkpoint at step 10")
 
 
+def test_with_elastic_a_lost_node_without_a_spare_is_relaunched_at_once_on_the_nodes_left():
+    ending = Ending("node_failure", node="n2", step=10)
+    decision = decide(ending, [], Policy(max_retries=2, nodes=2, elastic=True), STATES, allocation=["n1", "n2"])
+    assert (decision.action, decision.excluded, decision.nodes) == ("relaunch", ("n2",), 1)
+    assert decision.reason == ("retry 1 of 2: elastic: relaunched in the allocation on n1, 1 of the job's 2 nodes, "
+                               "the global batch kept from the checkpoint at step 10")
+    spare = decide(ending, [], Policy(max_retries=2, nodes=2, elastic=True), STATES, allocation=["n1", "n2", "n3"])
+    assert (spare.action, spare.nodes) == ("relaunch", None)  # a spare keeps the job's size
+
+
 def test_a_lost_node_without_a_spare_goes_through_the_queue_without_it():
     decision = decide(Ending("node_failure", node="n2", step=10), [], Policy(max_retries=2, nodes=2), STATES,
                                allocation=["n1", "n2"])

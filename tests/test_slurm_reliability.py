@@ -451,3 +451,39 @@ def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_
     finally:
         filler.unlink(missing_ok=True)
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_the_node_left(tmp_path):
+    """--elastic, 2 nodes, no spare: the first killed rank is relaunched in place; the same node failing again is
+    left, and the step goes on at once on the one node left (no trip through the queue), the global batch kept."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    args = ["submit", "--nodes", "2", "--backend", "ddp", "--time", "10", "--max-retries", "2", "--elastic",
+            "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "600", "--epochs", "100000", "--log-every",
+            "1", "--checkpoint-every", "100", "--snapshot-every-s", "0.5", "--dataset", "synthetic",
+            "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
+    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
+    job_id = None
+    try:
+        job_id = job_id_of(waiter.stdout.readline())
+        first = live_rank(job_dir, job_id, 1, attempt=0, step=20)
+        os.kill(first["pid"], signal.SIGKILL)
+        second = live_rank(job_dir, job_id, 1, attempt=1, step=20)
+        assert second["hostname"] == first["hostname"]
+        os.kill(second["pid"], signal.SIGKILL)
+        out, err = waiter.communicate(timeout=240)
+    finally:
+        if waiter.poll() is None:
+            subprocess.run(["scancel", job_id], check=False) if job_id else None
+            waiter.kill()
+    assert waiter.returncode == 0, out + err
+    lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["ending"], a["action"], a.get("nodes")) for a in lines] == [
+        ("rank_crashed", "relaunch", None), ("rank_crashed", "relaunch", 1), ("completed", "none", None)]
+    assert "elastic: relaunched in the allocation on" in lines[1]["reason"] and lines[1]["excluded"] == [
+        first["hostname"]]
+    summary = read_summary(job_dir)
+    assert summary["world_size"] == 1 and summary["steps"] == 600
+    assert summary["ranks"][0]["hostname"] != first["hostname"]
+    assert "elastic: 1 rank(s), was 2: the global batch 64 kept, 64 a rank" in (
+        job_dir / "logs" / "task-0.log").read_text()

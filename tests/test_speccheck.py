@@ -28,3 +28,15 @@ def test_the_bounds_themselves_are_accepted() -> None:
     speccheck.check_sizes(at_limit)
     assert at_limit.world_size == specs.MAX_WORLD_SIZE
     speccheck.check_sizes(specs.JobSpec(job_dir="/j", ntasks_per_node=specs.MAX_TASKS_PER_NODE))
+
+
+def test_elastic_is_for_dp_and_ddp_and_is_said_in_the_rendered_decision() -> None:
+    import pytest
+
+    site = profiles.load("example-ib")
+    with pytest.raises(speccheck.SpecError, match="--elastic resumes dp/ddp on fewer ranks"):
+        check(JobSpec(job_dir="/j", nodes=2, backend="deepspeed", elastic=True, python="python3"), site)
+    assert check(JobSpec(job_dir="/j", nodes=2, backend="ddp", elastic=True, python="python3"), site).elastic
+    assert specs.from_mapping({"job_dir": "/j", "elastic": True}).elastic
+    with pytest.raises(specs.SpecError, match="elastic must be true or false"):
+        specs.from_mapping({"job_dir": "/j", "elastic": "yes"})

@@ -147,8 +147,7 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     if timing is not None:
         beat.phase("eval")
         finish(run, engine, data, state, timing)
-    if store is not None:
-        store.drop()
+    snapshot.drop(store)
     return leave(EXIT_PREEMPTED if timing is None else 0)
 
 
@@ -260,7 +259,8 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | None = None) -> t
             raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; "
                              f"resume with the same value (the data order depends on it)")
     state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
-    say(run.rank, f"resumed from {where} at step {state['step']}" + (" (a snapshot in node memory)" if held else ""))
+    say(run.rank, f"resumed from {where} at step {state['step']}" + (" (a snapshot in node memory)" if held else "")
+        + checkpoint.regrouped(saved.get("world_size"), run.world, run.global_batch))
     return state, None if held is not None else found
 
 

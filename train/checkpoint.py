@@ -113,6 +113,15 @@ def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None]
     return final
 
 
+def regrouped(saved_world: int | None, world: int, global_batch: int) -> str:
+    """What a resume on another number of ranks says (an elastic relaunch after a lost node, --elastic): the
+    global batch, and so every step's samples and the losses, stay as they were."""
+    if saved_world is None or saved_world == world:
+        return ""
+    return (f"; elastic: {world} rank(s), was {saved_world}: the global batch {global_batch} kept, "
+            f"{global_batch // world} a rank")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

@@ -188,6 +188,11 @@ class Store:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def drop(store: Store | None) -> None:
+    if store is not None:
+        store.drop()
+
+
 def load(folder: Path) -> dict:
     # Our own file holds numpy RNG states and Python tuples, which the weights-only unpickler refuses.
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)

@@ -49,8 +49,9 @@ def number(job_dir: str) -> None:
 @click.option("--signal-delay-s", type=int, default=0, help="The job's --signal lead time before its time limit.")
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="srun",
               help="The job's launcher: only its own report of a dead child is read from the task logs.")
+@click.option("--elastic", is_flag=True, help="With no spare left, relaunch on the nodes left.")
 def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nodes: int, ranks_per_task: int,
-        ntasks: int, signal_delay_s: int, launcher: str) -> None:
+        ntasks: int, signal_delay_s: int, launcher: str, elastic: bool) -> None:
     """Classify the attempt that just ended, append it to attempts.jsonl, print what the batch shell does next."""
     from hpc.failures import gather, policy
     from hpc.failures import record as records
@@ -71,7 +72,8 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
         allocation = []
     try:
         line, job = gather.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
-                                         policy.Policy(max_requeues, max_retries, nodes), ranks_per_task, ntasks,
+                                         policy.Policy(max_requeues, max_retries, nodes, elastic), ranks_per_task,
+                                         ntasks,
                                          warning_s=signal_delay_s, launcher=launcher, allocation=allocation)
     except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)

@@ -164,5 +164,5 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
     count = sum(1 for a in history if a.get("action") in uses) + 1 if uses else 0
     values = {"action": line["action"], "exclude": ",".join(line.get("excluded") or ()), "uses": str(count),
               "already_requeued": "1" if already else "0", "end_status": str(status),
-              "next_attempt": str(int(line.get("attempt") or 0) + 1)}
+              "next_attempt": str(int(line.get("attempt") or 0) + 1), "nodes": str(line.get("nodes") or "")}
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())

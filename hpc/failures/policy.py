@@ -37,6 +37,7 @@ class Decision:
     action: str
     excluded: tuple[str, ...] = ()
     reason: str = ""
+    nodes: int | None = None       # an elastic relaunch's nodes, fewer than the job's
 
 
 
@@ -45,6 +46,7 @@ class Policy:
     max_requeues: int = 3
     max_retries: int = 2
     nodes: int = 1                 # nodes the job needs
+    elastic: bool = False          # with fewer nodes left, relaunch on them (--elastic)
 
 
 def excluded_so_far(history: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -100,6 +102,12 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
             return Decision("relaunch", tuple(sorted(keep_off)),
                             f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on "
                             f"{', '.join(where)}{resumes}")
+    left = [n for n in allocation if n not in wanted]
+    if policy.elastic and left:
+        return Decision("relaunch", tuple(sorted(wanted)),
+                        f"retry {used + 1} of {policy.max_retries}: elastic: relaunched in the allocation on "
+                        f"{', '.join(left)}, {len(left)} of the job's {policy.nodes} nodes, the global batch kept"
+                        f"{since}", nodes=len(left))
     healthy = [n for n, s in node_states.items() if n not in wanted and usable(s)]
     if node_states and len(healthy) < policy.nodes:
         return Decision("none", tuple(sorted(excluded)),

@@ -24,7 +24,7 @@ from hpc.vocab import ATTEMPTS
 ATTEMPT_FIELDS = {"attempt": int, "job_id": str, "started": str, "ended": str, "ending": str, "rank": int | None,
                   "node": str | None, "detail": str | None, "exit_code": int | None, "signal": int | None,
                   "step": int | None, "action": str, "excluded": list, "reason": str | None,
-                  "seen_step": int | None, "source": str, "context": dict}
+                  "seen_step": int | None, "source": str, "context": dict, "nodes": int}
 MAX_ATTEMPT = 1 << 20
 
 
@@ -37,6 +37,8 @@ def record(ending: Ending, decision: Decision, *, attempt: int, job_id: str, sta
             "signal": ending.signal, "step": ending.step, "action": decision.action,
             "excluded": list(decision.excluded), "reason": decision.reason, "seen_step": seen_step,
             "source": source}
+    if decision.nodes is not None:
+        line["nodes"] = decision.nodes  # an elastic relaunch's
     return {**line, "context": dict(context)} if context is not None else line
 
 

@@ -6,8 +6,8 @@
 # rank_crashed, hung, bad_input, code_error, cancelled, unknown), appends it to attempts.jsonl and decides:
 # requeue (every rank checkpointed after a signal; at most 3); after a lost node, a killed
 # rank or a hang (at most 2 in all) relaunch the step at once in this allocation on the nodes
-# left (spares first), or, when they cannot fit it, retry through the queue without the implicated node; or
-# nothing (bad input and errors in the training code are never retried).
+# left (spares first), or, when they cannot fit it, retry through the queue
+# without the implicated node; or nothing (bad input and errors in the training code are never retried).
 set -uo pipefail
 # Slurm's SIGTERM (a requeue, the time limit, a cancellation) reaches this shell too; ignoring it here, and
 # in the commands below that inherit it, lets the decision finish within KillWait.
@@ -19,19 +19,20 @@ job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 job=${job:-$SLURM_JOB_ID}
 
 while :; do
-    action=none exclude='' already_requeued=0 end_status=$status uses=0 next_attempt=''
+    action=none exclude='' already_requeued=0 end_status=$status uses=0 next_attempt='' nodes=''
     decision=$(/opt/venv/bin/python -m hpc attempt end --job-dir /jobs/golden --step-status "$status" \
         --max-requeues 3 --max-retries 2 --nodes 2 \
         --ranks-per-task 1 --ntasks 4 \
-        --signal-delay-s 120 --launcher srun) && eval "$decision"
+        --signal-delay-s 120 --launcher srun) \
+        && eval "$decision"
     # Both markers were acted on; a relaunched step's ranks write their own.
     rm -f /jobs/golden/run/preempted /jobs/golden/run/lost.json
     [ "$action" = relaunch ] || break
     export HPCDIST_ATTEMPT=$next_attempt HPCDIST_EXCLUDE=$exclude
-    echo "hpcdist: relaunching the step in this allocation (retry $uses of 2)${exclude:+ without $exclude}"
+    echo "hpcdist: relaunching the step in this allocation (retry $uses of 2)${exclude:+ without $exclude}${nodes:+ on $nodes node(s)}"
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
     status=0
-    bash /jobs/golden/step.sh "$exclude" || status=$?
+    bash /jobs/golden/step.sh "$exclude" "$nodes" || status=$?
 done
 
 case "$action" in

@@ -1,9 +1,11 @@
 #!/bin/bash
 # Rendered by hpcdist: one step of the job on 1 node(s) of the allocation, run by the batch shell
-# (job.sbatch's first step, and requeue.sh's relaunches after a failure). Usage: step.sh [EXCLUDE]
-# EXCLUDE (a Slurm nodelist) keeps a relaunch off the nodes that failed in this allocation.
+# (job.sbatch's first step, and requeue.sh's relaunches after a failure). Usage: step.sh [EXCLUDE [NODES]]
+# EXCLUDE (a Slurm nodelist) keeps a relaunch off the nodes that failed in this allocation; NODES, fewer than
+# 1, is an elastic relaunch's (--elastic: the trainer keeps the global batch on fewer ranks).
 set -uo pipefail
 exclude=${1:-}
+nodes=${2:-1}
 relaunch=()
 if [ -n "$exclude" ]; then
     # A dead node's step lingers until Slurm declares the node down (SlurmdTimeout, minutes later) and keeps
@@ -12,7 +14,7 @@ if [ -n "$exclude" ]; then
 fi
 # A rank that dies ends the whole step (--kill-on-bad-exit) instead of leaving the others hung in a
 # collective until the time limit.
-exec srun --kill-on-bad-exit=1 --nodes=1 --ntasks=1 \
+exec srun --kill-on-bad-exit=1 --nodes="$nodes" --ntasks=$((nodes * 1)) \
     --ntasks-per-node=1 --cpus-per-task=8 "${relaunch[@]}" \
     --open-mode=append --output=/jobs/golden/logs/task-%t.log \
     bash /jobs/golden/task.sh
