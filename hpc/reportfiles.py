@@ -115,7 +115,8 @@ class Painter:
     def __init__(self) -> None:
         fork = multiprocessing.get_context("fork")
         self._conn, theirs = fork.Pipe()
-        self._child = fork.Process(target=_paint, args=(theirs,), name="hpcdist-report-charts", daemon=True)
+        self._child = fork.Process(target=_paint, args=(theirs, self._conn), name="hpcdist-report-charts",
+                                   daemon=True)
         self._child.start()
         theirs.close()
 
@@ -125,7 +126,8 @@ class Painter:
     def __exit__(self, *exc: object) -> None:
         self._conn.close()
         if self._child.is_alive():
-            self._child.terminate()
+            # SIGKILL: a flag-only SIGTERM handler the parent had (the trainer's, in a test) came with the fork.
+            self._child.kill()
         self._child.join()
 
     def draw(self, *args: Any) -> None:
@@ -141,7 +143,9 @@ class Painter:
         return answer
 
 
-def _paint(conn: Any) -> None:
+def _paint(conn: Any, parents: Any) -> None:
+    # The parent's end came with the fork: closed here, the parent closing its own is an end of input.
+    parents.close()
     import matplotlib
 
     matplotlib.use("Agg")

@@ -195,6 +195,24 @@ def test_one_process_stopped_by_sigterm_checkpoints_exits_75_and_resumes(tmp_pat
     assert read_summary(run_dir)["steps"] == stopped_at + 2
 
 
+def test_ddp_resumed_on_fewer_ranks_keeps_the_global_batch_and_the_losses_as_elastic_says(launch, tmp_path):
+    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--log-every", "1", "--precision", "fp32"]
+    reference = tmp_path / "reference"
+    assert launch("srun", [*args, "--max-steps", "40"], reference).wait() == [0, 0]
+    run_dir = tmp_path / "elastic"
+    assert launch("srun", [*args, "--max-steps", "20"], run_dir).wait() == [0, 0]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "40",
+                          "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "at step 20; elastic: 1 rank(s), was 2: the global batch 32 kept, 32 a rank" in one.stdout
+    expected, got = read_losses(reference), read_losses(run_dir)
+    assert sorted(got) == list(range(1, 41))
+    # The same samples each step; one rank's mean over 32 images against two ranks' means averaged: rounding.
+    assert got == pytest.approx(expected, abs=1e-5, rel=0)
+
+
 # --- failures: a damaged checkpoint, a hung rank, stop signals at awkward moments ------------------------
 
 def test_resume_falls_back_past_a_damaged_newest_checkpoint_with_the_uninterrupted_losses(launch, tmp_path):
