@@ -87,8 +87,6 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
     if used >= policy.max_retries:
         return Decision("none", tuple(sorted(excluded)),
                         f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
-    since = (f" from the checkpoint at step {ending.step}" if ending.step is not None
-             else " from the start (no checkpoint)")
     wanted = excluded | ({ending.node} if ending.node else set())
     # In place only on a node that still answers and has not failed this job before: twice is a bad node.
     again = any(h.get("node") == ending.node for h in history)
@@ -96,18 +94,15 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
         left = [n for n in allocation if keep_off is not None and n not in keep_off]
         if allocation and keep_off is not None and len(left) >= policy.nodes:
             where = left[:policy.nodes]
-            in_memory = max((held or {}).get(n, -1) for n in where)
-            resumes = (f" from the snapshot at step {in_memory} in node memory"
-                       if in_memory > (-1 if ending.step is None else ending.step) else since)
             return Decision("relaunch", tuple(sorted(keep_off)),
                             f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on "
-                            f"{', '.join(where)}{resumes}")
+                            f"{', '.join(where)}{resumes_from(ending, held, where)}")
     left = [n for n in allocation if n not in wanted]
     if policy.elastic and left:
         return Decision("relaunch", tuple(sorted(wanted)),
                         f"retry {used + 1} of {policy.max_retries}: elastic: relaunched in the allocation on "
                         f"{', '.join(left)}, {len(left)} of the job's {policy.nodes} nodes, the global batch kept"
-                        f"{since}", nodes=len(left))
+                        f"{resumes_from(ending, held, left)}", nodes=len(left))
     healthy = [n for n, s in node_states.items() if n not in wanted and usable(s)]
     if node_states and len(healthy) < policy.nodes:
         return Decision("none", tuple(sorted(excluded)),
@@ -115,5 +110,16 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"({', '.join(sorted(healthy)) or 'none'}) for a job that needs {policy.nodes}")
     where = f" without {', '.join(sorted(wanted))}" if wanted else ""
     return Decision("retry", tuple(sorted(wanted)),
-                    f"retry {used + 1} of {policy.max_retries} through the queue{where}{since}")
+                    f"retry {used + 1} of {policy.max_retries} through the queue{where}{resumes_from(ending)}")
+
+
+def resumes_from(ending: Ending, held: Mapping[str, int] | None = None, nodes: Sequence[str] = ()) -> str:
+    """Where the next attempt resumes: the newest snapshot in the memory of ``nodes`` (a relaunch's), when newer
+    than the checkpoint; else the checkpoint."""
+    in_memory = max(((held or {}).get(n, -1) for n in nodes), default=-1)
+    if in_memory > (-1 if ending.step is None else ending.step):
+        return f" from the snapshot at step {in_memory} in node memory"
+    if ending.step is None:
+        return " from the start (no checkpoint)"
+    return f" from the checkpoint at step {ending.step}"
 
