@@ -117,3 +117,25 @@ def test_a_captured_state_is_a_copy_that_later_steps_do_not_change_and_restores_
     after_restore = engine.train_step(x, y)
     engine.restore(captured)
     assert torch.equal(engine.train_step(x, y), after_restore)
+
+
+def test_a_folder_another_user_could_have_made_is_neither_written_nor_read_nor_cleared(tmp_path):
+    # In shared tmpfs the name may be taken first: a link to this user's own checkpoints (whose older steps a
+    # prune would delete), or a folder with a snapshot whose unpickling runs code.
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (checkpoints / f"step{step:08d}").mkdir(parents=True)
+    (tmp_path / "s").symlink_to(checkpoints)
+    said: list[str] = []
+    store = snapshot.Store(tmp_path / "s", say=said.append)
+    assert store.take(4, {"step": 4})
+    store.close()
+    assert "not a folder of this user's alone" in said[0]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000001", "step00000002", "step00000003"]
+    writable = tmp_path / "open"
+    good = snapshot.Store(writable)
+    good.take(5, {"step": 5})
+    good.close()
+    assert snapshot.step_of(good.newest()) == 5
+    writable.chmod(0o777)  # anyone may put a snapshot there
+    assert good.newest() is None

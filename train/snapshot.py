@@ -19,6 +19,7 @@ run completes; the site's epilog removes a failed job's (``/dev/shm/hpcdist-snap
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -141,16 +142,16 @@ class Store:
         self.clear()
 
     def newest(self) -> Path | None:
-        """The newest snapshot whose files all match their manifest."""
+        """The newest snapshot whose files all match their manifest, in a folder only this user can write."""
         try:
-            return newest(self.folder)
+            return newest(self.folder) if ours(self.folder) else None
         except OSError:
             return None
 
     def clear(self) -> None:
         """Remove the snapshots this store wrote, then the folder if that empties it (tmpfs is shared)."""
         try:
-            if not stat.S_ISDIR(os.lstat(self.folder).st_mode):
+            if not ours(self.folder):
                 return
             names = os.listdir(self.folder)
         except OSError:
@@ -169,7 +170,8 @@ class Store:
             except OSError as exc:
                 # Memory for snapshots ran out (or the folder went away): training goes on with its disk checkpoints.
                 self.error = f"{exc.strerror or exc} writing a snapshot in {self.folder}"
-                shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
+                if ours(self.folder):
+                    shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
                 self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
                 return
             self.on_written(step)
@@ -177,8 +179,12 @@ class Store:
     def _write(self, step: int, state: dict) -> None:
         tag = name_for(step)
         staging, final = self.folder / f".tmp-{tag}", self.folder / tag
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not ours(self.folder):
+            raise OSError(errno.EPERM, f"{self.folder} is not a folder of this user's alone (a link, or another "
+                                       "user's)")
         shutil.rmtree(staging, ignore_errors=True)  # left by a writer killed mid-way in an earlier attempt
-        staging.mkdir(mode=0o700, parents=True)
+        staging.mkdir(mode=0o700)
         torch.save(state, staging / STATE_FILE)
         write_manifest(staging, step)
         if final.exists():
@@ -191,6 +197,16 @@ class Store:
 def drop(store: Store | None) -> None:
     if store is not None:
         store.drop()
+
+
+def ours(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder of this user's that nobody else may write: in shared tmpfs another
+    user could have made the name first (a link to this user's checkpoints, or a snapshot that unpickles code)."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def load(folder: Path) -> dict:
