@@ -1,6 +1,6 @@
 """Keep the newest training state in node-local memory, written in the background, for a relaunch to resume from.
 
-    store = snapshot.Store(snapshot.store_dir(run_dir, os.environ, hostname), on_written=beat.snapshot_written)
+    store = snapshot.open_store(run_dir, os.environ, writer=local_rank == 0, fresh=not resume, on_written=...)
     store.take(step, engine.capture(state))     # at a step boundary: the copy is the only stall
     held = store.newest()                       # at a resume: this node's newest complete snapshot, or None
 
@@ -13,7 +13,9 @@ are what survives a node's death.
 
 The folder is named by the Slurm job and keyed by the run directory and the host: a rank relaunched in the
 allocation or a requeued job on the same node finds it, another job never does. The trainer removes it when the
-run completes; the site's epilog removes a failed job's (``/dev/shm/hpcdist-snap-JOBID-HOST-*``).
+run completes; the site's epilog removes a failed job's (``/dev/shm/hpcdist-snap-JOBID-HOST-*``). Since anyone
+may make a name in /dev/shm first, nothing is written, read or removed in a folder that is not this user's own
+real folder, closed to others (``ours``).
 """
 
 from __future__ import annotations
