@@ -458,7 +458,7 @@ def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_th
     left, and the step goes on at once on the one node left (no trip through the queue), the global batch kept."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
     args = ["submit", "--nodes", "2", "--backend", "ddp", "--time", "10", "--max-retries", "2", "--elastic",
-            "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "600", "--epochs", "100000", "--log-every",
+            "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "200", "--epochs", "100000", "--log-every",
             "1", "--checkpoint-every", "100", "--snapshot-every-s", "0.5", "--dataset", "synthetic",
             "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
@@ -483,7 +483,7 @@ def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_th
     assert "elastic: relaunched in the allocation on" in lines[1]["reason"] and lines[1]["excluded"] == [
         first["hostname"]]
     summary = read_summary(job_dir)
-    assert summary["world_size"] == 1 and summary["steps"] == 600
+    assert summary["world_size"] == 1 and summary["steps"] == 200
     assert summary["ranks"][0]["hostname"] != first["hostname"]
     assert "elastic: 1 rank(s), was 2: the global batch 64 kept, 64 a rank" in (
         job_dir / "logs" / "task-0.log").read_text()
