@@ -3,11 +3,13 @@
     atomic_write(path, text)        # a temporary file beside ``path``, then renamed over it
     append_line(path, line)         # one O_APPEND write; a link at ``path`` is refused, not followed
     folder(root, "report")          # root/report as a real directory below root, never through a link
+    private(folder)                 # a folder in shared tmpfs that is this user's alone, or None
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,26 @@ def folder(root: Path, *parts: str) -> Path:
             if not path.is_dir():
                 raise UnsafePath(f"{path} exists and is not a directory; move it away") from None
     return path
+
+
+def private(path: Path) -> Path | None:
+    """``path`` made (0700) if missing, and returned if it is a real folder of this user's that nobody else may
+    write; None otherwise. In shared tmpfs (/dev/shm) anyone can make a name first: a link to this user's own
+    files, or a folder where another user reads what is written or puts what is read."""
+    try:
+        Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return Path(path) if is_private(path) else None
+
+
+def is_private(path: Path) -> bool:
+    """Whether ``path`` is a real folder of this user's that nobody else may write (a reader's check: makes nothing)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def atomic_write(path: Path, data: str | bytes, *, executable: bool = False, durable: bool = False) -> None:

@@ -58,3 +58,18 @@ def test_folder_never_goes_through_a_link_or_a_file(tmp_path: Path) -> None:
         fileio.folder(tmp_path / "job", "file", "x")
     assert fileio.folder(tmp_path / "job", "a", "b") == tmp_path / "job" / "a" / "b"
     assert (tmp_path / "job" / "a" / "b").is_dir() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_private_folder_is_made_closed_to_others_and_a_link_or_an_open_folder_is_refused(tmp_path):
+    made = fileio.private(tmp_path / "shm" / "mine")
+    assert made == tmp_path / "shm" / "mine" and (made.stat().st_mode & 0o777) == 0o700
+    assert fileio.private(made) == made and fileio.is_private(made)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert fileio.private(tmp_path / "link") is None and not fileio.is_private(tmp_path / "link")
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(tmp_path / "open", 0o777)
+    assert fileio.private(tmp_path / "open") is None
+    (tmp_path / "file").write_text("x")
+    assert fileio.private(tmp_path / "file") is None
+    assert not fileio.is_private(tmp_path / "missing") and not (tmp_path / "missing").exists()

@@ -213,6 +213,23 @@ def test_ddp_resumed_on_fewer_ranks_keeps_the_global_batch_and_the_losses_as_ela
     assert got == pytest.approx(expected, abs=1e-5, rel=0)
 
 
+def test_a_heartbeat_stage_another_user_made_first_is_bad_input_not_a_shared_folder(tmp_path):
+    from train import nodebeat
+
+    run_dir, root = tmp_path / "run", tmp_path / "shm"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HPCDIST_HEARTBEAT_STAGE": str(root)}
+    stage = nodebeat.stage_dir(run_dir, env, 0, 0)
+    root.mkdir()
+    (tmp_path / "theirs").mkdir()
+    stage.symlink_to(tmp_path / "theirs")
+    done = subprocess.run([sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(run_dir), *TINY],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"the heartbeat's node-local folder {stage} is a link or another user's" in done.stderr
+    assert not any((tmp_path / "theirs").iterdir())
+
+
 # --- failures: a damaged checkpoint, a hung rank, stop signals at awkward moments ------------------------
 
 def test_resume_falls_back_past_a_damaged_newest_checkpoint_with_the_uninterrupted_losses(launch, tmp_path):

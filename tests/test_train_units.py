@@ -446,6 +446,17 @@ def test_one_file_per_node_written_by_its_local_rank_0_with_every_rank_s_beat(tm
     assert {r: b.phase for r, b in monitor.read_heartbeats(run).items()} == dict.fromkeys(range(4), "done")
 
 
+def test_a_stage_someone_else_made_first_is_refused_with_what_to_do(tmp_path):
+    from train import nodebeat
+
+    assert nodebeat.claim(tmp_path / "mine") == tmp_path / "mine"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "stage").symlink_to(tmp_path / "theirs")
+    with pytest.raises(nodebeat.StageError, match="is a link or another user's; remove it, or set "
+                                                  "HPCDIST_HEARTBEAT_STAGE to a folder of yours"):
+        nodebeat.claim(tmp_path / "stage")
+
+
 def test_clearing_a_stage_removes_only_what_ranks_wrote_there(tmp_path):
     from pathlib import Path as P
 

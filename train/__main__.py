@@ -35,7 +35,7 @@ TORCH_IMPORTED = time.time()
 
 from hpc import dsconfig, fileio, ranks, runfiles, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
-from train import checkpoint, heartbeat, snapshot, watchdog
+from train import checkpoint, heartbeat, nodebeat, snapshot, watchdog
 from train.data import DataError, Dataset, load_dataset
 from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
 from train.evaluate import evaluate_accuracy
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = train(opts, beat)
         return status
-    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError) as exc:
+    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT

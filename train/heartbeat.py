@@ -166,7 +166,7 @@ class Heartbeat:
                          "pid": os.getpid(), "attempt": ranks.attempt_of(environ)}
         if not self.enabled:
             return
-        self.stage = nodebeat.stage_dir(self.run_dir, environ, env.node_rank, self.identity["attempt"])
+        self.stage = nodebeat.claim(nodebeat.stage_dir(self.run_dir, environ, env.node_rank, self.identity["attempt"]))
         if env.local_rank == 0:
             self.publisher = nodebeat.Publisher(self.run_dir, env.node_rank)
         self.write()

@@ -42,6 +42,19 @@ def stage_dir(run_dir: Path, environ: Mapping[str, str], node: int, attempt: int
     return Path(root) / f"hpcdist-beats-{key}"
 
 
+class StageError(ValueError):
+    """This node's hand-over folder is not this user's alone (another user made its name first)."""
+
+
+def claim(folder: Path) -> Path:
+    """Make the hand-over folder, and refuse one that is not this user's alone: in shared tmpfs another user could
+    make the name first, to read the node's beats or feed it false ones (a hang declared, a node lost)."""
+    if fileio.private(folder) is None:
+        raise StageError(f"the heartbeat's node-local folder {folder} is a link or another user's; remove it, or "
+                         "set HPCDIST_HEARTBEAT_STAGE to a folder of yours")
+    return folder
+
+
 def stage(folder: Path, beat: Mapping[str, Any]) -> None:
     """Hand this rank's beat to its node's publisher: a local temp file renamed over the last one."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ The folder is named by the Slurm job and keyed by the run directory and the host
 allocation or a requeued job on the same node finds it, another job never does. The trainer removes it when the
 run completes; the site's epilog removes a failed job's (``/dev/shm/hpcdist-snap-JOBID-HOST-*``). Since anyone
 may make a name in /dev/shm first, nothing is written, read or removed in a folder that is not this user's own
-real folder, closed to others (``ours``).
+real folder, closed to others (``hpc.fileio.is_private``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import queue
 import re
 import shutil
 import socket
-import stat
 import sys
 import threading
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from hpc import fileio
 from hpc.checkpoints import NAME, complete, name_for, newest, write_manifest
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
@@ -146,14 +146,14 @@ class Store:
     def newest(self) -> Path | None:
         """The newest snapshot whose files all match their manifest, in a folder only this user can write."""
         try:
-            return newest(self.folder) if ours(self.folder) else None
+            return newest(self.folder) if fileio.is_private(self.folder) else None
         except OSError:
             return None
 
     def clear(self) -> None:
         """Remove the snapshots this store wrote, then the folder if that empties it (tmpfs is shared)."""
         try:
-            if not ours(self.folder):
+            if not fileio.is_private(self.folder):
                 return
             names = os.listdir(self.folder)
         except OSError:
@@ -172,7 +172,7 @@ class Store:
             except OSError as exc:
                 # Memory for snapshots ran out (or the folder went away): training goes on with its disk checkpoints.
                 self.error = f"{exc.strerror or exc} writing a snapshot in {self.folder}"
-                if ours(self.folder):
+                if fileio.is_private(self.folder):
                     shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
                 self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
                 return
@@ -181,8 +181,7 @@ class Store:
     def _write(self, step: int, state: dict) -> None:
         tag = name_for(step)
         staging, final = self.folder / f".tmp-{tag}", self.folder / tag
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not ours(self.folder):
+        if fileio.private(self.folder) is None:
             raise OSError(errno.EPERM, f"{self.folder} is not a folder of this user's alone (a link, or another "
                                        "user's)")
         shutil.rmtree(staging, ignore_errors=True)  # left by a writer killed mid-way in an earlier attempt
@@ -199,16 +198,6 @@ class Store:
 def drop(store: Store | None) -> None:
     if store is not None:
         store.drop()
-
-
-def ours(folder: Path) -> bool:
-    """Whether ``folder`` is a real folder of this user's that nobody else may write: in shared tmpfs another
-    user could have made the name first (a link to this user's checkpoints, or a snapshot that unpickles code)."""
-    try:
-        st = os.lstat(folder)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def load(folder: Path) -> dict:
