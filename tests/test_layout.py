@@ -125,8 +125,7 @@ RENAMERS = {"hpc.fileio.atomic_write": "a file, written beside its place then re
             "hpc.jobdir.write_tree": "a job or sweep directory, published whole",
             "train.checkpoint.save": "a checkpoint directory, published whole",
             "train.checkpoint.choose": "a damaged checkpoint set aside",
-            "train.nodebeat.Publisher._rotate": "a full heartbeat history moved to .1",
-            "train.snapshot.Store._write": "a snapshot in node memory, published whole"}
+            "train.nodebeat.Publisher._rotate": "a full heartbeat history moved to .1"}
 
 
 def _renames(node: ast.AST) -> bool:

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -65,7 +64,7 @@ def clear(folder: Path) -> None:
     """Remove what ranks wrote in this hand-over folder (their beats, the watchdog's relayed files), then the
     folder if that leaves it empty: tmpfs is shared, and a file of anyone else's stays where it is."""
     try:
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        if not fileio.is_private(folder):
             return
         names = os.listdir(folder)
     except OSError:

@@ -4,12 +4,12 @@
     store.take(step, engine.capture(state))     # at a step boundary: the copy is the only stall
     held = store.newest()                       # at a resume: this node's newest complete snapshot, or None
 
-A snapshot is a checkpoint folder (``stepNNNNNNNN/``, ``MANIFEST.json`` last; hpc/checkpoints.py) in tmpfs,
-``/dev/shm`` or ``$HPCDIST_SNAPSHOT_DIR``, written by each node's local rank 0. Serialising, checksumming and
-publishing run in a thread while training goes on; a snapshot still being written when the next is due makes
-that one skipped, never waited for. Rank 0 times them on the step vote, so every node holds the same steps: for
-replicated training (dp, ddp) each node's snapshot is a whole copy of the state, and the other nodes' copies
-are what survives a node's death.
+A snapshot is a checkpoint folder (``stepNNNNNNNN/``, ``MANIFEST.json`` last, published by train/checkpoint.py's
+``save``) in tmpfs, ``/dev/shm`` or ``$HPCDIST_SNAPSHOT_DIR``, written by each node's local rank 0.
+Serialising, checksumming and publishing run in a thread while training goes on; a snapshot still being written
+when the next is due makes that one skipped, never waited for. Rank 0 times them on the step vote, so every
+node holds the same steps: for replicated training (dp, ddp) each node's snapshot is a whole copy of the state,
+and the other nodes' copies are what survives a node's death.
 
 The folder is named by the Slurm job and keyed by the run directory and the host: a rank relaunched in the
 allocation or a requeued job on the same node finds it, another job never does. The trainer removes it when the
@@ -36,11 +36,11 @@ from typing import Callable, Mapping
 import torch
 
 from hpc import fileio
-from hpc.checkpoints import NAME, complete, name_for, newest, write_manifest
+from hpc.checkpoints import NAME, name_for, newest
+from train import checkpoint
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
-KEEP = 2  # the older one covers a newest that was damaged
 STATE_FILE = "state.pt"
 
 
@@ -171,7 +171,8 @@ class Store:
                 self._write(step, state)
             except OSError as exc:
                 # Memory for snapshots ran out (or the folder went away): training goes on with its disk checkpoints.
-                self.error = f"{exc.strerror or exc} writing a snapshot in {self.folder}"
+                why = os.strerror(exc.errno) if isinstance(exc, checkpoint.StorageError) else exc.strerror or exc
+                self.error = f"{why} writing a snapshot in {self.folder}"
                 if fileio.is_private(self.folder):
                     shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
                 self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
@@ -179,20 +180,12 @@ class Store:
             self.on_written(step)
 
     def _write(self, step: int, state: dict) -> None:
-        tag = name_for(step)
-        staging, final = self.folder / f".tmp-{tag}", self.folder / tag
         if fileio.private(self.folder) is None:
             raise OSError(errno.EPERM, f"{self.folder} is not a folder of this user's alone (a link, or another "
                                        "user's)")
-        shutil.rmtree(staging, ignore_errors=True)  # left by a writer killed mid-way in an earlier attempt
-        staging.mkdir(mode=0o700)
-        torch.save(state, staging / STATE_FILE)
-        write_manifest(staging, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        for old in complete(self.folder)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Published as a checkpoint is, by its one writer: staged, manifest last, renamed, the newest KEEP kept.
+        checkpoint.save(self.folder, step, rank=0,
+                        write=lambda staging, tag: torch.save(state, staging / tag / STATE_FILE))
 
 
 def drop(store: Store | None) -> None:
@@ -201,8 +194,7 @@ def drop(store: Store | None) -> None:
 
 
 def load(folder: Path) -> dict:
-    # Our own file holds numpy RNG states and Python tuples, which the weights-only unpickler refuses.
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    return checkpoint.load(Path(folder) / STATE_FILE)
 
 
 def step_of(folder: Path | None) -> int | None:
