@@ -9,10 +9,12 @@ A config spec is ``BACKEND[:TOKEN...]``, tokens in any order, each at most once:
 loader (default resident), ``bN`` global batch (default the run's
 --batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns),
 ``cl`` channels_last and ``compile`` torch.compile (dp/ddp), ``nohb`` the trainer without its heartbeat
-(``--heartbeat-s 0``, to measure the heartbeat's cost). ``floor`` is a bare PyTorch loop and
-``floor-deepspeed`` a bare DeepSpeed engine loop (tools/floor.py): what the trainer's rows are divided by.
-A run's numbers are read by hpc.benchresults and written up by hpc.benchreport; side effects (running
-configs, writing files, drawing) live in hpc/commands/bench.py. No torch in any of them.
+(``--heartbeat-s 0``, to measure the heartbeat's cost), ``snapS`` a snapshot in node memory every S seconds
+(dp/ddp, ``--snapshot-every-s S``, to measure what snapshots cost; without it none, in a Slurm job too).
+``floor`` is a bare PyTorch loop and ``floor-deepspeed`` a bare DeepSpeed engine loop (tools/floor.py): what
+the trainer's rows are divided by. A run's numbers are read by hpc.benchresults and written up by
+hpc.benchreport; side effects (running configs, writing files, drawing) live in hpc/commands/bench.py. No torch
+in any of them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ LOADERS = vocab.LOADERS
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
-SPEC_HELP = ("BACKEND[:N][:zeroN][:auto|fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb] "
+SPEC_HELP = ("BACKEND[:N][:zeroN][:auto|fp32|bf16|fp16][:resident|classic][:bN][:tN][:cl][:compile][:nohb][:snapS] "
              "with BACKEND one of " + ", ".join(BACKENDS))
 
 # The comparison users ask for, sized for a 2-core CPU box: every backend at one rank against its floor,
@@ -71,6 +73,8 @@ class Config:
     compile: bool = False
     # False: the trainer runs with --heartbeat-s 0, to measure what its heartbeat costs.
     heartbeat: bool = True
+    # Seconds between snapshots in node memory (--snapshot-every-s); None: none, as outside a Slurm job.
+    snapshot_every_s: float | None = None
 
     def __post_init__(self) -> None:
         # DeepSpeed always runs some ZeRO stage; naming it keeps the name a faithful spec.
@@ -98,6 +102,8 @@ class Config:
             parts.append(f"t{self.threads}")
         parts += [flag for flag, on in (("cl", self.channels_last), ("compile", self.compile),
                                         ("nohb", not self.heartbeat)) if on]
+        if self.snapshot_every_s is not None:
+            parts.append(f"snap{self.snapshot_every_s:g}")
         return ":".join(parts)
 
     @property
@@ -120,6 +126,7 @@ _TOKENS = (
     ("channels_last", re.compile("(cl)"), bool),
     ("compile", re.compile("(compile)"), bool),
     ("heartbeat", re.compile("(nohb)"), lambda _: False),
+    ("snapshot_every_s", re.compile(r"snap(\d+(?:\.\d+)?)"), float),
 )
 
 
@@ -166,6 +173,10 @@ def check(config: Config, spec: str) -> None:
         raise BenchError(f"{where}: nohb applies to the trainer; a floor writes no heartbeat")
     if (config.channels_last or config.compile) and config.backend not in ("dp", "ddp"):
         raise BenchError(f"{where}: cl and compile apply to dp and ddp only")
+    if config.snapshot_every_s is not None and config.backend not in ("dp", "ddp"):
+        raise BenchError(f"{where}: snapS applies to dp and ddp only (DeepSpeed resumes from disk)")
+    if config.snapshot_every_s is not None and config.snapshot_every_s <= 0:
+        raise BenchError(f"{where}: snapS takes a positive number of seconds; leave it out for no snapshots")
     if config.batch < 1 or config.batch % config.ranks:
         raise BenchError(f"{where}: global batch {config.batch} must be a positive multiple of {config.ranks} ranks")
     if config.threads is not None and config.threads < 1:
@@ -228,6 +239,8 @@ def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, py
                 if on]
     if not config.heartbeat:
         trainer += ["--heartbeat-s", "0"]
+    # Given always: a bench run inside a Slurm job would otherwise take the trainer's default there.
+    trainer += ["--snapshot-every-s", f"{config.snapshot_every_s or 0:g}"]
     return launch + trainer
 
 ORDERS = ("shuffle", "alternate", "fixed")

@@ -224,6 +224,19 @@ def test_each_round_runs_the_grid_in_its_own_seeded_order():
 def test_nohb_runs_the_trainer_without_its_heartbeat():
     config = bench.parse_config("ddp:1:nohb")
     assert config.name == "ddp:resident:1:nohb" and not config.heartbeat
-    assert bench.argv(config, 1, 10, 2, "run", "python")[-2:] == ["--heartbeat-s", "0"]
+    argv = bench.argv(config, 1, 10, 2, "run", "python")
+    assert argv[argv.index("--heartbeat-s") + 1] == "0"
     with pytest.raises(bench.BenchError, match="nohb applies to the trainer"):
         bench.parse_config("floor:1:nohb")
+
+
+def test_snap_runs_the_trainer_with_snapshots_in_node_memory_and_without_it_none_even_in_a_slurm_job():
+    config = bench.parse_config("ddp:2:snap0.5")
+    assert config.name == "ddp:resident:2:snap0.5" and config.snapshot_every_s == 0.5
+    assert bench.parse_config(config.name) == config
+    assert bench.argv(config, 1, 10, 2, "run", "python")[-2:] == ["--snapshot-every-s", "0.5"]
+    assert bench.argv(bench.parse_config("ddp:2"), 1, 10, 2, "run", "python")[-2:] == ["--snapshot-every-s", "0"]
+    with pytest.raises(bench.BenchError, match="snapS applies to dp and ddp only"):
+        bench.parse_config("deepspeed:1:snap5")
+    with pytest.raises(bench.BenchError, match="positive number of seconds"):
+        bench.parse_config("ddp:1:snap0")

@@ -313,6 +313,16 @@ def live_rank(job_dir: Path, job_id: str, rank: int, attempt: int, step: int, ti
     pytest.fail(f"rank {rank} of attempt {attempt} never trained past step {step} in {timeout:.0f}s")
 
 
+def wait_for(found, timeout: float):
+    """What ``found()`` returns once it is truthy, polled; the test fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := found():
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"not there after {timeout:.0f}s: {found}")
+
+
 def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_left_through_the_queue(tmp_path):
     """No spare node: the first crash is relaunched at once on the same nodes (the node still answers); the
     same node failing again is kept off, and the job, which no longer fits its allocation, goes through the
@@ -366,13 +376,15 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
     """The node running the batch shell dies for real (slurmd and every process, nobody setting it DOWN): the
     waiter sees it in seconds (the surviving rank names it in lost.json, its slurmd does not answer), cancels
     the old job so Slurm never requeues it, and submits the run again without that node; it resumes from the
-    newest checkpoint and completes, and nothing of the old job runs on."""
+    newest snapshot the batch host's rank 0 persisted to the job directory in the background (the loop itself
+    writes no checkpoint before the kill; the node's memory went with it) and completes, and nothing of the old
+    job runs on."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
     node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
     args = ["submit", "--via", "sbatch", "--nodes", "2", "--backend", "ddp", "--time", "10", "--job-dir",
-            str(job_dir), "--wait", "--", "--max-steps", "200", "--epochs", "1000", "--log-every", "1",
-            "--checkpoint-every", "5", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
-            "--threads", "1"]
+            str(job_dir), "--wait", "--", "--max-steps", "300", "--epochs", "1000", "--log-every", "1",
+            "--snapshot-every-s", "0.2", "--persist-every-s", "0.5", "--dataset", "synthetic", "--synthetic-size",
+            "1024", "--batch-size", "64", "--threads", "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
     job_id, host = None, None
@@ -382,6 +394,8 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
         shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
         host = re.search(r"BatchHost=(\S+)", shown).group(1)
         assert first["hostname"] == host
+        persisted = wait_for(lambda: checkpoints.complete(job_dir / "run" / "checkpoints"), 60)
+        persisted_step = int(persisted[-1].name[len("step"):])
         killed_at = time.time()
         subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
         out, err = waiter.communicate(timeout=240)
@@ -407,8 +421,9 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
                 if f"SLURM_JOB_ID={job_id}\0".encode() in _read_bytes(p)]
     registered = [json.loads(x) for x in (home / "jobs.jsonl").read_text().splitlines()]
     assert registered[-1]["job_id"] == new_id and registered[-1]["previous"] == job_id
-    resumed = re.findall(r"resumed from \S+ at step (\d+)", (job_dir / "logs" / "task-0.log").read_text())
-    assert resumed and int(resumed[0]) >= 5
+    log = (job_dir / "logs" / "task-0.log").read_text()
+    resumed = re.findall(r"resumed from \S+/checkpoints/\S+ at step (\d+)", log)
+    assert resumed and int(resumed[0]) >= persisted_step > 0
     first_step = monitor.read_heartbeats(job_dir / "run")[0].marks["first_step_done"]
     print(f"batch host {host} killed -> the new job's first step: {first_step - killed_at:.1f} s")
     assert first_step - killed_at < 60

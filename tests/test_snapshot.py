@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from hpc.checkpoints import MANIFEST
-from train import snapshot
+from hpc.checkpoints import MANIFEST, newest
+from train import checkpoint, snapshot
 from train.engines import TorchEngine
 from train.model import ConvNet
 
@@ -24,9 +24,19 @@ def test_the_store_is_named_by_the_slurm_job_and_keyed_by_run_directory_and_host
     assert snapshot.store_dir(tmp_path / "run", {**env, "SLURM_JOB_ID": "4712"}, "n1") != folder
 
 
-def test_there_is_no_store_outside_a_slurm_job_or_with_a_job_id_that_is_not_a_number(tmp_path):
-    assert snapshot.store_dir(tmp_path, {snapshot.ROOT_ENV: str(tmp_path)}, "n1") is None
+def test_a_run_outside_slurm_names_its_store_local_and_a_job_id_that_is_not_a_number_has_none(tmp_path):
+    folder = snapshot.store_dir(tmp_path / "run", {snapshot.ROOT_ENV: str(tmp_path)}, "n1")
+    assert folder.name.startswith("hpcdist-snap-local-n1-")
     assert snapshot.store_dir(tmp_path, {"SLURM_JOB_ID": "../x", snapshot.ROOT_ENV: str(tmp_path)}, "n1") is None
+
+
+def test_snapshots_are_taken_by_default_in_a_slurm_job_and_elsewhere_only_when_asked_never_by_deepspeed():
+    in_job = {"SLURM_JOB_ID": "4711"}
+    assert snapshot.every_s(None, True, in_job) == snapshot.DEFAULT_EVERY_S
+    assert snapshot.every_s(None, True, {}) == 0
+    assert snapshot.every_s(0.5, True, {}) == 0.5
+    assert snapshot.every_s(0, True, in_job) == 0
+    assert snapshot.every_s(None, False, in_job) == snapshot.every_s(0.5, False, {}) == 0
 
 
 def test_snapshots_are_written_in_the_background_published_complete_and_the_newest_two_kept(tmp_path):
@@ -139,3 +149,47 @@ def test_a_folder_another_user_could_have_made_is_neither_written_nor_read_nor_c
     assert snapshot.step_of(good.newest()) == 5
     writable.chmod(0o777)  # anyone may put a snapshot there
     assert good.newest() is None
+
+
+def test_snapshots_are_persisted_to_the_checkpoints_in_the_background_and_load_as_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    engine = TorchEngine(ConvNet(), backend="ddp", device=torch.device("cpu"), precision="fp32", lr=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    store = snapshot.Store(tmp_path / "s", persist=snapshot.Persist(checkpoints, every_s=1e-6))
+    engine.train_step(x, y)
+    store.take(1, engine.capture({"step": 1}))
+    store.close()
+    after = engine.train_step(x, y)
+    persisted = newest(checkpoints)
+    assert persisted.name == "step00000001" and (persisted / MANIFEST).is_file()
+    assert not list(persisted.glob("rng*")), "one RNG state, in the state, stands for every rank"
+    assert engine.read(persisted, rank=3) == {"step": 1}
+    assert torch.equal(engine.train_step(x, y), after)
+
+
+def test_a_step_the_loop_already_saved_is_not_persisted_again_and_none_is_before_its_interval(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoint.save(checkpoints, 20, rank=0, write=lambda staging, tag: (staging / tag / "own.pt").write_text("x"))
+    store = snapshot.Store(tmp_path / "s", persist=snapshot.Persist(checkpoints, every_s=1e-6))
+    store.take(20, {"step": 20})
+    store.close()
+    assert [p.name for p in checkpoints.iterdir()] == ["step00000020"]
+    assert (checkpoints / "step00000020" / "own.pt").is_file()
+    later = snapshot.Store(tmp_path / "s2", persist=snapshot.Persist(checkpoints, every_s=3600))
+    later.take(30, {"step": 30})
+    later.close()
+    assert newest(checkpoints).name == "step00000020"
+
+
+def test_when_persisting_fails_it_stops_saying_why_and_the_snapshots_go_on(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    said: list[str] = []
+    store = snapshot.Store(tmp_path / "s", say=said.append,
+                           persist=snapshot.Persist(tmp_path / "checkpoints", every_s=1e-6))
+    store.take(1, {"step": 1})
+    store.close()
+    assert len(said) == 1 and "no longer persisted" in said[0] and "disk checkpoints go on" in said[0]
+    assert store.take(2, {"step": 2})
+    store.close()
+    assert snapshot.step_of(store.newest()) == 2 and store.error is None

@@ -297,6 +297,22 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["step00000003", "step00000004"]
 
 
+def test_a_save_waits_while_another_thread_of_the_process_publishes_in_the_same_folder(tmp_path):
+    # The snapshot writer persists into the checkpoints the loop saves to: staging names and pruning are shared.
+    import threading
+
+    saved = threading.Event()
+    with checkpoint.publishing(tmp_path):
+        worker = threading.Thread(target=lambda: (save_model(tmp_path, 1, ConvNet()), saved.set()))
+        worker.start()
+        assert not saved.wait(0.5)
+        with checkpoint.publishing(tmp_path / "other"):
+            pass  # another folder is not held up
+    assert saved.wait(30)
+    worker.join()
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step00000001"]
+
+
 def test_rng_states_round_trip():
     state = checkpoint.rng_state()
     expected = (torch.rand(3), np.random.rand(), random.random())

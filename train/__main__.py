@@ -92,8 +92,8 @@ class Setup:
         return self.run_dir / vocab.CHECKPOINTS
 
     @property
-    def snapshots(self) -> bool:
-        return snapshot.enabled(self.opts.snapshot_every_s, self.ds_config is None, os.environ)
+    def snapshot_every_s(self) -> float:
+        return snapshot.every_s(self.opts.snapshot_every_s, self.ds_config is None, os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +140,9 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     beat.mark("model_built")
     heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
     loader = build_loader(run, engine, data)
-    store = snapshot.open_store(run.run_dir, os.environ, writer=run.snapshots and run.env.local_rank == 0,
-                                fresh=not opts.resume, on_written=beat.snapshot_written)
+    persist = snapshot.Persist(run.checkpoints, opts.persist_every_s if run.rank == 0 else 0)
+    store = snapshot.open_store(run.run_dir, os.environ, writer=run.snapshot_every_s > 0 and run.env.local_rank == 0,
+                                fresh=not opts.resume, on_written=beat.snapshot_written, persist=persist)
     state, found = resume(run, engine, store)
     timing = loop(run, engine, loader, state, found, beat, store)
     if timing is not None:
@@ -248,7 +249,7 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | None = None) -> t
     if opts.resume:
         found = checkpoint.choose(run.checkpoints, rank=run.rank, share=lambda name: broadcast_from_0(name, run.world),
                                   say=lambda line: say(run.rank, line))
-        held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found)) if run.snapshots else None
+        held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
     if opts.resume and found is None and held is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
     if found is None and held is None:
@@ -273,7 +274,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         total_steps = min(total_steps, opts.max_steps)
     resumed_at = state["step"] if found is not None else None
     clocks = Clocks(preemption.WallClock(opts.checkpoint_every_min * 60),
-                    preemption.WallClock(opts.snapshot_every_s if run.snapshots else 0))
+                    preemption.WallClock(run.snapshot_every_s))
 
     def save() -> Path:
         beat.phase("checkpoint")
@@ -358,8 +359,7 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
                "precision": run.precision, "steps": state["step"], "final_loss": state["last_loss"],
                "first_loss": state["first_loss"], "test_accuracy": accuracy,
                "images_per_s": timed * run.global_batch / (timing.ended - timing.warm_at) if timed > 0 else None,
-               "warmup_steps": opts.warmup_steps,
-               "device": device_name(run.device),
+               "warmup_steps": opts.warmup_steps, "device": device_name(run.device),
                "wall_s": time.time() - STARTED,
                "time_to_first_step_s": timing.first_step_at - STARTED if timing.first_step_at else None,
                "ranks": everyone}

@@ -13,17 +13,36 @@ import gc
 import os
 import random
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from hpc.checkpoints import complete, name_for, newest, write_manifest
 
+# A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
+# files are its own.
+TRAINER_FILE = "trainer.pt"
 KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
 # Failures of the storage itself, not of the training: retrying elsewhere would only fail the same way.
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+_locks: dict[Path, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def publishing(root: Path) -> Iterator[None]:
+    """Held while this process publishes or prunes checkpoints in ``root``: the training loop's saves and the
+    snapshot writer's persisted ones share the folder (staging names, pruning)."""
+    with _locks_guard:
+        lock = _locks.setdefault(Path(root).absolute(), threading.RLock())
+    with lock:
+        yield
 
 
 class StorageError(OSError):
@@ -77,7 +96,12 @@ def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None]
     Until the rename, the previous checkpoint stays the newest complete one, so a crash or a kill at
     any point leaves a loadable checkpoint behind.
     """
-    root, tag = Path(root), name_for(step)
+    with publishing(root):
+        return _save(Path(root), step, rank, write, barrier)
+
+
+def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], barrier: Callable[[], None]) -> Path:
+    tag = name_for(step)
     staging = root / f".tmp-{tag}"
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt

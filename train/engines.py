@@ -16,7 +16,6 @@ from train.model import bare_state_dict, load_weights
 from train.options import DEFAULT_BATCH, Options
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRAINER_FILE = "trainer.pt"
 
 
 class Engine(Protocol):
@@ -108,12 +107,14 @@ class TorchEngine:
     def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
         folder = Path(save_dir) / tag
         if rank == 0:
-            torch.save(self.state(trainer_state), folder / TRAINER_FILE)
+            torch.save(self.state(trainer_state), folder / checkpoint.TRAINER_FILE)
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
-        state = self.restore(checkpoint.load(Path(folder) / TRAINER_FILE))
-        checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
+        state = self.restore(checkpoint.load(Path(folder) / checkpoint.TRAINER_FILE))
+        # A snapshot persisted in the background has no per-rank files: its state holds the RNGs for every rank.
+        if checkpoint.rng_file(folder, rank).exists():
+            checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
         return state
 
 

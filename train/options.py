@@ -44,7 +44,8 @@ class Options:
     deepspeed_config: Path | None = None
     checkpoint_every: int = 0
     checkpoint_every_min: float = 10.0
-    snapshot_every_s: float = 5.0
+    snapshot_every_s: float | None = None  # None: train/snapshot.DEFAULT_EVERY_S in a Slurm job, else off
+    persist_every_s: float = 60.0
     resume: bool = False
     seed: int = 0
     log_every: int | None = None  # None: PRINT_EVERY printed, CURVE_POINTS recorded (train/__main__)
@@ -107,9 +108,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every-min", type=float, default=10.0,
                    help="also checkpoint when this many minutes of wall time passed since the last one; bounds "
                         "what a crash loses (0: off)")
-    p.add_argument("--snapshot-every-s", type=float, default=5.0,
+    p.add_argument("--snapshot-every-s", type=float,
                    help="seconds between snapshots of the state in node memory, written in the background, which a "
-                        "relaunch in the allocation resumes from (dp/ddp in a Slurm job; 0: off)")
+                        "relaunch in the allocation resumes from (dp/ddp; default 5 in a Slurm job, whose epilog "
+                        "frees a killed run's, and none elsewhere; 0: off)")
+    p.add_argument("--persist-every-s", type=float, default=60.0,
+                   help="seconds between snapshots also written to RUN_DIR/checkpoints in the background, which a "
+                        "new job on other nodes resumes from when the allocation is lost (0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint or snapshot")
     p.add_argument("--seed", type=int, default=0)
@@ -140,8 +145,9 @@ def _validate(opts: Options) -> None:
         value = getattr(opts, name)
         if value is not None and value < 1:
             raise OptionsError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("checkpoint_every_min", "snapshot_every_s", "heartbeat_s", "hang_timeout_s", "hang_factor"):
-        if not 0 <= getattr(opts, name) < float("inf"):
+    for name in ("checkpoint_every_min", "snapshot_every_s", "persist_every_s", "heartbeat_s", "hang_timeout_s",
+                 "hang_factor"):
+        if getattr(opts, name) is not None and not 0 <= getattr(opts, name) < float("inf"):
             raise OptionsError(f"--{name.replace('_', '-')} must be a number 0 or more, got {getattr(opts, name)}")
     for name in ("num_workers", "checkpoint_every", "seed"):
         if getattr(opts, name) < 0:

@@ -30,46 +30,66 @@ import shutil
 import socket
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
 from hpc import fileio
-from hpc.checkpoints import NAME, name_for, newest
+from hpc.checkpoints import NAME, complete, name_for, newest
 from train import checkpoint
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
 STATE_FILE = "state.pt"
+DEFAULT_EVERY_S = 5.0
+# What names the folder of a run outside Slurm that asked for snapshots (a benchmark): its run directory and host.
+NO_JOB = "local"
 
 
 def store_dir(run_dir: Path, environ: Mapping[str, str], hostname: str) -> Path | None:
-    """This node's snapshot folder for the run (not created here); None outside a Slurm job or without tmpfs."""
-    job = environ.get("SLURM_JOB_ID", "")
+    """This node's snapshot folder for the run (not created here); None without tmpfs or with a job id that is not
+    one."""
+    job = environ.get("SLURM_JOB_ID", NO_JOB)
     root = environ.get(ROOT_ENV) or (LOCAL_ROOT if os.access(LOCAL_ROOT, os.W_OK | os.X_OK) else "")
-    if not re.fullmatch(r"\d+", job) or not root:
+    if not re.fullmatch(r"\d+|" + NO_JOB, job) or not root:
         return None
     host = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
     key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{hostname}".encode()).hexdigest()[:16]
     return Path(root) / f"hpcdist-snap-{job}-{host}-{key}"
 
 
-def enabled(every_s: float, replicated: bool, environ: Mapping[str, str]) -> bool:
-    """Whether a run keeps snapshots, the same answer on every rank: replicated training (dp, ddp: every node's
-    copy is whole; a DeepSpeed rank's ZeRO partition is its own, with no copy elsewhere, so DeepSpeed resumes from
-    disk) in a Slurm job (whose epilog can free what a failed run leaves in memory)."""
-    return every_s > 0 and replicated and "SLURM_JOB_ID" in environ
+def every_s(given: float | None, replicated: bool, environ: Mapping[str, str]) -> float:
+    """Seconds between snapshots, 0 for none, the same answer on every rank. Only replicated training keeps them
+    (dp, ddp: every node's copy is whole; a DeepSpeed rank's ZeRO partition is its own, with no copy elsewhere, so
+    DeepSpeed resumes from disk). By default a Slurm job's run does, every DEFAULT_EVERY_S, since its epilog frees
+    what a killed run leaves in memory; elsewhere only a run that asks (a benchmark, a test)."""
+    if not replicated:
+        return 0.0
+    if given is None:
+        return DEFAULT_EVERY_S if "SLURM_JOB_ID" in environ else 0.0
+    return given
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Snapshots also written to disk, every ``every_s`` (0: never), as dp/ddp checkpoints in ``root``: what a new
+    job on other nodes resumes from when the allocation, and the memory its snapshots were in, is gone."""
+
+    root: Path
+    every_s: float
 
 
 def open_store(run_dir: Path, environ: Mapping[str, str], *, writer: bool, fresh: bool,
-               on_written: Callable[[int], None]) -> Store | None:
+               on_written: Callable[[int], None], persist: Persist | None = None) -> Store | None:
     """This node's store for its one ``writer`` (local rank 0; None elsewhere and without tmpfs); a fresh run
     first removes an earlier run's of this job here."""
     folder = store_dir(run_dir, environ, socket.gethostname()) if writer else None
     if folder is None:
         return None
-    store = Store(folder, on_written=on_written)
+    store = Store(folder, on_written=on_written, persist=persist)
     if fresh:
         store.clear()
     return store
@@ -111,10 +131,11 @@ class Store:
     """One node's snapshots, written by one thread; ``error`` says why writing stopped, if it did."""
 
     def __init__(self, folder: Path, on_written: Callable[[int], None] = lambda step: None,
-                 say: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True)
-                 ) -> None:
-        self.folder, self.on_written, self.say = Path(folder), on_written, say
+                 say: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True),
+                 persist: Persist | None = None) -> None:
+        self.folder, self.on_written, self.say, self.persist = Path(folder), on_written, say, persist
         self.error: str | None = None
+        self._persisted_at = time.monotonic()
         self._pending: queue.Queue = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
 
@@ -178,6 +199,8 @@ class Store:
                 self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
                 return
             self.on_written(step)
+            if self.persist and self.persist.every_s and time.monotonic() - self._persisted_at >= self.persist.every_s:
+                self._persist(step, state)
 
     def _write(self, step: int, state: dict) -> None:
         if fileio.private(self.folder) is None:
@@ -186,6 +209,20 @@ class Store:
         # Published as a checkpoint is, by its one writer: staged, manifest last, renamed, the newest KEEP kept.
         checkpoint.save(self.folder, step, rank=0,
                         write=lambda staging, tag: torch.save(state, staging / tag / STATE_FILE))
+
+    def _persist(self, step: int, state: dict) -> None:
+        persist, self._persisted_at = self.persist, time.monotonic()
+        try:
+            with checkpoint.publishing(persist.root):
+                saved = complete(persist.root)
+                if saved and step_of(saved[-1]) >= step:  # the training loop saved this step or a later one
+                    return
+                checkpoint.save(persist.root, step, rank=0,
+                                write=lambda staging, tag: torch.save(state, staging / tag / checkpoint.TRAINER_FILE))
+        except OSError as exc:
+            # The loop's own checkpoints name a full disk as the run's ending; here it only ends the persisting.
+            self.persist = None
+            self.say(f"snapshots no longer persisted: {exc}; the loop's disk checkpoints go on")
 
 
 def drop(store: Store | None) -> None:
