@@ -1,14 +1,16 @@
 """The drill's scenarios and what each must show: the pure check that a faulted job was classified, retried and
 resumed exactly (hpc/drill_run.py runs the jobs and injects the faults).
 
-    hpcdist drill --nodes 2 --backend ddp                          # all five scenarios, one after another
+    hpcdist drill --nodes 2 --backend ddp                          # the five basic scenarios, one after another
     hpcdist drill --nodes 2 --backend deepspeed --launcher deepspeed --scenarios rank_kill,hang --json
+    hpcdist drill --nodes 2 --node-control "bash scripts/slurm-local.sh" --small-disk /tmp/slurm-local/small-disk
 
 Each scenario submits the same small job (fp32, a loss logged every step, a checkpoint every 5 steps),
 waits for step FAULT_STEP, injects its fault, waits for the job to end and checks: the first attempt's ending
 class and action, the excluded node, the step the next attempt resumed from, that every logged loss equals
 an uninterrupted reference run's, and the time from the fault to the next training step and back to the
-fault's step.
+fault's step. A storage fault is not recovered from (a retry would fail alike): its check is the ending that
+names it, the job's losses up to it, and its checkpoints (every kept one whole, nothing half-written).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang")
+SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang", "batch_host_loss", "disk_full")
+# What a scenario needs of the site beyond a Slurm partition: the drill's option that provides it.
+NEEDS = {"batch_host_loss": ("--node-control", "a command that kills a node for real"),
+         "disk_full": ("--small-disk", "a folder on a small file system every node sees")}
+BASIC = tuple(s for s in SCENARIOS if s not in NEEDS)
+# The ones the batch shell classifies (hpc/failures); a dead batch host is named by its waiter (hpc/rescue.py).
+BATCH_CLASSIFIED = tuple(s for s in SCENARIOS if s != "batch_host_loss")
 FAULT_STEP = 10
 CHECKPOINT_EVERY = 5
 LOSS_TOLERANCE = 1e-6
@@ -48,10 +56,11 @@ MATRIX = {
 }
 
 
-def diagonal() -> dict[str, str]:
-    """One scenario per backend x launcher pair and one pair per scenario (pair -> scenario): every scenario
-    and every pair drilled once, a fifth of the whole matrix (scripts/drill-matrix.py runs all of it)."""
-    return dict(zip(MATRIX, SCENARIOS))
+def diagonal() -> list[tuple[str, str]]:
+    """(pair, scenario) cells drilling every scenario once and every backend x launcher pair at least once: the
+    pairs in order, then again from the last for the scenarios left (scripts/drill-matrix.py runs them all)."""
+    pairs = list(MATRIX)
+    return [(pairs[i] if i < len(pairs) else pairs[-1 - i % len(pairs)], s) for i, s in enumerate(SCENARIOS)]
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class Expect:
     ending: str
     action: str
     excludes: bool
+    recovers: bool = True  # False: the job must end FAILED, saying why, with nothing to resume
 
 
 EXPECT = {
@@ -69,10 +79,28 @@ EXPECT = {
     "rank_kill": Expect("rank_crashed", "relaunch", False),
     "node_loss": Expect("node_failure", "retry", True),
     "hang": Expect("hung", "relaunch", False),
+    # The allocation went with its batch host: a waiter starts the run again as a new job without it.
+    "batch_host_loss": Expect("node_failure", "resubmit", True),
+    "disk_full": Expect("storage", "none", False, recovers=False),
 }
 # With a spare node held, every failure is relaunched inside the allocation on the spare, off the failed node.
 EXPECT_WITH_SPARE = {**EXPECT, **{s: Expect(EXPECT[s].ending, "relaunch", True) for s in ("rank_kill", "node_loss",
                                                                                           "hang")}}
+
+
+def choose(scenarios: str | None, given: Mapping[str, object]) -> list[str]:
+    """The scenarios to drill from ``--scenarios`` (None: the basic ones, and each other whose option is
+    ``given``); ValueError naming the fix for an unknown one or one whose option is missing."""
+    if scenarios is None:
+        return [s for s in SCENARIOS if s not in NEEDS or given.get(NEEDS[s][0])]
+    chosen = [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SCENARIOS)}")
+    for s in chosen:
+        if s in NEEDS and not given.get(NEEDS[s][0]):
+            raise ValueError(f"{s} needs {NEEDS[s][0]}, {NEEDS[s][1]}; give it, or leave {s} out")
+    return chosen
 
 
 def expect(scenario: str, spare_nodes: int = 0) -> Expect:
@@ -86,6 +114,10 @@ FAULTS = {
                  "and nobody setting it DOWN (revived afterwards); without, SIGKILL to the job's processes there "
                  "and the node set DOWN, as an admin would (resumed afterwards)",
     "hang": "SIGSTOP to the last rank's process (SIGCONT afterwards)",
+    "batch_host_loss": "the batch host dies: its slurmd and every process on it SIGKILLed (--node-control), nobody "
+                       "setting it DOWN; the drill waits as submit --wait does (revived afterwards)",
+    "disk_full": "the job directory's file system (--small-disk) filled to half a checkpoint's size before the "
+                 "next checkpoint (the filler removed afterwards)",
 }
 
 
@@ -187,16 +219,10 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         problems.append(f"{', '.join(excluded)} excluded, though the job could go on in place")
     if expected.ending == "hung" and seen.victim_rank is not None and first.get("rank") != seen.victim_rank:
         problems.append(f"the hang was blamed on rank {first.get('rank')}, not the stopped rank {seen.victim_rank}")
-    if seen.final_state != "COMPLETED":
-        problems.append(f"the job ended {seen.final_state or 'unknown'}, not COMPLETED")
-    if seen.resumed_step is None:
-        problems.append("no attempt resumed from a checkpoint")
     upto = min(max(seen.losses, default=0), max(reference, default=0))
     equal, compared, worst = compare(seen.losses, reference, upto) if upto else (False, 0, None)
-    if seen.final_state == "COMPLETED" and max(seen.losses, default=0) < steps:
-        problems.append(f"only {max(seen.losses, default=0)} of {steps} steps were logged")
-    if seen.resumed_step is not None and upto <= seen.resumed_step:
-        problems.append(f"the reference stops at step {upto}, before the resume at {seen.resumed_step}")
+    problems += (_recovery_problems(seen, steps, upto) if expected.recovers
+                 else _ending_problems(seen, first.get("detail") or ""))
     if not equal:
         problems.append(f"losses differ from the uninterrupted run (largest difference {worst}, "
                         f"{compared} of {upto} steps compared)")
@@ -207,11 +233,11 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         if at is not None and last is not None:
             phases[name] = round(at - last, 1)
             last = at
-    if recovery is None:
+    if recovery is None and expected.recovers:
         problems.append("no training step was seen after the fault's attempt ended")
     return Result(
         scenario=seen.scenario, ok=not problems, job_id=seen.job_id, ending=ending, expected=expected.ending,
-        action=action, retries=sum(a.get("action") in ("retry", "relaunch") for a in seen.attempts),
+        action=action, retries=sum(a.get("action") in ("retry", "relaunch", "resubmit") for a in seen.attempts),
         requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
         victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
         resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
@@ -219,6 +245,34 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         lost_s=round(seen.back_at - seen.fault_at, 1) if seen.back_at and seen.fault_at else None, phases=phases,
         final_state=seen.final_state,
         detail=str(first.get("detail") or ""), problems=problems)
+
+
+def _recovery_problems(seen: Observed, steps: int, upto: int) -> list[str]:
+    """What is wrong with a recovery: it must end COMPLETED, every step logged, resumed from a checkpoint that
+    the reference's steps reach past."""
+    problems = []
+    if seen.final_state != "COMPLETED":
+        problems.append(f"the job ended {seen.final_state or 'unknown'}, not COMPLETED")
+    if seen.resumed_step is None:
+        problems.append("no attempt resumed from a checkpoint")
+    if seen.final_state == "COMPLETED" and max(seen.losses, default=0) < steps:
+        problems.append(f"only {max(seen.losses, default=0)} of {steps} steps were logged")
+    if seen.resumed_step is not None and upto <= seen.resumed_step:
+        problems.append(f"the reference stops at step {upto}, before the resume at {seen.resumed_step}")
+    return problems
+
+
+def _ending_problems(seen: Observed, detail: str) -> list[str]:
+    """What is wrong with a fault that must end the job: it ends FAILED, not retried, its line saying how much
+    room there was and was needed (drill_run adds what it found of the checkpoints)."""
+    problems = []
+    if seen.final_state != "FAILED":
+        problems.append(f"the job ended {seen.final_state or 'unknown'}, not FAILED")
+    if len(seen.attempts) != 1:
+        problems.append(f"{len(seen.attempts)} attempts were recorded, not the one that failed")
+    if not re.search(r"bytes free, about [\d,]+ needed", detail):
+        problems.append(f"the ending does not say the room there was and was needed: {detail!r}")
+    return problems
 
 
 def table(results: Sequence[Result]) -> str:

@@ -33,6 +33,7 @@ class Record:
     backend: str = ""
     launcher: str = ""
     nodes: int = 1
+    spare_nodes: int = 0  # held beside ``nodes`` for a relaunch in the allocation (--spare-nodes)
     ntasks_per_node: int = 1
     world_size: int = 1
     previous: str = ""   # the job this one took over from, when its batch host died (hpc/rescue.py)
@@ -43,7 +44,7 @@ class Record:
         from hpc.task import MAX_LOCAL_TASKS
 
         most = MAX_LOCAL_TASKS if self.via == "local" else MAX_WORLD_SIZE
-        if not (self.job_id and self.job_dir and 1 <= self.nodes <= MAX_NODES
+        if not (self.job_id and self.job_dir and 1 <= self.nodes <= MAX_NODES and 0 <= self.spare_nodes <= MAX_NODES
                 and 1 <= self.ntasks_per_node <= MAX_TASKS_PER_NODE and 1 <= self.world_size <= MAX_WORLD_SIZE
                 and self.ntasks <= most):
             raise ValueError(f"job {self.job_id[:40]!r}: its geometry or names are out of range")

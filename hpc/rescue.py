@@ -1,5 +1,6 @@
 """Start a run again as a new job when its batch host died: the part of recovery only a waiter can do.
 
+    job, final = rescue.wait(Job(record), on_poll=show)  # every waiter's loop: a dead batch host's run goes on
     host = rescue.lost_batch_host(batch_host, lost, beats, now=time.time(), answers=slurmd_answers)
     new = rescue.resubmit(record, host, environ)      # the old job cancelled, job.sbatch submitted again
 
@@ -15,6 +16,7 @@ the old one and that resumes from the newest checkpoint.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,8 @@ from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
 from hpc.failures.policy import Decision, excluded_so_far
 from hpc.failures.rules import Ending
+from hpc.job import Job, Poll
+from hpc.jobs import JobState
 from hpc.monitor import Heartbeat
 from hpc.slurm import commands, parse
 from hpc.slurm.runner import SlurmError
@@ -48,6 +52,15 @@ def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, H
     return None
 
 
+def resubmit_options(record: registry.Record, excluded: list[str]) -> list[str]:
+    """sbatch's options over job.sbatch's own for the run started again: without the dead nodes, and with its
+    spares when the cluster has them (fewer, down to none, when not: the step needs only ``nodes``)."""
+    options = [f"--exclude={','.join(excluded)}"]
+    if record.spare_nodes:
+        options.append(f"--nodes={record.nodes}-{record.nodes + record.spare_nodes}")
+    return options
+
+
 def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
              clock: Callable[[], float] = time.time) -> registry.Record | None:
     """Record the lost attempt, cancel the old job and submit job.sbatch again without ``host`` (and the nodes
@@ -66,7 +79,7 @@ def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
     if jobdir.is_job_dir(job_dir):
         (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
     try:
-        new_id = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=[f"--exclude={','.join(excluded)}"])
+        new_id = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=resubmit_options(record, excluded))
     except SlurmError as exc:
         decision = Decision("none", tuple(excluded), f"could not submit it again: {exc}")
         new_id = None
@@ -119,3 +132,34 @@ class Watcher:
             self.port = commands.slurmd_port()
         port = self.port
         return lost_batch_host(host, lost, beats, now=now, answers=lambda node: commands.slurmd_answers(node, port))
+
+
+def wait(job: Job, poll_s: float = 1.0, timeout_s: float | None = None,
+         on_poll: Callable[[Job, Poll], None] = lambda job, now: None,
+         on_rescue: Callable[[registry.Record, registry.Record | None], None] = lambda old, new: None,
+         follow_as: Callable[[registry.Record], Job] = Job,
+         environ: Mapping[str, str] = os.environ) -> tuple[Job, JobState]:
+    """Follow ``job`` to its end as every waiter does (``submit --wait``, ``watch``, the drill): a requeued job
+    started at once (hpc.job), and when its batch host dies its run started again as a new job (``follow_as``
+    its record), followed in turn. ``on_rescue`` hears of each (the new record, None if Slurm refused it).
+    Returns the job followed last and its last state."""
+    deadline = None if timeout_s is None else job.clock() + timeout_s
+    while True:
+        watcher = Watcher(job.record) if job.record.via != "local" else None
+        rescued: list[registry.Record] = []
+
+        def poll(now: Poll, job: Job = job, watcher: Watcher | None = watcher, rescued: list = rescued) -> None:
+            on_poll(job, now)
+            if watcher is None:
+                return
+            watcher.start_soon(now.state.state)
+            if now.state.state == "RUNNING" and (host := watcher.lost_host()):
+                new = resubmit(job.record, host, environ)
+                on_rescue(job.record, new)
+                rescued.extend([new] if new is not None else [])
+
+        left = None if deadline is None else max(0.0, deadline - job.clock())
+        final = job.wait(poll_s, left, on_poll=poll, until=lambda _, rescued=rescued: bool(rescued))
+        if not rescued:
+            return job, final
+        job = follow_as(rescued[0])

@@ -122,7 +122,7 @@ def record_for(rendered: Rendered, job_id: str, via: str, now: datetime.datetime
         job_id=job_id, job_dir=str(rendered.job_dir), via=via,
         submitted=now.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
         job_name=spec.job_name, backend=spec.backend, launcher=spec.launcher, nodes=spec.nodes,
-        ntasks_per_node=spec.slurm_tasks_per_node, world_size=spec.world_size,
+        spare_nodes=spec.spare_nodes, ntasks_per_node=spec.slurm_tasks_per_node, world_size=spec.world_size,
     )
 
 

@@ -1,18 +1,21 @@
 """`hpcdist drill` on the local 3-node Slurm: every fault really injected, classified, retried and resumed exactly.
 
-The diagonal of the matrix (hpc.drill.diagonal): each of the five scenarios (preempt, time_limit, rank_kill,
-node_loss, hang) once, each under a different backend x launcher pair (ddp and deepspeed under srun, torchrun
-and DeepSpeed's launcher; hpc.drill.MATRIX), so every scenario and every pair is drilled in CI, about a minute
-each here. The whole 5 x 5 matrix is `scripts/drill-matrix.py` (~15 min), rerun before a change to failure
-handling lands; the endings of the real failures captured from it and earlier runs are classified offline on
-every run (tests/test_failures_rules.py, tests/data/failures/). Each drill also runs its own uninterrupted reference
-job, and checks (hpc/drill.py) the first attempt's ending and action, the excluded node, the resumed step,
-every logged loss against the reference (fp32, 1e-6) and that a training step followed the fault.
+The diagonal of the matrix (hpc.drill.diagonal): each of the seven scenarios (preempt, time_limit, rank_kill,
+node_loss, hang, batch_host_loss, disk_full) once, under the backend x launcher pairs in turn (ddp and deepspeed
+under srun, torchrun and DeepSpeed's launcher; hpc.drill.MATRIX), so every scenario and every pair is drilled in
+CI, about a minute each here. The whole 5 x 7 matrix is `scripts/drill-matrix.py` (~25 min), rerun before a
+change to failure handling lands; the endings of the real failures captured from it and earlier runs are
+classified offline on every run (tests/test_failures_rules.py, tests/data/failures/). Each drill also runs its own
+uninterrupted reference job, and checks (hpc/drill.py) the first attempt's ending and action, the excluded node,
+the resumed step, every logged loss against the reference (fp32, 1e-6) and that a training step followed the
+fault (a full disk: that the job failed saying so, every kept checkpoint whole, nothing half-written).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from slurm_fixtures import REPO, hpcdist, requires_slurm
@@ -22,17 +25,23 @@ from hpc.drill import MATRIX, diagonal, expect
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
 
-@pytest.mark.parametrize("pair,scenario", [pytest.param(*cell, marks=[pytest.mark.kills_node] if cell[1] == "node_loss"
-                                                       else []) for cell in diagonal().items()], ids=lambda v: v)
+SMALL_DISK = Path(os.environ.get("SLURM_LOCAL_BASE", "/tmp/slurm-local")) / "small-disk"
+
+
+@pytest.mark.parametrize("pair,scenario", [
+    pytest.param(*cell, marks=[pytest.mark.kills_node] if cell[1] in ("node_loss", "batch_host_loss") else [])
+    for cell in diagonal()], ids=lambda v: v)
 def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair, scenario):
     # A 20 s hang threshold instead of the trainer's 60 s keeps the hang scenario short. The job holds a spare
     # node (3 of the cluster's 3), and node_loss kills its node for real: slurmd and every process, no DOWN.
     # The hang runs two ranks a node: a node's other rank learns of it only from its node's watchdog reader.
+    if scenario == "disk_full" and not os.path.ismount(SMALL_DISK):
+        pytest.skip(f"{SMALL_DISK} is not mounted (scripts/slurm-local.sh start mounts it)")
     ranks = ["--ntasks-per-node", "2"] if scenario == "hang" else []
     proc = hpcdist(["drill", "--nodes", "2", *ranks, "--spare-nodes", "1", *MATRIX[pair], "--scenarios", scenario,
-                    "--json", "--node-control", f"bash {REPO / 'scripts/slurm-local.sh'}",
-                    "--job-dir", str(tmp_path / "drill"), "--", "--hang-timeout-s", "20"], tmp_path / "home",
-                   timeout=1800)
+                    "--json", "--node-control", f"bash {REPO / 'scripts/slurm-local.sh'}", "--small-disk",
+                    str(SMALL_DISK), "--job-dir", str(tmp_path / "drill"), "--", "--hang-timeout-s", "20"],
+                   tmp_path / "home", timeout=1800)
     print(proc.stderr)
     results = json.loads(proc.stdout)
     print(json.dumps(results, indent=1))
@@ -41,11 +50,19 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
         expected = expect(r["scenario"], spare_nodes=1)
         assert (r["ending"], r["action"]) == (expected.ending, expected.action), r
         assert r["ok"], r["problems"]
-        assert r["losses_equal"] and r["final_state"] == "COMPLETED"
+        assert r["losses_equal"] and r["final_state"] == ("COMPLETED" if expected.recovers else "FAILED")
         if expected.excludes:
-            # Relaunched on the spare without the node the fault was on, from a checkpoint taken before the fault.
+            # Relaunched on the spare (a new job, when the batch host died) without the node the fault was on,
+            # from a checkpoint taken before the fault.
             assert r["retries"] == 1 and r["victim"].split(" on ")[1] in r["excluded"], r
-        assert r["resumed_step"] is not None and r["recovery_s"] is not None
+        if expected.recovers:
+            assert r["resumed_step"] is not None and r["recovery_s"] is not None
+        else:
+            # No blind retry: the line says where and how much room there was and was needed.
+            assert r["retries"] == 0 and r["resumed_step"] is None and "bytes free, about" in r["detail"], r
+    if scenario == "disk_full":
+        assert (tmp_path / "drill" / "disk_full" / "run" / "checkpoints").is_dir()  # moved off the small disk
+        assert not [p for p in SMALL_DISK.iterdir() if p.name.startswith(("hpcdist-drill-", ".hpcdist-drill"))]
     if scenario == "hang":
         # Every rank learnt of the hang in time to leave its stack, the frozen one's read by py-spy on its node.
         stacks = sorted((tmp_path / "drill" / "hang" / "run" / "stacks").glob("rank-*.txt"))

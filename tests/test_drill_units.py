@@ -103,9 +103,63 @@ def test_the_step_rate_skips_start_up_and_sizes_the_time_limit_job_to_outlast_sl
     assert drill.step_rate("") is None
 
 
-def test_the_diagonal_drills_every_scenario_and_every_pair_once():
+def test_the_diagonal_drills_every_scenario_once_and_every_pair_at_least_once():
     from hpc.drill import MATRIX, SCENARIOS, diagonal
 
     cells = diagonal()
-    assert sorted(cells) == sorted(MATRIX) and sorted(cells.values()) == sorted(SCENARIOS)
+    assert [s for _, s in cells] == list(SCENARIOS) and {p for p, _ in cells} == set(MATRIX)
+    # The scenarios past the fifth go to the pairs from the last: DeepSpeed's launcher and torchrun.
+    assert cells[5:] == [("deepspeed/deepspeed", "batch_host_loss"), ("deepspeed/torchrun", "disk_full")]
 
+
+def test_a_batch_host_loss_passes_when_the_run_goes_on_as_a_new_job_without_it():
+    seen = observed("batch_host_loss", victim_rank=0, victim_node="n1")
+    seen.attempts = [{"attempt": 0, "ending": "node_failure", "action": "resubmit", "excluded": ["n1"], "node": "n1",
+                      "source": "waiter"}, {"attempt": 1, "ending": "completed", "action": "none"}]
+    result = drill.check(seen, REFERENCE, 40, spare_nodes=1)
+    assert result.ok, result.problems
+    assert (result.retries, result.excluded, result.victim) == (1, ["n1"], "rank 0 on n1")
+
+
+def full_disk(**kw) -> Observed:
+    detail = ("rank 0 on n1: no space left on device writing checkpoint step00000015 in /d/run/checkpoints: "
+              "1,048,576 bytes free, about 3,812,345 needed; the previous checkpoint (step00000010) is intact: ...")
+    seen = observed("disk_full", victim_rank=None, victim_node=None, final_state="FAILED", resumed_step=None,
+                    next_step_at=None, back_at=None, restarted_at=None, losses={s: REFERENCE[s] for s in range(1, 15)})
+    seen.attempts = [{"attempt": 0, "ending": "storage", "action": "none", "excluded": [], "detail": detail}]
+    for key, value in kw.items():
+        setattr(seen, key, value)
+    return seen
+
+
+def test_a_full_disk_passes_when_the_job_fails_naming_the_room_with_its_losses_exact_up_to_it():
+    result = drill.check(full_disk(), REFERENCE, 40, spare_nodes=1)
+    assert result.ok, result.problems
+    assert (result.ending, result.action, result.retries, result.recovery_s, result.lost_s) == (
+        "storage", "none", 0, None, None)
+    assert result.compared_steps == 14
+
+
+def test_a_full_disk_fails_when_it_was_retried_or_completed_or_left_something_half_written():
+    retried = full_disk(final_state="COMPLETED")
+    retried.attempts = [{**retried.attempts[0], "action": "retry"}, {"attempt": 1, "ending": "completed"}]
+    problems = drill.check(retried, REFERENCE, 40, spare_nodes=1).problems
+    assert "first attempt's action was retry, expected none" in problems
+    assert "the job ended COMPLETED, not FAILED" in problems and "2 attempts were recorded, not the one that failed" \
+        in problems
+    vague = full_disk()
+    vague.attempts[0]["detail"] = "could not classify it: No space left on device"
+    assert any("does not say the room" in p for p in drill.check(vague, REFERENCE, 40).problems)
+    half = full_disk(problems=["/d/run/checkpoints/.tmp-step00000015 was left half-written"])
+    assert not drill.check(half, REFERENCE, 40).ok
+
+
+def test_the_default_scenarios_are_the_basic_ones_and_each_whose_site_option_is_given():
+    assert drill.choose(None, {}) == list(drill.BASIC) == ["preempt", "time_limit", "rank_kill", "node_loss", "hang"]
+    assert drill.choose(None, {"--node-control": "bash x.sh"})[-1] == "batch_host_loss"
+    assert drill.choose(None, {"--node-control": "c", "--small-disk": "/d"}) == list(drill.SCENARIOS)
+    assert drill.choose("hang, disk_full", {"--small-disk": "/d"}) == ["hang", "disk_full"]
+    with pytest.raises(ValueError, match="disk_full needs --small-disk, a folder on a small file system"):
+        drill.choose("disk_full", {})
+    with pytest.raises(ValueError, match="unknown scenario.*flood"):
+        drill.choose("flood", {})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hpc import runfiles
-from hpc.drill import MATRIX, SCENARIOS, expect
+from hpc.drill import BATCH_CLASSIFIED, MATRIX, expect
 from hpc.failures import rules
 from hpc.failures.evidence import Evidence, attempt_segment, context, failed_nodes, last_error_line, with_context
 from hpc.failures.policy import Policy, decide
@@ -48,10 +48,12 @@ def test_an_evidences_context_gives_back_the_same_evidence_without_its_files():
 
 
 def test_every_cell_of_the_drill_matrix_is_kept_from_the_cluster_and_classified_again_here():
-    """scripts/drill-matrix.py --capture keeps each backend x launcher x scenario's faulted attempt; the
-    parametrized test above classifies each again as the drill expects, so a rule change that would break a
-    cell fails here on every run, not only when the whole matrix is rerun."""
-    cells = {f"drill-{combo.replace('/', '-')}-{scenario}": scenario for combo in MATRIX for scenario in SCENARIOS}
+    """scripts/drill-matrix.py --capture keeps each backend x launcher x scenario's faulted attempt (but a dead
+    batch host's, named by its waiter, not by the batch shell's classifier); the parametrized test above
+    classifies each again as the drill expects, so a rule change that would break a cell fails here on every
+    run, not only when the whole matrix is rerun."""
+    cells = {f"drill-{combo.replace('/', '-')}-{scenario}": scenario for combo in MATRIX
+             for scenario in BATCH_CLASSIFIED}
     assert [c for c in cells if c not in CASES] == []
     for cell, scenario in cells.items():
         case = json.loads((DATA / cell / "case.json").read_text())
@@ -60,7 +62,7 @@ def test_every_cell_of_the_drill_matrix_is_kept_from_the_cluster_and_classified_
 
 def test_the_fixtures_cover_every_ending_the_drill_injects():
     endings = {json.loads((DATA / n / "case.json").read_text())["expect"]["ending"] for n in CASES}
-    assert {"preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input"} <= endings
+    assert {"preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input", "storage"} <= endings
 
 
 def test_a_rank_killed_under_torchrun_is_named_from_the_agents_root_cause():

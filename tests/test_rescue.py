@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from hpc import jobdir, registry, rescue
+from hpc.job import Poll
+from hpc.jobs import JobState
 from hpc.monitor import Heartbeat
 
 
@@ -35,6 +37,13 @@ def test_the_batch_host_is_lost_when_the_ranks_named_it_or_everything_went_silen
     assert rescue.lost_batch_host("", {"node": "n1"}, fresh, now=100.0, answers=answers) is None
 
 
+def test_a_resubmission_asks_for_its_spares_only_as_far_as_the_cluster_has_them():
+    plain = registry.Record(job_id="7", job_dir="/j", via="sbatch", submitted="then", nodes=2)
+    assert rescue.resubmit_options(plain, ["n1"]) == ["--exclude=n1"]
+    spared = registry.Record(job_id="7", job_dir="/j", via="sbatch", submitted="then", nodes=2, spare_nodes=1)
+    assert rescue.resubmit_options(spared, ["n1", "n4"]) == ["--exclude=n1,n4", "--nodes=2-3"]
+
+
 def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_the_new_job(tmp_path, monkeypatch):
     job_dir = tmp_path / "job"
     (job_dir / "run").mkdir(parents=True)
@@ -61,3 +70,53 @@ def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_th
     assert registry.lookup("8", {"HPCDIST_HOME": str(tmp_path / "home")}).previous == "7"
     assert json.loads((job_dir / "submitted.json").read_text())["job_id"] == "8"
     assert Path(new.job_dir) == job_dir
+
+
+class FakeJob:
+    """A job that is RUNNING for ``polls`` polls, then ends ``final``; the one wait loop's contract, no Slurm."""
+
+    def __init__(self, record: registry.Record, polls: int = 2, final: str = "COMPLETED") -> None:
+        self.record, self.job_id, self.polls, self.final = record, record.job_id, polls, final
+
+    def clock(self) -> float:
+        return 0.0
+
+    def wait(self, poll_s, timeout_s, on_poll, until):
+        for _ in range(self.polls):
+            now = Poll(JobState(self.job_id, "RUNNING"), [])
+            if until(now):
+                return now.state
+            on_poll(now)
+            if until(now):
+                return now.state
+        return JobState(self.job_id, self.final)
+
+
+def test_a_waiter_goes_on_following_the_new_job_its_dead_batch_host_was_resubmitted_as(monkeypatch):
+    old = registry.Record(job_id="7", job_dir="/jobs/a", via="sbatch", submitted="then")
+    new = registry.Record(job_id="8", job_dir="/jobs/a", via="sbatch", submitted="now", previous="7")
+
+    class Watcher:
+        def __init__(self, record):
+            self.record = record
+
+        def start_soon(self, state):
+            pass
+
+        def lost_host(self):
+            return "n1" if self.record.job_id == "7" else None
+
+    monkeypatch.setattr(rescue, "Watcher", Watcher)
+    monkeypatch.setattr(rescue, "resubmit", lambda record, host, environ: new if record.job_id == "7" else None)
+    polled, rescues = [], []
+    job, final = rescue.wait(FakeJob(old), on_poll=lambda job, now: polled.append(job.job_id),
+                             on_rescue=lambda a, b: rescues.append((a.job_id, b.job_id)), follow_as=FakeJob)
+    assert (job.job_id, final.state) == ("8", "COMPLETED")
+    assert rescues == [("7", "8")] and polled == ["7", "8", "8"]
+
+
+def test_a_local_job_is_followed_without_a_batch_host_watch(monkeypatch):
+    monkeypatch.setattr(rescue, "Watcher", lambda record: (_ for _ in ()).throw(AssertionError("watched")))
+    local = registry.Record(job_id="local-1", job_dir="/jobs/l", via="local", submitted="then")
+    job, final = rescue.wait(FakeJob(local, final="FAILED"))
+    assert (job.job_id, final.state) == ("local-1", "FAILED")

@@ -438,14 +438,16 @@ def _read_bytes(path: Path) -> bytes:
 
 def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_only_commands_still_answer(
         tmp_path):
-    """The job directory on the cluster's 6 MiB file system (scripts/slurm-local.sh mounts it before the nodes
-    start, so every node sees it): room for one checkpoint of ~3.8 MB, not two."""
+    """The job directory on the cluster's small file system (scripts/slurm-local.sh mounts it before the nodes
+    start, so every node sees it), filled first to leave 6 MiB: room for one checkpoint of ~3.8 MB, not two."""
     small = Path(os.environ.get("SLURM_LOCAL_BASE", "/tmp/slurm-local")) / "small-disk"
     if not os.path.ismount(small):
         pytest.skip(f"{small} is not mounted (scripts/slurm-local.sh start mounts it)")
     home, job_dir = tmp_path / "home", small / f"job-{tmp_path.name}"
     filler = small / f"filler-{tmp_path.name}"
     try:
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small).free - (6 << 20))
         done = hpcdist(["submit", "--nodes", "1", "--backend", "ddp", "--time", "5", "--job-dir", str(job_dir),
                         "--wait", "--", "--max-steps", "10", "--checkpoint-every", "5", "--dataset", "synthetic",
                         "--synthetic-size", "256", "--batch-size", "32", "--threads", "1"], home, timeout=300)
@@ -458,7 +460,8 @@ def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_
         kept = job_dir / "run" / "checkpoints"
         assert os.listdir(kept) == ["step00000005"] and checkpoints.damage(kept / "step00000005") is None
         # Full to the last byte: what only reads still answers, without a traceback.
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k", "oflag=append", "conv=notrunc"],
+                       capture_output=True)
         assert shutil.disk_usage(small).free < 64 << 10
         for args in (["status", str(job_dir)], ["list"], ["logs", str(job_dir)], ["top", "--once", str(job_dir)]):
             seen = hpcdist(args, home, timeout=60)

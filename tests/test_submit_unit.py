@@ -276,23 +276,24 @@ def test_submit_wait_prints_the_final_line_and_exits_with_the_jobs_exit_status(t
     assert "task 0 (rank 0) failed first: exit status 3" in err
 
 
-def test_a_run_gone_on_as_a_new_job_is_waited_for_as_that_job(tmp_path, capsys, monkeypatch):
+def test_a_run_gone_on_as_a_new_job_is_reported_as_that_job_saying_why(tmp_path, capsys, monkeypatch):
+    from hpc import rescue
+
     old = ended_local_job(tmp_path / "old", "44", "9")
     new = ended_local_job(tmp_path / "new", "45", "0")
+    (tmp_path / "old" / "attempts.jsonl").write_text(json.dumps(
+        {"attempt": 0, "job_id": "44", "ending": "node_failure", "node": "n1", "action": "resubmit",
+         "reason": "resubmitted as job 45 without n1", "detail": "the batch host n1 was lost"}) + "\n")
 
-    class Quiet:
-        def finish(self, waited_s: float) -> None:
-            pass
+    def wait(job, poll_s, on_poll, on_rescue):
+        on_rescue(job.record, new)  # what hpc/rescue.py's loop does when the batch host died (tests/test_rescue.py)
+        return Job(new), Job(new).state()
 
-    def poller(record):
-        rescued: list = []
-        return Quiet(), lambda now: rescued.append(new) if record is old else None, rescued
-
-    monkeypatch.setattr(commands_submit, "_poller", poller)
-    still_running = Running(50)
-    commands_submit._wait(Job(old, handle=still_running, sleep=lambda s: None))
-    assert capsys.readouterr().out.startswith("45  COMPLETED  exit=0  waited=")
-    assert still_running.polls == 48, "the old job is left at the next poll"
+    monkeypatch.setattr(rescue, "wait", wait)
+    commands_submit._wait(Job(old))
+    out, err = capsys.readouterr()
+    assert out.startswith("45  COMPLETED  exit=0  waited=")
+    assert "hpcdist: attempt 0: node_failure" in err and "resubmitted as job 45 without n1" in err
 
 
 def test_logs_follow_prints_a_job_that_ended_once_and_returns(tmp_path):

@@ -73,15 +73,30 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
         _wait(submitted.job)
 
 
-def _wait(job: Job, started: float | None = None) -> None:
+def _wait(job: Job) -> None:
     """Follow a job to its end, as `submit --wait` and `watch` do: progress, attempts, a requeued job started
-    at once, a dead batch host's run started again as a new job; exit non-zero unless it completed."""
-    started = time.monotonic() if started is None else started
-    follower, poll, rescued = _poller(job.record)
-    final = job.wait(on_poll=poll, until=lambda _: bool(rescued))
-    if rescued:
-        return _wait(Job(rescued[0]), started)
-    follower.finish(time.monotonic() - started)
+    at once, a dead batch host's run started again as a new job (hpc/rescue.py); exit non-zero unless it
+    completed."""
+    from hpc import rescue
+
+    started = time.monotonic()
+    shows: dict[str, Callable[[Poll], None]] = {}
+    followers: list[Follower] = []
+
+    def show(current: Job, now: Poll) -> None:
+        if current.job_id not in shows:
+            followers.append(Follower(current.record, click.get_text_stream("stdout")))
+            shows[current.job_id] = _poller(current.record, followers[-1])
+        shows[current.job_id](now)
+
+    def rescued(old: registry.Record, new: registry.Record | None) -> None:
+        history = records.load(Path(old.job_dir))
+        lost = records.summary_line(history[-1]) if history else f"job {old.job_id}: its batch host was lost"
+        click.echo(f"hpcdist: {lost}", err=True)
+
+    job, final = rescue.wait(job, FOLLOW_POLL_S, on_poll=show, on_rescue=rescued)
+    if followers:
+        followers[-1].finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
     for line in _attempt_lines(job.attempts(accounted=True)):
         click.echo(line)
@@ -92,32 +107,18 @@ def _wait(job: Job, started: float | None = None) -> None:
         sys.exit(min(final.exit_code or 1, 255))
 
 
-def _poller(record: registry.Record) -> tuple[Any, Callable[[Poll], None], list[registry.Record]]:
-    """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts, a dead batch host."""
-    from hpc import rescue
-
-    follower = Follower(record, click.get_text_stream("stdout"))
+def _poller(record: registry.Record, follower: Follower) -> Callable[[Poll], None]:
+    """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts."""
     explain = _pending_reporter(record) if record.via != "local" else None
     announce = _announcer()
-    watcher = rescue.Watcher(record) if record.via != "local" else None
-    rescued: list[registry.Record] = []  # the new job a dead batch host's run goes on as (hpc/rescue.py)
 
     def poll(now: Poll) -> None:
         follower.poll(now.state)
         if explain is not None:
             explain(now.state)
         announce(now.attempts)
-        if watcher is not None:
-            watcher.start_soon(now.state.state)
-        if watcher is not None and now.state.state == "RUNNING" and (host := watcher.lost_host()):
-            new = rescue.resubmit(record, host, os.environ)
-            history = records.load(Path(record.job_dir))
-            lost = records.summary_line(history[-1]) if history else f"job {record.job_id}: its batch host was lost"
-            click.echo(f"hpcdist: {lost}", err=True)
-            if new is not None:
-                rescued.append(new)
 
-    return follower, poll, rescued
+    return poll
 
 
 @click.command()

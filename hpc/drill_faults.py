@@ -1,0 +1,197 @@
+"""Inject the drill's faults for real and undo them: signals to ranks, a time limit cut, a node killed, a disk
+filled.
+
+    during = drill_faults.inject("rank_kill", job, seen, say, node_control)   # call during() at every poll
+    drill_faults.revive(node, node_control) ; drill_faults.empty_disk(job.job_dir)
+
+Everything here acts on the cluster: Slurm (through hpc/slurm), the ranks' processes (/proc, signals), a site's
+node-control command, and the file system a job directory is on.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from hpc import checkpoints, vocab
+from hpc import job as handle
+from hpc.drill import POLL_S, Observed
+from hpc.slurm import commands, grammar, parse
+
+# Written beside the job directory on the small file system; the room it leaves is half a checkpoint.
+FILLER = ".hpcdist-drill-filler"
+
+
+def proc_environ(data: bytes) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in data.decode(errors="replace").split("\0") if "=" in item)
+
+
+def is_trainer(argv: Sequence[str]) -> bool:
+    """``python [-u] -m train ...``: a rank, not its launcher (torchrun's agent carries the same variables)."""
+    modules = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-m"]
+    # Only the interpreter's own module counts: torchrun's agent is ``python -m torch.distributed.run ... -m train``.
+    return modules[:1] == ["train"]
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    rank: int | None       # None: not a rank (a launcher, the task's shell)
+    node: str
+
+
+def job_processes(job_id: str, proc_root: Path = Path("/proc")) -> list[Proc]:
+    """Every process of the job visible here, with its rank (RANK from a launcher, else SLURM_PROCID)."""
+    out = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = proc_environ((entry / "environ").read_bytes())
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") != job_id:
+            continue
+        rank = None
+        if is_trainer(argv):
+            rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+        out.append(Proc(int(entry.name), rank, env.get("SLURMD_NODENAME", "")))
+    return out
+
+
+def _node_control(command: str, action: str, node: str) -> subprocess.CompletedProcess[str]:
+    """``COMMAND kill-node|revive NODE``: the site's way to kill a node for real and bring it back."""
+    return subprocess.run([*shlex.split(command), action, node], capture_output=True, text=True, timeout=60)
+
+
+def signal_process(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def victim(job: handle.Job, timeout_s: float = 30, first: bool = False) -> Proc:
+    """The highest rank's process (on the last node: never the batch host when the job spans nodes), or with
+    ``first`` rank 0's."""
+    ranks = handle.follow(lambda: [p for p in job_processes(job.job_id) if p.rank is not None], bool, POLL_S, timeout_s)
+    if not ranks:
+        raise RuntimeError(f"no rank of job {job.job_id} found in /proc")
+    return (min if first else max)(ranks, key=lambda p: p.rank)
+
+
+def inject(scenario: str, job: handle.Job, seen: Observed, out: Callable[[str], None],
+           node_control: str | None = None) -> Callable[[], None]:
+    """Inject the scenario's fault now (``seen.fault_step`` is the step it comes at); returns what to call while
+    following the job. ``node_control``: a command that kills a node for real (``CMD kill-node NODE``) and revives
+    it (``CMD revive NODE``), as scripts/slurm-local.sh does; without it a lost node is an admin's DOWN."""
+    target = victim(job, first=scenario == "batch_host_loss")
+    seen.victim_rank, seen.victim_node = target.rank, target.node
+    seen.fault_at = time.time()
+    if scenario in ("preempt", "time_limit", "disk_full"):
+        seen.victim_rank = seen.victim_node = None  # the whole job is faulted, no rank or node of it
+    if scenario in ("rank_kill", "hang"):
+        signal_process(target.pid, signal.SIGKILL if scenario == "rank_kill" else signal.SIGSTOP)
+        # A hung rank gets its SIGCONT in run_scenario's cleanup: the hang must last until it is named.
+        out(f"  rank {target.rank} (pid {target.pid}) on {target.node} "
+            f"{'killed' if scenario == 'rank_kill' else 'stopped'} at step {seen.fault_step}")
+    elif scenario == "preempt":
+        commands.scancel([job.job_id], signal="USR1")
+    elif scenario == "time_limit":
+        return _cut_time_limit(job, out)
+    elif scenario == "disk_full":
+        written = fill_disk(job.job_dir)
+        out(f"  {written:,} bytes written beside {job.job_dir} at step {seen.fault_step}: less room than a checkpoint")
+    elif scenario in ("node_loss", "batch_host_loss"):
+        seen.victim_node = _lose_node(job, target.node if scenario == "node_loss" else batch_host(job), node_control,
+                                      out, f"at step {seen.fault_step}")
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
+    return lambda: None
+
+
+def _cut_time_limit(job: handle.Job, out: Callable[[str], None]) -> Callable[[], None]:
+    shown = parse.keyvalues(commands.show("job", job.job_id))
+    original = shown.get("TimeLimit", "")
+    run_s = grammar.duration_s(shown.get("RunTime", "")) or 0
+    minutes = run_s // 60 + 1
+    commands.update("job", job.job_id, TimeLimit=str(minutes))
+    out(f"  time limit cut from {original} to {minutes} min (the job has run {run_s} s)")
+    restored = []
+
+    def restore() -> None:
+        # The rerun gets the job's real limit back, before it starts.
+        if not restored and job.attempts():
+            commands.update("job", job.job_id, TimeLimit=original)
+            restored.append(True)
+    return restore
+
+
+def _lose_node(job: handle.Job, node: str, node_control: str | None, out: Callable[[str], None], when: str) -> str:
+    """Kill ``node`` for real, or without node control SIGKILL the job's processes there and set it DOWN."""
+    if node_control:
+        done = _node_control(node_control, "kill-node", node)
+        if done.returncode != 0:
+            raise RuntimeError(f"{node_control} kill-node {node} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        out(f"  node {node} killed for real {when}: its slurmd and every process on it")
+        return node
+    procs = [p for p in job_processes(job.job_id) if p.node == node]
+    for p in sorted(procs, key=lambda p: p.rank is None):
+        signal_process(p.pid, signal.SIGKILL)
+    commands.update("node", node, State="DOWN", Reason="hpcdist-drill")
+    out(f"  node {node} set DOWN after SIGKILL to its {len(procs)} process(es) of the job")
+    return node
+
+
+def revive(node: str, node_control: str | None = None) -> None:
+    """Bring a node the drill killed or set DOWN back; Slurm may have returned it already (ReturnToService)."""
+    if node_control:
+        _node_control(node_control, "revive", node)
+        return
+    state = parse.node_states(commands.sinfo_nodes(nodes=[node])).get(node, "")
+    if state.startswith(("down", "drain", "fail")):
+        commands.update("node", node, State="RESUME")
+
+
+def batch_host(job: handle.Job) -> str:
+    return parse.keyvalues(commands.show("job", job.job_id) or "").get("BatchHost", "")
+
+
+def fill_disk(job_dir: Path) -> int:
+    """Fill ``job_dir``'s file system up to half of its newest checkpoint's size, so the next checkpoint cannot
+    fit; the bytes written (into FILLER beside it: never inside a directory of the user's)."""
+    newest = checkpoints.newest(job_dir / vocab.RUN_DIR / vocab.CHECKPOINTS, checksums=False)
+    if newest is None:
+        raise RuntimeError(f"no checkpoint in {job_dir} to size the filling by")
+    needed = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    size = shutil.disk_usage(job_dir).free - needed // 2
+    if size > 0:
+        fd = os.open(job_dir.parent / FILLER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    return max(size, 0)
+
+
+def empty_disk(job_dir: Path) -> None:
+    (Path(job_dir).parent / FILLER).unlink(missing_ok=True)
+
+
+def storage_left(job_dir: Path) -> list[str]:
+    """What a storage fault must not leave in the job's checkpoints: a half-written one, a kept one that no longer
+    verifies, or none kept at all (problems, as the drill reports them)."""
+    root = Path(job_dir) / vocab.RUN_DIR / vocab.CHECKPOINTS
+    names = sorted(os.listdir(root)) if root.is_dir() else []
+    problems = [f"{root / n} was left half-written" for n in names if n.startswith(".tmp-")]
+    kept = checkpoints.complete(root)
+    problems += [f"kept checkpoint {p} is damaged: {why}" for p in kept if (why := checkpoints.damage(p))]
+    return problems + ([] if kept else [f"no checkpoint was kept in {root}"])

@@ -1,0 +1,61 @@
+"""Specifications of hpc/drill_faults.py's parts that need no cluster: finding a job's ranks in /proc, filling a
+job's file system, and what a storage fault must not leave. The faults themselves run for real in
+tests/test_drill.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from hpc import drill_faults
+from hpc.checkpoints import write_manifest
+
+
+def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
+    def proc(pid: int, argv: list[str], env: dict[str, str]) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+        (tmp_path / str(pid) / "environ").write_bytes(b"\0".join(f"{k}={v}".encode() for k, v in env.items()))
+
+    proc(10, ["python", "-m", "torch.distributed.run", "-m", "train"], {"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n2"})
+    proc(11, ["python", "-u", "-m", "train", "--local_rank=1"], {"SLURM_JOB_ID": "7", "RANK": "3",
+                                                                 "SLURMD_NODENAME": "n2"})
+    proc(12, ["python", "-m", "train"], {"SLURM_JOB_ID": "8", "SLURM_PROCID": "1"})
+    (tmp_path / "self").mkdir()
+    found = sorted(drill_faults.job_processes("7", tmp_path), key=lambda p: p.pid)
+    assert [(p.pid, p.rank, p.node) for p in found] == [(10, None, "n2"), (11, 3, "n2")]
+
+
+def checkpoint(job_dir, step: int, size: int):
+    folder = job_dir / "run" / "checkpoints" / f"step{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer.pt").write_bytes(os.urandom(size))
+    write_manifest(folder, step)
+    return folder
+
+
+def test_the_disk_is_filled_beside_the_job_to_half_a_checkpoint_and_emptied_again(tmp_path, monkeypatch):
+    job_dir = tmp_path / "job"
+    checkpoint(job_dir, 10, 4000)
+    free = shutil.disk_usage(tmp_path).free
+    sizes: list[int] = []
+    monkeypatch.setattr(drill_faults.os, "posix_fallocate", lambda fd, offset, size: sizes.append(size))
+    assert drill_faults.fill_disk(job_dir) == sizes[0]
+    # Room left: half of the newest checkpoint (its manifest included), whatever else writes meanwhile.
+    assert abs(free - sizes[0] - 2000) < 4096
+    assert (tmp_path / drill_faults.FILLER).is_file() and not list(job_dir.glob("*filler*"))
+    drill_faults.empty_disk(job_dir)
+    assert not (tmp_path / drill_faults.FILLER).exists()
+
+
+def test_a_storage_fault_must_leave_every_kept_checkpoint_whole_and_nothing_half_written(tmp_path):
+    job_dir = tmp_path / "job"
+    assert drill_faults.storage_left(job_dir) == [f"no checkpoint was kept in {job_dir}/run/checkpoints"]
+    checkpoint(job_dir, 5, 100)
+    assert drill_faults.storage_left(job_dir) == []
+    (job_dir / "run" / "checkpoints" / ".tmp-step00000010").mkdir()
+    damaged = checkpoint(job_dir, 10, 100)
+    (damaged / "trainer.pt").write_bytes(b"torn")
+    problems = drill_faults.storage_left(job_dir)
+    assert problems[0].endswith(".tmp-step00000010 was left half-written")
+    assert problems[1].startswith(f"kept checkpoint {damaged} is damaged") and len(problems) == 2
