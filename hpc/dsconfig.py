@@ -147,6 +147,22 @@ def resolve(base: Mapping[str, Any], *, world_size: int, gpu: bool, zero_stage: 
     return config
 
 
+# Set by requeue.sh for a step relaunched on fewer nodes (--elastic): the job's deepspeed.json, resolved for all
+# of them, is regrouped for the ranks left.
+ELASTIC_ENV = "HPCDIST_ELASTIC_NODES"
+
+
+def regroup(config: Mapping[str, Any], path: Path, world_size: int) -> dict[str, Any]:
+    """``config``, resolved for another number of ranks, for ``world_size``: the global batch kept, each rank's
+    share of it grown (an elastic relaunch on the nodes left); ConfigError when it does not split."""
+    batch = config.get("train_batch_size")
+    if not isinstance(batch, int) or batch < 1 or batch % world_size:
+        raise ConfigError(f"the global batch {batch} of {path} does not split over the {world_size} rank(s) an "
+                          "elastic relaunch has left; choose a --batch-size that every number of nodes left divides")
+    return {**copy.deepcopy(dict(config)), "train_micro_batch_size_per_gpu": batch // world_size,
+            "gradient_accumulation_steps": 1}
+
+
 def check_resolved(config: Mapping[str, Any], path: Path, world_size: int, **given: Any) -> None:
     """Refuse a config file that ``resolve`` did not make for ``world_size`` ranks, or that a flag contradicts.
 

@@ -209,9 +209,6 @@ def _check_restarts(spec: JobSpec) -> None:
         raise SpecError(f"--max-retries {spec.max_retries}: give 0 to {MAX_REQUEUES}")
     if not 0 <= spec.spare_nodes <= MAX_SPARE_NODES:
         raise SpecError(f"--spare-nodes {spec.spare_nodes}: give 0 to {MAX_SPARE_NODES}")
-    if spec.elastic and spec.backend == "deepspeed":
-        raise SpecError("--elastic resumes dp/ddp on fewer ranks; DeepSpeed's ZeRO partitions would need a "
-                        "universal checkpoint: drop --elastic, or hold --spare-nodes")
     if spec.nodelist and spec.spare_nodes:
         raise SpecError("--nodelist names the nodes of the step, and spares are whatever Slurm adds: drop "
                         "--nodelist or --spare-nodes")

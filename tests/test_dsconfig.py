@@ -161,6 +161,16 @@ def test_a_file_not_made_for_this_world_or_contradicted_by_a_flag_is_refused(tmp
         dsconfig.check_resolved(config, tmp_path, 2, global_batch=64)
 
 
+def test_an_elastic_relaunch_regroups_the_file_for_the_ranks_left_keeping_the_global_batch(tmp_path) -> None:
+    config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=4, gpu=False, global_batch=64)
+    fewer = dsconfig.regroup(config, tmp_path, 2)
+    dsconfig.check_resolved(fewer, tmp_path, 2, global_batch=64)
+    assert (fewer["train_batch_size"], fewer["train_micro_batch_size_per_gpu"]) == (64, 32)
+    assert config["train_micro_batch_size_per_gpu"] == 16, "the file's own config is left as it was"
+    with pytest.raises(dsconfig.ConfigError, match="global batch 64 .* does not split over the 3 rank"):
+        dsconfig.regroup(config, tmp_path, 3)
+
+
 def test_render_shows_the_precision_that_will_train() -> None:
     cpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), CPU_SITE, cpus=dsconfig.Cpus(True))
     assert json.loads(cpu.files[vocab.DEEPSPEED_JSON])["bf16"]["enabled"] and cpu.spec.precision == "bf16"

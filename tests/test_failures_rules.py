@@ -215,7 +215,6 @@ def test_a_rank_frozen_during_set_up_is_named_with_its_phase():
 CONSTRUCTED = {
     "cancelled": Evidence(attempt=0, step_status=143, job_state="CANCELLED by 1000"),
     "node_fail_unnamed": Evidence(attempt=0, step_status=1, job_state="NODE_FAIL"),
-    "storage": Evidence(attempt=0, step_status=74),
     "own_error": Evidence(attempt=0, step_status=1, errors=(RankError(1, "n2", 0, 5.0, "exception", "KeyError: 'x'"),)),
     "out_of_memory": Evidence(attempt=0, step_status=137, job_state="OUT_OF_MEMORY"),
     "completed": Evidence(attempt=0, step_status=0, seen_step=30),

@@ -471,14 +471,19 @@ def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
-def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_the_node_left(tmp_path):
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("deepspeed", marks=pytest.mark.skipif(
+    os.environ.get("HPCDIST_SLURM_FULL") != "1", reason="CI runs ddp; HPCDIST_SLURM_FULL=1 runs DeepSpeed too"))])
+def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_the_node_left(tmp_path, backend):
     """--elastic, 2 nodes, no spare: the first killed rank is relaunched in place; the same node failing again is
-    left, and the step goes on at once on the one node left (no trip through the queue), the global batch kept."""
+    left, and the step goes on at once on the one node left (no trip through the queue), the global batch kept:
+    ddp from a snapshot in node memory, DeepSpeed's ZeRO-2 partitions regrouped through a universal checkpoint."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
-    args = ["submit", "--nodes", "2", "--backend", "ddp", "--time", "10", "--max-retries", "2", "--elastic",
+    state = (["--checkpoint-every", "100", "--snapshot-every-s", "0.5"] if backend == "ddp" else
+             ["--checkpoint-every", "10", "--zero-stage", "2", "--precision", "fp32"])
+    args = ["submit", "--nodes", "2", "--backend", backend, "--time", "10", "--max-retries", "2", "--elastic",
             "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "200", "--epochs", "100000", "--log-every",
-            "1", "--checkpoint-every", "100", "--snapshot-every-s", "0.5", "--dataset", "synthetic",
-            "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
+            "1", *state, "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads",
+            "1"]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
     job_id = None
@@ -503,5 +508,7 @@ def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_th
     summary = read_summary(job_dir)
     assert summary["world_size"] == 1 and summary["steps"] == 200
     assert summary["ranks"][0]["hostname"] != first["hostname"]
-    assert "elastic: 1 rank(s), was 2: the global batch 64 kept, 64 a rank" in (
-        job_dir / "logs" / "task-0.log").read_text()
+    log = (job_dir / "logs" / "task-0.log").read_text()
+    assert "elastic: 1 rank(s), was 2: the global batch 64 kept, 64 a rank" in log
+    if backend == "deepspeed":
+        assert "resumed from" in log and not list((job_dir / "run" / "checkpoints").glob(".universal-*"))

@@ -161,7 +161,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def rng_file(folder: Path, rank: int) -> Path:
+def rng_file(folder: Path, rank: int | str) -> Path:
     return Path(folder) / f"rng-rank{rank}.pt"
 
 

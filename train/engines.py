@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
+import shutil
 from pathlib import Path
-from typing import ContextManager, Iterator, Protocol
+from typing import ContextManager, Iterator, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -161,15 +164,55 @@ class DeepSpeedEngine:
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
+        import torch.distributed as dist
+
         folder = Path(folder)
-        path, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {folder}")
-        checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        saved = sum(1 for _ in folder.glob(checkpoint.rng_file(folder, "*").name))
+        if self.zero_stage and saved != world:
+            client = self._read_universal(folder, rank, world)
+        else:
+            # ZeRO-0's optimizer state is whole in every checkpoint: it loads on any number of ranks.
+            path, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {folder}")
+        if checkpoint.rng_file(folder, rank).exists():  # a rank an elastic relaunch added has none of its own
+            checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
         return client["trainer"]
 
+    def _read_universal(self, folder: Path, rank: int, world: int) -> dict:
+        """A ZeRO checkpoint written by another number of ranks (an elastic relaunch): rank 0 converts it to
+        DeepSpeed's universal checkpoint beside it, every rank loads its new partition from that, rank 0
+        removes it."""
+        import torch.distributed as dist
+        from deepspeed.checkpoint import ds_to_universal
 
-def precision_and_config(opts: Options, device: torch.device, world: int) -> tuple[str, dict | None, int]:
+        universal = folder.parent / f".universal-{folder.name}"
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+            # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(folder), output_folder=str(universal / folder.name), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        if world > 1:
+            dist.barrier()
+        # DeepSpeed asks its config at load time only, and has no other way in for a config already built.
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            path, client = self.engine.load_checkpoint(str(universal), tag=folder.name)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no loadable checkpoint in the universal copy of {folder}")
+        return client
+
+
+def precision_and_config(opts: Options, device: torch.device, world: int,
+                         environ: Mapping[str, str] = os.environ) -> tuple[str, dict | None, int]:
     """The precision in force, DeepSpeed's config as deepspeed.initialize gets it, and the global batch.
 
     A job's rendered deepspeed.json is taken as it is (its flags may repeat it, never change it); run by
@@ -182,6 +225,8 @@ def precision_and_config(opts: Options, device: torch.device, world: int) -> tup
              "lr": opts.lr}
     if opts.deepspeed_config is not None:
         config = dsconfig.load(opts.deepspeed_config)
+        if environ.get(dsconfig.ELASTIC_ENV):
+            config = dsconfig.regroup(config, opts.deepspeed_config, world)
         dsconfig.check_resolved(config, opts.deepspeed_config, world, **given)
     else:
         config = dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=world, gpu=gpu,
