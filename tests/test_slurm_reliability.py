@@ -478,9 +478,10 @@ def test_with_elastic_a_node_that_fails_twice_and_no_spare_goes_on_at_once_on_th
     left, and the step goes on at once on the one node left (no trip through the queue), the global batch kept:
     ddp from a snapshot in node memory, DeepSpeed's ZeRO-2 partitions regrouped through a universal checkpoint."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
-    state = (["--checkpoint-every", "100", "--snapshot-every-s", "0.5"] if backend == "ddp" else
-             ["--checkpoint-every", "10", "--zero-stage", "2", "--precision", "fp32"])
-    args = ["submit", "--nodes", "2", "--backend", backend, "--time", "10", "--max-retries", "2", "--elastic",
+    state = ["--checkpoint-every", "100", "--snapshot-every-s", "0.5"] if backend == "ddp" else [
+        "--checkpoint-every", "10"]
+    zero = ["--zero-stage", "2", "--precision", "fp32"] if backend == "deepspeed" else []
+    args = ["submit", "--nodes", "2", "--backend", backend, *zero, "--time", "10", "--max-retries", "2", "--elastic",
             "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "200", "--epochs", "100000", "--log-every",
             "1", *state, "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads",
             "1"]

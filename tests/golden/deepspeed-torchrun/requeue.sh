@@ -28,7 +28,7 @@ while :; do
     # Both markers were acted on; a relaunched step's ranks write their own.
     rm -f /jobs/golden/run/preempted /jobs/golden/run/lost.json
     [ "$action" = relaunch ] || break
-    export HPCDIST_ATTEMPT=$next_attempt HPCDIST_EXCLUDE=$exclude
+    export HPCDIST_ATTEMPT=$next_attempt HPCDIST_EXCLUDE=$exclude HPCDIST_ELASTIC_NODES=$nodes
     echo "hpcdist: relaunching the step in this allocation (retry $uses of 2)${exclude:+ without $exclude}${nodes:+ on $nodes node(s)}"
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
     status=0
