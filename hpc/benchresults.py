@@ -28,10 +28,20 @@ class Result:
     samples: tuple[float, ...] = ()
     device: str | None = None
     trained: str | None = None  # the precision the trainer trained in (summary.json): what auto became
+    snapshots: int | None = None  # snapshots rank 0's node took (a snapS config), and what copying them stalled
+    snapshot_stall_s: float | None = None
+    steps: int | None = None      # every step the trainer ran, warm-up included
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.images_per_s is not None
+
+    @property
+    def snapshot_stall_share(self) -> float | None:
+        """Snapshot copies' stall as a share of the training time (steps x batch / images/s)."""
+        if not self.ok or not self.snapshots or self.snapshot_stall_s is None or not self.steps:
+            return None
+        return self.snapshot_stall_s / (self.steps * self.config.batch / self.images_per_s)  # type: ignore[operator]
 
 
 def median_of(runs: Sequence[Result]) -> Result:
@@ -86,8 +96,14 @@ def result_from_summary(config: Config, threads: int, summary: Mapping[str, obje
         error = f"the trainer stopped at step {ran} of {warmup + steps}"
     elif not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
         error = f"summary.json has no images_per_s (got {rate!r})"
+    snapshots, stall = summary.get("snapshots"), summary.get("snapshot_stall_s")
+    if config.snapshot_every_s is not None and not (isinstance(snapshots, int) and isinstance(stall, (int, float))):
+        missing.append("snapshots")
     return Result(config, threads, float(rate) if error is None else None, ttfs, peaks,  # type: ignore[arg-type]
-                  wall_s, error, tuple(missing), device=device, trained=_text(summary, "precision"))
+                  wall_s, error, tuple(missing), device=device, trained=_text(summary, "precision"),
+                  snapshots=snapshots if isinstance(snapshots, int) else None,
+                  snapshot_stall_s=float(stall) if isinstance(stall, (int, float)) else None,
+                  steps=ran if isinstance(ran, int) else None)
 
 
 def result_from_floor(config: Config, threads: int, report: Mapping[str, object], wall_s: float) -> Result:

@@ -4,8 +4,8 @@
 
 What the page says is hpc.report's (pure); this module reads the job through hpc.telemetry and hpc.goodput,
 draws with matplotlib (imported only here, only when a report is drawn) and writes the files. The drawing runs
-in a child process forked first, so that importing matplotlib (half a second) and drawing overlap the reading
-of a large job's heartbeats (a second at 4,096 nodes).
+in a child process forked first, each chart sent to it as soon as its data is read, so that importing matplotlib
+(half a second) and drawing overlap the reading of a large job's heartbeats (a second at 4,096 nodes).
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ from hpc.telemetry import attempts_of, read_json, read_jsonl, run_dir, straggler
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
     fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
-    with Painter() as painter:
+    with Painter(folder) as painter:
+        # Each chart goes to the painter as soon as its data is read: drawn while the rest is read.
+        painter.chart("loss", report.loss_series(read_jsonl(run_dir(record) / vocab.METRICS)))
         slurm = telemetry.sacct_attempts(record)  # asked once: the waterfalls and the goodput both need it
         seen = telemetry.seen_of(record)
+        painter.chart("rate", report.rate_series(seen.histories))
         falls = waterfalls(record, slurm, seen)
         good = goodput_of(record, falls, slurm, seen)
         # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
         falls = timeline.worst(falls)
-        title = (f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
-                 f"{record.world_size} rank(s)")
-        painter.draw(folder, title, report.loss_series(read_jsonl(run_dir(record) / vocab.METRICS)),
-                     report.rate_series(seen.histories), falls, good)
+        painter.chart("waterfall", falls)
+        painter.chart("goodput", good)
+        painter.finish(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
+                       f"{record.world_size} rank(s)")
         stragglers = stragglers_of(record, seen)
         summary = read_json(run_dir(record) / vocab.SUMMARY)
         facts = facts_of(record, summary, jobs.state(record))
@@ -109,14 +112,15 @@ def _nan_to_none(value: Any) -> Any:
 
 
 class Painter:
-    """A child process that imports matplotlib at once, then draws what ``draw`` sends (draw_charts's arguments);
-    ``drawn`` waits for its answer. Leaving the ``with`` ends a child still waiting (the reading failed)."""
+    """A child process that imports matplotlib at once, then draws each chart ``chart`` sends as it comes, and
+    on ``finish`` the overview; ``drawn`` waits for its answer (draw_chart's, by name). Leaving the ``with`` ends
+    a child still waiting (the reading failed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
         fork = multiprocessing.get_context("fork")
         self._conn, theirs = fork.Pipe()
-        self._child = fork.Process(target=_paint, args=(theirs, self._conn), name="hpcdist-report-charts",
-                                   daemon=True)
+        self._child = fork.Process(target=_paint, args=(theirs, self._conn, Path(folder)),
+                                   name="hpcdist-report-charts", daemon=True)
         self._child.start()
         theirs.close()
 
@@ -130,8 +134,11 @@ class Painter:
             self._child.kill()
         self._child.join()
 
-    def draw(self, *args: Any) -> None:
-        self._conn.send(args)
+    def chart(self, name: str, data: Any) -> None:
+        self._conn.send((name, data))
+
+    def finish(self, title: str) -> None:
+        self._conn.send((None, title))
 
     def drawn(self) -> dict[str, dict[str, Any]]:
         try:
@@ -143,7 +150,7 @@ class Painter:
         return answer
 
 
-def _paint(conn: Any, parents: Any) -> None:
+def _paint(conn: Any, parents: Any, folder: Path) -> None:
     # The parent's end came with the fork: closed here, the parent closing its own is an end of input.
     parents.close()
     import matplotlib
@@ -152,59 +159,85 @@ def _paint(conn: Any, parents: Any) -> None:
     # The half second this process exists to spend early.
     import matplotlib.pyplot
 
+    data: dict[str, Any] = {}
+    drawn: dict[str, dict[str, Any]] = {}
+    failed: BaseException | None = None
     try:
-        args = conn.recv()
+        while (message := conn.recv())[0] is not None:
+            name, data[name] = message
+            try:
+                if failed is None and (done := draw_chart(folder, name, data[name])) is not None:
+                    drawn[name] = done
+            except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
+                failed = exc
+        if failed is None and drawn:
+            draw_overview(folder, message[1], {name: data[name] for name in drawn})
     except EOFError:
         return
-    try:
-        conn.send(draw_charts(*args))
     except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
-        conn.send(exc)
+        failed = exc
+    conn.send(failed if failed is not None else drawn)
 
 
-def draw_charts(folder: Path, title: str, segments: list, series: dict, falls: list[timeline.Waterfall],
-                good: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """loss.png, rate.png, waterfall.png and goodput.png, each with NAME.json beside it holding the series
-    the figure actually drew (read back from its axes), and overview.png with all four. Returns name -> data."""
+# name -> (drawer, figure size from the data, what NAME.json keeps besides what the axes drew)
+CHARTS: dict[str, tuple[Any, Any, Any]] = {
+    "loss": (_draw_loss, lambda _: (8, 3.5), lambda segments: {"segments": segments}),
+    "rate": (_draw_rate, lambda _: (8, 3.5), lambda series: {"series": {str(k): v for k, v in series.items()}}),
+    "waterfall": (_draw_waterfall, lambda falls: (10, 0.4 * len(falls) + 2.2),
+                  lambda falls: {"waterfalls": [w.to_json() for w in falls]}),
+    "goodput": (_draw_goodput, lambda _: (9, 2.2), lambda good: {"share": good["share"]}),
+}
+
+
+def _has_data(name: str, data: Any) -> bool:
+    if name == "rate":
+        return any(data.values())
+    if name == "goodput":
+        return data["allocated_node_s"] > 0
+    return bool(data)
+
+
+def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
+    """NAME.png (loss, rate, waterfall or goodput), with NAME.json beside it holding the series the figure
+    actually drew (read back from its axes); None, and nothing written, when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    charts = {
-        "loss": (segments, _draw_loss, (8, 3.5), {"segments": segments}),
-        "rate": (series if any(series.values()) else None, _draw_rate, (8, 3.5),
-                 {"series": {str(k): v for k, v in series.items()}}),
-        "waterfall": (falls, _draw_waterfall, (10, 0.4 * len(falls) + 2.2),
-                      {"waterfalls": [w.to_json() for w in falls]}),
-        "goodput": (good if good["allocated_node_s"] > 0 else None, _draw_goodput, (9, 2.2), {"share": good["share"]}),
-    }
-    drawn: dict[str, dict[str, Any]] = {}
-    for name, (data, draw, size, extra) in charts.items():
-        if not data:
-            continue
-        fig, ax = plt.subplots(figsize=size)
-        draw(ax, data)
-        lines = [{"label": ln.get_label(), "points": len(ln.get_xdata())} for ln in ax.get_lines()]
-        bars = [{"label": c.get_label(), "bars": len(c.patches)} for c in ax.containers]
-        drawn[name] = {"lines": lines, "bars": bars, **extra}
-        fig.tight_layout()
-        fileio.save_png(fig, folder / f"{name}.png", dpi=100)
-        plt.close(fig)
-        # NaN (the gap between attempts) is not JSON: written as null.
-        fileio.atomic_write(folder / f"{name}.json", json.dumps(_nan_to_none(drawn[name]), indent=1) + "\n")
-    if drawn:
-        fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
-        for ax, name in zip(axes.flat, charts):
-            if name in drawn:
-                charts[name][1](ax, charts[name][0])
-            else:
-                ax.set_axis_off()
-        fig.suptitle(title)
-        fig.tight_layout()
-        fileio.save_png(fig, folder / "overview.png", dpi=90)
-        plt.close(fig)
+    if not _has_data(name, data):
+        return None
+    draw, size, extra = CHARTS[name]
+    fig, ax = plt.subplots(figsize=size(data))
+    draw(ax, data)
+    lines = [{"label": ln.get_label(), "points": len(ln.get_xdata())} for ln in ax.get_lines()]
+    bars = [{"label": c.get_label(), "bars": len(c.patches)} for c in ax.containers]
+    drawn = {"lines": lines, "bars": bars, **extra(data)}
+    fig.tight_layout()
+    fileio.save_png(fig, folder / f"{name}.png", dpi=100)
+    plt.close(fig)
+    # NaN (the gap between attempts) is not JSON: written as null.
+    fileio.atomic_write(folder / f"{name}.json", json.dumps(_nan_to_none(drawn), indent=1) + "\n")
     return drawn
+
+
+def draw_overview(folder: Path, title: str, charts: dict[str, Any]) -> None:
+    """overview.png: the charts drawn (name -> their data) on one page, in CHARTS order, a blank for the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
+    for ax, name in zip(axes.flat, CHARTS):
+        if name in charts:
+            CHARTS[name][0](ax, charts[name])
+        else:
+            ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fileio.save_png(fig, folder / "overview.png", dpi=90)
+    plt.close(fig)
 
 
 # ---- the page's facts ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the rank's wall time from its first stamp to its first step. Pure except ``read_
 from __future__ import annotations
 
 import datetime
+import heapq
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +212,9 @@ def worst(falls: Sequence[Waterfall], most: int = 16) -> list[Waterfall]:
     if len(falls) <= most:
         return list(falls)
     firsts = [w for w in falls if w.rank == 0][: most // 2]
-    late = sorted((w for w in falls if w.rank != 0), key=lambda w: (w.start + (wall := w.wall_s), wall))  # (end, wall)
-    late = late[len(firsts) - most:]
+    # The few latest of tens of thousands: a partial selection, not a sort of them all.
+    late = heapq.nlargest(most - len(firsts), (w for w in falls if w.rank != 0),
+                          key=lambda w: (w.start + (wall := w.wall_s), wall))  # (end, wall)
     return sorted(firsts + late, key=lambda w: (w.attempt, w.rank))
 
 

@@ -33,7 +33,7 @@ def run(engine: TorchEngine, steps: int, x: torch.Tensor, y: torch.Tensor, store
         engine.train_step(x, y)
         if store is not None and time.monotonic() - last >= every_s:
             t0 = time.perf_counter()
-            store.take(step, engine.capture({"step": step}))
+            store.take(step, lambda step=step: engine.capture({"step": step}))
             stalls.append(time.perf_counter() - t0)
             last = time.monotonic()
     if x.is_cuda:

@@ -80,10 +80,23 @@ def test_deepspeed_rows_are_divided_by_the_bare_deepspeed_loop_with_the_same_sta
     assert benchreport.floor_of(results[1], results) is None
 
 
+def test_a_snap_row_is_checked_against_the_snapshot_stall_target_as_a_share_of_its_training_time():
+    snap = Config("ddp", snapshot_every_s=1.0)
+    # 100 steps of 256 images at 2,560 images/s: 10 s of training, 50 ms of it stalled by 20 copies.
+    cheap = Result(snap, 2, 2560.0, snapshots=20, snapshot_stall_s=0.05, steps=100)
+    assert cheap.snapshot_stall_share == pytest.approx(0.005)
+    assert benchreport.verdicts([cheap]) == [
+        "ddp:resident:1:snap1: snapshot copies stalled training 0.500% of its time (20 snapshots, 2.50 ms each; "
+        "meets the <= 2% target)"]
+    dear = Result(snap, 2, 2560.0, snapshots=20, snapshot_stall_s=0.5, steps=100)
+    assert "stalled training 5.000%" in benchreport.verdicts([dear])[0] and "misses" in benchreport.verdicts([dear])[0]
+    assert Result(Config("ddp"), 2, 2560.0).snapshot_stall_share is None
+
+
 def test_json_report_round_trips_through_json():
     doc = json.loads(json.dumps(benchreport.to_json(sample_results(), {"cpus": 2})))
     assert doc["cpus"] == 2 and doc["targets"] == {"ddp_1_rank_vs_floor": 0.95, "deepspeed_vs_floor_deepspeed": 0.95,
-                                                   "n_ranks_vs_1_rank": 0.9}
+                                                   "n_ranks_vs_1_rank": 0.9, "snapshot_stall_share": 0.02}
     rows = doc["results"]
     assert rows[1]["config"]["name"] == "ddp:resident:1" and rows[1]["vs_floor"] == pytest.approx(0.96)
     assert rows[3]["peak_memory_bytes"] == [500 * 2**20, 510 * 2**20]

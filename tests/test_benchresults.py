@@ -34,6 +34,14 @@ def test_an_auto_row_says_what_the_trainer_trained_in():
     assert "deepspeed:zero2:auto:1" in bench.DEFAULT_GRID
 
 
+def test_a_snap_run_reports_its_snapshots_and_their_stall_from_summary_json():
+    snap = Config("ddp", snapshot_every_s=1.0)
+    r = benchresults.result_from_summary(snap, 2, summary(snapshots=4, snapshot_stall_s=0.004), 1, 2, 9.0)
+    assert (r.snapshots, r.snapshot_stall_s, r.steps, r.missing) == (4, 0.004, 3, ())
+    silent = benchresults.result_from_summary(snap, 2, summary(), 1, 2, 9.0)
+    assert silent.snapshots is None and silent.missing == ("snapshots",) and silent.snapshot_stall_share is None
+
+
 def test_trainer_fields_it_did_not_report_are_named_missing_not_guessed():
     bare = benchresults.result_from_summary(Config("ddp"), 2, summary(time_to_first_step_s=None, ranks=[{"rank": 0}]),
                                             1, 2, 9.0)

@@ -573,13 +573,18 @@ def test_the_charts_are_drawn_by_a_child_process_and_a_drawing_failure_reaches_t
     from hpc import reportfiles
 
     good = {"allocated_node_s": 0, "share": {}, "redone_steps": 0}
-    with reportfiles.Painter() as painter:
-        painter.draw(tmp_path, "job 1", [[(1, 2.0), (2, 1.5)]], {}, [], good)
+    with reportfiles.Painter(tmp_path) as painter:
+        for name, data in (("loss", [[(1, 2.0), (2, 1.5)]]), ("rate", {}), ("waterfall", []), ("goodput", good)):
+            painter.chart(name, data)  # each drawn as it comes; those with nothing to draw are left out
+        painter.finish("job 1")
         assert set(painter.drawn()) == {"loss"}
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "overview.png").exists()
     assert json.loads((tmp_path / "loss.json").read_text())["lines"][0]["points"] == 2
-    with reportfiles.Painter() as painter:
-        painter.draw(tmp_path / "no-such-folder", "job 1", [[(1, 2.0)]], {}, [], good)
+    assert not (tmp_path / "rate.png").exists()
+    with reportfiles.Painter(tmp_path / "no-such-folder") as painter:
+        painter.chart("loss", [[(1, 2.0)]])
+        painter.chart("goodput", good)  # the failure is kept until the end, then reaches the caller
+        painter.finish("job 1")
         with pytest.raises(OSError):
             painter.drawn()
 
@@ -591,7 +596,7 @@ def test_a_painter_left_waiting_when_the_reading_fails_is_ended_even_if_sigterm_
 
     before = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's handler does; a fork inherits it
     try:
-        with pytest.raises(RuntimeError), reportfiles.Painter() as painter:
+        with pytest.raises(RuntimeError), reportfiles.Painter(Path("/nonexistent")) as painter:
             raise RuntimeError("the job directory could not be read")
     finally:
         signal.signal(signal.SIGTERM, before)

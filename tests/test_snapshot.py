@@ -43,7 +43,7 @@ def test_snapshots_are_written_in_the_background_published_complete_and_the_newe
     written: list[int] = []
     store = snapshot.Store(tmp_path / "s", on_written=written.append)
     for step in (10, 20, 30):
-        assert store.take(step, {"step": step, "w": torch.full((4,), float(step))})
+        assert store.take(step, lambda step=step: {"step": step, "w": torch.full((4,), float(step))})
         store.close()  # waits for the write, so none is skipped here
     assert written == [10, 20, 30]
     assert sorted(p.name for p in store.folder.iterdir()) == ["step00000020", "step00000030"]
@@ -62,20 +62,31 @@ def test_a_snapshot_due_while_the_last_is_still_being_written_is_skipped_not_wai
 
     monkeypatch.setattr(snapshot.Store, "_write", slow)
     store = snapshot.Store(tmp_path / "s")
-    assert store.take(1, {"step": 1})       # being written
-    while store._pending.qsize():           # the writer has taken it
+    copied: list[int] = []
+    assert store.take(1, lambda: copied.append(1) or {"step": 1})       # being written
+    while store._pending.qsize():                                       # the writer has taken it
         time.sleep(0.01)
-    assert store.take(2, {"step": 2})       # waits in the one slot
-    assert not store.take(3, {"step": 3})   # skipped: training does not wait
+    assert store.take(2, lambda: copied.append(2) or {"step": 2})       # waits in the one slot
+    assert not store.take(3, lambda: copied.append(3) or {"step": 3})   # skipped: training does not wait...
+    assert copied == [1, 2], "...nor copy a state nobody would write"
     release.set()
     store.close()
     assert snapshot.step_of(store.newest()) == 2
+    assert snapshot.stats(store)["snapshots"] == 2 and snapshot.stats(None) == {}
+
+
+def test_the_stall_counted_is_the_copy_alone(tmp_path):
+    store = snapshot.Store(tmp_path / "s")
+    store.take(1, lambda: time.sleep(0.05) or {"step": 1})
+    store.close()
+    stats = snapshot.stats(store)
+    assert stats["snapshots"] == 1 and 0.05 <= stats["snapshot_stall_s"] < 1.0
 
 
 def test_a_damaged_newest_snapshot_is_passed_over(tmp_path):
     store = snapshot.Store(tmp_path / "s")
     for step in (1, 2):
-        store.take(step, {"step": step, "w": torch.zeros(1000)})
+        store.take(step, lambda step=step: {"step": step, "w": torch.zeros(1000)})
         store.close()
     (store.folder / "step00000002" / snapshot.STATE_FILE).write_bytes(b"torn")
     assert snapshot.step_of(store.newest()) == 1
@@ -85,15 +96,15 @@ def test_when_memory_runs_out_snapshots_stop_saying_why_and_training_is_not_dist
     (tmp_path / "s").write_text("a file where the folder should be")
     said: list[str] = []
     store = snapshot.Store(tmp_path / "s", say=said.append)
-    assert store.take(1, {"step": 1})
+    assert store.take(1, lambda: {"step": 1})
     store.close()
     assert store.error and said and "resumes use the disk checkpoints" in said[0]
-    assert not store.take(2, {"step": 2})
+    assert not store.take(2, lambda: {"step": 2})
 
 
 def test_clearing_removes_only_the_snapshots_and_the_folder_if_that_empties_it(tmp_path):
     store = snapshot.Store(tmp_path / "s")
-    store.take(5, {"step": 5})
+    store.take(5, lambda: {"step": 5})
     store.close()
     (store.folder / ".tmp-step00000006").mkdir()
     (store.folder / "notes.txt").write_text("not ours")
@@ -138,13 +149,13 @@ def test_a_folder_another_user_could_have_made_is_neither_written_nor_read_nor_c
     (tmp_path / "s").symlink_to(checkpoints)
     said: list[str] = []
     store = snapshot.Store(tmp_path / "s", say=said.append)
-    assert store.take(4, {"step": 4})
+    assert store.take(4, lambda: {"step": 4})
     store.close()
     assert "not a folder of this user's alone" in said[0]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000001", "step00000002", "step00000003"]
     writable = tmp_path / "open"
     good = snapshot.Store(writable)
-    good.take(5, {"step": 5})
+    good.take(5, lambda: {"step": 5})
     good.close()
     assert snapshot.step_of(good.newest()) == 5
     writable.chmod(0o777)  # anyone may put a snapshot there
@@ -158,7 +169,7 @@ def test_snapshots_are_persisted_to_the_checkpoints_in_the_background_and_load_a
     checkpoints = tmp_path / "run" / "checkpoints"
     store = snapshot.Store(tmp_path / "s", persist=snapshot.Persist(checkpoints, every_s=1e-6))
     engine.train_step(x, y)
-    store.take(1, engine.capture({"step": 1}))
+    store.take(1, lambda: engine.capture({"step": 1}))
     store.close()
     after = engine.train_step(x, y)
     persisted = newest(checkpoints)
@@ -172,12 +183,12 @@ def test_a_step_the_loop_already_saved_is_not_persisted_again_and_none_is_before
     checkpoints = tmp_path / "checkpoints"
     checkpoint.save(checkpoints, 20, rank=0, write=lambda staging, tag: (staging / tag / "own.pt").write_text("x"))
     store = snapshot.Store(tmp_path / "s", persist=snapshot.Persist(checkpoints, every_s=1e-6))
-    store.take(20, {"step": 20})
+    store.take(20, lambda: {"step": 20})
     store.close()
     assert [p.name for p in checkpoints.iterdir()] == ["step00000020"]
     assert (checkpoints / "step00000020" / "own.pt").is_file()
     later = snapshot.Store(tmp_path / "s2", persist=snapshot.Persist(checkpoints, every_s=3600))
-    later.take(30, {"step": 30})
+    later.take(30, lambda: {"step": 30})
     later.close()
     assert newest(checkpoints).name == "step00000020"
 
@@ -187,9 +198,9 @@ def test_when_persisting_fails_it_stops_saying_why_and_the_snapshots_go_on(tmp_p
     said: list[str] = []
     store = snapshot.Store(tmp_path / "s", say=said.append,
                            persist=snapshot.Persist(tmp_path / "checkpoints", every_s=1e-6))
-    store.take(1, {"step": 1})
+    store.take(1, lambda: {"step": 1})
     store.close()
     assert len(said) == 1 and "no longer persisted" in said[0] and "disk checkpoints go on" in said[0]
-    assert store.take(2, {"step": 2})
+    assert store.take(2, lambda: {"step": 2})
     store.close()
     assert snapshot.step_of(store.newest()) == 2 and store.error is None

@@ -147,7 +147,7 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     timing = loop(run, engine, loader, state, found, beat, store)
     if timing is not None:
         beat.phase("eval")
-        finish(run, engine, data, state, timing)
+        finish(run, engine, data, state, timing, store)
     snapshot.drop(store)
     return leave(EXIT_PREEMPTED if timing is None else 0)
 
@@ -286,7 +286,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
 
     def take_snapshot() -> None:
         if store is not None:
-            store.take(state["step"], engine.capture(dict(state)))
+            store.take(state["step"], lambda: engine.capture(dict(state)))
         clocks.saved(snapshot_only=True)
 
     def stop() -> None:
@@ -338,7 +338,8 @@ def announce_stop(run: Setup, step: int, where: Path | None) -> None:
                   f"exit {EXIT_PREEMPTED}, rerun with --resume")
 
 
-def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timing) -> None:
+def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timing,
+           store: snapshot.Store | None = None) -> None:
     """Test accuracy and every rank's parameter digest, gathered into rank 0's summary.json."""
     opts, rank, world, env = run.opts, run.rank, run.world, run.env
     accuracy = evaluate_accuracy(engine, data, rank, world, run.device)
@@ -360,9 +361,8 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
                "first_loss": state["first_loss"], "test_accuracy": accuracy,
                "images_per_s": timed * run.global_batch / (timing.ended - timing.warm_at) if timed > 0 else None,
                "warmup_steps": opts.warmup_steps, "device": device_name(run.device),
-               "wall_s": time.time() - STARTED,
-               "time_to_first_step_s": timing.first_step_at - STARTED if timing.first_step_at else None,
-               "ranks": everyone}
+               "wall_s": time.time() - STARTED, "ranks": everyone, **snapshot.stats(store),
+               "time_to_first_step_s": timing.first_step_at - STARTED if timing.first_step_at else None}
     path = run.run_dir / vocab.SUMMARY
     fileio.atomic_write(path, json.dumps(summary, indent=2) + "\n")
     say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "

@@ -1,7 +1,7 @@
 """Keep the newest training state in node-local memory, written in the background, for a relaunch to resume from.
 
     store = snapshot.open_store(run_dir, os.environ, writer=local_rank == 0, fresh=not resume, on_written=...)
-    store.take(step, engine.capture(state))     # at a step boundary: the copy is the only stall
+    store.take(step, lambda: engine.capture(state))  # at a step boundary: the copy, the only stall
     held = store.newest()                       # at a resume: this node's newest complete snapshot, or None
 
 A snapshot is a checkpoint folder (``stepNNNNNNNN/``, ``MANIFEST.json`` last, published by train/checkpoint.py's
@@ -135,21 +135,24 @@ class Store:
                  persist: Persist | None = None) -> None:
         self.folder, self.on_written, self.say, self.persist = Path(folder), on_written, say, persist
         self.error: str | None = None
+        self.taken, self.stall_s = 0, 0.0  # snapshots copied, and the seconds the copies stalled training
         self._persisted_at = time.monotonic()
         self._pending: queue.Queue = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
 
-    def take(self, step: int, state: dict) -> bool:
-        """Hand a copied state to the writer; False when it is still busy with the last one (or has failed)."""
-        if self.error is not None:
+    def take(self, step: int, capture: Callable[[], dict]) -> bool:
+        """Copy the state (``capture``, the only stall, timed into ``stall_s``) and hand it to the writer; False,
+        with no copy made, when the writer is still busy with the last one (or has failed)."""
+        if self.error is not None or self._pending.full():
             return False
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_all, name="hpcdist-snapshot", daemon=True)
             self._thread.start()
-        try:
-            self._pending.put_nowait((step, state))
-        except queue.Full:
-            return False
+        began = time.perf_counter()
+        state = capture()
+        self.stall_s, self.taken = self.stall_s + time.perf_counter() - began, self.taken + 1
+        # Only the training thread puts, and the writer only takes: the slot seen free above is still free.
+        self._pending.put_nowait((step, state))
         return True
 
     def close(self) -> None:
@@ -223,6 +226,12 @@ class Store:
             # The loop's own checkpoints name a full disk as the run's ending; here it only ends the persisting.
             self.persist = None
             self.say(f"snapshots no longer persisted: {exc}; the loop's disk checkpoints go on")
+
+
+def stats(store: Store | None) -> dict[str, float | int]:
+    """What summary.json says of a node's snapshots: how many were taken and the seconds their copies stalled
+    training (``hpcdist bench`` divides by the training time); nothing for a run that kept none."""
+    return {} if store is None else {"snapshots": store.taken, "snapshot_stall_s": round(store.stall_s, 6)}
 
 
 def drop(store: Store | None) -> None:
