@@ -80,7 +80,7 @@ class JobSpec:
     max_requeues: int = 3
     max_retries: int = 2
     spare_nodes: int = 0          # nodes held beyond --nodes, for a step relaunched after a failure
-    elastic: bool = False         # with no spare left, relaunch on the nodes left (dp/ddp; the global batch kept)
+    elastic: bool = False         # with no spare left, relaunch on the nodes left (the global batch kept)
     params: int | None = None
     offload: bool = False
     backend_reason: str | None = None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,15 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
         else:
             # No blind retry: the line says where and how much room there was and was needed.
             assert r["retries"] == 0 and r["resumed_step"] is None and "bytes free, about" in r["detail"], r
+    if scenario == "batch_host_loss":
+        # Exactly one run of the job directory goes on: the old job was cancelled (never requeued), nothing of it
+        # runs on, and the registry links the new job to it.
+        old = results[0]["job_id"]
+        shown = subprocess.run(["scontrol", "show", "job", "-o", old], capture_output=True, text=True).stdout
+        assert not shown.strip() or (re.search(r"JobState=(CANCELLED|COMPLETING) ", shown) and " Restarts=0 " in shown)
+        assert not [p for p in Path("/proc").glob("[0-9]*/environ") if f"SLURM_JOB_ID={old}\0".encode() in _read(p)]
+        registered = [json.loads(x) for x in (tmp_path / "home" / "jobs.jsonl").read_text().splitlines()]
+        assert [r["previous"] for r in registered if r["job_dir"].endswith("/batch_host_loss")] == ["", old]
     if scenario == "disk_full":
         assert (tmp_path / "drill" / "disk_full" / "run" / "checkpoints").is_dir()  # moved off the small disk
         assert not [p for p in SMALL_DISK.iterdir() if p.name.startswith(("hpcdist-drill-", ".hpcdist-drill"))]
@@ -69,3 +80,10 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
         assert [p.name for p in stacks] == [f"rank-{r}.txt" for r in range(4)]
         assert [p.name for p in stacks if p.read_text().startswith("no stack")] == []
     assert proc.returncode == 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

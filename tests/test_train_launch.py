@@ -152,6 +152,39 @@ def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_un
     assert not store.folder.exists()
 
 
+def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persisted_in_the_background(
+        launch, tmp_path, monkeypatch):
+    # What a new job after the batch host's death finds: no node memory, no checkpoint of the loop's own, and the
+    # snapshots rank 0's writer thread persisted to the run directory.
+    shm = tmp_path / "shm"
+    monkeypatch.setenv(snapshot.ROOT_ENV, str(shm))
+    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--max-steps", "160", "--log-every", "1",
+            "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05", "--persist-every-s", "0.2"]
+    reference = tmp_path / "reference"
+    assert launch("srun", args, reference).wait() == [0, 0]
+    interrupted = tmp_path / "interrupted"
+    first = launch("srun", args, interrupted)
+    deadline = time.monotonic() + 240
+    while (snapshot.step_of(checkpoints.newest(interrupted / "checkpoints")) or 0) < 20:
+        assert all(p.poll() is None for p in first.procs), first.output()
+        assert time.monotonic() < deadline, first.output()
+        time.sleep(0.02)
+    for p in first.procs:
+        p.kill()
+    first.wait()
+    shutil.rmtree(shm)
+    persisted = checkpoints.newest(interrupted / "checkpoints")
+    assert not list(persisted.glob("rng-rank*")), "the loop wrote this one, not the snapshot writer"
+
+    second = launch("srun", [*args, "--resume"], interrupted, job_id=first.job_id + 1)
+    assert second.wait() == [0, 0], second.output()
+    assert f"resumed from {persisted} at step {snapshot.step_of(persisted)}\n" in second.output(tail=10**6)
+    expected, got = read_losses(reference), read_losses(interrupted)
+    assert sorted(got) == list(range(1, 161))
+    assert got == pytest.approx(expected, abs=1e-6, rel=0)
+    assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
+
+
 def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(launch, tmp_path):
     args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "bf16", *TINY]
     reference = tmp_path / "reference"

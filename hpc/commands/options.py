@@ -72,8 +72,9 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
      {"type": WHOLE, "help": "Extra nodes the allocation holds: after a lost node, a killed rank or a hang the "
                              "step is relaunched at once on them, without a trip through the queue. [0]"}),
     (("--elastic/--no-elastic",), "elastic",
-     {"help": "dp/ddp: when no spare is left, relaunch in the allocation on the nodes left, keeping the global "
-              "batch, rather than wait in the queue for a node."}),
+     {"help": "When no spare is left, relaunch in the allocation on the nodes left, keeping the global batch "
+              "(DeepSpeed's ZeRO state regrouped through a universal checkpoint), rather than wait in the queue "
+              "for a node."}),
     (("--offload/--no-offload",), "offload",
      {"help": "DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."}),
     (("--params",), "params",
