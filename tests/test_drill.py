@@ -40,7 +40,9 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
     if scenario == "disk_full" and not os.path.ismount(SMALL_DISK):
         pytest.skip(f"{SMALL_DISK} is not mounted (scripts/slurm-local.sh start mounts it)")
     ranks = ["--ntasks-per-node", "2"] if scenario == "hang" else []
-    proc = hpcdist(["drill", "--nodes", "2", *ranks, "--spare-nodes", "1", *MATRIX[pair], "--scenarios", scenario,
+    # 20 steps, the least the drill takes: the fault at 10, a checkpoint at 5 and 15, losses compared to 20.
+    proc = hpcdist(["drill", "--nodes", "2", "--steps", "20", *ranks, "--spare-nodes", "1", *MATRIX[pair],
+                    "--scenarios", scenario,
                     "--json", "--node-control", f"bash {REPO / 'scripts/slurm-local.sh'}", "--small-disk",
                     str(SMALL_DISK), "--job-dir", str(tmp_path / "drill"), "--", "--hang-timeout-s", "20"],
                    tmp_path / "home", timeout=1800)

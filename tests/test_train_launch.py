@@ -116,6 +116,25 @@ def test_ddp_preempted_by_sigusr1_resumes_with_the_uninterrupted_losses(launch, 
     assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
 
 
+def kill_when(launched, reached, step: int, timeout: float = 240) -> None:
+    """SIGKILL every rank once ``reached()`` (a step the run has saved somewhere) is at least ``step``."""
+    deadline = time.monotonic() + timeout
+    while reached() < step:
+        assert all(p.poll() is None for p in launched.procs), launched.output()
+        assert time.monotonic() < deadline, launched.output()
+        time.sleep(0.02)
+    for p in launched.procs:
+        p.kill()
+    launched.wait()
+
+
+def assert_resumed_exactly(run_dir, reference, steps: int) -> None:
+    expected, got = read_losses(reference), read_losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == pytest.approx(expected, abs=1e-6, rel=0)
+    assert read_summary(run_dir)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
+
+
 def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_uninterrupted_losses(
         launch, tmp_path, monkeypatch):
     shm = tmp_path / "shm"
@@ -130,14 +149,7 @@ def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_un
     first = launch("srun", args, interrupted)
     store = snapshot.Store(snapshot.store_dir(interrupted, {"SLURM_JOB_ID": str(first.job_id),
                                                             snapshot.ROOT_ENV: str(shm)}, socket.gethostname()))
-    deadline = time.monotonic() + 240
-    while (snapshot.step_of(store.newest()) or 0) < 20:
-        assert all(p.poll() is None for p in first.procs), first.output()
-        assert time.monotonic() < deadline, first.output()
-        time.sleep(0.02)
-    for p in first.procs:
-        p.kill()
-    first.wait()
+    kill_when(first, lambda: snapshot.step_of(store.newest()) or 0, 20)
     held = store.newest()
     assert checkpoints.newest(interrupted / "checkpoints") is None, "a disk checkpoint was written before the kill"
 
@@ -145,10 +157,7 @@ def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_un
     assert second.wait() == [0, 0], second.output()
     said = f"resumed from {held} at step {snapshot.step_of(held)} (a snapshot in node memory)"
     assert said in second.output(tail=10**6)
-    expected, got = read_losses(reference), read_losses(interrupted)
-    assert sorted(got) == list(range(1, 161))
-    assert got == pytest.approx(expected, abs=1e-6, rel=0)
-    assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
+    assert_resumed_exactly(interrupted, reference, 160)
     assert not store.folder.exists()
 
 
@@ -164,14 +173,7 @@ def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persist
     assert launch("srun", args, reference).wait() == [0, 0]
     interrupted = tmp_path / "interrupted"
     first = launch("srun", args, interrupted)
-    deadline = time.monotonic() + 240
-    while (snapshot.step_of(checkpoints.newest(interrupted / "checkpoints")) or 0) < 20:
-        assert all(p.poll() is None for p in first.procs), first.output()
-        assert time.monotonic() < deadline, first.output()
-        time.sleep(0.02)
-    for p in first.procs:
-        p.kill()
-    first.wait()
+    kill_when(first, lambda: snapshot.step_of(checkpoints.newest(interrupted / "checkpoints")) or 0, 20)
     shutil.rmtree(shm)
     persisted = checkpoints.newest(interrupted / "checkpoints")
     assert not list(persisted.glob("rng-rank*")), "the loop wrote this one, not the snapshot writer"
@@ -179,10 +181,7 @@ def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persist
     second = launch("srun", [*args, "--resume"], interrupted, job_id=first.job_id + 1)
     assert second.wait() == [0, 0], second.output()
     assert f"resumed from {persisted} at step {snapshot.step_of(persisted)}\n" in second.output(tail=10**6)
-    expected, got = read_losses(reference), read_losses(interrupted)
-    assert sorted(got) == list(range(1, 161))
-    assert got == pytest.approx(expected, abs=1e-6, rel=0)
-    assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
+    assert_resumed_exactly(interrupted, reference, 160)
 
 
 def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(launch, tmp_path):
@@ -228,44 +227,47 @@ def test_one_process_stopped_by_sigterm_checkpoints_exits_75_and_resumes(tmp_pat
     assert read_summary(run_dir)["steps"] == stopped_at + 2
 
 
-def test_ddp_resumed_on_fewer_ranks_keeps_the_global_batch_and_the_losses_as_elastic_says(launch, tmp_path):
-    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--log-every", "1", "--precision", "fp32"]
-    reference = tmp_path / "reference"
-    assert launch("srun", [*args, "--max-steps", "40"], reference).wait() == [0, 0]
-    run_dir = tmp_path / "elastic"
-    assert launch("srun", [*args, "--max-steps", "20"], run_dir).wait() == [0, 0]
+def resumed_on_one_rank(launch, tmp_path, args: list[str], stop: int, total: int) -> tuple[str, Path, Path]:
+    """An uninterrupted 2-rank run of ``total`` steps, and a 2-rank run to ``stop`` resumed on one rank to ``total``
+    (what an elastic relaunch on the node left does): the one rank's output, the reference's and the run's
+    directories."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "elastic"
+    saving = [*args, "--max-steps", str(total), "--checkpoint-every", str(stop)]
+    assert launch("srun", saving, reference).wait() == [0, 0]
+    # The 2-rank run to ``stop`` is the reference's first ``stop`` steps: its checkpoint there, its losses to there.
+    shutil.copytree(reference, run_dir)
+    for later in checkpoints.complete(run_dir / "checkpoints")[1:]:
+        shutil.rmtree(later)
+    (run_dir / "summary.json").unlink()
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in (run_dir / "metrics.jsonl").read_text()
+                                                   .splitlines() if json.loads(line)["step"] <= stop))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "40",
+    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", str(total),
                           "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
-    assert "at step 20; elastic: 1 rank(s), was 2: the global batch 32 kept, 32 a rank" in one.stdout
-    expected, got = read_losses(reference), read_losses(run_dir)
-    assert sorted(got) == list(range(1, 41))
+    assert sorted(read_losses(run_dir)) == list(range(1, total + 1))
+    return one.stdout, reference, run_dir
+
+
+def test_ddp_resumed_on_fewer_ranks_keeps_the_global_batch_and_the_losses_as_elastic_says(launch, tmp_path):
+    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--log-every", "1", "--precision", "fp32"]
+    out, reference, run_dir = resumed_on_one_rank(launch, tmp_path, args, 20, 40)
+    assert "at step 20; elastic: 1 rank(s), was 2: the global batch 32 kept, 32 a rank" in out
     # The same samples each step; one rank's mean over 32 images against two ranks' means averaged: rounding.
-    assert got == pytest.approx(expected, abs=1e-5, rel=0)
+    assert read_losses(run_dir) == pytest.approx(read_losses(reference), abs=1e-5, rel=0)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3] if FULL else [2])
 def test_deepspeed_resumed_on_fewer_ranks_regroups_its_zero_partitions_through_a_universal_checkpoint(
         launch, tmp_path, stage):
     args = ["--backend", "deepspeed", "--zero-stage", str(stage), "--precision", "fp32", *TINY[:4], "--epochs",
-            "100", "--log-every", "1", "--checkpoint-every", "10"]
-    reference = tmp_path / "reference"
-    assert launch("srun", [*args, "--max-steps", "30"], reference).wait() == [0, 0]
-    run_dir = tmp_path / "elastic"
-    assert launch("srun", [*args, "--max-steps", "20"], run_dir).wait() == [0, 0]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "30",
-                          "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stdout + one.stderr
-    assert "at step 20; elastic: 1 rank(s), was 2: the global batch 32 kept, 32 a rank" in one.stdout
+            "100", "--log-every", "1"]
+    out, reference, run_dir = resumed_on_one_rank(launch, tmp_path, args, 20, 30)
+    assert "at step 20; elastic: 1 rank(s), was 2: the global batch 32 kept, 32 a rank" in out
     assert not list((run_dir / "checkpoints").glob(".universal-*")), "the converted copy is removed once loaded"
-    expected, got = read_losses(reference), read_losses(run_dir)
-    assert sorted(got) == list(range(1, 31))
     # Adam's moments came back with the partitions: without them the losses after the resume drift by ~1e-2.
-    assert got == pytest.approx(expected, abs=1e-5, rel=0)
+    assert read_losses(run_dir) == pytest.approx(read_losses(reference), abs=1e-5, rel=0)
 
 
 def test_a_heartbeat_stage_another_user_made_first_is_bad_input_not_a_shared_folder(tmp_path):

@@ -203,7 +203,7 @@ class Store:
                 return
             self.on_written(step)
             if self.persist and self.persist.every_s and time.monotonic() - self._persisted_at >= self.persist.every_s:
-                self._persist(step, state)
+                self._persist(step)
 
     def _write(self, step: int, state: dict) -> None:
         if fileio.private(self.folder) is None:
@@ -213,15 +213,21 @@ class Store:
         checkpoint.save(self.folder, step, rank=0,
                         write=lambda staging, tag: torch.save(state, staging / tag / STATE_FILE))
 
-    def _persist(self, step: int, state: dict) -> None:
+    def _persist(self, step: int) -> None:
+        # The snapshot's file as written, copied (by the kernel, outside the GIL): not pickled a second time while
+        # the training thread wants the interpreter.
+        written = self.folder / name_for(step) / STATE_FILE
         persist, self._persisted_at = self.persist, time.monotonic()
+
+        def copy(staging: Path, tag: str) -> None:
+            shutil.copyfile(written, staging / tag / checkpoint.TRAINER_FILE)
+
         try:
             with checkpoint.publishing(persist.root):
                 saved = complete(persist.root)
                 if saved and step_of(saved[-1]) >= step:  # the training loop saved this step or a later one
                     return
-                checkpoint.save(persist.root, step, rank=0,
-                                write=lambda staging, tag: torch.save(state, staging / tag / checkpoint.TRAINER_FILE))
+                checkpoint.save(persist.root, step, rank=0, write=copy)
         except OSError as exc:
             # The loop's own checkpoints name a full disk as the run's ending; here it only ends the persisting.
             self.persist = None
