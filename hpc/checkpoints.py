@@ -42,6 +42,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def size(folder: Path) -> int:
+    """Bytes of every file in a checkpoint folder: what the next one will need about as much of."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def write_manifest(folder: Path, step: int) -> None:
     """List every file of ``folder`` with size and SHA-256, fsync them all, then write the manifest last."""
     files = {}

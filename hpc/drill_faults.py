@@ -27,6 +27,7 @@ from hpc.slurm import commands, grammar, parse
 
 # Written beside the job directory on the small file system; the room it leaves is half a checkpoint.
 FILLER = ".hpcdist-drill-filler"
+_filled: set[Path] = set()  # the fillers this process made: the only ones it removes
 
 
 def proc_environ(data: bytes) -> dict[str, str]:
@@ -171,10 +172,11 @@ def fill_disk(job_dir: Path) -> int:
     newest = checkpoints.newest(job_dir / vocab.RUN_DIR / vocab.CHECKPOINTS, checksums=False)
     if newest is None:
         raise RuntimeError(f"no checkpoint in {job_dir} to size the filling by")
-    needed = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
-    size = shutil.disk_usage(job_dir).free - needed // 2
+    size = shutil.disk_usage(job_dir).free - checkpoints.size(newest) // 2
     if size > 0:
-        fd = os.open(job_dir.parent / FILLER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        filler = job_dir.parent / FILLER
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _filled.add(filler)
         try:
             os.posix_fallocate(fd, 0, size)
         finally:
@@ -183,7 +185,12 @@ def fill_disk(job_dir: Path) -> int:
 
 
 def empty_disk(job_dir: Path) -> None:
-    (Path(job_dir).parent / FILLER).unlink(missing_ok=True)
+    """Remove the filler fill_disk made beside ``job_dir`` in this process; a file of that name it did not make
+    (O_EXCL refused it) is left alone."""
+    filler = Path(job_dir).parent / FILLER
+    if filler in _filled:
+        filler.unlink(missing_ok=True)
+        _filled.discard(filler)
 
 
 def storage_left(job_dir: Path) -> list[str]:

@@ -100,3 +100,11 @@ def check_training(job_dir: Path, world_size: int, hosts: Sequence[str] | None, 
     assert summary["final_loss"] < summary["first_loss"], summary
     assert summary["steps"] == 30, summary
     return summary
+
+
+def read_bytes(path: Path) -> bytes:
+    """A /proc file's bytes, or none when its process has gone meanwhile."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

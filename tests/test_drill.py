@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurm_fixtures import REPO, hpcdist, requires_slurm
+from slurm_fixtures import REPO, hpcdist, read_bytes, requires_slurm
 
 from hpc.drill import MATRIX, diagonal, expect
 
@@ -70,7 +70,8 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
         old = results[0]["job_id"]
         shown = subprocess.run(["scontrol", "show", "job", "-o", old], capture_output=True, text=True).stdout
         assert not shown.strip() or (re.search(r"JobState=(CANCELLED|COMPLETING) ", shown) and " Restarts=0 " in shown)
-        assert not [p for p in Path("/proc").glob("[0-9]*/environ") if f"SLURM_JOB_ID={old}\0".encode() in _read(p)]
+        environs = Path("/proc").glob("[0-9]*/environ")
+        assert not [p for p in environs if f"SLURM_JOB_ID={old}\0".encode() in read_bytes(p)]
         registered = [json.loads(x) for x in (tmp_path / "home" / "jobs.jsonl").read_text().splitlines()]
         assert [r["previous"] for r in registered if r["job_dir"].endswith("/batch_host_loss")] == ["", old]
     if scenario == "disk_full":
@@ -82,10 +83,3 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
         assert [p.name for p in stacks] == [f"rank-{r}.txt" for r in range(4)]
         assert [p.name for p in stacks if p.read_text().startswith("no stack")] == []
     assert proc.returncode == 0
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
+
 from hpc import drill_faults
 from hpc.checkpoints import write_manifest
 
@@ -46,6 +48,12 @@ def test_the_disk_is_filled_beside_the_job_to_half_a_checkpoint_and_emptied_agai
     assert (tmp_path / drill_faults.FILLER).is_file() and not list(job_dir.glob("*filler*"))
     drill_faults.empty_disk(job_dir)
     assert not (tmp_path / drill_faults.FILLER).exists()
+    # A file of that name the drill did not make is neither taken over nor removed.
+    (tmp_path / drill_faults.FILLER).write_text("someone's")
+    with pytest.raises(FileExistsError):
+        drill_faults.fill_disk(job_dir)
+    drill_faults.empty_disk(job_dir)
+    assert (tmp_path / drill_faults.FILLER).read_text() == "someone's"
 
 
 def test_a_storage_fault_must_leave_every_kept_checkpoint_whole_and_nothing_half_written(tmp_path):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_summary, requires_slurm
+from slurm_fixtures import REPO, environ, hpcdist, job_id_of, read_bytes, read_summary, requires_slurm
 
 from hpc import checkpoints, jobs, logs, monitor, registry
 from train import heartbeat
@@ -421,7 +421,7 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
     # (Slurm shows it COMPLETING until its dead node's part is cleaned up; it never went back to the queue.)
     assert not old.strip() or (re.search(r"JobState=(CANCELLED|COMPLETING) ", old) and " Restarts=0 " in old), old
     assert not [p for p in Path("/proc").glob("[0-9]*/environ")
-                if f"SLURM_JOB_ID={job_id}\0".encode() in _read_bytes(p)]
+                if f"SLURM_JOB_ID={job_id}\0".encode() in read_bytes(p)]
     registered = [json.loads(x) for x in (home / "jobs.jsonl").read_text().splitlines()]
     assert registered[-1]["job_id"] == new_id and registered[-1]["previous"] == job_id
     log = (job_dir / "logs" / "task-0.log").read_text()
@@ -430,13 +430,6 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
     first_step = monitor.read_heartbeats(job_dir / "run")[0].marks["first_step_done"]
     print(f"batch host {host} killed -> the new job's first step: {first_step - killed_at:.1f} s")
     assert first_step - killed_at < 60
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
 
 
 def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_only_commands_still_answer(

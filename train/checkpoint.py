@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from hpc.checkpoints import complete, name_for, newest, write_manifest
+from hpc.checkpoints import complete, name_for, newest, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -63,7 +63,7 @@ def storage_error(code: int, root: Path, tag: str) -> StorageError:
     except OSError:
         free = None
     last = newest(root)
-    needed = sum(p.stat().st_size for p in last.rglob("*") if p.is_file()) if last is not None else None
+    needed = size(last) if last is not None else None
     what = os.strerror(code).lower()
     return StorageError(code, f"{what} writing checkpoint {tag} in {root}: "
                                    f"{'?' if free is None else f'{free:,}'} bytes free, about "

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import ContextManager, Iterator, Mapping, Protocol
 
@@ -187,15 +188,16 @@ class DeepSpeedEngine:
         import torch.distributed as dist
         from deepspeed.checkpoint import ds_to_universal
 
-        universal = folder.parent / f".universal-{folder.name}"
+        # A folder of its own, made fresh: a crashed conversion's is left, never taken or removed by name.
+        made = [tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent) if rank == 0 else None]
         if rank == 0:
-            shutil.rmtree(universal, ignore_errors=True)
             # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
             ds_to_universal.main(argparse.Namespace(
-                input_folder=str(folder), output_folder=str(universal / folder.name), num_extract_workers=1,
+                input_folder=str(folder), output_folder=str(Path(made[0]) / folder.name), num_extract_workers=1,
                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
         if world > 1:
-            dist.barrier()
+            dist.broadcast_object_list(made, src=0)  # also the barrier: rank 0 sends it once converted
+        universal = Path(made[0])
         # DeepSpeed asks its config at load time only, and has no other way in for a config already built.
         self.engine._config.load_universal_checkpoint = True
         try:
