@@ -10,7 +10,7 @@ loader (default resident), ``bN`` global batch (default the run's
 --batch), ``tN`` intra-op threads per rank (default: the rank's share of the CPUs this task owns),
 ``cl`` channels_last and ``compile`` torch.compile (dp/ddp), ``nohb`` the trainer without its heartbeat
 (``--heartbeat-s 0``, to measure the heartbeat's cost), ``snapS`` a snapshot in node memory every S seconds
-(dp/ddp, ``--snapshot-every-s S``, to measure what snapshots cost; without it none, in a Slurm job too).
+(``--snapshot-every-s S``, to measure what snapshots cost; without it none, in a Slurm job too).
 ``floor`` is a bare PyTorch loop and ``floor-deepspeed`` a bare DeepSpeed engine loop (tools/floor.py): what
 the trainer's rows are divided by. A run's numbers are read by hpc.benchresults and written up by
 hpc.benchreport; side effects (running configs, writing files, drawing) live in hpc/commands/bench.py. No torch
@@ -173,8 +173,8 @@ def check(config: Config, spec: str) -> None:
         raise BenchError(f"{where}: nohb applies to the trainer; a floor writes no heartbeat")
     if (config.channels_last or config.compile) and config.backend not in ("dp", "ddp"):
         raise BenchError(f"{where}: cl and compile apply to dp and ddp only")
-    if config.snapshot_every_s is not None and config.backend not in ("dp", "ddp"):
-        raise BenchError(f"{where}: snapS applies to dp and ddp only (DeepSpeed resumes from disk)")
+    if config.snapshot_every_s is not None and config.backend in FLOORS:
+        raise BenchError(f"{where}: snapS applies to the trainer; a floor keeps no snapshots")
     if config.snapshot_every_s is not None and config.snapshot_every_s <= 0:
         raise BenchError(f"{where}: snapS takes a positive number of seconds; leave it out for no snapshots")
     if config.batch < 1 or config.batch % config.ranks:

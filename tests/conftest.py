@@ -48,7 +48,8 @@ class Launch:
 
     WAYS = ("srun", "torchrun", "deepspeed")
 
-    def __init__(self, way: str, args: list[str], run_dir: Path, job_id: int | None = None) -> None:
+    def __init__(self, way: str, args: list[str], run_dir: Path, job_id: int | None = None,
+                 node_memory: list[Path] | None = None) -> None:
         self.way, self.run_dir, self.job_id = way, run_dir, job_id
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARIABLES}
         env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -61,6 +62,11 @@ class Launch:
             envs = [{**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
                      "SLURM_NODEID": "0", "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2",
                      "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job_id)} for r in range(2)]
+            if node_memory:
+                # Two nodes of one rank each, each with memory of its own for snapshots (a folder here).
+                for r, (rank_env, memory) in enumerate(zip(envs, node_memory)):
+                    rank_env.update(SLURM_LOCALID="0", SLURM_NODEID=str(r), SLURM_TASKS_PER_NODE="1(x2)",
+                                    SLURM_JOB_NODELIST="localhost,localhost", HPCDIST_SNAPSHOT_DIR=str(memory))
             commands = [[sys.executable, *trainer]] * 2
         elif way == "torchrun":
             envs = [env]
@@ -97,11 +103,13 @@ class Launch:
 
 @pytest.fixture
 def launch():
-    """``launch(way, args, run_dir)`` starts two ranks; ``.wait()`` returns their exit statuses."""
+    """``launch(way, args, run_dir)`` starts two ranks; ``.wait()`` returns their exit statuses. srun's on two
+    nodes when given ``node_memory``, a snapshot folder per node."""
     started: list[Launch] = []
 
-    def start(way: str, args: list[str], run_dir: Path, job_id: int | None = None) -> Launch:
-        started.append(Launch(way, args, run_dir, job_id))
+    def start(way: str, args: list[str], run_dir: Path, job_id: int | None = None,
+              node_memory: list[Path] | None = None) -> Launch:
+        started.append(Launch(way, args, run_dir, job_id, node_memory))
         return started[-1]
 
     yield start

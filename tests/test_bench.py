@@ -236,7 +236,8 @@ def test_snap_runs_the_trainer_with_snapshots_in_node_memory_and_without_it_none
     assert bench.parse_config(config.name) == config
     assert bench.argv(config, 1, 10, 2, "run", "python")[-2:] == ["--snapshot-every-s", "0.5"]
     assert bench.argv(bench.parse_config("ddp:2"), 1, 10, 2, "run", "python")[-2:] == ["--snapshot-every-s", "0"]
-    with pytest.raises(bench.BenchError, match="snapS applies to dp and ddp only"):
-        bench.parse_config("deepspeed:1:snap5")
+    assert bench.parse_config("deepspeed:2:snap5").snapshot_every_s == 5
+    with pytest.raises(bench.BenchError, match="snapS applies to the trainer"):
+        bench.parse_config("floor:1:snap5")
     with pytest.raises(bench.BenchError, match="positive number of seconds"):
         bench.parse_config("ddp:1:snap0")

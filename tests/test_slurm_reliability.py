@@ -432,6 +432,50 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
     assert first_step - killed_at < 60
 
 
+@pytest.mark.kills_node
+@pytest.mark.skipif(os.environ.get("HPCDIST_SLURM_FULL") != "1", reason=(
+    "CI resumes DeepSpeed from a node's part and its partner's copy in tests/test_train_launch.py (two emulated "
+    "nodes); HPCDIST_SLURM_FULL=1 runs this on the cluster too"))
+def test_deepspeed_whose_node_died_for_real_goes_on_on_the_spare_from_the_snapshot_parts_the_others_hold(tmp_path):
+    """ZeRO-2 on 2 nodes and a spare; no disk checkpoint before the kill. The second rank's node dies for real
+    (slurmd and every process, nobody setting it DOWN): its optimizer partition survives as the copy the other node
+    holds, and the step goes on at once on the spare from that snapshot, made a checkpoint on disk."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
+    args = ["submit", "--nodes", "2", "--spare-nodes", "1", "--backend", "deepspeed", "--zero-stage", "2",
+            "--precision", "fp32", "--time", "10", "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "300",
+            "--epochs", "1000", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.5",
+            "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
+    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
+    job_id, host = None, None
+    try:
+        job_id = job_id_of(waiter.stdout.readline())
+        victim = live_rank(job_dir, job_id, 1, attempt=0, step=30)
+        host = victim["hostname"]
+        subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
+        out, err = waiter.communicate(timeout=240)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+        if host:
+            subprocess.run([*node_control, "revive", host], check=False, capture_output=True)
+    print(out, err)
+    assert waiter.returncode == 0, out + err
+    lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["ending"], a["node"], a["action"]) for a in lines] == [
+        ("node_failure", host, "relaunch"), ("completed", None, "none")]
+    held = int(re.search(r"relaunched in the allocation on .* from the snapshot at step (\d+) in node memory",
+                         lines[0]["reason"]).group(1))
+    log = (job_dir / "logs" / "task-0.log").read_text()
+    resumed = re.findall(r"resumed from \S+/checkpoints/step(\d+) at step \d+ \(a snapshot in node memory\)", log)
+    assert resumed and int(resumed[0]) >= held > 0, log[-3000:]
+    summary = read_summary(job_dir)
+    assert summary["steps"] == 300 and host not in {r["hostname"] for r in summary["ranks"]}
+
+
 def test_a_disk_that_fills_during_a_checkpoint_is_a_storage_ending_and_the_read_only_commands_still_answer(
         tmp_path):
     """The job directory on the cluster's small file system (scripts/slurm-local.sh mounts it before the nodes

@@ -30,13 +30,12 @@ def test_a_run_outside_slurm_names_its_store_local_and_a_job_id_that_is_not_a_nu
     assert snapshot.store_dir(tmp_path, {"SLURM_JOB_ID": "../x", snapshot.ROOT_ENV: str(tmp_path)}, "n1") is None
 
 
-def test_snapshots_are_taken_by_default_in_a_slurm_job_and_elsewhere_only_when_asked_never_by_deepspeed():
+def test_snapshots_are_taken_by_default_in_a_slurm_job_and_elsewhere_only_when_asked():
     in_job = {"SLURM_JOB_ID": "4711"}
-    assert snapshot.every_s(None, True, in_job) == snapshot.DEFAULT_EVERY_S
-    assert snapshot.every_s(None, True, {}) == 0
-    assert snapshot.every_s(0.5, True, {}) == 0.5
-    assert snapshot.every_s(0, True, in_job) == 0
-    assert snapshot.every_s(None, False, in_job) == snapshot.every_s(0.5, False, {}) == 0
+    assert snapshot.every_s(None, in_job) == snapshot.DEFAULT_EVERY_S
+    assert snapshot.every_s(None, {}) == 0
+    assert snapshot.every_s(0.5, {}) == 0.5
+    assert snapshot.every_s(0, in_job) == 0
 
 
 def test_snapshots_are_written_in_the_background_published_complete_and_the_newest_two_kept(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpc import checkpoints
-from train import checkpoint, snapshot
+from train import checkpoint, dssnapshot, snapshot
 from train.watchdog import main_thread_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +182,39 @@ def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persist
     assert second.wait() == [0, 0], second.output()
     assert f"resumed from {persisted} at step {snapshot.step_of(persisted)}\n" in second.output(tail=10**6)
     assert_resumed_exactly(interrupted, reference, 160)
+
+
+@pytest.mark.parametrize("stage", STAGES if FULL else [2])
+def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_first_node_holds(
+        launch, tmp_path, stage):
+    # Each node keeps its ranks' ZeRO partitions and a copy of the previous node's: node 1's memory gone, node 0
+    # holds both parts, which the relaunch makes a checkpoint on disk and loads.
+    memory = [tmp_path / "node0", tmp_path / "node1"]
+    args = ["--backend", "deepspeed", "--zero-stage", str(stage), "--precision", "fp32", *TINY[:4], "--epochs", "100",
+            "--max-steps", "80", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05"]
+    reference = tmp_path / "reference"
+    assert launch("srun", args, reference, node_memory=memory).wait() == [0, 0]
+    assert not any(m.exists() and any(m.iterdir()) for m in memory), "a completed run leaves its snapshots in memory"
+
+    interrupted = tmp_path / "interrupted"
+    first = launch("srun", args, interrupted, node_memory=memory)
+    folders = [snapshot.store_dir(interrupted, {"SLURM_JOB_ID": str(first.job_id), snapshot.ROOT_ENV: str(m)},
+                                  socket.gethostname()) for m in memory]
+
+    def held() -> int:  # the newest step of node 1's part that node 0 holds a copy of
+        return snapshot.step_of(checkpoints.newest(folders[0] / dssnapshot.PART.format(1, 2))) or 0
+    kill_when(first, held, 20)
+    step = held()
+    assert checkpoints.newest(interrupted / "checkpoints") is None, "a disk checkpoint was written before the kill"
+    shutil.rmtree(memory[1])
+
+    second = launch("srun", [*args, "--resume"], interrupted, job_id=first.job_id, node_memory=memory)
+    assert second.wait() == [0, 0], second.output()
+    made = interrupted / "checkpoints" / checkpoints.name_for(step)
+    assert f"resumed from {made} at step {step} (a snapshot in node memory)" in second.output(tail=10**6)
+    expected, got = read_losses(reference), read_losses(interrupted)
+    assert sorted(got) == list(range(1, 81))
+    assert got == pytest.approx(expected, abs=1e-5, rel=0)
 
 
 def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(launch, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hpc import checkpoints
-from train import checkpoint, runtime
+from train import checkpoint, nodebeat, runtime
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.loader import ResidentLoader, epoch_permutation, normalize, shard
@@ -471,6 +471,15 @@ def test_a_stage_someone_else_made_first_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(nodebeat.StageError, match="is a link or another user's; remove it, or set "
                                                   "HPCDIST_HEARTBEAT_STAGE to a folder of yours"):
         nodebeat.claim(tmp_path / "stage")
+
+
+def test_a_stage_is_named_by_its_slurm_job_so_the_epilog_frees_what_a_killed_run_left(tmp_path):
+    env = {"HPCDIST_HEARTBEAT_STAGE": str(tmp_path)}
+    in_job = nodebeat.stage_dir(tmp_path / "run", {**env, "SLURM_JOB_ID": "4711"}, node=1, attempt=0)
+    assert in_job.parent == tmp_path and in_job.name.startswith("hpcdist-beats-4711-")
+    assert nodebeat.stage_dir(tmp_path / "run", {**env, "SLURM_JOB_ID": "4711"}, node=0, attempt=0) != in_job
+    assert nodebeat.stage_dir(tmp_path / "run", env, node=1, attempt=0).name.startswith("hpcdist-beats-local-")
+    assert nodebeat.stage_dir(tmp_path / "run", {**env, "SLURM_JOB_ID": "../x"}, 1, 0).parent == tmp_path
 
 
 def test_clearing_a_stage_removes_only_what_ranks_wrote_there(tmp_path):

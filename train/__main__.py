@@ -35,7 +35,7 @@ TORCH_IMPORTED = time.time()
 
 from hpc import dsconfig, fileio, ranks, runfiles, vocab
 from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
-from train import checkpoint, heartbeat, nodebeat, snapshot, watchdog
+from train import checkpoint, dssnapshot, heartbeat, nodebeat, snapshot, watchdog
 from train.data import DataError, Dataset, load_dataset
 from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
 from train.evaluate import evaluate_accuracy
@@ -45,9 +45,11 @@ from train.options import Options, parse
 from train.runtime import (
     PreflightError,
     UsageError,
+    barrier,
     broadcast_from_0,
     device_name,
     init_process_group,
+    leave,
     log_nccl_for_preflight,
     peak_memory_bytes,
     pick_device,
@@ -93,7 +95,7 @@ class Setup:
 
     @property
     def snapshot_every_s(self) -> float:
-        return snapshot.every_s(self.opts.snapshot_every_s, self.ds_config is None, os.environ)
+        return snapshot.every_s(self.opts.snapshot_every_s, os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,9 +142,10 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     beat.mark("model_built")
     heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
     loader = build_loader(run, engine, data)
-    persist = snapshot.Persist(run.checkpoints, opts.persist_every_s if run.rank == 0 else 0)
-    store = snapshot.open_store(run.run_dir, os.environ, writer=run.snapshot_every_s > 0 and run.env.local_rank == 0,
-                                fresh=not opts.resume, on_written=beat.snapshot_written, persist=persist)
+    store = snapshot.open_store(run.run_dir, os.environ, every_s=run.snapshot_every_s, local_rank=run.env.local_rank,
+                                fresh=not opts.resume, on_written=beat.snapshot_written,
+                                persist=snapshot.Persist(run.checkpoints, opts.persist_every_s if run.rank == 0 else 0),
+                                partitioned_on_node=run.env.node_rank if run.ds_config is not None else None)
     state, found = resume(run, engine, store)
     timing = loop(run, engine, loader, state, found, beat, store)
     if timing is not None:
@@ -238,18 +241,22 @@ def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | 
     return loader
 
 
-def resume(run: Setup, engine: Engine, store: snapshot.Store | None = None) -> tuple[dict, Path | None]:
+def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts | None = None
+           ) -> tuple[dict, Path | None]:
     """The trainer's own state (step, losses, what the data order depends on), and with --resume the disk
     checkpoint it came from (None when it came from a snapshot, which is no checkpoint a stop can stand on)."""
     opts = run.opts
     run.run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
-    found = held = None
+    found = held = on_disk = None
     if opts.resume:
-        found = checkpoint.choose(run.checkpoints, rank=run.rank, share=lambda name: broadcast_from_0(name, run.world),
-                                  say=lambda line: say(run.rank, line))
-        held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
+        found = on_disk = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
+                                            share=lambda name: broadcast_from_0(name, run.world))
+        if isinstance(store, dssnapshot.Parts):  # DeepSpeed's parts, made a checkpoint on disk to load as one
+            found = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found)
+        else:
+            held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
     if opts.resume and found is None and held is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
     if found is None and held is None:
@@ -260,13 +267,14 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | None = None) -> t
             raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; "
                              f"resume with the same value (the data order depends on it)")
     state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
-    say(run.rank, f"resumed from {where} at step {state['step']}" + (" (a snapshot in node memory)" if held else "")
+    memory = held is not None or found != on_disk
+    say(run.rank, f"resumed from {where} at step {state['step']}" + (" (a snapshot in node memory)" if memory else "")
         + checkpoint.regrouped(saved.get("world_size"), run.world, run.global_batch))
     return state, None if held is not None else found
 
 
 def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, state: dict, found: Path | None,
-         beat: heartbeat.Heartbeat, store: snapshot.Store | None = None) -> Timing | None:
+         beat: heartbeat.Heartbeat, store: snapshot.Store | dssnapshot.Parts | None = None) -> Timing | None:
     """Train to the last step, logging, checkpointing, snapshotting; None when a signal stopped it after a save."""
     opts, rank, world = run.opts, run.rank, run.world
     total_steps = opts.epochs * loader.steps_per_epoch
@@ -285,8 +293,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         return where
 
     def take_snapshot() -> None:
-        if store is not None:
-            store.take(state["step"], lambda: engine.capture(dict(state)))
+        snapshot.take(store, engine, dict(state), rank, clocks.snapshot if opts.snapshot_every_s is None else None)
         clocks.saved(snapshot_only=True)
 
     def stop() -> None:
@@ -339,7 +346,7 @@ def announce_stop(run: Setup, step: int, where: Path | None) -> None:
 
 
 def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timing,
-           store: snapshot.Store | None = None) -> None:
+           store: snapshot.Store | dssnapshot.Parts | None = None) -> None:
     """Test accuracy and every rank's parameter digest, gathered into rank 0's summary.json."""
     opts, rank, world, env = run.opts, run.rank, run.world, run.env
     accuracy = evaluate_accuracy(engine, data, rank, world, run.device)
@@ -367,19 +374,6 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
     fileio.atomic_write(path, json.dumps(summary, indent=2) + "\n")
     say(rank, f"done: {state['step']} steps, final loss {state['last_loss']:.4f}, test accuracy "
               f"{accuracy:.3f}, {summary['images_per_s'] or 0:.0f} images/s; summary in {path}")
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def leave(status: int) -> int:
-    if dist.is_initialized():
-        # Tear down together: a rank closing its connections while another still uses them can abort it.
-        barrier()
-        dist.destroy_process_group()
-    return status
 
 
 def cli() -> None:

@@ -12,7 +12,8 @@ The watchdog's reader on the node hands the run directory's lost.json and declar
 (train/watchdog.py), so the node's other ranks poll only node-local files.
 
 STAGE is keyed by the run directory, the job, the attempt and the node rank, so two emulated nodes of a
-local run, two jobs on one node and an attempt relaunched in place never mix their ranks.
+local run, two jobs on one node and an attempt relaunched in place never mix their ranks. Local rank 0 removes it
+at the run's end; a Slurm job's epilog removes what a killed one leaves (``hpcdist-beats-JOBID-*``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def stage_dir(run_dir: Path, environ: Mapping[str, str], node: int, attempt: int
     key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{job}\0{attempt}\0{node}".encode()).hexdigest()[:20]
     root = environ.get("HPCDIST_HEARTBEAT_STAGE") or next(
         (r for r in LOCAL_ROOTS if os.access(r, os.W_OK | os.X_OK)), tempfile.gettempdir())
-    return Path(root) / f"hpcdist-beats-{key}"
+    # Named by a Slurm job's id, so that its epilog frees what a killed run left (rm -rf .../hpcdist-*-JOBID-*).
+    slurm_job = environ.get("SLURM_JOB_ID", "")
+    return Path(root) / f"hpcdist-beats-{slurm_job if slurm_job.isdigit() else 'local'}-{key}"
 
 
 class StageError(ValueError):

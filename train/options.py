@@ -109,9 +109,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also checkpoint when this many minutes of wall time passed since the last one; bounds "
                         "what a crash loses (0: off)")
     p.add_argument("--snapshot-every-s", type=float,
-                   help="seconds between snapshots of the state in node memory, written in the background, which a "
-                        "relaunch in the allocation resumes from (dp/ddp; default 5 in a Slurm job, whose epilog "
-                        "frees a killed run's, and none elsewhere; 0: off)")
+                   help="seconds between snapshots of the state in node memory, which a relaunch in the allocation "
+                        "resumes from (dp/ddp: written in the background; DeepSpeed: each node's part, with a copy on "
+                        "the next node; default 5 in a Slurm job, whose epilog frees a killed run's, and none "
+                        "elsewhere; 0: off)")
     p.add_argument("--persist-every-s", type=float, default=60.0,
                    help="seconds between snapshots also written to RUN_DIR/checkpoints in the background, which a "
                         "new job on other nodes resumes from when the allocation is lost (0: off)")

@@ -166,6 +166,20 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def leave(status: int) -> int:
+    """``status``, once this rank left the process group with the others."""
+    if dist.is_initialized():
+        # Tear down together: a rank closing its connections while another still uses them can abort it.
+        barrier()
+        dist.destroy_process_group()
+    return status
+
+
 def broadcast_from_0(value, world: int):
     if world == 1 or not dist.is_initialized():
         return value

@@ -1,6 +1,6 @@
 """Keep the newest training state in node-local memory, written in the background, for a relaunch to resume from.
 
-    store = snapshot.open_store(run_dir, os.environ, writer=local_rank == 0, fresh=not resume, on_written=...)
+    store = snapshot.open_store(run_dir, os.environ, every_s=5, local_rank=local_rank, fresh=not resume, ...)
     store.take(step, lambda: engine.capture(state))  # at a step boundary: the copy, the only stall
     held = store.newest()                       # at a resume: this node's newest complete snapshot, or None
 
@@ -9,7 +9,7 @@ A snapshot is a checkpoint folder (``stepNNNNNNNN/``, ``MANIFEST.json`` last, pu
 Serialising, checksumming and publishing run in a thread while training goes on; a snapshot still being written
 when the next is due makes that one skipped, never waited for. Rank 0 times them on the step vote, so every
 node holds the same steps: for replicated training (dp, ddp) each node's snapshot is a whole copy of the state,
-and the other nodes' copies are what survives a node's death.
+and the other nodes' copies are what survives a node's death. DeepSpeed's partitioned state is train/dssnapshot.py's.
 
 The folder is named by the Slurm job and keyed by the run directory and the host: a rank relaunched in the
 allocation or a requeued job on the same node finds it, another job never does. The trainer removes it when the
@@ -39,7 +39,7 @@ import torch
 
 from hpc import fileio
 from hpc.checkpoints import NAME, complete, name_for, newest
-from train import checkpoint
+from train import checkpoint, dssnapshot
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
@@ -61,13 +61,10 @@ def store_dir(run_dir: Path, environ: Mapping[str, str], hostname: str) -> Path 
     return Path(root) / f"hpcdist-snap-{job}-{host}-{key}"
 
 
-def every_s(given: float | None, replicated: bool, environ: Mapping[str, str]) -> float:
-    """Seconds between snapshots, 0 for none, the same answer on every rank. Only replicated training keeps them
-    (dp, ddp: every node's copy is whole; a DeepSpeed rank's ZeRO partition is its own, with no copy elsewhere, so
-    DeepSpeed resumes from disk). By default a Slurm job's run does, every DEFAULT_EVERY_S, since its epilog frees
-    what a killed run leaves in memory; elsewhere only a run that asks (a benchmark, a test)."""
-    if not replicated:
-        return 0.0
+def every_s(given: float | None, environ: Mapping[str, str]) -> float:
+    """Seconds between snapshots, 0 for none, the same answer on every rank. By default a Slurm job's run keeps
+    them, every DEFAULT_EVERY_S, since its epilog frees what a killed run leaves in memory; elsewhere only a run
+    that asks (a benchmark, a test)."""
     if given is None:
         return DEFAULT_EVERY_S if "SLURM_JOB_ID" in environ else 0.0
     return given
@@ -82,11 +79,18 @@ class Persist:
     every_s: float
 
 
-def open_store(run_dir: Path, environ: Mapping[str, str], *, writer: bool, fresh: bool,
-               on_written: Callable[[int], None], persist: Persist | None = None) -> Store | None:
-    """This node's store for its one ``writer`` (local rank 0; None elsewhere and without tmpfs); a fresh run
-    first removes an earlier run's of this job here."""
-    folder = store_dir(run_dir, environ, socket.gethostname()) if writer else None
+def open_store(run_dir: Path, environ: Mapping[str, str], *, every_s: float, local_rank: int, fresh: bool,
+               on_written: Callable[[int], None], persist: Persist | None = None,
+               partitioned_on_node: int | None = None) -> Store | dssnapshot.Parts | None:
+    """This rank's snapshot store, None without one: for dp/ddp the node's one writer, its local rank 0 (None
+    elsewhere); for DeepSpeed (``partitioned_on_node``, the node's index) every rank's share of its node's part
+    (a collective). A fresh run first removes an earlier run's of this job here."""
+    if every_s <= 0:
+        return None
+    if partitioned_on_node is not None:
+        return dssnapshot.open_parts(store_dir(run_dir, environ, socket.gethostname()), node=partitioned_on_node,
+                                     local_rank=local_rank, fresh=fresh, on_written=on_written)
+    folder = store_dir(run_dir, environ, socket.gethostname()) if local_rank == 0 else None
     if folder is None:
         return None
     store = Store(folder, on_written=on_written, persist=persist)
@@ -232,6 +236,18 @@ class Store:
             # The loop's own checkpoints name a full disk as the run's ending; here it only ends the persisting.
             self.persist = None
             self.say(f"snapshots no longer persisted: {exc}; the loop's disk checkpoints go on")
+
+
+def take(store: Store | dssnapshot.Parts | None, engine, trainer_state: dict, rank: int, pace=None) -> None:
+    """A snapshot of the state at ``trainer_state["step"]`` in this rank's store, if it has one (every rank calls
+    it at the step the ranks agreed on); ``pace``, the snapshot clock, is slowed to keep DeepSpeed's waits short."""
+    step = trainer_state["step"]
+    if isinstance(store, dssnapshot.Parts):
+        store.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, trainer_state))
+        if pace is not None:
+            pace.every_s = store.spaced(pace.every_s)
+    elif store is not None:
+        store.take(step, lambda: engine.capture(trainer_state))
 
 
 def stats(store: Store | None) -> dict[str, float | int]:

@@ -1,0 +1,91 @@
+"""Specifications of train/dssnapshot.py: DeepSpeed's partitioned snapshots, a part per node and a copy on the
+next, made one checkpoint at a resume (the ring and the collective save run in tests/test_train_launch.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpc.checkpoints import MANIFEST, name_for, newest
+from train import checkpoint, dssnapshot
+
+
+def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes]) -> Path:
+    """A published part, as a node's local rank 0 leaves it."""
+    def write(staging: Path, tag: str) -> None:
+        for name, data in files.items():
+            (staging / tag / name).write_bytes(data)
+    return checkpoint.save(folder / dssnapshot.PART.format(node, nodes), step, rank=0, write=write)
+
+
+def parts_of(folder: Path, *, local_rank: int = 0) -> dssnapshot.Parts:
+    return dssnapshot.Parts(folder, node=0, nodes=2, leaders=[0, 1], local_rank=local_rank, group=None)
+
+
+def test_a_part_travels_as_one_buffer_with_its_files_and_without_its_manifest(tmp_path):
+    made = part(tmp_path, 0, 2, 10, {"zero_pp_rank_0_mp_rank_00_optim_states.pt": b"\x00" * 5, "rng-rank0.pt": b"r"})
+    assert (made / MANIFEST).is_file()
+    assert dssnapshot.unpack(dssnapshot.pack(made)) == {
+        "rng-rank0.pt": b"r", "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"\x00" * 5}
+
+
+def test_a_part_naming_a_file_outside_its_folder_is_refused():
+    header = json.dumps([["../escape", 1]]).encode()
+    with pytest.raises(ValueError, match="outside its folder"):
+        dssnapshot.unpack(len(header).to_bytes(8, "little") + header + b"x")
+
+
+def test_the_newest_step_whose_every_part_some_node_holds_is_chosen():
+    offers = [{"part-0-of-2": [10, 20], "part-1-of-2": [10, 20]},  # node 0: its own and node 1's copy
+              {}]  # node 1's memory is gone (a spare holds nothing)
+    assert dssnapshot.newest_whole(offers) == (20, ["part-0-of-2", "part-1-of-2"])
+    # Node 0 died before passing step 30 on: step 30 has no part 0 anywhere.
+    offers = [{}, {"part-1-of-2": [20, 30], "part-0-of-2": [20]}]
+    assert dssnapshot.newest_whole(offers)[0] == 20
+    assert dssnapshot.newest_whole([{"part-0-of-2": [10]}, {}]) == (None, [])
+    # An earlier layout (before an elastic relaunch) and the current one: the newest whole step wins.
+    offers = [{"part-0-of-1": [40], "part-0-of-2": [30], "part-1-of-2": [30]}]
+    assert dssnapshot.newest_whole(offers) == (40, ["part-0-of-1"])
+
+
+def test_a_node_offers_only_the_steps_of_a_part_that_verify(tmp_path):
+    part(tmp_path, 0, 2, 10, {"a.pt": b"1"})
+    damaged = part(tmp_path, 0, 2, 20, {"a.pt": b"2"})
+    (damaged / "a.pt").write_bytes(b"X")  # same size, other bytes: the checksum tells
+    part(tmp_path, 1, 2, 10, {"b.pt": b"3"})
+    assert parts_of(tmp_path).offer() == {"part-0-of-2": [10], "part-1-of-2": [10]}
+    assert parts_of(tmp_path, local_rank=1).offer() == {}, "only the node's local rank 0 speaks for it"
+
+
+def test_parts_of_steps_after_the_resumed_one_are_forgotten_and_clearing_removes_only_parts(tmp_path):
+    for step in (10, 20):
+        part(tmp_path, 0, 2, step, {"a.pt": b"1"})
+    (tmp_path / "someone-elses").mkdir()
+    parts = parts_of(tmp_path)
+    parts.forget_after(10)
+    assert [p.name for p in (tmp_path / "part-0-of-2").iterdir()] == [name_for(10)]
+    parts.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["someone-elses"]
+
+
+def test_a_resume_makes_the_newest_whole_snapshot_a_checkpoint_newer_than_the_disks(tmp_path):
+    memory, root = tmp_path / "memory", tmp_path / "checkpoints"
+    part(memory, 0, 2, 30, {"mp_rank_00_model_states.pt": b"model", "rng-rank0.pt": b"0"})
+    part(memory, 1, 2, 30, {"rng-rank1.pt": b"1"})
+    checkpoint.save(root, 20, rank=0, write=lambda staging, tag: (staging / tag / "old.pt").write_bytes(b"o"))
+    made = dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=newest(root))
+    assert made == root / name_for(30) and newest(root) == made
+    assert sorted(p.name for p in made.iterdir()) == [MANIFEST, "mp_rank_00_model_states.pt", "rng-rank0.pt",
+                                                      "rng-rank1.pt"]
+    # The disk's checkpoint is the newer one: it is what loads.
+    assert dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=made) == made
+
+
+def test_snapshots_are_spaced_so_that_training_waits_for_them_under_one_percent_of_the_time(tmp_path):
+    parts = parts_of(tmp_path)
+    parts.last_s = 0.004
+    assert parts.spaced(5.0) == 5.0
+    parts.last_s = 0.04  # a part written and sent in 40 ms: one every 4 s at most
+    assert parts.spaced(1.0) == pytest.approx(4.0)

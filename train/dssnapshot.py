@@ -1,0 +1,243 @@
+"""Keep DeepSpeed's partitioned state in node memory with a copy of each node's part on the next node, and turn
+the newest complete one into a disk checkpoint when a relaunch resumes.
+
+    parts = dssnapshot.open_parts(folder, node=..., local_rank=..., fresh=..., on_written=beat.snapshot_written)
+    parts.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))  # every rank
+    found = dssnapshot.assemble(parts, run.checkpoints, rank, world, disk_step)            # every rank, at a resume
+
+A ZeRO rank's optimizer partition (and under ZeRO-3 its parameters) exists nowhere else, so unlike dp/ddp no node
+holds the whole state: each node keeps its own ranks' files, as DeepSpeed's ``save_checkpoint`` writes them, in
+``part-I-of-N/stepNNNNNNNN/`` of its snapshot folder (train/snapshot.py's ``store_dir``), and its local rank 0 sends
+them to the next node's (a ring over a gloo group of the nodes' local ranks 0), which keeps them as its own
+``part-(I-1)-of-N``. Any one node's death leaves every part on the others. At a resume the ranks agree on the newest
+step whose N parts all verify somewhere; the holders copy them into one checkpoint in the run directory, published
+as any other, which every rank then loads as it loads a disk checkpoint (on fewer ranks through the universal
+conversion). The snapshot is written and sent while training waits: ``take`` is timed into ``stall_s``, which
+``hpcdist bench`` checks against its 2% target, and ``spaced`` keeps the snapshots far enough apart to meet it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from hpc import fileio
+from hpc.checkpoints import MANIFEST, NAME, complete, damage, name_for, size
+from train import checkpoint
+
+PART = "part-{}-of-{}"
+# Free memory a node keeps for other uses beyond two parts: a snapshot that would eat into it is not taken.
+HEADROOM = 256 << 20
+# Training waits while a part is written and sent: by default snapshots are spaced so that the waits stay under this
+# share of the time (bench's target is 2%; here half of it, since the rate varies).
+STALL_SHARE = 0.01
+
+
+class Parts:
+    """This rank's view of its node's DeepSpeed snapshots; the node's local rank 0 writes the folders."""
+
+    def __init__(self, folder: Path, *, node: int, nodes: int, leaders: list[int], local_rank: int,
+                 group, on_written: Callable[[int], None] = lambda step: None,
+                 say: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True)):
+        self.folder, self.node, self.nodes, self.leaders = Path(folder), node, nodes, leaders
+        self.leader, self.group, self.on_written, self.say = local_rank == 0, group, on_written, say
+        self.taken, self.stall_s, self.last_s, self.stopped = 0, 0.0, 0.0, False
+
+    def part(self, node: int) -> Path:
+        return self.folder / PART.format(node, self.nodes)
+
+    def take(self, step: int, write: Callable[[Path, str], None]) -> None:
+        """Every rank: write this node's part (DeepSpeed's collective save into tmpfs), then the nodes' local
+        ranks 0 hand it round the ring. Skipped on every rank alike when a node lacks the memory for it."""
+        if self.stopped:
+            return
+        began = time.perf_counter()
+        if not self._all_have_room():
+            self.stopped = True
+            self.say(f"snapshots stopped: a node has too little free memory in {self.folder.parent} for another, "
+                     "or its folder is not this user's alone; resumes use the disk checkpoints")
+            return
+        checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=dist.barrier)
+        if self.leader and len(self.leaders) > 1:
+            self._pass_on(step)
+        self.last_s = time.perf_counter() - began
+        self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
+        if self.leader:
+            self.on_written(step)
+
+    def spaced(self, every_s: float) -> float:
+        """Seconds to the next snapshot: ``every_s``, or more when the last one's wait was over STALL_SHARE of it."""
+        return max(every_s, self.last_s / STALL_SHARE)
+
+    def offer(self) -> dict[str, list[int]]:
+        """Part name -> the steps of it this node holds whole (sizes and SHA-256 checked); nothing unless the node's
+        local rank 0 and its folder is this user's own."""
+        if not self.leader or not fileio.is_private(self.folder):
+            return {}
+        held = {}
+        for part in sorted(self.folder.glob(PART.format("*", "*"))):
+            steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p) is None]
+            if steps:
+                held[part.name] = steps
+        return held
+
+    def forget_after(self, step: int) -> None:
+        """The node's local rank 0 removes the parts of steps after ``step``, where a relaunch resumed: they belong to
+        a run that did not go on, and the new one's parts of the same steps must never meet them."""
+        if not self.leader or not fileio.is_private(self.folder):
+            return
+        for part in self.folder.glob(PART.format("*", "*")):
+            for held in complete(part):
+                if int(NAME.fullmatch(held.name).group(1)) > step:
+                    shutil.rmtree(held, ignore_errors=True)
+
+    def clear(self) -> None:
+        """The node's local rank 0 removes the parts it wrote and the folder if that empties it: at a fresh start,
+        and at the run's end, when a checkpoint on disk holds everything the parts did."""
+        if not self.leader or not fileio.is_private(self.folder):
+            return
+        for part in self.folder.glob(PART.format("*", "*")):
+            shutil.rmtree(part, ignore_errors=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+    drop = clear
+
+    def _all_have_room(self) -> bool:
+        room = 1.0
+        if self.leader:
+            newest = complete(self.part(self.node))
+            need = 2 * (size(newest[-1]) if newest else 0) + HEADROOM
+            try:
+                room = float(fileio.private(self.folder) is not None and shutil.disk_usage(self.folder).free >= need)
+            except OSError:
+                room = 0.0
+        vote = torch.tensor([room])
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group.every)
+        return bool(vote.item())
+
+    def _pass_on(self, step: int) -> None:
+        mine = self.part(self.node) / name_for(step)
+        received = unpack(exchange(pack(mine), self.leaders, self.group.leaders))
+        before = (self.node - 1) % self.nodes
+
+        def write(staging: Path, tag: str) -> None:
+            for name, data in received.items():
+                target = staging / tag / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+
+        checkpoint.save(self.part(before), step, rank=0, write=write)
+
+
+class Groups:
+    """The gloo groups a snapshot speaks over: every rank (a CPU vote even when training runs NCCL) and the
+    nodes' local ranks 0 (the ring)."""
+
+    def __init__(self, every, leaders) -> None:
+        self.every, self.leaders = every, leaders
+
+
+def open_parts(folder: Path | None, *, node: int, local_rank: int, fresh: bool,
+               on_written: Callable[[int], None]) -> Parts | None:
+    """Every rank calls it (it makes groups, a collective); None where a node has no snapshot folder."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    places = [(node, local_rank, folder is not None)]
+    if world > 1:
+        places = [None] * world
+        dist.all_gather_object(places, (node, local_rank, folder is not None))
+    if not all(has for _, _, has in places):
+        return None
+    leaders = [rank for rank, (_, local, _) in sorted(enumerate(places), key=lambda x: x[1][0]) if local == 0]
+    nodes = len(leaders)
+    groups = Groups(dist.new_group(backend="gloo") if world > 1 else None,
+                    dist.new_group(ranks=leaders, backend="gloo") if nodes > 1 else None)
+    parts = Parts(folder, node=node, nodes=nodes, leaders=leaders, local_rank=local_rank, group=groups,
+                  on_written=on_written)
+    if fresh:
+        parts.clear()
+    return parts
+
+
+def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None) -> Path | None:
+    """Every rank: the checkpoint to resume from, ``found`` on disk or, when newer, one made in ``root`` from the
+    newest snapshot whose every part some node holds (each copied there by the lowest rank holding it). Parts of
+    later steps are forgotten: the run goes on from here."""
+    offers = [parts.offer()]
+    if world > 1:
+        offers = [None] * world
+        dist.all_gather_object(offers, parts.offer())
+    step, layout = newest_whole(offers)
+    disk_step = int(NAME.fullmatch(found.name).group(1)) if found is not None else -1
+    if step is None or step <= disk_step:
+        parts.forget_after(max(disk_step, 0))
+        return found
+    parts.forget_after(step)
+    holder = {name: next(r for r, offer in enumerate(offers) if step in offer.get(name, ()))
+              for name in layout}
+    mine = [parts.folder / name / name_for(step) for name, r in holder.items() if r == rank]
+
+    def write(staging: Path, tag: str) -> None:
+        for held in mine:
+            for path in held.rglob("*"):
+                if path.is_file() and path.name != MANIFEST:
+                    target = staging / tag / path.relative_to(held)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    return checkpoint.save(root, step, rank=rank, write=write, barrier=barrier)
+
+
+def newest_whole(offers: list[dict[str, list[int]]]) -> tuple[int | None, list[str]]:
+    """The newest step for which some offer holds each of the N parts of its layout, with the parts' names."""
+    best: tuple[int | None, list[str]] = (None, [])
+    names = {name for offer in offers for name in offer}
+    for nodes in {int(name.rsplit("-", 1)[1]) for name in names}:
+        layout = [PART.format(i, nodes) for i in range(nodes)]
+        held = [set().union(*(offer.get(name, ()) for offer in offers)) for name in layout]
+        whole = set.intersection(*held)
+        if whole and (best[0] is None or max(whole) > best[0]):
+            best = (max(whole), layout)
+    return best
+
+
+def pack(folder: Path) -> bytes:
+    """A checkpoint folder's files (its manifest left out: the receiver writes its own) as one buffer."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    header = json.dumps([[str(p.relative_to(folder)), p.stat().st_size] for p in files]).encode()
+    return b"".join([struct.pack("<Q", len(header)), header, *(p.read_bytes() for p in files)])
+
+
+def unpack(blob: bytes) -> dict[str, bytes]:
+    (length,) = struct.unpack_from("<Q", blob)
+    files, at = {}, 8 + length
+    for name, length_of in json.loads(blob[8:at]):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"a snapshot part names {name!r}, outside its folder")
+        files[name], at = blob[at:at + length_of], at + length_of
+    return files
+
+
+def exchange(blob: bytes, leaders: list[int], group) -> bytes:
+    """Send ``blob`` to the next node's local rank 0 and receive the previous one's, at once (no rank waits on
+    another's send)."""
+    me = leaders.index(dist.get_rank())
+    after, before = leaders[(me + 1) % len(leaders)], leaders[(me - 1) % len(leaders)]
+    sizes = torch.tensor([len(blob)], dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    for work in (dist.isend(sizes[0], after, group=group), dist.irecv(sizes[1], before, group=group)):
+        work.wait()
+    out, into = torch.frombuffer(bytearray(blob), dtype=torch.uint8), torch.empty(int(sizes[1]), dtype=torch.uint8)
+    for work in (dist.isend(out, after, group=group), dist.irecv(into, before, group=group)):
+        work.wait()
+    return into.numpy().tobytes()
