@@ -236,11 +236,11 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
     ref = Job(submit("reference", REFERENCE_STEPS_CAP))
     ref_id = ref.job_id
     observed: list[Observed] = []
-    limit_steps = steps
+    steps_of = dict.fromkeys(scenarios, steps)
     try:
         if "time_limit" in scenarios:
-            limit_steps = _steps_for_time_limit(ref, steps, time_limit_steps, say, timeout_s)
-        reference_steps = max(steps, limit_steps)
+            steps_of["time_limit"] = _steps_for_time_limit(ref, steps, time_limit_steps, say, timeout_s)
+        reference_steps = max(steps_of.values())
         say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref.job_dir})")
         released = []
 
@@ -254,12 +254,11 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
             # A dead batch host may be the reference's too, which no waiter would start again: its job starts once
             # the reference has every step it needs.
             first = scenario == "batch_host_loss"
-            seen = run_scenario(scenario, submit, limit_steps if scenario == "time_limit" else steps, say, timeout_s,
-                                node_control, beside=release, ready=lambda first=first: not first or bool(released))
+            seen = run_scenario(scenario, submit, steps_of[scenario], say, timeout_s, node_control, beside=release,
+                                ready=lambda first=first: not first or bool(released))
             observed.append(seen)
             say(f"{scenario}: job {seen.job_id} ended {seen.final_state}")
         reference = reference_losses(ref, reference_steps, timeout_s)
     finally:
         cancel_all([ref_id] + [o.job_id for o in observed])
-    return [check(seen, reference, limit_steps if seen.scenario == "time_limit" else steps, spare_nodes)
-            for seen in observed]
+    return [check(seen, reference, steps_of[seen.scenario], spare_nodes) for seen in observed]
