@@ -16,6 +16,10 @@ from hpc import fileio
 
 NAME = re.compile(r"step(\d{8})")
 MANIFEST = "MANIFEST.json"
+# DeepSpeed's snapshots (train/dssnapshot.py): node I's share of one, in node memory or persisted in PARTS of the run's
+# checkpoints folder (beside stepNNNNNNNN/, which complete() never takes it for).
+PART = "part-{}-of-{}"
+PARTS = ".parts"
 
 
 def name_for(step: int) -> str:
@@ -86,3 +90,36 @@ def newest(root: Path, checksums: bool = True, skipped: list | None = None) -> P
         if skipped is not None:
             skipped.append((candidate, reason))
     return None
+
+
+def held_in(folder: Path) -> dict[str, list[int]]:
+    """Part name -> the steps of it in ``folder`` that verify (sizes and SHA-256)."""
+    held = {}
+    for part in sorted(Path(folder).glob(PART.format("*", "*"))):
+        steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p) is None]
+        if steps:
+            held[part.name] = steps
+    return held
+
+
+def newest_whole(offers: list[dict[str, list[int]]]) -> tuple[int | None, list[str]]:
+    """The newest step for which some offer (``held_in``'s, one per node or folder) holds each of the N parts of its
+    layout, with the parts' names."""
+    best: tuple[int | None, list[str]] = (None, [])
+    names = {name for offer in offers for name in offer}
+    for nodes in {int(name.rsplit("-", 1)[1]) for name in names}:
+        layout = [PART.format(i, nodes) for i in range(nodes)]
+        held = [set().union(*(offer.get(name, ()) for offer in offers)) for name in layout]
+        whole = set.intersection(*held)
+        if whole and (best[0] is None or max(whole) > best[0]):
+            best = (max(whole), layout)
+    return best
+
+
+def resumable_step(root: Path) -> int | None:
+    """The step a resume from the disk alone starts at: the newest checkpoint that verifies, or the newest step
+    whose every DeepSpeed part the nodes persisted, whichever is newer; None for neither."""
+    found = newest(Path(root))
+    steps = [int(NAME.fullmatch(found.name).group(1))] if found is not None else []
+    persisted = newest_whole([held_in(Path(root) / PARTS)])[0]
+    return max(steps + ([persisted] if persisted is not None else []), default=None)

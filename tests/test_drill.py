@@ -3,12 +3,13 @@
 The diagonal of the matrix (hpc.drill.diagonal): each of the seven scenarios (preempt, time_limit, rank_kill,
 node_loss, hang, batch_host_loss, disk_full) once, each under the backend x launcher pair where it costs least
 (hpc.drill.DIAGONAL; ddp and deepspeed under srun, torchrun and DeepSpeed's launcher, hpc.drill.MATRIX), so every
-scenario and every pair is drilled in CI, about a minute each here. The whole 5 x 7 matrix is `scripts/drill-matrix.py` (~25 min), rerun before a
-change to failure handling lands; the endings of the real failures captured from it and earlier runs are
-classified offline on every run (tests/test_failures_rules.py, tests/data/failures/). Each drill also runs its own
-uninterrupted reference job, and checks (hpc/drill.py) the first attempt's ending and action, the excluded node,
-the resumed step, every logged loss against the reference (fp32, 1e-6) and that a training step followed the
-fault (a full disk: that the job failed saying so, every kept checkpoint whole, nothing half-written).
+scenario and every pair is drilled in CI, about a minute each here. The whole 5 x 7 matrix is
+`scripts/drill-matrix.py` (~20 min), rerun before a change to failure handling lands; the endings of the real
+failures captured from it and earlier runs are classified offline on every run (tests/test_failures_rules.py,
+tests/data/failures/). Each drill also runs its own uninterrupted reference job, and checks (hpc/drill.py) the
+first attempt's ending and action, the excluded node, the resumed step, every logged loss against the reference
+(fp32, 1e-6) and that a training step followed the fault (a full disk: that the job failed saying so, every kept
+checkpoint whole, nothing half-written).
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ next, made one checkpoint at a resume (the ring and the collective save run in t
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from hpc import checkpoints
 from hpc.checkpoints import MANIFEST, name_for, newest
-from train import checkpoint, dssnapshot
+from train import checkpoint, dssnapshot, snapshot
 
 
 def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes]) -> Path:
@@ -17,7 +19,7 @@ def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes]
     def write(staging: Path, tag: str) -> None:
         for name, data in files.items():
             (staging / tag / name).write_bytes(data)
-    return checkpoint.save(folder / dssnapshot.PART.format(node, nodes), step, rank=0, write=write)
+    return checkpoint.save(folder / checkpoints.PART.format(node, nodes), step, rank=0, write=write)
 
 
 def parts_of(folder: Path, *, local_rank: int = 0) -> dssnapshot.Parts:
@@ -35,19 +37,6 @@ def test_a_part_naming_a_file_outside_its_folder_is_refused():
     header = json.dumps([["../escape", 1]]).encode()
     with pytest.raises(ValueError, match="outside its folder"):
         dssnapshot.unpack(len(header).to_bytes(8, "little") + header + b"x")
-
-
-def test_the_newest_step_whose_every_part_some_node_holds_is_chosen():
-    offers = [{"part-0-of-2": [10, 20], "part-1-of-2": [10, 20]},  # node 0: its own and node 1's copy
-              {}]  # node 1's memory is gone (a spare holds nothing)
-    assert dssnapshot.newest_whole(offers) == (20, ["part-0-of-2", "part-1-of-2"])
-    # Node 0 died before passing step 30 on: step 30 has no part 0 anywhere.
-    offers = [{}, {"part-1-of-2": [20, 30], "part-0-of-2": [20]}]
-    assert dssnapshot.newest_whole(offers)[0] == 20
-    assert dssnapshot.newest_whole([{"part-0-of-2": [10]}, {}]) == (None, [])
-    # An earlier layout (before an elastic relaunch) and the current one: the newest whole step wins.
-    offers = [{"part-0-of-1": [40], "part-0-of-2": [30], "part-1-of-2": [30]}]
-    assert dssnapshot.newest_whole(offers) == (40, ["part-0-of-1"])
 
 
 def test_a_node_offers_only_the_steps_of_a_part_that_verify(tmp_path):
@@ -75,12 +64,41 @@ def test_a_resume_makes_the_newest_whole_snapshot_a_checkpoint_newer_than_the_di
     part(memory, 0, 2, 30, {"mp_rank_00_model_states.pt": b"model", "rng-rank0.pt": b"0"})
     part(memory, 1, 2, 30, {"rng-rank1.pt": b"1"})
     checkpoint.save(root, 20, rank=0, write=lambda staging, tag: (staging / tag / "old.pt").write_bytes(b"o"))
-    made = dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=newest(root))
-    assert made == root / name_for(30) and newest(root) == made
+    made, source = dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=newest(root))
+    assert (made, source) == (root / name_for(30), "node memory") and newest(root) == made
     assert sorted(p.name for p in made.iterdir()) == [MANIFEST, "mp_rank_00_model_states.pt", "rng-rank0.pt",
                                                       "rng-rank1.pt"]
     # The disk's checkpoint is the newer one: it is what loads.
-    assert dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=made) == made
+    assert dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=made) == (made, "")
+
+
+def test_parts_the_nodes_persisted_complete_what_memory_lost_and_later_ones_are_forgotten(tmp_path):
+    memory, root = tmp_path / "memory", tmp_path / "checkpoints"
+    on_disk = root / checkpoints.PARTS
+    part(memory, 0, 2, 30, {"mp_rank_00_model_states.pt": b"model"})  # node 1 and its memory are gone
+    part(on_disk, 1, 2, 30, {"rng-rank1.pt": b"1"})
+    part(on_disk, 1, 2, 40, {"rng-rank1.pt": b"2"})  # a step no node holds part 0 of: the run did not go on from it
+    parts = dssnapshot.Parts(memory, node=0, nodes=2, leaders=[0, 1], local_rank=0, group=None,
+                             persist=snapshot.Persist(root, 0.0))
+    made, source = dssnapshot.assemble(parts, root, rank=0, world=1, found=None)
+    assert made == root / name_for(30) and source == "the parts its nodes persisted"
+    assert (made / "rng-rank1.pt").read_bytes() == b"1"
+    assert checkpoints.held_in(on_disk) == {"part-1-of-2": [30]}
+    parts.clear()  # node 0's local rank 0, at a fresh start or the run's end: the persisted parts too
+    assert not on_disk.exists() and not memory.exists()
+
+
+def test_a_node_persists_its_part_in_the_background_every_persist_period(tmp_path):
+    memory, root = tmp_path / "memory", tmp_path / "checkpoints"
+    parts = dssnapshot.Parts(memory, node=1, nodes=2, leaders=[0, 1], local_rank=0, group=None,
+                             persist=snapshot.Persist(root, 0.5))
+    part(memory, 1, 2, 10, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"adam"})
+    parts._maybe_persist(10)
+    assert parts._persisting is None, "persisted before its period passed"
+    time.sleep(0.5)
+    parts._maybe_persist(10)
+    parts._persisting.join()
+    assert checkpoints.held_in(root / checkpoints.PARTS) == {"part-1-of-2": [10]}
 
 
 def test_snapshots_are_spaced_so_that_training_waits_for_them_under_one_percent_of_the_time(tmp_path):

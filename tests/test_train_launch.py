@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpc import checkpoints
-from train import checkpoint, dssnapshot, snapshot
+from train import checkpoint, snapshot
 from train.watchdog import main_thread_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_fi
                                   socket.gethostname()) for m in memory]
 
     def held() -> int:  # the newest step of node 1's part that node 0 holds a copy of
-        return snapshot.step_of(checkpoints.newest(folders[0] / dssnapshot.PART.format(1, 2))) or 0
+        return snapshot.step_of(checkpoints.newest(folders[0] / checkpoints.PART.format(1, 2))) or 0
     kill_when(first, held, 20)
     step = held()
     assert checkpoints.newest(interrupted / "checkpoints") is None, "a disk checkpoint was written before the kill"
@@ -212,6 +212,39 @@ def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_fi
     assert second.wait() == [0, 0], second.output()
     made = interrupted / "checkpoints" / checkpoints.name_for(step)
     assert f"resumed from {made} at step {step} (a snapshot in node memory)" in second.output(tail=10**6)
+    expected, got = read_losses(reference), read_losses(interrupted)
+    assert sorted(got) == list(range(1, 81))
+    assert got == pytest.approx(expected, abs=1e-5, rel=0)
+
+
+def test_deepspeed_whose_nodes_all_died_resumes_as_a_new_job_from_the_parts_each_node_persisted(launch, tmp_path):
+    # What a new job after the batch host's death finds: no node memory, no checkpoint of the loop's own, and the
+    # parts each node's local rank 0 persisted to the run directory in the background.
+    memory = [tmp_path / "node0", tmp_path / "node1"]
+    args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
+            "--max-steps", "80", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05",
+            "--persist-every-s", "0.2"]
+    reference = tmp_path / "reference"
+    assert launch("srun", args, reference, node_memory=memory).wait() == [0, 0]
+    assert not (reference / "checkpoints" / checkpoints.PARTS).exists(), "a completed run leaves its parts"
+
+    interrupted = tmp_path / "interrupted"
+    first = launch("srun", args, interrupted, node_memory=memory)
+    persisted = interrupted / "checkpoints" / checkpoints.PARTS
+
+    def whole() -> int:  # the newest step both nodes persisted
+        return checkpoints.newest_whole([checkpoints.held_in(persisted)])[0] or 0
+    kill_when(first, whole, 20)
+    step = whole()
+    assert checkpoints.newest(interrupted / "checkpoints") is None, "a disk checkpoint was written before the kill"
+    for folder in memory:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    second = launch("srun", [*args, "--resume"], interrupted, job_id=first.job_id + 1, node_memory=memory)
+    assert second.wait() == [0, 0], second.output()
+    made = interrupted / "checkpoints" / checkpoints.name_for(step)
+    said = f"resumed from {made} at step {step} (a snapshot in the parts its nodes persisted)"
+    assert said in second.output(tail=10**6)
     expected, got = read_losses(reference), read_losses(interrupted)
     assert sorted(got) == list(range(1, 81))
     assert got == pytest.approx(expected, abs=1e-5, rel=0)

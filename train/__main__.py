@@ -142,9 +142,9 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     beat.mark("model_built")
     heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
     loader = build_loader(run, engine, data)
-    store = snapshot.open_store(run.run_dir, os.environ, every_s=run.snapshot_every_s, local_rank=run.env.local_rank,
-                                fresh=not opts.resume, on_written=beat.snapshot_written,
-                                persist=snapshot.Persist(run.checkpoints, opts.persist_every_s if run.rank == 0 else 0),
+    store = snapshot.open_store(run.run_dir, os.environ, every_s=run.snapshot_every_s, rank=run.rank,
+                                local_rank=run.env.local_rank, fresh=not opts.resume, on_written=beat.snapshot_written,
+                                persist=snapshot.Persist(run.checkpoints, opts.persist_every_s),
                                 partitioned_on_node=run.env.node_rank if run.ds_config is not None else None)
     state, found = resume(run, engine, store)
     timing = loop(run, engine, loader, state, found, beat, store)
@@ -249,14 +249,16 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
-    found = held = on_disk = None
+    found = held = None
+    source = ""  # where a snapshot resumed from was: node memory, or the parts DeepSpeed's nodes persisted
     if opts.resume:
-        found = on_disk = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
-                                            share=lambda name: broadcast_from_0(name, run.world))
+        found = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
+                                  share=lambda name: broadcast_from_0(name, run.world))
         if isinstance(store, dssnapshot.Parts):  # DeepSpeed's parts, made a checkpoint on disk to load as one
-            found = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found)
+            found, source = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found)
         else:
             held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
+            source = "node memory" if held is not None else ""
     if opts.resume and found is None and held is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
     if found is None and held is None:
@@ -267,8 +269,7 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts 
             raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; "
                              f"resume with the same value (the data order depends on it)")
     state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
-    memory = held is not None or found != on_disk
-    say(run.rank, f"resumed from {where} at step {state['step']}" + (" (a snapshot in node memory)" if memory else "")
+    say(run.rank, f"resumed from {where} at step {state['step']}" + (f" (a snapshot in {source})" if source else "")
         + checkpoint.regrouped(saved.get("world_size"), run.world, run.global_batch))
     return state, None if held is not None else found
 

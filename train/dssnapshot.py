@@ -22,6 +22,7 @@ import json
 import shutil
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,10 +31,9 @@ import torch
 import torch.distributed as dist
 
 from hpc import fileio
-from hpc.checkpoints import MANIFEST, NAME, complete, damage, name_for, size
+from hpc.checkpoints import MANIFEST, NAME, PART, PARTS, complete, held_in, name_for, newest_whole, size
 from train import checkpoint
 
-PART = "part-{}-of-{}"
 # Free memory a node keeps for other uses beyond two parts: a snapshot that would eat into it is not taken.
 HEADROOM = 256 << 20
 # Training waits while a part is written and sent: by default snapshots are spaced so that the waits stay under this
@@ -45,11 +45,15 @@ class Parts:
     """This rank's view of its node's DeepSpeed snapshots; the node's local rank 0 writes the folders."""
 
     def __init__(self, folder: Path, *, node: int, nodes: int, leaders: list[int], local_rank: int,
-                 group, on_written: Callable[[int], None] = lambda step: None,
+                 group, on_written: Callable[[int], None] = lambda step: None, persist=None,
                  say: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True)):
         self.folder, self.node, self.nodes, self.leaders = Path(folder), node, nodes, leaders
         self.leader, self.group, self.on_written, self.say = local_rank == 0, group, on_written, say
         self.taken, self.stall_s, self.last_s, self.stopped = 0, 0.0, 0.0, False
+        # train.snapshot.Persist: every ``every_s`` the node's local rank 0 copies its part to ``root``/PARTS.
+        self.on_disk = Path(persist.root) / PARTS if persist is not None else None
+        self.persist = persist if self.leader and persist is not None and persist.every_s > 0 else None
+        self._persisted_at, self._persisting = time.monotonic(), None
 
     def part(self, node: int) -> Path:
         return self.folder / PART.format(node, self.nodes)
@@ -72,37 +76,39 @@ class Parts:
         self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
         if self.leader:
             self.on_written(step)
+            self._maybe_persist(step)
 
     def spaced(self, every_s: float) -> float:
         """Seconds to the next snapshot: ``every_s``, or more when the last one's wait was over STALL_SHARE of it."""
         return max(every_s, self.last_s / STALL_SHARE)
 
     def offer(self) -> dict[str, list[int]]:
-        """Part name -> the steps of it this node holds whole (sizes and SHA-256 checked); nothing unless the node's
-        local rank 0 and its folder is this user's own."""
-        if not self.leader or not fileio.is_private(self.folder):
-            return {}
-        held = {}
-        for part in sorted(self.folder.glob(PART.format("*", "*"))):
-            steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p) is None]
-            if steps:
-                held[part.name] = steps
-        return held
+        """Part name -> the steps of it this node holds whole; nothing unless the node's local rank 0 and its folder
+        is this user's own."""
+        return held_in(self.folder) if self.leader and fileio.is_private(self.folder) else {}
 
     def forget_after(self, step: int) -> None:
-        """The node's local rank 0 removes the parts of steps after ``step``, where a relaunch resumed: they belong to
-        a run that did not go on, and the new one's parts of the same steps must never meet them."""
-        if not self.leader or not fileio.is_private(self.folder):
+        """The node's local rank 0 removes the parts of steps after ``step``, where a relaunch resumed, from its memory
+        (node 0's also from the run directory): they belong to a run that did not go on, and the new one's parts of
+        the same steps must never meet them."""
+        if not self.leader:
             return
-        for part in self.folder.glob(PART.format("*", "*")):
+        folders = [self.folder] if fileio.is_private(self.folder) else []
+        folders += [self.on_disk] if self.node == 0 and self.on_disk is not None else []
+        for part in (p for folder in folders for p in folder.glob(PART.format("*", "*"))):
             for held in complete(part):
                 if int(NAME.fullmatch(held.name).group(1)) > step:
                     shutil.rmtree(held, ignore_errors=True)
 
     def clear(self) -> None:
-        """The node's local rank 0 removes the parts it wrote and the folder if that empties it: at a fresh start,
-        and at the run's end, when a checkpoint on disk holds everything the parts did."""
-        if not self.leader or not fileio.is_private(self.folder):
+        """The node's local rank 0 removes the parts it wrote in memory and the folder if that empties it, and node 0's
+        the parts persisted in the run directory: at a fresh start, and at the run's end, when a checkpoint on disk
+        holds everything the parts did."""
+        if not self.leader:
+            return
+        if self.node == 0 and self.on_disk is not None:
+            shutil.rmtree(self.on_disk, ignore_errors=True)
+        if not fileio.is_private(self.folder):
             return
         for part in self.folder.glob(PART.format("*", "*")):
             shutil.rmtree(part, ignore_errors=True)
@@ -111,7 +117,38 @@ class Parts:
         except OSError:
             pass
 
-    drop = clear
+    def drop(self) -> None:
+        """Every rank, at the run's end: once no node is still persisting a part, clear."""
+        if self._persisting is not None:
+            self._persisting.join()
+        if self.group is not None and self.group.every is not None:
+            dist.barrier(group=self.group.every)
+        self.clear()
+
+    def _maybe_persist(self, step: int) -> None:
+        busy = self._persisting is not None and self._persisting.is_alive()
+        if self.persist is None or busy or time.monotonic() - self._persisted_at < self.persist.every_s:
+            return
+        self._persisted_at = time.monotonic()
+        self._persisting = threading.Thread(target=self._persist, args=(step,), name="hpcdist-persist", daemon=True)
+        self._persisting.start()
+
+    def _persist(self, step: int) -> None:
+        # A copy of the published part, while training goes on; a later snapshot may prune it meanwhile (then this
+        # one is skipped), never change it.
+        held = self.part(self.node) / name_for(step)
+
+        def write(staging: Path, tag: str) -> None:
+            copy_part(held, staging / tag)
+
+        into = self.on_disk / self.part(self.node).name
+        try:
+            checkpoint.save(into, step, rank=0, write=write)
+        except OSError as exc:
+            shutil.rmtree(into / f".tmp-{name_for(step)}", ignore_errors=True)
+            if held.is_dir():
+                self.persist = None
+                self.say(f"snapshot parts no longer persisted: {exc}; the loop's disk checkpoints go on")
 
     def _all_have_room(self) -> bool:
         room = 1.0
@@ -149,7 +186,7 @@ class Groups:
 
 
 def open_parts(folder: Path | None, *, node: int, local_rank: int, fresh: bool,
-               on_written: Callable[[int], None]) -> Parts | None:
+               on_written: Callable[[int], None], persist=None) -> Parts | None:
     """Every rank calls it (it makes groups, a collective); None where a node has no snapshot folder."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     places = [(node, local_rank, folder is not None)]
@@ -163,53 +200,52 @@ def open_parts(folder: Path | None, *, node: int, local_rank: int, fresh: bool,
     groups = Groups(dist.new_group(backend="gloo") if world > 1 else None,
                     dist.new_group(ranks=leaders, backend="gloo") if nodes > 1 else None)
     parts = Parts(folder, node=node, nodes=nodes, leaders=leaders, local_rank=local_rank, group=groups,
-                  on_written=on_written)
+                  on_written=on_written, persist=persist)
     if fresh:
         parts.clear()
     return parts
 
 
-def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None) -> Path | None:
-    """Every rank: the checkpoint to resume from, ``found`` on disk or, when newer, one made in ``root`` from the
-    newest snapshot whose every part some node holds (each copied there by the lowest rank holding it). Parts of
-    later steps are forgotten: the run goes on from here."""
-    offers = [parts.offer()]
+def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None) -> tuple[Path | None, str]:
+    """Every rank: the checkpoint to resume from and where its state was, ``(found, "")`` when the checkpoint on disk
+    is the newest, else one made in ``root`` from the newest snapshot whose every part some node holds in memory
+    or persisted (each part copied there by the lowest rank holding it in memory, else by rank 0 from the disk).
+    Parts of later steps are forgotten: the run goes on from here."""
+    mine = (parts.offer(), held_in(Path(root) / PARTS) if rank == 0 else {})
+    offers = [mine]
     if world > 1:
         offers = [None] * world
-        dist.all_gather_object(offers, parts.offer())
-    step, layout = newest_whole(offers)
+        dist.all_gather_object(offers, mine)
+    step, layout = newest_whole([offer for pair in offers for offer in pair])
     disk_step = int(NAME.fullmatch(found.name).group(1)) if found is not None else -1
     if step is None or step <= disk_step:
         parts.forget_after(max(disk_step, 0))
-        return found
+        return found, ""
     parts.forget_after(step)
-    holder = {name: next(r for r, offer in enumerate(offers) if step in offer.get(name, ()))
-              for name in layout}
-    mine = [parts.folder / name / name_for(step) for name, r in holder.items() if r == rank]
+    sources = {}
+    for name in layout:
+        holder = next((r for r, (memory, _) in enumerate(offers) if step in memory.get(name, ())), None)
+        sources[name] = ((holder, parts.folder / name / name_for(step)) if holder is not None
+                         else (0, Path(root) / PARTS / name / name_for(step)))
 
     def write(staging: Path, tag: str) -> None:
-        for held in mine:
-            for path in held.rglob("*"):
-                if path.is_file() and path.name != MANIFEST:
-                    target = staging / tag / path.relative_to(held)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, target)
+        for holder, held in sources.values():
+            if holder == rank:
+                copy_part(held, staging / tag)
 
     barrier = dist.barrier if world > 1 else (lambda: None)
-    return checkpoint.save(root, step, rank=rank, write=write, barrier=barrier)
+    made = checkpoint.save(root, step, rank=rank, write=write, barrier=barrier)
+    in_memory = all(Path(root) not in held.parents for _, held in sources.values())
+    return made, "node memory" if in_memory else "the parts its nodes persisted"
 
 
-def newest_whole(offers: list[dict[str, list[int]]]) -> tuple[int | None, list[str]]:
-    """The newest step for which some offer holds each of the N parts of its layout, with the parts' names."""
-    best: tuple[int | None, list[str]] = (None, [])
-    names = {name for offer in offers for name in offer}
-    for nodes in {int(name.rsplit("-", 1)[1]) for name in names}:
-        layout = [PART.format(i, nodes) for i in range(nodes)]
-        held = [set().union(*(offer.get(name, ()) for offer in offers)) for name in layout]
-        whole = set.intersection(*held)
-        if whole and (best[0] is None or max(whole) > best[0]):
-            best = (max(whole), layout)
-    return best
+def copy_part(held: Path, into: Path) -> None:
+    """The files of a published part into ``into`` (its manifest left out: where it goes gets its own)."""
+    for path in held.rglob("*"):
+        if path.is_file() and path.name != MANIFEST:
+            target = into / path.relative_to(held)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def pack(folder: Path) -> bytes:

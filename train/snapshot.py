@@ -1,6 +1,6 @@
 """Keep the newest training state in node-local memory, written in the background, for a relaunch to resume from.
 
-    store = snapshot.open_store(run_dir, os.environ, every_s=5, local_rank=local_rank, fresh=not resume, ...)
+    store = snapshot.open_store(run_dir, os.environ, every_s=5, rank=rank, local_rank=local_rank, ...)
     store.take(step, lambda: engine.capture(state))  # at a step boundary: the copy, the only stall
     held = store.newest()                       # at a resume: this node's newest complete snapshot, or None
 
@@ -79,21 +79,22 @@ class Persist:
     every_s: float
 
 
-def open_store(run_dir: Path, environ: Mapping[str, str], *, every_s: float, local_rank: int, fresh: bool,
+def open_store(run_dir: Path, environ: Mapping[str, str], *, every_s: float, rank: int, local_rank: int, fresh: bool,
                on_written: Callable[[int], None], persist: Persist | None = None,
                partitioned_on_node: int | None = None) -> Store | dssnapshot.Parts | None:
     """This rank's snapshot store, None without one: for dp/ddp the node's one writer, its local rank 0 (None
-    elsewhere); for DeepSpeed (``partitioned_on_node``, the node's index) every rank's share of its node's part
-    (a collective). A fresh run first removes an earlier run's of this job here."""
+    elsewhere), rank 0's also persisting; for DeepSpeed (``partitioned_on_node``, the node's index) every rank's
+    share of its node's part, each node's persisted by its local rank 0 (a collective). A fresh run first removes an
+    earlier run's of this job here."""
     if every_s <= 0:
         return None
     if partitioned_on_node is not None:
         return dssnapshot.open_parts(store_dir(run_dir, environ, socket.gethostname()), node=partitioned_on_node,
-                                     local_rank=local_rank, fresh=fresh, on_written=on_written)
+                                     local_rank=local_rank, fresh=fresh, on_written=on_written, persist=persist)
     folder = store_dir(run_dir, environ, socket.gethostname()) if local_rank == 0 else None
     if folder is None:
         return None
-    store = Store(folder, on_written=on_written, persist=persist)
+    store = Store(folder, on_written=on_written, persist=persist if rank == 0 else None)
     if fresh:
         store.clear()
     return store

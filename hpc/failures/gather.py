@@ -57,13 +57,13 @@ def snapshots_held(run_dir: Path) -> dict[str, int]:
 
 
 def checkpoint_in(run_dir: Path) -> int | None:
-    """The step of the checkpoint a retry will resume from: the newest that verifies, as the trainer chooses
-    (a newer damaged one it will set aside is passed over here too)."""
+    """The step a retry through the queue resumes from on disk: the newest checkpoint that verifies, as the trainer
+    chooses (a newer damaged one it will set aside is passed over here too), or DeepSpeed's newest snapshot whose
+    every part the nodes persisted, if newer."""
     try:
-        found = checkpoints.newest(Path(run_dir) / CHECKPOINTS)
+        return checkpoints.resumable_step(Path(run_dir) / CHECKPOINTS)
     except OSError:
         return None
-    return int(checkpoints.NAME.fullmatch(found.name).group(1)) if found is not None else None
 
 
 def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ranks_per_task: int,

@@ -1,0 +1,35 @@
+"""Specifications of hpc/checkpoints.py: which checkpoints and DeepSpeed snapshot parts are whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpc import checkpoints
+
+
+def test_the_newest_step_whose_every_deepspeed_part_some_node_holds_is_chosen():
+    offers = [{"part-0-of-2": [10, 20], "part-1-of-2": [10, 20]},  # node 0: its own and node 1's copy
+              {}]  # node 1's memory is gone (a spare holds nothing)
+    assert checkpoints.newest_whole(offers) == (20, ["part-0-of-2", "part-1-of-2"])
+    # Node 0 died before passing step 30 on: step 30 has no part 0 anywhere.
+    offers = [{}, {"part-1-of-2": [20, 30], "part-0-of-2": [20]}]
+    assert checkpoints.newest_whole(offers)[0] == 20
+    assert checkpoints.newest_whole([{"part-0-of-2": [10]}, {}]) == (None, [])
+    # An earlier layout (before an elastic relaunch) and the current one: the newest whole step wins.
+    offers = [{"part-0-of-1": [40], "part-0-of-2": [30], "part-1-of-2": [30]}]
+    assert checkpoints.newest_whole(offers) == (40, ["part-0-of-1"])
+
+
+def test_a_resume_from_disk_starts_at_the_newer_of_the_checkpoint_and_the_parts_every_node_persisted(tmp_path):
+    def publish(folder: Path, step: int) -> None:
+        (folder / checkpoints.name_for(step)).mkdir(parents=True)
+        (folder / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
+        checkpoints.write_manifest(folder / checkpoints.name_for(step), step)
+    assert checkpoints.resumable_step(tmp_path) is None
+    publish(tmp_path, 20)
+    publish(tmp_path / checkpoints.PARTS / "part-0-of-2", 30)
+    assert checkpoints.resumable_step(tmp_path) == 20, "part 1 of step 30 was never persisted"
+    publish(tmp_path / checkpoints.PARTS / "part-1-of-2", 30)
+    assert checkpoints.resumable_step(tmp_path) == 30
+    (tmp_path / checkpoints.PARTS / "part-1-of-2" / "step00000030" / "x.pt").write_bytes(b"y")  # damaged since
+    assert checkpoints.resumable_step(tmp_path) == 20
