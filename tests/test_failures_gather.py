@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hpc import monitor
 from hpc.failures import gather, rules
 from hpc.failures import record as records
 from hpc.failures.evidence import with_context
@@ -173,4 +174,4 @@ def test_the_snapshots_held_in_memory_are_read_from_each_node_s_local_rank_0_bea
         beat = {"rank": node, "hostname": host, "node_rank": node, "local_rank": 0, "step": 60, "time": 1.0,
                 "snapshot_step": held}
         nodebeat.Publisher(tmp_path, node).publish(host, 0, 1.0, {node: beat})
-    assert gather.snapshots_held(tmp_path) == {"n1": 57}
+    assert gather.snapshots_held(monitor.read_heartbeats(tmp_path)) == {"n1": 57}

@@ -39,9 +39,9 @@ def _read(path: Path, limit: int = 262144) -> str:
     return jobfiles.tail_text(path, limit)
 
 
-def seen_step(run_dir: Path) -> int | None:
-    """The newest step any rank's heartbeat reported (contract 1), else the newest metrics.jsonl step."""
-    steps = [b.step or 0 for b in monitor.read_heartbeats(run_dir).values()]
+def seen_step(run_dir: Path, beats: Mapping[int, monitor.Heartbeat]) -> int | None:
+    """The newest step any rank's heartbeat (``beats``, contract 1) reported, else the newest metrics.jsonl step."""
+    steps = [b.step or 0 for b in beats.values()]
     if not steps:
         for row in jobfiles.json_lines("\n".join(_read(Path(run_dir) / METRICS, 8192).splitlines()[-3:])):
             if jobfiles.is_a(row.get("step"), int):
@@ -49,11 +49,10 @@ def seen_step(run_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def snapshots_held(run_dir: Path) -> dict[str, int]:
+def snapshots_held(beats: Mapping[int, monitor.Heartbeat]) -> dict[str, int]:
     """Node -> the newest snapshot its local rank 0 reported in memory (train/snapshot.py): where a relaunch on
     that node resumes from, if newer than the disk's checkpoint."""
-    return {b.hostname: b.snapshot_step for b in monitor.read_heartbeats(run_dir).values()
-            if b.snapshot_step is not None and b.hostname}
+    return {b.hostname: b.snapshot_step for b in beats.values() if b.snapshot_step is not None and b.hostname}
 
 
 def checkpoint_in(run_dir: Path) -> int | None:
@@ -83,6 +82,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
             break
     segment = attempt_segment(batch, attempt)
     await_stop_marker(run_dir / PREEMPTED, segment)
+    beats = monitor.read_heartbeats(run_dir)
     ev = Evidence(
         attempt=attempt, step_status=step_status, batch_log=segment,
         task_logs={t: _read(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
@@ -90,8 +90,8 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         preempted=(run_dir / PREEMPTED).exists(), hang=runfiles.read_hang(run_dir, attempt),
         lost=runfiles.read_lost(run_dir, attempt), job_state=job.get("JobState", ""),
         job_reason=job.get("Reason", ""), down_nodes=frozenset(n for n, s in nodes.items() if not usable(s)),
-        ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir),
-        snapshots=snapshots_held(run_dir),
+        ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir, beats),
+        snapshots=snapshots_held(beats),
         warning_s=warning_s, launcher=launcher)
     limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
     if limit is not None and ran is not None:
