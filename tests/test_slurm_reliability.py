@@ -324,6 +324,29 @@ def wait_for(found, timeout: float):
     pytest.fail(f"not there after {timeout:.0f}s: {found}")
 
 
+def waiting_through_a_node_death(args: list[str], home: Path, victim) -> tuple[str, str, str, str, int]:
+    """``hpcdist submit ... --wait`` running while the node ``victim(job_id)`` names is killed for real (slurmd and
+    every process, nobody setting it DOWN; revived afterwards): (job id, node, stdout, stderr, exit status)."""
+    node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
+    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
+    job_id, host = None, None
+    try:
+        job_id = job_id_of(waiter.stdout.readline())
+        host = victim(job_id)
+        subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
+        out, err = waiter.communicate(timeout=240)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+        if host:
+            subprocess.run([*node_control, "revive", host], check=False, capture_output=True)
+    print(out, err)
+    return job_id, host, out, err, waiter.returncode
+
+
 def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_left_through_the_queue(tmp_path):
     """No spare node: the first crash is relaunched at once on the same nodes (the node still answers); the
     same node failing again is kept off, and the job, which no longer fits its allocation, goes through the
@@ -384,39 +407,29 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
     writes no checkpoint before the kill; the node's memory went with it) and completes, and nothing of the old
     job runs on."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
-    node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
     args = ["submit", "--via", "sbatch", "--nodes", "2", "--backend", "ddp", "--time", "10", "--job-dir",
             str(job_dir), "--wait", "--", "--max-steps", "300", "--epochs", "1000", "--log-every", "1",
             "--snapshot-every-s", "0.2", "--persist-every-s", "0.5", "--dataset", "synthetic", "--synthetic-size",
             "1024", "--batch-size", "64", "--threads", "1"]
-    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
-    job_id, host = None, None
-    try:
-        job_id = job_id_of(waiter.stdout.readline())
+    seen = {}
+
+    def batch_host(job_id: str) -> str:
         first = live_rank(job_dir, job_id, 0, attempt=0, step=8)
         shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
         host = re.search(r"BatchHost=(\S+)", shown).group(1)
         assert first["hostname"] == host
         persisted = wait_for(lambda: checkpoints.complete(job_dir / "run" / "checkpoints"), 60)
-        persisted_step = int(persisted[-1].name[len("step"):])
-        killed_at = time.time()
-        subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
-        out, err = waiter.communicate(timeout=240)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-        if job_id:
-            subprocess.run(["scancel", job_id], check=False)
-        if host:
-            subprocess.run([*node_control, "revive", host], check=False, capture_output=True)
-    print(out, err)
+        seen.update(persisted_step=int(persisted[-1].name[len("step"):]), killed_at=time.time())
+        return host
+
+    job_id, host, out, err, status = waiting_through_a_node_death(args, home, batch_host)
+    persisted_step, killed_at = seen["persisted_step"], seen["killed_at"]
     lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
     assert [(a["ending"], a["node"], a["action"], a["source"]) for a in lines] == [
         ("node_failure", host, "resubmit", "waiter"), ("completed", None, "none", "batch")]
     new_id = lines[1]["job_id"]
     assert new_id != job_id and lines[0]["reason"] == f"resubmitted as job {new_id} without {host}"
-    assert waiter.returncode == 0 and f"{new_id}  COMPLETED" in out, out + err
+    assert status == 0 and f"{new_id}  COMPLETED" in out, out + err
     # One run of the job directory: the old job was cancelled (never requeued), none of its ranks runs on.
     old = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
     # (Slurm shows it COMPLETING until its dead node's part is cleaned up; it never went back to the queue.)
@@ -442,29 +455,13 @@ def test_deepspeed_whose_node_died_for_real_goes_on_on_the_spare_from_the_snapsh
     (slurmd and every process, nobody setting it DOWN): its optimizer partition survives as the copy the other node
     holds, and the step goes on at once on the spare from that snapshot, made a checkpoint on disk."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
-    node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
     args = ["submit", "--nodes", "2", "--spare-nodes", "1", "--backend", "deepspeed", "--zero-stage", "2",
             "--precision", "fp32", "--time", "10", "--job-dir", str(job_dir), "--wait", "--", "--max-steps", "300",
             "--epochs", "1000", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.5",
             "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
-    waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
-    job_id, host = None, None
-    try:
-        job_id = job_id_of(waiter.stdout.readline())
-        victim = live_rank(job_dir, job_id, 1, attempt=0, step=30)
-        host = victim["hostname"]
-        subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
-        out, err = waiter.communicate(timeout=240)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-        if job_id:
-            subprocess.run(["scancel", job_id], check=False)
-        if host:
-            subprocess.run([*node_control, "revive", host], check=False, capture_output=True)
-    print(out, err)
-    assert waiter.returncode == 0, out + err
+    _, host, out, err, status = waiting_through_a_node_death(
+        args, home, lambda job_id: live_rank(job_dir, job_id, 1, attempt=0, step=30)["hostname"])
+    assert status == 0, out + err
     lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
     assert [(a["ending"], a["node"], a["action"]) for a in lines] == [
         ("node_failure", host, "relaunch"), ("completed", None, "none")]

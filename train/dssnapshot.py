@@ -1,9 +1,9 @@
 """Keep DeepSpeed's partitioned state in node memory with a copy of each node's part on the next node, and turn
 the newest complete one into a disk checkpoint when a relaunch resumes.
 
-    parts = dssnapshot.open_parts(folder, node=..., local_rank=..., fresh=..., on_written=beat.snapshot_written)
+    parts = dssnapshot.open_parts(folder, node=..., local_rank=..., fresh=..., on_written=..., persist=...)
     parts.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))  # every rank
-    found = dssnapshot.assemble(parts, run.checkpoints, rank, world, disk_step)            # every rank, at a resume
+    found, source = dssnapshot.assemble(parts, run.checkpoints, rank, world, found)     # every rank, at a resume
 
 A ZeRO rank's optimizer partition (and under ZeRO-3 its parameters) exists nowhere else, so unlike dp/ddp no node
 holds the whole state: each node keeps its own ranks' files, as DeepSpeed's ``save_checkpoint`` writes them, in
@@ -14,6 +14,8 @@ step whose N parts all verify somewhere; the holders copy them into one checkpoi
 as any other, which every rank then loads as it loads a disk checkpoint (on fewer ranks through the universal
 conversion). The snapshot is written and sent while training waits: ``take`` is timed into ``stall_s``, which
 ``hpcdist bench`` checks against its 2% target, and ``spaced`` keeps the snapshots far enough apart to meet it.
+Every ``--persist-every-s`` each node's local rank 0 also copies its part to ``checkpoints/.parts/`` in a thread:
+what a new job resumes from when the allocation and its nodes' memory are gone (the batch host died).
 """
 
 from __future__ import annotations
