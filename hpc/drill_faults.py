@@ -10,6 +10,7 @@ node-control command, and the file system a job directory is on.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import shutil
@@ -27,6 +28,7 @@ from hpc.slurm import commands, grammar, parse
 
 # Written beside the job directory on the small file system; the room it leaves is half a checkpoint.
 FILLER = ".hpcdist-drill-filler"
+FILL_TRIES = 5  # measures of the free space the filling may take, the job writing on meanwhile
 _filled: set[Path] = set()  # the fillers this process made: the only ones it removes
 
 
@@ -172,16 +174,28 @@ def fill_disk(job_dir: Path) -> int:
     newest = checkpoints.newest(job_dir / vocab.RUN_DIR / vocab.CHECKPOINTS, checksums=False)
     if newest is None:
         raise RuntimeError(f"no checkpoint in {job_dir} to size the filling by")
-    size = shutil.disk_usage(job_dir).free - checkpoints.size(newest) // 2
-    if size > 0:
-        filler = job_dir.parent / FILLER
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        _filled.add(filler)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        finally:
-            os.close(fd)
-    return max(size, 0)
+    leave = checkpoints.size(newest) // 2
+    filler, written = job_dir.parent / FILLER, 0
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _filled.add(filler)
+    try:
+        # The job writes on meanwhile (a checkpoint, a persisted snapshot): a measure the job made stale is taken
+        # again, until the rest fits.
+        for _ in range(FILL_TRIES):
+            size = shutil.disk_usage(job_dir).free - leave
+            if size <= 0:
+                break
+            try:
+                os.posix_fallocate(fd, written, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                continue
+            written += size
+            break
+    finally:
+        os.close(fd)
+    return written
 
 
 def empty_disk(job_dir: Path) -> None:

@@ -4,6 +4,7 @@ tests/test_drill.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 
@@ -54,6 +55,20 @@ def test_the_disk_is_filled_beside_the_job_to_half_a_checkpoint_and_emptied_agai
         drill_faults.fill_disk(job_dir)
     drill_faults.empty_disk(job_dir)
     assert (tmp_path / drill_faults.FILLER).read_text() == "someone's"
+
+
+def test_free_space_the_job_took_meanwhile_is_measured_again_not_a_crash(tmp_path, monkeypatch):
+    job_dir = tmp_path / "job"
+    checkpoint(job_dir, 10, 4000)
+    asked: list[int] = []
+
+    def fallocate(fd, offset, size):
+        asked.append(size)
+        if len(asked) == 1:  # the job wrote a checkpoint between the measure and the filling
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(drill_faults.os, "posix_fallocate", fallocate)
+    assert drill_faults.fill_disk(job_dir) == asked[1] and len(asked) == 2
+    drill_faults.empty_disk(job_dir)
 
 
 def test_a_storage_fault_must_leave_every_kept_checkpoint_whole_and_nothing_half_written(tmp_path):
