@@ -324,24 +324,31 @@ def wait_for(found, timeout: float):
     pytest.fail(f"not there after {timeout:.0f}s: {found}")
 
 
-def waiting_through_a_node_death(args: list[str], home: Path, victim) -> tuple[str, str, str, str, int]:
+def waiting_through_a_node_death(args: list[str], home: Path, job_dir: Path, victim
+                                 ) -> tuple[str, str, str, str, int]:
     """``hpcdist submit ... --wait`` running while the node ``victim(job_id)`` names is killed for real (slurmd and
-    every process, nobody setting it DOWN; revived afterwards): (job id, node, stdout, stderr, exit status)."""
+    every process, nobody setting it DOWN), and revived once the run has moved off it, as an admin would later (the
+    job ends only when Slurm hears from the node, else after SlurmdTimeout, 300 s): (job id, node, stdout, stderr,
+    exit status)."""
     node_control = ["bash", str(REPO / "scripts" / "slurm-local.sh")]
     waiter = subprocess.Popen([sys.executable, "-m", "hpc", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=environ(home, PYTHONUNBUFFERED="1"))
-    job_id, host = None, None
+    job_id, host, dead = None, None, False
     try:
         job_id = job_id_of(waiter.stdout.readline())
         host = victim(job_id)
         subprocess.run([*node_control, "kill-node", host], check=True, capture_output=True)
+        dead = True
+        wait_for(lambda: (job_dir / "attempts.jsonl").exists() or waiter.poll() is not None, 120)
+        subprocess.run([*node_control, "revive", host], check=True, capture_output=True)
+        dead = False
         out, err = waiter.communicate(timeout=240)
     finally:
         if waiter.poll() is None:
             waiter.kill()
         if job_id:
             subprocess.run(["scancel", job_id], check=False)
-        if host:
+        if dead:
             subprocess.run([*node_control, "revive", host], check=False, capture_output=True)
     print(out, err)
     return job_id, host, out, err, waiter.returncode
@@ -422,7 +429,7 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
         seen.update(persisted_step=int(persisted[-1].name[len("step"):]), killed_at=time.time())
         return host
 
-    job_id, host, out, err, status = waiting_through_a_node_death(args, home, batch_host)
+    job_id, host, out, err, status = waiting_through_a_node_death(args, home, job_dir, batch_host)
     persisted_step, killed_at = seen["persisted_step"], seen["killed_at"]
     lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
     assert [(a["ending"], a["node"], a["action"], a["source"]) for a in lines] == [
@@ -460,7 +467,7 @@ def test_deepspeed_whose_node_died_for_real_goes_on_on_the_spare_from_the_snapsh
             "--epochs", "1000", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.5",
             "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64", "--threads", "1"]
     _, host, out, err, status = waiting_through_a_node_death(
-        args, home, lambda job_id: live_rank(job_dir, job_id, 1, attempt=0, step=30)["hostname"])
+        args, home, job_dir, lambda job_id: live_rank(job_dir, job_id, 1, attempt=0, step=30)["hostname"])
     assert status == 0, out + err
     lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
     assert [(a["ending"], a["node"], a["action"]) for a in lines] == [
