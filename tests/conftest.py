@@ -118,6 +118,8 @@ def launch():
             if p.poll() is None:
                 p.kill()
         if launched.job_id is not None:
-            # What a site's epilog does at the end of a job: a killed run's snapshots stay in memory otherwise.
-            for folder in Path("/dev/shm").glob(f"hpcdist-snap-{launched.job_id}-*"):
-                shutil.rmtree(folder, ignore_errors=True)
+            # What a site's epilog does at the end of a job: a killed run's snapshots and heartbeat hand-over
+            # folders stay in memory otherwise.
+            for pattern in (f"hpcdist-snap-{launched.job_id}-*", f"hpcdist-beats-{launched.job_id}-*"):
+                for folder in Path("/dev/shm").glob(pattern):
+                    shutil.rmtree(folder, ignore_errors=True)
