@@ -183,6 +183,9 @@ def main(argv=None) -> int:
 
     import deepspeed
 
+    from train.runtime import without_shm_comm
+
+    without_shm_comm()  # the trainer's own set-up: no ~40 s compile of an op that serves inference only
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     for precision in args.precision:
