@@ -86,6 +86,11 @@ def test_parts_the_nodes_persisted_complete_what_memory_lost_and_later_ones_are_
     assert checkpoints.held_in(on_disk) == {"part-1-of-2": [30]}
     parts.clear()  # node 0's local rank 0, at a fresh start or the run's end: the persisted parts too
     assert not on_disk.exists() and not memory.exists()
+    # A file someone else put among the persisted parts is left, and its folder with it.
+    part(on_disk, 0, 2, 50, {"a.pt": b"1"})
+    (on_disk / "notes.txt").write_text("mine")
+    parts.clear()
+    assert sorted(p.name for p in on_disk.iterdir()) == ["notes.txt"]
 
 
 def test_a_node_persists_its_part_in_the_background_every_persist_period(tmp_path):

@@ -20,14 +20,16 @@ what a new job resumes from when the allocation and its nodes' memory are gone (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -109,15 +111,17 @@ class Parts:
         if not self.leader:
             return
         if self.node == 0 and self.on_disk is not None:
-            shutil.rmtree(self.on_disk, ignore_errors=True)
+            # Only the parts the nodes wrote: anything else someone put in the folder stays, and so does the folder.
+            for part in self.on_disk.glob(PART.format("*", "*")):
+                shutil.rmtree(part, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.on_disk.rmdir()
         if not fileio.is_private(self.folder):
             return
         for part in self.folder.glob(PART.format("*", "*")):
             shutil.rmtree(part, ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):
             self.folder.rmdir()
-        except OSError:
-            pass
 
     def drop(self) -> None:
         """Every rank, at the run's end: once no node is still persisting a part, clear."""
@@ -179,12 +183,13 @@ class Parts:
         checkpoint.save(self.part(before), step, rank=0, write=write)
 
 
+@dataclass(frozen=True)
 class Groups:
     """The gloo groups a snapshot speaks over: every rank (a CPU vote even when training runs NCCL) and the
-    nodes' local ranks 0 (the ring)."""
+    nodes' local ranks 0 (the ring); None where there is no one else."""
 
-    def __init__(self, every, leaders) -> None:
-        self.every, self.leaders = every, leaders
+    every: Any
+    leaders: Any
 
 
 def open_parts(folder: Path | None, *, node: int, local_rank: int, fresh: bool,
