@@ -1,6 +1,6 @@
 """The planner's per-GPU model-state estimate agrees with what DeepSpeed holds on two CPU ranks.
 
-tools/memprobe.py trains 4 x Linear(1024, 1024) (4.2M parameters; 67M by default) for two steps under ZeRO
+tools/memprobe.py trains 4 x Linear(2048, 2048) (16.8M parameters; 67M by default) for two steps under ZeRO
 0-3 in fp32 and bf16 over gloo, and counts the bytes of every tensor storage alive during the last step, split into
 parameters, gradients and optimizer state (fp32 master copy and moments). Model states are counted where
 each stage's accounting says they coexist: for ZeRO-0/1 just before DeepSpeed reduces gradients, when
@@ -38,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 TOLERANCE = 0.03
-# 4 x Linear(1024, 1024), 4.2M parameters (67 MB of bf16 model states per rank), with DeepSpeed's buckets scaled
-# down alike (312,500 elements): the same proportions as memprobe's 67M default (what is not model state is a few
-# scalars, far under the tolerance at either size) in well under half of the 16.8M probe's time (85 s in CI).
-WIDTH, BUCKET = 1024, 312_500
+# 4 x Linear(2048, 2048), 16.8M parameters (268 MB of bf16 model states per rank), with DeepSpeed's buckets
+# scaled down alike (1.25M elements): the same proportions as memprobe's 67M default in a quarter of CI's time.
+WIDTH, BUCKET = 2048, 1_250_000
 
 pytestmark = pytest.mark.slow
 
