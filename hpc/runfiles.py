@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,9 @@ def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], er
 
 def declare(path: Path, record: Mapping[str, Any]) -> bool:
     """Write ``record`` to ``path`` (hang.json, lost.json) unless a rank declared first: a hard link of a whole
-    temporary file, so a reader never sees half of it and two declarers never mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary file, so a reader never sees half of it and two declarers never mix (nor two threads of one
+    process: the ranks' watchdogs of a test)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(dict(record)) + "\n")
     try:
         os.link(tmp, path)

@@ -39,3 +39,25 @@ def test_a_hang_with_unreadable_fields_counts_them_as_absent(tmp_path: Path) -> 
     assert runfiles.read_hang(tmp_path, 2).get("step") is None
     (tmp_path / HANG).write_text('{"attempt": "x", "step": 3}')
     assert runfiles.read_hang(tmp_path, 2) == {"step": 3}
+
+
+def test_one_declaration_wins_among_threads_of_one_process_declaring_at_once(tmp_path):
+    import threading
+
+    won, failed = [], []
+
+    def declare(rank: int) -> None:
+        try:
+            won.append(runfiles.declare(tmp_path / "hang.json", {"declared_by": rank}))
+        except OSError as exc:
+            failed.append(exc)
+    for _ in range(20):
+        (tmp_path / "hang.json").unlink(missing_ok=True)
+        threads = [threading.Thread(target=declare, args=(r,)) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failed == [] and won.count(True) == 1
+        won.clear()
+    assert [p.name for p in tmp_path.iterdir()] == ["hang.json"]
