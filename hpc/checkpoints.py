@@ -20,6 +20,9 @@ MANIFEST = "MANIFEST.json"
 # checkpoints folder (beside stepNNNNNNNN/, which complete() never takes it for).
 PART = "part-{}-of-{}"
 PARTS = ".parts"
+# Seconds between snapshots in node memory in a Slurm job by default (train/snapshot.py; the drill times its faults
+# by it).
+SNAPSHOT_EVERY_S = 5.0
 
 
 def name_for(step: int) -> str:

@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from hpc.checkpoints import SNAPSHOT_EVERY_S
+
 SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang", "batch_host_loss", "disk_full")
 # What a scenario needs of the site beyond a Slurm partition: the drill's option that provides it.
 NEEDS = {"batch_host_loss": ("--node-control", "a command that kills a node for real"),
@@ -28,14 +30,24 @@ NEEDS = {"batch_host_loss": ("--node-control", "a command that kills a node for 
 BASIC = tuple(s for s in SCENARIOS if s not in NEEDS)
 # The ones the batch shell classifies (hpc/failures); a dead batch host is named by its waiter (hpc/rescue.py).
 BATCH_CLASSIFIED = tuple(s for s in SCENARIOS if s != "batch_host_loss")
+# The ones that resume from the state held before the fault (a snapshot, a checkpoint), not one written at it.
+FROM_HELD_STATE = ("rank_kill", "node_loss", "hang", "batch_host_loss")
 FAULT_STEP = 10
 CHECKPOINT_EVERY = 5
 LOSS_TOLERANCE = 1e-6
 # The trainer's arguments for every drill job (fp32 and one thread per rank keep the sums in one order, so
 # a resumed run's losses equal the reference's exactly); --epochs is large so that --max-steps decides.
 TRAIN_ARGS = ("--epochs", "1000", "--log-every", "1", "--dataset", "synthetic", "--synthetic-size", "1024",
-              "--batch-size", "64", "--threads", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
-              "--timeout-s", "120")
+              "--batch-size", "64", "--threads", "1", "--timeout-s", "120")
+# The drill's own cadence: every fault resumes from a checkpoint at most CHECKPOINT_EVERY steps old, at FAULT_STEP.
+# With --job-defaults the job's defaults decide instead (snapshots in node memory every SNAPSHOT_EVERY_S,
+# checkpoints every 10 minutes) and a fault comes half an interval after a snapshot was published, the average
+# moment: the time a user with default options loses. disk_full keeps the cadence: its fault is a checkpoint.
+CADENCE = ("--checkpoint-every", str(CHECKPOINT_EVERY))
+SNAPSHOT_PHASE_S = SNAPSHOT_EVERY_S / 2
+# Seconds of training a job with the defaults needs after its start-up: the first snapshot, half an interval, and
+# the recovery's steps (the time-limit job's is longer: TIME_LIMIT_REACH_S).
+DEFAULTS_REACH_S = 15
 # Slurm keeps a time limit in whole minutes and acts on a cut one at its next check (every ~30 s; the
 # --signal warning came 3-11 s after the cut in the matrix's five cells), so the time-limit job must still be
 # training this long after the fault: its steps come from the measured rate.
@@ -331,6 +343,17 @@ def step_rate(metrics_text: str) -> float | None:
 def time_limit_steps(rate: float, least: int) -> int:
     """Steps for the time-limit job: still training TIME_LIMIT_REACH_S after the fault at this rate."""
     return max(least, FAULT_STEP + int(rate * TIME_LIMIT_REACH_S) + 2 * CHECKPOINT_EVERY)
+
+
+def train_args(scenario: str, job_defaults: bool) -> tuple[str, ...]:
+    """The trainer's arguments for a scenario's job (or the reference's): the drill's cadence unless
+    ``job_defaults``."""
+    return TRAIN_ARGS + (CADENCE if scenario == "disk_full" or not job_defaults else ())
+
+
+def defaults_steps(rate: float, least: int) -> int:
+    """Steps for a job with the defaults: still training DEFAULTS_REACH_S of this rate after FAULT_STEP."""
+    return max(least, FAULT_STEP + int(rate * DEFAULTS_REACH_S) + 2 * CHECKPOINT_EVERY)
 
 
 def as_json(results: Iterable[Result]) -> str:

@@ -157,17 +157,21 @@ def _reviver(job: Job, scenario: str, node: str, node_control: str | None) -> Ca
 
 def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int,
                  out: Callable[[str], None], timeout_s: float = 600, node_control: str | None = None,
-                 beside: Callable[[], None] = lambda: None, ready: Callable[[], bool] = lambda: True) -> Observed:
-    """Submit the scenario's job once ``ready``, fault it at FAULT_STEP, follow it to the end, collect what it did;
-    ``beside`` runs at every poll."""
+                 beside: Callable[[], None] = lambda: None, ready: Callable[[], bool] = lambda: True,
+                 after_snapshot: bool = False) -> Observed:
+    """Submit the scenario's job once ``ready``, fault it at FAULT_STEP (``after_snapshot``: then half a snapshot
+    interval after a snapshot), follow it to the end, collect what it did; ``beside`` runs at every poll."""
     seen = Observed(scenario)
     handle.follow(lambda: (beside(), ready())[1], bool, POLL_S, 600)
     job = last = Job(submit(scenario, steps))
     seen.job_id, seen.job_dir = job.job_id, job.record.job_dir
-    out(f"{scenario}: job {job.job_id} submitted ({job.job_dir}); fault at step {FAULT_STEP}: {FAULTS[scenario]}")
+    when = f"step {FAULT_STEP}" + (f", then {drill.SNAPSHOT_PHASE_S:g} s after a snapshot" if after_snapshot else "")
+    out(f"{scenario}: job {job.job_id} submitted ({job.job_dir}); fault at {when}: {FAULTS[scenario]}")
     node_down = None
     try:
         wait_for_step(job, FAULT_STEP, timeout_s=300, beside=beside)
+        if after_snapshot:
+            wait_for_snapshot(job, timeout_s=60, beside=beside)
         seen.fault_step = job.newest_step()
         during = drill_faults.inject(scenario, job, seen, out, node_control)
         if scenario in ("node_loss", "batch_host_loss"):
@@ -216,30 +220,49 @@ def cancel_all(job_ids: Iterable[str]) -> None:
         commands.scancel(live)
 
 
-def _steps_for_time_limit(ref: Job, steps: int, wanted: int | None, say: Callable[[str], None],
-                          timeout_s: float) -> int:
-    """Steps of the time-limit job: as asked, else as many as the reference trains here while Slurm acts."""
-    if wanted:
-        return max(steps, wanted)
+def _steps_by_rate(ref: Job, scenarios: Sequence[str], steps: int, time_limit_steps: int | None,
+                   job_defaults: bool, say: Callable[[str], None], timeout_s: float) -> dict[str, int]:
+    """Each scenario's steps: ``steps``, but the time-limit job's as asked, else as many as the reference trains
+    here while Slurm acts, and with the job's defaults as many as it trains past a snapshot and the recovery."""
+    steps_of = dict.fromkeys(scenarios, steps)
+    by_rate = [s for s in scenarios if (s == "time_limit" and not time_limit_steps)
+               or (job_defaults and s in drill.FROM_HELD_STATE)]
+    if "time_limit" in scenarios and time_limit_steps:
+        steps_of["time_limit"] = max(steps, time_limit_steps)
+    if not by_rate:
+        return steps_of
     wait_for_step(ref, 4 * FAULT_STEP, timeout_s)
     rate = ref.rate() or 0.0
-    chosen = drill.time_limit_steps(rate, steps)
-    say(f"reference trains {rate:.1f} steps/s: the time-limit job runs {chosen} steps")
-    return chosen
+    for s in by_rate:
+        steps_of[s] = (drill.time_limit_steps if s == "time_limit" else drill.defaults_steps)(rate, steps)
+    say(f"reference trains {rate:.1f} steps/s: " + ", ".join(f"{s} runs {steps_of[s]} steps" for s in by_rate))
+    return steps_of
+
+
+def wait_for_snapshot(job: Job, timeout_s: float, beside: Callable[[], None] = lambda: None) -> None:
+    """Block until a node of the job has published a snapshot, then SNAPSHOT_PHASE_S more (a fault then costs
+    what one at a random moment costs on average); raise if none comes in time."""
+    def held() -> bool:
+        beside()
+        return any(b.snapshot_step for b in monitor.read_heartbeats(job.run_dir).values())
+    if not handle.follow(held, bool, POLL_S, timeout_s, clock=job.clock, sleep=job.sleep):
+        raise RuntimeError(f"job {job.job_id} published no snapshot within {timeout_s:.0f} s")
+    after = job.clock() + drill.SNAPSHOT_PHASE_S
+    handle.follow(lambda: (beside(), job.clock() >= after)[1], bool, POLL_S, drill.SNAPSHOT_PHASE_S + 1,
+                  clock=job.clock, sleep=job.sleep)
 
 
 def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], steps: int, *,
               say: Callable[[str], None], timeout_s: float, node_control: str | None = None,
-              time_limit_steps: int | None = None, spare_nodes: int = 0) -> list[Result]:
+              time_limit_steps: int | None = None, spare_nodes: int = 0, job_defaults: bool = False) -> list[Result]:
     """Each scenario's job faulted and followed, beside one uninterrupted reference job; every job the drill
-    submitted is cancelled at the end, whatever happens. ``submit(label, steps)`` -> the job's record."""
+    submitted is cancelled at the end, whatever happens. ``submit(label, steps)`` -> the job's record;
+    ``job_defaults``: the jobs run with the trainer's own checkpoint and snapshot defaults (drill.CADENCE)."""
     ref = Job(submit("reference", REFERENCE_STEPS_CAP))
     ref_id = ref.job_id
     observed: list[Observed] = []
-    steps_of = dict.fromkeys(scenarios, steps)
     try:
-        if "time_limit" in scenarios:
-            steps_of["time_limit"] = _steps_for_time_limit(ref, steps, time_limit_steps, say, timeout_s)
+        steps_of = _steps_by_rate(ref, scenarios, steps, time_limit_steps, job_defaults, say, timeout_s)
         reference_steps = max(steps_of.values())
         say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref.job_dir})")
         released = []
@@ -255,7 +278,8 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
             # the reference has every step it needs.
             first = scenario == "batch_host_loss"
             seen = run_scenario(scenario, submit, steps_of[scenario], say, timeout_s, node_control, beside=release,
-                                ready=lambda first=first: not first or bool(released))
+                                ready=lambda first=first: not first or bool(released),
+                                after_snapshot=job_defaults and scenario in drill.FROM_HELD_STATE)
             observed.append(seen)
             say(f"{scenario}: job {seen.job_id} ended {seen.final_state}")
         reference = reference_losses(ref, reference_steps, timeout_s)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py                       # all 5 x 7, ~25 min on 2 cores
     PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py --combos ddp/srun,deepspeed/deepspeed --out m.md
+    PYTHONPATH=. .venv/bin/python scripts/drill-matrix.py --job-defaults --out m.md  # the time lost with defaults
 
 Each combination is one drill (its own uninterrupted reference run, then the seven faults one after another),
 2-node jobs holding `--spare-nodes` (1) on the local 3-node cluster, node_loss and batch_host_loss killing their
@@ -65,14 +66,14 @@ def capture(combo: str, results: list[dict], root: Path, into: Path) -> None:
             print(f"{combo} {r['scenario']}: not captured: {exc}", file=sys.stderr, flush=True)
 
 
-def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str, spare_nodes: str,
-          ntasks_per_node: str) -> tuple[list[dict], str, float]:
+def drill(combo: str, scenarios: str, root: Path, hang_timeout_s: str | None, spare_nodes: str,
+          ntasks_per_node: str, job_defaults: bool) -> tuple[list[dict], str, float]:
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "hpc", "drill", "--nodes", "2", "--spare-nodes", spare_nodes,
                            "--ntasks-per-node", ntasks_per_node, "--node-control", NODE_CONTROL, "--small-disk",
-                           SMALL_DISK, *MATRIX[combo],
-                           "--scenarios", scenarios, "--json", "--job-dir",
-                           str(root / combo.replace("/", "-")), "--", "--hang-timeout-s", hang_timeout_s],
+                           SMALL_DISK, *MATRIX[combo], *(["--job-defaults"] if job_defaults else []),
+                           "--scenarios", scenarios, "--json", "--job-dir", str(root / combo.replace("/", "-")),
+                           *(["--", "--hang-timeout-s", hang_timeout_s] if hang_timeout_s else [])],
                           capture_output=True, text=True)
     try:
         results = json.loads(proc.stdout)
@@ -104,15 +105,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--combos", default=",".join(MATRIX), help="backend/launcher pairs, comma-separated")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--hang-timeout-s", default="20", help="the trainer's hang threshold (its default is 60)")
+    p.add_argument("--hang-timeout-s", help="the trainer's hang threshold [20; with --job-defaults the trainer's own]")
+    p.add_argument("--job-defaults", action="store_true", help="the jobs keep the trainer's checkpoint and snapshot "
+                   "defaults, each fault half a snapshot interval after a snapshot (hpcdist drill --job-defaults)")
     p.add_argument("--spare-nodes", default="1", help="spare nodes each job holds (0: the queue fallback)")
     p.add_argument("--ntasks-per-node", default="1", help="ranks a node (2: a node's other rank learns of a fault "
                    "from its node's reader)")
     p.add_argument("--out", type=Path, help="also write the table (and NAME.json with every result) here")
     p.add_argument("--capture", type=Path, help="keep every cell's faulted attempt as a classifier fixture here")
     args = p.parse_args()
+    hang = args.hang_timeout_s or (None if args.job_defaults else "20")
     lines = [f"Drill matrix, 2 nodes x {args.ntasks_per_node} ranks + {args.spare_nodes} spare, "
-             f"hang threshold {args.hang_timeout_s} s, "
+             f"hang threshold {f'{hang} s' if hang else 'the trainer default'}, "
+             f"{'the trainer defaults, faults after a snapshot' if args.job_defaults else 'checkpoints every 5 steps'}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| backend/launcher | scenario | ending | action | excluded | resumed | losses | recovery s "
              "| classified + restarted + first step | lost s | verdict |",
@@ -120,8 +125,8 @@ def main() -> None:
     everything, failed = {}, False
     with tempfile.TemporaryDirectory(prefix="drill-matrix-") as tmp:
         for combo in args.combos.split(","):
-            results, stderr, took = drill(combo, args.scenarios, Path(tmp), args.hang_timeout_s, args.spare_nodes,
-                                          args.ntasks_per_node)
+            results, stderr, took = drill(combo, args.scenarios, Path(tmp), hang, args.spare_nodes,
+                                          args.ntasks_per_node, args.job_defaults)
             everything[combo] = {"results": results, "wall_s": round(took, 1)}
             if args.capture:
                 capture(combo, results, Path(tmp), args.capture)

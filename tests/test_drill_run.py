@@ -57,3 +57,37 @@ def test_a_job_that_ends_before_the_fault_step_is_a_problem_named_at_once(tmp_pa
     job = drill_job(tmp_path, "", accounted="7|FAILED|1:0|n1|00:00:05|1\n")
     with pytest.raises(RuntimeError, match="job 7 ended before step 10"):
         drill_run.wait_for_step(job, 10, timeout_s=60)
+
+
+def publish_beat(tmp_path, snapshot_step):
+    from hpc import beatfile
+
+    folder = beatfile.folder(tmp_path / "run")
+    folder.mkdir(parents=True, exist_ok=True)
+    beat = {"rank": 0, "step": 12, "time": 1.0, "snapshot_step": snapshot_step}
+    beatfile.node_path(tmp_path / "run", 0).write_bytes(beatfile.encode(beatfile.node_document(0, "n1", 0, 1.0, [beat])))
+
+
+def test_with_the_job_defaults_the_fault_comes_half_an_interval_after_a_node_published_a_snapshot(tmp_path):
+    from hpc import drill
+
+    publish_beat(tmp_path, None)
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+        if now[0] >= 3:
+            publish_beat(tmp_path, 40)
+    job = drill_run.Job(registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted=""),
+                        clock=lambda: now[0], sleep=sleep)
+    drill_run.wait_for_snapshot(job, timeout_s=60)
+    assert 3 + drill.SNAPSHOT_PHASE_S <= now[0] < 3.5 + drill.SNAPSHOT_PHASE_S
+
+
+def test_a_job_that_publishes_no_snapshot_is_a_problem_named(tmp_path):
+    publish_beat(tmp_path, None)
+    now = [0.0]
+    job = drill_run.Job(registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted=""),
+                        clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    with pytest.raises(RuntimeError, match="job 7 published no snapshot within 30 s"):
+        drill_run.wait_for_snapshot(job, timeout_s=30)

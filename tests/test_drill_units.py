@@ -163,3 +163,14 @@ def test_the_default_scenarios_are_the_basic_ones_and_each_whose_site_option_is_
         drill.choose("disk_full", {})
     with pytest.raises(ValueError, match="unknown scenario.*flood"):
         drill.choose("flood", {})
+
+
+def test_with_the_job_defaults_only_disk_full_keeps_the_drills_checkpoint_cadence():
+    assert drill.train_args("rank_kill", job_defaults=False)[-2:] == ("--checkpoint-every", "5")
+    assert "--checkpoint-every" not in drill.train_args("rank_kill", job_defaults=True)
+    assert "--checkpoint-every" not in drill.train_args("reference", job_defaults=True)
+    # Its fault is a checkpoint that does not fit: it needs one to come.
+    assert drill.train_args("disk_full", job_defaults=True)[-2:] == ("--checkpoint-every", "5")
+    # At 10 steps/s: the fault at step 10, 15 s of steps past it for a snapshot, half an interval and the recovery.
+    assert drill.defaults_steps(10.0, least=40) == 10 + 150 + 10
+    assert drill.SNAPSHOT_PHASE_S == 2.5

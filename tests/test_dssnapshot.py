@@ -93,17 +93,22 @@ def test_parts_the_nodes_persisted_complete_what_memory_lost_and_later_ones_are_
     assert sorted(p.name for p in on_disk.iterdir()) == ["notes.txt"]
 
 
-def test_a_node_persists_its_part_in_the_background_every_persist_period(tmp_path):
+def test_a_node_persists_its_first_part_at_once_then_one_every_persist_period_in_the_background(tmp_path):
     memory, root = tmp_path / "memory", tmp_path / "checkpoints"
     parts = dssnapshot.Parts(memory, node=1, nodes=2, leaders=[0, 1], local_rank=0, group=None,
                              persist=snapshot.Persist(root, 0.5))
     part(memory, 1, 2, 10, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"adam"})
     parts._maybe_persist(10)
-    assert parts._persisting is None, "persisted before its period passed"
-    time.sleep(0.5)
-    parts._maybe_persist(10)
     parts._persisting.join()
     assert checkpoints.held_in(root / checkpoints.PARTS) == {"part-1-of-2": [10]}
+    part(memory, 1, 2, 20, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"adam"})
+    first = parts._persisting
+    parts._maybe_persist(20)
+    assert parts._persisting is first, "persisted again before its period passed"
+    time.sleep(0.5)
+    parts._maybe_persist(20)
+    parts._persisting.join()
+    assert checkpoints.held_in(root / checkpoints.PARTS) == {"part-1-of-2": [10, 20]}
 
 
 def test_snapshots_are_spaced_so_that_training_waits_for_them_under_one_percent_of_the_time(tmp_path):
@@ -112,3 +117,55 @@ def test_snapshots_are_spaced_so_that_training_waits_for_them_under_one_percent_
     assert parts.spaced(5.0) == 5.0
     parts.last_s = 0.04  # a part written and sent in 40 ms: one every 4 s at most
     assert parts.spaced(1.0) == pytest.approx(4.0)
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dssnapshot.Groups(dist.new_group(backend="gloo"), None)
+    dist.destroy_process_group()
+
+
+def test_training_waits_only_for_the_part_written_and_a_snapshot_due_while_one_is_handed_on_is_skipped(
+        tmp_path, one_rank_group):
+    import threading
+
+    written = []
+    parts = dssnapshot.Parts(tmp_path / "memory", node=0, nodes=1, leaders=[0], local_rank=0, group=one_rank_group,
+                             on_written=written.append)
+    (tmp_path / "memory").mkdir(mode=0o700)
+
+    def write(staging: Path, tag: str) -> None:
+        (staging / tag / "mp_rank_00_model_states.pt").write_bytes(b"w")
+    held_up, handing = threading.Event(), parts._hand_on
+    parts._hand_on = lambda step: (held_up.wait(), handing(step))
+    parts.take(10, write)
+    assert parts.taken == 1 and checkpoints.held_in(tmp_path / "memory") == {"part-0-of-1": [10]}
+    assert written == [], "published before its hand-on ended"
+    parts.take(20, write)  # the hand-on of step 10 still goes on: every rank skips this one
+    assert (parts.taken, parts.skipped) == (1, 1) and checkpoints.held_in(tmp_path / "memory")["part-0-of-1"] == [10]
+    held_up.set()
+    parts._handing.join()
+    assert written == [10]
+    parts.take(30, write)
+    parts.drop()
+    assert written == [10, 30] and parts.taken == 2 and not parts.stopped
+
+
+def test_a_part_that_could_not_be_handed_on_stops_the_snapshots_on_every_rank_at_the_next_vote(
+        tmp_path, one_rank_group):
+    said = []
+    parts = dssnapshot.Parts(tmp_path / "memory", node=0, nodes=2, leaders=[0, 1], local_rank=0,
+                             group=one_rank_group, say=said.append)
+    (tmp_path / "memory").mkdir(mode=0o700)
+
+    def broken(step: int) -> None:
+        raise OSError(28, "No space left on device")
+    parts._pass_on = broken
+    parts.take(10, lambda staging, tag: (staging / tag / "a.pt").write_bytes(b"a"))
+    parts._handing.join()
+    parts.take(20, lambda staging, tag: (staging / tag / "a.pt").write_bytes(b"a"))
+    assert parts.stopped and parts.taken == 1
+    assert "could not be handed on: [Errno 28] No space left on device" in said[0]

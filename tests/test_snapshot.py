@@ -178,7 +178,7 @@ def test_snapshots_are_persisted_to_the_checkpoints_in_the_background_and_load_a
     assert torch.equal(engine.train_step(x, y), after)
 
 
-def test_a_step_the_loop_already_saved_is_not_persisted_again_and_none_is_before_its_interval(tmp_path):
+def test_a_step_the_loop_already_saved_is_not_persisted_again_and_after_the_first_none_before_its_interval(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoint.save(checkpoints, 20, rank=0, write=lambda staging, tag: (staging / tag / "own.pt").write_text("x"))
     store = snapshot.Store(tmp_path / "s", persist=snapshot.Persist(checkpoints, every_s=1e-6))
@@ -189,7 +189,10 @@ def test_a_step_the_loop_already_saved_is_not_persisted_again_and_none_is_before
     later = snapshot.Store(tmp_path / "s2", persist=snapshot.Persist(checkpoints, every_s=3600))
     later.take(30, lambda: {"step": 30})
     later.close()
-    assert newest(checkpoints).name == "step00000020"
+    assert newest(checkpoints).name == "step00000030", "the first snapshot is persisted at once"
+    later.take(40, lambda: {"step": 40})
+    later.close()
+    assert newest(checkpoints).name == "step00000030"
 
 
 def test_when_persisting_fails_it_stops_saying_why_and_the_snapshots_go_on(tmp_path):

@@ -139,8 +139,9 @@ def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_un
         launch, tmp_path, monkeypatch):
     shm = tmp_path / "shm"
     monkeypatch.setenv(snapshot.ROOT_ENV, str(shm))
+    # Nothing on disk (no loop checkpoint, no snapshot persisted): the resume can only come from memory.
     args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--max-steps", "160", "--log-every", "1",
-            "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05"]
+            "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05", "--persist-every-s", "0"]
     reference = tmp_path / "reference"
     assert launch("srun", args, reference).wait() == [0, 0]
     assert not shm.exists() or not any(shm.iterdir()), "a completed run leaves its snapshots in memory"

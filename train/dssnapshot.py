@@ -12,8 +12,9 @@ them to the next node's (a ring over a gloo group of the nodes' local ranks 0), 
 ``part-(I-1)-of-N``. Any one node's death leaves every part on the others. At a resume the ranks agree on the newest
 step whose N parts all verify somewhere; the holders copy them into one checkpoint in the run directory, published
 as any other, which every rank then loads as it loads a disk checkpoint (on fewer ranks through the universal
-conversion). The snapshot is written and sent while training waits: ``take`` is timed into ``stall_s``, which
-``hpcdist bench`` checks against its 2% target, and ``spaced`` keeps the snapshots far enough apart to meet it.
+conversion). Training waits while its node's part is written into tmpfs (DeepSpeed's save, timed into ``stall_s``,
+which ``hpcdist bench`` checks against its 2% target; ``spaced`` keeps the snapshots far enough apart to meet it);
+the part is handed to the next node in a thread, and a snapshot due while one is still on its way is skipped.
 Every ``--persist-every-s`` each node's local rank 0 also copies its part to ``checkpoints/.parts/`` in a thread:
 what a new job resumes from when the allocation and its nodes' memory are gone (the batch host died).
 """
@@ -53,34 +54,42 @@ class Parts:
                  say: Callable[[str], None] = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True)):
         self.folder, self.node, self.nodes, self.leaders = Path(folder), node, nodes, leaders
         self.leader, self.group, self.on_written, self.say = local_rank == 0, group, on_written, say
-        self.taken, self.stall_s, self.last_s, self.stopped = 0, 0.0, 0.0, False
+        self.taken, self.skipped, self.stall_s, self.last_s, self.stopped = 0, 0, 0.0, 0.0, False
         # train.snapshot.Persist: every ``every_s`` the node's local rank 0 copies its part to ``root``/PARTS.
         self.on_disk = Path(persist.root) / PARTS if persist is not None else None
         self.persist = persist if self.leader and persist is not None and persist.every_s > 0 else None
-        self._persisted_at, self._persisting = time.monotonic(), None
+        # The first part is persisted at once: a run that loses its allocation in its first minute loses seconds.
+        self._persisted_at, self._persisting = float("-inf"), None
+        # The local rank 0's thread handing its newest part round the ring; what broke it, for the next vote.
+        self._handing: threading.Thread | None = None
+        self._broken = ""
 
     def part(self, node: int) -> Path:
         return self.folder / PART.format(node, self.nodes)
 
     def take(self, step: int, write: Callable[[Path, str], None]) -> None:
-        """Every rank: write this node's part (DeepSpeed's collective save into tmpfs), then the nodes' local
-        ranks 0 hand it round the ring. Skipped on every rank alike when a node lacks the memory for it."""
+        """Every rank: write this node's part (DeepSpeed's collective save into tmpfs, the only wait); the nodes'
+        local ranks 0 then hand it round the ring in a thread while training goes on. Skipped on every rank alike
+        while a node still hands on the one before, and stopped for good when a node lacks the memory for another."""
         if self.stopped:
             return
         began = time.perf_counter()
-        if not self._all_have_room():
+        room, idle = self._vote()
+        if not room:
             self.stopped = True
             self.say(f"snapshots stopped: a node has too little free memory in {self.folder.parent} for another, "
-                     "or its folder is not this user's alone; resumes use the disk checkpoints")
+                     f"or its folder is not this user's alone{self._broken}; resumes use the disk checkpoints")
+            return
+        if not idle:
+            self.skipped += 1
             return
         checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=dist.barrier)
-        if self.leader and len(self.leaders) > 1:
-            self._pass_on(step)
         self.last_s = time.perf_counter() - began
         self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
         if self.leader:
-            self.on_written(step)
-            self._maybe_persist(step)
+            self._handing = threading.Thread(target=self._hand_on, args=(step,), name="hpcdist-snapshot-ring",
+                                             daemon=True)
+            self._handing.start()
 
     def spaced(self, every_s: float) -> float:
         """Seconds to the next snapshot: ``every_s``, or more when the last one's wait was over STALL_SHARE of it."""
@@ -124,9 +133,10 @@ class Parts:
             self.folder.rmdir()
 
     def drop(self) -> None:
-        """Every rank, at the run's end: once no node is still persisting a part, clear."""
-        if self._persisting is not None:
-            self._persisting.join()
+        """Every rank, at the run's end: once no node is still handing on or persisting a part, clear."""
+        for thread in (self._handing, self._persisting):
+            if thread is not None:
+                thread.join()
         if self.group is not None and self.group.every is not None:
             dist.barrier(group=self.group.every)
         self.clear()
@@ -156,18 +166,32 @@ class Parts:
                 self.persist = None
                 self.say(f"snapshot parts no longer persisted: {exc}; the loop's disk checkpoints go on")
 
-    def _all_have_room(self) -> bool:
-        room = 1.0
+    def _hand_on(self, step: int) -> None:
+        # The ring's buffers go over the leaders' own gloo group, which nothing else uses while training goes on.
+        try:
+            if len(self.leaders) > 1:
+                self._pass_on(step)
+        except (OSError, ValueError) as exc:
+            self._broken = f" (its part could not be handed on: {exc})"
+            return
+        self.on_written(step)
+        self._maybe_persist(step)
+
+    def _vote(self) -> tuple[bool, bool]:
+        """(every node has room and its part was handed on, no node still hands one on)."""
+        room = idle = 1.0
         if self.leader:
             newest = complete(self.part(self.node))
             need = 2 * (size(newest[-1]) if newest else 0) + HEADROOM
             try:
-                room = float(fileio.private(self.folder) is not None and shutil.disk_usage(self.folder).free >= need)
+                room = float(not self._broken and fileio.private(self.folder) is not None
+                             and shutil.disk_usage(self.folder).free >= need)
             except OSError:
                 room = 0.0
-        vote = torch.tensor([room])
+            idle = float(self._handing is None or not self._handing.is_alive())
+        vote = torch.tensor([room, idle])
         dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group.every)
-        return bool(vote.item())
+        return bool(vote[0].item()), bool(vote[1].item())
 
     def _pass_on(self, step: int) -> None:
         mine = self.part(self.node) / name_for(step)

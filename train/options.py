@@ -110,12 +110,12 @@ def parser() -> argparse.ArgumentParser:
                         "what a crash loses (0: off)")
     p.add_argument("--snapshot-every-s", type=float,
                    help="seconds between snapshots of the state in node memory, which a relaunch in the allocation "
-                        "resumes from (dp/ddp: written in the background; DeepSpeed: each node's part, with a copy on "
-                        "the next node; default 5 in a Slurm job, whose epilog frees a killed run's, and none "
-                        "elsewhere; 0: off)")
+                        "resumes from (dp/ddp: written in the background; DeepSpeed: each node's part, handed to "
+                        "the next node in the background; default 5 in a Slurm job, whose epilog frees a killed run's, "
+                        "and none elsewhere; 0: off)")
     p.add_argument("--persist-every-s", type=float, default=60.0,
-                   help="seconds between snapshots also written to RUN_DIR/checkpoints in the background, which a "
-                        "new job on other nodes resumes from when the allocation is lost (0: off)")
+                   help="seconds between snapshots also written to RUN_DIR/checkpoints in the background (the first "
+                        "at once), which a new job on other nodes resumes from when the allocation is lost (0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint or snapshot")
     p.add_argument("--seed", type=int, default=0)

@@ -38,13 +38,13 @@ from typing import Callable, Mapping
 import torch
 
 from hpc import fileio
-from hpc.checkpoints import NAME, complete, name_for, newest
+from hpc.checkpoints import NAME, SNAPSHOT_EVERY_S, complete, name_for, newest
 from train import checkpoint, dssnapshot
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
 STATE_FILE = "state.pt"
-DEFAULT_EVERY_S = 5.0
+DEFAULT_EVERY_S = SNAPSHOT_EVERY_S
 # What names the folder of a run outside Slurm that asked for snapshots (a benchmark): its run directory and host.
 NO_JOB = "local"
 
@@ -141,7 +141,8 @@ class Store:
         self.folder, self.on_written, self.say, self.persist = Path(folder), on_written, say, persist
         self.error: str | None = None
         self.taken, self.stall_s = 0, 0.0  # snapshots copied, and the seconds the copies stalled training
-        self._persisted_at = time.monotonic()
+        # The first snapshot is persisted at once: a run that loses its allocation in its first minute loses seconds.
+        self._persisted_at = float("-inf")
         self._pending: queue.Queue = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
 

@@ -4,6 +4,7 @@
     hpcdist drill --nodes 2 --backend deepspeed --launcher deepspeed --scenarios rank_kill,node_loss --json
     hpcdist drill --nodes 2 --spare-nodes 1 --node-control "bash scripts/slurm-local.sh" \
         --small-disk /tmp/slurm-local/small-disk                        # all seven, nodes killed for real
+    hpcdist drill --nodes 2 --spare-nodes 1 --job-defaults              # the time lost with the trainer's defaults
 
 Takes the same job options as ``hpcdist submit``; the trainer's arguments after ``--`` are added to the
 drill's own small job (see hpc/drill.py; hpc/drill_run.py runs it). Exit status 0 when every scenario
@@ -40,6 +41,10 @@ from hpc.commands.options import Seconds, fail, job_options
                    "Slurm acts on the cut limit. [as many as the reference trains in 75 s]")
 @click.option("--via", type=click.Choice(("submitit", "sbatch")), default="sbatch", show_default=True,
               help="How each job is submitted.")
+@click.option("--job-defaults", is_flag=True,
+              help="Run the jobs with the trainer's own checkpoint and snapshot defaults, each fault half a snapshot "
+                   "interval after a snapshot: the time a user with the defaults loses. [a checkpoint every 5 steps, "
+                   "each fault at step 10]")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--timeout", "timeout_s", type=Seconds(1), default=600, show_default=True,
               help="Seconds each scenario's job may take from the fault to its end.")
@@ -51,7 +56,8 @@ from hpc.commands.options import Seconds, fail, job_options
               help="A folder on a small file system every node sees, for disk_full to fill (scripts/slurm-local.sh "
                    "mounts one at /tmp/slurm-local/small-disk).")
 def drill(config_file: str | None, scenarios: str | None, steps: int, time_limit_steps: int | None, via: str,
-          as_json: bool, timeout_s: float, node_control: str | None, small_disk: Path | None, **options: Any) -> None:
+          job_defaults: bool, as_json: bool, timeout_s: float, node_control: str | None, small_disk: Path | None,
+          **options: Any) -> None:
     """Run a small job per scenario, inject the fault, and check ending, retry, resume and recovery time."""
     from hpc import drill as drilling
     from hpc import drill_run, jobs
@@ -82,7 +88,7 @@ def drill(config_file: str | None, scenarios: str | None, steps: int, time_limit
     on_small_disk = Path(tempfile.mkdtemp(prefix="hpcdist-drill-", dir=small_disk)) if "disk_full" in chosen else None
 
     def submit(label: str, job_steps: int) -> Any:
-        train_args = (*drilling.TRAIN_ARGS, "--max-steps", str(job_steps), *user_args)
+        train_args = (*drilling.train_args(label, job_defaults), "--max-steps", str(job_steps), *user_args)
         # The uninterrupted reference needs no spare node.
         chosen_options = {**options, "spare_nodes": None} if label == "reference" else options
         folder = on_small_disk if label == "disk_full" else root
@@ -92,7 +98,8 @@ def drill(config_file: str | None, scenarios: str | None, steps: int, time_limit
 
     try:
         results = drill_run.run_drill(chosen, submit, steps, say=say, timeout_s=timeout_s, node_control=node_control,
-                                      time_limit_steps=time_limit_steps, spare_nodes=options.get("spare_nodes") or 0)
+                                      time_limit_steps=time_limit_steps, spare_nodes=options.get("spare_nodes") or 0,
+                                      job_defaults=job_defaults)
     finally:
         if on_small_disk is not None:
             # The small file system is shared by every drill: its job directory joins the others.
