@@ -30,7 +30,6 @@ MARKS = ("process_start", "torch_imported", "process_group_ready", "model_built"
 HISTORY_EVERY_S = 30.0      # a history line at least this often while no phase changes
 HISTORY_BYTES = 4 << 20     # node-N.jsonl is rotated to node-N.jsonl.1 past this: 8 MiB a node at most
 NODE_BYTES = 16 << 20       # a node document far larger than any node's ranks write is damage
-TAIL_BYTES = 1 << 20        # the end of a history that readers at scale look at
 
 
 @dataclass(frozen=True)

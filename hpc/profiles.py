@@ -92,11 +92,6 @@ def is_path(name: str) -> bool:
     return name.endswith(sites.SUFFIXES) or "/" in name
 
 
-def locate(name: str, environ: Mapping[str, str] | None = None) -> Path:
-    """A profile name (the first ``NAME.yaml`` on the search path) or a path to a YAML file."""
-    return _find(name, _search(environ)).path
-
-
 def _search(environ: Mapping[str, str] | None) -> tuple[sites.Level, ...]:
     try:
         return sites.levels(_environ(environ))

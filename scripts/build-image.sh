@@ -5,6 +5,8 @@
 #   bash scripts/build-image.sh /var/tmp/hpcdist-bundle --oci          # OCI bundle (rootfs/ + config.json)
 #                                                                      # for Slurm's srun --container (crun/runc)
 #   bash scripts/build-image.sh DIR --mount /scratch --mount /data     # more mount points
+#   bash scripts/build-image.sh BUNDLE --oci --from IMAGE              # an OCI bundle around an image built
+#                                                                      # before (hard links, no second debootstrap)
 #
 # The image is Debian bookworm (minbase, Python 3.11 like the host) with mount points for the folders hpcdist
 # binds: the top folder of this checkout, of its Python environment and of each --mount. The training
@@ -19,10 +21,12 @@ log() { echo "[build-image $(date +%T)] $*" >&2; }
 out=${1:?usage: build-image.sh DIR [--oci] [--mount /PATH ...]}
 shift
 oci=0
+from=
 mounts=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --oci) oci=1 ;;
+        --from) from="${2:?--from needs an image directory}"; shift ;;
         --mount) mounts+=("${2:?--mount needs a path}"); shift ;;
         *) echo "build-image.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -36,14 +40,21 @@ mounts+=("$(top "$PWD")" "$(top "$python")" /tmp)
 command -v mmdebstrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap; }
 rootfs=$out
 [ "$oci" = 0 ] || rootfs=$out/rootfs
-log "debootstrapping Debian bookworm into $rootfs (~15 s)"
 mkdir -p "$(dirname "$rootfs")"
-mmdebstrap --quiet --variant=minbase --include=python3,procps bookworm "$rootfs"
+if [ -n "$from" ]; then
+    [ -f "$from/etc/hpcdist-image" ] || { echo "build-image.sh: $from is not an image build-image.sh made" >&2; exit 2; }
+    log "linking the image $from into $rootfs"
+    cp -al "$from" "$rootfs"
+else
+    log "debootstrapping Debian bookworm into $rootfs (~15 s)"
+    mmdebstrap --quiet --variant=minbase --include=python3,procps bookworm "$rootfs"
+fi
 for m in "${mounts[@]}"; do
     mkdir -p "$rootfs$(top "$m")"
 done
 # Present, so that ch-run binds the host's over them: node names (MASTER_ADDR) must resolve inside as outside.
 touch "$rootfs/etc/hosts" "$rootfs/etc/resolv.conf"
+rm -f "$rootfs/etc/hpcdist-image"  # linked from --from's image: a new file, not a write through the link
 echo "hpcdist image, built $(date -u +%FT%TZ) from Debian bookworm; mount points: ${mounts[*]}" > "$rootfs/etc/hpcdist-image"
 
 if [ "$oci" = 1 ]; then

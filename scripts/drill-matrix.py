@@ -115,9 +115,9 @@ def main() -> None:
     p.add_argument("--capture", type=Path, help="keep every cell's faulted attempt as a classifier fixture here")
     args = p.parse_args()
     hang = args.hang_timeout_s or (None if args.job_defaults else "20")
+    cadence = "the trainer defaults, faults after a snapshot" if args.job_defaults else "checkpoints every 5 steps"
     lines = [f"Drill matrix, 2 nodes x {args.ntasks_per_node} ranks + {args.spare_nodes} spare, "
-             f"hang threshold {f'{hang} s' if hang else 'the trainer default'}, "
-             f"{'the trainer defaults, faults after a snapshot' if args.job_defaults else 'checkpoints every 5 steps'}, "
+             f"hang threshold {f'{hang} s' if hang else 'the trainer default'}, {cadence}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              "| backend/launcher | scenario | ending | action | excluded | resumed | losses | recovery s "
              "| classified + restarted + first step | lost s | verdict |",

@@ -35,8 +35,9 @@ SMALL_DISK = Path(os.environ.get("SLURM_LOCAL_BASE", "/tmp/slurm-local")) / "sma
     pytest.param(*cell, marks=[pytest.mark.kills_node] if cell[1] in ("node_loss", "batch_host_loss") else [])
     for cell in diagonal()], ids=lambda v: v)
 def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair, scenario):
-    # A 20 s hang threshold instead of the trainer's 60 s keeps the hang scenario short. The job holds a spare
-    # node (3 of the cluster's 3), and node_loss kills its node for real: slurmd and every process, no DOWN.
+    # A 12 s hang threshold instead of the trainer's 60 s keeps the hang scenario short (the matrix uses 20 s). The
+    # job holds a spare node (3 of the cluster's 3), and node_loss kills its node for real: slurmd and every process,
+    # no DOWN.
     # The hang runs two ranks a node: a node's other rank learns of it only from its node's watchdog reader.
     if scenario == "disk_full" and not os.path.ismount(SMALL_DISK):
         pytest.skip(f"{SMALL_DISK} is not mounted (scripts/slurm-local.sh start mounts it)")
@@ -45,7 +46,7 @@ def test_every_scenario_is_classified_retried_and_resumed_exactly(tmp_path, pair
     proc = hpcdist(["drill", "--nodes", "2", "--steps", "20", *ranks, "--spare-nodes", "1", *MATRIX[pair],
                     "--scenarios", scenario,
                     "--json", "--node-control", f"bash {REPO / 'scripts/slurm-local.sh'}", "--small-disk",
-                    str(SMALL_DISK), "--job-dir", str(tmp_path / "drill"), "--", "--hang-timeout-s", "20"],
+                    str(SMALL_DISK), "--job-dir", str(tmp_path / "drill"), "--", "--hang-timeout-s", "12"],
                    tmp_path / "home", timeout=1800)
     print(proc.stderr)
     results = json.loads(proc.stdout)

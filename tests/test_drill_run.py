@@ -65,7 +65,8 @@ def publish_beat(tmp_path, snapshot_step):
     folder = beatfile.folder(tmp_path / "run")
     folder.mkdir(parents=True, exist_ok=True)
     beat = {"rank": 0, "step": 12, "time": 1.0, "snapshot_step": snapshot_step}
-    beatfile.node_path(tmp_path / "run", 0).write_bytes(beatfile.encode(beatfile.node_document(0, "n1", 0, 1.0, [beat])))
+    document = beatfile.node_document(0, "n1", 0, 1.0, [beat])
+    beatfile.node_path(tmp_path / "run", 0).write_bytes(beatfile.encode(document))
 
 
 def test_with_the_job_defaults_the_fault_comes_half_an_interval_after_a_node_published_a_snapshot(tmp_path):

@@ -31,15 +31,26 @@ def runtime(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory, runtime: str) -> Path:
-    """A Charliecloud image (or an OCI bundle) from Debian's packages; its /etc/hpcdist-image exists in no host."""
-    path = tmp_path_factory.mktemp("image") / runtime
-    oci = ["--oci"] if runtime == "oci" else []
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), str(path), *oci], capture_output=True,
-                          text=True, timeout=600)
+def build_image(path: Path, *options: str) -> Path:
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), str(path), *options],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rootfs = path / "rootfs" if oci else path
+    return path
+
+
+@pytest.fixture(scope="module")
+def debian(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Charliecloud image from Debian's packages, debootstrapped once for both runtimes."""
+    return build_image(tmp_path_factory.mktemp("image") / "charliecloud")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, runtime: str, debian: Path) -> Path:
+    """The Charliecloud image, or an OCI bundle around it (its files linked); its /etc/hpcdist-image exists in no
+    host."""
+    path = debian if runtime == "charliecloud" else build_image(tmp_path_factory.mktemp("image") / "oci", "--oci",
+                                                                "--from", str(debian))
+    rootfs = path / "rootfs" if runtime == "oci" else path
     assert (rootfs / "etc" / "hpcdist-image").is_file() and not Path("/etc/hpcdist-image").exists()
     return path
 

@@ -72,6 +72,7 @@ def test_a_snapshot_due_while_the_last_is_still_being_written_is_skipped_not_wai
     store.close()
     assert snapshot.step_of(store.newest()) == 2
     assert snapshot.stats(store)["snapshots"] == 2 and snapshot.stats(None) == {}
+    assert snapshot.stats(store)["snapshots_skipped"] == 1, "summary.json says how many were skipped"
 
 
 def test_the_stall_counted_is_the_copy_alone(tmp_path):

@@ -326,6 +326,7 @@ def test_rng_states_round_trip():
 def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, capsys):
     for name, value in SRUN_RANK_1_OF_2.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))  # not /dev/shm: no epilog runs here
     rc = main(["--backend", "dp", "--run-dir", str(tmp_path), "--threads", "1"])
     err = capsys.readouterr().err.strip()
     assert rc == 2

@@ -140,7 +140,8 @@ class Store:
                  persist: Persist | None = None) -> None:
         self.folder, self.on_written, self.say, self.persist = Path(folder), on_written, say, persist
         self.error: str | None = None
-        self.taken, self.stall_s = 0, 0.0  # snapshots copied, and the seconds the copies stalled training
+        # Snapshots copied, those skipped since the writer was still busy, and the seconds the copies stalled training.
+        self.taken, self.skipped, self.stall_s = 0, 0, 0.0
         # The first snapshot is persisted at once: a run that loses its allocation in its first minute loses seconds.
         self._persisted_at = float("-inf")
         self._pending: queue.Queue = queue.Queue(maxsize=1)
@@ -150,6 +151,7 @@ class Store:
         """Copy the state (``capture``, the only stall, timed into ``stall_s``) and hand it to the writer; False,
         with no copy made, when the writer is still busy with the last one (or has failed)."""
         if self.error is not None or self._pending.full():
+            self.skipped += self.error is None
             return False
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_all, name="hpcdist-snapshot", daemon=True)
@@ -253,9 +255,11 @@ def take(store: Store | dssnapshot.Parts | None, engine, trainer_state: dict, ra
 
 
 def stats(store: Store | None) -> dict[str, float | int]:
-    """What summary.json says of a node's snapshots: how many were taken and the seconds their copies stalled
-    training (``hpcdist bench`` divides by the training time); nothing for a run that kept none."""
-    return {} if store is None else {"snapshots": store.taken, "snapshot_stall_s": round(store.stall_s, 6)}
+    """What summary.json says of a node's snapshots: how many were taken and skipped (the one before still being
+    written or handed on) and the seconds their copies stalled training (``hpcdist bench`` divides by the training
+    time); nothing for a run that kept none."""
+    return {} if store is None else {"snapshots": store.taken, "snapshots_skipped": store.skipped,
+                                     "snapshot_stall_s": round(store.stall_s, 6)}
 
 
 def drop(store: Store | None) -> None:

@@ -56,7 +56,9 @@ from train import heartbeat, nodebeat
 
 PY_SPY_TIMEOUT_S = 20.0
 COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack files
-LOST_BEATS = 3    # heartbeats a whole node may miss before its slurmd is asked whether the node is alive
+# Heartbeats a whole node may miss before its slurmd is asked whether the node is alive: a slow node is never
+# declared lost (its slurmd answers), so the bar only has to outlast one late publish.
+LOST_BEATS = 2
 JUDGES = 2        # nodes whose local rank 0 judges while any of them publishes
 LOST, DECLARED = vocab.LOST, "stacks/declared.json"  # the watchdog's files in the run directory
 # The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
