@@ -14,7 +14,8 @@ status=0
 # The slowest tests and the whole run's time are printed every time: CI's budget here is 20 minutes.
 # pytest's 5 (nothing selected) is a failure only when neither half ran a test.
 unit=0 cluster=0
-.venv/bin/python -m pytest -ra --durations=15 -m "not slurm" -n 2 "$@" || unit=$?
+# worksteal: a worker that runs out of tests takes the other's queue, so the half ends with both busy.
+.venv/bin/python -m pytest -ra --durations=15 -m "not slurm" -n 2 --dist worksteal "$@" || unit=$?
 .venv/bin/python -m pytest -ra --durations=25 -m slurm "$@" || cluster=$?
 if [ "$unit" -eq 5 ] && [ "$cluster" -eq 5 ]; then
     status=5
