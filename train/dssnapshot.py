@@ -134,9 +134,10 @@ class Parts:
 
     def drop(self) -> None:
         """Every rank, at the run's end: once no node is still handing on or persisting a part, clear."""
-        for thread in (self._handing, self._persisting):
-            if thread is not None:
-                thread.join()
+        if self._handing is not None:
+            self._handing.join()
+        if self._persisting is not None:  # read after the hand-on ended: it may have started one
+            self._persisting.join()
         if self.group is not None and self.group.every is not None:
             dist.barrier(group=self.group.every)
         self.clear()
