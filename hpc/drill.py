@@ -340,20 +340,16 @@ def step_rate(metrics_text: str) -> float | None:
     return (rows[-1][0] - rows[0][0]) / (rows[-1][1] - rows[0][1])
 
 
-def time_limit_steps(rate: float, least: int) -> int:
-    """Steps for the time-limit job: still training TIME_LIMIT_REACH_S after the fault at this rate."""
-    return max(least, FAULT_STEP + int(rate * TIME_LIMIT_REACH_S) + 2 * CHECKPOINT_EVERY)
+def steps_at(rate: float, least: int, reach_s: float) -> int:
+    """Steps for a job still training ``reach_s`` at this rate after FAULT_STEP, and two checkpoints' worth to resume
+    into: the time-limit job's (TIME_LIMIT_REACH_S), a job's with the defaults (DEFAULTS_REACH_S)."""
+    return max(least, FAULT_STEP + int(rate * reach_s) + 2 * CHECKPOINT_EVERY)
 
 
 def train_args(scenario: str, job_defaults: bool) -> tuple[str, ...]:
     """The trainer's arguments for a scenario's job (or the reference's): the drill's cadence unless
     ``job_defaults``."""
     return TRAIN_ARGS + (CADENCE if scenario == "disk_full" or not job_defaults else ())
-
-
-def defaults_steps(rate: float, least: int) -> int:
-    """Steps for a job with the defaults: still training DEFAULTS_REACH_S of this rate after FAULT_STEP."""
-    return max(least, FAULT_STEP + int(rate * DEFAULTS_REACH_S) + 2 * CHECKPOINT_EVERY)
 
 
 def as_json(results: Iterable[Result]) -> str:

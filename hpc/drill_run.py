@@ -234,7 +234,8 @@ def _steps_by_rate(ref: Job, scenarios: Sequence[str], steps: int, time_limit_st
     wait_for_step(ref, 4 * FAULT_STEP, timeout_s)
     rate = ref.rate() or 0.0
     for s in by_rate:
-        steps_of[s] = (drill.time_limit_steps if s == "time_limit" else drill.defaults_steps)(rate, steps)
+        reach_s = drill.TIME_LIMIT_REACH_S if s == "time_limit" else drill.DEFAULTS_REACH_S
+        steps_of[s] = drill.steps_at(rate, steps, reach_s)
     say(f"reference trains {rate:.1f} steps/s: " + ", ".join(f"{s} runs {steps_of[s]} steps" for s in by_rate))
     return steps_of
 

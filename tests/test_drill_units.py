@@ -98,8 +98,8 @@ def test_the_step_rate_skips_start_up_and_sizes_the_time_limit_job_to_outlast_sl
     rate = drill.step_rate("\n".join(lines) + "\n{\"step\": 41")  # a line being written is skipped
     assert rate == pytest.approx(10.0)
     # At 10 steps/s: the fault at step 10, 35 s of steps after it, two checkpoints' worth to resume into.
-    assert drill.time_limit_steps(10.0, least=40) == 10 + 350 + 10
-    assert drill.time_limit_steps(0.0, least=40) == 40
+    assert drill.steps_at(10.0, least=40, reach_s=drill.TIME_LIMIT_REACH_S) == 10 + 350 + 10
+    assert drill.steps_at(0.0, least=40, reach_s=drill.TIME_LIMIT_REACH_S) == 40
     assert drill.step_rate("") is None
 
 
@@ -172,5 +172,5 @@ def test_with_the_job_defaults_only_disk_full_keeps_the_drills_checkpoint_cadenc
     # Its fault is a checkpoint that does not fit: it needs one to come.
     assert drill.train_args("disk_full", job_defaults=True)[-2:] == ("--checkpoint-every", "5")
     # At 10 steps/s: the fault at step 10, 15 s of steps past it for a snapshot, half an interval and the recovery.
-    assert drill.defaults_steps(10.0, least=40) == 10 + 150 + 10
+    assert drill.steps_at(10.0, least=40, reach_s=drill.DEFAULTS_REACH_S) == 10 + 150 + 10
     assert drill.SNAPSHOT_PHASE_S == 2.5
