@@ -14,13 +14,11 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
-  log "installing torch + torchvision (~1.5 min from local disk)"
-  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-fi
-if ! .venv/bin/python -c "import deepspeed, submitit, hpc, hypothesis, pytest_timeout, xdist, matplotlib, ruff" >/dev/null 2>&1; then
-  log "installing hpcdist (editable) with deepspeed and test tools (pytest, hypothesis, ruff)"
-  .venv/bin/pip install -q -e ".[train,test,bench]"
+# One pip run for torch and the rest: one resolution over the two local indexes, ~15 s less than two.
+if ! .venv/bin/python -c "import torch, torchvision, deepspeed, submitit, hpc, hypothesis, pytest_timeout, xdist, matplotlib, ruff" \
+    >/dev/null 2>&1; then
+  log "installing torch + torchvision (from local disk), hpcdist (editable), deepspeed and test tools (~1 min)"
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[train,test,bench]"
 fi
 
 if [ "${1:-}" = --slurm ]; then
