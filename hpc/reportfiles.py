@@ -30,11 +30,11 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         slurm = telemetry.sacct_attempts(record)  # asked once: the waterfalls and the goodput both need it
         seen = telemetry.seen_of(record)
         painter.chart("rate", report.rate_series(seen.histories))
-        falls = waterfalls(record, slurm, seen)
-        good = goodput_of(record, falls, slurm, seen)
+        every = waterfalls(record, slurm, seen)
         # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
-        falls = timeline.worst(falls)
+        falls = timeline.worst(every)
         painter.chart("waterfall", falls)
+        good = goodput_of(record, every, slurm, seen)
         painter.chart("goodput", good)
         painter.finish(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                        f"{record.world_size} rank(s)")
@@ -171,7 +171,7 @@ def _paint(conn: Any, parents: Any, folder: Path) -> None:
             except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
                 failed = exc
         if failed is None and drawn:
-            draw_overview(folder, message[1], {name: data[name] for name in drawn})
+            draw_overview(folder, message[1], {name: (folder / f"{name}.png").read_bytes() for name in drawn})
     except EOFError:
         return
     except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
@@ -221,23 +221,31 @@ def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
     return drawn
 
 
-def draw_overview(folder: Path, title: str, charts: dict[str, Any]) -> None:
-    """overview.png: the charts drawn (name -> their data) on one page, in CHARTS order, a blank for the rest."""
+def draw_overview(folder: Path, title: str, charts: dict[str, bytes]) -> None:
+    """overview.png: the charts drawn (name -> their PNG) two by two in CHARTS order under the title, a blank for
+    the rest. Pasted, not drawn again: at 4,096 nodes a second drawing cost half a second at the report's end."""
+    import io
+
     import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(15, 8.5))
-    for ax, name in zip(axes.flat, CHARTS):
-        if name in charts:
-            CHARTS[name][0](ax, charts[name])
-        else:
-            ax.set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fileio.save_png(fig, folder / "overview.png", dpi=90)
-    plt.close(fig)
+    images = {name: Image.open(io.BytesIO(png)).convert("RGB") for name, png in charts.items()}
+    size = {name: images[name].size if name in images else (0, 0) for name in CHARTS}
+    widths = [max(size[n][0] for n in list(CHARTS)[column::2]) for column in (0, 1)]
+    heights = [max(size[n][1] for n in list(CHARTS)[2 * row:2 * row + 2]) for row in (0, 1)]
+    head = 48
+    page = Image.new("RGB", (sum(widths), head + sum(heights)), "white")
+    for place, name in enumerate(CHARTS):
+        if name in images:
+            column, row = place % 2, place // 2
+            x = sum(widths[:column]) + (widths[column] - size[name][0]) // 2
+            y = head + sum(heights[:row]) + (heights[row] - size[name][1]) // 2
+            page.paste(images[name], (x, y))
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 24)
+    ImageDraw.Draw(page).text((page.width // 2, head // 2), title, fill="black", font=font, anchor="mm")
+    buffer = io.BytesIO()
+    page.save(buffer, format="PNG")
+    fileio.atomic_write(folder / "overview.png", buffer.getvalue())
 
 
 # ---- the page's facts ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the rank's wall time from its first stamp to its first step. Pure except ``read_
 from __future__ import annotations
 
 import datetime
+import functools
 import heapq
 import math
 from dataclasses import dataclass
@@ -54,36 +55,59 @@ class Phase:
 
 @dataclass(frozen=True)
 class Waterfall:
-    """One rank's start-up in one attempt."""
+    """One rank's start-up in one attempt: the stamps it passed, its phases the gaps between them.
+
+    The phases are derived when first asked: a report reads every rank's start and end (32,768 at 4,096 nodes)
+    but the phases of a few.
+    """
 
     attempt: int
     rank: int
     node: str
-    first: str          # the earliest stamp known for it
-    start: float
-    phases: tuple[Phase, ...]
+    stamps: tuple[tuple[str, float], ...]  # (stamp, when) in STAMPS order, at least two
 
     @property
-    def wall_s(self) -> float:
-        return sum(p.seconds for p in self.phases)
+    def first(self) -> str:
+        """The earliest stamp known for it."""
+        return self.stamps[0][0]
+
+    @property
+    def start(self) -> float:
+        return self.stamps[0][1]
 
     @property
     def end(self) -> float:
-        return self.start + self.wall_s
+        # A stamp earlier than the one before counts as equal to it: the end is the latest stamp.
+        return max(when for _, when in self.stamps)
+
+    @property
+    def wall_s(self) -> float:
+        return self.end - self.start
 
     def at(self, stamp: str) -> float | None:
         """When this rank passed ``stamp`` (as the phases count it), if it was recorded."""
-        if stamp == self.first:
-            return self.start
-        return next((p.start + p.seconds for p in self.phases if p.ends == stamp), None)
+        latest = self.start
+        for name, when in self.stamps:
+            latest = max(latest, when)
+            if name == stamp:
+                return latest
+        return None
 
     @property
     def allocated_at(self) -> float:
         """The first stamp after the queue: when the allocation (this attempt's node time) began."""
-        # What ``at`` answers for each stamp, in one pass over the phases (goodput asks of every rank).
-        ends = {p.ends: p.start + p.seconds for p in reversed(self.phases)}
-        ends[self.first] = self.start
-        return next((ends[s] for s in STAMPS[1:] if s in ends), self.start)
+        return next((self.at(name) for name, _ in self.stamps if name != "submitted"), self.start)  # type: ignore
+
+    @functools.cached_property
+    def phases(self) -> tuple[Phase, ...]:
+        phases = []
+        at = self.start
+        for name, when in self.stamps[1:]:
+            late = when >= at
+            end = when if late else at
+            phases.append(Phase(PHASES[name], name, at, end - at, not late))
+            at = end
+        return tuple(phases)
 
     @property
     def slowest(self) -> Phase | None:
@@ -102,17 +126,8 @@ def waterfall(stamps: Mapping[str, float], attempt: int = 0, rank: int = 0, node
     A stamp earlier than the one before it (the registry and sacct keep whole seconds; nodes' clocks
     differ) is taken as equal to it, so phases never go negative and still add up to the wall time.
     """
-    present = [(name, float(when)) for name in STAMPS if (when := stamps.get(name)) is not None]
-    if len(present) < 2:
-        return None
-    phases = []
-    at = present[0][1]
-    for name, when in present[1:]:
-        late = when >= at
-        end = when if late else at
-        phases.append(Phase(PHASES[name], name, at, end - at, not late))
-        at = end
-    return Waterfall(attempt, rank, node, present[0][0], present[0][1], tuple(phases))
+    present = tuple((name, float(when)) for name in STAMPS if (when := stamps.get(name)) is not None)
+    return Waterfall(attempt, rank, node, present) if len(present) >= 2 else None
 
 
 def parse_stamps(text: str) -> dict[str, float]:
@@ -213,8 +228,7 @@ def worst(falls: Sequence[Waterfall], most: int = 16) -> list[Waterfall]:
         return list(falls)
     firsts = [w for w in falls if w.rank == 0][: most // 2]
     # The few latest of tens of thousands: a partial selection, not a sort of them all.
-    late = heapq.nlargest(most - len(firsts), (w for w in falls if w.rank != 0),
-                          key=lambda w: (w.start + (wall := w.wall_s), wall))  # (end, wall)
+    late = heapq.nlargest(most - len(firsts), (w for w in falls if w.rank != 0), key=lambda w: (w.end, w.wall_s))
     return sorted(firsts + late, key=lambda w: (w.attempt, w.rank))
 
 
