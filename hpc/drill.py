@@ -122,7 +122,11 @@ def choose(scenarios: str | None, given: Mapping[str, object]) -> list[str]:
     return chosen
 
 
-def expect(scenario: str, spare_nodes: int = 0) -> Expect:
+def expect(scenario: str, spare_nodes: int = 0, real_death: bool = False) -> Expect:
+    """What the first attempt must end in and do; ``real_death``: node_loss kills the node (--node-control), which
+    with no spare is left as a new job: requeued, the job would wait for Slurm to declare the node down."""
+    if scenario == "node_loss" and real_death and not spare_nodes:
+        return Expect("node_failure", "resubmit", True)
     return (EXPECT_WITH_SPARE if spare_nodes else EXPECT)[scenario]
 FAULTS = {
     "preempt": "SIGUSR1 to every rank (scancel --signal=USR1), as Slurm's --signal warning sends",
@@ -219,9 +223,10 @@ def compare(losses: Mapping[int, float], reference: Mapping[int, float], upto: i
     return (not missing and worst is not None and worst <= LOSS_TOLERANCE), len(diffs), worst
 
 
-def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_nodes: int = 0) -> Result:
+def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_nodes: int = 0,
+          real_death: bool = False) -> Result:
     """The verdict on one scenario from what was observed and the reference run's losses."""
-    expected = expect(seen.scenario, spare_nodes)
+    expected = expect(seen.scenario, spare_nodes, real_death)
     problems = list(seen.problems)
     first = seen.attempts[0] if seen.attempts else {}
     ending, action = first.get("ending"), first.get("action")

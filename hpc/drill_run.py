@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from hpc import drill, drill_faults, jobs, monitor, rescue
+from hpc import drill, drill_faults, jobs, monitor, registry, rescue
 from hpc import job as handle
 from hpc.drill import (
     FAULT_STEP,
@@ -212,9 +212,11 @@ def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]
     return job.losses()
 
 
-def cancel_all(job_ids: Iterable[str]) -> None:
-    """scancel the drill's own jobs that are still queued or running (a drill interrupted half-way)."""
-    wanted = [j for j in job_ids if j]
+def cancel_all(job_ids: Iterable[str], job_dirs: Iterable[str | Path] = ()) -> None:
+    """scancel the drill's own jobs that are still queued or running (a drill interrupted half-way), and the new
+    jobs their batch shells submitted the runs in ``job_dirs`` again as (each directory's marker names its newest)."""
+    newest = [marker.job_id for d in job_dirs if d and (marker := registry.read_marker(Path(d))) is not None]
+    wanted = list(dict.fromkeys(j for j in [*job_ids, *newest] if j))
     live = [j for j, s in jobs.slurm_states(wanted).items() if s.state in states.LIVE]
     if live:
         commands.scancel(live)
@@ -272,7 +274,7 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
             # Once it has every step needed the reference goes: it shares the CPUs with the scenario's job, or
             # (several ranks a node) holds the CPUs that job is queued for.
             if not released and ref.newest_step() >= reference_steps:
-                cancel_all([ref_id])
+                cancel_all([ref_id], [ref.job_dir])
                 released.append(True)
         for scenario in scenarios:
             # A dead batch host may be the reference's too, which no waiter would start again: its job starts once
@@ -285,5 +287,5 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
             say(f"{scenario}: job {seen.job_id} ended {seen.final_state}")
         reference = reference_losses(ref, reference_steps, timeout_s)
     finally:
-        cancel_all([ref_id] + [o.job_id for o in observed])
-    return [check(seen, reference, steps_of[seen.scenario], spare_nodes) for seen in observed]
+        cancel_all([ref_id] + [o.job_id for o in observed], [ref.job_dir, *(o.job_dir for o in observed)])
+    return [check(seen, reference, steps_of[seen.scenario], spare_nodes, bool(node_control)) for seen in observed]

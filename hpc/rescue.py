@@ -1,8 +1,9 @@
-"""Start a run again as a new job when its batch host died: the part of recovery only a waiter can do.
+"""Start a run again as a new job: when its batch host died (a waiter's part), or from its batch shell.
 
     job, final = rescue.wait(Job(record), on_poll=show)  # every waiter's loop: a dead batch host's run goes on
     host = rescue.lost_batch_host(batch_host, lost, beats, now=time.time(), answers=slurmd_answers)
     new = rescue.resubmit(record, host, environ)      # the old job cancelled, job.sbatch submitted again
+    new = rescue.submit_again(record, ["n2"], os.environ)  # the batch shell's, after n2 died unseen by Slurm
 
 When the node running the batch shell dies, nothing of the job is left to relaunch its step, and Slurm
 declares the node dead only after SlurmdTimeout (minutes), then holds the requeued job for its requeue delay.
@@ -10,7 +11,9 @@ A waiter (``submit --wait``, ``hpcdist watch``) sees it in seconds: the survivin
 in run/lost.json, or every heartbeat of the attempt went silent and the batch host's slurmd does not answer.
 It records the lost attempt, cancels the old job (a cancelled job is never requeued: one run of the job
 directory at a time) and submits job.sbatch again without the dead node, a new job that the registry links to
-the old one and that resumes from the newest checkpoint.
+the old one and that resumes from the newest checkpoint. A batch shell whose step lost a node that Slurm has
+not noticed (no spare to relaunch on) does the same with submit_again rather than requeue its job, which would
+stay COMPLETING on the dead node until SlurmdTimeout; every waiter then follows the new job.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from hpc import jobdir, monitor, registry, runfiles, vocab
 from hpc.failures import record as records
@@ -36,6 +39,8 @@ from hpc.slurm.runner import SlurmError
 # Every heartbeat of the attempt this long silent, with the batch host's slurmd not answering, is a dead
 # batch host (the ranks' own verdict, lost.json, comes sooner when a node of the job survives).
 SILENT_S = 15.0
+# What a batch shell exports for the step it relaunches: the old job's, never a new job's.
+JOB_VARIABLES = ("HPCDIST_ATTEMPT", "HPCDIST_EXCLUDE", "HPCDIST_ELASTIC_NODES")
 
 
 def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, Heartbeat], *, now: float,
@@ -78,23 +83,42 @@ def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
     # directory hpcdist wrote (its marker): never a file of the same name somewhere else.
     if jobdir.is_job_dir(job_dir):
         (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
+    new: registry.Record | None = None
     try:
-        new_id = commands.sbatch(job_dir / vocab.JOB_SBATCH, options=resubmit_options(record, excluded))
+        new = submit_again(record, excluded, environ)
     except SlurmError as exc:
         decision = Decision("none", tuple(excluded), f"could not submit it again: {exc}")
-        new_id = None
     else:
-        decision = Decision("resubmit", tuple(excluded), f"resubmitted as job {new_id} without {', '.join(excluded)}")
+        decision = Decision("resubmit", tuple(excluded),
+                            f"resubmitted as job {new.job_id} without {', '.join(excluded)}")
     ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(clock()))
     records.append(job_dir, records.record(ending, decision, attempt=number, job_id=record.job_id, started="",
                                            ended=ended, source="waiter"))
-    if new_id is None:
-        return None
+    return new
+
+
+def submit_again(record: registry.Record, excluded: Sequence[str], environ: Mapping[str, str]) -> registry.Record:
+    """Submit the job's job.sbatch again as a new job without the ``excluded`` nodes and register it, linked to
+    the old one (SlurmError if Slurm refuses it). From inside the old job too (its batch shell, after a node
+    died that Slurm has not noticed): the job's own variables are not passed on to the new one."""
+    inherited = [k for k in environ if (k.startswith("SLURM_") and k != "SLURM_CONF") or k in JOB_VARIABLES]
+    env = {k: v for k, v in environ.items() if k not in inherited}
+    new_id = commands.sbatch(Path(record.job_dir) / vocab.JOB_SBATCH, options=resubmit_options(record, excluded),
+                             env=env)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     new = replace(record, job_id=new_id, via="sbatch", submitted=now, previous=record.job_id)
     registry.write_marker(new)
     registry.append(registry.registry_path(environ), new)
     return new
+
+
+def successor(record: registry.Record) -> registry.Record | None:
+    """The job that took over from ``record``'s when its batch shell submitted the run again (the job
+    directory's marker names it, linked back), else None."""
+    marker = registry.read_marker(Path(record.job_dir))
+    if marker is None or marker.job_id == record.job_id or marker.previous != record.job_id:
+        return None
+    return marker
 
 
 class Watcher:
@@ -141,7 +165,8 @@ def wait(job: Job, poll_s: float = 1.0, timeout_s: float | None = None,
          environ: Mapping[str, str] = os.environ) -> tuple[Job, JobState]:
     """Follow ``job`` to its end as every waiter does (``submit --wait``, ``watch``, the drill): a requeued job
     started at once (hpc.job), and when its batch host dies its run started again as a new job (``follow_as``
-    its record), followed in turn. ``on_rescue`` hears of each (the new record, None if Slurm refused it).
+    its record), followed in turn, as is one its batch shell submitted again. ``on_rescue`` hears of each (the
+    new record, None if Slurm refused it).
     Returns the job followed last and its last state."""
     deadline = None if timeout_s is None else job.clock() + timeout_s
     while True:
@@ -151,6 +176,10 @@ def wait(job: Job, poll_s: float = 1.0, timeout_s: float | None = None,
         def poll(now: Poll, job: Job = job, watcher: Watcher | None = watcher, rescued: list = rescued) -> None:
             on_poll(job, now)
             if watcher is None:
+                return
+            if (new := successor(job.record)) is not None:  # its batch shell submitted the run again
+                on_rescue(job.record, new)
+                rescued.append(new)
                 return
             watcher.start_soon(now.state.state)
             if now.state.state == "RUNNING" and (host := watcher.lost_host()):

@@ -92,3 +92,17 @@ def test_a_job_that_publishes_no_snapshot_is_a_problem_named(tmp_path):
                         clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
     with pytest.raises(RuntimeError, match="job 7 published no snapshot within 30 s"):
         drill_run.wait_for_snapshot(job, timeout_s=30)
+
+
+def test_the_drill_cancels_its_jobs_and_the_new_jobs_their_batch_shells_submitted_the_runs_again_as(tmp_path,
+                                                                                                   monkeypatch):
+    # The reference lost a node with no spare: its batch shell submitted it again as job 9 (the marker names it).
+    registry.write_marker(registry.Record(job_id="9", job_dir=str(tmp_path), via="sbatch", submitted="",
+                                          previous="7"))
+    live = {"7": "COMPLETING", "8": "COMPLETED", "9": "RUNNING"}
+    monkeypatch.setattr(drill_run.jobs, "slurm_states",
+                        lambda ids: {j: jobs.JobState(j, live[j]) for j in ids})
+    cancelled = []
+    monkeypatch.setattr(drill_run.commands, "scancel", lambda ids: cancelled.extend(ids) or True)
+    drill_run.cancel_all(["7", "8"], [tmp_path])
+    assert cancelled == ["7", "9"]

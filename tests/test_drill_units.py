@@ -53,6 +53,9 @@ def test_without_a_spare_a_killed_rank_goes_on_in_place_and_a_lost_node_through_
     assert (drill.expect("rank_kill").action, drill.expect("rank_kill").excludes) == ("relaunch", False)
     assert (drill.expect("node_loss").action, drill.expect("node_loss").excludes) == ("retry", True)
     assert drill.expect("node_loss", spare_nodes=1).action == "relaunch"
+    # Killed for real with no spare: a new job, since a requeued one would wait for Slurm's SlurmdTimeout.
+    assert (drill.expect("node_loss", real_death=True).action, drill.expect("node_loss", 1, True).action) == (
+        "resubmit", "relaunch")
     seen = observed("rank_kill")
     assert "n2 excluded, though the job could go on in place" in drill.check(seen, REFERENCE, 40).problems
 

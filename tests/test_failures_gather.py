@@ -175,3 +175,31 @@ def test_the_snapshots_held_in_memory_are_read_from_each_node_s_local_rank_0_bea
                 "snapshot_step": held}
         nodebeat.Publisher(tmp_path, node).publish(host, 0, 1.0, {node: beat})
     assert gather.snapshots_held(monitor.read_heartbeats(tmp_path)) == {"n1": 57}
+
+
+def test_a_node_the_ranks_saw_die_unseen_by_slurm_is_left_through_a_new_job_the_batch_shell_submits(tmp_path):
+    # No spare: the allocation n1, n2 cannot fit the job without n2, whose ranks vanished and whose slurmd does not
+    # answer (run/lost.json); Slurm still calls the job RUNNING and n2 allocated.
+    slurm = killed_on_n2(tmp_path, "n1|allocated\nn2|allocated\nn3|idle\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lost.json").write_text(json.dumps({"node": "n2", "ranks": [1], "attempt": 0}))
+    asked = []
+
+    def resubmit(excluded):
+        asked.append(tuple(excluded))
+        return "8"
+    line, _ = gather.end_attempt(tmp_path, "7", 0, 137, Policy(max_retries=2, nodes=2), 1, 2, runner=slurm,
+                                 allocation=["n1", "n2"], resubmit=resubmit)
+    assert asked == [("n2",)]
+    assert (line["ending"], line["node"], line["action"], line["excluded"]) == ("node_failure", "n2", "resubmit",
+                                                                                ["n2"])
+    assert line["reason"].endswith("(requeued, it would wait until Slurm declares n2 down): job 8")
+    assert "resubmit" in gather.shell_assignments(line, {"JobState": "RUNNING"}, 137)
+
+    def refused(excluded):
+        raise RuntimeError("sbatch refused the job: QOSMaxSubmitJobPerUserLimit")
+    (tmp_path / "attempts.jsonl").unlink()
+    line, _ = gather.end_attempt(tmp_path, "7", 0, 137, Policy(max_retries=2, nodes=2), 1, 2, runner=slurm,
+                                 allocation=["n1", "n2"], resubmit=refused)
+    assert line["action"] == "retry" and line["reason"].endswith(
+        "not submitted again (sbatch refused the job: QOSMaxSubmitJobPerUserLimit): requeued instead")

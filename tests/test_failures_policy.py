@@ -54,6 +54,19 @@ def test_a_lost_node_without_a_spare_goes_through_the_queue_without_it():
     assert (decision.action, decision.excluded) == ("retry", ("n2",))
 
 
+def test_a_node_dead_unseen_by_slurm_without_a_spare_goes_through_the_queue_as_a_new_job():
+    # Requeued, the job would stay COMPLETING on the dead node until Slurm's SlurmdTimeout (minutes).
+    ending, policy = Ending("node_failure", node="n2", step=10), Policy(max_retries=2, nodes=2)
+    decision = decide(ending, [], policy, STATES, allocation=["n1", "n2"], unanswered=True)
+    assert (decision.action, decision.excluded) == ("resubmit", ("n2",))
+    assert decision.reason == ("retry 1 of 2 through the queue as a new job without n2 from the checkpoint at step 10 "
+                               "(requeued, it would wait until Slurm declares n2 down)")
+    spare = decide(ending, [], policy, STATES, allocation=["n1", "n2", "n3"], unanswered=True)
+    assert spare.action == "relaunch"  # a spare still wins: no trip through the queue at all
+    used = [{"attempt": 0, "action": "resubmit", "excluded": ["n2"]}, {"attempt": 1, "action": "relaunch"}]
+    assert decide(ending, used, policy, STATES, allocation=["n1", "n2"], unanswered=True).action == "none"
+
+
 def test_a_killed_rank_without_a_spare_is_relaunched_in_place_once_then_its_node_is_kept_off():
     policy, alloc = Policy(max_retries=3, nodes=2), ["n1", "n2"]
     first = decide(Ending("rank_crashed", node="n2", step=10), [], policy, STATES, allocation=alloc)

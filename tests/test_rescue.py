@@ -56,7 +56,7 @@ def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_th
     calls = []
     monkeypatch.setattr(rescue.commands, "scancel", lambda ids: calls.append(("scancel", *ids)) or True)
     monkeypatch.setattr(rescue.commands, "sbatch",
-                        lambda script, options=(): calls.append(("sbatch", *options, str(script))) or "8")
+                        lambda script, options=(), env=None: calls.append(("sbatch", *options, str(script))) or "8")
     record = registry.Record(job_id="7", job_dir=str(job_dir), via="submitit", submitted="then", nodes=2)
     new = rescue.resubmit(record, "n1", {"HPCDIST_HOME": str(tmp_path / "home")}, clock=lambda: 0.0)
     assert calls == [("scancel", "7"), ("sbatch", "--exclude=n1,n3", str(job_dir / "job.sbatch"))]
@@ -120,3 +120,53 @@ def test_a_local_job_is_followed_without_a_batch_host_watch(monkeypatch):
     local = registry.Record(job_id="local-1", job_dir="/jobs/l", via="local", submitted="then")
     job, final = rescue.wait(FakeJob(local, final="FAILED"))
     assert (job.job_id, final.state) == ("local-1", "FAILED")
+
+
+def test_a_run_submitted_again_from_inside_its_job_passes_on_none_of_the_old_jobs_variables(tmp_path, monkeypatch):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    seen = {}
+
+    def sbatch(script, options=(), env=None):
+        seen.update(options=list(options), env=env)
+        return "9"
+    monkeypatch.setattr(rescue.commands, "sbatch", sbatch)
+    record = registry.Record(job_id="8", job_dir=str(job_dir), via="sbatch", submitted="then", nodes=2)
+    inside = {"PATH": "/usr/bin", "HPCDIST_HOME": str(tmp_path / "home"), "SLURM_JOB_ID": "8",
+              "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_CONF": "/etc/slurm/slurm.conf", "HPCDIST_ATTEMPT": "1",
+              "HPCDIST_EXCLUDE": "n2", "HPCDIST_ELASTIC_NODES": ""}
+    new = rescue.submit_again(record, ["n2"], inside)
+    assert seen["options"] == ["--exclude=n2"]
+    assert seen["env"] == {"PATH": "/usr/bin", "HPCDIST_HOME": str(tmp_path / "home"),
+                           "SLURM_CONF": "/etc/slurm/slurm.conf"}
+    assert (new.job_id, new.previous) == ("9", "8") and registry.read_marker(job_dir).job_id == "9"
+    assert registry.lookup("9", inside).previous == "8"
+
+
+def test_a_waiter_goes_on_following_the_new_job_its_batch_shell_submitted(tmp_path, monkeypatch):
+    old = registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted="then")
+    registry.write_marker(old)
+
+    class Watcher:
+        def __init__(self, record):
+            pass
+
+        def start_soon(self, state):
+            pass
+
+        def lost_host(self):
+            return None
+
+    class Submitting(FakeJob):
+        def wait(self, poll_s, timeout_s, on_poll, until):
+            if self.job_id == "7":  # the batch shell submits the run again while the old job is still completing
+                registry.write_marker(registry.Record(job_id="8", job_dir=str(tmp_path), via="sbatch",
+                                                      submitted="now", previous="7"))
+            return super().wait(poll_s, timeout_s, on_poll, until)
+
+    monkeypatch.setattr(rescue, "Watcher", Watcher)
+    rescues = []
+    job, final = rescue.wait(Submitting(old), on_rescue=lambda a, b: rescues.append((a.job_id, b.job_id)),
+                             follow_as=Submitting)
+    assert (job.job_id, final.state) == ("8", "COMPLETED") and rescues == [("7", "8")]
+    assert rescue.successor(job.record) is None

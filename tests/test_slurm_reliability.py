@@ -403,6 +403,46 @@ def test_a_killed_rank_is_relaunched_in_place_and_a_node_that_fails_twice_is_lef
 
 
 @pytest.mark.kills_node
+def test_a_node_dead_unseen_by_slurm_with_no_spare_is_left_at_once_through_a_new_job(tmp_path):
+    """No spare, no --elastic: rank 1's node dies for real (slurmd and every process, nobody setting it DOWN). The
+    step cannot go on in the allocation, and a requeued job would stay COMPLETING on the dead node until Slurm's
+    SlurmdTimeout (300 s here): the batch shell submits the run again as a new job without that node (registered,
+    linked to the old one), ends its own, and the waiter follows the new job, which resumes from the newest
+    checkpoint on the other nodes and completes."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    args = ["submit", "--via", "sbatch", "--nodes", "2", "--backend", "ddp", "--time", "10", "--job-dir",
+            str(job_dir), "--wait", "--", "--max-steps", "200", "--epochs", "1000", "--log-every", "1",
+            "--checkpoint-every", "20", "--dataset", "synthetic", "--synthetic-size", "1024", "--batch-size", "64",
+            "--threads", "1"]
+    killed = []
+
+    def second_node(job_id: str) -> str:
+        host = live_rank(job_dir, job_id, 1, attempt=0, step=30)["hostname"]
+        killed.append(time.time())
+        return host
+
+    job_id, host, out, err, status = waiting_through_a_node_death(args, home, job_dir, second_node)
+    lines = [json.loads(x) for x in (job_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["ending"], a["node"], a["action"], a["source"]) for a in lines] == [
+        ("node_failure", host, "resubmit", "batch"), ("completed", None, "none", "batch")], lines
+    new_id = lines[1]["job_id"]
+    assert new_id != job_id and lines[0]["excluded"] == [host] and lines[0]["reason"].endswith(f": job {new_id}")
+    assert f"through the queue as a new job without {host} from the checkpoint at step" in lines[0]["reason"]
+    assert status == 0 and f"{new_id}  COMPLETED" in out, out + err
+    registered = [json.loads(x) for x in (home / "jobs.jsonl").read_text().splitlines()]
+    assert registered[-1]["job_id"] == new_id and registered[-1]["previous"] == job_id
+    # One run of the job directory: the old job ended (never requeued); the new one ran on the other nodes.
+    old = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert not old.strip() or " Restarts=0 " in old, old
+    assert {b.hostname for b in monitor.read_heartbeats(job_dir / "run").values()}.isdisjoint({host})
+    log = (job_dir / "logs" / "task-0.log").read_text()
+    assert re.search(r"resumed from \S+/checkpoints/step\d+ at step \d+", log), log[-2000:]
+    first_step = monitor.read_heartbeats(job_dir / "run")[0].marks["first_step_done"]
+    print(f"node {host} killed -> the new job's first step: {first_step - killed[0]:.1f} s")
+    assert first_step - killed[0] < 60
+
+
+@pytest.mark.kills_node
 @pytest.mark.skipif(os.environ.get("HPCDIST_SLURM_FULL") != "1", reason=(
     "CI drills a dead batch host in tests/test_drill.py's batch_host_loss cell, and the persisted snapshot in "
     "tests/test_train_launch.py; HPCDIST_SLURM_FULL=1 runs this too"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
 import click
 
@@ -73,8 +74,8 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
     try:
         line, job = gather.end_attempt(Path(job_dir), job_id, attempt_no, step_status,
                                          policy.Policy(max_requeues, max_retries, nodes, elastic), ranks_per_task,
-                                         ntasks,
-                                         warning_s=signal_delay_s, launcher=launcher, allocation=allocation)
+                                         ntasks, warning_s=signal_delay_s, launcher=launcher, allocation=allocation,
+                                         resubmit=_submitter(Path(job_dir), job_id))
     except Exception as exc:  # noqa: BLE001 - the batch shell must still end with the step's status
         click.echo(f"hpcdist: attempt {attempt_no} ended; could not classify it: {exc}", err=True)
         click.echo(f"action=none\nexclude=''\nalready_requeued=0\nend_status={step_status}")
@@ -83,3 +84,14 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
     click.echo(f"hpcdist: {said}", err=True)
     history = [a for a in records.load(Path(job_dir)) if a["attempt"] < attempt_no]
     click.echo(gather.shell_assignments(line, job, step_status, history), nl=False)
+
+
+def _submitter(job_dir: Path, job_id: str) -> Callable[[Sequence[str]], str] | None:
+    """How this batch shell submits its run again as a new job (hpc.rescue.submit_again), for the job its
+    directory's marker records; None for an array task or a directory without one (requeued instead)."""
+    from hpc import registry, rescue
+
+    record = registry.read_marker(job_dir)
+    if record is None or record.job_id != job_id or "_" in job_id:
+        return None
+    return lambda excluded: rescue.submit_again(record, excluded, os.environ).job_id

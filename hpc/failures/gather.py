@@ -130,18 +130,32 @@ def _now() -> str:
 
 def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | None, policy: Policy,
                 ranks_per_task: int, ntasks: int, runner: Runner = run,
-                warning_s: int = 0, launcher: str = "srun",
-                allocation: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+                warning_s: int = 0, launcher: str = "srun", allocation: Sequence[str] = (),
+                resubmit: Callable[[Sequence[str]], str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Classify the attempt that just ended, decide, record its line; returns (line, scontrol's job fields).
-    ``allocation``: the nodes the job's allocation holds (a relaunch may use those Slurm still calls usable)."""
+    ``allocation``: the nodes the job's allocation holds (a relaunch may use those Slurm still calls usable).
+    ``resubmit(excluded)`` submits the job again as a new one and returns its id (hpc.rescue's), when the
+    decision is to; if it raises, the job is requeued instead, saying why."""
     ev, job, nodes = gather(job_dir, job_id, attempt, step_status, ranks_per_task, ntasks, runner, warning_s,
                              launcher)
     ending = classify(ev)
     history = [a for a in records.load(job_dir) if a["attempt"] < attempt]
     healthy = [n for n in allocation if usable(nodes.get(n, "idle"))]
-    # A job Slurm itself requeued or ended has no allocation left to relaunch in.
+    # A job Slurm itself requeued or ended has no allocation left to relaunch in (nor needs a new job).
     alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
-    decision = decide(ending, history, policy, nodes, healthy if alive else (), held=ev.snapshots)
+    # The ranks' own verdict (lost.json) names a node whose slurmd stopped answering: Slurm has not noticed.
+    unanswered = alive and resubmit is not None and ending.ending == "node_failure" and bool(
+        ev.lost) and ev.lost.get("node") == ending.node
+    decision = decide(ending, history, policy, nodes, healthy if alive else (), held=ev.snapshots,
+                      unanswered=unanswered)
+    if decision.action == "resubmit" and resubmit is not None:
+        try:
+            new_id = resubmit(decision.excluded)
+        except Exception as exc:  # noqa: BLE001 - any refusal leaves the requeue, which still resumes
+            decision = replace(decision, action="retry", reason=f"{decision.reason}; not submitted again ({exc}): "
+                                                                 "requeued instead")
+        else:
+            decision = replace(decision, reason=f"{decision.reason}: job {new_id}")
     line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
                           ended=_now(), source="batch", seen_step=ev.seen_step, context=context(ev))
     if not records.append(job_dir, line):
@@ -159,8 +173,8 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
     status = step_status
     if line["ending"] in REQUEUED and line["action"] == "none":
         status = EXIT_PREEMPTED
-    uses = {"requeue": ("requeue",), "retry": ("retry", "relaunch"), "relaunch": ("retry", "relaunch")}.get(
-        line["action"], ())
+    retries = ("retry", "relaunch", "resubmit")
+    uses = {"requeue": ("requeue",), **dict.fromkeys(retries, retries)}.get(line["action"], ())
     count = sum(1 for a in history if a.get("action") in uses) + 1 if uses else 0
     values = {"action": line["action"], "exclude": ",".join(line.get("excluded") or ()), "uses": str(count),
               "already_requeued": "1" if already else "0", "end_status": str(status),

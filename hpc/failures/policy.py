@@ -31,8 +31,9 @@ def usable(state: str) -> bool:
 @dataclass(frozen=True)
 class Decision:
     """What to do next: requeue (resume after a checkpointed stop), relaunch (the step, at once, on the nodes
-    left in this allocation), retry (through the queue, on other nodes), or none; with the nodes to keep the
-    job off, and why. A relaunch and a retry both resume from the newest checkpoint."""
+    left in this allocation), retry (through the queue, on other nodes), resubmit (through the queue as a new
+    job, when a requeued one would wait for Slurm to notice a dead node), or none; with the nodes to keep the
+    job off, and why. Each but none resumes from the newest state."""
 
     action: str
     excluded: tuple[str, ...] = ()
@@ -56,7 +57,7 @@ def excluded_so_far(history: Sequence[Mapping[str, Any]]) -> set[str]:
 
 def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
            node_states: Mapping[str, str], allocation: Sequence[str] = (),
-           held: Mapping[str, int] | None = None) -> Decision:
+           held: Mapping[str, int] | None = None, unanswered: bool = False) -> Decision:
     """Requeue a checkpointed stop, relaunch or retry a lost node/rank or a hang, never retry bad input or a bug.
 
     ``history`` is the job's earlier attempt lines; ``node_states`` the partition's nodes (name -> Slurm state);
@@ -67,6 +68,8 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
     nodes accumulate over retries; a retry that would leave fewer usable nodes than the job needs is refused,
     saying so, rather than queued forever. ``held``: node -> the newest snapshot in its memory, which a
     relaunch resumes from when one of its nodes holds one newer than the checkpoint (a retry elsewhere cannot).
+    ``unanswered``: the ending's node died unseen by Slurm (its slurmd does not answer): a requeued job would
+    stay COMPLETING on it until SlurmdTimeout (minutes), so the retry through the queue is a new job.
     """
     excluded = excluded_so_far(history)
     if ending.ending in REQUEUED:
@@ -108,9 +111,15 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
         return Decision("none", tuple(sorted(excluded)),
                         f"not retried: excluding {', '.join(sorted(wanted))} leaves {len(healthy)} usable node(s) "
                         f"({', '.join(sorted(healthy)) or 'none'}) for a job that needs {policy.nodes}")
-    where = f" without {', '.join(sorted(wanted))}" if wanted else ""
-    return Decision("retry", tuple(sorted(wanted)),
-                    f"retry {used + 1} of {policy.max_retries} through the queue{where}{resumes_from(ending)}")
+    return _through_the_queue(ending, f"retry {used + 1} of {policy.max_retries}", tuple(sorted(wanted)), unanswered)
+
+
+def _through_the_queue(ending: Ending, retry: str, wanted: tuple[str, ...], unanswered: bool) -> Decision:
+    where = f" without {', '.join(wanted)}" if wanted else ""
+    if unanswered and ending.node:
+        return Decision("resubmit", wanted, f"{retry} through the queue as a new job{where}{resumes_from(ending)} "
+                                            f"(requeued, it would wait until Slurm declares {ending.node} down)")
+    return Decision("retry", wanted, f"{retry} through the queue{where}{resumes_from(ending)}")
 
 
 def resumes_from(ending: Ending, held: Mapping[str, int] | None = None, nodes: Sequence[str] = ()) -> str:

@@ -62,12 +62,13 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
     return _answer(argv, runner)
 
 
-def sbatch(script: Path, runner: Runner | None = None, options: Sequence[str] = ()) -> str:
+def sbatch(script: Path, runner: Runner | None = None, options: Sequence[str] = (),
+           env: Mapping[str, str] | None = None) -> str:
     """``sbatch --parsable [OPTIONS] SCRIPT``: the new job's id, or SlurmError. ``options`` win over the
-    script's own #SBATCH lines."""
+    script's own #SBATCH lines; ``env``: the environment the job starts from (sbatch exports it)."""
     argv = ["sbatch", "--parsable", *options, str(script)]
     # From the script's own directory: the job's working directory is then the job directory.
-    proc = runner(argv) if runner else run(argv, cwd=str(Path(script).parent))
+    proc = runner(argv) if runner else run(argv, cwd=str(Path(script).parent), env=env)
     if proc.returncode != 0:
         raise SlurmError(f"sbatch refused the job: {complaint(proc)}")
     job_id = sbatch_job_id(proc.stdout)

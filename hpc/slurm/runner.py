@@ -10,7 +10,7 @@ the fake Slurm.
 from __future__ import annotations
 
 import subprocess
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
@@ -35,12 +35,14 @@ def timeout_of(argv: Sequence[str]) -> int:
     return QUERY_TIMEOUT_S
 
 
-def run(argv: Sequence[str], cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``argv`` run to its end; a command that is missing (127) or does not answer in time (124) is a
-    failed run like any other, never an exception."""
+def run(argv: Sequence[str], cwd: str | None = None,
+        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``argv`` run to its end (in ``env``, else this process's environment); a command that is missing (127)
+    or does not answer in time (124) is a failed run like any other, never an exception."""
     argv = [str(a) for a in argv]
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_of(argv), cwd=cwd)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_of(argv), cwd=cwd,
+                              env=None if env is None else dict(env))
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]} did not answer in {timeout_of(argv)} s")
     except OSError as exc:

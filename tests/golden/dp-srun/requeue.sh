@@ -7,7 +7,8 @@
 # requeue (every rank checkpointed after a signal; at most 3); after a lost node, a killed
 # rank or a hang (at most 2 in all) relaunch the step at once in this allocation on the nodes
 # left (spares first), or, when they cannot fit it, retry through the queue
-# without the implicated node; or nothing (bad input and errors in the training code are never retried).
+# without the implicated node (as a new job, which it has submitted, when that node died unseen by Slurm: requeued,
+# this job would wait for Slurm to declare it down); or nothing (bad input and code errors are never retried).
 set -uo pipefail
 # Slurm's SIGTERM (a requeue, the time limit, a cancellation) reaches this shell too; ignoring it here, and
 # in the commands below that inherit it, lets the decision finish within KillWait.
@@ -36,6 +37,11 @@ while :; do
 done
 
 case "$action" in
+    resubmit)
+        # `hpcdist attempt end` submitted the run again as a new job (every waiter follows it): this one ends.
+        echo "hpcdist: job $job goes on as a new job${exclude:+ without $exclude} (retry $uses of 2)"
+        exit "$end_status"
+        ;;
     requeue|retry)
         # Hold the requeued job, keep it off the excluded nodes, and move its begin time to 2 s from now:
         # Slurm pushes a requeued job's start ~120 s ahead unless its begin time is already in the future
