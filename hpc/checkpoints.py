@@ -23,6 +23,7 @@ PARTS = ".parts"
 # Seconds between snapshots in node memory in a Slurm job by default (train/snapshot.py; the drill times its faults
 # by it).
 SNAPSHOT_EVERY_S = 5.0
+KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
 
 
 def name_for(step: int) -> str:

@@ -111,7 +111,7 @@ def inject(scenario: str, job: handle.Job, seen: Observed, out: Callable[[str], 
     elif scenario == "time_limit":
         return _cut_time_limit(job, out)
     elif scenario == "disk_full":
-        written = fill_disk(job.job_dir)
+        written = between_saves(job, lambda: fill_disk(job.job_dir))
         out(f"  {written:,} bytes written beside {job.job_dir} at step {seen.fault_step}: less room than a checkpoint")
     elif scenario in ("node_loss", "batch_host_loss"):
         seen.victim_node = _lose_node(job, target.node if scenario == "node_loss" else batch_host(job), node_control,
@@ -166,6 +166,26 @@ def revive(node: str, node_control: str | None = None) -> None:
 
 def batch_host(job: handle.Job) -> str:
     return parse.keyvalues(commands.show("job", job.job_id) or "").get("BatchHost", "")
+
+
+def between_saves(job: handle.Job, act: Callable[[], int], tries: int = 50) -> int:
+    """``act()`` with the job's processes stopped (SIGSTOP) between two checkpoints: none half written, none
+    waiting to be pruned. A disk filled while a save was in flight would let that save finish and prune an older
+    one, which leaves room for every later save: the full disk never met."""
+    root = job.job_dir / vocab.RUN_DIR / vocab.CHECKPOINTS
+    for _ in range(tries):
+        stopped = [p.pid for p in job_processes(job.job_id)]
+        for pid in stopped:
+            signal_process(pid, signal.SIGSTOP)
+        try:
+            staged = root.is_dir() and any(p.name.startswith((".tmp-", ".old-")) for p in root.iterdir())
+            if not staged and len(checkpoints.complete(root)) <= checkpoints.KEEP:
+                return act()
+        finally:
+            for pid in stopped:
+                signal_process(pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise RuntimeError(f"job {job.job_id} was in the middle of a checkpoint at each of {tries} looks")
 
 
 def fill_disk(job_dir: Path) -> int:

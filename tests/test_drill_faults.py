@@ -82,3 +82,35 @@ def test_a_storage_fault_must_leave_every_kept_checkpoint_whole_and_nothing_half
     problems = drill_faults.storage_left(job_dir)
     assert problems[0].endswith(".tmp-step00000010 was left half-written")
     assert problems[1].startswith(f"kept checkpoint {damaged} is damaged") and len(problems) == 2
+
+
+def test_the_disk_is_filled_with_the_job_stopped_between_two_saves(tmp_path, monkeypatch):
+    # A save in flight when the disk filled would finish and prune an older checkpoint: room for every later save.
+    from hpc import registry
+    from hpc.job import Job
+
+    job = Job(registry.Record(job_id="7", job_dir=str(tmp_path), via="sbatch", submitted=""))
+    root = tmp_path / "run" / "checkpoints"
+    for step in (5, 10):
+        checkpoint(tmp_path, step, 16)
+    (root / ".tmp-step00000015").mkdir()
+    stop, cont = drill_faults.signal.SIGSTOP, drill_faults.signal.SIGCONT
+    sent, filled_after = [], []
+
+    def signal_process(pid: int, sig: int) -> None:
+        sent.append((pid, sig))
+        if sig == cont and (root / ".tmp-step00000015").exists():
+            # Let go mid-save, the job finishes it (and prunes step 5) before the next look.
+            os.rename(root / ".tmp-step00000015", root / "step00000015")
+            shutil.rmtree(root / "step00000005")
+    monkeypatch.setattr(drill_faults, "job_processes", lambda job_id: [drill_faults.Proc(41, 0, "n1")])
+    monkeypatch.setattr(drill_faults, "signal_process", signal_process)
+    monkeypatch.setattr(drill_faults.time, "sleep", lambda s: None)
+    assert drill_faults.between_saves(job, lambda: filled_after.append(list(sent)) or 123) == 123
+    # Stopped mid-save, let go, stopped again once it was done: the filling came while every process stood still.
+    assert filled_after == [[(41, stop), (41, cont), (41, stop)]] and sent[-1] == (41, cont)
+
+    (root / ".tmp-step00000020").mkdir()
+    monkeypatch.setattr(drill_faults, "signal_process", lambda pid, sig: None)
+    with pytest.raises(RuntimeError, match="in the middle of a checkpoint at each of 3 looks"):
+        drill_faults.between_saves(job, lambda: 0, tries=3)

@@ -21,12 +21,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from hpc.checkpoints import complete, name_for, newest, size, write_manifest
+from hpc.checkpoints import KEEP, complete, name_for, newest, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
 TRAINER_FILE = "trainer.pt"
-KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
 # Failures of the storage itself, not of the training: retrying elsewhere would only fail the same way.
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
