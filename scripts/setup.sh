@@ -15,8 +15,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # One pip run for torch and the rest: one resolution over the two local indexes, ~15 s less than two.
-if ! .venv/bin/python -c "import torch, torchvision, deepspeed, submitit, hpc, hypothesis, pytest_timeout, xdist, matplotlib, PIL, ruff" \
-    >/dev/null 2>&1; then
+needed="torch, torchvision, deepspeed, submitit, hpc, hypothesis, pytest_timeout, xdist, matplotlib, PIL, ruff"
+if ! .venv/bin/python -c "import $needed" >/dev/null 2>&1; then
   log "installing torch + torchvision (from local disk), hpcdist (editable), deepspeed and test tools (~1 min)"
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[train,test,bench]"
 fi
