@@ -16,7 +16,7 @@ import heapq
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from hpc import jobfiles, vocab
 from hpc.slurm import grammar, parse
@@ -84,19 +84,22 @@ class Waterfall:
     def wall_s(self) -> float:
         return self.end - self.start
 
-    def at(self, stamp: str) -> float | None:
-        """When this rank passed ``stamp`` (as the phases count it), if it was recorded."""
+    def _passed(self) -> Iterator[tuple[str, float]]:
+        """Each stamp with when this rank passed it as the phases count it: never before the stamp before."""
         latest = self.start
         for name, when in self.stamps:
             latest = max(latest, when)
-            if name == stamp:
-                return latest
-        return None
+            yield name, latest
+
+    def at(self, stamp: str) -> float | None:
+        """When this rank passed ``stamp`` (as the phases count it), if it was recorded."""
+        return next((when for name, when in self._passed() if name == stamp), None)
 
     @property
     def allocated_at(self) -> float:
         """The first stamp after the queue: when the allocation (this attempt's node time) began."""
-        return next((self.at(name) for name, _ in self.stamps if name != "submitted"), self.start)  # type: ignore
+        # Of two or more stamps, only the first can be "submitted".
+        return next(when for name, when in self._passed() if name != "submitted")
 
     @functools.cached_property
     def phases(self) -> tuple[Phase, ...]:
