@@ -144,8 +144,9 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
     # A job Slurm itself requeued or ended has no allocation left to relaunch in (nor needs a new job).
     alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
     # The ranks' own verdict (lost.json) names a node whose slurmd stopped answering: Slurm has not noticed.
-    unanswered = alive and resubmit is not None and ending.ending == "node_failure" and bool(
-        ev.lost) and ev.lost.get("node") == ending.node
+    lost_node = (ev.lost or {}).get("node")
+    unanswered = (alive and resubmit is not None and ending.ending == "node_failure" and lost_node is not None
+                  and lost_node == ending.node)
     decision = decide(ending, history, policy, nodes, healthy if alive else (), held=ev.snapshots,
                       unanswered=unanswered)
     if decision.action == "resubmit" and resubmit is not None:
