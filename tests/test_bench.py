@@ -187,7 +187,7 @@ SMALL_GRID = ("floor:1", "ddp:resident:1")
 
 @pytest.mark.slow
 def test_small_real_run(tmp_path):
-    args = ["bench", "--steps", "20", "--warmup", "5", "--out", str(tmp_path), "--timeout-s", "600",
+    args = ["bench", "--steps", "8", "--warmup", "2", "--out", str(tmp_path), "--timeout-s", "600",
             "--repeat", "2"]
     for spec in SMALL_GRID:
         args += ["--config", spec]

@@ -13,6 +13,8 @@ from hpc import checkpoints
 from hpc.checkpoints import MANIFEST, name_for, newest
 from train import checkpoint, dssnapshot, snapshot
 
+pytestmark = pytest.mark.timed  # the persisting period, in seconds
+
 
 def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes]) -> Path:
     """A published part, as a node's local rank 0 leaves it."""

@@ -30,7 +30,11 @@ from hpc.cli import main
 from hpc.failures import record as records
 
 JOB_ID = "4242"
+# A reader may spend this much CPU on one damaged file (a runaway parse spends more), and one that blocks (a FIFO
+# opened for reading) is stopped after HUNG_S of wall time: CPU time, not wall time, since these tests may share
+# the CPUs with others at a lower priority (scripts/test.sh).
 SECONDS = 10.0
+HUNG_S = 120
 NOW = time.time()
 BEAT = {"rank": 0, "local_rank": 0, "node_rank": 0, "world_size": 1, "hostname": "n1", "pid": 1, "attempt": 0,
         "phase": "train", "step": 5, "total_steps": 10, "time": NOW, "step_time_s": 0.1, "compute_s": 0.08,
@@ -197,21 +201,21 @@ def command_line(command: str, base: Path) -> list[str]:
 
 
 def run(args: list[str], base: Path):
-    """``hpcdist ARGS`` in-process, Slurm's commands stubbed (they answer nothing), timed."""
+    """``hpcdist ARGS`` in-process, Slurm's commands stubbed (they answer nothing); the CPU seconds it took."""
     env = {"HOME": str(base / "home"), "HPCDIST_HOME": str(base / "reg"), "HPCDIST_PARTITION_CHECK": "0",
            "HPCDIST_TEMPLATES": None, "HPCDIST_CLUSTER": None, "XDG_CONFIG_HOME": None,
            "HPCDIST_CLUSTERS": str(base / "clusters"), "PATH": f"{base / 'bin'}:/usr/bin:/bin",
            "SLURM_JOB_ID": JOB_ID, "SLURM_RESTART_COUNT": "1", "SLURM_ARRAY_JOB_ID": None, "MPLCONFIGDIR": MPLCONFIGDIR}
-    started = time.monotonic()
+    started = time.process_time()
     # A reader that blocks (a FIFO opened for reading) would hang the suite: the alarm turns it into a failure.
     previous = signal.signal(signal.SIGALRM, _hung)
-    signal.alarm(int(SECONDS) * 3)
+    signal.alarm(HUNG_S)
     try:
         result = CliRunner().invoke(main, args, env=env, catch_exceptions=True)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    return result, time.monotonic() - started
+    return result, time.process_time() - started
 
 
 class Hung(Exception):
@@ -219,7 +223,7 @@ class Hung(Exception):
 
 
 def _hung(signum: int, frame: Any) -> None:
-    raise Hung(f"no answer within {int(SECONDS) * 3} s")
+    raise Hung(f"no answer within {HUNG_S} s")
 
 
 def snapshot(root: Path, skip: Path) -> dict[str, Any]:
@@ -247,7 +251,7 @@ def check(command: str, base: Path) -> Any:
     if not (command == "profile check" and result.exit_code == 1 and "does not fit" in result.output):
         check_outcome(result, args)
     assert "Traceback" not in result.output + result.stderr, (args, result.stderr[-2000:])
-    assert took < SECONDS, f"{args!r} took {took:.1f} s"
+    assert took < SECONDS, f"{args!r} took {took:.1f} s of CPU"
     assert snapshot(base, allowed) == before, f"{args!r} changed files outside {allowed}"
     return result
 
@@ -390,7 +394,6 @@ def test_a_thousand_profile_extends_chain_is_refused_quickly_naming_the_depth() 
         whole(base)
         for i in range(1000):
             (base / "clusters" / f"p{i}.yaml").write_text(f"extends: p{i + 1}\n")
-        started = time.monotonic()
-        result, _ = run(["profile", "check", "p0"], base)
-        assert time.monotonic() - started < SECONDS
+        result, took = run(["profile", "check", "p0"], base)
+        assert took < SECONDS
         assert result.exit_code == 2 and "extends more than" in result.stderr, result.stderr

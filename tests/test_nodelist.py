@@ -69,12 +69,12 @@ def test_the_largest_range_slurm_allows_is_accepted():
 
 def test_sizes_are_counted_not_built():
     huge = "a[0-65535]b[0-65535]c[0-65535]"
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: the CPUs may be shared (scripts/test.sh)
     assert nodelist.count(huge) == 65536 ** 3
     assert nodelist.first(huge) == "a0b0c0"
     with pytest.raises(nodelist.NodelistError, match=r"names 281,474,976,710,656 hosts; hpcdist handles at most"):
         nodelist.expand(huge)
-    assert time.perf_counter() - started < 1  # the guard against building 2**48 names, not a speed goal
+    assert time.process_time() - started < 1  # the guard against building 2**48 names, not a speed goal
 
 
 def test_first_is_where_rank_zero_runs():

@@ -105,9 +105,9 @@ def test_blank_separated_nodelists_resolve_as_slurm_and_lightning_read_them():
 
 
 def test_tasks_per_node_repeats_are_counted_not_built():
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: the CPUs may be shared (scripts/test.sh)
     assert ranks.tasks_on_node("8(x100000000),2", 100000000) == 2
-    assert time.perf_counter() - started < 0.5  # the guard against a 10**8-element list, not a speed goal
+    assert time.process_time() - started < 0.5  # the guard against a 10**8-element list, not a speed goal
     with pytest.raises(ranks.RankError, match="outside"):
         ranks.tasks_on_node("8(x2)", 2)
 

@@ -6,12 +6,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from hpc.checkpoints import MANIFEST, newest
 from train import checkpoint, snapshot
 from train.engines import TorchEngine
 from train.model import ConvNet
+
+pytestmark = pytest.mark.timed  # the background writer's stall, measured in seconds
 
 
 def test_the_store_is_named_by_the_slurm_job_and_keyed_by_run_directory_and_host(tmp_path):

@@ -14,6 +14,8 @@ from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_
 from hpc import dsconfig, logs, profiles, render, submit
 from hpc.spec import JobSpec
 
+pytestmark = pytest.mark.timed  # local jobs stopped, cancelled and run to the end, bounded in seconds
+
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
 STANDIN = """#!/bin/bash
 set -eu

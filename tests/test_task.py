@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from hpc import nodelist, ranks, submit, task
 from hpc.spec import JobSpec
 
+pytestmark = pytest.mark.timed  # signals to running commands, bounded in seconds
+
 
 def test_local_env_two_nodes_one_task_each():
     env = task.local_env(task.Geometry(nodes=2, ntasks_per_node=1, cpus_per_task=2), 1, "4242")

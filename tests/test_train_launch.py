@@ -92,6 +92,7 @@ def wait_for_steps(run_dir, launched, steps: int, timeout: float = 240) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.timed
 def test_ddp_preempted_by_sigusr1_resumes_with_the_uninterrupted_losses(launch, tmp_path):
     args = ["--backend", "ddp", *TINY[:4], "--epochs", "10", "--max-steps", "60", "--log-every", "1"]
     reference = tmp_path / "reference"
@@ -135,6 +136,7 @@ def assert_resumed_exactly(run_dir, reference, steps: int) -> None:
     assert read_summary(run_dir)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
 
 
+@pytest.mark.timed
 def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_uninterrupted_losses(
         launch, tmp_path, monkeypatch):
     shm = tmp_path / "shm"
@@ -162,6 +164,7 @@ def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_un
     assert not store.folder.exists()
 
 
+@pytest.mark.timed
 def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persisted_in_the_background(
         launch, tmp_path, monkeypatch):
     # What a new job after the batch host's death finds: no node memory, no checkpoint of the loop's own, and the
@@ -185,6 +188,7 @@ def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persist
     assert_resumed_exactly(interrupted, reference, 160)
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("stage", STAGES if FULL else [2])
 def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_first_node_holds(
         launch, tmp_path, stage):
@@ -218,6 +222,7 @@ def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_fi
     assert got == pytest.approx(expected, abs=1e-5, rel=0)
 
 
+@pytest.mark.timed
 def test_deepspeed_whose_nodes_all_died_resumes_as_a_new_job_from_the_parts_each_node_persisted(launch, tmp_path):
     # What a new job after the batch host's death finds: no node memory, no checkpoint of the loop's own, and the
     # parts each node's local rank 0 persisted to the run directory in the background.
@@ -251,6 +256,7 @@ def test_deepspeed_whose_nodes_all_died_resumes_as_a_new_job_from_the_parts_each
     assert got == pytest.approx(expected, abs=1e-5, rel=0)
 
 
+@pytest.mark.timed
 def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(launch, tmp_path):
     args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "bf16", *TINY]
     reference = tmp_path / "reference"
@@ -269,6 +275,7 @@ def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(laun
     assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
 
 
+@pytest.mark.timed
 def test_one_process_stopped_by_sigterm_checkpoints_exits_75_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
@@ -399,6 +406,7 @@ def freeze(frozen, live, launched, then=lambda: None) -> float:
     return took
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("frozen_rank", [1, 0])
 def test_a_frozen_rank_is_named_with_every_ranks_stack_and_the_live_rank_exits_76(launch, tmp_path, frozen_rank):
     run_dir = tmp_path / "run"
@@ -453,6 +461,7 @@ def assert_stopped_with_a_complete_checkpoint(run_dir, output: str) -> int:
     return step
 
 
+@pytest.mark.timed
 def test_a_stop_signal_during_set_up_ends_in_a_checkpoint_before_any_step(launch, tmp_path):
     run_dir = tmp_path / "run"
     launched = launch("srun", ["--backend", "ddp", *TINY], run_dir)
@@ -463,6 +472,7 @@ def test_a_stop_signal_during_set_up_ends_in_a_checkpoint_before_any_step(launch
     assert "stopped by SIGTERM at step 0" in launched.output()
 
 
+@pytest.mark.timed
 def test_dataloader_workers_outlive_a_signal_sent_to_every_process_like_srun(launch, tmp_path):
     run_dir = tmp_path / "run"
     launched = launch("srun", ["--backend", "ddp", *TINY[:4], "--epochs", "1000", "--log-every", "1",
@@ -477,6 +487,7 @@ def test_dataloader_workers_outlive_a_signal_sent_to_every_process_like_srun(lau
     assert "killed by signal" not in launched.output()
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("way", ["torchrun", "deepspeed"])
 def test_sigterm_to_the_launcher_ends_in_a_complete_checkpoint(launch, tmp_path, way):
     run_dir = tmp_path / "run"
@@ -524,6 +535,7 @@ def signal_in_phase(launched, run_dir, phase: str, timeout: float = 240) -> dict
             return seen
 
 
+@pytest.mark.timed
 def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_a_complete_one(launch, tmp_path,
                                                                                                monkeypatch):
     run_dir = tmp_path / "run"
@@ -543,6 +555,7 @@ def test_a_stop_signal_during_a_checkpoint_write_lets_it_finish_then_stops_with_
     assert f"stopped by SIGTERM at step {step}" in launched.output()
 
 
+@pytest.mark.timed
 def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     staged_beside(run_dir, monkeypatch)
@@ -556,6 +569,7 @@ def test_a_stop_signal_during_the_final_evaluation_lets_the_run_finish(launch, t
     assert newest.name == "step00000005" and checkpoints.damage(newest) is None
 
 
+@pytest.mark.timed
 def test_a_rank_frozen_during_set_up_is_named_in_seconds_not_after_the_collective_timeout(launch, tmp_path,
                                                                                           monkeypatch):
     run_dir = tmp_path / "run"

@@ -23,6 +23,8 @@ from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.loader import ResidentLoader, epoch_permutation, normalize, shard
 from train.model import ConvNet, load_weights, param_digest
 
+pytestmark = pytest.mark.timed  # heartbeats, watchdogs and signals in real threads, bounded in seconds
+
 REPO = Path(__file__).resolve().parents[1]
 SRUN_RANK_1_OF_2 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
                     "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
