@@ -14,8 +14,6 @@ from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_
 from hpc import dsconfig, logs, profiles, render, submit
 from hpc.spec import JobSpec
 
-pytestmark = pytest.mark.timed  # local jobs stopped, cancelled and run to the end, bounded in seconds
-
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
 STANDIN = """#!/bin/bash
 set -eu
@@ -54,6 +52,7 @@ def test_no_time_limit_lets_a_local_job_run(tmp_path, monkeypatch, time_limit):
     assert final.ok, final
 
 
+@pytest.mark.timed  # stopped, or cancelled, within seconds
 def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     started = time.monotonic()
     submitted = submit_standin(tmp_path, monkeypatch, FAIL_RANK="1", SLEEP_S="60")
@@ -64,6 +63,7 @@ def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     assert "task-1.log (the failing task)" in report and "rank 1 fails" in report
 
 
+@pytest.mark.timed  # stopped, or cancelled, within seconds
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
     home = tmp_path / "home"
