@@ -120,7 +120,7 @@ def run_task(tmp_path: Path, job: Path, stub: str) -> list[str]:
            "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "42", "SLURM_NNODES": "1"}
     subprocess.run(["bash", "-c", f"source {job}/setup.sh && bash {job}/task.sh"], env=env, check=True,
-                   capture_output=True, timeout=60, cwd=job)
+                   capture_output=True, timeout=300, cwd=job)
     return record.read_text().splitlines()
 
 
@@ -191,7 +191,7 @@ def test_a_task_names_a_runtime_its_node_lacks(tmp_path: Path) -> None:
     assert code == 0, err
     # A node without ch-run: nothing on PATH (the check is a shell builtin).
     env = {"PATH": str(tmp_path / "empty"), "SLURM_PROCID": "0", "HOME": str(tmp_path)}
-    proc = subprocess.run(["/bin/bash", str(job / "task.sh")], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["/bin/bash", str(job / "task.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "hpcdist-train: error: container runtime ch-run is not on PATH on" in proc.stderr
 

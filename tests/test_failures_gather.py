@@ -44,7 +44,7 @@ def _attempt_end(tmp_path: Path, *args: str, restarts: str = "0") -> subprocess.
            "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": restarts, "HOME": str(tmp_path)}
     return subprocess.run([sys.executable, "-m", "hpc", "attempt", "end", "--job-dir", str(tmp_path / "job"),
                            *args], capture_output=True, text=True, env={**env, "LANG": os.environ.get("LANG", "C")},
-                          timeout=60)
+                          timeout=300)
 
 
 def test_attempt_end_refuses_a_restart_count_that_is_not_one_in_one_line(tmp_path):
@@ -99,7 +99,7 @@ def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
                "SLURM_RESTART_COUNT": restarts, "HOME": str(tmp_path)}
         return subprocess.run([sys.executable, "-m", "hpc", "attempt", "number", "--job-dir", str(job)],
-                              capture_output=True, text=True, env=env, timeout=60, check=True).stdout.strip()
+                              capture_output=True, text=True, env=env, timeout=300, check=True).stdout.strip()
 
     assert number("0") == "0" and number("2") == "2"
     # Attempts 0 and 1 ran in one allocation (a relaunch), then Slurm requeued the job once: attempt 2.

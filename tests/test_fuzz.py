@@ -122,7 +122,7 @@ def run_job(job_dir: Path, base: Path) -> subprocess.CompletedProcess[str]:
     # `module` is a shell function on a cluster; a stand-in that records its argument.
     return subprocess.run(["bash", "-c", 'module() { printf "%s\\n" "$2" >> "$HOME/modules"; }; export -f module; '
                            'exec bash "$0"', str(job_dir / "job.sbatch")],
-                          cwd=base / "a" / "b" / "cwd", env=env, capture_output=True, text=True, timeout=60)
+                          cwd=base / "a" / "b" / "cwd", env=env, capture_output=True, text=True, timeout=300)
 
 
 def check_outcome(result, args: list[str]) -> None:

@@ -50,7 +50,7 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     environ.update(PYTHONPATH=str(REPO), **env)
     return subprocess.run([sys.executable, "-m", "hpc", "hostfile", *args], capture_output=True, text=True,
-                          env=environ, timeout=60)
+                          env=environ, timeout=300)
 
 
 def test_cli_offline_and_from_slurm() -> None:

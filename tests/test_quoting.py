@@ -107,7 +107,7 @@ def test_hostile_values_arrive_literally(tmp_path: Path, backend: str, launcher:
            "SLURM_TASKS_PER_NODE": f"{rendered.spec.slurm_tasks_per_node}(x2)"}
     # The whole batch script runs: setup.sh sourced, then task.sh through the srun stand-in.
     proc = subprocess.run(["bash", str(job_dir / "job.sbatch")], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
     found = [p for p in tmp_path.rglob("PWNED")] + [p for p in Path.cwd().glob("PWNED")]
@@ -134,7 +134,7 @@ def test_sbatch_reads_hostile_job_name_literally(tmp_path: Path) -> None:
     rendered = render.render(spec, profiles.load("local"))
     render.write(rendered)
     proc = subprocess.run(["sbatch", "--test-only", "-vvv", str(rendered.job_dir / "job.sbatch")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     names = re.findall(r"^sbatch: job-name\s+: (.*)$", proc.stderr, re.M)
     assert names == [HOSTILE], proc.stderr[-2000:]
 

@@ -241,14 +241,14 @@ def test_sbatch_test_only(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     ok = subprocess.run(
         [sys.executable, "-m", "hpc", "render", "--nodes", "2", "--job-dir",
-         str(tmp_path / "ok"), "--test-only", "-q"], capture_output=True, text=True, env=env, timeout=90)
+         str(tmp_path / "ok"), "--test-only", "-q"], capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "to start at" in ok.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "hpc", "render", "--partition", "nosuchpartition",
          "--job-dir", str(tmp_path / "bad"), "--test-only", "-q"], capture_output=True, text=True,
         # hpcdist's own partition check would refuse first (tests/test_partition.py); this is Slurm's word.
-        env={**env, "HPCDIST_PARTITION_CHECK": "0"}, timeout=90)
+        env={**env, "HPCDIST_PARTITION_CHECK": "0"}, timeout=300)
     # Refused: one line, exit 2, and the job directory render had just written is gone again.
     assert bad.returncode == 2 and "refused" in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert not (tmp_path / "bad").exists()

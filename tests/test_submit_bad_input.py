@@ -63,7 +63,7 @@ CASES = [
 def our_queue(tmp_path: Path) -> list[str]:
     """Queued jobs whose batch log would land under tmp_path: only this test's, whoever else uses Slurm."""
     proc = subprocess.run(["squeue", "-h", "-O", "JobID:30,StdOut:1000"], capture_output=True, text=True,
-                          timeout=60, check=True)
+                          timeout=300, check=True)
     return [line.split()[0] for line in proc.stdout.splitlines() if str(tmp_path) in line]
 
 

@@ -231,7 +231,7 @@ def test_the_cli_modules_import_neither_submitit_nor_torch():
     code = ("import sys, hpc.cli, hpc.commands.submit, hpc.submit, hpc.jobs, hpc.task\n"
             "bad = [m for m in ('submitit', 'torch', 'deepspeed') if m in sys.modules]\n"
             "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=300)
 
 
 def test_list_with_no_jobs(tmp_path):
