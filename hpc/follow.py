@@ -72,13 +72,14 @@ def status_lines(record: registry.Record, ended: bool = False) -> list[str]:
     current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))
     if current is not None:
         out.append("progress: " + progress.line(current))
+    board = None
     if ended:
         out += [line for line in [monitor.ending_line(beats)] if line]
     else:
         board = monitor.judge(beats, time.time(), histories=seen.histories)
         out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
     out += [f"straggler: rank {s['rank']} on {s['node']}, compute {s['compute_ratio']:.2f}x the other ranks' median"
-            for s in telemetry.stragglers_of(record, seen)]
+            for s in telemetry.stragglers_of(record, seen, board)]
     return out
 
 

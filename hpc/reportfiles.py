@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ from hpc.telemetry import attempts_of, read_json, read_jsonl, run_dir, straggler
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
     fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
-    with Painter(folder) as painter:
+    with Painter(folder) as painter, ThreadPoolExecutor(1) as asking:
+        # Slurm is asked (sacct's attempt times, once for the waterfalls and the goodput; the job's state) while
+        # the heartbeats are read: a tenth of a second each, spent waiting on another process.
+        asked = asking.submit(lambda: (telemetry.sacct_attempts(record), jobs.state(record)))
         # Each chart goes to the painter as soon as its data is read: drawn while the rest is read.
         painter.chart("loss", report.loss_series(read_jsonl(run_dir(record) / vocab.METRICS)))
-        slurm = telemetry.sacct_attempts(record)  # asked once: the waterfalls and the goodput both need it
         seen = telemetry.seen_of(record)
         painter.chart("rate", report.rate_series(seen.histories))
+        slurm, state = asked.result()
         every = waterfalls(record, slurm, seen)
         # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
         falls = timeline.worst(every)
@@ -40,7 +44,7 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
                        f"{record.world_size} rank(s)")
         stragglers = stragglers_of(record, seen)
         summary = read_json(run_dir(record) / vocab.SUMMARY)
-        facts = facts_of(record, summary, jobs.state(record))
+        facts = facts_of(record, summary, state)
         drawn = painter.drawn()
     images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}", facts, images,

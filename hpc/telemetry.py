@@ -79,15 +79,17 @@ def board_of(record: registry.Record, now: float | None = None, watch: monitor.W
                          progress_at=watch.progress_at if watch else None, polled=watch.polled if watch else None)
 
 
-def stragglers_of(record: registry.Record, seen: Seen | None = None) -> list[dict[str, Any]]:
-    """The job's stragglers: while it trains, the live board's (its last few heartbeats); after, the whole
-    newest attempt's from the ranks' heartbeat histories."""
+def stragglers_of(record: registry.Record, seen: Seen | None = None,
+                  board: monitor.Board | None = None) -> list[dict[str, Any]]:
+    """The job's stragglers: while it trains, the live board's (its last few heartbeats; ``board``: that board,
+    when the caller judged it already); after, the whole newest attempt's from the ranks' heartbeat histories."""
     seen = seen or seen_of(record)
     beats, histories = seen.beats, seen.histories
     current = monitor.newest_attempt(beats)
     every_rank = len(histories) >= len(current)  # else a job too large to read every history: the rings
     if any(b.phase == "train" for b in current.values()) or not histories or not every_rank:
-        return [monitor.straggler_json(v) for v in monitor.stragglers(beats, time.time(), histories)]
+        live = board.stragglers if board is not None else monitor.stragglers(beats, time.time(), histories)
+        return [monitor.straggler_json(v) for v in live]
     return monitor.run_stragglers(histories)
 
 

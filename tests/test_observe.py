@@ -364,6 +364,19 @@ def test_status_of_an_ended_job_says_how_its_ranks_ended_not_that_they_are_stale
     assert [line for line in running if line.startswith("stale: rank 1 on n2")]
 
 
+def test_status_of_a_running_job_names_its_straggler_once_from_the_board_it_judged(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import time as clock
+
+    now = clock.time()
+    record = write_job(tmp_path, [beat(r, time=now, recent_compute_s=[0.4 if r == 2 else 0.1] * 4, node_rank=r,
+                                       hostname=f"n{r + 1}") for r in range(4)], nodes=4, world=4)
+    monkeypatch.setattr(monitor, "stragglers", lambda *a, **k: pytest.fail("the board was judged once already"))
+    running = follow.status_lines(record, ended=False)
+    assert [line for line in running if line.startswith("straggler")] == [
+        "straggler: rank 2 on n3, compute 4.00x the other ranks' median"]
+
+
 def test_the_ending_line_counts_final_phases_of_the_newest_attempt_only() -> None:
     beats = {0: monitor.Heartbeat.from_mapping(beat(0, phase="done", attempt=1)),
              1: monitor.Heartbeat.from_mapping(beat(1, phase="done", attempt=1)),
