@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -40,15 +41,21 @@ def top(job: str, once: bool, as_json: bool, every: float) -> None:
     """
     record = lookup("top", job)
     watch = monitor.Watch()
+
+    def look() -> tuple[jobs.JobState, monitor.Board]:
+        with ThreadPoolExecutor(1) as asking:  # squeue answers while the node files are read
+            asked = asking.submit(jobs.state, record)
+            board = telemetry.board_of(record, watch=watch)
+            return asked.result(), board
+
     if as_json:
-        board = telemetry.board_of(record, watch=watch)
-        click.echo(json.dumps({"job_id": record.job_id, "state": jobs.state(record).state, "job_dir": record.job_dir,
+        state, board = look()
+        click.echo(json.dumps({"job_id": record.job_id, "state": state.state, "job_dir": record.job_dir,
                                **board.to_json()}, indent=1))
         return
 
     def draw() -> jobs.JobState:
-        state = jobs.state(record)
-        board = telemetry.board_of(record, watch=watch)
+        state, board = look()
         text = shown.block("\n".join([f"job {record.job_id}  {state.state}  {record.job_dir}", monitor.table(board),
                                       *monitor.straggler_lines(board)]))
         if once or not sys.stdout.isatty():
