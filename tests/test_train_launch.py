@@ -364,7 +364,8 @@ def test_a_heartbeat_stage_another_user_made_first_is_bad_input_not_a_shared_fol
 # --- failures: a damaged checkpoint, a hung rank, stop signals at awkward moments ------------------------
 
 def test_resume_falls_back_past_a_damaged_newest_checkpoint_with_the_uninterrupted_losses(launch, tmp_path):
-    # No snapshots: on a loaded machine one, or its persisted copy, lands between steps 5 and 10 and is newer.
+    # No snapshots: on a loaded machine the first one can fall between steps 5 and 10, be persisted to checkpoints/
+    # and, once step 10 is saved, have step 5 pruned (two are kept): the resume would rightly start there.
     args = ["--backend", "ddp", *TINY, "--snapshot-every-s", "0"]
     reference = tmp_path / "reference"
     assert launch("srun", args, reference).wait() == [0, 0]
