@@ -28,8 +28,6 @@ from hpc import ranks, vocab
 
 FLOORS = ("floor", "floor-deepspeed")
 BACKENDS = (*FLOORS, *vocab.BACKENDS)
-PRECISIONS = vocab.PRECISIONS
-LOADERS = vocab.LOADERS
 DEFAULT_BATCH = 256
 # Training images held in memory, by the trainer (its --synthetic-size default) and the floor alike.
 SYNTHETIC_SIZE = 4096
@@ -119,8 +117,8 @@ class Config:
 _TOKENS = (
     ("ranks", re.compile(r"(\d+)"), int),
     ("zero_stage", re.compile(r"zero(\d+)"), int),
-    ("precision", re.compile("(" + "|".join(PRECISIONS) + ")"), str),
-    ("loader", re.compile("(" + "|".join(LOADERS) + ")"), str),
+    ("precision", re.compile("(" + "|".join(vocab.PRECISIONS) + ")"), str),
+    ("loader", re.compile("(" + "|".join(vocab.LOADERS) + ")"), str),
     ("batch", re.compile(r"b(\d+)"), int),
     ("threads", re.compile(r"t(\d+)"), int),
     ("channels_last", re.compile("(cl)"), bool),
@@ -197,10 +195,6 @@ def parse_grid(specs: Iterable[str], batch: int = DEFAULT_BATCH) -> tuple[Config
     if not configs:
         raise BenchError(f"the grid is empty; give at least one --config {SPEC_HELP}")
     return tuple(configs)
-
-
-def default_grid(batch: int = DEFAULT_BATCH) -> tuple[Config, ...]:
-    return parse_grid(DEFAULT_GRID, batch)
 
 
 def threads_for(config: Config, environ: Mapping[str, str], cpus: int) -> int:

@@ -84,7 +84,7 @@ def test_grid_splits_commas_and_refuses_duplicates():
 
 
 def test_default_grid_is_the_issue_comparison_at_batch_256():
-    grid = bench.default_grid()
+    grid = bench.parse_grid(bench.DEFAULT_GRID)
     names = [c.name for c in grid]
     assert names[0] == "floor:1" and "floor:2" in names
     assert {"ddp:resident:1", "ddp:classic:1", "dp:resident:1", "ddp:resident:2", "ddp:resident:2:t2",

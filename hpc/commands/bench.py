@@ -180,7 +180,7 @@ def version(package: str) -> str:
 def plan_or_exit(specs: tuple[str, ...], batch: int, samples: int, cpus: int) -> list[tuple[core.Config, int]]:
     """Each config of the grid with its threads per rank; a bad grid ends the command with exit status 2."""
     try:
-        grid = core.parse_grid(specs, batch) if specs else core.default_grid(batch)
+        grid = core.parse_grid(specs or core.DEFAULT_GRID, batch)
     except core.BenchError as exc:
         click.echo(f"hpcdist bench: {exc}", err=True)
         sys.exit(2)
