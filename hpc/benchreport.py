@@ -155,17 +155,9 @@ def markdown_report(results: Sequence[Result], meta: Mapping[str, object]) -> st
 
 def to_json(results: Sequence[Result], meta: Mapping[str, object]) -> dict:
     """bench.json: the run's settings and one object per config, ratios included."""
-    rows = []
-    for r in results:
-        row = asdict(r)
-        row["config"] = {"name": r.config.name, **asdict(r.config)}
-        row["peak_memory_bytes"] = list(r.peak_memory_bytes)
-        row["missing"] = list(r.missing)
-        row["vs_floor"] = vs_floor(r, results)
-        row["vs_1_rank"] = scaling(r, results)
-        row["spread"] = spread(r.samples)
-        row["snapshot_stall_share"] = r.snapshot_stall_share
-        rows.append(row)
+    rows = [{**asdict(r), "config": {"name": r.config.name, **asdict(r.config)}, "vs_floor": vs_floor(r, results),
+             "vs_1_rank": scaling(r, results), "spread": spread(r.samples),
+             "snapshot_stall_share": r.snapshot_stall_share} for r in results]
     return {**meta, "targets": {"ddp_1_rank_vs_floor": FLOOR_TARGET, "deepspeed_vs_floor_deepspeed": FLOOR_TARGET,
                                 "n_ranks_vs_1_rank": SCALING_TARGET, "snapshot_stall_share": SNAPSHOT_STALL_TARGET},
             "results": rows}
