@@ -25,8 +25,8 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
-from hpc import benchreport, benchresults, fileio, jobdir
-from hpc.commands.options import Seconds
+from hpc import benchreport, benchresults, fileio, jobdir, jobfiles, vocab
+from hpc.commands.options import Seconds, fail
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -80,13 +80,8 @@ def last_line(log: Path) -> str:
 
 
 def floor_report(log: Path) -> dict | None:
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
+    reports = jobfiles.json_lines(log.read_text(errors="replace"))
+    return reports[-1] if reports else None
 
 
 # What bench writes in --out. A folder holding anything else is a person's: bench never writes into it.
@@ -135,12 +130,8 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
         if report is None:
             return benchresults.Result(config, threads, wall_s=wall, error=f"the floor printed no JSON (see {log})")
         return benchresults.result_from_floor(config, threads, report, wall)
-    summary = run_dir / "summary.json"
-    try:
-        data = json.loads(summary.read_text()) if summary.exists() else {}
-    except json.JSONDecodeError:
-        data = {}
-    return benchresults.result_from_summary(config, threads, data, warmup, steps, wall)
+    summary = jobfiles.json_object(run_dir / vocab.SUMMARY) or {}
+    return benchresults.result_from_summary(config, threads, summary, warmup, steps, wall)
 
 
 def draw(results: list[benchresults.Result], meta: dict, path: Path) -> None:
@@ -182,13 +173,11 @@ def plan_or_exit(specs: tuple[str, ...], batch: int, samples: int, cpus: int) ->
     try:
         grid = core.parse_grid(specs or core.DEFAULT_GRID, batch)
     except core.BenchError as exc:
-        click.echo(f"hpcdist bench: {exc}", err=True)
-        sys.exit(2)
+        fail("bench", exc)
     too_big = [c.name for c in grid if c.batch > samples]
     if too_big:
-        click.echo(f"hpcdist bench: {', '.join(too_big)} need a global batch of at most --samples {samples}; "
-                   "pass a larger --samples", err=True)
-        sys.exit(2)
+        fail("bench", ValueError(f"{', '.join(too_big)} need a global batch of at most --samples {samples}; "
+                                 "pass a larger --samples"))
     return [(c, core.threads_for(c, os.environ, cpus)) for c in grid]
 
 
@@ -214,13 +203,6 @@ def run_rounds(plan: list[tuple[core.Config, int]], meta: dict, steps: int, warm
             click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
             runs[i].append(result)
     return runs
-
-
-def write_reports(results: list[benchresults.Result], meta: dict, out_dir: Path) -> None:
-    """bench.json, bench.md and bench.png in ``out_dir``."""
-    fileio.atomic_write(out_dir / "bench.json", json.dumps(benchreport.to_json(results, meta), indent=2) + "\n")
-    fileio.atomic_write(out_dir / "bench.md", benchreport.markdown_report(results, meta))
-    draw(results, meta, out_dir / "bench.png")
 
 
 @click.command()
@@ -253,8 +235,7 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     plan = plan_or_exit(configs + grids, batch, samples, cpus)
     why = foreign_out(out_dir)
     if why:
-        click.echo(f"hpcdist bench: {why}", err=True)
-        sys.exit(2)
+        fail("bench", ValueError(why))
     if dry_run:
         for config, threads in plan:
             cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable,
@@ -274,7 +255,9 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     # Which card (or "cpu") the runs trained on, as they reported it: this process never imports torch.
     meta["device"] = next((r.device for r in results if r.device), "unknown")
 
-    write_reports(results, meta, out_dir)
+    fileio.atomic_write(out_dir / "bench.json", json.dumps(benchreport.to_json(results, meta), indent=2) + "\n")
+    fileio.atomic_write(out_dir / "bench.md", benchreport.markdown_report(results, meta))
+    draw(results, meta, out_dir / "bench.png")
     click.echo(benchreport.markdown_table(results))
     for line in benchreport.verdicts(results):
         click.echo(line)
