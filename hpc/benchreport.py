@@ -35,30 +35,22 @@ def floor_of(result: Result, results: Sequence[Result]) -> Result | None:
                 and other.threads == result.threads
                 and (backend == "floor" or (o.zero_stage, o.precision) == (c.zero_stage, c.precision)))
 
-    for backend in (("floor-deepspeed", "floor") if c.backend == "deepspeed" else ("floor",)):
-        for other in results:
-            if same(other, backend):
-                return other
-    return None
+    backends = ("floor-deepspeed", "floor") if c.backend == "deepspeed" else ("floor",)
+    return next((other for backend in backends for other in results if same(other, backend)), None)
 
 
 def vs_floor(result: Result, results: Sequence[Result]) -> float | None:
     """images/s over its floor's (see ``floor_of``); None if the grid ran none."""
     floor = floor_of(result, results)
-    if floor is None:
-        return None
-    return result.images_per_s / floor.images_per_s  # type: ignore[operator]
+    return None if floor is None else result.images_per_s / floor.images_per_s  # type: ignore[operator]
 
 
 def scaling(result: Result, results: Sequence[Result]) -> float | None:
     """images/s over the same training's on one rank with default threads; None at one rank or if absent."""
     if result.config.ranks == 1 or not result.ok:
         return None
-    base = result.config.one_rank()
-    for other in results:
-        if other.config == base and other.ok:
-            return result.images_per_s / other.images_per_s  # type: ignore[operator]
-    return None
+    base = next((other for other in results if other.config == result.config.one_rank() and other.ok), None)
+    return None if base is None else result.images_per_s / base.images_per_s  # type: ignore[operator]
 
 
 def _num(value: float | None, fmt: str, absent: str = "missing") -> str:

@@ -73,7 +73,11 @@ def _text(report: Mapping[str, object], key: str) -> str | None:
 
 
 def _peaks(report: Mapping[str, object], missing: list[str]) -> tuple[int | None, ...]:
-    peaks = peaks_of(report)
+    """``ranks[].peak_memory_bytes`` in rank order, None where a rank did not report it (and then named missing)."""
+    entries = report.get("ranks")
+    ranks = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    ordered = sorted(ranks, key=lambda e: e.get("rank", 0))
+    peaks = tuple(e["peak_memory_bytes"] if isinstance(e.get("peak_memory_bytes"), int) else None for e in ordered)
     if not peaks or None in peaks:
         missing.append("ranks[].peak_memory_bytes")
     return peaks
@@ -115,12 +119,3 @@ def result_from_floor(config: Config, threads: int, report: Mapping[str, object]
     error = None if rate is not None else "the floor printed no images_per_s"
     device = _text(report, "device")
     return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing), device=device)
-
-
-def peaks_of(summary: Mapping[str, object]) -> tuple[int | None, ...]:
-    """``ranks[].peak_memory_bytes`` in rank order; None where a rank did not report it."""
-    entries = summary.get("ranks")
-    if not isinstance(entries, list):
-        return ()
-    ordered = sorted((e for e in entries if isinstance(e, dict)), key=lambda e: e.get("rank", 0))
-    return tuple(e["peak_memory_bytes"] if isinstance(e.get("peak_memory_bytes"), int) else None for e in ordered)
