@@ -81,15 +81,13 @@ class Sweep:
 
 # ---- planning it ---------------------------------------------------------------------------------
 
-def geometry(spec: specs.JobSpec) -> tuple[Any, ...]:
+def geometry(spec: specs.JobSpec) -> dict[str, Any]:
     """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line)."""
-    return (spec.cluster, spec.job_name, spec.nodes, spec.slurm_tasks_per_node, spec.cpus_per_task,
-            spec.gpus_per_node, spec.time, spec.partition, spec.account, spec.nodelist, spec.exclude,
-            spec.after, spec.signal, spec.container, spec.container_runtime)
-
-
-GEOMETRY_NAMES = ("cluster", "job_name", "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node", "time",
-                  "partition", "account", "nodelist", "exclude", "after", "signal", "container", "container_runtime")
+    return {"cluster": spec.cluster, "job_name": spec.job_name, "nodes": spec.nodes,
+            "ntasks_per_node": spec.slurm_tasks_per_node, "cpus_per_task": spec.cpus_per_task,
+            "gpus_per_node": spec.gpus_per_node, "time": spec.time, "partition": spec.partition,
+            "account": spec.account, "nodelist": spec.nodelist, "exclude": spec.exclude, "after": spec.after,
+            "signal": spec.signal, "container": spec.container, "container_runtime": spec.container_runtime}
 
 Checker = Callable[[specs.JobSpec], None]
 
@@ -140,7 +138,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         checked.append((values, spec, profile))
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (_, spec, _) in enumerate(checked):
-        groups.setdefault(geometry(spec), []).append(i)
+        groups.setdefault(tuple(geometry(spec).values()), []).append(i)
     search_env = environ if environ is not None else os.environ
     arrays = []
     for a, members in enumerate(groups.values()):
@@ -157,16 +155,14 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             files = {k: v for k, v in rendered.files.items() if k != vocab.JOB_SBATCH}
             tasks.append(Task(i, values, a, j, replace(rendered, files=files)))
         parallel = min(max_parallel or len(tasks), len(tasks))
-        first = tasks[0].rendered
-        sbatch = render_array(first, array_dir, tasks, parallel, search_env)
+        sbatch = render_array(array_dir, tasks, parallel, search_env)
         arrays.append(Array(a, array_dir, tuple(tasks), parallel, sbatch))
     return Sweep(sweep_dir, name, dict(base), matrix, max_parallel, tuple(arrays))
 
 
-def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task], max_parallel: int,
-                 environ: Mapping[str, str]) -> str:
+def render_array(array_dir: Path, tasks: Sequence[Task], max_parallel: int, environ: Mapping[str, str]) -> str:
     """The array's job.sbatch (templates/array.sbatch.j2) from its first task's resolved spec."""
-    spec = first.spec
+    spec = tasks[0].rendered.spec
     profile = profiles.load(spec.cluster)
     env = templating.environment(render.search_path(profile, environ))
     context = {
@@ -192,12 +188,11 @@ def render_array(first: render.Rendered, array_dir: Path, tasks: Sequence[Task],
 
 def resolved(task: Task) -> dict[str, Any]:
     spec = task.rendered.spec
-    out = {"index": task.index, "array": f"array-{task.array}", "array_index": task.array_index,
-           "job_dir": str(task.rendered.job_dir), "values": {k: v for k, v in task.values.items()},
-           "backend": spec.backend, "zero_stage": spec.zero_stage, "precision": spec.precision,
-           "launcher": spec.launcher, "nodes": spec.nodes, "world_size": spec.world_size,
-           "train_args": list(spec.train_args)}
-    return out
+    return {"index": task.index, "array": f"array-{task.array}", "array_index": task.array_index,
+            "job_dir": str(task.rendered.job_dir), "values": dict(task.values),
+            "backend": spec.backend, "zero_stage": spec.zero_stage, "precision": spec.precision,
+            "launcher": spec.launcher, "nodes": spec.nodes, "world_size": spec.world_size,
+            "train_args": list(spec.train_args)}
 
 
 def sweep_yaml(sweep: Sweep) -> str:
@@ -211,8 +206,8 @@ def sweep_yaml(sweep: Sweep) -> str:
         "tasks": [dict(t) for t in sweep.matrix.tasks],
         "exclude": [dict(e) for e in sweep.matrix.exclude],
         "arrays": [{"name": a.name, "job_dir": str(a.job_dir), "array": a.range, "tasks": len(a.tasks),
-                    "geometry": dict(zip(GEOMETRY_NAMES, (list(g) if isinstance(g, tuple) else g
-                                                          for g in geometry(a.tasks[0].rendered.spec))))}
+                    "geometry": {k: (list(g) if isinstance(g, tuple) else g)
+                                 for k, g in geometry(a.tasks[0].rendered.spec).items()}}
                    for a in sweep.arrays],
         "resolved": [resolved(t) for t in sweep.tasks],
     }
