@@ -1,6 +1,6 @@
 """Read a sweep's matrix (axes, tasks, excludes) and expand it into the configurations to run; pure, no files.
 
-    matrix = combine(Matrix(tasks=PRESETS["compare"]["tasks"]), Matrix(axes=(parse_axis("train.lr=1e-3,1e-2"),)))
+    matrix = combine(PRESETS["compare"], Matrix(axes=(parse_axis("train.lr=1e-3,1e-2"),)))
     configurations(matrix, "ddp")   # [{"backend": "dp", "nodes": 1, "train.lr": "1e-3"}, ...]
     job_values(base, configuration) # the base job's values with one configuration applied
 
@@ -31,15 +31,6 @@ JOB_KEYS = tuple(f for f in specs.FIELDS if f not in ("job_dir", "train_args", "
 # configurations that differ only there collapse into one.
 DEEPSPEED_ONLY = ("zero_stage", "offload")
 FILE_KEYS = ("name", "base", "axes", "tasks", "exclude", "max_parallel")
-# The seed's question: DP, DDP or DeepSpeed, which ZeRO stage? dp is one process on one node; the others
-# spread over two nodes, so they form a second array.
-PRESETS: dict[str, dict[str, Any]] = {
-    "compare": {"tasks": [
-        {"backend": "dp", "nodes": 1},
-        {"backend": "ddp", "nodes": 2},
-        *({"backend": "deepspeed", "zero_stage": stage, "nodes": 2} for stage in vocab.ZERO_STAGES),
-    ]},
-}
 _TRAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
@@ -64,6 +55,17 @@ class Matrix:
     @property
     def size(self) -> int:
         return max(len(self.tasks), 1) * math.prod(len(a.values) for a in self.axes)
+
+
+# The seed's question: DP, DDP or DeepSpeed, which ZeRO stage? dp is one process on one node; the others
+# spread over two nodes, so they form a second array.
+PRESETS = {
+    "compare": Matrix(tasks=(
+        {"backend": "dp", "nodes": 1},
+        {"backend": "ddp", "nodes": 2},
+        *({"backend": "deepspeed", "zero_stage": stage, "nodes": 2} for stage in vocab.ZERO_STAGES),
+    )),
+}
 
 
 # ---- reading the matrix --------------------------------------------------------------------------
@@ -127,14 +129,14 @@ def make_axis(key: str, values: Sequence[Any]) -> Axis:
     return Axis(key, tuple(values))
 
 
-def parse_assignment(spec_text: str, option: str = "--skip") -> dict[str, str]:
+def parse_assignment(spec_text: str) -> dict[str, str]:
     """``KEY=V,KEY2=V2`` (a partial configuration) from --skip."""
     out: dict[str, str] = {}
     for part in spec_text.split(","):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise SweepError(f"{option} {spec_text!r}: write KEY=VALUE[,KEY=VALUE...]")
-        out[normalise_key(key.strip(), f"{option} {spec_text}")] = value.strip()
+            raise SweepError(f"--skip {spec_text!r}: write KEY=VALUE[,KEY=VALUE...]")
+        out[normalise_key(key.strip(), f"--skip {spec_text}")] = value.strip()
     return out
 
 

@@ -147,8 +147,7 @@ def test_submitit_is_refused_in_one_line(tmp_path):
 # ---- the arrays ------------------------------------------------------------------------------------
 
 def test_one_array_per_geometry_with_its_throttle(tmp_path):
-    compare = sweep_matrix.Matrix(tasks=tuple(sweep_matrix.PRESETS["compare"]["tasks"]))
-    sweep = plan(tmp_path, sweep_matrix.combine(compare), max_parallel=3)
+    sweep = plan(tmp_path, sweep_matrix.PRESETS["compare"], max_parallel=3)
     assert [(a.name, a.range) for a in sweep.arrays] == [("array-0", "0-0%1"), ("array-1", "0-4%3")]
     assert [t.label for t in sweep.arrays[1].tasks] == [
         "backend=ddp nodes=2", *(f"backend=deepspeed zero_stage={s} nodes=2" for s in range(4))]

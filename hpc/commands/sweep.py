@@ -109,8 +109,7 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         cli = sweep_matrix.Matrix(axes=tuple(sweep_matrix.parse_axis(g) for g in grid),
                                   exclude=tuple(sweep_matrix.parse_assignment(s) for s in skip))
         chosen = preset or ("compare" if not (grid or file_matrix.axes or file_matrix.tasks) else None)
-        preset_matrix = (sweep_matrix.Matrix(tasks=tuple(sweep_matrix.PRESETS[chosen]["tasks"])) if chosen
-                         else sweep_matrix.Matrix())
+        preset_matrix = sweep_matrix.PRESETS[chosen] if chosen else sweep_matrix.Matrix()
         matrix = sweep_matrix.combine(preset_matrix, file_matrix, cli)
         base.setdefault("job_name", settings.get("name") or "sweep")
         values = values_from_options(config_file, base=base, **options)
