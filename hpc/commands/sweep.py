@@ -134,7 +134,9 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
                    f"{array.job_dir}")
     click.echo(f"# sweep directory: {plan.sweep_dir}; follow it with: hpcdist sweep status {plan.sweep_dir}")
     if wait_:
-        final = wait(plan.sweep_dir)
+        # hpc.job's one follow loop: one sacct per poll for all the arrays.
+        final = job.follow(lambda: current_rows(plan.sweep_dir),
+                           lambda rows: all(r.state in states.TERMINAL for r in rows), WAIT_POLL_S)
         click.echo(sweep_results.table(final), nl=False)
         if not all(r.state == "COMPLETED" for r in final):
             sys.exit(1)
@@ -221,12 +223,6 @@ def current_rows(sweep_dir: Path) -> list[Any]:
         text = commands.sacct(list(submitted.values()), ("JobID", "State"))
         seen = parse.array_states(text, submitted.values())
     return sweep_results.rows(data, submitted, seen)
-
-
-def wait(sweep_dir: Path) -> list[Any]:
-    """Every task's row once all have ended: hpc.job's one follow loop, one sacct per poll for all the arrays."""
-    return job.follow(lambda: current_rows(sweep_dir), lambda rows: all(r.state in states.TERMINAL for r in rows),
-                      WAIT_POLL_S)
 
 
 def _read(command: str, sweep_dir: str) -> list[Any]:
