@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,9 +39,6 @@ class Row:
     time_to_first_step_s: float | None
     hostnames: tuple[str, ...]
     job_dir: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- the sweep directory and each task's summary.json (reads files) ------------------------------

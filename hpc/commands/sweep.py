@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,16 +66,6 @@ def sweep() -> None:
     """
 
 
-def _load_file(path: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    from hpc import sweep_matrix, yamlfile
-
-    try:
-        data = yamlfile.load(Path(path), "sweep file")
-    except yamlfile.YamlError as exc:
-        raise sweep_matrix.SweepError(str(exc)) from None
-    return sweep_matrix.parse_file(data, path)
-
-
 @sweep.command("run")
 @job_options
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
@@ -96,7 +87,7 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         preset: str | None, max_parallel: int | None, via: str, dry_run: bool, force: bool, wait_: bool,
         **options: Any) -> None:
     """Run a sweep: every configuration of the matrix, grouped into one job array per allocation shape."""
-    from hpc import jobs, profiles, render, sweep_matrix, sweep_results
+    from hpc import jobs, profiles, render, sweep_matrix, sweep_results, yamlfile
     from hpc import spec as specs
     from hpc import sweep as sweeps
 
@@ -105,7 +96,9 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
     if not dry_run and not jobs.slurm_available(os.environ):
         fail("sweep", ValueError("job arrays need Slurm (sbatch on PATH); use --dry-run to see the tasks"))
     try:
-        base, file_matrix, settings = _load_file(sweep_file) if sweep_file else ({}, sweep_matrix.Matrix(), {})
+        # Without --file the sweep file is an empty one: no base, no axes, no settings.
+        data = yamlfile.load(Path(sweep_file), "sweep file") if sweep_file else {}
+        base, file_matrix, settings = sweep_matrix.parse_file(data, sweep_file or "")
         cli = sweep_matrix.Matrix(axes=tuple(sweep_matrix.parse_axis(g) for g in grid),
                                   exclude=tuple(sweep_matrix.parse_assignment(s) for s in skip))
         chosen = preset or ("compare" if not (grid or file_matrix.axes or file_matrix.tasks) else None)
@@ -118,7 +111,8 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=max_parallel or settings.get("max_parallel"),
                            name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more)
         sweeps.write(plan, force=force)
-    except (sweep_matrix.SweepError, specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
+    except (sweep_matrix.SweepError, yamlfile.YamlError, specs.SpecError, profiles.ProfileError,
+            render.RenderError) as exc:
         fail("sweep", exc)
     if dry_run:
         click.echo(describe(plan), nl=False)
@@ -243,7 +237,7 @@ def status(sweep_dir: str, as_json: bool) -> None:
 
     rows = _read("status", sweep_dir)
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=1))
+        click.echo(json.dumps([asdict(r) for r in rows], indent=1))
         return
     click.echo(sweep_results.table(rows), nl=False)
 
@@ -260,7 +254,7 @@ def report(sweep_dir: str, as_json: bool, png: str | None, markdown: str | None,
 
     rows = _read("report", sweep_dir)
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=1))
+        click.echo(json.dumps([asdict(r) for r in rows], indent=1))
         return
     text = sweep_results.table(rows, markdown=True)
     click.echo(text, nl=False)
