@@ -185,9 +185,7 @@ def parse_grid(specs: Iterable[str], batch: int = DEFAULT_BATCH) -> tuple[Config
     """Configs from specs, each of which may hold several separated by commas or spaces; no duplicates."""
     configs: list[Config] = []
     for text in specs:
-        for spec in re.split(r"[,\s]+", text.strip()):
-            if not spec:
-                continue
+        for spec in filter(None, re.split(r"[,\s]+", text)):
             config = parse_config(spec, batch)
             if config in configs:
                 raise BenchError(f"config {spec!r} is in the grid twice (as {config.name})")

@@ -114,8 +114,8 @@ def claim_out(out_dir: Path) -> None:
 
 
 def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples: int, out: Path,
-            timeout_s: float, name: str | None = None) -> benchresults.Result:
-    run_dir = out / "runs" / (name or config.slug)
+            timeout_s: float, name: str) -> benchresults.Result:
+    run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
