@@ -100,16 +100,14 @@ def verdicts(results: Sequence[Result]) -> list[str]:
     lines = []
     for r in results:
         c = r.config
-        ratio = vs_floor(r, results)
-        # The target is for the trainer's default path; the classic loader is there to show its cost.
         floor = floor_of(r, results)
-        bare_ds = floor is not None and floor.config.backend == "floor-deepspeed"
+        # The target is for the trainer's default path; the classic loader is there to show its cost.
         plain_ddp = (c.backend == "ddp" and c.ranks == 1 and c.loader == "resident" and c.precision == "fp32"
                      and not (c.channels_last or c.compile))
-        if ratio is not None and (plain_ddp or bare_ds):
-            mark = "meets" if ratio >= FLOOR_TARGET else "misses"
-            lines.append(f"{c.name} vs {floor.config.name}: {ratio:.2f}x "  # type: ignore[union-attr]
-                         f"({mark} the >= {FLOOR_TARGET}x target)")
+        if floor is not None and (plain_ddp or floor.config.backend == "floor-deepspeed"):
+            ratio = vs_floor(r, results)
+            mark = "meets" if ratio >= FLOOR_TARGET else "misses"  # type: ignore[operator]
+            lines.append(f"{c.name} vs {floor.config.name}: {ratio:.2f}x ({mark} the >= {FLOOR_TARGET}x target)")
     for r in results:
         c = r.config
         ratio = scaling(r, results)
