@@ -153,16 +153,12 @@ def parse_file(data: Any, source: str) -> tuple[dict[str, Any], Matrix, dict[str
     axes_data = data.get("axes") or {}
     if not isinstance(axes_data, dict):
         raise SweepError(f"sweep file {source}: axes: must map each key to a list of values")
-    axes = []
-    for key, values in axes_data.items():
-        name = normalise_key(key, f"sweep file {source}")
-        if not isinstance(values, list):
-            values = [values]
-        axes.append(make_axis(name, values))
+    axes = tuple(make_axis(normalise_key(key, f"sweep file {source}"),
+                           values if isinstance(values, list) else [values]) for key, values in axes_data.items())
     tasks = tuple(_assignments_list(data.get("tasks"), "tasks", source))
     exclude = tuple(_assignments_list(data.get("exclude"), "exclude", source))
     settings = {k: data[k] for k in ("name", "max_parallel") if data.get(k) is not None}
-    return {str(k).replace("-", "_"): v for k, v in base.items()}, Matrix(tuple(axes), tasks, exclude), settings
+    return {str(k).replace("-", "_"): v for k, v in base.items()}, Matrix(axes, tasks, exclude), settings
 
 
 def _assignments_list(items: Any, what: str, source: str) -> Iterable[dict[str, Any]]:
