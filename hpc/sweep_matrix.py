@@ -211,8 +211,7 @@ def configurations(matrix: Matrix, base_backend: str | None) -> list[dict[str, A
             if text(value) not in known:
                 raise SweepError(f"exclude #{i + 1}: {text(value)} is not a value of axis {key} "
                                  f"({', '.join(sorted(known))})")
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    unique: dict[str, dict[str, Any]] = {}
     for task in matrix.tasks or ({},):
         for combo in itertools.product(*(a.values for a in matrix.axes)):
             values = {**task, **{a.key: v for a, v in zip(matrix.axes, combo)}}
@@ -223,12 +222,10 @@ def configurations(matrix: Matrix, base_backend: str | None) -> list[dict[str, A
             if backend not in ("deepspeed", "auto"):
                 values = {k: (None if k in DEEPSPEED_ONLY else v) for k, v in values.items()}
             key = json.dumps({k: text(v) if v is not None else None for k, v in values.items()}, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                out.append(values)
-    if not out:
+            unique.setdefault(key, values)
+    if not unique:
         raise SweepError("the excludes leave no task to run; exclude less")
-    return out
+    return list(unique.values())
 
 
 def job_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
