@@ -65,12 +65,9 @@ def load(sweep_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return data, submitted
 
 
-def read_summary(job_dir: Path) -> dict[str, Any] | None:
-    """A task's run/summary.json with only its fields of the right type, and only its ranks that are whole."""
-    data = jobfiles.json_object(job_dir / vocab.RUN_DIR / vocab.SUMMARY)
-    if data is None:
-        return None
-    data = jobfiles.well_typed(data, SUMMARY_FIELDS)
+def read_summary(job_dir: Path) -> dict[str, Any]:
+    """A task's run/summary.json (none yet: no fields) with only its fields of the right type and its whole ranks."""
+    data = jobfiles.well_typed(jobfiles.json_object(job_dir / vocab.RUN_DIR / vocab.SUMMARY) or {}, SUMMARY_FIELDS)
     ranks = data.get("ranks") or []
     data["ranks"] = [r for r in ranks if isinstance(r, dict) and jobfiles.well_typed(r, RANK_FIELDS) == r]
     return data
@@ -83,8 +80,8 @@ def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[
         array_job = submitted.get(task["array"])
         job_id = f"{array_job}_{task['array_index']}" if array_job else ""
         job_dir = Path(task["job_dir"])
-        summary = read_summary(job_dir) or {}
-        ranks = sorted(summary.get("ranks") or [], key=lambda r: r.get("rank", 0))
+        summary = read_summary(job_dir)
+        ranks = sorted(summary["ranks"], key=lambda r: r.get("rank", 0))
         state = states.get(job_id, "UNKNOWN") if job_id else "NOT_SUBMITTED"
         out.append(Row(
             index=task["index"], label=label(task.get("values") or {}), array=task["array"], job_id=job_id,
