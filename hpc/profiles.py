@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,12 +11,22 @@ from typing import Any, Mapping
 from hpc import container as containers
 from hpc import dsconfig, jobfiles, plan, shown, sites
 from hpc.container import Container
-from hpc.spec import SpecError, time_seconds
+from hpc.spec import SpecError, time_seconds, unwritable
 
-# The network section names the variables NCCL and Gloo read, spelled as they are exported.
-NETWORK_VARS = ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_IB_GID_INDEX", "NCCL_NET_GDR_LEVEL",
-                "GLOO_SOCKET_IFNAME")
-NETWORK_KEYS = ("ib",) + NETWORK_VARS
+# The network section names the variables NCCL and Gloo read, spelled as they are exported, each with what
+# NCCL and Gloo accept for it: a value outside it is ignored or misread at run time, far from the profile
+# that set it.
+_IFNAMES = re.compile(r"\^?=?[A-Za-z0-9_.:-]+(,\^?=?[A-Za-z0-9_.:-]+)*")
+NETWORK_VALUES = {
+    "NCCL_IB_HCA": (re.compile(r"\^?=?[A-Za-z0-9_.-]+(:[0-9]+)?(,[A-Za-z0-9_.-]+(:[0-9]+)?)*"),
+                    "HCA names, e.g. mlx5_0,mlx5_1 (optionally ^ or = first, :PORT after a name)"),
+    "NCCL_SOCKET_IFNAME": (_IFNAMES, "interface names or prefixes, e.g. ib0 or ^docker,lo"),
+    "NCCL_IB_GID_INDEX": (re.compile(r"[0-9]{1,3}"), "a GID index from 0 to 255"),
+    "NCCL_NET_GDR_LEVEL": (re.compile(r"[0-5]|LOC|PIX|PXB|PHB|SYS|NVL"),
+                           "LOC, PIX, PXB, PHB, SYS (or a level 0-5)"),
+    "GLOO_SOCKET_IFNAME": (_IFNAMES, "interface names, e.g. ib0"),
+}
+NETWORK_KEYS = ("ib", *NETWORK_VALUES)
 KEYS = ("partition", "account", "time", "gpus_per_node", "gpu_memory", "cpus_per_task", "cpu_bf16", "max_nodes",
         "modules", "setup", "env", "templates", "python", "network", "extends", "slurm_cluster", "container")
 # Mappings a child profile merges key by key into its parent's; every other key (lists included) replaces.
@@ -76,17 +87,6 @@ class Profile:
         return {**self.network.env(), **dict(self.env)}
 
 
-def available(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Every profile name found on the search path."""
-    return sorted({found.name for found in sites.discover(_search(environ))})
-
-
-def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
-    import os
-
-    return os.environ if environ is None else environ
-
-
 def is_path(name: str) -> bool:
     """A YAML path (``site.yaml``, ``./x``) rather than a profile name looked up on the search path."""
     return name.endswith(sites.SUFFIXES) or "/" in name
@@ -94,13 +94,13 @@ def is_path(name: str) -> bool:
 
 def _search(environ: Mapping[str, str] | None) -> tuple[sites.Level, ...]:
     try:
-        return sites.levels(_environ(environ))
+        return sites.levels(os.environ if environ is None else environ)
     except sites.SiteError as exc:
         raise ProfileError(str(exc)) from None
 
 
 def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
-    if not name or "\x00" in name or not _encodable(name):
+    if not name or unwritable(name):
         raise ProfileError(f"cluster {ascii(name)} is not a profile name or a file name; give one")
     if jobfiles.name_too_long(name if is_path(name) else name + sites.SUFFIXES[0]):
         raise ProfileError(f"cluster {name[:40]!r}... is longer than a file name can be "
@@ -122,14 +122,6 @@ def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
     return found
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _int(name: str, value: Any, lowest: int, highest: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
         raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {shown.value(value)}")
@@ -140,7 +132,7 @@ def _str(name: str, value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ProfileError(f"{name} must be a string, got {shown.value(value)}")
     text = str(value)
-    if "\x00" in text or not _encodable(text):
+    if unwritable(text):
         raise ProfileError(f"{name} {shown.value(text)} holds a NUL byte or a lone surrogate, which no script can "
                            "carry; remove it")
     return text
@@ -165,20 +157,6 @@ def _variables(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-# What NCCL and Gloo accept for each network variable: a value outside it is ignored or misread at run
-# time, far from the profile that set it.
-_IFNAMES = re.compile(r"\^?=?[A-Za-z0-9_.:-]+(,\^?=?[A-Za-z0-9_.:-]+)*")
-NETWORK_VALUES = {
-    "NCCL_IB_HCA": (re.compile(r"\^?=?[A-Za-z0-9_.-]+(:[0-9]+)?(,[A-Za-z0-9_.-]+(:[0-9]+)?)*"),
-                    "HCA names, e.g. mlx5_0,mlx5_1 (optionally ^ or = first, :PORT after a name)"),
-    "NCCL_SOCKET_IFNAME": (_IFNAMES, "interface names or prefixes, e.g. ib0 or ^docker,lo"),
-    "GLOO_SOCKET_IFNAME": (_IFNAMES, "interface names, e.g. ib0"),
-    "NCCL_IB_GID_INDEX": (re.compile(r"[0-9]{1,3}"), "a GID index from 0 to 255"),
-    "NCCL_NET_GDR_LEVEL": (re.compile(r"[0-5]|LOC|PIX|PXB|PHB|SYS|NVL"),
-                           "LOC, PIX, PXB, PHB, SYS (or a level 0-5)"),
-}
-
-
 def _network_value(key: str, value: str) -> str:
     pattern, accepted = NETWORK_VALUES[key]
     if not pattern.fullmatch(value) or (key == "NCCL_IB_GID_INDEX" and int(value) > 255):
@@ -186,8 +164,8 @@ def _network_value(key: str, value: str) -> str:
     return value
 
 
-def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profile:
-    """A Profile from a YAML mapping; ``base`` anchors a relative ``templates`` directory."""
+def parse(name: str, data: Mapping[str, Any]) -> Profile:
+    """A Profile from a YAML mapping (``load`` has made a relative ``templates`` directory absolute)."""
     if not isinstance(data, dict):
         raise ProfileError(f"cluster profile {name!r} must be a YAML mapping")
     unknown = [k for k in data if k not in KEYS]
@@ -223,8 +201,7 @@ def parse(name: str, data: Mapping[str, Any], base: Path | None = None) -> Profi
     if data.get("env") is not None:
         values["env"] = _variables("env", data["env"])
     if data.get("templates") is not None:
-        templates = Path(_str("templates", data["templates"])).expanduser()
-        values["templates"] = str(templates if templates.is_absolute() or base is None else base / templates)
+        values["templates"] = str(Path(_str("templates", data["templates"])).expanduser())
     if data.get("container") is not None:
         if not isinstance(data["container"], dict):
             raise ProfileError("container must be a mapping (runtime, image, mounts, gpus, env)")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
 
 from hpc import dsconfig, profiles
+from hpc.commands import clusters
 
 
 def test_shipped_profiles_load() -> None:
-    assert {"local", "example-ib"} <= set(profiles.available())
+    assert {"local", "example-ib"} <= {p["name"] for p in clusters.report(os.environ)["profiles"]}
     local = profiles.load("local")
     assert (local.partition, local.gpus_per_node, local.max_nodes) == ("debug", 0, 3)
     assert local.environment()["NCCL_IB_DISABLE"] == "1"
