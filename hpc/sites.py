@@ -143,13 +143,16 @@ def template_dirs(environ: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(str(level.templates) for level in levels(environ) if level.templates.is_dir())
 
 
-def config_files(environ: Mapping[str, str]) -> tuple[tuple[str, Path], ...]:
-    """The user's config file, then the system's: the first that sets a key wins."""
-    return ((USER, user_dir(environ) / CONFIG_FILE), (SYSTEM, system_dir(environ) / CONFIG_FILE))
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file's mapping, checked: unknown keys and non-string values are errors; {} for no file."""
+    from hpc import yamlfile
 
-
-def parse_config(path: str, data: Any) -> dict[str, Any]:
-    """A config file's mapping, checked: unknown keys and non-string values are errors."""
+    if not os.path.lexists(path):
+        return {}
+    try:
+        data = yamlfile.load(path, "config file")
+    except yamlfile.YamlError as exc:
+        raise SiteError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -163,23 +166,11 @@ def parse_config(path: str, data: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    from hpc import yamlfile
-
-    if not os.path.lexists(path):
-        return {}
-    try:
-        data = yamlfile.load(path, "config file")
-    except yamlfile.YamlError as exc:
-        raise SiteError(str(exc)) from None
-    return parse_config(str(path), data)
-
-
 def default_cluster(environ: Mapping[str, str]) -> tuple[str, str]:
     """(profile, where it was set): $HPCDIST_CLUSTER, else the user's then the system's config, else local."""
     if environ.get(CLUSTER_ENV, "").strip():
         return environ[CLUSTER_ENV].strip(), "$" + CLUSTER_ENV
-    for _, path in config_files(environ):
+    for path in (user_dir(environ) / CONFIG_FILE, system_dir(environ) / CONFIG_FILE):
         value = read_config(path).get("default_cluster")
         if value:
             return value.strip(), str(path)
