@@ -38,6 +38,8 @@ MAX_SPARE_NODES = 1024
 NAME_MAX = jobfiles.MAX_NAME_BYTES
 PATH_MAX = 4095
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What a spec leaves unset (None) and the cluster profile fills in.
+PROFILE_DEFAULTS = ("gpus_per_node", "cpus_per_task", "partition", "account")
 
 
 def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
@@ -46,13 +48,9 @@ def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
     ``--backend auto`` asks hpc.plan for the configuration with the least communication whose model
     states fit the profile's gpu_memory; the model is the built-in ConvNet unless --params says otherwise.
     """
-    gpus = profile.gpus_per_node if spec.gpus_per_node is None else spec.gpus_per_node
     spec = replace(
         spec,
-        gpus_per_node=gpus,
-        cpus_per_task=spec.cpus_per_task if spec.cpus_per_task is not None else profile.cpus_per_task,
-        partition=spec.partition if spec.partition is not None else profile.partition,
-        account=spec.account if spec.account is not None else profile.account,
+        **{key: getattr(profile, key) for key in PROFILE_DEFAULTS if getattr(spec, key) is None},
         time=spec.time if spec.time is not None else profile.time or DEFAULT_TIME,
         python=profile.python or spec.python or "python3",
     )
@@ -135,20 +133,17 @@ def check(spec: JobSpec, profile: Profile) -> JobSpec:
     _check_time_and_signal(spec)
     for item in spec.after:
         parse_after(item)
-    _check_nodelist(spec)
-    _check_exclude(spec)
+    _check_hosts(spec)
     # Last: the trainer's own view of its arguments, once the geometry they meet is known to be sound.
     check_train_args(spec)
     return spec
 
 
 def _check_choices(spec: JobSpec) -> None:
-    if spec.backend not in BACKENDS:
-        raise SpecError(f"unknown --backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}")
-    if spec.launcher not in LAUNCHERS:
-        raise SpecError(f"unknown --launcher {spec.launcher!r}; choose one of {', '.join(LAUNCHERS)}")
-    if spec.precision not in PRECISIONS:
-        raise SpecError(f"unknown --precision {spec.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    for option, value, choices in (("--backend", spec.backend, BACKENDS), ("--launcher", spec.launcher, LAUNCHERS),
+                                   ("--precision", spec.precision, PRECISIONS)):
+        if value not in choices:
+            raise SpecError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _check_zero_stage_backend(spec: JobSpec) -> None:
@@ -203,12 +198,11 @@ def _check_launcher(spec: JobSpec) -> None:
 
 def _check_restarts(spec: JobSpec) -> None:
     """Requeues, retries and the spare nodes a relaunch moves to."""
-    if not 0 <= spec.max_requeues <= MAX_REQUEUES:
-        raise SpecError(f"--max-requeues {spec.max_requeues}: give 0 to {MAX_REQUEUES}")
-    if not 0 <= spec.max_retries <= MAX_REQUEUES:
-        raise SpecError(f"--max-retries {spec.max_retries}: give 0 to {MAX_REQUEUES}")
-    if not 0 <= spec.spare_nodes <= MAX_SPARE_NODES:
-        raise SpecError(f"--spare-nodes {spec.spare_nodes}: give 0 to {MAX_SPARE_NODES}")
+    for option, value, most in (("--max-requeues", spec.max_requeues, MAX_REQUEUES),
+                                ("--max-retries", spec.max_retries, MAX_REQUEUES),
+                                ("--spare-nodes", spec.spare_nodes, MAX_SPARE_NODES)):
+        if not 0 <= value <= most:
+            raise SpecError(f"{option} {value}: give 0 to {most}")
     if spec.nodelist and spec.spare_nodes:
         raise SpecError("--nodelist names the nodes of the step, and spares are whatever Slurm adds: drop "
                         "--nodelist or --spare-nodes")
@@ -250,27 +244,23 @@ def _check_time_and_signal(spec: JobSpec) -> None:
     check_signal(spec.signal)
 
 
-def _check_nodelist(spec: JobSpec) -> None:
-    if spec.nodelist is None:
-        return
+def _expand(option: str, expr: str) -> list[str]:
     try:
-        hosts = nodelist.expand(spec.nodelist, limit=MAX_NODES)
+        return nodelist.expand(expr, limit=MAX_NODES)
     except nodelist.NodelistError as exc:
-        raise SpecError(f"--nodelist: {exc}") from None
-    if len(hosts) != spec.nodes:
+        raise SpecError(f"{option}: {exc}") from None
+
+
+def _check_hosts(spec: JobSpec) -> None:
+    """--nodelist names --nodes hosts, and --exclude keeps none of them off."""
+    hosts = [] if spec.nodelist is None else _expand("--nodelist", spec.nodelist)
+    if spec.nodelist is not None and len(hosts) != spec.nodes:
         raise SpecError(f"--nodelist {spec.nodelist!r} names {len(hosts)} node(s) but --nodes is "
                         f"{spec.nodes}; make them agree")
-
-
-def _check_exclude(spec: JobSpec) -> None:
     if spec.exclude is None:
         return
     _check_text("--exclude", spec.exclude, spaces=False)
-    try:
-        excluded = nodelist.expand(spec.exclude, limit=MAX_NODES)
-    except nodelist.NodelistError as exc:
-        raise SpecError(f"--exclude: {exc}") from None
-    clash = sorted(set(excluded) & set(nodelist.expand(spec.nodelist) if spec.nodelist else ()))
+    clash = sorted(set(_expand("--exclude", spec.exclude)) & set(hosts))
     if clash:
         raise SpecError(f"--exclude {spec.exclude!r} keeps off {', '.join(clash)}, which --nodelist asks for; "
                         "drop it from one of them")
