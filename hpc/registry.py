@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from hpc import fileio, jobfiles, vocab
 
@@ -61,11 +61,6 @@ class Record:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Record:
-        """The record of a registry line; TypeError or ValueError for a field of the wrong type or range."""
-        return jobfiles.typed(cls, data)
-
 
 def registry_path(environ: Mapping[str, str]) -> Path:
     return Path(environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / REGISTRY
@@ -76,7 +71,7 @@ def parse_registry(text: str) -> list[Record]:
     out = []
     for data in jobfiles.json_lines(text):
         try:
-            out.append(Record.from_mapping(data))
+            out.append(jobfiles.typed(Record, data))
         except (ValueError, TypeError):
             continue
     return out
