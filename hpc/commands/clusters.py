@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import click
 
-from hpc import sites
+from hpc import profiles, sites
 
 
 def _extends(path: str) -> str | None:
@@ -35,9 +35,8 @@ def report(environ: Mapping[str, str]) -> dict[str, Any]:
     name, set_by = sites.default_cluster(environ)
     found = sites.discover(search)
     winner = next((f for f in found if f.name == name and f.shadowed_by is None), None)
-    is_path = "/" in name or name.endswith(sites.SUFFIXES)
     return {
-        "default": {"name": name, "set_by": set_by, "found": winner is not None or is_path},
+        "default": {"name": name, "set_by": set_by, "found": winner is not None or profiles.is_path(name)},
         "profiles": [{"name": f.name, "origin": f.origin, "path": str(f.path),
                       "default": f is winner, "shadowed_by": f.shadowed_by, "extends": _extends(str(f.path))}
                      for f in found],
