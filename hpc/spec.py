@@ -6,7 +6,7 @@ Checking a whole spec against a cluster profile is hpc.speccheck's job; this mod
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping
 
 from hpc import nodelist, plan, shown, vocab
@@ -150,10 +150,7 @@ class JobSpec:
         return signal_name(self.signal)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["train_args"] = list(self.train_args)
-        out["after"] = list(self.after)
-        return out
+        return {**asdict(self), "train_args": list(self.train_args), "after": list(self.after)}
 
 
 FIELDS = tuple(f.name for f in fields(JobSpec))
