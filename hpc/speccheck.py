@@ -229,8 +229,7 @@ def _check_job_dir(spec: JobSpec) -> None:
     if not spec.job_dir.startswith("/"):
         raise SpecError(f"--job-dir {shown.value(spec.job_dir)} must be absolute by render time")
     # The longest path the job writes under it: run/checkpoints/... leave room.
-    if jobfiles.name_too_long(spec.job_dir) or len(
-            spec.job_dir.encode()) > PATH_MAX - 255:
+    if jobfiles.name_too_long(spec.job_dir) or len(spec.job_dir.encode()) > PATH_MAX - 255:
         raise SpecError(f"--job-dir {shown.value(spec.job_dir)} is too long for a path (at most {NAME_MAX} bytes a "
                         "name); pick a shorter one")
 
