@@ -195,11 +195,9 @@ def parse(name: str, data: Mapping[str, Any]) -> Profile:
             values["gpu_memory"] = plan.parse_bytes(str(data["gpu_memory"]))
         except plan.PlanError as exc:
             raise ProfileError(f"cluster profile {name!r}: gpu_memory: {exc}") from None
-    for key in ("modules", "setup"):
+    for key, convert in (("modules", _strings), ("setup", _strings), ("env", _variables)):
         if data.get(key) is not None:
-            values[key] = _strings(key, data[key])
-    if data.get("env") is not None:
-        values["env"] = _variables("env", data["env"])
+            values[key] = convert(key, data[key])
     if data.get("templates") is not None:
         values["templates"] = str(Path(_str("templates", data["templates"])).expanduser())
     if data.get("container") is not None:
