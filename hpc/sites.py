@@ -98,9 +98,7 @@ def _file(directory: Path, name: str) -> Path | None:
 def find(name: str, search: Sequence[Level], below: int = -1) -> Found | None:
     """The first profile called ``name`` at a level after index ``below`` (a profile extending its own name
     looks below itself)."""
-    for index, level in enumerate(search):
-        if index <= below:
-            continue
+    for index, level in enumerate(search[below + 1:], start=below + 1):
         path = _file(level.clusters, name)
         if path is not None:
             return Found(name, path, level.origin, index)
