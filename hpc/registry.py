@@ -107,15 +107,10 @@ def read_marker(job_dir: Path) -> Record | None:
 
 def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
     """The newest record whose job id is ``key``, or whose job dir is ``key`` (relative to ``cwd``)."""
-    records = list(records)
+    newest_first = list(records)[::-1]
     directory = os.path.normpath(os.path.join(cwd, key))
-    for record in reversed(records):
-        if record.job_id == key:
-            return record
-    for record in reversed(records):
-        if os.path.normpath(record.job_dir) == directory:
-            return record
-    return None
+    return (next((r for r in newest_first if r.job_id == key), None)
+            or next((r for r in newest_first if os.path.normpath(r.job_dir) == directory), None))
 
 
 def lookup(key: str, environ: Mapping[str, str]) -> Record:
