@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpc.cli import main
-from hpc.commands.options import spec_from_options
+from hpc.commands.options import values_from_options
 from hpc.spec import SpecError, from_mapping, time_seconds
 
 BAD = [
@@ -89,17 +89,17 @@ def test_job_file_and_flags(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("nodes: 2\nbackend: deepspeed\nlauncher: deepspeed\njob_name: fromfile\n"
                    "train_args: [--epochs, 3]\noutput_dir: out\n")
-    spec = spec_from_options(str(job), nodes=3, job_name=None, train_args=())
+    spec = from_mapping(values_from_options(str(job), nodes=3, job_name=None, train_args=()))
     assert (spec.nodes, spec.backend, spec.launcher, spec.job_name) == (3, "deepspeed", "deepspeed", "fromfile")
     assert spec.train_args == ("--epochs", "3") and spec.job_dir.endswith("/out")
-    spec = spec_from_options(str(job), train_args=("--epochs", "1"))
+    spec = from_mapping(values_from_options(str(job), train_args=("--epochs", "1")))
     assert spec.train_args == ("--epochs", "1")
     job.write_text("nodez: 2\n")
     with pytest.raises(SpecError, match="job file: 1 unknown key.s., the first 'nodez'; valid keys: job_dir"):
-        spec_from_options(str(job))
+        from_mapping(values_from_options(str(job)))
     job.write_text("nodes: two\n")
     with pytest.raises(SpecError, match="nodes must be a whole number"):
-        spec_from_options(str(job))
+        from_mapping(values_from_options(str(job)))
 
 
 def test_job_file_through_cli(tmp_path: Path) -> None:

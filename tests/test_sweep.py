@@ -89,13 +89,15 @@ def test_bad_after_or_exclude_exit_2_one_line_no_job_dir(tmp_path, args, message
 
 
 def test_a_job_files_after_is_kept_unless_the_flag_is_given(tmp_path):
-    from hpc.commands.options import spec_from_options
+    from hpc.commands.options import values_from_options
+    from hpc.spec import from_mapping
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text("after: [5, '6:any']\nexclude: n3\n")
-    spec = spec_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=())
+    spec = from_mapping(values_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=()))
     assert spec.after == ("afterok:5", "afterany:6") and spec.exclude == "n3"
-    assert spec_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=("7",)).after == ("afterok:7",)
+    assert from_mapping(values_from_options(str(job_file), job_dir=str(tmp_path / "j"), after=("7",))).after == (
+        "afterok:7",)
 
 
 # ---- the matrix on the command line, and the refusals --------------------------------------------

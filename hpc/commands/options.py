@@ -6,6 +6,7 @@ or exits 2 with one line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -40,19 +41,19 @@ WHOLE = WholeNumber()
 
 # (flags, JobSpec field, click keyword arguments); every default is None so that a job file's value is
 # kept unless the flag was actually given. Choices are checked by hpc.speccheck.check, not click, so a bad
-# value in a job file and on the command line fail alike: one line, exit 2.
+# value in a job file and on the command line fail alike: one line, exit 2. hpc.spec's INT_FIELDS read as WHOLE.
 OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--cluster",), "cluster", {"help": "Cluster profile name or YAML path (see `hpcdist clusters`). "
                                   "[$HPCDIST_CLUSTER, else the config's default_cluster, else local]"}),
-    (("--nodes", "-N"), "nodes", {"type": WHOLE, "help": "Nodes. [1]"}),
-    (("--gpus-per-node",), "gpus_per_node", {"type": WHOLE, "help": "GPUs per node. [the profile's]"}),
+    (("--nodes", "-N"), "nodes", {"help": "Nodes. [1]"}),
+    (("--gpus-per-node",), "gpus_per_node", {"help": "GPUs per node. [the profile's]"}),
     (("--ntasks-per-node",), "ntasks_per_node",
-     {"type": WHOLE, "help": "Ranks per node on a CPU-only job (with GPUs: one per GPU). [1]"}),
-    (("--cpus-per-task",), "cpus_per_task", {"type": WHOLE, "help": "CPUs per Slurm task. [the profile's]"}),
+     {"help": "Ranks per node on a CPU-only job (with GPUs: one per GPU). [1]"}),
+    (("--cpus-per-task",), "cpus_per_task", {"help": "CPUs per Slurm task. [the profile's]"}),
     (("--backend",), "backend", {"help": f"Training backend: {', '.join(vocab.JOB_BACKENDS)}. [ddp]"}),
     (("--launcher",), "launcher", {"help": "What starts each node's ranks: "
                                    f"{', '.join(vocab.LAUNCHERS)}. [srun]"}),
-    (("--zero-stage",), "zero_stage", {"type": WHOLE, "help": "DeepSpeed ZeRO stage 0-3. [2]"}),
+    (("--zero-stage",), "zero_stage", {"help": "DeepSpeed ZeRO stage 0-3. [2]"}),
     (("--precision",), "precision", {"help": f"{', '.join(vocab.PRECISIONS)}. [auto]"}),
     (("--partition", "-p"), "partition", {"help": "Slurm partition. [the profile's]"}),
     (("--account", "-A"), "account", {"help": "Slurm account. [the profile's]"}),
@@ -64,13 +65,12 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--nodelist", "-w"), "nodelist",
      {"help": "Slurm nodelist to request, e.g. n[1-2]; also fills ranks.txt and the hostfile offline."}),
     (("--signal",), "signal", {"help": "Slurm --signal for preemption warnings. [USR1@120]"}),
-    (("--max-requeues",), "max_requeues", {"type": WHOLE, "help": "Requeues after a checkpointed stop. [3]"}),
+    (("--max-requeues",), "max_requeues", {"help": "Requeues after a checkpointed stop. [3]"}),
     (("--max-retries",), "max_retries",
-     {"type": WHOLE, "help": "Retries from the newest checkpoint, on other nodes, after a lost node, a killed "
-                             "rank or a hang. [2]"}),
+     {"help": "Retries from the newest checkpoint, on other nodes, after a lost node, a killed rank or a hang. [2]"}),
     (("--spare-nodes",), "spare_nodes",
-     {"type": WHOLE, "help": "Extra nodes the allocation holds: after a lost node, a killed rank or a hang the "
-                             "step is relaunched at once on them, without a trip through the queue. [0]"}),
+     {"help": "Extra nodes the allocation holds: after a lost node, a killed rank or a hang the step is relaunched "
+              "at once on them, without a trip through the queue. [0]"}),
     (("--elastic/--no-elastic",), "elastic",
      {"help": "When no spare is left, relaunch in the allocation on the nodes left, keeping the global batch "
               "(DeepSpeed's ZeRO state regrouped through a universal checkpoint), rather than wait in the queue "
@@ -94,7 +94,8 @@ OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add every job option, ``-c/--config`` and the trainer's arguments (after ``--``) to a command."""
     for flags, name, kwargs in reversed(OPTIONS):
-        func = click.option(*flags, name, default=None, **kwargs)(func)
+        whole = {"type": WHOLE} if name in specs.INT_FIELDS else {}
+        func = click.option(*flags, name, default=None, **whole, **kwargs)(func)
     func = click.argument("train_args", nargs=-1, type=click.UNPROCESSED)(func)
     return click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
                         help="Job file (YAML): the same options, keys spelled with underscores.")(func)
@@ -112,11 +113,6 @@ def checkout_root() -> str | None:
 def _default_job_dir(job_name: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name).strip("._") or "job"
     return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def spec_from_options(config_file: str | None = None, **options: Any) -> specs.JobSpec:
-    """A JobSpec from a job file overlaid with the flags that were given; raises SpecError."""
-    return specs.from_mapping(values_from_options(config_file, **options))
 
 
 def values_from_options(config_file: str | None = None, base: dict[str, Any] | None = None,
@@ -177,7 +173,7 @@ def build(config_file: str | None = None, check_partition: bool = True, here: bo
     job runs on this machine (the local executor), so its CPU, not the profile's nodes, decides precision."""
     from hpc import dsconfig, partition, profiles, render, speccheck
 
-    spec = spec_from_options(config_file, **options)
+    spec = specs.from_mapping(values_from_options(config_file, **options))
     profile = profiles.load(spec.cluster)
     # Where Slurm answers (and is the cluster the profile describes), the partition's limits apply before
     # anything is written: a job over MaxTime would otherwise pend forever.
@@ -252,10 +248,8 @@ def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | No
     except Exception as exc:  # noqa: BLE001 - whatever stopped the submission, the job dir must go
         jobdir.discard(rendered.job_dir)
         if made is not None:
-            try:
+            with contextlib.suppress(OSError):
                 made.rmdir()
-            except OSError:
-                pass
         click.echo(f"hpcdist {command}: {shown.line(exc)}", err=True)
         sys.exit(1)
 
