@@ -6,6 +6,7 @@ Checking a whole spec against a cluster profile is hpc.speccheck's job; this mod
 from __future__ import annotations
 
 import re
+import signal as signals
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping
 
@@ -144,11 +145,6 @@ class JobSpec:
                 grouped[kind].append(job)
         return ",".join(":".join([kind, *jobs]) for kind, jobs in grouped.items())
 
-    @property
-    def signal_name(self) -> str:
-        """``USR1`` from ``B:SIGusr1@120`` or ``10@5``: the signal's name as Python's signal module spells it."""
-        return signal_name(self.signal)
-
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "train_args": list(self.train_args), "after": list(self.after)}
 
@@ -243,9 +239,8 @@ def time_seconds(value: str) -> int | None:
 
 
 def signal_name(value: str) -> str:
-    """The signal a valid --signal spec names, as Python's signal module spells it without SIG."""
-    import signal as signals
-
+    """``USR1`` from ``B:SIGusr1@120`` or ``10@5``: the signal a valid --signal spec names, as Python's signal
+    module spells it without SIG."""
     m = _SIGNAL.fullmatch(value)
     word = (m["name"] or m["number"]).upper() if m else "USR1"
     return signals.Signals(int(word)).name[3:] if word.isdigit() else word
@@ -253,8 +248,6 @@ def signal_name(value: str) -> str:
 
 def check_signal(value: str) -> None:
     """SpecError unless Slurm's --signal takes ``value`` ([R|B|RB:][SIG]NAME|NUMBER[@DELAY])."""
-    import signal as signals
-
     m = _SIGNAL.fullmatch(value)
     if not m:
         raise SpecError(f"--signal {shown.value(value)} is not a Slurm signal spec; use e.g. USR1@120")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from hpc import jobdir, profiles, registry, render, submit
 from hpc.cli import main
-from hpc.spec import JobSpec, SpecError, time_seconds
+from hpc.spec import JobSpec, SpecError, signal_name, time_seconds
 from hpc.speccheck import check
 from train import options
 
@@ -386,7 +386,7 @@ def test_signals_slurm_refuses_are_refused(value: str) -> None:
                                         ("XCPU", "XCPU")])
 def test_signals_slurm_takes_are_taken(value: str, name: str) -> None:
     spec = check(JobSpec(job_dir="/tmp/j", signal=value, python="python3"), profiles.load("local"))
-    assert spec.signal_name == name
+    assert signal_name(spec.signal) == name
 
 
 # ---- 7: no traceback for any input ------------------------------------------------------------------
