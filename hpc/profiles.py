@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from hpc import container as containers
 from hpc import dsconfig, jobfiles, plan, shown, sites
 from hpc.container import Container
-from hpc.spec import SpecError, time_seconds, unwritable
+from hpc.spec import MAX_INT, SpecError, time_seconds, unwritable
 
 # The network section names the variables NCCL and Gloo read, spelled as they are exported, each with what
 # NCCL and Gloo accept for it: a value outside it is ignored or misread at run time, far from the profile
@@ -122,9 +122,9 @@ def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
     return found
 
 
-def _int(name: str, value: Any, lowest: int, highest: int = 2**31 - 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
-        raise ProfileError(f"{name} must be a whole number from {lowest} to {highest}, got {shown.value(value)}")
+def _int(name: str, value: Any, lowest: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= MAX_INT:
+        raise ProfileError(f"{name} must be a whole number from {lowest} to {MAX_INT}, got {shown.value(value)}")
     return value
 
 
