@@ -109,13 +109,6 @@ def local_command(rendered: Rendered) -> tuple[str, ...]:
     return ("bash", "-c", rendered.local_task)
 
 
-def signal_name(spec_signal: str) -> str:
-    """``USR1`` from Slurm's ``B:USR1@120`` (or ``10@5``); the local runner sends it ahead of the time limit."""
-    from hpc.spec import signal_name as name_of
-
-    return name_of(spec_signal)
-
-
 def record_for(rendered: Rendered, job_id: str, via: str, now: datetime.datetime) -> registry.Record:
     spec = rendered.spec
     return registry.Record(
@@ -197,7 +190,7 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     executor.update_parameters(tasks_per_node=geometry.ntasks,
                                timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
-    with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)), _interruptible_children():
+    with _environ(SUBMITIT_PREEMPT_SIGNAL=spec.signal_name), _interruptible_children():
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
                                str(rendered.job_dir / TASK_LOG))
 
