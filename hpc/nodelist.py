@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 from typing import Iterable, Iterator
 
@@ -118,10 +119,7 @@ def parse(expr: str) -> tuple[Term, ...]:
 
 
 def _term_size(term: Term) -> int:
-    size = 1
-    for ranges, _ in term[1]:
-        size *= sum(hi - lo + 1 for lo, hi, _ in ranges)
-    return size
+    return math.prod(sum(hi - lo + 1 for lo, hi, _ in ranges) for ranges, _ in term[1])
 
 
 def count(expr: str) -> int:
@@ -129,10 +127,8 @@ def count(expr: str) -> int:
     return sum(_term_size(t) for t in parse(expr))
 
 
-def _values(ranges: tuple[Range, ...]) -> Iterator[str]:
-    for lo, hi, width in ranges:
-        for n in range(lo, hi + 1):
-            yield str(n).zfill(width)
+def _values(ranges: tuple[Range, ...]) -> list[str]:
+    return [str(n).zfill(width) for lo, hi, width in ranges for n in range(lo, hi + 1)]
 
 
 def _term_hosts(term: Term) -> Iterator[str]:
@@ -144,7 +140,7 @@ def _term_hosts(term: Term) -> Iterator[str]:
         return
     k = len(groups)
     order = [*range(k - 2, -1, -1), k - 1]  # slowest first, as itertools.product varies the last fastest
-    pools = [list(_values(groups[g][0])) for g in order]
+    pools = [_values(groups[g][0]) for g in order]
     for combo in itertools.product(*pools):
         values = dict(zip(order, combo))
         yield head + "".join(values[g] + groups[g][1] for g in range(k))
@@ -152,11 +148,10 @@ def _term_hosts(term: Term) -> Iterator[str]:
 
 def expand(expr: str, limit: int = MAX_HOSTS) -> list[str]:
     """The host names of a Slurm nodelist, in Slurm's order, each once; refuses more than ``limit``."""
-    terms = parse(expr)
-    size = sum(_term_size(t) for t in terms)
+    size = count(expr)
     if size > limit:
         raise NodelistError(f"nodelist {_short(expr)} names {size:,} hosts; hpcdist handles at most {limit:,}")
-    return list(dict.fromkeys(host for term in terms for host in _term_hosts(term)))
+    return list(dict.fromkeys(host for term in parse(expr) for host in _term_hosts(term)))
 
 
 def first(expr: str) -> str:
