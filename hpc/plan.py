@@ -109,17 +109,16 @@ def parse_count(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
     if not m:
         raise PlanError(f"cannot read parameter count {text!r}: write e.g. 7B, 1.3B, 350M or 125000")
-    value = _bounded(float(m.group(1)) * COUNT_SUFFIXES[m.group(2).lower()], MAX_PARAMS, "parameter count", text)
-    if value <= 0:
-        raise PlanError(f"parameter count {text!r} must be positive")
-    return value
+    return _bounded(float(m.group(1)) * COUNT_SUFFIXES[m.group(2).lower()], MAX_PARAMS, "parameter count", text)
 
 
 def _bounded(value: float, most: float, what: str, text: str) -> int:
-    """``value`` as a whole number, or PlanError past ``most`` (1e400 reads as infinity, 1e300 as a float
-    no model has)."""
+    """``value`` as a positive whole number, or PlanError past ``most`` (1e400 reads as infinity, 1e300 as a
+    float no model has)."""
     if not value <= most:
         raise PlanError(f"{what} {text[:40]!r} is out of range; give at most {most:.0e}")
+    if round(value) <= 0:
+        raise PlanError(f"{what} {text!r} must be positive")
     return round(value)
 
 
@@ -131,10 +130,7 @@ def parse_bytes(text: str) -> int:
         unit += "b"
     if not m or unit not in BYTE_SUFFIXES:
         raise PlanError(f"cannot read memory size {text!r}: write e.g. 80GB, 80GiB or 24G")
-    value = _bounded(float(m.group(1)) * BYTE_SUFFIXES[unit], MAX_BYTES, "memory size", text)
-    if value <= 0:
-        raise PlanError(f"memory size {text!r} must be positive")
-    return value
+    return _bounded(float(m.group(1)) * BYTE_SUFFIXES[unit], MAX_BYTES, "memory size", text)
 
 
 def model_params(name: str) -> int:
