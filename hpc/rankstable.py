@@ -27,27 +27,24 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
     job = job_id or "0"
     full = spec.world_size <= full_up_to
     local_ranks = range(per_node) if full else sorted({0, per_node - 1})
+    step_tasks = spec.world_size if spec.launcher == "srun" else spec.nodes
+
+    def slurm_task(procid: int, local_id: int, node_rank: int) -> dict[str, str]:
+        return {"SLURM_PROCID": str(procid), "SLURM_NTASKS": str(step_tasks), "SLURM_STEP_ID": "0",
+                "SLURM_LOCALID": str(local_id), "SLURM_NODEID": str(node_rank), "SLURM_JOB_NODELIST": expr,
+                "SLURM_STEP_NODELIST": expr, "SLURM_STEP_NUM_TASKS": str(step_tasks),
+                "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": job}
+
     rows = []
     for node_rank, host in enumerate(hosts):
         if spec.launcher != "srun":
             # task.sh resolves MASTER_ADDR/PORT as the Slurm task of node_rank (one per node), then the
             # launcher exports torch's variables to each rank it spawns.
-            task = ranks.resolve({
-                "SLURM_PROCID": str(node_rank), "SLURM_NTASKS": str(spec.nodes), "SLURM_STEP_ID": "0",
-                "SLURM_NODEID": str(node_rank), "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": expr,
-                "SLURM_STEP_NODELIST": expr, "SLURM_STEP_NUM_TASKS": str(spec.nodes),
-                "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": job,
-            })
+            task = ranks.resolve(slurm_task(node_rank, 0, node_rank))
         for local_rank in local_ranks:
             rank = node_rank * per_node + local_rank
             if spec.launcher == "srun":
-                environ = {
-                    "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(spec.world_size), "SLURM_STEP_ID": "0",
-                    "SLURM_LOCALID": str(local_rank), "SLURM_NODEID": str(node_rank),
-                    "SLURM_JOB_NODELIST": expr, "SLURM_STEP_NODELIST": expr,
-                    "SLURM_STEP_NUM_TASKS": str(spec.world_size),
-                    "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": job,
-                }
+                environ = slurm_task(rank, local_rank, node_rank)
             else:
                 environ = {
                     "RANK": str(rank), "WORLD_SIZE": str(spec.world_size), "LOCAL_RANK": str(local_rank),
