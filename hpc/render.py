@@ -91,8 +91,7 @@ def spec_yaml(spec: JobSpec, profile: Profile) -> str:
 
 
 def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *,
-           search: tuple[str, ...] | None = None, job_id: str | None = None,
-           cpus: dsconfig.Cpus | None = None) -> Rendered:
+           search: tuple[str, ...] | None = None, cpus: dsconfig.Cpus | None = None) -> Rendered:
     """Every file of the job directory as text; checks the spec first and writes nothing. ``cpus``: the
     CPUs the job runs on, when not the profile's nodes (the local executor runs on this machine)."""
     if job_dir is not None:
@@ -120,7 +119,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     lines = {name: render_template(env, f"{name}.j2", context).strip()
              for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh")}
     files[vocab.SPEC_YAML] = spec_yaml(spec, profile)
-    files[vocab.RANKS_TXT] = ranks_table(spec, job_id)
+    files[vocab.RANKS_TXT] = ranks_table(spec)
     if ds_config is not None:
         files[vocab.DEEPSPEED_JSON] = json.dumps(ds_config, indent=2) + "\n"
     if spec.launcher == "deepspeed" and spec.nodelist:
