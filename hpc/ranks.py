@@ -133,10 +133,7 @@ def _names(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
 
 def _present(environ: Mapping[str, str], table: Mapping[str, Any], key: str) -> str | None:
     """The first of ``key``'s variables that ``environ`` sets, or None."""
-    for name in _names(table, key):
-        if name in environ:
-            return name
-    return None
+    return next((name for name in _names(table, key) if name in environ), None)
 
 
 def detect(environ: Mapping[str, str]) -> str:
@@ -232,8 +229,7 @@ def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]
 def _master_port(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> int:
     """MASTER_PORT as given, else one derived from the job id (alike on every rank), else torch's default."""
     job_id_var = (_present(environ, SLURM, "job_id") if source == "slurm"
-                  else SUBMITIT_LOCAL["job_id"] if source == "submitit-local" and SUBMITIT_LOCAL["job_id"] in environ
-                  else None)
+                  else _present(environ, SUBMITIT_LOCAL, "job_id") if source == "submitit-local" else None)
     if "MASTER_PORT" in environ:
         master_port, origin["master_port"] = _int(environ, "MASTER_PORT"), "MASTER_PORT"
         if not 1 <= master_port <= MAX_PORT:
