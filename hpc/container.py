@@ -67,10 +67,6 @@ class Container:
     def image_is_path(self) -> bool:
         return RUNTIMES[self.runtime]["image"] == "path" or self.image.startswith("/")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "image": self.image, "mounts": list(self.mounts), "gpus": self.gpus,
-                "env": list(self.env)}
-
 
 def from_mapping(data: Mapping[str, Any], where: str = "container", image_required: bool = True) -> Container:
     """A Container from a profile's ``container:`` section, where the image may be left to each job."""
