@@ -29,8 +29,7 @@ def nccl_transport(log_text: str) -> Transport:
             inter.add(kind.split("/", 1)[1])
         else:
             intra.add(kind)
-    for name in _NET_PLUGIN.findall(log_text):
-        inter.add(name)
+    inter.update(_NET_PLUGIN.findall(log_text))
     return Transport(frozenset(inter), frozenset(intra))
 
 
