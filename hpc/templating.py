@@ -94,10 +94,6 @@ def verbatim(value: Any) -> Shell:
     return Shell(_text(value))
 
 
-class UnquotedValue(RenderError):
-    """A template put a value into shell text without a quoting filter."""
-
-
 def finalize(value: Any) -> str:
     """Every ``{{ ... }}`` result passes here: filtered text, whole numbers and plain tokens only."""
     if isinstance(value, markupsafe.Markup):
@@ -108,7 +104,7 @@ def finalize(value: Any) -> str:
         return str(value)
     if isinstance(value, str) and _PLAIN_TOKEN.fullmatch(value):
         return value
-    raise UnquotedValue(f"a template puts {value!r} into a script unquoted; pass it through | q, | sbatch "
+    raise RenderError(f"a template puts {value!r} into a script unquoted; pass it through | q, | sbatch "
                         "or | comment")
 
 
