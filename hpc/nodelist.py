@@ -163,35 +163,22 @@ def first(expr: str) -> str:
 def compress(hosts: Iterable[str]) -> str:
     """A nodelist naming ``hosts`` in their order: runs of one prefix share brackets (n1,n2,n3,n7 -> n[1-3,7])."""
     out: list[str] = []
-    prefix: str | None = None
-    ranges: list[list[int]] = []  # [lo, hi, width]
-
-    def flush() -> None:
+    # A host without trailing digits is its own run (prefix None), written as it is.
+    split = ((m.group(1), m.group(2)) if (m := _TRAILING_DIGITS.fullmatch(h)) else (None, h) for h in hosts)
+    for prefix, run in itertools.groupby(split, key=lambda pair: pair[0]):
         if prefix is None:
-            return
+            out.extend(host for _, host in run)
+            continue
+        ranges: list[list[int]] = []  # [lo, hi, width]
+        for _, digits in run:
+            n, last = int(digits), ranges[-1] if ranges else None
+            if last and n == last[1] + 1 and str(n).zfill(last[2]) == digits and n - last[0] < MAX_RANGE_HOSTS:
+                last[1] = n
+            else:
+                ranges.append([n, n, len(digits)])
         items = [f"{str(lo).zfill(w)}" + (f"-{str(hi).zfill(w)}" if hi > lo else "") for lo, hi, w in ranges]
         single = len(ranges) == 1 and ranges[0][0] == ranges[0][1]
         out.append(prefix + (items[0] if single else f"[{','.join(items)}]"))
-
-    for host in hosts:
-        m = _TRAILING_DIGITS.fullmatch(host)
-        if not m:
-            flush()
-            prefix, ranges = None, []
-            out.append(host)
-            continue
-        head, digits = m.group(1), m.group(2)
-        n = int(digits)
-        if head == prefix:
-            lo, hi, width = ranges[-1]
-            if n == hi + 1 and str(n).zfill(width) == digits and n - lo < MAX_RANGE_HOSTS:
-                ranges[-1][1] = n
-            else:
-                ranges.append([n, n, len(digits)])
-            continue
-        flush()
-        prefix, ranges = head, [[n, n, len(digits)]]
-    flush()
     return ",".join(out)
 
 
