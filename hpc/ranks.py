@@ -165,25 +165,20 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
                    source, origin)
 
 
-def _take(environ: Mapping[str, str], source: str, origin: dict[str, str], table: Mapping[str, Any], key: str,
-          default: int | None = None) -> int:
-    """``key``'s value from the first of its variables set, noting which in ``origin``; ``default`` if none is
-    (RankError where the source must set one)."""
-    name = _present(environ, table, key)
-    if name:
-        origin[key] = name
-        return _int(environ, name)
-    if default is None:
-        raise RankError(f"{source} environment lacks {' or '.join(_names(table, key))}")
-    origin[key] = "default"
-    return default
-
-
 def _geometry(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> tuple[int, int, int, int, int]:
     """(rank, world_size, local_rank, local_world_size, node_rank) as ``source`` describes them."""
 
     def take(table: Mapping[str, Any], key: str, default: int | None = None) -> int:
-        return _take(environ, source, origin, table, key, default)
+        """``key``'s value from the first of its variables set, noting which in ``origin``; ``default`` if none
+        is (RankError where the source must set one)."""
+        name = _present(environ, table, key)
+        if name:
+            origin[key] = name
+            return _int(environ, name)
+        if default is None:
+            raise RankError(f"{source} environment lacks {' or '.join(_names(table, key))}")
+        origin[key] = "default"
+        return default
 
     if source == "torchrun":
         rank, world_size, local_rank = (take(TORCHRUN, k) for k in ("rank", "world_size", "local_rank"))
