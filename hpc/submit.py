@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from hpc.render import Rendered
     from hpc.spec import JobSpec
 
-VIAS = ("submitit", "sbatch")
-EXECUTORS = ("auto", "slurm", "local")
 # The local runner's "no time limit" (Slurm's --time 0 or UNLIMITED): submitit's LocalExecutor needs a number.
 LOCAL_NO_LIMIT_MIN = 100 * 365 * 24 * 60
 
@@ -50,11 +48,8 @@ class Submitted:
 
 
 def choose(via: str, executor: str, have_slurm: bool) -> str:
-    """Where the job goes: "submitit", "sbatch" or "local"; ValueError for a combination that can't be."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown --executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if via not in VIAS:
-        raise ValueError(f"unknown --via {via!r}; choose one of {', '.join(VIAS)}")
+    """Where the job goes: "submitit", "sbatch" or "local"; ValueError for a combination that can't be (the
+    command line's choices already refused an unknown --via or --executor)."""
     if executor == "local" or (executor == "auto" and not have_slurm):
         if via == "sbatch":
             raise ValueError("--via sbatch needs Slurm (sbatch on PATH); drop --via sbatch to run locally")

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from slurm_fixtures import REPO, environ, hpcdist, path_without_slurm
 
 from hpc import profiles, registry, render, submit
+from hpc.cli import main
 from hpc.commands import submit as commands_submit
 from hpc.job import Job
 from hpc.spec import JobSpec, time_seconds
@@ -51,12 +53,16 @@ def test_choose(via, executor, have_slurm, where):
     ("sbatch", "auto", False, "--via sbatch needs Slurm"),
     ("sbatch", "local", True, "--via sbatch needs Slurm"),
     ("submitit", "slurm", False, "sbatch is not on PATH"),
-    ("mpirun", "auto", True, "unknown --via"),
-    ("submitit", "cloud", True, "unknown --executor"),
 ])
 def test_choose_refuses(via, executor, have_slurm, message):
     with pytest.raises(ValueError, match=message):
         submit.choose(via, executor, have_slurm)
+
+
+@pytest.mark.parametrize("option,value", [("--via", "mpirun"), ("--executor", "cloud")])
+def test_an_unknown_via_or_executor_is_refused_by_the_command_line(option, value):
+    result = CliRunner().invoke(main, ["submit", option, value])
+    assert result.exit_code == 2 and option in result.stderr and value in result.stderr
 
 
 # ---- what submitit is asked to submit ------------------------------------------------------------
