@@ -41,11 +41,11 @@ MOMENT_BYTES = {"adam": 8, "sgd": 4}
 # so only DP/DDP/ZeRO-0 in fp32 step the parameters in place.
 MASTER_BYTES = 4
 
-# Parsing suffixes: counts are SI (7B = 7e9), byte sizes SI (GB) or IEC (GiB), as GPU vendors and
+# Parsing suffixes: counts are SI (7B = 7e9), byte sizes SI (GB, or G alone) or IEC (GiB), as GPU vendors and
 # nvidia-smi write them.
 COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-BYTE_SUFFIXES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTE_SUFFIXES = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+                 "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 # Built-in models: name -> layers as ("conv", in_channels, out_channels, kernel) or ("fc", in, out).
 MODELS = {
@@ -125,9 +125,7 @@ def _bounded(value: float, most: float, what: str, text: str) -> int:
 def parse_bytes(text: str) -> int:
     """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '40G' -> 40e9, '512MiB'."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", str(text), re.IGNORECASE)
-    unit = (m.group(2).lower() if m else "") or "b"
-    if unit in ("k", "m", "g", "t"):
-        unit += "b"
+    unit = m.group(2).lower() if m else ""
     if not m or unit not in BYTE_SUFFIXES:
         raise PlanError(f"cannot read memory size {text!r}: write e.g. 80GB, 80GiB or 24G")
     return _bounded(float(m.group(1)) * BYTE_SUFFIXES[unit], MAX_BYTES, "memory size", text)
