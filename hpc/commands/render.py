@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import click
@@ -16,15 +15,6 @@ import click
 from hpc import hostfile as hostfiles
 from hpc import jobdir, vocab
 from hpc.commands.options import fail, job_options, prepare
-
-
-def sbatch_test_only(job_dir: Path) -> tuple[int, str]:
-    """Ask Slurm whether it would accept the job (``sbatch --test-only``); returns (status, answer)."""
-    from hpc.slurm import commands
-
-    if not commands.available(os.environ, "sbatch"):
-        return 0, "sbatch is not on PATH: skipped --test-only"
-    return commands.sbatch_test_only(job_dir / vocab.JOB_SBATCH)
 
 
 @click.command()
@@ -42,10 +32,15 @@ def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, 
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
     click.echo(f"# job directory: {rendered.job_dir}", err=not quiet)
     if test_only_:
-        status, answer = sbatch_test_only(rendered.job_dir)
+        from hpc.slurm import commands
+
+        if not commands.available(os.environ, "sbatch"):
+            click.echo("sbatch is not on PATH: skipped --test-only", err=True)
+            return
+        status, answer = commands.sbatch_test_only(rendered.job_dir / vocab.JOB_SBATCH)
         if not status:
             click.echo(answer, err=True)
-        if status:
+        else:
             # A job Slurm refuses will not run: its directory, just written, goes again.
             jobdir.discard(rendered.job_dir)
             reason = answer.splitlines()[-1] if answer else f"exit {status}"
