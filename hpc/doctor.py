@@ -52,14 +52,6 @@ def judge_transport(transport: Transport, expect_ib: bool) -> Verdict:
                          f"{', '.join(sorted(transport.intra_node)) or 'none seen'}")
 
 
-def judge_allreduce(total: float, world_size: int, rank: int, host: str) -> Verdict:
-    """An all-reduce of ones must sum to the world size on every rank."""
-    if total != world_size:
-        return Verdict(False, f"rank {rank} on {host}: all-reduce of ones gave {total}, expected {world_size}: "
-                              "ranks disagree on the world; check the launch geometry")
-    return Verdict(True, f"all-reduce across {world_size} ranks ok")
-
-
 @dataclass(frozen=True)
 class RankReport:
     """What one rank's preflight wrote (``run/preflight/rank-R.json``)."""
@@ -79,8 +71,10 @@ def judge(reports: list[RankReport], world_size: int, nccl_logs: list[str], expe
     if missing:
         verdicts.append(Verdict(False, f"rank(s) {', '.join(map(str, missing))} wrote no preflight report: "
                                        "they never joined the process group; see `hpcdist logs JOB`"))
-    verdicts.extend(judge_allreduce(r.total, world_size, r.rank, r.host) for r in reports
-                    if r.total != world_size)
+    # An all-reduce of ones must sum to the world size on every rank.
+    verdicts.extend(Verdict(False, f"rank {r.rank} on {r.host}: all-reduce of ones gave {r.total}, expected "
+                                   f"{world_size}: ranks disagree on the world; check the launch geometry")
+                    for r in reports if r.total != world_size)
     if reports and not missing and all(v.ok for v in verdicts):
         slowest = max(reports, key=lambda r: r.seconds)
         hosts = sorted({r.host for r in reports})

@@ -41,9 +41,9 @@ def test_single_node_jobs_have_no_inter_node_transport():
 
 
 def test_allreduce_of_ones_must_equal_world_size():
-    assert doctor.judge_allreduce(4.0, 4, 0, "n1").ok
-    bad = doctor.judge_allreduce(3.0, 4, 2, "n2")
-    assert not bad.ok and "rank 2 on n2" in bad.message
+    assert doctor.judge([_report(0, total=2.0), _report(1, total=2.0)], 2, [], expect_ib=False)[0].ok
+    bad = doctor.judge([_report(0), _report(1, total=3.0, host="n2")], 2, [], expect_ib=False)
+    assert not bad[0].ok and "rank 1 on n2: all-reduce of ones gave 3.0, expected 2" in bad[0].message
 
 
 def _report(rank, total=2.0, host="n1", backend="gloo"):
