@@ -150,10 +150,7 @@ def environment(search: tuple[str, ...]) -> jinja2.Environment:
         lstrip_blocks=True,
         finalize=finalize,
     )
-    env.filters["q"] = quote
-    env.filters["sbatch"] = sbatch_quote
-    env.filters["comment"] = comment
-    env.filters["verbatim"] = verbatim
+    env.filters.update(q=quote, sbatch=sbatch_quote, comment=comment, verbatim=verbatim)
     return env
 
 
