@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import click
 
 from hpc import plan as model
+from hpc.commands.options import fail
 
 COLUMNS = ("plan", "params", "grads", "optimizer", "per GPU", "host/rank", "comm", "fits")
 
@@ -61,11 +61,6 @@ def table(rep: dict) -> str:
     return "\n".join(out)
 
 
-def _fail(message: str) -> None:
-    click.echo(f"hpcdist plan: {message}", err=True)
-    sys.exit(2)
-
-
 @click.command()
 @click.option("--params", "params_text", help="Parameter count: 7B, 1.3B, 350M, 125000.")
 @click.option("--model", "model_name", type=click.Choice(sorted(model.MODELS)), help="A built-in model instead.")
@@ -80,11 +75,11 @@ def plan(params_text: str | None, model_name: str | None, nodes: int, gpus_per_n
          gpu_memory_text: str | None, precision: str, optimizer: str, as_json: bool) -> None:
     """Estimate per-GPU memory of DP, DDP and ZeRO 0-3 and recommend a backend."""
     if (params_text is None) == (model_name is None):
-        _fail("give exactly one of --params (e.g. 7B) or --model")
+        fail("plan", model.PlanError("give exactly one of --params (e.g. 7B) or --model"))
     try:
         params = model.parse_count(params_text) if params_text else model.model_params(model_name)
         gpu_memory = model.parse_bytes(gpu_memory_text) if gpu_memory_text else None
         rep = report(params, nodes, gpus_per_node, gpu_memory, precision, optimizer)
     except model.PlanError as exc:
-        _fail(str(exc))
+        fail("plan", exc)
     click.echo(json.dumps(rep, indent=2) if as_json else table(rep))
