@@ -198,7 +198,7 @@ def with_default_time(spec: JobSpec, profile: Profile, part: Partition | None) -
 def problems(profile: Profile, cluster: Cluster) -> list[str]:
     """Everything in a profile that the live cluster contradicts, one sentence each (empty: it fits)."""
     out = []
-    if profile.slurm_cluster and cluster.name and profile.slurm_cluster != cluster.name:
+    if not applies(profile, cluster):
         out.append(f"slurm_cluster is {profile.slurm_cluster!r} but this Slurm cluster is {cluster.name!r}")
     try:
         part = pick(cluster, profile.partition)
