@@ -108,15 +108,21 @@ def _wait(job: Job) -> None:
 
 
 def _poller(record: registry.Record, follower: Follower) -> Callable[[Poll], None]:
-    """What `_wait` does at each poll of ``record``: progress, why it pends, its attempts."""
+    """What `_wait` does at each poll of ``record``: progress, why it pends, and each attempt requeued or
+    retried (hpc.job.Job.poll starts such a job at once); a local job has none (only requeue.sh records
+    attempts)."""
     explain = _pending_reporter(record) if record.via != "local" else None
-    announce = _announcer()
+    announced: set[int] = set()
 
     def poll(now: Poll) -> None:
         follower.poll(now.state)
         if explain is not None:
             explain(now.state)
-        announce(now.attempts)
+        for a in now.attempts:
+            if a["attempt"] not in announced:
+                announced.add(a["attempt"])
+                if a.get("action") in ("requeue", "relaunch", "retry"):
+                    click.echo(f"hpcdist: {records.summary_line(a)}", err=True)
 
     return poll
 
@@ -160,21 +166,6 @@ def _attempt_lines(history: list[dict]) -> list[str]:
     if len(history) > 1 or (history and history[-1].get("ending") != "completed"):
         return [records.summary_line(a) for a in history]
     return []
-
-
-def _announcer() -> Callable[[list[dict]], None]:
-    """While waiting: say when an attempt is requeued or retried (hpc.job.Job.poll starts such a job at once);
-    a local job has none (only requeue.sh records attempts)."""
-    announced: set[int] = set()
-
-    def announce(history: list[dict]) -> None:
-        for a in history:
-            if a["attempt"] not in announced:
-                announced.add(a["attempt"])
-                if a.get("action") in ("requeue", "relaunch", "retry"):
-                    click.echo(f"hpcdist: {records.summary_line(a)}", err=True)
-
-    return announce
 
 
 @click.command()
