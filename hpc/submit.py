@@ -116,14 +116,10 @@ def record_for(rendered: Rendered, job_id: str, via: str, now: datetime.datetime
 
 # ---- side effects --------------------------------------------------------------------------------
 
-def submitit_folder(rendered: Rendered) -> Path:
-    return rendered.job_dir / vocab.SUBMITIT_DIR
-
-
 def submit_submitit(rendered: Rendered) -> str:
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=submitit_folder(rendered))
+    executor = submitit.SlurmExecutor(folder=rendered.job_dir / vocab.SUBMITIT_DIR)
     executor.update_parameters(**slurm_parameters(rendered))
     try:
         # submitit prints sbatch's complaint itself; it is reported once, in SubmitError, instead.
@@ -179,7 +175,7 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
 
     spec = rendered.spec
     geometry = local_geometry(spec)
-    folder = submitit_folder(rendered)
+    folder = rendered.job_dir / vocab.SUBMITIT_DIR
     executor = submitit.LocalExecutor(folder=folder)
     minutes = spec.time_minutes
     executor.update_parameters(tasks_per_node=geometry.ntasks,
