@@ -8,7 +8,7 @@ rank runs, so it shows what the ranks will compute rather than a second opinion 
 
 from __future__ import annotations
 
-from hpc import ranks
+from hpc import nodelist, ranks
 from hpc.spec import JobSpec
 
 
@@ -19,8 +19,6 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
     rest follow rank = node_rank * procs_per_node + local_rank, which the header states). Linear in the
     rows listed: each environment carries the compressed nodelist, of which resolve reads the first host.
     """
-    from hpc import nodelist
-
     hosts = spec.hosts
     per_node, tasks = spec.procs_per_node, spec.slurm_tasks_per_node
     expr = nodelist.compress(hosts)
