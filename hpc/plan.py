@@ -136,13 +136,8 @@ def model_params(name: str) -> int:
     if name not in MODELS:
         raise PlanError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))} or give --params")
     total = 0
-    for layer in MODELS[name]:
-        if layer[0] == "conv":
-            _, cin, cout, k = layer
-            total += cin * cout * k * k + cout
-        else:
-            _, fin, fout = layer
-            total += fin * fout + fout
+    for kind, cin, cout, *kernel in MODELS[name]:
+        total += cin * cout * (kernel[0] ** 2 if kind == "conv" else 1) + cout
     return total
 
 
