@@ -84,12 +84,6 @@ def _train_number(spec: JobSpec, flag: str, kind: type) -> Any:
     return None if text is None else kind(text)
 
 
-def spec_yaml(spec: JobSpec, profile: Profile) -> str:
-    data = {"cluster_profile": profile.name, "world_size": spec.world_size,
-            "procs_per_node": spec.procs_per_node, **spec.to_dict()}
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-
-
 def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *,
            search: tuple[str, ...] | None = None, cpus: dsconfig.Cpus | None = None) -> Rendered:
     """Every file of the job directory as text; checks the spec first and writes nothing. ``cpus``: the
@@ -118,7 +112,9 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
              for name in (vocab.JOB_SBATCH, vocab.SETUP_SH, vocab.TASK_SH, vocab.STEP_SH, vocab.REQUEUE_SH)}
     lines = {name: render_template(env, f"{name}.j2", context).strip()
              for name in ("submitit-setup.sh", "submitit-teardown.sh", "local-task.sh")}
-    files[vocab.SPEC_YAML] = spec_yaml(spec, profile)
+    files[vocab.SPEC_YAML] = yaml.safe_dump({"cluster_profile": profile.name, "world_size": spec.world_size,
+                                             "procs_per_node": spec.procs_per_node, **spec.to_dict()},
+                                            sort_keys=False, default_flow_style=False)
     files[vocab.RANKS_TXT] = ranks_table(spec)
     if ds_config is not None:
         files[vocab.DEEPSPEED_JSON] = json.dumps(ds_config, indent=2) + "\n"
