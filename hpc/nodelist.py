@@ -46,14 +46,6 @@ Range = tuple[int, int, int]
 Term = tuple[str, tuple[tuple[tuple[Range, ...], str], ...]]
 
 
-def _terms(expr: str) -> list[str]:
-    """The comma- or blank-separated terms of ``expr``, brackets kept whole; empty terms skipped."""
-    terms = _TERM.findall(expr)
-    if not _SEPARATORS.fullmatch(_TERM.sub("", expr)):
-        _bracket_error(expr)
-    return terms
-
-
 def _bracket_error(expr: str) -> None:
     """Raise NodelistError naming the first bracket out of place (only called when there is one)."""
     depth = False
@@ -112,7 +104,9 @@ def _parse_term(term: str, expr: str) -> Term:
 @functools.lru_cache(maxsize=64)
 def parse(expr: str) -> tuple[Term, ...]:
     """Check ``expr`` and return its terms; cost linear in the text, however many hosts it names."""
-    terms = tuple(_parse_term(t, expr) for t in _terms(expr))
+    if not _SEPARATORS.fullmatch(_TERM.sub("", expr)):
+        _bracket_error(expr)
+    terms = tuple(_parse_term(t, expr) for t in _TERM.findall(expr))
     if not terms:
         raise NodelistError("empty nodelist")
     return terms
