@@ -31,6 +31,7 @@ SUSTAIN = 3
 # node's alone (rank 0's, for goodput and the rate chart), and the stragglers come from each beat's own ring.
 HISTORY_NODES = 8
 ENDING_RANKS = 8  # an ending line names at most this many unfinished ranks
+POLLED_KEEP = 32  # a refreshing top remembers this many compute times per rank
 
 def parse_heartbeat(text: str) -> Heartbeat | None:
     """One rank's beat from its JSON text; None for a torn or foreign one (a reader may race a writer)."""
@@ -180,15 +181,14 @@ def compute_samples(beat: Heartbeat, history: Sequence[Heartbeat] = ()) -> list[
     return [beat.compute_s] if beat.compute_s else []
 
 
-def straggler_ratios(samples: Mapping[int, Sequence[float]], ratio: float = STRAGGLER_RATIO,
-                     sustain: int = SUSTAIN, window: int | None = None) -> dict[int, tuple[bool, float | None]]:
+def straggler_ratios(samples: Mapping[int, Sequence[float]],
+                     window: int = SUSTAIN) -> dict[int, tuple[bool, float | None]]:
     """rank -> (straggler?, the median of its last ``window`` samples over the other ranks' median).
 
     Each rank is compared with the others only (leave-one-out): with two ranks, a median that included
-    the slow one would hide it. A straggler's median is at least ``ratio`` x the others', and so are at
-    least ``sustain`` of its last ``window`` samples (default: the last ``sustain``, i.e. each of them).
+    the slow one would hide it. A straggler's median is at least STRAGGLER_RATIO x the others', and so are
+    at least SUSTAIN of its last ``window`` samples (default: the last SUSTAIN, i.e. each of them).
     """
-    window = window or sustain
     level = {r: statistics.median(s[-window:]) for r, s in samples.items() if s}
     ordered = sorted(level.values())
     # Leaving out any value below the middle gives one median, any above another: 32,768 ranks need three.
@@ -206,24 +206,21 @@ def straggler_ratios(samples: Mapping[int, Sequence[float]], ratio: float = STRA
         if reference <= 0:
             out[rank] = (False, None)
             continue
-        bar = ratio * reference
-        flagged = level[rank] >= bar and sum(v >= bar for v in own[-window:]) >= sustain
+        bar = STRAGGLER_RATIO * reference
+        flagged = level[rank] >= bar and sum(v >= bar for v in own[-window:]) >= SUSTAIN
         out[rank] = (flagged, level[rank] / reference)
     return out
 
 
 def judge(beats: Mapping[int, Heartbeat], now: float, histories: Mapping[int, Sequence[Heartbeat]] | None = None,
-          progress_at: Mapping[int, float] | None = None, polled: Mapping[int, Sequence[float]] | None = None,
-          stale_k: float = STALE_K, stale_min_s: float = STALE_MIN_S, ratio: float = STRAGGLER_RATIO,
-          sustain: int = SUSTAIN) -> Board:
+          progress_at: Mapping[int, float] | None = None, polled: Mapping[int, Sequence[float]] | None = None) -> Board:
     """Every rank's view at ``now``.
 
     ``progress_at`` (rank -> when a watcher last saw its step move) and ``polled`` (rank -> compute_s
     values a watcher collected, one per new heartbeat) come from a refreshing ``top``; a one-shot reader
     relies on the heartbeat's own ``step_at`` and ring, or its history.
     """
-    current, median_step, stale_after, verdicts = _verdicts(beats, histories or {}, polled or {}, stale_k,
-                                                            stale_min_s, ratio, sustain)
+    current, median_step, stale_after, verdicts = _verdicts(beats, histories or {}, polled or {})
     progress_at = progress_at or {}
     views = tuple(_view(rank, beat, now, stale_after, progress_at, verdicts) for rank, beat in current.items())
     return Board(now, views, median_step, stale_after)
@@ -233,8 +230,7 @@ def stragglers(beats: Mapping[int, Heartbeat], now: float,
                histories: Mapping[int, Sequence[Heartbeat]] | None = None) -> tuple[RankView, ...]:
     """``judge(beats, now, histories).stragglers``, looking at the stale test of the flagged ranks alone (at
     4,096 nodes the view of every rank is most of judge's time)."""
-    current, _, stale_after, verdicts = _verdicts(beats, histories or {}, {}, STALE_K, STALE_MIN_S, STRAGGLER_RATIO,
-                                                  SUSTAIN)
+    current, _, stale_after, verdicts = _verdicts(beats, histories or {}, {})
     views = (_view(r, current[r], now, stale_after, {}, verdicts) for r, (flagged, _) in verdicts.items() if flagged)
     return tuple(v for v in views if v.straggler)
 
@@ -246,19 +242,19 @@ def newest_attempt(beats: Mapping[int, Heartbeat]) -> dict[int, Heartbeat]:
 
 
 def _verdicts(beats: Mapping[int, Heartbeat], histories: Mapping[int, Sequence[Heartbeat]],
-              polled: Mapping[int, Sequence[float]], stale_k: float, stale_min_s: float, ratio: float,
-              sustain: int) -> tuple[dict[int, Heartbeat], float | None, float, dict[int, tuple[bool, float | None]]]:
+              polled: Mapping[int, Sequence[float]]
+              ) -> tuple[dict[int, Heartbeat], float | None, float, dict[int, tuple[bool, float | None]]]:
     """The newest attempt's beats, their median step time, the age past which a rank is stale, the straggler test."""
     current = newest_attempt(beats)
     median_step = _median(b.step_time_s for b in current.values() if b.phase == "train")
-    stale_after = max(stale_k * median_step, stale_min_s) if median_step else stale_min_s
+    stale_after = max(STALE_K * median_step, STALE_MIN_S) if median_step else STALE_MIN_S
     samples = {}
     for r, b in current.items():
         if b.phase == "train":
             own = compute_samples(b, histories.get(r, ()))
             mine = polled.get(r, ())
             samples[r] = list(mine) if len(mine) > len(own) else own
-    return current, median_step, stale_after, straggler_ratios(samples, ratio, sustain)
+    return current, median_step, stale_after, straggler_ratios(samples)
 
 
 def _view(rank: int, beat: Heartbeat, now: float, stale_after: float, progress_at: Mapping[int, float],
@@ -280,8 +276,7 @@ class Watch:
     """What a refreshing ``top`` remembers between polls: when each rank's step last moved, and the
     compute time of each new heartbeat (a history of its own when the trainer keeps none)."""
 
-    def __init__(self, keep: int = 32) -> None:
-        self.keep = keep
+    def __init__(self) -> None:
         self.last: dict[int, Heartbeat] = {}
         self.progress_at: dict[int, float] = {}
         self.polled: dict[int, list[float]] = {}
@@ -294,7 +289,7 @@ class Watch:
             if before is None or before.attempt != beat.attempt:
                 self.polled[rank] = []
             if beat.phase == "train" and beat.compute_s and (before is None or before.time != beat.time):
-                self.polled[rank] = (self.polled[rank] + [beat.compute_s])[-self.keep:]
+                self.polled[rank] = (self.polled[rank] + [beat.compute_s])[-POLLED_KEEP:]
             self.last[rank] = beat
 
 
@@ -348,10 +343,9 @@ def table(board: Board) -> str:
     return "\n".join([line.format(*r).rstrip() for r in everything])
 
 
-def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]], ratio: float = STRAGGLER_RATIO,
-                   sustain: int = SUSTAIN) -> list[dict[str, Any]]:
+def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]]) -> list[dict[str, Any]]:
     """Stragglers over a whole attempt (the newest in the histories), for summaries and reports after the end:
-    a rank whose median compute over its training heartbeats is ``ratio`` x the others', in ``sustain`` or more
+    a rank whose median compute over its training heartbeats is STRAGGLER_RATIO x the others', in SUSTAIN or more
     of them. Each as ``{"rank", "node", "compute_ratio"}``."""
     attempt = max((b.attempt for beats in histories.values() for b in beats), default=0)
     samples: dict[int, list[float]] = {}
@@ -362,7 +356,7 @@ def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]], ratio: float = 
             samples[rank] = [b.compute_s for b in mine]  # type: ignore[misc]
             nodes[rank] = mine[-1].node
     longest = max((len(s) for s in samples.values()), default=0)
-    verdicts = straggler_ratios(samples, ratio, sustain, window=max(longest, sustain))
+    verdicts = straggler_ratios(samples, window=max(longest, SUSTAIN))
     return [{"rank": r, "node": nodes[r], "compute_ratio": round(v[1], 3)}  # type: ignore[arg-type]
             for r, v in sorted(verdicts.items()) if v[0]]
 
@@ -370,8 +364,7 @@ def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]], ratio: float = 
 def ending_line(beats: Mapping[int, Heartbeat]) -> str | None:
     """How an ended job's ranks last reported, newest attempt only: ``ranks at the end: 2 done``, or with a
     rank that wrote no final heartbeat (killed, or its node lost) ``...; rank 1 on n2 last at step 78 (train)``."""
-    attempt = max((b.attempt for b in beats.values()), default=0)
-    current = [b for _, b in sorted(beats.items()) if b.attempt == attempt]
+    current = list(newest_attempt(beats).values())
     if not current:
         return None
     finals = [phase for phase in vocab.FINAL_PHASES if any(b.phase == phase for b in current)]
