@@ -12,7 +12,7 @@ import shutil
 import time
 from typing import Any, Callable, TextIO
 
-from hpc import monitor, progress, registry, telemetry, vocab
+from hpc import jobfiles, monitor, progress, registry, telemetry, vocab
 
 
 class Follower:
@@ -56,7 +56,7 @@ class Follower:
         rdir = telemetry.run_dir(self.record)
         histories = telemetry.histories_of(rdir)
         found = monitor.run_stragglers(histories) if histories else self.stragglers
-        summary = telemetry.read_json(rdir / vocab.SUMMARY)
+        summary = jobfiles.json_object(rdir / vocab.SUMMARY)
         for text in progress.summary(summary, telemetry.attempts_of(self.record), found, waited_s):
             self.out.write(text + "\n")
         self.out.flush()

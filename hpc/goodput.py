@@ -8,10 +8,11 @@ Reads the job's files and sacct through hpc.telemetry; the arithmetic (spans, sh
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
-from hpc import registry, report, timeline, vocab
-from hpc.telemetry import Seen, attempts_of, read_jsonl, run_dir, sacct_attempts, seen_of
+from hpc import jobfiles, registry, report, timeline, vocab
+from hpc.telemetry import Seen, attempts_of, run_dir, sacct_attempts, seen_of
 
 
 def _time(value: Any) -> float | None:
@@ -28,10 +29,13 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
     record of its own end). ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
     seen = seen or seen_of(record)
-    histories, beats = seen.histories, seen.beats
+    histories = seen.histories
     attempts = attempts_of(record)
-    seen = {b.attempt for hist in histories.values() for b in hist} | {b.attempt for b in beats.values()}
-    seen |= {w.attempt for w in falls} | {a["attempt"] for a in attempts if isinstance(a.get("attempt"), int)}
+    endings = {a["attempt"]: str(a.get("ending", "unknown")) for a in attempts if isinstance(a.get("attempt"), int)}
+    last_beat: dict[int, float] = {}
+    for b in itertools.chain(*histories.values(), seen.beats.values()):
+        last_beat[b.attempt] = max(last_beat.get(b.attempt, b.time), b.time)
+    numbers = set(last_beat) | {w.attempt for w in falls} | set(endings)
     starts: dict[int, float] = {}
     for w in falls:
         starts[w.attempt] = min(starts.get(w.attempt, at := w.allocated_at), at)
@@ -39,20 +43,16 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
     for attempt, row in enumerate(sacct_attempts(record) if slurm is None else slurm):
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
-    for attempt in seen:
-        last = [b.time for hist in histories.values() for b in hist if b.attempt == attempt]
-        last += [b.time for b in beats.values() if b.attempt == attempt]
-        if attempt not in ends and last:
-            ends[attempt] = max(last)
-    endings = {a["attempt"]: str(a.get("ending", "unknown")) for a in attempts if isinstance(a.get("attempt"), int)}
+    for attempt, when in last_beat.items():
+        ends.setdefault(attempt, when)
     first_steps: dict[int, float] = {}
     for w in falls:
         done = w.at("first_step_done")
         if done is not None:
             first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
-    lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in seen}
-    trained = [a for a in sorted(seen) if any(b.phase == "train" for b in lead[a])]
-    steps_seen = report.steps_by_attempt(report.loss_series(read_jsonl(rdir / vocab.METRICS)), trained)
-    spans = report.spans(sorted(seen), starts, ends, endings, first_steps, lead, steps_seen)
+    lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in numbers}
+    trained = [a for a in sorted(numbers) if any(b.phase == "train" for b in lead[a])]
+    steps_seen = report.steps_by_attempt(report.loss_series(jobfiles.lines_of(rdir / vocab.METRICS)), trained)
+    spans = report.spans(sorted(numbers), starts, ends, endings, first_steps, lead, steps_seen)
     return report.goodput(spans, record.nodes)
 

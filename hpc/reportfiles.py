@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hpc import fileio, jobs, progress, registry, report, telemetry, timeline, vocab
+from hpc import fileio, jobfiles, jobs, progress, registry, report, telemetry, timeline, vocab
 from hpc.goodput import goodput_of
-from hpc.telemetry import attempts_of, read_json, read_jsonl, run_dir, stragglers_of, waterfalls
+from hpc.telemetry import attempts_of, run_dir, stragglers_of, waterfalls
 
 
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         # the heartbeats are read: a tenth of a second each, spent waiting on another process.
         asked = asking.submit(lambda: (telemetry.sacct_attempts(record), jobs.state(record)))
         # Each chart goes to the painter as soon as its data is read: drawn while the rest is read.
-        painter.chart("loss", report.loss_series(read_jsonl(run_dir(record) / vocab.METRICS)))
+        painter.chart("loss", report.loss_series(jobfiles.lines_of(run_dir(record) / vocab.METRICS)))
         seen = telemetry.seen_of(record)
         painter.chart("rate", report.rate_series(seen.histories))
         slurm, state = asked.result()
@@ -43,7 +43,7 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         painter.finish(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                        f"{record.world_size} rank(s)")
         stragglers = stragglers_of(record, seen)
-        summary = read_json(run_dir(record) / vocab.SUMMARY)
+        summary = jobfiles.json_object(run_dir(record) / vocab.SUMMARY)
         facts = facts_of(record, summary, state)
         drawn = painter.drawn()
     images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}

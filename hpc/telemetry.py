@@ -26,14 +26,6 @@ def run_dir(record: registry.Record) -> Path:
     return Path(record.job_dir) / vocab.RUN_DIR
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return jobfiles.lines_of(path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    return jobfiles.json_object(path)
-
-
 def last_metric(path: Path) -> dict[str, Any] | None:
     """The newest line of metrics.jsonl, reading only its end; a damaged last line leaves the one before."""
     rows = jobfiles.json_lines(jobfiles.tail_text(path, 65536))
@@ -47,7 +39,7 @@ def attempts_of(record: registry.Record) -> list[dict[str, Any]]:
 def sacct_attempts(record: registry.Record) -> list[dict[str, float | None]]:
     if record.via == "local" or not commands.available(os.environ, "sacct"):
         return []
-    text = commands.sacct([record.job_id], ("JobID", "Submit", "Start", "End"), duplicates=True)
+    text = commands.sacct([record.job_id], timeline.SACCT_TIMES, duplicates=True)
     return timeline.parse_sacct_attempts(text, record.job_id) if text is not None else []
 
 

@@ -21,7 +21,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from hpc import jobfiles, vocab
 from hpc.slurm import grammar, parse
 
-TIMELINE_DIR = vocab.TIMELINE
 SACCT_TIMES = ("JobID", "Submit", "Start", "End")
 # A stamp file holds a few short lines.
 STAMPS_BYTES = 65536
@@ -151,7 +150,7 @@ def parse_stamps(text: str) -> dict[str, float]:
 def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
     """attempt -> {"batch": {stamp: t}, "tasks": {task: {stamp: t}}} from RUN_DIR/timeline/."""
     out: dict[int, dict[str, Any]] = {}
-    root = Path(run_dir) / TIMELINE_DIR
+    root = Path(run_dir) / vocab.TIMELINE
     for folder in sorted(jobfiles.folder(root, "attempt-*")):
         try:
             attempt = int(folder.name.split("-", 1)[1])
