@@ -23,8 +23,6 @@ REASONS: Mapping[str, tuple[str, str]] = {
     "Priority": ("waiting behind jobs of higher priority in its partition",
                  "it starts after them; nothing to fix"),
     "None": ("just queued: the scheduler has not looked at it yet", "wait a few seconds"),
-    "ReqNodeNotAvail": ("a node it needs is unavailable (down, drained or reserved)",
-                        "drop --nodelist, or ask your admin when the node returns (sinfo -R)"),
     "NodeDown": ("a node it needs is down", "drop --nodelist or ask your admin (sinfo -R)"),
     "Dependency": ("waiting for the jobs it depends on to finish", "it starts when they do"),
     "DependencyNeverSatisfied": ("it will never start: a job it depends on ended in a way the dependency excludes",
@@ -84,14 +82,8 @@ def explain(reason: str, job_id: str, ahead: int | None = None, start: str | Non
     """One sentence: why the job pends, what to do, and where Slurm can tell, how many jobs are ahead."""
     reason = reason.strip().strip("()")
     code = reason.split(",")[0].strip()
-    if code in REASONS:
-        meaning, action = REASONS[code]
-    else:
-        match = next((p for p in PREFIXES if code.startswith(p[0])), None)
-        if match is None:
-            meaning, action = f"Slurm's reason: {reason}", "see `man squeue`, JOB REASON CODES"
-        else:
-            meaning, action = match[1], match[2]
+    meaning, action = REASONS.get(code) or next((p[1:] for p in PREFIXES if code.startswith(p[0])),
+                                                (f"Slurm's reason: {reason}", "see `man squeue`, JOB REASON CODES"))
     if "UnavailableNodes:" in reason:
         meaning += f" ({reason.split('UnavailableNodes:', 1)[1].strip()})"
     text = f"pending: {meaning.format(reason=code, job=job_id)}; {action.format(reason=code, job=job_id)}"

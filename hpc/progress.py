@@ -16,6 +16,9 @@ from hpc import vocab
 
 # A pipe gets a progress line at most this often (a terminal's bar is redrawn on every poll).
 PLAIN_EVERY_S = 5.0
+# summary.json's numbers in the summary line, in order, each as shown.
+SUMMARY_NUMBERS = (("images_per_s", "{:,.0f} images/s"), ("final_loss", "final loss {:.4f}"),
+                   ("test_accuracy", "test accuracy {:.3f}"), ("time_to_first_step_s", "first step after {:.1f}s"))
 
 
 @dataclass(frozen=True)
@@ -135,16 +138,7 @@ def summary(result: Mapping[str, Any] | None, attempts: Sequence[Mapping[str, An
     """The lines ``submit --wait`` ends with: rate, loss, accuracy, time to first step, attempts, stragglers."""
     lines = []
     if result:
-        parts = []
-        rate = _num(result.get("images_per_s"))
-        if rate is not None:
-            parts.append(f"{rate:,.0f} images/s")
-        if _num(result.get("final_loss")) is not None:
-            parts.append(f"final loss {result['final_loss']:.4f}")
-        if _num(result.get("test_accuracy")) is not None:
-            parts.append(f"test accuracy {result['test_accuracy']:.3f}")
-        if _num(result.get("time_to_first_step_s")) is not None:
-            parts.append(f"first step after {result['time_to_first_step_s']:.1f}s")
+        parts = [fmt.format(n) for key, fmt in SUMMARY_NUMBERS if (n := _num(result.get(key))) is not None]
         if isinstance(result.get("steps"), int):
             parts.append(f"{result['steps']} steps")
         if parts:
