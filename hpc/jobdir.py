@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
 
 # One error kind for the whole of render-and-write, so a caller catches a single one.
@@ -29,25 +29,16 @@ def protected_dirs(cwd: str, home: str | None) -> tuple[str, ...]:
     every directory above them."""
     out = {"/"}
     for base in (cwd, home):
-        if not base:
-            continue
-        path = os.path.realpath(base)
-        while True:
-            out.add(path)
-            parent = os.path.dirname(path)
-            if parent == path:
-                break
-            path = parent
+        if base:
+            real = Path(os.path.realpath(base))
+            out.update(str(p) for p in (real, *real.parents))
     return tuple(sorted(out))
 
 
-def refuse_protected(target: Path, what: str, environ: Mapping[str, str] | None = None,
-                     cwd: str | None = None) -> None:
+def refuse_protected(target: Path, what: str, environ: Mapping[str, str], cwd: str) -> None:
     """RenderError when ``target`` is /, the home or current directory or one above them: hpcdist never
     writes a job (or sweep) there, since replacing it would remove everything of the user's inside."""
-    environ = os.environ if environ is None else environ
-    real = os.path.realpath(target)
-    if real in protected_dirs(os.getcwd() if cwd is None else cwd, environ.get("HOME")):
+    if os.path.realpath(target) in protected_dirs(cwd, environ.get("HOME")):
         raise RenderError(f"{what} {target} is /, the home or current directory or one above them; "
                           f"pick a new directory for the {what.split()[0]}")
 
@@ -141,10 +132,7 @@ def written_paths(files: Iterable[str], dirs: Iterable[str]) -> set[str]:
     out: set[str] = set()
     for name in (*files, *(f"{d}/" for d in dirs)):
         out.add(name)
-        parent = os.path.dirname(name.rstrip("/"))
-        while parent:
-            out.add(f"{parent}/")
-            parent = os.path.dirname(parent)
+        out.update(f"{parent}/" for parent in PurePosixPath(name.rstrip("/")).parents[:-1])  # "." is the root itself
     out.discard(MARKER)
     return out
 

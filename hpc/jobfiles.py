@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import itertools
 import json
 import math
 import os
@@ -209,12 +210,7 @@ def folder(path: Path, pattern: str = "*", most: int = 100_000) -> list[Path]:
     try:
         if path.is_symlink() or not path.is_dir():
             return []
-        found = []
-        for entry in path.glob(pattern):
-            found.append(entry)
-            if len(found) >= most:
-                break
-        return found
+        return list(itertools.islice(path.glob(pattern), most))
     except OSError:
         return []
 
