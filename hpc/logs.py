@@ -60,13 +60,8 @@ def failing_task(batch_log: str, exit_codes: Mapping[int, int]) -> int | None:
     if first is not None:
         return first[0]
     stopped_by_others = (128 + signal.SIGTERM, 128 + signal.SIGKILL)
-    for index in sorted(exit_codes):
-        if exit_codes[index] and exit_codes[index] not in stopped_by_others:
-            return index
-    for index in sorted(exit_codes):
-        if exit_codes[index]:
-            return index
-    return None
+    failed = [index for index in sorted(exit_codes) if exit_codes[index]]
+    return next((i for i in failed if exit_codes[i] not in stopped_by_others), failed[0] if failed else None)
 
 
 def ranks_label(record: Record, index: int) -> str:
