@@ -90,12 +90,6 @@ def read_histories(run_dir: Path, nodes: Collection[int] | None = None) -> dict[
     return out
 
 
-def history_nodes(run_dir: Path) -> Collection[int] | None:
-    """Which nodes' histories a reader of every rank reads: all (None) up to HISTORY_NODES nodes, else node 0."""
-    many = len(jobfiles.folder(beatfile.folder(run_dir), "node-*.json", most=HISTORY_NODES + 1)) > HISTORY_NODES
-    return (0,) if many else None
-
-
 # ---- judging -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpc import jobfiles, logs, monitor, registry, timeline, vocab
+from hpc import beatfile, jobfiles, logs, monitor, registry, timeline, vocab
 from hpc.failures import record as records
 from hpc.slurm import commands
 
@@ -45,7 +45,8 @@ def sacct_attempts(record: registry.Record) -> list[dict[str, float | None]]:
 
 def histories_of(rdir: Path) -> dict[int, list[monitor.Heartbeat]]:
     """Every rank's heartbeat history up to monitor.HISTORY_NODES nodes; past that, rank 0's node's alone."""
-    return monitor.read_histories(rdir, monitor.history_nodes(rdir))
+    nodes = jobfiles.folder(beatfile.folder(rdir), "node-*.json", most=monitor.HISTORY_NODES + 1)
+    return monitor.read_histories(rdir, (0,) if len(nodes) > monitor.HISTORY_NODES else None)
 
 
 @dataclass(frozen=True)
