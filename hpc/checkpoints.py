@@ -46,10 +46,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
 def size(folder: Path) -> int:
     """Bytes of every file in a checkpoint folder: what the next one will need about as much of."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
@@ -58,7 +54,7 @@ def size(folder: Path) -> int:
 def write_manifest(folder: Path, step: int) -> None:
     """List every file of ``folder`` with size and SHA-256, fsync them all, then write the manifest last."""
     files = {}
-    for f in _files(folder):
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
         files[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
