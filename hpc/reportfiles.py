@@ -183,22 +183,17 @@ def _paint(conn: Any, parents: Any, folder: Path) -> None:
     conn.send(failed if failed is not None else drawn)
 
 
-# name -> (drawer, figure size from the data, what NAME.json keeps besides what the axes drew)
-CHARTS: dict[str, tuple[Any, Any, Any]] = {
-    "loss": (_draw_loss, lambda _: (8, 3.5), lambda segments: {"segments": segments}),
-    "rate": (_draw_rate, lambda _: (8, 3.5), lambda series: {"series": {str(k): v for k, v in series.items()}}),
-    "waterfall": (_draw_waterfall, lambda falls: (10, 0.4 * len(falls) + 2.2),
+# name -> (whether the data has anything to draw, drawer, figure size from the data, what NAME.json keeps besides
+# what the axes drew)
+CHARTS: dict[str, tuple[Any, Any, Any, Any]] = {
+    "loss": (bool, _draw_loss, lambda _: (8, 3.5), lambda segments: {"segments": segments}),
+    "rate": (lambda series: any(series.values()), _draw_rate, lambda _: (8, 3.5),
+             lambda series: {"series": {str(k): v for k, v in series.items()}}),
+    "waterfall": (bool, _draw_waterfall, lambda falls: (10, 0.4 * len(falls) + 2.2),
                   lambda falls: {"waterfalls": [w.to_json() for w in falls]}),
-    "goodput": (_draw_goodput, lambda _: (9, 2.2), lambda good: {"share": good["share"]}),
+    "goodput": (lambda good: good["allocated_node_s"] > 0, _draw_goodput, lambda _: (9, 2.2),
+                lambda good: {"share": good["share"]}),
 }
-
-
-def _has_data(name: str, data: Any) -> bool:
-    if name == "rate":
-        return any(data.values())
-    if name == "goodput":
-        return data["allocated_node_s"] > 0
-    return bool(data)
 
 
 def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
@@ -209,9 +204,9 @@ def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not _has_data(name, data):
+    has_data, draw, size, extra = CHARTS[name]
+    if not has_data(data):
         return None
-    draw, size, extra = CHARTS[name]
     fig, ax = plt.subplots(figsize=size(data))
     draw(ax, data)
     lines = [{"label": ln.get_label(), "points": len(ln.get_xdata())} for ln in ax.get_lines()]
