@@ -86,11 +86,10 @@ def append_line(path: Path, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
 
 
-def save_png(fig: Any, path: Path, dpi: int) -> bytes:
-    """A matplotlib figure as a PNG at ``path`` (see ``atomic_write``); returns the bytes written."""
+def save_png(fig: Any, path: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG at ``path`` (see ``atomic_write``)."""
     import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write(path, buffer.getvalue())
-    return buffer.getvalue()

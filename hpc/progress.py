@@ -124,13 +124,13 @@ def bar(p: Progress, width: int = 80) -> str:
     return text[:width]
 
 
-def changed(previous: Progress | None, current: Progress, since_s: float, every_s: float = PLAIN_EVERY_S) -> bool:
-    """Whether a pipe should get a new line: a phase or attempt change at once, a new step every ``every_s``."""
+def changed(previous: Progress | None, current: Progress, since_s: float) -> bool:
+    """Whether a pipe should get a new line: a phase or attempt change at once, a new step every PLAIN_EVERY_S."""
     if previous is None:
         return True
     if (current.phase, current.attempt) != (previous.phase, previous.attempt):
         return True
-    return current.step != previous.step and since_s >= every_s
+    return current.step != previous.step and since_s >= PLAIN_EVERY_S
 
 
 def summary(result: Mapping[str, Any] | None, attempts: Sequence[Mapping[str, Any]] = (),

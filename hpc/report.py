@@ -137,11 +137,10 @@ def steps_by_attempt(segments: Sequence[Sequence[tuple[int, float]]], trained: S
     return {attempt: max(step for step, _ in seg) for attempt, seg in zip(sorted(trained), segments) if seg}
 
 
-def rate_series(histories: Mapping[int, Sequence[Any]],
-                since: float | None = None) -> dict[int, list[tuple[float, float]]]:
-    """rank -> (seconds since ``since``, images/s) from its training heartbeats, every attempt; a NaN point
-    between attempts, so a chart breaks its line over the time the job was down."""
-    origin = since if since is not None else min((b.time for beats in histories.values() for b in beats), default=0.0)
+def rate_series(histories: Mapping[int, Sequence[Any]]) -> dict[int, list[tuple[float, float]]]:
+    """rank -> (seconds since the first heartbeat, images/s) from its training heartbeats, every attempt; a NaN
+    point between attempts, so a chart breaks its line over the time the job was down."""
+    origin = min((b.time for beats in histories.values() for b in beats), default=0.0)
     out: dict[int, list[tuple[float, float]]] = {}
     for rank, beats in sorted(histories.items()):
         points: list[tuple[float, float]] = []

@@ -24,10 +24,8 @@ from hpc.slurm import grammar, parse
 SACCT_TIMES = ("JobID", "Submit", "Start", "End")
 # A stamp file holds a few short lines.
 STAMPS_BYTES = 65536
-# Every stamp in the order a rank passes it.
-STAMPS = ("submitted", "started", "batch_start", "setup_done", "task_start", "process_start", "torch_imported",
-          "process_group_ready", "model_built", "first_step_done")
-# A phase is named after what happens between the stamp before it and its own stamp.
+# Every stamp after "submitted", in the order a rank passes them -> the phase it ends, named after what happens
+# between the stamp before it and its own stamp.
 PHASES = {
     "started": "queued",
     "batch_start": "batch shell start",
@@ -39,6 +37,7 @@ PHASES = {
     "model_built": "build model",
     "first_step_done": "first step",
 }
+STAMPS = ("submitted", *PHASES)
 MARKS = STAMPS[5:]
 
 
