@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
+
+from hpc import jobfiles
 
 # One error kind for the whole of render-and-write, so a caller catches a single one.
 from hpc.templating import RenderError
@@ -68,16 +69,8 @@ def marker_text(kind: str, paths: Iterable[str]) -> str:
 def read_marker(path: Path) -> tuple[str, frozenset[str]] | None:
     """(kind, paths) from the marker in ``path``, or None: no marker, a link, not ours, or damaged."""
     try:
-        fd = os.open(Path(path) / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        raw = f.read(_MARKER_MAX_BYTES + 1)
-    try:
-        data = json.loads(raw.decode()) if len(raw) <= _MARKER_MAX_BYTES else None
-    except ValueError:
+        data = jobfiles.read_json(Path(path) / MARKER, _MARKER_MAX_BYTES)
+    except (OSError, jobfiles.Damaged):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
         return None
