@@ -33,15 +33,6 @@ HISTORY_NODES = 8
 ENDING_RANKS = 8  # an ending line names at most this many unfinished ranks
 POLLED_KEEP = 32  # a refreshing top remembers this many compute times per rank
 
-def parse_heartbeat(text: str) -> Heartbeat | None:
-    """One rank's beat from its JSON text; None for a torn or foreign one (a reader may race a writer)."""
-    try:
-        data = jobfiles.loads(text)
-        return Heartbeat.from_mapping(data) if isinstance(data, dict) else None
-    except (ValueError, TypeError, OverflowError):
-        return None
-
-
 def beats_in(document: Mapping[str, Any]) -> Iterable[Heartbeat]:
     """A node document's beats; a damaged one is skipped."""
     for data in beatfile.beats_of(document):

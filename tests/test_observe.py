@@ -7,12 +7,14 @@ import io
 import json
 import subprocess
 import sys
+import tempfile
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from hpc import follow, monitor, progress, registry, report, timeline
+from hpc import beatfile, follow, monitor, progress, registry, report, timeline
 from train import nodebeat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +61,21 @@ def write_job(tmp: Path, beats: list[dict], history: dict[int, list[dict]] | Non
 
 # ---- monitor ---------------------------------------------------------------------------------------
 
-def test_a_torn_or_foreign_heartbeat_is_skipped_not_fatal() -> None:
-    assert monitor.parse_heartbeat('{"rank": 0, "phase": "tr') is None
-    assert monitor.parse_heartbeat('["not", "a", "heartbeat"]') is None
-    assert monitor.parse_heartbeat('{"phase": "train"}') is None
-    assert monitor.parse_heartbeat(json.dumps(beat(1))).node == "n2"
+def node_file(tmp: Path, *ranks: str, cut: int | None = None) -> dict[int, monitor.Heartbeat]:
+    """What read_heartbeats takes from a node file whose ranks are these JSON texts, checksummed as the trainer
+    writes it (``cut``: only its first ``cut`` bytes, a torn write). A new run directory each time."""
+    body = ('{"node": 0, "hostname": "n1", "attempt": 0, "time": 0, "ranks": [' + ",".join(ranks) + "]}").encode()
+    run = Path(tempfile.mkdtemp(dir=tmp))
+    beatfile.folder(run).mkdir()
+    beatfile.node_path(run, 0).write_bytes((body + b"\t%08x\n" % zlib.crc32(body))[:cut])
+    return monitor.read_heartbeats(run)
+
+
+def test_a_torn_or_foreign_heartbeat_is_skipped_not_fatal(tmp_path: Path) -> None:
+    assert node_file(tmp_path, json.dumps(beat(0)), cut=60) == {}
+    assert node_file(tmp_path, '["not", "a", "heartbeat"]') == {}
+    assert node_file(tmp_path, '{"phase": "train"}') == {}
+    assert node_file(tmp_path, json.dumps(beat(1)))[1].node == "n2"
 
 
 def test_a_rank_whose_heartbeat_stopped_is_stale_and_a_fresh_one_is_not() -> None:
@@ -430,12 +442,13 @@ def test_report_writes_the_page_and_charts_with_their_series(tmp_path: Path) -> 
     assert all((folder / f"{n}.png").stat().st_size > 1000 for n in ("loss", "rate", "waterfall", "goodput"))
 
 
-def test_a_heartbeat_field_that_is_not_a_finite_number_is_absent_and_a_rank_out_of_range_is_no_heartbeat() -> None:
-    assert monitor.parse_heartbeat('{"rank": 0, "step": 1e400, "loss": NaN, "time": Infinity}').loss is None
-    assert monitor.parse_heartbeat('{"rank": 0, "step": 1e400}').step == 0
-    assert monitor.parse_heartbeat('{"rank": Infinity}') is None
-    assert monitor.parse_heartbeat('{"rank": 1000000000000}') is None
-    assert monitor.parse_heartbeat('{"rank": -1}') is None
+def test_a_heartbeat_field_that_is_not_a_finite_number_is_absent_and_a_rank_out_of_range_is_no_heartbeat(
+        tmp_path: Path) -> None:
+    assert node_file(tmp_path, '{"rank": 0, "step": 1e400, "loss": NaN, "time": Infinity}')[0].loss is None
+    assert node_file(tmp_path, '{"rank": 0, "step": 1e400}')[0].step == 0
+    assert node_file(tmp_path, '{"rank": Infinity}') == {}
+    assert node_file(tmp_path, '{"rank": 1000000000000}') == {}
+    assert node_file(tmp_path, '{"rank": -1}') == {}
 
 
 def test_a_stamp_that_is_not_a_finite_time_is_skipped() -> None:
