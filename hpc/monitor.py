@@ -136,11 +136,6 @@ def straggler_json(view: RankView) -> dict[str, Any]:
             "compute_ratio": None if view.compute_ratio is None else round(view.compute_ratio, 3)}
 
 
-def _median(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def _median_without(ordered: Sequence[float], value: float) -> float:
     """The median of sorted ``ordered`` less one ``value`` it holds, without copying (32,768 ranks each leave
     one out: a copy per rank would be quadratic)."""
@@ -231,7 +226,8 @@ def _verdicts(beats: Mapping[int, Heartbeat], histories: Mapping[int, Sequence[H
               ) -> tuple[dict[int, Heartbeat], float | None, float, dict[int, tuple[bool, float | None]]]:
     """The newest attempt's beats, their median step time, the age past which a rank is stale, the straggler test."""
     current = newest_attempt(beats)
-    median_step = _median(b.step_time_s for b in current.values() if b.phase == "train")
+    step_times = [b.step_time_s for b in current.values() if b.phase == "train" and b.step_time_s is not None]
+    median_step = statistics.median(step_times) if step_times else None
     stale_after = max(STALE_K * median_step, STALE_MIN_S) if median_step else STALE_MIN_S
     samples = {}
     for r, b in current.items():
@@ -280,8 +276,8 @@ class Watch:
 
 # ---- showing -----------------------------------------------------------------------------------------
 
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _bytes(value: int | None) -> str:
