@@ -199,10 +199,7 @@ CHARTS: dict[str, tuple[Any, Any, Any, Any]] = {
 def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
     """NAME.png (loss, rate, waterfall or goodput), with NAME.json beside it holding the series the figure
     actually drew (read back from its axes); None, and nothing written, when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # _paint, its one caller, chose the Agg backend first
 
     has_data, draw, size, extra = CHARTS[name]
     if not has_data(data):
