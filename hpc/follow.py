@@ -78,8 +78,7 @@ def status_lines(record: registry.Record, ended: bool = False) -> list[str]:
     else:
         board = monitor.judge(beats, time.time(), histories=seen.histories)
         out += [line for line in monitor.straggler_lines(board) if line.startswith("stale")]
-    out += [f"straggler: rank {s['rank']} on {s['node']}, compute {s['compute_ratio']:.2f}x the other ranks' median"
-            for s in telemetry.stragglers_of(record, seen, board)]
+    out += progress.summary(None, stragglers=telemetry.stragglers_of(record, seen, board))
     return out
 
 
