@@ -97,7 +97,7 @@ def _where_it_ran(state: JobState, runner: Runner) -> JobState:
     return state if nodes in NO_NODES else replace(state, nodelist=nodes)
 
 
-def current(job_id: str, queued: JobState | None, accounted: JobState | None) -> JobState | None:
+def current(queued: JobState | None, accounted: JobState | None) -> JobState | None:
     """A job's state from the controller's live view and accounting's record (pure).
 
     The controller is right about every job it still holds: accounting may keep a stale row (REQUEUED while
@@ -125,7 +125,7 @@ def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str
     out = {}
     for job_id in job_ids:
         accounted = parse_sacct(accounting, job_id) if accounting else None
-        found = current(job_id, queued[job_id], accounted and _where_it_ran(accounted, runner))
+        found = current(queued[job_id], accounted and _where_it_ran(accounted, runner))
         if found is None and accounting is None and queue_answered:
             found = JobState(job_id, "LEFT_QUEUE")
         out[job_id] = found or JobState(job_id, "UNKNOWN")
