@@ -12,6 +12,7 @@ import itertools
 from typing import Any
 
 from hpc import jobfiles, registry, report, timeline, vocab
+from hpc.slurm import grammar
 from hpc.telemetry import Seen, attempts_of, run_dir, sacct_attempts, seen_of
 
 
@@ -19,7 +20,7 @@ def _time(value: Any) -> float | None:
     """An attempt's ``ended`` as attempts.jsonl holds it, epoch seconds or ISO 8601, as epoch seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    return timeline.iso_time(value) if isinstance(value, str) else None
+    return grammar.timestamp(value) if isinstance(value, str) else None
 
 
 def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],

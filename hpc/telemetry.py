@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from hpc import beatfile, jobfiles, logs, monitor, registry, timeline, vocab
 from hpc.failures import record as records
-from hpc.slurm import commands
+from hpc.slurm import commands, grammar
 
 
 def run_dir(record: registry.Record) -> Path:
@@ -105,5 +105,5 @@ def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | N
                  for a, entry in shell.items() for t in entry["tasks"]]
     task_of = {rank: logs.task_of(record, rank) for _, rank, _ in world if 0 <= rank < max(record.world_size, 1)}
     return timeline.assemble(world, task_of, shell, marks, sacct_attempts(record) if slurm is None else slurm,
-                             timeline.iso_time(record.submitted))
+                             grammar.timestamp(record.submitted))
 

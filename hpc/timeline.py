@@ -10,7 +10,6 @@ the rank's wall time from its first stamp to its first step. Pure except ``read_
 
 from __future__ import annotations
 
-import datetime
 import functools
 import heapq
 import math
@@ -176,14 +175,6 @@ def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]
              "ended": grammar.timestamp(r["End"])} for r in parse.rows(text, SACCT_TIMES, job=job_id)]
     rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
     return rows
-
-
-def iso_time(text: str) -> float | None:
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return when.timestamp()
 
 
 def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], shell: Mapping[int, Mapping[str, Any]],
