@@ -54,16 +54,14 @@ class AttemptSpan:
                 "eval": evaluation, "idle": rest - checkpoint - evaluation - train}
 
 
-def phase_seconds(beats: Sequence[Any], since: float | None = None, until: float | None = None) -> dict[str, float]:
+def phase_seconds(beats: Sequence[Any], since: float | None, until: float) -> dict[str, float]:
     """Seconds per phase from one rank's heartbeats of one attempt (oldest first): the gap after each
-    heartbeat belongs to its phase (the trainer writes one at every phase change), clipped to [since, until]."""
+    heartbeat belongs to its phase (the trainer writes one at every phase change), clipped to [since, until]
+    (``since`` None: from the first heartbeat)."""
     out: dict[str, float] = {}
     for before, after in zip(beats, beats[1:]):
-        lo, hi = before.time, after.time
-        if since is not None:
-            lo = max(lo, since)
-        if until is not None:
-            hi = min(hi, until)
+        lo = before.time if since is None else max(before.time, since)
+        hi = min(after.time, until)
         if hi > lo:
             out[before.phase] = out.get(before.phase, 0.0) + hi - lo
     return out
