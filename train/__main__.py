@@ -106,21 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     status = None
     try:
         status = train(opts, beat)
-        return status
     except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT
-        return status
     except PreflightError as exc:
         print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
         status = 1
-        return status
     except checkpoint.StorageError as exc:
         print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
         status = EXIT_STORAGE
-        return status
     except Exception as exc:
         # This rank's own error, for the job's report to lead with (hpc/failures reads RUN_DIR/errors/).
         runfiles.record_rank_error(opts.run_dir, os.environ, f"{type(exc).__name__}: {exc}", "exception", 1)
@@ -129,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))
         preemption.restore()
         preemption.forget()
+    return status
 
 
 def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
