@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ContextManager, Iterator, Mapping, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,6 +19,7 @@ from hpc import dsconfig
 from train import checkpoint, snapshot
 from train.model import bare_state_dict, load_weights
 from train.options import DEFAULT_BATCH, Options
+from train.runtime import barrier, broadcast_from_0
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -165,8 +167,6 @@ class DeepSpeedEngine:
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
-        import torch.distributed as dist
-
         folder = Path(folder)
         world = dist.get_world_size() if dist.is_initialized() else 1
         saved = sum(1 for _ in folder.glob(checkpoint.rng_file(folder, "*").name))
@@ -185,27 +185,23 @@ class DeepSpeedEngine:
         """A ZeRO checkpoint written by another number of ranks (an elastic relaunch): rank 0 converts it to
         DeepSpeed's universal checkpoint beside it, every rank loads its new partition from that, rank 0
         removes it."""
-        import torch.distributed as dist
         from deepspeed.checkpoint import ds_to_universal
 
         # A folder of its own, made fresh: a crashed conversion's is left, never taken or removed by name.
-        made = [tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent) if rank == 0 else None]
+        made = tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent) if rank == 0 else None
         if rank == 0:
             # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
             ds_to_universal.main(argparse.Namespace(
-                input_folder=str(folder), output_folder=str(Path(made[0]) / folder.name), num_extract_workers=1,
+                input_folder=str(folder), output_folder=str(Path(made) / folder.name), num_extract_workers=1,
                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-        if world > 1:
-            dist.broadcast_object_list(made, src=0)  # also the barrier: rank 0 sends it once converted
-        universal = Path(made[0])
+        universal = Path(broadcast_from_0(made, world))  # also the barrier: rank 0 sends it once converted
         # DeepSpeed asks its config at load time only, and has no other way in for a config already built.
         self.engine._config.load_universal_checkpoint = True
         try:
             path, client = self.engine.load_checkpoint(str(universal), tag=folder.name)
         finally:
             self.engine._config.load_universal_checkpoint = False
-        if world > 1:
-            dist.barrier()
+        barrier()
         if rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
         if path is None:
