@@ -20,8 +20,9 @@ from hpc import checkpoints
 from train import checkpoint, nodebeat, runtime
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
+from train.engines import TorchEngine
 from train.loader import ResidentLoader, epoch_permutation, normalize, shard
-from train.model import ConvNet, load_weights, param_digest
+from train.model import ConvNet, param_digest
 
 pytestmark = pytest.mark.timed  # heartbeats, watchdogs and signals in real threads, bounded in seconds
 
@@ -48,9 +49,10 @@ def test_a_dataparallel_checkpoint_with_module_prefixes_loads_into_a_plain_modul
     wrapped_keys = torch.nn.DataParallel(saved).state_dict()
     assert all(k.startswith("module.") for k in wrapped_keys)
     plain = ConvNet()
-    load_weights(plain, wrapped_keys)
+    engine = TorchEngine(plain, backend="ddp", device=torch.device("cpu"), precision="fp32", lr=1e-3)
+    engine.restore({**engine.state({}), "model": wrapped_keys})
     assert param_digest(plain.named_parameters()) == param_digest(saved.named_parameters())
-    load_weights(plain, saved.state_dict())  # and unprefixed keys load too
+    engine.restore({**engine.state({}), "model": saved.state_dict()})  # and unprefixed keys load too
 
 
 def test_param_digest_sees_any_change_and_ignores_wrapper_prefixes():

@@ -17,7 +17,7 @@ from torch import nn
 
 from hpc import dsconfig
 from train import checkpoint, snapshot
-from train.model import bare_state_dict, load_weights
+from train.model import bare_state_dict
 from train.options import DEFAULT_BATCH, Options
 from train.runtime import barrier, broadcast_from_0
 
@@ -103,7 +103,7 @@ class TorchEngine:
     def restore(self, saved: dict) -> dict:
         """Load a state from ``state``/``capture`` into the module and optimizer; the trainer's own part back."""
         saved = dict(saved)
-        load_weights(self.module, saved.pop("model"))
+        self.module.load_state_dict(bare_state_dict(saved.pop("model")))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         self.scaler.load_state_dict(saved.pop("scaler"))
         if "rng" in saved:

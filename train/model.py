@@ -42,11 +42,6 @@ def bare_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {bare_key(k): v for k, v in state.items()}
 
 
-def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load a checkpoint saved with or without wrapper prefixes into the bare ``module``."""
-    module.load_state_dict(bare_state_dict(state))
-
-
 def param_digest(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> str:
     """sha256 over every parameter's name, shape, dtype and bytes, in name order, so ranks compare exactly."""
     digest = hashlib.sha256()
