@@ -37,7 +37,6 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    name: str
     train: Split
     test: Split
 
@@ -76,7 +75,7 @@ def read_cifar10(data_dir: Path) -> Dataset:
     root = cifar10_root(Path(data_dir))
     train = [read_batch(root / name) for name in TRAIN_FILES]
     test = read_batch(root / TEST_FILE)
-    return Dataset("cifar10", Split(torch.cat([s.images for s in train]), torch.cat([s.labels for s in train])), test)
+    return Dataset(Split(torch.cat([s.images for s in train]), torch.cat([s.labels for s in train])), test)
 
 
 def download_cifar10(data_dir: Path, local_rank: int, timeout_s: float) -> None:
@@ -138,8 +137,7 @@ def synthetic(n_train: int, n_test: int, seed: int) -> Dataset:
         labels = torch.where(relabel, torch.randint(0, CLASSES, (n,), generator=g), labels)
         return Split(images.clamp_(0, 255).to(torch.uint8), labels)
 
-    train = split(n_train)
-    return Dataset("synthetic", train, split(n_test))
+    return Dataset(split(n_train), split(n_test))  # in this order: both splits draw from g
 
 
 def load_dataset(opts: Options, env: ranks.DistEnv) -> Dataset:
