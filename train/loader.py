@@ -45,11 +45,6 @@ def shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return padded[rank::world_size]
 
 
-def steps_per_epoch(n: int, world_size: int, local_batch: int) -> int:
-    # Only whole batches, so every rank takes the same number of steps and no collective waits forever.
-    return math.ceil(n / world_size) // local_batch
-
-
 @functools.cache
 def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: building them per batch is a blocking host-to-device copy on every step,
@@ -89,10 +84,8 @@ class ResidentLoader:
         self.labels = split.labels.to(device)
         self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
         self.device, self.augment, self.channels_last, self.dtype = device, augment, channels_last, dtype
-        self.steps_per_epoch = steps_per_epoch(len(split), world_size, local_batch)
-
-    def indices(self, epoch: int) -> torch.Tensor:
-        return shard(epoch_permutation(len(self.labels), self.seed, epoch), self.rank, self.world_size)
+        # Only whole batches, so every rank takes the same number of steps and no collective waits forever.
+        self.steps_per_epoch = math.ceil(len(split) / world_size) // local_batch
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches from global step ``start_step`` on; a resumed run sees exactly what the interrupted one would."""
@@ -100,7 +93,8 @@ class ResidentLoader:
         while True:
             epoch, index = divmod(step, self.steps_per_epoch)
             if epoch != cached_epoch:
-                cached_epoch, mine = epoch, self.indices(epoch).to(self.device)
+                order = epoch_permutation(len(self.labels), self.seed, epoch)
+                cached_epoch, mine = epoch, shard(order, self.rank, self.world_size).to(self.device)
             take = mine[index * self.local_batch:(index + 1) * self.local_batch]
             x = self.images[take]
             if self.augment:
