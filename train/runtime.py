@@ -50,13 +50,9 @@ def pick_device(backend: str, env: DistEnv) -> torch.device:
 def sanitize_arch_list(value: str) -> str:
     """``9.0a;8.0`` -> ``9.0;8.0``: DeepSpeed's op builder parses the minor number with int(), which
     fails on the arch-specific suffixes (a, f) that CUDA 12+ images put in TORCH_CUDA_ARCH_LIST."""
-    kept: list[str] = []
-    for item in re.split(r"[;\s]+", value.strip()):
-        m = re.fullmatch(r"(\d+)\.(\d+)[a-zA-Z]*(\+PTX)?", item)
-        arch = f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}" if m else item
-        if arch and arch not in kept:
-            kept.append(arch)
-    return ";".join(kept)
+    items = re.split(r"[;\s]+", value.strip())
+    arches = [re.sub(r"\A(\d+\.\d+)[a-zA-Z]*(\+PTX)?\Z", r"\1\2", item) for item in items]
+    return ";".join(dict.fromkeys(filter(None, arches)))
 
 
 def prepare_deepspeed_environment(environ: MutableMapping[str, str], cuda: bool) -> None:
