@@ -65,6 +65,7 @@ class _Parser(argparse.ArgumentParser):
     checking = False  # True while hpcdist checks a job's arguments: nothing may print or exit then
 
     def error(self, message: str):
+        # argparse hands every ArgumentError (a bad value, _Once's refusal) to error() as well.
         raise OptionsError(message)
 
     def print_help(self, file=None):
@@ -163,11 +164,7 @@ def _validate(opts: Options) -> None:
 
 def options(argv: Sequence[str]) -> Options:
     """The Options ``argv`` gives, or OptionsError (one line) for any argument the trainer refuses."""
-    p = parser()
-    try:
-        args = vars(p.parse_args(list(argv)))
-    except argparse.ArgumentError as exc:
-        raise OptionsError(str(exc)) from None
+    args = vars(parser().parse_args(list(argv)))
     args.pop("local_rank")
     args.pop("_given", None)
     opts = Options(**args)
@@ -191,10 +188,7 @@ def check_job_args(args: Sequence[str]) -> None:
     for action in p._actions:
         if action.dest in RESERVED:
             action.required, action.default = False, unset
-    try:
-        namespace, _ = p.parse_known_args(list(args))
-    except argparse.ArgumentError as exc:
-        raise OptionsError(str(exc)) from None
+    namespace, _ = p.parse_known_args(list(args))
     for action in p._actions:
         if action.dest in RESERVED and getattr(namespace, action.dest, unset) is not unset:
             raise OptionsError(f"{'/'.join(action.option_strings)} is set by hpcdist itself; use the matching "
