@@ -151,14 +151,12 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        named = list(self.engine.module.named_parameters())
-        if self.zero_stage < 3:
-            yield named
-            return
         import deepspeed
 
+        named = list(self.engine.module.named_parameters())
         # ZeRO-3 keeps only this rank's slice of each parameter; gathering is a collective on every rank.
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
+                                               enabled=self.zero_stage == 3):
             yield named
 
     def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
