@@ -197,9 +197,8 @@ def check_job_args(args: Sequence[str]) -> None:
 
 def parse(argv: Sequence[str] | None = None) -> Options:
     """The trainer's Options from its command line; exits 2 with one line on a bad argument."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return options(argv)
+        return options(sys.argv[1:] if argv is None else argv)
     except OptionsError as exc:
         # One line, as the exit-status contract asks, rather than argparse's usage block.
         print(f"python -m train: error: {exc} (see --help)", file=sys.stderr)
