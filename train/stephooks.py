@@ -1,7 +1,7 @@
 """What follows every training step, in one place: the timing marks, the loss logged and recorded, the
 heartbeat, and the one-step-late stop vote with the checkpoint or snapshot it may call for.
 
-    hooks = StepHooks(run, beat, timing, total_steps, state, agreement, clocks, metrics, started=STARTED)
+    hooks = StepHooks(run, beat, timing, total_steps, state, agreement, clocks, metrics, steps_per_epoch, STARTED)
     while state["step"] < total_steps:
         ...train one step...
         action = hooks.after(batch, loss)    # "stop", "save", "snapshot" or None
@@ -77,9 +77,8 @@ class StepHooks:
             self._record(step, batch, loss)
         self.beat.stepped(step, loss)
         # Votes cast after this step are read after the next one: no per-step wait for the device.
-        rank = self.run.rank
         stopping, due = self.agreement.exchange(preemption.received() is not None,
-                                                self.clocks.due() if rank == 0 else 0)
+                                                self.clocks.due() if self.run.rank == 0 else 0)
         if stopping:
             return "stop"
         every = self.run.opts.checkpoint_every
