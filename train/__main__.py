@@ -238,27 +238,25 @@ def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | 
     return loader
 
 
-def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts | None = None
-           ) -> tuple[dict, Path | None]:
+def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts | None) -> tuple[dict, Path | None]:
     """The trainer's own state (step, losses, what the data order depends on), and with --resume the disk
     checkpoint it came from (None when it came from a snapshot, which is no checkpoint a stop can stand on)."""
     opts = run.opts
     run.run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
              "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
-    found = held = None
-    source = ""  # where a snapshot resumed from was: node memory, or the parts DeepSpeed's nodes persisted
-    if opts.resume:
-        found = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
-                                  share=lambda name: broadcast_from_0(name, run.world))
-        if isinstance(store, dssnapshot.Parts):  # DeepSpeed's parts, made a checkpoint on disk to load as one
-            found, source = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found)
-        else:
-            held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
-            source = "node memory" if held is not None else ""
-    if opts.resume and found is None and held is None:
-        say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
+    if not opts.resume:
+        return state, None
+    found = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
+                              share=lambda name: broadcast_from_0(name, run.world))
+    held, source = None, ""  # where a snapshot resumed from was: node memory, or the parts DeepSpeed's nodes persisted
+    if isinstance(store, dssnapshot.Parts):  # DeepSpeed's parts, made a checkpoint on disk to load as one
+        found, source = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found)
+    else:
+        held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
+        source = "node memory" if held is not None else ""
     if found is None and held is None:
+        say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
         return state, None
     saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
     for key in ("global_batch", "seed"):
@@ -272,7 +270,7 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts 
 
 
 def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, state: dict, found: Path | None,
-         beat: heartbeat.Heartbeat, store: snapshot.Store | dssnapshot.Parts | None = None) -> Timing | None:
+         beat: heartbeat.Heartbeat, store: snapshot.Store | dssnapshot.Parts | None) -> Timing | None:
     """Train to the last step, logging, checkpointing, snapshotting; None when a signal stopped it after a save."""
     opts, rank, world = run.opts, run.rank, run.world
     total_steps = opts.epochs * loader.steps_per_epoch
@@ -344,7 +342,7 @@ def announce_stop(run: Setup, step: int, where: Path | None) -> None:
 
 
 def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timing,
-           store: snapshot.Store | dssnapshot.Parts | None = None) -> None:
+           store: snapshot.Store | dssnapshot.Parts | None) -> None:
     """Test accuracy and every rank's parameter digest, gathered into rank 0's summary.json."""
     opts, rank, world, env = run.opts, run.rank, run.world, run.env
     accuracy = evaluate_accuracy(engine, data, rank, world, run.device)
