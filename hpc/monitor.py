@@ -33,6 +33,7 @@ HISTORY_NODES = 8
 ENDING_RANKS = 8  # an ending line names at most this many unfinished ranks
 POLLED_KEEP = 32  # a refreshing top remembers this many compute times per rank
 
+
 def beats_in(document: Mapping[str, Any]) -> Iterable[Heartbeat]:
     """A node document's beats; a damaged one is skipped."""
     for data in beatfile.beats_of(document):
