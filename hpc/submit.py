@@ -19,6 +19,7 @@ from hpc import jobs, registry, task, vocab
 from hpc.job import Job, follow
 from hpc.slurm import commands
 from hpc.slurm.runner import SlurmError
+from hpc.spec import signal_name
 from hpc.vocab import BATCH_LOG, TASK_LOG
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     executor.update_parameters(tasks_per_node=geometry.ntasks,
                                timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
-    with _environ(SUBMITIT_PREEMPT_SIGNAL=spec.signal_name), _interruptible_children():
+    with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)), _interruptible_children():
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
                                str(rendered.job_dir / TASK_LOG))
 

@@ -17,7 +17,7 @@ from hpc import profiles, registry, render, submit
 from hpc.cli import main
 from hpc.commands import submit as commands_submit
 from hpc.job import Job
-from hpc.spec import JobSpec, time_seconds
+from hpc.spec import JobSpec, signal_name, time_seconds
 
 
 def rendered_for(tmp_path: Path, **kw) -> render.Rendered:
@@ -161,7 +161,7 @@ def test_local_command_sources_setup_then_execs_task_sh(tmp_path):
                                               ("10@5", "USR1")])
 def test_signal_name(spec_signal, name):
     # The name the local runner sends ahead of the time limit (SUBMITIT_PREEMPT_SIGNAL).
-    assert JobSpec(job_dir="/tmp/j", signal=spec_signal).signal_name == name
+    assert signal_name(JobSpec(job_dir="/tmp/j", signal=spec_signal).signal) == name
 
 
 def test_record_for_summarises_the_spec(tmp_path):
