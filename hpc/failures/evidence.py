@@ -31,7 +31,6 @@ _EXCEPTION = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|In
 # Launchers that report a child's death: torchrun's "Root Cause" block and DeepSpeed's launcher.
 _TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: (\d+)\)", re.M)
 _TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
-_TORCHRUN_HOST = re.compile(r"^\s*host\s*:\s*(\S+)", re.M)
 _DEEPSPEED_EXIT = re.compile(r"exits with return code = (-?\d+)")
 _DEEPSPEED_LOCAL_RANK = re.compile(r"'--local_rank=(\d+)'")
 _STOPPED = re.compile(r"stopped by (SIG[A-Z0-9]+) at step (\d+)")
@@ -164,9 +163,9 @@ def last_error_line(log: str) -> str | None:
     return found
 
 
-def launcher_child(log: str, task: int = 0, per: int = 1, launcher: str = "srun",
-                   task_exit: int | None = None) -> tuple[int | None, int | None, str | None]:
-    """(rank, exit status, host) of the child ``launcher`` reported dead: torchrun's root cause, DeepSpeed's exit.
+def launcher_child(log: str, task: int, per: int, launcher: str,
+                   task_exit: int | None) -> tuple[int | None, int | None]:
+    """(rank, exit status) of the child ``launcher`` reported dead: torchrun's root cause, DeepSpeed's exit.
 
     Only the job's own launcher is read, and only where the task's exit status bears it out, since a rank
     writes to the same log and can print either report: torchrun exits 1 after a child failed and prints its
@@ -174,21 +173,20 @@ def launcher_child(log: str, task: int = 0, per: int = 1, launcher: str = "srun"
     A negative status is the signal that killed the child (-9: SIGKILL). DeepSpeed's launcher names the child
     only by its command line, whose ``--local_rank=L`` is the rank ``task * per + L`` of this node's ``per``.
     """
-    nothing = (None, None, None)
+    nothing = (None, None)
     if launcher == "torchrun":
         root = log.rfind("Root Cause")
         if root < 0 or task_exit in (None, 0):
             return nothing
         block = log[root:]
-        rank, code, host = _TORCHRUN_RANK.search(block), _TORCHRUN_EXIT.search(block), _TORCHRUN_HOST.search(block)
-        return (int(rank.group(1)) if rank else None, int(code.group(1)) if code else None,
-                host.group(1) if host else None)
+        rank, code = _TORCHRUN_RANK.search(block), _TORCHRUN_EXIT.search(block)
+        return int(rank.group(1)) if rank else None, int(code.group(1)) if code else None
     if launcher == "deepspeed":
         exits = [m for line in log.splitlines() if (m := _DEEPSPEED_EXIT.search(line))]
         if not exits or task_exit is None or int(exits[-1].group(1)) % 256 != task_exit % 256:
             return nothing
         local = _DEEPSPEED_LOCAL_RANK.search(exits[-1].string)
-        return task * per + int(local.group(1)) if local else None, int(exits[-1].group(1)), None
+        return task * per + int(local.group(1)) if local else None, int(exits[-1].group(1))
     return nothing
 
 

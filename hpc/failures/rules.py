@@ -248,8 +248,8 @@ def killed_rank(f: Facts) -> Ending | None:
     ev = f.ev
     for end in f.ends:
         rank, label = f.ranks_of(end.task)
-        child_rank, child_code, _ = launcher_child(ev.task_logs.get(end.task, ""), end.task, f.per, ev.launcher,
-                                                   end.exit_code)
+        child_rank, child_code = launcher_child(ev.task_logs.get(end.task, ""), end.task, f.per, ev.launcher,
+                                                end.exit_code)
         sig = -child_code if child_code is not None and child_code < 0 else end.signal
         if child_rank is not None:
             rank, label = child_rank, None
