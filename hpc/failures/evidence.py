@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from hpc.runfiles import RankError
-from hpc.vocab import EXIT_HUNG, EXIT_PREEMPTED
 
 # srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
 _SRUN_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
@@ -67,7 +66,7 @@ class TaskEnd:
                 return int(sig)
         code = self.exit_code
         # DeepSpeed's launcher exits with its child's negative status: -9 arrives as 247.
-        if code is not None and code > 128 and code - 128 < 65 and code not in (EXIT_PREEMPTED, EXIT_HUNG):
+        if code is not None and 128 < code < 193:
             return code - 128
         if code is not None and code > 192:
             return 256 - code
