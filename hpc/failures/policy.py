@@ -13,7 +13,6 @@ from typing import Any, Mapping, Sequence
 from hpc.failures.rules import Ending
 from hpc.slurm.parse import node_state
 
-ACTIONS = ("requeue", "relaunch", "retry", "resubmit", "none")
 # Endings worth another attempt on other nodes (from the newest checkpoint), and those that resume where
 # every rank checkpointed together.
 RETRIED = ("node_failure", "rank_crashed", "hung")
