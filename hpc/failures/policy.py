@@ -91,10 +91,10 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
     wanted = excluded | ({ending.node} if ending.node else set())
     # In place only on a node that still answers and has not failed this job before: twice is a bad node.
-    again = any(h.get("node") == ending.node for h in history)
-    for keep_off in (wanted, excluded if ending.ending != "node_failure" and not again else None):
-        left = [n for n in allocation if keep_off is not None and n not in keep_off]
-        if allocation and keep_off is not None and len(left) >= policy.nodes:
+    in_place = ending.ending != "node_failure" and not any(h.get("node") == ending.node for h in history)
+    for keep_off in (wanted, excluded) if in_place else (wanted,):
+        left = [n for n in allocation if n not in keep_off]
+        if allocation and len(left) >= policy.nodes:
             where = left[:policy.nodes]
             return Decision("relaunch", tuple(sorted(keep_off)),
                             f"retry {used + 1} of {policy.max_retries}: relaunched in the allocation on "
