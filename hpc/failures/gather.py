@@ -35,15 +35,11 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_MARKER_WAIT_S = 30.0
 
 
-def _read(path: Path, limit: int = 262144) -> str:
-    return jobfiles.tail_text(path, limit)
-
-
 def seen_step(run_dir: Path, beats: Mapping[int, monitor.Heartbeat]) -> int | None:
     """The newest step any rank's heartbeat (``beats``, contract 1) reported, else the newest metrics.jsonl step."""
     steps = [b.step or 0 for b in beats.values()]
     if not steps:
-        for row in jobfiles.json_lines("\n".join(_read(Path(run_dir) / METRICS, 8192).splitlines()[-3:])):
+        for row in jobfiles.json_lines("\n".join(jobfiles.tail_text(Path(run_dir) / METRICS, 8192).splitlines()[-3:])):
             if jobfiles.is_a(row.get("step"), int):
                 steps.append(row["step"])
     return max(steps) if steps else None
@@ -77,7 +73,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     batch = ""
     # An array task logs to batch-ARRAYID_TASKID.out; a plain job to batch-JOBID.out.
     for candidate in (job_id, job.get("JobId", job_id.split("_")[0])):
-        batch = _read(job_dir / batch_log_name(candidate))
+        batch = jobfiles.tail_text(job_dir / batch_log_name(candidate), 262144)
         if batch:
             break
     segment = attempt_segment(batch, attempt)
@@ -85,7 +81,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     beats = monitor.read_heartbeats(run_dir)
     ev = Evidence(
         attempt=attempt, step_status=step_status, batch_log=segment,
-        task_logs={t: _read(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
+        task_logs={t: jobfiles.tail_text(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
         errors=tuple(e for e in runfiles.read_errors(run_dir) if e.attempt == attempt),
         preempted=(run_dir / PREEMPTED).exists(), hang=runfiles.read_hang(run_dir, attempt),
         lost=runfiles.read_lost(run_dir, attempt), job_state=job.get("JobState", ""),
