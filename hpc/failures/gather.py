@@ -120,10 +120,6 @@ def _logged_tasks(job_dir: Path, ntasks: int) -> list[int]:
     return sorted(t for t in tasks if t < ntasks)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-
-
 def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | None, policy: Policy,
                 ranks_per_task: int, ntasks: int, runner: Runner = run,
                 warning_s: int = 0, launcher: str = "srun", allocation: Sequence[str] = (),
@@ -154,7 +150,8 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
         else:
             decision = replace(decision, reason=f"{decision.reason}: job {new_id}")
     line = records.record(ending, decision, attempt=attempt, job_id=job_id, started=job.get("StartTime", ""),
-                          ended=_now(), source="batch", seen_step=ev.seen_step, context=context(ev))
+                          ended=time.strftime("%Y-%m-%dT%H:%M:%S"), source="batch", seen_step=ev.seen_step,
+                          context=context(ev))
     if not records.append(job_dir, line):
         line = next(a for a in records.load(job_dir) if a["attempt"] == attempt)
     return line, job
