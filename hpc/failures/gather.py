@@ -79,6 +79,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     segment = attempt_segment(batch, attempt)
     await_stop_marker(run_dir / PREEMPTED, segment)
     beats = monitor.read_heartbeats(run_dir)
+    limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
     ev = Evidence(
         attempt=attempt, step_status=step_status, batch_log=segment,
         task_logs={t: jobfiles.tail_text(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
@@ -88,10 +89,7 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
         job_reason=job.get("Reason", ""), down_nodes=frozenset(n for n, s in nodes.items() if not usable(s)),
         ranks_per_task=ranks_per_task, checkpoint_step=checkpoint_in(run_dir), seen_step=seen_step(run_dir, beats),
         snapshots=snapshots_held(beats),
-        warning_s=warning_s, launcher=launcher)
-    limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
-    if limit is not None and ran is not None:
-        ev = replace(ev, time_left_s=limit - ran)
+        warning_s=warning_s, launcher=launcher, time_left_s=None if limit is None or ran is None else limit - ran)
     return ev, job, nodes
 
 
