@@ -111,8 +111,7 @@ def _who(rank: int | None, node: str | None, label: str | None = None) -> str:
 def _first_error(errors: Sequence[RankError]) -> RankError | None:
     """The rank that failed on its own first: its own bug before the peers that only noticed it."""
     own = [e for e in errors if not is_symptom(e)]
-    pool = own or list(errors)
-    return min(pool, key=lambda e: (e.time, e.rank)) if pool else None
+    return min(own or errors, key=lambda e: (e.time, e.rank), default=None)
 
 
 def _rank_said(f: Facts, ending: str, errors: Sequence[RankError], end: TaskEnd | None, exit_code: int,
