@@ -150,8 +150,7 @@ class Watcher:
         silent = bool(beats) and all(now - b.time > SILENT_S for b in beats.values() if b.attempt == attempt)
         if lost is None and not silent:
             return None
-        shown = commands.show("job", self.record.job_id)
-        host = parse.keyvalues(shown or "").get("BatchHost", "")
+        host = parse.keyvalues(commands.show("job", self.record.job_id)).get("BatchHost", "")
         if self.port is None:
             self.port = commands.slurmd_port()
         port = self.port
