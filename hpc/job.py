@@ -1,5 +1,5 @@
-"""One job handle: its state (live from the controller, accounting after), its attempts, the one follow loop every
-waiter makes (a requeued job reconciled and nudged at each poll), its cancel and its logs."""
+"""One job handle: its state (live from the controller, accounting after), its attempts, and the one follow loop
+every waiter makes (a requeued job reconciled and nudged at each poll)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar
 
 from hpc import jobs, registry
-from hpc import logs as job_logs
 from hpc.failures import reconcile
 from hpc.failures import record as records
 from hpc.slurm import states
@@ -86,11 +85,3 @@ class Job:
         ``timeout_s`` has passed; ``on_poll`` sees every poll while it runs. Returns the last state seen."""
         return follow(self.poll, lambda now: now.state.done or (until is not None and until(now)), poll_s, timeout_s,
                       on_poll, self.clock, self.sleep).state
-
-    def cancel(self) -> None:
-        """scancel it (a local job's tasks are stopped); registry.JobError if Slurm refuses."""
-        jobs.cancel(self.record, self.runner)
-
-    def logs(self, rank: int | None = None) -> list[Path]:
-        """Its logs: every task's in task order, then the batch log; or the one holding ``rank``."""
-        return job_logs.log_files(self.record, rank)

@@ -158,17 +158,6 @@ def test_attempts_after_the_end_add_the_runs_accounting_saw_end_unrecorded(tmp_p
     assert [a["ending"] for a in ended.attempts(accounted=True)] == ["node_failure", "completed"]
 
 
-def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(tmp_path):
-    slurm = Slurm([""])
-    (tmp_path / "logs").mkdir()
-    for name in ("batch-44.log", "task-1.log", "task-0.log"):
-        (tmp_path / "logs" / name).write_text("")
-    job_ = handle(tmp_path, slurm)
-    job_.cancel()
-    assert slurm.calls == [["scancel", "44"]]
-    assert [p.name for p in job_.logs()] == ["task-0.log", "task-1.log", "batch-44.log"]
-
-
 def test_the_follow_loop_returns_the_step_that_ended_it_and_shows_the_others():
     results, shown, clock = iter([1, 2, 3, 4]), [], Clock()
     last = job.follow(lambda: next(results), lambda n: n == 3, 0.5, on_poll=shown.append, clock=clock,

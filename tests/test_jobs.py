@@ -263,6 +263,17 @@ def test_log_files_in_task_order_then_batch(tmp_path):
     assert job_logs.log_files(record, rank=2) == [logs / "task-2.log"]
 
 
+def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(tmp_path):
+    calls = []
+    (tmp_path / "logs").mkdir()
+    for name in ("batch-44.log", "task-1.log", "task-0.log"):
+        (tmp_path / "logs" / name).write_text("")
+    record = rec("44", str(tmp_path), via="sbatch")
+    jobs.cancel(record, lambda argv: calls.append(list(argv)) or subprocess.CompletedProcess(argv, 0, "", ""))
+    assert calls == [["scancel", "44"]]
+    assert [p.name for p in job_logs.log_files(record)] == ["task-0.log", "task-1.log", "batch-44.log"]
+
+
 def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

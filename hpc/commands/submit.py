@@ -218,7 +218,7 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
     offsets: dict[Path, int] = {}
 
     def print_new(*_: Any) -> None:
-        shown = followed.logs() if rank is None else paths
+        shown = job_logs.log_files(record) if rank is None else paths
         for path in shown:
             offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(shown) > 1)
 
@@ -263,7 +263,7 @@ def cancel(job: str) -> None:
         click.echo(f"job {record.job_id} already ended: {current.state}")
         return
     try:
-        Job(record).cancel()
+        jobs.cancel(record)
     except registry.JobError as exc:
         click.echo(f"hpcdist cancel: {exc}", err=True)
         sys.exit(1)
