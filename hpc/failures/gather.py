@@ -159,9 +159,8 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
                       history: Sequence[Mapping[str, Any]] = ()) -> str:
     """What requeue.sh evals: the action, the nodes to exclude, whether Slurm already requeued the job, and
     the status the batch shell should end with; ``uses`` counts this requeue or retry among the job's."""
-    state = job.get("JobState", "")
     # Slurm requeues a job on its own after a node failure (NODE_FAIL with --requeue): the job is then pending.
-    already = state in states.REQUEUED
+    already = job.get("JobState", "") in states.REQUEUED
     status = step_status
     if line["ending"] in REQUEUED and line["action"] == "none":
         status = EXIT_PREEMPTED
