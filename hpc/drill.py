@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from hpc import shown
 from hpc.checkpoints import SNAPSHOT_EVERY_S
 
 SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang", "batch_host_loss", "disk_full")
@@ -310,8 +311,7 @@ def table(results: Sequence[Result]) -> str:
                      ",".join(r.excluded) or "-", "-" if r.resumed_step is None else str(r.resumed_step), losses,
                      "-" if r.recovery_s is None else f"{r.recovery_s:.1f}",
                      "-" if r.lost_s is None else f"{r.lost_s:.1f}", r.job_id))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines = shown.aligned(rows)
     for r in results:
         if r.detail:
             lines.append(f"{r.scenario}: {r.detail}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
-from hpc import beatfile, jobfiles, vocab
+from hpc import beatfile, jobfiles, shown, vocab
 from hpc.beatfile import Heartbeat
 
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
@@ -315,14 +315,11 @@ def table(board: Board) -> str:
     rows = table_rows(board)
     if not rows:
         return "no heartbeats yet (the trainer writes run/heartbeat/node-N.json once it starts)"
-    shown, previous = [], None
+    named, previous = [], None
     for row in rows:
-        shown.append(row if row[0] != previous else ("", *row[1:]))
+        named.append(row if row[0] != previous else ("", *row[1:]))
         previous = row[0]
-    everything = (TABLE_COLUMNS, *shown)
-    widths = [max(map(len, column)) for column in list(zip(*everything))[:-1]]
-    line = "  ".join([f"{{:<{w}}}" for w in widths] + ["{}"])  # each cell left-justified, as str.ljust does
-    return "\n".join([line.format(*r).rstrip() for r in everything])
+    return "\n".join(shown.aligned((TABLE_COLUMNS, *named)))
 
 
 def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ rank runs, so it shows what the ranks will compute rather than a second opinion 
 
 from __future__ import annotations
 
-from hpc import nodelist, ranks
+from hpc import nodelist, ranks, shown
 from hpc.spec import JobSpec
 
 
@@ -54,7 +54,6 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
             rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host, dist.master_addr,
                          port, dist.source))
     header = ("rank", "local_rank", "node_rank", "node", "master_addr", "master_port", "source")
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = [
         "# What each rank will see: hpc.ranks.resolve on the environment its launcher gives it.",
         f"# {spec.world_size} rank(s) = {spec.nodes} node(s) x {per_node}; "
@@ -62,6 +61,6 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
         "# Every rank is listed." if full else
         f"# Over {full_up_to} ranks: only the first and last rank of each node are listed; the ranks between "
         "see the same node, master_addr and master_port.",
-        *("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in (header, *rows)),
+        *shown.aligned((header, *rows)),
     ]
     return "\n".join(lines) + "\n"

@@ -3,11 +3,12 @@
     value(x)                           # its repr, ASCII only, at most 60 characters
     unknown_keys(keys, valid)          # "2 unknown key(s), the first 'x'; valid keys: a, b"
     line(text)                         # one printable line: escapes and control characters made visible
+    aligned([header, *rows])           # a table's lines, its columns aligned
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Container, Iterable, Sequence
 
 
 def value(x: Any, limit: int = 60) -> str:
@@ -35,3 +36,12 @@ def line(text: Any, limit: int = 500) -> str:
 def block(text: Any) -> str:
     """Lines for a terminal: each as ``line`` makes it (no cut), the newlines between them kept."""
     return "\n".join(line(part, limit=1 << 30) for part in str(text).split("\n"))
+
+
+def aligned(rows: Iterable[Sequence[str]], right: Container[int] = ()) -> list[str]:
+    """Rows of cells as lines of a table: each column as wide as its widest cell, two blanks between columns, a cell
+    left-aligned (right-aligned in the columns numbered in ``right``), no blank at a line's end."""
+    rows = list(rows)
+    widths = [max(map(len, column)) for column in zip(*rows)]
+    pads = [str.rjust if i in right else str.ljust for i in range(len(widths))]
+    return ["  ".join(pad(cell, w) for pad, cell, w in zip(pads, row, widths)).rstrip() for row in rows]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from hpc import jobdir, profiles, render, templating, vocab
+from hpc import jobdir, profiles, render, shown, templating, vocab
 from hpc import spec as specs
 from hpc.profiles import Profile
 from hpc.sweep_matrix import Matrix, SweepError, configurations, job_values, label, text
@@ -216,8 +216,7 @@ def tasks_table(array: Array) -> str:
     """``tasks.txt``: which array index runs which configuration, in which directory."""
     rows = [("index", "task", "values", "job_dir")]
     rows += [(str(t.array_index), str(t.index), t.label, str(t.rendered.job_dir)) for t in array.tasks]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join([*(v.ljust(w) for v, w in zip(r, widths)), r[3]]) for r in rows) + "\n"
+    return "\n".join(shown.aligned(rows)) + "\n"
 
 
 def write(sweep: Sweep, *, force: bool = False) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpc import fileio, jobfiles, vocab, yamlfile
+from hpc import fileio, jobfiles, shown, vocab, yamlfile
 from hpc.sweep import SUBMITTED_FILE, SWEEP_FILE
 from hpc.sweep_matrix import SweepError, label
 
@@ -112,8 +112,7 @@ def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * 5]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines) + "\n"
-    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in (header, *body)) + "\n"
+    return "\n".join(shown.aligned((header, *body))) + "\n"
 
 
 def chart(report_rows: Sequence[Row], path: Path, title: str) -> Path:

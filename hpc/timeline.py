@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from hpc import jobfiles, vocab
+from hpc import jobfiles, shown, vocab
 from hpc.slurm import grammar, parse
 
 SACCT_TIMES = ("JobID", "Submit", "Start", "End")
@@ -240,10 +240,7 @@ def table(falls: Sequence[Waterfall]) -> str:
             rows.append((str(w.rank), w.node, w.first,
                          *[f"{by[n].seconds:.2f}" + ("*" if by[n].out_of_order else "") if n in by else "-"
                            for n in names], f"{w.wall_s:.2f}"))
-        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-        lines = [f"attempt {attempt} (seconds per phase)"]
-        lines += ["  ".join(c.rjust(wd) if i > 2 else c.ljust(wd) for i, (c, wd) in enumerate(zip(r, widths))).rstrip()
-                  for r in (header, *rows)]
+        lines = [f"attempt {attempt} (seconds per phase)", *shown.aligned((header, *rows), right=range(3, len(header)))]
         worst = slowest(mine)
         if worst is not None and worst.slowest is not None:
             lines.append(f"slowest: rank {worst.rank} on {worst.node or '?'}, first step {worst.wall_s:.1f}s after "

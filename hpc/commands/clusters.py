@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import click
 
-from hpc import profiles, sites
+from hpc import profiles, shown, sites
 
 
 def _extends(path: str) -> str | None:
@@ -52,8 +52,7 @@ def table(rep: Mapping[str, Any]) -> str:
         notes += [f"shadowed by {p['shadowed_by']}"] if p["shadowed_by"] else []
         notes += [f"extends {p['extends']}"] if p["extends"] else []
         rows.append((p["name"], p["origin"], ", ".join(notes) or "-", p["path"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join([v.ljust(w) for v, w in zip(r, widths)] + [r[3]]) for r in rows]
+    lines = shown.aligned(rows)
     d = rep["default"]
     lines.append(f"default cluster: {d['name']} (set by {d['set_by']})" + ("" if d["found"] else " -- NOT FOUND"))
     lines.append("search path (first wins): " + "; ".join(
