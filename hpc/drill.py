@@ -28,7 +28,6 @@ SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang", "batch_h
 # What a scenario needs of the site beyond a Slurm partition: the drill's option that provides it.
 NEEDS = {"batch_host_loss": ("--node-control", "a command that kills a node for real"),
          "disk_full": ("--small-disk", "a folder on a small file system every node sees")}
-BASIC = tuple(s for s in SCENARIOS if s not in NEEDS)
 # The ones the batch shell classifies (hpc/failures); a dead batch host is named by its waiter (hpc/rescue.py).
 BATCH_CLASSIFIED = tuple(s for s in SCENARIOS if s != "batch_host_loss")
 # The ones that resume from the state held before the fault (a snapshot, a checkpoint), not one written at it.
@@ -56,7 +55,6 @@ TIME_LIMIT_REACH_S = 35
 # The reference job runs until the drill has every step it needs (then it is cancelled).
 REFERENCE_STEPS_CAP = 1_000_000
 POLL_S = 0.2
-# States in which a drill's job has ended for good (a requeued job passes through none of them).
 # Every backend x launcher the trainer runs (ddp cannot run under DeepSpeed's launcher), with the options that
 # make it a drill of its own: ZeRO stages differ per launcher so that sharded optimizer state (1, 2) and
 # sharded parameters (3) are each drilled once.
