@@ -1,8 +1,8 @@
 """`hpcdist drill` on the local 3-node Slurm: every fault really injected, classified, retried and resumed exactly.
 
-The diagonal of the matrix (hpc.drill.diagonal): each of the seven scenarios (preempt, time_limit, rank_kill,
+The diagonal of the matrix (hpc.drill.DIAGONAL): each of the seven scenarios (preempt, time_limit, rank_kill,
 node_loss, hang, batch_host_loss, disk_full) once, each under the backend x launcher pair where it costs least
-(hpc.drill.DIAGONAL; ddp and deepspeed under srun, torchrun and DeepSpeed's launcher, hpc.drill.MATRIX), so every
+(ddp and deepspeed under srun, torchrun and DeepSpeed's launcher, hpc.drill.MATRIX), so every
 scenario and every pair is drilled in CI, about a minute each here; a pair's cells run in one drill, sharing its
 reference run. The whole 5 x 7 matrix is
 `scripts/drill-matrix.py` (~20 min), rerun before a change to failure handling lands; the endings of the real
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import REPO, hpcdist, read_bytes, requires_slurm
 
-from hpc.drill import MATRIX, diagonal, expect
+from hpc.drill import DIAGONAL, MATRIX, expect
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
@@ -36,7 +36,7 @@ def by_pair() -> list[tuple[str, str]]:
     """The diagonal's cells drilled one drill per backend x launcher pair, its scenarios in order: a pair's cells
     share one uninterrupted reference run."""
     pairs: dict[str, list[str]] = {}
-    for pair, scenario in diagonal():
+    for pair, scenario in DIAGONAL:
         pairs.setdefault(pair, []).append(scenario)
     return [(pair, ",".join(scenarios)) for pair, scenarios in pairs.items()]
 

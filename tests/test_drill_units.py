@@ -107,12 +107,11 @@ def test_the_step_rate_skips_start_up_and_sizes_the_time_limit_job_to_outlast_sl
 
 
 def test_the_diagonal_drills_every_scenario_once_and_every_pair_at_least_once():
-    from hpc.drill import MATRIX, SCENARIOS, diagonal
+    from hpc.drill import DIAGONAL, MATRIX, SCENARIOS
 
-    cells = diagonal()
-    assert [s for _, s in cells] == list(SCENARIOS) and {p for p, _ in cells} == set(MATRIX)
+    assert [s for _, s in DIAGONAL] == list(SCENARIOS) and {p for p, _ in DIAGONAL} == set(MATRIX)
     # The hang runs two ranks a node, and a ddp pair runs it with the fewest processes to start.
-    assert ("ddp/torchrun", "hang") in cells and ("ddp/srun", "time_limit") in cells
+    assert ("ddp/torchrun", "hang") in DIAGONAL and ("ddp/srun", "time_limit") in DIAGONAL
 
 
 def test_a_batch_host_loss_passes_when_the_run_goes_on_as_a_new_job_without_it():
