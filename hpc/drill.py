@@ -96,9 +96,6 @@ EXPECT = {
     "batch_host_loss": Expect("node_failure", "resubmit", True),
     "disk_full": Expect("storage", "none", False, recovers=False),
 }
-# With a spare node held, every failure is relaunched inside the allocation on the spare, off the failed node.
-EXPECT_WITH_SPARE = {**EXPECT, **{s: Expect(EXPECT[s].ending, "relaunch", True) for s in ("rank_kill", "node_loss",
-                                                                                          "hang")}}
 
 
 def choose(scenarios: str | None, given: Mapping[str, object]) -> list[str]:
@@ -117,11 +114,16 @@ def choose(scenarios: str | None, given: Mapping[str, object]) -> list[str]:
 
 
 def expect(scenario: str, spare_nodes: int = 0, real_death: bool = False) -> Expect:
-    """What the first attempt must end in and do; ``real_death``: node_loss kills the node (--node-control), which
+    """What the first attempt must end in and do. With a spare node held, every failure is relaunched inside the
+    allocation on the spare, off the failed node; ``real_death``: node_loss kills the node (--node-control), which
     with no spare is left as a new job: requeued, the job would wait for Slurm to declare the node down."""
-    if scenario == "node_loss" and real_death and not spare_nodes:
+    if spare_nodes and scenario in ("rank_kill", "node_loss", "hang"):
+        return Expect(EXPECT[scenario].ending, "relaunch", True)
+    if scenario == "node_loss" and real_death:
         return Expect("node_failure", "resubmit", True)
-    return (EXPECT_WITH_SPARE if spare_nodes else EXPECT)[scenario]
+    return EXPECT[scenario]
+
+
 FAULTS = {
     "preempt": "SIGUSR1 to every rank (scancel --signal=USR1), as Slurm's --signal warning sends",
     "time_limit": "the job's time limit cut to the minute it is in (scontrol update TimeLimit): Slurm's "
