@@ -212,11 +212,9 @@ def resumed_from(rank0_log: str) -> int | None:
 
 def compare(losses: Mapping[int, float], reference: Mapping[int, float], upto: int) -> tuple[bool, int, float | None]:
     """(equal, steps compared, largest difference) over steps 1..upto; a step missing on either side differs."""
-    steps = range(1, upto + 1)
-    missing = [s for s in steps if s not in losses or s not in reference]
-    diffs = [abs(losses[s] - reference[s]) for s in steps if s in losses and s in reference]
-    worst = max(diffs) if diffs else None
-    return (not missing and worst is not None and worst <= LOSS_TOLERANCE), len(diffs), worst
+    diffs = [abs(losses[s] - reference[s]) for s in range(1, upto + 1) if s in losses and s in reference]
+    worst = max(diffs, default=None)
+    return (len(diffs) == upto and worst is not None and worst <= LOSS_TOLERANCE), len(diffs), worst
 
 
 def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_nodes: int = 0,
@@ -240,7 +238,7 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
     if expected.ending == "hung" and seen.victim_rank is not None and first.get("rank") != seen.victim_rank:
         problems.append(f"the hang was blamed on rank {first.get('rank')}, not the stopped rank {seen.victim_rank}")
     upto = min(max(seen.losses, default=0), max(reference, default=0))
-    equal, compared, worst = compare(seen.losses, reference, upto) if upto else (False, 0, None)
+    equal, compared, worst = compare(seen.losses, reference, upto)
     problems += (_recovery_problems(seen, steps, upto) if expected.recovers
                  else _ending_problems(seen, first.get("detail") or ""))
     if not equal:
