@@ -191,16 +191,21 @@ class Result:
 
 # ---- pure parts ----------------------------------------------------------------------------------
 
-def logged_steps(text: str) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a resumed run appends, so the last record of a step wins."""
-    out: dict[int, float] = {}
-    for line in text.splitlines():
+def _records(metrics_text: str, key: str) -> list[tuple[int, float]]:
+    """(step, ``key``) of each whole record of metrics.jsonl, in file order (a line being written is skipped)."""
+    out = []
+    for line in metrics_text.splitlines():
         try:
             data = json.loads(line)
-            out[int(data["step"])] = float(data["loss"])
+            out.append((int(data["step"]), float(data[key])))
         except (ValueError, KeyError, TypeError):
             continue
     return out
+
+
+def logged_steps(text: str) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a resumed run appends, so the last record of a step wins."""
+    return dict(_records(text, "loss"))
 
 
 def resumed_from(rank0_log: str) -> int | None:
@@ -325,14 +330,7 @@ def restart_time(batch_text: str, attempt: int) -> float | None:
 
 def step_rate(metrics_text: str) -> float | None:
     """Steps per second from metrics.jsonl lines (``step``, ``time_s``), past the first step's start-up."""
-    rows = []
-    for line in metrics_text.splitlines():
-        try:
-            row = json.loads(line)
-            rows.append((int(row["step"]), float(row["time_s"])))
-        except (ValueError, KeyError, TypeError):
-            continue
-    rows = [r for r in rows if r[0] > 5]  # the first steps carry start-up and warm-up
+    rows = [r for r in _records(metrics_text, "time_s") if r[0] > 5]  # the first steps carry start-up and warm-up
     if len(rows) < 2 or rows[-1][1] <= rows[0][1]:
         return None
     return (rows[-1][0] - rows[0][0]) / (rows[-1][1] - rows[0][1])
