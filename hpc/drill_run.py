@@ -90,12 +90,11 @@ def wait_for_step(job: Job, step: int, timeout_s: float, beside: Callable[[], No
 
 def first_step_after(job: Job, attempt: int) -> float | None:
     """A heartbeat's own time of the first training step of ``attempt`` (contract 1's marks), if written."""
-    times = [b.marks["first_step_done"] for b in monitor.read_heartbeats(job.run_dir).values()
-             if b.attempt >= attempt and b.marks.get("first_step_done")]
-    return min(times) if times else None
+    return min((b.marks["first_step_done"] for b in monitor.read_heartbeats(job.run_dir).values()
+                if b.attempt >= attempt and b.marks.get("first_step_done")), default=None)
 
 
-def follow(job: Job, seen: Observed, timeout_s: float, during: Callable[[], None] = lambda: None) -> Job:
+def follow(job: Job, seen: drill.Observed, timeout_s: float, during: Callable[[], None] = lambda: None) -> Job:
     """Wait for the job to end as every waiter does (hpc/rescue.py: a requeued job started at once, a dead batch
     host's run started again as a new job), noting when the first training step after the faulted attempt
     appears in metrics.jsonl; returns the job followed last."""
