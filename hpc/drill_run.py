@@ -16,19 +16,6 @@ from typing import Callable, Iterable, Sequence
 
 from hpc import drill, drill_faults, jobs, monitor, registry, rescue
 from hpc import job as handle
-from hpc.drill import (
-    FAULT_STEP,
-    FAULTS,
-    POLL_S,
-    REFERENCE_STEPS_CAP,
-    Observed,
-    Result,
-    check,
-    logged_steps,
-    restart_time,
-    resumed_from,
-    step_rate,
-)
 from hpc.registry import Record
 from hpc.slurm import commands, states
 from hpc.vocab import METRICS, RUN_DIR, batch_log, task_log
@@ -51,20 +38,17 @@ class Job(handle.Job):
             return ""
 
     def losses(self) -> dict[int, float]:
-        return logged_steps(self.metrics())
+        return drill.logged_steps(self.metrics())
 
     def newest_step(self) -> int:
         return max(self.losses(), default=0)
-
-    def rate(self) -> float | None:
-        return step_rate(self.metrics())
 
     def metric_lines(self) -> int:
         return self.metrics().count("\n")
 
     def steps_after(self, line: int) -> list[int]:
         """The steps logged after the first ``line`` lines of metrics.jsonl (a later attempt's)."""
-        return list(logged_steps("\n".join(self.metrics().splitlines()[line:])))
+        return list(drill.logged_steps("\n".join(self.metrics().splitlines()[line:])))
 
 
 def wait_for_step(job: Job, step: int, timeout_s: float, beside: Callable[[], None] = lambda: None) -> int:
@@ -80,7 +64,7 @@ def wait_for_step(job: Job, step: int, timeout_s: float, beside: Callable[[], No
             asked[0] = job.clock()
             ended = job.state().done
         return newest, ended
-    newest, ended = handle.follow(look, lambda seen: seen[0] >= step or seen[1], POLL_S, timeout_s,
+    newest, ended = handle.follow(look, lambda seen: seen[0] >= step or seen[1], drill.POLL_S, timeout_s,
                                   clock=job.clock, sleep=job.sleep)
     if newest < step:
         raise RuntimeError(f"job {job.job_id} ended before step {step}" if ended else
@@ -119,7 +103,7 @@ def follow(job: Job, seen: drill.Observed, timeout_s: float, during: Callable[[]
             seen.back_at = time.time()
 
     during()
-    last, final = rescue.wait(job, POLL_S, timeout_s, on_poll=lambda _, now: (observe(now), during()),
+    last, final = rescue.wait(job, drill.POLL_S, timeout_s, on_poll=lambda _, now: (observe(now), during()),
                               follow_as=lambda record: Job(record, clock=job.clock, sleep=job.sleep))
     if final.done:
         observe(handle.Poll(final, last.attempts()))
@@ -157,18 +141,19 @@ def _reviver(job: Job, scenario: str, node: str, node_control: str | None) -> Ca
 def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int,
                  out: Callable[[str], None], timeout_s: float = 600, node_control: str | None = None,
                  beside: Callable[[], None] = lambda: None, ready: Callable[[], bool] = lambda: True,
-                 after_snapshot: bool = False) -> Observed:
+                 after_snapshot: bool = False) -> drill.Observed:
     """Submit the scenario's job once ``ready``, fault it at FAULT_STEP (``after_snapshot``: then half a snapshot
     interval after a snapshot), follow it to the end, collect what it did; ``beside`` runs at every poll."""
-    seen = Observed(scenario)
-    handle.follow(lambda: (beside(), ready())[1], bool, POLL_S, 600)
+    seen = drill.Observed(scenario)
+    handle.follow(lambda: (beside(), ready())[1], bool, drill.POLL_S, 600)
     job = last = Job(submit(scenario, steps))
     seen.job_id, seen.job_dir = job.job_id, job.record.job_dir
-    when = f"step {FAULT_STEP}" + (f", then {drill.SNAPSHOT_PHASE_S:g} s after a snapshot" if after_snapshot else "")
-    out(f"{scenario}: job {job.job_id} submitted ({job.job_dir}); fault at {when}: {FAULTS[scenario]}")
+    when = (f"step {drill.FAULT_STEP}"
+            + (f", then {drill.SNAPSHOT_PHASE_S:g} s after a snapshot" if after_snapshot else ""))
+    out(f"{scenario}: job {job.job_id} submitted ({job.job_dir}); fault at {when}: {drill.FAULTS[scenario]}")
     node_down = None
     try:
-        wait_for_step(job, FAULT_STEP, timeout_s=300, beside=beside)
+        wait_for_step(job, drill.FAULT_STEP, timeout_s=300, beside=beside)
         if after_snapshot:
             wait_for_snapshot(job, timeout_s=60, beside=beside)
         seen.fault_step = job.newest_step()
@@ -196,19 +181,11 @@ def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int
     seen.attempts = last.attempts(accounted=True)
     seen.losses = job.losses()
     try:
-        seen.resumed_step = resumed_from((job.job_dir / task_log(0)).read_text(errors="replace"))
-        seen.restarted_at = restart_time((job.job_dir / batch_log(last.job_id)).read_text(errors="replace"), 1)
+        seen.resumed_step = drill.resumed_from((job.job_dir / task_log(0)).read_text(errors="replace"))
+        seen.restarted_at = drill.restart_time((job.job_dir / batch_log(last.job_id)).read_text(errors="replace"), 1)
     except OSError:
         pass
     return seen
-
-
-def reference_losses(job: Job, steps: int, timeout_s: float) -> dict[int, float]:
-    """The reference's losses once it has logged ``steps`` (or ended); the caller cancels it. A node that
-    really died may have taken the reference's ranks too: it was retried, resumes exactly, and is started
-    as soon as it can be, as any waiter does."""
-    job.wait(1.0, timeout_s, until=lambda _: job.newest_step() >= steps)
-    return job.losses()
 
 
 def cancel_all(job_ids: Iterable[str], job_dirs: Iterable[str | Path] = ()) -> None:
@@ -232,8 +209,8 @@ def _steps_by_rate(ref: Job, scenarios: Sequence[str], steps: int, time_limit_st
         steps_of["time_limit"] = max(steps, time_limit_steps)
     if not by_rate:
         return steps_of
-    wait_for_step(ref, 4 * FAULT_STEP, timeout_s)
-    rate = ref.rate() or 0.0
+    wait_for_step(ref, 4 * drill.FAULT_STEP, timeout_s)
+    rate = drill.step_rate(ref.metrics()) or 0.0
     for s in by_rate:
         reach_s = drill.TIME_LIMIT_REACH_S if s == "time_limit" else drill.DEFAULTS_REACH_S
         steps_of[s] = drill.steps_at(rate, steps, reach_s)
@@ -247,22 +224,22 @@ def wait_for_snapshot(job: Job, timeout_s: float, beside: Callable[[], None] = l
     def held() -> bool:
         beside()
         return any(b.snapshot_step for b in monitor.read_heartbeats(job.run_dir).values())
-    if not handle.follow(held, bool, POLL_S, timeout_s, clock=job.clock, sleep=job.sleep):
+    if not handle.follow(held, bool, drill.POLL_S, timeout_s, clock=job.clock, sleep=job.sleep):
         raise RuntimeError(f"job {job.job_id} published no snapshot within {timeout_s:.0f} s")
     after = job.clock() + drill.SNAPSHOT_PHASE_S
-    handle.follow(lambda: (beside(), job.clock() >= after)[1], bool, POLL_S, drill.SNAPSHOT_PHASE_S + 1,
+    handle.follow(lambda: (beside(), job.clock() >= after)[1], bool, drill.POLL_S, drill.SNAPSHOT_PHASE_S + 1,
                   clock=job.clock, sleep=job.sleep)
 
 
-def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], steps: int, *,
-              say: Callable[[str], None], timeout_s: float, node_control: str | None = None,
-              time_limit_steps: int | None = None, spare_nodes: int = 0, job_defaults: bool = False) -> list[Result]:
+def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], steps: int, *, say: Callable[[str], None],
+              timeout_s: float, node_control: str | None = None, time_limit_steps: int | None = None,
+              spare_nodes: int = 0, job_defaults: bool = False) -> list[drill.Result]:
     """Each scenario's job faulted and followed, beside one uninterrupted reference job; every job the drill
     submitted is cancelled at the end, whatever happens. ``submit(label, steps)`` -> the job's record;
     ``job_defaults``: the jobs run with the trainer's own checkpoint and snapshot defaults (drill.CADENCE)."""
-    ref = Job(submit("reference", REFERENCE_STEPS_CAP))
+    ref = Job(submit("reference", drill.REFERENCE_STEPS_CAP))
     ref_id = ref.job_id
-    observed: list[Observed] = []
+    observed: list[drill.Observed] = []
     try:
         steps_of = _steps_by_rate(ref, scenarios, steps, time_limit_steps, job_defaults, say, timeout_s)
         reference_steps = max(steps_of.values())
@@ -284,7 +261,10 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
                                 after_snapshot=job_defaults and scenario in drill.FROM_HELD_STATE)
             observed.append(seen)
             say(f"{scenario}: job {seen.job_id} ended {seen.final_state}")
-        reference = reference_losses(ref, reference_steps, timeout_s)
+        # Its losses once it has logged every step needed (or ended). A node that really died may have taken its
+        # ranks too: it was retried, resumes exactly, and is started as soon as it can be, as any waiter does.
+        ref.wait(1.0, timeout_s, until=lambda _: ref.newest_step() >= reference_steps)
+        reference = ref.losses()
     finally:
         cancel_all([ref_id] + [o.job_id for o in observed], [ref.job_dir, *(o.job_dir for o in observed)])
-    return [check(seen, reference, steps_of[seen.scenario], spare_nodes, bool(node_control)) for seen in observed]
+    return [drill.check(seen, reference, steps_of[seen.scenario], spare_nodes, bool(node_control)) for seen in observed]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from hpc import drill_run, jobs, registry
+from hpc import drill, drill_run, jobs, registry
 
 
 def drill_job(tmp_path, queue: str, accounted: str = "") -> drill_run.Job:
@@ -49,7 +49,7 @@ def test_waiting_for_the_fault_step_reads_the_metrics_each_poll_and_asks_slurm_e
     assert drill_run.wait_for_step(job, 3, timeout_s=60, beside=lambda: polls.append(now[0])) == 3
     assert 12 <= now[0] < 12.5 and [round(t) for t in asked] == [0, 5, 10]
     # What runs beside the wait (the drill lets its reference go there) sees every poll, 0.2 s apart.
-    assert len(polls) == round(now[0] / drill_run.POLL_S) + 1 and polls == sorted(set(polls))
+    assert len(polls) == round(now[0] / drill.POLL_S) + 1 and polls == sorted(set(polls))
 
 
 def test_a_job_that_ends_before_the_fault_step_is_a_problem_named_at_once(tmp_path):
@@ -70,8 +70,6 @@ def publish_beat(tmp_path, snapshot_step):
 
 
 def test_with_the_job_defaults_the_fault_comes_half_an_interval_after_a_node_published_a_snapshot(tmp_path):
-    from hpc import drill
-
     publish_beat(tmp_path, None)
     now = [0.0]
 
