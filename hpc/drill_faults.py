@@ -63,9 +63,7 @@ def job_processes(job_id: str, proc_root: Path = Path("/proc")) -> list[Proc]:
             continue
         if env.get("SLURM_JOB_ID") != job_id:
             continue
-        rank = None
-        if is_trainer(argv):
-            rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+        rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0) if is_trainer(argv) else None
         out.append(Proc(int(entry.name), rank, env.get("SLURMD_NODENAME", "")))
     return out
 
