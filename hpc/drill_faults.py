@@ -193,7 +193,7 @@ def fill_disk(job_dir: Path) -> int:
     if newest is None:
         raise RuntimeError(f"no checkpoint in {job_dir} to size the filling by")
     leave = checkpoints.size(newest) // 2
-    filler, written = job_dir.parent / FILLER, 0
+    filler = job_dir.parent / FILLER
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     _filled.add(filler)
     try:
@@ -204,16 +204,14 @@ def fill_disk(job_dir: Path) -> int:
             if size <= 0:
                 break
             try:
-                os.posix_fallocate(fd, written, size)
+                os.posix_fallocate(fd, 0, size)
+                return size
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                continue
-            written += size
-            break
     finally:
         os.close(fd)
-    return written
+    return 0
 
 
 def empty_disk(job_dir: Path) -> None:
