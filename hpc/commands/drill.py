@@ -67,13 +67,10 @@ def drill(config_file: str | None, scenarios: str | None, steps: int, time_limit
     given = {"--node-control": node_control, "--small-disk": small_disk}
     try:
         chosen = drilling.choose(scenarios, given)
-    except ValueError as exc:
-        fail("drill", exc)
-    if steps <= drilling.FAULT_STEP + drilling.CHECKPOINT_EVERY:
-        least = drilling.FAULT_STEP + 2 * drilling.CHECKPOINT_EVERY
-        fail("drill", ValueError(f"--steps {steps} leaves nothing to check after the fault at step "
-                                 f"{drilling.FAULT_STEP}; use at least {least}"))
-    try:
+        if steps <= drilling.FAULT_STEP + drilling.CHECKPOINT_EVERY:
+            least = drilling.FAULT_STEP + 2 * drilling.CHECKPOINT_EVERY
+            raise ValueError(f"--steps {steps} leaves nothing to check after the fault at step {drilling.FAULT_STEP}; "
+                             f"use at least {least}")
         where = submitting.choose(via, "slurm", jobs.slurm_available(os.environ))
     except ValueError as exc:
         fail("drill", exc)
