@@ -513,11 +513,11 @@ def test_clearing_a_stage_removes_only_what_ranks_wrote_there(tmp_path):
 
 
 def test_a_node_whose_local_rank_0_is_absent_writes_nothing_on_the_run_dir(tmp_path):
-    from train import heartbeat
+    from hpc import beatfile
     [lonely] = beating(tmp_path / "run", range(1, 2), 0.05, tmp_path / "shm")
     time.sleep(0.2)
     lonely.finish("done")
-    assert not heartbeat.folder(tmp_path / "run").exists() and (tmp_path / "shm").exists()
+    assert not beatfile.folder(tmp_path / "run").exists() and (tmp_path / "shm").exists()
 
 
 def test_phase_changes_reach_the_history_and_a_publish_comes_at_most_once_per_period(tmp_path):
@@ -596,13 +596,14 @@ def test_heartbeat_thread_rewrites_the_file_while_the_phase_stands_still(tmp_pat
 
 
 def test_heartbeat_s_0_writes_nothing(tmp_path):
+    from hpc import beatfile
     from train import heartbeat
     beat = heartbeat.Heartbeat(tmp_path, every_s=0)
     beat.identify(one_rank_env(), {})
     beat.phase("train")
     beat.stepped(1)
     beat.finish("done")
-    assert not heartbeat.folder(tmp_path).exists() and beat.stage is None
+    assert not beatfile.folder(tmp_path).exists() and beat.stage is None
 
 
 def test_step_clock_splits_each_step_into_compute_and_the_waits_in_collectives():

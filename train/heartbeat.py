@@ -40,13 +40,8 @@ from typing import Callable, Mapping
 from hpc import beatfile, ranks, vocab
 from train import nodebeat
 
-MARKS = beatfile.MARKS
 WINDOW = 16
 SETTLE_S = 10.0  # the most local rank 0 waits at its end for its node's other ranks to hand over their last beat
-
-
-def folder(run_dir: Path) -> Path:
-    return beatfile.folder(run_dir)
 
 
 def read_all(run_dir: Path, stage: Path | None = None) -> dict[int, dict]:
