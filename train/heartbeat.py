@@ -28,6 +28,7 @@ last ``WINDOW`` steps; ``recent_compute_s`` is the ring itself, for straggler de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
@@ -82,12 +83,14 @@ class StepClock:
     def begin(self) -> None:
         self._last_end, self._comm, self._launched, self._finished = self.clock(), 0.0, None, None
 
-    def add_comm(self, seconds: float) -> None:
-        self._comm += seconds
-
+    @contextlib.contextmanager
     def waited(self):
         """``with clock.waited(): work.wait()`` counts the block's time as communication."""
-        return _Waited(self)
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self._comm += self.clock() - started
 
     def bucket_launched(self) -> None:
         self._launched = self.clock()
@@ -116,17 +119,6 @@ class StepClock:
         return {"step_time_s": median(list(self.step_times)), "compute_s": median(list(self.compute_times)),
                 "comm_s": median(list(self.comm_times)),
                 "recent_compute_s": [round(v, 6) for v in list(self.compute_times)]}
-
-
-class _Waited:
-    def __init__(self, clock: StepClock) -> None:
-        self.clock = clock
-
-    def __enter__(self):
-        self.started = self.clock.clock()
-
-    def __exit__(self, *exc):
-        self.clock.add_comm(self.clock.clock() - self.started)
 
 
 class Heartbeat:
