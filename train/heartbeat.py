@@ -173,18 +173,16 @@ class Heartbeat:
             return
         self.phase_name = name
         self.step_at = self.now()  # a phase change is progress too: a long checkpoint write is not a hang
-        if self.identity is not None and self.enabled:
-            # Local rank 0 publishes its own phase change at once, so that it reaches the node's history even
-            # between two publishes (a checkpoint shorter than a beat): a write and an fdatasync per change, no
-            # namespace operation. Another rank's change waits for the next publish, as its beats do.
-            self.write(force=True)
+        # Local rank 0 publishes its own phase change at once, so that it reaches the node's history even
+        # between two publishes (a checkpoint shorter than a beat): a write and an fdatasync per change, no
+        # namespace operation. Another rank's change waits for the next publish, as its beats do.
+        self.write(force=True)
 
     def snapshot_written(self, step: int) -> None:
         """The node's snapshot writer finished one: published at once, since the batch side reads from the node's
         file where a relaunch will resume (one write and an fdatasync a snapshot, no namespace operation)."""
         self.snapshot_step = step
-        if self.identity is not None and self.enabled:
-            self.write(force=True)
+        self.write(force=True)
 
     def stepped(self, step: int, loss=None) -> None:
         """The hot path: called once per optimizer step, with the step's loss (a detached tensor, not read here)."""
