@@ -119,18 +119,13 @@ class Parts:
         holds everything the parts did."""
         if not self.leader:
             return
-        if self.node == 0 and self.on_disk is not None:
+        folders = [self.on_disk] if self.node == 0 and self.on_disk is not None else []
+        for folder in folders + ([self.folder] if fileio.is_private(self.folder) else []):
             # Only the parts the nodes wrote: anything else someone put in the folder stays, and so does the folder.
-            for part in self.on_disk.glob(PART.format("*", "*")):
+            for part in folder.glob(PART.format("*", "*")):
                 shutil.rmtree(part, ignore_errors=True)
             with contextlib.suppress(OSError):
-                self.on_disk.rmdir()
-        if not fileio.is_private(self.folder):
-            return
-        for part in self.folder.glob(PART.format("*", "*")):
-            shutil.rmtree(part, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
+                folder.rmdir()
 
     def drop(self) -> None:
         """Every rank, at the run's end: once no node is still handing on or persisting a part, clear."""
