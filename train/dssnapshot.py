@@ -149,13 +149,9 @@ class Parts:
         # A copy of the published part, while training goes on; a later snapshot may prune it meanwhile (then this
         # one is skipped), never change it.
         held = self.part(self.node) / name_for(step)
-
-        def write(staging: Path, tag: str) -> None:
-            copy_part(held, staging / tag)
-
         into = self.on_disk / self.part(self.node).name
         try:
-            checkpoint.save(into, step, rank=0, write=write)
+            checkpoint.save(into, step, rank=0, write=lambda staging, tag: copy_part(held, staging / tag))
         except OSError as exc:
             shutil.rmtree(into / f".tmp-{name_for(step)}", ignore_errors=True)
             if held.is_dir():
