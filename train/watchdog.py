@@ -140,8 +140,7 @@ def own_stacks() -> str:
 
 def main_thread_stack(text: str) -> str:
     """The first thread's block of a stack file: what groups ranks (other threads differ in noise)."""
-    blocks = text.split("\nThread ")
-    return blocks[0]
+    return text.split("\nThread ")[0]
 
 
 def py_spy_stack(pid: int) -> str:
