@@ -356,9 +356,7 @@ class Watchdog:
         readers = [r for r in live if beats[r].get("hostname") == declared["node"] and r != declared["rank"]]
         expected = live | ({declared["rank"]} if readers or not declared["stale_beat"] else set())
         deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if all((self.stacks_dir / f"rank-{r}.txt").exists() for r in expected):
-                break
+        while not all((self.stacks_dir / f"rank-{r}.txt").exists() for r in expected) and time.monotonic() < deadline:
             time.sleep(0.2)
         stacks = {}
         for r in sorted(set(beats) | expected):
