@@ -227,9 +227,7 @@ class Heartbeat:
         split = self.step_clock.summary()
         step_time = split["step_time_s"]
         values = dict(self.identity or {}, phase=self.phase_name, step=self.step, start_step=self.start_step,
-                      total_steps=self.total_steps,
-                      time=round(self.now(), 3), step_at=self.step_at,
-                      **{k: split[k] for k in ("step_time_s", "compute_s", "comm_s", "recent_compute_s")},
+                      total_steps=self.total_steps, time=round(self.now(), 3), step_at=self.step_at, **split,
                       images_per_s=(round(self.local_batch / step_time, 1)
                                     if step_time and self.local_batch else None),
                       loss=None if self.loss is None else float(self.loss),
