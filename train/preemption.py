@@ -46,9 +46,9 @@ def forget() -> None:
     _received.clear()
 
 
-def restore(handlers: dict | None = None) -> None:
+def restore() -> None:
     """Put back the handlers found before this module was imported, so a caller keeps its own."""
-    for sig, handler in (handlers or _ORIGINAL).items():
+    for sig, handler in _ORIGINAL.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
