@@ -118,8 +118,7 @@ class Agreement:
         """Agree at once, waiting for the result (set-up and the end of training, never per step)."""
         if self.world_size == 1:
             return stop, due
-        earlier = self._collect()
-        self._post(stop, due)
+        earlier = self.exchange(stop, due)
         current = self._collect()
         return earlier[0] or current[0], max(earlier[1], current[1])
 
