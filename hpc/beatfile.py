@@ -175,12 +175,8 @@ def read_node(path: Path, tries: int = 3) -> dict | None:
 
 def read_latest(run_dir: Path) -> dict[str, dict]:
     """Every node's newest document, by file name (``node-3.json``)."""
-    out = {}
-    for path in jobfiles.folder(folder(run_dir), "node-*.json"):
-        document = read_node(path)
-        if document is not None:
-            out[path.name] = document
-    return out
+    return {path.name: document for path in jobfiles.folder(folder(run_dir), "node-*.json")
+            if (document := read_node(path)) is not None}
 
 
 def history_files(run_dir: Path, nodes: Any = None) -> dict[str, list[Path]]:
