@@ -212,10 +212,7 @@ def open_parts(folder: Path | None, *, node: int, local_rank: int, fresh: bool,
                on_written: Callable[[int], None], persist=None) -> Parts | None:
     """Every rank calls it (it makes groups, a collective); None where a node has no snapshot folder."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    places = [(node, local_rank, folder is not None)]
-    if world > 1:
-        places = [None] * world
-        dist.all_gather_object(places, (node, local_rank, folder is not None))
+    places = gathered((node, local_rank, folder is not None), world)
     if not all(has for _, _, has in places):
         return None
     leaders = [rank for rank, (_, local, _) in sorted(enumerate(places), key=lambda x: x[1][0]) if local == 0]
@@ -234,11 +231,7 @@ def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None
     is the newest, else one made in ``root`` from the newest snapshot whose every part some node holds in memory
     or persisted (each part copied there by the lowest rank holding it in memory, else by rank 0 from the disk).
     Parts of later steps are forgotten: the run goes on from here."""
-    mine = (parts.offer(), held_in(Path(root) / PARTS) if rank == 0 else {})
-    offers = [mine]
-    if world > 1:
-        offers = [None] * world
-        dist.all_gather_object(offers, mine)
+    offers = gathered((parts.offer(), held_in(Path(root) / PARTS) if rank == 0 else {}), world)
     step, layout = newest_whole([offer for pair in offers for offer in pair])
     disk_step = int(NAME.fullmatch(found.name).group(1)) if found is not None else -1
     if step is None or step <= disk_step:
@@ -300,3 +293,12 @@ def exchange(blob: bytes, leaders: list[int], group) -> bytes:
     for work in (dist.isend(out, after, group=group), dist.irecv(into, before, group=group)):
         work.wait()
     return into.numpy().tobytes()
+
+
+def gathered(value, world: int) -> list:
+    """Every rank's ``value``, by rank (every rank calls it; one rank alone needs no collective)."""
+    values = [value]
+    if world > 1:
+        values = [None] * world
+        dist.all_gather_object(values, value)
+    return values

@@ -107,10 +107,7 @@ def newest_held(store: Store | None, rank: int, world: int, disk_step: int | Non
     import torch.distributed as dist
 
     mine = store.newest() if store is not None else None
-    offers = [(step_of(mine), str(mine))]
-    if world > 1:
-        offers = [None] * world
-        dist.all_gather_object(offers, (step_of(mine), str(mine)))
+    offers = dssnapshot.gathered((step_of(mine), str(mine)), world)
     steps = [step for step, _ in offers if step is not None]
     if not steps or (disk_step is not None and max(steps) <= disk_step):
         return None
