@@ -30,7 +30,6 @@ _UNSET = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(NULL)", "")
 _GRES = re.compile(r"gpu(?::[^:(,]+)?:(\d+)[KMG]?(?:\([^)]*\))?")
 
 
-
 @dataclass(frozen=True)
 class Node:
     """One node as Slurm configured it."""

@@ -189,7 +189,6 @@ def launcher_child(log: str, task: int, per: int, launcher: str,
     return nothing
 
 
-
 def attempt_segment(batch_log: str, attempt: int) -> str:
     """This attempt's part of a batch log that every attempt appends to: from its own ``hpcdist: attempt N
     started`` line (setup.sh) to the next attempt's, else after the previous attempt's ``ended`` line."""
@@ -201,7 +200,6 @@ def attempt_segment(batch_log: str, attempt: int) -> str:
     begin = max((pos for n, pos in ends if n < attempt), default=0)
     own = [pos for n, pos in ends if n == attempt and pos > begin]
     return batch_log[begin:own[0] if own else len(batch_log)]
-
 
 
 def stopped_by(text: str) -> tuple[str, int] | None:

@@ -40,7 +40,6 @@ class Decision:
     nodes: int | None = None       # an elastic relaunch's nodes, fewer than the job's
 
 
-
 @dataclass(frozen=True)
 class Policy:
     max_requeues: int = 3
