@@ -118,7 +118,7 @@ def _blame(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
 
 def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_parallel: int | None = None,
          name: str = "sweep", load_profile: Callable[[str], Profile],
-         check_more: Checker = lambda spec: None) -> Sweep:
+         check_more: Checker = lambda spec: None, environ: Mapping[str, str] | None = None) -> Sweep:
     """Check and render every task of the sweep; writes nothing. Raises SweepError (one line, the axis)."""
     sweep_dir = Path(os.path.abspath(sweep_dir))
     if max_parallel is not None and (isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
@@ -138,6 +138,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
                              f"{str(exc).splitlines()[0]}") from None
         checked.append((values, profile))
         groups.setdefault(tuple(geometry(spec).values()), []).append(i)
+    search_env = environ if environ is not None else os.environ
     arrays = []
     for a, members in enumerate(groups.values()):
         array_dir = sweep_dir / f"array-{a}"
@@ -146,23 +147,23 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             values, profile = checked[i]
             spec = specs.from_mapping({**job_values(base, values), "job_dir": str(array_dir / f"task-{j}")})
             try:
-                rendered = render.render(spec, profile, search=render.search_path(profile, os.environ))
+                rendered = render.render(spec, profile, search=render.search_path(profile, search_env))
             except (specs.SpecError, render.RenderError) as exc:
                 raise SweepError(f"task {label(values)}: {str(exc).splitlines()[0]}") from None
             # The array's job.sbatch runs this directory; a second, single-job script there would only mislead.
             files = {k: v for k, v in rendered.files.items() if k != vocab.JOB_SBATCH}
             tasks.append(Task(i, values, a, j, replace(rendered, files=files)))
         parallel = min(max_parallel or len(tasks), len(tasks))
-        sbatch = render_array(array_dir, tasks, parallel)
+        sbatch = render_array(array_dir, tasks, parallel, search_env)
         arrays.append(Array(a, array_dir, tuple(tasks), parallel, sbatch))
     return Sweep(sweep_dir, name, dict(base), matrix, max_parallel, tuple(arrays))
 
 
-def render_array(array_dir: Path, tasks: Sequence[Task], max_parallel: int) -> str:
+def render_array(array_dir: Path, tasks: Sequence[Task], max_parallel: int, environ: Mapping[str, str]) -> str:
     """The array's job.sbatch (templates/array.sbatch.j2) from its first task's resolved spec."""
     spec = tasks[0].rendered.spec
     profile = profiles.load(spec.cluster)
-    env = templating.environment(render.search_path(profile, os.environ))
+    env = templating.environment(render.search_path(profile, environ))
     context = {
         **render.container_context(spec, profile),
         "spec": spec,
