@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
-from hpc import beatfile, jobfiles, shown, vocab
+from hpc import beatfile, jobfiles, nodelist, shown, vocab
 from hpc.beatfile import Heartbeat
 
 # A rank is STALE when its step has not moved for STALE_K median step times, and never sooner than
@@ -31,6 +31,10 @@ SUSTAIN = 3
 # node's alone (rank 0's, for goodput and the rate chart), and the stragglers come from each beat's own ring.
 HISTORY_NODES = 8
 ENDING_RANKS = 8  # an ending line names at most this many unfinished ranks
+# Past TABLE_RANKS ranks top's table shows the flagged ranks and the slowest steps (a screen, not 32,768 rows:
+# --all or --json for every rank); each kind of flag line names FLAG_LINES ranks and counts the rest.
+TABLE_RANKS = 32
+FLAG_LINES = 8
 POLLED_KEEP = 32  # a refreshing top remembers this many compute times per rank
 
 
@@ -289,10 +293,18 @@ TABLE_COLUMNS = ("NODE", "RANK", "PID", "PHASE", "STEP", "STEP_S", "COMPUTE_S", 
                  "FLAGS")
 
 
-def table_rows(board: Board) -> list[tuple[str, ...]]:
-    """One row per rank, grouped by node (nodes in node-rank order), flags last."""
-    views = sorted(board.ranks, key=lambda v: (v.beat.node_rank if v.beat.node_rank is not None else 1 << 30,
-                                               v.beat.node, v.beat.rank))
+def chosen(board: Board, most: int | None = None) -> list[RankView]:
+    """Every rank up to ``most`` (None: no limit); past it the flagged ranks first, then the slowest steps."""
+    if most is None or len(board.ranks) <= most:
+        return list(board.ranks)
+    return sorted(board.ranks, key=lambda v: (not (v.stale or v.straggler), -(v.beat.step_time_s or 0.0),
+                                              v.beat.rank))[:most]
+
+
+def table_rows(board: Board, most: int | None = None) -> list[tuple[str, ...]]:
+    """One row per rank (the ``chosen`` ones), grouped by node (nodes in node-rank order), flags last."""
+    views = sorted(chosen(board, most), key=lambda v: (v.beat.node_rank if v.beat.node_rank is not None
+                                                        else 1 << 30, v.beat.node, v.beat.rank))
     # Name nodes by hostname unless two node ranks share one (the local executor's emulated nodes).
     shared = len({v.beat.node for v in views}) < len({v.beat.node_rank for v in views})
     rows = []
@@ -310,16 +322,22 @@ def table_rows(board: Board) -> list[tuple[str, ...]]:
     return rows
 
 
-def table(board: Board) -> str:
-    """The board as aligned text; a node's name is printed on its first rank's row only."""
-    rows = table_rows(board)
+def table(board: Board, most: int | None = TABLE_RANKS) -> str:
+    """The board as aligned text, ``most`` ranks of it and a line counting the rest; a node's name is printed on
+    its first rank's row only."""
+    rows = table_rows(board, most)
     if not rows:
         return "no heartbeats yet (the trainer writes run/heartbeat/node-N.json once it starts)"
     named, previous = [], None
     for row in rows:
         named.append(row if row[0] != previous else ("", *row[1:]))
         previous = row[0]
-    return "\n".join(shown.aligned((TABLE_COLUMNS, *named)))
+    lines = shown.aligned((TABLE_COLUMNS, *named))
+    if len(rows) < len(board.ranks):
+        flagged = len({v.beat.rank for v in board.ranks if v.stale or v.straggler}) - sum(bool(r[-1]) for r in rows)
+        lines.append(f"... {len(board.ranks) - len(rows):,} more ranks not shown ({flagged:,} of them flagged): "
+                     "--all or --json shows every rank")
+    return "\n".join(lines)
 
 
 def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]]) -> list[dict[str, Any]]:
@@ -354,9 +372,20 @@ def ending_line(beats: Mapping[int, Heartbeat]) -> str | None:
     return "ranks at the end: " + "; ".join(parts)
 
 
-def straggler_lines(board: Board) -> list[str]:
-    """``straggler: rank 1 on n2, compute 2.10x the other ranks' median`` per straggler; stale ranks too."""
-    out = [f"straggler: rank {v.beat.rank} on {v.beat.node}, compute {v.compute_ratio:.2f}x the other ranks' median"
-           for v in board.stragglers]
-    out += [f"stale: rank {v.beat.rank} on {v.beat.node}, {v.stale_reason}" for v in board.stale]
-    return out
+def straggler_lines(board: Board, most: int = FLAG_LINES) -> list[str]:
+    """``straggler: rank 1 on n2, compute 2.10x the other ranks' median`` per straggler, then ``stale: ...`` per
+    stale rank: ``most`` of each kind, and one line counting the rest with their nodes."""
+    return (flag_lines("straggler", [(v.beat.rank, v.beat.node, f"compute {v.compute_ratio:.2f}x the other ranks' "
+                                      "median") for v in board.stragglers], most)
+            + flag_lines("stale", [(v.beat.rank, v.beat.node, v.stale_reason) for v in board.stale], most))
+
+
+def flag_lines(kind: str, flagged: Sequence[tuple[Any, str, str]], most: int = FLAG_LINES) -> list[str]:
+    """``KIND: rank R on NODE, WHY`` for the first ``most`` of (rank, node, why), then
+    ``KIND: 4,088 more ranks on 511 nodes gpu[0008-0511]``."""
+    lines = [f"{kind}: rank {rank} on {node}" + (f", {why}" if why else "") for rank, node, why in flagged[:most]]
+    if rest := flagged[most:]:
+        nodes = list(dict.fromkeys(node for _, node, _ in rest))
+        lines.append(f"{kind}: {len(rest):,} more ranks on {len(nodes):,} nodes "
+                     + shown.line(nodelist.compress(nodes), limit=80))
+    return lines

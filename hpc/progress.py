@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from hpc import vocab
+from hpc import monitor, vocab
 
 # A pipe gets a progress line at most this often (a terminal's bar is redrawn on every poll).
 PLAIN_EVERY_S = 5.0
@@ -150,10 +150,9 @@ def summary(result: Mapping[str, Any] | None, attempts: Sequence[Mapping[str, An
         lines.append(f"attempts: {len(attempts)} ({'; '.join(described)})")
     elif result:
         lines.append("attempts: 1")
-    for s in stragglers:
-        ratio = _num(s.get("compute_ratio"))
-        lines.append(f"straggler: rank {s.get('rank')} on {s.get('node')}"
-                     + (f", compute {ratio:.2f}x the other ranks' median" if ratio is not None else ""))
+    lines += monitor.flag_lines("straggler", [
+        (s.get("rank"), s.get("node"), "" if (ratio := _num(s.get("compute_ratio"))) is None
+         else f"compute {ratio:.2f}x the other ranks' median") for s in stragglers])
     if waited_s is not None:
         lines.append(f"waited {duration(waited_s)}")
     return lines

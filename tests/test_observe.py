@@ -164,6 +164,29 @@ def test_the_table_groups_ranks_by_node_and_marks_flags() -> None:
     assert "STALE" in lines[2] and "STRAGGLER" in lines[3] and "STRAGGLER" in lines[4]
 
 
+def test_past_table_ranks_the_table_shows_the_flagged_and_the_slowest_and_counts_the_rest() -> None:
+    many = monitor.TABLE_RANKS + 8
+    beats = {r: monitor.Heartbeat.from_mapping(beat(r, node_rank=r // 8, hostname=f"n{r // 8 + 1}",
+                                                    step_time_s=0.5 if r == 5 else 0.2,
+                                                    time=T0 - 60 if r == many - 1 else T0)) for r in range(many)}
+    board = monitor.judge(beats, now=T0 + 1)
+    ranks = [int(row[1]) for row in monitor.table_rows(board, monitor.TABLE_RANKS)]
+    assert len(ranks) == monitor.TABLE_RANKS and {5, many - 1} <= set(ranks) and ranks == sorted(ranks)
+    lines = monitor.table(board).splitlines()
+    assert len(lines) == 1 + monitor.TABLE_RANKS + 1
+    assert lines[-1] == "... 8 more ranks not shown (0 of them flagged): --all or --json shows every rank"
+    assert len(monitor.table(board, most=None).splitlines()) == 1 + many
+
+
+def test_flag_lines_name_the_first_ranks_and_count_the_rest_with_their_nodes() -> None:
+    flagged = [(r, f"n{r // 8 + 1}", "no heartbeat for 70s") for r in range(24)]
+    lines = monitor.flag_lines("stale", flagged, most=8)
+    assert lines[:2] == ["stale: rank 0 on n1, no heartbeat for 70s", "stale: rank 1 on n1, no heartbeat for 70s"]
+    assert lines[8:] == ["stale: 16 more ranks on 2 nodes n[2-3]"]
+    assert monitor.flag_lines("straggler", flagged[:3], most=8) == [
+        f"straggler: rank {r} on n1, no heartbeat for 70s" for r in range(3)]
+
+
 def test_emulated_nodes_sharing_a_hostname_are_told_apart_by_node_rank() -> None:
     beats = {r: monitor.Heartbeat.from_mapping(beat(r, hostname="vm")) for r in range(2)}
     rows = monitor.table_rows(monitor.judge(beats, now=T0))
@@ -410,6 +433,17 @@ def test_top_once_json_lists_every_rank_with_its_verdicts(tmp_path: Path) -> Non
     assert {"phase", "step", "step_time_s", "compute_s", "comm_s", "images_per_s", "heartbeat_age_s",
             "rss_bytes", "stale", "straggler", "node"} <= set(data["ranks"][0])
     assert [s["rank"] for s in data["stale"]] == [1] and data["stragglers"] == []
+
+
+def test_top_once_shows_a_screen_of_a_large_job_and_all_of_it_with_all(tmp_path: Path) -> None:
+    many = monitor.TABLE_RANKS + 2
+    record = write_job(tmp_path, [beat(r, node_rank=r // 2, phase="done") for r in range(many)], nodes=many // 2,
+                       world=many)
+    short, every = (run_cli(["top", record.job_dir, "--once", *extra], tmp_path) for extra in ((), ("--all",)))
+    assert short.returncode == every.returncode == 0, short.stderr + every.stderr
+    assert "2 more ranks not shown" in short.stdout
+    assert len(short.stdout.splitlines()) == 1 + 1 + monitor.TABLE_RANKS + 1
+    assert "not shown" not in every.stdout and len(every.stdout.splitlines()) == 1 + 1 + many
 
 
 def test_top_redraws_until_the_job_has_ended_and_shows_its_last_board(tmp_path: Path) -> None:

@@ -31,9 +31,11 @@ TOP_EVERY_S = 2.0
 @click.argument("job")
 @click.option("--once", is_flag=True, help="One snapshot, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of the table (implies --once).")
+@click.option("--all", "every_rank", is_flag=True,
+              help=f"Every rank; without it past {monitor.TABLE_RANKS} ranks the flagged and the slowest.")
 @click.option("--every", type=Seconds(0.2), default=TOP_EVERY_S, show_default=True,
               help="Seconds between refreshes.")
-def top(job: str, once: bool, as_json: bool, every: float) -> None:
+def top(job: str, once: bool, as_json: bool, every_rank: bool, every: float) -> None:
     """Per-node, per-rank board: phase, step, step time, compute/comm split, images/s, heartbeat age, RSS.
 
     STALE: a rank whose step has not moved for 5x the median step time (at least 10 s), or whose
@@ -56,7 +58,8 @@ def top(job: str, once: bool, as_json: bool, every: float) -> None:
 
     def draw() -> jobs.JobState:
         state, board = look()
-        text = shown.block("\n".join([f"job {record.job_id}  {state.state}  {record.job_dir}", monitor.table(board),
+        table = monitor.table(board, most=None if every_rank else monitor.TABLE_RANKS)
+        text = shown.block("\n".join([f"job {record.job_id}  {state.state}  {record.job_dir}", table,
                                       *monitor.straggler_lines(board)]))
         if once or not sys.stdout.isatty():
             click.echo(text if once else text + "\n")
