@@ -161,8 +161,9 @@ def simulated_beat(rank: int, node: int, per_node: int, nodes: int, t: float, li
     return {k: values[k] for k in beatfile.FIELDS}
 
 
-def timed(args: list[str], home: Path, runs: int = 3) -> tuple[float, int]:
-    """The median wall time of ``runs`` fresh processes running ``hpcdist ARGS``, and the last one's status."""
+def timed(args: list[str], home: Path, runs: int = 3) -> tuple[float, int, int]:
+    """The median wall time of ``runs`` fresh processes running ``hpcdist ARGS``, and the last one's status and
+    lines printed."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HPCDIST_HOME": str(home), "MPLCONFIGDIR": str(home / "mpl")}
     seconds = []
     for _ in range(runs):
@@ -171,7 +172,7 @@ def timed(args: list[str], home: Path, runs: int = 3) -> tuple[float, int]:
         seconds.append(time.perf_counter() - started)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
-    return sorted(seconds)[runs // 2], done.returncode
+    return sorted(seconds)[runs // 2], done.returncode, len(done.stdout.splitlines())
 
 
 def main() -> None:
@@ -210,8 +211,8 @@ def main() -> None:
                 ("run/heartbeat/ bytes", f"{size / 2**20:,.0f} MiB"), ("build s", f"{built_s:.1f}")]
         for name, cli in (("top --once", ["top", str(job_dir), "--once"]), ("status", ["status", str(job_dir)]),
                           ("report", ["report", str(job_dir)])):
-            seconds, status = timed(cli, home)
-            rows.append((f"hpcdist {name} s (exit {status})", f"{seconds:.2f}"))
+            seconds, status, lines = timed(cli, home)
+            rows.append((f"hpcdist {name} s (exit {status}, {lines:,} lines printed)", f"{seconds:.2f}"))
     print(f"\n{nodes:,} nodes x {per_node} ranks, {args.history} history lines a node\n")
     print("| measure | value |\n|---|---:|")
     for name, value in rows:
