@@ -12,6 +12,7 @@ import json
 import click
 
 from hpc import plan as model
+from hpc import shown
 from hpc.commands.options import fail
 
 COLUMNS = ("plan", "params", "grads", "optimizer", "per GPU", "host/rank", "comm", "fits")
@@ -41,13 +42,11 @@ def table(rep: dict) -> str:
     lines = [(r["label"], hb(r["params_bytes"]), hb(r["grads_bytes"]), hb(r["optimizer_bytes"]), hb(r["gpu_bytes"]),
               hb(r["cpu_bytes"]) if r["cpu_bytes"] else "-", f"{r['comm_volume']:g}x", _fits(r))
              for r in rep["plans"]]
-    widths = [max(len(c[i]) for c in (COLUMNS, *lines)) for i in range(len(COLUMNS))]
-    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    rule = ["-" * max(map(len, column)) for column in zip(COLUMNS, *lines)]
     memory = model.human_bytes(rep["gpu_memory_bytes"]) if rep["gpu_memory_bytes"] else "unknown"
     out = [f"{rep['params']:,} parameters, {rep['precision']} {rep['optimizer']}, {rep['nodes']} node(s) x "
            f"{rep['gpus_per_node']} GPU(s) (Nd={rep['data_parallel_degree']}), {memory} per GPU",
-           "", fmt.format(*COLUMNS), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
+           "", *shown.aligned((COLUMNS, rule, *lines), right=range(1, len(COLUMNS)))]
     out += ["", "comm: elements sent and received per step by the busiest GPU, in multiples of the parameter count",
             f"fits: model states <= {rep['model_state_fraction']:.0%} of GPU memory; the rest is for activations, "
             "buckets, gathered ZeRO-3 layers and fragmentation"]
