@@ -155,9 +155,8 @@ def _check(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | 
         raise PlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
-def _states(name: str, params: int, nd: int, precision: str, optimizer: str) -> tuple[int, int, int, int]:
-    """(params, grads, optimizer on GPU, bytes on host) per rank for one plan, from the paper's rules."""
-    plan = PLANS[name]
+def _states(plan: dict, params: int, nd: int, precision: str, optimizer: str) -> tuple[int, int, int, int]:
+    """(params, grads, optimizer on GPU, bytes on host) per rank for one of PLANS, from the paper's rules."""
     stage = plan["zero_stage"]
     moments = MOMENT_BYTES[optimizer] * params
     if plan["backend"] != "deepspeed":
@@ -214,15 +213,14 @@ def estimate(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int 
     budget = None if gpu_memory_bytes is None else gpu_memory_bytes * MODEL_STATE_FRACTION
     rows = []
     for name, plan in PLANS.items():
-        p, g, o, host = _states(name, params, nd, precision, optimizer)
+        p, g, o, host = _states(plan, params, nd, precision, optimizer)
         volume, note = _comm(name, gpus_per_node)
         applicable = not (name == "dp" and nodes > 1)
         if not applicable:
             note = "nn.DataParallel is one process on one node; use DDP or DeepSpeed across nodes"
         fits = None if budget is None else (applicable and p + g + o <= budget)
-        rows.append(Estimate(name=name, label=plan["label"], backend=plan["backend"], zero_stage=plan["zero_stage"],
-                             offload=plan["offload"], params_bytes=p, grads_bytes=g, optimizer_bytes=o,
-                             cpu_bytes=host, comm_volume=volume, fits=fits, applicable=applicable, note=note))
+        rows.append(Estimate(name=name, **plan, params_bytes=p, grads_bytes=g, optimizer_bytes=o, cpu_bytes=host,
+                             comm_volume=volume, fits=fits, applicable=applicable, note=note))
     return tuple(rows)
 
 
