@@ -212,10 +212,8 @@ def current_rows(sweep_dir: Path) -> list[Any]:
     from hpc import sweep_results
 
     data, submitted = sweep_results.load(sweep_dir)
-    seen: dict[str, str] = {}
-    if submitted:
-        text = commands.sacct(list(submitted.values()), ("JobID", "State"))
-        seen = parse.array_states(text, submitted.values())
+    ids = list(submitted.values())
+    seen = parse.array_states(commands.sacct(ids, ("JobID", "State")), ids) if ids else {}
     return sweep_results.rows(data, submitted, seen)
 
 
