@@ -127,8 +127,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
     configs = configurations(matrix, text(base.get("backend") or "ddp"))
     placeholder = str(sweep_dir / "task")
     # First pass: check every configuration and learn its allocation shape.
-    checked: list[tuple[dict[str, Any], Profile]] = []
-    groups: dict[tuple[Any, ...], list[int]] = {}
+    groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any], Profile]]] = {}
     for i, values in enumerate(configs):
         try:
             spec, profile = _spec(base, values, placeholder, load_profile)
@@ -136,15 +135,13 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         except (specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
             raise SweepError(f"{_blame(base, values, placeholder, load_profile, check_more)}: "
                              f"{str(exc).splitlines()[0]}") from None
-        checked.append((values, profile))
-        groups.setdefault(tuple(geometry(spec).values()), []).append(i)
+        groups.setdefault(tuple(geometry(spec).values()), []).append((i, values, profile))
     search_env = environ if environ is not None else os.environ
     arrays = []
     for a, members in enumerate(groups.values()):
         array_dir = sweep_dir / f"array-{a}"
         tasks = []
-        for j, i in enumerate(members):
-            values, profile = checked[i]
+        for j, (i, values, profile) in enumerate(members):
             spec = specs.from_mapping({**job_values(base, values), "job_dir": str(array_dir / f"task-{j}")})
             try:
                 rendered = render.render(spec, profile, search=render.search_path(profile, search_env))
