@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from hpc import jobdir, profiles, render, shown, templating, vocab
+from hpc import jobdir, jobfiles, profiles, render, shown, templating, vocab
 from hpc import spec as specs
 from hpc.profiles import Profile
 from hpc.sweep_matrix import Matrix, SweepError, configurations, job_values, label, text
@@ -121,8 +121,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
          check_more: Checker = lambda spec: None, environ: Mapping[str, str] | None = None) -> Sweep:
     """Check and render every task of the sweep; writes nothing. Raises SweepError (one line, the axis)."""
     sweep_dir = Path(os.path.abspath(sweep_dir))
-    if max_parallel is not None and (isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
-                                     or max_parallel < 1):
+    if max_parallel is not None and (not jobfiles.is_a(max_parallel, int) or max_parallel < 1):
         raise SweepError(f"--max-parallel must be a whole number of at least 1, got {max_parallel!r}")
     configs = configurations(matrix, text(base.get("backend") or "ddp"))
     placeholder = str(sweep_dir / "task")
