@@ -79,11 +79,6 @@ def last_line(log: Path) -> str:
     return lines[-1].strip()[:200] if lines else "no output"
 
 
-def floor_report(log: Path) -> dict | None:
-    reports = jobfiles.json_lines(log.read_text(errors="replace"))
-    return reports[-1] if reports else None
-
-
 # What bench writes in --out. A folder holding anything else is a person's: bench never writes into it.
 OUT_PATHS = ("bench.json", "bench.md", "bench.png", "runs/")
 
@@ -126,10 +121,10 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
         why = f"timed out after {timeout_s:.0f}s" if rc is None else f"exit {rc}"
         return benchresults.Result(config, threads, wall_s=wall, error=f"{why}: {last_line(log)} (see {log})")
     if config.backend in core.FLOORS:
-        report = floor_report(log)
-        if report is None:
+        reports = jobfiles.json_lines(log.read_text(errors="replace"))
+        if not reports:
             return benchresults.Result(config, threads, wall_s=wall, error=f"the floor printed no JSON (see {log})")
-        return benchresults.result_from_floor(config, threads, report, wall)
+        return benchresults.result_from_floor(config, threads, reports[-1], wall)
     summary = jobfiles.json_object(run_dir / vocab.SUMMARY) or {}
     return benchresults.result_from_summary(config, threads, summary, warmup, steps, wall)
 
