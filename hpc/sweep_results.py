@@ -85,11 +85,8 @@ def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[
         state = states.get(job_id, "UNKNOWN") if job_id else "NOT_SUBMITTED"
         out.append(Row(
             index=task["index"], label=label(task.get("values") or {}), array=task["array"], job_id=job_id,
-            state=state, precision=summary.get("precision"), images_per_s=summary.get("images_per_s"),
-            final_loss=summary.get("final_loss"),
-            test_accuracy=summary.get("test_accuracy"),
+            state=state, **{k: summary.get(k) for k in SUMMARY_FIELDS if k != "ranks"},
             peak_memory_mib=tuple(round((r.get("peak_memory_bytes") or 0) / 2**20, 1) for r in ranks),
-            time_to_first_step_s=summary.get("time_to_first_step_s"),
             hostnames=tuple(r.get("hostname", "") for r in ranks), job_dir=str(job_dir)))
     return out
 
