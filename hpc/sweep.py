@@ -195,8 +195,7 @@ def sweep_yaml(sweep: Sweep) -> str:
         "name": sweep.name,
         "sweep_dir": str(sweep.sweep_dir),
         "max_parallel": sweep.max_parallel,
-        "base": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sweep.base.items()
-                 if k not in ("job_dir",)},
+        "base": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sweep.base.items() if k != "job_dir"},
         "axes": {a.key: list(a.values) for a in sweep.matrix.axes},
         "tasks": [dict(t) for t in sweep.matrix.tasks],
         "exclude": [dict(e) for e in sweep.matrix.exclude],
