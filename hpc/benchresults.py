@@ -89,7 +89,6 @@ def result_from_summary(config: Config, threads: int, summary: Mapping[str, obje
     missing: list[str] = []
     ttfs = _number(summary, "time_to_first_step_s", missing)
     peaks = _peaks(summary, missing)
-    device = _text(summary, "device")
     rate = summary.get("images_per_s")
     ran = summary.get("steps")
     error = None
@@ -104,7 +103,7 @@ def result_from_summary(config: Config, threads: int, summary: Mapping[str, obje
     if config.snapshot_every_s is not None and not (isinstance(snapshots, int) and isinstance(stall, (int, float))):
         missing.append("snapshots")
     return Result(config, threads, float(rate) if error is None else None, ttfs, peaks,  # type: ignore[arg-type]
-                  wall_s, error, tuple(missing), device=device, trained=_text(summary, "precision"),
+                  wall_s, error, tuple(missing), device=_text(summary, "device"), trained=_text(summary, "precision"),
                   snapshots=snapshots if isinstance(snapshots, int) else None,
                   snapshot_stall_s=float(stall) if isinstance(stall, (int, float)) else None,
                   steps=ran if isinstance(ran, int) else None)
@@ -117,5 +116,4 @@ def result_from_floor(config: Config, threads: int, report: Mapping[str, object]
     ttfs = _number(report, "time_to_first_step_s", missing)
     peaks = _peaks(report, missing)
     error = None if rate is not None else "the floor printed no images_per_s"
-    device = _text(report, "device")
-    return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing), device=device)
+    return Result(config, threads, rate, ttfs, peaks, wall_s, error, tuple(missing), device=_text(report, "device"))
