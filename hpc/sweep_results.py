@@ -112,7 +112,7 @@ def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
     return "\n".join(shown.aligned((header, *body))) + "\n"
 
 
-def chart(report_rows: Sequence[Row], path: Path, title: str) -> Path:
+def chart(report_rows: Sequence[Row], path: Path, title: str) -> None:
     """A PNG of bar charts (images/s, peak memory, time to first step) per task; matplotlib loads only here."""
     import matplotlib
 
@@ -136,4 +136,3 @@ def chart(report_rows: Sequence[Row], path: Path, title: str) -> Path:
     fig.tight_layout()
     fileio.save_png(fig, path, dpi=100)
     plt.close(fig)
-    return path

@@ -27,8 +27,8 @@ def test_report_rows_table_and_chart(tmp_path):
         ("41_0", "FAILED", None, (), ()), ("41_1", "COMPLETED", 812.4, (3.0, 2.0), ("n1", "n3"))]
     markdown = sweep_results.table(rows, markdown=True)
     assert "| 1 | 41_1 | backend=ddp | COMPLETED | bf16 | 812 | 0.5123 | 0.250 | 3/2 | 6.0 |" in markdown
-    png = sweep_results.chart(rows, tmp_path / "r.png", "t")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep_results.chart(rows, tmp_path / "r.png", "t")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_path):
