@@ -51,12 +51,11 @@ def load(sweep_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise SweepError(f"{sweep_dir} is not a sweep directory ({exc}); pass the directory hpcdist sweep made") \
             from None
     resolved = data.get("resolved") if isinstance(data, dict) else None
-    damaged = next((i for i, task in enumerate(resolved or []) if not isinstance(task, dict) or any(
-        not jobfiles.is_a(task.get(k), kind) for k, kind in RESOLVED_FIELDS.items())), None) \
-        if isinstance(resolved, list) else -1
-    if damaged is not None:
-        where = "has no list of tasks" if damaged < 0 else f"task entry {damaged} is damaged"
-        raise SweepError(f"{sweep_dir / SWEEP_FILE} {where}; it is not as hpcdist sweep wrote it, so run the "
+    damage = ["has no list of tasks"] if not isinstance(resolved, list) else [
+        f"task entry {i} is damaged" for i, task in enumerate(resolved) if not isinstance(task, dict)
+        or not all(jobfiles.is_a(task.get(k), kind) for k, kind in RESOLVED_FIELDS.items())]
+    if damage:
+        raise SweepError(f"{sweep_dir / SWEEP_FILE} {damage[0]}; it is not as hpcdist sweep wrote it, so run the "
                          "sweep again into a new directory")
     arrays = (jobfiles.json_object(sweep_dir / SUBMITTED_FILE, 1 << 20) or {}).get("arrays")
     # A job id that is not Slurm's (digits) is damage: that array counts as not submitted.
