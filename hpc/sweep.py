@@ -234,7 +234,4 @@ def write(sweep: Sweep, *, force: bool = False) -> Path:
                 "job", jobdir.written_paths(task.rendered.files, own_dirs))
             files.update({str(tdir / name): body for name, body in task.rendered.files.items()})
             dirs += [str(tdir / d) for d in own_dirs]
-    try:
-        return jobdir.write_tree(target, files, dirs=dirs, what="sweep directory", force=force)
-    except render.RenderError as exc:
-        raise SweepError(str(exc)) from None
+    return jobdir.write_tree(target, files, dirs=dirs, what="sweep directory", force=force)
