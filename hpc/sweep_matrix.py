@@ -236,9 +236,9 @@ def job_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, 
         if key.startswith(TRAIN_PREFIX):
             flag = "--" + key[len(TRAIN_PREFIX):]
             # A boolean trainer axis is a flag that is there or not.
-            if value is True or text(value) == "true":
+            if text(value) == "true":
                 train_args.append(flag)
-            elif not (value is False or text(value) == "false"):
+            elif text(value) != "false":
                 train_args.extend([flag, text(value)])
         elif value is None:
             out.pop(key, None)
