@@ -92,13 +92,6 @@ def is_path(name: str) -> bool:
     return name.endswith(sites.SUFFIXES) or "/" in name
 
 
-def _search(environ: Mapping[str, str] | None) -> tuple[sites.Level, ...]:
-    try:
-        return sites.levels(os.environ if environ is None else environ)
-    except sites.SiteError as exc:
-        raise ProfileError(str(exc)) from None
-
-
 def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
     if not name or unwritable(name):
         raise ProfileError(f"cluster {ascii(name)} is not a profile name or a file name; give one")
@@ -302,7 +295,10 @@ def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
 
 def load(name: str, environ: Mapping[str, str] | None = None) -> Profile:
     """Load a profile by name from the search path (see hpc.sites) or from a YAML path, parents merged in."""
-    search = _search(environ)
+    try:
+        search = sites.levels(os.environ if environ is None else environ)
+    except sites.SiteError as exc:
+        raise ProfileError(str(exc)) from None
     found = _find(name, search)
     data, chain = resolve_data(found, search)
     display = found.name if found.level >= 0 else str(found.path)
