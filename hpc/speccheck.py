@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from hpc import container as containers
 from hpc import jobfiles, nodelist, plan, shown
 from hpc.profiles import Profile
 from hpc.spec import (
@@ -94,8 +95,6 @@ def check_sizes(spec: JobSpec) -> None:
 
 def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
     """The spec with its container decided: the image and runtime the tasks will use, or none."""
-    from hpc import container as containers
-
     _check_text("--container", spec.container, spaces=False)
     _check_text("--container-runtime", spec.container_runtime, spaces=False)
     try:
