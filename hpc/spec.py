@@ -133,9 +133,7 @@ class JobSpec:
         grouped: dict[str, list[str]] = {}
         for item in self.after:
             kind, _, job = item.partition(":")
-            grouped.setdefault(kind, [])
-            if job:
-                grouped[kind].append(job)
+            grouped.setdefault(kind, []).extend([job] if job else [])  # singleton names no job
         return ",".join(":".join([kind, *jobs]) for kind, jobs in grouped.items())
 
     def to_dict(self) -> dict[str, Any]:
