@@ -50,11 +50,7 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def precision_of(config: Mapping[str, Any]) -> str:
-    if config.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if config.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"
+    return next((dtype for dtype in ("bf16", "fp16") if config.get(dtype, {}).get("enabled")), "fp32")
 
 
 # /proc/cpuinfo flags of a CPU that computes bf16 itself: x86 AVX512-BF16 or AMX-BF16 ("flags"), aarch64

@@ -73,10 +73,7 @@ class Profile:
     python: str | None = None
     network: Network = field(default_factory=Network)
     container: Container | None = None  # the site's runtime, mounts and GPU flag; an image every job gets
-    # Where it came from: the file, its level of the search path, and the profiles it extends (nearest first).
-    source: str | None = None
-    origin: str | None = None
-    parents: tuple[str, ...] = ()
+    source: str | None = None  # the file it was loaded from
 
     def cpus(self) -> dsconfig.Cpus:
         """What --precision auto knows of this site's CPU nodes."""
@@ -90,13 +87,6 @@ class Profile:
 def is_path(name: str) -> bool:
     """A YAML path (``site.yaml``, ``./x``) rather than a profile name looked up on the search path."""
     return name.endswith(sites.SUFFIXES) or "/" in name
-
-
-def _search(environ: Mapping[str, str] | None) -> tuple[sites.Level, ...]:
-    try:
-        return sites.levels(os.environ if environ is None else environ)
-    except sites.SiteError as exc:
-        raise ProfileError(str(exc)) from None
 
 
 def _find(name: str, search: tuple[sites.Level, ...]) -> sites.Found:
@@ -261,8 +251,8 @@ def _chain_text(chain: list[sites.Found]) -> str:
 
 
 def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
-                 chain: tuple[sites.Found, ...] = ()) -> tuple[dict[str, Any], tuple[sites.Found, ...]]:
-    """The profile's mapping with every ``extends`` parent merged in, and the chain of files (child first)."""
+                 chain: tuple[sites.Found, ...] = ()) -> dict[str, Any]:
+    """The profile's mapping with every ``extends`` parent merged in; ``chain``: the files that extend it."""
     chain = (*chain, found)
     data = _read(found.path)
     if data.get("templates") is not None and not isinstance(data["templates"], (dict, list, bool)):
@@ -271,7 +261,7 @@ def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
         data["templates"] = str(templates if templates.is_absolute() else found.path.parent / templates)
     parent = data.pop("extends", None)
     if parent is None:
-        return data, chain
+        return data
     if not isinstance(parent, str) or not parent.strip():
         raise ProfileError(f"cluster profile {found.name!r} ({found.path}): extends must be a profile name or path, "
                            f"got {parent!r}")
@@ -296,16 +286,15 @@ def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
     if any(f.path.resolve() == parent_found.path.resolve() for f in chain):
         raise ProfileError(f"cluster profile {chain[0].name!r} extends itself: "
                            f"{_chain_text([*chain, parent_found])}; remove one extends")
-    parent_data, full = resolve_data(parent_found, search, chain)
-    return merge(parent_data, data), full
+    return merge(resolve_data(parent_found, search, chain), data)
 
 
 def load(name: str, environ: Mapping[str, str] | None = None) -> Profile:
     """Load a profile by name from the search path (see hpc.sites) or from a YAML path, parents merged in."""
-    search = _search(environ)
+    try:
+        search = sites.levels(os.environ if environ is None else environ)
+    except sites.SiteError as exc:
+        raise ProfileError(str(exc)) from None
     found = _find(name, search)
-    data, chain = resolve_data(found, search)
     display = found.name if found.level >= 0 else str(found.path)
-    profile = parse(display, data)
-    return replace(profile, source=str(found.path), origin=found.origin,
-                   parents=tuple(f"{f.name} ({f.origin})" for f in chain[1:]))
+    return replace(parse(display, resolve_data(found, search)), source=str(found.path))

@@ -88,11 +88,8 @@ def levels(environ: Mapping[str, str]) -> tuple[Level, ...]:
 def _file(directory: Path, name: str) -> Path | None:
     if jobfiles.name_too_long(name + SUFFIXES[0]):
         return None
-    for suffix in SUFFIXES:
-        path = directory / f"{name}{suffix}"
-        if path.is_file():
-            return path
-    return None
+    paths = (directory / f"{name}{suffix}" for suffix in SUFFIXES)
+    return next((path for path in paths if path.is_file()), None)
 
 
 def find(name: str, search: Sequence[Level], below: int = -1) -> Found | None:

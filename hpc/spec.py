@@ -22,15 +22,8 @@ MAX_WORLD_SIZE = 1 << 20            # 1,048,576 ranks: ten times the largest tra
 
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, in ASCII digits and nothing around them
 # (sbatch refuses ' 30' and Unicode digits).
-_D = "([0-9]{1,10})"
-_TIME_FORMS = (
-    (re.compile(_D), ("m",)),
-    (re.compile(f"{_D}:{_D}"), ("m", "s")),
-    (re.compile(f"{_D}:{_D}:{_D}"), ("h", "m", "s")),
-    (re.compile(f"{_D}-{_D}"), ("d", "h")),
-    (re.compile(f"{_D}-{_D}:{_D}"), ("d", "h", "m")),
-    (re.compile(f"{_D}-{_D}:{_D}:{_D}"), ("d", "h", "m", "s")),
-)
+_TIME_FORMS = tuple((re.compile(re.sub("[dhms]", "([0-9]{1,10})", form)), re.findall("[dhms]", form))
+                    for form in ("m", "m:s", "h:m:s", "d-h", "d-h:m", "d-h:m:s"))
 _SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 # Slurm's words for "no time limit" (as is a limit of 0), in any case.
 UNLIMITED_TIMES = ("UNLIMITED", "INFINITE")
@@ -140,9 +133,7 @@ class JobSpec:
         grouped: dict[str, list[str]] = {}
         for item in self.after:
             kind, _, job = item.partition(":")
-            grouped.setdefault(kind, [])
-            if job:
-                grouped[kind].append(job)
+            grouped.setdefault(kind, []).extend([job] if job else [])  # singleton names no job
         return ",".join(":".join([kind, *jobs]) for kind, jobs in grouped.items())
 
     def to_dict(self) -> dict[str, Any]:

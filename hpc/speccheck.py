@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from hpc import container as containers
 from hpc import jobfiles, nodelist, plan, shown
 from hpc.profiles import Profile
 from hpc.spec import (
@@ -34,8 +35,7 @@ MAX_JOB_NAME_BYTES = 255
 # requeue.sh compares restart counts in shell arithmetic; far beyond Slurm's own MaxBatchRequeue.
 MAX_REQUEUES = 10000
 MAX_SPARE_NODES = 1024
-# Linux's limits on one path component and a whole path.
-NAME_MAX = jobfiles.MAX_NAME_BYTES
+# Linux's limit on a whole path (on one component: jobfiles.MAX_NAME_BYTES).
 PATH_MAX = 4095
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # What a spec leaves unset (None) and the cluster profile fills in.
@@ -95,8 +95,6 @@ def check_sizes(spec: JobSpec) -> None:
 
 def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
     """The spec with its container decided: the image and runtime the tasks will use, or none."""
-    from hpc import container as containers
-
     _check_text("--container", spec.container, spaces=False)
     _check_text("--container-runtime", spec.container_runtime, spaces=False)
     try:
@@ -230,8 +228,8 @@ def _check_job_dir(spec: JobSpec) -> None:
         raise SpecError(f"--job-dir {shown.value(spec.job_dir)} must be absolute by render time")
     # The longest path the job writes under it: run/checkpoints/... leave room.
     if jobfiles.name_too_long(spec.job_dir) or len(spec.job_dir.encode()) > PATH_MAX - 255:
-        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} is too long for a path (at most {NAME_MAX} bytes a "
-                        "name); pick a shorter one")
+        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} is too long for a path (at most "
+                        f"{jobfiles.MAX_NAME_BYTES} bytes a name); pick a shorter one")
 
 
 def _check_time_and_signal(spec: JobSpec) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hpc import profiles, render, sites
+from hpc import paths, profiles, render, sites
 from hpc.cli import main
 from hpc.spec import JobSpec
 
@@ -66,11 +66,11 @@ def test_the_highest_level_wins(tmp_path: Path, site: dict[str, Path], present: 
 def test_a_site_profile_shadows_the_builtin_one_and_a_path_beats_every_level(tmp_path: Path,
                                                                              site: dict[str, Path]) -> None:
     env = env_for(tmp_path, site)
-    assert profiles.load("local", env).origin == "built-in"
-    put(site["system"], "local.yaml", "partition: site-debug\n")
-    assert (profiles.load("local", env).partition, profiles.load("local", env).origin) == ("site-debug", "system")
+    assert profiles.load("local", env).source == str(paths.configs_dir() / "clusters" / "local.yaml")
+    system = put(site["system"], "local.yaml", "partition: site-debug\n")
+    assert (profiles.load("local", env).partition, profiles.load("local", env).source) == ("site-debug", str(system))
     path = put(tmp_path, "mine.yaml", "partition: mine\n")
-    assert profiles.load(str(path), env).origin == "command line"
+    assert (profiles.load(str(path), env).partition, profiles.load(str(path), env).source) == ("mine", str(path))
     found = {(f.name, f.origin): f for f in sites.discover(sites.levels(env))}
     assert found[("local", "built-in")].shadowed_by == "system"
     assert found[("local", "system")].shadowed_by is None
@@ -133,15 +133,15 @@ def test_extends_overrides_scalars_merges_env_and_network_and_replaces_lists(tmp
     assert dict(child.network.variables) == {"NCCL_IB_HCA": "mlx5_0", "NCCL_SOCKET_IFNAME": "ib1"}
     # A relative templates path belongs to the file that wrote it.
     assert child.templates == str(site["system"] / "tpl")
-    assert child.parents == ("base (system)",)
+    assert child.source == str(site["user"] / "short.yaml")
 
 
 def test_a_site_profile_may_extend_the_builtin_of_its_own_name(tmp_path: Path, site: dict[str, Path]) -> None:
-    put(site["system"], "local.yaml", "extends: local\nenv: {SITE: 'yes'}\n")
+    site_local = put(site["system"], "local.yaml", "extends: local\nenv: {SITE: 'yes'}\n")
     loaded = profiles.load("local", env_for(tmp_path, site))
-    assert loaded.partition == "debug" and loaded.max_nodes == 3
+    # The built-in local's values, under the site's file.
+    assert loaded.partition == "debug" and loaded.max_nodes == 3 and loaded.source == str(site_local)
     assert dict(loaded.env) == {"PYTHONUNBUFFERED": "1", "SITE": "yes"}
-    assert loaded.parents == ("local (built-in)",)
 
 
 def test_an_extends_cycle_is_one_line_naming_the_chain(tmp_path: Path, site: dict[str, Path]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Mapping
 
 import click
@@ -17,11 +16,11 @@ import click
 from hpc import profiles, shown, sites
 
 
-def _extends(path: str) -> str | None:
+def _extends(found: sites.Found) -> str | None:
     from hpc import yamlfile
 
     try:
-        data = yamlfile.load(Path(path), "cluster profile")
+        data = yamlfile.load(found.path, "cluster profile")
     except yamlfile.YamlError:
         # The listing still shows the file; `hpcdist profile check` names what is wrong with it.
         return None
@@ -38,7 +37,7 @@ def report(environ: Mapping[str, str]) -> dict[str, Any]:
     return {
         "default": {"name": name, "set_by": set_by, "found": winner is not None or profiles.is_path(name)},
         "profiles": [{"name": f.name, "origin": f.origin, "path": str(f.path),
-                      "default": f is winner, "shadowed_by": f.shadowed_by, "extends": _extends(str(f.path))}
+                      "default": f is winner, "shadowed_by": f.shadowed_by, "extends": _extends(f)}
                      for f in found],
         "search_path": [{"origin": level.origin, "clusters": str(level.clusters), "templates": str(level.templates),
                          "exists": level.clusters.is_dir()} for level in search],

@@ -255,13 +255,13 @@ def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | No
 
 
 class Seconds(click.FloatRange):
-    """A duration option: a finite number of seconds in [low, high] (click's FloatRange lets nan through,
+    """A duration option: a finite number of seconds from low to a week (click's FloatRange lets nan through,
     since nan compares false with any bound)."""
 
     name = "seconds"
 
-    def __init__(self, low: float, high: float = 7 * 86400) -> None:
-        super().__init__(min=low, max=high)
+    def __init__(self, low: float) -> None:
+        super().__init__(min=low, max=7 * 86400)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         seconds = super().convert(value, param, ctx)

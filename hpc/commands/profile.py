@@ -77,7 +77,7 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
         "# ~/.config/hpcdist/clusters/NAME.yaml (you), then: hpcdist profile check NAME",
         _nodes_line(part, nodes),
         *_placement_lines(cluster, part),
-        *_node_lines(part, nodes, cpu_bf16_here),
+        *_node_lines(part, nodes, gpus, cpu_bf16_here),
         *_environment_lines(gpus),
         *_container_lines(runtimes),
     ]
@@ -109,12 +109,11 @@ def _placement_lines(cluster: Cluster, part: Partition) -> list[str]:
     return lines
 
 
-def _node_lines(part: Partition, nodes: Sequence[Node], cpu_bf16_here: bool | None) -> list[str]:
-    """What each node gives a job: GPUs, CPUs per task, and how many nodes one job may hold."""
-    gpus = min((n.gpus for n in nodes), default=0)
+def _node_lines(part: Partition, nodes: Sequence[Node], gpus: int, cpu_bf16_here: bool | None) -> list[str]:
+    """What each node gives a job: ``gpus`` (the fewest), CPUs per task, and how many nodes one job may hold."""
     cpus = min((n.cpus for n in nodes), default=1)
     max_nodes = len(nodes) if part.max_nodes is None else min(len(nodes), part.max_nodes)
-    mixed = nodes and min(n.gpus for n in nodes) != max(n.gpus for n in nodes)
+    mixed = gpus != max((n.gpus for n in nodes), default=0)
     fewest = f"   # the fewest among the partition's nodes ({_span([n.gpus for n in nodes], '')})" if mixed else ""
     lines = [f"gpus_per_node: {gpus}{fewest}"]
     if gpus:
