@@ -23,12 +23,8 @@ _STATE_FLAGS = "*~#!%$@^-"
 
 def record(line: str) -> dict[str, str]:
     """One line of ``scontrol show job|node|partition -o`` as its Key=value pairs."""
-    marks = list(_KEY.finditer(line))
-    out = {}
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(line)
-        out[m.group(1)] = line[m.end():end].strip()
-    return out
+    pieces = _KEY.split(line)  # text before the first key, then key, value, key, value, ...
+    return {key: value.strip() for key, value in zip(pieces[1::2], pieces[2::2])}
 
 
 def records(text: str | None) -> list[dict[str, str]]:
