@@ -1,10 +1,8 @@
-"""Ask Slurm (or the local runner) how a submitted job stands, and cancel it.
-
-The registry (hpc.registry) and the logs (hpc.logs) were once here; their names stay importable from here.
-"""
+"""Ask Slurm (or the local runner) how a submitted job stands, and cancel it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -192,10 +190,8 @@ def local_state(record: Record) -> JobState:
     names = [f"{record.job_id}_cancelled"] + [f"{record.job_id}_{i}_exit" for i in range(record.ntasks)]
     files = {}
     for name in names:
-        try:
+        with contextlib.suppress(OSError, jobfiles.Damaged):
             files[name] = jobfiles.read_text(folder / name, 4096)
-        except (OSError, jobfiles.Damaged):
-            pass
     return local_outcome(record.job_id, record.ntasks, files, running)
 
 
