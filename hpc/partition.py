@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 CHECK_ENV = "HPCDIST_PARTITION_CHECK"
 # Words scontrol prints where a limit is unset.
 _UNSET = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(NULL)", "")
-# ``Key=value`` fields of one -o line: a key starts after blanks; a value may itself hold blanks (OS=Linux 6.1 #1).
 # One Gres entry: gpu[:type]:count with an optional (S:0-1) or (IDX:...) suffix.
 _GRES = re.compile(r"gpu(?::[^:(,]+)?:(\d+)[KMG]?(?:\([^)]*\))?")
 
@@ -96,7 +95,7 @@ def parse_partitions(text: str) -> tuple[Partition, ...]:
             continue
         expr = f.get("Nodes", "")
         try:
-            names = tuple(nodelist.expand(expr)) if expr and expr.upper() not in _UNSET else ()
+            names = tuple(nodelist.expand(expr)) if expr.upper() not in _UNSET else ()
         except nodelist.NodelistError:
             names = ()
         out.append(Partition(
