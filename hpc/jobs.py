@@ -195,17 +195,15 @@ def local_state(record: Record) -> JobState:
     return local_outcome(record.job_id, record.ntasks, files, running)
 
 
-def state(record: Record, runner: Runner = slurm_run) -> JobState:
-    if record.via == "local":
-        return local_state(record)
-    return slurm_state(record.job_id, runner)
-
-
 def states(records: Sequence[Record], runner: Runner = slurm_run) -> dict[str, JobState]:
     """Every record's state, with one squeue and one sacct call for all of the Slurm jobs."""
     out = {r.job_id: local_state(r) for r in records if r.via == "local"}
     out.update(slurm_states([r.job_id for r in records if r.via != "local"], runner))
     return out
+
+
+def state(record: Record, runner: Runner = slurm_run) -> JobState:
+    return states([record], runner)[record.job_id]
 
 
 def cancel(record: Record, runner: Runner = slurm_run) -> None:
