@@ -166,14 +166,12 @@ def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
         if len(left) < spec.nodes:
             raise SpecError(f"--exclude {spec.exclude} leaves {len(left)} of {where}'s nodes for a job that needs "
                             f"{spec.nodes}; exclude fewer nodes or ask for fewer --nodes")
-    usable = list(nodes)
     gpus = spec.gpus_per_node or 0
-    if gpus:
-        usable = [n for n in usable if n.gpus >= gpus]
-        if len(usable) < spec.nodes:
-            most = max((n.gpus for n in nodes), default=0)
-            raise SpecError(f"--gpus-per-node {gpus}: {len(usable)} of {where}'s nodes have that many GPUs (Gres; "
-                            f"at most {most} per node) but the job needs {spec.nodes}; ask for at most {most}")
+    usable = [n for n in nodes if n.gpus >= gpus]  # every node when the job asks for no GPU
+    if gpus and len(usable) < spec.nodes:
+        most = max((n.gpus for n in nodes), default=0)
+        raise SpecError(f"--gpus-per-node {gpus}: {len(usable)} of {where}'s nodes have that many GPUs (Gres; "
+                        f"at most {most} per node) but the job needs {spec.nodes}; ask for at most {most}")
     cpus = spec.slurm_tasks_per_node * (spec.cpus_per_task or 1)
     if usable and all(n.cpus < cpus for n in usable):
         most = max(n.cpus for n in usable)
