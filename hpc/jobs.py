@@ -162,10 +162,8 @@ def local_outcome(job_id: str, ntasks: int, files: Mapping[str, str], running: b
         return JobState(job_id, "RUNNING")
     if f"{job_id}_cancelled" in files:
         return JobState(job_id, "CANCELLED")
-    codes = []
-    for index in range(ntasks):
-        text = files.get(f"{job_id}_{index}_exit", "").strip()
-        codes.append(int(text) if text.lstrip("-").isdigit() else None)
+    texts = [files.get(f"{job_id}_{index}_exit", "").strip() for index in range(ntasks)]
+    codes = [int(text) if text.lstrip("-").isdigit() else None for text in texts]
     first = failing_task("", {i: c for i, c in enumerate(codes) if c is not None})
     if first is not None:
         return JobState(job_id, "FAILED", codes[first])
