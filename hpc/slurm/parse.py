@@ -51,13 +51,9 @@ def config(text: str | None) -> dict[str, str]:
 def rows(text: str | None, fields: Sequence[str], job: str | None = None) -> list[dict[str, str]]:
     """``|``-separated rows (``sacct -P -o F1,F2``, ``squeue -o %i|%T``) as dicts of ``fields``, in Slurm's
     order; a short row is skipped. ``job``: only the rows of that job id (its first field)."""
-    out = []
-    for line in (text or "").splitlines():
-        cols = line.split("|")
-        if len(cols) < len(fields) or (job is not None and cols[0].strip() != job):
-            continue
-        out.append(dict(zip(fields, (c.strip() for c in cols))))
-    return out
+    split = [line.split("|") for line in (text or "").splitlines()]
+    return [dict(zip(fields, (c.strip() for c in cols))) for cols in split
+            if len(cols) >= len(fields) and (job is None or cols[0].strip() == job)]
 
 
 def array_tasks(job_field: str) -> tuple[str, list[int]]:
