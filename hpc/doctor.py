@@ -23,14 +23,10 @@ class Transport:
 
 def nccl_transport(log_text: str) -> Transport:
     """Read the transports out of NCCL_DEBUG=INFO output."""
-    inter, intra = set(), set()
-    for kind in _CHANNEL.findall(log_text):
-        if kind.startswith("NET/"):
-            inter.add(kind.split("/", 1)[1])
-        else:
-            intra.add(kind)
-    inter.update(_NET_PLUGIN.findall(log_text))
-    return Transport(frozenset(inter), frozenset(intra))
+    kinds = _CHANNEL.findall(log_text)
+    inter = {kind.removeprefix("NET/") for kind in kinds if kind.startswith("NET/")}
+    return Transport(frozenset(inter.union(_NET_PLUGIN.findall(log_text))),
+                     frozenset(kind for kind in kinds if not kind.startswith("NET/")))
 
 
 @dataclass(frozen=True)

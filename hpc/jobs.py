@@ -1,10 +1,8 @@
-"""Ask Slurm (or the local runner) how a submitted job stands, and cancel it.
-
-The registry (hpc.registry) and the logs (hpc.logs) were once here; their names stay importable from here.
-"""
+"""Ask Slurm (or the local runner) how a submitted job stands, and cancel it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -164,10 +162,8 @@ def local_outcome(job_id: str, ntasks: int, files: Mapping[str, str], running: b
         return JobState(job_id, "RUNNING")
     if f"{job_id}_cancelled" in files:
         return JobState(job_id, "CANCELLED")
-    codes = []
-    for index in range(ntasks):
-        text = files.get(f"{job_id}_{index}_exit", "").strip()
-        codes.append(int(text) if text.lstrip("-").isdigit() else None)
+    texts = [files.get(f"{job_id}_{index}_exit", "").strip() for index in range(ntasks)]
+    codes = [int(text) if text.lstrip("-").isdigit() else None for text in texts]
     first = failing_task("", {i: c for i, c in enumerate(codes) if c is not None})
     if first is not None:
         return JobState(job_id, "FAILED", codes[first])
@@ -192,17 +188,9 @@ def local_state(record: Record) -> JobState:
     names = [f"{record.job_id}_cancelled"] + [f"{record.job_id}_{i}_exit" for i in range(record.ntasks)]
     files = {}
     for name in names:
-        try:
+        with contextlib.suppress(OSError, jobfiles.Damaged):
             files[name] = jobfiles.read_text(folder / name, 4096)
-        except (OSError, jobfiles.Damaged):
-            pass
     return local_outcome(record.job_id, record.ntasks, files, running)
-
-
-def state(record: Record, runner: Runner = slurm_run) -> JobState:
-    if record.via == "local":
-        return local_state(record)
-    return slurm_state(record.job_id, runner)
 
 
 def states(records: Sequence[Record], runner: Runner = slurm_run) -> dict[str, JobState]:
@@ -210,6 +198,10 @@ def states(records: Sequence[Record], runner: Runner = slurm_run) -> dict[str, J
     out = {r.job_id: local_state(r) for r in records if r.via == "local"}
     out.update(slurm_states([r.job_id for r in records if r.via != "local"], runner))
     return out
+
+
+def state(record: Record, runner: Runner = slurm_run) -> JobState:
+    return states([record], runner)[record.job_id]
 
 
 def cancel(record: Record, runner: Runner = slurm_run) -> None:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 CHECK_ENV = "HPCDIST_PARTITION_CHECK"
 # Words scontrol prints where a limit is unset.
 _UNSET = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(NULL)", "")
-# ``Key=value`` fields of one -o line: a key starts after blanks; a value may itself hold blanks (OS=Linux 6.1 #1).
 # One Gres entry: gpu[:type]:count with an optional (S:0-1) or (IDX:...) suffix.
 _GRES = re.compile(r"gpu(?::[^:(,]+)?:(\d+)[KMG]?(?:\([^)]*\))?")
 
@@ -96,7 +95,7 @@ def parse_partitions(text: str) -> tuple[Partition, ...]:
             continue
         expr = f.get("Nodes", "")
         try:
-            names = tuple(nodelist.expand(expr)) if expr and expr.upper() not in _UNSET else ()
+            names = tuple(nodelist.expand(expr)) if expr.upper() not in _UNSET else ()
         except nodelist.NodelistError:
             names = ()
         out.append(Partition(
@@ -167,14 +166,12 @@ def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
         if len(left) < spec.nodes:
             raise SpecError(f"--exclude {spec.exclude} leaves {len(left)} of {where}'s nodes for a job that needs "
                             f"{spec.nodes}; exclude fewer nodes or ask for fewer --nodes")
-    usable = list(nodes)
     gpus = spec.gpus_per_node or 0
-    if gpus:
-        usable = [n for n in usable if n.gpus >= gpus]
-        if len(usable) < spec.nodes:
-            most = max((n.gpus for n in nodes), default=0)
-            raise SpecError(f"--gpus-per-node {gpus}: {len(usable)} of {where}'s nodes have that many GPUs (Gres; "
-                            f"at most {most} per node) but the job needs {spec.nodes}; ask for at most {most}")
+    usable = [n for n in nodes if n.gpus >= gpus]  # every node when the job asks for no GPU
+    if gpus and len(usable) < spec.nodes:
+        most = max((n.gpus for n in nodes), default=0)
+        raise SpecError(f"--gpus-per-node {gpus}: {len(usable)} of {where}'s nodes have that many GPUs (Gres; "
+                        f"at most {most} per node) but the job needs {spec.nodes}; ask for at most {most}")
     cpus = spec.slurm_tasks_per_node * (spec.cpus_per_task or 1)
     if usable and all(n.cpus < cpus for n in usable):
         most = max(n.cpus for n in usable)

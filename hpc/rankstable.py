@@ -1,6 +1,6 @@
 """Tabulate what each rank of a job will see (the job directory's ranks.txt), before the job runs.
 
-    print(ranks_table(spec, job_id="4242"))
+    print(ranks_table(spec))
 
 The table comes from synthetic launcher environments fed through hpc.ranks.resolve, the very function each
 rank runs, so it shows what the ranks will compute rather than a second opinion of it.
@@ -12,7 +12,7 @@ from hpc import nodelist, ranks, shown
 from hpc.spec import JobSpec
 
 
-def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024) -> str:
+def ranks_table(spec: JobSpec, full_up_to: int = 1024) -> str:
     """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve.
 
     Every rank is listed up to ``full_up_to`` ranks; beyond, the first and last rank of each node (the
@@ -22,7 +22,6 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
     hosts = spec.hosts
     per_node, tasks = spec.procs_per_node, spec.slurm_tasks_per_node
     expr = nodelist.compress(hosts)
-    job = job_id or "0"
     full = spec.world_size <= full_up_to
     local_ranks = range(per_node) if full else sorted({0, per_node - 1})
     step_tasks = spec.world_size if spec.launcher == "srun" else spec.nodes
@@ -31,8 +30,10 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
         return {"SLURM_PROCID": str(procid), "SLURM_NTASKS": str(step_tasks), "SLURM_STEP_ID": "0",
                 "SLURM_LOCALID": str(local_id), "SLURM_NODEID": str(node_rank), "SLURM_JOB_NODELIST": expr,
                 "SLURM_STEP_NODELIST": expr, "SLURM_STEP_NUM_TASKS": str(step_tasks),
-                "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": job}
+                "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": "0"}
 
+    # ranks.txt is written before the job has an id: the port column states the rule every rank derives it by.
+    port = f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
     rows = []
     for node_rank, host in enumerate(hosts):
         if spec.launcher != "srun":
@@ -50,7 +51,6 @@ def ranks_table(spec: JobSpec, job_id: str | None = None, full_up_to: int = 1024
                     "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port),
                 }
             dist = ranks.resolve(environ)
-            port = str(dist.master_port) if job_id else f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
             rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host, dist.master_addr,
                          port, dist.source))
     header = ("rank", "local_rank", "node_rank", "node", "master_addr", "master_port", "source")

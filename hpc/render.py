@@ -47,13 +47,13 @@ class Rendered:
 def search_path(profile: Profile, environ: Mapping[str, str]) -> tuple[str, ...]:
     """Template directories in order: the profile's, $HPCDIST_TEMPLATES, each search-path level's templates/
     (hpc.sites), the built-in ones last."""
-    site = [d for d in (profile.templates, environ.get(TEMPLATES_ENV)) if d]
-    for where, directory in zip(("the profile's templates:", f"${TEMPLATES_ENV}"),
-                                (profile.templates, environ.get(TEMPLATES_ENV))):
+    site = {"the profile's templates:": profile.templates, f"${TEMPLATES_ENV}": environ.get(TEMPLATES_ENV)}
+    for where, directory in site.items():
         if directory and not os.path.isdir(directory):
             # Rendering on without them would silently drop the site's overrides.
             raise RenderError(f"{where} {directory} is not a directory; create it, fix the path or unset it")
-    return tuple(dict.fromkeys((*site, *sites.template_dirs(environ), str(paths.templates_dir()))))
+    return tuple(dict.fromkeys((*filter(None, site.values()), *sites.template_dirs(environ),
+                                str(paths.templates_dir()))))
 
 
 def settle(spec: JobSpec, cpus: dsconfig.Cpus) -> tuple[JobSpec, dict[str, Any] | None, str | None]:

@@ -11,6 +11,8 @@ import datetime
 import io
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -196,9 +198,6 @@ def _interruptible_children() -> Iterator[None]:
     `hpcdist cancel` (like submitit's LocalJob.cancel) sends it. A handled signal is reset to the default in
     the child, so a handler here for the moment of the fork is enough.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
         yield
         return

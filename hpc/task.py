@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -114,19 +115,15 @@ def emulated_environ(environ: Mapping[str, str], geometry: Geometry, index: int,
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _stop(child: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the child's group, then SIGKILL whatever is left after ``grace_s``."""
     _signal_group(child, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
     _signal_group(child, signal.SIGKILL)
     child.wait()
 
@@ -140,14 +137,10 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
     waiting in a collective until the time limit. ``output`` (appended to) plays srun's --output.
     """
     command = tuple(str(c) for c in command)
-    log = open(output, "ab") if output is not None else None
-    try:
+    with open(output, "ab") if output is not None else contextlib.nullcontext() as log:
         # A session of its own makes the command's processes one group, which a signal reaches whole.
         child = subprocess.Popen(command, env=dict(env) if env is not None else None, start_new_session=True,
                                  stdout=log, stderr=subprocess.STDOUT if log else None)
-    finally:
-        if log is not None:
-            log.close()
     previous = {sig: signal.signal(sig, lambda signum, _frame: _signal_group(child, signum)) for sig in FORWARDED}
     try:
         while True:

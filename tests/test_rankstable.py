@@ -16,13 +16,13 @@ def _rows(table: str) -> list[list[str]]:
     return [line.split() for line in table.splitlines() if not line.startswith("#")][1:]
 
 
-def test_ranks_table_with_nodelist_and_job_id() -> None:
+def test_ranks_table_with_nodelist() -> None:
     spec = replace(golden_spec("ddp", "srun"), nodelist="n[1-2]")
-    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, job_id="4242")
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec)
     rows = _rows(table)
     assert [r[:4] for r in rows] == [["0", "0", "0", "n1"], ["1", "1", "0", "n1"], ["2", "0", "1", "n2"],
                                      ["3", "1", "1", "n2"]]
-    assert {r[4] for r in rows} == {"n1"} and {r[5] for r in rows} == {str(12000 + 4242 % 20000)}
+    assert {r[4] for r in rows} == {"n1"} and {r[5] for r in rows} == {"12000+JOBID%20000"}
     assert "# 4 rank(s) = 2 node(s) x 2; rank = node_rank * 2 + local_rank." in table.splitlines()
 
 

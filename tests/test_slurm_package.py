@@ -54,6 +54,12 @@ def test_commands_return_slurms_text_or_none_and_take_a_fake_slurm() -> None:
         commands.sbatch(Path("job.sbatch"), runner=lambda argv: subprocess.CompletedProcess(argv, 1, "", "no\n"))
 
 
+def test_slurmd_port_is_scontrol_configs_else_slurms_default() -> None:
+    config = "Configuration data as of 2026-12-06T20:00:00\nSlurmctldPort = 6817\nSlurmdPort              = 7000\n"
+    assert commands.slurmd_port(lambda argv: subprocess.CompletedProcess(argv, 0, config, "")) == 7000
+    assert commands.slurmd_port(lambda argv: subprocess.CompletedProcess(argv, 1, "", "down\n")) == commands.SLURMD_PORT
+
+
 @pytest.mark.parametrize("text,seconds", [("00:05:00", 300), ("1-00:00:00", 86400), ("5:00", 300),
                                           ("2-03:04:05", 183845), ("UNLIMITED", None), ("NONE", None),
                                           ("Partition_Limit", None), ("junk", None), ("00:00:07.250", 7)])

@@ -222,8 +222,7 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
         for path in shown:
             offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(shown) > 1)
 
-    followed = Job(record)
-    followed.wait(FOLLOW_POLL_S, on_poll=print_new)
+    Job(record).wait(FOLLOW_POLL_S, on_poll=print_new)
     print_new()
 
 

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpc.slurm.parse import sbatch_job_id
+from hpc.slurm import parse
 from hpc.slurm.runner import Runner, SlurmError, complaint, run
 
 
@@ -71,7 +71,7 @@ def sbatch(script: Path, runner: Runner | None = None, options: Sequence[str] = 
     proc = runner(argv) if runner else run(argv, cwd=str(Path(script).parent), env=env)
     if proc.returncode != 0:
         raise SlurmError(f"sbatch refused the job: {complaint(proc)}")
-    job_id = sbatch_job_id(proc.stdout)
+    job_id = parse.sbatch_job_id(proc.stdout)
     if job_id is None:
         raise SlurmError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
     return job_id
@@ -96,12 +96,8 @@ SLURMD_PORT = 6818  # Slurm's default SlurmdPort
 
 def slurmd_port(runner: Runner = run) -> int:
     """The cluster's SlurmdPort (``scontrol show config``), else Slurm's default."""
-    text = show("config", runner=runner) or ""
-    for line in text.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() == "SlurmdPort" and value.strip().isdigit():
-            return int(value.strip())
-    return SLURMD_PORT
+    port = parse.config(show("config", runner=runner)).get("SlurmdPort", "")
+    return int(port) if port.isdigit() else SLURMD_PORT
 
 
 def slurmd_answers(node: str, port: int = SLURMD_PORT, timeout_s: float = 1.0) -> bool:

@@ -11,15 +11,12 @@ import datetime
 import re
 
 _DURATION = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)(?:\.\d+)?")
-_UNSET = ("", "UNLIMITED", "INFINITE", "NONE", "N/A", "PARTITION_LIMIT", "UNKNOWN", "INVALID")
 
 
 def duration_s(text: str) -> int | None:
-    """Slurm's ``[D-][HH:]MM:SS`` as printed by scontrol, squeue and sacct, in seconds; None for unset forms."""
-    text = text.strip()
-    if text.upper() in _UNSET:
-        return None
-    m = _DURATION.fullmatch(text)
+    """Slurm's ``[D-][HH:]MM:SS`` as printed by scontrol, squeue and sacct, in seconds; None for the unset forms
+    (UNLIMITED, INFINITE, N/A, ...), which hold no digits."""
+    m = _DURATION.fullmatch(text.strip())
     if not m:
         return None
     days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())

@@ -23,12 +23,8 @@ _STATE_FLAGS = "*~#!%$@^-"
 
 def record(line: str) -> dict[str, str]:
     """One line of ``scontrol show job|node|partition -o`` as its Key=value pairs."""
-    marks = list(_KEY.finditer(line))
-    out = {}
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(line)
-        out[m.group(1)] = line[m.end():end].strip()
-    return out
+    pieces = _KEY.split(line)  # text before the first key, then key, value, key, value, ...
+    return {key: value.strip() for key, value in zip(pieces[1::2], pieces[2::2])}
 
 
 def records(text: str | None) -> list[dict[str, str]]:
@@ -55,13 +51,9 @@ def config(text: str | None) -> dict[str, str]:
 def rows(text: str | None, fields: Sequence[str], job: str | None = None) -> list[dict[str, str]]:
     """``|``-separated rows (``sacct -P -o F1,F2``, ``squeue -o %i|%T``) as dicts of ``fields``, in Slurm's
     order; a short row is skipped. ``job``: only the rows of that job id (its first field)."""
-    out = []
-    for line in (text or "").splitlines():
-        cols = line.split("|")
-        if len(cols) < len(fields) or (job is not None and cols[0].strip() != job):
-            continue
-        out.append(dict(zip(fields, (c.strip() for c in cols))))
-    return out
+    split = [line.split("|") for line in (text or "").splitlines()]
+    return [dict(zip(fields, (c.strip() for c in cols))) for cols in split
+            if len(cols) >= len(fields) and (job is None or cols[0].strip() == job)]
 
 
 def array_tasks(job_field: str) -> tuple[str, list[int]]:
