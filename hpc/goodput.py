@@ -16,13 +16,6 @@ from hpc.slurm import grammar
 from hpc.telemetry import Seen, attempts_of, run_dir, sacct_attempts, seen_of
 
 
-def _time(value: Any) -> float | None:
-    """An attempt's ``ended`` as attempts.jsonl holds it, epoch seconds or ISO 8601, as epoch seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return grammar.timestamp(value) if isinstance(value, str) else None
-
-
 def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
                slurm: list[dict[str, float | None]] | None = None, seen: Seen | None = None) -> dict[str, Any]:
     """hpc.report.goodput of every attempt seen: it began when its waterfalls say it was allocated, and ended
@@ -31,8 +24,9 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
     rdir = run_dir(record)
     seen = seen or seen_of(record)
     histories = seen.histories
+    # records.load keeps only lines whose attempt is an int and whose ending (and ended, when there) is text.
     attempts = attempts_of(record)
-    endings = {a["attempt"]: str(a.get("ending", "unknown")) for a in attempts if isinstance(a.get("attempt"), int)}
+    endings = {a["attempt"]: a["ending"] for a in attempts}
     last_beat: dict[int, float] = {}
     for b in itertools.chain(*histories.values(), seen.beats.values()):
         last_beat[b.attempt] = max(last_beat.get(b.attempt, b.time), b.time)
@@ -40,7 +34,7 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
     starts: dict[int, float] = {}
     for w in falls:
         starts[w.attempt] = min(starts.get(w.attempt, at := w.allocated_at), at)
-    ends = {a["attempt"]: t for a in attempts if (t := _time(a.get("ended"))) is not None}
+    ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
     for attempt, row in enumerate(sacct_attempts(record) if slurm is None else slurm):
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
