@@ -32,19 +32,17 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
         last_beat[b.attempt] = max(last_beat.get(b.attempt, b.time), b.time)
     numbers = set(last_beat) | {w.attempt for w in falls} | set(endings)
     starts: dict[int, float] = {}
+    first_steps: dict[int, float] = {}
     for w in falls:
         starts[w.attempt] = min(starts.get(w.attempt, at := w.allocated_at), at)
+        if (done := w.at("first_step_done")) is not None:
+            first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
     for attempt, row in enumerate(sacct_attempts(record) if slurm is None else slurm):
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt, when in last_beat.items():
         ends.setdefault(attempt, when)
-    first_steps: dict[int, float] = {}
-    for w in falls:
-        done = w.at("first_step_done")
-        if done is not None:
-            first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in numbers}
     trained = [a for a in sorted(numbers) if any(b.phase == "train" for b in lead[a])]
     steps_seen = report.steps_by_attempt(report.loss_series(jobfiles.lines_of(rdir / vocab.METRICS)), trained)
