@@ -100,14 +100,9 @@ class Waterfall:
 
     @functools.cached_property
     def phases(self) -> tuple[Phase, ...]:
-        phases = []
-        at = self.start
-        for name, when in self.stamps[1:]:
-            late = when >= at
-            end = when if late else at
-            phases.append(Phase(PHASES[name], name, at, end - at, not late))
-            at = end
-        return tuple(phases)
+        passed = list(self._passed())
+        return tuple(Phase(PHASES[name], name, start, end - start, out_of_order=when < start)
+                     for (_, start), (name, end), (_, when) in zip(passed, passed[1:], self.stamps[1:]))
 
     @property
     def slowest(self) -> Phase | None:
