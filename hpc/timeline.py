@@ -181,23 +181,19 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     read_shell_stamps; ``marks``: (attempt, rank) -> heartbeat marks; ``slurm``: per attempt Submit/Start;
     ``submitted``: the registry's submission time (attempt 0's, when accounting has none).
     """
+    # waterfall() passes over names that are no stamp (sacct's "ended", junk in a shell file): only the heartbeat
+    # marks are filtered here, since they may set no stamp before the process's own.
     bases: dict[int, dict[str, float]] = {}
     out = []
     for attempt, rank, node in sorted(set(world)):
         if attempt not in bases:  # what every rank of the attempt shares
-            stamps: dict[str, float] = {}
-            if attempt < len(slurm):
-                stamps.update({k: v for k, v in slurm[attempt].items() if v is not None and k in STAMPS})
+            stamps = {k: v for k, v in (slurm[attempt] if attempt < len(slurm) else {}).items() if v is not None}
             if attempt == 0 and submitted is not None:
                 stamps.setdefault("submitted", submitted)
-            stamps.update({k: v for k, v in shell.get(attempt, {}).get("batch", {}).items() if k in STAMPS})
-            bases[attempt] = stamps
-        stamps = dict(bases[attempt])
-        task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank))
-        if task:
-            stamps.update({k: v for k, v in task.items() if k in STAMPS})
-        stamps.update({k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS})
-        found = waterfall(stamps, attempt, rank, node)
+            bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}
+        task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank), {})
+        own = {k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS}
+        found = waterfall({**bases[attempt], **task, **own}, attempt, rank, node)
         if found is not None:
             out.append(found)
     return out
