@@ -100,15 +100,13 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
 
 def goodput(spans_: Sequence[AttemptSpan], nodes: int) -> dict[str, Any]:
     """Node-seconds per category over all attempts, and each one's share of the allocated total."""
-    totals = {c: 0.0 for c in CATEGORIES}
-    for span in spans_:
-        for c, s in span.seconds().items():
-            totals[c] += s * nodes
+    seconds = [span.seconds() for span in spans_]
+    totals = {c: sum((s[c] * nodes for s in seconds), 0.0) for c in CATEGORIES}
     allocated = sum(totals.values())
     shares = {c: (v / allocated if allocated else 0.0) for c, v in totals.items()}
     return {"nodes": nodes, "allocated_node_s": allocated, "node_s": totals, "share": shares,
             "redone_steps": sum(s.redone_steps for s in spans_),
-            "attempts": [{**asdict(s), "seconds": s.seconds()} for s in spans_]}
+            "attempts": [{**asdict(span), "seconds": s} for span, s in zip(spans_, seconds)]}
 
 
 def loss_series(metrics: Sequence[Mapping[str, Any]]) -> list[list[tuple[int, float]]]:
