@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -71,10 +72,8 @@ def atomic_write(path: Path, data: str | bytes, *, executable: bool = False, dur
         os.chmod(tmp, 0o755 if executable else 0o644)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
