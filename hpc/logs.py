@@ -105,9 +105,7 @@ def failure_report(record: Record, lines: int = 40) -> str:
     if index is not None:
         # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
         first = srun_first_failure(own_text)
-        if first and first[0] != index:
-            first = None
-        where, how = (f" on {first[1]}", f": {first[2]}") if first else (
+        where, how = (f" on {first[1]}", f": {first[2]}") if first and first[0] == index else (
             (f" on {last['node']}", "") if last and last.get("node") else ("", f": exit status {codes.get(index)}"))
         parts.append(f"hpcdist: task {index} ({ranks_label(record, index)}){where} failed first{how}")
     for path in chosen:
