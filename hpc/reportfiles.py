@@ -163,14 +163,13 @@ def _paint(conn: Any, parents: Any, folder: Path) -> None:
     # The half second this process exists to spend early.
     import matplotlib.pyplot
 
-    data: dict[str, Any] = {}
     drawn: dict[str, dict[str, Any]] = {}
     failed: BaseException | None = None
     try:
         while (message := conn.recv())[0] is not None:
-            name, data[name] = message
+            name, data = message
             try:
-                if failed is None and (done := draw_chart(folder, name, data[name])) is not None:
+                if failed is None and (done := draw_chart(folder, name, data)) is not None:
                     drawn[name] = done
             except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
                 failed = exc
