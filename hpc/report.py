@@ -85,9 +85,8 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
         start = starts.get(attempt, beats[0].time if beats else 0.0)
         end = ends.get(attempt, beats[-1].time if beats else start)
         first = first_steps.get(attempt)
-        training = [b for b in beats if b.phase == "train"]
-        planned = [b.start_step for b in beats if b.start_step is not None]
-        resume = planned[0] if planned else training[0].step if training else 0
+        resume = next((b.start_step for b in beats if b.start_step is not None),
+                      next((b.step for b in beats if b.phase == "train"), 0))
         last = max([b.step for b in beats] + [steps_seen.get(attempt, resume)])
         phases = phase_seconds(beats, since=first, until=end)
         redone = max(min(last, furthest) - resume, 0)
