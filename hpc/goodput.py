@@ -1,7 +1,7 @@
 """Measure a job's goodput: when each attempt began, trained and ended, split by hpc.report into node-time shares.
 
-    good = goodput_of(record, telemetry.waterfalls(record))
-    good["share"]["train"], good["redone_steps"]     # also written as JOB_DIR/report/goodput.json
+    good = goodput_of(record, falls, telemetry.sacct_attempts(record), telemetry.seen_of(record))
+    good["share"]["productive"], good["redone_steps"]     # also written as JOB_DIR/report/goodput.json
 
 Reads the job's files and sacct through hpc.telemetry; the arithmetic (spans, shares) is hpc.report's, pure.
 """
@@ -13,16 +13,15 @@ from typing import Any
 
 from hpc import jobfiles, registry, report, timeline, vocab
 from hpc.slurm import grammar
-from hpc.telemetry import Seen, attempts_of, run_dir, sacct_attempts, seen_of
+from hpc.telemetry import Seen, attempts_of, run_dir
 
 
 def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
-               slurm: list[dict[str, float | None]] | None = None, seen: Seen | None = None) -> dict[str, Any]:
+               slurm: list[dict[str, float | None]], seen: Seen) -> dict[str, Any]:
     """hpc.report.goodput of every attempt seen: it began when its waterfalls say it was allocated, and ended
-    when attempts.jsonl says, else when sacct does, else at its last heartbeat (a killed attempt leaves no
-    record of its own end). ``slurm``: sacct_attempts(record), when the caller has asked already."""
+    when attempts.jsonl says, else when sacct does (``slurm``), else at its last heartbeat (a killed attempt
+    leaves no record of its own end)."""
     rdir = run_dir(record)
-    seen = seen or seen_of(record)
     histories = seen.histories
     # records.load keeps only lines whose attempt is an int and whose ending (and ended, when there) is text.
     attempts = attempts_of(record)
@@ -38,7 +37,7 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
         if (done := w.at("first_step_done")) is not None:
             first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
-    for attempt, row in enumerate(sacct_attempts(record) if slurm is None else slurm):
+    for attempt, row in enumerate(slurm):
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt, when in last_beat.items():
