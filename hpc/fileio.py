@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import tempfile
@@ -87,8 +88,6 @@ def append_line(path: Path, line: str) -> None:
 
 def save_png(fig: Any, path: Path, dpi: int) -> None:
     """A matplotlib figure as a PNG at ``path`` (see ``atomic_write``)."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write(path, buffer.getvalue())

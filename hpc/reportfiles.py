@@ -11,6 +11,7 @@ in a child process forked first, each chart sent to it as soon as its data is re
 from __future__ import annotations
 
 import base64
+import io
 import json
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
@@ -219,8 +220,6 @@ def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
 def draw_overview(folder: Path, title: str, charts: dict[str, bytes]) -> None:
     """overview.png: the charts drawn (name -> their PNG) two by two in CHARTS order under the title, a blank for
     the rest. Pasted, not drawn again: at 4,096 nodes a second drawing cost half a second at the report's end."""
-    import io
-
     import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
