@@ -44,8 +44,11 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         painter.finish(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                        f"{record.world_size} rank(s)")
         stragglers = stragglers_of(record, seen)
-        summary = jobfiles.json_object(run_dir(record) / vocab.SUMMARY)
-        facts = facts_of(record, summary, state)
+        facts = [("job", f"{record.job_id} ({record.via})"), ("state", state.line()), ("job dir", record.job_dir),
+                 ("geometry", f"{record.backend}, {record.launcher}, {record.nodes} node(s), "
+                              f"{record.world_size} rank(s)")]
+        for line in progress.summary(jobfiles.json_object(run_dir(record) / vocab.SUMMARY)):
+            facts.append(tuple(line.split(": ", 1)))  # type: ignore[arg-type]
         drawn = painter.drawn()
     images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}", facts, images,
@@ -240,14 +243,3 @@ def draw_overview(folder: Path, title: str, charts: dict[str, bytes]) -> None:
     buffer = io.BytesIO()
     page.save(buffer, format="PNG")
     fileio.atomic_write(folder / "overview.png", buffer.getvalue())
-
-
-# ---- the page's facts ----------------------------------------------------------------------------
-
-def facts_of(record: registry.Record, summary: dict[str, Any] | None, state: jobs.JobState) -> list[tuple[str, Any]]:
-    facts = [("job", f"{record.job_id} ({record.via})"), ("state", state.line()), ("job dir", record.job_dir),
-             ("geometry", f"{record.backend}, {record.launcher}, {record.nodes} node(s), {record.world_size} rank(s)")]
-    for line in progress.summary(summary):
-        facts.append(tuple(line.split(": ", 1)))  # type: ignore[arg-type]
-    return facts
-
