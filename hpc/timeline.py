@@ -105,8 +105,8 @@ class Waterfall:
                      for (_, start), (name, end), (_, when) in zip(passed, passed[1:], self.stamps[1:]))
 
     @property
-    def slowest(self) -> Phase | None:
-        return max(self.phases, key=lambda p: p.seconds, default=None)
+    def slowest(self) -> Phase:
+        return max(self.phases, key=lambda p: p.seconds)
 
     def to_json(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "rank": self.rank, "node": self.node, "first": self.first,
@@ -233,9 +233,8 @@ def table(falls: Sequence[Waterfall]) -> str:
                            for n in names], f"{w.wall_s:.2f}"))
         lines = [f"attempt {attempt} (seconds per phase)", *shown.aligned((header, *rows), right=range(3, len(header)))]
         worst = slowest(mine)
-        if worst is not None and worst.slowest is not None:
-            lines.append(f"slowest: rank {worst.rank} on {worst.node or '?'}, first step {worst.wall_s:.1f}s after "
-                         f"{worst.first}; its longest phase: {worst.slowest.name} ({worst.slowest.seconds:.1f}s)")
+        lines.append(f"slowest: rank {worst.rank} on {worst.node or '?'}, first step {worst.wall_s:.1f}s after "
+                     f"{worst.first}; its longest phase: {worst.slowest.name} ({worst.slowest.seconds:.1f}s)")
         if any(p.out_of_order for w in mine for p in w.phases):
             lines.append("* a stamp earlier than the one before it (whole-second clocks): counted as 0")
         blocks.append("\n".join(lines))
