@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import stat
 import tempfile
@@ -71,10 +73,8 @@ def atomic_write(path: Path, data: str | bytes, *, executable: bool = False, dur
         os.chmod(tmp, 0o755 if executable else 0o644)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -88,8 +88,6 @@ def append_line(path: Path, line: str) -> None:
 
 def save_png(fig: Any, path: Path, dpi: int) -> None:
     """A matplotlib figure as a PNG at ``path`` (see ``atomic_write``)."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write(path, buffer.getvalue())

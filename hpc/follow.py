@@ -84,8 +84,7 @@ def status_lines(record: registry.Record, ended: bool = False) -> list[str]:
 
 def list_cells(record: registry.Record) -> tuple[str, str, str]:
     """(attempt, step/total, images/s) for ``hpcdist list``; "-" where the job has no heartbeat yet."""
-    beats = monitor.read_heartbeats(telemetry.run_dir(record))
-    current = progress.of(beats) if beats else None
+    current = progress.of(monitor.read_heartbeats(telemetry.run_dir(record)))
     if current is None:
         return "-", "-", "-"
     rate = f"{current.images_per_s:.0f}" if current.images_per_s is not None else "-"

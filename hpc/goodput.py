@@ -1,7 +1,7 @@
 """Measure a job's goodput: when each attempt began, trained and ended, split by hpc.report into node-time shares.
 
-    good = goodput_of(record, telemetry.waterfalls(record))
-    good["share"]["train"], good["redone_steps"]     # also written as JOB_DIR/report/goodput.json
+    good = goodput_of(record, falls, telemetry.sacct_attempts(record), telemetry.seen_of(record))
+    good["share"]["productive"], good["redone_steps"]     # also written as JOB_DIR/report/goodput.json
 
 Reads the job's files and sacct through hpc.telemetry; the arithmetic (spans, shares) is hpc.report's, pure.
 """
@@ -13,44 +13,35 @@ from typing import Any
 
 from hpc import jobfiles, registry, report, timeline, vocab
 from hpc.slurm import grammar
-from hpc.telemetry import Seen, attempts_of, run_dir, sacct_attempts, seen_of
-
-
-def _time(value: Any) -> float | None:
-    """An attempt's ``ended`` as attempts.jsonl holds it, epoch seconds or ISO 8601, as epoch seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return grammar.timestamp(value) if isinstance(value, str) else None
+from hpc.telemetry import Seen, attempts_of, run_dir
 
 
 def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
-               slurm: list[dict[str, float | None]] | None = None, seen: Seen | None = None) -> dict[str, Any]:
+               slurm: list[dict[str, float | None]], seen: Seen) -> dict[str, Any]:
     """hpc.report.goodput of every attempt seen: it began when its waterfalls say it was allocated, and ended
-    when attempts.jsonl says, else when sacct does, else at its last heartbeat (a killed attempt leaves no
-    record of its own end). ``slurm``: sacct_attempts(record), when the caller has asked already."""
+    when attempts.jsonl says, else when sacct does (``slurm``), else at its last heartbeat (a killed attempt
+    leaves no record of its own end)."""
     rdir = run_dir(record)
-    seen = seen or seen_of(record)
     histories = seen.histories
+    # records.load keeps only lines whose attempt is an int and whose ending (and ended, when there) is text.
     attempts = attempts_of(record)
-    endings = {a["attempt"]: str(a.get("ending", "unknown")) for a in attempts if isinstance(a.get("attempt"), int)}
+    endings = {a["attempt"]: a["ending"] for a in attempts}
     last_beat: dict[int, float] = {}
     for b in itertools.chain(*histories.values(), seen.beats.values()):
         last_beat[b.attempt] = max(last_beat.get(b.attempt, b.time), b.time)
     numbers = set(last_beat) | {w.attempt for w in falls} | set(endings)
     starts: dict[int, float] = {}
+    first_steps: dict[int, float] = {}
     for w in falls:
         starts[w.attempt] = min(starts.get(w.attempt, at := w.allocated_at), at)
-    ends = {a["attempt"]: t for a in attempts if (t := _time(a.get("ended"))) is not None}
-    for attempt, row in enumerate(sacct_attempts(record) if slurm is None else slurm):
+        if (done := w.at("first_step_done")) is not None:
+            first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
+    ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
+    for attempt, row in enumerate(slurm):
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt, when in last_beat.items():
         ends.setdefault(attempt, when)
-    first_steps: dict[int, float] = {}
-    for w in falls:
-        done = w.at("first_step_done")
-        if done is not None:
-            first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in numbers}
     trained = [a for a in sorted(numbers) if any(b.phase == "train" for b in lead[a])]
     steps_seen = report.steps_by_attempt(report.loss_series(jobfiles.lines_of(rdir / vocab.METRICS)), trained)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
 
@@ -142,9 +144,6 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
     as this kind and that holds nothing since (see ``unreplaceable``); nothing else is ever removed, and
     ``target`` is never /, the home or current directory or one above them (``environ``'s HOME, ``cwd``).
     """
-    import shutil
-    import tempfile
-
     refuse_target(target, what, force, os.environ if environ is None else environ,
                    os.getcwd() if cwd is None else cwd)
     try:
@@ -186,7 +185,5 @@ def discard(job_dir: Path) -> None:
 
     Only a directory holding hpcdist's marker goes; anything else is left as it is.
     """
-    import shutil
-
     if is_job_dir(job_dir):
         shutil.rmtree(job_dir, ignore_errors=True)

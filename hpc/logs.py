@@ -35,30 +35,18 @@ def task_of(record: Record, rank: int) -> int:
     return rank // per_task
 
 
-# srun's report of a task that ended badly: ``srun: error: n2: task 1: Killed``.
-_SRUN_TASK_END = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)$", re.M)
-
-
-def srun_first_failure(batch_log: str) -> tuple[int, str, str] | None:
-    """(task, node, how) from srun's first report of a task that ended badly, if the log has one.
-
-    The first report is the cause: srun --kill-on-bad-exit stops the other tasks only after it, and a
-    rank that noticed its dead peer (a broken collective) exits after it too. That first task may have
-    been killed (``Killed``: the OOM killer, kill -9) rather than have exited with a status.
-    """
-    m = _SRUN_TASK_END.search(batch_log)
-    return (int(m.group(2)), m.group(1), m.group(3).strip()) if m else None
-
-
 def failing_task(batch_log: str, exit_codes: Mapping[int, int]) -> int | None:
-    """The task that failed first: srun's own report in the batch log, else a local non-zero status.
+    """The task that failed first: srun's own first report in the batch log, else a local non-zero status.
 
-    srun prints ``srun: error: n2: task 1: Exited with exit code 3`` (or ``...: Killed``) for the task
-    that failed; the others, stopped by --kill-on-bad-exit, follow as "Terminated"/"Killed" lines.
+    srun prints ``srun: error: n2: task 1: Exited with exit code 3`` (or ``...: Killed``: the OOM killer,
+    kill -9) for the task that failed; the others follow it: those stopped by --kill-on-bad-exit
+    ("Terminated"/"Killed") and a rank that noticed its dead peer (a broken collective).
     """
-    first = srun_first_failure(batch_log)
-    if first is not None:
-        return first[0]
+    from hpc.failures.evidence import task_ends
+
+    ended = task_ends(batch_log)
+    if ended:
+        return ended[0].task
     stopped_by_others = (128 + signal.SIGTERM, 128 + signal.SIGKILL)
     failed = [index for index in sorted(exit_codes) if exit_codes[index]]
     return next((i for i in failed if exit_codes[i] not in stopped_by_others), failed[0] if failed else None)
@@ -75,7 +63,7 @@ def failure_report(record: Record, lines: int = 40) -> str:
     """For a job that did not complete: the root cause first (the first failing rank's own error line, from
     attempts.jsonl), then which task failed first and where, its log's tail, and the batch log's tail."""
     from hpc.failures import record as records
-    from hpc.failures.evidence import attempt_segment
+    from hpc.failures.evidence import attempt_segment, task_ends
 
     batch = Path(record.job_dir) / vocab.batch_log(record.job_id)
     batch_text = tail(batch, 400)
@@ -104,10 +92,8 @@ def failure_report(record: Record, lines: int = 40) -> str:
         parts.append(f"hpcdist: {last['ending']}: {cause}")
     if index is not None:
         # One line naming who failed and where: a killed rank writes nothing, so its log tail can't say.
-        first = srun_first_failure(own_text)
-        if first and first[0] != index:
-            first = None
-        where, how = (f" on {first[1]}", f": {first[2]}") if first else (
+        first = next(iter(task_ends(own_text)), None)
+        where, how = (f" on {first.node}", f": {first.how}") if first and first.task == index else (
             (f" on {last['node']}", "") if last and last.get("node") else ("", f": exit status {codes.get(index)}"))
         parts.append(f"hpcdist: task {index} ({ranks_label(record, index)}){where} failed first{how}")
     for path in chosen:

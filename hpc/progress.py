@@ -32,7 +32,6 @@ class Progress:
     step_time_s: float | None = None
     phase: str = ""
     attempt: int = 0
-    ranks_seen: int = 0
 
     @property
     def eta_s(self) -> float | None:
@@ -63,7 +62,7 @@ def of(beats: Mapping[int, Any], metric: Mapping[str, Any] | None = None) -> Pro
         rates = rates or [b.images_per_s for b in current.values() if b.images_per_s]
         return Progress(step=lead.step, total_steps=lead.total_steps, loss=lead.loss,
                         images_per_s=sum(rates) if rates else None, step_time_s=lead.step_time_s,
-                        phase=lead.phase, attempt=attempt, ranks_seen=len(current))
+                        phase=lead.phase, attempt=attempt)
     if metric:
         step = metric.get("step")
         return Progress(step=step if isinstance(step, int) else 0, loss=_num(metric.get("loss")),

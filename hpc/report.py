@@ -85,9 +85,8 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
         start = starts.get(attempt, beats[0].time if beats else 0.0)
         end = ends.get(attempt, beats[-1].time if beats else start)
         first = first_steps.get(attempt)
-        training = [b for b in beats if b.phase == "train"]
-        planned = [b.start_step for b in beats if b.start_step is not None]
-        resume = planned[0] if planned else training[0].step if training else 0
+        resume = next((b.start_step for b in beats if b.start_step is not None),
+                      next((b.step for b in beats if b.phase == "train"), 0))
         last = max([b.step for b in beats] + [steps_seen.get(attempt, resume)])
         phases = phase_seconds(beats, since=first, until=end)
         redone = max(min(last, furthest) - resume, 0)
@@ -100,15 +99,13 @@ def spans(attempts: Sequence[int], starts: Mapping[int, float], ends: Mapping[in
 
 def goodput(spans_: Sequence[AttemptSpan], nodes: int) -> dict[str, Any]:
     """Node-seconds per category over all attempts, and each one's share of the allocated total."""
-    totals = {c: 0.0 for c in CATEGORIES}
-    for span in spans_:
-        for c, s in span.seconds().items():
-            totals[c] += s * nodes
+    seconds = [span.seconds() for span in spans_]
+    totals = {c: sum((s[c] * nodes for s in seconds), 0.0) for c in CATEGORIES}
     allocated = sum(totals.values())
     shares = {c: (v / allocated if allocated else 0.0) for c, v in totals.items()}
     return {"nodes": nodes, "allocated_node_s": allocated, "node_s": totals, "share": shares,
             "redone_steps": sum(s.redone_steps for s in spans_),
-            "attempts": [{**asdict(s), "seconds": s.seconds()} for s in spans_]}
+            "attempts": [{**asdict(span), "seconds": s} for span, s in zip(spans_, seconds)]}
 
 
 def loss_series(metrics: Sequence[Mapping[str, Any]]) -> list[list[tuple[int, float]]]:

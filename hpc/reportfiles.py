@@ -11,6 +11,7 @@ in a child process forked first, each chart sent to it as soon as its data is re
 from __future__ import annotations
 
 import base64
+import io
 import json
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +44,11 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         painter.finish(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                        f"{record.world_size} rank(s)")
         stragglers = stragglers_of(record, seen)
-        summary = jobfiles.json_object(run_dir(record) / vocab.SUMMARY)
-        facts = facts_of(record, summary, state)
+        facts = [("job", f"{record.job_id} ({record.via})"), ("state", state.line()), ("job dir", record.job_dir),
+                 ("geometry", f"{record.backend}, {record.launcher}, {record.nodes} node(s), "
+                              f"{record.world_size} rank(s)")]
+        for line in progress.summary(jobfiles.json_object(run_dir(record) / vocab.SUMMARY)):
+            facts.append(tuple(line.split(": ", 1)))  # type: ignore[arg-type]
         drawn = painter.drawn()
     images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in drawn}
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}", facts, images,
@@ -163,14 +167,13 @@ def _paint(conn: Any, parents: Any, folder: Path) -> None:
     # The half second this process exists to spend early.
     import matplotlib.pyplot
 
-    data: dict[str, Any] = {}
     drawn: dict[str, dict[str, Any]] = {}
     failed: BaseException | None = None
     try:
         while (message := conn.recv())[0] is not None:
-            name, data[name] = message
+            name, data = message
             try:
-                if failed is None and (done := draw_chart(folder, name, data[name])) is not None:
+                if failed is None and (done := draw_chart(folder, name, data)) is not None:
                     drawn[name] = done
             except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
                 failed = exc
@@ -220,8 +223,6 @@ def draw_chart(folder: Path, name: str, data: Any) -> dict[str, Any] | None:
 def draw_overview(folder: Path, title: str, charts: dict[str, bytes]) -> None:
     """overview.png: the charts drawn (name -> their PNG) two by two in CHARTS order under the title, a blank for
     the rest. Pasted, not drawn again: at 4,096 nodes a second drawing cost half a second at the report's end."""
-    import io
-
     import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
@@ -242,14 +243,3 @@ def draw_overview(folder: Path, title: str, charts: dict[str, bytes]) -> None:
     buffer = io.BytesIO()
     page.save(buffer, format="PNG")
     fileio.atomic_write(folder / "overview.png", buffer.getvalue())
-
-
-# ---- the page's facts ----------------------------------------------------------------------------
-
-def facts_of(record: registry.Record, summary: dict[str, Any] | None, state: jobs.JobState) -> list[tuple[str, Any]]:
-    facts = [("job", f"{record.job_id} ({record.via})"), ("state", state.line()), ("job dir", record.job_dir),
-             ("geometry", f"{record.backend}, {record.launcher}, {record.nodes} node(s), {record.world_size} rank(s)")]
-    for line in progress.summary(summary):
-        facts.append(tuple(line.split(": ", 1)))  # type: ignore[arg-type]
-    return facts
-

@@ -100,18 +100,13 @@ class Waterfall:
 
     @functools.cached_property
     def phases(self) -> tuple[Phase, ...]:
-        phases = []
-        at = self.start
-        for name, when in self.stamps[1:]:
-            late = when >= at
-            end = when if late else at
-            phases.append(Phase(PHASES[name], name, at, end - at, not late))
-            at = end
-        return tuple(phases)
+        passed = list(self._passed())
+        return tuple(Phase(PHASES[name], name, start, end - start, out_of_order=when < start)
+                     for (_, start), (name, end), (_, when) in zip(passed, passed[1:], self.stamps[1:]))
 
     @property
-    def slowest(self) -> Phase | None:
-        return max(self.phases, key=lambda p: p.seconds, default=None)
+    def slowest(self) -> Phase:
+        return max(self.phases, key=lambda p: p.seconds)
 
     def to_json(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "rank": self.rank, "node": self.node, "first": self.first,
@@ -186,23 +181,19 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     read_shell_stamps; ``marks``: (attempt, rank) -> heartbeat marks; ``slurm``: per attempt Submit/Start;
     ``submitted``: the registry's submission time (attempt 0's, when accounting has none).
     """
+    # waterfall() passes over names that are no stamp (sacct's "ended", junk in a shell file): only the heartbeat
+    # marks are filtered here, since they may set no stamp before the process's own.
     bases: dict[int, dict[str, float]] = {}
     out = []
     for attempt, rank, node in sorted(set(world)):
         if attempt not in bases:  # what every rank of the attempt shares
-            stamps: dict[str, float] = {}
-            if attempt < len(slurm):
-                stamps.update({k: v for k, v in slurm[attempt].items() if v is not None and k in STAMPS})
+            stamps = {k: v for k, v in (slurm[attempt] if attempt < len(slurm) else {}).items() if v is not None}
             if attempt == 0 and submitted is not None:
                 stamps.setdefault("submitted", submitted)
-            stamps.update({k: v for k, v in shell.get(attempt, {}).get("batch", {}).items() if k in STAMPS})
-            bases[attempt] = stamps
-        stamps = dict(bases[attempt])
-        task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank))
-        if task:
-            stamps.update({k: v for k, v in task.items() if k in STAMPS})
-        stamps.update({k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS})
-        found = waterfall(stamps, attempt, rank, node)
+            bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}
+        task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank), {})
+        own = {k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS}
+        found = waterfall({**bases[attempt], **task, **own}, attempt, rank, node)
         if found is not None:
             out.append(found)
     return out
@@ -242,9 +233,8 @@ def table(falls: Sequence[Waterfall]) -> str:
                            for n in names], f"{w.wall_s:.2f}"))
         lines = [f"attempt {attempt} (seconds per phase)", *shown.aligned((header, *rows), right=range(3, len(header)))]
         worst = slowest(mine)
-        if worst is not None and worst.slowest is not None:
-            lines.append(f"slowest: rank {worst.rank} on {worst.node or '?'}, first step {worst.wall_s:.1f}s after "
-                         f"{worst.first}; its longest phase: {worst.slowest.name} ({worst.slowest.seconds:.1f}s)")
+        lines.append(f"slowest: rank {worst.rank} on {worst.node or '?'}, first step {worst.wall_s:.1f}s after "
+                     f"{worst.first}; its longest phase: {worst.slowest.name} ({worst.slowest.seconds:.1f}s)")
         if any(p.out_of_order for w in mine for p in w.phases):
             lines.append("* a stamp earlier than the one before it (whole-second clocks): counted as 0")
         blocks.append("\n".join(lines))

@@ -302,7 +302,6 @@ def test_a_killed_rank_is_blamed_not_the_peer_that_noticed_it(tmp_path):
     # srun reports the kill -9'd rank first; rank 0 exits 1 only after its collective broke.
     batch = ("srun: error: n2: task 1: Killed\n"
              "srun: error: n1: task 0: Exited with exit code 1\n")
-    assert job_logs.srun_first_failure(batch)[:2] == (1, "n2")
     assert job_logs.failing_task(batch, {}) == 1
     logs = tmp_path / "logs"
     logs.mkdir()

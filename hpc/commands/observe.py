@@ -83,7 +83,7 @@ def timeline_cmd(job: str, as_json: bool) -> None:
                                "slowest": None if worst is None else {
                                    "attempt": worst.attempt, "rank": worst.rank, "node": worst.node,
                                    "wall_s": round(worst.wall_s, 3),
-                                   "phase": worst.slowest.name if worst.slowest else None}}, indent=1))
+                                   "phase": worst.slowest.name}}, indent=1))
         return
     click.echo(shown.block(timeline.table(falls)))
 
