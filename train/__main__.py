@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from train import preemption
 
@@ -351,10 +350,7 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
     mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
             "master_addr": env.master_addr, "master_port": env.master_port,
             "peak_memory_bytes": peak_memory_bytes(run.device), "param_digest": digest}
-    everyone = [mine]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
+    everyone = dssnapshot.gathered(mine, world)
     if rank != 0:
         return
     # Steps up to --warmup-steps pay for start-up, autotuning and compiling, so they are left out of the rate.
