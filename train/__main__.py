@@ -287,10 +287,6 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         beat.phase("train")
         return where
 
-    def take_snapshot() -> None:
-        snapshot.take(store, engine, dict(state), rank, clocks.snapshot if opts.snapshot_every_s is None else None)
-        clocks.saved(snapshot_only=True)
-
     def stop() -> None:
         announce_stop(run, state["step"], save() if resumed_at != state["step"] else found)
 
@@ -319,7 +315,9 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
             if action == "save":
                 save()
             elif action == "snapshot":
-                take_snapshot()
+                snapshot.take(store, engine, dict(state), rank,
+                              pace=clocks.snapshot if opts.snapshot_every_s is None else None)
+                clocks.saved(snapshot_only=True)
     agreement.drain()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # the rate must count the steps still queued on the GPU
