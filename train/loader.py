@@ -89,23 +89,22 @@ class ResidentLoader:
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches from global step ``start_step`` on; a resumed run sees exactly what the interrupted one would."""
-        step, cached_epoch, mine = start_step, None, None
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
         while True:
-            epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != cached_epoch:
-                order = epoch_permutation(len(self.labels), self.seed, epoch)
-                cached_epoch, mine = epoch, shard(order, self.rank, self.world_size).to(self.device)
-            take = mine[index * self.local_batch:(index + 1) * self.local_batch]
-            x = self.images[take]
-            if self.augment:
-                # Seeded by position, not by a running stream, so resuming mid-epoch needs no saved state.
-                g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, index, self.rank))
-                x = augment(x, g)
-            x = normalize(x, self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(step, epoch, index, x, self.labels[take])
-            step += 1
+            order = epoch_permutation(len(self.labels), self.seed, epoch)
+            mine = shard(order, self.rank, self.world_size).to(self.device)
+            for index in range(skip, self.steps_per_epoch):
+                take = mine[index * self.local_batch:(index + 1) * self.local_batch]
+                x = self.images[take]
+                if self.augment:
+                    # Seeded by position, not by a running stream, so resuming mid-epoch needs no saved state.
+                    g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, index, self.rank))
+                    x = augment(x, g)
+                x = normalize(x, self.dtype)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield Batch(epoch * self.steps_per_epoch + index, epoch, index, x, self.labels[take])
+            epoch, skip = epoch + 1, 0
 
 
 class _TransformedSplit(torch.utils.data.Dataset):
