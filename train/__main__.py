@@ -225,7 +225,7 @@ def build_engine(run: Setup) -> Engine:
 def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | ClassicLoader:
     opts = run.opts
     common = dict(rank=run.rank, world_size=run.world, local_batch=run.global_batch // run.world, seed=opts.seed,
-                  device=run.device, augment=opts.augment, channels_last=engine.channels_last)
+                  device=run.device, augment=opts.augment)
     if opts.loader == "resident":
         # Normalising straight into the engine's input dtype saves a cast per step.
         loader = ResidentLoader(data.train, dtype=engine.input_dtype, **common)
