@@ -189,13 +189,10 @@ def join(run: Setup, beat: heartbeat.Heartbeat) -> None:
         if device.type == "cuda":
             log_nccl_for_preflight(os.environ, run.run_dir)
         reach_master(env, min(opts.timeout_s, 120.0))
-    comm = "none"
     beat.phase("rendezvous")
-    if opts.backend == "dp":
-        if device.type == "cpu":
-            say(run.rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
-    else:
-        comm = init_process_group(opts.backend, env, device, opts.timeout_s)
+    comm = "none" if opts.backend == "dp" else init_process_group(opts.backend, env, device, opts.timeout_s)
+    if opts.backend == "dp" and device.type == "cpu":
+        say(run.rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
     beat.mark("process_group_ready")
     beat.phase("build")
     say(run.rank, f"{opts.backend} | world {run.world} ({env.source}) | {comm} on {device.type} | {run.precision} | "
