@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from train import preemption
 
@@ -190,13 +189,10 @@ def join(run: Setup, beat: heartbeat.Heartbeat) -> None:
         if device.type == "cuda":
             log_nccl_for_preflight(os.environ, run.run_dir)
         reach_master(env, min(opts.timeout_s, 120.0))
-    comm = "none"
     beat.phase("rendezvous")
-    if opts.backend == "dp":
-        if device.type == "cpu":
-            say(run.rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
-    else:
-        comm = init_process_group(opts.backend, env, device, opts.timeout_s)
+    comm = "none" if opts.backend == "dp" else init_process_group(opts.backend, env, device, opts.timeout_s)
+    if opts.backend == "dp" and device.type == "cpu":
+        say(run.rank, "dp: no GPU visible, so training the plain module on CPU (DataParallel needs GPUs)")
     beat.mark("process_group_ready")
     beat.phase("build")
     say(run.rank, f"{opts.backend} | world {run.world} ({env.source}) | {comm} on {device.type} | {run.precision} | "
@@ -226,7 +222,7 @@ def build_engine(run: Setup) -> Engine:
 def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | ClassicLoader:
     opts = run.opts
     common = dict(rank=run.rank, world_size=run.world, local_batch=run.global_batch // run.world, seed=opts.seed,
-                  device=run.device, augment=opts.augment, channels_last=engine.channels_last)
+                  device=run.device, augment=opts.augment)
     if opts.loader == "resident":
         # Normalising straight into the engine's input dtype saves a cast per step.
         loader = ResidentLoader(data.train, dtype=engine.input_dtype, **common)
@@ -288,10 +284,6 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
         beat.phase("train")
         return where
 
-    def take_snapshot() -> None:
-        snapshot.take(store, engine, dict(state), rank, clocks.snapshot if opts.snapshot_every_s is None else None)
-        clocks.saved(snapshot_only=True)
-
     def stop() -> None:
         announce_stop(run, state["step"], save() if resumed_at != state["step"] else found)
 
@@ -320,7 +312,9 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
             if action == "save":
                 save()
             elif action == "snapshot":
-                take_snapshot()
+                snapshot.take(store, engine, dict(state), rank,
+                              pace=clocks.snapshot if opts.snapshot_every_s is None else None)
+                clocks.saved(snapshot_only=True)
     agreement.drain()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # the rate must count the steps still queued on the GPU
@@ -351,10 +345,7 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
     mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
             "master_addr": env.master_addr, "master_port": env.master_port,
             "peak_memory_bytes": peak_memory_bytes(run.device), "param_digest": digest}
-    everyone = [mine]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
+    everyone = dssnapshot.gathered(mine, world)
     if rank != 0:
         return
     # Steps up to --warmup-steps pay for start-up, autotuning and compiling, so they are left out of the rate.

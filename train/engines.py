@@ -28,7 +28,6 @@ class Engine(Protocol):
     """What the trainer asks of a backend: a step, predictions, the full parameters, checkpoint I/O."""
 
     input_dtype: torch.dtype  # what the loader normalises images into
-    channels_last: bool  # whether inputs should come in channels-last memory format
     zero_stage: int | None  # DeepSpeed's ZeRO stage; None for dp/ddp
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
@@ -69,10 +68,15 @@ class TorchEngine:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32")
 
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The images in the module's memory format (channels-last with --channels-last), so its first
+        convolution converts nothing."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.net.train()
         with self._autocast():
-            loss = F.cross_entropy(self.net(x), y)
+            loss = F.cross_entropy(self.net(self._inputs(x)), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -83,7 +87,7 @@ class TorchEngine:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.net.eval()
         with self._autocast():
-            return self.net(x).argmax(1)
+            return self.net(self._inputs(x)).argmax(1)
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -126,8 +130,6 @@ class TorchEngine:
 
 class DeepSpeedEngine:
     """deepspeed.initialize on the module with the resolved config: ZeRO stage, precision and Adam come from it."""
-
-    channels_last = False  # DeepSpeed trains the module as it is
 
     def __init__(self, model: nn.Module, *, config: dict) -> None:
         import deepspeed

@@ -27,8 +27,6 @@ def evaluate_accuracy(engine: Engine, data: Dataset, rank: int, world: int, devi
     for chunk in positions.split(EVAL_BATCH):
         real = chunk < n  # positions past the end pad the last rank's share and must not count
         x = normalize(data.test.images[chunk % n].to(device))
-        if engine.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         hits = (engine.predict(x).cpu() == data.test.labels[chunk % n]) & real
         correct += torch.tensor([hits.sum().item(), real.sum().item()], dtype=torch.float64)
     if world > 1:

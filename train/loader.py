@@ -78,34 +78,30 @@ class ResidentLoader:
     """The whole split lives on the device as uint8; batches are gathered, augmented and normalised there."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, local_batch: int, seed: int,
-                 device: torch.device, augment: bool = False, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device, augment: bool = False, dtype: torch.dtype = torch.float32) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
-        self.device, self.augment, self.channels_last, self.dtype = device, augment, channels_last, dtype
+        self.device, self.augment, self.dtype = device, augment, dtype
         # Only whole batches, so every rank takes the same number of steps and no collective waits forever.
         self.steps_per_epoch = math.ceil(len(split) / world_size) // local_batch
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches from global step ``start_step`` on; a resumed run sees exactly what the interrupted one would."""
-        step, cached_epoch, mine = start_step, None, None
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
         while True:
-            epoch, index = divmod(step, self.steps_per_epoch)
-            if epoch != cached_epoch:
-                order = epoch_permutation(len(self.labels), self.seed, epoch)
-                cached_epoch, mine = epoch, shard(order, self.rank, self.world_size).to(self.device)
-            take = mine[index * self.local_batch:(index + 1) * self.local_batch]
-            x = self.images[take]
-            if self.augment:
-                # Seeded by position, not by a running stream, so resuming mid-epoch needs no saved state.
-                g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, index, self.rank))
-                x = augment(x, g)
-            x = normalize(x, self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(step, epoch, index, x, self.labels[take])
-            step += 1
+            order = epoch_permutation(len(self.labels), self.seed, epoch)
+            mine = shard(order, self.rank, self.world_size).to(self.device)
+            for index in range(skip, self.steps_per_epoch):
+                take = mine[index * self.local_batch:(index + 1) * self.local_batch]
+                x = self.images[take]
+                if self.augment:
+                    # Seeded by position, not by a running stream, so resuming mid-epoch needs no saved state.
+                    g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, index, self.rank))
+                    x = augment(x, g)
+                x = normalize(x, self.dtype)
+                yield Batch(epoch * self.steps_per_epoch + index, epoch, index, x, self.labels[take])
+            epoch, skip = epoch + 1, 0
 
 
 class _TransformedSplit(torch.utils.data.Dataset):
@@ -127,12 +123,11 @@ class ClassicLoader:
     """torchvision-style: a DataLoader over a DistributedSampler (set_epoch every epoch), transforms per image."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, local_batch: int, seed: int,
-                 device: torch.device, augment: bool = False, channels_last: bool = False,
-                 num_workers: int = 2) -> None:
+                 device: torch.device, augment: bool = False, num_workers: int = 2) -> None:
         self.dataset = _TransformedSplit(split, augment)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
-        self.local_batch, self.device, self.channels_last = local_batch, device, channels_last
+        self.local_batch, self.device = local_batch, device
         self.num_workers = num_workers
         self.steps_per_epoch = len(self.sampler) // local_batch
 
@@ -151,7 +146,5 @@ class ClassicLoader:
                 batches = iter(loader)
             for index, (x, y) in enumerate(batches, start=skip):
                 x = x.to(self.device, non_blocking=True)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 yield Batch(epoch * self.steps_per_epoch + index, epoch, index, x, y.to(self.device))
             epoch, skip = epoch + 1, 0

@@ -16,7 +16,7 @@ from typing import MutableMapping
 import torch
 import torch.distributed as dist
 
-from hpc import fileio
+from hpc import fileio, vocab
 from hpc.ranks import DistEnv
 
 
@@ -96,9 +96,9 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
 
 def log_nccl_for_preflight(environ: dict, run_dir: Path) -> None:
     """Have NCCL name its transports in files ``hpcdist doctor`` reads (set before NCCL initialises)."""
-    (run_dir / "preflight").mkdir(parents=True, exist_ok=True)
+    (run_dir / vocab.PREFLIGHT).mkdir(parents=True, exist_ok=True)
     environ.setdefault("NCCL_DEBUG", "INFO")
-    environ.setdefault("NCCL_DEBUG_FILE", str(run_dir / "preflight" / "nccl-%h-%p.log"))
+    environ.setdefault("NCCL_DEBUG_FILE", str(run_dir / vocab.PREFLIGHT / "nccl-%h-%p.log"))
 
 
 def reach_master(env: DistEnv, deadline_s: float) -> None:
@@ -135,7 +135,7 @@ def preflight(env: DistEnv, device: torch.device, run_dir: Path) -> None:
                            f"({dist.get_backend()}): {exc}") from None
     report = {"rank": env.rank, "host": socket.gethostname(), "backend": dist.get_backend(), "total": total,
               "world_size": env.world_size, "seconds": time.perf_counter() - started}
-    out = run_dir / "preflight"
+    out = run_dir / vocab.PREFLIGHT
     out.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write(out / f"rank-{env.rank}.json", json.dumps(report) + "\n")
     if int(total) != env.world_size:
