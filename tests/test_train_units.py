@@ -55,6 +55,22 @@ def test_a_dataparallel_checkpoint_with_module_prefixes_loads_into_a_plain_modul
     engine.restore({**engine.state({}), "model": saved.state_dict()})  # and unprefixed keys load too
 
 
+def test_with_channels_last_the_module_sees_channels_last_images_and_learns_what_it_would_contiguous():
+    seen, losses = [], []
+    for channels_last in (False, True):
+        torch.manual_seed(3)
+        net = ConvNet()
+        net.conv1.register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        engine = TorchEngine(net, backend="ddp", device=torch.device("cpu"), precision="fp32", lr=1e-3,
+                             channels_last=channels_last)
+        x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+        losses.append([engine.train_step(x, y).item() for _ in range(3)])
+        engine.predict(x)
+    assert seen == [False] * 4 + [True] * 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_param_digest_sees_any_change_and_ignores_wrapper_prefixes():
     net = ConvNet()
     named = list(net.named_parameters())

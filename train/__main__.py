@@ -47,6 +47,7 @@ from train.runtime import (
     barrier,
     broadcast_from_0,
     device_name,
+    gathered,
     init_process_group,
     leave,
     log_nccl_for_preflight,
@@ -345,7 +346,7 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
     mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
             "master_addr": env.master_addr, "master_port": env.master_port,
             "peak_memory_bytes": peak_memory_bytes(run.device), "param_digest": digest}
-    everyone = dssnapshot.gathered(mine, world)
+    everyone = gathered(mine, world)
     if rank != 0:
         return
     # Steps up to --warmup-steps pay for start-up, autotuning and compiling, so they are left out of the rate.

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from hpc import fileio
 from hpc.checkpoints import MANIFEST, NAME, PART, PARTS, complete, held_in, name_for, newest_whole, size
 from train import checkpoint
+from train.runtime import gathered
 
 # Free memory a node keeps for other uses beyond two parts: a snapshot that would eat into it is not taken.
 HEADROOM = 256 << 20
@@ -294,11 +295,3 @@ def exchange(blob: bytes, leaders: list[int], group) -> bytes:
         work.wait()
     return into.numpy().tobytes()
 
-
-def gathered(value, world: int) -> list:
-    """Every rank's ``value``, by rank (every rank calls it; one rank alone needs no collective)."""
-    values = [value]
-    if world > 1:
-        values = [None] * world
-        dist.all_gather_object(values, value)
-    return values

@@ -182,3 +182,12 @@ def broadcast_from_0(value, world: int):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gathered(value, world: int) -> list:
+    """Every rank's ``value``, by rank (every rank calls it; one rank alone needs no collective)."""
+    values = [value]
+    if world > 1:
+        values = [None] * world
+        dist.all_gather_object(values, value)
+    return values

@@ -39,7 +39,7 @@ import torch
 
 from hpc import fileio
 from hpc.checkpoints import NAME, SNAPSHOT_EVERY_S, complete, name_for, newest
-from train import checkpoint, dssnapshot
+from train import checkpoint, dssnapshot, runtime
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
@@ -107,7 +107,7 @@ def newest_held(store: Store | None, rank: int, world: int, disk_step: int | Non
     import torch.distributed as dist
 
     mine = store.newest() if store is not None else None
-    offers = dssnapshot.gathered((step_of(mine), str(mine)), world)
+    offers = runtime.gathered((step_of(mine), str(mine)), world)
     steps = [step for step, _ in offers if step is not None]
     if not steps or (disk_step is not None and max(steps) <= disk_step):
         return None
