@@ -11,7 +11,7 @@ import statistics
 from dataclasses import asdict
 from typing import Mapping, Sequence
 
-from hpc import vocab
+from hpc import shown, vocab
 from hpc.bench import FLOORS
 from hpc.benchresults import Result
 
@@ -89,10 +89,8 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
 def markdown_table(results: Sequence[Result]) -> str:
     """A GitHub-flavoured Markdown table, one row per config, in grid order."""
     numeric = {"batch", "ranks", "threads/rank", "images/s", "vs floor", "vs 1 rank", "first step s"}
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" if c in numeric else "---" for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(results)]
-    return "\n".join(lines)
+    return "\n".join(shown.markdown((COLUMNS, *table_rows(results)),
+                                    right={i for i, c in enumerate(COLUMNS) if c in numeric}))
 
 
 def verdicts(results: Sequence[Result]) -> list[str]:

@@ -4,6 +4,7 @@
     unknown_keys(keys, valid)          # "2 unknown key(s), the first 'x'; valid keys: a, b"
     line(text)                         # one printable line: escapes and control characters made visible
     aligned([header, *rows])           # a table's lines, its columns aligned
+    markdown([header, *rows])          # the same as a GitHub-flavoured Markdown table
 """
 
 from __future__ import annotations
@@ -45,3 +46,14 @@ def aligned(rows: Iterable[Sequence[str]], right: Container[int] = ()) -> list[s
     widths = [max(map(len, column)) for column in zip(*rows)]
     pads = [str.rjust if i in right else str.ljust for i in range(len(widths))]
     return ["  ".join(pad(cell, w) for pad, cell, w in zip(pads, row, widths)).rstrip() for row in rows]
+
+
+def markdown(rows: Iterable[Sequence[str]], right: Container[int] = ()) -> list[str]:
+    """Rows of cells, the first the header, as the lines of a GitHub-flavoured Markdown table: the columns numbered
+    in ``right`` right-aligned, a ``|`` inside a cell escaped (a label may hold one)."""
+    header, *body = rows
+
+    def row(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+    rule = "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"
+    return [row(header), rule, *map(row, body)]

@@ -105,9 +105,7 @@ def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
              "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-", _fmt(r.time_to_first_step_s, ".1f"))
             for r in report_rows]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * 5]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines) + "\n"
+        return "\n".join(shown.markdown((header, *body), right=range(5, len(header)))) + "\n"
     return "\n".join(shown.aligned((header, *body))) + "\n"
 
 

@@ -208,6 +208,13 @@ def test_the_dry_run_prints_every_task_and_writes_but_submits_nothing(tmp_path):
     assert {r.state for r in rows} == {"NOT_SUBMITTED"}
 
 
+def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--max-parallel", "0",
+                                       "--grid", "backend=ddp,deepspeed"])
+    assert result.exit_code == 2 and "--max-parallel must be a whole number of at least 1, got 0" in result.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_sweep_file_gives_base_axes_excludes_and_throttle(tmp_path):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("name: lr\nmax_parallel: 1\nbase: {nodes: 2, after: [5], train_args: [--max-steps, '3']}\n"

@@ -108,7 +108,8 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         values = values_from_options(config_file, base=base, **options)
         check_more = slurm_checks(values)
         sweep_dir = values.pop("job_dir")
-        plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=max_parallel or settings.get("max_parallel"),
+        throttle = settings.get("max_parallel") if max_parallel is None else max_parallel  # 0 is refused, not "all"
+        plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=throttle,
                            name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more)
         sweeps.write(plan, force=force)
     except (sweep_matrix.SweepError, yamlfile.YamlError, specs.SpecError, profiles.ProfileError,
