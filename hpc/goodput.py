@@ -1,9 +1,11 @@
 """Measure a job's goodput: when each attempt began, trained and ended, split by hpc.report into node-time shares.
 
-    good = goodput_of(record, falls, telemetry.sacct_attempts(record), telemetry.seen_of(record))
+    losses = report.loss_series(jobfiles.lines_of(telemetry.run_dir(record) / vocab.METRICS))
+    good = goodput_of(record, falls, telemetry.sacct_attempts(record), telemetry.seen_of(record), losses)
     good["share"]["productive"], good["redone_steps"]     # also written as JOB_DIR/report/goodput.json
 
-Reads the job's files and sacct through hpc.telemetry; the arithmetic (spans, shares) is hpc.report's, pure.
+Reads attempts.jsonl through hpc.telemetry and takes the rest from what the report read already; the arithmetic
+(spans, shares) is hpc.report's, pure.
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from hpc import jobfiles, registry, report, timeline, vocab
+from hpc import registry, report, timeline
 from hpc.slurm import grammar
-from hpc.telemetry import Seen, attempts_of, run_dir
+from hpc.telemetry import Seen, attempts_of
 
 
-def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
-               slurm: list[dict[str, float | None]], seen: Seen) -> dict[str, Any]:
+def goodput_of(record: registry.Record, falls: list[timeline.Waterfall], slurm: list[dict[str, float | None]],
+               seen: Seen, losses: list[list[tuple[int, float]]]) -> dict[str, Any]:
     """hpc.report.goodput of every attempt seen: it began when its waterfalls say it was allocated, and ended
     when attempts.jsonl says, else when sacct does (``slurm``), else at its last heartbeat (a killed attempt
-    leaves no record of its own end)."""
-    rdir = run_dir(record)
+    leaves no record of its own end). ``losses``: report.loss_series of metrics.jsonl, which the report has read
+    for its chart (a long run's file is megabytes: read once)."""
     histories = seen.histories
     # records.load keeps only lines whose attempt is an int and whose ending (and ended, when there) is text.
     attempts = attempts_of(record)
@@ -44,7 +46,7 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall],
         ends.setdefault(attempt, when)
     lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in numbers}
     trained = [a for a in sorted(numbers) if any(b.phase == "train" for b in lead[a])]
-    steps_seen = report.steps_by_attempt(report.loss_series(jobfiles.lines_of(rdir / vocab.METRICS)), trained)
+    steps_seen = report.steps_by_attempt(losses, trained)
     spans = report.spans(sorted(numbers), starts, ends, endings, first_steps, lead, steps_seen)
     return report.goodput(spans, record.nodes)
 

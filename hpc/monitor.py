@@ -385,7 +385,7 @@ def flag_lines(kind: str, flagged: Sequence[tuple[Any, str, str]], most: int = F
     ``KIND: 4,088 more ranks on 511 nodes gpu[0008-0511]``."""
     lines = [f"{kind}: rank {rank} on {node}" + (f", {why}" if why else "") for rank, node, why in flagged[:most]]
     if rest := flagged[most:]:
-        nodes = list(dict.fromkeys(node for _, node, _ in rest))
+        nodes = list(dict.fromkeys(str(node) for _, node, _ in rest))
         lines.append(f"{kind}: {len(rest):,} more ranks on {len(nodes):,} nodes "
                      + shown.line(nodelist.compress(nodes), limit=80))
     return lines

@@ -31,7 +31,8 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         # the heartbeats are read: a tenth of a second each, spent waiting on another process.
         asked = asking.submit(lambda: (telemetry.sacct_attempts(record), jobs.state(record)))
         # Each chart goes to the painter as soon as its data is read: drawn while the rest is read.
-        painter.chart("loss", report.loss_series(jobfiles.lines_of(run_dir(record) / vocab.METRICS)))
+        losses = report.loss_series(jobfiles.lines_of(run_dir(record) / vocab.METRICS))
+        painter.chart("loss", losses)
         seen = telemetry.seen_of(record)
         painter.chart("rate", report.rate_series(seen.histories))
         slurm, state = asked.result()
@@ -39,7 +40,7 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
         # Goodput counts every rank; the charts and the page show at most timeline.worst's few.
         falls = timeline.worst(every)
         painter.chart("waterfall", falls)
-        good = goodput_of(record, every, slurm, seen)
+        good = goodput_of(record, every, slurm, seen, losses)
         painter.chart("goodput", good)
         painter.finish(f"hpcdist job {record.job_id}: {record.backend}, {record.nodes} node(s), "
                        f"{record.world_size} rank(s)")
