@@ -53,10 +53,6 @@ def scaling(result: Result, results: Sequence[Result]) -> float | None:
     return None if base is None else result.images_per_s / base.images_per_s  # type: ignore[operator]
 
 
-def _num(value: float | None, fmt: str, absent: str = "missing") -> str:
-    return absent if value is None else format(value, fmt)
-
-
 def _mib(peaks: tuple[int | None, ...], absent: str = "missing") -> str:
     if not peaks:
         return absent
@@ -75,14 +71,14 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
     rows = []
     for r in results:
         c = r.config
-        rate = f"failed: {r.error}" if r.error else _num(r.images_per_s, ".0f")
+        rate = f"failed: {r.error}" if r.error else shown.number(r.images_per_s, ".0f", "missing")
         # A failed run reported nothing, so its empty cells are not the trainer's missing fields.
         absent = "" if r.error else "missing"
         precision = f"auto → {r.trained or '?'}" if c.precision == vocab.AUTO else c.precision
         rows.append((c.name, c.backend, "" if c.zero_stage is None else str(c.zero_stage), precision,
                      "" if c.backend in FLOORS else c.loader, str(c.batch), str(c.ranks), str(r.threads), rate,
                      _ratio(vs_floor(r, results)), _ratio(scaling(r, results)),
-                     _num(r.time_to_first_step_s, ".1f", absent), _mib(r.peak_memory_bytes, absent)))
+                     shown.number(r.time_to_first_step_s, ".1f", absent), _mib(r.peak_memory_bytes, absent)))
     return rows
 
 

@@ -281,10 +281,6 @@ class Watch:
 
 # ---- showing -----------------------------------------------------------------------------------------
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _bytes(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}M"
 
@@ -316,9 +312,10 @@ def table_rows(board: Board, most: int | None = None) -> list[tuple[str, ...]]:
         if v.straggler:
             flags.append(f"STRAGGLER ({v.compute_ratio:.2f}x compute)")
         step = f"{b.step}/{b.total_steps}" if b.total_steps else str(b.step)
-        rows.append((b.node_label if shared else b.node, str(b.rank), _fmt(b.pid, "d"), b.phase, step,
-                     _fmt(b.step_time_s, ".3f"), _fmt(b.compute_s, ".3f"), _fmt(b.comm_s, ".3f"),
-                     _fmt(b.images_per_s, ".0f"), _fmt(v.age_s, ".1f"), _bytes(b.rss_bytes), "  ".join(flags)))
+        rows.append((b.node_label if shared else b.node, str(b.rank), shown.number(b.pid, "d"), b.phase, step,
+                     shown.number(b.step_time_s, ".3f"), shown.number(b.compute_s, ".3f"),
+                     shown.number(b.comm_s, ".3f"), shown.number(b.images_per_s, ".0f"), shown.number(v.age_s, ".1f"),
+                     _bytes(b.rss_bytes), "  ".join(flags)))
     return rows
 
 

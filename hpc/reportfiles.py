@@ -162,11 +162,7 @@ class Painter:
 def _paint(conn: Any, parents: Any, folder: Path) -> None:
     # The parent's end came with the fork: closed here, the parent closing its own is an end of input.
     parents.close()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # The half second this process exists to spend early.
-    import matplotlib.pyplot
+    fileio.pyplot()  # the half second this process exists to spend early
 
     drawn: dict[str, dict[str, Any]] = {}
     failed: BaseException | None = None

@@ -1,6 +1,7 @@
 """Show a value that came from a file, an argument or a rank on a terminal: escaped, cut short, never a file's body.
 
     value(x)                           # its repr, ASCII only, at most 60 characters
+    number(0.1234, ".3f")              # "0.123"; "-" for an absent number
     unknown_keys(keys, valid)          # "2 unknown key(s), the first 'x'; valid keys: a, b"
     line(text)                         # one printable line: escapes and control characters made visible
     aligned([header, *rows])           # a table's lines, its columns aligned
@@ -16,6 +17,11 @@ def value(x: Any, limit: int = 60) -> str:
     """A value for an error message: its repr, ASCII only, cut short."""
     text = ascii(x)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def number(x: float | None, spec: str, absent: str = "-") -> str:
+    """A number as ``format(x, spec)`` makes it, ``absent`` where there is none."""
+    return absent if x is None else format(x, spec)
 
 
 def unknown_keys(keys: Iterable[Any], valid: Iterable[str]) -> str:

@@ -92,17 +92,14 @@ def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[
 
 # ---- showing the rows: a table (pure) and a chart (writes a PNG) ---------------------------------
 
-def _fmt(value: Any, spec_fmt: str) -> str:
-    return "-" if value is None else format(value, spec_fmt)
-
-
 def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
     """The comparison as aligned text, or as a markdown table."""
     header = ("task", "job", "configuration", "state", "precision", "images/s", "final loss", "test acc",
               "peak MiB per rank", "first step s")
-    body = [(str(r.index), r.job_id or "-", r.label, r.state, r.precision or "-", _fmt(r.images_per_s, ".0f"),
-             _fmt(r.final_loss, ".4f"), _fmt(r.test_accuracy, ".3f"),
-             "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-", _fmt(r.time_to_first_step_s, ".1f"))
+    body = [(str(r.index), r.job_id or "-", r.label, r.state, r.precision or "-",
+             shown.number(r.images_per_s, ".0f"), shown.number(r.final_loss, ".4f"),
+             shown.number(r.test_accuracy, ".3f"), "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-",
+             shown.number(r.time_to_first_step_s, ".1f"))
             for r in report_rows]
     if markdown:
         return "\n".join(shown.markdown((header, *body), right=range(5, len(header)))) + "\n"
@@ -111,11 +108,7 @@ def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
 
 def chart(report_rows: Sequence[Row], path: Path, title: str) -> None:
     """A PNG of bar charts (images/s, peak memory, time to first step) per task; matplotlib loads only here."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = fileio.pyplot()
     labels = [f"{r.index}: {r.label}" for r in report_rows]
     panels = (("images/s", [r.images_per_s or 0 for r in report_rows]),
               ("peak MiB (largest rank)", [max(r.peak_memory_mib, default=0) for r in report_rows]),

@@ -23,3 +23,8 @@ def test_aligned_pads_each_column_to_its_widest_cell_and_right_aligns_the_number
 def test_markdown_escapes_a_pipe_in_a_cell_and_right_aligns_the_numbered_columns():
     assert shown.markdown([("config", "images/s"), ("ddp|zero", "812")], right={1}) == [
         "| config | images/s |", "|---|---:|", "| ddp\\|zero | 812 |"]
+
+
+def test_a_number_is_formatted_and_an_absent_one_is_a_dash_or_the_word_asked_for():
+    assert shown.number(0.12345, ".3f") == "0.123" and shown.number(1234, "d") == "1234"
+    assert shown.number(None, ".3f") == "-" and shown.number(None, ".1f", "missing") == "missing"

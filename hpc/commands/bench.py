@@ -131,11 +131,7 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
 
 def draw(results: list[benchresults.Result], meta: dict, path: Path) -> None:
     """bench.png: one horizontal bar of images/s per config, coloured by backend (the floor in grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = fileio.pyplot()
     bars = benchreport.chart_bars(results)
     colours = {"floor": "#7f7f7f", "dp": "#d62728", "ddp": "#1f77b4", "deepspeed": "#2ca02c"}
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(bars), 1) + 1.4))
