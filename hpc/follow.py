@@ -15,6 +15,11 @@ from typing import Any, Callable, TextIO
 from hpc import jobfiles, monitor, progress, registry, telemetry, vocab
 
 
+# A waiter spends at most this share of its time reading heartbeats: at 4,096 nodes x 8 a read and its verdicts
+# take about a second, which at a poll a second would keep a login node's core busy for each waiting user.
+READ_SHARE = 0.1
+
+
 class Follower:
     """Shows a waited-for job's progress: a bar redrawn in place on a terminal, plain lines in a pipe."""
 
@@ -27,8 +32,12 @@ class Follower:
         self.drawn = False
         self.watch = monitor.Watch()
         self.stragglers: list[dict[str, Any]] = []
+        self.read_again_at = 0.0  # on self.clock
 
     def poll(self, *_: Any) -> None:
+        tick = self.clock()
+        if tick < self.read_again_at:
+            return
         rdir = telemetry.run_dir(self.record)
         now = time.time()
         beats = monitor.read_heartbeats(rdir)
@@ -37,6 +46,7 @@ class Follower:
         if any(v.beat.phase == "train" for v in board.ranks):
             self.stragglers = [monitor.straggler_json(v) for v in board.stragglers]
         current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))
+        self.read_again_at = tick + (self.clock() - tick) / READ_SHARE
         if current is None:
             return
         if self.tty:
@@ -44,7 +54,7 @@ class Follower:
             self.out.write("\r" + progress.bar(current, width) + "\x1b[K")
             self.out.flush()
             self.drawn = True
-        elif progress.changed(self.last, current, (tick := self.clock()) - self.last_at):
+        elif progress.changed(self.last, current, tick - self.last_at):
             self.out.write(progress.line(current) + "\n")
             self.out.flush()
             self.last_at = tick

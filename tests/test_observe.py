@@ -243,7 +243,7 @@ def test_the_summary_names_rate_loss_accuracy_first_step_attempts_and_stragglers
 
 def test_the_follower_prints_plain_lines_to_a_pipe_and_the_summary_at_the_end(tmp_path: Path) -> None:
     record = write_job(tmp_path, [beat(0, step=10), beat(1, step=10)])
-    out, clock = io.StringIO(), iter([0.0, 1.0, 9.0])
+    out, clock = io.StringIO(), iter([0.0, 0.0, 1.0, 1.0, 9.0, 9.0])  # each poll: its start, its read's end
     follower = follow.Follower(record, out, tty=False, clock=lambda: next(clock))
     run = Path(record.job_dir) / "run"
     follower.poll()
@@ -259,10 +259,22 @@ def test_the_follower_prints_plain_lines_to_a_pipe_and_the_summary_at_the_end(tm
         "summary: final loss 0.5000, 100 steps", "attempts: 1", "waited 3s"]
 
 
+def test_a_follower_spends_at_most_a_tenth_of_its_time_reading_heartbeats(tmp_path: Path, monkeypatch) -> None:
+    record = write_job(tmp_path, [beat(0), beat(1)])
+    reads, real = [], monitor.read_heartbeats
+    monkeypatch.setattr(monitor, "read_heartbeats", lambda run: reads.append(run) or real(run))
+    clock = iter([0.0, 2.0, 10.0, 19.9, 20.0, 20.1])  # the first read takes 2 s: the next one 20 s after it
+    follower = follow.Follower(record, io.StringIO(), tty=False, clock=lambda: next(clock))
+    for _ in range(4):
+        follower.poll()
+    assert len(reads) == 2 and follow.READ_SHARE == 0.1
+
+
 def test_on_a_terminal_the_follower_redraws_one_line(tmp_path: Path) -> None:
     record = write_job(tmp_path, [beat(0), beat(1)])
     out = io.StringIO()
-    follower = follow.Follower(record, out, tty=True)
+    clock = iter([0.0, 0.0, 5.0, 5.0])
+    follower = follow.Follower(record, out, tty=True, clock=lambda: next(clock))
     follower.poll()
     follower.poll()
     assert out.getvalue().count("\r") == 2 and "\n" not in out.getvalue() and "50/100" in out.getvalue()
