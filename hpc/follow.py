@@ -14,7 +14,6 @@ from typing import Any, Callable, TextIO
 
 from hpc import jobfiles, monitor, progress, registry, telemetry, vocab
 
-
 # A waiter spends at most this share of its time reading heartbeats: at 4,096 nodes x 8 a read and its verdicts
 # take about a second, which at a poll a second would keep a login node's core busy for each waiting user.
 READ_SHARE = 0.1
