@@ -14,10 +14,6 @@ from typing import Any, Callable, TextIO
 
 from hpc import jobfiles, monitor, progress, registry, telemetry, vocab
 
-# A waiter spends at most this share of its time reading heartbeats: at 4,096 nodes x 8 a read and its verdicts
-# take about a second, which at a poll a second would keep a login node's core busy for each waiting user.
-READ_SHARE = 0.1
-
 
 class Follower:
     """Shows a waited-for job's progress: a bar redrawn in place on a terminal, plain lines in a pipe."""
@@ -45,7 +41,7 @@ class Follower:
         if any(v.beat.phase == "train" for v in board.ranks):
             self.stragglers = [monitor.straggler_json(v) for v in board.stragglers]
         current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))
-        self.read_again_at = tick + (self.clock() - tick) / READ_SHARE
+        self.read_again_at = tick + (self.clock() - tick) / monitor.READ_SHARE
         if current is None:
             return
         if self.tty:

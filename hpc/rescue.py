@@ -128,6 +128,7 @@ class Watcher:
     def __init__(self, record: registry.Record, every_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
         self.record, self.every_s, self.clock = record, every_s, clock
         self.checked = 0.0
+        self.read_every_s = every_s  # longer when a read of the heartbeats is slow (monitor.READ_SHARE)
         self.port: int | None = None
 
     def start_soon(self, state: str) -> None:
@@ -140,11 +141,12 @@ class Watcher:
 
     def lost_host(self) -> str | None:
         now = self.clock()
-        if now - self.checked < self.every_s:
+        if now - self.checked < self.read_every_s:
             return None
         self.checked = now
         run_dir = Path(self.record.job_dir) / vocab.RUN_DIR
         beats = monitor.read_heartbeats(run_dir)
+        self.read_every_s = max(self.every_s, (self.clock() - now) / monitor.READ_SHARE)
         attempt = max((b.attempt for b in beats.values()), default=0)
         lost = runfiles.read_lost(run_dir, attempt)
         silent = bool(beats) and all(now - b.time > SILENT_S for b in beats.values() if b.attempt == attempt)

@@ -267,7 +267,7 @@ def test_a_follower_spends_at_most_a_tenth_of_its_time_reading_heartbeats(tmp_pa
     follower = follow.Follower(record, io.StringIO(), tty=False, clock=lambda: next(clock))
     for _ in range(4):
         follower.poll()
-    assert len(reads) == 2 and follow.READ_SHARE == 0.1
+    assert len(reads) == 2 and monitor.READ_SHARE == 0.1
 
 
 def test_on_a_terminal_the_follower_redraws_one_line(tmp_path: Path) -> None:
