@@ -12,7 +12,9 @@ rank;
 (b) builds a simulated run directory of ``--nodes`` x ``--ranks-per-node`` ranks with the real node writer
 (train.nodebeat.Publisher: each node's latest file and ``--history`` history lines) plus metrics.jsonl, and
 times ``hpcdist top --once``, ``hpcdist status`` and ``hpcdist report`` on it (each a fresh process, as a
-user runs them; the median of three). Prints a markdown table (docs/scale.md keeps one).
+user runs them; the median of three), and the CPU a waiter (``submit --wait``: its progress line and its batch-host
+watch, polled once a second) spends on it for ``--waiter-s`` seconds, the files' cache cleared before each read as
+a live run's changing files would. Prints a markdown table (docs/scale.md keeps one).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from hpc import beatfile, ranks, registry
+from hpc import beatfile, follow, monitor, ranks, registry, rescue
 from train import heartbeat, nodebeat, watchdog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +163,29 @@ def simulated_beat(rank: int, node: int, per_node: int, nodes: int, t: float, li
     return {k: values[k] for k in beatfile.FIELDS}
 
 
+def waiter_load(record: registry.Record, seconds: float) -> tuple[int, float]:
+    """(heartbeat reads, CPU seconds) of a Follower and a rescue.Watcher polled once a second for ``seconds``."""
+    reads, real = [], monitor.read_heartbeats
+
+    def read(run_dir: Path) -> dict:
+        reads.append(run_dir)
+        monitor._SEEN.clear()  # a live run rewrites its node files every 2 s: each read parses them all
+        return real(run_dir)
+
+    follower, watcher = follow.Follower(record, io.StringIO(), tty=False), rescue.Watcher(record)
+    monitor.read_heartbeats, started = read, time.monotonic()
+    cpu = time.process_time()
+    try:
+        while time.monotonic() - started < seconds:
+            tick = time.monotonic()
+            follower.poll()
+            watcher.lost_host()
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    finally:
+        monitor.read_heartbeats = real
+    return len(reads), time.process_time() - cpu
+
+
 def timed(args: list[str], home: Path, runs: int = 3) -> tuple[float, int, int]:
     """The median wall time of ``runs`` fresh processes running ``hpcdist ARGS``, and the last one's status and
     lines printed."""
@@ -181,6 +206,7 @@ def main() -> None:
     p.add_argument("--ranks-per-node", type=int, default=8)
     p.add_argument("--history", type=int, default=20, help="history lines per node in the simulated directory")
     p.add_argument("--every-s", type=float, default=0.1, help="heartbeat period of the small counted run")
+    p.add_argument("--waiter-s", type=float, default=60.0, help="seconds a waiter is polled for (0: not measured)")
     args = p.parse_args()
     per_node, nodes = args.ranks_per_node, args.nodes
     per = count_small_run(2, 4, args.every_s, periods=20)
@@ -213,6 +239,10 @@ def main() -> None:
                           ("report", ["report", str(job_dir)])):
             seconds, status, lines = timed(cli, home)
             rows.append((f"hpcdist {name} s (exit {status}, {lines:,} lines printed)", f"{seconds:.2f}"))
+        if args.waiter_s > 0:
+            reads, cpu = waiter_load(record, args.waiter_s)
+            rows.append((f"a waiter's CPU, share of a core ({reads} heartbeat reads in {args.waiter_s:.0f} s of "
+                         "1 s polls)", f"{cpu / args.waiter_s:.0%}"))
     print(f"\n{nodes:,} nodes x {per_node} ranks, {args.history} history lines a node\n")
     print("| measure | value |\n|---|---:|")
     for name, value in rows:
