@@ -67,11 +67,12 @@ class Follower:
         self.out.flush()
 
 
-def status_lines(record: registry.Record, ended: bool = False) -> list[str]:
+def status_lines(record: registry.Record, ended: bool = False, seen: telemetry.Seen | None = None) -> list[str]:
     """What ``status`` adds for a job with heartbeats: rank 0's progress, and any straggler; while it runs
-    any stale rank, once it ``ended`` how its ranks last reported (a heartbeat stops with its process)."""
+    any stale rank, once it ``ended`` how its ranks last reported (a heartbeat stops with its process).
+    ``seen``: telemetry.seen_of(record), when the caller has read it already."""
     rdir = telemetry.run_dir(record)
-    seen = telemetry.seen_of(record)  # read once: at 4,096 nodes each read of the node files costs ~0.8 s
+    seen = seen or telemetry.seen_of(record)  # read once: at 4,096 nodes each read of the node files costs ~0.8 s
     beats = seen.beats
     out = []
     current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from hpc import jobs, pending, registry, shown, vocab
+from hpc import jobs, pending, registry, shown, telemetry, vocab
 from hpc import logs as job_logs
 from hpc.commands.options import check_container, fail, job_options, lookup, prepare, submit_or_exit
 from hpc.failures import record as records
@@ -173,8 +174,11 @@ def _attempt_lines(history: list[dict]) -> list[str]:
 def status(job: str) -> None:
     """Show a job's state (Slurm's words: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
     record = lookup("status", job)
-    current = jobs.state(record)
-    history = Job(record).attempts(accounted=True)
+    with ThreadPoolExecutor(1) as asking:
+        # Slurm answers (squeue, sacct) while the node files are read: at 4,096 nodes both take a while.
+        asked = asking.submit(lambda: (jobs.state(record), Job(record).attempts(accounted=True)))
+        seen = telemetry.seen_of(record)
+        current, history = asked.result()
     cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
         # The root cause first: the first failing rank's own error line, not the peers that noticed it.
@@ -188,7 +192,7 @@ def status(job: str) -> None:
         click.echo(f"hpcdist status: job directory {record.job_dir} no longer exists (deleted or moved): logs "
                    f"and results are gone; known is {known}", err=True)
         return
-    for line in status_lines(record, ended=current.done):
+    for line in status_lines(record, ended=current.done, seen=seen):
         click.echo(shown.line(line, limit=2000))
     if not current.done and record.via != "local":
         for sentence in pending.describe([record.job_id]).values():
