@@ -182,6 +182,28 @@ def test_bench_writes_again_into_its_own_folder(tmp_path):
     assert "did not write" in command.foreign_out(tmp_path / "sweep")
 
 
+def test_a_link_at_runs_or_a_run_folder_is_refused_before_bench_removes_a_stale_file_through_it(tmp_path, monkeypatch):
+    from hpc import fileio
+    from hpc.commands import bench as command
+
+    monkeypatch.setattr(command, "execute", lambda *a: pytest.fail("a run started"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("a person's metrics\n")
+    out = tmp_path / "bench"
+    command.claim_out(out)
+    (out / "runs").symlink_to(tmp_path)
+    config = bench.parse_config("floor:1", 32)
+    with pytest.raises(fileio.UnsafePath, match="is a symbolic link"):
+        command.run_one(config, 1, 8, 2, 64, out, 60, "mine")
+    (out / "runs").unlink()
+    (out / "runs").mkdir()
+    (out / "runs" / "mine").symlink_to(mine)
+    with pytest.raises(fileio.UnsafePath, match="is a symbolic link"):
+        command.run_one(config, 1, 8, 2, 64, out, 60, "mine")
+    assert (mine / "metrics.jsonl").read_text() == "a person's metrics\n"
+
+
 SMALL_GRID = ("floor:1", "ddp:resident:1")
 
 

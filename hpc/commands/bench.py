@@ -110,8 +110,8 @@ def claim_out(out_dir: Path) -> None:
 
 def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples: int, out: Path,
             timeout_s: float, name: str) -> benchresults.Result:
-    run_dir = out / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # A link at runs/ or runs/NAME would send the unlinks below into a folder bench never made: refused.
+    run_dir = fileio.folder(out, "runs", name)
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
     log = run_dir / "log.txt"
@@ -241,7 +241,10 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
             "batch": batch, "samples": samples, "repeat": repeat, "order": order, "seed": seed, "orders": [],
             "torch": version("torch"), "deepspeed": version("deepspeed"),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    runs = run_rounds(plan, meta, steps, warmup, samples, out_dir, timeout_s)
+    try:
+        runs = run_rounds(plan, meta, steps, warmup, samples, out_dir, timeout_s)
+    except fileio.UnsafePath as exc:
+        fail("bench", exc)
     results = [benchresults.median_of(r) for r in runs]
     # Which card (or "cpu") the runs trained on, as they reported it: this process never imports torch.
     meta["device"] = next((r.device for r in results if r.device), "unknown")
