@@ -334,8 +334,9 @@ def table(board: Board, most: int | None = TABLE_RANKS) -> str:
         previous = row[0]
     lines = shown.aligned((TABLE_COLUMNS, *named))
     if len(rows) < len(board.ranks):
-        flagged = len({v.beat.rank for v in board.ranks if v.stale or v.straggler}) - sum(bool(r[-1]) for r in rows)
-        lines.append(f"... {len(board.ranks) - len(rows):,} more ranks not shown ({flagged:,} of them flagged): "
+        # chosen() shows the flagged ranks first, so those left out are the flagged past the rows shown.
+        left = max(len(board.stale) + len(board.stragglers) - len(rows), 0)
+        lines.append(f"... {len(board.ranks) - len(rows):,} more ranks not shown ({left:,} of them flagged): "
                      "--all or --json shows every rank")
     return "\n".join(lines)
 
