@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from hpc import beatfile, follow, monitor, ranks, registry, rescue
+from hpc import beatfile, follow, job, monitor, ranks, registry, rescue
 from train import heartbeat, nodebeat, watchdog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def simulated_beat(rank: int, node: int, per_node: int, nodes: int, t: float, li
 
 
 def waiter_load(record: registry.Record, seconds: float) -> tuple[int, float]:
-    """(heartbeat reads, CPU seconds) of a Follower and a rescue.Watcher polled once a second for ``seconds``."""
+    """(heartbeat reads, CPU seconds) of a Follower and a rescue.Watcher polled as a waiter polls for ``seconds``."""
     reads, real = [], monitor.read_heartbeats
 
     def read(run_dir: Path) -> dict:
@@ -173,14 +173,9 @@ def waiter_load(record: registry.Record, seconds: float) -> tuple[int, float]:
         return real(run_dir)
 
     follower, watcher = follow.Follower(record, io.StringIO(), tty=False), rescue.Watcher(record)
-    monitor.read_heartbeats, started = read, time.monotonic()
-    cpu = time.process_time()
-    try:
-        while time.monotonic() - started < seconds:
-            tick = time.monotonic()
-            follower.poll()
-            watcher.lost_host()
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    monitor.read_heartbeats, cpu = read, time.process_time()
+    try:  # hpc.job.follow, the loop every waiter polls in: a poll, then a second's sleep
+        job.follow(lambda: (follower.poll(), watcher.lost_host()), lambda _: False, 1.0, seconds)
     finally:
         monitor.read_heartbeats = real
     return len(reads), time.process_time() - cpu
