@@ -2,6 +2,7 @@
 
     follower = Follower(record, sys.stdout)      # submit --wait: a bar on a terminal, plain lines in a pipe
     follower.poll(); ...; follower.finish(waited_s)
+    beats = Pace(every_s=2.0).read(lambda: monitor.read_heartbeats(run_dir))   # None until a read is due
     status_lines(record, ended=False)            # "progress: step 40/100 ...", "stale: rank 3 ..."
     list_cells(record)                           # ("1", "40/100", "812") for hpcdist list
 """
@@ -10,9 +11,32 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, TextIO, TypeVar
 
 from hpc import jobfiles, monitor, progress, registry, telemetry, vocab
+
+# A waiter (submit --wait, watch) spends at most this share of its time reading heartbeats: at 4,096 nodes x 8 a
+# read takes about a second, which at a poll a second would keep a login node's core busy for each waiting user.
+READ_SHARE = 0.1
+T = TypeVar("T")
+
+
+class Pace:
+    """When a waiter reads the node files again: ``every_s`` after its last read began, or later when reads are
+    slow, so that reading takes at most READ_SHARE of its time."""
+
+    def __init__(self, every_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.clock = every_s, clock
+        self.read_at = self.next_at = float("-inf")
+
+    def read(self, reader: Callable[[], T]) -> T | None:
+        """``reader()``'s answer when a read is due (``read_at``: when it began), else None."""
+        started = self.clock()
+        if started < self.next_at:
+            return None
+        value = reader()
+        self.read_at, self.next_at = started, started + max(self.every_s, (self.clock() - started) / READ_SHARE)
+        return value
 
 
 class Follower:
@@ -20,28 +44,26 @@ class Follower:
 
     def __init__(self, record: registry.Record, out: TextIO, tty: bool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.record, self.out, self.clock = record, out, clock
+        self.record, self.out = record, out
         self.tty = out.isatty() if tty is None else tty
         self.last: progress.Progress | None = None
         self.last_at = 0.0
         self.drawn = False
         self.watch = monitor.Watch()
         self.stragglers: list[dict[str, Any]] = []
-        self.read_again_at = 0.0  # on self.clock
+        self.pace = Pace(clock=clock)
 
     def poll(self, *_: Any) -> None:
-        tick = self.clock()
-        if tick < self.read_again_at:
-            return
         rdir = telemetry.run_dir(self.record)
-        now = time.time()
-        beats = monitor.read_heartbeats(rdir)
+        beats = self.pace.read(lambda: monitor.read_heartbeats(rdir))
+        if beats is None:
+            return
+        tick, now = self.pace.read_at, time.time()
         self.watch.see(beats, now)
         board = monitor.judge(beats, now, progress_at=self.watch.progress_at, polled=self.watch.polled)
         if any(v.beat.phase == "train" for v in board.ranks):
             self.stragglers = [monitor.straggler_json(v) for v in board.stragglers]
         current = progress.of(beats, None if beats else telemetry.last_metric(rdir / vocab.METRICS))
-        self.read_again_at = tick + (self.clock() - tick) / monitor.READ_SHARE
         if current is None:
             return
         if self.tty:

@@ -36,9 +36,6 @@ ENDING_RANKS = 8  # an ending line names at most this many unfinished ranks
 TABLE_RANKS = 32
 FLAG_LINES = 8
 POLLED_KEEP = 32  # a refreshing top remembers this many compute times per rank
-# A waiter (submit --wait, watch) spends at most this share of its time reading heartbeats: at 4,096 nodes x 8 a
-# read takes about a second, which at a poll a second would keep a login node's core busy for each waiting user.
-READ_SHARE = 0.1
 
 
 def beats_in(document: Mapping[str, Any]) -> Iterable[Heartbeat]:

@@ -30,6 +30,7 @@ from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
 from hpc.failures.policy import Decision, excluded_so_far
 from hpc.failures.rules import Ending
+from hpc.follow import Pace
 from hpc.job import Job, Poll
 from hpc.jobs import JobState
 from hpc.monitor import Heartbeat
@@ -127,26 +128,24 @@ class Watcher:
 
     def __init__(self, record: registry.Record, every_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
         self.record, self.every_s, self.clock = record, every_s, clock
-        self.checked = 0.0
-        self.read_every_s = every_s  # longer when a read of the heartbeats is slow (monitor.READ_SHARE)
+        self.nudged = float("-inf")
+        self.pace = Pace(every_s, clock)
         self.port: int | None = None
 
     def start_soon(self, state: str) -> None:
         """A job that took over from a dead one starts as soon as nodes free up: the old job releases its live
         nodes one by one, which the scheduler notices only at its next pass (~30 s) unless asked."""
         now = self.clock()
-        if self.record.previous and state == "PENDING" and now - self.checked >= self.every_s:
-            self.checked = now
+        if self.record.previous and state == "PENDING" and now - self.nudged >= self.every_s:
+            self.nudged = now
             commands.start_now(self.record.job_id)
 
     def lost_host(self) -> str | None:
-        now = self.clock()
-        if now - self.checked < self.read_every_s:
-            return None
-        self.checked = now
         run_dir = Path(self.record.job_dir) / vocab.RUN_DIR
-        beats = monitor.read_heartbeats(run_dir)
-        self.read_every_s = max(self.every_s, (self.clock() - now) / monitor.READ_SHARE)
+        beats = self.pace.read(lambda: monitor.read_heartbeats(run_dir))
+        if beats is None:
+            return None
+        now = self.pace.read_at
         attempt = max((b.attempt for b in beats.values()), default=0)
         lost = runfiles.read_lost(run_dir, attempt)
         silent = bool(beats) and all(now - b.time > SILENT_S for b in beats.values() if b.attempt == attempt)

@@ -267,7 +267,15 @@ def test_a_follower_spends_at_most_a_tenth_of_its_time_reading_heartbeats(tmp_pa
     follower = follow.Follower(record, io.StringIO(), tty=False, clock=lambda: next(clock))
     for _ in range(4):
         follower.poll()
-    assert len(reads) == 2 and monitor.READ_SHARE == 0.1
+    assert len(reads) == 2 and follow.READ_SHARE == 0.1
+
+
+def test_a_pace_reads_at_once_then_every_every_s_or_ten_times_the_last_reads_cost_later() -> None:
+    clock = iter([0.0, 0.1, 1.0, 2.0, 5.0, 31.9, 32.0, 32.0])  # each look's start, then its read's end if it read
+    pace = follow.Pace(every_s=2.0, clock=lambda: next(clock))
+    read = [pace.read(lambda: "beats") for _ in range(5)]
+    assert read == ["beats", None, "beats", None, "beats"]  # at 0 (fast: 2 s on), at 2 (3 s: 30 s on), at 32
+    assert pace.read_at == 32.0
 
 
 def test_on_a_terminal_the_follower_redraws_one_line(tmp_path: Path) -> None:
