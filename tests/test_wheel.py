@@ -25,10 +25,12 @@ def test_render_from_wheel(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheels), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("hpcdist-*.whl")
-    # Every module of the checkout ships: a package left out of setup.cfg breaks only what imports it.
+    # Every module, template and config of the checkout ships: one left out of setup.cfg breaks only what uses it.
     shipped = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(REPO).as_posix() for d in ("hpc", "train") for p in (REPO / d).rglob("*.py")}
-    assert modules - shipped == set()
+    data = {"hpc/" + p.relative_to(REPO).as_posix() for d in ("templates", "configs")
+            for p in (REPO / d).rglob("*") if p.is_file() and p.suffix != ".pyc"}
+    assert (modules | data) - shipped == set()
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
