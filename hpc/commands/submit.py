@@ -61,7 +61,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
             fail("submit", exc)
     # The local runner emulates nodes here: the Slurm partition's limits do not bind it, its own do.
     local = executor == "local" or (not dry_run and where == "local")
-    rendered = prepare("submit", config_file, check_partition=dry_run or where != "local",
+    rendered = prepare("submit", config_file, check_partition=not local,
                        check=_check_local if local else None, here=local, **options)
     if dry_run:
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
