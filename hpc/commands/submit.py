@@ -274,10 +274,10 @@ def cancel(job: str) -> None:
 
 
 @click.command("list")
-@click.option("--last", type=int, default=20, show_default=True, help="How many of the newest jobs.")
+@click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="How many of the newest jobs.")
 def list_jobs(last: int) -> None:
     """List the jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl), newest last."""
-    recent = registry.load(registry.registry_path(os.environ))[-last:] if last > 0 else []
+    recent = registry.load(registry.registry_path(os.environ))[-last:]
     if not recent:
         click.echo("no jobs submitted from here yet")
         return
