@@ -542,6 +542,15 @@ def test_report_out_is_the_folder_named_and_never_one_beside_it(tmp_path: Path) 
     assert list((tmp_path / "elsewhere").iterdir()) == [target] and list(target.iterdir()) == []
 
 
+def test_a_report_folder_that_cannot_be_made_is_named_with_what_to_give_instead(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    out = tmp_path / "nowhere" / "report"
+    proc = run_cli(["report", record.job_dir, "--out", str(out)], tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"hpcdist report: cannot make the report folder {out}: No such file or directory; give an --out in a folder "
+        "that exists and that you may write\n")
+
+
 def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
     record = _finished_job(tmp_path)
     other = tmp_path / "other"

@@ -101,8 +101,11 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     out = Path(os.path.abspath(out_dir)) if out_dir else Path(record.job_dir) / "report"
     try:
         folder = fileio.folder(out.parent, out.name)
-    except OSError as exc:
+    except fileio.UnsafePath as exc:
         fail("report", exc)
+    except OSError as exc:
+        fail("report", OSError(f"cannot make the report folder {out}: {exc.strerror or exc}; give an --out in a "
+                               "folder that exists and that you may write"))
     good = reportfiles.write(folder, record)
     shares = ", ".join(f"{c} {good['share'][c] * 100:.0f}%" for c in report.CATEGORIES)
     click.echo(f"report: {folder / 'report.html'}  (goodput: {shares}; {good['redone_steps']} steps recomputed)")
