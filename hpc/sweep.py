@@ -123,6 +123,12 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
     sweep_dir = Path(os.path.abspath(sweep_dir))
     if max_parallel is not None and (not jobfiles.is_a(max_parallel, int) or max_parallel < 1):
         raise SweepError(f"--max-parallel must be a whole number of at least 1, got {max_parallel!r}")
+    try:
+        # Read as a job file is, whatever the tasks set over it: a value no task reads is still a mistake, and a
+        # train_args that is no list would be taken apart into its characters or keys.
+        specs.from_mapping({**base, "job_dir": str(sweep_dir)})
+    except specs.SpecError as exc:
+        raise SweepError(str(exc)) from None
     configs = configurations(matrix, text(base.get("backend") or "ddp"))
     placeholder = str(sweep_dir / "task")
     # First pass: check every configuration and learn its allocation shape.

@@ -242,9 +242,9 @@ def job_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, 
                 train_args.extend([flag, text(value)])
         elif value is None:
             out.pop(key, None)
-        elif key == "offload" and isinstance(value, str):
+        elif key in ("offload", "elastic") and isinstance(value, str):
             if value not in ("true", "false"):
-                raise specs.SpecError(f"offload must be true or false, got {value!r}")
+                raise specs.SpecError(f"{key} must be true or false, got {value!r}")
             out[key] = value == "true"
         else:
             out[key] = value

@@ -277,3 +277,12 @@ def test_garbage_frozen_by_an_earlier_block_is_collected_by_the_next(tmp_path: P
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("written, read", [("2:00:00", "2:00:00"), ("1:30", "1:30"), ("1:30.5", "1:30.5"),
+                                           ("90", 90), ("1.5", 1.5), ("'1:30'", "1:30")])
+def test_yaml_reads_an_unquoted_time_as_the_text_written_not_as_a_base_60_number(tmp_path: Path, written,
+                                                                                  read) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(f"time: {written}\n")
+    assert yamlfile.load(path, "cluster profile") == {"time": read}

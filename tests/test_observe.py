@@ -402,9 +402,10 @@ def test_loss_segments_split_where_the_step_goes_back() -> None:
 
 # ---- commands on a fixture job -----------------------------------------------------------------
 
-def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], home: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {"PYTHONPATH": str(REPO), "HPCDIST_HOME": str(home), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "hpc", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "hpc", *args], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=cwd)
 
 
 def test_status_of_an_ended_job_says_how_its_ranks_ended_not_that_they_are_stale(tmp_path: Path) -> None:
@@ -532,6 +533,30 @@ def test_report_never_writes_through_a_link_in_the_job_dir(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert (elsewhere / "victim").read_text() == "mine\n"
     assert "<html" in (Path(record.job_dir) / "report" / "report.html").read_text()
+
+
+def test_report_out_is_the_folder_named_and_never_one_beside_it(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    proc = run_cli(["report", record.job_dir, "--out", "."], tmp_path, cwd=here)
+    assert proc.returncode == 0, proc.stderr
+    assert (here / "report.html").is_file() and not (tmp_path / "report.html").exists()
+    target = tmp_path / "elsewhere" / "target"
+    target.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(target)
+    proc = run_cli(["report", record.job_dir, "--out", str(tmp_path / "link")], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "symbolic link" in proc.stderr
+    assert list((tmp_path / "elsewhere").iterdir()) == [target] and list(target.iterdir()) == []
+
+
+def test_a_report_folder_that_cannot_be_made_is_named_with_what_to_give_instead(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    out = tmp_path / "nowhere" / "report"
+    proc = run_cli(["report", record.job_dir, "--out", str(out)], tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"hpcdist report: cannot make the report folder {out}: No such file or directory; give an --out in a folder "
+        "that exists and that you may write\n")
 
 
 def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:

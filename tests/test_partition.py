@@ -233,3 +233,17 @@ def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(partition, "query", lambda environ: None)
     gone = CliRunner().invoke(main, ["profile", "check", "local"])
     assert gone.exit_code == 2 and "Slurm does not answer here" in gone.output
+
+
+def test_a_dry_run_for_the_local_executor_shows_the_local_run_unbound_by_the_partition(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partition, "query", lambda environ: LIMITED)
+    local = ["submit", "--executor", "local", "--dry-run", "-p", "hpcdist-probe"]
+    over = CliRunner().invoke(main, [*local, "--time", "10", "-o", str(tmp_path / "over")])
+    assert over.exit_code == 0, over.output
+    assert "#SBATCH --time=10\n" in over.stdout
+    untimed = CliRunner().invoke(main, [*local, "-o", str(tmp_path / "untimed")])
+    assert untimed.exit_code == 0 and "#SBATCH --time=01:00:00\n" in untimed.stdout, untimed.output
+    slurm = CliRunner().invoke(main, ["submit", "--dry-run", "-p", "hpcdist-probe", "--time", "10",
+                                      "-o", str(tmp_path / "slurm")])
+    assert slurm.exit_code == 2 and "MaxTime 00:05:00" in slurm.stderr

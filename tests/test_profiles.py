@@ -66,3 +66,9 @@ def test_cpu_bf16_says_what_precision_auto_knows_of_the_site_s_cpu_nodes() -> No
     assert profiles.parse("a", {"cpu_bf16": True}).cpus() == dsconfig.Cpus(True, "cluster a's CPU nodes")
     assert profiles.parse("b", {"cpu_bf16": False}).cpus().bf16 is False
     assert profiles.parse("c", {}).cpus().bf16 is None
+
+
+def test_a_profile_s_unquoted_time_limit_is_slurm_s_hours_minutes_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("time: 2:00:00\n")
+    assert profiles.load(str(path)).time == "2:00:00"

@@ -246,6 +246,13 @@ def test_list_with_no_jobs(tmp_path):
     assert proc.returncode == 0 and "no jobs" in proc.stdout
 
 
+@pytest.mark.parametrize("last", ["0", "-1"])
+def test_list_of_no_jobs_asked_for_is_refused_not_taken_for_none_submitted(tmp_path, last):
+    proc = hpcdist(["list", "--last", last], tmp_path / "home")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--last" in proc.stderr
+    assert "no jobs" not in proc.stdout + proc.stderr
+
+
 def test_status_of_an_unknown_job_is_exit_2(tmp_path):
     proc = hpcdist(["status", "31337"], tmp_path / "home")
     assert proc.returncode == 2 and "no job '31337'" in proc.stderr

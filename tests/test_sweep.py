@@ -5,6 +5,7 @@ a sweep back tests/test_sweep_results.py's."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,18 @@ def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("hpcdist sweep: axis cpus_per_task=64: 1 task(s) x 64 CPU(s) per node exceed")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"nodes": "x"}, "nodes must be a whole number (ASCII digits), got 'x'"),
+    ({"train_args": True}, "train_args must be a list of strings"),
+    ({"train_args": "--max-steps 5"}, "train_args must be a list of strings"),
+    ({"train_args": {"--channels-last": 1}}, "train_args must be a list of strings"),
+])
+def test_the_base_is_read_as_a_job_file_even_where_every_task_sets_the_key(tmp_path, bad, message):
+    with pytest.raises(sweep_matrix.SweepError, match=f"^{re.escape(message)}"):
+        plan(tmp_path, sweep_matrix.PRESETS["compare"], **bad)
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_a_sweep_file_naming_a_key_twice_is_refused_as_a_job_file_is(tmp_path):

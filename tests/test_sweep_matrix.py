@@ -38,6 +38,14 @@ def test_trainer_axes_append_their_option_and_boolean_ones_are_flags():
     assert values["nodes"] == "2"
 
 
+@pytest.mark.parametrize("key", ["offload", "elastic"])
+def test_a_switch_swept_on_the_command_line_is_true_or_false(key):
+    configs = sweep_matrix.configurations(axes("backend=deepspeed", f"{key}=true,false"), "ddp")
+    assert [sweep_matrix.job_values({}, c)[key] for c in configs] == [True, False]
+    with pytest.raises(ValueError, match=f"^{key} must be true or false, got 'yes'$"):
+        sweep_matrix.job_values({}, {key: "yes"})
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda: sweep_matrix.parse_axis("foo=1,2"), "unknown axis 'foo'"),
     (lambda: sweep_matrix.parse_axis("backend="), "axis backend is empty"),

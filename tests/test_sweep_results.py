@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from test_sweep import axes, plan
 
@@ -41,3 +42,13 @@ def test_the_chart_replaces_a_linked_report_png_and_never_writes_through_it(tmp_
     assert result.exit_code == 0, result.output
     assert victim.read_text() == "mine\n"
     assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("option", ["--png", "--markdown"])
+def test_a_report_file_in_a_folder_that_is_not_there_is_refused_in_one_line(tmp_path, option):
+    sweeps.write(plan(tmp_path, axes("backend=dp,ddp")))
+    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep"), option,
+                                       str(tmp_path / "nowhere" / "report")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "nowhere" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "nowhere").exists()

@@ -12,6 +12,7 @@ folder written by hpc.reportfiles; what ``submit --wait``, ``status`` and ``list
 from __future__ import annotations
 
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,11 +96,16 @@ def timeline_cmd(job: str, as_json: bool) -> None:
 def report_cmd(job: str, out_dir: Path | None) -> None:
     """One HTML run report: loss curve, images/s per rank, waterfall, attempts, goodput, stragglers."""
     record = lookup("report", job)
+    # Not resolved: that would follow a link given as --out (and make a folder of its name beside the target);
+    # nor split as typed, where "." names no folder and its parent is the one above.
+    out = Path(os.path.abspath(out_dir)) if out_dir else Path(record.job_dir) / "report"
     try:
-        folder = fileio.folder(out_dir.resolve().parent, out_dir.name) if out_dir else fileio.folder(
-            Path(record.job_dir), "report")
-    except OSError as exc:
+        folder = fileio.folder(out.parent, out.name)
+    except fileio.UnsafePath as exc:
         fail("report", exc)
+    except OSError as exc:
+        fail("report", OSError(f"cannot make the report folder {out}: {exc.strerror or exc}; give an --out in a "
+                               "folder that exists and that you may write"))
     good = reportfiles.write(folder, record)
     shares = ", ".join(f"{c} {good['share'][c] * 100:.0f}%" for c in report.CATEGORIES)
     click.echo(f"report: {folder / 'report.html'}  (goodput: {shares}; {good['redone_steps']} steps recomputed)")

@@ -61,7 +61,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
             fail("submit", exc)
     # The local runner emulates nodes here: the Slurm partition's limits do not bind it, its own do.
     local = executor == "local" or (not dry_run and where == "local")
-    rendered = prepare("submit", config_file, check_partition=dry_run or where != "local",
+    rendered = prepare("submit", config_file, check_partition=not local,
                        check=_check_local if local else None, here=local, **options)
     if dry_run:
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
@@ -274,10 +274,10 @@ def cancel(job: str) -> None:
 
 
 @click.command("list")
-@click.option("--last", type=int, default=20, show_default=True, help="How many of the newest jobs.")
+@click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="How many of the newest jobs.")
 def list_jobs(last: int) -> None:
     """List the jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl), newest last."""
-    recent = registry.load(registry.registry_path(os.environ))[-last:] if last > 0 else []
+    recent = registry.load(registry.registry_path(os.environ))[-last:]
     if not recent:
         click.echo("no jobs submitted from here yet")
         return

@@ -257,8 +257,13 @@ def report(sweep_dir: str, as_json: bool, png: str | None, markdown: str | None,
         return
     text = sweep_results.table(rows, markdown=True)
     click.echo(text, nl=False)
-    if markdown:
-        fileio.atomic_write(Path(markdown), text)
     path = Path(png) if png else Path(sweep_dir) / "report.png"
-    sweep_results.chart(rows, path, title or Path(sweep_dir).resolve().name)
+    writes = [(Path(markdown), lambda: fileio.atomic_write(Path(markdown), text))] if markdown else []
+    writes.append((path, lambda: sweep_results.chart(rows, path, title or Path(sweep_dir).resolve().name)))
+    for target, write in writes:
+        try:
+            write()
+        except OSError as exc:
+            fail("sweep report", OSError(f"cannot write {target}: {exc.strerror or exc}; give a path in a folder "
+                                         "that exists and that you may write"))
     click.echo(f"# chart: {path}", err=True)
