@@ -75,6 +75,8 @@ def from_mapping(data: Mapping[str, Any], where: str = "container", image_requir
         raise ContainerError(f"{where}: unknown key {str(unknown[0])[:40]!r}; valid keys: runtime, image, mounts, "
                              "gpus, env")
     runtime = data.get("runtime")
+    if runtime is None:
+        raise ContainerError(f"{where}.runtime is missing; name the one the site runs: {', '.join(RUNTIMES)}")
     if not isinstance(runtime, str) or runtime not in RUNTIMES:
         raise ContainerError(f"{where}.runtime {str(runtime)[:40]!r} is not one hpcdist runs; use one of "
                              f"{', '.join(RUNTIMES)}")

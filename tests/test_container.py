@@ -61,6 +61,7 @@ def test_a_container_that_cannot_be_decided_is_one_line(image, runtime, words) -
     ({"runtime": "apptainer", "shell": "x"}, "unknown key"),
     ({"runtime": ["apptainer"]}, "is not one hpcdist runs"),
     ({"runtime": {"name": "apptainer"}}, "is not one hpcdist runs"),
+    ({"image": "/img"}, "container.runtime is missing; name the one the site runs: "),
 ])
 def test_a_profiles_container_section_is_checked(tmp_path: Path, section: dict, words: str) -> None:
     code, err, _ = render(tmp_path, "--cluster", str(profile(tmp_path, **section)))
