@@ -147,10 +147,10 @@ def parse_file(data: Any, source: str) -> tuple[dict[str, Any], Matrix, dict[str
     unknown = [k for k in data if k not in FILE_KEYS]
     if unknown:
         raise SweepError(f"sweep file {source}: {shown.unknown_keys(unknown, FILE_KEYS)}")
-    base = data.get("base") or {}
+    base = {} if data.get("base") is None else data["base"]  # an empty list is the wrong kind, not nothing
     if not isinstance(base, dict):
         raise SweepError(f"sweep file {source}: base: must be a mapping of job keys")
-    axes_data = data.get("axes") or {}
+    axes_data = {} if data.get("axes") is None else data["axes"]
     if not isinstance(axes_data, dict):
         raise SweepError(f"sweep file {source}: axes: must map each key to a list of values")
     axes = tuple(make_axis(normalise_key(key, f"sweep file {source}"),
