@@ -341,6 +341,63 @@ def test_rng_states_round_trip():
     assert random.random() == expected[2]
 
 
+def test_rng_states_round_trip_through_a_file_the_weights_only_loader_reads(tmp_path):
+    torch.save(checkpoint.rng_state(), tmp_path / "rng-rank0.pt")
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng-rank0.pt"))
+    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
+    assert random.random() == expected[2]
+
+
+def test_rng_files_written_before_the_weights_only_loader_still_load(tmp_path):
+    # Their numpy state is numpy's own uint32 array, which a resume after an upgrade must still read.
+    earlier = {**checkpoint.rng_state(), "numpy": np.random.get_state()}
+    torch.save(earlier, tmp_path / "rng-rank0.pt")
+    expected = np.random.rand()
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng-rank0.pt"))
+    assert np.random.rand() == expected
+
+
+class RunsCode:
+    """Unpickled, it calls open(): what a planted checkpoint could make a resume run instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A trainer run in this process as one rank outside Slurm; what it exports (RANK, MASTER_PORT) and the process
+    group an error left it in (a real trainer's process ends there) are undone after."""
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_resume_from_a_checkpoint_whose_pickle_calls_code_runs_none_and_exits_2_in_one_line(tmp_path, capsys,
+                                                                                           one_process):
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    # Complete by its manifest: only what the file holds is wrong.
+    checkpoint.save(run / "checkpoints", 1, rank=0, write=lambda save_dir, tag: torch.save(
+        {"step": 1, "model": {}, "evil": RunsCode(marker)}, save_dir / tag / checkpoint.TRAINER_FILE))
+    code = main(["--backend", "ddp", "--run-dir", str(run), "--synthetic-size", "64", "--batch-size", "8",
+                 "--max-steps", "2", "--threads", "1", "--heartbeat-s", "0", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "step00000001/trainer.pt" in err and "not loaded" in err and "--run-dir" in err
+
+
 # --- backends and configs ------------------------------------------------------------------------------
 
 def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, capsys):

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     status = None
     try:
         status = train(opts, beat)
-    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError) as exc:
+    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError,
+            checkpoint.CheckpointError) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT

@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -146,7 +146,9 @@ def regrouped(saved_world: int | None, world: int, global_batch: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, *rest = np.random.get_state()
+    # numpy's state as plain numbers: loadable by the weights-only unpickler of every torch version.
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, keys.tolist(), *rest), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -164,6 +166,24 @@ def rng_file(folder: Path, rank: int | str) -> Path:
     return Path(folder) / f"rng-rank{rank}.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is not the trainer's own data (tensors, numbers, text); one line."""
+
+
+def _earlier_numpy_state() -> list:
+    """What an RNG file written before rng_state's plain numbers holds besides: numpy's uint32 array."""
+    keys = np.random.get_state()[1]
+    return [np.ndarray, np.dtype, type(keys.dtype), keys.__reduce__()[0]]
+
+
 def load(path: Path) -> dict:
-    # Our own files hold numpy RNG states and Python tuples, which the weights-only unpickler refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint file as data: the weights-only unpickler calls nothing a file names, so a planted or foreign
+    checkpoint cannot run code in the job."""
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allowed(_earlier_numpy_state()) if allowed else nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a foreign file fails inside the unpickler in many ways
+        raise CheckpointError(f"checkpoint file {path} holds more than tensors, numbers and text "
+                              f"({type(exc).__name__}), so it is not one this trainer wrote and is not loaded: move "
+                              "its folder away to resume from the one before, or resume in another --run-dir") from None
