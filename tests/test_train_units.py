@@ -398,6 +398,18 @@ def test_resume_from_a_checkpoint_whose_pickle_calls_code_runs_none_and_exits_2_
     assert "step00000001/trainer.pt" in err and "not loaded" in err and "--run-dir" in err
 
 
+
+def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
+    secret = tmp_path / "secret"
+    secret.write_text("keep\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(secret)
+    code = main(["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+                 "--max-steps", "2", "--threads", "1", "--heartbeat-s", "0"])
+    err = capsys.readouterr().err.strip()
+    assert secret.read_text() == "keep\n"
+    assert code == 2 and len(err.splitlines()) == 1 and "metrics.jsonl is a symbolic link" in err
+
 # --- backends and configs ------------------------------------------------------------------------------
 
 def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, capsys):

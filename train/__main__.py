@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = train(opts, beat)
     except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError,
-            checkpoint.CheckpointError) as exc:
+            checkpoint.CheckpointError, fileio.UnsafePath) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT
@@ -296,8 +296,8 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
     if agreement.now(preemption.received() is not None)[0]:
         stop()
         return None
-    metrics_mode = "a" if state["step"] else "w"
-    with open(run.run_dir / vocab.METRICS, metrics_mode) if rank == 0 else contextlib.nullcontext() as metrics:
+    opened = fileio.open_own(run.run_dir / vocab.METRICS, append=bool(state["step"])) if rank == 0 else None
+    with opened if opened is not None else contextlib.nullcontext() as metrics:
         hooks = StepHooks(run, beat, timing, total_steps, state, agreement, clocks, metrics,
                           loader.steps_per_epoch, started=STARTED)
         batches = loader.batches(timing.start_step)
