@@ -311,6 +311,18 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_takes_the_one_before(tmp_pat
     assert checkpoint.choose(tmp_path, rank=1, share=lambda _: "step00000010").name == "step00000010"
 
 
+def test_a_step_damaged_again_after_it_was_set_aside_once_is_set_aside_beside_the_first(tmp_path):
+    two_checkpoints(tmp_path)
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"")
+    checkpoint.choose(tmp_path, rank=0, say=lambda line: None)
+    save_model(tmp_path, 20, ConvNet())  # the run went on from step 10 and saved step 20 again
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"")
+    said = []
+    assert checkpoint.choose(tmp_path, rank=0, say=said.append).name == "step00000010"
+    assert (tmp_path / ".damaged-step00000020").is_dir() and (tmp_path / ".damaged-step00000020.2").is_dir()
+    assert "set aside as .damaged-step00000020.2" in said[0]
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for step in (1, 2, 3, 4):
         save_model(tmp_path, step, ConvNet())

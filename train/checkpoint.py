@@ -80,12 +80,24 @@ def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda 
         skipped: list = []
         found = newest(root, skipped=skipped)
         for path, reason in skipped:
-            say(f"resume: checkpoint {path} is damaged ({reason}); set aside as .damaged-{path.name}, "
+            aside = set_aside_as(path)
+            say(f"resume: checkpoint {path} is damaged ({reason}); set aside as {aside.name}, "
                 "falling back to the previous one")
-            os.rename(path, path.with_name(f".damaged-{path.name}"))
+            os.rename(path, aside)
         name = found.name if found is not None else None
     name = share(name)
     return Path(root) / name if name else None
+
+
+def set_aside_as(path: Path) -> Path:
+    """``.damaged-NAME``, or ``.damaged-NAME.2``, ... when a run that went on wrote the step again and it was damaged
+    again: a rename onto the first would fail (or replace it, were it empty)."""
+    aside = path.with_name(f".damaged-{path.name}")
+    count = 1
+    while os.path.lexists(aside):
+        count += 1
+        aside = path.with_name(f".damaged-{path.name}.{count}")
+    return aside
 
 
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],
