@@ -264,6 +264,16 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
 
 
+def test_a_step_saved_again_after_a_crash_left_the_replaced_copy_behind_is_published(tmp_path):
+    save_model(tmp_path, 10, ConvNet())
+    # A kill between publishing step 10 again and removing the copy it replaced left that copy.
+    (tmp_path / ".old-step00000010").mkdir()
+    (tmp_path / ".old-step00000010" / "model.pt").write_bytes(b"replaced")
+    save_model(tmp_path, 10, ConvNet())
+    assert checkpoint.newest(tmp_path).name == "step00000010"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000010"]
+
+
 def two_checkpoints(root):
     torch.manual_seed(0)
     save_model(root, 10, ConvNet())

@@ -138,6 +138,7 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
     final = root / tag
     if rank == 0:
         if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
+            shutil.rmtree(root / f".old-{tag}", ignore_errors=True)  # left by a kill before the rmtree below
             os.rename(final, root / f".old-{tag}")
         os.rename(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
