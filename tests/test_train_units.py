@@ -432,6 +432,25 @@ def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_t
     assert secret.read_text() == "keep\n"
     assert code == 2 and len(err.splitlines()) == 1 and "metrics.jsonl is a symbolic link" in err
 
+
+def test_a_fresh_run_beside_an_earlier_run_s_checkpoints_is_refused_in_one_line_and_touches_nothing(tmp_path, capsys,
+                                                                                                  one_process):
+    # Started, it would prune its own checkpoints against the earlier, later steps, and a --resume would take those.
+    run = tmp_path / "run"
+    save_model(run / "checkpoints", 6, ConvNet())
+    (run / "metrics.jsonl").write_text('{"step": 6}\n')
+    code = main(["--backend", "ddp", "--run-dir", str(run), "--synthetic-size", "64", "--batch-size", "8",
+                 "--max-steps", "2", "--threads", "1", "--heartbeat-s", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "step00000006" in err and "--resume" in err and "--run-dir" in err
+    assert [p.name for p in checkpoint.complete(run / "checkpoints")] == ["step00000006"]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 6}\n'
+    # DeepSpeed's parts persisted by an earlier run's nodes count too: a fresh start would clear them.
+    save_model(run / "checkpoints" / ".parts" / "part-0-of-2", 8, ConvNet())
+    assert checkpoint.earlier_run(run / "checkpoints") == ["step00000006", ".parts/part-0-of-2/step00000008"]
+
+
 # --- backends and configs ------------------------------------------------------------------------------
 
 def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, capsys):

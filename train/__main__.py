@@ -180,7 +180,14 @@ def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
     if global_batch % env.world_size:
         raise UsageError(f"global batch {global_batch} does not split over {env.world_size} ranks; "
                          f"pass --batch-size with a multiple of {env.world_size}")
-    return Setup(opts, env, device, precision, ds_config, global_batch, threads)
+    run = Setup(opts, env, device, precision, ds_config, global_batch, threads)
+    earlier = [] if opts.resume else checkpoint.earlier_run(run.checkpoints)
+    if earlier:
+        # Started, this run's checkpoints would be pruned against the earlier run's later steps, which a --resume
+        # would then take; every rank sees it before any collective.
+        raise UsageError(f"{run.checkpoints} holds {earlier[-1]} of an earlier run: pass --resume to go on from it, "
+                         f"or give another --run-dir (or move {run.checkpoints} away) to start afresh")
+    return run
 
 
 def join(run: Setup, beat: heartbeat.Heartbeat) -> None:
