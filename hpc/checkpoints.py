@@ -61,6 +61,13 @@ def write_manifest(folder: Path, step: int) -> None:
     fileio.atomic_write(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n", durable=True)
 
 
+def _listing(files: object) -> bool:
+    """Whether a manifest's ``files`` is what write_manifest writes: name -> {"size": int, "sha256": str}."""
+    return isinstance(files, dict) and all(
+        isinstance(want, dict) and type(want.get("size")) is int and isinstance(want.get("sha256"), str)
+        for want in files.values())
+
+
 def damage(folder: Path, checksums: bool = True) -> str | None:
     """Why ``folder`` is not a complete checkpoint, or None when every listed file is there and matches."""
     try:
@@ -69,6 +76,8 @@ def damage(folder: Path, checksums: bool = True) -> str | None:
         return f"no {MANIFEST} (the write did not finish)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    if not _listing(listed):
+        return f"unreadable {MANIFEST} (its files are not names with a size and a SHA-256)"
     for name, want in listed.items():
         path = Path(folder) / name
         if not path.is_file():

@@ -2,6 +2,7 @@
 
     atomic_write(path, text)        # a temporary file beside ``path``, then renamed over it
     append_line(path, line)         # one O_APPEND write; a link at ``path`` is refused, not followed
+    open_own(path, append=False)    # a file kept open for writing (the trainer's metrics); a link is refused
     folder(root, "report")          # root/report as a real directory below root, never through a link
     private(folder)                 # a folder in shared tmpfs that is this user's alone, or None
 """
@@ -9,12 +10,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class UnsafePath(OSError):
@@ -84,6 +86,20 @@ def append_line(path: Path, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "a") as f:
         f.write(line.rstrip("\n") + "\n")
+
+
+def open_own(path: Path, *, append: bool) -> TextIO:
+    """``path`` open for writing, emptied first unless ``append``; a link at ``path`` is refused (UnsafePath), never
+    written through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{path} is a symbolic link; hpcdist writes only inside the directory it was given: "
+                             "remove the link") from None
+        raise
+    return os.fdopen(fd, "a" if append else "w")
 
 
 def pyplot() -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +66,10 @@ def declare(path: Path, record: Mapping[str, Any]) -> bool:
     """Write ``record`` to ``path`` (hang.json, lost.json) unless a rank declared first: a hard link of a whole
     temporary file, so a reader never sees half of it and two declarers never mix (nor two threads of one
     process: the ranks' watchdogs of a test)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(dict(record)) + "\n")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(dict(record)) + "\n")
     try:
         os.link(tmp, path)
         return True

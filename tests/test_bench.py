@@ -204,6 +204,20 @@ def test_a_link_at_runs_or_a_run_folder_is_refused_before_bench_removes_a_stale_
     assert (mine / "metrics.jsonl").read_text() == "a person's metrics\n"
 
 
+def test_a_config_run_again_starts_in_a_run_folder_without_the_last_bench_s_checkpoints(tmp_path, monkeypatch):
+    # The trainer refuses a fresh start beside an earlier run's checkpoints; these are bench's own.
+    from hpc.commands import bench as command
+
+    out = tmp_path / "bench"
+    command.claim_out(out)
+    (out / "runs" / "ddp-1" / "checkpoints" / "step00000010").mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(command, "execute", lambda cmd, env, log, timeout_s: (
+        seen.append(sorted(p.name for p in log.parent.iterdir())), log.write_text("failed\n"), (1, 0.0))[-1])
+    command.run_one(bench.parse_config("ddp:1", 32), 1, 8, 2, 64, out, 60, "ddp-1")
+    assert seen == [[]]
+
+
 SMALL_GRID = ("floor:1", "ddp:resident:1")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from hpc import checkpoints
 
 
@@ -33,3 +35,19 @@ def test_a_resume_from_disk_starts_at_the_newer_of_the_checkpoint_and_the_parts_
     assert checkpoints.resumable_step(tmp_path) == 30
     (tmp_path / checkpoints.PARTS / "part-1-of-2" / "step00000030" / "x.pt").write_bytes(b"y")  # damaged since
     assert checkpoints.resumable_step(tmp_path) == 20
+
+
+@pytest.mark.parametrize("manifest", ['{"files": []}', '{"files": null}', '{"files": {"x.pt": 1}}',
+                                      '{"files": {"x.pt": {}}}', '{"files": {"x.pt": {"size": "1", "sha256": 2}}}',
+                                      '{"files": {"x.pt": {"size": true, "sha256": "0"}}}'])
+def test_a_manifest_of_the_wrong_shape_makes_its_checkpoint_damaged_and_the_one_before_is_resumed(tmp_path,
+                                                                                                 manifest):
+    for step in (10, 20):
+        (tmp_path / checkpoints.name_for(step)).mkdir()
+        (tmp_path / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
+        checkpoints.write_manifest(tmp_path / checkpoints.name_for(step), step)
+    (tmp_path / "step00000020" / checkpoints.MANIFEST).write_text(manifest)
+    assert checkpoints.damage(tmp_path / "step00000020") == (
+        f"unreadable {checkpoints.MANIFEST} (its files are not names with a size and a SHA-256)")
+    assert checkpoints.newest(tmp_path).name == "step00000010"
+    assert checkpoints.resumable_step(tmp_path) == 10

@@ -61,3 +61,14 @@ def test_one_declaration_wins_among_threads_of_one_process_declaring_at_once(tmp
         assert failed == [] and won.count(True) == 1
         won.clear()
     assert [p.name for p in tmp_path.iterdir()] == ["hang.json"]
+
+
+def test_a_declaration_never_writes_through_a_link_planted_at_its_temporary_name(tmp_path):
+    import os
+    import threading
+
+    secret = tmp_path / "secret"
+    secret.write_text("keep\n")
+    (tmp_path / f".{HANG}.{os.getpid()}.{threading.get_ident()}.tmp").symlink_to(secret)
+    assert runfiles.declare(tmp_path / HANG, {"declared_by": 0})
+    assert secret.read_text() == "keep\n" and json.loads((tmp_path / HANG).read_text()) == {"declared_by": 0}

@@ -264,6 +264,16 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
 
 
+def test_a_step_saved_again_after_a_crash_left_the_replaced_copy_behind_is_published(tmp_path):
+    save_model(tmp_path, 10, ConvNet())
+    # A kill between publishing step 10 again and removing the copy it replaced left that copy.
+    (tmp_path / ".old-step00000010").mkdir()
+    (tmp_path / ".old-step00000010" / "model.pt").write_bytes(b"replaced")
+    save_model(tmp_path, 10, ConvNet())
+    assert checkpoint.newest(tmp_path).name == "step00000010"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000010"]
+
+
 def two_checkpoints(root):
     torch.manual_seed(0)
     save_model(root, 10, ConvNet())
@@ -311,6 +321,18 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_takes_the_one_before(tmp_pat
     assert checkpoint.choose(tmp_path, rank=1, share=lambda _: "step00000010").name == "step00000010"
 
 
+def test_a_step_damaged_again_after_it_was_set_aside_once_is_set_aside_beside_the_first(tmp_path):
+    two_checkpoints(tmp_path)
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"")
+    checkpoint.choose(tmp_path, rank=0, say=lambda line: None)
+    save_model(tmp_path, 20, ConvNet())  # the run went on from step 10 and saved step 20 again
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"")
+    said = []
+    assert checkpoint.choose(tmp_path, rank=0, say=said.append).name == "step00000010"
+    assert (tmp_path / ".damaged-step00000020").is_dir() and (tmp_path / ".damaged-step00000020.2").is_dir()
+    assert "set aside as .damaged-step00000020.2" in said[0]
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for step in (1, 2, 3, 4):
         save_model(tmp_path, step, ConvNet())
@@ -339,6 +361,94 @@ def test_rng_states_round_trip():
     checkpoint.set_rng_state(state)
     assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
     assert random.random() == expected[2]
+
+
+def test_rng_states_round_trip_through_a_file_the_weights_only_loader_reads(tmp_path):
+    torch.save(checkpoint.rng_state(), tmp_path / "rng-rank0.pt")
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng-rank0.pt"))
+    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
+    assert random.random() == expected[2]
+
+
+def test_rng_files_written_before_the_weights_only_loader_still_load(tmp_path):
+    # Their numpy state is numpy's own uint32 array, which a resume after an upgrade must still read.
+    earlier = {**checkpoint.rng_state(), "numpy": np.random.get_state()}
+    torch.save(earlier, tmp_path / "rng-rank0.pt")
+    expected = np.random.rand()
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng-rank0.pt"))
+    assert np.random.rand() == expected
+
+
+class RunsCode:
+    """Unpickled, it calls open(): what a planted checkpoint could make a resume run instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """A trainer run in this process as one rank outside Slurm; what it exports (RANK, MASTER_PORT) and the process
+    group an error left it in (a real trainer's process ends there) are undone after."""
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_resume_from_a_checkpoint_whose_pickle_calls_code_runs_none_and_exits_2_in_one_line(tmp_path, capsys,
+                                                                                           one_process):
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    # Complete by its manifest: only what the file holds is wrong.
+    checkpoint.save(run / "checkpoints", 1, rank=0, write=lambda save_dir, tag: torch.save(
+        {"step": 1, "model": {}, "evil": RunsCode(marker)}, save_dir / tag / checkpoint.TRAINER_FILE))
+    code = main(["--backend", "ddp", "--run-dir", str(run), "--synthetic-size", "64", "--batch-size", "8",
+                 "--max-steps", "2", "--threads", "1", "--heartbeat-s", "0", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "step00000001/trainer.pt" in err and "not loaded" in err and "--run-dir" in err
+
+
+
+def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
+    secret = tmp_path / "secret"
+    secret.write_text("keep\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(secret)
+    code = main(["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+                 "--max-steps", "2", "--threads", "1", "--heartbeat-s", "0"])
+    err = capsys.readouterr().err.strip()
+    assert secret.read_text() == "keep\n"
+    assert code == 2 and len(err.splitlines()) == 1 and "metrics.jsonl is a symbolic link" in err
+
+
+def test_a_fresh_run_beside_an_earlier_run_s_checkpoints_is_refused_in_one_line_and_touches_nothing(tmp_path, capsys,
+                                                                                                  one_process):
+    # Started, it would prune its own checkpoints against the earlier, later steps, and a --resume would take those.
+    run = tmp_path / "run"
+    save_model(run / "checkpoints", 6, ConvNet())
+    (run / "metrics.jsonl").write_text('{"step": 6}\n')
+    code = main(["--backend", "ddp", "--run-dir", str(run), "--synthetic-size", "64", "--batch-size", "8",
+                 "--max-steps", "2", "--threads", "1", "--heartbeat-s", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "step00000006" in err and "--resume" in err and "--run-dir" in err
+    assert [p.name for p in checkpoint.complete(run / "checkpoints")] == ["step00000006"]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 6}\n'
+    # DeepSpeed's parts persisted by an earlier run's nodes count too: a fresh start would clear them.
+    save_model(run / "checkpoints" / ".parts" / "part-0-of-2", 8, ConvNet())
+    assert checkpoint.earlier_run(run / "checkpoints") == ["step00000006", ".parts/part-0-of-2/step00000008"]
 
 
 # --- backends and configs ------------------------------------------------------------------------------

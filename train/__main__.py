@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     status = None
     try:
         status = train(opts, beat)
-    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError) as exc:
+    except (UsageError, DataError, dsconfig.ConfigError, ranks.RankError, nodebeat.StageError,
+            checkpoint.CheckpointError, fileio.UnsafePath) as exc:
         print(f"hpcdist-train: error: {exc}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "bad_input", EXIT_BAD_INPUT)
         status = EXIT_BAD_INPUT
@@ -179,7 +180,14 @@ def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
     if global_batch % env.world_size:
         raise UsageError(f"global batch {global_batch} does not split over {env.world_size} ranks; "
                          f"pass --batch-size with a multiple of {env.world_size}")
-    return Setup(opts, env, device, precision, ds_config, global_batch, threads)
+    run = Setup(opts, env, device, precision, ds_config, global_batch, threads)
+    earlier = [] if opts.resume else checkpoint.earlier_run(run.checkpoints)
+    if earlier:
+        # Started, this run's checkpoints would be pruned against the earlier run's later steps, which a --resume
+        # would then take; every rank sees it before any collective.
+        raise UsageError(f"{run.checkpoints} holds {earlier[-1]} of an earlier run: pass --resume to go on from it, "
+                         f"or give another --run-dir (or move {run.checkpoints} away) to start afresh")
+    return run
 
 
 def join(run: Setup, beat: heartbeat.Heartbeat) -> None:
@@ -295,8 +303,8 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
     if agreement.now(preemption.received() is not None)[0]:
         stop()
         return None
-    metrics_mode = "a" if state["step"] else "w"
-    with open(run.run_dir / vocab.METRICS, metrics_mode) if rank == 0 else contextlib.nullcontext() as metrics:
+    opened = fileio.open_own(run.run_dir / vocab.METRICS, append=bool(state["step"])) if rank == 0 else None
+    with opened if opened is not None else contextlib.nullcontext() as metrics:
         hooks = StepHooks(run, beat, timing, total_steps, state, agreement, clocks, metrics,
                           loader.steps_per_epoch, started=STARTED)
         batches = loader.batches(timing.start_step)

@@ -14,14 +14,14 @@ import os
 import random
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from hpc.checkpoints import KEEP, complete, name_for, newest, size, write_manifest
+from hpc.checkpoints import KEEP, NAME, PART, PARTS, complete, name_for, newest, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -80,12 +80,32 @@ def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda 
         skipped: list = []
         found = newest(root, skipped=skipped)
         for path, reason in skipped:
-            say(f"resume: checkpoint {path} is damaged ({reason}); set aside as .damaged-{path.name}, "
+            aside = set_aside_as(path)
+            say(f"resume: checkpoint {path} is damaged ({reason}); set aside as {aside.name}, "
                 "falling back to the previous one")
-            os.rename(path, path.with_name(f".damaged-{path.name}"))
+            os.rename(path, aside)
         name = found.name if found is not None else None
     name = share(name)
     return Path(root) / name if name else None
+
+
+def set_aside_as(path: Path) -> Path:
+    """``.damaged-NAME``, or ``.damaged-NAME.2``, ... when a run that went on wrote the step again and it was damaged
+    again: a rename onto the first would fail (or replace it, were it empty)."""
+    aside = path.with_name(f".damaged-{path.name}")
+    count = 1
+    while os.path.lexists(aside):
+        count += 1
+        aside = path.with_name(f".damaged-{path.name}.{count}")
+    return aside
+
+
+def earlier_run(root: Path) -> list[str]:
+    """The checkpoints (``stepN``, DeepSpeed's persisted ``.parts/part-I-of-N/stepN``) an earlier run left in ``root``,
+    oldest step first."""
+    root = Path(root)
+    held = complete(root) + [step for part in (root / PARTS).glob(PART.format("*", "*")) for step in complete(part)]
+    return [str(p.relative_to(root)) for p in sorted(held, key=lambda p: int(NAME.fullmatch(p.name).group(1)))]
 
 
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],
@@ -126,6 +146,7 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
     final = root / tag
     if rank == 0:
         if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
+            shutil.rmtree(root / f".old-{tag}", ignore_errors=True)  # left by a kill before the rmtree below
             os.rename(final, root / f".old-{tag}")
         os.rename(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
@@ -146,7 +167,9 @@ def regrouped(saved_world: int | None, world: int, global_batch: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, *rest = np.random.get_state()
+    # numpy's state as plain numbers: loadable by the weights-only unpickler of every torch version.
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, keys.tolist(), *rest), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -164,6 +187,24 @@ def rng_file(folder: Path, rank: int | str) -> Path:
     return Path(folder) / f"rng-rank{rank}.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is not the trainer's own data (tensors, numbers, text); one line."""
+
+
+def _earlier_numpy_state() -> list:
+    """What an RNG file written before rng_state's plain numbers holds besides: numpy's uint32 array."""
+    keys = np.random.get_state()[1]
+    return [np.ndarray, np.dtype, type(keys.dtype), keys.__reduce__()[0]]
+
+
 def load(path: Path) -> dict:
-    # Our own files hold numpy RNG states and Python tuples, which the weights-only unpickler refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint file as data: the weights-only unpickler calls nothing a file names, so a planted or foreign
+    checkpoint cannot run code in the job."""
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allowed(_earlier_numpy_state()) if allowed else nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a foreign file fails inside the unpickler in many ways
+        raise CheckpointError(f"checkpoint file {path} holds more than tensors, numbers and text "
+                              f"({type(exc).__name__}), so it is not one this trainer wrote and is not loaded: move "
+                              "its folder away to resume from the one before, or resume in another --run-dir") from None

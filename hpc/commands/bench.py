@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +115,9 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
     run_dir = fileio.folder(out, "runs", name)
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
+    # The last bench's checkpoints: beside an earlier run's, the trainer refuses to start afresh.
+    if (run_dir / vocab.CHECKPOINTS).is_dir() and not (run_dir / vocab.CHECKPOINTS).is_symlink():
+        shutil.rmtree(run_dir / vocab.CHECKPOINTS)
     log = run_dir / "log.txt"
     cmd = core.argv(config, threads, steps, warmup, str(run_dir), sys.executable, samples)
     rc, wall = execute(cmd, child_env(threads), log, timeout_s)
