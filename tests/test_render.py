@@ -137,6 +137,35 @@ def test_a_relaunch_runs_the_same_step_off_the_failed_nodes(tmp_path: Path) -> N
     assert again == first[:5] + ["--exclude=n2", "--overlap"] + first[5:]
 
 
+@pytest.mark.timed
+def test_the_batch_shells_lost_node_watch_ends_the_step_it_saw_never_the_relaunch(tmp_path: Path) -> None:
+    """setup.sh's watch ends the step whose srun ran while run/lost.json stood; once requeue.sh has acted on the
+    marker (removed it) and relaunched, the new step's srun is left alone, whenever within the watch's wait."""
+    rendered = render.render(golden_spec("ddp", "srun"), SITE, tmp_path / "job", search=builtin())
+    text = rendered.files["setup.sh"]
+    watch = text[text.index("( trap - TERM"):text.index("done ) &") + len("done ) &")]
+    run = tmp_path / "job" / "run"
+    run.mkdir(parents=True)
+    shutil.copy("/bin/sleep", tmp_path / "srun")  # a process named srun, as pgrep -x sees it
+    script = f"""cd {shlex.quote(str(tmp_path))}
+echo '{{"node": "n2"}}' > job/run/lost.json
+./srun 30 & seen=$!
+{watch}
+sleep 0.3                                   # the watch has seen the marker and the step, and waits
+rm job/run/lost.json; kill -KILL $seen; wait $seen
+./srun 30 & relaunch=$!                     # requeue.sh's relaunch, within the watch's wait
+sleep 2
+kill -0 $relaunch && echo relaunch-alive; kill $relaunch
+echo '{{"node": "n3"}}' > job/run/lost.json   # the relaunch loses a node in turn
+./srun 30 & lost=$!
+sleep 2.5
+kill -0 $lost 2>/dev/null || echo lost-ended
+"""
+    out = subprocess.run(["setsid", "--wait", "bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["relaunch-alive", "lost-ended"], (out.stdout, out.stderr)
+    assert out.stderr.count("ending the step") == 1 and '{"node": "n3"}: ending the step' in out.stderr
+
+
 def test_cpu_job_uses_ntasks_per_node() -> None:
     local = profiles.load("local")
     spec = JobSpec(job_dir="/jobs/cpu", nodes=3, ntasks_per_node=2, backend="ddp", python="python3",

@@ -37,10 +37,14 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     ( trap - TERM
       # stderr first: the batch shell gone, the redirection itself fails and would say so in the batch log.
       while read -r _ _ state _ 2>/dev/null </proc/$$/stat && [ "$state" != Z ]; do
-          if [ -e /jobs/golden/run/lost.json ] && pgrep -s 0 -x srun >/dev/null; then
+          if [ -e /jobs/golden/run/lost.json ] && stepping=$(pgrep -s 0 -x srun); then
               sleep 1  # the survivors' own exit first, so that their logs say why
-              echo "hpcdist: $(head -c 300 /jobs/golden/run/lost.json 2>/dev/null): ending the step" >&2
-              pkill -KILL -s 0 -x srun || true
+              # Only the step seen with the marker, and only while the marker stands: meanwhile requeue.sh may
+              # have acted on it (removed it) and relaunched the step, whose srun is not the one to end.
+              if [ -e /jobs/golden/run/lost.json ]; then
+                  echo "hpcdist: $(head -c 300 /jobs/golden/run/lost.json 2>/dev/null): ending the step" >&2
+                  echo "$stepping" | xargs -r kill -KILL 2>/dev/null || true
+              fi
           fi
           sleep 0.5
       done ) &
