@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from hpc import nodelist
+from hpc import nodelist, shown
 
 # Each source is a table from torch's names to the environment variables that carry them.
 TORCHRUN = {
@@ -59,6 +59,8 @@ PORT_SPAN = 20000
 
 
 _INTEGER = re.compile(r"-?[0-9]+")
+# No rank, size or port has more than 18 digits; int() of over 4,300 raises an error of its own.
+_WHOLE = re.compile(r"(-?)0*([0-9]{1,18})")
 _TASKS_ITEM = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
 
 
@@ -100,8 +102,9 @@ def port_for_job(job_id: str) -> int:
     """A port every rank of a job derives alike without talking; jobs sharing a node rarely collide."""
     digits = re.sub(r"[^0-9]", "", job_id)
     if not digits:
-        raise RankError(f"job id {job_id!r} has no digits to derive MASTER_PORT from; set MASTER_PORT")
-    return PORT_BASE + int(digits) % PORT_SPAN
+        raise RankError(f"job id {shown.value(job_id)} has no digits to derive MASTER_PORT from; set MASTER_PORT")
+    # The last nine digits decide the remainder (PORT_SPAN divides 10**9), and int() refuses 4,301 or more.
+    return PORT_BASE + int(digits[-9:]) % PORT_SPAN
 
 
 def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
@@ -109,21 +112,31 @@ def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
     if node_rank >= 0:
         for item in tasks_per_node.split(","):
             m = _TASKS_ITEM.fullmatch(item.strip())
-            if not m:
-                raise RankError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} does not parse")
-            repeat = int(m.group(2) or 1)
+            tasks, repeat = (_whole(m.group(1)), _whole(m.group(2) or "1")) if m else (None, None)
+            if tasks is None or repeat is None:
+                raise RankError(f"SLURM_TASKS_PER_NODE={shown.value(tasks_per_node)} does not parse")
             if node_rank < repeat:
-                return int(m.group(1))
+                return tasks
             node_rank -= repeat
-    raise RankError(f"node {node_rank} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+    raise RankError(f"node {node_rank} is outside SLURM_TASKS_PER_NODE={shown.value(tasks_per_node)}")
+
+
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number of at most 18 digits (leading zeros aside), else None."""
+    m = _WHOLE.fullmatch(text)
+    return int(m.group(1) + m.group(2)) if m else None
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:
     value = environ[name]
     # ASCII digits only: int() would also read "٣" or " 3 ", which no launcher writes.
     if not _INTEGER.fullmatch(value):
-        raise RankError(f"{name}={value!r} is not an integer")
-    return int(value)
+        raise RankError(f"{name}={shown.value(value)} is not an integer")
+    number = _whole(value)
+    if number is None:
+        raise RankError(f"{name}={shown.value(value)} has {len(value.lstrip('-0'))} digits, more than any rank, "
+                        "size or port; fix or unset it")
+    return number
 
 
 def _names(table: Mapping[str, Any], key: str) -> tuple[str, ...]:

@@ -84,6 +84,31 @@ def test_inconsistent_environments_are_errors(environ, message):
         ranks.resolve(environ)
 
 
+HUGE = "9" * 5000  # more digits than Python's int() reads (4,300)
+
+
+@pytest.mark.parametrize("name", ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "MASTER_PORT"])
+def test_a_number_of_thousands_of_digits_is_an_inconsistent_environment(name):
+    with pytest.raises(ranks.RankError, match=f"^{name}='9{{59}}\\.\\.\\. has 5000 digits"):
+        ranks.resolve({**SRUN_TASK, name: HUGE})
+
+
+@pytest.mark.parametrize("tasks_per_node", [HUGE, f"2(x{HUGE})", f"{HUGE}(x2)"])
+def test_tasks_per_node_of_thousands_of_digits_does_not_parse(tasks_per_node):
+    with pytest.raises(ranks.RankError, match="does not parse"):
+        ranks.resolve({**SRUN_TASK, "SLURM_TASKS_PER_NODE": tasks_per_node})
+
+
+def test_leading_zeros_do_not_count_as_digits():
+    assert ranks.resolve({**SRUN_TASK, "SLURM_PROCID": "0" * 5000 + "3"}).rank == 3
+    assert ranks.tasks_on_node("0" * 5000 + "2(x2)", 1) == 2
+
+
+def test_a_job_id_of_thousands_of_digits_derives_the_port_its_number_would():
+    assert ranks.resolve({**SRUN_TASK, "SLURM_JOB_ID": HUGE}).master_port == 12000 + int("9" * 9) % 20000
+    assert ranks.port_for_job("12345678901234567890") == 12000 + 12345678901234567890 % 20000
+
+
 @pytest.mark.parametrize("environ,cpus,expected", [
     ({}, 2, 2),                                                      # one process owns the machine
     ({"OMP_NUM_THREADS": "3"}, 2, 3),                                # explicit wins
