@@ -256,11 +256,10 @@ def threads_per_rank(environ: Mapping[str, str], cpu_count: int, dist: DistEnv) 
     An explicit OMP_NUM_THREADS wins. A Slurm task owns SLURM_CPUS_PER_TASK CPUs; under torchrun or the
     DeepSpeed launcher one such task holds every local rank of the node, which then split it.
     """
-    if environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(int(environ["OMP_NUM_THREADS"]), 1)
-    owned = cpu_count
-    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        owned = min(int(environ["SLURM_CPUS_PER_TASK"]), cpu_count)
+    threads, cpus = count_of(environ, "OMP_NUM_THREADS"), count_of(environ, "SLURM_CPUS_PER_TASK")
+    if threads is not None:
+        return max(threads, 1)
+    owned = cpu_count if cpus is None else min(cpus, cpu_count)
     sharing = 1 if dist.source == "slurm" and "SLURM_CPUS_PER_TASK" in environ else dist.local_world_size
     return max(owned // max(sharing, 1), 1)
 
@@ -269,7 +268,14 @@ def attempt_of(environ: Mapping[str, str]) -> int:
     """This attempt's number: the batch shell's HPCDIST_ATTEMPT (it counts relaunches inside an allocation
     too), else Slurm's restart count; 0 where neither is a count."""
     for name in ("HPCDIST_ATTEMPT", "SLURM_RESTART_COUNT"):
-        value = environ.get(name) or ""
-        if value.isascii() and value.isdigit() and len(value) <= 9:
-            return int(value)
+        count = count_of(environ, name)
+        if count is not None:
+            return count
     return 0
+
+
+def count_of(environ: Mapping[str, str], name: str) -> int | None:
+    """A count a variable holds (ASCII digits, at most nine), else None: str.isdigit() also passes "²", which
+    int() refuses, and a count of thousands of digits, which int() refuses too."""
+    value = environ.get(name) or ""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None

@@ -121,6 +121,13 @@ def test_threads_per_rank_never_oversubscribe(environ, cpus, expected):
     assert ranks.threads_per_rank(environ, cpus, dist) == expected
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000])  # a superscript two passes str.isdigit(), not int()
+def test_a_thread_or_cpu_count_that_is_no_count_is_as_good_as_unset(value):
+    dist = ranks.resolve(SRUN_TASK)
+    assert ranks.threads_per_rank({**SRUN_TASK, "OMP_NUM_THREADS": value}, 4, dist) == 2
+    assert ranks.threads_per_rank({"SLURM_CPUS_PER_TASK": value}, 4, ranks.resolve({})) == 4
+
+
 def test_the_highest_port_is_a_port():
     assert ranks.resolve({**SRUN_TASK, "MASTER_PORT": "65535"}).master_port == 65535
 
