@@ -290,6 +290,27 @@ def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(t
     assert [p.name for p in job_logs.log_files(record)] == ["task-0.log", "task-1.log", "batch-44.log"]
 
 
+def test_cancel_of_a_local_job_whose_folder_was_deleted_still_stops_its_controller(tmp_path, monkeypatch):
+    signals = []
+    monkeypatch.setattr(jobs, "controller_pid", lambda record: 4321)
+    monkeypatch.setattr(jobs.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    assert jobs.cancel(rec("4321", str(tmp_path / "deleted"), via="local")) is True
+    assert signals == [(4321, jobs.signal.SIGINT)] and not (tmp_path / "deleted").exists()
+
+
+def test_cancel_of_a_local_job_without_a_controller_says_nothing_was_cancelled(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    home = tmp_path / "home"
+    registry.append(home / registry.REGISTRY, rec("999999", str(tmp_path / "deleted"), via="local"))
+    monkeypatch.setenv("HPCDIST_HOME", str(home))
+    result = CliRunner().invoke(cancel, ["999999"])
+    assert result.exit_code == 0 and "Cancelled" not in result.output
+    assert result.output == "job 999999 is not running here (its controller is gone): nothing to cancel\n"
+
+
 def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
