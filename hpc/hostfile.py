@@ -8,7 +8,7 @@ import re
 from typing import Mapping
 
 from hpc import nodelist, shown
-from hpc.ranks import SLURM
+from hpc.ranks import SLURM, count_of
 from hpc.spec import MAX_TASKS_PER_NODE
 
 # What a hostfile line (``host slots=N``) can carry as its host: a blank or ``=`` would be read as more fields.
@@ -36,8 +36,7 @@ def hosts(expr: str) -> list[str]:
 
 def slots_from_slurm(environ: Mapping[str, str]) -> int:
     """Ranks per node inside a job: the GPUs Slurm gave this node, else one."""
-    gpus = environ.get("SLURM_GPUS_ON_NODE", "")
-    return int(gpus) if gpus.isdigit() and int(gpus) > 0 else 1
+    return count_of(environ, "SLURM_GPUS_ON_NODE") or 1
 
 
 def nodelist_from_slurm(environ: Mapping[str, str]) -> str:

@@ -204,20 +204,24 @@ def state(record: Record, runner: Runner = slurm_run) -> JobState:
     return states([record], runner)[record.job_id]
 
 
-def cancel(record: Record, runner: Runner = slurm_run) -> None:
-    """scancel the job; for a local job, interrupt its controller, which stops every task."""
+def cancel(record: Record, runner: Runner = slurm_run) -> bool:
+    """scancel the job; for a local job, interrupt its controller, which stops every task. Whether there was
+    a job to stop (a local job's controller may be gone already)."""
     if record.via != "local":
         try:
             commands.scancel([record.job_id], runner=runner, strict=True)
         except SlurmError as exc:
             raise JobError(str(exc)) from None
-        return
+        return True
     pid = controller_pid(record)
     if pid is None:
-        return
-    (record.submitit_dir / f"{record.job_id}_cancelled").touch()
+        return False
+    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
+    with contextlib.suppress(FileNotFoundError):
+        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
     # SIGINT is what submitit's LocalJob.cancel sends: the controller then stops its tasks.
     os.kill(pid, signal.SIGINT)
+    return True
 
 
 def slurm_available(environ: Mapping[str, str]) -> bool:

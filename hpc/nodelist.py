@@ -72,10 +72,7 @@ def _group(body: str, expr: str) -> tuple[Range, ...]:
         raise NodelistError(f"bad range {item!r} in {expr!r}: expected N or N-M with digits 0-9 only")
     ranges = []
     for low, high in _ITEM.findall(body):
-        lo, hi = int(low), int(high or low)
-        if hi > MAX_NUMBER:
-            raise NodelistError(f"range {low}-{high} in {expr!r} has a bound over {MAX_NUMBER}, which Slurm "
-                                "cannot read")
+        lo, hi = _bound(low, expr), _bound(high or low, expr)
         if hi < lo:
             raise NodelistError(f"range {low}-{high} in {expr!r} runs backwards")
         if hi - lo + 1 > MAX_RANGE_HOSTS:
@@ -83,6 +80,16 @@ def _group(body: str, expr: str) -> tuple[Range, ...]:
                                 f"most {MAX_RANGE_HOSTS:,} in one range")
         ranges.append((lo, hi, len(low)))
     return tuple(ranges)
+
+
+def _bound(digits: str, expr: str) -> int:
+    """A range's bound; its leading zeros are only its width. Counted before int() reads it: int() of more than
+    4,300 digits raises an error of its own."""
+    value = digits.lstrip("0") or "0"
+    if len(value) > len(str(MAX_NUMBER)) or int(value) > MAX_NUMBER:
+        raise NodelistError(f"bound {_short(digits, 30)} in {_short(expr)} is over {MAX_NUMBER}, which Slurm "
+                            "cannot read")
+    return int(value)
 
 
 def _where(term: str, expr: str) -> str:

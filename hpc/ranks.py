@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from hpc import nodelist
+from hpc import nodelist, shown
 
 # Each source is a table from torch's names to the environment variables that carry them.
 TORCHRUN = {
@@ -59,6 +59,8 @@ PORT_SPAN = 20000
 
 
 _INTEGER = re.compile(r"-?[0-9]+")
+# No rank, size or port has more than 18 digits; int() of over 4,300 raises an error of its own.
+_WHOLE = re.compile(r"(-?)0*([0-9]{1,18})")
 _TASKS_ITEM = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
 
 
@@ -100,8 +102,9 @@ def port_for_job(job_id: str) -> int:
     """A port every rank of a job derives alike without talking; jobs sharing a node rarely collide."""
     digits = re.sub(r"[^0-9]", "", job_id)
     if not digits:
-        raise RankError(f"job id {job_id!r} has no digits to derive MASTER_PORT from; set MASTER_PORT")
-    return PORT_BASE + int(digits) % PORT_SPAN
+        raise RankError(f"job id {shown.value(job_id)} has no digits to derive MASTER_PORT from; set MASTER_PORT")
+    # The last nine digits decide the remainder (PORT_SPAN divides 10**9), and int() refuses 4,301 or more.
+    return PORT_BASE + int(digits[-9:]) % PORT_SPAN
 
 
 def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
@@ -109,21 +112,31 @@ def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
     if node_rank >= 0:
         for item in tasks_per_node.split(","):
             m = _TASKS_ITEM.fullmatch(item.strip())
-            if not m:
-                raise RankError(f"SLURM_TASKS_PER_NODE={tasks_per_node!r} does not parse")
-            repeat = int(m.group(2) or 1)
+            tasks, repeat = (_whole(m.group(1)), _whole(m.group(2) or "1")) if m else (None, None)
+            if tasks is None or repeat is None:
+                raise RankError(f"SLURM_TASKS_PER_NODE={shown.value(tasks_per_node)} does not parse")
             if node_rank < repeat:
-                return int(m.group(1))
+                return tasks
             node_rank -= repeat
-    raise RankError(f"node {node_rank} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+    raise RankError(f"node {node_rank} is outside SLURM_TASKS_PER_NODE={shown.value(tasks_per_node)}")
+
+
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number of at most 18 digits (leading zeros aside), else None."""
+    m = _WHOLE.fullmatch(text)
+    return int(m.group(1) + m.group(2)) if m else None
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:
     value = environ[name]
     # ASCII digits only: int() would also read "٣" or " 3 ", which no launcher writes.
     if not _INTEGER.fullmatch(value):
-        raise RankError(f"{name}={value!r} is not an integer")
-    return int(value)
+        raise RankError(f"{name}={shown.value(value)} is not an integer")
+    number = _whole(value)
+    if number is None:
+        raise RankError(f"{name}={shown.value(value)} has {len(value.lstrip('-0'))} digits, more than any rank, "
+                        "size or port; fix or unset it")
+    return number
 
 
 def _names(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -243,11 +256,10 @@ def threads_per_rank(environ: Mapping[str, str], cpu_count: int, dist: DistEnv) 
     An explicit OMP_NUM_THREADS wins. A Slurm task owns SLURM_CPUS_PER_TASK CPUs; under torchrun or the
     DeepSpeed launcher one such task holds every local rank of the node, which then split it.
     """
-    if environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(int(environ["OMP_NUM_THREADS"]), 1)
-    owned = cpu_count
-    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        owned = min(int(environ["SLURM_CPUS_PER_TASK"]), cpu_count)
+    threads, cpus = count_of(environ, "OMP_NUM_THREADS"), count_of(environ, "SLURM_CPUS_PER_TASK")
+    if threads is not None:
+        return max(threads, 1)
+    owned = cpu_count if cpus is None else min(cpus, cpu_count)
     sharing = 1 if dist.source == "slurm" and "SLURM_CPUS_PER_TASK" in environ else dist.local_world_size
     return max(owned // max(sharing, 1), 1)
 
@@ -256,7 +268,14 @@ def attempt_of(environ: Mapping[str, str]) -> int:
     """This attempt's number: the batch shell's HPCDIST_ATTEMPT (it counts relaunches inside an allocation
     too), else Slurm's restart count; 0 where neither is a count."""
     for name in ("HPCDIST_ATTEMPT", "SLURM_RESTART_COUNT"):
-        value = environ.get(name) or ""
-        if value.isascii() and value.isdigit() and len(value) <= 9:
-            return int(value)
+        count = count_of(environ, name)
+        if count is not None:
+            return count
     return 0
+
+
+def count_of(environ: Mapping[str, str], name: str) -> int | None:
+    """A count a variable holds (ASCII digits, at most nine), else None: str.isdigit() also passes "²", which
+    int() refuses, and a count of thousands of digits, which int() refuses too."""
+    value = environ.get(name) or ""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None

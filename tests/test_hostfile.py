@@ -46,6 +46,11 @@ def test_errors() -> None:
     assert hostfile.slots_from_slurm({}) == 1
 
 
+@pytest.mark.parametrize("gpus", ["\u00b2", "9" * 5000, "0", "-2", "x"])  # "²" passes str.isdigit(), not int()
+def test_slurm_gpus_on_node_that_is_no_count_of_gpus_means_one_slot(gpus: str) -> None:
+    assert hostfile.slots_from_slurm({"SLURM_GPUS_ON_NODE": gpus}) == 1
+
+
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     environ.update(PYTHONPATH=str(REPO), **env)

@@ -67,6 +67,22 @@ def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
         registry.lookup("56", {"HPCDIST_HOME": str(tmp_path / "empty")})
 
 
+@pytest.mark.parametrize("job_id", ["--me", "--user=alice", "101,102", "-p debug"])
+def test_a_marker_whose_job_id_is_no_slurm_job_id_names_no_job(tmp_path, job_id):
+    """The id becomes scancel's argument: a forged `--me` would cancel every job of the user."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / registry.MARKER).write_text(json.dumps({"job_id": job_id, "job_dir": str(job_dir), "via": "sbatch",
+                                                       "submitted": "t"}) + "\n")
+    with pytest.raises(registry.JobError, match="no job"):
+        registry.lookup(str(job_dir), {"HPCDIST_HOME": str(tmp_path / "empty")})
+
+
+def test_array_tasks_and_local_runs_keep_their_ids():
+    assert [r.job_id for r in (rec("101_3"), rec("local-1", via="local"), rec("4242", via="sbatch"))] == \
+        ["101_3", "local-1", "4242"]
+
+
 # ---- Slurm's answers -----------------------------------------------------------------------------
 
 def test_parse_sacct_reads_the_allocation_row():
@@ -274,6 +290,27 @@ def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(t
     assert [p.name for p in job_logs.log_files(record)] == ["task-0.log", "task-1.log", "batch-44.log"]
 
 
+def test_cancel_of_a_local_job_whose_folder_was_deleted_still_stops_its_controller(tmp_path, monkeypatch):
+    signals = []
+    monkeypatch.setattr(jobs, "controller_pid", lambda record: 4321)
+    monkeypatch.setattr(jobs.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    assert jobs.cancel(rec("4321", str(tmp_path / "deleted"), via="local")) is True
+    assert signals == [(4321, jobs.signal.SIGINT)] and not (tmp_path / "deleted").exists()
+
+
+def test_cancel_of_a_local_job_without_a_controller_says_nothing_was_cancelled(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    home = tmp_path / "home"
+    registry.append(home / registry.REGISTRY, rec("999999", str(tmp_path / "deleted"), via="local"))
+    monkeypatch.setenv("HPCDIST_HOME", str(home))
+    result = CliRunner().invoke(cancel, ["999999"])
+    assert result.exit_code == 0 and "Cancelled" not in result.output
+    assert result.output == "job 999999 is not running here (its controller is gone): nothing to cancel\n"
+
+
 def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -332,7 +369,7 @@ def test_the_failure_report_of_a_retried_job_names_the_last_attempts_failure_not
 @pytest.mark.parametrize("fields", [
     {"nodes": "2"}, {"job_id": 4242}, {"job_dir": ["x"]}, {"nodes": 0}, {"world_size": True},
     {"nodes": 10**6, "ntasks_per_node": 10**6}, {"via": "local", "nodes": 2, "ntasks_per_node": 1024},
-    {"job_id": "x" * 256},
+    {"job_id": "x" * 256}, {"job_id": "--me"}, {"job_id": "5,6"}, {"job_id": "-1"}, {"job_id": "5\n"},
 ])
 def test_a_registry_line_of_the_wrong_type_range_or_length_is_skipped(fields) -> None:
     good = {"job_id": "5", "job_dir": "/j", "via": "sbatch", "submitted": "t"}

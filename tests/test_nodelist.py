@@ -62,6 +62,21 @@ def test_malformed_nodelists_are_errors(expr, message):
         nodelist.first(expr)
 
 
+def test_a_bound_of_thousands_of_digits_is_refused_as_any_bound_slurm_cannot_read():
+    """Python's int() refuses over 4,300 digits with an error of its own; the bound is judged before it reads."""
+    for expr in ("n[" + "9" * 5000 + "]", "n[1-" + "9" * 5000 + "]", "n[1-2]x[" + "1" * 4301 + "]"):
+        with pytest.raises(nodelist.NodelistError, match="cannot read"):
+            nodelist.expand(expr)
+        with pytest.raises(nodelist.NodelistError, match="cannot read"):
+            nodelist.first(expr)
+
+
+def test_leading_zeros_are_width_however_many():
+    zeros = "0" * 5000
+    assert nodelist.expand(f"n[{zeros}1-{zeros}2]") == [f"n{zeros}1", f"n{zeros}2"]
+    assert nodelist.expand("n[18446744073709551615]") == ["n18446744073709551615"]
+
+
 def test_the_largest_range_slurm_allows_is_accepted():
     assert nodelist.count("n[0-65535]") == 65536
     assert nodelist.expand("n[1-65536]")[-1] == "n65536"

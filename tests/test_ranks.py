@@ -84,6 +84,31 @@ def test_inconsistent_environments_are_errors(environ, message):
         ranks.resolve(environ)
 
 
+HUGE = "9" * 5000  # more digits than Python's int() reads (4,300)
+
+
+@pytest.mark.parametrize("name", ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "MASTER_PORT"])
+def test_a_number_of_thousands_of_digits_is_an_inconsistent_environment(name):
+    with pytest.raises(ranks.RankError, match=f"^{name}='9{{59}}\\.\\.\\. has 5000 digits"):
+        ranks.resolve({**SRUN_TASK, name: HUGE})
+
+
+@pytest.mark.parametrize("tasks_per_node", [HUGE, f"2(x{HUGE})", f"{HUGE}(x2)"])
+def test_tasks_per_node_of_thousands_of_digits_does_not_parse(tasks_per_node):
+    with pytest.raises(ranks.RankError, match="does not parse"):
+        ranks.resolve({**SRUN_TASK, "SLURM_TASKS_PER_NODE": tasks_per_node})
+
+
+def test_leading_zeros_do_not_count_as_digits():
+    assert ranks.resolve({**SRUN_TASK, "SLURM_PROCID": "0" * 5000 + "3"}).rank == 3
+    assert ranks.tasks_on_node("0" * 5000 + "2(x2)", 1) == 2
+
+
+def test_a_job_id_of_thousands_of_digits_derives_the_port_its_number_would():
+    assert ranks.resolve({**SRUN_TASK, "SLURM_JOB_ID": HUGE}).master_port == 12000 + int("9" * 9) % 20000
+    assert ranks.port_for_job("12345678901234567890") == 12000 + 12345678901234567890 % 20000
+
+
 @pytest.mark.parametrize("environ,cpus,expected", [
     ({}, 2, 2),                                                      # one process owns the machine
     ({"OMP_NUM_THREADS": "3"}, 2, 3),                                # explicit wins
@@ -94,6 +119,13 @@ def test_inconsistent_environments_are_errors(environ, message):
 def test_threads_per_rank_never_oversubscribe(environ, cpus, expected):
     dist = ranks.resolve(environ)
     assert ranks.threads_per_rank(environ, cpus, dist) == expected
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000])  # a superscript two passes str.isdigit(), not int()
+def test_a_thread_or_cpu_count_that_is_no_count_is_as_good_as_unset(value):
+    dist = ranks.resolve(SRUN_TASK)
+    assert ranks.threads_per_rank({**SRUN_TASK, "OMP_NUM_THREADS": value}, 4, dist) == 2
+    assert ranks.threads_per_rank({"SLURM_CPUS_PER_TASK": value}, 4, ranks.resolve({})) == 4
 
 
 def test_the_highest_port_is_a_port():

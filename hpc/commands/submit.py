@@ -266,11 +266,12 @@ def cancel(job: str) -> None:
         click.echo(f"job {record.job_id} already ended: {current.state}")
         return
     try:
-        jobs.cancel(record)
+        stopped = jobs.cancel(record)
     except registry.JobError as exc:
         click.echo(f"hpcdist cancel: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"Cancelled job {record.job_id}")
+    click.echo(f"Cancelled job {record.job_id}" if stopped else
+               f"job {record.job_id} is not running here (its controller is gone): nothing to cancel")
 
 
 @click.command("list")
