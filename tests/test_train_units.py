@@ -353,6 +353,22 @@ def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, cap
     assert len(err.splitlines()) == 1 and "rank 1 of 2" in err and "--backend ddp" in err
 
 
+@pytest.mark.parametrize("file_at,run_dir", [("run", "run"), ("run/checkpoints", "run"), ("run", "run/sub")])
+def test_a_run_dir_or_checkpoints_that_is_no_folder_is_refused_before_any_training(
+        file_at, run_dir, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    (tmp_path / file_at).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file_at).write_text("the user's\n")
+    rc = main(["--backend", "ddp", "--run-dir", str(tmp_path / run_dir), "--synthetic-size", "64",
+               "--batch-size", "32", "--max-steps", "2", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--run-dir" in err, err
+    assert (tmp_path / file_at).read_text() == "the user's\n"
+    assert not (tmp_path / run_dir / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("has_fp16", [False, True])
 def test_deepspeed_fp16_on_a_cpu_without_fp16_kernels_is_refused_before_deepspeed_starts(
         has_fp16, tmp_path, monkeypatch, capsys):

@@ -51,6 +51,7 @@ from train.runtime import (
     init_process_group,
     leave,
     log_nccl_for_preflight,
+    make_run_dir,
     peak_memory_bytes,
     pick_device,
     preflight,
@@ -155,6 +156,7 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
 def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
     """This rank's place, threads, device, precision and batch; no collective yet."""
     env = ranks.resolve(os.environ)
+    make_run_dir(opts.run_dir)
     beat.identify(env, os.environ)
     beat.watch(watchdog.Watchdog(beat, timeout_s=opts.hang_timeout_s, factor=opts.hang_factor))
     if opts.backend == "dp" and env.distributed:
