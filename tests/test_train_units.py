@@ -140,6 +140,32 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
         read_batch(tmp_path / "bad")
 
 
+@pytest.mark.parametrize("labels,words", [
+    ([3.7, 1.2], "not integers 0-9"), ([b"1", b"2"], "not integers 0-9"), ([True, False], "not integers 0-9"),
+    ([2**70, 1], "not integers 0-9"), ([float("nan"), 1], "not integers 0-9"), (None, "labels of shape ()"),
+    (3, "labels of shape ()"), ([[1, 2], [3, 4]], "labels of shape (2, 2)"), ([[1], [1, 2]], "ragged"),
+])
+def test_labels_that_are_not_one_integer_0_9_per_image_are_refused_never_cast(tmp_path, labels, words):
+    with open(tmp_path / "bad", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
+    with pytest.raises(DataError) as err:
+        read_batch(tmp_path / "bad")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_test_batch_is_refused_before_training_not_divided_by_after_it(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    write_cifar10(tmp_path / "data")
+    write_cifar_batch(tmp_path / "data" / "cifar-10-batches-py" / "test_batch", 0, seed=0)
+    rc = main(["--backend", "ddp", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+               "--run-dir", str(tmp_path / "run"), "--batch-size", "6", "--max-steps", "1", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "test_batch holds no images" in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_synthetic_data_is_cifar_shaped_and_fixed_by_seed():
     data = synthetic(512, 128, seed=3)
     assert data.train.images.shape == (512, 3, 32, 32) and data.train.images.dtype == torch.uint8
