@@ -121,6 +121,14 @@ def test_a_missing_cifar10_file_is_one_line_naming_the_path_and_download(tmp_pat
     assert "data_batch_3" in message and "--download" in message and "\n" not in message
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_such_not_as_a_corrupt_batch_to_delete(tmp_path):
+    (tmp_path / "data").write_text("not a folder\n")
+    with pytest.raises(DataError) as err:
+        read_cifar10(tmp_path / "data")
+    assert str(err.value).startswith(f"--data-dir {tmp_path / 'data'} is not a folder"), err.value
+    assert "delete" not in str(err.value) and (tmp_path / "data").read_text() == "not a folder\n"
+
+
 def test_a_corrupt_cifar10_run_exits_2_with_one_line_on_stderr(tmp_path, capsys, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(name, raising=False)

@@ -78,6 +78,9 @@ def read_batch(path: Path) -> Split:
 
 
 def read_cifar10(data_dir: Path) -> Dataset:
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        # Else each batch path runs through it and reads as a corrupt file to delete, which is not there.
+        raise DataError(f"--data-dir {data_dir} is not a folder; point it at the folder that holds {CIFAR_FOLDER}/")
     root = cifar10_root(Path(data_dir))
     train = [read_batch(root / name) for name in TRAIN_FILES]
     test = read_batch(root / TEST_FILE)
