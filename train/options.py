@@ -165,6 +165,11 @@ def _validate(opts: Options) -> None:
             raise OptionsError(f"--{name.replace('_', '-')} must be at most {most}, got {getattr(opts, name)}")
     if opts.lr is not None and not 0 < opts.lr < float("inf"):
         raise OptionsError(f"--lr must be a positive number, got {opts.lr}")
+    for name in ("zero_stage", "deepspeed_config"):
+        if opts.backend != "deepspeed" and getattr(opts, name) is not None:
+            # Ignored, they would leave a run believed to be ZeRO's training plain dp/ddp.
+            raise OptionsError(f"--{name.replace('_', '-')} applies to --backend deepspeed, and {opts.backend} "
+                               "has no ZeRO; drop it, or pass --backend deepspeed")
     if opts.dataset == "cifar10" and opts.data_dir is None:
         raise OptionsError("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/)")
 
