@@ -403,6 +403,47 @@ def test_a_run_dir_or_checkpoints_that_is_no_folder_is_refused_before_any_traini
     assert not (tmp_path / run_dir / "metrics.jsonl").exists()
 
 
+def resume_refusal(backend: str, run_dir: Path, capsys) -> str:
+    rc = main(["--backend", backend, "--run-dir", str(run_dir), "--synthetic-size", "64", "--batch-size", "32",
+               "--max-steps", "2", "--threads", "1", "--resume"])
+    err = capsys.readouterr().err.strip()
+    if torch.distributed.is_initialized():  # refused after joining; a process of its own would exit here
+        torch.distributed.destroy_process_group()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--run-dir" in err, err
+    return err
+
+
+@pytest.mark.parametrize("backend", ["dp", "ddp"])
+def test_a_deepspeed_checkpoint_is_refused_by_dp_and_ddp_in_one_line(backend, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    folder = tmp_path / "run" / "checkpoints" / "step00000001"
+    folder.mkdir(parents=True)
+    torch.save({}, folder / "mp_rank_00_model_states.pt")  # DeepSpeed's files, no trainer.pt
+    checkpoints.write_manifest(folder, 1)
+    assert "step00000001 was written by deepspeed" in resume_refusal(backend, tmp_path / "run", capsys)
+    assert checkpoints.newest(tmp_path / "run" / "checkpoints") == folder
+
+
+def test_a_ddp_checkpoint_is_refused_by_deepspeed_in_one_line(tmp_path, monkeypatch, capsys):
+    import train.__main__ as trainer
+    from train.engines import DeepSpeedEngine
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    assert main(["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64",
+                 "--batch-size", "32", "--max-steps", "1", "--threads", "1"]) == 0
+    capsys.readouterr()
+    # DeepSpeed itself is not started: it initialises once a process, and the refusal comes before it loads.
+    monkeypatch.setattr(DeepSpeedEngine, "__init__", lambda self, model, config: setattr(
+        self, "input_dtype", torch.float32))
+    monkeypatch.setattr(DeepSpeedEngine, "read", lambda *a: pytest.fail("DeepSpeed was asked to load it"))
+    monkeypatch.setattr(trainer, "init_process_group", lambda *a: "gloo")
+    assert "step00000001 was written by dp/ddp" in resume_refusal("deepspeed", tmp_path / "run", capsys)
+
+
 @pytest.mark.parametrize("has_fp16", [False, True])
 def test_deepspeed_fp16_on_a_cpu_without_fp16_kernels_is_refused_before_deepspeed_starts(
         has_fp16, tmp_path, monkeypatch, capsys):
