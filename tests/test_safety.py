@@ -276,6 +276,27 @@ def test_the_trainer_itself_takes_no_abbreviation_and_no_second_reserved_option(
     assert len(capsys.readouterr().err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag,most", [("--seed", 2**63 - 1), ("--threads", 2**31 - 1), ("--timeout-s", 10**9)])
+def test_trainer_numbers_past_what_torch_takes_are_refused_in_one_line(flag: str, most: int, capsys) -> None:
+    assert options.parse(["--backend", "ddp", "--run-dir", "x", flag, str(most)])
+    with pytest.raises(SystemExit) as info:
+        options.parse(["--backend", "ddp", "--run-dir", "x", flag, str(most * 10)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{flag} must be at most {most}" in err, err
+
+
+@pytest.mark.parametrize("backend", ["dp", "ddp"])
+@pytest.mark.parametrize("args", [["--zero-stage", "3"], ["--deepspeed-config", "ds.json"]])
+def test_deepspeed_only_trainer_options_are_refused_with_dp_and_ddp_not_ignored(backend, args, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        options.parse(["--backend", backend, "--run-dir", "x", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{args[0]} applies to --backend deepspeed" in err, err
+    assert options.parse(["--backend", "deepspeed", "--run-dir", "x", *args])
+
+
 def test_train_options_stays_torch_free() -> None:
     probe = "import sys, train.options, hpc.spec; print(any(m.split('.')[0] == 'torch' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,

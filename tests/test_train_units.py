@@ -121,6 +121,14 @@ def test_a_missing_cifar10_file_is_one_line_naming_the_path_and_download(tmp_pat
     assert "data_batch_3" in message and "--download" in message and "\n" not in message
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_such_not_as_a_corrupt_batch_to_delete(tmp_path):
+    (tmp_path / "data").write_text("not a folder\n")
+    with pytest.raises(DataError) as err:
+        read_cifar10(tmp_path / "data")
+    assert str(err.value).startswith(f"--data-dir {tmp_path / 'data'} is not a folder"), err.value
+    assert "delete" not in str(err.value) and (tmp_path / "data").read_text() == "not a folder\n"
+
+
 def test_a_corrupt_cifar10_run_exits_2_with_one_line_on_stderr(tmp_path, capsys, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -138,6 +146,32 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(DataError, match="not uint8 N x 3072"):
         read_batch(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("labels,words", [
+    ([3.7, 1.2], "not integers 0-9"), ([b"1", b"2"], "not integers 0-9"), ([True, False], "not integers 0-9"),
+    ([2**70, 1], "not integers 0-9"), ([float("nan"), 1], "not integers 0-9"), (None, "labels of shape ()"),
+    (3, "labels of shape ()"), ([[1, 2], [3, 4]], "labels of shape (2, 2)"), ([[1], [1, 2]], "ragged"),
+])
+def test_labels_that_are_not_one_integer_0_9_per_image_are_refused_never_cast(tmp_path, labels, words):
+    with open(tmp_path / "bad", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
+    with pytest.raises(DataError) as err:
+        read_batch(tmp_path / "bad")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_test_batch_is_refused_before_training_not_divided_by_after_it(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    write_cifar10(tmp_path / "data")
+    write_cifar_batch(tmp_path / "data" / "cifar-10-batches-py" / "test_batch", 0, seed=0)
+    rc = main(["--backend", "ddp", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+               "--run-dir", str(tmp_path / "run"), "--batch-size", "6", "--max-steps", "1", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "test_batch holds no images" in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_synthetic_data_is_cifar_shaped_and_fixed_by_seed():
@@ -461,6 +495,63 @@ def test_dp_refuses_more_than_one_process_with_exit_2(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "rank 1 of 2" in err and "--backend ddp" in err
+
+
+@pytest.mark.parametrize("file_at,run_dir", [("run", "run"), ("run/checkpoints", "run"), ("run", "run/sub")])
+def test_a_run_dir_or_checkpoints_that_is_no_folder_is_refused_before_any_training(
+        file_at, run_dir, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    (tmp_path / file_at).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file_at).write_text("the user's\n")
+    rc = main(["--backend", "ddp", "--run-dir", str(tmp_path / run_dir), "--synthetic-size", "64",
+               "--batch-size", "32", "--max-steps", "2", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--run-dir" in err, err
+    assert (tmp_path / file_at).read_text() == "the user's\n"
+    assert not (tmp_path / run_dir / "metrics.jsonl").exists()
+
+
+def resume_refusal(backend: str, run_dir: Path, capsys) -> str:
+    rc = main(["--backend", backend, "--run-dir", str(run_dir), "--synthetic-size", "64", "--batch-size", "32",
+               "--max-steps", "2", "--threads", "1", "--resume"])
+    err = capsys.readouterr().err.strip()
+    if torch.distributed.is_initialized():  # refused after joining; a process of its own would exit here
+        torch.distributed.destroy_process_group()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--run-dir" in err, err
+    return err
+
+
+@pytest.mark.parametrize("backend", ["dp", "ddp"])
+def test_a_deepspeed_checkpoint_is_refused_by_dp_and_ddp_in_one_line(backend, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    folder = tmp_path / "run" / "checkpoints" / "step00000001"
+    folder.mkdir(parents=True)
+    torch.save({}, folder / "mp_rank_00_model_states.pt")  # DeepSpeed's files, no trainer.pt
+    checkpoints.write_manifest(folder, 1)
+    assert "step00000001 was written by deepspeed" in resume_refusal(backend, tmp_path / "run", capsys)
+    assert checkpoints.newest(tmp_path / "run" / "checkpoints") == folder
+
+
+def test_a_ddp_checkpoint_is_refused_by_deepspeed_in_one_line(tmp_path, monkeypatch, capsys):
+    import train.__main__ as trainer
+    from train.engines import DeepSpeedEngine
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HPCDIST_HEARTBEAT_STAGE", str(tmp_path / "stage"))
+    assert main(["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64",
+                 "--batch-size", "32", "--max-steps", "1", "--threads", "1"]) == 0
+    capsys.readouterr()
+    # DeepSpeed itself is not started: it initialises once a process, and the refusal comes before it loads.
+    monkeypatch.setattr(DeepSpeedEngine, "__init__", lambda self, model, config: setattr(
+        self, "input_dtype", torch.float32))
+    monkeypatch.setattr(DeepSpeedEngine, "read", lambda *a: pytest.fail("DeepSpeed was asked to load it"))
+    monkeypatch.setattr(trainer, "init_process_group", lambda *a: "gloo")
+    assert "step00000001 was written by dp/ddp" in resume_refusal("deepspeed", tmp_path / "run", capsys)
 
 
 @pytest.mark.parametrize("has_fp16", [False, True])

@@ -51,6 +51,7 @@ from train.runtime import (
     init_process_group,
     leave,
     log_nccl_for_preflight,
+    make_run_dir,
     peak_memory_bytes,
     pick_device,
     preflight,
@@ -156,6 +157,7 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
 def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
     """This rank's place, threads, device, precision and batch; no collective yet."""
     env = ranks.resolve(os.environ)
+    make_run_dir(opts.run_dir)
     beat.identify(env, os.environ)
     beat.watch(watchdog.Watchdog(beat, timeout_s=opts.hang_timeout_s, factor=opts.hang_factor))
     if opts.backend == "dp" and env.distributed:
@@ -263,6 +265,9 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts 
     if found is None and held is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
         return state, None
+    if held is None and checkpoint.written_by(found) != ("dp/ddp" if run.ds_config is None else "deepspeed"):
+        raise UsageError(f"{found} was written by {checkpoint.written_by(found)}, which --backend {opts.backend} "
+                         "cannot load; resume with the backend that wrote it, or pass another --run-dir")
     saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
     for key in ("global_batch", "seed"):
         if saved[key] != state[key]:

@@ -157,6 +157,11 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
     return final
 
 
+def written_by(folder: Path) -> str:
+    """Which backends load the checkpoint ``folder``: dp and ddp share the trainer's own file, DeepSpeed has its own."""
+    return "dp/ddp" if (Path(folder) / TRAINER_FILE).exists() else "deepspeed"
+
+
 def regrouped(saved_world: int | None, world: int, global_batch: int) -> str:
     """What a resume on another number of ranks says (an elastic relaunch after a lost node, --elastic): the
     global batch, and so every step's samples and the losses, stay as they were."""

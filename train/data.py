@@ -61,17 +61,26 @@ def read_batch(path: Path) -> Split:
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"CIFAR-10 file {path} lacks b'data'/b'labels', so it is no CIFAR-10 batch; "
                         f"delete it and {fix}")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"CIFAR-10 file {path} holds data of shape {data.shape} ({data.dtype}) and "
-                        f"{len(labels)} labels, not uint8 N x 3072 with N labels; delete it and {fix}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= CLASSES):
-        raise DataError(f"CIFAR-10 file {path} has labels outside 0-9; delete it and {fix}")
-    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
+    try:
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except ValueError:  # rows of unequal lengths
+        raise DataError(f"CIFAR-10 file {path} holds ragged data or labels, not uint8 N x 3072 with N labels; "
+                        f"delete it and {fix}") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
+        raise DataError(f"CIFAR-10 file {path} holds data of shape {data.shape} ({data.dtype}) and labels of shape "
+                        f"{labels.shape}, not uint8 N x 3072 with N labels; delete it and {fix}")
+    if not len(data):
+        raise DataError(f"CIFAR-10 file {path} holds no images; delete it and {fix}")
+    # Floats would be cut to integers and text parsed as numbers: a label is an integer as written, or refused.
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= CLASSES:
+        raise DataError(f"CIFAR-10 file {path} has labels that are not integers 0-9; delete it and {fix}")
+    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
 def read_cifar10(data_dir: Path) -> Dataset:
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        # Else each batch path runs through it and reads as a corrupt file to delete, which is not there.
+        raise DataError(f"--data-dir {data_dir} is not a folder; point it at the folder that holds {CIFAR_FOLDER}/")
     root = cifar10_root(Path(data_dir))
     train = [read_batch(root / name) for name in TRAIN_FILES]
     test = read_batch(root / TEST_FILE)

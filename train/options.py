@@ -18,6 +18,10 @@ DEFAULT_BATCH = 256  # global, dp/ddp; DeepSpeed takes its config's train_batch_
 # Destinations the launch sets (hpcdist's task.sh, the DeepSpeed launcher): given twice, the last would
 # silently win, so each may appear once, and a job's own arguments may not set them at all.
 RESERVED = ("backend", "run_dir", "deepspeed_config", "local_rank", "zero_stage", "precision")
+# The largest values torch takes: its generators a 64-bit seed (the classic loader's sampler seeds with seed + epoch),
+# set_num_threads a C int, and its collectives' timeout counts nanoseconds in 64 bits (~292 years), past which
+# it overflows into a negative timeout.
+MOST = {"seed": 2**63 - 1, "threads": 2**31 - 1, "timeout_s": 10**9}
 
 
 class OptionsError(ValueError):
@@ -156,8 +160,16 @@ def _validate(opts: Options) -> None:
             raise OptionsError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
     if not 0 < opts.timeout_s < float("inf"):
         raise OptionsError(f"--timeout-s must be a positive number of seconds, got {opts.timeout_s}")
+    for name, most in MOST.items():
+        if getattr(opts, name) is not None and getattr(opts, name) > most:
+            raise OptionsError(f"--{name.replace('_', '-')} must be at most {most}, got {getattr(opts, name)}")
     if opts.lr is not None and not 0 < opts.lr < float("inf"):
         raise OptionsError(f"--lr must be a positive number, got {opts.lr}")
+    for name in ("zero_stage", "deepspeed_config"):
+        if opts.backend != "deepspeed" and getattr(opts, name) is not None:
+            # Ignored, they would leave a run believed to be ZeRO's training plain dp/ddp.
+            raise OptionsError(f"--{name.replace('_', '-')} applies to --backend deepspeed, and {opts.backend} "
+                               "has no ZeRO; drop it, or pass --backend deepspeed")
     if opts.dataset == "cifar10" and opts.data_dir is None:
         raise OptionsError("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/)")
 

@@ -38,6 +38,18 @@ def warn(rank: int, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """``run_dir`` made where missing; UsageError where it or its checkpoints/ is no folder, which would otherwise
+    show only when the first checkpoint is written, after the training it was to keep."""
+    for folder in (Path(run_dir), Path(run_dir) / vocab.CHECKPOINTS):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} exists and is not a folder; move it away or pass another --run-dir")
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--run-dir {run_dir} cannot be made ({exc.strerror}); pass a folder you can write") from None
+
+
 def pick_device(backend: str, env: DistEnv) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
