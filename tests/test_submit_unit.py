@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,13 @@ def test_logs_follow_prints_a_job_that_ended_once_and_returns(tmp_path):
     registry.append(registry.registry_path({"HPCDIST_HOME": str(home)}), record)
     proc = hpcdist(["logs", "44", "--follow"], home)
     assert (proc.returncode, proc.stdout) == (0, "step 1\nstep 2\n")
+
+
+def test_logs_of_a_job_whose_directory_was_deleted_say_so_in_one_line(tmp_path):
+    home = tmp_path / "home"
+    record = ended_local_job(tmp_path / "job", "44", "0")
+    registry.append(registry.registry_path({"HPCDIST_HOME": str(home)}), record)
+    shutil.rmtree(tmp_path / "job")
+    proc = hpcdist(["logs", "44"], home)
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+    assert "no longer exists (deleted or moved)" in proc.stderr

@@ -206,6 +206,9 @@ def status(job: str) -> None:
 def logs(job: str, rank: int | None, follow: bool) -> None:
     """Print a job's per-task logs (logs/task-N.log) and its batch log."""
     record = lookup("logs", job)
+    if jobs.directory_gone(record):
+        fail("logs", registry.JobError(f"job directory {record.job_dir} no longer exists (deleted or moved): its "
+                                       f"logs went with it; `hpcdist status {record.job_id}` shows what Slurm knows"))
     try:
         paths = job_logs.log_files(record, rank)
     except registry.JobError as exc:
