@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from hpc import partition, profiles
+from hpc import jobs, partition, profiles
 from hpc.cli import main
 from hpc.commands.profile import draft
 from hpc.slurm import grammar
@@ -238,6 +238,7 @@ def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPa
 def test_a_dry_run_for_the_local_executor_shows_the_local_run_unbound_by_the_partition(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LIMITED)
+    monkeypatch.setattr(jobs, "slurm_available", lambda environ: True)
     local = ["submit", "--executor", "local", "--dry-run", "-p", "hpcdist-probe"]
     over = CliRunner().invoke(main, [*local, "--time", "10", "-o", str(tmp_path / "over")])
     assert over.exit_code == 0, over.output

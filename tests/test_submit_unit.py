@@ -235,6 +235,19 @@ def test_the_dry_run_says_why_auto_became_its_precision_for_the_cpus_that_will_r
     assert json.loads((tmp_path / "l" / "deepspeed.json").read_text())["bf16"]["enabled"] is (here == "bf16")
 
 
+def test_without_slurm_the_dry_run_renders_the_job_the_local_executor_will_run(tmp_path):
+    env = environ(tmp_path / "home", PATH=path_without_slurm(tmp_path))
+    args = ["--nodes", "2", "--backend", "deepspeed", "--cluster", "local"]
+    dry = hpcdist(["submit", "--dry-run", "--job-dir", str(tmp_path / "a"), *args], tmp_path / "home", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "--precision auto" in dry.stderr and "on this CPU" in dry.stderr
+    assert "it would run here, on the local executor" in dry.stderr
+    refused = hpcdist(["submit", "--dry-run", "--via", "sbatch", "--job-dir", str(tmp_path / "b"), *args],
+                      tmp_path / "home", env=env)
+    assert refused.returncode == 2 and "--via sbatch needs Slurm" in refused.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_the_cli_modules_import_neither_submitit_nor_torch():
     code = ("import sys, hpc.cli, hpc.commands.submit, hpc.submit, hpc.jobs, hpc.task\n"
             "bad = [m for m in ('submitit', 'torch', 'deepspeed') if m in sys.modules]\n"

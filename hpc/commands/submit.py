@@ -54,18 +54,19 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     """
     from hpc import submit as submitting
 
-    if not dry_run:
-        try:
-            where = submitting.choose(via, executor, jobs.slurm_available(os.environ))
-        except ValueError as exc:
-            fail("submit", exc)
+    # Decided for a dry run too: where the job goes decides its checks and, on CPUs, its precision.
+    try:
+        where = submitting.choose(via, executor, jobs.slurm_available(os.environ))
+    except ValueError as exc:
+        fail("submit", exc)
     # The local runner emulates nodes here: the Slurm partition's limits do not bind it, its own do.
-    local = executor == "local" or (not dry_run and where == "local")
+    local = where == "local"
     rendered = prepare("submit", config_file, check_partition=not local,
                        check=_check_local if local else None, here=local, **options)
     if dry_run:
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
-        click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted)", err=True)
+        goes = "here, on the local executor" if local else f"via {where}"
+        click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted; it would run {goes})", err=True)
         return
     submitted = submit_or_exit("submit", rendered, where)
     record = submitted.record
