@@ -82,8 +82,11 @@ def slurm_parameters(rendered: Rendered) -> dict[str, Any]:
         "job_name": directive(spec.job_name),
         # srun takes the last --output: the task logs land in logs/ beside job.sbatch's, stderr included.
         # The step's own geometry: the allocation may hold spare nodes (--spare-nodes) the step leaves free.
+        # srun does not inherit the allocation's --cpus-per-task (Slurm 22.05+): asked again, as step.sh does.
         "srun_args": ["--kill-on-bad-exit=1", f"--nodes={spec.nodes}",
-                      f"--ntasks={spec.nodes * spec.slurm_tasks_per_node}", "--open-mode=append",
+                      f"--ntasks={spec.nodes * spec.slurm_tasks_per_node}",
+                      f"--ntasks-per-node={spec.slurm_tasks_per_node}", f"--cpus-per-task={spec.cpus_per_task}",
+                      "--open-mode=append",
                       f"--output={job_dir / TASK_LOG}",
                       *rendered.step_options],
         "stderr_to_stdout": True, "setup": list(rendered.setup), "teardown": list(rendered.teardown),

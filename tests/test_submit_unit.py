@@ -94,6 +94,19 @@ def test_submitit_script_carries_job_sbatchs_allocation_setup_and_step(tmp_path,
     assert submit.task_command(rendered) == ("bash", str(tmp_path / "job" / "task.sh"))
 
 
+@pytest.mark.parametrize("launcher,cpus", [("srun", 1), ("srun", 3), ("torchrun", 2)])
+def test_submitits_step_asks_srun_for_step_shs_tasks_and_cpus(tmp_path, launcher, cpus):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    rendered = rendered_for(tmp_path, nodes=2, spare_nodes=1, launcher=launcher, cpus_per_task=cpus)
+    text = _make_sbatch_string(command="python -u -m submitit.core._submit FOLDER",
+                               folder=str(tmp_path / "job" / "submitit"), **submit.slurm_parameters(rendered))
+    srun_line = next(line for line in text.splitlines() if line.startswith("srun "))
+    for option in ("ntasks-per-node", "cpus-per-task"):
+        ours = re.search(rf"--{option}=(\S+)", rendered.files["step.sh"]).group(1)
+        assert re.findall(rf"--{option}=(\S+)", srun_line) == [ours], option
+
+
 def _requeue(tmp_path, status, restarts=None, marker=True, array=False, history=()):
     """Run the rendered requeue.sh with stand-in scontrol/sinfo that only print what they were asked."""
     rendered = rendered_for(tmp_path, nodes=2, max_requeues=1)
