@@ -258,6 +258,31 @@ def test_each_round_runs_the_grid_in_its_own_seeded_order():
     assert done.stderr.count("\n") == 1
 
 
+def test_the_dry_run_lists_the_commands_bench_runs_in_their_order_and_folders(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpc.cli import main
+    from hpc.commands import bench as command
+
+    ran = []
+
+    def execute(cmd, env, log, timeout_s):
+        ran.append(" ".join(cmd))
+        log.write_text("not run\n")
+        return 1, 0.0
+
+    monkeypatch.setattr(command, "execute", execute)
+    monkeypatch.setattr(command, "draw", lambda results, meta, path: None)
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--grid", "floor:1,ddp:2,dp:1", "--repeat", "2", "--out", "out"]
+    dry = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert not (tmp_path / "out").exists()
+    CliRunner().invoke(main, args)
+    assert [line.split("  ")[-1] for line in dry.stdout.splitlines()] == ran
+    assert any(f"--run-dir {tmp_path.resolve()}/out/runs/ddp-resident-2-r2 " in cmd for cmd in ran)
+
+
 def test_nohb_runs_the_trainer_without_its_heartbeat():
     config = bench.parse_config("ddp:1:nohb")
     assert config.name == "ddp:resident:1:nohb" and not config.heartbeat

@@ -109,6 +109,17 @@ def claim_out(out_dir: Path) -> None:
         fileio.atomic_write(out_dir / jobdir.MARKER, jobdir.marker_text("bench", OUT_PATHS))
 
 
+def schedule(plan: list[tuple[core.Config, int]], repeat: int, order: str, seed: int) -> list[list[tuple[int, str]]]:
+    """Each round's runs in the order they go: the config's index in ``plan`` and the run's name under runs/."""
+    return [[(i, plan[i][0].slug if repeat == 1 else f"{plan[i][0].slug}-r{round_}")
+             for i in core.round_order(len(plan), round_, order, seed)] for round_ in range(1, repeat + 1)]
+
+
+def command(config: core.Config, threads: int, steps: int, warmup: int, samples: int, run_dir: Path) -> list[str]:
+    """What a run executes, its folder resolved: the child runs inside it, where a relative path means another."""
+    return core.argv(config, threads, steps, warmup, str(run_dir.resolve()), sys.executable, samples)
+
+
 def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples: int, out: Path,
             timeout_s: float, name: str) -> benchresults.Result:
     # A link at runs/ or runs/NAME would send the unlinks below into a folder bench never made: refused.
@@ -119,7 +130,7 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
     if (run_dir / vocab.CHECKPOINTS).is_dir() and not (run_dir / vocab.CHECKPOINTS).is_symlink():
         shutil.rmtree(run_dir / vocab.CHECKPOINTS)
     log = run_dir / "log.txt"
-    cmd = core.argv(config, threads, steps, warmup, str(run_dir), sys.executable, samples)
+    cmd = command(config, threads, steps, warmup, samples, run_dir)
     rc, wall = execute(cmd, child_env(threads), log, timeout_s)
     if rc != 0:
         why = f"timed out after {timeout_s:.0f}s" if rc is None else f"exit {rc}"
@@ -185,14 +196,12 @@ def run_rounds(plan: list[tuple[core.Config, int]], meta: dict, steps: int, warm
     """
     repeat = meta["repeat"]
     runs: list[list[benchresults.Result]] = [[] for _ in plan]
-    for round_ in range(1, repeat + 1):
-        sequence = core.round_order(len(plan), round_, meta["order"], meta["seed"])
-        meta["orders"].append([plan[i][0].name for i in sequence])
-        for i in sequence:
+    for round_, sequence in enumerate(schedule(plan, repeat, meta["order"], meta["seed"]), start=1):
+        meta["orders"].append([plan[i][0].name for i, _ in sequence])
+        for i, name in sequence:
             config, threads = plan[i]
             label = f"[{i + 1}/{len(plan)}]" + (f" round {round_}/{repeat}" if repeat > 1 else "")
             click.echo(f"{label} {config.name} ({threads} threads/rank) ...", err=True, nl=False)
-            name = config.slug if repeat == 1 else f"{config.slug}-r{round_}"
             result = run_one(config, threads, steps, warmup, samples, out_dir, timeout_s, name)
             rate = f"{result.images_per_s:.0f} images/s" if result.ok else f"FAILED: {result.error}"
             click.echo(f" {rate} in {result.wall_s:.0f}s", err=True)
@@ -222,7 +231,8 @@ def run_rounds(plan: list[tuple[core.Config, int]], meta: dict, steps: int, warm
 @click.option("--order", type=click.Choice(core.ORDERS), default="shuffle", show_default=True,
               help="Order of the configs in each round: a new seeded shuffle per round, forward/backward, or fixed.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --order shuffle (recorded).")
-@click.option("--dry-run", is_flag=True, help="Print each config's command and threads; run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print each run's command and threads, in the order they run; run nothing.")
 def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int, samples: int,
           out_dir: Path, timeout_s: float, repeat: int, order: str, seed: int, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
@@ -232,10 +242,12 @@ def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: 
     if why:
         fail("bench", ValueError(why))
     if dry_run:
-        for config, threads in plan:
-            cmd = core.argv(config, threads, steps, warmup, str(out_dir / "runs" / config.slug), sys.executable,
-                            samples)
-            click.echo(f"{config.name}  (OMP_NUM_THREADS={threads})  {' '.join(cmd)}")
+        for round_, sequence in enumerate(schedule(plan, repeat, order, seed), start=1):
+            for i, name in sequence:
+                config, threads = plan[i]
+                cmd = command(config, threads, steps, warmup, samples, out_dir / "runs" / name)
+                when = f"round {round_}/{repeat}  " if repeat > 1 else ""
+                click.echo(f"{when}{config.name}  (OMP_NUM_THREADS={threads})  {' '.join(cmd)}")
         return
 
     claim_out(out_dir)
