@@ -234,6 +234,18 @@ def test_profile_init_never_overwrites_without_force(tmp_path: Path, monkeypatch
     assert forced.exit_code == 0 and yaml.safe_load(out.read_text())["partition"] == "debug"
 
 
+def test_profile_init_force_replaces_a_link_never_the_file_it_points_to(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    theirs = tmp_path / "managed.yaml"
+    theirs.write_text("theirs\n")
+    link = tmp_path / "site.yaml"
+    link.symlink_to(theirs)
+    forced = CliRunner().invoke(main, ["profile", "init", "-o", str(link), "--force"])
+    assert forced.exit_code == 0 and theirs.read_text() == "theirs\n" and not link.is_symlink()
+    assert yaml.safe_load(link.read_text())["partition"] == "debug"
+
+
 def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
     bad = CliRunner().invoke(main, ["profile", "check", "example-ib"])
