@@ -143,10 +143,18 @@ def pick(cluster: Cluster, name: str | None) -> Partition:
                     f"--partition with one of {names}")
 
 
+def _over(time: str, max_time_s: int | None) -> bool:
+    """Whether a --time value asks for more than MaxTime; no limit (0, UNLIMITED) asks for more than any."""
+    if max_time_s is None:
+        return False
+    seconds = time_seconds(time)
+    return seconds is None or seconds > max_time_s
+
+
 def check(spec: JobSpec, part: Partition, nodes: Sequence[Node]) -> None:
     """Refuse a resolved job that this partition would never run: SpecError naming the limit and the fix."""
     where = f"partition {part.name!r}"
-    if spec.time is not None and part.max_time_s is not None and time_seconds(spec.time) > part.max_time_s:
+    if spec.time is not None and _over(spec.time, part.max_time_s):
         raise SpecError(f"--time {spec.time} exceeds {where}'s MaxTime {grammar.format_duration(part.max_time_s)}; "
                         "ask for at most that, or another --partition")
     if part.max_nodes is not None and spec.nodes > part.max_nodes:
@@ -209,7 +217,7 @@ def problems(profile: Profile, cluster: Cluster) -> list[str]:
         most = max((n.gpus for n in nodes), default=0)
         if profile.gpus_per_node > most:
             out.append(f"gpus_per_node {profile.gpus_per_node} but {where}'s nodes have at most {most} GPU(s) in Gres")
-    if profile.time is not None and part.max_time_s is not None and time_seconds(profile.time) > part.max_time_s:
+    if profile.time is not None and _over(profile.time, part.max_time_s):
         out.append(f"time {profile.time} exceeds {where}'s MaxTime {grammar.format_duration(part.max_time_s)}")
     if profile.max_nodes is not None:
         if profile.max_nodes > len(part.nodes):

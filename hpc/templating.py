@@ -40,6 +40,14 @@ class Shell(markupsafe.Markup):
     what Jinja already treats as "escaped", and a macro call returns Markup under autoescape.
     """
 
+    @classmethod
+    def escape(cls, s: Any, /) -> Shell:
+        # Markup would HTML-escape what is joined to it (``v | q + raw``, ``"%s" | q | format(raw)``): the raw
+        # value would reach the script unquoted and ``<`` would arrive as ``&lt;``.
+        if isinstance(s, Shell):
+            return s
+        return cls(finalize(s, plain_only=True))
+
 
 # Text that means the same unquoted in a shell command, an sbatch directive and a comment.
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_.,:@%+=/-]*")
@@ -94,9 +102,11 @@ def verbatim(value: Any) -> Shell:
     return Shell(_text(value))
 
 
-def finalize(value: Any) -> str:
+def finalize(value: Any, plain_only: bool = False) -> str:
     """Every ``{{ ... }}`` result passes here: filtered text, whole numbers and plain tokens only."""
-    if isinstance(value, markupsafe.Markup):
+    # Only a filter's or a macro's Markup is checked text: ``| safe`` and Jinja's joins (``~``, ``| join``)
+    # make Markup of raw values too, HTML-escaped.
+    if isinstance(value, Shell) and not plain_only:
         return value
     if isinstance(value, jinja2.Undefined):
         return str(value)  # StrictUndefined: fails naming the missing variable
@@ -104,8 +114,9 @@ def finalize(value: Any) -> str:
         return str(value)
     if isinstance(value, str) and _PLAIN_TOKEN.fullmatch(value):
         return value
-    raise RenderError(f"a template puts {value!r} into a script unquoted; pass it through | q, | sbatch "
-                        "or | comment")
+    shown = str(value) if isinstance(value, markupsafe.Markup) else value
+    raise RenderError(f"a template puts {shown!r} into a script unquoted; pass it through | q, | sbatch "
+                      "or | comment")
 
 
 class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
@@ -122,6 +133,11 @@ class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         if isinstance(value, types.ModuleType) or isinstance(obj, types.ModuleType):
             return False
         return super().is_safe_attribute(obj, attr, value)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super().call(__context, __obj, *args, **kwargs)
+        # A macro's output is template text and values finalize already checked.
+        return Shell(out) if isinstance(__obj, jinja2.runtime.Macro) and isinstance(out, markupsafe.Markup) else out
 
     def is_safe_callable(self, obj: Any) -> bool:
         if isinstance(obj, jinja2.runtime.Macro) or any(obj is helper for helper in self.globals.values()):

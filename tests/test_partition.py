@@ -93,6 +93,16 @@ def test_a_job_over_a_partition_limit_is_refused_naming_it(fields: dict, message
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("time", ["UNLIMITED", "0", "infinite"])
+def test_no_time_limit_exceeds_every_max_time_for_a_job_and_for_a_profile(time: str) -> None:
+    part = partition.pick(LIMITED, "hpcdist-probe")
+    with pytest.raises(SpecError, match=f"--time {time} exceeds partition 'hpcdist-probe''s MaxTime 00:05:00"):
+        partition.check(resolved(partition="hpcdist-probe", time=time), part, LIMITED.nodes_of(part))
+    site = replace(profiles.load("local"), partition="hpcdist-probe", time=time, max_nodes=2)
+    assert partition.problems(site, LIMITED) == [f"time {time} exceeds partition 'hpcdist-probe''s MaxTime 00:05:00"]
+    partition.check(resolved(partition="debug", time=time), partition.pick(LIMITED, "debug"), LIMITED.nodes)
+
+
 def test_a_job_within_the_limits_passes() -> None:
     part = partition.pick(LIMITED, "hpcdist-probe")
     partition.check(resolved(nodes=2, time="00:05:00", nodelist="n[1-2]", ntasks_per_node=2), part,
@@ -222,6 +232,18 @@ def test_profile_init_never_overwrites_without_force(tmp_path: Path, monkeypatch
     assert refused.exit_code == 2 and "exists; pass --force" in refused.output and out.read_text() == "mine\n"
     forced = CliRunner().invoke(main, ["profile", "init", "-o", str(out), "--force"])
     assert forced.exit_code == 0 and yaml.safe_load(out.read_text())["partition"] == "debug"
+
+
+def test_profile_init_force_replaces_a_link_never_the_file_it_points_to(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    theirs = tmp_path / "managed.yaml"
+    theirs.write_text("theirs\n")
+    link = tmp_path / "site.yaml"
+    link.symlink_to(theirs)
+    forced = CliRunner().invoke(main, ["profile", "init", "-o", str(link), "--force"])
+    assert forced.exit_code == 0 and theirs.read_text() == "theirs\n" and not link.is_symlink()
+    assert yaml.safe_load(link.read_text())["partition"] == "debug"
 
 
 def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPatch) -> None:

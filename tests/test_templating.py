@@ -16,3 +16,28 @@ def test_sbatch_filter_quotes_for_sbatch() -> None:
 
 def test_comment_filter_keeps_a_comment_on_one_line() -> None:
     assert templating.comment("a\nb\rc\u2028d\x1b") == "a\\nb\\rc\\u2028d\\x1b"
+
+
+def _render(tmp_path, text: str, value: str) -> str:
+    (tmp_path / "t.j2").write_text(text)
+    env = templating.environment((str(tmp_path),))
+    return templating.render_template(env, "t.j2", {"value": value})
+
+
+@pytest.mark.parametrize("text", [
+    "{{ value | safe }}",
+    '{{ "x" | q ~ value }}',
+    '{{ "x" | q + value }}',
+    '{{ "%s" | q | format(value) }}',
+    '{{ ["a" | q, value] | join(" ") }}',
+    '{{ "cat <" ~ value | q }}',
+])
+def test_a_raw_value_joined_to_quoted_text_fails_the_render_never_arrives_unquoted_or_html_escaped(
+        tmp_path, text: str) -> None:
+    with pytest.raises(templating.RenderError, match="unquoted"):
+        _render(tmp_path, text, "a;touch PWNED<")
+
+
+def test_quoted_text_joins_plain_tokens_and_macros_still_count_as_quoted(tmp_path) -> None:
+    text = '{% macro m(v) %}run {{ v | q }}{% endmacro %}{{ value | q + "/x" }} {{ m(value) }}'
+    assert _render(tmp_path, text, "a b") == "'a b'/x run 'a b'"

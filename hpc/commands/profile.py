@@ -11,12 +11,13 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import click
 
 from hpc import container as containers
-from hpc import dsconfig
+from hpc import dsconfig, fileio
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
 from hpc.slurm import grammar
@@ -192,8 +193,12 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
         click.echo(text, nl=False)
         return
     try:
-        with open(output, "w" if force else "x") as f:
-            f.write(text)
+        if force:
+            # A link at --output (a profile managed elsewhere) is replaced, never written through.
+            fileio.atomic_write(Path(output), text)
+        else:
+            with open(output, "x") as f:
+                f.write(text)
     except FileExistsError:
         click.echo(f"hpcdist profile init: {output} exists; pass --force to replace it or another -o", err=True)
         sys.exit(2)
