@@ -128,6 +128,10 @@ def parse_bytes(text: str) -> int:
     unit = m.group(2).lower() if m else ""
     if not m or unit not in BYTE_SUFFIXES:
         raise PlanError(f"cannot read memory size {text!r}: write e.g. 80GB, 80GiB or 24G")
+    if not unit and float(m.group(1)) < 2**20:
+        # A bare number is bytes; one this small is a size in GB with its unit left off, not a GPU's memory.
+        raise PlanError(f"memory size {text.strip()!r} has no unit, so it reads as bytes: write e.g. "
+                        f"{text.strip()}GB or {text.strip()}GiB")
     return _bounded(float(m.group(1)) * BYTE_SUFFIXES[unit], MAX_BYTES, "memory size", text)
 
 

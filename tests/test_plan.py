@@ -140,14 +140,16 @@ def test_parse_count(text, count):
 
 
 @pytest.mark.parametrize("text,size", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("24G", 24 * 10**9),
-                                       ("512MiB", 512 * 2**20), ("1.5TB", 1_500_000_000_000), ("4096", 4096)])
+                                       ("512MiB", 512 * 2**20), ("1.5TB", 1_500_000_000_000),
+                                       ("85899345920", 80 * 2**30)])
 def test_parse_bytes(text, size):
     assert plan.parse_bytes(text) == size
 
 
 @pytest.mark.parametrize("parse,text", [(plan.parse_count, "7X"), (plan.parse_count, ""), (plan.parse_count, "0"),
                                         (plan.parse_count, "-5B"), (plan.parse_bytes, "80GX"),
-                                        (plan.parse_bytes, "80Gi"), (plan.parse_bytes, "0GB")])
+                                        (plan.parse_bytes, "80Gi"), (plan.parse_bytes, "0GB"),
+                                        (plan.parse_bytes, "80"), (plan.parse_bytes, "4096")])
 def test_unreadable_sizes_are_plan_errors(parse, text):
     with pytest.raises(plan.PlanError):
         parse(text)
