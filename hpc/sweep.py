@@ -118,8 +118,10 @@ def _blame(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
 
 def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_parallel: int | None = None,
          name: str = "sweep", load_profile: Callable[[str], Profile],
-         check_more: Checker = lambda spec: None, environ: Mapping[str, str] | None = None) -> Sweep:
-    """Check and render every task of the sweep; writes nothing. Raises SweepError (one line, the axis)."""
+         check_more: Checker = lambda spec: None, check_rendered: Callable[[render.Rendered], None] = lambda r: None,
+         environ: Mapping[str, str] | None = None) -> Sweep:
+    """Check and render every task of the sweep; writes nothing. Raises SweepError (one line, the axis).
+    ``check_rendered``: what submit checks of a rendered job too (its container where it will run)."""
     sweep_dir = Path(os.path.abspath(sweep_dir))
     if max_parallel is not None and (not jobfiles.is_a(max_parallel, int) or max_parallel < 1):
         raise SweepError(f"--max-parallel must be a whole number of at least 1, got {max_parallel!r}")
@@ -150,6 +152,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             spec = specs.from_mapping({**job_values(base, values), "job_dir": str(array_dir / f"task-{j}")})
             try:
                 rendered = render.render(spec, profile, search=render.search_path(profile, search_env))
+                check_rendered(rendered)
             except (specs.SpecError, render.RenderError) as exc:
                 raise SweepError(f"task {label(values)}: {str(exc).splitlines()[0]}") from None
             # The array's job.sbatch runs this directory; a second, single-job script there would only mislead.

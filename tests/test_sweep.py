@@ -228,6 +228,13 @@ def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_task_whose_container_cannot_run_is_refused_as_submit_refuses_it(tmp_path):
+    args = ["--container", "/no/such/img", "--container-runtime", "oci"]
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid", "backend=ddp", *args])
+    assert result.exit_code == 2 and "image '/no/such/img' does not exist here" in result.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_sweep_file_gives_base_axes_excludes_and_throttle(tmp_path):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("name: lr\nmax_parallel: 1\nbase: {nodes: 2, after: [5], train_args: [--max-steps, '3']}\n"

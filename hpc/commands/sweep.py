@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import click
 
 from hpc import fileio, job
-from hpc.commands.options import fail, job_options, values_from_options
+from hpc.commands.options import check_container, fail, job_options, values_from_options
 from hpc.slurm import commands, parse, states
 
 WAIT_POLL_S = 3.0
@@ -110,7 +110,8 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         sweep_dir = values.pop("job_dir")
         throttle = settings.get("max_parallel") if max_parallel is None else max_parallel  # 0 is refused, not "all"
         plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=throttle,
-                           name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more)
+                           name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more,
+                           check_rendered=lambda rendered: check_container(rendered, local=False))
         sweeps.write(plan, force=force)
     except (sweep_matrix.SweepError, yamlfile.YamlError, specs.SpecError, profiles.ProfileError,
             render.RenderError) as exc:
