@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from hpc import fileio, jobfiles, vocab
+from hpc.slurm import grammar
 
 HOME_ENV = "HPCDIST_HOME"
 DEFAULT_HOME = "~/.hpcdist"
 REGISTRY = "jobs.jsonl"
 # Written into the job directory as well, so a job dir names its job even with another registry.
 MARKER = vocab.SUBMITTED_JSON
-# What sbatch and an array task are numbered (123, 123_4): an id is passed to scancel, squeue and sacct as an
-# argument, where "--me" in a forged marker or a damaged line would cancel every job of the user.
-SLURM_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
 
 
 class JobError(LookupError):
@@ -52,7 +49,7 @@ class Record:
                 and 1 <= self.ntasks_per_node <= MAX_TASKS_PER_NODE and 1 <= self.world_size <= MAX_WORLD_SIZE
                 and self.ntasks <= most):
             raise ValueError(f"job {self.job_id[:40]!r}: its geometry or names are out of range")
-        if self.via != "local" and not SLURM_JOB_ID.fullmatch(self.job_id):
+        if self.via != "local" and not grammar.is_job_id(self.job_id):
             raise ValueError(f"job {self.job_id[:40]!r} is not a Slurm job id")
         jobfiles.check_name(self.job_id, "job id")
 

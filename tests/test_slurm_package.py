@@ -54,6 +54,32 @@ def test_commands_return_slurms_text_or_none_and_take_a_fake_slurm() -> None:
         commands.sbatch(Path("job.sbatch"), runner=lambda argv: subprocess.CompletedProcess(argv, 1, "", "no\n"))
 
 
+@pytest.mark.parametrize("job", ["0", "", "--me", "-1", "12,13", "12 13", "012", "12_", "12_4_5", "12+0", "١٢"])
+def test_what_is_no_job_id_never_reaches_slurm(job: str) -> None:
+    """scontrol show job 0 and sacct -j 0 answer with every job, scancel --me cancels every one of the user's."""
+    ran: list[list[str]] = []
+
+    def fake(argv):
+        ran.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    assert not grammar.is_job_id(job)
+    assert commands.show("job", job, runner=fake) is None
+    assert commands.squeue("%i", jobs=[job], runner=fake) is None
+    assert commands.queued(["42", job], "%i", runner=fake) == (None, False)
+    assert commands.sacct([job], ("JobID",), runner=fake) is None
+    assert commands.scancel([job], runner=fake) is False
+    with pytest.raises(runner.SlurmError, match="is no Slurm job id"):
+        commands.scancel(["42", job], runner=fake, strict=True)
+    assert commands.start_now(job, runner=fake) is False
+    assert ran == []
+
+
+@pytest.mark.parametrize("job", ["1", "42", "123_4", "20011193"])
+def test_jobs_and_array_tasks_are_job_ids(job: str) -> None:
+    assert grammar.is_job_id(job)
+
+
 def test_slurmd_port_is_scontrol_configs_else_slurms_default() -> None:
     config = "Configuration data as of 2026-12-06T20:00:00\nSlurmctldPort = 6817\nSlurmdPort              = 7000\n"
     assert commands.slurmd_port(lambda argv: subprocess.CompletedProcess(argv, 0, config, "")) == 7000

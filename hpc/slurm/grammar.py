@@ -3,6 +3,7 @@
     duration_s("1-02:03:04")      -> 93784      (TimeLimit, RunTime, Elapsed; None for UNLIMITED)
     timestamp("2026-12-01T08:22:20") -> unix time (Submit, Start, End; None for Unknown)
     exit_code("0:9")              -> (0, 9)     (status, signal)
+    is_job_id("123_4")            -> True       (a job or an array task, as sbatch numbers them)
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import datetime
 import re
 
 _DURATION = re.compile(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)(?:\.\d+)?")
+# Jobs are numbered from 1. Given as a job, "0" is every job to scontrol and sacct, "--me" every one of the
+# user's to scancel: a damaged or forged record must never reach them.
+_JOB_ID = re.compile(r"[1-9][0-9]*(?:_[0-9]+)?")
+
+
+def is_job_id(text: object) -> bool:
+    """Whether ``text`` names one job or one array task as sbatch numbers them (``123``, ``123_4``)."""
+    return isinstance(text, str) and _JOB_ID.fullmatch(text) is not None
 
 
 def duration_s(text: str) -> int | None:
