@@ -65,8 +65,6 @@ def test_render_from_wheel(tmp_path: Path) -> None:
                               "--synthetic-size", "64", "--batch-size", "32", "--max-steps", "2"],
                              cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0 and (cwd / "run" / "summary.json").is_file(), trained.stderr[-2000:]
-    print("TRAINED", trained.stdout[-300:], trained.stderr[-300:])
     ended = subprocess.run([str(venv / "bin" / "hpcdist"), "attempt", "end", "--job-dir", "job", "--step-status", "0"],
                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert ended.returncode == 0 and "action=none" in ended.stdout, ended.stderr[-2000:]
-    print("ENDED", ended.stdout, ended.stderr)
