@@ -132,6 +132,16 @@ def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slurm
+@requires_slurm
+def test_a_sweep_says_when_its_tasks_take_the_partitions_default_time_as_submit_does(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "-p", "hpcdist-short",
+                                       "--grid", "backend=ddp"])
+    assert result.exit_code == 0, result.output
+    assert "hpcdist: --time 00:02:00: partition 'hpcdist-short''s DefaultTime" in result.stderr
+    assert "--time=00:02:00" in result.stdout
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"nodes": "x"}, "nodes must be a whole number (ASCII digits), got 'x'"),
     ({"train_args": True}, "train_args must be a list of strings"),

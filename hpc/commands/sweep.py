@@ -151,6 +151,8 @@ def slurm_checks(values: dict[str, Any]) -> Any:
         if partition.applies(profile, cluster):
             part = partition.pick(cluster, values.get("partition") or profile.partition)
             values["time"] = partition.with_default_time(specs.from_mapping(values), profile, part).time
+            if values["time"] is not None:
+                click.echo(f"hpcdist: --time {values['time']}: partition {part.name!r}'s DefaultTime", err=True)
 
     def check_more(spec: specs.JobSpec) -> None:
         profile = profiles.load(spec.cluster)
