@@ -38,6 +38,14 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
 
 
+def held(root: Path) -> list[Path]:
+    """Every complete checkpoint in ``root`` (``stepN``, and DeepSpeed's persisted ``.parts/part-I-of-N/stepN``),
+    oldest step first: what a run leaves behind for the next to resume from."""
+    root = Path(root)
+    found = complete(root) + [step for part in (root / PARTS).glob(PART.format("*", "*")) for step in complete(part)]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

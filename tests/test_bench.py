@@ -218,6 +218,22 @@ def test_a_config_run_again_starts_in_a_run_folder_without_the_last_bench_s_chec
     assert seen == [[]]
 
 
+def test_a_rerun_removes_only_the_checkpoints_the_trainer_wrote_never_through_a_link(tmp_path, monkeypatch):
+    from hpc.commands import bench as command
+
+    out, elsewhere = tmp_path / "bench", tmp_path / "elsewhere"
+    command.claim_out(out)
+    saved = out / "runs" / "ddp-1" / "checkpoints"
+    (saved / "step00000010").mkdir(parents=True)
+    (saved / "notes.txt").write_text("mine\n")
+    (elsewhere / "part-0-of-2" / "step00000012").mkdir(parents=True)
+    (saved / ".parts").symlink_to(elsewhere)
+    monkeypatch.setattr(command, "execute", lambda cmd, env, log, timeout_s: (log.write_text("failed\n"), (1, 0.0))[-1])
+    command.run_one(bench.parse_config("ddp:1", 32), 1, 8, 2, 64, out, 60, "ddp-1")
+    assert sorted(p.name for p in saved.iterdir()) == [".parts", "notes.txt"]
+    assert (elsewhere / "part-0-of-2" / "step00000012").is_dir()
+
+
 SMALL_GRID = ("floor:1", "ddp:resident:1")
 
 

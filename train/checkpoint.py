@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from hpc.checkpoints import KEEP, NAME, PART, PARTS, complete, name_for, newest, size, write_manifest
+from hpc.checkpoints import KEEP, complete, held, name_for, newest, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -103,9 +103,7 @@ def set_aside_as(path: Path) -> Path:
 def earlier_run(root: Path) -> list[str]:
     """The checkpoints (``stepN``, DeepSpeed's persisted ``.parts/part-I-of-N/stepN``) an earlier run left in ``root``,
     oldest step first."""
-    root = Path(root)
-    held = complete(root) + [step for part in (root / PARTS).glob(PART.format("*", "*")) for step in complete(part)]
-    return [str(p.relative_to(root)) for p in sorted(held, key=lambda p: int(NAME.fullmatch(p.name).group(1)))]
+    return [str(p.relative_to(root)) for p in held(root)]
 
 
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],

@@ -11,6 +11,7 @@ share the CPUs; bench.json, bench.md and bench.png land in --out.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
-from hpc import benchreport, benchresults, fileio, jobdir, jobfiles, vocab
+from hpc import benchreport, benchresults, checkpoints, fileio, jobdir, jobfiles, vocab
 from hpc.commands.options import Seconds, fail
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
@@ -126,9 +127,15 @@ def run_one(config: core.Config, threads: int, steps: int, warmup: int, samples:
     run_dir = fileio.folder(out, "runs", name)
     for stale in ("metrics.jsonl", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
-    # The last bench's checkpoints: beside an earlier run's, the trainer refuses to start afresh.
-    if (run_dir / vocab.CHECKPOINTS).is_dir() and not (run_dir / vocab.CHECKPOINTS).is_symlink():
-        shutil.rmtree(run_dir / vocab.CHECKPOINTS)
+    # The last bench's checkpoints, as the trainer names them (beside an earlier run's it refuses to start afresh);
+    # anything else in the folder is not bench's to remove, and keeps the folder. Nothing through a link.
+    saved = run_dir / vocab.CHECKPOINTS
+    if not saved.is_symlink():
+        for folder in checkpoints.held(saved):
+            if Path(os.path.realpath(folder)) == Path(os.path.realpath(saved)) / folder.relative_to(saved):
+                shutil.rmtree(folder)
+        with contextlib.suppress(OSError):
+            saved.rmdir()
     log = run_dir / "log.txt"
     cmd = command(config, threads, steps, warmup, samples, run_dir)
     rc, wall = execute(cmd, child_env(threads), log, timeout_s)
