@@ -265,9 +265,10 @@ def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts 
     if found is None and held is None:
         say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
         return state, None
-    if held is None and checkpoint.written_by(found) != ("dp/ddp" if run.ds_config is None else "deepspeed"):
-        raise UsageError(f"{found} was written by {checkpoint.written_by(found)}, which --backend {opts.backend} "
-                         "cannot load; resume with the backend that wrote it, or pass another --run-dir")
+    wrote = checkpoint.written_by(found) if held is None else None
+    if wrote is not None and wrote != ("dp/ddp" if run.ds_config is None else "deepspeed"):
+        raise UsageError(f"{found} was written by {wrote}, which --backend {opts.backend} cannot load; resume with "
+                         "the backend that wrote it, or pass another --run-dir")
     saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
     for key in ("global_batch", "seed"):
         if saved[key] != state[key]:

@@ -27,14 +27,14 @@ def _answer(argv: Sequence[str], runner: Runner) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def _jobs(jobs: Sequence[str]) -> bool:
-    """Whether every one of ``jobs`` is a job id; a command given anything else is not run (see grammar)."""
-    return all(grammar.is_job_id(job) for job in jobs)
+def _not_jobs(jobs: Sequence[str]) -> list[str]:
+    """What in ``jobs`` is no job id, or ``[""]`` for no job at all: a command given either is not run (see grammar)."""
+    return [job for job in jobs if not grammar.is_job_id(job)] if jobs else [""]
 
 
 def show(what: str, *names: str, runner: Runner = run) -> str | None:
     """``scontrol show WHAT [NAMES] -o`` (one record a line); ``config`` has no one-line form."""
-    if what == "job" and not _jobs(names):
+    if what == "job" and _not_jobs(names):
         return None
     return _answer(["scontrol", "show", what, *names] + ([] if what == "config" else ["-o"]), runner)
 
@@ -42,7 +42,7 @@ def show(what: str, *names: str, runner: Runner = run) -> str | None:
 def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, partitions: Sequence[str] = (),
            runner: Runner = run) -> str | None:
     """``squeue -h -o FMT`` for these jobs, or the queue's jobs in these states and partitions."""
-    if not _jobs(jobs):
+    if jobs and _not_jobs(jobs):
         return None
     argv = ["squeue", "-h", "-o", fmt]
     if jobs:
@@ -57,7 +57,7 @@ def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, par
 def queued(jobs: Sequence[str], fmt: str, runner: Runner = run) -> tuple[str | None, bool]:
     """(``squeue -h -j JOBS -o FMT``'s rows or None, whether the controller answered): "Invalid job id" is an
     answer, that it holds none of them any more."""
-    if not jobs or not _jobs(jobs):
+    if _not_jobs(jobs):
         return None, False
     proc = runner(["squeue", "-h", "-j", ",".join(jobs), "-o", fmt])
     if proc.returncode == 0:
@@ -69,7 +69,7 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
           runner: Runner = run) -> str | None:
     """``sacct -X -n -P -j JOBS -o FIELDS``: one ``|``-separated row per allocation (``-D``: every run of a
     requeued job, not only its newest)."""
-    if not jobs or not _jobs(jobs):
+    if _not_jobs(jobs):
         return None
     argv = ["sacct", *(["-D"] if duplicates else []), "-X", "-n", "-P", "-j", ",".join(jobs), "-o", ",".join(fields)]
     return _answer(argv, runner)
@@ -98,9 +98,9 @@ def sbatch_test_only(script: Path, runner: Runner = run) -> tuple[int, str]:
 
 def scancel(jobs: Sequence[str], signal: str | None = None, runner: Runner = run, strict: bool = False) -> bool:
     """``scancel [--signal=SIG] JOBS``; whether Slurm took it (``strict``: SlurmError naming why not)."""
-    if not jobs or not _jobs(jobs):
+    if bad := _not_jobs(jobs):
         if strict:
-            raise SlurmError(f"scancel was not run: {', '.join(map(repr, jobs))[:80] or 'no job'} is no Slurm job id")
+            raise SlurmError(f"scancel was not run: {bad[0][:40]!r} is no Slurm job id")
         return False
     proc = runner(["scancel", *([f"--signal={signal}"] if signal else []), *jobs])
     if strict and proc.returncode != 0:
@@ -137,7 +137,7 @@ def update(what: str, name: str, runner: Runner = run, **fields: str) -> bool:
     """``scontrol update JobId=NAME K=V ...`` (``what`` "job") or ``NodeName=NAME ...`` ("node"); whether
     Slurm took it."""
     key = {"job": "JobId", "node": "NodeName"}[what]
-    if what == "job" and not _jobs([name]):
+    if what == "job" and _not_jobs([name]):
         return False
     return runner(["scontrol", "update", f"{key}={name}", *(f"{k}={v}" for k, v in fields.items())]).returncode == 0
 
