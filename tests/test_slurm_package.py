@@ -129,7 +129,8 @@ def test_rows_read_sacct_and_squeue_by_field_name_and_job() -> None:
 
 
 @pytest.mark.parametrize("text,job_id", [("4242\n", "4242"), ("4242;cluster\n", "4242"),
-                                         ("sbatch: warning: x\n77\n", "77"), ("sbatch: error: nope", None), ("", None)])
+                                         ("sbatch: warning: x\n77\n", "77"), ("sbatch: error: nope", None), ("", None),
+                                         ("0\n", None), ("\u00b2\n", None)])
 def test_the_job_id_sbatch_printed(text: str, job_id: str | None) -> None:
     assert parse.sbatch_job_id(text) == job_id
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
+from hpc.slurm import grammar
+
 # A key starts a word; its value runs to the next key, so values with spaces (Reason=Not responding) stay whole.
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/.]*)=")
 # Slurm's state suffixes: * not responding, ~ powered off, # powering up, ! powering down, % powering off,
@@ -82,7 +84,7 @@ def sbatch_job_id(text: str | None) -> str | None:
     """The job id ``sbatch --parsable`` printed (``ID`` or ``ID;CLUSTER``, after any warnings), or None."""
     lines = (text or "").strip().splitlines()
     first = lines[-1].split(";")[0].strip() if lines else ""
-    return first if first.isdigit() else None
+    return first if grammar.is_job_id(first) else None
 
 
 def node_state(text: str) -> str:
