@@ -306,7 +306,9 @@ def resumed_on_one_rank(launch, tmp_path, args: list[str], stop: int, total: int
     (what an elastic relaunch on the node left does): the one rank's output, the reference's and the run's
     directories."""
     reference, run_dir = tmp_path / "reference", tmp_path / "elastic"
-    saving = [*args, "--max-steps", str(total), "--checkpoint-every", str(stop)]
+    # No snapshots: under srun the first is persisted to checkpoints/ at once, at whatever step a loaded machine has
+    # reached by then, and pruning would keep it over the checkpoint at ``stop``.
+    saving = [*args, "--max-steps", str(total), "--checkpoint-every", str(stop), "--snapshot-every-s", "0"]
     assert launch("srun", saving, reference).wait() == [0, 0]
     # The 2-rank run to ``stop`` is the reference's first ``stop`` steps: its checkpoint there, its losses to there.
     shutil.copytree(reference, run_dir)
