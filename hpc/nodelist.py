@@ -123,6 +123,7 @@ def _term_size(term: Term) -> int:
     return math.prod(sum(hi - lo + 1 for lo, hi, _ in ranges) for ranges, _ in term[1])
 
 
+@functools.lru_cache(maxsize=64)  # every rank of a ranks.txt counts the one nodelist again
 def count(expr: str) -> int:
     """How many hosts ``expr`` names, repeats included, without building them."""
     return sum(_term_size(t) for t in parse(expr))

@@ -13,13 +13,18 @@ Inside a Slurm step the step's own values win over the allocation's: a step on p
 ``srun -E`` SLURM_NTASKS and SLURM_TASKS_PER_NODE keep the allocation's values while SLURM_STEP_NUM_TASKS
 and SLURM_STEP_TASKS_PER_NODE describe the step (tests/data/slurm_steps.json: captured on a real cluster).
 SLURM_NODEID and SLURM_PROCID are already relative to the step.
+
+A geometry whose variables contradict each other (SLURM_TASKS_PER_NODE not summing to SLURM_NTASKS, a node
+rank beyond SLURM_NNODES or the step's nodelist, LOCAL_WORLD_SIZE=0, ...) is refused in one line naming each
+variable as it was set: ranks that disagree on the world would hang at the rendezvous or share out the CPUs
+wrongly. An allocation's nodelist only bounds a step's nodes, since a step may run on part of it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from hpc import nodelist, shown
 
@@ -30,6 +35,7 @@ TORCHRUN = {
     "local_rank": "LOCAL_RANK",
     "local_world_size": "LOCAL_WORLD_SIZE",
     "node_rank": "GROUP_RANK",
+    "nodes": "GROUP_WORLD_SIZE",
 }
 # Slurm's entries list the variables that may carry a value, the step's before the allocation's.
 SLURM = {
@@ -40,6 +46,7 @@ SLURM = {
     "nodelist": ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
     "job_id": ("SLURM_JOB_ID", "SLURM_JOBID"),
     "tasks_per_node": ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"),
+    "nodes": ("SLURM_STEP_NUM_NODES", "SLURM_NNODES"),
 }
 SUBMITIT_LOCAL = {
     "rank": "SUBMITIT_LOCAL_GLOBALID",
@@ -107,14 +114,20 @@ def port_for_job(job_id: str) -> int:
     return PORT_BASE + int(digits[-9:]) % PORT_SPAN
 
 
+def _tasks_items(tasks_per_node: str) -> Iterator[tuple[int, int]]:
+    """(tasks, nodes) for each item of SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> (2, 3), (1, 1)."""
+    for item in tasks_per_node.split(","):
+        m = _TASKS_ITEM.fullmatch(item.strip())
+        tasks, repeat = (_whole(m.group(1)), _whole(m.group(2) or "1")) if m else (None, None)
+        if tasks is None or repeat is None:
+            raise RankError(f"SLURM_TASKS_PER_NODE={shown.value(tasks_per_node)} does not parse")
+        yield tasks, repeat
+
+
 def tasks_on_node(tasks_per_node: str, node_rank: int) -> int:
     """Tasks on one node from SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> node 3 runs 1 (repeats not built)."""
     if node_rank >= 0:
-        for item in tasks_per_node.split(","):
-            m = _TASKS_ITEM.fullmatch(item.strip())
-            tasks, repeat = (_whole(m.group(1)), _whole(m.group(2) or "1")) if m else (None, None)
-            if tasks is None or repeat is None:
-                raise RankError(f"SLURM_TASKS_PER_NODE={shown.value(tasks_per_node)} does not parse")
+        for tasks, repeat in _tasks_items(tasks_per_node):
             if node_rank < repeat:
                 return tasks
             node_rank -= repeat
@@ -168,10 +181,9 @@ def resolve(environ: Mapping[str, str]) -> DistEnv:
     source = detect(environ)
     origin: dict[str, str] = {}
     rank, world_size, local_rank, local_world_size, node_rank = _geometry(environ, source, origin)
-    if not 0 <= rank < world_size:
-        raise RankError(f"rank {rank} is outside world size {world_size} ({source})")
-    if not 0 <= local_rank < max(local_world_size, 1):
-        raise RankError(f"local rank {local_rank} is outside local world size {local_world_size} ({source})")
+    disagreement = _disagreement(environ, source, origin, (rank, world_size, local_rank, local_world_size, node_rank))
+    if disagreement:
+        raise RankError(f"{disagreement} ({source}); its launcher's variables disagree: fix or unset the stale one")
     master_addr = _master_addr(environ, source, origin)
     master_port = _master_port(environ, source, origin)
     return DistEnv(rank, world_size, local_rank, local_world_size, node_rank, master_addr, master_port,
@@ -217,6 +229,67 @@ def _geometry(environ: Mapping[str, str], source: str, origin: dict[str, str]) -
     return rank, world_size, local_rank, local_world_size, node_rank
 
 
+def _disagreement(environ: Mapping[str, str], source: str, origin: Mapping[str, str],
+                  geometry: tuple[int, int, int, int, int]) -> str | None:
+    """What in ``geometry`` contradicts another of its values, each named with the variable it came from."""
+    rank, world_size, local_rank, local_world_size, node_rank = geometry
+
+    # Formatted only for the message: ranks.txt resolves every rank, each with the job's whole nodelist.
+    def said(value: int, name: str, unit: str = "") -> str:
+        return f"{value}{unit} ({name}={shown.value(environ[name])})" if name in environ else f"{value} ({name})"
+
+    if not 0 <= rank < world_size:
+        return f"rank {said(rank, origin['rank'])} is outside world size {said(world_size, origin['world_size'])}"
+    if not 0 <= local_rank < local_world_size:
+        return (f"local rank {said(local_rank, origin['local_rank'])} is outside local world size "
+                f"{said(local_world_size, origin['local_world_size'])}")
+    if local_world_size > world_size:
+        return (f"local world size {said(local_world_size, origin['local_world_size'])} is over world size "
+                f"{said(world_size, origin['world_size'])}")
+    if node_rank < 0:
+        return f"node rank {said(node_rank, origin['node_rank'])} is negative"
+    tasks_var = _present(environ, SLURM, "tasks_per_node") if source == "slurm" else None
+    tasks, nodes = _tasks_total(environ[tasks_var]) if tasks_var else (world_size, 0)
+    if tasks != world_size:
+        return f"{said(tasks, tasks_var, ' task(s)')} is not world size {said(world_size, origin['world_size'])}"
+    counts = ([(nodes, tasks_var, True)] if tasks_var else []) + _node_counts(environ, source)
+    for n, name, exact in counts[1:]:
+        if n != counts[0][0] and (exact or n < counts[0][0]):
+            relation = "not" if exact else "over the allocation's"
+            return f"{said(*counts[0][:2], ' node(s)')} is {relation} {said(n, name, ' node(s)')}"
+    if counts and node_rank >= counts[0][0]:
+        return f"node rank {said(node_rank, origin['node_rank'])} is outside {said(*counts[0][:2], ' node(s)')}"
+    return None
+
+
+def _tasks_total(tasks_per_node: str) -> tuple[int, int]:
+    """(tasks, nodes) that SLURM_TASKS_PER_NODE describes, e.g. ``2(x3),1`` -> (7, 4)."""
+    items = tuple(_tasks_items(tasks_per_node))
+    return sum(tasks * nodes for tasks, nodes in items), sum(nodes for _, nodes in items)
+
+
+def _node_counts(environ: Mapping[str, str], source: str) -> list[tuple[int, str, bool]]:
+    """(nodes, variable, exact) for each variable besides SLURM_TASKS_PER_NODE that counts the step's nodes;
+    not exact for an allocation's nodelist, of which a step may use part."""
+    table = {"torchrun": TORCHRUN, "slurm": SLURM}.get(source, {})
+    nodes_var, list_var = _present(environ, table, "nodes"), _present(environ, table, "nodelist")
+    counts = [(_int(environ, nodes_var), nodes_var, True)] if nodes_var else []
+    if list_var:
+        counts.append((_hosts(environ, list_var, nodelist.count), list_var, list_var == "SLURM_STEP_NODELIST"))
+    return counts
+
+
+T = TypeVar("T")
+
+
+def _hosts(environ: Mapping[str, str], name: str, read: Callable[[str], T]) -> T:
+    """``read`` (nodelist.first, nodelist.count) of the nodelist in variable ``name``."""
+    try:
+        return read(environ[name])
+    except nodelist.NodelistError as exc:
+        raise RankError(f"{name}: {exc}") from None
+
+
 def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> str:
     """MASTER_ADDR as given, else a Slurm step's first host, else the loopback address."""
     nodelist_var = _present(environ, SLURM, "nodelist") if source == "slurm" else None
@@ -224,12 +297,8 @@ def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]
         origin["master_addr"] = "MASTER_ADDR"
         return environ["MASTER_ADDR"]
     if nodelist_var:
-        try:
-            master_addr = nodelist.first(environ[nodelist_var])
-        except nodelist.NodelistError as exc:
-            raise RankError(f"{nodelist_var}: {exc}") from None
         origin["master_addr"] = f"first host of {nodelist_var}"
-        return master_addr
+        return _hosts(environ, nodelist_var, nodelist.first)
     origin["master_addr"] = "default"
     return DEFAULT_MASTER_ADDR
 

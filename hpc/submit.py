@@ -92,7 +92,9 @@ def slurm_parameters(rendered: Rendered) -> dict[str, Any]:
         "stderr_to_stdout": True, "setup": list(rendered.setup), "teardown": list(rendered.teardown),
         "additional_parameters": extra,
     }
-    return {k: v for k, v in params.items() if v is not None}
+    # submitit writes a parameter set to None not at all, and would otherwise add --wckey=submitit, a line
+    # job.sbatch does not have: a site enforcing wckeys would refuse the job or charge it to that key.
+    return {**{k: v for k, v in params.items() if v is not None}, "wckey": None}
 
 
 def task_command(rendered: Rendered) -> tuple[str, ...]:

@@ -39,8 +39,8 @@ CASES = [
                              "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NODEID": "0",
                              "SUBMITIT_LOCAL_JOB_ID": "991"}, 1, 2, 1, 2, 0, "127.0.0.1", 12991, "submitit-local"),
     ("zero-padded single node", {**SRUN_TASK, "SLURM_JOB_NODELIST": "node[0007]", "SLURM_PROCID": "0",
-                                 "SLURM_NODEID": "0", "SLURM_LOCALID": "0"},
-     0, 4, 0, 2, 0, "node0007", 12000 + 4242, "slurm"),
+                                 "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "4"},
+     0, 4, 0, 4, 0, "node0007", 12000 + 4242, "slurm"),
 ]
 
 
@@ -82,6 +82,49 @@ def test_derived_ports_stay_below_the_ephemeral_range():
 def test_inconsistent_environments_are_errors(environ, message):
     with pytest.raises(ranks.RankError, match=message):
         ranks.resolve(environ)
+
+
+ONE_NODE = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1",
+            "SLURM_JOB_ID": "7"}
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({**TORCHRUN, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "0"},
+     "local rank 0 (LOCAL_RANK='0') is outside local world size 0 (LOCAL_WORLD_SIZE='0') (torchrun)"),
+    ({**TORCHRUN, "LOCAL_WORLD_SIZE": "16"},
+     "local world size 16 (LOCAL_WORLD_SIZE='16') is over world size 8 (WORLD_SIZE='8') (torchrun)"),
+    ({**TORCHRUN, "LOCAL_RANK": "4"},
+     "local rank 4 (LOCAL_RANK='4') is outside local world size 4 (LOCAL_WORLD_SIZE='4') (torchrun)"),
+    ({**TORCHRUN, "GROUP_RANK": "2", "GROUP_WORLD_SIZE": "2"},
+     "node rank 2 (GROUP_RANK='2') is outside 2 node(s) (GROUP_WORLD_SIZE='2') (torchrun)"),
+    ({**TORCHRUN, "GROUP_RANK": "-1"}, "node rank -1 (GROUP_RANK='-1') is negative (torchrun)"),
+    ({**SRUN_TASK, "SLURM_TASKS_PER_NODE": "2(x3),1"},
+     "7 task(s) (SLURM_TASKS_PER_NODE='2(x3),1') is not world size 4 (SLURM_NTASKS='4') (slurm)"),
+    ({**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "1,2"},
+     "3 task(s) (SLURM_STEP_TASKS_PER_NODE='1,2') is not world size 4 (SLURM_STEP_NUM_TASKS='4') (slurm)"),
+    ({**SRUN_TASK, "SLURM_NNODES": "3"},
+     "2 node(s) (SLURM_TASKS_PER_NODE='2(x2)') is not 3 node(s) (SLURM_NNODES='3') (slurm)"),
+    ({**SRUN_TASK, "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "n[1-3]"},
+     "2 node(s) (SLURM_TASKS_PER_NODE='2(x2)') is not 3 node(s) (SLURM_STEP_NODELIST='n[1-3]') (slurm)"),
+    ({**SRUN_TASK, "SLURM_JOB_NODELIST": "n1"},
+     "2 node(s) (SLURM_TASKS_PER_NODE='2(x2)') is over the allocation's 1 node(s) (SLURM_JOB_NODELIST='n1') (slurm)"),
+    ({**ONE_NODE, "SLURM_NODEID": "1", "SLURM_NNODES": "1"},
+     "node rank 1 (SLURM_NODEID='1') is outside 1 node(s) (SLURM_NNODES='1') (slurm)"),
+    ({**ONE_NODE, "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "n1"},
+     "node rank 1 (SLURM_NODEID='1') is outside 1 node(s) (SLURM_STEP_NODELIST='n1') (slurm)"),
+    ({"SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_NODEID": "-1"},
+     "node rank -1 (SUBMITIT_LOCAL_NODEID='-1') is negative (submitit-local)"),
+])
+def test_variables_that_disagree_on_the_geometry_are_refused_in_one_line_naming_them(environ, message):
+    with pytest.raises(ranks.RankError) as refused:
+        ranks.resolve(environ)
+    assert str(refused.value).startswith(message)
+    assert "\n" not in str(refused.value) and str(refused.value).endswith("fix or unset the stale one")
+
+
+def test_a_step_on_part_of_the_allocation_may_have_fewer_nodes_than_the_allocations_nodelist():
+    # SRUN_TASK's step runs on 2 of the 6 nodes SLURM_JOB_NODELIST names, as srun -N2 in a 6-node job does.
+    assert ranks.resolve({**SRUN_TASK, "SLURM_NNODES": "2"}).node_rank == 1
 
 
 HUGE = "9" * 5000  # more digits than Python's int() reads (4,300)
