@@ -83,6 +83,10 @@ def from_mapping(data: Mapping[str, Any], where: str = "container", image_requir
     image = data.get("image", None if image_required else "")
     if not isinstance(image, str) or (image_required and not image.strip()):
         raise ContainerError(f"{where}.image must name the image (a path, or a name the runtime pulls)")
+    if image.strip().startswith("-"):
+        # The image is the runtime's first word after its options: '--privileged' would be one of them.
+        raise ContainerError(f"{where}.image {image.strip()[:60]!r} starts with '-', which {runtime} would read as "
+                             "an option; name the image itself")
     mounts = _strings(data.get("mounts") or [], f"{where}.mounts")
     bad = next((m for m in mounts if not m.startswith("/") or ":" in m), None)
     if bad is not None:
