@@ -35,9 +35,13 @@ class Verdict:
     message: str
 
 
-def judge_transport(transport: Transport, expect_ib: bool) -> Verdict:
-    """Fail when a profile asked for InfiniBand but NCCL fell back to sockets between nodes."""
+def judge_transport(transport: Transport, expect_ib: bool, nodes: int = 1) -> Verdict:
+    """Fail when a profile asked for InfiniBand but NCCL fell back to sockets between ``nodes`` nodes, or named
+    nothing it used between them (InfiniBand then unconfirmed)."""
     used = ", ".join(sorted(transport.inter_node)) or "none seen (single node?)"
+    if expect_ib and nodes > 1 and not transport.inter_node:
+        return Verdict(False, f"NCCL's log named no transport between the {nodes} nodes, so InfiniBand is "
+                              "unconfirmed: check that run/preflight/nccl-*.log was written (NCCL_DEBUG=INFO)")
     if expect_ib and "Socket" in transport.inter_node:
         return Verdict(False, f"NCCL fell back to sockets between nodes (inter-node transport: {used}) although "
                               "the cluster profile expects InfiniBand: check NCCL_IB_HCA and that the IB "
@@ -78,5 +82,6 @@ def judge(reports: list[RankReport], world_size: int, nccl_logs: list[str], expe
                                       f"({', '.join(hosts)}) over {reports[0].backend}: ok, slowest rank "
                                       f"{slowest.rank} took {slowest.seconds:.3f} s"))
     if any(r.backend == "nccl" for r in reports):
-        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib))
+        hosts = len({r.host for r in reports})
+        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib, hosts))
     return verdicts

@@ -40,6 +40,16 @@ def test_single_node_jobs_have_no_inter_node_transport():
     assert doctor.judge_transport(t, expect_ib=True).ok
 
 
+def test_a_job_across_nodes_whose_nccl_log_names_no_transport_between_them_fails_where_infiniband_is_expected():
+    reports = [_report(0, backend="nccl", host="n1"), _report(1, backend="nccl", host="n2")]
+    verdicts = doctor.judge(reports, 2, [""], expect_ib=True)
+    assert [v.ok for v in verdicts] == [True, False]
+    assert "no transport between the 2 nodes" in verdicts[-1].message
+    assert doctor.judge(reports, 2, [""], expect_ib=False)[-1].ok
+    one_node = [_report(0, backend="nccl"), _report(1, backend="nccl")]
+    assert doctor.judge(one_node, 2, [""], expect_ib=True)[-1].ok
+
+
 def test_allreduce_of_ones_must_equal_world_size():
     assert doctor.judge([_report(0, total=2.0), _report(1, total=2.0)], 2, [], expect_ib=False)[0].ok
     bad = doctor.judge([_report(0), _report(1, total=3.0, host="n2")], 2, [], expect_ib=False)
