@@ -94,3 +94,15 @@ def test_a_damaged_preflight_report_is_left_out_for_judging_to_name_as_missing(t
     (folder / "rank-1.json").write_text(json.dumps({**good, "rank": "1"}))
     (folder / "rank-2.json").write_bytes(b"\xff")
     assert [r.rank for r in read_reports(tmp_path)] == [0]
+
+
+def test_doctor_for_one_rank_is_refused_before_anything_is_written_as_it_has_no_network_to_check(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from hpc.cli import main
+
+    job = tmp_path / "doctor"
+    result = CliRunner().invoke(main, ["doctor", "--executor", "local", "--cluster", "local", "-o", str(job)])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert "one rank" in result.stderr and "--nodes 2" in result.stderr
+    assert not job.exists()
