@@ -200,6 +200,15 @@ def test_a_drafted_profile_is_a_valid_profile_that_fits() -> None:
     assert "# account:" in text and "accounting is on" in text and "could not know" in text
 
 
+def test_a_partition_slurm_reports_no_nodes_of_drafts_a_profile_that_loads() -> None:
+    # A partition defined before its nodes (Nodes=(null)), or node records scontrol did not print.
+    empty = partition.cluster_from("PartitionName=debug Nodes=(null) Default=YES State=UP\n", "",
+                                   "ClusterName = odd\n")
+    text = draft(empty, None, "2026-12-07")
+    assert profiles.parse("drafted", yaml.safe_load(text)).max_nodes is None
+    assert "# max_nodes:" in text and "no nodes" in text
+
+
 @pytest.mark.parametrize("here", [True, False])
 def test_a_drafted_cpu_profile_takes_cpu_bf16_from_the_machine_that_drafts_it(here: bool) -> None:
     text = draft(LOCAL, None, "2026-12-01", cpu_bf16_here=here)

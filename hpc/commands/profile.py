@@ -123,7 +123,10 @@ def _node_lines(part: Partition, nodes: Sequence[Node], gpus: int, cpu_bf16_here
     else:
         lines.append(f"cpus_per_task: 1   # nodes have {cpus} CPU(s); raise it for threaded data loading")
         lines.append(_cpu_bf16_line(cpu_bf16_here))
-    lines.append(f"max_nodes: {max_nodes}" + (f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""))
+    limit = f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""
+    # A profile's max_nodes is at least 1: 0 would make the draft one that no command loads.
+    lines.append(f"max_nodes: {max_nodes}{limit}" if max_nodes else
+                 "# max_nodes: 1   # could not know: Slurm reports no nodes in this partition")
     return lines
 
 
