@@ -236,23 +236,28 @@ def test_a_drafted_gpu_profile_takes_the_fewest_gpus_and_shares_cpus_among_them(
 def test_profile_init_never_overwrites_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
     out = tmp_path / "site.yaml"
-    out.write_text("mine\n")
+    out.write_text(draft(LOCAL, None, "2026-01-01"))
     refused = CliRunner().invoke(main, ["profile", "init", "-o", str(out)])
-    assert refused.exit_code == 2 and "exists; pass --force" in refused.output and out.read_text() == "mine\n"
+    assert refused.exit_code == 2 and "exists; pass --force" in refused.output and "2026-01-01" in out.read_text()
     forced = CliRunner().invoke(main, ["profile", "init", "-o", str(out), "--force"])
     assert forced.exit_code == 0 and yaml.safe_load(out.read_text())["partition"] == "debug"
+    assert "2026-01-01" not in out.read_text()
 
 
-def test_profile_init_force_replaces_a_link_never_the_file_it_points_to(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_profile_init_force_replaces_only_a_draft_never_a_file_it_did_not_write_nor_a_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    mine = tmp_path / "notes.yaml"
+    mine.write_text("mine\n")
     theirs = tmp_path / "managed.yaml"
-    theirs.write_text("theirs\n")
+    theirs.write_text(draft(LOCAL, None, "2026-01-01"))
     link = tmp_path / "site.yaml"
     link.symlink_to(theirs)
-    forced = CliRunner().invoke(main, ["profile", "init", "-o", str(link), "--force"])
-    assert forced.exit_code == 0 and theirs.read_text() == "theirs\n" and not link.is_symlink()
-    assert yaml.safe_load(link.read_text())["partition"] == "debug"
+    for out in (mine, link):
+        forced = CliRunner().invoke(main, ["profile", "init", "-o", str(out), "--force"])
+        assert forced.exit_code == 2 and len(forced.stderr.splitlines()) == 1, forced.output
+        assert "not a draft of profile init" in forced.stderr
+    assert mine.read_text() == "mine\n" and link.is_symlink() and "2026-01-01" in theirs.read_text()
 
 
 def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPatch) -> None:

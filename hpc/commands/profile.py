@@ -17,11 +17,14 @@ from typing import Sequence
 import click
 
 from hpc import container as containers
-from hpc import dsconfig, fileio
+from hpc import dsconfig, fileio, jobfiles
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
 from hpc.slurm import grammar
 from hpc.slurm import runner as slurm_runner
+
+# Every draft's first words: what --force looks for before it replaces a file.
+DRAFTED = "# Drafted by `hpcdist profile init`"
 
 
 def _word(value: str) -> str:
@@ -73,7 +76,7 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
     nodes = cluster.nodes_of(part)
     gpus = min((n.gpus for n in nodes), default=0)
     lines = [
-        f"# Drafted by `hpcdist profile init` from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
+        f"{DRAFTED} from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
         "# Check every value; put the file in /etc/hpcdist/clusters/NAME.yaml (everyone) or",
         "# ~/.config/hpcdist/clusters/NAME.yaml (you), then: hpcdist profile check NAME",
         _nodes_line(part, nodes),
@@ -182,7 +185,7 @@ def profile() -> None:
 @profile.command()
 @click.option("--partition", "-p", "partition_name", help="Partition to describe. [Slurm's default partition]")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the draft here, not stdout.")
-@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--force", is_flag=True, help="Replace an earlier draft at --output (never another file, nor a link).")
 def init(partition_name: str | None, output: str | None, force: bool) -> None:
     """Print a draft profile (YAML, with comments for what Slurm cannot tell) for one partition."""
     cluster = _cluster_or_exit("init")
@@ -195,9 +198,12 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
+    if force and not _replaceable(Path(output)):
+        click.echo(f"hpcdist profile init: {output} is not a draft of profile init (a link, or a file it did not "
+                   "write), so --force leaves it; move it away or give another -o", err=True)
+        sys.exit(2)
     try:
         if force:
-            # A link at --output (a profile managed elsewhere) is replaced, never written through.
             fileio.atomic_write(Path(output), text)
         else:
             with open(output, "x") as f:
@@ -209,6 +215,17 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
         click.echo(f"hpcdist profile init: cannot write {output}: {exc.strerror}", err=True)
         sys.exit(2)
     click.echo(f"wrote {output}; check it with: hpcdist profile check {output}", err=True)
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether --force may replace ``path``: nothing is there, or a draft (a link, managed elsewhere, is not)."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        with jobfiles.open_regular(path) as f:
+            return f.read(len(DRAFTED)) == DRAFTED.encode()
+    except (jobfiles.Damaged, OSError):
+        return False
 
 
 @profile.command()
