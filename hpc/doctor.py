@@ -9,7 +9,8 @@ from dataclasses import dataclass
 #   "NCCL INFO Channel 00/0 : 0[0] -> 1[1] [send] via NET/IB/0/GDRDMA"
 #   "NCCL INFO Channel 00 : 1[1] -> 0[0] via NET/Socket/0"
 #   "NCCL INFO Channel 00 : 0[0] -> 1[1] via P2P/CUMEM/read"
-_CHANNEL = re.compile(r"via (NET/[A-Za-z]+|P2P|SHM|COLLNET)")
+#   "NCCL INFO Channel 00/0 : 7[7] -> 8[0] [receive] via NET/IBext_v8/0/GDRDMA"   (NVIDIA's IB plugin)
+_CHANNEL = re.compile(r"via (NET/\w+|P2P|SHM|COLLNET)")
 _NET_PLUGIN = re.compile(r"NCCL INFO (?:Using network|NET/Plugin.*?using) (\w+)")
 
 
@@ -46,7 +47,7 @@ def judge_transport(transport: Transport, expect_ib: bool, nodes: int = 1) -> Ve
         return Verdict(False, f"NCCL fell back to sockets between nodes (inter-node transport: {used}) although "
                               "the cluster profile expects InfiniBand: check NCCL_IB_HCA and that the IB "
                               "devices are visible in the job (ibv_devinfo), or set network.ib: false")
-    if expect_ib and transport.inter_node and "IB" not in transport.inter_node:
+    if expect_ib and transport.inter_node and not any(kind.startswith("IB") for kind in transport.inter_node):
         return Verdict(False, f"NCCL used {used} between nodes, not InfiniBand, although the profile expects it")
     return Verdict(True, f"inter-node transport: {used}; intra-node: "
                          f"{', '.join(sorted(transport.intra_node)) or 'none seen'}")

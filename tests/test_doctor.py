@@ -24,6 +24,16 @@ def test_infiniband_channels_are_recognised():
     assert doctor.judge_transport(t, expect_ib=True).ok
 
 
+def test_infiniband_through_nvidias_ibext_plugin_is_infiniband():
+    # nccl-rdma-sharp-plugins (HPC-X, DGX sites) name their IB verbs transport IBext, IBext_v8, ...
+    log = ("n1:1:1 [0] NCCL INFO Using network IBext_v8\n"
+           "n1:1:1 [0] NCCL INFO Channel 00/0 : 7[7] -> 8[0] [receive] via NET/IBext_v8/0/GDRDMA\n")
+    t = doctor.nccl_transport(log)
+    assert t.inter_node == {"IBext_v8"}
+    verdict = doctor.judge_transport(t, expect_ib=True, nodes=2)
+    assert verdict.ok and "IBext_v8" in verdict.message
+
+
 def test_socket_fallback_fails_when_the_profile_expects_infiniband():
     verdict = doctor.judge_transport(doctor.nccl_transport(SOCKET_LOG), expect_ib=True)
     assert not verdict.ok
