@@ -271,6 +271,21 @@ def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPa
     assert gone.exit_code == 2 and "Slurm does not answer here" in gone.output
 
 
+def test_profile_check_names_an_srun_plugin_runtime_the_cluster_does_not_load(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc.commands import profile as profile_command
+
+    monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    site = tmp_path / "site.yaml"
+    site.write_text("extends: local\ncontainer: {runtime: pyxis}\n")
+    monkeypatch.setattr(profile_command, "runtimes_here", lambda cluster: ["charliecloud", "oci"])
+    bad = CliRunner().invoke(main, ["profile", "check", str(site)])
+    assert bad.exit_code == 1 and "  - container.runtime pyxis: Slurm here does not load it" in bad.output
+    assert "(found: charliecloud, oci)" in bad.output
+    monkeypatch.setattr(profile_command, "runtimes_here", lambda cluster: ["pyxis"])
+    assert CliRunner().invoke(main, ["profile", "check", str(site)]).exit_code == 0
+
+
 def test_a_dry_run_for_the_local_executor_shows_the_local_run_unbound_by_the_partition(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LIMITED)

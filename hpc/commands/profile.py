@@ -168,6 +168,18 @@ def runtimes_here(cluster: Cluster) -> list[str]:
                              os.path.exists(os.path.join(conf_dir, "oci.conf")))
 
 
+def _runtime_problems(box: containers.Container | None, cluster: Cluster) -> list[str]:
+    """An srun plugin runtime (pyxis, oci) that Slurm's own configuration here does not load: every job's step
+    would fail. A runtime run as a command is not judged: a login node's PATH need not be a compute node's."""
+    if box is None or box.starts != "step":
+        return []
+    offered = runtimes_here(cluster)
+    if box.runtime in offered:
+        return []
+    return [f"container.runtime {box.runtime}: Slurm here does not load it (found: {', '.join(offered) or 'none'}); "
+            "set the runtime the site has"]
+
+
 def _cluster_or_exit(command: str) -> Cluster:
     cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
     if cluster is None:
@@ -241,7 +253,7 @@ def check(name: str | None) -> None:
         click.echo(f"hpcdist profile check: {exc}", err=True)
         sys.exit(2)
     cluster = _cluster_or_exit("check")
-    found = partitions.problems(prof, cluster)
+    found = partitions.problems(prof, cluster) + _runtime_problems(prof.container, cluster)
     if found:
         click.echo(f"profile {prof.name!r} ({prof.source}) does not fit Slurm cluster {cluster.name or '(unnamed)'}:")
         for problem in found:
