@@ -35,6 +35,8 @@ REQUEUE_AFTER_S = 2
 PASSED = ("SLURM_*", "SLURMD_*", "MASTER_*", "NCCL_*", "HPCDIST_*", "OMP_*", "PYTHON*", "CUDA_*", "TORCH*",
           "LOCAL_WORLD_SIZE", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
+# What the runtimes' bind options split on: pyxis and apptainer a list at ',', every runtime SRC:DST at ':'.
+_BIND_SEPARATORS = re.compile(r"[:,]")
 
 
 class ContainerError(ValueError):
@@ -83,10 +85,15 @@ def from_mapping(data: Mapping[str, Any], where: str = "container", image_requir
     image = data.get("image", None if image_required else "")
     if not isinstance(image, str) or (image_required and not image.strip()):
         raise ContainerError(f"{where}.image must name the image (a path, or a name the runtime pulls)")
+    if image.strip().startswith("-"):
+        # The image is the runtime's first word after its options: '--privileged' would be one of them.
+        raise ContainerError(f"{where}.image {image.strip()[:60]!r} starts with '-', which {runtime} would read as "
+                             "an option; name the image itself")
     mounts = _strings(data.get("mounts") or [], f"{where}.mounts")
-    bad = next((m for m in mounts if not m.startswith("/") or ":" in m), None)
+    bad = next((m for m in mounts if not m.startswith("/") or _BIND_SEPARATORS.search(m)), None)
     if bad is not None:
-        raise ContainerError(f"{where}.mounts: {bad[:60]!r} must be an absolute host path (bound at the same path)")
+        raise ContainerError(f"{where}.mounts: {bad[:60]!r} must be an absolute host path without ':' or ',' (bound "
+                             "at the same path)")
     env = _strings(data.get("env") or [], f"{where}.env")
     bad = next((e for e in env if not _ENV_NAME.fullmatch(e)), None)
     if bad is not None:
@@ -128,6 +135,10 @@ def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, loc
 
     ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine).
     """
+    split = next((b for b in binds if _BIND_SEPARATORS.search(b)), None)
+    if split is not None:
+        raise ContainerError(f"folder {split[:60]!r}, bound into the container, holds a ':' or ',', the separator "
+                             f"{container.runtime} splits binds at (it would bind other folders); use paths without")
     if local and container.starts == "step":
         raise ContainerError(f"runtime {container.runtime} is an srun plugin, which the local executor does not "
                              "have; submit to Slurm or use charliecloud, apptainer or podman-hpc")

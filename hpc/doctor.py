@@ -9,7 +9,8 @@ from dataclasses import dataclass
 #   "NCCL INFO Channel 00/0 : 0[0] -> 1[1] [send] via NET/IB/0/GDRDMA"
 #   "NCCL INFO Channel 00 : 1[1] -> 0[0] via NET/Socket/0"
 #   "NCCL INFO Channel 00 : 0[0] -> 1[1] via P2P/CUMEM/read"
-_CHANNEL = re.compile(r"via (NET/[A-Za-z]+|P2P|SHM|COLLNET)")
+#   "NCCL INFO Channel 00/0 : 7[7] -> 8[0] [receive] via NET/IBext_v8/0/GDRDMA"   (NVIDIA's IB plugin)
+_CHANNEL = re.compile(r"via (NET/\w+|P2P|SHM|COLLNET)")
 _NET_PLUGIN = re.compile(r"NCCL INFO (?:Using network|NET/Plugin.*?using) (\w+)")
 
 
@@ -35,14 +36,18 @@ class Verdict:
     message: str
 
 
-def judge_transport(transport: Transport, expect_ib: bool) -> Verdict:
-    """Fail when a profile asked for InfiniBand but NCCL fell back to sockets between nodes."""
+def judge_transport(transport: Transport, expect_ib: bool, nodes: int = 1) -> Verdict:
+    """Fail when a profile asked for InfiniBand but NCCL fell back to sockets between ``nodes`` nodes, or named
+    nothing it used between them (InfiniBand then unconfirmed)."""
     used = ", ".join(sorted(transport.inter_node)) or "none seen (single node?)"
+    if expect_ib and nodes > 1 and not transport.inter_node:
+        return Verdict(False, f"NCCL's log named no transport between the {nodes} nodes, so InfiniBand is "
+                              "unconfirmed: check that run/preflight/nccl-*.log was written (NCCL_DEBUG=INFO)")
     if expect_ib and "Socket" in transport.inter_node:
         return Verdict(False, f"NCCL fell back to sockets between nodes (inter-node transport: {used}) although "
                               "the cluster profile expects InfiniBand: check NCCL_IB_HCA and that the IB "
                               "devices are visible in the job (ibv_devinfo), or set network.ib: false")
-    if expect_ib and transport.inter_node and "IB" not in transport.inter_node:
+    if expect_ib and transport.inter_node and not any(kind.startswith("IB") for kind in transport.inter_node):
         return Verdict(False, f"NCCL used {used} between nodes, not InfiniBand, although the profile expects it")
     return Verdict(True, f"inter-node transport: {used}; intra-node: "
                          f"{', '.join(sorted(transport.intra_node)) or 'none seen'}")
@@ -78,5 +83,6 @@ def judge(reports: list[RankReport], world_size: int, nccl_logs: list[str], expe
                                       f"({', '.join(hosts)}) over {reports[0].backend}: ok, slowest rank "
                                       f"{slowest.rank} took {slowest.seconds:.3f} s"))
     if any(r.backend == "nccl" for r in reports):
-        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib))
+        hosts = len({r.host for r in reports})
+        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib, hosts))
     return verdicts

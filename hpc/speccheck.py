@@ -103,6 +103,8 @@ def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
         raise SpecError(str(exc)) from None
     if chosen is None:
         return replace(spec, container=None, container_runtime=None)
+    if not spec.container:  # the profile's image, which the option's check above never saw
+        _check_text("the profile's container.image", chosen.image, spaces=False)
     return replace(spec, container=chosen.image, container_runtime=chosen.runtime)
 
 

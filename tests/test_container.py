@@ -74,6 +74,29 @@ def test_binds_are_the_top_folders_of_what_the_task_needs_then_the_profiles_moun
         "/work", "/root", "/scratch/data")
 
 
+@pytest.mark.parametrize("runtime", ["apptainer", "podman-hpc"])
+def test_an_image_that_would_read_as_the_runtimes_option_is_refused_from_the_command_line_or_the_profile(
+        tmp_path: Path, runtime: str) -> None:
+    code, err, job = render(tmp_path, "--container=--privileged", "--container-runtime", runtime)
+    assert code == 2 and len(err.splitlines()) == 1 and "'--privileged' starts with '-'" in err, err
+    assert not job.exists()
+    code, err, job = render(tmp_path, "--cluster", str(profile(tmp_path, runtime=runtime, image="-v/:/host")))
+    assert code == 2 and len(err.splitlines()) == 1 and "starts with '-'" in err, err
+    assert not job.exists()
+
+
+@pytest.mark.parametrize("runtime", ["apptainer", "pyxis"])
+def test_a_bound_folder_whose_name_the_runtime_would_split_into_other_folders_is_refused(
+        tmp_path: Path, runtime: str) -> None:
+    # pyxis and apptainer split a bind list at ',' and each bind at ':': '/etc,x' would bind the host's /etc.
+    code, err, job = render(tmp_path, "--container", "img", "--container-runtime", runtime, "--", "--data-dir",
+                            "/etc,x/data")
+    assert code == 2 and len(err.splitlines()) == 1 and "'/etc,x'" in err and "separator" in err, err
+    assert not job.exists()
+    code, err, job = render(tmp_path, "--cluster", str(profile(tmp_path, runtime=runtime, mounts=["/scratch,/etc"])))
+    assert code == 2 and len(err.splitlines()) == 1 and "absolute host path" in err, err
+
+
 def test_render_refuses_what_it_can_know(tmp_path: Path) -> None:
     image = tmp_path / "img"
     (image / "etc").mkdir(parents=True)

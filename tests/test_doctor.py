@@ -24,6 +24,16 @@ def test_infiniband_channels_are_recognised():
     assert doctor.judge_transport(t, expect_ib=True).ok
 
 
+def test_infiniband_through_nvidias_ibext_plugin_is_infiniband():
+    # nccl-rdma-sharp-plugins (HPC-X, DGX sites) name their IB verbs transport IBext, IBext_v8, ...
+    log = ("n1:1:1 [0] NCCL INFO Using network IBext_v8\n"
+           "n1:1:1 [0] NCCL INFO Channel 00/0 : 7[7] -> 8[0] [receive] via NET/IBext_v8/0/GDRDMA\n")
+    t = doctor.nccl_transport(log)
+    assert t.inter_node == {"IBext_v8"}
+    verdict = doctor.judge_transport(t, expect_ib=True, nodes=2)
+    assert verdict.ok and "IBext_v8" in verdict.message
+
+
 def test_socket_fallback_fails_when_the_profile_expects_infiniband():
     verdict = doctor.judge_transport(doctor.nccl_transport(SOCKET_LOG), expect_ib=True)
     assert not verdict.ok
@@ -38,6 +48,16 @@ def test_single_node_jobs_have_no_inter_node_transport():
     t = doctor.nccl_transport("NCCL INFO Channel 00 : 0[0] -> 1[1] via SHM/direct/direct\n")
     assert t.inter_node == frozenset() and t.intra_node == {"SHM"}
     assert doctor.judge_transport(t, expect_ib=True).ok
+
+
+def test_a_job_across_nodes_whose_nccl_log_names_no_transport_between_them_fails_where_infiniband_is_expected():
+    reports = [_report(0, backend="nccl", host="n1"), _report(1, backend="nccl", host="n2")]
+    verdicts = doctor.judge(reports, 2, [""], expect_ib=True)
+    assert [v.ok for v in verdicts] == [True, False]
+    assert "no transport between the 2 nodes" in verdicts[-1].message
+    assert doctor.judge(reports, 2, [""], expect_ib=False)[-1].ok
+    one_node = [_report(0, backend="nccl"), _report(1, backend="nccl")]
+    assert doctor.judge(one_node, 2, [""], expect_ib=True)[-1].ok
 
 
 def test_allreduce_of_ones_must_equal_world_size():
@@ -84,3 +104,15 @@ def test_a_damaged_preflight_report_is_left_out_for_judging_to_name_as_missing(t
     (folder / "rank-1.json").write_text(json.dumps({**good, "rank": "1"}))
     (folder / "rank-2.json").write_bytes(b"\xff")
     assert [r.rank for r in read_reports(tmp_path)] == [0]
+
+
+def test_doctor_for_one_rank_is_refused_before_anything_is_written_as_it_has_no_network_to_check(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from hpc.cli import main
+
+    job = tmp_path / "doctor"
+    result = CliRunner().invoke(main, ["doctor", "--executor", "local", "--cluster", "local", "-o", str(job)])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert "one rank" in result.stderr and "--nodes 2" in result.stderr
+    assert not job.exists()

@@ -200,6 +200,15 @@ def test_a_drafted_profile_is_a_valid_profile_that_fits() -> None:
     assert "# account:" in text and "accounting is on" in text and "could not know" in text
 
 
+def test_a_partition_slurm_reports_no_nodes_of_drafts_a_profile_that_loads() -> None:
+    # A partition defined before its nodes (Nodes=(null)), or node records scontrol did not print.
+    empty = partition.cluster_from("PartitionName=debug Nodes=(null) Default=YES State=UP\n", "",
+                                   "ClusterName = odd\n")
+    text = draft(empty, None, "2026-12-07")
+    assert profiles.parse("drafted", yaml.safe_load(text)).max_nodes is None
+    assert "# max_nodes:" in text and "no nodes" in text
+
+
 @pytest.mark.parametrize("here", [True, False])
 def test_a_drafted_cpu_profile_takes_cpu_bf16_from_the_machine_that_drafts_it(here: bool) -> None:
     text = draft(LOCAL, None, "2026-12-01", cpu_bf16_here=here)
@@ -227,23 +236,28 @@ def test_a_drafted_gpu_profile_takes_the_fewest_gpus_and_shares_cpus_among_them(
 def test_profile_init_never_overwrites_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
     out = tmp_path / "site.yaml"
-    out.write_text("mine\n")
+    out.write_text(draft(LOCAL, None, "2026-01-01"))
     refused = CliRunner().invoke(main, ["profile", "init", "-o", str(out)])
-    assert refused.exit_code == 2 and "exists; pass --force" in refused.output and out.read_text() == "mine\n"
+    assert refused.exit_code == 2 and "exists; pass --force" in refused.output and "2026-01-01" in out.read_text()
     forced = CliRunner().invoke(main, ["profile", "init", "-o", str(out), "--force"])
     assert forced.exit_code == 0 and yaml.safe_load(out.read_text())["partition"] == "debug"
+    assert "2026-01-01" not in out.read_text()
 
 
-def test_profile_init_force_replaces_a_link_never_the_file_it_points_to(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_profile_init_force_replaces_only_a_draft_never_a_file_it_did_not_write_nor_a_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    mine = tmp_path / "notes.yaml"
+    mine.write_text("mine\n")
     theirs = tmp_path / "managed.yaml"
-    theirs.write_text("theirs\n")
+    theirs.write_text(draft(LOCAL, None, "2026-01-01"))
     link = tmp_path / "site.yaml"
     link.symlink_to(theirs)
-    forced = CliRunner().invoke(main, ["profile", "init", "-o", str(link), "--force"])
-    assert forced.exit_code == 0 and theirs.read_text() == "theirs\n" and not link.is_symlink()
-    assert yaml.safe_load(link.read_text())["partition"] == "debug"
+    for out in (mine, link):
+        forced = CliRunner().invoke(main, ["profile", "init", "-o", str(out), "--force"])
+        assert forced.exit_code == 2 and len(forced.stderr.splitlines()) == 1, forced.output
+        assert "not a draft of profile init" in forced.stderr
+    assert mine.read_text() == "mine\n" and link.is_symlink() and "2026-01-01" in theirs.read_text()
 
 
 def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,6 +269,21 @@ def test_profile_check_exits_1_listing_the_problems(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(partition, "query", lambda environ: None)
     gone = CliRunner().invoke(main, ["profile", "check", "local"])
     assert gone.exit_code == 2 and "Slurm does not answer here" in gone.output
+
+
+def test_profile_check_names_an_srun_plugin_runtime_the_cluster_does_not_load(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc.commands import profile as profile_command
+
+    monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    site = tmp_path / "site.yaml"
+    site.write_text("extends: local\ncontainer: {runtime: pyxis}\n")
+    monkeypatch.setattr(profile_command, "runtimes_here", lambda cluster: ["charliecloud", "oci"])
+    bad = CliRunner().invoke(main, ["profile", "check", str(site)])
+    assert bad.exit_code == 1 and "  - container.runtime pyxis: Slurm here does not load it" in bad.output
+    assert "(found: charliecloud, oci)" in bad.output
+    monkeypatch.setattr(profile_command, "runtimes_here", lambda cluster: ["pyxis"])
+    assert CliRunner().invoke(main, ["profile", "check", str(site)]).exit_code == 0
 
 
 def test_a_dry_run_for_the_local_executor_shows_the_local_run_unbound_by_the_partition(

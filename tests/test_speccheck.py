@@ -40,3 +40,17 @@ def test_elastic_is_for_every_backend_and_is_said_in_the_rendered_decision() -> 
     assert specs.from_mapping({"job_dir": "/j", "elastic": True}).elastic
     with pytest.raises(specs.SpecError, match="elastic must be true or false"):
         specs.from_mapping({"job_dir": "/j", "elastic": "yes"})
+
+
+def test_the_profiles_container_image_is_held_to_what_container_is_held_to() -> None:
+    import pytest
+
+    from hpc.container import Container
+
+    local = profiles.load("local")
+    for image, words in (("a b", "contains whitespace"), ("img\nc", "newline or control character")):
+        site = replace(local, container=Container("pyxis", image))
+        with pytest.raises(specs.SpecError, match=f"the profile's container.image .* {words}"):
+            check(JobSpec(job_dir="/j", python="python3"), site)
+        with pytest.raises(specs.SpecError, match=f"--container .* {words}"):
+            check(JobSpec(job_dir="/j", python="python3", container=image), site)

@@ -605,6 +605,19 @@ def test_deepspeed_environment_is_made_safe_before_its_import():
     assert chosen == {"DS_ACCELERATOR": "xpu"}
 
 
+@pytest.mark.parametrize("site", [{}, {"NCCL_DEBUG": "WARN", "NCCL_DEBUG_SUBSYS": "COLL",
+                                     "NCCL_DEBUG_FILE": "/scratch/nccl.log"}])
+def test_the_preflight_has_nccl_name_its_transports_where_doctor_reads_whatever_the_profile_exports(tmp_path, site):
+    # example-ib exports NCCL_DEBUG=WARN for its training runs: at that level NCCL names no channel's transport.
+    environ = dict(site)
+    runtime.log_nccl_for_preflight(environ, tmp_path)
+    assert environ["NCCL_DEBUG"] == "INFO" and "NCCL_DEBUG_SUBSYS" not in environ
+    assert environ["NCCL_DEBUG_FILE"] == str(tmp_path / "preflight" / "nccl-%h-%p.log")
+    traced = {"NCCL_DEBUG": "TRACE"}
+    runtime.log_nccl_for_preflight(traced, tmp_path)
+    assert traced["NCCL_DEBUG"] == "TRACE"  # more than INFO, the channel lines included
+
+
 def test_a_cpu_deepspeed_job_joins_its_process_group_without_compiling_the_shm_comm_op(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     import deepspeed.ops

@@ -107,10 +107,15 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
 
 
 def log_nccl_for_preflight(environ: dict, run_dir: Path) -> None:
-    """Have NCCL name its transports in files ``hpcdist doctor`` reads (set before NCCL initialises)."""
+    """Have NCCL name its transports in files ``hpcdist doctor`` reads (set before NCCL initialises).
+
+    Over what the profile exports for training runs: at its NCCL_DEBUG=WARN, or with NCCL_DEBUG_SUBSYS leaving
+    out INIT, NCCL names no channel's transport, and a log elsewhere is one doctor never reads."""
     (run_dir / vocab.PREFLIGHT).mkdir(parents=True, exist_ok=True)
-    environ.setdefault("NCCL_DEBUG", "INFO")
-    environ.setdefault("NCCL_DEBUG_FILE", str(run_dir / vocab.PREFLIGHT / "nccl-%h-%p.log"))
+    if environ.get("NCCL_DEBUG", "").upper() != "TRACE":
+        environ["NCCL_DEBUG"] = "INFO"
+    environ.pop("NCCL_DEBUG_SUBSYS", None)
+    environ["NCCL_DEBUG_FILE"] = str(run_dir / vocab.PREFLIGHT / "nccl-%h-%p.log")
 
 
 def reach_master(env: DistEnv, deadline_s: float) -> None:

@@ -21,6 +21,7 @@ import click
 from hpc import doctor as judging
 from hpc import jobfiles, jobs, logs, profiles, vocab
 from hpc.commands.options import fail, job_options, prepare, submit_or_exit
+from hpc.spec import SpecError
 
 
 def read_reports(run_dir: Path) -> list[judging.RankReport]:
@@ -32,6 +33,13 @@ def read_reports(run_dir: Path) -> list[judging.RankReport]:
         except (TypeError, ValueError):
             continue
     return reports
+
+
+def _two_ranks(rendered: Any) -> None:
+    # One process joins no collective (the trainer's preflight says so and writes no report): nothing to judge.
+    if rendered.spec.world_size < 2:
+        raise SpecError("the job has one rank, so there is no network between ranks to check; ask for --nodes 2 "
+                        "(or --ntasks-per-node 2)")
 
 
 @click.command()
@@ -48,7 +56,7 @@ def doctor(config_file: str | None, executor: str, **options: Any) -> None:
         where = submitting.choose("submitit", executor, jobs.slurm_available(os.environ))
     except ValueError as exc:
         fail("doctor", exc)
-    rendered = prepare("doctor", config_file, **options)
+    rendered = prepare("doctor", config_file, check=_two_ranks, **options)
     spec = rendered.spec
     submitted = submit_or_exit("doctor", rendered, where)
     click.echo(f"preflight job {submitted.record.job_id} ({where}) on {spec.nodes} node(s), "

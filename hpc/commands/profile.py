@@ -17,11 +17,14 @@ from typing import Sequence
 import click
 
 from hpc import container as containers
-from hpc import dsconfig, fileio
+from hpc import dsconfig, fileio, jobfiles
 from hpc import partition as partitions
 from hpc.partition import Cluster, Node, Partition
 from hpc.slurm import grammar
 from hpc.slurm import runner as slurm_runner
+
+# Every draft's first words: what --force looks for before it replaces a file.
+DRAFTED = "# Drafted by `hpcdist profile init`"
 
 
 def _word(value: str) -> str:
@@ -73,7 +76,7 @@ def draft(cluster: Cluster, name: str | None, when: str, cpu_bf16_here: bool | N
     nodes = cluster.nodes_of(part)
     gpus = min((n.gpus for n in nodes), default=0)
     lines = [
-        f"# Drafted by `hpcdist profile init` from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
+        f"{DRAFTED} from Slurm cluster {cluster.name or '(unnamed)'} on {when}.",
         "# Check every value; put the file in /etc/hpcdist/clusters/NAME.yaml (everyone) or",
         "# ~/.config/hpcdist/clusters/NAME.yaml (you), then: hpcdist profile check NAME",
         _nodes_line(part, nodes),
@@ -123,7 +126,10 @@ def _node_lines(part: Partition, nodes: Sequence[Node], gpus: int, cpu_bf16_here
     else:
         lines.append(f"cpus_per_task: 1   # nodes have {cpus} CPU(s); raise it for threaded data loading")
         lines.append(_cpu_bf16_line(cpu_bf16_here))
-    lines.append(f"max_nodes: {max_nodes}" + (f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""))
+    limit = f"   # MaxNodes {part.max_nodes}" if part.max_nodes is not None else ""
+    # A profile's max_nodes is at least 1: 0 would make the draft one that no command loads.
+    lines.append(f"max_nodes: {max_nodes}{limit}" if max_nodes else
+                 "# max_nodes: 1   # could not know: Slurm reports no nodes in this partition")
     return lines
 
 
@@ -162,6 +168,18 @@ def runtimes_here(cluster: Cluster) -> list[str]:
                              os.path.exists(os.path.join(conf_dir, "oci.conf")))
 
 
+def _runtime_problems(box: containers.Container | None, cluster: Cluster) -> list[str]:
+    """An srun plugin runtime (pyxis, oci) that Slurm's own configuration here does not load: every job's step
+    would fail. A runtime run as a command is not judged: a login node's PATH need not be a compute node's."""
+    if box is None or box.starts != "step":
+        return []
+    offered = runtimes_here(cluster)
+    if box.runtime in offered:
+        return []
+    return [f"container.runtime {box.runtime}: Slurm here does not load it (found: {', '.join(offered) or 'none'}); "
+            "set the runtime the site has"]
+
+
 def _cluster_or_exit(command: str) -> Cluster:
     cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
     if cluster is None:
@@ -179,7 +197,7 @@ def profile() -> None:
 @profile.command()
 @click.option("--partition", "-p", "partition_name", help="Partition to describe. [Slurm's default partition]")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write the draft here, not stdout.")
-@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--force", is_flag=True, help="Replace an earlier draft at --output (never another file, nor a link).")
 def init(partition_name: str | None, output: str | None, force: bool) -> None:
     """Print a draft profile (YAML, with comments for what Slurm cannot tell) for one partition."""
     cluster = _cluster_or_exit("init")
@@ -192,9 +210,12 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
+    if force and not _replaceable(Path(output)):
+        click.echo(f"hpcdist profile init: {output} is not a draft of profile init (a link, or a file it did not "
+                   "write), so --force leaves it; move it away or give another -o", err=True)
+        sys.exit(2)
     try:
         if force:
-            # A link at --output (a profile managed elsewhere) is replaced, never written through.
             fileio.atomic_write(Path(output), text)
         else:
             with open(output, "x") as f:
@@ -206,6 +227,17 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
         click.echo(f"hpcdist profile init: cannot write {output}: {exc.strerror}", err=True)
         sys.exit(2)
     click.echo(f"wrote {output}; check it with: hpcdist profile check {output}", err=True)
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether --force may replace ``path``: nothing is there, or a draft (a link, managed elsewhere, is not)."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        with jobfiles.open_regular(path) as f:
+            return f.read(len(DRAFTED)) == DRAFTED.encode()
+    except (jobfiles.Damaged, OSError):
+        return False
 
 
 @profile.command()
@@ -221,7 +253,7 @@ def check(name: str | None) -> None:
         click.echo(f"hpcdist profile check: {exc}", err=True)
         sys.exit(2)
     cluster = _cluster_or_exit("check")
-    found = partitions.problems(prof, cluster)
+    found = partitions.problems(prof, cluster) + _runtime_problems(prof.container, cluster)
     if found:
         click.echo(f"profile {prof.name!r} ({prof.source}) does not fit Slurm cluster {cluster.name or '(unnamed)'}:")
         for problem in found:
