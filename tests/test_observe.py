@@ -214,6 +214,12 @@ def test_the_bar_fits_its_width_and_shows_the_fraction() -> None:
     assert "#" * 10 in text and len(progress.bar(p, width=30)) == 30
 
 
+def test_an_eta_past_the_largest_float_is_unknown_not_a_crash() -> None:
+    far = progress.of({0: monitor.Heartbeat.from_mapping(beat(0, step=1, total_steps=2**62, step_time_s=1e300))})
+    assert progress.line(far) == f"step 1/{2**62} | loss 1.5000 | 160 images/s | ETA ?"
+    assert "ETA ?" in progress.bar(far, width=200)
+
+
 def test_progress_falls_back_to_metrics_without_heartbeats() -> None:
     p = progress.of({}, {"step": 40, "loss": 1.25, "images_per_s": 900.0})
     assert progress.line(p) == "step 40 | loss 1.2500 | 900 images/s"
