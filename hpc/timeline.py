@@ -187,7 +187,8 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     out = []
     for attempt, rank, node in sorted(set(world)):
         if attempt not in bases:  # what every rank of the attempt shares
-            stamps = {k: v for k, v in (slurm[attempt] if attempt < len(slurm) else {}).items() if v is not None}
+            # A damaged heartbeat's attempt -1 is no index from the end: it would take the newest row as its own.
+            stamps = {k: v for k, v in (slurm[attempt] if 0 <= attempt < len(slurm) else {}).items() if v is not None}
             if attempt == 0 and submitted is not None:
                 stamps.setdefault("submitted", submitted)
             bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}

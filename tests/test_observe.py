@@ -346,6 +346,13 @@ def test_assemble_takes_each_ranks_task_stamps_and_marks_per_attempt() -> None:
     assert "attempt 0" in text and "attempt 1" in text and "slowest: rank 1 on n1" in text
 
 
+def test_an_attempt_below_zero_takes_no_accounting_row() -> None:
+    marks = {(-1, 0): {"process_start": 8.0, "first_step_done": 20.0}}
+    for slurm in ([], [{"submitted": 1.0, "started": 4.0}]):
+        falls = timeline.assemble([(-1, 0, "n1")], {0: 0}, {}, marks, slurm, submitted=None)
+        assert [(w.attempt, w.first, w.wall_s) for w in falls] == [(-1, "process_start", 12.0)]
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 def hb(t: float, phase: str, step: int, attempt: int = 0) -> monitor.Heartbeat:
