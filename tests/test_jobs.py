@@ -279,6 +279,20 @@ def test_log_files_in_task_order_then_batch(tmp_path):
     assert job_logs.log_files(record, rank=2) == [logs / "task-2.log"]
 
 
+def test_a_logs_folder_that_is_a_link_is_refused_never_listed_or_read_through(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("id_rsa", "task-0.log"):
+        (elsewhere / name).write_text("not the job's\n")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "logs").symlink_to(elsewhere)
+    record = rec("7", str(job_dir), nodes=1, world_size=1)
+    for rank in (None, 0):
+        with pytest.raises(registry.JobError, match="logs is a symbolic link"):
+            job_logs.log_files(record, rank)
+
+
 def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(tmp_path):
     calls = []
     (tmp_path / "logs").mkdir()
