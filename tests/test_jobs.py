@@ -269,6 +269,12 @@ def test_failing_task_from_local_statuses():
     assert job_logs.failing_task("", {0: 0}) is None
 
 
+def test_a_local_exit_status_that_is_no_ascii_count_is_no_status_not_a_crash():
+    for text in ("\u00b2\n", "--1\n", "1_0\n"):
+        files = {"5_0_exit": text, "5_1_exit": "0\n"}
+        assert jobs.local_outcome("5", 2, files, running=False) == jobs.JobState("5", "FAILED", None), text
+
+
 def test_log_files_in_task_order_then_batch(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

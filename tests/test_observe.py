@@ -346,6 +346,20 @@ def test_assemble_takes_each_ranks_task_stamps_and_marks_per_attempt() -> None:
     assert "attempt 0" in text and "attempt 1" in text and "slowest: rank 1 on n1" in text
 
 
+def test_stamp_and_history_names_count_in_ascii_digits_alone(tmp_path: Path) -> None:
+    attempt = tmp_path / "timeline" / "attempt-0"
+    for name in ("attempt-0", "attempt-\u00b2", "attempt--1", "attempt-1_0"):
+        (tmp_path / "timeline" / name).mkdir(parents=True)
+        (tmp_path / "timeline" / name / "task-0").write_text("task_start 7\n")
+    for name in ("task-\u00b2", "task-1_0", "task--1"):
+        (attempt / name).write_text("task_start 8\n")
+    assert timeline.read_shell_stamps(tmp_path) == {0: {"batch": {}, "tasks": {0: {"task_start": 7.0}}}}
+    beatfile.folder(tmp_path).mkdir()
+    for name in ("node-0.jsonl", "node-\u00b2.jsonl", "node-1_0.jsonl"):
+        (beatfile.folder(tmp_path) / name).write_text("")
+    assert list(beatfile.history_files(tmp_path, nodes=(0, 2, 10))) == ["node-0.json"]
+
+
 def test_an_attempt_below_zero_takes_no_accounting_row() -> None:
     marks = {(-1, 0): {"process_start": 8.0, "first_step_done": 20.0}}
     for slurm in ([], [{"submitted": 1.0, "started": 4.0}]):
