@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import multiprocessing
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,9 @@ class Painter:
 def _paint(conn: Any, parents: Any, folder: Path) -> None:
     # The parent's end came with the fork: closed here, the parent closing its own is an end of input.
     parents.close()
-    fileio.pyplot()  # the half second this process exists to spend early
+    plt = fileio.pyplot()  # the half second this process exists to spend early
+    # numpy's overflow warnings from such values (below) tell a reader of the report nothing to act on.
+    warnings.simplefilter("ignore", RuntimeWarning)
 
     drawn: dict[str, dict[str, Any]] = {}
     failed: BaseException | None = None
@@ -172,6 +175,10 @@ def _paint(conn: Any, parents: Any, folder: Path) -> None:
             try:
                 if failed is None and (done := draw_chart(folder, name, data)) is not None:
                     drawn[name] = done
+            except ValueError:
+                # Values matplotlib cannot place (a rank's 1e308 beside another's -1e308: their span is past the
+                # largest float): that chart is left out, as one with nothing to draw, and the rest still drawn.
+                plt.close("all")
             except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
                 failed = exc
         if failed is None and drawn:

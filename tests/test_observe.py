@@ -586,6 +586,17 @@ def test_a_report_folder_that_cannot_be_made_is_named_with_what_to_give_instead(
         "that exists and that you may write\n")
 
 
+def test_a_chart_matplotlib_cannot_place_is_left_out_and_the_report_still_written(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    (Path(record.job_dir) / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1e308}\n'
+                                                              '{"step": 2, "loss": -1e308}\n')
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    folder = Path(record.job_dir) / "report"
+    assert "loss curve: no data" in (folder / "report.html").read_text() and not (folder / "loss.png").exists()
+    assert (folder / "rate.png").is_file() and (folder / "overview.png").is_file()
+
+
 def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
     record = _finished_job(tmp_path)
     other = tmp_path / "other"
