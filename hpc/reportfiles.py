@@ -11,9 +11,11 @@ in a child process forked first, each chart sent to it as soon as its data is re
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import multiprocessing
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +28,11 @@ from hpc.telemetry import attempts_of, run_dir, stragglers_of, waterfalls
 
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
-    fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
+    fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read; a
+    directory where a file of the report goes (no rename replaces one) fails here, before anything is written."""
+    for name in ("report.html", "goodput.json", "overview.png", *(f"{c}.{e}" for c in CHARTS for e in ("png", "json"))):
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(folder / name))
     with Painter(folder) as painter, ThreadPoolExecutor(1) as asking:
         # Slurm is asked (sacct's attempt times, once for the waterfalls and the goodput; the job's state) while
         # the heartbeats are read: a tenth of a second each, spent waiting on another process.

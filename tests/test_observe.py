@@ -597,6 +597,18 @@ def test_a_chart_matplotlib_cannot_place_is_left_out_and_the_report_still_writte
     assert (folder / "rate.png").is_file() and (folder / "overview.png").is_file()
 
 
+@pytest.mark.parametrize("name", ["report.html", "goodput.json", "loss.png"])
+def test_a_folder_where_a_report_file_goes_is_named_in_one_line_before_anything_is_written(tmp_path: Path,
+                                                                                        name: str) -> None:
+    record = _finished_job(tmp_path)
+    folder = Path(record.job_dir) / "report"
+    (folder / name).mkdir(parents=True)
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"{name}: Is a directory" in proc.stderr
+    assert [p.name for p in folder.iterdir()] == [name]
+
+
 def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:
     record = _finished_job(tmp_path)
     other = tmp_path / "other"
