@@ -184,7 +184,7 @@ def history_files(run_dir: Path, nodes: Any = None) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for path in sorted(jobfiles.folder(folder(run_dir), "node-*.jsonl"), key=lambda p: p.name):  # one folder
         number = path.name[len("node-"):-len(".jsonl")]
-        if nodes is None or (number.isdigit() and int(number) in nodes):
+        if nodes is None or jobfiles.count(number) in nodes:
             out[path.stem + ".json"] = [p for p in (path.with_name(path.name + ".1"), path) if p.is_file()]
     return out
 

@@ -101,6 +101,12 @@ def _int64(text: str) -> int | None:
     return value if -(2**63) <= value < 2**63 else None
 
 
+def count(text: str) -> int | None:
+    """``text`` as a count (ASCII digits, at most nine), else None: str.isdigit() also passes "²", which int()
+    refuses, int() itself takes "1_0" and "٣", and a count of thousands of digits int() refuses too."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+
+
 def depth(value: Any) -> int:
     """How deeply lists and mappings nest in ``value`` (a scalar is 0); iterative, so no depth can overflow."""
     deepest, stack = 0, [(value, 1)]

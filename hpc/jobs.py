@@ -163,7 +163,7 @@ def local_outcome(job_id: str, ntasks: int, files: Mapping[str, str], running: b
     if f"{job_id}_cancelled" in files:
         return JobState(job_id, "CANCELLED")
     texts = [files.get(f"{job_id}_{index}_exit", "").strip() for index in range(ntasks)]
-    codes = [int(text) if text.lstrip("-").isdigit() else None for text in texts]
+    codes = [jobfiles.count(text) for text in texts]  # hpc.task writes 0-255; anything else is no status
     first = failing_task("", {i: c for i, c in enumerate(codes) if c is not None})
     if first is not None:
         return JobState(job_id, "FAILED", codes[first])

@@ -13,18 +13,20 @@ from hpc.registry import JobError, Record
 
 
 def log_files(record: Record, rank: int | None = None) -> list[Path]:
-    """The job's logs: every task's (in task order) and the batch script's, or the one holding ``rank``."""
+    """The job's logs: every task's (in task order) and the batch script's, or the one holding ``rank``. JobError
+    for a logs/ that is a symbolic link: anyone who can write the job directory could point it at any folder."""
     logs = Path(record.job_dir) / vocab.LOGS_DIR
+    if logs.is_symlink():
+        raise JobError(f"{ascii(str(logs))[1:-1]} is a symbolic link; hpcdist reads a job's logs only inside its "
+                       "directory: remove the link")
     if rank is not None:
         return [Path(record.job_dir) / vocab.task_log(task_of(record, rank))]
-    if not logs.is_dir():
-        return []
 
     def order(path: Path) -> tuple[int, int, str]:
         m = re.fullmatch(r"task-(\d+)\.log", path.name)
         return (0, int(m.group(1)), "") if m else (1, 0, path.name)
 
-    return sorted((p for p in logs.iterdir() if p.is_file()), key=order)
+    return sorted((p for p in jobfiles.folder(logs) if p.is_file()), key=order)
 
 
 def task_of(record: Record, rank: int) -> int:

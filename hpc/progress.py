@@ -75,8 +75,8 @@ def _num(value: Any) -> float | None:
 
 
 def duration(seconds: float | None) -> str:
-    """``42s``, ``3m05s``, ``1h02m``; ``?`` when unknown."""
-    if seconds is None or math.isnan(seconds):
+    """``42s``, ``3m05s``, ``1h02m``; ``?`` when unknown (or past any float: a step time of 1e300 s)."""
+    if seconds is None or not math.isfinite(seconds):
         return "?"
     s = max(int(round(seconds)), 0)
     if s < 60:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from hpc import nodelist, shown
+from hpc import jobfiles, nodelist, shown
 
 # Each source is a table from torch's names to the environment variables that carry them.
 TORCHRUN = {
@@ -344,7 +344,5 @@ def attempt_of(environ: Mapping[str, str]) -> int:
 
 
 def count_of(environ: Mapping[str, str], name: str) -> int | None:
-    """A count a variable holds (ASCII digits, at most nine), else None: str.isdigit() also passes "²", which
-    int() refuses, and a count of thousands of digits, which int() refuses too."""
-    value = environ.get(name) or ""
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None
+    """The count a variable holds (jobfiles.count), else None."""
+    return jobfiles.count(environ.get(name) or "")

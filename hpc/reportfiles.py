@@ -11,9 +11,12 @@ in a child process forked first, each chart sent to it as soon as its data is re
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import multiprocessing
+import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,11 @@ from hpc.telemetry import attempts_of, run_dir, stragglers_of, waterfalls
 
 def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     """Fill ``folder`` with the job's report; returns its goodput. The caller makes ``folder`` (with
-    fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read."""
+    fileio.folder, which refuses a link) so that a folder it cannot use fails before anything is read; a
+    directory where a file of the report goes (no rename replaces one) fails here, before anything is written."""
+    for name in ("report.html", "goodput.json", "overview.png", *(f"{c}.{e}" for c in CHARTS for e in ("png", "json"))):
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(folder / name))
     with Painter(folder) as painter, ThreadPoolExecutor(1) as asking:
         # Slurm is asked (sacct's attempt times, once for the waterfalls and the goodput; the job's state) while
         # the heartbeats are read: a tenth of a second each, spent waiting on another process.
@@ -162,7 +169,9 @@ class Painter:
 def _paint(conn: Any, parents: Any, folder: Path) -> None:
     # The parent's end came with the fork: closed here, the parent closing its own is an end of input.
     parents.close()
-    fileio.pyplot()  # the half second this process exists to spend early
+    plt = fileio.pyplot()  # the half second this process exists to spend early
+    # numpy's overflow warnings from such values (below) tell a reader of the report nothing to act on.
+    warnings.simplefilter("ignore", RuntimeWarning)
 
     drawn: dict[str, dict[str, Any]] = {}
     failed: BaseException | None = None
@@ -172,6 +181,10 @@ def _paint(conn: Any, parents: Any, folder: Path) -> None:
             try:
                 if failed is None and (done := draw_chart(folder, name, data)) is not None:
                     drawn[name] = done
+            except ValueError:
+                # Values matplotlib cannot place (a rank's 1e308 beside another's -1e308: their span is past the
+                # largest float): that chart is left out, as one with nothing to draw, and the rest still drawn.
+                plt.close("all")
             except Exception as exc:  # noqa: BLE001 - any failure is the parent's to report
                 failed = exc
         if failed is None and drawn:

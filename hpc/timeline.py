@@ -145,9 +145,8 @@ def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     root = Path(run_dir) / vocab.TIMELINE
     for folder in sorted(jobfiles.folder(root, "attempt-*")):
-        try:
-            attempt = int(folder.name.split("-", 1)[1])
-        except ValueError:
+        attempt = jobfiles.count(folder.name.split("-", 1)[1])
+        if attempt is None:
             continue
         entry: dict[str, Any] = {"batch": {}, "tasks": {}}
         for path in jobfiles.folder(folder):
@@ -157,8 +156,8 @@ def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
                 continue
             if path.name == "batch":
                 entry["batch"] = stamps
-            elif path.name.startswith("task-") and path.name[5:].isdigit():
-                entry["tasks"][int(path.name[5:])] = stamps
+            elif path.name.startswith("task-") and (task := jobfiles.count(path.name[5:])) is not None:
+                entry["tasks"][task] = stamps
         out[attempt] = entry
     return out
 
@@ -187,7 +186,8 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     out = []
     for attempt, rank, node in sorted(set(world)):
         if attempt not in bases:  # what every rank of the attempt shares
-            stamps = {k: v for k, v in (slurm[attempt] if attempt < len(slurm) else {}).items() if v is not None}
+            # A damaged heartbeat's attempt -1 is no index from the end: it would take the newest row as its own.
+            stamps = {k: v for k, v in (slurm[attempt] if 0 <= attempt < len(slurm) else {}).items() if v is not None}
             if attempt == 0 and submitted is not None:
                 stamps.setdefault("submitted", submitted)
             bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}

@@ -269,6 +269,12 @@ def test_failing_task_from_local_statuses():
     assert job_logs.failing_task("", {0: 0}) is None
 
 
+def test_a_local_exit_status_that_is_no_ascii_count_is_no_status_not_a_crash():
+    for text in ("\u00b2\n", "--1\n", "1_0\n"):
+        files = {"5_0_exit": text, "5_1_exit": "0\n"}
+        assert jobs.local_outcome("5", 2, files, running=False) == jobs.JobState("5", "FAILED", None), text
+
+
 def test_log_files_in_task_order_then_batch(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -277,6 +283,20 @@ def test_log_files_in_task_order_then_batch(tmp_path):
     record = rec("7", str(tmp_path), nodes=11, world_size=11)
     assert [p.name for p in job_logs.log_files(record)] == ["task-0.log", "task-2.log", "task-10.log", "batch-7.out"]
     assert job_logs.log_files(record, rank=2) == [logs / "task-2.log"]
+
+
+def test_a_logs_folder_that_is_a_link_is_refused_never_listed_or_read_through(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("id_rsa", "task-0.log"):
+        (elsewhere / name).write_text("not the job's\n")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "logs").symlink_to(elsewhere)
+    record = rec("7", str(job_dir), nodes=1, world_size=1)
+    for rank in (None, 0):
+        with pytest.raises(registry.JobError, match="logs is a symbolic link"):
+            job_logs.log_files(record, rank)
 
 
 def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(tmp_path):

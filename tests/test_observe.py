@@ -214,6 +214,12 @@ def test_the_bar_fits_its_width_and_shows_the_fraction() -> None:
     assert "#" * 10 in text and len(progress.bar(p, width=30)) == 30
 
 
+def test_an_eta_past_the_largest_float_is_unknown_not_a_crash() -> None:
+    far = progress.of({0: monitor.Heartbeat.from_mapping(beat(0, step=1, total_steps=2**62, step_time_s=1e300))})
+    assert progress.line(far) == f"step 1/{2**62} | loss 1.5000 | 160 images/s | ETA ?"
+    assert "ETA ?" in progress.bar(far, width=200)
+
+
 def test_progress_falls_back_to_metrics_without_heartbeats() -> None:
     p = progress.of({}, {"step": 40, "loss": 1.25, "images_per_s": 900.0})
     assert progress.line(p) == "step 40 | loss 1.2500 | 900 images/s"
@@ -338,6 +344,27 @@ def test_assemble_takes_each_ranks_task_stamps_and_marks_per_attempt() -> None:
     assert (worst.rank, worst.slowest.name, worst.slowest.seconds) == (1, "first step", 12.5)
     text = timeline.table(falls)
     assert "attempt 0" in text and "attempt 1" in text and "slowest: rank 1 on n1" in text
+
+
+def test_stamp_and_history_names_count_in_ascii_digits_alone(tmp_path: Path) -> None:
+    attempt = tmp_path / "timeline" / "attempt-0"
+    for name in ("attempt-0", "attempt-\u00b2", "attempt--1", "attempt-1_0"):
+        (tmp_path / "timeline" / name).mkdir(parents=True)
+        (tmp_path / "timeline" / name / "task-0").write_text("task_start 7\n")
+    for name in ("task-\u00b2", "task-1_0", "task--1"):
+        (attempt / name).write_text("task_start 8\n")
+    assert timeline.read_shell_stamps(tmp_path) == {0: {"batch": {}, "tasks": {0: {"task_start": 7.0}}}}
+    beatfile.folder(tmp_path).mkdir()
+    for name in ("node-0.jsonl", "node-\u00b2.jsonl", "node-1_0.jsonl"):
+        (beatfile.folder(tmp_path) / name).write_text("")
+    assert list(beatfile.history_files(tmp_path, nodes=(0, 2, 10))) == ["node-0.json"]
+
+
+def test_an_attempt_below_zero_takes_no_accounting_row() -> None:
+    marks = {(-1, 0): {"process_start": 8.0, "first_step_done": 20.0}}
+    for slurm in ([], [{"submitted": 1.0, "started": 4.0}]):
+        falls = timeline.assemble([(-1, 0, "n1")], {0: 0}, {}, marks, slurm, submitted=None)
+        assert [(w.attempt, w.first, w.wall_s) for w in falls] == [(-1, "process_start", 12.0)]
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -557,6 +584,29 @@ def test_a_report_folder_that_cannot_be_made_is_named_with_what_to_give_instead(
     assert proc.returncode == 2 and proc.stderr == (
         f"hpcdist report: cannot make the report folder {out}: No such file or directory; give an --out in a folder "
         "that exists and that you may write\n")
+
+
+def test_a_chart_matplotlib_cannot_place_is_left_out_and_the_report_still_written(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    (Path(record.job_dir) / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1e308}\n'
+                                                              '{"step": 2, "loss": -1e308}\n')
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    folder = Path(record.job_dir) / "report"
+    assert "loss curve: no data" in (folder / "report.html").read_text() and not (folder / "loss.png").exists()
+    assert (folder / "rate.png").is_file() and (folder / "overview.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["report.html", "goodput.json", "loss.png"])
+def test_a_folder_where_a_report_file_goes_is_named_in_one_line_before_anything_is_written(tmp_path: Path,
+                                                                                        name: str) -> None:
+    record = _finished_job(tmp_path)
+    folder = Path(record.job_dir) / "report"
+    (folder / name).mkdir(parents=True)
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"{name}: Is a directory" in proc.stderr
+    assert [p.name for p in folder.iterdir()] == [name]
 
 
 def test_a_marker_naming_another_directory_is_foreign(tmp_path: Path) -> None:

@@ -106,6 +106,10 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     except OSError as exc:
         fail("report", OSError(f"cannot make the report folder {out}: {exc.strerror or exc}; give an --out in a "
                                "folder that exists and that you may write"))
-    good = reportfiles.write(folder, record)
+    try:
+        good = reportfiles.write(folder, record)
+    except OSError as exc:  # a folder or a link where a file of the report goes, no space, ...
+        fail("report", OSError(f"cannot write {exc.filename2 or exc.filename or folder}: {exc.strerror or exc}; "
+                               "move it away, or give another --out"))
     shares = ", ".join(f"{c} {good['share'][c] * 100:.0f}%" for c in report.CATEGORIES)
     click.echo(f"report: {folder / 'report.html'}  (goodput: {shares}; {good['redone_steps']} steps recomputed)")

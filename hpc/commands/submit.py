@@ -226,7 +226,10 @@ def logs(job: str, rank: int | None, follow: bool) -> None:
     offsets: dict[Path, int] = {}
 
     def print_new(*_: Any) -> None:
-        shown = job_logs.log_files(record) if rank is None else paths
+        try:  # listed again each time: logs/ may have become a link since
+            shown = job_logs.log_files(record, rank)
+        except registry.JobError as exc:
+            fail("logs", exc)
         for path in shown:
             offsets[path] = _print_new(path, offsets.get(path, 0), prefix=len(shown) > 1)
 
