@@ -15,10 +15,7 @@ from hpc.registry import JobError, Record
 def log_files(record: Record, rank: int | None = None) -> list[Path]:
     """The job's logs: every task's (in task order) and the batch script's, or the one holding ``rank``. JobError
     for a logs/ that is a symbolic link: anyone who can write the job directory could point it at any folder."""
-    logs = Path(record.job_dir) / vocab.LOGS_DIR
-    if logs.is_symlink():
-        raise JobError(f"{ascii(str(logs))[1:-1]} is a symbolic link; hpcdist reads a job's logs only inside its "
-                       "directory: remove the link")
+    logs = _own_logs(record)
     if rank is not None:
         return [Path(record.job_dir) / vocab.task_log(task_of(record, rank))]
 
@@ -27,6 +24,15 @@ def log_files(record: Record, rank: int | None = None) -> list[Path]:
         return (0, int(m.group(1)), "") if m else (1, 0, path.name)
 
     return sorted((p for p in jobfiles.folder(logs) if p.is_file()), key=order)
+
+
+def _own_logs(record: Record) -> Path:
+    """The job's logs/ folder; JobError where it is a link, whose files would be read from wherever it points."""
+    logs = Path(record.job_dir) / vocab.LOGS_DIR
+    if logs.is_symlink():
+        raise JobError(f"{ascii(str(logs))[1:-1]} is a symbolic link; hpcdist reads a job's logs only inside its "
+                       "directory: remove the link")
+    return logs
 
 
 def task_of(record: Record, rank: int) -> int:
@@ -67,6 +73,10 @@ def failure_report(record: Record, lines: int = 40) -> str:
     from hpc.failures import record as records
     from hpc.failures.evidence import attempt_segment, task_ends
 
+    try:
+        _own_logs(record)
+    except JobError as exc:
+        return f"hpcdist: {exc}"
     batch = Path(record.job_dir) / vocab.batch_log(record.job_id)
     batch_text = tail(batch, 400)
     codes = {}

@@ -297,6 +297,9 @@ def test_a_logs_folder_that_is_a_link_is_refused_never_listed_or_read_through(tm
     for rank in (None, 0):
         with pytest.raises(registry.JobError, match="logs is a symbolic link"):
             job_logs.log_files(record, rank)
+    # Nor does the failure report that submit --wait and doctor print read the tails there.
+    report = job_logs.failure_report(record)
+    assert "logs is a symbolic link" in report and "not the job's" not in report
 
 
 def test_cancel_scancels_the_job_and_logs_are_its_task_logs_then_the_batch_log(tmp_path):
