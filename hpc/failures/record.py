@@ -71,9 +71,11 @@ def append(job_dir: Path, line: Mapping[str, Any]) -> bool:
     with os.fdopen(fd, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
-        if any(a["attempt"] == line["attempt"] for a in parse_attempts(f.read())):
+        text = f.read()
+        if any(a["attempt"] == line["attempt"] for a in parse_attempts(text)):
             return False
-        f.write(json.dumps(dict(line), sort_keys=False) + "\n")
+        # A line cut short (a full disk, a killed writer) has no newline: this one must not join it.
+        f.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(dict(line), sort_keys=False) + "\n")
         f.flush()
     return True
 
