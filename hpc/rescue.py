@@ -25,10 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from hpc import jobdir, monitor, registry, runfiles, vocab
+from hpc import jobdir, jobfiles, monitor, registry, runfiles, vocab, yamlfile
 from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
-from hpc.failures.policy import Decision, excluded_so_far
+from hpc.failures.policy import Policy, decide
 from hpc.failures.rules import Ending
 from hpc.follow import Pace
 from hpc.job import Job, Poll
@@ -36,6 +36,7 @@ from hpc.jobs import JobState
 from hpc.monitor import Heartbeat
 from hpc.slurm import commands, parse
 from hpc.slurm.runner import SlurmError
+from hpc.spec import JobSpec
 
 # Every heartbeat of the attempt this long silent, with the batch host's slurmd not answering, is a dead
 # batch host (the ranks' own verdict, lost.json, comes sooner when a node of the job survives).
@@ -69,16 +70,18 @@ def resubmit_options(record: registry.Record, excluded: list[str]) -> list[str]:
 
 def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
              clock: Callable[[], float] = time.time) -> registry.Record | None:
-    """Record the lost attempt, cancel the old job and submit job.sbatch again without ``host`` (and the nodes
-    excluded before); the new job's record, registered, or None when Slurm refused it (said in the line)."""
+    """Record the lost attempt, cancel the old job and, within the job's --max-retries, submit job.sbatch again
+    without ``host`` (and the nodes excluded before); the new job's record, registered, or None when no retry is
+    left or Slurm refused it (said in the line)."""
     job_dir = Path(record.job_dir)
     history = records.load(job_dir)
     beats = [b.attempt for b in monitor.read_heartbeats(job_dir / vocab.RUN_DIR).values()]
     number = max([*beats, *(a["attempt"] + 1 for a in history), 0])
-    excluded = sorted(excluded_so_far(history) | {host})
     commands.scancel([record.job_id])
     ending = Ending("node_failure", f"the batch host {host} was lost: its ranks went silent and its "
                                     "slurmd does not answer", node=host, step=checkpoint_in(job_dir / vocab.RUN_DIR))
+    decision = decide(ending, history, Policy(max_retries=max_retries(job_dir), nodes=record.nodes), {},
+                      unanswered=True)
 
     # The ranks' verdict was acted on: the new job's batch shell must not end its own step on it. Only in a
     # directory hpcdist wrote (its marker): never a file of the same name somewhere else.
@@ -86,16 +89,25 @@ def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
         (job_dir / vocab.RUN_DIR / vocab.LOST).unlink(missing_ok=True)
     new: registry.Record | None = None
     try:
-        new = submit_again(record, excluded, environ)
+        new = submit_again(record, decision.excluded, environ) if decision.action == "resubmit" else None
     except SlurmError as exc:
-        decision = Decision("none", tuple(excluded), f"could not submit it again: {exc}")
+        decision = replace(decision, action="none", reason=f"could not submit it again: {exc}")
     else:
-        decision = Decision("resubmit", tuple(excluded),
-                            f"resubmitted as job {new.job_id} without {', '.join(excluded)}")
+        decision = replace(decision, reason=f"{decision.reason}: job {new.job_id}") if new else decision
     ended = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(clock()))
     records.append(job_dir, records.record(ending, decision, attempt=number, job_id=record.job_id, started="",
                                            ended=ended, source="waiter"))
     return new
+
+
+def max_retries(job_dir: Path) -> int:
+    """The job's --max-retries, from the spec.yaml render wrote; the default where that cannot be read."""
+    try:
+        spec = yamlfile.load(Path(job_dir) / vocab.SPEC_YAML, "the job's spec.yaml", follow=False)
+    except yamlfile.YamlError:
+        spec = None
+    value = spec.get("max_retries") if isinstance(spec, dict) else None
+    return value if jobfiles.is_a(value, int) and value >= 0 else JobSpec.max_retries
 
 
 def submit_again(record: registry.Record, excluded: Sequence[str], environ: Mapping[str, str]) -> registry.Record:

@@ -2,7 +2,7 @@
 
     python scripts/capture-failure.py JOB_DIR NAME --attempt 0 [--expect ending=rank_crashed]
 
-Copies that attempt's part of the batch log, the tails of the task logs and the ranks' errors/ of that attempt,
+Copies that attempt's part of the batch log and of the task logs (their tails), the ranks' errors/ of that attempt,
 and writes case.json: the context the batch shell saw when it classified the attempt (Slurm's view, hang.json,
 lost.json: its attempts.jsonl line keeps it), what it classified it as (`recorded`), and what the test expects
 (`expect`: the recorded ending with its rank and node, or the --expect given). scripts/drill-matrix.py
@@ -40,7 +40,7 @@ def capture(job_dir: Path, out: Path, attempt: int, expect: dict | None = None) 
     # Without the classifier's own "attempt N ended" line: the batch shell had not printed it yet.
     (out / "batch.out").write_text(attempt_segment(batch, attempt).split(f"hpcdist: attempt {attempt} ended")[0])
     for log in sorted((job_dir / LOGS_DIR).glob("task-*.log")):
-        tail = log.read_text(errors="replace").splitlines()[-TASK_LOG_LINES:]
+        tail = attempt_segment(log.read_text(errors="replace"), attempt).splitlines()[-TASK_LOG_LINES:]
         (out / log.name).write_text("\n".join(tail) + "\n")
     run_dir = job_dir / RUN_DIR
     for err in runfiles.read_errors(run_dir):

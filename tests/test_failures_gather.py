@@ -203,3 +203,36 @@ def test_a_node_the_ranks_saw_die_unseen_by_slurm_is_left_through_a_new_job_the_
                                  allocation=["n1", "n2"], resubmit=refused)
     assert line["action"] == "retry" and line["reason"].endswith(
         "not submitted again (sbatch refused the job: QOSMaxSubmitJobPerUserLimit): requeued instead")
+
+
+def test_an_attempt_is_judged_by_its_own_part_of_each_task_log_which_every_attempt_appends_to(tmp_path):
+    """srun appends every attempt's output to logs/task-T.log: attempt 1, preempted at step 30, was recorded as
+    stopped at step 11 (attempt 0's stop), and a torchrun agent that failed without a root cause was taken for
+    attempt 0's rank killed by SIGKILL, and relaunched again. Each task marks where its attempt begins."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stop = "stopped by SIGUSR1 at step {}: checkpoint written by all ranks; exit 75, rerun with --resume\n"
+    (logs / "task-0.log").write_text("hpcdist: attempt 0 started on n1 at T\n" + stop.format(11)
+                                     + "hpcdist: attempt 1 started on n1 at T\n" + stop.format(30))
+    (logs / "batch-7.out").write_text("hpcdist: attempt 1 started on n1 at T\n"
+                                      "srun: error: n1: task 0: Exited with exit code 75\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preempted").write_text("30\n")
+
+    def nothing(argv):
+        return subprocess.CompletedProcess(argv, 1, "", "")  # a Slurm that knows nothing
+    line, _ = gather.end_attempt(tmp_path, "7", 1, 75, Policy(), 1, 1, runner=nothing)
+    assert (line["ending"], line["step"], line["detail"]) == (
+        "preempted", 30, "every rank checkpointed at step 30 after SIGUSR1")
+
+    root_cause = ("hpcdist: attempt 0 started on n2 at T\nChildFailedError:\nRoot Cause (first observed failure):\n"
+                  "  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n")
+    (logs / "task-1.log").write_text(root_cause + "hpcdist: attempt 1 started on n2 at T\n"
+                                     "torch.distributed.elastic.rendezvous.api.RendezvousClosedError\n")
+    (logs / "task-0.log").write_text("hpcdist: attempt 0 started on n1 at T\n")  # no part in attempt 1: relaunched
+    (logs / "batch-7.out").write_text("hpcdist: attempt 1 started on n1 at T\n"  # on n2 alone (--elastic)
+                                      "srun: error: n2: task 1: Exited with exit code 1\n")
+    (tmp_path / "run" / "preempted").unlink()
+    ev, _, _ = gather.gather(tmp_path, "7", 1, 1, 2, 2, runner=nothing, launcher="torchrun")
+    assert ev.task_logs[0] == "" and "Root Cause" not in ev.task_logs[1]
+    assert rules.classify(ev).ending != "rank_crashed"

@@ -75,12 +75,38 @@ def test_a_resubmission_cancels_the_old_job_records_the_attempt_and_registers_th
     line = json.loads((job_dir / "attempts.jsonl").read_text().splitlines()[-1])
     assert (line["attempt"], line["ending"], line["node"], line["action"], line["source"]) == (
         1, "node_failure", "n1", "resubmit", "waiter")
-    assert line["reason"] == "resubmitted as job 8 without n1, n3"
+    assert line["reason"] == ("retry 2 of 2 through the queue as a new job without n1, n3 from the start "
+                              "(no checkpoint) (requeued, it would wait until Slurm declares n1 down): job 8")
     # The ranks' verdict was acted on; the registry and the job's own marker name the new job.
     assert not (job_dir / "run" / "lost.json").exists()
     assert registry.lookup("8", {"HPCDIST_HOME": str(tmp_path / "home")}).previous == "7"
     assert json.loads((job_dir / "submitted.json").read_text())["job_id"] == "8"
     assert Path(new.job_dir) == job_dir
+
+
+def test_a_waiter_submits_a_run_whose_batch_host_died_again_only_within_its_max_retries(tmp_path, monkeypatch):
+    """Each dead batch host was resubmitted whatever the budget: a job whose every batch host dies (it takes its
+    node down) went on as new job after new job, one node fewer each time, past --max-retries."""
+    job_dir = tmp_path / "job"
+    (job_dir / "run").mkdir(parents=True)
+    (job_dir / "job.sbatch").write_text("#!/bin/bash\n")
+    (job_dir / "spec.yaml").write_text("nodes: 2\nmax_retries: 2\n")
+    (job_dir / "attempts.jsonl").write_text("".join(json.dumps(
+        {"attempt": a, "job_id": job, "started": "", "ended": "", "ending": "node_failure", "node": node,
+         "action": "resubmit", "excluded": excluded, "source": "waiter"}) + "\n"
+        for a, job, node, excluded in ((0, "7", "n1", ["n1"]), (1, "8", "n2", ["n1", "n2"]))))
+    calls = []
+    monkeypatch.setattr(rescue.commands, "scancel", lambda ids: calls.append(("scancel", *ids)) or True)
+    monkeypatch.setattr(rescue.commands, "sbatch", lambda script, options=(), env=None: calls.append("sbatch") or "10")
+    record = registry.Record(job_id="9", job_dir=str(job_dir), via="sbatch", submitted="then", nodes=2)
+    assert rescue.resubmit(record, "n3", {"HPCDIST_HOME": str(tmp_path / "home")}) is None
+    assert calls == [("scancel", "9")]  # cancelled, so that Slurm does not requeue it either
+    line = json.loads((job_dir / "attempts.jsonl").read_text().splitlines()[-1])
+    assert (line["attempt"], line["node"], line["action"]) == (2, "n3", "none")
+    assert line["reason"] == "the job has used its 2 retry(ies) (--max-retries)"
+    (job_dir / "spec.yaml").write_text("nodes: 2\nmax_retries: 3\n")
+    record = registry.Record(job_id="11", job_dir=str(job_dir), via="sbatch", submitted="then", nodes=2)
+    assert rescue.resubmit(record, "n4", {"HPCDIST_HOME": str(tmp_path / "home")}).job_id == "10"
 
 
 class FakeJob:

@@ -475,7 +475,9 @@ def test_the_batch_host_killed_while_submit_wait_waits_goes_on_as_one_new_job_wi
     assert [(a["ending"], a["node"], a["action"], a["source"]) for a in lines] == [
         ("node_failure", host, "resubmit", "waiter"), ("completed", None, "none", "batch")]
     new_id = lines[1]["job_id"]
-    assert new_id != job_id and lines[0]["reason"] == f"resubmitted as job {new_id} without {host}"
+    assert new_id != job_id
+    assert lines[0]["reason"].startswith(f"retry 1 of 2 through the queue as a new job without {host} from ")
+    assert lines[0]["reason"].endswith(f"(requeued, it would wait until Slurm declares {host} down): job {new_id}")
     assert status == 0 and f"{new_id}  COMPLETED" in out, out + err
     # One run of the job directory: the old job was cancelled (never requeued), none of its ranks runs on.
     old = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout

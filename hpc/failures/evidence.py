@@ -2,7 +2,7 @@
 
     ev = Evidence(attempt=0, step_status=137, batch_log=..., task_logs={1: ...})   # what classify() reads
     task_ends(batch_log)      # srun's "srun: error: n2: task 1: Killed" lines
-    attempt_segment(log, 2)   # attempt 2's part of a batch log that every attempt appends to
+    attempt_segment(log, 2)   # attempt 2's part of a batch or task log that every attempt appends to
 
 Everything here is pure: hpc/failures/gather.py reads the job directory and Slurm into an ``Evidence``.
 """
@@ -189,17 +189,20 @@ def launcher_child(log: str, task: int, per: int, launcher: str,
     return nothing
 
 
-def attempt_segment(batch_log: str, attempt: int) -> str:
-    """This attempt's part of a batch log that every attempt appends to: from its own ``hpcdist: attempt N
-    started`` line (setup.sh) to the next attempt's, else after the previous attempt's ``ended`` line."""
-    starts = {int(m.group(1)): m.start() for m in re.finditer(r"^hpcdist: attempt (\d+) started", batch_log, re.M)}
+def attempt_segment(log: str, attempt: int) -> str:
+    """This attempt's part of a log that every attempt appends to (the batch log, a task log): from its own
+    ``hpcdist: attempt N started`` line (setup.sh, task.sh) to the next attempt's, else after the previous
+    attempt's ``ended`` line; nothing when an earlier attempt started after that (a task this attempt did not run)."""
+    starts = {int(m.group(1)): m.start() for m in re.finditer(r"^hpcdist: attempt (\d+) started", log, re.M)}
     if attempt in starts:
         later = [pos for n, pos in starts.items() if n > attempt and pos > starts[attempt]]
-        return batch_log[starts[attempt]:min(later) if later else len(batch_log)]
-    ends = [(int(m.group(1)), m.end()) for m in re.finditer(r"^hpcdist: attempt (\d+) ended.*$", batch_log, re.M)]
+        return log[starts[attempt]:min(later) if later else len(log)]
+    ends = [(int(m.group(1)), m.end()) for m in re.finditer(r"^hpcdist: attempt (\d+) ended.*$", log, re.M)]
     begin = max((pos for n, pos in ends if n < attempt), default=0)
+    if any(pos >= begin for n, pos in starts.items() if n < attempt):
+        return ""
     own = [pos for n, pos in ends if n == attempt and pos > begin]
-    return batch_log[begin:own[0] if own else len(batch_log)]
+    return log[begin:own[0] if own else len(log)]
 
 
 def stopped_by(text: str) -> tuple[str, int] | None:

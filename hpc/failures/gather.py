@@ -82,7 +82,8 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     limit, ran = grammar.duration_s(job.get("TimeLimit", "")), grammar.duration_s(job.get("RunTime", ""))
     ev = Evidence(
         attempt=attempt, step_status=step_status, batch_log=segment,
-        task_logs={t: jobfiles.tail_text(job_dir / task_log(t), 65536) for t in _logged_tasks(job_dir, ntasks)},
+        task_logs={t: attempt_segment(jobfiles.tail_text(job_dir / task_log(t), 65536), attempt)
+                   for t in _logged_tasks(job_dir, ntasks)},
         errors=tuple(e for e in runfiles.read_errors(run_dir) if e.attempt == attempt),
         preempted=(run_dir / PREEMPTED).exists(), hang=runfiles.read_hang(run_dir, attempt),
         lost=runfiles.read_lost(run_dir, attempt), job_state=job.get("JobState", ""),

@@ -51,11 +51,9 @@ def parse_attempts(text: str) -> list[dict[str, Any]]:
 
 
 def load(job_dir: Path) -> list[dict[str, Any]]:
-    """The job's attempt lines in attempt order (a line added afterwards from accounting may come last)."""
-    try:
-        text = jobfiles.read_text(Path(job_dir) / ATTEMPTS)
-    except (OSError, jobfiles.Damaged):
-        return []
+    """The job's attempt lines in attempt order (a line added afterwards from accounting may come last); bytes that
+    are not UTF-8 read as replacement characters, as the batch shell's append reads them: none hides a line."""
+    text = jobfiles.tail_text(Path(job_dir) / ATTEMPTS, jobfiles.MAX_BYTES)
     return sorted(parse_attempts(text), key=lambda a: a["attempt"])
 
 
@@ -68,12 +66,14 @@ def append(job_dir: Path, line: Mapping[str, Any]) -> bool:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise jobfiles.Damaged(f"{path} is not a regular file; move it away")
-    with os.fdopen(fd, "a+") as f:
+    with os.fdopen(fd, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
-        if any(a["attempt"] == line["attempt"] for a in parse_attempts(f.read())):
+        text = f.read().decode(errors="replace")
+        if any(a["attempt"] == line["attempt"] for a in parse_attempts(text)):
             return False
-        f.write(json.dumps(dict(line), sort_keys=False) + "\n")
+        # A line cut short (a full disk, a killed writer) has no newline: this one must not join it.
+        f.write((("\n" if text and not text.endswith("\n") else "") + json.dumps(dict(line)) + "\n").encode())
         f.flush()
     return True
 

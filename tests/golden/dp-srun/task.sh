@@ -3,6 +3,8 @@
 # MASTER_ADDR, ...) expand here, in the task's own shell, never in the batch shell.
 set -euo pipefail
 
+# Every attempt appends to this task's log: `hpcdist attempt end` judges an attempt by its own part alone.
+echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
 hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}"
 { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' task_start "$(date +%s.%N)" >>"$hpcdist_timeline/task-${SLURM_PROCID:-0}"; } 2>/dev/null || true
 
