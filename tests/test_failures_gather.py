@@ -109,6 +109,27 @@ def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):
     assert number("1") == "2" and number("5") == "5"
 
 
+def test_a_batch_shell_numbers_its_attempt_past_one_that_started_and_died_with_its_batch_shell(tmp_path):
+    job = tmp_path / "job"
+    (job / "logs").mkdir(parents=True)
+    line = {"attempt": 0, "job_id": "7", "started": "", "ended": "", "ending": "node_failure", "action": "relaunch",
+            "excluded": ["n2"]}
+    (job / "attempts.jsonl").write_text(json.dumps(line) + "\n")
+    # Attempt 0 was relaunched in its allocation as attempt 1, whose batch host then died: nothing recorded it.
+    (job / "logs" / "batch-7.out").write_text("hpcdist: attempt 0 started on n1 at T0\n"
+                                              "hpcdist: attempt 1 started on n1 at T1\n")
+
+    def number(**slurm: str) -> str:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "SLURM_RESTART_COUNT": "1", "HOME": str(tmp_path), **slurm}
+        return subprocess.run([sys.executable, "-m", "hpc", "attempt", "number", "--job-dir", str(job)],
+                              capture_output=True, text=True, env=env, timeout=300, check=True).stdout.strip()
+
+    assert number(SLURM_JOB_ID="7") == "2"
+    # A local task (no Slurm job) has no batch log of its own, and its siblings' starts are not earlier attempts.
+    assert number() == "1"
+
+
 KILLED_ON_N2 = "hpcdist: attempt 0 started on n1 at T\nsrun: error: n2: task 1: Killed\n"
 
 

@@ -21,6 +21,24 @@ def test_runs_the_batch_shell_never_recorded_come_from_accounting():
     assert lines[0]["source"] == "sacct"
 
 
+def test_a_run_whose_relaunched_attempt_died_unrecorded_gets_that_attempts_line_not_its_first_attempts():
+    # Run 0 held attempt 0 (relaunched in the allocation without n2) and attempt 1, whose batch host n3 died:
+    # Slurm requeued the job, and only attempt 0's line, carrying the run's StartTime, was written.
+    text = ("7|NODE_FAIL|0:0|2026-12-07T03:00:00|2026-12-07T03:04:00|n[1,3]\n"
+            "7|RUNNING|0:0|2026-12-07T03:09:00|Unknown|n1\n")
+    runs = parse.rows(text, reconcile.SACCT_RUN_FIELDS, job="7")
+    relaunched = {"attempt": 0, "job_id": "7", "started": "2026-12-07T03:00:00", "ended": "", "ending": "node_failure",
+                  "node": "n2", "action": "relaunch", "excluded": ["n2"]}
+    log = ("hpcdist: attempt 0 started on n1 at T0\nsrun: error: Node failure on n2\n"
+           "hpcdist: attempt 1 started on n1 at T1\nsrun: error: Node failure on n3\n")
+    [line] = reconcile.from_sacct(runs, [relaunched], "7", None, log)
+    assert (line["attempt"], line["ending"], line["node"], line["action"], line["excluded"]) == (
+        1, "node_failure", "n3", "retry", ["n2", "n3"])
+    # Once a line of the run ends it (no relaunch), accounting adds nothing for it.
+    ended = {**relaunched, "attempt": 1, "action": "retry", "node": "n3"}
+    assert reconcile.from_sacct(runs, [relaunched, ended], "7", None, log) == []
+
+
 def test_a_cancelled_last_run_is_cancelled_and_not_retried():
     runs = parse.rows("7|CANCELLED by 0|0:15|T0|T1|n1\n", reconcile.SACCT_RUN_FIELDS, job="7")
     [line] = reconcile.from_sacct(runs, [], "7")

@@ -29,14 +29,26 @@ def attempt() -> None:
 @attempt.command("number")
 @click.option("--job-dir", required=True, type=click.Path(file_okay=False))
 def number(job_dir: str) -> None:
-    """Print the number of the attempt a batch shell starts: past every recorded one, and never below
-    Slurm's restart count (an allocation that relaunched steps recorded more attempts than it restarted)."""
-    from hpc import ranks
+    """Print the number of the attempt a batch shell starts: past every recorded one and every one the batch log
+    saw start (one that died with its batch shell recorded nothing), and never below Slurm's restart count (an
+    allocation that relaunched steps recorded more attempts than it restarted)."""
+    from hpc import jobfiles, ranks
     from hpc.failures import record as records
+    from hpc.failures.evidence import attempts_started
+    from hpc.vocab import batch_log
 
     recorded = [a["attempt"] for a in records.load(Path(job_dir))]
+    # Only a Slurm job has a batch log; each local task runs this too, and must not count its siblings.
+    started = attempts_started(jobfiles.tail_text(Path(job_dir) / batch_log(_job_id()), 262144)) if (
+        os.environ.get("SLURM_JOB_ID")) else {}
     click.echo(max([ranks.attempt_of({"SLURM_RESTART_COUNT": os.environ.get("SLURM_RESTART_COUNT", "")}),
-                    *(a + 1 for a in recorded)]))
+                    *(a + 1 for a in [*recorded, *started])]))
+
+
+def _job_id() -> str:
+    """This Slurm job's id as hpcdist names its files: an array task's JOBID_TASKID."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if array else os.environ.get("SLURM_JOB_ID", "0")
 
 
 @attempt.command("end")
@@ -57,8 +69,7 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
     from hpc.failures import gather, policy
     from hpc.failures import record as records
 
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "0")
+    job_id = _job_id()
     name = "HPCDIST_ATTEMPT" if os.environ.get("HPCDIST_ATTEMPT") else "SLURM_RESTART_COUNT"
     restarts = os.environ.get(name) or "0"
     if not (restarts.isascii() and restarts.isdigit() and len(restarts) <= 9):

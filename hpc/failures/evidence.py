@@ -189,11 +189,16 @@ def launcher_child(log: str, task: int, per: int, launcher: str,
     return nothing
 
 
+def attempts_started(log: str) -> dict[int, int]:
+    """attempt -> where in ``log`` its ``hpcdist: attempt N started`` line (setup.sh, requeue.sh, task.sh) is."""
+    return {int(m.group(1)): m.start() for m in re.finditer(r"^hpcdist: attempt (\d{1,9}) started", log, re.M)}
+
+
 def attempt_segment(log: str, attempt: int) -> str:
     """This attempt's part of a log that every attempt appends to (the batch log, a task log): from its own
     ``hpcdist: attempt N started`` line (setup.sh, task.sh) to the next attempt's, else after the previous
     attempt's ``ended`` line; nothing when an earlier attempt started after that (a task this attempt did not run)."""
-    starts = {int(m.group(1)): m.start() for m in re.finditer(r"^hpcdist: attempt (\d+) started", log, re.M)}
+    starts = attempts_started(log)
     if attempt in starts:
         later = [pos for n, pos in starts.items() if n > attempt and pos > starts[attempt]]
         return log[starts[attempt]:min(later) if later else len(log)]

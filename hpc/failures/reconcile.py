@@ -35,17 +35,17 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str
     """Lines for the runs that ended without their batch shell recording them (a node failure or a
     cancellation killed it); classified from accounting, and from the batch log where it says more (which
     node failed)."""
-    have = {a["attempt"] for a in recorded}
     previous = list(recorded)
     out = []
     for index, row in enumerate(runs):
         state = states.base(row["State"]) if row["State"] else ""
         later = index < len(runs) - 1
-        if index in have or state in states.UNFINISHED or (state in states.LIVE and not later):
+        number = _unrecorded(index, row, previous)
+        if number is None or state in states.UNFINISHED or (state in states.LIVE and not later):
             continue
         ending = _SACCT_ENDINGS.get(state, "unknown")
         exit_code, sig = grammar.exit_code(row.get("ExitCode", "")) or (None, None)
-        lost = failed_nodes(attempt_segment(batch_text, index)) if ending == "node_failure" and batch_text else []
+        lost = failed_nodes(attempt_segment(batch_text, number)) if ending == "node_failure" and batch_text else []
         node = lost[0] if lost else None
         step = checkpoint_in(Path(job_dir) / RUN_DIR) if job_dir else None
         unseen = unreachable(row, state, sig, job_dir, job_id, batch_text)
@@ -65,11 +65,29 @@ def from_sacct(runs: Sequence[Mapping[str, str]], recorded: Sequence[Mapping[str
         if action == "retry" and node:
             excluded.add(node)
             reason += f" (hpcdist keeps it off {', '.join(sorted(excluded))})"
-        out.append(records.record(ended, Decision(action, tuple(sorted(excluded)), reason), attempt=index,
+        out.append(records.record(ended, Decision(action, tuple(sorted(excluded)), reason), attempt=number,
                                   job_id=job_id, started=row.get("Start", ""), ended=row.get("End", ""),
                                   source="sacct"))
         previous.append(out[-1])
     return out
+
+
+def _unrecorded(index: int, row: Mapping[str, str], lines: Sequence[Mapping[str, Any]]) -> int | None:
+    """The number of the attempt that ended run ``index`` unrecorded, or None when a line records that ending.
+
+    A run holds several attempts when the batch shell relaunched the step in its allocation: its lines carry the
+    run's StartTime, and only a line whose action is no relaunch ended the run. Without such lines (older ones,
+    a waiter's), the run's index is its attempt's number, as when no attempt was ever relaunched."""
+    start = row.get("Start") or ""
+    mine = [a for a in lines if start and a.get("started") == start]
+    if mine:
+        if any(a.get("action") != "relaunch" for a in mine):
+            return None
+    elif any(a["attempt"] == index for a in lines):
+        return None
+    # Past every attempt that started in this run or before it: the relaunched ones took the numbers after index.
+    before = [a["attempt"] + 1 for a in lines if a.get("started") and a["started"] <= start]
+    return max([index, *before])
 
 
 def unreachable(row: Mapping[str, str], state: str, sig: int | None, job_dir: Path | None, job_id: str,
