@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -71,6 +72,17 @@ def test_scripts_pass_bash_n_and_shellcheck(tmp_path: Path, backend: str, launch
     for name in SCRIPTS:
         proc = subprocess.run(["shellcheck", str(tmp_path / name)], capture_output=True, text=True)
         assert proc.returncode == 0 and not proc.stdout, f"{name}:\n{proc.stdout}"
+
+
+@pytest.mark.parametrize("backend,launcher", COMBOS)
+def test_scripts_expand_an_empty_array_as_bash_before_4_4_does_under_set_u(backend: str, launcher: str) -> None:
+    """bash 4.2 and 4.3 (RHEL/CentOS 7's) call an empty "${a[@]}" an unbound variable under set -u and end the
+    script there (step.sh, before srun: every job's first step); ${a[@]+"${a[@]}"} means the same on every bash."""
+    rendered = render.render(golden_spec(backend, launcher), SITE, search=builtin())
+    for name in SCRIPTS:
+        text = rendered.files[name]
+        for found in re.finditer(r'"\$\{(\w+)\[@\]\}"', text):
+            assert text[:found.start()].endswith(f"${{{found[1]}[@]+"), f"{name}: {found[0]} unguarded"
 
 
 def test_launch_lines() -> None:
