@@ -149,6 +149,23 @@ def test_a_relaunch_runs_the_same_step_off_the_failed_nodes(tmp_path: Path) -> N
     assert again == first[:5] + ["--exclude=n2", "--overlap"] + first[5:]
 
 
+def test_the_batch_shell_goes_on_when_scontrol_cannot_reach_the_controller(tmp_path: Path) -> None:
+    """job.sbatch sources setup.sh under set -euo pipefail: a controller that does not answer `scontrol show config`
+    (restarting, failing over) leaves the ranks Slurm's default slurmd port, not a job that ends before its step."""
+    site = replace(SITE, modules=(), setup=())  # neither `module` nor a raised ulimit here
+    render.write(render.render(golden_spec("ddp", "srun"), site, tmp_path / "job", search=builtin()))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7")
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    script = f'set -euo pipefail; source {setup}; echo "port=$HPCDIST_SLURMD_PORT"'
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "port=", (out.stdout, out.stderr)
+
+
 @pytest.mark.timed
 def test_the_batch_shells_lost_node_watch_ends_the_step_it_saw_never_the_relaunch(tmp_path: Path) -> None:
     """setup.sh's watch ends the step whose srun ran while run/lost.json stood; once requeue.sh has acted on the

@@ -27,8 +27,10 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
     trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
-    # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py).
-    HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}')
+    # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py). A controller that does
+    # not answer (restarting, failing over) leaves them Slurm's default port: under job.sbatch's set -e and
+    # pipefail its failure would otherwise end the job here, before its step and unrecorded.
+    HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}') || true
     export HPCDIST_SLURMD_PORT
     # srun waits for every node of its step, a dead one too, until Slurm declares it down (SlurmdTimeout,
     # minutes). Once a rank has named a node lost (run/lost.json), nothing more can come from it: this
