@@ -166,6 +166,29 @@ def test_the_batch_shell_goes_on_when_scontrol_cannot_reach_the_controller(tmp_p
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == "port=", (out.stdout, out.stderr)
 
 
+@pytest.mark.parametrize("shell", ["batch", "local task"])
+def test_a_launchers_variables_from_the_submitting_shell_never_reach_the_ranks(tmp_path: Path, shell: str) -> None:
+    """sbatch (and the local runner) pass the submitter's environment on: RANK=0 WORLD_SIZE=1 there made every task
+    of a 2-node job rank 0 of a world of one, training alone; MASTER_ADDR=localhost, each node its own rendezvous.
+    setup.sh drops them; the profile's env may still set them."""
+    site = replace(SITE, modules=(), setup=(), env=(("MASTER_PORT", "23456"),))
+    render.write(render.render(golden_spec("ddp", "srun"), site, tmp_path / "job", search=builtin()))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               LOCAL_WORLD_SIZE="1", GROUP_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="29500")
+    if shell == "local task":
+        env["SLURM_STEP_ID"] = "0"
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    out = subprocess.run(["bash", "-c", f"source {setup}; env"], env=env, capture_output=True, text=True, timeout=60)
+    seen = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR"} & set(seen)
+    assert seen["MASTER_PORT"] == "23456"
+
+
 @pytest.mark.timed
 def test_the_batch_shells_lost_node_watch_ends_the_step_it_saw_never_the_relaunch(tmp_path: Path) -> None:
     """setup.sh's watch ends the step whose srun ran while run/lost.json stood; once requeue.sh has acted on the

@@ -1,6 +1,11 @@
 # shellcheck shell=bash
 # Rendered by hpcdist for cluster profile golden-site: sourced by job.sbatch before srun, so
 # every task inherits what it exports.
+# sbatch (and the local runner) pass the submitting shell's environment on: a launcher's variables there, from a
+# torchrun or a debugging session, would make every task rank 0 of a world of one (RANK=0 WORLD_SIZE=1) or each
+# node its own rendezvous (MASTER_ADDR=localhost). Slurm and the job's launcher give the ranks theirs; the
+# profile's env below may still set one.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE MASTER_ADDR MASTER_PORT
 # The batch shell (no step id yet) numbers this attempt (Slurm's restart count, or past it when earlier
 # allocations relaunched steps), stamps its start and, at the end of this file, its set-up's end.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
