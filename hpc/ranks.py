@@ -37,6 +37,9 @@ TORCHRUN = {
     "node_rank": "GROUP_RANK",
     "nodes": "GROUP_WORLD_SIZE",
 }
+# What a launcher gives the ranks it starts. A job's tasks are started by srun or the local runner, never by a
+# launcher: there these came from the submitting shell (setup.sh drops them; templates/setup.sh.j2).
+LAUNCHER_VARIABLES = (*TORCHRUN.values(), "MASTER_ADDR", "MASTER_PORT")
 # Slurm's entries list the variables that may carry a value, the step's before the allocation's.
 SLURM = {
     "rank": ("SLURM_PROCID",),

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from hpc import container as containers
-from hpc import dsconfig, jobdir, paths, sites, vocab
+from hpc import dsconfig, jobdir, paths, ranks, sites, vocab
 from hpc.hostfile import hostfile
 from hpc.profiles import Profile
 from hpc.rankstable import ranks_table
@@ -102,6 +102,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "vocab": TEMPLATE_VOCAB,
         "python": spec.python,
         "environment": sorted(profile.environment().items()),
+        "launcher_variables": ranks.LAUNCHER_VARIABLES,
         "world_size": spec.world_size,
         "procs_per_node": spec.procs_per_node,
         "tasks_per_node": spec.slurm_tasks_per_node,

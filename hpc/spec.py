@@ -36,7 +36,7 @@ SLURM_SIGNALS = ("HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "
 MAX_SIGNAL_NUMBER = 64
 MAX_SIGNAL_DELAY_S = 65535
 # SIG goes only before a name: sbatch refuses SIG10 (found by tests/test_slurm_oracle.py).
-_SIGNAL = re.compile(r"(?:(?:R|B|RB|BR):)?(?:(?i:SIG)?(?P<name>[A-Za-z][A-Za-z0-9]*)|(?P<number>[0-9]+))"
+_SIGNAL = re.compile(r"(?:(?P<to>R|B|RB|BR):)?(?:(?i:SIG)?(?P<name>[A-Za-z][A-Za-z0-9]*)|(?P<number>[0-9]+))"
                      r"(?:@(?P<delay>[0-9]+))?")
 # Slurm's dependency types (sbatch --dependency) and the short forms --after JOB[:ok|any|notok] takes.
 DEPENDENCY_TYPES = ("after", "afterany", "afterok", "afternotok", "aftercorr", "singleton")
@@ -238,7 +238,8 @@ def signal_name(value: str) -> str:
 
 
 def check_signal(value: str) -> None:
-    """SpecError unless Slurm's --signal takes ``value`` ([R|B|RB:][SIG]NAME|NUMBER[@DELAY])."""
+    """SpecError unless Slurm's --signal takes ``value`` ([R|B|RB:][SIG]NAME|NUMBER[@DELAY]) and it warns the
+    ranks with a signal they checkpoint on."""
     m = _SIGNAL.fullmatch(value)
     if not m:
         raise SpecError(f"--signal {shown.value(value)} is not a Slurm signal spec; use e.g. USR1@120")
@@ -252,6 +253,13 @@ def check_signal(value: str) -> None:
     if m["delay"] is not None and int(m["delay"]) > MAX_SIGNAL_DELAY_S:
         raise SpecError(f"--signal {value}: the delay is at most {MAX_SIGNAL_DELAY_S} seconds in Slurm; "
                         "give a smaller one")
+    instead = f"USR1@{m['delay'] or 120}"
+    if "B" in (m["to"] or ""):
+        raise SpecError(f"--signal {value} signals the batch shell ({m['to']}:), which does not checkpoint and which "
+                        f"USR1 ends before requeue.sh runs; drop the B so that Slurm warns the ranks alone: {instead}")
+    if signal_name(value) not in vocab.CHECKPOINT_SIGNALS:
+        raise SpecError(f"--signal {value}: the ranks checkpoint on {' or '.join(vocab.CHECKPOINT_SIGNALS)} only, "
+                        f"not on {signal_name(value)}; use {instead}")
 
 
 def unwritable(value: str) -> str | None:

@@ -53,7 +53,7 @@ VALID = {
     "--zero-stage": ["1", "3"], "--precision": ["auto", "bf16"], "--partition": ["debug"], "--account": ["acct"],
     "--time": ["30", "0", "UNLIMITED", "1-02:03:04"], "--job-name": list(PAYLOADS) + ["a'b\\c"],
     "--job-dir": ["job", "j $(touch PWNED)", "~/jobs/x"], "--nodelist": ["n[1-2]", "n1"],
-    "--signal": ["USR1@90", "B:TERM@10", "10"], "--max-requeues": ["0", "5"], "--params": ["1M"],
+    "--signal": ["USR1@90", "R:TERM@10", "10"], "--max-requeues": ["0", "5"], "--params": ["1M"],
     "--exclude": ["n3"], "--after": ["123", "afterany:5"],
 }
 # Every flag of render, as it is spelled on the command line.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -73,6 +74,17 @@ def test_scripts_pass_bash_n_and_shellcheck(tmp_path: Path, backend: str, launch
         assert proc.returncode == 0 and not proc.stdout, f"{name}:\n{proc.stdout}"
 
 
+@pytest.mark.parametrize("backend,launcher", COMBOS)
+def test_scripts_expand_an_empty_array_as_bash_before_4_4_does_under_set_u(backend: str, launcher: str) -> None:
+    """bash 4.2 and 4.3 (RHEL/CentOS 7's) call an empty "${a[@]}" an unbound variable under set -u and end the
+    script there (step.sh, before srun: every job's first step); ${a[@]+"${a[@]}"} means the same on every bash."""
+    rendered = render.render(golden_spec(backend, launcher), SITE, search=builtin())
+    for name in SCRIPTS:
+        text = rendered.files[name]
+        for found in re.finditer(r'"\$\{(\w+)\[@\]\}"', text):
+            assert text[:found.start()].endswith(f"${{{found[1]}[@]+"), f"{name}: {found[0]} unguarded"
+
+
 def test_launch_lines() -> None:
     files = render.render(golden_spec("ddp", "torchrun"), SITE, search=builtin()).files
     assert '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in files["task.sh"]
@@ -135,6 +147,46 @@ def test_a_relaunch_runs_the_same_step_off_the_failed_nodes(tmp_path: Path) -> N
     subprocess.run(["bash", str(tmp_path / "step.sh"), "n2"], env=env, check=True)
     again = (tmp_path / "args").read_text().splitlines()
     assert again == first[:5] + ["--exclude=n2", "--overlap"] + first[5:]
+
+
+def test_the_batch_shell_goes_on_when_scontrol_cannot_reach_the_controller(tmp_path: Path) -> None:
+    """job.sbatch sources setup.sh under set -euo pipefail: a controller that does not answer `scontrol show config`
+    (restarting, failing over) leaves the ranks Slurm's default slurmd port, not a job that ends before its step."""
+    site = replace(SITE, modules=(), setup=())  # neither `module` nor a raised ulimit here
+    render.write(render.render(golden_spec("ddp", "srun"), site, tmp_path / "job", search=builtin()))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7")
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    script = f'set -euo pipefail; source {setup}; echo "port=$HPCDIST_SLURMD_PORT"'
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "port=", (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("shell", ["batch", "local task"])
+def test_a_launchers_variables_from_the_submitting_shell_never_reach_the_ranks(tmp_path: Path, shell: str) -> None:
+    """sbatch (and the local runner) pass the submitter's environment on: RANK=0 WORLD_SIZE=1 there made every task
+    of a 2-node job rank 0 of a world of one, training alone; MASTER_ADDR=localhost, each node its own rendezvous.
+    setup.sh drops them; the profile's env may still set them."""
+    site = replace(SITE, modules=(), setup=(), env=(("MASTER_PORT", "23456"),))
+    render.write(render.render(golden_spec("ddp", "srun"), site, tmp_path / "job", search=builtin()))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               LOCAL_WORLD_SIZE="1", GROUP_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="29500")
+    if shell == "local task":
+        env["SLURM_STEP_ID"] = "0"
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    out = subprocess.run(["bash", "-c", f"source {setup}; env"], env=env, capture_output=True, text=True, timeout=60)
+    seen = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR"} & set(seen)
+    assert seen["MASTER_PORT"] == "23456"
 
 
 @pytest.mark.timed

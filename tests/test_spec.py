@@ -33,6 +33,11 @@ BAD = [
     (["--time", "1h"], "is not a Slurm time"),
     (["--time", "1:2:3:4"], "is not a Slurm time"),
     (["--signal", "USR1@soon"], "not a Slurm signal spec"),
+    # B: warns the batch shell alone, whom USR1 ends before requeue.sh; the ranks checkpoint on USR1 and TERM only.
+    (["--signal", "B:USR1@120"], "signals the batch shell"),
+    (["--signal", "RB:TERM@60"], "signals the batch shell"),
+    (["--signal", "USR2@120"], "the ranks checkpoint on USR1 or TERM"),
+    (["--signal", "STOP"], "the ranks checkpoint on USR1 or TERM"),
     (["--nodelist", "n[1-"], "--nodelist: unclosed '['"),
     (["--nodes", "2", "--nodelist", "n[1-3]"], "names 3 node(s) but --nodes is 2"),
     (["--cluster", "nowhere"], "unknown cluster 'nowhere'"),

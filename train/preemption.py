@@ -18,7 +18,9 @@ import signal
 import time
 from typing import Callable
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+from hpc.vocab import CHECKPOINT_SIGNALS
+
+SIGNALS = tuple(signal.Signals["SIG" + name] for name in CHECKPOINT_SIGNALS)
 SNAPSHOT, CHECKPOINT = 1, 2  # what a step vote can call for; the larger is the stronger
 _received: list[int] = []
 

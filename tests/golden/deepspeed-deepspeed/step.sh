@@ -6,6 +6,8 @@
 set -uo pipefail
 exclude=${1:-}
 nodes=${2:-2}
+# Expanded below as ${relaunch[@]+...}: bash before 4.4 (RHEL 7's 4.2) calls an empty array unbound under
+# set -u and would end the step before srun.
 relaunch=()
 if [ -n "$exclude" ]; then
     # A dead node's step lingers until Slurm declares the node down (SlurmdTimeout, minutes later) and keeps
@@ -15,6 +17,6 @@ fi
 # A rank that dies ends the whole step (--kill-on-bad-exit) instead of leaving the others hung in a
 # collective until the time limit.
 exec srun --kill-on-bad-exit=1 --nodes="$nodes" --ntasks=$((nodes * 1)) \
-    --ntasks-per-node=1 --cpus-per-task=8 "${relaunch[@]}" \
+    --ntasks-per-node=1 --cpus-per-task=8 ${relaunch[@]+"${relaunch[@]}"} \
     --open-mode=append --output=/jobs/golden/logs/task-%t.log \
     bash /jobs/golden/task.sh

@@ -1,6 +1,11 @@
 # shellcheck shell=bash
 # Rendered by hpcdist for cluster profile golden-site: sourced by job.sbatch before srun, so
 # every task inherits what it exports.
+# sbatch (and the local runner) pass the submitting shell's environment on: a launcher's variables there, from a
+# torchrun or a debugging session, would make every task rank 0 of a world of one (RANK=0 WORLD_SIZE=1) or each
+# node its own rendezvous (MASTER_ADDR=localhost). Slurm and the job's launcher give the ranks theirs; the
+# profile's env below may still set one.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE MASTER_ADDR MASTER_PORT
 # The batch shell (no step id yet) numbers this attempt (Slurm's restart count, or past it when earlier
 # allocations relaunched steps), stamps its start and, at the end of this file, its set-up's end.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
@@ -27,8 +32,10 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
     trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
-    # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py).
-    HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}')
+    # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py). A controller that does
+    # not answer (restarting, failing over) leaves them Slurm's default port: under job.sbatch's set -e and
+    # pipefail its failure would otherwise end the job here, before its step and unrecorded.
+    HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}') || true
     export HPCDIST_SLURMD_PORT
     # srun waits for every node of its step, a dead one too, until Slurm declares it down (SlurmdTimeout,
     # minutes). Once a rank has named a node lost (run/lost.json), nothing more can come from it: this
