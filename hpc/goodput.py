@@ -15,7 +15,7 @@ from typing import Any
 
 from hpc import registry, report, timeline
 from hpc.slurm import grammar
-from hpc.telemetry import Seen, attempts_of
+from hpc.telemetry import Seen, attempts_of, run_dir
 
 
 def goodput_of(record: registry.Record, falls: list[timeline.Waterfall], slurm: list[dict[str, float | None]],
@@ -39,7 +39,7 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall], slurm: 
         if (done := w.at("first_step_done")) is not None:
             first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
-    for attempt, row in enumerate(slurm):
+    for attempt, row in timeline.runs_by_attempt(slurm, timeline.read_shell_stamps(run_dir(record))).items():
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt, when in last_beat.items():

@@ -23,6 +23,7 @@ from hpc.slurm import grammar, parse
 SACCT_TIMES = ("JobID", "Submit", "Start", "End")
 # A stamp file holds a few short lines.
 STAMPS_BYTES = 65536
+CLOCK_SLACK_S = 2.0
 # Every stamp after "submitted", in the order a rank passes them -> the phase it ends, named after what happens
 # between the stamp before it and its own stamp.
 PHASES = {
@@ -171,6 +172,25 @@ def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]
     return rows
 
 
+def runs_by_attempt(slurm: Sequence[Mapping[str, float | None]],
+                    shell: Mapping[int, Mapping[str, Any]]) -> dict[int, Mapping[str, float | None]]:
+    """attempt -> the sacct row (parse_sacct_attempts) of the run it began: the first attempt whose batch shell
+    started (batch_start) in that run. A step relaunched inside its allocation begins no run and takes the next
+    number, so once one was, a row's index is no attempt's number; a job without batch stamps goes by index."""
+    begun = {a: s["batch"]["batch_start"] for a, s in shell.items() if "batch_start" in s.get("batch", {})}
+    if not begun:
+        return dict(enumerate(slurm))
+    rows = sorted((r for r in slurm if r.get("started") is not None), key=lambda r: r["started"] or 0.0)
+    out: dict[int, Mapping[str, float | None]] = {}
+    for i, row in enumerate(rows):
+        # Start is whole seconds, the stamp the batch host's clock: allow for both.
+        until = (rows[i + 1]["started"] or 0.0) - CLOCK_SLACK_S if i + 1 < len(rows) else math.inf
+        inside = [a for a, at in begun.items() if (row["started"] or 0.0) - CLOCK_SLACK_S <= at < until]
+        if inside:
+            out[min(inside, key=begun.__getitem__)] = row
+    return out
+
+
 def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], shell: Mapping[int, Mapping[str, Any]],
              marks: Mapping[tuple[int, int], Mapping[str, float]], slurm: Sequence[Mapping[str, float | None]],
              submitted: float | None) -> list[Waterfall]:
@@ -183,11 +203,11 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
     # waterfall() passes over names that are no stamp (sacct's "ended", junk in a shell file): only the heartbeat
     # marks are filtered here, since they may set no stamp before the process's own.
     bases: dict[int, dict[str, float]] = {}
+    runs = runs_by_attempt(slurm, shell)
     out = []
     for attempt, rank, node in sorted(set(world)):
         if attempt not in bases:  # what every rank of the attempt shares
-            # A damaged heartbeat's attempt -1 is no index from the end: it would take the newest row as its own.
-            stamps = {k: v for k, v in (slurm[attempt] if 0 <= attempt < len(slurm) else {}).items() if v is not None}
+            stamps = {k: v for k, v in runs.get(attempt, {}).items() if v is not None}
             if attempt == 0 and submitted is not None:
                 stamps.setdefault("submitted", submitted)
             bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}

@@ -346,6 +346,21 @@ def test_assemble_takes_each_ranks_task_stamps_and_marks_per_attempt() -> None:
     assert "attempt 0" in text and "attempt 1" in text and "slowest: rank 1 on n1" in text
 
 
+def test_an_attempt_takes_the_accounting_row_of_the_run_its_batch_shell_began_not_the_row_at_its_number() -> None:
+    # Run 0 began attempt 0, relaunched inside the allocation as attempt 1 (no batch shell of its own); Slurm then
+    # requeued the job, and run 1 began attempt 2.
+    shell = {0: {"batch": {"batch_start": 5.0}, "tasks": {0: {"task_start": 7.0}}},
+             1: {"batch": {}, "tasks": {0: {"task_start": 40.0}}},
+             2: {"batch": {"batch_start": 100.0}, "tasks": {0: {"task_start": 101.0}}}}
+    slurm = [{"submitted": 1.0, "started": 4.0, "ended": 60.0}, {"submitted": 61.0, "started": 99.0, "ended": None}]
+    assert timeline.runs_by_attempt(slurm, shell) == {0: slurm[0], 2: slurm[1]}
+    marks = {(a, 0): {"first_step_done": t} for a, t in ((0, 20.0), (1, 45.0), (2, 110.0))}
+    falls = timeline.assemble([(0, 0, "n1"), (1, 0, "n1"), (2, 0, "n1")], {0: 0}, shell, marks, slurm, None)
+    assert [(w.attempt, w.first) for w in falls] == [(0, "submitted"), (1, "task_start"), (2, "submitted")]
+    # A job older than the batch stamps goes by index.
+    assert timeline.runs_by_attempt(slurm, {}) == {0: slurm[0], 1: slurm[1]}
+
+
 def test_stamp_and_history_names_count_in_ascii_digits_alone(tmp_path: Path) -> None:
     attempt = tmp_path / "timeline" / "attempt-0"
     for name in ("attempt-0", "attempt-\u00b2", "attempt--1", "attempt-1_0"):
