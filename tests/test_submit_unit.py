@@ -119,8 +119,9 @@ def test_submitits_step_asks_srun_for_step_shs_tasks_and_cpus(tmp_path, launcher
         assert re.findall(rf"--{option}=(\S+)", srun_line) == [ours], option
 
 
-def _requeue(tmp_path, status, restarts=None, marker=True, array=False, history=()):
-    """Run the rendered requeue.sh with stand-in scontrol/sinfo that only print what they were asked."""
+def _requeue(tmp_path, status, restarts=None, marker=True, array=False, history=(), release_fails=0):
+    """Run the rendered requeue.sh with stand-in scontrol/sinfo that only print what they were asked (scontrol
+    release failing its first ``release_fails`` times)."""
     rendered = rendered_for(tmp_path, nodes=2, max_requeues=1)
     script = tmp_path / "requeue.sh"
     script.write_text(rendered.files["requeue.sh"])
@@ -133,9 +134,14 @@ def _requeue(tmp_path, status, restarts=None, marker=True, array=False, history=
         (run_dir / "preempted").touch()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool in ("scontrol", "sinfo", "scancel"):
+    for tool in ("scontrol", "sinfo", "scancel", "sleep"):
         (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n')
         (bin_dir / tool).chmod(0o755)
+    failing = tmp_path / "release-fails"
+    failing.write_text("x" * release_fails)
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "scontrol $*"\nleft=$(cat {failing})\n'
+                                      f'[ "$1" != release ] || [ -z "$left" ] || {{ echo -n "${{left:1}}" > {failing}; '
+                                      'exit 1; }\n')
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "5", "PYTHONPATH": str(REPO)}
     if restarts is not None:
         env["SLURM_RESTART_COUNT"] = str(restarts)
@@ -156,6 +162,17 @@ def test_requeue_follows_the_checkpoint_marker_whatever_the_step_status(tmp_path
     assert not left  # consumed: the rerun's ranks write their own
     line = json.loads((tmp_path / "job" / "attempts.jsonl").read_text())
     assert (line["attempt"], line["ending"], line["action"]) == (0, "preempted", "requeue")
+
+
+def test_a_release_the_controller_missed_is_tried_again_and_one_never_taken_is_said(tmp_path):
+    proc, _ = _requeue(tmp_path, 75, release_fails=2)
+    assert proc.stdout.splitlines()[2:7] == ["scontrol release 5", "sleep 1", "scontrol release 5", "sleep 2",
+                                             "scontrol release 5"]
+    assert "requeueing job 5" in proc.stdout and "stays held" not in proc.stderr
+    (tmp_path / "down").mkdir()
+    proc, _ = _requeue(tmp_path / "down", 75, release_fails=9)
+    assert proc.stdout.count("scontrol release 5") == 3
+    assert "job 5 stays held, as scontrol release failed; start it with: scontrol release 5" in proc.stderr
 
 
 def test_requeue_is_bounded_by_max_requeues(tmp_path):

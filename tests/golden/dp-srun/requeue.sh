@@ -52,7 +52,13 @@ case "$action" in
         fi
         scontrol update JobId="$job" StartTime=now+2 ${exclude:+ExcNodeList="$exclude"} \
             || echo "hpcdist: could not update job $job (start time, excluded nodes)" >&2
-        [ "$already_requeued" = 0 ] && scontrol release "$job"
+        # A held job never starts, and no waiter releases it: a release the controller missed (restarting, failing
+        # over) is tried again, and one never taken is said, with the command that starts the job.
+        released=$already_requeued
+        for wait_s in 1 2 4; do
+            [ "$released" = 1 ] || { scontrol release "$job" && released=1; } || sleep "$wait_s"
+        done
+        [ "$released" = 1 ] || echo "hpcdist: job $job stays held, as scontrol release failed; start it with: scontrol release $job" >&2
         if [ "$action" = requeue ]; then
             echo "hpcdist: requeueing job $job to resume from its checkpoint (restart $uses of 3)"
         else
