@@ -55,7 +55,7 @@ case "$action" in
         # A held job never starts, and no waiter releases it: a release the controller missed (restarting, failing
         # over) is tried again, and one never taken is said, with the command that starts the job.
         released=$already_requeued
-        for wait_s in 1 2 4; do
+        for wait_s in 1 2 0; do
             [ "$released" = 1 ] || { scontrol release "$job" && released=1; } || sleep "$wait_s"
         done
         [ "$released" = 1 ] || echo "hpcdist: job $job stays held, as scontrol release failed; start it with: scontrol release $job" >&2
