@@ -110,7 +110,9 @@ class TorchEngine:
         saved = dict(saved)
         self.module.load_state_dict(bare_state_dict(saved.pop("model")))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
-        self.scaler.load_state_dict(saved.pop("scaler"))
+        scaler = saved.pop("scaler")
+        if scaler:  # empty where no fp16 trained: a resume in fp16 starts its loss scale as a fresh run does
+            self.scaler.load_state_dict(scaler)
         if "rng" in saved:
             checkpoint.set_rng_state(saved.pop("rng"))
         return saved
