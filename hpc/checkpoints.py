@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
 from hpc import fileio
 
@@ -59,14 +60,26 @@ def size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def write_manifest(folder: Path, step: int) -> None:
-    """List every file of ``folder`` with size and SHA-256, fsync them all, then write the manifest last."""
+def write_manifest(folder: Path, step: int, trained_with: Mapping[str, Any] | None = None) -> None:
+    """List every file of ``folder`` with size and SHA-256, fsync them all, then write the manifest last; with
+    ``trained_with`` (hpc.dsconfig.trained_with: what a resume must match to load DeepSpeed's files)."""
     files = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
         files[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    fileio.atomic_write(folder / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n", durable=True)
+    manifest = {"step": step, "files": files, **({"trained_with": dict(trained_with)} if trained_with else {})}
+    fileio.atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n", durable=True)
+
+
+def recorded(folder: Path) -> dict[str, Any] | None:
+    """What ``folder``'s manifest records of how its state was trained; None where it records nothing (a dp/ddp
+    checkpoint, or one written before the record)."""
+    try:
+        record = json.loads((Path(folder) / MANIFEST).read_text()).get("trained_with")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _listing(files: object) -> bool:

@@ -53,6 +53,12 @@ def precision_of(config: Mapping[str, Any]) -> str:
     return next((dtype for dtype in ("bf16", "fp16") if config.get(dtype, {}).get("enabled")), "fp32")
 
 
+def trained_with(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of the config that wrote it: the ZeRO stage and precision, which decide the files
+    DeepSpeed writes and the state it expects in them."""
+    return {"zero_stage": config.get("zero_optimization", {}).get("stage", 0), "precision": precision_of(config)}
+
+
 # /proc/cpuinfo flags of a CPU that computes bf16 itself: x86 AVX512-BF16 or AMX-BF16 ("flags"), aarch64
 # FEAT_BF16 ("Features"). Without one, torch emulates bf16 on fp32 units, which costs more than it saves.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -170,10 +176,27 @@ def check_resolved(config: Mapping[str, Any], path: Path, world_size: int, **giv
         raise ConfigError(f"DeepSpeed config {path} is not resolved for {world_size} rank(s) (train_batch_size = "
                           "train_micro_batch_size_per_gpu x ranks, gradient_accumulation_steps 1); render it with "
                           "`hpcdist render --backend deepspeed`, or drop --deepspeed-config")
-    found = {"zero_stage": config.get("zero_optimization", {}).get("stage"), "precision": precision_of(config),
-             "global_batch": batch, "lr": config.get("optimizer", {}).get("params", {}).get("lr")}
+    found = {**trained_with(config), "global_batch": batch,
+             "lr": config.get("optimizer", {}).get("params", {}).get("lr")}
     flags = {"zero_stage": "--zero-stage", "precision": "--precision", "global_batch": "--batch-size", "lr": "--lr"}
     for name, value in given.items():
         if value not in (None, vocab.AUTO) and value != found[name]:
             raise ConfigError(f"{flags[name]} {value} contradicts {path}, which says {found[name]}; the file "
                               f"decides: drop {flags[name]} or edit the file")
+
+
+def check_resume(saved: Mapping[str, Any] | None, config: Mapping[str, Any], where: object) -> None:
+    """Refuse to resume with ``config`` from ``where``, written with ``saved`` (``trained_with``'s), where DeepSpeed
+    would fail only once it loads, in a traceback. A checkpoint that records nothing (written before the record), or
+    a record damaged since, is not checked."""
+    stage, precision = (saved or {}).get("zero_stage"), (saved or {}).get("precision")
+    if type(stage) is not int or stage not in vocab.ZERO_STAGES or precision not in vocab.DTYPES:
+        return
+    asked = trained_with(config)
+    # ZeRO-1 and -2 keep the same optimizer partitions in the same files: DeepSpeed loads either as the other.
+    if precision == asked["precision"] and (stage == asked["zero_stage"] or {stage, asked["zero_stage"]} == {1, 2}):
+        return
+    raise ConfigError(f"{where} holds DeepSpeed ZeRO-{stage} {precision} state, and this run asks for "
+                      f"ZeRO-{asked['zero_stage']} {asked['precision']}, which cannot load it: resume with "
+                      f"--zero-stage {stage} --precision {precision} (or a --deepspeed-config that says so), or "
+                      "start afresh in another --run-dir")

@@ -171,6 +171,25 @@ def test_an_elastic_relaunch_regroups_the_file_for_the_ranks_left_keeping_the_gl
         dsconfig.regroup(config, tmp_path, 3)
 
 
+def test_a_resume_is_refused_where_deepspeed_cannot_load_the_stage_and_precision_the_checkpoint_records() -> None:
+    def config(stage: int, precision: str) -> dict:
+        return dsconfig.resolve(dsconfig.load(dsconfig.base_path()), world_size=1, gpu=True, zero_stage=stage,
+                                precision=precision)
+    written = dsconfig.trained_with(config(1, "bf16"))
+    assert written == {"zero_stage": 1, "precision": "bf16"}
+    for stage in (1, 2):  # ZeRO-1 and -2 keep the same partitions in the same files
+        dsconfig.check_resume(written, config(stage, "bf16"), "step4")
+    for stage, precision in ((3, "bf16"), (0, "bf16"), (1, "fp32"), (2, "fp16")):
+        with pytest.raises(dsconfig.ConfigError) as caught:
+            dsconfig.check_resume(written, config(stage, precision), "step4")
+        assert str(caught.value).startswith(f"step4 holds DeepSpeed ZeRO-1 bf16 state, and this run asks for "
+                                            f"ZeRO-{stage} {precision}, which cannot load it: resume with "
+                                            "--zero-stage 1 --precision bf16")
+    # Written before the record, or a record damaged since: nothing to hold the run to.
+    for saved in (None, {}, {"zero_stage": True, "precision": "bf16"}, {"zero_stage": 1, "precision": "\x1b[2J"}):
+        dsconfig.check_resume(saved, config(3, "fp32"), "step4")
+
+
 def test_render_shows_the_precision_that_will_train() -> None:
     cpu = render.render(JobSpec(job_dir="/j", backend="deepspeed", python="py"), CPU_SITE, cpus=dsconfig.Cpus(True))
     assert json.loads(cpu.files[vocab.DEEPSPEED_JSON])["bf16"]["enabled"] and cpu.spec.precision == "bf16"

@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from hpc import checkpoints
+from hpc import checkpoints, dsconfig
 from hpc.checkpoints import MANIFEST, name_for, newest
 from train import checkpoint, dssnapshot, snapshot
 
 pytestmark = pytest.mark.timed  # the persisting period, in seconds
 
 
-def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes]) -> Path:
+def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes], trained_with=None) -> Path:
     """A published part, as a node's local rank 0 leaves it."""
     def write(staging: Path, tag: str) -> None:
         for name, data in files.items():
             (staging / tag / name).write_bytes(data)
-    return checkpoint.save(folder / checkpoints.PART.format(node, nodes), step, rank=0, write=write)
+    return checkpoint.save(folder / checkpoints.PART.format(node, nodes), step, rank=0, write=write,
+                           trained_with=trained_with)
 
 
 def parts_of(folder: Path, *, local_rank: int = 0) -> dssnapshot.Parts:
@@ -72,6 +73,32 @@ def test_a_resume_makes_the_newest_whole_snapshot_a_checkpoint_newer_than_the_di
                                                       "rng-rank1.pt"]
     # The disk's checkpoint is the newer one: it is what loads.
     assert dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=made) == (made, "")
+
+
+def test_a_snapshot_the_run_s_zero_stage_cannot_load_is_refused_before_anything_is_made_or_forgotten(tmp_path):
+    memory, root = tmp_path / "memory", tmp_path / "checkpoints"
+    zero_1 = {"zero_stage": 1, "precision": "fp32"}
+    part(memory, 0, 2, 30, {"mp_rank_00_model_states.pt": b"model"}, zero_1)
+    part(memory, 1, 2, 30, {"rng-rank1.pt": b"1"}, zero_1)
+    part(memory, 0, 2, 40, {"mp_rank_00_model_states.pt": b"later"}, zero_1)  # part 1 of step 40 was lost
+    checkpoint.save(root, 20, rank=0, write=lambda staging, tag: (staging / tag / "old.pt").write_bytes(b"o"),
+                    trained_with=zero_1)
+    held = sorted(p for p in tmp_path.rglob("*"))
+    for found in (newest(root), None):  # the disk's checkpoint is older, or there is none
+        with pytest.raises(dsconfig.ConfigError) as caught:
+            dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=found, config=zero(3))
+        assert str(caught.value).startswith(f"snapshot part {memory / 'part-0-of-2' / name_for(30)} holds DeepSpeed "
+                                            "ZeRO-1 fp32 state, and this run asks for ZeRO-3 fp32")
+        assert sorted(p for p in tmp_path.rglob("*")) == held
+    made, _ = dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=newest(root), config=zero(2))
+    assert checkpoints.recorded(made) == zero_1, "the parts' record, carried into the checkpoint made of them"
+    with pytest.raises(dsconfig.ConfigError) as caught:
+        dssnapshot.assemble(parts_of(memory), root, rank=0, world=1, found=made, config=zero(0))
+    assert str(caught.value).startswith(f"{made} holds DeepSpeed ZeRO-1 fp32 state, and this run asks for ZeRO-0")
+
+
+def zero(stage: int) -> dict:
+    return {"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
 
 
 def test_parts_the_nodes_persisted_complete_what_memory_lost_and_later_ones_are_forgotten(tmp_path):

@@ -275,11 +275,19 @@ def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(laun
     assert read_summary(interrupted)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
 
 
+def one_rank_env() -> dict:
+    """One process outside any launcher, on a port of its own (another run on the machine may hold torch's default)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
+            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+
+
 @pytest.mark.timed
 def test_one_process_stopped_by_sigterm_checkpoints_exits_75_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = one_rank_env()
     command = [sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(run_dir), *TINY[:4],
                "--epochs", "1000", "--log-every", "1"]
     log = tmp_path / "first.log"
@@ -301,6 +309,64 @@ def test_one_process_stopped_by_sigterm_checkpoints_exits_75_and_resumes(tmp_pat
     assert read_summary(run_dir)["steps"] == stopped_at + 2
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused_for_zero_1(refused: subprocess.CompletedProcess, stage: str, precision: str, written: str) -> None:
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stdout + refused.stderr
+    assert f"holds DeepSpeed ZeRO-1 {written} state" in refused.stderr
+    assert f"asks for ZeRO-{stage} {precision}" in refused.stderr
+    assert f"--zero-stage 1 --precision {written}" in refused.stderr
+
+
+def test_deepspeed_resumed_in_a_zero_stage_or_precision_its_checkpoint_cannot_load_is_refused_touching_nothing(
+        tmp_path):
+    run_dir, env = tmp_path / "run", one_rank_env()
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), "--backend", "deepspeed",
+                               *TINY[:4], *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    written = train("--zero-stage", "1", "--precision", "bf16", "--max-steps", "2")
+    assert written.returncode == 0, written.stdout + written.stderr
+    before = files_of(run_dir / "checkpoints")
+    for stage, precision in (("3", "bf16"), ("0", "bf16"), ("1", "fp32")):
+        refused = train("--zero-stage", stage, "--precision", precision, "--max-steps", "4", "--resume")
+        assert_refused_for_zero_1(refused, stage, precision, "bf16")
+        assert files_of(run_dir / "checkpoints") == before
+    # ZeRO-1 and -2 keep the same state in the same files: each resumes from the other's.
+    resumed = train("--zero-stage", "2", "--precision", "bf16", "--max-steps", "4", "--resume")
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+@pytest.mark.timed
+def test_deepspeed_resumed_in_a_zero_stage_its_snapshot_in_node_memory_cannot_load_is_refused_touching_nothing(
+        tmp_path):
+    run_dir, memory = tmp_path / "run", tmp_path / "memory"
+    env = {**one_rank_env(), snapshot.ROOT_ENV: str(memory)}
+    # Nothing on disk (no loop checkpoint, no part persisted): the resume can only come from memory.
+    command = [sys.executable, "-m", "train", "--run-dir", str(run_dir), "--backend", "deepspeed", *TINY[:4],
+               "--epochs", "100", "--precision", "fp32", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05",
+               "--persist-every-s", "0"]
+    log = tmp_path / "first.log"
+    first = subprocess.Popen([*command, "--zero-stage", "1"], env=env, cwd=REPO, stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT)
+    part = snapshot.store_dir(run_dir, env, socket.gethostname()) / checkpoints.PART.format(0, 1)
+    deadline = time.monotonic() + 240
+    while (snapshot.step_of(checkpoints.newest(part)) or 0) < 3:
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    first.kill()
+    first.wait()
+    assert checkpoints.held(run_dir / "checkpoints") == [], "a disk checkpoint was written before the kill"
+    before = files_of(memory)
+    refused = subprocess.run([*command, "--zero-stage", "3", "--resume"], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert_refused_for_zero_1(refused, "3", "fp32", "fp32")
+    assert str(part) in refused.stderr
+    assert files_of(memory) == before and checkpoints.held(run_dir / "checkpoints") == []
+
+
 def resumed_on_one_rank(launch, tmp_path, args: list[str], stop: int, total: int) -> tuple[str, Path, Path]:
     """An uninterrupted 2-rank run of ``total`` steps, and a 2-rank run to ``stop`` resumed on one rank to ``total``
     (what an elastic relaunch on the node left does): the one rank's output, the reference's and the run's
@@ -317,8 +383,7 @@ def resumed_on_one_rank(launch, tmp_path, args: list[str], stop: int, total: int
     (run_dir / "summary.json").unlink()
     (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in (run_dir / "metrics.jsonl").read_text()
                                                    .splitlines() if json.loads(line)["step"] <= stop))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = one_rank_env()
     one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", str(total),
                           "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr

@@ -455,6 +455,17 @@ def test_resume_from_a_checkpoint_whose_pickle_calls_code_runs_none_and_exits_2_
 
 
 
+def test_dp_and_ddp_resume_in_another_precision_fp16_starting_its_loss_scale_afresh(tmp_path, capsys, one_process):
+    # Autocast leaves the weights and Adam's moments fp32 in every precision; only fp16 keeps a loss scale.
+    args = ["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+            "--threads", "1", "--heartbeat-s", "0"]
+    assert main([*args, "--precision", "bf16", "--max-steps", "2"]) == 0
+    for precision, steps in (("fp16", 4), ("fp32", 6)):
+        capsys.readouterr()
+        assert main([*args, "--precision", precision, "--max-steps", str(steps), "--resume"]) == 0
+        assert f"at step {steps - 2}" in capsys.readouterr().out
+
+
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
     secret = tmp_path / "secret"
     secret.write_text("keep\n")

@@ -137,15 +137,16 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     join(run, beat)
     if opts.preflight_only:
         return leave(0)
-    engine = build_engine(run)
-    beat.mark("model_built")
-    heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
-    loader = build_loader(run, engine, data)
     store = snapshot.open_store(run.run_dir, os.environ, every_s=run.snapshot_every_s, rank=run.rank,
                                 local_rank=run.env.local_rank, fresh=not opts.resume, on_written=beat.snapshot_written,
                                 persist=snapshot.Persist(run.checkpoints, opts.persist_every_s),
                                 partitioned_on_node=run.env.node_rank if run.ds_config is not None else None)
-    state, found = resume(run, engine, store)
+    start = locate(run, store)  # before the engine: what it could not load is refused without building it
+    engine = build_engine(run)
+    beat.mark("model_built")
+    heartbeat.time_ddp_buckets(getattr(engine, "net", None), beat.step_clock)
+    loader = build_loader(run, engine, data)
+    state, found = resume(run, engine, *start)
     timing = loop(run, engine, loader, state, found, beat, store)
     if timing is not None:
         beat.phase("eval")
@@ -245,30 +246,32 @@ def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | 
     return loader
 
 
-def resume(run: Setup, engine: Engine, store: snapshot.Store | dssnapshot.Parts | None) -> tuple[dict, Path | None]:
-    """The trainer's own state (step, losses, what the data order depends on), and with --resume the disk
-    checkpoint it came from (None when it came from a snapshot, which is no checkpoint a stop can stand on)."""
-    opts = run.opts
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
-             "seed": opts.seed, "backend": opts.backend, "world_size": run.world}
-    if not opts.resume:
-        return state, None
+def locate(run: Setup, store: snapshot.Store | dssnapshot.Parts | None) -> tuple[Path | None, tuple | None, str]:
+    """With --resume, what the run goes on from: the disk checkpoint (DeepSpeed's snapshot parts may have been made
+    one), or a dp/ddp snapshot's state and where a node held it, and which memory a snapshot was in; refused where
+    this run's backend, or DeepSpeed's ZeRO stage or precision, cannot load it."""
+    if not run.opts.resume:
+        return None, None, ""
     found = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
                               share=lambda name: broadcast_from_0(name, run.world))
-    held, source = None, ""  # where a snapshot resumed from was: node memory, or the parts DeepSpeed's nodes persisted
     if isinstance(store, dssnapshot.Parts):  # DeepSpeed's parts, made a checkpoint on disk to load as one
-        found, source = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found)
-    else:
-        held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
-        source = "node memory" if held is not None else ""
+        found, source = dssnapshot.assemble(store, run.checkpoints, run.rank, run.world, found, run.ds_config)
+        return found, None, source
+    held = snapshot.newest_held(store, run.rank, run.world, snapshot.step_of(found))
+    if held is None and found is not None:
+        checkpoint.check_loadable(found, run.opts.backend, run.ds_config)
+    return found, held, "node memory" if held is not None else ""
+
+
+def resume(run: Setup, engine: Engine, found: Path | None, held: tuple | None, source: str) -> tuple[dict, Path | None]:
+    """The trainer's own state (step, losses, what the data order depends on), and with --resume the disk
+    checkpoint it came from (None when it came from a snapshot, which is no checkpoint a stop can stand on)."""
+    state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
+             "seed": run.opts.seed, "backend": run.opts.backend, "world_size": run.world}
     if found is None and held is None:
-        say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
+        if run.opts.resume:
+            say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
         return state, None
-    wrote = checkpoint.written_by(found) if held is None else None
-    if wrote is not None and wrote != ("dp/ddp" if run.ds_config is None else "deepspeed"):
-        raise UsageError(f"{found} was written by {wrote}, which --backend {opts.backend} cannot load; resume with "
-                         "the backend that wrote it, or pass another --run-dir")
     saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
     for key in ("global_batch", "seed"):
         if saved[key] != state[key]:
@@ -294,7 +297,8 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
     def save() -> Path:
         beat.phase("checkpoint")
         where = checkpoint.save(run.checkpoints, state["step"], rank=rank, barrier=barrier,
-                                write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))
+                                write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)),
+                                trained_with=engine.trained_with)
         clocks.saved()
         beat.phase("train")
         return where

@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from hpc.checkpoints import KEEP, complete, held, name_for, newest, size, write_manifest
+from hpc import dsconfig
+from hpc.checkpoints import KEEP, complete, held, name_for, newest, recorded, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -107,17 +108,19 @@ def earlier_run(root: Path) -> list[str]:
 
 
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],
-         barrier: Callable[[], None] = lambda: None) -> Path:
-    """Every rank calls ``write(save_dir, tag)`` to fill ``save_dir/tag``; rank 0 then publishes it by rename.
+         barrier: Callable[[], None] = lambda: None, trained_with: dict | None = None) -> Path:
+    """Every rank calls ``write(save_dir, tag)`` to fill ``save_dir/tag``; rank 0 then publishes it by rename, its
+    manifest recording ``trained_with`` (hpc.dsconfig.trained_with's) where given.
 
     Until the rename, the previous checkpoint stays the newest complete one, so a crash or a kill at
     any point leaves a loadable checkpoint behind.
     """
     with publishing(root):
-        return _save(Path(root), step, rank, write, barrier)
+        return _save(Path(root), step, rank, write, barrier, trained_with)
 
 
-def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], barrier: Callable[[], None]) -> Path:
+def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], barrier: Callable[[], None],
+          trained_with: dict | None) -> Path:
     tag = name_for(step)
     staging = root / f".tmp-{tag}"
     if rank == 0:
@@ -129,7 +132,7 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
         write(staging, tag)
         barrier()
         if rank == 0:
-            write_manifest(staging / tag, step)
+            write_manifest(staging / tag, step, trained_with)
     except Exception as exc:
         # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
         if not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS) and not disk_full(root):
@@ -158,6 +161,17 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
 def written_by(folder: Path) -> str:
     """Which backends load the checkpoint ``folder``: dp and ddp share the trainer's own file, DeepSpeed has its own."""
     return "dp/ddp" if (Path(folder) / TRAINER_FILE).exists() else "deepspeed"
+
+
+def check_loadable(folder: Path, backend: str, ds_config: dict | None) -> None:
+    """Refuse, before anything is built or loaded, a checkpoint of the other backend family, or DeepSpeed's of a ZeRO
+    stage or precision that ``ds_config``, the run's, cannot load (hpc.dsconfig.check_resume)."""
+    wrote = written_by(folder)
+    if wrote != ("dp/ddp" if ds_config is None else "deepspeed"):
+        raise CheckpointError(f"{folder} was written by {wrote}, which --backend {backend} cannot load; resume with "
+                              "the backend that wrote it, or pass another --run-dir")
+    if ds_config is not None:
+        dsconfig.check_resume(recorded(folder), ds_config, folder)
 
 
 def regrouped(saved_world: int | None, world: int, global_batch: int) -> str:
@@ -191,7 +205,8 @@ def rng_file(folder: Path, rank: int | str) -> Path:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is not the trainer's own data (tensors, numbers, text); one line."""
+    """A checkpoint this run cannot load: a file that is not the trainer's own data (tensors, numbers, text), or the
+    other backend family's; one line."""
 
 
 def _earlier_numpy_state() -> list:

@@ -2,8 +2,8 @@
 the newest complete one into a disk checkpoint when a relaunch resumes.
 
     parts = dssnapshot.open_parts(folder, node=..., local_rank=..., fresh=..., on_written=..., persist=...)
-    parts.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)))  # every rank
-    found, source = dssnapshot.assemble(parts, run.checkpoints, rank, world, found)     # every rank, at a resume
+    parts.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)), engine.trained_with)
+    found, source = dssnapshot.assemble(parts, run.checkpoints, rank, world, found, config)  # every rank, at a resume
 
 A ZeRO rank's optimizer partition (and under ZeRO-3 its parameters) exists nowhere else, so unlike dp/ddp no node
 holds the whole state: each node keeps its own ranks' files, as DeepSpeed's ``save_checkpoint`` writes them, in
@@ -35,8 +35,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from hpc import fileio
-from hpc.checkpoints import MANIFEST, NAME, PART, PARTS, complete, held_in, name_for, newest_whole, size
+from hpc import dsconfig, fileio
+from hpc.checkpoints import MANIFEST, NAME, PART, PARTS, complete, held_in, name_for, newest_whole, recorded, size
 from train import checkpoint
 from train.runtime import gathered
 
@@ -68,7 +68,7 @@ class Parts:
     def part(self, node: int) -> Path:
         return self.folder / PART.format(node, self.nodes)
 
-    def take(self, step: int, write: Callable[[Path, str], None]) -> None:
+    def take(self, step: int, write: Callable[[Path, str], None], trained_with: dict | None = None) -> None:
         """Every rank: write this node's part (DeepSpeed's collective save into tmpfs, the only wait); the nodes'
         local ranks 0 then hand it round the ring in a thread while training goes on. Skipped on every rank alike
         while a node still hands on the one before, and stopped for good when a node lacks the memory for another."""
@@ -84,7 +84,8 @@ class Parts:
         if not idle:
             self.skipped += 1
             return
-        checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=dist.barrier)
+        checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=dist.barrier,
+                        trained_with=trained_with)
         self.last_s = time.perf_counter() - began
         self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
         if self.leader:
@@ -152,7 +153,8 @@ class Parts:
         held = self.part(self.node) / name_for(step)
         into = self.on_disk / self.part(self.node).name
         try:
-            checkpoint.save(into, step, rank=0, write=lambda staging, tag: copy_part(held, staging / tag))
+            checkpoint.save(into, step, rank=0, write=lambda staging, tag: copy_part(held, staging / tag),
+                            trained_with=recorded(held))
         except OSError as exc:
             shutil.rmtree(into / f".tmp-{name_for(step)}", ignore_errors=True)
             if held.is_dir():
@@ -197,7 +199,8 @@ class Parts:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
 
-        checkpoint.save(self.part(before), step, rank=0, write=write)
+        # The previous node's part of the step was written by the same run as this node's, with the same config.
+        checkpoint.save(self.part(before), step, rank=0, write=write, trained_with=recorded(mine))
 
 
 @dataclass(frozen=True)
@@ -227,23 +230,32 @@ def open_parts(folder: Path | None, *, node: int, local_rank: int, fresh: bool,
     return parts
 
 
-def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None) -> tuple[Path | None, str]:
+def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None,
+             config: dict | None = None) -> tuple[Path | None, str]:
     """Every rank: the checkpoint to resume from and where its state was, ``(found, "")`` when the checkpoint on disk
     is the newest, else one made in ``root`` from the newest snapshot whose every part some node holds in memory
     or persisted (each part copied there by the lowest rank holding it in memory, else by rank 0 from the disk).
-    Parts of later steps are forgotten: the run goes on from here."""
+    Parts of later steps are forgotten: the run goes on from here. Refused first, touching nothing, where ``config``
+    (the run's DeepSpeed config; None: not checked) cannot load the state it would go on from."""
     offers = gathered((parts.offer(), held_in(Path(root) / PARTS) if rank == 0 else {}), world)
     step, layout = newest_whole([offer for pair in offers for offer in pair])
     disk_step = int(NAME.fullmatch(found.name).group(1)) if found is not None else -1
     if step is None or step <= disk_step:
+        if found is not None and config is not None:
+            checkpoint.check_loadable(found, "deepspeed", config)
         parts.forget_after(max(disk_step, 0))
         return found, ""
-    parts.forget_after(step)
     sources = {}
     for name in layout:
         holder = next((r for r, (memory, _) in enumerate(offers) if step in memory.get(name, ())), None)
         sources[name] = ((holder, parts.folder / name / name_for(step)) if holder is not None
                          else (0, Path(root) / PARTS / name / name_for(step)))
+    # Each part's record is read where it is held: a node's memory is its own.
+    mine = [(str(held), recorded(held)) for holder, held in sources.values() if holder == rank]
+    where, saved = next(entry for entries in gathered(mine, world) for entry in entries)
+    if config is not None:
+        dsconfig.check_resume(saved, config, f"snapshot part {where}")
+    parts.forget_after(step)
 
     def write(staging: Path, tag: str) -> None:
         for holder, held in sources.values():
@@ -251,7 +263,7 @@ def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None
                 copy_part(held, staging / tag)
 
     barrier = dist.barrier if world > 1 else (lambda: None)
-    made = checkpoint.save(root, step, rank=rank, write=write, barrier=barrier)
+    made = checkpoint.save(root, step, rank=rank, write=write, barrier=barrier, trained_with=saved)
     in_memory = all(Path(root) not in held.parents for _, held in sources.values())
     return made, "node memory" if in_memory else "the parts its nodes persisted"
 

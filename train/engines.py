@@ -29,6 +29,7 @@ class Engine(Protocol):
 
     input_dtype: torch.dtype  # what the loader normalises images into
     zero_stage: int | None  # DeepSpeed's ZeRO stage; None for dp/ddp
+    trained_with: dict | None  # what its checkpoints record for a resume to match (hpc.dsconfig); None for dp/ddp
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
@@ -45,7 +46,7 @@ class TorchEngine:
     """Adam on a plain, DataParallel or DDP-wrapped module; bf16/fp16 by autocast, fp16 with a GradScaler."""
 
     input_dtype = torch.float32  # autocast casts per op
-    zero_stage = None
+    zero_stage = trained_with = None
 
     def __init__(self, model: nn.Module, *, backend: str, device: torch.device, precision: str, lr: float,
                  world_size: int = 1, compile: bool = False, channels_last: bool = False) -> None:
@@ -109,7 +110,9 @@ class TorchEngine:
         saved = dict(saved)
         self.module.load_state_dict(bare_state_dict(saved.pop("model")))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
-        self.scaler.load_state_dict(saved.pop("scaler"))
+        scaler = saved.pop("scaler")
+        if scaler:  # empty where no fp16 trained: a resume in fp16 starts its loss scale as a fresh run does
+            self.scaler.load_state_dict(scaler)
         if "rng" in saved:
             checkpoint.set_rng_state(saved.pop("rng"))
         return saved
@@ -135,6 +138,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        self.trained_with = dsconfig.trained_with(config)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)

@@ -244,7 +244,7 @@ def take(store: Store | dssnapshot.Parts | None, engine, trainer_state: dict, ra
     it at the step the ranks agreed on); ``pace``, the snapshot clock, is slowed to keep DeepSpeed's waits short."""
     step = trainer_state["step"]
     if isinstance(store, dssnapshot.Parts):
-        store.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, trainer_state))
+        store.take(step, lambda save_dir, tag: engine.write(save_dir, tag, rank, trainer_state), engine.trained_with)
         if pace is not None:
             pace.every_s = store.spaced(pace.every_s)
     elif store is not None:
