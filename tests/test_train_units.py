@@ -283,9 +283,9 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 
     def crash_half_way(save_dir, tag):
         (save_dir / tag / "model.pt").write_bytes(b"half a file")
-        raise KeyboardInterrupt("killed mid-write")
+        raise RuntimeError("crashed mid-write")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError):
         checkpoint.save(root, 20, rank=0, write=crash_half_way)
     newest = checkpoint.newest(root)
     assert newest.name == "step00000010"
@@ -296,6 +296,19 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     save_model(root, 20, good)  # the next attempt clears the debris and publishes
     assert checkpoint.newest(root).name == "step00000020"
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_a_ctrl_c_while_writing_a_checkpoint_leaves_no_half_written_one_behind(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_model(root, 10, ConvNet())
+
+    def interrupted_half_way(save_dir, tag):
+        (save_dir / tag / "model.pt").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(root, 20, rank=0, write=interrupted_half_way)
+    assert sorted(os.listdir(root)) == ["step00000010"]
 
 
 def test_a_step_saved_again_after_a_crash_left_the_replaced_copy_behind_is_published(tmp_path):

@@ -120,16 +120,21 @@ def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None]
 def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], barrier: Callable[[], None]) -> Path:
     tag = name_for(step)
     staging = root / f".tmp-{tag}"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
-        (staging / tag).mkdir(parents=True)
-    barrier()
     code = None
     try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
+            (staging / tag).mkdir(parents=True)
+        barrier()
         write(staging, tag)
         barrier()
         if rank == 0:
             write_manifest(staging / tag, step)
+    except KeyboardInterrupt:
+        # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     except Exception as exc:
         # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
         if not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS) and not disk_full(root):
