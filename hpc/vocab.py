@@ -28,6 +28,7 @@ EXIT_STORAGE = 74  # a checkpoint could not be written (the disk full, the path 
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
 EXIT_NODE_LOST = 77  # every rank of another node vanished and its slurmd does not answer (RUN_DIR/lost.json)
+EXIT_INTERRUPTED = 130  # a user's Ctrl-C (SIGINT): 128 + 2, what a shell reports for it; rerun with --resume
 # Heartbeat phases (contract 1). Before a rank's first step there is no step time yet to judge a hang by; in the
 # active phases a step time does; a final phase is written once, as the rank ends.
 SETUP_PHASES = ("setup", "rendezvous", "build")

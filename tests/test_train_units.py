@@ -942,6 +942,15 @@ def test_a_stop_signal_before_torch_is_imported_is_remembered():
     assert done.returncode == 0 and done.stdout.strip() == str(int(signal.SIGTERM)), done.stderr
 
 
+def test_importing_the_trainer_leaves_ctrl_c_to_whoever_imported_it():
+    # Only the trainer's main() takes SIGINT once (train/preemption.py): a test session or a notebook keeps its own.
+    code = ("import signal; import train.__main__; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+
+
 # --- hang watchdog -------------------------------------------------------------------------------------
 
 def beat_of(rank, step, step_at, time_, phase="train", step_time=0.1):

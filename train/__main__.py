@@ -7,7 +7,7 @@
     python -m train --backend dp --dataset cifar10 --data-dir data --run-dir runs/dp --resume
 
 Exit statuses (docs/CONTRACTS.md): 0 done, 2 bad input, 75 stopped by SIGUSR1/SIGTERM after a checkpoint,
-76 hung (train/watchdog.py ended it).
+76 hung (train/watchdog.py ended it), 130 interrupted by Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from train import preemption
 TORCH_IMPORTED = time.time()
 
 from hpc import dsconfig, fileio, ranks, runfiles, vocab
-from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
+from hpc.vocab import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STORAGE
 from train import checkpoint, dssnapshot, heartbeat, nodebeat, snapshot, watchdog
 from train.data import DataError, Dataset, load_dataset
 from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
@@ -101,7 +101,7 @@ class Setup:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
-    preemption.install()  # already there since import; again for a caller that runs main() twice
+    preemption.install(interrupt=True)  # SIGUSR1/SIGTERM's there since import; again for a caller of main() twice
     beat = heartbeat.Heartbeat(opts.run_dir, every_s=opts.heartbeat_s,
                                marks={"process_start": STARTED, "torch_imported": TORCH_IMPORTED})
     status = None
@@ -119,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
         status = EXIT_STORAGE
+    except KeyboardInterrupt:  # a user's Ctrl-C (train/preemption.py): a stop, not a failure
+        print(f"hpcdist-train: interrupted (SIGINT) at step {beat.step}, exit {EXIT_INTERRUPTED}: rerun with --resume "
+              f"to go on from {checkpoint.resumes_from(opts.run_dir / vocab.CHECKPOINTS)}", file=sys.stderr, flush=True)
+        status = EXIT_INTERRUPTED
     except Exception as exc:
         # This rank's own error, for the job's report to lead with (hpc/failures reads RUN_DIR/errors/).
         runfiles.record_rank_error(opts.run_dir, os.environ, f"{type(exc).__name__}: {exc}", "exception", 1)
         raise
     finally:
-        beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))
+        beat.finish({0: "done", EXIT_PREEMPTED: "stopped", EXIT_INTERRUPTED: "stopped"}.get(status, "failed"))
         preemption.restore()
         preemption.forget()
     return status

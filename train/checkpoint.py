@@ -106,6 +106,13 @@ def earlier_run(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in held(root)]
 
 
+def resumes_from(root: Path) -> str:
+    """Where a ``--resume`` goes on from, in words, by the names in ``root`` alone (no checksums: reading a large
+    checkpoint would keep a Ctrl-C waiting)."""
+    kept = earlier_run(root)
+    return f"its checkpoint {kept[-1]}" if kept else "step 0 (no checkpoint was written yet)"
+
+
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],
          barrier: Callable[[], None] = lambda: None) -> Path:
     """Every rank calls ``write(save_dir, tag)`` to fill ``save_dir/tag``; rank 0 then publishes it by rename.
