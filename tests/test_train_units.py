@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +174,29 @@ def test_a_missing_cifar10_file_is_one_line_naming_the_path_and_download(tmp_pat
         read_cifar10(tmp_path)
     message = str(err.value)
     assert "data_batch_3" in message and "--download" in message and "\n" not in message
+
+
+def test_a_pipe_where_a_cifar10_batch_belongs_is_refused_in_one_line_not_waited_on_forever(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.unlink()
+    os.mkfifo(batch)
+    said = []
+
+    def read() -> None:
+        with pytest.raises(DataError) as err:
+            read_cifar10(tmp_path)
+        said.append(str(err.value))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    waited = reader.is_alive()
+    if waited:  # a writer lets the reader's open return
+        os.close(os.open(batch, os.O_WRONLY))
+    assert not waited, "the reader waited for someone to write into the pipe"
+    [message] = said
+    assert f"{batch} is a pipe, not a file" in message and "--data-dir" in message and "\n" not in message
 
 
 def test_a_data_dir_that_is_a_file_is_named_as_such_not_as_a_corrupt_batch_to_delete(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc import ranks, shown
+from hpc import jobfiles, ranks, shown
 from train.options import Options
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -67,11 +67,14 @@ def read_batch(path: Path) -> Split:
     """One pickled CIFAR-10 batch: a dict with b"data" (uint8 N x 3072, channel-major) and b"labels"."""
     fix = f"rerun with --download, or point --data-dir at the folder that holds {CIFAR_FOLDER}/"
     try:
-        with open(path, "rb") as f:
+        # Followed, since a data set is often a link, but a pipe or a device put there is refused, not waited on.
+        with jobfiles.open_regular(path, follow=True) as f:
             # CIFAR-10 ships as Python 2 pickles: encoding="bytes" keeps their str keys as b"data", b"labels".
             batch = BatchUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 file {path} is missing: {fix}") from None
+    except jobfiles.Damaged as exc:
+        raise DataError(f"CIFAR-10 batch {exc}: {fix}") from None
     except ForeignGlobal as exc:
         raise DataError(f"CIFAR-10 file {path} calls {exc}, which no CIFAR-10 batch does, so it was not read (a pickle "
                         f"can run code): delete it and {fix}") from None
