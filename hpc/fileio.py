@@ -2,7 +2,7 @@
 
     atomic_write(path, text)        # a temporary file beside ``path``, then renamed over it
     append_line(path, line)         # one O_APPEND write; a link at ``path`` is refused, not followed
-    open_own(path, append=False)    # a file kept open for writing (the trainer's metrics); a link is refused
+    open_own(path, append=False)    # a file kept open for writing (the trainer's metrics); a link or pipe is refused
     folder(root, "report")          # root/report as a real directory below root, never through a link
     private(folder)                 # a folder in shared tmpfs that is this user's alone, or None
 """
@@ -89,16 +89,23 @@ def append_line(path: Path, line: str) -> None:
 
 
 def open_own(path: Path, *, append: bool) -> TextIO:
-    """``path`` open for writing, emptied first unless ``append``; a link at ``path`` is refused (UnsafePath), never
-    written through."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    """``path`` open for writing, emptied first unless ``append``; a link, a pipe, a device or a folder at ``path`` is
+    refused (UnsafePath), never written through nor waited on."""
+    # O_NONBLOCK: a pipe's open for writing would wait for a reader; a regular file ignores the flag.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if append else os.O_TRUNC)
+    foreign = f"{path} is no regular file; hpcdist writes only a file of its own there: remove it"
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafePath(f"{path} is a symbolic link; hpcdist writes only inside the directory it was given: "
                              "remove the link") from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a pipe nobody reads; a folder
+            raise UnsafePath(foreign) from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(foreign)
     return os.fdopen(fd, "a" if append else "w")
 
 

@@ -28,6 +28,7 @@ EXIT_STORAGE = 74  # a checkpoint could not be written (the disk full, the path 
 EXIT_PREEMPTED = 75  # every rank checkpointed after a preemption/time-limit signal: requeue, rerun with --resume
 EXIT_HUNG = 76  # the watchdog ended a rank whose step stopped advancing
 EXIT_NODE_LOST = 77  # every rank of another node vanished and its slurmd does not answer (RUN_DIR/lost.json)
+EXIT_INTERRUPTED = 130  # a user's Ctrl-C (SIGINT): 128 + 2, what a shell reports for it; rerun with --resume
 # What every rank checkpoints on, then exits EXIT_PREEMPTED (train/preemption.py): a job's --signal names one.
 CHECKPOINT_SIGNALS = ("USR1", "TERM")
 # Heartbeat phases (contract 1). Before a rank's first step there is no step time yet to judge a hang by; in the

@@ -160,6 +160,20 @@ def test_a_scancel_seen_only_in_the_batch_log_is_cancelled_not_preempted():
     assert decide(ending, [], Policy(), {}).action == "none"
 
 
+@pytest.mark.parametrize("how", ["Exited with exit code 130", "Interrupt"])
+def test_ranks_a_person_interrupted_are_stopped_by_request_never_relaunched(how):
+    """The trainer's own exit for a Ctrl-C or scancel --signal=INT (130, its heartbeat `stopped`), or a rank SIGINT
+    killed outright: a stop someone asked for, which a relaunch would undo."""
+    line = ("hpcdist-train: interrupted (SIGINT) at step 35, exit 130: rerun with --resume to go on from its "
+            "checkpoint step00000032\n")
+    ev = Evidence(attempt=0, step_status=130, job_state="RUNNING", batch_log=f"srun: error: n1: tasks 0-1: {how}\n",
+                  task_logs={0: line, 1: line}, checkpoint_step=32)
+    ending = rules.classify(ev)
+    assert (ending.ending, ending.rank, ending.node, ending.step) == ("cancelled", 0, "n1", 32)
+    assert ending.detail == "rank 0 on n1: interrupted (SIGINT), a stop asked for"
+    assert decide(ending, [], Policy(max_retries=2, nodes=1), {}, allocation=["n1"]).action == "none"
+
+
 def test_a_preemption_by_slurm_is_not_a_cancel():
     log = "slurmstepd-n1: error: *** JOB 7 ON n1 CANCELLED AT 2026-12-01T10:03:02 DUE TO PREEMPTION ***\n"
     ev = Evidence(attempt=0, step_status=75, preempted=True, job_state="RUNNING", batch_log=log)
@@ -216,6 +230,7 @@ CONSTRUCTED = {
     "cancelled": Evidence(attempt=0, step_status=143, job_state="CANCELLED by 1000"),
     "node_fail_unnamed": Evidence(attempt=0, step_status=1, job_state="NODE_FAIL"),
     "own_error": Evidence(attempt=0, step_status=1, errors=(RankError(1, "n2", 0, 5.0, "exception", "KeyError: 'x'"),)),
+    "interrupted": Evidence(attempt=0, step_status=130),
     "out_of_memory": Evidence(attempt=0, step_status=137, job_state="OUT_OF_MEMORY"),
     "completed": Evidence(attempt=0, step_status=0, seen_step=30),
     "unknown": Evidence(attempt=0, step_status=3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,35 @@ def test_append_line_refuses_a_link(tmp_path: Path, secret: Path) -> None:
     fileio.append_line(tmp_path / "real", "a")
     fileio.append_line(tmp_path / "real", "b\n")
     assert (tmp_path / "real").read_text() == "a\nb\n"
+
+
+@pytest.mark.parametrize("kind", ["pipe", "folder"])
+def test_open_own_refuses_a_pipe_or_a_folder_in_one_line_and_never_waits_for_a_reader(tmp_path: Path, kind) -> None:
+    path = tmp_path / "metrics"
+    os.mkfifo(path) if kind == "pipe" else path.mkdir()
+    said: list[str] = []
+
+    def open_it() -> None:
+        with pytest.raises(fileio.UnsafePath) as err:
+            fileio.open_own(path, append=False)
+        said.append(str(err.value))
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=10)
+    waited = opener.is_alive()
+    if waited:  # a reader lets the writer's open return
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    assert not waited, f"open_own waited for someone to read the {kind}"
+    [message] = said
+    assert message.startswith(f"{path} is no regular file") and "\n" not in message, message
+
+
+def test_open_own_writes_a_file_of_its_own(tmp_path: Path) -> None:
+    for append, text in ((False, "a\n"), (True, "b\n")):
+        with fileio.open_own(tmp_path / "metrics", append=append) as f:
+            f.write(text)
+    assert (tmp_path / "metrics").read_text() == "a\nb\n"
 
 
 def test_folder_never_goes_through_a_link_or_a_file(tmp_path: Path) -> None:

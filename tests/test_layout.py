@@ -14,7 +14,7 @@ MAX_FUNCTION_LINES = 60
 # What the trainer may import from hpc/: the vocabulary, rank resolution, the DeepSpeed config, and the
 # writers and readers of the run directory. Nothing that speaks to Slurm or renders jobs.
 TRAINER_TAKES = {"hpc.vocab", "hpc.ranks", "hpc.dsconfig", "hpc.runfiles", "hpc.fileio", "hpc.checkpoints",
-                 "hpc.beatfile", "hpc.jobfiles", "hpc.slurm.commands"}
+                 "hpc.beatfile", "hpc.jobfiles", "hpc.slurm.commands", "hpc.shown"}
 
 
 def _name(path: Path) -> str:

@@ -367,6 +367,36 @@ def test_deepspeed_resumed_in_a_zero_stage_its_snapshot_in_node_memory_cannot_lo
     assert files_of(memory) == before and checkpoints.held(run_dir / "checkpoints") == []
 
 
+@pytest.mark.timed
+def test_ctrl_c_ends_a_run_in_one_line_with_exit_130_a_stopped_heartbeat_and_no_half_written_checkpoint(tmp_path):
+    from train import heartbeat
+
+    run_dir = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))},
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # A checkpoint every step, so the interrupt most likely lands in a write.
+    command = [sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(run_dir), *TINY[:4],
+               "--epochs", "1000", "--log-every", "1", "--checkpoint-every", "1"]
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    # SIGINT as a terminal's Ctrl-C delivers it: a test run from a background job would hand it down ignored.
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=open(out, "w"), stderr=open(err, "w"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_losses(run_dir)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, err.read_text()
+    [line] = err.read_text().splitlines()
+    kept = checkpoint.newest(run_dir / "checkpoints")
+    assert line.startswith("hpcdist-train: interrupted (SIGINT) at step ") and "Traceback" not in out.read_text()
+    assert f"rerun with --resume to go on from its checkpoint {kept.name}" in line, line
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [c.name for c in checkpoint.complete(
+        run_dir / "checkpoints")] and checkpoints.damage(kept) is None
+    assert heartbeat.read_all(run_dir)[0]["phase"] == "stopped"
+    assert not (run_dir / "errors").exists() and not (run_dir / "preempted").exists()
+
+
 def resumed_on_one_rank(launch, tmp_path, args: list[str], stop: int, total: int) -> tuple[str, Path, Path]:
     """An uninterrupted 2-rank run of ``total`` steps, and a 2-rank run to ``stop`` resumed on one rank to ``total``
     (what an elastic relaunch on the node left does): the one rank's output, the reference's and the run's

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 
 from hpc import checkpoints
 from train import checkpoint, nodebeat, runtime
+from train import data as data_module
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.engines import TorchEngine
@@ -83,12 +86,38 @@ def test_param_digest_sees_any_change_and_ignores_wrapper_prefixes():
 
 # --- data ----------------------------------------------------------------------------------------------
 
+class Python2Pickler(pickle._Pickler):
+    """Pickles as CIFAR-10's batches were written: Python 2's cPickle, protocol 2, its strings byte strings, and
+    numpy 1's arrays rebuilt by numpy.core.multiarray._reconstruct (numpy 2 names numpy._core)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    reconstruct = np.zeros(0).__reduce__()[0]
+
+    def save_python2_str(self, obj: bytes | str) -> None:
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        self.write((pickle.SHORT_BINSTRING + bytes([len(raw)]) if len(raw) < 256
+                    else pickle.BINSTRING + len(raw).to_bytes(4, "little")) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_python2_str
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is not self.reconstruct:
+            return super().save_global(obj, name)
+        self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+        self.memoize(obj)
+
+
+def dump_like_cifar(batch: dict, path) -> None:
+    with open(path, "wb") as f:
+        Python2Pickler(f, protocol=2).dump(batch)
+
+
 def write_cifar_batch(path, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
     labels = [int(x) for x in rng.integers(0, 10, size=n)]
-    with open(path, "wb") as f:
-        pickle.dump({b"batch_label": b"test", b"labels": labels, b"data": data, b"filenames": [b"x"] * n}, f)
+    dump_like_cifar({b"batch_label": b"test", b"labels": labels, b"data": data, b"filenames": [b"x"] * n}, path)
     return data, labels
 
 
@@ -112,6 +141,32 @@ def test_cifar10_reader_reads_the_real_pickle_format_channel_major(tmp_path):
     assert read_cifar10(tmp_path / "cifar-10-batches-py").test.labels.tolist() == written["test_batch"][1]
 
 
+def test_the_cifar10_reader_looks_up_exactly_the_globals_the_real_batches_name(tmp_path):
+    write_cifar_batch(tmp_path / "data_batch_1", 2, seed=0)
+    named = {tuple(arg.split(" ")) for op, arg, _ in pickletools.genops((tmp_path / "data_batch_1").read_bytes())
+             if op.name == "GLOBAL"}
+    assert named == set(data_module.CIFAR_GLOBALS)
+    assert read_batch(tmp_path / "data_batch_1").images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("planted", ["python3", "python2"])
+def test_a_cifar10_batch_whose_pickle_calls_code_runs_none_and_exits_2_in_one_line(tmp_path, capsys, one_process,
+                                                                                   planted):
+    write_cifar10(tmp_path / "data")
+    marker, batch = tmp_path / "ran", tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1"
+    if planted == "python3":
+        batch.write_bytes(pickle.dumps({b"data": RunsCode(marker), b"labels": [0]}))
+    else:  # as a Python 2 pickle names it: the unpickler maps __builtin__ to builtins
+        batch.write_bytes(b"\x80\x02c__builtin__\nopen\nU" + bytes([len(str(marker))]) + str(marker).encode()
+                          + b"U\x01w\x86R.")
+    code = main(["--backend", "ddp", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                 "--run-dir", str(tmp_path / "run"), "--threads", "1", "--heartbeat-s", "0"])
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "data_batch_1" in err and "open" in err and "not read" in err and "--data-dir" in err, err
+
+
 def test_a_missing_cifar10_file_is_one_line_naming_the_path_and_download(tmp_path):
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
@@ -119,6 +174,29 @@ def test_a_missing_cifar10_file_is_one_line_naming_the_path_and_download(tmp_pat
         read_cifar10(tmp_path)
     message = str(err.value)
     assert "data_batch_3" in message and "--download" in message and "\n" not in message
+
+
+def test_a_pipe_where_a_cifar10_batch_belongs_is_refused_in_one_line_not_waited_on_forever(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.unlink()
+    os.mkfifo(batch)
+    said = []
+
+    def read() -> None:
+        with pytest.raises(DataError) as err:
+            read_cifar10(tmp_path)
+        said.append(str(err.value))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    waited = reader.is_alive()
+    if waited:  # a writer lets the reader's open return
+        os.close(os.open(batch, os.O_WRONLY))
+    assert not waited, "the reader waited for someone to write into the pipe"
+    [message] = said
+    assert f"{batch} is a pipe, not a file" in message and "--data-dir" in message and "\n" not in message
 
 
 def test_a_data_dir_that_is_a_file_is_named_as_such_not_as_a_corrupt_batch_to_delete(tmp_path):
@@ -142,8 +220,7 @@ def test_a_corrupt_cifar10_run_exits_2_with_one_line_on_stderr(tmp_path, capsys,
 
 
 def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
-    with open(tmp_path / "bad", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    dump_like_cifar({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, tmp_path / "bad")
     with pytest.raises(DataError, match="not uint8 N x 3072"):
         read_batch(tmp_path / "bad")
 
@@ -154,8 +231,7 @@ def test_a_batch_of_the_wrong_shape_is_refused(tmp_path):
     (3, "labels of shape ()"), ([[1, 2], [3, 4]], "labels of shape (2, 2)"), ([[1], [1, 2]], "ragged"),
 ])
 def test_labels_that_are_not_one_integer_0_9_per_image_are_refused_never_cast(tmp_path, labels, words):
-    with open(tmp_path / "bad", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
+    dump_like_cifar({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, tmp_path / "bad")
     with pytest.raises(DataError) as err:
         read_batch(tmp_path / "bad")
     assert words in str(err.value) and "\n" not in str(err.value)
@@ -283,9 +359,9 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 
     def crash_half_way(save_dir, tag):
         (save_dir / tag / "model.pt").write_bytes(b"half a file")
-        raise KeyboardInterrupt("killed mid-write")
+        raise RuntimeError("crashed mid-write")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError):
         checkpoint.save(root, 20, rank=0, write=crash_half_way)
     newest = checkpoint.newest(root)
     assert newest.name == "step00000010"
@@ -296,6 +372,19 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     save_model(root, 20, good)  # the next attempt clears the debris and publishes
     assert checkpoint.newest(root).name == "step00000020"
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+
+
+def test_a_ctrl_c_while_writing_a_checkpoint_leaves_no_half_written_one_behind(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_model(root, 10, ConvNet())
+
+    def interrupted_half_way(save_dir, tag):
+        (save_dir / tag / "model.pt").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(root, 20, rank=0, write=interrupted_half_way)
+    assert sorted(os.listdir(root)) == ["step00000010"]
 
 
 def test_a_step_saved_again_after_a_crash_left_the_replaced_copy_behind_is_published(tmp_path):
@@ -951,6 +1040,15 @@ def test_a_stop_signal_before_torch_is_imported_is_remembered():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0 and done.stdout.strip() == str(int(signal.SIGTERM)), done.stderr
+
+
+def test_importing_the_trainer_leaves_ctrl_c_to_whoever_imported_it():
+    # Only the trainer's main() takes SIGINT once (train/preemption.py): a test session or a notebook keeps its own.
+    code = ("import signal; import train.__main__; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
 
 
 # --- hang watchdog -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
     python -m train --backend dp --dataset cifar10 --data-dir data --run-dir runs/dp --resume
 
 Exit statuses (docs/CONTRACTS.md): 0 done, 2 bad input, 75 stopped by SIGUSR1/SIGTERM after a checkpoint,
-76 hung (train/watchdog.py ended it).
+76 hung (train/watchdog.py ended it), 130 interrupted by Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from train import preemption
 TORCH_IMPORTED = time.time()
 
 from hpc import dsconfig, fileio, ranks, runfiles, vocab
-from hpc.vocab import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_STORAGE
+from hpc.vocab import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STORAGE
 from train import checkpoint, dssnapshot, heartbeat, nodebeat, snapshot, watchdog
 from train.data import DataError, Dataset, load_dataset
 from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
@@ -101,7 +101,7 @@ class Setup:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
-    preemption.install()  # already there since import; again for a caller that runs main() twice
+    preemption.install(interrupt=True)  # SIGUSR1/SIGTERM's there since import; again for a caller of main() twice
     beat = heartbeat.Heartbeat(opts.run_dir, every_s=opts.heartbeat_s,
                                marks={"process_start": STARTED, "torch_imported": TORCH_IMPORTED})
     status = None
@@ -119,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
         runfiles.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
         status = EXIT_STORAGE
+    except KeyboardInterrupt:  # a user's Ctrl-C (train/preemption.py): a stop, not a failure
+        print(f"hpcdist-train: interrupted (SIGINT) at step {beat.step}, exit {EXIT_INTERRUPTED}: rerun with --resume "
+              f"to go on from {checkpoint.resumes_from(opts.run_dir / vocab.CHECKPOINTS)}", file=sys.stderr, flush=True)
+        status = EXIT_INTERRUPTED
     except Exception as exc:
         # This rank's own error, for the job's report to lead with (hpc/failures reads RUN_DIR/errors/).
         runfiles.record_rank_error(opts.run_dir, os.environ, f"{type(exc).__name__}: {exc}", "exception", 1)
         raise
     finally:
-        beat.finish({0: "done", EXIT_PREEMPTED: "stopped"}.get(status, "failed"))
+        beat.finish({0: "done", EXIT_PREEMPTED: "stopped", EXIT_INTERRUPTED: "stopped"}.get(status, "failed"))
         preemption.restore()
-        preemption.forget()
     return status
 
 
@@ -186,8 +189,7 @@ def set_up(opts: Options, beat: heartbeat.Heartbeat) -> Setup:
     run = Setup(opts, env, device, precision, ds_config, global_batch, threads)
     earlier = [] if opts.resume else checkpoint.earlier_run(run.checkpoints)
     if earlier:
-        # Started, this run's checkpoints would be pruned against the earlier run's later steps, which a --resume
-        # would then take; every rank sees it before any collective.
+        # Started, its checkpoints would be pruned against the earlier run's later steps, which a --resume takes.
         raise UsageError(f"{run.checkpoints} holds {earlier[-1]} of an earlier run: pass --resume to go on from it, "
                          f"or give another --run-dir (or move {run.checkpoints} away) to start afresh")
     return run
@@ -247,9 +249,8 @@ def build_loader(run: Setup, engine: Engine, data: Dataset) -> ResidentLoader | 
 
 
 def locate(run: Setup, store: snapshot.Store | dssnapshot.Parts | None) -> tuple[Path | None, tuple | None, str]:
-    """With --resume, what the run goes on from: the disk checkpoint (DeepSpeed's snapshot parts may have been made
-    one), or a dp/ddp snapshot's state and where a node held it, and which memory a snapshot was in; refused where
-    this run's backend, or DeepSpeed's ZeRO stage or precision, cannot load it."""
+    """With --resume, what the run goes on from (a disk checkpoint, perhaps made of DeepSpeed's snapshot parts, or a
+    snapshot's state and where a node held it, and which memory); refused where this run cannot load it."""
     if not run.opts.resume:
         return None, None, ""
     found = checkpoint.choose(run.checkpoints, rank=run.rank, say=lambda line: say(run.rank, line),
@@ -385,10 +386,9 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
 def cli() -> None:
     """``python -m train`` and the ``hpcdist-train`` console script: main(), then leave at once.
 
-    Everything is written and closed by the time main() returns. Skipping the interpreter's teardown
-    avoids a race seen now and then on rank 0 of env:// jobs: a c10d store thread still joinable while
-    C++ static destructors run aborts the finished process ("terminate called without an active
-    exception", exit -6) after it reported success.
+    Everything is written and closed by the time main() returns. Skipping the interpreter's teardown avoids a race
+    seen now and then on rank 0 of env:// jobs: a c10d store thread still joinable while C++ static destructors run
+    aborts the finished process ("terminate called without an active exception", exit -6) after it reported success.
     """
     status = main()
     sys.stdout.flush()

@@ -107,6 +107,13 @@ def earlier_run(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in held(root)]
 
 
+def resumes_from(root: Path) -> str:
+    """Where a ``--resume`` goes on from, in words, by the names in ``root`` alone (no checksums: reading a large
+    checkpoint would keep a Ctrl-C waiting)."""
+    kept = earlier_run(root)
+    return f"its checkpoint {kept[-1]}" if kept else "step 0 (no checkpoint was written yet)"
+
+
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],
          barrier: Callable[[], None] = lambda: None, trained_with: dict | None = None) -> Path:
     """Every rank calls ``write(save_dir, tag)`` to fill ``save_dir/tag``; rank 0 then publishes it by rename, its
@@ -123,16 +130,21 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
           trained_with: dict | None) -> Path:
     tag = name_for(step)
     staging = root / f".tmp-{tag}"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
-        (staging / tag).mkdir(parents=True)
-    barrier()
     code = None
     try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
+            (staging / tag).mkdir(parents=True)
+        barrier()
         write(staging, tag)
         barrier()
         if rank == 0:
             write_manifest(staging / tag, step, trained_with)
+    except KeyboardInterrupt:
+        # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     except Exception as exc:
         # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
         if not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS) and not disk_full(root):

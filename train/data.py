@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc import ranks
+from hpc import jobfiles, ranks, shown
 from train.options import Options
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -18,6 +18,9 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 DOWNLOAD_DONE = ".hpcdist-download-done"
 CLASSES = 10
+# Every global CIFAR-10's batches name (Python 2 pickles of numpy 1 arrays): the one thing a pickle can call code
+# through is a global it names, so a batch naming any other is refused unread.
+CIFAR_GLOBALS = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")})
 
 
 class DataError(ValueError):
@@ -47,15 +50,34 @@ def cifar10_root(data_dir: Path) -> Path:
     return nested if nested.is_dir() or not (Path(data_dir) / TEST_FILE).exists() else Path(data_dir)
 
 
+class ForeignGlobal(pickle.UnpicklingError):
+    """A pickle naming a global no CIFAR-10 batch names; its text is the name, escaped and cut short."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's batches hold: builtin values and the numpy globals in CIFAR_GLOBALS."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_GLOBALS:
+            raise ForeignGlobal(shown.value(f"{module}.{name}"))
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> Split:
     """One pickled CIFAR-10 batch: a dict with b"data" (uint8 N x 3072, channel-major) and b"labels"."""
     fix = f"rerun with --download, or point --data-dir at the folder that holds {CIFAR_FOLDER}/"
     try:
-        with open(path, "rb") as f:
+        # Followed, since a data set is often a link, but a pipe or a device put there is refused, not waited on.
+        with jobfiles.open_regular(path, follow=True) as f:
             # CIFAR-10 ships as Python 2 pickles: encoding="bytes" keeps their str keys as b"data", b"labels".
-            batch = pickle.load(f, encoding="bytes")
+            batch = BatchUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"CIFAR-10 file {path} is missing: {fix}") from None
+    except jobfiles.Damaged as exc:
+        raise DataError(f"CIFAR-10 batch {exc}: {fix}") from None
+    except ForeignGlobal as exc:
+        raise DataError(f"CIFAR-10 file {path} calls {exc}, which no CIFAR-10 batch does, so it was not read (a pickle "
+                        f"can run code): delete it and {fix}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file can fail inside pickle in many ways
         raise DataError(f"CIFAR-10 file {path} is corrupt ({type(exc).__name__}): delete it and {fix}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

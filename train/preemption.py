@@ -1,5 +1,8 @@
 """Turn SIGUSR1/SIGTERM into a flag from the first moment, and agree on stop/checkpoint votes one step late.
 
+A user's Ctrl-C (SIGINT) stays an interrupt (``KeyboardInterrupt``), taken once: it stops the run, which is no
+failure of it, so ``train/__main__.py`` ends it in one line, exit 130, its heartbeat ``stopped``, no rank error.
+
 Importing this module installs flag-only handlers, so ``train/__main__.py`` imports it before torch: a
 signal during torch's import, the rendezvous or DeepSpeed's set-up is remembered, not fatal. Slurm's
 ``--signal=USR1@120`` and a time limit's SIGTERM both mean "checkpoint, then exit 75".
@@ -30,9 +33,21 @@ def _note(signum, frame) -> None:
     _received.append(signum)
 
 
-def install() -> dict:
-    """Flag-only handlers for SIGUSR1 and SIGTERM; returns the handlers found, for ``restore``."""
-    return {sig: signal.signal(sig, _note) for sig in SIGNALS}
+def _interrupt(signum, frame) -> None:
+    # Once: a second Ctrl-C would cut short the clean-up the first unwinds through (a checkpoint's staging
+    # folder, the final heartbeat), leaving it half done and a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def install(interrupt: bool = False) -> dict:
+    """Flag-only handlers for SIGUSR1 and SIGTERM, and with ``interrupt`` (the trainer's main, not whoever imports
+    this module) a Ctrl-C taken once; returns the handlers found, SIGINT's included, for ``restore``."""
+    found = {sig: signal.signal(sig, _note) for sig in SIGNALS}
+    found[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+    if interrupt and found[signal.SIGINT] is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
+        signal.signal(signal.SIGINT, _interrupt)
+    return found
 
 
 _ORIGINAL = install()
@@ -43,13 +58,10 @@ def received() -> int | None:
     return _received[0] if _received else None
 
 
-def forget() -> None:
-    """Clear the flag (tests, or a notebook running train.main twice)."""
-    _received.clear()
-
-
 def restore() -> None:
-    """Put back the handlers found before this module was imported, so a caller keeps its own."""
+    """Put back the handlers found before this module was imported, so a caller keeps its own, and clear the flag
+    (a notebook running train.main twice)."""
+    _received.clear()
     for sig, handler in _ORIGINAL.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 

@@ -31,7 +31,7 @@ from hpc.failures.evidence import (
 )
 from hpc.runfiles import RankError
 from hpc.slurm import states
-from hpc.vocab import EXIT_BAD_INPUT, EXIT_HUNG, EXIT_STORAGE, SETUP_PHASES
+from hpc.vocab import EXIT_BAD_INPUT, EXIT_HUNG, EXIT_INTERRUPTED, EXIT_STORAGE, SETUP_PHASES
 
 ENDINGS = ("completed", "preempted", "time_limit", "node_failure", "rank_crashed", "hung", "bad_input",
            "storage", "code_error", "cancelled", "unknown")
@@ -241,6 +241,18 @@ def own_error(f: Facts) -> Ending | None:
                   step=f.step)
 
 
+def interrupted(f: Facts) -> Ending | None:
+    """Ranks a person interrupted (Ctrl-C, scancel --signal=INT): the trainer exits 130 for it, or SIGINT killed the
+    rank outright. Nothing else sends SIGINT, and a relaunch would undo the stop that was asked for."""
+    end = f.first_end
+    if not (end.signal == signals.SIGINT if end else f.ev.step_status == EXIT_INTERRUPTED):
+        return None
+    rank, label = f.ranks_of(end.task) if end else (None, None)
+    node = end.node if end else None
+    return Ending("cancelled", f"{_who(rank, node, label)}: interrupted (SIGINT), a stop asked for", rank=rank,
+                  node=node, signal=int(signals.SIGINT), step=f.step)
+
+
 def killed_rank(f: Facts) -> Ending | None:
     """A rank killed by a signal (srun names it, or the node's launcher reports its child's death), or a task
     that exited with its own error line."""
@@ -300,7 +312,7 @@ def unknown(f: Facts) -> Ending:
 
 
 RULES: tuple[Rule, ...] = (cancelled, node_failed, node_lost, node_fail_unnamed, requeued_by_slurm,
-                           checkpointed_stop, hung, bad_input, storage, own_error, killed_rank, time_limit,
+                           checkpointed_stop, hung, bad_input, storage, own_error, interrupted, killed_rank, time_limit,
                            out_of_memory, completed, unknown)
 
 
