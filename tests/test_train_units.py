@@ -1046,8 +1046,10 @@ def test_importing_the_trainer_leaves_ctrl_c_to_whoever_imported_it():
     # Only the trainer's main() takes SIGINT once (train/preemption.py): a test session or a notebook keeps its own.
     code = ("import signal; import train.__main__; "
             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    # Python installs its own handler only where SIGINT is not ignored, as it is for a test run in the background.
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
 
 
