@@ -82,9 +82,8 @@ def atomic_write(path: Path, data: str | bytes, *, executable: bool = False, dur
 
 def append_line(path: Path, line: str) -> None:
     """Add ``line`` (and a newline) in one write to an O_APPEND file, so concurrent writers' lines stay
-    whole; a link at ``path`` is refused."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "a") as f:
+    whole; what ``open_own`` refuses at ``path`` is refused."""
+    with open_own(path, append=True) as f:
         f.write(line.rstrip("\n") + "\n")
 
 

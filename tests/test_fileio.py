@@ -48,15 +48,21 @@ def test_append_line_refuses_a_link(tmp_path: Path, secret: Path) -> None:
     assert (tmp_path / "real").read_text() == "a\nb\n"
 
 
+WRITERS = {"open_own": lambda path: fileio.open_own(path, append=False).close(),
+           "append_line": lambda path: fileio.append_line(path, "x")}  # the trainer's metrics; the registry
+
+
+@pytest.mark.parametrize("writer", WRITERS)
 @pytest.mark.parametrize("kind", ["pipe", "folder"])
-def test_open_own_refuses_a_pipe_or_a_folder_in_one_line_and_never_waits_for_a_reader(tmp_path: Path, kind) -> None:
+def test_open_own_refuses_a_pipe_or_a_folder_in_one_line_and_never_waits_for_a_reader(tmp_path: Path, kind,
+                                                                                       writer) -> None:
     path = tmp_path / "metrics"
     os.mkfifo(path) if kind == "pipe" else path.mkdir()
     said: list[str] = []
 
     def open_it() -> None:
         with pytest.raises(fileio.UnsafePath) as err:
-            fileio.open_own(path, append=False)
+            WRITERS[writer](path)
         said.append(str(err.value))
 
     opener = threading.Thread(target=open_it, daemon=True)
