@@ -14,6 +14,7 @@ import base64
 import errno
 import io
 import json
+import math
 import multiprocessing
 import os
 import warnings
@@ -62,7 +63,7 @@ def write(folder: Path, record: registry.Record) -> dict[str, Any]:
     page = report.html_report(f"hpcdist job {record.job_id}: {record.job_name or record.backend}", facts, images,
                               attempts_of(record), good, timeline.table(falls), stragglers)
     fileio.atomic_write(folder / "report.html", page)
-    fileio.atomic_write(folder / "goodput.json", json.dumps(good, indent=1) + "\n")
+    fileio.atomic_write(folder / "goodput.json", json.dumps(_nan_to_none(good), indent=1) + "\n")
     return good
 
 
@@ -118,7 +119,8 @@ def _draw_goodput(ax: Any, good: dict[str, Any]) -> None:
 
 
 def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
+    """``value`` with every number JSON cannot write (NaN, infinities: from a clock a heartbeat made up) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _nan_to_none(v) for k, v in value.items()}

@@ -612,6 +612,21 @@ def test_a_chart_matplotlib_cannot_place_is_left_out_and_the_report_still_writte
     assert (folder / "rate.png").is_file() and (folder / "overview.png").is_file()
 
 
+def test_goodput_json_is_json_whatever_times_a_heartbeat_claims(tmp_path: Path) -> None:
+    # A clock (or a writer) that says 1e308: the shares come out NaN, which JSON has no word for.
+    hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(3)] + [beat(0, time=1e308, step=20,
+                                                                                          phase="train")]}
+    record = write_job(tmp_path, [hist[0][-1]], history=hist)
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    good = json.loads((Path(record.job_dir) / "report" / "goodput.json").read_text(), parse_constant=refuse)
+    assert isinstance(good, dict)
+
+
 @pytest.mark.parametrize("name", ["report.html", "goodput.json", "loss.png"])
 def test_a_folder_where_a_report_file_goes_is_named_in_one_line_before_anything_is_written(tmp_path: Path,
                                                                                         name: str) -> None:
