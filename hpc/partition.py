@@ -219,7 +219,9 @@ def problems(profile: Profile, cluster: Cluster) -> list[str]:
             out.append(f"gpus_per_node {profile.gpus_per_node} but {where}'s nodes have at most {most} GPU(s) in Gres")
     if profile.time is not None and _over(profile.time, part.max_time_s):
         out.append(f"time {profile.time} exceeds {where}'s MaxTime {grammar.format_duration(part.max_time_s)}")
-    if profile.max_nodes is not None:
+    if not part.nodes:
+        out.append(f"{where} has no nodes, so no job of this profile can start there; set partition: to one that has")
+    elif profile.max_nodes is not None:
         if profile.max_nodes > len(part.nodes):
             out.append(f"max_nodes {profile.max_nodes} but {where} has {len(part.nodes)} node(s)")
         if part.max_nodes is not None and profile.max_nodes > part.max_nodes:

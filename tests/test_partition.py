@@ -161,6 +161,13 @@ def test_profile_problems_against_the_live_facts() -> None:
         == ["gpus_per_node 16 but partition 'gpu''s nodes have at most 8 GPU(s) in Gres"]
 
 
+def test_a_partition_without_nodes_fits_no_profile() -> None:
+    empty = replace(LOCAL, partitions=(replace(LOCAL.partitions[0], nodes=(), nodes_expr="(null)"),))
+    for prof in (profiles.load("local"), replace(profiles.load("local"), max_nodes=None)):
+        assert partition.problems(prof, empty) == [
+            "partition 'debug' has no nodes, so no job of this profile can start there; set partition: to one that has"]
+
+
 def test_a_profile_for_another_slurm_cluster_is_not_checked_here() -> None:
     assert not partition.applies(profiles.load("example-ib"), LOCAL)
     assert partition.applies(profiles.load("local"), LOCAL)
