@@ -39,7 +39,8 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall], slurm: 
         if (done := w.at("first_step_done")) is not None:
             first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
     ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
-    for attempt, row in timeline.runs_by_attempt(slurm, timeline.read_shell_stamps(run_dir(record))).items():
+    batch_shells = timeline.read_shell_stamps(run_dir(record), tasks=False)
+    for attempt, row in timeline.runs_by_attempt(slurm, batch_shells).items():
         if row.get("ended") is not None:
             ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
     for attempt, when in last_beat.items():

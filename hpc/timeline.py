@@ -141,8 +141,9 @@ def parse_stamps(text: str) -> dict[str, float]:
     return out
 
 
-def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """attempt -> {"batch": {stamp: t}, "tasks": {task: {stamp: t}}} from RUN_DIR/timeline/."""
+def read_shell_stamps(run_dir: Path, tasks: bool = True) -> dict[int, dict[str, Any]]:
+    """attempt -> {"batch": {stamp: t}, "tasks": {task: {stamp: t}}} from RUN_DIR/timeline/; without ``tasks``, the
+    batch shells' alone (a file an attempt, where the tasks' are one a task: 32,768 at 4,096 nodes x 8)."""
     out: dict[int, dict[str, Any]] = {}
     root = Path(run_dir) / vocab.TIMELINE
     for folder in sorted(jobfiles.folder(root, "attempt-*")):
@@ -150,7 +151,7 @@ def read_shell_stamps(run_dir: Path) -> dict[int, dict[str, Any]]:
         if attempt is None:
             continue
         entry: dict[str, Any] = {"batch": {}, "tasks": {}}
-        for path in jobfiles.folder(folder):
+        for path in jobfiles.folder(folder, "*" if tasks else "batch"):
             try:
                 stamps = parse_stamps(jobfiles.read_text(path, STAMPS_BYTES))
             except (OSError, jobfiles.Damaged):
