@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import click
 
-from hpc import nodelist, shown
+from hpc import jobfiles, nodelist, shown
 from hpc.spec import MAX_TASKS_PER_NODE, MAX_WORLD_SIZE
 from hpc.vocab import LAUNCHERS
 
@@ -32,7 +32,7 @@ def number(job_dir: str) -> None:
     """Print the number of the attempt a batch shell starts: past every recorded one and every one the batch log
     saw start (one that died with its batch shell recorded nothing), and never below Slurm's restart count (an
     allocation that relaunched steps recorded more attempts than it restarted)."""
-    from hpc import jobfiles, ranks
+    from hpc import ranks
     from hpc.failures import record as records
     from hpc.failures.evidence import attempts_started
     from hpc.vocab import batch_log
@@ -72,12 +72,12 @@ def end(job_dir: str, step_status: int, max_requeues: int, max_retries: int, nod
     job_id = _job_id()
     name = "HPCDIST_ATTEMPT" if os.environ.get("HPCDIST_ATTEMPT") else "SLURM_RESTART_COUNT"
     restarts = os.environ.get(name) or "0"
-    if not (restarts.isascii() and restarts.isdigit() and len(restarts) <= 9):
+    attempt_no = jobfiles.count(restarts)
+    if attempt_no is None:
         # requeue.sh then keeps its defaults: no action, the step's own status.
         click.echo(f"hpcdist attempt end: {name}={shown.value(restarts)} is not an attempt number; "
                    "run this from the job's batch shell", err=True)
         sys.exit(2)
-    attempt_no = int(restarts)
     try:
         allocation = nodelist.expand(os.environ.get("SLURM_JOB_NODELIST") or "")
     except ValueError:
