@@ -82,8 +82,9 @@ class Sweep:
 # ---- planning it ---------------------------------------------------------------------------------
 
 def geometry(spec: specs.JobSpec) -> dict[str, Any]:
-    """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line)."""
-    return {"cluster": spec.cluster, "job_name": spec.job_name, "nodes": spec.nodes,
+    """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line);
+    ``nodes`` is the allocation's, spares included: each task's step.sh runs its own on them."""
+    return {"cluster": spec.cluster, "job_name": spec.job_name, "nodes": spec.allocation_nodes,
             "ntasks_per_node": spec.slurm_tasks_per_node, "cpus_per_task": spec.cpus_per_task,
             "gpus_per_node": spec.gpus_per_node, "time": spec.time, "partition": spec.partition,
             "account": spec.account, "nodelist": spec.nodelist, "exclude": spec.exclude, "after": spec.after,

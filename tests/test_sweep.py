@@ -182,6 +182,15 @@ def test_one_array_per_geometry_with_its_throttle(tmp_path):
     assert f"#SBATCH --output={tmp_path}/sweep/array-1/task-%a/logs/batch-%A_%a.out" in ddp
 
 
+def test_tasks_that_hold_different_spare_nodes_get_an_array_each_allocating_them(tmp_path):
+    """`--grid spare_nodes=0,1`: one array would allocate its first task's nodes for both, no spare for the second."""
+    sweep = plan(tmp_path, axes("spare_nodes=0,1"))
+    assert [(a.range, a.tasks[0].label) for a in sweep.arrays] == [("0-0%1", "spare_nodes=0"),
+                                                                   ("0-0%1", "spare_nodes=1")]
+    assert ["#SBATCH --nodes=1\n" in a.job_sbatch for a in sweep.arrays] == [True, False]
+    assert "#SBATCH --nodes=2\n" in sweep.arrays[1].job_sbatch
+
+
 def test_each_array_task_selects_its_own_rendered_directory(tmp_path):
     sweep = plan(tmp_path, axes("zero_stage=1,3", "precision=fp32,bf16"), backend="deepspeed",
                  train_args=["--max-steps", "5"], job_dir="ignored")
