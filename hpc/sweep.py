@@ -113,7 +113,7 @@ def _blame(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
             check_more(spec)
         except ValueError:  # SpecError, ProfileError and RenderError all are
             continue
-        culprits.append(f"axis {key}={text(value)}")
+        culprits.append(f"axis {label({key: value})}")
     return culprits[0] if len(culprits) == 1 else f"task {label(values)}"
 
 

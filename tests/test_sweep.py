@@ -114,6 +114,8 @@ def test_grid_words_after_one_grid_flag_are_axes_until_the_next_option():
     (["backend=dp", "nodes=1,2"], "task backend=dp nodes=2: --backend dp runs one process on one node"),
     (["precision=fp32,fp8"], "axis precision=fp8: unknown --precision 'fp8'"),
     (["time=5,soon"], "axis time=soon: --time 'soon' is not a Slurm time"),
+    # Escaped as the task labels are: a raw newline cut the line before the reason.
+    (["partition=debug,x\ny"], "axis partition=x\\ny: --partition 'x\\ny' contains a newline"),
 ])
 def test_a_value_that_fails_the_job_check_names_its_axis_and_nothing_is_written(tmp_path, grid, message):
     result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid", *grid])
