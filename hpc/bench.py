@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
-from hpc import ranks, vocab
+from hpc import ranks, task, vocab
 
 FLOORS = ("floor", "floor-deepspeed")
 BACKENDS = (*FLOORS, *vocab.BACKENDS)
@@ -155,6 +155,9 @@ def check(config: Config, spec: str) -> None:
     where = f"config {spec!r}"
     if config.ranks < 1:
         raise BenchError(f"{where}: ranks must be at least 1")
+    if config.ranks > task.MAX_LOCAL_TASKS:
+        raise BenchError(f"{where}: {config.ranks} ranks would start {config.ranks} processes on this machine, over "
+                         f"its limit of {task.MAX_LOCAL_TASKS}; give fewer ranks")
     if config.backend == "dp" and config.ranks != 1:
         raise BenchError(f"{where}: dp (nn.DataParallel) is one process; use ddp for {config.ranks} ranks")
     if config.zero_stage is not None and not config.uses_deepspeed:

@@ -2,7 +2,7 @@
 never writes or replaces.
 
     write_tree(Path("/scratch/job"), {"job.sbatch": "..."}, dirs=("logs", "run"), force=True)
-    discard(Path("/scratch/job"))       # only a directory holding hpcdist's marker goes
+    discard(Path("/scratch/job"))       # only a directory holding hpcdist's job marker goes (or "sweep"'s)
 """
 
 from __future__ import annotations
@@ -116,10 +116,11 @@ def _unlisted(root: Path, listed: frozenset[str], most: int = 4) -> list[str]:
     return found
 
 
-def is_job_dir(path: Path) -> bool:
-    """Whether ``path`` is a job directory hpcdist wrote: it holds a job marker (not a link to one)."""
+def is_job_dir(path: Path, kind: str = "job") -> bool:
+    """Whether ``path`` is a ``kind`` ("job" or "sweep") directory hpcdist wrote: it holds that kind's marker
+    (not a link to one)."""
     marker = None if Path(path).is_symlink() else read_marker(path)
-    return marker is not None and marker[0] == "job"
+    return marker is not None and marker[0] == kind
 
 
 def written_paths(files: Iterable[str], dirs: Iterable[str]) -> set[str]:
@@ -180,10 +181,11 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
     return target
 
 
-def discard(job_dir: Path) -> None:
-    """Remove a job directory that was just written but will not run (a refused submission).
+def discard(job_dir: Path, kind: str = "job") -> None:
+    """Remove a ``kind`` ("job" or "sweep") directory that was just written but will not run (a refused
+    submission).
 
-    Only a directory holding hpcdist's marker goes; anything else is left as it is.
+    Only a directory holding hpcdist's marker of that kind goes; anything else is left as it is.
     """
-    if is_job_dir(job_dir):
+    if is_job_dir(job_dir, kind):
         shutil.rmtree(job_dir, ignore_errors=True)

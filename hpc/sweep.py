@@ -82,8 +82,9 @@ class Sweep:
 # ---- planning it ---------------------------------------------------------------------------------
 
 def geometry(spec: specs.JobSpec) -> dict[str, Any]:
-    """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line)."""
-    return {"cluster": spec.cluster, "job_name": spec.job_name, "nodes": spec.nodes,
+    """What the array's job.sbatch fixes for all its tasks (templates/sbatch-allocation.j2 and the srun line);
+    ``nodes`` is the allocation's, spares included: each task's step.sh runs its own on them."""
+    return {"cluster": spec.cluster, "job_name": spec.job_name, "nodes": spec.allocation_nodes,
             "ntasks_per_node": spec.slurm_tasks_per_node, "cpus_per_task": spec.cpus_per_task,
             "gpus_per_node": spec.gpus_per_node, "time": spec.time, "partition": spec.partition,
             "account": spec.account, "nodelist": spec.nodelist, "exclude": spec.exclude, "after": spec.after,
@@ -112,7 +113,7 @@ def _blame(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
             check_more(spec)
         except ValueError:  # SpecError, ProfileError and RenderError all are
             continue
-        culprits.append(f"axis {key}={text(value)}")
+        culprits.append(f"axis {label({key: value})}")
     return culprits[0] if len(culprits) == 1 else f"task {label(values)}"
 
 

@@ -235,10 +235,12 @@ def job_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, 
     for key, value in values.items():
         if key.startswith(TRAIN_PREFIX):
             flag = "--" + key[len(TRAIN_PREFIX):]
-            # A boolean trainer axis is a flag that is there or not.
+            # A boolean trainer axis is a flag that is there or not: false takes away the base's too.
             if text(value) == "true":
                 train_args.append(flag)
-            elif text(value) != "false":
+            elif text(value) == "false":
+                train_args = [arg for arg in train_args if arg != flag]
+            else:
                 train_args.extend([flag, text(value)])
         elif value is None:
             out.pop(key, None)

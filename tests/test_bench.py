@@ -64,6 +64,9 @@ def test_name_round_trips(spec):
     ("ddp:cl:cl", "channels last given twice"),
     ("ddp:b255:2", "multiple of 2 ranks"),
     ("ddp:0", "ranks must be at least 1"),
+    # Every rank is a process on this machine: past the local executor's limit it is a fork bomb.
+    ("ddp:b2048:2048", "2048 ranks would start 2048 processes on this machine, over its limit of 1024"),
+    ("ddp:99999999999999999999999", "over its limit of 1024"),
     ("ddp:1:t0", "threads per rank must be at least 1"),
     ("", "unknown backend ''"),
 ])

@@ -165,9 +165,10 @@ def test_discard_removes_only_a_marked_job_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["submit", "--via", "sbatch", "-o", "job"], ["submit", "-o", "job"],
-                                  ["doctor", "--nodes", "2", "-o", "job"], ["drill", "--nodes", "2", "-o", "job"]])
+                                  ["doctor", "--nodes", "2", "-o", "job"], ["drill", "--nodes", "2", "-o", "job"],
+                                  ["sweep", "--grid", "backend=ddp", "-o", "job"]])
 def test_a_failed_submission_removes_only_its_own_job_dir(tmp_path: Path, monkeypatch, argv: list[str]) -> None:
-    """submit, doctor and drill whose sbatch refuses: one line, and the job dir render just wrote goes."""
+    """submit, doctor, drill and sweep whose sbatch refuses: one line, and the directory just written goes."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     sbatch = fake_bin / "sbatch"

@@ -114,6 +114,8 @@ def test_grid_words_after_one_grid_flag_are_axes_until_the_next_option():
     (["backend=dp", "nodes=1,2"], "task backend=dp nodes=2: --backend dp runs one process on one node"),
     (["precision=fp32,fp8"], "axis precision=fp8: unknown --precision 'fp8'"),
     (["time=5,soon"], "axis time=soon: --time 'soon' is not a Slurm time"),
+    # Escaped as the task labels are: a raw newline cut the line before the reason.
+    (["partition=debug,x\ny"], "axis partition=x\\ny: --partition 'x\\ny' contains a newline"),
 ])
 def test_a_value_that_fails_the_job_check_names_its_axis_and_nothing_is_written(tmp_path, grid, message):
     result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid", *grid])
@@ -180,6 +182,15 @@ def test_one_array_per_geometry_with_its_throttle(tmp_path):
     assert "#SBATCH --nodes=1\n" in dp and "#SBATCH --array=0-0%1\n" in dp
     assert "#SBATCH --nodes=2\n" in ddp and "#SBATCH --array=0-4%3\n" in ddp
     assert f"#SBATCH --output={tmp_path}/sweep/array-1/task-%a/logs/batch-%A_%a.out" in ddp
+
+
+def test_tasks_that_hold_different_spare_nodes_get_an_array_each_allocating_them(tmp_path):
+    """`--grid spare_nodes=0,1`: one array would allocate its first task's nodes for both, no spare for the second."""
+    sweep = plan(tmp_path, axes("spare_nodes=0,1"))
+    assert [(a.range, a.tasks[0].label) for a in sweep.arrays] == [("0-0%1", "spare_nodes=0"),
+                                                                   ("0-0%1", "spare_nodes=1")]
+    assert ["#SBATCH --nodes=1\n" in a.job_sbatch for a in sweep.arrays] == [True, False]
+    assert "#SBATCH --nodes=2\n" in sweep.arrays[1].job_sbatch
 
 
 def test_each_array_task_selects_its_own_rendered_directory(tmp_path):

@@ -38,6 +38,14 @@ def test_trainer_axes_append_their_option_and_boolean_ones_are_flags():
     assert values["nodes"] == "2"
 
 
+def test_a_boolean_trainer_axis_set_false_turns_off_the_flag_the_base_gives():
+    """`--grid train.augment=true,false -- --augment`: the false task trains without it, as its label says."""
+    base = {"train_args": ["--augment", "--max-steps", "5"]}
+    assert sweep_matrix.job_values(base, {"train.augment": "false"})["train_args"] == ["--max-steps", "5"]
+    assert sweep_matrix.job_values(base, {"train.augment": False})["train_args"] == ["--max-steps", "5"]
+    assert "--augment" in sweep_matrix.job_values(base, {"train.augment": "true"})["train_args"]
+
+
 @pytest.mark.parametrize("key", ["offload", "elastic"])
 def test_a_switch_swept_on_the_command_line_is_true_or_false(key):
     configs = sweep_matrix.configurations(axes("backend=deepspeed", f"{key}=true,false"), "ddp")

@@ -197,7 +197,7 @@ def submit(plan: Any) -> dict[str, str]:
                        submitting.submit_arrays([a.job_dir / "job.sbatch" for a in plan.arrays])))
     except submitting.SubmitError as exc:
         # Nothing runs from this directory: leaving it would only look like a sweep that exists.
-        jobdir.discard(plan.sweep_dir)
+        jobdir.discard(plan.sweep_dir, "sweep")
         raise RuntimeError(str(exc)) from None
     now = datetime.datetime.now(datetime.timezone.utc)
     fileio.atomic_write(plan.sweep_dir / sweeps.SUBMITTED_FILE, json.dumps(
