@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpc import checkpoints
 from train import checkpoint, snapshot
@@ -320,8 +321,17 @@ def assert_refused_for_zero_1(refused: subprocess.CompletedProcess, stage: str, 
     assert f"--zero-stage 1 --precision {written}" in refused.stderr
 
 
-def test_deepspeed_resumed_in_a_zero_stage_or_precision_its_checkpoint_cannot_load_is_refused_touching_nothing(
-        tmp_path):
+class Planted:
+    """What a planted file holds: unpickling it runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_deepspeed_resumed_from_a_checkpoint_it_cannot_or_must_not_load_is_refused_touching_nothing(tmp_path):
     run_dir, env = tmp_path / "run", one_rank_env()
 
     def train(*args: str) -> subprocess.CompletedProcess:
@@ -334,6 +344,16 @@ def test_deepspeed_resumed_in_a_zero_stage_or_precision_its_checkpoint_cannot_lo
         refused = train("--zero-stage", stage, "--precision", precision, "--max-steps", "4", "--resume")
         assert_refused_for_zero_1(refused, stage, precision, "bf16")
         assert files_of(run_dir / "checkpoints") == before
+    # DeepSpeed unpickles its files with weights_only=False: one naming code (manifest rewritten to match) is refused.
+    folder = checkpoints.newest(run_dir / "checkpoints")
+    optimizer, marker = next(folder.glob("*optim_states.pt")), tmp_path / "ran"
+    torch.save({"optimizer_state_dict": Planted(marker)}, optimizer)
+    checkpoints.write_manifest(folder, 2, checkpoints.recorded(folder))
+    refused = train("--zero-stage", "1", "--precision", "bf16", "--max-steps", "4", "--resume")
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stdout + refused.stderr
+    assert f"{optimizer} holds more than tensors" in refused.stderr and not marker.exists()
+    for name, data in before.items():
+        (run_dir / "checkpoints" / name).write_bytes(data)
     # ZeRO-1 and -2 keep the same state in the same files: each resumes from the other's.
     resumed = train("--zero-stage", "2", "--precision", "bf16", "--max-steps", "4", "--resume")
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout + resumed.stderr

@@ -12,6 +12,7 @@ import errno
 import gc
 import os
 import random
+import re
 import shutil
 import threading
 from contextlib import contextmanager, nullcontext
@@ -227,14 +228,33 @@ def _earlier_numpy_state() -> list:
     return [np.ndarray, np.dtype, type(keys.dtype), keys.__reduce__()[0]]
 
 
-def load(path: Path) -> dict:
-    """A checkpoint file as data: the weights-only unpickler calls nothing a file names, so a planted or foreign
-    checkpoint cannot run code in the job."""
-    allowed = getattr(torch.serialization, "safe_globals", None)
+def load(path: Path, allowed: tuple = (), *, mmap: bool = False) -> dict:
+    """A checkpoint file as data: the weights-only unpickler calls nothing a file names but ``allowed`` classes, so a
+    planted or foreign checkpoint cannot run code in the job (``mmap``: tensors stay on disk, for a check)."""
+    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        with allowed(_earlier_numpy_state()) if allowed else nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with safe([*_earlier_numpy_state(), *allowed]) if safe else nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - a foreign file fails inside the unpickler in many ways
         raise CheckpointError(f"checkpoint file {path} holds more than tensors, numbers and text "
                               f"({type(exc).__name__}), so it is not one this trainer wrote and is not loaded: move "
                               "its folder away to resume from the one before, or resume in another --run-dir") from None
+
+
+def deepspeed_foreign(folder: Path, rank: int | None) -> str | None:
+    """Why DeepSpeed's files in ``folder`` must not be loaded, or None: DeepSpeed unpickles them with
+    weights_only=False, which calls whatever a planted file names, so each is first read as data naming only
+    DeepSpeed's own record classes. Rank ``rank`` reads the files it loads; None reads all (a regrouping does)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for path in sorted(Path(folder).glob("*.pt")):
+        owner = re.search(r"pp_rank_(\d+)_", path.name)
+        if path.match(rng_file(folder, "*").name) or (rank is not None and owner and int(owner[1]) != rank):
+            continue
+        try:
+            load(path, (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address), mmap=True)
+        except CheckpointError as exc:
+            return str(exc)
+    return None

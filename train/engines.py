@@ -19,7 +19,7 @@ from hpc import dsconfig
 from train import checkpoint, snapshot
 from train.model import bare_state_dict
 from train.options import DEFAULT_BATCH, Options
-from train.runtime import barrier, broadcast_from_0
+from train.runtime import barrier, broadcast_from_0, gathered
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -174,7 +174,13 @@ class DeepSpeedEngine:
         folder = Path(folder)
         world = dist.get_world_size() if dist.is_initialized() else 1
         saved = sum(1 for _ in folder.glob(checkpoint.rng_file(folder, "*").name))
-        if self.zero_stage and saved != world:
+        regroup = self.zero_stage and saved != world
+        # Every rank learns of any rank's refusal: one rank leaving alone would hang the others in the load.
+        reads = None if regroup and rank == 0 else rank
+        refused = [why for why in gathered(checkpoint.deepspeed_foreign(folder, reads), world) if why]
+        if refused:
+            raise checkpoint.CheckpointError(refused[0])
+        if regroup:
             client = self._read_universal(folder, rank, world)
         else:
             # ZeRO-0's optimizer state is whole in every checkpoint: it loads on any number of ranks.
