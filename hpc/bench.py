@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Iterable, Mapping
 
 from hpc import ranks, task, vocab
@@ -55,6 +56,13 @@ DEFAULT_GRID = (
 class BenchError(ValueError):
     """A grid spec or a run's records cannot give a number; the message says which and why."""
 
+
+
+def decimal(seconds: float) -> str:
+    """``seconds`` exactly as the spec's grammar writes it, no exponent: ``:g`` made snap1234567 and snap1234568
+    one name (``1.23457e+06``, trained as 1234570) and snap0.00001 a name (``1e-05``) that does not read back."""
+    text = format(Decimal(repr(float(seconds))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 @dataclass(frozen=True)
 class Config:
@@ -101,7 +109,7 @@ class Config:
         parts += [flag for flag, on in (("cl", self.channels_last), ("compile", self.compile),
                                         ("nohb", not self.heartbeat)) if on]
         if self.snapshot_every_s is not None:
-            parts.append(f"snap{self.snapshot_every_s:g}")
+            parts.append(f"snap{decimal(self.snapshot_every_s)}")
         return ":".join(parts)
 
     @property
@@ -235,7 +243,7 @@ def argv(config: Config, threads: int, steps: int, warmup: int, run_dir: str, py
     if not config.heartbeat:
         trainer += ["--heartbeat-s", "0"]
     # Given always: a bench run inside a Slurm job would otherwise take the trainer's default there.
-    trainer += ["--snapshot-every-s", f"{config.snapshot_every_s or 0:g}"]
+    trainer += ["--snapshot-every-s", decimal(config.snapshot_every_s or 0)]
     return launch + trainer
 
 ORDERS = ("shuffle", "alternate", "fixed")

@@ -322,3 +322,10 @@ def test_snap_runs_the_trainer_with_snapshots_in_node_memory_and_without_it_none
         bench.parse_config("floor:1:snap5")
     with pytest.raises(bench.BenchError, match="positive number of seconds"):
         bench.parse_config("ddp:1:snap0")
+
+
+@pytest.mark.parametrize("seconds", ["1234567", "1234568", "0.00001", "2.5", "10"])
+def test_a_snap_interval_is_named_and_passed_to_the_trainer_exactly_as_given(seconds):
+    config = bench.parse_config(f"ddp:2:snap{seconds}")
+    assert config.name == f"ddp:resident:2:snap{seconds}" and bench.parse_config(config.name) == config
+    assert bench.argv(config, 1, 10, 2, "run", "python")[-2:] == ["--snapshot-every-s", seconds]
