@@ -122,11 +122,11 @@ def newest(root: Path, checksums: bool = True, skipped: list | None = None) -> P
     return None
 
 
-def held_in(folder: Path) -> dict[str, list[int]]:
-    """Part name -> the steps of it in ``folder`` that verify (sizes and SHA-256)."""
+def held_in(folder: Path, checksums: bool = True) -> dict[str, list[int]]:
+    """Part name -> the steps of it in ``folder`` that verify (sizes, and SHA-256 with ``checksums``)."""
     held = {}
     for part in sorted(Path(folder).glob(PART.format("*", "*"))):
-        steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p) is None]
+        steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p, checksums) is None]
         if steps:
             held[part.name] = steps
     return held
@@ -147,9 +147,11 @@ def newest_whole(offers: list[dict[str, list[int]]]) -> tuple[int | None, list[s
 
 
 def resumable_step(root: Path) -> int | None:
-    """The step a resume from the disk alone starts at: the newest checkpoint that verifies, or the newest step
-    whose every DeepSpeed part the nodes persisted, whichever is newer; None for neither."""
-    found = newest(Path(root))
+    """The step a resume from the disk alone starts at: the newest checkpoint whose manifest lists every file at
+    its size, or the newest step whose every DeepSpeed part the nodes persisted so, whichever is newer; None for
+    neither. Sizes alone: the batch shell asks within Slurm's KillWait, where hashing a checkpoint of many GB gets
+    it killed; the trainer checks the SHA-256s when it resumes and falls back past one that fails them."""
+    found = newest(Path(root), checksums=False)
     steps = [int(NAME.fullmatch(found.name).group(1))] if found is not None else []
-    persisted = newest_whole([held_in(Path(root) / PARTS)])[0]
+    persisted = newest_whole([held_in(Path(root) / PARTS, checksums=False)])[0]
     return max(steps + ([persisted] if persisted is not None else []), default=None)

@@ -82,10 +82,10 @@ def failure_report(record: Record, lines: int = 40) -> str:
     codes = {}
     # The statuses there are, not one look-up per task: a record may name a million tasks.
     for path in jobfiles.folder(record.submitit_dir, f"{glob.escape(record.job_id)}_*_exit", record.ntasks):
-        index = path.name[len(record.job_id) + 1:-len("_exit")]
+        index = jobfiles.count(path.name[len(record.job_id) + 1:-len("_exit")])
         try:
-            if index.isdigit() and int(index) < record.ntasks:
-                codes[int(index)] = int(jobfiles.read_text(path, 64))
+            if index is not None and index < record.ntasks:
+                codes[index] = int(jobfiles.read_text(path, 64))
         except (OSError, ValueError):
             pass
     history = records.load(Path(record.job_dir))

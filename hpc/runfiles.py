@@ -104,7 +104,8 @@ def read_errors(run_dir: Path) -> tuple[RankError, ...]:
 
 
 def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
-    """This attempt's hang.json (the watchdog's verdict), or None."""
+    """This attempt's hang.json (the watchdog's verdict), or None: one that does not say its attempt is none's, as
+    it stays in the run directory after its attempt."""
     data = jobfiles.json_object(Path(run_dir) / HANG, _SMALL)
     if data is None:
         return None
@@ -112,7 +113,7 @@ def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
     # A time the clock cannot show is as good as none.
     if "since" in data and not 0 <= data["since"] <= MAX_UNIX_TIME:
         del data["since"]
-    return data if data.get("attempt", attempt) == attempt else None
+    return data if data.get("attempt") == attempt else None
 
 
 def read_lost(run_dir: Path, attempt: int) -> dict[str, Any] | None:
@@ -121,4 +122,4 @@ def read_lost(run_dir: Path, attempt: int) -> dict[str, Any] | None:
     if data is None:
         return None
     data = jobfiles.well_typed(data, LOST_FIELDS)
-    return data if data.get("attempt", attempt) == attempt and data.get("node") else None
+    return data if data.get("attempt") == attempt and data.get("node") else None

@@ -33,7 +33,7 @@ def test_a_resume_from_disk_starts_at_the_newer_of_the_checkpoint_and_the_parts_
     assert checkpoints.resumable_step(tmp_path) == 20, "part 1 of step 30 was never persisted"
     publish(tmp_path / checkpoints.PARTS / "part-1-of-2", 30)
     assert checkpoints.resumable_step(tmp_path) == 30
-    (tmp_path / checkpoints.PARTS / "part-1-of-2" / "step00000030" / "x.pt").write_bytes(b"y")  # damaged since
+    (tmp_path / checkpoints.PARTS / "part-1-of-2" / "step00000030" / "x.pt").write_bytes(b"")  # truncated since
     assert checkpoints.resumable_step(tmp_path) == 20
 
 

@@ -83,12 +83,38 @@ def test_the_attempt_line_names_the_checkpoint_the_retry_will_really_resume_from
     assert gather.checkpoint_in(tmp_path / "run") == 80
     assert gather.gather(tmp_path, "5", 0, 9, 1, 1, runner=lambda argv: subprocess.CompletedProcess(
         argv, 1, "", ""))[0].checkpoint_step == 80
-    (root / "step00000080" / "model.pt").write_bytes(b"x" * 64)  # same size, other bytes: SHA-256 catches it
+    # Same size, other bytes is the trainer's to catch (SHA-256) when it resumes: hashing here outlasts KillWait.
+    (root / "step00000080" / "model.pt").write_bytes(b"x" * 64)
+    assert gather.checkpoint_in(tmp_path / "run") == 80
+    (root / "step00000080" / "MANIFEST.json").write_text("{")  # unreadable
+    assert gather.checkpoint_in(tmp_path / "run") is None
+    (root / "step00000080" / "MANIFEST.json").unlink()  # never written
     assert gather.checkpoint_in(tmp_path / "run") is None
     ended = Ending("rank_crashed", "rank 1 on n2: killed by SIGKILL", rank=1, node="n2", signal=9, step=80)
     decision = decide(ended, [], Policy(max_retries=2, nodes=2), STATES)
     line = records.record(ended, decision, attempt=0, job_id="5", started="", ended="", source="batch")
     assert "from the checkpoint at step 80" in records.summary_line(line)
+
+
+def _bytes_read() -> int:
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar:")))
+
+
+def test_the_attempt_end_names_the_checkpoint_by_its_manifest_and_sizes_without_reading_its_bytes(tmp_path):
+    """After a preemption the batch shell has Slurm's KillWait (30 s) to record the attempt and requeue: hashing a
+    50 GB checkpoint there got it SIGKILLed. The trainer checks the checksums when it resumes."""
+    from hpc import checkpoints
+
+    root = tmp_path / "run" / "checkpoints"
+    for folder, step in ((root, 80), (root / checkpoints.PARTS / "part-0-of-1", 90)):
+        (folder / checkpoints.name_for(step)).mkdir(parents=True)
+        with open(folder / checkpoints.name_for(step) / "model.pt", "wb") as f:
+            f.truncate(64 << 20)  # sparse: 64 MiB to read, none on disk
+        checkpoints.write_manifest(folder / checkpoints.name_for(step), step)
+    before = _bytes_read()
+    assert gather.checkpoint_in(tmp_path / "run") == 90
+    assert _bytes_read() - before < 1 << 20
 
 
 def test_a_batch_shell_numbers_its_attempt_past_every_recorded_one(tmp_path):

@@ -346,6 +346,15 @@ def test_failure_report_shows_the_failing_tasks_tail(tmp_path):
     assert "fine" not in report
 
 
+def test_the_failure_report_reads_a_task_s_status_only_from_a_file_named_by_its_ascii_index(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "submitit").mkdir()
+    for index, status in (("0", "0"), ("1", "0"), ("\u0661", "9")):  # ARABIC-INDIC DIGIT ONE: int() reads 1
+        (tmp_path / "submitit" / f"7_{index}_exit").write_text(status)
+    report = job_logs.failure_report(rec("7", str(tmp_path), via="local", nodes=2, world_size=2))
+    assert "failed first" not in report
+
+
 def test_tail_reads_only_the_end(tmp_path):
     path = tmp_path / "big.log"
     path.write_text("".join(f"{i}\n" for i in range(100000)))

@@ -35,10 +35,20 @@ def test_a_hang_with_unreadable_fields_counts_them_as_absent(tmp_path: Path) -> 
     (tmp_path / HANG).write_text(json.dumps({"rank": "0", "since": 1e300, "step": 4, "attempt": 2}))
     assert runfiles.read_hang(tmp_path, 2) == {"step": 4, "attempt": 2}
     assert runfiles.read_hang(tmp_path, 3) is None
-    (tmp_path / HANG).write_text('{"attempt": "x", "step": 1e400}')
+    (tmp_path / HANG).write_text('{"attempt": 2, "step": 1e400}')
     assert runfiles.read_hang(tmp_path, 2).get("step") is None
-    (tmp_path / HANG).write_text('{"attempt": "x", "step": 3}')
-    assert runfiles.read_hang(tmp_path, 2) == {"step": 3}
+
+
+def test_a_hang_or_a_lost_node_whose_attempt_cannot_be_read_is_no_attempt_s(tmp_path: Path) -> None:
+    """hang.json stays in the run directory after its attempt: read as every attempt's, attempt 1's hang made the
+    attempt relaunched after it, which completed, be recorded hung and relaunched again from the start. The step's
+    own status (76) still tells a hang whose file is damaged."""
+    for attempt in ('"x"', "1e400", None):
+        fields = {"rank": 1, "node": "n3", "since": 5.0, "declared_by": 0, "ranks": [1]}
+        text = json.dumps(fields)[:-1] + ("" if attempt is None else f', "attempt": {attempt}') + "}"
+        (tmp_path / HANG).write_text(text)
+        (tmp_path / "lost.json").write_text(text)
+        assert runfiles.read_hang(tmp_path, 2) is None and runfiles.read_lost(tmp_path, 2) is None
 
 
 def test_one_declaration_wins_among_threads_of_one_process_declaring_at_once(tmp_path):

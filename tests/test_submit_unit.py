@@ -193,6 +193,32 @@ def test_without_a_marker_the_step_status_stands(tmp_path, status):
     assert proc.returncode == status and "scontrol" not in proc.stdout
 
 
+def test_a_step_relaunched_in_its_allocation_is_stamped_where_its_start_up_begins(tmp_path):
+    """setup.sh stamps only the batch shell's first attempt: a relaunch's waterfall began at its tasks' start, its
+    srun launch shown nowhere, and goodput left the time from the attempt before's end to it out of the allocation."""
+    from hpc import timeline
+
+    job = tmp_path / "job"
+    script = tmp_path / "requeue.sh"
+    script.write_text(rendered_for(tmp_path, nodes=2, spare_nodes=1).files["requeue.sh"])
+    (job / "logs").mkdir(parents=True)
+    (job / "logs" / "batch-5.out").write_text("hpcdist: attempt 0 started on n1 at T\n"
+                                              "srun: error: n2: task 1: Killed\n")
+    (job / "step.sh").write_text(f'date +%s.%N > {job}/relaunched\n')  # the relaunch's srun, begun
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, answer in (("scontrol", "JobId=5 JobState=RUNNING Partition=debug"),
+                         ("sinfo", "n1|allocated\nn2|allocated\nn3|allocated")):
+        (bin_dir / tool).write_text(f'#!/bin/sh\nprintf "{answer}\\n"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-3]",
+           "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(script), "137"], capture_output=True, text=True, env=env, timeout=120)
+    assert "relaunching the step in this allocation" in proc.stdout, proc.stderr
+    stamps = timeline.read_shell_stamps(job / "run")
+    assert stamps[1]["batch"]["setup_done"] <= float((job / "relaunched").read_text())
+
+
 def test_local_command_sources_setup_then_execs_task_sh(tmp_path):
     rendered = rendered_for(tmp_path, nodes=2)
     command = submit.local_command(rendered)

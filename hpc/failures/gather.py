@@ -52,9 +52,8 @@ def snapshots_held(beats: Mapping[int, monitor.Heartbeat]) -> dict[str, int]:
 
 
 def checkpoint_in(run_dir: Path) -> int | None:
-    """The step a retry through the queue resumes from on disk: the newest checkpoint that verifies, as the trainer
-    chooses (a newer damaged one it will set aside is passed over here too), or DeepSpeed's newest snapshot whose
-    every part the nodes persisted, if newer."""
+    """The step a retry through the queue resumes from on disk (hpc.checkpoints.resumable_step): a newer checkpoint
+    the trainer will set aside as truncated or unlisted is passed over here too."""
     try:
         return checkpoints.resumable_step(Path(run_dir) / CHECKPOINTS)
     except OSError:

@@ -32,6 +32,10 @@ while :; do
     export HPCDIST_ATTEMPT=$next_attempt HPCDIST_EXCLUDE=$exclude HPCDIST_ELASTIC_NODES=$nodes
     echo "hpcdist: relaunching the step in this allocation (retry $uses of 2)${exclude:+ without $exclude}${nodes:+ on $nodes node(s)}"
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
+    # A relaunch's start-up begins here, not at its tasks' start: its waterfall shows the srun launch, and goodput
+    # counts the allocation's time from here.
+    hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}"
+    { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' setup_done "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
     status=0
     bash /jobs/golden/step.sh "$exclude" "$nodes" || status=$?
 done
