@@ -1110,6 +1110,7 @@ def test_a_frozen_rank_alone_on_its_node_is_reported_without_waiting_for_a_stack
         nodebeat.Publisher(tmp_path, rank).publish(node, 0, beat_time, {
             rank: {**beat_of(rank, 41, 900.0, beat_time), "hostname": node}})
     (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "declared.json").write_text("{}\n")
     (tmp_path / "stacks" / "rank-0.txt").write_text('Thread "MainThread":\n  in all_reduce\n')
     beat = heartbeat.Heartbeat(tmp_path, every_s=2.0, clock=lambda: 1000.0)
     beat.identity = {"rank": 0, "local_rank": 0, "hostname": "n1", "pid": 100, "attempt": 0}
@@ -1290,6 +1291,11 @@ def test_every_rank_of_every_node_leaves_with_77_within_two_beats_of_lost_json_t
 def test_a_declared_hang_reaches_every_rank_the_judges_node_s_too_and_each_leaves_its_stack(tmp_path, monkeypatch):
     now = [1000.0]
     run = tmp_path / "run"
+    # An earlier attempt's hang stays in the run directory: none of it is taken for this one's.
+    (run / "stacks").mkdir(parents=True)
+    for name in ("hang.json", *(f"stacks/rank-{r}.txt" for r in range(4))):
+        (run / name).write_text("an earlier attempt's\n")
+        os.utime(run / name, (1.0, 1.0))
 
     def rank_3_hangs_at_step_5(beats):
         for b in beats:
@@ -1312,7 +1318,7 @@ def test_a_declared_hang_reaches_every_rank_the_judges_node_s_too_and_each_leave
     hang = json.loads((run / "hang.json").read_text())
     assert (hang["rank"], hang["node"], hang["step"]) == (3, "n2", 5) and hang["declared_by"] in (0, 2)
     assert sorted(hang["stacks"]) == ["0", "1", "2", "3"]
-    assert not any(text.startswith("no stack") for text in hang["stacks"].values())
+    assert not any(text.startswith(("no stack", "an earlier")) for text in hang["stacks"].values())
     assert {rank for rank, path in reads if run in path.parents} == {0, 2}
 
 

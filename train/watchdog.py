@@ -312,21 +312,21 @@ class Watchdog:
         rank = self.me["rank"]
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
         mine = self.stacks_dir / f"rank-{rank}.txt"
-        if not ((self.run_dir / vocab.HANG).exists() and mine.exists()):  # a thawed rank keeps its py-spy stack
+        if not (self.fresh(self.run_dir / vocab.HANG) and self.fresh(mine)):  # a thawed rank keeps its py-spy stack
             fileio.atomic_write(mine, own_stacks())
         if declared["rank"] != rank and self._reads_for_culprit(declared):
             # A culprit whose own watchdog still runs writes its stack itself; a frozen one gets py-spy.
             theirs = self.stacks_dir / f"rank-{declared['rank']}.txt"
             deadline = time.monotonic() + (self.fresh_s if not declared["stale_beat"] else 0)
-            while not theirs.exists() and time.monotonic() < deadline:
+            while not self.fresh(theirs) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if not theirs.exists():
+            if not self.fresh(theirs):
                 fileio.atomic_write(theirs, py_spy_stack(declared["pid"]))
         if declared["declared_by"] == rank:
             self.write_report(declared)
         else:
             deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
-            while not (self.run_dir / vocab.HANG).exists() and time.monotonic() < deadline:
+            while not self.fresh(self.run_dir / vocab.HANG) and time.monotonic() < deadline:
                 time.sleep(0.2)
         where = (f"in set-up ({declared['phase']})" if declared.get("phase") in vocab.SETUP_PHASES
                  else f"at step {declared['step']}")
@@ -336,6 +336,14 @@ class Watchdog:
         self.beat.finish("failed")
         sys.stdout.flush()
         self.exit(EXIT_HUNG)
+
+    def fresh(self, path: Path) -> bool:
+        """Whether ``path`` (a stack file, hang.json) was written for this declaration, not left by an earlier
+        attempt's: no older than stacks/declared.json, both times from the run directory's file system."""
+        try:
+            return path.stat().st_mtime_ns >= (self.run_dir / DECLARED).stat().st_mtime_ns
+        except OSError:
+            return False
 
     def _reads_for_culprit(self, declared: dict) -> bool:
         """Whether this rank is the lowest live rank on the frozen rank's node (the one to run py-spy)."""
@@ -356,12 +364,12 @@ class Watchdog:
         readers = [r for r in live if beats[r].get("hostname") == declared["node"] and r != declared["rank"]]
         expected = live | ({declared["rank"]} if readers or not declared["stale_beat"] else set())
         deadline = time.monotonic() + COLLECT_S + PY_SPY_TIMEOUT_S
-        while not all((self.stacks_dir / f"rank-{r}.txt").exists() for r in expected) and time.monotonic() < deadline:
+        while not all(self.fresh(self.stacks_dir / f"rank-{r}.txt") for r in expected) and time.monotonic() < deadline:
             time.sleep(0.2)
         stacks = {}
         for r in sorted(set(beats) | expected):
             path = self.stacks_dir / f"rank-{r}.txt"
-            if path.exists():
+            if self.fresh(path):
                 stacks[r] = path.read_text()
             elif r == declared["rank"]:
                 stacks[r] = (f"no stack: no live rank on {declared['node']} could read process {declared['pid']} "
