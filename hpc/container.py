@@ -2,7 +2,7 @@
 
     container = Container("charliecloud", "/scratch/img/hpcdist")
     check(container, gpus_per_node=0, executor_local=False)    # ContainerError naming the fix
-    binds(job_dir, pythonpath, python, data_dir, container)    # host folders bound at the same paths
+    binds((job_dir, pythonpath, data_dir), python, container)   # host folders bound at the same paths
 
 Only the task runs in the container: job.sbatch and requeue.sh stay in the host's batch shell, since they
 call scontrol. The shell text of each runtime's command line is in templates/container.sh.j2.
@@ -10,6 +10,7 @@ call scontrol. The shell text of each runtime's command line is in templates/con
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -37,6 +38,10 @@ PASSED = ("SLURM_*", "SLURMD_*", "MASTER_*", "NCCL_*", "HPCDIST_*", "OMP_*", "PY
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # What the runtimes' bind options split on: pyxis and apptainer a list at ',', every runtime SRC:DST at ':'.
 _BIND_SEPARATORS = re.compile(r"[:,]")
+# The folders an image's root file system owns (the FHS's, and the lib variants distributions add): binding the
+# host's over one runs the host's files instead of the image's (its conda in /opt, its Python in /usr) or breaks it.
+IMAGE_OWNED = frozenset(f"/{name}" for name in ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32",
+                                                "opt", "proc", "root", "run", "sbin", "srv", "sys", "usr", "var"))
 
 
 class ContainerError(ValueError):
@@ -175,11 +180,26 @@ def top_folder(path: str) -> str:
     return "/" + parts[0] if parts else "/"
 
 
-def binds(paths: Iterable[str | None], container: Container) -> tuple[str, ...]:
-    """Host folders bound into the container at the same path: the top folder of each path the task needs
-    (the job directory, the import path, the interpreter, the data), then the profile's own mounts."""
-    tops = [top_folder(p) for p in paths if p and p.startswith("/")]
-    return tuple(dict.fromkeys([*(t for t in tops if t != "/"), *container.mounts]))
+def bind_folder(path: str) -> str | None:
+    """The host folder bound for a folder the task needs: its top folder, but under one an image's root owns
+    (IMAGE_OWNED) the folder itself; None for such a folder itself or ``/``, which the image's own serves."""
+    folder = posixpath.normpath(path)  # '/work/../usr' is in /usr, and its top folder must say so
+    top = top_folder(folder)
+    if top not in IMAGE_OWNED:
+        return None if top == "/" else top
+    return None if folder == top else folder
+
+
+def binds(folders: Iterable[str | None], python: str | None, container: Container) -> tuple[str, ...]:
+    """Host folders bound into the container at the same paths: for each folder the task needs (the job
+    directory, the import path, the data) and the interpreter's environment (``ENV/bin/python``), the folder
+    ``bind_folder`` names, then the profile's own mounts; none inside another already bound."""
+    home = posixpath.dirname(python or "")
+    if posixpath.basename(home) == "bin":
+        home = posixpath.dirname(home)  # the interpreter's lib/ and site-packages are beside its bin/
+    found = [bind_folder(f) for f in (*folders, home) if f and f.startswith("/")]
+    every = dict.fromkeys((*filter(None, found), *container.mounts))
+    return tuple(f for f in every if not any(f.startswith(c.rstrip("/") + "/") for c in every))
 
 
 def srun_options(container: Container | None, binds: Iterable[str]) -> tuple[str, ...]:

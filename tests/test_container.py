@@ -70,8 +70,35 @@ def test_a_profiles_container_section_is_checked(tmp_path: Path, section: dict, 
 
 def test_binds_are_the_top_folders_of_what_the_task_needs_then_the_profiles_mounts() -> None:
     box = containers.Container("charliecloud", "/img", mounts=("/scratch/data",))
-    assert containers.binds(["/work/repo/job", "/work/repo", "/root/.pyenv/bin/python", None, "rel"], box) == (
-        "/work", "/root", "/scratch/data")
+    assert containers.binds(["/work/repo/job", "/work/repo", None, "rel"], "/home/u/.pyenv/bin/python", box) == (
+        "/work", "/home", "/scratch/data")
+
+
+def test_under_a_folder_the_images_root_owns_only_the_folder_the_task_needs_is_bound() -> None:
+    # The host's /opt over the image's would hide its conda, the host's /usr its Python and libraries.
+    box = containers.Container("charliecloud", "/img")
+    assert containers.binds(["/opt/jobs/x", "/usr/share/data/", "/var/tmp/run", "/opt/jobs/x/data", "/work/../srv/d"],
+                            "/opt/conda/envs/t/bin/python", box) == (
+        "/opt/jobs/x", "/usr/share/data", "/var/tmp/run", "/srv/d", "/opt/conda/envs/t")
+    # An interpreter in the image's own /usr/bin is the image's: the host's /usr is not bound over it.
+    assert containers.binds(["/work/job"], "/usr/bin/python3", box) == ("/work",)
+    # A folder inside another bound is seen through it: charliecloud would need a mount point for nothing.
+    assert containers.binds(["/opt/src/jobs/x", "/opt/src"], None, box) == ("/opt/src",)
+
+
+def test_charliecloud_needs_a_mount_point_for_the_folder_bound_under_a_folder_the_image_owns(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    for sub in ("etc", "tmp", REPO.parts[1], "var"):
+        (image / sub).mkdir(parents=True, exist_ok=True)
+    code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud", "--",
+                          "--data-dir", "/var/tmp/hpcdist-data")
+    assert code == 2 and "has no mount point /var/tmp/hpcdist-data" in err, err
+    (image / "var/tmp/hpcdist-data").mkdir(parents=True)
+    code, err, job = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud", "--",
+                            "--data-dir", "/var/tmp/hpcdist-data")
+    assert code == 0, err
+    task = (job / "task.sh").read_text()
+    assert "-b /var/tmp/hpcdist-data " in task and "-b /var " not in task
 
 
 @pytest.mark.parametrize("runtime", ["apptainer", "podman-hpc"])
