@@ -2,7 +2,7 @@
 
     container = Container("charliecloud", "/scratch/img/hpcdist")
     check(container, gpus_per_node=0, executor_local=False)    # ContainerError naming the fix
-    binds((job_dir, pythonpath, data_dir), python, container)   # host folders bound at the same paths
+    binds((job_dir, pythonpath, data_dir), python, container, os.path.realpath)  # bound at the same paths
 
 Only the task runs in the container: job.sbatch and requeue.sh stay in the host's batch shell, since they
 call scontrol. The shell text of each runtime's command line is in templates/container.sh.j2.
@@ -190,16 +190,23 @@ def bind_folder(path: str) -> str | None:
     return None if folder == top else folder
 
 
-def binds(folders: Iterable[str | None], python: str | None, container: Container) -> tuple[str, ...]:
+def binds(folders: Iterable[str | None], python: str | None, container: Container,
+          real: Callable[[str], str] = str) -> tuple[str, ...]:
     """Host folders bound into the container at the same paths: for each folder the task needs (the job
-    directory, the import path, the data) and the interpreter's environment (``ENV/bin/python``), the folder
-    ``bind_folder`` names, then the profile's own mounts; none inside another already bound."""
-    home = posixpath.dirname(python or "")
-    if posixpath.basename(home) == "bin":
-        home = posixpath.dirname(home)  # the interpreter's lib/ and site-packages are beside its bin/
-    found = [bind_folder(f) for f in (*folders, home) if f and f.startswith("/")]
+    directory, the import path, the data) and the interpreter's environment (``ENV/bin/python``), as given and
+    where ``real`` (os.path.realpath) says its links lead, the folder ``bind_folder`` names; then the profile's own
+    mounts; none inside another already bound."""
+    homes = [_environment(python), _environment(real(python))] if python else []
+    needed = [f for f in (*folders, *homes) if f and f.startswith("/")]
+    found = [bind_folder(f) for f in (*needed, *map(real, needed))]
     every = dict.fromkeys((*filter(None, found), *container.mounts))
     return tuple(f for f in every if not any(f.startswith(c.rstrip("/") + "/") for c in every))
+
+
+def _environment(python: str) -> str:
+    home = posixpath.dirname(python)
+    # The interpreter's lib/ and site-packages are beside its bin/.
+    return posixpath.dirname(home) if posixpath.basename(home) == "bin" else home
 
 
 def srun_options(container: Container | None, binds: Iterable[str]) -> tuple[str, ...]:

@@ -32,12 +32,14 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-python=$(readlink -f .venv/bin/python 2>/dev/null || command -v python3)
+python=$PWD/.venv/bin/python
+[ -x "$python" ] || python=$(command -v python3)
 # The folders hpcdist binds for these (hpc.container.binds): each top folder, but under one an image owns (/opt,
-# /usr, /var...) the folder itself, and the interpreter's environment rather than its bin/.
-mapfile -t mounts < <(PYTHONPATH=. "$python" -c 'import sys; from hpc import container as c
-print(*c.binds(sys.argv[2:], sys.argv[1], c.Container("charliecloud", "")), sep="\n")' "$python" "$PWD" /tmp \
-    ${mounts[@]+"${mounts[@]}"})
+# /usr, /var...) the folder itself; the interpreter's environment; and where their links lead.
+mapfile -t mounts < <(PYTHONPATH=. "$python" -c 'import os, sys; from hpc import container as c
+print(*c.binds(sys.argv[2:], sys.argv[1], c.Container("charliecloud", ""), os.path.realpath), sep="\n")' \
+    "$python" "$PWD" /tmp ${mounts[@]+"${mounts[@]}"})
+[ ${#mounts[@]} -gt 0 ] || { echo "build-image.sh: $python could not name the mount points (see above)" >&2; exit 2; }
 
 [ ! -e "$out" ] || { echo "build-image.sh: $out exists; remove it or pick another directory" >&2; exit 2; }
 command -v mmdebstrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap; }

@@ -16,8 +16,10 @@ from hpc import container as containers
 from hpc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-# What a job rendered here binds: the top folders of its job dir (under /tmp), this checkout and its interpreter.
-BINDS = tuple(dict.fromkeys(["/tmp", "/" + REPO.parts[1], "/" + Path(sys.executable).parts[1]]))
+# What a job rendered here binds: for its job dir (under /tmp), this checkout and its interpreter's environment,
+# and where their links lead (a venv's interpreter to its base one's).
+BINDS = containers.binds(["/tmp", str(REPO)], sys.executable, containers.Container("apptainer", "img"),
+                         os.path.realpath)
 
 
 def profile(tmp_path: Path, **section: object) -> Path:
@@ -86,10 +88,20 @@ def test_under_a_folder_the_images_root_owns_only_the_folder_the_task_needs_is_b
     assert containers.binds(["/opt/src/jobs/x", "/opt/src"], None, box) == ("/opt/src",)
 
 
+def test_a_linked_folder_is_bound_where_its_link_leads_as_well() -> None:
+    # A venv's interpreter links to its base one (pyenv under /root, conda under /opt), a data folder to a
+    # parallel filesystem: inside, the link would lead nowhere.
+    links = {"/home/u/venv": "/gpfs/u/venv", "/home/u/venv/bin/python": "/opt/py/3.11/bin/python3.11",
+             "/home/u/data": "/lustre/cifar"}
+    box = containers.Container("charliecloud", "/img")
+    assert containers.binds(["/home/u/job", "/home/u/data"], "/home/u/venv/bin/python", box,
+                            lambda path: links.get(path, path)) == ("/home", "/opt/py/3.11", "/lustre", "/gpfs")
+
+
 def test_charliecloud_needs_a_mount_point_for_the_folder_bound_under_a_folder_the_image_owns(tmp_path: Path) -> None:
     image = tmp_path / "img"
-    for sub in ("etc", "tmp", REPO.parts[1], "var"):
-        (image / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ("etc", "var", *BINDS):
+        (image / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
     code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud", "--",
                           "--data-dir", "/var/tmp/hpcdist-data")
     assert code == 2 and "has no mount point /var/tmp/hpcdist-data" in err, err
@@ -129,8 +141,8 @@ def test_render_refuses_what_it_can_know(tmp_path: Path) -> None:
     (image / "etc").mkdir(parents=True)
     code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
     assert code == 2 and "has no mount point /tmp" in err and "build-image.sh --mount /tmp" in err
-    (image / "tmp").mkdir()
-    (image / REPO.parts[1]).mkdir(exist_ok=True)
+    for sub in BINDS:
+        (image / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
     code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
     assert code == 0, err
     for args, words in ((["--container", "rel/img", "--container-runtime", "charliecloud"], "relative path"),
@@ -238,8 +250,8 @@ def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None
 
 def test_a_task_names_a_runtime_its_node_lacks(tmp_path: Path) -> None:
     image = tmp_path / "img"
-    for sub in ("etc", "tmp", REPO.parts[1]):
-        (image / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ("etc", *BINDS):
+        (image / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
     code, err, job = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
     assert code == 0, err
     # A node without ch-run: nothing on PATH (the check is a shell builtin).
