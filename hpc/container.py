@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterable, Mapping
 # name -> how it is started: "task" runtimes wrap the task's launcher (task.sh runs on the host, the launcher
 # and the trainer inside); "step" runtimes are srun options (task.sh itself runs inside). ``gpu_flag``: the
 # option that shows the job's GPUs inside, where the runtime needs one; ``image``: "path" where the image is
-# a file or folder every node must see, "ref" where the runtime may also pull a name.
+# a file or folder every node must see, "ref" where the runtime may also pull a name, "uri" where it pulls only
+# what names a scheme (docker://, oras://, docker-archive:...) and reads anything else as a file.
 RUNTIMES: Mapping[str, Mapping[str, Any]] = {   # in the order a site's are preferred: most integrated first
     "pyxis": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "ref"},
-    "apptainer": {"command": "apptainer", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
-    "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
+    "apptainer": {"command": "apptainer", "starts": "task", "gpu_flag": "--nv", "image": "uri"},
+    "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "uri"},
     "charliecloud": {"command": "ch-run", "starts": "task", "gpu_flag": None, "image": "path"},
     "podman-hpc": {"command": "podman-hpc", "starts": "task", "gpu_flag": "--gpu", "image": "ref"},
     "oci": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "path", "requeue_after_s": 15},
@@ -38,6 +39,7 @@ PASSED = ("SLURM_*", "SLURMD_*", "MASTER_*", "NCCL_*", "HPCDIST_*", "OMP_*", "PY
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # What the runtimes' bind options split on: pyxis and apptainer a list at ',', every runtime SRC:DST at ':'.
 _BIND_SEPARATORS = re.compile(r"[:,]")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # docker://, library://, docker-archive:, oci-archive:...
 # The folders an image's root file system owns (the FHS's, and the lib variants distributions add): binding the
 # host's over one runs the host's files instead of the image's (its conda in /opt, its Python in /usr) or breaks it.
 IMAGE_OWNED = frozenset(f"/{name}" for name in ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32",
@@ -72,7 +74,9 @@ class Container:
 
     @property
     def image_is_path(self) -> bool:
-        return RUNTIMES[self.runtime]["image"] == "path" or self.image.startswith("/")
+        kind = RUNTIMES[self.runtime]["image"]
+        return (kind == "path" or self.image.startswith(("/", "./", "../"))
+                or (kind == "uri" and not _SCHEME.match(self.image)))
 
 
 def from_mapping(data: Mapping[str, Any], where: str = "container", image_required: bool = True) -> Container:

@@ -151,6 +151,23 @@ def test_render_refuses_what_it_can_know(tmp_path: Path) -> None:
         assert code == 2 and len(err.splitlines()) == 1 and words in err, err
 
 
+@pytest.mark.parametrize("runtime,image", [("apptainer", "img.sif"), ("singularity", "sandbox"),
+                                           ("pyxis", "./pytorch.sqsh"), ("podman-hpc", "../img")])
+def test_a_relative_image_file_is_refused_since_each_task_would_look_for_it_in_its_own_folder(
+        tmp_path: Path, runtime: str, image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Apptainer reads an image without a scheme (docker://, oras://, docker-archive:...) as a file.
+    monkeypatch.chdir(tmp_path)
+    Path(image).touch()
+    code, err, job = render(tmp_path, "--container", image, "--container-runtime", runtime)
+    assert code == 2 and len(err.splitlines()) == 1 and "relative path" in err, err
+    assert not job.exists()
+    code, err, _ = render(tmp_path, "--container", "/no/such.sif", "--container-runtime", runtime)
+    assert code == 2 and "does not exist here" in err, err
+    for uri in ("docker://pytorch/pytorch:2.4", "docker-archive:/img/pytorch.tar", "library://lolcow"):
+        code, err, _ = render(tmp_path / uri.split(":")[0], "--container", uri, "--container-runtime", "apptainer")
+        assert code == 0, err
+
+
 def test_a_gpu_job_whose_runtime_would_hide_the_gpus_is_refused() -> None:
     box = containers.Container("podman-hpc", "img", gpus=False)
     with pytest.raises(containers.ContainerError, match="would hide them"):
