@@ -103,6 +103,10 @@ def from_mapping(data: Mapping[str, Any], where: str = "container", image_requir
     if bad is not None:
         raise ContainerError(f"{where}.mounts: {bad[:60]!r} must be an absolute host path without ':' or ',' (bound "
                              "at the same path)")
+    bad = next((m for m in mounts if bind_folder(m) is None), None)
+    if bad is not None:
+        raise ContainerError(f"{where}.mounts: {bad[:60]!r} is / or a folder the image's own root holds, which the "
+                             "host's would hide or replace; name the folder under it that the job needs")
     env = _strings(data.get("env") or [], f"{where}.env")
     bad = next((e for e in env if not _ENV_NAME.fullmatch(e)), None)
     if bad is not None:

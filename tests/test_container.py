@@ -58,6 +58,9 @@ def test_a_container_that_cannot_be_decided_is_one_line(image, runtime, words) -
 @pytest.mark.parametrize("section,words", [
     ({"runtime": "charliecloud", "mounts": ["relative"]}, "absolute host path"),
     ({"runtime": "charliecloud", "mounts": ["/a:/b"]}, "absolute host path"),
+    # The host's root or /opt over the image's: ch-run refuses '-b /' on the node, and /opt would hide its conda.
+    ({"runtime": "charliecloud", "mounts": ["/"]}, "mounts: '/' is / or a folder the image's own root holds"),
+    ({"runtime": "apptainer", "mounts": ["/scratch", "/opt/"]}, "mounts: '/opt/' is / or a folder the image's own"),
     ({"runtime": "podman-hpc", "env": ["A B"]}, "not a variable name"),
     ({"runtime": "apptainer", "gpus": "yes"}, "true or false"),
     ({"runtime": "apptainer", "shell": "x"}, "unknown key"),
