@@ -143,10 +143,11 @@ def _strings(value: Any, where: str) -> list[str]:
 
 
 def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, local: bool,
-          exists: Callable[[str], bool]) -> None:
+          exists: Callable[[str], bool], read_json: Callable[[str], Any] = lambda path: None) -> None:
     """Refuse what render can already know will not run: ContainerError in one line.
 
-    ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine).
+    ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine);
+    ``read_json(path)`` the JSON object in a file there (None when absent or damaged).
     """
     split = next((b for b in binds if _BIND_SEPARATORS.search(b)), None)
     if split is not None:
@@ -172,6 +173,26 @@ def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, loc
             raise ContainerError(f"image {container.image[:60]!r} has no mount point {missing[0]} (of "
                                  f"{', '.join(missing)}); create it there (mkdir -p IMAGE{missing[0]}) or rebuild "
                                  f"with scripts/build-image.sh --mount {missing[0]}")
+        missing = _unbound(read_json(container.image + "/config.json"), binds) if container.runtime == "oci" else []
+        if missing:
+            raise ContainerError(f"bundle {container.image[:60]!r} binds no {missing[0]} (of {', '.join(missing)}): "
+                                 "srun --container binds only its config.json's mounts; add it there or rebuild with "
+                                 f"scripts/build-image.sh BUNDLE --oci --mount {missing[0]}")
+
+
+def _unbound(config: Any, binds: Iterable[str]) -> list[str]:
+    """The folders an OCI bundle's config.json mounts none of (none when it is unreadable: runc will say)."""
+    if not isinstance(config, dict) or not isinstance(config.get("mounts"), list):
+        return []
+    bound = [m["destination"].rstrip("/") + "/" for m in config["mounts"] if _is_bind(m)]
+    return [b for b in binds if not any((b + "/").startswith(d) for d in bound)]
+
+
+def _is_bind(mount: Any) -> bool:
+    if not isinstance(mount, dict) or not isinstance(mount.get("destination"), str):
+        return False
+    options = mount.get("options")
+    return mount.get("type") == "bind" or (isinstance(options, list) and ("bind" in options or "rbind" in options))
 
 
 def detect(on_path: Callable[[str], bool], plugstack: str, oci_conf: bool) -> list[str]:

@@ -171,6 +171,22 @@ def test_a_relative_image_file_is_refused_since_each_task_would_look_for_it_in_i
         assert code == 0, err
 
 
+def test_an_oci_bundle_whose_config_binds_none_of_a_folder_the_task_needs_is_refused(tmp_path: Path) -> None:
+    # Slurm's srun --container binds nothing itself: only the bundle's config.json mounts reach the container.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    mounts = [{"destination": "/proc", "type": "proc", "source": "proc"},
+              {"destination": "/scratch", "type": "bind", "source": "/scratch", "options": ["rbind", "rw"]}]
+    (bundle / "config.json").write_text(json.dumps({"mounts": mounts}))
+    code, err, job = render(tmp_path, "--container", str(bundle), "--container-runtime", "oci")
+    assert code == 2 and len(err.splitlines()) == 1 and f"binds no {BINDS[0]} " in err and "--mount" in err, err
+    assert not job.exists()
+    mounts += [{"destination": b, "type": "none", "source": b, "options": ["rbind"]} for b in BINDS]
+    (bundle / "config.json").write_text(json.dumps({"mounts": mounts}))
+    code, err, job = render(tmp_path, "--container", str(bundle), "--container-runtime", "oci")
+    assert code == 0, err
+
+
 def test_a_gpu_job_whose_runtime_would_hide_the_gpus_is_refused() -> None:
     box = containers.Container("podman-hpc", "img", gpus=False)
     with pytest.raises(containers.ContainerError, match="would hide them"):
