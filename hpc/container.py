@@ -2,7 +2,7 @@
 
     container = Container("charliecloud", "/scratch/img/hpcdist")
     check(container, gpus_per_node=0, executor_local=False)    # ContainerError naming the fix
-    binds(job_dir, pythonpath, python, data_dir, container)    # host folders bound at the same paths
+    binds((job_dir, pythonpath, data_dir), python, container, os.path.realpath)  # bound at the same paths
 
 Only the task runs in the container: job.sbatch and requeue.sh stay in the host's batch shell, since they
 call scontrol. The shell text of each runtime's command line is in templates/container.sh.j2.
@@ -10,6 +10,7 @@ call scontrol. The shell text of each runtime's command line is in templates/con
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -17,11 +18,12 @@ from typing import Any, Callable, Iterable, Mapping
 # name -> how it is started: "task" runtimes wrap the task's launcher (task.sh runs on the host, the launcher
 # and the trainer inside); "step" runtimes are srun options (task.sh itself runs inside). ``gpu_flag``: the
 # option that shows the job's GPUs inside, where the runtime needs one; ``image``: "path" where the image is
-# a file or folder every node must see, "ref" where the runtime may also pull a name.
+# a file or folder every node must see, "ref" where the runtime may also pull a name, "uri" where it pulls only
+# what names a scheme (docker://, oras://, docker-archive:...) and reads anything else as a file.
 RUNTIMES: Mapping[str, Mapping[str, Any]] = {   # in the order a site's are preferred: most integrated first
     "pyxis": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "ref"},
-    "apptainer": {"command": "apptainer", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
-    "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "ref"},
+    "apptainer": {"command": "apptainer", "starts": "task", "gpu_flag": "--nv", "image": "uri"},
+    "singularity": {"command": "singularity", "starts": "task", "gpu_flag": "--nv", "image": "uri"},
     "charliecloud": {"command": "ch-run", "starts": "task", "gpu_flag": None, "image": "path"},
     "podman-hpc": {"command": "podman-hpc", "starts": "task", "gpu_flag": "--gpu", "image": "ref"},
     "oci": {"command": "srun", "starts": "step", "gpu_flag": None, "image": "path", "requeue_after_s": 15},
@@ -37,6 +39,11 @@ PASSED = ("SLURM_*", "SLURMD_*", "MASTER_*", "NCCL_*", "HPCDIST_*", "OMP_*", "PY
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # What the runtimes' bind options split on: pyxis and apptainer a list at ',', every runtime SRC:DST at ':'.
 _BIND_SEPARATORS = re.compile(r"[:,]")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # docker://, library://, docker-archive:, oci-archive:...
+# The folders an image's root file system owns (the FHS's, and the lib variants distributions add): binding the
+# host's over one runs the host's files instead of the image's (its conda in /opt, its Python in /usr) or breaks it.
+IMAGE_OWNED = frozenset(f"/{name}" for name in ("bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32",
+                                                "opt", "proc", "root", "run", "sbin", "srv", "sys", "usr", "var"))
 
 
 class ContainerError(ValueError):
@@ -67,7 +74,9 @@ class Container:
 
     @property
     def image_is_path(self) -> bool:
-        return RUNTIMES[self.runtime]["image"] == "path" or self.image.startswith("/")
+        kind = RUNTIMES[self.runtime]["image"]
+        return (kind == "path" or self.image.startswith(("/", "./", "../"))
+                or (kind == "uri" and not _SCHEME.match(self.image)))
 
 
 def from_mapping(data: Mapping[str, Any], where: str = "container", image_required: bool = True) -> Container:
@@ -94,6 +103,10 @@ def from_mapping(data: Mapping[str, Any], where: str = "container", image_requir
     if bad is not None:
         raise ContainerError(f"{where}.mounts: {bad[:60]!r} must be an absolute host path without ':' or ',' (bound "
                              "at the same path)")
+    bad = next((m for m in mounts if bind_folder(m) is None), None)
+    if bad is not None:
+        raise ContainerError(f"{where}.mounts: {bad[:60]!r} is / or a folder the image's own root holds, which the "
+                             "host's would hide or replace; name the folder under it that the job needs")
     env = _strings(data.get("env") or [], f"{where}.env")
     bad = next((e for e in env if not _ENV_NAME.fullmatch(e)), None)
     if bad is not None:
@@ -130,10 +143,11 @@ def _strings(value: Any, where: str) -> list[str]:
 
 
 def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, local: bool,
-          exists: Callable[[str], bool]) -> None:
+          exists: Callable[[str], bool], read_json: Callable[[str], Any] = lambda path: None) -> None:
     """Refuse what render can already know will not run: ContainerError in one line.
 
-    ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine).
+    ``exists(path)`` says whether a path exists where the job runs (a shared filesystem: this machine);
+    ``read_json(path)`` the JSON object in a file there (None when absent or damaged).
     """
     split = next((b for b in binds if _BIND_SEPARATORS.search(b)), None)
     if split is not None:
@@ -159,6 +173,26 @@ def check(container: Container, binds: Iterable[str], *, gpus_per_node: int, loc
             raise ContainerError(f"image {container.image[:60]!r} has no mount point {missing[0]} (of "
                                  f"{', '.join(missing)}); create it there (mkdir -p IMAGE{missing[0]}) or rebuild "
                                  f"with scripts/build-image.sh --mount {missing[0]}")
+        missing = _unbound(read_json(container.image + "/config.json"), binds) if container.runtime == "oci" else []
+        if missing:
+            raise ContainerError(f"bundle {container.image[:60]!r} binds no {missing[0]} (of {', '.join(missing)}): "
+                                 "srun --container binds only its config.json's mounts; add it there or rebuild with "
+                                 f"scripts/build-image.sh BUNDLE --oci --mount {missing[0]}")
+
+
+def _unbound(config: Any, binds: Iterable[str]) -> list[str]:
+    """The folders an OCI bundle's config.json mounts none of (none when it is unreadable: runc will say)."""
+    if not isinstance(config, dict) or not isinstance(config.get("mounts"), list):
+        return []
+    bound = [m["destination"].rstrip("/") + "/" for m in config["mounts"] if _is_bind(m)]
+    return [b for b in binds if not any((b + "/").startswith(d) for d in bound)]
+
+
+def _is_bind(mount: Any) -> bool:
+    if not isinstance(mount, dict) or not isinstance(mount.get("destination"), str):
+        return False
+    options = mount.get("options")
+    return mount.get("type") == "bind" or (isinstance(options, list) and ("bind" in options or "rbind" in options))
 
 
 def detect(on_path: Callable[[str], bool], plugstack: str, oci_conf: bool) -> list[str]:
@@ -175,11 +209,33 @@ def top_folder(path: str) -> str:
     return "/" + parts[0] if parts else "/"
 
 
-def binds(paths: Iterable[str | None], container: Container) -> tuple[str, ...]:
-    """Host folders bound into the container at the same path: the top folder of each path the task needs
-    (the job directory, the import path, the interpreter, the data), then the profile's own mounts."""
-    tops = [top_folder(p) for p in paths if p and p.startswith("/")]
-    return tuple(dict.fromkeys([*(t for t in tops if t != "/"), *container.mounts]))
+def bind_folder(path: str) -> str | None:
+    """The host folder bound for a folder the task needs: its top folder, but under one an image's root owns
+    (IMAGE_OWNED) the folder itself; None for such a folder itself or ``/``, which the image's own serves."""
+    folder = posixpath.normpath(path)  # '/work/../usr' is in /usr, and its top folder must say so
+    top = top_folder(folder)
+    if top not in IMAGE_OWNED:
+        return None if top == "/" else top
+    return None if folder == top else folder
+
+
+def binds(folders: Iterable[str | None], python: str | None, container: Container,
+          real: Callable[[str], str] = str) -> tuple[str, ...]:
+    """Host folders bound into the container at the same paths: for each folder the task needs (the job
+    directory, the import path, the data) and the interpreter's environment (``ENV/bin/python``), as given and
+    where ``real`` (os.path.realpath) says its links lead, the folder ``bind_folder`` names; then the profile's own
+    mounts; none inside another already bound."""
+    homes = [_environment(python), _environment(real(python))] if python else []
+    needed = [f for f in (*folders, *homes) if f and f.startswith("/")]
+    found = [bind_folder(f) for f in (*needed, *map(real, needed))]
+    every = dict.fromkeys((*filter(None, found), *container.mounts))
+    return tuple(f for f in every if not any(f.startswith(c.rstrip("/") + "/") for c in every))
+
+
+def _environment(python: str) -> str:
+    home = posixpath.dirname(python)
+    # The interpreter's lib/ and site-packages are beside its bin/.
+    return posixpath.dirname(home) if posixpath.basename(home) == "bin" else home
 
 
 def srun_options(container: Container | None, binds: Iterable[str]) -> tuple[str, ...]:

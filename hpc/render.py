@@ -134,8 +134,8 @@ def container_context(spec: JobSpec, profile: Profile) -> dict[str, Any]:
     if box is None:
         return {"container": None, "binds": (), "gpu_flag": False, "passed_env": (), "step_options": (),
                 "requeue_after_s": containers.REQUEUE_AFTER_S}
-    binds = containers.binds((spec.job_dir, spec.pythonpath, spec.python,
-                              train_value(spec.train_args, "--data-dir")), box)
+    binds = containers.binds((spec.job_dir, spec.pythonpath, train_value(spec.train_args, "--data-dir")),
+                             spec.python, box, os.path.realpath)
     return {"container": box, "binds": binds, "gpu_flag": bool(spec.gpus_per_node) and box.gpus,
             "passed_env": containers.passed_env(box), "step_options": containers.srun_options(box, binds),
             "requeue_after_s": box.requeue_after_s}

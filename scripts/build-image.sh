@@ -9,7 +9,7 @@
 #                                                                      # before (hard links, no second debootstrap)
 #
 # The image is Debian bookworm (minbase, Python 3.11 like the host) with mount points for the folders hpcdist
-# binds: the top folder of this checkout, of its Python environment and of each --mount. The training
+# binds for this checkout, its Python environment and each --mount (see hpc.container.binds). The training
 # environment itself (torch, deepspeed, hpcdist) is bind-mounted from the host at the same paths, so the
 # image stays small and the job runs exactly the code the host would; a site that wants it inside the image
 # installs the project's wheel there (pip install hpcdist-*.whl[train]) instead.
@@ -32,9 +32,14 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-top() { local p=${1#/}; echo "/${p%%/*}"; }
-python=$(readlink -f .venv/bin/python 2>/dev/null || command -v python3)
-mounts+=("$(top "$PWD")" "$(top "$python")" /tmp)
+python=$PWD/.venv/bin/python
+[ -x "$python" ] || python=$(command -v python3)
+# The folders hpcdist binds for these (hpc.container.binds): each top folder, but under one an image owns (/opt,
+# /usr, /var...) the folder itself; the interpreter's environment; and where their links lead.
+mapfile -t mounts < <(PYTHONPATH=. "$python" -c 'import os, sys; from hpc import container as c
+print(*c.binds(sys.argv[2:], sys.argv[1], c.Container("charliecloud", ""), os.path.realpath), sep="\n")' \
+    "$python" "$PWD" /tmp ${mounts[@]+"${mounts[@]}"})
+[ ${#mounts[@]} -gt 0 ] || { echo "build-image.sh: $python could not name the mount points (see above)" >&2; exit 2; }
 
 [ ! -e "$out" ] || { echo "build-image.sh: $out exists; remove it or pick another directory" >&2; exit 2; }
 command -v mmdebstrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap; }
@@ -50,7 +55,7 @@ else
     mmdebstrap --quiet --variant=minbase --include=python3,procps bookworm "$rootfs"
 fi
 for m in "${mounts[@]}"; do
-    mkdir -p "$rootfs$(top "$m")"
+    mkdir -p "$rootfs$m"
 done
 # Present, so that ch-run binds the host's over them: node names (MASTER_ADDR) must resolve inside as outside.
 touch "$rootfs/etc/hosts" "$rootfs/etc/resolv.conf"
@@ -74,8 +79,7 @@ spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type
 spec.pop("hostname", None)
 spec["linux"].pop("uidMappings", None)
 spec["linux"].pop("gidMappings", None)
-tops = sorted({"/" + m.strip("/").split("/")[0] for m in mounts})
-spec["mounts"] += [{"destination": t, "type": "bind", "source": t, "options": ["rbind", "rw"]} for t in tops]
+spec["mounts"] += [{"destination": m, "type": "bind", "source": m, "options": ["rbind", "rw"]} for m in mounts]
 spec["mounts"] += [{"destination": f, "type": "bind", "source": f, "options": ["bind", "ro"]}
                    for f in ("/etc/hosts", "/etc/resolv.conf")]
 json.dump(spec, open(path, "w"), indent=1)

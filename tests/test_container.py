@@ -16,8 +16,10 @@ from hpc import container as containers
 from hpc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-# What a job rendered here binds: the top folders of its job dir (under /tmp), this checkout and its interpreter.
-BINDS = tuple(dict.fromkeys(["/tmp", "/" + REPO.parts[1], "/" + Path(sys.executable).parts[1]]))
+# What a job rendered here binds: for its job dir (under /tmp), this checkout and its interpreter's environment,
+# and where their links lead (a venv's interpreter to its base one's).
+BINDS = containers.binds(["/tmp", str(REPO)], sys.executable, containers.Container("apptainer", "img"),
+                         os.path.realpath)
 
 
 def profile(tmp_path: Path, **section: object) -> Path:
@@ -56,6 +58,9 @@ def test_a_container_that_cannot_be_decided_is_one_line(image, runtime, words) -
 @pytest.mark.parametrize("section,words", [
     ({"runtime": "charliecloud", "mounts": ["relative"]}, "absolute host path"),
     ({"runtime": "charliecloud", "mounts": ["/a:/b"]}, "absolute host path"),
+    # The host's root or /opt over the image's: ch-run refuses '-b /' on the node, and /opt would hide its conda.
+    ({"runtime": "charliecloud", "mounts": ["/"]}, "mounts: '/' is / or a folder the image's own root holds"),
+    ({"runtime": "apptainer", "mounts": ["/scratch", "/opt/"]}, "mounts: '/opt/' is / or a folder the image's own"),
     ({"runtime": "podman-hpc", "env": ["A B"]}, "not a variable name"),
     ({"runtime": "apptainer", "gpus": "yes"}, "true or false"),
     ({"runtime": "apptainer", "shell": "x"}, "unknown key"),
@@ -70,8 +75,45 @@ def test_a_profiles_container_section_is_checked(tmp_path: Path, section: dict, 
 
 def test_binds_are_the_top_folders_of_what_the_task_needs_then_the_profiles_mounts() -> None:
     box = containers.Container("charliecloud", "/img", mounts=("/scratch/data",))
-    assert containers.binds(["/work/repo/job", "/work/repo", "/root/.pyenv/bin/python", None, "rel"], box) == (
-        "/work", "/root", "/scratch/data")
+    assert containers.binds(["/work/repo/job", "/work/repo", None, "rel"], "/home/u/.pyenv/bin/python", box) == (
+        "/work", "/home", "/scratch/data")
+
+
+def test_under_a_folder_the_images_root_owns_only_the_folder_the_task_needs_is_bound() -> None:
+    # The host's /opt over the image's would hide its conda, the host's /usr its Python and libraries.
+    box = containers.Container("charliecloud", "/img")
+    assert containers.binds(["/opt/jobs/x", "/usr/share/data/", "/var/tmp/run", "/opt/jobs/x/data", "/work/../srv/d"],
+                            "/opt/conda/envs/t/bin/python", box) == (
+        "/opt/jobs/x", "/usr/share/data", "/var/tmp/run", "/srv/d", "/opt/conda/envs/t")
+    # An interpreter in the image's own /usr/bin is the image's: the host's /usr is not bound over it.
+    assert containers.binds(["/work/job"], "/usr/bin/python3", box) == ("/work",)
+    # A folder inside another bound is seen through it: charliecloud would need a mount point for nothing.
+    assert containers.binds(["/opt/src/jobs/x", "/opt/src"], None, box) == ("/opt/src",)
+
+
+def test_a_linked_folder_is_bound_where_its_link_leads_as_well() -> None:
+    # A venv's interpreter links to its base one (pyenv under /root, conda under /opt), a data folder to a
+    # parallel filesystem: inside, the link would lead nowhere.
+    links = {"/home/u/venv": "/gpfs/u/venv", "/home/u/venv/bin/python": "/opt/py/3.11/bin/python3.11",
+             "/home/u/data": "/lustre/cifar"}
+    box = containers.Container("charliecloud", "/img")
+    assert containers.binds(["/home/u/job", "/home/u/data"], "/home/u/venv/bin/python", box,
+                            lambda path: links.get(path, path)) == ("/home", "/opt/py/3.11", "/lustre", "/gpfs")
+
+
+def test_charliecloud_needs_a_mount_point_for_the_folder_bound_under_a_folder_the_image_owns(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    for sub in ("etc", "var", *BINDS):
+        (image / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud", "--",
+                          "--data-dir", "/var/tmp/hpcdist-data")
+    assert code == 2 and "has no mount point /var/tmp/hpcdist-data" in err, err
+    (image / "var/tmp/hpcdist-data").mkdir(parents=True)
+    code, err, job = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud", "--",
+                            "--data-dir", "/var/tmp/hpcdist-data")
+    assert code == 0, err
+    task = (job / "task.sh").read_text()
+    assert "-b /var/tmp/hpcdist-data " in task and "-b /var " not in task
 
 
 @pytest.mark.parametrize("runtime", ["apptainer", "podman-hpc"])
@@ -102,14 +144,47 @@ def test_render_refuses_what_it_can_know(tmp_path: Path) -> None:
     (image / "etc").mkdir(parents=True)
     code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
     assert code == 2 and "has no mount point /tmp" in err and "build-image.sh --mount /tmp" in err
-    (image / "tmp").mkdir()
-    (image / REPO.parts[1]).mkdir(exist_ok=True)
+    for sub in BINDS:
+        (image / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
     code, err, _ = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
     assert code == 0, err
     for args, words in ((["--container", "rel/img", "--container-runtime", "charliecloud"], "relative path"),
                         (["--container", "/no/such/img", "--container-runtime", "oci"], "does not exist here")):
         code, err, _ = render(tmp_path, *args)
         assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize("runtime,image", [("apptainer", "img.sif"), ("singularity", "sandbox"),
+                                           ("pyxis", "./pytorch.sqsh"), ("podman-hpc", "../img")])
+def test_a_relative_image_file_is_refused_since_each_task_would_look_for_it_in_its_own_folder(
+        tmp_path: Path, runtime: str, image: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Apptainer reads an image without a scheme (docker://, oras://, docker-archive:...) as a file.
+    monkeypatch.chdir(tmp_path)
+    Path(image).touch()
+    code, err, job = render(tmp_path, "--container", image, "--container-runtime", runtime)
+    assert code == 2 and len(err.splitlines()) == 1 and "relative path" in err, err
+    assert not job.exists()
+    code, err, _ = render(tmp_path, "--container", "/no/such.sif", "--container-runtime", runtime)
+    assert code == 2 and "does not exist here" in err, err
+    for uri in ("docker://pytorch/pytorch:2.4", "docker-archive:/img/pytorch.tar", "library://lolcow"):
+        code, err, _ = render(tmp_path / uri.split(":")[0], "--container", uri, "--container-runtime", "apptainer")
+        assert code == 0, err
+
+
+def test_an_oci_bundle_whose_config_binds_none_of_a_folder_the_task_needs_is_refused(tmp_path: Path) -> None:
+    # Slurm's srun --container binds nothing itself: only the bundle's config.json mounts reach the container.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    mounts = [{"destination": "/proc", "type": "proc", "source": "proc"},
+              {"destination": "/scratch", "type": "bind", "source": "/scratch", "options": ["rbind", "rw"]}]
+    (bundle / "config.json").write_text(json.dumps({"mounts": mounts}))
+    code, err, job = render(tmp_path, "--container", str(bundle), "--container-runtime", "oci")
+    assert code == 2 and len(err.splitlines()) == 1 and f"binds no {BINDS[0]} " in err and "--mount" in err, err
+    assert not job.exists()
+    mounts += [{"destination": b, "type": "none", "source": b, "options": ["rbind"]} for b in BINDS]
+    (bundle / "config.json").write_text(json.dumps({"mounts": mounts}))
+    code, err, job = render(tmp_path, "--container", str(bundle), "--container-runtime", "oci")
+    assert code == 0, err
 
 
 def test_a_gpu_job_whose_runtime_would_hide_the_gpus_is_refused() -> None:
@@ -211,8 +286,8 @@ def test_pyxis_and_oci_are_options_of_the_jobs_srun_step(tmp_path: Path) -> None
 
 def test_a_task_names_a_runtime_its_node_lacks(tmp_path: Path) -> None:
     image = tmp_path / "img"
-    for sub in ("etc", "tmp", REPO.parts[1]):
-        (image / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ("etc", *BINDS):
+        (image / sub.lstrip("/")).mkdir(parents=True, exist_ok=True)
     code, err, job = render(tmp_path, "--container", str(image), "--container-runtime", "charliecloud")
     assert code == 0, err
     # A node without ch-run: nothing on PATH (the check is a shell builtin).

@@ -199,11 +199,12 @@ def build(config_file: str | None = None, check_partition: bool = True, here: bo
 def check_container(rendered: Rendered, local: bool) -> None:
     """SpecError for a container that cannot run where the job goes (see ``hpc.container.check``)."""
     from hpc import container as containers
+    from hpc import jobfiles
 
     if rendered.container is not None:
         try:
             containers.check(rendered.container, rendered.binds, gpus_per_node=rendered.spec.gpus_per_node or 0,
-                             local=local, exists=os.path.exists)
+                             local=local, exists=os.path.exists, read_json=lambda p: jobfiles.json_object(Path(p)))
         except containers.ContainerError as exc:
             raise specs.SpecError(str(exc)) from None
 
