@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from hpc import jobdir, jobfiles, monitor, registry, runfiles, vocab, yamlfile
+from hpc import jobdir, jobfiles, monitor, registry, runfiles, telemetry, vocab, yamlfile
 from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
 from hpc.failures.policy import Policy, decide
@@ -153,7 +153,10 @@ class Watcher:
             commands.start_now(self.record.job_id)
 
     def lost_host(self) -> str | None:
-        run_dir = Path(self.record.job_dir) / vocab.RUN_DIR
+        try:
+            run_dir = telemetry.run_dir(self.record)
+        except registry.JobError:  # a linked run/'s silence is not this job's: no rescue on its word
+            return None
         beats = self.pace.read(lambda: monitor.read_heartbeats(run_dir))
         if beats is None:
             return None

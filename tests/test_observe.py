@@ -577,6 +577,23 @@ def test_report_never_writes_through_a_link_in_the_job_dir(tmp_path: Path) -> No
     assert "<html" in (Path(record.job_dir) / "report" / "report.html").read_text()
 
 
+def test_a_linked_run_dir_is_refused_by_every_reader_in_one_line_and_list_still_lists(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    run = Path(record.job_dir) / "run"
+    theirs = tmp_path / "another-users-run"
+    run.rename(theirs)
+    run.symlink_to(theirs)
+    registry.append(registry.registry_path({"HPCDIST_HOME": str(tmp_path)}), record)
+    for args in (["top", "--once"], ["top", "--once", "--json"], ["timeline"], ["status"], ["report"]):
+        proc = run_cli([args[0], record.job_dir, *args[1:]], tmp_path)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout)
+        assert proc.stderr == (f"hpcdist {args[0]}: {run} is a symbolic link; hpcdist reads a job's files only "
+                               "inside its directory: remove the link\n")
+    assert sorted(p.name for p in Path(record.job_dir).iterdir()) == ["run", "submitted.json"]
+    listed = run_cli(["list"], tmp_path)
+    assert listed.returncode == 0 and "local-1" in listed.stdout, listed.stderr
+
+
 def test_report_out_is_the_folder_named_and_never_one_beside_it(tmp_path: Path) -> None:
     record = _finished_job(tmp_path)
     here = tmp_path / "here"
