@@ -583,6 +583,17 @@ def test_a_stamp_that_is_not_a_finite_time_is_skipped() -> None:
     assert timeline.parse_stamps("batch_start inf\nsetup_done nan\ntask_start 12.5\n") == {"task_start": 12.5}
 
 
+def test_a_stamp_no_clock_gives_is_skipped_so_no_phase_lasts_ten_to_the_300_seconds(tmp_path: Path) -> None:
+    assert timeline.parse_stamps("batch_start 1e300\nsetup_done 0\ntask_start -5\nbatch_start 1e12\n"
+                                 f"task_start {T0}\n") == {"task_start": T0}
+    record = _finished_job(tmp_path)
+    stamps = Path(record.job_dir) / "run" / "timeline" / "attempt-0"
+    stamps.mkdir(parents=True)
+    (stamps / "batch").write_text("batch_start 1e300\n")
+    proc = run_cli(["timeline", record.job_dir], tmp_path)
+    assert proc.returncode == 0 and max(map(len, proc.stdout.split())) < 40, proc.stdout
+
+
 def _finished_job(tmp_path: Path) -> registry.Record:
     hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(4)]}
     record = write_job(tmp_path, [hist[0][-1]], history=hist)
@@ -733,18 +744,18 @@ def test_every_field_of_the_one_heartbeat_schema_survives_a_read() -> None:
 
 def _plain_beat(data: dict) -> monitor.Heartbeat:
     """Heartbeat.from_mapping as it read before its fast path: every value through beatfile._number, a time
-    through beatfile._clock, a negative duration absent."""
-    from hpc import beatfile
+    through jobfiles.unix_time, a negative duration absent."""
+    from hpc import beatfile, jobfiles
 
     ints = {k: None if (v := beatfile._number(data.get(k))) is None else int(v) for k in beatfile._INTS}
     floats = {k: beatfile._number(data.get(k)) for k in beatfile._FLOATS}
     floats.update({k: None for k in beatfile._DURATIONS if (floats[k] or 0) < 0})
-    floats["time"], floats["step_at"] = beatfile._clock(floats["time"]) or 0.0, beatfile._clock(floats["step_at"])
+    floats["time"], floats["step_at"] = jobfiles.unix_time(floats["time"]) or 0.0, jobfiles.unix_time(floats["step_at"])
     ints["attempt"], ints["step"] = ints["attempt"] or 0, ints["step"] or 0
     return monitor.Heartbeat(
         rank=data["rank"], hostname=str(data.get("hostname") or ""), phase=str(data.get("phase") or "unknown"),
         **ints, **floats, marks={k: float(v) for k, v in data["marks"].items()
-                                 if k in beatfile.MARKS and beatfile._clock(beatfile._number(v)) is not None},
+                                 if k in beatfile.MARKS and jobfiles.unix_time(beatfile._number(v)) is not None},
         recent_compute_s=tuple(float(v) for v in data["recent_compute_s"] if (beatfile._number(v) or 0) >= 0
                                and beatfile._number(v) is not None))
 
