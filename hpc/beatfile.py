@@ -48,7 +48,7 @@ class Heartbeat:
     step: int = 0
     start_step: int | None = None   # where this attempt's training began (a resume's checkpoint step)
     total_steps: int | None = None
-    time: float = 0.0
+    time: float = 0.0               # 0.0: unknown (not written, or no clock's: jobfiles.unix_time)
     step_time_s: float | None = None
     compute_s: float | None = None
     comm_s: float | None = None
@@ -81,14 +81,15 @@ class Heartbeat:
         values = {k: v if type(v := get(k)) is int and _INT64[0] <= v < _INT64[1] else
                   None if (v := _number(v)) is None else int(v) for k in _INTS}
         values.update({k: v if type(v := get(k)) is float and v - v == 0.0 else _number(v) for k in _FLOATS})
-        values.update(attempt=values["attempt"] or 0, step=values["step"] or 0, time=values["time"] or 0.0)
+        values.update(attempt=values["attempt"] or 0, step=values["step"] or 0,
+                      time=jobfiles.unix_time(values["time"]) or 0.0, step_at=jobfiles.unix_time(values["step_at"]))
+        values.update({k: None for k in _DURATIONS if (v := values[k]) is not None and v < 0})
         marks = get("marks") if type(get("marks")) is dict else {}
         ring = get("recent_compute_s") if type(get("recent_compute_s")) is list else ()
         return cls(
             rank=rank, hostname=str(get("hostname") or ""), phase=str(get("phase") or "unknown"), **values,
-            marks={k: float(v) for k, v in marks.items()
-                   if k in MARKS and (type(v) is float and v - v == 0.0 or _number(v) is not None)},
-            recent_compute_s=_floats(ring))
+            marks={k: float(v) for k, v in marks.items() if k in MARKS and jobfiles.unix_time(_number(v)) is not None},
+            recent_compute_s=tuple(v for v in _floats(ring) if v >= 0))
 
 
 FIELDS = tuple(f.name for f in fields(Heartbeat))
@@ -101,6 +102,13 @@ _FLOATS = ("time", "step_time_s", "compute_s", "comm_s", "images_per_s", "loss",
 
 
 _INT64 = (-(2**63), 2**63)
+_DURATIONS = ("step_time_s", "compute_s", "comm_s", "images_per_s")  # below 0 no rank measured them: absent
+CLOCK_SKEW_S = 10.0  # a beat's time past the reader's clock by more than this is yet to come
+
+
+def age(now: float, then: float) -> float | None:
+    """How long ago ``then`` (a beat's time) was at ``now``; None for a time unknown (0.0) or yet to come."""
+    return max(now - then, 0.0) if 0 < then <= now + CLOCK_SKEW_S else None
 
 
 def _floats(values: Any) -> tuple[float, ...]:

@@ -54,7 +54,10 @@ class Follower:
         self.pace = Pace(clock=clock)
 
     def poll(self, *_: Any) -> None:
-        rdir = telemetry.run_dir(self.record)
+        try:
+            rdir = telemetry.run_dir(self.record)
+        except registry.JobError:  # a linked run/ shows no progress; the wait goes on
+            return
         beats = self.pace.read(lambda: monitor.read_heartbeats(rdir))
         if beats is None:
             return
@@ -80,7 +83,11 @@ class Follower:
     def finish(self, waited_s: float) -> None:
         if self.drawn:
             self.out.write("\n")
-        rdir = telemetry.run_dir(self.record)
+        try:
+            rdir = telemetry.run_dir(self.record)
+        except registry.JobError as exc:
+            self.out.write(f"hpcdist: {exc}\n")
+            return
         histories = telemetry.histories_of(rdir)
         found = monitor.run_stragglers(histories) if histories else self.stragglers
         summary = jobfiles.json_object(rdir / vocab.SUMMARY)
@@ -111,8 +118,12 @@ def status_lines(record: registry.Record, ended: bool = False, seen: telemetry.S
 
 
 def list_cells(record: registry.Record) -> tuple[str, str, str]:
-    """(attempt, step/total, images/s) for ``hpcdist list``; "-" where the job has no heartbeat yet."""
-    current = progress.of(monitor.read_heartbeats(telemetry.run_dir(record)))
+    """(attempt, step/total, images/s) for ``hpcdist list``; "-" where the job has no heartbeat yet or its run/ is
+    a link (one job's refusal must not end the list)."""
+    try:
+        current = progress.of(monitor.read_heartbeats(telemetry.run_dir(record)))
+    except registry.JobError:
+        current = None
     if current is None:
         return "-", "-", "-"
     rate = f"{current.images_per_s:.0f}" if current.images_per_s is not None else "-"

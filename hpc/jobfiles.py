@@ -101,6 +101,16 @@ def _int64(text: str) -> int | None:
     return value if -(2**63) <= value < 2**63 else None
 
 
+# Unix times no clock running hpcdist gives (none, or before 1970, or past 2106): a made-up time is absent, so that no
+# reader turns it into an age of 56 years, a phase of 10^300 seconds, a goodput of NaN, or a rank never stale.
+CLOCK = (0.0, 2.0**32)
+
+
+def unix_time(value: float | int | None) -> float | None:
+    """``value`` as a time a clock could have stamped (inside CLOCK), else None."""
+    return float(value) if value is not None and CLOCK[0] < value < CLOCK[1] else None
+
+
 def count(text: str) -> int | None:
     """``text`` as a count (ASCII digits, at most nine), else None: str.isdigit() also passes "²", which int()
     refuses, int() itself takes "1_0" and "٣", and a count of thousands of digits int() refuses too."""

@@ -14,8 +14,8 @@ from hpc.registry import JobError, Record
 
 def log_files(record: Record, rank: int | None = None) -> list[Path]:
     """The job's logs: every task's (in task order) and the batch script's, or the one holding ``rank``. JobError
-    for a logs/ that is a symbolic link: anyone who can write the job directory could point it at any folder."""
-    logs = _own_logs(record)
+    for a logs/ that is a symbolic link (own_folder)."""
+    logs = own_folder(record, vocab.LOGS_DIR)
     if rank is not None:
         return [Path(record.job_dir) / vocab.task_log(task_of(record, rank))]
 
@@ -26,13 +26,14 @@ def log_files(record: Record, rank: int | None = None) -> list[Path]:
     return sorted((p for p in jobfiles.folder(logs) if p.is_file()), key=order)
 
 
-def _own_logs(record: Record) -> Path:
-    """The job's logs/ folder; JobError where it is a link, whose files would be read from wherever it points."""
-    logs = Path(record.job_dir) / vocab.LOGS_DIR
-    if logs.is_symlink():
-        raise JobError(f"{ascii(str(logs))[1:-1]} is a symbolic link; hpcdist reads a job's logs only inside its "
+def own_folder(record: Record, name: str) -> Path:
+    """The job directory's folder ``name`` (logs/, run/); JobError where it is a symbolic link: anyone who can
+    write the job directory could point it at any folder, whose files would be read (and shown) as the job's."""
+    path = Path(record.job_dir) / name
+    if path.is_symlink():
+        raise JobError(f"{ascii(str(path))[1:-1]} is a symbolic link; hpcdist reads a job's files only inside its "
                        "directory: remove the link")
-    return logs
+    return path
 
 
 def task_of(record: Record, rank: int) -> int:
@@ -74,7 +75,7 @@ def failure_report(record: Record, lines: int = 40) -> str:
     from hpc.failures.evidence import attempt_segment, task_ends
 
     try:
-        _own_logs(record)
+        own_folder(record, vocab.LOGS_DIR)
     except JobError as exc:
         return f"hpcdist: {exc}"
     batch = Path(record.job_dir) / vocab.batch_log(record.job_id)

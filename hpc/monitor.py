@@ -75,11 +75,14 @@ def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
 
 def read_histories(run_dir: Path, nodes: Collection[int] | None = None) -> dict[int, list[Heartbeat]]:
     """Each rank's heartbeat history, oldest first, from its node's (``nodes``: only those nodes'). A node
-    republishes a beat its rank has not replaced yet: each beat is kept once."""
+    republishes a beat its rank has not replaced yet: each beat is kept once; one whose time is unknown is left out
+    (the spans measured from it would be decades)."""
     out: dict[int, list[Heartbeat]] = {}
     for paths in beatfile.history_files(run_dir, nodes).values():
         for document in beatfile.read_history(paths):
             for beat in beats_in(document):
+                if not beat.time:
+                    continue
                 mine = out.setdefault(beat.rank, [])
                 if not mine or (mine[-1].time, mine[-1].phase) != (beat.time, beat.phase):
                     mine.append(beat)
@@ -93,8 +96,8 @@ class RankView:
     """One rank as ``top`` shows it: its heartbeat, how old it is, and the verdicts."""
 
     beat: Heartbeat
-    age_s: float
-    progress_age_s: float
+    age_s: float | None             # None: the beat's time is unknown or yet to come, so is its age
+    progress_age_s: float | None
     stale: bool = False
     stale_reason: str = ""
     straggler: bool = False
@@ -106,8 +109,8 @@ class RankView:
                 "pid": b.pid, "attempt": b.attempt, "phase": b.phase, "step": b.step, "total_steps": b.total_steps,
                 "step_time_s": b.step_time_s, "compute_s": b.compute_s, "comm_s": b.comm_s,
                 "images_per_s": b.images_per_s, "loss": b.loss, "rss_bytes": b.rss_bytes,
-                "peak_memory_bytes": b.peak_memory_bytes, "heartbeat_age_s": round(self.age_s, 3),
-                "progress_age_s": round(self.progress_age_s, 3), "stale": self.stale,
+                "peak_memory_bytes": b.peak_memory_bytes, "heartbeat_age_s": _rounded(self.age_s),
+                "progress_age_s": _rounded(self.progress_age_s), "stale": self.stale,
                 "stale_reason": self.stale_reason, "straggler": self.straggler,
                 "compute_ratio": None if self.compute_ratio is None else round(self.compute_ratio, 3)}
 
@@ -134,6 +137,10 @@ class Board:
                 "ranks": [v.to_json() for v in self.ranks],
                 "stale": [{"rank": v.beat.rank, "node": v.beat.node, "reason": v.stale_reason} for v in self.stale],
                 "stragglers": [straggler_json(v) for v in self.stragglers]}
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def straggler_json(view: RankView) -> dict[str, Any]:
@@ -245,14 +252,14 @@ def _verdicts(beats: Mapping[int, Heartbeat], histories: Mapping[int, Sequence[H
 
 def _view(rank: int, beat: Heartbeat, now: float, stale_after: float, progress_at: Mapping[int, float],
           verdicts: Mapping[int, tuple[bool, float | None]]) -> RankView:
-    age = max(now - beat.time, 0.0)
+    age = beatfile.age(now, beat.time)
     seen = [t for t in (beat.step_at, progress_at.get(rank)) if t is not None]
-    progress_age = max(now - (max(seen) if seen else beat.time), 0.0)
+    progress_age = beatfile.age(now, max(seen)) if seen else age
     stale, why = False, ""
     if beat.phase not in vocab.FINAL_PHASES:
-        if age > stale_after:
+        if age is not None and age > stale_after:
             stale, why = True, f"no heartbeat for {age:.0f}s"
-        elif beat.phase == "train" and progress_age > stale_after:
+        elif beat.phase == "train" and progress_age is not None and progress_age > stale_after:
             stale, why = True, f"step {beat.step} unchanged for {progress_age:.0f}s"
     flagged, compute_ratio = verdicts.get(rank, (False, None))
     return RankView(beat, age, progress_age, stale, why, flagged and not stale, compute_ratio)
@@ -311,11 +318,13 @@ def table_rows(board: Board, most: int | None = None) -> list[tuple[str, ...]]:
             flags.append(f"STALE ({v.stale_reason})")
         if v.straggler:
             flags.append(f"STRAGGLER ({v.compute_ratio:.2f}x compute)")
+        if v.age_s is None:
+            flags.append("UNKNOWN (its heartbeat's time is no clock's)")
         step = f"{b.step}/{b.total_steps}" if b.total_steps else str(b.step)
         rows.append((b.node_label if shared else b.node, str(b.rank), shown.number(b.pid, "d"), b.phase, step,
                      shown.number(b.step_time_s, ".3f"), shown.number(b.compute_s, ".3f"),
-                     shown.number(b.comm_s, ".3f"), shown.number(b.images_per_s, ".0f"), shown.number(v.age_s, ".1f"),
-                     _bytes(b.rss_bytes), "  ".join(flags)))
+                     shown.number(b.comm_s, ".3f"), shown.number(b.images_per_s, ".0f"),
+                     shown.number(v.age_s, ".1f", "?"), _bytes(b.rss_bytes), "  ".join(flags)))
     return rows
 
 

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from hpc import jobdir, jobfiles, monitor, registry, runfiles, vocab, yamlfile
+from hpc import beatfile, jobdir, jobfiles, monitor, registry, runfiles, telemetry, vocab, yamlfile
 from hpc.failures import record as records
 from hpc.failures.gather import checkpoint_in
 from hpc.failures.policy import Policy, decide
@@ -54,7 +54,7 @@ def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, H
         return batch_host
     attempt = max((b.attempt for b in beats.values()), default=None)
     current = [b for b in beats.values() if b.attempt == attempt]
-    if current and all(now - b.time > silent_s for b in current) and not answers(batch_host):
+    if current and all((beatfile.age(now, b.time) or 0.0) > silent_s for b in current) and not answers(batch_host):
         return batch_host
     return None
 
@@ -153,14 +153,18 @@ class Watcher:
             commands.start_now(self.record.job_id)
 
     def lost_host(self) -> str | None:
-        run_dir = Path(self.record.job_dir) / vocab.RUN_DIR
+        try:
+            run_dir = telemetry.run_dir(self.record)
+        except registry.JobError:  # a linked run/'s silence is not this job's: no rescue on its word
+            return None
         beats = self.pace.read(lambda: monitor.read_heartbeats(run_dir))
         if beats is None:
             return None
         now = self.pace.read_at
         attempt = max((b.attempt for b in beats.values()), default=0)
         lost = runfiles.read_lost(run_dir, attempt)
-        silent = bool(beats) and all(now - b.time > SILENT_S for b in beats.values() if b.attempt == attempt)
+        silent = bool(beats) and all((beatfile.age(now, b.time) or 0.0) > SILENT_S
+                                     for b in beats.values() if b.attempt == attempt)
         if lost is None and not silent:
             return None
         host = parse.keyvalues(commands.show("job", self.record.job_id)).get("BatchHost", "")

@@ -23,7 +23,9 @@ from hpc.slurm import commands, grammar
 
 
 def run_dir(record: registry.Record) -> Path:
-    return Path(record.job_dir) / vocab.RUN_DIR
+    """The job's run/; JobError where it is a symbolic link (logs.own_folder): top would show, and report chart,
+    whatever run directory it points at, another user's included."""
+    return logs.own_folder(record, vocab.RUN_DIR)
 
 
 def last_metric(path: Path) -> dict[str, Any] | None:

@@ -127,16 +127,17 @@ def waterfall(stamps: Mapping[str, float], attempt: int = 0, rank: int = 0, node
 
 
 def parse_stamps(text: str) -> dict[str, float]:
-    """``NAME UNIX_TIME`` lines (templates/timeline.sh.j2); the first of each name wins, junk is skipped."""
+    """``NAME UNIX_TIME`` lines (templates/timeline.sh.j2); the first of each name wins, junk (and a time no clock
+    gives: jobfiles.unix_time) is skipped."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2:
             try:
-                when = float(parts[1])
+                when = jobfiles.unix_time(float(parts[1]))
             except ValueError:
                 continue
-            if math.isfinite(when):
+            if when is not None:
                 out.setdefault(parts[0], when)
     return out
 

@@ -548,8 +548,50 @@ def test_a_heartbeat_field_that_is_not_a_finite_number_is_absent_and_a_rank_out_
     assert node_file(tmp_path, '{"rank": -1}') == {}
 
 
+@pytest.mark.parametrize("when", [0, -1e300, 1e300, 1e12, T0 + 3600])
+def test_a_rank_whose_heartbeat_time_is_no_clocks_or_yet_to_come_has_an_unknown_age_never_nan_or_decades(
+        tmp_path: Path, when: float) -> None:
+    beats = node_file(tmp_path, json.dumps(beat(0, time=when, step_at=when)), json.dumps(beat(1, time=T0 - 1)))
+    board = monitor.judge(beats, now=T0)
+    odd, fine = board.ranks
+    assert (odd.age_s, odd.progress_age_s, odd.stale) == (None, None, False) and fine.age_s == 1.0
+    assert board.to_json()["ranks"][0]["heartbeat_age_s"] is None
+    row = monitor.table_rows(board)[0]
+    assert row[TABLE_AGE] == "?" and "UNKNOWN" in row[-1] and "nan" not in monitor.table(board)
+
+
+TABLE_AGE = monitor.TABLE_COLUMNS.index("AGE_S")
+
+
+def test_a_negative_duration_in_a_heartbeat_is_absent(tmp_path: Path) -> None:
+    read = node_file(tmp_path, json.dumps(beat(0, step_time_s=-5, compute_s=-1.0, comm_s=-0.1, images_per_s=-3,
+                                               recent_compute_s=[0.1, -2.0])))[0]
+    assert (read.step_time_s, read.compute_s, read.comm_s, read.images_per_s) == (None, None, None, None)
+    assert read.recent_compute_s == (0.1,)
+
+
+@pytest.mark.parametrize("when", [1e308, 1e12])
+def test_report_says_no_nan_share_whatever_time_a_heartbeat_in_the_history_claims(tmp_path: Path,
+                                                                                   when: float) -> None:
+    hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(3)] + [beat(0, time=when, step=20)]}
+    record = write_job(tmp_path, [hist[0][-1]], history=hist)
+    proc = run_cli(["report", record.job_dir], tmp_path)
+    assert proc.returncode == 0 and "nan%" not in proc.stdout and "productive 100%" in proc.stdout, proc.stdout
+
+
 def test_a_stamp_that_is_not_a_finite_time_is_skipped() -> None:
     assert timeline.parse_stamps("batch_start inf\nsetup_done nan\ntask_start 12.5\n") == {"task_start": 12.5}
+
+
+def test_a_stamp_no_clock_gives_is_skipped_so_no_phase_lasts_ten_to_the_300_seconds(tmp_path: Path) -> None:
+    assert timeline.parse_stamps("batch_start 1e300\nsetup_done 0\ntask_start -5\nbatch_start 1e12\n"
+                                 f"task_start {T0}\n") == {"task_start": T0}
+    record = _finished_job(tmp_path)
+    stamps = Path(record.job_dir) / "run" / "timeline" / "attempt-0"
+    stamps.mkdir(parents=True)
+    (stamps / "batch").write_text("batch_start 1e300\n")
+    proc = run_cli(["timeline", record.job_dir], tmp_path)
+    assert proc.returncode == 0 and max(map(len, proc.stdout.split())) < 40, proc.stdout
 
 
 def _finished_job(tmp_path: Path) -> registry.Record:
@@ -575,6 +617,23 @@ def test_report_never_writes_through_a_link_in_the_job_dir(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert (elsewhere / "victim").read_text() == "mine\n"
     assert "<html" in (Path(record.job_dir) / "report" / "report.html").read_text()
+
+
+def test_a_linked_run_dir_is_refused_by_every_reader_in_one_line_and_list_still_lists(tmp_path: Path) -> None:
+    record = _finished_job(tmp_path)
+    run = Path(record.job_dir) / "run"
+    theirs = tmp_path / "another-users-run"
+    run.rename(theirs)
+    run.symlink_to(theirs)
+    registry.append(registry.registry_path({"HPCDIST_HOME": str(tmp_path)}), record)
+    for args in (["top", "--once"], ["top", "--once", "--json"], ["timeline"], ["status"], ["report"]):
+        proc = run_cli([args[0], record.job_dir, *args[1:]], tmp_path)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout)
+        assert proc.stderr == (f"hpcdist {args[0]}: {run} is a symbolic link; hpcdist reads a job's files only "
+                               "inside its directory: remove the link\n")
+    assert sorted(p.name for p in Path(record.job_dir).iterdir()) == ["run", "submitted.json"]
+    listed = run_cli(["list"], tmp_path)
+    assert listed.returncode == 0 and "local-1" in listed.stdout, listed.stderr
 
 
 def test_report_out_is_the_folder_named_and_never_one_beside_it(tmp_path: Path) -> None:
@@ -675,7 +734,8 @@ def test_every_field_of_the_one_heartbeat_schema_survives_a_read() -> None:
 
     written = {f.name: (7 if "int" in str(f.type) else 0.5 if "float" in str(f.type) else f"x{f.name}")
                for f in fields(monitor.Heartbeat)}
-    written.update(rank=3, marks={"process_start": 1.0}, recent_compute_s=[0.1, 0.2], hostname="n4", phase="train")
+    written.update(rank=3, marks={"process_start": T0}, recent_compute_s=[0.1, 0.2], hostname="n4", phase="train",
+                   time=T0, step_at=T0 + 0.5)
     read = asdict(monitor.Heartbeat.from_mapping(written))
     assert read == {**written, "recent_compute_s": (0.1, 0.2)}
 
@@ -683,23 +743,28 @@ def test_every_field_of_the_one_heartbeat_schema_survives_a_read() -> None:
 # ---- the fast paths of the readers at 4,096 nodes: the same answers as the plain computation -------------
 
 def _plain_beat(data: dict) -> monitor.Heartbeat:
-    """Heartbeat.from_mapping as it read before its fast path: every value through beatfile._number."""
-    from hpc import beatfile
+    """Heartbeat.from_mapping as it read before its fast path: every value through beatfile._number, a time
+    through jobfiles.unix_time, a negative duration absent."""
+    from hpc import beatfile, jobfiles
 
     ints = {k: None if (v := beatfile._number(data.get(k))) is None else int(v) for k in beatfile._INTS}
     floats = {k: beatfile._number(data.get(k)) for k in beatfile._FLOATS}
-    ints["attempt"], ints["step"], floats["time"] = ints["attempt"] or 0, ints["step"] or 0, floats["time"] or 0.0
+    floats.update({k: None for k in beatfile._DURATIONS if (floats[k] or 0) < 0})
+    floats["time"], floats["step_at"] = jobfiles.unix_time(floats["time"]) or 0.0, jobfiles.unix_time(floats["step_at"])
+    ints["attempt"], ints["step"] = ints["attempt"] or 0, ints["step"] or 0
     return monitor.Heartbeat(
         rank=data["rank"], hostname=str(data.get("hostname") or ""), phase=str(data.get("phase") or "unknown"),
         **ints, **floats, marks={k: float(v) for k, v in data["marks"].items()
-                                 if k in beatfile.MARKS and beatfile._number(v) is not None},
-        recent_compute_s=tuple(float(v) for v in data["recent_compute_s"] if beatfile._number(v) is not None))
+                                 if k in beatfile.MARKS and jobfiles.unix_time(beatfile._number(v)) is not None},
+        recent_compute_s=tuple(float(v) for v in data["recent_compute_s"] if (beatfile._number(v) or 0) >= 0
+                               and beatfile._number(v) is not None))
 
 
 def test_a_beat_read_on_the_fast_path_equals_one_read_value_by_value() -> None:
     import random
 
-    odd = [None, True, False, "7", 3, -4, 2**63, -(2**63), 2**64, 0.5, -0.0, float("nan"), float("inf"), 1e308, [1]]
+    odd = [None, True, False, "7", 3, -4, 2**63, -(2**63), 2**64, 0.5, -0.0, float("nan"), float("inf"), 1e308, [1],
+           T0, int(T0), -0.5]
     rng = random.Random(5)
     for _ in range(500):
         data = beat(rng.randrange(4), **{k: rng.choice(odd) for k in ("node_rank", "pid", "attempt", "step",

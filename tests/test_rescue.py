@@ -37,6 +37,13 @@ def test_the_batch_host_is_lost_when_the_ranks_named_it_or_everything_went_silen
     assert rescue.lost_batch_host("", {"node": "n1"}, fresh, now=100.0, answers=answers) is None
 
 
+def test_a_heartbeat_whose_time_is_unknown_is_no_evidence_of_silence():
+    # 0.0: the time a beat that wrote none, or one no clock gives (1e300), reads as; nothing says the rank stopped.
+    unknown = {0: beat(0, 0.0), 1: beat(1, 80.0)}
+    assert rescue.lost_batch_host("n1", None, unknown, now=100.0, answers=lambda node: False) is None
+    assert rescue.lost_batch_host("n1", None, {0: beat(0, 0.0)}, now=100.0, answers=lambda node: False) is None
+
+
 def test_a_watcher_reads_the_heartbeats_every_2_s_or_at_most_a_tenth_of_its_time(tmp_path, monkeypatch):
     reads = []
     monkeypatch.setattr(rescue.monitor, "read_heartbeats", lambda run_dir: reads.append(run_dir) or {0: beat(0, 100.0)})

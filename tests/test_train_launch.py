@@ -417,6 +417,24 @@ def test_ctrl_c_ends_a_run_in_one_line_with_exit_130_a_stopped_heartbeat_and_no_
     assert not (run_dir / "errors").exists() and not (run_dir / "preempted").exists()
 
 
+@pytest.mark.timed
+def test_ctrl_c_while_torch_is_still_importing_ends_the_trainer_in_one_line_with_exit_130(tmp_path):
+    command = [sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(tmp_path / "run"), *TINY]
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Mid-import: torch's C library is mapped, its Python modules still loading (the first seconds of a run).
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    [line] = err.splitlines()
+    assert line.startswith("hpcdist-train: interrupted (SIGINT)") and "Traceback" not in out + err
+
+
 def resumed_on_one_rank(launch, tmp_path, args: list[str], stop: int, total: int) -> tuple[str, Path, Path]:
     """An uninterrupted 2-rank run of ``total`` steps, and a 2-rank run to ``stop`` resumed on one rank to ``total``
     (what an elastic relaunch on the node left does): the one rank's output, the reference's and the run's

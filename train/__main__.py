@@ -26,41 +26,41 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from train import preemption  # before torch: a stop signal while it imports is a flag, a Ctrl-C one line
 
-from train import preemption
+with preemption.starting():
+    import torch
 
-TORCH_IMPORTED = time.time()
-
-from hpc import dsconfig, fileio, ranks, runfiles, vocab
-from hpc.vocab import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STORAGE
-from train import checkpoint, dssnapshot, heartbeat, nodebeat, snapshot, watchdog
-from train.data import DataError, Dataset, load_dataset
-from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
-from train.evaluate import evaluate_accuracy
-from train.loader import ClassicLoader, ResidentLoader
-from train.model import ConvNet, param_digest
-from train.options import Options, parse
-from train.runtime import (
-    PreflightError,
-    UsageError,
-    barrier,
-    broadcast_from_0,
-    device_name,
-    gathered,
-    init_process_group,
-    leave,
-    log_nccl_for_preflight,
-    make_run_dir,
-    peak_memory_bytes,
-    pick_device,
-    preflight,
-    prepare_deepspeed_environment,
-    reach_master,
-    say,
-    warn,
-)
-from train.stephooks import Clocks, StepHooks, Timing
+    TORCH_IMPORTED = time.time()
+    from hpc import dsconfig, fileio, ranks, runfiles, vocab
+    from hpc.vocab import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STORAGE
+    from train import checkpoint, dssnapshot, heartbeat, nodebeat, snapshot, watchdog
+    from train.data import DataError, Dataset, load_dataset
+    from train.engines import DeepSpeedEngine, Engine, TorchEngine, cpu_has_fp16, precision_and_config
+    from train.evaluate import evaluate_accuracy
+    from train.loader import ClassicLoader, ResidentLoader
+    from train.model import ConvNet, param_digest
+    from train.options import Options, parse
+    from train.runtime import (
+        PreflightError,
+        UsageError,
+        barrier,
+        broadcast_from_0,
+        device_name,
+        gathered,
+        init_process_group,
+        leave,
+        log_nccl_for_preflight,
+        make_run_dir,
+        peak_memory_bytes,
+        pick_device,
+        preflight,
+        prepare_deepspeed_environment,
+        reach_master,
+        say,
+        warn,
+    )
+    from train.stephooks import Clocks, StepHooks, Timing
 
 # DeepSpeed calls torch.distributed's deprecated collective names on every step, burying the log.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

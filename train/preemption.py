@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
-from hpc.vocab import CHECKPOINT_SIGNALS
+from hpc.vocab import CHECKPOINT_SIGNALS, EXIT_INTERRUPTED
 
 SIGNALS = tuple(signal.Signals["SIG" + name] for name in CHECKPOINT_SIGNALS)
 SNAPSHOT, CHECKPOINT = 1, 2  # what a step vote can call for; the larger is the stronger
@@ -51,6 +52,19 @@ def install(interrupt: bool = False) -> dict:
 
 
 _ORIGINAL = install()
+
+
+@contextlib.contextmanager
+def starting() -> Iterator[None]:
+    """The trainer's imports: a Ctrl-C in the seconds torch takes to import ends the process as one after them does
+    (``train/__main__.py``), in one line with exit 130, not a traceback; nothing is written yet to clean up."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # taken once, as _interrupt does
+        print(f"hpcdist-train: interrupted (SIGINT) while starting, exit {EXIT_INTERRUPTED}: nothing was trained yet",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def received() -> int | None:

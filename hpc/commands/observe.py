@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from hpc import fileio, jobs, monitor, report, reportfiles, shown, telemetry, timeline
+from hpc import fileio, jobs, monitor, registry, report, reportfiles, shown, telemetry, timeline
 from hpc.commands.options import Seconds, fail, lookup
 from hpc.job import follow
 
@@ -48,7 +48,10 @@ def top(job: str, once: bool, as_json: bool, every_rank: bool, every: float) -> 
     def look() -> tuple[jobs.JobState, monitor.Board]:
         with ThreadPoolExecutor(1) as asking:  # squeue answers while the node files are read
             asked = asking.submit(jobs.state, record)
-            board = telemetry.board_of(record, watch=watch)
+            try:  # at each refresh: run/ may have become a link since
+                board = telemetry.board_of(record, watch=watch)
+            except registry.JobError as exc:
+                fail("top", exc)
             return asked.result(), board
 
     if as_json:
@@ -77,7 +80,10 @@ def timeline_cmd(job: str, as_json: bool) -> None:
     """Start-up waterfall per rank and attempt: submitted -> started -> batch shell -> setup.sh -> task ->
     interpreter -> torch imported -> process group -> model built -> first step; names the slowest."""
     record = lookup("timeline", job)
-    falls = telemetry.waterfalls(record)
+    try:
+        falls = telemetry.waterfalls(record)
+    except registry.JobError as exc:
+        fail("timeline", exc)
     if as_json:
         worst = timeline.slowest(falls)
         click.echo(json.dumps({"job_id": record.job_id, "waterfalls": [w.to_json() for w in falls],
@@ -100,14 +106,17 @@ def report_cmd(job: str, out_dir: Path | None) -> None:
     # nor split as typed, where "." names no folder and its parent is the one above.
     out = Path(os.path.abspath(out_dir)) if out_dir else Path(record.job_dir) / "report"
     try:
+        telemetry.run_dir(record)  # before the folder is made: a refused report leaves nothing behind
         folder = fileio.folder(out.parent, out.name)
-    except fileio.UnsafePath as exc:
+    except (fileio.UnsafePath, registry.JobError) as exc:
         fail("report", exc)
     except OSError as exc:
         fail("report", OSError(f"cannot make the report folder {out}: {exc.strerror or exc}; give an --out in a "
                                "folder that exists and that you may write"))
     try:
         good = reportfiles.write(folder, record)
+    except registry.JobError as exc:  # run/ became a link while the report was made
+        fail("report", exc)
     except OSError as exc:  # a folder or a link where a file of the report goes, no space, ...
         fail("report", OSError(f"cannot write {exc.filename2 or exc.filename or folder}: {exc.strerror or exc}; "
                                "move it away, or give another --out"))

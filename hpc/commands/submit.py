@@ -178,7 +178,10 @@ def status(job: str) -> None:
     with ThreadPoolExecutor(1) as asking:
         # Slurm answers (squeue, sacct) while the node files are read: at 4,096 nodes both take a while.
         asked = asking.submit(lambda: (jobs.state(record), Job(record).attempts(accounted=True)))
-        seen = telemetry.seen_of(record)
+        try:
+            seen = telemetry.seen_of(record)
+        except registry.JobError as exc:
+            fail("status", exc)
         current, history = asked.result()
     cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
