@@ -555,6 +555,18 @@ def test_dp_and_ddp_resume_in_another_precision_fp16_starting_its_loss_scale_afr
         assert f"at step {steps - 2}" in capsys.readouterr().out
 
 
+def test_a_resume_with_another_lr_than_its_checkpoint_was_trained_with_is_refused_in_one_line(tmp_path, capsys,
+                                                                                            one_process):
+    # The optimizer's state holds the lr it was trained with: loaded, it would silently overrule --lr.
+    args = ["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+            "--threads", "1", "--heartbeat-s", "0"]
+    assert main([*args, "--lr", "0.01", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--lr", "0.5", "--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step00000002" in err and "lr 0.01" in err and "--lr 0.01" in err
+
+
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
     secret = tmp_path / "secret"
     secret.write_text("keep\n")

@@ -30,6 +30,7 @@ class Engine(Protocol):
     input_dtype: torch.dtype  # what the loader normalises images into
     zero_stage: int | None  # DeepSpeed's ZeRO stage; None for dp/ddp
     trained_with: dict | None  # what its checkpoints record for a resume to match (hpc.dsconfig); None for dp/ddp
+    lr: float | None  # what it was built with, which its optimizer's saved state would overrule at a resume
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
@@ -64,6 +65,7 @@ class TorchEngine:
         self.net = torch.compile(net) if compile else net
         # The fused kernel is one launch for all parameters on GPU; the CPU path has no fused Adam gain.
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+        self.lr = lr
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def _autocast(self):
@@ -138,7 +140,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-        self.trained_with = dsconfig.trained_with(config)
+        self.trained_with, self.lr = dsconfig.trained_with(config), dsconfig.lr_of(config)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)
