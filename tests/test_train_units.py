@@ -24,7 +24,7 @@ from train import data as data_module
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.engines import TorchEngine
-from train.loader import ResidentLoader, epoch_permutation, normalize, shard
+from train.loader import ClassicLoader, ResidentLoader, epoch_permutation, normalize, shard
 from train.model import ConvNet, param_digest
 
 pytestmark = pytest.mark.timed  # heartbeats, watchdogs and signals in real threads, bounded in seconds
@@ -315,6 +315,21 @@ def test_resident_loader_feeds_disjoint_normalised_batches_and_resumes_mid_epoch
     straight = [b for _, b in zip(range(7), resident(0).batches(0))]
     resumed = [b for _, b in zip(range(4), resident(0).batches(3))]
     assert [b.step for b in resumed] == [3, 4, 5, 6] and [b.epoch for b in resumed] == [0, 1, 1, 1]
+    for a, b in zip(straight[3:], resumed):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_classic_loader_with_augment_resumes_mid_epoch_with_the_crops_and_flips_of_the_uninterrupted_run(workers):
+    # A resume restores the global RNG as it was at the checkpoint; the DataLoader iterator made there draws from
+    # it afresh, so what the augmentation draws must not hang on that stream.
+    def batches(start: int, count: int, rng_seed: int) -> list:
+        torch.manual_seed(rng_seed)
+        loader = ClassicLoader(synthetic(64, 8, seed=0).train, rank=0, world_size=1, local_batch=8, seed=5,
+                               device=torch.device("cpu"), augment=True, num_workers=workers)
+        return [b for _, b in zip(range(count), loader.batches(start))]
+    straight, resumed = batches(0, 11, rng_seed=1), batches(3, 8, rng_seed=2)
+    assert [b.step for b in resumed] == list(range(3, 11))
     for a, b in zip(straight[3:], resumed):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
 
