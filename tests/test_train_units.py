@@ -582,6 +582,23 @@ def test_a_resume_with_another_lr_than_its_checkpoint_was_trained_with_is_refuse
     assert len(err.splitlines()) == 1 and "step00000002" in err and "lr 0.01" in err and "--lr 0.01" in err
 
 
+def test_a_resume_from_a_checkpoint_of_another_model_shape_exits_2_in_one_line_naming_the_mismatch(tmp_path, capsys,
+                                                                                                one_process):
+    # Retried, a job would crash on it the same way every time: bad input, not a failure of the run.
+    args = ["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+            "--threads", "1", "--heartbeat-s", "0"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    folder = tmp_path / "run" / "checkpoints" / "step00000002"
+    state = checkpoint.load(folder / checkpoint.TRAINER_FILE)
+    state["model"].update({"fc2.weight": torch.zeros(20, 128), "fc2.bias": torch.zeros(20)})  # 20 classes, not 10
+    torch.save(state, folder / checkpoint.TRAINER_FILE)
+    checkpoints.write_manifest(folder, 2)
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step00000002" in err and "fc2.weight" in err and "--run-dir" in err
+
+
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
     secret = tmp_path / "secret"
     secret.write_text("keep\n")

@@ -273,7 +273,7 @@ def resume(run: Setup, engine: Engine, found: Path | None, held: tuple | None, s
         if run.opts.resume:
             say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
         return state, None
-    saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
+    saved, where = (engine.restore(*held), held[1]) if held is not None else (engine.read(found, run.rank), found)
     for key, flag in (("global_batch", "--batch-size"), ("seed", "--seed"), ("lr", "--lr")):
         if saved.get(key, state[key]) != state[key]:
             raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; resume with "

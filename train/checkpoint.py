@@ -218,7 +218,7 @@ def rng_file(folder: Path, rank: int | str) -> Path:
 
 class CheckpointError(ValueError):
     """A checkpoint this run cannot load: a file that is not the trainer's own data (tensors, numbers, text), or the
-    other backend family's; one line."""
+    other backend family's, or another model's; one line."""
 
 
 def _earlier_numpy_state() -> list:

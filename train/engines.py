@@ -107,10 +107,16 @@ class TorchEngine:
         rank's RNGs stand for all of them."""
         return snapshot.cpu_copy({**self.state(trainer_state), "rng": checkpoint.rng_state()})
 
-    def restore(self, saved: dict) -> dict:
-        """Load a state from ``state``/``capture`` into the module and optimizer; the trainer's own part back."""
+    def restore(self, saved: dict, where: Path | str = "the checkpoint") -> dict:
+        """Load a state from ``state``/``capture`` (read from ``where``) into the module and optimizer; the trainer's
+        own part back."""
         saved = dict(saved)
-        self.module.load_state_dict(bare_state_dict(saved.pop("model")))
+        try:
+            self.module.load_state_dict(bare_state_dict(saved.pop("model")))
+        except RuntimeError as exc:  # load_state_dict's keys or shapes: another model's, which a retry loads no better
+            mismatch = (str(exc).splitlines()[1:2] or [str(exc)])[0].strip().rstrip(".")
+            raise checkpoint.CheckpointError(f"{where} holds another model than this trainer's ({mismatch}): resume in "
+                                             "the --run-dir of this model's run, or move it away") from None
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         scaler = saved.pop("scaler")
         if scaler:  # empty where no fp16 trained: a resume in fp16 starts its loss scale as a fresh run does
@@ -126,7 +132,7 @@ class TorchEngine:
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
-        state = self.restore(checkpoint.load(Path(folder) / checkpoint.TRAINER_FILE))
+        state = self.restore(checkpoint.load(Path(folder) / checkpoint.TRAINER_FILE), folder)
         # A snapshot persisted in the background has no per-rank files: its state holds the RNGs for every rank.
         if checkpoint.rng_file(folder, rank).exists():
             checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
