@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -597,6 +598,25 @@ def test_a_resume_from_a_checkpoint_of_another_model_shape_exits_2_in_one_line_n
     assert main([*args, "--max-steps", "4", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step00000002" in err and "fc2.weight" in err and "--run-dir" in err
+
+
+def test_a_disk_that_fills_while_an_elastic_resume_converts_a_checkpoint_is_a_storage_error_leaving_no_copy(
+        tmp_path, monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    from train.engines import DeepSpeedEngine
+
+    def fill_the_disk(args):
+        Path(args.output_folder).mkdir(parents=True)
+        (Path(args.output_folder) / "zero").write_bytes(b"half a copy")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ds_to_universal, "main", fill_the_disk)
+    root = tmp_path / "checkpoints"
+    saved = checkpoint.save(root, 4, rank=0, write=lambda save_dir, tag: (save_dir / tag / "x.pt").write_bytes(b"x"))
+    with pytest.raises(checkpoint.StorageError) as raised:
+        object.__new__(DeepSpeedEngine)._read_universal(saved, rank=0, world=1)
+    assert "no space left on device" in raised.value.strerror and "step00000004" in raised.value.strerror
+    assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
 
 
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
