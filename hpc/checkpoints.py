@@ -82,6 +82,11 @@ def recorded(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def inside(name: str) -> bool:
+    """Whether a file name a manifest or a snapshot part lists stays inside its folder (no absolute path, no '..')."""
+    return not (Path(name).is_absolute() or ".." in Path(name).parts)
+
+
 def _listing(files: object) -> bool:
     """Whether a manifest's ``files`` is what write_manifest writes: name -> {"size": int, "sha256": str}."""
     return isinstance(files, dict) and all(
@@ -100,6 +105,8 @@ def damage(folder: Path, checksums: bool = True) -> str | None:
     if not _listing(listed):
         return f"unreadable {MANIFEST} (its files are not names with a size and a SHA-256)"
     for name, want in listed.items():
+        if not inside(name):  # write_manifest lists only the folder's own files: vouching elsewhere is no checkpoint
+            return f"{MANIFEST} names {name}, outside its folder"
         path = Path(folder) / name
         if not path.is_file():
             return f"{name} is missing"

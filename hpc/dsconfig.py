@@ -53,6 +53,10 @@ def precision_of(config: Mapping[str, Any]) -> str:
     return next((dtype for dtype in ("bf16", "fp16") if config.get(dtype, {}).get("enabled")), "fp32")
 
 
+def lr_of(config: Mapping[str, Any]) -> float | None:
+    return config.get("optimizer", {}).get("params", {}).get("lr")
+
+
 def trained_with(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records of the config that wrote it: the ZeRO stage and precision, which decide the files
     DeepSpeed writes and the state it expects in them."""
@@ -176,8 +180,7 @@ def check_resolved(config: Mapping[str, Any], path: Path, world_size: int, **giv
         raise ConfigError(f"DeepSpeed config {path} is not resolved for {world_size} rank(s) (train_batch_size = "
                           "train_micro_batch_size_per_gpu x ranks, gradient_accumulation_steps 1); render it with "
                           "`hpcdist render --backend deepspeed`, or drop --deepspeed-config")
-    found = {**trained_with(config), "global_batch": batch,
-             "lr": config.get("optimizer", {}).get("params", {}).get("lr")}
+    found = {**trained_with(config), "global_batch": batch, "lr": lr_of(config)}
     flags = {"zero_stage": "--zero-stage", "precision": "--precision", "global_batch": "--batch-size", "lr": "--lr"}
     for name, value in given.items():
         if value not in (None, vocab.AUTO) and value != found[name]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,5 +50,23 @@ def test_a_manifest_of_the_wrong_shape_makes_its_checkpoint_damaged_and_the_one_
     (tmp_path / "step00000020" / checkpoints.MANIFEST).write_text(manifest)
     assert checkpoints.damage(tmp_path / "step00000020") == (
         f"unreadable {checkpoints.MANIFEST} (its files are not names with a size and a SHA-256)")
+    assert checkpoints.newest(tmp_path).name == "step00000010"
+    assert checkpoints.resumable_step(tmp_path) == 10
+
+
+@pytest.mark.parametrize("outside", ["../step00000010/x.pt", "{root}/step00000010/x.pt", "sub/../../step00000010/x.pt"])
+def test_a_manifest_naming_a_file_outside_its_checkpoint_makes_it_damaged_and_the_one_before_is_resumed(tmp_path,
+                                                                                                      outside):
+    for step in (10, 20):
+        (tmp_path / checkpoints.name_for(step)).mkdir()
+        (tmp_path / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
+        checkpoints.write_manifest(tmp_path / checkpoints.name_for(step), step)
+    newer = tmp_path / "step00000020"
+    # step 20's own file torn, its manifest vouching for step 10's intact one instead
+    (newer / "x.pt").write_bytes(b"")
+    listed = json.loads((tmp_path / "step00000010" / checkpoints.MANIFEST).read_text())["files"]["x.pt"]
+    name = outside.format(root=tmp_path)
+    (newer / checkpoints.MANIFEST).write_text(json.dumps({"step": 20, "files": {name: listed}}))
+    assert checkpoints.damage(newer) == f"{checkpoints.MANIFEST} names {name}, outside its folder"
     assert checkpoints.newest(tmp_path).name == "step00000010"
     assert checkpoints.resumable_step(tmp_path) == 10

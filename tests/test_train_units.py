@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ from train import data as data_module
 from train.__main__ import main
 from train.data import DataError, read_batch, read_cifar10, synthetic
 from train.engines import TorchEngine
-from train.loader import ResidentLoader, epoch_permutation, normalize, shard
+from train.loader import ClassicLoader, ResidentLoader, epoch_permutation, normalize, shard
 from train.model import ConvNet, param_digest
 
 pytestmark = pytest.mark.timed  # heartbeats, watchdogs and signals in real threads, bounded in seconds
@@ -319,6 +320,21 @@ def test_resident_loader_feeds_disjoint_normalised_batches_and_resumes_mid_epoch
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_classic_loader_with_augment_resumes_mid_epoch_with_the_crops_and_flips_of_the_uninterrupted_run(workers):
+    # A resume restores the global RNG as it was at the checkpoint; the DataLoader iterator made there draws from
+    # it afresh, so what the augmentation draws must not hang on that stream.
+    def batches(start: int, count: int, rng_seed: int) -> list:
+        torch.manual_seed(rng_seed)
+        loader = ClassicLoader(synthetic(64, 8, seed=0).train, rank=0, world_size=1, local_batch=8, seed=5,
+                               device=torch.device("cpu"), augment=True, num_workers=workers)
+        return [b for _, b in zip(range(count), loader.batches(start))]
+    straight, resumed = batches(0, 11, rng_seed=1), batches(3, 8, rng_seed=2)
+    assert [b.step for b in resumed] == list(range(3, 11))
+    for a, b in zip(straight[3:], resumed):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
 def test_normalize_maps_each_channel_mean_to_zero_and_one_std_to_one():
     from train.loader import MEAN, STD
 
@@ -553,6 +569,54 @@ def test_dp_and_ddp_resume_in_another_precision_fp16_starting_its_loss_scale_afr
         capsys.readouterr()
         assert main([*args, "--precision", precision, "--max-steps", str(steps), "--resume"]) == 0
         assert f"at step {steps - 2}" in capsys.readouterr().out
+
+
+def test_a_resume_with_another_lr_than_its_checkpoint_was_trained_with_is_refused_in_one_line(tmp_path, capsys,
+                                                                                            one_process):
+    # The optimizer's state holds the lr it was trained with: loaded, it would silently overrule --lr.
+    args = ["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+            "--threads", "1", "--heartbeat-s", "0"]
+    assert main([*args, "--lr", "0.01", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--lr", "0.5", "--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step00000002" in err and "lr 0.01" in err and "--lr 0.01" in err
+
+
+def test_a_resume_from_a_checkpoint_of_another_model_shape_exits_2_in_one_line_naming_the_mismatch(tmp_path, capsys,
+                                                                                                one_process):
+    # Retried, a job would crash on it the same way every time: bad input, not a failure of the run.
+    args = ["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64", "--batch-size", "8",
+            "--threads", "1", "--heartbeat-s", "0"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    folder = tmp_path / "run" / "checkpoints" / "step00000002"
+    state = checkpoint.load(folder / checkpoint.TRAINER_FILE)
+    state["model"].update({"fc2.weight": torch.zeros(20, 128), "fc2.bias": torch.zeros(20)})  # 20 classes, not 10
+    torch.save(state, folder / checkpoint.TRAINER_FILE)
+    checkpoints.write_manifest(folder, 2)
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step00000002" in err and "fc2.weight" in err and "--run-dir" in err
+
+
+def test_a_disk_that_fills_while_an_elastic_resume_converts_a_checkpoint_is_a_storage_error_leaving_no_copy(
+        tmp_path, monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    from train.engines import DeepSpeedEngine
+
+    def fill_the_disk(args):
+        Path(args.output_folder).mkdir(parents=True)
+        (Path(args.output_folder) / "zero").write_bytes(b"half a copy")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ds_to_universal, "main", fill_the_disk)
+    root = tmp_path / "checkpoints"
+    saved = checkpoint.save(root, 4, rank=0, write=lambda save_dir, tag: (save_dir / tag / "x.pt").write_bytes(b"x"))
+    with pytest.raises(checkpoint.StorageError) as raised:
+        object.__new__(DeepSpeedEngine)._read_universal(saved, rank=0, world=1)
+    assert "no space left on device" in raised.value.strerror and "step00000004" in raised.value.strerror
+    assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
 
 
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):

@@ -268,16 +268,16 @@ def resume(run: Setup, engine: Engine, found: Path | None, held: tuple | None, s
     """The trainer's own state (step, losses, what the data order depends on), and with --resume the disk
     checkpoint it came from (None when it came from a snapshot, which is no checkpoint a stop can stand on)."""
     state = {"step": 0, "first_loss": None, "last_loss": None, "global_batch": run.global_batch,
-             "seed": run.opts.seed, "backend": run.opts.backend, "world_size": run.world}
+             "seed": run.opts.seed, "lr": engine.lr, "backend": run.opts.backend, "world_size": run.world}
     if found is None and held is None:
         if run.opts.resume:
             say(run.rank, f"resume: no complete checkpoint in {run.checkpoints}, so starting from step 0")
         return state, None
-    saved, where = (engine.restore(held[0]), held[1]) if held is not None else (engine.read(found, run.rank), found)
-    for key in ("global_batch", "seed"):
-        if saved[key] != state[key]:
-            raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; "
-                             f"resume with the same value (the data order depends on it)")
+    saved, where = (engine.restore(*held), held[1]) if held is not None else (engine.read(found, run.rank), found)
+    for key, flag in (("global_batch", "--batch-size"), ("seed", "--seed"), ("lr", "--lr")):
+        if saved.get(key, state[key]) != state[key]:
+            raise UsageError(f"{where} was written with {key} {saved[key]}, this run has {state[key]}; resume with "
+                             f"{flag} {saved[key]}, as the uninterrupted run had")
     state.update(step=saved["step"], first_loss=saved["first_loss"], last_loss=saved["last_loss"])
     say(run.rank, f"resumed from {where} at step {state['step']}" + (f" (a snapshot in {source})" if source else "")
         + checkpoint.regrouped(saved.get("world_size"), run.world, run.global_batch))

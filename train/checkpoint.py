@@ -57,6 +57,14 @@ def disk_full(root: Path, least: int = 1 << 20) -> bool:
         return False
 
 
+def storage_code(exc: BaseException, root: Path) -> int | None:
+    """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return exc.errno
+    # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
+    return errno.ENOSPC if disk_full(root) else None
+
+
 def storage_error(code: int, root: Path, tag: str) -> StorageError:
     """The one line a full disk (or a quota, or a read-only mount) is reported by: path, free and needed bytes."""
     try:
@@ -147,10 +155,9 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
             shutil.rmtree(staging, ignore_errors=True)
         raise
     except Exception as exc:
-        # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
-        if not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS) and not disk_full(root):
+        code = storage_code(exc, root)
+        if code is None:
             raise
-        code = exc.errno if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS else errno.ENOSPC
     if code is not None:
         # Outside the except: the failed write's frames (and its open file, whose blocks a deleted file keeps)
         # are gone, so removing the half-written folder frees its space for the rank's error report.
@@ -219,7 +226,7 @@ def rng_file(folder: Path, rank: int | str) -> Path:
 
 class CheckpointError(ValueError):
     """A checkpoint this run cannot load: a file that is not the trainer's own data (tensors, numbers, text), or the
-    other backend family's; one line."""
+    other backend family's, or another model's; one line."""
 
 
 def _earlier_numpy_state() -> list:

@@ -36,7 +36,19 @@ import torch
 import torch.distributed as dist
 
 from hpc import dsconfig, fileio
-from hpc.checkpoints import MANIFEST, NAME, PART, PARTS, complete, held_in, name_for, newest_whole, recorded, size
+from hpc.checkpoints import (
+    MANIFEST,
+    NAME,
+    PART,
+    PARTS,
+    complete,
+    held_in,
+    inside,
+    name_for,
+    newest_whole,
+    recorded,
+    size,
+)
 from train import checkpoint
 from train.runtime import gathered
 
@@ -288,7 +300,7 @@ def unpack(blob: bytes) -> dict[str, bytes]:
     (length,) = struct.unpack_from("<Q", blob)
     files, at = {}, 8 + length
     for name, length_of in json.loads(blob[8:at]):
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if not inside(name):
             raise ValueError(f"a snapshot part names {name!r}, outside its folder")
         files[name], at = blob[at:at + length_of], at + length_of
     return files

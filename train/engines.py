@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ class Engine(Protocol):
     input_dtype: torch.dtype  # what the loader normalises images into
     zero_stage: int | None  # DeepSpeed's ZeRO stage; None for dp/ddp
     trained_with: dict | None  # what its checkpoints record for a resume to match (hpc.dsconfig); None for dp/ddp
+    lr: float | None  # what it was built with, which its optimizer's saved state would overrule at a resume
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
@@ -64,6 +66,7 @@ class TorchEngine:
         self.net = torch.compile(net) if compile else net
         # The fused kernel is one launch for all parameters on GPU; the CPU path has no fused Adam gain.
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+        self.lr = lr
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def _autocast(self):
@@ -105,10 +108,16 @@ class TorchEngine:
         rank's RNGs stand for all of them."""
         return snapshot.cpu_copy({**self.state(trainer_state), "rng": checkpoint.rng_state()})
 
-    def restore(self, saved: dict) -> dict:
-        """Load a state from ``state``/``capture`` into the module and optimizer; the trainer's own part back."""
+    def restore(self, saved: dict, where: Path | str = "the checkpoint") -> dict:
+        """Load a state from ``state``/``capture`` (read from ``where``) into the module and optimizer; the trainer's
+        own part back."""
         saved = dict(saved)
-        self.module.load_state_dict(bare_state_dict(saved.pop("model")))
+        try:
+            self.module.load_state_dict(bare_state_dict(saved.pop("model")))
+        except RuntimeError as exc:  # load_state_dict's keys or shapes: another model's, which a retry loads no better
+            mismatch = (str(exc).splitlines()[1:2] or [str(exc)])[0].strip().rstrip(".")
+            raise checkpoint.CheckpointError(f"{where} holds another model than this trainer's ({mismatch}): resume in "
+                                             "the --run-dir of this model's run, or move it away") from None
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         scaler = saved.pop("scaler")
         if scaler:  # empty where no fp16 trained: a resume in fp16 starts its loss scale as a fresh run does
@@ -124,7 +133,7 @@ class TorchEngine:
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
-        state = self.restore(checkpoint.load(Path(folder) / checkpoint.TRAINER_FILE))
+        state = self.restore(checkpoint.load(Path(folder) / checkpoint.TRAINER_FILE), folder)
         # A snapshot persisted in the background has no per-rank files: its state holds the RNGs for every rank.
         if checkpoint.rng_file(folder, rank).exists():
             checkpoint.set_rng_state(checkpoint.load(checkpoint.rng_file(folder, rank)))
@@ -138,7 +147,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-        self.trained_with = dsconfig.trained_with(config)
+        self.trained_with, self.lr = dsconfig.trained_with(config), dsconfig.lr_of(config)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                       else torch.float16 if self.engine.fp16_enabled() else torch.float32)
@@ -197,13 +206,24 @@ class DeepSpeedEngine:
         removes it."""
         from deepspeed.checkpoint import ds_to_universal
 
-        # A folder of its own, made fresh: a crashed conversion's is left, never taken or removed by name.
+        # A folder of its own, made fresh: one a killed conversion left is never taken or removed by name.
         made = tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent) if rank == 0 else None
         if rank == 0:
-            # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
-            ds_to_universal.main(argparse.Namespace(
-                input_folder=str(folder), output_folder=str(Path(made) / folder.name), num_extract_workers=1,
-                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            code = None
+            try:
+                # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
+                ds_to_universal.main(argparse.Namespace(
+                    input_folder=str(folder), output_folder=str(Path(made) / folder.name), num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            except Exception as exc:
+                code = checkpoint.storage_code(exc, folder.parent)
+                if code is None:
+                    shutil.rmtree(made, ignore_errors=True)
+                    raise
+            if code is not None:  # outside the except, as in checkpoint.save: the failed write's open files are gone
+                gc.collect()
+                shutil.rmtree(made, ignore_errors=True)
+                raise checkpoint.storage_error(code, folder.parent, f"{folder.name}'s universal copy")
         universal = Path(broadcast_from_0(made, world))  # also the barrier: rank 0 sends it once converted
         # DeepSpeed asks its config at load time only, and has no other way in for a config already built.
         self.engine._config.load_universal_checkpoint = True

@@ -105,18 +105,28 @@ class ResidentLoader:
 
 
 class _TransformedSplit(torch.utils.data.Dataset):
-    def __init__(self, split: Split, augment: bool) -> None:
+    """Items are (image index, epoch); the random transforms draw from a stream seeded by both."""
+
+    def __init__(self, split: Split, augment: bool, seed: int) -> None:
         from torchvision import transforms
 
         self.images, self.labels = split.images.permute(0, 2, 3, 1).numpy(), split.labels
+        self.augment, self.seed = augment, seed
         steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
         self.transform = transforms.Compose([transforms.ToTensor(), *steps, transforms.Normalize(MEAN, STD)])
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), self.labels[i]
+    def __getitem__(self, item: tuple[int, int]):
+        i, epoch = item
+        if not self.augment:
+            return self.transform(self.images[i]), self.labels[i]
+        # Seeded by the image and epoch, not by a worker's running stream (which a resume mid-epoch starts afresh), so a
+        # resumed run draws the crops and flips the uninterrupted run drew; the global RNG torchvision uses is kept.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, i))
+            return self.transform(self.images[i]), self.labels[i]
 
 
 class ClassicLoader:
@@ -124,7 +134,7 @@ class ClassicLoader:
 
     def __init__(self, split: Split, *, rank: int, world_size: int, local_batch: int, seed: int,
                  device: torch.device, augment: bool = False, num_workers: int = 2) -> None:
-        self.dataset = _TransformedSplit(split, augment)
+        self.dataset = _TransformedSplit(split, augment, seed)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
         self.local_batch, self.device = local_batch, device
@@ -136,7 +146,7 @@ class ClassicLoader:
         while True:
             self.sampler.set_epoch(epoch)
             order = list(self.sampler)[skip * self.local_batch:self.steps_per_epoch * self.local_batch]
-            batch_sampler = torch.utils.data.BatchSampler(order, self.local_batch, drop_last=True)
+            batch_sampler = torch.utils.data.BatchSampler([(i, epoch) for i in order], self.local_batch, drop_last=True)
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler,
                                                  num_workers=self.num_workers,
                                                  pin_memory=self.device.type == "cuda",
