@@ -8,8 +8,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -187,6 +189,28 @@ def test_a_launchers_variables_from_the_submitting_shell_never_reach_the_ranks(t
     seen = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR"} & set(seen)
     assert seen["MASTER_PORT"] == "23456"
+
+
+@pytest.mark.timed
+def test_a_sigterm_in_the_batch_shells_first_moments_still_lets_the_attempt_be_recorded(tmp_path: Path) -> None:
+    """Slurm's SIGTERM (a cancel, the time limit) may come while setup.sh still numbers the attempt (a python
+    start, ~0.3 s): the batch shell must already hold its handler then, or it dies unrecorded and never requeues."""
+    site = replace(SITE, modules=(), setup=())
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nsleep 1; echo 0\n")  # `python -m hpc attempt number`, slow as a cold start
+    python.chmod(0o755)
+    spec = replace(golden_spec("ddp", "srun"), python=str(python))
+    render.write(render.render(spec, site, tmp_path / "job", search=builtin()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    shell = subprocess.Popen(["bash", "-c", f"set -euo pipefail; source {setup}; echo on-to-the-step"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.1)
+    shell.send_signal(signal.SIGTERM)
+    out, err = shell.communicate(timeout=30)
+    assert shell.returncode == 0 and out.splitlines()[-1] == "on-to-the-step", (shell.returncode, out, err)
+    assert "the batch shell got SIGTERM" in err
 
 
 @pytest.mark.timed

@@ -9,6 +9,11 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE MA
 # The batch shell (no step id yet) numbers this attempt (Slurm's restart count, or past it when earlier
 # allocations relaunched steps), stamps its start and, at the end of this file, its set-up's end.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
+    # Slurm's SIGTERM at the time limit, a cancellation or a node failure would end the batch shell before
+    # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
+    # SIGKILL ends it anyway). Set first: numbering the attempt below starts python, long enough for the
+    # signal to come. A handler, unlike an ignored signal, is not inherited by srun and the ranks.
+    trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
     HPCDIST_ATTEMPT=$(/opt/venv/bin/python -m hpc attempt number --job-dir /jobs/golden) \
         || HPCDIST_ATTEMPT=${SLURM_RESTART_COUNT:-0}
     export HPCDIST_ATTEMPT
@@ -27,10 +32,6 @@ export HPCDIST_PYTHON=/opt/venv/bin/python
 if [ -z "${SLURM_STEP_ID:-}" ]; then
     rm -f /jobs/golden/run/preempted /jobs/golden/run/lost.json
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' setup_done "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
-    # Slurm's SIGTERM at the time limit, a cancellation or a node failure would end the batch shell before
-    # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
-    # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
-    trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
     # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py). A controller that does
     # not answer (restarting, failing over) leaves them Slurm's default port: under job.sbatch's set -e and
