@@ -197,7 +197,7 @@ def test_local_command_sources_setup_then_execs_task_sh(tmp_path):
     rendered = rendered_for(tmp_path, nodes=2)
     command = submit.local_command(rendered)
     assert command[:2] == ("bash", "-c")
-    assert command[2] == f"source {tmp_path / 'job' / 'setup.sh'} && exec bash {tmp_path / 'job' / 'task.sh'}"
+    assert command[2] == f"set -e; source {tmp_path / 'job' / 'setup.sh'}; exec bash {tmp_path / 'job' / 'task.sh'}"
 
 
 @pytest.mark.parametrize("spec_signal,name", [("USR1@120", "USR1"), ("B:USR2@60", "USR2"), ("SIGTERM", "TERM"),

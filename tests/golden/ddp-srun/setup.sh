@@ -20,9 +20,17 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}"
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' batch_start "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
 fi
+# The profile's module loads and setup lines (verbatim: the site admin's shell by design) run under job.sbatch's
+# set -euo pipefail on every path (submitit's batch script and the local runner set no option), so that the
+# first to fail stops the job here, before its step, in one line; the caller's options come back after.
+hpcdist_options=$(set +o)
+hpcdist_profile=golden-site
+set -euo pipefail
+trap 'echo "hpcdist: a module load or setup line of cluster profile $hpcdist_profile failed (status $?): fix it in the profile or run it by hand to see why" >&2' ERR
 module load cuda/12.1
-# The profile's setup lines, verbatim: they are the site admin's shell by design.
 ulimit -n 65536
+trap - ERR
+eval "$hpcdist_options"
 export NCCL_DEBUG=WARN
 export NCCL_IB_HCA=mlx5_0,mlx5_1
 export NCCL_SOCKET_IFNAME=ib0
