@@ -41,8 +41,6 @@ from hpc.spec import JobSpec
 # Every heartbeat of the attempt this long silent, with the batch host's slurmd not answering, is a dead
 # batch host (the ranks' own verdict, lost.json, comes sooner when a node of the job survives).
 SILENT_S = 15.0
-# What a batch shell exports for the step it relaunches: the old job's, never a new job's.
-JOB_VARIABLES = ("HPCDIST_ATTEMPT", "HPCDIST_EXCLUDE", "HPCDIST_ELASTIC_NODES")
 
 
 def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, Heartbeat], *, now: float,
@@ -114,10 +112,8 @@ def submit_again(record: registry.Record, excluded: Sequence[str], environ: Mapp
     """Submit the job's job.sbatch again as a new job without the ``excluded`` nodes and register it, linked to
     the old one (SlurmError if Slurm refuses it). From inside the old job too (its batch shell, after a node
     died that Slurm has not noticed): the job's own variables are not passed on to the new one."""
-    inherited = [k for k in environ if (k.startswith("SLURM_") and k != "SLURM_CONF") or k in JOB_VARIABLES]
-    env = {k: v for k, v in environ.items() if k not in inherited}
     new_id = commands.sbatch(Path(record.job_dir) / vocab.JOB_SBATCH, options=resubmit_options(record, excluded),
-                             env=env)
+                             env=commands.new_job_environ(environ))
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     new = replace(record, job_id=new_id, via="sbatch", submitted=now, previous=record.job_id)
     registry.write_marker(new)

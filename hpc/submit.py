@@ -131,7 +131,7 @@ def submit_submitit(rendered: Rendered) -> str:
     executor.update_parameters(**slurm_parameters(rendered))
     try:
         # submitit prints sbatch's complaint itself; it is reported once, in SubmitError, instead.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), _environ(_unset_for_new_job()):
             job = executor.submit(task.run, task_command(rendered))
     except submitit.core.utils.FailedJobError as exc:
         raise SubmitError(f"sbatch refused the job: {_one_line(str(exc))}") from None
@@ -141,7 +141,7 @@ def submit_submitit(rendered: Rendered) -> str:
 def sbatch(script: Path) -> str:
     """``sbatch --parsable SCRIPT``; its job id, or SubmitError."""
     try:
-        return commands.sbatch(script)
+        return commands.sbatch(script, env=commands.new_job_environ(os.environ))
     except SlurmError as exc:
         raise SubmitError(str(exc)) from None
 
@@ -163,18 +163,28 @@ def submit_arrays(scripts: list[Path]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """submitit's local controller reads its signal from os.environ; set it for the launch only."""
+def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """os.environ with ``values`` (None: unset) for the launch only: submitit's local controller reads its
+    signal there, and its sbatch starts from it."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    _put(values)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _put(saved)
+
+
+def _put(values: Mapping[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _unset_for_new_job() -> dict[str, None]:
+    """What submitit's sbatch must not hand on (commands.new_job_environ)."""
+    return dict.fromkeys(os.environ.keys() - commands.new_job_environ(os.environ).keys())
 
 
 def submit_local(rendered: Rendered) -> submitit.Job[Any]:
@@ -189,7 +199,7 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     executor.update_parameters(tasks_per_node=geometry.ntasks,
                                timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
-    with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)), _interruptible_children():
+    with _environ({"SUBMITIT_PREEMPT_SIGNAL": signal_name(spec.signal)}), _interruptible_children():
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
                                str(rendered.job_dir / TASK_LOG))
 

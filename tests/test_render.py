@@ -8,8 +8,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -189,6 +191,57 @@ def test_a_launchers_variables_from_the_submitting_shell_never_reach_the_ranks(t
     assert seen["MASTER_PORT"] == "23456"
 
 
+@pytest.mark.parametrize("path", ["sbatch", "submitit", "local"])
+def test_a_failing_site_setup_line_stops_the_job_in_one_line_on_every_submit_path(tmp_path: Path, path: str) -> None:
+    """job.sbatch sources setup.sh under set -euo pipefail, submitit's batch script and the local runner under no
+    option: a site's failing setup line stopped the first silently and was passed over by the others, whose step
+    then ran in a half-set-up environment. Every path now stops there, naming it."""
+    site = replace(SITE, modules=(), setup=("echo site-setup-start", "ls /no/such/site/path", "echo site-setup-on"))
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 0\n")  # `python -m hpc attempt number`
+    python.chmod(0o755)
+    (tmp_path / "scontrol").write_text("#!/bin/sh\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    rendered = render.render(replace(golden_spec("ddp", "srun"), python=str(python)), site, tmp_path / "job",
+                             search=builtin())
+    render.write(rendered)
+    (tmp_path / "job" / "task.sh").write_text("echo the-step-ran\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    script = {"sbatch": f"set -euo pipefail\nsource {shlex.quote(str(tmp_path / 'job' / 'setup.sh'))}",
+              "submitit": "\n".join(rendered.setup), "local": rendered.local_task}[path]
+    if path == "local":
+        env["SLURM_STEP_ID"] = "0"
+    else:
+        script += f"\nbash {shlex.quote(str(tmp_path / 'job' / 'task.sh'))}"
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "site-setup-on" not in out.stdout and "the-step-ran" not in out.stdout, out
+    said = [line for line in out.stderr.splitlines() if line.startswith("hpcdist:")]
+    assert len(said) == 1 and "golden-site" in said[0] and "setup line" in said[0], out.stderr
+
+
+@pytest.mark.timed
+def test_a_sigterm_in_the_batch_shells_first_moments_still_lets_the_attempt_be_recorded(tmp_path: Path) -> None:
+    """Slurm's SIGTERM (a cancel, the time limit) may come while setup.sh still numbers the attempt (a python
+    start, ~0.3 s): the batch shell must already hold its handler then, or it dies unrecorded and never requeues."""
+    site = replace(SITE, modules=(), setup=())
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nsleep 1; echo 0\n")  # `python -m hpc attempt number`, slow as a cold start
+    python.chmod(0o755)
+    spec = replace(golden_spec("ddp", "srun"), python=str(python))
+    render.write(render.render(spec, site, tmp_path / "job", search=builtin()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    shell = subprocess.Popen(["bash", "-c", f"set -euo pipefail; source {setup}; echo on-to-the-step"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.1)
+    shell.send_signal(signal.SIGTERM)
+    out, err = shell.communicate(timeout=30)
+    assert shell.returncode == 0 and out.splitlines()[-1] == "on-to-the-step", (shell.returncode, out, err)
+    assert "the batch shell got SIGTERM" in err
+
+
 @pytest.mark.timed
 def test_the_batch_shells_lost_node_watch_ends_the_step_it_saw_never_the_relaunch(tmp_path: Path) -> None:
     """setup.sh's watch ends the step whose srun ran while run/lost.json stood; once requeue.sh has acted on the
@@ -238,7 +291,8 @@ def test_submitit_and_local_lines_come_from_templates_with_the_job_dir_quoted(tm
     q = shlex.quote
     assert rendered.setup == (f"source {q(str(job_dir / 'setup.sh'))}",)
     assert rendered.teardown == (f'bash {q(str(job_dir / "requeue.sh"))} "$?"',)
-    assert rendered.local_task == f"source {q(str(job_dir / 'setup.sh'))} && exec bash {q(str(job_dir / 'task.sh'))}"
+    setup, task = q(str(job_dir / "setup.sh")), q(str(job_dir / "task.sh"))
+    assert rendered.local_task == f"set -e; source {setup}; exec bash {task}"
     for line in (*rendered.setup, *rendered.teardown, rendered.local_task):
         assert "\n" not in line
         assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0

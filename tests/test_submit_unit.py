@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -223,7 +224,7 @@ def test_local_command_sources_setup_then_execs_task_sh(tmp_path):
     rendered = rendered_for(tmp_path, nodes=2)
     command = submit.local_command(rendered)
     assert command[:2] == ("bash", "-c")
-    assert command[2] == f"source {tmp_path / 'job' / 'setup.sh'} && exec bash {tmp_path / 'job' / 'task.sh'}"
+    assert command[2] == f"set -e; source {tmp_path / 'job' / 'setup.sh'}; exec bash {tmp_path / 'job' / 'task.sh'}"
 
 
 @pytest.mark.parametrize("spec_signal,name", [("USR1@120", "USR1"), ("B:USR2@60", "USR2"), ("SIGTERM", "TERM"),
@@ -267,6 +268,30 @@ def test_via_sbatch_without_slurm_on_path_is_bad_input(tmp_path):
     assert proc.returncode == 2
     assert "--via sbatch needs Slurm" in proc.stderr
     assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("via", ["sbatch", "submitit"])
+def test_a_job_submitted_from_inside_an_allocation_starts_from_none_of_its_variables(tmp_path, via):
+    """sbatch hands the submitting shell's environment on and Slurm overwrites only what it sets for the new job:
+    from an interactive step (srun --pty bash) a stale SLURM_STEP_ID made the new batch shell pass for a task (no
+    attempt number, no SIGTERM handler, no lost-node watch), and from an array task SLURM_ARRAY_JOB_ID named its
+    attempts after that task. Only SLURM_CONF, which names the cluster, goes on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+env > {tmp_path / "sbatch-env"}
+case " $* " in *" --parsable "*) echo 9001;; *) echo "Submitted batch job 9001";; esac
+""")
+    (bin_dir / "sbatch").chmod(0o755)
+    inside = {"SLURM_JOB_ID": "555", "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_PROCID": "0",
+              "SLURM_STEP_NODELIST": "n3", "SLURM_STEP_NUM_TASKS": "1", "SLURM_ARRAY_JOB_ID": "700",
+              "SLURM_ARRAY_TASK_ID": "3", "SLURM_CONF": "/etc/slurm/slurm.conf", "HPCDIST_ATTEMPT": "2"}
+    env = environ(tmp_path / "home", PATH=f"{bin_dir}:{os.environ['PATH']}", **inside)
+    proc = hpcdist(["submit", "--via", via, "--nodes", "1", "--backend", "ddp", "--job-dir", str(tmp_path / "job")],
+                   tmp_path / "home", env=env)
+    assert proc.returncode == 0, proc.stderr
+    passed = dict(line.split("=", 1) for line in (tmp_path / "sbatch-env").read_text().splitlines() if "=" in line)
+    assert {k for k in passed if k.startswith(("SLURM_", "HPCDIST_ATTEMPT"))} == {"SLURM_CONF"}
 
 
 def test_an_existing_job_dir_is_refused(tmp_path):

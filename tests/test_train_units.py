@@ -792,6 +792,30 @@ def test_a_cpu_deepspeed_job_joins_its_process_group_without_compiling_the_shm_c
     assert build_shm_op() is None  # None: nothing compiled, nothing loaded
 
 
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_a_lone_process_joins_its_group_while_another_holds_the_default_master_port(backend, one_process,
+                                                                                     monkeypatch):
+    # Two runs by hand (or a sweep's one-task jobs) on one machine: the first holds torch's port 29500.
+    import socket
+
+    import torch.distributed as dist
+
+    from hpc import ranks
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the TIME_WAIT of earlier runs' connections
+    try:
+        holder.bind(("", ranks.DEFAULT_MASTER_PORT))
+        holder.listen()
+    except OSError:
+        pass  # another process listens there already: as good
+    try:
+        runtime.init_process_group(backend, ranks.resolve({}), torch.device("cpu"), timeout_s=30)
+        assert dist.get_world_size() == 1
+    finally:
+        holder.close()
+
+
 # --- heartbeat -----------------------------------------------------------------------------------------
 
 CONTRACT_FIELDS = {"rank", "local_rank", "node_rank", "world_size", "hostname", "pid", "attempt", "phase", "step",

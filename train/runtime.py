@@ -91,16 +91,17 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
     # torch's env:// rendezvous and DeepSpeed read these; without them DeepSpeed goes looking for mpi4py.
     os.environ.update(env.torch_env())
     comm = "nccl" if device.type == "cuda" else "gloo"
+    if env.world_size == 1:
+        # A lone process needs no port: an in-memory store cannot collide with another run on the machine, as
+        # torch's default 29500 would. DeepSpeed adopts a group that exists as it is.
+        dist.init_process_group(comm, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if backend == "deepspeed":
         import deepspeed
 
         if device.type == "cpu":
             without_shm_comm()
         deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False)
-    elif env.world_size == 1:
-        # A lone process needs no port: an in-memory store cannot collide with another job on the node.
-        dist.init_process_group(comm, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    else:
+    elif env.world_size > 1:
         dist.init_process_group(comm, init_method="env://", timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return dist.get_backend()

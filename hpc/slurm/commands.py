@@ -75,6 +75,19 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
     return _answer(argv, runner)
 
 
+# What a batch shell exports for the step it relaunches: the old job's, never a new job's.
+HPCDIST_JOB_VARIABLES = ("HPCDIST_ATTEMPT", "HPCDIST_EXCLUDE", "HPCDIST_ELASTIC_NODES")
+
+
+def new_job_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a job submitted from ``environ`` starts from: none of the variables of a job that shell
+    runs in (an salloc, an interactive step, a batch shell submitting again), which sbatch would hand on and
+    Slurm overwrites only where it sets its own: a stale SLURM_STEP_ID makes the new batch shell pass for a task,
+    a stale SLURM_ARRAY_JOB_ID names it after another job. SLURM_CONF names the cluster and stays."""
+    return {k: v for k, v in environ.items()
+            if not ((k.startswith("SLURM_") and k != "SLURM_CONF") or k in HPCDIST_JOB_VARIABLES)}
+
+
 def sbatch(script: Path, runner: Runner | None = None, options: Sequence[str] = (),
            env: Mapping[str, str] | None = None) -> str:
     """``sbatch --parsable [OPTIONS] SCRIPT``: the new job's id, or SlurmError. ``options`` win over the

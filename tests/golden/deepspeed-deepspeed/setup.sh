@@ -9,15 +9,28 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE MA
 # The batch shell (no step id yet) numbers this attempt (Slurm's restart count, or past it when earlier
 # allocations relaunched steps), stamps its start and, at the end of this file, its set-up's end.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
+    # Slurm's SIGTERM at the time limit, a cancellation or a node failure would end the batch shell before
+    # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
+    # SIGKILL ends it anyway). Set first: numbering the attempt below starts python, long enough for the
+    # signal to come. A handler, unlike an ignored signal, is not inherited by srun and the ranks.
+    trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
     HPCDIST_ATTEMPT=$(/opt/venv/bin/python -m hpc attempt number --job-dir /jobs/golden) \
         || HPCDIST_ATTEMPT=${SLURM_RESTART_COUNT:-0}
     export HPCDIST_ATTEMPT
     hpcdist_timeline=/jobs/golden/run/timeline/attempt-"${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}"
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' batch_start "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
 fi
+# The profile's module loads and setup lines (verbatim: the site admin's shell by design) run under job.sbatch's
+# set -euo pipefail on every path (submitit's batch script and the local runner set no option), so that the
+# first to fail stops the job here, before its step, in one line; the caller's options come back after.
+hpcdist_options=$(set +o)
+hpcdist_profile=golden-site
+set -euo pipefail
+trap 'echo "hpcdist: a module load or setup line of cluster profile $hpcdist_profile failed (status $?): fix it in the profile or run it by hand to see why" >&2' ERR
 module load cuda/12.1
-# The profile's setup lines, verbatim: they are the site admin's shell by design.
 ulimit -n 65536
+trap - ERR
+eval "$hpcdist_options"
 export NCCL_DEBUG=WARN
 export NCCL_IB_HCA=mlx5_0,mlx5_1
 export NCCL_SOCKET_IFNAME=ib0
@@ -32,10 +45,6 @@ fi
 if [ -z "${SLURM_STEP_ID:-}" ]; then
     rm -f /jobs/golden/run/preempted /jobs/golden/run/lost.json
     { mkdir -p "$hpcdist_timeline" && printf '%s %s\n' setup_done "$(date +%s.%N)" >>"$hpcdist_timeline/batch"; } 2>/dev/null || true
-    # Slurm's SIGTERM at the time limit, a cancellation or a node failure would end the batch shell before
-    # requeue.sh records the attempt; with a handler it waits for the step and goes on (KillWait later,
-    # SIGKILL ends it anyway). A handler, unlike an ignored signal, is not inherited by srun and the ranks.
-    trap 'echo "hpcdist: the batch shell got SIGTERM" >&2' TERM
     echo "hpcdist: attempt ${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}} started on $(hostname) at $(date +%Y-%m-%dT%H:%M:%S)"
     # The ranks ask a silent node's slurmd whether the node is alive (train/watchdog.py). A controller that does
     # not answer (restarting, failing over) leaves them Slurm's default port: under job.sbatch's set -e and
