@@ -816,6 +816,15 @@ def test_a_lone_process_joins_its_group_while_another_holds_the_default_master_p
         holder.close()
 
 
+
+def test_a_lone_process_says_it_holds_no_master_port_and_records_none(tmp_path, capsys, one_process):
+    run = tmp_path / "run"
+    assert main(["--backend", "ddp", "--run-dir", str(run), "--synthetic-size", "64", "--batch-size", "8",
+                 "--threads", "1", "--heartbeat-s", "0", "--max-steps", "1"]) == 0
+    assert "one process: no master port" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["ranks"][0]["master_port"] is None
+
+
 # --- heartbeat -----------------------------------------------------------------------------------------
 
 CONTRACT_FIELDS = {"rank", "local_rank", "node_rank", "world_size", "hostname", "pid", "attempt", "phase", "step",

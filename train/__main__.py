@@ -211,7 +211,7 @@ def join(run: Setup, beat: heartbeat.Heartbeat) -> None:
     beat.phase("build")
     say(run.rank, f"{opts.backend} | world {run.world} ({env.source}) | {comm} on {device.type} | {run.precision} | "
                   f"global batch {run.global_batch} | {run.threads} threads per rank | "
-                  f"master {env.master_addr}:{env.master_port}")
+                  + (f"master {env.master_addr}:{env.master_port}" if run.world > 1 else "one process: no master port"))
     if checking and run.world == 1:
         say(run.rank, f"preflight: one process, so no collective to check ({comm})")
     elif checking:
@@ -363,7 +363,7 @@ def finish(run: Setup, engine: Engine, data: Dataset, state: dict, timing: Timin
     with engine.full_parameters() as named:
         digest = param_digest(named)
     mine = {"rank": rank, "local_rank": env.local_rank, "node_rank": env.node_rank, "hostname": socket.gethostname(),
-            "master_addr": env.master_addr, "master_port": env.master_port,
+            "master_addr": env.master_addr, "master_port": env.master_port if world > 1 else None,
             "peak_memory_bytes": peak_memory_bytes(run.device), "param_digest": digest}
     everyone = gathered(mine, world)
     if rank != 0:
