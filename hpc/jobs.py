@@ -113,7 +113,8 @@ def slurm_state(job_id: str, runner: Runner = slurm_run) -> JobState:
 
 def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str, JobState]:
     """Each job's state: one squeue for the live ones, one sacct for the rest; LEFT_QUEUE where the
-    controller no longer knows a job and accounting cannot answer."""
+    controller no longer knows a job and accounting cannot say how it ended (down, or it has no row: purged,
+    another cluster's), which no waiter waits out."""
     if not job_ids:
         return {}
     rows, queue_answered = commands.queued(job_ids, SQUEUE_FORMAT, runner)
@@ -124,7 +125,7 @@ def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str
     for job_id in job_ids:
         accounted = parse_sacct(accounting, job_id) if accounting else None
         found = current(queued[job_id], accounted and _where_it_ran(accounted, runner))
-        if found is None and accounting is None and queue_answered:
+        if found is None and queue_answered:
             found = JobState(job_id, "LEFT_QUEUE")
         out[job_id] = found or JobState(job_id, "UNKNOWN")
     return out

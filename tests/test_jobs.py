@@ -162,6 +162,16 @@ def test_a_job_that_left_the_queue_while_accounting_is_down_is_done_not_waited_f
     assert state.state == "LEFT_QUEUE" and state.done and not state.ok
 
 
+@pytest.mark.parametrize("squeue", [("", 1, "slurm_load_jobs error: Invalid job id specified"),
+                                    ("45|RUNNING|n1|0:02\n", 0)], ids=["queue-holds-none", "queue-holds-another"])
+def test_a_job_neither_the_controller_nor_accounting_knows_any_more_has_left_the_queue_not_waited_for_forever(
+        squeue):
+    """Purged from accounting (or submitted to another cluster): `logs -f`, `top` and `watch` looped on UNKNOWN."""
+    runner = fake_runner({"squeue": squeue, "sacct": ("", 0)})
+    state = jobs.states([rec("44", via="sbatch"), rec("45", via="sbatch")], runner)["44"]
+    assert state.state == "LEFT_QUEUE" and state.done and not state.ok
+
+
 # Captured on the local Slurm 22.05: the first sacct row of a 2-node job that had just ended (NodeList its batch
 # host alone), and the controller's view of the same job.
 JUST_ENDED = "33998203|COMPLETED|0:0|n1|00:00:01|2\n"
@@ -204,7 +214,7 @@ def test_states_asks_squeue_then_sacct_once_for_every_slurm_job(tmp_path):
     runner = fake_runner({"squeue": ("4|RUNNING|n1|0:02\n", 0),
                           "sacct": ("1|COMPLETED|0:0|n1|0|1\n2|FAILED|1:0|n2|0|1\n", 0)})
     out = jobs.states([rec("1"), rec("2", via="sbatch"), rec("3"), rec("4")], runner)
-    assert [out[k].state for k in ("1", "2", "3", "4")] == ["COMPLETED", "FAILED", "UNKNOWN", "RUNNING"]
+    assert [out[k].state for k in ("1", "2", "3", "4")] == ["COMPLETED", "FAILED", "LEFT_QUEUE", "RUNNING"]
     assert [c[0] for c in runner.calls] == ["squeue", "sacct"]
     assert "1,2,3,4" in runner.calls[0] and "1,2,3" in runner.calls[1]
 
