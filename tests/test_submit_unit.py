@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -333,6 +334,29 @@ def test_list_of_no_jobs_asked_for_is_refused_not_taken_for_none_submitted(tmp_p
     proc = hpcdist(["list", "--last", last], tmp_path / "home")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--last" in proc.stderr
     assert "no jobs" not in proc.stdout + proc.stderr
+
+
+def slurm_answering(tmp_path: Path, sacct: str) -> dict[str, str]:
+    """An environment whose squeue holds no job and whose sacct prints ``sacct``; each call is logged."""
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir()
+    for name, out in (("squeue", ""), ("sacct", sacct), ("scontrol", "")):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho \"$0 $*\" >> {tmp_path}/calls\nprintf '%s' '{out}'\n")
+        (bin_dir / name).chmod(0o755)
+    return environ(tmp_path / "home", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_list_asks_accounting_once_however_many_jobs_ended(tmp_path):
+    ids = [str(500 + i) for i in range(40)]
+    env = slurm_answering(tmp_path, "".join(f"{j}|CANCELLED by 0|0:0|n1|00:00:01|1\n" for j in ids))
+    for job_id in ids:
+        (tmp_path / job_id).mkdir()
+        registry.append(tmp_path / "home" / registry.REGISTRY,
+                        registry.Record(job_id=job_id, job_dir=str(tmp_path / job_id), via="sbatch", submitted=""))
+    proc = hpcdist(["list", "--last", "40"], tmp_path / "home", env=env)
+    assert proc.returncode == 0 and proc.stdout.count("CANCELLED") == 40, proc.stderr
+    assert [line.split()[0].rsplit("/", 1)[-1] for line in (tmp_path / "calls").read_text().splitlines()].count(
+        "sacct") <= 2
 
 
 def test_status_of_an_unknown_job_is_exit_2(tmp_path):

@@ -21,7 +21,7 @@ from hpc import logs as job_logs
 from hpc.commands.options import check_container, fail, job_options, lookup, prepare, submit_or_exit
 from hpc.failures import record as records
 from hpc.follow import Follower, list_cells, status_lines
-from hpc.job import Job, Poll
+from hpc.job import Job, Poll, histories
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -296,10 +296,10 @@ def list_jobs(last: int) -> None:
 
     rows = [("JOBID", "VIA", "STATE", "ENDING", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND",
              "LAUNCHER", "NODES", "RANKS", "JOB_DIR")]
-    for r in recent:
+    # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
+    ended = histories([Job(r) for r in recent], [current[r.job_id].done for r in recent])
+    for r, history in zip(recent, ended):
         where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
-        # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
-        history = Job(r).attempts(accounted=current[r.job_id].done)
         ending = history[-1]["ending"] if history else "-"
         rows.append((r.job_id, r.via, current[r.job_id].state, ending, *list_cells(r), r.submitted, r.job_name,
                      r.backend, r.launcher, str(r.nodes), str(r.world_size), where))
