@@ -194,15 +194,15 @@ def local_state(record: Record) -> JobState:
     return local_outcome(record.job_id, record.ntasks, files, running)
 
 
-def states(records: Sequence[Record], runner: Runner = slurm_run) -> dict[str, JobState]:
-    """Every record's state, with one squeue and one sacct call for all of the Slurm jobs."""
-    out = {r.job_id: local_state(r) for r in records if r.via == "local"}
-    out.update(slurm_states([r.job_id for r in records if r.via != "local"], runner))
-    return out
+def states(records: Sequence[Record], runner: Runner = slurm_run) -> list[JobState]:
+    """Every record's state, in their order, with one squeue and one sacct call for all of the Slurm jobs; not
+    by job id: a local job's id is a pid, which a Slurm job's number may equal."""
+    asked = slurm_states([r.job_id for r in records if r.via != "local"], runner)
+    return [local_state(r) if r.via == "local" else asked[r.job_id] for r in records]
 
 
 def state(record: Record, runner: Runner = slurm_run) -> JobState:
-    return states([record], runner)[record.job_id]
+    return states([record], runner)[0]
 
 
 def cancel(record: Record, runner: Runner = slurm_run) -> bool:
