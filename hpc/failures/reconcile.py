@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hpc import jobfiles, nodelist
+from hpc import jobdir, jobfiles, nodelist
 from hpc.failures import record as records
 from hpc.failures.evidence import attempt_segment, failed_nodes
 from hpc.failures.gather import checkpoint_in
@@ -124,14 +124,17 @@ def reconcile_all(jobs: Sequence[tuple[Path, str]], runner: Runner = run) -> lis
 
 
 def _reconciled(job_dir: Path, job_id: str, runs: list[dict[str, str]] | None) -> list[dict[str, Any]]:
-    if runs is not None:
-        batch_text = jobfiles.tail_text(Path(job_dir) / batch_log(job_id), 262144)
-        for line in from_sacct(runs, records.load(job_dir), job_id, job_dir, batch_text):
-            try:
-                records.append(job_dir, line)
-            except OSError:
-                break  # a full disk, a read-only job directory: shown now, recorded by a later reader
-    return sorted(records.load(job_dir), key=lambda a: a["attempt"])
+    batch_text = jobfiles.tail_text(Path(job_dir) / batch_log(job_id), 262144) if runs else ""
+    unrecorded = from_sacct(runs or [], records.load(job_dir), job_id, job_dir, batch_text)
+    # Only into a job directory hpcdist made: a registry line (hand-edited, shared) may name any folder.
+    for line in unrecorded if jobdir.is_job_dir(job_dir) else []:
+        try:
+            records.append(job_dir, line)
+        except OSError:
+            break  # a full disk, a read-only job directory: shown now, recorded by a later reader
+    lines = records.load(job_dir)
+    have = {a["attempt"] for a in lines}
+    return sorted(lines + [a for a in unrecorded if a["attempt"] not in have], key=lambda a: a["attempt"])
 
 
 def should_nudge(job: Mapping[str, str], now: float, settle_s: float = 2.0) -> bool:
