@@ -243,6 +243,21 @@ def test_record_for_summarises_the_spec(tmp_path):
     assert record.job_dir == str(tmp_path / "job")
 
 
+def test_a_registry_that_cannot_take_the_jobs_line_refuses_the_submission_before_slurm_has_it(tmp_path, monkeypatch):
+    """A linked jobs.jsonl was refused after sbatch: the job ran on unregistered, its directory removed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "elsewhere.jsonl").write_text("")
+    (home / registry.REGISTRY).symlink_to(tmp_path / "elsewhere.jsonl")
+    queued: list[Path] = []
+    monkeypatch.setattr(submit, "sbatch", lambda script: queued.append(script) or "5555")
+    rendered = rendered_for(tmp_path)
+    render.write(rendered)
+    with pytest.raises(OSError, match="symbolic link"):
+        submit.submit(rendered, "sbatch", {"HPCDIST_HOME": str(home)})
+    assert queued == [] and (tmp_path / "elsewhere.jsonl").read_text() == ""
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
