@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 from hpc import jobs, registry
 from hpc.failures import reconcile
@@ -66,9 +66,7 @@ class Job:
 
     def attempts(self, accounted: bool = False) -> list[dict[str, Any]]:
         """Its attempt lines, oldest first; ``accounted``: with the runs accounting saw end unrecorded added."""
-        if not accounted or self.record.via == "local" or not self.job_dir.is_dir():
-            return records.load(self.job_dir)
-        return reconcile.reconcile(self.job_dir, self.job_id, self.runner)
+        return histories([self], [accounted])[0]
 
     def poll(self) -> Poll:
         """One poll of whoever waits on the job: its state and attempts, a requeued job reconciled and nudged."""
@@ -85,3 +83,11 @@ class Job:
         ``timeout_s`` has passed; ``on_poll`` sees every poll while it runs. Returns the last state seen."""
         return follow(self.poll, lambda now: now.state.done or (until is not None and until(now)), poll_s, timeout_s,
                       on_poll, self.clock, self.sleep).state
+
+
+def histories(jobs: Sequence[Job], accounted: Sequence[bool]) -> list[list[dict[str, Any]]]:
+    """Each job's ``attempts(accounted)``, asking accounting once for all of them (through the first job's runner)."""
+    asked = [a and j.record.via != "local" and j.job_dir.is_dir() for j, a in zip(jobs, accounted)]
+    found = iter(reconcile.reconcile_all([(j.job_dir, j.job_id) for j, a in zip(jobs, asked) if a],
+                                         jobs[0].runner if jobs else run))
+    return [next(found) if a else records.load(j.job_dir) for j, a in zip(jobs, asked)]

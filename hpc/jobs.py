@@ -113,7 +113,8 @@ def slurm_state(job_id: str, runner: Runner = slurm_run) -> JobState:
 
 def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str, JobState]:
     """Each job's state: one squeue for the live ones, one sacct for the rest; LEFT_QUEUE where the
-    controller no longer knows a job and accounting cannot answer."""
+    controller no longer knows a job and accounting cannot say how it ended (down, or it has no row: purged,
+    another cluster's), which no waiter waits out."""
     if not job_ids:
         return {}
     rows, queue_answered = commands.queued(job_ids, SQUEUE_FORMAT, runner)
@@ -124,7 +125,7 @@ def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str
     for job_id in job_ids:
         accounted = parse_sacct(accounting, job_id) if accounting else None
         found = current(queued[job_id], accounted and _where_it_ran(accounted, runner))
-        if found is None and accounting is None and queue_answered:
+        if found is None and queue_answered:
             found = JobState(job_id, "LEFT_QUEUE")
         out[job_id] = found or JobState(job_id, "UNKNOWN")
     return out
@@ -193,15 +194,15 @@ def local_state(record: Record) -> JobState:
     return local_outcome(record.job_id, record.ntasks, files, running)
 
 
-def states(records: Sequence[Record], runner: Runner = slurm_run) -> dict[str, JobState]:
-    """Every record's state, with one squeue and one sacct call for all of the Slurm jobs."""
-    out = {r.job_id: local_state(r) for r in records if r.via == "local"}
-    out.update(slurm_states([r.job_id for r in records if r.via != "local"], runner))
-    return out
+def states(records: Sequence[Record], runner: Runner = slurm_run) -> list[JobState]:
+    """Every record's state, in their order, with one squeue and one sacct call for all of the Slurm jobs; not
+    by job id: a local job's id is a pid, which a Slurm job's number may equal."""
+    asked = slurm_states([r.job_id for r in records if r.via != "local"], runner)
+    return [local_state(r) if r.via == "local" else asked[r.job_id] for r in records]
 
 
 def state(record: Record, runner: Runner = slurm_run) -> JobState:
-    return states([record], runner)[record.job_id]
+    return states([record], runner)[0]
 
 
 def cancel(record: Record, runner: Runner = slurm_run) -> bool:

@@ -92,8 +92,15 @@ def load(path: Path) -> list[Record]:
 
 def append(path: Path, record: Record) -> None:
     """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable(path)
     fileio.append_line(path, record.to_json())
+
+
+def writable(path: Path) -> None:
+    """The registry made ready for a line, or what open_own refuses there (a link, a folder: UnsafePath) or
+    the filesystem does: asked before a job is submitted, since one Slurm runs must not go unregistered."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.open_own(path, append=True).close()
 
 
 def write_marker(record: Record) -> None:

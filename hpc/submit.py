@@ -224,7 +224,8 @@ def _interruptible_children() -> Iterator[None]:
 
 
 def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:
-    """Submit and register; raises SubmitError (the job directory is then the caller's to remove)."""
+    """Submit and register; raises SubmitError or OSError (the job directory is then the caller's to remove)."""
+    registry.writable(registry.registry_path(environ))
     handle = None
     if where == "sbatch":
         job_id = sbatch(rendered.job_dir / vocab.JOB_SBATCH)

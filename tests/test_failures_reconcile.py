@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
+from hpc import jobdir
 from hpc.failures import reconcile
+from hpc.failures import record as records
 from hpc.slurm import parse
 
 
@@ -43,6 +45,25 @@ def test_a_cancelled_last_run_is_cancelled_and_not_retried():
     runs = parse.rows("7|CANCELLED by 0|0:15|T0|T1|n1\n", reconcile.SACCT_RUN_FIELDS, job="7")
     [line] = reconcile.from_sacct(runs, [], "7")
     assert (line["ending"], line["action"]) == ("cancelled", "none")
+
+
+def accounting(text: str):
+    return lambda argv: subprocess.CompletedProcess(argv, 0, text, "")
+
+
+def test_a_folder_hpcdist_did_not_make_gets_no_attempt_lines_yet_status_shows_them(tmp_path):
+    """A registry line may name any folder (hand-edited, or another user's line in a shared $HPCDIST_HOME):
+    `status` and `list` wrote attempts.jsonl into it."""
+    (tmp_path / "notes.txt").write_text("mine\n")
+    lines = reconcile.reconcile(tmp_path, "7", accounting("7|CANCELLED by 0|0:15|T0|T1|n1\n"))
+    assert [(a["ending"], a["source"]) for a in lines] == [("cancelled", "sacct")]
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_job_directory_hpcdist_made_records_what_accounting_saw(tmp_path):
+    (tmp_path / jobdir.MARKER).write_text(jobdir.marker_text("job", []))
+    reconcile.reconcile(tmp_path, "7", accounting("7|CANCELLED by 0|0:15|T0|T1|n1\n"))
+    assert [a["ending"] for a in records.load(tmp_path)] == ["cancelled"]
 
 
 def test_a_batch_script_whose_log_could_not_be_opened_is_a_storage_ending_naming_the_host_and_never_retried(

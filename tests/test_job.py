@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from hpc import job, registry
+from hpc import job, jobdir, registry
 from hpc.job import Job
 
 # scontrol's view of a job hpcdist requeued and Slurm holds back for no good reason (nudge it).
@@ -115,6 +115,7 @@ def test_a_poll_of_a_running_job_reads_its_attempts_and_asks_accounting_nothing(
 
 def test_a_poll_of_a_requeued_job_adds_what_accounting_saw_and_starts_it_at_once(tmp_path):
     slurm = Slurm(["44|PENDING|(null)|0:00\n"], history="44|NODE_FAIL|0:0|T0|T1|n[1-2]\n44|PENDING|0:0|T2|Unknown|\n")
+    (tmp_path / jobdir.MARKER).write_text(jobdir.marker_text("job", []))
     now = handle(tmp_path, slurm).poll()
     assert [(a["ending"], a["action"], a["source"]) for a in now.attempts] == [("node_failure", "retry", "sacct")]
     assert [c[:2] for c in slurm.calls] == [["squeue", "-h"], ["sacct", "-D"], ["scontrol", "show"],

@@ -152,13 +152,23 @@ def test_a_live_jobs_state_comes_from_the_controller_not_a_stale_accounting_row(
                           "sacct": (case["sacct"] + "\n", 0)})
     found = jobs.slurm_state(case["job_id"], runner)
     assert (found.state, found.done) == (case["state"], case["done"])
-    assert jobs.states([rec(case["job_id"], via="sbatch")], runner)[case["job_id"]].state == case["state"]
+    assert jobs.states([rec(case["job_id"], via="sbatch")], runner)[0].state == case["state"]
 
 
 def test_a_job_that_left_the_queue_while_accounting_is_down_is_done_not_waited_for_forever():
     runner = fake_runner({"sacct": ("", 1, "sacct: error: Unable to connect to database"),
                           "squeue": ("", 1, "slurm_load_jobs error: Invalid job id specified")})
     state = jobs.slurm_state("44", runner)
+    assert state.state == "LEFT_QUEUE" and state.done and not state.ok
+
+
+@pytest.mark.parametrize("squeue", [("", 1, "slurm_load_jobs error: Invalid job id specified"),
+                                    ("45|RUNNING|n1|0:02\n", 0)], ids=["queue-holds-none", "queue-holds-another"])
+def test_a_job_neither_the_controller_nor_accounting_knows_any_more_has_left_the_queue_not_waited_for_forever(
+        squeue):
+    """Purged from accounting (or submitted to another cluster): `logs -f`, `top` and `watch` looped on UNKNOWN."""
+    runner = fake_runner({"squeue": squeue, "sacct": ("", 0)})
+    state = jobs.states([rec("44", via="sbatch"), rec("45", via="sbatch")], runner)[0]
     assert state.state == "LEFT_QUEUE" and state.done and not state.ok
 
 
@@ -176,7 +186,7 @@ def test_a_job_that_just_ended_is_shown_on_every_node_it_ran_on_not_only_its_bat
     assert [c[:3] for c in runner.calls] == [["squeue", "-h", "-j"], ["sacct", "-X", "-n"],
                                              ["scontrol", "show", "job"]]
     listed = fake_runner({"squeue": ("", 0), "sacct": (JUST_ENDED, 0), "scontrol": (SCONTROL, 0)})
-    assert jobs.states([rec("33998203", via="sbatch")], listed)["33998203"].nodelist == "n[1-2]"
+    assert jobs.states([rec("33998203", via="sbatch")], listed)[0].nodelist == "n[1-2]"
 
 
 @pytest.mark.parametrize("row", [
@@ -204,7 +214,7 @@ def test_states_asks_squeue_then_sacct_once_for_every_slurm_job(tmp_path):
     runner = fake_runner({"squeue": ("4|RUNNING|n1|0:02\n", 0),
                           "sacct": ("1|COMPLETED|0:0|n1|0|1\n2|FAILED|1:0|n2|0|1\n", 0)})
     out = jobs.states([rec("1"), rec("2", via="sbatch"), rec("3"), rec("4")], runner)
-    assert [out[k].state for k in ("1", "2", "3", "4")] == ["COMPLETED", "FAILED", "UNKNOWN", "RUNNING"]
+    assert [s.state for s in out] == ["COMPLETED", "FAILED", "LEFT_QUEUE", "RUNNING"]
     assert [c[0] for c in runner.calls] == ["squeue", "sacct"]
     assert "1,2,3,4" in runner.calls[0] and "1,2,3" in runner.calls[1]
 
@@ -236,6 +246,16 @@ def test_local_state_of_a_dead_controller_reads_the_files(tmp_path):
     (record.submitit_dir / "999999999_0_exit").write_text("0\n")
     (record.submitit_dir / "999999999_1_exit").write_text("0\n")
     assert jobs.state(record).state == "COMPLETED"
+
+
+def test_a_local_job_and_a_slurm_job_of_the_same_number_each_keep_their_own_state(tmp_path):
+    """A local job's id is its controller's pid: `list` showed the Slurm job's state on both rows."""
+    local = rec("4242", str(tmp_path), via="local")
+    local.submitit_dir.mkdir()
+    (local.submitit_dir / "4242_0_exit").write_text("3\n")
+    slurm = rec("4242", "/runs/b", via="sbatch")
+    runner = fake_runner({"squeue": ("", 0), "sacct": ("4242|COMPLETED|0:0|n1|00:00:01|1\n", 0)})
+    assert [s.state for s in jobs.states([local, slurm], runner)] == ["FAILED", "COMPLETED"]
 
 
 # ---- logs ----------------------------------------------------------------------------------------

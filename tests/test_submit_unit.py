@@ -243,6 +243,21 @@ def test_record_for_summarises_the_spec(tmp_path):
     assert record.job_dir == str(tmp_path / "job")
 
 
+def test_a_registry_that_cannot_take_the_jobs_line_refuses_the_submission_before_slurm_has_it(tmp_path, monkeypatch):
+    """A linked jobs.jsonl was refused after sbatch: the job ran on unregistered, its directory removed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "elsewhere.jsonl").write_text("")
+    (home / registry.REGISTRY).symlink_to(tmp_path / "elsewhere.jsonl")
+    queued: list[Path] = []
+    monkeypatch.setattr(submit, "sbatch", lambda script: queued.append(script) or "5555")
+    rendered = rendered_for(tmp_path)
+    render.write(rendered)
+    with pytest.raises(OSError, match="symbolic link"):
+        submit.submit(rendered, "sbatch", {"HPCDIST_HOME": str(home)})
+    assert queued == [] and (tmp_path / "elsewhere.jsonl").read_text() == ""
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
@@ -358,6 +373,29 @@ def test_list_of_no_jobs_asked_for_is_refused_not_taken_for_none_submitted(tmp_p
     proc = hpcdist(["list", "--last", last], tmp_path / "home")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--last" in proc.stderr
     assert "no jobs" not in proc.stdout + proc.stderr
+
+
+def slurm_answering(tmp_path: Path, sacct: str) -> dict[str, str]:
+    """An environment whose squeue holds no job and whose sacct prints ``sacct``; each call is logged."""
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir()
+    for name, out in (("squeue", ""), ("sacct", sacct), ("scontrol", "")):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho \"$0 $*\" >> {tmp_path}/calls\nprintf '%s' '{out}'\n")
+        (bin_dir / name).chmod(0o755)
+    return environ(tmp_path / "home", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_list_asks_accounting_once_however_many_jobs_ended(tmp_path):
+    ids = [str(500 + i) for i in range(40)]
+    env = slurm_answering(tmp_path, "".join(f"{j}|CANCELLED by 0|0:0|n1|00:00:01|1\n" for j in ids))
+    for job_id in ids:
+        (tmp_path / job_id).mkdir()
+        registry.append(tmp_path / "home" / registry.REGISTRY,
+                        registry.Record(job_id=job_id, job_dir=str(tmp_path / job_id), via="sbatch", submitted=""))
+    proc = hpcdist(["list", "--last", "40"], tmp_path / "home", env=env)
+    assert proc.returncode == 0 and proc.stdout.count("CANCELLED") == 40, proc.stderr
+    assert [line.split()[0].rsplit("/", 1)[-1] for line in (tmp_path / "calls").read_text().splitlines()].count(
+        "sacct") <= 2
 
 
 def test_status_of_an_unknown_job_is_exit_2(tmp_path):

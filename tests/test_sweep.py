@@ -5,6 +5,7 @@ a sweep back tests/test_sweep_results.py's."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -169,6 +170,22 @@ def test_submitit_is_refused_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.stderr == "hpcdist sweep: job arrays are submitted with sbatch only; drop --via submitit\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registry_that_cannot_take_the_tasks_lines_refuses_the_sweep_before_slurm_has_it(tmp_path):
+    """A linked jobs.jsonl was refused after sbatch: a traceback, the arrays queued and unregistered."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    partition = "PartitionName=debug Default=YES MaxNodes=UNLIMITED MaxTime=UNLIMITED Nodes=n[1-3] State=UP"
+    for name, out in (("scontrol", partition), ("sbatch", "5555")):
+        (stubs / name).write_text(f"#!/bin/sh\necho \"$0\" >> {tmp_path}/calls\necho '{out}'\n")
+        (stubs / name).chmod(0o755)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "jobs.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    result = CliRunner().invoke(main, ["sweep", "-o", str(tmp_path / "s"), "--grid", "backend=ddp,dp"],
+                                env={"PATH": f"{stubs}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "home")})
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "symbolic link" in result.stderr
+    assert "sbatch" not in (tmp_path / "calls").read_text() and not (tmp_path / "s").exists()
 
 
 # ---- the arrays ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from hpc import logs as job_logs
 from hpc.commands.options import check_container, fail, job_options, lookup, prepare, submit_or_exit
 from hpc.failures import record as records
 from hpc.follow import Follower, list_cells, status_lines
-from hpc.job import Job, Poll
+from hpc.job import Job, Poll, histories
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -296,17 +296,17 @@ def list_jobs(last: int) -> None:
 
     rows = [("JOBID", "VIA", "STATE", "ENDING", "ATTEMPT", "STEP", "IMAGES/S", "SUBMITTED", "NAME", "BACKEND",
              "LAUNCHER", "NODES", "RANKS", "JOB_DIR")]
-    for r in recent:
+    # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
+    ended = histories([Job(r) for r in recent], [now.done for now in current])
+    for r, now, history in zip(recent, current, ended):
         where = f"{r.job_dir} (deleted)" if jobs.directory_gone(r) else r.job_dir
-        # Accounting is asked only about jobs that ended: a running job's attempts are its batch shell's.
-        history = Job(r).attempts(accounted=current[r.job_id].done)
         ending = history[-1]["ending"] if history else "-"
-        rows.append((r.job_id, r.via, current[r.job_id].state, ending, *list_cells(r), r.submitted, r.job_name,
+        rows.append((r.job_id, r.via, now.state, ending, *list_cells(r), r.submitted, r.job_name,
                      r.backend, r.launcher, str(r.nodes), str(r.world_size), where))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo(shown.line("  ".join([v.ljust(w) for v, w in zip(row, widths)] + [row[-1]]), limit=1 << 20))
     # Accounting may not list a just-queued job yet (UNKNOWN): squeue says which unfinished ones pend.
-    waiting = [r.job_id for r in recent if not current[r.job_id].done and r.via != "local"]
+    waiting = [r.job_id for r, now in zip(recent, current) if not now.done and r.via != "local"]
     for job_id, sentence in pending.describe(waiting).items():
         click.echo(f"{job_id}: {sentence}")

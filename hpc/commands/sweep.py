@@ -193,9 +193,10 @@ def submit(plan: Any) -> dict[str, str]:
     from hpc import sweep as sweeps
 
     try:
+        registry.writable(registry.registry_path(os.environ))
         ids = dict(zip([a.name for a in plan.arrays],
                        submitting.submit_arrays([a.job_dir / "job.sbatch" for a in plan.arrays])))
-    except submitting.SubmitError as exc:
+    except (submitting.SubmitError, OSError) as exc:
         # Nothing runs from this directory: leaving it would only look like a sweep that exists.
         jobdir.discard(plan.sweep_dir, "sweep")
         raise RuntimeError(str(exc)) from None

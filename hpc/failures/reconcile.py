@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hpc import jobfiles, nodelist
+from hpc import jobdir, jobfiles, nodelist
 from hpc.failures import record as records
 from hpc.failures.evidence import attempt_segment, failed_nodes
 from hpc.failures.gather import checkpoint_in
@@ -109,16 +109,32 @@ def unreachable(row: Mapping[str, str], state: str, sig: int | None, job_dir: Pa
 
 def reconcile(job_dir: Path, job_id: str, runner: Runner = run) -> list[dict[str, Any]]:
     """Append lines for runs of the job that ended unrecorded; return every attempt line, oldest first."""
-    text = commands.sacct([job_id], SACCT_RUN_FIELDS, duplicates=True, runner=runner)
-    if text is not None:
-        batch_text = jobfiles.tail_text(Path(job_dir) / batch_log(job_id), 262144)
-        runs = parse.rows(text, SACCT_RUN_FIELDS, job=job_id)
-        for line in from_sacct(runs, records.load(job_dir), job_id, job_dir, batch_text):
-            try:
-                records.append(job_dir, line)
-            except OSError:
-                break  # a full disk, a read-only job directory: shown now, recorded by a later reader
-    return sorted(records.load(job_dir), key=lambda a: a["attempt"])
+    return reconcile_all([(Path(job_dir), job_id)], runner)[0]
+
+
+def reconcile_all(jobs: Sequence[tuple[Path, str]], runner: Runner = run) -> list[list[dict[str, Any]]]:
+    """``reconcile`` for each (job dir, job id), with one sacct for all of them: `list` of a thousand ended
+    jobs must not ask accounting a thousand times."""
+    text = commands.sacct([j for _, j in jobs], SACCT_RUN_FIELDS, duplicates=True, runner=runner) if jobs else None
+    runs: dict[str, list[dict[str, str]]] = {}
+    for row in parse.rows(text, SACCT_RUN_FIELDS):
+        runs.setdefault(row["JobID"], []).append(row)
+    return [_reconciled(job_dir, job_id, None if text is None else runs.get(job_id, []))
+            for job_dir, job_id in jobs]
+
+
+def _reconciled(job_dir: Path, job_id: str, runs: list[dict[str, str]] | None) -> list[dict[str, Any]]:
+    batch_text = jobfiles.tail_text(Path(job_dir) / batch_log(job_id), 262144) if runs else ""
+    unrecorded = from_sacct(runs or [], records.load(job_dir), job_id, job_dir, batch_text)
+    # Only into a job directory hpcdist made: a registry line (hand-edited, shared) may name any folder.
+    for line in unrecorded if jobdir.is_job_dir(job_dir) else []:
+        try:
+            records.append(job_dir, line)
+        except OSError:
+            break  # a full disk, a read-only job directory: shown now, recorded by a later reader
+    lines = records.load(job_dir)
+    have = {a["attempt"] for a in lines}
+    return sorted(lines + [a for a in unrecorded if a["attempt"] not in have], key=lambda a: a["attempt"])
 
 
 def should_nudge(job: Mapping[str, str], now: float, settle_s: float = 2.0) -> bool:
