@@ -180,11 +180,11 @@ def directory_gone(record: Record) -> bool:
 
 
 def local_state(record: Record) -> JobState:
-    """A local job's state from its submitit folder; UNKNOWN once that folder was deleted, since its task
-    statuses went with it (a job still running is still RUNNING)."""
+    """A local job's state from its submitit folder; LEFT_QUEUE (ended, how unknown) once that folder was deleted,
+    since its task statuses went with it (a job still running is still RUNNING), so no waiter waits it out."""
     running = controller_pid(record) is not None
     if not running and directory_gone(record):
-        return JobState(record.job_id, "UNKNOWN")
+        return JobState(record.job_id, "LEFT_QUEUE")
     folder = record.submitit_dir
     names = [f"{record.job_id}_cancelled"] + [f"{record.job_id}_{i}_exit" for i in range(record.ntasks)]
     files = {}

@@ -508,10 +508,14 @@ def test_status_and_list_say_the_job_dir_is_gone(tmp_path: Path) -> None:
     registry.append(tmp_path / "reg" / "jobs.jsonl", record)
     env = {"HPCDIST_HOME": str(tmp_path / "reg")}
     code, out, err = cli(["status", "999999"], env=env)
-    assert code == 0 and "UNKNOWN" in out and "FAILED" not in out, out
+    assert code == 0 and "LEFT_QUEUE" in out and "FAILED" not in out, out
     assert "no longer exists" in err
     code, out, _ = cli(["list"], env=env)
-    assert "(deleted)" in out and "UNKNOWN" in out
+    assert "(deleted)" in out and "LEFT_QUEUE" in out
+    # Ended, how unknown: nothing that waits on it waits forever.
+    top = subprocess.run([sys.executable, "-m", "hpc", "top", "999999"], env={**os.environ, **env}, timeout=60,
+                         capture_output=True, text=True)
+    assert top.returncode == 0, top.stdout + top.stderr
     assert json.loads((tmp_path / "reg" / "jobs.jsonl").read_text())["job_id"] == "999999"
 
 
