@@ -92,15 +92,23 @@ def load(path: Path) -> list[Record]:
 
 def append(path: Path, record: Record) -> None:
     """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
-    writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fileio.append_line(path, record.to_json())
 
 
 def writable(path: Path) -> None:
-    """The registry made ready for a line, or what open_own refuses there (a link, a folder: UnsafePath) or
-    the filesystem does: asked before a job is submitted, since one Slurm runs must not go unregistered."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fileio.open_own(path, append=True).close()
+    """Refuse, creating nothing, a registry that could not take a line: what open_own refuses there (a link, a
+    folder: UnsafePath), or a folder that cannot be written (OSError). Asked before a job is submitted, since
+    one Slurm runs must not go unregistered, and a refused submission leaves nothing behind."""
+    if os.path.lexists(path):
+        fileio.open_own(path, append=True).close()
+        return
+    folder = Path(path).parent
+    while not os.path.lexists(folder):
+        folder = folder.parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise OSError(f"cannot create the job registry {path}: {folder} is no folder this user may write; set "
+                      "HPCDIST_HOME to one")
 
 
 def write_marker(record: Record) -> None:
