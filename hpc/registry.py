@@ -131,13 +131,20 @@ def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
             or next((r for r in newest_first if os.path.normpath(r.job_dir) == directory), None))
 
 
-def lookup(key: str, environ: Mapping[str, str]) -> Record:
-    """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker."""
+def lookup(key: str, environ: Mapping[str, str], one: bool = False) -> Record:
+    """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker; ``one``: JobError for an
+    id that names jobs in several directories (a local job's id is a pid, which a Slurm job's number may equal),
+    where acting on the newest could stop the wrong one."""
     try:
         jobfiles.check_name(key, "job")
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    record = find(load(registry_path(environ)), key, os.getcwd())
+    records = load(registry_path(environ))
+    record = find(records, key, os.getcwd())
+    dirs = sorted({os.path.normpath(r.job_dir) for r in records if r.job_id == key})
+    if one and len(dirs) > 1:
+        raise JobError(f"job id {key} names {len(dirs)} jobs submitted from here, in {', '.join(map(ascii, dirs[:3]))}"
+                       ": pass the job directory of the one you mean")
     if record is None and Path(key).is_dir():
         record = read_marker(Path(key).resolve())
         if record is not None and os.path.realpath(record.job_dir) != os.path.realpath(key):

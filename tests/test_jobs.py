@@ -56,6 +56,20 @@ def test_find_by_id_takes_the_newest_and_by_directory():
     assert registry.find(records, "9") is None
 
 
+def test_cancel_of_an_id_that_names_two_jobs_cancels_neither_and_asks_for_the_directory(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    home = tmp_path / "home"
+    for job_dir, via in ((tmp_path / "local-run", "local"), (tmp_path / "slurm-run", "sbatch")):
+        registry.append(home / registry.REGISTRY, rec("4242", str(job_dir), via=via))
+    monkeypatch.setenv("HPCDIST_HOME", str(home))
+    monkeypatch.setattr(jobs, "cancel", lambda record: pytest.fail(f"cancelled {record.job_dir}"))
+    result = CliRunner().invoke(cancel, ["4242"])
+    assert result.exit_code == 2 and "names 2 jobs" in result.output and "slurm-run" in result.output
+    assert "job directory" in result.output
+
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = tmp_path / "job"

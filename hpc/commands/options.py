@@ -272,9 +272,10 @@ class Seconds(click.FloatRange):
         return seconds
 
 
-def lookup(command: str, key: str) -> registry.Record:
-    """The job a command names (a job id, or a job directory); exit 2 naming what is wrong when none is."""
+def lookup(command: str, key: str, one: bool = False) -> registry.Record:
+    """The job a command names (a job id, or a job directory); exit 2 naming what is wrong when none is (or, with
+    ``one``, when an id names several)."""
     try:
-        return registry.lookup(key, os.environ)
+        return registry.lookup(key, os.environ, one)
     except registry.JobError as exc:
         fail(command, exc)

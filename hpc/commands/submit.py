@@ -270,7 +270,7 @@ def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> in
 @click.argument("job")
 def cancel(job: str) -> None:
     """Cancel a job (scancel; a local job's tasks are stopped)."""
-    record = lookup("cancel", job)
+    record = lookup("cancel", job, one=True)
     current = jobs.state(record)
     if current.done:
         click.echo(f"job {record.job_id} already ended: {current.state}")
