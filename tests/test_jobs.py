@@ -70,6 +70,21 @@ def test_cancel_of_an_id_that_names_two_jobs_cancels_neither_and_asks_for_the_di
     assert result.exit_code == 2 and "names 2 jobs" in result.output and "slurm-run" in result.output
     assert "job directory" in result.output
 
+def test_list_names_a_registry_it_cannot_read_instead_of_saying_no_jobs(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import list_jobs
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HPCDIST_HOME", str(home))
+    assert CliRunner().invoke(list_jobs, []).output == "no jobs submitted from here yet\n"  # none yet: no file
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    registry.append(elsewhere, rec("7", str(tmp_path / "job")))
+    home.mkdir()
+    (home / registry.REGISTRY).symlink_to(elsewhere)
+    result = CliRunner().invoke(list_jobs, [])
+    assert result.exit_code == 2 and "symbolic link" in result.output and "no jobs" not in result.output
+
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = tmp_path / "job"
