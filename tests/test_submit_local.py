@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
@@ -83,6 +85,48 @@ def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
     final = submitted.job.wait(poll_s=0.2, timeout_s=60)
     assert final.state == "CANCELLED"
     assert hpcdist(["status", str(tmp_path / "job")], home).stdout.startswith(f"{job_id}  CANCELLED")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _in_sessions(sessions: set[int]) -> list[int]:
+    """The live processes of these sessions (a task's command is a session of its own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sessions:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.timed  # cancelled within seconds
+def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellable(tmp_path, monkeypatch):
+    """Closing the terminal of `submit --wait` hangs up its process group, the job's controller and task runners
+    with it: they must not die of it and leave the ranks (sessions of their own) running where status and cancel
+    cannot see them. The job runs on, as a Slurm job does."""
+    home = tmp_path / "home"
+    submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120")
+    job_id = submitted.record.job_id
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "job" / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    runners = _children(int(job_id))
+    ranks = {pid for runner in runners for pid in _children(runner)}
+    for pid in [int(job_id), *runners]:
+        os.kill(pid, signal.SIGHUP)
+    time.sleep(1)
+    assert "RUNNING" in hpcdist(["status", job_id], home).stdout
+    assert hpcdist(["cancel", job_id], home).returncode == 0
+    assert submitted.job.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
+    deadline = time.monotonic() + 10
+    while _in_sessions(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(ranks) == 2 and _in_sessions(ranks) == []
 
 
 @pytest.mark.slow
