@@ -191,7 +191,7 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
                                signal_delay_s=spec.signal_delay_s)
     with _environ(SUBMITIT_PREEMPT_SIGNAL=signal_name(spec.signal)), _job_signals():
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
-                               str(rendered.job_dir / TASK_LOG))
+                               str(rendered.job_dir / TASK_LOG), str(rendered.job_dir / BATCH_LOG))
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ STANDIN = """#!/bin/bash
 set -eu
 echo "rank=$SLURM_PROCID of $SLURM_NTASKS node=$SLURM_NODEID nodes=$SLURM_JOB_NODELIST job=$SLURM_JOB_ID"
 if [ "$SLURM_PROCID" = "${FAIL_RANK:-none}" ]; then echo "rank $SLURM_PROCID fails" >&2; exit 3; fi
+if [ "$SLURM_PROCID" = "${KILL_RANK:-none}" ]; then echo "rank $SLURM_PROCID is killed" >&2; kill -KILL $$; fi
 sleep "${SLEEP_S:-0}"
 """
 
@@ -63,6 +64,17 @@ def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     assert (final.state, final.exit_code) == ("FAILED", 3)
     report = logs.failure_report(submitted.record)
     assert "task-1.log (the failing task)" in report and "rank 1 fails" in report
+
+
+@pytest.mark.timed  # stopped within seconds
+def test_a_local_rank_killed_outright_is_named_as_the_one_that_failed_first(tmp_path, monkeypatch):
+    """A rank the OOM killer ends dies of SIGKILL, as the ranks stopped because of it die of SIGTERM or SIGKILL: its
+    exit status alone cannot tell it from them. The local runner says which task failed first, as srun does."""
+    submitted = submit_standin(tmp_path, monkeypatch, KILL_RANK="1", SLEEP_S="60")
+    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
+    assert (final.state, final.exit_code) == ("FAILED", 128 + signal.SIGKILL)
+    report = logs.failure_report(submitted.record)
+    assert "task 1 (rank 1) on 127.0.0.2 failed first: Killed" in report and "rank 1 is killed" in report
 
 
 @pytest.mark.timed  # stopped, or cancelled, within seconds
