@@ -223,12 +223,17 @@ def cancel(record: Record, runner: Runner = slurm_run) -> bool:
     pid = controller_pid(record)
     if pid is None:
         return False
-    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
-    with contextlib.suppress(FileNotFoundError):
-        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
+    mark_cancelled(record)
     # SIGINT is what submitit's LocalJob.cancel sends: the controller then stops its tasks.
     os.kill(pid, signal.SIGINT)
     return True
+
+
+def mark_cancelled(record: Record) -> None:
+    """Record that a local job was stopped on purpose: its state reads CANCELLED, not FAILED."""
+    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
+    with contextlib.suppress(FileNotFoundError):
+        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
 
 
 def slurm_available(environ: Mapping[str, str]) -> bool:

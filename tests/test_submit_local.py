@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,46 @@ def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellab
     deadline = time.monotonic() + 10
     while _in_sessions(ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert len(ranks) == 2 and _in_sessions(ranks) == []
+
+
+# `hpcdist submit --wait` of a stand-in job, as run from a terminal: SIGINT's default action, a session of its own.
+WAITER = """
+import dataclasses, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from hpc import profiles, render, submit
+from hpc.commands.submit import _wait
+from hpc.spec import JobSpec
+job_dir, home, standin = sys.argv[1:]
+spec = JobSpec(job_dir=job_dir, nodes=2, python=sys.executable, time="5", train_args=("--batch-size", "60"))
+rendered = render.render(spec, profiles.load("local"))
+rendered = dataclasses.replace(rendered, files={**rendered.files, "task.sh": standin})
+render.write(rendered)
+submitted = submit.submit(rendered, "local", {"HPCDIST_HOME": home})
+print(submitted.record.job_id, flush=True)
+_wait(submitted.job)
+"""
+
+
+@pytest.mark.timed  # interrupted within seconds
+def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tmp_path):
+    """Ctrl-C at the terminal interrupts the waiter, the job's controller and its task runners alike: the job
+    was stopped by it, so it is CANCELLED (not FAILED), the waiter says so in one line and exits 130, as an
+    interrupted command does (it once printed 'Aborted!' and exited 1)."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(job_dir), str(home), STANDIN],
+                              env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    job_id = waiter.stdout.readline().strip()
+    deadline = time.monotonic() + 60
+    while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = {pid for runner in _children(int(job_id)) for pid in _children(runner)}
+    os.killpg(waiter.pid, signal.SIGINT)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 130, out + err
+    assert err.splitlines()[-1] == f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped", err
+    assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
     assert len(ranks) == 2 and _in_sessions(ranks) == []
 
 
