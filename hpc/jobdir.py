@@ -7,6 +7,7 @@ never writes or replaces.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -166,7 +167,9 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
             path.write_text(text)
             if name.endswith((".sh", ".sbatch")):
                 path.chmod(0o755)
-        if target.exists():
+        # Only what refuse_target let --force replace is moved aside: a directory another command (a second
+        # submit in the same second, with the same default name) wrote since then makes the rename fail instead.
+        if force and target.exists():
             old = Path(tempfile.mkdtemp(prefix=".hpcdist-old-", dir=target.parent))
             target.rename(old / "replaced")
         staging.rename(target)
@@ -174,6 +177,9 @@ def write_tree(target: Path, files: Mapping[str, str], *, dirs: Iterable[str] = 
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None and not target.exists():
             (old / "replaced").rename(target)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise RenderError(f"{what} {target} already exists (another command wrote it just now); pass "
+                              "another --job-dir") from None
         raise RenderError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
         if old is not None:

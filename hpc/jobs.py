@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpc import jobfiles, nodelist
+from hpc import jobfiles, nodelist, vocab
 from hpc.logs import failing_task
 from hpc.registry import JobError, Record
 from hpc.slurm import commands, grammar, parse
@@ -157,15 +157,19 @@ def controller_pid(record: Record) -> int | None:
     return pid if _alive(pid) else None
 
 
-def local_outcome(job_id: str, ntasks: int, files: Mapping[str, str], running: bool) -> JobState:
-    """A local job's state from its files in the submitit folder (name -> text), in Slurm's words."""
+def local_outcome(job_id: str, ntasks: int, files: Mapping[str, str], running: bool, batch_log: str = "") -> JobState:
+    """A local job's state from its files in the submitit folder (name -> text) and its batch log, where the local
+    runner names the task that failed first as srun does, in Slurm's words."""
     if running:
         return JobState(job_id, "RUNNING")
     if f"{job_id}_cancelled" in files:
         return JobState(job_id, "CANCELLED")
     texts = [files.get(f"{job_id}_{index}_exit", "").strip() for index in range(ntasks)]
     codes = [jobfiles.count(text) for text in texts]  # hpc.task writes 0-255; anything else is no status
-    first = failing_task("", {i: c for i, c in enumerate(codes) if c is not None})
+    known = {i: c for i, c in enumerate(codes) if c is not None}
+    first = failing_task(batch_log, known)
+    if first is None or not known.get(first):  # the batch log's word, where the task's own status bears it out
+        first = failing_task("", known)
     if first is not None:
         return JobState(job_id, "FAILED", codes[first])
     if any(c is None for c in codes):
@@ -191,7 +195,10 @@ def local_state(record: Record) -> JobState:
     for name in names:
         with contextlib.suppress(OSError, jobfiles.Damaged):
             files[name] = jobfiles.read_text(folder / name, 4096)
-    return local_outcome(record.job_id, record.ntasks, files, running)
+    batch_log = ""
+    with contextlib.suppress(OSError, jobfiles.Damaged):
+        batch_log = jobfiles.read_text(Path(record.job_dir) / vocab.batch_log(record.job_id), 4096)
+    return local_outcome(record.job_id, record.ntasks, files, running, batch_log)
 
 
 def states(records: Sequence[Record], runner: Runner = slurm_run) -> list[JobState]:
@@ -217,12 +224,17 @@ def cancel(record: Record, runner: Runner = slurm_run) -> bool:
     pid = controller_pid(record)
     if pid is None:
         return False
-    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
-    with contextlib.suppress(FileNotFoundError):
-        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
+    mark_cancelled(record)
     # SIGINT is what submitit's LocalJob.cancel sends: the controller then stops its tasks.
     os.kill(pid, signal.SIGINT)
     return True
+
+
+def mark_cancelled(record: Record) -> None:
+    """Record that a local job was stopped on purpose: its state reads CANCELLED, not FAILED."""
+    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
+    with contextlib.suppress(FileNotFoundError):
+        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
 
 
 def slurm_available(environ: Mapping[str, str]) -> bool:

@@ -199,28 +199,35 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     executor.update_parameters(tasks_per_node=geometry.ntasks,
                                timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
-    with _environ({"SUBMITIT_PREEMPT_SIGNAL": signal_name(spec.signal)}), _interruptible_children():
+    with _environ({"SUBMITIT_PREEMPT_SIGNAL": signal_name(spec.signal)}), _job_signals():
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
-                               str(rendered.job_dir / TASK_LOG))
+                               str(rendered.job_dir / TASK_LOG), str(rendered.job_dir / BATCH_LOG))
 
 
 @contextlib.contextmanager
-def _interruptible_children() -> Iterator[None]:
-    """Children started meanwhile get SIGINT's default action, even where this process ignores it.
+def _job_signals() -> Iterator[None]:
+    """Children started meanwhile get SIGINT's default action and ignore SIGHUP, whatever this process does.
 
     A command started in the background by a script (`cmd &`, nohup, many CI runners) ignores SIGINT, and an
     ignored signal stays ignored across exec: the local controller would then never see the SIGINT that
     `hpcdist cancel` (like submitit's LocalJob.cancel) sends it. A handled signal is reset to the default in
-    the child, so a handler here for the moment of the fork is enough.
+    the child, so a handler here for the moment of the fork is enough. SIGHUP, a closed terminal, would kill the
+    controller and task runners but not the ranks (sessions of their own), left training where status and
+    cancel cannot reach them: ignored, the job outlives its terminal as a Slurm job does.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    if saved[signal.SIGINT] == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig, handler in saved.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, handler)
 
 
 def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:

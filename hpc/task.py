@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from hpc import fileio
+
 # torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
 # (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
@@ -132,8 +134,8 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
         output: Path | None = None) -> int:
     """Run ``command``; return 0, or raise TaskFailed with its exit status.
 
-    ``abort_file`` emulates srun's --kill-on-bad-exit where no srun exists: a failing task creates it,
-    and every task that sees it stops its own command, so one dead rank never leaves the others
+    ``abort_file`` emulates srun's --kill-on-bad-exit where no srun exists: once a failing task created it
+    (run_local), every task that sees it stops its own command, so one dead rank never leaves the others
     waiting in a collective until the time limit. ``output`` (appended to) plays srun's --output.
     """
     command = tuple(str(c) for c in command)
@@ -162,26 +164,41 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
     if code != 0:
         # Ranks of a failed command may linger (a launcher's workers); they would hold ports and CPUs.
         _signal_group(child, signal.SIGKILL)
-        if abort_file is not None:
-            abort_file.touch()
         raise TaskFailed(command, code)
     return 0
 
 
-def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: str) -> int:
+def _abort(abort_file: Path, batch_log: Path, index: int, node: str, returncode: int) -> None:
+    """Stop every task; the first to fail also says so in the batch log, in srun's words: the tasks stopped
+    because of it die of SIGTERM or SIGKILL too, and a rank the OOM killer ended is known by this line alone."""
+    try:
+        abort_file.open("x").close()
+    except FileExistsError:
+        return
+    how = (signal.strsignal(-returncode) or f"signal {-returncode}") if returncode < 0 else \
+        f"Exited with exit code {returncode}"
+    with contextlib.suppress(OSError):
+        fileio.append_line(batch_log, f"srun: error: {node}: task {index}: {how}")
+
+
+def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: str, batch_log: str) -> int:
     """What each task of submitit's LocalExecutor runs: ``command`` as an emulated Slurm task.
 
     ``folder`` is submitit's folder (the task's exit status goes there as ``JOBID_INDEX_exit``);
-    ``output`` is the task's log path, with ``%t`` standing for its index as in srun's --output.
+    ``output`` is the task's log path, with ``%t`` standing for its index as in srun's --output, and ``batch_log``
+    the job's (``%j``: its id), where the task that fails first is named.
     """
     index = int(os.environ["SUBMITIT_LOCAL_GLOBALID"])
     job_id = os.environ["SUBMITIT_LOCAL_JOB_ID"]
     env = emulated_environ(os.environ, geometry, index, job_id)
     status_file = Path(folder) / f"{job_id}_{index}_exit"
+    abort_file = Path(folder) / f"{job_id}_abort"
     try:
-        run(command, env=env, abort_file=Path(folder) / f"{job_id}_abort",
+        run(command, env=env, abort_file=abort_file,
             output=Path(output.replace("%t", str(index)).replace("%j", job_id)))
     except TaskFailed as failed:
+        if not failed.reason:  # its own command failed, rather than stopped because another did
+            _abort(abort_file, Path(batch_log.replace("%j", job_id)), index, env["SLURMD_NODENAME"], failed.returncode)
         status_file.write_text(f"{failed.code}\n")
         raise
     status_file.write_text("0\n")

@@ -101,6 +101,19 @@ def test_force_replaces_a_job_dir_hpcdist_wrote_that_never_ran(home: Path) -> No
     assert sorted(p.name for p in (home / "work").iterdir()) == ["job"]
 
 
+def test_a_job_dir_another_command_wrote_since_the_check_is_never_replaced(home: Path, monkeypatch) -> None:
+    """Two `hpcdist submit`s started in the same second pick the same default runs/NAME-TIME: the second, which
+    checked before the first had written it, once moved the first job's directory aside and deleted it, and both
+    jobs then ran in one directory (one run/, one checkpoint folder)."""
+    target = home / "work" / "runs" / "hpcdist-20261207-060045"
+    jobdir.write_tree(target, {"job.sbatch": "first\n"})
+    before = tree(home)
+    monkeypatch.setattr(jobdir, "refuse_target", lambda *args: None)  # checked while there was nothing there
+    with pytest.raises(render.RenderError, match="already exists"):
+        jobdir.write_tree(target, {"job.sbatch": "second\n"})
+    assert tree(home) == before
+
+
 @pytest.mark.parametrize("made", ["submitted.json", "attempts.jsonl", "run/checkpoints/step00000010/model.pt",
                                   "run/metrics.jsonl", "run/summary.json", "logs/task-0.log", "run/old-result",
                                   "hostfile"])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
@@ -19,6 +22,7 @@ STANDIN = """#!/bin/bash
 set -eu
 echo "rank=$SLURM_PROCID of $SLURM_NTASKS node=$SLURM_NODEID nodes=$SLURM_JOB_NODELIST job=$SLURM_JOB_ID"
 if [ "$SLURM_PROCID" = "${FAIL_RANK:-none}" ]; then echo "rank $SLURM_PROCID fails" >&2; exit 3; fi
+if [ "$SLURM_PROCID" = "${KILL_RANK:-none}" ]; then echo "rank $SLURM_PROCID is killed" >&2; kill -KILL $$; fi
 sleep "${SLEEP_S:-0}"
 """
 
@@ -63,6 +67,17 @@ def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     assert "task-1.log (the failing task)" in report and "rank 1 fails" in report
 
 
+@pytest.mark.timed  # stopped within seconds
+def test_a_local_rank_killed_outright_is_named_as_the_one_that_failed_first(tmp_path, monkeypatch):
+    """A rank the OOM killer ends dies of SIGKILL, as the ranks stopped because of it die of SIGTERM or SIGKILL: its
+    exit status alone cannot tell it from them. The local runner says which task failed first, as srun does."""
+    submitted = submit_standin(tmp_path, monkeypatch, KILL_RANK="1", SLEEP_S="60")
+    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
+    assert (final.state, final.exit_code) == ("FAILED", 128 + signal.SIGKILL)
+    report = logs.failure_report(submitted.record)
+    assert "task 1 (rank 1) on 127.0.0.2 failed first: Killed" in report and "rank 1 is killed" in report
+
+
 @pytest.mark.timed  # stopped, or cancelled, within seconds
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
@@ -83,6 +98,88 @@ def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
     final = submitted.job.wait(poll_s=0.2, timeout_s=60)
     assert final.state == "CANCELLED"
     assert hpcdist(["status", str(tmp_path / "job")], home).stdout.startswith(f"{job_id}  CANCELLED")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _in_sessions(sessions: set[int]) -> list[int]:
+    """The live processes of these sessions (a task's command is a session of its own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sessions:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.timed  # cancelled within seconds
+def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellable(tmp_path, monkeypatch):
+    """Closing the terminal of `submit --wait` hangs up its process group, the job's controller and task runners
+    with it: they must not die of it and leave the ranks (sessions of their own) running where status and cancel
+    cannot see them. The job runs on, as a Slurm job does."""
+    home = tmp_path / "home"
+    submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120")
+    job_id = submitted.record.job_id
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "job" / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    runners = _children(int(job_id))
+    ranks = {pid for runner in runners for pid in _children(runner)}
+    for pid in [int(job_id), *runners]:
+        os.kill(pid, signal.SIGHUP)
+    time.sleep(1)
+    assert "RUNNING" in hpcdist(["status", job_id], home).stdout
+    assert hpcdist(["cancel", job_id], home).returncode == 0
+    assert submitted.job.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
+    deadline = time.monotonic() + 10
+    while _in_sessions(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(ranks) == 2 and _in_sessions(ranks) == []
+
+
+# `hpcdist submit --wait` of a stand-in job, as run from a terminal: SIGINT's default action, a session of its own.
+WAITER = """
+import dataclasses, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from hpc import profiles, render, submit
+from hpc.commands.submit import _wait
+from hpc.spec import JobSpec
+job_dir, home, standin = sys.argv[1:]
+spec = JobSpec(job_dir=job_dir, nodes=2, python=sys.executable, time="5", train_args=("--batch-size", "60"))
+rendered = render.render(spec, profiles.load("local"))
+rendered = dataclasses.replace(rendered, files={**rendered.files, "task.sh": standin})
+render.write(rendered)
+submitted = submit.submit(rendered, "local", {"HPCDIST_HOME": home})
+print(submitted.record.job_id, flush=True)
+_wait(submitted.job)
+"""
+
+
+@pytest.mark.timed  # interrupted within seconds
+def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tmp_path):
+    """Ctrl-C at the terminal interrupts the waiter, the job's controller and its task runners alike: the job
+    was stopped by it, so it is CANCELLED (not FAILED), the waiter says so in one line and exits 130, as an
+    interrupted command does (it once printed 'Aborted!' and exited 1)."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(job_dir), str(home), STANDIN],
+                              env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    job_id = waiter.stdout.readline().strip()
+    deadline = time.monotonic() + 60
+    while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = {pid for runner in _children(int(job_id)) for pid in _children(runner)}
+    os.killpg(waiter.pid, signal.SIGINT)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 130, out + err
+    assert err.splitlines()[-1] == f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped", err
+    assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
+    assert len(ranks) == 2 and _in_sessions(ranks) == []
 
 
 @pytest.mark.slow

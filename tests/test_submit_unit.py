@@ -317,6 +317,18 @@ def test_an_existing_job_dir_is_refused(tmp_path):
     assert (tmp_path / "job" / "keep").read_text() == "mine"
 
 
+def test_two_submits_in_the_same_second_get_a_job_directory_each(tmp_path, monkeypatch):
+    """The quick start run from two shells at once: both once picked runs/hpcdist-TIME, to the second second."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *args: "20261207-060045")
+    runner = CliRunner(env={"HPCDIST_HOME": str(tmp_path / "home")})
+    said = [runner.invoke(main, ["submit", "--dry-run", "--executor", "local"]).stderr.splitlines()[-1]
+            for _ in range(2)]
+    assert [line.split(" (dry run")[0] for line in said] == [
+        f"# job directory: {tmp_path}/runs/hpcdist-20261207-060045",
+        f"# job directory: {tmp_path}/runs/hpcdist-20261207-060045-2"]
+
+
 def test_dry_run_renders_like_render_and_submits_nothing(tmp_path):
     args = ["--nodes", "2", "--backend", "deepspeed", "--launcher", "deepspeed", "--", "--max-steps", "3"]
     dry = hpcdist(["submit", "--dry-run", "--job-dir", str(tmp_path / "a"), *args], tmp_path / "home")

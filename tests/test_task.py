@@ -176,17 +176,11 @@ def test_abort_file_stops_a_running_command(tmp_path):
     assert "another task failed" in str(failed.value)
 
 
-def test_a_failing_command_creates_the_abort_file(tmp_path):
-    abort = tmp_path / "abort"
-    with pytest.raises(task.TaskFailed):
-        task.run(["false"], abort_file=abort)
-    assert abort.exists()
-
-
 def test_run_local_emulates_a_slurm_task_and_records_its_status(tmp_path):
     script = ("from hpc import task\n"
               "task.run_local(('sh', '-c', 'echo $SLURM_PROCID/$SLURM_NTASKS@$SLURM_JOB_NODELIST'),\n"
-              f"               task.Geometry(2, 1), {str(tmp_path)!r}, {str(tmp_path / 'task-%t.log')!r})\n")
+              f"               task.Geometry(2, 1), {str(tmp_path)!r}, {str(tmp_path / 'task-%t.log')!r},\n"
+              f"               {str(tmp_path / 'batch-%j.out')!r})\n")
     env = {**os.environ, "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_JOB_ID": "99", "SLURM_PROCID": "7",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=60)
@@ -194,16 +188,17 @@ def test_run_local_emulates_a_slurm_task_and_records_its_status(tmp_path):
     assert (tmp_path / "99_1_exit").read_text() == "0\n"
 
 
-def test_run_local_records_a_failure_and_exits_with_its_status(tmp_path):
+def test_run_local_records_a_failure_stops_the_others_and_names_itself_in_the_batch_log(tmp_path):
     script = ("from hpc import task\n"
               f"task.run_local(('sh', '-c', 'exit 3'), task.Geometry(1, 2), {str(tmp_path)!r}, "
-              f"{str(tmp_path / 'task-%t.log')!r})\n")
+              f"{str(tmp_path / 'task-%t.log')!r}, {str(tmp_path / 'batch-%j.out')!r})\n")
     env = {**os.environ, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_JOB_ID": "98",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60)
     assert proc.returncode == 3
     assert (tmp_path / "98_0_exit").read_text() == "3\n"
     assert (tmp_path / "98_abort").exists()
+    assert (tmp_path / "batch-98.out").read_text() == "srun: error: 127.0.0.1: task 0: Exited with exit code 3\n"
 
 
 def _sh_quote(text: str) -> str:

@@ -113,7 +113,10 @@ def checkout_root() -> str | None:
 
 def _default_job_dir(job_name: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", job_name).strip("._") or "job"
-    return os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    first = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # A second submit in the same second (another shell) takes the next free name, not the first one's directory.
+    return next((name for name in (first, *(f"{first}-{n}" for n in range(2, 1000))) if not os.path.lexists(name)),
+                first)
 
 
 def values_from_options(config_file: str | None = None, base: dict[str, Any] | None = None,

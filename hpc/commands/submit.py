@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
@@ -21,7 +22,7 @@ from hpc import logs as job_logs
 from hpc.commands.options import check_container, fail, job_options, lookup, prepare, submit_or_exit
 from hpc.failures import record as records
 from hpc.follow import Follower, list_cells, status_lines
-from hpc.job import Job, Poll, histories
+from hpc.job import Job, Poll, follow, histories
 
 if TYPE_CHECKING:
     from hpc.render import Rendered
@@ -96,7 +97,10 @@ def _wait(job: Job) -> None:
         lost = records.summary_line(history[-1]) if history else f"job {old.job_id}: its batch host was lost"
         click.echo(f"hpcdist: {lost}", err=True)
 
-    job, final = rescue.wait(job, FOLLOW_POLL_S, on_poll=show, on_rescue=rescued)
+    try:
+        job, final = rescue.wait(job, FOLLOW_POLL_S, on_poll=show, on_rescue=rescued)
+    except KeyboardInterrupt:
+        _interrupted(job)
     if followers:
         followers[-1].finish(time.monotonic() - started)
     click.echo(f"{final.line()}  waited={time.monotonic() - started:.1f}s")
@@ -107,6 +111,25 @@ def _wait(job: Job) -> None:
         if report:
             click.echo(report, err=True)
         sys.exit(min(final.exit_code or 1, 255))
+
+
+def _interrupted(job: Job) -> NoReturn:
+    """Ctrl-C while waiting: exit 130, as an interrupted command does. A Slurm job goes on. A local job's controller
+    and tasks were interrupted too (the terminal's process group): it stops, and unless it completed meanwhile it
+    reads CANCELLED, as the stop asked for, not FAILED."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+    if job.handle is None:
+        click.echo(f"hpcdist: interrupted: stopped waiting; job {job.job_id} goes on (`hpcdist watch {job.job_id}` "
+                   f"waits again, `hpcdist cancel {job.job_id}` stops it)", err=True)
+        sys.exit(130)
+    follow(job.handle.done, bool, 0.2, 10)
+    if not job.handle.done():  # the interrupt was this process's alone: stopped as `hpcdist cancel` does
+        jobs.cancel(job.record)
+        follow(job.handle.done, bool, 0.2, 60)
+    if not jobs.local_state(job.record).ok:
+        jobs.mark_cancelled(job.record)
+    click.echo(f"hpcdist: interrupted: job {job.job_id} cancelled, its ranks stopped", err=True)
+    sys.exit(130)
 
 
 def _poller(record: registry.Record, follower: Follower) -> Callable[[Poll], None]:
