@@ -52,9 +52,11 @@ class StorageError(OSError):
 
 def disk_full(root: Path, least: int = 1 << 20) -> bool:
     try:
-        return shutil.disk_usage(root).free < least
+        stats = os.statvfs(root)
     except OSError:
         return False
+    # Out of inodes (tmpfs's nr_inodes) no file can be made, whatever the bytes free; f_files 0: none are counted.
+    return stats.f_bavail * stats.f_frsize < least or 0 == stats.f_favail < stats.f_files
 
 
 def storage_code(exc: BaseException, root: Path) -> int | None:
