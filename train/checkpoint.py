@@ -67,6 +67,12 @@ def storage_code(exc: BaseException, root: Path) -> int | None:
     return errno.ENOSPC if disk_full(root) else None
 
 
+def reason(exc: OSError) -> str:
+    """Why a write failed, in a few words: a StorageError's errno alone (its own line, naming --run-dir, is the
+    ending of a run whose checkpoint it was), else the error's own."""
+    return os.strerror(exc.errno) if isinstance(exc, StorageError) else exc.strerror or str(exc)
+
+
 def storage_error(code: int, root: Path, tag: str) -> StorageError:
     """The one line a full disk (or a quota, or a read-only mount) is reported by: path, free and needed bytes."""
     try:

@@ -200,8 +200,7 @@ class Store:
                 self._write(step, state)
             except OSError as exc:
                 # Memory for snapshots ran out (or the folder went away): training goes on with its disk checkpoints.
-                why = os.strerror(exc.errno) if isinstance(exc, checkpoint.StorageError) else exc.strerror or exc
-                self.error = f"{why} writing a snapshot in {self.folder}"
+                self.error = f"{checkpoint.reason(exc)} writing a snapshot in {self.folder}"
                 if fileio.is_private(self.folder):
                     shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
                 self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
