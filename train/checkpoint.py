@@ -67,10 +67,10 @@ def storage_code(exc: BaseException, root: Path) -> int | None:
     return errno.ENOSPC if disk_full(root) else None
 
 
-def reason(exc: OSError) -> str:
+def reason(exc: Exception) -> str:
     """Why a write failed, in a few words: a StorageError's errno alone (its own line, naming --run-dir, is the
     ending of a run whose checkpoint it was), else the error's own."""
-    return os.strerror(exc.errno) if isinstance(exc, StorageError) else exc.strerror or str(exc)
+    return os.strerror(exc.errno) if isinstance(exc, StorageError) else getattr(exc, "strerror", None) or str(exc)
 
 
 def storage_error(code: int, root: Path, tag: str) -> StorageError:

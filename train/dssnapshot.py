@@ -191,7 +191,7 @@ class Parts:
             if len(self.leaders) > 1:
                 self._pass_on(step)
         except (OSError, ValueError) as exc:
-            self._broken = f" (its part could not be handed on: {exc})"
+            self._broken = f" (its part could not be handed on: {checkpoint.reason(exc)})"
             return
         self.on_written(step)
         self._maybe_persist(step)
