@@ -217,3 +217,21 @@ def test_a_ring_copy_that_filled_node_memory_is_named_in_words_without_the_run_d
     assert said == [f"snapshots stopped: a node has too little free memory in {tmp_path} for another, or its folder "
                     "is not this user's alone (its part could not be handed on: No space left on device); resumes "
                     "use the disk checkpoints"]
+
+
+def test_a_part_torch_fails_to_write_in_its_own_words_stops_the_snapshots_leaving_no_half_written_part(
+        tmp_path, one_rank_group):
+    # torch's writer reports a file size limit or a quota as a RuntimeError ("unexpected pos"), not an OSError.
+    said = []
+    parts = dssnapshot.Parts(tmp_path / "memory", node=0, nodes=1, leaders=[0], local_rank=0, group=one_rank_group,
+                             say=said.append)
+    (tmp_path / "memory").mkdir(mode=0o700)
+
+    def cut_short(staging: Path, tag: str) -> None:
+        (staging / tag / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 634496 vs 634408")
+    parts.take(10, cut_short)
+    assert parts.stopped and parts.taken == 0
+    assert said == ["snapshots stopped: [enforce fail at inline_container.cc:672] . unexpected pos 634496 vs 634408 "
+                    f"writing a snapshot in {tmp_path / 'memory'}; resumes use the disk checkpoints"]
+    assert [p.name for p in (tmp_path / "memory").rglob("*")] == ["part-0-of-1"], "a half-written part is left"

@@ -100,7 +100,7 @@ class Parts:
         try:
             checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=agree,
                             trained_with=trained_with)
-        except OSError as exc:  # node memory ran out (or its folder went away) on some rank: on every rank alike
+        except (OSError, RuntimeError) as exc:  # node memory ran out, or a quota, on some rank: on every rank alike
             agree.settle(f"{checkpoint.reason(exc)} writing a snapshot in {self.folder}")
             if self.leader and fileio.is_private(self.folder):
                 shutil.rmtree(self.part(self.node) / f".tmp-{name_for(step)}", ignore_errors=True)
