@@ -197,4 +197,41 @@ def test_a_part_that_could_not_be_handed_on_stops_the_snapshots_on_every_rank_at
     parts._handing.join()
     parts.take(20, lambda staging, tag: (staging / tag / "a.pt").write_bytes(b"a"))
     assert parts.stopped and parts.taken == 1
-    assert "could not be handed on: [Errno 28] No space left on device" in said[0]
+    assert "could not be handed on: No space left on device" in said[0]
+
+
+def test_a_ring_copy_that_filled_node_memory_is_named_in_words_without_the_run_directory_s_advice(
+        tmp_path, one_rank_group):
+    # The run directory is fine: "free space or move --run-dir" is a disk checkpoint's advice, not node memory's.
+    said = []
+    parts = dssnapshot.Parts(tmp_path / "memory", node=0, nodes=2, leaders=[0, 1], local_rank=0,
+                             group=one_rank_group, say=said.append)
+    (tmp_path / "memory").mkdir(mode=0o700)
+
+    def full(step: int) -> None:
+        raise checkpoint.storage_error(28, parts.part(1), name_for(step))
+    parts._pass_on = full
+    parts.take(10, lambda staging, tag: (staging / tag / "a.pt").write_bytes(b"a"))
+    parts._handing.join()
+    parts.take(20, lambda staging, tag: (staging / tag / "a.pt").write_bytes(b"a"))
+    assert said == [f"snapshots stopped: a node has too little free memory in {tmp_path} for another, or its folder "
+                    "is not this user's alone (its part could not be handed on: No space left on device); resumes "
+                    "use the disk checkpoints"]
+
+
+def test_a_part_torch_fails_to_write_in_its_own_words_stops_the_snapshots_leaving_no_half_written_part(
+        tmp_path, one_rank_group):
+    # torch's writer reports a file size limit or a quota as a RuntimeError ("unexpected pos"), not an OSError.
+    said = []
+    parts = dssnapshot.Parts(tmp_path / "memory", node=0, nodes=1, leaders=[0], local_rank=0, group=one_rank_group,
+                             say=said.append)
+    (tmp_path / "memory").mkdir(mode=0o700)
+
+    def cut_short(staging: Path, tag: str) -> None:
+        (staging / tag / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 634496 vs 634408")
+    parts.take(10, cut_short)
+    assert parts.stopped and parts.taken == 0
+    assert said == ["snapshots stopped: [enforce fail at inline_container.cc:672] . unexpected pos 634496 vs 634408 "
+                    f"writing a snapshot in {tmp_path / 'memory'}; resumes use the disk checkpoints"]
+    assert [p.name for p in (tmp_path / "memory").rglob("*")] == ["part-0-of-1"], "a half-written part is left"

@@ -105,6 +105,27 @@ def test_when_memory_runs_out_snapshots_stop_saying_why_and_training_is_not_dist
     assert not store.take(2, lambda: {"step": 2})
 
 
+def test_a_write_torch_fails_its_own_way_stops_the_snapshots_saying_why_leaving_no_half_and_the_end_waits_not(
+        tmp_path, monkeypatch):
+    # torch's writer reports a file size limit or a quota as a RuntimeError ("unexpected pos"), not an OSError.
+    def cut_short(state, path, **_):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1423360 vs 1423252")
+    monkeypatch.setattr(torch, "save", cut_short)
+    said: list[str] = []
+    store = snapshot.Store(tmp_path / "s", say=said.append)
+    assert store.take(1, lambda: {"step": 1})
+    store._thread.join(timeout=10)
+    store.take(2, lambda: {"step": 2})
+    closing = threading.Thread(target=store.close, daemon=True)
+    closing.start()
+    closing.join(timeout=10)
+    assert not closing.is_alive(), "the run's end waits for a writer that is gone"
+    assert said == [f"snapshots stopped: [enforce fail at inline_container.cc:672] . unexpected pos 1423360 vs "
+                    f"1423252 writing a snapshot in {tmp_path / 's'}; resumes use the disk checkpoints"]
+    assert list((tmp_path / "s").iterdir()) == [], "a half-written snapshot is left in node memory"
+
+
 def test_clearing_removes_only_the_snapshots_and_the_folder_if_that_empties_it(tmp_path):
     store = snapshot.Store(tmp_path / "s")
     store.take(5, lambda: {"step": 5})

@@ -257,6 +257,33 @@ def test_deepspeed_whose_nodes_all_died_resumes_as_a_new_job_from_the_parts_each
     assert got == pytest.approx(expected, abs=1e-5, rel=0)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_deepspeed_whose_node_memory_is_full_stops_its_snapshots_on_every_rank_and_trains_on_unchanged(
+        launch, tmp_path):
+    # Node 1's memory has inodes for its folders but not for its rank's ZeRO file: the rank fails inside DeepSpeed's
+    # collective save, alone, while node 0's rank writes its part; both must give up the snapshot together.
+    memory = [tmp_path / "node0", tmp_path / "node1"]
+    memory[1].mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,nr_inodes=5", "tmpfs", str(memory[1])], check=True)
+    try:
+        args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY,
+                "--checkpoint-every-min", "0", "--snapshot-every-s"]
+        full = launch("srun", [*args, "0.001"], tmp_path / "full", node_memory=memory)
+        reference = launch("srun", [*args, "0"], tmp_path / "reference")  # at once: the two fit in the time
+        assert full.wait(timeout=120) == [0, 0], full.output()
+        assert reference.wait(timeout=120) == [0, 0], reference.output()
+        assert not any(memory[1].iterdir()), "a half-written part is left in node memory"
+    finally:
+        subprocess.run(["umount", str(memory[1])], check=False)
+    said = [line for line in full.output(tail=10**6).splitlines() if "snapshots stopped" in line]
+    assert len(said) == 2 and said[0] == said[1], said  # every rank, for the reason the failing rank gave
+    assert said[0].startswith("warning: snapshots stopped: No space left on device writing a snapshot in "
+                              f"{memory[1]}/hpcdist-snap-"), said
+    assert said[0].endswith("; resumes use the disk checkpoints")
+    assert read_summary(tmp_path / "full")["snapshots"] == 0
+    assert read_losses(tmp_path / "full") == pytest.approx(read_losses(tmp_path / "reference"), abs=1e-6, rel=0)
+
+
 @pytest.mark.timed
 def test_deepspeed_stopped_at_step_10_resumes_with_the_uninterrupted_losses(launch, tmp_path):
     args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "bf16", *TINY]

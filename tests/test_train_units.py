@@ -619,6 +619,22 @@ def test_a_disk_that_fills_while_an_elastic_resume_converts_a_checkpoint_is_a_st
     assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_no_half_written_checkpoint(tmp_path):
+    # torch's own writer reports the file it could not create as a RuntimeError, whatever the bytes free.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=4", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(checkpoint.StorageError) as raised:
+            checkpoint.save(small, 1, rank=0, write=lambda save_dir, tag: [
+                torch.save({"n": n}, save_dir / tag / f"{n}.pt") for n in range(3)])
+        assert raised.value.strerror.startswith(f"no space left on device writing checkpoint step00000001 in {small}")
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
     secret = tmp_path / "secret"
     secret.write_text("keep\n")

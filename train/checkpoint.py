@@ -52,9 +52,11 @@ class StorageError(OSError):
 
 def disk_full(root: Path, least: int = 1 << 20) -> bool:
     try:
-        return shutil.disk_usage(root).free < least
+        stats = os.statvfs(root)
     except OSError:
         return False
+    # Out of inodes (tmpfs's nr_inodes) no file can be made, whatever the bytes free; f_files 0: none are counted.
+    return stats.f_bavail * stats.f_frsize < least or 0 == stats.f_favail < stats.f_files
 
 
 def storage_code(exc: BaseException, root: Path) -> int | None:
@@ -63,6 +65,12 @@ def storage_code(exc: BaseException, root: Path) -> int | None:
         return exc.errno
     # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
     return errno.ENOSPC if disk_full(root) else None
+
+
+def reason(exc: Exception) -> str:
+    """Why a write failed, in a few words: a StorageError's errno alone (its own line, naming --run-dir, is the
+    ending of a run whose checkpoint it was), else the error's own."""
+    return os.strerror(exc.errno) if isinstance(exc, StorageError) else getattr(exc, "strerror", None) or str(exc)
 
 
 def storage_error(code: int, root: Path, tag: str) -> StorageError:

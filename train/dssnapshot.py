@@ -22,6 +22,7 @@ what a new job resumes from when the allocation and its nodes' memory are gone (
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import shutil
 import struct
@@ -83,27 +84,38 @@ class Parts:
     def take(self, step: int, write: Callable[[Path, str], None], trained_with: dict | None = None) -> None:
         """Every rank: write this node's part (DeepSpeed's collective save into tmpfs, the only wait); the nodes'
         local ranks 0 then hand it round the ring in a thread while training goes on. Skipped on every rank alike
-        while a node still hands on the one before, and stopped for good when a node lacks the memory for another."""
+        while a node still hands on the one before, and stopped for good, on every rank alike, when a node lacks the
+        memory for another or a rank could not write its share."""
         if self.stopped:
             return
         began = time.perf_counter()
         room, idle = self._vote()
         if not room:
-            self.stopped = True
-            self.say(f"snapshots stopped: a node has too little free memory in {self.folder.parent} for another, "
-                     f"or its folder is not this user's alone{self._broken}; resumes use the disk checkpoints")
-            return
+            return self._stop(f"a node has too little free memory in {self.folder.parent} for another, or its "
+                              f"folder is not this user's alone{self._broken}")
         if not idle:
             self.skipped += 1
             return
-        checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=dist.barrier,
-                        trained_with=trained_with)
+        agree = Agreement(self.group.every if self.group is not None else None)
+        try:
+            checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=agree,
+                            trained_with=trained_with)
+        except (OSError, RuntimeError) as exc:  # node memory ran out, or a quota, on some rank: on every rank alike
+            agree.settle(f"{checkpoint.reason(exc)} writing a snapshot in {self.folder}")
+            if self.leader and fileio.is_private(self.folder):
+                shutil.rmtree(self.part(self.node) / f".tmp-{name_for(step)}", ignore_errors=True)
+            return self._stop(agree.why)
         self.last_s = time.perf_counter() - began
         self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
         if self.leader:
             self._handing = threading.Thread(target=self._hand_on, args=(step,), name="hpcdist-snapshot-ring",
                                              daemon=True)
             self._handing.start()
+
+    def _stop(self, why: str) -> None:
+        # Every rank stops at the same vote and says so: only a node's own ranks may know why its memory failed.
+        self.stopped = True
+        self.say(f"snapshots stopped: {why}; resumes use the disk checkpoints")
 
     def spaced(self, every_s: float) -> float:
         """Seconds to the next snapshot: ``every_s``, or more when the last one's wait was over STALL_SHARE of it."""
@@ -179,7 +191,7 @@ class Parts:
             if len(self.leaders) > 1:
                 self._pass_on(step)
         except (OSError, ValueError) as exc:
-            self._broken = f" (its part could not be handed on: {exc})"
+            self._broken = f" (its part could not be handed on: {checkpoint.reason(exc)})"
             return
         self.on_written(step)
         self._maybe_persist(step)
@@ -213,6 +225,31 @@ class Parts:
 
         # The previous node's part of the step was written by the same run as this node's, with the same config.
         checkpoint.save(self.part(before), step, rank=0, write=write, trained_with=recorded(mine))
+
+
+class Agreement:
+    """``checkpoint.save``'s barriers while the ranks write their shares of a snapshot: each a vote, so that a rank
+    whose share could not be written meets the others at the next one and all give up there together (DeepSpeed's
+    save is a collective: a rank that left it alone would keep the others waiting in it). ``why``: the first
+    failure any rank reported."""
+
+    def __init__(self, group) -> None:
+        self.group, self.why = group, ""
+
+    def __call__(self, why: str = "") -> None:
+        whys = [why]
+        if self.group is not None:
+            whys = [""] * dist.get_world_size(self.group)
+            dist.all_gather_object(whys, why, group=self.group)
+        self.why = next(filter(None, whys), "")
+        if self.why:
+            raise OSError(errno.ECANCELED, self.why)
+
+    def settle(self, why: str) -> None:
+        """After a failure here: this rank's vote, unless it learnt of the failure at one (the others then did)."""
+        if not self.why:
+            with contextlib.suppress(OSError):
+                self(why)
 
 
 @dataclass(frozen=True)

@@ -175,8 +175,15 @@ class DeepSpeedEngine:
             yield named
 
     def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"trainer": trainer_state},
-                                    save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"trainer": trainer_state},
+                                        save_latest=False)
+        except (OSError, RuntimeError):
+            # Its files are written after all its collectives but the barrier it ends with (torch's writer says a
+            # failed write as a RuntimeError): a rank whose write failed meets the others there, so that they can
+            # learn of it together (a snapshot's vote) and go on.
+            barrier()
+            raise
         torch.save(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
 
     def read(self, folder: Path, rank: int) -> dict:

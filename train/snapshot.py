@@ -198,10 +198,10 @@ class Store:
             step, state = item
             try:
                 self._write(step, state)
-            except OSError as exc:
-                # Memory for snapshots ran out (or the folder went away): training goes on with its disk checkpoints.
-                why = os.strerror(exc.errno) if isinstance(exc, checkpoint.StorageError) else exc.strerror or exc
-                self.error = f"{why} writing a snapshot in {self.folder}"
+            except (OSError, RuntimeError) as exc:
+                # Memory for snapshots ran out (or the folder went away; torch's writer says a file size limit or a
+                # quota as a RuntimeError): training goes on with its disk checkpoints, and close awaits no dead writer.
+                self.error = f"{checkpoint.reason(exc)} writing a snapshot in {self.folder}"
                 if fileio.is_private(self.folder):
                     shutil.rmtree(self.folder / f".tmp-{name_for(step)}", ignore_errors=True)
                 self.say(f"snapshots stopped: {self.error}; resumes use the disk checkpoints")
