@@ -104,6 +104,16 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _ranks(controller: int, count: int = 2) -> set[int]:
+    """The ranks of a local job, once each of its task runners started one (a task's log is opened just before
+    its rank starts, so a log alone does not say so)."""
+    deadline = time.monotonic() + 60
+    while True:
+        ranks = {pid for runner in _children(controller) for pid in _children(runner)}
+        if len(ranks) >= count or time.monotonic() > deadline:
+            return ranks
+        time.sleep(0.1)
+
 
 def _in_sessions(sessions: set[int]) -> list[int]:
     """The live processes of these sessions (a task's command is a session of its own)."""
@@ -129,8 +139,8 @@ def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellab
     deadline = time.monotonic() + 60
     while not (tmp_path / "job" / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    ranks = _ranks(int(job_id))
     runners = _children(int(job_id))
-    ranks = {pid for runner in runners for pid in _children(runner)}
     for pid in [int(job_id), *runners]:
         os.kill(pid, signal.SIGHUP)
     time.sleep(1)
@@ -174,7 +184,7 @@ def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tm
     deadline = time.monotonic() + 60
     while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    ranks = {pid for runner in _children(int(job_id)) for pid in _children(runner)}
+    ranks = _ranks(int(job_id))
     os.killpg(waiter.pid, signal.SIGINT)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 130, out + err
