@@ -82,9 +82,24 @@ def atomic_write(path: Path, data: str | bytes, *, executable: bool = False, dur
 
 def append_line(path: Path, line: str) -> None:
     """Add ``line`` (and a newline) in one write to an O_APPEND file, so concurrent writers' lines stay
-    whole; what ``open_own`` refuses at ``path`` is refused."""
+    whole; what ``open_own`` refuses at ``path`` is refused. After a torn last line (a crash mid-write, a hand
+    edit) the line starts one of its own: glued to the torn one, readers would skip it with it."""
     with open_own(path, append=True) as f:
-        f.write(line.rstrip("\n") + "\n")
+        f.write(("" if _ends_a_line(path, os.fstat(f.fileno()).st_size) else "\n") + line.rstrip("\n") + "\n")
+
+
+def _ends_a_line(path: Path, size: int) -> bool:
+    """Whether a file of ``size`` bytes is empty or ends with a newline (open_own found it a regular file)."""
+    if size == 0:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # writable but not readable: the line goes on as it always did
+        return True
+    try:
+        return os.pread(fd, 1, size - 1) == b"\n"
+    finally:
+        os.close(fd)
 
 
 def open_own(path: Path, *, append: bool) -> TextIO:

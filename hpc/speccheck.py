@@ -101,8 +101,8 @@ def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
         chosen = containers.resolve(spec.container, spec.container_runtime, profile.container)
     except containers.ContainerError as exc:
         raise SpecError(str(exc)) from None
-    if chosen is None:
-        return replace(spec, container=None, container_runtime=None)
+    if chosen is None:  # an explicit none stays: render decides from this spec again, the profile's image aside
+        return replace(spec, container="none" if spec.container == "none" else None, container_runtime=None)
     if not spec.container:  # the profile's image, which the option's check above never saw
         _check_text("the profile's container.image", chosen.image, spaces=False)
     return replace(spec, container=chosen.image, container_runtime=chosen.runtime)

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import io
 import os
 import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from hpc import jobs, registry, task, vocab
+from hpc import fileio, jobs, registry, task, vocab
 from hpc.job import Job, follow
 from hpc.slurm import commands
 from hpc.slurm.runner import SlurmError
@@ -199,7 +201,8 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     executor.update_parameters(tasks_per_node=geometry.ntasks,
                                timeout_min=LOCAL_NO_LIMIT_MIN if minutes is None else minutes,
                                signal_delay_s=spec.signal_delay_s)
-    with _environ({"SUBMITIT_PREEMPT_SIGNAL": signal_name(spec.signal)}), _job_signals():
+    with _environ({"SUBMITIT_PREEMPT_SIGNAL": signal_name(spec.signal)}), _job_signals(), \
+            _output_to(rendered.job_dir / vocab.LOCAL_CONTROLLER_LOG):
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
                                str(rendered.job_dir / TASK_LOG), str(rendered.job_dir / BATCH_LOG))
 
@@ -228,6 +231,42 @@ def _job_signals() -> Iterator[None]:
         for sig, handler in saved.items():
             if handler is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[None]:
+    """Children started meanwhile write their stdout and stderr to ``log``, not to this process's terminal.
+
+    The local controller outlives this command: stopped (`hpcdist cancel`, Ctrl-C), it ends with a
+    KeyboardInterrupt traceback, which landed in the terminal that submitted the job, maybe long after.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):  # None where the descriptor was closed (`2>&-`)
+        if stream is not None:
+            stream.flush()
+    saved = {fd: _copy(fd) for fd in (1, 2)}
+    try:
+        with fileio.open_own(log, append=True) as out:
+            for fd in saved:
+                os.dup2(out.fileno(), fd)
+                os.set_inheritable(fd, True)  # dup2 onto itself (the log took a closed 2) keeps it private
+            yield
+    finally:
+        for fd, copy in saved.items():
+            if copy is None:  # closed before, closed again (the log itself may have taken its number)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            else:
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def _copy(fd: int) -> int | None:
+    """A copy of ``fd`` above 2, which the redirection leaves alone (os.dup would reuse a closed 2); None: closed."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return None
 
 
 def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:

@@ -50,6 +50,7 @@ DEEPSPEED_JSON = "deepspeed.json"
 HOSTFILE = "hostfile"
 SUBMITTED_JSON = "submitted.json"
 SUBMITIT_DIR = "submitit"
+LOCAL_CONTROLLER_LOG = "submitit/controller.log"  # what the local executor's controller process says
 ATTEMPTS = "attempts.jsonl"
 LOGS_DIR = "logs"
 TASK_LOG = "logs/task-%t.log"  # Slurm's %t: the task's index in the step

@@ -45,6 +45,18 @@ def test_the_jobs_image_and_runtime_win_over_the_profiles_and_none_means_the_hos
     assert containers.resolve("none", None, site) is None
 
 
+def test_container_none_runs_the_task_on_the_host_whatever_image_the_profile_names(tmp_path: Path) -> None:
+    """The checked spec said none, and render then took the profile's image again: the task ran in the container
+    it was told not to."""
+    site = profile(tmp_path, runtime="apptainer", image="docker://site/image")
+    code, err, job = render(tmp_path, "--cluster", str(site))
+    assert code == 0 and "apptainer exec" in (job / "task.sh").read_text(), err
+    code, err, job = render(tmp_path, "--cluster", str(site), "--container", "none", "--force")
+    assert code == 0, err
+    assert "apptainer" not in (job / "task.sh").read_text()
+    assert "container: none" in (job / "spec.yaml").read_text()
+
+
 @pytest.mark.parametrize("image,runtime,words", [
     ("/img", None, "--container needs a runtime"),
     (None, "apptainer", "needs an image"),

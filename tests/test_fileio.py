@@ -52,6 +52,17 @@ WRITERS = {"open_own": lambda path: fileio.open_own(path, append=False).close(),
            "append_line": lambda path: fileio.append_line(path, "x")}  # the trainer's metrics; the registry
 
 
+def test_a_line_appended_after_a_torn_last_line_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    """A last line without its newline (a crash mid-write, a hand edit) swallowed the next line appended: the
+    registry's reader skips the damaged line, so the job submitted next went missing from list, status and
+    cancel."""
+    registry = tmp_path / "jobs.jsonl"
+    registry.write_text('{"job_id": "1"}\n{"job_id": "2", "job_d')
+    fileio.append_line(registry, '{"job_id": "3"}')
+    fileio.append_line(registry, '{"job_id": "4"}')
+    assert registry.read_text().splitlines()[-3:] == ['{"job_id": "2", "job_d', '{"job_id": "3"}', '{"job_id": "4"}']
+
+
 @pytest.mark.parametrize("writer", WRITERS)
 @pytest.mark.parametrize("kind", ["pipe", "folder"])
 def test_open_own_refuses_a_pipe_or_a_folder_in_one_line_and_never_waits_for_a_reader(tmp_path: Path, kind,

@@ -104,6 +104,17 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _ranks(controller: int, count: int = 2) -> set[int]:
+    """The ranks of a local job, once each of its task runners started one (a task's log is opened just before
+    its rank starts, so a log alone does not say so)."""
+    deadline = time.monotonic() + 60
+    while True:
+        ranks = {pid for runner in _children(controller) for pid in _children(runner)}
+        if len(ranks) >= count or time.monotonic() > deadline:
+            return ranks
+        time.sleep(0.1)
+
+
 def _in_sessions(sessions: set[int]) -> list[int]:
     """The live processes of these sessions (a task's command is a session of its own)."""
     found = []
@@ -128,8 +139,8 @@ def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellab
     deadline = time.monotonic() + 60
     while not (tmp_path / "job" / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    ranks = _ranks(int(job_id))
     runners = _children(int(job_id))
-    ranks = {pid for runner in runners for pid in _children(runner)}
     for pid in [int(job_id), *runners]:
         os.kill(pid, signal.SIGHUP)
     time.sleep(1)
@@ -173,13 +184,56 @@ def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tm
     deadline = time.monotonic() + 60
     while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    ranks = {pid for runner in _children(int(job_id)) for pid in _children(runner)}
+    ranks = _ranks(int(job_id))
     os.killpg(waiter.pid, signal.SIGINT)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 130, out + err
-    assert err.splitlines()[-1] == f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped", err
+    assert err.splitlines() == [f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped"], err
     assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
     assert len(ranks) == 2 and _in_sessions(ranks) == []
+
+
+# `hpcdist submit` of a stand-in job without --wait, as run from a terminal: it returns, the job runs on.
+SUBMITTER = WAITER.replace("_wait(submitted.job)", "")
+
+
+@pytest.mark.timed  # cancelled within seconds
+def test_a_cancelled_local_job_writes_nothing_to_the_terminal_that_submitted_it(tmp_path):
+    """The job's controller outlives `hpcdist submit`, which has returned: stopped by `hpcdist cancel` (or Ctrl-C),
+    it printed a KeyboardInterrupt traceback into the terminal that submitted the job, maybe long after. What the
+    controller says goes to the job directory's submitit/controller.log instead."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    submitter = subprocess.Popen([sys.executable, "-c", SUBMITTER, str(job_dir), str(home), STANDIN],
+                                 env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+    job_id = submitter.stdout.readline().strip()
+    deadline = time.monotonic() + 60
+    while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hpcdist(["cancel", job_id], home).returncode == 0
+    out, err = submitter.communicate(timeout=60)  # the controller held the pipes, so this waited for its end
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{job_id}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out, err) == ("", "")
+    assert "KeyboardInterrupt" in (job_dir / "submitit" / "controller.log").read_text()
+    assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
+
+
+@pytest.mark.timed  # cancelled within seconds
+def test_a_local_job_is_submitted_from_a_command_whose_stderr_is_closed(tmp_path):
+    """`hpcdist submit ... 2>&-`: the controller's output goes to its log whether or not there was a terminal."""
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    submitter = subprocess.Popen([sys.executable, "-c", SUBMITTER, str(job_dir), str(home), STANDIN],
+                                 env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: os.close(2))
+    job_id = submitter.stdout.readline().strip()
+    assert submitter.wait(timeout=60) == 0 and job_id.isdigit()
+    assert hpcdist(["cancel", job_id], home).returncode == 0
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{job_id}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "KeyboardInterrupt" in (job_dir / "submitit" / "controller.log").read_text()
 
 
 @pytest.mark.slow
