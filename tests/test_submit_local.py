@@ -23,6 +23,7 @@ set -eu
 echo "rank=$SLURM_PROCID of $SLURM_NTASKS node=$SLURM_NODEID nodes=$SLURM_JOB_NODELIST job=$SLURM_JOB_ID"
 if [ "$SLURM_PROCID" = "${FAIL_RANK:-none}" ]; then echo "rank $SLURM_PROCID fails" >&2; exit 3; fi
 if [ "$SLURM_PROCID" = "${KILL_RANK:-none}" ]; then echo "rank $SLURM_PROCID is killed" >&2; kill -KILL $$; fi
+[ -z "${CHECKPOINT_S:-}" ] || trap 'sleep "$CHECKPOINT_S"; echo "rank $SLURM_PROCID checkpointed"; exit 75' TERM
 sleep "${SLEEP_S:-0}"
 """
 
@@ -115,6 +116,30 @@ def _in_sessions(sessions: set[int]) -> list[int]:
         if fields[0] != "Z" and int(fields[3]) in sessions:
             found.append(int(stat.parent.name))
     return found
+
+
+def _wait_for_task_logs(job_dir: Path, ntasks: int = 2) -> None:
+    deadline = time.monotonic() + 60
+    while not all((job_dir / "logs" / f"task-{i}.log").exists() for i in range(ntasks)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.timed  # cancelled within seconds
+def test_cancelling_a_local_job_gives_its_ranks_time_to_checkpoint(tmp_path, monkeypatch):
+    """As Slurm's KillWait does: a rank that checkpoints on SIGTERM (2 s here) finishes before SIGKILL. The local
+    runner once gave it 0.5 s, and submitit killed the runner itself after 1 s."""
+    home = tmp_path / "home"
+    submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120", CHECKPOINT_S="2")
+    _wait_for_task_logs(tmp_path / "job")
+    time.sleep(0.5)  # the trap is set once the rank's first line is out
+    started = time.monotonic()
+    assert hpcdist(["cancel", submitted.record.job_id], home).returncode == 0
+    assert time.monotonic() - started < 5, "cancel returns at once, as scancel does"
+    assert submitted.job.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
+    for index in range(2):
+        assert f"rank {index} checkpointed" in (tmp_path / "job" / "logs" / f"task-{index}.log").read_text()
+    # Stopped, not failed: no rank is named as the one that failed first.
+    assert not list((tmp_path / "job" / "logs").glob("batch-*"))
 
 
 @pytest.mark.timed  # cancelled within seconds
