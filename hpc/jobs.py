@@ -226,8 +226,8 @@ def cancel(record: Record, runner: Runner = slurm_run) -> bool:
     if pid is None:
         return False
     mark_cancelled(record)
-    # Not the SIGINT of submitit's LocalJob.cancel: the controller's stop on it kills the task runners 1 s later,
-    # the ranks' checkpoint with them.
+    # Not the SIGINT of submitit's LocalJob.cancel: the controller ignores it (hpc.submit._job_signals), and its
+    # own stop on it kills the task runners 1 s later, the ranks' checkpoint with them.
     os.kill(pid, signal.SIGTERM)
     return True
 

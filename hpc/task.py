@@ -16,7 +16,7 @@ from hpc import fileio
 # torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
 # (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-# The local runner's KillWait: after SIGTERM (hpcdist cancel, a failed peer) a rank may still be writing its
+# The local runner's KillWait: after SIGTERM (a cancel, Ctrl-C, a failed peer) a rank may still be writing its
 # checkpoint, then it is killed. Slurm's default is 30 s; a rehearsal's CPU ranks need far less (the quick start's
 # DeepSpeed ranks agree, checkpoint and exit 0.6 s after a cancel), and 10 s leaves room for a bigger model on a
 # slow disk while a failed job still ends within seconds.
@@ -171,7 +171,7 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
                                      "stopped because another task failed") from None
     except BaseException:
         if child.returncode is None:
-            _stop(child, 0.5)  # submitit's own stop (Ctrl-C, the time limit) kills this runner 1 s after its SIGINT
+            _stop(child, 0.5)  # submitit's own stop (the time limit's) kills this runner 1 s after its SIGINT
         raise
     finally:
         for sig, handler in previous.items():
@@ -203,6 +203,10 @@ def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: s
     ``output`` is the task's log path, with ``%t`` standing for its index as in srun's --output, and ``batch_log``
     the job's (``%j``: its id), where the task that fails first is named.
     """
+    # The controller ignores the terminal's Ctrl-C (hpc.submit._job_signals), and so would this runner; but its
+    # SIGINT is how the controller stops the tasks at the time limit. A group of its own keeps the terminal's out.
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     index = int(os.environ["SUBMITIT_LOCAL_GLOBALID"])
     job_id = os.environ["SUBMITIT_LOCAL_JOB_ID"]
     env = emulated_environ(os.environ, geometry, index, job_id)

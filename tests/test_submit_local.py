@@ -187,24 +187,26 @@ _wait(submitted.job)
 
 @pytest.mark.timed  # interrupted within seconds
 def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tmp_path):
-    """Ctrl-C at the terminal interrupts the waiter, the job's controller and its task runners alike: the job
-    was stopped by it, so it is CANCELLED (not FAILED), the waiter says so in one line and exits 130, as an
-    interrupted command does (it once printed 'Aborted!' and exited 1)."""
+    """Ctrl-C at the terminal interrupts the waiter alone, which cancels the job as `hpcdist cancel` does: it is
+    CANCELLED (not FAILED), its ranks get their time to checkpoint, and the waiter says so in one line and exits
+    130, as an interrupted command does (it once printed 'Aborted!' and exited 1, then under the job controller's
+    own KeyboardInterrupt traceback)."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
     waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(job_dir), str(home), STANDIN],
-                              env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
+                              env=environ(home, SLEEP_S="120", CHECKPOINT_S="2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     job_id = waiter.stdout.readline().strip()
-    deadline = time.monotonic() + 60
-    while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _wait_for_task_logs(job_dir)
+    time.sleep(0.5)  # the trap is set once the rank's first line is out
     ranks = {pid for runner in _children(int(job_id)) for pid in _children(runner)}
     os.killpg(waiter.pid, signal.SIGINT)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 130, out + err
-    assert err.splitlines()[-1] == f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped", err
+    assert err == f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped\n"
     assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
     assert len(ranks) == 2 and _in_sessions(ranks) == []
+    for index in range(2):
+        assert f"rank {index} checkpointed" in (job_dir / "logs" / f"task-{index}.log").read_text()
 
 
 @pytest.mark.slow
