@@ -213,8 +213,9 @@ def state(record: Record, runner: Runner = slurm_run) -> JobState:
 
 
 def cancel(record: Record, runner: Runner = slurm_run) -> bool:
-    """scancel the job; for a local job, interrupt its controller, which stops every task. Whether there was
-    a job to stop (a local job's controller may be gone already)."""
+    """scancel the job; for a local job, SIGTERM its controller, which hands it to every task, as scancel does:
+    each task's runner gives its ranks KillWait (task.STOP_GRACE_S) to checkpoint, then kills them. Whether there
+    was a job to stop (a local job's controller may be gone already)."""
     if record.via != "local":
         try:
             commands.scancel([record.job_id], runner=runner, strict=True)
@@ -225,8 +226,9 @@ def cancel(record: Record, runner: Runner = slurm_run) -> bool:
     if pid is None:
         return False
     mark_cancelled(record)
-    # SIGINT is what submitit's LocalJob.cancel sends: the controller then stops its tasks.
-    os.kill(pid, signal.SIGINT)
+    # Not the SIGINT of submitit's LocalJob.cancel: the controller ignores it (hpc.submit._job_signals), and its
+    # own stop on it kills the task runners 1 s later, the ranks' checkpoint with them.
+    os.kill(pid, signal.SIGTERM)
     return True
 
 

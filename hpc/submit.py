@@ -209,22 +209,19 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
 
 @contextlib.contextmanager
 def _job_signals() -> Iterator[None]:
-    """Children started meanwhile get SIGINT's default action and ignore SIGHUP, whatever this process does.
+    """Children started meanwhile (the local controller, and through it the task runners) ignore SIGINT and SIGHUP.
 
-    A command started in the background by a script (`cmd &`, nohup, many CI runners) ignores SIGINT, and an
-    ignored signal stays ignored across exec: the local controller would then never see the SIGINT that
-    `hpcdist cancel` (like submitit's LocalJob.cancel) sends it. A handled signal is reset to the default in
-    the child, so a handler here for the moment of the fork is enough. SIGHUP, a closed terminal, would kill the
+    The terminal's Ctrl-C reaches its whole foreground group: the controller would die of it in a traceback on the
+    terminal and kill the runners 1 s later, cutting the ranks' checkpoint short. Only the waiter is to hear it,
+    and it cancels the job as `hpcdist cancel` does (SIGTERM). SIGHUP, a closed terminal, would kill the
     controller and task runners but not the ranks (sessions of their own), left training where status and
-    cancel cannot reach them: ignored, the job outlives its terminal as a Slurm job does.
+    cancel cannot reach them: ignored, the job outlives its terminal as a Slurm job does. An ignored signal stays
+    ignored across exec, so ignoring them here for the moment of the fork is enough.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
-    if saved[signal.SIGINT] == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,8 +16,11 @@ from hpc import fileio
 # torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
 # (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-# After SIGTERM a rank may still be writing its checkpoint; after that it is killed.
-STOP_GRACE_S = 5.0
+# The local runner's KillWait: after SIGTERM (a cancel, Ctrl-C, a failed peer) a rank may still be writing its
+# checkpoint, then it is killed. Slurm's default is 30 s; a rehearsal's CPU ranks need far less (the quick start's
+# DeepSpeed ranks agree, checkpoint and exit 0.6 s after a cancel), and 10 s leaves room for a bigger model on a
+# slow disk while a failed job still ends within seconds.
+STOP_GRACE_S = 10.0
 POLL_S = 0.2
 # Emulated nodes get loopback addresses 127.0.0.1, 127.0.0.2, ...: all reach this machine, and each
 # still has its own name the way cluster nodes do.
@@ -131,32 +135,43 @@ def _stop(child: subprocess.Popen, grace_s: float) -> None:
 
 
 def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file: Path | None = None,
-        output: Path | None = None) -> int:
+        output: Path | None = None, kill_wait_s: float | None = None) -> int:
     """Run ``command``; return 0, or raise TaskFailed with its exit status.
 
     ``abort_file`` emulates srun's --kill-on-bad-exit where no srun exists: once a failing task created it
     (run_local), every task that sees it stops its own command, so one dead rank never leaves the others
     waiting in a collective until the time limit. ``output`` (appended to) plays srun's --output.
+    ``kill_wait_s`` plays slurmd's KillWait where no slurmd exists: a SIGTERM passed on is followed by SIGKILL.
     """
     command = tuple(str(c) for c in command)
     with open(output, "ab") if output is not None else contextlib.nullcontext() as log:
         # A session of its own makes the command's processes one group, which a signal reaches whole.
         child = subprocess.Popen(command, env=dict(env) if env is not None else None, start_new_session=True,
                                  stdout=log, stderr=subprocess.STDOUT if log else None)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: _signal_group(child, signum)) for sig in FORWARDED}
+    killed_at: list[float] = []  # when KillWait ends, once a SIGTERM came
+
+    def forward(signum: int, _frame: object) -> None:
+        _signal_group(child, signum)
+        if signum == signal.SIGTERM and kill_wait_s is not None and not killed_at:
+            killed_at.append(time.monotonic() + kill_wait_s)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    polled = abort_file is not None or kill_wait_s is not None
     try:
         while True:
             try:
-                code = child.wait(timeout=POLL_S if abort_file is not None else None)
+                code = child.wait(timeout=POLL_S if polled else None)
                 break
             except subprocess.TimeoutExpired:
-                if abort_file is not None and abort_file.exists():
+                if killed_at and time.monotonic() >= killed_at[0]:
+                    _signal_group(child, signal.SIGKILL)
+                elif abort_file is not None and abort_file.exists():
                     _stop(child, STOP_GRACE_S)
                     raise TaskFailed(command, child.returncode if child.returncode else 1,
                                      "stopped because another task failed") from None
     except BaseException:
         if child.returncode is None:
-            _stop(child, 0.5)
+            _stop(child, 0.5)  # submitit's own stop (the time limit's) kills this runner 1 s after its SIGINT
         raise
     finally:
         for sig, handler in previous.items():
@@ -164,7 +179,7 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
     if code != 0:
         # Ranks of a failed command may linger (a launcher's workers); they would hold ports and CPUs.
         _signal_group(child, signal.SIGKILL)
-        raise TaskFailed(command, code)
+        raise TaskFailed(command, code, "stopped by SIGTERM" if killed_at else "")
     return 0
 
 
@@ -188,13 +203,17 @@ def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: s
     ``output`` is the task's log path, with ``%t`` standing for its index as in srun's --output, and ``batch_log``
     the job's (``%j``: its id), where the task that fails first is named.
     """
+    # The controller ignores the terminal's Ctrl-C (hpc.submit._job_signals), and so would this runner; but its
+    # SIGINT is how the controller stops the tasks at the time limit. A group of its own keeps the terminal's out.
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     index = int(os.environ["SUBMITIT_LOCAL_GLOBALID"])
     job_id = os.environ["SUBMITIT_LOCAL_JOB_ID"]
     env = emulated_environ(os.environ, geometry, index, job_id)
     status_file = Path(folder) / f"{job_id}_{index}_exit"
     abort_file = Path(folder) / f"{job_id}_abort"
     try:
-        run(command, env=env, abort_file=abort_file,
+        run(command, env=env, abort_file=abort_file, kill_wait_s=STOP_GRACE_S,
             output=Path(output.replace("%t", str(index)).replace("%j", job_id)))
     except TaskFailed as failed:
         if not failed.reason:  # its own command failed, rather than stopped because another did

@@ -367,7 +367,7 @@ def test_cancel_of_a_local_job_whose_folder_was_deleted_still_stops_its_controll
     monkeypatch.setattr(jobs, "controller_pid", lambda record: 4321)
     monkeypatch.setattr(jobs.os, "kill", lambda pid, sig: signals.append((pid, sig)))
     assert jobs.cancel(rec("4321", str(tmp_path / "deleted"), via="local")) is True
-    assert signals == [(4321, jobs.signal.SIGINT)] and not (tmp_path / "deleted").exists()
+    assert signals == [(4321, jobs.signal.SIGTERM)] and not (tmp_path / "deleted").exists()
 
 
 def test_cancel_of_a_local_job_without_a_controller_says_nothing_was_cancelled(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ set -eu
 echo "rank=$SLURM_PROCID of $SLURM_NTASKS node=$SLURM_NODEID nodes=$SLURM_JOB_NODELIST job=$SLURM_JOB_ID"
 if [ "$SLURM_PROCID" = "${FAIL_RANK:-none}" ]; then echo "rank $SLURM_PROCID fails" >&2; exit 3; fi
 if [ "$SLURM_PROCID" = "${KILL_RANK:-none}" ]; then echo "rank $SLURM_PROCID is killed" >&2; kill -KILL $$; fi
+[ -z "${CHECKPOINT_S:-}" ] || trap 'sleep "$CHECKPOINT_S"; echo "rank $SLURM_PROCID checkpointed"; exit 75' TERM
 sleep "${SLEEP_S:-0}"
 """
 
@@ -129,6 +130,24 @@ def _in_sessions(sessions: set[int]) -> list[int]:
 
 
 @pytest.mark.timed  # cancelled within seconds
+def test_cancelling_a_local_job_gives_its_ranks_time_to_checkpoint(tmp_path, monkeypatch):
+    """As Slurm's KillWait does: a rank that checkpoints on SIGTERM (2 s here) finishes before SIGKILL. The local
+    runner once gave it 0.5 s, and submitit killed the runner itself after 1 s."""
+    home = tmp_path / "home"
+    submitted = submit_standin(tmp_path, monkeypatch, SLEEP_S="120", CHECKPOINT_S="2")
+    _ranks(int(submitted.record.job_id))
+    time.sleep(0.5)  # the trap is set once the rank's first line is out
+    started = time.monotonic()
+    assert hpcdist(["cancel", submitted.record.job_id], home).returncode == 0
+    assert time.monotonic() - started < 5, "cancel returns at once, as scancel does"
+    assert submitted.job.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
+    for index in range(2):
+        assert f"rank {index} checkpointed" in (tmp_path / "job" / "logs" / f"task-{index}.log").read_text()
+    # Stopped, not failed: no rank is named as the one that failed first.
+    assert not list((tmp_path / "job" / "logs").glob("batch-*"))
+
+
+@pytest.mark.timed  # cancelled within seconds
 def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellable(tmp_path, monkeypatch):
     """Closing the terminal of `submit --wait` hangs up its process group, the job's controller and task runners
     with it: they must not die of it and leave the ranks (sessions of their own) running where status and cancel
@@ -173,24 +192,25 @@ _wait(submitted.job)
 
 @pytest.mark.timed  # interrupted within seconds
 def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tmp_path):
-    """Ctrl-C at the terminal interrupts the waiter, the job's controller and its task runners alike: the job
-    was stopped by it, so it is CANCELLED (not FAILED), the waiter says so in one line and exits 130, as an
-    interrupted command does (it once printed 'Aborted!' and exited 1)."""
+    """Ctrl-C at the terminal interrupts the waiter alone, which cancels the job as `hpcdist cancel` does: it is
+    CANCELLED (not FAILED), its ranks get their time to checkpoint, and the waiter says so in one line and exits
+    130, as an interrupted command does (it once printed 'Aborted!' and exited 1, then under the job controller's
+    own KeyboardInterrupt traceback)."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
     waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(job_dir), str(home), STANDIN],
-                              env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
+                              env=environ(home, SLEEP_S="120", CHECKPOINT_S="2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     job_id = waiter.stdout.readline().strip()
-    deadline = time.monotonic() + 60
-    while not (job_dir / "logs" / "task-1.log").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
     ranks = _ranks(int(job_id))
+    time.sleep(0.5)  # the trap is set once the rank's first line is out
     os.killpg(waiter.pid, signal.SIGINT)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 130, out + err
-    assert err.splitlines() == [f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped"], err
+    assert err == f"hpcdist: interrupted: job {job_id} cancelled, its ranks stopped\n"
     assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
     assert len(ranks) == 2 and _in_sessions(ranks) == []
+    for index in range(2):
+        assert f"rank {index} checkpointed" in (job_dir / "logs" / f"task-{index}.log").read_text()
 
 
 # `hpcdist submit` of a stand-in job without --wait, as run from a terminal: it returns, the job runs on.

@@ -176,6 +176,18 @@ def test_abort_file_stops_a_running_command(tmp_path):
     assert "another task failed" in str(failed.value)
 
 
+def test_a_command_that_outlives_sigterm_by_kill_wait_is_killed(tmp_path):
+    """The local runner plays slurmd: a cancel's SIGTERM leaves the ranks KillWait to checkpoint, not forever."""
+    ready = tmp_path / "ready"
+    thread = _signal_self_when(ready, signal.SIGTERM)
+    started = time.monotonic()
+    with pytest.raises(task.TaskFailed) as failed:
+        task.run(["bash", "-c", f"trap '' TERM; touch {ready}; sleep 30"], kill_wait_s=1)
+    thread.join()
+    assert failed.value.code == 128 + signal.SIGKILL
+    assert time.monotonic() - started < 10
+
+
 def test_run_local_emulates_a_slurm_task_and_records_its_status(tmp_path):
     script = ("from hpc import task\n"
               "task.run_local(('sh', '-c', 'echo $SLURM_PROCID/$SLURM_NTASKS@$SLURM_JOB_NODELIST'),\n"

@@ -114,20 +114,18 @@ def _wait(job: Job) -> None:
 
 
 def _interrupted(job: Job) -> NoReturn:
-    """Ctrl-C while waiting: exit 130, as an interrupted command does. A Slurm job goes on. A local job's controller
-    and tasks were interrupted too (the terminal's process group): it stops, and unless it completed meanwhile it
-    reads CANCELLED, as the stop asked for, not FAILED."""
+    """Ctrl-C while waiting: exit 130, as an interrupted command does. A Slurm job goes on. A local job (which
+    the terminal's Ctrl-C does not reach: hpc.submit._job_signals) is cancelled as `hpcdist cancel` does, and
+    waited for while its ranks checkpoint; unless it ended meanwhile it reads CANCELLED, not FAILED."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
     if job.handle is None:
         click.echo(f"hpcdist: interrupted: stopped waiting; job {job.job_id} goes on (`hpcdist watch {job.job_id}` "
                    f"waits again, `hpcdist cancel {job.job_id}` stops it)", err=True)
         sys.exit(130)
-    follow(job.handle.done, bool, 0.2, 10)
-    if not job.handle.done():  # the interrupt was this process's alone: stopped as `hpcdist cancel` does
-        jobs.cancel(job.record)
-        follow(job.handle.done, bool, 0.2, 60)
-    if not jobs.local_state(job.record).ok:
-        jobs.mark_cancelled(job.record)
+    from hpc import task
+
+    jobs.cancel(job.record)
+    follow(job.handle.done, bool, 0.2, task.STOP_GRACE_S + 5)
     click.echo(f"hpcdist: interrupted: job {job.job_id} cancelled, its ranks stopped", err=True)
     sys.exit(130)
 
