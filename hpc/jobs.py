@@ -225,18 +225,13 @@ def cancel(record: Record, runner: Runner = slurm_run) -> bool:
     pid = controller_pid(record)
     if pid is None:
         return False
-    mark_cancelled(record)
+    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
+    with contextlib.suppress(FileNotFoundError):
+        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
     # Not the SIGINT of submitit's LocalJob.cancel: the controller ignores it (hpc.submit._job_signals), and its
     # own stop on it kills the task runners 1 s later, the ranks' checkpoint with them.
     os.kill(pid, signal.SIGTERM)
     return True
-
-
-def mark_cancelled(record: Record) -> None:
-    """Record that a local job was stopped on purpose: its state reads CANCELLED, not FAILED."""
-    # A job whose folder was deleted while it runs is still stopped; only its status has nowhere to go.
-    with contextlib.suppress(FileNotFoundError):
-        (record.submitit_dir / f"{record.job_id}_cancelled").touch()
 
 
 def slurm_available(environ: Mapping[str, str]) -> bool:

@@ -141,8 +141,8 @@ def lookup(key: str, environ: Mapping[str, str], one: bool = False) -> Record:
         raise JobError(str(exc)) from None
     records = load(registry_path(environ))
     record = find(records, key, os.getcwd())
-    dirs = sorted({os.path.normpath(r.job_dir) for r in records if r.job_id == key})
-    if one and len(dirs) > 1:
+    dirs = sorted({os.path.normpath(r.job_dir) for r in records if r.job_id == key}) if one else []
+    if len(dirs) > 1:
         raise JobError(f"job id {key} names {len(dirs)} jobs submitted from here, in {', '.join(map(ascii, dirs[:3]))}"
                        ": pass the job directory of the one you mean")
     if record is None and Path(key).is_dir():

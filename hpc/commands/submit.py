@@ -314,7 +314,8 @@ def list_jobs(last: int) -> None:
     if not recent:
         try:  # a registry that reads as empty because it is a link, a folder or unreadable is not "no jobs"
             registry.writable(path)
-            path.exists() and path.open("rb").close()
+            if path.exists():
+                path.open("rb").close()
         except OSError as exc:
             fail("list", exc)
         click.echo("no jobs submitted from here yet")
