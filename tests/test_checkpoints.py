@@ -23,11 +23,14 @@ def test_the_newest_step_whose_every_deepspeed_part_some_node_holds_is_chosen():
     assert checkpoints.newest_whole(offers) == (40, ["part-0-of-1"])
 
 
+def publish(folder: Path, step: int) -> None:
+    """A complete checkpoint of one file at ``step`` in ``folder``."""
+    (folder / checkpoints.name_for(step)).mkdir(parents=True)
+    (folder / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
+    checkpoints.write_manifest(folder / checkpoints.name_for(step), step)
+
+
 def test_a_resume_from_disk_starts_at_the_newer_of_the_checkpoint_and_the_parts_every_node_persisted(tmp_path):
-    def publish(folder: Path, step: int) -> None:
-        (folder / checkpoints.name_for(step)).mkdir(parents=True)
-        (folder / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
-        checkpoints.write_manifest(folder / checkpoints.name_for(step), step)
     assert checkpoints.resumable_step(tmp_path) is None
     publish(tmp_path, 20)
     publish(tmp_path / checkpoints.PARTS / "part-0-of-2", 30)
@@ -44,9 +47,7 @@ def test_a_resume_from_disk_starts_at_the_newer_of_the_checkpoint_and_the_parts_
 def test_a_manifest_of_the_wrong_shape_makes_its_checkpoint_damaged_and_the_one_before_is_resumed(tmp_path,
                                                                                                  manifest):
     for step in (10, 20):
-        (tmp_path / checkpoints.name_for(step)).mkdir()
-        (tmp_path / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
-        checkpoints.write_manifest(tmp_path / checkpoints.name_for(step), step)
+        publish(tmp_path, step)
     (tmp_path / "step00000020" / checkpoints.MANIFEST).write_text(manifest)
     assert checkpoints.damage(tmp_path / "step00000020") == (
         f"unreadable {checkpoints.MANIFEST} (its files are not names with a size and a SHA-256)")
@@ -58,9 +59,7 @@ def test_a_manifest_of_the_wrong_shape_makes_its_checkpoint_damaged_and_the_one_
 def test_a_manifest_naming_a_file_outside_its_checkpoint_makes_it_damaged_and_the_one_before_is_resumed(tmp_path,
                                                                                                       outside):
     for step in (10, 20):
-        (tmp_path / checkpoints.name_for(step)).mkdir()
-        (tmp_path / checkpoints.name_for(step) / "x.pt").write_bytes(b"x")
-        checkpoints.write_manifest(tmp_path / checkpoints.name_for(step), step)
+        publish(tmp_path, step)
     newer = tmp_path / "step00000020"
     # step 20's own file torn, its manifest vouching for step 10's intact one instead
     (newer / "x.pt").write_bytes(b"")
