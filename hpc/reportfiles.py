@@ -75,7 +75,8 @@ def _draw_loss(ax: Any, segments: list) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over ranks)")
     ax.set_title("loss", fontsize=10)
-    ax.legend(fontsize=7)
+    # Placed, never "best": matplotlib's search for the best place warns on a busy machine, and looks at every point.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _draw_rate(ax: Any, series: dict) -> None:
@@ -84,7 +85,7 @@ def _draw_rate(ax: Any, series: dict) -> None:
     ax.set_xlabel("seconds since the first heartbeat")
     ax.set_ylabel("images/s (this rank)")
     ax.set_title("images/s per rank", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _draw_waterfall(ax: Any, falls: list[timeline.Waterfall]) -> None:

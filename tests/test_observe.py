@@ -671,6 +671,22 @@ def test_a_chart_matplotlib_cannot_place_is_left_out_and_the_report_still_writte
     assert (folder / "rate.png").is_file() and (folder / "overview.png").is_file()
 
 
+@pytest.mark.parametrize("name", ["loss", "rate", "waterfall", "goodput"])
+def test_every_chart_places_its_own_legend_so_a_busy_machine_never_warns_the_search_was_slow(
+        tmp_path: Path, name: str, monkeypatch) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.legend
+
+    from hpc import reportfiles
+    ticks = iter(range(0, 10**6, 5))  # every reading five seconds after the last: a search for "best" looks slow
+    monkeypatch.setattr(matplotlib.legend.time, "perf_counter", lambda: float(next(ticks)))
+    fall = timeline.Waterfall(0, 0, "n1", (("submitted", T0), ("started", T0 + 2.0)))
+    data = {"loss": [[(1, 2.0), (2, 1.5)]], "rate": {0: [(0.0, 10.0), (1.0, 11.0)]}, "waterfall": [fall],
+            "goodput": {"allocated_node_s": 10.0, "redone_steps": 0, "share": dict.fromkeys(report.CATEGORIES, 0.25)}}
+    assert reportfiles.draw_chart(tmp_path, name, data[name])["lines" if name in ("loss", "rate") else "bars"]
+
+
 def test_goodput_json_is_json_whatever_times_a_heartbeat_claims(tmp_path: Path) -> None:
     # A clock (or a writer) that says 1e308: the shares come out NaN, which JSON has no word for.
     hist = {0: [beat(0, time=T0 + i, step=i * 5, phase="train") for i in range(3)] + [beat(0, time=1e308, step=20,
