@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -84,6 +85,35 @@ def test_list_names_a_registry_it_cannot_read_instead_of_saying_no_jobs(tmp_path
     (home / registry.REGISTRY).symlink_to(elsewhere)
     result = CliRunner().invoke(list_jobs, [])
     assert result.exit_code == 2 and "symbolic link" in result.output and "no jobs" not in result.output
+
+def fake_slurm(tmp_path: Path, **answers: str) -> dict[str, str]:
+    """An environment whose Slurm commands are stubs that print ``answers[name]`` (else fail) and log each argv's
+    length in bytes to tmp_path/calls; HPCDIST_HOME is tmp_path/home."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name in ("squeue", "sacct", "scancel", "scontrol", "sinfo", "sbatch"):
+        out = answers.get(name)
+        (stubs / name).write_text(f'#!/bin/sh\necho "$0 $(echo "$*" | wc -c)" >> {tmp_path}/calls\n'
+                                  + (f"printf '%s' '{out}'\n" if out is not None else "exit 1\n"))
+        (stubs / name).chmod(0o755)
+    return {"PATH": f"{stubs}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "home")}
+
+
+def test_status_of_a_job_whose_run_folder_is_a_link_shows_slurms_state_then_refuses_the_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import status
+
+    env = fake_slurm(tmp_path, sacct="4242|COMPLETED|0:0|n1|00:01:00|1\n")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "run").symlink_to(tmp_path)
+    registry.append(tmp_path / "home" / registry.REGISTRY, rec("4242", str(job_dir), via="sbatch"))
+    result = CliRunner().invoke(status, ["4242"], env=env)
+    assert result.exit_code == 2  # as top, timeline, report and logs refuse a linked folder
+    assert result.stdout.startswith("4242  COMPLETED  exit=0  nodes=n1")
+    assert result.stderr.count("\n") == 1 and "run is a symbolic link" in result.stderr
+
 
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

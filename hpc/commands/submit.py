@@ -200,9 +200,9 @@ def status(job: str) -> None:
         # Slurm answers (squeue, sacct) while the node files are read: at 4,096 nodes both take a while.
         asked = asking.submit(lambda: (jobs.state(record), Job(record).attempts(accounted=True)))
         try:
-            seen = telemetry.seen_of(record)
-        except registry.JobError as exc:
-            fail("status", exc)
+            seen, refused = telemetry.seen_of(record), None
+        except registry.JobError as exc:  # a linked run/: Slurm's word on the job is still known, and shown first
+            seen, refused = None, exc
         current, history = asked.result()
     cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
@@ -217,6 +217,8 @@ def status(job: str) -> None:
         click.echo(f"hpcdist status: job directory {record.job_dir} no longer exists (deleted or moved): logs "
                    f"and results are gone; known is {known}", err=True)
         return
+    if refused is not None:
+        fail("status", refused)
     for line in status_lines(record, ended=current.done, seen=seen):
         click.echo(shown.line(line, limit=2000))
     if not current.done and record.via != "local":
