@@ -115,6 +115,29 @@ def test_status_of_a_job_whose_run_folder_is_a_link_shows_slurms_state_then_refu
     assert result.stderr.count("\n") == 1 and "run is a symbolic link" in result.stderr
 
 
+@pytest.mark.parametrize("args", [["list"], ["status", "4242"], ["cancel", "4242"], ["logs", "4242"],
+                                  ["submit", "--via", "sbatch", "--executor", "slurm", "--backend", "ddp"],
+                                  ["sweep", "--grid", "backend=ddp,dp"]], ids=lambda args: args[0])
+def test_every_command_refuses_a_registry_that_is_a_link_in_one_line_exit_2_and_leaves_nothing(tmp_path, args):
+    """submit and sweep exited 1 on it, list 2, and status, cancel and logs said no such job was submitted."""
+    from click.testing import CliRunner
+
+    from hpc.cli import main
+
+    env = fake_slurm(tmp_path)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    registry.append(elsewhere, rec("4242", str(tmp_path / "job"), via="sbatch"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / registry.REGISTRY).symlink_to(elsewhere)
+    before = elsewhere.read_text()
+    writes = ["-o", str(tmp_path / "out")] if args[0] in ("submit", "sweep") else []
+    result = CliRunner().invoke(main, [*args, *writes], env=env)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{tmp_path}/home/jobs.jsonl is a symbolic link" in result.stderr and "HPCDIST_HOME" in result.stderr
+    assert elsewhere.read_text() == before and not (tmp_path / "out").exists()
+    assert "sbatch" not in (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else True
+
+
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = tmp_path / "job"
@@ -488,7 +511,9 @@ def test_a_registry_line_of_the_wrong_type_range_or_length_is_skipped(fields) ->
     assert [r.job_id for r in registry.parse_registry(text)] == ["6"]
 
 
-def test_a_registry_that_is_not_a_readable_file_is_empty(tmp_path: Path) -> None:
+def test_a_registry_of_damaged_bytes_is_empty_but_one_that_is_a_folder_is_refused_naming_the_fix(tmp_path) -> None:
     (tmp_path / "dir").mkdir()
     (tmp_path / "bad").write_bytes(b"\xff\xfe\n")
-    assert registry.load(tmp_path / "dir") == [] and registry.load(tmp_path / "bad") == []
+    assert registry.load(tmp_path / "bad") == []
+    with pytest.raises(registry.JobError, match="dir is a directory, not a file; move it away, or set HPCDIST_HOME"):
+        registry.load(tmp_path / "dir")

@@ -311,15 +311,11 @@ def cancel(job: str) -> None:
 @click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="How many of the newest jobs.")
 def list_jobs(last: int) -> None:
     """List the jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl), newest last."""
-    path = registry.registry_path(os.environ)
-    recent = registry.load(path)[-last:]
+    try:
+        recent = registry.load(registry.registry_path(os.environ))[-last:]
+    except registry.JobError as exc:
+        fail("list", exc)
     if not recent:
-        try:  # a registry that reads as empty because it is a link, a folder or unreadable is not "no jobs"
-            registry.writable(path)
-            if path.exists():
-                path.open("rb").close()
-        except OSError as exc:
-            fail("list", exc)
         click.echo("no jobs submitted from here yet")
         return
     current = jobs.states(recent)
