@@ -144,6 +144,15 @@ def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
             or next((r for r in newest_first if os.path.normpath(r.job_dir) == directory), None))
 
 
+def array_tasks(key: str, environ: Mapping[str, str]) -> list[Record]:
+    """The registered tasks (``KEY_0``, ``KEY_1``, ...) of the job array whose own id is ``key``, as a sweep
+    registers them; none where ``key`` is no such id or a job of its own has it."""
+    records = load(registry_path(environ))
+    if not grammar.is_job_id(key) or "_" in key or any(r.job_id == key for r in records):
+        return []
+    return [r for r in records if r.via != "local" and r.job_id.partition("_")[0] == key]
+
+
 def lookup(key: str, environ: Mapping[str, str], one: bool = False) -> Record:
     """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker; ``one``: JobError for an
     id that names jobs in several directories (a local job's id is a pid, which a Slurm job's number may equal),

@@ -87,14 +87,14 @@ def test_list_names_a_registry_it_cannot_read_instead_of_saying_no_jobs(tmp_path
     assert result.exit_code == 2 and "symbolic link" in result.output and "no jobs" not in result.output
 
 def fake_slurm(tmp_path: Path, **answers: str) -> dict[str, str]:
-    """An environment whose Slurm commands are stubs that print ``answers[name]`` (else fail) and log each argv's
-    length in bytes to tmp_path/calls; HPCDIST_HOME is tmp_path/home."""
+    """An environment whose Slurm commands are stubs that print ``answers[name]`` (else fail) and log each call to
+    tmp_path/calls; HPCDIST_HOME is tmp_path/home."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     for name in ("squeue", "sacct", "scancel", "scontrol", "sinfo", "sbatch"):
         out = answers.get(name)
-        (stubs / name).write_text(f'#!/bin/sh\necho "$0 $(echo "$*" | wc -c)" >> {tmp_path}/calls\n'
-                                  + (f"printf '%s' '{out}'\n" if out is not None else "exit 1\n"))
+        (stubs / name).write_text(f'#!/bin/sh\necho "${{0##*/}} $*" >> {tmp_path}/calls\n'
+                                  + (f"printf '%b' '{out}'\n" if out is not None else "exit 1\n"))
         (stubs / name).chmod(0o755)
     return {"PATH": f"{stubs}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "home")}
 
@@ -136,6 +136,34 @@ def test_every_command_refuses_a_registry_that_is_a_link_in_one_line_exit_2_and_
     assert f"{tmp_path}/home/jobs.jsonl is a symbolic link" in result.stderr and "HPCDIST_HOME" in result.stderr
     assert elsewhere.read_text() == before and not (tmp_path / "out").exists()
     assert "sbatch" not in (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else True
+
+
+def test_cancel_of_a_job_arrays_own_id_cancels_the_array_whose_tasks_are_registered(tmp_path):
+    """A sweep registers its array's tasks (1234_0, ...): `cancel 1234` said no job 1234 was submitted."""
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, squeue="1234_0|RUNNING|n1|0:05\n1234_1|PENDING|(null)|0:00\n", scancel="")
+    for task in range(4):
+        registry.append(tmp_path / "home" / registry.REGISTRY, rec(f"1234_{task}", str(tmp_path / f"task-{task}")))
+    result = CliRunner().invoke(cancel, ["1234"], env=env)
+    assert (result.exit_code, result.output) == (0, "Cancelled job array 1234 (4 tasks registered here)\n")
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == "scancel 1234"
+
+
+def test_cancel_of_a_job_array_that_ended_says_so_and_cancels_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, sacct="1234_0|COMPLETED|0:0|n1|0|1\n1234_1|FAILED|1:0|n1|0|1\n", scancel="")
+    for task in range(2):
+        registry.append(tmp_path / "home" / registry.REGISTRY, rec(f"1234_{task}", str(tmp_path / f"task-{task}")))
+    result = CliRunner().invoke(cancel, ["1234"], env=env)
+    assert (result.exit_code, result.output) == (0, "job array 1234 (2 tasks registered here) already ended: "
+                                                    "COMPLETED, FAILED\n")
+    assert "scancel" not in (tmp_path / "calls").read_text()
 
 
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):

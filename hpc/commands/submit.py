@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
@@ -292,19 +293,25 @@ def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> in
 @click.command()
 @click.argument("job")
 def cancel(job: str) -> None:
-    """Cancel a job (scancel; a local job's tasks are stopped)."""
-    record = lookup("cancel", job, one=True)
-    current = jobs.state(record)
-    if current.done:
-        click.echo(f"job {record.job_id} already ended: {current.state}")
+    """Cancel a job (scancel; a local job's tasks are stopped), or a job array given its own id."""
+    try:
+        tasks = registry.array_tasks(job, os.environ)
+    except registry.JobError as exc:
+        fail("cancel", exc)
+    # The array under its own id, which scancel takes for every one of its tasks.
+    record = replace(tasks[-1], job_id=job) if tasks else lookup("cancel", job, one=True)
+    what = f"job array {job} ({len(tasks)} tasks registered here)" if tasks else f"job {record.job_id}"
+    current = jobs.states(tasks or [record])
+    if all(now.done for now in current):
+        click.echo(f"{what} already ended: {', '.join(sorted({now.state for now in current}))}")
         return
     try:
         stopped = jobs.cancel(record)
     except registry.JobError as exc:
         click.echo(f"hpcdist cancel: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"Cancelled job {record.job_id}" if stopped else
-               f"job {record.job_id} is not running here (its controller is gone): nothing to cancel")
+    click.echo(f"Cancelled {what}" if stopped else
+               f"{what} is not running here (its controller is gone): nothing to cancel")
 
 
 @click.command("list")
