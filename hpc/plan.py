@@ -24,8 +24,8 @@ MODEL_STATE_FRACTION = 0.80
 
 PRECISIONS = vocab.DTYPES
 
-# --precision auto is settled after the backend is chosen (hpc.dsconfig); planning it as fp32, which needs
-# at least as much as bf16 in every plan, keeps a "fits" true whichever it becomes.
+# `hpcdist plan --precision auto` knows neither device nor config; planning it as fp32, which needs at least as
+# much as bf16 in every plan, keeps a "fits" true whichever it becomes (render plans in what hpc.dsconfig decides).
 PLANNED_AS = {"auto": "fp32"}
 OPTIMIZERS = ("adam", "sgd")
 
@@ -240,7 +240,7 @@ def recommend(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int
               optimizer: str = "adam") -> Recommendation:
     """The backend with the least communication whose model states fit, offloading only when nothing else does."""
     rows = {e.name: e for e in estimate(params, nodes, gpus_per_node, gpu_memory_bytes, precision, optimizer)}
-    nd = nodes * gpus_per_node
+    nd, planned = nodes * gpus_per_node, PLANNED_AS.get(precision, precision)
     budget = f"{MODEL_STATE_FRACTION:.0%} of {human_bytes(gpu_memory_bytes)}" if gpu_memory_bytes else ""
     ddp = rows["ddp"]
     hb = human_bytes
@@ -255,13 +255,13 @@ def recommend(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int
         if row.fits:
             what = "optimizer state" if name == "zero1" else "optimizer state and gradients"
             return Recommendation("deepspeed", row.zero_stage, False,
-                                  f"DDP needs {hb(ddp.gpu_bytes)} per GPU, over {budget}; partitioning the {what} "
-                                  f"over {nd} GPUs needs {hb(row.gpu_bytes)} at DDP's communication volume")
+                                  f"DDP needs {hb(ddp.gpu_bytes)} per GPU, over {budget}; partitioning the {what} over "
+                                  f"{nd} GPUs needs {hb(row.gpu_bytes)} in {planned} at DDP's communication volume")
     zero3 = rows["zero3"]
     if zero3.fits:
         return Recommendation("deepspeed", 3, False,
                               f"ZeRO-2 needs {hb(rows['zero2'].gpu_bytes)} per GPU, over {budget}; partitioning "
-                              f"parameters too needs {hb(zero3.gpu_bytes)} for 1.5x DDP's communication")
+                              f"parameters too needs {hb(zero3.gpu_bytes)} in {planned} for 1.5x DDP's communication")
     # ZeRO-3 with parameters offloaded keeps no model state on the GPU, so it is the plan of last resort;
     # what it asks of host memory is in its reason.
     row = rows["zero2-offload"] if rows["zero2-offload"].fits else rows["zero3-offload"]

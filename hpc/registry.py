@@ -19,7 +19,7 @@ MARKER = vocab.SUBMITTED_JSON
 
 
 class JobError(LookupError):
-    """A job that cannot be found or asked about; the message is one line."""
+    """A job that cannot be found or asked about, or a registry no command may use; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,20 @@ def parse_registry(text: str) -> list[Record]:
     return out
 
 
+# What follows every refusal of the registry: moving it is the user's call, never hpcdist's.
+_FIX = "move it away, or set HPCDIST_HOME to a folder of your own"
+
+
 def load(path: Path) -> list[Record]:
-    """The registry's records; a registry that is not a readable file counts as empty, and its newest lines
-    are what a registry over jobfiles' size bound keeps."""
+    """The registry's records, none before the first submission; a registry over jobfiles' size bound keeps its
+    newest lines. JobError for one that is there but no file of its own (a link, a folder) or unreadable, which no
+    command may take for "no jobs"."""
     try:
         data = jobfiles.read_bytes(path, jobfiles.MAX_BYTES, tail=True)
-    except (OSError, jobfiles.Damaged):
+    except FileNotFoundError:
         return []
+    except jobfiles.Damaged as exc:
+        raise JobError(f"job registry: {exc}; {_FIX}") from None
     return parse_registry(data.decode("utf-8", errors="replace"))
 
 
@@ -97,18 +104,24 @@ def append(path: Path, record: Record) -> None:
 
 
 def writable(path: Path) -> None:
-    """Refuse, creating nothing, a registry that could not take a line: what open_own refuses there (a link, a
-    folder: UnsafePath), or a folder that cannot be written (OSError). Asked before a job is submitted, since
+    """JobError, creating nothing, for a registry that could not take a line: one that load refuses, one this user
+    may not append to, or none and no folder this user may create it in. Asked before a job is submitted, since
     one Slurm runs must not go unregistered, and a refused submission leaves nothing behind."""
-    if os.path.lexists(path):
-        fileio.open_own(path, append=True).close()
-        return
+    try:
+        if os.path.lexists(path):
+            jobfiles.open_regular(path).close()
+            fileio.open_own(path, append=True).close()
+            return
+    except jobfiles.Damaged as exc:
+        raise JobError(f"job registry: {exc}; {_FIX}") from None
+    except OSError as exc:
+        raise JobError(f"job registry: cannot write {path}: {exc.strerror or exc}; {_FIX}") from None
     folder = Path(path).parent
     while not os.path.lexists(folder):
         folder = folder.parent
     if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-        raise OSError(f"cannot create the job registry {path}: {folder} is no folder this user may write; set "
-                      "HPCDIST_HOME to one")
+        raise JobError(f"job registry: cannot create {path}: {folder} is no folder this user may write; set "
+                       "HPCDIST_HOME to one")
 
 
 def write_marker(record: Record) -> None:
@@ -129,6 +142,15 @@ def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
     directory = os.path.normpath(os.path.join(cwd, key))
     return (next((r for r in newest_first if r.job_id == key), None)
             or next((r for r in newest_first if os.path.normpath(r.job_dir) == directory), None))
+
+
+def array_tasks(key: str, environ: Mapping[str, str]) -> list[Record]:
+    """The registered tasks (``KEY_0``, ``KEY_1``, ...) of the job array whose own id is ``key``, as a sweep
+    registers them; none where ``key`` is no such id or a job of its own has it."""
+    records = load(registry_path(environ))
+    if not grammar.is_job_id(key) or "_" in key or any(r.job_id == key for r in records):
+        return []
+    return [r for r in records if r.via != "local" and r.job_id.partition("_")[0] == key]
 
 
 def lookup(key: str, environ: Mapping[str, str], one: bool = False) -> Record:

@@ -90,7 +90,8 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     CPUs the job runs on, when not the profile's nodes (the local executor runs on this machine)."""
     if job_dir is not None:
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
-    spec, ds_config, precision_reason = settle(check(spec, profile), cpus or profile.cpus())
+    cpus = cpus or profile.cpus()
+    spec, ds_config, precision_reason = settle(check(spec, profile, cpus), cpus)
     jdir = Path(spec.job_dir)
     boxed = container_context(spec, profile)
     context = {

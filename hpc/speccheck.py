@@ -12,7 +12,7 @@ import re
 from dataclasses import replace
 
 from hpc import container as containers
-from hpc import jobfiles, nodelist, plan, shown
+from hpc import dsconfig, jobfiles, nodelist, plan, shown
 from hpc.profiles import Profile
 from hpc.spec import (
     DEFAULT_TIME,
@@ -42,11 +42,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PROFILE_DEFAULTS = ("gpus_per_node", "cpus_per_task", "partition", "account")
 
 
-def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
+def resolve(spec: JobSpec, profile: Profile, cpus: dsconfig.Cpus | None = None) -> JobSpec:
     """Fill the profile's defaults and settle ``--backend auto`` and the ZeRO stage.
 
     ``--backend auto`` asks hpc.plan for the configuration with the least communication whose model
     states fit the profile's gpu_memory; the model is the built-in ConvNet unless --params says otherwise.
+    ``cpus``: where a CPU-only job runs, as render is given them (else the profile's).
     """
     spec = replace(
         spec,
@@ -56,9 +57,13 @@ def resolve(spec: JobSpec, profile: Profile) -> JobSpec:
     )
     if spec.backend == "auto":
         try:
+            # DeepSpeed's plans in the precision DeepSpeed would train, decided as render will (DDP's memory is
+            # the same in any): planned as fp32, a job that trains in fp16 got a ZeRO stage and numbers it never had.
+            precision = dsconfig.choose(spec.precision, gpu=bool(spec.gpus_per_node), cpus=cpus or profile.cpus(),
+                                        config=dsconfig.load(dsconfig.base_path())).precision
             rec = plan.recommend(spec.params or plan.model_params("convnet"), spec.nodes, spec.procs_per_node,
-                                 profile.gpu_memory, spec.precision)
-        except plan.PlanError as exc:
+                                 profile.gpu_memory, precision)
+        except (plan.PlanError, dsconfig.ConfigError) as exc:
             raise SpecError(f"--backend auto: {exc}") from None
         spec = replace(spec, backend=rec.backend, backend_reason=rec.reason, offload=spec.offload or rec.offload,
                        zero_stage=spec.zero_stage if spec.zero_stage is not None else rec.zero_stage)
@@ -108,12 +113,12 @@ def _settle_container(spec: JobSpec, profile: Profile) -> JobSpec:
     return replace(spec, container=chosen.image, container_runtime=chosen.runtime)
 
 
-def check(spec: JobSpec, profile: Profile) -> JobSpec:
+def check(spec: JobSpec, profile: Profile, cpus: dsconfig.Cpus | None = None) -> JobSpec:
     """Check geometry and inputs; return the resolved spec or raise SpecError (one line, the fix)."""
     _check_choices(spec)
     # Sizes twice: before the --backend auto model sees them, and once the profile's defaults are in.
     check_sizes(spec)
-    spec = resolve(spec, profile)
+    spec = resolve(spec, profile, cpus)
     check_sizes(spec)
     spec = _settle_container(spec, profile)
     _check_zero_stage_backend(spec)

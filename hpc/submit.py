@@ -267,7 +267,8 @@ def _copy(fd: int) -> int | None:
 
 
 def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:
-    """Submit and register; raises SubmitError or OSError (the job directory is then the caller's to remove)."""
+    """Submit and register; raises SubmitError, OSError or registry.JobError (the job directory is then the
+    caller's to remove)."""
     registry.writable(registry.registry_path(environ))
     handle = None
     if where == "sbatch":

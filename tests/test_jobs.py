@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -84,6 +85,86 @@ def test_list_names_a_registry_it_cannot_read_instead_of_saying_no_jobs(tmp_path
     (home / registry.REGISTRY).symlink_to(elsewhere)
     result = CliRunner().invoke(list_jobs, [])
     assert result.exit_code == 2 and "symbolic link" in result.output and "no jobs" not in result.output
+
+def fake_slurm(tmp_path: Path, **answers: str) -> dict[str, str]:
+    """An environment whose Slurm commands are stubs that print ``answers[name]`` (else fail) and log each call to
+    tmp_path/calls; HPCDIST_HOME is tmp_path/home."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name in ("squeue", "sacct", "scancel", "scontrol", "sinfo", "sbatch"):
+        out = answers.get(name)
+        (stubs / name).write_text(f'#!/bin/sh\necho "${{0##*/}} $*" >> {tmp_path}/calls\n'
+                                  + (f"printf '%b' '{out}'\n" if out is not None else "exit 1\n"))
+        (stubs / name).chmod(0o755)
+    return {"PATH": f"{stubs}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "home")}
+
+
+def test_status_of_a_job_whose_run_folder_is_a_link_shows_slurms_state_then_refuses_the_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import status
+
+    env = fake_slurm(tmp_path, sacct="4242|COMPLETED|0:0|n1|00:01:00|1\n")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "run").symlink_to(tmp_path)
+    registry.append(tmp_path / "home" / registry.REGISTRY, rec("4242", str(job_dir), via="sbatch"))
+    result = CliRunner().invoke(status, ["4242"], env=env)
+    assert result.exit_code == 2  # as top, timeline, report and logs refuse a linked folder
+    assert result.stdout.startswith("4242  COMPLETED  exit=0  nodes=n1")
+    assert result.stderr.count("\n") == 1 and "run is a symbolic link" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["list"], ["status", "4242"], ["cancel", "4242"], ["logs", "4242"],
+                                  ["submit", "--via", "sbatch", "--executor", "slurm", "--backend", "ddp"],
+                                  ["sweep", "--grid", "backend=ddp,dp"]], ids=lambda args: args[0])
+def test_every_command_refuses_a_registry_that_is_a_link_in_one_line_exit_2_and_leaves_nothing(tmp_path, args):
+    """submit and sweep exited 1 on it, list 2, and status, cancel and logs said no such job was submitted."""
+    from click.testing import CliRunner
+
+    from hpc.cli import main
+
+    env = fake_slurm(tmp_path)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    registry.append(elsewhere, rec("4242", str(tmp_path / "job"), via="sbatch"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / registry.REGISTRY).symlink_to(elsewhere)
+    before = elsewhere.read_text()
+    writes = ["-o", str(tmp_path / "out")] if args[0] in ("submit", "sweep") else []
+    result = CliRunner().invoke(main, [*args, *writes], env=env)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{tmp_path}/home/jobs.jsonl is a symbolic link" in result.stderr and "HPCDIST_HOME" in result.stderr
+    assert elsewhere.read_text() == before and not (tmp_path / "out").exists()
+    assert "sbatch" not in (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else True
+
+
+def test_cancel_of_a_job_arrays_own_id_cancels_the_array_whose_tasks_are_registered(tmp_path):
+    """A sweep registers its array's tasks (1234_0, ...): `cancel 1234` said no job 1234 was submitted."""
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, squeue="1234_0|RUNNING|n1|0:05\n1234_1|PENDING|(null)|0:00\n", scancel="")
+    for task in range(4):
+        registry.append(tmp_path / "home" / registry.REGISTRY, rec(f"1234_{task}", str(tmp_path / f"task-{task}")))
+    result = CliRunner().invoke(cancel, ["1234"], env=env)
+    assert (result.exit_code, result.output) == (0, "Cancelled job array 1234 (4 tasks registered here)\n")
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == "scancel 1234"
+
+
+def test_cancel_of_a_job_array_that_ended_says_so_and_cancels_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, sacct="1234_0|COMPLETED|0:0|n1|0|1\n1234_1|FAILED|1:0|n1|0|1\n", scancel="")
+    for task in range(2):
+        registry.append(tmp_path / "home" / registry.REGISTRY, rec(f"1234_{task}", str(tmp_path / f"task-{task}")))
+    result = CliRunner().invoke(cancel, ["1234"], env=env)
+    assert (result.exit_code, result.output) == (0, "job array 1234 (2 tasks registered here) already ended: "
+                                                    "COMPLETED, FAILED\n")
+    assert "scancel" not in (tmp_path / "calls").read_text()
+
 
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -458,7 +539,9 @@ def test_a_registry_line_of_the_wrong_type_range_or_length_is_skipped(fields) ->
     assert [r.job_id for r in registry.parse_registry(text)] == ["6"]
 
 
-def test_a_registry_that_is_not_a_readable_file_is_empty(tmp_path: Path) -> None:
+def test_a_registry_of_damaged_bytes_is_empty_but_one_that_is_a_folder_is_refused_naming_the_fix(tmp_path) -> None:
     (tmp_path / "dir").mkdir()
     (tmp_path / "bad").write_bytes(b"\xff\xfe\n")
-    assert registry.load(tmp_path / "dir") == [] and registry.load(tmp_path / "bad") == []
+    assert registry.load(tmp_path / "bad") == []
+    with pytest.raises(registry.JobError, match="dir is a directory, not a file; move it away, or set HPCDIST_HOME"):
+        registry.load(tmp_path / "dir")

@@ -362,6 +362,16 @@ def test_auto_backend_partitions_what_does_not_fit() -> None:
     assert "ZeRO-2 needs" in chosen.backend_reason
 
 
+def test_auto_backend_plans_deepspeed_in_the_precision_it_will_train_not_in_fp32() -> None:
+    """With --precision auto the plan weighed ZeRO as fp32 (ZeRO-1 77.0 GB, so ZeRO-2 at 56.0 GB) and printed
+    that as fact, while the job trains in the config's fp16, where ZeRO-1 needs 49.0 GB."""
+    site = replace(SITE, gpu_memory=80 * 10**9)
+    spec = replace(golden_spec("ddp", "srun"), backend="auto", params=7_000_000_000)
+    rendered = render.render(spec, site, search=builtin())
+    assert (rendered.spec.backend, rendered.spec.zero_stage, rendered.spec.precision) == ("deepspeed", 1, "fp16")
+    assert rendered.spec.backend_reason.endswith("over 4 GPUs needs 49.0 GB in fp16 at DDP's communication volume")
+
+
 def test_auto_backend_offloads_only_when_nothing_fits_on_the_gpus() -> None:
     site = replace(SITE, gpu_memory=80 * 10**9)
     spec = replace(golden_spec("ddp", "srun"), backend="auto", params=70_000_000_000, precision="bf16")

@@ -54,6 +54,24 @@ def test_commands_return_slurms_text_or_none_and_take_a_fake_slurm() -> None:
         commands.sbatch(Path("job.sbatch"), runner=lambda argv: subprocess.CompletedProcess(argv, 1, "", "no\n"))
 
 
+def test_a_list_of_any_number_of_jobs_reaches_slurm_in_arguments_exec_accepts() -> None:
+    """20,000 job ids made one `-j` argument of 180 KB, which exec refuses (E2BIG): list showed every job UNKNOWN."""
+    jobs = [str(30_000_000 + i) for i in range(20_000)]
+    lengths: list[int] = []
+
+    def fake(argv):  # as exec: no single argument over the kernel's MAX_ARG_STRLEN
+        lengths.append(max(len(a.encode()) for a in argv))
+        if lengths[-1] > 128 * 1024:
+            return subprocess.CompletedProcess(argv, 127, "", f"cannot run {argv[0]}: Argument list too long")
+        asked = argv[argv.index("-j") + 1].split(",")
+        return subprocess.CompletedProcess(argv, 0, "".join(f"{j}|PENDING\n" for j in asked), "")
+
+    for text in (commands.sacct(jobs, ("JobID", "State"), runner=fake),
+                 commands.squeue("%i|%T", jobs=jobs, runner=fake), commands.queued(jobs, "%i|%T", runner=fake)[0]):
+        assert [row["JobID"] for row in parse.rows(text, ("JobID", "State"))] == jobs
+    assert max(lengths) < 32 * 1024 and len(lengths) < 100
+
+
 @pytest.mark.parametrize("job", ["0", "", "--me", "-1", "12,13", "12 13", "012", "12_", "12_4_5", "12+0", "١٢"])
 def test_what_is_no_job_id_never_reaches_slurm(job: str) -> None:
     """scontrol show job 0 and sacct -j 0 answer with every job, scancel --me cancels every one of the user's."""

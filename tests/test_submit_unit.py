@@ -253,7 +253,7 @@ def test_a_registry_that_cannot_take_the_jobs_line_refuses_the_submission_before
     monkeypatch.setattr(submit, "sbatch", lambda script: queued.append(script) or "5555")
     rendered = rendered_for(tmp_path)
     render.write(rendered)
-    with pytest.raises(OSError, match="symbolic link"):
+    with pytest.raises(registry.JobError, match="symbolic link"):
         submit.submit(rendered, "sbatch", {"HPCDIST_HOME": str(home)})
     assert queued == [] and (tmp_path / "elsewhere.jsonl").read_text() == ""
 

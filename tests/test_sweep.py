@@ -184,7 +184,7 @@ def test_a_registry_that_cannot_take_the_tasks_lines_refuses_the_sweep_before_sl
     (tmp_path / "home" / "jobs.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
     result = CliRunner().invoke(main, ["sweep", "-o", str(tmp_path / "s"), "--grid", "backend=ddp,dp"],
                                 env={"PATH": f"{stubs}:{os.environ['PATH']}", "HPCDIST_HOME": str(tmp_path / "home")})
-    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "symbolic link" in result.stderr
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "symbolic link" in result.stderr
     assert "sbatch" not in (tmp_path / "calls").read_text() and not (tmp_path / "s").exists()
 
 

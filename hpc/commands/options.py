@@ -239,7 +239,8 @@ def prepare(command: str, config_file: str | None, force: bool = False, check_pa
 
 
 def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | None = None) -> Any:
-    """``hpc.submit.submit``, or one line and exit 1 with the job directory it was to run from removed.
+    """``hpc.submit.submit``, or one line and exit 1 (2: a registry that cannot take the job) with the job directory
+    it was to run from removed.
 
     Nothing runs from that directory: leaving it would only look like a job that exists. Only the directory
     render just wrote goes (it holds the marker); ``made``, a folder this command created to hold it, goes too
@@ -256,7 +257,7 @@ def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | No
             with contextlib.suppress(OSError):
                 made.rmdir()
         click.echo(f"hpcdist {command}: {shown.line(exc)}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, registry.JobError) else 1)
 
 
 class Seconds(click.FloatRange):

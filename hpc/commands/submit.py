@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
@@ -200,9 +201,9 @@ def status(job: str) -> None:
         # Slurm answers (squeue, sacct) while the node files are read: at 4,096 nodes both take a while.
         asked = asking.submit(lambda: (jobs.state(record), Job(record).attempts(accounted=True)))
         try:
-            seen = telemetry.seen_of(record)
-        except registry.JobError as exc:
-            fail("status", exc)
+            seen, refused = telemetry.seen_of(record), None
+        except registry.JobError as exc:  # a linked run/: Slurm's word on the job is still known, and shown first
+            seen, refused = None, exc
         current, history = asked.result()
     cause = records.root_cause(history[-1:]) if current.done and not current.ok else None
     if cause:
@@ -217,6 +218,8 @@ def status(job: str) -> None:
         click.echo(f"hpcdist status: job directory {record.job_dir} no longer exists (deleted or moved): logs "
                    f"and results are gone; known is {known}", err=True)
         return
+    if refused is not None:
+        fail("status", refused)
     for line in status_lines(record, ended=current.done, seen=seen):
         click.echo(shown.line(line, limit=2000))
     if not current.done and record.via != "local":
@@ -290,34 +293,36 @@ def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> in
 @click.command()
 @click.argument("job")
 def cancel(job: str) -> None:
-    """Cancel a job (scancel; a local job's tasks are stopped)."""
-    record = lookup("cancel", job, one=True)
-    current = jobs.state(record)
-    if current.done:
-        click.echo(f"job {record.job_id} already ended: {current.state}")
+    """Cancel a job (scancel; a local job's tasks are stopped), or a job array given its own id."""
+    try:
+        tasks = registry.array_tasks(job, os.environ)
+    except registry.JobError as exc:
+        fail("cancel", exc)
+    # The array under its own id, which scancel takes for every one of its tasks.
+    record = replace(tasks[-1], job_id=job) if tasks else lookup("cancel", job, one=True)
+    what = f"job array {job} ({len(tasks)} tasks registered here)" if tasks else f"job {record.job_id}"
+    current = jobs.states(tasks or [record])
+    if all(now.done for now in current):
+        click.echo(f"{what} already ended: {', '.join(sorted({now.state for now in current}))}")
         return
     try:
         stopped = jobs.cancel(record)
     except registry.JobError as exc:
         click.echo(f"hpcdist cancel: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"Cancelled job {record.job_id}" if stopped else
-               f"job {record.job_id} is not running here (its controller is gone): nothing to cancel")
+    click.echo(f"Cancelled {what}" if stopped else
+               f"{what} is not running here (its controller is gone): nothing to cancel")
 
 
 @click.command("list")
 @click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="How many of the newest jobs.")
 def list_jobs(last: int) -> None:
     """List the jobs submitted from this machine ($HPCDIST_HOME/jobs.jsonl), newest last."""
-    path = registry.registry_path(os.environ)
-    recent = registry.load(path)[-last:]
+    try:
+        recent = registry.load(registry.registry_path(os.environ))[-last:]
+    except registry.JobError as exc:
+        fail("list", exc)
     if not recent:
-        try:  # a registry that reads as empty because it is a link, a folder or unreadable is not "no jobs"
-            registry.writable(path)
-            if path.exists():
-                path.open("rb").close()
-        except OSError as exc:
-            fail("list", exc)
         click.echo("no jobs submitted from here yet")
         return
     current = jobs.states(recent)

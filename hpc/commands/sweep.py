@@ -87,7 +87,7 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         preset: str | None, max_parallel: int | None, via: str, dry_run: bool, force: bool, wait_: bool,
         **options: Any) -> None:
     """Run a sweep: every configuration of the matrix, grouped into one job array per allocation shape."""
-    from hpc import jobs, profiles, render, sweep_matrix, sweep_results, yamlfile
+    from hpc import jobs, profiles, registry, render, sweep_matrix, sweep_results, yamlfile
     from hpc import spec as specs
     from hpc import sweep as sweeps
 
@@ -112,9 +112,11 @@ def run(config_file: str | None, grid: tuple[str, ...], sweep_file: str | None, 
         plan = sweeps.plan(values, matrix, sweep_dir, max_parallel=throttle,
                            name=str(values.get("job_name")), load_profile=profiles.load, check_more=check_more,
                            check_rendered=lambda rendered: check_container(rendered, local=False))
+        if not dry_run:  # before anything is written: one Slurm runs must not go unregistered
+            registry.writable(registry.registry_path(os.environ))
         sweeps.write(plan, force=force)
     except (sweep_matrix.SweepError, yamlfile.YamlError, specs.SpecError, profiles.ProfileError,
-            render.RenderError) as exc:
+            render.RenderError, registry.JobError) as exc:
         fail("sweep", exc)
     if dry_run:
         click.echo(describe(plan), nl=False)
@@ -193,7 +195,6 @@ def submit(plan: Any) -> dict[str, str]:
     from hpc import sweep as sweeps
 
     try:
-        registry.writable(registry.registry_path(os.environ))
         ids = dict(zip([a.name for a in plan.arrays],
                        submitting.submit_arrays([a.job_dir / "job.sbatch" for a in plan.arrays])))
     except (submitting.SubmitError, OSError) as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from hpc.slurm import grammar, parse
 from hpc.slurm.runner import Runner, SlurmError, complaint, run
@@ -25,6 +25,22 @@ def available(environ: Mapping[str, str], command: str = "scontrol") -> bool:
 def _answer(argv: Sequence[str], runner: Runner) -> str | None:
     proc = runner(argv)
     return proc.stdout if proc.returncode == 0 else None
+
+
+# Slurm takes a job list as one argument, and exec no argument over 128 KiB (MAX_ARG_STRLEN): longer lists are
+# asked in parts this size, well below it at the 20 characters of an array task's id.
+JOBS_PER_CALL = 1000
+
+
+def _lists(jobs: Sequence[str]) -> list[str]:
+    """``jobs`` as the comma-separated ``-j`` arguments of the calls that ask about them all."""
+    return [",".join(jobs[i:i + JOBS_PER_CALL]) for i in range(0, len(jobs), JOBS_PER_CALL)]
+
+
+def _answers(argv_of: Callable[[str], list[str]], jobs: Sequence[str], runner: Runner) -> str | None:
+    """Every part's answer to ``argv_of(JOBLIST)`` joined, or None where any part's call failed."""
+    texts = [_answer(argv_of(part), runner) for part in _lists(jobs)]
+    return None if None in texts else "".join(texts)
 
 
 def _not_jobs(jobs: Sequence[str]) -> list[str]:
@@ -45,12 +61,12 @@ def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, par
     if jobs and _not_jobs(jobs):
         return None
     argv = ["squeue", "-h", "-o", fmt]
-    if jobs:
-        argv += ["-j", ",".join(jobs)]
     if states:
         argv += ["-t", states]
     if partitions:
         argv += ["-p", ",".join(partitions)]
+    if jobs:
+        return _answers(lambda part: [*argv, "-j", part], jobs, runner)
     return _answer(argv, runner)
 
 
@@ -59,10 +75,14 @@ def queued(jobs: Sequence[str], fmt: str, runner: Runner = run) -> tuple[str | N
     answer, that it holds none of them any more."""
     if _not_jobs(jobs):
         return None, False
-    proc = runner(["squeue", "-h", "-j", ",".join(jobs), "-o", fmt])
-    if proc.returncode == 0:
-        return proc.stdout, True
-    return None, "Invalid job id" in (proc.stderr or "")
+    texts = []
+    for part in _lists(jobs):
+        proc = runner(["squeue", "-h", "-j", part, "-o", fmt])
+        if proc.returncode == 0:
+            texts.append(proc.stdout)
+        elif "Invalid job id" not in (proc.stderr or ""):
+            return None, False
+    return ("".join(texts) if texts else None), True
 
 
 def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = False,
@@ -71,8 +91,8 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
     requeued job, not only its newest)."""
     if _not_jobs(jobs):
         return None
-    argv = ["sacct", *(["-D"] if duplicates else []), "-X", "-n", "-P", "-j", ",".join(jobs), "-o", ",".join(fields)]
-    return _answer(argv, runner)
+    return _answers(lambda part: ["sacct", *(["-D"] if duplicates else []), "-X", "-n", "-P", "-j", part, "-o",
+                                  ",".join(fields)], jobs, runner)
 
 
 # What a batch shell exports for the step it relaunches: the old job's, never a new job's.
