@@ -59,10 +59,21 @@ def disk_full(root: Path, least: int = 1 << 20) -> bool:
     return stats.f_bavail * stats.f_frsize < least or 0 == stats.f_favail < stats.f_files
 
 
+def put(obj: object, path: Path) -> None:
+    """torch.save through a Python file: a failed write then keeps its OSError, errno and all, as the context of
+    torch's RuntimeError (its own writer, given a path, says only "iostream error")."""
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+
+
 def storage_code(exc: BaseException, root: Path) -> int | None:
     """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return exc.errno
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # torch wraps the OSError of a write it made in a RuntimeError
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc.errno
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
     # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
     return errno.ENOSPC if disk_full(root) else None
 
