@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hpc import dsconfig
-from hpc.checkpoints import KEEP, complete, held, name_for, newest, recorded, size, write_manifest
+from hpc.checkpoints import KEEP, REPLACED, complete, held, name_for, newest, recorded, replaced, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -106,6 +106,8 @@ def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda 
     every rank; damaged newer ones are renamed ``.damaged-...`` so they are neither loaded nor pruned."""
     name = None
     if rank == 0:
+        for old in replaced(root):  # then checked like any other: one damaged since is set aside below
+            os.rename(old, old.with_name(old.name.removeprefix(REPLACED)))
         skipped: list = []
         found = newest(root, skipped=skipped)
         for path, reason in skipped:
@@ -183,14 +185,14 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
         gc.collect()
         shutil.rmtree(staging, ignore_errors=True)
         raise storage_error(code, root, tag)
-    final = root / tag
+    final, moved = root / tag, root / f"{REPLACED}{tag}"
     if rank == 0:
         if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
-            shutil.rmtree(root / f".old-{tag}", ignore_errors=True)  # left by a kill before the rmtree below
-            os.rename(final, root / f".old-{tag}")
+            shutil.rmtree(moved, ignore_errors=True)  # left by a kill before the rmtree below
+            os.rename(final, moved)
         os.rename(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(root / f".old-{tag}", ignore_errors=True)
+        shutil.rmtree(moved, ignore_errors=True)
         for old in complete(root)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
