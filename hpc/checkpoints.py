@@ -25,6 +25,8 @@ PARTS = ".parts"
 # by it).
 SNAPSHOT_EVERY_S = 5.0
 KEEP = 2  # complete checkpoints kept; the older one covers a newest that turns out unreadable
+# Saving a step again moves its published copy aside under this prefix, renames the new one in, then removes the copy.
+REPLACED = ".old-"
 
 
 def name_for(step: int) -> str:
@@ -37,6 +39,15 @@ def complete(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def replaced(root: Path) -> list[Path]:
+    """The copies ``.old-stepN`` with no ``stepN`` beside them: a kill between the two renames of a step saved again
+    left the step's checkpoint under that name, which a resume renames back (train.checkpoint.choose)."""
+    root = Path(root)
+    olds = root.glob(f"{REPLACED}step*") if root.is_dir() else []
+    return sorted(p for p in olds if p.is_dir() and NAME.fullmatch(p.name.removeprefix(REPLACED))
+                  and not os.path.lexists(root / p.name.removeprefix(REPLACED)))
 
 
 def held(root: Path) -> list[Path]:
@@ -160,5 +171,7 @@ def resumable_step(root: Path) -> int | None:
     it killed; the trainer checks the SHA-256s when it resumes and falls back past one that fails them."""
     found = newest(Path(root), checksums=False)
     steps = [int(NAME.fullmatch(found.name).group(1))] if found is not None else []
+    steps += [int(NAME.fullmatch(p.name.removeprefix(REPLACED)).group(1)) for p in replaced(root)
+              if damage(p, checksums=False) is None]
     persisted = newest_whole([held_in(Path(root) / PARTS, checksums=False)])[0]
     return max(steps + ([persisted] if persisted is not None else []), default=None)

@@ -69,3 +69,14 @@ def test_a_manifest_naming_a_file_outside_its_checkpoint_makes_it_damaged_and_th
     assert checkpoints.damage(newer) == f"{checkpoints.MANIFEST} names {name}, outside its folder"
     assert checkpoints.newest(tmp_path).name == "step00000010"
     assert checkpoints.resumable_step(tmp_path) == 10
+
+
+def test_a_step_saved_again_and_killed_between_its_two_renames_resumes_from_the_copy_it_moved_aside(tmp_path):
+    for step in (10, 20):
+        publish(tmp_path, step)
+    # Saving step 20 again moves the published one to .old-step00000020, then renames the new one in: killed between.
+    (tmp_path / "step00000020").rename(tmp_path / ".old-step00000020")
+    assert checkpoints.resumable_step(tmp_path) == 20
+    assert checkpoints.replaced(tmp_path) == [tmp_path / ".old-step00000020"]
+    publish(tmp_path, 20)  # the save that was killed, finished: its copy is no longer the step's checkpoint
+    assert checkpoints.replaced(tmp_path) == []

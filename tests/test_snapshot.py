@@ -108,8 +108,8 @@ def test_when_memory_runs_out_snapshots_stop_saying_why_and_training_is_not_dist
 def test_a_write_torch_fails_its_own_way_stops_the_snapshots_saying_why_leaving_no_half_and_the_end_waits_not(
         tmp_path, monkeypatch):
     # torch's writer reports a file size limit or a quota as a RuntimeError ("unexpected pos"), not an OSError.
-    def cut_short(state, path, **_):
-        Path(path).write_bytes(b"half")
+    def cut_short(state, file, **_):
+        file.write(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1423360 vs 1423252")
     monkeypatch.setattr(torch, "save", cut_short)
     said: list[str] = []

@@ -787,3 +787,26 @@ def test_a_full_disk_during_a_checkpoint_is_a_storage_ending_and_leaves_nothing_
         assert decision.action == "none" and "free space" in decision.reason
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_checkpoint_past_the_file_size_limit_is_a_storage_ending_and_leaves_nothing_half_written(tmp_path):
+    """A quota or `ulimit -f` (disk not full) fails the first checkpoint's write with EFBIG, which torch's writer
+    wraps in a RuntimeError: the rank still ends in the storage line, exit 74, with no .tmp- folder left."""
+    import resource
+
+    from hpc import runfiles
+
+    run_dir = tmp_path / "run"
+    limit = 1 << 20  # above every run file but the ~3.8 MB checkpoint
+    proc = subprocess.run([sys.executable, "-m", "train", "--backend", "ddp", "--run-dir", str(run_dir),
+                           "--max-steps", "10", "--checkpoint-every", "5", "--dataset", "synthetic",
+                           "--synthetic-size", "256", "--batch-size", "32", "--threads", "1", "--precision", "fp32"],
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("hpcdist-train: error:")]
+    assert f"file too large writing checkpoint step00000005 in {run_dir / 'checkpoints'}" in line
+    assert os.listdir(run_dir / "checkpoints") == []
+    [error] = runfiles.read_errors(run_dir)
+    assert (error.kind, error.exit_code) == ("storage", 74)

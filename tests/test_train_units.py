@@ -413,6 +413,19 @@ def test_a_step_saved_again_after_a_crash_left_the_replaced_copy_behind_is_publi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000010"]
 
 
+def test_a_resume_after_a_kill_between_the_two_renames_of_a_step_saved_again_loads_that_step(tmp_path):
+    save_model(tmp_path, 10, ConvNet())
+    save_model(tmp_path, 20, ConvNet())
+    # Killed after moving step 20 aside for its new copy, before renaming the new copy in.
+    os.rename(tmp_path / "step00000020", tmp_path / ".old-step00000020")
+    (tmp_path / ".tmp-step00000020" / "step00000020").mkdir(parents=True)
+    assert checkpoint.choose(tmp_path, rank=0).name == "step00000020"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-step00000020", "step00000010", "step00000020"]
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"torn")  # moved aside damaged: set aside as any other
+    os.rename(tmp_path / "step00000020", tmp_path / ".old-step00000020")
+    assert checkpoint.choose(tmp_path, rank=0, say=lambda line: None).name == "step00000010"
+
+
 def two_checkpoints(root):
     torch.manual_seed(0)
     save_model(root, 10, ConvNet())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hpc import dsconfig
-from hpc.checkpoints import KEEP, complete, held, name_for, newest, recorded, size, write_manifest
+from hpc.checkpoints import KEEP, REPLACED, complete, held, name_for, newest, recorded, replaced, size, write_manifest
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -59,10 +59,21 @@ def disk_full(root: Path, least: int = 1 << 20) -> bool:
     return stats.f_bavail * stats.f_frsize < least or 0 == stats.f_favail < stats.f_files
 
 
+def put(obj: object, path: Path) -> None:
+    """torch.save through a Python file: a failed write then keeps its OSError, errno and all, as the context of
+    torch's RuntimeError (its own writer, given a path, says only "iostream error")."""
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+
+
 def storage_code(exc: BaseException, root: Path) -> int | None:
     """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return exc.errno
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # torch wraps the OSError of a write it made in a RuntimeError
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc.errno
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
     # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
     return errno.ENOSPC if disk_full(root) else None
 
@@ -95,6 +106,8 @@ def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda 
     every rank; damaged newer ones are renamed ``.damaged-...`` so they are neither loaded nor pruned."""
     name = None
     if rank == 0:
+        for old in replaced(root):  # then checked like any other: one damaged since is set aside below
+            os.rename(old, old.with_name(old.name.removeprefix(REPLACED)))
         skipped: list = []
         found = newest(root, skipped=skipped)
         for path, reason in skipped:
@@ -172,14 +185,14 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
         gc.collect()
         shutil.rmtree(staging, ignore_errors=True)
         raise storage_error(code, root, tag)
-    final = root / tag
+    final, moved = root / tag, root / f"{REPLACED}{tag}"
     if rank == 0:
         if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
-            shutil.rmtree(root / f".old-{tag}", ignore_errors=True)  # left by a kill before the rmtree below
-            os.rename(final, root / f".old-{tag}")
+            shutil.rmtree(moved, ignore_errors=True)  # left by a kill before the rmtree below
+            os.rename(final, moved)
         os.rename(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(root / f".old-{tag}", ignore_errors=True)
+        shutil.rmtree(moved, ignore_errors=True)
         for old in complete(root)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -129,8 +129,8 @@ class TorchEngine:
     def write(self, save_dir: Path, tag: str, rank: int, trainer_state: dict) -> None:
         folder = Path(save_dir) / tag
         if rank == 0:
-            torch.save(self.state(trainer_state), folder / checkpoint.TRAINER_FILE)
-        torch.save(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
+            checkpoint.put(self.state(trainer_state), folder / checkpoint.TRAINER_FILE)
+        checkpoint.put(checkpoint.rng_state(), checkpoint.rng_file(folder, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
         state = self.restore(checkpoint.load(Path(folder) / checkpoint.TRAINER_FILE), folder)
@@ -184,7 +184,7 @@ class DeepSpeedEngine:
             # learn of it together (a snapshot's vote) and go on.
             barrier()
             raise
-        torch.save(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
+        checkpoint.put(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
 
     def read(self, folder: Path, rank: int) -> dict:
         folder = Path(folder)

@@ -216,7 +216,7 @@ class Store:
                                        "user's)")
         # Published as a checkpoint is, by its one writer: staged, manifest last, renamed, the newest KEEP kept.
         checkpoint.save(self.folder, step, rank=0,
-                        write=lambda staging, tag: torch.save(state, staging / tag / STATE_FILE))
+                        write=lambda staging, tag: checkpoint.put(state, staging / tag / STATE_FILE))
 
     def _persist(self, step: int) -> None:
         # The snapshot's file as written, copied (by the kernel, outside the GIL): not pickled a second time while
