@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from hpc import fileio
+from hpc.slurm import commands
 
 # torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
 # (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
@@ -115,9 +116,11 @@ def local_env(geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
 
 
 def emulated_environ(environ: Mapping[str, str], geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
-    """``environ`` without any Slurm variables it inherited, plus those of the emulated task."""
-    clean = {k: v for k, v in environ.items() if not k.startswith(("SLURM_", "SLURMD_"))}
-    return {**clean, **local_env(geometry, index, job_id)}
+    """What a new job submitted from ``environ`` starts from (commands.new_job_environ), plus the emulated task's
+    Slurm variables."""
+    # SLURM_CONF stays, as it does for sbatch: it names the cluster this machine's Slurm commands ask, not a job,
+    # so a rank that runs one (hpcdist submit, scontrol) reaches the cluster the submitting shell would.
+    return {**commands.new_job_environ(environ), **local_env(geometry, index, job_id)}
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:

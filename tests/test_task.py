@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hpc import nodelist, ranks, submit, task
+from hpc.slurm import commands
 from hpc.spec import JobSpec
 
 pytestmark = pytest.mark.timed  # signals to running commands, bounded in seconds
@@ -94,6 +95,16 @@ def test_emulated_environ_drops_inherited_slurm_variables():
     assert "SLURM_MEM_PER_NODE" not in env
     assert env["SLURM_PROCID"] == "1"
     assert env["SLURMD_NODENAME"] == "127.0.0.1"
+
+
+def test_emulated_environ_leaves_out_a_stale_jobs_variables_and_keeps_the_cluster_slurm_conf_names():
+    inherited = {"PATH": "/usr/bin", "SLURM_CONF": "/etc/slurm/site.conf", "SLURM_JOB_ID": "7",
+                 **dict.fromkeys(commands.HPCDIST_JOB_VARIABLES, "3")}
+    env = task.emulated_environ(inherited, task.Geometry(1, 2), 1, "5")
+    assert not env.keys() & set(commands.HPCDIST_JOB_VARIABLES)
+    assert env["SLURM_CONF"] == "/etc/slurm/site.conf"
+    assert env["SLURM_JOB_ID"] == "5"
+    assert env["PATH"] == "/usr/bin"
 
 
 @pytest.mark.parametrize("launcher,tasks_per_node", [("srun", 3), ("torchrun", 1), ("deepspeed", 1)])
