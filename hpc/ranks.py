@@ -6,7 +6,7 @@
 Sources are tried in priority order, like Lightning's cluster environments: a launcher that already
 exported torch's variables (torchrun, the DeepSpeed launcher) wins; else a Slurm task started by srun;
 else a task of submitit's local executor; else one single process. An existing MASTER_ADDR/MASTER_PORT
-always wins over anything derived.
+always wins over anything derived, and so does the port the local runner chose (HPCDIST_MASTER_PORT).
 
 Inside a Slurm step the step's own values win over the allocation's: a step on part of the allocation
 (``srun -N2 -r1`` in a 3-node job) runs on SLURM_STEP_NODELIST, not SLURM_JOB_NODELIST, and under
@@ -40,6 +40,9 @@ TORCHRUN = {
 # What a launcher gives the ranks it starts. A job's tasks are started by srun or the local runner, never by a
 # launcher: there these came from the submitting shell (setup.sh drops them; templates/setup.sh.j2).
 LAUNCHER_VARIABLES = (*TORCHRUN.values(), "MASTER_ADDR", "MASTER_PORT")
+# The port the local runner asked the OS for at submit, one per job (hpc/submit.py): its job ids are pids, of which
+# two live ones may derive one port. Not MASTER_PORT, which setup.sh drops as the submitting shell's.
+LOCAL_MASTER_PORT = "HPCDIST_MASTER_PORT"
 # Slurm's entries list the variables that may carry a value, the step's before the allocation's.
 SLURM = {
     "rank": ("SLURM_PROCID",),
@@ -307,13 +310,15 @@ def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]
 
 
 def _master_port(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> int:
-    """MASTER_PORT as given, else one derived from the job id (alike on every rank), else torch's default."""
+    """MASTER_PORT as given, else the local runner's, else one derived from the job id (alike on every rank), else
+    torch's default."""
     job_id_var = (_present(environ, SLURM, "job_id") if source == "slurm"
                   else _present(environ, SUBMITIT_LOCAL, "job_id") if source == "submitit-local" else None)
-    if "MASTER_PORT" in environ:
-        master_port, origin["master_port"] = _int(environ, "MASTER_PORT"), "MASTER_PORT"
+    given = next((name for name in ("MASTER_PORT", LOCAL_MASTER_PORT) if name in environ), None)
+    if given:
+        master_port, origin["master_port"] = _int(environ, given), given
         if not 1 <= master_port <= MAX_PORT:
-            raise RankError(f"MASTER_PORT={master_port} is not a TCP port; set it to 1-{MAX_PORT} or unset it")
+            raise RankError(f"{given}={master_port} is not a TCP port; set it to 1-{MAX_PORT} or unset it")
         return master_port
     if job_id_var:
         origin["master_port"] = f"derived from {job_id_var}"

@@ -12,8 +12,9 @@ from hpc import nodelist, ranks, shown
 from hpc.spec import JobSpec
 
 
-def ranks_table(spec: JobSpec, full_up_to: int = 1024) -> str:
-    """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve.
+def ranks_table(spec: JobSpec, full_up_to: int = 1024, local: bool = False) -> str:
+    """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve (``local``: run
+    by the local executor, whose runner hands every rank the port it asked the OS for at submit).
 
     Every rank is listed up to ``full_up_to`` ranks; beyond, the first and last rank of each node (the
     rest follow rank = node_rank * procs_per_node + local_rank, which the header states). Linear in the
@@ -32,8 +33,8 @@ def ranks_table(spec: JobSpec, full_up_to: int = 1024) -> str:
                 "SLURM_STEP_NODELIST": expr, "SLURM_STEP_NUM_TASKS": str(step_tasks),
                 "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": "0"}
 
-    # ranks.txt is written before the job has an id: the port column states the rule every rank derives it by.
-    port = f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
+    # ranks.txt is written before the job has an id or port: the port column states the rule that gives it.
+    port = "free-at-submit" if local else f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
     rows = []
     for node_rank, host in enumerate(hosts):
         if spec.launcher != "srun":
@@ -58,6 +59,8 @@ def ranks_table(spec: JobSpec, full_up_to: int = 1024) -> str:
         "# What each rank will see: hpc.ranks.resolve on the environment its launcher gives it.",
         f"# {spec.world_size} rank(s) = {spec.nodes} node(s) x {per_node}; "
         f"rank = node_rank * {per_node} + local_rank.",
+        *(["# master_port: a port the OS calls free when the job is submitted, the same for every rank."]
+          if local else []),
         "# Every rank is listed." if full else
         f"# Over {full_up_to} ranks: only the first and last rank of each node are listed; the ranks between "
         "see the same node, master_addr and master_port.",

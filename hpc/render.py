@@ -85,9 +85,9 @@ def _train_number(spec: JobSpec, flag: str, kind: type) -> Any:
 
 
 def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *,
-           search: tuple[str, ...] | None = None, cpus: dsconfig.Cpus | None = None) -> Rendered:
+           search: tuple[str, ...] | None = None, cpus: dsconfig.Cpus | None = None, local: bool = False) -> Rendered:
     """Every file of the job directory as text; checks the spec first and writes nothing. ``cpus``: the
-    CPUs the job runs on, when not the profile's nodes (the local executor runs on this machine)."""
+    CPUs the job runs on, when not the profile's nodes; ``local``: the local executor runs it, on this machine."""
     if job_dir is not None:
         spec = replace(spec, job_dir=os.path.abspath(job_dir))
     cpus = cpus or profile.cpus()
@@ -117,7 +117,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     files[vocab.SPEC_YAML] = yaml.safe_dump({"cluster_profile": profile.name, "world_size": spec.world_size,
                                              "procs_per_node": spec.procs_per_node, **spec.to_dict()},
                                             sort_keys=False, default_flow_style=False)
-    files[vocab.RANKS_TXT] = ranks_table(spec)
+    files[vocab.RANKS_TXT] = ranks_table(spec, local=local)
     if ds_config is not None:
         files[vocab.DEEPSPEED_JSON] = json.dumps(ds_config, indent=2) + "\n"
     if spec.launcher == "deepspeed" and spec.nodelist:

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -204,7 +205,16 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
     with _environ({"SUBMITIT_PREEMPT_SIGNAL": signal_name(spec.signal)}), _job_signals(), \
             _output_to(rendered.job_dir / vocab.LOCAL_CONTROLLER_LOG):
         return executor.submit(task.run_local, local_command(rendered), geometry, str(folder),
-                               str(rendered.job_dir / TASK_LOG), str(rendered.job_dir / BATCH_LOG))
+                               str(rendered.job_dir / TASK_LOG), str(rendered.job_dir / BATCH_LOG), _free_port())
+
+
+def _free_port() -> int:
+    """A TCP port no socket here holds, from the OS: a local job's MASTER_PORT (hpc.ranks.LOCAL_MASTER_PORT)."""
+    # Asked once, here, so that every task gets the same; the kernel hands out no port a live job's rank 0 listens on,
+    # where a port derived from the job id (a pid) may be another live local job's, or any program's.
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpc import fileio
+from hpc import fileio, ranks
+from hpc.slurm import commands
 
 # torchrun and the DeepSpeed launcher do not pass USR1/USR2 on to their workers, and a python parent
 # (submitit's task runner) would swallow them, so the task hands each one to the whole child group.
@@ -114,10 +115,14 @@ def local_env(geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
     }
 
 
-def emulated_environ(environ: Mapping[str, str], geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
-    """``environ`` without any Slurm variables it inherited, plus those of the emulated task."""
-    clean = {k: v for k, v in environ.items() if not k.startswith(("SLURM_", "SLURMD_"))}
-    return {**clean, **local_env(geometry, index, job_id)}
+def emulated_environ(environ: Mapping[str, str], geometry: Geometry, index: int, job_id: str,
+                     port: int) -> dict[str, str]:
+    """What a new job submitted from ``environ`` starts from (commands.new_job_environ), plus the emulated task's
+    Slurm variables and the job's rendezvous ``port``."""
+    # SLURM_CONF stays, as it does for sbatch: it names the cluster this machine's Slurm commands ask, not a job,
+    # so a rank that runs one (hpcdist submit, scontrol) reaches the cluster the submitting shell would.
+    return {**commands.new_job_environ(environ), **local_env(geometry, index, job_id),
+            ranks.LOCAL_MASTER_PORT: str(port)}
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:
@@ -196,12 +201,14 @@ def _abort(abort_file: Path, batch_log: Path, index: int, node: str, returncode:
         fileio.append_line(batch_log, f"srun: error: {node}: task {index}: {how}")
 
 
-def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: str, batch_log: str) -> int:
+def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: str, batch_log: str,
+              port: int) -> int:
     """What each task of submitit's LocalExecutor runs: ``command`` as an emulated Slurm task.
 
     ``folder`` is submitit's folder (the task's exit status goes there as ``JOBID_INDEX_exit``);
     ``output`` is the task's log path, with ``%t`` standing for its index as in srun's --output, and ``batch_log``
-    the job's (``%j``: its id), where the task that fails first is named.
+    the job's (``%j``: its id), where the task that fails first is named. ``port``: the job's rendezvous port,
+    the same for every task.
     """
     # The controller ignores the terminal's Ctrl-C (hpc.submit._job_signals), and so would this runner; but its
     # SIGINT is how the controller stops the tasks at the time limit. A group of its own keeps the terminal's out.
@@ -209,7 +216,7 @@ def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: s
     signal.signal(signal.SIGINT, signal.default_int_handler)
     index = int(os.environ["SUBMITIT_LOCAL_GLOBALID"])
     job_id = os.environ["SUBMITIT_LOCAL_JOB_ID"]
-    env = emulated_environ(os.environ, geometry, index, job_id)
+    env = emulated_environ(os.environ, geometry, index, job_id, port)
     status_file = Path(folder) / f"{job_id}_{index}_exit"
     abort_file = Path(folder) / f"{job_id}_abort"
     try:

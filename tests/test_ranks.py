@@ -171,6 +171,16 @@ def test_a_thread_or_cpu_count_that_is_no_count_is_as_good_as_unset(value):
     assert ranks.threads_per_rank({"SLURM_CPUS_PER_TASK": value}, 4, ranks.resolve({})) == 4
 
 
+def test_master_port_wins_then_the_port_the_local_runner_chose_then_the_one_derived_from_the_job_id():
+    local = {**SRUN_TASK, "HPCDIST_MASTER_PORT": "40123"}
+    assert ranks.resolve(local).master_port == 40123
+    assert ranks.resolve(local).origin["master_port"] == "HPCDIST_MASTER_PORT"
+    assert ranks.resolve({**local, "MASTER_PORT": "23456"}).master_port == 23456  # the profile's env, say
+    assert ranks.resolve(SRUN_TASK).origin["master_port"] == "derived from SLURM_JOB_ID"
+    with pytest.raises(ranks.RankError, match="HPCDIST_MASTER_PORT=70000 is not a TCP port"):
+        ranks.resolve({**SRUN_TASK, "HPCDIST_MASTER_PORT": "70000"})
+
+
 def test_the_highest_port_is_a_port():
     assert ranks.resolve({**SRUN_TASK, "MASTER_PORT": "65535"}).master_port == 65535
 

@@ -49,3 +49,9 @@ def test_ranks_table_of_one_rank_per_node_lists_it_once() -> None:
     spec = replace(golden_spec("ddp", "srun"), nodes=3, gpus_per_node=1, train_args=("--batch-size", "96"))
     table = ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=2)
     assert [r[0] for r in _rows(table)] == ["0", "1", "2"]
+
+
+def test_a_local_jobs_table_shows_the_port_its_runner_asks_the_os_for_not_the_derived_one() -> None:
+    table = render.render(golden_spec("ddp", "srun"), SITE, search=builtin(), local=True).files["ranks.txt"]
+    assert {r[5] for r in _rows(table)} == {"free-at-submit"}
+    assert any("the same for every rank" in line for line in table.splitlines() if line.startswith("#"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
 
-from hpc import dsconfig, logs, profiles, render, submit
+from hpc import dsconfig, logs, profiles, ranks, render, submit
 from hpc.spec import JobSpec
 
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
@@ -25,6 +25,7 @@ if [ "$SLURM_PROCID" = "${FAIL_RANK:-none}" ]; then echo "rank $SLURM_PROCID fai
 if [ "$SLURM_PROCID" = "${KILL_RANK:-none}" ]; then echo "rank $SLURM_PROCID is killed" >&2; kill -KILL $$; fi
 [ -z "${CHECKPOINT_S:-}" ] || trap 'sleep "$CHECKPOINT_S"; echo "rank $SLURM_PROCID checkpointed"; exit 75' TERM
 sleep "${SLEEP_S:-0}"
+[ -z "${SHOW_PORT:-}" ] || "$HPCDIST_PYTHON" -m hpc env --shell | grep MASTER_PORT
 """
 
 
@@ -47,6 +48,16 @@ def test_local_tasks_see_the_emulated_slurm_geometry(tmp_path, monkeypatch):
     for index in range(3):
         log = (tmp_path / "job" / "logs" / f"task-{index}.log").read_text()
         assert log == f"rank={index} of 3 node={index} nodes=127.0.0.[1-3] job={job_id}\n"
+
+
+def test_a_local_job_rendezvouses_on_a_port_the_os_called_free_at_submit_not_on_one_derived_from_its_id(
+        tmp_path, monkeypatch):
+    """Local job ids are pids: two live jobs whose ids differ by 20,000 derived one port, and nothing checked it."""
+    submitted = submit_standin(tmp_path, monkeypatch, nodes=2, SHOW_PORT="1")
+    assert submitted.job.wait(poll_s=0.2, timeout_s=120).ok
+    ports = {(tmp_path / "job" / "logs" / f"task-{index}.log").read_text().splitlines()[-1] for index in range(2)}
+    derived = ranks.port_for_job(submitted.record.job_id)
+    assert len(ports) == 1 and ports != {f"export MASTER_PORT={derived}"}, (ports, derived)
 
 
 @pytest.mark.parametrize("time_limit", ["0", "UNLIMITED"])

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hpc import nodelist, ranks, submit, task
+from hpc.slurm import commands
 from hpc.spec import JobSpec
 
 pytestmark = pytest.mark.timed  # signals to running commands, bounded in seconds
@@ -89,11 +90,29 @@ def test_every_emulated_node_is_a_distinct_loopback_address(nodes):
 
 def test_emulated_environ_drops_inherited_slurm_variables():
     inherited = {"PATH": "/usr/bin", "SLURM_MEM_PER_NODE": "100", "SLURM_PROCID": "9", "SLURMD_NODENAME": "x"}
-    env = task.emulated_environ(inherited, task.Geometry(1, 2), 1, "5")
+    env = task.emulated_environ(inherited, task.Geometry(1, 2), 1, "5", 40000)
     assert env["PATH"] == "/usr/bin"
     assert "SLURM_MEM_PER_NODE" not in env
     assert env["SLURM_PROCID"] == "1"
     assert env["SLURMD_NODENAME"] == "127.0.0.1"
+
+
+def test_emulated_environ_leaves_out_a_stale_jobs_variables_and_keeps_the_cluster_slurm_conf_names():
+    inherited = {"PATH": "/usr/bin", "SLURM_CONF": "/etc/slurm/site.conf", "SLURM_JOB_ID": "7",
+                 **dict.fromkeys(commands.HPCDIST_JOB_VARIABLES, "3")}
+    env = task.emulated_environ(inherited, task.Geometry(1, 2), 1, "5", 40000)
+    assert {k: env[k] for k in commands.HPCDIST_JOB_VARIABLES if k in env} == {"HPCDIST_MASTER_PORT": "40000"}
+    assert env["SLURM_CONF"] == "/etc/slurm/site.conf"
+    assert env["SLURM_JOB_ID"] == "5"
+    assert env["PATH"] == "/usr/bin"
+
+
+def test_every_task_of_a_local_job_rendezvouses_on_the_port_its_runner_was_handed():
+    geometry = task.Geometry(2, 2)
+    stale = {"HPCDIST_MASTER_PORT": "12345"}  # a local task's shell submitting again
+    ports = {ranks.resolve(task.emulated_environ(stale, geometry, i, "22255", 40123)).master_port for i in range(4)}
+    assert ports == {40123}
+    assert "HPCDIST_MASTER_PORT" not in commands.new_job_environ(stale)
 
 
 @pytest.mark.parametrize("launcher,tasks_per_node", [("srun", 3), ("torchrun", 1), ("deepspeed", 1)])
@@ -190,20 +209,21 @@ def test_a_command_that_outlives_sigterm_by_kill_wait_is_killed(tmp_path):
 
 def test_run_local_emulates_a_slurm_task_and_records_its_status(tmp_path):
     script = ("from hpc import task\n"
-              "task.run_local(('sh', '-c', 'echo $SLURM_PROCID/$SLURM_NTASKS@$SLURM_JOB_NODELIST'),\n"
+              "task.run_local(('sh', '-c',\n"
+              "                'echo $SLURM_PROCID/$SLURM_NTASKS@$SLURM_JOB_NODELIST:$HPCDIST_MASTER_PORT'),\n"
               f"               task.Geometry(2, 1), {str(tmp_path)!r}, {str(tmp_path / 'task-%t.log')!r},\n"
-              f"               {str(tmp_path / 'batch-%j.out')!r})\n")
+              f"               {str(tmp_path / 'batch-%j.out')!r}, 40123)\n")
     env = {**os.environ, "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_JOB_ID": "99", "SLURM_PROCID": "7",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=60)
-    assert (tmp_path / "task-1.log").read_text() == "1/2@127.0.0.[1-2]\n"
+    assert (tmp_path / "task-1.log").read_text() == "1/2@127.0.0.[1-2]:40123\n"
     assert (tmp_path / "99_1_exit").read_text() == "0\n"
 
 
 def test_run_local_records_a_failure_stops_the_others_and_names_itself_in_the_batch_log(tmp_path):
     script = ("from hpc import task\n"
               f"task.run_local(('sh', '-c', 'exit 3'), task.Geometry(1, 2), {str(tmp_path)!r}, "
-              f"{str(tmp_path / 'task-%t.log')!r}, {str(tmp_path / 'batch-%j.out')!r})\n")
+              f"{str(tmp_path / 'task-%t.log')!r}, {str(tmp_path / 'batch-%j.out')!r}, 40123)\n")
     env = {**os.environ, "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_JOB_ID": "98",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60)

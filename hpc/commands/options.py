@@ -190,7 +190,7 @@ def build(config_file: str | None = None, check_partition: bool = True, here: bo
         if timed.time != spec.time:
             click.echo(f"hpcdist: --time {timed.time}: partition {part.name!r}'s DefaultTime", err=True)
         spec = timed
-    rendered = render.render(spec, profile, cpus=dsconfig.this_cpu() if here else None)
+    rendered = render.render(spec, profile, cpus=dsconfig.this_cpu() if here else None, local=here)
     if cluster is not None and part is not None:
         partition.check(rendered.spec, part, cluster.nodes_of(part))
     # Not in render's pure checks: they ask this machine's filesystem, which the job's nodes share.
