@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -50,7 +51,7 @@ class Launch:
     WAYS = ("srun", "torchrun", "deepspeed")
 
     def __init__(self, way: str, args: list[str], run_dir: Path, job_id: int | None = None,
-                 node_memory: list[Path] | None = None) -> None:
+                 node_memory: list[Path] | None = None, file_limit: tuple[int, int] | None = None) -> None:
         self.way, self.run_dir, self.job_id = way, run_dir, job_id
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARIABLES}
         env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -81,8 +82,13 @@ class Launch:
         else:
             raise ValueError(f"unknown launch way {way!r}; use one of {self.WAYS}")
         self.started = time.monotonic()
-        self.procs = [subprocess.Popen(cmd, env=e, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-                      for cmd, e, log in zip(commands, envs, self.logs)]
+        # file_limit (srun's rank, bytes): that rank alone writes no file past the size, as under a quota.
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit[1], file_limit[1]))
+
+        self.procs = [subprocess.Popen(cmd, env=e, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                       preexec_fn=limit if file_limit and file_limit[0] == r else None)
+                      for r, (cmd, e, log) in enumerate(zip(commands, envs, self.logs))]
 
     def signal(self, signum: int = signal.SIGUSR1) -> None:
         for p in self.procs:
@@ -109,8 +115,8 @@ def launch():
     started: list[Launch] = []
 
     def start(way: str, args: list[str], run_dir: Path, job_id: int | None = None,
-              node_memory: list[Path] | None = None) -> Launch:
-        started.append(Launch(way, args, run_dir, job_id, node_memory))
+              node_memory: list[Path] | None = None, file_limit: tuple[int, int] | None = None) -> Launch:
+        started.append(Launch(way, args, run_dir, job_id, node_memory, file_limit))
         return started[-1]
 
     yield start

@@ -123,7 +123,7 @@ def test_no_function_is_longer_than_a_screen():
 # Who may rename: the one atomic file write, the directory publishers, and the moves that set a file aside.
 RENAMERS = {"hpc.fileio.atomic_write": "a file, written beside its place then renamed over it",
             "hpc.jobdir.write_tree": "a job or sweep directory, published whole",
-            "train.checkpoint._save": "a checkpoint directory, published whole",
+            "train.checkpoint._publish": "a checkpoint directory, published whole",
             "train.checkpoint.choose": "a damaged checkpoint set aside, a step's copy a kill left aside put back",
             "train.nodebeat.Publisher._rotate": "a full heartbeat history moved to .1"}
 

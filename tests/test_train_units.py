@@ -390,6 +390,63 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
 
 
+class WithRank1:
+    """checkpoint.save's Agreement as rank ``rank`` of two, the other rank voting ``theirs`` at the write (its second
+    vote) and None at the others; ``mine``: this rank's votes."""
+
+    world = 2
+
+    def __init__(self, theirs, rank: int = 0) -> None:
+        self.theirs, self.rank, self.mine = theirs, rank, []
+
+    def votes(self, mine) -> list:
+        self.mine.append(mine)
+        other = self.theirs if len(self.mine) == 2 else None
+        return [mine, other] if self.rank == 0 else [other, mine]
+
+
+def test_a_checkpoint_another_rank_could_not_write_for_want_of_space_is_published_by_none_and_ends_in_its_line(
+        tmp_path):
+    root = tmp_path / "checkpoints"
+    save_model(root, 10, ConvNet())
+    line = "file too large writing checkpoint step00000020 on rank 1 in ...: free space or move --run-dir"
+    agree = WithRank1((1, errno.EFBIG, line, str(root)))
+    with pytest.raises(checkpoint.StorageError) as raised:
+        checkpoint.save(root, 20, rank=0, agree=agree,
+                        write=lambda save_dir, tag: (save_dir / tag / "model.pt").write_bytes(b"whole"))
+    assert (raised.value.errno, raised.value.strerror) == (errno.EFBIG, line)
+    assert sorted(os.listdir(root)) == ["step00000010"]  # step 20 not published, its staging removed by rank 0
+    assert agree.mine == [None, None]  # this rank's own share was written
+
+
+def test_a_rank_that_could_not_write_its_share_for_want_of_space_votes_its_line_naming_itself(tmp_path):
+    def too_large(save_dir, tag):
+        raise OSError(errno.EFBIG, "File too large")
+
+    agree = WithRank1(None, rank=1)
+    with pytest.raises(checkpoint.StorageError) as raised:
+        checkpoint.save(tmp_path, 20, rank=1, agree=agree, write=too_large)
+    assert raised.value.strerror.startswith(f"file too large writing checkpoint step00000020 on rank 1 in {tmp_path}:")
+    assert agree.mine[1] == (1, errno.EFBIG, raised.value.strerror, str(tmp_path))
+
+
+def test_a_bug_in_one_ranks_write_ends_it_with_its_own_error_and_the_others_with_one_naming_it(tmp_path):
+    def bug(save_dir, tag):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        checkpoint.save(tmp_path / "a", 20, rank=1, agree=WithRank1(None, rank=1), write=bug)
+    with pytest.raises(OSError, match=r"rank 1 could not write its share of checkpoint step00000020 \(ValueError: a"):
+        checkpoint.save(tmp_path / "b", 20, rank=0, agree=WithRank1((1, None, "ValueError: a bug", "b")),
+                        write=lambda save_dir, tag: None)
+    assert os.listdir(tmp_path / "b") == []
+
+
+def test_one_process_agrees_with_itself_without_a_collective():
+    assert checkpoint.Agreement(None).votes("mine") == ["mine"]
+    assert checkpoint.Agreement.of_every_rank() == checkpoint.Agreement(None)  # no process group here
+
+
 def test_a_ctrl_c_while_writing_a_checkpoint_leaves_no_half_written_one_behind(tmp_path):
     root = tmp_path / "checkpoints"
     save_model(root, 10, ConvNet())

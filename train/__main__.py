@@ -44,7 +44,6 @@ with preemption.starting():
     from train.runtime import (
         PreflightError,
         UsageError,
-        barrier,
         broadcast_from_0,
         device_name,
         gathered,
@@ -297,7 +296,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
 
     def save() -> Path:
         beat.phase("checkpoint")
-        where = checkpoint.save(run.checkpoints, state["step"], rank=rank, barrier=barrier,
+        where = checkpoint.save(run.checkpoints, state["step"], rank=rank, agree=checkpoint.Agreement.of_every_rank(),
                                 write=lambda save_dir, tag: engine.write(save_dir, tag, rank, dict(state)),
                                 trained_with=engine.trained_with)
         clocks.saved()

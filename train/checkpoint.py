@@ -16,14 +16,17 @@ import re
 import shutil
 import threading
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hpc import dsconfig
 from hpc.checkpoints import KEEP, REPLACED, complete, held, name_for, newest, recorded, replaced, size, write_manifest
+from train.runtime import gathered
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
@@ -145,58 +148,107 @@ def resumes_from(root: Path) -> str:
 
 
 def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None],
-         barrier: Callable[[], None] = lambda: None, trained_with: dict | None = None) -> Path:
-    """Every rank calls ``write(save_dir, tag)`` to fill ``save_dir/tag``; rank 0 then publishes it by rename, its
-    manifest recording ``trained_with`` (hpc.dsconfig.trained_with's) where given.
+         agree: Agreement | None = None, trained_with: dict | None = None) -> Path:
+    """Every rank of ``agree`` (default: this process alone) calls ``write(save_dir, tag)`` to fill
+    ``save_dir/tag``; rank 0 then publishes it by rename, its manifest recording ``trained_with``
+    (hpc.dsconfig.trained_with's) where given.
 
     Until the rename, the previous checkpoint stays the newest complete one, so a crash or a kill at
-    any point leaves a loadable checkpoint behind.
+    any point leaves a loadable checkpoint behind. A failure on any rank is decided together (``Agreement``): no
+    rank publishes, rank 0 removes the staging folder, and every rank raises.
     """
     with publishing(root):
-        return _save(Path(root), step, rank, write, barrier, trained_with)
+        return _save(Path(root), step, rank, write, agree or Agreement(None), trained_with)
 
 
-def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], barrier: Callable[[], None],
+def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], agree: Agreement,
           trained_with: dict | None) -> Path:
     tag = name_for(step)
     staging = root / f".tmp-{tag}"
-    code = None
-    try:
+
+    def prepare() -> None:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
             (staging / tag).mkdir(parents=True)
-        barrier()
-        write(staging, tag)
-        barrier()
-        if rank == 0:
-            write_manifest(staging / tag, step, trained_with)
+
+    try:
+        for stage in (prepare, lambda: write(staging, tag), lambda: rank == 0 and _publish(root, step, trained_with)):
+            _together(stage, agree, rank, root, staging, tag)
     except KeyboardInterrupt:
         # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    except Exception as exc:
+    return root / tag
+
+
+def _publish(root: Path, step: int, trained_with: dict | None) -> None:
+    tag = name_for(step)
+    staging, final, moved = root / f".tmp-{tag}", root / tag, root / f"{REPLACED}{tag}"
+    write_manifest(staging / tag, step, trained_with)
+    if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
+        shutil.rmtree(moved, ignore_errors=True)  # left by a kill before the rmtree below
+        os.rename(final, moved)
+    os.rename(staging / tag, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(moved, ignore_errors=True)
+    for old in complete(root)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path, staging: Path, tag: str) -> None:
+    """Run ``stage``, then learn with every rank whether it failed on any: if so, rank 0 removes ``staging`` and every
+    rank raises, for a storage failure the first failing rank's one line, else that rank its own error and the
+    others an OSError naming it (a rank that left alone would keep the others waiting at the next collective)."""
+    failed, outcome = None, None
+    try:
+        stage()
+    except Exception as exc:  # noqa: BLE001 - voted on; a rank's own bug re-raised below
         code = storage_code(exc, root)
-        if code is None:
-            raise
-    if code is not None:
-        # Outside the except: the failed write's frames (and its open file, whose blocks a deleted file keeps)
-        # are gone, so removing the half-written folder frees its space for the rank's error report.
+        named = f"{tag} on rank {agree.rank}" if agree.world > 1 else tag
+        outcome = (agree.rank, code, storage_error(code, root, named).strerror if code else f"{type(exc).__name__}: "
+                   f"{exc}", str(root))
+        failed = None if code else exc
+    if outcome is not None:
+        # Outside the except: the failed write's frames (and its open file, whose blocks a deleted file keeps) are
+        # gone, so rank 0's removal of the half-written folder frees its space for the ranks' error reports.
         gc.collect()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise storage_error(code, root, tag)
-    final, moved = root / tag, root / f"{REPLACED}{tag}"
+    first = next(filter(None, agree.votes(outcome)), None)
+    if first is None:
+        return
     if rank == 0:
-        if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
-            shutil.rmtree(moved, ignore_errors=True)  # left by a kill before the rmtree below
-            os.rename(final, moved)
-        os.rename(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(moved, ignore_errors=True)
-        for old in complete(root)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+    who, code, line, where = first
+    if code:
+        raise StorageError(code, line, where)
+    if failed is not None:
+        raise failed
+    raise OSError(errno.ECANCELED, f"rank {who} could not write its share of checkpoint {tag} ({line})", where)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The ranks of ``group`` (None: this process alone) writing one checkpoint: their barriers are votes, so that a
+    rank whose share could not be written meets the others at the next one and all give up there together
+    (DeepSpeed's save is a collective: a rank that left it alone would keep the others waiting in it)."""
+
+    group: Any
+
+    @classmethod
+    def of_every_rank(cls) -> Agreement:
+        return cls(dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None)
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group) if self.group is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.group is not None else 0
+
+    def votes(self, mine: object) -> list:
+        """Every rank's ``mine``, by its rank in the group."""
+        return gathered(mine, self.world, self.group)
 
 
 def written_by(folder: Path) -> str:

@@ -22,7 +22,6 @@ what a new job resumes from when the allocation and its nodes' memory are gone (
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import shutil
 import struct
@@ -96,15 +95,14 @@ class Parts:
         if not idle:
             self.skipped += 1
             return
-        agree = Agreement(self.group.every if self.group is not None else None)
-        try:
-            checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write, barrier=agree,
+        try:  # a failure on any rank (node memory ran out, or a quota) is raised on every rank alike
+            checkpoint.save(self.part(self.node), step, rank=0 if self.leader else 1, write=write,
+                            agree=checkpoint.Agreement(self.group.every if self.group is not None else None),
                             trained_with=trained_with)
-        except (OSError, RuntimeError) as exc:  # node memory ran out, or a quota, on some rank: on every rank alike
-            agree.settle(f"{checkpoint.reason(exc)} writing a snapshot in {self.folder}")
-            if self.leader and fileio.is_private(self.folder):
-                shutil.rmtree(self.part(self.node) / f".tmp-{name_for(step)}", ignore_errors=True)
-            return self._stop(agree.why)
+        except (OSError, RuntimeError) as exc:
+            # Only the failing rank's node may know its folder: the vote's errors name it.
+            where = getattr(exc, "filename", None) or self.folder
+            return self._stop(f"{checkpoint.reason(exc)} writing a snapshot in {where}")
         self.last_s = time.perf_counter() - began
         self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
         if self.leader:
@@ -227,31 +225,6 @@ class Parts:
         checkpoint.save(self.part(before), step, rank=0, write=write, trained_with=recorded(mine))
 
 
-class Agreement:
-    """``checkpoint.save``'s barriers while the ranks write their shares of a snapshot: each a vote, so that a rank
-    whose share could not be written meets the others at the next one and all give up there together (DeepSpeed's
-    save is a collective: a rank that left it alone would keep the others waiting in it). ``why``: the first
-    failure any rank reported."""
-
-    def __init__(self, group) -> None:
-        self.group, self.why = group, ""
-
-    def __call__(self, why: str = "") -> None:
-        whys = [why]
-        if self.group is not None:
-            whys = [""] * dist.get_world_size(self.group)
-            dist.all_gather_object(whys, why, group=self.group)
-        self.why = next(filter(None, whys), "")
-        if self.why:
-            raise OSError(errno.ECANCELED, self.why)
-
-    def settle(self, why: str) -> None:
-        """After a failure here: this rank's vote, unless it learnt of the failure at one (the others then did)."""
-        if not self.why:
-            with contextlib.suppress(OSError):
-                self(why)
-
-
 @dataclass(frozen=True)
 class Groups:
     """The gloo groups a snapshot speaks over: every rank (a CPU vote even when training runs NCCL) and the
@@ -311,8 +284,8 @@ def assemble(parts: Parts, root: Path, rank: int, world: int, found: Path | None
             if holder == rank:
                 copy_part(held, staging / tag)
 
-    barrier = dist.barrier if world > 1 else (lambda: None)
-    made = checkpoint.save(root, step, rank=rank, write=write, barrier=barrier, trained_with=saved)
+    agree = checkpoint.Agreement.of_every_rank()
+    made = checkpoint.save(root, step, rank=rank, write=write, agree=agree, trained_with=saved)
     in_memory = all(Path(root) not in held.parents for _, held in sources.values())
     return made, "node memory" if in_memory else "the parts its nodes persisted"
 

@@ -181,7 +181,7 @@ class DeepSpeedEngine:
         except (OSError, RuntimeError):
             # Its files are written after all its collectives but the barrier it ends with (torch's writer says a
             # failed write as a RuntimeError): a rank whose write failed meets the others there, so that they can
-            # learn of it together (a snapshot's vote) and go on.
+            # learn of it together at checkpoint.save's vote.
             barrier()
             raise
         checkpoint.put(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))

@@ -202,10 +202,10 @@ def broadcast_from_0(value, world: int):
     return box[0]
 
 
-def gathered(value, world: int) -> list:
-    """Every rank's ``value``, by rank (every rank calls it; one rank alone needs no collective)."""
+def gathered(value, world: int, group=None) -> list:
+    """Every rank's ``value``, by rank in ``group`` (every rank calls it; one rank alone needs no collective)."""
     values = [value]
     if world > 1:
         values = [None] * world
-        dist.all_gather_object(values, value)
+        dist.all_gather_object(values, value, group=group)
     return values
