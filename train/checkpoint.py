@@ -62,11 +62,12 @@ def disk_full(root: Path, least: int = 1 << 20) -> bool:
     return stats.f_bavail * stats.f_frsize < least or 0 == stats.f_favail < stats.f_files
 
 
-def put(obj: object, path: Path) -> None:
+def put(obj: object, path: Path | str, zipfile: bool = True) -> None:
     """torch.save through a Python file: a failed write then keeps its OSError, errno and all, as the context of
-    torch's RuntimeError (its own writer, given a path, says only "iostream error")."""
+    torch's RuntimeError (its own writer, given a path, says only "iostream error"). ``zipfile``: torch's format,
+    else its legacy one (DeepSpeed's setting for its own files)."""
     with open(path, "wb") as file:
-        torch.save(obj, file)
+        torch.save(obj, file, _use_new_zipfile_serialization=zipfile)
 
 
 def storage_code(exc: BaseException, root: Path) -> int | None:
@@ -171,8 +172,12 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
             shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier attempt
             (staging / tag).mkdir(parents=True)
 
+    def publish() -> None:
+        if rank == 0:
+            _publish(root, step, trained_with)
+
     try:
-        for stage in (prepare, lambda: write(staging, tag), lambda: rank == 0 and _publish(root, step, trained_with)):
+        for stage in (prepare, lambda: write(staging, tag), publish):
             _together(stage, agree, rank, root, staging, tag)
     except KeyboardInterrupt:
         # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.

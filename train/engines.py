@@ -145,8 +145,14 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, *, config: dict) -> None:
         import deepspeed
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        saver = self.engine.checkpoint_engine
+        if type(saver) is TorchCheckpointEngine:
+            # DeepSpeed's own files written as ours are: its torch.save to a path says a write stopped by a file-size
+            # limit or a quota only as "iostream error", which would end the run as a crash, not as storage (74).
+            saver.save = lambda state_dict, path: checkpoint.put(state_dict, path, saver.zipfile_serialization)
         self.trained_with, self.lr = dsconfig.trained_with(config), dsconfig.lr_of(config)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
