@@ -545,3 +545,19 @@ def test_a_registry_of_damaged_bytes_is_empty_but_one_that_is_a_folder_is_refuse
     assert registry.load(tmp_path / "bad") == []
     with pytest.raises(registry.JobError, match="dir is a directory, not a file; move it away, or set HPCDIST_HOME"):
         registry.load(tmp_path / "dir")
+
+
+# Captured on the local Slurm 22.05: `squeue -h -j A_0,A_1,A_2,A_3 -o %i|%T|%N|%M` of a 4-task array whose tasks 2
+# and 3 wait for nodes (folded into one row), and the same with --array (a row per task).
+FOLDED = "23317304_[2-3]|PENDING|(null)|0:00\n23317304_0|RUNNING|n[1-3]|0:02\n23317304_1|RUNNING|n[1-3]|0:02\n"
+A_ROW_EACH = ("23317304_2|PENDING|(null)|0:00\n23317304_3|PENDING|(null)|0:00\n23317304_0|RUNNING|n[1-3]|0:02\n"
+              "23317304_1|RUNNING|n[1-3]|0:02\n")
+
+
+def test_the_pending_tasks_of_an_array_are_each_pending_not_gone_from_the_queue():
+    def slurm(argv):
+        out = (A_ROW_EACH if "--array" in argv or "-r" in argv else FOLDED) if argv[0] == "squeue" else ""
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    tasks = [rec(f"23317304_{i}", via="sbatch") for i in range(4)]
+    assert [s.state for s in jobs.states(tasks, slurm)] == ["RUNNING", "RUNNING", "PENDING", "PENDING"]

@@ -56,12 +56,17 @@ def show(what: str, *names: str, runner: Runner = run) -> str | None:
     return _answer(["scontrol", "show", what, *names] + ([] if what == "config" else ["-o"]), runner)
 
 
+# squeue folds an array's pending tasks into one row (``1234_[2-3]``) when asked about several jobs or the queue: a
+# task's own id then matches no row, and a pending task read as one that had left the queue.
+ARRAY_TASK_A_ROW = "--array"
+
+
 def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, partitions: Sequence[str] = (),
            runner: Runner = run) -> str | None:
     """``squeue -h -o FMT`` for these jobs, or the queue's jobs in these states and partitions."""
     if jobs and _not_jobs(jobs):
         return None
-    argv = ["squeue", "-h", "-o", fmt]
+    argv = ["squeue", "-h", "-o", fmt, ARRAY_TASK_A_ROW]
     if states:
         argv += ["-t", states]
     if partitions:
@@ -78,7 +83,7 @@ def queued(jobs: Sequence[str], fmt: str, runner: Runner = run) -> tuple[str | N
         return None, False
     texts = []
     for part in _lists(jobs):
-        proc = runner(["squeue", "-h", "-j", part, "-o", fmt])
+        proc = runner(["squeue", "-h", "-j", part, "-o", fmt, ARRAY_TASK_A_ROW])
         if proc.returncode == 0:
             texts.append(proc.stdout)
         elif "Invalid job id" not in (proc.stderr or ""):
