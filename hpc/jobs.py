@@ -57,15 +57,17 @@ class JobState:
 
 # ---- asking Slurm --------------------------------------------------------------------------------
 
-def parse_sacct(text: str, job_id: str) -> JobState | None:
-    """The allocation's row of ``sacct -X -n -P -o JobID,State,ExitCode,NodeList,Elapsed,NNodes``."""
-    for row in parse.rows(text, SACCT_FIELDS, job=job_id):
+def sacct_states(text: str) -> dict[str, JobState]:
+    """Each job's allocation row of ``sacct -X -n -P -o JobID,State,ExitCode,NodeList,Elapsed,NNodes`` (its first),
+    read in one pass: a list of many jobs is not read again for each."""
+    out: dict[str, JobState] = {}
+    for row in parse.rows(text, SACCT_FIELDS):
         # "CANCELLED by 0": the state is the first word.
         state = base_state(row["State"]) if row["State"] else "UNKNOWN"
         code, sig = grammar.exit_code(row["ExitCode"]) or (None, None)
         nnodes = int(row["NNodes"]) if row["NNodes"].isdigit() else None
-        return JobState(job_id, state, code, sig, row["NodeList"], row["Elapsed"], nnodes)
-    return None
+        out.setdefault(row["JobID"], JobState(row["JobID"], state, code, sig, row["NodeList"], row["Elapsed"], nnodes))
+    return out
 
 
 def nodelist_unsettled(state: JobState) -> bool:
@@ -120,10 +122,13 @@ def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str
     rows, queue_answered = commands.queued(job_ids, SQUEUE_FORMAT, runner)
     queued = {j: parse_squeue(rows, j) if rows is not None else None for j in job_ids}
     rest = [j for j in job_ids if queued[j] is None or queued[j].state not in LIVE]
-    accounting = commands.sacct(rest, SACCT_FIELDS, runner=runner) if rest else ""
+    # An array task that never started has no row of its own, only one its array folds: asked by the array's id.
+    arrays = sorted({j.partition("_")[0] for j in rest if "_" in j} - set(rest))
+    asked = commands.sacct(rest + arrays, SACCT_FIELDS, runner=runner) if rest else None
+    accounting = sacct_states(parse.unfolded(asked))
     out = {}
     for job_id in job_ids:
-        accounted = parse_sacct(accounting, job_id) if accounting else None
+        accounted = accounting.get(job_id)
         found = current(queued[job_id], accounted and _where_it_ran(accounted, runner))
         if found is None and queue_answered:
             found = JobState(job_id, "LEFT_QUEUE")

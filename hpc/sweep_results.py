@@ -1,7 +1,7 @@
 """Read a submitted sweep back: each task's Slurm state and run summary as a Row, shown as a table or a chart.
 
     data, submitted = load(sweep_dir)                    # sweep.yaml, {array name: Slurm job id}
-    states = parse.array_states(sacct_text, submitted.values())
+    states = {j: s.state for j, s in jobs.slurm_states(job_ids(data, submitted)).items()}
     print(table(rows(data, submitted, states), markdown=True))
 """
 
@@ -72,12 +72,22 @@ def read_summary(job_dir: Path) -> dict[str, Any]:
     return data
 
 
+def task_job_id(task: Mapping[str, Any], submitted: Mapping[str, str]) -> str:
+    """A task's Slurm job id, ``ARRAYID_INDEX``; "" when its array was not submitted (a dry run)."""
+    array_job = submitted.get(task["array"])
+    return f"{array_job}_{task['array_index']}" if array_job else ""
+
+
+def job_ids(data: Mapping[str, Any], submitted: Mapping[str, str]) -> list[str]:
+    """The job id of every submitted task."""
+    return [j for task in data.get("resolved") or [] if (j := task_job_id(task, submitted))]
+
+
 def rows(data: Mapping[str, Any], submitted: Mapping[str, str], states: Mapping[str, str]) -> list[Row]:
     """Every task's row: its Slurm state (``NOT_SUBMITTED`` for a dry run) and its run/summary.json."""
     out = []
     for task in data.get("resolved") or []:
-        array_job = submitted.get(task["array"])
-        job_id = f"{array_job}_{task['array_index']}" if array_job else ""
+        job_id = task_job_id(task, submitted)
         job_dir = Path(task["job_dir"])
         summary = read_summary(job_dir)
         ranks = sorted(summary["ranks"], key=lambda r: r.get("rank", 0))

@@ -69,7 +69,7 @@ def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:
 
     said = pending.describe(["12", "14"], runner)
     assert list(said) == ["12"] and "3 job(s) ahead" in said["12"]
-    assert calls[1] == ["squeue", "-h", "-o", pending.SQUEUE_FORMAT, "-t", "PD", "-p", "debug"]
+    assert calls[1] == ["squeue", "-h", "-o", pending.SQUEUE_FORMAT, "--array", "-t", "PD", "-p", "debug"]
     failing = lambda argv: subprocess.CompletedProcess(argv, 1, "", "error")  # noqa: E731
     assert pending.describe(["12"], failing) == {}
     assert pending.describe([], failing) == {}

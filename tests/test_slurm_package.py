@@ -158,12 +158,11 @@ def test_sbatch_without_a_job_id_is_a_slurm_error() -> None:
         commands.sbatch(Path("x"), runner=lambda argv: subprocess.CompletedProcess(argv, 0, "queued\n", ""))
 
 
-def test_sacct_rows_of_array_tasks_and_their_folded_pending_row():
-    text = "7_0|COMPLETED\n7_1|RUNNING\n7_[2-4%2]|PENDING\n8_[0,2]|PENDING\n9_0|FAILED\n7|PENDING\n"
-    assert parse.array_states(text, ["7", "8"]) == {
-        "7_0": "COMPLETED", "7_1": "RUNNING", "7_2": "PENDING", "7_3": "PENDING", "7_4": "PENDING",
-        "8_0": "PENDING", "8_2": "PENDING"}
-    assert parse.array_tasks("7") == ("7", []) and parse.array_states(None, ["7"]) == {}
+def test_sacct_rows_of_array_tasks_folded_while_pending_are_unfolded_into_a_row_per_task():
+    text = "7_0|COMPLETED\n7_1|RUNNING\n7_[2-4%2]|PENDING\n8_[0,2]|CANCELLED by 0\n9_0|FAILED\n7|PENDING\n"
+    assert parse.unfolded(text) == ("7_0|COMPLETED\n7_1|RUNNING\n7_2|PENDING\n7_3|PENDING\n7_4|PENDING\n"
+                                    "8_0|CANCELLED by 0\n8_2|CANCELLED by 0\n9_0|FAILED\n7|PENDING\n")
+    assert parse.array_tasks("7") == ("7", []) and parse.unfolded(None) == ""
 
 
 SLURM_COMMANDS = {"sbatch", "scontrol", "squeue", "sacct", "sinfo", "scancel", "salloc", "sacctmgr", "sstat"}

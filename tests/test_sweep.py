@@ -19,7 +19,7 @@ from test_submit_unit import sbatch_directives
 from hpc import profiles, render, submit, sweep_matrix, sweep_results
 from hpc import sweep as sweeps
 from hpc.cli import main
-from hpc.commands.sweep import spread_grid
+from hpc.commands.sweep import current_rows, spread_grid
 from hpc.spec import JobSpec, SpecError, from_mapping, parse_after
 
 
@@ -257,6 +257,26 @@ def test_the_dry_run_prints_every_task_and_writes_but_submits_nothing(tmp_path):
     assert not (tmp_path / "s" / sweeps.SUBMITTED_FILE).exists()
     rows = sweep_results.rows(*sweep_results.load(tmp_path / "s"), {})
     assert {r.state for r in rows} == {"NOT_SUBMITTED"}
+
+
+def test_sweep_status_takes_a_requeued_tasks_state_from_the_controller_and_a_cancelled_waiting_tasks_from_its_array(
+        tmp_path, monkeypatch):
+    """As `hpcdist status` does: accounting keeps a stale REQUEUED row for a task the controller runs again, and no
+    row of its own for a task cancelled before it started (only its array's folded one)."""
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--grid",
+                                       "train.lr=0.1,0.2,0.3", "--", "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "s" / sweeps.SUBMITTED_FILE).write_text('{"arrays": {"array-0": "77"}}')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answers = {"squeue": "77_0|RUNNING|n[1,3]|0:41\n",
+               "sacct": "77_0|REQUEUED|0:0|n[1-2]|00:00:00|2\n77_1|COMPLETED|0:0|n1|00:01:00|1\n"
+                        "77_[2]|CANCELLED by 0|0:0|None assigned|00:00:00|1\n"}
+    for name, out in answers.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\nprintf '{out}'\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert [r.state for r in current_rows(tmp_path / "s")] == ["RUNNING", "COMPLETED", "CANCELLED"]
 
 
 def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):

@@ -21,7 +21,7 @@ import click
 
 from hpc import fileio, job
 from hpc.commands.options import check_container, fail, job_options, values_from_options
-from hpc.slurm import commands, parse, states
+from hpc.slurm import states
 
 WAIT_POLL_S = 3.0
 
@@ -214,13 +214,12 @@ def submit(plan: Any) -> dict[str, str]:
 
 
 def current_rows(sweep_dir: Path) -> list[Any]:
-    """Every task's row, with one sacct call for all the sweep's arrays."""
-    from hpc import sweep_results
+    """Every task's row, its state as `hpcdist status` tells it (the controller's while it holds the task)."""
+    from hpc import jobs, sweep_results
 
     data, submitted = sweep_results.load(sweep_dir)
-    ids = list(submitted.values())
-    seen = parse.array_states(commands.sacct(ids, ("JobID", "State")), ids) if ids else {}
-    return sweep_results.rows(data, submitted, seen)
+    seen = jobs.slurm_states(sweep_results.job_ids(data, submitted))
+    return sweep_results.rows(data, submitted, {job_id: now.state for job_id, now in seen.items()})
 
 
 def _read(command: str, sweep_dir: str) -> list[Any]:

@@ -6,13 +6,13 @@
     rows(sacct(["42"], FIELDS), FIELDS, job="42")       # sacct -P / squeue -o "%i|%T": one dict per row
     node_states(sinfo_nodes())                          # sinfo -N -o %N|%T: {"n1": "idle", ...}
     sbatch_job_id("4242;cluster\n")                     # sbatch --parsable: "4242"
-    array_states(sacct(["7"], ("JobID", "State")), ["7"])  # {"7_0": "COMPLETED", "7_1": "PENDING", ...}
+    unfolded("7_0|DONE\n7_[1-2]|PENDING\n")           # sacct -P, one row a task: "7_0|DONE\n7_1|PENDING\n..."
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from hpc.slurm import grammar
 
@@ -70,14 +70,15 @@ def array_tasks(job_field: str) -> tuple[str, list[int]]:
     return job, tasks
 
 
-def array_states(text: str | None, job_ids: Iterable[str]) -> dict[str, str]:
-    """``JOBID_TASK -> state`` from ``sacct -X -n -P -o JobID,State`` rows of these array jobs."""
-    wanted, out = set(job_ids), {}
-    for row in rows(text, ("JobID", "State")):
-        job, tasks = array_tasks(row["JobID"])
-        if job in wanted:
-            out.update({f"{job}_{t}": row["State"].split()[0] if row["State"] else "UNKNOWN" for t in tasks})
-    return out
+def unfolded(text: str | None) -> str:
+    """``sacct -P`` rows, each folded row of an array's tasks that never started (``7_[2-4%2]|...``) as one row per
+    task (``7_2|...``, ``7_3|...``, ``7_4|...``): sacct keeps no row under such a task's own id."""
+    out = []
+    for line in (text or "").splitlines():
+        first, bar, rest = line.partition("|")
+        job, tasks = array_tasks(first)
+        out += [f"{job}_{t}{bar}{rest}" for t in tasks] if "[" in first else [line]
+    return "".join(f"{line}\n" for line in out)
 
 
 def sbatch_job_id(text: str | None) -> str | None:
