@@ -146,11 +146,17 @@ def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
 
 def array_tasks(key: str, environ: Mapping[str, str]) -> list[Record]:
     """The registered tasks (``KEY_0``, ``KEY_1``, ...) of the job array whose own id is ``key``, as a sweep
-    registers them; none where ``key`` is no such id or a job of its own has it."""
+    registers them; none where ``key`` is no such id or a job of its own has it, JobError where both do (a local
+    job's id is a pid, which an array's may equal), as ``lookup`` refuses one id naming jobs in several directories."""
     records = load(registry_path(environ))
-    if not grammar.is_job_id(key) or "_" in key or any(r.job_id == key for r in records):
+    if not grammar.is_job_id(key) or "_" in key:
         return []
-    return [r for r in records if r.via != "local" and r.job_id.partition("_")[0] == key]
+    tasks = [r for r in records if r.via != "local" and r.job_id.partition("_")[0] == key and "_" in r.job_id]
+    own = next((r.job_dir for r in reversed(records) if r.job_id == key), None)
+    if tasks and own:
+        raise JobError(f"job id {key} names a job submitted from here, in {ascii(own)}, and job array {key} "
+                       f"({tasks[0].job_id}, ...): pass that job's directory, or the array's task ids")
+    return [] if own else tasks
 
 
 def lookup(key: str, environ: Mapping[str, str], one: bool = False) -> Record:

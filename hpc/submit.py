@@ -212,9 +212,13 @@ def _free_port() -> int:
     """A TCP port no socket here holds, from the OS: a local job's MASTER_PORT (hpc.ranks.LOCAL_MASTER_PORT)."""
     # Asked once, here, so that every task gets the same; the kernel hands out no port a live job's rank 0 listens on,
     # where a port derived from the job id (a pid) may be another live local job's, or any program's.
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+    try:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return probe.getsockname()[1]
+    except OSError as exc:
+        raise SubmitError(f"no TCP port for the local job's rendezvous: binding one here failed ({exc.strerror}); "
+                          "let this user bind a local port, or submit the job to Slurm") from None
 
 
 @contextlib.contextmanager

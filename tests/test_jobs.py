@@ -166,6 +166,24 @@ def test_cancel_of_a_job_array_that_ended_says_so_and_cancels_nothing(tmp_path):
     assert "scancel" not in (tmp_path / "calls").read_text()
 
 
+def test_cancel_of_an_id_both_a_local_jobs_and_a_job_arrays_refuses_in_one_line_and_cancels_neither(tmp_path):
+    """A local job's id is a pid, which a sweep's array id may equal: `cancel 1234` took the local job (ended) and
+    said so, and the live array it named too went on running; as for two jobs of one id, the user says which."""
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, squeue="1234_0|RUNNING|n1|0:05\n", scancel="")
+    home = tmp_path / "home" / registry.REGISTRY
+    registry.append(home, rec("1234", str(tmp_path / "local"), via="local"))
+    for task in range(2):
+        registry.append(home, rec(f"1234_{task}", str(tmp_path / f"task-{task}")))
+    result = CliRunner().invoke(cancel, ["1234"], env=env)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "1234 names" in result.stderr and "1234_0" in result.stderr and str(tmp_path / "local") in result.stderr
+    assert "scancel" not in ((tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else "")
+
+
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = tmp_path / "job"

@@ -60,6 +60,23 @@ def test_a_local_job_rendezvouses_on_a_port_the_os_called_free_at_submit_not_on_
     assert len(ports) == 1 and ports != {f"export MASTER_PORT={derived}"}, (ports, derived)
 
 
+def test_a_local_job_refused_a_port_by_the_os_is_refused_in_one_line_naming_the_port_and_the_fix(
+        tmp_path, monkeypatch):
+    """Where this user may bind no TCP port (a sandbox's seccomp, EACCES) submit said only "[Errno 13] Permission
+    denied", naming neither what it asked for nor what to do."""
+    import socket
+
+    def refuse(self, address):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    with pytest.raises(submit.SubmitError) as refused:
+        submit_standin(tmp_path, monkeypatch)
+    line = str(refused.value)
+    assert "\n" not in line and "rendezvous" in line and "Permission denied" in line and "Slurm" in line
+    assert not (tmp_path / "home" / "jobs.jsonl").exists()
+
+
 @pytest.mark.parametrize("time_limit", ["0", "UNLIMITED"])
 def test_no_time_limit_lets_a_local_job_run(tmp_path, monkeypatch, time_limit):
     """Slurm reads --time 0 as no limit; the local runner once read it as zero minutes and stopped at once."""

@@ -460,6 +460,25 @@ def test_a_ctrl_c_while_writing_a_checkpoint_leaves_no_half_written_one_behind(t
     assert sorted(os.listdir(root)) == ["step00000010"]
 
 
+def test_a_ctrl_c_on_one_rank_while_its_share_is_written_stops_every_rank_as_interrupted_publishing_nothing(
+        tmp_path):
+    """A Ctrl-C on rank 1 alone (SIGINT to one rank) left save without a vote: rank 0, waiting at it, ended in gloo's
+    "Connection closed by peer" (exit 1, a rank error for a user's stop) and left .tmp-step00000020 behind."""
+    def interrupted(save_dir, tag):
+        raise KeyboardInterrupt
+
+    agree = WithRank1(None, rank=1)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "a", 20, rank=1, agree=agree, write=interrupted)
+    assert len(agree.mine) == 2 and agree.mine[1] is not None  # it voted at the write, where rank 0 waits
+    root = tmp_path / "b"
+    save_model(root, 10, ConvNet())
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(root, 20, rank=0, agree=WithRank1(agree.mine[1]),
+                        write=lambda save_dir, tag: (save_dir / tag / "model.pt").write_bytes(b"whole"))
+    assert sorted(os.listdir(root)) == ["step00000010"]
+
+
 def test_a_step_saved_again_after_a_crash_left_the_replaced_copy_behind_is_published(tmp_path):
     save_model(tmp_path, 10, ConvNet())
     # A kill between publishing step 10 again and removing the copy it replaced left that copy.

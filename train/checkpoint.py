@@ -201,13 +201,20 @@ def _publish(root: Path, step: int, trained_with: dict | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# A rank's vote that a Ctrl-C stopped its stage (a failure's vote is its errno or its error's "Type: message").
+INTERRUPTED = "interrupted (SIGINT)"
+
+
 def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path, staging: Path, tag: str) -> None:
     """Run ``stage``, then learn with every rank whether it failed on any: if so, rank 0 removes ``staging`` and every
-    rank raises, for a storage failure the first failing rank's one line, else that rank its own error and the
-    others an OSError naming it (a rank that left alone would keep the others waiting at the next collective)."""
+    rank raises, for a storage failure the first failing rank's one line, for a Ctrl-C KeyboardInterrupt, else that
+    rank its own error and the others an OSError naming it (a rank that left alone would keep the others waiting at
+    the next collective)."""
     failed, outcome = None, None
     try:
         stage()
+    except KeyboardInterrupt as exc:  # one rank's Ctrl-C: the others, waiting at the vote, stop with it (exit 130)
+        failed, outcome = exc, (agree.rank, None, INTERRUPTED, str(root))
     except Exception as exc:  # noqa: BLE001 - voted on; a rank's own bug re-raised below
         code = storage_code(exc, root)
         named = f"{tag} on rank {agree.rank}" if agree.world > 1 else tag
@@ -228,6 +235,8 @@ def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path
         raise StorageError(code, line, where)
     if failed is not None:
         raise failed
+    if line == INTERRUPTED:
+        raise KeyboardInterrupt
     raise OSError(errno.ECANCELED, f"rank {who} could not write its share of checkpoint {tag} ({line})", where)
 
 
