@@ -60,6 +60,26 @@ def test_a_local_job_rendezvouses_on_a_port_the_os_called_free_at_submit_not_on_
     assert len(ports) == 1 and ports != {f"export MASTER_PORT={derived}"}, (ports, derived)
 
 
+def test_a_local_jobs_port_is_a_free_one_below_the_ephemeral_range_where_no_outgoing_connection_takes_it(
+        monkeypatch):
+    """The kernel's own pick (bind to port 0) comes from its ephemeral range (32768-60999 here), which any outgoing
+    connection may take between submit and rank 0's listen; the derived ports stay below it, and so does this one."""
+    import random
+    import socket
+
+    with socket.socket() as held:
+        for offset in range(100, ranks.PORT_SPAN):  # a port of the range a socket here holds: the search starts there
+            try:
+                held.bind(("", ranks.PORT_BASE + offset))
+                break
+            except OSError:
+                continue
+        held.listen()
+        monkeypatch.setattr(random, "randrange", lambda span: offset)
+        port = submit._free_port()
+    assert ranks.PORT_BASE <= port < ranks.PORT_BASE + ranks.PORT_SPAN and port != ranks.PORT_BASE + offset
+
+
 def test_a_local_job_refused_a_port_by_the_os_is_refused_in_one_line_naming_the_port_and_the_fix(
         tmp_path, monkeypatch):
     """Where this user may bind no TCP port (a sandbox's seccomp, EACCES) submit said only "[Errno 13] Permission
