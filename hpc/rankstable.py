@@ -8,13 +8,16 @@ rank runs, so it shows what the ranks will compute rather than a second opinion 
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from hpc import nodelist, ranks, shown
 from hpc.spec import JobSpec
 
 
-def ranks_table(spec: JobSpec, full_up_to: int = 1024, local: bool = False) -> str:
-    """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve (``local``: run
-    by the local executor, whose runner hands every rank the port it asked the OS for at submit).
+def ranks_table(spec: JobSpec, profile_env: Mapping[str, str], full_up_to: int = 1024, local: bool = False) -> str:
+    """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve: each over
+    ``profile_env``, what setup.sh exports to every task (Profile.environment), since a MASTER_ADDR/PORT there wins.
+    ``local``: run by the local executor, whose runner hands every rank the port it asked the OS for at submit.
 
     Every rank is listed up to ``full_up_to`` ranks; beyond, the first and last rank of each node (the
     rest follow rank = node_rank * procs_per_node + local_rank, which the header states). Linear in the
@@ -28,13 +31,15 @@ def ranks_table(spec: JobSpec, full_up_to: int = 1024, local: bool = False) -> s
     step_tasks = spec.world_size if spec.launcher == "srun" else spec.nodes
 
     def slurm_task(procid: int, local_id: int, node_rank: int) -> dict[str, str]:
-        return {"SLURM_PROCID": str(procid), "SLURM_NTASKS": str(step_tasks), "SLURM_STEP_ID": "0",
+        return {**profile_env,
+                "SLURM_PROCID": str(procid), "SLURM_NTASKS": str(step_tasks), "SLURM_STEP_ID": "0",
                 "SLURM_LOCALID": str(local_id), "SLURM_NODEID": str(node_rank), "SLURM_JOB_NODELIST": expr,
                 "SLURM_STEP_NODELIST": expr, "SLURM_STEP_NUM_TASKS": str(step_tasks),
                 "SLURM_STEP_TASKS_PER_NODE": f"{tasks}(x{spec.nodes})", "SLURM_JOB_ID": "0"}
 
-    # ranks.txt is written before the job has an id or port: the port column states the rule that gives it.
-    port = "free-at-submit" if local else f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
+    # ranks.txt is written before the job has an id or port: the port column states the rule that gives it,
+    # unless the profile gives the port itself.
+    rule = "free-at-submit" if local else f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
     rows = []
     for node_rank, host in enumerate(hosts):
         if spec.launcher != "srun":
@@ -47,20 +52,22 @@ def ranks_table(spec: JobSpec, full_up_to: int = 1024, local: bool = False) -> s
                 environ = slurm_task(rank, local_rank, node_rank)
             else:
                 environ = {
+                    **profile_env,
                     "RANK": str(rank), "WORLD_SIZE": str(spec.world_size), "LOCAL_RANK": str(local_rank),
                     "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(node_rank),
                     "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port),
                 }
             dist = ranks.resolve(environ)
+            chosen = (dist if spec.launcher == "srun" else task).origin["master_port"] == "MASTER_PORT"
             rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host, dist.master_addr,
-                         port, dist.source))
+                         str(dist.master_port) if chosen else rule, dist.source))
     header = ("rank", "local_rank", "node_rank", "node", "master_addr", "master_port", "source")
     lines = [
         "# What each rank will see: hpc.ranks.resolve on the environment its launcher gives it.",
         f"# {spec.world_size} rank(s) = {spec.nodes} node(s) x {per_node}; "
         f"rank = node_rank * {per_node} + local_rank.",
         *(["# master_port: a port the OS calls free when the job is submitted, the same for every rank."]
-          if local else []),
+          if local and rule in (row[5] for row in rows) else []),
         "# Every rank is listed." if full else
         f"# Over {full_up_to} ranks: only the first and last rank of each node are listed; the ranks between "
         "see the same node, master_addr and master_port.",

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from test_render import SITE, builtin, golden_spec
 
-from hpc import render
+from hpc import profiles, render
 from hpc.rankstable import ranks_table
 
 
@@ -18,7 +18,7 @@ def _rows(table: str) -> list[list[str]]:
 
 def test_ranks_table_with_nodelist() -> None:
     spec = replace(golden_spec("ddp", "srun"), nodelist="n[1-2]")
-    table = ranks_table(render.render(spec, SITE, search=builtin()).spec)
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, {})
     rows = _rows(table)
     assert [r[:4] for r in rows] == [["0", "0", "0", "n1"], ["1", "1", "0", "n1"], ["2", "0", "1", "n2"],
                                      ["3", "1", "1", "n2"]]
@@ -37,7 +37,7 @@ def test_ranks_table_placeholders_show_the_port_rule() -> None:
 def test_ranks_table_beyond_its_size_lists_each_nodes_first_and_last_rank(launcher: str) -> None:
     spec = replace(golden_spec("ddp", launcher), nodes=3, gpus_per_node=4, nodelist="gpu[07-09]",
                    train_args=("--batch-size", "96"))
-    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=8)
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, {}, full_up_to=8)
     assert [r[:5] for r in _rows(table)] == [
         ["0", "0", "0", "gpu07", "gpu07"], ["3", "3", "0", "gpu07", "gpu07"],
         ["4", "0", "1", "gpu08", "gpu07"], ["7", "3", "1", "gpu08", "gpu07"],
@@ -47,7 +47,7 @@ def test_ranks_table_beyond_its_size_lists_each_nodes_first_and_last_rank(launch
 
 def test_ranks_table_of_one_rank_per_node_lists_it_once() -> None:
     spec = replace(golden_spec("ddp", "srun"), nodes=3, gpus_per_node=1, train_args=("--batch-size", "96"))
-    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, full_up_to=2)
+    table = ranks_table(render.render(spec, SITE, search=builtin()).spec, {}, full_up_to=2)
     assert [r[0] for r in _rows(table)] == ["0", "1", "2"]
 
 
@@ -55,3 +55,14 @@ def test_a_local_jobs_table_shows_the_port_its_runner_asks_the_os_for_not_the_de
     table = render.render(golden_spec("ddp", "srun"), SITE, search=builtin(), local=True).files["ranks.txt"]
     assert {r[5] for r in _rows(table)} == {"free-at-submit"}
     assert any("the same for every rank" in line for line in table.splitlines() if line.startswith("#"))
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "deepspeed"])
+@pytest.mark.parametrize("local", [False, True])
+def test_a_master_addr_and_port_the_profiles_env_gives_the_tasks_are_the_ones_the_table_shows(
+        launcher: str, local: bool) -> None:
+    site = profiles.parse("pinned", {"gpus_per_node": 4, "env": {"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "23456"}})
+    spec = replace(golden_spec("deepspeed" if launcher == "deepspeed" else "ddp", launcher), nodelist="n[1-2]")
+    table = render.render(spec, site, search=builtin(), local=local).files["ranks.txt"]
+    assert {(r[4], r[5]) for r in _rows(table)} == {("10.1.2.3", "23456")}
+    assert "free-at-submit" not in table
