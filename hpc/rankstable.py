@@ -12,20 +12,22 @@ from typing import Mapping
 
 from hpc import nodelist, ranks, shown
 from hpc.spec import JobSpec
+from hpc.task import local_nodelist
 
 
 def ranks_table(spec: JobSpec, profile_env: Mapping[str, str], full_up_to: int = 1024, local: bool = False) -> str:
     """What each rank will see, from synthetic launcher environments fed through hpc.ranks.resolve: each over
     ``profile_env``, what setup.sh exports to every task (Profile.environment), since a MASTER_ADDR/PORT there wins.
-    ``local``: run by the local executor, whose runner hands every rank the port it asked the OS for at submit.
+    ``local``: run by the local executor, whose runner emulates the nodes on loopback addresses (whatever the
+    nodelist) and hands every rank the port it asked the OS for at submit.
 
     Every rank is listed up to ``full_up_to`` ranks; beyond, the first and last rank of each node (the
     rest follow rank = node_rank * procs_per_node + local_rank, which the header states). Linear in the
     rows listed: each environment carries the compressed nodelist, of which resolve reads the first host.
     """
-    hosts = spec.hosts
+    expr = local_nodelist(spec.nodes) if local else nodelist.compress(spec.hosts)
+    hosts = nodelist.expand(expr) if local else spec.hosts
     per_node, tasks = spec.procs_per_node, spec.slurm_tasks_per_node
-    expr = nodelist.compress(hosts)
     full = spec.world_size <= full_up_to
     local_ranks = range(per_node) if full else sorted({0, per_node - 1})
     step_tasks = spec.world_size if spec.launcher == "srun" else spec.nodes
@@ -66,6 +68,7 @@ def ranks_table(spec: JobSpec, profile_env: Mapping[str, str], full_up_to: int =
         "# What each rank will see: hpc.ranks.resolve on the environment its launcher gives it.",
         f"# {spec.world_size} rank(s) = {spec.nodes} node(s) x {per_node}; "
         f"rank = node_rank * {per_node} + local_rank.",
+        *(["# node: the local runner's emulated nodes, loopback addresses of this machine."] if local else []),
         *(["# master_port: a port the OS calls free when the job is submitted, the same for every rank."]
           if local and rule in (row[5] for row in rows) else []),
         "# Every rank is listed." if full else

@@ -66,3 +66,13 @@ def test_a_master_addr_and_port_the_profiles_env_gives_the_tasks_are_the_ones_th
     table = render.render(spec, site, search=builtin(), local=local).files["ranks.txt"]
     assert {(r[4], r[5]) for r in _rows(table)} == {("10.1.2.3", "23456")}
     assert "free-at-submit" not in table
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+@pytest.mark.parametrize("nodelist", [None, "n[1-2]"])
+def test_a_local_jobs_table_shows_the_loopback_nodes_its_runner_emulates(launcher: str, nodelist: str | None) -> None:
+    spec = replace(golden_spec("ddp", launcher), nodelist=nodelist)
+    table = render.render(spec, SITE, search=builtin(), local=True).files["ranks.txt"]
+    assert [(r[2], r[3], r[4]) for r in _rows(table)] == [
+        ("0", "127.0.0.1", "127.0.0.1"), ("0", "127.0.0.1", "127.0.0.1"),
+        ("1", "127.0.0.2", "127.0.0.1"), ("1", "127.0.0.2", "127.0.0.1")]
