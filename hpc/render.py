@@ -94,6 +94,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     spec, ds_config, precision_reason = settle(check(spec, profile, cpus), cpus)
     jdir = Path(spec.job_dir)
     boxed = container_context(spec, profile)
+    exported = profile.environment()
     context = {
         **boxed,
         "spec": spec,
@@ -102,7 +103,7 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
         "run_dir": str(jdir / vocab.RUN_DIR),
         "vocab": TEMPLATE_VOCAB,
         "python": spec.python,
-        "environment": sorted(profile.environment().items()),
+        "environment": sorted(exported.items()),
         "launcher_variables": ranks.LAUNCHER_VARIABLES,
         "world_size": spec.world_size,
         "procs_per_node": spec.procs_per_node,
@@ -117,7 +118,10 @@ def render(spec: JobSpec, profile: Profile, job_dir: str | Path | None = None, *
     files[vocab.SPEC_YAML] = yaml.safe_dump({"cluster_profile": profile.name, "world_size": spec.world_size,
                                              "procs_per_node": spec.procs_per_node, **spec.to_dict()},
                                             sort_keys=False, default_flow_style=False)
-    files[vocab.RANKS_TXT] = ranks_table(spec, local=local)
+    try:
+        files[vocab.RANKS_TXT] = ranks_table(spec, exported, local=local)
+    except ranks.RankError as exc:  # every rank would fail the same way at its start
+        raise SpecError(f"the env of cluster profile {profile.name}: {exc}") from None
     if ds_config is not None:
         files[vocab.DEEPSPEED_JSON] = json.dumps(ds_config, indent=2) + "\n"
     if spec.launcher == "deepspeed" and spec.nodelist:

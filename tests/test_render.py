@@ -397,3 +397,9 @@ def test_sbatch_test_only(tmp_path: Path) -> None:
     # Refused: one line, exit 2, and the job directory render had just written is gone again.
     assert bad.returncode == 2 and "refused" in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_profile_env_the_ranks_would_refuse_is_refused_at_render_naming_the_profile() -> None:
+    site = profiles.parse("typo", {"gpus_per_node": 4, "env": {"MASTER_PORT": "99999"}})
+    with pytest.raises(SpecError, match="the env of cluster profile typo: MASTER_PORT=99999 is not a TCP port"):
+        render.render(golden_spec("ddp", "srun"), site, search=builtin())

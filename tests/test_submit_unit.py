@@ -485,3 +485,13 @@ def test_logs_of_a_job_whose_directory_was_deleted_say_so_in_one_line(tmp_path):
     proc = hpcdist(["logs", "44"], home)
     assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
     assert "no longer exists (deleted or moved)" in proc.stderr
+
+
+def test_a_local_dry_run_says_its_tasks_run_the_local_task_line_not_job_sbatch(tmp_path):
+    runner = CliRunner(env={"HPCDIST_HOME": str(tmp_path / "home")})
+    job = tmp_path / "job"
+    dry = runner.invoke(main, ["submit", "--dry-run", "--executor", "local", "--nodes", "2", "-o", str(job)])
+    assert dry.exit_code == 0, dry.output
+    said = dry.stderr.splitlines()[-1]
+    assert "it would run here, on the local executor, without job.sbatch, step.sh or requeue.sh" in said
+    assert said.endswith(f"each of its 2 task(s) runs: set -e; source {job}/setup.sh; exec bash {job}/task.sh)")

@@ -67,7 +67,10 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
                        check=_check_local if local else None, here=local, **options)
     if dry_run:
         click.echo(rendered.files[vocab.JOB_SBATCH], nl=False)
-        goes = "here, on the local executor" if local else f"via {where}"
+        # The local runner starts each task from local-task.sh's line: no batch shell, so none of job.sbatch's.
+        goes = (f"here, on the local executor, without job.sbatch, step.sh or requeue.sh: each of its "
+                f"{submitting.local_geometry(rendered.spec).ntasks} task(s) runs: {rendered.local_task}") if local \
+            else f"via {where}"
         click.echo(f"# job directory: {rendered.job_dir} (dry run: nothing submitted; it would run {goes})", err=True)
         return
     submitted = submit_or_exit("submit", rendered, where)
