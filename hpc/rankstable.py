@@ -19,7 +19,8 @@ DERIVED_PORT = f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
 SUBMIT_PORT = "free-at-submit"
 TORCHRUN_PICKS = "torchrun-picks"
 PORT_NOTES = {
-    SUBMIT_PORT: "# master_port: a port the OS calls free when the job is submitted, the same for every rank.",
+    SUBMIT_PORT: f"# master_port: a port of {ranks.PORT_BASE}-{ranks.PORT_BASE + ranks.PORT_SPAN - 1} found free when "
+                 "the job is submitted, the same for every rank.",
     # torch.distributed.elastic's c10d rendezvous (RendezvousStoreInfo): task.sh's MASTER_ADDR:MASTER_PORT is only
     # where the agents meet.
     TORCHRUN_PICKS: "# master_addr, master_port: torchrun's rendezvous hands its ranks the host name (FQDN) of the "
