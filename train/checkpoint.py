@@ -178,7 +178,7 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
 
     try:
         for stage in (prepare, lambda: write(staging, tag), publish):
-            _together(stage, agree, rank, root, staging, tag)
+            together(stage, agree, rank, root, staging, tag)
     except KeyboardInterrupt:
         # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
         if rank == 0:
@@ -201,10 +201,12 @@ def _publish(root: Path, step: int, trained_with: dict | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path, staging: Path, tag: str) -> None:
-    """Run ``stage``, then learn with every rank whether it failed on any: if so, rank 0 removes ``staging`` and every
-    rank raises, for a storage failure the first failing rank's one line, else that rank its own error and the
-    others an OSError naming it (a rank that left alone would keep the others waiting at the next collective)."""
+def together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path, staging: Path | None,
+             tag: str) -> None:
+    """Run ``stage``, then learn with every rank whether it failed on any: if so, rank 0 removes ``staging`` (what it
+    was writing ``tag`` into, in ``root``) and every rank raises, for a storage failure the first failing rank's one
+    line, else that rank its own error and the others an OSError naming it (a rank that left alone would keep the
+    others waiting at the next collective)."""
     failed, outcome = None, None
     try:
         stage()
@@ -223,6 +225,8 @@ def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path
         return
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
+    # Once more together: a full disk has room for every rank's error report only once rank 0 freed the folder.
+    agree.votes(None)
     who, code, line, where = first
     if code:
         raise StorageError(code, line, where)
