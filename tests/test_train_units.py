@@ -720,6 +720,16 @@ def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_n
         subprocess.run(["umount", str(small)], check=False)
 
 
+@pytest.mark.parametrize("code, advice", [
+    (errno.ENOSPC, "free space or move --run-dir"),
+    (errno.EDQUOT, "free some of your quota (or have it raised) or move --run-dir"),
+    (errno.EFBIG, "raise the file-size limit (ulimit -f)"),
+    (errno.EROFS, "make it writable or move --run-dir")])
+def test_a_storage_error_advises_what_clears_its_own_errno(tmp_path, code, advice):
+    line = checkpoint.storage_error(code, tmp_path, "step00000004").strerror
+    assert line.endswith(f"is intact: {advice}, then resubmit with --resume"), line
+
+
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
     secret = tmp_path / "secret"
     secret.write_text("keep\n")

@@ -31,8 +31,12 @@ from train.runtime import gathered
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
 TRAINER_FILE = "trainer.pt"
-# Failures of the storage itself, not of the training: retrying elsewhere would only fail the same way.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# Failures of the storage itself, not of the training (retrying elsewhere would only fail the same way), and what
+# clears each: a file-size limit is the process's own, which no free space or other folder lifts.
+STORAGE_ADVICE = {errno.ENOSPC: "free space or move --run-dir",
+                  errno.EDQUOT: "free some of your quota (or have it raised) or move --run-dir",
+                  errno.EFBIG: "raise the file-size limit (ulimit -f)",
+                  errno.EROFS: "make it writable or move --run-dir"}
 
 
 _locks: dict[Path, threading.RLock] = {}
@@ -74,7 +78,7 @@ def storage_code(exc: BaseException, root: Path) -> int | None:
     """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:  # torch wraps the OSError of a write it made in a RuntimeError
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ADVICE:
             return exc.errno
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -89,7 +93,8 @@ def reason(exc: Exception) -> str:
 
 
 def storage_error(code: int, root: Path, tag: str) -> StorageError:
-    """The one line a full disk (or a quota, or a read-only mount) is reported by: path, free and needed bytes."""
+    """The one line a full disk (or a quota, a file-size limit, a read-only mount) is reported by: path, free and needed
+    bytes, and what clears ``code``."""
     try:
         free = shutil.disk_usage(root).free
     except OSError:
@@ -100,8 +105,8 @@ def storage_error(code: int, root: Path, tag: str) -> StorageError:
     return StorageError(code, f"{what} writing checkpoint {tag} in {root}: "
                                    f"{'?' if free is None else f'{free:,}'} bytes free, about "
                                    f"{'?' if needed is None else f'{needed:,}'} needed; the previous checkpoint"
-                                   f" ({last.name if last is not None else 'none'}) is intact: free space or "
-                                   "move --run-dir, then resubmit with --resume")
+                                   f" ({last.name if last is not None else 'none'}) is intact: "
+                                   f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
 
 
 def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda x: x,
