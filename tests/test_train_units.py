@@ -730,6 +730,14 @@ def test_a_storage_error_advises_what_clears_its_own_errno(tmp_path, code, advic
     assert line.endswith(f"is intact: {advice}, then resubmit with --resume"), line
 
 
+def test_a_failed_write_s_reason_is_the_words_of_the_errno_torch_wrapped_not_torch_s_own_text():
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    wrapped.__context__ = OSError(errno.ESTALE, os.strerror(errno.ESTALE))  # the file's write, under torch's writer
+    assert checkpoint.reason(wrapped) == "Stale file handle"
+    assert checkpoint.reason(RuntimeError("a bug")) == "a bug"  # no errno anywhere: the error's own words
+    assert checkpoint.reason(checkpoint.StorageError(errno.EFBIG, "file too large writing ...")) == "File too large"
+
+
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):
     secret = tmp_path / "secret"
     secret.write_text("keep\n")

@@ -74,22 +74,33 @@ def put(obj: object, path: Path | str, zipfile: bool = True) -> None:
         torch.save(obj, file, _use_new_zipfile_serialization=zipfile)
 
 
-def storage_code(exc: BaseException, root: Path) -> int | None:
-    """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling, each once: torch wraps the OSError of a write it
+    made in a RuntimeError."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:  # torch wraps the OSError of a write it made in a RuntimeError
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ADVICE:
-            return exc.errno
+    while exc is not None and id(exc) not in seen:
+        yield exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+
+
+def storage_code(exc: BaseException, root: Path) -> int | None:
+    """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in STORAGE_ADVICE:
+            return error.errno
     # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
     return errno.ENOSPC if disk_full(root) else None
 
 
 def reason(exc: Exception) -> str:
-    """Why a write failed, in a few words: a StorageError's errno alone (its own line, naming --run-dir, is the
-    ending of a run whose checkpoint it was), else the error's own."""
-    return os.strerror(exc.errno) if isinstance(exc, StorageError) else getattr(exc, "strerror", None) or str(exc)
+    """Why a write failed, in a few words: its errno's, found where torch wrapped it too (a StorageError's own line,
+    naming --run-dir, is the ending of a run whose checkpoint it was), else the error's own."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno:
+            own = None if isinstance(error, StorageError) else error.strerror
+            return own or os.strerror(error.errno)
+    return str(exc)
 
 
 def storage_error(code: int, root: Path, tag: str) -> StorageError:
