@@ -831,3 +831,36 @@ def test_a_deepspeed_checkpoint_one_rank_fails_to_write_ends_every_rank_in_its_s
     assert os.listdir(run_dir / "checkpoints") == []
     errors = runfiles.read_errors(run_dir)
     assert [(e.kind, e.exit_code) for e in errors] == [("storage", 74)] * 2, errors
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_regrouping_resume_whose_universal_copy_finds_no_space_ends_every_rank_in_rank_0s_storage_line(
+        launch, tmp_path):
+    """A ZeRO-2 checkpoint of one rank resumed on two, with no room left for the universal copy rank 0 converts it
+    to: rank 1, which waits for that copy, learns of the failure too, and both ranks exit 74 with rank 0's one line;
+    the copy's folder is removed and the checkpoint stays."""
+    from hpc import runfiles
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        run_dir = small / "run"
+        args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
+                "--checkpoint-every", "5", "--snapshot-every-s", "0"]
+        one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "5"],
+                             env=one_rank_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert one.returncode == 0, one.stdout + one.stderr
+        with open(small / "filler", "wb") as filler:  # ~5 MB checkpoint kept, 300 kB left: the run's logs fit
+            filler.write(bytes(shutil.disk_usage(small).free - 300_000))
+        launched = launch("srun", [*args, "--max-steps", "10", "--resume"], run_dir)
+        assert launched.wait(timeout=240) == [74, 74], launched.output()
+        lines = [[x for x in log.read_text().splitlines() if x.startswith("hpcdist-train: error:")]
+                 for log in launched.logs]
+        assert lines[0] == lines[1] and len(lines[0]) == 1, launched.output()
+        assert (f"no space left on device writing checkpoint step00000005's universal copy on rank 0 in "
+                f"{run_dir / 'checkpoints'}") in lines[0][0]
+        assert os.listdir(run_dir / "checkpoints") == ["step00000005"]
+        assert [(e.kind, e.exit_code) for e in runfiles.read_errors(run_dir)] == [("storage", 74)] * 2
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

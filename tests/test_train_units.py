@@ -416,7 +416,22 @@ def test_a_checkpoint_another_rank_could_not_write_for_want_of_space_is_publishe
                         write=lambda save_dir, tag: (save_dir / tag / "model.pt").write_bytes(b"whole"))
     assert (raised.value.errno, raised.value.strerror) == (errno.EFBIG, line)
     assert sorted(os.listdir(root)) == ["step00000010"]  # step 20 not published, its staging removed by rank 0
-    assert agree.mine == [None, None]  # this rank's own share was written
+    assert agree.mine[:2] == [None, None]  # this rank's own share was written
+
+
+def test_the_ranks_of_a_failed_checkpoint_raise_only_once_rank_0_removed_its_staging_folder(tmp_path):
+    """On a full disk the space it frees is what every rank's error report is written into."""
+    staged = []
+
+    class Watching(WithRank1):
+        def votes(self, mine) -> list:
+            staged.append((tmp_path / ".tmp-step00000020").exists())
+            return super().votes(mine)
+
+    with pytest.raises(checkpoint.StorageError):
+        checkpoint.save(tmp_path, 20, rank=0, agree=Watching((1, errno.ENOSPC, "no space left ...", str(tmp_path))),
+                        write=lambda save_dir, tag: None)
+    assert staged == [True, True, False]  # prepared, written, then met once more after the removal
 
 
 def test_a_rank_that_could_not_write_its_share_for_want_of_space_votes_its_line_naming_itself(tmp_path):
@@ -722,6 +737,24 @@ def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_n
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.parametrize("code, advice", [
+    (errno.ENOSPC, "free space or move --run-dir"),
+    (errno.EDQUOT, "free some of your quota (or have it raised) or move --run-dir"),
+    (errno.EFBIG, "raise the file-size limit (ulimit -f)"),
+    (errno.EROFS, "make it writable or move --run-dir")])
+def test_a_storage_error_advises_what_clears_its_own_errno(tmp_path, code, advice):
+    line = checkpoint.storage_error(code, tmp_path, "step00000004").strerror
+    assert line.endswith(f"is intact: {advice}, then resubmit with --resume"), line
+
+
+def test_a_failed_write_s_reason_is_the_words_of_the_errno_torch_wrapped_not_torch_s_own_text():
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    wrapped.__context__ = OSError(errno.ESTALE, os.strerror(errno.ESTALE))  # the file's write, under torch's writer
+    assert checkpoint.reason(wrapped) == "Stale file handle"
+    assert checkpoint.reason(RuntimeError("a bug")) == "a bug"  # no errno anywhere: the error's own words
+    assert checkpoint.reason(checkpoint.StorageError(errno.EFBIG, "file too large writing ...")) == "File too large"
 
 
 def test_a_link_at_the_run_s_metrics_file_is_refused_in_one_line_never_written_through(tmp_path, capsys, one_process):

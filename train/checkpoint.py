@@ -31,8 +31,12 @@ from train.runtime import gathered
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
 TRAINER_FILE = "trainer.pt"
-# Failures of the storage itself, not of the training: retrying elsewhere would only fail the same way.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# Failures of the storage itself, not of the training (retrying elsewhere would only fail the same way), and what
+# clears each: a file-size limit is the process's own, which no free space or other folder lifts.
+STORAGE_ADVICE = {errno.ENOSPC: "free space or move --run-dir",
+                  errno.EDQUOT: "free some of your quota (or have it raised) or move --run-dir",
+                  errno.EFBIG: "raise the file-size limit (ulimit -f)",
+                  errno.EROFS: "make it writable or move --run-dir"}
 
 
 _locks: dict[Path, threading.RLock] = {}
@@ -70,26 +74,38 @@ def put(obj: object, path: Path | str, zipfile: bool = True) -> None:
         torch.save(obj, file, _use_new_zipfile_serialization=zipfile)
 
 
-def storage_code(exc: BaseException, root: Path) -> int | None:
-    """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling, each once: torch wraps the OSError of a write it
+    made in a RuntimeError."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:  # torch wraps the OSError of a write it made in a RuntimeError
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            return exc.errno
+    while exc is not None and id(exc) not in seen:
+        yield exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
+
+
+def storage_code(exc: BaseException, root: Path) -> int | None:
+    """The errno of a failed write when the storage failed (no space, quota, read-only), not the training; else None."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in STORAGE_ADVICE:
+            return error.errno
     # torch's own writer reports a full disk as "unexpected pos N vs M": the disk is asked, not the message.
     return errno.ENOSPC if disk_full(root) else None
 
 
 def reason(exc: Exception) -> str:
-    """Why a write failed, in a few words: a StorageError's errno alone (its own line, naming --run-dir, is the
-    ending of a run whose checkpoint it was), else the error's own."""
-    return os.strerror(exc.errno) if isinstance(exc, StorageError) else getattr(exc, "strerror", None) or str(exc)
+    """Why a write failed, in a few words: its errno's, found where torch wrapped it too (a StorageError's own line,
+    naming --run-dir, is the ending of a run whose checkpoint it was), else the error's own."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno:
+            own = None if isinstance(error, StorageError) else error.strerror
+            return own or os.strerror(error.errno)
+    return str(exc)
 
 
 def storage_error(code: int, root: Path, tag: str) -> StorageError:
-    """The one line a full disk (or a quota, or a read-only mount) is reported by: path, free and needed bytes."""
+    """The one line a full disk (or a quota, a file-size limit, a read-only mount) is reported by: path, free and needed
+    bytes, and what clears ``code``."""
     try:
         free = shutil.disk_usage(root).free
     except OSError:
@@ -100,8 +116,8 @@ def storage_error(code: int, root: Path, tag: str) -> StorageError:
     return StorageError(code, f"{what} writing checkpoint {tag} in {root}: "
                                    f"{'?' if free is None else f'{free:,}'} bytes free, about "
                                    f"{'?' if needed is None else f'{needed:,}'} needed; the previous checkpoint"
-                                   f" ({last.name if last is not None else 'none'}) is intact: free space or "
-                                   "move --run-dir, then resubmit with --resume")
+                                   f" ({last.name if last is not None else 'none'}) is intact: "
+                                   f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
 
 
 def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda x: x,
@@ -178,7 +194,7 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
 
     try:
         for stage in (prepare, lambda: write(staging, tag), publish):
-            _together(stage, agree, rank, root, staging, tag)
+            together(stage, agree, rank, root, staging, tag)
     except KeyboardInterrupt:
         # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
         if rank == 0:
@@ -205,11 +221,12 @@ def _publish(root: Path, step: int, trained_with: dict | None) -> None:
 INTERRUPTED = "interrupted (SIGINT)"
 
 
-def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path, staging: Path, tag: str) -> None:
-    """Run ``stage``, then learn with every rank whether it failed on any: if so, rank 0 removes ``staging`` and every
-    rank raises, for a storage failure the first failing rank's one line, for a Ctrl-C KeyboardInterrupt, else that
-    rank its own error and the others an OSError naming it (a rank that left alone would keep the others waiting at
-    the next collective)."""
+def together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path, staging: Path | None,
+             tag: str) -> None:
+    """Run ``stage``, then learn with every rank whether it failed on any: if so, rank 0 removes ``staging`` (what it
+    was writing ``tag`` into, in ``root``) and every rank raises, for a storage failure the first failing rank's one
+    line, for a Ctrl-C KeyboardInterrupt, else that rank its own error and the others an OSError naming it (a rank
+    that left alone would keep the others waiting at the next collective)."""
     failed, outcome = None, None
     try:
         stage()
@@ -230,6 +247,8 @@ def _together(stage: Callable[[], None], agree: Agreement, rank: int, root: Path
         return
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
+    # Once more together: a full disk has room for every rank's error report only once rank 0 freed the folder.
+    agree.votes(None)
     who, code, line, where = first
     if code:
         raise StorageError(code, line, where)

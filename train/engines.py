@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import shutil
 import tempfile
@@ -220,24 +219,19 @@ class DeepSpeedEngine:
         from deepspeed.checkpoint import ds_to_universal
 
         # A folder of its own, made fresh: one a killed conversion left is never taken or removed by name.
-        made = tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent) if rank == 0 else None
-        if rank == 0:
-            code = None
-            try:
+        made = Path(tempfile.mkdtemp(prefix=f".universal-{folder.name}-", dir=folder.parent)) if rank == 0 else None
+
+        def convert() -> None:
+            if rank == 0:
                 # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
                 ds_to_universal.main(argparse.Namespace(
-                    input_folder=str(folder), output_folder=str(Path(made) / folder.name), num_extract_workers=1,
+                    input_folder=str(folder), output_folder=str(made / folder.name), num_extract_workers=1,
                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-            except Exception as exc:
-                code = checkpoint.storage_code(exc, folder.parent)
-                if code is None:
-                    shutil.rmtree(made, ignore_errors=True)
-                    raise
-            if code is not None:  # outside the except, as in checkpoint.save: the failed write's open files are gone
-                gc.collect()
-                shutil.rmtree(made, ignore_errors=True)
-                raise checkpoint.storage_error(code, folder.parent, f"{folder.name}'s universal copy")
-        universal = Path(broadcast_from_0(made, world))  # also the barrier: rank 0 sends it once converted
+
+        # A vote, as a checkpoint's save is: the ranks waiting for the copy learn of its failure and end alike.
+        checkpoint.together(convert, checkpoint.Agreement.of_every_rank(), rank, folder.parent, made,
+                            f"{folder.name}'s universal copy")
+        universal = Path(broadcast_from_0(made, world))
         # DeepSpeed asks its config at load time only, and has no other way in for a config already built.
         self.engine._config.load_universal_checkpoint = True
         try:
