@@ -68,19 +68,21 @@ def check_local(geometry: Geometry) -> None:
     """Refuse, before anything is written or started, a geometry this machine cannot emulate."""
     from hpc.spec import SpecError
 
-    if geometry.nodes > MAX_LOCAL_NODES:
-        raise SpecError(f"--executor local emulates at most {MAX_LOCAL_NODES} nodes (loopback addresses "
-                        f"{LOCAL_NODE_PREFIX}1-{MAX_LOCAL_NODES}), not --nodes {geometry.nodes}; use fewer nodes or "
-                        "submit to Slurm")
+    local_nodelist(geometry.nodes)
     if geometry.ntasks > MAX_LOCAL_TASKS:
         raise SpecError(f"--executor local would start {geometry.ntasks} tasks on this machine, over its limit of "
                         f"{MAX_LOCAL_TASKS}; use fewer nodes or tasks per node, or submit to Slurm")
 
 
 def local_nodelist(nodes: int) -> str:
-    """``127.0.0.[1-N]``: a nodelist whose every host resolves to this machine."""
+    """``127.0.0.[1-N]``: a nodelist whose every host resolves to this machine; SpecError past the addresses there
+    are (asked by render's ranks.txt too, before the submit path's own check)."""
+    from hpc.spec import SpecError
+
     if not 1 <= nodes <= MAX_LOCAL_NODES:
-        raise ValueError(f"a local run emulates 1 to {MAX_LOCAL_NODES} nodes, not {nodes}")
+        raise SpecError(f"--executor local emulates at most {MAX_LOCAL_NODES} nodes (loopback addresses "
+                        f"{LOCAL_NODE_PREFIX}1-{MAX_LOCAL_NODES}), not --nodes {nodes}; use fewer nodes or "
+                        "submit to Slurm")
     return f"{LOCAL_NODE_PREFIX}1" if nodes == 1 else f"{LOCAL_NODE_PREFIX}[1-{nodes}]"
 
 
