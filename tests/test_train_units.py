@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -1588,3 +1589,23 @@ def test_every_rank_leaves_with_77_once_a_rank_named_a_lost_node(tmp_path):
     (tmp_path / "lost.json").write_text(json.dumps({"node": "n2", "ranks": [2], "since": 1.0, "attempt": 2}))
     dog.leave(dog.lost())
     assert exits == [77]
+
+
+def test_a_ctrl_c_in_the_middle_of_a_record_torch_writes_is_the_interrupt_not_the_zip_error_closing_it_raises(
+        tmp_path, monkeypatch):
+    """Seen in CI: a Ctrl-C during a checkpoint ended the run in exit 1 with "unexpected pos" (closing the zip on
+    the short record) instead of the one-line exit 130."""
+    class CutShort(io.FileIO):
+        writes = 0
+
+        def write(self, data):
+            CutShort.writes += 1
+            if CutShort.writes == 3:
+                super().write(bytes(data)[:10])
+                raise KeyboardInterrupt
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: CutShort(path, mode), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.put({"w": torch.zeros(1000), "v": torch.ones(1000)}, tmp_path / "x.pt")
+

@@ -71,7 +71,15 @@ def put(obj: object, path: Path | str, zipfile: bool = True) -> None:
     torch's RuntimeError (its own writer, given a path, says only "iostream error"). ``zipfile``: torch's format,
     else its legacy one (DeepSpeed's setting for its own files)."""
     with open(path, "wb") as file:
-        torch.save(obj, file, _use_new_zipfile_serialization=zipfile)
+        try:
+            torch.save(obj, file, _use_new_zipfile_serialization=zipfile)
+        except RuntimeError as exc:
+            # A Ctrl-C in the middle of a record: closing the zip then fails on the short record, and that error
+            # would hide the interrupt (a user's stop, exit 130) as a crash.
+            interrupt = next((e for e in _chain(exc) if isinstance(e, KeyboardInterrupt)), None)
+            if interrupt is not None:
+                raise interrupt from None
+            raise
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
