@@ -184,9 +184,13 @@ class DeepSpeedEngine:
             self.engine.save_checkpoint(str(save_dir), tag=tag, client_state={"trainer": trainer_state},
                                         save_latest=False)
         except (OSError, RuntimeError):
-            # Its files are written after all its collectives but the barrier it ends with (torch's writer says a
-            # failed write as a RuntimeError): a rank whose write failed meets the others there, so that they can
-            # learn of it together at checkpoint.save's vote.
+            # Its files are written between its collectives: after them come ZeRO-3's gather of the parameters it
+            # keeps whole (the optimizer's checkpoint epilogue) and the barrier it ends with. A rank whose write
+            # failed meets the others at each, so that they all reach checkpoint.save's vote together (torch's
+            # writer says a failed write as a RuntimeError).
+            epilogue = getattr(self.engine.optimizer, "checkpoint_event_epilogue", None)
+            if epilogue is not None:
+                epilogue()
             barrier()
             raise
         checkpoint.put(checkpoint.rng_state(), checkpoint.rng_file(Path(save_dir) / tag, rank))
