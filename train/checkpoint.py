@@ -198,7 +198,7 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
 
     def publish() -> None:
         if rank == 0:
-            _publish(root, step, trained_with)
+            _publish(root, staging, tag, step, trained_with)
 
     try:
         for stage in (prepare, lambda: write(staging, tag), publish):
@@ -211,9 +211,8 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
     return root / tag
 
 
-def _publish(root: Path, step: int, trained_with: dict | None) -> None:
-    tag = name_for(step)
-    staging, final, moved = root / f".tmp-{tag}", root / tag, root / f"{REPLACED}{tag}"
+def _publish(root: Path, staging: Path, tag: str, step: int, trained_with: dict | None) -> None:
+    final, moved = root / tag, root / f"{REPLACED}{tag}"
     write_manifest(staging / tag, step, trained_with)
     if final.exists():  # the same step saved again, e.g. a resumed run that had nothing left to do
         shutil.rmtree(moved, ignore_errors=True)  # left by a kill before the rmtree below
