@@ -153,9 +153,13 @@ def _lose_node(job: handle.Job, node: str, node_control: str | None, out: Callab
 
 
 def revive(node: str, node_control: str | None = None) -> None:
-    """Bring a node the drill killed or set DOWN back; Slurm may have returned it already (ReturnToService)."""
+    """Bring a node the drill killed or set DOWN back; Slurm may have returned it already (ReturnToService).
+    Raises RuntimeError when the node control could not: a node left dead would hold up every later job."""
     if node_control:
-        _node_control(node_control, "revive", node)
+        done = _node_control(node_control, "revive", node)
+        if done.returncode != 0:
+            raise RuntimeError(f"{node_control} revive {node} failed, the node is still dead: "
+                               f"{(done.stderr or done.stdout).strip()[-300:]}")
         return
     state = parse.node_states(commands.sinfo_nodes(nodes=[node])).get(node, "")
     if state.startswith(("down", "drain", "fail")):

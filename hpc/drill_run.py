@@ -171,7 +171,10 @@ def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int
         commands.scancel([job.job_id])
     finally:
         if node_down:
-            drill_faults.revive(node_down, node_control)
+            try:
+                drill_faults.revive(node_down, node_control)
+            except RuntimeError as exc:
+                seen.problems.append(str(exc))
         if scenario == "hang" and seen.victim_rank is not None:
             for p in drill_faults.job_processes(job.job_id):
                 drill_faults.signal_process(p.pid, signal.SIGCONT)

@@ -36,6 +36,34 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: item.get_closest_marker("kills_node") is not None)
 
 
+def _unanswering_nodes() -> list[str]:
+    """'NODE why' for each node whose slurmd is dead or that Slurm holds down or drained, or has not heard from."""
+    script = subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "status"], capture_output=True,
+                            text=True, check=False).stdout
+    dead = {f"{Path(line.split()[0]).stem.removeprefix('slurmd-')} slurmd dead" for line in script.splitlines()
+            if "/slurmd-" in line and line.endswith("DEAD")}
+    shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, check=False).stdout
+    return sorted(dead | {line for line in shown.splitlines() if line.endswith("*") or " down" in line
+                          or " drain" in line})
+
+
+@pytest.fixture(autouse=True)
+def _every_node_answers_after_a_node_was_killed(request):
+    """A test that kills a node must leave it answering Slurm: a dead one holds up every later test that needs
+    three nodes, which then fail far from the cause. It is revived here, and the test that left it fails."""
+    yield
+    if request.node.get_closest_marker("kills_node") is None or shutil.which("sinfo") is None:
+        return
+    deadline = time.monotonic() + 60  # Slurm may still be clearing the dead node's job after its revival
+    while (left := _unanswering_nodes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    if left:
+        for node in {line.split()[0] for line in left}:
+            subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "revive", node], check=False,
+                           capture_output=True)
+        pytest.fail(f"the test left node(s) not answering Slurm: {', '.join(left)} (revived now)")
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:

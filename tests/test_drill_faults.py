@@ -114,3 +114,13 @@ def test_the_disk_is_filled_with_the_job_stopped_between_two_saves(tmp_path, mon
     monkeypatch.setattr(drill_faults, "signal_process", lambda pid, sig: None)
     with pytest.raises(RuntimeError, match="in the middle of a checkpoint at each of 3 looks"):
         drill_faults.between_saves(job, lambda: 0, tries=3)
+
+
+def test_a_node_control_that_cannot_revive_the_node_is_an_error_naming_it_not_silence(tmp_path):
+    # A node left dead holds up every later job that needs it: the drill must say so, not go on.
+    control = tmp_path / "control.sh"
+    control.write_text('[ "$1" = revive ] && { echo "slurmd for $2 did not start" >&2; exit 1; }\n')
+    with pytest.raises(RuntimeError, match=r"revive n1 failed, the node is still dead: slurmd for n1 did not start"):
+        drill_faults.revive("n1", f"bash {control}")
+    control.write_text("exit 0\n")
+    drill_faults.revive("n1", f"bash {control}")
