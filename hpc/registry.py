@@ -98,9 +98,14 @@ def load(path: Path) -> list[Record]:
 
 
 def append(path: Path, record: Record) -> None:
-    """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
+    """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole. JobError, as
+    ``load``'s, for a registry that became no file of its own (a link, a folder) since ``writable`` passed it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fileio.append_line(path, record.to_json())
+    try:
+        fileio.append_line(path, record.to_json())
+    except fileio.UnsafePath as exc:
+        writable(path)  # the registry's own line for what is there
+        raise JobError(f"job registry: {exc}") from None  # only if it turned back into a file meanwhile
 
 
 def writable(path: Path) -> None:

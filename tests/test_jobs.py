@@ -565,6 +565,20 @@ def test_a_registry_of_damaged_bytes_is_empty_but_one_that_is_a_folder_is_refuse
         registry.load(tmp_path / "dir")
 
 
+@pytest.mark.parametrize("what", ["link", "folder"])
+def test_an_append_to_a_registry_that_became_a_link_or_folder_after_its_check_is_refused_in_the_registrys_one_line(
+        tmp_path, what) -> None:
+    path, elsewhere = tmp_path / "jobs.jsonl", tmp_path / "elsewhere.jsonl"
+    registry.writable(path)  # none yet: the check passes
+    path.symlink_to(elsewhere) if what == "link" else path.mkdir()
+    with pytest.raises(registry.JobError) as appended:
+        registry.append(path, rec("7"))
+    with pytest.raises(registry.JobError) as loaded:
+        registry.load(path)
+    assert str(appended.value) == str(loaded.value) and "\n" not in str(appended.value)
+    assert not elsewhere.exists() and (path.is_symlink() or not any(path.iterdir()))
+
+
 # Captured on the local Slurm 22.05: `squeue -h -j A_0,A_1,A_2,A_3 -o %i|%T|%N|%M` of a 4-task array whose tasks 2
 # and 3 wait for nodes (folded into one row), and the same with --array (a row per task).
 FOLDED = "23317304_[2-3]|PENDING|(null)|0:00\n23317304_0|RUNNING|n[1-3]|0:02\n23317304_1|RUNNING|n[1-3]|0:02\n"
