@@ -184,6 +184,20 @@ def test_cancel_of_an_id_both_a_local_jobs_and_a_job_arrays_refuses_in_one_line_
     assert "scancel" not in ((tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else "")
 
 
+def test_cancel_of_a_job_answers_from_one_read_of_the_registry_though_it_changes_meanwhile(tmp_path, monkeypatch):
+    """`cancel 4242` read the registry for an array of that id, then again for the job: a registry rewritten in
+    between (another submission, a hand edit) gave the two reads different answers."""
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, squeue="4242|RUNNING|n1|0:05\n", scancel="")
+    reads = [[rec("4242", str(tmp_path / "job"), via="sbatch")], []]  # what each read of the registry finds
+    monkeypatch.setattr(registry, "load", lambda path: reads.pop(0))
+    result = CliRunner().invoke(cancel, ["4242"], env=env)
+    assert (result.exit_code, result.output) == (0, "Cancelled job 4242\n")
+    assert len(reads) == 1 and (tmp_path / "calls").read_text().splitlines()[-1] == "scancel 4242"
+
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = tmp_path / "job"
