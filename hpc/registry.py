@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from hpc import fileio, jobfiles, vocab
 from hpc.slurm import grammar
@@ -98,9 +98,14 @@ def load(path: Path) -> list[Record]:
 
 
 def append(path: Path, record: Record) -> None:
-    """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole."""
+    """Add one line; a single short write to an O_APPEND file keeps concurrent submitters' lines whole. JobError, as
+    ``load``'s, for a registry that became no file of its own (a link, a folder) since ``writable`` passed it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fileio.append_line(path, record.to_json())
+    try:
+        fileio.append_line(path, record.to_json())
+    except fileio.UnsafePath as exc:
+        writable(path)  # the registry's own line for what is there
+        raise JobError(f"job registry: {exc}") from None  # only if it turned back into a file meanwhile
 
 
 def writable(path: Path) -> None:
@@ -144,11 +149,10 @@ def find(records: Iterable[Record], key: str, cwd: str = "/") -> Record | None:
             or next((r for r in newest_first if os.path.normpath(r.job_dir) == directory), None))
 
 
-def array_tasks(key: str, environ: Mapping[str, str]) -> list[Record]:
-    """The registered tasks (``KEY_0``, ``KEY_1``, ...) of the job array whose own id is ``key``, as a sweep
+def array_tasks(key: str, records: Sequence[Record]) -> list[Record]:
+    """The tasks (``KEY_0``, ``KEY_1``, ...) among ``records`` of the job array whose own id is ``key``, as a sweep
     registers them; none where ``key`` is no such id or a job of its own has it, JobError where both do (a local
     job's id is a pid, which an array's may equal), as ``lookup`` refuses one id naming jobs in several directories."""
-    records = load(registry_path(environ))
     if not grammar.is_job_id(key) or "_" in key:
         return []
     tasks = [r for r in records if r.via != "local" and r.job_id.partition("_")[0] == key and "_" in r.job_id]
@@ -159,15 +163,15 @@ def array_tasks(key: str, environ: Mapping[str, str]) -> list[Record]:
     return [] if own else tasks
 
 
-def lookup(key: str, environ: Mapping[str, str], one: bool = False) -> Record:
-    """Find JOB (a job id or a job dir) in the registry, else in the job dir's own marker; ``one``: JobError for an
-    id that names jobs in several directories (a local job's id is a pid, which a Slurm job's number may equal),
-    where acting on the newest could stop the wrong one."""
+def lookup(key: str, environ: Mapping[str, str], one: bool = False, records: Sequence[Record] | None = None) -> Record:
+    """Find JOB (a job id or a job dir) in the registry (``records``: as the caller read it), else in the job dir's
+    own marker; ``one``: JobError for an id that names jobs in several directories (a local job's id is a pid, which
+    a Slurm job's number may equal), where acting on the newest could stop the wrong one."""
     try:
         jobfiles.check_name(key, "job")
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    records = load(registry_path(environ))
+    records = load(registry_path(environ)) if records is None else records
     record = find(records, key, os.getcwd())
     dirs = sorted({os.path.normpath(r.job_dir) for r in records if r.job_id == key}) if one else []
     if len(dirs) > 1:

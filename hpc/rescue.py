@@ -88,7 +88,7 @@ def resubmit(record: registry.Record, host: str, environ: Mapping[str, str],
     new: registry.Record | None = None
     try:
         new = submit_again(record, decision.excluded, environ) if decision.action == "resubmit" else None
-    except SlurmError as exc:
+    except (SlurmError, registry.JobError) as exc:
         decision = replace(decision, action="none", reason=f"could not submit it again: {exc}")
     else:
         decision = replace(decision, reason=f"{decision.reason}: job {new.job_id}") if new else decision
@@ -110,8 +110,10 @@ def max_retries(job_dir: Path) -> int:
 
 def submit_again(record: registry.Record, excluded: Sequence[str], environ: Mapping[str, str]) -> registry.Record:
     """Submit the job's job.sbatch again as a new job without the ``excluded`` nodes and register it, linked to
-    the old one (SlurmError if Slurm refuses it). From inside the old job too (its batch shell, after a node
-    died that Slurm has not noticed): the job's own variables are not passed on to the new one."""
+    the old one (SlurmError if Slurm refuses it, JobError, submitting nothing, if the registry could not take its
+    line). From inside the old job too (its batch shell, after a node died that Slurm has not noticed): the job's own
+    variables are not passed on to the new one."""
+    registry.writable(registry.registry_path(environ))
     new_id = commands.sbatch(Path(record.job_dir) / vocab.JOB_SBATCH, options=resubmit_options(record, excluded),
                              env=commands.new_job_environ(environ))
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -14,6 +14,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from errno import EDQUOT, EFBIG, ENOSPC, EROFS
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,12 +23,19 @@ from hpc.vocab import ERRORS, HANG, LOST
 
 # What each field must be; a field of another type is damage and counts as absent.
 RANK_ERROR_FIELDS = {"rank": int, "node": str, "attempt": int, "time": float, "kind": str, "error": str,
-                     "exit_code": int | None}
+                     "exit_code": int | None, "errno": int | None}
 HANG_FIELDS = {"rank": int | None, "node": str | None, "since": float, "step": int | None, "phase": str,
                "attempt": int}
 LOST_FIELDS = {"node": str, "ranks": list, "since": float, "step": int | None, "declared_by": int, "attempt": int}
 MAX_UNIX_TIME = 2.0**36   # the year 4147: a later time is damage
 _SMALL = 1 << 20
+# Failures of the storage itself, not of the training (retrying elsewhere would only fail the same way), and what
+# clears each: a file-size limit is the process's own, which no free space or other folder lifts. The trainer's
+# storage line and the job's decision (hpc/failures/policy.py) both advise from here.
+STORAGE_ADVICE = {ENOSPC: "free space or move --run-dir",
+                  EDQUOT: "free some of your quota (or have it raised) or move --run-dir",
+                  EFBIG: "raise the file-size limit (ulimit -f)",
+                  EROFS: "make it writable or move --run-dir"}
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,11 @@ class RankError:
     kind: str            # "bad_input", "storage" or "exception"
     error: str           # one line: "global batch 32 does not split ..." or "ValueError: ..."
     exit_code: int | None = None
+    errno: int | None = None  # a storage error's (a STORAGE_ADVICE key)
 
 
 def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], error: str, kind: str,
-                      exit_code: int | None = None) -> None:
+                      exit_code: int | None = None, errno: int | None = None) -> None:
     """Leave this rank's fatal error in RUN_DIR/errors/rank-R.json, so the job's ending can lead with it.
 
     Called from the trainer's top-level except; must never raise itself.
@@ -56,7 +65,7 @@ def record_rank_error(run_dir: str | os.PathLike, environ: Mapping[str, str], er
         data = {"rank": rank, "node": environ.get("SLURMD_NODENAME") or socket.gethostname(),
                 "attempt": ranks.attempt_of(environ),
                 "time": time.time(), "kind": kind, "error": " ".join(str(error).split())[:2000],
-                "exit_code": exit_code, "pid": os.getpid()}
+                "exit_code": exit_code, "errno": errno, "pid": os.getpid()}
         fileio.atomic_write(folder / f"rank-{rank}.json", json.dumps(data) + "\n")
     except Exception:  # noqa: BLE001 - reporting must not mask the error being reported
         pass
@@ -92,7 +101,7 @@ def parse_rank_error(text: str) -> RankError | None:
     if not isinstance(data.get("rank"), int) or not isinstance(data.get("error"), str):
         return None
     return RankError(data["rank"], data.get("node", ""), data.get("attempt", 0), float(data.get("time", 0.0)),
-                     data.get("kind", "exception"), data["error"], data.get("exit_code"))
+                     data.get("kind", "exception"), data["error"], data.get("exit_code"), data.get("errno"))
 
 
 def read_errors(run_dir: Path) -> tuple[RankError, ...]:

@@ -3,10 +3,15 @@ stop."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
+from hpc import runfiles
+from hpc.failures.evidence import Evidence
 from hpc.failures.policy import Policy, decide
-from hpc.failures.rules import Ending
+from hpc.failures.rules import Ending, classify
+from hpc.vocab import EXIT_STORAGE
 
 # ---- the policy ----------------------------------------------------------------------------------
 
@@ -121,4 +126,18 @@ def test_requeues_are_counted_apart_from_retries():
     assert decision.action == "none" and "used its 1 requeue(s)" in decision.reason
 
 
+@pytest.mark.parametrize("code, advice", [
+    (errno.EFBIG, "raise the file-size limit (ulimit -f), then resubmit with --resume"),
+    (errno.EROFS, "make it writable or move --run-dir, then resubmit with --resume"),
+    (None, "free space (or fix the path), then resubmit with --resume")])
+def test_a_storage_ending_is_not_retried_advising_what_clears_the_errno_the_trainer_reported(tmp_path, code, advice):
+    runfiles.record_rank_error(tmp_path, {"RANK": "1"}, "file too large writing checkpoint ...", "storage",
+                               EXIT_STORAGE, errno=code)
+    ending = classify(Evidence(attempt=0, step_status=EXIT_STORAGE, errors=runfiles.read_errors(tmp_path)))
+    decision = decide(ending, [], Policy(), STATES)
+    assert (ending.ending, decision.action) == ("storage", "none")
+    assert decision.reason == f"a storage failure is not retried: {advice}"
+
+
 # ---- records, accounting, the nudge ---------------------------------------------------------------
+

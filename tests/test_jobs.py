@@ -184,6 +184,20 @@ def test_cancel_of_an_id_both_a_local_jobs_and_a_job_arrays_refuses_in_one_line_
     assert "scancel" not in ((tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else "")
 
 
+def test_cancel_of_a_job_answers_from_one_read_of_the_registry_though_it_changes_meanwhile(tmp_path, monkeypatch):
+    """`cancel 4242` read the registry for an array of that id, then again for the job: a registry rewritten in
+    between (another submission, a hand edit) gave the two reads different answers."""
+    from click.testing import CliRunner
+
+    from hpc.commands.submit import cancel
+
+    env = fake_slurm(tmp_path, squeue="4242|RUNNING|n1|0:05\n", scancel="")
+    reads = [[rec("4242", str(tmp_path / "job"), via="sbatch")], []]  # what each read of the registry finds
+    monkeypatch.setattr(registry, "load", lambda path: reads.pop(0))
+    result = CliRunner().invoke(cancel, ["4242"], env=env)
+    assert (result.exit_code, result.output) == (0, "Cancelled job 4242\n")
+    assert len(reads) == 1 and (tmp_path / "calls").read_text().splitlines()[-1] == "scancel 4242"
+
 def test_lookup_falls_back_to_the_job_directory_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_dir = tmp_path / "job"
@@ -563,6 +577,20 @@ def test_a_registry_of_damaged_bytes_is_empty_but_one_that_is_a_folder_is_refuse
     assert registry.load(tmp_path / "bad") == []
     with pytest.raises(registry.JobError, match="dir is a directory, not a file; move it away, or set HPCDIST_HOME"):
         registry.load(tmp_path / "dir")
+
+
+@pytest.mark.parametrize("what", ["link", "folder"])
+def test_an_append_to_a_registry_that_became_a_link_or_folder_after_its_check_is_refused_in_the_registrys_one_line(
+        tmp_path, what) -> None:
+    path, elsewhere = tmp_path / "jobs.jsonl", tmp_path / "elsewhere.jsonl"
+    registry.writable(path)  # none yet: the check passes
+    path.symlink_to(elsewhere) if what == "link" else path.mkdir()
+    with pytest.raises(registry.JobError) as appended:
+        registry.append(path, rec("7"))
+    with pytest.raises(registry.JobError) as loaded:
+        registry.load(path)
+    assert str(appended.value) == str(loaded.value) and "\n" not in str(appended.value)
+    assert not elsewhere.exists() and (path.is_symlink() or not any(path.iterdir()))
 
 
 # Captured on the local Slurm 22.05: `squeue -h -j A_0,A_1,A_2,A_3 -o %i|%T|%N|%M` of a 4-task array whose tasks 2

@@ -34,9 +34,9 @@ def test_reasons_become_sentences_with_a_remedy(reason: str, words: list[str]) -
 
 
 def test_jobs_ahead_and_expected_start_are_said_where_slurm_tells() -> None:
-    text = pending.explain("Resources", "7", ahead=2, start="2026-12-01T10:00:00")
+    text = pending.explain("Resources", "7", ahead=("5", "6"), start="2026-12-01T10:00:00")
     assert text.endswith("; 2 job(s) ahead of it in its partition; Slurm expects it to start by 2026-12-01T10:00:00")
-    assert "ahead" not in pending.explain("JobHeldUser", "7", ahead=2)
+    assert "ahead" not in pending.explain("JobHeldUser", "7", ahead=("5", "6"))
     assert "expects" not in pending.explain("Resources", "7", start="N/A")
 
 
@@ -52,9 +52,24 @@ QUEUE = """\
 
 def test_ahead_counts_pending_jobs_of_the_same_partition_slurm_considers_first() -> None:
     queue = pending.parse_squeue(QUEUE)
-    assert pending.ahead_of(queue["12"], queue) == 3  # 10 (higher), 15 (higher, also in debug), 11 (same, older)
-    assert pending.ahead_of(queue["10"], queue) == 0
-    assert pending.ahead_of(queue["13"], queue) == 0
+    # 10 (higher), 15 (higher, also in debug), 11 (same, older)
+    assert sorted(pending.ahead_of(queue["12"], queue)) == ["10", "11", "15"]
+    assert pending.ahead_of(queue["10"], queue) == pending.ahead_of(queue["13"], queue) == ()
+
+
+# squeue --array: a row per pending task of an array (another user's 900, of higher priority; 5, older, of equal).
+ARRAYS = "".join(f"900_{t}|PENDING|Priority|debug|200|N/A\n" for t in range(500)) + "".join(
+    f"5_{t}|PENDING|Priority|debug|90|N/A\n" for t in range(3)) + QUEUE
+
+
+def test_an_array_ahead_counts_as_one_job_and_its_pending_tasks_are_said_apart() -> None:
+    queue = pending.parse_squeue(ARRAYS)
+    assert pending.explain("Priority", "12", ahead=pending.ahead_of(queue["12"], queue)).endswith(
+        "; 5 job(s) ahead of it in its partition, 2 of them arrays of 503 pending task(s) in all")
+    assert pending.explain("Priority", "10", ahead=pending.ahead_of(queue["10"], queue)).endswith(
+        "; 1 job(s) ahead of it in its partition, one of them an array of 500 pending task(s)")
+    # An array's own earlier tasks are ahead of its later ones.
+    assert set(pending.ahead_of(queue["5_2"], queue)) == {*(f"900_{t}" for t in range(500)), "5_0", "5_1", "10", "15"}
 
 
 def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:

@@ -116,6 +116,25 @@ def test_a_waiter_submits_a_run_whose_batch_host_died_again_only_within_its_max_
     assert rescue.resubmit(record, "n4", {"HPCDIST_HOME": str(tmp_path / "home")}).job_id == "10"
 
 
+def test_a_resubmission_to_a_registry_that_is_a_link_submits_nothing_and_records_the_registrys_one_line(
+        tmp_path, monkeypatch):
+    job_dir, home = tmp_path / "job", tmp_path / "home"
+    (job_dir / "run").mkdir(parents=True)
+    (job_dir / "job.sbatch").write_text("#!/bin/bash\n")
+    home.mkdir()
+    (home / registry.REGISTRY).symlink_to(tmp_path / "elsewhere.jsonl")
+    calls = []
+    monkeypatch.setattr(rescue.commands, "scancel", lambda ids: calls.append(("scancel", *ids)) or True)
+    monkeypatch.setattr(rescue.commands, "sbatch", lambda script, options=(), env=None: calls.append("sbatch") or "8")
+    record = registry.Record(job_id="7", job_dir=str(job_dir), via="sbatch", submitted="then", nodes=2)
+    assert rescue.resubmit(record, "n1", {"HPCDIST_HOME": str(home)}) is None
+    assert calls == [("scancel", "7")]  # no job runs that no registry line names
+    line = json.loads((job_dir / "attempts.jsonl").read_text())
+    assert (line["ending"], line["action"]) == ("node_failure", "none")
+    assert line["reason"] == (f"could not submit it again: job registry: {home}/jobs.jsonl is a symbolic link, not a "
+                              "file; move it away, or set HPCDIST_HOME to a folder of your own")
+
+
 class FakeJob:
     """A job that is RUNNING for ``polls`` polls, then ends ``final``; the one wait loop's contract, no Slurm."""
 

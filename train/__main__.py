@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     except checkpoint.StorageError as exc:
         print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
-        runfiles.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE)
+        runfiles.record_rank_error(opts.run_dir, os.environ, exc.strerror, "storage", EXIT_STORAGE, exc.errno)
         status = EXIT_STORAGE
     except KeyboardInterrupt:  # a user's Ctrl-C (train/preemption.py): a stop, not a failure
         print(f"hpcdist-train: interrupted (SIGINT) at step {beat.step}, exit {EXIT_INTERRUPTED}: rerun with --resume "

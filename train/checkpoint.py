@@ -26,17 +26,12 @@ import torch.distributed as dist
 
 from hpc import dsconfig
 from hpc.checkpoints import KEEP, REPLACED, complete, held, name_for, newest, recorded, replaced, size, write_manifest
+from hpc.runfiles import STORAGE_ADVICE
 from train.runtime import gathered
 
 # A dp/ddp checkpoint's whole state, written by rank 0 (or a snapshot persisted in the background); DeepSpeed's
 # files are its own.
 TRAINER_FILE = "trainer.pt"
-# Failures of the storage itself, not of the training (retrying elsewhere would only fail the same way), and what
-# clears each: a file-size limit is the process's own, which no free space or other folder lifts.
-STORAGE_ADVICE = {errno.ENOSPC: "free space or move --run-dir",
-                  errno.EDQUOT: "free some of your quota (or have it raised) or move --run-dir",
-                  errno.EFBIG: "raise the file-size limit (ulimit -f)",
-                  errno.EROFS: "make it writable or move --run-dir"}
 
 
 _locks: dict[Path, threading.RLock] = {}

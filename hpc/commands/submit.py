@@ -298,11 +298,13 @@ def _print_new(path: Path, offset: int, prefix: bool, whole: bool = False) -> in
 def cancel(job: str) -> None:
     """Cancel a job (scancel; a local job's tasks are stopped), or a job array given its own id."""
     try:
-        tasks = registry.array_tasks(job, os.environ)
+        # One read answers both questions: a registry rewritten between two reads could answer them apart.
+        registered = registry.load(registry.registry_path(os.environ))
+        tasks = registry.array_tasks(job, registered)
+        # The array under its own id, which scancel takes for every one of its tasks.
+        record = replace(tasks[-1], job_id=job) if tasks else registry.lookup(job, os.environ, True, registered)
     except registry.JobError as exc:
         fail("cancel", exc)
-    # The array under its own id, which scancel takes for every one of its tasks.
-    record = replace(tasks[-1], job_id=job) if tasks else lookup("cancel", job, one=True)
     what = f"job array {job} ({len(tasks)} tasks registered here)" if tasks else f"job {record.job_id}"
     current = jobs.states(tasks or [record])
     if all(now.done for now in current):

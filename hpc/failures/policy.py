@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from hpc.failures.rules import Ending
+from hpc.runfiles import STORAGE_ADVICE
 from hpc.slurm.parse import node_state
 
 # Endings worth another attempt on other nodes (from the newest checkpoint), and those that resume where
@@ -20,6 +21,8 @@ REQUEUED = ("preempted", "time_limit")
 # Node states in which Slurm would not start the job there.
 UNUSABLE = ("down", "drain", "drng", "drained", "draining", "fail", "failing", "maint", "no_respond",
             "not_responding", "future", "unknown", "inval", "reboot", "power_down", "powered_down", "powering_down")
+# What clears a storage failure whose errno the trainer did not report (a job directory a node cannot see).
+GENERIC_ADVICE = "free space (or fix the path)"
 
 
 def usable(state: str) -> bool:
@@ -79,7 +82,8 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"requeue {used + 1} of {policy.max_requeues}: resume from the checkpoint")
     if ending.ending not in RETRIED:
         why = {"bad_input": "bad input is never retried: fix it and resubmit",
-               "storage": "a storage failure is not retried: free space (or fix the path) and resubmit with --resume",
+               "storage": f"a storage failure is not retried: {STORAGE_ADVICE.get(ending.errno, GENERIC_ADVICE)}, "
+                          "then resubmit with --resume",
                "code_error": "an error in the training code is never retried: fix it and resubmit",
                "completed": "", "cancelled": "cancelled by request",
                "unknown": "an ending hpcdist cannot classify is not retried"}

@@ -48,6 +48,7 @@ class Ending:
     exit_code: int | None = None
     signal: int | None = None
     step: int | None = None
+    errno: int | None = None       # a storage ending's, as the first failing rank reported it
 
 
 class Facts:
@@ -120,7 +121,7 @@ def _rank_said(f: Facts, ending: str, errors: Sequence[RankError], end: TaskEnd 
     first = _first_error(errors)
     if first:
         return Ending(ending, f"{_who(first.rank, first.node)}: {first.error}", rank=first.rank, node=first.node,
-                      exit_code=exit_code, step=f.step)
+                      exit_code=exit_code, step=f.step, errno=first.errno)
     task = end.task if end else min(f.ev.task_logs, default=0)
     rank, label = f.ranks_of(task)
     node = end.node if end else None
