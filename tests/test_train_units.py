@@ -725,6 +725,31 @@ def test_a_disk_that_fills_while_an_elastic_resume_converts_a_checkpoint_is_a_st
     assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
 
 
+def test_an_elastic_resume_s_conversion_whose_torch_save_finds_no_space_is_a_storage_error_leaving_no_copy(
+        tmp_path, monkeypatch):
+    # DeepSpeed's conversion saves with torch.save to a path, whose own writer would keep no errno of the write.
+    from deepspeed.checkpoint import ds_to_universal
+
+    from train.engines import DeepSpeedEngine
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def convert(args):
+        Path(args.output_folder).mkdir(parents=True)
+        torch.save({"param": torch.zeros(4)}, Path(args.output_folder) / "fp32.pt")
+    monkeypatch.setattr(ds_to_universal, "main", convert)
+    root = tmp_path / "checkpoints"
+    saved = checkpoint.save(root, 4, rank=0, write=lambda save_dir, tag: (save_dir / tag / "x.pt").write_bytes(b"x"))
+    monkeypatch.setattr(checkpoint, "open", FullDisk, raising=False)  # every write checkpoint.put makes
+    with pytest.raises(checkpoint.StorageError) as raised:
+        object.__new__(DeepSpeedEngine)._read_universal(saved, rank=0, world=1)
+    assert raised.value.strerror.startswith(f"no space left on device writing checkpoint step00000004's universal "
+                                            f"copy in {root}"), raised.value.strerror
+    assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_no_half_written_checkpoint(tmp_path):
     # torch's own writer reports the file it could not create as a RuntimeError, whatever the bytes free.
