@@ -9,6 +9,7 @@ import os
 import pickle
 import pickletools
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -517,6 +518,41 @@ def test_a_resume_after_a_kill_between_the_two_renames_of_a_step_saved_again_loa
     (tmp_path / "step00000020" / "model.pt").write_bytes(b"torn")  # moved aside damaged: set aside as any other
     os.rename(tmp_path / "step00000020", tmp_path / ".old-step00000020")
     assert checkpoint.choose(tmp_path, rank=0, say=lambda line: None).name == "step00000010"
+
+
+def test_a_resume_sets_a_step_aside_that_does_not_verify_and_takes_back_the_complete_copy_beside_it(tmp_path):
+    save_model(tmp_path, 10, ConvNet())
+    save_model(tmp_path, 20, ConvNet())
+    # Step 20 saved again, killed before the copy it moved aside was removed; the new one torn since.
+    shutil.copytree(tmp_path / "step00000020", tmp_path / ".old-step00000020")
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"torn")
+    said = []
+    assert checkpoint.choose(tmp_path, rank=0, say=said.append).name == "step00000020"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".damaged-step00000020", "step00000010", "step00000020"]
+    assert (tmp_path / ".damaged-step00000020" / "model.pt").read_bytes() == b"torn", "set aside, not removed"
+    assert said == [f"resume: checkpoint {tmp_path / 'step00000020'} is damaged (model.pt has 4 bytes, the manifest "
+                    f"says {(tmp_path / 'step00000020' / 'model.pt').stat().st_size}); set aside as "
+                    ".damaged-step00000020, taking back its copy .old-step00000020"]
+
+
+def test_a_run_resumed_where_a_torn_step_sits_beside_its_complete_copy_goes_on_from_that_step_as_if_never_stopped(
+        tmp_path, capsys, one_process):
+    args = ["--backend", "ddp", "--synthetic-size", "64", "--batch-size", "8", "--threads", "1", "--heartbeat-s", "0",
+            "--checkpoint-every", "5", "--log-every", "1", "--precision", "fp32"]
+    assert main([*args, "--run-dir", str(tmp_path / "reference"), "--max-steps", "15"]) == 0
+    run = tmp_path / "run"
+    assert main([*args, "--run-dir", str(run), "--max-steps", "10"]) == 0
+    shutil.copytree(run / "checkpoints" / "step00000010", run / "checkpoints" / ".old-step00000010")
+    with open(run / "checkpoints" / "step00000010" / checkpoint.TRAINER_FILE, "r+b") as torn:
+        torn.truncate(1000)
+    capsys.readouterr()
+    assert main([*args, "--run-dir", str(run), "--max-steps", "15", "--resume"]) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step00000010'} at step 10" in capsys.readouterr().out
+    assert (run / "checkpoints" / ".damaged-step00000010").is_dir()
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run) == losses(tmp_path / "reference")
 
 
 def two_checkpoints(root):
