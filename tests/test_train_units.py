@@ -809,7 +809,17 @@ def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_n
     (errno.EROFS, "make it writable or move --run-dir")])
 def test_a_storage_error_advises_what_clears_its_own_errno(tmp_path, code, advice):
     line = checkpoint.storage_error(code, tmp_path, "step00000004").strerror
-    assert line.endswith(f"is intact: {advice}, then resubmit with --resume"), line
+    assert line.endswith(f": {advice}, then resubmit with --resume"), line
+
+
+def test_a_storage_error_before_any_checkpoint_says_in_words_that_none_exists_and_what_is_not_known(tmp_path):
+    line = checkpoint.storage_error(errno.EFBIG, tmp_path, "step00000005").strerror
+    assert line.startswith(f"file too large writing checkpoint step00000005 in {tmp_path}: ")
+    assert line.endswith(" bytes free; no earlier checkpoint exists, so the size needed is unknown: raise the "
+                         "file-size limit (ulimit -f), then resubmit with --resume"), line
+    gone = checkpoint.storage_error(errno.ENOSPC, tmp_path / "gone", "step00000005").strerror
+    assert f"in {tmp_path / 'gone'}: free space unknown; no earlier checkpoint exists" in gone, gone
+    assert "?" not in line + gone and "(none)" not in line + gone and "\n" not in line + gone
 
 
 def test_a_failed_write_s_reason_is_the_words_of_the_errno_torch_wrapped_not_torch_s_own_text():

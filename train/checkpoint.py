@@ -115,17 +115,14 @@ def storage_error(code: int, root: Path, tag: str) -> StorageError:
     """The one line a full disk (or a quota, a file-size limit, a read-only mount) is reported by: path, free and needed
     bytes, and what clears ``code``."""
     try:
-        free = shutil.disk_usage(root).free
+        room = f"{shutil.disk_usage(root).free:,} bytes free"
     except OSError:
-        free = None
+        room = "free space unknown"
     last = newest(root)
-    needed = size(last) if last is not None else None
-    what = os.strerror(code).lower()
-    return StorageError(code, f"{what} writing checkpoint {tag} in {root}: "
-                                   f"{'?' if free is None else f'{free:,}'} bytes free, about "
-                                   f"{'?' if needed is None else f'{needed:,}'} needed; the previous checkpoint"
-                                   f" ({last.name if last is not None else 'none'}) is intact: "
-                                   f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
+    kept = (f", about {size(last):,} needed; the previous checkpoint ({last.name}) is intact" if last is not None
+            else "; no earlier checkpoint exists, so the size needed is unknown")
+    return StorageError(code, f"{os.strerror(code).lower()} writing checkpoint {tag} in {root}: {room}{kept}: "
+                              f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
 
 
 def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda x: x,
