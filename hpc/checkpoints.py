@@ -41,13 +41,16 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
 
 
-def replaced(root: Path) -> list[Path]:
-    """The copies ``.old-stepN`` with no ``stepN`` beside them: a kill between the two renames of a step saved again
-    left the step's checkpoint under that name, which a resume renames back (train.checkpoint.choose)."""
+def replaced(root: Path, checksums: bool = True) -> list[Path]:
+    """The copies ``.old-stepN`` a resume takes back as ``stepN`` (train.checkpoint.choose): a kill between the two
+    renames of a step saved again left the step's checkpoint under that name with no ``stepN`` beside it, or one
+    before the copy's removal left it complete beside a ``stepN`` that does not verify."""
     root = Path(root)
     olds = root.glob(f"{REPLACED}step*") if root.is_dir() else []
-    return sorted(p for p in olds if p.is_dir() and NAME.fullmatch(p.name.removeprefix(REPLACED))
-                  and not os.path.lexists(root / p.name.removeprefix(REPLACED)))
+    copies = [(p, root / p.name.removeprefix(REPLACED)) for p in olds
+              if p.is_dir() and NAME.fullmatch(p.name.removeprefix(REPLACED))]
+    return sorted(p for p, step in copies if not os.path.lexists(step)
+                  or damage(step, checksums) is not None and damage(p, checksums) is None)
 
 
 def held(root: Path) -> list[Path]:
@@ -171,7 +174,7 @@ def resumable_step(root: Path) -> int | None:
     it killed; the trainer checks the SHA-256s when it resumes and falls back past one that fails them."""
     found = newest(Path(root), checksums=False)
     steps = [int(NAME.fullmatch(found.name).group(1))] if found is not None else []
-    steps += [int(NAME.fullmatch(p.name.removeprefix(REPLACED)).group(1)) for p in replaced(root)
+    steps += [int(NAME.fullmatch(p.name.removeprefix(REPLACED)).group(1)) for p in replaced(root, checksums=False)
               if damage(p, checksums=False) is None]
     persisted = newest_whole([held_in(Path(root) / PARTS, checksums=False)])[0]
     return max(steps + ([persisted] if persisted is not None else []), default=None)

@@ -80,3 +80,16 @@ def test_a_step_saved_again_and_killed_between_its_two_renames_resumes_from_the_
     assert checkpoints.replaced(tmp_path) == [tmp_path / ".old-step00000020"]
     publish(tmp_path, 20)  # the save that was killed, finished: its copy is no longer the step's checkpoint
     assert checkpoints.replaced(tmp_path) == []
+
+
+def test_a_step_that_does_not_verify_beside_the_complete_copy_its_second_save_moved_aside_resumes_from_the_copy(
+        tmp_path):
+    for step in (10, 20):
+        publish(tmp_path, step)
+    # Saving step 20 again: the published one moved aside, the new one renamed in, then killed before the copy's
+    # removal, and the new one's file lost since.
+    (tmp_path / "step00000020").rename(tmp_path / ".old-step00000020")
+    publish(tmp_path, 20)
+    (tmp_path / "step00000020" / "x.pt").write_bytes(b"")
+    assert checkpoints.replaced(tmp_path) == [tmp_path / ".old-step00000020"]
+    assert checkpoints.resumable_step(tmp_path) == 20

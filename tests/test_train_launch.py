@@ -807,6 +807,7 @@ def test_a_checkpoint_past_the_file_size_limit_is_a_storage_ending_and_leaves_no
     assert "Traceback" not in proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("hpcdist-train: error:")]
     assert f"file too large writing checkpoint step00000005 in {run_dir / 'checkpoints'}" in line
+    assert "bytes free; no earlier checkpoint exists, so the size needed is unknown: raise the file-size" in line, line
     assert os.listdir(run_dir / "checkpoints") == []
     [error] = runfiles.read_errors(run_dir)
     assert (error.kind, error.exit_code) == ("storage", 74)
@@ -865,3 +866,27 @@ def test_a_regrouping_resume_whose_universal_copy_finds_no_space_ends_every_rank
         assert [(e.kind, e.exit_code) for e in runfiles.read_errors(run_dir)] == [("storage", 74)] * 2
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_regrouping_resume_whose_universal_copy_passes_the_file_size_limit_ends_every_rank_in_rank_0s_storage_line(
+        launch, tmp_path):
+    """A ZeRO-2 checkpoint of one rank resumed on two, rank 0 under a 1 MB file-size limit its ~1.2 MB universal
+    copy of fc1 passes (DeepSpeed's conversion writes with torch.save to a path, whose writer keeps no errno): both
+    ranks exit 74 with rank 0's one line, as storage, the copy's folder is removed and the checkpoint stays."""
+    from hpc import runfiles
+
+    run_dir = tmp_path / "run"
+    args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
+            "--checkpoint-every", "5", "--snapshot-every-s", "0"]
+    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "5"],
+                         env=one_rank_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    launched = launch("srun", [*args, "--max-steps", "10", "--resume"], run_dir, file_limit=(0, 1_000_000))
+    assert launched.wait(timeout=240) == [74, 74], launched.output()
+    lines = [[x for x in log.read_text().splitlines() if x.startswith("hpcdist-train: error:")]
+             for log in launched.logs]
+    assert lines[0] == lines[1] and len(lines[0]) == 1, launched.output()
+    assert (f"file too large writing checkpoint step00000005's universal copy on rank 0 in "
+            f"{run_dir / 'checkpoints'}") in lines[0][0]
+    assert os.listdir(run_dir / "checkpoints") == ["step00000005"]
+    assert [(e.kind, e.exit_code) for e in runfiles.read_errors(run_dir)] == [("storage", 74)] * 2

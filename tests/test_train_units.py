@@ -9,6 +9,7 @@ import os
 import pickle
 import pickletools
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -519,6 +520,41 @@ def test_a_resume_after_a_kill_between_the_two_renames_of_a_step_saved_again_loa
     assert checkpoint.choose(tmp_path, rank=0, say=lambda line: None).name == "step00000010"
 
 
+def test_a_resume_sets_a_step_aside_that_does_not_verify_and_takes_back_the_complete_copy_beside_it(tmp_path):
+    save_model(tmp_path, 10, ConvNet())
+    save_model(tmp_path, 20, ConvNet())
+    # Step 20 saved again, killed before the copy it moved aside was removed; the new one torn since.
+    shutil.copytree(tmp_path / "step00000020", tmp_path / ".old-step00000020")
+    (tmp_path / "step00000020" / "model.pt").write_bytes(b"torn")
+    said = []
+    assert checkpoint.choose(tmp_path, rank=0, say=said.append).name == "step00000020"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".damaged-step00000020", "step00000010", "step00000020"]
+    assert (tmp_path / ".damaged-step00000020" / "model.pt").read_bytes() == b"torn", "set aside, not removed"
+    assert said == [f"resume: checkpoint {tmp_path / 'step00000020'} is damaged (model.pt has 4 bytes, the manifest "
+                    f"says {(tmp_path / 'step00000020' / 'model.pt').stat().st_size}); set aside as "
+                    ".damaged-step00000020, taking back its copy .old-step00000020"]
+
+
+def test_a_run_resumed_where_a_torn_step_sits_beside_its_complete_copy_goes_on_from_that_step_as_if_never_stopped(
+        tmp_path, capsys, one_process):
+    args = ["--backend", "ddp", "--synthetic-size", "64", "--batch-size", "8", "--threads", "1", "--heartbeat-s", "0",
+            "--checkpoint-every", "5", "--log-every", "1", "--precision", "fp32"]
+    assert main([*args, "--run-dir", str(tmp_path / "reference"), "--max-steps", "15"]) == 0
+    run = tmp_path / "run"
+    assert main([*args, "--run-dir", str(run), "--max-steps", "10"]) == 0
+    shutil.copytree(run / "checkpoints" / "step00000010", run / "checkpoints" / ".old-step00000010")
+    with open(run / "checkpoints" / "step00000010" / checkpoint.TRAINER_FILE, "r+b") as torn:
+        torn.truncate(1000)
+    capsys.readouterr()
+    assert main([*args, "--run-dir", str(run), "--max-steps", "15", "--resume"]) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step00000010'} at step 10" in capsys.readouterr().out
+    assert (run / "checkpoints" / ".damaged-step00000010").is_dir()
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run) == losses(tmp_path / "reference")
+
+
 def two_checkpoints(root):
     torch.manual_seed(0)
     save_model(root, 10, ConvNet())
@@ -725,6 +761,31 @@ def test_a_disk_that_fills_while_an_elastic_resume_converts_a_checkpoint_is_a_st
     assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
 
 
+def test_an_elastic_resume_s_conversion_whose_torch_save_finds_no_space_is_a_storage_error_leaving_no_copy(
+        tmp_path, monkeypatch):
+    # DeepSpeed's conversion saves with torch.save to a path, whose own writer would keep no errno of the write.
+    from deepspeed.checkpoint import ds_to_universal
+
+    from train.engines import DeepSpeedEngine
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def convert(args):
+        Path(args.output_folder).mkdir(parents=True)
+        torch.save({"param": torch.zeros(4)}, Path(args.output_folder) / "fp32.pt")
+    monkeypatch.setattr(ds_to_universal, "main", convert)
+    root = tmp_path / "checkpoints"
+    saved = checkpoint.save(root, 4, rank=0, write=lambda save_dir, tag: (save_dir / tag / "x.pt").write_bytes(b"x"))
+    monkeypatch.setattr(checkpoint, "open", FullDisk, raising=False)  # every write checkpoint.put makes
+    with pytest.raises(checkpoint.StorageError) as raised:
+        object.__new__(DeepSpeedEngine)._read_universal(saved, rank=0, world=1)
+    assert raised.value.strerror.startswith(f"no space left on device writing checkpoint step00000004's universal "
+                                            f"copy in {root}"), raised.value.strerror
+    assert sorted(p.name for p in root.iterdir()) == ["step00000004"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_no_half_written_checkpoint(tmp_path):
     # torch's own writer reports the file it could not create as a RuntimeError, whatever the bytes free.
@@ -748,7 +809,17 @@ def test_a_file_system_out_of_inodes_is_a_full_disk_whose_storage_error_leaves_n
     (errno.EROFS, "make it writable or move --run-dir")])
 def test_a_storage_error_advises_what_clears_its_own_errno(tmp_path, code, advice):
     line = checkpoint.storage_error(code, tmp_path, "step00000004").strerror
-    assert line.endswith(f"is intact: {advice}, then resubmit with --resume"), line
+    assert line.endswith(f": {advice}, then resubmit with --resume"), line
+
+
+def test_a_storage_error_before_any_checkpoint_says_in_words_that_none_exists_and_what_is_not_known(tmp_path):
+    line = checkpoint.storage_error(errno.EFBIG, tmp_path, "step00000005").strerror
+    assert line.startswith(f"file too large writing checkpoint step00000005 in {tmp_path}: ")
+    assert line.endswith(" bytes free; no earlier checkpoint exists, so the size needed is unknown: raise the "
+                         "file-size limit (ulimit -f), then resubmit with --resume"), line
+    gone = checkpoint.storage_error(errno.ENOSPC, tmp_path / "gone", "step00000005").strerror
+    assert f"in {tmp_path / 'gone'}: free space unknown; no earlier checkpoint exists" in gone, gone
+    assert "?" not in line + gone and "(none)" not in line + gone and "\n" not in line + gone
 
 
 def test_a_failed_write_s_reason_is_the_words_of_the_errno_torch_wrapped_not_torch_s_own_text():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpc import dsconfig
+from hpc import checkpoints, dsconfig
 from hpc.checkpoints import KEEP, REPLACED, complete, held, name_for, newest, recorded, replaced, size, write_manifest
 from hpc.runfiles import STORAGE_ADVICE
 from train.runtime import gathered
@@ -110,17 +110,14 @@ def storage_error(code: int, root: Path, tag: str) -> StorageError:
     """The one line a full disk (or a quota, a file-size limit, a read-only mount) is reported by: path, free and needed
     bytes, and what clears ``code``."""
     try:
-        free = shutil.disk_usage(root).free
+        room = f"{shutil.disk_usage(root).free:,} bytes free"
     except OSError:
-        free = None
+        room = "free space unknown"
     last = newest(root)
-    needed = size(last) if last is not None else None
-    what = os.strerror(code).lower()
-    return StorageError(code, f"{what} writing checkpoint {tag} in {root}: "
-                                   f"{'?' if free is None else f'{free:,}'} bytes free, about "
-                                   f"{'?' if needed is None else f'{needed:,}'} needed; the previous checkpoint"
-                                   f" ({last.name if last is not None else 'none'}) is intact: "
-                                   f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
+    kept = (f", about {size(last):,} needed; the previous checkpoint ({last.name}) is intact" if last is not None
+            else "; no earlier checkpoint exists, so the size needed is unknown")
+    return StorageError(code, f"{os.strerror(code).lower()} writing checkpoint {tag} in {root}: {room}{kept}: "
+                              f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
 
 
 def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda x: x,
@@ -130,27 +127,29 @@ def choose(root: Path, *, rank: int, share: Callable[[object], object] = lambda 
     name = None
     if rank == 0:
         for old in replaced(root):  # then checked like any other: one damaged since is set aside below
-            os.rename(old, old.with_name(old.name.removeprefix(REPLACED)))
+            step = old.with_name(old.name.removeprefix(REPLACED))
+            if os.path.lexists(step):
+                os.rename(step, set_aside_as(step, checkpoints.damage(step), f"taking back its copy {old.name}", say))
+            os.rename(old, step)
         skipped: list = []
         found = newest(root, skipped=skipped)
         for path, reason in skipped:
-            aside = set_aside_as(path)
-            say(f"resume: checkpoint {path} is damaged ({reason}); set aside as {aside.name}, "
-                "falling back to the previous one")
-            os.rename(path, aside)
+            os.rename(path, set_aside_as(path, reason, "falling back to the previous one", say))
         name = found.name if found is not None else None
     name = share(name)
     return Path(root) / name if name else None
 
 
-def set_aside_as(path: Path) -> Path:
-    """``.damaged-NAME``, or ``.damaged-NAME.2``, ... when a run that went on wrote the step again and it was damaged
-    again: a rename onto the first would fail (or replace it, were it empty)."""
+def set_aside_as(path: Path, reason: str | None, then: str, say: Callable[[str], None]) -> Path:
+    """What the damaged checkpoint ``path`` is renamed, said with ``reason`` and what the resume does ``then``:
+    ``.damaged-NAME``, or ``.damaged-NAME.2``, ... when a run that went on wrote the step again and it was damaged
+    again (a rename onto the first would fail, or replace it were it empty)."""
     aside = path.with_name(f".damaged-{path.name}")
     count = 1
     while os.path.lexists(aside):
         count += 1
         aside = path.with_name(f".damaged-{path.name}.{count}")
+    say(f"resume: checkpoint {path} is damaged ({reason}); set aside as {aside.name}, {then}")
     return aside
 
 

@@ -228,9 +228,10 @@ class DeepSpeedEngine:
         def convert() -> None:
             if rank == 0:
                 # inject_missing_state: the checkpoints were saved without DeepSpeed's universal_checkpoint_info.
-                ds_to_universal.main(argparse.Namespace(
-                    input_folder=str(folder), output_folder=str(made / folder.name), num_extract_workers=1,
-                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+                with _saving_through_put():
+                    ds_to_universal.main(argparse.Namespace(
+                        input_folder=str(folder), output_folder=str(made / folder.name), num_extract_workers=1,
+                        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
 
         # A vote, as a checkpoint's save is: the ranks waiting for the copy learn of its failure and end alike.
         checkpoint.together(convert, checkpoint.Agreement.of_every_rank(), rank, folder.parent, made,
@@ -248,6 +249,25 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no loadable checkpoint in the universal copy of {folder}")
         return client
+
+
+@contextlib.contextmanager
+def _saving_through_put() -> Iterator[None]:
+    """torch.save to a path goes through checkpoint.put meanwhile, as DeepSpeed's saves do (its universal conversion
+    has no saver to hand ours to): torch's own writer says a write stopped by a file-size limit or a quota only as
+    "unexpected pos", which would end the run as a crash, not as storage (74)."""
+    save = torch.save
+
+    def through_put(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if args or kwargs or not isinstance(f, (str, os.PathLike)):
+            return save(obj, f, *args, **kwargs)  # put's own call, with its file
+        checkpoint.put(obj, f)
+
+    torch.save = through_put
+    try:
+        yield
+    finally:
+        torch.save = save
 
 
 def precision_and_config(opts: Options, device: torch.device, world: int,
