@@ -28,6 +28,8 @@ from hpc.slurm import commands, grammar, parse
 
 # Written beside the job directory on the small file system; the room it leaves is half a checkpoint.
 FILLER = ".hpcdist-drill-filler"
+# slurm-local.sh's revive alone waits up to 30 s for slurmd and 30 s more for it to answer the controller.
+NODE_CONTROL_S = 120
 FILL_TRIES = 5  # measures of the free space the filling may take, the job writing on meanwhile
 _filled: set[Path] = set()  # the fillers this process made: the only ones it removes
 
@@ -68,9 +70,17 @@ def job_processes(job_id: str, proc_root: Path = Path("/proc")) -> list[Proc]:
     return out
 
 
-def _node_control(command: str, action: str, node: str) -> subprocess.CompletedProcess[str]:
-    """``COMMAND kill-node|revive NODE``: the site's way to kill a node for real and bring it back."""
-    return subprocess.run([*shlex.split(command), action, node], capture_output=True, text=True, timeout=60)
+def _node_control(command: str, action: str, node: str, failed: str) -> None:
+    """``COMMAND kill-node|revive NODE``: the site's way to kill a node for real and bring it back; RuntimeError in
+    one line, ``failed`` said, when it fails or does not finish."""
+    try:
+        done = subprocess.run([*shlex.split(command), action, node], capture_output=True, text=True,
+                              timeout=NODE_CONTROL_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{command} {action} {node} did not finish in {NODE_CONTROL_S:g} s, {failed}") from None
+    if done.returncode != 0:
+        said = " ".join((done.stderr or done.stdout).split())[-300:]
+        raise RuntimeError(f"{command} {action} {node} failed, {failed}: {said}")
 
 
 def signal_process(pid: int, sig: int) -> None:
@@ -139,9 +149,7 @@ def _cut_time_limit(job: handle.Job, out: Callable[[str], None]) -> Callable[[],
 def _lose_node(job: handle.Job, node: str, node_control: str | None, out: Callable[[str], None], when: str) -> str:
     """Kill ``node`` for real, or without node control SIGKILL the job's processes there and set it DOWN."""
     if node_control:
-        done = _node_control(node_control, "kill-node", node)
-        if done.returncode != 0:
-            raise RuntimeError(f"{node_control} kill-node {node} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        _node_control(node_control, "kill-node", node, "the node may be half killed")
         out(f"  node {node} killed for real {when}: its slurmd and every process on it")
         return node
     procs = [p for p in job_processes(job.job_id) if p.node == node]
@@ -156,10 +164,7 @@ def revive(node: str, node_control: str | None = None) -> None:
     """Bring a node the drill killed or set DOWN back; Slurm may have returned it already (ReturnToService).
     Raises RuntimeError when the node control could not: a node left dead would hold up every later job."""
     if node_control:
-        done = _node_control(node_control, "revive", node)
-        if done.returncode != 0:
-            raise RuntimeError(f"{node_control} revive {node} failed, the node is still dead: "
-                               f"{(done.stderr or done.stdout).strip()[-300:]}")
+        _node_control(node_control, "revive", node, "the node may still be dead")
         return
     state = parse.node_states(commands.sinfo_nodes(nodes=[node])).get(node, "")
     if state.startswith(("down", "drain", "fail")):

@@ -89,7 +89,7 @@ def explain(reason: str, job_id: str, ahead: Sequence[str] | None = None, start:
         meaning += f" ({reason.split('UnavailableNodes:', 1)[1].strip()})"
     text = f"pending: {meaning.format(reason=code, job=job_id)}; {action.format(reason=code, job=job_id)}"
     if ahead is not None and code in ("Resources", "Priority", "None"):
-        text += f"; {_jobs_ahead(ahead)}"
+        text += f"; {_jobs_ahead(ahead, job_id)}"
     if start and start not in ("N/A", "Unknown", "(null)"):
         text += f"; Slurm expects it to start by {start}"
     return text
@@ -105,15 +105,20 @@ def parse_squeue(text: str) -> dict[str, Queued]:
     return out
 
 
-def _jobs_ahead(ids: Sequence[str]) -> str:
+def _jobs_ahead(ids: Sequence[str], job_id: str) -> str:
     """``3 job(s) ahead ..., one of them an array of 500 pending task(s)``: squeue --array gives an array's pending
-    tasks a row each, and a user counts the array as one job."""
+    tasks a row each, and a user counts the array as one job; an array task's own array is no other job."""
+    mine = job_id.partition("_")[0] if "_" in job_id else None
+    own = sum(i.partition("_")[0] == mine for i in ids)
+    ids = [i for i in ids if i.partition("_")[0] != mine]
     arrays = {i.partition("_")[0] for i in ids if "_" in i}
     text = f"{len({i.partition('_')[0] for i in ids})} job(s) ahead of it in its partition"
     tasks = sum("_" in i for i in ids)
     if len(arrays) == 1:
-        return f"{text}, one of them an array of {tasks} pending task(s)"
-    return f"{text}, {len(arrays)} of them arrays of {tasks} pending task(s) in all" if arrays else text
+        text += f", one of them an array of {tasks} pending task(s)"
+    elif arrays:
+        text += f", {len(arrays)} of them arrays of {tasks} pending task(s) in all"
+    return text + (f"; {own} earlier task(s) of its own array before it" if own else "")
 
 
 def _submitted(job_id: str) -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -111,15 +112,19 @@ def max_retries(job_dir: Path) -> int:
 def submit_again(record: registry.Record, excluded: Sequence[str], environ: Mapping[str, str]) -> registry.Record:
     """Submit the job's job.sbatch again as a new job without the ``excluded`` nodes and register it, linked to
     the old one (SlurmError if Slurm refuses it, JobError, submitting nothing, if the registry could not take its
-    line). From inside the old job too (its batch shell, after a node died that Slurm has not noticed): the job's own
-    variables are not passed on to the new one."""
+    line; one that refuses it once the job runs is said on stderr). From inside the old job too (its batch shell,
+    after a node died that Slurm has not noticed): the job's own variables are not passed on to the new one."""
     registry.writable(registry.registry_path(environ))
     new_id = commands.sbatch(Path(record.job_dir) / vocab.JOB_SBATCH, options=resubmit_options(record, excluded),
                              env=commands.new_job_environ(environ))
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     new = replace(record, job_id=new_id, via="sbatch", submitted=now, previous=record.job_id)
     registry.write_marker(new)
-    registry.append(registry.registry_path(environ), new)
+    try:
+        registry.append(registry.registry_path(environ), new)
+    except registry.JobError as exc:
+        # The job runs: raised, the caller would give the run up, or requeue the old job beside the new one.
+        print(f"hpcdist: job {new_id} was submitted but is not in the job registry: {exc}", file=sys.stderr)
     return new
 
 

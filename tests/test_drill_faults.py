@@ -120,7 +120,22 @@ def test_a_node_control_that_cannot_revive_the_node_is_an_error_naming_it_not_si
     # A node left dead holds up every later job that needs it: the drill must say so, not go on.
     control = tmp_path / "control.sh"
     control.write_text('[ "$1" = revive ] && { echo "slurmd for $2 did not start" >&2; exit 1; }\n')
-    with pytest.raises(RuntimeError, match=r"revive n1 failed, the node is still dead: slurmd for n1 did not start"):
+    with pytest.raises(RuntimeError, match=r"revive n1 failed, the node may still be dead: slurmd for n1 did not "
+                                           r"start"):
         drill_faults.revive("n1", f"bash {control}")
     control.write_text("exit 0\n")
     drill_faults.revive("n1", f"bash {control}")
+
+
+def test_a_node_control_that_does_not_finish_or_says_several_lines_is_an_error_in_one_line(tmp_path, monkeypatch):
+    # A revive that outlasts its wait would otherwise end the drill in a traceback, skipping its clean-up.
+    control = tmp_path / "control.sh"
+    control.write_text("sleep 5\n")
+    monkeypatch.setattr(drill_faults, "NODE_CONTROL_S", 0.5)
+    with pytest.raises(RuntimeError, match=r"^bash \S+ revive n1 did not finish in 0.5 s, the node may still be "
+                                           r"dead$"):
+        drill_faults.revive("n1", f"bash {control}")
+    control.write_text('echo "Cannot find device veth-n1" >&2; echo "ERROR: slurmd for n1 did not start" >&2; exit 1\n')
+    with pytest.raises(RuntimeError) as failed:
+        drill_faults.revive("n1", f"bash {control}")
+    assert str(failed.value).endswith("still be dead: Cannot find device veth-n1 ERROR: slurmd for n1 did not start")

@@ -72,6 +72,16 @@ def test_an_array_ahead_counts_as_one_job_and_its_pending_tasks_are_said_apart()
     assert set(pending.ahead_of(queue["5_2"], queue)) == {*(f"900_{t}" for t in range(500)), "5_0", "5_1", "10", "15"}
 
 
+def test_a_task_s_own_array_is_no_job_ahead_of_it_but_its_earlier_tasks_are_said_apart() -> None:
+    queue = pending.parse_squeue(ARRAYS)
+    assert pending.explain("Priority", "5_2", ahead=pending.ahead_of(queue["5_2"], queue)).endswith(
+        "; 3 job(s) ahead of it in its partition, one of them an array of 500 pending task(s); 2 earlier "
+        "task(s) of its own array before it")
+    alone = pending.parse_squeue("".join(f"5_{t}|PENDING|Priority|debug|90|N/A\n" for t in range(3)))
+    assert pending.explain("Priority", "5_2", ahead=pending.ahead_of(alone["5_2"], alone)).endswith(
+        "; 0 job(s) ahead of it in its partition; 2 earlier task(s) of its own array before it")
+
+
 def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:
     calls: list[list[str]] = []
 

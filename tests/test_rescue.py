@@ -135,6 +135,30 @@ def test_a_resubmission_to_a_registry_that_is_a_link_submits_nothing_and_records
                               "file; move it away, or set HPCDIST_HOME to a folder of your own")
 
 
+def test_a_registry_that_refuses_the_line_once_sbatch_submitted_still_leaves_the_new_job_followed_not_given_up(
+        tmp_path, monkeypatch, capsys):
+    # Given up (or, in the batch shell, requeued), the run would have two jobs resuming it.
+    job_dir, home = tmp_path / "job", tmp_path / "home"
+    (job_dir / "run").mkdir(parents=True)
+    (job_dir / "job.sbatch").write_text("#!/bin/bash\n")
+    home.mkdir()
+
+    def sbatch(script, options=(), env=None):  # the registry turns into a link while Slurm takes the job
+        (home / registry.REGISTRY).symlink_to(tmp_path / "elsewhere.jsonl")
+        return "8"
+    monkeypatch.setattr(rescue.commands, "scancel", lambda ids: True)
+    monkeypatch.setattr(rescue.commands, "sbatch", sbatch)
+    record = registry.Record(job_id="7", job_dir=str(job_dir), via="sbatch", submitted="then", nodes=2)
+    assert rescue.resubmit(record, "n1", {"HPCDIST_HOME": str(home)}).job_id == "8"
+    line = json.loads((job_dir / "attempts.jsonl").read_text())
+    assert line["action"] == "resubmit" and line["reason"].endswith(": job 8"), line
+    assert registry.read_marker(job_dir).job_id == "8"
+    assert capsys.readouterr().err == (f"hpcdist: job 8 was submitted but is not in the job registry: job registry: "
+                                       f"{home}/jobs.jsonl is a symbolic link, not a file; move it away, or set "
+                                       "HPCDIST_HOME to a folder of your own\n")
+    assert not (tmp_path / "elsewhere.jsonl").exists()
+
+
 class FakeJob:
     """A job that is RUNNING for ``polls`` polls, then ends ``final``; the one wait loop's contract, no Slurm."""
 

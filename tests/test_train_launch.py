@@ -807,7 +807,7 @@ def test_a_checkpoint_past_the_file_size_limit_is_a_storage_ending_and_leaves_no
     assert "Traceback" not in proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("hpcdist-train: error:")]
     assert f"file too large writing checkpoint step00000005 in {run_dir / 'checkpoints'}" in line
-    assert "bytes free; no earlier checkpoint exists, so the size needed is unknown: raise the file-size" in line, line
+    assert "bytes free; no earlier checkpoint is intact, so the size needed is unknown: raise the file" in line, line
     assert os.listdir(run_dir / "checkpoints") == []
     [error] = runfiles.read_errors(run_dir)
     assert (error.kind, error.exit_code) == ("storage", 74)

@@ -815,11 +815,18 @@ def test_a_storage_error_advises_what_clears_its_own_errno(tmp_path, code, advic
 def test_a_storage_error_before_any_checkpoint_says_in_words_that_none_exists_and_what_is_not_known(tmp_path):
     line = checkpoint.storage_error(errno.EFBIG, tmp_path, "step00000005").strerror
     assert line.startswith(f"file too large writing checkpoint step00000005 in {tmp_path}: ")
-    assert line.endswith(" bytes free; no earlier checkpoint exists, so the size needed is unknown: raise the "
+    assert line.endswith(" bytes free; no earlier checkpoint is intact, so the size needed is unknown: raise the "
                          "file-size limit (ulimit -f), then resubmit with --resume"), line
     gone = checkpoint.storage_error(errno.ENOSPC, tmp_path / "gone", "step00000005").strerror
-    assert f"in {tmp_path / 'gone'}: free space unknown; no earlier checkpoint exists" in gone, gone
+    assert f"in {tmp_path / 'gone'}: free space unknown; no earlier checkpoint is intact" in gone, gone
     assert "?" not in line + gone and "(none)" not in line + gone and "\n" not in line + gone
+
+
+def test_a_storage_error_where_only_damaged_checkpoints_are_says_none_is_intact_not_that_none_exists(tmp_path):
+    save_model(tmp_path, 5, ConvNet())
+    (tmp_path / "step00000005" / "model.pt").write_bytes(b"torn")
+    line = checkpoint.storage_error(errno.ENOSPC, tmp_path, "step00000010").strerror
+    assert "bytes free; no earlier checkpoint is intact, so the size needed is unknown: free space" in line, line
 
 
 def test_a_failed_write_s_reason_is_the_words_of_the_errno_torch_wrapped_not_torch_s_own_text():

@@ -115,7 +115,7 @@ def storage_error(code: int, root: Path, tag: str) -> StorageError:
         room = "free space unknown"
     last = newest(root)
     kept = (f", about {size(last):,} needed; the previous checkpoint ({last.name}) is intact" if last is not None
-            else "; no earlier checkpoint exists, so the size needed is unknown")
+            else "; no earlier checkpoint is intact, so the size needed is unknown")
     return StorageError(code, f"{os.strerror(code).lower()} writing checkpoint {tag} in {root}: {room}{kept}: "
                               f"{STORAGE_ADVICE[code]}, then resubmit with --resume")
 
