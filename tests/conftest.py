@@ -43,8 +43,9 @@ def _unanswering_nodes() -> list[str]:
     dead = {f"{Path(line.split()[0]).stem.removeprefix('slurmd-')} slurmd dead" for line in script.splitlines()
             if "/slurmd-" in line and line.endswith("DEAD")}
     shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, check=False).stdout
-    return sorted(dead | {line for line in shown.splitlines() if line.endswith("*") or " down" in line
-                          or " drain" in line})
+    # sinfo's short states: down, drain, drng (draining), fail, failg (failing); '*' marks one not heard from.
+    return sorted(dead | {line for line in shown.splitlines() if line.endswith("*")
+                          or line.partition(" ")[2].startswith(("down", "drain", "drng", "fail"))})
 
 
 @pytest.fixture(autouse=True)
