@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         status = EXIT_BAD_INPUT
     except PreflightError as exc:
         print(f"hpcdist-train: {exc}", file=sys.stderr, flush=True)
+        runfiles.record_rank_error(opts.run_dir, os.environ, str(exc), "exception", 1)
         status = 1
     except checkpoint.StorageError as exc:
         print(f"hpcdist-train: error: {exc.strerror}", file=sys.stderr, flush=True)
