@@ -109,9 +109,9 @@ def parse_squeue(text: str) -> dict[str, Queued]:
 
 def _jobs_ahead(ids: Sequence[str], where: str) -> str:
     """``3 job(s) ahead of it in WHERE, one of them an array of 500 pending task(s)``: squeue --array gives an array's
-    pending tasks a row each, and a user counts the array as one job."""
+    pending tasks a row each, as squeue does a heterogeneous job's components; a user counts either as one job."""
     arrays = {i.partition("_")[0] for i in ids if "_" in i}
-    text = f"{len({i.partition('_')[0] for i in ids})} job(s) ahead of it in {where}"
+    text = f"{len({i.replace('+', '_').partition('_')[0] for i in ids})} job(s) ahead of it in {where}"
     tasks = sum("_" in i for i in ids)
     if len(arrays) == 1:
         return f"{text}, one of them an array of {tasks} pending task(s)"
@@ -119,14 +119,16 @@ def _jobs_ahead(ids: Sequence[str], where: str) -> str:
 
 
 def _submitted(job_id: str) -> tuple[int, int] | None:
-    """(job, task) numbers, the order of submission: an array's tasks come with their array's id."""
-    job, _, task = job_id.partition("_")
+    """(job, task) numbers, the order of submission: an array's tasks (900_3) and a heterogeneous job's components
+    (30+1) come with their job's id."""
+    job, _, task = job_id.replace("+", "_").partition("_")
     return (int(job), int(task or 0)) if job.isdigit() and (task or "0").isdigit() else None
 
 
 def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> dict[str, tuple[str, ...]]:
     """For each partition the job pends in (Slurm starts it in whichever lets it first), the ids of the pending jobs
-    (an array's: its tasks') there that Slurm will consider first: higher priority, or equal and submitted earlier."""
+    (an array's: its tasks') there that Slurm will consider first: higher priority, or equal and submitted earlier.
+    A heterogeneous job's components start together: none is ahead of another."""
     mine = _submitted(job.job_id)
 
     def first(other: Queued) -> bool:
@@ -135,8 +137,9 @@ def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> dict[str, tuple[str, .
         theirs = _submitted(other.job_id)
         return mine is not None and theirs is not None and theirs < mine
 
-    return {p: tuple(o.job_id for o in queue.values() if o.job_id != job.job_id and o.state == "PENDING"
-                     and p in o.partition.split(",") and first(o)) for p in job.partition.split(",")}
+    return {p: tuple(o.job_id for o in queue.values() if o.job_id.partition("+")[0] != job.job_id.partition("+")[0]
+                     and o.state == "PENDING" and p in o.partition.split(",") and first(o))
+            for p in job.partition.split(",")}
 
 
 def describe(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str, str]:

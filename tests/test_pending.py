@@ -83,6 +83,19 @@ def test_a_job_pending_in_several_partitions_is_told_who_is_ahead_of_it_in_each(
         "; 1 job(s) ahead of it in partition debug; 1 job(s) ahead of it in partition other")
 
 
+# squeue gives each component of a heterogeneous job a row (30+0, 30+1, ...); Slurm starts the components together.
+HETEROGENEOUS = "".join(f"30+{c}|PENDING|Priority|debug|200|N/A\n" for c in range(3)) + \
+    "8+0|PENDING|Priority|debug|90|N/A\n8+1|PENDING|Priority|debug|90|N/A\n" + QUEUE
+
+
+def test_a_heterogeneous_job_ahead_counts_as_one_job_and_its_own_components_are_not_ahead_of_it() -> None:
+    queue = pending.parse_squeue(HETEROGENEOUS)
+    # 10, 11, 15, the higher 30 and the older 8 of equal priority
+    assert pending.explain("Priority", "12", ahead=pending.ahead_of(queue["12"], queue)).endswith(
+        "; 5 job(s) ahead of it in its partition")
+    assert set(pending.ahead_of(queue["8+1"], queue)["debug"]) == {"10", "15", "30+0", "30+1", "30+2"}
+
+
 def test_describe_asks_squeue_for_the_jobs_then_their_partitions() -> None:
     calls: list[list[str]] = []
 
