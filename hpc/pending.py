@@ -1,6 +1,6 @@
 """Why a job is pending, in plain words with what to do, and how many jobs are ahead of it (from squeue).
 
-    explain("Resources", "4242", ahead=("4240", "77_3"))   # pure: the sentence
+    explain("Resources", "4242", ahead={"gpu": ("4240", "77_3")})   # pure: the sentence
     describe(["4242"])                      # asks squeue: {"4242": "pending: waiting for resources ..."}
 """
 
@@ -78,9 +78,10 @@ class Queued:
     start: str
 
 
-def explain(reason: str, job_id: str, ahead: Sequence[str] | None = None, start: str | None = None) -> str:
-    """One sentence: why the job pends, what to do, and where Slurm can tell, how many jobs are ahead (``ahead``: their
-    ids, an array's pending tasks each)."""
+def explain(reason: str, job_id: str, ahead: Mapping[str, Sequence[str]] | None = None,
+            start: str | None = None) -> str:
+    """One sentence: why the job pends, what to do, and where Slurm can tell, how many jobs are ahead (``ahead``: in
+    each of its partitions, their ids, an array's pending tasks each)."""
     reason = reason.strip().strip("()")
     code = reason.split(",")[0].strip()
     meaning, action = REASONS.get(code) or next((p[1:] for p in PREFIXES if code.startswith(p[0])),
@@ -89,7 +90,8 @@ def explain(reason: str, job_id: str, ahead: Sequence[str] | None = None, start:
         meaning += f" ({reason.split('UnavailableNodes:', 1)[1].strip()})"
     text = f"pending: {meaning.format(reason=code, job=job_id)}; {action.format(reason=code, job=job_id)}"
     if ahead is not None and code in ("Resources", "Priority", "None"):
-        text += f"; {_jobs_ahead(ahead, job_id)}"
+        text += "".join(f"; {_jobs_ahead(ids, job_id, 'its partition' if len(ahead) == 1 else f'partition {p}')}"
+                        for p, ids in ahead.items())
     if start and start not in ("N/A", "Unknown", "(null)"):
         text += f"; Slurm expects it to start by {start}"
     return text
@@ -105,14 +107,15 @@ def parse_squeue(text: str) -> dict[str, Queued]:
     return out
 
 
-def _jobs_ahead(ids: Sequence[str], job_id: str) -> str:
-    """``3 job(s) ahead ..., one of them an array of 500 pending task(s)``: squeue --array gives an array's pending
-    tasks a row each, and a user counts the array as one job; an array task's own array is no other job."""
+def _jobs_ahead(ids: Sequence[str], job_id: str, where: str) -> str:
+    """``3 job(s) ahead of it in WHERE, one of them an array of 500 pending task(s)``: squeue --array gives an array's
+    pending tasks a row each, as squeue does a heterogeneous job's components; a user counts either as one job, and
+    an array task's own array as no other job."""
     mine = job_id.partition("_")[0] if "_" in job_id else None
     own = sum(i.partition("_")[0] == mine for i in ids)
     ids = [i for i in ids if i.partition("_")[0] != mine]
     arrays = {i.partition("_")[0] for i in ids if "_" in i}
-    text = f"{len({i.partition('_')[0] for i in ids})} job(s) ahead of it in its partition"
+    text = f"{len({i.replace('+', '_').partition('_')[0] for i in ids})} job(s) ahead of it in {where}"
     tasks = sum("_" in i for i in ids)
     if len(arrays) == 1:
         text += f", one of them an array of {tasks} pending task(s)"
@@ -122,14 +125,16 @@ def _jobs_ahead(ids: Sequence[str], job_id: str) -> str:
 
 
 def _submitted(job_id: str) -> tuple[int, int] | None:
-    """(job, task) numbers, the order of submission: an array's tasks come with their array's id."""
-    job, _, task = job_id.partition("_")
+    """(job, task) numbers, the order of submission: an array's tasks (900_3) and a heterogeneous job's components
+    (30+1) come with their job's id."""
+    job, _, task = job_id.replace("+", "_").partition("_")
     return (int(job), int(task or 0)) if job.isdigit() and (task or "0").isdigit() else None
 
 
-def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> tuple[str, ...]:
-    """The ids of the pending jobs (an array's: its tasks') in the same partition that Slurm will consider first:
-    higher priority, or equal and submitted earlier."""
+def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> dict[str, tuple[str, ...]]:
+    """For each partition the job pends in (Slurm starts it in whichever lets it first), the ids of the pending jobs
+    (an array's: its tasks') there that Slurm will consider first: higher priority, or equal and submitted earlier.
+    A heterogeneous job's components start together: none is ahead of another."""
     mine = _submitted(job.job_id)
 
     def first(other: Queued) -> bool:
@@ -138,8 +143,9 @@ def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> tuple[str, ...]:
         theirs = _submitted(other.job_id)
         return mine is not None and theirs is not None and theirs < mine
 
-    return tuple(o.job_id for o in queue.values() if o.job_id != job.job_id and o.state == "PENDING"
-                 and job.partition in o.partition.split(",") and first(o))
+    return {p: tuple(o.job_id for o in queue.values() if o.job_id.partition("+")[0] != job.job_id.partition("+")[0]
+                     and o.state == "PENDING" and p in o.partition.split(",") and first(o))
+            for p in job.partition.split(",")}
 
 
 def describe(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str, str]:

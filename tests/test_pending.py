@@ -34,9 +34,9 @@ def test_reasons_become_sentences_with_a_remedy(reason: str, words: list[str]) -
 
 
 def test_jobs_ahead_and_expected_start_are_said_where_slurm_tells() -> None:
-    text = pending.explain("Resources", "7", ahead=("5", "6"), start="2026-12-01T10:00:00")
+    text = pending.explain("Resources", "7", ahead={"debug": ("5", "6")}, start="2026-12-01T10:00:00")
     assert text.endswith("; 2 job(s) ahead of it in its partition; Slurm expects it to start by 2026-12-01T10:00:00")
-    assert "ahead" not in pending.explain("JobHeldUser", "7", ahead=("5", "6"))
+    assert "ahead" not in pending.explain("JobHeldUser", "7", ahead={"debug": ("5", "6")})
     assert "expects" not in pending.explain("Resources", "7", start="N/A")
 
 
@@ -53,8 +53,9 @@ QUEUE = """\
 def test_ahead_counts_pending_jobs_of_the_same_partition_slurm_considers_first() -> None:
     queue = pending.parse_squeue(QUEUE)
     # 10 (higher), 15 (higher, also in debug), 11 (same, older)
-    assert sorted(pending.ahead_of(queue["12"], queue)) == ["10", "11", "15"]
-    assert pending.ahead_of(queue["10"], queue) == pending.ahead_of(queue["13"], queue) == ()
+    assert sorted(pending.ahead_of(queue["12"], queue)["debug"]) == ["10", "11", "15"]
+    assert pending.ahead_of(queue["10"], queue) == {"debug": ()}
+    assert pending.ahead_of(queue["13"], queue) == {"other": ()}
 
 
 # squeue --array: a row per pending task of an array (another user's 900, of higher priority; 5, older, of equal).
@@ -69,7 +70,30 @@ def test_an_array_ahead_counts_as_one_job_and_its_pending_tasks_are_said_apart()
     assert pending.explain("Priority", "10", ahead=pending.ahead_of(queue["10"], queue)).endswith(
         "; 1 job(s) ahead of it in its partition, one of them an array of 500 pending task(s)")
     # An array's own earlier tasks are ahead of its later ones.
-    assert set(pending.ahead_of(queue["5_2"], queue)) == {*(f"900_{t}" for t in range(500)), "5_0", "5_1", "10", "15"}
+    assert set(pending.ahead_of(queue["5_2"], queue)["debug"]) == {*(f"900_{t}" for t in range(500)), "5_0", "5_1",
+                                                                    "10", "15"}
+
+
+def test_a_job_pending_in_several_partitions_is_told_who_is_ahead_of_it_in_each() -> None:
+    # Slurm starts it in whichever partition lets it first, so one count over all would say nothing true.
+    queue = pending.parse_squeue(QUEUE)
+    ahead = pending.ahead_of(queue["15"], queue)
+    assert ahead == {"debug": ("10",), "other": ("13",)}
+    assert pending.explain("Priority", "15", ahead=ahead).endswith(
+        "; 1 job(s) ahead of it in partition debug; 1 job(s) ahead of it in partition other")
+
+
+# squeue gives each component of a heterogeneous job a row (30+0, 30+1, ...); Slurm starts the components together.
+HETEROGENEOUS = "".join(f"30+{c}|PENDING|Priority|debug|200|N/A\n" for c in range(3)) + \
+    "8+0|PENDING|Priority|debug|90|N/A\n8+1|PENDING|Priority|debug|90|N/A\n" + QUEUE
+
+
+def test_a_heterogeneous_job_ahead_counts_as_one_job_and_its_own_components_are_not_ahead_of_it() -> None:
+    queue = pending.parse_squeue(HETEROGENEOUS)
+    # 10, 11, 15, the higher 30 and the older 8 of equal priority
+    assert pending.explain("Priority", "12", ahead=pending.ahead_of(queue["12"], queue)).endswith(
+        "; 5 job(s) ahead of it in its partition")
+    assert set(pending.ahead_of(queue["8+1"], queue)["debug"]) == {"10", "15", "30+0", "30+1", "30+2"}
 
 
 def test_a_task_s_own_array_is_no_job_ahead_of_it_but_its_earlier_tasks_are_said_apart() -> None:

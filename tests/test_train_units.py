@@ -1035,6 +1035,33 @@ def test_a_lone_process_joins_its_group_while_another_holds_the_default_master_p
 
 
 
+@pytest.mark.parametrize(("origin", "advice"), [("HPCDIST_MASTER_PORT", "resubmit: the local runner picks another"),
+                                                ("MASTER_PORT", "set MASTER_PORT to a port free")])
+def test_rank_0_finding_its_master_port_taken_says_so_in_one_line_naming_the_port_and_what_to_do(
+        tmp_path, capsys, one_process, monkeypatch, origin, advice):
+    # Between the local runner's choice of a free port and rank 0's listen, any program may bind it.
+    import socket
+
+    from hpc import ranks, task
+    squatter = socket.socket()
+    squatter.bind(("", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    for name in ranks.LAUNCHER_VARIABLES:  # an earlier test's trainer exported its own
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**task.local_env(task.Geometry(2, 1), 0, "4242"), origin: str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        status = main(["--backend", "ddp", "--run-dir", str(tmp_path / "run"), "--synthetic-size", "64",
+                       "--threads", "1", "--heartbeat-s", "0", "--max-steps", "1", "--timeout-s", "20"])
+    finally:
+        squatter.close()
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"MASTER_PORT {port}" in err and "in use" in err and advice in err
+
+
 def test_a_lone_process_says_it_holds_no_master_port_and_records_none(tmp_path, capsys, one_process):
     run = tmp_path / "run"
     assert main(["--backend", "ddp", "--run-dir", str(run), "--synthetic-size", "64", "--batch-size", "8",

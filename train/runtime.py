@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hpc import fileio, vocab
-from hpc.ranks import DistEnv
+from hpc.ranks import LOCAL_MASTER_PORT, DistEnv
 
 
 class UsageError(ValueError):
@@ -25,7 +25,8 @@ class UsageError(ValueError):
 
 
 class PreflightError(RuntimeError):
-    """A rank cannot reach the others, or their all_reduce is wrong; printed as one line, exit status 1."""
+    """A rank cannot reach the others (rank 0 cannot listen for them), or their all_reduce is wrong; printed as one
+    line, exit status 1."""
 
 
 def say(rank: int, message: str) -> None:
@@ -95,16 +96,31 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
         # A lone process needs no port: an in-memory store cannot collide with another run on the machine, as
         # torch's default 29500 would. DeepSpeed adopts a group that exists as it is.
         dist.init_process_group(comm, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    if backend == "deepspeed":
-        import deepspeed
+    try:
+        if backend == "deepspeed":
+            import deepspeed
 
-        if device.type == "cpu":
-            without_shm_comm()
-        deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False)
-    elif env.world_size > 1:
-        dist.init_process_group(comm, init_method="env://", timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
+            if device.type == "cpu":
+                without_shm_comm()
+            deepspeed.init_distributed(dist_backend=comm, timeout=timeout, auto_mpi_discovery=False)
+        elif env.world_size > 1:
+            dist.init_process_group(comm, init_method="env://", timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+    except dist.DistNetworkError as exc:
+        if "EADDRINUSE" not in str(exc):
+            raise
+        raise PreflightError(port_taken(env)) from None
     return dist.get_backend()
+
+
+def port_taken(env: DistEnv) -> str:
+    """Rank 0's line when another program holds MASTER_PORT: a port chosen free is nobody's until rank 0 listens."""
+    origin = env.origin.get("master_port", "")
+    remedy = ("resubmit: the local runner picks another free port" if origin == LOCAL_MASTER_PORT
+              else f"set MASTER_PORT to a port free on {socket.gethostname()} (the profile's environment)"
+              + (", or resubmit: a new job id derives another port" if origin.startswith("derived") else ""))
+    return (f"rank 0 cannot listen on MASTER_PORT {env.master_port} ({origin or 'default'}): it is in use by another "
+            f"program on {socket.gethostname()}; {remedy}")
 
 
 def log_nccl_for_preflight(environ: dict, run_dir: Path) -> None:
