@@ -309,6 +309,16 @@ def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]
     return DEFAULT_MASTER_ADDR
 
 
+def hosts_rendezvous(dist: DistEnv, environ: Mapping[str, str]) -> bool | None:
+    """Whether this node's torchrun agent hosts the c10d rendezvous store: known where MASTER_ADDR is the step's
+    first node (a Slurm node name, as SLURMD_NODENAME is); None where it was given, and torch must guess. Left to
+    guess, the host that finds MASTER_PORT taken joins whatever holds it as a client and waits out the rendezvous."""
+    node = environ.get("SLURMD_NODENAME")
+    if not node or not dist.origin.get("master_addr", "").startswith("first host of "):
+        return None
+    return node == dist.master_addr
+
+
 def _master_port(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> int:
     """MASTER_PORT as given, else the local runner's, else one derived from the job id (alike on every rank), else
     torch's default."""

@@ -264,3 +264,26 @@ def test_the_attempt_is_the_batch_shells_number_else_slurms_restart_count():
     assert ranks.attempt_of({"SLURM_RESTART_COUNT": "1"}) == 1
     assert ranks.attempt_of({"HPCDIST_ATTEMPT": "x", "SLURM_RESTART_COUNT": "2"}) == 2
     assert ranks.attempt_of({}) == 0 and ranks.attempt_of({"SLURM_RESTART_COUNT": "1" * 12}) == 0
+
+
+@pytest.mark.parametrize(("environ", "hosts"), [
+    ({**SRUN_TASK, "SLURMD_NODENAME": "gpu-001"}, True),
+    ({**SRUN_TASK, "SLURMD_NODENAME": "gpu-002"}, False),
+    ({**SRUN_TASK, "SLURMD_NODENAME": "gpu-001", "MASTER_ADDR": "ib-host"}, None),  # given: only torch can tell
+    (SRUN_TASK, None),
+    ({}, None),
+])
+def test_the_step_s_first_node_alone_hosts_torchruns_rendezvous_and_a_given_master_addr_is_left_to_torch(
+        environ, hosts):
+    # Left to guess, the host that finds MASTER_PORT taken joins the port's holder as a client and waits.
+    assert ranks.hosts_rendezvous(ranks.resolve(environ), environ) is hosts
+
+
+def test_env_shell_sets_torchruns_rdzv_conf_beside_master_addr_and_port():
+    def shell(environ):
+        return subprocess.run([sys.executable, "-m", "hpc", "env", "--shell"], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **environ}, cwd=REPO, check=True).stdout.splitlines()
+    assert shell({**SRUN_TASK, "SLURMD_NODENAME": "gpu-003"}) == [
+        "export MASTER_ADDR=gpu-001", f"export MASTER_PORT={12000 + 4242}", "rdzv_conf=is_host=0"]
+    assert shell({**SRUN_TASK, "SLURMD_NODENAME": "gpu-001"})[-1] == "rdzv_conf=is_host=1"
+    assert shell({**SRUN_TASK, "MASTER_ADDR": "ib-host"})[-1] == "rdzv_conf="

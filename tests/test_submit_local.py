@@ -330,3 +330,27 @@ def test_submit_without_slurm_runs_the_job_here(tmp_path, backend, launcher):
         assert f"in {expected}" in (job_dir / "job.sbatch").read_text()
         assert f"--precision auto → {expected}" in proc.stderr
     assert hpcdist(["list"], home, env=env).stdout.count(" local ") == 1
+
+
+@pytest.mark.slow
+def test_a_local_torchrun_job_whose_master_port_is_taken_fails_at_once_not_after_the_rendezvous_timeout(tmp_path):
+    """torch's own guess let the node that found MASTER_PORT taken join the port's holder as a client: the job hung
+    silently until the rendezvous timed out. Told it hosts (rdzv_conf is_host=1), that node fails at once."""
+    import socket
+
+    home, job_dir = tmp_path / "home", tmp_path / "job"
+    squatter = socket.socket()
+    squatter.bind(("", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    site = tmp_path / "site.yaml"
+    site.write_text(f"extends: local\nenv:\n  MASTER_PORT: '{port}'\n")
+    try:
+        proc = hpcdist(["submit", "--cluster", str(site), "--nodes", "2", "--backend", "ddp", "--launcher",
+                        "torchrun", "--time", "5", "--job-dir", str(job_dir), "--wait", "--", *TINY_TRAIN,
+                        "--threads", "1"], home, env=environ(home, PATH=path_without_slurm(tmp_path)), timeout=120)
+    finally:
+        squatter.close()
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    said = "".join(p.read_text(errors="replace") for p in (job_dir / "logs").glob("task-0*"))
+    assert "RendezvousConnectionError" in said, said[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from typing import Mapping
 
 import click
 
@@ -26,10 +27,13 @@ def explain(dist: ranks.DistEnv) -> str:
     return "\n".join(f"{n:<{width}}  {v:<{vwidth}}  <- {o}" for n, v, o in rows)
 
 
-def shell_exports(dist: ranks.DistEnv) -> str:
-    """``export NAME=value`` lines (quoted) for MASTER_ADDR and MASTER_PORT."""
-    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in dist.torch_env().items()
-                     if k in ("MASTER_ADDR", "MASTER_PORT"))
+def shell_exports(dist: ranks.DistEnv, environ: Mapping[str, str]) -> str:
+    """``export NAME=value`` lines (quoted) for MASTER_ADDR and MASTER_PORT, and ``rdzv_conf=`` torchrun's
+    ``--rdzv_conf`` (``is_host=1`` on the node that hosts the c10d store, empty where torch must guess)."""
+    host = ranks.hosts_rendezvous(dist, environ)
+    return "\n".join([*(f"export {k}={shlex.quote(v)}" for k, v in dist.torch_env().items()
+                       if k in ("MASTER_ADDR", "MASTER_PORT")),
+                      f"rdzv_conf={'' if host is None else f'is_host={int(host)}'}"])
 
 
 @click.command()
@@ -42,4 +46,4 @@ def env(mode: str) -> None:
     except ranks.RankError as exc:
         click.echo(f"hpcdist env: {exc}", err=True)
         sys.exit(2)
-    click.echo(shell_exports(dist) if mode == "shell" else explain(dist))
+    click.echo(shell_exports(dist, os.environ) if mode == "shell" else explain(dist))

@@ -15,6 +15,8 @@ if [ "${HPCDIST_ATTEMPT:-${SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then
     resume=(--resume)
 fi
 # Assigned first: under set -e a failing `hpc env` then stops the task (inside eval "$(...)" it would not).
+# It names the node that hosts torchrun's rendezvous (rdzv_conf=is_host=0|1): that node finding MASTER_PORT
+# taken then fails at once, where torch's own guess would join the port's holder and wait out the rendezvous.
 rendezvous=$("$python" -m hpc env --shell)
 eval "$rendezvous"
 # Slurm signals every process of the step: torchrun's agent ignores USR1 (its default action would kill
@@ -22,6 +24,7 @@ eval "$rendezvous"
 trap '' USR1
 exec "$python" -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc_per_node 2 \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
+    ${rdzv_conf:+--rdzv_conf "$rdzv_conf"} \
     -m train --backend deepspeed --run-dir "$run_dir" \
     --deepspeed-config /jobs/golden/deepspeed.json \
     ${resume[@]+"${resume[@]}"} --epochs 1 --batch-size 64
