@@ -36,6 +36,17 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: item.get_closest_marker("kills_node") is not None)
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_it_was():
+    """A trainer run in this process exports its rendezvous (MASTER_PORT, RANK, ...) into os.environ, as a real
+    one does for torch: left there, it would make a later test's trainer rendezvous on a stale port and hang."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def _unanswering_nodes() -> list[str]:
     """'NODE why' for each node whose slurmd is dead or that Slurm holds down or drained, or has not heard from."""
     script = subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "status"], capture_output=True,
