@@ -111,17 +111,22 @@ def _jobs_ahead(ids: Sequence[str], job_id: str, where: str) -> str:
     """``3 job(s) ahead of it in WHERE, one of them an array of 500 pending task(s)``: squeue --array gives an array's
     pending tasks a row each, as squeue does a heterogeneous job's components; a user counts either as one job, and
     an array task's own array as no other job."""
-    mine = job_id.partition("_")[0] if "_" in job_id else None
-    own = sum(i.partition("_")[0] == mine for i in ids)
-    ids = [i for i in ids if i.partition("_")[0] != mine]
-    arrays = {i.partition("_")[0] for i in ids if "_" in i}
-    text = f"{len({i.replace('+', '_').partition('_')[0] for i in ids})} job(s) ahead of it in {where}"
+    mine = _job(job_id) if "_" in job_id else None
+    own = sum(_job(i) == mine for i in ids)
+    ids = [i for i in ids if _job(i) != mine]
+    arrays = {_job(i) for i in ids if "_" in i}
+    text = f"{len({_job(i) for i in ids})} job(s) ahead of it in {where}"
     tasks = sum("_" in i for i in ids)
     if len(arrays) == 1:
         text += f", one of them an array of {tasks} pending task(s)"
     elif arrays:
         text += f", {len(arrays)} of them arrays of {tasks} pending task(s) in all"
     return text + (f"; {own} earlier task(s) of its own array before it" if own else "")
+
+
+def _job(job_id: str) -> str:
+    """The job an id of squeue's names: an array task's (900_3) or a heterogeneous job's component's (30+1) own."""
+    return job_id.replace("+", "_").partition("_")[0]
 
 
 def _submitted(job_id: str) -> tuple[int, int] | None:
