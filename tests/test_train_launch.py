@@ -835,6 +835,16 @@ def test_a_deepspeed_checkpoint_one_rank_fails_to_write_ends_every_rank_in_its_s
     assert [(e.kind, e.exit_code) for e in errors] == [("storage", 74)] * 2, errors
 
 
+def zero2_checkpoint_of_one_rank(run_dir: Path) -> list[str]:
+    """Train one rank of ZeRO-2 to its checkpoint at step 5 in ``run_dir``; the arguments a regrouping resume takes."""
+    args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
+            "--checkpoint-every", "5", "--snapshot-every-s", "0"]
+    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "5"],
+                         env=one_rank_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    return args
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_regrouping_resume_whose_universal_copy_finds_no_space_ends_every_rank_in_rank_0s_storage_line(
         launch, tmp_path):
@@ -848,11 +858,7 @@ def test_a_regrouping_resume_whose_universal_copy_finds_no_space_ends_every_rank
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
     try:
         run_dir = small / "run"
-        args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
-                "--checkpoint-every", "5", "--snapshot-every-s", "0"]
-        one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "5"],
-                             env=one_rank_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert one.returncode == 0, one.stdout + one.stderr
+        args = zero2_checkpoint_of_one_rank(run_dir)
         with open(small / "filler", "wb") as filler:  # ~5 MB checkpoint kept, 300 kB left: the run's logs fit
             filler.write(bytes(shutil.disk_usage(small).free - 300_000))
         launched = launch("srun", [*args, "--max-steps", "10", "--resume"], run_dir)
@@ -876,11 +882,7 @@ def test_a_regrouping_resume_whose_universal_copy_passes_the_file_size_limit_end
     from hpc import runfiles
 
     run_dir = tmp_path / "run"
-    args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
-            "--checkpoint-every", "5", "--snapshot-every-s", "0"]
-    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(run_dir), *args, "--max-steps", "5"],
-                         env=one_rank_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stdout + one.stderr
+    args = zero2_checkpoint_of_one_rank(run_dir)
     launched = launch("srun", [*args, "--max-steps", "10", "--resume"], run_dir, file_limit=(0, 1_000_000))
     assert launched.wait(timeout=240) == [74, 74], launched.output()
     lines = [[x for x in log.read_text().splitlines() if x.startswith("hpcdist-train: error:")]
