@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import random
 import resource
@@ -12,9 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import settings
+
+from hpc import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,6 +151,37 @@ class Launch:
 
     def output(self, tail: int = 4000) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-tail:]}" for log in self.logs)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, worker_id):
+    """``uninterrupted(args, two_nodes=False)``: the run directory of one srun-style run of ``args`` to its end,
+    its snapshots in folders of its own (one per node). Made once per test session, shared by the workers: the
+    tests that resume a run to the losses of the same uninterrupted one compare against one run, not one each.
+    Checked on the way that a completed run leaves no snapshot in node memory and no persisted part behind."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent  # xdist: every worker's basetemp shares a parent
+    made: dict[tuple, Path] = {}
+
+    def run(args: list[str], two_nodes: bool = False) -> Path:
+        key = (tuple(args), two_nodes)
+        if key in made:
+            return made[key]
+        folder = shared / f"uninterrupted-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}"
+        folder.mkdir(exist_ok=True)
+        with open(folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            run_dir, memory = folder / "run", [folder / "node0", folder / "node1"]
+            if not (run_dir / "summary.json").exists():
+                with mock.patch.dict(os.environ, {"HPCDIST_SNAPSHOT_DIR": str(memory[0])}):
+                    launched = Launch("srun", args, run_dir, node_memory=memory if two_nodes else None)
+                assert launched.wait() == [0, 0], launched.output()
+                assert not any(m.exists() and any(m.iterdir()) for m in memory), "a completed run left snapshots"
+                assert not (run_dir / "checkpoints" / checkpoints.PARTS).exists(), "a completed run left its parts"
+        made[key] = run_dir
+        return run_dir
+
+    return run
 
 
 @pytest.fixture

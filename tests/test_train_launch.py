@@ -137,17 +137,28 @@ def assert_resumed_exactly(run_dir, reference, steps: int) -> None:
     assert read_summary(run_dir)["ranks"][0]["param_digest"] == read_summary(reference)["ranks"][0]["param_digest"]
 
 
+# What the tests below resume to: snapshots taken and persisted often (the uninterrupted fixture checks a completed
+# run leaves neither behind); how often changes no loss, so each interrupted run sets its own.
+DDP_160 = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--max-steps", "160", "--log-every", "1",
+           "--checkpoint-every-min", "0"]
+
+
+def deepspeed_80(stage: int = 2) -> list[str]:
+    return ["--backend", "deepspeed", "--zero-stage", str(stage), "--precision", "fp32", *TINY[:4], "--epochs", "100",
+            "--max-steps", "80", "--log-every", "1", "--checkpoint-every-min", "0"]
+
+
+OFTEN = ["--snapshot-every-s", "0.05", "--persist-every-s", "0.2"]
+
+
 @pytest.mark.timed
 def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_uninterrupted_losses(
-        launch, tmp_path, monkeypatch):
+        launch, tmp_path, monkeypatch, uninterrupted):
     shm = tmp_path / "shm"
     monkeypatch.setenv(snapshot.ROOT_ENV, str(shm))
     # Nothing on disk (no loop checkpoint, no snapshot persisted): the resume can only come from memory.
-    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--max-steps", "160", "--log-every", "1",
-            "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05", "--persist-every-s", "0"]
-    reference = tmp_path / "reference"
-    assert launch("srun", args, reference).wait() == [0, 0]
-    assert not shm.exists() or not any(shm.iterdir()), "a completed run leaves its snapshots in memory"
+    args = [*DDP_160, "--snapshot-every-s", "0.05", "--persist-every-s", "0"]
+    reference = uninterrupted([*DDP_160, *OFTEN])
 
     interrupted = tmp_path / "interrupted"
     first = launch("srun", args, interrupted)
@@ -167,15 +178,13 @@ def test_ddp_killed_mid_run_resumes_from_the_snapshot_in_node_memory_with_the_un
 
 @pytest.mark.timed
 def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persisted_in_the_background(
-        launch, tmp_path, monkeypatch):
+        launch, tmp_path, monkeypatch, uninterrupted):
     # What a new job after the batch host's death finds: no node memory, no checkpoint of the loop's own, and the
     # snapshots rank 0's writer thread persisted to the run directory.
     shm = tmp_path / "shm"
     monkeypatch.setenv(snapshot.ROOT_ENV, str(shm))
-    args = ["--backend", "ddp", *TINY[:4], "--epochs", "100", "--max-steps", "160", "--log-every", "1",
-            "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05", "--persist-every-s", "0.2"]
-    reference = tmp_path / "reference"
-    assert launch("srun", args, reference).wait() == [0, 0]
+    args = [*DDP_160, *OFTEN]
+    reference = uninterrupted(args)
     interrupted = tmp_path / "interrupted"
     first = launch("srun", args, interrupted)
     kill_when(first, lambda: snapshot.step_of(checkpoints.newest(interrupted / "checkpoints")) or 0, 20)
@@ -192,15 +201,12 @@ def test_ddp_whose_nodes_all_died_resumes_as_a_new_job_from_the_snapshot_persist
 @pytest.mark.timed
 @pytest.mark.parametrize("stage", STAGES if FULL else [2])
 def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_first_node_holds(
-        launch, tmp_path, stage):
+        launch, tmp_path, uninterrupted, stage):
     # Each node keeps its ranks' ZeRO partitions and a copy of the previous node's: node 1's memory gone, node 0
     # holds both parts, which the relaunch makes a checkpoint on disk and loads.
     memory = [tmp_path / "node0", tmp_path / "node1"]
-    args = ["--backend", "deepspeed", "--zero-stage", str(stage), "--precision", "fp32", *TINY[:4], "--epochs", "100",
-            "--max-steps", "80", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05"]
-    reference = tmp_path / "reference"
-    assert launch("srun", args, reference, node_memory=memory).wait() == [0, 0]
-    assert not any(m.exists() and any(m.iterdir()) for m in memory), "a completed run leaves its snapshots in memory"
+    args = [*deepspeed_80(stage), "--snapshot-every-s", "0.05"]
+    reference = uninterrupted([*deepspeed_80(stage), *OFTEN], two_nodes=True)
 
     interrupted = tmp_path / "interrupted"
     first = launch("srun", args, interrupted, node_memory=memory)
@@ -224,16 +230,13 @@ def test_deepspeed_whose_second_node_died_resumes_from_the_snapshot_parts_the_fi
 
 
 @pytest.mark.timed
-def test_deepspeed_whose_nodes_all_died_resumes_as_a_new_job_from_the_parts_each_node_persisted(launch, tmp_path):
+def test_deepspeed_whose_nodes_all_died_resumes_as_a_new_job_from_the_parts_each_node_persisted(
+        launch, tmp_path, uninterrupted):
     # What a new job after the batch host's death finds: no node memory, no checkpoint of the loop's own, and the
     # parts each node's local rank 0 persisted to the run directory in the background.
     memory = [tmp_path / "node0", tmp_path / "node1"]
-    args = ["--backend", "deepspeed", "--zero-stage", "2", "--precision", "fp32", *TINY[:4], "--epochs", "100",
-            "--max-steps", "80", "--log-every", "1", "--checkpoint-every-min", "0", "--snapshot-every-s", "0.05",
-            "--persist-every-s", "0.2"]
-    reference = tmp_path / "reference"
-    assert launch("srun", args, reference, node_memory=memory).wait() == [0, 0]
-    assert not (reference / "checkpoints" / checkpoints.PARTS).exists(), "a completed run leaves its parts"
+    args = [*deepspeed_80(), *OFTEN]
+    reference = uninterrupted(args, two_nodes=True)
 
     interrupted = tmp_path / "interrupted"
     first = launch("srun", args, interrupted, node_memory=memory)
