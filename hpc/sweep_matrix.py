@@ -200,6 +200,12 @@ def configurations(matrix: Matrix, base_backend: str | None) -> list[dict[str, A
                                                                              for a in matrix.axes])
         raise SweepError(f"the matrix has {matrix.size} tasks ({sizes}), over the limit of {MAX_TASKS}; "
                          "sweep fewer values or split it into several sweeps")
+    for i, task in enumerate(matrix.tasks):
+        # The axis would overwrite the task's value in every configuration, so the task would never run as written.
+        clash = next((a.key for a in matrix.axes if a.key in task), None)
+        if clash:
+            raise SweepError(f"task #{i + 1} sets {label({clash: task[clash]})}, which axis {clash} also sets; "
+                             "drop the key from the task or drop the axis")
     keys = {a.key for a in matrix.axes} | {k for t in matrix.tasks for k in t}
     for i, rule in enumerate(matrix.exclude):
         for key, value in rule.items():
