@@ -136,6 +136,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
     placeholder = str(sweep_dir / "task")
     # First pass: check every configuration and learn its allocation shape.
     groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any], Profile]]] = {}
+    seen: dict[specs.JobSpec, dict[str, Any]] = {}
     for i, values in enumerate(configs):
         try:
             spec, profile = _spec(base, values, placeholder, load_profile)
@@ -143,6 +144,9 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         except (specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
             raise SweepError(f"{_blame(base, values, placeholder, load_profile, check_more)}: "
                              f"{str(exc).splitlines()[0]}") from None
+        # Spellings the matrix tells apart (01 and 1) may resolve alike: one job run twice for one result.
+        if (twin := seen.setdefault(spec, values)) is not values:
+            raise SweepError(f"tasks {label(twin)} and {label(values)} are the same job; give each value once")
         groups.setdefault(tuple(geometry(spec).values()), []).append((i, values, profile))
     search_env = environ if environ is not None else os.environ
     arrays = []

@@ -125,6 +125,18 @@ def test_a_value_that_fails_the_job_check_names_its_axis_and_nothing_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("grid,message", [
+    (["--backend", "deepspeed", "--grid", "zero_stage=1,01"], "tasks zero_stage=1 and zero_stage=01 are the same job"),
+    (["--grid", "nodes=2,02"], "tasks nodes=2 and nodes=02 are the same job"),
+])
+def test_values_spelled_apart_that_make_the_same_job_are_refused_as_a_value_listed_twice(tmp_path, grid, message):
+    """Two spellings of one value would run the same job twice, each task's compute spent for one result."""
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), *grid])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"hpcdist sweep: {message}") and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slurm
 @requires_slurm
 def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
