@@ -65,3 +65,11 @@ def test_a_damaged_summarys_text_shows_as_one_escaped_line_per_task(tmp_path, ma
     lines = sweep_results.table(rows, markdown=markdown).splitlines()
     assert len(lines) == len(rows) + 1 + markdown
     assert "\x1b" not in "".join(lines) and "bf16\\n" in lines[-2]
+
+
+def test_the_chart_draws_a_label_holding_dollar_signs_as_written_not_as_tex(tmp_path):
+    """A value such as a path with `$...$` once made matplotlib parse it as maths and the report end in a traceback."""
+    sweeps.write(plan(tmp_path, axes("train.data-dir=/d/$\\foo$,/d/b")))
+    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
