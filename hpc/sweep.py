@@ -125,7 +125,8 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
     ``check_rendered``: what submit checks of a rendered job too (its container where it will run)."""
     sweep_dir = Path(os.path.abspath(sweep_dir))
     if max_parallel is not None and (not jobfiles.is_a(max_parallel, int) or max_parallel < 1):
-        raise SweepError(f"--max-parallel must be a whole number of at least 1, got {max_parallel!r}")
+        raise SweepError("--max-parallel (max_parallel: in a sweep file) must be a whole number of at least 1, "
+                         f"got {max_parallel!r}")
     try:
         # Read as a job file is, whatever the tasks set over it: a value no task reads is still a mistake, and a
         # train_args that is no list would be taken apart into its characters or keys.

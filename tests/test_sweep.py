@@ -294,7 +294,17 @@ def test_sweep_status_takes_a_requeued_tasks_state_from_the_controller_and_a_can
 def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):
     result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--max-parallel", "0",
                                        "--grid", "backend=ddp,deepspeed"])
-    assert result.exit_code == 2 and "--max-parallel must be a whole number of at least 1, got 0" in result.output
+    assert result.exit_code == 2 and "--max-parallel (max_parallel: in a sweep file) must be a whole number of at " \
+        "least 1, got 0" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_files_bad_max_parallel_is_refused_naming_the_files_key_too(tmp_path):
+    """Named only as --max-parallel, a file's `max_parallel: "2"` sent its author looking for a flag never given."""
+    (tmp_path / "s.yaml").write_text("max_parallel: '2'\naxes: {nodes: [1]}\n")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "-f", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "max_parallel: in a sweep file" in result.stderr and "got '2'" in result.stderr
     assert not (tmp_path / "s").exists()
 
 
