@@ -237,6 +237,10 @@ def configurations(matrix: Matrix, base_backend: str | None) -> list[dict[str, A
 def job_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """The base job's values with one configuration applied; trainer axes append ``--OPTION VALUE``."""
     out = dict(base)
+    if text(values.get("backend", "deepspeed")) not in ("deepspeed", "auto"):
+        # As an axis's would (configurations()), the base's DeepSpeed-only keys do not apply to a task an axis
+        # gives another backend: `--zero-stage 2 --grid backend=ddp,deepspeed` compares DDP with ZeRO-2.
+        out = {k: v for k, v in out.items() if k not in DEEPSPEED_ONLY}
     train_args = list(out.get("train_args") or ())
     for key, value in values.items():
         if key.startswith(TRAIN_PREFIX):

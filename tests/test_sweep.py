@@ -291,6 +291,18 @@ def test_sweep_status_takes_a_requeued_tasks_state_from_the_controller_and_a_can
     assert [r.state for r in current_rows(tmp_path / "s")] == ["RUNNING", "COMPLETED", "CANCELLED"]
 
 
+@pytest.mark.parametrize("option", [["--zero-stage", "2"], ["--zero-stage", "2", "--offload"]])
+def test_a_fixed_deepspeed_only_option_does_not_apply_to_the_tasks_an_axis_gives_another_backend(tmp_path, option):
+    """As a one-value zero_stage axis would: `--zero-stage 2 --grid backend=ddp,deepspeed` compares DDP with ZeRO-2;
+    refused, it named fixes that cannot work in a sweep (drop it, or --backend deepspeed, which the axis overrides)."""
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), *option,
+                                       "--grid", "backend=ddp,deepspeed"])
+    assert result.exit_code == 0, result.output
+    assert "# ddp precision=" in result.stdout and "# deepspeed zero_stage=2 " in result.stdout
+    deepspeed_json = (tmp_path / "s" / "array-0" / "task-1" / "deepspeed.json").read_text()
+    assert ("offload_optimizer" in deepspeed_json) == ("--offload" in option)
+
+
 def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):
     result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--max-parallel", "0",
                                        "--grid", "backend=ddp,deepspeed"])
