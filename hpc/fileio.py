@@ -129,6 +129,8 @@ def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    # Labels are data (a sweep's values, a directory's name): a `$...$` in one is text, never TeX to parse or fail on.
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt

@@ -125,7 +125,8 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
     ``check_rendered``: what submit checks of a rendered job too (its container where it will run)."""
     sweep_dir = Path(os.path.abspath(sweep_dir))
     if max_parallel is not None and (not jobfiles.is_a(max_parallel, int) or max_parallel < 1):
-        raise SweepError(f"--max-parallel must be a whole number of at least 1, got {max_parallel!r}")
+        raise SweepError("--max-parallel (max_parallel: in a sweep file) must be a whole number of at least 1, "
+                         f"got {max_parallel!r}")
     try:
         # Read as a job file is, whatever the tasks set over it: a value no task reads is still a mistake, and a
         # train_args that is no list would be taken apart into its characters or keys.
@@ -136,6 +137,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
     placeholder = str(sweep_dir / "task")
     # First pass: check every configuration and learn its allocation shape.
     groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any], Profile]]] = {}
+    seen: dict[specs.JobSpec, dict[str, Any]] = {}
     for i, values in enumerate(configs):
         try:
             spec, profile = _spec(base, values, placeholder, load_profile)
@@ -143,6 +145,9 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         except (specs.SpecError, profiles.ProfileError, render.RenderError) as exc:
             raise SweepError(f"{_blame(base, values, placeholder, load_profile, check_more)}: "
                              f"{str(exc).splitlines()[0]}") from None
+        # Spellings the matrix tells apart (01 and 1) may resolve alike: one job run twice for one result.
+        if (twin := seen.setdefault(spec, values)) is not values:
+            raise SweepError(f"tasks {label(twin)} and {label(values)} are the same job; give each value once")
         groups.setdefault(tuple(geometry(spec).values()), []).append((i, values, profile))
     search_env = environ if environ is not None else os.environ
     arrays = []

@@ -200,6 +200,12 @@ def configurations(matrix: Matrix, base_backend: str | None) -> list[dict[str, A
                                                                              for a in matrix.axes])
         raise SweepError(f"the matrix has {matrix.size} tasks ({sizes}), over the limit of {MAX_TASKS}; "
                          "sweep fewer values or split it into several sweeps")
+    for i, task in enumerate(matrix.tasks):
+        # The axis would overwrite the task's value in every configuration, so the task would never run as written.
+        clash = next((a.key for a in matrix.axes if a.key in task), None)
+        if clash:
+            raise SweepError(f"task #{i + 1} sets {label({clash: task[clash]})}, which axis {clash} also sets; "
+                             "drop the key from the task or drop the axis")
     keys = {a.key for a in matrix.axes} | {k for t in matrix.tasks for k in t}
     for i, rule in enumerate(matrix.exclude):
         for key, value in rule.items():
@@ -231,6 +237,10 @@ def configurations(matrix: Matrix, base_backend: str | None) -> list[dict[str, A
 def job_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """The base job's values with one configuration applied; trainer axes append ``--OPTION VALUE``."""
     out = dict(base)
+    if text(values.get("backend", "deepspeed")) not in ("deepspeed", "auto"):
+        # As an axis's would (configurations()), the base's DeepSpeed-only keys do not apply to a task an axis
+        # gives another backend: `--zero-stage 2 --grid backend=ddp,deepspeed` compares DDP with ZeRO-2.
+        out = {k: v for k, v in out.items() if k not in DEEPSPEED_ONLY}
     train_args = list(out.get("train_args") or ())
     for key, value in values.items():
         if key.startswith(TRAIN_PREFIX):

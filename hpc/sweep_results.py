@@ -106,11 +106,12 @@ def table(report_rows: Sequence[Row], markdown: bool = False) -> str:
     """The comparison as aligned text, or as a markdown table."""
     header = ("task", "job", "configuration", "state", "precision", "images/s", "final loss", "test acc",
               "peak MiB per rank", "first step s")
-    body = [(str(r.index), r.job_id or "-", r.label, r.state, r.precision or "-",
-             shown.number(r.images_per_s, ".0f"), shown.number(r.final_loss, ".4f"),
-             shown.number(r.test_accuracy, ".3f"), "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-",
-             shown.number(r.time_to_first_step_s, ".1f"))
-            for r in report_rows]
+    # summary.json is any rank's file: its text must neither add a row nor reach the terminal as escapes.
+    body = [tuple(map(shown.line, (
+        str(r.index), r.job_id or "-", r.label, r.state, r.precision or "-",
+        shown.number(r.images_per_s, ".0f"), shown.number(r.final_loss, ".4f"),
+        shown.number(r.test_accuracy, ".3f"), "/".join(f"{m:.0f}" for m in r.peak_memory_mib) or "-",
+        shown.number(r.time_to_first_step_s, ".1f")))) for r in report_rows]
     if markdown:
         return "\n".join(shown.markdown((header, *body), right=range(5, len(header)))) + "\n"
     return "\n".join(shown.aligned((header, *body))) + "\n"

@@ -125,6 +125,18 @@ def test_a_value_that_fails_the_job_check_names_its_axis_and_nothing_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("grid,message", [
+    (["--backend", "deepspeed", "--grid", "zero_stage=1,01"], "tasks zero_stage=1 and zero_stage=01 are the same job"),
+    (["--grid", "nodes=2,02"], "tasks nodes=2 and nodes=02 are the same job"),
+])
+def test_values_spelled_apart_that_make_the_same_job_are_refused_as_a_value_listed_twice(tmp_path, grid, message):
+    """Two spellings of one value would run the same job twice, each task's compute spent for one result."""
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), *grid])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"hpcdist sweep: {message}") and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slurm
 @requires_slurm
 def test_the_live_partitions_limits_refuse_a_task_naming_its_axis(tmp_path):
@@ -279,10 +291,32 @@ def test_sweep_status_takes_a_requeued_tasks_state_from_the_controller_and_a_can
     assert [r.state for r in current_rows(tmp_path / "s")] == ["RUNNING", "COMPLETED", "CANCELLED"]
 
 
+@pytest.mark.parametrize("option", [["--zero-stage", "2"], ["--zero-stage", "2", "--offload"]])
+def test_a_fixed_deepspeed_only_option_does_not_apply_to_the_tasks_an_axis_gives_another_backend(tmp_path, option):
+    """As a one-value zero_stage axis would: `--zero-stage 2 --grid backend=ddp,deepspeed` compares DDP with ZeRO-2;
+    refused, it named fixes that cannot work in a sweep (drop it, or --backend deepspeed, which the axis overrides)."""
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), *option,
+                                       "--grid", "backend=ddp,deepspeed"])
+    assert result.exit_code == 0, result.output
+    assert "# ddp precision=" in result.stdout and "# deepspeed zero_stage=2 " in result.stdout
+    deepspeed_json = (tmp_path / "s" / "array-0" / "task-1" / "deepspeed.json").read_text()
+    assert ("offload_optimizer" in deepspeed_json) == ("--offload" in option)
+
+
 def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):
     result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "--max-parallel", "0",
                                        "--grid", "backend=ddp,deepspeed"])
-    assert result.exit_code == 2 and "--max-parallel must be a whole number of at least 1, got 0" in result.output
+    assert result.exit_code == 2 and "--max-parallel (max_parallel: in a sweep file) must be a whole number of at " \
+        "least 1, got 0" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_files_bad_max_parallel_is_refused_naming_the_files_key_too(tmp_path):
+    """Named only as --max-parallel, a file's `max_parallel: "2"` sent its author looking for a flag never given."""
+    (tmp_path / "s.yaml").write_text("max_parallel: '2'\naxes: {nodes: [1]}\n")
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(tmp_path / "s"), "-f", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "max_parallel: in a sweep file" in result.stderr and "got '2'" in result.stderr
     assert not (tmp_path / "s").exists()
 
 

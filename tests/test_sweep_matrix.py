@@ -74,6 +74,8 @@ def test_a_switch_swept_on_the_command_line_is_true_or_false(key):
     (lambda: sweep_matrix.configurations(sweep_matrix.Matrix(axes("backend=ddp").axes, exclude=({"backend": "ddp"},)),
                                          "ddp"), "leave no task"),
     (lambda: sweep_matrix.combine(axes("nodes=1"), axes("nodes=2")), "axis nodes is given twice"),
+    (lambda: sweep_matrix.configurations(sweep_matrix.Matrix(axes("nodes=1").axes, tasks=({"nodes": 2},)), "ddp"),
+     "task #1 sets nodes=2, which axis nodes also sets"),
     (lambda: sweep_matrix.parse_file({"base": []}, "s.yaml"), "base: must be a mapping of job keys"),
     (lambda: sweep_matrix.parse_file({"axes": []}, "s.yaml"), "axes: must map each key to a list of values"),
 ])

@@ -52,3 +52,24 @@ def test_a_report_file_in_a_folder_that_is_not_there_is_refused_in_one_line(tmp_
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "nowhere" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("markdown", [False, True])
+def test_a_damaged_summarys_text_shows_as_one_escaped_line_per_task(tmp_path, markdown):
+    """A summary.json holding a newline or a terminal escape must neither add a row nor reach the terminal raw."""
+    sweep = plan(tmp_path, axes("backend=dp,ddp"))
+    sweeps.write(sweep)
+    (sweep.tasks[0].rendered.job_dir / "run" / "summary.json").write_text(
+        json.dumps({"precision": "bf16\n| 9 | forged |\x1b[2J"}))
+    rows = sweep_results.rows(*sweep_results.load(tmp_path / "sweep"), {})
+    lines = sweep_results.table(rows, markdown=markdown).splitlines()
+    assert len(lines) == len(rows) + 1 + markdown
+    assert "\x1b" not in "".join(lines) and "bf16\\n" in lines[-2]
+
+
+def test_the_chart_draws_a_label_holding_dollar_signs_as_written_not_as_tex(tmp_path):
+    """A value such as a path with `$...$` once made matplotlib parse it as maths and the report end in a traceback."""
+    sweeps.write(plan(tmp_path, axes("train.data-dir=/d/$\\foo$,/d/b")))
+    result = CliRunner().invoke(main, ["sweep", "report", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sweep" / "report.png").read_bytes()[:4] == b"\x89PNG"
