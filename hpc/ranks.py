@@ -295,7 +295,7 @@ def _hosts(environ: Mapping[str, str], name: str, read: Callable[[str], T]) -> T
     try:
         return read(environ[name])
     except nodelist.NodelistError as exc:
-        raise RankError(f"{name}: {exc}") from None
+        raise RankError(f"{name}: {exc}; fix or unset it") from None
 
 
 def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> str:

@@ -300,3 +300,10 @@ def test_a_master_addr_that_is_no_host_name_or_address_is_refused_in_one_line(ad
 @pytest.mark.parametrize("addr", ["node7", "ib-head.cluster.local", "10.0.0.1", "::1", "fe80::1%ib0", "gpu_01"])
 def test_a_master_addr_that_is_a_host_name_or_address_is_taken_as_given(addr):
     assert ranks.resolve({**TORCHRUN, "MASTER_ADDR": addr}).master_addr == addr
+
+
+@pytest.mark.parametrize("nodelist", ["gpu-[3-1]", "n[1-2", ""])
+def test_a_nodelist_slurm_would_not_write_is_refused_naming_its_variable_and_the_fix(nodelist):
+    with pytest.raises(ranks.RankError) as refused:
+        ranks.resolve({**SRUN_TASK, "SLURM_JOB_NODELIST": nodelist})
+    assert str(refused.value).startswith("SLURM_JOB_NODELIST: ") and str(refused.value).endswith("; fix or unset it")
