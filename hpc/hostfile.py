@@ -31,7 +31,7 @@ def hosts(expr: str) -> list[str]:
     try:
         return nodelist.expand(expr, limit=nodelist.MAX_HOSTS)
     except nodelist.NodelistError as exc:
-        raise HostfileError(f"nodelist: {exc}") from None
+        raise HostfileError(f"nodelist: {exc}; give one Slurm nodelist such as n[1-2]") from None
 
 
 def slots_from_slurm(environ: Mapping[str, str]) -> int:

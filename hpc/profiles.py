@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpc import container as containers
-from hpc import dsconfig, jobfiles, plan, shown, sites
+from hpc import dsconfig, jobfiles, plan, ranks, shown, sites
 from hpc.container import Container
 from hpc.spec import MAX_INT, SpecError, time_seconds, unwritable
 
@@ -147,6 +147,17 @@ def _variables(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _env(name: str, value: Any) -> tuple[tuple[str, str], ...]:
+    variables = _variables(name, value)
+    # setup.sh exports env to every task, where these would beat the ranks srun gives (RANK, WORLD_SIZE and
+    # LOCAL_RANK make each task rank 0 of a world of one); MASTER_ADDR/PORT only move the rendezvous.
+    rank = next((k for k, _ in variables if k in ranks.TORCHRUN.values()), None)
+    if rank:
+        raise ProfileError(f"{name}.{rank} would give every task of every job the same rank geometry; remove it "
+                           "(the launcher sets it per rank; only MASTER_ADDR and MASTER_PORT may be set here)")
+    return variables
+
+
 def _network_value(key: str, value: str) -> str:
     pattern, accepted = NETWORK_VALUES[key]
     if not pattern.fullmatch(value) or (key == "NCCL_IB_GID_INDEX" and int(value) > 255):
@@ -185,7 +196,7 @@ def parse(name: str, data: Mapping[str, Any]) -> Profile:
             values["gpu_memory"] = plan.parse_bytes(str(data["gpu_memory"]))
         except plan.PlanError as exc:
             raise ProfileError(f"cluster profile {name!r}: gpu_memory: {exc}") from None
-    for key, convert in (("modules", _strings), ("setup", _strings), ("env", _variables)):
+    for key, convert in (("modules", _strings), ("setup", _strings), ("env", _env)):
         if data.get(key) is not None:
             values[key] = convert(key, data[key])
     if data.get("templates") is not None:

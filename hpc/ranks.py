@@ -74,6 +74,8 @@ PORT_SPAN = 20000
 _INTEGER = re.compile(r"-?[0-9]+")
 # No rank, size or port has more than 18 digits; int() of over 4,300 raises an error of its own.
 _WHOLE = re.compile(r"(-?)0*([0-9]{1,18})")
+# A host name, an IPv4 address or an IPv6 one (a %zone after it): what torch's TCPStore can connect to.
+_ADDRESS = re.compile(r"[A-Za-z0-9_.:%-]+")
 _TASKS_ITEM = re.compile(r"([0-9]+)(?:\(x([0-9]+)\))?")
 
 
@@ -293,7 +295,7 @@ def _hosts(environ: Mapping[str, str], name: str, read: Callable[[str], T]) -> T
     try:
         return read(environ[name])
     except nodelist.NodelistError as exc:
-        raise RankError(f"{name}: {exc}") from None
+        raise RankError(f"{name}: {exc}; fix or unset it") from None
 
 
 def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> str:
@@ -301,6 +303,9 @@ def _master_addr(environ: Mapping[str, str], source: str, origin: dict[str, str]
     nodelist_var = _present(environ, SLURM, "nodelist") if source == "slurm" else None
     if "MASTER_ADDR" in environ:
         origin["master_addr"] = "MASTER_ADDR"
+        if not _ADDRESS.fullmatch(environ["MASTER_ADDR"]):
+            raise RankError(f"MASTER_ADDR={shown.value(environ['MASTER_ADDR'])} is not a host name or IP address; "
+                            "set it to one (e.g. node1 or 10.0.0.1) or unset it")
         return environ["MASTER_ADDR"]
     if nodelist_var:
         origin["master_addr"] = f"first host of {nodelist_var}"

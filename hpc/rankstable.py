@@ -84,15 +84,18 @@ def _rows(spec: JobSpec, profile_env: Mapping[str, str], local_ranks: Sequence[i
             if spec.launcher == "srun":
                 environ = slurm_task(rank, local_rank, node_rank)
             else:
+                # The launcher passes on task's MASTER_ADDR, which may be a placeholder (<node0>) no rank could
+                # resolve: the row shows task's.
                 environ = {
                     **profile_env,
                     "RANK": str(rank), "WORLD_SIZE": str(spec.world_size), "LOCAL_RANK": str(local_rank),
                     "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(node_rank),
-                    "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port),
+                    "MASTER_PORT": str(task.master_port),
                 }
             dist = ranks.resolve(environ)
-            given = (dist if spec.launcher == "srun" else task).origin["master_port"] == "MASTER_PORT"
-            master = (dist.master_addr, str(dist.master_port) if given else unknown)
+            rendezvous = dist if spec.launcher == "srun" else task
+            given = rendezvous.origin["master_port"] == "MASTER_PORT"
+            master = (rendezvous.master_addr, str(dist.master_port) if given else unknown)
             rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host,
                          *((TORCHRUN_PICKS,) * 2 if spec.launcher == "torchrun" else master), dist.source))
     return rows

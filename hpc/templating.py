@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import shlex
+import traceback
 import types
 from typing import Any, Mapping
 
@@ -179,8 +180,11 @@ def render_template(env: jinja2.Environment, name: str, context: Mapping[str, An
     except jinja2.sandbox.SecurityError as exc:
         raise RenderError(f"template {name} reaches outside its values ({_first_line(exc)}); templates may "
                           "only read values and call macros: fix the site template directory") from None
+    except jinja2.TemplateNotFound as exc:
+        raise RenderError(f"template {_where(exc, name)} uses {exc.name}, which no template directory holds; fix "
+                          "that template or add the file to its directory") from None
     except jinja2.TemplateError as exc:
-        raise RenderError(f"template {getattr(exc, 'name', None) or name}: {_first_line(exc)}") from None
+        raise RenderError(f"template {_where(exc, name)}: {_first_line(exc)}; fix that template") from None
     except RecursionError:
         raise RenderError("a template includes itself without end; fix the site template directory") from None
     except (UnicodeDecodeError, OSError) as exc:
@@ -188,6 +192,16 @@ def render_template(env: jinja2.Environment, name: str, context: Mapping[str, An
     except Exception as exc:  # noqa: BLE001 - a site template's own runtime error (1/0, a bad call)
         raise RenderError(f"a template failed to render: {type(exc).__name__}: {_first_line(exc)}; fix the "
                           "site template directory") from None
+
+
+def _where(exc: jinja2.TemplateError, name: str) -> str:
+    """``path:line`` of the template that failed, which may be one that ``name`` imports or includes."""
+    if isinstance(exc, jinja2.TemplateSyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    # Jinja rewrites the traceback so that each template's frame carries its file and line.
+    frames = traceback.extract_tb(exc.__traceback__)
+    frame = next((f for f in reversed(frames) if f.filename.endswith(".j2")), None)
+    return f"{frame.filename}:{frame.lineno}" if frame else name
 
 
 def _first_line(exc: BaseException) -> str:

@@ -88,3 +88,10 @@ def test_a_nodelist_whose_hosts_a_hostfile_cannot_carry_is_refused_in_one_line(e
     assert words in proc.stderr
     with pytest.raises(hostfile.HostfileError, match="not a host name"):
         hostfile.world_info(["n1", "a b"], 1)
+
+
+@pytest.mark.parametrize("expr", ["n[3-1]", "n[1-2", "n[]"])
+def test_a_nodelist_that_does_not_parse_is_one_line_showing_a_good_one(expr: str) -> None:
+    with pytest.raises(hostfile.HostfileError) as refused:
+        hostfile.hosts(expr)
+    assert "give one Slurm nodelist such as n[1-2]" in str(refused.value) and "\n" not in str(refused.value)

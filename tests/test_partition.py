@@ -293,6 +293,19 @@ def test_profile_check_names_an_srun_plugin_runtime_the_cluster_does_not_load(tm
     assert CliRunner().invoke(main, ["profile", "check", str(site)]).exit_code == 0
 
 
+def test_profile_check_refuses_a_profile_whose_templates_directory_is_missing(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every render with it would refuse: the check is the admin's chance to hear it first.
+    monkeypatch.setattr(partition, "query", lambda environ: LOCAL)
+    site = tmp_path / "site.yaml"
+    site.write_text("extends: local\ntemplates: site-templates\n")
+    bad = CliRunner().invoke(main, ["profile", "check", str(site)])
+    assert bad.exit_code == 2 and len(bad.stderr.splitlines()) == 1, bad.output
+    assert str(tmp_path / "site-templates") in bad.stderr and "is not a directory" in bad.stderr
+    (tmp_path / "site-templates").mkdir()
+    assert CliRunner().invoke(main, ["profile", "check", str(site)]).exit_code == 0
+
+
 def test_a_dry_run_for_the_local_executor_shows_the_local_run_unbound_by_the_partition(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition, "query", lambda environ: LIMITED)

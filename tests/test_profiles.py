@@ -72,3 +72,16 @@ def test_a_profile_s_unquoted_time_limit_is_slurm_s_hours_minutes_seconds(tmp_pa
     path = tmp_path / "site.yaml"
     path.write_text("time: 2:00:00\n")
     assert profiles.load(str(path)).time == "2:00:00"
+
+
+@pytest.mark.parametrize("name", ["RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK"])
+def test_a_profile_s_env_may_not_set_a_rank_variable_that_every_task_would_inherit(name: str) -> None:
+    # setup.sh exports it to every srun task: RANK, WORLD_SIZE and LOCAL_RANK make each one rank 0 of a world of 1.
+    with pytest.raises(profiles.ProfileError) as info:
+        profiles.parse("bad", {"env": {name: "0"}})
+    assert f"env.{name}" in str(info.value) and "remove it" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_profile_s_env_may_still_set_the_rendezvous_address_and_port() -> None:
+    env = profiles.parse("ok", {"env": {"MASTER_ADDR": "ib-head", "MASTER_PORT": "31000"}}).environment()
+    assert env == {"MASTER_ADDR": "ib-head", "MASTER_PORT": "31000"}

@@ -287,3 +287,23 @@ def test_env_shell_sets_torchruns_rdzv_conf_beside_master_addr_and_port():
         "export MASTER_ADDR=gpu-001", f"export MASTER_PORT={12000 + 4242}", "rdzv_conf=is_host=0"]
     assert shell({**SRUN_TASK, "SLURMD_NODENAME": "gpu-001"})[-1] == "rdzv_conf=is_host=1"
     assert shell({**SRUN_TASK, "MASTER_ADDR": "ib-host"})[-1] == "rdzv_conf="
+
+
+@pytest.mark.parametrize("addr", ["", "head node; rm -rf x", "a\nb", "$(hostname)"])
+def test_a_master_addr_that_is_no_host_name_or_address_is_refused_in_one_line(addr):
+    with pytest.raises(ranks.RankError) as refused:
+        ranks.resolve({**TORCHRUN, "MASTER_ADDR": addr})
+    assert "MASTER_ADDR=" in str(refused.value) and "unset it" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("addr", ["node7", "ib-head.cluster.local", "10.0.0.1", "::1", "fe80::1%ib0", "gpu_01"])
+def test_a_master_addr_that_is_a_host_name_or_address_is_taken_as_given(addr):
+    assert ranks.resolve({**TORCHRUN, "MASTER_ADDR": addr}).master_addr == addr
+
+
+@pytest.mark.parametrize("nodelist", ["gpu-[3-1]", "n[1-2", ""])
+def test_a_nodelist_slurm_would_not_write_is_refused_naming_its_variable_and_the_fix(nodelist):
+    with pytest.raises(ranks.RankError) as refused:
+        ranks.resolve({**SRUN_TASK, "SLURM_JOB_NODELIST": nodelist})
+    assert str(refused.value).startswith("SLURM_JOB_NODELIST: ") and str(refused.value).endswith("; fix or unset it")

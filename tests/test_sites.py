@@ -187,3 +187,14 @@ def test_clusters_lists_origin_default_and_shadowing(tmp_path: Path, site: dict[
     assert rep["default"] == {"name": "gpu", "set_by": "$HPCDIST_CLUSTER", "found": True}
     text = CliRunner().invoke(main, ["clusters"]).output
     assert "shadowed by system" in text and "default cluster: gpu (set by $HPCDIST_CLUSTER)" in text
+
+
+def test_clusters_says_a_default_cluster_path_that_names_no_file_is_not_found(tmp_path: Path, site: dict[str, Path],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    put(tmp_path, "here.yaml", "partition: gpu\n")
+    for missing, found in ((tmp_path / "gone.yaml", False), (tmp_path / ("x" * 300 + ".yaml"), False),
+                           (tmp_path / "here.yaml", True)):
+        for key, value in env_for(tmp_path, site, HPCDIST_CLUSTER=str(missing)).items():
+            monkeypatch.setenv(key, value)
+        assert json.loads(CliRunner().invoke(main, ["clusters", "--json"]).output)["default"]["found"] is found
+        assert ("NOT FOUND" in CliRunner().invoke(main, ["clusters"]).output) is not found

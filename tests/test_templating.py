@@ -41,3 +41,17 @@ def test_a_raw_value_joined_to_quoted_text_fails_the_render_never_arrives_unquot
 def test_quoted_text_joins_plain_tokens_and_macros_still_count_as_quoted(tmp_path) -> None:
     text = '{% macro m(v) %}run {{ v | q }}{% endmacro %}{{ value | q + "/x" }} {{ m(value) }}'
     assert _render(tmp_path, text, "a b") == "'a b'/x run 'a b'"
+
+
+@pytest.mark.parametrize("broken,words", [
+    ("{% macro m() %}\n{{ nosuch }}{% endmacro %}", ["'nosuch' is undefined", "lib.j2:2"]),
+    ("{% macro m() %}\n{% if %}{% endmacro %}", ["Expected an expression", "lib.j2:2"]),
+    ('{% macro m() %}{% include "gone.j2" %}{% endmacro %}', ["gone.j2", "no template directory holds"]),
+])
+def test_a_broken_template_is_named_where_it_breaks_with_what_to_do(tmp_path, broken: str, words: list[str]) -> None:
+    # t.j2 renders fine itself: the fault is in lib.j2, which it imports; that is the file to fix.
+    (tmp_path / "lib.j2").write_text(broken)
+    with pytest.raises(templating.RenderError) as refused:
+        _render(tmp_path, '{% from "lib.j2" import m %}{{ m() }}', "x")
+    message = str(refused.value)
+    assert all(word in message for word in [*words, str(tmp_path)]) and "fix" in message and "\n" not in message

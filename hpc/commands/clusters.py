@@ -34,8 +34,9 @@ def report(environ: Mapping[str, str]) -> dict[str, Any]:
     name, set_by = sites.default_cluster(environ)
     found = sites.discover(search)
     winner = next((f for f in found if f.name == name and f.shadowed_by is None), None)
+    named_file = profiles.is_path(name) and os.path.isfile(os.path.expanduser(name))  # False for an overlong name
     return {
-        "default": {"name": name, "set_by": set_by, "found": winner is not None or profiles.is_path(name)},
+        "default": {"name": name, "set_by": set_by, "found": winner is not None or named_file},
         "profiles": [{"name": f.name, "origin": f.origin, "path": str(f.path),
                       "default": f is winner, "shadowed_by": f.shadowed_by, "extends": _extends(f)}
                      for f in found],

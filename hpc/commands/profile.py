@@ -244,12 +244,13 @@ def _replaceable(path: Path) -> bool:
 @click.argument("name", required=False)
 def check(name: str | None) -> None:
     """Check a profile (NAME, a YAML path, or the default cluster) against the live Slurm; exit 1 on problems."""
-    from hpc import profiles, sites
+    from hpc import profiles, render, sites
 
     try:
         name = name or sites.default_cluster(os.environ)[0]
         prof = profiles.load(name)
-    except (profiles.ProfileError, sites.SiteError) as exc:
+        render.search_path(prof, os.environ)  # a templates directory that is not there fails every render
+    except (profiles.ProfileError, sites.SiteError, render.RenderError) as exc:
         click.echo(f"hpcdist profile check: {exc}", err=True)
         sys.exit(2)
     cluster = _cluster_or_exit("check")
