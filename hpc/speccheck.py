@@ -130,7 +130,7 @@ def check(spec: JobSpec, profile: Profile, cpus: dsconfig.Cpus | None = None) ->
     _check_job_name(spec)
     _check_text("--partition", spec.partition, spaces=False)
     _check_text("--account", spec.account, spaces=False)
-    _check_job_dir(spec)
+    check_job_dir(spec.job_dir)
     _check_text("python", spec.python, spaces=True)
     _check_text("pythonpath", spec.pythonpath, spaces=True)
     # A profile's name or path reaches only comments and spec.yaml, each quoted for its place.
@@ -226,16 +226,17 @@ def _check_job_name(spec: JobSpec) -> None:
                         f"{MAX_JOB_NAME_BYTES}: shorten it")
 
 
-def _check_job_dir(spec: JobSpec) -> None:
-    _check_text("--job-dir", spec.job_dir, spaces=True)
-    if "%" in spec.job_dir or "\\" in spec.job_dir:
-        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} contains '%' or a backslash, which Slurm interprets "
+def check_job_dir(job_dir: str) -> None:
+    """SpecError for a job directory Slurm would mangle or refuse in its log paths (a sweep's, before its tasks')."""
+    _check_text("--job-dir", job_dir, spaces=True)
+    if "%" in job_dir or "\\" in job_dir:
+        raise SpecError(f"--job-dir {shown.value(job_dir)} contains '%' or a backslash, which Slurm interprets "
                         "in log paths; pick a directory without them")
-    if not spec.job_dir.startswith("/"):
-        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} must be absolute by render time")
+    if not job_dir.startswith("/"):
+        raise SpecError(f"--job-dir {shown.value(job_dir)} must be absolute by render time")
     # The longest path the job writes under it: run/checkpoints/... leave room.
-    if jobfiles.name_too_long(spec.job_dir) or len(spec.job_dir.encode()) > PATH_MAX - 255:
-        raise SpecError(f"--job-dir {shown.value(spec.job_dir)} is too long for a path (at most "
+    if jobfiles.name_too_long(job_dir) or len(job_dir.encode()) > PATH_MAX - 255:
+        raise SpecError(f"--job-dir {shown.value(job_dir)} is too long for a path (at most "
                         f"{jobfiles.MAX_NAME_BYTES} bytes a name); pick a shorter one")
 
 
@@ -252,7 +253,7 @@ def _expand(option: str, expr: str) -> list[str]:
     try:
         return nodelist.expand(expr, limit=MAX_NODES)
     except nodelist.NodelistError as exc:
-        raise SpecError(f"{option}: {exc}") from None
+        raise SpecError(f"{option}: {exc}; give one Slurm nodelist such as n[1-2]") from None
 
 
 def _check_hosts(spec: JobSpec) -> None:

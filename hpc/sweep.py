@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from hpc import jobdir, jobfiles, profiles, render, shown, templating, vocab
+from hpc import jobdir, jobfiles, profiles, render, shown, speccheck, templating, vocab
 from hpc import spec as specs
 from hpc.profiles import Profile
 from hpc.sweep_matrix import Matrix, SweepError, configurations, job_values, label, text
@@ -131,6 +131,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         # Read as a job file is, whatever the tasks set over it: a value no task reads is still a mistake, and a
         # train_args that is no list would be taken apart into its characters or keys.
         specs.from_mapping({**base, "job_dir": str(sweep_dir)})
+        speccheck.check_job_dir(str(sweep_dir))  # the sweep's own folder, before a task is blamed for it
     except specs.SpecError as exc:
         raise SweepError(str(exc)) from None
     configs = configurations(matrix, text(base.get("backend") or "ddp"))

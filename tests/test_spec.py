@@ -39,6 +39,7 @@ BAD = [
     (["--signal", "USR2@120"], "the ranks checkpoint on USR1 or TERM"),
     (["--signal", "STOP"], "the ranks checkpoint on USR1 or TERM"),
     (["--nodelist", "n[1-"], "--nodelist: unclosed '['"),
+    (["--nodes", "2", "--nodelist", "n[3-1]"], "runs backwards; give one Slurm nodelist such as n[1-2]"),
     (["--nodes", "2", "--nodelist", "n[1-3]"], "names 3 node(s) but --nodes is 2"),
     (["--cluster", "nowhere"], "unknown cluster 'nowhere'"),
     (["--max-requeues", "-1"], "--max-requeues -1: give 0 to 10000"),

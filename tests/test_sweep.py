@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from slurm_fixtures import requires_slurm
 from test_submit_unit import sbatch_directives
 
-from hpc import profiles, render, submit, sweep_matrix, sweep_results
+from hpc import profiles, render, shown, submit, sweep_matrix, sweep_results
 from hpc import sweep as sweeps
 from hpc.cli import main
 from hpc.commands.sweep import current_rows, spread_grid
@@ -301,6 +301,17 @@ def test_a_fixed_deepspeed_only_option_does_not_apply_to_the_tasks_an_axis_gives
     assert "# ddp precision=" in result.stdout and "# deepspeed zero_stage=2 " in result.stdout
     deepspeed_json = (tmp_path / "s" / "array-0" / "task-1" / "deepspeed.json").read_text()
     assert ("offload_optimizer" in deepspeed_json) == ("--offload" in option)
+
+
+@pytest.mark.parametrize("name,message", [("x\nb", "contains a newline or control character"),
+                                          ("x%b", "contains '%' or a backslash")])
+def test_a_sweep_directory_slurm_would_refuse_is_blamed_on_itself_not_on_the_first_task(tmp_path, name, message):
+    out = tmp_path / name
+    result = CliRunner().invoke(main, ["sweep", "--dry-run", "-o", str(out), "--grid", "nodes=1,2"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"hpcdist sweep: --job-dir {shown.value(str(out))} {message}"), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not out.exists()
 
 
 def test_max_parallel_0_is_refused_not_taken_for_all_at_once(tmp_path):
