@@ -95,7 +95,7 @@ def _rows(spec: JobSpec, profile_env: Mapping[str, str], local_ranks: Sequence[i
             dist = ranks.resolve(environ)
             rendezvous = dist if spec.launcher == "srun" else task
             given = rendezvous.origin["master_port"] == "MASTER_PORT"
-            master = (rendezvous.master_addr, str(dist.master_port) if given else unknown)
+            master = (rendezvous.master_addr, str(rendezvous.master_port) if given else unknown)
             rows.append((str(dist.rank), str(dist.local_rank), str(dist.node_rank), host,
                          *((TORCHRUN_PICKS,) * 2 if spec.launcher == "torchrun" else master), dist.source))
     return rows
