@@ -37,8 +37,6 @@ class Node:
     cpus: int
     memory_mb: int | None
     gpus: int
-    state: str
-    partitions: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -114,8 +112,7 @@ def parse_nodes(text: str) -> tuple[Node, ...]:
             continue
         cpus = _count(f.get("CPUEfctv", "")) or _count(f.get("CPUTot", "")) or 0
         gpus = gres_gpus(f.get("Gres", "")) or tres_gpus(f.get("CfgTRES", ""))
-        parts = tuple(p for p in f.get("Partitions", "").split(",") if p)
-        out.append(Node(f["NodeName"], cpus, _count(f.get("RealMemory", "")), gpus, f.get("State", ""), parts))
+        out.append(Node(f["NodeName"], cpus, _count(f.get("RealMemory", "")), gpus))
     return tuple(out)
 
 
