@@ -307,8 +307,10 @@ def check_dataset(spec: JobSpec, exists: Callable[[str], bool]) -> None:
     if train_value(spec.train_args, "--dataset") != "cifar10" or "--download" in spec.train_args:
         return
     data_dir = train_value(spec.train_args, "--data-dir")
-    # None only in a spec render never checked: the trainer's own parser refuses cifar10 without --data-dir.
-    if data_dir is None or not data_dir.startswith("/"):
+    if data_dir is None:
+        raise SpecError("--dataset cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/) after --; "
+                        "add it, or --download to fetch the data there")
+    if not data_dir.startswith("/"):
         return
     nested = f"{data_dir.rstrip('/')}/{CIFAR_FOLDER}"
     if not exists(nested) and not exists(f"{data_dir.rstrip('/')}/{CIFAR_TEST_FILE}"):
