@@ -41,6 +41,11 @@ def test_local_cluster_as_captured_from_scontrol() -> None:
     assert (probe.max_time_s, probe.default_time_s, probe.max_nodes, probe.default) == (300, 120, 2, False)
 
 
+def test_a_node_count_that_is_not_plain_digits_is_unknown_not_a_crash() -> None:
+    nodes = partition.parse_nodes("NodeName=n1 CPUTot=\u00b2 RealMemory=\u0663 Gres=(null) State=IDLE\n")
+    assert [(n.name, n.cpus, n.memory_mb) for n in nodes] == [("n1", 0, None)]
+
+
 @pytest.mark.parametrize("gres,gpus", [
     ("(null)", 0), ("gpu:4", 4), ("gpu:a100:8(S:0-1)", 8), ("gpu:a40:1(S:0,2,4,6,8,10)", 1),
     ("gpu:a100:4(S:0),gpu:v100:2(S:1)", 6), ("gpu:v100:4(S:0-1),mps:400", 4), ("mps:100", 0),
