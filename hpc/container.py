@@ -232,10 +232,10 @@ def _environment(python: str) -> str:
     return posixpath.dirname(home) if posixpath.basename(home) == "bin" else home
 
 
-def srun_options(container: Container | None, binds: Iterable[str]) -> tuple[str, ...]:
+def srun_options(container: Container, binds: Iterable[str]) -> tuple[str, ...]:
     """The srun options of the runtimes that are srun plugins (pyxis, Slurm's own OCI), for job.sbatch's step
     and submitit's alike; none for the others, which wrap the task's launcher instead."""
-    if container is None or container.starts != "step":
+    if container.starts != "step":
         return ()
     if container.runtime == "pyxis":
         return (f"--container-image={container.image}", "--container-mounts=" + ",".join(f"{b}:{b}" for b in binds))
