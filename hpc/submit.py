@@ -148,8 +148,9 @@ def submit_arrays(scripts: list[Path]) -> list[str]:
         for script in scripts:
             ids.append(sbatch(script))
     except SubmitError as exc:
-        if ids:
-            commands.scancel(ids)
+        if ids and not commands.scancel(ids):
+            raise SubmitError(f"{script.parent.name}: {exc}; the {len(ids)} array(s) queued before it could not be "
+                              f"cancelled: run scancel {' '.join(ids)}") from None
         raise SubmitError(f"{script.parent.name}: {exc}; cancelled the {len(ids)} array(s) queued before it") from None
     return ids
 
