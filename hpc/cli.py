@@ -28,14 +28,11 @@ COMMANDS = {
     "plan": "hpc.commands.plan:plan",
     "bench": "hpc.commands.bench:bench",
     "doctor": "hpc.commands.doctor:doctor",
-    # observability (issue 12)
     "top": "hpc.commands.observe:top",
     "timeline": "hpc.commands.observe:timeline_cmd",
     "report": "hpc.commands.observe:report_cmd",
-    # sites (issue 15)
     "clusters": "hpc.commands.clusters:clusters",
     "profile": "hpc.commands.profile:profile",
-    # sweeps (issue 14)
     "sweep": "hpc.commands.sweep:sweep",
     "attempt": "hpc.commands.attempt:attempt",
     "drill": "hpc.commands.drill:drill",

@@ -203,17 +203,11 @@ def detect(on_path: Callable[[str], bool], plugstack: str, oci_conf: bool) -> li
     return found + (["oci"] if oci_conf else [])
 
 
-def top_folder(path: str) -> str:
-    """``/work/main/job`` -> ``/work``: the folder bound for a path (an image need only hold that mount point)."""
-    parts = [p for p in path.split("/") if p]
-    return "/" + parts[0] if parts else "/"
-
-
 def bind_folder(path: str) -> str | None:
     """The host folder bound for a folder the task needs: its top folder, but under one an image's root owns
     (IMAGE_OWNED) the folder itself; None for such a folder itself or ``/``, which the image's own serves."""
     folder = posixpath.normpath(path)  # '/work/../usr' is in /usr, and its top folder must say so
-    top = top_folder(folder)
+    top = "/" + folder.lstrip("/").split("/")[0]  # /work/main/job -> /work: an image need only hold that mount point
     if top not in IMAGE_OWNED:
         return None if top == "/" else top
     return None if folder == top else folder
@@ -238,10 +232,10 @@ def _environment(python: str) -> str:
     return posixpath.dirname(home) if posixpath.basename(home) == "bin" else home
 
 
-def srun_options(container: Container | None, binds: Iterable[str]) -> tuple[str, ...]:
+def srun_options(container: Container, binds: Iterable[str]) -> tuple[str, ...]:
     """The srun options of the runtimes that are srun plugins (pyxis, Slurm's own OCI), for job.sbatch's step
     and submitit's alike; none for the others, which wrap the task's launcher instead."""
-    if container is None or container.starts != "step":
+    if container.starts != "step":
         return ()
     if container.runtime == "pyxis":
         return (f"--container-image={container.image}", "--container-mounts=" + ",".join(f"{b}:{b}" for b in binds))

@@ -68,6 +68,7 @@ class RankReport:
 def judge(reports: list[RankReport], world_size: int, nccl_logs: list[str], expect_ib: bool) -> list[Verdict]:
     """Every check of a preflight job: all ranks reported, each all-reduce summed right, NCCL's transport."""
     verdicts = []
+    hosts = sorted({r.host for r in reports})
     missing = sorted(set(range(world_size)) - {r.rank for r in reports})
     if missing:
         verdicts.append(Verdict(False, f"rank(s) {', '.join(map(str, missing))} wrote no preflight report: "
@@ -78,11 +79,9 @@ def judge(reports: list[RankReport], world_size: int, nccl_logs: list[str], expe
                     for r in reports if r.total != world_size)
     if reports and not missing and all(v.ok for v in verdicts):
         slowest = max(reports, key=lambda r: r.seconds)
-        hosts = sorted({r.host for r in reports})
         verdicts.append(Verdict(True, f"all-reduce across {world_size} ranks on {len(hosts)} node(s) "
                                       f"({', '.join(hosts)}) over {reports[0].backend}: ok, slowest rank "
                                       f"{slowest.rank} took {slowest.seconds:.3f} s"))
     if any(r.backend == "nccl" for r in reports):
-        hosts = len({r.host for r in reports})
-        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib, hosts))
+        verdicts.append(judge_transport(nccl_transport("\n".join(nccl_logs)), expect_ib, len(hosts)))
     return verdicts

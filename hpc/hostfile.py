@@ -29,7 +29,7 @@ def hosts(expr: str) -> list[str]:
         raise HostfileError(f"nodelist {shown.value(expr)} contains whitespace or a control character; give one "
                             "Slurm nodelist such as n[1-2]")
     try:
-        return nodelist.expand(expr, limit=nodelist.MAX_HOSTS)
+        return nodelist.expand(expr)
     except nodelist.NodelistError as exc:
         raise HostfileError(f"nodelist: {exc}; give one Slurm nodelist such as n[1-2]") from None
 

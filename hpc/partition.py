@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from hpc import nodelist
+from hpc import jobfiles, nodelist
 from hpc.slurm import commands, grammar, parse
 from hpc.slurm.runner import Runner
 from hpc.slurm.runner import run as slurm_run
@@ -37,8 +37,6 @@ class Node:
     cpus: int
     memory_mb: int | None
     gpus: int
-    state: str
-    partitions: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,6 @@ class Cluster:
 
 # ---- parsing (pure) ------------------------------------------------------------------------------
 
-def _count(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
-
-
 def gres_gpus(gres: str) -> int:
     """GPUs in a node's Gres (``gpu:a100:8(S:0-1)``, ``gpu:4,gpu:v100:2``, ``(null)``)."""
     return sum(int(m.group(1)) for m in _GRES.finditer(gres))
@@ -102,7 +96,7 @@ def parse_partitions(text: str) -> tuple[Partition, ...]:
             name=f["PartitionName"], nodes=names, nodes_expr=expr,
             max_time_s=grammar.duration_s(f.get("MaxTime", "")),
             default_time_s=grammar.duration_s(f.get("DefaultTime", "")),
-            max_nodes=_count(f.get("MaxNodes", "")), default=f.get("Default", "NO").upper() == "YES",
+            max_nodes=jobfiles.count(f.get("MaxNodes", "")), default=f.get("Default", "NO").upper() == "YES",
             state=f.get("State", "UP")))
     return tuple(out)
 
@@ -112,10 +106,9 @@ def parse_nodes(text: str) -> tuple[Node, ...]:
     for f in parse.records(text):
         if "NodeName" not in f:
             continue
-        cpus = _count(f.get("CPUEfctv", "")) or _count(f.get("CPUTot", "")) or 0
+        cpus = jobfiles.count(f.get("CPUEfctv", "")) or jobfiles.count(f.get("CPUTot", "")) or 0
         gpus = gres_gpus(f.get("Gres", "")) or tres_gpus(f.get("CfgTRES", ""))
-        parts = tuple(p for p in f.get("Partitions", "").split(",") if p)
-        out.append(Node(f["NodeName"], cpus, _count(f.get("RealMemory", "")), gpus, f.get("State", ""), parts))
+        out.append(Node(f["NodeName"], cpus, jobfiles.count(f.get("RealMemory", "")), gpus))
     return tuple(out)
 
 

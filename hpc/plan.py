@@ -22,8 +22,6 @@ from hpc import vocab
 # (gradient buckets, ZeRO-3's gathered layers) and fragmentation, which grow with batch and sequence length.
 MODEL_STATE_FRACTION = 0.80
 
-PRECISIONS = vocab.DTYPES
-
 # `hpcdist plan --precision auto` knows neither device nor config; planning it as fp32, which needs at least as
 # much as bf16 in every plan, keeps a "fits" true whichever it becomes (render plans in what hpc.dsconfig decides).
 PLANNED_AS = {"auto": "fp32"}
@@ -153,8 +151,8 @@ def _check(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | 
         raise PlanError("--nodes and --gpus-per-node must be at least 1")
     if gpu_memory_bytes is not None and gpu_memory_bytes <= 0:
         raise PlanError("--gpu-memory must be positive")
-    if precision not in PRECISIONS and precision not in PLANNED_AS:
-        raise PlanError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in vocab.DTYPES and precision not in PLANNED_AS:
+        raise PlanError(f"unknown precision {precision!r}: choose one of {', '.join(vocab.DTYPES)}")
     if optimizer not in OPTIMIZERS:
         raise PlanError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
 

@@ -223,7 +223,8 @@ def parse(name: str, data: Mapping[str, Any]) -> Profile:
     return Profile(**values)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read(path: Path) -> dict[str, Any]:
+    """One profile file's own mapping, its ``extends`` unresolved ({} for an empty file); ProfileError if none."""
     from hpc import yamlfile
 
     try:
@@ -265,7 +266,7 @@ def resolve_data(found: sites.Found, search: tuple[sites.Level, ...],
                  chain: tuple[sites.Found, ...] = ()) -> dict[str, Any]:
     """The profile's mapping with every ``extends`` parent merged in; ``chain``: the files that extend it."""
     chain = (*chain, found)
-    data = _read(found.path)
+    data = read(found.path)
     if data.get("templates") is not None and not isinstance(data["templates"], (dict, list, bool)):
         # Relative to the file that says it, not to the child that inherits it.
         templates = Path(str(data["templates"])).expanduser()

@@ -14,8 +14,6 @@ from hpc.slurm import grammar
 HOME_ENV = "HPCDIST_HOME"
 DEFAULT_HOME = "~/.hpcdist"
 REGISTRY = "jobs.jsonl"
-# Written into the job directory as well, so a job dir names its job even with another registry.
-MARKER = vocab.SUBMITTED_JSON
 
 
 class JobError(LookupError):
@@ -130,12 +128,13 @@ def writable(path: Path) -> None:
 
 
 def write_marker(record: Record) -> None:
-    fileio.atomic_write(Path(record.job_dir) / MARKER, record.to_json() + "\n")
+    """The record written into its job directory as well, so a job dir names its job even with another registry."""
+    fileio.atomic_write(Path(record.job_dir) / vocab.SUBMITTED_JSON, record.to_json() + "\n")
 
 
 def read_marker(job_dir: Path) -> Record | None:
     try:
-        records = parse_registry(jobfiles.read_text(job_dir / MARKER, 65536))
+        records = parse_registry(jobfiles.read_text(job_dir / vocab.SUBMITTED_JSON, 65536))
     except (OSError, jobfiles.Damaged):
         return None
     return records[-1] if records else None
@@ -181,7 +180,7 @@ def lookup(key: str, environ: Mapping[str, str], one: bool = False, records: Seq
         record = read_marker(Path(key).resolve())
         if record is not None and os.path.realpath(record.job_dir) != os.path.realpath(key):
             # A copied or forged marker: reading (and writing a report) would reach another directory.
-            raise JobError(f"{ascii(key)[1:-1]}/{MARKER} names another job directory "
+            raise JobError(f"{ascii(key)[1:-1]}/{vocab.SUBMITTED_JSON} names another job directory "
                            f"({ascii(record.job_dir[:200])[1:-1]}); pass that directory or the job id")
     if record is None:
         raise JobError(f"no job {key!r} was submitted from here (see `hpcdist list`); pass a job id or a "

@@ -148,8 +148,6 @@ def container_context(spec: JobSpec, profile: Profile) -> dict[str, Any]:
 
 # --- Writing: this module's only side effects. ---
 
-def write(rendered: Rendered, *, force: bool = False, environ: Mapping[str, str] | None = None,
-          cwd: str | None = None) -> Path:
+def write(rendered: Rendered, *, force: bool = False) -> Path:
     """Write the job directory: its files, ``logs/`` and ``run/``, all at once (see ``jobdir.write_tree``)."""
-    return jobdir.write_tree(rendered.job_dir, rendered.files, dirs=(vocab.LOGS_DIR, vocab.RUN_DIR), force=force,
-                      environ=environ, cwd=cwd)
+    return jobdir.write_tree(rendered.job_dir, rendered.files, dirs=(vocab.LOGS_DIR, vocab.RUN_DIR), force=force)

@@ -85,20 +85,16 @@ def levels(environ: Mapping[str, str]) -> tuple[Level, ...]:
     return tuple(out)
 
 
-def _file(directory: Path, name: str) -> Path | None:
-    if jobfiles.name_too_long(name + SUFFIXES[0]):
-        return None
-    paths = (directory / f"{name}{suffix}" for suffix in SUFFIXES)
-    return next((path for path in paths if path.is_file()), None)
-
-
 def find(name: str, search: Sequence[Level], below: int = -1) -> Found | None:
     """The first profile called ``name`` at a level after index ``below`` (a profile extending its own name
     looks below itself)."""
+    if jobfiles.name_too_long(name + SUFFIXES[0]):
+        return None
     for index, level in enumerate(search[below + 1:], start=below + 1):
-        path = _file(level.clusters, name)
-        if path is not None:
-            return Found(name, path, level.origin, index)
+        for suffix in SUFFIXES:
+            path = level.clusters / f"{name}{suffix}"
+            if path.is_file():
+                return Found(name, path, level.origin, index)
     return None
 
 

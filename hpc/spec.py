@@ -42,7 +42,7 @@ _SIGNAL = re.compile(r"(?:(?P<to>R|B|RB|BR):)?(?:(?i:SIG)?(?P<name>[A-Za-z][A-Za
 DEPENDENCY_TYPES = ("after", "afterany", "afterok", "afternotok", "aftercorr", "singleton")
 _AFTER_SHORT = {"ok": "afterok", "any": "afterany", "notok": "afternotok", "corr": "aftercorr", "start": "after"}
 # A job id, or one task of a job array (JOBID_TASKID).
-_DEPENDENCY_JOB = re.compile(r"[1-9]\d*(?:_\d+)?")
+_DEPENDENCY_JOB = re.compile(r"[1-9][0-9]*(?:_[0-9]+)?")
 # Whole numbers beyond this fit none of Slurm's fields.
 MAX_INT = 2**31 - 1
 

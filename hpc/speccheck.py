@@ -172,10 +172,9 @@ def _check_nodes_and_gpus(spec: JobSpec, profile: Profile) -> None:
 
 
 def _check_counts(spec: JobSpec) -> None:
-    if spec.cpus_per_task is not None and spec.cpus_per_task < 1:
-        raise SpecError("--cpus-per-task must be at least 1")
-    if spec.ntasks_per_node is not None and spec.ntasks_per_node < 1:
-        raise SpecError("--ntasks-per-node must be at least 1")
+    for option, value in (("--cpus-per-task", spec.cpus_per_task), ("--ntasks-per-node", spec.ntasks_per_node)):
+        if value is not None and value < 1:
+            raise SpecError(f"{option} must be at least 1")
     if spec.zero_stage is not None and spec.zero_stage not in ZERO_STAGES:
         raise SpecError(f"--zero-stage {spec.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
 

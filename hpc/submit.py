@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -41,18 +40,6 @@ LOCAL_NO_LIMIT_MIN = 100 * 365 * 24 * 60
 
 class SubmitError(RuntimeError):
     """Slurm (or the local runner) refused the job; the message says why, in one line."""
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """What a submission produced: its registry record, and for a local job the live submitit job."""
-
-    record: registry.Record
-    handle: submitit.Job[Any] | None = None
-
-    @property
-    def job(self) -> Job:
-        return Job(self.record, self.handle)
 
 
 def choose(via: str, executor: str, have_slurm: bool) -> str:
@@ -161,8 +148,9 @@ def submit_arrays(scripts: list[Path]) -> list[str]:
         for script in scripts:
             ids.append(sbatch(script))
     except SubmitError as exc:
-        if ids:
-            commands.scancel(ids)
+        if ids and not commands.scancel(ids):
+            raise SubmitError(f"{script.parent.name}: {exc}; the {len(ids)} array(s) queued before it could not be "
+                              f"cancelled: run scancel {' '.join(ids)}") from None
         raise SubmitError(f"{script.parent.name}: {exc}; cancelled the {len(ids)} array(s) queued before it") from None
     return ids
 
@@ -291,9 +279,9 @@ def _copy(fd: int) -> int | None:
         return None
 
 
-def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submitted:
-    """Submit and register; raises SubmitError, OSError or registry.JobError (the job directory is then the
-    caller's to remove)."""
+def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Job:
+    """Submit and register; the job, with the live submitit job of a local one as its handle. Raises SubmitError,
+    OSError or registry.JobError (the job directory is then the caller's to remove)."""
     registry.writable(registry.registry_path(environ))
     handle = None
     if where == "sbatch":
@@ -308,7 +296,7 @@ def submit(rendered: Rendered, where: str, environ: Mapping[str, str]) -> Submit
         _until_started(record, handle)
     registry.write_marker(record)
     registry.append(registry.registry_path(environ), record)
-    return Submitted(record, handle)
+    return Job(record, handle)
 
 
 def _until_started(record: registry.Record, handle: submitit.Job[Any], timeout_s: float = 30.0) -> None:

@@ -151,7 +151,7 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
     ``kill_wait_s`` plays slurmd's KillWait where no slurmd exists: a SIGTERM passed on is followed by SIGKILL.
     """
     command = tuple(str(c) for c in command)
-    with open(output, "ab") if output is not None else contextlib.nullcontext() as log:
+    with fileio.open_own(output, append=True) if output is not None else contextlib.nullcontext() as log:
         # A session of its own makes the command's processes one group, which a signal reaches whole.
         child = subprocess.Popen(command, env=dict(env) if env is not None else None, start_new_session=True,
                                  stdout=log, stderr=subprocess.STDOUT if log else None)
@@ -227,8 +227,8 @@ def run_local(command: Sequence[str], geometry: Geometry, folder: str, output: s
     except TaskFailed as failed:
         if not failed.reason:  # its own command failed, rather than stopped because another did
             _abort(abort_file, Path(batch_log.replace("%j", job_id)), index, env["SLURMD_NODENAME"], failed.returncode)
-        status_file.write_text(f"{failed.code}\n")
+        fileio.atomic_write(status_file, f"{failed.code}\n")
         raise
-    status_file.write_text("0\n")
+    fileio.atomic_write(status_file, "0\n")
     return 0
 

@@ -22,7 +22,7 @@ import jinja2.sandbox
 import jinja2.utils
 import markupsafe
 
-from hpc import vocab
+from hpc import shown, vocab
 from hpc.spec import unwritable
 
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
@@ -94,7 +94,7 @@ def submitit_directive(value: Any) -> str | None:
 
 def comment(value: Any) -> Shell:
     """The ``comment`` filter: text for a ``#`` comment, every unprintable character (a newline) escaped."""
-    return Shell("".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(value)))
+    return Shell(shown.line(value, limit=1 << 30))
 
 
 def verbatim(value: Any) -> Shell:

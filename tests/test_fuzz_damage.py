@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuzz import check_outcome, sandbox
 
-from hpc import beatfile, jobfiles, registry, vocab
+from hpc import beatfile, jobfiles, vocab
 from hpc.cli import main
 from hpc.failures import record as records
 
@@ -60,7 +60,7 @@ PROFILE = {"modules": ["gcc"], "env": {"A": "1"}}
 
 # Every file a reader takes, relative to the sandbox, with what it holds when whole.
 FILES: dict[str, Any] = {
-    "reg/jobs.jsonl": [RECORD], f"jobs/j/{registry.MARKER}": [RECORD], f"jobs/j/{vocab.ATTEMPTS}": [ATTEMPT],
+    "reg/jobs.jsonl": [RECORD], f"jobs/j/{vocab.SUBMITTED_JSON}": [RECORD], f"jobs/j/{vocab.ATTEMPTS}": [ATTEMPT],
     "jobs/j/run/heartbeat/node-0.json": NODE, "jobs/j/run/heartbeat/node-0.jsonl": [NODE],
     "jobs/j/run/metrics.jsonl": [METRIC, METRIC], "jobs/j/run/summary.json": SUMMARY,
     "jobs/j/run/hang.json": HANG, "jobs/j/run/errors/rank-0.json": ERROR,
@@ -291,7 +291,7 @@ def _as(name: str, make: Callable[[Path], None]) -> Callable[[Path], None]:
 def _marker(**fields: Any) -> Callable[[Path], None]:
     line = json.dumps({**RECORD, "job_dir": "JOB", **fields}) + "\n"
     return lambda base: [(base / n).write_text(line.replace("JOB", str(base / "jobs/j")))
-                         for n in ("reg/jobs.jsonl", f"jobs/j/{registry.MARKER}")]
+                         for n in ("reg/jobs.jsonl", f"jobs/j/{vocab.SUBMITTED_JSON}")]
 
 
 HEARTBEAT = "jobs/j/run/heartbeat/node-0.json"

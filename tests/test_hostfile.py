@@ -68,6 +68,12 @@ def test_cli_offline_and_from_slurm() -> None:
     assert both.returncode == 2 and "exactly one" in both.stderr
 
 
+@pytest.mark.parametrize("slots", [" 3 ", "\u0663", "3.0"])
+def test_slots_are_a_whole_number_in_ascii_digits_as_every_count_hpcdist_takes(slots: str) -> None:
+    bad = cli("--nodelist", "n1", "--slots", slots)
+    assert bad.returncode == 2 and "is not a whole number in ASCII digits" in bad.stderr and not bad.stdout
+
+
 def test_matches_scontrol_show_hostnames() -> None:
     import shutil
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc import jobs, registry
+from hpc import jobs, registry, vocab
 from hpc import logs as job_logs
 
 
@@ -214,7 +214,7 @@ def test_a_marker_whose_job_id_is_no_slurm_job_id_names_no_job(tmp_path, job_id)
     """The id becomes scancel's argument: a forged `--me` would cancel every job of the user."""
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    (job_dir / registry.MARKER).write_text(json.dumps({"job_id": job_id, "job_dir": str(job_dir), "via": "sbatch",
+    (job_dir / vocab.SUBMITTED_JSON).write_text(json.dumps({"job_id": job_id, "job_dir": str(job_dir), "via": "sbatch",
                                                        "submitted": "t"}) + "\n")
     with pytest.raises(registry.JobError, match="no job"):
         registry.lookup(str(job_dir), {"HPCDIST_HOME": str(tmp_path / "empty")})

@@ -32,10 +32,10 @@ def test_one_timeout_policy_by_what_the_command_does(argv: list[str], timeout: i
     assert runner.timeout_of(argv) == timeout
 
 
-def test_check_names_what_slurm_said_in_one_line() -> None:
+def test_a_refusal_names_what_slurm_said_in_one_line() -> None:
     fake = lambda argv: subprocess.CompletedProcess(argv, 1, "", "scancel: error: Invalid job id specified\n")  # noqa: E731
     with pytest.raises(runner.SlurmError, match="^scancel failed: Invalid job id specified$"):
-        runner.check(["scancel", "x"], fake)
+        commands.scancel(["42"], runner=fake, strict=True)
 
 
 def test_commands_return_slurms_text_or_none_and_take_a_fake_slurm() -> None:

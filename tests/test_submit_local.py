@@ -15,6 +15,7 @@ import pytest
 from slurm_fixtures import TINY_TRAIN, check_training, environ, hpcdist, job_id_of, path_without_slurm
 
 from hpc import dsconfig, logs, profiles, ranks, render, submit
+from hpc.job import Job
 from hpc.spec import JobSpec
 
 # A stand-in task.sh: what a rank sees, then an optional failure or wait (no trainer needed).
@@ -29,7 +30,7 @@ sleep "${SLEEP_S:-0}"
 """
 
 
-def submit_standin(tmp_path, monkeypatch, nodes: int = 2, time_limit: str = "5", **env: str) -> submit.Submitted:
+def submit_standin(tmp_path, monkeypatch, nodes: int = 2, time_limit: str = "5", **env: str) -> Job:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     spec = JobSpec(job_dir=str(tmp_path / "job"), nodes=nodes, python=sys.executable, time=time_limit,
@@ -42,7 +43,7 @@ def submit_standin(tmp_path, monkeypatch, nodes: int = 2, time_limit: str = "5",
 
 def test_local_tasks_see_the_emulated_slurm_geometry(tmp_path, monkeypatch):
     submitted = submit_standin(tmp_path, monkeypatch, nodes=3)
-    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
+    final = submitted.wait(poll_s=0.2, timeout_s=120)
     assert final.ok, final
     job_id = submitted.record.job_id
     for index in range(3):
@@ -54,7 +55,7 @@ def test_a_local_job_rendezvouses_on_a_port_the_os_called_free_at_submit_not_on_
         tmp_path, monkeypatch):
     """Local job ids are pids: two live jobs whose ids differ by 20,000 derived one port, and nothing checked it."""
     submitted = submit_standin(tmp_path, monkeypatch, nodes=2, SHOW_PORT="1")
-    assert submitted.job.wait(poll_s=0.2, timeout_s=120).ok
+    assert submitted.wait(poll_s=0.2, timeout_s=120).ok
     ports = {(tmp_path / "job" / "logs" / f"task-{index}.log").read_text().splitlines()[-1] for index in range(2)}
     derived = ranks.port_for_job(submitted.record.job_id)
     assert len(ports) == 1 and ports != {f"export MASTER_PORT={derived}"}, (ports, derived)
@@ -101,7 +102,7 @@ def test_a_local_job_refused_a_port_by_the_os_is_refused_in_one_line_naming_the_
 def test_no_time_limit_lets_a_local_job_run(tmp_path, monkeypatch, time_limit):
     """Slurm reads --time 0 as no limit; the local runner once read it as zero minutes and stopped at once."""
     submitted = submit_standin(tmp_path, monkeypatch, nodes=1, time_limit=time_limit, SLEEP_S="2")
-    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
+    final = submitted.wait(poll_s=0.2, timeout_s=120)
     assert final.ok, final
 
 
@@ -109,7 +110,7 @@ def test_no_time_limit_lets_a_local_job_run(tmp_path, monkeypatch, time_limit):
 def test_a_failing_local_task_stops_the_others(tmp_path, monkeypatch):
     started = time.monotonic()
     submitted = submit_standin(tmp_path, monkeypatch, FAIL_RANK="1", SLEEP_S="60")
-    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
+    final = submitted.wait(poll_s=0.2, timeout_s=120)
     assert time.monotonic() - started < 30, "rank 0 should have been stopped, not left sleeping"
     assert (final.state, final.exit_code) == ("FAILED", 3)
     report = logs.failure_report(submitted.record)
@@ -121,7 +122,7 @@ def test_a_local_rank_killed_outright_is_named_as_the_one_that_failed_first(tmp_
     """A rank the OOM killer ends dies of SIGKILL, as the ranks stopped because of it die of SIGTERM or SIGKILL: its
     exit status alone cannot tell it from them. The local runner says which task failed first, as srun does."""
     submitted = submit_standin(tmp_path, monkeypatch, KILL_RANK="1", SLEEP_S="60")
-    final = submitted.job.wait(poll_s=0.2, timeout_s=120)
+    final = submitted.wait(poll_s=0.2, timeout_s=120)
     assert (final.state, final.exit_code) == ("FAILED", 128 + signal.SIGKILL)
     report = logs.failure_report(submitted.record)
     assert "task 1 (rank 1) on 127.0.0.2 failed first: Killed" in report and "rank 1 is killed" in report
@@ -144,7 +145,7 @@ def test_cancel_and_status_of_a_local_job(tmp_path, monkeypatch, sigint):
         time.sleep(0.2)
     assert "RUNNING" in hpcdist(["status", job_id], home).stdout
     assert hpcdist(["cancel", job_id], home).returncode == 0
-    final = submitted.job.wait(poll_s=0.2, timeout_s=60)
+    final = submitted.wait(poll_s=0.2, timeout_s=60)
     assert final.state == "CANCELLED"
     assert hpcdist(["status", str(tmp_path / "job")], home).stdout.startswith(f"{job_id}  CANCELLED")
 
@@ -188,7 +189,7 @@ def test_cancelling_a_local_job_gives_its_ranks_time_to_checkpoint(tmp_path, mon
     started = time.monotonic()
     assert hpcdist(["cancel", submitted.record.job_id], home).returncode == 0
     assert time.monotonic() - started < 5, "cancel returns at once, as scancel does"
-    assert submitted.job.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
+    assert submitted.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
     for index in range(2):
         assert f"rank {index} checkpointed" in (tmp_path / "job" / "logs" / f"task-{index}.log").read_text()
     # Stopped, not failed: no rank is named as the one that failed first.
@@ -213,7 +214,7 @@ def test_a_local_job_outlives_the_terminal_that_submitted_it_and_stays_cancellab
     time.sleep(1)
     assert "RUNNING" in hpcdist(["status", job_id], home).stdout
     assert hpcdist(["cancel", job_id], home).returncode == 0
-    assert submitted.job.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
+    assert submitted.wait(poll_s=0.2, timeout_s=60).state == "CANCELLED"
     deadline = time.monotonic() + 10
     while _in_sessions(ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -234,7 +235,7 @@ rendered = dataclasses.replace(rendered, files={**rendered.files, "task.sh": sta
 render.write(rendered)
 submitted = submit.submit(rendered, "local", {"HPCDIST_HOME": home})
 print(submitted.record.job_id, flush=True)
-_wait(submitted.job)
+_wait(submitted)
 """
 
 
@@ -262,7 +263,7 @@ def test_ctrl_c_during_wait_cancels_a_local_job_stops_its_ranks_and_exits_130(tm
 
 
 # `hpcdist submit` of a stand-in job without --wait, as run from a terminal: it returns, the job runs on.
-SUBMITTER = WAITER.replace("_wait(submitted.job)", "")
+SUBMITTER = WAITER.replace("_wait(submitted)", "")
 
 
 @pytest.mark.timed  # cancelled within seconds

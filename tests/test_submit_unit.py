@@ -495,3 +495,27 @@ def test_a_local_dry_run_says_its_tasks_run_the_local_task_line_not_job_sbatch(t
     said = dry.stderr.splitlines()[-1]
     assert "it would run here, on the local executor, without job.sbatch, step.sh or requeue.sh" in said
     assert said.endswith(f"each of its 2 task(s) runs: set -e; source {job}/setup.sh; exec bash {job}/task.sh)")
+
+
+@pytest.mark.parametrize("cancelled,says", [(True, "cancelled the 2 array(s) queued before it"),
+                                            (False, "could not be cancelled: run scancel 11 12")])
+def test_a_sweep_refused_part_way_cancels_the_arrays_queued_before_or_says_it_could_not(tmp_path, monkeypatch,
+                                                                                      cancelled, says):
+    from hpc.slurm import commands
+
+    answers = iter(["11", "12", submit.SubmitError("sbatch failed: QOSMaxSubmitJobPerUserLimit")])
+
+    def sbatch(script):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    asked = []
+    monkeypatch.setattr(submit, "sbatch", sbatch)
+    monkeypatch.setattr(commands, "scancel", lambda ids, **kw: asked.append(list(ids)) or cancelled)
+    with pytest.raises(submit.SubmitError) as refused:
+        submit.submit_arrays([tmp_path / name / "job.sbatch" for name in ("a0", "a1", "a2")])
+    assert asked == [["11", "12"]]
+    message = str(refused.value)
+    assert message.startswith("a2: sbatch failed: QOSMaxSubmitJobPerUserLimit; ") and says in message

@@ -48,7 +48,8 @@ def test_after_takes_short_and_slurm_forms(given, slurm):
 
 
 @pytest.mark.parametrize("bad", ["", "abc", "12:maybe", "12:", "0", "012", "12_", "12_x", "afterok:", "afterok:x",
-                                 "singleton:12", "12 13", "12,13", "afterok:12:13", "-1"])
+                                 "singleton:12", "12 13", "12,13", "afterok:12:13", "-1",
+                                 "1\u0662", "afterok:\u0663", "12_\u0664"])
 def test_after_refuses_what_slurms_grammar_does_not_have(bad):
     with pytest.raises(SpecError, match="is not a dependency"):
         parse_after(bad)

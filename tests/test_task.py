@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpc import nodelist, ranks, submit, task
+from hpc import fileio, nodelist, ranks, submit, task
 from hpc.slurm import commands
 from hpc.spec import JobSpec
 
@@ -149,6 +149,15 @@ def test_run_passes_the_environment_and_appends_output(tmp_path):
     task.run(["sh", "-c", 'echo "value=$HPCDIST_TEST_VALUE"; echo err >&2'],
              env={**os.environ, "HPCDIST_TEST_VALUE": "42"}, output=log)
     assert log.read_text() == "earlier\nvalue=42\nerr\n"
+
+
+def test_a_task_log_that_is_a_link_is_refused_and_what_it_points_at_is_left_alone(tmp_path):
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("a user's file\n")
+    (tmp_path / "task-0.log").symlink_to(elsewhere)
+    with pytest.raises(fileio.UnsafePath, match="is a symbolic link"):
+        task.run(["sh", "-c", "echo written"], output=tmp_path / "task-0.log")
+    assert elsewhere.read_text() == "a user's file\n"
 
 
 def _signal_self_when(ready: Path, signum: int) -> threading.Thread:

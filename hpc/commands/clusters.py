@@ -17,14 +17,11 @@ from hpc import profiles, shown, sites
 
 
 def _extends(found: sites.Found) -> str | None:
-    from hpc import yamlfile
-
     try:
-        data = yamlfile.load(found.path, "cluster profile")
-    except yamlfile.YamlError:
+        value = profiles.read(found.path).get("extends")
+    except profiles.ProfileError:
         # The listing still shows the file; `hpcdist profile check` names what is wrong with it.
         return None
-    value = data.get("extends") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
 
 

@@ -61,7 +61,7 @@ def doctor(config_file: str | None, executor: str, **options: Any) -> None:
     submitted = submit_or_exit("doctor", rendered, where)
     click.echo(f"preflight job {submitted.record.job_id} ({where}) on {spec.nodes} node(s), "
                f"{spec.world_size} rank(s): {rendered.job_dir}")
-    final = submitted.job.wait()
+    final = submitted.wait()
     run_dir = Path(rendered.job_dir) / vocab.RUN_DIR
     found = sorted(jobfiles.folder(run_dir / vocab.PREFLIGHT, "nccl-*.log"))
     nccl_logs = [jobfiles.tail_text(p, 1 << 20) for p in found]

@@ -13,18 +13,16 @@ from typing import Mapping
 
 import click
 
-from hpc import ranks
+from hpc import ranks, shown
 
 
 def explain(dist: ranks.DistEnv) -> str:
     """A table of each resolved value and the variable (or rule) it came from."""
-    rows = [("source", dist.source, "detect() in priority order: torchrun, slurm, submitit-local, single")]
+    rows = [("source", dist.source, "<- detect() in priority order: torchrun, slurm, submitit-local, single")]
     for name in ("rank", "world_size", "local_rank", "local_world_size", "node_rank", "master_addr",
                  "master_port"):
-        rows.append((name, str(getattr(dist, name)), dist.origin.get(name, "")))
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
-    return "\n".join(f"{n:<{width}}  {v:<{vwidth}}  <- {o}" for n, v, o in rows)
+        rows.append((name, str(getattr(dist, name)), f"<- {dist.origin.get(name, '')}"))
+    return "\n".join(shown.aligned(rows))
 
 
 def shell_exports(dist: ranks.DistEnv, environ: Mapping[str, str]) -> str:

@@ -244,7 +244,7 @@ def submit_or_exit(command: str, rendered: Rendered, where: str, made: Path | No
 
     Nothing runs from that directory: leaving it would only look like a job that exists. Only the directory
     render just wrote goes (it holds the marker); ``made``, a folder this command created to hold it, goes too
-    once it is empty. Returns the Submitted.
+    once it is empty. Returns the hpc.job.Job.
     """
     from hpc import jobdir
     from hpc import submit as submitting

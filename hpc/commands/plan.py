@@ -12,7 +12,7 @@ import json
 import click
 
 from hpc import plan as model
-from hpc import shown
+from hpc import shown, vocab
 from hpc.commands.options import fail
 
 COLUMNS = ("plan", "params", "grads", "optimizer", "per GPU", "host/rank", "comm", "fits")
@@ -66,7 +66,7 @@ def table(rep: dict) -> str:
 @click.option("--nodes", type=int, default=1, show_default=True)
 @click.option("--gpus-per-node", type=int, default=1, show_default=True)
 @click.option("--gpu-memory", "gpu_memory_text", help="Memory per GPU: 80GB, 80GiB, 24G. Without it, fit is unknown.")
-@click.option("--precision", type=click.Choice(model.PRECISIONS), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(vocab.DTYPES), default="bf16", show_default=True)
 @click.option("--optimizer", type=click.Choice(model.OPTIMIZERS), default="adam", show_default=True,
               help="adam, or sgd with momentum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

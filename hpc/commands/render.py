@@ -14,7 +14,7 @@ import click
 
 from hpc import hostfile as hostfiles
 from hpc import jobdir, vocab
-from hpc.commands.options import fail, job_options, prepare
+from hpc.commands.options import WHOLE, fail, job_options, prepare
 
 
 @click.command()
@@ -51,7 +51,7 @@ def render(config_file: str | None, force: bool, test_only_: bool, quiet: bool, 
 @click.command()
 @click.option("--from-slurm", is_flag=True, help="Hosts from $SLURM_JOB_NODELIST (inside a job).")
 @click.option("--nodelist", "-w", help="Hosts from a Slurm nodelist, e.g. n[1-2].")
-@click.option("--slots", type=int, help="Ranks per host. [$SLURM_GPUS_ON_NODE, else 1]")
+@click.option("--slots", type=WHOLE, help="Ranks per host. [$SLURM_GPUS_ON_NODE, else 1]")
 @click.option("--world-info", is_flag=True, help="Print DeepSpeed's base64 --world_info instead.")
 def hostfile(from_slurm: bool, nodelist: str | None, slots: int | None, world_info: bool) -> None:
     """Print a DeepSpeed hostfile (or --world_info) for a Slurm nodelist."""

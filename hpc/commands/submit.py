@@ -77,7 +77,7 @@ def submit(config_file: str | None, via: str, executor: str, dry_run: bool, wait
     record = submitted.record
     click.echo(f"Submitted job {record.job_id} ({where}): {record.job_dir}")
     if wait_:
-        _wait(submitted.job)
+        _wait(submitted)
 
 
 def _wait(job: Job) -> None:

@@ -1,7 +1,6 @@
 """Run one Slurm command, bounded in time, the same way for every caller.
 
     run(["squeue", "-h", "-j", "42"])          # CompletedProcess; a missing or hung command too
-    check(["scontrol", "requeue", "42"])       # stdout, or SlurmError in one line
 
 Tests pass their own ``runner`` (a function of the argv) wherever a function here takes one: that is
 the fake Slurm.
@@ -57,11 +56,3 @@ def complaint(proc: subprocess.CompletedProcess[str]) -> str:
             if line:
                 return line.removeprefix(f"{proc.args[0]}: ").removeprefix("error: ")
     return f"{proc.args[0]} exited {proc.returncode}"
-
-
-def check(argv: Sequence[str], runner: Runner = run) -> str:
-    """``argv``'s stdout, or SlurmError naming what Slurm said."""
-    proc = runner(argv)
-    if proc.returncode != 0:
-        raise SlurmError(f"{argv[0]} failed: {complaint(proc)}")
-    return proc.stdout
