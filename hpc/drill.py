@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from hpc import shown
 from hpc.checkpoints import SNAPSHOT_EVERY_S
+from hpc.failures.policy import RETRY_ACTIONS
+from hpc.slurm import grammar
 
 SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang", "batch_host_loss", "disk_full")
 # What a scenario needs of the site beyond a Slurm partition: the drill's option that provides it.
@@ -260,7 +261,7 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         problems.append("no training step was seen after the fault's attempt ended")
     return Result(
         scenario=seen.scenario, ok=not problems, job_id=seen.job_id, ending=ending, expected=expected.ending,
-        action=action, retries=sum(a.get("action") in ("retry", "relaunch", "resubmit") for a in seen.attempts),
+        action=action, retries=sum(a.get("action") in RETRY_ACTIONS for a in seen.attempts),
         requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
         victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
         resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
@@ -320,12 +321,7 @@ def table(results: Sequence[Result]) -> str:
 def restart_time(batch_text: str, attempt: int) -> float | None:
     """When attempt ``attempt``'s batch shell started: its ``hpcdist: attempt N started on NODE at T`` line."""
     m = re.search(rf"^hpcdist: attempt {attempt} started on \S+ at (\S+)", batch_text, re.M)
-    if not m:
-        return None
-    try:
-        return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
+    return grammar.timestamp(m.group(1)) if m else None
 
 
 def step_rate(metrics_text: str) -> float | None:
