@@ -245,6 +245,9 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         problems.append(f"the hang was blamed on rank {first.get('rank')}, not the stopped rank {seen.victim_rank}")
     upto = min(max(seen.losses, default=0), max(reference, default=0))
     equal, compared, worst = compare(seen.losses, reference, upto)
+    final = "COMPLETED" if expected.recovers else "FAILED"
+    if seen.final_state != final:
+        problems.append(f"the job ended {seen.final_state or 'unknown'}, not {final}")
     problems += (_recovery_problems(seen, steps, upto) if expected.recovers
                  else _ending_problems(seen, first.get("detail") or ""))
     if not equal:
@@ -272,11 +275,9 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
 
 
 def _recovery_problems(seen: Observed, steps: int, upto: int) -> list[str]:
-    """What is wrong with a recovery: it must end COMPLETED, every step logged, resumed from a checkpoint that
-    the reference's steps reach past."""
+    """What else is wrong with a recovery (check() wants it COMPLETED): every step logged, resumed from a
+    checkpoint that the reference's steps reach past."""
     problems = []
-    if seen.final_state != "COMPLETED":
-        problems.append(f"the job ended {seen.final_state or 'unknown'}, not COMPLETED")
     if seen.resumed_step is None:
         problems.append("no attempt resumed from a checkpoint")
     if seen.final_state == "COMPLETED" and max(seen.losses, default=0) < steps:
@@ -287,11 +288,9 @@ def _recovery_problems(seen: Observed, steps: int, upto: int) -> list[str]:
 
 
 def _ending_problems(seen: Observed, detail: str) -> list[str]:
-    """What is wrong with a fault that must end the job: it ends FAILED, not retried, its line saying how much
-    room there was and was needed (drill_run adds what it found of the checkpoints)."""
+    """What else is wrong with a fault that must end the job (check() wants it FAILED): not retried, its line
+    saying how much room there was and was needed (drill_run adds what it found of the checkpoints)."""
     problems = []
-    if seen.final_state != "FAILED":
-        problems.append(f"the job ended {seen.final_state or 'unknown'}, not FAILED")
     if len(seen.attempts) != 1:
         problems.append(f"{len(seen.attempts)} attempts were recorded, not the one that failed")
     if not re.search(r"bytes free, about [\d,]+ needed", detail):
