@@ -136,7 +136,6 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         raise SweepError(str(exc)) from None
     configs = configurations(matrix, text(base.get("backend") or "ddp"))
     placeholder = str(sweep_dir / "task")
-    # First pass: check every configuration and learn its allocation shape.
     groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any], Profile]]] = {}
     seen: dict[specs.JobSpec, dict[str, Any]] = {}
     for i, values in enumerate(configs):
