@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from hpc import shown
 from hpc.checkpoints import SNAPSHOT_EVERY_S
+from hpc.failures.policy import RETRY_ACTIONS
+from hpc.slurm import grammar
 
 SCENARIOS = ("preempt", "time_limit", "rank_kill", "node_loss", "hang", "batch_host_loss", "disk_full")
 # What a scenario needs of the site beyond a Slurm partition: the drill's option that provides it.
@@ -244,6 +245,9 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         problems.append(f"the hang was blamed on rank {first.get('rank')}, not the stopped rank {seen.victim_rank}")
     upto = min(max(seen.losses, default=0), max(reference, default=0))
     equal, compared, worst = compare(seen.losses, reference, upto)
+    final = "COMPLETED" if expected.recovers else "FAILED"
+    if seen.final_state != final:
+        problems.append(f"the job ended {seen.final_state or 'unknown'}, not {final}")
     problems += (_recovery_problems(seen, steps, upto) if expected.recovers
                  else _ending_problems(seen, first.get("detail") or ""))
     if not equal:
@@ -260,7 +264,7 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         problems.append("no training step was seen after the fault's attempt ended")
     return Result(
         scenario=seen.scenario, ok=not problems, job_id=seen.job_id, ending=ending, expected=expected.ending,
-        action=action, retries=sum(a.get("action") in ("retry", "relaunch", "resubmit") for a in seen.attempts),
+        action=action, retries=sum(a.get("action") in RETRY_ACTIONS for a in seen.attempts),
         requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
         victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
         resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
@@ -271,11 +275,9 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
 
 
 def _recovery_problems(seen: Observed, steps: int, upto: int) -> list[str]:
-    """What is wrong with a recovery: it must end COMPLETED, every step logged, resumed from a checkpoint that
-    the reference's steps reach past."""
+    """What else is wrong with a recovery (check() wants it COMPLETED): every step logged, resumed from a
+    checkpoint that the reference's steps reach past."""
     problems = []
-    if seen.final_state != "COMPLETED":
-        problems.append(f"the job ended {seen.final_state or 'unknown'}, not COMPLETED")
     if seen.resumed_step is None:
         problems.append("no attempt resumed from a checkpoint")
     if seen.final_state == "COMPLETED" and max(seen.losses, default=0) < steps:
@@ -286,11 +288,9 @@ def _recovery_problems(seen: Observed, steps: int, upto: int) -> list[str]:
 
 
 def _ending_problems(seen: Observed, detail: str) -> list[str]:
-    """What is wrong with a fault that must end the job: it ends FAILED, not retried, its line saying how much
-    room there was and was needed (drill_run adds what it found of the checkpoints)."""
+    """What else is wrong with a fault that must end the job (check() wants it FAILED): not retried, its line
+    saying how much room there was and was needed (drill_run adds what it found of the checkpoints)."""
     problems = []
-    if seen.final_state != "FAILED":
-        problems.append(f"the job ended {seen.final_state or 'unknown'}, not FAILED")
     if len(seen.attempts) != 1:
         problems.append(f"{len(seen.attempts)} attempts were recorded, not the one that failed")
     if not re.search(r"bytes free, about [\d,]+ needed", detail):
@@ -320,12 +320,7 @@ def table(results: Sequence[Result]) -> str:
 def restart_time(batch_text: str, attempt: int) -> float | None:
     """When attempt ``attempt``'s batch shell started: its ``hpcdist: attempt N started on NODE at T`` line."""
     m = re.search(rf"^hpcdist: attempt {attempt} started on \S+ at (\S+)", batch_text, re.M)
-    if not m:
-        return None
-    try:
-        return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
+    return grammar.timestamp(m.group(1)) if m else None
 
 
 def step_rate(metrics_text: str) -> float | None:

@@ -10,6 +10,7 @@ node-control command, and the file system a job directory is on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shlex
@@ -84,10 +85,8 @@ def _node_control(command: str, action: str, node: str, failed: str) -> None:
 
 
 def signal_process(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def victim(job: handle.Job, timeout_s: float = 30, first: bool = False) -> Proc:
@@ -122,8 +121,9 @@ def inject(scenario: str, job: handle.Job, seen: Observed, out: Callable[[str], 
         written = between_saves(job, lambda: fill_disk(job.job_dir))
         out(f"  {written:,} bytes written beside {job.job_dir} at step {seen.fault_step}: less room than a checkpoint")
     elif scenario in ("node_loss", "batch_host_loss"):
-        seen.victim_node = _lose_node(job, target.node if scenario == "node_loss" else batch_host(job), node_control,
-                                      out, f"at step {seen.fault_step}")
+        node = target.node if scenario == "node_loss" else batch_host(job)
+        _lose_node(job, node, node_control, out, f"at step {seen.fault_step}")
+        seen.victim_node = node
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
     return lambda: None
@@ -146,18 +146,17 @@ def _cut_time_limit(job: handle.Job, out: Callable[[str], None]) -> Callable[[],
     return restore
 
 
-def _lose_node(job: handle.Job, node: str, node_control: str | None, out: Callable[[str], None], when: str) -> str:
+def _lose_node(job: handle.Job, node: str, node_control: str | None, out: Callable[[str], None], when: str) -> None:
     """Kill ``node`` for real, or without node control SIGKILL the job's processes there and set it DOWN."""
     if node_control:
         _node_control(node_control, "kill-node", node, "the node may be half killed")
         out(f"  node {node} killed for real {when}: its slurmd and every process on it")
-        return node
+        return
     procs = [p for p in job_processes(job.job_id) if p.node == node]
     for p in sorted(procs, key=lambda p: p.rank is None):
         signal_process(p.pid, signal.SIGKILL)
     commands.update("node", node, State="DOWN", Reason="hpcdist-drill")
     out(f"  node {node} set DOWN after SIGKILL to its {len(procs)} process(es) of the job")
-    return node
 
 
 def revive(node: str, node_control: str | None = None) -> None:

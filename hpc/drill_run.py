@@ -9,6 +9,7 @@ hpc/drill_faults.py the ranks' processes and a site's node-control command for a
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -183,11 +184,9 @@ def run_scenario(scenario: str, submit: Callable[[str, int], Record], steps: int
             seen.problems += drill_faults.storage_left(job.job_dir)
     seen.attempts = last.attempts(accounted=True)
     seen.losses = job.losses()
-    try:
+    with contextlib.suppress(OSError):
         seen.resumed_step = drill.resumed_from((job.job_dir / task_log(0)).read_text(errors="replace"))
         seen.restarted_at = drill.restart_time((job.job_dir / batch_log(last.job_id)).read_text(errors="replace"), 1)
-    except OSError:
-        pass
     return seen
 
 

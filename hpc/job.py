@@ -73,7 +73,7 @@ class Job:
         now = self.state()
         if self.record.via == "local" or states.base(now.state) not in states.REQUEUED:
             return Poll(now, records.load(self.job_dir))
-        history = reconcile.reconcile(self.job_dir, self.job_id, self.runner)
+        history = reconcile.reconcile_all([(self.job_dir, self.job_id)], self.runner)[0]
         reconcile.nudge(self.job_id, history, self.runner)
         return Poll(now, history)
 

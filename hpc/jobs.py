@@ -70,17 +70,6 @@ def sacct_states(text: str) -> dict[str, JobState]:
     return out
 
 
-def nodelist_unsettled(state: JobState) -> bool:
-    """Whether accounting names fewer hosts than the job ran on: for a few seconds after a job ends, sacct's
-    NodeList holds its batch host alone while NNodes is already right (seen on Slurm 22.05)."""
-    if not state.done or not state.nnodes or state.nodelist in NO_NODES:
-        return False
-    try:
-        return len(nodelist.expand(state.nodelist)) < state.nnodes
-    except ValueError:
-        return False
-
-
 def parse_squeue(text: str, job_id: str) -> JobState | None:
     """A row of ``squeue -h -o %i|%T|%N|%M``."""
     for row in parse.rows(text, SQUEUE_FIELDS, job=job_id):
@@ -89,11 +78,17 @@ def parse_squeue(text: str, job_id: str) -> JobState | None:
 
 
 def _where_it_ran(state: JobState, runner: Runner) -> JobState:
-    """``state`` with the controller's NodeList while accounting's is not yet complete (kept for MinJobAge)."""
-    if not nodelist_unsettled(state):
+    """``state`` with the controller's NodeList (kept for MinJobAge) while accounting names fewer hosts than the
+    job ran on: for a few seconds after a job ends, sacct's NodeList holds its batch host alone while NNodes is
+    already right (seen on Slurm 22.05)."""
+    if not state.done or not state.nnodes or state.nodelist in NO_NODES:
         return state
-    shown = commands.show("job", state.job_id, runner=runner)
-    nodes = parse.keyvalues(shown).get("NodeList", "")
+    try:
+        if len(nodelist.expand(state.nodelist)) >= state.nnodes:
+            return state
+    except ValueError:
+        return state
+    nodes = parse.keyvalues(commands.show("job", state.job_id, runner=runner)).get("NodeList", "")
     return state if nodes in NO_NODES else replace(state, nodelist=nodes)
 
 

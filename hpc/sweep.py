@@ -120,7 +120,7 @@ def _blame(base: Mapping[str, Any], values: Mapping[str, Any], job_dir: str,
 def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_parallel: int | None = None,
          name: str = "sweep", load_profile: Callable[[str], Profile],
          check_more: Checker = lambda spec: None, check_rendered: Callable[[render.Rendered], None] = lambda r: None,
-         environ: Mapping[str, str] | None = None) -> Sweep:
+         environ: Mapping[str, str] = os.environ) -> Sweep:
     """Check and render every task of the sweep; writes nothing. Raises SweepError (one line, the axis).
     ``check_rendered``: what submit checks of a rendered job too (its container where it will run)."""
     sweep_dir = Path(os.path.abspath(sweep_dir))
@@ -136,7 +136,6 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         raise SweepError(str(exc)) from None
     configs = configurations(matrix, text(base.get("backend") or "ddp"))
     placeholder = str(sweep_dir / "task")
-    # First pass: check every configuration and learn its allocation shape.
     groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any], Profile]]] = {}
     seen: dict[specs.JobSpec, dict[str, Any]] = {}
     for i, values in enumerate(configs):
@@ -150,7 +149,6 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         if (twin := seen.setdefault(spec, values)) is not values:
             raise SweepError(f"tasks {label(twin)} and {label(values)} are the same job; give each value once")
         groups.setdefault(tuple(geometry(spec).values()), []).append((i, values, profile))
-    search_env = environ if environ is not None else os.environ
     arrays = []
     for a, members in enumerate(groups.values()):
         array_dir = sweep_dir / f"array-{a}"
@@ -158,7 +156,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
         for j, (i, values, profile) in enumerate(members):
             spec = specs.from_mapping({**job_values(base, values), "job_dir": str(array_dir / f"task-{j}")})
             try:
-                rendered = render.render(spec, profile, search=render.search_path(profile, search_env))
+                rendered = render.render(spec, profile, search=render.search_path(profile, environ))
                 check_rendered(rendered)
             except (specs.SpecError, render.RenderError) as exc:
                 raise SweepError(f"task {label(values)}: {str(exc).splitlines()[0]}") from None
@@ -166,7 +164,7 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             files = {k: v for k, v in rendered.files.items() if k != vocab.JOB_SBATCH}
             tasks.append(Task(i, values, a, j, replace(rendered, files=files)))
         parallel = min(max_parallel or len(tasks), len(tasks))
-        sbatch = render_array(array_dir, tasks, parallel, search_env)
+        sbatch = render_array(array_dir, tasks, parallel, environ)
         arrays.append(Array(a, array_dir, tuple(tasks), parallel, sbatch))
     return Sweep(sweep_dir, name, dict(base), matrix, max_parallel, tuple(arrays))
 

@@ -55,14 +55,14 @@ def test_a_folder_hpcdist_did_not_make_gets_no_attempt_lines_yet_status_shows_th
     """A registry line may name any folder (hand-edited, or another user's line in a shared $HPCDIST_HOME):
     `status` and `list` wrote attempts.jsonl into it."""
     (tmp_path / "notes.txt").write_text("mine\n")
-    lines = reconcile.reconcile(tmp_path, "7", accounting("7|CANCELLED by 0|0:15|T0|T1|n1\n"))
+    lines = reconcile.reconcile_all([(tmp_path, "7")], accounting("7|CANCELLED by 0|0:15|T0|T1|n1\n"))[0]
     assert [(a["ending"], a["source"]) for a in lines] == [("cancelled", "sacct")]
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_a_job_directory_hpcdist_made_records_what_accounting_saw(tmp_path):
     (tmp_path / jobdir.MARKER).write_text(jobdir.marker_text("job", []))
-    reconcile.reconcile(tmp_path, "7", accounting("7|CANCELLED by 0|0:15|T0|T1|n1\n"))
+    reconcile.reconcile_all([(tmp_path, "7")], accounting("7|CANCELLED by 0|0:15|T0|T1|n1\n"))
     assert [a["ending"] for a in records.load(tmp_path)] == ["cancelled"]
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 from hpc import checkpoints, jobfiles, monitor, runfiles
 from hpc.failures import record as records
 from hpc.failures.evidence import Evidence, attempt_segment, context, task_ends
-from hpc.failures.policy import REQUEUED, Policy, decide, usable
+from hpc.failures.policy import REQUEUED, RETRY_ACTIONS, Policy, decide, usable
 from hpc.failures.rules import classify
 from hpc.slurm import commands, grammar, parse, states
 from hpc.slurm.runner import Runner, run
@@ -164,8 +164,7 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
     status = step_status
     if line["ending"] in REQUEUED and line["action"] == "none":
         status = EXIT_PREEMPTED
-    retries = ("retry", "relaunch", "resubmit")
-    uses = {"requeue": ("requeue",), **dict.fromkeys(retries, retries)}.get(line["action"], ())
+    uses = {"requeue": ("requeue",), **dict.fromkeys(RETRY_ACTIONS, RETRY_ACTIONS)}.get(line["action"], ())
     count = sum(1 for a in history if a.get("action") in uses) + 1 if uses else 0
     values = {"action": line["action"], "exclude": ",".join(line.get("excluded") or ()), "uses": str(count),
               "already_requeued": "1" if already else "0", "end_status": str(status),

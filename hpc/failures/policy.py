@@ -18,6 +18,7 @@ from hpc.slurm.parse import node_state
 # every rank checkpointed together.
 RETRIED = ("node_failure", "rank_crashed", "hung")
 REQUEUED = ("preempted", "time_limit")
+RETRY_ACTIONS = ("retry", "relaunch", "resubmit")  # each counts against --max-retries
 # Node states in which Slurm would not start the job there.
 UNUSABLE = ("down", "drain", "drng", "drained", "draining", "fail", "failing", "maint", "no_respond",
             "not_responding", "future", "unknown", "inval", "reboot", "power_down", "powered_down", "powering_down")
@@ -88,7 +89,7 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                "completed": "", "cancelled": "cancelled by request",
                "unknown": "an ending hpcdist cannot classify is not retried"}
         return Decision("none", tuple(sorted(excluded)), why.get(ending.ending, ""))
-    used = sum(1 for h in history if h.get("action") in ("retry", "relaunch", "resubmit"))
+    used = sum(1 for h in history if h.get("action") in RETRY_ACTIONS)
     if used >= policy.max_retries:
         return Decision("none", tuple(sorted(excluded)),
                         f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")

@@ -1,7 +1,7 @@
 """Afterwards: lines for the runs whose batch shell never recorded them (a node failure or a cancellation killed
 it), read from accounting; and the nudge that starts a requeued job as soon as its nodes are ready.
 
-    reconcile(job_dir, "42")       # every attempt line, oldest first, the missing ones added from sacct
+    reconcile_all([(job_dir, "42")])   # each job's attempt lines, oldest first, the missing ones added from sacct
     nudge("42", attempts)          # every waiter's poll calls this (hpc/job.py)
 """
 
@@ -107,14 +107,10 @@ def unreachable(row: Mapping[str, str], state: str, sig: int | None, job_dir: Pa
                   "system every compute node mounts, then resubmit")
 
 
-def reconcile(job_dir: Path, job_id: str, runner: Runner = run) -> list[dict[str, Any]]:
-    """Append lines for runs of the job that ended unrecorded; return every attempt line, oldest first."""
-    return reconcile_all([(Path(job_dir), job_id)], runner)[0]
-
-
 def reconcile_all(jobs: Sequence[tuple[Path, str]], runner: Runner = run) -> list[list[dict[str, Any]]]:
-    """``reconcile`` for each (job dir, job id), with one sacct for all of them: `list` of a thousand ended
-    jobs must not ask accounting a thousand times."""
+    """For each (job dir, job id), append lines for runs of the job that ended unrecorded and return every attempt
+    line, oldest first; one sacct for all of them: `list` of a thousand ended jobs must not ask accounting a
+    thousand times."""
     text = commands.sacct([j for _, j in jobs], SACCT_RUN_FIELDS, duplicates=True, runner=runner) if jobs else None
     runs: dict[str, list[dict[str, str]]] = {}
     for row in parse.rows(text, SACCT_RUN_FIELDS):

@@ -69,7 +69,6 @@ class Facts:
 
     @cached_property
     def slurm_nodes(self) -> list[str]:
-        """The nodes Slurm says failed under this attempt."""
         ev, ends = self.ev, self.ends
         nodes = failed_nodes(ev.batch_log)
         if not nodes and (self.state == "NODE_FAIL" or "NODE FAILURE" in self.reasons or ev.job_reason == "NodeDown"):
