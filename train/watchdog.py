@@ -177,7 +177,6 @@ class Watchdog:
         self.beat, self.timeout_s, self.factor, self.exit, self.now = beat, timeout_s, factor, exit, clock
         self.run_dir = beat.run_dir
         self.stacks_dir = self.run_dir / "stacks"
-        self.tick_s = beat.every_s
         # Judging reads every rank's heartbeat: a few times per timeout is enough, and spares a shared disk.
         self.judge_every_s = max(beat.every_s, min(timeout_s / 6, 10.0))
         self.fresh_s = max(3 * beat.every_s, 1.0)
@@ -201,7 +200,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         last_judged = 0.0
-        while not self._stop.wait(self.tick_s):
+        while not self._stop.wait(self.beat.every_s):
             reader = self.reads_shared()
             judges = self.judges(reader)
             lost = self.lost(reader)
