@@ -221,16 +221,13 @@ class Store:
         # the training thread wants the interpreter.
         written = self.folder / name_for(step) / STATE_FILE
         persist, self._persisted_at = self.persist, time.monotonic()
-
-        def copy(staging: Path, tag: str) -> None:
-            shutil.copyfile(written, staging / tag / checkpoint.TRAINER_FILE)
-
         try:
             with checkpoint.publishing(persist.root):
                 saved = complete(persist.root)
                 if saved and step_of(saved[-1]) >= step:  # the training loop saved this step or a later one
                     return
-                checkpoint.save(persist.root, step, rank=0, write=copy)
+                checkpoint.save(persist.root, step, rank=0, write=lambda staging, tag: shutil.copyfile(
+                    written, staging / tag / checkpoint.TRAINER_FILE))
         except OSError as exc:
             # The loop's own checkpoints name a full disk as the run's ending; here it only ends the persisting.
             self.persist = None
