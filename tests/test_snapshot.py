@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc.checkpoints import MANIFEST, newest
+from hpc.checkpoints import MANIFEST, SNAPSHOT_EVERY_S, newest
 from train import checkpoint, snapshot
 from train.engines import TorchEngine
 from train.model import ConvNet
@@ -35,7 +35,7 @@ def test_a_run_outside_slurm_names_its_store_local_and_a_job_id_that_is_not_a_nu
 
 def test_snapshots_are_taken_by_default_in_a_slurm_job_and_elsewhere_only_when_asked():
     in_job = {"SLURM_JOB_ID": "4711"}
-    assert snapshot.every_s(None, in_job) == snapshot.DEFAULT_EVERY_S
+    assert snapshot.every_s(None, in_job) == SNAPSHOT_EVERY_S
     assert snapshot.every_s(None, {}) == 0
     assert snapshot.every_s(0.5, {}) == 0.5
     assert snapshot.every_s(0, in_job) == 0

@@ -153,7 +153,8 @@ def train(opts: Options, beat: heartbeat.Heartbeat) -> int:
     if timing is not None:
         beat.phase("eval")
         finish(run, engine, data, state, timing, store)
-    snapshot.drop(store)
+    if store is not None:
+        store.drop()
     return leave(EXIT_PREEMPTED if timing is None else 0)
 
 

@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -176,13 +176,7 @@ def save(root: Path, step: int, *, rank: int, write: Callable[[Path, str], None]
     any point leaves a loadable checkpoint behind. A failure on any rank is decided together (``Agreement``): no
     rank publishes, rank 0 removes the staging folder, and every rank raises.
     """
-    with publishing(root):
-        return _save(Path(root), step, rank, write, agree or Agreement(None), trained_with)
-
-
-def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], agree: Agreement,
-          trained_with: dict | None) -> Path:
-    tag = name_for(step)
+    root, agree, tag = Path(root), agree or Agreement(None), name_for(step)
     staging = root / f".tmp-{tag}"
 
     def prepare() -> None:
@@ -194,14 +188,15 @@ def _save(root: Path, step: int, rank: int, write: Callable[[Path, str], None], 
         if rank == 0:
             _publish(root, staging, tag, step, trained_with)
 
-    try:
-        for stage in (prepare, lambda: write(staging, tag), publish):
-            together(stage, agree, rank, root, staging, tag)
-    except KeyboardInterrupt:
-        # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with publishing(root):
+        try:
+            for stage in (prepare, lambda: write(staging, tag), publish):
+                together(stage, agree, rank, root, staging, tag)
+        except KeyboardInterrupt:
+            # A user's Ctrl-C, unlike a kill, leaves this process the moment to take its half-written folder away.
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
     return root / tag
 
 
@@ -345,9 +340,8 @@ def _earlier_numpy_state() -> list:
 def load(path: Path, allowed: tuple = (), *, mmap: bool = False) -> dict:
     """A checkpoint file as data: the weights-only unpickler calls nothing a file names but ``allowed`` classes, so a
     planted or foreign checkpoint cannot run code in the job (``mmap``: tensors stay on disk, for a check)."""
-    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        with safe([*_earlier_numpy_state(), *allowed]) if safe else nullcontext():
+        with torch.serialization.safe_globals([*_earlier_numpy_state(), *allowed]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - a foreign file fails inside the unpickler in many ways
         raise CheckpointError(f"checkpoint file {path} holds more than tensors, numbers and text "

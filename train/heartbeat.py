@@ -125,12 +125,11 @@ class Heartbeat:
     """This rank's heartbeat; ``every_s`` 0 turns heartbeats off (nothing is written, no thread runs)."""
 
     def __init__(self, run_dir: Path, *, every_s: float = 2.0, marks: Mapping[str, float] | None = None,
-                 clock: Callable[[], float] = time.time,
-                 peak_memory: Callable[[], int] = lambda: 0) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.run_dir, self.every_s, self.now = Path(run_dir), every_s, clock
         self.step_clock = StepClock()
         self.marks = dict(marks or {})
-        self.peak_memory = peak_memory
+        self.peak_memory: Callable[[], int] = lambda: 0  # the trainer's, once its device is known
         self.identity: dict | None = None
         self.phase_name, self.step, self.step_at, self.loss = "setup", 0, None, None  # loss: a 0-dim tensor
         self.total_steps = self.local_batch = self.start_step = self.snapshot_step = None

@@ -48,7 +48,7 @@ class Options:
     deepspeed_config: Path | None = None
     checkpoint_every: int = 0
     checkpoint_every_min: float = 10.0
-    snapshot_every_s: float | None = None  # None: train/snapshot.DEFAULT_EVERY_S in a Slurm job, else off
+    snapshot_every_s: float | None = None  # None: hpc.checkpoints.SNAPSHOT_EVERY_S in a Slurm job, else off
     persist_every_s: float = 60.0
     resume: bool = False
     seed: int = 0

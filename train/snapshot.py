@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from hpc import fileio
 from hpc.checkpoints import NAME, SNAPSHOT_EVERY_S, complete, name_for, newest
@@ -44,7 +45,6 @@ from train import checkpoint, dssnapshot, runtime
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
 STATE_FILE = "state.pt"
-DEFAULT_EVERY_S = SNAPSHOT_EVERY_S
 # What names the folder of a run outside Slurm that asked for snapshots (a benchmark): its run directory and host.
 NO_JOB = "local"
 
@@ -63,10 +63,10 @@ def store_dir(run_dir: Path, environ: Mapping[str, str], hostname: str) -> Path 
 
 def every_s(given: float | None, environ: Mapping[str, str]) -> float:
     """Seconds between snapshots, 0 for none, the same answer on every rank. By default a Slurm job's run keeps
-    them, every DEFAULT_EVERY_S, since its epilog frees what a killed run leaves in memory; elsewhere only a run
+    them, every SNAPSHOT_EVERY_S, since its epilog frees what a killed run leaves in memory; elsewhere only a run
     that asks (a benchmark, a test)."""
     if given is None:
-        return DEFAULT_EVERY_S if "SLURM_JOB_ID" in environ else 0.0
+        return SNAPSHOT_EVERY_S if "SLURM_JOB_ID" in environ else 0.0
     return given
 
 
@@ -88,11 +88,11 @@ def open_store(run_dir: Path, environ: Mapping[str, str], *, every_s: float, ran
     earlier run's of this job here."""
     if every_s <= 0:
         return None
+    folder = store_dir(run_dir, environ, socket.gethostname())
     if partitioned_on_node is not None:
-        return dssnapshot.open_parts(store_dir(run_dir, environ, socket.gethostname()), node=partitioned_on_node,
-                                     local_rank=local_rank, fresh=fresh, on_written=on_written, persist=persist)
-    folder = store_dir(run_dir, environ, socket.gethostname()) if local_rank == 0 else None
-    if folder is None:
+        return dssnapshot.open_parts(folder, node=partitioned_on_node, local_rank=local_rank, fresh=fresh,
+                                     on_written=on_written, persist=persist)
+    if folder is None or local_rank != 0:
         return None
     store = Store(folder, on_written=on_written, persist=persist if rank == 0 else None)
     if fresh:
@@ -104,8 +104,6 @@ def newest_held(store: Store | None, rank: int, world: int, disk_step: int | Non
     """(state, path) of the newest snapshot any rank's node holds, if newer than the disk's checkpoint; every rank
     calls it. The first rank holding it loads it and hands it to all (a spare node holds none, and a dead node's
     went with it)."""
-    import torch.distributed as dist
-
     mine = store.newest() if store is not None else None
     offers = runtime.gathered((step_of(mine), str(mine)), world)
     steps = [step for step, _ in offers if step is not None]
@@ -223,16 +221,13 @@ class Store:
         # the training thread wants the interpreter.
         written = self.folder / name_for(step) / STATE_FILE
         persist, self._persisted_at = self.persist, time.monotonic()
-
-        def copy(staging: Path, tag: str) -> None:
-            shutil.copyfile(written, staging / tag / checkpoint.TRAINER_FILE)
-
         try:
             with checkpoint.publishing(persist.root):
                 saved = complete(persist.root)
                 if saved and step_of(saved[-1]) >= step:  # the training loop saved this step or a later one
                     return
-                checkpoint.save(persist.root, step, rank=0, write=copy)
+                checkpoint.save(persist.root, step, rank=0, write=lambda staging, tag: shutil.copyfile(
+                    written, staging / tag / checkpoint.TRAINER_FILE))
         except OSError as exc:
             # The loop's own checkpoints name a full disk as the run's ending; here it only ends the persisting.
             self.persist = None
@@ -257,11 +252,6 @@ def stats(store: Store | None) -> dict[str, float | int]:
     time); nothing for a run that kept none."""
     return {} if store is None else {"snapshots": store.taken, "snapshots_skipped": store.skipped,
                                      "snapshot_stall_s": round(store.stall_s, 6)}
-
-
-def drop(store: Store | None) -> None:
-    if store is not None:
-        store.drop()
 
 
 def load(folder: Path) -> dict:

@@ -61,7 +61,6 @@ COLLECT_S = 30.0  # the most the declaring rank waits for the others' stack file
 LOST_BEATS = 2
 JUDGES = 2        # nodes whose local rank 0 judges while any of them publishes
 LOST, DECLARED = vocab.LOST, "stacks/declared.json"  # the watchdog's files in the run directory
-# The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
 
 
 @dataclass(frozen=True)
@@ -177,12 +176,13 @@ class Watchdog:
         self.beat, self.timeout_s, self.factor, self.exit, self.now = beat, timeout_s, factor, exit, clock
         self.run_dir = beat.run_dir
         self.stacks_dir = self.run_dir / "stacks"
-        self.tick_s = beat.every_s
         # Judging reads every rank's heartbeat: a few times per timeout is enough, and spares a shared disk.
         self.judge_every_s = max(beat.every_s, min(timeout_s / 6, 10.0))
         self.fresh_s = max(3 * beat.every_s, 1.0)
         self.lost_s = max(LOST_BEATS * beat.every_s, 1.0)
-        self.slurmd_port = _port(os.environ.get("HPCDIST_SLURMD_PORT"))
+        # The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
+        port = os.environ.get("HPCDIST_SLURMD_PORT", "")
+        self.slurmd_port = int(port) if port.isdigit() and 0 < int(port) < 65536 else SLURMD_PORT
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -201,7 +201,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         last_judged = 0.0
-        while not self._stop.wait(self.tick_s):
+        while not self._stop.wait(self.beat.every_s):
             reader = self.reads_shared()
             judges = self.judges(reader)
             lost = self.lost(reader)
@@ -383,7 +383,3 @@ class Watchdog:
                   "attempt": self.me.get("attempt", 0), "declared_by": declared["declared_by"],
                   "time": now, "stacks": {str(r): t for r, t in stacks.items()}, "groups": group(stacks)}
         fileio.atomic_write(self.run_dir / vocab.HANG, json.dumps(report, indent=2) + "\n")
-
-
-def _port(value: str | None) -> int:
-    return int(value) if value and value.isdigit() and 0 < int(value) < 65536 else SLURMD_PORT
