@@ -1,7 +1,8 @@
 """Hand this rank's heartbeat (docs/CONTRACTS.md, contract 1) to its node: phase, progress, step-time split, memory.
 
     beat = Heartbeat(run_dir, every_s=2.0, marks={"process_start": t0})
-    beat.identify(env, os.environ, total_steps=..., local_batch=...)   # beats flow from here on
+    beat.identify(env, os.environ)                 # beats flow from here on
+    beat.plan(total_steps=..., local_batch=...)
     beat.phase("train"); clock.begin()
     ...; beat.stepped(step, loss)   # per step: a few attribute stores, no I/O, no device sync
     beat.finish("done")
