@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from hpc import jobfiles, shown, vocab
+from hpc import beatfile, jobfiles, shown, vocab
 from hpc.slurm import grammar, parse
 
 SACCT_TIMES = ("JobID", "Submit", "Start", "End")
@@ -38,7 +38,6 @@ PHASES = {
     "first_step_done": "first step",
 }
 STAMPS = ("submitted", *PHASES)
-MARKS = STAMPS[5:]
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
                 stamps.setdefault("submitted", submitted)
             bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}
         task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank), {})
-        own = {k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS}
+        own = {k: v for k, v in marks.get((attempt, rank), {}).items() if k in beatfile.MARKS}
         found = waterfall({**bases[attempt], **task, **own}, attempt, rank, node)
         if found is not None:
             out.append(found)
