@@ -105,10 +105,8 @@ def parse_rank_error(text: str) -> RankError | None:
 
 
 def read_errors(run_dir: Path) -> tuple[RankError, ...]:
-    folder = Path(run_dir) / ERRORS
-    if not folder.is_dir():
-        return ()
-    found = (parse_rank_error(jobfiles.tail_text(p, 65536)) for p in sorted(jobfiles.folder(folder, "rank-*.json")))
+    found = (parse_rank_error(jobfiles.tail_text(p, 65536))
+             for p in sorted(jobfiles.folder(Path(run_dir) / ERRORS, "rank-*.json")))
     return tuple(e for e in found if e is not None)
 
 
