@@ -169,8 +169,7 @@ def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]
     oldest first: Slurm keeps one row per run of a requeued job. End is None while it runs."""
     rows = [{"submitted": grammar.timestamp(r["Submit"]), "started": grammar.timestamp(r["Start"]),
              "ended": grammar.timestamp(r["End"])} for r in parse.rows(text, SACCT_TIMES, job=job_id)]
-    rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
-    return rows
+    return sorted(rows, key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
 
 
 def runs_by_attempt(slurm: Sequence[Mapping[str, float | None]],
