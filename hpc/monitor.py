@@ -67,9 +67,7 @@ def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
             for path in changed:
                 document = beatfile.read_node(path)
                 _SEEN[path] = (keys[path], tuple(beats_in(document)) if document is not None else ())
-    out: dict[int, Heartbeat] = {}
-    for path in keys:
-        out.update((b.rank, b) for b in _SEEN[path][1])
+    out = {b.rank: b for path in keys for b in _SEEN[path][1]}
     return dict(sorted(out.items()))
 
 
@@ -184,17 +182,15 @@ def straggler_ratios(samples: Mapping[int, Sequence[float]],
     # Leaving out any value below the middle gives one median, any above another: 32,768 ranks need three.
     half = (len(ordered) - 1) // 2
     medians: dict[int, float] = {}
-    out: dict[int, tuple[bool, float | None]] = {}
+    out: dict[int, tuple[bool, float | None]] = dict.fromkeys(samples, (False, None))
     for rank, own in samples.items():
         if not own or len(ordered) < 2:
-            out[rank] = (False, None)
             continue
         at = min(max(bisect.bisect_left(ordered, level[rank]), half - 1), half + 1)
         reference = medians.get(at)
         if reference is None:
             reference = medians[at] = _median_without(ordered, ordered[at])
         if reference <= 0:
-            out[rank] = (False, None)
             continue
         bar = STRAGGLER_RATIO * reference
         flagged = level[rank] >= bar and sum(v >= bar for v in own[-window:]) >= SUSTAIN
