@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Iterable, Mapping
 
@@ -116,10 +116,6 @@ class Config:
     def slug(self) -> str:
         """The name as a folder name."""
         return self.name.replace(":", "-")
-
-    def one_rank(self) -> Config:
-        """The same training on one rank with its default threads: what ``scaling`` divides by."""
-        return replace(self, ranks=1, threads=None)
 
 
 _TOKENS = (

@@ -8,7 +8,7 @@ Pure: hpc/commands/bench.py writes the files and draws the chart from ``chart_ba
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Mapping, Sequence
 
 from hpc import shown, vocab
@@ -49,7 +49,8 @@ def scaling(result: Result, results: Sequence[Result]) -> float | None:
     """images/s over the same training's on one rank with default threads; None at one rank or if absent."""
     if result.config.ranks == 1 or not result.ok:
         return None
-    base = next((other for other in results if other.config == result.config.one_rank() and other.ok), None)
+    one_rank = replace(result.config, ranks=1, threads=None)
+    base = next((other for other in results if other.config == one_rank and other.ok), None)
     return None if base is None else result.images_per_s / base.images_per_s  # type: ignore[operator]
 
 

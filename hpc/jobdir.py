@@ -28,21 +28,15 @@ MARKER_NOTE = ("This directory was written by hpcdist; `--force` replaces it onl
 _MARKER_MAX_BYTES = 64 << 20
 
 
-def protected_dirs(cwd: str, home: str | None) -> tuple[str, ...]:
-    """Directories a job directory may never be, nor replace: /, the home and current directories and
-    every directory above them."""
-    out = {"/"}
-    for base in (cwd, home):
-        if base:
-            real = Path(os.path.realpath(base))
-            out.update(str(p) for p in (real, *real.parents))
-    return tuple(sorted(out))
-
-
 def refuse_protected(target: Path, what: str, environ: Mapping[str, str], cwd: str) -> None:
     """RenderError when ``target`` is /, the home or current directory or one above them: hpcdist never
     writes a job (or sweep) there, since replacing it would remove everything of the user's inside."""
-    if os.path.realpath(target) in protected_dirs(cwd, environ.get("HOME")):
+    protected = {"/"}
+    for base in (cwd, environ.get("HOME")):
+        if base:
+            real = Path(os.path.realpath(base))
+            protected.update(str(p) for p in (real, *real.parents))
+    if os.path.realpath(target) in protected:
         raise RenderError(f"{what} {target} is /, the home or current directory or one above them; "
                           f"pick a new directory for the {what.split()[0]}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import re
 import signal
@@ -84,11 +85,9 @@ def failure_report(record: Record, lines: int = 40) -> str:
     # The statuses there are, not one look-up per task: a record may name a million tasks.
     for path in jobfiles.folder(record.submitit_dir, f"{glob.escape(record.job_id)}_*_exit", record.ntasks):
         index = jobfiles.count(path.name[len(record.job_id) + 1:-len("_exit")])
-        try:
+        with contextlib.suppress(OSError, ValueError):
             if index is not None and index < record.ntasks:
                 codes[index] = int(jobfiles.read_text(path, 64))
-        except (OSError, ValueError):
-            pass
     history = records.load(Path(record.job_dir))
     last = history[-1] if history else None
     cause = records.root_cause(history[-1:])

@@ -67,9 +67,7 @@ def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
             for path in changed:
                 document = beatfile.read_node(path)
                 _SEEN[path] = (keys[path], tuple(beats_in(document)) if document is not None else ())
-    out: dict[int, Heartbeat] = {}
-    for path in keys:
-        out.update((b.rank, b) for b in _SEEN[path][1])
+    out = {b.rank: b for path in keys for b in _SEEN[path][1]}
     return dict(sorted(out.items()))
 
 
@@ -111,8 +109,7 @@ class RankView:
                 "images_per_s": b.images_per_s, "loss": b.loss, "rss_bytes": b.rss_bytes,
                 "peak_memory_bytes": b.peak_memory_bytes, "heartbeat_age_s": _rounded(self.age_s),
                 "progress_age_s": _rounded(self.progress_age_s), "stale": self.stale,
-                "stale_reason": self.stale_reason, "straggler": self.straggler,
-                "compute_ratio": None if self.compute_ratio is None else round(self.compute_ratio, 3)}
+                "stale_reason": self.stale_reason, "straggler": self.straggler, **straggler_json(self)}
 
 
 @dataclass(frozen=True)
@@ -139,13 +136,12 @@ class Board:
                 "stragglers": [straggler_json(v) for v in self.stragglers]}
 
 
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def straggler_json(view: RankView) -> dict[str, Any]:
-    return {"rank": view.beat.rank, "node": view.beat.node,
-            "compute_ratio": None if view.compute_ratio is None else round(view.compute_ratio, 3)}
+    return {"rank": view.beat.rank, "node": view.beat.node, "compute_ratio": _rounded(view.compute_ratio)}
 
 
 def _median_without(ordered: Sequence[float], value: float) -> float:
@@ -186,17 +182,15 @@ def straggler_ratios(samples: Mapping[int, Sequence[float]],
     # Leaving out any value below the middle gives one median, any above another: 32,768 ranks need three.
     half = (len(ordered) - 1) // 2
     medians: dict[int, float] = {}
-    out: dict[int, tuple[bool, float | None]] = {}
+    out: dict[int, tuple[bool, float | None]] = dict.fromkeys(samples, (False, None))
     for rank, own in samples.items():
         if not own or len(ordered) < 2:
-            out[rank] = (False, None)
             continue
         at = min(max(bisect.bisect_left(ordered, level[rank]), half - 1), half + 1)
         reference = medians.get(at)
         if reference is None:
             reference = medians[at] = _median_without(ordered, ordered[at])
         if reference <= 0:
-            out[rank] = (False, None)
             continue
         bar = STRAGGLER_RATIO * reference
         flagged = level[rank] >= bar and sum(v >= bar for v in own[-window:]) >= SUSTAIN
@@ -288,10 +282,6 @@ class Watch:
 
 # ---- showing -----------------------------------------------------------------------------------------
 
-def _bytes(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.0f}M"
-
-
 TABLE_COLUMNS = ("NODE", "RANK", "PID", "PHASE", "STEP", "STEP_S", "COMPUTE_S", "COMM_S", "IMG/S", "AGE_S", "RSS",
                  "FLAGS")
 
@@ -324,7 +314,8 @@ def table_rows(board: Board, most: int | None = None) -> list[tuple[str, ...]]:
         rows.append((b.node_label if shared else b.node, str(b.rank), shown.number(b.pid, "d"), b.phase, step,
                      shown.number(b.step_time_s, ".3f"), shown.number(b.compute_s, ".3f"),
                      shown.number(b.comm_s, ".3f"), shown.number(b.images_per_s, ".0f"),
-                     shown.number(v.age_s, ".1f", "?"), _bytes(b.rss_bytes), "  ".join(flags)))
+                     shown.number(v.age_s, ".1f", "?"),
+                     "-" if b.rss_bytes is None else f"{b.rss_bytes / 2**20:.0f}M", "  ".join(flags)))
     return rows
 
 
@@ -334,10 +325,7 @@ def table(board: Board, most: int | None = TABLE_RANKS) -> str:
     rows = table_rows(board, most)
     if not rows:
         return "no heartbeats yet (the trainer writes run/heartbeat/node-N.json once it starts)"
-    named, previous = [], None
-    for row in rows:
-        named.append(row if row[0] != previous else ("", *row[1:]))
-        previous = row[0]
+    named = [row if i == 0 or row[0] != rows[i - 1][0] else ("", *row[1:]) for i, row in enumerate(rows)]
     lines = shown.aligned((TABLE_COLUMNS, *named))
     if len(rows) < len(board.ranks):
         # chosen() shows the flagged ranks first, so those left out are the flagged past the rows shown.

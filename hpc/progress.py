@@ -54,15 +54,14 @@ def of(beats: Mapping[int, Any], metric: Mapping[str, Any] | None = None) -> Pro
     """Progress from heartbeats (hpc.monitor.Heartbeat by rank) of the newest attempt, else from rank 0's
     newest metrics.jsonl line; None when neither has anything yet."""
     if beats:
-        attempt = max(b.attempt for b in beats.values())
-        current = {r: b for r, b in beats.items() if b.attempt == attempt}
-        lead = current.get(0) or current[min(current)]
+        current = monitor.newest_attempt(beats)
+        lead = next(iter(current.values()))  # in rank order: rank 0 while it reports
         # While training, the ranks training now; after it, the last rate each rank reported.
         rates = [b.images_per_s for b in current.values() if b.phase == "train" and b.images_per_s]
         rates = rates or [b.images_per_s for b in current.values() if b.images_per_s]
         return Progress(step=lead.step, total_steps=lead.total_steps, loss=lead.loss,
                         images_per_s=sum(rates) if rates else None, step_time_s=lead.step_time_s,
-                        phase=lead.phase, attempt=attempt)
+                        phase=lead.phase, attempt=lead.attempt)
     if metric:
         step = metric.get("step")
         return Progress(step=step if isinstance(step, int) else 0, loss=_num(metric.get("loss")),

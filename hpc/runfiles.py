@@ -105,20 +105,15 @@ def parse_rank_error(text: str) -> RankError | None:
 
 
 def read_errors(run_dir: Path) -> tuple[RankError, ...]:
-    folder = Path(run_dir) / ERRORS
-    if not folder.is_dir():
-        return ()
-    found = (parse_rank_error(jobfiles.tail_text(p, 65536)) for p in sorted(jobfiles.folder(folder, "rank-*.json")))
+    found = (parse_rank_error(jobfiles.tail_text(p, 65536))
+             for p in sorted(jobfiles.folder(Path(run_dir) / ERRORS, "rank-*.json")))
     return tuple(e for e in found if e is not None)
 
 
 def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
     """This attempt's hang.json (the watchdog's verdict), or None: one that does not say its attempt is none's, as
     it stays in the run directory after its attempt."""
-    data = jobfiles.json_object(Path(run_dir) / HANG, _SMALL)
-    if data is None:
-        return None
-    data = jobfiles.well_typed(data, HANG_FIELDS)
+    data = jobfiles.well_typed(jobfiles.json_object(Path(run_dir) / HANG, _SMALL) or {}, HANG_FIELDS)
     # A time the clock cannot show is as good as none.
     if "since" in data and not 0 <= data["since"] <= MAX_UNIX_TIME:
         del data["since"]
@@ -127,8 +122,5 @@ def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
 
 def read_lost(run_dir: Path, attempt: int) -> dict[str, Any] | None:
     """This attempt's lost.json (a node whose ranks vanished and whose slurmd did not answer), or None."""
-    data = jobfiles.json_object(Path(run_dir) / LOST, _SMALL)
-    if data is None:
-        return None
-    data = jobfiles.well_typed(data, LOST_FIELDS)
+    data = jobfiles.well_typed(jobfiles.json_object(Path(run_dir) / LOST, _SMALL) or {}, LOST_FIELDS)
     return data if data.get("attempt") == attempt and data.get("node") else None

@@ -93,10 +93,9 @@ def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | N
     """Every rank's start-up waterfall; ``slurm``: sacct_attempts(record), when the caller has asked already."""
     rdir = run_dir(record)
     seen = seen or seen_of(record)
-    beats, histories = seen.beats, seen.histories
     marks: dict[tuple[int, int], dict[str, float]] = {}
     world: list[tuple[int, int, str]] = []
-    for beat in [b for hist in histories.values() for b in hist] + list(beats.values()):
+    for beat in [b for hist in seen.histories.values() for b in hist] + list(seen.beats.values()):
         key = (beat.attempt, beat.rank)
         marks.setdefault(key, {}).update(beat.marks)
         world.append((beat.attempt, beat.rank, beat.node))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from hpc import jobfiles, shown, vocab
+from hpc import beatfile, jobfiles, shown, vocab
 from hpc.slurm import grammar, parse
 
 SACCT_TIMES = ("JobID", "Submit", "Start", "End")
@@ -38,7 +38,6 @@ PHASES = {
     "first_step_done": "first step",
 }
 STAMPS = ("submitted", *PHASES)
-MARKS = STAMPS[5:]
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,7 @@ def parse_sacct_attempts(text: str, job_id: str) -> list[dict[str, float | None]
     oldest first: Slurm keeps one row per run of a requeued job. End is None while it runs."""
     rows = [{"submitted": grammar.timestamp(r["Submit"]), "started": grammar.timestamp(r["Start"]),
              "ended": grammar.timestamp(r["End"])} for r in parse.rows(text, SACCT_TIMES, job=job_id)]
-    rows.sort(key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
-    return rows
+    return sorted(rows, key=lambda r: (r["submitted"] or 0.0, r["started"] or 0.0))
 
 
 def runs_by_attempt(slurm: Sequence[Mapping[str, float | None]],
@@ -214,7 +212,7 @@ def assemble(world: Iterable[tuple[int, int, str]], task_of: Mapping[int, int], 
                 stamps.setdefault("submitted", submitted)
             bases[attempt] = {**stamps, **shell.get(attempt, {}).get("batch", {})}
         task = shell.get(attempt, {}).get("tasks", {}).get(task_of.get(rank, rank), {})
-        own = {k: v for k, v in marks.get((attempt, rank), {}).items() if k in MARKS}
+        own = {k: v for k, v in marks.get((attempt, rank), {}).items() if k in beatfile.MARKS}
         found = waterfall({**bases[attempt], **task, **own}, attempt, rank, node)
         if found is not None:
             out.append(found)

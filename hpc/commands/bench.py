@@ -157,10 +157,9 @@ def draw(results: list[benchresults.Result], meta: dict, path: Path) -> None:
     bars = benchreport.chart_bars(results)
     colours = {"floor": "#7f7f7f", "dp": "#d62728", "ddp": "#1f77b4", "deepspeed": "#2ca02c"}
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(bars), 1) + 1.4))
-    labels = [b[0] for b in bars]
     values = [b[1] for b in bars]
     ax.barh(range(len(bars)), values, color=[colours.get(b[2], "#9467bd") for b in bars])
-    ax.set_yticks(range(len(bars)), labels)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars])
     ax.invert_yaxis()
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)

@@ -26,8 +26,6 @@ from hpc.job import follow
 TOP_EVERY_S = 2.0
 
 
-# ---- commands ------------------------------------------------------------------------------------
-
 @click.command()
 @click.argument("job")
 @click.option("--once", is_flag=True, help="One snapshot, then exit.")
