@@ -109,7 +109,8 @@ class RankView:
                 "images_per_s": b.images_per_s, "loss": b.loss, "rss_bytes": b.rss_bytes,
                 "peak_memory_bytes": b.peak_memory_bytes, "heartbeat_age_s": _rounded(self.age_s),
                 "progress_age_s": _rounded(self.progress_age_s), "stale": self.stale,
-                "stale_reason": self.stale_reason, "straggler": self.straggler, **straggler_json(self)}
+                "stale_reason": self.stale_reason, "straggler": self.straggler,
+                "compute_ratio": _rounded(self.compute_ratio)}
 
 
 @dataclass(frozen=True)
