@@ -27,7 +27,6 @@ RANK_ERROR_FIELDS = {"rank": int, "node": str, "attempt": int, "time": float, "k
 HANG_FIELDS = {"rank": int | None, "node": str | None, "since": float, "step": int | None, "phase": str,
                "attempt": int}
 LOST_FIELDS = {"node": str, "ranks": list, "since": float, "step": int | None, "declared_by": int, "attempt": int}
-MAX_UNIX_TIME = 2.0**36   # the year 4147: a later time is damage
 _SMALL = 1 << 20
 # Failures of the storage itself, not of the training (retrying elsewhere would only fail the same way), and what
 # clears each: a file-size limit is the process's own, which no free space or other folder lifts. The trainer's
@@ -115,8 +114,8 @@ def read_hang(run_dir: Path, attempt: int) -> dict[str, Any] | None:
     it stays in the run directory after its attempt."""
     data = jobfiles.well_typed(jobfiles.json_object(Path(run_dir) / HANG, _SMALL) or {}, HANG_FIELDS)
     # A time the clock cannot show is as good as none.
-    if "since" in data and not 0 <= data["since"] <= MAX_UNIX_TIME:
-        del data["since"]
+    if jobfiles.unix_time(data.get("since")) is None:
+        data.pop("since", None)
     return data if data.get("attempt") == attempt else None
 
 

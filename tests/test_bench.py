@@ -185,6 +185,29 @@ def test_bench_writes_again_into_its_own_folder(tmp_path):
     assert "did not write" in command.foreign_out(tmp_path / "sweep")
 
 
+def test_an_out_folder_held_by_files_with_odd_names_is_refused_in_one_line_naming_them_escaped(tmp_path):
+    from hpc.commands import bench as command
+
+    (tmp_path / "a\nb").touch()
+    (tmp_path / "\x1b[31mred").touch()
+    why = command.foreign_out(tmp_path)
+    assert len(why.splitlines()) == 1 and why.endswith("choose another --out or move them away")
+    assert "a\\nb" in why and "\\x1b[31mred" in why
+
+
+def test_a_failed_runs_error_quotes_the_logs_last_line_escaped_reading_only_its_tail(tmp_path, monkeypatch):
+    from hpc import jobfiles
+    from hpc.commands import bench as command
+
+    log = tmp_path / "run.log"
+    log.write_bytes(b"x" * 10**6 + b"\nRuntimeError: \x1b[2Jgone\n\n")
+    read = []
+    monkeypatch.setattr(jobfiles, "read_bytes",
+                        lambda path, limit, tail: read.append(limit) or Path(path).read_bytes()[-limit:])
+    assert command.last_line(log) == "RuntimeError: \\x1b[2Jgone" and read == [65536]
+    assert command.last_line(tmp_path / "absent.log") == "no output"
+
+
 def test_a_link_at_runs_or_a_run_folder_is_refused_before_bench_removes_a_stale_file_through_it(tmp_path, monkeypatch):
     from hpc import fileio
     from hpc.commands import bench as command

@@ -37,6 +37,9 @@ def test_a_hang_with_unreadable_fields_counts_them_as_absent(tmp_path: Path) -> 
     assert runfiles.read_hang(tmp_path, 3) is None
     (tmp_path / HANG).write_text('{"attempt": 2, "step": 1e400}')
     assert runfiles.read_hang(tmp_path, 2).get("step") is None
+    for since in (-5.0, 0.0, 2.0**33):  # times no clock stamps, as every reader of the job directory judges them
+        (tmp_path / HANG).write_text(json.dumps({"since": since, "attempt": 2}))
+        assert runfiles.read_hang(tmp_path, 2) == {"attempt": 2}
 
 
 def test_a_hang_or_a_lost_node_whose_attempt_cannot_be_read_is_no_attempt_s(tmp_path: Path) -> None:

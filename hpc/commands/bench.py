@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
-from hpc import benchreport, benchresults, checkpoints, fileio, jobdir, jobfiles, vocab
+from hpc import benchreport, benchresults, checkpoints, fileio, jobdir, jobfiles, shown, vocab
 from hpc.commands.options import Seconds, fail
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
@@ -77,8 +77,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def last_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip()[:200] if lines else "no output"
+    lines = [line for line in jobfiles.tail_text(log, 65536).splitlines() if line.strip()]
+    return shown.line(lines[-1].strip(), 200) if lines else "no output"
 
 
 # What bench writes in --out. A folder holding anything else is a person's: bench never writes into it.
@@ -96,9 +96,10 @@ def foreign_out(out_dir: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return f"cannot use --out {out_dir}: {exc.strerror}"
+        return f"cannot use --out {shown.line(out_dir)}: {exc.strerror}"
     if held:
-        return (f"--out {out_dir} holds files hpcdist bench did not write ({', '.join(held[:3])}"
+        return (f"--out {shown.line(out_dir)} holds files hpcdist bench did not write "
+                f"({', '.join(shown.line(name, 80) for name in held[:3])}"
                 f"{', ...' if len(held) > 3 else ''}); choose another --out or move them away")
     return None
 
