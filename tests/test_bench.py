@@ -1,8 +1,10 @@
 """hpc.bench and hpcdist bench: grid specs, the command each config runs, each round's order, one real run."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,28 @@ def test_a_failed_runs_error_quotes_the_logs_last_line_escaped_reading_only_its_
                         lambda path, limit, tail: read.append(limit) or Path(path).read_bytes()[-limit:])
     assert command.last_line(log) == "RuntimeError: \\x1b[2Jgone" and read == [65536]
     assert command.last_line(tmp_path / "absent.log") == "no output"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie, killed but not yet reaped by whoever adopted it, does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_timed_out_run_leaves_no_rank_behind_even_one_that_ignores_sigterm(tmp_path):
+    from hpc.commands import bench as command
+
+    pid_file = tmp_path / "rank.pid"
+    rank = f"(trap '' TERM; echo $BASHPID > {pid_file}; exec sleep 60) & wait"
+    rc, _ = command.execute(["bash", "-c", rank], dict(os.environ), tmp_path / "run.log", timeout_s=2)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gone = not _alive(pid)
+    assert rc is None and gone
 
 
 def test_a_link_at_runs_or_a_run_folder_is_refused_before_bench_removes_a_stale_file_through_it(tmp_path, monkeypatch):

@@ -69,11 +69,12 @@ def execute(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) ->
 def stop(proc: subprocess.Popen) -> None:
     """End ``proc``'s whole session: torchrun and every rank it started."""
     os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
+    # A rank that ignores SIGTERM outlives torchrun's own exit, and would hold its CPUs through the next run.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
 
 
 def last_line(log: Path) -> str:
