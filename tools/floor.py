@@ -43,10 +43,6 @@ from train.runtime import (  # noqa: E402
 TIMEOUT_S = 600.0  # the trainer's default --timeout-s
 
 
-def owned_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def batches(samples: int, per_rank: int, rank: int, world: int, seed: int, device: torch.device):
     """Index tensors of fixed size, endlessly: each epoch a fresh permutation, dealt round-robin to ranks."""
     epoch = 0
@@ -83,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"floor: need --batch-size a multiple of {dist.world_size} ranks, --samples at least "
               f"--batch-size, and --max-steps > --warmup >= 1", file=sys.stderr)
         return 2
-    threads = args.threads or ranks.threads_per_rank(os.environ, owned_cpus(), dist)
+    threads = args.threads or ranks.threads_per_rank(os.environ, len(os.sched_getaffinity(0)), dist)
     torch.set_num_threads(threads)
     # Device and process group as the trainer sets them up: outside the timed loop, so not what is measured.
     backend = "deepspeed" if args.engine == "deepspeed" else "ddp"

@@ -34,10 +34,6 @@ from hpc.commands.options import Seconds, fail
 _ROOT = Path(__file__).resolve().parents[2]
 
 
-def owned_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     # torchrun would otherwise force OMP_NUM_THREADS=1 on every rank; the floor and the trainer must both
@@ -244,7 +240,7 @@ def run_rounds(plan: list[tuple[core.Config, int]], meta: dict, steps: int, warm
 def bench(configs: tuple[str, ...], grids: tuple[str, ...], steps: int, warmup: int, batch: int, samples: int,
           out_dir: Path, timeout_s: float, repeat: int, order: str, seed: int, dry_run: bool) -> None:
     """Compare DP, DDP and DeepSpeed against a bare-PyTorch floor: images/s, first step, peak memory."""
-    cpus = owned_cpus()
+    cpus = len(os.sched_getaffinity(0))
     plan = plan_or_exit(configs + grids, batch, samples, cpus)
     why = foreign_out(out_dir)
     if why:
