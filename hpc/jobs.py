@@ -65,7 +65,7 @@ def sacct_states(text: str) -> dict[str, JobState]:
         # "CANCELLED by 0": the state is the first word.
         state = base_state(row["State"]) if row["State"] else "UNKNOWN"
         code, sig = grammar.exit_code(row["ExitCode"]) or (None, None)
-        nnodes = int(row["NNodes"]) if row["NNodes"].isdigit() else None
+        nnodes = jobfiles.count(row["NNodes"])
         out.setdefault(row["JobID"], JobState(row["JobID"], state, code, sig, row["NodeList"], row["Elapsed"], nnodes))
     return out
 

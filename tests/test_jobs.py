@@ -233,6 +233,7 @@ def test_sacct_states_read_each_jobs_allocation_row():
     assert state == jobs.JobState("301", "CANCELLED", 0, 15, "n[1-2]", "00:00:07", 2)
     assert state.done and not state.ok
     assert "302" not in jobs.sacct_states(text)
+    assert jobs.sacct_states(text.replace("|2\n", "|\u00b2\n", 1))["301"].nnodes is None
 
 
 @pytest.mark.parametrize("row,done,ok", [

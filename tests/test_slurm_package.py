@@ -102,6 +102,8 @@ def test_slurmd_port_is_scontrol_configs_else_slurms_default() -> None:
     config = "Configuration data as of 2026-12-06T20:00:00\nSlurmctldPort = 6817\nSlurmdPort              = 7000\n"
     assert commands.slurmd_port(lambda argv: subprocess.CompletedProcess(argv, 0, config, "")) == 7000
     assert commands.slurmd_port(lambda argv: subprocess.CompletedProcess(argv, 1, "", "down\n")) == commands.SLURMD_PORT
+    odd = config.replace("7000", "\u00b2")  # str.isdigit() passes it, int() refuses it
+    assert commands.slurmd_port(lambda argv: subprocess.CompletedProcess(argv, 0, odd, "")) == commands.SLURMD_PORT
 
 
 @pytest.mark.parametrize("text,seconds", [("00:05:00", 300), ("1-00:00:00", 86400), ("5:00", 300),

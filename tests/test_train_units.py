@@ -1714,3 +1714,12 @@ def test_a_ctrl_c_in_the_middle_of_a_record_torch_writes_is_the_interrupt_not_th
     with pytest.raises(KeyboardInterrupt):
         checkpoint.put({"w": torch.zeros(1000), "v": torch.ones(1000)}, tmp_path / "x.pt")
 
+
+
+@pytest.mark.parametrize("given,port", [("7000", 7000), ("\u00b2", 6818), ("0", 6818), ("70000", 6818), ("", 6818)])
+def test_the_watchdog_asks_slurmd_on_the_port_the_batch_shell_exported_else_slurms_default(tmp_path, monkeypatch,
+                                                                                           given, port):
+    from train import heartbeat, watchdog
+
+    monkeypatch.setenv("HPCDIST_SLURMD_PORT", given)
+    assert watchdog.Watchdog(heartbeat.Heartbeat(tmp_path, every_s=2.0), timeout_s=60, factor=10).slurmd_port == port

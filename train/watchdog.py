@@ -181,8 +181,8 @@ class Watchdog:
         self.fresh_s = max(3 * beat.every_s, 1.0)
         self.lost_s = max(LOST_BEATS * beat.every_s, 1.0)
         # The batch shell exports the cluster's SlurmdPort in HPCDIST_SLURMD_PORT.
-        port = os.environ.get("HPCDIST_SLURMD_PORT", "")
-        self.slurmd_port = int(port) if port.isdigit() and 0 < int(port) < 65536 else SLURMD_PORT
+        port = jobfiles.count(os.environ.get("HPCDIST_SLURMD_PORT", ""))
+        self.slurmd_port = port if port and port < 65536 else SLURMD_PORT
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from hpc import jobfiles
 from hpc.ranks import LOCAL_MASTER_PORT
 from hpc.slurm import grammar, parse
 from hpc.slurm.runner import Runner, SlurmError, complaint, run
@@ -153,8 +154,8 @@ SLURMD_PORT = 6818  # Slurm's default SlurmdPort
 
 def slurmd_port(runner: Runner = run) -> int:
     """The cluster's SlurmdPort (``scontrol show config``), else Slurm's default."""
-    port = parse.config(show("config", runner=runner)).get("SlurmdPort", "")
-    return int(port) if port.isdigit() else SLURMD_PORT
+    port = jobfiles.count(parse.config(show("config", runner=runner)).get("SlurmdPort", ""))
+    return port if port is not None else SLURMD_PORT
 
 
 def slurmd_answers(node: str, port: int = SLURMD_PORT, timeout_s: float = 1.0) -> bool:
