@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import ContextManager, Iterator, Protocol
+from typing import ContextManager, Iterator, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -270,7 +270,8 @@ def _saving_through_put() -> Iterator[None]:
         torch.save = save
 
 
-def precision_and_config(opts: Options, device: torch.device, world: int) -> tuple[str, dict | None, int]:
+def precision_and_config(opts: Options, device: torch.device, world: int,
+                         environ: Mapping[str, str] = os.environ) -> tuple[str, dict | None, int]:
     """The precision in force, DeepSpeed's config as deepspeed.initialize gets it, and the global batch.
 
     A job's rendered deepspeed.json is taken as it is (its flags may repeat it, never change it); run by
@@ -283,7 +284,7 @@ def precision_and_config(opts: Options, device: torch.device, world: int) -> tup
              "lr": opts.lr}
     if opts.deepspeed_config is not None:
         config = dsconfig.load(opts.deepspeed_config)
-        if os.environ.get(dsconfig.ELASTIC_ENV):
+        if environ.get(dsconfig.ELASTIC_ENV):
             config = dsconfig.regroup(config, opts.deepspeed_config, world)
         dsconfig.check_resolved(config, opts.deepspeed_config, world, **given)
     else:
