@@ -26,7 +26,7 @@ STALE_MIN_S = 10.0
 # A rank is a STRAGGLER when its compute time per step is at least STRAGGLER_RATIO x the other ranks'
 # median, in each of its last SUSTAIN samples (heartbeats, or steps when the trainer keeps a ring).
 STRAGGLER_RATIO = 1.3
-SUSTAIN = 3
+SUSTAIN = beatfile.RING
 # Readers that show every rank's history read every node's only up to this many nodes; past it, the first
 # node's alone (rank 0's, for goodput and the rate chart), and the stragglers come from each beat's own ring.
 HISTORY_NODES = 8

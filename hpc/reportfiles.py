@@ -136,10 +136,12 @@ class Painter:
     a child still waiting (the reading failed)."""
 
     def __init__(self, folder: Path) -> None:
-        fork = multiprocessing.get_context("fork")
-        self._conn, theirs = fork.Pipe()
-        self._child = fork.Process(target=_paint, args=(theirs, self._conn, Path(folder)),
-                                   name="hpcdist-report-charts", daemon=True)
+        # Spawned, not forked: a fork copies every lock another thread of the caller held at that moment (a test
+        # runner's, a logging handler's), and a child that takes one waits forever.
+        spawn = multiprocessing.get_context("spawn")
+        self._conn, theirs = spawn.Pipe()
+        self._child = spawn.Process(target=_paint, args=(theirs, Path(folder)), name="hpcdist-report-charts",
+                                    daemon=True)
         self._child.start()
         theirs.close()
 
@@ -149,7 +151,6 @@ class Painter:
     def __exit__(self, *exc: object) -> None:
         self._conn.close()
         if self._child.is_alive():
-            # SIGKILL: a flag-only SIGTERM handler the parent had (the trainer's, in a test) came with the fork.
             self._child.kill()
         self._child.join()
 
@@ -169,9 +170,7 @@ class Painter:
         return answer
 
 
-def _paint(conn: Any, parents: Any, folder: Path) -> None:
-    # The parent's end came with the fork: closed here, the parent closing its own is an end of input.
-    parents.close()
+def _paint(conn: Any, folder: Path) -> None:
     plt = fileio.pyplot()  # the half second this process exists to spend early
     # numpy's overflow warnings from such values (below) tell a reader of the report nothing to act on.
     warnings.simplefilter("ignore", RuntimeWarning)

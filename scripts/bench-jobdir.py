@@ -158,7 +158,8 @@ def simulated_beat(rank: int, node: int, per_node: int, nodes: int, t: float, li
               "phase": "build" if line == 0 else "train", "step": 10 * line, "total_steps": 100000, "time": t,
               "step_time_s": 0.2, "compute_s": 0.15, "comm_s": 0.05, "images_per_s": 640.0, "loss": 1.5,
               "rss_bytes": 3 << 30, "peak_memory_bytes": 60 << 30,
-              "marks": {m: t - 60 + i for i, m in enumerate(beatfile.MARKS)}, "recent_compute_s": [0.15] * 16,
+              "marks": {m: t - 60 + i for i, m in enumerate(beatfile.MARKS)},
+              "recent_compute_s": [0.15] * beatfile.RING,
               "step_at": t, "start_step": 0, "snapshot_step": 10 * line - 5 if rank % per_node == 0 and line else None}
     return {k: values[k] for k in beatfile.FIELDS}
 

@@ -11,6 +11,7 @@ import pickletools
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -1035,7 +1036,7 @@ def test_a_lone_process_joins_its_group_while_another_holds_the_default_master_p
 
 
 
-@pytest.mark.parametrize(("origin", "advice"), [("HPCDIST_MASTER_PORT", "resubmit: the local runner picks another"),
+@pytest.mark.parametrize(("origin", "advice"), [("HPCDIST_MASTER_PORT", "resubmit: a new job picks another free port"),
                                                 ("MASTER_PORT", "set MASTER_PORT to a port free")])
 def test_rank_0_finding_its_master_port_taken_says_so_in_one_line_naming_the_port_and_what_to_do(
         tmp_path, capsys, one_process, monkeypatch, origin, advice):
@@ -1295,6 +1296,23 @@ def test_step_clock_splits_each_step_into_compute_and_the_waits_in_collectives()
     assert split["step_time_s"] == pytest.approx(0.8)
     assert split["comm_s"] == pytest.approx(0.3) and split["compute_s"] == pytest.approx(0.5)
     assert split["recent_compute_s"] == pytest.approx([0.5] * 3)
+
+
+def test_a_beat_carries_the_newest_compute_times_the_straggler_test_judges_and_no_more():
+    """Every reader at 4,096 x 8 parses each float of 32,768 beats: a ring of 16, of which the test reads 3, was 0.2 s
+    of each read; compute_s is still the median over the whole window."""
+    from hpc import beatfile, monitor
+    from train.heartbeat import WINDOW, StepClock
+    now = [0.0]
+    clock = StepClock(clock=lambda: now[0])
+    clock.begin()
+    for seconds in range(1, WINDOW + 3):   # steps of 1, 2, ... WINDOW + 2 seconds: the ring keeps the last WINDOW
+        now[0] += seconds
+        clock.end_step()
+    split = clock.summary()
+    assert split["recent_compute_s"] == pytest.approx([float(s) for s in range(WINDOW + 3 - beatfile.RING, WINDOW + 3)])
+    assert split["compute_s"] == pytest.approx(statistics.median(range(3, WINDOW + 3)))
+    assert monitor.SUSTAIN == beatfile.RING
 
 
 def test_images_per_s_is_this_ranks_local_batch_over_the_median_step_time(tmp_path):

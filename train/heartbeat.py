@@ -24,7 +24,8 @@ are counted as compute. On GPUs the times are host times taken without any devic
 queued device work is not seen and ``comm_s`` is the host's waits only; the one-step-late vote keeps the
 host at most a step ahead of the device, so ``step_time_s`` is the device's pace in steady state.
 ``compute_s`` is the rest of the step (data, forward, backward, optimizer). Both are medians over the
-last ``WINDOW`` steps; ``recent_compute_s`` is the ring itself, for straggler detection from one snapshot.
+last ``WINDOW`` steps; ``recent_compute_s`` is the ring's newest ``beatfile.RING``, for straggler detection from
+one snapshot.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class StepClock:
             return round(statistics.median(values), 6) if values else None
         return {"step_time_s": median(list(self.step_times)), "compute_s": median(list(self.compute_times)),
                 "comm_s": median(list(self.comm_times)),
-                "recent_compute_s": [round(v, 6) for v in list(self.compute_times)]}
+                "recent_compute_s": [round(v, 6) for v in list(self.compute_times)[-beatfile.RING:]]}
 
 
 class Heartbeat:
