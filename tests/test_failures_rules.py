@@ -10,7 +10,7 @@ import pytest
 
 from hpc import runfiles
 from hpc.drill import BATCH_CLASSIFIED, MATRIX, expect
-from hpc.failures import rules
+from hpc.failures import evidence, rules
 from hpc.failures.evidence import Evidence, attempt_segment, context, failed_nodes, last_error_line, with_context
 from hpc.failures.policy import Policy, decide
 from hpc.runfiles import RankError
@@ -125,6 +125,16 @@ def test_a_code_error_names_the_rank_that_raised_not_the_peers_that_lost_it():
     ending = rules.classify(Evidence(attempt=0, step_status=1, errors=(peer, own)))
     assert (ending.ending, ending.rank, ending.node) == ("code_error", 1, "n2")
     assert ending.detail == "rank 1 on n2: ValueError: shapes (3,) and (4,) do not match"
+
+
+def test_a_rendezvous_port_another_program_holds_is_the_hosts_own_error_not_a_peers_symptom():
+    """Captured on the cluster: the profile's MASTER_PORT held on n1, where torchrun's agent hosts the rendezvous.
+    Its DistNetworkError read as a peer's lost connection, and the attempt ended unknown."""
+    ending = rules.classify(evidence_of(DATA / "port-taken-torchrun"))
+    assert (ending.ending, ending.rank, ending.node) == ("code_error", 0, "n1")
+    assert "port: 23456" in ending.detail and "EADDRINUSE" in ending.detail
+    assert evidence.is_symptom("torch.distributed.DistNetworkError: Connection reset by peer")
+    assert not evidence.is_symptom("DistNetworkError: ... name: EADDRINUSE, message: address already in use")
 
 
 def test_the_same_exception_on_every_rank_says_so():

@@ -242,6 +242,29 @@ def test_a_sigterm_in_the_batch_shells_first_moments_still_lets_the_attempt_be_r
     assert "the batch shell got SIGTERM" in err
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_reference_hostfile_is_written_whole_or_left_alone_and_never_ends_the_job(tmp_path: Path,
+                                                                                        fails: bool) -> None:
+    """DeepSpeed's per-node launcher reads SLURM_JOB_NODELIST itself: the batch shell's hostfile is for reference.
+    Its command failing ended the job before its step, unrecorded (job.sbatch's set -e), after emptying the file."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in\n  *hostfile*) ' + ('echo "no hosts" >&2; exit 1' if fails else
+                      'printf "n1 slots=2\\nn2 slots=2\\n"') + ';;\n  *attempt*) echo 0;;\n  *) exit 1;;\nesac\n')
+    python.chmod(0o755)
+    spec = replace(golden_spec("deepspeed", "deepspeed"), python=str(python))
+    render.write(render.render(spec, replace(SITE, modules=(), setup=()), tmp_path / "job", search=builtin()))
+    (tmp_path / "job" / "hostfile").write_text("n7 slots=2\n")  # an earlier attempt's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-2]", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    setup = shlex.quote(str(tmp_path / "job" / "setup.sh"))
+    done = subprocess.run(["bash", "-c", f"set -euo pipefail; source {setup}; echo on-to-the-step"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "on-to-the-step", done
+    written = (tmp_path / "job" / "hostfile").read_text()
+    assert written == ("n7 slots=2\n" if fails else "n1 slots=2\nn2 slots=2\n")
+    assert ("no hosts" in done.stderr) == fails
+
+
 @pytest.mark.timed
 def test_the_batch_shells_lost_node_watch_ends_the_step_it_saw_never_the_relaunch(tmp_path: Path) -> None:
     """setup.sh's watch ends the step whose srun ran while run/lost.json stood; once requeue.sh has acted on the

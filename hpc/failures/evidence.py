@@ -37,6 +37,8 @@ _STOPPED = re.compile(r"stopped by (SIG[A-Z0-9]+) at step (\d+)")
 _SYMPTOM = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|[Tt]imed out|timeout|DistNetworkError|"
                       r"DistBackendError|NCCL communicator was aborted|ProcessGroupGloo|recvBytes|sendBytes|"
                       r"ChildFailedError|SignalException|Terminated|Socket Timeout|connection refused", re.I)
+# A network error that is this host's own: torchrun's agent on the rendezvous host cannot listen on MASTER_PORT.
+_OWN_NETWORK = re.compile(r"EADDRINUSE|address already in use", re.I)
 # Launcher noise that is never a rank's own error.
 _NOISE = ("ChildFailedError", "SignalException", "torch.distributed.elastic")
 
@@ -218,6 +220,7 @@ def stopped_by(text: str) -> tuple[str, int] | None:
 
 def is_symptom(error: RankError | str) -> bool:
     """A failure that reports a peer's death or a timed-out collective rather than this rank's own bug."""
-    if isinstance(error, RankError):
-        return error.kind != "bad_input" and bool(_SYMPTOM.search(error.error))
-    return bool(_SYMPTOM.search(error))
+    text = error.error if isinstance(error, RankError) else error
+    if isinstance(error, RankError) and error.kind == "bad_input" or _OWN_NETWORK.search(text):
+        return False
+    return bool(_SYMPTOM.search(text))

@@ -37,9 +37,12 @@ export NCCL_SOCKET_IFNAME=ib0
 export PYTHONPATH=/src/hpcdist"${PYTHONPATH:+:$PYTHONPATH}"
 export HPCDIST_PYTHON=/opt/venv/bin/python
 # The batch shell (no step id yet) records the allocation as a DeepSpeed hostfile, for reference: the
-# per-node launcher gets the same hosts from SLURM_JOB_NODELIST itself.
+# per-node launcher gets the same hosts from SLURM_JOB_NODELIST itself, so a failure here (said in the batch log)
+# must neither end the job before its step, under job.sbatch's set -e, nor leave the file empty.
 if [ -z "${SLURM_STEP_ID:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-    "$HPCDIST_PYTHON" -m hpc hostfile --from-slurm --slots 2 > /jobs/golden/hostfile
+    if hosts=$("$HPCDIST_PYTHON" -m hpc hostfile --from-slurm --slots 2); then
+        printf '%s\n' "$hosts" > /jobs/golden/hostfile
+    fi
 fi
 # A marker left by an earlier run was acted on already; this run's ranks write their own.
 if [ -z "${SLURM_STEP_ID:-}" ]; then
