@@ -40,10 +40,9 @@ TORCHRUN = {
 # What a launcher gives the ranks it starts. A job's tasks are started by srun or the local runner, never by a
 # launcher: there these came from the submitting shell (setup.sh drops them; templates/setup.sh.j2).
 LAUNCHER_VARIABLES = (*TORCHRUN.values(), "MASTER_ADDR", "MASTER_PORT")
-# The port hpcdist found free for the job's rendezvous (hpc/ports.py): the local runner's at submit (its job ids are
-# pids, of which two live ones may derive one port), a Slurm job's batch shell's on its host as the allocation starts
-# (templates/setup.sh.j2). Not MASTER_PORT, which setup.sh drops as the submitting shell's.
-PICKED_MASTER_PORT = "HPCDIST_MASTER_PORT"
+# The port the local runner asked the OS for at submit, one per job (hpc/submit.py): its job ids are pids, of which
+# two live ones may derive one port. Not MASTER_PORT, which setup.sh drops as the submitting shell's.
+LOCAL_MASTER_PORT = "HPCDIST_MASTER_PORT"
 # Slurm's entries list the variables that may carry a value, the step's before the allocation's.
 SLURM = {
     "rank": ("SLURM_PROCID",),
@@ -330,7 +329,7 @@ def _master_port(environ: Mapping[str, str], source: str, origin: dict[str, str]
     torch's default."""
     job_id_var = (_present(environ, SLURM, "job_id") if source == "slurm"
                   else _present(environ, SUBMITIT_LOCAL, "job_id") if source == "submitit-local" else None)
-    given = next((name for name in ("MASTER_PORT", PICKED_MASTER_PORT) if name in environ), None)
+    given = next((name for name in ("MASTER_PORT", LOCAL_MASTER_PORT) if name in environ), None)
     if given:
         master_port, origin["master_port"] = _int(environ, given), given
         if not 1 <= master_port <= MAX_PORT:

@@ -15,13 +15,10 @@ from hpc.spec import JobSpec
 from hpc.task import local_nodelist
 
 # What the port column says of a port unknown before the job runs, and the header line saying where it comes from.
-DERIVED_PORT = f"free-from-{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
+DERIVED_PORT = f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
 SUBMIT_PORT = "free-at-submit"
 TORCHRUN_PICKS = "torchrun-picks"
 PORT_NOTES = {
-    DERIVED_PORT: f"# master_port: the first port free on the batch host from {ranks.PORT_BASE}+JOBID%"
-                  f"{ranks.PORT_SPAN} (within {ranks.PORT_BASE}-{ranks.PORT_BASE + ranks.PORT_SPAN - 1}) as the "
-                  "allocation starts, the same for every rank.",
     SUBMIT_PORT: f"# master_port: a port of {ranks.PORT_BASE}-{ranks.PORT_BASE + ranks.PORT_SPAN - 1} found free when "
                  "the job is submitted, the same for every rank.",
     # torch.distributed.elastic's c10d rendezvous (RendezvousStoreInfo): task.sh's MASTER_ADDR:MASTER_PORT is only

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import io
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from hpc import fileio, jobs, ports, ranks, registry, task, vocab
+from hpc import fileio, jobs, ranks, registry, task, vocab
 from hpc.job import Job, follow
 from hpc.slurm import commands
 from hpc.slurm.runner import SlurmError
@@ -197,13 +199,25 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
 
 
 def _free_port() -> int:
-    """A local job's MASTER_PORT (hpc.ranks.PICKED_MASTER_PORT), asked once, here, so that every task gets the same:
-    one derived from the job id (a pid) may be another live local job's. Searched from a random port of the range."""
-    try:
-        return ports.free_port(ranks.PORT_BASE + random.randrange(ranks.PORT_SPAN))
-    except ports.PortError as exc:
-        raise SubmitError(f"no TCP port for the local job's rendezvous: {exc}; let this user bind a local port, end "
-                          "some local jobs, or submit the job to Slurm") from None
+    """A TCP port no socket here holds, among those ports are derived from (hpc.ranks: below the kernel's ephemeral
+    range): a local job's MASTER_PORT (hpc.ranks.LOCAL_MASTER_PORT)."""
+    # Asked once, here, so that every task gets the same: a port derived from the job id (a pid) may be another live
+    # local job's, or any program's. Not the kernel's pick (port 0): that comes from the ephemeral range, where an
+    # outgoing connection (another job's gloo pairs) may take it before rank 0 listens.
+    start = random.randrange(ranks.PORT_SPAN)
+    for offset in range(ranks.PORT_SPAN):
+        port = ranks.PORT_BASE + (start + offset) % ranks.PORT_SPAN
+        try:
+            with socket.socket() as probe:
+                probe.bind(("", port))
+            return port
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise SubmitError(f"no TCP port for the local job's rendezvous: binding one here failed "
+                                  f"({exc.strerror}); let this user bind a local port, or submit the job to Slurm") \
+                    from None
+    raise SubmitError(f"no TCP port for the local job's rendezvous: every one of {ranks.PORT_BASE}-"
+                      f"{ranks.PORT_BASE + ranks.PORT_SPAN - 1} is taken here; end some local jobs, or submit to Slurm")
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
     hpcdist env --explain          # each value and where it came from
     eval "$(hpcdist env --shell)"  # what task scripts do before starting torchrun or DeepSpeed
-    hpcdist env --free-port        # the batch shell's HPCDIST_MASTER_PORT as an allocation starts (setup.sh)
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Mapping
 
 import click
 
-from hpc import ports, ranks, shown
+from hpc import ranks, shown
 
 
 def explain(dist: ranks.DistEnv) -> str:
@@ -35,27 +34,12 @@ def shell_exports(dist: ranks.DistEnv, environ: Mapping[str, str]) -> str:
                       f"rdzv_conf={'' if host is None else f'is_host={int(host)}'}"])
 
 
-def picked_port(environ: Mapping[str, str]) -> int:
-    """The job's rendezvous port: the first free here from the one its id derives."""
-    job_id = environ.get("SLURM_JOB_ID", "")
-    try:
-        return ports.free_port(ranks.port_for_job(job_id))
-    except ports.PortError as exc:
-        raise ranks.RankError(f"no free port here for job {shown.value(job_id)}'s rendezvous: {exc}; set MASTER_PORT "
-                              "in the profile's environment") from None
-
-
 @click.command()
 @click.option("--explain", "mode", flag_value="explain", default=True, help="Each value and its origin.")
 @click.option("--shell", "mode", flag_value="shell", help="export lines for MASTER_ADDR/MASTER_PORT.")
-@click.option("--free-port", "mode", flag_value="free-port",
-              help=f"{ranks.PICKED_MASTER_PORT}: the first port free here from the one SLURM_JOB_ID derives.")
 def env(mode: str) -> None:
     """Resolve rank, world size and MASTER_ADDR/PORT from this environment."""
     try:
-        if mode == "free-port":
-            click.echo(picked_port(os.environ))
-            return
         dist = ranks.resolve(os.environ)
     except ranks.RankError as exc:
         click.echo(f"hpcdist env: {exc}", err=True)

@@ -46,12 +46,6 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # pipefail its failure would otherwise end the job here, before its step and unrecorded.
     HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}') || true
     export HPCDIST_SLURMD_PORT
-    # The rendezvous port: the first one free on this host, the batch host, where every step's rank 0 runs, from the
-    # one the job id derives, so that a program holding that port does not end the job (a port given in the
-    # profile's environment still wins). Where this fails the ranks derive the port themselves (hpc/ranks.py).
-    if port=$(/opt/venv/bin/python -m hpc env --free-port); then
-        export HPCDIST_MASTER_PORT=$port
-    fi
     # srun waits for every node of its step, a dead one too, until Slurm declares it down (SlurmdTimeout,
     # minutes). Once a rank has named a node lost (run/lost.json), nothing more can come from it: this
     # watcher ends the batch job's srun so that requeue.sh relaunches the step now.
