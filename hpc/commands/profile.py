@@ -19,6 +19,7 @@ import click
 from hpc import container as containers
 from hpc import dsconfig, fileio, jobfiles
 from hpc import partition as partitions
+from hpc.commands.options import fail
 from hpc.partition import Cluster, Node, Partition
 from hpc.slurm import grammar
 from hpc.slurm import runner as slurm_runner
@@ -183,9 +184,9 @@ def _runtime_problems(box: containers.Container | None, cluster: Cluster) -> lis
 def _cluster_or_exit(command: str) -> Cluster:
     cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
     if cluster is None:
-        click.echo(f"hpcdist profile {command}: Slurm does not answer here (scontrol missing, failing or slower than "
-                   f"{slurm_runner.QUERY_TIMEOUT_S} s); run it on a login node of the cluster", err=True)
-        sys.exit(2)
+        fail(f"profile {command}", RuntimeError(f"Slurm does not answer here (scontrol missing, failing or slower "
+                                                f"than {slurm_runner.QUERY_TIMEOUT_S} s); run it on a login node of "
+                                                "the cluster"))
     return cluster
 
 
@@ -205,15 +206,13 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
         text = draft(cluster, partition_name, time.strftime("%Y-%m-%d"), dsconfig.this_cpu().bf16,
                      runtimes_here(cluster))
     except partitions.SpecError as exc:
-        click.echo(f"hpcdist profile init: {exc}", err=True)
-        sys.exit(2)
+        fail("profile init", exc)
     if output is None:
         click.echo(text, nl=False)
         return
     if force and not _replaceable(Path(output)):
-        click.echo(f"hpcdist profile init: {output} is not a draft of profile init (a link, or a file it did not "
-                   "write), so --force leaves it; move it away or give another -o", err=True)
-        sys.exit(2)
+        fail("profile init", FileExistsError(f"{output} is not a draft of profile init (a link, or a file it did not "
+                                             "write), so --force leaves it; move it away or give another -o"))
     try:
         if force:
             fileio.atomic_write(Path(output), text)
@@ -221,11 +220,9 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
             with open(output, "x") as f:
                 f.write(text)
     except FileExistsError:
-        click.echo(f"hpcdist profile init: {output} exists; pass --force to replace it or another -o", err=True)
-        sys.exit(2)
+        fail("profile init", FileExistsError(f"{output} exists; pass --force to replace it or another -o"))
     except OSError as exc:
-        click.echo(f"hpcdist profile init: cannot write {output}: {exc.strerror}", err=True)
-        sys.exit(2)
+        fail("profile init", OSError(f"cannot write {output}: {exc.strerror}"))
     click.echo(f"wrote {output}; check it with: hpcdist profile check {output}", err=True)
 
 
@@ -251,8 +248,7 @@ def check(name: str | None) -> None:
         prof = profiles.load(name)
         render.search_path(prof, os.environ)  # a templates directory that is not there fails every render
     except (profiles.ProfileError, sites.SiteError, render.RenderError) as exc:
-        click.echo(f"hpcdist profile check: {exc}", err=True)
-        sys.exit(2)
+        fail("profile check", exc)
     cluster = _cluster_or_exit("check")
     found = partitions.problems(prof, cluster) + _runtime_problems(prof.container, cluster)
     if found:
