@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Mapping
 
 import click
 
 from hpc import profiles, shown, sites
+from hpc.commands.options import fail
 
 
 def _extends(found: sites.Found) -> str | None:
@@ -64,6 +64,5 @@ def clusters(as_json: bool) -> None:
     try:
         rep = report(os.environ)
     except sites.SiteError as exc:
-        click.echo(f"hpcdist clusters: {exc}", err=True)
-        sys.exit(2)
+        fail("clusters", exc)
     click.echo(json.dumps(rep, indent=2) if as_json else table(rep))

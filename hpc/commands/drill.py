@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from hpc.commands.options import Seconds, fail, job_options
+from hpc.commands.options import Seconds, fail, job_options, prepare, submit_or_exit
 
 
 @click.command()
@@ -62,7 +62,6 @@ def drill(config_file: str | None, scenarios: str | None, steps: int, time_limit
     from hpc import drill as drilling
     from hpc import drill_run, jobs
     from hpc import submit as submitting
-    from hpc.commands.options import prepare, submit_or_exit
 
     given = {"--node-control": node_control, "--small-disk": small_disk}
     try:
