@@ -30,17 +30,12 @@ def report(params: int, nodes: int, gpus_per_node: int, gpu_memory: int | None, 
             "recommendation": dataclasses.asdict(choice)}
 
 
-def _fits(row: dict) -> str:
-    if not row["applicable"]:
-        return "n/a"
-    return {True: "yes", False: "no", None: "?"}[row["fits"]]
-
-
 def table(rep: dict) -> str:
     """The report as aligned text: one row per plan, then the headroom rule and the recommendation."""
     hb = model.human_bytes
     lines = [(r["label"], hb(r["params_bytes"]), hb(r["grads_bytes"]), hb(r["optimizer_bytes"]), hb(r["gpu_bytes"]),
-              hb(r["cpu_bytes"]) if r["cpu_bytes"] else "-", f"{r['comm_volume']:g}x", _fits(r))
+              hb(r["cpu_bytes"]) if r["cpu_bytes"] else "-", f"{r['comm_volume']:g}x",
+              {True: "yes", False: "no", None: "?"}[r["fits"]] if r["applicable"] else "n/a")
              for r in rep["plans"]]
     rule = ["-" * max(map(len, column)) for column in zip(COLUMNS, *lines)]
     memory = model.human_bytes(rep["gpu_memory_bytes"]) if rep["gpu_memory_bytes"] else "unknown"

@@ -43,16 +43,10 @@ def spread_grid(args: Sequence[str]) -> list[str]:
     in_grid = False
     for i, arg in enumerate(args):
         if arg == "--":
-            out.extend(args[i:])
-            break
-        if arg == "--grid":
-            in_grid = True
-            continue
-        if in_grid and not arg.startswith("-"):
-            out.extend(["--grid", arg])
-            continue
-        in_grid = False
-        out.append(arg)
+            return out + list(args[i:])
+        in_grid = arg == "--grid" or (in_grid and not arg.startswith("-"))
+        if arg != "--grid":
+            out += ["--grid", arg] if in_grid else [arg]
     return out
 
 
