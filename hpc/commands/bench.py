@@ -35,12 +35,10 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 
 def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
     # torchrun would otherwise force OMP_NUM_THREADS=1 on every rank; the floor and the trainer must both
     # see the thread count this row reports.
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
+    return {**os.environ, "OMP_NUM_THREADS": str(threads),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def execute(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) -> tuple[int | None, float]:
@@ -163,8 +161,7 @@ def draw(results: list[benchresults.Result], meta: dict, path: Path) -> None:
         ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
     ax.set_xlabel("images/s (global, after warm-up)")
     ax.set_title(f"hpcdist bench: {meta['device']}, {meta['cpus']} CPUs, {meta['steps']} steps after "
-                 f"{meta['warmup']} warm-up",
-                 fontsize=10)
+                 f"{meta['warmup']} warm-up", fontsize=10)
     ax.set_xlim(0, max(values, default=1) * 1.15)
     fig.tight_layout()
     fileio.save_png(fig, path, dpi=120)
