@@ -276,10 +276,9 @@ class Seconds(click.FloatRange):
         return seconds
 
 
-def lookup(command: str, key: str, one: bool = False) -> registry.Record:
-    """The job a command names (a job id, or a job directory); exit 2 naming what is wrong when none is (or, with
-    ``one``, when an id names several)."""
+def lookup(command: str, key: str) -> registry.Record:
+    """The job a command names (a job id, or a job directory); exit 2 naming what is wrong when none is."""
     try:
-        return registry.lookup(key, os.environ, one)
+        return registry.lookup(key, os.environ)
     except registry.JobError as exc:
         fail(command, exc)
