@@ -288,9 +288,7 @@ def loop(run: Setup, engine: Engine, loader: ResidentLoader | ClassicLoader, sta
          beat: heartbeat.Heartbeat, store: snapshot.Store | dssnapshot.Parts | None) -> Timing | None:
     """Train to the last step, logging, checkpointing, snapshotting; None when a signal stopped it after a save."""
     opts, rank, world = run.opts, run.rank, run.world
-    total_steps = opts.epochs * loader.steps_per_epoch
-    if opts.max_steps:
-        total_steps = min(total_steps, opts.max_steps)
+    total_steps = min(opts.epochs * loader.steps_per_epoch, opts.max_steps or float("inf"))
     resumed_at = state["step"] if found is not None else None
     clocks = Clocks(preemption.WallClock(opts.checkpoint_every_min * 60),
                     preemption.WallClock(run.snapshot_every_s))

@@ -280,15 +280,11 @@ class Agreement:
         return gathered(mine, self.world, self.group)
 
 
-def written_by(folder: Path) -> str:
-    """Which backends load the checkpoint ``folder``: dp and ddp share the trainer's own file, DeepSpeed has its own."""
-    return "dp/ddp" if (Path(folder) / TRAINER_FILE).exists() else "deepspeed"
-
-
 def check_loadable(folder: Path, backend: str, ds_config: dict | None) -> None:
     """Refuse, before anything is built or loaded, a checkpoint of the other backend family, or DeepSpeed's of a ZeRO
     stage or precision that ``ds_config``, the run's, cannot load (hpc.dsconfig.check_resume)."""
-    wrote = written_by(folder)
+    # dp and ddp share the trainer's own file, DeepSpeed has its own.
+    wrote = "dp/ddp" if (Path(folder) / TRAINER_FILE).exists() else "deepspeed"
     if wrote != ("dp/ddp" if ds_config is None else "deepspeed"):
         raise CheckpointError(f"{folder} was written by {wrote}, which --backend {backend} cannot load; resume with "
                               "the backend that wrote it, or pass another --run-dir")

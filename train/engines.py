@@ -54,7 +54,7 @@ class TorchEngine:
         self.channels_last = channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.module, self.device, self.precision = model, device, precision
+        self.module, self.device, self.precision, self.lr = model, device, precision, lr
         net: nn.Module = model
         # DDP over one process only copies every gradient into its buckets and all-reduces it with itself.
         if backend == "ddp" and world_size > 1:
@@ -65,7 +65,6 @@ class TorchEngine:
         self.net = torch.compile(net) if compile else net
         # The fused kernel is one launch for all parameters on GPU; the CPU path has no fused Adam gain.
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
-        self.lr = lr
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def _autocast(self):

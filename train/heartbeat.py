@@ -260,8 +260,8 @@ class Heartbeat:
             self.write()
 
 
-def time_ddp_buckets(net, clock: StepClock) -> bool:
-    """Have a CPU DDP module report its bucket all-reduces to ``clock``; False (and nothing done) otherwise.
+def time_ddp_buckets(net, clock: StepClock) -> None:
+    """Have a CPU DDP module report its bucket all-reduces to ``clock``; nothing is done for any other.
 
     The hook is torch's default all-reduce (divide by the world size, sum) with two timestamps around it,
     so gradients are bitwise what the built-in reducer gives. On GPUs NCCL's futures complete on the
@@ -272,7 +272,7 @@ def time_ddp_buckets(net, clock: StepClock) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(net, DistributedDataParallel) or net.device_type == "cuda":
-        return False
+        return
 
     def timed_allreduce(state, bucket):
         clock.bucket_launched()
@@ -284,4 +284,3 @@ def time_ddp_buckets(net, clock: StepClock) -> bool:
         return allreduce_hook(state, bucket).then(finished)
 
     net.register_comm_hook(dist.group.WORLD, timed_allreduce)
-    return True

@@ -137,8 +137,7 @@ class ClassicLoader:
         self.dataset = _TransformedSplit(split, augment, seed)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
-        self.local_batch, self.device = local_batch, device
-        self.num_workers = num_workers
+        self.local_batch, self.device, self.num_workers = local_batch, device, num_workers
         self.steps_per_epoch = len(self.sampler) // local_batch
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:

@@ -144,15 +144,13 @@ class Agreement:
 
     def now(self, stop: bool, due: int = 0) -> tuple[bool, int]:
         """Agree at once, waiting for the result (set-up and the end of training, never per step)."""
-        if self.world_size == 1:
-            return stop, due
         earlier = self.exchange(stop, due)
         current = self._collect()
         return earlier[0] or current[0], max(earlier[1], current[1])
 
     def drain(self) -> tuple[bool, int]:
         """The outstanding vote's result, so no all-reduce is left in flight before other collectives."""
-        return self._collect() if self.world_size > 1 else (False, 0)
+        return self._collect()
 
     def _post(self, stop: bool, due: int) -> None:
         import torch.distributed as dist

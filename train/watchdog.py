@@ -75,14 +75,10 @@ class Verdict:
     phase: str = "train"  # where it stopped: a set-up phase (setup, rendezvous, build) or train/checkpoint/eval
 
 
-def threshold_s(beats: dict[int, dict], timeout_s: float, factor: float) -> float:
-    times = [b["step_time_s"] for b in beats.values() if b.get("step_time_s")]
-    return max(timeout_s, factor * statistics.median(times)) if times else timeout_s
-
-
 def judge(beats: dict[int, dict], now: float, *, timeout_s: float, factor: float, fresh_s: float) -> Verdict | None:
     """The hung rank, if any, from one snapshot of every rank's heartbeat (pure)."""
-    limit = threshold_s(beats, timeout_s, factor)
+    times = [b["step_time_s"] for b in beats.values() if b.get("step_time_s")]
+    limit = max(timeout_s, factor * statistics.median(times)) if times else timeout_s
 
     def stalled(b: dict) -> bool:
         if b.get("phase") in vocab.ACTIVE_PHASES:
@@ -130,11 +126,8 @@ def own_stacks() -> str:
     names = {t.ident: t.name for t in threading.enumerate()}
     frames = sys._current_frames()
     main = threading.main_thread().ident
-    parts = []
-    for ident in sorted(frames, key=lambda i: (i != main, names.get(i, ""))):
-        stack = "".join(traceback.format_stack(frames[ident]))
-        parts.append(f'Thread "{names.get(ident, ident)}":\n{stack}')
-    return "\n".join(parts)
+    return "\n".join(f'Thread "{names.get(ident, ident)}":\n' + "".join(traceback.format_stack(frames[ident]))
+                     for ident in sorted(frames, key=lambda i: (i != main, names.get(i, ""))))
 
 
 def main_thread_stack(text: str) -> str:
