@@ -156,36 +156,30 @@ def parse_config(spec: str, batch: int = DEFAULT_BATCH) -> Config:
 
 def check(config: Config, spec: str) -> None:
     """Refuse configs the trainer or the floor cannot run, naming the fix."""
-    where = f"config {spec!r}"
-    if config.ranks < 1:
-        raise BenchError(f"{where}: ranks must be at least 1")
-    if config.ranks > task.MAX_LOCAL_TASKS:
-        raise BenchError(f"{where}: {config.ranks} ranks would start {config.ranks} processes on this machine, over "
-                         f"its limit of {task.MAX_LOCAL_TASKS}; give fewer ranks")
-    if config.backend == "dp" and config.ranks != 1:
-        raise BenchError(f"{where}: dp (nn.DataParallel) is one process; use ddp for {config.ranks} ranks")
-    if config.zero_stage is not None and not config.uses_deepspeed:
-        raise BenchError(f"{where}: zeroN applies to deepspeed and floor-deepspeed only")
-    if config.zero_stage is not None and not 0 <= config.zero_stage <= 3:
-        raise BenchError(f"{where}: ZeRO stage must be 0-3")
-    if config.backend == "floor" and config.precision != "fp32":
-        raise BenchError(f"{where}: the floor trains in fp32; floor-deepspeed takes a precision")
-    if config.backend == "floor-deepspeed" and config.precision == vocab.AUTO:
-        raise BenchError(f"{where}: floor-deepspeed takes a named precision ({', '.join(vocab.DTYPES)}), not auto")
-    if config.backend in FLOORS and config.loader != "resident":
-        raise BenchError(f"{where}: a floor trains from tensors already on the device, never a loader")
-    if not config.heartbeat and config.backend in FLOORS:
-        raise BenchError(f"{where}: nohb applies to the trainer; a floor writes no heartbeat")
-    if (config.channels_last or config.compile) and config.backend not in ("dp", "ddp"):
-        raise BenchError(f"{where}: cl and compile apply to dp and ddp only")
-    if config.snapshot_every_s is not None and config.backend in FLOORS:
-        raise BenchError(f"{where}: snapS applies to the trainer; a floor keeps no snapshots")
-    if config.snapshot_every_s is not None and config.snapshot_every_s <= 0:
-        raise BenchError(f"{where}: snapS takes a positive number of seconds; leave it out for no snapshots")
-    if config.batch < 1 or config.batch % config.ranks:
-        raise BenchError(f"{where}: global batch {config.batch} must be a positive multiple of {config.ranks} ranks")
-    if config.threads is not None and config.threads < 1:
-        raise BenchError(f"{where}: threads per rank must be at least 1")
+    c, floor = config, config.backend in FLOORS
+    if c.ranks < 1:  # before the rules below, which divide by it
+        raise BenchError(f"config {spec!r}: ranks must be at least 1")
+    rules = (
+        (c.ranks > task.MAX_LOCAL_TASKS, f"{c.ranks} ranks would start {c.ranks} processes on this machine, over its "
+                                         f"limit of {task.MAX_LOCAL_TASKS}; give fewer ranks"),
+        (c.backend == "dp" and c.ranks != 1, f"dp (nn.DataParallel) is one process; use ddp for {c.ranks} ranks"),
+        (c.zero_stage is not None and not c.uses_deepspeed, "zeroN applies to deepspeed and floor-deepspeed only"),
+        (c.zero_stage is not None and not 0 <= c.zero_stage <= 3, "ZeRO stage must be 0-3"),
+        (c.backend == "floor" and c.precision != "fp32", "the floor trains in fp32; floor-deepspeed takes a precision"),
+        (c.backend == "floor-deepspeed" and c.precision == vocab.AUTO,
+         f"floor-deepspeed takes a named precision ({', '.join(vocab.DTYPES)}), not auto"),
+        (floor and c.loader != "resident", "a floor trains from tensors already on the device, never a loader"),
+        (floor and not c.heartbeat, "nohb applies to the trainer; a floor writes no heartbeat"),
+        ((c.channels_last or c.compile) and c.backend not in ("dp", "ddp"), "cl and compile apply to dp and ddp only"),
+        (floor and c.snapshot_every_s is not None, "snapS applies to the trainer; a floor keeps no snapshots"),
+        (c.snapshot_every_s is not None and c.snapshot_every_s <= 0,
+         "snapS takes a positive number of seconds; leave it out for no snapshots"),
+        (c.batch < 1 or c.batch % c.ranks, f"global batch {c.batch} must be a positive multiple of {c.ranks} ranks"),
+        (c.threads is not None and c.threads < 1, "threads per rank must be at least 1"),
+    )
+    why = next((why for broken, why in rules if broken), None)
+    if why:
+        raise BenchError(f"config {spec!r}: {why}")
 
 
 def parse_grid(specs: Iterable[str], batch: int = DEFAULT_BATCH) -> tuple[Config, ...]:

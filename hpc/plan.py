@@ -137,10 +137,8 @@ def model_params(name: str) -> int:
     """Parameter count of a built-in model, from its layer shapes (weights plus biases)."""
     if name not in MODELS:
         raise PlanError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))} or give --params")
-    total = 0
-    for kind, cin, cout, *kernel in MODELS[name]:
-        total += cin * cout * (kernel[0] ** 2 if kind == "conv" else 1) + cout
-    return total
+    return sum(cin * cout * (kernel[0] ** 2 if kind == "conv" else 1) + cout
+               for kind, cin, cout, *kernel in MODELS[name])
 
 
 def _check(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int | None, precision: str,
@@ -172,12 +170,8 @@ def _states(plan: dict, params: int, nd: int, precision: str, optimizer: str) ->
     def shard(x: int) -> int:
         return -(-x // nd)
 
-    if stage >= 1:
-        o = shard(o)
-    if stage >= 2:
-        g = shard(g)
-    if stage >= 3:
-        p = shard(p)
+    # ZeRO-N partitions the optimizer state from N = 1, the gradients from N = 2, the parameters at N = 3.
+    p, g, o = (shard(x) if stage >= level else x for x, level in ((p, 3), (g, 2), (o, 1)))
     if not plan["offload"]:
         return p, g, o, 0
     # ZeRO-Offload: the optimizer steps on the CPU, so the fp32 gradient partition and the optimizer state
@@ -248,10 +242,9 @@ def recommend(params: int, nodes: int, gpus_per_node: int, gpu_memory_bytes: int
     if ddp.fits:
         return Recommendation("ddp", None, False, f"model states {hb(ddp.gpu_bytes)} per GPU fit in {budget}: "
                               "DDP, the least communication (2x params all-reduced per step)")
-    for name in ("zero1", "zero2"):
-        row = rows[name]
+    for row in (rows["zero1"], rows["zero2"]):
         if row.fits:
-            what = "optimizer state" if name == "zero1" else "optimizer state and gradients"
+            what = "optimizer state" if row.zero_stage == 1 else "optimizer state and gradients"
             return Recommendation("deepspeed", row.zero_stage, False,
                                   f"DDP needs {hb(ddp.gpu_bytes)} per GPU, over {budget}; partitioning the {what} over "
                                   f"{nd} GPUs needs {hb(row.gpu_bytes)} in {planned} at DDP's communication volume")

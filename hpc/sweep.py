@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -163,15 +163,14 @@ def plan(base: Mapping[str, Any], matrix: Matrix, sweep_dir: str | Path, *, max_
             # The array's job.sbatch runs this directory; a second, single-job script there would only mislead.
             files = {k: v for k, v in rendered.files.items() if k != vocab.JOB_SBATCH}
             tasks.append(Task(i, values, a, j, replace(rendered, files=files)))
-        parallel = min(max_parallel or len(tasks), len(tasks))
-        sbatch = render_array(array_dir, tasks, parallel, environ)
-        arrays.append(Array(a, array_dir, tuple(tasks), parallel, sbatch))
+        array = Array(a, array_dir, tuple(tasks), min(max_parallel or len(tasks), len(tasks)), job_sbatch="")
+        arrays.append(replace(array, job_sbatch=render_array(array, environ)))
     return Sweep(sweep_dir, name, dict(base), matrix, max_parallel, tuple(arrays))
 
 
-def render_array(array_dir: Path, tasks: Sequence[Task], max_parallel: int, environ: Mapping[str, str]) -> str:
+def render_array(array: Array, environ: Mapping[str, str]) -> str:
     """The array's job.sbatch (templates/array.sbatch.j2) from its first task's resolved spec."""
-    spec = tasks[0].rendered.spec
+    spec = array.tasks[0].rendered.spec
     profile = profiles.load(spec.cluster)
     env = templating.environment(render.search_path(profile, environ))
     context = {
@@ -179,13 +178,12 @@ def render_array(array_dir: Path, tasks: Sequence[Task], max_parallel: int, envi
         "spec": spec,
         "vocab": templating.TEMPLATE_VOCAB,
         # Each array task's batch log sits in its own job directory, named as `hpcdist logs JOBID_TASK` looks.
-        "batch_log": f"{array_dir}/task-%a/{vocab.batch_log('%A_%a')}",
-        "array_dir": str(array_dir),
-        "array_range": f"0-{len(tasks) - 1}%{max_parallel}",
-        "max_parallel": max_parallel,
+        "batch_log": f"{array.job_dir}/task-%a/{vocab.batch_log('%A_%a')}",
+        "array_range": array.range,
+        "max_parallel": array.max_parallel,
         "tasks_per_node": spec.slurm_tasks_per_node,
         "tasks": [{"array_index": t.array_index, "job_dir": str(t.rendered.job_dir), "label": t.label}
-                  for t in tasks],
+                  for t in array.tasks],
     }
     try:
         return templating.render_template(env, "array.sbatch.j2", context)
