@@ -45,9 +45,7 @@ class Shell(markupsafe.Markup):
     def escape(cls, s: Any, /) -> Shell:
         # Markup would HTML-escape what is joined to it (``v | q + raw``, ``"%s" | q | format(raw)``): the raw
         # value would reach the script unquoted and ``<`` would arrive as ``&lt;``.
-        if isinstance(s, Shell):
-            return s
-        return cls(finalize(s, plain_only=True))
+        return s if isinstance(s, Shell) else cls(finalize(s, plain_only=True))
 
 
 # Text that means the same unquoted in a shell command, an sbatch directive and a comment.
