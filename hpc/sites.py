@@ -70,11 +70,8 @@ def system_dir(environ: Mapping[str, str]) -> Path:
 
 def levels(environ: Mapping[str, str]) -> tuple[Level, ...]:
     """The search path, highest precedence first: $HPCDIST_CLUSTERS (``:``-separated), user, system, built-in."""
-    out = []
-    for entry in environ.get(CLUSTERS_ENV, "").split(":"):
-        if entry.strip():
-            clusters = Path(entry.strip()).expanduser()
-            out.append(Level(FROM_ENV, clusters, clusters.parent / "templates"))
+    listed = [Path(entry.strip()).expanduser() for entry in environ.get(CLUSTERS_ENV, "").split(":") if entry.strip()]
+    out = [Level(FROM_ENV, clusters, clusters.parent / "templates") for clusters in listed]
     for origin, root in ((USER, user_dir(environ)), (SYSTEM, system_dir(environ))):
         out.append(Level(origin, root / "clusters", root / "templates"))
     out.append(Level(BUILTIN, paths.configs_dir() / "clusters", paths.templates_dir()))
