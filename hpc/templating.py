@@ -107,10 +107,8 @@ def finalize(value: Any, plain_only: bool = False) -> str:
     # make Markup of raw values too, HTML-escaped.
     if isinstance(value, Shell) and not plain_only:
         return value
-    if isinstance(value, jinja2.Undefined):
-        return str(value)  # StrictUndefined: fails naming the missing variable
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, jinja2.Undefined) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)  # a StrictUndefined fails here, naming the missing variable
     if isinstance(value, str) and _PLAIN_TOKEN.fullmatch(value):
         return value
     shown = str(value) if isinstance(value, markupsafe.Markup) else value
