@@ -28,10 +28,7 @@ def hosts(expr: str) -> list[str]:
     if any(ch.isspace() or not ch.isprintable() for ch in expr):
         raise HostfileError(f"nodelist {shown.value(expr)} contains whitespace or a control character; give one "
                             "Slurm nodelist such as n[1-2]")
-    try:
-        return nodelist.expand(expr)
-    except nodelist.NodelistError as exc:
-        raise HostfileError(f"nodelist: {exc}; give one Slurm nodelist such as n[1-2]") from None
+    return nodelist.expand_for("nodelist", expr, HostfileError)
 
 
 def slots_from_slurm(environ: Mapping[str, str]) -> int:

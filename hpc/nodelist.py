@@ -156,6 +156,14 @@ def expand(expr: str, limit: int = MAX_HOSTS) -> list[str]:
     return list(dict.fromkeys(host for term in parse(expr) for host in _term_hosts(term)))
 
 
+def expand_for(option: str, expr: str, error: type[ValueError]) -> list[str]:
+    """``expand``, a refusal raised as ``error`` naming ``option`` and the form a nodelist takes."""
+    try:
+        return expand(expr)
+    except NodelistError as exc:
+        raise error(f"{option}: {exc}; give one Slurm nodelist such as n[1-2]") from None
+
+
 def first(expr: str) -> str:
     """The first host of a nodelist (where rank 0 runs): the whole list is checked, nothing else expanded."""
     head, groups = parse(expr)[0]

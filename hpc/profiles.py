@@ -225,17 +225,8 @@ def parse(name: str, data: Mapping[str, Any]) -> Profile:
 
 def read(path: Path) -> dict[str, Any]:
     """One profile file's own mapping, its ``extends`` unresolved ({} for an empty file); ProfileError if none."""
-    from hpc import yamlfile
-
-    try:
-        data = yamlfile.load(path, "cluster profile")
-    except yamlfile.YamlError as exc:
-        raise ProfileError(str(exc)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ProfileError(f"cluster profile {str(path)!r} must be a YAML mapping")
-    return data
+    return sites.read_mapping(path, "cluster profile", ProfileError,
+                              f"cluster profile {str(path)!r} must be a YAML mapping")
 
 
 # Site profiles extend one or two others; a deeper chain is a mistake, and each link is a file to read.

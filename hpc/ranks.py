@@ -221,11 +221,8 @@ def _geometry(environ: Mapping[str, str], source: str, origin: dict[str, str]) -
         rank, world_size = take(SLURM, "rank"), take(SLURM, "world_size")
         local_rank, node_rank = take(SLURM, "local_rank", 0), take(SLURM, "node_rank", 0)
         tasks_var = _present(environ, SLURM, "tasks_per_node")
-        if tasks_var:
-            local_world_size = tasks_on_node(environ[tasks_var], node_rank)
-            origin["local_world_size"] = tasks_var
-        else:
-            local_world_size, origin["local_world_size"] = world_size, "default"
+        local_world_size = tasks_on_node(environ[tasks_var], node_rank) if tasks_var else world_size
+        origin["local_world_size"] = tasks_var or "default"
     elif source == "submitit-local":
         rank, world_size = take(SUBMITIT_LOCAL, "rank"), take(SUBMITIT_LOCAL, "world_size")
         local_rank = take(SUBMITIT_LOCAL, "local_rank", rank)
@@ -359,11 +356,8 @@ def threads_per_rank(environ: Mapping[str, str], cpu_count: int, dist: DistEnv) 
 def attempt_of(environ: Mapping[str, str]) -> int:
     """This attempt's number: the batch shell's HPCDIST_ATTEMPT (it counts relaunches inside an allocation
     too), else Slurm's restart count; 0 where neither is a count."""
-    for name in ("HPCDIST_ATTEMPT", "SLURM_RESTART_COUNT"):
-        count = count_of(environ, name)
-        if count is not None:
-            return count
-    return 0
+    counts = (count_of(environ, name) for name in ("HPCDIST_ATTEMPT", "SLURM_RESTART_COUNT"))
+    return next((count for count in counts if count is not None), 0)
 
 
 def count_of(environ: Mapping[str, str], name: str) -> int | None:

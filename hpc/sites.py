@@ -70,11 +70,8 @@ def system_dir(environ: Mapping[str, str]) -> Path:
 
 def levels(environ: Mapping[str, str]) -> tuple[Level, ...]:
     """The search path, highest precedence first: $HPCDIST_CLUSTERS (``:``-separated), user, system, built-in."""
-    out = []
-    for entry in environ.get(CLUSTERS_ENV, "").split(":"):
-        if entry.strip():
-            clusters = Path(entry.strip()).expanduser()
-            out.append(Level(FROM_ENV, clusters, clusters.parent / "templates"))
+    listed = [Path(entry.strip()).expanduser() for entry in environ.get(CLUSTERS_ENV, "").split(":") if entry.strip()]
+    out = [Level(FROM_ENV, clusters, clusters.parent / "templates") for clusters in listed]
     for origin, root in ((USER, user_dir(environ)), (SYSTEM, system_dir(environ))):
         out.append(Level(origin, root / "clusters", root / "templates"))
     out.append(Level(BUILTIN, paths.configs_dir() / "clusters", paths.templates_dir()))
@@ -134,20 +131,25 @@ def template_dirs(environ: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(str(level.templates) for level in levels(environ) if level.templates.is_dir())
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """A config file's mapping, checked: unknown keys and non-string values are errors; {} for no file."""
+def read_mapping(path: Path, what: str, error: type[ValueError], not_mapping: str) -> dict[str, Any]:
+    """The YAML mapping in a profile or config file, {} for an empty one; else ``error``, saying ``not_mapping``
+    where the file holds something else."""
     from hpc import yamlfile
 
+    try:
+        data = yamlfile.load(path, what)
+    except yamlfile.YamlError as exc:
+        raise error(str(exc)) from None
+    if data is not None and not isinstance(data, dict):
+        raise error(not_mapping)
+    return data or {}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file's mapping, checked: unknown keys and non-string values are errors; {} for no file."""
     if not os.path.lexists(path):
         return {}
-    try:
-        data = yamlfile.load(path, "config file")
-    except yamlfile.YamlError as exc:
-        raise SiteError(str(exc)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SiteError(f"{path} must be a YAML mapping (e.g. default_cluster: NAME)")
+    data = read_mapping(path, "config file", SiteError, f"{path} must be a YAML mapping (e.g. default_cluster: NAME)")
     unknown = [k for k in data if k not in CONFIG_KEYS]
     if unknown:
         raise SiteError(f"{path}: {shown.unknown_keys(unknown, CONFIG_KEYS)}")

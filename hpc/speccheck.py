@@ -248,23 +248,16 @@ def _check_time_and_signal(spec: JobSpec) -> None:
     check_signal(spec.signal)
 
 
-def _expand(option: str, expr: str) -> list[str]:
-    try:
-        return nodelist.expand(expr, limit=MAX_NODES)
-    except nodelist.NodelistError as exc:
-        raise SpecError(f"{option}: {exc}; give one Slurm nodelist such as n[1-2]") from None
-
-
 def _check_hosts(spec: JobSpec) -> None:
     """--nodelist names --nodes hosts, and --exclude keeps none of them off."""
-    hosts = [] if spec.nodelist is None else _expand("--nodelist", spec.nodelist)
+    hosts = [] if spec.nodelist is None else nodelist.expand_for("--nodelist", spec.nodelist, SpecError)
     if spec.nodelist is not None and len(hosts) != spec.nodes:
         raise SpecError(f"--nodelist {spec.nodelist!r} names {len(hosts)} node(s) but --nodes is "
                         f"{spec.nodes}; make them agree")
     if spec.exclude is None:
         return
     _check_text("--exclude", spec.exclude, spaces=False)
-    clash = sorted(set(_expand("--exclude", spec.exclude)) & set(hosts))
+    clash = sorted(set(nodelist.expand_for("--exclude", spec.exclude, SpecError)) & set(hosts))
     if clash:
         raise SpecError(f"--exclude {spec.exclude!r} keeps off {', '.join(clash)}, which --nodelist asks for; "
                         "drop it from one of them")

@@ -121,9 +121,11 @@ def submit_submitit(rendered: Rendered) -> str:
 
     executor = submitit.SlurmExecutor(folder=rendered.job_dir / vocab.SUBMITIT_DIR)
     executor.update_parameters(**slurm_parameters(rendered))
+    # What submitit's sbatch must not hand on (commands.new_job_environ).
+    unset = dict.fromkeys(os.environ.keys() - commands.new_job_environ(os.environ).keys())
     try:
         # submitit prints sbatch's complaint itself; it is reported once, in SubmitError, instead.
-        with contextlib.redirect_stderr(io.StringIO()), _environ(_unset_for_new_job()):
+        with contextlib.redirect_stderr(io.StringIO()), _environ(unset):
             job = executor.submit(task.run, task_command(rendered))
     except submitit.core.utils.FailedJobError as exc:
         raise SubmitError(f"sbatch refused the job: {_one_line(str(exc))}") from None
@@ -173,11 +175,6 @@ def _put(values: Mapping[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def _unset_for_new_job() -> dict[str, None]:
-    """What submitit's sbatch must not hand on (commands.new_job_environ)."""
-    return dict.fromkeys(os.environ.keys() - commands.new_job_environ(os.environ).keys())
 
 
 def submit_local(rendered: Rendered) -> submitit.Job[Any]:

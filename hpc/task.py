@@ -95,24 +95,17 @@ def local_env(geometry: Geometry, index: int, job_id: str) -> dict[str, str]:
                       else f"{geometry.ntasks_per_node}(x{geometry.nodes})")
     nodelist = local_nodelist(geometry.nodes)
     return {
-        "SLURM_JOB_ID": job_id,
-        "SLURM_JOBID": job_id,
-        "SLURM_STEP_ID": "0",
-        "SLURM_STEPID": "0",
+        **dict.fromkeys(("SLURM_JOB_ID", "SLURM_JOBID"), job_id),
+        **dict.fromkeys(("SLURM_STEP_ID", "SLURM_STEPID"), "0"),
         "SLURM_PROCID": str(index),
         "SLURM_LOCALID": str(index % geometry.ntasks_per_node),
         "SLURM_NODEID": str(node),
-        "SLURM_NTASKS": str(geometry.ntasks),
-        "SLURM_NPROCS": str(geometry.ntasks),
-        "SLURM_NNODES": str(geometry.nodes),
-        "SLURM_JOB_NUM_NODES": str(geometry.nodes),
-        "SLURM_TASKS_PER_NODE": tasks_per_node,
-        "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
+        **dict.fromkeys(("SLURM_NTASKS", "SLURM_NPROCS"), str(geometry.ntasks)),
+        **dict.fromkeys(("SLURM_NNODES", "SLURM_JOB_NUM_NODES"), str(geometry.nodes)),
+        **dict.fromkeys(("SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"), tasks_per_node),
         "SLURM_NTASKS_PER_NODE": str(geometry.ntasks_per_node),
         "SLURM_CPUS_PER_TASK": str(geometry.cpus_per_task),
-        "SLURM_JOB_NODELIST": nodelist,
-        "SLURM_NODELIST": nodelist,
-        "SLURM_STEP_NODELIST": nodelist,
+        **dict.fromkeys(("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST"), nodelist),
         "SLURMD_NODENAME": f"{LOCAL_NODE_PREFIX}{node + 1}",
     }
 

@@ -45,9 +45,7 @@ class Shell(markupsafe.Markup):
     def escape(cls, s: Any, /) -> Shell:
         # Markup would HTML-escape what is joined to it (``v | q + raw``, ``"%s" | q | format(raw)``): the raw
         # value would reach the script unquoted and ``<`` would arrive as ``&lt;``.
-        if isinstance(s, Shell):
-            return s
-        return cls(finalize(s, plain_only=True))
+        return s if isinstance(s, Shell) else cls(finalize(s, plain_only=True))
 
 
 # Text that means the same unquoted in a shell command, an sbatch directive and a comment.
@@ -109,10 +107,8 @@ def finalize(value: Any, plain_only: bool = False) -> str:
     # make Markup of raw values too, HTML-escaped.
     if isinstance(value, Shell) and not plain_only:
         return value
-    if isinstance(value, jinja2.Undefined):
-        return str(value)  # StrictUndefined: fails naming the missing variable
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, jinja2.Undefined) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)  # a StrictUndefined fails here, naming the missing variable
     if isinstance(value, str) and _PLAIN_TOKEN.fullmatch(value):
         return value
     shown = str(value) if isinstance(value, markupsafe.Markup) else value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -82,19 +83,15 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def _as_written(number: Any) -> Any:
-    """A constructor for ``number`` (YAML 1.1's int or float) that keeps a base-60 scalar as the text it is."""
-
-    def construct(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
-        # YAML 1.1 reads an unquoted 2:00:00 as 7200 (base 60), which a time limit then takes as 7200 minutes;
-        # a person writing it means Slurm's H:M:S, as YAML 1.2 reads it.
-        return node.value if ":" in node.value else number(loader, node)
-
-    return construct
+def _as_written(number: Any, loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
+    """``number`` (YAML 1.1's int or float constructor) of ``node``, but a base-60 scalar as the text it is."""
+    # YAML 1.1 reads an unquoted 2:00:00 as 7200 (base 60), which a time limit then takes as 7200 minutes;
+    # a person writing it means Slurm's H:M:S, as YAML 1.2 reads it.
+    return node.value if ":" in node.value else number(loader, node)
 
 
 for _tag, _number in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float)):
-    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _as_written(_number))
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", functools.partial(_as_written, _number))
 
 
 def load(path: Path, what: str, follow: bool = True) -> Any:
