@@ -145,12 +145,9 @@ def newest(root: Path, checksums: bool = True, skipped: list | None = None) -> P
 
 def held_in(folder: Path, checksums: bool = True) -> dict[str, list[int]]:
     """Part name -> the steps of it in ``folder`` that verify (sizes, and SHA-256 with ``checksums``)."""
-    held = {}
-    for part in sorted(Path(folder).glob(PART.format("*", "*"))):
-        steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p, checksums) is None]
-        if steps:
-            held[part.name] = steps
-    return held
+    return {part.name: steps for part in sorted(Path(folder).glob(PART.format("*", "*")))
+            if (steps := [int(NAME.fullmatch(p.name).group(1)) for p in complete(part)
+                          if damage(p, checksums) is None])}
 
 
 def newest_whole(offers: list[dict[str, list[int]]]) -> tuple[int | None, list[str]]:

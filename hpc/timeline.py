@@ -10,6 +10,7 @@ the rank's wall time from its first stamp to its first step. Pure except ``read_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import math
@@ -129,14 +130,9 @@ def parse_stamps(text: str) -> dict[str, float]:
     """``NAME UNIX_TIME`` lines (templates/timeline.sh.j2); the first of each name wins, junk (and a time no clock
     gives: jobfiles.unix_time) is skipped."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                when = jobfiles.unix_time(float(parts[1]))
-            except ValueError:
-                continue
-            if when is not None:
+    for parts in map(str.split, text.splitlines()):
+        with contextlib.suppress(ValueError):
+            if len(parts) == 2 and (when := jobfiles.unix_time(float(parts[1]))) is not None:
                 out.setdefault(parts[0], when)
     return out
 
