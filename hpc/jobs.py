@@ -181,12 +181,11 @@ def local_state(record: Record) -> JobState:
     running = controller_pid(record) is not None
     if not running and directory_gone(record):
         return JobState(record.job_id, "LEFT_QUEUE")
-    folder = record.submitit_dir
     names = [f"{record.job_id}_cancelled"] + [f"{record.job_id}_{i}_exit" for i in range(record.ntasks)]
     files = {}
     for name in names:
         with contextlib.suppress(OSError, jobfiles.Damaged):
-            files[name] = jobfiles.read_text(folder / name, 4096)
+            files[name] = jobfiles.read_text(record.submitit_dir / name, 4096)
     batch_log = ""
     with contextlib.suppress(OSError, jobfiles.Damaged):
         batch_log = jobfiles.read_text(Path(record.job_dir) / vocab.batch_log(record.job_id), 4096)

@@ -148,14 +148,12 @@ def read_shell_stamps(run_dir: Path, tasks: bool = True) -> dict[int, dict[str, 
             continue
         entry: dict[str, Any] = {"batch": {}, "tasks": {}}
         for path in jobfiles.folder(folder, "*" if tasks else "batch"):
-            try:
+            with contextlib.suppress(OSError, jobfiles.Damaged):
                 stamps = parse_stamps(jobfiles.read_text(path, STAMPS_BYTES))
-            except (OSError, jobfiles.Damaged):
-                continue
-            if path.name == "batch":
-                entry["batch"] = stamps
-            elif path.name.startswith("task-") and (task := jobfiles.count(path.name[5:])) is not None:
-                entry["tasks"][task] = stamps
+                if path.name == "batch":
+                    entry["batch"] = stamps
+                elif path.name.startswith("task-") and (task := jobfiles.count(path.name[5:])) is not None:
+                    entry["tasks"][task] = stamps
         out[attempt] = entry
     return out
 
