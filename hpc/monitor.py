@@ -235,9 +235,12 @@ def _verdicts(beats: Mapping[int, Heartbeat], histories: Mapping[int, Sequence[H
     step_times = [b.step_time_s for b in current.values() if b.phase == "train" and b.step_time_s is not None]
     median_step = statistics.median(step_times) if step_times else None
     stale_after = max(STALE_K * median_step, STALE_MIN_S) if median_step else STALE_MIN_S
-    # What a refreshing top polled, where it holds more samples than the beat's own.
-    samples = {r: max(compute_samples(b, histories.get(r, ())), list(polled.get(r, ())), key=len)
-               for r, b in current.items() if b.phase == "train"}
+    samples = {}
+    for r, b in current.items():
+        if b.phase == "train":
+            own = compute_samples(b, histories.get(r, ()))
+            mine = polled.get(r, ())
+            samples[r] = list(mine) if len(mine) > len(own) else own
     return current, median_step, stale_after, straggler_ratios(samples)
 
 

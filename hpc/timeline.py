@@ -10,7 +10,6 @@ the rank's wall time from its first stamp to its first step. Pure except ``read_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import heapq
 import math
@@ -131,9 +130,12 @@ def parse_stamps(text: str) -> dict[str, float]:
     gives: jobfiles.unix_time) is skipped."""
     out: dict[str, float] = {}
     for parts in map(str.split, text.splitlines()):
-        with contextlib.suppress(ValueError):
-            if len(parts) == 2 and (when := jobfiles.unix_time(float(parts[1]))) is not None:
-                out.setdefault(parts[0], when)
+        try:
+            when = jobfiles.unix_time(float(parts[1])) if len(parts) == 2 else None
+        except ValueError:
+            continue
+        if when is not None:
+            out.setdefault(parts[0], when)
     return out
 
 
@@ -148,12 +150,14 @@ def read_shell_stamps(run_dir: Path, tasks: bool = True) -> dict[int, dict[str, 
             continue
         entry: dict[str, Any] = {"batch": {}, "tasks": {}}
         for path in jobfiles.folder(folder, "*" if tasks else "batch"):
-            with contextlib.suppress(OSError, jobfiles.Damaged):
+            try:
                 stamps = parse_stamps(jobfiles.read_text(path, STAMPS_BYTES))
-                if path.name == "batch":
-                    entry["batch"] = stamps
-                elif path.name.startswith("task-") and (task := jobfiles.count(path.name[5:])) is not None:
-                    entry["tasks"][task] = stamps
+            except (OSError, jobfiles.Damaged):
+                continue
+            if path.name == "batch":
+                entry["batch"] = stamps
+            elif path.name.startswith("task-") and (task := jobfiles.count(path.name[5:])) is not None:
+                entry["tasks"][task] = stamps
         out[attempt] = entry
     return out
 
