@@ -17,6 +17,7 @@ Light on purpose: the trainer imports it (never torch here).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zlib
@@ -192,21 +193,16 @@ def read_latest(run_dir: Path) -> dict[str, dict]:
 
 def history_files(run_dir: Path, nodes: Any = None) -> dict[str, list[Path]]:
     """node file name -> its history files, oldest first; ``nodes`` (node numbers) limits which."""
-    out: dict[str, list[Path]] = {}
-    for path in sorted(jobfiles.folder(folder(run_dir), "node-*.jsonl"), key=lambda p: p.name):  # one folder
-        number = path.name[len("node-"):-len(".jsonl")]
-        if nodes is None or jobfiles.count(number) in nodes:
-            out[path.stem + ".json"] = [p for p in (path.with_name(path.name + ".1"), path) if p.is_file()]
-    return out
+    return {path.stem + ".json": [p for p in (path.with_name(path.name + ".1"), path) if p.is_file()]
+            for path in sorted(jobfiles.folder(folder(run_dir), "node-*.jsonl"), key=lambda p: p.name)  # one folder
+            if nodes is None or jobfiles.count(path.name[len("node-"):-len(".jsonl")]) in nodes}
 
 
 def read_history(paths: list[Path], limit: int = jobfiles.MAX_BYTES) -> list[dict]:
     """A node's history documents, oldest first: each file's last ``limit`` bytes; damaged lines skipped."""
     out = []
     for path in paths:
-        try:
+        with contextlib.suppress(OSError, jobfiles.Damaged):
             data = jobfiles.read_bytes(path, limit, tail=True)
-        except (OSError, jobfiles.Damaged):
-            continue
-        out += [d for d in map(decode, data.splitlines()) if d is not None]
+            out += [d for d in map(decode, data.splitlines()) if d is not None]
     return out

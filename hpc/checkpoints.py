@@ -101,13 +101,6 @@ def inside(name: str) -> bool:
     return not (Path(name).is_absolute() or ".." in Path(name).parts)
 
 
-def _listing(files: object) -> bool:
-    """Whether a manifest's ``files`` is what write_manifest writes: name -> {"size": int, "sha256": str}."""
-    return isinstance(files, dict) and all(
-        isinstance(want, dict) and type(want.get("size")) is int and isinstance(want.get("sha256"), str)
-        for want in files.values())
-
-
 def damage(folder: Path, checksums: bool = True) -> str | None:
     """Why ``folder`` is not a complete checkpoint, or None when every listed file is there and matches."""
     try:
@@ -116,7 +109,9 @@ def damage(folder: Path, checksums: bool = True) -> str | None:
         return f"no {MANIFEST} (the write did not finish)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable {MANIFEST} ({type(exc).__name__})"
-    if not _listing(listed):
+    if not isinstance(listed, dict) or not all(
+            isinstance(want, dict) and type(want.get("size")) is int and isinstance(want.get("sha256"), str)
+            for want in listed.values()):
         return f"unreadable {MANIFEST} (its files are not names with a size and a SHA-256)"
     for name, want in listed.items():
         if not inside(name):  # write_manifest lists only the folder's own files: vouching elsewhere is no checkpoint
@@ -145,12 +140,9 @@ def newest(root: Path, checksums: bool = True, skipped: list | None = None) -> P
 
 def held_in(folder: Path, checksums: bool = True) -> dict[str, list[int]]:
     """Part name -> the steps of it in ``folder`` that verify (sizes, and SHA-256 with ``checksums``)."""
-    held = {}
-    for part in sorted(Path(folder).glob(PART.format("*", "*"))):
-        steps = [int(NAME.fullmatch(p.name).group(1)) for p in complete(part) if damage(p, checksums) is None]
-        if steps:
-            held[part.name] = steps
-    return held
+    return {part.name: steps for part in sorted(Path(folder).glob(PART.format("*", "*")))
+            if (steps := [int(NAME.fullmatch(p.name).group(1)) for p in complete(part)
+                          if damage(p, checksums) is None])}
 
 
 def newest_whole(offers: list[dict[str, list[int]]]) -> tuple[int | None, list[str]]:

@@ -24,12 +24,11 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall], slurm: 
     when attempts.jsonl says, else when sacct does (``slurm``), else at its last heartbeat (a killed attempt
     leaves no record of its own end). ``losses``: report.loss_series of metrics.jsonl, which the report has read
     for its chart (a long run's file is megabytes: read once)."""
-    histories = seen.histories
     # records.load keeps only lines whose attempt is an int and whose ending (and ended, when there) is text.
     attempts = attempts_of(record)
     endings = {a["attempt"]: a["ending"] for a in attempts}
     last_beat: dict[int, float] = {}
-    for b in itertools.chain(*histories.values(), seen.beats.values()):
+    for b in itertools.chain(*seen.histories.values(), seen.beats.values()):
         last_beat[b.attempt] = max(last_beat.get(b.attempt, b.time), b.time)
     numbers = set(last_beat) | {w.attempt for w in falls} | set(endings)
     starts: dict[int, float] = {}
@@ -38,14 +37,10 @@ def goodput_of(record: registry.Record, falls: list[timeline.Waterfall], slurm: 
         starts[w.attempt] = min(starts.get(w.attempt, at := w.allocated_at), at)
         if (done := w.at("first_step_done")) is not None:
             first_steps[w.attempt] = max(first_steps.get(w.attempt, 0.0), done)
-    ends = {a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}
-    batch_shells = timeline.read_shell_stamps(run_dir(record), tasks=False)
-    for attempt, row in timeline.runs_by_attempt(slurm, batch_shells).items():
-        if row.get("ended") is not None:
-            ends.setdefault(attempt, row["ended"])  # type: ignore[arg-type]
-    for attempt, when in last_beat.items():
-        ends.setdefault(attempt, when)
-    lead = {a: [b for b in histories.get(0, []) if b.attempt == a] for a in numbers}
+    runs = timeline.runs_by_attempt(slurm, timeline.read_shell_stamps(run_dir(record), tasks=False))
+    ends = {**last_beat, **{a: row["ended"] for a, row in runs.items() if row.get("ended") is not None},
+            **{a["attempt"]: t for a in attempts if (t := grammar.timestamp(a.get("ended", ""))) is not None}}
+    lead = {a: [b for b in seen.histories.get(0, []) if b.attempt == a] for a in numbers}
     trained = [a for a in sorted(numbers) if any(b.phase == "train" for b in lead[a])]
     steps_seen = report.steps_by_attempt(losses, trained)
     spans = report.spans(sorted(numbers), starts, ends, endings, first_steps, lead, steps_seen)

@@ -210,12 +210,10 @@ def typed(cls: type, data: Mapping[str, Any]) -> Any:
     """A frozen dataclass from a file's mapping, every field given having its declared type; unknown keys are
     ignored (a newer hpcdist may add some). TypeError naming the first field that does not fit."""
     hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields(cls):
-        if f.name in data:
-            if not is_a(data[f.name], hints[f.name]):
-                raise TypeError(f"{f.name} is {type(data[f.name]).__name__}, not {hints[f.name]}")
-            values[f.name] = data[f.name]
+    values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+    wrong = next((k for k, v in values.items() if not is_a(v, hints[k])), None)
+    if wrong is not None:
+        raise TypeError(f"{wrong} is {type(values[wrong]).__name__}, not {hints[wrong]}")
     return cls(**values)
 
 

@@ -67,8 +67,7 @@ def read_heartbeats(run_dir: Path) -> dict[int, Heartbeat]:
             for path in changed:
                 document = beatfile.read_node(path)
                 _SEEN[path] = (keys[path], tuple(beats_in(document)) if document is not None else ())
-    out = {b.rank: b for path in keys for b in _SEEN[path][1]}
-    return dict(sorted(out.items()))
+    return dict(sorted({b.rank: b for path in keys for b in _SEEN[path][1]}.items()))
 
 
 def read_histories(run_dir: Path, nodes: Collection[int] | None = None) -> dict[int, list[Heartbeat]]:
@@ -341,16 +340,12 @@ def run_stragglers(histories: Mapping[int, Sequence[Heartbeat]]) -> list[dict[st
     a rank whose median compute over its training heartbeats is STRAGGLER_RATIO x the others', in SUSTAIN or more
     of them. Each as ``{"rank", "node", "compute_ratio"}``."""
     attempt = max((b.attempt for beats in histories.values() for b in beats), default=0)
-    samples: dict[int, list[float]] = {}
-    nodes: dict[int, str] = {}
-    for rank, beats in histories.items():
-        mine = [b for b in beats if b.attempt == attempt and b.phase == "train" and b.compute_s]
-        if mine:
-            samples[rank] = [b.compute_s for b in mine]  # type: ignore[misc]
-            nodes[rank] = mine[-1].node
+    trained = {rank: mine for rank, beats in histories.items()
+               if (mine := [b for b in beats if b.attempt == attempt and b.phase == "train" and b.compute_s])}
+    samples = {rank: [b.compute_s for b in mine] for rank, mine in trained.items()}
     longest = max((len(s) for s in samples.values()), default=0)
-    verdicts = straggler_ratios(samples, window=max(longest, SUSTAIN))
-    return [{"rank": r, "node": nodes[r], "compute_ratio": round(v[1], 3)}  # type: ignore[arg-type]
+    verdicts = straggler_ratios(samples, window=max(longest, SUSTAIN))  # type: ignore[arg-type]
+    return [{"rank": r, "node": trained[r][-1].node, "compute_ratio": round(v[1], 3)}  # type: ignore[arg-type]
             for r, v in sorted(verdicts.items()) if v[0]]
 
 

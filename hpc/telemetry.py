@@ -96,8 +96,7 @@ def waterfalls(record: registry.Record, slurm: list[dict[str, float | None]] | N
     marks: dict[tuple[int, int], dict[str, float]] = {}
     world: list[tuple[int, int, str]] = []
     for beat in [b for hist in seen.histories.values() for b in hist] + list(seen.beats.values()):
-        key = (beat.attempt, beat.rank)
-        marks.setdefault(key, {}).update(beat.marks)
+        marks.setdefault((beat.attempt, beat.rank), {}).update(beat.marks)
         world.append((beat.attempt, beat.rank, beat.node))
     shell = timeline.read_shell_stamps(rdir)
     if not world:

@@ -129,15 +129,13 @@ def parse_stamps(text: str) -> dict[str, float]:
     """``NAME UNIX_TIME`` lines (templates/timeline.sh.j2); the first of each name wins, junk (and a time no clock
     gives: jobfiles.unix_time) is skipped."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                when = jobfiles.unix_time(float(parts[1]))
-            except ValueError:
-                continue
-            if when is not None:
-                out.setdefault(parts[0], when)
+    for parts in map(str.split, text.splitlines()):
+        try:
+            when = jobfiles.unix_time(float(parts[1])) if len(parts) == 2 else None
+        except ValueError:
+            continue
+        if when is not None:
+            out.setdefault(parts[0], when)
     return out
 
 
