@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from hpc import beatfile, fileio
 
@@ -63,14 +63,9 @@ def stage(folder: Path, beat: Mapping[str, Any]) -> None:
     fileio.atomic_write(folder / f"rank-{beat['rank']}.json", json.dumps(beat))
 
 
-def _handed_over(name: str) -> bool:
-    return (name.startswith("rank-") and name.endswith(".json")) or name in RELAYED
-
-
-def clear(folder: Path, ours: Callable[[str], bool] = _handed_over, remove: Callable[[Path], None] = os.unlink) -> None:
-    """Remove what ranks wrote in this hand-over folder (their beats, the watchdog's relayed files; or what else
-    ``ours`` names, by ``remove``), then the folder if that leaves it empty: tmpfs is shared, and a file of anyone
-    else's stays where it is."""
+def clear(folder: Path) -> None:
+    """Remove what ranks wrote in this hand-over folder (their beats, the watchdog's relayed files), then the
+    folder if that leaves it empty: tmpfs is shared, and a file of anyone else's stays where it is."""
     try:
         if not fileio.is_private(folder):
             return
@@ -78,9 +73,9 @@ def clear(folder: Path, ours: Callable[[str], bool] = _handed_over, remove: Call
     except OSError:
         return
     for name in names:
-        if ours(name):
+        if (name.startswith("rank-") and name.endswith(".json")) or name in RELAYED:
             with contextlib.suppress(OSError):
-                remove(folder / name)
+                os.unlink(folder / name)
     with contextlib.suppress(OSError):
         os.rmdir(folder)
 

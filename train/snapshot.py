@@ -20,6 +20,7 @@ real folder, closed to others (``hpc.fileio.is_private``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -39,7 +40,7 @@ import torch.distributed as dist
 
 from hpc import fileio
 from hpc.checkpoints import NAME, SNAPSHOT_EVERY_S, complete, name_for, newest
-from train import checkpoint, dssnapshot, nodebeat, runtime
+from train import checkpoint, dssnapshot, runtime
 
 ROOT_ENV = "HPCDIST_SNAPSHOT_DIR"
 LOCAL_ROOT = "/dev/shm"
@@ -178,8 +179,17 @@ class Store:
 
     def clear(self) -> None:
         """Remove the snapshots this store wrote, then the folder if that empties it (tmpfs is shared)."""
-        nodebeat.clear(self.folder, lambda name: bool(NAME.fullmatch(name.removeprefix(".tmp-"))),
-                       lambda path: shutil.rmtree(path, ignore_errors=True))
+        try:
+            if not fileio.is_private(self.folder):
+                return
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in names:
+            if NAME.fullmatch(name.removeprefix(".tmp-")):
+                shutil.rmtree(self.folder / name, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)
 
     def _write_all(self) -> None:
         while (item := self._pending.get()) is not None:
