@@ -92,6 +92,18 @@ def _where_it_ran(state: JobState, runner: Runner) -> JobState:
     return state if nodes in NO_NODES else replace(state, nodelist=nodes)
 
 
+def current(queued: JobState | None, accounted: JobState | None) -> JobState | None:
+    """A job's state from the controller's live view and accounting's record (pure).
+
+    The controller is right about every job it still holds: accounting may keep a stale row (REQUEUED while
+    the job runs again, NODE_FAIL while the controller still holds it requeued). Accounting speaks for the
+    jobs the controller no longer knows, and says how they ended (exit code, where they ran).
+    """
+    if queued is not None and queued.state in LIVE:
+        return queued
+    return accounted or queued
+
+
 def slurm_state(job_id: str, runner: Runner = slurm_run) -> JobState:
     return slurm_states([job_id], runner)[job_id]
 
@@ -111,12 +123,8 @@ def slurm_states(job_ids: Sequence[str], runner: Runner = slurm_run) -> dict[str
     accounting = sacct_states(parse.unfolded(asked))
     out = {}
     for job_id in job_ids:
-        # The controller is right about every job it still holds: accounting may keep a stale row (REQUEUED while
-        # the job runs again, NODE_FAIL while the controller still holds it requeued). Accounting speaks for the
-        # jobs the controller no longer knows, and says how they ended (exit code, where they ran).
-        found, accounted = queued[job_id], accounting.get(job_id)
-        if found is None or found.state not in LIVE:
-            found = (accounted and _where_it_ran(accounted, runner)) or found
+        accounted = accounting.get(job_id)
+        found = current(queued[job_id], accounted and _where_it_ran(accounted, runner))
         if found is None and queue_answered:
             found = JobState(job_id, "LEFT_QUEUE")
         out[job_id] = found or JobState(job_id, "UNKNOWN")
