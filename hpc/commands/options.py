@@ -164,10 +164,10 @@ def values_from_options(config_file: str | None = None, base: dict[str, Any] | N
     return values
 
 
-def fail(command: str, exc: Exception) -> NoReturn:
+def fail(command: str, why: Exception | str) -> NoReturn:
     """One line on stderr and exit status 2: every input error ends this way."""
-    lines = str(exc).splitlines()
-    click.echo(f"hpcdist {command}: {lines[0] if lines else type(exc).__name__}", err=True)
+    lines = str(why).splitlines()
+    click.echo(f"hpcdist {command}: {lines[0] if lines else type(why).__name__}", err=True)
     sys.exit(2)
 
 

@@ -184,9 +184,8 @@ def _runtime_problems(box: containers.Container | None, cluster: Cluster) -> lis
 def _cluster_or_exit(command: str) -> Cluster:
     cluster = partitions.query({k: v for k, v in os.environ.items() if k != partitions.CHECK_ENV})
     if cluster is None:
-        fail(f"profile {command}", RuntimeError(f"Slurm does not answer here (scontrol missing, failing or slower "
-                                                f"than {slurm_runner.QUERY_TIMEOUT_S} s); run it on a login node of "
-                                                "the cluster"))
+        fail(f"profile {command}", f"Slurm does not answer here (scontrol missing, failing or slower than "
+                                   f"{slurm_runner.QUERY_TIMEOUT_S} s); run it on a login node of the cluster")
     return cluster
 
 
@@ -211,8 +210,8 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
         click.echo(text, nl=False)
         return
     if force and not _replaceable(Path(output)):
-        fail("profile init", FileExistsError(f"{output} is not a draft of profile init (a link, or a file it did not "
-                                             "write), so --force leaves it; move it away or give another -o"))
+        fail("profile init", f"{output} is not a draft of profile init (a link, or a file it did not write), so "
+                             "--force leaves it; move it away or give another -o")
     try:
         if force:
             fileio.atomic_write(Path(output), text)
@@ -220,9 +219,9 @@ def init(partition_name: str | None, output: str | None, force: bool) -> None:
             with open(output, "x") as f:
                 f.write(text)
     except FileExistsError:
-        fail("profile init", FileExistsError(f"{output} exists; pass --force to replace it or another -o"))
+        fail("profile init", f"{output} exists; pass --force to replace it or another -o")
     except OSError as exc:
-        fail("profile init", OSError(f"cannot write {output}: {exc.strerror}"))
+        fail("profile init", f"cannot write {output}: {exc.strerror}")
     click.echo(f"wrote {output}; check it with: hpcdist profile check {output}", err=True)
 
 
