@@ -36,18 +36,13 @@ def records(text: str | None) -> list[dict[str, str]]:
 
 def keyvalues(text: str | None) -> dict[str, str]:
     """The first record of ``scontrol show job|node -o`` (a job or node asked for by name), or {}."""
-    found = records(text)
-    return found[0] if found else {}
+    return next(iter(records(text)), {})
 
 
 def config(text: str | None) -> dict[str, str]:
     """``scontrol show config``'s ``Key = value`` lines."""
-    out = {}
-    for line in (text or "").splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() and " " not in key.strip():
-            out[key.strip()] = value.strip()
-    return out
+    pairs = (line.partition("=") for line in (text or "").splitlines())
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep and key.strip() and " " not in key.strip()}
 
 
 def rows(text: str | None, fields: Sequence[str], job: str | None = None) -> list[dict[str, str]]:
