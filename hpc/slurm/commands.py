@@ -67,11 +67,8 @@ def squeue(fmt: str, *, jobs: Sequence[str] = (), states: str | None = None, par
     """``squeue -h -o FMT`` for these jobs, or the queue's jobs in these states and partitions."""
     if jobs and _not_jobs(jobs):
         return None
-    argv = ["squeue", "-h", "-o", fmt, ARRAY_TASK_A_ROW]
-    if states:
-        argv += ["-t", states]
-    if partitions:
-        argv += ["-p", ",".join(partitions)]
+    argv = (["squeue", "-h", "-o", fmt, ARRAY_TASK_A_ROW] + (["-t", states] if states else [])
+            + (["-p", ",".join(partitions)] if partitions else []))
     if jobs:
         return _answers(lambda part: [*argv, "-j", part], jobs, runner)
     return _answer(argv, runner)
