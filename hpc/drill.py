@@ -253,7 +253,7 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
     if not equal:
         problems.append(f"losses differ from the uninterrupted run (largest difference {worst}, "
                         f"{compared} of {upto} steps compared)")
-    recovery = (seen.next_step_at - seen.fault_at) if seen.next_step_at and seen.fault_at else None
+    recovery = round(seen.next_step_at - seen.fault_at, 1) if seen.next_step_at and seen.fault_at else None
     marks = [("classified", seen.recorded_at), ("restarted", seen.restarted_at), ("first_step", seen.next_step_at)]
     phases, last = {}, seen.fault_at
     for name, at in marks:
@@ -268,10 +268,8 @@ def check(seen: Observed, reference: Mapping[int, float], steps: int, spare_node
         requeues=sum(a.get("action") == "requeue" for a in seen.attempts), excluded=excluded,
         victim=(f"rank {seen.victim_rank} on {seen.victim_node}" if seen.victim_node else None),
         resumed_step=seen.resumed_step, losses_equal=equal, compared_steps=compared, max_loss_diff=worst,
-        recovery_s=round(recovery, 1) if recovery is not None else None,
-        lost_s=round(seen.back_at - seen.fault_at, 1) if seen.back_at and seen.fault_at else None, phases=phases,
-        final_state=seen.final_state,
-        detail=str(first.get("detail") or ""), problems=problems)
+        recovery_s=recovery, lost_s=round(seen.back_at - seen.fault_at, 1) if seen.back_at and seen.fault_at else None,
+        phases=phases, final_state=seen.final_state, detail=str(first.get("detail") or ""), problems=problems)
 
 
 def _recovery_problems(seen: Observed, steps: int, upto: int) -> list[str]:
@@ -300,9 +298,8 @@ def _ending_problems(seen: Observed, detail: str) -> list[str]:
 
 def table(results: Sequence[Result]) -> str:
     """The drill's report: one row per scenario."""
-    head = ("scenario", "ok", "ending", "action", "retries", "excluded", "resumed", "losses", "recovery_s", "lost_s",
-            "job")
-    rows = [head]
+    rows = [("scenario", "ok", "ending", "action", "retries", "excluded", "resumed", "losses", "recovery_s", "lost_s",
+             "job")]
     for r in results:
         losses = "-" if r.losses_equal is None else (f"equal ({r.compared_steps})" if r.losses_equal else "DIFFER")
         rows.append((r.scenario, "ok" if r.ok else "FAIL", r.ending or "-", r.action or "-", str(r.retries),
