@@ -121,7 +121,8 @@ def inject(scenario: str, job: handle.Job, seen: Observed, out: Callable[[str], 
         written = between_saves(job, lambda: fill_disk(job.job_dir))
         out(f"  {written:,} bytes written beside {job.job_dir} at step {seen.fault_step}: less room than a checkpoint")
     elif scenario in ("node_loss", "batch_host_loss"):
-        node = target.node if scenario == "node_loss" else batch_host(job)
+        node = (target.node if scenario == "node_loss"
+                else parse.keyvalues(commands.show("job", job.job_id)).get("BatchHost", ""))
         _lose_node(job, node, node_control, out, f"at step {seen.fault_step}")
         seen.victim_node = node
     else:
@@ -168,10 +169,6 @@ def revive(node: str, node_control: str | None = None) -> None:
     state = parse.node_states(commands.sinfo_nodes(nodes=[node])).get(node, "")
     if state.startswith(("down", "drain", "fail")):
         commands.update("node", node, State="RESUME")
-
-
-def batch_host(job: handle.Job) -> str:
-    return parse.keyvalues(commands.show("job", job.job_id) or "").get("BatchHost", "")
 
 
 def between_saves(job: handle.Job, act: Callable[[], int], tries: int = 50) -> int:
