@@ -195,9 +195,8 @@ def cancel_all(job_ids: Iterable[str], job_dirs: Iterable[str | Path] = ()) -> N
     jobs their batch shells submitted the runs in ``job_dirs`` again as (each directory's marker names its newest)."""
     newest = [marker.job_id for d in job_dirs if d and (marker := registry.read_marker(Path(d))) is not None]
     wanted = list(dict.fromkeys(j for j in [*job_ids, *newest] if j))
-    live = [j for j, s in jobs.slurm_states(wanted).items() if s.state in states.LIVE]
-    if live:
-        commands.scancel(live)
+    # scancel runs nothing for an empty list.
+    commands.scancel([j for j, s in jobs.slurm_states(wanted).items() if s.state in states.LIVE])
 
 
 def _steps_by_rate(ref: Job, scenarios: Sequence[str], steps: int, time_limit_steps: int | None,
@@ -240,19 +239,18 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
     submitted is cancelled at the end, whatever happens. ``submit(label, steps)`` -> the job's record;
     ``job_defaults``: the jobs run with the trainer's own checkpoint and snapshot defaults (drill.CADENCE)."""
     ref = Job(submit("reference", drill.REFERENCE_STEPS_CAP))
-    ref_id = ref.job_id
     observed: list[drill.Observed] = []
     try:
         steps_of = _steps_by_rate(ref, scenarios, steps, time_limit_steps, job_defaults, say, timeout_s)
         reference_steps = max(steps_of.values())
-        say(f"reference: job {ref_id}, {reference_steps} uninterrupted steps ({ref.job_dir})")
+        say(f"reference: job {ref.job_id}, {reference_steps} uninterrupted steps ({ref.job_dir})")
         released = []
 
         def release() -> None:
             # Once it has every step needed the reference goes: it shares the CPUs with the scenario's job, or
             # (several ranks a node) holds the CPUs that job is queued for.
             if not released and ref.newest_step() >= reference_steps:
-                cancel_all([ref_id], [ref.job_dir])
+                cancel_all([ref.job_id], [ref.job_dir])
                 released.append(True)
         for scenario in scenarios:
             # A dead batch host may be the reference's too, which no waiter would start again: its job starts once
@@ -268,5 +266,5 @@ def run_drill(scenarios: Sequence[str], submit: Callable[[str, int], Record], st
         ref.wait(1.0, timeout_s, until=lambda _: ref.newest_step() >= reference_steps)
         reference = ref.losses()
     finally:
-        cancel_all([ref_id] + [o.job_id for o in observed], [ref.job_dir, *(o.job_dir for o in observed)])
+        cancel_all([ref.job_id] + [o.job_id for o in observed], [ref.job_dir, *(o.job_dir for o in observed)])
     return [drill.check(seen, reference, steps_of[seen.scenario], spare_nodes, bool(node_control)) for seen in observed]
