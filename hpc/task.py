@@ -125,11 +125,12 @@ def _signal_group(child: subprocess.Popen, signum: int) -> None:
         os.killpg(child.pid, signum)
 
 
-def _stop(child: subprocess.Popen, grace_s: float) -> None:
+def stop(child: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the child's group, then SIGKILL whatever is left after ``grace_s``."""
     _signal_group(child, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=grace_s)
+    # A rank that ignores SIGTERM outlives its launcher's exit, and would hold its CPUs and ports.
     _signal_group(child, signal.SIGKILL)
     child.wait()
 
@@ -166,12 +167,12 @@ def run(command: Sequence[str], env: Mapping[str, str] | None = None, abort_file
                 if killed_at and time.monotonic() >= killed_at[0]:
                     _signal_group(child, signal.SIGKILL)
                 elif abort_file is not None and abort_file.exists():
-                    _stop(child, STOP_GRACE_S)
+                    stop(child, STOP_GRACE_S)
                     raise TaskFailed(command, child.returncode if child.returncode else 1,
                                      "stopped because another task failed") from None
     except BaseException:
         if child.returncode is None:
-            _stop(child, 0.5)  # submitit's own stop (the time limit's) kills this runner 1 s after its SIGINT
+            stop(child, 0.5)  # submitit's own stop (the time limit's) kills this runner 1 s after its SIGINT
         raise
     finally:
         for sig, handler in previous.items():

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import click
 
 from hpc import bench as core
-from hpc import benchreport, benchresults, checkpoints, fileio, jobdir, jobfiles, shown, vocab
+from hpc import benchreport, benchresults, checkpoints, fileio, jobdir, jobfiles, shown, task, vocab
 from hpc.commands.options import Seconds, fail
 
 # The folder that holds hpc/ and train/ in a checkout: children import train from it.
@@ -51,24 +50,13 @@ def execute(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float) ->
         try:
             rc: int | None = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            stop(proc)
+            task.stop(proc, 15)  # torchrun and every rank it started
             rc = None
         except BaseException:
             # Outside the terminal's process group, the child never saw the Ctrl-C that stopped us.
-            stop(proc)
+            task.stop(proc, 15)
             raise
     return rc, time.monotonic() - start
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End ``proc``'s whole session: torchrun and every rank it started."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=15)
-    # A rank that ignores SIGTERM outlives torchrun's own exit, and would hold its CPUs through the next run.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def last_line(log: Path) -> str:
