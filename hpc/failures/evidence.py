@@ -67,12 +67,10 @@ class TaskEnd:
             if self.how.startswith(name):
                 return int(sig)
         code = self.exit_code
+        if code is None or code <= 128:
+            return None
         # DeepSpeed's launcher exits with its child's negative status: -9 arrives as 247.
-        if code is not None and 128 < code < 193:
-            return code - 128
-        if code is not None and code > 192:
-            return 256 - code
-        return None
+        return code - 128 if code < 193 else 256 - code
 
 
 @dataclass(frozen=True)
@@ -133,8 +131,7 @@ def task_ends(batch_log: str) -> list[TaskEnd]:
 
 def failed_nodes(batch_log: str) -> list[str]:
     """Nodes that Slurm said failed under this attempt (srun's "Node failure on nX", slurmstepd's banner)."""
-    found = [m.group(1) or m.group(2) for m in _SRUN_NODE_FAIL.finditer(batch_log)]
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(m.group(1) or m.group(2) for m in _SRUN_NODE_FAIL.finditer(batch_log)))
 
 
 def stepd_reasons(batch_log: str) -> list[str]:
@@ -174,21 +171,20 @@ def launcher_child(log: str, task: int, per: int, launcher: str,
     A negative status is the signal that killed the child (-9: SIGKILL). DeepSpeed's launcher names the child
     only by its command line, whose ``--local_rank=L`` is the rank ``task * per + L`` of this node's ``per``.
     """
-    nothing = (None, None)
     if launcher == "torchrun":
         root = log.rfind("Root Cause")
         if root < 0 or task_exit in (None, 0):
-            return nothing
+            return None, None
         block = log[root:]
         rank, code = _TORCHRUN_RANK.search(block), _TORCHRUN_EXIT.search(block)
         return int(rank.group(1)) if rank else None, int(code.group(1)) if code else None
     if launcher == "deepspeed":
         exits = [m for line in log.splitlines() if (m := _DEEPSPEED_EXIT.search(line))]
         if not exits or task_exit is None or int(exits[-1].group(1)) % 256 != task_exit % 256:
-            return nothing
+            return None, None
         local = _DEEPSPEED_LOCAL_RANK.search(exits[-1].string)
         return task * per + int(local.group(1)) if local else None, int(exits[-1].group(1))
-    return nothing
+    return None, None
 
 
 def attempts_started(log: str) -> dict[int, int]:
