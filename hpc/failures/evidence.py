@@ -87,7 +87,6 @@ class Evidence:
     lost: Mapping[str, Any] | None = None         # this attempt's RUN_DIR/lost.json: a node the ranks saw vanish
     job_state: str = ""                           # Slurm's: RUNNING, COMPLETING, NODE_FAIL, TIMEOUT, CANCELLED, ...
     job_reason: str = ""                          # scontrol's Reason= (TimeLimit, NodeDown, ...)
-    job_exit: str = ""                            # sacct's ExitCode "N:S"
     down_nodes: frozenset[str] = frozenset()      # nodes Slurm now calls down/drained/failing
     ranks_per_task: int = 1
     launcher: str = "srun"                        # which launcher's own report of a dead child to believe
@@ -101,8 +100,8 @@ class Evidence:
 # What the batch shell saw when the step ended besides the logs: Slurm's view, and the ranks' hang.json and
 # lost.json, which the next attempt replaces. The attempt's line keeps it, so that the ending can be classified
 # again later from that and a copy of the logs (scripts/capture-failure.py; the drill's cells in tests/data/failures/).
-CONTEXT = ("step_status", "job_state", "job_reason", "job_exit", "down_nodes", "ranks_per_task", "launcher",
-           "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted", "hang", "lost")
+CONTEXT = ("step_status", "job_state", "job_reason", "down_nodes", "ranks_per_task", "launcher", "time_left_s",
+           "warning_s", "checkpoint_step", "seen_step", "preempted", "hang", "lost")
 # hang.json's every rank's stacks are for people; the rules read none of them.
 _UNREAD = ("stacks", "groups")
 
