@@ -57,15 +57,12 @@ class Facts:
     def __init__(self, ev: Evidence) -> None:
         self.ev = ev
         self.ends: list[TaskEnd] = task_ends(ev.batch_log)
+        self.first_end = self.ends[0] if self.ends else None
         self.reasons = stepd_reasons(ev.batch_log)
         self.state = states.base(ev.job_state) if ev.job_state else ""
         self.step = ev.checkpoint_step
         self.per = max(ev.ranks_per_task, 1)
         self.errors = [e for e in ev.errors if e.attempt == ev.attempt]
-
-    @property
-    def first_end(self) -> TaskEnd | None:
-        return self.ends[0] if self.ends else None
 
     @cached_property
     def slurm_nodes(self) -> list[str]:
@@ -163,9 +160,7 @@ def node_lost(f: Facts) -> Ending | None:
 
 
 def node_fail_unnamed(f: Facts) -> Ending | None:
-    if f.state != "NODE_FAIL":
-        return None
-    return Ending("node_failure", "node ? failed", step=f.step)
+    return Ending("node_failure", "node ? failed", step=f.step) if f.state == "NODE_FAIL" else None
 
 
 def requeued_by_slurm(f: Facts) -> Ending | None:
@@ -277,16 +272,14 @@ def killed_rank(f: Facts) -> Ending | None:
 
 
 def time_limit(f: Facts) -> Ending | None:
-    if not f.timed_out:
-        return None
-    return Ending("time_limit", "the time limit struck before every rank could checkpoint", step=f.step)
+    struck = "the time limit struck before every rank could checkpoint"
+    return Ending("time_limit", struck, step=f.step) if f.timed_out else None
 
 
 def out_of_memory(f: Facts) -> Ending | None:
     if f.state != "OUT_OF_MEMORY":
         return None
-    return Ending("rank_crashed", "a rank ran out of memory (the OOM killer)", signal=int(signals.SIGKILL),
-                  step=f.step)
+    return Ending("rank_crashed", "a rank ran out of memory (the OOM killer)", signal=int(signals.SIGKILL), step=f.step)
 
 
 def completed(f: Facts) -> Ending | None:
