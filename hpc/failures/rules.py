@@ -179,10 +179,8 @@ def checkpointed_stop(f: Facts) -> Ending | None:
     """Every rank checkpointed after a signal: a preemption, or the time limit when it was near."""
     if not f.ev.preempted:
         return None
-    stopped = None
-    for text in f.ev.task_logs.values():
-        stopped = stopped_by(text) or stopped
-    sig, at = stopped if stopped else (None, f.step)
+    stops = [stop for text in f.ev.task_logs.values() if (stop := stopped_by(text))]
+    sig, at = stops[-1] if stops else (None, f.step)
     what = "the time limit" if f.timed_out else "a preemption signal"
     return Ending("time_limit" if f.timed_out else "preempted",
                   f"every rank checkpointed at step {at} after {sig or what}",
