@@ -45,15 +45,14 @@ SILENT_S = 15.0
 
 
 def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, Heartbeat], *, now: float,
-                    answers: Callable[[str], bool], silent_s: float = SILENT_S) -> str | None:
+                    answers: Callable[[str], bool]) -> str | None:
     """The batch host's name when it is gone, else None (pure but for ``answers``, the slurmd probe)."""
     if not batch_host:
         return None
     if lost and lost.get("node") == batch_host:
         return batch_host
-    attempt = max((b.attempt for b in beats.values()), default=None)
-    current = [b for b in beats.values() if b.attempt == attempt]
-    if current and all((beatfile.age(now, b.time) or 0.0) > silent_s for b in current) and not answers(batch_host):
+    current = monitor.newest_attempt(beats).values()
+    if current and all((beatfile.age(now, b.time) or 0.0) > SILENT_S for b in current) and not answers(batch_host):
         return batch_host
     return None
 
