@@ -117,9 +117,7 @@ def context(ev: Evidence) -> dict[str, Any]:
 def with_context(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
     """The Evidence of ``attempt`` from its context (as ``context`` gave it; other keys ignored) and its logs'
     fields (batch_log, task_logs, errors)."""
-    values = {k: v for k, v in seen.items() if k in CONTEXT}
-    if "down_nodes" in values:
-        values["down_nodes"] = frozenset(values["down_nodes"])
+    values = {k: frozenset(v) if k == "down_nodes" else v for k, v in seen.items() if k in CONTEXT}
     return Evidence(attempt=attempt, **values, **files)
 
 
@@ -150,12 +148,9 @@ def last_error_line(log: str) -> str | None:
         line = re.sub(r"^\[(?:rank|default)\d+\]:\s?", "", raw.strip())  # torchrun's --tee prefixes
         if not line or any(n in line for n in _NOISE):
             continue
-        m = _OWN_ERROR.match(line)
-        if m:
+        if m := _OWN_ERROR.match(line):
             found = m.group(1).strip()
-            continue
-        m = _EXCEPTION.match(line)
-        if m and m.group(1).split(".")[-1] not in ("SystemExit", "KeyboardInterrupt"):
+        elif (m := _EXCEPTION.match(line)) and m.group(1).split(".")[-1] not in ("SystemExit", "KeyboardInterrupt"):
             found = line
     return found
 
