@@ -206,10 +206,9 @@ def hung(f: Facts) -> Ending | None:
 
 def bad_input(f: Facts) -> Ending | None:
     bad = [e for e in f.errors if e.kind == "bad_input"]
-    first_end = f.first_end
-    if not (bad or f.ev.step_status == EXIT_BAD_INPUT or (first_end and first_end.exit_code == EXIT_BAD_INPUT)):
+    if not (bad or f.ev.step_status == EXIT_BAD_INPUT or (f.first_end and f.first_end.exit_code == EXIT_BAD_INPUT)):
         return None
-    return _rank_said(f, "bad_input", bad, first_end, EXIT_BAD_INPUT, "bad input (exit status 2)")
+    return _rank_said(f, "bad_input", bad, f.first_end, EXIT_BAD_INPUT, "bad input (exit status 2)")
 
 
 def storage(f: Facts) -> Ending | None:
