@@ -163,10 +163,9 @@ class Watcher:
         if beats is None:
             return None
         now = self.pace.read_at
-        attempt = max((b.attempt for b in beats.values()), default=0)
-        lost = runfiles.read_lost(run_dir, attempt)
-        silent = bool(beats) and all((beatfile.age(now, b.time) or 0.0) > SILENT_S
-                                     for b in beats.values() if b.attempt == attempt)
+        current = monitor.newest_attempt(beats).values()
+        lost = runfiles.read_lost(run_dir, max((b.attempt for b in current), default=0))
+        silent = bool(current) and all((beatfile.age(now, b.time) or 0.0) > SILENT_S for b in current)
         if lost is None and not silent:
             return None
         host = parse.keyvalues(commands.show("job", self.record.job_id)).get("BatchHost", "")
