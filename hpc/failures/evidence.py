@@ -198,8 +198,7 @@ def attempt_segment(log: str, attempt: int) -> str:
     begin = max((pos for n, pos in ends if n < attempt), default=0)
     if any(pos >= begin for n, pos in starts.items() if n < attempt):
         return ""
-    own = [pos for n, pos in ends if n == attempt and pos > begin]
-    return log[begin:own[0] if own else len(log)]
+    return log[begin:next((pos for n, pos in ends if n == attempt and pos > begin), len(log))]
 
 
 def stopped_by(text: str) -> tuple[str, int] | None:
