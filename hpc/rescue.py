@@ -45,15 +45,14 @@ SILENT_S = 15.0
 
 
 def lost_batch_host(batch_host: str, lost: Mapping | None, beats: Mapping[int, Heartbeat], *, now: float,
-                    answers: Callable[[str], bool], silent_s: float = SILENT_S) -> str | None:
+                    answers: Callable[[str], bool]) -> str | None:
     """The batch host's name when it is gone, else None (pure but for ``answers``, the slurmd probe)."""
     if not batch_host:
         return None
     if lost and lost.get("node") == batch_host:
         return batch_host
-    attempt = max((b.attempt for b in beats.values()), default=None)
-    current = [b for b in beats.values() if b.attempt == attempt]
-    if current and all((beatfile.age(now, b.time) or 0.0) > silent_s for b in current) and not answers(batch_host):
+    current = monitor.newest_attempt(beats).values()
+    if current and all((beatfile.age(now, b.time) or 0.0) > SILENT_S for b in current) and not answers(batch_host):
         return batch_host
     return None
 
@@ -164,10 +163,9 @@ class Watcher:
         if beats is None:
             return None
         now = self.pace.read_at
-        attempt = max((b.attempt for b in beats.values()), default=0)
-        lost = runfiles.read_lost(run_dir, attempt)
-        silent = bool(beats) and all((beatfile.age(now, b.time) or 0.0) > SILENT_S
-                                     for b in beats.values() if b.attempt == attempt)
+        current = monitor.newest_attempt(beats).values()
+        lost = runfiles.read_lost(run_dir, max((b.attempt for b in current), default=0))
+        silent = bool(current) and all((beatfile.age(now, b.time) or 0.0) > SILENT_S for b in current)
         if lost is None and not silent:
             return None
         host = parse.keyvalues(commands.show("job", self.record.job_id)).get("BatchHost", "")

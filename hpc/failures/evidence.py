@@ -67,12 +67,10 @@ class TaskEnd:
             if self.how.startswith(name):
                 return int(sig)
         code = self.exit_code
+        if code is None or code <= 128:
+            return None
         # DeepSpeed's launcher exits with its child's negative status: -9 arrives as 247.
-        if code is not None and 128 < code < 193:
-            return code - 128
-        if code is not None and code > 192:
-            return 256 - code
-        return None
+        return code - 128 if code < 193 else 256 - code
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,6 @@ class Evidence:
     lost: Mapping[str, Any] | None = None         # this attempt's RUN_DIR/lost.json: a node the ranks saw vanish
     job_state: str = ""                           # Slurm's: RUNNING, COMPLETING, NODE_FAIL, TIMEOUT, CANCELLED, ...
     job_reason: str = ""                          # scontrol's Reason= (TimeLimit, NodeDown, ...)
-    job_exit: str = ""                            # sacct's ExitCode "N:S"
     down_nodes: frozenset[str] = frozenset()      # nodes Slurm now calls down/drained/failing
     ranks_per_task: int = 1
     launcher: str = "srun"                        # which launcher's own report of a dead child to believe
@@ -103,8 +100,8 @@ class Evidence:
 # What the batch shell saw when the step ended besides the logs: Slurm's view, and the ranks' hang.json and
 # lost.json, which the next attempt replaces. The attempt's line keeps it, so that the ending can be classified
 # again later from that and a copy of the logs (scripts/capture-failure.py; the drill's cells in tests/data/failures/).
-CONTEXT = ("step_status", "job_state", "job_reason", "job_exit", "down_nodes", "ranks_per_task", "launcher",
-           "time_left_s", "warning_s", "checkpoint_step", "seen_step", "preempted", "hang", "lost")
+CONTEXT = ("step_status", "job_state", "job_reason", "down_nodes", "ranks_per_task", "launcher", "time_left_s",
+           "warning_s", "checkpoint_step", "seen_step", "preempted", "hang", "lost")
 # hang.json's every rank's stacks are for people; the rules read none of them.
 _UNREAD = ("stacks", "groups")
 
@@ -120,9 +117,7 @@ def context(ev: Evidence) -> dict[str, Any]:
 def with_context(attempt: int, seen: Mapping[str, Any], **files: Any) -> Evidence:
     """The Evidence of ``attempt`` from its context (as ``context`` gave it; other keys ignored) and its logs'
     fields (batch_log, task_logs, errors)."""
-    values = {k: v for k, v in seen.items() if k in CONTEXT}
-    if "down_nodes" in values:
-        values["down_nodes"] = frozenset(values["down_nodes"])
+    values = {k: frozenset(v) if k == "down_nodes" else v for k, v in seen.items() if k in CONTEXT}
     return Evidence(attempt=attempt, **values, **files)
 
 
@@ -133,8 +128,7 @@ def task_ends(batch_log: str) -> list[TaskEnd]:
 
 def failed_nodes(batch_log: str) -> list[str]:
     """Nodes that Slurm said failed under this attempt (srun's "Node failure on nX", slurmstepd's banner)."""
-    found = [m.group(1) or m.group(2) for m in _SRUN_NODE_FAIL.finditer(batch_log)]
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(m.group(1) or m.group(2) for m in _SRUN_NODE_FAIL.finditer(batch_log)))
 
 
 def stepd_reasons(batch_log: str) -> list[str]:
@@ -154,12 +148,9 @@ def last_error_line(log: str) -> str | None:
         line = re.sub(r"^\[(?:rank|default)\d+\]:\s?", "", raw.strip())  # torchrun's --tee prefixes
         if not line or any(n in line for n in _NOISE):
             continue
-        m = _OWN_ERROR.match(line)
-        if m:
+        if m := _OWN_ERROR.match(line):
             found = m.group(1).strip()
-            continue
-        m = _EXCEPTION.match(line)
-        if m and m.group(1).split(".")[-1] not in ("SystemExit", "KeyboardInterrupt"):
+        elif (m := _EXCEPTION.match(line)) and m.group(1).split(".")[-1] not in ("SystemExit", "KeyboardInterrupt"):
             found = line
     return found
 
@@ -174,21 +165,20 @@ def launcher_child(log: str, task: int, per: int, launcher: str,
     A negative status is the signal that killed the child (-9: SIGKILL). DeepSpeed's launcher names the child
     only by its command line, whose ``--local_rank=L`` is the rank ``task * per + L`` of this node's ``per``.
     """
-    nothing = (None, None)
     if launcher == "torchrun":
         root = log.rfind("Root Cause")
         if root < 0 or task_exit in (None, 0):
-            return nothing
+            return None, None
         block = log[root:]
         rank, code = _TORCHRUN_RANK.search(block), _TORCHRUN_EXIT.search(block)
         return int(rank.group(1)) if rank else None, int(code.group(1)) if code else None
     if launcher == "deepspeed":
         exits = [m for line in log.splitlines() if (m := _DEEPSPEED_EXIT.search(line))]
         if not exits or task_exit is None or int(exits[-1].group(1)) % 256 != task_exit % 256:
-            return nothing
+            return None, None
         local = _DEEPSPEED_LOCAL_RANK.search(exits[-1].string)
         return task * per + int(local.group(1)) if local else None, int(exits[-1].group(1))
-    return nothing
+    return None, None
 
 
 def attempts_started(log: str) -> dict[int, int]:
@@ -208,8 +198,7 @@ def attempt_segment(log: str, attempt: int) -> str:
     begin = max((pos for n, pos in ends if n < attempt), default=0)
     if any(pos >= begin for n, pos in starts.items() if n < attempt):
         return ""
-    own = [pos for n, pos in ends if n == attempt and pos > begin]
-    return log[begin:own[0] if own else len(log)]
+    return log[begin:next((pos for n, pos in ends if n == attempt and pos > begin), len(log))]
 
 
 def stopped_by(text: str) -> tuple[str, int] | None:

@@ -69,12 +69,9 @@ def gather(job_dir: Path, job_id: str, attempt: int, step_status: int | None, ra
     run_dir = job_dir / RUN_DIR
     job = parse.keyvalues(commands.show("job", job_id, runner=runner))
     nodes = parse.node_states(commands.sinfo_nodes(job.get("Partition"), runner=runner))
-    batch = ""
     # An array task logs to batch-ARRAYID_TASKID.out; a plain job to batch-JOBID.out.
-    for candidate in (job_id, job.get("JobId", job_id.split("_")[0])):
-        batch = jobfiles.tail_text(job_dir / batch_log_name(candidate), 262144)
-        if batch:
-            break
+    names = (job_id, job.get("JobId", job_id.split("_")[0]))
+    batch = next(filter(None, (jobfiles.tail_text(job_dir / batch_log_name(n), 262144) for n in names)), "")
     segment = attempt_segment(batch, attempt)
     await_stop_marker(run_dir / PREEMPTED, segment)
     beats = monitor.read_heartbeats(run_dir)
@@ -134,9 +131,8 @@ def end_attempt(job_dir: Path, job_id: str, attempt: int, step_status: int | Non
     # A job Slurm itself requeued or ended has no allocation left to relaunch in (nor needs a new job).
     alive = not job.get("JobState") or job["JobState"] in states.ON_NODES
     # The ranks' own verdict (lost.json) names a node whose slurmd stopped answering: Slurm has not noticed.
-    lost_node = (ev.lost or {}).get("node")
-    unanswered = (alive and resubmit is not None and ending.ending == "node_failure" and lost_node is not None
-                  and lost_node == ending.node)
+    unanswered = (alive and resubmit is not None and ending.ending == "node_failure" and ending.node is not None
+                  and (ev.lost or {}).get("node") == ending.node)
     decision = decide(ending, history, policy, nodes, healthy if alive else (), held=ev.snapshots,
                       unanswered=unanswered)
     if decision.action == "resubmit" and resubmit is not None:
@@ -161,9 +157,7 @@ def shell_assignments(line: Mapping[str, Any], job: Mapping[str, str], step_stat
     the status the batch shell should end with; ``uses`` counts this requeue or retry among the job's."""
     # Slurm requeues a job on its own after a node failure (NODE_FAIL with --requeue): the job is then pending.
     already = job.get("JobState", "") in states.REQUEUED
-    status = step_status
-    if line["ending"] in REQUEUED and line["action"] == "none":
-        status = EXIT_PREEMPTED
+    status = EXIT_PREEMPTED if line["ending"] in REQUEUED and line["action"] == "none" else step_status
     uses = {"requeue": ("requeue",), **dict.fromkeys(RETRY_ACTIONS, RETRY_ACTIONS)}.get(line["action"], ())
     count = sum(1 for a in history if a.get("action") in uses) + 1 if uses else 0
     values = {"action": line["action"], "exclude": ",".join(line.get("excluded") or ()), "uses": str(count),

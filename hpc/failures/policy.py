@@ -74,13 +74,13 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
     stay COMPLETING on it until SlurmdTimeout (minutes), so the retry through the queue is a new job.
     """
     excluded = excluded_so_far(history)
+    so_far = tuple(sorted(excluded))
     if ending.ending in REQUEUED:
         used = sum(1 for h in history if h.get("action") == "requeue")
         if used >= policy.max_requeues:
-            return Decision("none", tuple(sorted(excluded)),
+            return Decision("none", so_far,
                             f"the job has used its {policy.max_requeues} requeue(s); resubmit with --resume to go on")
-        return Decision("requeue", tuple(sorted(excluded)),
-                        f"requeue {used + 1} of {policy.max_requeues}: resume from the checkpoint")
+        return Decision("requeue", so_far, f"requeue {used + 1} of {policy.max_requeues}: resume from the checkpoint")
     if ending.ending not in RETRIED:
         why = {"bad_input": "bad input is never retried: fix it and resubmit",
                "storage": f"a storage failure is not retried: {STORAGE_ADVICE.get(ending.errno, GENERIC_ADVICE)}, "
@@ -88,11 +88,10 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                "code_error": "an error in the training code is never retried: fix it and resubmit",
                "completed": "", "cancelled": "cancelled by request",
                "unknown": "an ending hpcdist cannot classify is not retried"}
-        return Decision("none", tuple(sorted(excluded)), why.get(ending.ending, ""))
+        return Decision("none", so_far, why.get(ending.ending, ""))
     used = sum(1 for h in history if h.get("action") in RETRY_ACTIONS)
     if used >= policy.max_retries:
-        return Decision("none", tuple(sorted(excluded)),
-                        f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
+        return Decision("none", so_far, f"the job has used its {policy.max_retries} retry(ies) (--max-retries)")
     wanted = excluded | ({ending.node} if ending.node else set())
     # In place only on a node that still answers and has not failed this job before: twice is a bad node.
     in_place = ending.ending != "node_failure" and not any(h.get("node") == ending.node for h in history)
@@ -111,7 +110,7 @@ def decide(ending: Ending, history: Sequence[Mapping[str, Any]], policy: Policy,
                         f"{resumes_from(ending, held, left)}", nodes=len(left))
     healthy = [n for n, s in node_states.items() if n not in wanted and usable(s)]
     if node_states and len(healthy) < policy.nodes:
-        return Decision("none", tuple(sorted(excluded)),
+        return Decision("none", so_far,
                         f"not retried: excluding {', '.join(sorted(wanted))} leaves {len(healthy)} usable node(s) "
                         f"({', '.join(sorted(healthy)) or 'none'}) for a job that needs {policy.nodes}")
     return _through_the_queue(ending, f"retry {used + 1} of {policy.max_retries}", tuple(sorted(wanted)), unanswered)

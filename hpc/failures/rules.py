@@ -57,15 +57,12 @@ class Facts:
     def __init__(self, ev: Evidence) -> None:
         self.ev = ev
         self.ends: list[TaskEnd] = task_ends(ev.batch_log)
+        self.first_end = self.ends[0] if self.ends else None
         self.reasons = stepd_reasons(ev.batch_log)
         self.state = states.base(ev.job_state) if ev.job_state else ""
         self.step = ev.checkpoint_step
         self.per = max(ev.ranks_per_task, 1)
         self.errors = [e for e in ev.errors if e.attempt == ev.attempt]
-
-    @property
-    def first_end(self) -> TaskEnd | None:
-        return self.ends[0] if self.ends else None
 
     @cached_property
     def slurm_nodes(self) -> list[str]:
@@ -163,9 +160,7 @@ def node_lost(f: Facts) -> Ending | None:
 
 
 def node_fail_unnamed(f: Facts) -> Ending | None:
-    if f.state != "NODE_FAIL":
-        return None
-    return Ending("node_failure", "node ? failed", step=f.step)
+    return Ending("node_failure", "node ? failed", step=f.step) if f.state == "NODE_FAIL" else None
 
 
 def requeued_by_slurm(f: Facts) -> Ending | None:
@@ -184,10 +179,8 @@ def checkpointed_stop(f: Facts) -> Ending | None:
     """Every rank checkpointed after a signal: a preemption, or the time limit when it was near."""
     if not f.ev.preempted:
         return None
-    stopped = None
-    for text in f.ev.task_logs.values():
-        stopped = stopped_by(text) or stopped
-    sig, at = stopped if stopped else (None, f.step)
+    stops = [stop for text in f.ev.task_logs.values() if (stop := stopped_by(text))]
+    sig, at = stops[-1] if stops else (None, f.step)
     what = "the time limit" if f.timed_out else "a preemption signal"
     return Ending("time_limit" if f.timed_out else "preempted",
                   f"every rank checkpointed at step {at} after {sig or what}",
@@ -213,10 +206,9 @@ def hung(f: Facts) -> Ending | None:
 
 def bad_input(f: Facts) -> Ending | None:
     bad = [e for e in f.errors if e.kind == "bad_input"]
-    first_end = f.first_end
-    if not (bad or f.ev.step_status == EXIT_BAD_INPUT or (first_end and first_end.exit_code == EXIT_BAD_INPUT)):
+    if not (bad or f.ev.step_status == EXIT_BAD_INPUT or (f.first_end and f.first_end.exit_code == EXIT_BAD_INPUT)):
         return None
-    return _rank_said(f, "bad_input", bad, first_end, EXIT_BAD_INPUT, "bad input (exit status 2)")
+    return _rank_said(f, "bad_input", bad, f.first_end, EXIT_BAD_INPUT, "bad input (exit status 2)")
 
 
 def storage(f: Facts) -> Ending | None:
@@ -277,16 +269,14 @@ def killed_rank(f: Facts) -> Ending | None:
 
 
 def time_limit(f: Facts) -> Ending | None:
-    if not f.timed_out:
-        return None
-    return Ending("time_limit", "the time limit struck before every rank could checkpoint", step=f.step)
+    struck = "the time limit struck before every rank could checkpoint"
+    return Ending("time_limit", struck, step=f.step) if f.timed_out else None
 
 
 def out_of_memory(f: Facts) -> Ending | None:
     if f.state != "OUT_OF_MEMORY":
         return None
-    return Ending("rank_crashed", "a rank ran out of memory (the OOM killer)", signal=int(signals.SIGKILL),
-                  step=f.step)
+    return Ending("rank_crashed", "a rank ran out of memory (the OOM killer)", signal=int(signals.SIGKILL), step=f.step)
 
 
 def completed(f: Facts) -> Ending | None:
