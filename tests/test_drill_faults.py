@@ -7,11 +7,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
 from hpc import drill_faults
-from hpc.checkpoints import write_manifest
+from hpc.checkpoints import MANIFEST, write_manifest
 
 
 def test_a_rank_is_found_in_proc_by_its_job_and_rank(tmp_path):
@@ -39,13 +40,16 @@ def checkpoint(job_dir, step: int, size: int):
 
 def test_the_disk_is_filled_beside_the_job_to_half_a_checkpoint_and_emptied_again(tmp_path, monkeypatch):
     job_dir = tmp_path / "job"
-    checkpoint(job_dir, 10, 4000)
-    free = shutil.disk_usage(tmp_path).free
+    newest = checkpoint(job_dir, 10, 4000)
+    # The free space is fixed here: other tests writing on this file system meanwhile moved a real measure by 8 KiB.
+    free = 10**9
+    monkeypatch.setattr(drill_faults.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
     sizes: list[int] = []
     monkeypatch.setattr(drill_faults.os, "posix_fallocate", lambda fd, offset, size: sizes.append(size))
     assert drill_faults.fill_disk(job_dir) == sizes[0]
-    # Room left: half of the newest checkpoint (its manifest included), whatever else writes meanwhile.
-    assert abs(free - sizes[0] - 2000) < 4096
+    # Room left: half of the newest checkpoint, its manifest included.
+    manifest = (newest / MANIFEST).stat().st_size
+    assert sizes[0] == free - (4000 + manifest) // 2
     assert (tmp_path / drill_faults.FILLER).is_file() and not list(job_dir.glob("*filler*"))
     drill_faults.empty_disk(job_dir)
     assert not (tmp_path / drill_faults.FILLER).exists()
