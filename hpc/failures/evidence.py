@@ -210,6 +210,6 @@ def stopped_by(text: str) -> tuple[str, int] | None:
 def is_symptom(error: RankError | str) -> bool:
     """A failure that reports a peer's death or a timed-out collective rather than this rank's own bug."""
     text = error.error if isinstance(error, RankError) else error
-    if isinstance(error, RankError) and error.kind == "bad_input" or _OWN_NETWORK.search(text):
+    if (isinstance(error, RankError) and error.kind == "bad_input") or _OWN_NETWORK.search(text):
         return False
     return bool(_SYMPTOM.search(text))
