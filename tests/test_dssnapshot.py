@@ -4,6 +4,9 @@ next, made one checkpoint at a resume (the ring and the collective save run in t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from hpc.checkpoints import MANIFEST, name_for, newest
 from train import checkpoint, dssnapshot, snapshot
 
 pytestmark = pytest.mark.timed  # the persisting period, in seconds
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def part(folder: Path, node: int, nodes: int, step: int, files: dict[str, bytes], trained_with=None) -> Path:
@@ -122,22 +127,36 @@ def test_parts_the_nodes_persisted_complete_what_memory_lost_and_later_ones_are_
     assert sorted(p.name for p in on_disk.iterdir()) == ["notes.txt"]
 
 
-def test_a_node_persists_its_first_part_at_once_then_one_every_persist_period_in_the_background(tmp_path):
+def test_a_node_is_due_to_persist_its_first_part_at_once_then_one_every_persist_period_in_the_background(tmp_path):
     memory, root = tmp_path / "memory", tmp_path / "checkpoints"
     parts = dssnapshot.Parts(memory, node=1, nodes=2, leaders=[0, 1], local_rank=0, group=None,
                              persist=snapshot.Persist(root, 0.5))
     part(memory, 1, 2, 10, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"adam"})
-    parts._maybe_persist(10)
+    assert parts._persist_due()
+    parts._start_persist(10)
     parts._persisting.join()
     assert checkpoints.held_in(root / checkpoints.PARTS) == {"part-1-of-2": [10]}
-    part(memory, 1, 2, 20, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"adam"})
-    first = parts._persisting
-    parts._maybe_persist(20)
-    assert parts._persisting is first, "persisted again before its period passed"
+    assert not parts._persist_due(), "due again before its period passed"
     time.sleep(0.5)
-    parts._maybe_persist(20)
+    assert parts._persist_due()
+    part(memory, 1, 2, 20, {"zero_pp_rank_1_mp_rank_00_optim_states.pt": b"adam"})
+    parts._start_persist(20)
     parts._persisting.join()
     assert checkpoints.held_in(root / checkpoints.PARTS) == {"part-1-of-2": [10, 20]}
+
+
+def test_a_node_whose_last_part_is_still_being_persisted_is_not_due(tmp_path):
+    import threading
+
+    parts = dssnapshot.Parts(tmp_path, node=0, nodes=2, leaders=[0, 1], local_rank=0, group=None,
+                             persist=snapshot.Persist(tmp_path / "checkpoints", 0.001))
+    release = threading.Event()
+    parts._persisting = threading.Thread(target=release.wait)
+    parts._persisting.start()
+    assert not parts._persist_due()
+    release.set()
+    parts._persisting.join()
+    assert parts._persist_due()
 
 
 def test_snapshots_are_spaced_so_that_training_waits_for_them_under_one_percent_of_the_time(tmp_path):
@@ -169,7 +188,7 @@ def test_training_waits_only_for_the_part_written_and_a_snapshot_due_while_one_i
     def write(staging: Path, tag: str) -> None:
         (staging / tag / "mp_rank_00_model_states.pt").write_bytes(b"w")
     held_up, handing = threading.Event(), parts._hand_on
-    parts._hand_on = lambda step: (held_up.wait(), handing(step))
+    parts._hand_on = lambda *args: (held_up.wait(), handing(*args))
     parts.take(10, write)
     assert parts.taken == 1 and checkpoints.held_in(tmp_path / "memory") == {"part-0-of-1": [10]}
     assert written == [], "published before its hand-on ended"
@@ -235,3 +254,38 @@ def test_a_part_torch_fails_to_write_in_its_own_words_stops_the_snapshots_leavin
     assert said == ["snapshots stopped: [enforce fail at inline_container.cc:672] . unexpected pos 634496 vs 634408 "
                     f"writing a snapshot in {tmp_path / 'memory'}; resumes use the disk checkpoints"]
     assert [p.name for p in (tmp_path / "memory").rglob("*")] == ["part-0-of-1"], "a half-written part is left"
+
+
+TWO_NODES = """
+import sys, time
+from pathlib import Path
+import torch.distributed as dist
+from train import dssnapshot, snapshot
+
+rank, tmp = int(sys.argv[1]), Path(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+if rank == 1:  # the slower disk: its copies take longer than the persisting period
+    copy = dssnapshot.copy_part
+    dssnapshot.copy_part = lambda held, into: (time.sleep(0.3), copy(held, into))
+memory = tmp / f"node{rank}"
+memory.mkdir(mode=0o700)
+parts = dssnapshot.open_parts(memory, node=rank, local_rank=0, fresh=True, on_written=lambda step: None,
+                              persist=snapshot.Persist(tmp / "checkpoints", 0.05))
+for step in range(1, 41):
+    parts.take(step, lambda staging, tag: (staging / tag / f"rank{rank}.pt").write_bytes(bytes(1000)))
+    time.sleep(0.02)
+parts._handing.join()
+parts._persisting.join()
+"""
+
+
+def test_every_node_persists_the_same_steps_even_when_one_node_s_disk_is_slower(tmp_path):
+    # Two nodes that each persisted when their own clock said so kept different steps, KEEP of each sharing none:
+    # a new job after the batch host's death found no whole snapshot for long stretches of a run.
+    (tmp_path / "run.py").write_text(TWO_NODES)
+    ranks = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(rank), str(tmp_path)], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    held = checkpoints.held_in(tmp_path / "checkpoints" / checkpoints.PARTS)
+    assert held["part-0-of-2"] == held["part-1-of-2"] and len(held["part-0-of-2"]) == checkpoints.KEEP, held

@@ -15,8 +15,9 @@ as any other, which every rank then loads as it loads a disk checkpoint (on fewe
 conversion). Training waits while its node's part is written into tmpfs (DeepSpeed's save, timed into ``stall_s``,
 which ``hpcdist bench`` checks against its 2% target; ``spaced`` keeps the snapshots far enough apart to meet it);
 the part is handed to the next node in a thread, and a snapshot due while one is still on its way is skipped.
-Every ``--persist-every-s`` each node's local rank 0 also copies its part to ``checkpoints/.parts/`` in a thread:
-what a new job resumes from when the allocation and its nodes' memory are gone (the batch host died).
+Every ``--persist-every-s`` each node's local rank 0 also copies its part to ``checkpoints/.parts/`` in a thread, the
+same step on every node (decided in the snapshot's vote): what a new job resumes from when the allocation and its
+nodes' memory are gone (the batch host died).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Parts:
         if self.stopped:
             return
         began = time.perf_counter()
-        room, idle = self._vote()
+        room, idle, persist = self._vote()
         if not room:
             return self._stop(f"a node has too little free memory in {self.folder.parent} for another, or its "
                               f"folder is not this user's alone{self._broken}")
@@ -106,8 +107,8 @@ class Parts:
         self.last_s = time.perf_counter() - began
         self.stall_s, self.taken = self.stall_s + self.last_s, self.taken + 1
         if self.leader:
-            self._handing = threading.Thread(target=self._hand_on, args=(step,), name="hpcdist-snapshot-ring",
-                                             daemon=True)
+            self._handing = threading.Thread(target=self._hand_on, args=(step, persist),
+                                             name="hpcdist-snapshot-ring", daemon=True)
             self._handing.start()
 
     def _stop(self, why: str) -> None:
@@ -161,10 +162,12 @@ class Parts:
             dist.barrier(group=self.group.every)
         self.clear()
 
-    def _maybe_persist(self, step: int) -> None:
+    def _persist_due(self) -> bool:
+        """This node's say in the vote: its period has passed and its last part is on disk."""
         busy = self._persisting is not None and self._persisting.is_alive()
-        if self.persist is None or busy or time.monotonic() - self._persisted_at < self.persist.every_s:
-            return
+        return self.persist is not None and not busy and time.monotonic() - self._persisted_at >= self.persist.every_s
+
+    def _start_persist(self, step: int) -> None:
         self._persisted_at = time.monotonic()
         self._persisting = threading.Thread(target=self._persist, args=(step,), name="hpcdist-persist", daemon=True)
         self._persisting.start()
@@ -183,7 +186,7 @@ class Parts:
                 self.persist = None
                 self.say(f"snapshot parts no longer persisted: {exc}; the loop's disk checkpoints go on")
 
-    def _hand_on(self, step: int) -> None:
+    def _hand_on(self, step: int, persist: bool) -> None:
         # The ring's buffers go over the leaders' own gloo group, which nothing else uses while training goes on.
         try:
             if len(self.leaders) > 1:
@@ -192,11 +195,14 @@ class Parts:
             self._broken = f" (its part could not be handed on: {checkpoint.reason(exc)})"
             return
         self.on_written(step)
-        self._maybe_persist(step)
+        if persist:
+            self._start_persist(step)
 
-    def _vote(self) -> tuple[bool, bool]:
-        """(every node has room and its part was handed on, no node still hands one on)."""
-        room = idle = 1.0
+    def _vote(self) -> tuple[bool, bool, bool]:
+        """(every node has room and its part was handed on, no node still hands one on, every node is due to persist
+        this one). Nodes that each persisted when their own clock said so would keep different steps, and KEEP of
+        each may share none: the step a new job resumes from must be one every node persisted."""
+        room = idle = due = 1.0
         if self.leader:
             newest = complete(self.part(self.node))
             need = 2 * (size(newest[-1]) if newest else 0) + HEADROOM
@@ -206,9 +212,10 @@ class Parts:
             except OSError:
                 room = 0.0
             idle = float(self._handing is None or not self._handing.is_alive())
-        vote = torch.tensor([room, idle])
+            due = float(self._persist_due())
+        vote = torch.tensor([room, idle, due])
         dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group.every)
-        return bool(vote[0].item()), bool(vote[1].item())
+        return bool(vote[0].item()), bool(vote[1].item()), bool(vote[2].item())
 
     def _pass_on(self, step: int) -> None:
         mine = self.part(self.node) / name_for(step)
