@@ -101,7 +101,8 @@ def parse_squeue(text: str) -> dict[str, Queued]:
     out = {}
     for row in parse.rows(text, SQUEUE_FIELDS):
         if row["JobID"]:
-            priority = int(row["Priority"]) if row["Priority"].isdigit() else 0
+            # squeue prints priorities of up to 10 digits; str.isdigit() alone also passes "²", which int() refuses.
+            priority = int(row["Priority"]) if row["Priority"].isascii() and row["Priority"].isdigit() else 0
             out[row["JobID"]] = Queued(row["JobID"], row["State"], row["Reason"], row["Partition"], priority,
                                        row["StartTime"])
     return out
@@ -133,7 +134,8 @@ def _submitted(job_id: str) -> tuple[int, int] | None:
     """(job, task) numbers, the order of submission: an array's tasks (900_3) and a heterogeneous job's components
     (30+1) come with their job's id."""
     job, _, task = job_id.replace("+", "_").partition("_")
-    return (int(job), int(task or 0)) if job.isdigit() and (task or "0").isdigit() else None
+    numbers = job + (task or "0")
+    return (int(job), int(task or 0)) if job.isdigit() and (task or "0").isdigit() and numbers.isascii() else None
 
 
 def ahead_of(job: Queued, queue: Mapping[str, Queued]) -> dict[str, tuple[str, ...]]:

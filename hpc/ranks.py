@@ -40,9 +40,10 @@ TORCHRUN = {
 # What a launcher gives the ranks it starts. A job's tasks are started by srun or the local runner, never by a
 # launcher: there these came from the submitting shell (setup.sh drops them; templates/setup.sh.j2).
 LAUNCHER_VARIABLES = (*TORCHRUN.values(), "MASTER_ADDR", "MASTER_PORT")
-# The port the local runner asked the OS for at submit, one per job (hpc/submit.py): its job ids are pids, of which
-# two live ones may derive one port. Not MASTER_PORT, which setup.sh drops as the submitting shell's.
-LOCAL_MASTER_PORT = "HPCDIST_MASTER_PORT"
+# A port hpcdist chose for the job's rendezvous: the local runner's at submit, one per job (hpc/submit.py: its job ids
+# are pids, of which two live ones may derive one port), a Slurm job's batch shell's where another program holds the
+# derived one (hpc/ports.py). Not MASTER_PORT, which setup.sh drops as the submitting shell's.
+PICKED_MASTER_PORT = "HPCDIST_MASTER_PORT"
 # Slurm's entries list the variables that may carry a value, the step's before the allocation's.
 SLURM = {
     "rank": ("SLURM_PROCID",),
@@ -322,11 +323,11 @@ def hosts_rendezvous(dist: DistEnv, environ: Mapping[str, str]) -> bool | None:
 
 
 def _master_port(environ: Mapping[str, str], source: str, origin: dict[str, str]) -> int:
-    """MASTER_PORT as given, else the local runner's, else one derived from the job id (alike on every rank), else
+    """MASTER_PORT as given, else the one hpcdist chose, else one derived from the job id (alike on every rank), else
     torch's default."""
     job_id_var = (_present(environ, SLURM, "job_id") if source == "slurm"
                   else _present(environ, SUBMITIT_LOCAL, "job_id") if source == "submitit-local" else None)
-    given = next((name for name in ("MASTER_PORT", LOCAL_MASTER_PORT) if name in environ), None)
+    given = next((name for name in ("MASTER_PORT", PICKED_MASTER_PORT) if name in environ), None)
     if given:
         master_port, origin["master_port"] = _int(environ, given), given
         if not 1 <= master_port <= MAX_PORT:

@@ -19,6 +19,9 @@ DERIVED_PORT = f"{ranks.PORT_BASE}+JOBID%{ranks.PORT_SPAN}"
 SUBMIT_PORT = "free-at-submit"
 TORCHRUN_PICKS = "torchrun-picks"
 PORT_NOTES = {
+    DERIVED_PORT: f"# master_port: {DERIVED_PORT}, the same for every rank; where another program holds it on the "
+                  "batch host as the allocation starts, a free port no job id derives (above "
+                  f"{ranks.PORT_BASE + ranks.PORT_SPAN - 1}, outside the kernel's ephemeral range; hpc/ports.py).",
     SUBMIT_PORT: f"# master_port: a port of {ranks.PORT_BASE}-{ranks.PORT_BASE + ranks.PORT_SPAN - 1} found free when "
                  "the job is submitted, the same for every rank.",
     # torch.distributed.elastic's c10d rendezvous (RendezvousStoreInfo): task.sh's MASTER_ADDR:MASTER_PORT is only

@@ -197,7 +197,7 @@ def submit_local(rendered: Rendered) -> submitit.Job[Any]:
 
 def _free_port() -> int:
     """A TCP port no socket here holds, among those ports are derived from (hpc.ranks: below the kernel's ephemeral
-    range): a local job's MASTER_PORT (hpc.ranks.LOCAL_MASTER_PORT)."""
+    range): a local job's MASTER_PORT (hpc.ranks.PICKED_MASTER_PORT)."""
     # Asked once, here, so that every task gets the same: a port derived from the job id (a pid) may be another live
     # local job's, or any program's. Not the kernel's pick (port 0): that comes from the ephemeral range, where an
     # outgoing connection (another job's gloo pairs) may take it before rank 0 listens.

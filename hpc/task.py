@@ -117,7 +117,7 @@ def emulated_environ(environ: Mapping[str, str], geometry: Geometry, index: int,
     # SLURM_CONF stays, as it does for sbatch: it names the cluster this machine's Slurm commands ask, not a job,
     # so a rank that runs one (hpcdist submit, scontrol) reaches the cluster the submitting shell would.
     return {**commands.new_job_environ(environ), **local_env(geometry, index, job_id),
-            ranks.LOCAL_MASTER_PORT: str(port)}
+            ranks.PICKED_MASTER_PORT: str(port)}
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:

@@ -146,3 +146,12 @@ def test_submit_wait_says_why_when_the_reason_changes_not_at_every_poll(monkeypa
     assert capsys.readouterr().err.splitlines() == [
         "hpcdist submit: job 9 pending: waiting behind jobs; 2 ahead",
         "hpcdist submit: job 9 pending: waiting for resources; 0 ahead"]
+
+
+def test_squeue_fields_of_non_ascii_digits_are_read_as_no_number_not_a_crash() -> None:
+    # str.isdigit() passes "²", which int() refuses: a damaged or hostile row must not end `hpcdist status`.
+    queue = pending.parse_squeue("12|PENDING|Priority|debug|²|N/A\n1²|PENDING|Priority|debug|90|N/A\n"
+                                 "14|PENDING|Priority|debug|4294967295|N/A\n")
+    assert queue["12"].priority == 0 and queue["14"].priority == 4294967295
+    assert set(pending.ahead_of(queue["12"], queue)["debug"]) == {"1²", "14"}  # both of a higher priority
+    assert pending.ahead_of(queue["1²"], queue)["debug"] == ("14",)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
-from slurm_fixtures import TINY_TRAIN, check_training, hpcdist, job_id_of, requires_slurm
+from slurm_fixtures import REPO, TINY_TRAIN, check_training, environ, hpcdist, job_id_of, requires_slurm
 
-from hpc import jobs, logs, nodelist, registry
+from hpc import jobs, logs, nodelist, ports, ranks, registry
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, requires_slurm]
 
@@ -24,19 +29,50 @@ PAIRWISE = [("sbatch", "dp", "srun", 1), ("sbatch", "ddp", "torchrun", 2), ("sba
             ("submitit", "deepspeed", "torchrun", 2), ("submitit", "deepspeed", "deepspeed", 2)]
 CASES = [(via, *pair) for via in VIAS for pair in PAIRS] if os.environ.get("HPCDIST_SLURM_FULL") == "1" else PAIRWISE
 
+HOLD = ("import socket, sys; s = socket.socket(); s.bind(('', int(sys.argv[1]))); s.listen(); "
+        "print('held', flush=True); sys.stdin.read()")
+
+
+@contextlib.contextmanager
+def held_on_every_node(port: int) -> Iterator[None]:
+    """Another program listening on ``port`` on each node (in the node's network namespace, scripts/slurm-local.sh),
+    until the block ends."""
+    spaces = [Path("/run/netns", f"n{i}") for i in (1, 2, 3)]
+    enter = [["nsenter", f"--net={space}"] for space in spaces if space.exists()] or [[]]
+    holders = [subprocess.Popen([*prefix, sys.executable, "-c", HOLD, str(port)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for prefix in enter]
+    try:
+        assert all(h.stdout.readline() == "held\n" for h in holders), f"could not hold port {port}"
+        yield
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
 def submit_and_check(tmp_path, via: str, backend: str, launcher: str, nodes: int) -> None:
+    """A two-node job starts with the port its id derives held on every node (a job's id is known once submitted:
+    it waits on a held job until the port is taken) and trains on a port no job id derives."""
     home, job_dir = tmp_path / "home", tmp_path / "job"
+    blocker = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap", "true"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     args = ["submit", "--via", via, "--nodes", str(nodes), "--backend", backend, "--launcher", launcher,
-            "--time", "10", "--job-name", f"e2e-{via}-{backend}-{launcher}", "--job-dir", str(job_dir), "--wait"]
+            "--time", "10", "--job-name", f"e2e-{via}-{backend}-{launcher}", "--job-dir", str(job_dir), "--wait",
+            "--after", f"{blocker}:any"]
     if backend == "deepspeed":
         args += ["--zero-stage", "2", "--precision", "fp32"]
     started = time.monotonic()
-    proc = hpcdist([*args, "--", *TINY_TRAIN], home, timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "hpc", *args, "--", *TINY_TRAIN], cwd=REPO, env=environ(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    job_id = job_id_of(first)
+    with held_on_every_node(ranks.port_for_job(job_id)) if nodes > 1 else contextlib.nullcontext():
+        subprocess.run(["scancel", blocker], check=True)
+        out, err = proc.communicate(timeout=600)
     took = time.monotonic() - started
     print(f"TIMING via={via} backend={backend} launcher={launcher} nodes={nodes} submit->done {took:.1f}s")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    job_id = job_id_of(proc.stdout)
-    assert f"{job_id}  COMPLETED  exit=0" in proc.stdout
+    assert proc.returncode == 0, first + out + err
+    assert f"{job_id}  COMPLETED  exit=0" in out
 
     # Where Slurm put the job, from accounting: the ranks must have run exactly there.
     state = jobs.slurm_state(job_id)
@@ -44,7 +80,9 @@ def submit_and_check(tmp_path, via: str, backend: str, launcher: str, nodes: int
     assert len(hosts) == nodes, state
     if nodes == 2:
         assert hosts == ["n1", "n2"], f"expected the idle cluster's first two nodes, got {hosts}"
-    check_training(job_dir, world_size=nodes, hosts=hosts, master=hosts[0] if nodes > 1 else None)
+    summary = check_training(job_dir, world_size=nodes, hosts=hosts, master=hosts[0] if nodes > 1 else None)
+    if nodes > 1 and launcher == "srun":  # torchrun's and DeepSpeed's ranks get a port their agent picks
+        assert {r["master_port"] for r in summary["ranks"]} <= set(ports.fallbacks(ports.EPHEMERAL)), summary["ranks"]
     if via == "submitit":
         assert list((job_dir / "submitit").glob(f"{job_id}_submission.sh"))
     assert [p.name for p in logs.log_files(registry.read_marker(job_dir))][:nodes] == [

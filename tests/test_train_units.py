@@ -1036,7 +1036,7 @@ def test_a_lone_process_joins_its_group_while_another_holds_the_default_master_p
 
 
 
-@pytest.mark.parametrize(("origin", "advice"), [("HPCDIST_MASTER_PORT", "resubmit: the local runner picks another"),
+@pytest.mark.parametrize(("origin", "advice"), [("HPCDIST_MASTER_PORT", "resubmit: a new job picks another"),
                                                 ("MASTER_PORT", "set MASTER_PORT to a port free")])
 def test_rank_0_finding_its_master_port_taken_says_so_in_one_line_naming_the_port_and_what_to_do(
         tmp_path, capsys, one_process, monkeypatch, origin, advice):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hpc import fileio, vocab
-from hpc.ranks import LOCAL_MASTER_PORT, DistEnv
+from hpc.ranks import PICKED_MASTER_PORT, DistEnv
 
 
 class UsageError(ValueError):
@@ -116,7 +116,7 @@ def init_process_group(backend: str, env: DistEnv, device: torch.device, timeout
 def port_taken(env: DistEnv) -> str:
     """Rank 0's line when another program holds MASTER_PORT: a port chosen free is nobody's until rank 0 listens."""
     origin = env.origin.get("master_port", "")
-    remedy = ("resubmit: the local runner picks another free port" if origin == LOCAL_MASTER_PORT
+    remedy = ("resubmit: a new job picks another free port" if origin == PICKED_MASTER_PORT
               else f"set MASTER_PORT to a port free on {socket.gethostname()} (the profile's environment)"
               + (", or resubmit: a new job id derives another port" if origin.startswith("derived") else ""))
     return (f"rank 0 cannot listen on MASTER_PORT {env.master_port} ({origin or 'default'}): it is in use by another "

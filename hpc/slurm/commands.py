@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from hpc import jobfiles
-from hpc.ranks import LOCAL_MASTER_PORT
+from hpc.ranks import PICKED_MASTER_PORT
 from hpc.slurm import grammar, parse
 from hpc.slurm.runner import Runner, SlurmError, complaint, run
 
@@ -101,7 +101,7 @@ def sacct(jobs: Sequence[str], fields: Sequence[str], *, duplicates: bool = Fals
 
 # What a batch shell exports for the step it relaunches, and the local runner for its tasks: the old job's, never a
 # new job's.
-HPCDIST_JOB_VARIABLES = ("HPCDIST_ATTEMPT", "HPCDIST_EXCLUDE", "HPCDIST_ELASTIC_NODES", LOCAL_MASTER_PORT)
+HPCDIST_JOB_VARIABLES = ("HPCDIST_ATTEMPT", "HPCDIST_EXCLUDE", "HPCDIST_ELASTIC_NODES", PICKED_MASTER_PORT)
 
 
 def new_job_environ(environ: Mapping[str, str]) -> dict[str, str]:

@@ -46,6 +46,11 @@ if [ -z "${SLURM_STEP_ID:-}" ]; then
     # pipefail its failure would otherwise end the job here, before its step and unrecorded.
     HPCDIST_SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}') || true
     export HPCDIST_SLURMD_PORT
+    # Every step's rank 0 runs here, on the batch host. Where another program holds the rendezvous port the job id
+    # derives, the ranks get one no job id derives instead (hpc/ports.py); a failure here leaves them the derived one.
+    if port=$(/opt/venv/bin/python -m hpc env --rendezvous-port) && [ -n "$port" ]; then
+        export HPCDIST_MASTER_PORT=$port
+    fi
     # srun waits for every node of its step, a dead one too, until Slurm declares it down (SlurmdTimeout,
     # minutes). Once a rank has named a node lost (run/lost.json), nothing more can come from it: this
     # watcher ends the batch job's srun so that requeue.sh relaunches the step now.
