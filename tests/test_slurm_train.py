@@ -34,15 +34,15 @@ HOLD = ("import socket, sys; s = socket.socket(); s.bind(('', int(sys.argv[1])))
 
 
 @contextlib.contextmanager
-def held_on_every_node(port: int) -> Iterator[None]:
-    """Another program listening on ``port`` on each node (in the node's network namespace, scripts/slurm-local.sh),
-    until the block ends."""
+def held_on_every_node(*held: int) -> Iterator[None]:
+    """Another program listening on each port of ``held`` on each node (in the node's network namespace,
+    scripts/slurm-local.sh), until the block ends."""
     spaces = [Path("/run/netns", f"n{i}") for i in (1, 2, 3)]
     enter = [["nsenter", f"--net={space}"] for space in spaces if space.exists()] or [[]]
     holders = [subprocess.Popen([*prefix, sys.executable, "-c", HOLD, str(port)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True) for prefix in enter]
+                                stdout=subprocess.PIPE, text=True) for prefix in enter for port in held]
     try:
-        assert all(h.stdout.readline() == "held\n" for h in holders), f"could not hold port {port}"
+        assert all(h.stdout.readline() == "held\n" for h in holders), f"could not hold ports {held}"
         yield
     finally:
         for holder in holders:
@@ -105,6 +105,36 @@ def test_the_submit_paths_meet_every_backend_and_launcher():
 @pytest.mark.parametrize("via,backend,launcher,nodes", CASES, ids=[f"{v}-{b}-{la}" for v, b, la, _ in CASES])
 def test_a_job_trains_across_the_nodes_slurm_gave_it(tmp_path, via, backend, launcher, nodes):
     submit_and_check(tmp_path, via, backend, launcher, nodes)
+
+
+def test_two_jobs_with_consecutive_ids_and_both_derived_ports_held_train_at_once_on_ports_of_their_own(tmp_path):
+    # Stepping on from a held derived port (reverted in dcde424) took job N to N+2's port... and job N+1 to the same:
+    # two jobs met in one rendezvous. A fallback is never a port a job id derives, so neither can take the other's.
+    blocker = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap", "true"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    home, runs = tmp_path / "home", []
+    for name in ("first", "second"):
+        args = ["submit", "--via", "sbatch", "--nodes", "2", "--backend", "ddp", "--time", "10", "--job-name",
+                f"e2e-ports-{name}", "--job-dir", str(tmp_path / name), "--wait", "--after", f"{blocker}:any"]
+        runs.append(subprocess.Popen([sys.executable, "-m", "hpc", *args, "--", *TINY_TRAIN], cwd=REPO,
+                                     env=environ(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    job_ids = [job_id_of(run.stdout.readline()) for run in runs]
+    assert abs(int(job_ids[1]) - int(job_ids[0])) == 1, job_ids  # submitted at once: either may come first
+    together = False
+    with held_on_every_node(*(ranks.port_for_job(job_id) for job_id in job_ids)):
+        subprocess.run(["scancel", blocker], check=True)
+        deadline = time.monotonic() + 600
+        while any(run.poll() is None for run in runs) and time.monotonic() < deadline:
+            queue = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%T"], capture_output=True,
+                                   text=True).stdout.split()
+            together |= queue == ["RUNNING", "RUNNING"]
+            time.sleep(0.2)
+        ended = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], ended
+    assert together, "the two jobs never ran at once"
+    used = [{r["master_port"] for r in check_training(tmp_path / name, 2, ["n1", "n2"], "n1")["ranks"]}
+            for name in ("first", "second")]
+    assert used[0] != used[1] and used[0] | used[1] <= set(ports.fallbacks(ports.EPHEMERAL)), used
 
 
 def test_a_failing_job_exits_non_zero_and_shows_the_failing_tasks_log(tmp_path):
