@@ -127,6 +127,26 @@ def test_parts_the_nodes_persisted_complete_what_memory_lost_and_later_ones_are_
     assert sorted(p.name for p in on_disk.iterdir()) == ["notes.txt"]
 
 
+def test_nothing_a_link_among_the_persisted_parts_leads_to_is_pruned_forgotten_or_cleared(tmp_path):
+    # Pruning keeps a part's KEEP newest steps: through a link it would remove another run's step folders.
+    memory, root, elsewhere = tmp_path / "memory", tmp_path / "checkpoints", tmp_path / "other-run"
+    for step in (10, 20):
+        part(elsewhere, 0, 2, step, {"a.pt": b"theirs"})
+    (root / checkpoints.PARTS).mkdir(parents=True)
+    (root / checkpoints.PARTS / "part-0-of-2").symlink_to(elsewhere / "part-0-of-2")
+    said = []
+    parts = dssnapshot.Parts(memory, node=0, nodes=2, leaders=[0, 1], local_rank=0, group=None,
+                             persist=snapshot.Persist(root, 1.0), say=said.append)
+    part(memory, 0, 2, 40, {"zero_pp_rank_0_mp_rank_00_optim_states.pt": b"adam"})
+    parts._start_persist(40)
+    parts._persisting.join()
+    assert "is a symbolic link" in said[0] and parts.persist is None, said
+    parts.forget_after(10)
+    parts.clear()
+    assert [p.name for p in checkpoints.complete(elsewhere / "part-0-of-2")] == [name_for(10), name_for(20)]
+    assert (root / checkpoints.PARTS / "part-0-of-2").is_symlink()
+
+
 def test_a_node_is_due_to_persist_its_first_part_at_once_then_one_every_persist_period_in_the_background(tmp_path):
     memory, root = tmp_path / "memory", tmp_path / "checkpoints"
     parts = dssnapshot.Parts(memory, node=1, nodes=2, leaders=[0, 1], local_rank=0, group=None,

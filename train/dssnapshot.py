@@ -133,7 +133,7 @@ class Parts:
             return
         folders = [self.folder] if fileio.is_private(self.folder) else []
         folders += [self.on_disk] if self.node == 0 and self.on_disk is not None else []
-        for part in (p for folder in folders for p in folder.glob(PART.format("*", "*"))):
+        for part in (p for folder in folders for p in parts_in(folder)):
             for held in complete(part):
                 if int(NAME.fullmatch(held.name).group(1)) > step:
                     shutil.rmtree(held, ignore_errors=True)
@@ -147,7 +147,7 @@ class Parts:
         folders = [self.on_disk] if self.node == 0 and self.on_disk is not None else []
         for folder in folders + ([self.folder] if fileio.is_private(self.folder) else []):
             # Only the parts the nodes wrote: anything else someone put in the folder stays, and so does the folder.
-            for part in folder.glob(PART.format("*", "*")):
+            for part in parts_in(folder):
                 shutil.rmtree(part, ignore_errors=True)
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -176,12 +176,14 @@ class Parts:
         # A copy of the published part, while training goes on; a later snapshot may prune it meanwhile (then this
         # one is skipped), never change it.
         held = self.part(self.node) / name_for(step)
-        into = self.on_disk / self.part(self.node).name
         try:
+            # Real folders: pruning the KEEP newest through a link at .parts or its part would remove step folders
+            # of some other run. A failed save has removed its staging folder itself (checkpoint.together).
+            self.on_disk.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/, which may be a link of the user's
+            into = fileio.folder(self.on_disk.parent, self.on_disk.name, self.part(self.node).name)
             checkpoint.save(into, step, rank=0, write=lambda staging, tag: copy_part(held, staging / tag),
                             trained_with=recorded(held))
         except OSError as exc:
-            shutil.rmtree(into / f".tmp-{name_for(step)}", ignore_errors=True)
             if held.is_dir():
                 self.persist = None
                 self.say(f"snapshot parts no longer persisted: {exc}; the loop's disk checkpoints go on")
@@ -230,6 +232,14 @@ class Parts:
 
         # The previous node's part of the step was written by the same run as this node's, with the same config.
         checkpoint.save(self.part(before), step, rank=0, write=write, trained_with=recorded(mine))
+
+
+def parts_in(folder: Path) -> list[Path]:
+    """The part folders in ``folder``, where the folder and each part are real folders: what the nodes wrote, never
+    what a link leads to."""
+    if folder.is_symlink():
+        return []
+    return [part for part in folder.glob(PART.format("*", "*")) if not part.is_symlink()]
 
 
 @dataclass(frozen=True)
